@@ -1,0 +1,369 @@
+"""The PSAM: the merchant terminal's purchase security module (PBOC PSAM plus svcard extensions).
+
+PBOC commands: READ BINARY of the terminal id (``00 B0 96 00 06``), INIT SAM FOR PURCHASE
+(``80 70 00 00 1C``, or ``24`` with the issuer id as a second diversification level) answering
+terminal transaction number and MAC1, CREDIT SAM FOR PURCHASE (``80 72 00 00 04`` MAC2; our
+``08`` form adds the card's TAC for the collection record).
+
+svcard extensions (CLA 80):
+
+* ``80 70 01 00`` INIT SAM FOR PURCHASE, early release: the answer adds the *expected card MAC2*
+  and the purchase is recorded at once (seed FIG. 6-8: the PSAM is free before the card answers);
+* ``80 76 P1 00 08`` blocked-card list: P1 01 adds the card serial, 02 removes it;
+* ``80 78 00 00`` previous signature: TTN, MAC1, expected MAC2 and state of the last INIT SAM;
+* ``80 7A 00 00`` per-issuer totals of the open batch: (issuer id 8, count 4, amount 8) each;
+* ``80 7C 00 00 05`` read a batch record: batch (0 open, 1 last closed) and index (4, from 0);
+* ``80 7E 00 00`` close the batch: header (terminal id, batch number, count, total) and a MAC
+  over the header and every record under the PSAM's batch key (3DES CBC-MAC); ``80 7E 01 00``
+  answers the last closed batch again.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from svcard.card.runtime import Application, CardError
+from svcard.protocols import crypto
+from svcard.protocols import purse as P
+from svcard.protocols import sw as SW
+from svcard.protocols.apdu import CommandAPDU
+
+MAX_TTN = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerKey:
+    """A purchase master key of one issuer, as the PSAM holds it."""
+
+    issuer_id: bytes
+    version: int
+    algorithm: int
+    key: bytes
+
+    def __repr__(self) -> str:
+        return f"IssuerKey(issuer={self.issuer_id.hex()}, version={self.version})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"issuer_id": self.issuer_id.hex().upper(), "version": self.version,
+                "algorithm": self.algorithm, "key": self.key.hex().upper()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> IssuerKey:
+        key = bytes.fromhex(d["key"])
+        issuer = bytes.fromhex(d["issuer_id"])
+        if len(key) != 16 or len(issuer) != 8:
+            raise ValueError("a PSAM issuer key has a 16-byte key and an 8-byte issuer id")
+        return cls(issuer, int(d["version"]), int(d.get("algorithm", 0)), key)
+
+
+@dataclass(slots=True)
+class Signature:
+    ttn: int = 0
+    mac1: bytes = bytes(4)
+    expected_mac2: bytes = bytes(4)
+    state: int = P.SIGNATURE_NONE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ttn": self.ttn, "mac1": self.mac1.hex(), "expected_mac2":
+                self.expected_mac2.hex(), "state": self.state}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Signature:
+        return cls(int(d["ttn"]), bytes.fromhex(d["mac1"]), bytes.fromhex(d["expected_mac2"]),
+                   int(d["state"]))
+
+
+@dataclass(slots=True)
+class PsamState:
+    aid: bytes
+    terminal_id: bytes
+    psam_serial: bytes
+    default_issuer: bytes
+    keys: list[IssuerKey]
+    batch_key: bytes
+    currency_code: int
+    currency_exponent: int
+    next_ttn: int = 1
+    blocked: set[bytes] = field(default_factory=set)
+    batch_number: int = 1
+    records: list[bytes] = field(default_factory=list)
+    closed_records: list[bytes] = field(default_factory=list)
+    previous: Signature = field(default_factory=Signature)
+    label: str = "SVCARD PSAM"
+
+    def __repr__(self) -> str:
+        return f"PsamState(terminal_id={self.terminal_id.hex()}, next_ttn={self.next_ttn})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "aid": self.aid.hex().upper(), "label": self.label,
+            "terminal_id": self.terminal_id.hex().upper(),
+            "psam_serial": self.psam_serial.hex().upper(),
+            "default_issuer": self.default_issuer.hex().upper(),
+            "keys": [k.to_json() for k in self.keys],
+            "batch_key": self.batch_key.hex().upper(),
+            "currency_code": self.currency_code, "currency_exponent": self.currency_exponent,
+            "next_ttn": self.next_ttn,
+            "blocked": sorted(b.hex().upper() for b in self.blocked),
+            "batch_number": self.batch_number,
+            "records": [r.hex().upper() for r in self.records],
+            "closed_records": [r.hex().upper() for r in self.closed_records],
+            "previous": self.previous.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PsamState:
+        state = cls(
+            aid=bytes.fromhex(d["aid"]), label=str(d.get("label", "SVCARD PSAM")),
+            terminal_id=bytes.fromhex(d["terminal_id"]),
+            psam_serial=bytes.fromhex(d["psam_serial"]),
+            default_issuer=bytes.fromhex(d["default_issuer"]),
+            keys=[IssuerKey.from_json(k) for k in d["keys"]],
+            batch_key=bytes.fromhex(d["batch_key"]),
+            currency_code=int(d["currency_code"]), currency_exponent=int(d["currency_exponent"]),
+            next_ttn=int(d["next_ttn"]),
+            blocked={bytes.fromhex(b) for b in d.get("blocked", [])},
+            batch_number=int(d["batch_number"]),
+            records=[bytes.fromhex(r) for r in d.get("records", [])],
+            closed_records=[bytes.fromhex(r) for r in d.get("closed_records", [])],
+            previous=Signature.from_json(d["previous"]),
+        )
+        if len(state.terminal_id) != 6 or len(state.batch_key) != 16:
+            raise ValueError("a PSAM has a 6-byte terminal id and a 16-byte batch key")
+        return state
+
+
+@dataclass(slots=True)
+class _Pending:
+    ttn: int
+    session_key: bytes
+    expected_mac2: bytes
+    issuer_id: bytes
+    card_serial: bytes
+    card_counter: int
+    amount: int
+    txn_type: int
+    date: bytes
+    time: bytes
+
+
+def batch_mac(batch_key: bytes, header: bytes, records: list[bytes]) -> bytes:
+    """The MAC that closes a batch: 3DES CBC-MAC over the header and every record."""
+    return crypto.cbc_mac(batch_key, header + b"".join(records))
+
+
+class Psam(Application):
+    def __init__(self, state: PsamState, persist: Callable[[], None] | None = None) -> None:
+        self.state = state
+        self.aid = state.aid
+        self.persist: Callable[[], None] = persist or (lambda: None)
+        self._pending: _Pending | None = None
+        self._handlers: dict[tuple[int, int], Callable[[CommandAPDU], bytes]] = {
+            (P.CLA_ISO, P.INS_READ_BINARY): self._read_binary,
+            (P.CLA_PBOC, P.INS_INIT_SAM_FOR_PURCHASE): self._init_sam,
+            (P.CLA_PBOC, P.INS_CREDIT_SAM_FOR_PURCHASE): self._credit_sam,
+            (P.CLA_PBOC, P.INS_SAM_BLOCKED_LIST): self._blocked_list,
+            (P.CLA_PBOC, P.INS_SAM_PREVIOUS_SIGNATURE): self._previous_signature,
+            (P.CLA_PBOC, P.INS_SAM_GET_TOTALS): self._totals,
+            (P.CLA_PBOC, P.INS_SAM_READ_BATCH_RECORD): self._read_batch_record,
+            (P.CLA_PBOC, P.INS_SAM_CLOSE_BATCH): self._close_batch,
+        }
+        self._known_ins = {ins for _, ins in self._handlers}
+
+    def fci(self) -> bytes:
+        s = self.state
+        return P.Fci(s.aid, s.label, s.currency_code, s.currency_exponent).build()
+
+    def on_select(self) -> None:
+        self._pending = None
+
+    def on_deselect(self) -> None:
+        self._pending = None
+
+    def to_state(self) -> dict[str, Any]:
+        return self.state.to_json()
+
+    def process(self, cmd: CommandAPDU) -> bytes:
+        handler = self._handlers.get((cmd.cla, cmd.ins))
+        if handler is None:
+            self._pending = None
+            if cmd.ins in self._known_ins:
+                raise CardError(SW.CLA_NOT_SUPPORTED)
+            raise CardError(SW.INS_NOT_SUPPORTED)
+        if handler != self._credit_sam:
+            self._pending = None
+        return handler(cmd)
+
+    def _read_binary(self, cmd: CommandAPDU) -> bytes:
+        if not cmd.p1 & 0x80 or cmd.p1 & 0x60:
+            raise CardError(SW.FILE_NOT_FOUND if not cmd.p1 & 0x80 else SW.WRONG_P1P2)
+        if cmd.data:
+            raise CardError(SW.WRONG_LENGTH)
+        s = self.state
+        files = {
+            P.SFI_PSAM_TERMINAL_ID: s.terminal_id,
+            P.SFI_PUBLIC_DATA: s.psam_serial + b"\x01\x01\x01\x00",
+            P.SFI_PSAM_CURRENCY: P.PsamCurrency.build(
+                {"currency_code": s.currency_code, "exponent": s.currency_exponent}),
+        }
+        content = files.get(cmd.p1 & 0x1F)
+        if content is None:
+            raise CardError(SW.FILE_NOT_FOUND)
+        if cmd.p2 >= len(content):
+            raise CardError(SW.WRONG_OFFSET)
+        rest = content[cmd.p2:]
+        return rest[: cmd.le if cmd.le is not None else len(rest)]
+
+    def _find_key(self, issuer: bytes, version: int, algorithm: int) -> IssuerKey:
+        for k in self.state.keys:
+            if k.issuer_id == issuer and k.version == version and k.algorithm == algorithm:
+                return k
+        raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
+
+    def _init_sam(self, cmd: CommandAPDU) -> bytes:
+        if cmd.p1 not in (0x00, 0x01) or cmd.p2 != 0:
+            raise CardError(SW.WRONG_P1P2)
+        if len(cmd.data) == 0x1C:
+            req = P.InitSamForPurchaseData.parse(cmd.data)
+            issuer, two_level = self.state.default_issuer, False
+        elif len(cmd.data) == 0x24:
+            req = P.InitSamForPurchaseData24.parse(cmd.data)
+            issuer, two_level = req.issuer_id, True
+        else:
+            raise CardError(SW.WRONG_LENGTH)
+        if req.txn_type not in (P.TYPE_EP_PURCHASE, P.TYPE_ED_PURCHASE,
+                                P.TYPE_ED_CASH_WITHDRAWAL, P.TYPE_COMPOSITE_PURCHASE):
+            raise CardError(SW.INCORRECT_DATA)
+        if not (P.valid_date(req.date) and P.valid_time(req.time)):
+            raise CardError(SW.INCORRECT_DATA)
+        s = self.state
+        if req.card_serial in s.blocked:
+            raise CardError(SW.CONDITIONS_NOT_SATISFIED)
+        if s.next_ttn > MAX_TTN:
+            raise CardError(SW.COUNTER_AT_MAXIMUM)
+        master = self._find_key(issuer, req.key_version, req.algorithm_id)
+        dpk = crypto.card_key(master.key, req.card_serial, issuer if two_level else None)
+        ttn = s.next_ttn
+        sk = crypto.purchase_session_key(dpk, req.random, req.offline_counter, ttn)
+        mac1 = crypto.mac(sk, crypto.purchase_mac1_input(req.amount, req.txn_type, s.terminal_id,
+                                                         req.date, req.time))
+        mac2 = crypto.mac(sk, crypto.purchase_mac2_input(req.amount))
+        pending = _Pending(ttn, sk, mac2, issuer, req.card_serial, req.offline_counter,
+                           req.amount, req.txn_type, req.date, req.time)
+        s.next_ttn = ttn + 1
+        early = cmd.p1 == 0x01
+        s.previous = Signature(ttn, mac1, mac2,
+                               P.SIGNATURE_RELEASED if early else P.SIGNATURE_PENDING)
+        if early:
+            s.records.append(self._record(pending, bytes(4), status=1))
+            self.persist()
+            return P.InitSamAnswerEarly.build(
+                {"terminal_txn_number": ttn, "mac1": mac1, "expected_mac2": mac2})
+        self.persist()
+        self._pending = pending
+        return P.InitSamAnswer.build({"terminal_txn_number": ttn, "mac1": mac1})
+
+    def _record(self, p: _Pending, tac: bytes, status: int) -> bytes:
+        return P.PsamRecord.build({
+            "terminal_txn_number": p.ttn, "issuer_id": p.issuer_id, "card_serial": p.card_serial,
+            "card_counter": p.card_counter, "amount": p.amount, "txn_type": p.txn_type,
+            "terminal_id": self.state.terminal_id, "date": p.date, "time": p.time, "tac": tac,
+            "status": status})
+
+    def _credit_sam(self, cmd: CommandAPDU) -> bytes:
+        pending, self._pending = self._pending, None
+        if cmd.p1 != 0 or cmd.p2 != 0:
+            raise CardError(SW.WRONG_P1P2)
+        if pending is None:
+            raise CardError(SW.CONDITIONS_NOT_SATISFIED)
+        if len(cmd.data) == 4:
+            mac2, tac = cmd.data, bytes(4)
+        elif len(cmd.data) == 8:
+            mac2, tac = cmd.data[:4], cmd.data[4:]
+        else:
+            raise CardError(SW.WRONG_LENGTH)
+        if not hmac.compare_digest(mac2, pending.expected_mac2):
+            raise CardError(SW.MAC_INVALID)
+        s = self.state
+        s.records.append(self._record(pending, tac, status=0))
+        s.previous = Signature(pending.ttn, s.previous.mac1, pending.expected_mac2,
+                               P.SIGNATURE_CREDITED)
+        self.persist()
+        return b""
+
+    def _blocked_list(self, cmd: CommandAPDU) -> bytes:
+        if cmd.p1 not in (0x01, 0x02) or cmd.p2 != 0:
+            raise CardError(SW.WRONG_P1P2)
+        if len(cmd.data) != 8:
+            raise CardError(SW.WRONG_LENGTH)
+        if cmd.p1 == 0x01:
+            self.state.blocked.add(cmd.data)
+        else:
+            self.state.blocked.discard(cmd.data)
+        self.persist()
+        return b""
+
+    def _previous_signature(self, cmd: CommandAPDU) -> bytes:
+        if cmd.p1 or cmd.p2:
+            raise CardError(SW.WRONG_P1P2)
+        if cmd.data:
+            raise CardError(SW.WRONG_LENGTH)
+        p = self.state.previous
+        return P.PreviousSignature.build({"terminal_txn_number": p.ttn, "mac1": p.mac1,
+                                          "expected_mac2": p.expected_mac2, "state": p.state})
+
+    def totals(self) -> dict[bytes, tuple[int, int]]:
+        out: dict[bytes, tuple[int, int]] = {}
+        for raw in self.state.records:
+            rec = P.PsamRecord.parse(raw)
+            count, amount = out.get(rec.issuer_id, (0, 0))
+            out[rec.issuer_id] = (count + 1, amount + rec.amount)
+        return out
+
+    def _totals(self, cmd: CommandAPDU) -> bytes:
+        if cmd.p1 or cmd.p2:
+            raise CardError(SW.WRONG_P1P2)
+        if cmd.data:
+            raise CardError(SW.WRONG_LENGTH)
+        return b"".join(P.PsamTotal.build({"issuer_id": i, "count": c, "amount": a})
+                        for i, (c, a) in sorted(self.totals().items()))
+
+    def _read_batch_record(self, cmd: CommandAPDU) -> bytes:
+        if cmd.p1 or cmd.p2:
+            raise CardError(SW.WRONG_P1P2)
+        if len(cmd.data) != 5:
+            raise CardError(SW.WRONG_LENGTH)
+        req = P.ReadBatchRecordData.parse(cmd.data)
+        if req.batch not in (0, 1):
+            raise CardError(SW.INCORRECT_DATA)
+        records = self.state.records if req.batch == 0 else self.state.closed_records
+        if req.index >= len(records):
+            raise CardError(SW.RECORD_NOT_FOUND)
+        return records[req.index]
+
+    def _batch_answer(self, number: int, records: list[bytes]) -> bytes:
+        s = self.state
+        total = sum(P.PsamRecord.parse(r).amount for r in records)
+        header = P.BatchHeader.build({"terminal_id": s.terminal_id, "batch_number": number,
+                                      "record_count": len(records), "total_amount": total})
+        return header + batch_mac(s.batch_key, header, records)
+
+    def _close_batch(self, cmd: CommandAPDU) -> bytes:
+        if cmd.p1 not in (0, 1) or cmd.p2:
+            raise CardError(SW.WRONG_P1P2)
+        if cmd.data:
+            raise CardError(SW.WRONG_LENGTH)
+        s = self.state
+        if cmd.p1 == 1:  # answer the last closed batch again (its answer may have been lost)
+            if s.batch_number == 1:
+                raise CardError(SW.RECORD_NOT_FOUND)
+            return self._batch_answer(s.batch_number - 1, s.closed_records)
+        answer = self._batch_answer(s.batch_number, s.records)
+        s.closed_records = s.records
+        s.records = []
+        s.batch_number += 1
+        self.persist()
+        return answer

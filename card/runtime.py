@@ -1,0 +1,160 @@
+"""A small ISO 7816 card runtime: ATR, application selection, GET RESPONSE, status words.
+
+A :class:`Card` holds applications (:class:`Application`), routes each command APDU to the one
+selected, and turns every failure into a status word: nothing raises out of
+:meth:`Card.transmit` except :class:`~svcard.card.storage.PowerCut`, which models the card
+losing power.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from svcard.protocols import sw as SW
+from svcard.protocols.apdu import APDUFormatError, CommandAPDU, parse_command
+from svcard.protocols.purse import CLA_ISO, INS_GET_RESPONSE, INS_SELECT
+
+log = logging.getLogger(__name__)
+
+# A T=1 ATR: TS=3B, T0=88 (TD1, 8 historical bytes), TD1=80, TD2=01 (T=1), "SVCARD01", TCK.
+DEFAULT_ATR = bytes.fromhex("3B888001535643415244303119")
+
+
+class CardError(Exception):
+    """Raised inside an application to answer with a status word and no data."""
+
+    def __init__(self, sw: int) -> None:
+        super().__init__(f"{sw:04X}")
+        self.sw = sw
+
+
+class Application:
+    """Base of a card application. Subclasses set ``aid`` and implement :meth:`process`;
+    they call ``persist()`` at each point where their state must survive a power cut."""
+
+    aid: bytes = b""
+    persist: Callable[[], None]
+
+    def fci(self) -> bytes:
+        return b""
+
+    def on_select(self) -> None:
+        """Called when the application is selected; session state starts afresh."""
+
+    def on_deselect(self) -> None:
+        """Called when another application is selected or the card is reset."""
+
+    def process(self, cmd: CommandAPDU) -> bytes:
+        """Handle one command; return the answer data (SW 9000) or raise :class:`CardError`."""
+        raise CardError(SW.INS_NOT_SUPPORTED)
+
+    def to_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Card:
+    """A card with one or more applications, behind ``atr`` and ``transmit(bytes) -> bytes``.
+
+    ``t0=True`` makes case-4 answers come back as 61xx, to be fetched with GET RESPONSE, as a
+    T=0 card does.
+    """
+
+    def __init__(self, apps: list[Application], *, atr: bytes = DEFAULT_ATR,
+                 t0: bool = False, kind: str = "",
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.apps = apps
+        self.kind = kind
+        self.atr = atr
+        self.t0 = t0
+        self.selected: Application | None = None
+        self._pending: bytes = b""
+        self._on_close = on_close
+
+    # --- power ------------------------------------------------------------------------------
+    def reset(self) -> bytes:
+        """Warm or cold reset: volatile state goes, persistent state stays. Returns the ATR."""
+        if self.selected is not None:
+            self.selected.on_deselect()
+        self.selected = None
+        self._pending = b""
+        return self.atr
+
+    def close(self) -> None:
+        self.reset()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+    # --- APDUs ------------------------------------------------------------------------------
+    def transmit(self, apdu: bytes) -> bytes:
+        try:
+            cmd = parse_command(apdu)
+        except APDUFormatError as exc:
+            self._pending = b""
+            return exc.sw.to_bytes(2, "big")
+        try:
+            data, status = self._dispatch(cmd)
+        except CardError as exc:
+            data, status = b"", exc.sw
+        except Exception:  # a bug in an application must not take the card down
+            log.exception("card application failed on INS %02X", cmd.ins)
+            data, status = b"", SW.NO_PRECISE_DIAGNOSIS
+        return data + status.to_bytes(2, "big")
+
+    def _dispatch(self, cmd: CommandAPDU) -> tuple[bytes, int]:
+        if cmd.ins == INS_GET_RESPONSE and cmd.cla == CLA_ISO:
+            return self._get_response(cmd)
+        self._pending = b""
+        if cmd.cla == CLA_ISO and cmd.ins == INS_SELECT and cmd.p1 == 0x04:
+            data = self._select(cmd)
+        else:
+            if cmd.cla & 0x0C:
+                raise CardError(0x6882)  # secure messaging not supported
+            if cmd.cla not in (0x00, 0x80):
+                raise CardError(SW.CLA_NOT_SUPPORTED)
+            if self.selected is None:
+                if cmd.ins == INS_SELECT:
+                    raise CardError(SW.FILE_NOT_FOUND)
+                raise CardError(SW.CONDITIONS_NOT_SATISFIED)
+            data = self.selected.process(cmd)
+        return self._deliver(cmd, data)
+
+    def _deliver(self, cmd: CommandAPDU, data: bytes) -> tuple[bytes, int]:
+        if not data:
+            return b"", SW.OK
+        if self.t0 and cmd.case == 4 or self.t0 and cmd.case == 3:
+            self._pending = data
+            return b"", 0x6100 | (len(data) & 0xFF)
+        if cmd.le is not None and cmd.le < len(data) and cmd.case == 2 and not cmd.extended:
+            # Short case 2 with a too small Le: tell the exact length (T=0 style 6Cxx).
+            return b"", 0x6C00 | (len(data) & 0xFF)
+        return data, SW.OK
+
+    def _get_response(self, cmd: CommandAPDU) -> tuple[bytes, int]:
+        if cmd.p1 or cmd.p2:
+            raise CardError(SW.WRONG_P1P2)
+        if not self._pending or cmd.data:
+            self._pending = b""
+            raise CardError(SW.CONDITIONS_NOT_SATISFIED)
+        want = cmd.le if cmd.le is not None else 256
+        chunk, rest = self._pending[:want], self._pending[want:]
+        self._pending = rest
+        if rest:
+            return chunk, 0x6100 | (len(rest) & 0xFF)
+        return chunk, SW.OK
+
+    def _select(self, cmd: CommandAPDU) -> bytes:
+        if cmd.p2 not in (0x00, 0x0C):
+            raise CardError(SW.WRONG_P1P2)
+        if not 1 <= len(cmd.data) <= 16:
+            raise CardError(SW.WRONG_LENGTH)
+        for app in self.apps:
+            if app.aid.startswith(cmd.data):
+                if self.selected is not None:
+                    self.selected.on_deselect()
+                self.selected = app
+                app.on_select()
+                return app.fci() if cmd.p2 == 0x00 else b""
+        raise CardError(SW.FILE_NOT_FOUND)

@@ -1,0 +1,173 @@
+"""Where a card's persistent state lives: in memory, or in a JSON card image on disk.
+
+An image is replaced atomically (write a temp file, fsync it, rename it over the image, fsync the
+folder), so a power cut or ``kill -9`` at any instant leaves the old image or the new one. An
+image is locked (``flock`` on ``IMAGE.lock``) by the one card that has it open; a second opener
+waits up to its timeout and then fails with :class:`ImageLockedError`.
+
+Tests cut power with a *tear hook*: a callable told the name of each step of each write
+(:data:`WRITE_STEPS`) that may raise :class:`PowerCut` to stop the card dead at that point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+IMAGE_FORMAT = "svcard-card-image"
+IMAGE_VERSION = 1
+WRITE_STEPS = ("begin", "temp-written", "temp-synced", "renamed")
+
+TearHook = Callable[[str], None]
+
+
+class PowerCut(BaseException):  # noqa: N818 - it is an event, not an error
+    """Raised by a tear hook: the card loses power here. Not an ``Exception`` on purpose, so
+    no card code can swallow it."""
+
+
+class ImageError(Exception):
+    """A card image that cannot be read, written or understood."""
+
+
+class ImageLockedError(ImageError):
+    """Another card (in this or another process) has the image open."""
+
+
+class Store(Protocol):
+    def commit(self, image: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Keeps the last committed image in memory only (state is lost with the object)."""
+
+    def __init__(self) -> None:
+        self.image: dict[str, Any] | None = None
+        self.commits = 0
+
+    def commit(self, image: dict[str, Any]) -> None:
+        self.image = image
+        self.commits += 1
+
+    def close(self) -> None:
+        pass
+
+
+def read_image(path: Path) -> dict[str, Any]:
+    """Read and check a card image file (no lock taken)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"no card image at {path}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read card image {path}: {exc.strerror}") from None
+    try:
+        image = json.loads(raw)
+    except ValueError as exc:
+        raise ImageError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(image, dict) or image.get("format") != IMAGE_FORMAT:
+        raise ImageError(f"{path} is not an svcard card image")
+    if image.get("version") != IMAGE_VERSION:
+        raise ImageError(f"{path} has image version {image.get('version')!r}; "
+                         f"this svcard reads version {IMAGE_VERSION}")
+    return image
+
+
+def write_atomically(path: Path, data: bytes, tear: TearHook | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+    if tear:
+        tear("begin")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if tear:
+            tear("temp-written")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if tear:
+        tear("temp-synced")
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    if tear:
+        tear("renamed")
+
+
+def encode_image(image: dict[str, Any]) -> bytes:
+    return (json.dumps(image, indent=1, sort_keys=True) + "\n").encode()
+
+
+class ImageStore:
+    """A card image on disk, locked while open, every commit atomic."""
+
+    def __init__(self, path: str | os.PathLike[str], *, lock_timeout: float = 5.0,
+                 tear: TearHook | None = None) -> None:
+        self.path = Path(path)
+        self.tear = tear
+        self._lock_fd: int | None = None
+        self._lock(lock_timeout)
+        try:
+            self.image = read_image(self.path)
+        except BaseException:
+            self.close()
+            raise
+        self._clean_temp_files()
+
+    def _lock(self, timeout: float) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        if not self.path.parent.is_dir():
+            raise ImageError(f"no folder {self.path.parent}")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ImageLockedError(
+                        f"card image {self.path} is in use by another card "
+                        f"(waited {timeout:g} s for its lock)") from None
+                time.sleep(0.01)
+        self._lock_fd = fd
+
+    def _clean_temp_files(self) -> None:
+        # A temp file left by a crash before its rename is not the image: drop it.
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    def commit(self, image: dict[str, Any]) -> None:
+        write_atomically(self.path, encode_image(image), self.tear)
+        self.image = image
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

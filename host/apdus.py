@@ -1,0 +1,76 @@
+"""Command APDUs the host sends, built in one place from the layouts in ``protocols``."""
+
+from __future__ import annotations
+
+from svcard.protocols import purse as P
+from svcard.protocols.apdu import build_command
+
+
+def select(aid: bytes) -> bytes:
+    return build_command(P.CLA_ISO, P.INS_SELECT, 0x04, 0x00, aid, 256)
+
+
+def read_binary(sfi: int, length: int = 256, offset: int = 0) -> bytes:
+    return build_command(P.CLA_ISO, P.INS_READ_BINARY, 0x80 | sfi, offset, b"", length)
+
+
+def read_record(number: int, sfi: int = P.SFI_LOG) -> bytes:
+    return build_command(P.CLA_ISO, P.INS_READ_RECORD, number, (sfi << 3) | 4, b"",
+                         P.LOG_RECORD_SIZE)
+
+
+def verify_pin(pin: str) -> bytes:
+    text = pin + ("F" if len(pin) % 2 else "")
+    return build_command(P.CLA_ISO, P.INS_VERIFY, 0, 0, bytes.fromhex(text))
+
+
+def get_balance(purse: int) -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_GET_BALANCE, 0, purse, b"", 4)
+
+
+def initialize(kind: int, purse: int, key_index: int, amount: int, terminal_id: bytes) -> bytes:
+    data = P.InitializeData.build({"key_index": key_index, "amount": amount,
+                                   "terminal_id": terminal_id})
+    le = 16 if kind == P.INIT_LOAD else 15
+    return build_command(P.CLA_PBOC, P.INS_INITIALIZE, kind, purse, data, le)
+
+
+def credit_for_load(date: bytes, time: bytes, mac2: bytes) -> bytes:
+    data = P.CreditForLoadData.build({"date": date, "time": time, "mac2": mac2})
+    return build_command(P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD, 0, 0, data, 4)
+
+
+def debit_for_purchase(ttn: int, date: bytes, time: bytes, mac1: bytes) -> bytes:
+    data = P.DebitForPurchaseData.build({"terminal_txn_number": ttn, "date": date, "time": time,
+                                         "mac1": mac1})
+    return build_command(P.CLA_PBOC, P.INS_DEBIT, 0x01, 0x00, data, 8)
+
+
+def get_transaction_prove(txn_type: int, counter: int) -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_GET_TRANSACTION_PROVE, 0, txn_type,
+                         counter.to_bytes(2, "big"), 8)
+
+
+def init_sam_for_purchase(fields: dict[str, object], *, early: bool = False,
+                          issuer_id: bytes | None = None) -> bytes:
+    if issuer_id is None:
+        data = P.InitSamForPurchaseData.build(fields)
+    else:
+        data = P.InitSamForPurchaseData24.build({**fields, "issuer_id": issuer_id})
+    return build_command(P.CLA_PBOC, P.INS_INIT_SAM_FOR_PURCHASE, 0x01 if early else 0x00, 0,
+                         data, 12 if early else 8)
+
+
+def credit_sam_for_purchase(mac2: bytes, tac: bytes | None = None) -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_CREDIT_SAM_FOR_PURCHASE, 0, 0,
+                         mac2 + (tac or b""))
+
+
+def hsm_authorize_load(fields: dict[str, object], *, verify_only: bool = False) -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_HSM_AUTHORIZE_LOAD, 1 if verify_only else 0, 0,
+                         P.HsmAuthorizeLoadData.build(fields), None if verify_only else 4)
+
+
+def hsm_verify_load_tac(fields: dict[str, object]) -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_HSM_VERIFY_LOAD_TAC, 0, 0,
+                         P.HsmVerifyLoadTacData.build(fields))

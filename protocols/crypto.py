@@ -1,0 +1,151 @@
+"""PBOC ED/EP purse cryptography: key diversification, session keys, MAC and TAC.
+
+Algorithm id 00 is 2-key triple DES. Every function here takes and returns bytes; keys are
+never formatted into messages. The DES primitives come from ``cryptography`` (its
+``decrepit`` module: DES is legacy, and the purse standard fixes it).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+
+ALGORITHM_3DES = 0x00
+ZERO_IV = bytes(8)
+_FF8 = b"\xff" * 8
+
+
+class KeyError_(ValueError):
+    """A key of the wrong size (the message never contains key bytes)."""
+
+
+def _tdes(key: bytes) -> TripleDES:
+    if len(key) == 16:
+        return TripleDES(key + key[:8])
+    if len(key) == 8:
+        return TripleDES(key * 3)
+    if len(key) == 24:
+        return TripleDES(key)
+    raise KeyError_(f"a DES key has 8, 16 or 24 bytes, got {len(key)}")
+
+
+def encrypt_ecb(key: bytes, data: bytes) -> bytes:
+    """DES (8-byte key) or triple DES (16/24) in ECB mode over whole blocks."""
+    if len(data) % 8:
+        raise ValueError("ECB data must be whole 8-byte blocks")
+    enc = Cipher(_tdes(key), modes.ECB()).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+def xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def pad80(data: bytes) -> bytes:
+    """ISO 9797-1 method 2: always append 80, then 00 up to a whole block."""
+    padded = data + b"\x80"
+    return padded + bytes(-len(padded) % 8)
+
+
+def cbc_mac(key: bytes, data: bytes, *, size: int = 4) -> bytes:
+    """CBC-MAC with a zero ICV over ``pad80(data)``; the first ``size`` bytes of the last block.
+
+    An 8-byte key gives the single-DES MAC of the purse; a 16-byte key the triple-DES one.
+    """
+    enc = Cipher(_tdes(key), modes.CBC(ZERO_IV)).encryptor()
+    out = enc.update(pad80(data))
+    return out[-8 : -8 + size] if size < 8 else out[-8:]
+
+
+def diversify(master: bytes, factor: bytes) -> bytes:
+    """Card key from an issuer master key: 3DES_MK(D) || 3DES_MK(D xor FF..FF), D = 8 bytes."""
+    if len(factor) != 8:
+        raise ValueError(f"a diversification factor has 8 bytes, got {len(factor)}")
+    return encrypt_ecb(master, factor + xor(factor, _FF8))
+
+
+def diversification_factor(app_serial: bytes) -> bytes:
+    """The rightmost 8 bytes of the application serial number."""
+    if len(app_serial) < 8:
+        raise ValueError("an application serial has at least 8 bytes")
+    return app_serial[-8:]
+
+
+def card_key(master: bytes, app_serial: bytes, issuer_id: bytes | None = None) -> bytes:
+    """A card's key: one level (by serial), or two (by issuer id, then by serial)."""
+    key = master
+    if issuer_id is not None:
+        key = diversify(key, issuer_id[-8:])
+    return diversify(key, diversification_factor(app_serial))
+
+
+def load_session_key(dlk: bytes, random: bytes, online_counter: int) -> bytes:
+    """Load (and unload) session key: 3DES_DLK(random 4 || online counter 2 || 80 00)."""
+    return encrypt_ecb(dlk, random + online_counter.to_bytes(2, "big") + b"\x80\x00")
+
+
+def purchase_session_key(dpk: bytes, random: bytes, offline_counter: int,
+                         terminal_txn_number: int) -> bytes:
+    """Purchase session key: 3DES_DPK(random 4 || offline counter 2 || TTN's last 2 bytes)."""
+    block = (random + offline_counter.to_bytes(2, "big")
+             + (terminal_txn_number & 0xFFFF).to_bytes(2, "big"))
+    return encrypt_ecb(dpk, block)
+
+
+def mac(session_key: bytes, data: bytes) -> bytes:
+    """The purse MAC: single-DES CBC under an 8-byte session key, 4 bytes."""
+    if len(session_key) != 8:
+        raise KeyError_("a purse session key has 8 bytes")
+    return cbc_mac(session_key, data)
+
+
+def tac_key(dtk: bytes) -> bytes:
+    if len(dtk) != 16:
+        raise KeyError_("a TAC key has 16 bytes")
+    return xor(dtk[:8], dtk[8:])
+
+
+def tac(dtk: bytes, data: bytes) -> bytes:
+    """Transaction authentication code: the purse MAC keyed with DTK left xor right."""
+    return cbc_mac(tac_key(dtk), data)
+
+
+# MAC inputs, in one place, so card, PSAM and HSM agree byte for byte.
+
+def u32(value: int) -> bytes:
+    return value.to_bytes(4, "big")
+
+
+def load_mac1_input(balance: int, amount: int, txn_type: int, terminal_id: bytes) -> bytes:
+    return u32(balance) + u32(amount) + bytes((txn_type,)) + terminal_id
+
+
+def load_mac2_input(amount: int, txn_type: int, terminal_id: bytes, date: bytes,
+                    time: bytes) -> bytes:
+    return u32(amount) + bytes((txn_type,)) + terminal_id + date + time
+
+
+def load_tac_input(balance_after: int, online_counter: int, amount: int, txn_type: int,
+                   terminal_id: bytes, date: bytes, time: bytes) -> bytes:
+    return (u32(balance_after) + online_counter.to_bytes(2, "big") + u32(amount)
+            + bytes((txn_type,)) + terminal_id + date + time)
+
+
+def purchase_mac1_input(amount: int, txn_type: int, terminal_id: bytes, date: bytes,
+                        time: bytes) -> bytes:
+    return u32(amount) + bytes((txn_type,)) + terminal_id + date + time
+
+
+def purchase_mac2_input(amount: int) -> bytes:
+    return u32(amount)
+
+
+def purchase_tac_input(amount: int, txn_type: int, terminal_id: bytes, terminal_txn_number: int,
+                       date: bytes, time: bytes) -> bytes:
+    return (u32(amount) + bytes((txn_type,)) + terminal_id + u32(terminal_txn_number)
+            + date + time)

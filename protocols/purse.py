@@ -1,0 +1,299 @@
+"""Every PBOC ED/EP purse byte layout, declared once with ``construct``.
+
+Each ``Struct`` parses and builds. Compiled forms (``construct``'s code generator) are used on
+the hot paths; they are the same declarations. Amounts are unsigned 4-byte big-endian minor
+units; dates are BCD YYYYMMDD (4 bytes) and times BCD hhmmss (3 bytes).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Any
+
+from construct import Bytes, Int8ub, Int16ub, Int24ub, Int32ub, Int64ub, Struct
+
+from svcard.protocols import tlv
+
+# --- instruction bytes ------------------------------------------------------------------------
+CLA_ISO = 0x00
+CLA_PBOC = 0x80
+INS_VERIFY = 0x20
+INS_INITIALIZE = 0x50
+INS_CREDIT_FOR_LOAD = 0x52
+INS_DEBIT = 0x54
+INS_GET_TRANSACTION_PROVE = 0x5A
+INS_GET_BALANCE = 0x5C
+INS_CHANGE_PIN = 0x5E
+INS_SELECT = 0xA4
+INS_READ_BINARY = 0xB0
+INS_READ_RECORD = 0xB2
+INS_GET_RESPONSE = 0xC0
+# PSAM (PBOC) and svcard's PSAM extensions
+INS_INIT_SAM_FOR_PURCHASE = 0x70
+INS_CREDIT_SAM_FOR_PURCHASE = 0x72
+INS_SAM_BLOCKED_LIST = 0x76
+INS_SAM_PREVIOUS_SIGNATURE = 0x78
+INS_SAM_GET_TOTALS = 0x7A
+INS_SAM_READ_BATCH_RECORD = 0x7C
+INS_SAM_CLOSE_BATCH = 0x7E
+# load HSM (svcard's own commands)
+INS_HSM_AUTHORIZE_LOAD = 0xE2
+INS_HSM_VERIFY_LOAD_TAC = 0xE6
+
+# P1 of INITIALIZE
+INIT_LOAD = 0x00
+INIT_PURCHASE = 0x01
+INIT_CASH_WITHDRAWAL = 0x02
+# P2: which purse
+PURSE_ED = 0x01
+PURSE_EP = 0x02
+
+# transaction types (log records, MAC inputs, GET TRANSACTION PROVE P2)
+TYPE_ED_LOAD = 0x01
+TYPE_EP_LOAD = 0x02
+TYPE_UNLOAD = 0x03
+TYPE_ED_CASH_WITHDRAWAL = 0x04
+TYPE_ED_PURCHASE = 0x05
+TYPE_EP_PURCHASE = 0x06
+TYPE_OVERDRAFT_UPDATE = 0x07
+TYPE_COMPOSITE_PURCHASE = 0x09
+
+TYPE_NAMES: dict[int, str] = {
+    TYPE_ED_LOAD: "ED load",
+    TYPE_EP_LOAD: "EP load",
+    TYPE_UNLOAD: "unload",
+    TYPE_ED_CASH_WITHDRAWAL: "ED cash withdrawal",
+    TYPE_ED_PURCHASE: "ED purchase",
+    TYPE_EP_PURCHASE: "EP purchase",
+    TYPE_OVERDRAFT_UPDATE: "overdraft limit update",
+    TYPE_COMPOSITE_PURCHASE: "composite purchase",
+}
+
+# svcard's default application identifiers (F0 = proprietary, unregistered RID range)
+DEFAULT_IEP_AID = bytes.fromhex("F05356434152440101")
+DEFAULT_PSAM_AID = bytes.fromhex("F05356434152440201")
+DEFAULT_HSM_AID = bytes.fromhex("F05356434152440301")
+
+SFI_PUBLIC_DATA = 0x15
+SFI_HOLDER_DATA = 0x16
+SFI_LOG = 0x18
+SFI_PSAM_TERMINAL_ID = 0x16
+SFI_PSAM_CURRENCY = 0x17
+LOG_RECORD_SIZE = 23
+LOG_RECORDS = 10
+
+# --- IEP command data and answers ------------------------------------------------------------
+InitializeData = Struct("key_index" / Int8ub, "amount" / Int32ub, "terminal_id" / Bytes(6))
+InitForLoadAnswer = Struct(
+    "balance" / Int32ub, "online_counter" / Int16ub, "key_version" / Int8ub,
+    "algorithm_id" / Int8ub, "random" / Bytes(4), "mac1" / Bytes(4),
+)
+CreditForLoadData = Struct("date" / Bytes(4), "time" / Bytes(3), "mac2" / Bytes(4))
+CreditForLoadAnswer = Struct("tac" / Bytes(4))
+InitForPurchaseAnswer = Struct(
+    "balance" / Int32ub, "offline_counter" / Int16ub, "overdraft_limit" / Int24ub,
+    "key_version" / Int8ub, "algorithm_id" / Int8ub, "random" / Bytes(4),
+)
+DebitForPurchaseData = Struct(
+    "terminal_txn_number" / Int32ub, "date" / Bytes(4), "time" / Bytes(3), "mac1" / Bytes(4),
+)
+DebitForPurchaseAnswer = Struct("tac" / Bytes(4), "mac2" / Bytes(4))
+TransactionProveAnswer = Struct("mac" / Bytes(4), "tac" / Bytes(4))
+Balance = Struct("balance" / Int32ub)
+LogRecord = Struct(
+    "counter" / Int16ub, "overdraft_limit" / Int24ub, "amount" / Int32ub,
+    "txn_type" / Int8ub, "terminal_id" / Bytes(6), "date" / Bytes(4), "time" / Bytes(3),
+)
+# EF 0x15: public application basic data (30 bytes)
+PublicAppData = Struct(
+    "issuer_id" / Bytes(8), "app_type" / Int8ub, "app_version" / Int8ub,
+    "app_serial" / Bytes(10), "start_date" / Bytes(4), "expiry_date" / Bytes(4),
+    "reserved" / Bytes(2),
+)
+# EF 0x16: cardholder data (55 bytes)
+HolderData = Struct(
+    "card_type" / Int8ub, "staff_flag" / Int8ub, "name" / Bytes(20), "id_number" / Bytes(32),
+    "id_type" / Int8ub,
+)
+
+# --- PSAM ------------------------------------------------------------------------------------
+InitSamForPurchaseData = Struct(
+    "random" / Bytes(4), "offline_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
+    "date" / Bytes(4), "time" / Bytes(3), "key_version" / Int8ub, "algorithm_id" / Int8ub,
+    "card_serial" / Bytes(8),
+)
+InitSamForPurchaseData24 = Struct(
+    "random" / Bytes(4), "offline_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
+    "date" / Bytes(4), "time" / Bytes(3), "key_version" / Int8ub, "algorithm_id" / Int8ub,
+    "card_serial" / Bytes(8), "issuer_id" / Bytes(8),
+)
+InitSamAnswer = Struct("terminal_txn_number" / Int32ub, "mac1" / Bytes(4))
+InitSamAnswerEarly = Struct(
+    "terminal_txn_number" / Int32ub, "mac1" / Bytes(4), "expected_mac2" / Bytes(4),
+)
+CreditSamData = Struct("mac2" / Bytes(4))
+CreditSamDataWithTac = Struct("mac2" / Bytes(4), "tac" / Bytes(4))
+PsamCurrency = Struct("currency_code" / Int16ub, "exponent" / Int8ub)
+PsamTotal = Struct("issuer_id" / Bytes(8), "count" / Int32ub, "amount" / Int64ub)
+# one purchase as the PSAM keeps it for collection (status 0 = credited, 1 = released early)
+PsamRecord = Struct(
+    "terminal_txn_number" / Int32ub, "issuer_id" / Bytes(8), "card_serial" / Bytes(8),
+    "card_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
+    "terminal_id" / Bytes(6), "date" / Bytes(4), "time" / Bytes(3), "tac" / Bytes(4),
+    "status" / Int8ub,
+)
+PSAM_RECORD_SIZE = 45
+ReadBatchRecordData = Struct("batch" / Int8ub, "index" / Int32ub)
+BatchHeader = Struct(
+    "terminal_id" / Bytes(6), "batch_number" / Int32ub, "record_count" / Int32ub,
+    "total_amount" / Int64ub,
+)
+BatchCloseAnswer = Struct(
+    "terminal_id" / Bytes(6), "batch_number" / Int32ub, "record_count" / Int32ub,
+    "total_amount" / Int64ub, "mac" / Bytes(4),
+)
+PreviousSignature = Struct(
+    "terminal_txn_number" / Int32ub, "mac1" / Bytes(4), "expected_mac2" / Bytes(4),
+    "state" / Int8ub,
+)
+SIGNATURE_NONE = 0
+SIGNATURE_PENDING = 1
+SIGNATURE_CREDITED = 2
+SIGNATURE_RELEASED = 3
+BlockedListData = Struct("card_serial" / Bytes(8))
+
+# --- load HSM --------------------------------------------------------------------------------
+HsmAuthorizeLoadData = Struct(
+    "issuer_id" / Bytes(8), "card_serial" / Bytes(8), "key_version" / Int8ub,
+    "algorithm_id" / Int8ub, "balance" / Int32ub, "amount" / Int32ub, "txn_type" / Int8ub,
+    "terminal_id" / Bytes(6), "online_counter" / Int16ub, "random" / Bytes(4),
+    "s1" / Bytes(4), "date" / Bytes(4), "time" / Bytes(3),
+)
+HsmAuthorizeLoadAnswer = Struct("s2" / Bytes(4))
+HsmVerifyLoadTacData = Struct(
+    "issuer_id" / Bytes(8), "card_serial" / Bytes(8), "balance_after" / Int32ub,
+    "online_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
+    "terminal_id" / Bytes(6), "date" / Bytes(4), "time" / Bytes(3), "s3" / Bytes(4),
+)
+
+
+def sizeof(layout: Any) -> int:
+    return int(layout.sizeof())
+
+
+# --- BCD dates and times ---------------------------------------------------------------------
+
+def is_bcd(data: bytes) -> bool:
+    return all((b >> 4) < 10 and (b & 0x0F) < 10 for b in data)
+
+
+def bcd_date(day: _dt.date) -> bytes:
+    return bytes.fromhex(day.strftime("%Y%m%d"))
+
+
+def bcd_time(moment: _dt.time | _dt.datetime) -> bytes:
+    return bytes.fromhex(moment.strftime("%H%M%S"))
+
+
+def valid_date(data: bytes) -> bool:
+    if len(data) != 4 or not is_bcd(data):
+        return False
+    try:
+        _dt.datetime.strptime(data.hex(), "%Y%m%d")
+    except ValueError:
+        return False
+    return True
+
+
+def valid_time(data: bytes) -> bool:
+    if len(data) != 3 or not is_bcd(data):
+        return False
+    h, m, s = (int(data[i : i + 1].hex()) for i in range(3))
+    return h < 24 and m < 60 and s < 60
+
+
+def parse_bcd_date(data: bytes) -> _dt.date:
+    if not valid_date(data):
+        raise ValueError(f"not a BCD date YYYYMMDD: {data.hex()}")
+    return _dt.datetime.strptime(data.hex(), "%Y%m%d").date()
+
+
+# --- FCI (SELECT answer) ---------------------------------------------------------------------
+TAG_FCI = 0x6F
+TAG_DF_NAME = 0x84
+TAG_FCI_PROPRIETARY = 0xA5
+TAG_APP_LABEL = 0x50
+TAG_CURRENCY_CODE = 0x5F2A
+TAG_CURRENCY_EXPONENT = 0x5F36
+TAG_ISSUER_DISCRETIONARY = 0x9F0C
+
+
+@dataclass(frozen=True, slots=True)
+class Fci:
+    """The SELECT answer of a purse: DF name and proprietary data (currency, EF 0x15 copy)."""
+
+    df_name: bytes
+    label: str = ""
+    currency_code: int | None = None
+    currency_exponent: int | None = None
+    issuer_discretionary: bytes = b""
+
+    def build(self) -> bytes:
+        inner: list[tlv.TLV] = []
+        if self.label:
+            inner.append(tlv.TLV(TAG_APP_LABEL, self.label.encode("ascii")))
+        if self.currency_code is not None:
+            inner.append(tlv.TLV(TAG_CURRENCY_CODE, bcd_currency(self.currency_code)))
+        if self.currency_exponent is not None:
+            inner.append(tlv.TLV(TAG_CURRENCY_EXPONENT, bytes((self.currency_exponent,))))
+        if self.issuer_discretionary:
+            inner.append(tlv.TLV(TAG_ISSUER_DISCRETIONARY, self.issuer_discretionary))
+        body = [tlv.TLV(TAG_DF_NAME, self.df_name),
+                tlv.TLV(TAG_FCI_PROPRIETARY, b"".join(bytes(i) for i in inner))]
+        return tlv.build(TAG_FCI, body)
+
+    @classmethod
+    def parse(cls, data: bytes) -> Fci:
+        items = tlv.parse(data)
+        if not items or items[0].tag != TAG_FCI:
+            raise tlv.TLVError("an FCI starts with tag 6F")
+        fci = items[0].children()
+        name = tlv.find(fci, TAG_DF_NAME, recursive=False)
+        if name is None:
+            raise tlv.TLVError("the FCI has no DF name (84)")
+        label = tlv.find(fci, TAG_APP_LABEL)
+        cur = tlv.find(fci, TAG_CURRENCY_CODE)
+        exp = tlv.find(fci, TAG_CURRENCY_EXPONENT)
+        disc = tlv.find(fci, TAG_ISSUER_DISCRETIONARY)
+        return cls(
+            df_name=name.value,
+            label=label.value.decode("ascii", "replace") if label else "",
+            currency_code=parse_bcd_currency(cur.value) if cur else None,
+            currency_exponent=exp.value[0] if exp and exp.value else None,
+            issuer_discretionary=disc.value if disc else b"",
+        )
+
+
+def bcd_currency(code: int) -> bytes:
+    """ISO 4217 numeric code as EMV's n3 in two bytes: 156 -> 01 56."""
+    if not 0 <= code <= 999:
+        raise ValueError(f"a currency code is 0..999, got {code}")
+    return bytes.fromhex(f"{code:04d}")
+
+
+def parse_bcd_currency(data: bytes) -> int:
+    if len(data) != 2 or not is_bcd(data):
+        raise ValueError(f"not an n3 currency code: {data.hex()}")
+    return int(data.hex())
+
+
+def _compile_all() -> None:
+    """Swap every layout above for construct's compiled twin (same declaration, ~6x faster)."""
+    space = globals()
+    for name, value in list(space.items()):
+        if isinstance(value, Struct):
+            space[name] = value.compile()
+
+
+_compile_all()

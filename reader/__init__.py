@@ -1,0 +1,10 @@
+"""Readers: one PC/SC-style interface over every way of reaching a card.
+
+``reader`` imports only ``protocols``; a virtual reader takes any object with ``atr`` and
+``transmit(bytes) -> bytes``.
+"""
+
+from svcard.reader.base import CardConnectionError, Reader, ReaderError
+from svcard.reader.virtual import VirtualReader
+
+__all__ = ["CardConnectionError", "Reader", "ReaderError", "VirtualReader"]
