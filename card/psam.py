@@ -342,7 +342,7 @@ class Psam(Application):
         records = self.state.records if req.batch == 0 else self.state.closed_records
         if req.index >= len(records):
             raise CardError(SW.RECORD_NOT_FOUND)
-        return records[req.index]
+        return records[int(req.index)]
 
     def _batch_answer(self, number: int, records: list[bytes]) -> bytes:
         s = self.state

@@ -124,7 +124,7 @@ class Card:
     def _deliver(self, cmd: CommandAPDU, data: bytes) -> tuple[bytes, int]:
         if not data:
             return b"", SW.OK
-        if self.t0 and cmd.case == 4 or self.t0 and cmd.case == 3:
+        if self.t0 and cmd.case in (3, 4):
             self._pending = data
             return b"", 0x6100 | (len(data) & 0xFF)
         if cmd.le is not None and cmd.le < len(data) and cmd.case == 2 and not cmd.extended:

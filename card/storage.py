@@ -28,7 +28,7 @@ WRITE_STEPS = ("begin", "temp-written", "temp-synced", "renamed")
 TearHook = Callable[[str], None]
 
 
-class PowerCut(BaseException):  # noqa: N818 - it is an event, not an error
+class PowerCut(BaseException):
     """Raised by a tear hook: the card loses power here. Not an ``Exception`` on purpose, so
     no card code can swallow it."""
 

@@ -1,1 +1,270 @@
-def main() -> None: print("hi")
+"""The ``svcard`` command line.
+
+Exit codes: 0 done; 1 the transaction was refused (a chip's status word or a terminal check);
+2 usage error; 3 a reader, card image or profile could not be used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from svcard.card.image import save_new_image
+from svcard.card.personalise import ProfileError, image_from_profile
+from svcard.card.storage import ImageError, read_image
+from svcard.host import terminal as T
+from svcard.host.describe import describe_image, render_image
+from svcard.host.specs import open_reader
+from svcard.protocols import sw as SW
+from svcard.protocols.apdu import APDUFormatError, parse_command, parse_response
+from svcard.reader import Reader, ReaderError
+
+EXIT_OK = 0
+EXIT_DECLINED = 1
+EXIT_USAGE = 2
+EXIT_DEVICE = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"svcard: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    """Turn our errors into a one-line message and a meaningful exit code."""
+    try:
+        yield
+    except T.TerminalError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    except (ReaderError, ImageError, ProfileError) as exc:
+        fail(str(exc), EXIT_DEVICE)
+
+
+def emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the result as JSON (for scripts).")(f)
+
+
+@contextmanager
+def readers(*specs: str | None) -> Iterator[list[Reader]]:
+    with ExitStack() as stack:
+        opened: list[Reader] = []
+        for spec in specs:
+            if spec is None:
+                continue
+            reader = open_reader(spec)
+            stack.enter_context(reader)
+            opened.append(reader)
+        yield opened
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="svcard")
+def main() -> None:
+    """svcard: an emulated PBOC ED/EP purse card, PSAM and load HSM, and host software
+    that pays with them and loads them.
+
+    Cards live in JSON card images; a reader spec names where a card is:
+    virtual:IMAGE.json opens an image in this process.
+
+    \b
+    Quick tour:
+      svcard demo                                   a load and a purchase, end to end
+      svcard card new fixtures/iep-demo.toml --out card.json
+      svcard terminal balance --card virtual:card.json
+    """
+
+
+# --- svcard card ---------------------------------------------------------------------------
+@main.group()
+def card() -> None:
+    """Make and inspect card images (IEP purse, PSAM, load HSM)."""
+
+
+@card.command("new")
+@click.argument("profile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the card image (JSON).")
+@click.option("--force", is_flag=True, help="Replace an existing image.")
+def card_new(profile: Path, out: Path, force: bool) -> None:
+    """Personalise a card from a TOML PROFILE (see docs/profiles.md)."""
+    with handled():
+        image = image_from_profile(profile)
+        save_new_image(out, image, overwrite=force)
+    click.echo(f"wrote {image['kind']} card image {out}")
+
+
+@card.command("show")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def card_show(image: Path, as_json: bool) -> None:
+    """Print what a card image holds: balances, counters, the decoded log (never keys)."""
+    with handled():
+        data = describe_image(read_image(image))
+    emit(as_json, data, render_image(data))
+
+
+# --- svcard terminal -----------------------------------------------------------------------
+@main.group()
+def terminal() -> None:
+    """A local terminal (seed FIG. 2): a card slot plus a PSAM or load HSM slot."""
+
+
+card_option = click.option("--card", "card_spec", required=True, metavar="SPEC",
+                           help="Reader spec of the purse card, e.g. virtual:card.json.")
+purse_option = click.option("--purse", type=click.Choice(["ep", "ed"], case_sensitive=False),
+                            default="ep", show_default=True,
+                            help="EP purse, or the PIN-protected ED passbook.")
+pin_option = click.option("--pin", default=None, help="Cardholder PIN (ED passbook only).")
+amount_option = click.option("--amount", required=True, type=click.IntRange(0, 0xFFFFFFFF),
+                             help="Amount in integer minor units (1234 = 12.34 at exponent 2).")
+
+
+@terminal.command("balance")
+@card_option
+@purse_option
+@pin_option
+@json_option
+def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool) -> None:
+    """Read a purse's balance (GET BALANCE)."""
+    with handled(), readers(card_spec) as (card_r,):
+        info, balance = T.read_balance(card_r, T.purse_id(purse), pin)
+    emit(as_json, {"card_serial": info.app_serial, "purse": purse.upper(), "balance": balance,
+                   "currency_code": info.currency_code,
+                   "currency_exponent": info.currency_exponent},
+         f"{purse.upper()} balance: {T.format_amount(balance, info.currency_exponent)} "
+         f"(currency {info.currency_code}, card {info.app_serial})")
+
+
+@terminal.command("log")
+@card_option
+@json_option
+def terminal_log(card_spec: str, as_json: bool) -> None:
+    """Read the transaction log (READ RECORD, newest first)."""
+    with handled(), readers(card_spec) as (card_r,):
+        entries = T.read_log(card_r)
+    lines = [f"{e.date} {e.time}  {e.type_name:<20} {e.amount:>10}  counter {e.counter:<5} "
+             f"terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
+    emit(as_json, [e.__dict__ for e in entries], "\n".join(lines))
+
+
+@terminal.command("purchase")
+@card_option
+@click.option("--psam", "psam_spec", required=True, metavar="SPEC",
+              help="Reader spec of the PSAM, e.g. virtual:psam.json.")
+@amount_option
+@purse_option
+@pin_option
+@click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@click.option("--issuer-factor", is_flag=True,
+              help="Use the 24-byte INIT SAM form (issuer id as a second diversification).")
+@json_option
+def terminal_purchase(card_spec: str, psam_spec: str, amount: int, purse: str,
+                      pin: str | None, key_index: int, issuer_factor: bool,
+                      as_json: bool) -> None:
+    """Pay AMOUNT from the card: card <-> PSAM, MAC1/MAC2/TAC, the PSAM records it."""
+    with handled(), readers(card_spec, psam_spec) as (card_r, psam_r):
+        r = T.purchase(card_r, psam_r, amount, purse=T.purse_id(purse), key_index=key_index,
+                       pin=pin, issuer_factor=issuer_factor)
+    exp = r.currency_exponent
+    emit(as_json, r.to_json(),
+         f"purchase of {T.format_amount(r.amount, exp)} approved\n"
+         f"  balance {T.format_amount(r.balance_before, exp)} -> "
+         f"{T.format_amount(r.balance_after, exp)}\n"
+         f"  terminal {r.terminal_id} txn {r.terminal_txn_number}, card counter "
+         f"{r.offline_counter}\n  MAC1 {r.mac1}  MAC2 {r.mac2}  TAC {r.tac}")
+
+
+@terminal.command("load")
+@card_option
+@click.option("--hsm", "hsm_spec", required=True, metavar="SPEC",
+              help="Reader spec of the load HSM, e.g. virtual:hsm.json.")
+@amount_option
+@purse_option
+@pin_option
+@click.option("--terminal-id", default="000000000001", show_default=True,
+              help="The loading terminal's 6-byte id, hex.")
+@click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@json_option
+def terminal_load(card_spec: str, hsm_spec: str, amount: int, purse: str, pin: str | None,
+                  terminal_id: str, key_index: int, as_json: bool) -> None:
+    """Load AMOUNT onto the card: S1 from the card, S2 from the HSM, S3 checked."""
+    try:
+        tid = bytes.fromhex(terminal_id)
+    except ValueError:
+        fail("--terminal-id must be hex", EXIT_USAGE)
+    with handled(), readers(card_spec, hsm_spec) as (card_r, hsm_r):
+        r = T.load(card_r, hsm_r, amount, terminal_id=tid, purse=T.purse_id(purse),
+                   key_index=key_index, pin=pin)
+    exp = r.currency_exponent
+    emit(as_json, r.to_json(),
+         f"load of {T.format_amount(r.amount, exp)} done\n"
+         f"  balance {T.format_amount(r.balance_before, exp)} -> "
+         f"{T.format_amount(r.balance_after, exp)}\n"
+         f"  online counter {r.online_counter}\n  S1 {r.s1}  S2 {r.s2}  S3 {r.s3}")
+
+
+# --- svcard apdu ---------------------------------------------------------------------------
+@main.command("apdu")
+@click.option("--reader", "reader_spec", required=True, metavar="SPEC", help="Reader spec.")
+@click.argument("apdus", nargs=-1, required=True, metavar="HEX...")
+@json_option
+def apdu_cmd(reader_spec: str, apdus: tuple[str, ...], as_json: bool) -> None:
+    """Send raw command APDUs and print each answer and its status word (like opensc-tool -s).
+
+    Spaces and colons inside a HEX argument are ignored: "00 A4 04 00 ..." works quoted.
+    """
+    commands: list[bytes] = []
+    for text in apdus:
+        try:
+            raw = bytes.fromhex(text.replace(":", "").replace(" ", ""))
+            parse_command(raw)
+        except (ValueError, APDUFormatError) as exc:
+            fail(f"{text!r} is not a command APDU: {exc}", EXIT_USAGE)
+        commands.append(raw)
+    results = []
+    with handled(), readers(reader_spec) as (reader,):
+        for raw in commands:
+            answer = parse_response(reader.transmit(raw))
+            results.append({"command": raw.hex().upper(), "data": answer.data.hex().upper(),
+                            "sw": f"{answer.sw:04X}", "meaning": SW.meaning(answer.sw)})
+    text = "\n".join(
+        f"Sending: {r['command']}\nReceived ({r['sw']}, {r['meaning']}):"
+        + (f"\n{r['data']}" if r["data"] else "") for r in results)
+    emit(as_json, results, text)
+
+
+# --- svcard demo ---------------------------------------------------------------------------
+@main.command("demo")
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the card images in this folder instead of a temporary one.")
+@click.option("--load-amount", default=10000, show_default=True,
+              type=click.IntRange(1, 0xFFFFFFFF))
+@click.option("--purchase-amount", default=1234, show_default=True,
+              type=click.IntRange(0, 0xFFFFFFFF))
+@json_option
+def demo(keep: Path | None, load_amount: int, purchase_amount: int, as_json: bool) -> None:
+    """Run the main job on embedded defaults: personalise a purse card, a PSAM and a load
+    HSM from the demo fixtures, load the card, make a purchase, and show the log."""
+    from svcard.host.demo import run_demo
+
+    with handled():
+        story = run_demo(keep, load_amount, purchase_amount)
+    emit(as_json, story.data, story.text)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -8,12 +8,24 @@ units; dates are BCD YYYYMMDD (4 bytes) and times BCD hhmmss (3 bytes).
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from construct import Bytes, Int8ub, Int16ub, Int24ub, Int32ub, Int64ub, Struct
 
 from svcard.protocols import tlv
+
+
+class Layout(Protocol):
+    """What every declared layout offers: parse bytes, build bytes, a fixed size."""
+
+    def parse(self, data: bytes) -> Any: ...
+
+    def build(self, obj: Mapping[str, Any]) -> bytes: ...
+
+    def sizeof(self) -> int: ...
+
 
 # --- instruction bytes ------------------------------------------------------------------------
 CLA_ISO = 0x00
@@ -84,76 +96,76 @@ LOG_RECORD_SIZE = 23
 LOG_RECORDS = 10
 
 # --- IEP command data and answers ------------------------------------------------------------
-InitializeData = Struct("key_index" / Int8ub, "amount" / Int32ub, "terminal_id" / Bytes(6))
-InitForLoadAnswer = Struct(
+InitializeData: Layout = Struct("key_index" / Int8ub, "amount" / Int32ub, "terminal_id" / Bytes(6))
+InitForLoadAnswer: Layout = Struct(
     "balance" / Int32ub, "online_counter" / Int16ub, "key_version" / Int8ub,
     "algorithm_id" / Int8ub, "random" / Bytes(4), "mac1" / Bytes(4),
 )
-CreditForLoadData = Struct("date" / Bytes(4), "time" / Bytes(3), "mac2" / Bytes(4))
-CreditForLoadAnswer = Struct("tac" / Bytes(4))
-InitForPurchaseAnswer = Struct(
+CreditForLoadData: Layout = Struct("date" / Bytes(4), "time" / Bytes(3), "mac2" / Bytes(4))
+CreditForLoadAnswer: Layout = Struct("tac" / Bytes(4))
+InitForPurchaseAnswer: Layout = Struct(
     "balance" / Int32ub, "offline_counter" / Int16ub, "overdraft_limit" / Int24ub,
     "key_version" / Int8ub, "algorithm_id" / Int8ub, "random" / Bytes(4),
 )
-DebitForPurchaseData = Struct(
+DebitForPurchaseData: Layout = Struct(
     "terminal_txn_number" / Int32ub, "date" / Bytes(4), "time" / Bytes(3), "mac1" / Bytes(4),
 )
-DebitForPurchaseAnswer = Struct("tac" / Bytes(4), "mac2" / Bytes(4))
-TransactionProveAnswer = Struct("mac" / Bytes(4), "tac" / Bytes(4))
-Balance = Struct("balance" / Int32ub)
-LogRecord = Struct(
+DebitForPurchaseAnswer: Layout = Struct("tac" / Bytes(4), "mac2" / Bytes(4))
+TransactionProveAnswer: Layout = Struct("mac" / Bytes(4), "tac" / Bytes(4))
+Balance: Layout = Struct("balance" / Int32ub)
+LogRecord: Layout = Struct(
     "counter" / Int16ub, "overdraft_limit" / Int24ub, "amount" / Int32ub,
     "txn_type" / Int8ub, "terminal_id" / Bytes(6), "date" / Bytes(4), "time" / Bytes(3),
 )
 # EF 0x15: public application basic data (30 bytes)
-PublicAppData = Struct(
+PublicAppData: Layout = Struct(
     "issuer_id" / Bytes(8), "app_type" / Int8ub, "app_version" / Int8ub,
     "app_serial" / Bytes(10), "start_date" / Bytes(4), "expiry_date" / Bytes(4),
     "reserved" / Bytes(2),
 )
 # EF 0x16: cardholder data (55 bytes)
-HolderData = Struct(
+HolderData: Layout = Struct(
     "card_type" / Int8ub, "staff_flag" / Int8ub, "name" / Bytes(20), "id_number" / Bytes(32),
     "id_type" / Int8ub,
 )
 
 # --- PSAM ------------------------------------------------------------------------------------
-InitSamForPurchaseData = Struct(
+InitSamForPurchaseData: Layout = Struct(
     "random" / Bytes(4), "offline_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
     "date" / Bytes(4), "time" / Bytes(3), "key_version" / Int8ub, "algorithm_id" / Int8ub,
     "card_serial" / Bytes(8),
 )
-InitSamForPurchaseData24 = Struct(
+InitSamForPurchaseData24: Layout = Struct(
     "random" / Bytes(4), "offline_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
     "date" / Bytes(4), "time" / Bytes(3), "key_version" / Int8ub, "algorithm_id" / Int8ub,
     "card_serial" / Bytes(8), "issuer_id" / Bytes(8),
 )
-InitSamAnswer = Struct("terminal_txn_number" / Int32ub, "mac1" / Bytes(4))
-InitSamAnswerEarly = Struct(
+InitSamAnswer: Layout = Struct("terminal_txn_number" / Int32ub, "mac1" / Bytes(4))
+InitSamAnswerEarly: Layout = Struct(
     "terminal_txn_number" / Int32ub, "mac1" / Bytes(4), "expected_mac2" / Bytes(4),
 )
-CreditSamData = Struct("mac2" / Bytes(4))
-CreditSamDataWithTac = Struct("mac2" / Bytes(4), "tac" / Bytes(4))
-PsamCurrency = Struct("currency_code" / Int16ub, "exponent" / Int8ub)
-PsamTotal = Struct("issuer_id" / Bytes(8), "count" / Int32ub, "amount" / Int64ub)
+CreditSamData: Layout = Struct("mac2" / Bytes(4))
+CreditSamDataWithTac: Layout = Struct("mac2" / Bytes(4), "tac" / Bytes(4))
+PsamCurrency: Layout = Struct("currency_code" / Int16ub, "exponent" / Int8ub)
+PsamTotal: Layout = Struct("issuer_id" / Bytes(8), "count" / Int32ub, "amount" / Int64ub)
 # one purchase as the PSAM keeps it for collection (status 0 = credited, 1 = released early)
-PsamRecord = Struct(
+PsamRecord: Layout = Struct(
     "terminal_txn_number" / Int32ub, "issuer_id" / Bytes(8), "card_serial" / Bytes(8),
     "card_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
     "terminal_id" / Bytes(6), "date" / Bytes(4), "time" / Bytes(3), "tac" / Bytes(4),
     "status" / Int8ub,
 )
 PSAM_RECORD_SIZE = 45
-ReadBatchRecordData = Struct("batch" / Int8ub, "index" / Int32ub)
-BatchHeader = Struct(
+ReadBatchRecordData: Layout = Struct("batch" / Int8ub, "index" / Int32ub)
+BatchHeader: Layout = Struct(
     "terminal_id" / Bytes(6), "batch_number" / Int32ub, "record_count" / Int32ub,
     "total_amount" / Int64ub,
 )
-BatchCloseAnswer = Struct(
+BatchCloseAnswer: Layout = Struct(
     "terminal_id" / Bytes(6), "batch_number" / Int32ub, "record_count" / Int32ub,
     "total_amount" / Int64ub, "mac" / Bytes(4),
 )
-PreviousSignature = Struct(
+PreviousSignature: Layout = Struct(
     "terminal_txn_number" / Int32ub, "mac1" / Bytes(4), "expected_mac2" / Bytes(4),
     "state" / Int8ub,
 )
@@ -161,25 +173,21 @@ SIGNATURE_NONE = 0
 SIGNATURE_PENDING = 1
 SIGNATURE_CREDITED = 2
 SIGNATURE_RELEASED = 3
-BlockedListData = Struct("card_serial" / Bytes(8))
+BlockedListData: Layout = Struct("card_serial" / Bytes(8))
 
 # --- load HSM --------------------------------------------------------------------------------
-HsmAuthorizeLoadData = Struct(
+HsmAuthorizeLoadData: Layout = Struct(
     "issuer_id" / Bytes(8), "card_serial" / Bytes(8), "key_version" / Int8ub,
     "algorithm_id" / Int8ub, "balance" / Int32ub, "amount" / Int32ub, "txn_type" / Int8ub,
     "terminal_id" / Bytes(6), "online_counter" / Int16ub, "random" / Bytes(4),
     "s1" / Bytes(4), "date" / Bytes(4), "time" / Bytes(3),
 )
-HsmAuthorizeLoadAnswer = Struct("s2" / Bytes(4))
-HsmVerifyLoadTacData = Struct(
+HsmAuthorizeLoadAnswer: Layout = Struct("s2" / Bytes(4))
+HsmVerifyLoadTacData: Layout = Struct(
     "issuer_id" / Bytes(8), "card_serial" / Bytes(8), "balance_after" / Int32ub,
     "online_counter" / Int16ub, "amount" / Int32ub, "txn_type" / Int8ub,
     "terminal_id" / Bytes(6), "date" / Bytes(4), "time" / Bytes(3), "s3" / Bytes(4),
 )
-
-
-def sizeof(layout: Any) -> int:
-    return int(layout.sizeof())
 
 
 # --- BCD dates and times ---------------------------------------------------------------------

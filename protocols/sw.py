@@ -66,4 +66,4 @@ def meaning(sw: int) -> str:
 def is_valid(sw: int) -> bool:
     """True for a status word a card may send (SW1 in 61..6F or 90..9F)."""
     sw1 = sw >> 8
-    return 0x61 <= sw1 <= 0x6F and sw1 != 0x60 or 0x90 <= sw1 <= 0x9F
+    return 0x61 <= sw1 <= 0x6F or 0x90 <= sw1 <= 0x9F

@@ -1,0 +1,72 @@
+"""``svcard demo``: the main job on embedded defaults, as a readable story and as data."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from svcard.card.image import save_new_image
+from svcard.card.personalise import image_from_profile
+from svcard.fixtures import fixture_path
+from svcard.host import terminal as T
+from svcard.host.specs import open_reader
+
+DEMO_LOAD_TERMINAL = bytes.fromhex("000000000099")
+
+
+@dataclass
+class Story:
+    text: str
+    data: dict[str, Any]
+
+
+def run_demo(folder: Path | None, load_amount: int, purchase_amount: int) -> Story:
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="svcard-demo-") as tmp:
+            return _run(Path(tmp), load_amount, purchase_amount)
+    folder.mkdir(parents=True, exist_ok=True)
+    return _run(folder, load_amount, purchase_amount)
+
+
+def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
+    paths = {}
+    for kind in ("iep", "psam", "hsm"):
+        paths[kind] = folder / f"{kind}.json"
+        save_new_image(paths[kind], image_from_profile(fixture_path(f"{kind}-demo.toml")),
+                       overwrite=True)
+    lines = [f"Personalised a purse card, a PSAM and a load HSM in {folder} "
+             "(demo issuer, TEST KEYS ONLY)."]
+    with open_reader(f"virtual:{paths['iep']}") as card, \
+            open_reader(f"virtual:{paths['hsm']}") as hsm:
+        loaded = T.load(card, hsm, load_amount, terminal_id=DEMO_LOAD_TERMINAL)
+    exp = loaded.currency_exponent
+
+    def money(value: int) -> str:
+        return T.format_amount(value, exp)
+
+    lines += [
+        f"Load {money(load_amount)}: card balance {money(loaded.balance_before)} -> "
+        f"{money(loaded.balance_after)}",
+        f"  card S1 {loaded.s1} verified by the HSM; HSM S2 {loaded.s2} accepted by the card; "
+        f"card S3 (TAC) {loaded.s3} verified by the HSM",
+    ]
+    with open_reader(f"virtual:{paths['iep']}") as card, \
+            open_reader(f"virtual:{paths['psam']}") as psam:
+        bought = T.purchase(card, psam, purchase_amount)
+    lines += [
+        f"Purchase {money(purchase_amount)} at terminal {bought.terminal_id}: balance "
+        f"{money(bought.balance_before)} -> {money(bought.balance_after)}",
+        f"  PSAM MAC1 {bought.mac1} (TTN {bought.terminal_txn_number}) accepted by the card; "
+        f"card MAC2 {bought.mac2} verified by the PSAM; card TAC {bought.tac}",
+    ]
+    with open_reader(f"virtual:{paths['iep']}") as card:
+        _, balance = T.read_balance(card)
+        log = T.read_log(card)
+    lines.append(f"Card balance now {money(balance)}; log, newest first:")
+    lines += [f"  {e.date} {e.time}  {e.type_name:<12} {money(e.amount):>10}  counter "
+              f"{e.counter}" for e in log]
+    return Story("\n".join(lines), {
+        "folder": str(folder), "load": loaded.to_json(), "purchase": bought.to_json(),
+        "balance": balance, "log": [e.__dict__ for e in log]})
