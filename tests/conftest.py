@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from svcard.card.image import card_from_image, save_new_image  # noqa: E402
+from svcard.card.personalise import image_from_profile  # noqa: E402
+from svcard.card.runtime import Card  # noqa: E402
+from svcard.fixtures import fixture_path  # noqa: E402
+
+_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def demo_image(kind: str, **app_changes: Any) -> dict[str, Any]:
+    """A fresh copy of a demo card image (iep, psam or hsm), optionally with app fields set."""
+    if kind not in _CACHE:
+        _CACHE[kind] = image_from_profile(fixture_path(f"{kind}-demo.toml"))
+    image = copy.deepcopy(_CACHE[kind])
+    image["app"].update(app_changes)
+    return image
+
+
+def with_balance(image: dict[str, Any], ep: int = 0, ed: int = 0) -> dict[str, Any]:
+    image["app"]["ep"]["balance"] = ep
+    image["app"]["ed"]["balance"] = ed
+    return image
+
+
+@pytest.fixture
+def iep() -> Card:
+    return card_from_image(demo_image("iep"))
+
+
+@pytest.fixture
+def psam() -> Card:
+    return card_from_image(demo_image("psam"))
+
+
+@pytest.fixture
+def hsm() -> Card:
+    return card_from_image(demo_image("hsm"))
+
+
+@pytest.fixture
+def image_files(tmp_path: Path) -> dict[str, Path]:
+    """Demo IEP (EP balance 100.00), PSAM and HSM images on disk."""
+    out = {}
+    for kind in ("iep", "psam", "hsm"):
+        image = demo_image(kind)
+        if kind == "iep":
+            with_balance(image, ep=10000)
+        out[kind] = tmp_path / f"{kind}.json"
+        save_new_image(out[kind], image)
+    return out
