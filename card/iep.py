@@ -184,6 +184,7 @@ class Iep(Application):
         self.state = state
         self.aid = state.aid
         self.persist: Callable[[], None] = persist or (lambda: None)
+        self._fci: bytes | None = None
         self._session: _Session | None = None
         self._pin_ok = False
         self._handlers: dict[tuple[int, int], Callable[[CommandAPDU], bytes]] = {
@@ -201,8 +202,12 @@ class Iep(Application):
 
     # --- application plumbing ---------------------------------------------------------------
     def fci(self) -> bytes:
-        s = self.state
-        return P.Fci(s.aid, s.label, s.currency_code, s.currency_exponent, s.public_data).build()
+        if self._fci is None:  # built once: nothing in it changes after personalisation
+            s = self.state
+            self._fci = P.Fci(s.aid, s.label, s.currency_code, s.currency_exponent,
+                              s.public_data).build()
+        return self._fci
+
 
     def on_select(self) -> None:
         self._session = None

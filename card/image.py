@@ -59,8 +59,11 @@ def card_from_image(image: dict[str, Any], store: Store | None = None) -> Card:
     sink: Store = store if store is not None else MemoryStore()
     card = Card([app], atr=atr, t0=t0, kind=kind, on_close=sink.close)
 
+    def build() -> dict[str, Any]:
+        return new_image(kind, app.to_state(), atr=atr, t0=t0)
+
     def persist() -> None:
-        sink.commit(new_image(kind, app.to_state(), atr=atr, t0=t0))
+        sink.commit(build)
 
     app.persist = persist
     if isinstance(app, Iep):

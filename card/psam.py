@@ -21,7 +21,7 @@ svcard extensions (CLA 80):
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,43 @@ class Signature:
                    int(d["state"]))
 
 
+class Records:
+    """The PSAM's purchase records, with their hex form kept alongside so that an image write
+    does not re-encode the whole batch each time."""
+
+    __slots__ = ("_hex", "_raw")
+
+    def __init__(self, raw: list[bytes] | None = None) -> None:
+        self._raw: list[bytes] = list(raw or [])
+        self._hex: list[str] = [r.hex().upper() for r in self._raw]
+
+    def append(self, record: bytes) -> None:
+        self._raw.append(record)
+        self._hex.append(record.hex().upper())
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self._raw[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._raw)
+
+    def as_list(self) -> list[bytes]:
+        return list(self._raw)
+
+    def hex_list(self) -> list[str]:
+        return list(self._hex)
+
+    @classmethod
+    def from_hex(cls, items: list[str]) -> Records:
+        out = cls()
+        out._raw = [bytes.fromhex(h) for h in items]
+        out._hex = [h.upper() for h in items]
+        return out
+
+
 @dataclass(slots=True)
 class PsamState:
     aid: bytes
@@ -89,8 +126,8 @@ class PsamState:
     next_ttn: int = 1
     blocked: set[bytes] = field(default_factory=set)
     batch_number: int = 1
-    records: list[bytes] = field(default_factory=list)
-    closed_records: list[bytes] = field(default_factory=list)
+    records: Records = field(default_factory=Records)
+    closed_records: Records = field(default_factory=Records)
     previous: Signature = field(default_factory=Signature)
     label: str = "SVCARD PSAM"
 
@@ -109,8 +146,8 @@ class PsamState:
             "next_ttn": self.next_ttn,
             "blocked": sorted(b.hex().upper() for b in self.blocked),
             "batch_number": self.batch_number,
-            "records": [r.hex().upper() for r in self.records],
-            "closed_records": [r.hex().upper() for r in self.closed_records],
+            "records": self.records.hex_list(),
+            "closed_records": self.closed_records.hex_list(),
             "previous": self.previous.to_json(),
         }
 
@@ -127,8 +164,8 @@ class PsamState:
             next_ttn=int(d["next_ttn"]),
             blocked={bytes.fromhex(b) for b in d.get("blocked", [])},
             batch_number=int(d["batch_number"]),
-            records=[bytes.fromhex(r) for r in d.get("records", [])],
-            closed_records=[bytes.fromhex(r) for r in d.get("closed_records", [])],
+            records=Records.from_hex(d.get("records", [])),
+            closed_records=Records.from_hex(d.get("closed_records", [])),
             previous=Signature.from_json(d["previous"]),
         )
         if len(state.terminal_id) != 6 or len(state.batch_key) != 16:
@@ -150,7 +187,7 @@ class _Pending:
     time: bytes
 
 
-def batch_mac(batch_key: bytes, header: bytes, records: list[bytes]) -> bytes:
+def batch_mac(batch_key: bytes, header: bytes, records: Iterable[bytes]) -> bytes:
     """The MAC that closes a batch: 3DES CBC-MAC over the header and every record."""
     return crypto.cbc_mac(batch_key, header + b"".join(records))
 
@@ -160,6 +197,7 @@ class Psam(Application):
         self.state = state
         self.aid = state.aid
         self.persist: Callable[[], None] = persist or (lambda: None)
+        self._fci: bytes | None = None
         self._pending: _Pending | None = None
         self._handlers: dict[tuple[int, int], Callable[[CommandAPDU], bytes]] = {
             (P.CLA_ISO, P.INS_READ_BINARY): self._read_binary,
@@ -174,8 +212,11 @@ class Psam(Application):
         self._known_ins = {ins for _, ins in self._handlers}
 
     def fci(self) -> bytes:
-        s = self.state
-        return P.Fci(s.aid, s.label, s.currency_code, s.currency_exponent).build()
+        if self._fci is None:  # built once: nothing in it changes after personalisation
+            s = self.state
+            self._fci = P.Fci(s.aid, s.label, s.currency_code, s.currency_exponent).build()
+        return self._fci
+
 
     def on_select(self) -> None:
         self._pending = None
@@ -344,7 +385,7 @@ class Psam(Application):
             raise CardError(SW.RECORD_NOT_FOUND)
         return records[int(req.index)]
 
-    def _batch_answer(self, number: int, records: list[bytes]) -> bytes:
+    def _batch_answer(self, number: int, records: Records) -> bytes:
         s = self.state
         total = sum(P.PsamRecord.parse(r).amount for r in records)
         header = P.BatchHeader.build({"terminal_id": s.terminal_id, "batch_number": number,
@@ -363,7 +404,7 @@ class Psam(Application):
             return self._batch_answer(s.batch_number - 1, s.closed_records)
         answer = self._batch_answer(s.batch_number, s.records)
         s.closed_records = s.records
-        s.records = []
+        s.records = Records()
         s.batch_number += 1
         self.persist()
         return answer

@@ -26,6 +26,7 @@ IMAGE_VERSION = 1
 WRITE_STEPS = ("begin", "temp-written", "temp-synced", "renamed")
 
 TearHook = Callable[[str], None]
+ImageBuilder = Callable[[], dict[str, Any]]
 
 
 class PowerCut(BaseException):
@@ -42,20 +43,26 @@ class ImageLockedError(ImageError):
 
 
 class Store(Protocol):
-    def commit(self, image: dict[str, Any]) -> None: ...
+    def commit(self, build: ImageBuilder) -> None:
+        """Make the image that ``build()`` returns the card's persistent state."""
 
     def close(self) -> None: ...
 
 
 class MemoryStore:
-    """Keeps the last committed image in memory only (state is lost with the object)."""
+    """State in memory only (lost with the object). It never serialises: ``image`` builds the
+    JSON form only when asked."""
 
     def __init__(self) -> None:
-        self.image: dict[str, Any] | None = None
+        self._build: ImageBuilder | None = None
         self.commits = 0
 
-    def commit(self, image: dict[str, Any]) -> None:
-        self.image = image
+    @property
+    def image(self) -> dict[str, Any] | None:
+        return self._build() if self._build else None
+
+    def commit(self, build: ImageBuilder) -> None:
+        self._build = build
         self.commits += 1
 
     def close(self) -> None:
@@ -157,7 +164,8 @@ class ImageStore:
             with contextlib.suppress(OSError):
                 stale.unlink()
 
-    def commit(self, image: dict[str, Any]) -> None:
+    def commit(self, build: ImageBuilder) -> None:
+        image = build()
         write_atomically(self.path, encode_image(image), self.tear)
         self.image = image
 

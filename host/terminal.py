@@ -68,10 +68,13 @@ class CardInfo:
 
 
 def select_purse(card: Reader, aid: bytes = P.DEFAULT_IEP_AID) -> CardInfo:
-    """SELECT the purse application and read its public data (EF 0x15)."""
+    """SELECT the purse application and take its public data (EF 0x15): from the copy in the
+    FCI's issuer discretionary data when the card gives one, else by READ BINARY."""
     fci = P.Fci.parse(call(card, apdus.select(aid), "SELECT purse"))
-    public = P.PublicAppData.parse(call(card, apdus.read_binary(P.SFI_PUBLIC_DATA, 30),
-                                        "READ BINARY EF15"))
+    raw = fci.issuer_discretionary
+    if len(raw) != 30:
+        raw = call(card, apdus.read_binary(P.SFI_PUBLIC_DATA, 30), "READ BINARY EF15")
+    public = P.PublicAppData.parse(raw)
     return CardInfo(
         aid=fci.df_name.hex().upper(), label=fci.label, issuer_id=public.issuer_id.hex().upper(),
         app_serial=public.app_serial.hex().upper(), app_type=public.app_type,
@@ -185,13 +188,15 @@ def purchase(card: Reader, psam: Reader, amount: int, *, purse: int = P.PURSE_EP
     info = select_purse(card, card_aid)
     info.check_dates(when.date())
     # 2. The PSAM: terminal id and currency.
-    call(psam, apdus.select(psam_aid), "SELECT PSAM")
+    psam_fci = P.Fci.parse(call(psam, apdus.select(psam_aid), "SELECT PSAM"))
     terminal_id = call(psam, apdus.read_binary(P.SFI_PSAM_TERMINAL_ID, 6), "READ TERMINAL ID")
-    currency = P.PsamCurrency.parse(call(psam, apdus.read_binary(P.SFI_PSAM_CURRENCY, 3),
-                                         "READ PSAM CURRENCY"))
-    if info.currency_code is not None and info.currency_code != currency.currency_code:
+    currency = psam_fci.currency_code
+    if currency is None:
+        currency = P.PsamCurrency.parse(call(psam, apdus.read_binary(P.SFI_PSAM_CURRENCY, 3),
+                                             "READ PSAM CURRENCY")).currency_code
+    if info.currency_code is not None and info.currency_code != currency:
         raise TerminalCheckFailed(f"card currency {info.currency_code} is not the terminal's "
-                                  f"{currency.currency_code}")
+                                  f"{currency}")
     verify_pin_if_needed(card, purse, pin)
     # 3. INITIALIZE FOR PURCHASE on the card.
     init = P.InitForPurchaseAnswer.parse(call(

@@ -7,7 +7,7 @@ recognised from the byte count alone, and anything that fits none of them raises
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from svcard.protocols import sw as SW
 
@@ -23,8 +23,7 @@ class APDUFormatError(ValueError):
         self.sw = sw
 
 
-@dataclass(frozen=True, slots=True)
-class CommandAPDU:
+class CommandAPDU(NamedTuple):
     """One command. ``le`` is None when absent; 256 (short) or 65536 (extended) mean 'all'."""
 
     cla: int
@@ -57,8 +56,9 @@ def _check_byte(name: str, value: int) -> None:
 def build_command(cla: int, ins: int, p1: int, p2: int, data: bytes = b"",
                   le: int | None = None, *, extended: bool | None = None) -> bytes:
     """Encode a command; extended length is chosen when needed unless ``extended`` says."""
-    for name, value in (("CLA", cla), ("INS", ins), ("P1", p1), ("P2", p2)):
-        _check_byte(name, value)
+    if not (0 <= cla <= 0xFF and 0 <= ins <= 0xFF and 0 <= p1 <= 0xFF and 0 <= p2 <= 0xFF):
+        for name, value in (("CLA", cla), ("INS", ins), ("P1", p1), ("P2", p2)):
+            _check_byte(name, value)
     if len(data) > EXTENDED_MAX - 1:
         raise ValueError(f"command data of {len(data)} bytes is longer than 65535")
     if le is not None and not 1 <= le <= EXTENDED_MAX:
@@ -119,8 +119,7 @@ def parse_command(raw: bytes) -> CommandAPDU:
     raise APDUFormatError(f"extended Lc={lc} does not match the {n - 7} bytes after it")
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseAPDU:
+class ResponseAPDU(NamedTuple):
     """One answer: data then the two status bytes."""
 
     data: bytes

@@ -7,6 +7,7 @@ never formatted into messages. The DES primitives come from ``cryptography`` (it
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
@@ -17,11 +18,18 @@ with warnings.catch_warnings():
 
 ALGORITHM_3DES = 0x00
 ZERO_IV = bytes(8)
+_ECB = modes.ECB()
+_CBC_ZERO = modes.CBC(ZERO_IV)  # mode objects are immutable: one of each serves every call
 _FF8 = b"\xff" * 8
 
 
 class KeyError_(ValueError):
     """A key of the wrong size (the message never contains key bytes)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _tdes_cached(key: bytes) -> TripleDES:
+    return _tdes(key)
 
 
 def _tdes(key: bytes) -> TripleDES:
@@ -38,12 +46,15 @@ def encrypt_ecb(key: bytes, data: bytes) -> bytes:
     """DES (8-byte key) or triple DES (16/24) in ECB mode over whole blocks."""
     if len(data) % 8:
         raise ValueError("ECB data must be whole 8-byte blocks")
-    enc = Cipher(_tdes(key), modes.ECB()).encryptor()
+    # long-lived card and master keys: their algorithm object is kept (keys stay in memory)
+    enc = Cipher(_tdes_cached(key), _ECB).encryptor()
     return enc.update(data) + enc.finalize()
 
 
 def xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("xor of byte strings of different lengths")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def pad80(data: bytes) -> bytes:
@@ -57,7 +68,7 @@ def cbc_mac(key: bytes, data: bytes, *, size: int = 4) -> bytes:
 
     An 8-byte key gives the single-DES MAC of the purse; a 16-byte key the triple-DES one.
     """
-    enc = Cipher(_tdes(key), modes.CBC(ZERO_IV)).encryptor()
+    enc = Cipher(_tdes(key), _CBC_ZERO).encryptor()
     out = enc.update(pad80(data))
     return out[-8 : -8 + size] if size < 8 else out[-8:]
 

@@ -1,18 +1,33 @@
 """Every PBOC ED/EP purse byte layout, declared once with ``construct``.
 
-Each ``Struct`` parses and builds. Compiled forms (``construct``'s code generator) are used on
-the hot paths; they are the same declarations. Amounts are unsigned 4-byte big-endian minor
-units; dates are BCD YYYYMMDD (4 bytes) and times BCD hhmmss (3 bytes).
+Each layout parses and builds. At import every declaration is given a ``struct``-module codec
+derived from it (:class:`FastLayout`): the same fields, about ten times faster than walking the
+construct tree; ``tests/test_layouts.py`` proves the two agree byte for byte. Amounts are
+unsigned 4-byte big-endian minor units; dates are BCD YYYYMMDD (4 bytes) and times BCD hhmmss
+(3 bytes).
 """
 
 from __future__ import annotations
 
+import calendar
 import datetime as _dt
+import struct
+from collections import namedtuple
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from construct import Bytes, Int8ub, Int16ub, Int24ub, Int32ub, Int64ub, Struct
+from construct import (
+    Bytes,
+    BytesInteger,
+    FormatField,
+    Int8ub,
+    Int16ub,
+    Int24ub,
+    Int32ub,
+    Int64ub,
+    Struct,
+)
 
 from svcard.protocols import tlv
 
@@ -192,8 +207,13 @@ HsmVerifyLoadTacData: Layout = Struct(
 
 # --- BCD dates and times ---------------------------------------------------------------------
 
+_BCD_BYTES = bytes(hi * 16 + lo for hi in range(10) for lo in range(10))
+_DAYS = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
 def is_bcd(data: bytes) -> bool:
-    return all((b >> 4) < 10 and (b & 0x0F) < 10 for b in data)
+    """True when every nibble is a decimal digit."""
+    return not data.translate(None, _BCD_BYTES)
 
 
 def bcd_date(day: _dt.date) -> bytes:
@@ -205,13 +225,15 @@ def bcd_time(moment: _dt.time | _dt.datetime) -> bytes:
 
 
 def valid_date(data: bytes) -> bool:
+    """A real calendar date in BCD YYYYMMDD."""
     if len(data) != 4 or not is_bcd(data):
         return False
-    try:
-        _dt.datetime.strptime(data.hex(), "%Y%m%d")
-    except ValueError:
+    year = (data[0] >> 4) * 1000 + (data[0] & 15) * 100 + (data[1] >> 4) * 10 + (data[1] & 15)
+    month = (data[2] >> 4) * 10 + (data[2] & 15)
+    day = (data[3] >> 4) * 10 + (data[3] & 15)
+    if not 1 <= month <= 12 or not 1 <= day <= _DAYS[month]:
         return False
-    return True
+    return month != 2 or day < 29 or calendar.isleap(year)
 
 
 def valid_time(data: bytes) -> bool:
@@ -222,9 +244,10 @@ def valid_time(data: bytes) -> bool:
 
 
 def parse_bcd_date(data: bytes) -> _dt.date:
-    if not valid_date(data):
+    if not valid_date(data) or data[:2] == b"\x00\x00":
         raise ValueError(f"not a BCD date YYYYMMDD: {data.hex()}")
-    return _dt.datetime.strptime(data.hex(), "%Y%m%d").date()
+    text = data.hex()
+    return _dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
 
 
 # --- FCI (SELECT answer) ---------------------------------------------------------------------
@@ -266,20 +289,22 @@ class Fci:
         items = tlv.parse(data)
         if not items or items[0].tag != TAG_FCI:
             raise tlv.TLVError("an FCI starts with tag 6F")
-        fci = items[0].children()
-        name = tlv.find(fci, TAG_DF_NAME, recursive=False)
-        if name is None:
+        fields: dict[int, bytes] = {}
+        for item in items[0].children():
+            if item.tag == TAG_FCI_PROPRIETARY:
+                fields.update((c.tag, c.value) for c in item.children())
+            else:
+                fields[item.tag] = item.value
+        if TAG_DF_NAME not in fields:
             raise tlv.TLVError("the FCI has no DF name (84)")
-        label = tlv.find(fci, TAG_APP_LABEL)
-        cur = tlv.find(fci, TAG_CURRENCY_CODE)
-        exp = tlv.find(fci, TAG_CURRENCY_EXPONENT)
-        disc = tlv.find(fci, TAG_ISSUER_DISCRETIONARY)
+        cur = fields.get(TAG_CURRENCY_CODE)
+        exp = fields.get(TAG_CURRENCY_EXPONENT)
         return cls(
-            df_name=name.value,
-            label=label.value.decode("ascii", "replace") if label else "",
-            currency_code=parse_bcd_currency(cur.value) if cur else None,
-            currency_exponent=exp.value[0] if exp and exp.value else None,
-            issuer_discretionary=disc.value if disc else b"",
+            df_name=fields[TAG_DF_NAME],
+            label=fields.get(TAG_APP_LABEL, b"").decode("ascii", "replace"),
+            currency_code=parse_bcd_currency(cur) if cur is not None else None,
+            currency_exponent=exp[0] if exp else None,
+            issuer_discretionary=fields.get(TAG_ISSUER_DISCRETIONARY, b""),
         )
 
 
@@ -296,12 +321,79 @@ def parse_bcd_currency(data: bytes) -> int:
     return int(data.hex())
 
 
-def _compile_all() -> None:
-    """Swap every layout above for construct's compiled twin (same declaration, ~6x faster)."""
+class LayoutError(ValueError):
+    """Bytes of the wrong size for a layout, or a value that does not fit its field."""
+
+
+class FastLayout:
+    """A fixed-size ``construct`` Struct of big-endian integers and byte strings, run through
+    the ``struct`` module: the same declaration, parsed and built without construct's stream
+    and container machinery. ``parse`` needs exactly ``sizeof()`` bytes and returns a named
+    tuple; ``build`` checks every field's size."""
+
+    def __init__(self, name: str, declaration: Any) -> None:
+        self.declaration = declaration
+        fmt = ">"
+        names: list[str] = []
+        self._widen: list[tuple[int, int]] = []   # (field index, width) of 3-byte integers
+        self._sized: list[tuple[int, int]] = []   # (field index, length) of byte strings
+        for i, sub in enumerate(declaration.subcons):
+            inner = sub.subcon
+            names.append(sub.name)
+            if isinstance(inner, FormatField) and inner.fmtstr in (">B", ">H", ">L", ">Q"):
+                fmt += inner.fmtstr[1]
+            elif isinstance(inner, BytesInteger) and not inner.signed and not inner.swapped:
+                fmt += f"{inner.length}s"
+                self._widen.append((i, int(inner.length)))
+            elif isinstance(inner, Bytes) and isinstance(inner.length, int):
+                fmt += f"{inner.length}s"
+                self._sized.append((i, inner.length))
+            else:
+                raise TypeError(f"{name}.{sub.name}: no fixed struct form")
+        self.name = name
+        self.names = tuple(names)
+        self._codec = struct.Struct(fmt)
+        self._tuple: Any = namedtuple(name, names)  # type: ignore[misc]
+
+    def sizeof(self) -> int:
+        return self._codec.size
+
+    def parse(self, data: bytes) -> Any:
+        if len(data) != self._codec.size:
+            raise LayoutError(f"{self.name} has {self._codec.size} bytes, got {len(data)}")
+        values = list(self._codec.unpack(data))
+        for i, _ in self._widen:
+            values[i] = int.from_bytes(values[i], "big")
+        return self._tuple._make(values)
+
+    def build(self, obj: Mapping[str, Any]) -> bytes:
+        try:
+            values = [obj[n] for n in self.names]
+        except KeyError as exc:
+            raise LayoutError(f"{self.name}: missing field {exc}") from None
+        for i, width in self._widen:
+            try:
+                values[i] = int(values[i]).to_bytes(width, "big")
+            except OverflowError:
+                raise LayoutError(f"{self.name}.{self.names[i]} does not fit {width} bytes")\
+                    from None
+        for i, length in self._sized:
+            if len(values[i]) != length:
+                raise LayoutError(f"{self.name}.{self.names[i]} has {length} bytes, "
+                                  f"got {len(values[i])}")
+        try:
+            return self._codec.pack(*values)
+        except struct.error as exc:
+            raise LayoutError(f"{self.name}: {exc}") from None
+
+
+def _fast_all() -> None:
+    """Give every layout above its fast codec (the construct declaration stays reachable as
+    ``LAYOUT.declaration``)."""
     space = globals()
     for name, value in list(space.items()):
         if isinstance(value, Struct):
-            space[name] = value.compile()
+            space[name] = FastLayout(name, value)
 
 
-_compile_all()
+_fast_all()

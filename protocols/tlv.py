@@ -8,21 +8,22 @@ length or value raises :class:`TLVError`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class TLVError(ValueError):
     """Bytes that are not valid BER-TLV."""
 
 
-@dataclass(frozen=True, slots=True)
-class TLV:
+class TLV(NamedTuple):
+    """One data object: the encoded tag as an integer, and the value bytes."""
+
     tag: int
     value: bytes
 
     @property
     def constructed(self) -> bool:
-        first = self.tag.to_bytes(tag_size(self.tag), "big")[0]
+        first = self.tag >> (8 * (tag_size(self.tag) - 1))
         return bool(first & 0x20)
 
     def children(self) -> list[TLV]:

@@ -1,18 +1,15 @@
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from svcard.card.image import card_from_image, save_new_image  # noqa: E402
-from svcard.card.personalise import image_from_profile  # noqa: E402
-from svcard.card.runtime import Card  # noqa: E402
-from svcard.fixtures import fixture_path  # noqa: E402
+from svcard.card.image import card_from_image, save_new_image
+from svcard.card.personalise import image_from_profile
+from svcard.card.runtime import Card
+from svcard.fixtures import fixture_path
 
 _CACHE: dict[str, dict[str, Any]] = {}
 

@@ -1,0 +1,118 @@
+"""APDU fuzzing of the IEP and the PSAM, shared by the hypothesis tests and
+``scripts/fuzz_cards.py``.
+
+A :class:`FuzzTarget` holds a selected IEP (with value) and a selected PSAM in memory and checks
+after every command that: the answer is at least a status word; the status word is a valid ISO
+7816 one and never 6F00 (an exception inside the card); no purse balance or counter moved
+(the fuzzer never knows a key, so it can never send a valid MAC); and the PSAM recorded no
+credited purchase (that needs the card's MAC2).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from conftest import demo_image, with_balance
+
+from svcard.card.image import card_from_image
+from svcard.protocols import sw as SW
+
+IEP_SEEDS = [bytes.fromhex(h) for h in (
+    "00A4040009F05356434152440101",
+    "805C000204", "805C000104", "00B201C417", "00B0950000", "00B0960000",
+    "0020000003123456", "00200000", "805E0100071234 56FF654321".replace(" ", ""),
+    "805000020B0100000064112233445566", "805001020B0100000064112233445566",
+    "805002010B0100000064112233445566", "805001010B0100000064112233445566",
+    "805200000B202703141509260102030404", "805401000F00000001202703141509260102030408",
+    "805A0006020000", "805A0002020000", "00C0000008", "80CA000000",
+)]
+PSAM_SEEDS = [bytes.fromhex(h) for h in (
+    "00A4040009F05356434152440201",
+    "00B0960006", "00B0970003",
+    "807000001C" + "01020304" + "0005" + "0000012C" + "06" + "20270314" + "150926" + "0100"
+    + "0000000000000001" + "08",
+    "807001001C" + "01020304" + "0005" + "0000012C" + "06" + "20270314" + "150926" + "0100"
+    + "0000000000000001" + "0C",
+    "8072000004DEADBEEF", "8072000008DEADBEEF01020304", "8078000000", "807A000000",
+    "807C0000050000000000", "807E000000", "807E010000", "80760100080000000000000001",
+)]
+
+
+def mutate(seed: bytes, rng: random.Random) -> bytes:
+    """One random mutation of a seed command, or plain random bytes."""
+    choice = rng.randrange(9)
+    data = bytearray(seed)
+    if choice == 0:
+        return rng.randbytes(rng.randrange(0, 40))
+    if choice == 1 and data:
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif choice == 2 and data:
+        data[rng.randrange(len(data))] = rng.randrange(256)
+    elif choice == 3:
+        del data[rng.randrange(len(data) + 1):]
+    elif choice == 4:
+        data += rng.randbytes(rng.randrange(1, 8))
+    elif choice == 5 and len(data) > 4:
+        data[4] = rng.randrange(256)  # Lc / Le
+    elif choice == 6 and len(data) > 3:
+        data[rng.randrange(4)] = rng.randrange(256)  # header
+    elif choice == 7 and len(data) > 5:
+        data[5:] = rng.randbytes(len(data) - 5)  # same shape, random body
+    return bytes(data)
+
+
+@dataclass
+class FuzzTarget:
+    iep_balance: int = 10_000
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.iep = card_from_image(with_balance(demo_image("iep"), self.iep_balance, 500))
+        self.psam = card_from_image(demo_image("psam"))
+        self.iep.transmit(IEP_SEEDS[0])
+        self.psam.transmit(PSAM_SEEDS[0])
+        self._value = self._iep_value()
+
+    def _iep_value(self) -> tuple[object, ...]:
+        s = self.iep.apps[0].state  # type: ignore[attr-defined]
+        return (s.ep.balance, s.ep.online_counter, s.ep.offline_counter,
+                s.ed.balance, s.ed.online_counter, s.ed.offline_counter, s.proof, len(s.log))
+
+    def send(self, which: str, apdu: bytes) -> bytes:
+        card = self.iep if which == "iep" else self.psam
+        out = card.transmit(apdu)
+        assert isinstance(out, bytes) and len(out) >= 2, f"{apdu.hex()}: answer {out!r}"
+        sw = int.from_bytes(out[-2:], "big")
+        assert SW.is_valid(sw), f"{apdu.hex()}: invalid status word {sw:04X}"
+        assert sw != SW.NO_PRECISE_DIAGNOSIS, f"{apdu.hex()}: the card raised inside"
+        key = f"{sw:04X}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return out
+
+    def check(self) -> None:
+        assert self._iep_value() == self._value, "purse value moved without a valid MAC"
+        for raw in self.psam.apps[0].state.records:  # type: ignore[attr-defined]
+            assert raw[-1] == 1, "the PSAM credited a purchase without the card's MAC2"
+
+    def power_cycle(self) -> None:
+        self.iep.reset()
+        self.psam.reset()
+        self.iep.transmit(IEP_SEEDS[0])
+        self.psam.transmit(PSAM_SEEDS[0])
+
+
+def run(count: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    target = FuzzTarget()
+    for n in range(count):
+        if rng.random() < 0.5:
+            target.send("iep", mutate(rng.choice(IEP_SEEDS), rng))
+        else:
+            target.send("psam", mutate(rng.choice(PSAM_SEEDS), rng))
+        if n % 64 == 0:
+            target.check()
+        if rng.random() < 0.002:
+            target.power_cycle()
+    target.check()
+    return target.counts
