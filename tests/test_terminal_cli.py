@@ -165,7 +165,9 @@ def test_cli_demo_json() -> None:
 
 
 def test_console_script_runs_the_demo() -> None:
-    exe = shutil.which("svcard") or str(Path(sys.executable).parent / "svcard")
+    beside = Path(sys.executable).parent / "svcard"  # the venv's own, before any on PATH
+    exe = str(beside) if beside.exists() else shutil.which("svcard")
+    assert exe, "the svcard console script is not installed"
     proc = subprocess.run([exe, "demo"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Card balance now 87.66" in proc.stdout
