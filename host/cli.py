@@ -113,7 +113,11 @@ def card_new(profile: Path, out: Path, force: bool) -> None:
 def card_show(image: Path, as_json: bool) -> None:
     """Print what a card image holds: balances, counters, the decoded log (never keys)."""
     with handled():
-        data = describe_image(read_image(image))
+        raw = read_image(image)
+        try:
+            data = describe_image(raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ImageError(f"{image}: damaged card image ({exc!r})") from None
     emit(as_json, data, render_image(data))
 
 

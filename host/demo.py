@@ -37,7 +37,7 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
         save_new_image(paths[kind], image_from_profile(fixture_path(f"{kind}-demo.toml")),
                        overwrite=True)
     lines = [f"Personalised a purse card, a PSAM and a load HSM in {folder} "
-             "(demo issuer, TEST KEYS ONLY)."]
+             "(demo issuer, TEST KEYS ONLY; a temporary folder unless --keep names one)."]
     with open_reader(f"virtual:{paths['iep']}") as card, \
             open_reader(f"virtual:{paths['hsm']}") as hsm:
         loaded = T.load(card, hsm, load_amount, terminal_id=DEMO_LOAD_TERMINAL)
