@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from svcard.card.keys import KeyEntry
-from svcard.card.runtime import Application, CardError
+from svcard.card.runtime import CardError, TableApplication, read_binary_sfi
 from svcard.protocols import crypto
 from svcard.protocols import purse as P
 from svcard.protocols import sw as SW
@@ -177,7 +177,7 @@ def encode_pin(pin: str) -> bytes:
     return bytes.fromhex(text)
 
 
-class Iep(Application):
+class Iep(TableApplication):
     """The purse application. ``persist`` is called at every write point."""
 
     def __init__(self, state: IepState, persist: Callable[[], None] | None = None) -> None:
@@ -187,7 +187,7 @@ class Iep(Application):
         self._fci: bytes | None = None
         self._session: _Session | None = None
         self._pin_ok = False
-        self._handlers: dict[tuple[int, int], Callable[[CommandAPDU], bytes]] = {
+        self.handlers = {
             (P.CLA_PBOC, P.INS_INITIALIZE): self._initialize,
             (P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD): self._credit_for_load,
             (P.CLA_PBOC, P.INS_DEBIT): self._debit,
@@ -198,7 +198,7 @@ class Iep(Application):
             (P.CLA_ISO, P.INS_READ_BINARY): self._read_binary,
             (P.CLA_ISO, P.INS_READ_RECORD): self._read_record,
         }
-        self._known_ins = {ins for _, ins in self._handlers}
+        self.completions = (self._credit_for_load, self._debit)
 
     # --- application plumbing ---------------------------------------------------------------
     def fci(self) -> bytes:
@@ -229,16 +229,8 @@ class Iep(Application):
         self.persist()
         return True
 
-    def process(self, cmd: CommandAPDU) -> bytes:
-        handler = self._handlers.get((cmd.cla, cmd.ins))
-        if handler is None:
-            self._session = None
-            if cmd.ins in self._known_ins:
-                raise CardError(SW.CLA_NOT_SUPPORTED)
-            raise CardError(SW.INS_NOT_SUPPORTED)
-        if handler not in (self._credit_for_load, self._debit):
-            self._session = None  # an INITIALIZE must be followed at once by its completion
-        return handler(cmd)
+    def end_pending(self) -> None:
+        self._session = None
 
     # --- helpers ----------------------------------------------------------------------------
     def _purse(self, p2: int) -> Purse:
@@ -454,23 +446,8 @@ class Iep(Application):
 
     # --- files ------------------------------------------------------------------------------
     def _read_binary(self, cmd: CommandAPDU) -> bytes:
-        if not cmd.p1 & 0x80:
-            raise CardError(SW.FILE_NOT_FOUND)  # no current EF: address files by SFI
-        if cmd.data:
-            raise CardError(SW.WRONG_LENGTH)
-        sfi = cmd.p1 & 0x1F
-        if cmd.p1 & 0x60:
-            raise CardError(SW.WRONG_P1P2)
-        files = {P.SFI_PUBLIC_DATA: self.state.public_data, P.SFI_HOLDER_DATA:
-                 self.state.holder_data}
-        content = files.get(sfi)
-        if content is None:
-            raise CardError(SW.FILE_NOT_FOUND)
-        if cmd.p2 >= len(content) and not (cmd.p2 == 0 and not content):
-            raise CardError(SW.WRONG_OFFSET)
-        rest = content[cmd.p2:]
-        want = cmd.le if cmd.le is not None else len(rest)
-        return rest[:want]
+        return read_binary_sfi(cmd, {P.SFI_PUBLIC_DATA: self.state.public_data,
+                                     P.SFI_HOLDER_DATA: self.state.holder_data})
 
     def _read_record(self, cmd: CommandAPDU) -> bytes:
         if cmd.p2 & 0x07 != 0x04 or cmd.p1 == 0:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcard.card.runtime import Application, CardError
+from svcard.card.runtime import CardError, TableApplication, read_binary_sfi
 from svcard.protocols import crypto
 from svcard.protocols import purse as P
 from svcard.protocols import sw as SW
@@ -192,14 +192,14 @@ def batch_mac(batch_key: bytes, header: bytes, records: Iterable[bytes]) -> byte
     return crypto.cbc_mac(batch_key, header + b"".join(records))
 
 
-class Psam(Application):
+class Psam(TableApplication):
     def __init__(self, state: PsamState, persist: Callable[[], None] | None = None) -> None:
         self.state = state
         self.aid = state.aid
         self.persist: Callable[[], None] = persist or (lambda: None)
         self._fci: bytes | None = None
         self._pending: _Pending | None = None
-        self._handlers: dict[tuple[int, int], Callable[[CommandAPDU], bytes]] = {
+        self.handlers = {
             (P.CLA_ISO, P.INS_READ_BINARY): self._read_binary,
             (P.CLA_PBOC, P.INS_INIT_SAM_FOR_PURCHASE): self._init_sam,
             (P.CLA_PBOC, P.INS_CREDIT_SAM_FOR_PURCHASE): self._credit_sam,
@@ -209,7 +209,7 @@ class Psam(Application):
             (P.CLA_PBOC, P.INS_SAM_READ_BATCH_RECORD): self._read_batch_record,
             (P.CLA_PBOC, P.INS_SAM_CLOSE_BATCH): self._close_batch,
         }
-        self._known_ins = {ins for _, ins in self._handlers}
+        self.completions = (self._credit_sam,)
 
     def fci(self) -> bytes:
         if self._fci is None:  # built once: nothing in it changes after personalisation
@@ -218,45 +218,20 @@ class Psam(Application):
         return self._fci
 
 
-    def on_select(self) -> None:
-        self._pending = None
-
-    def on_deselect(self) -> None:
-        self._pending = None
-
     def to_state(self) -> dict[str, Any]:
         return self.state.to_json()
 
-    def process(self, cmd: CommandAPDU) -> bytes:
-        handler = self._handlers.get((cmd.cla, cmd.ins))
-        if handler is None:
-            self._pending = None
-            if cmd.ins in self._known_ins:
-                raise CardError(SW.CLA_NOT_SUPPORTED)
-            raise CardError(SW.INS_NOT_SUPPORTED)
-        if handler != self._credit_sam:
-            self._pending = None
-        return handler(cmd)
+    def end_pending(self) -> None:
+        self._pending = None
 
     def _read_binary(self, cmd: CommandAPDU) -> bytes:
-        if not cmd.p1 & 0x80 or cmd.p1 & 0x60:
-            raise CardError(SW.FILE_NOT_FOUND if not cmd.p1 & 0x80 else SW.WRONG_P1P2)
-        if cmd.data:
-            raise CardError(SW.WRONG_LENGTH)
         s = self.state
-        files = {
+        return read_binary_sfi(cmd, {
             P.SFI_PSAM_TERMINAL_ID: s.terminal_id,
             P.SFI_PUBLIC_DATA: s.psam_serial + b"\x01\x01\x01\x00",
             P.SFI_PSAM_CURRENCY: P.PsamCurrency.build(
                 {"currency_code": s.currency_code, "exponent": s.currency_exponent}),
-        }
-        content = files.get(cmd.p1 & 0x1F)
-        if content is None:
-            raise CardError(SW.FILE_NOT_FOUND)
-        if cmd.p2 >= len(content):
-            raise CardError(SW.WRONG_OFFSET)
-        rest = content[cmd.p2:]
-        return rest[: cmd.le if cmd.le is not None else len(rest)]
+        })
 
     def _find_key(self, issuer: bytes, version: int, algorithm: int) -> IssuerKey:
         for k in self.state.keys:

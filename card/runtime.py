@@ -54,6 +54,57 @@ class Application:
         raise NotImplementedError
 
 
+Handler = Callable[[CommandAPDU], bytes]
+
+
+class TableApplication(Application):
+    """An application whose commands are a table ``(CLA, INS) -> handler``.
+
+    A pending operation (an INITIALIZE waiting for its DEBIT, say) survives only into one of
+    the handlers in ``completions``; any other command ends it via :meth:`end_pending`.
+    """
+
+    handlers: dict[tuple[int, int], Handler]
+    completions: tuple[Handler, ...] = ()
+
+    def end_pending(self) -> None:
+        """Forget any operation waiting for its completion."""
+
+    def on_select(self) -> None:
+        self.end_pending()
+
+    def on_deselect(self) -> None:
+        self.end_pending()
+
+    def process(self, cmd: CommandAPDU) -> bytes:
+        handler = self.handlers.get((cmd.cla, cmd.ins))
+        if handler is None:
+            self.end_pending()
+            if any(ins == cmd.ins for _, ins in self.handlers):
+                raise CardError(SW.CLA_NOT_SUPPORTED)
+            raise CardError(SW.INS_NOT_SUPPORTED)
+        if handler not in self.completions:
+            self.end_pending()
+        return handler(cmd)
+
+
+def read_binary_sfi(cmd: CommandAPDU, files: dict[int, bytes]) -> bytes:
+    """READ BINARY addressed by short file identifier (P1 = 100xxxxx), offset in P2."""
+    if not cmd.p1 & 0x80:
+        raise CardError(SW.FILE_NOT_FOUND)  # no current EF: files are addressed by SFI
+    if cmd.p1 & 0x60:
+        raise CardError(SW.WRONG_P1P2)
+    if cmd.data:
+        raise CardError(SW.WRONG_LENGTH)
+    content = files.get(cmd.p1 & 0x1F)
+    if content is None:
+        raise CardError(SW.FILE_NOT_FOUND)
+    if cmd.p2 >= len(content):
+        raise CardError(SW.WRONG_OFFSET)
+    rest = content[cmd.p2:]
+    return rest[: cmd.le] if cmd.le is not None else rest
+
+
 class Card:
     """A card with one or more applications, behind ``atr`` and ``transmit(bytes) -> bytes``.
 

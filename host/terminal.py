@@ -147,8 +147,10 @@ def _now_fields(when: dt.datetime) -> tuple[bytes, bytes]:
     return P.bcd_date(when.date()), P.bcd_time(when)
 
 
-@dataclass(frozen=True)
-class PurchaseReceipt:
+@dataclass(frozen=True, kw_only=True)
+class Receipt:
+    """What every value transaction reports."""
+
     card_serial: str
     issuer_id: str
     purse: str
@@ -156,19 +158,23 @@ class PurchaseReceipt:
     amount: int
     balance_before: int
     balance_after: int
-    offline_counter: int
     terminal_id: str
-    terminal_txn_number: int
     date: str
     time: str
-    mac1: str
-    mac2: str
-    tac: str
     currency_code: int | None
     currency_exponent: int | None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PurchaseReceipt(Receipt):
+    offline_counter: int
+    terminal_txn_number: int
+    mac1: str
+    mac2: str
+    tac: str
 
 
 def purchase(card: Reader, psam: Reader, amount: int, *, purse: int = P.PURSE_EP,
@@ -226,27 +232,12 @@ def purchase(card: Reader, psam: Reader, amount: int, *, purse: int = P.PURSE_EP
         currency_code=info.currency_code, currency_exponent=info.currency_exponent)
 
 
-@dataclass(frozen=True)
-class LoadReceipt:
-    card_serial: str
-    issuer_id: str
-    purse: str
-    txn_type: int
-    amount: int
-    balance_before: int
-    balance_after: int
+@dataclass(frozen=True, kw_only=True)
+class LoadReceipt(Receipt):
     online_counter: int
-    terminal_id: str
-    date: str
-    time: str
     s1: str
     s2: str
     s3: str
-    currency_code: int | None
-    currency_exponent: int | None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def load(card: Reader, hsm: Reader, amount: int, *, terminal_id: bytes,
