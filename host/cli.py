@@ -1,11 +1,14 @@
 """The ``svcard`` command line.
 
 Exit codes: 0 done; 1 the transaction was refused (a chip's status word or a terminal check);
-2 usage error; 3 a reader, card image or profile could not be used.
+2 usage error; 3 a reader, card image, trace or profile could not be used; 4 no PC/SC service;
+5 no such reader; 6 no card in the reader; 7 card removed mid-transaction; 8 sharing violation;
+9 a replayed trace differs; 10 jCardSim failed.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -24,6 +27,7 @@ from svcard.host.specs import open_reader
 from svcard.protocols import sw as SW
 from svcard.protocols.apdu import APDUFormatError, parse_command, parse_response
 from svcard.reader import Reader, ReaderError
+from svcard.reader.trace import RecordingReader
 
 EXIT_OK = 0
 EXIT_DECLINED = 1
@@ -45,7 +49,9 @@ def handled() -> Iterator[None]:
         yield
     except T.TerminalError as exc:
         fail(str(exc), EXIT_DECLINED)
-    except (ReaderError, ImageError, ProfileError) as exc:
+    except ReaderError as exc:
+        fail(str(exc), exc.exit_code)
+    except (ImageError, ProfileError) as exc:
         fail(str(exc), EXIT_DEVICE)
 
 
@@ -58,17 +64,39 @@ def json_option(f: F) -> F:
                         help="Print the result as JSON (for scripts).")(f)
 
 
+def trace_paths(base: Path, slots: list[str]) -> list[Path]:
+    """One trace file per reader: ``base`` itself for the first, ``NAME.SLOT.EXT`` for others."""
+    return [base if i == 0 else base.with_name(f"{base.stem}.{slot}{base.suffix or '.jsonl'}")
+            for i, slot in enumerate(slots)]
+
+
 @contextmanager
-def readers(*specs: str | None) -> Iterator[list[Reader]]:
+def readers(*specs: tuple[str, str], trace_out: Path | None = None) -> Iterator[list[Reader]]:
+    """Open and connect ``(slot, spec)`` readers; record each to a trace if asked."""
     with ExitStack() as stack:
         opened: list[Reader] = []
-        for spec in specs:
-            if spec is None:
-                continue
+        paths = trace_paths(trace_out, [slot for slot, _ in specs]) if trace_out else []
+        for i, (_slot, spec) in enumerate(specs):
             reader = open_reader(spec)
+            if trace_out:
+                reader = RecordingReader(reader, paths[i])
             stack.enter_context(reader)
             opened.append(reader)
         yield opened
+
+
+def trace_option(f: F) -> F:
+    return click.option(
+        "--trace-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Record every APDU to this JSON Lines trace (with two readers, the second "
+             "goes to NAME.psam.jsonl or NAME.hsm.jsonl).")(f)
+
+
+def at_option(f: F) -> F:
+    return click.option(
+        "--at", "at", type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]),
+        default=None, help="Transaction date and time (default: now); fixed values make "
+                           "traces reproducible.")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,9 +170,11 @@ amount_option = click.option("--amount", required=True, type=click.IntRange(0, 0
 @purse_option
 @pin_option
 @json_option
-def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool) -> None:
+@trace_option
+def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool,
+                     trace_out: Path | None) -> None:
     """Read a purse's balance (GET BALANCE)."""
-    with handled(), readers(card_spec) as (card_r,):
+    with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
         info, balance = T.read_balance(card_r, T.purse_id(purse), pin)
     emit(as_json, {"card_serial": info.app_serial, "purse": purse.upper(), "balance": balance,
                    "currency_code": info.currency_code,
@@ -156,9 +186,10 @@ def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool)
 @terminal.command("log")
 @card_option
 @json_option
-def terminal_log(card_spec: str, as_json: bool) -> None:
+@trace_option
+def terminal_log(card_spec: str, as_json: bool, trace_out: Path | None) -> None:
     """Read the transaction log (READ RECORD, newest first)."""
-    with handled(), readers(card_spec) as (card_r,):
+    with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
         entries = T.read_log(card_r)
     lines = [f"{e.date} {e.time}  {e.type_name:<20} {e.amount:>10}  counter {e.counter:<5} "
              f"terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
@@ -176,13 +207,16 @@ def terminal_log(card_spec: str, as_json: bool) -> None:
 @click.option("--issuer-factor", is_flag=True,
               help="Use the 24-byte INIT SAM form (issuer id as a second diversification).")
 @json_option
+@trace_option
+@at_option
 def terminal_purchase(card_spec: str, psam_spec: str, amount: int, purse: str,
                       pin: str | None, key_index: int, issuer_factor: bool,
-                      as_json: bool) -> None:
+                      as_json: bool, trace_out: Path | None, at: dt.datetime | None) -> None:
     """Pay AMOUNT from the card: card <-> PSAM, MAC1/MAC2/TAC, the PSAM records it."""
-    with handled(), readers(card_spec, psam_spec) as (card_r, psam_r):
+    with handled(), readers(("card", card_spec), ("psam", psam_spec),
+                            trace_out=trace_out) as (card_r, psam_r):
         r = T.purchase(card_r, psam_r, amount, purse=T.purse_id(purse), key_index=key_index,
-                       pin=pin, issuer_factor=issuer_factor)
+                       pin=pin, issuer_factor=issuer_factor, when=at)
     exp = r.currency_exponent
     emit(as_json, r.to_json(),
          f"purchase of {T.format_amount(r.amount, exp)} approved\n"
@@ -203,16 +237,20 @@ def terminal_purchase(card_spec: str, psam_spec: str, amount: int, purse: str,
               help="The loading terminal's 6-byte id, hex.")
 @click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
 @json_option
+@trace_option
+@at_option
 def terminal_load(card_spec: str, hsm_spec: str, amount: int, purse: str, pin: str | None,
-                  terminal_id: str, key_index: int, as_json: bool) -> None:
+                  terminal_id: str, key_index: int, as_json: bool, trace_out: Path | None,
+                  at: dt.datetime | None) -> None:
     """Load AMOUNT onto the card: S1 from the card, S2 from the HSM, S3 checked."""
     try:
         tid = bytes.fromhex(terminal_id)
     except ValueError:
         fail("--terminal-id must be hex", EXIT_USAGE)
-    with handled(), readers(card_spec, hsm_spec) as (card_r, hsm_r):
+    with handled(), readers(("card", card_spec), ("hsm", hsm_spec),
+                            trace_out=trace_out) as (card_r, hsm_r):
         r = T.load(card_r, hsm_r, amount, terminal_id=tid, purse=T.purse_id(purse),
-                   key_index=key_index, pin=pin)
+                   key_index=key_index, pin=pin, when=at)
     exp = r.currency_exponent
     emit(as_json, r.to_json(),
          f"load of {T.format_amount(r.amount, exp)} done\n"
@@ -226,7 +264,9 @@ def terminal_load(card_spec: str, hsm_spec: str, amount: int, purse: str, pin: s
 @click.option("--reader", "reader_spec", required=True, metavar="SPEC", help="Reader spec.")
 @click.argument("apdus", nargs=-1, required=True, metavar="HEX...")
 @json_option
-def apdu_cmd(reader_spec: str, apdus: tuple[str, ...], as_json: bool) -> None:
+@trace_option
+def apdu_cmd(reader_spec: str, apdus: tuple[str, ...], as_json: bool,
+             trace_out: Path | None) -> None:
     """Send raw command APDUs and print each answer and its status word (like opensc-tool -s).
 
     Spaces and colons inside a HEX argument are ignored: "00 A4 04 00 ..." works quoted.
@@ -240,7 +280,7 @@ def apdu_cmd(reader_spec: str, apdus: tuple[str, ...], as_json: bool) -> None:
             fail(f"{text!r} is not a command APDU: {exc}", EXIT_USAGE)
         commands.append(raw)
     results = []
-    with handled(), readers(reader_spec) as (reader,):
+    with handled(), readers(("card", reader_spec), trace_out=trace_out) as (reader,):
         for raw in commands:
             answer = parse_response(reader.transmit(raw))
             results.append({"command": raw.hex().upper(), "data": answer.data.hex().upper(),
@@ -249,6 +289,101 @@ def apdu_cmd(reader_spec: str, apdus: tuple[str, ...], as_json: bool) -> None:
         f"Sending: {r['command']}\nReceived ({r['sw']}, {r['meaning']}):"
         + (f"\n{r['data']}" if r["data"] else "") for r in results)
     emit(as_json, results, text)
+
+
+# --- svcard readers ------------------------------------------------------------------------
+@main.command("readers")
+@json_option
+def readers_cmd(as_json: bool) -> None:
+    """List PC/SC readers, whether a card is present, and its ATR."""
+    from svcard.reader.pcsc import list_readers
+
+    with handled():
+        found = list_readers()
+    rows = [{"index": i, "name": r.name, "card_present": r.card_present,
+             "atr": r.atr.hex().upper() if r.card_present else None}
+            for i, r in enumerate(found)]
+    text = "\n".join(f"#{r['index']}  {r['name']}  " + (f"card, ATR {r['atr']}"
+                     if r["card_present"] else "no card") for r in rows) or "no readers"
+    emit(as_json, rows, text)
+
+
+# --- svcard card serve -----------------------------------------------------------------------
+@card.command("serve")
+@click.argument("images", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--vpcd", "address", default="127.0.0.1:35963", show_default=True,
+              help="vpcd's HOST:PORT; further images go to the following ports "
+                   "(reader 'Virtual PCD 00 01' is port+1).")
+@click.option("--quiet", is_flag=True, help="Do not report connections and power events.")
+def card_serve(images: tuple[Path, ...], address: str, quiet: bool) -> None:
+    """Serve card IMAGES to the system's pcscd through the vsmartcard vpcd driver.
+
+    Each image becomes a card in a "Virtual PCD 00 0N" reader, seen by every PC/SC program
+    (pcsc_scan, opensc-tool, pyscard, svcard pcsc:...). Runs until Ctrl-C; every card write
+    is atomic, so stopping at any moment leaves the images consistent.
+    """
+    from svcard.host.serve import serve_images
+
+    try:
+        from svcard.reader.vpcd import parse_address
+        host, port = parse_address(address)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    with handled():
+        serve_images(list(images), host, port, quiet=quiet)
+
+
+# --- svcard trace ----------------------------------------------------------------------------
+@main.group()
+def trace() -> None:
+    """Show, import and replay APDU traces (replay: the reader spec trace:FILE)."""
+
+
+@trace.command("show")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def trace_show(path: Path, as_json: bool) -> None:
+    """Decode a trace: command names, fields, status words, log records."""
+    from svcard.protocols.decode import decode, render
+    from svcard.reader.trace import load_trace
+
+    with handled():
+        loaded = load_trace(path)
+    decoded = [decode(ex.command, ex.response) for ex in loaded.exchanges]
+    if as_json:
+        emit(True, {"reader": loaded.reader, "atr": loaded.atr.hex().upper(),
+                    "source": loaded.source,
+                    "exchanges": [{"command": ex.command.hex().upper(),
+                                   "response": ex.response.hex().upper(), "name": d.name,
+                                   "fields": d.fields, "sw": f"{d.sw:04X}" if d.sw else None,
+                                   "meaning": d.meaning, "answer": d.answer,
+                                   "log_records": d.records}
+                                  for ex, d in zip(loaded.exchanges, decoded, strict=True)]},
+             "")
+        return
+    lines = [f"trace of {loaded.reader or '?'}, ATR {loaded.atr.hex().upper() or '?'}"
+             f" ({loaded.source}), {len(loaded.exchanges)} exchanges"]
+    for i, d in enumerate(decoded):
+        lines.append(f"#{i} {render(d)}")
+    emit(False, None, "\n".join(lines))
+
+
+@trace.command("import")
+@click.option("--from", "fmt", required=True,
+              type=click.Choice(["pcsc-spy", "gp", "apdu4j", "cardpeek"]),
+              help="pcsc-spy text, GlobalPlatformPro/apdu4j A>>/A<< lines, apdu4j dump, "
+                   "Cardpeek .clf")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def trace_import(fmt: str, source: Path, out: Path) -> None:
+    """Convert another tool's APDU log into an svcard trace."""
+    from svcard.reader.trace_import import import_file
+
+    with handled():
+        converted = import_file(fmt, source)
+        converted.save(out)
+    click.echo(f"wrote {out}: {len(converted.exchanges)} exchanges from {fmt} log {source}")
 
 
 # --- svcard demo ---------------------------------------------------------------------------

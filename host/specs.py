@@ -1,15 +1,20 @@
-"""Reader specs on the command line: ``virtual:PATH`` (a card image in this process).
+"""Reader specs on the command line.
 
-``pcsc:NAME`` and ``trace:PATH`` arrive with the readers work; until then they are refused
-with a clear message.
+* ``virtual:IMAGE.json``: a card image opened in this process;
+* ``pcsc:NAME`` / ``pcsc:#N``: a PC/SC reader by exact name, unique prefix or index;
+* ``trace:FILE``: replay a recorded trace;
+* ``jcardsim:APPLET_CLASS:AID``: a Java Card applet in jCardSim (``JCARDSIM_JAR``).
 """
 
 from __future__ import annotations
 
 from svcard.card.image import open_card
 from svcard.reader import Reader, ReaderError, VirtualReader
+from svcard.reader.jcardsim import JCardSimReader
+from svcard.reader.pcsc import PcscReader
+from svcard.reader.trace import TraceReader
 
-SCHEMES = ("virtual",)
+SCHEMES = ("virtual", "pcsc", "trace", "jcardsim")
 
 
 class ReaderSpecError(ReaderError):
@@ -17,7 +22,7 @@ class ReaderSpecError(ReaderError):
 
 
 def open_reader(spec: str, *, lock_timeout: float = 5.0) -> Reader:
-    """A connected-on-enter reader for ``spec``. The caller connects and disconnects it."""
+    """The reader ``spec`` names (not yet connected: use it as a context manager)."""
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ReaderSpecError(f"reader spec {spec!r} is not SCHEME:TARGET "
@@ -25,7 +30,18 @@ def open_reader(spec: str, *, lock_timeout: float = 5.0) -> Reader:
     if scheme == "virtual":
         card = open_card(rest, lock_timeout=lock_timeout)
         return VirtualReader(card, name=f"virtual:{rest}", on_disconnect=card.close)
-    if scheme in ("pcsc", "trace", "jcardsim"):
-        raise ReaderSpecError(f"{scheme}: readers are not available in this svcard version")
+    if scheme == "pcsc":
+        return PcscReader(rest)
+    if scheme == "trace":
+        return TraceReader(rest)
+    if scheme == "jcardsim":
+        applet, sep, aid = rest.rpartition(":")
+        try:
+            aid_bytes = bytes.fromhex(aid)
+        except ValueError:
+            aid_bytes = b""
+        if not sep or not applet or not aid_bytes:
+            raise ReaderSpecError(f"{spec!r}: expected jcardsim:APPLET_CLASS:AID (AID in hex)")
+        return JCardSimReader(applet, aid_bytes)
     raise ReaderSpecError(f"unknown reader scheme {scheme!r} "
                           f"(supported: {', '.join(s + ':' for s in SCHEMES)})")

@@ -33,7 +33,9 @@ from svcard.protocols import tlv
 
 
 class Layout(Protocol):
-    """What every declared layout offers: parse bytes, build bytes, a fixed size."""
+    """What every declared layout offers: its field names, parse and build, a fixed size."""
+
+    names: tuple[str, ...]
 
     def parse(self, data: bytes) -> Any: ...
 

@@ -4,7 +4,26 @@
 ``transmit(bytes) -> bytes``.
 """
 
-from svcard.reader.base import CardConnectionError, Reader, ReaderError
+from svcard.reader.base import (
+    CardConnectionError,
+    CardRemovedError,
+    NoCardError,
+    NoPcscServiceError,
+    NoSuchReaderError,
+    Reader,
+    ReaderError,
+    SharingViolationError,
+)
 from svcard.reader.virtual import VirtualReader
 
-__all__ = ["CardConnectionError", "Reader", "ReaderError", "VirtualReader"]
+__all__ = [
+    "CardConnectionError",
+    "CardRemovedError",
+    "NoCardError",
+    "NoPcscServiceError",
+    "NoSuchReaderError",
+    "Reader",
+    "ReaderError",
+    "SharingViolationError",
+    "VirtualReader",
+]

@@ -9,11 +9,45 @@ from svcard.protocols.apdu import ResponseAPDU, parse_response
 
 
 class ReaderError(Exception):
-    """A reader that cannot be reached or used."""
+    """A reader that cannot be reached or used. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 3
+
+
+class NoPcscServiceError(ReaderError):
+    """The PC/SC service (pcscd) is not running, or pyscard is not installed."""
+
+    exit_code = 4
+
+
+class NoSuchReaderError(ReaderError):
+    """No reader matches the name, prefix or index given."""
+
+    exit_code = 5
 
 
 class CardConnectionError(ReaderError):
     """No card, or the card went away."""
+
+    exit_code = 6
+
+
+class NoCardError(CardConnectionError):
+    """The reader has no card in it."""
+
+    exit_code = 6
+
+
+class CardRemovedError(CardConnectionError):
+    """The card was removed (or reset by someone else) in the middle of a transaction."""
+
+    exit_code = 7
+
+
+class SharingViolationError(ReaderError):
+    """Another program holds the card exclusively."""
+
+    exit_code = 8
 
 
 class Reader(ABC):

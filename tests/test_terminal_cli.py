@@ -76,8 +76,8 @@ def test_reader_specs() -> None:
         open_reader("card.json")
     with pytest.raises(ReaderSpecError, match="unknown reader scheme"):
         open_reader("usb:1")
-    with pytest.raises(ReaderSpecError, match="not available"):
-        open_reader("pcsc:Virtual PCD 00 00")
+    with pytest.raises(ReaderSpecError, match="jcardsim:APPLET_CLASS:AID"):
+        open_reader("jcardsim:NoAid")
 
 
 def test_format_amount_uses_integers() -> None:
