@@ -198,7 +198,7 @@ class Iep(TableApplication):
             (P.CLA_ISO, P.INS_READ_BINARY): self._read_binary,
             (P.CLA_ISO, P.INS_READ_RECORD): self._read_record,
         }
-        self.completions = (self._credit_for_load, self._debit)
+        self.keep_pending = (self._credit_for_load, self._debit)
 
     # --- application plumbing ---------------------------------------------------------------
     def fci(self) -> bytes:

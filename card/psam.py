@@ -209,7 +209,7 @@ class Psam(TableApplication):
             (P.CLA_PBOC, P.INS_SAM_READ_BATCH_RECORD): self._read_batch_record,
             (P.CLA_PBOC, P.INS_SAM_CLOSE_BATCH): self._close_batch,
         }
-        self.completions = (self._credit_sam,)
+        self.keep_pending = (self._credit_sam, self._previous_signature)
 
     def fci(self) -> bytes:
         if self._fci is None:  # built once: nothing in it changes after personalisation

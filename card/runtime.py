@@ -60,12 +60,13 @@ Handler = Callable[[CommandAPDU], bytes]
 class TableApplication(Application):
     """An application whose commands are a table ``(CLA, INS) -> handler``.
 
-    A pending operation (an INITIALIZE waiting for its DEBIT, say) survives only into one of
-    the handlers in ``completions``; any other command ends it via :meth:`end_pending`.
+    A pending operation (an INITIALIZE waiting for its DEBIT, say) survives only into the
+    handlers in ``keep_pending`` (its completion, and queries that change nothing); any other
+    command ends it via :meth:`end_pending`.
     """
 
     handlers: dict[tuple[int, int], Handler]
-    completions: tuple[Handler, ...] = ()
+    keep_pending: tuple[Handler, ...] = ()
 
     def end_pending(self) -> None:
         """Forget any operation waiting for its completion."""
@@ -83,7 +84,7 @@ class TableApplication(Application):
             if any(ins == cmd.ins for _, ins in self.handlers):
                 raise CardError(SW.CLA_NOT_SUPPORTED)
             raise CardError(SW.INS_NOT_SUPPORTED)
-        if handler not in self.completions:
+        if handler not in self.keep_pending:
             self.end_pending()
         return handler(cmd)
 

@@ -1,0 +1,254 @@
+"""The client terminal (seed steps 608-640): pay a merchant's checkout with a purse card.
+
+It reads the card while emulating the PSAM's side, checks currency, expiry and balance before
+going online, packs one draw request, checks that the debit command keeps the merchant's
+amount, lets the card debit itself, returns the card's answer (FIG. 5/6) or compares its MAC2
+(FIG. 7), forwards the confirmation to the merchant and returns the goods. Every step is in the
+local journal first; :func:`resume` finishes what an interruption left, or proves with GET
+TRANSACTION PROVE that the card was never debited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from svcard.host import apdus
+from svcard.host.journal import Journal
+from svcard.host.terminal import (
+    Declined,
+    TerminalCheckFailed,
+    TerminalError,
+    call,
+    prove,
+    select_purse,
+    verify_pin_if_needed,
+)
+from svcard.protocols import messages as M
+from svcard.protocols import purse as P
+from svcard.protocols import secure
+from svcard.protocols import sw as SW
+from svcard.reader import Reader
+
+
+class PaymentRefused(TerminalError):
+    """A server (payment or merchant) refused; the reason is theirs."""
+
+    def __init__(self, who: str, status: int, reason: str) -> None:
+        super().__init__(f"{who} refused ({status}): {reason}")
+        self.who, self.status, self.reason = who, status, reason
+
+
+@dataclass
+class PaymentOutcome:
+    txn_id: str
+    variant: str
+    amount: int
+    currency_exponent: int
+    balance_before: int
+    balance_after: int
+    goods: str
+    item: str
+    receipt: dict[str, Any]
+    round_trips: int
+    steps: list[str] = field(default_factory=list)
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _server_reason(response: httpx.Response) -> str:
+    reason = response.headers.get("X-Svcard-Reason")
+    if reason:
+        return reason
+    try:
+        return str(M.parse(M.ErrorMessage, response.content, "error").reason)
+    except M.MessageError:
+        try:
+            return str(response.json().get("reason", response.text))
+        except ValueError:
+            return response.text[:200]
+
+
+class _Session:
+    """One payment's keys and counters, rebuilt from checkout parameters or the journal."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.merchant_id = bytes.fromhex(params["merchant_id"])
+        self.txn_id = bytes.fromhex(params["txn_id"])
+        self.tsk = bytes.fromhex(params["tsk"])
+        self.etsk = bytes.fromhex(params["etsk"])
+        self.variant = M.VARIANTS[params["variant"]]
+        self.payment_url = params["payment_url"].rstrip("/")
+        self.round_trips = 0
+
+    def post(self, http: httpx.Client, path: str, msg_type: int, body: bytes) -> bytes:
+        request = M.seal_envelope(msg_type, self.merchant_id, self.txn_id, self.etsk, self.tsk,
+                                  body)
+        self.round_trips += 1
+        response = http.post(self.payment_url + path, content=request,
+                             headers={"Content-Type": "application/octet-stream"})
+        if response.status_code != 200:
+            raise PaymentRefused("payment server", response.status_code,
+                                 _server_reason(response))
+        env, header = M.split_envelope(response.content)
+        if (env.merchant_id, env.txn_id) != (self.merchant_id, self.txn_id):
+            raise PaymentRefused("payment server", 200, "answer for another transaction")
+        return secure.open_sealed(self.tsk, env.body, header, "payment server answer")
+
+
+def fetch_checkout(http: httpx.Client, url: str) -> dict[str, Any]:
+    response = http.get(url, headers={"Accept": "application/json"})
+    if response.status_code != 200:
+        raise PaymentRefused("merchant", response.status_code, _server_reason(response))
+    params: dict[str, Any] = response.json()
+    for key in ("amount", "currency_code", "payment_url", "txn_id", "merchant_id", "status_url",
+                "variant", "tsk", "etsk", "terminal_id"):
+        if key not in params:
+            raise TerminalCheckFailed(f"the checkout parameters lack {key!r}")
+    if params["variant"] not in M.VARIANTS:
+        raise TerminalCheckFailed(f"unknown confirmation variant {params['variant']!r}")
+    return params
+
+
+def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client,
+        pin: str | None = None, purse: int = P.PURSE_EP,
+        when: dt.datetime | None = None) -> PaymentOutcome:
+    params = fetch_checkout(http, checkout_url)
+    s = _Session(params)
+    amount = int(params["amount"])
+    txn = params["txn_id"]
+    # 608: read the card and check it before going online
+    info = select_purse(card)
+    info.check_dates((when or dt.datetime.now()).date())
+    if info.currency_code is not None and info.currency_code != params["currency_code"]:
+        raise TerminalCheckFailed(f"the card holds currency {info.currency_code}, the "
+                                  f"merchant asks for {params['currency_code']}")
+    verify_pin_if_needed(card, purse, pin)
+    terminal_id = bytes.fromhex(params["terminal_id"])
+    init = P.InitForPurchaseAnswer.parse(call(
+        card, apdus.initialize(P.INIT_PURCHASE, purse, 1, amount, terminal_id),
+        "INITIALIZE FOR PURCHASE"))  # the card itself refuses an amount above its balance (9401)
+    txn_type = P.TYPE_EP_PURCHASE if purse == P.PURSE_EP else P.TYPE_ED_PURCHASE
+    draw = M.build(M.DrawRequest, {
+        "issuer_id": bytes.fromhex(info.issuer_id), "card_serial": info.serial_bytes,
+        "algorithm_id": init.algorithm_id, "key_version": init.key_version,
+        "expiry_date": bytes.fromhex(info.expiry_date), "balance": init.balance,
+        "currency_code": info.currency_code or 0, "currency_exponent": info.currency_exponent or 0,
+        "purse": purse, "offline_counter": init.offline_counter, "amount": amount,
+        "random": init.random, "txn_type": txn_type})
+    journal.write(txn, "draw", params=params, card_serial=info.app_serial,
+                  counter=init.offline_counter, txn_type=txn_type, balance=init.balance)
+    # 610-616: one draw request, one debit command
+    debit_bytes = s.post(http, "/v1/draw", M.DRAW_REQUEST, draw)
+    debit = M.parse(M.DebitCommand, debit_bytes, "debit command")
+    # 618: the debit must be for the merchant's own amount
+    if debit.amount != amount:
+        journal.write(txn, "refused", reason="debit command amount changed in transit")
+        raise TerminalCheckFailed(f"the debit command asks {debit.amount}, the merchant "
+                                  f"asked {amount}: refused, the card was not debited")
+    journal.write(txn, "debit-sent", debit=debit_bytes.hex())
+    answer = card.exchange(apdus.debit_for_purchase(debit.terminal_txn_number, debit.date,
+                                                    debit.time, debit.mac1))
+    if not answer.ok:
+        journal.write(txn, "card-refused", card_sw=answer.sw)
+        if s.variant in (M.FIG5_PSAM_COMPARES, M.FIG6_SERVER_COMPARES):
+            s.post(http, "/v1/debit-response", M.DEBIT_RESPONSE, M.build(
+                M.DebitResponse, {"card_sw": answer.sw, "tac": bytes(4), "mac2": bytes(4)}))
+        journal.write(txn, "refused", reason=f"card answered {answer.sw:04X}")
+        raise Declined("DEBIT FOR PURCHASE", answer.sw)
+    card_answer = P.DebitForPurchaseAnswer.parse(answer.data)
+    journal.write(txn, "debited", tac=card_answer.tac.hex(), mac2=card_answer.mac2.hex())
+    outcome = _finish(s, http, journal, debit, card_answer.mac2, card_answer.tac)
+    outcome.balance_before = init.balance
+    outcome.balance_after = init.balance - amount
+    return outcome
+
+
+def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2: bytes,
+            tac: bytes) -> PaymentOutcome:
+    """From a debited card to released goods (also the way back in after an interruption)."""
+    txn = s.params["txn_id"]
+    amount = int(s.params["amount"])
+    card_mac2, sealed_expected = bytes(4), b""
+    if s.variant in (M.FIG5_PSAM_COMPARES, M.FIG6_SERVER_COMPARES):
+        result = M.parse(M.PaymentResult, s.post(http, "/v1/debit-response", M.DEBIT_RESPONSE,
+                                                 M.build(M.DebitResponse, {
+                                                     "card_sw": SW.OK, "tac": tac,
+                                                     "mac2": mac2})), "payment result")
+        c = M.parse(M.DebitResult, secure.open_sealed(
+            s.tsk, result.result_c, M.result_c_aad(s.merchant_id, s.txn_id), "debit result C"),
+            "debit result C")
+        if c.status not in (M.STATUS_OK, M.STATUS_AUTHENTICATED):
+            journal.write(txn, "refused", reason=c.reason)
+            raise PaymentRefused("payment server", 200, c.reason)
+        result_m = result.result_m
+    elif s.variant == M.FIG7_CLIENT_COMPARES:
+        if mac2 != debit.expected_mac2:  # the client compares (one round trip)
+            journal.write(txn, "refused", reason="card MAC2 is not the expected one")
+            raise PaymentRefused("client", 0, "the card's MAC2 is not the one the PSAM "
+                                              "expected: no confirmation sent")
+        result_m = debit.result_m
+    else:  # FIG. 8: the merchant compares
+        result_m, card_mac2, sealed_expected = debit.result_m, mac2, debit.sealed_expected_mac2
+    journal.write(txn, "confirmed")
+    confirmation = M.build(M.Confirmation, {
+        "version": M.VERSION, "variant": s.variant, "txn_id": s.txn_id, "result_m": result_m,
+        "card_mac2": card_mac2, "sealed_expected_mac2": sealed_expected})
+    s.round_trips += 1
+    response = http.post(s.params["status_url"], content=confirmation,
+                         headers={"Content-Type": "application/octet-stream"})
+    body = response.json() if response.headers.get("content-type", "").startswith(
+        "application/json") else {}
+    if response.status_code != 200 or not body.get("released"):
+        journal.write(txn, "refused", reason=body.get("reason", response.text[:200]))
+        raise PaymentRefused("merchant", response.status_code,
+                             body.get("reason", response.text[:200]))
+    journal.write(txn, "done", goods=body.get("goods"))
+    return PaymentOutcome(
+        txn_id=txn, variant=s.params["variant"], amount=amount,
+        currency_exponent=int(s.params.get("currency_exponent", 0)), balance_before=0,
+        balance_after=0, goods=str(body.get("goods")), item=str(body.get("item", "")),
+        receipt=body.get("receipt", {}), round_trips=s.round_trips)
+
+
+def resume(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[str, Any]]:
+    """Finish or close every unfinished payment of this card found in the journal."""
+    info = select_purse(card)
+    report = []
+    for entry in journal.unfinished(info.app_serial):
+        txn, state = entry["txn_id"], entry["state"]
+        s = _Session(entry["params"])
+        if state == "draw":  # the card never saw a DEBIT
+            journal.write(txn, "abandoned", reason="interrupted before the card was debited")
+            report.append({"txn_id": txn, "outcome": "abandoned: never debited"})
+            continue
+        debit = M.parse(M.DebitCommand, bytes.fromhex(entry["debit"]), "journal debit")
+        if state in ("debit-sent", "card-refused"):
+            proof = prove(card, entry["txn_type"], entry["counter"])
+            if proof is None:
+                journal.write(txn, "abandoned", reason="GET TRANSACTION PROVE: not debited")
+                report.append({"txn_id": txn, "outcome": "abandoned: the card proves it was "
+                                                          "not debited"})
+                continue
+            mac2, tac = proof
+            journal.write(txn, "debited", tac=tac.hex(), mac2=mac2.hex(), proven=True)
+        else:
+            mac2, tac = bytes.fromhex(entry["mac2"]), bytes.fromhex(entry["tac"])
+        try:
+            outcome = _finish(s, http, journal, debit, mac2, tac)
+        except PaymentRefused as exc:
+            if exc.who == "merchant" and exc.status == 409:  # released before the interruption
+                journal.write(txn, "done", reason=exc.reason)
+                report.append({"txn_id": txn, "outcome": "completed earlier"})
+                continue
+            report.append({"txn_id": txn, "outcome": f"refused: {exc.reason}"})
+            continue
+        outcome.resumed = True
+        report.append({"txn_id": txn, "outcome": "completed", "goods": outcome.goods})
+    return report

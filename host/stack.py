@@ -1,0 +1,84 @@
+"""A whole payment system on loopback: payment server with a PSAM pool, merchant server, and
+fresh card images, for ``svcard demo``, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from svcard.card.image import save_new_image
+from svcard.card.personalise import image_from_profile
+from svcard.fixtures import fixture_path
+from svcard.host.merchant_server import MerchantConfig, MerchantServer
+from svcard.host.payment_server import MerchantAccount, PaymentConfig, PaymentServer
+from svcard.host.serving import ServerThread
+from svcard.host.specs import open_reader
+from svcard.protocols import messages as M
+from svcard.reader import Reader
+
+DEMO_MERCHANT_ID = bytes.fromhex("4D45524348303031")  # "MERCH001"
+
+
+def psam_images(folder: Path, count: int) -> list[Path]:
+    """``count`` PSAM images of one pool: the same terminal id, distinct serials."""
+    base = image_from_profile(fixture_path("psam-demo.toml"))
+    paths = []
+    for i in range(count):
+        image = copy.deepcopy(base)
+        image["app"]["psam_serial"] = f"{i + 1:020d}"
+        path = folder / f"psam{i + 1}.json"
+        save_new_image(path, image, overwrite=True)
+        paths.append(path)
+    return paths
+
+
+def card_image(folder: Path, name: str = "card.json", ep: int = 10_000) -> Path:
+    image = image_from_profile(fixture_path("iep-demo.toml"))
+    image["app"]["ep"]["balance"] = ep
+    path = folder / name
+    save_new_image(path, image, overwrite=True)
+    return path
+
+
+@dataclass
+class Stack:
+    folder: Path
+    payment: ServerThread
+    merchant: ServerThread
+    payment_server: PaymentServer
+    merchant_server: MerchantServer
+    shared_key: bytes = field(repr=False)
+
+    def checkout_url(self, sku: str = "ticket", variant: str = "fig6") -> str:
+        return f"{self.merchant.url}/v1/checkout/{sku}?variant={variant}"
+
+    def close(self) -> None:
+        self.merchant.stop()
+        self.payment.stop()
+
+
+def start_stack(folder: Path, *, psams: int = 2, db_url: str | None = None,
+                psam_readers: list[Reader] | None = None, acquire_timeout: float = 2.0,
+                hold_timeout: float = 30.0, variants: frozenset[int] | None = None,
+                payment_port: int | None = None, **payment_kwargs: Any) -> Stack:
+    folder.mkdir(parents=True, exist_ok=True)
+    shared_key = os.urandom(32)
+    readers = psam_readers if psam_readers is not None else [
+        open_reader(f"virtual:{p}") for p in psam_images(folder, psams)]
+    account = MerchantAccount(DEMO_MERCHANT_ID, shared_key,
+                              variants or frozenset(M.VARIANTS.values()))
+    config = PaymentConfig({DEMO_MERCHANT_ID: account},
+                           db_url=db_url or f"sqlite:///{folder / 'payments.db'}",
+                           acquire_timeout=acquire_timeout, hold_timeout=hold_timeout,
+                           **payment_kwargs)
+    payment_server = PaymentServer(config, readers)
+    payment = ServerThread(payment_server.app(), port=payment_port).start()
+    merchant_server = MerchantServer(MerchantConfig(
+        DEMO_MERCHANT_ID, shared_key, payment.url, payment_server.pool.terminal_id))
+    merchant = ServerThread(merchant_server.app())
+    merchant_server.config.public_url = merchant.url
+    merchant.start()
+    return Stack(folder, payment, merchant, payment_server, merchant_server, shared_key)
