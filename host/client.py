@@ -64,7 +64,7 @@ class PaymentOutcome:
 def _server_reason(response: httpx.Response) -> str:
     reason = response.headers.get("X-Svcard-Reason")
     if reason:
-        return reason
+        return str(reason)
     try:
         return str(M.parse(M.ErrorMessage, response.content, "error").reason)
     except M.MessageError:
