@@ -178,12 +178,15 @@ class PaymentServer:
             if existing["state"] == "busy":
                 row_id = existing["id"]
                 await self.sql(self.db.retry_busy, row_id, values)
-            elif existing["debit_command"] is not None and existing["state"] not in (
-                    "voided", "failed"):
-                return self.sealed(o, M.DEBIT_COMMAND, existing["debit_command"])  # retry
+            elif existing["debit_command"] is not None and existing["state"] in (
+                    "issued", "released"):
+                # the client did not get our answer: the same debit command again
+                return self.sealed(o, M.DEBIT_COMMAND, existing["debit_command"])
             else:
-                raise Refused(409, 409, f"this transaction is {existing['state']}: "
-                                        f"{existing['reason'] or 'no debit command'}")
+                raise Refused(409, 409, f"replayed draw request: the transaction is "
+                                        f"{existing['state']}"
+                                        + (f" ({existing['reason']})" if existing["reason"]
+                                           else ""))
         else:
             try:
                 row_id = await self.sql(self.db.insert_received,
