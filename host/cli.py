@@ -386,6 +386,106 @@ def trace_import(fmt: str, source: Path, out: Path) -> None:
     click.echo(f"wrote {out}: {len(converted.exchanges)} exchanges from {fmt} log {source}")
 
 
+# --- svcard pay / svcard serve -------------------------------------------------------------
+@main.command("pay")
+@click.argument("checkout_url")
+@card_option
+@purse_option
+@pin_option
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The local payment journal (default: $SVCARD_JOURNAL or "
+                   "~/.local/state/svcard/journal.jsonl).")
+@click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
+@json_option
+def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
+            journal: Path | None, timeout: float, as_json: bool) -> None:
+    """Pay a merchant's CHECKOUT_URL with the card (seed steps 608-640).
+
+    First finishes any payment of this card that an interruption left in the journal (or proves
+    with the card that it never happened), then pays: one draw request to the payment server,
+    the card debits itself, the confirmation goes to the merchant, the goods come back.
+    """
+    import httpx
+
+    from svcard.host import client as C
+    from svcard.host.journal import Journal, default_journal
+
+    book = Journal(journal or default_journal())
+    with handled(), httpx.Client(timeout=timeout) as http, \
+            readers(("card", card_spec)) as (card_r,):
+        try:
+            resumed = C.resume(card_r, journal=book, http=http)
+            outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
+                            purse=T.purse_id(purse))
+        except httpx.HTTPError as exc:
+            fail(f"network: {exc} (the journal keeps the payment; run again to finish it)",
+                 EXIT_DEVICE)
+    exp = outcome.currency_exponent
+    text = "\n".join(
+        [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]
+        + [f"paid {T.format_amount(outcome.amount, exp)} ({outcome.variant}, "
+           f"{outcome.round_trips} round trips): {outcome.item}",
+           f"  balance {T.format_amount(outcome.balance_before, exp)} -> "
+           f"{T.format_amount(outcome.balance_after, exp)}",
+           f"  goods: {outcome.goods}",
+           f"  receipt: {json.dumps(outcome.receipt)}"])
+    emit(as_json, {"resumed": resumed, "payment": outcome.to_json()}, text)
+
+
+@main.group()
+def serve() -> None:
+    """Run the servers: the payment server (with its PSAM pool) and a merchant."""
+
+
+@serve.command("payment")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: merchants and their shared keys, db, timeouts "
+                   "(see fixtures/payment-demo.toml).")
+@click.option("--psam", "psam_specs", multiple=True, required=True, metavar="SPEC",
+              help="A PSAM of the pool (repeat): virtual:psam.json, pcsc:NAME, ...")
+@click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | None,
+                  host: str, port: int) -> None:
+    """The payment server: draw requests in, debit commands out, a pool of PSAMs."""
+    import uvicorn
+
+    from svcard.host.payment_server import PaymentServer
+    from svcard.host.server_config import ConfigError, payment_config
+
+    try:
+        config = payment_config(config_path, db_url)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    with handled():
+        psams = [open_reader(spec) for spec in psam_specs]
+        server = PaymentServer(config, psams)
+    uvicorn.run(server.app(), host=host, port=port, log_level="info")
+
+
+@serve.command("merchant")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: merchant id, shared key, payment server URL and terminal id "
+                   "(see fixtures/merchant-demo.toml).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8081, show_default=True, type=int)
+def serve_merchant(config_path: Path, host: str, port: int) -> None:
+    """A merchant selling digital goods: checkout and status endpoints."""
+    import uvicorn
+
+    from svcard.host.merchant_server import MerchantServer
+    from svcard.host.server_config import ConfigError, merchant_config
+
+    try:
+        config = merchant_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    uvicorn.run(MerchantServer(config).app(), host=host, port=port, log_level="info")
+
+
 # --- svcard demo ---------------------------------------------------------------------------
 @main.command("demo")
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from svcard.card.image import save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
 from svcard.host import terminal as T
+from svcard.host.client import pay
+from svcard.host.journal import Journal
 from svcard.host.specs import open_reader
+from svcard.host.stack import start_stack
 
 DEMO_LOAD_TERMINAL = bytes.fromhex("000000000099")
 
@@ -67,6 +74,42 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
     lines.append(f"Card balance now {money(balance)}; log, newest first:")
     lines += [f"  {e.date} {e.time}  {e.type_name:<12} {money(e.amount):>10}  counter "
               f"{e.counter}" for e in log]
+    network = _network(folder, paths["iep"], lines, money)
+    with open_reader(f"virtual:{paths['iep']}") as card:
+        _, final = T.read_balance(card)
+    lines.append(f"Card balance at the end: {money(final)}")
     return Story("\n".join(lines), {
         "folder": str(folder), "load": loaded.to_json(), "purchase": bought.to_json(),
-        "balance": balance, "log": [e.__dict__ for e in log]})
+        "balance": balance, "log": [e.__dict__ for e in log], "network": network,
+        "final_balance": final})
+
+
+def _network(folder: Path, card_path: Path, lines: list[str],
+             money: Callable[[int], str]) -> list[dict[str, Any]]:
+    """Seed FIG. 4-9: merchant and payment servers on loopback, a purchase in each variant."""
+    stack = start_stack(folder / "network", psams=2)
+    lines.append(f"Payment server {stack.payment.url} (2 PSAMs, SQLite), merchant "
+                 f"{stack.merchant.url}; FIG. 9 encryption on every message.")
+    out = []
+    try:
+        journal = Journal(folder / "journal.jsonl")
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card_path}") as card:
+            for sku, variant, what in (
+                    ("ticket", "fig5", "the PSAM compares the card's MAC2"),
+                    ("song", "fig6", "the PSAM is released early; the server compares"),
+                    ("article", "fig7", "one round trip; the client compares"),
+                    ("ticket", "fig8", "one round trip; the merchant compares"),
+                    ("login", "fig6", "zero-amount draw: card authentication")):
+                started = time.perf_counter()
+                outcome = pay(stack.checkout_url(sku, variant), card, journal=journal,
+                              http=http)
+                ms = (time.perf_counter() - started) * 1000
+                lines.append(
+                    f"{variant.upper()} ({what}): {outcome.item}, {money(outcome.amount)}; "
+                    f"balance {money(outcome.balance_before)} -> "
+                    f"{money(outcome.balance_after)}; {outcome.round_trips} round trips, "
+                    f"{ms:.0f} ms; goods: {outcome.goods}")
+                out.append({**outcome.to_json(), "ms": round(ms, 1)})
+    finally:
+        stack.close()
+    return out

@@ -162,6 +162,11 @@ def test_cli_demo_json() -> None:
     assert data["purchase"]["balance_after"] == 10000 - 1234
     assert data["balance"] == 10000 - 1234
     assert [e["txn_type"] for e in data["log"]] == [6, 2]
+    network = data["network"]
+    assert [n["variant"] for n in network] == ["fig5", "fig6", "fig7", "fig8", "fig6"]
+    assert [n["round_trips"] for n in network] == [3, 3, 2, 2, 3]
+    assert network[-1]["receipt"]["status"] == "authentication OK"
+    assert data["final_balance"] == 10000 - 1234 - sum(n["amount"] for n in network)
 
 
 def test_console_script_runs_the_demo() -> None:

@@ -1,0 +1,73 @@
+"""TOML configuration of the payment and merchant servers (``svcard serve ...``)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from svcard.host.merchant_server import MerchantConfig
+from svcard.host.payment_server import MerchantAccount, PaymentConfig
+from svcard.protocols import messages as M
+
+
+class ConfigError(ValueError):
+    """A server configuration that cannot be used; the message names the field."""
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"no such file: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _hex(value: Any, size: int, field: str) -> bytes:
+    try:
+        raw = bytes.fromhex(str(value))
+    except ValueError:
+        raise ConfigError(f"{field}: not hex") from None
+    if len(raw) != size:
+        raise ConfigError(f"{field}: expected {size} bytes, got {len(raw)}")
+    return raw
+
+
+def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
+    data = _read(path)
+    merchants = {}
+    for i, m in enumerate(data.get("merchant", [])):
+        where = f"{path}: merchant[{i}]"
+        mid = _hex(m.get("id"), 8, f"{where}.id")
+        names = m.get("variants", list(M.VARIANTS))
+        unknown = [n for n in names if n not in M.VARIANTS]
+        if unknown:
+            raise ConfigError(f"{where}.variants: unknown {', '.join(unknown)}")
+        merchants[mid] = MerchantAccount(mid, _hex(m.get("shared_key"), 32,
+                                                   f"{where}.shared_key"),
+                                         frozenset(M.VARIANTS[n] for n in names))
+    if not merchants:
+        raise ConfigError(f"{path}: no [[merchant]]: the payment server would refuse everyone")
+    return PaymentConfig(merchants, db_url=db_url or str(data.get("db", "sqlite:///payments.db")),
+                         acquire_timeout=float(data.get("acquire_timeout", 2.0)),
+                         hold_timeout=float(data.get("hold_timeout", 30.0)))
+
+
+def merchant_config(path: Path) -> MerchantConfig:
+    d = _read(path)
+    variant = str(d.get("default_variant", "fig6"))
+    if variant not in M.VARIANTS:
+        raise ConfigError(f"{path}: default_variant must be one of {', '.join(M.VARIANTS)}")
+    try:
+        return MerchantConfig(
+            merchant_id=_hex(d.get("merchant_id"), 8, "merchant_id"),
+            shared_key=_hex(d.get("shared_key"), 32, "shared_key"),
+            payment_url=str(d["payment_url"]), terminal_id=_hex(d.get("terminal_id"), 6,
+                                                                 "terminal_id"),
+            public_url=str(d.get("public_url", "http://127.0.0.1:8081")),
+            currency_code=int(d.get("currency_code", 156)),
+            currency_exponent=int(d.get("currency_exponent", 2)), default_variant=variant)
+    except KeyError as exc:
+        raise ConfigError(f"{path}: missing {exc}") from None
