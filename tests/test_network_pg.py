@@ -1,0 +1,72 @@
+"""The payment flow with the transaction database on PostgreSQL (a private test cluster)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pg_env import Cluster, start_cluster
+
+from svcard.card.storage import read_image
+from svcard.host import client as C
+from svcard.host.journal import Journal
+from svcard.host.specs import open_reader
+from svcard.host.stack import card_image, start_stack
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster()
+    yield c
+    c.stop()
+
+
+@pytest.mark.parametrize("variant", ["fig5", "fig6", "fig7", "fig8"])
+def test_variants_on_postgresql(cluster: Cluster, tmp_path: Path, variant: str) -> None:
+    stack = start_stack(tmp_path / "stack", psams=2, db_url=cluster.new_database())
+    try:
+        card = card_image(tmp_path, ep=5_000)
+        journal = Journal(tmp_path / "j.jsonl")
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+            for _ in range(3):
+                outcome = C.pay(stack.checkout_url("song", variant), reader, journal=journal,
+                                http=http)
+                assert outcome.goods.endswith("song-7f3a")
+        assert read_image(card)["app"]["ep"]["balance"] == 5_000 - 3 * 99
+        state = "released" if variant in ("fig7", "fig8") else "confirmed"
+        assert stack.payment_server.db.counts() == {state: 3}
+        assert str(stack.payment_server.db.engine.url).startswith("postgresql+psycopg")
+    finally:
+        stack.close()
+
+
+def test_card_counter_reuse_voids_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
+    """The partial unique index (card, counter) among live payments works on PostgreSQL."""
+    stack = start_stack(tmp_path / "stack", psams=1, db_url=cluster.new_database())
+    try:
+        card = card_image(tmp_path, ep=5_000)
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+            params = C.fetch_checkout(http, stack.checkout_url("song", "fig6"))
+            session = C._Session(params)
+            from svcard.host import apdus
+            from svcard.host.terminal import select_purse
+            from svcard.protocols import messages as M
+            from svcard.protocols import purse as P
+            info = select_purse(reader)
+            init = P.InitForPurchaseAnswer.parse(reader.exchange(apdus.initialize(
+                P.INIT_PURCHASE, 2, 1, 99, bytes.fromhex(params["terminal_id"]))).data)
+            draw = M.build(M.DrawRequest, {
+                "issuer_id": bytes.fromhex(info.issuer_id), "card_serial": info.serial_bytes,
+                "algorithm_id": 0, "key_version": init.key_version,
+                "expiry_date": bytes.fromhex(info.expiry_date), "balance": init.balance,
+                "currency_code": 156, "currency_exponent": 2, "purse": 2,
+                "offline_counter": init.offline_counter, "amount": 99, "random": init.random,
+                "txn_type": 6})
+            session.post(http, "/v1/draw", M.DRAW_REQUEST, draw)  # never debited
+            C.pay(stack.checkout_url("song", "fig6"), reader, journal=Journal(tmp_path / "j"),
+                  http=http)
+        assert stack.payment_server.db.counts() == {"voided": 1, "confirmed": 1}
+    finally:
+        stack.close()
