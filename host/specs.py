@@ -3,18 +3,20 @@
 * ``virtual:IMAGE.json``: a card image opened in this process;
 * ``pcsc:NAME`` / ``pcsc:#N``: a PC/SC reader by exact name, unique prefix or index;
 * ``trace:FILE``: replay a recorded trace;
-* ``jcardsim:APPLET_CLASS:AID``: a Java Card applet in jCardSim (``JCARDSIM_JAR``).
+* ``jcardsim:APPLET_CLASS:AID``: a Java Card applet in jCardSim (``JCARDSIM_JAR``);
+* ``delayed:MS:SPEC``: SPEC with MS milliseconds added to every APDU (a slow physical card).
 """
 
 from __future__ import annotations
 
 from svcard.card.image import open_card
 from svcard.reader import Reader, ReaderError, VirtualReader
+from svcard.reader.delayed import DelayedReader
 from svcard.reader.jcardsim import JCardSimReader
 from svcard.reader.pcsc import PcscReader
 from svcard.reader.trace import TraceReader
 
-SCHEMES = ("virtual", "pcsc", "trace", "jcardsim")
+SCHEMES = ("virtual", "pcsc", "trace", "jcardsim", "delayed")
 
 
 class ReaderSpecError(ReaderError):
@@ -43,5 +45,14 @@ def open_reader(spec: str, *, lock_timeout: float = 5.0) -> Reader:
         if not sep or not applet or not aid_bytes:
             raise ReaderSpecError(f"{spec!r}: expected jcardsim:APPLET_CLASS:AID (AID in hex)")
         return JCardSimReader(applet, aid_bytes)
+    if scheme == "delayed":
+        ms, sep, inner = rest.partition(":")
+        try:
+            delay = float(ms)
+        except ValueError:
+            delay = -1.0
+        if not sep or delay < 0:
+            raise ReaderSpecError(f"{spec!r}: expected delayed:MS:SPEC")
+        return DelayedReader(open_reader(inner, lock_timeout=lock_timeout), delay)
     raise ReaderSpecError(f"unknown reader scheme {scheme!r} "
                           f"(supported: {', '.join(s + ':' for s in SCHEMES)})")

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Purchases per second over HTTP on loopback (seed FIG. 4-9), all in one run.
+
+    python benchmarks/bench_payment.py [--seconds 8] [--clients 24] [--smoke]
+
+The payment and merchant servers run as processes (``svcard serve ...``) with durable SQLite
+(WAL, synchronous=FULL) and virtual PSAM images (every PSAM write fsynced); load comes from
+client processes, each with several threads, each thread paying with its own in-memory card
+(the whole client flow: checkout, card, draw, debit, confirmation). It reports purchases per
+second, p50 and p99 latency and round trips per purchase for 1, 4 and 16 PSAMs and each variant,
+then, with a simulated physical PSAM (30 ms per PSAM APDU), the throughput of FIG. 6/7/8 over
+FIG. 5 at the same pool size. Targets: >= 300 purchases/s with 16 PSAMs; early release >= 1.8x
+FIG. 5 with slow PSAMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SVCARD = str(Path(sys.executable).parent / "svcard")
+
+
+def wait_up(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up")
+        time.sleep(0.05)
+
+
+def worker(args: tuple[int, int, str, float, str]) -> list[tuple[float, int, bool]]:
+    """One client process: ``threads`` cards paying in a loop for ``seconds``."""
+    first_serial, threads, checkout, seconds, journal_dir = args
+    from svcard.card.image import card_from_image
+    from svcard.card.personalise import image_from_profile
+    from svcard.fixtures import fixture_path
+    from svcard.host import client as C
+    from svcard.host.journal import Journal
+    from svcard.reader import VirtualReader
+
+    base = image_from_profile(fixture_path("iep-demo.toml"))
+    base["app"]["ep"]["balance"] = 100_000
+    base["app"]["balance_limit"] = 100_000
+    results: list[tuple[float, int, bool]] = []
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def run(serial: int) -> None:
+        from svcard.protocols import purse as P
+        image = copy.deepcopy(base)
+        public = bytearray(bytes.fromhex(image["app"]["public_data"]))
+        public[10:20] = serial.to_bytes(10, "big")
+        image["app"]["public_data"] = public.hex()
+        # card keys follow the serial: personalise the same way the issuer does
+        from svcard.card.personalise import load_issuer
+        from svcard.protocols import crypto
+        issuer = load_issuer(fixture_path("demo-issuer.toml"))
+        s = serial.to_bytes(10, "big")
+        for kind, entries in (("purchase_keys", issuer.purchase), ("load_keys", issuer.load)):
+            image["app"][kind] = [{"index": e.index, "version": e.version,
+                                   "algorithm": e.algorithm,
+                                   "key": crypto.card_key(e.key, s).hex()} for e in entries]
+        image["app"]["tac_key"] = crypto.card_key(issuer.tac, s).hex()
+        assert P.PublicAppData.parse(bytes(public)).app_serial == s
+        reader = VirtualReader(card_from_image(image))
+        reader.connect()
+        journal = Journal(Path(journal_dir) / f"j{serial}.jsonl")
+        with httpx.Client(timeout=60) as http:
+            while time.monotonic() < end:
+                started = time.perf_counter()
+                try:
+                    outcome = C.pay(checkout, reader, journal=journal, http=http)
+                    ok, trips = True, outcome.round_trips
+                except C.PaymentRefused:
+                    ok, trips = False, 0
+                with lock:
+                    results.append((time.perf_counter() - started, trips, ok))
+
+    pool = [threading.Thread(target=run, args=(first_serial + i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return results
+
+
+def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: int,
+             procs: int, delay_ms: float = 0) -> dict[str, float]:
+    from svcard.host.serving import free_port
+    from svcard.host.stack import psam_images
+
+    case = Path(tempfile.mkdtemp(dir=folder))
+    pay_port, merchant_port = free_port(), free_port()
+    specs = [f"virtual:{p}" for p in psam_images(case, psams)]
+    if delay_ms:
+        specs = [f"delayed:{delay_ms:g}:{s}" for s in specs]
+    merchant_toml = (ROOT / "fixtures" / "merchant-demo.toml").read_text().replace(
+        "http://127.0.0.1:8080", f"http://127.0.0.1:{pay_port}").replace(
+        "http://127.0.0.1:8081", f"http://127.0.0.1:{merchant_port}")
+    (case / "merchant.toml").write_text(merchant_toml)
+    cmd = [SVCARD, "serve", "payment", "--config", str(ROOT / "fixtures" / "payment-demo.toml"),
+           "--db", f"sqlite:///{case / 'payments.db'}", "--port", str(pay_port)]
+    for s in specs:
+        cmd += ["--psam", s]
+    servers = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+               subprocess.Popen([SVCARD, "serve", "merchant", "--config",
+                                 str(case / "merchant.toml"), "--port", str(merchant_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_up(f"http://127.0.0.1:{pay_port}/v1/health")
+        wait_up(f"http://127.0.0.1:{merchant_port}/v1/catalogue")
+        checkout = f"http://127.0.0.1:{merchant_port}/v1/checkout/song?variant={variant}"
+        per = max(1, clients // procs)
+        journals = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        started = time.perf_counter()
+        with mp.get_context("spawn").Pool(procs) as pool:
+            parts = pool.map(worker, [(1000 + i * per, per, checkout, seconds, journals)
+                                      for i in range(procs)])
+        took = time.perf_counter() - started
+    finally:
+        for p in servers:
+            p.terminate()
+            p.wait(timeout=30)
+    results = [r for part in parts for r in part]
+    good = [r for r in results if r[2]]
+    lat = sorted(r[0] for r in good) or [0.0]
+    return {"rate": len(good) / seconds, "p50": statistics.median(lat) * 1000,
+            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+            "trips": statistics.mean(r[1] for r in good) if good else 0,
+            "refused": len(results) - len(good), "wall": took}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=24, help="paying cards in parallel")
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
+    args = parser.parse_args()
+    seconds = 1.0 if args.smoke else args.seconds
+    pools = (1, 4) if args.smoke else (1, 4, 16)
+    variants = ("fig6",) if args.smoke else ("fig5", "fig6", "fig7", "fig8")
+    print("svcard payment benchmark" + (" (smoke run: figures not meaningful)" if args.smoke
+                                        else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for psams in pools:
+            for variant in variants:
+                r = run_case(folder, psams, variant, seconds, args.clients, args.procs)
+                print(f"  {psams:2d} PSAMs {variant}: {r['rate']:7.1f} purchases/s  p50 "
+                      f"{r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms  {r['trips']:.0f} round "
+                      f"trips  ({r['refused']} refused)", flush=True)
+        slow_pool = 4
+        slow = {}
+        for variant in ("fig5", "fig6", "fig7", "fig8"):
+            slow[variant] = run_case(folder, slow_pool, variant, max(seconds, 2.0),
+                                     args.clients, args.procs, delay_ms=30)["rate"]
+        print(f"  simulated physical PSAMs (30 ms per APDU), {slow_pool} PSAMs: " + ", ".join(
+            f"{v} {rate:.1f}/s" for v, rate in slow.items()))
+        if slow["fig5"]:
+            print("  early release over FIG. 5: " + ", ".join(
+                f"{v} {slow[v] / slow['fig5']:.2f}x" for v in ("fig6", "fig7", "fig8"))
+                + "  (target >= 1.8x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
