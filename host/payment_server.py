@@ -150,19 +150,30 @@ class PaymentServer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._sql_executor, lambda: fn(*args, **kwargs))
 
-    # --- POST /v1/draw ----------------------------------------------------------------------
-    async def draw(self, request: Request) -> Response:
+    def open_message(self, data: bytes, msg_type: int, layout: Any,
+                     what: str) -> tuple[Opened, Any]:
+        """Open a client envelope and parse its body as ``layout``."""
+        o = self.open_envelope(data, msg_type)
         try:
-            return await self._draw(await request.body())
+            return o, M.parse(layout, o.plaintext, what)
+        except M.MessageError as exc:
+            raise Refused(400, 400, str(exc)) from None
+
+    @staticmethod
+    async def answer(handler: Any, request: Request) -> Response:
+        """Run a handler on the request body; a refusal becomes its 4xx/503 answer."""
+        try:
+            response: Response = await handler(await request.body())
+            return response
         except Refused as exc:
             return refusal(exc)
 
+    # --- POST /v1/draw ----------------------------------------------------------------------
+    async def draw(self, request: Request) -> Response:
+        return await self.answer(self._draw, request)
+
     async def _draw(self, data: bytes) -> Response:
-        o = self.open_envelope(data, M.DRAW_REQUEST)
-        try:
-            d = M.parse(M.DrawRequest, o.plaintext, "draw request")
-        except M.MessageError as exc:
-            raise Refused(400, 400, str(exc)) from None
+        o, d = self.open_message(data, M.DRAW_REQUEST, M.DrawRequest, "draw request")
         t = o.ticket
         if d.amount != t.amount:
             raise Refused(400, 402, f"the amount {d.amount} differs from the merchant's order "
@@ -284,17 +295,10 @@ class PaymentServer:
 
     # --- POST /v1/debit-response ------------------------------------------------------------
     async def debit_response(self, request: Request) -> Response:
-        try:
-            return await self._debit_response(await request.body())
-        except Refused as exc:
-            return refusal(exc)
+        return await self.answer(self._debit_response, request)
 
     async def _debit_response(self, data: bytes) -> Response:
-        o = self.open_envelope(data, M.DEBIT_RESPONSE)
-        try:
-            r = M.parse(M.DebitResponse, o.plaintext, "debit response")
-        except M.MessageError as exc:
-            raise Refused(400, 400, str(exc)) from None
+        o, r = self.open_message(data, M.DEBIT_RESPONSE, M.DebitResponse, "debit response")
         row = await self.sql(self.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
         if row is None:
             raise Refused(404, 404, "no such transaction")
