@@ -36,15 +36,9 @@ def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pcscd]:
 
 
 @pytest.fixture
-def images(tmp_path: Path) -> dict[str, Path]:
-    out = {}
-    for kind in ("iep", "psam", "hsm"):
-        image = demo_image(kind)
-        if kind == "iep":
-            with_balance(image, ep=10_000)
-        out[kind] = tmp_path / f"{kind}.json"
-        save_new_image(out[kind], image)
-    return out
+def images(image_files: dict[str, Path]) -> dict[str, Path]:
+    """The demo IEP (EP 100.00), PSAM and HSM images of conftest."""
+    return image_files
 
 
 @pytest.fixture
