@@ -20,6 +20,7 @@ from svcard.host.terminal import Declined, TerminalCheckFailed, select_purse
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 from svcard.protocols import secure
+from svcard.reader import VirtualReader
 
 VARIANTS = ("fig5", "fig6", "fig7", "fig8")
 
@@ -323,7 +324,7 @@ def test_lost_card_answer_is_recovered_with_the_cards_proof(stack: Stack, card: 
     class LostAnswer(Exception):
         pass
 
-    real_exchange = type(open_reader(f"virtual:{card_image(tmp_path, 'x.json')}")).exchange
+    real_exchange = VirtualReader.exchange
 
     def losing(self: Any, apdu: bytes) -> Any:
         answer = real_exchange(self, apdu)
