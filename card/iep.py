@@ -194,6 +194,7 @@ class Iep(TableApplication):
             (P.CLA_PBOC, P.INS_GET_BALANCE): self._get_balance,
             (P.CLA_PBOC, P.INS_GET_TRANSACTION_PROVE): self._get_transaction_prove,
             (P.CLA_PBOC, P.INS_CHANGE_PIN): self._change_pin,
+            (P.CLA_PBOC, P.INS_GET_DATA): self._get_data,
             (P.CLA_ISO, P.INS_VERIFY): self._verify,
             (P.CLA_ISO, P.INS_READ_BINARY): self._read_binary,
             (P.CLA_ISO, P.INS_READ_RECORD): self._read_record,
@@ -393,6 +394,16 @@ class Iep(TableApplication):
         if proof is None or proof.txn_type != cmd.p2 or proof.counter != counter:
             raise CardError(SW.NO_SUCH_PROOF)
         return proof.mac + proof.tac
+
+    def _get_data(self, cmd: CommandAPDU) -> bytes:
+        """GET DATA ``80 CA 9F 77``: the purse's balance limit as TLV ``9F77 04 limit``, so a
+        bank can work out the largest load (seed step 872) before the card is asked for S1."""
+        if (cmd.p1 << 8) | cmd.p2 != P.TAG_BALANCE_LIMIT:
+            raise CardError(SW.DATA_NOT_FOUND)
+        if cmd.data:
+            raise CardError(SW.WRONG_LENGTH)
+        value = self.state.balance_limit.to_bytes(4, "big")
+        return P.TAG_BALANCE_LIMIT.to_bytes(2, "big") + bytes([len(value)]) + value
 
     # --- PIN --------------------------------------------------------------------------------
     def _check_pin(self, candidate: bytes) -> None:

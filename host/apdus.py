@@ -74,3 +74,7 @@ def hsm_authorize_load(fields: dict[str, object], *, verify_only: bool = False) 
 def hsm_verify_load_tac(fields: dict[str, object]) -> bytes:
     return build_command(P.CLA_PBOC, P.INS_HSM_VERIFY_LOAD_TAC, 0, 0,
                          P.HsmVerifyLoadTacData.build(fields))
+
+
+def get_data(tag: int) -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_GET_DATA, tag >> 8, tag & 0xFF, b"", 256)

@@ -100,6 +100,14 @@ def read_balance(card: Reader, purse: int = P.PURSE_EP, pin: str | None = None,
     return info, int.from_bytes(call(card, apdus.get_balance(purse), "GET BALANCE"), "big")
 
 
+def read_balance_limit(card: Reader) -> int:
+    """The selected purse's balance limit (GET DATA 9F77)."""
+    raw = call(card, apdus.get_data(P.TAG_BALANCE_LIMIT), "GET DATA balance limit")
+    if len(raw) != 7 or int.from_bytes(raw[:2], "big") != P.TAG_BALANCE_LIMIT or raw[2] != 4:
+        raise TerminalCheckFailed(f"the card's balance limit answer is malformed: {raw.hex()}")
+    return int.from_bytes(raw[3:], "big")
+
+
 @dataclass(frozen=True)
 class LogEntry:
     counter: int

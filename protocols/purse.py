@@ -57,6 +57,7 @@ INS_CHANGE_PIN = 0x5E
 INS_SELECT = 0xA4
 INS_READ_BINARY = 0xB0
 INS_READ_RECORD = 0xB2
+INS_GET_DATA = 0xCA
 INS_GET_RESPONSE = 0xC0
 # PSAM (PBOC) and svcard's PSAM extensions
 INS_INIT_SAM_FOR_PURCHASE = 0x70
@@ -111,6 +112,7 @@ SFI_PSAM_TERMINAL_ID = 0x16
 SFI_PSAM_CURRENCY = 0x17
 LOG_RECORD_SIZE = 23
 LOG_RECORDS = 10
+TAG_BALANCE_LIMIT = 0x9F77   # GET DATA: the purse balance limit (4 bytes, minor units)
 
 # --- IEP command data and answers ------------------------------------------------------------
 InitializeData: Layout = Struct("key_index" / Int8ub, "amount" / Int32ub, "terminal_id" / Bytes(6))

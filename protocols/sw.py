@@ -19,6 +19,7 @@ FUNCTION_NOT_SUPPORTED = 0x6A81
 FILE_NOT_FOUND = 0x6A82
 RECORD_NOT_FOUND = 0x6A83
 WRONG_P1P2 = 0x6A86
+DATA_NOT_FOUND = 0x6A88
 WRONG_OFFSET = 0x6B00
 INS_NOT_SUPPORTED = 0x6D00
 CLA_NOT_SUPPORTED = 0x6E00
@@ -42,6 +43,7 @@ MEANINGS: dict[int, str] = {
     FILE_NOT_FOUND: "file or application not found",
     RECORD_NOT_FOUND: "record not found",
     WRONG_P1P2: "incorrect P1-P2",
+    DATA_NOT_FOUND: "referenced data not found",
     WRONG_OFFSET: "wrong parameters (offset outside the file)",
     INS_NOT_SUPPORTED: "instruction not supported",
     CLA_NOT_SUPPORTED: "class not supported",

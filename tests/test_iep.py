@@ -403,3 +403,11 @@ def test_reset_drops_session_but_not_value() -> None:
     sk = host.purchase_session_key(init, 1)
     assert host.sw(host.debit_apdu(1, host.purchase_mac1(sk, 10))) == 0x6985
     assert host.balance() == 100
+
+
+def test_get_data_balance_limit() -> None:
+    host, _ = host_with(balance_limit=123_456)
+    data, sw = host.send("80CA9F7700")
+    assert sw == 0x9000 and data == bytes.fromhex("9F770400") + (123_456).to_bytes(3, "big")
+    assert host.sw("80CA9F7600") == 0x6A88          # another tag: referenced data not found
+    assert host.sw("80CA9F770101") == 0x6700        # GET DATA carries no data
