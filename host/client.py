@@ -222,6 +222,8 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[s
     info = select_purse(card)
     report = []
     for entry in journal.unfinished(info.app_serial):
+        if entry.get("kind") == "load":
+            continue  # loads: see svcard.host.load_client.resume_loads
         txn, state = entry["txn_id"], entry["state"]
         s = _Session(entry["params"])
         if state == "draw":  # the card never saw a DEBIT

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-DONE_STATES = ("done", "abandoned", "refused")
+DONE_STATES = ("done", "abandoned", "refused", "load-done")
 
 
 def default_journal() -> Path:

@@ -9,7 +9,6 @@ debit moves the counter), so the earlier payment is voided.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +23,15 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
-    create_engine,
-    event,
     insert,
     select,
     text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
+
+from svcard.host.db import DuplicateError, now_ms
+from svcard.host.db import make_engine as make_db_engine
 
 metadata = MetaData()
 
@@ -73,28 +73,8 @@ Index("uq_card_counter", payments.c.card_serial, payments.c.card_counter, unique
       postgresql_where=text("state NOT IN ('voided', 'busy')"))
 
 
-class DuplicateError(Exception):
-    """A unique key said no: the request is a replay or a race."""
-
-
 def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.close()
-    else:
-        engine = create_engine(url, pool_size=20, max_overflow=10)
-    metadata.create_all(engine)
-    return engine
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+    return make_db_engine(url, metadata)
 
 
 @dataclass

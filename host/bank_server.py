@@ -1,0 +1,212 @@
+"""The bank server (seed FIG. 17-18, steps 871-875 and 891-892).
+
+``POST /v1/load/start`` (JSON): the client sends the account, its secret, the amount and what
+it read from the card (serial, balance, balance limit, currency); the bank works out the
+largest load the card can take, checks the account, debits it and answers the load parameters
+of step 874: amount, currency and exponent, load server URL, transaction id, bank id, the
+session key (TSK) with the ticket sealed for the load server (ETSK), the load terminal id, the
+bank time stamp and the status URL. ``GET /v1/load`` is the same as an HTML page for a browser.
+``POST /v1/load/status/{txn}`` takes the load server's sealed confirmation (carried by the
+client): only a confirmation that opens under the key the bank shares with the load server
+and matches the load is registered; "not loaded" re-credits the account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from svcard.host.bankdb import BankDb, BankError, make_engine
+from svcard.host.db import DuplicateError
+from svcard.protocols import loadmsg as L
+from svcard.protocols import messages as M
+from svcard.protocols import secure
+
+T = TypeVar("T")
+
+
+@dataclass
+class BankConfig:
+    bank_id: bytes
+    shared_key: bytes = field(repr=False)   # shared with the load server
+    load_url: str
+    terminal_id: bytes                      # the load server's terminal id
+    db_url: str = "sqlite:///bank.db"
+    public_url: str = "http://127.0.0.1:8083"
+    currency_code: int = 156
+    currency_exponent: int = 2
+    order_lifetime: int = 600               # seconds
+
+
+def _reason(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"reason": reason}, status_code=status)
+
+
+class BankServer:
+    def __init__(self, config: BankConfig) -> None:
+        self.config = config
+        self.db = BankDb(make_engine(config.db_url))
+        self._lock = asyncio.Lock() if config.db_url.startswith("sqlite") else None
+
+    async def sql(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._lock is None:
+            return await asyncio.to_thread(fn, *args)
+        async with self._lock:  # SQLite: one writer at a time, without its busy handler
+            return await asyncio.to_thread(fn, *args)
+
+    def dk(self, txn_id: bytes) -> bytes:
+        return secure.derive_key(self.config.shared_key, self.config.bank_id, txn_id)
+
+    # --- POST /v1/load/start (steps 872-875) ------------------------------------------------
+    async def start(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _reason(400, "the body is not JSON")
+        try:
+            order = _LoadOrder.from_json(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            return _reason(400, f"bad load request: {exc}")
+        c = self.config
+        if order.currency_code != c.currency_code:
+            return _reason(400, f"the card holds currency {order.currency_code}; this bank "
+                                f"loads {c.currency_code}")
+        room = order.limit - order.balance
+        if order.amount > room:  # step 873: the maximum load
+            return _reason(400, f"the card can take at most {max(room, 0)} more (balance "
+                                f"{order.balance}, limit {order.limit})")
+        if not await self.sql(self.db.check_secret, order.account, order.secret):
+            return _reason(403, "unknown account or wrong secret")
+        txn_id = os.urandom(16)
+        try:
+            await self.sql(self.db.debit_for_load, order.account, txn_id.hex(), order.amount,
+                           order.card_serial.hex())
+        except BankError as exc:
+            return _reason(402, str(exc))
+        except DuplicateError as exc:
+            return _reason(409, str(exc))
+        return JSONResponse(self.parameters(txn_id, order))
+
+    def parameters(self, txn_id: bytes, order: _LoadOrder) -> dict[str, Any]:
+        """Step 874: the client's load parameters, with the ticket sealed for the load server."""
+        c = self.config
+        tsk = secure.new_key()
+        bank_time = int(time.time())
+        ticket = M.build(L.LoadTicket, {
+            "version": M.VERSION, "tsk": tsk, "amount": order.amount,
+            "currency_code": c.currency_code, "currency_exponent": c.currency_exponent,
+            "card_serial": order.card_serial, "bank_time": bank_time,
+            "expires": bank_time + c.order_lifetime, "terminal_id": c.terminal_id})
+        etsk = secure.seal(self.dk(txn_id), ticket, L.ticket_aad(c.bank_id, txn_id))
+        return {"version": M.VERSION, "amount": order.amount, "currency_code": c.currency_code,
+                "currency_exponent": c.currency_exponent, "load_url": c.load_url,
+                "txn_id": txn_id.hex(), "bank_id": c.bank_id.hex(),
+                "terminal_id": c.terminal_id.hex(), "bank_time": bank_time,
+                "status_url": f"{c.public_url}/v1/load/status/{txn_id.hex()}",
+                "card_serial": order.card_serial.hex(), "account": order.account,
+                "tsk": tsk.hex(), "etsk": etsk.hex()}
+
+    async def page(self, request: Request) -> Response:
+        c = self.config
+        info = {"bank_id": c.bank_id.hex(), "currency_code": c.currency_code,
+                "currency_exponent": c.currency_exponent,
+                "start_url": f"{c.public_url}/v1/load/start"}
+        if "text/html" not in request.headers.get("accept", ""):
+            return JSONResponse(info)
+        data = html.escape(json.dumps(info), quote=False)
+        return HTMLResponse(
+            "<!doctype html><title>Load your purse card</title><h1>Load your purse card</h1>"
+            "<p>Run <code>svcard load</code> with this page's URL, your card, your account "
+            "and the amount: it reads the card's balance and limit and asks the bank to "
+            "debit your account.</p>"
+            f'<script type="application/json" id="svcard-load">{data}</script>')
+
+    # --- POST /v1/load/status/{txn} (step 892) ----------------------------------------------
+    async def status(self, request: Request) -> Response:
+        try:
+            txn_id = bytes.fromhex(request.path_params["txn"])
+        except ValueError:
+            return _reason(400, "the transaction id is not hex")
+        load = await self.sql(self.db.load, txn_id.hex())
+        if load is None:
+            return _reason(404, "no such load")
+        try:
+            msg = M.parse(L.BankConfirmation, await request.body(), "load confirmation")
+        except M.MessageError as exc:
+            return _reason(400, str(exc))
+        if msg.txn_id != txn_id:
+            return _reason(400, "the confirmation is for another load")
+        bank_id = self.config.bank_id
+        try:
+            conf = M.parse(L.LoadConfirmation, secure.open_sealed(
+                self.dk(txn_id), msg.confirmation, L.confirmation_aad(bank_id, txn_id),
+                "load confirmation"), "load confirmation")
+        except (secure.SealError, M.MessageError) as exc:
+            return _reason(400, f"forged confirmation: {exc}")
+        if (conf.bank_id, conf.txn_id, conf.amount, conf.card_serial.hex()) != (
+                bank_id, txn_id, load["amount"], load["card_serial"]):
+            return _reason(400, "the confirmation does not match the load")
+        if load["state"] != "debited":
+            return _reason(409, f"this load was already registered ({load['state']})")
+        loaded = conf.outcome == L.OUTCOME_LOADED
+        if not await self.sql(self.db.register, txn_id.hex(), loaded, conf.reason):
+            return _reason(409, "this load was already registered")
+        account = await self.sql(self.db.account, load["account_id"])
+        return JSONResponse({"registered": True, "outcome": "loaded" if loaded else
+                             "not loaded", "amount": load["amount"],
+                             "refunded": 0 if loaded else load["amount"],
+                             "reason": conf.reason,
+                             "account_balance": account["balance"] if account else None})
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"bank_id": self.config.bank_id.hex().upper()})
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/load", self.page, methods=["GET"]),
+            Route("/v1/load/start", self.start, methods=["POST"]),
+            Route("/v1/load/status/{txn}", self.status, methods=["POST"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+        ])
+
+
+@dataclass
+class _LoadOrder:
+    account: str
+    secret: str
+    amount: int
+    card_serial: bytes
+    balance: int
+    limit: int
+    currency_code: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _LoadOrder:
+        card = d["card"]
+        out = cls(str(d["account"]), str(d["secret"]), _int(d["amount"], "amount"),
+                  bytes.fromhex(str(card["serial"])), _int(card["balance"], "card.balance"),
+                  _int(card["limit"], "card.limit"), _int(card["currency_code"],
+                                                           "card.currency_code"))
+        if len(out.card_serial) != 10:
+            raise ValueError("card.serial has 10 bytes")
+        if out.amount <= 0:
+            raise ValueError("amount is a positive number of minor units")
+        return out
+
+
+def _int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} is an integer 0..4294967295 (minor units)")
+    return value
+

@@ -1,0 +1,258 @@
+"""Loading a card over the network (seed FIG. 17-18), from the client terminal.
+
+Read the card (balance, limit, currency, expiry), ask the bank to debit the account (step 872-
+875), INITIALIZE FOR LOAD while emulating the HSM's side and pack one load request (876-878),
+pass the load server's command to the card (881), return S3 (883), or on "not loaded" a new
+zero-value request (negative result handling), and carry the load server's confirmation to the
+bank (891). Every step is in the local journal first; :func:`resume_loads` finishes what an
+interruption left, asking the card itself (GET TRANSACTION PROVE, or a zero-value S1) what
+happened.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from svcard.host import apdus
+from svcard.host.client import PaymentRefused, _server_reason
+from svcard.host.journal import Journal
+from svcard.host.terminal import (
+    Declined,
+    TerminalCheckFailed,
+    call,
+    prove,
+    read_balance_limit,
+    select_purse,
+)
+from svcard.protocols import loadmsg as L
+from svcard.protocols import messages as M
+from svcard.protocols import purse as P
+from svcard.protocols import secure
+from svcard.protocols import sw as SW
+from svcard.reader import Reader
+
+KIND = "load"
+
+
+@dataclass
+class LoadOutcome:
+    txn_id: str
+    outcome: str                  # "loaded" | "not loaded"
+    amount: int
+    currency_exponent: int
+    balance_before: int
+    balance_after: int
+    reason: str
+    bank: dict[str, Any]
+    round_trips: int
+    resumed: bool = False
+    steps: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _LoadSession:
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.bank_id = bytes.fromhex(params["bank_id"])
+        self.txn_id = bytes.fromhex(params["txn_id"])
+        self.tsk = bytes.fromhex(params["tsk"])
+        self.etsk = bytes.fromhex(params["etsk"])
+        self.load_url = str(params["load_url"]).rstrip("/")
+        self.terminal_id = bytes.fromhex(params["terminal_id"])
+        self.amount = int(params["amount"])
+        self.round_trips = 0
+
+    def post(self, http: httpx.Client, path: str, msg_type: int, body: bytes) -> bytes:
+        request = M.seal_envelope(msg_type, self.bank_id, self.txn_id, self.etsk, self.tsk,
+                                  body)
+        self.round_trips += 1
+        response = http.post(self.load_url + path, content=request,
+                             headers={"Content-Type": "application/octet-stream"})
+        if response.status_code != 200:
+            raise PaymentRefused("load server", response.status_code, _server_reason(response))
+        env, header = M.split_envelope(response.content)
+        if (env.merchant_id, env.txn_id) != (self.bank_id, self.txn_id):
+            raise PaymentRefused("load server", 200, "answer for another transaction")
+        return secure.open_sealed(self.tsk, env.body, header, "load server answer")
+
+
+def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str, secret: str,
+               amount: int, when: dt.datetime | None = None) -> tuple[dict[str, Any], int]:
+    """Steps 871-874: read the card, have the bank debit the account. (params, card balance)"""
+    info = select_purse(card)
+    info.check_dates((when or dt.datetime.now()).date())
+    balance = int.from_bytes(call(card, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
+    limit = read_balance_limit(card)
+    page = http.get(bank_url, headers={"Accept": "application/json"})
+    if page.status_code != 200:
+        raise PaymentRefused("bank", page.status_code, _server_reason(page))
+    start_url = str(page.json()["start_url"])
+    response = http.post(start_url, json={
+        "account": account, "secret": secret, "amount": amount,
+        "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
+                 "limit": limit, "currency_code": info.currency_code or 0,
+                 "currency_exponent": info.currency_exponent or 0}})
+    if response.status_code != 200:
+        raise PaymentRefused("bank", response.status_code, _server_reason(response))
+    params: dict[str, Any] = response.json()
+    for key in ("amount", "load_url", "txn_id", "bank_id", "terminal_id", "bank_time",
+                "status_url", "tsk", "etsk"):
+        if key not in params:
+            raise TerminalCheckFailed(f"the bank's load parameters lack {key!r}")
+    if int(params["amount"]) != amount:
+        raise TerminalCheckFailed("the bank changed the amount")
+    return params, balance
+
+
+def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
+         journal: Journal, http: httpx.Client, when: dt.datetime | None = None) -> LoadOutcome:
+    if not 0 < amount <= 0xFFFFFFFF:
+        raise TerminalCheckFailed("a load is 1..4294967295 minor units")
+    params, balance = start_load(http, bank_url, card, account=account, secret=secret,
+                                 amount=amount, when=when)
+    s = _LoadSession(params)
+    s.round_trips += 2
+    txn = params["txn_id"]
+    info = select_purse(card)
+    journal.write(txn, "load-started", kind=KIND, params=params, card_serial=info.app_serial,
+                  balance=balance)
+    # 876: the card's answers to INITIALIZE FOR LOAD, packed into one load request
+    answer = card.exchange(apdus.initialize(P.INIT_LOAD, P.PURSE_EP, 1, amount,
+                                            s.terminal_id))
+    if not answer.ok:  # e.g. the limit: the bank was told otherwise. Nothing can load now.
+        journal.write(txn, "card-refused", card_sw=answer.sw)
+        return _negative(s, http, journal, card, info.app_serial, balance,
+                         f"the card refused INITIALIZE FOR LOAD: {answer.sw:04X} "
+                         f"({SW.meaning(answer.sw)})")
+    init = P.InitForLoadAnswer.parse(answer.data)
+    request = M.build(L.LoadRequest, {
+        "issuer_id": bytes.fromhex(info.issuer_id), "card_serial": info.serial_bytes,
+        "expiry_date": bytes.fromhex(info.expiry_date),
+        "currency_code": info.currency_code or 0, "amount": amount,
+        "txn_type": P.TYPE_EP_LOAD, "algorithm_id": init.algorithm_id,
+        "key_version": init.key_version, "online_counter": init.online_counter,
+        "balance": init.balance, "random": init.random, "s1": init.mac1,
+        "bank_time": int(params["bank_time"])})
+    journal.write(txn, "load-requested", counter=init.online_counter)
+    # 877-880: one load request, one load command
+    try:
+        command_bytes = s.post(http, "/v1/load/request", L.LOAD_REQUEST, request)
+    except PaymentRefused as exc:
+        if exc.status == 503:
+            raise
+        journal.write(txn, "request-refused", reason=exc.reason)
+        return _negative(s, http, journal, card, info.app_serial, init.balance,
+                         f"the load server refused the request: {exc.reason}")
+    command = M.parse(L.LoadCommand, command_bytes, "load command")
+    if command.amount != amount:
+        journal.write(txn, "command-refused", reason="amount changed in transit")
+        return _negative(s, http, journal, card, info.app_serial, init.balance,
+                         "the load command changed the amount: not passed to the card")
+    journal.write(txn, "load-command", s2=command.s2.hex(), date=command.date.hex(),
+                  time=command.time.hex())
+    # 881-882: the card checks S2, loads itself, answers S3
+    answer = card.exchange(apdus.credit_for_load(command.date, command.time, command.s2))
+    if not answer.ok:
+        journal.write(txn, "card-refused", card_sw=answer.sw)
+        return _negative(s, http, journal, card, info.app_serial, init.balance,
+                         f"the card did not load: {answer.sw:04X} ({SW.meaning(answer.sw)})")
+    journal.write(txn, "card-loaded", s3=answer.data.hex())
+    return _send_result(s, http, journal, L.RESULT_LOADED, answer.data, None, init.balance)
+
+
+def _negative(s: _LoadSession, http: httpx.Client, journal: Journal, card: Reader,
+              card_serial: str, balance: int, why: str) -> LoadOutcome:
+    """Negative result handling: a new zero-value load request with a new S1."""
+    select_purse(card)
+    init = P.InitForLoadAnswer.parse(call(
+        card, apdus.initialize(P.INIT_LOAD, P.PURSE_EP, 1, 0, s.terminal_id),
+        "INITIALIZE FOR LOAD (zero value)"))
+    card.exchange(apdus.select(P.DEFAULT_IEP_AID))  # end the zero-value session unused
+    journal.write(s.params["txn_id"], "negative", why=why)
+    return _send_result(s, http, journal, L.RESULT_NOT_LOADED, bytes(4), init, balance)
+
+
+def _send_result(s: _LoadSession, http: httpx.Client, journal: Journal, result: int,
+                 s3: bytes, zero: Any, balance: int) -> LoadOutcome:
+    txn = s.params["txn_id"]
+    body = M.build(L.LoadResult, {
+        "result": result, "card_sw": SW.OK if result == L.RESULT_LOADED else 0x6985,
+        "s3": s3, "online_counter": zero.online_counter if zero else 0,
+        "balance": zero.balance if zero else 0, "random": zero.random if zero else bytes(4),
+        "s1": zero.mac1 if zero else bytes(4)})
+    answer = M.parse(L.LoadAnswer, s.post(http, "/v1/load/result", L.LOAD_RESULT, body),
+                     "load answer")
+    journal.write(txn, "load-confirmed", confirmation=answer.confirmation.hex(),
+                  outcome=answer.outcome, reason=answer.reason)
+    return _register(s, http, journal, answer.outcome, answer.reason, answer.confirmation,
+                     balance)
+
+
+def _register(s: _LoadSession, http: httpx.Client, journal: Journal, outcome: int, reason: str,
+              confirmation: bytes, balance: int) -> LoadOutcome:
+    """Step 891: carry the confirmation to the bank's status URL."""
+    txn = s.params["txn_id"]
+    s.round_trips += 1
+    response = http.post(s.params["status_url"], content=M.build(L.BankConfirmation, {
+        "version": M.VERSION, "txn_id": s.txn_id, "confirmation": confirmation}),
+        headers={"Content-Type": "application/octet-stream"})
+    try:
+        bank = response.json()
+    except ValueError:
+        bank = {"reason": response.text[:200]}
+    if response.status_code != 200:
+        if response.status_code == 409:  # registered before an interruption
+            journal.write(txn, "load-done", bank=bank)
+        else:
+            raise PaymentRefused("bank", response.status_code, str(bank.get("reason")))
+    else:
+        journal.write(txn, "load-done", bank=bank)
+    loaded = outcome == L.OUTCOME_LOADED
+    return LoadOutcome(
+        txn_id=txn, outcome="loaded" if loaded else "not loaded", amount=s.amount,
+        currency_exponent=int(s.params.get("currency_exponent", 0)), balance_before=balance,
+        balance_after=balance + (s.amount if loaded else 0), reason=reason, bank=bank,
+        round_trips=s.round_trips)
+
+
+def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[str, Any]]:
+    """Finish every unfinished load of this card in the journal, asking the card what happened."""
+    info = select_purse(card)
+    report = []
+    for entry in journal.unfinished(info.app_serial):
+        if entry.get("kind") != KIND:
+            continue
+        txn, state = entry["txn_id"], entry["state"]
+        s = _LoadSession(entry["params"])
+        balance = int(entry.get("balance", 0))
+        try:
+            if state == "load-confirmed":
+                outcome = _register(s, http, journal, int(entry["outcome"]), entry["reason"],
+                                    bytes.fromhex(entry["confirmation"]), balance)
+            elif state == "card-loaded":
+                outcome = _send_result(s, http, journal, L.RESULT_LOADED,
+                                       bytes.fromhex(entry["s3"]), None, balance)
+            elif state == "load-command":
+                # did the card load itself? Its proof of this very load says so.
+                proof = prove(card, P.TYPE_EP_LOAD, int(entry["counter"]))
+                if proof is not None and proof[0] == bytes.fromhex(entry["s2"]):
+                    journal.write(txn, "card-loaded", s3=proof[1].hex(), proven=True)
+                    outcome = _send_result(s, http, journal, L.RESULT_LOADED, proof[1], None,
+                                           balance)
+                else:
+                    outcome = _negative(s, http, journal, card, info.app_serial, balance,
+                                        "interrupted; the card has no proof of this load")
+            else:  # started, requested, or refused before the card had S2: never loaded
+                outcome = _negative(s, http, journal, card, info.app_serial, balance,
+                                    f"interrupted at {state}: the card never saw S2")
+        except (PaymentRefused, Declined) as exc:
+            report.append({"txn_id": txn, "outcome": f"still open: {exc}"})
+            continue
+        report.append({"txn_id": txn, "outcome": outcome.outcome, "reason": outcome.reason})
+    return report

@@ -1,0 +1,391 @@
+"""The load server (seed FIG. 17-18, steps 877-892 and 895-899).
+
+``POST /v1/load/request`` takes the client's packed load request (S1, card, expiry, amount,
+algorithm, counter, balance, bank time stamp), checks it against the bank's sealed ticket, logs
+it, has the HSM verify S1 and make S2, logs S2 and answers the load command.
+``POST /v1/load/result`` takes the card's answer: S3 (the HSM verifies it) or a negative result
+with a new zero-value S1, which the HSM checks against what a failed load would have produced
+(seed: "the load server determines if the transaction counter in the zero value load equals
+the transaction counter in the previous request ..."). Either way it logs the decision and
+answers a confirmation sealed for the bank.
+
+Every refusal is a 4xx with a binary error message and the reason in ``X-Svcard-Reason``; no
+HSM free in time is 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from svcard.host import apdus
+from svcard.host.db import DuplicateError
+from svcard.host.loaddb import LoadDb, make_engine
+from svcard.host.payment_server import OCTETS, Refused, refusal
+from svcard.host.terminal import Declined, call
+from svcard.protocols import loadmsg as L
+from svcard.protocols import messages as M
+from svcard.protocols import purse as P
+from svcard.protocols import secure
+from svcard.protocols import sw as SW
+from svcard.reader import Reader
+
+T = TypeVar("T")
+
+
+@dataclass
+class BankAccount:
+    """A bank the load server serves, with the key they share (never printed)."""
+
+    bank_id: bytes
+    shared_key: bytes
+
+    def __repr__(self) -> str:
+        return f"BankAccount({self.bank_id.hex()})"
+
+
+@dataclass
+class LoadConfig:
+    banks: dict[bytes, BankAccount]
+    terminal_id: bytes
+    db_url: str = "sqlite:///loads.db"
+    acquire_timeout: float = 2.0
+    clock: Any = field(default=dt.datetime.now)
+
+
+class HsmPool:
+    """HSMs (any reader spec), one command sequence each at a time, each on its own thread."""
+
+    def __init__(self, readers: list[Reader], aid: bytes = P.DEFAULT_HSM_AID) -> None:
+        if not readers:
+            raise ValueError("a load server needs at least one HSM")
+        self.readers = readers
+        self.aid = aid
+        self.executors = [ThreadPoolExecutor(1, thread_name_prefix=f"hsm{i}")
+                          for i in range(len(readers))]
+        self._idle: asyncio.Queue[int] | None = None
+
+    def _open(self, reader: Reader) -> None:
+        reader.connect()
+        call(reader, apdus.select(self.aid), "SELECT HSM")
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(e, self._open, r)
+                               for e, r in zip(self.executors, self.readers, strict=True)))
+        self._idle = asyncio.Queue()
+        for i in range(len(self.readers)):
+            self._idle.put_nowait(i)
+
+    async def run(self, fn: Callable[[Reader], T], timeout: float) -> T:
+        assert self._idle is not None, "start the pool first"
+        try:
+            index = await asyncio.wait_for(self._idle.get(), timeout)
+        except TimeoutError:
+            raise Refused(503, 503, f"no HSM free within {timeout:g} s; retry",
+                          {"Retry-After": "1"}) from None
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executors[index], fn, self.readers[index])
+        finally:
+            self._idle.put_nowait(index)
+
+    def close(self) -> None:
+        for executor, reader in zip(self.executors, self.readers, strict=True):
+            try:
+                executor.submit(reader.disconnect).result(timeout=10)
+            finally:
+                executor.shutdown(wait=False)
+
+
+@dataclass
+class OpenedLoad:
+    env: Any
+    bank: BankAccount
+    dk: bytes
+    ticket: Any
+    body: Any
+    digest: str
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class LoadServer:
+    def __init__(self, config: LoadConfig, hsm_readers: list[Reader]) -> None:
+        self.config = config
+        self.hsms = HsmPool(hsm_readers)
+        self.db = LoadDb(make_engine(config.db_url))
+        self._sql_executor = (ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+                              if config.db_url.startswith("sqlite") else None)
+
+    async def sql(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._sql_executor is None:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._sql_executor, lambda: fn(*args, **kwargs))
+
+    # --- opening and answering --------------------------------------------------------------
+    def open(self, data: bytes, msg_type: int, layout: Any, what: str) -> OpenedLoad:
+        try:
+            env, header = M.split_envelope(data)
+        except M.MessageError as exc:
+            raise Refused(400, 400, str(exc)) from None
+        if env.msg_type != msg_type:
+            raise Refused(400, 400, f"expected message type {msg_type}, got {env.msg_type}")
+        bank = self.config.banks.get(env.merchant_id)
+        if bank is None:
+            raise Refused(403, 403, f"unknown bank {env.merchant_id.hex()}")
+        dk = secure.derive_key(bank.shared_key, env.merchant_id, env.txn_id)
+        try:
+            ticket = M.parse(L.LoadTicket, secure.open_sealed(
+                dk, env.etsk, L.ticket_aad(env.merchant_id, env.txn_id), "load ticket"),
+                "load ticket")
+            plain = secure.open_sealed(ticket.tsk, env.body, header, "message body")
+            body = M.parse(layout, plain, what)
+        except (secure.SealError, M.MessageError) as exc:
+            raise Refused(400, 401, str(exc)) from None
+        return OpenedLoad(env, bank, dk, ticket, body, _digest(plain))
+
+    def sealed(self, o: OpenedLoad, msg_type: int, body: bytes) -> Response:
+        return Response(M.seal_envelope(msg_type, o.env.merchant_id, o.env.txn_id, o.env.etsk,
+                                        o.ticket.tsk, body), media_type=OCTETS)
+
+    @staticmethod
+    async def answer(handler: Callable[[bytes], Any], request: Request) -> Response:
+        try:
+            response: Response = await handler(await request.body())
+            return response
+        except Refused as exc:
+            return refusal(exc)
+
+    # --- POST /v1/load/request (steps 878-880, 895-899) ------------------------------------
+    async def load_request(self, request: Request) -> Response:
+        return await self.answer(self._load_request, request)
+
+    async def _load_request(self, data: bytes) -> Response:
+        o = self.open(data, L.LOAD_REQUEST, L.LoadRequest, "load request")
+        t, r = o.ticket, o.body
+        # 895: edit the request for correctness against what the bank debited
+        if t.expires < time.time():
+            raise Refused(400, 410, "the bank's load order has expired")
+        if r.amount != t.amount:
+            raise Refused(400, 402, f"the amount {r.amount} differs from the bank's "
+                                    f"({t.amount}): changed in transit")
+        if r.card_serial != t.card_serial:
+            raise Refused(400, 400, "the bank priced this load for another card")
+        if r.currency_code != t.currency_code:
+            raise Refused(400, 400, "the card's currency is not the bank's")
+        if r.bank_time != t.bank_time:
+            raise Refused(400, 400, "the bank time stamp differs from the bank's order")
+        if t.terminal_id != self.config.terminal_id:
+            raise Refused(400, 400, "the bank's order names another load terminal id")
+        if r.txn_type not in (P.TYPE_EP_LOAD, P.TYPE_ED_LOAD):
+            raise Refused(400, 400, f"transaction type {r.txn_type:02X} is not a load")
+        now = self.config.clock()
+        if P.parse_bcd_date(r.expiry_date) < now.date():
+            raise Refused(403, 403, "the card has expired")
+        bank_hex, txn_hex = o.env.merchant_id.hex(), o.env.txn_id.hex()
+        existing = await self.sql(self.db.get, bank_hex, txn_hex)
+        if existing is not None:
+            if existing["request_digest"] != o.digest:
+                raise Refused(409, 409, "replayed load request: this transaction already has "
+                                        "another request")
+            if existing["state"] == "authorized" and existing["command"] is not None:
+                return self.sealed(o, L.LOAD_COMMAND, existing["command"])  # a lost answer
+            raise Refused(409, 409, f"the load is already {existing['state']}"
+                                    + (f" ({existing['reason']})" if existing["reason"] else ""))
+        try:
+            row_id = await self.sql(self.db.insert, {
+                "bank_id": bank_hex, "txn_id": txn_hex, "state": "received", "reason": "",
+                "amount": r.amount, "currency_code": r.currency_code,
+                "issuer_id": r.issuer_id.hex(), "card_serial": r.card_serial.hex(),
+                "online_counter": r.online_counter, "balance": r.balance,
+                "txn_type": r.txn_type, "key_version": r.key_version,
+                "algorithm_id": r.algorithm_id, "random": r.random.hex(), "s1": r.s1.hex(),
+                "request_digest": o.digest})
+        except DuplicateError:
+            raise Refused(409, 409, "replayed S1: this card signature was already "
+                                    "presented") from None
+        # 897-899: the HSM verifies S1 and makes S2
+        date, clock = P.bcd_date(now.date()), P.bcd_time(now)
+        fields = self._hsm_fields(r, r.online_counter, r.balance, r.amount, r.random, r.s1,
+                                  date, clock)
+        try:
+            s2 = await self.hsms.run(lambda hsm: call(hsm, apdus.hsm_authorize_load(fields),
+                                                      "HSM AUTHORIZE LOAD"),
+                                     self.config.acquire_timeout)
+        except Declined as exc:
+            reason = ("S1 does not verify: not a genuine card, or the request was changed"
+                      if exc.sw == SW.MAC_INVALID else f"the HSM refused: {exc}")
+            await self.sql(self.db.set, row_id, state="refused", reason=reason)
+            raise Refused(400, 401, reason) from None
+        except Refused as exc:
+            await self.sql(self.db.set, row_id, state="refused", reason=exc.reason)
+            raise
+        command = M.build(L.LoadCommand, {"amount": r.amount, "date": date, "time": clock,
+                                          "s2": s2})
+        await self.sql(self.db.authorize, row_id, r.card_serial.hex(), r.online_counter,
+                       txn_date=date.hex(), txn_time=clock.hex(), s2=s2.hex(), command=command)
+        return self.sealed(o, L.LOAD_COMMAND, command)
+
+    def _hsm_fields(self, r: Any, counter: int, balance: int, amount: int, random: bytes,
+                    s1: bytes, date: bytes, clock: bytes) -> dict[str, Any]:
+        return {"issuer_id": r.issuer_id, "card_serial": r.card_serial[-8:],
+                "key_version": r.key_version, "algorithm_id": r.algorithm_id,
+                "balance": balance, "amount": amount, "txn_type": r.txn_type,
+                "terminal_id": self.config.terminal_id, "online_counter": counter,
+                "random": random, "s1": s1, "date": date, "time": clock}
+
+    # --- POST /v1/load/result (steps 883-890 and the negative result) ----------------------
+    async def load_result(self, request: Request) -> Response:
+        return await self.answer(self._load_result, request)
+
+    async def _load_result(self, data: bytes) -> Response:
+        o = self.open(data, L.LOAD_RESULT, L.LoadResult, "load result")
+        res = o.body
+        bank_hex, txn_hex = o.env.merchant_id.hex(), o.env.txn_id.hex()
+        row = await self.sql(self.db.get, bank_hex, txn_hex)
+        if row is None:
+            # the request never reached us: no S2 was issued, so no card was loaded by it
+            if res.result != L.RESULT_NOT_LOADED:
+                raise Refused(404, 404, "no such load: a 'loaded' result needs a request first")
+            row_id = await self._insert_unrequested(o)
+            row = await self.sql(self.db.get, bank_hex, txn_hex)
+            assert row is not None and row["id"] == row_id
+        if row["answer"] is not None:
+            if row["result_digest"] == o.digest:
+                return self.sealed(o, L.LOAD_ANSWER, row["answer"])  # an idempotent retry
+            raise Refused(409, 409, f"replayed load result: the load is already {row['state']}")
+        if row["state"] == "received":
+            raise Refused(409, 409, "the load request is still with the HSM; retry",
+                          {"Retry-After": "1"})
+        if row["state"] in ("refused", "not_loaded"):
+            # no S2 was ever issued (or the card counter moved on): nothing was loaded
+            outcome, reason = L.OUTCOME_NOT_LOADED, row["reason"] or "no S2 was issued"
+            return await self._decide(o, row, outcome, reason, bytes(4))
+        if res.result == L.RESULT_LOADED:
+            fields = {"issuer_id": bytes.fromhex(row["issuer_id"]),
+                      "card_serial": bytes.fromhex(row["card_serial"])[-8:],
+                      "balance_after": row["balance"] + row["amount"],
+                      "online_counter": row["online_counter"], "amount": row["amount"],
+                      "txn_type": row["txn_type"], "terminal_id": self.config.terminal_id,
+                      "date": bytes.fromhex(row["txn_date"]),
+                      "time": bytes.fromhex(row["txn_time"]), "s3": res.s3}
+            answer = await self.hsms.run(
+                lambda hsm: hsm.exchange(apdus.hsm_verify_load_tac(fields)),
+                self.config.acquire_timeout)
+            if answer.sw == SW.MAC_INVALID:
+                raise Refused(400, 401, "S3 does not verify: not the card's answer to this "
+                                        "load")
+            if not answer.ok:
+                raise Refused(400, 400, f"the HSM refused S3: {answer.sw:04X}")
+            return await self._decide(o, row, L.OUTCOME_LOADED, "loaded", res.s3)
+        if res.result != L.RESULT_NOT_LOADED:
+            raise Refused(400, 400, f"unknown result code {res.result}")
+        outcome, reason = await self._negative_result(row, res)
+        return await self._decide(o, row, outcome, reason, bytes(4))
+
+    async def _negative_result(self, row: dict[str, Any], res: Any) -> tuple[int, str]:
+        """The card says "not loaded". The client is not trusted: its new zero-value S1 is
+        checked against the counter and balance a failed load leaves (the original ones),
+        then against those a completed load leaves (counter + 1, balance + amount)."""
+        same = res.online_counter == row["online_counter"]
+        case = "counters equal" if same else "counters differ"
+        request = _RowRequest(row)
+
+        async def s1_matches(counter: int, balance: int) -> bool:
+            fields = self._hsm_fields(request, counter, balance, 0, res.random, res.s1,
+                                      bytes(4), bytes(3))
+            answer = await self.hsms.run(
+                lambda hsm: hsm.exchange(apdus.hsm_authorize_load(fields, verify_only=True)),
+                self.config.acquire_timeout)
+            if answer.sw not in (SW.OK, SW.MAC_INVALID):
+                raise Refused(400, 400, f"the HSM refused the new S1: {answer.sw:04X}")
+            return answer.ok
+
+        if await s1_matches(row["online_counter"], row["balance"]):
+            return L.OUTCOME_NOT_LOADED, f"not loaded: the new S1 is the card's in its " \
+                                         f"pre-load state ({case})"
+        if await s1_matches(row["online_counter"] + 1, row["balance"] + row["amount"]):
+            return L.OUTCOME_LOADED, f"loaded: the card reported 'not loaded' but its new S1 " \
+                                     f"proves the load happened ({case})"
+        raise Refused(400, 401, "the new S1 matches neither a failed nor a completed load: "
+                                "undecided, the load stays open")
+
+    async def _insert_unrequested(self, o: OpenedLoad) -> int:
+        t = o.ticket
+        try:
+            return await self.sql(self.db.insert, {
+                "bank_id": o.env.merchant_id.hex(), "txn_id": o.env.txn_id.hex(),
+                "state": "refused", "reason": "never requested: no S2 was issued",
+                "amount": t.amount, "currency_code": t.currency_code,
+                "card_serial": t.card_serial.hex()})
+        except DuplicateError:  # a concurrent retry inserted it
+            row = await self.sql(self.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
+            assert row is not None
+            return int(row["id"])
+
+    async def _decide(self, o: OpenedLoad, row: dict[str, Any], outcome: int, reason: str,
+                      s3: bytes) -> Response:
+        confirmation = secure.seal(o.dk, M.build(L.LoadConfirmation, {
+            "version": M.VERSION, "outcome": outcome, "bank_id": o.env.merchant_id,
+            "txn_id": o.env.txn_id, "amount": row["amount"],
+            "card_serial": bytes.fromhex(row["card_serial"]),
+            "online_counter": row["online_counter"] or 0, "s3": s3, "reason": reason[:200]}),
+            L.confirmation_aad(o.env.merchant_id, o.env.txn_id))
+        answer = M.build(L.LoadAnswer, {"outcome": outcome, "reason": reason[:200],
+                                        "confirmation": confirmation})
+        state = "loaded" if outcome == L.OUTCOME_LOADED else "not_loaded"
+        try:
+            await self.sql(self.db.set, row["id"], state=state, reason=reason[:200],
+                           s3=s3.hex() if outcome == L.OUTCOME_LOADED else None,
+                           result_digest=o.digest, answer=answer)
+        except DuplicateError:
+            raise Refused(409, 409, "this card counter was already loaded once") from None
+        return self.sealed(o, L.LOAD_ANSWER, answer)
+
+    # --- GET /v1/health ---------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"hsms": len(self.hsms.readers),
+                             "terminal_id": self.config.terminal_id.hex().upper()})
+
+    def app(self) -> Starlette:
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            await asyncio.to_thread(self.db.recover)
+            await self.hsms.start()
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(self.hsms.close)
+
+        return Starlette(routes=[
+            Route("/v1/load/request", self.load_request, methods=["POST"]),
+            Route("/v1/load/result", self.load_result, methods=["POST"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+        ], lifespan=lifespan)
+
+
+class _RowRequest:
+    """The parts of the original load request the HSM needs, as the log kept them."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.issuer_id = bytes.fromhex(row["issuer_id"])
+        self.card_serial = bytes.fromhex(row["card_serial"])
+        self.key_version = int(row["key_version"])
+        self.algorithm_id = int(row["algorithm_id"])
+        self.txn_type = int(row["txn_type"])
