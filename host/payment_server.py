@@ -29,7 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from svcard.host import apdus
-from svcard.host.paydb import DuplicateError, PaymentDb, make_engine
+from svcard.host.db import DuplicateError
+from svcard.host.paydb import PaymentDb, make_engine
 from svcard.host.psam_pool import PooledPsam, PoolExhausted, PsamPool
 from svcard.host.terminal import Declined, call
 from svcard.protocols import messages as M

@@ -1,4 +1,4 @@
-"""TOML configuration of the payment and merchant servers (``svcard serve ...``)."""
+"""TOML configuration of the payment, merchant, bank and load servers (``svcard serve ...``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from svcard.host.bank_server import BankConfig
+from svcard.host.load_server import BankAccount, LoadConfig
 from svcard.host.merchant_server import MerchantConfig
 from svcard.host.payment_server import MerchantAccount, PaymentConfig
 from svcard.protocols import messages as M
@@ -69,5 +71,36 @@ def merchant_config(path: Path) -> MerchantConfig:
             public_url=str(d.get("public_url", "http://127.0.0.1:8081")),
             currency_code=int(d.get("currency_code", 156)),
             currency_exponent=int(d.get("currency_exponent", 2)), default_variant=variant)
+    except KeyError as exc:
+        raise ConfigError(f"{path}: missing {exc}") from None
+
+
+def load_config(path: Path, db_url: str | None = None) -> LoadConfig:
+    data = _read(path)
+    banks = {}
+    for i, b in enumerate(data.get("bank", [])):
+        where = f"{path}: bank[{i}]"
+        bank_id = _hex(b.get("id"), 8, f"{where}.id")
+        banks[bank_id] = BankAccount(bank_id, _hex(b.get("shared_key"), 32,
+                                                   f"{where}.shared_key"))
+    if not banks:
+        raise ConfigError(f"{path}: no [[bank]]: the load server would refuse everyone")
+    return LoadConfig(banks, _hex(data.get("terminal_id"), 6, "terminal_id"),
+                      db_url=db_url or str(data.get("db", "sqlite:///loads.db")),
+                      acquire_timeout=float(data.get("acquire_timeout", 2.0)))
+
+
+def bank_config(path: Path, db_url: str | None = None) -> BankConfig:
+    d = _read(path)
+    try:
+        return BankConfig(
+            bank_id=_hex(d.get("bank_id"), 8, "bank_id"),
+            shared_key=_hex(d.get("shared_key"), 32, "shared_key"),
+            load_url=str(d["load_url"]),
+            terminal_id=_hex(d.get("terminal_id"), 6, "terminal_id"),
+            db_url=db_url or str(d.get("db", "sqlite:///bank.db")),
+            public_url=str(d.get("public_url", "http://127.0.0.1:8083")),
+            currency_code=int(d.get("currency_code", 156)),
+            currency_exponent=int(d.get("currency_exponent", 2)))
     except KeyError as exc:
         raise ConfigError(f"{path}: missing {exc}") from None

@@ -70,3 +70,47 @@ def test_card_counter_reuse_voids_on_postgresql(cluster: Cluster, tmp_path: Path
         assert stack.payment_server.db.counts() == {"voided": 1, "confirmed": 1}
     finally:
         stack.close()
+
+
+def test_loads_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
+    """Bank and load server databases on PostgreSQL: a load, then a "not loaded" refund."""
+    from svcard.host import load_client as LC
+    from svcard.host.stack import start_load_stack
+    from svcard.protocols import purse as P
+
+    stack = start_load_stack(tmp_path / "load", bank_db=cluster.new_database(),
+                             load_db=cluster.new_database())
+    try:
+        stack.account("alice", 10_000, "pw")
+        card = card_image(tmp_path, ep=0)
+        journal = Journal(tmp_path / "j.jsonl")
+        with httpx.Client(timeout=30) as http:
+            with open_reader(f"virtual:{card}") as reader:
+                out = LC.load(stack.bank_url, reader, account="alice", secret="pw",
+                              amount=4_000, journal=journal, http=http)
+            assert out.outcome == "loaded"
+
+            class Refusing(Exception):
+                pass
+
+            with open_reader(f"virtual:{card}") as reader:
+                real = reader.exchange
+
+                def no_credit(apdu: bytes) -> object:
+                    if apdu[:2] == bytes([P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD]):
+                        raise Refusing()
+                    return real(apdu)
+
+                reader.exchange = no_credit  # type: ignore[method-assign,assignment]
+                with pytest.raises(Refusing):
+                    LC.load(stack.bank_url, reader, account="alice", secret="pw",
+                            amount=1_000, journal=journal, http=http)
+            with open_reader(f"virtual:{card}") as reader:
+                report = LC.resume_loads(reader, journal=journal, http=http)
+            assert [r["outcome"] for r in report] == ["not loaded"]
+        assert read_image(card)["app"]["ep"]["balance"] == 4_000
+        assert stack.bank_server.db.totals() == {"confirmed": 4_000, "refunded": 1_000,
+                                                 "accounts": 6_000}
+        assert str(stack.load_server.db.engine.url).startswith("postgresql+psycopg")
+    finally:
+        stack.close()
