@@ -78,3 +78,9 @@ def hsm_verify_load_tac(fields: dict[str, object]) -> bytes:
 
 def get_data(tag: int) -> bytes:
     return build_command(P.CLA_PBOC, P.INS_GET_DATA, tag >> 8, tag & 0xFF, b"", 256)
+
+
+def read_batch_record(batch: int, index: int) -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_SAM_READ_BATCH_RECORD, 0, 0,
+                         P.ReadBatchRecordData.build({"batch": batch, "index": index}),
+                         P.PSAM_RECORD_SIZE)

@@ -56,6 +56,7 @@ class PaymentOutcome:
     round_trips: int
     steps: list[str] = field(default_factory=list)
     resumed: bool = False
+    proof_uploads: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,6 +87,7 @@ class _Session:
         self.variant = M.VARIANTS[params["variant"]]
         self.payment_url = params["payment_url"].rstrip("/")
         self.round_trips = 0
+        self.proof_uploads = 0     # FIG. 7/8: after the goods, not on the purchase's path
 
     def post(self, http: httpx.Client, path: str, msg_type: int, body: bytes) -> bytes:
         request = M.seal_envelope(msg_type, self.merchant_id, self.txn_id, self.etsk, self.tsk,
@@ -209,12 +211,29 @@ def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2:
         journal.write(txn, "refused", reason=body.get("reason", response.text[:200]))
         raise PaymentRefused("merchant", response.status_code,
                              body.get("reason", response.text[:200]))
+    journal.write(txn, "goods", goods=body.get("goods"))
+    if s.variant in (M.FIG7_CLIENT_COMPARES, M.FIG8_MERCHANT_COMPARES):
+        _send_proof(s, http, mac2, tac)
     journal.write(txn, "done", goods=body.get("goods"))
     return PaymentOutcome(
         txn_id=txn, variant=s.params["variant"], amount=amount,
         currency_exponent=int(s.params.get("currency_exponent", 0)), balance_before=0,
         balance_after=0, goods=str(body.get("goods")), item=str(body.get("item", "")),
-        receipt=body.get("receipt", {}), round_trips=s.round_trips)
+        receipt=body.get("receipt", {}), round_trips=s.round_trips,
+        proof_uploads=s.proof_uploads)
+
+
+def _send_proof(s: _Session, http: httpx.Client, mac2: bytes, tac: bytes) -> None:
+    """FIG. 7/8, after the goods: the card's MAC2 and TAC to the payment server, for clearing
+    (the PSAM was released before the card answered, so only the client has them)."""
+    request = M.seal_envelope(M.DEBIT_PROOF, s.merchant_id, s.txn_id, s.etsk, s.tsk,
+                              M.build(M.DebitResponse, {"card_sw": SW.OK, "tac": tac,
+                                                        "mac2": mac2}))
+    s.proof_uploads += 1
+    response = http.post(s.payment_url + "/v1/proof", content=request,
+                         headers={"Content-Type": "application/octet-stream"})
+    if response.status_code != 204:
+        raise PaymentRefused("payment server", response.status_code, _server_reason(response))
 
 
 def resume(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[str, Any]]:
@@ -226,6 +245,11 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[s
             continue  # loads: see svcard.host.load_client.resume_loads
         txn, state = entry["txn_id"], entry["state"]
         s = _Session(entry["params"])
+        if state == "goods":  # paid and released; the proof for clearing did not go out
+            _send_proof(s, http, bytes.fromhex(entry["mac2"]), bytes.fromhex(entry["tac"]))
+            journal.write(txn, "done")
+            report.append({"txn_id": txn, "outcome": "completed (proof sent)"})
+            continue
         if state == "draw":  # the card never saw a DEBIT
             journal.write(txn, "abandoned", reason="interrupted before the card was debited")
             report.append({"txn_id": txn, "outcome": "abandoned: never debited"})
@@ -246,6 +270,8 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[s
             outcome = _finish(s, http, journal, debit, mac2, tac)
         except PaymentRefused as exc:
             if exc.who == "merchant" and exc.status == 409:  # released before the interruption
+                if s.variant in (M.FIG7_CLIENT_COMPARES, M.FIG8_MERCHANT_COMPARES):
+                    _send_proof(s, http, mac2, tac)
                 journal.write(txn, "done", reason=exc.reason)
                 report.append({"txn_id": txn, "outcome": "completed earlier"})
                 continue

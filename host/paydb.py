@@ -87,6 +87,12 @@ class PaymentDb:
                                                       payments.c.txn_id == txn_id)).first()
         return dict(row._mapping) if row is not None else None
 
+    def by_psam_ttn(self, psam_id: str, ttn: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(payments).where(payments.c.psam_id == psam_id,
+                                                      payments.c.ttn == ttn)).first()
+        return dict(row._mapping) if row is not None else None
+
     def insert_received(self, values: dict[str, Any]) -> int:
         """Void unfinished payments of the same card counter, then record the draw."""
         stamp = now_ms()

@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
+import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -58,6 +61,8 @@ class PaymentConfig:
     db_url: str = "sqlite:///payments.db"
     acquire_timeout: float = 2.0
     hold_timeout: float = 30.0       # FIG. 5: how long a PSAM waits for the card's answer
+    admin_token: str = field(default="", repr=False)  # for POST /v1/batches/close
+    concentration_dir: str = ""      # where closed batches are handed to the concentration point
     clock: Any = field(default=dt.datetime.now)
 
 
@@ -349,6 +354,68 @@ class PaymentServer:
                       tac=r.tac.hex(), response_digest=response_digest, result=body)
         return self.sealed(o, M.PAYMENT_RESULT, body)
 
+    # --- POST /v1/proof (FIG. 7 and 8, after the goods) -----------------------------------
+    async def proof(self, request: Request) -> Response:
+        return await self.answer(self._proof, request)
+
+    async def _proof(self, data: bytes) -> Response:
+        """The card's MAC2 and TAC of an early-released purchase, so clearing can check the
+        card's TAC. Off the purchase's critical path: the goods are already released."""
+        o, r = self.open_message(data, M.DEBIT_PROOF, M.DebitResponse, "debit proof")
+        row = await self.sql(self.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
+        if row is None:
+            raise Refused(404, 404, "no such transaction")
+        if row["state"] == "confirmed" and row["tac"] == r.tac.hex():
+            return Response(b"", status_code=204)  # an idempotent retry
+        if row["state"] != "released":
+            raise Refused(409, 409, f"the transaction is {row['state']}")
+        if r.card_sw != SW.OK or r.mac2 != bytes.fromhex(row["expected_mac2"]):
+            raise Refused(400, 401, "the card's MAC2 is not the one the PSAM expected")
+        await self.sql(self.db.set, row["id"], state="confirmed", card_mac2=r.mac2.hex(),
+                       tac=r.tac.hex(), reason="paid")
+        return Response(b"", status_code=204)
+
+    # --- POST /v1/batches/close (concentration point hand-off) ------------------------------
+    async def close_batches(self, request: Request) -> Response:
+        token = self.config.admin_token
+        if not token or request.headers.get("authorization") != f"Bearer {token}":
+            return JSONResponse({"reason": "admin token required"}, status_code=403)
+        if not self.config.concentration_dir:
+            return JSONResponse({"reason": "no concentration_dir configured"},
+                                status_code=409)
+        written = []
+        for psam in list(self.pool.psams):
+            await self.pool.acquire_this(psam, self.config.acquire_timeout * 10)
+            try:
+                batch = await self.pool.run(psam, collect_batch)
+            finally:
+                self.pool.release(psam)
+            if batch is None:
+                continue
+            path = await self.sql(self._write_batch, psam, batch)
+            written.append(path)
+        return JSONResponse({"batches": written})
+
+    def _write_batch(self, psam: PooledPsam, batch: dict[str, Any]) -> str:
+        """The batch as the PSAM closed it, with the card proofs the database holds for its
+        early-released records (their PSAM record has no TAC)."""
+        proofs = {}
+        for i, raw in enumerate(batch["records"]):
+            rec = P.PsamRecord.parse(bytes.fromhex(raw))
+            if rec.tac == bytes(4):
+                row = self.db.by_psam_ttn(psam.psam_id.hex(), rec.terminal_txn_number)
+                if row is not None and row["tac"] and row["state"] == "confirmed":
+                    proofs[str(i)] = row["tac"]
+        batch = {**batch, "psam_id": psam.psam_id.hex().upper(), "proofs": proofs}
+        folder = Path(self.config.concentration_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = (f"batch-{batch['terminal_id']}-{batch['psam_id']}-"
+                f"{batch['batch_number']:06d}.json")
+        tmp = folder / (name + ".tmp")
+        tmp.write_text(json.dumps(batch, indent=1))
+        os.replace(tmp, folder / name)
+        return str(folder / name)
+
     async def health(self, request: Request) -> Response:
         return JSONResponse({"psams": len(self.pool.psams), "idle": self.pool.idle,
                              "terminal_id": self.pool.terminal_id.hex().upper()})
@@ -369,5 +436,24 @@ class PaymentServer:
         return Starlette(routes=[
             Route("/v1/draw", self.draw, methods=["POST"]),
             Route("/v1/debit-response", self.debit_response, methods=["POST"]),
+            Route("/v1/proof", self.proof, methods=["POST"]),
+            Route("/v1/batches/close", self.close_batches, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
         ], lifespan=lifespan)
+
+
+def collect_batch(reader: Reader) -> dict[str, Any] | None:
+    """Close the PSAM's open batch and read its records back (None if it was empty: an empty
+    batch is closed anyway, so batch numbers stay in step)."""
+    answer = P.BatchCloseAnswer.parse(call(reader, bytes.fromhex("807E000000"),
+                                           "PSAM CLOSE BATCH"))
+    records = []
+    for index in range(answer.record_count):
+        records.append(call(reader, apdus.read_batch_record(1, index),
+                            "PSAM READ BATCH RECORD").hex().upper())
+    if not records:
+        return None
+    return {"terminal_id": answer.terminal_id.hex().upper(),
+            "batch_number": answer.batch_number, "record_count": answer.record_count,
+            "total_amount": answer.total_amount, "mac": answer.mac.hex().upper(),
+            "records": records}

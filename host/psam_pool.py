@@ -84,6 +84,17 @@ class PsamPool:
         except TimeoutError:
             raise PoolExhausted(f"no PSAM free within {timeout:g} s") from None
 
+    async def acquire_this(self, psam: PooledPsam, timeout: float) -> None:
+        """Take one given PSAM out of the pool (waiting for its transaction to end)."""
+        assert self._idle is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            taken = await self.acquire(max(deadline - asyncio.get_running_loop().time(), 0.01))
+            if taken is psam:
+                return
+            self.release(taken)
+            await asyncio.sleep(0.005)
+
     def release(self, psam: PooledPsam) -> None:
         assert self._idle is not None
         self._idle.put_nowait(psam)

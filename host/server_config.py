@@ -54,7 +54,9 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
         raise ConfigError(f"{path}: no [[merchant]]: the payment server would refuse everyone")
     return PaymentConfig(merchants, db_url=db_url or str(data.get("db", "sqlite:///payments.db")),
                          acquire_timeout=float(data.get("acquire_timeout", 2.0)),
-                         hold_timeout=float(data.get("hold_timeout", 30.0)))
+                         hold_timeout=float(data.get("hold_timeout", 30.0)),
+                         admin_token=str(data.get("admin_token", "")),
+                         concentration_dir=str(data.get("concentration_dir", "")))
 
 
 def merchant_config(path: Path) -> MerchantConfig:

@@ -34,6 +34,7 @@ DRAW_REQUEST = 1
 DEBIT_COMMAND = 2
 DEBIT_RESPONSE = 3
 PAYMENT_RESULT = 4
+DEBIT_PROOF = 5       # FIG. 7/8, after the goods: the card's MAC2 and TAC, for clearing
 ERROR = 15
 
 # confirmation variants (seed FIG. 5-8)

@@ -66,7 +66,9 @@ def test_each_variant_end_to_end(stack: Stack, card: Path, http: httpx.Client, t
     row = stack.payment_server.db.get(stack.merchant_server.config.merchant_id.hex(),
                                       outcome.txn_id)
     assert row is not None
-    assert row["state"] == ("released" if variant in ("fig7", "fig8") else "confirmed")
+    # FIG. 7/8: confirmed by the card's proof the client uploads after the goods
+    assert row["state"] == "confirmed" and row["tac"] is not None
+    assert outcome.proof_uploads == (1 if variant in ("fig7", "fig8") else 0)
     assert row["amount"] == 1250 and row["card_counter"] == 0
     assert outcome.receipt["terminal_txn_number"] == row["ttn"]
     # the PSAM recorded it for collection: credited (FIG. 5) or released early (6-8)
