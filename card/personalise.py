@@ -118,10 +118,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ProfileError(f"{path}: not valid TOML: {exc}") from None
 
 
-def image_from_profile(path: str | Path) -> dict[str, Any]:
-    """Read a profile and build the card image it describes."""
+def image_from_profile(path: str | Path, **overrides: Any) -> dict[str, Any]:
+    """Read a profile and build the card image it describes; ``overrides`` replace top-level
+    profile fields (e.g. ``app_serial`` for many cards from one profile)."""
     path = Path(path)
-    data = _read_toml(path)
+    data = {**_read_toml(path), **overrides}
     kind = _get(data, "kind", str(path))
     builders = {"iep": _iep, "psam": _psam, "hsm": _hsm}
     if kind not in builders:

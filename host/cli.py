@@ -656,6 +656,100 @@ def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: i
         sys.exit(EXIT_DECLINED)
 
 
+# --- svcard clearing / svcard audit ---------------------------------------------------------
+@main.group()
+def clearing() -> None:
+    """Clear PSAM batches, move loaded funds to the float, pay merchants (seed FIG. 3)."""
+
+
+@clearing.command("run")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: issuers (TAC keys), terminals (batch keys, merchant, acquirer), "
+                   "settlement key (see fixtures/clearing-demo.toml).")
+@click.option("--batches", "batch_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The concentration point folder the payment servers write batches to.")
+@click.option("--load-db", "load_dbs", multiple=True, metavar="URL",
+              help="A load server's database: its confirmed loads fund the float (repeat).")
+@click.option("--db", "db_url", required=True, help="The clearing database URL.")
+@click.option("--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where the settlement file and its JSON Lines twin go.")
+@json_option
+def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], db_url: str,
+                 out_dir: Path, as_json: bool) -> None:
+    """One clearing run over every batch in the folder. Exit code 1 if any batch or record
+    was refused (the rest is still cleared; refused ones are listed with their reason)."""
+    from svcard.host import clearing as CL
+
+    try:
+        config = CL.clearing_config(config_path)
+    except CL.ClearingError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    report = CL.run_clearing(config, batch_dir, CL.make_engine(db_url), out_dir,
+                             load_db_urls=load_dbs)
+    refused = [b for b in report.batches if b["state"] == "refused"
+               or b["counts"].get("refused")]
+    text = [f"run {report.run_number}: {report.records_cleared} records cleared, "
+            f"{report.total_paid} paid to merchants; {report.loads_moved} loads "
+            f"({report.total_loaded}) moved to the float",
+            f"  settlement file {report.settlement_file} (+ .jsonl)"]
+    for b in report.batches:
+        text.append(f"  {b['file']}: {b['state']} ({b['reason']}) {b['counts']}")
+        text += [f"    record {p['index']}: {p['state']}: {p['reason']}" for p in b["problems"]]
+    emit(as_json, report.to_json(), "\n".join(text))
+    if refused:
+        sys.exit(EXIT_DECLINED)
+
+
+@clearing.command("verify")
+@click.argument("settlement_file", type=click.Path(exists=True, dir_okay=False,
+                                                   path_type=Path))
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> None:
+    """Check a settlement file's MAC and layout and print its lines."""
+    from svcard.host import clearing as CL
+
+    try:
+        data = CL.verify_settlement_file(CL.clearing_config(config_path).settlement_key,
+                                         settlement_file.read_bytes())
+    except CL.ClearingError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    emit(as_json, data, "\n".join([f"run {data['run_number']}: MAC verified"] + [
+        f"  kind {ln['kind']} {ln['payer']} -> {ln['payee']}: {ln['count']} x, {ln['amount']}"
+        for ln in data["lines"]]))
+
+
+@main.command("audit")
+@click.option("--card", "card_specs", multiple=True, metavar="SPEC",
+              help="A card (reader spec, or an image path): its balance counts (repeat).")
+@click.option("--payment-db", "payment_dbs", multiple=True, metavar="URL")
+@click.option("--load-db", "load_dbs", multiple=True, metavar="URL")
+@click.option("--bank-db", "bank_dbs", multiple=True, metavar="URL")
+@click.option("--clearing-db", default=None, metavar="URL")
+@click.option("--opening", default=0, show_default=True, type=click.IntRange(0, None),
+              help="Balances the cards were personalised with (minor units, in total).")
+@json_option
+def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
+              load_dbs: tuple[str, ...], bank_dbs: tuple[str, ...], clearing_db: str | None,
+              opening: int, as_json: bool) -> None:
+    """Prove money is conserved: cards + unsettled purchases + settled = loads; the float
+    = cards + unsettled; bank debits = confirmed loads. Exit code 1 on any discrepancy."""
+    from svcard.host.audit import audit, card_balances
+
+    specs = [s if ":" in s else f"virtual:{s}" for s in card_specs]
+    with handled(), readers(*[("card", s) for s in specs]) as card_readers:
+        cards = card_balances(card_readers)
+    report = audit(cards, payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
+                   clearing_db=clearing_db, opening=opening)
+    emit(as_json, report.to_json(), report.text())
+    if not report.clean:
+        sys.exit(EXIT_DECLINED)
+
+
 # --- svcard demo ---------------------------------------------------------------------------
 @main.command("demo")
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None,

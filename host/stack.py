@@ -4,10 +4,13 @@ and load servers, and fresh card images, for ``svcard demo``, the tests and the 
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import httpx
 
 from svcard.card.image import save_new_image
 from svcard.card.personalise import image_from_profile
@@ -20,6 +23,10 @@ from svcard.host.serving import ServerThread
 from svcard.host.specs import open_reader
 from svcard.protocols import messages as M
 from svcard.reader import Reader
+
+if TYPE_CHECKING:
+    from svcard.host.audit import AuditReport
+    from svcard.host.clearing import ClearingReport
 
 DEMO_MERCHANT_ID = bytes.fromhex("4D45524348303031")  # "MERCH001"
 
@@ -37,8 +44,13 @@ def psam_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def card_image(folder: Path, name: str = "card.json", ep: int = 10_000) -> Path:
-    image = image_from_profile(fixture_path("iep-demo.toml"))
+def card_image(folder: Path, name: str = "card.json", ep: int = 10_000,
+               serial: int | None = None) -> Path:
+    """A demo purse card; ``serial`` gives it its own application serial (and so its own
+    diversified keys); by default it is derived from ``name``."""
+    if serial is None:
+        serial = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+    image = image_from_profile(fixture_path("iep-demo.toml"), app_serial=f"{serial:020d}")
     image["app"]["ep"]["balance"] = ep
     path = folder / name
     save_new_image(path, image, overwrite=True)
@@ -139,3 +151,68 @@ def start_load_stack(folder: Path, *, bank_db: str | None = None, load_db: str |
     bank_server.config.public_url = bank.url
     bank.start()
     return LoadStack(folder, bank, load, bank_server, load_server, shared_key)
+
+
+@dataclass
+class System:
+    """Everything on loopback: bank, load server, payment server, merchant, and a clearing
+    database; for ``svcard demo``, the money tests and the simulation."""
+
+    folder: Path
+    pay: Stack
+    load: LoadStack
+    admin_token: str = field(repr=False)
+
+    @property
+    def batch_dir(self) -> Path:
+        return self.folder / "concentration"
+
+    @property
+    def clearing_db(self) -> str:
+        return f"sqlite:///{self.folder / 'clearing.db'}"
+
+    def close_batches(self) -> list[str]:
+        response = httpx.post(f"{self.pay.payment.url}/v1/batches/close", timeout=60,
+                              headers={"Authorization": f"Bearer {self.admin_token}"})
+        response.raise_for_status()
+        return list(response.json()["batches"])
+
+    def run_clearing(self) -> ClearingReport:
+        from svcard.host import clearing as CL
+
+        config = CL.clearing_config(fixture_path("clearing-demo.toml"))
+        return CL.run_clearing(config, self.batch_dir, CL.make_engine(self.clearing_db),
+                               self.folder / "settlement",
+                               load_db_urls=(str(self.load.load_server.config.db_url),))
+
+    def audit(self, cards: list[Path], opening: int = 0) -> AuditReport:
+        from svcard.host.audit import audit, card_balances
+
+        readers = [open_reader(f"virtual:{c}") for c in cards]
+        try:
+            for r in readers:
+                r.connect()
+            balances = card_balances(readers)
+        finally:
+            for r in readers:
+                r.disconnect()
+        return audit(balances, payment_dbs=(self.pay.payment_server.config.db_url,),
+                     load_dbs=(self.load.load_server.config.db_url,),
+                     bank_dbs=(self.load.bank_server.config.db_url,),
+                     clearing_db=self.clearing_db, opening=opening)
+
+    def close(self) -> None:
+        self.pay.close()
+        self.load.close()
+
+
+def start_system(folder: Path, *, psams: int = 2, **payment_kwargs: Any) -> System:
+    token = os.urandom(16).hex()
+    pay = start_stack(folder / "pay", psams=psams, admin_token=token,
+                      concentration_dir=str(folder / "concentration"), **payment_kwargs)
+    try:
+        load = start_load_stack(folder / "load")
+    except Exception:
+        pay.close()
+        raise
+    return System(folder, pay, load, token)

@@ -1,0 +1,474 @@
+"""Clearing and settlement (seed FIG. 3 and the load-float paragraphs of FIG. 17).
+
+``svcard clearing run`` takes the PSAM batches the payment servers handed to the concentration
+point, and the load server's log, and in one database transaction:
+
+1. checks each batch's MAC (the PSAM's batch key, 3DES CBC-MAC over header and records), its
+   record count and total; refuses a tampered or already cleared batch whole, with a reason;
+2. checks each record's card TAC through the issuer's TAC master key (diversified for the
+   card): a good one is cleared, a wrong one refused, a missing one held (the card's debit is
+   not proven: e.g. an early-released purchase whose card never answered); a record already
+   cleared (same card and card counter) is refused as a duplicate;
+3. moves the funds of every load not yet moved from its bank into the issuer's float pool;
+4. draws the float down by the cleared purchases, paid per acquirer and per merchant;
+5. writes the settlement file (fixed layout, HMAC-SHA256, see
+   :mod:`svcard.protocols.settlement`) and its JSON Lines twin.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import os
+import time
+import tomllib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    func,
+    insert,
+    select,
+)
+
+from svcard.card.personalise import ProfileError, load_issuer
+from svcard.host.db import make_engine as make_db_engine
+from svcard.host.db import now_ms
+from svcard.host.loaddb import LoadDb
+from svcard.host.loaddb import make_engine as make_load_engine
+from svcard.protocols import crypto
+from svcard.protocols import purse as P
+from svcard.protocols import settlement as S
+
+metadata = MetaData()
+
+runs = Table(
+    "clearing_runs", metadata,
+    Column("run_number", Integer, primary_key=True),
+    Column("created", BigInteger, nullable=False),
+    Column("file", String(300), nullable=False),
+    Column("mac", String(64), nullable=False),
+)
+batches = Table(
+    "cleared_batches", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_number", Integer, nullable=False),
+    Column("terminal_id", String(12), nullable=False),
+    Column("batch_number", BigInteger, nullable=False),
+    Column("mac", String(8), nullable=False),
+    Column("psam_id", String(20), nullable=False),
+    Column("record_count", Integer, nullable=False),
+    # PSAMs of one pool share a terminal id and each numbers its own batches and TTNs, so
+    # the PSAM serial is part of a batch's identity (a replay under another serial still
+    # finds each of its records already cleared)
+    UniqueConstraint("terminal_id", "psam_id", "batch_number", "mac", name="uq_batch"),
+)
+records = Table(
+    "cleared_records", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_number", Integer, nullable=False),
+    Column("card_serial", String(16), nullable=False),
+    Column("card_counter", Integer, nullable=False),
+    Column("issuer_id", String(16), nullable=False),
+    Column("terminal_id", String(12), nullable=False),
+    Column("ttn", BigInteger, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("merchant_id", String(16), nullable=False),
+    Column("acquirer_id", String(16), nullable=False),
+    Column("state", String(8), nullable=False),     # cleared
+    Column("reason", String(200), nullable=False),
+    UniqueConstraint("card_serial", "card_counter", name="uq_record_card_counter"),
+)
+moved_loads = Table(
+    "moved_loads", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_number", Integer, nullable=False),
+    Column("bank_id", String(16), nullable=False),
+    Column("txn_id", String(32), nullable=False),
+    Column("issuer_id", String(16), nullable=False),
+    Column("card_serial", String(20), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    UniqueConstraint("bank_id", "txn_id", name="uq_moved_load"),
+)
+ledger = Table(
+    "ledger", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_number", Integer, nullable=False),
+    Column("account", String(40), nullable=False),   # bank:ID, float:ISSUER, acquirer:ID, ...
+    Column("amount", BigInteger, nullable=False),    # + credit, - debit
+    Column("memo", String(100), nullable=False),
+)
+
+
+class ClearingError(ValueError):
+    """A clearing configuration or input that cannot be used (never names a key's bytes)."""
+
+
+@dataclass(frozen=True)
+class Terminal:
+    terminal_id: bytes
+    batch_key: bytes = field(repr=False)
+    merchant_id: bytes
+    acquirer_id: bytes
+
+
+@dataclass(frozen=True)
+class IssuerTac:
+    issuer_id: bytes
+    tac_master: bytes = field(repr=False)
+    two_level: bool
+
+
+@dataclass
+class ClearingConfig:
+    settlement_key: bytes = field(repr=False)
+    issuers: dict[bytes, IssuerTac]
+    terminals: dict[bytes, Terminal]
+
+
+def _hex(value: Any, size: int, name: str) -> bytes:
+    try:
+        raw = bytes.fromhex(str(value))
+    except ValueError:
+        raise ClearingError(f"{name}: not hex") from None
+    if len(raw) != size:
+        raise ClearingError(f"{name}: expected {size} bytes, got {len(raw)}")
+    return raw
+
+
+def clearing_config(path: Path) -> ClearingConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ClearingError(f"{path}: {exc}") from None
+    issuers = {}
+    for i, entry in enumerate(data.get("issuer", [])):
+        try:
+            issuer = load_issuer(path.parent / str(entry["profile"]))
+        except (KeyError, ProfileError) as exc:
+            raise ClearingError(f"{path}: issuer[{i}]: {exc}") from None
+        issuers[issuer.issuer_id] = IssuerTac(issuer.issuer_id, issuer.tac, issuer.two_level)
+    terminals = {}
+    for i, t in enumerate(data.get("terminal", [])):
+        where = f"{path}: terminal[{i}]"
+        tid = _hex(t.get("terminal_id"), 6, f"{where}.terminal_id")
+        terminals[tid] = Terminal(tid, _hex(t.get("batch_key"), 16, f"{where}.batch_key"),
+                                  _hex(t.get("merchant_id"), 8, f"{where}.merchant_id"),
+                                  _hex(t.get("acquirer_id"), 8, f"{where}.acquirer_id"))
+    if not issuers or not terminals:
+        raise ClearingError(f"{path}: needs [[issuer]] and [[terminal]] entries")
+    return ClearingConfig(_hex(data.get("settlement_key"), 32, "settlement_key"), issuers,
+                          terminals)
+
+
+def make_engine(url: str) -> Engine:
+    return make_db_engine(url, metadata)
+
+
+# --- checking -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=65536)
+def _card_tac_key(master: bytes, serial: bytes, issuer: bytes | None) -> bytes:
+    return crypto.tac_key(crypto.card_key(master, serial, issuer))
+
+
+@dataclass
+class RecordVerdict:
+    index: int
+    record: Any
+    state: str          # cleared | held | refused
+    reason: str
+
+
+@dataclass
+class BatchVerdict:
+    file: str
+    state: str          # cleared | refused
+    reason: str
+    terminal_id: str = ""
+    batch_number: int = 0
+    psam_id: str = ""
+    mac: str = ""
+    records: list[RecordVerdict] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = defaultdict(int)
+        amounts: dict[str, int] = defaultdict(int)
+        for r in self.records:
+            counts[r.state] += 1
+            amounts[r.state] += r.record.amount
+        return {"file": self.file, "state": self.state, "reason": self.reason,
+                "terminal_id": self.terminal_id, "batch_number": self.batch_number,
+                "psam_id": self.psam_id, "counts": dict(counts), "amounts": dict(amounts),
+                "problems": [{"index": r.index, "state": r.state, "reason": r.reason}
+                             for r in self.records if r.state != "cleared"][:100]}
+
+
+def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
+    """A batch file's MAC, count, total and every record's TAC (no database involved)."""
+    name = path.name
+    try:
+        doc = json.loads(path.read_text())
+        terminal_id = bytes.fromhex(doc["terminal_id"])
+        number = int(doc["batch_number"])
+        raw_records = [bytes.fromhex(r) for r in doc["records"]]
+        mac = bytes.fromhex(doc["mac"])
+        count, total = int(doc["record_count"]), int(doc["total_amount"])
+        proofs = {int(k): bytes.fromhex(v) for k, v in doc.get("proofs", {}).items()}
+        psam_id = str(doc.get("psam_id", ""))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return BatchVerdict(name, "refused", f"not a batch file: {exc}")
+    verdict = BatchVerdict(name, "refused", "", terminal_id.hex().upper(), number, psam_id,
+                           mac.hex().upper())
+    terminal = config.terminals.get(terminal_id)
+    if terminal is None:
+        verdict.reason = f"unknown terminal {terminal_id.hex().upper()}"
+        return verdict
+    if any(len(r) != P.PSAM_RECORD_SIZE for r in raw_records):
+        verdict.reason = "a record has the wrong size"
+        return verdict
+    header = P.BatchHeader.build({"terminal_id": terminal_id, "batch_number": number,
+                                  "record_count": count, "total_amount": total})
+    expected = crypto.cbc_mac(terminal.batch_key, header + b"".join(raw_records))
+    if not hmac.compare_digest(expected, mac):
+        verdict.reason = "the batch MAC does not verify: tampered, or not this PSAM's batch"
+        return verdict
+    parsed = [P.PsamRecord.parse(r) for r in raw_records]
+    if count != len(parsed) or total != sum(r.amount for r in parsed):
+        verdict.reason = "the record count or total does not match the records"
+        return verdict
+    verdict.state, verdict.reason = "cleared", "batch MAC verified"
+    seen: set[tuple[bytes, int]] = set()
+    for i, rec in enumerate(parsed):
+        verdict.records.append(_check_record(config, terminal, i, rec, proofs.get(i), seen))
+    return verdict
+
+
+def _check_record(config: ClearingConfig, terminal: Terminal, index: int, rec: Any,
+                  proof: bytes | None, seen: set[tuple[bytes, int]]) -> RecordVerdict:
+    if rec.terminal_id != terminal.terminal_id:
+        return RecordVerdict(index, rec, "refused", "record of another terminal")
+    if rec.amount == 0:
+        return RecordVerdict(index, rec, "skipped", "zero amount: a card authentication")
+    issuer = config.issuers.get(rec.issuer_id)
+    if issuer is None:
+        return RecordVerdict(index, rec, "refused", f"unknown issuer {rec.issuer_id.hex()}")
+    tac = rec.tac if rec.tac != bytes(4) else proof
+    if tac is None:
+        return RecordVerdict(index, rec, "held", "no card TAC: the card's debit is not proven")
+    tac_key = _card_tac_key(issuer.tac_master, rec.card_serial,
+                            issuer.issuer_id if issuer.two_level else None)
+    expected = crypto.cbc_mac(tac_key, crypto.purchase_tac_input(
+        rec.amount, rec.txn_type, rec.terminal_id, rec.terminal_txn_number, rec.date,
+        rec.time))
+    if not hmac.compare_digest(expected, tac):
+        return RecordVerdict(index, rec, "refused", "the card TAC does not verify: tampered")
+    key = (rec.card_serial, rec.card_counter)
+    if key in seen:
+        return RecordVerdict(index, rec, "refused", "duplicate record in the batch")
+    seen.add(key)
+    return RecordVerdict(index, rec, "cleared", "")
+
+
+# --- the run --------------------------------------------------------------------------------
+
+@dataclass
+class ClearingReport:
+    run_number: int
+    settlement_file: str
+    jsonl_file: str
+    batches: list[dict[str, Any]]
+    records_cleared: int
+    total_paid: int
+    loads_moved: int
+    total_loaded: int
+    lines: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_dir: Path, *,
+                 load_db_urls: tuple[str, ...] = ()) -> ClearingReport:
+    files = sorted(p for p in batch_dir.glob("*.json")) if batch_dir.exists() else []
+    verdicts = [check_batch(config, p) for p in files]
+    loads: list[dict[str, Any]] = []
+    for url in load_db_urls:
+        loads.extend(LoadDb(make_load_engine(url)).rows("loaded"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = int(time.time())
+    with engine.begin() as conn:
+        run_number = int(conn.execute(select(func.coalesce(func.max(runs.c.run_number), 0)))
+                         .scalar_one()) + 1
+        known_batches = {(r.terminal_id, r.psam_id, r.batch_number, r.mac): r.run_number
+                         for r in conn.execute(select(batches))}
+        known_records = {(r.card_serial, r.card_counter) for r in conn.execute(
+            select(records.c.card_serial, records.c.card_counter))}
+        known_loads = {(r.bank_id, r.txn_id) for r in conn.execute(
+            select(moved_loads.c.bank_id, moved_loads.c.txn_id))}
+        record_rows, batch_rows = [], []
+        for v in verdicts:
+            if v.state != "cleared":
+                continue
+            prior = known_batches.get((v.terminal_id, v.psam_id, v.batch_number, v.mac))
+            if prior is not None:
+                v.state, v.reason = "refused", f"duplicate batch: cleared in run {prior}"
+                v.records = []
+                continue
+            known_batches[(v.terminal_id, v.psam_id, v.batch_number, v.mac)] = run_number
+            terminal = config.terminals[bytes.fromhex(v.terminal_id)]
+            batch_rows.append({"run_number": run_number, "terminal_id": v.terminal_id,
+                               "batch_number": v.batch_number, "mac": v.mac,
+                               "psam_id": v.psam_id, "record_count": len(v.records)})
+            for r in v.records:
+                if r.state != "cleared":  # held records stay out: the card counter may
+                    continue              # yet be used by the card's real next purchase
+                key = (r.record.card_serial.hex(), r.record.card_counter)
+                if key in known_records:
+                    r.state, r.reason = "refused", "duplicate record: already cleared"
+                    continue
+                known_records.add(key)
+                record_rows.append({
+                    "run_number": run_number, "card_serial": key[0], "card_counter": key[1],
+                    "issuer_id": r.record.issuer_id.hex(), "terminal_id": v.terminal_id,
+                    "ttn": r.record.terminal_txn_number, "amount": r.record.amount,
+                    "merchant_id": terminal.merchant_id.hex().upper(),
+                    "acquirer_id": terminal.acquirer_id.hex().upper(), "state": r.state,
+                    "reason": r.reason})
+        load_rows = []
+        for row in loads:
+            if (row["bank_id"], row["txn_id"]) in known_loads:
+                continue
+            known_loads.add((row["bank_id"], row["txn_id"]))
+            load_rows.append({"run_number": run_number, "bank_id": row["bank_id"],
+                              "txn_id": row["txn_id"], "issuer_id": row["issuer_id"] or "",
+                              "card_serial": row["card_serial"], "amount": row["amount"]})
+        lines, entries = _settle(run_number, record_rows, load_rows)
+        total_paid = sum(r["amount"] for r in record_rows if r["state"] == "cleared")
+        total_loaded = sum(r["amount"] for r in load_rows)
+        cleared = sum(1 for r in record_rows if r["state"] == "cleared")
+        blob = _settlement_file(config, run_number, stamp, lines, cleared, total_paid,
+                                total_loaded)
+        base = out_dir / f"settlement-{run_number:06d}"
+        for rows, table in ((batch_rows, batches), (record_rows, records),
+                            (load_rows, moved_loads), (entries, ledger)):
+            if rows:
+                conn.execute(insert(table), rows)
+        conn.execute(insert(runs).values(run_number=run_number, created=now_ms(),
+                                         file=str(base) + ".bin", mac=blob[-S.MAC_SIZE:].hex()))
+        _write(base.with_suffix(".bin"), blob)
+        _write(base.with_suffix(".jsonl"), _jsonl(run_number, stamp, lines, blob,
+                                                   [v.summary() for v in verdicts]))
+    return ClearingReport(
+        run_number, str(base) + ".bin", str(base) + ".jsonl", [v.summary() for v in verdicts],
+        cleared, total_paid, len(load_rows), total_loaded, lines)
+
+
+def _settle(run_number: int, record_rows: list[dict[str, Any]],
+            load_rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Settlement lines and the matching double-entry ledger rows."""
+    loaded: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for r in load_rows:
+        acc = loaded[(r["bank_id"].upper(), r["issuer_id"].upper())]
+        acc[0] += 1
+        acc[1] += r["amount"]
+    acquired: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    paid: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for r in record_rows:
+        if r["state"] != "cleared":
+            continue
+        for book, key in ((acquired, (r["issuer_id"].upper(), r["acquirer_id"])),
+                          (paid, (r["acquirer_id"], r["merchant_id"]))):
+            book[key][0] += 1
+            book[key][1] += r["amount"]
+    lines, entries = [], []
+    for kind, book in ((S.KIND_LOADED_FUNDS, loaded), (S.KIND_ACQUIRER_TOTAL, acquired),
+                       (S.KIND_MERCHANT_PAYOUT, paid)):
+        for (payer, payee), (count, amount) in sorted(book.items()):
+            lines.append({"kind": kind, "kind_name": S.KIND_NAMES[kind], "payer": payer,
+                          "payee": payee, "count": count, "amount": amount})
+            names = {S.KIND_LOADED_FUNDS: ("bank", "float"),
+                     S.KIND_ACQUIRER_TOTAL: ("float", "acquirer"),
+                     S.KIND_MERCHANT_PAYOUT: ("acquirer", "merchant")}[kind]
+            entries.append({"run_number": run_number, "account": f"{names[0]}:{payer}",
+                            "amount": -amount, "memo": S.KIND_NAMES[kind]})
+            entries.append({"run_number": run_number, "account": f"{names[1]}:{payee}",
+                            "amount": amount, "memo": S.KIND_NAMES[kind]})
+    return lines, entries
+
+
+def _settlement_file(config: ClearingConfig, run_number: int, stamp: int,
+                     lines: list[dict[str, Any]], cleared: int, total_paid: int,
+                     total_loaded: int) -> bytes:
+    header = S.SettlementHeader.build({
+        "version": 1, "run_number": run_number, "created": stamp, "line_count": len(lines),
+        "records_cleared": cleared, "total_paid": total_paid, "total_loaded": total_loaded})
+    body = header + b"".join(S.SettlementLine.build({
+        "kind": ln["kind"], "payer": bytes.fromhex(ln["payer"]),
+        "payee": bytes.fromhex(ln["payee"]), "count": ln["count"], "amount": ln["amount"]})
+        for ln in lines)
+    return body + hmac.new(config.settlement_key, body, hashlib.sha256).digest()
+
+
+def verify_settlement_file(settlement_key: bytes, blob: bytes) -> dict[str, Any]:
+    """Parse a settlement file, checking its MAC and layout; raises ClearingError."""
+    if len(blob) < S.HEADER_SIZE + S.MAC_SIZE:
+        raise ClearingError("too short to be a settlement file")
+    body, mac = blob[:-S.MAC_SIZE], blob[-S.MAC_SIZE:]
+    if not hmac.compare_digest(hmac.new(settlement_key, body, hashlib.sha256).digest(), mac):
+        raise ClearingError("the settlement file MAC does not verify")
+    header = S.SettlementHeader.parse(body[:S.HEADER_SIZE])
+    if len(body) != S.HEADER_SIZE + header.line_count * S.LINE_SIZE:
+        raise ClearingError("the settlement file length does not match its line count")
+    lines = [S.SettlementLine.parse(body[i:i + S.LINE_SIZE])
+             for i in range(S.HEADER_SIZE, len(body), S.LINE_SIZE)]
+    return {"run_number": header.run_number, "total_paid": header.total_paid,
+            "total_loaded": header.total_loaded, "records_cleared": header.records_cleared,
+            "lines": [{"kind": ln.kind, "payer": ln.payer.hex().upper(),
+                       "payee": ln.payee.hex().upper(), "count": ln.count,
+                       "amount": ln.amount} for ln in lines]}
+
+
+def _jsonl(run_number: int, stamp: int, lines: list[dict[str, Any]], blob: bytes,
+           batch_summaries: list[dict[str, Any]]) -> bytes:
+    out = [{"type": "header", "run_number": run_number, "created": stamp,
+            "line_count": len(lines)}]
+    out += [{"type": "line", **ln} for ln in lines]
+    out += [{"type": "batch", **b} for b in batch_summaries]
+    out.append({"type": "mac", "hmac_sha256": blob[-S.MAC_SIZE:].hex()})
+    return b"".join(json.dumps(o, sort_keys=True).encode() + b"\n" for o in out)
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def ledger_balances(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {account: int(total) for account, total in conn.execute(
+            select(ledger.c.account, func.sum(ledger.c.amount)).group_by(ledger.c.account))}
+
+
+def cleared_keys(engine: Engine) -> set[tuple[str, int]]:
+    """(card serial 8 bytes hex, card counter) of every cleared record."""
+    with engine.connect() as conn:
+        return {(r.card_serial, r.card_counter) for r in conn.execute(
+            select(records.c.card_serial, records.c.card_counter).where(
+                records.c.state == "cleared"))}
