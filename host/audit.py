@@ -106,7 +106,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
                     bad.append(f"cleared purchase of card {r.card_serial} counter "
                                f"{r.card_counter} has no confirmed payment")
     unsettled = sum(a for k, (a, _) in proven.items() if k not in settled_keys)
-    loaded_rows = []
+    loaded_rows: list[dict[str, Any]] = []
     for url in load_dbs:
         loaded_rows += LoadDb(make_load_engine(url)).rows()
     loaded = sum(int(r["amount"]) for r in loaded_rows if r["state"] == "loaded")
@@ -149,9 +149,9 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
         checks.append(_check("bank accounts debited = loads confirmed", debited, loaded))
     if opening == 0:
         expected: dict[str, int] = defaultdict(int)
-        for r in loaded_rows:
-            if r["state"] == "loaded":
-                expected[r["card_serial"].lower()] += int(r["amount"])
+        for load in loaded_rows:
+            if load["state"] == "loaded":
+                expected[load["card_serial"].lower()] += int(load["amount"])
         for amount, serial in proven.values():
             expected[serial] -= amount
         for serial, balance in sorted(cards.items()):

@@ -415,7 +415,7 @@ def _settlement_file(config: ClearingConfig, run_number: int, stamp: int,
     header = S.SettlementHeader.build({
         "version": 1, "run_number": run_number, "created": stamp, "line_count": len(lines),
         "records_cleared": cleared, "total_paid": total_paid, "total_loaded": total_loaded})
-    body = header + b"".join(S.SettlementLine.build({
+    body: bytes = header + b"".join(S.SettlementLine.build({
         "kind": ln["kind"], "payer": bytes.fromhex(ln["payer"]),
         "payee": bytes.fromhex(ln["payee"]), "count": ln["count"], "amount": ln["amount"]})
         for ln in lines)

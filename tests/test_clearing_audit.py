@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from svcard.fixtures import fixture_path
-from svcard.host import client as C
 from svcard.host import clearing as CL
+from svcard.host import client as C
 from svcard.host import load_client as LC
 from svcard.host.journal import Journal
 from svcard.host.specs import open_reader
@@ -101,7 +101,7 @@ def test_tampered_batches_and_records(system: System, tmp_path: Path) -> None:
     # 1. a record's amount changed: the batch MAC no longer verifies
     rec = bytearray(bytes.fromhex(doc["records"][0]))
     rec[22:26] = (1).to_bytes(4, "big")
-    bad_amount = {**doc, "records": [bytes(rec).hex()] + doc["records"][1:]}
+    bad_amount = {**doc, "records": [bytes(rec).hex(), *doc["records"][1:]]}
     (folder / "a.json").write_text(json.dumps(bad_amount))
     # 2. a wrong card TAC supplied for a record with no TAC of its own: that record refused
     config = CL.clearing_config(fixture_path("clearing-demo.toml"))
