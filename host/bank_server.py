@@ -1,11 +1,13 @@
 """The bank server (seed FIG. 17-18, steps 871-875 and 891-892).
 
-``POST /v1/load/start`` (JSON): the client sends the account, its secret, the amount and what
-it read from the card (serial, balance, balance limit, currency); the bank works out the
-largest load the card can take, checks the account, debits it and answers the load parameters
-of step 874: amount, currency and exponent, load server URL, transaction id, bank id, the
-session key (TSK) with the ticket sealed for the load server (ETSK), the load terminal id, the
-bank time stamp and the status URL. ``GET /v1/load`` is the same as an HTML page for a browser.
+``POST /v1/load/start`` (JSON): the client sends the account, its secret, the amount, what it
+read from the card (serial, balance, balance limit, currency) and an optional ``request_id``
+(an idempotency key: a retry with it answers the same load, never a second debit); the bank
+works out the largest load the card can take, checks the account, debits it and answers the
+load parameters of step 874: amount, currency and exponent, load server URL, transaction id,
+bank id, the session key (TSK) with the ticket sealed for the load server (ETSK), the load
+terminal id, the bank time stamp and the status URL. ``GET /v1/load`` tells where to start
+(JSON), or as an HTML page for a browser.
 ``POST /v1/load/status/{txn}`` takes the load server's sealed confirmation (carried by the
 client): only a confirmation that opens under the key the bank shares with the load server
 and matches the load is registered; "not loaded" re-credits the account.
@@ -78,6 +80,19 @@ class BankServer:
             order = _LoadOrder.from_json(body)
         except (KeyError, TypeError, ValueError) as exc:
             return _reason(400, f"bad load request: {exc}")
+        if not await self.sql(self.db.check_secret, order.account, order.secret):
+            return _reason(403, "unknown account or wrong secret")
+        if order.request_id:  # a retry of a start whose answer was lost: the same load
+            prior = await self.sql(self.db.load_by_request, order.request_id)
+            if prior is not None:
+                if (prior["account_id"], prior["amount"], prior["card_serial"]) != (
+                        order.account, order.amount, order.card_serial.hex()):
+                    return _reason(409, "this request id was used for another load")
+                if prior["state"] != "debited":
+                    return _reason(409, f"this load is already {prior['state']}")
+                return JSONResponse(self.parameters(bytes.fromhex(prior["txn_id"]), order))
+            if order.lookup_only:
+                return _reason(404, "no load with this request id: nothing was debited")
         c = self.config
         if order.currency_code != c.currency_code:
             return _reason(400, f"the card holds currency {order.currency_code}; this bank "
@@ -86,12 +101,10 @@ class BankServer:
         if order.amount > room:  # step 873: the maximum load
             return _reason(400, f"the card can take at most {max(room, 0)} more (balance "
                                 f"{order.balance}, limit {order.limit})")
-        if not await self.sql(self.db.check_secret, order.account, order.secret):
-            return _reason(403, "unknown account or wrong secret")
         txn_id = os.urandom(16)
         try:
             await self.sql(self.db.debit_for_load, order.account, txn_id.hex(), order.amount,
-                           order.card_serial.hex())
+                           order.card_serial.hex(), order.request_id)
         except BankError as exc:
             return _reason(402, str(exc))
         except DuplicateError as exc:
@@ -190,6 +203,8 @@ class _LoadOrder:
     balance: int
     limit: int
     currency_code: int
+    request_id: str | None = None
+    lookup_only: bool = False      # a client resuming: answer an existing load, never debit
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> _LoadOrder:
@@ -198,6 +213,12 @@ class _LoadOrder:
                   bytes.fromhex(str(card["serial"])), _int(card["balance"], "card.balance"),
                   _int(card["limit"], "card.limit"), _int(card["currency_code"],
                                                            "card.currency_code"))
+        request_id = d.get("request_id")
+        if request_id is not None:
+            if not isinstance(request_id, str) or not 8 <= len(request_id) <= 64:
+                raise ValueError("request_id is a string of 8..64 characters")
+            out.request_id = request_id
+            out.lookup_only = d.get("lookup_only") is True
         if len(out.card_serial) != 10:
             raise ValueError("card.serial has 10 bytes")
         if out.amount <= 0:

@@ -45,6 +45,7 @@ accounts = Table(
 bank_loads = Table(
     "bank_loads", metadata,
     Column("txn_id", String(32), primary_key=True),
+    Column("request_id", String(64), unique=True),   # the client's idempotency key
     Column("account_id", String(32), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("card_serial", String(20), nullable=False),
@@ -120,8 +121,8 @@ class BankDb:
         return stored is not None and hmac.compare_digest(stored, _hash(secret))
 
     # --- loads ------------------------------------------------------------------------------
-    def debit_for_load(self, account_id: str, txn_id: str, amount: int,
-                       card_serial: str) -> None:
+    def debit_for_load(self, account_id: str, txn_id: str, amount: int, card_serial: str,
+                       request_id: str | None = None) -> None:
         """Step 875: debit the account and record the load, together or not at all."""
         stamp = now_ms()
         with self.engine.begin() as conn:
@@ -132,15 +133,21 @@ class BankDb:
                 raise BankError("insufficient funds in the account")
             try:
                 conn.execute(insert(bank_loads).values(
-                    txn_id=txn_id, account_id=account_id, amount=amount,
+                    txn_id=txn_id, request_id=request_id, account_id=account_id, amount=amount,
                     card_serial=card_serial, state="debited", reason="", created=stamp,
                     updated=stamp))
             except IntegrityError:
-                raise DuplicateError("transaction id already used") from None
+                raise DuplicateError("transaction id or request id already used") from None
 
     def load(self, txn_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(bank_loads).where(bank_loads.c.txn_id == txn_id)).first()
+        return dict(row._mapping) if row is not None else None
+
+    def load_by_request(self, request_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(bank_loads).where(
+                bank_loads.c.request_id == request_id)).first()
         return dict(row._mapping) if row is not None else None
 
     def register(self, txn_id: str, loaded: bool, reason: str) -> bool:

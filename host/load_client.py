@@ -12,6 +12,7 @@ happened.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +84,9 @@ class _LoadSession:
 
 
 def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str, secret: str,
-               amount: int, when: dt.datetime | None = None) -> tuple[dict[str, Any], int]:
+               amount: int, when: dt.datetime | None = None,
+               request_id: str | None = None,
+               lookup_only: bool = False) -> tuple[dict[str, Any], int]:
     """Steps 871-874: read the card, have the bank debit the account. (params, card balance)"""
     info = select_purse(card)
     info.check_dates((when or dt.datetime.now()).date())
@@ -94,8 +97,8 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
         raise PaymentRefused("bank", page.status_code, _server_reason(page))
     start_url = str(page.json()["start_url"])
     response = http.post(start_url, json={
-        "account": account, "secret": secret, "amount": amount,
-        "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
+        "account": account, "secret": secret, "amount": amount, "request_id": request_id,
+        "lookup_only": lookup_only, "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
                  "limit": limit, "currency_code": info.currency_code or 0,
                  "currency_exponent": info.currency_exponent or 0}})
     if response.status_code != 200:
@@ -114,14 +117,25 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
          journal: Journal, http: httpx.Client, when: dt.datetime | None = None) -> LoadOutcome:
     if not 0 < amount <= 0xFFFFFFFF:
         raise TerminalCheckFailed("a load is 1..4294967295 minor units")
-    params, balance = start_load(http, bank_url, card, account=account, secret=secret,
-                                 amount=amount, when=when)
+    info = select_purse(card)
+    # the bank's debit comes first: journal an idempotency key before asking for it, so a
+    # lost answer can be asked again without a second debit (see resume_loads)
+    request_id = secrets.token_hex(16)
+    journal.write(f"req-{request_id}", "load-starting", kind=KIND, card_serial=info.app_serial,
+                  bank_url=bank_url, account=account, secret=secret, amount=amount,
+                  request_id=request_id)
+    try:
+        params, balance = start_load(http, bank_url, card, account=account, secret=secret,
+                                     amount=amount, when=when, request_id=request_id)
+    except PaymentRefused:  # the bank refused: it debited nothing
+        journal.write(f"req-{request_id}", "load-done", reason="the bank refused")
+        raise
     s = _LoadSession(params)
     s.round_trips += 2
     txn = params["txn_id"]
-    info = select_purse(card)
     journal.write(txn, "load-started", kind=KIND, params=params, card_serial=info.app_serial,
                   balance=balance)
+    journal.write(f"req-{request_id}", "load-done", txn=txn)
     # 876: the card's answers to INITIALIZE FOR LOAD, packed into one load request
     answer = card.exchange(apdus.initialize(P.INIT_LOAD, P.PURSE_EP, 1, amount,
                                             s.terminal_id))
@@ -225,8 +239,12 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
     """Finish every unfinished load of this card in the journal, asking the card what happened."""
     info = select_purse(card)
     report = []
+    known = set(journal.entries())
     for entry in journal.unfinished(info.app_serial):
         if entry.get("kind") != KIND:
+            continue
+        if entry["state"] == "load-starting":
+            report.append(_resume_start(card, journal, http, entry, known))
             continue
         txn, state = entry["txn_id"], entry["state"]
         s = _LoadSession(entry["params"])
@@ -256,3 +274,37 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
             continue
         report.append({"txn_id": txn, "outcome": outcome.outcome, "reason": outcome.reason})
     return report
+
+
+def _resume_start(card: Reader, journal: Journal, http: httpx.Client, entry: dict[str, Any],
+                  known: set[str]) -> dict[str, Any]:
+    """The bank was asked to debit, and its answer never came: ask again with the same
+    request id. No debit: nothing to do. A debit: the card never saw this load, so it ends
+    "not loaded" and the bank re-credits the account."""
+    key = entry["txn_id"]
+    try:
+        params, balance = start_load(http, entry["bank_url"], card, account=entry["account"],
+                                     secret=entry["secret"], amount=int(entry["amount"]),
+                                     request_id=entry["request_id"], lookup_only=True)
+    except PaymentRefused as exc:
+        if exc.status == 503:
+            return {"txn_id": key, "outcome": f"still open: {exc}"}
+        journal.write(key, "load-done", reason=f"the bank debited nothing: {exc.reason}")
+        return {"txn_id": key, "outcome": "no debit"}
+    except (httpx.HTTPError, Declined) as exc:
+        return {"txn_id": key, "outcome": f"still open: {exc}"}
+    txn = params["txn_id"]
+    if txn in known:  # the load itself is in the journal: it is resumed on its own
+        journal.write(key, "load-done", txn=txn)
+        return {"txn_id": key, "outcome": f"continued as {txn}"}
+    info = select_purse(card)
+    s = _LoadSession(params)
+    journal.write(txn, "load-started", kind=KIND, params=params, card_serial=info.app_serial,
+                  balance=balance)
+    journal.write(key, "load-done", txn=txn)
+    try:
+        outcome = _negative(s, http, journal, card, info.app_serial, balance,
+                            "the bank's answer was lost: the card never saw this load")
+    except (PaymentRefused, Declined, httpx.HTTPError) as exc:
+        return {"txn_id": txn, "outcome": f"still open: {exc}"}
+    return {"txn_id": txn, "outcome": outcome.outcome, "reason": outcome.reason}

@@ -31,13 +31,15 @@ if TYPE_CHECKING:
 DEMO_MERCHANT_ID = bytes.fromhex("4D45524348303031")  # "MERCH001"
 
 
-def psam_images(folder: Path, count: int) -> list[Path]:
+def psam_images(folder: Path, count: int, terminal_id: bytes | None = None,
+                first_serial: int = 1) -> list[Path]:
     """``count`` PSAM images of one pool: the same terminal id, distinct serials."""
-    base = image_from_profile(fixture_path("psam-demo.toml"))
+    overrides = {"terminal_id": terminal_id.hex()} if terminal_id else {}
+    base = image_from_profile(fixture_path("psam-demo.toml"), **overrides)
     paths = []
     for i in range(count):
         image = copy.deepcopy(base)
-        image["app"]["psam_serial"] = f"{i + 1:020d}"
+        image["app"]["psam_serial"] = f"{first_serial + i:020d}"
         path = folder / f"psam{i + 1}.json"
         save_new_image(path, image, overwrite=True)
         paths.append(path)
@@ -77,21 +79,24 @@ class Stack:
 def start_stack(folder: Path, *, psams: int = 2, db_url: str | None = None,
                 psam_readers: list[Reader] | None = None, acquire_timeout: float = 2.0,
                 hold_timeout: float = 30.0, variants: frozenset[int] | None = None,
-                payment_port: int | None = None, **payment_kwargs: Any) -> Stack:
+                payment_port: int | None = None, merchant_id: bytes = DEMO_MERCHANT_ID,
+                terminal_id: bytes | None = None, first_psam_serial: int = 1,
+                **payment_kwargs: Any) -> Stack:
     folder.mkdir(parents=True, exist_ok=True)
     shared_key = os.urandom(32)
     readers = psam_readers if psam_readers is not None else [
-        open_reader(f"virtual:{p}") for p in psam_images(folder, psams)]
-    account = MerchantAccount(DEMO_MERCHANT_ID, shared_key,
+        open_reader(f"virtual:{p}")
+        for p in psam_images(folder, psams, terminal_id, first_psam_serial)]
+    account = MerchantAccount(merchant_id, shared_key,
                               variants or frozenset(M.VARIANTS.values()))
-    config = PaymentConfig({DEMO_MERCHANT_ID: account},
+    config = PaymentConfig({merchant_id: account},
                            db_url=db_url or f"sqlite:///{folder / 'payments.db'}",
                            acquire_timeout=acquire_timeout, hold_timeout=hold_timeout,
                            **payment_kwargs)
     payment_server = PaymentServer(config, readers)
     payment = ServerThread(payment_server.app(), port=payment_port).start()
     merchant_server = MerchantServer(MerchantConfig(
-        DEMO_MERCHANT_ID, shared_key, payment.url, payment_server.pool.terminal_id))
+        merchant_id, shared_key, payment.url, payment_server.pool.terminal_id))
     merchant = ServerThread(merchant_server.app())
     merchant_server.config.public_url = merchant.url
     merchant.start()

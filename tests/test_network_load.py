@@ -402,3 +402,24 @@ def test_lost_credit_for_load_is_settled_by_the_card(stack: LoadStack, card: Pat
     assert [r["outcome"] for r in report] == ["loaded" if reached_card else "not loaded"]
     assert balance(card) == (6_000 if reached_card else 1_000)
     assert account(stack) == (45_000 if reached_card else 50_000)
+
+
+@pytest.mark.parametrize("after_send", [False, True])
+def test_lost_bank_answer_is_asked_again_without_a_second_debit(stack: LoadStack, card: Path,
+                                                                tmp_path: Path,
+                                                                after_send: bool) -> None:
+    """The bank debited (or not) but its answer was lost: the journal's request id asks
+    again; a debit for a load the card never saw ends "not loaded" and is re-credited."""
+    journal = Journal(tmp_path / "j.jsonl")
+    with CutOff("/v1/load/start", after_send=after_send) as http, \
+            pytest.raises(httpx.ConnectError):
+        do_load(stack, card, http, journal)
+    assert account(stack) == (45_000 if after_send else 50_000)
+    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        report = LC.resume_loads(reader, journal=journal, http=http)
+        assert [r["outcome"] for r in report] == (["not loaded"] if after_send else
+                                                  ["no debit"])
+        assert LC.resume_loads(reader, journal=journal, http=http) == []
+    assert account(stack) == 50_000 and balance(card) == 1_000
+    assert [b["state"] for b in stack.bank_server.db.loads()] == (
+        ["refunded"] if after_send else [])
