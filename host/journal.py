@@ -23,6 +23,8 @@ def default_journal() -> Path:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._offset = 0     # the file is append-only: later reads parse only what is new
 
     def write(self, txn_id: str, state: str, **data: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,16 +37,25 @@ class Journal:
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """The latest record of every transaction, earlier fields kept unless overwritten."""
-        out: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return out
-        for line in self.path.read_text().splitlines():
+        try:
+            with self.path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self._offset:  # replaced or truncated: start again
+                    self._entries, self._offset = {}, 0
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            self._entries, self._offset = {}, 0
+            return {}
+        complete = data.rfind(b"\n") + 1  # a torn last line is read again next time
+        for line in data[:complete].splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line torn by a crash mid-write
-            out.setdefault(rec["txn_id"], {}).update(rec)
-        return out
+            self._entries.setdefault(rec["txn_id"], {}).update(rec)
+        self._offset += complete
+        return {k: dict(v) for k, v in self._entries.items()}
 
     def unfinished(self, card_serial: str) -> list[dict[str, Any]]:
         return [e for e in self.entries().values()

@@ -105,9 +105,9 @@ def test_expired_card_is_refused_before_going_online(stack: Stack, card: Path,
 
 def test_blocked_card_is_refused_by_the_psam(stack: Stack, card: Path, http: httpx.Client,
                                              tmp_path: Path) -> None:
+    serial8 = bytes.fromhex(read_image(card)["app"]["public_data"])[12:20]
     for p in stack.payment_server.pool.psams:
-        assert p.reader.transmit(bytes.fromhex("8076010008" + "0000000000000001"))[-2:] \
-            == b"\x90\x00"
+        assert p.reader.transmit(bytes.fromhex("8076010008") + serial8)[-2:] == b"\x90\x00"
     with pytest.raises(C.PaymentRefused) as err:
         pay(stack, card, http, Journal(tmp_path / "j"))
     assert err.value.status == 403 and "blocked" in err.value.reason
