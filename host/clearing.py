@@ -22,12 +22,13 @@ import hashlib
 import hmac
 import json
 import os
+import struct
 import time
 import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -189,12 +190,36 @@ def _card_tac_key(master: bytes, serial: bytes, issuer: bytes | None) -> bytes:
 class RecordVerdict:
     index: int
     record: Any
-    state: str          # cleared | held | refused
+    state: str          # cleared | held | refused | skipped
     reason: str
+
+
+class _Record(NamedTuple):
+    """A PSAM record (:data:`~svcard.protocols.purse.PsamRecord`), unpacked fast."""
+
+    terminal_txn_number: int
+    issuer_id: bytes
+    card_serial: bytes
+    card_counter: int
+    amount: int
+    txn_type: int
+    terminal_id: bytes
+    date: bytes
+    time: bytes
+    tac: bytes
+    status: int
+
+
+_RECORD = struct.Struct(">I8s8sHIB6s4s3s4sB")
+assert _RECORD.size == P.PSAM_RECORD_SIZE
+_ZERO4 = bytes(4)
 
 
 @dataclass
 class BatchVerdict:
+    """A batch's verdict and, per record (by index), its state and the reason if not cleared.
+    States are kept as a flat list: a batch may hold 100,000 records."""
+
     file: str
     state: str          # cleared | refused
     reason: str
@@ -202,19 +227,30 @@ class BatchVerdict:
     batch_number: int = 0
     psam_id: str = ""
     mac: str = ""
-    records: list[RecordVerdict] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list, repr=False)
+    states: list[str] = field(default_factory=list, repr=False)
+    reasons: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def records(self) -> list[RecordVerdict]:
+        return [RecordVerdict(i, _Record(*_RECORD.unpack(raw)), st, self.reasons.get(i, ""))
+                for i, (raw, st) in enumerate(zip(self.raw, self.states, strict=True))]
+
+    def drop_records(self) -> None:
+        self.raw, self.states, self.reasons = [], [], {}
 
     def summary(self) -> dict[str, Any]:
         counts: dict[str, int] = defaultdict(int)
         amounts: dict[str, int] = defaultdict(int)
-        for r in self.records:
-            counts[r.state] += 1
-            amounts[r.state] += r.record.amount
+        for raw, st in zip(self.raw, self.states, strict=True):
+            counts[st] += 1
+            amounts[st] += int.from_bytes(raw[22:26], "big")
+        problems = [{"index": i, "state": self.states[i], "reason": r}
+                    for i, r in sorted(self.reasons.items())][:100]
         return {"file": self.file, "state": self.state, "reason": self.reason,
                 "terminal_id": self.terminal_id, "batch_number": self.batch_number,
                 "psam_id": self.psam_id, "counts": dict(counts), "amounts": dict(amounts),
-                "problems": [{"index": r.index, "state": r.state, "reason": r.reason}
-                             for r in self.records if r.state != "cleared"][:100]}
+                "problems": problems}
 
 
 def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
@@ -246,59 +282,66 @@ def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
     if not hmac.compare_digest(expected, mac):
         verdict.reason = "the batch MAC does not verify: tampered, or not this PSAM's batch"
         return verdict
-    parsed = [P.PsamRecord.parse(r) for r in raw_records]
-    if count != len(parsed) or total != sum(r.amount for r in parsed):
+    if count != len(raw_records) or total != sum(int.from_bytes(r[22:26], "big")
+                                                 for r in raw_records):
         verdict.reason = "the record count or total does not match the records"
         return verdict
     verdict.state, verdict.reason = "cleared", "batch MAC verified"
-    verdict.records = _check_records(config, terminal, parsed, proofs)
+    verdict.raw = raw_records
+    verdict.states, verdict.reasons = _check_records(config, terminal, raw_records, proofs)
     return verdict
 
 
-def _check_records(config: ClearingConfig, terminal: Terminal, parsed: list[Any],
-                   proofs: dict[int, bytes]) -> list[RecordVerdict]:
-    """Every record's verdict. TACs are checked per card key, many at once
-    (:func:`~svcard.protocols.crypto.cbc_macs_same_key`)."""
-    verdicts: list[RecordVerdict] = []
-    to_check: dict[bytes, list[tuple[int, bytes, bytes]]] = defaultdict(list)
-    for i, rec in enumerate(parsed):
-        verdict = RecordVerdict(i, rec, "cleared", "")
-        verdicts.append(verdict)
-        if rec.terminal_id != terminal.terminal_id:
-            verdict.state, verdict.reason = "refused", "record of another terminal"
+def _tac_input(raw: bytes) -> bytes:
+    """purchase_tac_input(amount, type, terminal id, TTN, date, time), sliced from a record."""
+    return raw[22:33] + raw[0:4] + raw[33:40]
+
+
+def _check_records(config: ClearingConfig, terminal: Terminal, raw_records: list[bytes],
+                   proofs: dict[int, bytes]) -> tuple[list[str], dict[int, str]]:
+    """Every record's state, and the reason of each one not cleared. TACs are checked per card
+    key, many at once (:func:`~svcard.protocols.crypto.cbc_macs_same_key`)."""
+    states = ["cleared"] * len(raw_records)
+    reasons: dict[int, str] = {}
+
+    def mark(i: int, state: str, reason: str) -> None:
+        states[i] = state
+        reasons[i] = reason
+
+    to_check: dict[bytes, list[int]] = defaultdict(list)
+    tid, issuers = terminal.terminal_id, config.issuers
+    for i, raw in enumerate(raw_records):
+        if raw[27:33] != tid:
+            mark(i, "refused", "record of another terminal")
             continue
-        if rec.amount == 0:
-            verdict.state, verdict.reason = "skipped", "zero amount: a card authentication"
+        if raw[22:26] == _ZERO4:
+            mark(i, "skipped", "zero amount: a card authentication")
             continue
-        issuer = config.issuers.get(rec.issuer_id)
+        issuer = issuers.get(raw[4:12])
         if issuer is None:
-            verdict.state, verdict.reason = "refused", f"unknown issuer {rec.issuer_id.hex()}"
+            mark(i, "refused", f"unknown issuer {raw[4:12].hex()}")
             continue
-        tac = rec.tac if rec.tac != bytes(4) else proofs.get(i)
-        if tac is None:
-            verdict.state = "held"
-            verdict.reason = "no card TAC: the card's debit is not proven"
+        if raw[40:44] == _ZERO4 and i not in proofs:
+            mark(i, "held", "no card TAC: the card's debit is not proven")
             continue
-        key = _card_tac_key(issuer.tac_master, rec.card_serial,
-                            issuer.issuer_id if issuer.two_level else None)
-        to_check[key].append((i, crypto.purchase_tac_input(
-            rec.amount, rec.txn_type, rec.terminal_id, rec.terminal_txn_number, rec.date,
-            rec.time), tac))
-    for key, items in to_check.items():
-        expected = crypto.cbc_macs_same_key(key, [data for _, data, _ in items])
-        for (i, _, tac), good in zip(items, expected, strict=True):
+        to_check[_card_tac_key(issuer.tac_master, raw[12:20],
+                               issuer.issuer_id if issuer.two_level else None)].append(i)
+    for key, indexes in to_check.items():
+        expected = crypto.cbc_macs_same_key(key, [_tac_input(raw_records[i]) for i in indexes])
+        for i, good in zip(indexes, expected, strict=True):
+            tac = raw_records[i][40:44]
+            if tac == _ZERO4:
+                tac = proofs[i]
             if not hmac.compare_digest(good, tac):
-                verdicts[i].state = "refused"
-                verdicts[i].reason = "the card TAC does not verify: tampered"
-    seen: set[tuple[bytes, int]] = set()
-    for verdict in verdicts:
-        if verdict.state != "cleared":
-            continue
-        card = (verdict.record.card_serial, verdict.record.card_counter)
-        if card in seen:
-            verdict.state, verdict.reason = "refused", "duplicate record in the batch"
-        seen.add(card)
-    return verdicts
+                mark(i, "refused", "the card TAC does not verify: tampered")
+    seen: set[bytes] = set()
+    for i, raw in enumerate(raw_records):
+        if states[i] == "cleared":
+            card = raw[12:22]  # card serial and card counter
+            if card in seen:
+                mark(i, "refused", "duplicate record in the batch")
+            seen.add(card)
+    return states, reasons
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -337,35 +380,43 @@ def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_di
             select(records.c.card_serial, records.c.card_counter))}
         known_loads = {(r.bank_id, r.txn_id) for r in conn.execute(
             select(moved_loads.c.bank_id, moved_loads.c.txn_id))}
-        record_rows, batch_rows = [], []
+        record_rows: list[tuple[Any, ...]] = []
+        batch_rows: list[dict[str, Any]] = []
+        acquired: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        paid: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         for v in verdicts:
             if v.state != "cleared":
                 continue
             prior = known_batches.get((v.terminal_id, v.psam_id, v.batch_number, v.mac))
             if prior is not None:
                 v.state, v.reason = "refused", f"duplicate batch: cleared in run {prior}"
-                v.records = []
+                v.drop_records()
                 continue
             known_batches[(v.terminal_id, v.psam_id, v.batch_number, v.mac)] = run_number
             terminal = config.terminals[bytes.fromhex(v.terminal_id)]
             batch_rows.append({"run_number": run_number, "terminal_id": v.terminal_id,
                                "batch_number": v.batch_number, "mac": v.mac,
-                               "psam_id": v.psam_id, "record_count": len(v.records)})
-            for r in v.records:
-                if r.state != "cleared":  # held records stay out: the card counter may
-                    continue              # yet be used by the card's real next purchase
-                key = (r.record.card_serial.hex(), r.record.card_counter)
+                               "psam_id": v.psam_id, "record_count": len(v.raw)})
+            merchant = terminal.merchant_id.hex().upper()
+            acquirer = terminal.acquirer_id.hex().upper()
+            for i, raw in enumerate(v.raw):
+                if v.states[i] != "cleared":  # held records stay out: the card counter may
+                    continue                  # yet be used by the card's real next purchase
+                rec = _RECORD.unpack(raw)
+                key = (rec[2].hex(), rec[3])
                 if key in known_records:
-                    r.state, r.reason = "refused", "duplicate record: already cleared"
+                    v.states[i] = "refused"
+                    v.reasons[i] = "duplicate record: already cleared"
                     continue
                 known_records.add(key)
-                record_rows.append({
-                    "run_number": run_number, "card_serial": key[0], "card_counter": key[1],
-                    "issuer_id": r.record.issuer_id.hex(), "terminal_id": v.terminal_id,
-                    "ttn": r.record.terminal_txn_number, "amount": r.record.amount,
-                    "merchant_id": terminal.merchant_id.hex().upper(),
-                    "acquirer_id": terminal.acquirer_id.hex().upper(), "state": r.state,
-                    "reason": r.reason})
+                issuer = rec[1].hex().upper()
+                record_rows.append((run_number, key[0], key[1], issuer, v.terminal_id, rec[0],
+                                    rec[4], merchant, acquirer, "cleared", ""))
+                for book, book_key in ((acquired, (issuer, acquirer)),
+                                       (paid, (acquirer, merchant))):
+                    tally = book[book_key]
+                    tally[0] += 1
+                    tally[1] += rec[4]
         load_rows = []
         for row in loads:
             if (row["bank_id"], row["txn_id"]) in known_loads:
@@ -374,59 +425,57 @@ def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_di
             load_rows.append({"run_number": run_number, "bank_id": row["bank_id"],
                               "txn_id": row["txn_id"], "issuer_id": row["issuer_id"] or "",
                               "card_serial": row["card_serial"], "amount": row["amount"]})
-        lines, entries = _settle(run_number, record_rows, load_rows)
-        total_paid = sum(r["amount"] for r in record_rows if r["state"] == "cleared")
+        lines, entries = _settle(run_number, load_rows, acquired, paid)
+        total_paid = sum(amount for _, amount in paid.values())
         total_loaded = sum(r["amount"] for r in load_rows)
-        cleared = sum(1 for r in record_rows if r["state"] == "cleared")
+        cleared = len(record_rows)
         blob = _settlement_file(config, run_number, stamp, lines, cleared, total_paid,
                                 total_loaded)
         base = out_dir / f"settlement-{run_number:06d}"
-        for rows, table in ((batch_rows, batches), (record_rows, records),
-                            (load_rows, moved_loads), (entries, ledger)):
-            _insert_many(conn, table, rows)
+        for rows, table in ((batch_rows, batches), (load_rows, moved_loads), (entries, ledger)):
+            _insert_many(conn, table, [tuple(r.values()) for r in rows],
+                         list(rows[0]) if rows else [])
+        _insert_many(conn, records, record_rows, _RECORD_COLUMNS)
+        summaries = [v.summary() for v in verdicts]
         conn.execute(insert(runs).values(run_number=run_number, created=now_ms(),
                                          file=str(base) + ".bin", mac=blob[-S.MAC_SIZE:].hex()))
         _write(base.with_suffix(".bin"), blob)
         _write(base.with_suffix(".jsonl"), _jsonl(run_number, stamp, lines, blob,
-                                                   [v.summary() for v in verdicts]))
+                                                   summaries))
     return ClearingReport(
-        run_number, str(base) + ".bin", str(base) + ".jsonl", [v.summary() for v in verdicts],
+        run_number, str(base) + ".bin", str(base) + ".jsonl", summaries,
         cleared, total_paid, len(load_rows), total_loaded, lines)
 
 
-def _insert_many(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def _insert_many(conn: Connection, table: Table, rows: list[tuple[Any, ...]],
+                 names: list[str]) -> None:
     """Many rows through the driver's own executemany (SQLAlchemy's per-row parameter
     processing costs more than SQLite's insert itself)."""
     if not rows:
         return
-    names = list(rows[0])
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     sql = (f"INSERT INTO {table.name} ({', '.join(names)}) "
            f"VALUES ({', '.join([mark] * len(names))})")
     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.executemany(sql, [tuple(r[n] for n in names) for r in rows])
+        cursor.executemany(sql, rows)
     finally:
         cursor.close()
 
 
-def _settle(run_number: int, record_rows: list[dict[str, Any]],
-            load_rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+_RECORD_COLUMNS = ["run_number", "card_serial", "card_counter", "issuer_id", "terminal_id",
+                   "ttn", "amount", "merchant_id", "acquirer_id", "state", "reason"]
+
+
+def _settle(run_number: int, load_rows: list[dict[str, Any]],
+            acquired: dict[tuple[str, str], list[int]], paid: dict[tuple[str, str], list[int]],
+            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Settlement lines and the matching double-entry ledger rows."""
     loaded: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     for r in load_rows:
         acc = loaded[(r["bank_id"].upper(), r["issuer_id"].upper())]
         acc[0] += 1
         acc[1] += r["amount"]
-    acquired: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    paid: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for r in record_rows:
-        if r["state"] != "cleared":
-            continue
-        for book, key in ((acquired, (r["issuer_id"].upper(), r["acquirer_id"])),
-                          (paid, (r["acquirer_id"], r["merchant_id"]))):
-            book[key][0] += 1
-            book[key][1] += r["amount"]
     lines, entries = [], []
     for kind, book in ((S.KIND_LOADED_FUNDS, loaded), (S.KIND_ACQUIRER_TOTAL, acquired),
                        (S.KIND_MERCHANT_PAYOUT, paid)):

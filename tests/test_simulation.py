@@ -120,10 +120,10 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path) -> None:
                         pull_card_at(reader, rng)
                         stats["fault: card pulled"] += 1
                     try:
-                        if rng.random() < 0.3:
+                        if rng.random() < 0.25:
                             out = LC.load(system.load.bank_url, reader,
                                           account=rng.choice(accounts), secret="pw",
-                                          amount=rng.randrange(500, 20_000), journal=journal,
+                                          amount=rng.randrange(100, 3_000), journal=journal,
                                           http=http)
                             stats[f"load {out.outcome}"] += 1
                         else:
@@ -175,7 +175,7 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path) -> None:
                                                    - result.figures["purchases proven"])
         assert report.total_paid == result.figures["purchases settled"]
         # the run was a real one: many of each, and faults of each kind
-        assert stats["purchase done"] > OPS // 4 and stats["load loaded"] > OPS // 10
+        assert stats["purchase done"] > OPS // 4 and stats["load loaded"] > OPS // 20
         if OPS >= 1000:
             assert stats["fault: link cut"] > OPS // 30
             assert stats["fault: card pulled"] > OPS // 60
