@@ -1,4 +1,6 @@
-"""``svcard demo``: the main job on embedded defaults, as a readable story and as data."""
+"""``svcard demo``: the main job on embedded defaults, as a readable story and as data: a card
+loaded and paying at a local terminal, then over the network (bank, load server, payment
+server, merchant), cleared, and audited."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from svcard.fixtures import fixture_path
 from svcard.host import terminal as T
 from svcard.host.client import pay
 from svcard.host.journal import Journal
+from svcard.host.load_client import load
 from svcard.host.specs import open_reader
-from svcard.host.stack import start_stack
+from svcard.host.stack import card_image, start_system
 
 DEMO_LOAD_TERMINAL = bytes.fromhex("000000000099")
 
@@ -74,26 +77,38 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
     lines.append(f"Card balance now {money(balance)}; log, newest first:")
     lines += [f"  {e.date} {e.time}  {e.type_name:<12} {money(e.amount):>10}  counter "
               f"{e.counter}" for e in log]
-    network = _network(folder, paths["iep"], lines, money)
-    with open_reader(f"virtual:{paths['iep']}") as card:
-        _, final = T.read_balance(card)
-    lines.append(f"Card balance at the end: {money(final)}")
+    network = _network(folder, lines, money, load_amount)
     return Story("\n".join(lines), {
         "folder": str(folder), "load": loaded.to_json(), "purchase": bought.to_json(),
-        "balance": balance, "log": [e.__dict__ for e in log], "network": network,
-        "final_balance": final})
+        "balance": balance, "log": [e.__dict__ for e in log], "network": network})
 
 
-def _network(folder: Path, card_path: Path, lines: list[str],
-             money: Callable[[int], str]) -> list[dict[str, Any]]:
-    """Seed FIG. 4-9: merchant and payment servers on loopback, a purchase in each variant."""
-    stack = start_stack(folder / "network", psams=2)
-    lines.append(f"Payment server {stack.payment.url} (2 PSAMs, SQLite), merchant "
-                 f"{stack.merchant.url}; FIG. 9 encryption on every message.")
-    out = []
+def _network(folder: Path, lines: list[str], money: Callable[[int], str],
+             load_amount: int) -> dict[str, Any]:
+    """Seed FIG. 4-9 and 17-18 on loopback: a second card is loaded from a bank account, pays
+    in each variant, the PSAM batches are cleared, and the audit balances."""
+    system = start_system(folder / "network", psams=2)
+    card_path = card_image(folder, "network-card.json", ep=0)
+    secret = system.load.account("demo", 100_000, "demo-secret")
+    lines.append(
+        f"Network: bank {system.load.bank.url} and load server {system.load.load.url} (a "
+        f"software HSM); payment server {system.pay.payment.url} (2 PSAMs) and merchant "
+        f"{system.pay.merchant.url}; SQLite everywhere; FIG. 9 encryption on every message.")
+    out: dict[str, Any] = {"purchases": []}
     try:
         journal = Journal(folder / "journal.jsonl")
         with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card_path}") as card:
+            started = time.perf_counter()
+            loaded = load(system.load.bank_url, card, account="demo", secret=secret,
+                          amount=load_amount, journal=journal, http=http)
+            ms = (time.perf_counter() - started) * 1000
+            lines.append(
+                f"LOAD over the network: {money(loaded.amount)} from account 'demo' "
+                f"(bank balance now {money(loaded.bank['account_balance'])}); card "
+                f"{money(loaded.balance_before)} -> {money(loaded.balance_after)}; S1 checked "
+                f"and S2 made by the HSM, S3 verified; the bank registered the load server's "
+                f"sealed confirmation; {loaded.round_trips} round trips, {ms:.0f} ms")
+            out["load"] = {**loaded.to_json(), "ms": round(ms, 1)}
             for sku, variant, what in (
                     ("ticket", "fig5", "the PSAM compares the card's MAC2"),
                     ("song", "fig6", "the PSAM is released early; the server compares"),
@@ -101,7 +116,7 @@ def _network(folder: Path, card_path: Path, lines: list[str],
                     ("ticket", "fig8", "one round trip; the merchant compares"),
                     ("login", "fig6", "zero-amount draw: card authentication")):
                 started = time.perf_counter()
-                outcome = pay(stack.checkout_url(sku, variant), card, journal=journal,
+                outcome = pay(system.pay.checkout_url(sku, variant), card, journal=journal,
                               http=http)
                 ms = (time.perf_counter() - started) * 1000
                 lines.append(
@@ -109,7 +124,25 @@ def _network(folder: Path, card_path: Path, lines: list[str],
                     f"balance {money(outcome.balance_before)} -> "
                     f"{money(outcome.balance_after)}; {outcome.round_trips} round trips, "
                     f"{ms:.0f} ms; goods: {outcome.goods}")
-                out.append({**outcome.to_json(), "ms": round(ms, 1)})
+                out["purchases"].append({**outcome.to_json(), "ms": round(ms, 1)})
+        batches = system.close_batches()
+        report = system.run_clearing()
+        lines.append(
+            f"CLEARING: {len(batches)} PSAM batches (MACs checked), {report.records_cleared} "
+            f"card TACs checked and cleared, {money(report.total_paid)} paid to the merchant "
+            f"through its acquirer, {money(report.total_loaded)} moved from the bank to the "
+            f"issuer's float; settlement file {Path(report.settlement_file).name} (+ .jsonl)")
+        result = system.audit([card_path])
+        f = result.figures
+        lines.append(
+            f"AUDIT: card {money(f['card balances'])} + unsettled "
+            f"{money(f['purchases unsettled'])} + settled {money(f['purchases settled'])} = "
+            f"loaded {money(f['loads confirmed'])}; float {money(f['float (ledger)'])}; bank "
+            f"debits {money(f.get('bank accounts debited', 0))}: "
+            + ("clean" if result.clean else "DISCREPANCIES: " + "; ".join(
+                result.discrepancies)))
+        out["clearing"] = report.to_json()
+        out["audit"] = result.to_json()
     finally:
-        stack.close()
+        system.close()
     return out

@@ -163,10 +163,16 @@ def test_cli_demo_json() -> None:
     assert data["balance"] == 10000 - 1234
     assert [e["txn_type"] for e in data["log"]] == [6, 2]
     network = data["network"]
-    assert [n["variant"] for n in network] == ["fig5", "fig6", "fig7", "fig8", "fig6"]
-    assert [n["round_trips"] for n in network] == [3, 3, 2, 2, 3]
-    assert network[-1]["receipt"]["status"] == "authentication OK"
-    assert data["final_balance"] == 10000 - 1234 - sum(n["amount"] for n in network)
+    assert network["load"]["outcome"] == "loaded" and network["load"]["balance_after"] == 10000
+    purchases = network["purchases"]
+    assert [n["variant"] for n in purchases] == ["fig5", "fig6", "fig7", "fig8", "fig6"]
+    assert [n["round_trips"] for n in purchases] == [3, 3, 2, 2, 3]
+    assert purchases[-1]["receipt"]["status"] == "authentication OK"
+    spent = sum(n["amount"] for n in purchases)
+    assert purchases[-1]["balance_after"] == 10000 - spent
+    assert network["clearing"]["total_paid"] == spent
+    assert network["audit"]["clean"] is True
+    assert network["audit"]["figures"]["card balances"] == 10000 - spent
 
 
 def test_console_script_runs_the_demo() -> None:
