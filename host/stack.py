@@ -167,14 +167,14 @@ class System:
     pay: Stack
     load: LoadStack
     admin_token: str = field(repr=False)
+    clearing_db: str = ""
+
+    def __post_init__(self) -> None:
+        self.clearing_db = self.clearing_db or f"sqlite:///{self.folder / 'clearing.db'}"
 
     @property
     def batch_dir(self) -> Path:
         return self.folder / "concentration"
-
-    @property
-    def clearing_db(self) -> str:
-        return f"sqlite:///{self.folder / 'clearing.db'}"
 
     def close_batches(self) -> list[str]:
         response = httpx.post(f"{self.pay.payment.url}/v1/batches/close", timeout=60,
@@ -211,13 +211,15 @@ class System:
         self.load.close()
 
 
-def start_system(folder: Path, *, psams: int = 2, **payment_kwargs: Any) -> System:
+def start_system(folder: Path, *, psams: int = 2, bank_db: str | None = None,
+                 load_db: str | None = None, clearing_db: str = "",
+                 **payment_kwargs: Any) -> System:
     token = os.urandom(16).hex()
     pay = start_stack(folder / "pay", psams=psams, admin_token=token,
                       concentration_dir=str(folder / "concentration"), **payment_kwargs)
     try:
-        load = start_load_stack(folder / "load")
+        load = start_load_stack(folder / "load", bank_db=bank_db, load_db=load_db)
     except Exception:
         pay.close()
         raise
-    return System(folder, pay, load, token)
+    return System(folder, pay, load, token, clearing_db)

@@ -113,3 +113,33 @@ def test_loads_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
         assert str(stack.load_server.db.engine.url).startswith("postgresql+psycopg")
     finally:
         stack.close()
+
+
+def test_whole_system_clearing_and_audit_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
+    """Payments, loads, bank and clearing databases all on PostgreSQL; a clean audit."""
+    from svcard.host import load_client as LC
+    from svcard.host.stack import start_system
+
+    system = start_system(tmp_path / "sys", db_url=cluster.new_database(),
+                          bank_db=cluster.new_database(), load_db=cluster.new_database(),
+                          clearing_db=cluster.new_database())
+    try:
+        system.load.account("alice", 10_000, "pw")
+        card = card_image(tmp_path, ep=0)
+        journal = Journal(tmp_path / "j.jsonl")
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+            LC.load(system.load.bank_url, reader, account="alice", secret="pw", amount=5_000,
+                    journal=journal, http=http)
+            for variant in ("fig5", "fig6", "fig7", "fig8"):
+                C.pay(system.pay.checkout_url("ticket", variant), reader, journal=journal,
+                      http=http)
+        system.close_batches()
+        report = system.run_clearing()
+        assert report.records_cleared == 4 and report.total_paid == 5_000
+        again = system.run_clearing()
+        assert again.records_cleared == 0
+        result = system.audit([card])
+        assert result.clean, result.discrepancies
+        assert result.figures["float (ledger)"] == 0
+    finally:
+        system.close()
