@@ -98,7 +98,8 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
     start_url = str(page.json()["start_url"])
     response = http.post(start_url, json={
         "account": account, "secret": secret, "amount": amount, "request_id": request_id,
-        "lookup_only": lookup_only, "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
+        "lookup_only": lookup_only,
+        "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
                  "limit": limit, "currency_code": info.currency_code or 0,
                  "currency_exponent": info.currency_exponent or 0}})
     if response.status_code != 200:

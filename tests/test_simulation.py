@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 
 from svcard.fixtures import fixture_path
-from svcard.host import client as C
 from svcard.host import clearing as CL
+from svcard.host import client as C
 from svcard.host import load_client as LC
 from svcard.host.audit import audit, card_balances
 from svcard.host.journal import Journal
