@@ -33,7 +33,7 @@ from starlette.routing import Route
 from svcard.host import apdus
 from svcard.host.db import DuplicateError
 from svcard.host.loaddb import LoadDb, make_engine
-from svcard.host.payment_server import OCTETS, Refused, refusal
+from svcard.host.serverkit import OCTETS, Refused, SqlRunner, answer, open_client_envelope
 from svcard.host.terminal import Declined, call
 from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
@@ -129,52 +129,27 @@ class LoadServer:
         self.config = config
         self.hsms = HsmPool(hsm_readers)
         self.db = LoadDb(make_engine(config.db_url))
-        self._sql_executor = (ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-                              if config.db_url.startswith("sqlite") else None)
-
-    async def sql(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._sql_executor is None:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._sql_executor, lambda: fn(*args, **kwargs))
+        self.sql = SqlRunner(config.db_url)
 
     # --- opening and answering --------------------------------------------------------------
     def open(self, data: bytes, msg_type: int, layout: Any, what: str) -> OpenedLoad:
+        env, dk, ticket, plain = open_client_envelope(
+            data, msg_type, {b: a.shared_key for b, a in self.config.banks.items()}, "bank",
+            L.LoadTicket, L.ticket_aad)
         try:
-            env, header = M.split_envelope(data)
+            body = M.parse(layout, plain, what)
         except M.MessageError as exc:
             raise Refused(400, 400, str(exc)) from None
-        if env.msg_type != msg_type:
-            raise Refused(400, 400, f"expected message type {msg_type}, got {env.msg_type}")
-        bank = self.config.banks.get(env.merchant_id)
-        if bank is None:
-            raise Refused(403, 403, f"unknown bank {env.merchant_id.hex()}")
-        dk = secure.derive_key(bank.shared_key, env.merchant_id, env.txn_id)
-        try:
-            ticket = M.parse(L.LoadTicket, secure.open_sealed(
-                dk, env.etsk, L.ticket_aad(env.merchant_id, env.txn_id), "load ticket"),
-                "load ticket")
-            plain = secure.open_sealed(ticket.tsk, env.body, header, "message body")
-            body = M.parse(layout, plain, what)
-        except (secure.SealError, M.MessageError) as exc:
-            raise Refused(400, 401, str(exc)) from None
-        return OpenedLoad(env, bank, dk, ticket, body, _digest(plain))
+        return OpenedLoad(env, self.config.banks[env.merchant_id], dk, ticket, body,
+                          _digest(plain))
 
     def sealed(self, o: OpenedLoad, msg_type: int, body: bytes) -> Response:
         return Response(M.seal_envelope(msg_type, o.env.merchant_id, o.env.txn_id, o.env.etsk,
                                         o.ticket.tsk, body), media_type=OCTETS)
 
-    @staticmethod
-    async def answer(handler: Callable[[bytes], Any], request: Request) -> Response:
-        try:
-            response: Response = await handler(await request.body())
-            return response
-        except Refused as exc:
-            return refusal(exc)
-
     # --- POST /v1/load/request (steps 878-880, 895-899) ------------------------------------
     async def load_request(self, request: Request) -> Response:
-        return await self.answer(self._load_request, request)
+        return await answer(self._load_request, request)
 
     async def _load_request(self, data: bytes) -> Response:
         o = self.open(data, L.LOAD_REQUEST, L.LoadRequest, "load request")
@@ -252,7 +227,7 @@ class LoadServer:
 
     # --- POST /v1/load/result (steps 883-890 and the negative result) ----------------------
     async def load_result(self, request: Request) -> Response:
-        return await self.answer(self._load_result, request)
+        return await answer(self._load_result, request)
 
     async def _load_result(self, data: bytes) -> Response:
         o = self.open(data, L.LOAD_RESULT, L.LoadResult, "load result")

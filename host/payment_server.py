@@ -20,7 +20,6 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +34,19 @@ from svcard.host import apdus
 from svcard.host.db import DuplicateError
 from svcard.host.paydb import PaymentDb, make_engine
 from svcard.host.psam_pool import PooledPsam, PoolExhausted, PsamPool
+from svcard.host.serverkit import (
+    OCTETS,
+    Refused,
+    SqlRunner,
+    answer,
+    open_client_envelope,
+)
 from svcard.host.terminal import Declined, call
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 from svcard.protocols import secure
 from svcard.protocols import sw as SW
 from svcard.reader import Reader
-
-OCTETS = "application/octet-stream"
 
 
 @dataclass
@@ -66,20 +70,6 @@ class PaymentConfig:
     clock: Any = field(default=dt.datetime.now)
 
 
-class Refused(Exception):
-    def __init__(self, status: int, code: int, reason: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.code, self.reason = status, code, reason
-        self.headers = headers or {}
-
-
-def refusal(exc: Refused) -> Response:
-    headers = {"X-Svcard-Reason": exc.reason.encode("ascii", "replace").decode(), **exc.headers}
-    return Response(M.error_message(exc.code, exc.reason), status_code=exc.status,
-                    media_type=OCTETS, headers=headers)
-
-
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -101,29 +91,14 @@ class PaymentServer:
         self.pool = PsamPool(psam_readers)
         self.db = PaymentDb(make_engine(config.db_url))
         self._held: dict[int, tuple[PooledPsam, asyncio.TimerHandle]] = {}
-        # SQLite has one writer at a time: concurrent writers would only meet in its busy
-        # handler, which sleeps in growing steps. One thread does every SQLite call instead.
-        self._sql_executor = (ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-                              if config.db_url.startswith("sqlite") else None)
+        self.sql = SqlRunner(config.db_url)
 
     # --- opening requests -------------------------------------------------------------------
     def open_envelope(self, data: bytes, msg_type: int) -> Opened:
-        try:
-            env, header = M.split_envelope(data)
-        except M.MessageError as exc:
-            raise Refused(400, 400, str(exc)) from None
-        if env.msg_type != msg_type:
-            raise Refused(400, 400, f"expected message type {msg_type}, got {env.msg_type}")
-        merchant = self.config.merchants.get(env.merchant_id)
-        if merchant is None:
-            raise Refused(403, 403, f"unknown merchant {env.merchant_id.hex()}")
-        dk = secure.derive_key(merchant.shared_key, env.merchant_id, env.txn_id)
-        try:
-            ticket = M.parse(M.OrderTicket, secure.open_sealed(
-                dk, env.etsk, M.ticket_aad(env.merchant_id, env.txn_id), "ETSK"), "order ticket")
-            plaintext = secure.open_sealed(ticket.tsk, env.body, header, "message body")
-        except (secure.SealError, M.MessageError) as exc:
-            raise Refused(400, 401, str(exc)) from None
+        env, dk, ticket, plaintext = open_client_envelope(
+            data, msg_type, {m: a.shared_key for m, a in self.config.merchants.items()},
+            "merchant", M.OrderTicket, M.ticket_aad)
+        merchant = self.config.merchants[env.merchant_id]
         if ticket.expires < time.time():
             raise Refused(400, 410, "the merchant's order has expired")
         if ticket.variant not in merchant.variants:
@@ -149,13 +124,6 @@ class PaymentServer:
         return secure.seal(o.dk, M.build(M.DebitResult, result),
                            M.result_m_aad(o.env.merchant_id, o.env.txn_id))
 
-    async def sql(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """A database call, off the event loop."""
-        if self._sql_executor is None:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._sql_executor, lambda: fn(*args, **kwargs))
-
     def open_message(self, data: bytes, msg_type: int, layout: Any,
                      what: str) -> tuple[Opened, Any]:
         """Open a client envelope and parse its body as ``layout``."""
@@ -165,18 +133,9 @@ class PaymentServer:
         except M.MessageError as exc:
             raise Refused(400, 400, str(exc)) from None
 
-    @staticmethod
-    async def answer(handler: Any, request: Request) -> Response:
-        """Run a handler on the request body; a refusal becomes its 4xx/503 answer."""
-        try:
-            response: Response = await handler(await request.body())
-            return response
-        except Refused as exc:
-            return refusal(exc)
-
     # --- POST /v1/draw ----------------------------------------------------------------------
     async def draw(self, request: Request) -> Response:
-        return await self.answer(self._draw, request)
+        return await answer(self._draw, request)
 
     async def _draw(self, data: bytes) -> Response:
         o, d = self.open_message(data, M.DRAW_REQUEST, M.DrawRequest, "draw request")
@@ -301,7 +260,7 @@ class PaymentServer:
 
     # --- POST /v1/debit-response ------------------------------------------------------------
     async def debit_response(self, request: Request) -> Response:
-        return await self.answer(self._debit_response, request)
+        return await answer(self._debit_response, request)
 
     async def _debit_response(self, data: bytes) -> Response:
         o, r = self.open_message(data, M.DEBIT_RESPONSE, M.DebitResponse, "debit response")
@@ -356,7 +315,7 @@ class PaymentServer:
 
     # --- POST /v1/proof (FIG. 7 and 8, after the goods) -----------------------------------
     async def proof(self, request: Request) -> Response:
-        return await self.answer(self._proof, request)
+        return await answer(self._proof, request)
 
     async def _proof(self, data: bytes) -> Response:
         """The card's MAC2 and TAC of an early-released purchase, so clearing can check the

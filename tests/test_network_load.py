@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from netfaults import CutOff
 
 from svcard.card.storage import read_image
 from svcard.host import apdus
@@ -330,22 +331,6 @@ def test_a_new_s1_that_matches_nothing_leaves_the_load_open(stack: LoadStack, ca
         with pytest.raises(PaymentRefused, match="matches neither"):
             r.result(L.RESULT_NOT_LOADED, zero=zero, s1=bytes(4))
         assert r.result(L.RESULT_NOT_LOADED, zero=zero).outcome == L.OUTCOME_NOT_LOADED
-
-
-class CutOff(httpx.Client):
-    """A real HTTP client whose link drops once at ``path`` (before or after sending)."""
-
-    def __init__(self, path: str, *, after_send: bool) -> None:
-        super().__init__(timeout=30)
-        self.cut_path, self.after_send, self.cut = path, after_send, False
-
-    def post(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
-        if not self.cut and self.cut_path in str(url):
-            self.cut = True
-            if self.after_send:
-                super().post(url, **kwargs)
-            raise httpx.ConnectError("link down")
-        return super().post(url, **kwargs)
 
 
 @pytest.mark.parametrize(("path", "after_send", "loaded"), [

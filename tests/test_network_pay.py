@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from netfaults import CutOff
 
 from svcard.card.storage import read_image
 from svcard.host import apdus
@@ -280,22 +281,6 @@ def test_pool_exhaustion_gives_503(tmp_path: Path, card: Path, http: httpx.Clien
         assert health == {"psams": 1, "idle": 0, "terminal_id": "000000000001"}
     finally:
         stack.close()
-
-
-class CutOff(httpx.Client):
-    """A real HTTP client whose link drops once at ``path`` (before or after sending)."""
-
-    def __init__(self, path: str, *, after_send: bool) -> None:
-        super().__init__(timeout=30)
-        self.cut_path, self.after_send, self.cut = path, after_send, False
-
-    def post(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
-        if not self.cut and self.cut_path in str(url):
-            self.cut = True
-            if self.after_send:
-                super().post(url, **kwargs)  # the server got it; the answer is lost
-            raise httpx.ConnectError("link down")
-        return super().post(url, **kwargs)
 
 
 @pytest.mark.parametrize(("path", "after_send"), [
