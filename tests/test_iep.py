@@ -66,7 +66,7 @@ def test_read_binary_public_and_holder_data() -> None:
 
 def test_unknown_ins_and_cla() -> None:
     host, _ = host_with()
-    assert host.sw("80CA000000") == 0x6D00
+    assert host.sw("80CC000000") == 0x6D00
     assert host.sw("005C000204") == 0x6E00  # GET BALANCE is proprietary (CLA 80)
     assert host.sw("A05C000204") == 0x6E00
     assert host.sw("845C000204") == 0x6882  # secure messaging
