@@ -142,7 +142,7 @@ def test_cli_terminal_commands(image_files: dict[str, Path]) -> None:
 def test_cli_apdu(image_files: dict[str, Path]) -> None:
     spec = f"virtual:{image_files['iep']}"
     code, text = run("apdu", "--reader", spec, "00A40400 09 F05356434152440101",
-                     "805C000204", "80CA000000")
+                     "805C000204", "80CC000000")
     assert code == 0
     assert "Received (9000, success):\n00002710" in text
     assert "6D00, instruction not supported" in text
