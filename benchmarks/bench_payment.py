@@ -28,21 +28,10 @@ from pathlib import Path
 
 import httpx
 
+from svcard.host.serving import wait_http as wait_up
+
 ROOT = Path(__file__).resolve().parent.parent
 SVCARD = str(Path(sys.executable).parent / "svcard")
-
-
-def wait_up(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up")
-        time.sleep(0.05)
 
 
 def worker(args: tuple[int, int, str, float, str]) -> list[tuple[float, int, bool]]:

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pcsc_env import wait_for
 
 from svcard.card.storage import read_image
 from svcard.host import load_client as LC
 from svcard.host.journal import Journal
-from svcard.host.serving import free_port
+from svcard.host.serving import free_port, wait_http
 from svcard.host.specs import open_reader
 from svcard.host.stack import card_image, hsm_image
 
@@ -71,12 +70,7 @@ class LoadServers:
 
     @staticmethod
     def wait_up(url: str) -> None:
-        def up() -> bool:
-            try:
-                return httpx.get(url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_for(up, url, timeout=30)
+        wait_http(url, timeout=30)
 
     def account(self) -> int:
         listed = json.loads(run("bank", "account", "list", "--db", self.bank_db,

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pcsc_env import wait_for
 
 from svcard.card.storage import read_image
 from svcard.host import client as C
 from svcard.host.journal import Journal
-from svcard.host.serving import free_port
+from svcard.host.serving import free_port, wait_http
 from svcard.host.specs import open_reader
 from svcard.host.stack import card_image, psam_images
 from svcard.protocols import purse as P
@@ -55,12 +54,7 @@ class Servers:
 
     @staticmethod
     def wait_up(url: str) -> None:
-        def up() -> bool:
-            try:
-                return httpx.get(url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_for(up, url, timeout=30)
+        wait_http(url, timeout=30)
 
     def checkout(self, sku: str = "ticket", variant: str = "fig6") -> str:
         return f"http://127.0.0.1:{self.merchant_port}/v1/checkout/{sku}?variant={variant}"
