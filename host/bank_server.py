@@ -15,14 +15,12 @@ and matches the load is registered; "not loaded" re-credits the account.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,11 +29,10 @@ from starlette.routing import Route
 
 from svcard.host.bankdb import BankDb, BankError, make_engine
 from svcard.host.db import DuplicateError
+from svcard.host.serverkit import SqlRunner
 from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
 from svcard.protocols import secure
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -59,13 +56,7 @@ class BankServer:
     def __init__(self, config: BankConfig) -> None:
         self.config = config
         self.db = BankDb(make_engine(config.db_url))
-        self._lock = asyncio.Lock() if config.db_url.startswith("sqlite") else None
-
-    async def sql(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._lock is None:
-            return await asyncio.to_thread(fn, *args)
-        async with self._lock:  # SQLite: one writer at a time, without its busy handler
-            return await asyncio.to_thread(fn, *args)
+        self.sql = SqlRunner(config.db_url)
 
     def dk(self, txn_id: bytes) -> bytes:
         return secure.derive_key(self.config.shared_key, self.config.bank_id, txn_id)
