@@ -20,7 +20,6 @@ import datetime as dt
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ from starlette.routing import Route
 from svcard.host import apdus
 from svcard.host.db import DuplicateError
 from svcard.host.loaddb import LoadDb, make_engine
+from svcard.host.reader_pool import Pooled, PoolExhausted, ReaderPool, executor
 from svcard.host.serverkit import OCTETS, Refused, SqlRunner, answer, open_client_envelope
 from svcard.host.terminal import Declined, call
 from svcard.protocols import loadmsg as L
@@ -65,49 +65,16 @@ class LoadConfig:
     clock: Any = field(default=dt.datetime.now)
 
 
-class HsmPool:
-    """HSMs (any reader spec), one command sequence each at a time, each on its own thread."""
+class HsmPool(ReaderPool[Pooled]):
+    """Load HSMs (any reader spec), each selected once when the server starts."""
 
     def __init__(self, readers: list[Reader], aid: bytes = P.DEFAULT_HSM_AID) -> None:
-        if not readers:
-            raise ValueError("a load server needs at least one HSM")
-        self.readers = readers
+        super().__init__([Pooled(i, r, executor(f"hsm{i}")) for i, r in enumerate(readers)])
         self.aid = aid
-        self.executors = [ThreadPoolExecutor(1, thread_name_prefix=f"hsm{i}")
-                          for i in range(len(readers))]
-        self._idle: asyncio.Queue[int] | None = None
 
-    def _open(self, reader: Reader) -> None:
-        reader.connect()
-        call(reader, apdus.select(self.aid), "SELECT HSM")
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(e, self._open, r)
-                               for e, r in zip(self.executors, self.readers, strict=True)))
-        self._idle = asyncio.Queue()
-        for i in range(len(self.readers)):
-            self._idle.put_nowait(i)
-
-    async def run(self, fn: Callable[[Reader], T], timeout: float) -> T:
-        assert self._idle is not None, "start the pool first"
-        try:
-            index = await asyncio.wait_for(self._idle.get(), timeout)
-        except TimeoutError:
-            raise Refused(503, 503, f"no HSM free within {timeout:g} s; retry",
-                          {"Retry-After": "1"}) from None
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executors[index], fn, self.readers[index])
-        finally:
-            self._idle.put_nowait(index)
-
-    def close(self) -> None:
-        for executor, reader in zip(self.executors, self.readers, strict=True):
-            try:
-                executor.submit(reader.disconnect).result(timeout=10)
-            finally:
-                executor.shutdown(wait=False)
+    def open_member(self, member: Pooled) -> None:
+        member.reader.connect()
+        call(member.reader, apdus.select(self.aid), "SELECT HSM")
 
 
 @dataclass
@@ -130,6 +97,14 @@ class LoadServer:
         self.hsms = HsmPool(hsm_readers)
         self.db = LoadDb(make_engine(config.db_url))
         self.sql = SqlRunner(config.db_url)
+
+    async def hsm(self, fn: Callable[[Reader], T], timeout: float) -> T:
+        """Run ``fn`` on a free HSM; none free in time is 503 with Retry-After."""
+        try:
+            return await self.hsms.run_any(fn, timeout)
+        except PoolExhausted as exc:
+            raise Refused(503, 503, f"no HSM free ({exc}); retry",
+                          {"Retry-After": "1"}) from None
 
     # --- opening and answering --------------------------------------------------------------
     def open(self, data: bytes, msg_type: int, layout: Any, what: str) -> OpenedLoad:
@@ -200,7 +175,7 @@ class LoadServer:
         fields = self._hsm_fields(r, r.online_counter, r.balance, r.amount, r.random, r.s1,
                                   date, clock)
         try:
-            s2 = await self.hsms.run(lambda hsm: call(hsm, apdus.hsm_authorize_load(fields),
+            s2 = await self.hsm(lambda hsm: call(hsm, apdus.hsm_authorize_load(fields),
                                                       "HSM AUTHORIZE LOAD"),
                                      self.config.acquire_timeout)
         except Declined as exc:
@@ -260,7 +235,7 @@ class LoadServer:
                       "txn_type": row["txn_type"], "terminal_id": self.config.terminal_id,
                       "date": bytes.fromhex(row["txn_date"]),
                       "time": bytes.fromhex(row["txn_time"]), "s3": res.s3}
-            answer = await self.hsms.run(
+            answer = await self.hsm(
                 lambda hsm: hsm.exchange(apdus.hsm_verify_load_tac(fields)),
                 self.config.acquire_timeout)
             if answer.sw == SW.MAC_INVALID:
@@ -285,7 +260,7 @@ class LoadServer:
         async def s1_matches(counter: int, balance: int) -> bool:
             fields = self._hsm_fields(request, counter, balance, 0, res.random, res.s1,
                                       bytes(4), bytes(3))
-            answer = await self.hsms.run(
+            answer = await self.hsm(
                 lambda hsm: hsm.exchange(apdus.hsm_authorize_load(fields, verify_only=True)),
                 self.config.acquire_timeout)
             if answer.sw not in (SW.OK, SW.MAC_INVALID):
@@ -335,7 +310,7 @@ class LoadServer:
 
     # --- GET /v1/health ---------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"hsms": len(self.hsms.readers),
+        return JSONResponse({"hsms": len(self.hsms.members),
                              "terminal_id": self.config.terminal_id.hex().upper()})
 
     def app(self) -> Starlette:
