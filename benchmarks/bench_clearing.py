@@ -22,6 +22,7 @@ from pathlib import Path
 from svcard.card.personalise import load_issuer
 from svcard.fixtures import fixture_path
 from svcard.host import clearing as CL
+from svcard.host.server_config import clearing_config
 from svcard.protocols import crypto
 from svcard.protocols import purse as P
 
@@ -30,7 +31,7 @@ TERMINAL = bytes.fromhex("000000000001")
 
 def make_batch(path: Path, records: int, cards: int) -> int:
     issuer = load_issuer(fixture_path("demo-issuer.toml"))
-    config = CL.clearing_config(fixture_path("clearing-demo.toml"))
+    config = clearing_config(fixture_path("clearing-demo.toml"))
     batch_key = config.terminals[TERMINAL].batch_key
     counters = [0] * cards
     raw = []
@@ -71,7 +72,7 @@ def main() -> int:
         t0 = time.perf_counter()
         total = make_batch(folder / "batches" / "batch.json", records, args.cards)
         built = time.perf_counter() - t0
-        config = CL.clearing_config(fixture_path("clearing-demo.toml"))
+        config = clearing_config(fixture_path("clearing-demo.toml"))
         engine = CL.make_engine(f"sqlite:///{folder / 'clearing.db'}")
         t0 = time.perf_counter()
         report = CL.run_clearing(config, folder / "batches", engine, folder / "out")

@@ -24,7 +24,6 @@ import json
 import os
 import struct
 import time
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,6 @@ from sqlalchemy import (
     select,
 )
 
-from svcard.card.personalise import ProfileError, load_issuer
 from svcard.host.db import make_engine as make_db_engine
 from svcard.host.db import now_ms
 from svcard.host.loaddb import LoadDb
@@ -115,7 +113,7 @@ ledger = Table(
 
 
 class ClearingError(ValueError):
-    """A clearing configuration or input that cannot be used (never names a key's bytes)."""
+    """A settlement file that does not verify (its configuration: ``server_config``)."""
 
 
 @dataclass(frozen=True)
@@ -138,41 +136,6 @@ class ClearingConfig:
     settlement_key: bytes = field(repr=False)
     issuers: dict[bytes, IssuerTac]
     terminals: dict[bytes, Terminal]
-
-
-def _hex(value: Any, size: int, name: str) -> bytes:
-    try:
-        raw = bytes.fromhex(str(value))
-    except ValueError:
-        raise ClearingError(f"{name}: not hex") from None
-    if len(raw) != size:
-        raise ClearingError(f"{name}: expected {size} bytes, got {len(raw)}")
-    return raw
-
-
-def clearing_config(path: Path) -> ClearingConfig:
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ClearingError(f"{path}: {exc}") from None
-    issuers = {}
-    for i, entry in enumerate(data.get("issuer", [])):
-        try:
-            issuer = load_issuer(path.parent / str(entry["profile"]))
-        except (KeyError, ProfileError) as exc:
-            raise ClearingError(f"{path}: issuer[{i}]: {exc}") from None
-        issuers[issuer.issuer_id] = IssuerTac(issuer.issuer_id, issuer.tac, issuer.two_level)
-    terminals = {}
-    for i, t in enumerate(data.get("terminal", [])):
-        where = f"{path}: terminal[{i}]"
-        tid = _hex(t.get("terminal_id"), 6, f"{where}.terminal_id")
-        terminals[tid] = Terminal(tid, _hex(t.get("batch_key"), 16, f"{where}.batch_key"),
-                                  _hex(t.get("merchant_id"), 8, f"{where}.merchant_id"),
-                                  _hex(t.get("acquirer_id"), 8, f"{where}.acquirer_id"))
-    if not issuers or not terminals:
-        raise ClearingError(f"{path}: needs [[issuer]] and [[terminal]] entries")
-    return ClearingConfig(_hex(data.get("settlement_key"), 32, "settlement_key"), issuers,
-                          terminals)
 
 
 def make_engine(url: str) -> Engine:

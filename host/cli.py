@@ -682,10 +682,11 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
     """One clearing run over every batch in the folder. Exit code 1 if any batch or record
     was refused (the rest is still cleared; refused ones are listed with their reason)."""
     from svcard.host import clearing as CL
+    from svcard.host.server_config import ConfigError, clearing_config
 
     try:
-        config = CL.clearing_config(config_path)
-    except CL.ClearingError as exc:
+        config = clearing_config(config_path)
+    except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
     report = CL.run_clearing(config, batch_dir, CL.make_engine(db_url), out_dir,
                              load_db_urls=load_dbs)
@@ -712,10 +713,14 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
 def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> None:
     """Check a settlement file's MAC and layout and print its lines."""
     from svcard.host import clearing as CL
+    from svcard.host.server_config import ConfigError, clearing_config
 
     try:
-        data = CL.verify_settlement_file(CL.clearing_config(config_path).settlement_key,
-                                         settlement_file.read_bytes())
+        key = clearing_config(config_path).settlement_key
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    try:
+        data = CL.verify_settlement_file(key, settlement_file.read_bytes())
     except CL.ClearingError as exc:
         fail(str(exc), EXIT_DECLINED)
     emit(as_json, data, "\n".join([f"run {data['run_number']}: MAC verified"] + [

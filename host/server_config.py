@@ -1,4 +1,5 @@
-"""TOML configuration of the payment, merchant, bank and load servers (``svcard serve ...``)."""
+"""TOML configuration of the payment, merchant, bank and load servers (``svcard serve ...``)
+and of clearing (``svcard clearing ...``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from svcard.card.personalise import ProfileError, load_issuer
 from svcard.host.bank_server import BankConfig
+from svcard.host.clearing import ClearingConfig, IssuerTac, Terminal
 from svcard.host.load_server import BankAccount, LoadConfig
 from svcard.host.merchant_server import MerchantConfig
 from svcard.host.payment_server import MerchantAccount, PaymentConfig
@@ -106,3 +109,27 @@ def bank_config(path: Path, db_url: str | None = None) -> BankConfig:
             currency_exponent=int(d.get("currency_exponent", 2)))
     except KeyError as exc:
         raise ConfigError(f"{path}: missing {exc}") from None
+
+
+def clearing_config(path: Path) -> ClearingConfig:
+    """Issuers (their TAC master keys, from issuer files), terminals (batch key, merchant,
+    acquirer) and the settlement key of a clearing system."""
+    data = _read(path)
+    issuers = {}
+    for i, entry in enumerate(data.get("issuer", [])):
+        try:
+            issuer = load_issuer(path.parent / str(entry["profile"]))
+        except (KeyError, ProfileError) as exc:
+            raise ConfigError(f"{path}: issuer[{i}]: {exc}") from None
+        issuers[issuer.issuer_id] = IssuerTac(issuer.issuer_id, issuer.tac, issuer.two_level)
+    terminals = {}
+    for i, t in enumerate(data.get("terminal", [])):
+        where = f"{path}: terminal[{i}]"
+        tid = _hex(t.get("terminal_id"), 6, f"{where}.terminal_id")
+        terminals[tid] = Terminal(tid, _hex(t.get("batch_key"), 16, f"{where}.batch_key"),
+                                  _hex(t.get("merchant_id"), 8, f"{where}.merchant_id"),
+                                  _hex(t.get("acquirer_id"), 8, f"{where}.acquirer_id"))
+    if not issuers or not terminals:
+        raise ConfigError(f"{path}: needs [[issuer]] and [[terminal]] entries")
+    return ClearingConfig(_hex(data.get("settlement_key"), 32, "settlement_key"), issuers,
+                          terminals)

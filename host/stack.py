@@ -184,8 +184,9 @@ class System:
 
     def run_clearing(self) -> ClearingReport:
         from svcard.host import clearing as CL
+        from svcard.host.server_config import clearing_config
 
-        config = CL.clearing_config(fixture_path("clearing-demo.toml"))
+        config = clearing_config(fixture_path("clearing-demo.toml"))
         return CL.run_clearing(config, self.batch_dir, CL.make_engine(self.clearing_db),
                                self.folder / "settlement",
                                load_db_urls=(str(self.load.load_server.config.db_url),))

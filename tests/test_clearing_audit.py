@@ -18,6 +18,7 @@ from svcard.host import clearing as CL
 from svcard.host import client as C
 from svcard.host import load_client as LC
 from svcard.host.journal import Journal
+from svcard.host.server_config import clearing_config
 from svcard.host.specs import open_reader
 from svcard.host.stack import System, card_image, start_system
 from svcard.protocols import purse as P
@@ -72,7 +73,7 @@ def test_load_pay_clear_and_a_clean_audit(system: System, tmp_path: Path) -> Non
     assert after.figures["card balances"] == 10_000 - spent
     # the fixed-layout file verifies, and says what the JSON Lines twin says
     blob = Path(report.settlement_file).read_bytes()
-    config = CL.clearing_config(fixture_path("clearing-demo.toml"))
+    config = clearing_config(fixture_path("clearing-demo.toml"))
     parsed = CL.verify_settlement_file(config.settlement_key, blob)
     assert parsed["total_paid"] == spent and len(parsed["lines"]) == 3
     twin = [json.loads(x) for x in Path(report.jsonl_file).read_text().splitlines()]
@@ -104,7 +105,7 @@ def test_tampered_batches_and_records(system: System, tmp_path: Path) -> None:
     bad_amount = {**doc, "records": [bytes(rec).hex(), *doc["records"][1:]]}
     (folder / "a.json").write_text(json.dumps(bad_amount))
     # 2. a wrong card TAC supplied for a record with no TAC of its own: that record refused
-    config = CL.clearing_config(fixture_path("clearing-demo.toml"))
+    config = clearing_config(fixture_path("clearing-demo.toml"))
     records = [P.PsamRecord.parse(bytes.fromhex(r)) for r in doc["records"]]
     verdict = CL.check_batch(config, path)
     assert verdict.state == "cleared" and all(r.state == "cleared" for r in verdict.records)

@@ -24,6 +24,7 @@ from svcard.host import client as C
 from svcard.host import load_client as LC
 from svcard.host.audit import audit, card_balances
 from svcard.host.journal import Journal
+from svcard.host.server_config import clearing_config
 from svcard.host.specs import open_reader
 from svcard.host.stack import card_image, start_stack, start_system
 from svcard.host.terminal import TerminalError
@@ -149,7 +150,7 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path) -> None:
         closed = httpx.post(f"{pay_b.payment.url}/v1/batches/close", timeout=60,
                             headers={"Authorization": f"Bearer {system.admin_token}"})
         assert closed.status_code == 200 and closed.json()["batches"]
-        config = CL.clearing_config(write_clearing_config(tmp_path / "clearing.toml"))
+        config = clearing_config(write_clearing_config(tmp_path / "clearing.toml"))
         report = CL.run_clearing(config, system.batch_dir, CL.make_engine(system.clearing_db),
                                  tmp_path / "settlement",
                                  load_db_urls=(system.load.load_server.config.db_url,))
