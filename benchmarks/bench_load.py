@@ -15,60 +15,34 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import httpx
+from loadgen import Result, run_cards, summarize
 
+from svcard.host.journal import Journal
 from svcard.host.serving import wait_http as wait_up
+from svcard.reader import Reader
 
 ROOT = Path(__file__).resolve().parent.parent
 SVCARD = str(Path(sys.executable).parent / "svcard")
 
 
-def worker(args: tuple[int, int, str, str, float, str]) -> list[tuple[float, int, bool]]:
+def worker(args: tuple[int, int, str, str, float, str]) -> list[Result]:
+    """One client process: ``threads`` cards loading 0.01 in a loop for ``seconds``."""
     first, threads, bank_url, secret, seconds, journal_dir = args
-    from svcard.card.image import card_from_image
-    from svcard.card.personalise import image_from_profile
-    from svcard.fixtures import fixture_path
     from svcard.host import load_client as LC
-    from svcard.host.client import PaymentRefused
-    from svcard.host.journal import Journal
-    from svcard.reader import VirtualReader
 
-    results: list[tuple[float, int, bool]] = []
-    lock = threading.Lock()
-    end = time.monotonic() + seconds
+    def load(serial: int, reader: Reader, journal: Journal,
+             http: httpx.Client) -> tuple[bool, int]:
+        out = LC.load(bank_url, reader, account=f"a{serial}", secret=secret, amount=1,
+                      journal=journal, http=http)
+        return out.outcome == "loaded", out.round_trips
 
-    def run(serial: int) -> None:
-        image = image_from_profile(fixture_path("iep-demo.toml"), app_serial=f"{serial:020d}",
-                                   balance_limit=0xFFFFFFFF)
-        reader = VirtualReader(card_from_image(image))
-        reader.connect()
-        journal = Journal(Path(journal_dir) / f"j{serial}.jsonl")
-        with httpx.Client(timeout=60) as http:
-            while time.monotonic() < end:
-                started = time.perf_counter()
-                try:
-                    out = LC.load(bank_url, reader, account=f"a{serial}", secret=secret,
-                                  amount=1, journal=journal, http=http)
-                    ok, trips = out.outcome == "loaded", out.round_trips
-                except PaymentRefused:
-                    ok, trips = False, 0
-                with lock:
-                    results.append((time.perf_counter() - started, trips, ok))
-
-    pool = [threading.Thread(target=run, args=(first + i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return results
+    return run_cards(first, threads, seconds, journal_dir, load, balance_limit=0xFFFFFFFF)
 
 
 def main() -> int:
@@ -117,17 +91,14 @@ def main() -> int:
         for p in servers:
             p.terminate()
             p.wait(timeout=30)
-    results = [r for part in parts for r in part]
-    good = [r for r in results if r[2]]
-    lat = sorted(r[0] for r in good) or [0.0]
-    rate = len(good) / seconds
-    print(f"{args.procs * per} cards loading for {seconds:g} s: {len(good)} loads, "
-          f"{len(results) - len(good)} refused")
+    summary = summarize([r for part in parts for r in part], seconds)
+    rate = summary["rate"]
+    print(f"{args.procs * per} cards loading for {seconds:g} s: {summary['done']:.0f} loads, "
+          f"{summary['refused']:.0f} refused")
     print(f"loads/s {rate:.1f} (target >= 200: {'met' if rate >= 200 else 'NOT met'}); "
-          f"p50 {statistics.median(lat) * 1000:.1f} ms, "
-          f"p99 {lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000:.1f} ms; "
-          f"round trips {statistics.mean(r[1] for r in good) if good else 0:.1f}")
-    if not good:
+          f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms; "
+          f"round trips {summary['trips']:.1f}")
+    if not summary["done"]:
         return 1
     return 0
 

@@ -16,78 +16,35 @@ FIG. 5 with slow PSAMs.
 from __future__ import annotations
 
 import argparse
-import copy
 import multiprocessing as mp
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
+from loadgen import Result, run_cards, summarize
 
+from svcard.host.journal import Journal
 from svcard.host.serving import wait_http as wait_up
+from svcard.reader import Reader
 
 ROOT = Path(__file__).resolve().parent.parent
 SVCARD = str(Path(sys.executable).parent / "svcard")
 
 
-def worker(args: tuple[int, int, str, float, str]) -> list[tuple[float, int, bool]]:
+def worker(args: tuple[int, int, str, float, str]) -> list[Result]:
     """One client process: ``threads`` cards paying in a loop for ``seconds``."""
     first_serial, threads, checkout, seconds, journal_dir = args
-    from svcard.card.image import card_from_image
-    from svcard.card.personalise import image_from_profile
-    from svcard.fixtures import fixture_path
     from svcard.host import client as C
-    from svcard.host.journal import Journal
-    from svcard.reader import VirtualReader
 
-    base = image_from_profile(fixture_path("iep-demo.toml"))
-    base["app"]["ep"]["balance"] = 100_000
-    base["app"]["balance_limit"] = 100_000
-    results: list[tuple[float, int, bool]] = []
-    lock = threading.Lock()
-    end = time.monotonic() + seconds
+    def pay(serial: int, reader: Reader, journal: Journal,
+            http: httpx.Client) -> tuple[bool, int]:
+        return True, C.pay(checkout, reader, journal=journal, http=http).round_trips
 
-    def run(serial: int) -> None:
-        from svcard.protocols import purse as P
-        image = copy.deepcopy(base)
-        public = bytearray(bytes.fromhex(image["app"]["public_data"]))
-        public[10:20] = serial.to_bytes(10, "big")
-        image["app"]["public_data"] = public.hex()
-        # card keys follow the serial: personalise the same way the issuer does
-        from svcard.card.personalise import load_issuer
-        from svcard.protocols import crypto
-        issuer = load_issuer(fixture_path("demo-issuer.toml"))
-        s = serial.to_bytes(10, "big")
-        for kind, entries in (("purchase_keys", issuer.purchase), ("load_keys", issuer.load)):
-            image["app"][kind] = [{"index": e.index, "version": e.version,
-                                   "algorithm": e.algorithm,
-                                   "key": crypto.card_key(e.key, s).hex()} for e in entries]
-        image["app"]["tac_key"] = crypto.card_key(issuer.tac, s).hex()
-        assert P.PublicAppData.parse(bytes(public)).app_serial == s
-        reader = VirtualReader(card_from_image(image))
-        reader.connect()
-        journal = Journal(Path(journal_dir) / f"j{serial}.jsonl")
-        with httpx.Client(timeout=60) as http:
-            while time.monotonic() < end:
-                started = time.perf_counter()
-                try:
-                    outcome = C.pay(checkout, reader, journal=journal, http=http)
-                    ok, trips = True, outcome.round_trips
-                except C.PaymentRefused:
-                    ok, trips = False, 0
-                with lock:
-                    results.append((time.perf_counter() - started, trips, ok))
-
-    pool = [threading.Thread(target=run, args=(first_serial + i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return results
+    return run_cards(first_serial, threads, seconds, journal_dir, pay, balance_limit=100_000,
+                     balances={"ep": 100_000})
 
 
 def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: int,
@@ -127,13 +84,8 @@ def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: in
         for p in servers:
             p.terminate()
             p.wait(timeout=30)
-    results = [r for part in parts for r in part]
-    good = [r for r in results if r[2]]
-    lat = sorted(r[0] for r in good) or [0.0]
-    return {"rate": len(good) / seconds, "p50": statistics.median(lat) * 1000,
-            "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
-            "trips": statistics.mean(r[1] for r in good) if good else 0,
-            "refused": len(results) - len(good), "wall": took}
+    summary = summarize([r for part in parts for r in part], seconds)
+    return {**summary, "wall": took}
 
 
 def main() -> int:
