@@ -22,6 +22,7 @@ from svcard.host import apdus
 from svcard.host.client import PaymentRefused, _server_reason
 from svcard.host.journal import Journal
 from svcard.host.terminal import (
+    CardInfo,
     Declined,
     TerminalCheckFailed,
     call,
@@ -86,9 +87,11 @@ class _LoadSession:
 def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str, secret: str,
                amount: int, when: dt.datetime | None = None,
                request_id: str | None = None,
-               lookup_only: bool = False) -> tuple[dict[str, Any], int]:
-    """Steps 871-874: read the card, have the bank debit the account. (params, card balance)"""
-    info = select_purse(card)
+               lookup_only: bool = False,
+               info: CardInfo | None = None) -> tuple[dict[str, Any], int]:
+    """Steps 871-874: read the card (``info``: already selected), have the bank debit the
+    account. (params, card balance)"""
+    info = info or select_purse(card)
     info.check_dates((when or dt.datetime.now()).date())
     balance = int.from_bytes(call(card, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
     limit = read_balance_limit(card)
@@ -127,7 +130,8 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
                   request_id=request_id)
     try:
         params, balance = start_load(http, bank_url, card, account=account, secret=secret,
-                                     amount=amount, when=when, request_id=request_id)
+                                     amount=amount, when=when, request_id=request_id,
+                                     info=info)
     except PaymentRefused:  # the bank refused: it debited nothing
         journal.write(f"req-{request_id}", "load-done", reason="the bank refused")
         raise
@@ -142,7 +146,7 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
                                             s.terminal_id))
     if not answer.ok:  # e.g. the limit: the bank was told otherwise. Nothing can load now.
         journal.write(txn, "card-refused", card_sw=answer.sw)
-        return _negative(s, http, journal, card, info.app_serial, balance,
+        return _negative(s, http, journal, card, balance,
                          f"the card refused INITIALIZE FOR LOAD: {answer.sw:04X} "
                          f"({SW.meaning(answer.sw)})")
     init = P.InitForLoadAnswer.parse(answer.data)
@@ -162,12 +166,12 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
         if exc.status == 503:
             raise
         journal.write(txn, "request-refused", reason=exc.reason)
-        return _negative(s, http, journal, card, info.app_serial, init.balance,
+        return _negative(s, http, journal, card, init.balance,
                          f"the load server refused the request: {exc.reason}")
     command = M.parse(L.LoadCommand, command_bytes, "load command")
     if command.amount != amount:
         journal.write(txn, "command-refused", reason="amount changed in transit")
-        return _negative(s, http, journal, card, info.app_serial, init.balance,
+        return _negative(s, http, journal, card, init.balance,
                          "the load command changed the amount: not passed to the card")
     journal.write(txn, "load-command", s2=command.s2.hex(), date=command.date.hex(),
                   time=command.time.hex())
@@ -175,14 +179,14 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
     answer = card.exchange(apdus.credit_for_load(command.date, command.time, command.s2))
     if not answer.ok:
         journal.write(txn, "card-refused", card_sw=answer.sw)
-        return _negative(s, http, journal, card, info.app_serial, init.balance,
+        return _negative(s, http, journal, card, init.balance,
                          f"the card did not load: {answer.sw:04X} ({SW.meaning(answer.sw)})")
     journal.write(txn, "card-loaded", s3=answer.data.hex())
     return _send_result(s, http, journal, L.RESULT_LOADED, answer.data, None, init.balance)
 
 
 def _negative(s: _LoadSession, http: httpx.Client, journal: Journal, card: Reader,
-              card_serial: str, balance: int, why: str) -> LoadOutcome:
+              balance: int, why: str) -> LoadOutcome:
     """Negative result handling: a new zero-value load request with a new S1."""
     select_purse(card)
     init = P.InitForLoadAnswer.parse(call(
@@ -265,10 +269,10 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
                     outcome = _send_result(s, http, journal, L.RESULT_LOADED, proof[1], None,
                                            balance)
                 else:
-                    outcome = _negative(s, http, journal, card, info.app_serial, balance,
+                    outcome = _negative(s, http, journal, card, balance,
                                         "interrupted; the card has no proof of this load")
             else:  # started, requested, or refused before the card had S2: never loaded
-                outcome = _negative(s, http, journal, card, info.app_serial, balance,
+                outcome = _negative(s, http, journal, card, balance,
                                     f"interrupted at {state}: the card never saw S2")
         except (PaymentRefused, Declined) as exc:
             report.append({"txn_id": txn, "outcome": f"still open: {exc}"})
@@ -298,13 +302,12 @@ def _resume_start(card: Reader, journal: Journal, http: httpx.Client, entry: dic
     if txn in known:  # the load itself is in the journal: it is resumed on its own
         journal.write(key, "load-done", txn=txn)
         return {"txn_id": key, "outcome": f"continued as {txn}"}
-    info = select_purse(card)
     s = _LoadSession(params)
-    journal.write(txn, "load-started", kind=KIND, params=params, card_serial=info.app_serial,
-                  balance=balance)
+    journal.write(txn, "load-started", kind=KIND, params=params,
+                  card_serial=entry["card_serial"], balance=balance)
     journal.write(key, "load-done", txn=txn)
     try:
-        outcome = _negative(s, http, journal, card, info.app_serial, balance,
+        outcome = _negative(s, http, journal, card, balance,
                             "the bank's answer was lost: the card never saw this load")
     except (PaymentRefused, Declined, httpx.HTTPError) as exc:
         return {"txn_id": txn, "outcome": f"still open: {exc}"}
