@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from svcard.host.db import DuplicateError, now_ms
+from svcard.host.db import DuplicateError, first_row, now_ms
 from svcard.host.db import make_engine as make_db_engine
 
 metadata = MetaData()
@@ -140,15 +140,10 @@ class BankDb:
                 raise DuplicateError("transaction id or request id already used") from None
 
     def load(self, txn_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(bank_loads).where(bank_loads.c.txn_id == txn_id)).first()
-        return dict(row._mapping) if row is not None else None
+        return first_row(self.engine, bank_loads, txn_id=txn_id)
 
     def load_by_request(self, request_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(bank_loads).where(
-                bank_loads.c.request_id == request_id)).first()
-        return dict(row._mapping) if row is not None else None
+        return first_row(self.engine, bank_loads, request_id=request_id)
 
     def register(self, txn_id: str, loaded: bool, reason: str) -> bool:
         """Step 892. False if the load was already registered (nothing changes then)."""

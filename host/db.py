@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, select, update
+from sqlalchemy.exc import IntegrityError
 
 
 class DuplicateError(Exception):
@@ -32,3 +33,22 @@ def make_engine(url: str, metadata: MetaData) -> Engine:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def first_row(engine: Engine, table: Table, **where: Any) -> dict[str, Any] | None:
+    """The first row of ``table`` whose columns equal ``where``, as a dict."""
+    query = select(table).where(*(table.c[name] == value for name, value in where.items()))
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def update_row(engine: Engine, table: Table, row_id: int, **values: Any) -> None:
+    """Change one row (by ``id``) and stamp it ``updated``; a unique key that says no is a
+    :class:`DuplicateError`."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(table).where(table.c.id == row_id).values(
+                updated=now_ms(), **values))
+    except IntegrityError as exc:
+        raise DuplicateError(str(exc.orig)) from None

@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from svcard.host.db import DuplicateError, now_ms
+from svcard.host.db import DuplicateError, first_row, now_ms, update_row
 from svcard.host.db import make_engine as make_db_engine
 
 metadata = MetaData()
@@ -81,10 +81,7 @@ class LoadDb:
     engine: Engine
 
     def get(self, bank_id: str, txn_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(loads).where(loads.c.bank_id == bank_id,
-                                                   loads.c.txn_id == txn_id)).first()
-        return dict(row._mapping) if row is not None else None
+        return first_row(self.engine, loads, bank_id=bank_id, txn_id=txn_id)
 
     def insert(self, values: dict[str, Any]) -> int:
         stamp = now_ms()
@@ -114,12 +111,7 @@ class LoadDb:
         return int(closed or 0)
 
     def set(self, row_id: int, **values: Any) -> None:
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(update(loads).where(loads.c.id == row_id).values(
-                    updated=now_ms(), **values))
-        except IntegrityError as exc:
-            raise DuplicateError(str(exc.orig)) from None
+        update_row(self.engine, loads, row_id, **values)
 
     def recover(self) -> int:
         """On start: requests the HSM never answered issued no S2, so no card loaded them."""

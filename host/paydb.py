@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from svcard.host.db import DuplicateError, now_ms
+from svcard.host.db import DuplicateError, first_row, now_ms, update_row
 from svcard.host.db import make_engine as make_db_engine
 
 metadata = MetaData()
@@ -82,16 +82,10 @@ class PaymentDb:
     engine: Engine
 
     def get(self, merchant_id: str, txn_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(payments).where(payments.c.merchant_id == merchant_id,
-                                                      payments.c.txn_id == txn_id)).first()
-        return dict(row._mapping) if row is not None else None
+        return first_row(self.engine, payments, merchant_id=merchant_id, txn_id=txn_id)
 
     def by_psam_ttn(self, psam_id: str, ttn: int) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(payments).where(payments.c.psam_id == psam_id,
-                                                      payments.c.ttn == ttn)).first()
-        return dict(row._mapping) if row is not None else None
+        return first_row(self.engine, payments, psam_id=psam_id, ttn=ttn)
 
     def insert_received(self, values: dict[str, Any]) -> int:
         """Void unfinished payments of the same card counter, then record the draw."""
@@ -118,12 +112,7 @@ class PaymentDb:
                 state="received", reason="", updated=now_ms(), **values))
 
     def set(self, row_id: int, **values: Any) -> None:
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(update(payments).where(payments.c.id == row_id).values(
-                    updated=now_ms(), **values))
-        except IntegrityError as exc:
-            raise DuplicateError(str(exc.orig)) from None
+        update_row(self.engine, payments, row_id, **values)
 
     def recover(self) -> int:
         """On start: draws that never reached a PSAM answer are void. Returns how many."""
