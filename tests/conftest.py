@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from svcard.card.image import card_from_image, save_new_image
@@ -55,3 +57,10 @@ def image_files(tmp_path: Path) -> dict[str, Path]:
         out[kind] = tmp_path / f"{kind}.json"
         save_new_image(out[kind], image)
     return out
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    """A real HTTP client for the loopback servers."""
+    with httpx.Client(timeout=30) as client:
+        yield client

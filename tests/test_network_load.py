@@ -43,12 +43,6 @@ def card(tmp_path: Path) -> Path:
     return card_image(tmp_path, ep=1_000)
 
 
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30) as client:
-        yield client
-
-
 def balance(card: Path) -> int:
     return int(read_image(card)["app"]["ep"]["balance"])
 

@@ -38,12 +38,6 @@ def card(tmp_path: Path) -> Path:
     return card_image(tmp_path, ep=10_000)
 
 
-@pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30) as client:
-        yield client
-
-
 def pay(stack: Stack, card: Path, http: httpx.Client, journal: Journal, sku: str = "ticket",
         variant: str = "fig6", **kwargs: Any) -> C.PaymentOutcome:
     with open_reader(f"virtual:{card}") as reader:
