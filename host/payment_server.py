@@ -342,17 +342,21 @@ class PaymentServer:
         if not self.config.concentration_dir:
             return JSONResponse({"reason": "no concentration_dir configured"},
                                 status_code=409)
-        written = []
-        for psam in list(self.pool.psams):
-            await self.pool.acquire_this(psam, self.config.acquire_timeout * 10)
-            try:
+        written, taken = [], []
+        try:  # each PSAM as its transaction ends; held until all are closed
+            for _ in self.pool.psams:
+                psam = await self.pool.acquire(self.config.acquire_timeout * 10)
+                taken.append(psam)
                 batch = await self.pool.run(psam, collect_batch)
-            finally:
+                if batch is not None:
+                    written.append(await self.sql(self._write_batch, psam, batch))
+        except PoolExhausted as exc:
+            return JSONResponse({"reason": f"PSAMs stayed busy ({exc}); closed "
+                                           f"{len(written)} batches", "batches": written},
+                                status_code=503)
+        finally:
+            for psam in taken:
                 self.pool.release(psam)
-            if batch is None:
-                continue
-            path = await self.sql(self._write_batch, psam, batch)
-            written.append(path)
         return JSONResponse({"batches": written})
 
     def _write_batch(self, psam: PooledPsam, batch: dict[str, Any]) -> str:

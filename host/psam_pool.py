@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from svcard.host import apdus
@@ -55,14 +54,3 @@ class PsamPool(ReaderPool[PooledPsam]):
     @property
     def terminal_id(self) -> bytes:
         return self.psams[0].terminal_id
-
-    async def acquire_this(self, psam: PooledPsam, timeout: float) -> None:
-        """Take one given PSAM out of the pool (waiting for its transaction to end)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            taken = await self.acquire(max(deadline - loop.time(), 0.01))
-            if taken is psam:
-                return
-            self.release(taken)
-            await asyncio.sleep(0.005)
