@@ -8,6 +8,13 @@ Persistent writes of a value transaction, in order (each one an atomic image wri
 
 A card that loses power after write 1 finishes write 2 when it is next powered (see
 :meth:`Iep.recover`), so balance, counter, proof and log always agree.
+
+MAC failures: every purse key (purchase keys and load keys, each by key index) has a counter of
+CONSECUTIVE wrong MACs (MAC1 of DEBIT, S2 of CREDIT FOR LOAD). A wrong MAC adds one and is
+written to the image before the card answers ``9302``; a right MAC sets it back to 0 in the same
+image write as the value it moves. At ``mac_failure_limit`` the key is locked: INITIALIZE with
+it answers ``6983`` (authentication method blocked) until the issuer re-personalises the card
+(:func:`unlock_keys`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from svcard.protocols.apdu import CommandAPDU
 
 MAX_AMOUNT = 0xFFFFFFFF
 MAX_COUNTER = 0xFFFF
+DEFAULT_MAC_FAILURE_LIMIT = 15   # a 4-bit key error counter, as on common card OSes
+KEY_LOCKED = SW.PIN_BLOCKED      # 6983: authentication method blocked (ISO 7816-4)
 
 
 @dataclass(slots=True)
@@ -88,6 +97,10 @@ class IepState:
     pending_log: bytes | None = None
     fixed_random: bytes | None = None
     label: str = "SVCARD ED/EP"
+    mac_failure_limit: int = DEFAULT_MAC_FAILURE_LIMIT
+    # consecutive wrong MACs per key index; a key at the limit is locked
+    purchase_mac_failures: dict[int, int] = field(default_factory=dict)
+    load_mac_failures: dict[int, int] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"IepState(aid={self.aid.hex()}, ep={self.ep}, ed={self.ed})"
@@ -113,6 +126,9 @@ class IepState:
             "proof": self.proof.to_json() if self.proof else None,
             "pending_log": self.pending_log.hex().upper() if self.pending_log else None,
             "fixed_random": self.fixed_random.hex().upper() if self.fixed_random else None,
+            "mac_failure_limit": self.mac_failure_limit,
+            "purchase_mac_failures": _counts_to_json(self.purchase_mac_failures),
+            "load_mac_failures": _counts_to_json(self.load_mac_failures),
         }
 
     @classmethod
@@ -141,12 +157,39 @@ class IepState:
             proof=Proof.from_json(d["proof"]) if d.get("proof") else None,
             pending_log=bytes.fromhex(d["pending_log"]) if d.get("pending_log") else None,
             fixed_random=bytes.fromhex(d["fixed_random"]) if d.get("fixed_random") else None,
+            # images written before the MAC-failure counters load with none counted
+            mac_failure_limit=int(d.get("mac_failure_limit", DEFAULT_MAC_FAILURE_LIMIT)),
+            purchase_mac_failures=_counts_from_json(d.get("purchase_mac_failures")),
+            load_mac_failures=_counts_from_json(d.get("load_mac_failures")),
         )
+        if not 1 <= state.mac_failure_limit <= 255:
+            raise ValueError("mac_failure_limit is 1..255")
         if len(state.public_data) != 30 or len(state.holder_data) != 55:
             raise ValueError("EF 0x15 has 30 bytes and EF 0x16 has 55")
         if len(state.tac_key) != 16:
             raise ValueError("the TAC key has 16 bytes")
         return state
+
+
+def _counts_to_json(counts: dict[int, int]) -> dict[str, int]:
+    return {str(index): n for index, n in sorted(counts.items()) if n}
+
+
+def _counts_from_json(raw: Any) -> dict[int, int]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError("MAC failure counters are an object {key index: count}")
+    out = {int(k): int(v) for k, v in raw.items()}
+    if any(not 0 <= k <= 255 or v < 0 for k, v in out.items()):
+        raise ValueError("a MAC failure counter has a key index 0..255 and a count >= 0")
+    return out
+
+
+def unlock_keys(state: IepState) -> None:
+    """The issuer's unlock, at re-personalisation: every key's MAC-failure counter to 0."""
+    state.purchase_mac_failures.clear()
+    state.load_mac_failures.clear()
 
 
 @dataclass(slots=True)
@@ -246,6 +289,27 @@ class Iep(TableApplication):
     def _random(self) -> bytes:
         return self.state.fixed_random or os.urandom(4)
 
+    def _failures(self, session: _Session) -> dict[int, int]:
+        s = self.state
+        return s.load_mac_failures if session.kind == P.INIT_LOAD else s.purchase_mac_failures
+
+    def _check_not_locked(self, failures: dict[int, int], key: KeyEntry) -> None:
+        if failures.get(key.index, 0) >= self.state.mac_failure_limit:
+            raise CardError(KEY_LOCKED)
+
+    def _mac_failed(self, session: _Session) -> CardError:
+        """Count a wrong MAC against the session's key, persisted before the card answers."""
+        failures = self._failures(session)
+        failures[session.key.index] = min(failures.get(session.key.index, 0) + 1,
+                                          self.state.mac_failure_limit)
+        self.persist()
+        return CardError(SW.MAC_INVALID)
+
+    def _mac_ok(self, session: _Session) -> None:
+        """A right MAC: the key's count of consecutive failures restarts (written together
+        with the value the MAC moves, write 1 of :meth:`_commit_value`)."""
+        self._failures(session).pop(session.key.index, None)
+
     def _append_log(self, record: bytes) -> None:
         self.state.log.insert(0, record)
         del self.state.log[P.LOG_RECORDS:]
@@ -285,6 +349,7 @@ class Iep(TableApplication):
             key = s.load_keys.get(req.key_index)
             if key is None:
                 raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
+            self._check_not_locked(s.load_mac_failures, key)
             if purse.online_counter >= MAX_COUNTER:
                 raise CardError(SW.COUNTER_AT_MAXIMUM)
             if purse.balance + req.amount > s.balance_limit:
@@ -303,6 +368,7 @@ class Iep(TableApplication):
         key = s.purchase_keys.get(req.key_index)
         if key is None:
             raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
+        self._check_not_locked(s.purchase_mac_failures, key)
         if purse.offline_counter >= MAX_COUNTER:
             raise CardError(SW.COUNTER_AT_MAXIMUM)
         if req.amount > purse.balance:
@@ -330,7 +396,8 @@ class Iep(TableApplication):
         mac2_input = crypto.load_mac2_input(session.amount, session.txn_type,
                                             session.terminal_id, req.date, req.time)
         if not hmac.compare_digest(crypto.mac(session.session_key, mac2_input), req.mac2):
-            raise CardError(SW.MAC_INVALID)
+            raise self._mac_failed(session)
+        self._mac_ok(session)
         purse = self.state.ed if session.purse_id == P.PURSE_ED else self.state.ep
         new_balance = session.balance + session.amount
         tac = crypto.tac(self.state.tac_key, crypto.load_tac_input(
@@ -360,7 +427,8 @@ class Iep(TableApplication):
         mac1_input = crypto.purchase_mac1_input(session.amount, session.txn_type,
                                                 session.terminal_id, req.date, req.time)
         if not hmac.compare_digest(crypto.mac(sk, mac1_input), req.mac1):
-            raise CardError(SW.MAC_INVALID)
+            raise self._mac_failed(session)
+        self._mac_ok(session)
         purse = self.state.ed if session.purse_id == P.PURSE_ED else self.state.ep
         mac2 = crypto.mac(sk, crypto.purchase_mac2_input(session.amount))
         tac = crypto.tac(self.state.tac_key, crypto.purchase_tac_input(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from svcard.card.hsm import HsmState, IssuerLoadKeys
-from svcard.card.iep import IepState, Purse, encode_pin
+from svcard.card.iep import DEFAULT_MAC_FAILURE_LIMIT, IepState, Purse, encode_pin
 from svcard.card.image import new_image
 from svcard.card.keys import KeyEntry
 from svcard.card.psam import IssuerKey, PsamState
@@ -210,6 +210,8 @@ def _iep(data: dict[str, Any], path: Path) -> dict[str, Any]:
         balance_limit=limit, purchase_keys=purchase, load_keys=load, tac_key=tac,
         pin=str(pin) if pin is not None else None, pin_try_limit=tries, pin_tries_left=tries,
         ep=ep, ed=ed,
+        mac_failure_limit=_int(data.get("mac_failure_limit", DEFAULT_MAC_FAILURE_LIMIT),
+                               "mac_failure_limit", 1, 255),
         fixed_random=_hex(data["fixed_random"], 4, "fixed_random")
         if "fixed_random" in data else None,
     )

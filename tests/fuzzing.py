@@ -4,8 +4,11 @@
 A :class:`FuzzTarget` holds a selected IEP (with value) and a selected PSAM in memory and checks
 after every command that: the answer is at least a status word; the status word is a valid ISO
 7816 one and never 6F00 (an exception inside the card); no purse balance or counter moved
-(the fuzzer never knows a key, so it can never send a valid MAC); and the PSAM recorded no
-credited purchase (that needs the card's MAC2).
+(the fuzzer never knows a key, so it can never send a valid MAC); the PSAM recorded no
+credited purchase (that needs the card's MAC2); no key's count of wrong MACs passes the card's
+``mac_failure_limit``, and a locked key is refused at INITIALIZE (``6983``, a valid ISO 7816
+status word: authentication method blocked). The fuzzer's wrong MACs lock keys quickly; every
+power cycle the issuer unlocks them (:func:`unlock_keys`) so the MAC paths stay reachable.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 from conftest import demo_image, with_balance
 
+from svcard.card.iep import unlock_keys
 from svcard.card.image import card_from_image
 from svcard.protocols import sw as SW
 
@@ -81,7 +85,10 @@ class FuzzTarget:
 
     def send(self, which: str, apdu: bytes) -> bytes:
         card = self.iep if which == "iep" else self.psam
+        locked = which == "iep" and self._locked_initialize(apdu)
         out = card.transmit(apdu)
+        if locked:
+            assert out[-2:] != b"\x90\x00", f"{apdu.hex()}: INITIALIZE with a locked key"
         assert isinstance(out, bytes) and len(out) >= 2, f"{apdu.hex()}: answer {out!r}"
         sw = int.from_bytes(out[-2:], "big")
         assert SW.is_valid(sw), f"{apdu.hex()}: invalid status word {sw:04X}"
@@ -92,10 +99,23 @@ class FuzzTarget:
 
     def check(self) -> None:
         assert self._iep_value() == self._value, "purse value moved without a valid MAC"
+        s = self.iep.apps[0].state  # type: ignore[attr-defined]
+        for counts in (s.purchase_mac_failures, s.load_mac_failures):
+            assert all(0 <= n <= s.mac_failure_limit for n in counts.values()), \
+                "a MAC failure counter went past the card's limit"
         for raw in self.psam.apps[0].state.records:  # type: ignore[attr-defined]
             assert raw[-1] == 1, "the PSAM credited a purchase without the card's MAC2"
 
+    def _locked_initialize(self, apdu: bytes) -> bool:
+        """True if ``apdu`` is an INITIALIZE naming a key that is locked."""
+        if len(apdu) < 6 or apdu[0] != 0x80 or apdu[1] != 0x50 or apdu[2] > 2:
+            return False
+        s = self.iep.apps[0].state  # type: ignore[attr-defined]
+        counts = s.load_mac_failures if apdu[2] == 0 else s.purchase_mac_failures
+        return bool(counts.get(apdu[5], 0) >= s.mac_failure_limit)
+
     def power_cycle(self) -> None:
+        unlock_keys(self.iep.apps[0].state)  # type: ignore[attr-defined]
         self.iep.reset()
         self.psam.reset()
         self.iep.transmit(IEP_SEEDS[0])

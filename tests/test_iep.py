@@ -21,7 +21,16 @@ def host_with(ep: int = 0, ed: int = 0, **changes: object) -> tuple[RawHost, Car
 
 
 def snapshot(card: Card) -> dict:
-    return copy.deepcopy(card.apps[0].to_state())
+    """The card's state but its MAC-failure counters (a wrong MAC counts, and nothing else
+    changes: tests/test_card_lockout.py checks the counters)."""
+    state = copy.deepcopy(card.apps[0].to_state())
+    del state["purchase_mac_failures"], state["load_mac_failures"]
+    return state
+
+
+def failures(card: Card) -> tuple[dict, dict]:
+    state = card.apps[0].to_state()
+    return state["purchase_mac_failures"], state["load_mac_failures"]
 
 
 # --- selection and files -------------------------------------------------------------------
@@ -154,6 +163,7 @@ def test_credit_with_bad_mac_changes_nothing() -> None:
     bad[0] ^= 1
     assert host.sw(host.credit_apdu(bytes(bad))) == 0x9302
     assert snapshot(card) == before
+    assert failures(card) == ({}, {"1": 1})  # the wrong S2 is counted against load key 1
     # the session is gone: even the right MAC now needs a new INITIALIZE
     assert host.sw(host.credit_apdu(host.load_mac2(sk, 50))) == 0x6985
     assert snapshot(card) == before
@@ -289,6 +299,7 @@ def test_debit_with_bad_mac_changes_nothing() -> None:
     before = snapshot(card)
     assert host.sw(host.debit_apdu(1, bytes.fromhex("DEADBEEF"))) == 0x9302
     assert snapshot(card) == before
+    assert failures(card) == ({"1": 1}, {})  # counted against purchase key 1
     assert host.balance() == 100
 
 
