@@ -5,6 +5,15 @@ PBOC commands: READ BINARY of the terminal id (``00 B0 96 00 06``), INIT SAM FOR
 terminal transaction number and MAC1, CREDIT SAM FOR PURCHASE (``80 72 00 00 04`` MAC2; our
 ``08`` form adds the card's TAC for the collection record).
 
+Every purchase is recorded at INIT SAM, before the card answers: a record with no TAC and
+status 1 (not credited by this PSAM). In the PBOC form the session then stays pending; CREDIT
+SAM with the expected MAC2 rewrites *that* record in place (same TTN, still in the open batch)
+to status 0 with the card's TAC. A wrong MAC2 ends the session and changes no record. If the
+session is lost first (any other command, a power cut, a host that gave up waiting), the record
+stays without TAC: the payment server, which compared the card's MAC2 with the expected one,
+hands the card's TAC with the batch ("proofs") or later (late proofs). So a purchase the PSAM
+signed for is never missing from its batch, whatever happens between INIT and CREDIT SAM.
+
 svcard extensions (CLA 80):
 
 * ``80 70 01 00`` INIT SAM FOR PURCHASE, early release: the answer adds the *expected card MAC2*
@@ -86,9 +95,15 @@ class Records:
         self._raw: list[bytes] = list(raw or [])
         self._hex: list[str] = [r.hex().upper() for r in self._raw]
 
-    def append(self, record: bytes) -> None:
+    def append(self, record: bytes) -> int:
+        """Add a record; its index."""
         self._raw.append(record)
         self._hex.append(record.hex().upper())
+        return len(self._raw) - 1
+
+    def replace(self, index: int, record: bytes) -> None:
+        self._raw[index] = record
+        self._hex[index] = record.hex().upper()
 
     def __len__(self) -> int:
         return len(self._raw)
@@ -185,6 +200,7 @@ class _Pending:
     txn_type: int
     date: bytes
     time: bytes
+    index: int = -1    # where INIT SAM put its record in the open batch
 
 
 def batch_mac(batch_key: bytes, header: bytes, records: Iterable[bytes]) -> bytes:
@@ -273,12 +289,13 @@ class Psam(TableApplication):
         early = cmd.p1 == 0x01
         s.previous = Signature(ttn, mac1, mac2,
                                P.SIGNATURE_RELEASED if early else P.SIGNATURE_PENDING)
+        # recorded now, in both forms: a purchase this PSAM signed for is in its batch even if
+        # CREDIT SAM never comes (the host proves it later with the card's TAC)
+        pending.index = s.records.append(self._record(pending, bytes(4), status=1))
+        self.persist()
         if early:
-            s.records.append(self._record(pending, bytes(4), status=1))
-            self.persist()
             return P.InitSamAnswerEarly.build(
                 {"terminal_txn_number": ttn, "mac1": mac1, "expected_mac2": mac2})
-        self.persist()
         self._pending = pending
         return P.InitSamAnswer.build({"terminal_txn_number": ttn, "mac1": mac1})
 
@@ -304,7 +321,11 @@ class Psam(TableApplication):
         if not hmac.compare_digest(mac2, pending.expected_mac2):
             raise CardError(SW.MAC_INVALID)
         s = self.state
-        s.records.append(self._record(pending, tac, status=0))
+        index = pending.index
+        if not (0 <= index < len(s.records)
+                and P.PsamRecord.parse(s.records[index]).terminal_txn_number == pending.ttn):
+            raise CardError(SW.CONDITIONS_NOT_SATISFIED)  # the batch moved on: cannot happen
+        s.records.replace(index, self._record(pending, tac, status=0))
         s.previous = Signature(pending.ttn, s.previous.mac1, pending.expected_mac2,
                                P.SIGNATURE_CREDITED)
         self.persist()

@@ -80,10 +80,32 @@ def test_credit_sam_bad_mac_and_without_init(psam: Card) -> None:
     assert tx(psam, "8072000004DEADBEEF")[1] == 0x6985
     tx(psam, init_sam_apdu())
     before = copy.deepcopy(psam.apps[0].to_state())
+    # INIT SAM recorded the purchase already: no TAC, status 1 (not credited)
+    (raw,) = before["records"]
+    rec = P.PsamRecord.parse(bytes.fromhex(raw))
+    assert (rec.terminal_txn_number, rec.tac, rec.status) == (1, bytes(4), 1)
     assert tx(psam, "8072000004DEADBEEF")[1] == 0x9302
     after = psam.apps[0].to_state()
-    assert after["records"] == before["records"] == []
+    assert after["records"] == before["records"]  # a wrong MAC2 changes no record
     assert tx(psam, "8072000003DEADBE")[1] == 0x6985  # session gone after a failure
+
+
+def test_init_sam_records_at_once_and_credit_rewrites_that_record(psam: Card) -> None:
+    """T1: the record exists from INIT SAM on; CREDIT SAM completes it in place (same TTN, no
+    second record); a session lost before CREDIT SAM leaves the record without TAC."""
+    selected(psam, PSAM_AID)
+    assert tx(psam, init_sam_apdu(amount=100))[1] == 0x9000
+    assert tx(psam, "8078000000")[1] == 0x9000  # a query keeps the session
+    _, mac2 = expected_sam(b"\x01\x02\x03\x04", 5, 100, 1)
+    assert tx(psam, b"\x80\x72\x00\x00\x08" + mac2 + b"TAC1")[1] == 0x9000
+    tx(psam, init_sam_apdu(amount=200))          # TTN 2: its host never comes back
+    assert tx(psam, "807A000000")[1] == 0x9000   # another command: the session is gone
+    _, mac2 = expected_sam(b"\x01\x02\x03\x04", 5, 200, 2)
+    assert tx(psam, b"\x80\x72\x00\x00\x08" + mac2 + b"TAC2")[1] == 0x6985
+    records = [P.PsamRecord.parse(bytes.fromhex(r))
+               for r in psam.apps[0].to_state()["records"]]
+    assert [(r.terminal_txn_number, r.amount, r.tac, r.status) for r in records] == [
+        (1, 100, b"TAC1", 0), (2, 200, bytes(4), 1)]
 
 
 @pytest.mark.parametrize(("apdu", "sw"), [
