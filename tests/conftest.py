@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,27 @@ from svcard.card.runtime import Card
 from svcard.fixtures import fixture_path
 
 _CACHE: dict[str, dict[str, Any]] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("svcard simulation")
+    group.addoption("--sim-ops", type=int, default=None,
+                    help="operations in the whole-system simulation (default 2000, or "
+                         "SVCARD_SIM_OPS)")
+    group.addoption("--sim-seed", type=int, default=None,
+                    help="the simulation's seed (default 20261122, or SVCARD_SIM_SEED)")
+
+
+@pytest.fixture
+def sim_ops(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--sim-ops")
+    return int(value if value is not None else os.environ.get("SVCARD_SIM_OPS", "2000"))
+
+
+@pytest.fixture
+def sim_seed(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--sim-seed")
+    return int(value if value is not None else os.environ.get("SVCARD_SIM_SEED", "20261122"))
 
 
 def demo_image(kind: str, **app_changes: Any) -> dict[str, Any]:

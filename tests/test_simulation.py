@@ -5,18 +5,25 @@ card answers lost before or after the card acted). Every card's interrupted tran
 resumed the next time it is used, as ``svcard pay``/``svcard load`` do; at the end, batches are
 closed, clearing runs, and the audit must balance to the cent.
 
-``SVCARD_SIM_OPS`` (default 2000) and ``SVCARD_SIM_SEED`` change the run.
+Beside the honest clients run attackers (:mod:`sim_attacks`): forged, replayed, raced,
+truncated and out-of-order messages of every kind, and fabricated draws on honest cards'
+serials. After the run: no money created or lost, no goods released unpaid, no honest card or
+payment blocked, every attack refused, audit clean.
+
+``--sim-ops N`` / ``SVCARD_SIM_OPS`` (default 2000) and ``--sim-seed S`` / ``SVCARD_SIM_SEED``
+change the run; the seed is printed first, and a failing seed replays the same sequence of
+operations and attacks (thread timing inside a race may differ).
 """
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sim_attacks import ATTACKS, Arena
 
 from svcard.fixtures import fixture_path
 from svcard.host import clearing as CL
@@ -31,8 +38,7 @@ from svcard.host.terminal import TerminalError
 from svcard.protocols import messages as M
 from svcard.reader import Reader
 
-OPS = int(os.environ.get("SVCARD_SIM_OPS", "2000"))
-SEED = int(os.environ.get("SVCARD_SIM_SEED", "20261122"))
+ATTACK_RATE = 0.12
 MERCHANT_B = bytes.fromhex("4D45524348303032")   # "MERCH002"
 TERMINAL_B = bytes.fromhex("000000000002")
 CARDS, ACCOUNTS, FUNDING = 6, 3, 2_000_000
@@ -87,7 +93,11 @@ acquirer_id = "4143515530303032"
     return path
 
 
-def test_randomized_simulation_balances_to_the_cent(tmp_path: Path) -> None:
+def test_randomized_simulation_balances_to_the_cent(tmp_path: Path, sim_ops: int,
+                                                   sim_seed: int) -> None:
+    OPS, SEED = sim_ops, sim_seed
+    print(f"\nsimulation: seed {SEED}, {OPS} operations (replay: --sim-seed {SEED} "
+          f"--sim-ops {OPS})")
     rng = random.Random(SEED)
     system = start_system(tmp_path / "sys", psams=2, hold_timeout=2.0)
     pay_b = start_stack(tmp_path / "payB", psams=2, merchant_id=MERCHANT_B,
@@ -104,7 +114,11 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path) -> None:
         stacks = [system.pay, pay_b]
         skus = ["song", "ticket", "article", "login"]
         with httpx.Client(timeout=30) as clean_http:
+            arena = Arena(rng, stacks, cards, journal, clean_http)
             for _ in range(OPS):
+                if rng.random() < ATTACK_RATE:
+                    rng.choice(ATTACKS)(arena)
+                    continue
                 card = rng.choice(cards)
                 with open_reader(f"virtual:{card}") as reader:
                     try:  # what an interruption left on this card, first
@@ -135,6 +149,9 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path) -> None:
                             stats["purchase done"] += 1
                     except (TerminalError, httpx.HTTPError, CardLost) as exc:
                         stats[f"ended: {type(exc).__name__}"] += 1
+                        if (http is clean_http and isinstance(exc, C.PaymentRefused)
+                                and exc.status == 409):
+                            arena.tally.breaches.append(f"honest operation refused: {exc}")
                     finally:
                         if http is not clean_http:
                             http.close()
@@ -143,6 +160,9 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path) -> None:
                     with open_reader(f"virtual:{card}") as reader:
                         C.resume(reader, journal=journal, http=clean_http)
                         LC.resume_loads(reader, journal=journal, http=clean_http)
+        print("attacks:", arena.tally.table())
+        assert arena.tally.breaches == [], arena.tally.breaches[:20]
+        assert sum(arena.tally.tried.values()) > OPS * ATTACK_RATE / 2
         open_left = [e for e in journal.entries().values()
                      if e["state"] not in ("done", "abandoned", "refused", "load-done")]
         assert open_left == []

@@ -1,0 +1,361 @@
+"""Attacker clients for the whole-system simulation (``tests/test_simulation.py``).
+
+Each attack is what a hostile client would send, built step by step from what anyone can get
+(a merchant's checkout hands out order tickets to anyone; a card's serial and counters are
+printed on receipts and in logs) or from what a compromised client side holds (the session keys
+of its own orders). Each one records in a :class:`Tally` whether the system refused it; an
+attack that got anything it should not (goods, a refund, a blocked honest card, a state moved by
+unauthenticated data) is a *breach*, named with its details so a failing seed says what broke.
+
+The attacks run between honest operations, on the same servers, cards and databases, so the
+audit after the run also proves they left no trace in the money.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from svcard.host import client as C
+from svcard.host.journal import Journal
+from svcard.host.specs import open_reader
+from svcard.host.stack import Stack
+from svcard.host.terminal import TerminalError, select_purse
+from svcard.protocols import messages as M
+from svcard.protocols import secure
+
+OCTETS = {"Content-Type": "application/octet-stream"}
+
+
+@dataclass
+class Tally:
+    tried: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    breaches: list[str] = field(default_factory=list)
+
+    def outcome(self, kind: str, refused: bool, detail: str = "") -> None:
+        self.tried[kind] += 1
+        if refused:
+            self.refused[kind] += 1
+        else:
+            self.breaches.append(f"{kind}: {detail}")
+
+    def table(self) -> dict[str, str]:
+        return {k: f"{self.refused[k]}/{n} refused" for k, n in sorted(self.tried.items())}
+
+
+@dataclass
+class Arena:
+    """What the attackers can reach: the payment stacks, the honest cards, an HTTP client."""
+
+    rng: random.Random
+    stacks: list[Stack]
+    cards: list[Path]
+    journal: Journal
+    http: httpx.Client
+    tally: Tally = field(default_factory=Tally)
+    confirmations: list[bytes] = field(default_factory=list)   # honest ones, seen on the wire
+    draws: list[tuple[Stack, str, str, bytes]] = field(default_factory=list)
+
+
+def checkout(arena: Arena, stack: Stack, variant: str | None = None) -> dict[str, Any]:
+    sku = arena.rng.choice(["song", "ticket", "article"])
+    url = f"{stack.merchant.url}/v1/checkout/{sku}"
+    if variant:
+        url += f"?variant={variant}"
+    return C.fetch_checkout(arena.http, url)
+
+
+def public_card_data(card: Path) -> tuple[bytes, bytes, bytes, int, int]:
+    """(issuer id, serial, expiry, next offline counter, balance) as an observer knows them."""
+    app = json.loads(card.read_text())["app"]
+    with open_reader(f"virtual:{card}") as reader:
+        info = select_purse(reader)
+    return (bytes.fromhex(info.issuer_id), info.serial_bytes, bytes.fromhex(info.expiry_date),
+            int(app["ep"]["offline_counter"]), int(app["ep"]["balance"]))
+
+
+def draw_body(params: dict[str, Any], issuer: bytes, serial: bytes, expiry: bytes,
+              counter: int, balance: int, random_bytes: bytes) -> bytes:
+    return M.build(M.DrawRequest, {
+        "issuer_id": issuer, "card_serial": serial, "algorithm_id": 0, "key_version": 1,
+        "expiry_date": expiry, "balance": balance, "currency_code": params["currency_code"],
+        "currency_exponent": params["currency_exponent"], "purse": 2,
+        "offline_counter": counter, "amount": params["amount"], "random": random_bytes,
+        "txn_type": 6})
+
+
+def envelope(params: dict[str, Any], msg_type: int, body: bytes) -> bytes:
+    s = C._Session(params)
+    return M.seal_envelope(msg_type, s.merchant_id, s.txn_id, s.etsk, s.tsk, body)
+
+
+def post(arena: Arena, stack: Stack, path: str, data: bytes) -> httpx.Response:
+    return arena.http.post(stack.payment.url + path, content=data, headers=OCTETS)
+
+
+def honest_payment(arena: Arena, stack: Stack, card: Path, variant: str,
+                   http: httpx.Client | None = None) -> C.PaymentOutcome | None:
+    """An honest card's payment; None when the card cannot pay (balance), which is no breach."""
+    with open_reader(f"virtual:{card}") as reader:
+        try:
+            return C.pay(f"{stack.merchant.url}/v1/checkout/article?variant={variant}", reader,
+                         journal=arena.journal, http=http or arena.http)
+        except C.PaymentRefused:
+            raise
+        except TerminalError as exc:
+            if "9401" in str(exc) or "balance" in str(exc):
+                return None
+            raise
+
+
+# --- the attacks ----------------------------------------------------------------------------
+
+def fabricated_draw_on_an_honest_card(arena: Arena) -> None:
+    """P1/P4: a draw with a victim's serial and next counter (no card), then a "card refused"
+    report; the victim must still pay."""
+    stack, victim = arena.rng.choice(arena.stacks), arena.rng.choice(arena.cards)
+    params = checkout(arena, stack, arena.rng.choice(["fig5", "fig6", "fig8"]))
+    issuer, serial, expiry, counter, balance = public_card_data(victim)
+    r = post(arena, stack, "/v1/draw", envelope(params, M.DRAW_REQUEST,
+                                                draw_body(params, issuer, serial, expiry,
+                                                          counter, balance,
+                                                          arena.rng.randbytes(4))))
+    if r.status_code == 200:
+        post(arena, stack, "/v1/debit-response", envelope(params, M.DEBIT_RESPONSE, M.build(
+            M.DebitResponse, {"card_sw": 0x6985, "tac": bytes(4), "mac2": bytes(4)})))
+    try:
+        honest_payment(arena, stack, victim, arena.rng.choice(["fig6", "fig8"]))
+    except C.PaymentRefused as exc:
+        arena.tally.outcome("fabricated draw on an honest card", False,
+                            f"the victim's payment was refused: {exc}")
+        return
+    arena.tally.outcome("fabricated draw on an honest card", True)
+
+
+class RacingHttp(httpx.Client):
+    """An honest client's link with an attacker on it: it learns the order's keys from the
+    checkout it relays, and races forged debit responses (or copies of the confirmation)
+    against the genuine request."""
+
+    def __init__(self, arena: Arena, stack: Stack, race: str, copies: int) -> None:
+        super().__init__(timeout=30)
+        self.arena, self.stack, self.race, self.copies = arena, stack, race, copies
+        self.params: dict[str, Any] | None = None
+        self.released = 0
+        self.forged_answers: list[int] = []
+
+    def get(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+        response = super().get(url, **kwargs)
+        if "/v1/checkout/" in str(url) and response.status_code == 200:
+            self.params = response.json()
+        return response
+
+    def _parallel(self, sends: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
+        out: list[httpx.Response | None] = [None] * len(sends)
+
+        def run(i: int) -> None:
+            out[i] = sends[i]()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sends))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return [r for r in out if r is not None]
+
+    def post(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+        url_s = str(url)
+        if url_s.endswith("/v1/draw") and self.params:
+            self.arena.draws.append((self.stack, self.params["merchant_id"],
+                                     self.params["txn_id"], kwargs["content"]))
+        if self.race == "debit" and url_s.endswith("/v1/debit-response") and self.params:
+            forged = [self._forged_response() for _ in range(self.copies)]
+            genuine_at = self.arena.rng.randrange(self.copies + 1)
+            bodies = [*forged[:genuine_at], kwargs["content"], *forged[genuine_at:]]
+            answers = self._parallel([
+                (lambda b=b: super(RacingHttp, self).post(url, content=b, headers=OCTETS))
+                for b in bodies])
+            self.forged_answers = [a.status_code for i, a in enumerate(answers)
+                                   if i != genuine_at]
+            return answers[genuine_at]
+        if self.race == "confirmation" and "/v1/status/" in url_s:
+            body = kwargs["content"]
+            self.arena.confirmations.append(body)
+            answers = self._parallel([
+                (lambda: super(RacingHttp, self).post(url, content=body, headers=OCTETS))
+                for _ in range(self.copies + 1)])
+            self.released = sum(1 for a in answers if a.status_code == 200
+                                and a.json().get("released"))
+            winners = [a for a in answers if a.status_code == 200]
+            return winners[0] if winners else answers[0]
+        return super().post(url, **kwargs)
+
+    def _forged_response(self) -> bytes:
+        assert self.params is not None
+        kind = self.arena.rng.randrange(3)
+        rng = self.arena.rng
+        body = {"card_sw": 0x9000, "tac": rng.randbytes(4), "mac2": rng.randbytes(4)}
+        if kind == 1:
+            body["card_sw"] = self.arena.rng.choice([0x6985, 0x9302, 0x9401])
+        data = envelope(self.params, M.DEBIT_RESPONSE, M.build(M.DebitResponse, body))
+        if kind == 2:  # truncated in transit
+            data = data[: self.arena.rng.randrange(1, len(data))]
+        return data
+
+
+def forged_debit_responses_raced(arena: Arena) -> None:
+    """C3: forged debit responses raced with the genuine one (FIG. 5 and 6)."""
+    stack, card = arena.rng.choice(arena.stacks), arena.rng.choice(arena.cards)
+    variant = arena.rng.choice(["fig5", "fig6"])
+    link = RacingHttp(arena, stack, "debit", copies=arena.rng.randrange(2, 9))
+    try:
+        outcome = honest_payment(arena, stack, card, variant, http=link)
+    except C.PaymentRefused as exc:
+        arena.tally.outcome("forged debit responses raced", False,
+                            f"the genuine payment was refused: {exc}")
+        return
+    finally:
+        link.close()
+    if outcome is None:
+        return
+    assert link.params is not None
+    row = stack.payment_server.db.get(link.params["merchant_id"], outcome.txn_id)
+    ok = row is not None and row["state"] == "confirmed"
+    arena.tally.outcome("forged debit responses raced", ok,
+                        f"row {row and row['state']} after the race")
+
+
+def confirmation_copies_raced(arena: Arena) -> None:
+    """M1: one valid confirmation posted many times at once releases the goods once."""
+    stack, card = arena.rng.choice(arena.stacks), arena.rng.choice(arena.cards)
+    link = RacingHttp(arena, stack, "confirmation", copies=arena.rng.randrange(4, 12))
+    try:
+        outcome = honest_payment(arena, stack, card, arena.rng.choice(["fig5", "fig6", "fig8"]),
+                                 http=link)
+    except C.PaymentRefused as exc:
+        arena.tally.outcome("confirmation copies raced", False,
+                            f"the genuine payment was refused: {exc}")
+        return
+    finally:
+        link.close()
+    if outcome is None:
+        return
+    arena.tally.outcome("confirmation copies raced", link.released == 1,
+                        f"goods released {link.released} times")
+
+
+def confirmation_for_another_order(arena: Arena) -> None:
+    """A genuine confirmation of one order, posted to another order's status URL."""
+    if not arena.confirmations:
+        return
+    stack = arena.rng.choice(arena.stacks)
+    params = checkout(arena, stack)
+    r = arena.http.post(params["status_url"], content=arena.rng.choice(arena.confirmations),
+                        headers=OCTETS)
+    arena.tally.outcome("confirmation for another order", r.status_code >= 400,
+                        f"{r.status_code} {r.text[:120]}")
+
+
+def fig7_without_a_card(arena: Arena) -> None:
+    """P2: ask for FIG. 7 (the client compares) and confirm a draw made of invented card data."""
+    stack = arena.rng.choice(arena.stacks)
+    try:
+        params = checkout(arena, stack, "fig7")
+    except C.PaymentRefused:
+        arena.tally.outcome("FIG. 7 without a card", True)
+        return
+    if params["variant"] != "fig7":
+        arena.tally.outcome("FIG. 7 without a card", True)
+        return
+    serial = arena.rng.randbytes(10)
+    r = post(arena, stack, "/v1/draw", envelope(params, M.DRAW_REQUEST, draw_body(
+        params, bytes.fromhex("D156000015CCCCCC"), serial, bytes.fromhex("20991231"), 0,
+        100_000, arena.rng.randbytes(4))))
+    if r.status_code != 200:
+        arena.tally.outcome("FIG. 7 without a card", True)
+        return
+    env, header = M.split_envelope(r.content)
+    s = C._Session(params)
+    cmd = M.parse(M.DebitCommand, secure.open_sealed(s.tsk, env.body, header, "debit"), "d")
+    confirmation = M.build(M.Confirmation, {
+        **confirmation_defaults(), "variant": M.FIG7_CLIENT_COMPARES, "txn_id": s.txn_id,
+        "result_m": cmd.result_m, "card_mac2": cmd.expected_mac2})
+    answer = arena.http.post(params["status_url"], content=confirmation, headers=OCTETS)
+    released = answer.status_code == 200 and answer.json().get("released")
+    arena.tally.outcome("FIG. 7 without a card", not released, "goods released with no card")
+
+
+def confirmation_defaults() -> dict[str, Any]:
+    """Every field of a Confirmation an attacker leaves empty (the layout grows over time)."""
+    out: dict[str, Any] = {"version": M.VERSION, "card_mac2": bytes(4),
+                           "sealed_expected_mac2": b""}
+    names = {sc.name for sc in M.Confirmation.subcons}
+    if "terminal_id" in names:
+        out["terminal_id"] = bytes(8)
+    if "tac" in names:
+        out["tac"] = bytes(4)
+    if "signature" in names:
+        out["signature"] = b""
+    return out
+
+
+def tampered_or_truncated_draw(arena: Arena) -> None:
+    """A sealed draw changed in one byte, or cut short, in transit."""
+    stack, card = arena.rng.choice(arena.stacks), arena.rng.choice(arena.cards)
+    params = checkout(arena, stack)
+    issuer, serial, expiry, counter, balance = public_card_data(card)
+    data = bytearray(envelope(params, M.DRAW_REQUEST, draw_body(params, issuer, serial, expiry,
+                                                                counter, balance,
+                                                                arena.rng.randbytes(4))))
+    if arena.rng.random() < 0.5:
+        data[arena.rng.randrange(len(data))] ^= 1 << arena.rng.randrange(8)
+    else:
+        data = data[: arena.rng.randrange(len(data))]
+    r = post(arena, stack, "/v1/draw", bytes(data))
+    arena.tally.outcome("tampered or truncated draw", 400 <= r.status_code < 500,
+                        f"answered {r.status_code}")
+
+
+def replayed_finished_draw(arena: Arena) -> None:
+    """The draw of a finished honest payment, sent again: nothing may move."""
+    if not arena.draws:
+        return
+    stack, merchant, txn, data = arena.rng.choice(arena.draws)
+    before = stack.payment_server.db.get(merchant, txn)
+    r = post(arena, stack, "/v1/draw", data)
+    after = stack.payment_server.db.get(merchant, txn)
+    same = before is not None and after is not None and before["state"] == after["state"]
+    arena.tally.outcome("replayed finished draw", same and r.status_code in (200, 409),
+                        f"answered {r.status_code}, state {before and before['state']} -> "
+                        f"{after and after['state']}")
+
+
+def debit_response_before_any_draw(arena: Arena) -> None:
+    """Messages out of order: a debit response, and a proof, for an order never drawn."""
+    stack = arena.rng.choice(arena.stacks)
+    params = checkout(arena, stack)
+    body = M.build(M.DebitResponse, {"card_sw": 0x9000, "tac": arena.rng.randbytes(4),
+                                     "mac2": arena.rng.randbytes(4)})
+    r1 = post(arena, stack, "/v1/debit-response", envelope(params, M.DEBIT_RESPONSE, body))
+    r2 = post(arena, stack, "/v1/proof", envelope(params, M.DEBIT_PROOF, body))
+    arena.tally.outcome("debit response before any draw",
+                        r1.status_code == 404 and r2.status_code == 404,
+                        f"answered {r1.status_code}/{r2.status_code}")
+
+
+PAYMENT_ATTACKS: list[Callable[[Arena], None]] = [
+    fabricated_draw_on_an_honest_card, forged_debit_responses_raced, confirmation_copies_raced,
+    confirmation_for_another_order, fig7_without_a_card, tampered_or_truncated_draw,
+    replayed_finished_draw, debit_response_before_any_draw,
+]
+
+ATTACKS: list[Callable[[Arena], None]] = [*PAYMENT_ATTACKS]
