@@ -6,15 +6,26 @@ amount, lets the card debit itself, returns the card's answer (FIG. 5/6) or comp
 (FIG. 7), forwards the confirmation to the merchant and returns the goods. Every step is in the
 local journal first; :func:`resume` finishes what an interruption left, or proves with GET
 TRANSACTION PROVE that the card was never debited.
+
+The merchant chooses the confirmation variant. FIG. 7 (the client compares the card's MAC2)
+trusts the client, so only a registered client terminal may use it: it names itself at
+checkout (``?terminal=ID``) and signs its confirmation with its Ed25519 key
+(:class:`ClientTerminal`). A client without a key never asks for FIG. 7.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from svcard.host import apdus
 from svcard.host.journal import Journal
@@ -57,9 +68,99 @@ class PaymentOutcome:
     steps: list[str] = field(default_factory=list)
     resumed: bool = False
     proof_uploads: int = 0
+    proven: bool = True   # False: FIG. 7, the merchant is paid once the card's proof arrives
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class ClientTerminal:
+    """A client terminal's Ed25519 key, registered with merchants that allow it FIG. 7: it signs
+    its FIG. 7 confirmations. Its id is 8 bytes, by default the start of SHA-256 of its public
+    key. The private key is never printed, logged or journalled."""
+
+    def __init__(self, key: Ed25519PrivateKey, terminal_id: bytes | None = None) -> None:
+        self._key = key
+        self.public_key = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                        serialization.PublicFormat.Raw)
+        self.terminal_id = terminal_id or fingerprint(self.public_key)
+        if len(self.terminal_id) != 8:
+            raise ValueError("a client terminal id is 8 bytes")
+
+    def __repr__(self) -> str:
+        return f"ClientTerminal({self.terminal_id.hex().upper()})"
+
+    @classmethod
+    def generate(cls, terminal_id: bytes | None = None) -> ClientTerminal:
+        return cls(Ed25519PrivateKey.generate(), terminal_id)
+
+    @classmethod
+    def load(cls, path: Path, terminal_id: bytes | None = None) -> ClientTerminal:
+        """Read a PEM (PKCS #8) Ed25519 private key file, as ``save`` writes it."""
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise TerminalError(f"{path}: not a usable terminal key "
+                                f"({type(exc).__name__})") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise TerminalError(f"{path}: not an Ed25519 private key")
+        return cls(key, terminal_id)
+
+    def save(self, path: Path) -> None:
+        """Write the private key (PEM, PKCS #8) to a new file readable by its owner only."""
+        pem = self._key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+
+    def sign_confirmation(self, merchant_id: bytes, txn_id: bytes, result_m: bytes,
+                          card_mac2: bytes, tac: bytes) -> bytes:
+        return self._key.sign(M.fig7_signed_data(merchant_id, txn_id, result_m, card_mac2,
+                                                 tac))
+
+
+def fingerprint(public_key: bytes) -> bytes:
+    """The default id of a client terminal: the first 8 bytes of SHA-256 of its public key."""
+    return hashlib.sha256(public_key).digest()[:8]
+
+
+# This process's own client terminals, by id (like an ssh agent): a checkout URL that names
+# ``?terminal=ID`` is paid with the key registered here for ID (used by svcard.host.stack).
+_TERMINALS: dict[bytes, ClientTerminal] = {}
+
+
+def add_terminal(terminal: ClientTerminal) -> None:
+    _TERMINALS[terminal.terminal_id] = terminal
+
+
+def remove_terminal(terminal: ClientTerminal) -> None:
+    if _TERMINALS.get(terminal.terminal_id) is terminal:
+        del _TERMINALS[terminal.terminal_id]
+
+
+def _terminal_named(value: str | None) -> ClientTerminal | None:
+    try:
+        return _TERMINALS.get(bytes.fromhex(value or ""))
+    except ValueError:
+        return None
+
+
+def checkout_request(url: str, terminal: ClientTerminal | None = None,
+                     ) -> tuple[str, ClientTerminal | None]:
+    """The checkout URL this client asks, and the terminal it pays as: with a terminal key
+    the URL names the terminal; without one it never asks for FIG. 7."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if terminal is None:
+        terminal = _terminal_named(next((v for k, v in query if k == "terminal"), None))
+    query = [(k, v) for k, v in query if k != "terminal"]
+    if terminal is None:
+        query = [(k, v) for k, v in query if (k, v) != ("variant", "fig7")]
+    else:
+        query.append(("terminal", terminal.terminal_id.hex().upper()))
+    return urlunsplit(parts._replace(query=urlencode(query))), terminal
 
 
 def _server_reason(response: httpx.Response) -> str:
@@ -78,8 +179,9 @@ def _server_reason(response: httpx.Response) -> str:
 class _Session:
     """One payment's keys and counters, rebuilt from checkout parameters or the journal."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: dict[str, Any], terminal: ClientTerminal | None = None) -> None:
         self.params = params
+        self.terminal = terminal
         self.merchant_id = bytes.fromhex(params["merchant_id"])
         self.txn_id = bytes.fromhex(params["txn_id"])
         self.tsk = bytes.fromhex(params["tsk"])
@@ -104,7 +206,8 @@ class _Session:
         return secure.open_sealed(self.tsk, env.body, header, "payment server answer")
 
 
-def fetch_checkout(http: httpx.Client, url: str) -> dict[str, Any]:
+def fetch_checkout(http: httpx.Client, url: str,
+                   terminal: ClientTerminal | None = None) -> dict[str, Any]:
     response = http.get(url, headers={"Accept": "application/json"})
     if response.status_code != 200:
         raise PaymentRefused("merchant", response.status_code, _server_reason(response))
@@ -115,14 +218,20 @@ def fetch_checkout(http: httpx.Client, url: str) -> dict[str, Any]:
             raise TerminalCheckFailed(f"the checkout parameters lack {key!r}")
     if params["variant"] not in M.VARIANTS:
         raise TerminalCheckFailed(f"unknown confirmation variant {params['variant']!r}")
+    if params["variant"] == "fig7" and (terminal is None or str(
+            params.get("client_terminal", "")).upper() != terminal.terminal_id.hex().upper()):
+        raise TerminalCheckFailed("the merchant chose FIG. 7, which needs this client's "
+                                  "registered terminal key: not paying")
     return params
 
 
 def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client,
         pin: str | None = None, purse: int = P.PURSE_EP,
-        when: dt.datetime | None = None) -> PaymentOutcome:
-    params = fetch_checkout(http, checkout_url)
-    s = _Session(params)
+        when: dt.datetime | None = None,
+        terminal: ClientTerminal | None = None) -> PaymentOutcome:
+    url, terminal = checkout_request(checkout_url, terminal)
+    params = fetch_checkout(http, url, terminal)
+    s = _Session(params, terminal)
     amount = int(params["amount"])
     txn = params["txn_id"]
     # 608: read the card and check it before going online
@@ -177,7 +286,8 @@ def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2:
     """From a debited card to released goods (also the way back in after an interruption)."""
     txn = s.params["txn_id"]
     amount = int(s.params["amount"])
-    card_mac2, sealed_expected = bytes(4), b""
+    card_mac2, sealed_expected, card_tac, signature = bytes(4), b"", bytes(4), b""
+    terminal_id = bytes(8)
     if s.variant in (M.FIG5_PSAM_COMPARES, M.FIG6_SERVER_COMPARES):
         result = M.parse(M.PaymentResult, s.post(http, "/v1/debit-response", M.DEBIT_RESPONSE,
                                                  M.build(M.DebitResponse, {
@@ -195,13 +305,18 @@ def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2:
             journal.write(txn, "refused", reason="card MAC2 is not the expected one")
             raise PaymentRefused("client", 0, "the card's MAC2 is not the one the PSAM "
                                               "expected: no confirmation sent")
-        result_m = debit.result_m
+        if s.terminal is None:
+            raise TerminalCheckFailed("FIG. 7 needs this client's registered terminal key")
+        result_m, card_mac2, card_tac = debit.result_m, mac2, tac
+        terminal_id = s.terminal.terminal_id
+        signature = s.terminal.sign_confirmation(s.merchant_id, s.txn_id, result_m, mac2, tac)
     else:  # FIG. 8: the merchant compares
         result_m, card_mac2, sealed_expected = debit.result_m, mac2, debit.sealed_expected_mac2
     journal.write(txn, "confirmed")
     confirmation = M.build(M.Confirmation, {
         "version": M.VERSION, "variant": s.variant, "txn_id": s.txn_id, "result_m": result_m,
-        "card_mac2": card_mac2, "sealed_expected_mac2": sealed_expected})
+        "card_mac2": card_mac2, "sealed_expected_mac2": sealed_expected,
+        "terminal_id": terminal_id, "tac": card_tac, "signature": signature})
     s.round_trips += 1
     response = http.post(s.params["status_url"], content=confirmation,
                          headers={"Content-Type": "application/octet-stream"})
@@ -220,7 +335,7 @@ def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2:
         currency_exponent=int(s.params.get("currency_exponent", 0)), balance_before=0,
         balance_after=0, goods=str(body.get("goods")), item=str(body.get("item", "")),
         receipt=body.get("receipt", {}), round_trips=s.round_trips,
-        proof_uploads=s.proof_uploads)
+        proof_uploads=s.proof_uploads, proven=bool(body.get("proven", True)))
 
 
 def _send_proof(s: _Session, http: httpx.Client, mac2: bytes, tac: bytes) -> None:
@@ -236,15 +351,21 @@ def _send_proof(s: _Session, http: httpx.Client, mac2: bytes, tac: bytes) -> Non
         raise PaymentRefused("payment server", response.status_code, _server_reason(response))
 
 
-def resume(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[str, Any]]:
-    """Finish or close every unfinished payment of this card found in the journal."""
+def resume(card: Reader, *, journal: Journal, http: httpx.Client,
+           terminal: ClientTerminal | None = None) -> list[dict[str, Any]]:
+    """Finish or close every unfinished payment of this card found in the journal (a FIG. 7
+    one is confirmed with ``terminal``, or this process's key for the terminal it named)."""
     info = select_purse(card)
     report = []
     for entry in journal.unfinished(info.app_serial):
         if entry.get("kind") == "load":
             continue  # loads: see svcard.host.load_client.resume_loads
         txn, state = entry["txn_id"], entry["state"]
-        s = _Session(entry["params"])
+        named = str(entry["params"].get("client_terminal", ""))
+        own = (terminal if terminal is not None
+               and terminal.terminal_id.hex().upper() == named.upper()
+               else _terminal_named(named))
+        s = _Session(entry["params"], own)
         if state == "goods":  # paid and released; the proof for clearing did not go out
             _send_proof(s, http, bytes.fromhex(entry["mac2"]), bytes.fromhex(entry["tac"]))
             journal.write(txn, "done")
@@ -276,6 +397,9 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[s
                 report.append({"txn_id": txn, "outcome": "completed earlier"})
                 continue
             report.append({"txn_id": txn, "outcome": f"refused: {exc.reason}"})
+            continue
+        except TerminalCheckFailed as exc:  # FIG. 7 without this terminal's key: kept for later
+            report.append({"txn_id": txn, "outcome": f"not finished: {exc}"})
             continue
         outcome.resumed = True
         report.append({"txn_id": txn, "outcome": "completed", "goods": outcome.goods})

@@ -1,12 +1,21 @@
 """The merchant server: a catalogue of priced digital goods, checkout, and the status URL.
 
-``GET /v1/checkout/{item}?variant=fig6`` creates an order (a unique transaction id) and answers
-the payment parameters of seed step 606 as JSON, or, for a browser, an HTML page that embeds the
-same JSON. It makes the FIG. 9 security data: a derived key DK from the shared key, a fresh
-TSK, and the ETSK (TSK plus the order's amount, currency, variant and expiry, sealed under DK).
+``GET /v1/checkout/{item}`` creates an order (a unique transaction id, a row in the merchant's
+database) and answers the payment parameters of seed step 606 as JSON, or, for a browser, an
+HTML page that embeds the same JSON. It makes the FIG. 9 security data: a derived key DK from
+the shared key, a fresh TSK, and the ETSK (TSK plus the order's amount, currency, variant and
+expiry, sealed under DK). The MERCHANT chooses the variant, from those it has enabled;
+``?variant=`` is only a preference inside that set. FIG. 7 (the client compares the card's
+MAC2) is only for a registered client terminal (``?terminal=ID``), whose Ed25519 signature the
+confirmation must carry, and the goods it releases are "unproven" until the card's MAC2 and
+TAC reach the payment server.
+
 ``POST /v1/status/{txn}`` takes the client's confirmation and releases the goods only if
 "debit result M" opens under DK and matches the order (and, in FIG. 8, if the card's MAC2
-equals the expected MAC2 only the merchant can open). A confirmation is good once.
+equals the expected MAC2 only the merchant can open). The whole confirmation is checked first;
+then one conditional UPDATE (open -> paid) decides: a confirmation is good once, however many
+copies arrive at the same time. Orders are bounded in count and expire (see
+:mod:`svcard.host.merchantdb`).
 """
 
 from __future__ import annotations
@@ -14,15 +23,21 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from svcard.host import merchantdb as MD
+from svcard.host.serverkit import SqlRunner
 from svcard.protocols import messages as M
 from svcard.protocols import secure
 
@@ -43,15 +58,34 @@ DEFAULT_CATALOGUE = (
 )
 
 
-@dataclass
+DEFAULT_VARIANTS = frozenset({"fig5", "fig6", "fig8"})  # FIG. 7 only when asked for
+MAX_CONFIRMATION = 4096  # bytes: a confirmation is a few hundred
+_HEX_TXN = re.compile(r"[0-9a-fA-F]{32}")
+_HEX_TERMINAL = re.compile(r"[0-9a-fA-F]{16}")
+
+
+@dataclass(frozen=True)
 class Order:
+    """An order as the merchant's database holds it."""
+
     txn_id: bytes
-    item: Item
+    sku: str
+    item: str
+    amount: int
     variant: int
-    purpose: int
-    dk: bytes = field(repr=False)
-    state: str = "open"          # open -> paid | refused
-    receipt: dict[str, Any] = field(default_factory=dict)
+    state: str                   # open -> paid | released_unproven
+    client_terminal: str
+    receipt: dict[str, Any]
+
+    @property
+    def proven(self) -> bool:
+        return self.state == MD.PAID
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Order:
+        return cls(bytes.fromhex(row["txn_id"]), row["sku"], row["item"], int(row["amount"]),
+                   int(row["variant"]), row["state"], row["client_terminal"],
+                   json.loads(row["receipt"]) if row["receipt"] else {})
 
 
 @dataclass
@@ -64,63 +98,181 @@ class MerchantConfig:
     currency_code: int = 156
     currency_exponent: int = 2
     default_variant: str = "fig6"
-    order_lifetime: int = 600    # seconds
+    variants: frozenset[str] = DEFAULT_VARIANTS   # the variants this merchant enables
+    # registered client terminals (FIG. 7): terminal id (8 bytes) -> Ed25519 public key
+    client_terminals: dict[bytes, bytes] = field(default_factory=dict)
+    db_url: str = "sqlite:///merchant.db"
+    order_lifetime: int = 600    # seconds: the ticket's validity at the payment server
+    confirm_grace: int = 600     # seconds after that a confirmation is still taken
+    max_open_orders: int = 10_000
+    max_open_per_client: int = 100   # per client address
     catalogue: tuple[Item, ...] = DEFAULT_CATALOGUE
+
+    def __post_init__(self) -> None:
+        """Refuse a configuration that cannot be used; the message names the field."""
+        unknown = sorted(set(self.variants) - set(M.VARIANTS))
+        if unknown or not self.variants:
+            raise ValueError(f"variants: unknown {', '.join(unknown)}" if unknown
+                             else "variants: none enabled")
+        if self.default_variant not in self.variants:
+            raise ValueError(f"default_variant: {self.default_variant!r} is not among the "
+                             f"enabled variants ({', '.join(sorted(self.variants))})")
+        if self.default_variant == "fig7":
+            raise ValueError("default_variant: fig7 is only for registered client terminals "
+                             "and cannot be the default")
+        for tid, key in self.client_terminals.items():
+            if len(tid) != 8 or len(key) != 32:
+                raise ValueError("client_terminals: ids are 8 bytes, Ed25519 public keys 32")
+        for name in ("order_lifetime", "confirm_grace", "max_open_orders",
+                     "max_open_per_client"):
+            if int(getattr(self, name)) < (0 if name == "confirm_grace" else 1):
+                raise ValueError(f"{name}: must be positive")
+
+    def enabled(self) -> list[str]:
+        return [n for n in M.VARIANTS if n in self.variants]
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.headers = status, reason, headers or {}
+
+
+class OrderView(Mapping[bytes, Order]):
+    """The orders, read from the database (for tests and tools)."""
+
+    def __init__(self, db: MD.OrderDb) -> None:
+        self.db = db
+
+    def __getitem__(self, txn_id: bytes) -> Order:
+        row = self.db.get(txn_id.hex())
+        if row is None:
+            raise KeyError(txn_id)
+        return Order.from_row(row)
+
+    def __iter__(self) -> Iterator[bytes]:
+        from sqlalchemy import select
+        with self.db.engine.connect() as conn:
+            ids = conn.execute(select(MD.orders.c.txn_id)).scalars().all()
+        return iter([bytes.fromhex(i) for i in ids])
+
+    def __len__(self) -> int:
+        return sum(self.db.counts().values())
 
 
 class MerchantServer:
-    def __init__(self, config: MerchantConfig) -> None:
+    def __init__(self, config: MerchantConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.orders: dict[bytes, Order] = {}
+        self.clock = clock
+        self.db = MD.OrderDb(MD.make_engine(config.db_url))
+        self.sql = SqlRunner(config.db_url)
+        self.terminal_keys = {tid: Ed25519PublicKey.from_public_bytes(key)
+                              for tid, key in config.client_terminals.items()}
 
-    def refuse(self, status: int, reason: str) -> Response:
-        return JSONResponse({"released": False, "reason": reason}, status_code=status)
+    def close(self) -> None:
+        if self.sql.executor is not None:
+            self.sql.executor.shutdown(wait=True)
+        self.db.engine.dispose()
+
+    @property
+    def orders(self) -> OrderView:
+        return OrderView(self.db)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def refuse(self, status: int, reason: str,
+               headers: dict[str, str] | None = None) -> Response:
+        return JSONResponse({"released": False, "reason": reason}, status_code=status,
+                            headers=headers)
 
     async def catalogue(self, request: Request) -> Response:
         c = self.config
         return JSONResponse({"merchant_id": c.merchant_id.hex().upper(),
                              "currency_code": c.currency_code,
                              "currency_exponent": c.currency_exponent,
+                             "variants": c.enabled(),
                              "items": [{"sku": i.sku, "name": i.name, "price": i.price}
                                        for i in c.catalogue]})
 
-    def new_order(self, sku: str, variant_name: str) -> dict[str, Any]:
+    # --- GET /v1/checkout/{sku} --------------------------------------------------------------
+    def choose_variant(self, asked: str | None, terminal: str | None) -> tuple[str, str]:
+        """The merchant's choice: (variant name, client terminal id hex or "")."""
+        c = self.config
+        if terminal is not None:
+            if not _HEX_TERMINAL.fullmatch(terminal):
+                raise Refusal(400, "terminal: a client terminal id is 8 bytes of hex")
+            if bytes.fromhex(terminal) not in self.terminal_keys:
+                raise Refusal(403, f"client terminal {terminal.upper()} is not registered "
+                                   "with this merchant")
+        name = c.default_variant if asked is None else asked
+        if name not in c.variants:
+            raise Refusal(400, f"variant: this merchant enables {', '.join(c.enabled())}")
+        if name == "fig7" and terminal is None:
+            raise Refusal(403, "variant fig7 (the client compares the card's MAC2) is only for "
+                               "a registered client terminal: name it with ?terminal=ID")
+        return name, (terminal or "").upper()
+
+    def new_order(self, sku: str, variant_name: str, client_terminal: str = "",
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkout answer and the order's row (not yet stored)."""
         c = self.config
         item = next((i for i in c.catalogue if i.sku == sku), None)
         if item is None:
-            raise LookupError(f"no item {sku!r} in the catalogue")
-        if variant_name not in M.VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(M.VARIANTS)}")
+            raise Refusal(404, f"no item {sku[:64]!r} in the catalogue")
         variant = M.VARIANTS[variant_name]
         txn_id = os.urandom(16)
         dk = secure.derive_key(c.shared_key, c.merchant_id, txn_id)
         tsk = secure.new_key()
         purpose = M.PURPOSE_AUTHENTICATION if item.price == 0 else M.PURPOSE_PAYMENT
+        now = self.now_ms()
+        expires = now // 1000 + c.order_lifetime
         ticket = M.build(M.OrderTicket, {
             "version": M.VERSION, "tsk": tsk, "amount": item.price,
             "currency_code": c.currency_code, "currency_exponent": c.currency_exponent,
             "variant": variant, "purpose": purpose,
-            "expires": int(time.time()) + c.order_lifetime, "terminal_id": c.terminal_id})
+            "expires": expires, "terminal_id": c.terminal_id})
         etsk = secure.seal(dk, ticket, M.ticket_aad(c.merchant_id, txn_id))
-        self.orders[txn_id] = Order(txn_id, item, variant, purpose, dk)
-        return {
+        row = {"txn_id": txn_id.hex(), "sku": item.sku, "item": item.name,
+               "goods": item.goods, "amount": item.price, "variant": variant,
+               "purpose": purpose, "client_terminal": client_terminal,
+               "expires": expires * 1000,
+               "confirm_until": (expires + c.confirm_grace) * 1000, "created": now}
+        params = {
             "version": M.VERSION, "amount": item.price, "currency_code": c.currency_code,
             "currency_exponent": c.currency_exponent, "description": item.name,
             "payment_url": c.payment_url, "txn_id": txn_id.hex(),
             "merchant_id": c.merchant_id.hex(), "terminal_id": c.terminal_id.hex(),
             "status_url": f"{c.public_url}/v1/status/{txn_id.hex()}",
             "variant": variant_name, "purpose": "authentication" if purpose else "payment",
+            "client_terminal": client_terminal, "expires": expires,
             "tsk": tsk.hex(), "etsk": etsk.hex(),
         }
+        return params, row
 
     async def checkout(self, request: Request) -> Response:
-        variant = request.query_params.get("variant", self.config.default_variant)
+        c = self.config
+        address = (request.client.host if request.client else "unknown")[:64]
         try:
-            params = self.new_order(request.path_params["sku"], variant)
-        except LookupError as exc:
-            return self.refuse(404, str(exc))
-        except ValueError as exc:
-            return self.refuse(400, str(exc))
+            variant, terminal = self.choose_variant(request.query_params.get("variant"),
+                                                    request.query_params.get("terminal"))
+            params, row = self.new_order(request.path_params["sku"], variant, terminal)
+        except Refusal as exc:
+            return self.refuse(exc.status, exc.reason)
+        row["client_address"] = address
+        now = row["created"]
+        await self.sql(self.db.sweep, now)
+        admitted = await self.sql(self.db.create, row, c.max_open_orders,
+                                  c.max_open_per_client)
+        if admitted == "full":
+            wait = await self.sql(self.db.next_free, now)
+            return self.refuse(503, f"too many open orders ({c.max_open_orders}): try again "
+                                    "later", {"Retry-After": str(wait)})
+        if admitted == "client":
+            wait = await self.sql(self.db.next_free, now, address)
+            return self.refuse(429, f"this client already has {c.max_open_per_client} open "
+                                    "orders: pay or let them expire",
+                               {"Retry-After": str(wait)})
         if "text/html" in request.headers.get("accept", ""):
             data = html.escape(json.dumps(params), quote=False)
             return HTMLResponse(
@@ -132,55 +284,115 @@ class MerchantServer:
                 f'<script type="application/json" id="svcard-payment">{data}</script>')
         return JSONResponse(params)
 
-    async def status(self, request: Request) -> Response:
-        try:
-            txn_id = bytes.fromhex(request.path_params["txn"])
-        except ValueError:
-            return self.refuse(400, "the transaction id is not hex")
-        order = self.orders.get(txn_id)
-        if order is None:
-            return self.refuse(404, "no such order")
-        if order.state == "paid":
-            return self.refuse(409, "this confirmation was already used: goods released once")
-        try:
-            conf = M.parse(M.Confirmation, await request.body(), "confirmation")
-        except M.MessageError as exc:
-            return self.refuse(400, str(exc))
+    # --- POST /v1/status/{txn} ---------------------------------------------------------------
+    @staticmethod
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared and (not declared.isdigit() or int(declared) > MAX_CONFIRMATION):
+            raise Refusal(413, f"a confirmation is at most {MAX_CONFIRMATION} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_CONFIRMATION:
+                raise Refusal(413, f"a confirmation is at most {MAX_CONFIRMATION} bytes")
+        return bytes(body)
+
+    def check(self, row: dict[str, Any], txn_id: bytes, body: bytes) -> tuple[str, Any]:
+        """Every check of a confirmation, with no await: (the state it moves the order to,
+        the debit result M)."""
         mid = self.config.merchant_id
+        try:
+            conf = M.parse(M.Confirmation, body, "confirmation")
+        except M.MessageError as exc:
+            raise Refusal(400, str(exc)) from None
+        if conf.version != M.VERSION:
+            raise Refusal(400, f"confirmation version {conf.version}; this merchant speaks "
+                               f"{M.VERSION}")
         if conf.txn_id != txn_id:
-            return self.refuse(400, "the confirmation is for another transaction")
+            raise Refusal(400, "the confirmation is for another transaction")
+        variant = int(row["variant"])
+        if conf.variant != variant:
+            raise Refusal(400, "the confirmation is for another variant than the order's")
+        dk = secure.derive_key(self.config.shared_key, mid, txn_id)
         try:
             result = M.parse(M.DebitResult, secure.open_sealed(
-                order.dk, conf.result_m, M.result_m_aad(mid, txn_id), "debit result M"),
+                dk, conf.result_m, M.result_m_aad(mid, txn_id), "debit result M"),
                 "debit result M")
         except (secure.SealError, M.MessageError) as exc:
-            return self.refuse(400, f"forged confirmation: {exc}")
-        expected_status = (M.STATUS_AUTHENTICATED if order.purpose == M.PURPOSE_AUTHENTICATION
+            raise Refusal(400, f"forged confirmation: {exc}") from None
+        expected_status = (M.STATUS_AUTHENTICATED if row["purpose"] == M.PURPOSE_AUTHENTICATION
                            else M.STATUS_OK)
         if result.status != expected_status:
-            return self.refuse(402, f"the payment server did not confirm: {result.reason}")
+            raise Refusal(402, f"the payment server did not confirm: {result.reason}")
         if (result.merchant_id, result.txn_id, result.amount, result.variant) != (
-                mid, txn_id, order.item.price, order.variant):
-            return self.refuse(400, "the confirmation does not match the order")
-        if order.variant == M.FIG8_MERCHANT_COMPARES:
+                mid, txn_id, int(row["amount"]), variant):
+            raise Refusal(400, "the confirmation does not match the order")
+        if variant == M.FIG8_MERCHANT_COMPARES:
             try:
-                expected = secure.open_sealed(order.dk, conf.sealed_expected_mac2,
+                expected = secure.open_sealed(dk, conf.sealed_expected_mac2,
                                               M.expected_mac2_aad(mid, txn_id),
                                               "expected card MAC2")
             except secure.SealError as exc:
-                return self.refuse(400, f"forged confirmation: {exc}")
+                raise Refusal(400, f"forged confirmation: {exc}") from None
             if expected != conf.card_mac2:
-                return self.refuse(402, "the card's MAC2 is not the one the PSAM expected: "
-                                        "the card did not pay")
-        order.state = "paid"
-        order.receipt = {"txn_id": txn_id.hex(), "amount": order.item.price,
-                         "psam_id": result.psam_id.hex().upper(),
-                         "terminal_txn_number": result.terminal_txn_number,
-                         "card_serial": result.card_serial.hex().upper(),
-                         "card_counter": result.card_counter,
-                         "status": "authentication OK" if expected_status else "paid"}
-        return JSONResponse({"released": True, "goods": order.item.goods,
-                             "item": order.item.name, "receipt": order.receipt})
+                raise Refusal(402, "the card's MAC2 is not the one the PSAM expected: the "
+                                   "card did not pay")
+            return MD.PAID, result
+        if variant == M.FIG7_CLIENT_COMPARES:
+            self.check_terminal(row, conf, mid, txn_id)
+            return MD.UNPROVEN, result
+        return MD.PAID, result
+
+    def check_terminal(self, row: dict[str, Any], conf: Any, mid: bytes, txn_id: bytes) -> None:
+        """FIG. 7: the order's registered client terminal signed this confirmation."""
+        terminal = bytes.fromhex(row["client_terminal"] or "00" * 8)
+        if conf.terminal_id != terminal:
+            raise Refusal(403, "a FIG. 7 confirmation must come from the client terminal "
+                               "named at checkout")
+        key = self.terminal_keys.get(terminal)
+        if key is None:
+            raise Refusal(403, f"client terminal {terminal.hex().upper()} is no longer "
+                               "registered with this merchant")
+        if not conf.signature:
+            raise Refusal(403, "a FIG. 7 confirmation must be signed by the client terminal")
+        try:
+            key.verify(conf.signature, M.fig7_signed_data(mid, txn_id, conf.result_m,
+                                                          conf.card_mac2, conf.tac))
+        except InvalidSignature:
+            raise Refusal(403, "the client terminal's signature does not verify") from None
+
+    async def status(self, request: Request) -> Response:
+        txn_hex = request.path_params["txn"]
+        if not _HEX_TXN.fullmatch(txn_hex):
+            return self.refuse(400, "the transaction id is not 16 bytes of hex")
+        txn_id = bytes.fromhex(txn_hex)
+        try:
+            body = await self.read_body(request)
+            row = await self.sql(self.db.get, txn_id.hex())
+            if row is None:
+                raise Refusal(404, "no such order")
+            if row["state"] != MD.OPEN:
+                raise Refusal(409, "this confirmation was already used: goods released once")
+            now = self.now_ms()
+            if now > row["confirm_until"]:
+                raise Refusal(410, "the order has expired")
+            state, result = self.check(row, txn_id, body)
+            # the checks are done: one conditional UPDATE decides who releases the goods
+            receipt = {"txn_id": txn_id.hex(), "amount": int(row["amount"]),
+                       "psam_id": result.psam_id.hex().upper(),
+                       "terminal_txn_number": result.terminal_txn_number,
+                       "card_serial": result.card_serial.hex().upper(),
+                       "card_counter": result.card_counter,
+                       "status": ("authentication OK"
+                                  if result.status == M.STATUS_AUTHENTICATED else "paid"),
+                       "proven": state == MD.PAID}
+            if not await self.sql(self.db.release, txn_id.hex(), state, json.dumps(receipt),
+                                  now):
+                raise Refusal(409, "this confirmation was already used: goods released once")
+        except Refusal as exc:
+            return self.refuse(exc.status, exc.reason, exc.headers)
+        return JSONResponse({"released": True, "goods": row["goods"], "item": row["item"],
+                             "proven": state == MD.PAID, "receipt": receipt})
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -188,3 +400,4 @@ class MerchantServer:
             Route("/v1/checkout/{sku}", self.checkout, methods=["GET"]),
             Route("/v1/status/{txn}", self.status, methods=["POST"]),
         ])
+

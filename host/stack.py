@@ -16,10 +16,11 @@ from svcard.card.image import save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
 from svcard.host.bank_server import BankConfig, BankServer
+from svcard.host.client import ClientTerminal, add_terminal, remove_terminal
 from svcard.host.load_server import BankAccount, LoadConfig, LoadServer
 from svcard.host.merchant_server import MerchantConfig, MerchantServer
 from svcard.host.payment_server import MerchantAccount, PaymentConfig, PaymentServer
-from svcard.host.serving import ServerThread
+from svcard.host.serving import ServerThread, free_port
 from svcard.host.specs import open_reader
 from svcard.protocols import messages as M
 from svcard.reader import Reader
@@ -67,13 +68,31 @@ class Stack:
     payment_server: PaymentServer
     merchant_server: MerchantServer
     shared_key: bytes = field(repr=False)
+    client_terminal: ClientTerminal | None = None
 
     def checkout_url(self, sku: str = "ticket", variant: str = "fig6") -> str:
-        return f"{self.merchant.url}/v1/checkout/{sku}?variant={variant}"
+        """A checkout URL asking ``variant``; FIG. 7 names the stack's registered client
+        terminal, whose key this process holds (see svcard.host.client.add_terminal)."""
+        url = f"{self.merchant.url}/v1/checkout/{sku}?variant={variant}"
+        if variant == "fig7" and self.client_terminal is not None:
+            url += f"&terminal={self.client_terminal.terminal_id.hex().upper()}"
+        return url
+
+    def restart_merchant(self) -> None:
+        """Stop the merchant server and start a new one on the same port and database."""
+        config = self.merchant_server.config
+        self.merchant.stop()
+        self.merchant_server.close()
+        self.merchant_server = MerchantServer(config)
+        self.merchant = ServerThread(self.merchant_server.app(),
+                                     port=self.merchant.port).start()
 
     def close(self) -> None:
         self.merchant.stop()
+        self.merchant_server.close()
         self.payment.stop()
+        if self.client_terminal is not None:
+            remove_terminal(self.client_terminal)
 
 
 def start_stack(folder: Path, *, psams: int = 2, db_url: str | None = None,
@@ -81,7 +100,12 @@ def start_stack(folder: Path, *, psams: int = 2, db_url: str | None = None,
                 hold_timeout: float = 30.0, variants: frozenset[int] | None = None,
                 payment_port: int | None = None, merchant_id: bytes = DEMO_MERCHANT_ID,
                 terminal_id: bytes | None = None, first_psam_serial: int = 1,
+                merchant_db: str | None = None, merchant_options: dict[str, Any] | None = None,
                 **payment_kwargs: Any) -> Stack:
+    """The payment server and a merchant. The merchant enables every variant and registers a
+    fresh client terminal for FIG. 7 (its key is added to this process's terminals); every
+    client is on loopback, so the per-address bound of open orders is the overall one unless
+    ``merchant_options`` says otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
     shared_key = os.urandom(32)
     readers = psam_readers if psam_readers is not None else [
@@ -95,12 +119,24 @@ def start_stack(folder: Path, *, psams: int = 2, db_url: str | None = None,
                            **payment_kwargs)
     payment_server = PaymentServer(config, readers)
     payment = ServerThread(payment_server.app(), port=payment_port).start()
-    merchant_server = MerchantServer(MerchantConfig(
-        merchant_id, shared_key, payment.url, payment_server.pool.terminal_id))
-    merchant = ServerThread(merchant_server.app())
-    merchant_server.config.public_url = merchant.url
-    merchant.start()
-    return Stack(folder, payment, merchant, payment_server, merchant_server, shared_key)
+    client_terminal = ClientTerminal.generate()
+    options: dict[str, Any] = {
+        "variants": frozenset(M.VARIANTS),
+        "client_terminals": {client_terminal.terminal_id: client_terminal.public_key},
+        "db_url": merchant_db or f"sqlite:///{folder / 'merchant.db'}",
+        "max_open_per_client": 10_000, **(merchant_options or {})}
+    merchant_port = free_port()
+    try:
+        merchant_server = MerchantServer(MerchantConfig(
+            merchant_id, shared_key, payment.url, payment_server.pool.terminal_id,
+            public_url=f"http://127.0.0.1:{merchant_port}", **options))
+        merchant = ServerThread(merchant_server.app(), port=merchant_port).start()
+    except Exception:
+        payment.stop()
+        raise
+    add_terminal(client_terminal)
+    return Stack(folder, payment, merchant, payment_server, merchant_server, shared_key,
+                 client_terminal)
 
 
 DEMO_BANK_ID = bytes.fromhex("42414E4B30303031")  # "BANK0001"

@@ -9,12 +9,14 @@ associated data is the header, so no header field can be changed either (see
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from construct import (
     Bytes,
     Const,
     ConstructError,
+    Default,
     GreedyBytes,
     Int8ub,
     Int16ub,
@@ -23,6 +25,7 @@ from construct import (
     PascalString,
     Prefixed,
     Struct,
+    Terminated,
 )
 
 from svcard.protocols import secure
@@ -145,9 +148,15 @@ Confirmation = Struct(
     "variant" / Int8ub,
     "txn_id" / Bytes(16),
     "result_m" / Blob,
-    "card_mac2" / Bytes(4),          # FIG. 8
+    "card_mac2" / Bytes(4),          # FIG. 7 and 8: the card's MAC2
     "sealed_expected_mac2" / Blob,   # FIG. 8
+    "terminal_id" / Default(Bytes(8), bytes(8)),   # FIG. 7: the registered client terminal
+    "tac" / Default(Bytes(4), bytes(4)),           # FIG. 7: the card's TAC
+    "signature" / Default(Blob, b""),              # FIG. 7: the terminal's Ed25519 signature
+    Terminated,
 )
+
+FIG7_SIGNATURE_CONTEXT = b"svcard FIG7 confirmation v1"
 
 ErrorMessage = Struct(
     "magic" / Const(b"SE"),
@@ -188,6 +197,14 @@ def result_c_aad(merchant_id: bytes, txn_id: bytes) -> bytes:
 
 def expected_mac2_aad(merchant_id: bytes, txn_id: bytes) -> bytes:
     return b"svcard expected MAC2 v1" + merchant_id + txn_id
+
+
+def fig7_signed_data(merchant_id: bytes, txn_id: bytes, result_m: bytes, card_mac2: bytes,
+                     tac: bytes) -> bytes:
+    """What a registered client terminal signs (Ed25519) in a FIG. 7 confirmation: it vouches
+    that the card answered this MAC2 and TAC to this order's debit."""
+    return (FIG7_SIGNATURE_CONTEXT + merchant_id + txn_id + hashlib.sha256(result_m).digest()
+            + card_mac2 + tac)
 
 
 def envelope_header(msg_type: int, merchant_id: bytes, txn_id: bytes, etsk: bytes) -> bytes:
