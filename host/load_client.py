@@ -2,11 +2,17 @@
 
 Read the card (balance, limit, currency, expiry), ask the bank to debit the account (step 872-
 875), INITIALIZE FOR LOAD while emulating the HSM's side and pack one load request (876-878),
-pass the load server's command to the card (881), return S3 (883), or on "not loaded" a new
-zero-value request (negative result handling), and carry the load server's confirmation to the
-bank (891). Every step is in the local journal first; :func:`resume_loads` finishes what an
-interruption left, asking the card itself (GET TRANSACTION PROVE, or a zero-value S1) what
-happened.
+pass the load server's command to the card (881), return S3 (883), and carry the load server's
+confirmation to the bank (891).
+
+On "not loaded" the client runs a zero-value *probe load* end to end: INITIALIZE FOR LOAD for 0,
+the "not loaded" result with that S1, the load server's probe command (S2 for amount 0) to the
+card, which credits 0 and moves its counter, and the card's TAC back to the load server, which
+only then decides (a load for which no S2 was ever issued is decided at once).
+
+Every step is in the local journal before the next exchange; :func:`resume_loads` finishes what
+an interruption left, asking the card itself (GET TRANSACTION PROVE for the load or the probe)
+what happened. A load the load server cannot decide stays open ("still open: ...").
 """
 
 from __future__ import annotations
@@ -71,6 +77,11 @@ class _LoadSession:
         self.round_trips = 0
 
     def post(self, http: httpx.Client, path: str, msg_type: int, body: bytes) -> bytes:
+        return self.exchange(http, path, msg_type, body)[1]
+
+    def exchange(self, http: httpx.Client, path: str, msg_type: int,
+                 body: bytes) -> tuple[int, bytes]:
+        """Post one sealed message: (the answer's message type, its opened body)."""
         request = M.seal_envelope(msg_type, self.bank_id, self.txn_id, self.etsk, self.tsk,
                                   body)
         self.round_trips += 1
@@ -81,7 +92,8 @@ class _LoadSession:
         env, header = M.split_envelope(response.content)
         if (env.merchant_id, env.txn_id) != (self.bank_id, self.txn_id):
             raise PaymentRefused("load server", 200, "answer for another transaction")
-        return secure.open_sealed(self.tsk, env.body, header, "load server answer")
+        return env.msg_type, secure.open_sealed(self.tsk, env.body, header,
+                                                "load server answer")
 
 
 def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str, secret: str,
@@ -182,32 +194,72 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
         return _negative(s, http, journal, card, init.balance,
                          f"the card did not load: {answer.sw:04X} ({SW.meaning(answer.sw)})")
     journal.write(txn, "card-loaded", s3=answer.data.hex())
-    return _send_result(s, http, journal, L.RESULT_LOADED, answer.data, None, init.balance)
+    return _send_result(s, http, journal, answer.data, init.balance)
 
 
 def _negative(s: _LoadSession, http: httpx.Client, journal: Journal, card: Reader,
               balance: int, why: str) -> LoadOutcome:
-    """Negative result handling: a new zero-value load request with a new S1."""
+    """Negative result handling: a zero-value probe load, done for real. The load server
+    answers the probe (or, if it never issued S2, its decision at once)."""
+    txn = s.params["txn_id"]
+    journal.write(txn, "negative", why=why)
     select_purse(card)
-    init = P.InitForLoadAnswer.parse(call(
+    zero = P.InitForLoadAnswer.parse(call(
         card, apdus.initialize(P.INIT_LOAD, P.PURSE_EP, 1, 0, s.terminal_id),
         "INITIALIZE FOR LOAD (zero value)"))
-    card.exchange(apdus.select(P.DEFAULT_IEP_AID))  # end the zero-value session unused
-    journal.write(s.params["txn_id"], "negative", why=why)
-    return _send_result(s, http, journal, L.RESULT_NOT_LOADED, bytes(4), init, balance)
-
-
-def _send_result(s: _LoadSession, http: httpx.Client, journal: Journal, result: int,
-                 s3: bytes, zero: Any, balance: int) -> LoadOutcome:
-    txn = s.params["txn_id"]
+    journal.write(txn, "probe-requested", probe_counter=zero.online_counter)
     body = M.build(L.LoadResult, {
-        "result": result, "card_sw": SW.OK if result == L.RESULT_LOADED else 0x6985,
-        "s3": s3, "online_counter": zero.online_counter if zero else 0,
-        "balance": zero.balance if zero else 0, "random": zero.random if zero else bytes(4),
-        "s1": zero.mac1 if zero else bytes(4)})
-    answer = M.parse(L.LoadAnswer, s.post(http, "/v1/load/result", L.LOAD_RESULT, body),
-                     "load answer")
-    journal.write(txn, "load-confirmed", confirmation=answer.confirmation.hex(),
+        "result": L.RESULT_NOT_LOADED, "card_sw": 0x6985, "s3": bytes(4),
+        "online_counter": zero.online_counter, "balance": zero.balance,
+        "random": zero.random, "s1": zero.mac1})
+    msg_type, answer = s.exchange(http, "/v1/load/result", L.LOAD_RESULT, body)
+    if msg_type == L.LOAD_ANSWER:  # no S2 was ever issued: decided without a probe
+        card.exchange(apdus.select(P.DEFAULT_IEP_AID))  # end the zero-value session unused
+        return _answered(s, http, journal, answer, balance)
+    if msg_type != L.LOAD_PROBE:
+        raise PaymentRefused("load server", 200, f"unexpected answer type {msg_type}")
+    probe = M.parse(L.LoadCommand, answer, "probe command")
+    if probe.amount != 0:
+        card.exchange(apdus.select(P.DEFAULT_IEP_AID))
+        raise TerminalCheckFailed("the probe is not a zero-value load: not passed to the card")
+    journal.write(txn, "probe-command", probe_counter=zero.online_counter,
+                  probe_s2=probe.s2.hex(), probe_date=probe.date.hex(),
+                  probe_time=probe.time.hex())
+    tac = call(card, apdus.credit_for_load(probe.date, probe.time, probe.s2),
+               "CREDIT FOR LOAD (zero-value probe)")
+    journal.write(txn, "probe-loaded", probe_s3=tac.hex())
+    return _send_probe_result(s, http, journal, tac, balance)
+
+
+def _send_probe_result(s: _LoadSession, http: httpx.Client, journal: Journal, tac: bytes,
+                       balance: int) -> LoadOutcome:
+    """The card's TAC for the probe: the load server decides. Undecided (409) leaves the load
+    open in the journal, and raises."""
+    txn = s.params["txn_id"]
+    body = M.build(L.LoadProbeResult, {"card_sw": SW.OK, "s3": tac})
+    try:
+        answer = s.post(http, "/v1/load/probe", L.LOAD_PROBE_RESULT, body)
+    except PaymentRefused as exc:
+        if exc.status == 409 and "undecided" in exc.reason:
+            journal.write(txn, "undecided", reason=exc.reason)
+        raise
+    return _answered(s, http, journal, answer, balance)
+
+
+def _send_result(s: _LoadSession, http: httpx.Client, journal: Journal, s3: bytes,
+                 balance: int) -> LoadOutcome:
+    """The card's S3: the load was loaded."""
+    body = M.build(L.LoadResult, {
+        "result": L.RESULT_LOADED, "card_sw": SW.OK, "s3": s3, "online_counter": 0,
+        "balance": 0, "random": bytes(4), "s1": bytes(4)})
+    return _answered(s, http, journal, s.post(http, "/v1/load/result", L.LOAD_RESULT, body),
+                     balance)
+
+
+def _answered(s: _LoadSession, http: httpx.Client, journal: Journal, body: bytes,
+              balance: int) -> LoadOutcome:
+    answer = M.parse(L.LoadAnswer, body, "load answer")
+    journal.write(s.params["txn_id"], "load-confirmed", confirmation=answer.confirmation.hex(),
                   outcome=answer.outcome, reason=answer.reason)
     return _register(s, http, journal, answer.outcome, answer.reason, answer.confirmation,
                      balance)
@@ -259,22 +311,32 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
                 outcome = _register(s, http, journal, int(entry["outcome"]), entry["reason"],
                                     bytes.fromhex(entry["confirmation"]), balance)
             elif state == "card-loaded":
-                outcome = _send_result(s, http, journal, L.RESULT_LOADED,
-                                       bytes.fromhex(entry["s3"]), None, balance)
+                outcome = _send_result(s, http, journal, bytes.fromhex(entry["s3"]), balance)
             elif state == "load-command":
                 # did the card load itself? Its proof of this very load says so.
                 proof = prove(card, P.TYPE_EP_LOAD, int(entry["counter"]))
                 if proof is not None and proof[0] == bytes.fromhex(entry["s2"]):
                     journal.write(txn, "card-loaded", s3=proof[1].hex(), proven=True)
-                    outcome = _send_result(s, http, journal, L.RESULT_LOADED, proof[1], None,
-                                           balance)
+                    outcome = _send_result(s, http, journal, proof[1], balance)
                 else:
                     outcome = _negative(s, http, journal, card, balance,
                                         "interrupted; the card has no proof of this load")
-            else:  # started, requested, or refused before the card had S2: never loaded
+            elif state in ("probe-loaded", "undecided"):
+                outcome = _send_probe_result(s, http, journal,
+                                             bytes.fromhex(entry["probe_s3"]), balance)
+            elif state == "probe-command":
+                # did the card complete the probe? Its proof of the probe says so.
+                proof = prove(card, P.TYPE_EP_LOAD, int(entry["probe_counter"]))
+                if proof is not None and proof[0] == bytes.fromhex(entry["probe_s2"]):
+                    journal.write(txn, "probe-loaded", probe_s3=proof[1].hex(), proven=True)
+                    outcome = _send_probe_result(s, http, journal, proof[1], balance)
+                else:
+                    outcome = _negative(s, http, journal, card, balance,
+                                        "interrupted probe; the card did not complete it")
+            else:  # before the card had S2, or a probe not yet answered: a new probe
                 outcome = _negative(s, http, journal, card, balance,
                                     f"interrupted at {state}: the card never saw S2")
-        except (PaymentRefused, Declined) as exc:
+        except (PaymentRefused, Declined, TerminalCheckFailed) as exc:
             report.append({"txn_id": txn, "outcome": f"still open: {exc}"})
             continue
         report.append({"txn_id": txn, "outcome": outcome.outcome, "reason": outcome.reason})

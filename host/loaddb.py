@@ -2,9 +2,17 @@
 
 One row per load, every step committed before the next exchange. States: ``received`` (the
 request is logged, the HSM has not answered) -> ``authorized`` (S2 issued: the card may load
-itself) -> ``loaded`` | ``not_loaded``; ``refused`` (the HSM refused S1: no S2 was issued).
+itself) -> ``loaded`` | ``not_loaded``; ``received`` -> ``refused`` (the HSM refused S1, or the
+server restarted before it answered: no S2 was issued) -> ``not_loaded``.
 Unique keys: (bank, transaction id); (card, S1), so a replayed S1 is seen; (card, online
 counter) among loaded rows, so one card counter is never loaded twice.
+
+Every state change is one conditional UPDATE on the expected state (compare-and-set, rowcount
+checked): a caller that loses a race re-reads the row. No request changes another load's row.
+Every ``not_loaded`` row names its ``evidence``: ``no-s2`` (no S2 ever left the server),
+``probe`` (the card completed the load's zero-value probe at the load's own counter) or
+``counter-used:<txn id>`` (the probe shows the counter moved past the load's, and that load
+was proven loaded at the load's counter). The probe a load is waiting for is in ``probe_*``.
 """
 
 from __future__ import annotations
@@ -23,14 +31,16 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    exists,
     insert,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 
-from svcard.host.db import DuplicateError, first_row, now_ms, update_row
+from svcard.host.db import DuplicateError, first_row, now_ms
 from svcard.host.db import make_engine as make_db_engine
 
 metadata = MetaData()
@@ -63,6 +73,15 @@ loads = Table(
     Column("command", LargeBinary),
     Column("result_digest", String(64)),
     Column("answer", LargeBinary),
+    Column("evidence", String(200), nullable=False, default=""),
+    Column("probe_counter", Integer),
+    Column("probe_balance", BigInteger),
+    Column("probe_random", String(8)),
+    Column("probe_s1", String(8)),
+    Column("probe_date", String(8)),
+    Column("probe_time", String(6)),
+    Column("probe_s2", String(8)),
+    Column("probe_digest", String(64)),
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
     UniqueConstraint("bank_id", "txn_id", name="uq_load_bank_txn"),
@@ -95,23 +114,59 @@ class LoadDb:
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from None
 
-    def authorize(self, row_id: int, card_serial: str, counter: int, **values: Any) -> int:
-        """S2 issued. The same card counter in an earlier load still ``authorized`` proves that
-        load never happened (a load moves the counter): it becomes ``not_loaded``. Returns how
-        many were closed so."""
-        stamp = now_ms()
-        with self.engine.begin() as conn:
-            closed = conn.execute(update(loads).where(
-                loads.c.card_serial == card_serial, loads.c.online_counter == counter,
-                loads.c.state == "authorized", loads.c.id != row_id,
-            ).values(state="not_loaded", reason="card counter reused: never loaded",
-                     updated=stamp)).rowcount
-            conn.execute(update(loads).where(loads.c.id == row_id).values(
-                state="authorized", updated=stamp, **values))
-        return int(closed or 0)
+    def advance(self, row_id: int, expect: str, **values: Any) -> bool:
+        """Compare-and-set: change the row only if it is still in state ``expect``. False if
+        another request changed it first; a unique key that says no is a
+        :class:`DuplicateError`."""
+        try:
+            with self.engine.begin() as conn:
+                result = conn.execute(update(loads).where(
+                    loads.c.id == row_id, loads.c.state == expect,
+                ).values(updated=now_ms(), **values))
+        except IntegrityError as exc:
+            raise DuplicateError(str(exc.orig)) from None
+        return bool(result.rowcount == 1)
 
-    def set(self, row_id: int, **values: Any) -> None:
-        update_row(self.engine, loads, row_id, **values)
+    def record_probe(self, row_id: int, digest: str, **probe: Any) -> bool:
+        """Keep the probe issued for a load still ``authorized`` (a new one replaces an older
+        one). False if the load was decided meanwhile, or the same result bytes already
+        recorded their probe (the caller answers that one)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(update(loads).where(
+                loads.c.id == row_id, loads.c.state == "authorized",
+                or_(loads.c.probe_digest.is_(None), loads.c.probe_digest != digest),
+            ).values(updated=now_ms(), probe_digest=digest, **probe))
+        return bool(result.rowcount == 1)
+
+    def loaded_at(self, card_serial: str, counter: int, other_than: int) -> dict[str, Any] | None:
+        """The load proven ``loaded`` at this card counter, other than row ``other_than``."""
+        query = select(loads).where(
+            loads.c.card_serial == card_serial, loads.c.online_counter == counter,
+            loads.c.state == "loaded", loads.c.id != other_than)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return dict(row._mapping) if row is not None else None
+
+    def close_by_probe(self, row_id: int, probe_s2: str, used_by: int | None,
+                       **values: Any) -> bool:
+        """``authorized`` -> ``not_loaded`` on a verified probe, in one statement whose WHERE
+        holds the whole rule: the probe is still the one verified, and either it consumed the
+        load's own counter (``used_by`` None), or it is past it and row ``used_by`` of the
+        same card is ``loaded`` at the load's counter."""
+        conditions = [loads.c.id == row_id, loads.c.state == "authorized",
+                      loads.c.probe_s2 == probe_s2]
+        if used_by is None:
+            conditions.append(loads.c.probe_counter == loads.c.online_counter)
+        else:
+            other = loads.alias("other")
+            conditions += [loads.c.probe_counter > loads.c.online_counter, exists().where(
+                other.c.id == used_by, other.c.id != loads.c.id, other.c.state == "loaded",
+                other.c.card_serial == loads.c.card_serial,
+                other.c.online_counter == loads.c.online_counter)]
+        with self.engine.begin() as conn:
+            result = conn.execute(update(loads).where(*conditions).values(
+                state="not_loaded", updated=now_ms(), **values))
+        return bool(result.rowcount == 1)
 
     def recover(self) -> int:
         """On start: requests the HSM never answered issued no S2, so no card loaded them."""

@@ -7,6 +7,12 @@ the key the bank and the load server derive from their shared key (the load serv
 amount the bank debited, and the TSK, from it), and its body is sealed with the TSK. The load
 server's :data:`LoadConfirmation` is sealed under that derived key, so the bank can open it and
 the client, who carries it, can neither read nor forge it. Amounts are integer minor units.
+
+A negative result is proven by a zero-value *probe load*, done for real: the client reports
+"not loaded" with a new zero-value S1 (:data:`LoadResult`), the load server answers a
+:data:`LOAD_PROBE` (a :data:`LoadCommand` for amount 0 with an S2 the HSM makes only now), the
+card credits 0 and moves its online counter, and the client posts the card's TAC as a
+:data:`LoadProbeResult`. Only then does the load server decide, and seal its confirmation.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ LOAD_REQUEST = 16
 LOAD_COMMAND = 17
 LOAD_RESULT = 18
 LOAD_ANSWER = 19
+LOAD_PROBE = 20          # the load server's zero-value load command (LoadCommand, amount 0)
+LOAD_PROBE_RESULT = 21   # the card's answer to the probe (LoadProbeResult)
 
 # what the card said, as the client reports it
 RESULT_LOADED = 0
@@ -68,8 +76,8 @@ LoadCommand = Struct(
 )
 
 # seed steps 882-883: the card's answer. Loaded: S3. Not loaded: the card's status word and a
-# new zero-value INITIALIZE FOR LOAD (new counter, balance, random and S1) for the load server
-# to check.
+# new zero-value INITIALIZE FOR LOAD (new counter, balance, random and S1): the load server
+# answers a probe (LOAD_PROBE) for it, or, when no S2 was ever issued, its decision at once.
 LoadResult = Struct(
     "result" / Int8ub,
     "card_sw" / Int16ub,
@@ -78,6 +86,13 @@ LoadResult = Struct(
     "balance" / Int32ub,
     "random" / Bytes(4),
     "s1" / Bytes(4),
+)
+
+# the card's answer to the probe's CREDIT FOR LOAD: its status word and its TAC (S3) over
+# (balance after, counter, amount 0, type, terminal, the probe's date and time)
+LoadProbeResult = Struct(
+    "card_sw" / Int16ub,
+    "s3" / Bytes(4),
 )
 
 # seed step 890: sealed under DK for the bank (associated data: confirmation_aad)

@@ -11,23 +11,19 @@ from typing import Any
 
 import httpx
 import pytest
+from loadraw import SECRET, Raw
 from netfaults import CutOff
 
 from svcard.card.storage import read_image
-from svcard.host import apdus
 from svcard.host import load_client as LC
 from svcard.host.client import PaymentRefused
 from svcard.host.journal import Journal
 from svcard.host.specs import open_reader
 from svcard.host.stack import LoadStack, card_image, start_load_stack
-from svcard.host.terminal import TerminalCheckFailed, call, select_purse
+from svcard.host.terminal import TerminalCheckFailed
 from svcard.protocols import loadmsg as L
-from svcard.protocols import messages as M
-from svcard.protocols import purse as P
 from svcard.protocols import secure
 from svcard.reader import Reader, VirtualReader
-
-SECRET = "s3cret"
 
 
 @pytest.fixture
@@ -111,70 +107,14 @@ def test_expired_card_is_refused_before_the_bank_is_asked(stack: LoadStack, card
     assert account(stack) == 50_000
 
 
-class Raw:
-    """One load, step by step, so a test can change what the client sends."""
-
-    def __init__(self, stack: LoadStack, reader: Reader, http: httpx.Client,
-                 amount: int = 5_000) -> None:
-        self.reader, self.http, self.amount = reader, http, amount
-        self.params, _ = LC.start_load(http, stack.bank_url, reader, account="alice",
-                                       secret=SECRET, amount=amount)
-        self.s = LC._LoadSession(self.params)
-        self.info = select_purse(reader)
-
-    def init(self, amount: int | None = None) -> Any:
-        self.reader.exchange(apdus.select(P.DEFAULT_IEP_AID))
-        return P.InitForLoadAnswer.parse(call(self.reader, apdus.initialize(
-            P.INIT_LOAD, P.PURSE_EP, 1, self.amount if amount is None else amount,
-            self.s.terminal_id), "INITIALIZE FOR LOAD"))
-
-    def request(self, init: Any, **changes: Any) -> bytes:
-        return M.build(L.LoadRequest, {
-            "issuer_id": bytes.fromhex(self.info.issuer_id),
-            "card_serial": self.info.serial_bytes,
-            "expiry_date": bytes.fromhex(self.info.expiry_date),
-            "currency_code": self.info.currency_code, "amount": self.amount,
-            "txn_type": P.TYPE_EP_LOAD, "algorithm_id": init.algorithm_id,
-            "key_version": init.key_version, "online_counter": init.online_counter,
-            "balance": init.balance, "random": init.random, "s1": init.mac1,
-            "bank_time": int(self.params["bank_time"]), **changes})
-
-    def send_request(self, body: bytes) -> Any:
-        return M.parse(L.LoadCommand, self.s.post(self.http, "/v1/load/request",
-                                                  L.LOAD_REQUEST, body), "load command")
-
-    def credit(self, command: Any, s2: bytes | None = None) -> Any:
-        return self.reader.exchange(apdus.credit_for_load(command.date, command.time,
-                                                          s2 or command.s2))
-
-    def result(self, result: int, s3: bytes = bytes(4), zero: Any = None,
-               **changes: Any) -> Any:
-        body = M.build(L.LoadResult, {
-            "result": result, "card_sw": 0x9000, "s3": s3,
-            "online_counter": zero.online_counter if zero else 0,
-            "balance": zero.balance if zero else 0,
-            "random": zero.random if zero else bytes(4), "s1": zero.mac1 if zero else bytes(4),
-            **changes})
-        return M.parse(L.LoadAnswer, self.s.post(self.http, "/v1/load/result", L.LOAD_RESULT,
-                                                 body), "load answer")
-
-    def to_bank(self, confirmation: bytes, txn_id: bytes | None = None) -> httpx.Response:
-        return self.http.post(self.params["status_url"], content=M.build(
-            L.BankConfirmation, {"version": 1, "txn_id": txn_id or self.s.txn_id,
-                                 "confirmation": confirmation}))
-
-    def confirmation(self, answer: Any) -> Any:
-        return M.parse(L.LoadConfirmation, secure.open_sealed(
-            secure.derive_key(self.shared_key, self.s.bank_id, self.s.txn_id),
-            answer.confirmation, L.confirmation_aad(self.s.bank_id, self.s.txn_id), "c"), "c")
-
-    shared_key = b""
-
-
 def raw(stack: LoadStack, reader: Reader, http: httpx.Client, amount: int = 5_000) -> Raw:
-    r = Raw(stack, reader, http, amount)
-    r.shared_key = stack.shared_key
-    return r
+    return Raw(stack, reader, http, amount)
+
+
+def row_of(stack: LoadStack, r: Raw) -> dict[str, Any]:
+    row = stack.load_server.db.get(r.s.bank_id.hex(), r.txn_hex)
+    assert row is not None
+    return row
 
 
 def test_tampered_s1_is_refused_and_refunded(stack: LoadStack, card: Path,
@@ -186,8 +126,9 @@ def test_tampered_s1_is_refused_and_refunded(stack: LoadStack, card: Path,
             r.send_request(r.request(init, s1=bytes(a ^ 1 for a in init.mac1)))
         with pytest.raises(PaymentRefused, match="replayed load request"):  # one try per order
             r.send_request(r.request(init))
-        answer = r.result(L.RESULT_NOT_LOADED, zero=r.init(0))
+        answer = r.result(L.RESULT_NOT_LOADED, zero=r.init(0))  # no S2: decided at once
         assert answer.outcome == L.OUTCOME_NOT_LOADED
+        assert row_of(stack, r)["evidence"] == "no-s2"
         assert r.to_bank(answer.confirmation).json()["refunded"] == 5_000
         r2 = raw(stack, reader, http)  # S1 binds every field it covers: here the balance
         init = r2.init()
@@ -214,10 +155,12 @@ def test_tampered_s2_is_refused_by_the_card_and_refunded(stack: LoadStack, card:
         r = raw(stack, reader, http)
         command = r.send_request(r.request(r.init()))
         assert r.credit(command, s2=bytes(4)).sw == 0x9302
-        answer = r.result(L.RESULT_NOT_LOADED, zero=r.init(0))
-        assert answer.outcome == L.OUTCOME_NOT_LOADED and "counters equal" in answer.reason
+        answer = r.not_loaded()  # the zero-value probe, done on the card at counter 0
+        assert answer.outcome == L.OUTCOME_NOT_LOADED and "probe" in answer.reason
+        assert row_of(stack, r)["evidence"] == "probe"
         assert r.to_bank(answer.confirmation).json()["outcome"] == "not loaded"
     assert account(stack) == 50_000 and balance(card) == 1_000
+    assert read_image(card)["app"]["ep"]["online_counter"] == 1  # the probe used counter 0
 
 
 def test_tampered_s3_is_refused_then_the_true_s3_loads(stack: LoadStack, card: Path,
@@ -288,27 +231,36 @@ def test_unknown_bank_is_refused(stack: LoadStack, card: Path, http: httpx.Clien
             r.send_request(r.request(r.init()))
 
 
-@pytest.mark.parametrize("case", ["true-equal", "true-different", "false-different",
-                                  "false-claims-equal"])
+@pytest.mark.parametrize("case", ["true", "true-claims-later", "false", "false-claims-earlier"])
 def test_negative_results(stack: LoadStack, card: Path, http: httpx.Client, case: str) -> None:
     """True "not loaded" (card not loaded) and false (card loaded), with the counter reported
-    as the card gave it or changed by the client; the load server decides right each time."""
+    as the card gave it or changed by the client. Only a probe the card completed at the
+    load's own counter closes it "not loaded"; a card past that counter leaves it open until
+    its S3 comes; a changed counter does not verify and records nothing."""
     with open_reader(f"virtual:{card}") as reader:
         r = raw(stack, reader, http)
         command = r.send_request(r.request(r.init()))
         truly_loaded = case.startswith("false")
-        if truly_loaded:
-            assert r.credit(command).ok
+        s3 = r.credit(command).data if truly_loaded else b""
         zero = r.init(0)
-        counter = zero.online_counter
-        if case == "true-different":
-            counter += 1
-        if case == "false-claims-equal":
-            counter -= 1
-        answer = r.result(L.RESULT_NOT_LOADED, zero=zero, online_counter=counter)
+        if case in ("true-claims-later", "false-claims-earlier"):
+            changed = zero.online_counter + (1 if case == "true-claims-later" else -1)
+            with pytest.raises(PaymentRefused, match="does not verify") as refused:
+                r.probe(zero, online_counter=changed)
+            assert refused.value.status == 400
+            assert row_of(stack, r)["probe_s2"] is None  # nothing recorded
+        probe = r.probe(zero)
+        tac = r.credit(probe).data
+        if truly_loaded:  # the probe ran at counter 1: counter 0 may well be this load's
+            with pytest.raises(PaymentRefused, match="undecided") as undecided:
+                r.probe_result(tac)
+            assert undecided.value.status == 409
+            assert row_of(stack, r)["state"] == "authorized"
+            answer = r.result(L.RESULT_LOADED, s3=s3)  # the card's proof decides
+        else:
+            answer = r.probe_result(tac)
         expected = L.OUTCOME_LOADED if truly_loaded else L.OUTCOME_NOT_LOADED
         assert answer.outcome == expected, answer.reason
-        assert ("counters equal" if counter == 0 else "counters differ") in answer.reason
         assert r.confirmation(answer).outcome == expected
         bank = r.to_bank(answer.confirmation).json()
     assert balance(card) == (6_000 if truly_loaded else 1_000)
@@ -316,15 +268,16 @@ def test_negative_results(stack: LoadStack, card: Path, http: httpx.Client, case
     assert bank["outcome"] == ("loaded" if truly_loaded else "not loaded")
 
 
-def test_a_new_s1_that_matches_nothing_leaves_the_load_open(stack: LoadStack, card: Path,
+def test_a_new_s1_that_does_not_verify_leaves_the_load_open(stack: LoadStack, card: Path,
                                                             http: httpx.Client) -> None:
     with open_reader(f"virtual:{card}") as reader:
         r = raw(stack, reader, http)
         r.send_request(r.request(r.init()))
         zero = r.init(0)
-        with pytest.raises(PaymentRefused, match="matches neither"):
-            r.result(L.RESULT_NOT_LOADED, zero=zero, s1=bytes(4))
-        assert r.result(L.RESULT_NOT_LOADED, zero=zero).outcome == L.OUTCOME_NOT_LOADED
+        with pytest.raises(PaymentRefused, match="does not verify"):
+            r.probe(zero, s1=bytes(4))
+        assert row_of(stack, r)["state"] == "authorized"
+        assert r.not_loaded().outcome == L.OUTCOME_NOT_LOADED
 
 
 @pytest.mark.parametrize(("path", "after_send", "loaded"), [
