@@ -10,13 +10,27 @@ issuer's float; the float's ledger balance; bank loads by state. Checks:
    unsettled purchases;
 3. bank accounts debited (confirmed loads) = loads confirmed by the load server, load by load;
    a bank load still waiting for its confirmation is listed;
-4. with no opening balances, each card's balance = its loads - its purchases.
+4. with no opening balances, each card's balance = its loads - its purchases;
+5. every confirmed payment has its PSAM record: cleared, or held by clearing, or in a batch
+   not yet cleared, or still in its PSAM's open batch (read from the PSAM when given). One in
+   a batch clearing received but absent from it, or whose record clearing refused, is a
+   finding; one not yet handed (or handed but not cleared) is listed, and a finding past the
+   maximum age (default 7 days);
+6. records clearing holds (no card TAC yet), with their age and what the payment database
+   says of them; one older than the maximum age is a finding;
+7. open loads (S2 issued, outcome not proven), with their age; older than the maximum age is
+   a finding;
+8. every bank refund has a load the load server decided ``not_loaded`` on named evidence
+   (``no-s2``, ``probe``, ``counter-used:<txn>`` whose load is ``loaded`` on the same card).
 
-Every difference is listed as a discrepancy; the audit is clean only if there are none.
+Every difference is listed as a discrepancy; the audit is clean only if there are none. The
+lists (held records, open loads, payments not yet handed) are printed even when clean: a clean
+audit hides nothing.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,15 +40,20 @@ from sqlalchemy import select
 from svcard.host import apdus
 from svcard.host.bankdb import BankDb
 from svcard.host.bankdb import make_engine as make_bank_engine
-from svcard.host.clearing import cleared_keys, ledger_balances, records
+from svcard.host.clearing import batches, cleared_keys, ledger_balances, records, uncleared
 from svcard.host.clearing import make_engine as make_clearing_engine
+from svcard.host.db import now_ms
 from svcard.host.loaddb import LoadDb
 from svcard.host.loaddb import make_engine as make_load_engine
 from svcard.host.paydb import make_engine as make_pay_engine
 from svcard.host.paydb import payments
 from svcard.host.terminal import call, select_purse
 from svcard.protocols import purse as P
+from svcard.protocols import sw as SW
 from svcard.reader import Reader
+
+DAY_MS = 24 * 3600 * 1000
+DEFAULT_MAX_AGE_MS = 7 * DAY_MS
 
 
 @dataclass
@@ -42,6 +61,9 @@ class AuditReport:
     figures: dict[str, int]
     checks: list[dict[str, Any]]
     discrepancies: list[str] = field(default_factory=list)
+    held: list[dict[str, Any]] = field(default_factory=list)
+    open_loads: list[dict[str, Any]] = field(default_factory=list)
+    unhanded: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -49,7 +71,8 @@ class AuditReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"clean": self.clean, "figures": self.figures, "checks": self.checks,
-                "discrepancies": self.discrepancies}
+                "discrepancies": self.discrepancies, "held_records": self.held,
+                "open_loads": self.open_loads, "payments_not_cleared": self.unhanded}
 
     def text(self) -> str:
         lines = ["figures (minor units):"]
@@ -57,6 +80,13 @@ class AuditReport:
         lines.append("checks:")
         lines += [f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['left']} vs {c['right']}"
                   for c in self.checks]
+        for title, items in (("records held by clearing", self.held),
+                             ("open loads", self.open_loads),
+                             ("confirmed payments not yet cleared", self.unhanded)):
+            lines.append(f"{title}: {len(items) or 'none'}")
+            lines += [f"  - {item['text']}" for item in items[:1000]]
+            if len(items) > 1000:
+                lines.append(f"  ... and {len(items) - 1000} more")
         if self.discrepancies:
             lines.append(f"{len(self.discrepancies)} discrepancies:")
             lines += [f"  - {d}" for d in self.discrepancies]
@@ -75,40 +105,116 @@ def card_balances(readers: list[Reader]) -> dict[str, int]:
     return out
 
 
+def psam_open_batches(readers: list[Reader],
+                      psam_aid: bytes = P.DEFAULT_PSAM_AID) -> dict[str, set[int]]:
+    """PSAM serial (upper-case hex) -> the terminal transaction numbers of its open batch (the
+    records not yet closed and handed to clearing), read through each reader."""
+    out: dict[str, set[int]] = {}
+    for reader in readers:
+        call(reader, apdus.select(psam_aid), "SELECT PSAM")
+        serial = call(reader, apdus.read_binary(P.SFI_PUBLIC_DATA, 10), "READ PSAM SERIAL")
+        ttns: set[int] = set()
+        for index in range(_MAX_OPEN_RECORDS):
+            answer = reader.exchange(apdus.read_batch_record(0, index))
+            if answer.sw == SW.RECORD_NOT_FOUND:
+                break
+            if not answer.ok:
+                raise ValueError(f"PSAM {serial.hex().upper()}: READ BATCH RECORD {index} "
+                                 f"answered {answer.sw:04X}")
+            ttns.add(P.PsamRecord.parse(answer.data).terminal_txn_number)
+        out[serial.hex().upper()] = ttns
+    return out
+
+
+_MAX_OPEN_RECORDS = 1_000_000
+
+
+def _age(now: int, stamp: int | None) -> int:
+    return max(0, now - int(stamp or now))
+
+
+def _days(ms: int) -> str:
+    return f"{ms / DAY_MS:.1f} days" if ms >= DAY_MS else f"{ms / 3_600_000:.1f} h"
+
+
 def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
           load_dbs: tuple[str, ...] = (), bank_dbs: tuple[str, ...] = (),
-          clearing_db: str | None = None, opening: int = 0) -> AuditReport:
+          clearing_db: str | None = None, opening: int = 0,
+          max_age_ms: int = DEFAULT_MAX_AGE_MS, now: int | None = None,
+          open_batches: dict[str, set[int]] | None = None) -> AuditReport:
+    """``open_batches``: what :func:`psam_open_batches` read from the payment servers' PSAMs
+    (optional: without it a confirmed payment not yet handed is a finding only past
+    ``max_age_ms``). ``now``: the audit's clock in ms (default: now)."""
+    now = now_ms() if now is None else now
     bad: list[str] = []
     # proven purchases: (8-byte card serial, card counter) -> (amount, full serial)
     proven: dict[tuple[str, int], tuple[int, str]] = {}
+    # every payment that reached a PSAM: (PSAM serial, TTN) -> row; the confirmed ones
+    by_psam_ttn: dict[tuple[str, int], dict[str, Any]] = {}
+    confirmed: list[dict[str, Any]] = []
     for url in payment_dbs:
         with make_pay_engine(url).connect() as conn:
-            for r in conn.execute(select(payments).where(
-                    payments.c.state == "confirmed", payments.c.tac.is_not(None),
-                    payments.c.amount > 0)):
-                key = (r.card_serial[-16:].lower(), int(r.card_counter))
+            for found in conn.execute(select(payments)):
+                r = dict(found._mapping)
+                if r["psam_id"] and r["ttn"] is not None:
+                    by_psam_ttn[(r["psam_id"].upper(), int(r["ttn"]))] = r
+                if r["state"] != "confirmed" or r["tac"] is None or r["amount"] <= 0:
+                    continue
+                confirmed.append(r)
+                key = (r["card_serial"][-16:].lower(), int(r["card_counter"]))
                 if key in proven:
-                    bad.append(f"purchase of card {r.card_serial} counter {r.card_counter} "
-                               "confirmed twice")
-                proven[key] = (int(r.amount), r.card_serial.lower())
+                    bad.append(f"purchase of card {r['card_serial']} counter "
+                               f"{r['card_counter']} confirmed twice")
+                proven[key] = (int(r["amount"]), r["card_serial"].lower())
     settled_keys: set[tuple[str, int]] = set()
     settled = 0
     ledger: dict[str, int] = {}
+    held: list[dict[str, Any]] = []
+    unhanded: list[dict[str, Any]] = []
     if clearing_db:
         engine = make_clearing_engine(clearing_db)
         settled_keys = cleared_keys(engine)
         ledger = ledger_balances(engine)
         with engine.connect() as conn:
-            for r in conn.execute(select(records.c.card_serial, records.c.card_counter,
-                                         records.c.amount)):
-                settled += int(r.amount)
-                if (r.card_serial, r.card_counter) not in proven:
-                    bad.append(f"cleared purchase of card {r.card_serial} counter "
-                               f"{r.card_counter} has no confirmed payment")
+            received: dict[tuple[str, int], tuple[str, str]] = {}  # -> (state, reason)
+            for c in conn.execute(select(records.c.card_serial, records.c.card_counter,
+                                         records.c.amount, records.c.psam_id, records.c.ttn)):
+                settled += int(c.amount)
+                if (c.card_serial, c.card_counter) not in proven:
+                    bad.append(f"cleared purchase of card {c.card_serial} counter "
+                               f"{c.card_counter} has no confirmed payment")
+                if c.psam_id:
+                    received[(c.psam_id.upper(), int(c.ttn))] = ("cleared", "")
+            for u in conn.execute(select(uncleared).order_by(uncleared.c.id)):
+                key = (u.psam_id.upper(), int(u.ttn))
+                if u.state != "cleared":
+                    received.setdefault(key, (u.state, u.reason))
+                if u.state == "held":
+                    held.append(_held_item(u, by_psam_ttn.get(key) if payment_dbs else None,
+                                           now, max_age_ms, bad))
+            handed_batches = {(b.psam_id.upper(), int(b.batch_number)) for b in conn.execute(
+                select(batches.c.psam_id, batches.c.batch_number))}
+        for r in confirmed:
+            item = _check_handed(r, settled_keys, received, handed_batches, open_batches,
+                                 now, max_age_ms, bad)
+            if item is not None:
+                unhanded.append(item)
     unsettled = sum(a for k, (a, _) in proven.items() if k not in settled_keys)
     loaded_rows: list[dict[str, Any]] = []
     for url in load_dbs:
         loaded_rows += LoadDb(make_load_engine(url)).rows()
+    open_loads = []
+    for load in loaded_rows:
+        if load["state"] != "authorized":
+            continue
+        age = _age(now, load["created"])
+        text = (f"load {load['txn_id']} of bank {load['bank_id']}: {load['amount']} to card "
+                f"{load['card_serial'].upper()} (counter {load['online_counter']}), S2 issued, "
+                f"outcome not proven, open for {_days(age)}")
+        open_loads.append({"txn_id": load["txn_id"], "bank_id": load["bank_id"],
+                           "amount": int(load["amount"]), "age_ms": age, "text": text})
+        if age > max_age_ms:
+            bad.append(f"{text}: older than the maximum age ({_days(max_age_ms)})")
     loaded = sum(int(r["amount"]) for r in loaded_rows if r["state"] == "loaded")
     moved_total = -sum(v for k, v in ledger.items() if k.startswith("bank:"))
     float_balance = sum(v for k, v in ledger.items() if k.startswith("float:"))
@@ -140,8 +246,11 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
                     if state != "loaded":
                         bad.append(f"bank load {b['txn_id']} kept the debit but the load "
                                    f"server says {state or 'nothing'}")
-                elif b["state"] == "refunded" and state == "loaded":
-                    bad.append(f"bank load {b['txn_id']} was refunded but the card was loaded")
+                elif b["state"] == "refunded":
+                    problem = _refund_problem(row, by_txn)
+                    if problem:
+                        bad.append(f"bank load {b['txn_id']} ({b['amount']}) was refunded "
+                                   f"{problem}")
                 elif b["state"] == "debited":
                     bad.append(f"bank load {b['txn_id']} ({b['amount']}) awaits its "
                                f"confirmation (load server: {state or 'nothing'})")
@@ -160,7 +269,103 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
                            f"= {expected.get(serial, 0)}")
     bad += [f"check failed: {c['name']} ({c['left']} != {c['right']})"
             for c in checks if not c["ok"]]
-    return AuditReport(figures, checks, bad)
+    return AuditReport(figures, checks, bad, held, open_loads, unhanded)
+
+
+def _held_item(r: Any, payment: dict[str, Any] | None, now: int, max_age_ms: int,
+               bad: list[str]) -> dict[str, Any]:
+    """A record clearing holds, for the list; past the maximum age, a finding."""
+    age = _age(now, r.created)
+    what = ""
+    if payment is not None:
+        what = (f"; payment {payment['merchant_id']}/{payment['txn_id']} is "
+                f"{payment['state']}")
+        if payment["state"] == "confirmed":
+            what += " (its late proof has not cleared it)"
+    text = (f"record TTN {r.ttn} of PSAM {r.psam_id} batch {r.batch_number} (card "
+            f"{r.card_serial.upper()} counter {r.card_counter}, {r.amount}): held, no card "
+            f"TAC, for {_days(age)}{what}")
+    if age > max_age_ms:
+        bad.append(f"{text}: older than the maximum age ({_days(max_age_ms)})")
+    return {"psam_id": r.psam_id, "batch_number": int(r.batch_number), "ttn": int(r.ttn),
+            "card_serial": r.card_serial, "card_counter": int(r.card_counter),
+            "amount": int(r.amount), "age_ms": age, "text": text}
+
+
+def _check_handed(r: dict[str, Any], settled_keys: set[tuple[str, int]],
+                  received: dict[tuple[str, int], tuple[str, str]],
+                  handed_batches: set[tuple[str, int]],
+                  open_batches: dict[str, set[int]] | None, now: int, max_age_ms: int,
+                  bad: list[str]) -> dict[str, Any] | None:
+    """A confirmed payment's PSAM record: where it is. None when cleared; an item for the list
+    when it is on its way; findings go to ``bad``."""
+    name = (f"confirmed payment {r['merchant_id']}/{r['txn_id']} ({r['amount']}, card "
+            f"{r['card_serial'].upper()} counter {r['card_counter']})")
+    if (r["card_serial"][-16:].lower(), int(r["card_counter"])) in settled_keys:
+        return None
+    psam = (r["psam_id"] or "").upper()
+    if not psam or r["ttn"] is None:
+        bad.append(f"{name} has no PSAM record: no PSAM ever recorded it")
+        return None
+    ttn = int(r["ttn"])
+    where = received.get((psam, ttn))
+    if where is not None:
+        state, reason = where
+        if state == "refused":
+            bad.append(f"{name}: clearing refused its PSAM record (PSAM {psam} TTN {ttn}: "
+                       f"{reason}); the merchant is not paid")
+        elif state == "superseded":
+            bad.append(f"{name}: its PSAM record (PSAM {psam} TTN {ttn}) was superseded by "
+                       "another cleared record of the same card counter")
+        return None  # held: listed with the held records
+    age = _age(now, r.get("updated") or r.get("created"))
+    batch, number = r.get("batch"), r.get("batch_number")
+    if batch is not None and number is None:
+        found = _BATCH_NAME.search(str(batch))
+        number = int(found.group(1)) if found else None
+    if batch is not None:
+        if number is not None and (psam, int(number)) in handed_batches:
+            bad.append(f"{name} has no PSAM record: PSAM {psam} TTN {ttn} is absent from "
+                       f"batch {batch}, which clearing received")
+            return None
+        text = f"{name}: handed in batch {batch}, not yet cleared, for {_days(age)}"
+    elif open_batches is not None and psam in open_batches:
+        if ttn not in open_batches[psam]:
+            bad.append(f"{name} has no PSAM record: TTN {ttn} is neither in a batch handed "
+                       f"to clearing nor in PSAM {psam}'s open batch")
+            return None
+        text = f"{name}: in PSAM {psam}'s open batch (TTN {ttn}), for {_days(age)}"
+    else:
+        text = f"{name}: PSAM {psam} TTN {ttn} not yet handed to clearing, for {_days(age)}"
+    if age > max_age_ms:
+        bad.append(f"{text}: older than the maximum age ({_days(max_age_ms)})")
+    return {"merchant_id": r["merchant_id"], "txn_id": r["txn_id"], "amount": int(r["amount"]),
+            "psam_id": psam, "ttn": ttn, "batch": batch, "age_ms": age, "text": text}
+
+
+_BATCH_NAME = re.compile(r"-(\d+)\.json$")
+
+
+def _refund_problem(row: dict[str, Any] | None, by_txn: dict[str, dict[str, Any]]) -> str:
+    """Why a bank refund is not backed by a proven "not loaded" ("" when it is)."""
+    if row is None:
+        return "but the load server has no such load"
+    if row["state"] != "not_loaded":
+        return f"but the load server says {row['state']}"
+    evidence = str(row.get("evidence") or "")
+    if evidence in ("no-s2", "probe"):
+        return ""
+    if evidence.startswith("counter-used:"):
+        other = by_txn.get(evidence.split(":", 1)[1])
+        if (other is not None and other["state"] == "loaded"
+                and other["card_serial"].lower() == row["card_serial"].lower()
+                and other["online_counter"] == row["online_counter"]):
+            return ""
+        return (f"on evidence {evidence!r}, but that load is not loaded at this card's "
+                "counter")
+    if not evidence:
+        return "on a \"not loaded\" with no evidence made after the attempt"
+    return f"on unknown evidence {evidence!r}"
 
 
 def _check(name: str, left: int, right: int) -> dict[str, Any]:

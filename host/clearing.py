@@ -8,7 +8,14 @@ point, and the load server's log, and in one database transaction:
 2. checks each record's card TAC through the issuer's TAC master key (diversified for the
    card): a good one is cleared, a wrong one refused, a missing one held (the card's debit is
    not proven: e.g. an early-released purchase whose card never answered); a record already
-   cleared (same card and card counter) is refused as a duplicate;
+   cleared (same card and card counter) is refused as a duplicate; every record not cleared is
+   kept (``uncleared_records``) with its state and reason;
+2a. applies the late proofs files (``proofs-*.json``, written by the payment server when a
+   FIG. 7/8 card proof arrives after its batch was closed) to the records it holds: the TAC is
+   checked exactly as a batch record's; a good one clears and pays the record in this run, a
+   wrong one is refused (the record stays held: an invalid message moves nothing); a file is
+   processed once (``proof_files``); a held record whose card counter another cleared record
+   used is ``superseded`` (the card's debit at that counter is the other one);
 3. moves the funds of every load not yet moved from its bank into the issuer's float pool;
 4. draws the float down by the cleared purchases, paid per acquirer and per merchant;
 5. writes the settlement file (fixed layout, HMAC-SHA256, see
@@ -22,9 +29,11 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import struct
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +43,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
@@ -42,6 +52,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    update,
 )
 
 from svcard.host.db import make_engine as make_db_engine
@@ -70,6 +81,7 @@ batches = Table(
     Column("mac", String(8), nullable=False),
     Column("psam_id", String(20), nullable=False),
     Column("record_count", Integer, nullable=False),
+    Column("file", String(300)),
     # PSAMs of one pool share a terminal id and each numbers its own batches and TTNs, so
     # the PSAM serial is part of a batch's identity (a replay under another serial still
     # finds each of its records already cleared)
@@ -89,7 +101,46 @@ records = Table(
     Column("acquirer_id", String(16), nullable=False),
     Column("state", String(8), nullable=False),     # cleared
     Column("reason", String(200), nullable=False),
+    Column("psam_id", String(20)),
+    Column("batch_number", BigInteger),
     UniqueConstraint("card_serial", "card_counter", name="uq_record_card_counter"),
+)
+# every record of an accepted batch that was not cleared when its batch was: held (no card
+# TAC yet) -> cleared (a late proof's TAC verified) | refused | superseded; refused; skipped
+uncleared = Table(
+    "uncleared_records", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_number", Integer, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    Column("terminal_id", String(12), nullable=False),
+    Column("psam_id", String(20), nullable=False),
+    Column("batch_number", BigInteger, nullable=False),
+    Column("record_index", Integer, nullable=False),
+    Column("ttn", BigInteger, nullable=False),
+    Column("card_serial", String(16), nullable=False),
+    Column("card_counter", Integer, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("record", String(2 * P.PSAM_RECORD_SIZE), nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("resolved_run", Integer),
+    UniqueConstraint("terminal_id", "psam_id", "batch_number", "record_index",
+                     name="uq_uncleared_record"),
+)
+Index("ix_uncleared_proof", uncleared.c.terminal_id, uncleared.c.psam_id,
+      uncleared.c.batch_number, uncleared.c.ttn)
+Index("ix_uncleared_state", uncleared.c.state)
+proof_files = Table(
+    "proof_files", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_number", Integer, nullable=False),
+    Column("file", String(300), nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("proof_count", Integer, nullable=False),
+    Column("cleared", Integer, nullable=False),
+    UniqueConstraint("file", name="uq_proof_file"),
+    UniqueConstraint("digest", name="uq_proof_digest"),
 )
 moved_loads = Table(
     "moved_loads", metadata,
@@ -227,8 +278,10 @@ def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
         mac = bytes.fromhex(doc["mac"])
         count, total = int(doc["record_count"]), int(doc["total_amount"])
         proofs = {int(k): bytes.fromhex(v) for k, v in doc.get("proofs", {}).items()}
-        psam_id = str(doc.get("psam_id", ""))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        psam_id = str(doc.get("psam_id", "")).upper()
+        if not _PSAM_ID.fullmatch(psam_id):
+            raise ValueError("psam_id is not up to 20 hex digits")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         return BatchVerdict(name, "refused", f"not a batch file: {exc}")
     verdict = BatchVerdict(name, "refused", "", terminal_id.hex().upper(), number, psam_id,
                            mac.hex().upper())
@@ -252,6 +305,85 @@ def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
     verdict.state, verdict.reason = "cleared", "batch MAC verified"
     verdict.raw = raw_records
     verdict.states, verdict.reasons = _check_records(config, terminal, raw_records, proofs)
+    return verdict
+
+
+# --- late proofs ----------------------------------------------------------------------------
+
+PROOFS_FORMAT = "svcard late proofs v1"
+PROOFS_PREFIX = "proofs-"
+MAX_PROOFS_FILE = 16 * 1024 * 1024   # bytes
+MAX_PROOFS = 100_000                 # proofs in one file
+_PSAM_ID = re.compile(r"[0-9A-F]{0,20}")
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+
+
+@dataclass
+class ProofsVerdict:
+    """A late proofs file: refused whole (unreadable, malformed, already processed), or
+    processed, with each proof's outcome: cleared | refused | not held."""
+
+    file: str
+    state: str          # processed | refused
+    reason: str
+    digest: str = ""
+    terminal_id: str = ""
+    psam_id: str = ""
+    proofs: list[tuple[int, int, bytes]] = field(default_factory=list, repr=False)
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = defaultdict(int)
+        for o in self.outcomes:
+            counts[o["state"]] += 1
+        return {"file": self.file, "state": self.state, "reason": self.reason,
+                "terminal_id": self.terminal_id, "psam_id": self.psam_id,
+                "counts": dict(counts),
+                "problems": [o for o in self.outcomes if o["state"] != "cleared"][:100]}
+
+
+def _hex_field(doc: dict[str, Any], name: str, size: int) -> bytes:
+    value = doc.get(name)
+    if not isinstance(value, str) or len(value) != 2 * size or not _HEX.fullmatch(value):
+        raise ValueError(f"{name} is not {size} bytes of hex")
+    return bytes.fromhex(value)
+
+
+def _u32_field(doc: dict[str, Any], name: str) -> int:
+    value = doc.get(name)
+    if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{name} is not an integer from 0 to 4294967295")
+    return value
+
+
+def read_proofs(path: Path) -> ProofsVerdict:
+    """A late proofs file, parsed and bounded (no database involved)."""
+    verdict = ProofsVerdict(path.name, "refused", "")
+    try:
+        if path.stat().st_size > MAX_PROOFS_FILE:
+            raise ValueError(f"larger than {MAX_PROOFS_FILE} bytes")
+        data = path.read_bytes()
+        verdict.digest = hashlib.sha256(data).hexdigest()
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("format") != PROOFS_FORMAT:
+            raise ValueError(f"format is not {PROOFS_FORMAT!r}")
+        verdict.terminal_id = _hex_field(doc, "terminal_id", 6).hex().upper()
+        verdict.psam_id = _hex_field(doc, "psam_id", 10).hex().upper()
+        items = doc.get("proofs")
+        if not isinstance(items, list) or not items or len(items) > MAX_PROOFS:
+            raise ValueError(f"proofs is not a list of 1 to {MAX_PROOFS} proofs")
+        for item in items:
+            if not isinstance(item, dict) or set(item) != {"batch_number",
+                                                           "terminal_txn_number", "tac"}:
+                raise ValueError("a proof is not {batch_number, terminal_txn_number, tac}")
+            verdict.proofs.append((_u32_field(item, "batch_number"),
+                                   _u32_field(item, "terminal_txn_number"),
+                                   _hex_field(item, "tac", 4)))
+    except (OSError, ValueError, RecursionError) as exc:
+        verdict.proofs = []
+        verdict.reason = f"not a late proofs file: {exc}"
+        return verdict
+    verdict.state, verdict.reason = "processed", f"{len(verdict.proofs)} proofs"
     return verdict
 
 
@@ -320,6 +452,7 @@ class ClearingReport:
     loads_moved: int
     total_loaded: int
     lines: list[dict[str, Any]]
+    proofs: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -328,25 +461,46 @@ class ClearingReport:
 def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_dir: Path, *,
                  load_db_urls: tuple[str, ...] = ()) -> ClearingReport:
     files = sorted(p for p in batch_dir.glob("*.json")) if batch_dir.exists() else []
-    verdicts = [check_batch(config, p) for p in files]
+    verdicts = [check_batch(config, p) for p in files if not p.name.startswith(PROOFS_PREFIX)]
+    proof_verdicts = [read_proofs(p) for p in files if p.name.startswith(PROOFS_PREFIX)]
     loads: list[dict[str, Any]] = []
     for url in load_db_urls:
         loads.extend(LoadDb(make_load_engine(url)).rows("loaded"))
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = int(time.time())
+    stamp_ms = now_ms()
     with engine.begin() as conn:
         run_number = int(conn.execute(select(func.coalesce(func.max(runs.c.run_number), 0)))
                          .scalar_one()) + 1
         known_batches = {(r.terminal_id, r.psam_id, r.batch_number, r.mac): r.run_number
-                         for r in conn.execute(select(batches))}
+                         for r in conn.execute(select(batches.c.terminal_id, batches.c.psam_id,
+                                                      batches.c.batch_number, batches.c.mac,
+                                                      batches.c.run_number))}
         known_records = {(r.card_serial, r.card_counter) for r in conn.execute(
             select(records.c.card_serial, records.c.card_counter))}
         known_loads = {(r.bank_id, r.txn_id) for r in conn.execute(
             select(moved_loads.c.bank_id, moved_loads.c.txn_id))}
         record_rows: list[tuple[Any, ...]] = []
+        uncleared_rows: list[tuple[Any, ...]] = []
         batch_rows: list[dict[str, Any]] = []
         acquired: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         paid: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+
+        def pay(names: tuple[str, str, str], rec: tuple[Any, ...], key: tuple[str, int],
+                psam_id: str, batch_number: int) -> None:
+            """A record cleared: its row, and its amount in the acquirer's and merchant's
+            tallies. ``names``: the terminal's id, merchant and acquirer, in hex."""
+            terminal_id, merchant, acquirer = names
+            issuer = rec[1].hex().upper()
+            record_rows.append((run_number, key[0], key[1], issuer, terminal_id, rec[0], rec[4],
+                                merchant, acquirer, "cleared", "", psam_id, batch_number))
+            tally = acquired[(issuer, acquirer)]
+            tally[0] += 1
+            tally[1] += rec[4]
+            tally = paid[(acquirer, merchant)]
+            tally[0] += 1
+            tally[1] += rec[4]
+
         for v in verdicts:
             if v.state != "cleared":
                 continue
@@ -356,30 +510,36 @@ def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_di
                 v.drop_records()
                 continue
             known_batches[(v.terminal_id, v.psam_id, v.batch_number, v.mac)] = run_number
-            terminal = config.terminals[bytes.fromhex(v.terminal_id)]
+            names = _names(config.terminals[bytes.fromhex(v.terminal_id)])
             batch_rows.append({"run_number": run_number, "terminal_id": v.terminal_id,
                                "batch_number": v.batch_number, "mac": v.mac,
-                               "psam_id": v.psam_id, "record_count": len(v.raw)})
-            merchant = terminal.merchant_id.hex().upper()
-            acquirer = terminal.acquirer_id.hex().upper()
+                               "psam_id": v.psam_id, "record_count": len(v.raw),
+                               "file": v.file[:300]})
             for i, raw in enumerate(v.raw):
-                if v.states[i] != "cleared":  # held records stay out: the card counter may
-                    continue                  # yet be used by the card's real next purchase
                 rec = _RECORD.unpack(raw)
                 key = (rec[2].hex(), rec[3])
-                if key in known_records:
+                if v.states[i] == "cleared":
+                    if key not in known_records:
+                        known_records.add(key)
+                        pay(names, rec, key, v.psam_id, v.batch_number)
+                        continue
                     v.states[i] = "refused"
                     v.reasons[i] = "duplicate record: already cleared"
-                    continue
-                known_records.add(key)
-                issuer = rec[1].hex().upper()
-                record_rows.append((run_number, key[0], key[1], issuer, v.terminal_id, rec[0],
-                                    rec[4], merchant, acquirer, "cleared", ""))
-                for book, book_key in ((acquired, (issuer, acquirer)),
-                                       (paid, (acquirer, merchant))):
-                    tally = book[book_key]
-                    tally[0] += 1
-                    tally[1] += rec[4]
+                # held records are kept, not paid: a late proof may clear them; the card
+                # counter may instead be used by the card's real next purchase
+                uncleared_rows.append((
+                    run_number, stamp_ms, stamp_ms, v.terminal_id, v.psam_id, v.batch_number,
+                    i, rec[0], key[0], key[1], rec[4], raw.hex().upper(), v.states[i],
+                    v.reasons[i][:200]))
+        _insert_many(conn, uncleared, uncleared_rows, _UNCLEARED_COLUMNS)
+        for pv in proof_verdicts:
+            if pv.state == "processed":
+                _apply_proofs(conn, config, pv, run_number, known_records, pay)
+        proof_rows = [(run_number, pv.file[:300], pv.digest, len(pv.proofs),
+                       sum(o["state"] == "cleared" for o in pv.outcomes))
+                      for pv in proof_verdicts if pv.state == "processed"]
+        _insert_many(conn, proof_files, proof_rows,
+                     ["run_number", "file", "digest", "proof_count", "cleared"])
         load_rows = []
         for row in loads:
             if (row["bank_id"], row["txn_id"]) in known_loads:
@@ -399,15 +559,100 @@ def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_di
             _insert_many(conn, table, [tuple(r.values()) for r in rows],
                          list(rows[0]) if rows else [])
         _insert_many(conn, records, record_rows, _RECORD_COLUMNS)
+        _supersede(conn, run_number, stamp_ms)
         summaries = [v.summary() for v in verdicts]
+        proof_summaries = [pv.summary() for pv in proof_verdicts]
         conn.execute(insert(runs).values(run_number=run_number, created=now_ms(),
                                          file=str(base) + ".bin", mac=blob[-S.MAC_SIZE:].hex()))
         _write(base.with_suffix(".bin"), blob)
         _write(base.with_suffix(".jsonl"), _jsonl(run_number, stamp, lines, blob,
-                                                   summaries))
+                                                   summaries, proof_summaries))
     return ClearingReport(
         run_number, str(base) + ".bin", str(base) + ".jsonl", summaries,
-        cleared, total_paid, len(load_rows), total_loaded, lines)
+        cleared, total_paid, len(load_rows), total_loaded, lines, proof_summaries)
+
+
+def _apply_proofs(conn: Connection, config: ClearingConfig, pv: ProofsVerdict, run_number: int,
+                  known_records: set[tuple[str, int]],
+                  pay: Callable[[tuple[str, str, str], tuple[Any, ...], tuple[str, int], str,
+                                 int], None],
+                  ) -> None:
+    """Apply one late proofs file to the records clearing holds, in the run's transaction.
+    Each state change is a compare-and-set on ``state = 'held'`` checked by its row count."""
+    prior = conn.execute(select(proof_files.c.run_number).where(
+        (proof_files.c.file == pv.file) | (proof_files.c.digest == pv.digest))).first()
+    if prior is not None:
+        pv.state = "refused"
+        pv.reason = f"duplicate proofs file: processed in run {prior.run_number}"
+        return
+    terminal = config.terminals.get(bytes.fromhex(pv.terminal_id))
+    if terminal is None:
+        pv.state, pv.reason = "refused", f"unknown terminal {pv.terminal_id}"
+        return
+    rows = {(r.batch_number, r.ttn): r for r in conn.execute(
+        select(uncleared.c.id, uncleared.c.batch_number, uncleared.c.ttn, uncleared.c.state,
+               uncleared.c.record).where(uncleared.c.terminal_id == pv.terminal_id,
+                                         uncleared.c.psam_id == pv.psam_id))}
+    states = {k: r.state for k, r in rows.items()}
+    stamp = now_ms()
+
+    def outcome(batch_number: int, ttn: int, state: str, reason: str) -> None:
+        pv.outcomes.append({"batch_number": batch_number, "terminal_txn_number": ttn,
+                            "state": state, "reason": reason})
+
+    def settle(row_id: int, state: str, reason: str) -> bool:
+        return bool(conn.execute(update(uncleared).where(
+            uncleared.c.id == row_id, uncleared.c.state == "held").values(
+            state=state, reason=reason, resolved_run=run_number, updated=stamp)).rowcount)
+
+    for batch_number, ttn, tac in pv.proofs:
+        row = rows.get((batch_number, ttn))
+        state = states.get((batch_number, ttn))
+        if row is None or state != "held":
+            outcome(batch_number, ttn, "not held", "no effect: clearing holds no such record"
+                    if row is None else f"no effect: the record is {state}")
+            continue
+        raw = bytes.fromhex(row.record)
+        issuer = config.issuers.get(raw[4:12])
+        if issuer is None:
+            outcome(batch_number, ttn, "refused", f"unknown issuer {raw[4:12].hex()}")
+            continue
+        key = _card_tac_key(issuer.tac_master, raw[12:20],
+                            issuer.issuer_id if issuer.two_level else None)
+        if not hmac.compare_digest(crypto.cbc_mac(key, _tac_input(raw)), tac):
+            outcome(batch_number, ttn, "refused",
+                    "the card TAC does not verify: tampered (the record stays held)")
+            continue
+        rec = _RECORD.unpack(raw)
+        card = (rec[2].hex(), rec[3])
+        if card in known_records:
+            reason = "duplicate record: already cleared"
+            if settle(row.id, "refused", reason):
+                states[(batch_number, ttn)] = "refused"
+            outcome(batch_number, ttn, "refused", reason)
+            continue
+        if not settle(row.id, "cleared", f"late proof {pv.file}"[:200]):
+            outcome(batch_number, ttn, "not held", "no effect: the record changed meanwhile")
+            continue
+        states[(batch_number, ttn)] = "cleared"
+        known_records.add(card)
+        pay(_names(terminal), rec, card, pv.psam_id, batch_number)
+        outcome(batch_number, ttn, "cleared", "card TAC verified: paid in this run")
+
+
+def _names(terminal: Terminal) -> tuple[str, str, str]:
+    return (terminal.terminal_id.hex().upper(), terminal.merchant_id.hex().upper(),
+            terminal.acquirer_id.hex().upper())
+
+
+def _supersede(conn: Connection, run_number: int, stamp: int) -> None:
+    """A held record whose card counter a cleared record used was never debited (a debit
+    moves the counter, and the cleared one carries the card's TAC): it is superseded."""
+    used = select(records.c.id).where(records.c.card_serial == uncleared.c.card_serial,
+                                      records.c.card_counter == uncleared.c.card_counter)
+    conn.execute(update(uncleared).where(uncleared.c.state == "held", used.exists()).values(
+        state="superseded", reason="the card counter was used by a cleared record",
+        resolved_run=run_number, updated=stamp))
 
 
 def _insert_many(conn: Connection, table: Table, rows: list[tuple[Any, ...]],
@@ -427,7 +672,11 @@ def _insert_many(conn: Connection, table: Table, rows: list[tuple[Any, ...]],
 
 
 _RECORD_COLUMNS = ["run_number", "card_serial", "card_counter", "issuer_id", "terminal_id",
-                   "ttn", "amount", "merchant_id", "acquirer_id", "state", "reason"]
+                   "ttn", "amount", "merchant_id", "acquirer_id", "state", "reason", "psam_id",
+                   "batch_number"]
+_UNCLEARED_COLUMNS = ["run_number", "created", "updated", "terminal_id", "psam_id",
+                      "batch_number", "record_index", "ttn", "card_serial", "card_counter",
+                      "amount", "record", "state", "reason"]
 
 
 def _settle(run_number: int, load_rows: list[dict[str, Any]],
@@ -488,11 +737,13 @@ def verify_settlement_file(settlement_key: bytes, blob: bytes) -> dict[str, Any]
 
 
 def _jsonl(run_number: int, stamp: int, lines: list[dict[str, Any]], blob: bytes,
-           batch_summaries: list[dict[str, Any]]) -> bytes:
+           batch_summaries: list[dict[str, Any]],
+           proof_summaries: list[dict[str, Any]] | None = None) -> bytes:
     out = [{"type": "header", "run_number": run_number, "created": stamp,
             "line_count": len(lines)}]
     out += [{"type": "line", **ln} for ln in lines]
     out += [{"type": "batch", **b} for b in batch_summaries]
+    out += [{"type": "proofs", **p} for p in proof_summaries or []]
     out.append({"type": "mac", "hmac_sha256": blob[-S.MAC_SIZE:].hex()})
     return b"".join(json.dumps(o, sort_keys=True).encode() + b"\n" for o in out)
 
