@@ -11,12 +11,27 @@ terminal id, the bank time stamp and the status URL. ``GET /v1/load`` tells wher
 ``POST /v1/load/status/{txn}`` takes the load server's sealed confirmation (carried by the
 client): only a confirmation that opens under the key the bank shares with the load server
 and matches the load is registered; "not loaded" re-credits the account.
+
+Account secrets (see :mod:`svcard.host.bankdb`): salted scrypt hashes; wrong secrets counted per
+account in the database (after ``secret_max_failures`` in a row the account takes no attempt,
+the right secret included, for a delay that doubles with each further failure: 429 with
+Retry-After) and per client address in memory (``address_max_failures`` wrong secrets, any
+accounts, within ``address_window`` seconds: 429). A verified (account, secret) pair is
+remembered for ``secret_cache_seconds`` under an HMAC keyed by a random per-process key (never
+the secret itself), so a busy client does not pay the ~50 ms scrypt on every load start; a
+remembered pair is still refused while its account is locked. Request bodies are bounded
+(:func:`~svcard.host.serverkit.read_json`), and a database that cannot write answers 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import hashlib
+import hmac
 import html
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,9 +42,25 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from svcard.host.bankdb import BankDb, BankError, make_engine
-from svcard.host.db import DuplicateError
-from svcard.host.serverkit import SqlRunner
+from svcard.host.bankdb import (
+    DUMMY_HASH,
+    BankDb,
+    BankError,
+    SecretLocked,
+    SecretPolicy,
+    make_engine,
+    verify_secret,
+)
+from svcard.host.db import DuplicateError, now_ms
+from svcard.host.serverkit import (
+    JSON_STORAGE_ERROR_HANDLERS,
+    MAX_BODY,
+    Refused,
+    SqlRunner,
+    json_refusal,
+    read_body,
+    read_json,
+)
 from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
 from svcard.protocols import secure
@@ -46,10 +77,88 @@ class BankConfig:
     currency_code: int = 156
     currency_exponent: int = 2
     order_lifetime: int = 600               # seconds
+    secret_max_failures: int = 5            # wrong secrets in a row before an account locks
+    secret_lockout: float = 30.0            # first lockout (s), doubled per further failure
+    secret_lockout_max: float = 3600.0      # longest lockout (s)
+    address_max_failures: int = 20          # wrong secrets from one address ...
+    address_window: float = 60.0            # ... within this many seconds: 429
+    secret_cache_seconds: float = 300.0     # how long a verified secret is remembered
+
+    @property
+    def secret_policy(self) -> SecretPolicy:
+        return SecretPolicy(self.secret_max_failures, self.secret_lockout,
+                            self.secret_lockout_max)
 
 
 def _reason(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"reason": reason}, status_code=status)
+
+
+def _too_many(seconds: float, reason: str) -> JSONResponse:
+    return JSONResponse({"reason": reason}, status_code=429,
+                        headers={"Retry-After": str(max(1, math.ceil(seconds)))})
+
+
+class SecretCache:
+    """Verified (account, stored hash, secret) triples for a short while, each kept only as an
+    HMAC under a random key of this process; bounded in size (oldest dropped first)."""
+
+    def __init__(self, lifetime: float, max_entries: int = 10_000) -> None:
+        self.lifetime, self.max_entries = lifetime, max_entries
+        self._key = os.urandom(32)
+        self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+
+    def _tag(self, account: str, stored: str, secret: str) -> bytes:
+        return hmac.new(self._key, b"\0".join(x.encode() for x in (account, stored, secret)),
+                        hashlib.sha256).digest()
+
+    def hit(self, account: str, stored: str, secret: str) -> bool:
+        tag = self._tag(account, stored, secret)
+        until = self._seen.get(tag)
+        if until is None or until < time.monotonic():
+            self._seen.pop(tag, None)
+            return False
+        return True
+
+    def add(self, account: str, stored: str, secret: str) -> None:
+        if self.lifetime <= 0:
+            return
+        self._seen[self._tag(account, stored, secret)] = time.monotonic() + self.lifetime
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+
+
+class AddressThrottle:
+    """Wrong secrets per client address in a sliding window (in memory, bounded)."""
+
+    def __init__(self, max_failures: int, window: float, max_addresses: int = 10_000) -> None:
+        self.max_failures, self.window, self.max_addresses = max_failures, window, max_addresses
+        self._failures: collections.OrderedDict[str, collections.deque[float]] = \
+            collections.OrderedDict()
+
+    def _recent(self, address: str, now: float) -> collections.deque[float]:
+        times = self._failures.get(address, collections.deque())
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        return times
+
+    def blocked_for(self, address: str) -> float:
+        now = time.monotonic()
+        times = self._recent(address, now)
+        if len(times) < self.max_failures:
+            return 0.0
+        return times[-self.max_failures] + self.window - now
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        times = self._recent(address, now)
+        times.append(now)
+        while len(times) > self.max_failures:
+            times.popleft()
+        self._failures[address] = times
+        self._failures.move_to_end(address)
+        while len(self._failures) > self.max_addresses:
+            self._failures.popitem(last=False)
 
 
 class BankServer:
@@ -57,6 +166,43 @@ class BankServer:
         self.config = config
         self.db = BankDb(make_engine(config.db_url))
         self.sql = SqlRunner(config.db_url)
+        self.secrets = SecretCache(config.secret_cache_seconds)
+        self.addresses = AddressThrottle(config.address_max_failures, config.address_window)
+        self._hashing: asyncio.Semaphore | None = None  # scrypt runs this many at a time
+
+    async def _verify(self, stored: str, secret: str) -> bool:
+        if self._hashing is None:
+            self._hashing = asyncio.Semaphore(2)
+        async with self._hashing:
+            return await asyncio.to_thread(verify_secret, stored, secret)
+
+    async def authenticate(self, account: str, secret: str, address: str) -> Response | None:
+        """None if ``secret`` is the account's and neither the account nor the address is
+        locked; otherwise the answer to give (403 or 429)."""
+        wait = self.addresses.blocked_for(address)
+        if wait > 0:
+            return _too_many(wait, "too many wrong secrets from this address: try again later")
+        stored = await self.sql(self.db.secret_hash, account)
+        if stored is None:
+            await self._verify(DUMMY_HASH, secret)  # the same cost as a real account
+            self.addresses.failed(address)
+            return _reason(403, "unknown account or wrong secret")
+        if self.secrets.hit(account, stored, secret):
+            locked = await self.sql(self.db.locked_for, account, now_ms())
+            if locked > 0:
+                return _too_many(locked, "too many wrong secrets for this account: "
+                                         "try again later")
+            return None
+        try:
+            await self.sql(self.db.claim_attempt, account, self.config.secret_policy, now_ms())
+        except SecretLocked as exc:
+            return _too_many(exc.retry_after, str(exc))
+        if not await self._verify(stored, secret):
+            self.addresses.failed(address)
+            return _reason(403, "unknown account or wrong secret")
+        await self.sql(self.db.secret_ok, account, stored, secret)
+        self.secrets.add(account, stored, secret)
+        return None
 
     def dk(self, txn_id: bytes) -> bytes:
         return secure.derive_key(self.config.shared_key, self.config.bank_id, txn_id)
@@ -64,15 +210,17 @@ class BankServer:
     # --- POST /v1/load/start (steps 872-875) ------------------------------------------------
     async def start(self, request: Request) -> Response:
         try:
-            body = await request.json()
-        except ValueError:
-            return _reason(400, "the body is not JSON")
+            body = await read_json(request)
+        except Refused as exc:
+            return json_refusal(exc)
         try:
             order = _LoadOrder.from_json(body)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             return _reason(400, f"bad load request: {exc}")
-        if not await self.sql(self.db.check_secret, order.account, order.secret):
-            return _reason(403, "unknown account or wrong secret")
+        address = request.client.host if request.client else "unknown"
+        refused = await self.authenticate(order.account, order.secret, address)
+        if refused is not None:
+            return refused
         if order.request_id:  # a retry of a start whose answer was lost: the same load
             prior = await self.sql(self.db.load_by_request, order.request_id)
             if prior is not None:
@@ -146,7 +294,10 @@ class BankServer:
         if load is None:
             return _reason(404, "no such load")
         try:
-            msg = M.parse(L.BankConfirmation, await request.body(), "load confirmation")
+            msg = M.parse(L.BankConfirmation, await read_body(request, MAX_BODY),
+                          "load confirmation")
+        except Refused as exc:
+            return json_refusal(exc)
         except M.MessageError as exc:
             return _reason(400, str(exc))
         if msg.txn_id != txn_id:
@@ -182,7 +333,7 @@ class BankServer:
             Route("/v1/load/start", self.start, methods=["POST"]),
             Route("/v1/load/status/{txn}", self.status, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
-        ])
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS))
 
 
 @dataclass
@@ -200,6 +351,9 @@ class _LoadOrder:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> _LoadOrder:
         card = d["card"]
+        for name in ("account", "secret"):
+            if not isinstance(d[name], str) or not 1 <= len(d[name]) <= 128:
+                raise ValueError(f"{name} is a string of 1..128 characters")
         out = cls(str(d["account"]), str(d["secret"]), _int(d["amount"], "amount"),
                   bytes.fromhex(str(card["serial"])), _int(card["balance"], "card.balance"),
                   _int(card["limit"], "card.limit"), _int(card["currency_code"],

@@ -2,10 +2,22 @@
 row per load. A load debits the account and records the load in one database transaction;
 the load server's confirmation then marks it ``confirmed`` or, for "not loaded", re-credits the
 account and marks it ``refunded`` (again one transaction, guarded on the state so a
-confirmation counts once)."""
+confirmation counts once).
+
+Account secrets are kept as salted scrypt hashes, ``scrypt$ln=14,r=8,p=1$SALT$HASH`` (base64,
+the cost parameters in the stored text so they can be raised later); a row still holding an old
+unsalted SHA-256 hash (64 hex digits) is checked that way once and rewritten as scrypt at its
+first successful check. Wrong secrets are counted per account in ``secret_failures`` (so a
+restart does not forget them): after ``max_failures`` consecutive failures every attempt, the
+right secret too, is refused until ``locked_until``, a delay that doubles with each further
+failure (see :class:`SecretPolicy`). Claiming an attempt is one compare-and-set on the failure
+count, made before the secret is checked, so 20 concurrent guesses get no more tries than 20
+sequential ones.
+"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -22,7 +34,9 @@ from sqlalchemy import (
     Table,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -36,7 +50,7 @@ accounts = Table(
     "accounts", metadata,
     Column("account_id", String(32), primary_key=True),
     Column("holder", String(100), nullable=False),
-    Column("secret_hash", String(64), nullable=False),
+    Column("secret_hash", String(200), nullable=False),
     Column("balance", BigInteger, nullable=False),
     Column("currency_code", Integer, nullable=False),
     Column("created", BigInteger, nullable=False),
@@ -56,16 +70,102 @@ bank_loads = Table(
 )
 
 
+# Consecutive wrong secrets per account; a row only once an account has failed.
+secret_failures = Table(
+    "secret_failures", metadata,
+    Column("account_id", String(32), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("locked_until", BigInteger, nullable=False),   # ms; 0 = not locked
+    Column("updated", BigInteger, nullable=False),
+)
+
+
 class BankError(Exception):
     """A bank operation refused; the message says why (never a key or secret)."""
 
 
 def make_engine(url: str) -> Engine:
-    return make_db_engine(url, metadata)
+    engine = make_db_engine(url, metadata)
+    if engine.dialect.name != "sqlite":  # widen a pre-scrypt secret_hash column (VARCHAR(64))
+        column = next(c for c in inspect(engine).get_columns("accounts")
+                      if c["name"] == "secret_hash")
+        if (getattr(column["type"], "length", None) or 200) < 200:
+            with engine.begin() as conn:
+                conn.execute(text("ALTER TABLE accounts ALTER COLUMN secret_hash "
+                                  "TYPE VARCHAR(200)"))
+    return engine
 
 
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
+SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 14, 8, 1    # 16 MiB and about 50 ms per check
+_SCRYPT_MAXMEM = 64 * 1024 * 1024
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _scrypt(secret: str, salt: bytes, log_n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(secret.encode(), salt=salt, n=1 << log_n, r=r, p=p,
+                          maxmem=_SCRYPT_MAXMEM, dklen=32)
+
+
+def hash_secret(secret: str) -> str:
+    """A salted scrypt hash of ``secret`` with its parameters, for the ``accounts`` table."""
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(secret, salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P)
+    return f"scrypt$ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_secret(stored: str, secret: str) -> bool:
+    """True if ``secret`` matches a stored hash (scrypt, or a legacy unsalted SHA-256)."""
+    if len(stored) == 64 and "$" not in stored:  # legacy: sha256 hex
+        legacy = hashlib.sha256(secret.encode()).hexdigest()
+        return hmac.compare_digest(stored, legacy)
+    try:
+        scheme, params, salt, digest = stored.split("$")
+        values = dict(item.split("=") for item in params.split(","))
+        log_n, r, p = int(values["ln"]), int(values["r"]), int(values["p"])
+        if scheme != "scrypt" or not (1 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16):
+            return False
+        return hmac.compare_digest(_scrypt(secret, _unb64(salt), log_n, r, p), _unb64(digest))
+    except (ValueError, KeyError):
+        return False
+
+
+def needs_rehash(stored: str) -> bool:
+    return not stored.startswith(f"scrypt$ln={SCRYPT_LOG_N},r={SCRYPT_R},p={SCRYPT_P}$")
+
+
+# checked against when the account does not exist, so a miss costs what a hit costs
+DUMMY_HASH = hash_secret(secrets.token_hex(8))
+
+
+@dataclass(frozen=True)
+class SecretPolicy:
+    """After ``max_failures`` consecutive wrong secrets an account is locked for
+    ``base_delay`` seconds, doubled with each further failure up to ``max_delay``."""
+
+    max_failures: int = 5
+    base_delay: float = 30.0
+    max_delay: float = 3600.0
+
+    def delay_ms(self, failures: int) -> int:
+        if failures < self.max_failures:
+            return 0
+        steps = min(failures - self.max_failures, 32)
+        return int(min(self.base_delay * (2 ** steps), self.max_delay) * 1000)
+
+
+class SecretLocked(BankError):
+    """The account takes no attempt now; ``retry_after`` seconds until it does."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many wrong secrets for this account: try again later")
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -82,7 +182,7 @@ class BankDb:
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(accounts).values(
-                    account_id=account_id, holder=holder, secret_hash=_hash(secret),
+                    account_id=account_id, holder=holder, secret_hash=hash_secret(secret),
                     balance=balance, currency_code=currency_code, created=now_ms()))
         except IntegrityError:
             raise BankError(f"account {account_id!r} already exists") from None
@@ -115,10 +215,72 @@ class BankDb:
         return [{k: v for k, v in r._mapping.items() if k != "secret_hash"} for r in rows]
 
     def check_secret(self, account_id: str, secret: str) -> bool:
+        """Only the hash check (no throttling): for tools. Servers use
+        :meth:`claim_attempt`, :meth:`secret_hash`, :func:`verify_secret` and
+        :meth:`secret_ok`."""
+        stored = self.secret_hash(account_id)
+        return verify_secret(stored if stored is not None else DUMMY_HASH, secret) and \
+            stored is not None
+
+    def secret_hash(self, account_id: str) -> str | None:
         with self.engine.connect() as conn:
             stored = conn.execute(select(accounts.c.secret_hash).where(
                 accounts.c.account_id == account_id)).scalar()
-        return stored is not None and hmac.compare_digest(stored, _hash(secret))
+        return None if stored is None else str(stored)
+
+    def locked_for(self, account_id: str, now: int) -> float:
+        """Seconds the account is still locked (0: not locked)."""
+        with self.engine.connect() as conn:
+            until = conn.execute(select(secret_failures.c.locked_until).where(
+                secret_failures.c.account_id == account_id)).scalar()
+        return max(0, int(until or 0) - now) / 1000
+
+    def claim_attempt(self, account_id: str, policy: SecretPolicy, now: int) -> None:
+        """Count one attempt at the account's secret as a failure *before* it is checked (a
+        right secret then clears it, :meth:`secret_ok`); :class:`SecretLocked` if the account
+        is locked. One compare-and-set on the failure count: concurrent attempts each claim
+        their own count, and the one that reaches the limit locks out the rest."""
+        for _ in range(100):
+            try:
+                if self._claim_once(account_id, policy, now):
+                    return
+            except IntegrityError:
+                continue  # a concurrent first attempt made the row: read it again
+        raise SecretLocked(1.0)  # the row kept moving under us: too many concurrent tries
+
+    def _claim_once(self, account_id: str, policy: SecretPolicy, now: int) -> bool:
+        with self.engine.begin() as conn:
+            row = conn.execute(select(secret_failures).where(
+                secret_failures.c.account_id == account_id)).first()
+            if row is None:
+                conn.execute(insert(secret_failures).values(
+                    account_id=account_id, failures=1,
+                    locked_until=now + policy.delay_ms(1) if policy.delay_ms(1) else 0,
+                    updated=now))
+                return True
+            if row.locked_until > now:
+                raise SecretLocked((row.locked_until - now) / 1000)
+            failures = row.failures + 1
+            delay = policy.delay_ms(failures)
+            return bool(conn.execute(update(secret_failures).where(
+                secret_failures.c.account_id == account_id,
+                secret_failures.c.failures == row.failures,
+                secret_failures.c.locked_until == row.locked_until,
+            ).values(failures=failures, updated=now,
+                     locked_until=now + delay if delay else 0)).rowcount)
+
+    def secret_ok(self, account_id: str, stored: str, secret: str) -> None:
+        """The right secret: the failure count restarts, and a hash of an old kind is
+        rewritten as scrypt (only if the row still holds the hash that was checked)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(secret_failures).where(
+                secret_failures.c.account_id == account_id,
+                (secret_failures.c.failures > 0) | (secret_failures.c.locked_until > 0),
+            ).values(failures=0, locked_until=0, updated=now_ms()))
+            if needs_rehash(stored):
+                conn.execute(update(accounts).where(
+                    accounts.c.account_id == account_id, accounts.c.secret_hash == stored,
+                ).values(secret_hash=hash_secret(secret)))
 
     # --- loads ------------------------------------------------------------------------------
     def debit_for_load(self, account_id: str, txn_id: str, amount: int, card_serial: str,

@@ -1,21 +1,47 @@
-"""What the payment and load servers share: refusals as binary error answers, opening a sealed
-client envelope (FIG. 9 layer), and database calls off the event loop."""
+"""What the servers share: refusals as binary error answers, bounded request bodies and JSON,
+a storage failure answered 503, opening a sealed client envelope (FIG. 9 layer), and database
+calls off the event loop.
+
+Every body a server reads goes through :func:`read_body` (at most ``max_bytes``, else 413, read
+as a stream so an oversized body is never held whole) and every JSON body through
+:func:`read_json` (also bounded in nesting depth and item count, checked by a linear scan
+*before* ``json.loads``, so no input can make the parser recurse). :func:`answer` does the
+bounded read for the binary endpoints of the payment and load servers.
+
+A database that cannot write (a full disk, a read-only or vanished file, PostgreSQL down) is a
+:class:`sqlalchemy.exc.OperationalError`; :data:`STORAGE_ERROR_HANDLERS` (binary error answers)
+and :data:`JSON_STORAGE_ERROR_HANDLERS` (``{"reason": ...}``) turn it into 503 with the reason and
+``Retry-After``, for ``Starlette(exception_handlers=...)``; the database transaction was rolled
+back, so nothing changed.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from starlette.requests import Request
-from starlette.responses import Response
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
+from svcard.host.db import storage_reason
 from svcard.protocols import messages as M
 from svcard.protocols import secure
 
 OCTETS = "application/octet-stream"
 T = TypeVar("T")
+
+MAX_BODY = 64 * 1024          # the largest binary message a server takes
+MAX_JSON_BODY = 16 * 1024     # the largest JSON request
+MAX_JSON_DEPTH = 8            # nesting of objects and arrays
+MAX_JSON_ITEMS = 256          # object members and array elements, all levels together
+STORAGE_RETRY_AFTER = 30      # seconds a client should wait after a storage 503
+STORAGE_ERRORS: tuple[type[Exception], ...] = (OperationalError, PoolTimeoutError)
 
 
 class Refused(Exception):
@@ -34,12 +60,103 @@ def refusal(exc: Refused) -> Response:
                     media_type=OCTETS, headers=headers)
 
 
-async def answer(handler: Callable[[bytes], Awaitable[Response]], request: Request) -> Response:
-    """Run a handler on the request body; a refusal becomes its 4xx/503 answer."""
+async def read_body(request: Request, max_bytes: int = MAX_BODY) -> bytes:
+    """The request body, at most ``max_bytes``: a larger declared or streamed body is refused
+    (413) as soon as it passes the limit, without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Refused(400, 400, "Content-Length is not a number")
+        if int(declared) > max_bytes:
+            raise Refused(413, 413, f"the body has {declared} bytes; at most {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return await handler(await request.body())
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise Refused(413, 413, f"the body is larger than {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Refused(400, 400, "the client went away before the whole body") from None
+    return b"".join(chunks)
+
+
+# A JSON string (escapes included), an unterminated string's opening quote, or a structural
+# character. One left-to-right pass: a string is skipped whole, so brackets in it do not count.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|"|[\[\]{},]')
+
+
+def check_json_shape(data: bytes, max_depth: int = MAX_JSON_DEPTH,
+                     max_items: int = MAX_JSON_ITEMS) -> None:
+    """Refuse (400) JSON text nested deeper than ``max_depth`` or with more than ``max_items``
+    members and elements in all, by a linear scan that never recurses. Text that is not JSON
+    at all passes here and fails in ``json.loads`` (which then cannot recurse deeply)."""
+    depth = items = 0
+    for match in _JSON_TOKENS.finditer(data):
+        token = match.group()
+        if token == b'"':
+            return  # an unterminated string: everything after it is inside it
+        if token in (b"[", b"{"):
+            depth += 1
+            items += 1
+            if depth > max_depth:
+                raise Refused(400, 400, f"the JSON is nested deeper than {max_depth} levels")
+        elif token in (b"]", b"}"):
+            depth -= 1
+        elif token == b",":
+            items += 1
+        if items > max_items:
+            raise Refused(400, 400, f"the JSON has more than {max_items} items")
+
+
+async def read_json(request: Request, max_bytes: int = MAX_JSON_BODY,
+                    max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> Any:
+    """The request body as JSON, bounded in size (413), depth and item count (400)."""
+    data = await read_body(request, max_bytes)
+    check_json_shape(data, max_depth, max_items)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise Refused(400, 400, "the body is not JSON") from None
+
+
+def storage_refusal(exc: Exception) -> Refused:
+    """A database that cannot do its work, as a 503 refusal with the reason and Retry-After."""
+    return Refused(503, 503, storage_reason(exc),
+                   {"Retry-After": str(STORAGE_RETRY_AFTER)})
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    return refusal(storage_refusal(exc))
+
+
+async def _json_storage_error(request: Request, exc: Exception) -> Response:
+    return json_refusal(storage_refusal(exc))
+
+
+def json_refusal(exc: Refused) -> JSONResponse:
+    """A refusal as ``{"reason": ...}`` for the JSON servers."""
+    return JSONResponse({"reason": exc.reason}, status_code=exc.status, headers=exc.headers)
+
+
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
+STORAGE_ERROR_HANDLERS: Mapping[Any, ExceptionHandler] = {
+    cls: _storage_error for cls in STORAGE_ERRORS}
+JSON_STORAGE_ERROR_HANDLERS: Mapping[Any, ExceptionHandler] = {
+    cls: _json_storage_error for cls in STORAGE_ERRORS}
+
+
+async def answer(handler: Callable[[bytes], Awaitable[Response]], request: Request,
+                 max_bytes: int = MAX_BODY) -> Response:
+    """Run a handler on the request body (at most ``max_bytes``); a refusal becomes its
+    4xx/503 answer, and a database that cannot write a 503 with its reason."""
+    try:
+        return await handler(await read_body(request, max_bytes))
     except Refused as exc:
         return refusal(exc)
+    except STORAGE_ERRORS as exc:
+        return refusal(storage_refusal(exc))
 
 
 def open_client_envelope(data: bytes, msg_type: int, keys: dict[bytes, bytes], party: str,
