@@ -396,9 +396,18 @@ def trace_import(fmt: str, source: Path, out: Path) -> None:
               help="The local payment journal (default: $SVCARD_JOURNAL or "
                    "~/.local/state/svcard/journal.jsonl).")
 @click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
+@click.option("--terminal-key", "terminal_key", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="This client terminal's Ed25519 key (svcard terminal-key new): names the "
+                   "terminal at checkout and signs FIG. 7 confirmations. Without it the "
+                   "client never asks for FIG. 7.")
+@click.option("--terminal-id", "terminal_id", default=None, metavar="HEX",
+              help="The terminal id registered with the merchant (8 bytes hex; default: "
+                   "derived from the key).")
 @json_option
 def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
-            journal: Path | None, timeout: float, as_json: bool) -> None:
+            journal: Path | None, timeout: float, terminal_key: Path | None,
+            terminal_id: str | None, as_json: bool) -> None:
     """Pay a merchant's CHECKOUT_URL with the card (seed steps 608-640).
 
     First finishes any payment of this card that an interruption left in the journal (or proves
@@ -411,12 +420,18 @@ def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
     from svcard.host.journal import Journal, default_journal
 
     book = Journal(journal or default_journal())
+    terminal = None
+    if terminal_id is not None and terminal_key is None:
+        fail("--terminal-id needs --terminal-key", EXIT_USAGE)
+    if terminal_key is not None:
+        with handled():
+            terminal = C.ClientTerminal.load(terminal_key, _terminal_id(terminal_id))
     with handled(), httpx.Client(timeout=timeout) as http, \
             readers(("card", card_spec)) as (card_r,):
         try:
-            resumed = C.resume(card_r, journal=book, http=http)
+            resumed = C.resume(card_r, journal=book, http=http, terminal=terminal)
             outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
-                            purse=T.purse_id(purse))
+                            purse=T.purse_id(purse), terminal=terminal)
         except httpx.HTTPError as exc:
             fail(f"network: {exc} (the journal keeps the payment; run again to finish it)",
                  EXIT_DEVICE)
@@ -427,9 +442,50 @@ def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
            f"{outcome.round_trips} round trips): {outcome.item}",
            f"  balance {T.format_amount(outcome.balance_before, exp)} -> "
            f"{T.format_amount(outcome.balance_after, exp)}",
-           f"  goods: {outcome.goods}",
+           f"  goods: {outcome.goods}" + ("" if outcome.proven else
+                                          " (unproven until the card's proof is cleared)"),
            f"  receipt: {json.dumps(outcome.receipt)}"])
     emit(as_json, {"resumed": resumed, "payment": outcome.to_json()}, text)
+
+
+def _terminal_id(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != 8:
+        fail("--terminal-id: 8 bytes of hex", EXIT_USAGE)
+    return raw
+
+
+@main.group("terminal-key")
+def terminal_key_group() -> None:
+    """A client terminal's Ed25519 key (merchants register it to allow FIG. 7)."""
+
+
+@terminal_key_group.command("new")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--terminal-id", "terminal_id", default=None, metavar="HEX",
+              help="The terminal id (8 bytes hex; default: derived from the public key).")
+@json_option
+def terminal_key_new(file: Path, terminal_id: str | None, as_json: bool) -> None:
+    """Write a new key to FILE (mode 0600, never overwritten); print its id and public key
+    (the private key is not printed)."""
+    from svcard.host.client import ClientTerminal
+
+    terminal = ClientTerminal.generate(_terminal_id(terminal_id))
+    try:
+        terminal.save(file)
+    except FileExistsError:
+        fail(f"{file} exists: not overwritten", EXIT_USAGE)
+    except OSError as exc:
+        fail(f"{file}: {exc.strerror}", EXIT_DEVICE)
+    tid, public = terminal.terminal_id.hex().upper(), terminal.public_key.hex().upper()
+    emit(as_json, {"file": str(file), "terminal_id": tid, "public_key": public},
+         f"wrote {file} (mode 0600)\nterminal id {tid}\npublic key {public}\n"
+         f"for the merchant's [client_terminals]:\n\"{tid}\" = \"{public}\"")
 
 
 @main.group()
@@ -468,11 +524,12 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
 @serve.command("merchant")
 @click.option("--config", "config_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="TOML: merchant id, shared key, payment server URL and terminal id "
-                   "(see fixtures/merchant-demo.toml).")
+              help="TOML: merchant id, shared key, payment server URL and terminal id, "
+                   "variants, client terminals, db, bounds (see fixtures/merchant-demo.toml).")
+@click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8081, show_default=True, type=int)
-def serve_merchant(config_path: Path, host: str, port: int) -> None:
+def serve_merchant(config_path: Path, db_url: str | None, host: str, port: int) -> None:
     """A merchant selling digital goods: checkout and status endpoints."""
     import uvicorn
 
@@ -480,7 +537,7 @@ def serve_merchant(config_path: Path, host: str, port: int) -> None:
     from svcard.host.server_config import ConfigError, merchant_config
 
     try:
-        config = merchant_config(config_path)
+        config = merchant_config(config_path, db_url)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
     uvicorn.run(MerchantServer(config).app(), host=host, port=port, log_level="info")

@@ -112,12 +112,13 @@ def _network(folder: Path, lines: list[str], money: Callable[[int], str],
             for sku, variant, what in (
                     ("ticket", "fig5", "the PSAM compares the card's MAC2"),
                     ("song", "fig6", "the PSAM is released early; the server compares"),
-                    ("article", "fig7", "one round trip; the client compares"),
+                    ("article", "fig7", "one round trip; a registered client terminal compares "
+                                        "and signs; released unproven until the card's proof"),
                     ("ticket", "fig8", "one round trip; the merchant compares"),
                     ("login", "fig6", "zero-amount draw: card authentication")):
                 started = time.perf_counter()
                 outcome = pay(system.pay.checkout_url(sku, variant), card, journal=journal,
-                              http=http)
+                              http=http, terminal=system.pay.client_terminal)
                 ms = (time.perf_counter() - started) * 1000
                 lines.append(
                     f"{variant.upper()} ({what}): {outcome.item}, {money(outcome.amount)}; "

@@ -101,7 +101,7 @@ class MerchantConfig:
     variants: frozenset[str] = DEFAULT_VARIANTS   # the variants this merchant enables
     # registered client terminals (FIG. 7): terminal id (8 bytes) -> Ed25519 public key
     client_terminals: dict[bytes, bytes] = field(default_factory=dict)
-    db_url: str = "sqlite:///merchant.db"
+    db_url: str = field(default="sqlite:///merchant.db", repr=False)  # may hold a password
     order_lifetime: int = 600    # seconds: the ticket's validity at the payment server
     confirm_grace: int = 600     # seconds after that a confirmation is still taken
     max_open_orders: int = 10_000

@@ -11,7 +11,7 @@ from svcard.card.personalise import ProfileError, load_issuer
 from svcard.host.bank_server import BankConfig
 from svcard.host.clearing import ClearingConfig, IssuerTac, Terminal
 from svcard.host.load_server import BankAccount, LoadConfig
-from svcard.host.merchant_server import MerchantConfig
+from svcard.host.merchant_server import DEFAULT_VARIANTS, MerchantConfig
 from svcard.host.payment_server import MerchantAccount, PaymentConfig
 from svcard.protocols import messages as M
 
@@ -62,11 +62,31 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
                          concentration_dir=str(data.get("concentration_dir", "")))
 
 
-def merchant_config(path: Path) -> MerchantConfig:
+def merchant_config(path: Path, db_url: str | None = None) -> MerchantConfig:
     d = _read(path)
+    names = d.get("variants", sorted(DEFAULT_VARIANTS))
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: variants: a list of variant names")
+    unknown = [n for n in names if n not in M.VARIANTS]
+    if unknown or not names:
+        raise ConfigError(f"{path}: variants: " + (f"unknown {', '.join(unknown)}" if unknown
+                                                  else "none enabled"))
     variant = str(d.get("default_variant", "fig6"))
     if variant not in M.VARIANTS:
         raise ConfigError(f"{path}: default_variant must be one of {', '.join(M.VARIANTS)}")
+    terminals_table = d.get("client_terminals", {})
+    if not isinstance(terminals_table, dict):
+        raise ConfigError(f"{path}: client_terminals: a table of terminal id = public key")
+    terminals = {_hex(tid, 8, f"{path}: client_terminals id {str(tid)[:20]!r}"):
+                 _hex(key, 32, f"{path}: client_terminals.{tid}")
+                 for tid, key in terminals_table.items()}
+
+    def number(name: str, default: int) -> int:
+        value = d.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {name}: an integer")
+        return value
+
     try:
         return MerchantConfig(
             merchant_id=_hex(d.get("merchant_id"), 8, "merchant_id"),
@@ -74,10 +94,18 @@ def merchant_config(path: Path) -> MerchantConfig:
             payment_url=str(d["payment_url"]), terminal_id=_hex(d.get("terminal_id"), 6,
                                                                  "terminal_id"),
             public_url=str(d.get("public_url", "http://127.0.0.1:8081")),
-            currency_code=int(d.get("currency_code", 156)),
-            currency_exponent=int(d.get("currency_exponent", 2)), default_variant=variant)
+            currency_code=number("currency_code", 156),
+            currency_exponent=number("currency_exponent", 2), default_variant=variant,
+            variants=frozenset(names), client_terminals=terminals,
+            db_url=db_url or str(d.get("db", "sqlite:///merchant.db")),
+            order_lifetime=number("order_lifetime", 600),
+            confirm_grace=number("confirm_grace", 600),
+            max_open_orders=number("max_open_orders", 10_000),
+            max_open_per_client=number("max_open_per_client", 100))
     except KeyError as exc:
         raise ConfigError(f"{path}: missing {exc}") from None
+    except ValueError as exc:  # MerchantConfig's own checks name the field
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def load_config(path: Path, db_url: str | None = None) -> LoadConfig:

@@ -34,14 +34,31 @@ class Servers:
         merchant = (FIXTURES / "merchant-demo.toml").read_text().replace(
             "http://127.0.0.1:8080", f"http://127.0.0.1:{self.pay_port}").replace(
             "http://127.0.0.1:8081", f"http://127.0.0.1:{self.merchant_port}")
+        # a client terminal key, made by the CLI and registered with the merchant (FIG. 7)
+        self.terminal_key = folder / "terminal.pem"
+        made = subprocess.run([SVCARD, "terminal-key", "new", str(self.terminal_key), "--json"],
+                              capture_output=True, text=True, timeout=60, check=True)
+        self.terminal = json.loads(made.stdout)
+        merchant += f'"{self.terminal["terminal_id"]}" = "{self.terminal["public_key"]}"\n'
         (folder / "merchant.toml").write_text(merchant)
         self.db = f"sqlite:///{folder / 'payments.db'}"
+        self.merchant_db = f"sqlite:///{folder / 'merchant.db'}"
         self.payment: subprocess.Popen[bytes] | None = None
-        self.merchant = subprocess.Popen(
-            [SVCARD, "serve", "merchant", "--config", str(folder / "merchant.toml"), "--port",
-             str(self.merchant_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.merchant: subprocess.Popen[bytes] | None = None
+        self.start_merchant()
         self.start_payment()
+
+    def start_merchant(self) -> None:
+        self.merchant = subprocess.Popen(
+            [SVCARD, "serve", "merchant", "--config", str(self.folder / "merchant.toml"),
+             "--db", self.merchant_db, "--port", str(self.merchant_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_up(f"http://127.0.0.1:{self.merchant_port}/v1/catalogue")
+
+    def kill_merchant(self) -> None:
+        assert self.merchant is not None
+        os.kill(self.merchant.pid, signal.SIGKILL)
+        self.merchant.wait()
 
     def start_payment(self) -> None:
         cmd = [SVCARD, "serve", "payment", "--config", str(FIXTURES / "payment-demo.toml"),
@@ -83,16 +100,61 @@ def test_svcard_pay_against_served_processes(servers: Servers, tmp_path: Path) -
     for variant in ("fig5", "fig6", "fig7", "fig8"):
         result = subprocess.run(
             [SVCARD, "pay", servers.checkout("song", variant), "--card", f"virtual:{card}",
-             "--journal", str(tmp_path / "journal.jsonl"), "--json"],
+             "--journal", str(tmp_path / "journal.jsonl"), "--json",
+             "--terminal-key", str(servers.terminal_key)],
             capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["payment"]["goods"].endswith("song-7f3a")
+        payment = json.loads(result.stdout)["payment"]
+        assert payment["goods"].endswith("song-7f3a")
+        assert (payment["variant"], payment["proven"]) == (variant, variant != "fig7")
     assert read_image(card)["app"]["ep"]["balance"] == 5_000 - 4 * 99
     refused = subprocess.run(
         [SVCARD, "pay", servers.checkout("nothing"), "--card", f"virtual:{card}",
          "--journal", str(tmp_path / "journal.jsonl")], capture_output=True, text=True,
         timeout=120)
     assert refused.returncode == 1 and "no item 'nothing'" in refused.stderr
+    # without the terminal key the client never asks for FIG. 7: the merchant's default
+    result = subprocess.run(
+        [SVCARD, "pay", servers.checkout("song", "fig7"), "--card", f"virtual:{card}",
+         "--journal", str(tmp_path / "journal.jsonl"), "--json"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["payment"]["variant"] == "fig6"
+
+
+def test_terminal_key_new_writes_a_private_file_and_prints_no_secret(tmp_path: Path) -> None:
+    key = tmp_path / "t.pem"
+    made = subprocess.run([SVCARD, "terminal-key", "new", str(key), "--terminal-id",
+                           "0102030405060708"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert "terminal id 0102030405060708" in made.stdout
+    assert "PRIVATE" not in made.stdout and key.read_text() not in made.stdout
+    again = subprocess.run([SVCARD, "terminal-key", "new", str(key)], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 2 and "not overwritten" in again.stderr
+
+
+def test_merchant_sigkill_between_checkout_and_confirmation(servers: Servers,
+                                                            tmp_path: Path) -> None:
+    """M3 with real processes: the merchant is killed after checkout and restarted before the
+    confirmation; the order is in its database, the goods are released once."""
+    card = card_image(tmp_path, ep=5_000)
+    journal = Journal(tmp_path / "journal.jsonl")
+
+    class Killer(httpx.Client):
+        """Kills (and restarts) the merchant right after the payment server's answer."""
+
+        def post(self, url: object, **kwargs: object) -> httpx.Response:  # type: ignore[override]
+            if "/v1/status/" in str(url):
+                servers.kill_merchant()
+                servers.start_merchant()
+            return super().post(url, **kwargs)  # type: ignore[arg-type]
+
+    with Killer(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        outcome = C.pay(servers.checkout("ticket", "fig6"), reader, journal=journal, http=http)
+    assert outcome.goods == "TICKET-MUSEUM-0042"
+    assert read_image(card)["app"]["ep"]["balance"] == 3_750
 
 
 def test_payment_server_sigkill_mid_payment_then_restart(servers: Servers,
