@@ -188,7 +188,7 @@ class BankServer:
             self.addresses.failed(address)
             return _reason(403, "unknown account or wrong secret")
         if self.secrets.hit(account, stored, secret):
-            locked = await self.sql(self.db.locked_for, account, now_ms())
+            locked = await self.sql(self.db.remembered_secret_ok, account, now_ms())
             if locked > 0:
                 return _too_many(locked, "too many wrong secrets for this account: "
                                          "try again later")

@@ -228,12 +228,23 @@ class BankDb:
                 accounts.c.account_id == account_id)).scalar()
         return None if stored is None else str(stored)
 
-    def locked_for(self, account_id: str, now: int) -> float:
-        """Seconds the account is still locked (0: not locked)."""
-        with self.engine.connect() as conn:
-            until = conn.execute(select(secret_failures.c.locked_until).where(
-                secret_failures.c.account_id == account_id)).scalar()
-        return max(0, int(until or 0) - now) / 1000
+    def remembered_secret_ok(self, account_id: str, now: int) -> float:
+        """A secret the server verified a moment ago was given again: 0 if it may be used
+        (the failure count then restarts, as for any right secret), else the seconds the
+        account is still locked. One read when nothing has failed."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(secret_failures).where(
+                secret_failures.c.account_id == account_id)).first()
+            if row is None or (row.failures == 0 and row.locked_until == 0):
+                return 0.0
+            if row.locked_until > now:
+                return (row.locked_until - now) / 1000
+            conn.execute(update(secret_failures).where(
+                secret_failures.c.account_id == account_id,
+                secret_failures.c.failures == row.failures,
+                secret_failures.c.locked_until == row.locked_until,
+            ).values(failures=0, locked_until=0, updated=now))
+        return 0.0
 
     def claim_attempt(self, account_id: str, policy: SecretPolicy, now: int) -> None:
         """Count one attempt at the account's secret as a failure *before* it is checked (a
