@@ -15,6 +15,7 @@ import httpx
 import pytest
 from loadraw import SECRET, Raw
 from netfaults import CutOff
+from pg_env import Cluster, start_cluster
 
 from svcard.card.storage import read_image
 from svcard.host import load_client as LC
@@ -30,12 +31,28 @@ from svcard.reader import Reader, VirtualReader
 FUNDS, START = 50_000, 1_000
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[LoadStack]:
-    s = start_load_stack(tmp_path / "stack")
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(params=["sqlite"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LoadStack]:
+    """Bank and load server on SQLite, or (``postgresql``) on a private PostgreSQL cluster."""
+    if request.param == "postgresql":
+        pg: Cluster = request.getfixturevalue("cluster")
+        s = start_load_stack(tmp_path / "stack", bank_db=pg.new_database(),
+                             load_db=pg.new_database())
+    else:
+        s = start_load_stack(tmp_path / "stack")
     s.account("alice", FUNDS, SECRET)
     yield s
     s.close()
+
+
+BOTH_DATABASES = pytest.mark.parametrize("stack", ["sqlite", "postgresql"], indirect=True)
 
 
 @pytest.fixture
@@ -129,6 +146,7 @@ def test_a1_zero_s1_kept_from_before_the_load_refunds_nothing(stack: LoadStack, 
     assert stack.bank_server.db.totals().get("refunded", 0) == 0
 
 
+@BOTH_DATABASES
 def test_a2_two_loads_on_one_counter_refund_only_the_one_not_loaded(
         stack: LoadStack, card: Path, http: httpx.Client) -> None:
     with open_reader(f"virtual:{card}") as reader:
@@ -231,6 +249,7 @@ def test_a_probe_result_replayed_on_another_load_is_refused(stack: LoadStack, ca
     assert account(stack) == FUNDS - 3_000
 
 
+@BOTH_DATABASES
 def test_twenty_concurrent_copies_one_probe_one_decision_one_refund(
         stack: LoadStack, card: Path, http: httpx.Client) -> None:
     with open_reader(f"virtual:{card}") as reader:
