@@ -144,3 +144,40 @@ def test_whole_system_clearing_and_audit_on_postgresql(cluster: Cluster, tmp_pat
         assert result.figures["float (ledger)"] == 0
     finally:
         system.close()
+
+
+@pytest.mark.parametrize("variant", ["fig5", "fig6"])
+def test_raced_debit_responses_on_postgresql(cluster: Cluster, tmp_path: Path,
+                                             variant: str) -> None:
+    """C3 at READ COMMITTED: the genuine debit response and 20 forged ones at once, then 20
+    copies of the genuine one: one confirmation, the same result for every copy."""
+    import asyncio
+    import os
+
+    from test_attack_pay import Honest, open_answer, post_all, result_c
+
+    from svcard.protocols import messages as M
+
+    stack = start_stack(tmp_path / "stack", psams=2, db_url=cluster.new_database())
+    try:
+        card = card_image(tmp_path, ep=5_000)
+        with httpx.Client(timeout=30) as http:
+            with open_reader(f"virtual:{card}") as reader:
+                alice = Honest(stack, http, reader, variant, sku="song")
+                debited = alice.debit(alice.draw())
+            genuine = alice.genuine(debited)
+            forged = [alice.response(0x6985) if i % 2 else
+                      alice.response(0x9000, os.urandom(4), os.urandom(4)) for i in range(20)]
+            url = stack.payment.url + "/v1/debit-response"
+            answers = asyncio.run(post_all(url, [*forged[:10], genuine, *forged[10:]]))
+            assert answers[10].status_code == 200
+            assert result_c(alice.session, answers[10]).status == M.STATUS_OK
+            copies = asyncio.run(post_all(url, [genuine] * 20))
+            row = stack.payment_server.db.get(alice.params["merchant_id"],
+                                              alice.params["txn_id"])
+            assert row is not None and row["state"] == "confirmed"
+            assert [open_answer(alice.session, c) for c in copies] == [row["result"]] * 20
+        assert stack.payment_server.db.counts() == {"confirmed": 1}
+        assert read_image(card)["app"]["ep"]["balance"] == 5_000 - 99
+    finally:
+        stack.close()
