@@ -326,7 +326,7 @@ def test_an_interrupted_probe_is_finished_by_resume(stack: LoadStack, card: Path
                         raise Died()
                 return tampered(apdu)
 
-            reader.exchange = dying  # type: ignore[method-assign,assignment]
+            reader.exchange = dying  # type: ignore[method-assign]
         with pytest.raises((httpx.ConnectError, Died)):
             LC.load(stack.bank_url, reader, account="alice", secret=SECRET, amount=5_000,
                     journal=journal, http=http)

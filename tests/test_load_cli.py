@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -116,10 +117,10 @@ def test_load_server_sigkill_mid_load_then_restart(servers: LoadServers, tmp_pat
     journal = Journal(tmp_path / "j.jsonl")
 
     class Killer(httpx.Client):
-        def post(self, url: object, **kwargs: object) -> httpx.Response:  # type: ignore[override]
+        def post(self, url: Any, **kwargs: Any) -> httpx.Response:
             if kill_at in str(url):
                 servers.kill_load()
-            return super().post(url, **kwargs)  # type: ignore[arg-type]
+            return super().post(url, **kwargs)
 
     with Killer(timeout=10) as http, open_reader(f"virtual:{card}") as reader, \
             pytest.raises(httpx.HTTPError):
@@ -128,8 +129,8 @@ def test_load_server_sigkill_mid_load_then_restart(servers: LoadServers, tmp_pat
     loaded = kill_at == "/v1/load/result"  # the card had S2 and loaded itself
     assert read_image(card)["app"]["ep"]["balance"] == (5_000 if loaded else 0)
     servers.start_load()  # same database, same HSM image
-    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
-        report = LC.resume_loads(reader, journal=journal, http=http)
+    with httpx.Client(timeout=30) as clean, open_reader(f"virtual:{card}") as reader:
+        report = LC.resume_loads(reader, journal=journal, http=clean)
     assert [r["outcome"] for r in report] == ["loaded" if loaded else "not loaded"]
     # card, load log and bank agree
     assert read_image(card)["app"]["ep"]["balance"] == (5_000 if loaded else 0)
