@@ -95,8 +95,9 @@ class OrderDb:
         with self.engine.begin() as conn:
             if self.engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHECKOUT_LOCK})
-            done = conn.execute(insert(orders).from_select(columns, source)).rowcount
-            if done == 1:
+            # RETURNING, not rowcount: drivers disagree on INSERT ... SELECT's rowcount
+            if conn.execute(insert(orders).from_select(columns, source).returning(
+                    orders.c.txn_id)).first() is not None:
                 return "ok"
             total = conn.execute(select(_open_count())).scalar_one()
         return "full" if total >= max_open else "client"

@@ -354,3 +354,38 @@ def test_fig7_signature_is_bound_to_its_fields() -> None:
                     M.fig7_signed_data(mid, txn, b"M", b"mac2", b"tac?")):
         with pytest.raises(InvalidSignature):
             Ed25519PublicKey.from_public_bytes(t.public_key).verify(sig, changed)
+
+
+# --- the same on PostgreSQL (READ COMMITTED) ----------------------------------------------
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    from pg_env import start_cluster
+
+    c = start_cluster()
+    yield c
+    c.stop()
+
+
+def test_m1_d2_m3_on_postgresql(cluster: Any, tmp_path: Path, card: Path) -> None:
+    stack = start_stack(tmp_path / "pg", psams=2, merchant_db=cluster.new_database(),
+                        merchant_options={"max_open_orders": 10})
+    try:
+        url, body = withheld_confirmation(stack, card, tmp_path, "fig6")
+        stack.restart_merchant()
+        answers = post_at_once(url, body, 20)
+        assert sorted(r.status_code for r in answers) == [200] + [409] * 19
+        # 20 concurrent checkouts for 9 free slots (one order is paid): exactly 9 open
+        checkout = stack.checkout_url("song", "fig6")
+        barrier = threading.Barrier(20)
+
+        def one(_: int) -> int:
+            with httpx.Client(timeout=60) as http:
+                barrier.wait()
+                return http.get(checkout).status_code
+
+        with ThreadPoolExecutor(20) as pool:
+            codes = list(pool.map(one, range(20)))
+        assert codes.count(200) == 10 and codes.count(503) == 10
+        assert stack.merchant_server.db.counts() == {"open": 10, "paid": 1}
+    finally:
+        stack.close()
