@@ -96,14 +96,19 @@ def write_atomically(path: Path, data: bytes, tear: TearHook | None = None) -> N
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if tear:
-            tear("temp-written")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if tear:
+                tear("temp-written")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # e.g. a full disk: the old file stays, and no half temp file is left
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     if tear:
         tear("temp-synced")
     os.replace(tmp, path)
