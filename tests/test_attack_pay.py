@@ -15,6 +15,9 @@ import datetime as dt
 import json
 import os
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +34,9 @@ from svcard.host import apdus
 from svcard.host import client as C
 from svcard.host.journal import Journal
 from svcard.host.payment_server import PaymentServer
-from svcard.host.serving import ServerThread
+from svcard.host.serving import ServerThread, free_port, wait_http
 from svcard.host.specs import open_reader
-from svcard.host.stack import Stack, card_image, start_stack
+from svcard.host.stack import DEMO_MERCHANT_ID, Stack, card_image, psam_images, start_stack
 from svcard.host.terminal import select_purse
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
@@ -41,6 +44,8 @@ from svcard.protocols import secure
 from svcard.reader import Reader
 
 ADMIN = "attack-test-admin-token"
+DEMO_SHARED_KEY = bytes.fromhex(  # fixtures/payment-demo.toml: a public test key
+    "398359B0148B801CC14A90EED705FEFDD33495DAE1391AF60C8FDC6EE3C92DF6")
 
 
 @pytest.fixture
@@ -92,10 +97,14 @@ def code(response: httpx.Response) -> int:
 class Attacker:
     """Someone with an order of their own and no card: every field they send is invented."""
 
-    def __init__(self, stack: Stack, http: httpx.Client, variant: str = "fig6",
-                 sku: str = "ticket") -> None:
-        self.stack, self.http = stack, http
-        self.params = C.fetch_checkout(http, stack.checkout_url(sku, variant))
+    def __init__(self, stack: Stack | None, http: httpx.Client, variant: str = "fig6",
+                 sku: str = "ticket", params: dict[str, Any] | None = None) -> None:
+        self.http = http
+        if params is None:
+            assert stack is not None
+            params = C.fetch_checkout(http, stack.checkout_url(sku, variant))
+        self.params = params
+        self.url = str(params["payment_url"]).rstrip("/")
         self.session = C._Session(self.params)
 
     def envelope(self, msg_type: int, body: bytes) -> bytes:
@@ -116,7 +125,7 @@ class Attacker:
             "card_sw": card_sw, "tac": tac, "mac2": mac2}))
 
     def post(self, path: str, data: bytes) -> httpx.Response:
-        return self.http.post(self.stack.payment.url + path, content=data)
+        return self.http.post(self.url + path, content=data)
 
 
 @dataclass
@@ -130,9 +139,10 @@ class Honest(Attacker):
     """An honest client driven step by step (its card stays in the reader between steps), so
     that an attacker can act between them."""
 
-    def __init__(self, stack: Stack, http: httpx.Client, reader: Reader,
-                 variant: str = "fig6", sku: str = "ticket") -> None:
-        super().__init__(stack, http, variant, sku)
+    def __init__(self, stack: Stack | None, http: httpx.Client, reader: Reader,
+                 variant: str = "fig6", sku: str = "ticket",
+                 params: dict[str, Any] | None = None) -> None:
+        super().__init__(stack, http, variant, sku, params)
         self.reader = reader
 
     def draw(self) -> Any:
@@ -379,8 +389,6 @@ def test_d1_holds_are_counted_atomically_per_client(tmp_path: Path, http: httpx.
 # --- T1 --------------------------------------------------------------------------------------
 
 def wait_idle(stack: Stack, http: httpx.Client, idle: int, within: float = 10.0) -> None:
-    import time
-
     deadline = time.monotonic() + within
     while http.get(stack.payment.url + "/v1/health").json()["idle"] != idle:
         assert time.monotonic() < deadline, "the FIG. 5 hold never ended"
@@ -440,6 +448,69 @@ def test_t1_the_payment_server_restarts_between_draw_and_debit_response(
         assert json.loads(Path(path).read_text())["proofs"] == {"0": debited.tac.hex()}
     finally:
         stack.close()
+
+
+def own_order(payment_url: str, variant: str, amount: int = 1250) -> dict[str, Any]:
+    """Checkout parameters made the way the demo merchant makes them (its shared key is the
+    public demo key of fixtures/payment-demo.toml)."""
+    merchant_id, txn_id, tsk = DEMO_MERCHANT_ID, os.urandom(16), os.urandom(32)
+    dk = secure.derive_key(DEMO_SHARED_KEY, merchant_id, txn_id)
+    ticket = M.build(M.OrderTicket, {
+        "version": M.VERSION, "tsk": tsk, "amount": amount, "currency_code": 156,
+        "currency_exponent": 2, "variant": M.VARIANTS[variant],
+        "purpose": M.PURPOSE_PAYMENT, "expires": int(time.time()) + 600,
+        "terminal_id": bytes.fromhex("000000000001")})
+    return {"merchant_id": merchant_id.hex(), "txn_id": txn_id.hex(), "tsk": tsk.hex(),
+            "etsk": secure.seal(dk, ticket, M.ticket_aad(merchant_id, txn_id)).hex(),
+            "variant": variant, "payment_url": payment_url, "amount": amount,
+            "terminal_id": "000000000001"}
+
+
+def test_t1_kill_9_between_draw_and_debit_response(tmp_path: Path) -> None:
+    """The payment server process is killed (SIGKILL) holding the FIG. 5 PSAM, and started
+    again: the card's answer still confirms, and the PSAM's batch carries the purchase."""
+    (psam,) = psam_images(tmp_path, 1)
+    config = tmp_path / "payment.toml"
+    config.write_text(fixture_path("payment-demo.toml").read_text().replace(
+        'concentration_dir = "concentration"',
+        f'concentration_dir = "{tmp_path / "concentration"}"'))
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "svcard"), "serve", "payment", "--config",
+               str(config), "--db", f"sqlite:///{tmp_path / 'payments.db'}", "--psam",
+               f"virtual:{psam}", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(url + "/v1/health")
+        return proc
+
+    server = start()
+    try:
+        card = card_image(tmp_path, "card.json")
+        with httpx.Client(timeout=30) as http:
+            with open_reader(f"virtual:{card}") as reader:
+                alice = Honest(None, http, reader, params=own_order(url, "fig5"))
+                command_ = alice.draw()
+                server.kill()  # SIGKILL, holding the PSAM in the middle of FIG. 5
+                server.wait(timeout=30)
+                server = start()
+                debited = alice.debit(command_)
+            r = alice.post("/v1/debit-response", alice.genuine(debited))
+            assert r.status_code == 200 and result_c(alice.session, r).status == M.STATUS_OK
+            closed = http.post(url + "/v1/batches/close",
+                               headers={"Authorization": "Bearer demo-admin-token"})
+            assert closed.status_code == 200
+            (path,) = closed.json()["batches"]
+        batch = json.loads(Path(path).read_text())
+        (raw,) = batch["records"]
+        rec = P.PsamRecord.parse(bytes.fromhex(raw))
+        assert (rec.amount, rec.tac, rec.status) == (1250, bytes(4), 1)
+        assert batch["proofs"] == {"0": debited.tac.hex()}
+        assert balance(card) == 8_750
+    finally:
+        server.kill()
+        server.wait(timeout=30)
 
 
 # --- CL4 (the payment server's half) --------------------------------------------------------
