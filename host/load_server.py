@@ -118,6 +118,9 @@ class LoadServer:
         env, dk, ticket, plain = open_client_envelope(
             data, msg_type, {b: a.shared_key for b, a in self.config.banks.items()}, "bank",
             L.LoadTicket, L.ticket_aad)
+        if len(plain) != layout.sizeof():  # every client message has a fixed size
+            raise Refused(400, 400, f"{what} is malformed: {len(plain)} bytes, not "
+                                    f"{layout.sizeof()}")
         try:
             body = M.parse(layout, plain, what)
         except M.MessageError as exc:

@@ -212,8 +212,11 @@ def test_forged_or_tampered_probe_s3_moves_nothing(stack: LoadStack, card: Path,
             assert refused.value.status == 400
         with pytest.raises(PaymentRefused, match="refused the probe"):
             r.probe_result(tac, card_sw=0x6985)
-        with pytest.raises(PaymentRefused, match="malformed"):  # truncated
-            r.s.post(http, "/v1/load/probe", L.LOAD_PROBE_RESULT, tac)
+        for cut in (tac, r.probe_result_body(tac) + b"\x00"):  # truncated, or padded
+            with pytest.raises(PaymentRefused, match="malformed"):
+                r.s.post(http, "/v1/load/probe", L.LOAD_PROBE_RESULT, cut)
+        with pytest.raises(PaymentRefused, match="expected message type"):  # reordered
+            r.s.post(http, "/v1/load/probe", L.LOAD_RESULT, r.probe_result_body(tac))
         after = load_row(stack, r)
         assert {k: after[k] for k in ("state", "evidence", "answer", "probe_s2")} == \
                {k: before[k] for k in ("state", "evidence", "answer", "probe_s2")}
