@@ -425,10 +425,12 @@ def _check_records(config: ClearingConfig, terminal: Terminal, raw_records: list
         expected = crypto.cbc_macs_same_key(key, [_tac_input(raw_records[i]) for i in indexes])
         for i, good in zip(indexes, expected, strict=True):
             tac = raw_records[i][40:44]
-            if tac == _ZERO4:
-                tac = proofs[i]
-            if not hmac.compare_digest(good, tac):
-                mark(i, "refused", "the card TAC does not verify: tampered")
+            if tac != _ZERO4:  # the PSAM's record carries it: covered by the batch MAC
+                if not hmac.compare_digest(good, tac):
+                    mark(i, "refused", "the card TAC does not verify: tampered")
+            elif not hmac.compare_digest(good, proofs[i]):
+                # the batch's "proofs" are outside its MAC: a wrong one moves nothing
+                mark(i, "held", "the supplied card TAC does not verify: tampered; held")
     seen: set[bytes] = set()
     for i, raw in enumerate(raw_records):
         if states[i] == "cleared":

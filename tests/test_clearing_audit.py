@@ -104,7 +104,8 @@ def test_tampered_batches_and_records(system: System, tmp_path: Path) -> None:
     rec[22:26] = (1).to_bytes(4, "big")
     bad_amount = {**doc, "records": [bytes(rec).hex(), *doc["records"][1:]]}
     (folder / "a.json").write_text(json.dumps(bad_amount))
-    # 2. a wrong card TAC supplied for a record with no TAC of its own: that record refused
+    # 2. a wrong card TAC supplied for a record with no TAC of its own (the "proofs" are
+    #    outside the batch MAC): the record is held, not refused (a forgery moves nothing)
     config = clearing_config(fixture_path("clearing-demo.toml"))
     records = [P.PsamRecord.parse(bytes.fromhex(r)) for r in doc["records"]]
     verdict = CL.check_batch(config, path)
@@ -114,7 +115,7 @@ def test_tampered_batches_and_records(system: System, tmp_path: Path) -> None:
         wrong = {**doc, "proofs": {str(early[0]): "00000000"}}
         (folder / "b.json").write_text(json.dumps(wrong))
         v = CL.check_batch(config, folder / "b.json")
-        assert v.records[early[0]].state == "refused"
+        assert v.records[early[0]].state == "held"
         assert "TAC does not verify" in v.records[early[0]].reason
         # 3. no TAC at all: held, not paid
         (folder / "c.json").write_text(json.dumps({**doc, "proofs": {}}))
