@@ -238,7 +238,7 @@ class BankDb:
             if row is None or (row.failures == 0 and row.locked_until == 0):
                 return 0.0
             if row.locked_until > now:
-                return (row.locked_until - now) / 1000
+                return float(row.locked_until - now) / 1000
             conn.execute(update(secret_failures).where(
                 secret_failures.c.account_id == account_id,
                 secret_failures.c.failures == row.failures,
