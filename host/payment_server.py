@@ -46,7 +46,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -60,6 +59,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from svcard.card.storage import write_atomically
 from svcard.host import apdus
 from svcard.host.db import DuplicateError
 from svcard.host.paydb import PaymentDb, make_engine
@@ -107,22 +107,6 @@ class PaymentConfig:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomically(path: Path, data: str) -> None:
-    """Write a file whole or not at all: a temporary file, fsynced, renamed, the folder
-    fsynced."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -564,7 +548,7 @@ class PaymentServer:
         folder.mkdir(parents=True, exist_ok=True)
         name = (f"batch-{batch['terminal_id']}-{batch['psam_id']}-"
                 f"{batch['batch_number']:06d}.json")
-        write_atomically(folder / name, json.dumps(batch, indent=1))
+        write_atomically(folder / name, json.dumps(batch, indent=1).encode())
         self.db.mark_handed(psam_hex, name, int(batch["batch_number"]), handed)
         return str(folder / name)
 
@@ -589,7 +573,7 @@ class PaymentServer:
                    "proofs": [{"batch_number": int(r["batch_number"]),
                                "terminal_txn_number": int(r["ttn"]),
                                "tac": str(r["tac"]).upper()} for r in items]}
-            write_atomically(path, json.dumps(doc, indent=1))
+            write_atomically(path, json.dumps(doc, indent=1).encode())
             self.db.mark_proofs_handed([int(r["id"]) for r in items])
             out.append(str(path))
         return out
