@@ -749,6 +749,7 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
                              load_db_urls=load_dbs)
     refused = [b for b in report.batches if b["state"] == "refused"
                or b["counts"].get("refused")]
+    refused += [p for p in report.proofs if p["state"] == "refused" or p["counts"].get("refused")]
     text = [f"run {report.run_number}: {report.records_cleared} records cleared, "
             f"{report.total_paid} paid to merchants; {report.loads_moved} loads "
             f"({report.total_loaded}) moved to the float",
@@ -756,6 +757,10 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
     for b in report.batches:
         text.append(f"  {b['file']}: {b['state']} ({b['reason']}) {b['counts']}")
         text += [f"    record {p['index']}: {p['state']}: {p['reason']}" for p in b["problems"]]
+    for pf in report.proofs:
+        text.append(f"  {pf['file']}: {pf['state']} ({pf['reason']}) {pf['counts']}")
+        text += [f"    batch {p['batch_number']} TTN {p['terminal_txn_number']}: {p['state']}: "
+                 f"{p['reason']}" for p in pf["problems"]]
     emit(as_json, report.to_json(), "\n".join(text))
     if refused:
         sys.exit(EXIT_DECLINED)
@@ -794,19 +799,36 @@ def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> 
 @click.option("--clearing-db", default=None, metavar="URL")
 @click.option("--opening", default=0, show_default=True, type=click.IntRange(0, None),
               help="Balances the cards were personalised with (minor units, in total).")
+@click.option("--psam", "psam_specs", multiple=True, metavar="SPEC",
+              help="A payment server's PSAM (reader spec or image path): its open batch is read, "
+                   "so a confirmed payment with no PSAM record is found at once (repeat).")
+@click.option("--max-age", "max_age_days", default=7.0, show_default=True,
+              type=click.FloatRange(0, None),
+              help="Days after which a held record, an open load or a confirmed payment not "
+                   "yet cleared fails the audit.")
 @json_option
 def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
               load_dbs: tuple[str, ...], bank_dbs: tuple[str, ...], clearing_db: str | None,
-              opening: int, as_json: bool) -> None:
-    """Prove money is conserved: cards + unsettled purchases + settled = loads; the float
-    = cards + unsettled; bank debits = confirmed loads. Exit code 1 on any discrepancy."""
-    from svcard.host.audit import audit, card_balances
+              opening: int, psam_specs: tuple[str, ...], max_age_days: float,
+              as_json: bool) -> None:
+    """Prove money is conserved and nothing is hidden: cards + unsettled purchases + settled =
+    loads; the float = cards + unsettled; bank debits = confirmed loads; every confirmed payment
+    has a PSAM record; every refund a proven "not loaded"; held records, open loads and
+    uncleared payments listed, and failing past --max-age. Exit code 1 on any finding."""
+    from svcard.host.audit import DAY_MS, audit, card_balances, psam_open_batches
 
-    specs = [s if ":" in s else f"virtual:{s}" for s in card_specs]
-    with handled(), readers(*[("card", s) for s in specs]) as card_readers:
+    def spec(s: str) -> str:
+        return s if ":" in s else f"virtual:{s}"
+
+    with handled(), readers(*[("card", spec(s)) for s in card_specs]) as card_readers:
         cards = card_balances(card_readers)
+    open_batches = None
+    if psam_specs:
+        with handled(), readers(*[("psam", spec(s)) for s in psam_specs]) as psam_readers:
+            open_batches = psam_open_batches(psam_readers)
     report = audit(cards, payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
-                   clearing_db=clearing_db, opening=opening)
+                   clearing_db=clearing_db, opening=opening,
+                   max_age_ms=int(max_age_days * DAY_MS), open_batches=open_batches)
     emit(as_json, report.to_json(), report.text())
     if not report.clean:
         sys.exit(EXIT_DECLINED)
