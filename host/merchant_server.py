@@ -37,7 +37,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from svcard.host import merchantdb as MD
-from svcard.host.serverkit import SqlRunner
+from svcard.host.serverkit import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, read_body
 from svcard.protocols import messages as M
 from svcard.protocols import secure
 
@@ -287,15 +287,10 @@ class MerchantServer:
     # --- POST /v1/status/{txn} ---------------------------------------------------------------
     @staticmethod
     async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length", "")
-        if declared and (not declared.isdigit() or int(declared) > MAX_CONFIRMATION):
-            raise Refusal(413, f"a confirmation is at most {MAX_CONFIRMATION} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_CONFIRMATION:
-                raise Refusal(413, f"a confirmation is at most {MAX_CONFIRMATION} bytes")
-        return bytes(body)
+        try:
+            return await read_body(request, MAX_CONFIRMATION)
+        except Refused as exc:
+            raise Refusal(exc.status, exc.reason) from None
 
     def check(self, row: dict[str, Any], txn_id: bytes, body: bytes) -> tuple[str, Any]:
         """Every check of a confirmation, with no await: (the state it moves the order to,
@@ -399,5 +394,5 @@ class MerchantServer:
             Route("/v1/catalogue", self.catalogue, methods=["GET"]),
             Route("/v1/checkout/{sku}", self.checkout, methods=["GET"]),
             Route("/v1/status/{txn}", self.status, methods=["POST"]),
-        ])
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS))
 
