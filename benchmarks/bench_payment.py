@@ -34,14 +34,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SVCARD = str(Path(sys.executable).parent / "svcard")
 
 
-def worker(args: tuple[int, int, str, float, str]) -> list[Result]:
-    """One client process: ``threads`` cards paying in a loop for ``seconds``."""
-    first_serial, threads, checkout, seconds, journal_dir = args
+def worker(args: tuple[int, int, str, float, str, str]) -> list[Result]:
+    """One client process: ``threads`` cards paying in a loop for ``seconds``, as the
+    registered client terminal whose key file is given (FIG. 7 needs one)."""
+    first_serial, threads, checkout, seconds, journal_dir, key_file = args
     from svcard.host import client as C
+
+    terminal = C.ClientTerminal.load(Path(key_file))
 
     def pay(serial: int, reader: Reader, journal: Journal,
             http: httpx.Client) -> tuple[bool, int]:
-        return True, C.pay(checkout, reader, journal=journal, http=http).round_trips
+        return True, C.pay(checkout, reader, journal=journal, http=http,
+                           terminal=terminal).round_trips
 
     return run_cards(first_serial, threads, seconds, journal_dir, pay, balance_limit=100_000,
                      balances={"ep": 100_000})
@@ -57,11 +61,22 @@ def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: in
     specs = [f"virtual:{p}" for p in psam_images(case, psams)]
     if delay_ms:
         specs = [f"delayed:{delay_ms:g}:{s}" for s in specs]
+    from svcard.host.client import ClientTerminal
+
+    terminal = ClientTerminal.generate()
+    terminal.save(case / "terminal.pem")
+    # the benchmark's client terminal registered (FIG. 7)
     merchant_toml = (ROOT / "fixtures" / "merchant-demo.toml").read_text().replace(
         "http://127.0.0.1:8080", f"http://127.0.0.1:{pay_port}").replace(
-        "http://127.0.0.1:8081", f"http://127.0.0.1:{merchant_port}")
+        "http://127.0.0.1:8081", f"http://127.0.0.1:{merchant_port}").replace(
+        "[client_terminals]", f'[client_terminals]\n"{terminal.terminal_id.hex()}" = '
+                              f'"{terminal.public_key.hex()}"')
     (case / "merchant.toml").write_text(merchant_toml)
-    cmd = [SVCARD, "serve", "payment", "--config", str(ROOT / "fixtures" / "payment-demo.toml"),
+    # every client comes from 127.0.0.1: FIG. 5 holds bounded by the pool, not per address
+    (case / "payment.toml").write_text(
+        f"max_holds_per_merchant = {psams}\nmax_holds_per_client = {psams}\n"
+        + (ROOT / "fixtures" / "payment-demo.toml").read_text())
+    cmd = [SVCARD, "serve", "payment", "--config", str(case / "payment.toml"),
            "--db", f"sqlite:///{case / 'payments.db'}", "--port", str(pay_port)]
     for s in specs:
         cmd += ["--psam", s]
@@ -77,7 +92,8 @@ def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: in
         journals = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
         started = time.perf_counter()
         with mp.get_context("spawn").Pool(procs) as pool:
-            parts = pool.map(worker, [(1000 + i * per, per, checkout, seconds, journals)
+            parts = pool.map(worker, [(1000 + i * per, per, checkout, seconds, journals,
+                                       str(case / "terminal.pem"))
                                       for i in range(procs)])
         took = time.perf_counter() - started
     finally:

@@ -66,6 +66,7 @@ from svcard.host.paydb import PaymentDb, make_engine
 from svcard.host.psam_pool import PooledPsam, PoolExhausted, PsamPool
 from svcard.host.serverkit import (
     OCTETS,
+    STORAGE_ERROR_HANDLERS,
     Refused,
     SqlRunner,
     answer,
@@ -601,7 +602,7 @@ class PaymentServer:
             Route("/v1/proof", self.proof, methods=["POST"]),
             Route("/v1/batches/close", self.close_batches, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
-        ], lifespan=lifespan)
+        ], lifespan=lifespan, exception_handlers=dict(STORAGE_ERROR_HANDLERS))
 
 
 def collect_batch(reader: Reader) -> dict[str, Any] | None:

@@ -40,6 +40,15 @@ def _hex(value: Any, size: int, field: str) -> bytes:
     return raw
 
 
+def _optional_count(data: dict[str, Any], key: str, path: Path) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{path}: {key} must be a whole number >= 1")
+    return value
+
+
 def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
     data = _read(path)
     merchants = {}
@@ -57,7 +66,11 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
         raise ConfigError(f"{path}: no [[merchant]]: the payment server would refuse everyone")
     return PaymentConfig(merchants, db_url=db_url or str(data.get("db", "sqlite:///payments.db")),
                          acquire_timeout=float(data.get("acquire_timeout", 2.0)),
-                         hold_timeout=float(data.get("hold_timeout", 30.0)),
+                         hold_timeout=float(data.get("hold_timeout", 10.0)),
+                         max_holds_per_merchant=_optional_count(data, "max_holds_per_merchant",
+                                                                path),
+                         max_holds_per_client=_optional_count(data, "max_holds_per_client",
+                                                              path),
                          admin_token=str(data.get("admin_token", "")),
                          concentration_dir=str(data.get("concentration_dir", "")))
 

@@ -97,7 +97,7 @@ class Stack:
 
 def start_stack(folder: Path, *, psams: int = 2, db_url: str | None = None,
                 psam_readers: list[Reader] | None = None, acquire_timeout: float = 2.0,
-                hold_timeout: float = 30.0, variants: frozenset[int] | None = None,
+                hold_timeout: float = 10.0, variants: frozenset[int] | None = None,
                 payment_port: int | None = None, merchant_id: bytes = DEMO_MERCHANT_ID,
                 terminal_id: bytes | None = None, first_psam_serial: int = 1,
                 merchant_db: str | None = None, merchant_options: dict[str, Any] | None = None,
