@@ -147,9 +147,29 @@ def bank_config(path: Path, db_url: str | None = None) -> BankConfig:
             db_url=db_url or str(d.get("db", "sqlite:///bank.db")),
             public_url=str(d.get("public_url", "http://127.0.0.1:8083")),
             currency_code=int(d.get("currency_code", 156)),
-            currency_exponent=int(d.get("currency_exponent", 2)))
+            currency_exponent=int(d.get("currency_exponent", 2)),
+            **_bank_limits(d, path))
     except KeyError as exc:
         raise ConfigError(f"{path}: missing {exc}") from None
+
+
+_BANK_LIMITS = {"secret_max_failures": int, "secret_lockout": float,
+                "secret_lockout_max": float, "address_max_failures": int,
+                "address_window": float, "secret_cache_seconds": float}
+
+
+def _bank_limits(d: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The bank's throttling settings present in the file (BankConfig has the defaults)."""
+    out: dict[str, Any] = {}
+    for key, kind in _BANK_LIMITS.items():
+        if key in d:
+            value = d[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                    or (kind is int and not isinstance(value, int)):
+                raise ConfigError(f"{path}: {key} must be a {'whole ' if kind is int else ''}"
+                                  "number >= 0")
+            out[key] = kind(value)
+    return out
 
 
 def clearing_config(path: Path) -> ClearingConfig:
