@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from loadraw import Raw
 
 from svcard.host import client as C
 from svcard.host.journal import Journal
 from svcard.host.specs import open_reader
-from svcard.host.stack import Stack
+from svcard.host.stack import LoadStack, Stack
 from svcard.host.terminal import TerminalError, select_purse
+from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
 from svcard.protocols import secure
+from svcard.reader import Reader
 
 OCTETS = {"Content-Type": "application/octet-stream"}
 
@@ -62,6 +65,7 @@ class Arena:
     journal: Journal
     http: httpx.Client
     tally: Tally = field(default_factory=Tally)
+    load: LoadStack | None = None
     confirmations: list[bytes] = field(default_factory=list)   # honest ones, seen on the wire
     draws: list[tuple[Stack, str, str, bytes]] = field(default_factory=list)
 
@@ -358,4 +362,122 @@ PAYMENT_ATTACKS: list[Callable[[Arena], None]] = [
     replayed_finished_draw, debit_response_before_any_draw,
 ]
 
-ATTACKS: list[Callable[[Arena], None]] = [*PAYMENT_ATTACKS]
+
+# --- the load side ----------------------------------------------------------------------------
+
+ATTACKER_ACCOUNT, ATTACKER_SECRET = "mallory", "mallory-pw"
+
+
+def _raw(arena: Arena, reader: Reader, amount: int) -> Raw | None:
+    """A bank order on the attacker's own account for one of the cards (the card holder turned
+    attacker); None when the bank will not sell it (the card's limit), which is no attack."""
+    assert arena.load is not None
+    try:
+        return Raw(arena.load, reader, arena.http, amount, ATTACKER_ACCOUNT, ATTACKER_SECRET)
+    except C.PaymentRefused:
+        return None
+
+
+def _bank_state(arena: Arena, raw: Raw) -> str:
+    assert arena.load is not None
+    row = arena.load.bank_server.db.load(raw.txn_hex)
+    return str(row["state"]) if row else "none"
+
+
+def _refused(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except (C.PaymentRefused, TerminalError, AssertionError):
+        return True
+    return False
+
+
+def zero_s1_kept_from_before_the_load(arena: Arena) -> None:
+    """A1: a zero-value S1 made before the load, shown as "not loaded" after the card loaded."""
+    card = arena.rng.choice(arena.cards)
+    with open_reader(f"virtual:{card}") as reader:
+        r = _raw(arena, reader, arena.rng.randrange(100, 500))
+        if r is None:
+            return
+        kept = r.init(0)
+        command = r.send_request(r.request(r.init()))
+        s3 = r.credit(command).data
+        msg_type, body = r.post_result(r.result_body(L.RESULT_NOT_LOADED, zero=kept))
+        if msg_type == L.LOAD_ANSWER:  # decided on the old S1: take it to the bank
+            r.to_bank(M.parse(L.LoadAnswer, body, "answer").confirmation)
+        elif msg_type == L.LOAD_PROBE:  # the card cannot run a probe for its old counter
+            probe = M.parse(L.LoadCommand, body, "probe")
+            r.init(0)
+            r.credit(probe)
+            _refused(lambda: r.probe_result(s3))
+        state = _bank_state(arena, r)
+        # the card holder finally tells the truth, so the books close
+        answer = r.result(L.RESULT_LOADED, s3=s3)
+        r.to_bank(answer.confirmation)
+    arena.tally.outcome("zero-value S1 kept from before the load", state == "debited",
+                        f"bank order {r.txn_hex} {state}")
+
+
+def two_loads_on_one_counter(arena: Arena) -> None:
+    """A2: INITIALIZE for B then A, A's request then B's, the card credited with A's S2, A
+    reported "not loaded": A must never be refunded; B only once the card proves it."""
+    card = arena.rng.choice(arena.cards)
+    with open_reader(f"virtual:{card}") as reader:
+        a = _raw(arena, reader, arena.rng.randrange(100, 500))
+        b = _raw(arena, reader, arena.rng.randrange(100, 500)) if a else None
+        if a is None or b is None:
+            return
+        init_b, init_a = b.init(), a.init()
+        command_a = a.send_request(a.request(init_a))
+        _refused(lambda: b.send_request(b.request(init_b)))
+        s3_a = a.credit(command_a).data
+        _refused(lambda: a.not_loaded())       # probes past counter n: undecided
+        a_state = _bank_state(arena, a)
+        answer = a.result(L.RESULT_LOADED, s3=s3_a)
+        a.to_bank(answer.confirmation)
+        refund = b.not_loaded()                # B's counter was A's: proven, refunded
+        b.to_bank(refund.confirmation)
+        b_state = _bank_state(arena, b)
+    arena.tally.outcome("two loads on one counter",
+                        a_state == "debited" and b_state == "refunded",
+                        f"A {a.txn_hex} {a_state}, B {b.txn_hex} {b_state}")
+
+
+def forged_or_replayed_probe_answer(arena: Arena) -> None:
+    """A "not loaded" whose probe answer is forged, or another load's real one."""
+    card = arena.rng.choice(arena.cards)
+    with open_reader(f"virtual:{card}") as reader:
+        r = _raw(arena, reader, arena.rng.randrange(100, 500))
+        if r is None:
+            return
+        command = r.send_request(r.request(r.init()))
+        s3 = r.credit(command).data
+        probe = r.probe(r.init(0))
+        tac = r.credit(probe).data
+        forged = arena.rng.choice([s3, bytes(4), bytes(x ^ 1 for x in tac), arena.rng.randbytes(4)])
+        refused = _refused(lambda: r.probe_result(forged))
+        state = _bank_state(arena, r)
+        answer = r.result(L.RESULT_LOADED, s3=s3)
+        r.to_bank(answer.confirmation)
+    arena.tally.outcome("forged probe answer", refused and state == "debited",
+                        f"bank order {r.txn_hex} {state}")
+
+
+def wrong_account_secrets(arena: Arena) -> None:
+    """Guessing an account's secret: every guess refused (403 or 429), none accepted."""
+    assert arena.load is not None
+    accepted = 0
+    for _ in range(arena.rng.randrange(3, 12)):
+        response = arena.http.post(f"{arena.load.bank.url}/v1/load/start", json={
+            "account": "victim", "secret": arena.rng.randbytes(6).hex(), "amount": 100,
+            "card": {"serial": "00" * 10, "issuer_id": "00" * 8, "balance": 0,
+                     "limit": 100_000, "currency_code": 156, "currency_exponent": 2}})
+        accepted += response.status_code == 200
+    arena.tally.outcome("wrong account secrets", accepted == 0, f"{accepted} accepted")
+
+
+LOAD_ATTACKS: list[Callable[[Arena], None]] = [
+    zero_s1_kept_from_before_the_load, two_loads_on_one_counter,
+    forged_or_replayed_probe_answer, wrong_account_secrets,
+]
+ATTACKS: list[Callable[[Arena], None]] = [*PAYMENT_ATTACKS, *LOAD_ATTACKS]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sim_attacks import ATTACKS, Arena
+from sim_attacks import ATTACKER_ACCOUNT, ATTACKER_SECRET, ATTACKS, Arena
 
 from svcard.fixtures import fixture_path
 from svcard.host import clearing as CL
@@ -108,13 +108,15 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path, sim_ops: int
         accounts = [f"acct{i}" for i in range(ACCOUNTS)]
         for a in accounts:
             system.load.account(a, FUNDING, "pw")
+        system.load.account(ATTACKER_ACCOUNT, FUNDING, ATTACKER_SECRET)
+        system.load.account("victim", FUNDING, "a long secret nobody guesses")
         cards = [card_image(tmp_path, f"card{i}.json", ep=0) for i in range(CARDS)]
         journal = Journal(tmp_path / "journal.jsonl")
         stats: Counter[str] = Counter()
         stacks = [system.pay, pay_b]
         skus = ["song", "ticket", "article", "login"]
         with httpx.Client(timeout=30) as clean_http:
-            arena = Arena(rng, stacks, cards, journal, clean_http)
+            arena = Arena(rng, stacks, cards, journal, clean_http, load=system.load)
             for _ in range(OPS):
                 if rng.random() < ATTACK_RATE:
                     rng.choice(ATTACKS)(arena)
@@ -191,7 +193,7 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path, sim_ops: int
         assert result.clean, result.discrepancies[:20]
         # the bank's own books: every unit is in an account or on a confirmed load
         totals = system.load.bank_server.db.totals()
-        assert totals["accounts"] + totals.get("confirmed", 0) == ACCOUNTS * FUNDING
+        assert totals["accounts"] + totals.get("confirmed", 0) == (ACCOUNTS + 2) * FUNDING
         assert result.figures["card balances"] == (result.figures["loads confirmed"]
                                                    - result.figures["purchases proven"])
         assert report.total_paid == result.figures["purchases settled"]
