@@ -40,7 +40,14 @@ from svcard.host import apdus
 from svcard.host.db import DuplicateError
 from svcard.host.loaddb import LoadDb, make_engine
 from svcard.host.reader_pool import Pooled, PoolExhausted, ReaderPool, executor
-from svcard.host.serverkit import OCTETS, Refused, SqlRunner, answer, open_client_envelope
+from svcard.host.serverkit import (
+    OCTETS,
+    STORAGE_ERROR_HANDLERS,
+    Refused,
+    SqlRunner,
+    answer,
+    open_client_envelope,
+)
 from svcard.host.terminal import Declined, call
 from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
@@ -426,7 +433,7 @@ class LoadServer:
             Route("/v1/load/result", self.load_result, methods=["POST"]),
             Route("/v1/load/probe", self.load_probe, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
-        ], lifespan=lifespan)
+        ], lifespan=lifespan, exception_handlers=dict(STORAGE_ERROR_HANDLERS))
 
 
 class _RowRequest:
