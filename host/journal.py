@@ -9,10 +9,12 @@ was to record (a half line would otherwise be skipped on resume and hide that st
 left by a crash is dropped before the next line is written (its step never happened: each line
 is synced before its step).
 
-The file holds account secrets and per-transaction session keys while a transaction is open: it
-is created 0600, and once a transaction is final (:data:`DONE_STATES`) the journal is compacted:
-rewritten atomically (temp file 0600, fsync, rename, folder fsync) with one line per transaction
-and no secret fields (:data:`SECRET_FIELDS`, also inside ``params``) in finished ones.
+Secrets (:data:`SECRET_FIELDS`: the account secret, the TSK and ETSK, also inside ``params``)
+never go into the journal itself: they are kept, while a transaction is open, in a small side
+file of their own (``JOURNAL.secrets/TXN.json``, folder 0700, file 0600, written atomically
+before the line that needs them), and that file is deleted once the transaction is final
+(:data:`DONE_STATES`). So finishing a transaction costs one unlink, never a rewrite of the
+journal, and the journal stays append-only (its readers parse only what is new).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from svcard.host.terminal import TerminalError
 
 DONE_STATES = ("done", "abandoned", "refused", "load-done")
 SECRET_FIELDS = ("secret", "tsk", "etsk")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +54,24 @@ def default_journal() -> Path:
     return base / "svcard" / "journal.jsonl"
 
 
-def without_secrets(record: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a journal record with no secret fields, at the top or inside ``params``."""
-    out = {k: v for k, v in record.items() if k not in SECRET_FIELDS}
-    params = out.get("params")
+def split_secrets(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the record without secret fields, the secret fields), at the top or inside
+    ``params``."""
+    public = {k: v for k, v in record.items() if k not in SECRET_FIELDS}
+    secrets = {k: record[k] for k in SECRET_FIELDS if k in record}
+    params = record.get("params")
     if isinstance(params, dict):
-        out["params"] = {k: v for k, v in params.items() if k not in SECRET_FIELDS}
+        hidden = {k: params[k] for k in SECRET_FIELDS if k in params}
+        if hidden:
+            secrets["params"] = hidden
+            public["params"] = {k: v for k, v in params.items() if k not in SECRET_FIELDS}
+    return public, secrets
+
+
+def merge_secrets(record: dict[str, Any], secrets: dict[str, Any]) -> dict[str, Any]:
+    out = {**record, **{k: v for k, v in secrets.items() if k != "params"}}
+    if isinstance(secrets.get("params"), dict):
+        out["params"] = {**out.get("params", {}), **secrets["params"]}
     return out
 
 
@@ -84,14 +101,14 @@ def _complete_size(fd: int) -> int:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.secrets_dir = path.with_name(path.name + ".secrets")
         self._entries: dict[str, dict[str, Any]] = {}
         self._offset = 0     # the file is append-only: later reads parse only what is new
-        self._inode: tuple[int, int] | None = None   # a compacted journal is a new file
+        self._inode: tuple[int, int] | None = None   # a replaced journal is read again
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """One writer at a time, across processes (a lock file, since compaction replaces
-        the journal file itself)."""
+        """One writer at a time, across processes (a lock file beside the journal)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT,
                      0o600)
@@ -101,11 +118,48 @@ class Journal:
         finally:
             os.close(fd)
 
+    def _secrets_file(self, txn_id: str) -> Path:
+        name = txn_id if _SAFE_NAME.fullmatch(txn_id) else \
+            hashlib.sha256(txn_id.encode()).hexdigest()
+        return self.secrets_dir / f"{name}.json"
+
+    def _secrets(self, txn_id: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self._secrets_file(txn_id).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _keep_secrets(self, txn_id: str, secrets: dict[str, Any]) -> None:
+        self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        kept = self._secrets(txn_id)
+        merged = merge_secrets(kept, secrets) if kept else secrets
+        write_atomically(self._secrets_file(txn_id), json.dumps(merged).encode())
+
+    def _forget_secrets(self, txn_id: str) -> None:
+        path = self._secrets_file(txn_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # the final line is on disk; say so, the next finish retries
+            log.warning("journal secrets %s not removed: %s", path, exc.strerror or exc)
+            return
+        dir_fd = os.open(self.secrets_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
     def write(self, txn_id: str, state: str, **data: Any) -> None:
-        """Append one line, synced, or raise :class:`JournalError` having kept none of it."""
-        line = (json.dumps({"txn_id": txn_id, "state": state, **data}) + "\n").encode()
+        """Append one line, synced, or raise :class:`JournalError` having kept none of it. Its
+        secret fields go to the transaction's side file first; a final state deletes it."""
+        public, secrets = split_secrets({"txn_id": txn_id, "state": state, **data})
+        line = (json.dumps(public) + "\n").encode()
         try:
             with self._locked():
+                if secrets:
+                    self._keep_secrets(txn_id, secrets)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
                 try:
                     size = _complete_size(fd)
@@ -122,37 +176,13 @@ class Journal:
                 finally:
                     os.close(fd)
                 if state in DONE_STATES:
-                    self._compact_locked()
+                    self._forget_secrets(txn_id)
         except OSError as exc:
             if isinstance(exc, JournalError):
                 raise
             raise JournalError(exc.errno or errno.EIO,
                                f"the journal {self.path} cannot record '{state}' "
                                f"({exc.strerror or exc}): stopped before the next step") from None
-
-    def compact(self) -> None:
-        """Rewrite the journal with one line per transaction, finished ones without secrets."""
-        with self._locked():
-            self._compact_locked()
-
-    def _compact_locked(self) -> None:
-        entries = self._read_all()
-        if not entries:
-            return
-        lines = []
-        for record in entries.values():
-            if record.get("state") in DONE_STATES:
-                record = without_secrets(record)
-            lines.append(json.dumps(record) + "\n")
-        try:
-            write_atomically(self.path, "".join(lines).encode())
-        except OSError as exc:
-            # the finished line is on disk; the secrets go at the next successful compaction
-            log.warning("journal %s not compacted: %s", self.path, exc.strerror or exc)
-
-    def _read_all(self) -> dict[str, dict[str, Any]]:
-        self._entries, self._offset, self._inode = {}, 0, None
-        return self.entries()
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """The latest record of every transaction, earlier fields kept unless overwritten."""
@@ -178,5 +208,6 @@ class Journal:
         return {k: dict(v) for k, v in self._entries.items()}
 
     def unfinished(self, card_serial: str) -> list[dict[str, Any]]:
-        return [e for e in self.entries().values()
+        """This card's open transactions, with the secrets their resume needs."""
+        return [merge_secrets(e, self._secrets(e["txn_id"])) for e in self.entries().values()
                 if e.get("card_serial") == card_serial and e["state"] not in DONE_STATES]

@@ -155,8 +155,8 @@ def test_a_line_torn_by_a_crash_is_dropped_not_glued_to_the_next(tmp_path: Path)
     assert entries["t1"]["state"] == "draw" and entries["t2"]["state"] == "draw"
 
 
-def _secrets_in(journal: Path) -> list[str]:
-    text = journal.read_text()
+def _secrets_in(*files: Path) -> list[str]:
+    text = "".join(f.read_text() for f in files)
     found = [f'"{name}"' for name in SECRET_FIELDS if f'"{name}"' in text]
     return found
 
@@ -183,7 +183,8 @@ def test_no_secret_survives_a_finished_payment_and_load(tmp_path: Path,
         def spy(txn_id: str, state: str, **data: object) -> None:
             original(txn_id, state, **data)
             if state == "load-started":
-                seen_open.append(_secrets_in(journal_path))
+                seen_open.append(_secrets_in(*journal.secrets_dir.iterdir()))
+                assert _secrets_in(journal_path) == []  # never in the journal itself
 
         journal.write = spy  # type: ignore[method-assign]
         with open_reader(f"virtual:{card}") as reader:
@@ -192,12 +193,13 @@ def test_no_secret_survives_a_finished_payment_and_load(tmp_path: Path,
     finally:
         load_stack.close()
     assert loaded.outcome == "loaded" and paid.goods
-    assert seen_open and seen_open[0]  # secrets were kept while the load was open
+    assert seen_open and seen_open[0]  # secrets were kept (aside) while the load was open
     raw = journal_path.read_bytes()
     assert secret.encode() not in raw
     assert _secrets_in(journal_path) == []
+    assert list(journal.secrets_dir.iterdir()) == []  # removed once final
     entries = Journal(journal_path).entries()
     assert {e["state"] for e in entries.values()} <= {"done", "load-done"}
-    assert len(raw.splitlines()) == len(entries)  # one line per finished transaction
     assert stat.S_IMODE(os.stat(journal_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(journal.secrets_dir).st_mode) == 0o700
     assert not list(tmp_path.glob(".journal.jsonl.*.tmp"))
