@@ -17,7 +17,8 @@ import json
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import httpx
 from loadraw import Raw
 
 from svcard.host import client as C
+from svcard.host import load_client as LC
 from svcard.host.journal import Journal
 from svcard.host.specs import open_reader
 from svcard.host.stack import LoadStack, Stack
@@ -106,14 +108,32 @@ def post(arena: Arena, stack: Stack, path: str, data: bytes) -> httpx.Response:
     return arena.http.post(stack.payment.url + path, content=data, headers=OCTETS)
 
 
+@contextmanager
+def card_in_hand(arena: Arena, card: Path) -> Iterator[Reader]:
+    """A card as the svcard client takes it: what an interruption left on it is finished first
+    (GET TRANSACTION PROVE knows only the card's last transaction, so no client may start a new
+    one before resuming)."""
+    with open_reader(f"virtual:{card}") as reader:
+        with suppress(TerminalError, httpx.HTTPError):
+            C.resume(reader, journal=arena.journal, http=arena.http)
+            LC.resume_loads(reader, journal=arena.journal, http=arena.http)
+        yield reader
+
+
+BUSY = (429, 503)   # a pool or a bound busy for a moment: retried later, never a breach
+
+
 def honest_payment(arena: Arena, stack: Stack, card: Path, variant: str,
                    http: httpx.Client | None = None) -> C.PaymentOutcome | None:
-    """An honest card's payment; None when the card cannot pay (balance), which is no breach."""
-    with open_reader(f"virtual:{card}") as reader:
+    """An honest card's payment; None when the card cannot pay now (its balance, or a busy
+    server that asks it to retry), which is no breach."""
+    with card_in_hand(arena, card) as reader:
         try:
             return C.pay(f"{stack.merchant.url}/v1/checkout/article?variant={variant}", reader,
                          journal=arena.journal, http=http or arena.http)
-        except C.PaymentRefused:
+        except C.PaymentRefused as exc:
+            if exc.status in BUSY:
+                return None
             raise
         except TerminalError as exc:
             if "9401" in str(exc) or "balance" in str(exc):
@@ -395,7 +415,7 @@ def _refused(call: Callable[[], object]) -> bool:
 def zero_s1_kept_from_before_the_load(arena: Arena) -> None:
     """A1: a zero-value S1 made before the load, shown as "not loaded" after the card loaded."""
     card = arena.rng.choice(arena.cards)
-    with open_reader(f"virtual:{card}") as reader:
+    with card_in_hand(arena, card) as reader:
         r = _raw(arena, reader, arena.rng.randrange(100, 500))
         if r is None:
             return
@@ -422,7 +442,7 @@ def two_loads_on_one_counter(arena: Arena) -> None:
     """A2: INITIALIZE for B then A, A's request then B's, the card credited with A's S2, A
     reported "not loaded": A must never be refunded; B only once the card proves it."""
     card = arena.rng.choice(arena.cards)
-    with open_reader(f"virtual:{card}") as reader:
+    with card_in_hand(arena, card) as reader:
         a = _raw(arena, reader, arena.rng.randrange(100, 500))
         b = _raw(arena, reader, arena.rng.randrange(100, 500)) if a else None
         if a is None or b is None:
@@ -446,7 +466,7 @@ def two_loads_on_one_counter(arena: Arena) -> None:
 def forged_or_replayed_probe_answer(arena: Arena) -> None:
     """A "not loaded" whose probe answer is forged, or another load's real one."""
     card = arena.rng.choice(arena.cards)
-    with open_reader(f"virtual:{card}") as reader:
+    with card_in_hand(arena, card) as reader:
         r = _raw(arena, reader, arena.rng.randrange(100, 500))
         if r is None:
             return
