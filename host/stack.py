@@ -227,7 +227,9 @@ class System:
                                self.folder / "settlement",
                                load_db_urls=(str(self.load.load_server.config.db_url),))
 
-    def audit(self, cards: list[Path], opening: int = 0) -> AuditReport:
+    def audit(self, cards: list[Path], opening: int = 0, **options: Any) -> AuditReport:
+        """The audit of this system with ``cards``; ``options`` go to
+        :func:`svcard.host.audit.audit` (max_age_ms, now, open_batches)."""
         from svcard.host.audit import audit, card_balances
 
         readers = [open_reader(f"virtual:{c}") for c in cards]
@@ -241,7 +243,7 @@ class System:
         return audit(balances, payment_dbs=(self.pay.payment_server.config.db_url,),
                      load_dbs=(self.load.load_server.config.db_url,),
                      bank_dbs=(self.load.bank_server.config.db_url,),
-                     clearing_db=self.clearing_db, opening=opening)
+                     clearing_db=self.clearing_db, opening=opening, **options)
 
     def close(self) -> None:
         self.pay.close()

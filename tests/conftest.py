@@ -13,6 +13,10 @@ from svcard.card.image import card_from_image, save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.card.runtime import Card
 from svcard.fixtures import fixture_path
+from svcard.host import load_client as LC
+from svcard.host.journal import Journal
+from svcard.host.specs import open_reader
+from svcard.host.stack import System, start_system
 
 _CACHE: dict[str, dict[str, Any]] = {}
 
@@ -86,3 +90,19 @@ def http() -> Iterator[httpx.Client]:
     """A real HTTP client for the loopback servers."""
     with httpx.Client(timeout=30) as client:
         yield client
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    """The whole system on loopback, with a funded account "alice" (secret "pw")."""
+    s = start_system(tmp_path / "sys")
+    s.load.account("alice", 100_000, "pw")
+    yield s
+    s.close()
+
+
+def load_card(system: System, card: Path, journal: Journal, amount: int) -> None:
+    """Load ``card`` from alice's account over the network; it must load."""
+    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        assert LC.load(system.load.bank_url, reader, account="alice", secret="pw",
+                       amount=amount, journal=journal, http=http).outcome == "loaded"

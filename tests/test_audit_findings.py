@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import load_card as load
 from sqlalchemy import insert, select
 
 from svcard.host import clearing as CL
 from svcard.host import client as C
-from svcard.host import load_client as LC
-from svcard.host.audit import DAY_MS, AuditReport, audit, card_balances, psam_open_batches
+from svcard.host.audit import DAY_MS, AuditReport, audit, psam_open_batches
 from svcard.host.bankdb import BankDb
 from svcard.host.bankdb import make_engine as make_bank_engine
 from svcard.host.db import now_ms
@@ -29,25 +28,11 @@ from svcard.host.loaddb import make_engine as make_load_engine
 from svcard.host.paydb import make_engine as make_pay_engine
 from svcard.host.paydb import payments
 from svcard.host.specs import open_reader
-from svcard.host.stack import System, card_image, start_system
+from svcard.host.stack import System, card_image
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 
 EIGHT_DAYS = 8 * DAY_MS
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    s = start_system(tmp_path / "sys")
-    s.load.account("alice", 100_000, "pw")
-    yield s
-    s.close()
-
-
-def load(system: System, card: Path, journal: Journal, amount: int) -> None:
-    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
-        assert LC.load(system.load.bank_url, reader, account="alice", secret="pw",
-                       amount=amount, journal=journal, http=http).outcome == "loaded"
 
 
 def pay(system: System, card: Path, journal: Journal, sku: str = "ticket",
@@ -72,21 +57,6 @@ class LoseOne(httpx.Client):
         if self.path in str(url):
             raise httpx.ConnectError("link cut")
         return response
-
-
-def run_audit(system: System, cards: list[Path], **kw: Any) -> AuditReport:
-    readers = [open_reader(f"virtual:{c}") for c in cards]
-    try:
-        for r in readers:
-            r.connect()
-        balances = card_balances(readers)
-    finally:
-        for r in readers:
-            r.disconnect()
-    return audit(balances, payment_dbs=(system.pay.payment_server.config.db_url,),
-                 load_dbs=(system.load.load_server.config.db_url,),
-                 bank_dbs=(system.load.bank_server.config.db_url,),
-                 clearing_db=system.clearing_db, **kw)
 
 
 def payment_rows(system: System) -> list[dict[str, Any]]:
@@ -142,10 +112,10 @@ def test_a_late_fig8_proof_is_paid_once_and_a_tampered_one_moves_nothing(
     assert row["state"] == "confirmed" and row["tac"]
     # the audit sees it: a confirmed payment whose record clearing holds, listed with its age;
     # past the maximum age it fails the audit, naming the record (it used to say "clean")
-    now = run_audit(system, [card])
+    now = system.audit([card])
     assert [h["ttn"] for h in now.held] == [row["ttn"]]
     assert "records held by clearing: 1" in now.text()
-    late = run_audit(system, [card], now=now_ms() + EIGHT_DAYS)
+    late = system.audit([card], now=now_ms() + EIGHT_DAYS)
     assert named(late, f"TTN {row['ttn']}", "held", "older than the maximum age"), \
         late.discrepancies
     # the payment server may write its own late proofs file: keep it aside, replay it last
@@ -176,7 +146,7 @@ def test_a_late_fig8_proof_is_paid_once_and_a_tampered_one_moves_nothing(
     assert "TAC does not verify" in tampered["problems"][0]["reason"]
     assert by_file[f"{CL.PROOFS_PREFIX}deep.json"]["state"] == "refused"
     assert "not a late proofs file" in by_file[f"{CL.PROOFS_PREFIX}bad.json"]["reason"]
-    assert len(run_audit(system, [card]).held) == 1  # the record is still held
+    assert len(system.audit([card]).held) == 1  # the record is still held
     # 5. the genuine proof: paid in this run, in the settlement file and the ledger
     proofs_file(system.batch_dir, terminal, psam_hex, [good], "20260101000000000002")
     paid = system.run_clearing()
@@ -184,7 +154,7 @@ def test_a_late_fig8_proof_is_paid_once_and_a_tampered_one_moves_nothing(
     assert ("merchant payout", 1250) in {(ln["kind_name"], ln["amount"]) for ln in paid.lines}
     twin = [json.loads(x) for x in Path(paid.jsonl_file).read_text().splitlines()]
     assert any(t["type"] == "proofs" and t["counts"] == {"cleared": 1} for t in twin)
-    after = run_audit(system, [card], now=now_ms() + EIGHT_DAYS)
+    after = system.audit([card], now=now_ms() + EIGHT_DAYS)
     assert after.clean, after.discrepancies
     assert after.held == [] and after.figures["purchases settled"] == 1250
     # 6. replays: the same file again, a copy under a new name, the server's own file:
@@ -199,7 +169,7 @@ def test_a_late_fig8_proof_is_paid_once_and_a_tampered_one_moves_nothing(
         shutil.move(str(found), system.batch_dir / found.name)
     replayed = system.run_clearing()
     assert replayed.total_paid == 0 and replayed.records_cleared == 0
-    final = run_audit(system, [card], now=now_ms() + EIGHT_DAYS)
+    final = system.audit([card], now=now_ms() + EIGHT_DAYS)
     assert final.clean and final.figures["merchants paid (ledger)"] == 1250
 
 
@@ -239,7 +209,7 @@ def test_twenty_clearing_runs_racing_one_late_proof_pay_it_once(
     for t in threads:
         t.join(timeout=300)
     assert sum(paid) == 99 and paid.count(99) == 1, (paid, errors)
-    report = run_audit(system, [card])
+    report = system.audit([card])
     assert report.clean, report.discrepancies
     assert report.figures["merchants paid (ledger)"] == 99
 
@@ -270,14 +240,14 @@ def test_a_confirmed_payment_with_no_psam_record_fails_the_audit(
     opened = psam_open_batches(readers)
     assert honest["ttn"] in opened[honest["psam_id"].upper()]
     assert 4_000_000 not in opened[psam.psam_id.hex().upper()]
-    now = run_audit(system, [card], open_batches=opened)
+    now = system.audit([card], open_batches=opened)
     assert named(now, ghost["txn_id"], "no PSAM record"), now.discrepancies
     assert not named(now, honest["txn_id"]), now.discrepancies
     # b. without the PSAMs: listed as not yet handed; past the maximum age, a finding
-    young = run_audit(system, [card])
+    young = system.audit([card])
     assert any(ghost["txn_id"] in u["text"] for u in young.unhanded)
     assert not named(young, ghost["txn_id"])
-    old = run_audit(system, [card], now=stamp + EIGHT_DAYS)
+    old = system.audit([card], now=stamp + EIGHT_DAYS)
     assert named(old, ghost["txn_id"], "older than the maximum age"), old.discrepancies
     # c. its batch went to clearing without it: a finding, at once
     system.close_batches()
@@ -286,7 +256,7 @@ def test_a_confirmed_payment_with_no_psam_record_fails_the_audit(
     with engine.begin() as conn:
         conn.execute(payments.update().where(payments.c.txn_id == ghost["txn_id"]).values(
             psam_id=honest["psam_id"], batch_number=number, batch=path.name))
-    handed = run_audit(system, [card])
+    handed = system.audit([card])
     assert named(handed, ghost["txn_id"], "absent from batch"), handed.discrepancies
     assert not named(handed, honest["txn_id"])
 
@@ -304,21 +274,21 @@ def test_held_records_are_listed_and_old_ones_fail_the_audit(
         pay(system, card, journal, "ticket", "fig8", http=LoseOne("/v1/draw"))
     system.close_batches()
     system.run_clearing()
-    report = run_audit(system, [card])
+    report = system.audit([card])
     assert report.clean, report.discrepancies   # young: information, printed even when clean
     (held,) = report.held
     assert "records held by clearing: 1" in report.text() and held["text"] in report.text()
-    stale = run_audit(system, [card], now=now_ms() + EIGHT_DAYS)
+    stale = system.audit([card], now=now_ms() + EIGHT_DAYS)
     assert named(stale, f"TTN {held['ttn']}", f"PSAM {held['psam_id']}", "held"), \
         stale.discrepancies
-    shorter = run_audit(system, [card], max_age_ms=0, now=now_ms() + 1000)
+    shorter = system.audit([card], max_age_ms=0, now=now_ms() + 1000)
     assert named(shorter, f"TTN {held['ttn']}")
     # the card's real next purchase uses the same counter and is cleared: the held record
     # was never debited, it is superseded and no longer a finding
     pay(system, card, journal, "song", "fig6")
     system.close_batches()
     assert system.run_clearing().total_paid == 99
-    later = run_audit(system, [card], now=now_ms() + EIGHT_DAYS)
+    later = system.audit([card], now=now_ms() + EIGHT_DAYS)
     assert later.clean and later.held == [], later.discrepancies
 
 
@@ -339,11 +309,11 @@ def test_open_loads_are_listed_and_old_ones_fail_the_audit(system: System) -> No
     engine = make_load_engine(system.load.load_server.config.db_url)
     with engine.begin() as conn:
         conn.execute(insert(loads).values(**load_row("0a" * 16, "authorized")))
-    report = run_audit(system, [])
+    report = system.audit([])
     assert report.clean, report.discrepancies
     assert [o["txn_id"] for o in report.open_loads] == ["0a" * 16]
     assert "open loads: 1" in report.text()
-    stale = run_audit(system, [], now=now_ms() + EIGHT_DAYS)
+    stale = system.audit([], now=now_ms() + EIGHT_DAYS)
     assert named(stale, "0a" * 16, "outcome not proven", "older than the maximum age")
 
 

@@ -7,37 +7,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import load_card as load
 
 from svcard.fixtures import fixture_path
 from svcard.host import clearing as CL
 from svcard.host import client as C
-from svcard.host import load_client as LC
 from svcard.host.journal import Journal
 from svcard.host.server_config import clearing_config
 from svcard.host.specs import open_reader
-from svcard.host.stack import System, card_image, start_system
+from svcard.host.stack import System, card_image
 from svcard.protocols import purse as P
 
 SVCARD = str(Path(sys.executable).parent / "svcard")
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    s = start_system(tmp_path / "sys")
-    s.load.account("alice", 100_000, "pw")
-    yield s
-    s.close()
-
-
-def load(system: System, card: Path, journal: Journal, amount: int) -> None:
-    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
-        assert LC.load(system.load.bank_url, reader, account="alice", secret="pw",
-                       amount=amount, journal=journal, http=http).outcome == "loaded"
 
 
 def pay(system: System, card: Path, journal: Journal, sku: str, variant: str) -> None:
