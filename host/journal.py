@@ -103,6 +103,7 @@ class Journal:
         self.path = path
         self.secrets_dir = path.with_name(path.name + ".secrets")
         self._entries: dict[str, dict[str, Any]] = {}
+        self._open: dict[str, None] = {}   # open transactions, in the order first seen
         self._offset = 0     # the file is append-only: later reads parse only what is new
         self._inode: tuple[int, int] | None = None   # a replaced journal is read again
 
@@ -184,30 +185,48 @@ class Journal:
                                f"the journal {self.path} cannot record '{state}' "
                                f"({exc.strerror or exc}): stopped before the next step") from None
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        """The latest record of every transaction, earlier fields kept unless overwritten."""
+    def _refresh(self) -> None:
+        """Parse what was appended since the last read (all of it if the file was replaced)."""
         try:
             with self.path.open("rb") as fh:
                 st = os.fstat(fh.fileno())
                 inode = (st.st_dev, st.st_ino)
                 if st.st_size < self._offset or inode != self._inode:  # replaced: start again
-                    self._entries, self._offset, self._inode = {}, 0, inode
+                    self._entries, self._open, self._offset = {}, {}, 0
+                    self._inode = inode
                 fh.seek(self._offset)
                 data = fh.read()
         except FileNotFoundError:
-            self._entries, self._offset, self._inode = {}, 0, None
-            return {}
+            self._entries, self._open, self._offset, self._inode = {}, {}, 0, None
+            return
         complete = data.rfind(b"\n") + 1  # a torn last line is read again next time
         for line in data[:complete].splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line torn by a crash mid-write
-            self._entries.setdefault(rec["txn_id"], {}).update(rec)
+            txn = rec["txn_id"]
+            self._entries.setdefault(txn, {}).update(rec)
+            if rec.get("state") in DONE_STATES:
+                self._open.pop(txn, None)
+            else:
+                self._open[txn] = None
         self._offset += complete
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        """The latest record of every transaction, earlier fields kept unless overwritten (a
+        copy of the whole history: for tools and tests; the client's hot path uses
+        :meth:`unfinished` and ``in``)."""
+        self._refresh()
         return {k: dict(v) for k, v in self._entries.items()}
 
+    def __contains__(self, txn_id: object) -> bool:
+        self._refresh()
+        return txn_id in self._entries
+
     def unfinished(self, card_serial: str) -> list[dict[str, Any]]:
-        """This card's open transactions, with the secrets their resume needs."""
-        return [merge_secrets(e, self._secrets(e["txn_id"])) for e in self.entries().values()
-                if e.get("card_serial") == card_serial and e["state"] not in DONE_STATES]
+        """This card's open transactions, with the secrets their resume needs (only the open
+        ones are looked at: the cost does not grow with the journal's history)."""
+        self._refresh()
+        return [merge_secrets(self._entries[t], self._secrets(t)) for t in self._open
+                if self._entries[t].get("card_serial") == card_serial]

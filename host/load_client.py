@@ -296,12 +296,11 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
     """Finish every unfinished load of this card in the journal, asking the card what happened."""
     info = select_purse(card)
     report = []
-    known = set(journal.entries())
     for entry in journal.unfinished(info.app_serial):
         if entry.get("kind") != KIND:
             continue
         if entry["state"] == "load-starting":
-            report.append(_resume_start(card, journal, http, entry, known))
+            report.append(_resume_start(card, journal, http, entry))
             continue
         txn, state = entry["txn_id"], entry["state"]
         s = _LoadSession(entry["params"])
@@ -343,8 +342,8 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
     return report
 
 
-def _resume_start(card: Reader, journal: Journal, http: httpx.Client, entry: dict[str, Any],
-                  known: set[str]) -> dict[str, Any]:
+def _resume_start(card: Reader, journal: Journal, http: httpx.Client,
+                  entry: dict[str, Any]) -> dict[str, Any]:
     """The bank was asked to debit, and its answer never came: ask again with the same
     request id. No debit: nothing to do. A debit: the card never saw this load, so it ends
     "not loaded" and the bank re-credits the account."""
@@ -361,7 +360,7 @@ def _resume_start(card: Reader, journal: Journal, http: httpx.Client, entry: dic
     except (httpx.HTTPError, Declined) as exc:
         return {"txn_id": key, "outcome": f"still open: {exc}"}
     txn = params["txn_id"]
-    if txn in known:  # the load itself is in the journal: it is resumed on its own
+    if txn in journal:  # the load itself is in the journal: it is resumed on its own
         journal.write(key, "load-done", txn=txn)
         return {"txn_id": key, "outcome": f"continued as {txn}"}
     s = _LoadSession(params)
