@@ -199,8 +199,11 @@ class RacingHttp(httpx.Client):
     def post(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
         url_s = str(url)
         if url_s.endswith("/v1/draw") and self.params:
-            self.arena.draws.append((self.stack, self.params["merchant_id"],
-                                     self.params["txn_id"], kwargs["content"]))
+            response = super().post(url, **kwargs)
+            if response.status_code == 200:  # a draw the server took: replayed later
+                self.arena.draws.append((self.stack, self.params["merchant_id"],
+                                         self.params["txn_id"], kwargs["content"]))
+            return response
         if self.race == "debit" and url_s.endswith("/v1/debit-response") and self.params:
             forged = [self._forged_response() for _ in range(self.copies)]
             genuine_at = self.arena.rng.randrange(self.copies + 1)
@@ -355,10 +358,12 @@ def replayed_finished_draw(arena: Arena) -> None:
         return
     stack, merchant, txn, data = arena.rng.choice(arena.draws)
     before = stack.payment_server.db.get(merchant, txn)
+    if before is None or before["state"] not in ("confirmed", "released"):
+        return  # not finished (yet): a retried draw is the client's right
     r = post(arena, stack, "/v1/draw", data)
     after = stack.payment_server.db.get(merchant, txn)
-    same = before is not None and after is not None and before["state"] == after["state"]
-    arena.tally.outcome("replayed finished draw", same and r.status_code in (200, 409),
+    same = after is not None and before["state"] == after["state"]
+    arena.tally.outcome("replayed finished draw", same and r.status_code in (200, 409, *BUSY),
                         f"answered {r.status_code}, state {before and before['state']} -> "
                         f"{after and after['state']}")
 
