@@ -451,6 +451,8 @@ def two_loads_on_one_counter(arena: Arena) -> None:
         a = _raw(arena, reader, arena.rng.randrange(100, 500))
         b = _raw(arena, reader, arena.rng.randrange(100, 500)) if a else None
         if a is None or b is None:
+            if a is not None:  # the bank sold only one: close it as a client would
+                a.to_bank(a.result(L.RESULT_NOT_LOADED).confirmation)
             return
         init_b, init_a = b.init(), a.init()
         command_a = a.send_request(a.request(init_a))
