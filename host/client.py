@@ -35,6 +35,7 @@ from svcard.host.terminal import (
     TerminalError,
     call,
     prove,
+    read_log,
     select_purse,
     verify_pin_if_needed,
 )
@@ -351,6 +352,21 @@ def _send_proof(s: _Session, http: httpx.Client, mac2: bytes, tac: bytes) -> Non
         raise PaymentRefused("payment server", response.status_code, _server_reason(response))
 
 
+def debit_in_log(card: Reader, txn_type: int, counter: int) -> bool | None:
+    """When GET TRANSACTION PROVE knows nothing of a debit at ``counter`` (it keeps the card's
+    last transaction only), the card's log decides: a purchase record at that counter -> True
+    (debited; its proof was replaced by a later transaction); the card's counter still at it ->
+    False (never debited); the log no longer reaching back that far -> None (unknown)."""
+    records = read_log(card)
+    log = [e for e in records if e.txn_type == txn_type]
+    if any(e.counter == counter for e in log):
+        return True
+    if (log and max(e.counter for e in log) < counter) or (
+            not log and len(records) < P.LOG_RECORDS):
+        return False
+    return None
+
+
 def resume(card: Reader, *, journal: Journal, http: httpx.Client,
            terminal: ClientTerminal | None = None) -> list[dict[str, Any]]:
     """Finish or close every unfinished payment of this card found in the journal (a FIG. 7
@@ -379,9 +395,21 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client,
         if state in ("debit-sent", "card-refused"):
             proof = prove(card, entry["txn_type"], entry["counter"])
             if proof is None:
-                journal.write(txn, "abandoned", reason="GET TRANSACTION PROVE: not debited")
-                report.append({"txn_id": txn, "outcome": "abandoned: the card proves it was "
-                                                          "not debited"})
+                debited = debit_in_log(card, int(entry["txn_type"]), int(entry["counter"]))
+                if debited is False:
+                    journal.write(txn, "abandoned", reason="the card's counter never passed "
+                                                           "this debit: not debited")
+                    report.append({"txn_id": txn, "outcome": "abandoned: the card proves it "
+                                                              "was not debited"})
+                    continue
+                why = ("the card's log shows this debit, but its proof (MAC2, TAC) was "
+                       "replaced by a later transaction" if debited else
+                       "the card's counter moved past this debit and its log no longer says "
+                       "whether it happened")
+                journal.write(txn, "unproven", reason=why)
+                report.append({"txn_id": txn, "outcome": f"unproven: {why}; not abandoned: "
+                               f"the payment server holds the PSAM record, ask the merchant "
+                               f"about transaction {txn}"})
                 continue
             mac2, tac = proof
             journal.write(txn, "debited", tac=tac.hex(), mac2=mac2.hex(), proven=True)

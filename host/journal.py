@@ -34,7 +34,7 @@ from typing import Any
 from svcard.card.storage import write_atomically
 from svcard.host.terminal import TerminalError
 
-DONE_STATES = ("done", "abandoned", "refused", "load-done")
+DONE_STATES = ("done", "abandoned", "refused", "load-done", "unproven")
 SECRET_FIELDS = ("secret", "tsk", "etsk")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 

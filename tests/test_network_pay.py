@@ -320,6 +320,37 @@ def test_lost_card_answer_is_recovered_with_the_cards_proof(stack: Stack, card: 
     assert balance(card) == 8_750
 
 
+def test_a_debit_whose_proof_was_replaced_is_never_abandoned(stack: Stack, card: Path,
+                                                            tmp_path: Path) -> None:
+    """The DEBIT reached the card, its answer was lost, and the card then made another
+    purchase before any resume (a library caller skipping it): GET TRANSACTION PROVE no longer
+    knows the debit, but the card's log does, so it is not abandoned as "never debited"."""
+    journal = Journal(tmp_path / "journal.jsonl")
+    real_exchange = VirtualReader.exchange
+
+    def losing(self: Any, apdu: bytes) -> Any:
+        answer = real_exchange(self, apdu)
+        if apdu[:2] == b"\x80\x54":
+            raise ConnectionError("the card's answer was lost")
+        return answer
+
+    with httpx.Client(timeout=30) as http:
+        with open_reader(f"virtual:{card}") as reader:
+            reader.exchange = losing.__get__(reader)  # type: ignore[method-assign]
+            with pytest.raises(ConnectionError):
+                C.pay(stack.checkout_url("ticket", "fig6"), reader, journal=journal, http=http)
+        lost = journal.entries().popitem()[1]
+        assert lost["state"] == "debit-sent" and balance(card) == 8_750
+        with open_reader(f"virtual:{card}") as reader:  # another purchase, no resume first
+            C.pay(stack.checkout_url("song", "fig6"), reader, journal=Journal(tmp_path / "j2"),
+                  http=http)
+        with open_reader(f"virtual:{card}") as reader:
+            report = C.resume(reader, journal=journal, http=http)
+    assert [r["txn_id"] for r in report] == [lost["txn_id"]]
+    assert report[0]["outcome"].startswith("unproven: the card's log shows this debit")
+    assert journal.entries()[lost["txn_id"]]["state"] == "unproven"
+
+
 def test_interrupted_before_the_debit_is_abandoned(stack: Stack, card: Path,
                                                   tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.jsonl")
