@@ -87,6 +87,16 @@ class Stack:
         self.merchant = ServerThread(self.merchant_server.app(),
                                      port=self.merchant.port).start()
 
+    def restart_payment(self) -> None:
+        """Stop the payment server and start a new one on the same port, database and PSAMs.
+        Its PSAMs are powered off on the way, so held FIG. 5 sessions are lost as in a crash;
+        what the database holds is all the new server knows."""
+        old = self.payment_server
+        readers = [m.reader for m in old.pool.members]
+        self.payment.stop()
+        self.payment_server = PaymentServer(old.config, readers)
+        self.payment = ServerThread(self.payment_server.app(), port=self.payment.port).start()
+
     def close(self) -> None:
         self.merchant.stop()
         self.merchant_server.close()
@@ -168,6 +178,14 @@ class LoadStack:
         self.bank_server.db.create_account(account_id, account_id.title(),
                                            self.bank_server.config.currency_code, funds, secret)
         return secret
+
+    def restart_load(self) -> None:
+        """Stop the load server and start a new one on the same port, database and HSMs."""
+        old = self.load_server
+        readers = [m.reader for m in old.hsms.members]
+        self.load.stop()
+        self.load_server = LoadServer(old.config, readers)
+        self.load = ServerThread(self.load_server.app(), port=self.load.port).start()
 
     def close(self) -> None:
         self.bank.stop()

@@ -1,9 +1,11 @@
 """A randomized simulation of the whole system: thousands of mixed loads and purchases across
 several cards, bank accounts, merchants (each with its own PSAM pool and acquirer) and PSAMs,
 with faults injected at random points (links cut before or after a request reached a server,
-card answers lost before or after the card acted). Every card's interrupted transactions are
-resumed the next time it is used, as ``svcard pay``/``svcard load`` do; at the end, batches are
-closed, clearing runs, and the audit must balance to the cent.
+card answers lost before or after the card acted, a payment or load server restarted in the
+middle of a transaction, its held PSAM sessions lost, or between transactions). Every card's
+interrupted transactions are resumed the next time it is used, as ``svcard pay``/``svcard
+load`` do; at the end, batches are closed, clearing runs, and the audit must balance to the
+cent.
 
 Beside the honest clients run attackers (:mod:`sim_attacks`): forged, replayed, raced,
 truncated and out-of-order messages of every kind, and fabricated draws on honest cards'
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from svcard.protocols import messages as M
 from svcard.reader import Reader
 
 ATTACK_RATE = 0.12
+RESTART_RATE = 0.01
 MERCHANT_B = bytes.fromhex("4D45524348303032")   # "MERCH002"
 TERMINAL_B = bytes.fromhex("000000000002")
 CARDS, ACCOUNTS, FUNDING = 6, 3, 2_000_000
@@ -63,6 +67,26 @@ class FaultyHttp(httpx.Client):
                 super().post(url, **kwargs)
             raise httpx.ConnectError("simulated link cut")
         return super().post(url, **kwargs)
+
+
+class RestartingHttp(httpx.Client):
+    """A real HTTP client during whose transaction a server goes down and comes back: once the
+    n-th POST has been answered, the server it reached restarts (its in-memory state, such as a
+    held FIG. 5 PSAM session, is lost) before the client's next step."""
+
+    def __init__(self, rng: random.Random, restarts: dict[str, Callable[[], None]]) -> None:
+        super().__init__(timeout=30)
+        self.restart_at, self.restarts, self.posts = rng.randrange(1, 5), restarts, 0
+
+    def post(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+        self.posts += 1
+        response = super().post(url, **kwargs)
+        if self.posts == self.restart_at:
+            for base, restart in self.restarts.items():
+                if str(url).startswith(base):
+                    restart()
+                    break
+        return response
 
 
 def pull_card_at(reader: Reader, rng: random.Random) -> None:
@@ -121,6 +145,14 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path, sim_ops: int
                 if rng.random() < ATTACK_RATE:
                     rng.choice(ATTACKS)(arena)
                     continue
+                if rng.random() < RESTART_RATE:  # a server goes down and comes back
+                    victim = rng.randrange(3)
+                    if victim == 2:
+                        system.load.restart_load()
+                    else:
+                        stacks[victim].restart_payment()
+                    stats[f"fault: {('payment A', 'payment B', 'load')[victim]} server "
+                          f"restarted between transactions"] += 1
                 card = rng.choice(cards)
                 with open_reader(f"virtual:{card}") as reader:
                     try:  # what an interruption left on this card, first
@@ -136,6 +168,12 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path, sim_ops: int
                     elif fault < 0.12:
                         pull_card_at(reader, rng)
                         stats["fault: card pulled"] += 1
+                    elif fault < 0.14:
+                        http = RestartingHttp(rng, {
+                            system.pay.payment.url: system.pay.restart_payment,
+                            pay_b.payment.url: pay_b.restart_payment,
+                            system.load.load.url: system.load.restart_load})
+                        stats["fault: a server restarted mid-transaction"] += 1
                     try:
                         if rng.random() < 0.25:
                             out = LC.load(system.load.bank_url, reader,
@@ -151,7 +189,8 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path, sim_ops: int
                             stats["purchase done"] += 1
                     except (TerminalError, httpx.HTTPError, CardLost) as exc:
                         stats[f"ended: {type(exc).__name__}"] += 1
-                        if (http is clean_http and isinstance(exc, C.PaymentRefused)
+                        if ((http is clean_http or isinstance(http, RestartingHttp))
+                                and isinstance(exc, C.PaymentRefused)
                                 and exc.status == 409):
                             arena.tally.breaches.append(f"honest operation refused: {exc}")
                     finally:
