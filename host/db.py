@@ -102,12 +102,19 @@ def first_row(engine: Engine, table: Table, **where: Any) -> dict[str, Any] | No
     return dict(row._mapping) if row is not None else None
 
 
-def update_row(engine: Engine, table: Table, row_id: int, **values: Any) -> None:
-    """Change one row (by ``id``) and stamp it ``updated``; a unique key that says no is a
+def update_row(engine: Engine, table: Table, row_id: int, *, expect: str | None = None,
+               **values: Any) -> bool:
+    """Change one row (by ``id``) and stamp it ``updated``. With ``expect``, a compare-and-set
+    in one statement: only if the row's ``state`` is still ``expect``; False if another request
+    changed it first (the caller re-reads). A unique key that says no is a
     :class:`DuplicateError`."""
+    where = [table.c.id == row_id]
+    if expect is not None:
+        where.append(table.c.state == expect)
     try:
         with engine.begin() as conn:
-            conn.execute(update(table).where(table.c.id == row_id).values(
+            result = conn.execute(update(table).where(*where).values(
                 updated=now_ms(), **values))
     except IntegrityError as exc:
         raise DuplicateError(str(exc.orig)) from None
+    return int(result.rowcount or 0) == 1

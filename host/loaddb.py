@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from svcard.host.db import DuplicateError, first_row, now_ms
+from svcard.host.db import DuplicateError, first_row, now_ms, update_row
 from svcard.host.db import make_engine as make_db_engine
 
 metadata = MetaData()
@@ -118,14 +118,7 @@ class LoadDb:
         """Compare-and-set: change the row only if it is still in state ``expect``. False if
         another request changed it first; a unique key that says no is a
         :class:`DuplicateError`."""
-        try:
-            with self.engine.begin() as conn:
-                result = conn.execute(update(loads).where(
-                    loads.c.id == row_id, loads.c.state == expect,
-                ).values(updated=now_ms(), **values))
-        except IntegrityError as exc:
-            raise DuplicateError(str(exc.orig)) from None
-        return bool(result.rowcount == 1)
+        return update_row(self.engine, loads, row_id, expect=expect, **values)
 
     def record_probe(self, row_id: int, digest: str, **probe: Any) -> bool:
         """Keep the probe issued for a load still ``authorized`` (a new one replaces an older

@@ -133,14 +133,7 @@ class PaymentDb:
         """Compare-and-set: change the row only if it is still in ``from_state``, in one
         statement. True if this call changed it; False if another request got there first (the
         caller re-reads). A unique key that says no is a :class:`DuplicateError`."""
-        try:
-            with self.engine.begin() as conn:
-                result = conn.execute(update(payments).where(
-                    payments.c.id == row_id, payments.c.state == from_state,
-                ).values(updated=now_ms(), **values))
-                return int(result.rowcount or 0) == 1
-        except IntegrityError as exc:
-            raise DuplicateError(str(exc.orig)) from None
+        return update_row(self.engine, payments, row_id, expect=from_state, **values)
 
     def note(self, row_id: int, state: str, report: str) -> None:
         """Record an unauthenticated client report on a row still in ``state`` (no state
