@@ -292,6 +292,16 @@ def _register(s: _LoadSession, http: httpx.Client, journal: Journal, outcome: in
         round_trips=s.round_trips)
 
 
+def _card_proof(card: Reader, counter: Any, s2_hex: str) -> bytes | None:
+    """The card's TAC for the load at ``counter`` that it completed with this S2 (GET
+    TRANSACTION PROVE), or None if it did not complete it (or a later transaction replaced
+    its proof)."""
+    proof = prove(card, P.TYPE_EP_LOAD, int(counter))
+    if proof is not None and proof[0] == bytes.fromhex(s2_hex):
+        return proof[1]
+    return None
+
+
 def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[str, Any]]:
     """Finish every unfinished load of this card in the journal, asking the card what happened."""
     info = select_purse(card)
@@ -313,10 +323,10 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
                 outcome = _send_result(s, http, journal, bytes.fromhex(entry["s3"]), balance)
             elif state == "load-command":
                 # did the card load itself? Its proof of this very load says so.
-                proof = prove(card, P.TYPE_EP_LOAD, int(entry["counter"]))
-                if proof is not None and proof[0] == bytes.fromhex(entry["s2"]):
-                    journal.write(txn, "card-loaded", s3=proof[1].hex(), proven=True)
-                    outcome = _send_result(s, http, journal, proof[1], balance)
+                tac = _card_proof(card, entry["counter"], entry["s2"])
+                if tac is not None:
+                    journal.write(txn, "card-loaded", s3=tac.hex(), proven=True)
+                    outcome = _send_result(s, http, journal, tac, balance)
                 else:
                     outcome = _negative(s, http, journal, card, balance,
                                         "interrupted; the card has no proof of this load")
@@ -325,10 +335,10 @@ def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[
                                              bytes.fromhex(entry["probe_s3"]), balance)
             elif state == "probe-command":
                 # did the card complete the probe? Its proof of the probe says so.
-                proof = prove(card, P.TYPE_EP_LOAD, int(entry["probe_counter"]))
-                if proof is not None and proof[0] == bytes.fromhex(entry["probe_s2"]):
-                    journal.write(txn, "probe-loaded", probe_s3=proof[1].hex(), proven=True)
-                    outcome = _send_probe_result(s, http, journal, proof[1], balance)
+                tac = _card_proof(card, entry["probe_counter"], entry["probe_s2"])
+                if tac is not None:
+                    journal.write(txn, "probe-loaded", probe_s3=tac.hex(), proven=True)
+                    outcome = _send_probe_result(s, http, journal, tac, balance)
                 else:
                     outcome = _negative(s, http, journal, card, balance,
                                         "interrupted probe; the card did not complete it")
