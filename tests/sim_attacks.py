@@ -239,45 +239,43 @@ class RacingHttp(httpx.Client):
         return data
 
 
-def forged_debit_responses_raced(arena: Arena) -> None:
-    """C3: forged debit responses raced with the genuine one (FIG. 5 and 6)."""
+def raced_payment(arena: Arena, kind: str, race: str, copies: int, variants: list[str],
+                  ) -> tuple[Stack, RacingHttp, C.PaymentOutcome] | None:
+    """An honest payment over a link where an attacker races ``race`` messages; None when
+    the card could not pay, or the genuine payment was refused (a breach, tallied here)."""
     stack, card = arena.rng.choice(arena.stacks), arena.rng.choice(arena.cards)
-    variant = arena.rng.choice(["fig5", "fig6"])
-    link = RacingHttp(arena, stack, "debit", copies=arena.rng.randrange(2, 9))
+    link = RacingHttp(arena, stack, race, copies=copies)
     try:
-        outcome = honest_payment(arena, stack, card, variant, http=link)
+        outcome = honest_payment(arena, stack, card, arena.rng.choice(variants), http=link)
     except C.PaymentRefused as exc:
-        arena.tally.outcome("forged debit responses raced", False,
-                            f"the genuine payment was refused: {exc}")
-        return
+        arena.tally.outcome(kind, False, f"the genuine payment was refused: {exc}")
+        return None
     finally:
         link.close()
-    if outcome is None:
+    return None if outcome is None else (stack, link, outcome)
+
+
+def forged_debit_responses_raced(arena: Arena) -> None:
+    """C3: forged debit responses raced with the genuine one (FIG. 5 and 6)."""
+    kind = "forged debit responses raced"
+    raced = raced_payment(arena, kind, "debit", arena.rng.randrange(2, 9), ["fig5", "fig6"])
+    if raced is None:
         return
+    stack, link, outcome = raced
     assert link.params is not None
     row = stack.payment_server.db.get(link.params["merchant_id"], outcome.txn_id)
     ok = row is not None and row["state"] == "confirmed"
-    arena.tally.outcome("forged debit responses raced", ok,
-                        f"row {row and row['state']} after the race")
+    arena.tally.outcome(kind, ok, f"row {row and row['state']} after the race")
 
 
 def confirmation_copies_raced(arena: Arena) -> None:
     """M1: one valid confirmation posted many times at once releases the goods once."""
-    stack, card = arena.rng.choice(arena.stacks), arena.rng.choice(arena.cards)
-    link = RacingHttp(arena, stack, "confirmation", copies=arena.rng.randrange(4, 12))
-    try:
-        outcome = honest_payment(arena, stack, card, arena.rng.choice(["fig5", "fig6", "fig8"]),
-                                 http=link)
-    except C.PaymentRefused as exc:
-        arena.tally.outcome("confirmation copies raced", False,
-                            f"the genuine payment was refused: {exc}")
-        return
-    finally:
-        link.close()
-    if outcome is None:
-        return
-    arena.tally.outcome("confirmation copies raced", link.released == 1,
-                        f"goods released {link.released} times")
+    kind = "confirmation copies raced"
+    raced = raced_payment(arena, kind, "confirmation", arena.rng.randrange(4, 12),
+                          ["fig5", "fig6", "fig8"])
+    if raced is not None:
+        link = raced[1]
+        arena.tally.outcome(kind, link.released == 1, f"goods released {link.released} times")
 
 
 def confirmation_for_another_order(arena: Arena) -> None:
