@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from svcard.card.image import card_from_image, open_card, save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
-from svcard.host import apdus
-from svcard.host import terminal as T
+from svcard.host.terminal import apdus
+from svcard.host.terminal import purse as T
 from svcard.reader import VirtualReader
 
 with warnings.catch_warnings():

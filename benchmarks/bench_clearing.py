@@ -21,8 +21,8 @@ from pathlib import Path
 
 from svcard.card.personalise import load_issuer
 from svcard.fixtures import fixture_path
-from svcard.host import clearing as CL
-from svcard.host.server_config import clearing_config
+from svcard.host.settle import clearing as CL
+from svcard.host.settle.config import clearing_config
 from svcard.protocols import crypto
 from svcard.protocols import purse as P
 

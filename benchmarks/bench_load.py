@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 from loadgen import Result, run_cards, summarize
 
-from svcard.host.journal import Journal
-from svcard.host.serving import wait_http as wait_up
+from svcard.host.kit.serving import wait_http as wait_up
+from svcard.host.terminal.journal import Journal
 from svcard.reader import Reader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ SVCARD = str(Path(sys.executable).parent / "svcard")
 def worker(args: tuple[int, int, str, str, float, str]) -> list[Result]:
     """One client process: ``threads`` cards loading 0.01 in a loop for ``seconds``."""
     first, threads, bank_url, secret, seconds, journal_dir = args
-    from svcard.host import load_client as LC
+    from svcard.host.load import client as LC
 
     def load(serial: int, reader: Reader, journal: Journal,
              http: httpx.Client) -> tuple[bool, int]:
@@ -54,10 +54,10 @@ def main() -> int:
     args = parser.parse_args()
     seconds = 1.5 if args.smoke else args.seconds
     clients = 4 if args.smoke else args.clients
-    from svcard.host.bankdb import BankDb
-    from svcard.host.bankdb import make_engine as bank_engine
-    from svcard.host.serving import free_port
-    from svcard.host.stack import hsm_image
+    from svcard.host.kit.serving import free_port
+    from svcard.host.load.bank.db import BankDb
+    from svcard.host.load.bank.db import make_engine as bank_engine
+    from svcard.host.load.stack import hsm_image
 
     case = Path(tempfile.mkdtemp())
     bank_port, load_port = free_port(), free_port()

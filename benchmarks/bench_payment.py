@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 from loadgen import Result, run_cards, summarize
 
-from svcard.host.journal import Journal
-from svcard.host.serving import wait_http as wait_up
+from svcard.host.kit.serving import wait_http as wait_up
+from svcard.host.terminal.journal import Journal
 from svcard.reader import Reader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +38,10 @@ def worker(args: tuple[int, int, str, float, str, str]) -> list[Result]:
     """One client process: ``threads`` cards paying in a loop for ``seconds``, as the
     registered client terminal whose key file is given (FIG. 7 needs one)."""
     first_serial, threads, checkout, seconds, journal_dir, key_file = args
-    from svcard.host import client as C
+    from svcard.host.pay import client as C
+    from svcard.host.pay import client_terminal as CT
 
-    terminal = C.ClientTerminal.load(Path(key_file))
+    terminal = CT.ClientTerminal.load(Path(key_file))
 
     def pay(serial: int, reader: Reader, journal: Journal,
             http: httpx.Client) -> tuple[bool, int]:
@@ -53,15 +54,15 @@ def worker(args: tuple[int, int, str, float, str, str]) -> list[Result]:
 
 def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: int,
              procs: int, delay_ms: float = 0) -> dict[str, float]:
-    from svcard.host.serving import free_port
-    from svcard.host.stack import psam_images
+    from svcard.host.kit.serving import free_port
+    from svcard.host.pay.stack import psam_images
 
     case = Path(tempfile.mkdtemp(dir=folder))
     pay_port, merchant_port = free_port(), free_port()
     specs = [f"virtual:{p}" for p in psam_images(case, psams)]
     if delay_ms:
         specs = [f"delayed:{delay_ms:g}:{s}" for s in specs]
-    from svcard.host.client import ClientTerminal
+    from svcard.host.pay.client_terminal import ClientTerminal
 
     terminal = ClientTerminal.generate()
     terminal.save(case / "terminal.pem")

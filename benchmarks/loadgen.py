@@ -14,8 +14,8 @@ import httpx
 from svcard.card.image import card_from_image
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
-from svcard.host.journal import Journal
-from svcard.host.terminal import TerminalError
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.purse import TerminalError
 from svcard.reader import Reader, VirtualReader
 
 Result = tuple[float, int, bool]  # seconds, round trips, done

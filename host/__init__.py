@@ -1,1 +1,3 @@
-"""Host software: terminals, servers and the ``svcard`` command line. Cards only via readers."""
+"""Host software: everything that talks to chips through a reader. One sub-package per system
+(``pay``, ``load``, ``settle``), the kit every server shares (``kit``), the card side every
+client shares (``terminal``), and the roots that put them together (``cli``, ``demo``)."""

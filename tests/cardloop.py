@@ -13,7 +13,7 @@ import sys
 from svcard.card.image import card_from_image, open_card
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
-from svcard.host import terminal as T
+from svcard.host.terminal import purse as T
 from svcard.reader import VirtualReader
 
 

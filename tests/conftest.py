@@ -13,10 +13,10 @@ from svcard.card.image import card_from_image, save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.card.runtime import Card
 from svcard.fixtures import fixture_path
-from svcard.host import load_client as LC
-from svcard.host.journal import Journal
-from svcard.host.specs import open_reader
-from svcard.host.stack import System, start_system
+from svcard.host.demo.system import System, start_system
+from svcard.host.load import client as LC
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
 
 _CACHE: dict[str, dict[str, Any]] = {}
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import httpx
 
-from svcard.host import apdus
-from svcard.host import load_client as LC
-from svcard.host.stack import LoadStack
-from svcard.host.terminal import call, select_purse
+from svcard.host.load import client as LC
+from svcard.host.load.stack import LoadStack
+from svcard.host.terminal import apdus
+from svcard.host.terminal.purse import call, select_purse
 from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P

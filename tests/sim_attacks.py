@@ -26,12 +26,13 @@ from typing import Any
 import httpx
 from loadraw import Raw
 
-from svcard.host import client as C
-from svcard.host import load_client as LC
-from svcard.host.journal import Journal
-from svcard.host.specs import open_reader
-from svcard.host.stack import LoadStack, Stack
-from svcard.host.terminal import TerminalError, select_purse
+from svcard.host.load import client as LC
+from svcard.host.load.stack import LoadStack
+from svcard.host.pay import client as C
+from svcard.host.pay.stack import Stack
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.purse import TerminalError, select_purse
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
 from svcard.protocols import secure

@@ -21,9 +21,9 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from svcard.host.bank_server import BankConfig, BankServer
-from svcard.host.bankdb import accounts
-from svcard.host.serving import ServerThread
+from svcard.host.kit.serving import ServerThread
+from svcard.host.load.bank.db import accounts
+from svcard.host.load.bank.server import BankConfig, BankServer
 
 SECRET = "correct horse"
 BANK_ID = bytes.fromhex("42414E4B30303031")

@@ -18,11 +18,12 @@ from netfaults import CutOff
 from pg_env import Cluster, start_cluster
 
 from svcard.card.storage import read_image
-from svcard.host import load_client as LC
-from svcard.host.client import PaymentRefused
-from svcard.host.journal import Journal
-from svcard.host.specs import open_reader
-from svcard.host.stack import LoadStack, card_image, start_load_stack
+from svcard.host.demo.system import card_image
+from svcard.host.load import client as LC
+from svcard.host.load.stack import LoadStack, start_load_stack
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.online import PaymentRefused
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import loadmsg as L
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P

@@ -17,13 +17,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from svcard.card.storage import read_image
-from svcard.host import apdus
-from svcard.host import client as C
-from svcard.host.journal import Journal
-from svcard.host.merchant_server import DEFAULT_VARIANTS
-from svcard.host.specs import open_reader
-from svcard.host.stack import Stack, card_image, start_stack
-from svcard.host.terminal import TerminalCheckFailed, select_purse
+from svcard.host.demo.system import card_image
+from svcard.host.pay import client as C
+from svcard.host.pay import client_terminal as CT
+from svcard.host.pay.merchant.server import DEFAULT_VARIANTS
+from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.terminal import apdus
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.purse import TerminalCheckFailed, select_purse
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 
@@ -221,7 +223,7 @@ def test_p2_a_merchant_without_fig7_never_uses_it(tmp_path: Path, card: Path,
         assert http.get(f"{stack.merchant.url}/v1/checkout/ticket").json()["variant"] == "fig6"
         # an honest client without a key, given a fig7 link, does not ask for it
         assert stack.client_terminal is not None
-        C.remove_terminal(stack.client_terminal)
+        CT.remove_terminal(stack.client_terminal)
         with open_reader(f"virtual:{card}") as reader:
             outcome = C.pay(f"{stack.merchant.url}/v1/checkout/ticket?variant=fig7", reader,
                             journal=Journal(tmp_path / "j"), http=http)
@@ -262,8 +264,8 @@ def confirmation(params: dict[str, Any], result_m: bytes, terminal_id: bytes,
 
 def test_p2_fig7_confirmations_not_signed_by_the_orders_terminal_are_refused(
         tmp_path: Path, card: Path, http: httpx.Client) -> None:
-    other = C.ClientTerminal.generate()          # a second registered terminal (the attacker)
-    stranger = C.ClientTerminal.generate()       # a key nobody registered
+    other = CT.ClientTerminal.generate()          # a second registered terminal (the attacker)
+    stranger = CT.ClientTerminal.generate()       # a key nobody registered
     stack = start_stack(tmp_path / "p2", psams=2)
     assert stack.client_terminal is not None
     honest = stack.client_terminal
@@ -342,10 +344,10 @@ def test_p2_the_client_refuses_a_merchant_that_forces_fig7_on_it(
 
 
 def test_fig7_signature_is_bound_to_its_fields() -> None:
-    t = C.ClientTerminal.generate()
+    t = CT.ClientTerminal.generate()
     mid, txn = b"MERCH001", bytes(range(16))
     sig = t.sign_confirmation(mid, txn, b"M", b"mac2", b"tac!")
-    assert len(sig) == 64 and t.terminal_id == C.fingerprint(t.public_key)
+    assert len(sig) == 64 and t.terminal_id == CT.fingerprint(t.public_key)
     assert "PRIVATE" not in repr(t)
     data = M.fig7_signed_data(mid, txn, b"M", b"mac2", b"tac!")
     Ed25519PublicKey.from_public_bytes(t.public_key).verify(sig, data)

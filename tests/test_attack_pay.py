@@ -30,14 +30,15 @@ from svcard.card.image import save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.card.storage import read_image
 from svcard.fixtures import fixture_path
-from svcard.host import apdus
-from svcard.host import client as C
-from svcard.host.journal import Journal
-from svcard.host.payment_server import PaymentServer
-from svcard.host.serving import ServerThread, free_port, wait_http
-from svcard.host.specs import open_reader
-from svcard.host.stack import DEMO_MERCHANT_ID, Stack, card_image, psam_images, start_stack
-from svcard.host.terminal import select_purse
+from svcard.host.demo.system import card_image
+from svcard.host.kit.serving import ServerThread, free_port, wait_http
+from svcard.host.pay import client as C
+from svcard.host.pay.server.app import PaymentServer
+from svcard.host.pay.stack import DEMO_MERCHANT_ID, Stack, psam_images, start_stack
+from svcard.host.terminal import apdus
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.purse import select_purse
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 from svcard.protocols import secure

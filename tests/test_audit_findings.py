@@ -16,19 +16,19 @@ import pytest
 from conftest import load_card as load
 from sqlalchemy import insert, select
 
-from svcard.host import clearing as CL
-from svcard.host import client as C
-from svcard.host.audit import DAY_MS, AuditReport, audit, psam_open_batches
-from svcard.host.bankdb import BankDb
-from svcard.host.bankdb import make_engine as make_bank_engine
-from svcard.host.db import now_ms
-from svcard.host.journal import Journal
-from svcard.host.loaddb import loads
-from svcard.host.loaddb import make_engine as make_load_engine
-from svcard.host.paydb import make_engine as make_pay_engine
-from svcard.host.paydb import payments
-from svcard.host.specs import open_reader
-from svcard.host.stack import System, card_image
+from svcard.host.demo.system import System, card_image
+from svcard.host.kit.db import now_ms
+from svcard.host.load.bank.db import BankDb
+from svcard.host.load.bank.db import make_engine as make_bank_engine
+from svcard.host.load.server.db import loads
+from svcard.host.load.server.db import make_engine as make_load_engine
+from svcard.host.pay import client as C
+from svcard.host.pay.server.db import make_engine as make_pay_engine
+from svcard.host.pay.server.db import payments
+from svcard.host.settle import clearing as CL
+from svcard.host.settle.audit import DAY_MS, AuditReport, audit, psam_open_batches
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 

@@ -14,12 +14,12 @@ import pytest
 from conftest import load_card as load
 
 from svcard.fixtures import fixture_path
-from svcard.host import clearing as CL
-from svcard.host import client as C
-from svcard.host.journal import Journal
-from svcard.host.server_config import clearing_config
-from svcard.host.specs import open_reader
-from svcard.host.stack import System, card_image
+from svcard.host.demo.system import System, card_image
+from svcard.host.pay import client as C
+from svcard.host.settle import clearing as CL
+from svcard.host.settle.config import clearing_config
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import purse as P
 
 SVCARD = str(Path(sys.executable).parent / "svcard")

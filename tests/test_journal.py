@@ -23,12 +23,14 @@ import pytest
 
 from svcard.card.image import save_new_image
 from svcard.card.storage import read_image
-from svcard.host import client as C
-from svcard.host import load_client as LC
-from svcard.host.journal import SECRET_FIELDS, Journal, JournalError
-from svcard.host.specs import open_reader
-from svcard.host.stack import Stack, card_image, start_load_stack, start_stack
-from svcard.host.terminal import TerminalError
+from svcard.host.demo.system import card_image
+from svcard.host.load import client as LC
+from svcard.host.load.stack import start_load_stack
+from svcard.host.pay import client as C
+from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.terminal.journal import SECRET_FIELDS, Journal, JournalError
+from svcard.host.terminal.purse import TerminalError
+from svcard.host.terminal.reader_specs import open_reader
 
 # The attacked client: pays, and after the journal line ``stop_after`` the file may grow only
 # ``slack`` bytes more, so the next line is cut short by the kernel.
@@ -37,8 +39,8 @@ import json, resource, signal, sys
 from pathlib import Path
 import httpx
 from svcard.card.image import card_from_image, new_image
-from svcard.host import client as C
-from svcard.host.journal import Journal
+from svcard.host.pay import client as C
+from svcard.host.terminal.journal import Journal
 from svcard.reader import VirtualReader
 
 url, image_path, journal_path, stop_after, slack = sys.argv[1:6]
@@ -127,7 +129,7 @@ def test_a_full_journal_is_an_oserror_and_a_terminal_error(tmp_path: Path) -> No
     child = r'''
 import resource, signal, sys
 from pathlib import Path
-from svcard.host.journal import Journal, JournalError
+from svcard.host.terminal.journal import Journal, JournalError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 path = Path(sys.argv[1])
 limit = path.stat().st_size + 10

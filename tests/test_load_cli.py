@@ -16,11 +16,12 @@ import httpx
 import pytest
 
 from svcard.card.storage import read_image
-from svcard.host import load_client as LC
-from svcard.host.journal import Journal
-from svcard.host.serving import free_port, wait_http
-from svcard.host.specs import open_reader
-from svcard.host.stack import card_image, hsm_image
+from svcard.host.demo.system import card_image
+from svcard.host.kit.serving import free_port, wait_http
+from svcard.host.load import client as LC
+from svcard.host.load.stack import hsm_image
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 SVCARD = str(Path(sys.executable).parent / "svcard")

@@ -12,12 +12,13 @@ import pytest
 from netfaults import CutOff
 
 from svcard.card.storage import read_image
-from svcard.host import apdus
-from svcard.host import client as C
-from svcard.host.journal import Journal
-from svcard.host.specs import open_reader
-from svcard.host.stack import Stack, card_image, start_stack
-from svcard.host.terminal import Declined, TerminalCheckFailed, select_purse
+from svcard.host.demo.system import card_image
+from svcard.host.pay import client as C
+from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.terminal import apdus
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.purse import Declined, TerminalCheckFailed, select_purse
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 from svcard.protocols import secure

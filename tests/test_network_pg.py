@@ -10,10 +10,11 @@ import pytest
 from pg_env import Cluster, start_cluster
 
 from svcard.card.storage import read_image
-from svcard.host import client as C
-from svcard.host.journal import Journal
-from svcard.host.specs import open_reader
-from svcard.host.stack import card_image, start_stack
+from svcard.host.demo.system import card_image
+from svcard.host.pay import client as C
+from svcard.host.pay.stack import start_stack
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def test_card_counter_reuse_on_postgresql(cluster: Cluster, tmp_path: Path) -> N
         with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
             params = C.fetch_checkout(http, stack.checkout_url("song", "fig6"))
             session = C._Session(params)
-            from svcard.host import apdus
-            from svcard.host.terminal import select_purse
+            from svcard.host.terminal import apdus
+            from svcard.host.terminal.purse import select_purse
             from svcard.protocols import messages as M
             from svcard.protocols import purse as P
             info = select_purse(reader)
@@ -74,8 +75,8 @@ def test_card_counter_reuse_on_postgresql(cluster: Cluster, tmp_path: Path) -> N
 
 def test_loads_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
     """Bank and load server databases on PostgreSQL: a load, then a "not loaded" refund."""
-    from svcard.host import load_client as LC
-    from svcard.host.stack import start_load_stack
+    from svcard.host.load import client as LC
+    from svcard.host.load.stack import start_load_stack
     from svcard.protocols import purse as P
 
     stack = start_load_stack(tmp_path / "load", bank_db=cluster.new_database(),
@@ -118,8 +119,8 @@ def test_loads_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_whole_system_clearing_and_audit_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
     """Payments, loads, bank and clearing databases all on PostgreSQL; a clean audit."""
-    from svcard.host import load_client as LC
-    from svcard.host.stack import start_system
+    from svcard.host.demo.system import start_system
+    from svcard.host.load import client as LC
 
     system = start_system(tmp_path / "sys", db_url=cluster.new_database(),
                           bank_db=cluster.new_database(), load_db=cluster.new_database(),

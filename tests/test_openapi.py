@@ -13,7 +13,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
-from svcard.host.stack import Stack, start_stack  # noqa: E402
+from svcard.host.pay.stack import Stack, start_stack  # noqa: E402
 
 # Bodies are svcard binary messages: an OpenAPI schema can only say "bytes", so random bytes are
 # "schema-valid" yet are not messages, and a 400 for them is right. That one check is left out;

@@ -19,12 +19,7 @@ from pcsc_env import READER_0, READER_1, Pcscd, Served, start_session_pcscd, wai
 
 from svcard.card.image import save_new_image
 from svcard.card.storage import read_image
-from svcard.reader import (
-    CardRemovedError,
-    NoCardError,
-    NoSuchReaderError,
-    ReaderError,
-)
+from svcard.reader import CardRemovedError, NoCardError, NoSuchReaderError, ReaderError
 from svcard.reader.pcsc import PcscReader, list_readers
 
 
@@ -122,7 +117,7 @@ def test_no_card_in_reader(pcscd: Pcscd, images: dict[str, Path]) -> None:
 
 def test_no_pcsc_service_exit_code(served: Served) -> None:
     env_cmd = [sys.executable, "-c",
-               "import sys; from svcard.host.cli import main; sys.argv[0]='svcard'; main()",
+               "import sys; from svcard.host.cli.main import main; sys.argv[0]='svcard'; main()",
                "readers"]
     import os
     result = subprocess.run(env_cmd, capture_output=True, text=True, timeout=60,

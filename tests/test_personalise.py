@@ -12,8 +12,8 @@ from plain import demo_card_keys
 from svcard.card.image import card_from_image
 from svcard.card.personalise import ProfileError, image_from_profile
 from svcard.fixtures import fixture_path
-from svcard.host import terminal as T
-from svcard.host.cli import main
+from svcard.host.cli.main import main
+from svcard.host.terminal import purse as T
 from svcard.reader import VirtualReader
 
 

@@ -196,7 +196,7 @@ def test_two_level_diversification_with_the_24_byte_form(tmp_path: Path) -> None
         text = (fixtures / name).read_text().replace("demo-issuer.toml", "issuer.toml")
         (tmp_path / name).write_text(text)
     from svcard.card.personalise import image_from_profile
-    from svcard.host import terminal as T
+    from svcard.host.terminal import purse as T
     from svcard.reader import VirtualReader
 
     iep_image = with_balance(image_from_profile(tmp_path / "iep-demo.toml"), 500)

@@ -22,8 +22,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from test_attack_bank import SECRET, Bank, order, start_bank
 
-from svcard.host.db import make_engine
-from svcard.host.serverkit import (
+from svcard.host.kit.db import make_engine
+from svcard.host.kit.http import (
     MAX_BODY,
     MAX_JSON_BODY,
     STORAGE_ERROR_HANDLERS,
@@ -31,7 +31,7 @@ from svcard.host.serverkit import (
     answer,
     check_json_shape,
 )
-from svcard.host.serving import ServerThread
+from svcard.host.kit.serving import ServerThread
 from svcard.protocols import messages as M
 
 

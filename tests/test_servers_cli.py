@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from svcard.card.storage import read_image
-from svcard.host import client as C
-from svcard.host.journal import Journal
-from svcard.host.serving import free_port, wait_http
-from svcard.host.specs import open_reader
-from svcard.host.stack import card_image, psam_images
+from svcard.host.demo.system import card_image
+from svcard.host.kit.serving import free_port, wait_http
+from svcard.host.pay import client as C
+from svcard.host.pay.stack import psam_images
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import purse as P
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -29,15 +29,16 @@ import httpx
 from sim_attacks import ATTACKER_ACCOUNT, ATTACKER_SECRET, ATTACKS, Arena
 
 from svcard.fixtures import fixture_path
-from svcard.host import clearing as CL
-from svcard.host import client as C
-from svcard.host import load_client as LC
-from svcard.host.audit import audit, card_balances
-from svcard.host.journal import Journal
-from svcard.host.server_config import clearing_config
-from svcard.host.specs import open_reader
-from svcard.host.stack import card_image, start_stack, start_system
-from svcard.host.terminal import TerminalError
+from svcard.host.demo.system import card_image, start_system
+from svcard.host.load import client as LC
+from svcard.host.pay import client as C
+from svcard.host.pay.stack import start_stack
+from svcard.host.settle import clearing as CL
+from svcard.host.settle.audit import audit, card_balances
+from svcard.host.settle.config import clearing_config
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.purse import TerminalError
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
 from svcard.reader import Reader
 

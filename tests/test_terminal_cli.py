@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from svcard.card.storage import read_image
-from svcard.host import terminal as T
-from svcard.host.cli import main
-from svcard.host.specs import ReaderSpecError, open_reader
+from svcard.host.cli.main import main
+from svcard.host.terminal import purse as T
+from svcard.host.terminal.reader_specs import ReaderSpecError, open_reader
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from conftest import demo_image, with_balance
 
 from svcard.card.image import save_new_image
-from svcard.host.cli import main
+from svcard.host.cli.main import main
 from svcard.reader.trace import TraceError, TraceMismatchError, TraceReader, load_trace
 from svcard.reader.trace_import import import_file
 

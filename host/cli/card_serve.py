@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from svcard.card.image import open_card
-from svcard.card.runtime import Card
-from svcard.reader.vpcd import VpcdCardServer
+from ...card.image import open_card
+from ...card.runtime import Card
+from ...reader.vpcd import VpcdCardServer
 
 
 def serve_images(images: list[Path], host: str, port: int, *, quiet: bool = False) -> None:

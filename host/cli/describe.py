@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from svcard.host.terminal import LogEntry, format_amount
-from svcard.protocols import purse as P
+from ...protocols import purse as P
+from ..terminal.purse import LogEntry, format_amount
 
 
 def describe_image(image: dict[str, Any]) -> dict[str, Any]:

@@ -18,16 +18,16 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from svcard.card.image import save_new_image
-from svcard.card.personalise import ProfileError, image_from_profile
-from svcard.card.storage import ImageError, read_image
-from svcard.host import terminal as T
-from svcard.host.describe import describe_image, render_image
-from svcard.host.specs import open_reader
-from svcard.protocols import sw as SW
-from svcard.protocols.apdu import APDUFormatError, parse_command, parse_response
-from svcard.reader import Reader, ReaderError
-from svcard.reader.trace import RecordingReader
+from ...card.image import save_new_image
+from ...card.personalise import ProfileError, image_from_profile
+from ...card.storage import ImageError, read_image
+from ...protocols import sw as SW
+from ...protocols.apdu import APDUFormatError, parse_command, parse_response
+from ...reader import Reader, ReaderError
+from ...reader.trace import RecordingReader
+from ..terminal import purse as T
+from ..terminal.reader_specs import open_reader
+from .describe import describe_image, render_image
 
 EXIT_OK = 0
 EXIT_DECLINED = 1
@@ -296,7 +296,7 @@ def apdu_cmd(reader_spec: str, apdus: tuple[str, ...], as_json: bool,
 @json_option
 def readers_cmd(as_json: bool) -> None:
     """List PC/SC readers, whether a card is present, and its ATR."""
-    from svcard.reader.pcsc import list_readers
+    from ...reader.pcsc import list_readers
 
     with handled():
         found = list_readers()
@@ -323,10 +323,10 @@ def card_serve(images: tuple[Path, ...], address: str, quiet: bool) -> None:
     (pcsc_scan, opensc-tool, pyscard, svcard pcsc:...). Runs until Ctrl-C; every card write
     is atomic, so stopping at any moment leaves the images consistent.
     """
-    from svcard.host.serve import serve_images
+    from .card_serve import serve_images
 
     try:
-        from svcard.reader.vpcd import parse_address
+        from ...reader.vpcd import parse_address
         host, port = parse_address(address)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -345,8 +345,8 @@ def trace() -> None:
 @json_option
 def trace_show(path: Path, as_json: bool) -> None:
     """Decode a trace: command names, fields, status words, log records."""
-    from svcard.protocols.decode import decode, render
-    from svcard.reader.trace import load_trace
+    from ...protocols.decode import decode, render
+    from ...reader.trace import load_trace
 
     with handled():
         loaded = load_trace(path)
@@ -378,7 +378,7 @@ def trace_show(path: Path, as_json: bool) -> None:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 def trace_import(fmt: str, source: Path, out: Path) -> None:
     """Convert another tool's APDU log into an svcard trace."""
-    from svcard.reader.trace_import import import_file
+    from ...reader.trace_import import import_file
 
     with handled():
         converted = import_file(fmt, source)
@@ -416,8 +416,9 @@ def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
     """
     import httpx
 
-    from svcard.host import client as C
-    from svcard.host.journal import Journal, default_journal
+    from ..pay import client as C
+    from ..pay import client_terminal as CT
+    from ..terminal.journal import Journal, default_journal
 
     book = Journal(journal or default_journal())
     terminal = None
@@ -425,7 +426,7 @@ def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
         fail("--terminal-id needs --terminal-key", EXIT_USAGE)
     if terminal_key is not None:
         with handled():
-            terminal = C.ClientTerminal.load(terminal_key, _terminal_id(terminal_id))
+            terminal = CT.ClientTerminal.load(terminal_key, _terminal_id(terminal_id))
     with handled(), httpx.Client(timeout=timeout) as http, \
             readers(("card", card_spec)) as (card_r,):
         try:
@@ -473,7 +474,7 @@ def terminal_key_group() -> None:
 def terminal_key_new(file: Path, terminal_id: str | None, as_json: bool) -> None:
     """Write a new key to FILE (mode 0600, never overwritten); print its id and public key
     (the private key is not printed)."""
-    from svcard.host.client import ClientTerminal
+    from ..pay.client_terminal import ClientTerminal
 
     terminal = ClientTerminal.generate(_terminal_id(terminal_id))
     try:
@@ -508,8 +509,9 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
     """The payment server: draw requests in, debit commands out, a pool of PSAMs."""
     import uvicorn
 
-    from svcard.host.payment_server import PaymentServer
-    from svcard.host.server_config import ConfigError, payment_config
+    from ..kit.config import ConfigError
+    from ..pay.config import payment_config
+    from ..pay.server.app import PaymentServer
 
     try:
         config = payment_config(config_path, db_url)
@@ -533,8 +535,9 @@ def serve_merchant(config_path: Path, db_url: str | None, host: str, port: int) 
     """A merchant selling digital goods: checkout and status endpoints."""
     import uvicorn
 
-    from svcard.host.merchant_server import MerchantServer
-    from svcard.host.server_config import ConfigError, merchant_config
+    from ..kit.config import ConfigError
+    from ..pay.config import merchant_config
+    from ..pay.merchant.server import MerchantServer
 
     try:
         config = merchant_config(config_path, db_url)
@@ -559,8 +562,9 @@ def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None
     sealed for the bank."""
     import uvicorn
 
-    from svcard.host.load_server import LoadServer
-    from svcard.host.server_config import ConfigError, load_config
+    from ..kit.config import ConfigError
+    from ..load.config import load_config
+    from ..load.server.app import LoadServer
 
     try:
         config = load_config(config_path, db_url)
@@ -584,8 +588,9 @@ def serve_bank(config_path: Path, db_url: str | None, host: str, port: int) -> N
     confirmations (a "not loaded" one re-credits the account)."""
     import uvicorn
 
-    from svcard.host.bank_server import BankServer
-    from svcard.host.server_config import ConfigError, bank_config
+    from ..kit.config import ConfigError
+    from ..load.bank.server import BankServer
+    from ..load.config import bank_config
 
     try:
         config = bank_config(config_path, db_url)
@@ -621,7 +626,7 @@ def bank_account() -> None:
 def bank_account_create(account_id: str, db_url: str, holder: str | None, funds: int,
                         currency: int, secret: str | None, as_json: bool) -> None:
     """Open ACCOUNT_ID. Prints its secret once: `svcard load` needs it."""
-    from svcard.host.bankdb import BankDb, BankError, make_engine
+    from ..load.bank.db import BankDb, BankError, make_engine
 
     try:
         secret = BankDb(make_engine(db_url)).create_account(account_id, holder or account_id,
@@ -639,7 +644,7 @@ def bank_account_create(account_id: str, db_url: str, holder: str | None, funds:
 @json_option
 def bank_account_fund(account_id: str, amount: int, db_url: str, as_json: bool) -> None:
     """Deposit AMOUNT minor units into ACCOUNT_ID."""
-    from svcard.host.bankdb import BankDb, BankError, make_engine
+    from ..load.bank.db import BankDb, BankError, make_engine
 
     try:
         balance = BankDb(make_engine(db_url)).fund(account_id, amount)
@@ -654,7 +659,7 @@ def bank_account_fund(account_id: str, amount: int, db_url: str, as_json: bool) 
 @json_option
 def bank_account_list(db_url: str, as_json: bool) -> None:
     """Every account with its balance."""
-    from svcard.host.bankdb import BankDb, make_engine
+    from ..load.bank.db import BankDb, make_engine
 
     rows = BankDb(make_engine(db_url)).accounts()
     emit(as_json, rows, "\n".join(f"{r['account_id']:<16} {r['balance']:>14}  {r['holder']}"
@@ -684,9 +689,9 @@ def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: i
     """
     import httpx
 
-    from svcard.host import load_client as LC
-    from svcard.host.client import PaymentRefused
-    from svcard.host.journal import Journal, default_journal
+    from ..load import client as LC
+    from ..terminal.journal import Journal, default_journal
+    from ..terminal.online import PaymentRefused
 
     book = Journal(journal or default_journal())
     with handled(), httpx.Client(timeout=timeout) as http, \
@@ -738,8 +743,9 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
                  out_dir: Path, as_json: bool) -> None:
     """One clearing run over every batch in the folder. Exit code 1 if any batch or record
     was refused (the rest is still cleared; refused ones are listed with their reason)."""
-    from svcard.host import clearing as CL
-    from svcard.host.server_config import ConfigError, clearing_config
+    from ..kit.config import ConfigError
+    from ..settle import clearing as CL
+    from ..settle.config import clearing_config
 
     try:
         config = clearing_config(config_path)
@@ -774,8 +780,9 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
 @json_option
 def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> None:
     """Check a settlement file's MAC and layout and print its lines."""
-    from svcard.host import clearing as CL
-    from svcard.host.server_config import ConfigError, clearing_config
+    from ..kit.config import ConfigError
+    from ..settle import clearing as CL
+    from ..settle.config import clearing_config
 
     try:
         key = clearing_config(config_path).settlement_key
@@ -815,7 +822,7 @@ def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
     loads; the float = cards + unsettled; bank debits = confirmed loads; every confirmed payment
     has a PSAM record; every refund a proven "not loaded"; held records, open loads and
     uncleared payments listed, and failing past --max-age. Exit code 1 on any finding."""
-    from svcard.host.audit import DAY_MS, audit, card_balances, psam_open_batches
+    from ..settle.audit import DAY_MS, audit, card_balances, psam_open_batches
 
     def spec(s: str) -> str:
         return s if ":" in s else f"virtual:{s}"
@@ -846,7 +853,7 @@ def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
 def demo(keep: Path | None, load_amount: int, purchase_amount: int, as_json: bool) -> None:
     """Run the main job on embedded defaults: personalise a purse card, a PSAM and a load
     HSM from the demo fixtures, load the card, make a purchase, and show the log."""
-    from svcard.host.demo import run_demo
+    from ..demo.story import run_demo
 
     with handled():
         story = run_demo(keep, load_amount, purchase_amount)

@@ -13,15 +13,15 @@ from typing import Any
 
 import httpx
 
-from svcard.card.image import save_new_image
-from svcard.card.personalise import image_from_profile
-from svcard.fixtures import fixture_path
-from svcard.host import terminal as T
-from svcard.host.client import pay
-from svcard.host.journal import Journal
-from svcard.host.load_client import load
-from svcard.host.specs import open_reader
-from svcard.host.stack import card_image, start_system
+from ...card.image import save_new_image
+from ...card.personalise import image_from_profile
+from ...fixtures import fixture_path
+from ..load.client import load
+from ..pay.client import pay
+from ..terminal import purse as T
+from ..terminal.journal import Journal
+from ..terminal.reader_specs import open_reader
+from .system import card_image, start_system
 
 DEMO_LOAD_TERMINAL = bytes.fromhex("000000000099")
 

@@ -29,9 +29,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from svcard.host.db import storage_reason
-from svcard.protocols import messages as M
-from svcard.protocols import secure
+from ...protocols import messages as M
+from ...protocols import secure
+from .db import storage_reason
 
 OCTETS = "application/octet-stream"
 T = TypeVar("T")

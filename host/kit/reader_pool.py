@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from svcard.reader import Reader
+from ...reader import Reader
 
 T = TypeVar("T")
 

@@ -24,10 +24,16 @@ from typing import Any
 
 import httpx
 
-from svcard.host import apdus
-from svcard.host.client import PaymentRefused, _server_reason
-from svcard.host.journal import Journal
-from svcard.host.terminal import (
+from ...protocols import loadmsg as L
+from ...protocols import messages as M
+from ...protocols import purse as P
+from ...protocols import secure
+from ...protocols import sw as SW
+from ...reader import Reader
+from ..terminal import apdus
+from ..terminal.journal import Journal
+from ..terminal.online import PaymentRefused, server_reason
+from ..terminal.purse import (
     CardInfo,
     Declined,
     TerminalCheckFailed,
@@ -36,12 +42,6 @@ from svcard.host.terminal import (
     read_balance_limit,
     select_purse,
 )
-from svcard.protocols import loadmsg as L
-from svcard.protocols import messages as M
-from svcard.protocols import purse as P
-from svcard.protocols import secure
-from svcard.protocols import sw as SW
-from svcard.reader import Reader
 
 KIND = "load"
 
@@ -88,7 +88,7 @@ class _LoadSession:
         response = http.post(self.load_url + path, content=request,
                              headers={"Content-Type": "application/octet-stream"})
         if response.status_code != 200:
-            raise PaymentRefused("load server", response.status_code, _server_reason(response))
+            raise PaymentRefused("load server", response.status_code, server_reason(response))
         env, header = M.split_envelope(response.content)
         if (env.merchant_id, env.txn_id) != (self.bank_id, self.txn_id):
             raise PaymentRefused("load server", 200, "answer for another transaction")
@@ -109,7 +109,7 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
     limit = read_balance_limit(card)
     page = http.get(bank_url, headers={"Accept": "application/json"})
     if page.status_code != 200:
-        raise PaymentRefused("bank", page.status_code, _server_reason(page))
+        raise PaymentRefused("bank", page.status_code, server_reason(page))
     start_url = str(page.json()["start_url"])
     response = http.post(start_url, json={
         "account": account, "secret": secret, "amount": amount, "request_id": request_id,
@@ -118,7 +118,7 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
                  "limit": limit, "currency_code": info.currency_code or 0,
                  "currency_exponent": info.currency_exponent or 0}})
     if response.status_code != 200:
-        raise PaymentRefused("bank", response.status_code, _server_reason(response))
+        raise PaymentRefused("bank", response.status_code, server_reason(response))
     params: dict[str, Any] = response.json()
     for key in ("amount", "load_url", "txn_id", "bank_id", "terminal_id", "bank_time",
                 "status_url", "tsk", "etsk"):

@@ -16,42 +16,29 @@ checkout (``?terminal=ID``) and signs its confirmation with its Ed25519 key
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from svcard.host import apdus
-from svcard.host.journal import Journal
-from svcard.host.terminal import (
+from ...protocols import messages as M
+from ...protocols import purse as P
+from ...protocols import secure
+from ...protocols import sw as SW
+from ...reader import Reader
+from ..terminal import apdus
+from ..terminal.journal import Journal
+from ..terminal.online import PaymentRefused, server_reason
+from ..terminal.purse import (
     Declined,
     TerminalCheckFailed,
-    TerminalError,
     call,
     prove,
     read_log,
     select_purse,
     verify_pin_if_needed,
 )
-from svcard.protocols import messages as M
-from svcard.protocols import purse as P
-from svcard.protocols import secure
-from svcard.protocols import sw as SW
-from svcard.reader import Reader
-
-
-class PaymentRefused(TerminalError):
-    """A server (payment or merchant) refused; the reason is theirs."""
-
-    def __init__(self, who: str, status: int, reason: str) -> None:
-        super().__init__(f"{who} refused ({status}): {reason}")
-        self.who, self.status, self.reason = who, status, reason
+from .client_terminal import ClientTerminal, checkout_request, terminal_named
 
 
 @dataclass
@@ -73,108 +60,6 @@ class PaymentOutcome:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-class ClientTerminal:
-    """A client terminal's Ed25519 key, registered with merchants that allow it FIG. 7: it signs
-    its FIG. 7 confirmations. Its id is 8 bytes, by default the start of SHA-256 of its public
-    key. The private key is never printed, logged or journalled."""
-
-    def __init__(self, key: Ed25519PrivateKey, terminal_id: bytes | None = None) -> None:
-        self._key = key
-        self.public_key = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                                        serialization.PublicFormat.Raw)
-        self.terminal_id = terminal_id or fingerprint(self.public_key)
-        if len(self.terminal_id) != 8:
-            raise ValueError("a client terminal id is 8 bytes")
-
-    def __repr__(self) -> str:
-        return f"ClientTerminal({self.terminal_id.hex().upper()})"
-
-    @classmethod
-    def generate(cls, terminal_id: bytes | None = None) -> ClientTerminal:
-        return cls(Ed25519PrivateKey.generate(), terminal_id)
-
-    @classmethod
-    def load(cls, path: Path, terminal_id: bytes | None = None) -> ClientTerminal:
-        """Read a PEM (PKCS #8) Ed25519 private key file, as ``save`` writes it."""
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise TerminalError(f"{path}: not a usable terminal key "
-                                f"({type(exc).__name__})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise TerminalError(f"{path}: not an Ed25519 private key")
-        return cls(key, terminal_id)
-
-    def save(self, path: Path) -> None:
-        """Write the private key (PEM, PKCS #8) to a new file readable by its owner only."""
-        pem = self._key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-
-    def sign_confirmation(self, merchant_id: bytes, txn_id: bytes, result_m: bytes,
-                          card_mac2: bytes, tac: bytes) -> bytes:
-        return self._key.sign(M.fig7_signed_data(merchant_id, txn_id, result_m, card_mac2,
-                                                 tac))
-
-
-def fingerprint(public_key: bytes) -> bytes:
-    """The default id of a client terminal: the first 8 bytes of SHA-256 of its public key."""
-    return hashlib.sha256(public_key).digest()[:8]
-
-
-# This process's own client terminals, by id (like an ssh agent): a checkout URL that names
-# ``?terminal=ID`` is paid with the key registered here for ID (used by svcard.host.stack).
-_TERMINALS: dict[bytes, ClientTerminal] = {}
-
-
-def add_terminal(terminal: ClientTerminal) -> None:
-    _TERMINALS[terminal.terminal_id] = terminal
-
-
-def remove_terminal(terminal: ClientTerminal) -> None:
-    if _TERMINALS.get(terminal.terminal_id) is terminal:
-        del _TERMINALS[terminal.terminal_id]
-
-
-def _terminal_named(value: str | None) -> ClientTerminal | None:
-    try:
-        return _TERMINALS.get(bytes.fromhex(value or ""))
-    except ValueError:
-        return None
-
-
-def checkout_request(url: str, terminal: ClientTerminal | None = None,
-                     ) -> tuple[str, ClientTerminal | None]:
-    """The checkout URL this client asks, and the terminal it pays as: with a terminal key
-    the URL names the terminal; without one it never asks for FIG. 7."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if terminal is None:
-        terminal = _terminal_named(next((v for k, v in query if k == "terminal"), None))
-    query = [(k, v) for k, v in query if k != "terminal"]
-    if terminal is None:
-        query = [(k, v) for k, v in query if (k, v) != ("variant", "fig7")]
-    else:
-        query.append(("terminal", terminal.terminal_id.hex().upper()))
-    return urlunsplit(parts._replace(query=urlencode(query))), terminal
-
-
-def _server_reason(response: httpx.Response) -> str:
-    reason = response.headers.get("X-Svcard-Reason")
-    if reason:
-        return str(reason)
-    try:
-        return str(M.parse(M.ErrorMessage, response.content, "error").reason)
-    except M.MessageError:
-        try:
-            return str(response.json().get("reason", response.text))
-        except ValueError:
-            return response.text[:200]
 
 
 class _Session:
@@ -200,7 +85,7 @@ class _Session:
                              headers={"Content-Type": "application/octet-stream"})
         if response.status_code != 200:
             raise PaymentRefused("payment server", response.status_code,
-                                 _server_reason(response))
+                                 server_reason(response))
         env, header = M.split_envelope(response.content)
         if (env.merchant_id, env.txn_id) != (self.merchant_id, self.txn_id):
             raise PaymentRefused("payment server", 200, "answer for another transaction")
@@ -211,7 +96,7 @@ def fetch_checkout(http: httpx.Client, url: str,
                    terminal: ClientTerminal | None = None) -> dict[str, Any]:
     response = http.get(url, headers={"Accept": "application/json"})
     if response.status_code != 200:
-        raise PaymentRefused("merchant", response.status_code, _server_reason(response))
+        raise PaymentRefused("merchant", response.status_code, server_reason(response))
     params: dict[str, Any] = response.json()
     for key in ("amount", "currency_code", "payment_url", "txn_id", "merchant_id", "status_url",
                 "variant", "tsk", "etsk", "terminal_id"):
@@ -349,7 +234,7 @@ def _send_proof(s: _Session, http: httpx.Client, mac2: bytes, tac: bytes) -> Non
     response = http.post(s.payment_url + "/v1/proof", content=request,
                          headers={"Content-Type": "application/octet-stream"})
     if response.status_code != 204:
-        raise PaymentRefused("payment server", response.status_code, _server_reason(response))
+        raise PaymentRefused("payment server", response.status_code, server_reason(response))
 
 
 def debit_in_log(card: Reader, txn_type: int, counter: int) -> bool | None:
@@ -380,7 +265,7 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client,
         named = str(entry["params"].get("client_terminal", ""))
         own = (terminal if terminal is not None
                and terminal.terminal_id.hex().upper() == named.upper()
-               else _terminal_named(named))
+               else terminal_named(named))
         s = _Session(entry["params"], own)
         if state == "goods":  # paid and released; the proof for clearing did not go out
             _send_proof(s, http, bytes.fromhex(entry["mac2"]), bytes.fromhex(entry["tac"]))

@@ -37,20 +37,20 @@ from typing import Any
 
 from sqlalchemy import select
 
-from svcard.host import apdus
-from svcard.host.bankdb import BankDb
-from svcard.host.bankdb import make_engine as make_bank_engine
-from svcard.host.clearing import batches, cleared_keys, ledger_balances, records, uncleared
-from svcard.host.clearing import make_engine as make_clearing_engine
-from svcard.host.db import now_ms
-from svcard.host.loaddb import LoadDb
-from svcard.host.loaddb import make_engine as make_load_engine
-from svcard.host.paydb import make_engine as make_pay_engine
-from svcard.host.paydb import payments
-from svcard.host.terminal import call, select_purse
-from svcard.protocols import purse as P
-from svcard.protocols import sw as SW
-from svcard.reader import Reader
+from ...protocols import purse as P
+from ...protocols import sw as SW
+from ...reader import Reader
+from ..kit.db import now_ms
+from ..load.bank.db import BankDb
+from ..load.bank.db import make_engine as make_bank_engine
+from ..load.server.db import LoadDb
+from ..load.server.db import make_engine as make_load_engine
+from ..pay.server.db import make_engine as make_pay_engine
+from ..pay.server.db import payments
+from ..terminal import apdus
+from ..terminal.purse import call, select_purse
+from .clearing import batches, cleared_keys, ledger_balances, records, uncleared
+from .clearing import make_engine as make_clearing_engine
 
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_MAX_AGE_MS = 7 * DAY_MS

@@ -55,13 +55,13 @@ from sqlalchemy import (
     update,
 )
 
-from svcard.host.db import make_engine as make_db_engine
-from svcard.host.db import now_ms
-from svcard.host.loaddb import LoadDb
-from svcard.host.loaddb import make_engine as make_load_engine
-from svcard.protocols import crypto
-from svcard.protocols import purse as P
-from svcard.protocols import settlement as S
+from ...protocols import crypto
+from ...protocols import purse as P
+from ...protocols import settlement as S
+from ..kit.db import make_engine as make_db_engine
+from ..kit.db import now_ms
+from ..load.server.db import LoadDb
+from ..load.server.db import make_engine as make_load_engine
 
 metadata = MetaData()
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from svcard.protocols import purse as P
-from svcard.protocols.apdu import build_command
+from ...protocols import purse as P
+from ...protocols.apdu import build_command
 
 
 def select(aid: bytes) -> bytes:

@@ -31,8 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from svcard.card.storage import write_atomically
-from svcard.host.terminal import TerminalError
+from ...card.storage import write_atomically
+from .purse import TerminalError
 
 DONE_STATES = ("done", "abandoned", "refused", "load-done", "unproven")
 SECRET_FIELDS = ("secret", "tsk", "etsk")

@@ -12,10 +12,10 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from svcard.host import apdus
-from svcard.protocols import purse as P
-from svcard.protocols import sw as SW
-from svcard.reader import Reader
+from ...protocols import purse as P
+from ...protocols import sw as SW
+from ...reader import Reader
+from . import apdus
 
 
 class TerminalError(Exception):

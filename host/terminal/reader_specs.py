@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-from svcard.card.image import open_card
-from svcard.reader import Reader, ReaderError, VirtualReader
-from svcard.reader.delayed import DelayedReader
-from svcard.reader.jcardsim import JCardSimReader
-from svcard.reader.pcsc import PcscReader
-from svcard.reader.trace import TraceReader
+from ...card.image import open_card
+from ...reader import Reader, ReaderError, VirtualReader
+from ...reader.delayed import DelayedReader
+from ...reader.jcardsim import JCardSimReader
+from ...reader.pcsc import PcscReader
+from ...reader.trace import TraceReader
 
 SCHEMES = ("virtual", "pcsc", "trace", "jcardsim", "delayed")
 

@@ -42,17 +42,11 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from svcard.host.bankdb import (
-    DUMMY_HASH,
-    BankDb,
-    BankError,
-    SecretLocked,
-    SecretPolicy,
-    make_engine,
-    verify_secret,
-)
-from svcard.host.db import DuplicateError, now_ms
-from svcard.host.serverkit import (
+from ....protocols import loadmsg as L
+from ....protocols import messages as M
+from ....protocols import secure
+from ...kit.db import DuplicateError, now_ms
+from ...kit.http import (
     JSON_STORAGE_ERROR_HANDLERS,
     MAX_BODY,
     Refused,
@@ -61,9 +55,15 @@ from svcard.host.serverkit import (
     read_body,
     read_json,
 )
-from svcard.protocols import loadmsg as L
-from svcard.protocols import messages as M
-from svcard.protocols import secure
+from .db import (
+    DUMMY_HASH,
+    BankDb,
+    BankError,
+    SecretLocked,
+    SecretPolicy,
+    make_engine,
+    verify_secret,
+)
 
 
 @dataclass

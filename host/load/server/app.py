@@ -36,11 +36,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from svcard.host import apdus
-from svcard.host.db import DuplicateError
-from svcard.host.loaddb import LoadDb, make_engine
-from svcard.host.reader_pool import Pooled, PoolExhausted, ReaderPool, executor
-from svcard.host.serverkit import (
+from ....protocols import loadmsg as L
+from ....protocols import messages as M
+from ....protocols import purse as P
+from ....protocols import secure
+from ....protocols import sw as SW
+from ....reader import Reader
+from ...kit.db import DuplicateError
+from ...kit.http import (
     OCTETS,
     STORAGE_ERROR_HANDLERS,
     Refused,
@@ -48,13 +51,10 @@ from svcard.host.serverkit import (
     answer,
     open_client_envelope,
 )
-from svcard.host.terminal import Declined, call
-from svcard.protocols import loadmsg as L
-from svcard.protocols import messages as M
-from svcard.protocols import purse as P
-from svcard.protocols import secure
-from svcard.protocols import sw as SW
-from svcard.reader import Reader
+from ...kit.reader_pool import Pooled, PoolExhausted, ReaderPool, executor
+from ...terminal import apdus
+from ...terminal.purse import Declined, call
+from .db import LoadDb, make_engine
 
 T = TypeVar("T")
 

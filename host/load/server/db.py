@@ -40,8 +40,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from svcard.host.db import DuplicateError, first_row, now_ms, update_row
-from svcard.host.db import make_engine as make_db_engine
+from ...kit.db import DuplicateError, first_row, now_ms, update_row
+from ...kit.db import make_engine as make_db_engine
 
 metadata = MetaData()
 

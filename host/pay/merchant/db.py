@@ -33,8 +33,8 @@ from sqlalchemy import (
     update,
 )
 
-from svcard.host.db import first_row
-from svcard.host.db import make_engine as make_db_engine
+from ...kit.db import first_row
+from ...kit.db import make_engine as make_db_engine
 
 metadata = MetaData()
 

@@ -36,10 +36,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from svcard.host import merchantdb as MD
-from svcard.host.serverkit import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, read_body
-from svcard.protocols import messages as M
-from svcard.protocols import secure
+from ....protocols import messages as M
+from ....protocols import secure
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, read_body
+from . import db as MD
 
 
 @dataclass(frozen=True)

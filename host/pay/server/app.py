@@ -59,12 +59,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from svcard.card.storage import write_atomically
-from svcard.host import apdus
-from svcard.host.db import DuplicateError
-from svcard.host.paydb import PaymentDb, make_engine
-from svcard.host.psam_pool import PooledPsam, PoolExhausted, PsamPool
-from svcard.host.serverkit import (
+from ....card.storage import write_atomically
+from ....protocols import messages as M
+from ....protocols import purse as P
+from ....protocols import secure
+from ....protocols import sw as SW
+from ....reader import Reader
+from ...kit.db import DuplicateError
+from ...kit.http import (
     OCTETS,
     STORAGE_ERROR_HANDLERS,
     Refused,
@@ -72,12 +74,10 @@ from svcard.host.serverkit import (
     answer,
     open_client_envelope,
 )
-from svcard.host.terminal import Declined, call
-from svcard.protocols import messages as M
-from svcard.protocols import purse as P
-from svcard.protocols import secure
-from svcard.protocols import sw as SW
-from svcard.reader import Reader
+from ...terminal import apdus
+from ...terminal.purse import Declined, call
+from .db import PaymentDb, make_engine
+from .psam_pool import PooledPsam, PoolExhausted, PsamPool
 
 log = logging.getLogger(__name__)
 

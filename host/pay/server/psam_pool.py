@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from svcard.host import apdus
-from svcard.host.reader_pool import Pooled, PoolExhausted, ReaderPool, executor
-from svcard.host.terminal import call
-from svcard.protocols import purse as P
-from svcard.reader import Reader
+from ....protocols import purse as P
+from ....reader import Reader
+from ...kit.reader_pool import Pooled, PoolExhausted, ReaderPool, executor
+from ...terminal import apdus
+from ...terminal.purse import call
 
 __all__ = ["PoolExhausted", "PooledPsam", "PsamPool"]
 

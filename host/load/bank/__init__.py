@@ -1,0 +1,1 @@
+"""The bank: customer accounts, load orders and their settlement, and its database."""

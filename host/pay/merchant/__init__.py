@@ -1,0 +1,1 @@
+"""The merchant server: checkout, orders and goods, and its order database."""
