@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from svcard.card.runtime import Application, CardError
-from svcard.protocols import crypto
-from svcard.protocols import purse as P
-from svcard.protocols import sw as SW
-from svcard.protocols.apdu import CommandAPDU
+from ..protocols import crypto
+from ..protocols import purse as P
+from ..protocols import sw as SW
+from ..protocols.apdu import CommandAPDU
+from .runtime import Application, CardError
 
 
 @dataclass(frozen=True, slots=True)

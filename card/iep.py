@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcard.card.keys import KeyEntry
-from svcard.card.runtime import CardError, TableApplication, read_binary_sfi
-from svcard.protocols import crypto
-from svcard.protocols import purse as P
-from svcard.protocols import sw as SW
-from svcard.protocols.apdu import CommandAPDU
+from ..protocols import crypto
+from ..protocols import purse as P
+from ..protocols import sw as SW
+from ..protocols.apdu import CommandAPDU
+from .keys import KeyEntry
+from .runtime import CardError, TableApplication, read_binary_sfi
 
 MAX_AMOUNT = 0xFFFFFFFF
 MAX_COUNTER = 0xFFFF

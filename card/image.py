@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from svcard.card.hsm import HsmState, LoadHsm
-from svcard.card.iep import Iep, IepState
-from svcard.card.psam import Psam, PsamState
-from svcard.card.runtime import DEFAULT_ATR, Application, Card
-from svcard.card.storage import (
+from .hsm import HsmState, LoadHsm
+from .iep import Iep, IepState
+from .psam import Psam, PsamState
+from .runtime import DEFAULT_ATR, Application, Card
+from .storage import (
     IMAGE_FORMAT,
     IMAGE_VERSION,
     ImageError,

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from svcard.card.hsm import HsmState, IssuerLoadKeys
-from svcard.card.iep import DEFAULT_MAC_FAILURE_LIMIT, IepState, Purse, encode_pin
-from svcard.card.image import new_image
-from svcard.card.keys import KeyEntry
-from svcard.card.psam import IssuerKey, PsamState
-from svcard.card.runtime import DEFAULT_ATR
-from svcard.protocols import crypto
-from svcard.protocols import purse as P
+from ..protocols import crypto
+from ..protocols import purse as P
+from .hsm import HsmState, IssuerLoadKeys
+from .iep import DEFAULT_MAC_FAILURE_LIMIT, IepState, Purse, encode_pin
+from .image import new_image
+from .keys import KeyEntry
+from .psam import IssuerKey, PsamState
+from .runtime import DEFAULT_ATR
 
 DEFAULT_IEP_AID = P.DEFAULT_IEP_AID
 DEFAULT_PSAM_AID = P.DEFAULT_PSAM_AID

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from svcard.protocols import sw as SW
-from svcard.protocols.apdu import APDUFormatError, CommandAPDU, parse_command
-from svcard.protocols.purse import CLA_ISO, INS_GET_RESPONSE, INS_SELECT
+from ..protocols import sw as SW
+from ..protocols.apdu import APDUFormatError, CommandAPDU, parse_command
+from ..protocols.purse import CLA_ISO, INS_GET_RESPONSE, INS_SELECT
 
 log = logging.getLogger(__name__)
 

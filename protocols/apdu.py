@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from svcard.protocols import sw as SW
+from . import sw as SW
 
 SHORT_MAX = 256
 EXTENDED_MAX = 65536

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from svcard.protocols import purse as P
-from svcard.protocols import sw as SW
-from svcard.protocols.apdu import APDUFormatError, CommandAPDU, parse_command
+from . import purse as P
+from . import sw as SW
+from .apdu import APDUFormatError, CommandAPDU, parse_command
 
 
 @dataclass

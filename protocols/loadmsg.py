@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from construct import Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, PascalString, Struct
 
-from svcard.protocols.messages import Blob
+from .messages import Blob
 
 # message types (the payment messages use 1..15)
 LOAD_REQUEST = 16

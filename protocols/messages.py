@@ -28,7 +28,7 @@ from construct import (
     Terminated,
 )
 
-from svcard.protocols import secure
+from . import secure
 
 VERSION = 1
 

@@ -29,7 +29,7 @@ from construct import (
     Struct,
 )
 
-from svcard.protocols import tlv
+from . import tlv
 
 
 class Layout(Protocol):

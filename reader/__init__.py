@@ -4,7 +4,7 @@
 ``transmit(bytes) -> bytes``.
 """
 
-from svcard.reader.base import (
+from .base import (
     CardConnectionError,
     CardRemovedError,
     NoCardError,
@@ -14,7 +14,7 @@ from svcard.reader.base import (
     ReaderError,
     SharingViolationError,
 )
-from svcard.reader.virtual import VirtualReader
+from .virtual import VirtualReader
 
 __all__ = [
     "CardConnectionError",

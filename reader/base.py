@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from types import TracebackType
 
-from svcard.protocols.apdu import ResponseAPDU, parse_response
+from ..protocols.apdu import ResponseAPDU, parse_response
 
 
 class ReaderError(Exception):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from svcard.reader.base import Reader
+from .base import Reader
 
 
 class DelayedReader(Reader):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from svcard.reader.base import Reader, ReaderError
+from .base import Reader, ReaderError
 
 DEFAULT_SIMULATOR = "com.licel.jcardsim.base.Simulator"
 DEFAULT_AIDUTIL = "com.licel.jcardsim.utils.AIDUtil"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from svcard.reader.base import (
+from .base import (
     CardRemovedError,
     NoCardError,
     NoPcscServiceError,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from svcard.reader.base import Reader, ReaderError
+from .base import Reader, ReaderError
 
 TRACE_FORMAT = "svcard-trace"
 TRACE_VERSION = 1

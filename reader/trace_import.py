@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from svcard.reader.trace import Exchange, Trace, TraceError
+from .trace import Exchange, Trace, TraceError
 
 FORMATS = ("pcsc-spy", "gp", "apdu4j", "cardpeek")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from svcard.reader.base import CardConnectionError, Reader
+from .base import CardConnectionError, Reader
 
 
 class CardLike(Protocol):
