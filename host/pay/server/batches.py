@@ -1,0 +1,128 @@
+"""``POST /v1/batches/close`` (the hand-off to the concentration point, for clearing): each PSAM
+closes its batch, which is written with the card proofs this database holds for records without
+TAC; proofs that came after their batch had left go out in late-proofs files (CL4).
+
+Admin only (``Authorization: Bearer`` the admin token); one close at a time. Each PSAM is taken
+as its transaction ends and held until every batch is closed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ....card.storage import write_atomically
+from ....protocols import purse as P
+from ....reader import Reader
+from ...terminal import apdus
+from ...terminal.purse import call
+from .psam_pool import PooledPsam, PoolExhausted
+
+if TYPE_CHECKING:
+    from .app import PaymentServer
+
+
+async def hand_over_batches(server: PaymentServer, request: Request) -> Response:
+    """Close every PSAM's batch and hand the batches and late proofs over: their paths."""
+    token = server.config.admin_token
+    given = request.headers.get("authorization", "")
+    if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return JSONResponse({"reason": "admin token required"}, status_code=403)
+    if not server.config.concentration_dir:
+        return JSONResponse({"reason": "no concentration_dir configured"},
+                            status_code=409)
+    async with server.close_lock:
+        written: list[str] = []
+        taken: list[PooledPsam] = []
+        try:  # each PSAM as its transaction ends; held until all are closed
+            for _ in server.pool.psams:
+                psam = await server.pool.acquire(server.config.acquire_timeout * 10)
+                taken.append(psam)
+                batch = await server.pool.run(psam, collect_batch)
+                if batch is not None:
+                    written.append(await server.sql(_write_batch, server, psam, batch))
+        except PoolExhausted as exc:
+            return JSONResponse({"reason": f"PSAMs stayed busy ({exc}); closed "
+                                           f"{len(written)} batches", "batches": written},
+                                status_code=503)
+        finally:
+            for psam in taken:
+                server.pool.release(psam)
+        late = await server.sql(_write_late_proofs, server)
+    return JSONResponse({"batches": written, "late_proofs": late})
+
+
+def collect_batch(reader: Reader) -> dict[str, Any] | None:
+    """Close the PSAM's open batch and read its records back (None if it was empty: an empty
+    batch is closed anyway, so batch numbers stay in step)."""
+    answer = P.BatchCloseAnswer.parse(call(reader, bytes.fromhex("807E000000"),
+                                           "PSAM CLOSE BATCH"))
+    records = []
+    for index in range(answer.record_count):
+        records.append(call(reader, apdus.read_batch_record(1, index),
+                            "PSAM READ BATCH RECORD").hex().upper())
+    if not records:
+        return None
+    return {"terminal_id": answer.terminal_id.hex().upper(),
+            "batch_number": answer.batch_number, "record_count": answer.record_count,
+            "total_amount": answer.total_amount, "mac": answer.mac.hex().upper(),
+            "records": records}
+
+
+def _write_batch(server: PaymentServer, psam: PooledPsam, batch: dict[str, Any]) -> str:
+    """The batch as the PSAM closed it, with the card proofs the database holds for its
+    records without TAC (early-released, or FIG. 5 whose CREDIT SAM never ran); each record's
+    row is marked with the batch it went out in and whether its TAC went too."""
+    proofs: dict[str, str] = {}
+    handed: list[tuple[int, bool]] = []
+    psam_hex = psam.psam_id.hex()
+    for i, raw in enumerate(batch["records"]):
+        rec = P.PsamRecord.parse(bytes.fromhex(raw))
+        has_tac = rec.tac != bytes(4)
+        if not has_tac:
+            row = server.db.by_psam_ttn(psam_hex, rec.terminal_txn_number)
+            if row is not None and row["tac"] and row["state"] == "confirmed":
+                proofs[str(i)] = row["tac"]
+                has_tac = True
+        handed.append((rec.terminal_txn_number, has_tac))
+    batch = {**batch, "psam_id": psam_hex.upper(), "proofs": proofs}
+    folder = Path(server.config.concentration_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = (f"batch-{batch['terminal_id']}-{batch['psam_id']}-"
+            f"{batch['batch_number']:06d}.json")
+    write_atomically(folder / name, json.dumps(batch, indent=1).encode())
+    server.db.mark_handed(psam_hex, name, int(batch["batch_number"]), handed)
+    return str(folder / name)
+
+
+def _write_late_proofs(server: PaymentServer) -> list[str]:
+    """CL4: the TACs of payments confirmed after their PSAM record went to clearing without
+    one, one file per PSAM (``proofs-{terminal}-{psam}-{UTC stamp}.json``)."""
+    rows = server.db.late_proofs()
+    if not rows:
+        return []
+    by_psam: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_psam.setdefault(row["psam_id"], []).append(row)
+    folder = Path(server.config.concentration_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    terminal = server.pool.terminal_id.hex().upper()
+    out = []
+    for psam_hex, items in sorted(by_psam.items()):
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S%f")
+        path = folder / f"proofs-{terminal}-{psam_hex.upper()}-{stamp}.json"
+        doc = {"format": "svcard late proofs v1", "terminal_id": terminal,
+               "psam_id": psam_hex.upper(),
+               "proofs": [{"batch_number": int(r["batch_number"]),
+                           "terminal_txn_number": int(r["ttn"]),
+                           "tac": str(r["tac"]).upper()} for r in items]}
+        write_atomically(path, json.dumps(doc, indent=1).encode())
+        server.db.mark_proofs_handed([int(r["id"]) for r in items])
+        out.append(str(path))
+    return out
