@@ -1,0 +1,121 @@
+"""``svcard terminal``: the local terminal (seed FIG. 2), a card slot beside a PSAM or load
+HSM slot: balance, log, purchase, load."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+
+from ..kit.command_line import EXIT_USAGE, emit, fail, json_option
+from ..terminal import purse as T
+from ..terminal.card_commands import (
+    amount_option,
+    at_option,
+    card_option,
+    handled,
+    pin_option,
+    purse_option,
+    readers,
+    trace_option,
+)
+
+
+@click.group()
+def terminal() -> None:
+    """A local terminal (seed FIG. 2): a card slot plus a PSAM or load HSM slot."""
+
+
+@terminal.command("balance")
+@card_option
+@purse_option
+@pin_option
+@json_option
+@trace_option
+def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool,
+                     trace_out: Path | None) -> None:
+    """Read a purse's balance (GET BALANCE)."""
+    with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
+        info, balance = T.read_balance(card_r, T.purse_id(purse), pin)
+    emit(as_json, {"card_serial": info.app_serial, "purse": purse.upper(), "balance": balance,
+                   "currency_code": info.currency_code,
+                   "currency_exponent": info.currency_exponent},
+         f"{purse.upper()} balance: {T.format_amount(balance, info.currency_exponent)} "
+         f"(currency {info.currency_code}, card {info.app_serial})")
+
+
+@terminal.command("log")
+@card_option
+@json_option
+@trace_option
+def terminal_log(card_spec: str, as_json: bool, trace_out: Path | None) -> None:
+    """Read the transaction log (READ RECORD, newest first)."""
+    with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
+        entries = T.read_log(card_r)
+    lines = [f"{e.date} {e.time}  {e.type_name:<20} {e.amount:>10}  counter {e.counter:<5} "
+             f"terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
+    emit(as_json, [e.__dict__ for e in entries], "\n".join(lines))
+
+
+@terminal.command("purchase")
+@card_option
+@click.option("--psam", "psam_spec", required=True, metavar="SPEC",
+              help="Reader spec of the PSAM, e.g. virtual:psam.json.")
+@amount_option
+@purse_option
+@pin_option
+@click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@click.option("--issuer-factor", is_flag=True,
+              help="Use the 24-byte INIT SAM form (issuer id as a second diversification).")
+@json_option
+@trace_option
+@at_option
+def terminal_purchase(card_spec: str, psam_spec: str, amount: int, purse: str,
+                      pin: str | None, key_index: int, issuer_factor: bool,
+                      as_json: bool, trace_out: Path | None, at: dt.datetime | None) -> None:
+    """Pay AMOUNT from the card: card <-> PSAM, MAC1/MAC2/TAC, the PSAM records it."""
+    with handled(), readers(("card", card_spec), ("psam", psam_spec),
+                            trace_out=trace_out) as (card_r, psam_r):
+        r = T.purchase(card_r, psam_r, amount, purse=T.purse_id(purse), key_index=key_index,
+                       pin=pin, issuer_factor=issuer_factor, when=at)
+    exp = r.currency_exponent
+    emit(as_json, r.to_json(),
+         f"purchase of {T.format_amount(r.amount, exp)} approved\n"
+         f"  balance {T.format_amount(r.balance_before, exp)} -> "
+         f"{T.format_amount(r.balance_after, exp)}\n"
+         f"  terminal {r.terminal_id} txn {r.terminal_txn_number}, card counter "
+         f"{r.offline_counter}\n  MAC1 {r.mac1}  MAC2 {r.mac2}  TAC {r.tac}")
+
+
+@terminal.command("load")
+@card_option
+@click.option("--hsm", "hsm_spec", required=True, metavar="SPEC",
+              help="Reader spec of the load HSM, e.g. virtual:hsm.json.")
+@amount_option
+@purse_option
+@pin_option
+@click.option("--terminal-id", default="000000000001", show_default=True,
+              help="The loading terminal's 6-byte id, hex.")
+@click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@json_option
+@trace_option
+@at_option
+def terminal_load(card_spec: str, hsm_spec: str, amount: int, purse: str, pin: str | None,
+                  terminal_id: str, key_index: int, as_json: bool, trace_out: Path | None,
+                  at: dt.datetime | None) -> None:
+    """Load AMOUNT onto the card: S1 from the card, S2 from the HSM, S3 checked."""
+    try:
+        tid = bytes.fromhex(terminal_id)
+    except ValueError:
+        fail("--terminal-id must be hex", EXIT_USAGE)
+    with handled(), readers(("card", card_spec), ("hsm", hsm_spec),
+                            trace_out=trace_out) as (card_r, hsm_r):
+        r = T.load(card_r, hsm_r, amount, terminal_id=tid, purse=T.purse_id(purse),
+                   key_index=key_index, pin=pin, when=at)
+    exp = r.currency_exponent
+    emit(as_json, r.to_json(),
+         f"load of {T.format_amount(r.amount, exp)} done\n"
+         f"  balance {T.format_amount(r.balance_before, exp)} -> "
+         f"{T.format_amount(r.balance_after, exp)}\n"
+         f"  online counter {r.online_counter}\n  S1 {r.s1}  S2 {r.s2}  S3 {r.s3}")

@@ -1,0 +1,196 @@
+"""The loading system's commands: ``svcard load`` (the client), ``svcard bank account ...``
+(the bank's customer accounts), ``svcard serve load`` and ``svcard serve bank``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, emit, fail, json_option
+from ..terminal import purse as T
+from ..terminal.card_commands import amount_option, card_option, handled, readers
+from ..terminal.reader_specs import open_reader
+
+
+def register(root: click.Group, serve: click.Group) -> None:
+    """Add the loading commands to ``svcard`` (``root``) and its ``serve`` group."""
+    root.add_command(load_cmd)
+    root.add_command(bank)
+    serve.add_command(serve_load)
+    serve.add_command(serve_bank)
+
+
+# --- svcard bank account ... ----------------------------------------------------------------
+@click.group()
+def bank() -> None:
+    """The bank's customer accounts (straight in the bank's database)."""
+
+
+db_option = click.option("--db", "db_url", required=True,
+                         help="The bank database URL, e.g. sqlite:///bank.db.")
+
+
+@bank.group("account")
+def bank_account() -> None:
+    """Create, fund and list accounts (integer minor units)."""
+
+
+@bank_account.command("create")
+@click.argument("account_id")
+@db_option
+@click.option("--holder", default=None, help="The holder's name (default: the id).")
+@click.option("--funds", default=0, show_default=True, type=click.IntRange(0, None),
+              help="Opening balance, minor units.")
+@click.option("--currency", default=156, show_default=True, type=int)
+@click.option("--secret", default=None, help="The account secret (default: a random one).")
+@json_option
+def bank_account_create(account_id: str, db_url: str, holder: str | None, funds: int,
+                        currency: int, secret: str | None, as_json: bool) -> None:
+    """Open ACCOUNT_ID. Prints its secret once: `svcard load` needs it."""
+    from .bank.db import BankDb, BankError, make_engine
+
+    try:
+        secret = BankDb(make_engine(db_url)).create_account(account_id, holder or account_id,
+                                                            currency, funds, secret)
+    except BankError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    emit(as_json, {"account": account_id, "balance": funds, "secret": secret},
+         f"account {account_id} opened with {funds}; secret: {secret}")
+
+
+@bank_account.command("fund")
+@click.argument("account_id")
+@click.argument("amount", type=click.IntRange(1, None))
+@db_option
+@json_option
+def bank_account_fund(account_id: str, amount: int, db_url: str, as_json: bool) -> None:
+    """Deposit AMOUNT minor units into ACCOUNT_ID."""
+    from .bank.db import BankDb, BankError, make_engine
+
+    try:
+        balance = BankDb(make_engine(db_url)).fund(account_id, amount)
+    except BankError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    emit(as_json, {"account": account_id, "balance": balance},
+         f"account {account_id}: balance {balance}")
+
+
+@bank_account.command("list")
+@db_option
+@json_option
+def bank_account_list(db_url: str, as_json: bool) -> None:
+    """Every account with its balance."""
+    from .bank.db import BankDb, make_engine
+
+    rows = BankDb(make_engine(db_url)).accounts()
+    emit(as_json, rows, "\n".join(f"{r['account_id']:<16} {r['balance']:>14}  {r['holder']}"
+                                  for r in rows) or "no accounts")
+
+
+# --- svcard load ----------------------------------------------------------------------------
+@click.command("load")
+@click.argument("bank_url")
+@card_option
+@click.option("--account", required=True, help="Your account at the bank.")
+@click.option("--secret", required=True, envvar="SVCARD_ACCOUNT_SECRET",
+              help="The account secret (or $SVCARD_ACCOUNT_SECRET).")
+@amount_option
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The local journal (default: $SVCARD_JOURNAL or "
+                   "~/.local/state/svcard/journal.jsonl).")
+@click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
+@json_option
+def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: int,
+             journal: Path | None, timeout: float, as_json: bool) -> None:
+    """Load AMOUNT minor units from your bank account onto the card (seed FIG. 18).
+
+    BANK_URL is the bank's load page (e.g. http://127.0.0.1:8083/v1/load). First finishes any
+    load of this card an interruption left in the journal, asking the card what happened.
+    Exit code 1 if the load was refused or ended "not loaded" (the account is re-credited).
+    """
+    import httpx
+
+    from ..terminal.journal import Journal, default_journal
+    from ..terminal.online import PaymentRefused
+    from . import client as LC
+
+    book = Journal(journal or default_journal())
+    with handled(), httpx.Client(timeout=timeout) as http, \
+            readers(("card", card_spec)) as (card_r,):
+        try:
+            resumed = LC.resume_loads(card_r, journal=book, http=http)
+            outcome = LC.load(bank_url, card_r, account=account, secret=secret, amount=amount,
+                              journal=book, http=http)
+        except httpx.HTTPError as exc:
+            fail(f"network: {exc} (the journal keeps the load; run again to finish it)",
+                 EXIT_DEVICE)
+        except PaymentRefused as exc:
+            fail(str(exc), EXIT_DECLINED)
+    exp = outcome.currency_exponent
+    text = "\n".join(
+        [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]
+        + [f"{outcome.outcome} {T.format_amount(outcome.amount, exp)} "
+           f"({outcome.round_trips} round trips): {outcome.reason}",
+           f"  card balance {T.format_amount(outcome.balance_before, exp)} -> "
+           f"{T.format_amount(outcome.balance_after, exp)}",
+           f"  bank: {json.dumps(outcome.bank)}"])
+    emit(as_json, {"resumed": resumed, "load": outcome.to_json()}, text)
+    if outcome.outcome != "loaded":
+        sys.exit(EXIT_DECLINED)
+
+
+# --- svcard serve load / svcard serve bank --------------------------------------------------
+@click.command("load")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: terminal id, banks and their shared keys, db "
+                   "(see fixtures/load-demo.toml).")
+@click.option("--hsm", "hsm_specs", multiple=True, required=True, metavar="SPEC",
+              help="A load HSM (repeat for a pool): virtual:hsm.json, pcsc:NAME, ...")
+@click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8084, show_default=True, type=int)
+def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None, host: str,
+               port: int) -> None:
+    """The load server: load requests in, load commands (the HSM's S2) out, confirmations
+    sealed for the bank."""
+    import uvicorn
+
+    from ..kit.config import ConfigError
+    from .config import load_config
+    from .server.app import LoadServer
+
+    try:
+        config = load_config(config_path, db_url)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    with handled():
+        server = LoadServer(config, [open_reader(spec) for spec in hsm_specs])
+    uvicorn.run(server.app(), host=host, port=port, log_level="info")
+
+
+@click.command("bank")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: bank id, the key shared with the load server, load server URL "
+                   "(see fixtures/bank-demo.toml).")
+@click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8083, show_default=True, type=int)
+def serve_bank(config_path: Path, db_url: str | None, host: str, port: int) -> None:
+    """The bank: debits customer accounts for loads, registers the load server's
+    confirmations (a "not loaded" one re-credits the account)."""
+    import uvicorn
+
+    from ..kit.config import ConfigError
+    from .bank.server import BankServer
+    from .config import bank_config
+
+    try:
+        config = bank_config(config_path, db_url)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    uvicorn.run(BankServer(config).app(), host=host, port=port, log_level="info")

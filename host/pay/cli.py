@@ -1,0 +1,176 @@
+"""The card payment system's commands: ``svcard pay`` (the client), ``svcard terminal-key``
+(a client terminal's key), ``svcard serve payment`` and ``svcard serve merchant``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..kit.command_line import EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
+from ..terminal import purse as T
+from ..terminal.card_commands import card_option, handled, pin_option, purse_option, readers
+from ..terminal.reader_specs import open_reader
+
+
+def register(root: click.Group, serve: click.Group) -> None:
+    """Add the payment commands to ``svcard`` (``root``) and its ``serve`` group."""
+    root.add_command(pay_cmd)
+    root.add_command(terminal_key_group)
+    serve.add_command(serve_payment)
+    serve.add_command(serve_merchant)
+
+
+@click.command("pay")
+@click.argument("checkout_url")
+@card_option
+@purse_option
+@pin_option
+@click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The local payment journal (default: $SVCARD_JOURNAL or "
+                   "~/.local/state/svcard/journal.jsonl).")
+@click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
+@click.option("--terminal-key", "terminal_key", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="This client terminal's Ed25519 key (svcard terminal-key new): names the "
+                   "terminal at checkout and signs FIG. 7 confirmations. Without it the "
+                   "client never asks for FIG. 7.")
+@click.option("--terminal-id", "terminal_id", default=None, metavar="HEX",
+              help="The terminal id registered with the merchant (8 bytes hex; default: "
+                   "derived from the key).")
+@json_option
+def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
+            journal: Path | None, timeout: float, terminal_key: Path | None,
+            terminal_id: str | None, as_json: bool) -> None:
+    """Pay a merchant's CHECKOUT_URL with the card (seed steps 608-640).
+
+    First finishes any payment of this card that an interruption left in the journal (or proves
+    with the card that it never happened), then pays: one draw request to the payment server,
+    the card debits itself, the confirmation goes to the merchant, the goods come back.
+    """
+    import httpx
+
+    from ..terminal.journal import Journal, default_journal
+    from . import client as C
+    from . import client_terminal as CT
+
+    book = Journal(journal or default_journal())
+    terminal = None
+    if terminal_id is not None and terminal_key is None:
+        fail("--terminal-id needs --terminal-key", EXIT_USAGE)
+    if terminal_key is not None:
+        with handled():
+            terminal = CT.ClientTerminal.load(terminal_key, _terminal_id(terminal_id))
+    with handled(), httpx.Client(timeout=timeout) as http, \
+            readers(("card", card_spec)) as (card_r,):
+        try:
+            resumed = C.resume(card_r, journal=book, http=http, terminal=terminal)
+            outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
+                            purse=T.purse_id(purse), terminal=terminal)
+        except httpx.HTTPError as exc:
+            fail(f"network: {exc} (the journal keeps the payment; run again to finish it)",
+                 EXIT_DEVICE)
+    exp = outcome.currency_exponent
+    text = "\n".join(
+        [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]
+        + [f"paid {T.format_amount(outcome.amount, exp)} ({outcome.variant}, "
+           f"{outcome.round_trips} round trips): {outcome.item}",
+           f"  balance {T.format_amount(outcome.balance_before, exp)} -> "
+           f"{T.format_amount(outcome.balance_after, exp)}",
+           f"  goods: {outcome.goods}" + ("" if outcome.proven else
+                                          " (unproven until the card's proof is cleared)"),
+           f"  receipt: {json.dumps(outcome.receipt)}"])
+    emit(as_json, {"resumed": resumed, "payment": outcome.to_json()}, text)
+
+
+def _terminal_id(value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != 8:
+        fail("--terminal-id: 8 bytes of hex", EXIT_USAGE)
+    return raw
+
+
+@click.group("terminal-key")
+def terminal_key_group() -> None:
+    """A client terminal's Ed25519 key (merchants register it to allow FIG. 7)."""
+
+
+@terminal_key_group.command("new")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--terminal-id", "terminal_id", default=None, metavar="HEX",
+              help="The terminal id (8 bytes hex; default: derived from the public key).")
+@json_option
+def terminal_key_new(file: Path, terminal_id: str | None, as_json: bool) -> None:
+    """Write a new key to FILE (mode 0600, never overwritten); print its id and public key
+    (the private key is not printed)."""
+    from .client_terminal import ClientTerminal
+
+    terminal = ClientTerminal.generate(_terminal_id(terminal_id))
+    try:
+        terminal.save(file)
+    except FileExistsError:
+        fail(f"{file} exists: not overwritten", EXIT_USAGE)
+    except OSError as exc:
+        fail(f"{file}: {exc.strerror}", EXIT_DEVICE)
+    tid, public = terminal.terminal_id.hex().upper(), terminal.public_key.hex().upper()
+    emit(as_json, {"file": str(file), "terminal_id": tid, "public_key": public},
+         f"wrote {file} (mode 0600)\nterminal id {tid}\npublic key {public}\n"
+         f"for the merchant's [client_terminals]:\n\"{tid}\" = \"{public}\"")
+
+
+@click.command("payment")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: merchants and their shared keys, db, timeouts "
+                   "(see fixtures/payment-demo.toml).")
+@click.option("--psam", "psam_specs", multiple=True, required=True, metavar="SPEC",
+              help="A PSAM of the pool (repeat): virtual:psam.json, pcsc:NAME, ...")
+@click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | None,
+                  host: str, port: int) -> None:
+    """The payment server: draw requests in, debit commands out, a pool of PSAMs."""
+    import uvicorn
+
+    from ..kit.config import ConfigError
+    from .config import payment_config
+    from .server.app import PaymentServer
+
+    try:
+        config = payment_config(config_path, db_url)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    with handled():
+        psams = [open_reader(spec) for spec in psam_specs]
+        server = PaymentServer(config, psams)
+    uvicorn.run(server.app(), host=host, port=port, log_level="info")
+
+
+@click.command("merchant")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: merchant id, shared key, payment server URL and terminal id, "
+                   "variants, client terminals, db, bounds (see fixtures/merchant-demo.toml).")
+@click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8081, show_default=True, type=int)
+def serve_merchant(config_path: Path, db_url: str | None, host: str, port: int) -> None:
+    """A merchant selling digital goods: checkout and status endpoints."""
+    import uvicorn
+
+    from ..kit.config import ConfigError
+    from .config import merchant_config
+    from .merchant.server import MerchantServer
+
+    try:
+        config = merchant_config(config_path, db_url)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    uvicorn.run(MerchantServer(config).app(), host=host, port=port, log_level="info")

@@ -1,0 +1,141 @@
+"""The settlement system's commands: ``svcard clearing run`` and ``svcard clearing verify``
+(seed FIG. 3), and ``svcard audit`` (is money conserved, is anything hidden)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, emit, fail, json_option
+from ..terminal.card_commands import handled, readers
+
+
+def register(root: click.Group, serve: click.Group) -> None:
+    """Add the settlement commands to ``svcard`` (``root``); settlement serves nothing, so
+    ``serve`` gets no command."""
+    root.add_command(clearing)
+    root.add_command(audit_cmd)
+
+
+@click.group()
+def clearing() -> None:
+    """Clear PSAM batches, move loaded funds to the float, pay merchants (seed FIG. 3)."""
+
+
+@clearing.command("run")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML: issuers (TAC keys), terminals (batch keys, merchant, acquirer), "
+                   "settlement key (see fixtures/clearing-demo.toml).")
+@click.option("--batches", "batch_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The concentration point folder the payment servers write batches to.")
+@click.option("--load-db", "load_dbs", multiple=True, metavar="URL",
+              help="A load server's database: its confirmed loads fund the float (repeat).")
+@click.option("--db", "db_url", required=True, help="The clearing database URL.")
+@click.option("--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Where the settlement file and its JSON Lines twin go.")
+@json_option
+def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], db_url: str,
+                 out_dir: Path, as_json: bool) -> None:
+    """One clearing run over every batch in the folder. Exit code 1 if any batch or record
+    was refused (the rest is still cleared; refused ones are listed with their reason)."""
+    from ..kit.config import ConfigError
+    from . import clearing as CL
+    from .config import clearing_config
+
+    try:
+        config = clearing_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    report = CL.run_clearing(config, batch_dir, CL.make_engine(db_url), out_dir,
+                             load_db_urls=load_dbs)
+    refused = [b for b in report.batches if b["state"] == "refused"
+               or b["counts"].get("refused")]
+    refused += [p for p in report.proofs if p["state"] == "refused" or p["counts"].get("refused")]
+    text = [f"run {report.run_number}: {report.records_cleared} records cleared, "
+            f"{report.total_paid} paid to merchants; {report.loads_moved} loads "
+            f"({report.total_loaded}) moved to the float",
+            f"  settlement file {report.settlement_file} (+ .jsonl)"]
+    for b in report.batches:
+        text.append(f"  {b['file']}: {b['state']} ({b['reason']}) {b['counts']}")
+        text += [f"    record {p['index']}: {p['state']}: {p['reason']}" for p in b["problems"]]
+    for pf in report.proofs:
+        text.append(f"  {pf['file']}: {pf['state']} ({pf['reason']}) {pf['counts']}")
+        text += [f"    batch {p['batch_number']} TTN {p['terminal_txn_number']}: {p['state']}: "
+                 f"{p['reason']}" for p in pf["problems"]]
+    emit(as_json, report.to_json(), "\n".join(text))
+    if refused:
+        sys.exit(EXIT_DECLINED)
+
+
+@clearing.command("verify")
+@click.argument("settlement_file", type=click.Path(exists=True, dir_okay=False,
+                                                   path_type=Path))
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> None:
+    """Check a settlement file's MAC and layout and print its lines."""
+    from ..kit.config import ConfigError
+    from . import clearing as CL
+    from .config import clearing_config
+
+    try:
+        key = clearing_config(config_path).settlement_key
+    except ConfigError as exc:
+        fail(str(exc), EXIT_DEVICE)
+    try:
+        data = CL.verify_settlement_file(key, settlement_file.read_bytes())
+    except CL.ClearingError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    emit(as_json, data, "\n".join([f"run {data['run_number']}: MAC verified"] + [
+        f"  kind {ln['kind']} {ln['payer']} -> {ln['payee']}: {ln['count']} x, {ln['amount']}"
+        for ln in data["lines"]]))
+
+
+@click.command("audit")
+@click.option("--card", "card_specs", multiple=True, metavar="SPEC",
+              help="A card (reader spec, or an image path): its balance counts (repeat).")
+@click.option("--payment-db", "payment_dbs", multiple=True, metavar="URL")
+@click.option("--load-db", "load_dbs", multiple=True, metavar="URL")
+@click.option("--bank-db", "bank_dbs", multiple=True, metavar="URL")
+@click.option("--clearing-db", default=None, metavar="URL")
+@click.option("--opening", default=0, show_default=True, type=click.IntRange(0, None),
+              help="Balances the cards were personalised with (minor units, in total).")
+@click.option("--psam", "psam_specs", multiple=True, metavar="SPEC",
+              help="A payment server's PSAM (reader spec or image path): its open batch is read, "
+                   "so a confirmed payment with no PSAM record is found at once (repeat).")
+@click.option("--max-age", "max_age_days", default=7.0, show_default=True,
+              type=click.FloatRange(0, None),
+              help="Days after which a held record, an open load or a confirmed payment not "
+                   "yet cleared fails the audit.")
+@json_option
+def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
+              load_dbs: tuple[str, ...], bank_dbs: tuple[str, ...], clearing_db: str | None,
+              opening: int, psam_specs: tuple[str, ...], max_age_days: float,
+              as_json: bool) -> None:
+    """Prove money is conserved and nothing is hidden: cards + unsettled purchases + settled =
+    loads; the float = cards + unsettled; bank debits = confirmed loads; every confirmed payment
+    has a PSAM record; every refund a proven "not loaded"; held records, open loads and
+    uncleared payments listed, and failing past --max-age. Exit code 1 on any finding."""
+    from .audit import DAY_MS, audit, card_balances, psam_open_batches
+
+    def spec(s: str) -> str:
+        return s if ":" in s else f"virtual:{s}"
+
+    with handled(), readers(*[("card", spec(s)) for s in card_specs]) as card_readers:
+        cards = card_balances(card_readers)
+    open_batches = None
+    if psam_specs:
+        with handled(), readers(*[("psam", spec(s)) for s in psam_specs]) as psam_readers:
+            open_batches = psam_open_batches(psam_readers)
+    report = audit(cards, payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
+                   clearing_db=clearing_db, opening=opening,
+                   max_age_ms=int(max_age_days * DAY_MS), open_batches=open_batches)
+    emit(as_json, report.to_json(), report.text())
+    if not report.clean:
+        sys.exit(EXIT_DECLINED)
