@@ -34,7 +34,7 @@ def main() -> None:
 
     \b
     Quick tour:
-      svcard demo                                   a load and a purchase, end to end
+      svcard demo                                   loads, payments, clearing, audit
       svcard card new fixtures/iep-demo.toml --out card.json
       svcard terminal balance --card virtual:card.json
     """
