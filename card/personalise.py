@@ -17,7 +17,9 @@ from typing import Any
 from ..protocols import crypto
 from ..protocols import purse as P
 from .hsm import HsmState, IssuerLoadKeys
-from .iep import DEFAULT_MAC_FAILURE_LIMIT, IepState, Purse, encode_pin
+from .iep import IepState, Purse
+from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
+from .iep_commands.pin import encode_pin
 from .image import new_image
 from .keys import KeyEntry
 from .psam import IssuerKey, PsamState

@@ -89,6 +89,12 @@ class TableApplication(Application):
         return handler(cmd)
 
 
+def need_data(cmd: CommandAPDU, size: int) -> None:
+    """Refuse with ``6700`` a command whose data is not exactly ``size`` bytes."""
+    if len(cmd.data) != size:
+        raise CardError(SW.WRONG_LENGTH)
+
+
 def read_binary_sfi(cmd: CommandAPDU, files: dict[int, bytes]) -> bytes:
     """READ BINARY addressed by short file identifier (P1 = 100xxxxx), offset in P2."""
     if not cmd.p1 & 0x80:

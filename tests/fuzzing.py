@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from conftest import demo_image, with_balance
 
-from svcard.card.iep import unlock_keys
+from svcard.card.iep_commands.lockout import unlock_keys
 from svcard.card.image import card_from_image
 from svcard.protocols import sw as SW
 

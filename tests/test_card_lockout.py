@@ -16,7 +16,7 @@ import pytest
 from conftest import demo_image, with_balance
 from rawhost import RawHost
 
-from svcard.card.iep import DEFAULT_MAC_FAILURE_LIMIT, unlock_keys
+from svcard.card.iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT, unlock_keys
 from svcard.card.image import card_from_image, open_card, save_new_image
 from svcard.card.personalise import ProfileError, image_from_profile
 from svcard.card.runtime import Card
