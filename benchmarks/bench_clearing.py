@@ -23,6 +23,7 @@ from svcard.card.personalise import load_issuer
 from svcard.fixtures import fixture_path
 from svcard.host.settle import clearing as CL
 from svcard.host.settle.config import clearing_config
+from svcard.host.settle.db import make_engine as make_clearing_engine
 from svcard.protocols import crypto
 from svcard.protocols import purse as P
 
@@ -73,7 +74,7 @@ def main() -> int:
         total = make_batch(folder / "batches" / "batch.json", records, args.cards)
         built = time.perf_counter() - t0
         config = clearing_config(fixture_path("clearing-demo.toml"))
-        engine = CL.make_engine(f"sqlite:///{folder / 'clearing.db'}")
+        engine = make_clearing_engine(f"sqlite:///{folder / 'clearing.db'}")
         t0 = time.perf_counter()
         report = CL.run_clearing(config, folder / "batches", engine, folder / "out")
         elapsed = time.perf_counter() - t0

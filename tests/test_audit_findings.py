@@ -25,8 +25,8 @@ from svcard.host.load.server.db import make_engine as make_load_engine
 from svcard.host.pay import client as C
 from svcard.host.pay.server.db import make_engine as make_pay_engine
 from svcard.host.pay.server.db import payments
-from svcard.host.settle import clearing as CL
 from svcard.host.settle.audit import DAY_MS, AuditReport, audit, psam_open_batches
+from svcard.host.settle.proofs import PROOFS_FORMAT, PROOFS_PREFIX
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
@@ -83,7 +83,7 @@ def batch_of(system: System, psam_hex: str, ttn: int) -> tuple[Path, int]:
 def proofs_file(folder: Path, terminal: str, psam: str, proofs: list[dict[str, Any]],
                 stamp: str) -> Path:
     path = folder / f"proofs-{terminal.upper()}-{psam.upper()}-{stamp}.json"
-    path.write_text(json.dumps({"format": CL.PROOFS_FORMAT, "terminal_id": terminal.upper(),
+    path.write_text(json.dumps({"format": PROOFS_FORMAT, "terminal_id": terminal.upper(),
                                 "psam_id": psam.upper(), "proofs": proofs}))
     return path
 
@@ -122,7 +122,7 @@ def test_a_late_fig8_proof_is_paid_once_and_a_tampered_one_moves_nothing(
     system.close_batches()
     aside = tmp_path / "aside"
     aside.mkdir()
-    for found in system.batch_dir.glob(f"{CL.PROOFS_PREFIX}*.json"):
+    for found in system.batch_dir.glob(f"{PROOFS_PREFIX}*.json"):
         shutil.move(str(found), aside / found.name)
     psam_hex = row["psam_id"].upper()
     terminal = system.pay.payment_server.pool.terminal_id.hex().upper()
@@ -134,9 +134,9 @@ def test_a_late_fig8_proof_is_paid_once_and_a_tampered_one_moves_nothing(
     forged = {**good, "tac": bytes([tac[0] ^ 1, *tac[1:]]).hex().upper()}
     unknown = {**good, "terminal_txn_number": row["ttn"] + 1000}
     proofs_file(system.batch_dir, terminal, psam_hex, [forged, unknown], "20260101000000000001")
-    (system.batch_dir / f"{CL.PROOFS_PREFIX}deep.json").write_text("[" * 100_000)
-    (system.batch_dir / f"{CL.PROOFS_PREFIX}bad.json").write_text(json.dumps(
-        {"format": CL.PROOFS_FORMAT, "terminal_id": terminal, "psam_id": psam_hex,
+    (system.batch_dir / f"{PROOFS_PREFIX}deep.json").write_text("[" * 100_000)
+    (system.batch_dir / f"{PROOFS_PREFIX}bad.json").write_text(json.dumps(
+        {"format": PROOFS_FORMAT, "terminal_id": terminal, "psam_id": psam_hex,
          "proofs": [{**good, "batch_number": True}]}))
     attacked = system.run_clearing()
     assert attacked.total_paid == 0 and attacked.records_cleared == 0
@@ -144,8 +144,8 @@ def test_a_late_fig8_proof_is_paid_once_and_a_tampered_one_moves_nothing(
     (tampered,) = [p for f, p in by_file.items() if f.endswith("000001.json")]
     assert tampered["counts"] == {"refused": 1, "not held": 1}
     assert "TAC does not verify" in tampered["problems"][0]["reason"]
-    assert by_file[f"{CL.PROOFS_PREFIX}deep.json"]["state"] == "refused"
-    assert "not a late proofs file" in by_file[f"{CL.PROOFS_PREFIX}bad.json"]["reason"]
+    assert by_file[f"{PROOFS_PREFIX}deep.json"]["state"] == "refused"
+    assert "not a late proofs file" in by_file[f"{PROOFS_PREFIX}bad.json"]["reason"]
     assert len(system.audit([card]).held) == 1  # the record is still held
     # 5. the genuine proof: paid in this run, in the settlement file and the ledger
     proofs_file(system.batch_dir, terminal, psam_hex, [good], "20260101000000000002")
@@ -187,7 +187,7 @@ def test_twenty_clearing_runs_racing_one_late_proof_pay_it_once(
     (row,) = [r for r in payment_rows(system) if r["variant"] == M.FIG8_MERCHANT_COMPARES]
     terminal = system.pay.payment_server.pool.terminal_id.hex().upper()
     _, number = batch_of(system, row["psam_id"], row["ttn"])
-    for found in system.batch_dir.glob(f"{CL.PROOFS_PREFIX}*.json"):
+    for found in system.batch_dir.glob(f"{PROOFS_PREFIX}*.json"):
         found.unlink()  # only the attacker's copies below
     proofs_file(system.batch_dir, terminal, row["psam_id"], [
         {"batch_number": number, "terminal_txn_number": row["ttn"], "tac": row["tac"]}],

@@ -16,8 +16,9 @@ from conftest import load_card as load
 from svcard.fixtures import fixture_path
 from svcard.host.demo.system import System, card_image
 from svcard.host.pay import client as C
-from svcard.host.settle import clearing as CL
+from svcard.host.settle.batches import check_batch
 from svcard.host.settle.config import clearing_config
+from svcard.host.settle.settlement_file import ClearingError, verify_settlement_file
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import purse as P
@@ -59,13 +60,13 @@ def test_load_pay_clear_and_a_clean_audit(system: System, tmp_path: Path) -> Non
     # the fixed-layout file verifies, and says what the JSON Lines twin says
     blob = Path(report.settlement_file).read_bytes()
     config = clearing_config(fixture_path("clearing-demo.toml"))
-    parsed = CL.verify_settlement_file(config.settlement_key, blob)
+    parsed = verify_settlement_file(config.settlement_key, blob)
     assert parsed["total_paid"] == spent and len(parsed["lines"]) == 3
     twin = [json.loads(x) for x in Path(report.jsonl_file).read_text().splitlines()]
     assert [t["amount"] for t in twin if t["type"] == "line"] == [
         ln["amount"] for ln in parsed["lines"]]
-    with pytest.raises(CL.ClearingError, match="MAC"):
-        CL.verify_settlement_file(config.settlement_key, blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(ClearingError, match="MAC"):
+        verify_settlement_file(config.settlement_key, blob[:-1] + bytes([blob[-1] ^ 1]))
     # the same batches again: refused as duplicates, nothing paid twice
     again = system.run_clearing()
     assert again.records_cleared == 0 and again.total_paid == 0 and again.loads_moved == 0
@@ -93,23 +94,23 @@ def test_tampered_batches_and_records(system: System, tmp_path: Path) -> None:
     #    outside the batch MAC): the record is held, not refused (a forgery moves nothing)
     config = clearing_config(fixture_path("clearing-demo.toml"))
     records = [P.PsamRecord.parse(bytes.fromhex(r)) for r in doc["records"]]
-    verdict = CL.check_batch(config, path)
+    verdict = check_batch(config, path)
     assert verdict.state == "cleared" and all(r.state == "cleared" for r in verdict.records)
     early = [i for i, r in enumerate(records) if r.tac == bytes(4)]
     if early:
         wrong = {**doc, "proofs": {str(early[0]): "00000000"}}
         (folder / "b.json").write_text(json.dumps(wrong))
-        v = CL.check_batch(config, folder / "b.json")
+        v = check_batch(config, folder / "b.json")
         assert v.records[early[0]].state == "held"
         assert "TAC does not verify" in v.records[early[0]].reason
         # 3. no TAC at all: held, not paid
         (folder / "c.json").write_text(json.dumps({**doc, "proofs": {}}))
-        v = CL.check_batch(config, folder / "c.json")
+        v = check_batch(config, folder / "c.json")
         assert v.records[early[0]].state == "held"
-    v = CL.check_batch(config, folder / "a.json")
+    v = check_batch(config, folder / "a.json")
     assert v.state == "refused" and "batch MAC does not verify" in v.reason
     (folder / "d.json").write_text("{not json")
-    assert "not a batch file" in CL.check_batch(config, folder / "d.json").reason
+    assert "not a batch file" in check_batch(config, folder / "d.json").reason
 
 
 def test_an_unproven_early_release_is_held_and_the_audit_stays_clean(

@@ -36,6 +36,7 @@ from svcard.host.pay.stack import start_stack
 from svcard.host.settle import clearing as CL
 from svcard.host.settle.audit import audit, card_balances
 from svcard.host.settle.config import clearing_config
+from svcard.host.settle.db import make_engine as make_clearing_engine
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.purse import TerminalError
 from svcard.host.terminal.reader_specs import open_reader
@@ -213,7 +214,7 @@ def test_randomized_simulation_balances_to_the_cent(tmp_path: Path, sim_ops: int
                             headers={"Authorization": f"Bearer {system.admin_token}"})
         assert closed.status_code == 200 and closed.json()["batches"]
         config = clearing_config(write_clearing_config(tmp_path / "clearing.toml"))
-        report = CL.run_clearing(config, system.batch_dir, CL.make_engine(system.clearing_db),
+        report = CL.run_clearing(config, system.batch_dir, make_clearing_engine(system.clearing_db),
                                  tmp_path / "settlement",
                                  load_db_urls=(system.load.load_server.config.db_url,))
         readers = [open_reader(f"virtual:{c}") for c in cards]

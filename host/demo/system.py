@@ -63,9 +63,10 @@ class System:
     def run_clearing(self) -> ClearingReport:
         from ..settle import clearing as CL
         from ..settle.config import clearing_config
+        from ..settle.db import make_engine as make_clearing_engine
 
         config = clearing_config(fixture_path("clearing-demo.toml"))
-        return CL.run_clearing(config, self.batch_dir, CL.make_engine(self.clearing_db),
+        return CL.run_clearing(config, self.batch_dir, make_clearing_engine(self.clearing_db),
                                self.folder / "settlement",
                                load_db_urls=(str(self.load.load_server.config.db_url),))
 

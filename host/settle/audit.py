@@ -49,8 +49,8 @@ from ..pay.server.db import make_engine as make_pay_engine
 from ..pay.server.db import payments
 from ..terminal import apdus
 from ..terminal.purse import call, select_purse
-from .clearing import batches, cleared_keys, ledger_balances, records, uncleared
-from .clearing import make_engine as make_clearing_engine
+from .db import batches, cleared_keys, ledger_balances, records, uncleared
+from .db import make_engine as make_clearing_engine
 
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_MAX_AGE_MS = 7 * DAY_MS

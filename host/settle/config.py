@@ -1,12 +1,40 @@
-"""TOML configuration of clearing (``svcard clearing ...``)."""
+"""Configuration of clearing (``svcard clearing ...``): what it knows of issuers and terminals,
+and its TOML file."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...card.personalise import ProfileError, load_issuer
 from ..kit.config import ConfigError, hex_field, read_toml
-from .clearing import ClearingConfig, IssuerTac, Terminal
+
+
+@dataclass(frozen=True)
+class Terminal:
+    terminal_id: bytes
+    batch_key: bytes = field(repr=False)
+    merchant_id: bytes
+    acquirer_id: bytes
+
+    def names(self) -> tuple[str, str, str]:
+        """The terminal's id, merchant and acquirer, in upper-case hex."""
+        return (self.terminal_id.hex().upper(), self.merchant_id.hex().upper(),
+                self.acquirer_id.hex().upper())
+
+
+@dataclass(frozen=True)
+class IssuerTac:
+    issuer_id: bytes
+    tac_master: bytes = field(repr=False)
+    two_level: bool
+
+
+@dataclass
+class ClearingConfig:
+    settlement_key: bytes = field(repr=False)
+    issuers: dict[bytes, IssuerTac]
+    terminals: dict[bytes, Terminal]
 
 
 def clearing_config(path: Path) -> ClearingConfig:
