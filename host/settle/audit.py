@@ -41,12 +41,8 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader import Reader
 from ..kit.db import now_ms
-from ..load.bank.db import BankDb
-from ..load.bank.db import make_engine as make_bank_engine
-from ..load.server.db import LoadDb
-from ..load.server.db import make_engine as make_load_engine
-from ..pay.server.db import make_engine as make_pay_engine
-from ..pay.server.db import payments
+from ..load import records as load_records
+from ..pay import records as pay_records
 from ..terminal import apdus
 from ..terminal.purse import call, select_purse
 from .db import batches, cleared_keys, ledger_balances, records, uncleared
@@ -153,19 +149,17 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     by_psam_ttn: dict[tuple[str, int], dict[str, Any]] = {}
     confirmed: list[dict[str, Any]] = []
     for url in payment_dbs:
-        with make_pay_engine(url).connect() as conn:
-            for found in conn.execute(select(payments)):
-                r = dict(found._mapping)
-                if r["psam_id"] and r["ttn"] is not None:
-                    by_psam_ttn[(r["psam_id"].upper(), int(r["ttn"]))] = r
-                if r["state"] != "confirmed" or r["tac"] is None or r["amount"] <= 0:
-                    continue
-                confirmed.append(r)
-                key = (r["card_serial"][-16:].lower(), int(r["card_counter"]))
-                if key in proven:
-                    bad.append(f"purchase of card {r['card_serial']} counter "
-                               f"{r['card_counter']} confirmed twice")
-                proven[key] = (int(r["amount"]), r["card_serial"].lower())
+        for r in pay_records.payments(url):
+            if r["psam_id"] and r["ttn"] is not None:
+                by_psam_ttn[(r["psam_id"].upper(), int(r["ttn"]))] = r
+            if r["state"] != "confirmed" or r["tac"] is None or r["amount"] <= 0:
+                continue
+            confirmed.append(r)
+            key = (r["card_serial"][-16:].lower(), int(r["card_counter"]))
+            if key in proven:
+                bad.append(f"purchase of card {r['card_serial']} counter "
+                           f"{r['card_counter']} confirmed twice")
+            proven[key] = (int(r["amount"]), r["card_serial"].lower())
     settled_keys: set[tuple[str, int]] = set()
     settled = 0
     ledger: dict[str, int] = {}
@@ -202,7 +196,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     unsettled = sum(a for k, (a, _) in proven.items() if k not in settled_keys)
     loaded_rows: list[dict[str, Any]] = []
     for url in load_dbs:
-        loaded_rows += LoadDb(make_load_engine(url)).rows()
+        loaded_rows += load_records.loads(url)
     open_loads = []
     for load in loaded_rows:
         if load["state"] != "authorized":
@@ -238,7 +232,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
         by_txn = {r["txn_id"]: r for r in loaded_rows}
         debited = 0
         for url in bank_dbs:
-            for b in BankDb(make_bank_engine(url)).loads():
+            for b in load_records.bank_loads(url):
                 row = by_txn.get(b["txn_id"])
                 state = row["state"] if row else None
                 if b["state"] == "confirmed":

@@ -23,7 +23,8 @@ point, and the load server's log, and in one database transaction:
 
 The run reads top to bottom in :func:`run_clearing`; the steps it calls are in their own
 modules: checking a batch file (:mod:`.batches`), late proofs (:mod:`.proofs`), the clearing
-database (:mod:`.db`) and the settlement file (:mod:`.settlement_file`).
+database (:mod:`.db`) and the settlement file (:mod:`.settlement_file`). The load server's
+loads are read through :mod:`svcard.host.load.records`.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ from sqlalchemy import Engine, func, insert, select
 
 from ...protocols import settlement as S
 from ..kit.db import now_ms
-from ..load.server.db import LoadDb
-from ..load.server.db import make_engine as make_load_engine
+from ..load import records as load_records
 from .batches import RECORD, check_batch
 from .config import ClearingConfig
 from .db import (
@@ -83,7 +83,7 @@ def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_di
     proof_verdicts = [read_proofs(p) for p in files if p.name.startswith(PROOFS_PREFIX)]
     loads: list[dict[str, Any]] = []
     for url in load_db_urls:
-        loads.extend(LoadDb(make_load_engine(url)).rows("loaded"))
+        loads.extend(load_records.loads(url, "loaded"))
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = int(time.time())
     stamp_ms = now_ms()
