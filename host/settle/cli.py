@@ -44,15 +44,16 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
     """One clearing run over every batch in the folder. Exit code 1 if any batch or record
     was refused (the rest is still cleared; refused ones are listed with their reason)."""
     from ..kit.config import ConfigError
-    from . import clearing as CL
+    from .clearing import run_clearing
     from .config import clearing_config
+    from .db import make_engine
 
     try:
         config = clearing_config(config_path)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
-    report = CL.run_clearing(config, batch_dir, CL.make_engine(db_url), out_dir,
-                             load_db_urls=load_dbs)
+    report = run_clearing(config, batch_dir, make_engine(db_url), out_dir,
+                          load_db_urls=load_dbs)
     refused = [b for b in report.batches if b["state"] == "refused"
                or b["counts"].get("refused")]
     refused += [p for p in report.proofs if p["state"] == "refused" or p["counts"].get("refused")]
@@ -81,16 +82,16 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
 def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> None:
     """Check a settlement file's MAC and layout and print its lines."""
     from ..kit.config import ConfigError
-    from . import clearing as CL
     from .config import clearing_config
+    from .settlement_file import ClearingError, verify_settlement_file
 
     try:
         key = clearing_config(config_path).settlement_key
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
     try:
-        data = CL.verify_settlement_file(key, settlement_file.read_bytes())
-    except CL.ClearingError as exc:
+        data = verify_settlement_file(key, settlement_file.read_bytes())
+    except ClearingError as exc:
         fail(str(exc), EXIT_DECLINED)
     emit(as_json, data, "\n".join([f"run {data['run_number']}: MAC verified"] + [
         f"  kind {ln['kind']} {ln['payer']} -> {ln['payee']}: {ln['count']} x, {ln['amount']}"
