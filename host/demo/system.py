@@ -72,7 +72,7 @@ class System:
 
     def audit(self, cards: list[Path], opening: int = 0, **options: Any) -> AuditReport:
         """The audit of this system with ``cards``; ``options`` go to
-        :func:`svcard.host.audit.audit` (max_age_ms, now, open_batches)."""
+        :func:`svcard.host.settle.audit.audit` (max_age_ms, now, open_batches)."""
         from ..settle.audit import audit, card_balances
 
         readers = [open_reader(f"virtual:{c}") for c in cards]

@@ -260,7 +260,7 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client,
     report = []
     for entry in journal.unfinished(info.app_serial):
         if entry.get("kind") == "load":
-            continue  # loads: see svcard.host.load_client.resume_loads
+            continue  # loads: see svcard.host.load.client.resume_loads
         txn, state = entry["txn_id"], entry["state"]
         named = str(entry["params"].get("client_terminal", ""))
         own = (terminal if terminal is not None

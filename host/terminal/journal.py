@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 class JournalError(TerminalError, OSError):
     """The journal could not record a step (nothing of the line was kept): the client must not
-    take the step. A :class:`~svcard.host.terminal.TerminalError` and an :class:`OSError`."""
+    take the step. A :class:`~svcard.host.terminal.purse.TerminalError` and an :class:`OSError`."""
 
 
 def default_journal() -> Path:

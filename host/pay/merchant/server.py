@@ -15,7 +15,7 @@ TAC reach the payment server.
 equals the expected MAC2 only the merchant can open). The whole confirmation is checked first;
 then one conditional UPDATE (open -> paid) decides: a confirmation is good once, however many
 copies arrive at the same time. Orders are bounded in count and expire (see
-:mod:`svcard.host.merchantdb`).
+:mod:`svcard.host.pay.merchant.db`).
 """
 
 from __future__ import annotations

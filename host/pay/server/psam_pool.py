@@ -1,5 +1,5 @@
 """A pool of PSAMs for the payment server: one transaction per PSAM at a time (see
-:mod:`svcard.host.reader_pool`). All PSAMs of a pool share the terminal id."""
+:mod:`svcard.host.kit.reader_pool`). All PSAMs of a pool share the terminal id."""
 
 from __future__ import annotations
 
