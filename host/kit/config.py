@@ -1,5 +1,5 @@
-"""TOML configuration of the payment, merchant, bank and load servers (``svcard serve ...``)
-and of clearing (``svcard clearing ...``)."""
+"""Reading a system's TOML configuration file: the error every reader raises (its message names
+the file and the field) and the field readers the systems' ``config.py`` modules share."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ class ConfigError(ValueError):
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document at ``path``; a missing file or bad TOML is a :class:`ConfigError`."""
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -23,6 +24,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def hex_field(value: Any, size: int, field: str) -> bytes:
+    """``value`` as exactly ``size`` bytes of hex; ``field`` names it in the error."""
     try:
         raw = bytes.fromhex(str(value))
     except ValueError:
@@ -33,6 +35,7 @@ def hex_field(value: Any, size: int, field: str) -> bytes:
 
 
 def optional_count(data: dict[str, Any], key: str, path: Path) -> int | None:
+    """``data[key]`` as a whole number >= 1, or None when it is absent."""
     value = data.get(key)
     if value is None:
         return None

@@ -1,6 +1,6 @@
 """What the servers share: refusals as binary error answers, bounded request bodies and JSON,
-a storage failure answered 503, opening a sealed client envelope (FIG. 9 layer), and database
-calls off the event loop.
+a storage failure answered 503, opening a sealed client envelope and sealing its answer (FIG. 9
+layer), and database calls off the event loop.
 
 Every body a server reads goes through :func:`read_body` (at most ``max_bytes``, else 413, read
 as a stream so an oversized body is never held whole) and every JSON body through
@@ -18,6 +18,7 @@ back, so nothing changed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -181,6 +182,18 @@ def open_client_envelope(data: bytes, msg_type: int, keys: dict[bytes, bytes], p
     except (secure.SealError, M.MessageError) as exc:
         raise Refused(400, 401, str(exc)) from None
     return env, dk, ticket, plaintext
+
+
+def seal_answer(env: Any, tsk: bytes, msg_type: int, body: bytes) -> Response:
+    """The answer to an opened client envelope ``env``: ``body`` as a ``msg_type`` envelope
+    sealed under the ticket's TSK, for the client that sent it."""
+    return Response(M.seal_envelope(msg_type, env.merchant_id, env.txn_id, env.etsk, tsk, body),
+                    media_type=OCTETS)
+
+
+def request_digest(plaintext: bytes) -> str:
+    """The SHA-256 of a request's plaintext (hex): how a retried request is told from another."""
+    return hashlib.sha256(plaintext).hexdigest()
 
 
 class SqlRunner:

@@ -1,2 +1,2 @@
-"""Loading a purse over the Internet (seed 002, FIG. 9-10): the bank, the load server with its
+"""Loading a purse over the Internet (seed 002, FIG. 17-18): the bank, the load server with its
 load HSMs, the client side (``svcard load``) and their databases."""

@@ -17,8 +17,8 @@ def load_config(path: Path, db_url: str | None = None) -> LoadConfig:
     for i, b in enumerate(data.get("bank", [])):
         where = f"{path}: bank[{i}]"
         bank_id = hex_field(b.get("id"), 8, f"{where}.id")
-        banks[bank_id] = BankAccount(bank_id, hex_field(b.get("shared_key"), 32,
-                                                   f"{where}.shared_key"))
+        banks[bank_id] = BankAccount(bank_id,
+                                     hex_field(b.get("shared_key"), 32, f"{where}.shared_key"))
     if not banks:
         raise ConfigError(f"{path}: no [[bank]]: the load server would refuse everyone")
     return LoadConfig(banks, hex_field(data.get("terminal_id"), 6, "terminal_id"),

@@ -12,9 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ...protocols import messages as M
-from ..terminal.purse import (
-    TerminalError,
-)
+from ..terminal.purse import TerminalError
 
 
 class ClientTerminal:
@@ -70,7 +68,7 @@ def fingerprint(public_key: bytes) -> bytes:
 
 
 # This process's own client terminals, by id (like an ssh agent): a checkout URL that names
-# ``?terminal=ID`` is paid with the key registered here for ID (used by svcard.host.stack).
+# ``?terminal=ID`` is paid with the key registered here for ID (used by svcard.host.pay.stack).
 _TERMINALS: dict[bytes, ClientTerminal] = {}
 
 

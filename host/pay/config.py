@@ -21,8 +21,8 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
         unknown = [n for n in names if n not in M.VARIANTS]
         if unknown:
             raise ConfigError(f"{where}.variants: unknown {', '.join(unknown)}")
-        merchants[mid] = MerchantAccount(mid, hex_field(m.get("shared_key"), 32,
-                                                   f"{where}.shared_key"),
+        shared_key = hex_field(m.get("shared_key"), 32, f"{where}.shared_key")
+        merchants[mid] = MerchantAccount(mid, shared_key,
                                          frozenset(M.VARIANTS[n] for n in names))
     if not merchants:
         raise ConfigError(f"{path}: no [[merchant]]: the payment server would refuse everyone")
@@ -66,8 +66,8 @@ def merchant_config(path: Path, db_url: str | None = None) -> MerchantConfig:
         return MerchantConfig(
             merchant_id=hex_field(d.get("merchant_id"), 8, "merchant_id"),
             shared_key=hex_field(d.get("shared_key"), 32, "shared_key"),
-            payment_url=str(d["payment_url"]), terminal_id=hex_field(d.get("terminal_id"), 6,
-                                                                 "terminal_id"),
+            payment_url=str(d["payment_url"]),
+            terminal_id=hex_field(d.get("terminal_id"), 6, "terminal_id"),
             public_url=str(d.get("public_url", "http://127.0.0.1:8081")),
             currency_code=number("currency_code", 156),
             currency_exponent=number("currency_exponent", 2), default_variant=variant,

@@ -50,7 +50,8 @@ class Stack:
 
     def checkout_url(self, sku: str = "ticket", variant: str = "fig6") -> str:
         """A checkout URL asking ``variant``; FIG. 7 names the stack's registered client
-        terminal, whose key this process holds (see svcard.host.pay.client_terminal.add_terminal)."""
+        terminal, whose key this process holds (see
+        :func:`svcard.host.pay.client_terminal.add_terminal`)."""
         url = f"{self.merchant.url}/v1/checkout/{sku}?variant={variant}"
         if variant == "fig7" and self.client_terminal is not None:
             url += f"&terminal={self.client_terminal.terminal_id.hex().upper()}"

@@ -84,3 +84,11 @@ def read_batch_record(batch: int, index: int) -> bytes:
     return build_command(P.CLA_PBOC, P.INS_SAM_READ_BATCH_RECORD, 0, 0,
                          P.ReadBatchRecordData.build({"batch": batch, "index": index}),
                          P.PSAM_RECORD_SIZE)
+
+
+def sam_previous_signature() -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_SAM_PREVIOUS_SIGNATURE, 0, 0, b"", 256)
+
+
+def sam_close_batch() -> bytes:
+    return build_command(P.CLA_PBOC, P.INS_SAM_CLOSE_BATCH, 0, 0, b"", 256)

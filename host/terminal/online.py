@@ -5,13 +5,11 @@ from __future__ import annotations
 import httpx
 
 from ...protocols import messages as M
-from .purse import (
-    TerminalError,
-)
+from .purse import TerminalError
 
 
 class PaymentRefused(TerminalError):
-    """A server (payment or merchant) refused; the reason is theirs."""
+    """A server (payment, merchant, bank or load server) refused; the reason is theirs."""
 
     def __init__(self, who: str, status: int, reason: str) -> None:
         super().__init__(f"{who} refused ({status}): {reason}")

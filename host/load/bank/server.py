@@ -12,9 +12,9 @@ terminal id, the bank time stamp and the status URL. ``GET /v1/load`` tells wher
 client): only a confirmation that opens under the key the bank shares with the load server
 and matches the load is registered; "not loaded" re-credits the account.
 
-Account secrets (see :mod:`svcard.host.load.bank.db`): salted scrypt hashes; wrong secrets counted per
-account in the database (after ``secret_max_failures`` in a row the account takes no attempt,
-the right secret included, for a delay that doubles with each further failure: 429 with
+Account secrets (see :mod:`svcard.host.load.bank.db`): salted scrypt hashes; wrong secrets
+counted per account in the database (after ``secret_max_failures`` in a row the account takes
+no attempt, the right secret included, for a delay that doubles with each further failure: 429 with
 Retry-After) and per client address in memory (``address_max_failures`` wrong secrets, any
 accounts, within ``address_window`` seconds: 429). A verified (account, secret) pair is
 remembered for ``secret_cache_seconds`` under an HMAC keyed by a random per-process key (never

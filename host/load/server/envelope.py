@@ -8,7 +8,6 @@ open, 403 for an unknown bank) before the log is read.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from starlette.responses import Response
 
 from ....protocols import loadmsg as L
 from ....protocols import messages as M
-from ...kit.http import OCTETS, Refused, open_client_envelope
+from ...kit.http import Refused, open_client_envelope, request_digest, seal_answer
 
 if TYPE_CHECKING:
     from .app import BankAccount
@@ -36,8 +35,6 @@ class OpenedLoad:
     digest: str
 
 
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def open_message(banks: Mapping[bytes, BankAccount], data: bytes, msg_type: int, layout: Any,
@@ -53,10 +50,9 @@ def open_message(banks: Mapping[bytes, BankAccount], data: bytes, msg_type: int,
         body = M.parse(layout, plain, what)
     except M.MessageError as exc:
         raise Refused(400, 400, str(exc)) from None
-    return OpenedLoad(env, banks[env.merchant_id], dk, ticket, body, digest(plain))
+    return OpenedLoad(env, banks[env.merchant_id], dk, ticket, body, request_digest(plain))
 
 
 def sealed(o: OpenedLoad, msg_type: int, body: bytes) -> Response:
     """The answer ``body`` as a ``msg_type`` envelope for the client that sent ``o``."""
-    return Response(M.seal_envelope(msg_type, o.env.merchant_id, o.env.txn_id, o.env.etsk,
-                                    o.ticket.tsk, body), media_type=OCTETS)
+    return seal_answer(o.env, o.ticket.tsk, msg_type, body)

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 
 async def load_request(server: LoadServer, data: bytes) -> Response:
+    """A LOAD_REQUEST (S1) in; the LOAD_COMMAND (S2) out, or a refusal. Each step is logged
+    before the next: the request, then the HSM's S2."""
     config = server.config
     o = open_message(config.banks, data, L.LOAD_REQUEST, L.LoadRequest, "load request")
     t, r = o.ticket, o.body

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 
 async def load_result(server: LoadServer, data: bytes) -> Response:
+    """A LOAD_RESULT in: "loaded" with the card's S3 (verified by the HSM) or "not loaded" with a
+    zero-value S1, which starts the probe; the LOAD_ANSWER (or the LOAD_PROBE) out."""
     o = open_message(server.config.banks, data, L.LOAD_RESULT, L.LoadResult, "load result")
     res = o.body
     if res.result not in (L.RESULT_LOADED, L.RESULT_NOT_LOADED):

@@ -61,7 +61,7 @@ async def hand_over_batches(server: PaymentServer, request: Request) -> Response
 def collect_batch(reader: Reader) -> dict[str, Any] | None:
     """Close the PSAM's open batch and read its records back (None if it was empty: an empty
     batch is closed anyway, so batch numbers stay in step)."""
-    answer = P.BatchCloseAnswer.parse(call(reader, bytes.fromhex("807E000000"),
+    answer = P.BatchCloseAnswer.parse(call(reader, apdus.sam_close_batch(),
                                            "PSAM CLOSE BATCH"))
     records = []
     for index in range(answer.record_count):

@@ -21,9 +21,9 @@ from ....protocols import messages as M
 from ....protocols import secure
 from ....protocols import sw as SW
 from ...kit.db import DuplicateError
-from ...kit.http import Refused
+from ...kit.http import Refused, request_digest
 from ...terminal import apdus
-from .envelope import Opened, debit_result, digest, open_message, result_m, sealed
+from .envelope import Opened, debit_result, open_message, result_m, sealed
 
 if TYPE_CHECKING:
     from .app import PaymentServer
@@ -38,7 +38,7 @@ async def answer_debit_response(server: PaymentServer, data: bytes) -> Response:
     row = await server.sql(server.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
     if row is None:
         raise Refused(404, 404, "no such transaction")
-    response_digest = digest(o.plaintext)
+    response_digest = request_digest(o.plaintext)
     if row["state"] != "issued":
         return _finished(o, row, response_digest)
     row_id = row["id"]

@@ -25,10 +25,10 @@ from ....protocols import secure
 from ....protocols import sw as SW
 from ....reader import Reader
 from ...kit.db import DuplicateError
-from ...kit.http import Refused
+from ...kit.http import Refused, request_digest
 from ...terminal import apdus
 from ...terminal.purse import Declined, call
-from .envelope import Opened, debit_result, digest, open_message, result_m, sealed
+from .envelope import Opened, debit_result, open_message, result_m, sealed
 from .psam_pool import PoolExhausted
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ async def answer_draw(server: PaymentServer, data: bytes, client: str = "?") -> 
     if server.config.clock().date() > expiry:
         raise Refused(403, 403, f"the card expired on {expiry.isoformat()}")
     merchant_hex, txn_hex = o.env.merchant_id.hex(), o.env.txn_id.hex()
-    draw_digest = digest(o.plaintext)
+    draw_digest = request_digest(o.plaintext)
     values = {"variant": t.variant, "amount": t.amount, "currency_code": t.currency_code,
               "card_serial": d.card_serial.hex(), "card_counter": d.offline_counter,
               "draw_digest": draw_digest}
@@ -145,7 +145,7 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
                 a = P.InitSamAnswerEarly.parse(answer)
                 return a.terminal_txn_number, a.mac1, a.expected_mac2
             a = P.InitSamAnswer.parse(answer)
-            prev = P.PreviousSignature.parse(call(reader, bytes.fromhex("8078000000"),
+            prev = P.PreviousSignature.parse(call(reader, apdus.sam_previous_signature(),
                                                   "PSAM PREVIOUS SIGNATURE"))
             return a.terminal_txn_number, a.mac1, prev.expected_mac2
 

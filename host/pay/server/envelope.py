@@ -4,7 +4,6 @@ debit result M sealed for the merchant. Every payment step opens its request her
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -13,15 +12,12 @@ from starlette.responses import Response
 
 from ....protocols import messages as M
 from ....protocols import secure
-from ...kit.http import OCTETS, Refused, open_client_envelope
+from ...kit.http import Refused, open_client_envelope, seal_answer
 
 if TYPE_CHECKING:
     from .app import MerchantAccount
 
 
-def digest(data: bytes) -> str:
-    """The SHA-256 of a request's plaintext (hex): how a retried request is told from another."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -63,8 +59,7 @@ def open_message(merchants: dict[bytes, MerchantAccount], data: bytes, msg_type:
 
 def sealed(o: Opened, msg_type: int, body: bytes) -> Response:
     """The answer to an opened envelope: ``body`` sealed under the order's TSK."""
-    return Response(M.seal_envelope(msg_type, o.env.merchant_id, o.env.txn_id, o.env.etsk,
-                                    o.ticket.tsk, body), media_type=OCTETS)
+    return seal_answer(o.env, o.ticket.tsk, msg_type, body)
 
 
 def debit_result(o: Opened, row: dict[str, Any], status: int, reason: str,
