@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,6 +39,7 @@ from ....protocols import messages as M
 from ....protocols import secure
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, read_body
 from . import db as MD
+from .confirmation import Refusal, check_confirmation
 
 
 @dataclass(frozen=True)
@@ -130,12 +130,6 @@ class MerchantConfig:
 
     def enabled(self) -> list[str]:
         return [n for n in M.VARIANTS if n in self.variants]
-
-
-class Refusal(Exception):
-    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.headers = status, reason, headers or {}
 
 
 class OrderView(Mapping[bytes, Order]):
@@ -292,70 +286,6 @@ class MerchantServer:
         except Refused as exc:
             raise Refusal(exc.status, exc.reason) from None
 
-    def check(self, row: dict[str, Any], txn_id: bytes, body: bytes) -> tuple[str, Any]:
-        """Every check of a confirmation, with no await: (the state it moves the order to,
-        the debit result M)."""
-        mid = self.config.merchant_id
-        try:
-            conf = M.parse(M.Confirmation, body, "confirmation")
-        except M.MessageError as exc:
-            raise Refusal(400, str(exc)) from None
-        if conf.version != M.VERSION:
-            raise Refusal(400, f"confirmation version {conf.version}; this merchant speaks "
-                               f"{M.VERSION}")
-        if conf.txn_id != txn_id:
-            raise Refusal(400, "the confirmation is for another transaction")
-        variant = int(row["variant"])
-        if conf.variant != variant:
-            raise Refusal(400, "the confirmation is for another variant than the order's")
-        dk = secure.derive_key(self.config.shared_key, mid, txn_id)
-        try:
-            result = M.parse(M.DebitResult, secure.open_sealed(
-                dk, conf.result_m, M.result_m_aad(mid, txn_id), "debit result M"),
-                "debit result M")
-        except (secure.SealError, M.MessageError) as exc:
-            raise Refusal(400, f"forged confirmation: {exc}") from None
-        expected_status = (M.STATUS_AUTHENTICATED if row["purpose"] == M.PURPOSE_AUTHENTICATION
-                           else M.STATUS_OK)
-        if result.status != expected_status:
-            raise Refusal(402, f"the payment server did not confirm: {result.reason}")
-        if (result.merchant_id, result.txn_id, result.amount, result.variant) != (
-                mid, txn_id, int(row["amount"]), variant):
-            raise Refusal(400, "the confirmation does not match the order")
-        if variant == M.FIG8_MERCHANT_COMPARES:
-            try:
-                expected = secure.open_sealed(dk, conf.sealed_expected_mac2,
-                                              M.expected_mac2_aad(mid, txn_id),
-                                              "expected card MAC2")
-            except secure.SealError as exc:
-                raise Refusal(400, f"forged confirmation: {exc}") from None
-            if expected != conf.card_mac2:
-                raise Refusal(402, "the card's MAC2 is not the one the PSAM expected: the "
-                                   "card did not pay")
-            return MD.PAID, result
-        if variant == M.FIG7_CLIENT_COMPARES:
-            self.check_terminal(row, conf, mid, txn_id)
-            return MD.UNPROVEN, result
-        return MD.PAID, result
-
-    def check_terminal(self, row: dict[str, Any], conf: Any, mid: bytes, txn_id: bytes) -> None:
-        """FIG. 7: the order's registered client terminal signed this confirmation."""
-        terminal = bytes.fromhex(row["client_terminal"] or "00" * 8)
-        if conf.terminal_id != terminal:
-            raise Refusal(403, "a FIG. 7 confirmation must come from the client terminal "
-                               "named at checkout")
-        key = self.terminal_keys.get(terminal)
-        if key is None:
-            raise Refusal(403, f"client terminal {terminal.hex().upper()} is no longer "
-                               "registered with this merchant")
-        if not conf.signature:
-            raise Refusal(403, "a FIG. 7 confirmation must be signed by the client terminal")
-        try:
-            key.verify(conf.signature, M.fig7_signed_data(mid, txn_id, conf.result_m,
-                                                          conf.card_mac2, conf.tac))
-        except InvalidSignature:
-            raise Refusal(403, "the client terminal's signature does not verify") from None
-
     async def status(self, request: Request) -> Response:
         txn_hex = request.path_params["txn"]
         if not _HEX_TXN.fullmatch(txn_hex):
@@ -371,7 +301,9 @@ class MerchantServer:
             now = self.now_ms()
             if now > row["confirm_until"]:
                 raise Refusal(410, "the order has expired")
-            state, result = self.check(row, txn_id, body)
+            state, result = check_confirmation(self.config.merchant_id,
+                                               self.config.shared_key,
+                                               self.terminal_keys, row, txn_id, body)
             # the checks are done: one conditional UPDATE decides who releases the goods
             receipt = {"txn_id": txn_id.hex(), "amount": int(row["amount"]),
                        "psam_id": result.psam_id.hex().upper(),
