@@ -17,9 +17,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 EXIT_OK = 0
-EXIT_DECLINED = 1
-EXIT_USAGE = 2
-EXIT_DEVICE = 3
+EXIT_DECLINED = 1      # the transaction was refused (status word, terminal check, server refusal)
+EXIT_USAGE = 2         # the command line itself is wrong
+EXIT_DEVICE = 3        # an input could not be used: reader, card image, trace, profile,
+EXIT_INPUT = 3         # configuration, database or folder (missing, unreadable or invalid)
+# 4..10: a reader error's own code (ReaderError.exit_code)
+EXIT_NETWORK = 11      # a server could not be reached, or stayed busy past the retry deadline
+EXIT_INTERNAL = 70     # a bug in svcard (sysexits EX_SOFTWARE): the message says where to report it
+EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C, SIGTERM): the message says what state was left
 
 F = TypeVar("F", bound=Callable[..., Any])
 
