@@ -1,8 +1,10 @@
 """The merchant server: a catalogue of priced digital goods, checkout, and the status URL.
 
 ``GET /v1/checkout/{item}`` creates an order (a unique transaction id, a row in the merchant's
-database) and answers the payment parameters of seed step 606 as JSON, or, for a browser, an
-HTML page that embeds the same JSON. It makes the FIG. 9 security data: a derived key DK from
+database) and answers the payment parameters of seed step 606 as JSON. A browser
+(``Accept: text/html``) gets the item's checkout page instead (:mod:`.page`), which makes no
+order and holds no key: its "Pay with card" button has the local card helper fetch the JSON and
+pay. The JSON checkout makes the FIG. 9 security data: a derived key DK from
 the shared key, a fresh TSK, and the ETSK (TSK plus the order's amount, currency, variant and
 expiry, sealed under DK). The MERCHANT chooses the variant, from those it has enabled;
 ``?variant=`` is only a preference inside that set. FIG. 7 (the client compares the card's
@@ -20,7 +22,6 @@ copies arrive at the same time. Orders are bounded in count and expire (see
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -32,13 +33,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ....protocols import messages as M
 from ....protocols import secure
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, read_body
 from . import db as MD
+from . import page
 from .confirmation import Refusal, check_confirmation
 
 
@@ -246,6 +248,8 @@ class MerchantServer:
 
     async def checkout(self, request: Request) -> Response:
         c = self.config
+        if "text/html" in request.headers.get("accept", ""):
+            return self.checkout_page(request)   # a person's page: no order, no key
         address = (request.client.host if request.client else "unknown")[:64]
         try:
             variant, terminal = self.choose_variant(request.query_params.get("variant"),
@@ -267,16 +271,26 @@ class MerchantServer:
             return self.refuse(429, f"this client already has {c.max_open_per_client} open "
                                     "orders: pay or let them expire",
                                {"Retry-After": str(wait)})
-        if "text/html" in request.headers.get("accept", ""):
-            data = html.escape(json.dumps(params), quote=False)
-            return HTMLResponse(
-                "<!doctype html><title>Pay with your purse card</title>"
-                f"<h1>{html.escape(params['description'])}</h1>"
-                f"<p>Amount: {params['amount']} (minor units, currency "
-                f"{params['currency_code']})</p>"
-                "<p>Run <code>svcard pay</code> with this page's URL and your card.</p>"
-                f'<script type="application/json" id="svcard-payment">{data}</script>')
         return JSONResponse(params)
+
+    def checkout_page(self, request: Request) -> Response:
+        """The checkout page of an item for a browser (see :mod:`.page`): it makes no order."""
+        c = self.config
+        sku = request.path_params["sku"]
+        item = next((i for i in c.catalogue if i.sku == sku), None)
+        if item is None:
+            return page.error_page(404, f'No item "{sku[:64]}" in this shop.')
+        variant = request.query_params.get("variant")
+        if variant is not None and variant not in c.variants:
+            return page.error_page(400, f"This shop takes {', '.join(c.enabled())}.")
+        return page.checkout_page(item, currency_code=c.currency_code,
+                                  exponent=c.currency_exponent, public_url=c.public_url,
+                                  variant=variant)
+
+    async def shop(self, request: Request) -> Response:
+        c = self.config
+        return page.shop_page(c.catalogue, currency_code=c.currency_code,
+                              exponent=c.currency_exponent, merchant=c.merchant_id.hex().upper())
 
     # --- POST /v1/status/{txn} ---------------------------------------------------------------
     @staticmethod
@@ -326,5 +340,8 @@ class MerchantServer:
             Route("/v1/catalogue", self.catalogue, methods=["GET"]),
             Route("/v1/checkout/{sku}", self.checkout, methods=["GET"]),
             Route("/v1/status/{txn}", self.status, methods=["POST"]),
+            Route("/shop/", self.shop, methods=["GET"]),
+            Route(page.SCRIPT_PATH, page.script, methods=["GET"]),
+            Route(page.STYLE_PATH, page.style, methods=["GET"]),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS))
 
