@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 
 from ...protocols import purse as P
-from ..kit.db import make_engine as make_db_engine
+from ..kit.schema import Schema, open_schema
 
 metadata = MetaData()
 
@@ -141,8 +141,13 @@ UNCLEARED_COLUMNS = ["run_number", "created", "updated", "terminal_id", "psam_id
                      "amount", "record", "state", "reason"]
 
 
+SCHEMA = Schema("clearing", 1, metadata)
+
+
 def make_engine(url: str) -> Engine:
-    return make_db_engine(url, metadata)
+    """An engine for ``url``, its schema version checked (kit/schema.py: created,
+    adopted or upgraded; a newer one refused with SchemaError)."""
+    return open_schema(url, SCHEMA)
 
 
 def insert_many(conn: Connection, table: Table, rows: list[tuple[Any, ...]],

@@ -42,7 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import DuplicateError, first_row, now_ms
-from ...kit.db import make_engine as make_db_engine
+from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
 
@@ -84,8 +84,13 @@ class BankError(Exception):
     """A bank operation refused; the message says why (never a key or secret)."""
 
 
+SCHEMA = Schema("bank", 1, metadata)
+
+
 def make_engine(url: str) -> Engine:
-    engine = make_db_engine(url, metadata)
+    """An engine for ``url``, its schema version checked (kit/schema.py: created,
+    adopted or upgraded; a newer one refused with SchemaError)."""
+    engine = open_schema(url, SCHEMA)
     if engine.dialect.name != "sqlite":  # widen a pre-scrypt secret_hash column (VARCHAR(64))
         column = next(c for c in inspect(engine).get_columns("accounts")
                       if c["name"] == "secret_hash")

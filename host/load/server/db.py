@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import DuplicateError, first_row, now_ms, update_row
-from ...kit.db import make_engine as make_db_engine
+from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
 
@@ -91,8 +91,13 @@ Index("uq_load_card_counter", loads.c.card_serial, loads.c.online_counter, uniqu
       sqlite_where=text("state = 'loaded'"), postgresql_where=text("state = 'loaded'"))
 
 
+SCHEMA = Schema("load", 1, metadata)
+
+
 def make_engine(url: str) -> Engine:
-    return make_db_engine(url, metadata)
+    """An engine for ``url``, its schema version checked (kit/schema.py: created,
+    adopted or upgraded; a newer one refused with SchemaError)."""
+    return open_schema(url, SCHEMA)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 
 from ...kit.db import first_row
-from ...kit.db import make_engine as make_db_engine
+from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
 
@@ -71,8 +71,13 @@ _CHECKOUT_LOCK = 0x7376636172644D4F
 Admission = Literal["ok", "full", "client"]
 
 
+SCHEMA = Schema("merchant", 1, metadata)
+
+
 def make_engine(url: str) -> Engine:
-    return make_db_engine(url, metadata)
+    """An engine for ``url``, its schema version checked (kit/schema.py: created,
+    adopted or upgraded; a newer one refused with SchemaError)."""
+    return open_schema(url, SCHEMA)
 
 
 def _open_count(*where: Any) -> Any:

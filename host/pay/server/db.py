@@ -52,7 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import DuplicateError, first_row, now_ms, update_row
-from ...kit.db import make_engine as make_db_engine
+from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
 
@@ -97,8 +97,13 @@ Index("uq_card_counter_confirmed", payments.c.card_serial, payments.c.card_count
       postgresql_where=text("state = 'confirmed'"))
 
 
+SCHEMA = Schema("payment", 1, metadata)
+
+
 def make_engine(url: str) -> Engine:
-    return make_db_engine(url, metadata)
+    """An engine for ``url``, its schema version checked (kit/schema.py: created,
+    adopted or upgraded; a newer one refused with SchemaError)."""
+    return open_schema(url, SCHEMA)
 
 
 @dataclass
