@@ -11,6 +11,13 @@ import click
 from ..kit.command_line import EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
 from ..terminal import purse as T
 from ..terminal.card_commands import card_option, handled, pin_option, purse_option, readers
+from ..terminal.online import (
+    http_client,
+    journalled_run,
+    report_resumed,
+    resume_command,
+    retry_for_option,
+)
 from ..terminal.reader_specs import open_reader
 
 
@@ -23,7 +30,7 @@ def register(root: click.Group, serve: click.Group) -> None:
 
 
 @click.command("pay")
-@click.argument("checkout_url")
+@click.argument("checkout_url", required=False)
 @card_option
 @purse_option
 @pin_option
@@ -39,22 +46,30 @@ def register(root: click.Group, serve: click.Group) -> None:
 @click.option("--terminal-id", "terminal_id", default=None, metavar="HEX",
               help="The terminal id registered with the merchant (8 bytes hex; default: "
                    "derived from the key).")
+@click.option("--resume", is_flag=True,
+              help="Only finish what an interruption left in the journal for this card; no "
+                   "new payment (no CHECKOUT_URL).")
+@retry_for_option
 @json_option
-def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
+def pay_cmd(checkout_url: str | None, card_spec: str, purse: str, pin: str | None,
             journal: Path | None, timeout: float, terminal_key: Path | None,
-            terminal_id: str | None, as_json: bool) -> None:
+            terminal_id: str | None, resume: bool, retry_for: float, as_json: bool) -> None:
     """Pay a merchant's CHECKOUT_URL with the card (seed steps 608-640).
 
     First finishes any payment of this card that an interruption left in the journal (or proves
     with the card that it never happened), then pays: one draw request to the payment server,
     the card debits itself, the confirmation goes to the merchant, the goods come back.
+    Interrupted (Ctrl-C, SIGTERM: exit 130), or a server unreachable or busy past --retry-for
+    (exit 11), it says what state the journal holds; `svcard pay --resume --card SPEC`
+    finishes it.
     """
-    import httpx
-
     from ..terminal.journal import Journal, default_journal
     from . import client as C
     from . import client_terminal as CT
 
+    if resume == (checkout_url is not None):
+        fail("give CHECKOUT_URL to pay, or --resume (alone) to finish what the journal holds",
+             EXIT_USAGE)
     book = Journal(journal or default_journal())
     terminal = None
     if terminal_id is not None and terminal_key is None:
@@ -62,15 +77,16 @@ def pay_cmd(checkout_url: str, card_spec: str, purse: str, pin: str | None,
     if terminal_key is not None:
         with handled():
             terminal = CT.ClientTerminal.load(terminal_key, _terminal_id(terminal_id))
-    with handled(), httpx.Client(timeout=timeout) as http, \
-            readers(("card", card_spec)) as (card_r,):
-        try:
-            resumed = C.resume(card_r, journal=book, http=http, terminal=terminal)
-            outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
-                            purse=T.purse_id(purse), terminal=terminal)
-        except httpx.HTTPError as exc:
-            fail(f"network: {exc} (the journal keeps the payment; run again to finish it)",
-                 EXIT_DEVICE)
+    finish = resume_command("pay", card_spec, journal)
+    with handled(), journalled_run(book, finish, retry_for), \
+            http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
+        resumed = C.resume(card_r, journal=book, http=http, terminal=terminal)
+        if resume:
+            report_resumed(book, resumed, as_json)
+            return
+        assert checkout_url is not None
+        outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
+                        purse=T.purse_id(purse), terminal=terminal)
     exp = outcome.currency_exponent
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]

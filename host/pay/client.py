@@ -28,7 +28,7 @@ from ...protocols import sw as SW
 from ...reader import Reader
 from ..terminal import apdus
 from ..terminal.journal import Journal
-from ..terminal.online import PaymentRefused, server_reason
+from ..terminal.online import RETRY_SAFE, PaymentRefused
 from ..terminal.purse import (
     Declined,
     TerminalCheckFailed,
@@ -81,11 +81,11 @@ class _Session:
         request = M.seal_envelope(msg_type, self.merchant_id, self.txn_id, self.etsk, self.tsk,
                                   body)
         self.round_trips += 1
-        response = http.post(self.payment_url + path, content=request,
-                             headers={"Content-Type": "application/octet-stream"})
+        response = http.post(self.payment_url + path, content=request,  # same txn, same answer
+                             headers={"Content-Type": "application/octet-stream"},
+                             extensions=RETRY_SAFE)
         if response.status_code != 200:
-            raise PaymentRefused("payment server", response.status_code,
-                                 server_reason(response))
+            raise PaymentRefused.answer("payment server", response)
         env, header = M.split_envelope(response.content)
         if (env.merchant_id, env.txn_id) != (self.merchant_id, self.txn_id):
             raise PaymentRefused("payment server", 200, "answer for another transaction")
@@ -94,9 +94,9 @@ class _Session:
 
 def fetch_checkout(http: httpx.Client, url: str,
                    terminal: ClientTerminal | None = None) -> dict[str, Any]:
-    response = http.get(url, headers={"Accept": "application/json"})
+    response = http.get(url, headers={"Accept": "application/json"}, extensions=RETRY_SAFE)
     if response.status_code != 200:
-        raise PaymentRefused("merchant", response.status_code, server_reason(response))
+        raise PaymentRefused.answer("merchant", response)
     params: dict[str, Any] = response.json()
     for key in ("amount", "currency_code", "payment_url", "txn_id", "merchant_id", "status_url",
                 "variant", "tsk", "etsk", "terminal_id"):
@@ -205,13 +205,15 @@ def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2:
         "terminal_id": terminal_id, "tac": card_tac, "signature": signature})
     s.round_trips += 1
     response = http.post(s.params["status_url"], content=confirmation,
-                         headers={"Content-Type": "application/octet-stream"})
+                         headers={"Content-Type": "application/octet-stream"},
+                         extensions=RETRY_SAFE)  # the same confirmation again: 409, released
     body = response.json() if response.headers.get("content-type", "").startswith(
         "application/json") else {}
     if response.status_code != 200 or not body.get("released"):
-        journal.write(txn, "refused", reason=body.get("reason", response.text[:200]))
-        raise PaymentRefused("merchant", response.status_code,
-                             body.get("reason", response.text[:200]))
+        reason = str(body.get("reason", response.text[:200]))
+        if response.status_code < 500:  # a 5xx decided nothing: the payment stays open
+            journal.write(txn, "refused", reason=reason)
+        raise PaymentRefused("merchant", response.status_code, reason, str(response.url))
     journal.write(txn, "goods", goods=body.get("goods"))
     if s.variant in (M.FIG7_CLIENT_COMPARES, M.FIG8_MERCHANT_COMPARES):
         _send_proof(s, http, mac2, tac)
@@ -231,10 +233,11 @@ def _send_proof(s: _Session, http: httpx.Client, mac2: bytes, tac: bytes) -> Non
                               M.build(M.DebitResponse, {"card_sw": SW.OK, "tac": tac,
                                                         "mac2": mac2}))
     s.proof_uploads += 1
-    response = http.post(s.payment_url + "/v1/proof", content=request,
-                         headers={"Content-Type": "application/octet-stream"})
+    response = http.post(s.payment_url + "/v1/proof", content=request,  # again: 204 again
+                         headers={"Content-Type": "application/octet-stream"},
+                         extensions=RETRY_SAFE)
     if response.status_code != 204:
-        raise PaymentRefused("payment server", response.status_code, server_reason(response))
+        raise PaymentRefused.answer("payment server", response)
 
 
 def debit_in_log(card: Reader, txn_type: int, counter: int) -> bool | None:
@@ -308,6 +311,9 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client,
                     _send_proof(s, http, mac2, tac)
                 journal.write(txn, "done", reason=exc.reason)
                 report.append({"txn_id": txn, "outcome": "completed earlier"})
+                continue
+            if exc.status >= 500:  # nothing decided: kept for the next resume
+                report.append({"txn_id": txn, "outcome": f"still pending: {exc}"})
                 continue
             report.append({"txn_id": txn, "outcome": f"refused: {exc.reason}"})
             continue

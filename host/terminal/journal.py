@@ -36,6 +36,24 @@ from .purse import TerminalError
 
 DONE_STATES = ("done", "abandoned", "refused", "load-done", "unproven")
 SECRET_FIELDS = ("secret", "tsk", "etsk")
+# what an open step means for the money, said when a command stops with it open
+_NOT_LOADED = "the card was not loaded; the bank re-credits your account once the load is closed"
+PAYMENT_STEPS = {
+    "draw": "the card was not debited",
+    "debit-sent": "the card may have been debited",
+    "card-refused": "the card refused the debit (it was not debited)",
+    "debited": "the card was debited and the merchant has not confirmed it yet",
+    "confirmed": "the card was debited; the merchant may have released the goods",
+    "goods": "paid and the goods released; the card's proof has not reached the payment server",
+}
+LOAD_STEPS = {
+    "load-starting": "the bank may have debited your account; the card was not loaded",
+    "load-started": "the bank debited your account; the card was not loaded",
+    "load-requested": "the bank debited your account; the card was not loaded",
+    "load-command": "the card may have been loaded",
+    "card-loaded": "the card was loaded and the load server has not confirmed it yet",
+    "load-confirmed": "the load server decided the load; the bank has not registered it yet",
+}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 log = logging.getLogger(__name__)
@@ -106,6 +124,7 @@ class Journal:
         self._open: dict[str, None] = {}   # open transactions, in the order first seen
         self._offset = 0     # the file is append-only: later reads parse only what is new
         self._inode: tuple[int, int] | None = None   # a replaced journal is read again
+        self.touched: dict[str, None] = {}   # transactions this object wrote, in order
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -155,6 +174,7 @@ class Journal:
     def write(self, txn_id: str, state: str, **data: Any) -> None:
         """Append one line, synced, or raise :class:`JournalError` having kept none of it. Its
         secret fields go to the transaction's side file first; a final state deletes it."""
+        self.touched[txn_id] = None
         public, secrets = split_secrets({"txn_id": txn_id, "state": state, **data})
         line = (json.dumps(public) + "\n").encode()
         try:
@@ -230,3 +250,26 @@ class Journal:
         self._refresh()
         return [merge_secrets(self._entries[t], self._secrets(t)) for t in self._open
                 if self._entries[t].get("card_serial") == card_serial]
+
+    def is_open(self, txn_id: str) -> bool:
+        """The transaction is in the journal and not in a final state."""
+        self._refresh()
+        return txn_id in self._open
+
+
+def open_steps(journal: Journal) -> list[str]:
+    """What each transaction this journal object wrote and left open means, e.g. "the card may
+    have been debited; the payment is journalled as TXN (step debit-sent)"."""
+    journal._refresh()
+    said = []
+    for txn in journal.touched:
+        if txn not in journal._open:
+            continue
+        entry = journal._entries[txn]
+        state = str(entry.get("state"))
+        load = entry.get("kind") == "load"
+        meaning = (LOAD_STEPS.get(state, _NOT_LOADED) if load
+                   else PAYMENT_STEPS.get(state, "the payment is not finished"))
+        said.append(f"{meaning}; the {'load' if load else 'payment'} is journalled as {txn} "
+                    f"(step {state})")
+    return said
