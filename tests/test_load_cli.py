@@ -43,7 +43,7 @@ class LoadServers:
         self.bank_db = f"sqlite:///{folder / 'bank.db'}"
         self.load_db = f"sqlite:///{folder / 'loads.db'}"
         created = run("bank", "account", "create", "alice", "--db", self.bank_db, "--funds",
-                      "20000", "--json")
+                      "200.00", "--json")
         assert created.returncode == 0, created.stderr
         self.secret = json.loads(created.stdout)["secret"]
         self.bank = subprocess.Popen(
@@ -97,17 +97,17 @@ def test_svcard_load_against_served_processes(servers: LoadServers, tmp_path: Pa
     card = card_image(tmp_path, ep=0)
     args = ["load", servers.bank_url, "--card", f"virtual:{card}", "--account", "alice",
             "--secret", servers.secret, "--journal", str(tmp_path / "j.jsonl")]
-    done = run(*args, "--amount", "7500", "--json")
+    done = run(*args, "--amount", "75.00", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["load"]["outcome"] == "loaded"
     assert read_image(card)["app"]["ep"]["balance"] == 7_500
-    poor = run(*args, "--amount", "15000")
+    poor = run(*args, "--amount", "150")
     assert poor.returncode == 1 and "insufficient funds" in poor.stderr
-    wrong = run(*args[:-4], "--secret", "nope", "--amount", "1", "--journal",
+    wrong = run(*args[:-4], "--secret", "nope", "--amount", "1u", "--journal",
                 str(tmp_path / "j.jsonl"))
     assert wrong.returncode == 1 and "wrong secret" in wrong.stderr
     assert servers.account() == 12_500
-    assert run("bank", "account", "fund", "alice", "500", "--db", servers.bank_db).returncode == 0
+    assert run("bank", "account", "fund", "alice", "5.00", "--db", servers.bank_db).returncode == 0
     assert servers.account() == 13_000
 
 

@@ -76,10 +76,10 @@ def test_opensc_tool_reads_our_card(served: Served) -> None:
 def test_purchase_and_load_through_pcscd(served: Served, images: dict[str, Path]) -> None:
     card, psam = f"pcsc:{READER_0}", f"pcsc:{READER_1}"
     load = svcard("terminal", "load", "--card", card, "--hsm", f"virtual:{images['hsm']}",
-                  "--amount", "500", "--json")
+                  "--amount", "500u", "--json")
     assert load.returncode == 0, load.stderr
     assert json.loads(load.stdout)["balance_after"] == 10_500
-    buy = svcard("terminal", "purchase", "--card", card, "--psam", psam, "--amount", "1234",
+    buy = svcard("terminal", "purchase", "--card", card, "--psam", psam, "--amount", "1234u",
                  "--json")
     assert buy.returncode == 0, buy.stderr
     receipt = json.loads(buy.stdout)

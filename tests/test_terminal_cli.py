@@ -117,19 +117,19 @@ def test_cli_bad_profile_names_the_field(tmp_path: Path) -> None:
 def test_cli_terminal_commands(image_files: dict[str, Path]) -> None:
     card = f"virtual:{image_files['iep']}"
     code, text = run("terminal", "balance", "--card", card)
-    assert code == 0 and "EP balance: 100.00" in text
+    assert code == 0 and "EP balance: CNY 100.00" in text
     code, text = run("terminal", "purchase", "--card", card, "--psam",
-                     f"virtual:{image_files['psam']}", "--amount", "1234", "--json")
+                     f"virtual:{image_files['psam']}", "--amount", "1234u", "--json")
     assert code == 0
     receipt = json.loads(text)
     assert receipt["balance_after"] == 10000 - 1234 and len(receipt["tac"]) == 8
     code, text = run("terminal", "load", "--card", card, "--hsm",
-                     f"virtual:{image_files['hsm']}", "--amount", "34")
-    assert code == 0 and "87.66 -> 88.00" in text
+                     f"virtual:{image_files['hsm']}", "--amount", "0.34")
+    assert code == 0 and "CNY 87.66 -> CNY 88.00" in text
     code, text = run("terminal", "log", "--card", card, "--json")
     assert [e["amount"] for e in json.loads(text)] == [34, 1234]
     code, text = run("terminal", "purchase", "--card", card, "--psam",
-                     f"virtual:{image_files['psam']}", "--amount", "999999")
+                     f"virtual:{image_files['psam']}", "--minor", "999999")
     assert code == 1 and "9401 (insufficient funds)" in text
     code, text = run("terminal", "balance", "--card", card, "--purse", "ed", "--pin", "000000")
     assert code == 1 and "63C2" in text
@@ -181,4 +181,4 @@ def test_console_script_runs_the_demo() -> None:
     assert exe, "the svcard console script is not installed"
     proc = subprocess.run([exe, "demo"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "Card balance now 87.66" in proc.stdout
+    assert "Card balance now CNY 87.66" in proc.stdout

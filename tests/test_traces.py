@@ -46,7 +46,7 @@ def cards(tmp_path: Path) -> dict[str, Path]:
 
 
 def purchase(card: str, psam: str, *extra: str) -> tuple[int, str]:
-    return run("terminal", "purchase", "--card", card, "--psam", psam, "--amount", "250",
+    return run("terminal", "purchase", "--card", card, "--psam", psam, "--amount", "250u",
                "--at", "2027-03-14T15:09:26", "--json", *extra)
 
 
@@ -72,7 +72,7 @@ def test_replay_reports_the_first_differing_command(tmp_path: Path) -> None:
     out = tmp_path / "buy.jsonl"
     assert purchase(f"virtual:{c['iep']}", f"virtual:{c['psam']}", "--trace-out", str(out))[0] == 0
     code, text = run("terminal", "purchase", "--card", f"trace:{out}", "--psam",
-                     f"trace:{tmp_path / 'buy.psam.jsonl'}", "--amount", "251",
+                     f"trace:{tmp_path / 'buy.psam.jsonl'}", "--amount", "251u",
                      "--at", "2027-03-14T15:09:26")
     assert code == 9
     assert "trace mismatch at command #1: expected 805001020B01000000FA" in text

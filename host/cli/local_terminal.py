@@ -20,6 +20,7 @@ from ..terminal.card_commands import (
     readers,
     trace_option,
 )
+from ..terminal.money import Amount
 
 
 @click.group()
@@ -41,8 +42,7 @@ def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool,
     emit(as_json, {"card_serial": info.app_serial, "purse": purse.upper(), "balance": balance,
                    "currency_code": info.currency_code,
                    "currency_exponent": info.currency_exponent},
-         f"{purse.upper()} balance: {T.format_amount(balance, info.currency_exponent)} "
-         f"(currency {info.currency_code}, card {info.app_serial})")
+         f"{purse.upper()} balance: {info.money(balance)} (card {info.app_serial})")
 
 
 @terminal.command("log")
@@ -52,9 +52,9 @@ def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool,
 def terminal_log(card_spec: str, as_json: bool, trace_out: Path | None) -> None:
     """Read the transaction log (READ RECORD, newest first)."""
     with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
-        entries = T.read_log(card_r)
-    lines = [f"{e.date} {e.time}  {e.type_name:<20} {e.amount:>10}  counter {e.counter:<5} "
-             f"terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
+        info, entries = T.read_log_info(card_r)
+    lines = [f"{e.date} {e.time}  {e.type_name:<20} {info.money(e.amount):>14}  counter "
+             f"{e.counter:<5} terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
     emit(as_json, [e.__dict__ for e in entries], "\n".join(lines))
 
 
@@ -71,21 +71,18 @@ def terminal_log(card_spec: str, as_json: bool, trace_out: Path | None) -> None:
 @json_option
 @trace_option
 @at_option
-def terminal_purchase(card_spec: str, psam_spec: str, amount: int, purse: str,
+def terminal_purchase(card_spec: str, psam_spec: str, amount: Amount, purse: str,
                       pin: str | None, key_index: int, issuer_factor: bool,
                       as_json: bool, trace_out: Path | None, at: dt.datetime | None) -> None:
-    """Pay AMOUNT from the card: card <-> PSAM, MAC1/MAC2/TAC, the PSAM records it."""
+    """Pay the amount from the card: card <-> PSAM, MAC1/MAC2/TAC, the PSAM records it.
+
+    The amount is --amount 12.34 in the card's currency (read from the card first) or
+    1234u / --minor 1234 in minor units."""
     with handled(), readers(("card", card_spec), ("psam", psam_spec),
                             trace_out=trace_out) as (card_r, psam_r):
         r = T.purchase(card_r, psam_r, amount, purse=T.purse_id(purse), key_index=key_index,
                        pin=pin, issuer_factor=issuer_factor, when=at)
-    exp = r.currency_exponent
-    emit(as_json, r.to_json(),
-         f"purchase of {T.format_amount(r.amount, exp)} approved\n"
-         f"  balance {T.format_amount(r.balance_before, exp)} -> "
-         f"{T.format_amount(r.balance_after, exp)}\n"
-         f"  terminal {r.terminal_id} txn {r.terminal_txn_number}, card counter "
-         f"{r.offline_counter}\n  MAC1 {r.mac1}  MAC2 {r.mac2}  TAC {r.tac}")
+    emit(as_json, r.to_json(), r.text())
 
 
 @terminal.command("load")
@@ -101,10 +98,13 @@ def terminal_purchase(card_spec: str, psam_spec: str, amount: int, purse: str,
 @json_option
 @trace_option
 @at_option
-def terminal_load(card_spec: str, hsm_spec: str, amount: int, purse: str, pin: str | None,
+def terminal_load(card_spec: str, hsm_spec: str, amount: Amount, purse: str, pin: str | None,
                   terminal_id: str, key_index: int, as_json: bool, trace_out: Path | None,
                   at: dt.datetime | None) -> None:
-    """Load AMOUNT onto the card: S1 from the card, S2 from the HSM, S3 checked."""
+    """Load the amount onto the card: S1 from the card, S2 from the HSM, S3 checked.
+
+    The amount is --amount 12.34 in the card's currency (read from the card first) or
+    1234u / --minor 1234 in minor units."""
     try:
         tid = bytes.fromhex(terminal_id)
     except ValueError:
@@ -113,9 +113,4 @@ def terminal_load(card_spec: str, hsm_spec: str, amount: int, purse: str, pin: s
                             trace_out=trace_out) as (card_r, hsm_r):
         r = T.load(card_r, hsm_r, amount, terminal_id=tid, purse=T.purse_id(purse),
                    key_index=key_index, pin=pin, when=at)
-    exp = r.currency_exponent
-    emit(as_json, r.to_json(),
-         f"load of {T.format_amount(r.amount, exp)} done\n"
-         f"  balance {T.format_amount(r.balance_before, exp)} -> "
-         f"{T.format_amount(r.balance_after, exp)}\n"
-         f"  online counter {r.online_counter}\n  S1 {r.s1}  S2 {r.s2}  S3 {r.s3}")
+    emit(as_json, r.to_json(), r.text())

@@ -51,10 +51,7 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
     with open_reader(f"virtual:{paths['iep']}") as card, \
             open_reader(f"virtual:{paths['hsm']}") as hsm:
         loaded = T.load(card, hsm, load_amount, terminal_id=DEMO_LOAD_TERMINAL)
-    exp = loaded.currency_exponent
-
-    def money(value: int) -> str:
-        return T.format_amount(value, exp)
+    money = loaded.money  # minor units in the card's currency: "CNY 12.34"
 
     lines += [
         f"Load {money(load_amount)}: card balance {money(loaded.balance_before)} -> "

@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
-import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, emit, fail, json_option
+from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
 from ..terminal import purse as T
-from ..terminal.card_commands import amount_option, card_option, handled, readers
+from ..terminal.card_commands import (
+    amount_option,
+    card_option,
+    handled,
+    parse_amount_option,
+    readers,
+)
+from ..terminal.money import Amount, AmountError, exponent_of, format_money
 from ..terminal.reader_specs import open_reader
 
 
@@ -35,59 +43,82 @@ db_option = click.option("--db", "db_url", required=True,
 
 @bank.group("account")
 def bank_account() -> None:
-    """Create, fund and list accounts (integer minor units)."""
+    """Create, fund and list accounts (amounts as 12.34 in the account's currency, or 1234u
+    in minor units)."""
 
 
 @bank_account.command("create")
 @click.argument("account_id")
 @db_option
 @click.option("--holder", default=None, help="The holder's name (default: the id).")
-@click.option("--funds", default=0, show_default=True, type=click.IntRange(0, None),
-              help="Opening balance, minor units.")
-@click.option("--currency", default=156, show_default=True, type=int)
+@click.option("--funds", default="0", show_default=True, metavar="AMOUNT",
+              callback=parse_amount_option,
+              help="Opening balance: 1000.00 in the account's currency, or 100000u in minor "
+                   "units.")
+@click.option("--currency", default=156, show_default=True, type=click.IntRange(1, 999),
+              help="ISO 4217 numeric currency code (156 = CNY).")
 @click.option("--secret", default=None, help="The account secret (default: a random one).")
 @json_option
-def bank_account_create(account_id: str, db_url: str, holder: str | None, funds: int,
+def bank_account_create(account_id: str, db_url: str, holder: str | None, funds: Amount,
                         currency: int, secret: str | None, as_json: bool) -> None:
     """Open ACCOUNT_ID. Prints its secret once: `svcard load` needs it."""
     from .bank.db import BankDb, BankError, make_engine
 
+    opening = _minor_units(funds, currency)
     try:
         secret = BankDb(make_engine(db_url)).create_account(account_id, holder or account_id,
-                                                            currency, funds, secret)
+                                                            currency, opening, secret)
     except BankError as exc:
         fail(str(exc), EXIT_DECLINED)
-    emit(as_json, {"account": account_id, "balance": funds, "secret": secret},
-         f"account {account_id} opened with {funds}; secret: {secret}")
+    emit(as_json, {"account": account_id, "balance": opening, "secret": secret},
+         f"account {account_id} opened with {format_money(opening, currency)}; "
+         f"secret: {secret}")
+
+
+def _minor_units(amount: Amount, currency: int) -> int:
+    """An amount typed for an account, in minor units of its currency (ISO 4217 exponent)."""
+    try:
+        return amount.minor_units(exponent_of(currency), currency, maximum=2**62)
+    except AmountError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 @bank_account.command("fund")
 @click.argument("account_id")
-@click.argument("amount", type=click.IntRange(1, None))
+@click.argument("amount", callback=parse_amount_option)
 @db_option
 @json_option
-def bank_account_fund(account_id: str, amount: int, db_url: str, as_json: bool) -> None:
-    """Deposit AMOUNT minor units into ACCOUNT_ID."""
+def bank_account_fund(account_id: str, amount: Amount, db_url: str, as_json: bool) -> None:
+    """Deposit AMOUNT into ACCOUNT_ID: 12.34 in the account's currency, or 1234u in minor
+    units."""
+    from ..kit.db import must_exist
     from .bank.db import BankDb, BankError, make_engine
 
+    must_exist(db_url, "bank database")  # fund changes an existing account: never a new db
+    db = BankDb(make_engine(db_url))
+    account = db.account(account_id)
+    if account is None:
+        fail(f"no account {account_id}", EXIT_DECLINED)
+    currency = int(account["currency_code"])
     try:
-        balance = BankDb(make_engine(db_url)).fund(account_id, amount)
+        balance = db.fund(account_id, _minor_units(amount, currency))
     except BankError as exc:
         fail(str(exc), EXIT_DECLINED)
     emit(as_json, {"account": account_id, "balance": balance},
-         f"account {account_id}: balance {balance}")
+         f"account {account_id}: balance {format_money(balance, currency)}")
 
 
 @bank_account.command("list")
 @db_option
 @json_option
 def bank_account_list(db_url: str, as_json: bool) -> None:
-    """Every account with its balance."""
-    from .bank.db import BankDb, make_engine
+    """Every account with its balance (reads the database; never creates it)."""
+    from .records import accounts
 
-    rows = BankDb(make_engine(db_url)).accounts()
-    emit(as_json, rows, "\n".join(f"{r['account_id']:<16} {r['balance']:>14}  {r['holder']}"
-                                  for r in rows) or "no accounts")
+    rows = accounts(db_url)  # read only: a database that does not exist is an error (exit 3)
+    emit(as_json, rows, "\n".join(
+        f"{r['account_id']:<16} {format_money(r['balance'], r['currency_code']):>18}  "
+        f"{r['holder']}" for r in rows) or "no accounts")
 
 
 # --- svcard load ----------------------------------------------------------------------------
@@ -103,9 +134,10 @@ def bank_account_list(db_url: str, as_json: bool) -> None:
                    "~/.local/state/svcard/journal.jsonl).")
 @click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
 @json_option
-def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: int,
+def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: Amount,
              journal: Path | None, timeout: float, as_json: bool) -> None:
-    """Load AMOUNT minor units from your bank account onto the card (seed FIG. 18).
+    """Load an amount from your bank account onto the card (seed FIG. 18): --amount 50.00 in
+    the card's currency (read from the card first), or 5000u / --minor 5000 in minor units.
 
     BANK_URL is the bank's load page (e.g. http://127.0.0.1:8083/v1/load). First finishes any
     load of this card an interruption left in the journal, asking the card what happened.
@@ -122,24 +154,34 @@ def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: i
             readers(("card", card_spec)) as (card_r,):
         try:
             resumed = LC.resume_loads(card_r, journal=book, http=http)
-            outcome = LC.load(bank_url, card_r, account=account, secret=secret, amount=amount,
-                              journal=book, http=http)
+            info = T.select_purse(card_r)  # the card's currency places the amount
+            outcome = LC.load(bank_url, card_r, account=account, secret=secret,
+                              amount=info.minor_units(amount), journal=book, http=http)
         except httpx.HTTPError as exc:
             fail(f"network: {exc} (the journal keeps the load; run again to finish it)",
                  EXIT_DEVICE)
         except PaymentRefused as exc:
             fail(str(exc), EXIT_DECLINED)
-    exp = outcome.currency_exponent
+    money = info.money
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]
-        + [f"{outcome.outcome} {T.format_amount(outcome.amount, exp)} "
+        + [f"{outcome.outcome} {money(outcome.amount)} "
            f"({outcome.round_trips} round trips): {outcome.reason}",
-           f"  card balance {T.format_amount(outcome.balance_before, exp)} -> "
-           f"{T.format_amount(outcome.balance_after, exp)}",
-           f"  bank: {json.dumps(outcome.bank)}"])
+           f"  card balance {money(outcome.balance_before)} -> {money(outcome.balance_after)}",
+           f"  bank: {_bank_text(outcome.bank, money)}"])
     emit(as_json, {"resumed": resumed, "load": outcome.to_json()}, text)
     if outcome.outcome != "loaded":
         sys.exit(EXIT_DECLINED)
+
+
+def _bank_text(bank: dict[str, Any], money: Callable[[int], str]) -> str:
+    """What the bank answered, for a person: "registered loaded, account balance CNY 75.00"."""
+    parts = [("registered " if bank.get("registered") else "") + str(bank.get("outcome", ""))]
+    if isinstance(bank.get("refunded"), int) and bank["refunded"]:
+        parts.append(f"refunded {money(bank['refunded'])}")
+    if isinstance(bank.get("account_balance"), int):
+        parts.append(f"account balance {money(bank['account_balance'])}")
+    return ", ".join(p for p in parts if p.strip())
 
 
 # --- svcard serve load / svcard serve bank --------------------------------------------------
@@ -152,7 +194,7 @@ def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: i
               help="A load HSM (repeat for a pool): virtual:hsm.json, pcsc:NAME, ...")
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8084, show_default=True, type=int)
+@click.option("--port", default=8084, show_default=True, type=click.IntRange(1, 65535))
 def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None, host: str,
                port: int) -> None:
     """The load server: load requests in, load commands (the HSM's S2) out, confirmations
@@ -179,7 +221,7 @@ def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None
                    "(see fixtures/bank-demo.toml).")
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8083, show_default=True, type=int)
+@click.option("--port", default=8083, show_default=True, type=click.IntRange(1, 65535))
 def serve_bank(config_path: Path, db_url: str | None, host: str, port: int) -> None:
     """The bank: debits customer accounts for loads, registers the load server's
     confirmations (a "not loaded" one re-credits the account)."""

@@ -1,12 +1,14 @@
 """What every ``svcard`` command that talks to a card shares: opening its readers (and
 recording them to a trace), turning card, reader and terminal errors into an exit code, and the
-card options (--card, --purse, --pin, --amount, --trace-out, --at)."""
+card options (--card, --purse, --pin, --amount or --minor, --trace-out, --at)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import click
 
@@ -14,7 +16,8 @@ from ...card.personalise import ProfileError
 from ...card.storage import ImageError
 from ...reader import Reader, ReaderError
 from ...reader.trace import RecordingReader
-from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, F, fail
+from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, EXIT_USAGE, F, fail
+from .money import MAX_MINOR, Amount, AmountError, minor_amount, parse_amount
 from .purse import TerminalError
 from .reader_specs import open_reader
 
@@ -24,6 +27,8 @@ def handled() -> Iterator[None]:
     """Turn our errors into a one-line message and a meaningful exit code."""
     try:
         yield
+    except AmountError as exc:
+        fail(str(exc), EXIT_USAGE)
     except TerminalError as exc:
         fail(str(exc), EXIT_DECLINED)
     except ReaderError as exc:
@@ -73,5 +78,42 @@ purse_option = click.option("--purse", type=click.Choice(["ep", "ed"], case_sens
                             default="ep", show_default=True,
                             help="EP purse, or the PIN-protected ED passbook.")
 pin_option = click.option("--pin", default=None, help="Cardholder PIN (ED passbook only).")
-amount_option = click.option("--amount", required=True, type=click.IntRange(0, 0xFFFFFFFF),
-                             help="Amount in integer minor units (1234 = 12.34 at exponent 2).")
+
+
+def parse_amount_option(ctx: click.Context, param: click.Parameter,
+                        value: str | None) -> Amount | None:
+    """The click callback of an amount option: ``12.34`` (in the currency's unit) or ``1234u``
+    (minor units), as an :class:`Amount`; the currency's exponent places a decimal later, once
+    the card (or the account) is read. A malformed amount is a usage error naming the option."""
+    if value is None:
+        return None
+    try:
+        name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+        return parse_amount(value, name)
+    except AmountError as exc:
+        raise click.BadParameter(f"{value[:40]}: {exc.reason}", ctx, param) from None
+
+
+AMOUNT_HELP = ("12.34 in the card's currency (exact: no more decimals than the currency has), "
+               "or 1234u in minor units.")
+
+
+def amount_option(f: F) -> F:
+    """``--amount 12.34`` / ``--amount 1234u`` or ``--minor 1234``, exactly one: the command
+    gets one ``amount`` parameter, an :class:`Amount` to place with the card's exponent
+    (``Amount.minor_units``)."""
+
+    @functools.wraps(f)
+    def with_amount(*args: Any, amount: Amount | None, minor: int | None,
+                    **kwargs: Any) -> Any:
+        if (amount is None) == (minor is None):
+            raise click.UsageError("give the amount once: --amount 12.34 (or 1234u), or "
+                                   "--minor 1234 (minor units)")
+        return f(*args, amount=amount if amount is not None else minor_amount(cast(int, minor)),
+                 **kwargs)
+
+    with_minor = click.option("--minor", type=click.IntRange(0, MAX_MINOR), default=None,
+                              metavar="N", help="The amount in integer minor units "
+                                                "(instead of --amount).")(with_amount)
+    return cast(F, click.option("--amount", default=None, metavar="AMOUNT",
+                                callback=parse_amount_option, help=AMOUNT_HELP)(with_minor))

@@ -16,6 +16,8 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader import Reader
 from . import apdus
+from .money import Amount, format_money
+from .money import format_amount as format_amount  # re-exported for the callers of purse
 
 
 class TerminalError(Exception):
@@ -57,6 +59,16 @@ class CardInfo:
     @property
     def serial_bytes(self) -> bytes:
         return bytes.fromhex(self.app_serial)
+
+    def minor_units(self, amount: int | Amount) -> int:
+        """An amount as typed, in this card's minor units (its currency's exponent)."""
+        if isinstance(amount, int):
+            return amount
+        return amount.minor_units(self.currency_exponent, self.currency_code)
+
+    def money(self, minor: int) -> str:
+        """``CNY 12.34``: minor units in this card's currency."""
+        return format_money(minor, self.currency_code, self.currency_exponent)
 
     def check_dates(self, today: dt.date) -> None:
         start = P.parse_bcd_date(bytes.fromhex(self.start_date))
@@ -129,7 +141,13 @@ class LogEntry:
 
 def read_log(card: Reader, aid: bytes = P.DEFAULT_IEP_AID) -> list[LogEntry]:
     """All log records, newest first (READ RECORD 1.. until 6A83)."""
-    select_purse(card, aid)
+    return read_log_info(card, aid)[1]
+
+
+def read_log_info(card: Reader, aid: bytes = P.DEFAULT_IEP_AID
+                  ) -> tuple[CardInfo, list[LogEntry]]:
+    """The card's public data and all its log records, newest first."""
+    info = select_purse(card, aid)
     entries = []
     for number in range(1, P.LOG_RECORDS + 1):
         answer = card.exchange(apdus.read_record(number))
@@ -138,7 +156,7 @@ def read_log(card: Reader, aid: bytes = P.DEFAULT_IEP_AID) -> list[LogEntry]:
         if not answer.ok:
             raise Declined(f"READ RECORD {number}", answer.sw)
         entries.append(LogEntry.from_record(answer.data))
-    return entries
+    return info, entries
 
 
 def prove(card: Reader, txn_type: int, counter: int) -> tuple[bytes, bytes] | None:
@@ -175,6 +193,13 @@ class Receipt:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def money(self, minor: int) -> str:
+        """``CNY 12.34``: minor units in the card's currency."""
+        return format_money(minor, self.currency_code, self.currency_exponent)
+
+    def balance_line(self) -> str:
+        return f"  balance {self.money(self.balance_before)} -> {self.money(self.balance_after)}"
+
 
 @dataclass(frozen=True, kw_only=True)
 class PurchaseReceipt(Receipt):
@@ -184,22 +209,31 @@ class PurchaseReceipt(Receipt):
     mac2: str
     tac: str
 
+    def text(self) -> str:
+        """The receipt for a person: amounts and balances with the currency."""
+        return (f"{self.purse} purchase of {self.money(self.amount)} approved\n"
+                f"{self.balance_line()}\n"
+                f"  terminal {self.terminal_id} txn {self.terminal_txn_number}, card counter "
+                f"{self.offline_counter}\n  MAC1 {self.mac1}  MAC2 {self.mac2}  TAC {self.tac}")
 
-def purchase(card: Reader, psam: Reader, amount: int, *, purse: int = P.PURSE_EP,
+
+def purchase(card: Reader, psam: Reader, amount: int | Amount, *, purse: int = P.PURSE_EP,
              key_index: int = 1, pin: str | None = None, when: dt.datetime | None = None,
              card_aid: bytes = P.DEFAULT_IEP_AID, psam_aid: bytes = P.DEFAULT_PSAM_AID,
              issuer_factor: bool = False) -> PurchaseReceipt:
     """A purchase at a POS: card <-> terminal <-> PSAM, MAC1 from the PSAM, MAC2 checked by it.
 
-    ``issuer_factor`` uses the 24-byte INIT SAM form (issuer id as a second diversification
-    level), for issuers that personalise that way.
+    ``amount`` is minor units, or an :class:`Amount` as typed, placed by the card's currency
+    exponent once the card is read (``AmountError`` if it cannot be). ``issuer_factor`` uses
+    the 24-byte INIT SAM form (issuer id as a second diversification level), for issuers that
+    personalise that way.
     """
-    if not 0 <= amount <= 0xFFFFFFFF:
-        raise TerminalCheckFailed("an amount is 0..4294967295 minor units")
+    _check_minor(amount)
     when = when or dt.datetime.now()
     date, time = _now_fields(when)
     # 1. Read the card and check it.
     info = select_purse(card, card_aid)
+    amount = info.minor_units(amount)
     info.check_dates(when.date())
     # 2. The PSAM: terminal id and currency.
     psam_fci = P.Fci.parse(call(psam, apdus.select(psam_aid), "SELECT PSAM"))
@@ -247,20 +281,27 @@ class LoadReceipt(Receipt):
     s2: str
     s3: str
 
+    def text(self) -> str:
+        """The receipt for a person: amounts and balances with the currency."""
+        return (f"{self.purse} load of {self.money(self.amount)} done\n{self.balance_line()}\n"
+                f"  terminal {self.terminal_id}, online counter {self.online_counter}\n"
+                f"  S1 {self.s1}  S2 {self.s2}  S3 {self.s3}")
 
-def load(card: Reader, hsm: Reader, amount: int, *, terminal_id: bytes,
+
+def load(card: Reader, hsm: Reader, amount: int | Amount, *, terminal_id: bytes,
          purse: int = P.PURSE_EP, key_index: int = 1, pin: str | None = None,
          when: dt.datetime | None = None, card_aid: bytes = P.DEFAULT_IEP_AID,
          hsm_aid: bytes = P.DEFAULT_HSM_AID) -> LoadReceipt:
-    """A load: the card's S1 (MAC1) to the HSM, the HSM's S2 (MAC2) to the card, S3 checked."""
-    if not 0 <= amount <= 0xFFFFFFFF:
-        raise TerminalCheckFailed("an amount is 0..4294967295 minor units")
+    """A load: the card's S1 (MAC1) to the HSM, the HSM's S2 (MAC2) to the card, S3 checked.
+    ``amount`` as for :func:`purchase`."""
+    _check_minor(amount)
     if len(terminal_id) != 6:
         raise TerminalCheckFailed("a terminal id has 6 bytes")
     when = when or dt.datetime.now()
     date, time = _now_fields(when)
     # 1. Read the card and check it.
     info = select_purse(card, card_aid)
+    amount = info.minor_units(amount)
     info.check_dates(when.date())
     call(hsm, apdus.select(hsm_aid), "SELECT HSM")
     verify_pin_if_needed(card, purse, pin)
@@ -297,11 +338,6 @@ def load(card: Reader, hsm: Reader, amount: int, *, terminal_id: bytes,
         currency_exponent=info.currency_exponent)
 
 
-def format_amount(minor: int, exponent: int | None) -> str:
-    """Integer minor units as a decimal string, with integer arithmetic only."""
-    exp = exponent or 0
-    if exp == 0:
-        return str(minor)
-    sign = "-" if minor < 0 else ""
-    whole, frac = divmod(abs(minor), 10**exp)
-    return f"{sign}{whole}.{frac:0{exp}d}"
+def _check_minor(amount: int | Amount) -> None:
+    if isinstance(amount, int) and not 0 <= amount <= 0xFFFFFFFF:
+        raise TerminalCheckFailed("an amount is 0..4294967295 minor units")
