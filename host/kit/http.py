@@ -13,6 +13,11 @@ A database that cannot write (a full disk, a read-only or vanished file, Postgre
 and :data:`JSON_STORAGE_ERROR_HANDLERS` (``{"reason": ...}``) turn it into 503 with the reason and
 ``Retry-After``, for ``Starlette(exception_handlers=...)``; the database transaction was rolled
 back, so nothing changed.
+
+Every refusal made here is noted in the request's log line (:func:`.request_log.note`), as is
+the transaction id of every client envelope opened. :func:`openapi_route` serves a server's
+OpenAPI document (``host/openapi/NAME.yaml``, the files ``docs/openapi/`` shows) as
+``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -23,16 +28,20 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from typing import Any, TypeVar
 
+import yaml  # type: ignore[import-untyped]  # (no types-PyYAML in the venv)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from ...protocols import messages as M
 from ...protocols import secure
 from .db import storage_reason
+from .request_log import note
 
 OCTETS = "application/octet-stream"
 T = TypeVar("T")
@@ -56,6 +65,7 @@ class Refused(Exception):
 
 
 def refusal(exc: Refused) -> Response:
+    note(reason=exc.reason)
     headers = {"X-Svcard-Reason": exc.reason.encode("ascii", "replace").decode(), **exc.headers}
     return Response(M.error_message(exc.code, exc.reason), status_code=exc.status,
                     media_type=OCTETS, headers=headers)
@@ -122,6 +132,13 @@ async def read_json(request: Request, max_bytes: int = MAX_JSON_BODY,
         raise Refused(400, 400, "the body is not JSON") from None
 
 
+def shutting_down() -> Refused:
+    """New work refused while the server drains (kit/serving.py): 503, and the connection
+    closed so the client's next attempt finds another server or this one restarted."""
+    return Refused(503, 503, "the server is shutting down; retry",
+                   {"Retry-After": "1", "Connection": "close"})
+
+
 def storage_refusal(exc: Exception) -> Refused:
     """A database that cannot do its work, as a 503 refusal with the reason and Retry-After."""
     return Refused(503, 503, storage_reason(exc),
@@ -138,6 +155,7 @@ async def _json_storage_error(request: Request, exc: Exception) -> Response:
 
 def json_refusal(exc: Refused) -> JSONResponse:
     """A refusal as ``{"reason": ...}`` for the JSON servers."""
+    note(reason=exc.reason)
     return JSONResponse({"reason": exc.reason}, status_code=exc.status, headers=exc.headers)
 
 
@@ -169,6 +187,7 @@ def open_client_envelope(data: bytes, msg_type: int, keys: dict[bytes, bytes], p
         env, header = M.split_envelope(data)
     except M.MessageError as exc:
         raise Refused(400, 400, str(exc)) from None
+    note(txn=env.txn_id.hex(), party=env.merchant_id.hex())
     if env.msg_type != msg_type:
         raise Refused(400, 400, f"expected message type {msg_type}, got {env.msg_type}")
     shared = keys.get(env.merchant_id)
@@ -210,3 +229,22 @@ class SqlRunner:
             return await asyncio.to_thread(fn, *args, **kwargs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+
+
+def openapi_document(name: str) -> dict[str, Any]:
+    """A server's OpenAPI document, ``host/openapi/NAME.yaml`` (package data)."""
+    package = __package__.rsplit(".", 1)[0]  # svcard.host
+    source = resources.files(package).joinpath("openapi", f"{name}.yaml")
+    document: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
+    return document
+
+
+def openapi_route(name: str) -> Route:
+    """``GET /openapi.json``: the server's OpenAPI document (read once, when the app is
+    built, so a server whose document is missing does not start)."""
+    body = json.dumps(openapi_document(name)).encode()
+
+    async def openapi(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    return Route("/openapi.json", openapi, methods=["GET"])

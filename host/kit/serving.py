@@ -1,13 +1,114 @@
-"""Run an ASGI app with uvicorn on loopback in a background thread (tests, demo, benchmarks)."""
+"""Running the servers with uvicorn: :func:`serve` for ``svcard serve ...`` (JSON logs, a
+graceful drain on SIGTERM), :class:`ServerThread` on loopback in a background thread (tests,
+demo, benchmarks).
+
+The drain. On SIGTERM (or Ctrl-C) :func:`serve` does not stop at once: it tells the server
+(:meth:`Drainable.begin_drain`), which from then on refuses new work (503, ``Retry-After``,
+``Connection: close``) and answers its health check 503 ``draining``, but still takes the
+requests that finish work already begun: the card's answer for a FIG. 5 payment whose PSAM is
+held. When the server has nothing pending (:meth:`Drainable.pending`) or ``drain_seconds``
+have passed, uvicorn's own graceful shutdown follows: the listening socket closes, requests in
+flight get what is left of the deadline (at least a second), the lifespan ends (held PSAMs
+released, readers closed). Then the process exits 0 after SIGTERM, 130 after Ctrl-C. A second
+signal stops waiting for pending work; a third Ctrl-C stops at once.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import signal
 import socket
 import threading
 import time
-from typing import Any
+from types import FrameType
+from typing import Any, Protocol
 
 import uvicorn
+
+from .command_line import EXIT_INTERRUPTED, EXIT_OK
+from .request_log import configure_logging
+
+log = logging.getLogger("svcard.serve")
+DRAIN_SECONDS = 10.0
+
+
+class Drainable(Protocol):
+    """What :func:`serve` asks of a server for the drain."""
+
+    def begin_drain(self) -> None:
+        """From now on, refuse new work; still take what finishes work already begun."""
+
+    def pending(self) -> int:
+        """How many pieces of begun work the drain waits for (0: none)."""
+
+
+class Drain:
+    """A server's drain state, for servers whose requests each finish on their own (nothing
+    spans requests): refuse new work from :meth:`begin_drain` on, wait for nothing."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def pending(self) -> int:
+        return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain: Drainable | None,
+                 drain_seconds: float) -> None:
+        super().__init__(config)
+        self.drain, self.drain_seconds = drain, drain_seconds
+        self.stop_signal: int | None = None
+        self.deadline = 0.0
+        self.signals = 0
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn's own handler re-raises the signal once it has shut down, which makes a
+        # SIGTERM'd process end "killed by SIGTERM"; here the exit code says how it ended
+        self.signals += 1
+        if self.stop_signal is None:
+            self.stop_signal = sig
+            self.deadline = time.monotonic() + self.drain_seconds
+            if self.drain is not None:
+                self.drain.begin_drain()
+        elif not self.should_exit:
+            self.should_exit = True
+        elif sig == signal.SIGINT:
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.stop_signal is not None and not self.should_exit:
+            pending = self.drain.pending() if self.drain is not None else 0
+            left = self.deadline - time.monotonic()
+            if counter % 10 == 0 or pending == 0:
+                log.info("draining: %d pending, %.1f s left", pending, max(left, 0),
+                         extra={"pending": pending})
+            if pending == 0 or left <= 0:
+                if pending:
+                    log.warning("drain deadline passed with %d pending", pending,
+                                extra={"pending": pending})
+                self.config.timeout_graceful_shutdown = max(1, math.ceil(left))
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(app: Any, *, host: str, port: int, log_level: str = "info",
+          drain: Drainable | None = None, drain_seconds: float = DRAIN_SECONDS) -> int:
+    """Run ``app`` in the foreground until SIGTERM or Ctrl-C, logging JSON lines on stderr at
+    ``log_level``, draining ``drain`` for at most ``drain_seconds`` (see the module); the
+    process's exit code. A server that cannot start (a lifespan error, the port taken) makes
+    uvicorn exit 3."""
+    configure_logging(log_level)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
+                            access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=max(1, math.ceil(drain_seconds)))
+    server = _DrainingServer(config, drain, drain_seconds)
+    server.run()
+    return EXIT_INTERRUPTED if server.stop_signal == signal.SIGINT else EXIT_OK
 
 
 def free_port() -> int:

@@ -26,9 +26,6 @@ remembered pair is still refused while its account is locked. Request bodies are
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
-import hmac
 import html
 import json
 import math
@@ -38,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -46,24 +44,31 @@ from ....protocols import loadmsg as L
 from ....protocols import messages as M
 from ....protocols import secure
 from ...kit.db import DuplicateError, now_ms
+from ...kit.health import HealthCheck, database_check
 from ...kit.http import (
     JSON_STORAGE_ERROR_HANDLERS,
     MAX_BODY,
     Refused,
     SqlRunner,
     json_refusal,
+    openapi_route,
     read_body,
     read_json,
+    shutting_down,
 )
+from ...kit.request_log import RequestLog, note
+from ...kit.serving import Drain
 from .db import (
     DUMMY_HASH,
     BankDb,
     BankError,
     SecretLocked,
     SecretPolicy,
+    accounts,
     make_engine,
     verify_secret,
 )
+from .guards import AddressThrottle, SecretCache
 
 
 @dataclass
@@ -91,74 +96,14 @@ class BankConfig:
 
 
 def _reason(status: int, reason: str) -> JSONResponse:
+    note(reason=reason)
     return JSONResponse({"reason": reason}, status_code=status)
 
 
 def _too_many(seconds: float, reason: str) -> JSONResponse:
+    note(reason=reason)
     return JSONResponse({"reason": reason}, status_code=429,
                         headers={"Retry-After": str(max(1, math.ceil(seconds)))})
-
-
-class SecretCache:
-    """Verified (account, stored hash, secret) triples for a short while, each kept only as an
-    HMAC under a random key of this process; bounded in size (oldest dropped first)."""
-
-    def __init__(self, lifetime: float, max_entries: int = 10_000) -> None:
-        self.lifetime, self.max_entries = lifetime, max_entries
-        self._key = os.urandom(32)
-        self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-
-    def _tag(self, account: str, stored: str, secret: str) -> bytes:
-        return hmac.new(self._key, b"\0".join(x.encode() for x in (account, stored, secret)),
-                        hashlib.sha256).digest()
-
-    def hit(self, account: str, stored: str, secret: str) -> bool:
-        tag = self._tag(account, stored, secret)
-        until = self._seen.get(tag)
-        if until is None or until < time.monotonic():
-            self._seen.pop(tag, None)
-            return False
-        return True
-
-    def add(self, account: str, stored: str, secret: str) -> None:
-        if self.lifetime <= 0:
-            return
-        self._seen[self._tag(account, stored, secret)] = time.monotonic() + self.lifetime
-        while len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
-
-
-class AddressThrottle:
-    """Wrong secrets per client address in a sliding window (in memory, bounded)."""
-
-    def __init__(self, max_failures: int, window: float, max_addresses: int = 10_000) -> None:
-        self.max_failures, self.window, self.max_addresses = max_failures, window, max_addresses
-        self._failures: collections.OrderedDict[str, collections.deque[float]] = \
-            collections.OrderedDict()
-
-    def _recent(self, address: str, now: float) -> collections.deque[float]:
-        times = self._failures.get(address, collections.deque())
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        return times
-
-    def blocked_for(self, address: str) -> float:
-        now = time.monotonic()
-        times = self._recent(address, now)
-        if len(times) < self.max_failures:
-            return 0.0
-        return times[-self.max_failures] + self.window - now
-
-    def failed(self, address: str) -> None:
-        now = time.monotonic()
-        times = self._recent(address, now)
-        times.append(now)
-        while len(times) > self.max_failures:
-            times.popleft()
-        self._failures[address] = times
-        self._failures.move_to_end(address)
-        while len(self._failures) > self.max_addresses:
-            self._failures.popitem(last=False)
 
 
 class BankServer:
@@ -169,6 +114,11 @@ class BankServer:
         self.secrets = SecretCache(config.secret_cache_seconds)
         self.addresses = AddressThrottle(config.address_max_failures, config.address_window)
         self._hashing: asyncio.Semaphore | None = None  # scrypt runs this many at a time
+        self.drain = Drain()  # the drain: no new load start; confirmations still register
+        self.health_check = HealthCheck(
+            "bank", {"database": database_check(self.db.engine, accounts)},
+            lambda: {"bank_id": self.config.bank_id.hex().upper()},
+            lambda: self.drain.draining)
 
     async def _verify(self, stored: str, secret: str) -> bool:
         if self._hashing is None:
@@ -209,6 +159,8 @@ class BankServer:
 
     # --- POST /v1/load/start (steps 872-875) ------------------------------------------------
     async def start(self, request: Request) -> Response:
+        if self.drain.draining:
+            return json_refusal(shutting_down())
         try:
             body = await read_json(request)
         except Refused as exc:
@@ -229,6 +181,7 @@ class BankServer:
                     return _reason(409, "this request id was used for another load")
                 if prior["state"] != "debited":
                     return _reason(409, f"this load is already {prior['state']}")
+                note(txn=prior["txn_id"], outcome="same load again")
                 return JSONResponse(self.parameters(bytes.fromhex(prior["txn_id"]), order))
             if order.lookup_only:
                 return _reason(404, "no load with this request id: nothing was debited")
@@ -241,6 +194,7 @@ class BankServer:
             return _reason(400, f"the card can take at most {max(room, 0)} more (balance "
                                 f"{order.balance}, limit {order.limit})")
         txn_id = os.urandom(16)
+        note(txn=txn_id.hex())
         try:
             await self.sql(self.db.debit_for_load, order.account, txn_id.hex(), order.amount,
                            order.card_serial.hex(), order.request_id)
@@ -290,6 +244,7 @@ class BankServer:
             txn_id = bytes.fromhex(request.path_params["txn"])
         except ValueError:
             return _reason(400, "the transaction id is not hex")
+        note(txn=txn_id.hex())
         load = await self.sql(self.db.load, txn_id.hex())
         if load is None:
             return _reason(404, "no such load")
@@ -317,6 +272,7 @@ class BankServer:
         loaded = conf.outcome == L.OUTCOME_LOADED
         if not await self.sql(self.db.register, txn_id.hex(), loaded, conf.reason):
             return _reason(409, "this load was already registered")
+        note(outcome="loaded" if loaded else "not loaded: refunded")
         account = await self.sql(self.db.account, load["account_id"])
         return JSONResponse({"registered": True, "outcome": "loaded" if loaded else
                              "not loaded", "amount": load["amount"],
@@ -325,7 +281,7 @@ class BankServer:
                              "account_balance": account["balance"] if account else None})
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"bank_id": self.config.bank_id.hex().upper()})
+        return await self.health_check.answer(request)
 
     def app(self) -> Starlette:
         return Starlette(routes=[
@@ -333,7 +289,9 @@ class BankServer:
             Route("/v1/load/start", self.start, methods=["POST"]),
             Route("/v1/load/status/{txn}", self.status, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS))
+            openapi_route("bank"),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="bank")])
 
 
 @dataclass

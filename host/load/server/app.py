@@ -33,14 +33,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from ....reader import Reader
-from ...kit.http import STORAGE_ERROR_HANDLERS, SqlRunner, answer
+from ...kit.health import HealthCheck, database_check, pool_check
+from ...kit.http import (
+    STORAGE_ERROR_HANDLERS,
+    SqlRunner,
+    answer,
+    openapi_route,
+    refusal,
+    shutting_down,
+)
+from ...kit.request_log import RequestLog
+from ...kit.serving import Drain
+from ...terminal import apdus
+from ...terminal.purse import call
 from . import probe, request, result
-from .db import LoadDb, make_engine
+from .db import LoadDb, loads, make_engine
 from .hsm_pool import HsmPool
 
 
@@ -75,6 +88,16 @@ class LoadServer:
         self.hsms = HsmPool(hsm_readers)
         self.db = LoadDb(make_engine(config.db_url))
         self.sql = SqlRunner(config.db_url)
+        # the drain: no new load request; a load's result and probe still finish it (each
+        # request stands alone, and the client's journal finishes a load cut short)
+        self.drain = Drain()
+        self.health_check = HealthCheck(
+            "load", {"database": database_check(self.db.engine, loads),
+                     "hsms": pool_check(self.hsms, lambda reader: call(
+                         reader, apdus.select(self.hsms.aid), "SELECT HSM"))},
+            lambda: {"hsms": len(self.hsms.members),
+                     "terminal_id": self.config.terminal_id.hex().upper()},
+            lambda: self.drain.draining)
 
     async def run(self, step: Step, http_request: Request) -> Response:
         """Run a protocol step on the request body; a refusal becomes its answer."""
@@ -82,6 +105,8 @@ class LoadServer:
 
     # --- POST /v1/load/request (steps 878-880, 895-899) ------------------------------------
     async def load_request(self, http_request: Request) -> Response:
+        if self.drain.draining:
+            return refusal(shutting_down())
         return await self.run(request.load_request, http_request)
 
     # --- POST /v1/load/result (steps 883-890 and the negative result) ----------------------
@@ -94,8 +119,7 @@ class LoadServer:
 
     # --- GET /v1/health ---------------------------------------------------------------------
     async def health(self, http_request: Request) -> Response:
-        return JSONResponse({"hsms": len(self.hsms.members),
-                             "terminal_id": self.config.terminal_id.hex().upper()})
+        return await self.health_check.answer(http_request)
 
     def app(self) -> Starlette:
         @asynccontextmanager
@@ -112,4 +136,6 @@ class LoadServer:
             Route("/v1/load/result", self.load_result, methods=["POST"]),
             Route("/v1/load/probe", self.load_probe, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
-        ], lifespan=lifespan, exception_handlers=dict(STORAGE_ERROR_HANDLERS))
+            openapi_route("load"),
+        ], lifespan=lifespan, exception_handlers=dict(STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="load")])

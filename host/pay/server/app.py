@@ -53,15 +53,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ....protocols import messages as M
+from ....protocols import purse as P
 from ....reader import Reader
-from ...kit.http import STORAGE_ERROR_HANDLERS, SqlRunner, answer
+from ...kit.health import HealthCheck, database_check, pool_check
+from ...kit.http import (
+    STORAGE_ERROR_HANDLERS,
+    SqlRunner,
+    answer,
+    openapi_route,
+    refusal,
+    shutting_down,
+)
+from ...kit.request_log import RequestLog
+from ...terminal import apdus
+from ...terminal.purse import call
 from .batches import hand_over_batches
-from .db import PaymentDb, make_engine
+from .db import PaymentDb, make_engine, payments
 from .debit import answer_debit_response
 from .draw import answer_draw
 from .holds import Holds
@@ -104,11 +117,40 @@ class PaymentServer:
         self.holds = Holds(config, self.pool)
         self.close_lock = asyncio.Lock()  # one batch close at a time
         self.sql = SqlRunner(config.db_url)
+        self.draining = False     # shutting down: no new draw, held payments still finish
+        self.draws = 0            # draws in progress (each may end in a FIG. 5 hold)
+        self.health_check = HealthCheck(
+            "payment", {"database": database_check(self.db.engine, payments),
+                        "psams": pool_check(self.pool, self._probe_psam,
+                                            lambda psam: psam.psam_id.hex().upper())},
+            lambda: {"psams": len(self.pool.psams), "idle": self.pool.idle,
+                     "terminal_id": self.pool.terminal_id.hex().upper()},
+            lambda: self.draining)
+
+    # --- the drain (kit/serving.py) ---------------------------------------------------------
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def pending(self) -> int:
+        """FIG. 5 payments whose PSAM is held for the card's answer, and draws in progress."""
+        return len(self.holds.held) + self.draws
+
+    def _probe_psam(self, reader: Reader) -> None:
+        """The health check's harmless command: the PSAM reads back its terminal id."""
+        if call(reader, apdus.read_binary(P.SFI_PSAM_TERMINAL_ID, 6),
+                "READ TERMINAL ID") != self.pool.terminal_id:
+            raise ValueError("the PSAM answers another terminal id")
 
     # --- routes -----------------------------------------------------------------------------
     async def draw(self, request: Request) -> Response:
+        if self.draining:
+            return refusal(shutting_down())
         client = request.client.host if request.client else "?"
-        return await answer(lambda data: answer_draw(self, data, client), request)
+        self.draws += 1
+        try:
+            return await answer(lambda data: answer_draw(self, data, client), request)
+        finally:
+            self.draws -= 1
 
     async def debit_response(self, request: Request) -> Response:
         return await answer(lambda data: answer_debit_response(self, data), request)
@@ -117,11 +159,14 @@ class PaymentServer:
         return await answer(lambda data: take_proof(self, data), request)
 
     async def close_batches(self, request: Request) -> Response:
+        if self.draining:
+            exc = shutting_down()
+            return JSONResponse({"reason": exc.reason, "batches": []}, status_code=503,
+                                headers=exc.headers)
         return await hand_over_batches(self, request)
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"psams": len(self.pool.psams), "idle": self.pool.idle,
-                             "terminal_id": self.pool.terminal_id.hex().upper()})
+        return await self.health_check.answer(request)
 
     # --- application ------------------------------------------------------------------------
     def app(self) -> Starlette:
@@ -141,4 +186,6 @@ class PaymentServer:
             Route("/v1/proof", self.proof, methods=["POST"]),
             Route("/v1/batches/close", self.close_batches, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
-        ], lifespan=lifespan, exception_handlers=dict(STORAGE_ERROR_HANDLERS))
+            openapi_route("payment"),
+        ], lifespan=lifespan, exception_handlers=dict(STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="payment")])
