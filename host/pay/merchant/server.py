@@ -32,13 +32,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ....protocols import messages as M
 from ....protocols import secure
-from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, read_body
+from ...kit.health import HealthCheck, database_check
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route, read_body
+from ...kit.request_log import RequestLog, note
 from . import db as MD
 from . import page
 from .confirmation import Refusal, check_confirmation
@@ -179,6 +182,7 @@ class MerchantServer:
 
     def refuse(self, status: int, reason: str,
                headers: dict[str, str] | None = None) -> Response:
+        note(reason=reason)
         return JSONResponse({"released": False, "reason": reason}, status_code=status,
                             headers=headers)
 
@@ -343,5 +347,11 @@ class MerchantServer:
             Route("/shop/", self.shop, methods=["GET"]),
             Route(page.SCRIPT_PATH, page.script, methods=["GET"]),
             Route(page.STYLE_PATH, page.style, methods=["GET"]),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS))
+            Route("/v1/health", HealthCheck(
+                "merchant", {"database": database_check(self.db.engine, MD.orders)},
+                lambda: {"merchant_id": self.config.merchant_id.hex().upper()}).answer,
+                methods=["GET"]),
+            openapi_route("merchant"),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="merchant")])
 
