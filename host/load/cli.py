@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,13 @@ from ..terminal.card_commands import (
     readers,
 )
 from ..terminal.money import Amount, AmountError, exponent_of, format_money
+from ..terminal.online import (
+    http_client,
+    journalled_run,
+    report_resumed,
+    resume_command,
+    retry_for_option,
+)
 from ..terminal.reader_specs import open_reader
 
 
@@ -122,46 +130,82 @@ def bank_account_list(db_url: str, as_json: bool) -> None:
 
 
 # --- svcard load ----------------------------------------------------------------------------
+def _or_resume(f: Callable[..., None]) -> Callable[..., None]:
+    """``--resume``: finish what the journal holds for the card instead of a new load, decided
+    before the amount is asked for (BANK_URL, --account, --secret and the amount are needed
+    only for a new load)."""
+
+    @functools.wraps(f)
+    def dispatch(*args: Any, resume: bool, **kwargs: Any) -> None:
+        if resume:
+            given = [name for name, key in (("BANK_URL", "bank_url"), ("--amount", "amount"),
+                                            ("--minor", "minor")) if kwargs.get(key) is not None]
+            if given:
+                fail(f"--resume makes no new load: drop {', '.join(given)}", EXIT_USAGE)
+            _resume_loads(kwargs["card_spec"], kwargs["journal"], kwargs["timeout"],
+                          kwargs["retry_for"], kwargs["as_json"])
+            return
+        missing = [name for name, key in (("BANK_URL", "bank_url"), ("--account", "account"),
+                                          ("--secret", "secret")) if kwargs.get(key) is None]
+        if missing:
+            fail(f"a load needs {', '.join(missing)} (or --resume to finish what the journal "
+                 f"holds)", EXIT_USAGE)
+        f(*args, **kwargs)
+
+    return click.option("--resume", is_flag=True,
+                        help="Only finish what an interruption left in the journal for this "
+                             "card; no new load (no BANK_URL or amount).")(dispatch)
+
+
+def _resume_loads(card_spec: str, journal: Path | None, timeout: float, retry_for: float,
+                  as_json: bool) -> None:
+    """``svcard load --resume``: each open load of the card finished, asking the card."""
+    from ..terminal.journal import Journal, default_journal
+    from . import client as LC
+
+    book = Journal(journal or default_journal())
+    with handled(), journalled_run(book, resume_command("load", card_spec, journal), retry_for), \
+            http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
+        report_resumed(book, LC.resume_loads(card_r, journal=book, http=http), as_json)
+
+
 @click.command("load")
-@click.argument("bank_url")
+@click.argument("bank_url", required=False)
 @card_option
-@click.option("--account", required=True, help="Your account at the bank.")
-@click.option("--secret", required=True, envvar="SVCARD_ACCOUNT_SECRET",
+@click.option("--account", default=None, help="Your account at the bank.")
+@click.option("--secret", default=None, envvar="SVCARD_ACCOUNT_SECRET",
               help="The account secret (or $SVCARD_ACCOUNT_SECRET).")
+@_or_resume
 @amount_option
 @click.option("--journal", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The local journal (default: $SVCARD_JOURNAL or "
                    "~/.local/state/svcard/journal.jsonl).")
 @click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
+@retry_for_option
 @json_option
 def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: Amount,
-             journal: Path | None, timeout: float, as_json: bool) -> None:
+             journal: Path | None, timeout: float, retry_for: float, as_json: bool) -> None:
     """Load an amount from your bank account onto the card (seed FIG. 18): --amount 50.00 in
     the card's currency (read from the card first), or 5000u / --minor 5000 in minor units.
 
     BANK_URL is the bank's load page (e.g. http://127.0.0.1:8083/v1/load). First finishes any
     load of this card an interruption left in the journal, asking the card what happened.
     Exit code 1 if the load was refused or ended "not loaded" (the account is re-credited).
+    Interrupted (Ctrl-C, SIGTERM: exit 130), or a server unreachable or busy past --retry-for
+    (exit 11), it says what state the journal holds; `svcard load --resume --card SPEC`
+    finishes it.
     """
-    import httpx
-
     from ..terminal.journal import Journal, default_journal
-    from ..terminal.online import PaymentRefused
     from . import client as LC
 
     book = Journal(journal or default_journal())
-    with handled(), httpx.Client(timeout=timeout) as http, \
-            readers(("card", card_spec)) as (card_r,):
-        try:
-            resumed = LC.resume_loads(card_r, journal=book, http=http)
-            info = T.select_purse(card_r)  # the card's currency places the amount
-            outcome = LC.load(bank_url, card_r, account=account, secret=secret,
-                              amount=info.minor_units(amount), journal=book, http=http)
-        except httpx.HTTPError as exc:
-            fail(f"network: {exc} (the journal keeps the load; run again to finish it)",
-                 EXIT_DEVICE)
-        except PaymentRefused as exc:
-            fail(str(exc), EXIT_DECLINED)
+    # a refusal is exit 1 (handled); busy, unreachable or interrupted: journalled_run says
+    with handled(), journalled_run(book, resume_command("load", card_spec, journal), retry_for), \
+            http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
+        resumed = LC.resume_loads(card_r, journal=book, http=http)
+        info = T.select_purse(card_r)  # the card's currency places the amount
+        outcome = LC.load(bank_url, card_r, account=account, secret=secret,
+                          amount=info.minor_units(amount), journal=book, http=http)
     money = info.money
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]

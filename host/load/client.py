@@ -32,7 +32,7 @@ from ...protocols import sw as SW
 from ...reader import Reader
 from ..terminal import apdus
 from ..terminal.journal import Journal
-from ..terminal.online import PaymentRefused, server_reason
+from ..terminal.online import RETRY_SAFE, PaymentRefused
 from ..terminal.purse import (
     CardInfo,
     Declined,
@@ -76,19 +76,22 @@ class _LoadSession:
         self.amount = int(params["amount"])
         self.round_trips = 0
 
-    def post(self, http: httpx.Client, path: str, msg_type: int, body: bytes) -> bytes:
-        return self.exchange(http, path, msg_type, body)[1]
+    def post(self, http: httpx.Client, path: str, msg_type: int, body: bytes,
+             retry: bool = True) -> bytes:
+        return self.exchange(http, path, msg_type, body, retry)[1]
 
-    def exchange(self, http: httpx.Client, path: str, msg_type: int,
-                 body: bytes) -> tuple[int, bytes]:
-        """Post one sealed message: (the answer's message type, its opened body)."""
+    def exchange(self, http: httpx.Client, path: str, msg_type: int, body: bytes,
+                 retry: bool = True) -> tuple[int, bytes]:
+        """Post one sealed message: (the answer's message type, its opened body). ``retry``:
+        a busy answer may be asked again (the same result or probe gets the same answer)."""
         request = M.seal_envelope(msg_type, self.bank_id, self.txn_id, self.etsk, self.tsk,
                                   body)
         self.round_trips += 1
         response = http.post(self.load_url + path, content=request,
-                             headers={"Content-Type": "application/octet-stream"})
+                             headers={"Content-Type": "application/octet-stream"},
+                             extensions=RETRY_SAFE if retry else None)
         if response.status_code != 200:
-            raise PaymentRefused("load server", response.status_code, server_reason(response))
+            raise PaymentRefused.answer("load server", response)
         env, header = M.split_envelope(response.content)
         if (env.merchant_id, env.txn_id) != (self.bank_id, self.txn_id):
             raise PaymentRefused("load server", 200, "answer for another transaction")
@@ -107,18 +110,19 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
     info.check_dates((when or dt.datetime.now()).date())
     balance = int.from_bytes(call(card, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
     limit = read_balance_limit(card)
-    page = http.get(bank_url, headers={"Accept": "application/json"})
+    page = http.get(bank_url, headers={"Accept": "application/json"}, extensions=RETRY_SAFE)
     if page.status_code != 200:
-        raise PaymentRefused("bank", page.status_code, server_reason(page))
+        raise PaymentRefused.answer("bank", page)
     start_url = str(page.json()["start_url"])
     response = http.post(start_url, json={
         "account": account, "secret": secret, "amount": amount, "request_id": request_id,
         "lookup_only": lookup_only,
         "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
                  "limit": limit, "currency_code": info.currency_code or 0,
-                 "currency_exponent": info.currency_exponent or 0}})
+                 "currency_exponent": info.currency_exponent or 0}},
+        extensions=RETRY_SAFE if request_id else None)  # its request id: the same load again
     if response.status_code != 200:
-        raise PaymentRefused("bank", response.status_code, server_reason(response))
+        raise PaymentRefused.answer("bank", response)
     params: dict[str, Any] = response.json()
     for key in ("amount", "load_url", "txn_id", "bank_id", "terminal_id", "bank_time",
                 "status_url", "tsk", "etsk"):
@@ -173,7 +177,8 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
     journal.write(txn, "load-requested", counter=init.online_counter)
     # 877-880: one load request, one load command
     try:
-        command_bytes = s.post(http, "/v1/load/request", L.LOAD_REQUEST, request)
+        # not asked again when busy: the load server closes a request no HSM took (409 then)
+        command_bytes = s.post(http, "/v1/load/request", L.LOAD_REQUEST, request, retry=False)
     except PaymentRefused as exc:
         if exc.status == 503:
             raise
@@ -272,7 +277,8 @@ def _register(s: _LoadSession, http: httpx.Client, journal: Journal, outcome: in
     s.round_trips += 1
     response = http.post(s.params["status_url"], content=M.build(L.BankConfirmation, {
         "version": M.VERSION, "txn_id": s.txn_id, "confirmation": confirmation}),
-        headers={"Content-Type": "application/octet-stream"})
+        headers={"Content-Type": "application/octet-stream"},
+        extensions=RETRY_SAFE)  # registered already: 409, taken as done
     try:
         bank = response.json()
     except ValueError:
@@ -281,7 +287,8 @@ def _register(s: _LoadSession, http: httpx.Client, journal: Journal, outcome: in
         if response.status_code == 409:  # registered before an interruption
             journal.write(txn, "load-done", bank=bank)
         else:
-            raise PaymentRefused("bank", response.status_code, str(bank.get("reason")))
+            raise PaymentRefused("bank", response.status_code, str(bank.get("reason")),
+                                 str(response.url))
     else:
         journal.write(txn, "load-done", bank=bank)
     loaded = outcome == L.OUTCOME_LOADED
