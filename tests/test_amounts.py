@@ -11,6 +11,7 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from conftest import demo_image, with_balance
@@ -200,5 +201,22 @@ def test_svcard_load_with_a_decimal_amount(tmp_path: Path) -> None:
         assert json.loads(as_json.stdout)["load"]["amount"] == 1
         assert read_image(card)["app"]["ep"]["balance"] == 5001
         assert servers.account() == 20000 - 5001
+        # a request missing a field is named by the field, not by a KeyError's repr
+        bad = httpx.post(f"{servers.bank_url}/start", json={"account": "alice",
+                                                             "secret": "x" * 8}, timeout=30)
+        assert bad.status_code == 400
+        assert bad.json()["reason"] == "bad load request: no field card", bad.text
     finally:
         servers.stop()
+
+
+def test_a_batch_file_missing_a_field_names_it(tmp_path: Path) -> None:
+    from svcard.fixtures import fixture_path
+    from svcard.host.settle.batches import check_batch
+    from svcard.host.settle.config import clearing_config
+
+    (tmp_path / "batch.json").write_text(json.dumps({"terminal_id": "000000000001",
+                                                     "batch_number": 1, "records": []}))
+    verdict = check_batch(clearing_config(fixture_path("clearing-demo.toml")),
+                          tmp_path / "batch.json")
+    assert verdict.state == "refused" and verdict.reason == "not a batch file: no field mac"

@@ -121,7 +121,9 @@ def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
         psam_id = str(doc.get("psam_id", "")).upper()
         if not _PSAM_ID.fullmatch(psam_id):
             raise ValueError("psam_id is not up to 20 hex digits")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+    except KeyError as exc:  # the field's name, not the exception's repr
+        return BatchVerdict(name, "refused", f"not a batch file: no field {exc.args[0]}")
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
         return BatchVerdict(name, "refused", f"not a batch file: {exc}")
     verdict = BatchVerdict(name, "refused", "", terminal_id.hex().upper(), number, psam_id,
                            mac.hex().upper())

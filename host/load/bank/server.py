@@ -167,7 +167,9 @@ class BankServer:
             return json_refusal(exc)
         try:
             order = _LoadOrder.from_json(body)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except KeyError as exc:  # the field's name, not the exception's repr
+            return _reason(400, f"bad load request: no field {str(exc.args[0])[:40]}")
+        except (TypeError, ValueError, AttributeError) as exc:
             return _reason(400, f"bad load request: {exc}")
         address = request.client.host if request.client else "unknown"
         refused = await self.authenticate(order.account, order.secret, address)
