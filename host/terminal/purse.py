@@ -9,8 +9,10 @@ card itself accepted a MAC.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ...protocols import purse as P
 from ...protocols import sw as SW
@@ -35,6 +37,23 @@ class Declined(TerminalError):
 
 class TerminalCheckFailed(TerminalError):
     """The terminal refused before any value moved (expired card, wrong currency, ...)."""
+
+
+_Args = ParamSpec("_Args")
+_Result = TypeVar("_Result")
+
+
+def held(flow: Callable[Concatenate[Reader, Reader, _Args], _Result]
+         ) -> Callable[Concatenate[Reader, Reader, _Args], _Result]:
+    """Run a value flow with its card and its security module each held by a reader
+    transaction (:meth:`Reader.transaction`): over PC/SC no other program's command comes
+    between SELECT and the last DEBIT or CREDIT."""
+    @functools.wraps(flow)
+    def run(card: Reader, module: Reader, /, *args: _Args.args,
+            **kwargs: _Args.kwargs) -> _Result:
+        with card.transaction(), module.transaction():
+            return flow(card, module, *args, **kwargs)
+    return run
 
 
 def call(reader: Reader, apdu: bytes, step: str) -> bytes:
@@ -217,6 +236,7 @@ class PurchaseReceipt(Receipt):
                 f"{self.offline_counter}\n  MAC1 {self.mac1}  MAC2 {self.mac2}  TAC {self.tac}")
 
 
+@held
 def purchase(card: Reader, psam: Reader, amount: int | Amount, *, purse: int = P.PURSE_EP,
              key_index: int = 1, pin: str | None = None, when: dt.datetime | None = None,
              card_aid: bytes = P.DEFAULT_IEP_AID, psam_aid: bytes = P.DEFAULT_PSAM_AID,
@@ -288,6 +308,7 @@ class LoadReceipt(Receipt):
                 f"  S1 {self.s1}  S2 {self.s2}  S3 {self.s3}")
 
 
+@held
 def load(card: Reader, hsm: Reader, amount: int | Amount, *, terminal_id: bytes,
          purse: int = P.PURSE_EP, key_index: int = 1, pin: str | None = None,
          when: dt.datetime | None = None, card_aid: bytes = P.DEFAULT_IEP_AID,
