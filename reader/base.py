@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from ..protocols.apdu import ResponseAPDU, parse_response
@@ -66,6 +68,16 @@ class Reader(ABC):
     @abstractmethod
     def disconnect(self) -> None:
         """Release the card."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Keep the card to this reader for the whole block: no other program's command may
+        come between ours (PC/SC: ``SCardBeginTransaction`` .. ``SCardEndTransaction``).
+
+        Wrap a value transaction in it, from SELECT to the last DEBIT or CREDIT, so another
+        PC/SC client cannot SELECT, reset or query the card in the middle. Blocks nest. Here,
+        for a reader no other program can reach (in process, a trace), it does nothing."""
+        yield
 
     def exchange(self, apdu: bytes) -> ResponseAPDU:
         """``transmit`` and split the answer into data and status word."""

@@ -5,6 +5,8 @@ spec ``delayed:MS:SPEC``."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .base import Reader
 
@@ -21,6 +23,11 @@ class DelayedReader(Reader):
     def transmit(self, apdu: bytes) -> bytes:
         time.sleep(self.delay)
         return self.inner.transmit(apdu)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.inner.transaction():
+            yield
 
     def disconnect(self) -> None:
         self.inner.disconnect()

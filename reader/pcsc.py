@@ -3,9 +3,13 @@
 ``pcsc:NAME`` opens the reader with that exact name, or the one reader whose name starts with
 NAME; ``pcsc:#N`` the N-th reader (from 0) as PC/SC lists them. T=0 and T=1 are both offered;
 a ``61xx`` answer is completed with GET RESPONSE and a ``6Cxx`` answer re-issued with the right
-Le here, so the host above never sees either. PC/SC failures become distinct errors
-(:mod:`svcard.reader.base`): no service, no such reader, no card, card removed, sharing
-violation.
+Le here (:mod:`svcard.reader.responses`), so the host above never sees either. PC/SC failures
+become distinct errors (:mod:`svcard.reader.base`): no service, no such reader, no card, card
+removed, sharing violation.
+
+:meth:`PcscReader.transaction` holds ``SCardBeginTransaction`` for a block: pcsc-lite makes any
+other client's command to that card wait until the block ends. :func:`watch` reports readers
+and cards coming and going (``svcard readers --watch``), as ``pcsc_scan`` does.
 
 pyscard has no Linux wheel: it builds from source against ``libpcsclite-dev`` with ``swig``
 (``scripts/install-system-deps`` installs both). It is imported only when a PC/SC reader is used.
@@ -13,6 +17,9 @@ pyscard has no Linux wheel: it builds from source against ``libpcsclite-dev`` wi
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -26,8 +33,7 @@ from .base import (
     ReaderError,
     SharingViolationError,
 )
-
-MAX_CHAINED_RESPONSES = 64
+from .responses import complete
 
 
 def _scard() -> ModuleType:
@@ -136,6 +142,7 @@ class PcscReader(Reader):
         self._ctx: _Context | None = None
         self._card: Any = None
         self._protocol: int = 0
+        self._lock = TransactionDepth()
         self.atr = b""
 
     def connect(self) -> bytes:
@@ -174,21 +181,14 @@ class PcscReader(Reader):
         if len(apdu) < 4:
             # vpcd would read a 1-byte payload as a control code and hang; no card wants this
             raise ReaderError(f"a command APDU has at least 4 bytes, got {len(apdu)}")
-        answer = self._raw(apdu)
-        if answer[-2] == 0x6C and len(apdu) >= 5:
-            # wrong Le: send the same command again, its last byte (Le) the one the card asked
-            answer = self._raw(bytes(apdu[:-1]) + answer[-1:])
-        # GET RESPONSE keeps an interindustry command's logical channel; proprietary: CLA 00
-        cla = 0x00 if apdu[0] & 0x80 else apdu[0] & 0x03
-        data = bytearray()
-        for _ in range(MAX_CHAINED_RESPONSES):
-            if answer[-2] != 0x61:
-                break
-            data += answer[:-2]
-            answer = self._raw(bytes((cla, 0xC0, 0x00, 0x00, answer[-1])))
-        else:
-            raise ReaderError(f"{self.name}: more than {MAX_CHAINED_RESPONSES} GET RESPONSEs")
-        return bytes(data) + answer
+        return complete(self._raw, apdu, self.name)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        if self._ctx is None:
+            raise ReaderError(f"{self.name}: not connected (call connect first)")
+        with card_transaction(self._ctx.scard, self._card, self.name, self._lock):
+            yield
 
     def disconnect(self) -> None:
         if self._ctx is not None:
@@ -197,3 +197,123 @@ class PcscReader(Reader):
             self._ctx.release()
             self._ctx = None
             self._card = None
+
+
+class TransactionDepth:
+    """How deeply transaction blocks are nested on one card handle (only the outermost one
+    begins and ends the PC/SC transaction)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+@contextmanager
+def card_transaction(scard: ModuleType, handle: Any, name: str,
+                     depth: TransactionDepth) -> Iterator[None]:
+    """``SCardBeginTransaction`` on ``handle`` for the block (nested blocks join the outer one).
+
+    pcsc-lite makes every other handle's command to the card wait until the block ends; a
+    second transaction waits too. The end is not checked: a card removed or reset inside the
+    block has ended the transaction already, and the block's own command said so."""
+    if depth.depth == 0:
+        hresult = scard.SCardBeginTransaction(handle)
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise _error(scard, hresult, f"{name}: cannot begin a PC/SC transaction")
+    depth.depth += 1
+    try:
+        yield
+    finally:
+        depth.depth -= 1
+        if depth.depth == 0:
+            scard.SCardEndTransaction(handle, scard.SCARD_LEAVE_CARD)
+
+
+# --- watching readers and cards --------------------------------------------------------------
+PNP_NOTIFICATION = "\\\\?PnP?\\Notification"  # PC/SC's pseudo reader: readers added/removed
+READER_ADDED = "reader_added"
+READER_REMOVED = "reader_removed"
+CARD_INSERTED = "card_inserted"
+CARD_REMOVED = "card_removed"
+
+
+@dataclass(frozen=True)
+class ReaderEvent:
+    """A reader or card that came or went. ``initial``: found so at the start of the watch."""
+
+    event: str
+    reader: str
+    atr: bytes = b""
+    initial: bool = False
+
+
+def watch(poll_ms: int = 500, stop: threading.Event | None = None) -> Iterator[ReaderEvent]:
+    """Every reader and card event until ``stop`` is set (or the consumer stops): first what is
+    there (``initial``), then each change as PC/SC reports it (``SCardGetStatusChange``).
+
+    Each wait lasts at most ``poll_ms``, so ``stop`` and Ctrl-C are seen within that time. A
+    card taken out and put back between two looks is still two events (pcsc-lite counts events
+    in the upper half of the state)."""
+    with _Context() as ctx:
+        s = ctx.scard
+        states: dict[str, int] = {}
+        pnp_state: int | None = s.SCARD_STATE_UNAWARE
+        initial = True
+        while stop is None or not stop.is_set():
+            names = ctx.readers()
+            for name in [n for n in states if n not in names]:
+                if states.pop(name) & s.SCARD_STATE_PRESENT:
+                    yield ReaderEvent(CARD_REMOVED, name)
+                yield ReaderEvent(READER_REMOVED, name)
+            for name in names:
+                if name not in states:
+                    states[name] = s.SCARD_STATE_UNAWARE
+                    yield ReaderEvent(READER_ADDED, name, initial=initial)
+            query = [(n, states[n]) for n in names]
+            if pnp_state is not None:
+                query.append((PNP_NOTIFICATION, pnp_state))
+            if not query:  # no readers, and no PnP to wait on: look again later
+                initial = False
+                if stop is not None:
+                    stop.wait(poll_ms / 1000)
+                continue
+            hresult, result = s.SCardGetStatusChange(ctx.handle, poll_ms, query)
+            code = hresult & 0xFFFFFFFF
+            if code == s.SCARD_E_TIMEOUT & 0xFFFFFFFF:
+                continue
+            if code in (s.SCARD_E_UNKNOWN_READER & 0xFFFFFFFF,
+                        s.SCARD_E_READER_UNAVAILABLE & 0xFFFFFFFF):
+                continue  # a reader went between the listing and the wait: list again
+            if hresult != s.SCARD_S_SUCCESS:
+                raise _error(s, hresult, "cannot watch the readers")
+            for name, state, atr in result:
+                if name == PNP_NOTIFICATION:
+                    # a PC/SC without PnP support says UNKNOWN: watch the listed readers only
+                    pnp_state = None if state & s.SCARD_STATE_UNKNOWN \
+                        else state & ~s.SCARD_STATE_CHANGED
+                    continue
+                yield from _card_events(s, name, states.get(name, 0), state, bytes(atr),
+                                        initial)
+                if name in states:
+                    states[name] = state & ~s.SCARD_STATE_CHANGED
+            initial = False
+
+
+def _card_events(s: ModuleType, name: str, before: int, after: int, atr: bytes,
+                 initial: bool) -> Iterator[ReaderEvent]:
+    had = bool(before & s.SCARD_STATE_PRESENT)
+    has = bool(after & s.SCARD_STATE_PRESENT)
+    counted = before != s.SCARD_STATE_UNAWARE and (before >> 16) != (after >> 16)
+    if had and (not has or counted):
+        yield ReaderEvent(CARD_REMOVED, name)
+    if has and (not had or counted):
+        yield ReaderEvent(CARD_INSERTED, name, atr, initial)
+
+
+def ping_service() -> bool:
+    """Open and close a PC/SC context: True if pcscd answered. A socket-activated pcscd
+    (Debian's ``pcscd.socket``) starts on this, and with it the vpcd driver's listener."""
+    try:
+        with _Context():
+            return True
+    except ReaderError:
+        return False

@@ -23,6 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -179,6 +181,11 @@ class RecordingReader(Reader):
         self._write(exchange_line(self._count, Exchange(apdu, response, t, ms)))
         self._count += 1
         return response
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.inner.transaction():
+            yield
 
     def disconnect(self) -> None:
         try:

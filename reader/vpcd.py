@@ -8,7 +8,10 @@ longer is a command APDU, answered with the response APDU.
 
 :class:`VpcdCardServer` is that virtual card: it connects to vpcd, answers until vpcd goes away
 (pcscd stopped or restarted), and connects again, polling until it is told to stop. A power-off
-or reset drops the card's session state (``card.reset()``), never its persistent state.
+or reset drops the card's session state (``card.reset()``), never its persistent state. With
+``first_connect_timeout``, a vpcd that never answered within that time is an error
+(:class:`VpcdUnreachableError`, naming host and port) instead of a silent wait; once connected,
+a vpcd that goes away is waited for without limit (pcscd restarting).
 
 Debian bookworm's vpcd writes the length and the payload in two sends; with Nagle and delayed
 ACKs every APDU would stall ~40 ms. This side sets ``TCP_NODELAY`` and re-arms ``TCP_QUICKACK``
@@ -23,8 +26,11 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
+
+from .base import NoPcscServiceError
 
 VPCD_PORT = 35963
 CTRL_OFF = 0
@@ -57,16 +63,29 @@ class _Closed(Exception):
     """vpcd closed the connection."""
 
 
+class VpcdUnreachableError(NoPcscServiceError):
+    """Nothing listened at vpcd's address within the time allowed (exit code 4, as for no
+    PC/SC service: pcscd is not running, or runs without the vpcd driver)."""
+
+    def __init__(self, host: str, port: int, waited: float) -> None:
+        super().__init__(
+            f"no vpcd listening at {host}:{port} after {waited:g} s: is pcscd running, with "
+            "the vsmartcard vpcd driver (Debian: pcscd vsmartcard-vpcd)?")
+        self.host = host
+        self.port = port
+
+
 class VpcdCardServer:
     """Plays ``card`` to vpcd at ``host:port`` until :meth:`stop`."""
 
     def __init__(self, card: ServedCard, host: str = "127.0.0.1", port: int = VPCD_PORT, *,
-                 retry_interval: float = 0.2,
+                 retry_interval: float = 0.2, first_connect_timeout: float | None = None,
                  on_event: Callable[[str], None] | None = None) -> None:
         self.card = card
         self.host = host
         self.port = port
         self.retry_interval = retry_interval
+        self.first_connect_timeout = first_connect_timeout
         self.on_event = on_event or (lambda _msg: None)
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -77,9 +96,13 @@ class VpcdCardServer:
 
     # --- the loop ---------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        """Connect, serve, reconnect; return once :meth:`stop` was called."""
+        """Connect, serve, reconnect; return once :meth:`stop` was called. Raises
+        :class:`VpcdUnreachableError` if the first connection is not made in time."""
+        deadline = None if self.first_connect_timeout is None \
+            else time.monotonic() + self.first_connect_timeout
         while not self._stop.is_set():
-            sock = self._connect()
+            sock = self._connect(deadline)
+            deadline = None
             if sock is None:
                 return
             self.on_event(f"connected to vpcd at {self.host}:{self.port}")
@@ -93,11 +116,22 @@ class VpcdCardServer:
                 sock.close()
                 self.card.reset()  # the card lost power with its reader
 
-    def _connect(self) -> socket.socket | None:
+    def _connect(self, deadline: float | None) -> socket.socket | None:
+        told = False
         while not self._stop.is_set():
             try:
                 sock = socket.create_connection((self.host, self.port), timeout=2)
-            except OSError:
+            except OSError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    assert self.first_connect_timeout is not None
+                    raise VpcdUnreachableError(self.host, self.port,
+                                               self.first_connect_timeout) from None
+                if not told:
+                    told = True
+                    limit = "" if deadline is None else \
+                        f"; trying for {deadline - time.monotonic():.0f} s"
+                    self.on_event(f"no vpcd at {self.host}:{self.port} yet "
+                                  f"({exc.strerror or exc}){limit}")
                 self._stop.wait(self.retry_interval)  # vpcd listens only while pcscd runs
                 continue
             sock.settimeout(None)
