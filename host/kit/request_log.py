@@ -137,7 +137,10 @@ class RequestLog:
 
     def _write(self, scope: Scope, status: int, fields: dict[str, Any],
                seconds: float) -> None:
-        endpoint = scope.get("endpoint")
+        endpoint = scope.get("endpoint")  # set by the router, as are the path parameters
+        txn = (scope.get("path_params") or {}).get("txn")
+        if txn is not None and "txn" not in fields:
+            fields["txn"] = str(txn)[:64]
         step = fields.pop("step", None) or getattr(endpoint, "__name__", None) or ""
         client = scope.get("client")
         line = {"server": self.server, "method": str(scope.get("method", "")),

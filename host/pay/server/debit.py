@@ -22,6 +22,7 @@ from ....protocols import secure
 from ....protocols import sw as SW
 from ...kit.db import DuplicateError
 from ...kit.http import Refused, request_digest
+from ...kit.request_log import note
 from ...terminal import apdus
 from .envelope import Opened, debit_result, open_message, result_m, sealed
 
@@ -48,6 +49,7 @@ async def answer_debit_response(server: PaymentServer, data: bytes) -> Response:
         server.holds.release(row_id)
         report = f"card refused: {r.card_sw:04X} ({SW.meaning(r.card_sw)})"
         await server.sql(server.db.note, row_id, "issued", report)
+        note(outcome="card refused")
         return sealed(o, M.PAYMENT_RESULT, _payment_result(
             o, row, M.STATUS_CARD_REFUSED, f"the card refused the debit: {r.card_sw:04X} "
             f"({SW.meaning(r.card_sw)})", bytes(4)))
@@ -81,6 +83,7 @@ async def answer_debit_response(server: PaymentServer, data: bytes) -> Response:
         row = await server.sql(server.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
         assert row is not None
         return _finished(o, row, response_digest)
+    note(outcome="confirmed")
     return sealed(o, M.PAYMENT_RESULT, body)
 
 
@@ -98,6 +101,7 @@ def _finished(o: Opened, row: dict[str, Any], response_digest: str) -> Response:
     """A debit response for a transaction no longer waiting for one."""
     if row["state"] == "confirmed" and row["result"] is not None:
         if hmac.compare_digest(row["response_digest"] or "", response_digest):
+            note(outcome="the same result again")
             return sealed(o, M.PAYMENT_RESULT, row["result"])  # an idempotent retry
         raise Refused(409, 409, "replayed debit response: the transaction is already "
                                 "confirmed")

@@ -26,6 +26,7 @@ from ....protocols import sw as SW
 from ....reader import Reader
 from ...kit.db import DuplicateError
 from ...kit.http import Refused, request_digest
+from ...kit.request_log import note
 from ...terminal import apdus
 from ...terminal.purse import Declined, call
 from .envelope import Opened, debit_result, open_message, result_m, sealed
@@ -101,6 +102,7 @@ def _same_draw(o: Opened, row: dict[str, Any], draw_digest: str) -> Response | N
         raise Refused(409, 409, "replayed draw request: this transaction already has "
                                 "another draw")
     if row["debit_command"] is not None and row["state"] in ("issued", "released"):
+        note(outcome="the same debit command again")
         return sealed(o, M.DEBIT_COMMAND, row["debit_command"])
     if row["state"] == "busy":
         return None
@@ -187,6 +189,7 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
                                 txn_time=clock_time.hex(), mac1=mac1.hex(),
                                 expected_mac2=expected.hex(), debit_command=command):
             raise Refused(409, 409, "the transaction changed meanwhile; retry")
+        note(outcome="held" if held else state)
         return sealed(o, M.DEBIT_COMMAND, command), held
     except BaseException:
         if held:

@@ -17,6 +17,7 @@ from ....protocols import messages as M
 from ....protocols import sw as SW
 from ...kit.db import DuplicateError
 from ...kit.http import Refused
+from ...kit.request_log import note
 from .envelope import open_message
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ async def take_proof(server: PaymentServer, data: bytes) -> Response:
         try:
             if await server.sql(server.db.advance, row["id"], "released", state="confirmed",
                                 card_mac2=r.mac2.hex(), tac=r.tac.hex(), reason="paid"):
+                note(outcome="confirmed")
                 return Response(b"", status_code=204)
         except DuplicateError:
             raise Refused(409, 409, "another confirmed payment already holds this card "
@@ -47,5 +49,6 @@ async def take_proof(server: PaymentServer, data: bytes) -> Response:
         assert row is not None
     if row["state"] == "confirmed" and row["tac"] == r.tac.hex() \
             and row["card_mac2"] == r.mac2.hex():
+        note(outcome="the same proof again")
         return Response(b"", status_code=204)  # an idempotent retry
     raise Refused(409, 409, f"the transaction is {row['state']}")
