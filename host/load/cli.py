@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
+from ..kit.serving import serve, serve_options
 from ..terminal import purse as T
 from ..terminal.card_commands import (
     amount_option,
@@ -239,12 +240,11 @@ def _bank_text(bank: dict[str, Any], money: Callable[[int], str]) -> str:
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8084, show_default=True, type=click.IntRange(1, 65535))
+@serve_options
 def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None, host: str,
-               port: int) -> None:
+               port: int, log_level: str, drain_seconds: float) -> None:
     """The load server: load requests in, load commands (the HSM's S2) out, confirmations
     sealed for the bank."""
-    import uvicorn
-
     from ..kit.config import ConfigError
     from .config import load_config
     from .server.app import LoadServer
@@ -255,7 +255,8 @@ def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None
         fail(str(exc), EXIT_DEVICE)
     with handled():
         server = LoadServer(config, [open_reader(spec) for spec in hsm_specs])
-    uvicorn.run(server.app(), host=host, port=port, log_level="info")
+    sys.exit(serve(server.app(), host=host, port=port, log_level=log_level,
+                   drain=server.drain, drain_seconds=drain_seconds))
 
 
 @click.command("bank")
@@ -266,11 +267,11 @@ def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8083, show_default=True, type=click.IntRange(1, 65535))
-def serve_bank(config_path: Path, db_url: str | None, host: str, port: int) -> None:
+@serve_options
+def serve_bank(config_path: Path, db_url: str | None, host: str, port: int, log_level: str,
+               drain_seconds: float) -> None:
     """The bank: debits customer accounts for loads, registers the load server's
     confirmations (a "not loaded" one re-credits the account)."""
-    import uvicorn
-
     from ..kit.config import ConfigError
     from .bank.server import BankServer
     from .config import bank_config
@@ -279,4 +280,6 @@ def serve_bank(config_path: Path, db_url: str | None, host: str, port: int) -> N
         config = bank_config(config_path, db_url)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
-    uvicorn.run(BankServer(config).app(), host=host, port=port, log_level="info")
+    bank_server = BankServer(config)
+    sys.exit(serve(bank_server.app(), host=host, port=port, log_level=log_level,
+                   drain=bank_server.drain, drain_seconds=drain_seconds))
