@@ -220,3 +220,26 @@ def test_a_batch_file_missing_a_field_names_it(tmp_path: Path) -> None:
     verdict = check_batch(clearing_config(fixture_path("clearing-demo.toml")),
                           tmp_path / "batch.json")
     assert verdict.state == "refused" and verdict.reason == "not a batch file: no field mac"
+
+
+def test_svcard_pay_prints_money_with_its_currency(tmp_path: Path) -> None:
+    from test_servers_cli import Servers
+
+    from svcard.host.demo.system import card_image
+
+    servers = Servers(tmp_path)
+    try:
+        card = card_image(tmp_path, ep=5_000)
+        for variant in ("fig6", "fig7"):
+            paid = subprocess.run(
+                [SVCARD, "pay", servers.checkout("song", variant), "--card", f"virtual:{card}",
+                 "--journal", str(tmp_path / "journal.jsonl"), "--terminal-key",
+                 str(servers.terminal_key)], capture_output=True, text=True, timeout=120)
+            assert paid.returncode == 0, paid.stderr
+            assert f"paid CNY 0.99 ({variant}," in paid.stdout
+            assert "receipt: txn " in paid.stdout and "CNY 0.99" in paid.stdout
+            assert not re.search(r"[{}\[\]]|': |\": ", paid.stdout), paid.stdout
+        assert "balance CNY 49.01 -> CNY 48.02" in paid.stdout
+        assert "not yet proven" in paid.stdout
+    finally:
+        servers.stop()

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -85,19 +86,36 @@ def pay_cmd(checkout_url: str | None, card_spec: str, purse: str, pin: str | Non
             report_resumed(book, resumed, as_json)
             return
         assert checkout_url is not None
+        info = T.select_purse(card_r)  # the card's currency, to print the amounts with
         outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
                         purse=T.purse_id(purse), terminal=terminal)
-    exp = outcome.currency_exponent
+    money = info.money
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]
-        + [f"paid {T.format_amount(outcome.amount, exp)} ({outcome.variant}, "
+        + [f"paid {money(outcome.amount)} ({outcome.variant}, "
            f"{outcome.round_trips} round trips): {outcome.item}",
-           f"  balance {T.format_amount(outcome.balance_before, exp)} -> "
-           f"{T.format_amount(outcome.balance_after, exp)}",
+           f"  balance {money(outcome.balance_before)} -> {money(outcome.balance_after)}",
            f"  goods: {outcome.goods}" + ("" if outcome.proven else
                                           " (unproven until the card's proof is cleared)"),
-           f"  receipt: {json.dumps(outcome.receipt)}"])
+           f"  receipt: {_receipt_text(outcome.receipt, money)}"])
     emit(as_json, {"resumed": resumed, "payment": outcome.to_json()}, text)
+
+
+def _receipt_text(receipt: dict[str, Any], money: Callable[[int], str]) -> str:
+    """The merchant's receipt for a person: "txn 0A1B..., CNY 12.34, PSAM ... TTN 3, ..."."""
+    names = {"txn_id": "txn", "psam_id": "PSAM", "terminal_txn_number": "TTN",
+             "card_serial": "card", "card_counter": "card counter"}
+    parts = []
+    for key, value in receipt.items():
+        if key == "amount" and isinstance(value, int):
+            parts.append(money(value))
+        elif key == "proven":
+            parts.append("proven" if value else "not yet proven")
+        elif key == "status":
+            parts.append(str(value))
+        elif isinstance(value, str | int) and not isinstance(value, bool):
+            parts.append(f"{names.get(key, key.replace('_', ' '))} {value}")
+    return ", ".join(parts)
 
 
 def _terminal_id(value: str | None) -> bytes | None:
