@@ -8,11 +8,12 @@ profile's own folder. See ``docs/profiles.md`` for every field.
 
 from __future__ import annotations
 
-import datetime as dt
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from ..protocols import crypto
 from ..protocols import purse as P
@@ -24,6 +25,26 @@ from .image import new_image
 from .keys import KeyEntry
 from .psam import IssuerKey, PsamState
 from .runtime import DEFAULT_ATR
+from .toml_schema import (
+    SECRET,
+    U32,
+    Byte,
+    CurrencyCode,
+    CurrencyExponent,
+    Date,
+    Hex4,
+    Hex6,
+    Hex8,
+    Hex10,
+    HexAid,
+    HexAtr,
+    SecretHex16,
+    Section,
+    check,
+    fits,
+    one_of,
+    read_document,
+)
 
 DEFAULT_IEP_AID = P.DEFAULT_IEP_AID
 DEFAULT_PSAM_AID = P.DEFAULT_PSAM_AID
@@ -31,44 +52,123 @@ DEFAULT_HSM_AID = P.DEFAULT_HSM_AID
 
 
 class ProfileError(ValueError):
-    """A profile that cannot become a card; the message names the field."""
+    """A profile that cannot become a card; the message names the file and the field."""
 
 
-def _get(d: dict[str, Any], key: str, where: str, default: Any = ...) -> Any:
-    if key in d:
-        return d[key]
-    if default is ...:
-        raise ProfileError(f"{where}: missing field '{key}'")
-    return default
+# --- the files, as pydantic models ------------------------------------------------------------
 
-
-def _hex(value: Any, size: int | None, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise ProfileError(f"{field}: expected a hex string")
+def _pin(value: str) -> str:
     try:
-        raw = bytes.fromhex(value.replace(" ", ""))
-    except ValueError:
-        raise ProfileError(f"{field}: not hex") from None
-    if size is not None and len(raw) != size:
-        raise ProfileError(f"{field}: expected {size} bytes, got {len(raw)}")
-    return raw
-
-
-def _int(value: Any, field: str, lo: int = 0, hi: int = 0xFFFFFFFF) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ProfileError(f"{field}: expected a whole number from {lo} to {hi}")
+        encode_pin(value)
+    except ValueError as exc:
+        raise PydanticCustomError("svcard", "{text}", {"text": str(exc)}) from None
     return value
 
 
-def _date(value: Any, field: str) -> bytes:
-    if isinstance(value, dt.date):
-        return P.bcd_date(value)
-    text = str(value).replace("-", "")
-    raw = _hex(text, 4, field)
-    if not P.valid_date(raw):
-        raise ProfileError(f"{field}: not a date (YYYY-MM-DD)")
-    return raw
+class MasterKey(Section):
+    """A ``[[purchase_keys]]`` or ``[[load_keys]]`` entry of an issuer file."""
 
+    index: Byte
+    version: Byte
+    algorithm: Byte = 0
+    master_key: SecretHex16
+
+
+class IssuerFile(Section):
+    issuer_id: Hex8
+    diversify_by_issuer: bool = False
+    tac_master_key: SecretHex16
+    purchase_keys: list[MasterKey] = Field(min_length=1)
+    load_keys: list[MasterKey] = Field(min_length=1)
+
+
+class CardKey(Section):
+    """An explicit card key of an IEP profile (``[[keys.purchase]]``, ``[[keys.load]]``)."""
+
+    index: Byte
+    version: Byte = 1
+    algorithm: Byte = 0
+    key: SecretHex16
+
+
+class CardKeys(Section):
+    tac: SecretHex16
+    purchase: list[CardKey] = Field(min_length=1)
+    load: list[CardKey] = Field(min_length=1)
+
+
+class Balances(Section):
+    ep: U32 = 0
+    ed: U32 = 0
+
+
+class Pin(Section):
+    value: Annotated[str, AfterValidator(_pin), SECRET] | None = None
+    try_limit: Annotated[int, Field(ge=1, le=15)] = 3
+
+
+class Holder(Section):
+    name: Annotated[str, fits(20)] = ""
+    id_number: Annotated[str, fits(32, "ascii")] = ""
+    card_type: Byte = 0
+    staff_flag: Byte = 0
+    id_type: Byte = 0
+
+
+class Profile(Section):
+    """What every kind of profile may hold."""
+
+    kind: str
+    issuer: str | None = None
+    issuers: list[str] | None = Field(default=None, min_length=1)
+    aid: HexAid | None = None
+    atr: HexAtr | None = None
+    t0: bool = False
+
+
+class IepProfile(Profile):
+    app_serial: Hex10
+    start_date: Date
+    expiry_date: Date
+    keys: CardKeys | None = None
+    issuer_id: Hex8 | None = None
+    label: Annotated[str, fits(16, "ascii")] = "SVCARD ED/EP"
+    app_type: Annotated[int, Field(ge=1, le=3)] = 3
+    app_version: Byte = 1
+    currency_code: CurrencyCode = 156
+    currency_exponent: CurrencyExponent = 2
+    balance_limit: U32 = 100_000_00
+    balances: Balances = Balances()
+    pin: Pin = Pin()
+    holder: Holder = Holder()
+    fixed_random: Hex4 | None = None
+    mac_failure_limit: Annotated[int, Field(ge=1, le=255)] = DEFAULT_MAC_FAILURE_LIMIT
+
+
+class PsamProfile(Profile):
+    terminal_id: Hex6
+    psam_serial: Hex10
+    batch_key: SecretHex16
+    default_issuer: Hex8 | None = None
+    currency_code: CurrencyCode = 156
+    currency_exponent: CurrencyExponent = 2
+    next_ttn: U32 = 1
+    blocked_cards: list[Hex8] = Field(default_factory=list)
+
+
+class HsmProfile(Profile):
+    pass
+
+
+KINDS: dict[str, type[Profile]] = {"iep": IepProfile, "psam": PsamProfile, "hsm": HsmProfile}
+
+
+class _Kind(BaseModel):
+    model_config = ConfigDict(strict=True)
+    kind: Annotated[str, one_of(KINDS)]
+
+
+# --- issuer files -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Issuer:
@@ -85,87 +185,88 @@ class Issuer:
 
 
 def load_issuer(path: Path) -> Issuer:
-    data = _read_toml(path)
-    where = str(path)
+    """The issuer file at ``path``: its id, master keys and diversification."""
+    f = check(IssuerFile, read_document(path, ProfileError), path, ProfileError)
 
-    def entries(name: str) -> list[KeyEntry]:
-        items = _get(data, name, where)
-        if not isinstance(items, list) or not items:
-            raise ProfileError(f"{where}: '{name}' must be a list of keys")
-        out = []
-        for i, item in enumerate(items):
-            f = f"{where}: {name}[{i}]"
-            out.append(KeyEntry(_int(_get(item, "index", f), f + ".index", 0, 255),
-                                _int(_get(item, "version", f), f + ".version", 0, 255),
-                                _int(item.get("algorithm", 0), f + ".algorithm", 0, 255),
-                                _hex(_get(item, "master_key", f), 16, f + ".master_key")))
-        return out
+    def entries(name: str, keys: list[MasterKey]) -> list[KeyEntry]:
+        seen: set[int] = set()
+        for i, k in enumerate(keys):
+            if k.index in seen:
+                raise ProfileError(f"{path}: {name}[{i}].index: {k.index} is given twice")
+            seen.add(k.index)
+        return [KeyEntry(k.index, k.version, k.algorithm, k.master_key) for k in keys]
 
-    return Issuer(
-        issuer_id=_hex(_get(data, "issuer_id", where), 8, f"{where}: issuer_id"),
-        purchase=entries("purchase_keys"),
-        load=entries("load_keys"),
-        tac=_hex(_get(data, "tac_master_key", where), 16, f"{where}: tac_master_key"),
-        two_level=bool(data.get("diversify_by_issuer", False)),
-    )
+    return Issuer(f.issuer_id, entries("purchase_keys", f.purchase_keys),
+                  entries("load_keys", f.load_keys), f.tac_master_key, f.diversify_by_issuer)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ProfileError(f"no such file: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
-
+# --- profiles ---------------------------------------------------------------------------------
 
 def image_from_profile(path: str | Path, **overrides: Any) -> dict[str, Any]:
     """Read a profile and build the card image it describes; ``overrides`` replace top-level
-    profile fields (e.g. ``app_serial`` for many cards from one profile)."""
+    profile fields (e.g. ``app_serial`` for many cards from one profile) and are checked as the
+    file's own fields are."""
     path = Path(path)
-    data = {**_read_toml(path), **overrides}
-    kind = _get(data, "kind", str(path))
-    builders = {"iep": _iep, "psam": _psam, "hsm": _hsm}
-    if kind not in builders:
-        raise ProfileError(f"{path}: kind must be one of iep, psam, hsm; got {kind!r}")
-    app_state = builders[kind](data, path)
-    atr = _hex(data["atr"], None, "atr") if "atr" in data else DEFAULT_ATR
-    return new_image(kind, app_state, atr=atr, t0=bool(data.get("t0", False)))
+    data = {**read_document(path, ProfileError), **overrides}
+    kind = check(_Kind, data, path, ProfileError).kind
+    profile = check(KINDS[kind], data, path, ProfileError)
+    if isinstance(profile, IepProfile):
+        app_state = _iep(profile, path)
+    elif isinstance(profile, PsamProfile):
+        app_state = _psam(profile, path)
+    else:
+        app_state = _hsm(profile, path)
+    return new_image(kind, app_state, atr=profile.atr or DEFAULT_ATR, t0=profile.t0)
 
 
-def _issuers(data: dict[str, Any], path: Path) -> list[Issuer]:
-    names = data.get("issuers") or ([data["issuer"]] if "issuer" in data else [])
-    if not names:
-        raise ProfileError(f"{path}: give 'issuer' (or 'issuers'): issuer key files")
-    return [load_issuer(path.parent / str(n)) for n in names]
+def _issuers(profile: Profile, path: Path) -> list[Issuer]:
+    if profile.issuer is not None and profile.issuers is not None:
+        raise ProfileError(f"{path}: issuers: give issuer or issuers, not both")
+    if profile.issuers is not None:
+        names = [(f"issuers[{i}]", n) for i, n in enumerate(profile.issuers)]
+    elif profile.issuer is not None:
+        names = [("issuer", profile.issuer)]
+    else:
+        raise ProfileError(f"{path}: issuer: missing (required): an issuer key file "
+                           "('issuer', or 'issuers' for several)")
+    out = []
+    for field, name in names:
+        try:
+            out.append(load_issuer(path.parent / name))
+        except ProfileError as exc:
+            raise ProfileError(f"{path}: {field}: {exc}") from None
+    return out
 
 
-def _text(value: Any, size: int, field: str, encoding: str = "utf-8") -> bytes:
-    raw = str(value).encode(encoding)
-    if len(raw) > size:
-        raise ProfileError(f"{field}: at most {size} bytes")
+def _text(value: str, size: int, encoding: str = "utf-8") -> bytes:
+    """``value`` padded with zeros to ``size`` bytes (the model checked that it fits)."""
+    raw = value.encode(encoding)
     return raw + bytes(size - len(raw))
 
 
-def _iep(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    where = str(path)
-    serial = _hex(_get(data, "app_serial", where), 10, "app_serial")
-    keys = data.get("keys")
-    if keys is not None:  # explicit card keys
-        def explicit(name: str) -> dict[int, KeyEntry]:
-            out = {}
-            for i, item in enumerate(_get(keys, name, "keys")):
-                f = f"keys.{name}[{i}]"
-                out[_int(item["index"], f, 0, 255)] = KeyEntry(
-                    _int(item["index"], f, 0, 255), _int(item.get("version", 1), f, 0, 255),
-                    _int(item.get("algorithm", 0), f, 0, 255), _hex(item["key"], 16, f + ".key"))
+def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
+    serial = p.app_serial
+    if p.keys is not None:  # explicit card keys
+        if p.issuer is not None or p.issuers is not None:
+            raise ProfileError(f"{path}: keys: give explicit keys or an issuer file, not both")
+        if p.issuer_id is None:
+            raise ProfileError(f"{path}: issuer_id: missing (required with explicit keys)")
+
+        def explicit(name: str, keys: list[CardKey]) -> dict[int, KeyEntry]:
+            out: dict[int, KeyEntry] = {}
+            for i, k in enumerate(keys):
+                if k.index in out:
+                    raise ProfileError(f"{path}: keys.{name}[{i}].index: {k.index} is given "
+                                       "twice")
+                out[k.index] = KeyEntry(k.index, k.version, k.algorithm, k.key)
             return out
-        purchase, load = explicit("purchase"), explicit("load")
-        tac = _hex(_get(keys, "tac", "keys"), 16, "keys.tac")
-        issuer_id = _hex(_get(data, "issuer_id", where), 8, "issuer_id")
+        purchase, load = explicit("purchase", p.keys.purchase), explicit("load", p.keys.load)
+        tac, issuer_id = p.keys.tac, p.issuer_id
     else:
-        issuer = _issuers(data, path)[0]
+        if p.issuer_id is not None:
+            raise ProfileError(f"{path}: issuer_id: only with explicit keys (the issuer file "
+                               "names the issuer)")
+        issuer = _issuers(p, path)[0]
         issuer_id = issuer.issuer_id
         level = issuer.issuer_id if issuer.two_level else None
 
@@ -174,77 +275,51 @@ def _iep(data: dict[str, Any], path: Path) -> dict[str, Any]:
                                       crypto.card_key(e.key, serial, level)) for e in entries}
         purchase, load = diversified(issuer.purchase), diversified(issuer.load)
         tac = crypto.card_key(issuer.tac, serial, level)
+    for purse in ("ep", "ed"):
+        balance = getattr(p.balances, purse)
+        if balance > p.balance_limit:
+            raise ProfileError(f"{path}: balances.{purse}: expected at most balance_limit "
+                               f"({p.balance_limit}), got {balance}")
     public = P.PublicAppData.build({
-        "issuer_id": issuer_id,
-        "app_type": _int(data.get("app_type", 3), "app_type", 1, 3),
-        "app_version": _int(data.get("app_version", 1), "app_version", 0, 255),
-        "app_serial": serial,
-        "start_date": _date(_get(data, "start_date", where), "start_date"),
-        "expiry_date": _date(_get(data, "expiry_date", where), "expiry_date"),
-        "reserved": bytes(2),
+        "issuer_id": issuer_id, "app_type": p.app_type, "app_version": p.app_version,
+        "app_serial": serial, "start_date": P.bcd_date(p.start_date),
+        "expiry_date": P.bcd_date(p.expiry_date), "reserved": bytes(2),
     })
-    holder = data.get("holder", {})
+    h = p.holder
     holder_data = P.HolderData.build({
-        "card_type": _int(holder.get("card_type", 0), "holder.card_type", 0, 255),
-        "staff_flag": _int(holder.get("staff_flag", 0), "holder.staff_flag", 0, 255),
-        "name": _text(holder.get("name", ""), 20, "holder.name"),
-        "id_number": _text(holder.get("id_number", ""), 32, "holder.id_number", "ascii"),
-        "id_type": _int(holder.get("id_type", 0), "holder.id_type", 0, 255),
+        "card_type": h.card_type, "staff_flag": h.staff_flag, "name": _text(h.name, 20),
+        "id_number": _text(h.id_number, 32, "ascii"), "id_type": h.id_type,
     })
-    balances = data.get("balances", {})
-    limit = _int(data.get("balance_limit", 100_000_00), "balance_limit")
-    ep = Purse(balance=_int(balances.get("ep", 0), "balances.ep", 0, limit))
-    ed = Purse(balance=_int(balances.get("ed", 0), "balances.ed", 0, limit))
-    pin_cfg = data.get("pin", {})
-    pin = pin_cfg.get("value")
-    if pin is not None:
-        try:
-            encode_pin(str(pin))
-        except ValueError as exc:
-            raise ProfileError(f"pin.value: {exc}") from None
-    tries = _int(pin_cfg.get("try_limit", 3), "pin.try_limit", 1, 15)
     state = IepState(
-        aid=_hex(data["aid"], None, "aid") if "aid" in data else DEFAULT_IEP_AID,
-        label=str(data.get("label", "SVCARD ED/EP")),
-        public_data=public, holder_data=holder_data,
-        currency_code=_int(data.get("currency_code", 156), "currency_code", 0, 999),
-        currency_exponent=_int(data.get("currency_exponent", 2), "currency_exponent", 0, 9),
-        balance_limit=limit, purchase_keys=purchase, load_keys=load, tac_key=tac,
-        pin=str(pin) if pin is not None else None, pin_try_limit=tries, pin_tries_left=tries,
-        ep=ep, ed=ed,
-        mac_failure_limit=_int(data.get("mac_failure_limit", DEFAULT_MAC_FAILURE_LIMIT),
-                               "mac_failure_limit", 1, 255),
-        fixed_random=_hex(data["fixed_random"], 4, "fixed_random")
-        if "fixed_random" in data else None,
+        aid=p.aid or DEFAULT_IEP_AID, label=p.label, public_data=public,
+        holder_data=holder_data, currency_code=p.currency_code,
+        currency_exponent=p.currency_exponent, balance_limit=p.balance_limit,
+        purchase_keys=purchase, load_keys=load, tac_key=tac, pin=p.pin.value,
+        pin_try_limit=p.pin.try_limit, pin_tries_left=p.pin.try_limit,
+        ep=Purse(balance=p.balances.ep), ed=Purse(balance=p.balances.ed),
+        mac_failure_limit=p.mac_failure_limit, fixed_random=p.fixed_random,
     )
     return state.to_json()
 
 
-def _psam(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    where = str(path)
-    issuers = _issuers(data, path)
+def _psam(p: PsamProfile, path: Path) -> dict[str, Any]:
+    issuers = _issuers(p, path)
     keys = [IssuerKey(i.issuer_id, k.version, k.algorithm, k.key)
             for i in issuers for k in i.purchase]
-    default = (_hex(data["default_issuer"], 8, "default_issuer") if "default_issuer" in data
-               else issuers[0].issuer_id)
     state = PsamState(
-        aid=_hex(data["aid"], None, "aid") if "aid" in data else DEFAULT_PSAM_AID,
-        terminal_id=_hex(_get(data, "terminal_id", where), 6, "terminal_id"),
-        psam_serial=_hex(_get(data, "psam_serial", where), 10, "psam_serial"),
-        default_issuer=default, keys=keys,
-        batch_key=_hex(_get(data, "batch_key", where), 16, "batch_key"),
-        currency_code=_int(data.get("currency_code", 156), "currency_code", 0, 999),
-        currency_exponent=_int(data.get("currency_exponent", 2), "currency_exponent", 0, 9),
-        next_ttn=_int(data.get("next_ttn", 1), "next_ttn", 0, 0xFFFFFFFF),
-        blocked={_hex(b, 8, "blocked_cards[]") for b in data.get("blocked_cards", [])},
+        aid=p.aid or DEFAULT_PSAM_AID, terminal_id=p.terminal_id, psam_serial=p.psam_serial,
+        default_issuer=p.default_issuer or issuers[0].issuer_id, keys=keys,
+        batch_key=p.batch_key, currency_code=p.currency_code,
+        currency_exponent=p.currency_exponent, next_ttn=p.next_ttn,
+        blocked=set(p.blocked_cards),
     )
     return state.to_json()
 
 
-def _hsm(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    issuers = _issuers(data, path)
+def _hsm(p: Profile, path: Path) -> dict[str, Any]:
+    issuers = _issuers(p, path)
     state = HsmState(
-        aid=_hex(data["aid"], None, "aid") if "aid" in data else DEFAULT_HSM_AID,
+        aid=p.aid or DEFAULT_HSM_AID,
         issuers={i.issuer_id: IssuerLoadKeys(
             i.issuer_id, {k.version: (k.algorithm, k.key) for k in i.load}, i.tac, i.two_level)
             for i in issuers},

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field
+
 from ...card.personalise import ProfileError, load_issuer
-from ..kit.config import ConfigError, hex_field, read_toml
+from ..kit.config import ConfigError, Hex6, Hex8, SecretHex16, SecretHex32, Section, parse_config
 
 
 @dataclass(frozen=True)
@@ -37,25 +39,43 @@ class ClearingConfig:
     terminals: dict[bytes, Terminal]
 
 
+class IssuerEntry(Section):
+    """An ``[[issuer]]``: its issuer file (relative to the configuration file)."""
+
+    profile: str
+
+
+class TerminalEntry(Section):
+    """A ``[[terminal]]``: a PSAM terminal id, its batch key, merchant and acquirer."""
+
+    terminal_id: Hex6
+    batch_key: SecretHex16
+    merchant_id: Hex8
+    acquirer_id: Hex8
+
+
+class ClearingFile(Section):
+    settlement_key: SecretHex32
+    issuer: list[IssuerEntry] = Field(min_length=1)
+    terminal: list[TerminalEntry] = Field(min_length=1)
+
+
 def clearing_config(path: Path) -> ClearingConfig:
     """Issuers (their TAC master keys, from issuer files), terminals (batch key, merchant,
     acquirer) and the settlement key of a clearing system."""
-    data = read_toml(path)
+    f = parse_config(ClearingFile, path)
     issuers = {}
-    for i, entry in enumerate(data.get("issuer", [])):
+    for i, entry in enumerate(f.issuer):
         try:
-            issuer = load_issuer(path.parent / str(entry["profile"]))
-        except (KeyError, ProfileError) as exc:
-            raise ConfigError(f"{path}: issuer[{i}]: {exc}") from None
+            issuer = load_issuer(path.parent / entry.profile)
+        except ProfileError as exc:
+            raise ConfigError(f"{path}: issuer[{i}].profile: {exc}") from None
         issuers[issuer.issuer_id] = IssuerTac(issuer.issuer_id, issuer.tac, issuer.two_level)
     terminals = {}
-    for i, t in enumerate(data.get("terminal", [])):
-        where = f"{path}: terminal[{i}]"
-        tid = hex_field(t.get("terminal_id"), 6, f"{where}.terminal_id")
-        terminals[tid] = Terminal(tid, hex_field(t.get("batch_key"), 16, f"{where}.batch_key"),
-                                  hex_field(t.get("merchant_id"), 8, f"{where}.merchant_id"),
-                                  hex_field(t.get("acquirer_id"), 8, f"{where}.acquirer_id"))
-    if not issuers or not terminals:
-        raise ConfigError(f"{path}: needs [[issuer]] and [[terminal]] entries")
-    return ClearingConfig(hex_field(data.get("settlement_key"), 32, "settlement_key"), issuers,
-                          terminals)
+    for i, t in enumerate(f.terminal):
+        if t.terminal_id in terminals:
+            raise ConfigError(f"{path}: terminal[{i}].terminal_id: "
+                              f"{t.terminal_id.hex().upper()} is given twice")
+        terminals[t.terminal_id] = Terminal(t.terminal_id, t.batch_key, t.merchant_id,
+                                            t.acquirer_id)
+    return ClearingConfig(f.settlement_key, issuers, terminals)
