@@ -19,6 +19,7 @@ from conftest import demo_image, with_balance
 from svcard.card.image import save_new_image
 from svcard.card.storage import read_image
 from svcard.host.cli.main import main
+from svcard.host.demo.system import System
 from svcard.host.terminal.money import (
     MAX_MINOR,
     AmountError,
@@ -243,3 +244,28 @@ def test_svcard_pay_prints_money_with_its_currency(tmp_path: Path) -> None:
         assert "not yet proven" in paid.stdout
     finally:
         servers.stop()
+
+
+def test_clearing_run_text_has_no_python_dicts(system: System, tmp_path: Path) -> None:
+    from conftest import load_card
+
+    from svcard.fixtures import fixture_path
+    from svcard.host.demo.system import card_image
+    from svcard.host.pay import client as C
+    from svcard.host.terminal.journal import Journal
+    from svcard.host.terminal.reader_specs import open_reader
+
+    card = card_image(tmp_path, ep=0)
+    journal = Journal(tmp_path / "j.jsonl")
+    load_card(system, card, journal, 3_000)
+    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        C.pay(system.pay.checkout_url("song", "fig6"), reader, journal=journal, http=http)
+    system.close_batches()
+    run_ = subprocess.run(
+        [SVCARD, "clearing", "run", "--config", str(fixture_path("clearing-demo.toml")),
+         "--batches", str(system.batch_dir), "--load-db", system.load.load_server.config.db_url,
+         "--db", system.clearing_db, "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120)
+    assert run_.returncode == 0, run_.stderr
+    assert "1 cleared" in run_.stdout, run_.stdout
+    assert not re.search(r"[{}\[\]]|': ", run_.stdout), run_.stdout

@@ -58,14 +58,14 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
                or b["counts"].get("refused")]
     refused += [p for p in report.proofs if p["state"] == "refused" or p["counts"].get("refused")]
     text = [f"run {report.run_number}: {report.records_cleared} records cleared, "
-            f"{report.total_paid} paid to merchants; {report.loads_moved} loads "
-            f"({report.total_loaded}) moved to the float",
+            f"{report.total_paid} minor units paid to merchants; {report.loads_moved} loads "
+            f"({report.total_loaded} minor units) moved to the float",
             f"  settlement file {report.settlement_file} (+ .jsonl)"]
     for b in report.batches:
-        text.append(f"  {b['file']}: {b['state']} ({b['reason']}) {b['counts']}")
+        text.append(f"  {b['file']}: {b['state']} ({b['reason']}) {_counts(b['counts'])}")
         text += [f"    record {p['index']}: {p['state']}: {p['reason']}" for p in b["problems"]]
     for pf in report.proofs:
-        text.append(f"  {pf['file']}: {pf['state']} ({pf['reason']}) {pf['counts']}")
+        text.append(f"  {pf['file']}: {pf['state']} ({pf['reason']}) {_counts(pf['counts'])}")
         text += [f"    batch {p['batch_number']} TTN {p['terminal_txn_number']}: {p['state']}: "
                  f"{p['reason']}" for p in pf["problems"]]
     emit(as_json, report.to_json(), "\n".join(text))
@@ -94,8 +94,14 @@ def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> 
     except ClearingError as exc:
         fail(str(exc), EXIT_DECLINED)
     emit(as_json, data, "\n".join([f"run {data['run_number']}: MAC verified"] + [
-        f"  kind {ln['kind']} {ln['payer']} -> {ln['payee']}: {ln['count']} x, {ln['amount']}"
+        f"  kind {ln['kind']} {ln['payer']} -> {ln['payee']}: {ln['count']} x, "
+        f"{ln['amount']} minor units"
         for ln in data["lines"]]))
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """``{'cleared': 3, 'held': 1}`` for a person: "3 cleared, 1 held"."""
+    return ", ".join(f"{n} {state}" for state, n in counts.items()) or "no records"
 
 
 @click.command("audit")
