@@ -46,7 +46,8 @@ load = [{{ index = 1, version = 1, key = "{keys['dlk'].hex()}" }}]
 
 @pytest.mark.parametrize(("text", "field"), [
     ('kind = "iep"\nissuer = "nope.toml"\napp_serial = "00000000000000000001"\n'
-     'start_date = 2026-01-01\nexpiry_date = 2030-01-01', "p.toml: issuer: no such file: .*nope.toml"),
+     'start_date = 2026-01-01\nexpiry_date = 2030-01-01',
+     "p.toml: issuer: no such file: .*nope.toml"),
     ('kind = "card"', 'p.toml: kind: expected one of iep, psam, hsm, got "card"'),
     ('kind = "iep"\nissuer = "issuer.toml"\napp_serial = "0001"', "app_serial"),
     ('kind = "psam"\nissuers = ["issuer.toml"]\nterminal_id = "01"', "terminal_id"),
