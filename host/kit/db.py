@@ -1,5 +1,13 @@
-"""Database plumbing shared by the servers: SQLite (WAL, synchronous FULL) or PostgreSQL by URL,
-through SQLAlchemy Core.
+"""Database plumbing shared by the servers and the tools: SQLite (WAL, synchronous FULL) or
+PostgreSQL by URL, through SQLAlchemy Core.
+
+Two ways in. :func:`make_engine` is a server's (or a tool writing its own output database):
+the database is created if missing. :func:`open_existing` is a tool's that only READS a
+database (the audit, clearing's inputs, ``bank account list``): the database must already exist
+and hold the tables the tool reads, SQLite is opened read-only (a ``file:...?mode=ro`` URI), and
+nothing is ever created. Either raises :class:`DatabaseError`, one line naming the database
+(password masked) and the problem, for a URL that is not one, a driver that is not installed,
+a path that cannot be created or does not exist, a server that cannot be reached.
 
 A SQLite database file is created mode 0600 before SQLite opens it (its -wal and -shm files take
 the database file's mode), and an existing one is narrowed to 0600: rows hold secret hashes and
@@ -11,27 +19,69 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import time
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, event, select, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect, select, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from .command_line import EXIT_INPUT
+
 DB_FILE_MODE = 0o600
+URL_FORMS = "sqlite:///FILE or postgresql+psycopg://USER@HOST/DB"
 
 
 class DuplicateError(Exception):
     """A unique key said no: the request is a replay or a race."""
 
 
+class DatabaseError(Exception):
+    """A database that cannot be opened (or, for a reader, does not exist). The message is one
+    line naming the database, its password masked, and the problem. The command line maps it
+    to exit 3 (:data:`exit_code`)."""
+
+    exit_code = EXIT_INPUT
+
+
+def masked_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (also when it does not parse)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", url)
+
+
+def _parse(url: str) -> URL:
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        raise DatabaseError(f"{masked_url(url)}: not a database URL (expected "
+                            f"{URL_FORMS})") from None
+
+
+def _why(exc: BaseException, url: URL) -> str:
+    """The driver's own first line (at open time: no SQL parameters in it), any password
+    masked, bounded."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    text = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if url.password:
+        text = text.replace(str(url.password), "***")
+    return text[:200]
+
+
 def make_engine(url: str, metadata: MetaData) -> Engine:
-    """An engine for ``url`` with ``metadata``'s tables created if missing."""
-    if url.startswith("sqlite"):
-        _private_sqlite_file(url)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    """An engine for ``url`` with ``metadata``'s tables created if missing (a SQLite file is
+    created too). A database that cannot be opened is a :class:`DatabaseError`."""
+    parsed = _parse(url)
+    if parsed.get_backend_name() == "sqlite":
+        _private_sqlite_file(url, parsed)
+        engine = _create(url, parsed, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -40,20 +90,99 @@ def make_engine(url: str, metadata: MetaData) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.close()
     else:
-        engine = create_engine(url, pool_size=20, max_overflow=10)
-    metadata.create_all(engine)
+        engine = _create(url, parsed, pool_size=20, max_overflow=10)
+    try:
+        with engine.connect():
+            pass
+        metadata.create_all(engine)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise DatabaseError(f"{masked_url(url)}: cannot open the database: "
+                            f"{_why(exc, parsed)}") from None
     return engine
 
 
-def _private_sqlite_file(url: str) -> None:
+def open_existing(url: str, tables: Iterable[str], what: str = "database") -> Engine:
+    """An engine to READ the existing database at ``url``, which must hold ``tables``.
+
+    SQLite: the file must exist, and is opened read-only (``mode=ro``), so a mistyped path is
+    an error and never a new empty database; PostgreSQL: opened as is. Nothing is created.
+    ``what`` names the database in messages (e.g. "payment server database")."""
+    parsed = _parse(url)
+    name = masked_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database or ""
+        if not path or path == ":memory:" or path.startswith("file:"):
+            raise DatabaseError(f"{name}: give the {what} as sqlite:///FILE (an existing file)")
+        if not os.path.exists(path):
+            raise DatabaseError(f"{name}: no such {what}: {path} does not exist")
+        if not os.path.isfile(path):
+            raise DatabaseError(f"{name}: {path} is not a file")
+        readonly = URL.create(parsed.drivername,
+                              database=Path(path).absolute().as_uri() + "?mode=ro",
+                              query={"uri": "true"})
+        engine = _create(url, readonly, connect_args={"check_same_thread": False, "timeout": 30})
+    else:
+        engine = _create(url, parsed, pool_size=5, max_overflow=5)
+    try:
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            missing = [t for t in tables if not inspector.has_table(t)]
+    except DBAPIError as exc:
+        engine.dispose()
+        raise DatabaseError(f"{name}: cannot open the {what}: {_why(exc, parsed)}") from None
+    if missing:
+        engine.dispose()
+        raise DatabaseError(f"{name}: not a {what} (no table {', '.join(missing)})")
+    return engine
+
+
+def must_exist(url: str, what: str = "database") -> None:
+    """Refuse (:class:`DatabaseError`) a SQLite ``url`` whose file does not exist: for a tool
+    that changes rows of a database it did not create (``bank account fund``)."""
+    parsed = _parse(url)
+    path = parsed.database or ""
+    if (parsed.get_backend_name() == "sqlite" and path and path != ":memory:"
+            and not path.startswith("file:") and not os.path.isfile(path)):
+        raise DatabaseError(f"{masked_url(url)}: no such {what}: {path} does not exist")
+
+
+def _create(url: str, target: URL, **options: Any) -> Engine:
+    """``create_engine`` with its failures (unknown kind, driver not installed, options it
+    does not take) as one-line :class:`DatabaseError`\\ s."""
+    name = masked_url(url)
+    try:
+        return create_engine(target, **options)
+    except ImportError as exc:
+        module = exc.name or "its driver"
+        hint = ""
+        if module.startswith("psycopg") and target.get_backend_name() == "postgresql":
+            hint = " (pip install 'svcard[postgres]'; URL postgresql+psycopg://...)"
+        elif target.get_backend_name() == "postgresql":
+            hint = (" (svcard's PostgreSQL driver is psycopg: pip install 'svcard[postgres]', "
+                    "URL postgresql+psycopg://...)")
+        raise DatabaseError(f"{name}: the database driver {module} is not installed"
+                            f"{hint}") from None
+    except ArgumentError:
+        raise DatabaseError(f"{name}: not a database svcard can use (expected "
+                            f"{URL_FORMS})") from None
+    except (TypeError, ValueError) as exc:
+        raise DatabaseError(f"{name}: not a usable database URL ({exc})") from None
+
+
+def _private_sqlite_file(url: str, parsed: URL) -> None:
     """Create the SQLite file of ``url`` as 0600 (or narrow an existing one to 0600)."""
-    path = make_url(url).database
+    path = parsed.database
     if not path or path == ":memory:" or path.startswith("file:"):
         return
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, DB_FILE_MODE)
     except FileNotFoundError:
-        return  # no folder: SQLite says so itself
+        raise DatabaseError(f"{masked_url(url)}: cannot create the "
+                            f"database: no folder {os.path.dirname(path) or '.'}") from None
+    except OSError as exc:
+        raise DatabaseError(f"{masked_url(url)}: cannot create the "
+                            f"database {path}: {exc.strerror}") from None
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
             os.fchmod(fd, DB_FILE_MODE)

@@ -3,19 +3,51 @@ only.
 
 Settlement reads them: clearing moves the funds of every ``loaded`` load into the issuer's float
 (:mod:`svcard.host.settle.clearing`), and the audit matches the load server's decisions with
-the banks' debits and refunds (:mod:`svcard.host.settle.audit`). This module is that read
-interface: nothing here writes a row. Opening a database does what its server's own opening does
-(tables created if missing; a bank's PostgreSQL ``secret_hash`` column widened if it is old).
+the banks' debits and refunds (:mod:`svcard.host.settle.audit`); ``svcard bank account list``
+lists a bank's accounts. This module is that read interface: nothing here writes a row, and
+nothing is created: each database must exist and hold its server's tables
+(:func:`svcard.host.kit.db.open_existing`: SQLite opened read-only), else a
+:class:`~svcard.host.kit.db.DatabaseError` names it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from sqlalchemy import Engine
+
+from ..kit.db import open_existing
 from .bank.db import BankDb
-from .bank.db import make_engine as make_bank_engine
+from .bank.db import accounts as accounts_table
+from .bank.db import bank_loads as bank_loads_table
 from .server.db import LoadDb
-from .server.db import make_engine as make_load_engine
+from .server.db import loads as loads_table
+
+LOAD_DB = "load server database"
+BANK_DB = "bank database"
+
+T = TypeVar("T")
+
+
+def _reading(url: str, tables: tuple[str, ...], what: str, read: Callable[[Engine], T]) -> T:
+    engine = open_existing(url, tables, what)
+    try:
+        return read(engine)
+    finally:
+        engine.dispose()
+
+
+def check_load_db(url: str) -> None:
+    """Refuse (:class:`~svcard.host.kit.db.DatabaseError`) a load server database that does
+    not exist or is not one; reads nothing else."""
+    _reading(url, (loads_table.name,), LOAD_DB, lambda _engine: None)
+
+
+def check_bank_db(url: str) -> None:
+    """Refuse (:class:`~svcard.host.kit.db.DatabaseError`) a bank database that does not
+    exist or is not one; reads nothing else."""
+    _reading(url, (bank_loads_table.name, accounts_table.name), BANK_DB, lambda _engine: None)
 
 
 def loads(url: str, state: str | None = None) -> list[dict[str, Any]]:
@@ -23,11 +55,20 @@ def loads(url: str, state: str | None = None) -> list[dict[str, Any]]:
     column name -> value (the columns of :data:`svcard.host.load.server.db.loads`: ``bank_id``,
     ``txn_id``, ``issuer_id``, ``card_serial``, ``online_counter``, ``amount``, ``state``,
     ``evidence``, ``created``...); only those in ``state`` when it is given."""
-    return LoadDb(make_load_engine(url)).rows(state)
+    return _reading(url, (loads_table.name,), LOAD_DB,
+                    lambda engine: LoadDb(engine).rows(state))
 
 
 def bank_loads(url: str) -> list[dict[str, Any]]:
     """The loads in the bank database at ``url``, in creation order, each as column name ->
     value (the columns of :data:`svcard.host.load.bank.db.bank_loads`: ``txn_id``, ``amount``,
     ``state`` (``debited``, ``confirmed`` or ``refunded``)...)."""
-    return BankDb(make_bank_engine(url)).loads()
+    return _reading(url, (bank_loads_table.name,), BANK_DB,
+                    lambda engine: BankDb(engine).loads())
+
+
+def accounts(url: str) -> list[dict[str, Any]]:
+    """The customer accounts in the bank database at ``url``, by account id, each as column
+    name -> value without the secret's hash (``account_id``, ``holder``, ``balance``...)."""
+    return _reading(url, (accounts_table.name,), BANK_DB,
+                    lambda engine: BankDb(engine).accounts())

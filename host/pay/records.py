@@ -2,8 +2,9 @@
 
 Settlement's audit (:mod:`svcard.host.settle.audit`) reads every payment to find the proven
 purchases and where each one's PSAM record went. This module is that read interface: nothing
-here writes a row. Opening a database creates its tables if missing, as the payment server's
-own opening does (:func:`svcard.host.pay.server.db.make_engine`).
+here writes a row, and nothing is created: the database must exist and hold the payment
+server's tables (:func:`svcard.host.kit.db.open_existing`: SQLite opened read-only), else a
+:class:`~svcard.host.kit.db.DatabaseError` names it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
-from .server.db import make_engine
+from ..kit.db import open_existing
 from .server.db import payments as payments_table
+
+WHAT = "payment server database"
+
+
+def open_payments(url: str) -> Engine:
+    """A read-only engine on the payment server's database at ``url`` (which must exist)."""
+    return open_existing(url, (payments_table.name,), WHAT)
 
 
 def payments(url: str) -> Iterator[dict[str, Any]]:
@@ -22,7 +30,15 @@ def payments(url: str) -> Iterator[dict[str, Any]]:
     (the columns of :data:`svcard.host.pay.server.db.payments`: ``merchant_id``, ``txn_id``,
     ``state``, ``amount``, ``card_serial``, ``card_counter``, ``tac``, ``psam_id``, ``ttn``,
     ``batch``, ``batch_number``, ``created``, ``updated``...), in the database's own order.
-    The rows are read as the caller iterates, on one connection held until the end."""
-    with make_engine(url).connect() as conn:
-        for row in conn.execute(select(payments_table)):
-            yield dict(row._mapping)
+    The database is opened at once (a missing one is refused here); the rows are read as the
+    caller iterates, on one connection held until the end."""
+    return _rows(open_payments(url))
+
+
+def _rows(engine: Engine) -> Iterator[dict[str, Any]]:
+    try:
+        with engine.connect() as conn:
+            for row in conn.execute(select(payments_table)):
+                yield dict(row._mapping)
+    finally:
+        engine.dispose()

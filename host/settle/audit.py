@@ -23,9 +23,14 @@ issuer's float; the float's ledger balance; bank loads by state. Checks:
 8. every bank refund has a load the load server decided ``not_loaded`` on named evidence
    (``no-s2``, ``probe``, ``counter-used:<txn>`` whose load is ``loaded`` on the same card).
 
-Every difference is listed as a discrepancy; the audit is clean only if there are none. The
-lists (held records, open loads, payments not yet handed) are printed even when clean: a clean
-audit hides nothing.
+Every difference is listed as a discrepancy; the audit is clean only if there are none, and
+only if it read something: an audit of no card and no record at all is not clean (a mistyped
+path must never read as "clean"). The lists (held records, open loads, payments not yet
+handed) are printed even when clean: a clean audit hides nothing.
+
+Every database is only read, and none is created: each is opened read-only
+(:func:`svcard.host.kit.db.open_existing`; see :mod:`.sources`), and :func:`check_sources`
+refuses one that does not exist before anything is read.
 """
 
 from __future__ import annotations
@@ -37,19 +42,18 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ...protocols import purse as P
-from ...protocols import sw as SW
-from ...reader import Reader
 from ..kit.db import now_ms
 from ..load import records as load_records
 from ..pay import records as pay_records
-from ..terminal import apdus
-from ..terminal.purse import call, select_purse
 from .db import batches, cleared_keys, ledger_balances, records, uncleared
-from .db import make_engine as make_clearing_engine
+from .sources import card_balances, check_sources, clearing_engine, psam_open_batches
+
+__all__ = ["AuditReport", "audit", "card_balances", "check_sources", "psam_open_batches"]
 
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_MAX_AGE_MS = 7 * DAY_MS
+NOTHING = ("nothing to audit: no card was read and the databases hold no payment, load, bank "
+           "load or cleared record")
 
 
 @dataclass
@@ -60,13 +64,19 @@ class AuditReport:
     held: list[dict[str, Any]] = field(default_factory=list)
     open_loads: list[dict[str, Any]] = field(default_factory=list)
     unhanded: list[dict[str, Any]] = field(default_factory=list)
+    audited: int = 1   # cards, payments, loads, bank loads and cleared records read
+
+    @property
+    def nothing_audited(self) -> bool:
+        return self.audited == 0
 
     @property
     def clean(self) -> bool:
-        return not self.discrepancies
+        return not self.discrepancies and not self.nothing_audited
 
     def to_json(self) -> dict[str, Any]:
-        return {"clean": self.clean, "figures": self.figures, "checks": self.checks,
+        return {"clean": self.clean, "nothing_audited": self.nothing_audited,
+                "figures": self.figures, "checks": self.checks,
                 "discrepancies": self.discrepancies, "held_records": self.held,
                 "open_loads": self.open_loads, "payments_not_cleared": self.unhanded}
 
@@ -86,43 +96,13 @@ class AuditReport:
         if self.discrepancies:
             lines.append(f"{len(self.discrepancies)} discrepancies:")
             lines += [f"  - {d}" for d in self.discrepancies]
+        elif self.nothing_audited:
+            lines.append(NOTHING)
         else:
             lines.append("clean: every unit of money is accounted for")
         return "\n".join(lines)
 
 
-def card_balances(readers: list[Reader]) -> dict[str, int]:
-    """Card serial (lower-case hex) -> EP balance, read through each reader."""
-    out = {}
-    for reader in readers:
-        info = select_purse(reader)
-        out[info.app_serial.lower()] = int.from_bytes(
-            call(reader, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
-    return out
-
-
-def psam_open_batches(readers: list[Reader],
-                      psam_aid: bytes = P.DEFAULT_PSAM_AID) -> dict[str, set[int]]:
-    """PSAM serial (upper-case hex) -> the terminal transaction numbers of its open batch (the
-    records not yet closed and handed to clearing), read through each reader."""
-    out: dict[str, set[int]] = {}
-    for reader in readers:
-        call(reader, apdus.select(psam_aid), "SELECT PSAM")
-        serial = call(reader, apdus.read_binary(P.SFI_PUBLIC_DATA, 10), "READ PSAM SERIAL")
-        ttns: set[int] = set()
-        for index in range(_MAX_OPEN_RECORDS):
-            answer = reader.exchange(apdus.read_batch_record(0, index))
-            if answer.sw == SW.RECORD_NOT_FOUND:
-                break
-            if not answer.ok:
-                raise ValueError(f"PSAM {serial.hex().upper()}: READ BATCH RECORD {index} "
-                                 f"answered {answer.sw:04X}")
-            ttns.add(P.PsamRecord.parse(answer.data).terminal_txn_number)
-        out[serial.hex().upper()] = ttns
-    return out
-
-
-_MAX_OPEN_RECORDS = 1_000_000
 
 
 def _age(now: int, stamp: int | None) -> int:
@@ -148,8 +128,10 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     # every payment that reached a PSAM: (PSAM serial, TTN) -> row; the confirmed ones
     by_psam_ttn: dict[tuple[str, int], dict[str, Any]] = {}
     confirmed: list[dict[str, Any]] = []
+    read = len(cards)  # what the audit read: cards and rows
     for url in payment_dbs:
         for r in pay_records.payments(url):
+            read += 1
             if r["psam_id"] and r["ttn"] is not None:
                 by_psam_ttn[(r["psam_id"].upper(), int(r["ttn"]))] = r
             if r["state"] != "confirmed" or r["tac"] is None or r["amount"] <= 0:
@@ -165,29 +147,37 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     ledger: dict[str, int] = {}
     held: list[dict[str, Any]] = []
     unhanded: list[dict[str, Any]] = []
+    received: dict[tuple[str, int], tuple[str, str]] = {}  # -> (state, reason)
+    handed_batches: set[tuple[str, int]] = set()
+    # a clearing database not made yet (no run so far) is read as empty: nothing cleared
+    engine = clearing_engine(clearing_db) if clearing_db else None
+    if engine is not None:
+        try:
+            settled_keys = cleared_keys(engine)
+            ledger = ledger_balances(engine)
+            with engine.connect() as conn:
+                for c in conn.execute(select(records.c.card_serial, records.c.card_counter,
+                                             records.c.amount, records.c.psam_id, records.c.ttn)):
+                    settled += int(c.amount)
+                    read += 1
+                    if (c.card_serial, c.card_counter) not in proven:
+                        bad.append(f"cleared purchase of card {c.card_serial} counter "
+                                   f"{c.card_counter} has no confirmed payment")
+                    if c.psam_id:
+                        received[(c.psam_id.upper(), int(c.ttn))] = ("cleared", "")
+                for u in conn.execute(select(uncleared).order_by(uncleared.c.id)):
+                    key = (u.psam_id.upper(), int(u.ttn))
+                    read += 1
+                    if u.state != "cleared":
+                        received.setdefault(key, (u.state, u.reason))
+                    if u.state == "held":
+                        held.append(_held_item(u, by_psam_ttn.get(key) if payment_dbs else None,
+                                               now, max_age_ms, bad))
+                handed_batches = {(b.psam_id.upper(), int(b.batch_number)) for b in conn.execute(
+                    select(batches.c.psam_id, batches.c.batch_number))}
+        finally:
+            engine.dispose()
     if clearing_db:
-        engine = make_clearing_engine(clearing_db)
-        settled_keys = cleared_keys(engine)
-        ledger = ledger_balances(engine)
-        with engine.connect() as conn:
-            received: dict[tuple[str, int], tuple[str, str]] = {}  # -> (state, reason)
-            for c in conn.execute(select(records.c.card_serial, records.c.card_counter,
-                                         records.c.amount, records.c.psam_id, records.c.ttn)):
-                settled += int(c.amount)
-                if (c.card_serial, c.card_counter) not in proven:
-                    bad.append(f"cleared purchase of card {c.card_serial} counter "
-                               f"{c.card_counter} has no confirmed payment")
-                if c.psam_id:
-                    received[(c.psam_id.upper(), int(c.ttn))] = ("cleared", "")
-            for u in conn.execute(select(uncleared).order_by(uncleared.c.id)):
-                key = (u.psam_id.upper(), int(u.ttn))
-                if u.state != "cleared":
-                    received.setdefault(key, (u.state, u.reason))
-                if u.state == "held":
-                    held.append(_held_item(u, by_psam_ttn.get(key) if payment_dbs else None,
-                                           now, max_age_ms, bad))
-            handed_batches = {(b.psam_id.upper(), int(b.batch_number)) for b in conn.execute(
-                select(batches.c.psam_id, batches.c.batch_number))}
         for r in confirmed:
             item = _check_handed(r, settled_keys, received, handed_batches, open_batches,
                                  now, max_age_ms, bad)
@@ -197,6 +187,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     loaded_rows: list[dict[str, Any]] = []
     for url in load_dbs:
         loaded_rows += load_records.loads(url)
+    read += len(loaded_rows)
     open_loads = []
     for load in loaded_rows:
         if load["state"] != "authorized":
@@ -233,6 +224,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
         debited = 0
         for url in bank_dbs:
             for b in load_records.bank_loads(url):
+                read += 1
                 row = by_txn.get(b["txn_id"])
                 state = row["state"] if row else None
                 if b["state"] == "confirmed":
@@ -263,7 +255,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
                            f"= {expected.get(serial, 0)}")
     bad += [f"check failed: {c['name']} ({c['left']} != {c['right']})"
             for c in checks if not c["ok"]]
-    return AuditReport(figures, checks, bad, held, open_loads, unhanded)
+    return AuditReport(figures, checks, bad, held, open_loads, unhanded, audited=read)
 
 
 def _held_item(r: Any, payment: dict[str, Any] | None, now: int, max_age_ms: int,

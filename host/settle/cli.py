@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, emit, fail, json_option
+from ..kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
 from ..terminal.card_commands import handled, readers
 
 
@@ -31,19 +31,25 @@ def clearing() -> None:
                    "settlement key (see fixtures/clearing-demo.toml).")
 @click.option("--batches", "batch_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
-              help="The concentration point folder the payment servers write batches to.")
+              help="The concentration point folder the payment servers write batches to "
+                   "(must exist; read only).")
 @click.option("--load-db", "load_dbs", multiple=True, metavar="URL",
-              help="A load server's database: its confirmed loads fund the float (repeat).")
-@click.option("--db", "db_url", required=True, help="The clearing database URL.")
+              help="A load server's database: its confirmed loads fund the float (repeat; "
+                   "must exist; read only).")
+@click.option("--db", "db_url", required=True,
+              help="The clearing database URL (created on the first run).")
 @click.option("--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
-              help="Where the settlement file and its JSON Lines twin go.")
+              help="Where the settlement file and its JSON Lines twin go (created if missing).")
 @json_option
 def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], db_url: str,
                  out_dir: Path, as_json: bool) -> None:
     """One clearing run over every batch in the folder. Exit code 1 if any batch or record
-    was refused (the rest is still cleared; refused ones are listed with their reason)."""
+    was refused (the rest is still cleared; refused ones are listed with their reason); 3 if
+    an input (configuration, batch folder, load database) is missing or unusable: then nothing
+    is written."""
     from ..kit.config import ConfigError
+    from ..load.records import check_load_db
     from .clearing import run_clearing
     from .config import clearing_config
     from .db import make_engine
@@ -51,7 +57,13 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
     try:
         config = clearing_config(config_path)
     except ConfigError as exc:
-        fail(str(exc), EXIT_DEVICE)
+        fail(str(exc), EXIT_INPUT)
+    # the inputs are read, never created: check them all before the outputs are made
+    if not batch_dir.is_dir():
+        fail(f"--batches {batch_dir}: no such folder (the concentration folder the payment "
+             "servers hand their batches to)", EXIT_INPUT)
+    for url in load_dbs:
+        check_load_db(url)
     report = run_clearing(config, batch_dir, make_engine(db_url), out_dir,
                           load_db_urls=load_dbs)
     refused = [b for b in report.batches if b["state"] == "refused"
@@ -88,7 +100,7 @@ def clearing_verify(settlement_file: Path, config_path: Path, as_json: bool) -> 
     try:
         key = clearing_config(config_path).settlement_key
     except ConfigError as exc:
-        fail(str(exc), EXIT_DEVICE)
+        fail(str(exc), EXIT_INPUT)
     try:
         data = verify_settlement_file(key, settlement_file.read_bytes())
     except ClearingError as exc:
@@ -107,10 +119,13 @@ def _counts(counts: dict[str, int]) -> str:
 @click.command("audit")
 @click.option("--card", "card_specs", multiple=True, metavar="SPEC",
               help="A card (reader spec, or an image path): its balance counts (repeat).")
-@click.option("--payment-db", "payment_dbs", multiple=True, metavar="URL")
-@click.option("--load-db", "load_dbs", multiple=True, metavar="URL")
-@click.option("--bank-db", "bank_dbs", multiple=True, metavar="URL")
-@click.option("--clearing-db", default=None, metavar="URL")
+@click.option("--payment-db", "payment_dbs", multiple=True, metavar="URL",
+              help="A payment server's database (repeat).")
+@click.option("--load-db", "load_dbs", multiple=True, metavar="URL",
+              help="A load server's database (repeat).")
+@click.option("--bank-db", "bank_dbs", multiple=True, metavar="URL",
+              help="A bank's database (repeat).")
+@click.option("--clearing-db", default=None, metavar="URL", help="The clearing database.")
 @click.option("--opening", default=0, show_default=True, type=click.IntRange(0, None),
               help="Balances the cards were personalised with (minor units, in total).")
 @click.option("--psam", "psam_specs", multiple=True, metavar="SPEC",
@@ -128,12 +143,29 @@ def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
     """Prove money is conserved and nothing is hidden: cards + unsettled purchases + settled =
     loads; the float = cards + unsettled; bank debits = confirmed loads; every confirmed payment
     has a PSAM record; every refund a proven "not loaded"; held records, open loads and
-    uncleared payments listed, and failing past --max-age. Exit code 1 on any finding."""
-    from .audit import DAY_MS, audit, card_balances, psam_open_batches
+    uncleared payments listed, and failing past --max-age. Exit code 1 on any finding.
+
+    Every database is read, never written or created: one that does not exist (a mistyped
+    path) is an error, exit code 3. An audit with nothing to audit (no card, and no row in any
+    database) is never clean: exit code 2 when no card or database is given, 3 when they hold
+    nothing."""
+    from .audit import (
+        DAY_MS,
+        NOTHING,
+        audit,
+        card_balances,
+        check_sources,
+        psam_open_batches,
+    )
 
     def spec(s: str) -> str:
         return s if ":" in s else f"virtual:{s}"
 
+    if not (card_specs or payment_dbs or load_dbs or bank_dbs or clearing_db):
+        fail("nothing to audit: give --card, --payment-db, --load-db, --bank-db or "
+             "--clearing-db (see svcard audit --help)", EXIT_USAGE)
+    check_sources(payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
+                  clearing_db=clearing_db)
     with handled(), readers(*[("card", spec(s)) for s in card_specs]) as card_readers:
         cards = card_balances(card_readers)
     open_batches = None
@@ -144,5 +176,7 @@ def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
                    clearing_db=clearing_db, opening=opening,
                    max_age_ms=int(max_age_days * DAY_MS), open_batches=open_batches)
     emit(as_json, report.to_json(), report.text())
+    if report.nothing_audited:
+        fail(NOTHING, EXIT_INPUT)
     if not report.clean:
         sys.exit(EXIT_DECLINED)
