@@ -23,6 +23,12 @@ class PoolExhausted(Exception):
     """No module became free in time."""
 
 
+class PoolError(ValueError):
+    """The modules given do not make a pool (e.g. two PSAMs with one serial); the message is
+    one line naming the readers and what they share or differ in. The command line maps it to
+    exit 3."""
+
+
 @dataclass
 class Pooled:
     index: int

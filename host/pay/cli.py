@@ -167,7 +167,7 @@ def terminal_key_new(file: Path, terminal_id: str | None, as_json: bool) -> None
               help="A PSAM of the pool (repeat): virtual:psam.json, pcsc:NAME, ...")
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | None,
                   host: str, port: int) -> None:
     """The payment server: draw requests in, debit commands out, a pool of PSAMs."""
@@ -181,7 +181,12 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
         config = payment_config(config_path, db_url)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
+    from .server.psam_pool import check_psams
+
     with handled():
+        # one line naming both readers (exit 3) for PSAMs that share a serial or differ in
+        # terminal id, before the server starts (PoolError: the root maps it)
+        check_psams(open_reader(spec) for spec in psam_specs)
         psams = [open_reader(spec) for spec in psam_specs]
         server = PaymentServer(config, psams)
     uvicorn.run(server.app(), host=host, port=port, log_level="info")
@@ -194,7 +199,7 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
                    "variants, client terminals, db, bounds (see fixtures/merchant-demo.toml).")
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8081, show_default=True, type=int)
+@click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
 def serve_merchant(config_path: Path, db_url: str | None, host: str, port: int) -> None:
     """A merchant selling digital goods: checkout and status endpoints."""
     import uvicorn
