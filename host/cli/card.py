@@ -3,11 +3,15 @@ pcscd through vpcd."""
 
 from __future__ import annotations
 
+import copy
+import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ...card.image import save_new_image
+from ...card.image import check_image, save_new_image
 from ...card.personalise import image_from_profile
 from ...card.storage import ImageError, read_image
 from ..kit.command_line import EXIT_USAGE, emit, fail, json_option
@@ -25,12 +29,75 @@ def card() -> None:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the card image (JSON).")
 @click.option("--force", is_flag=True, help="Replace an existing image.")
-def card_new(profile: Path, out: Path, force: bool) -> None:
-    """Personalise a card from a TOML PROFILE (see docs/profiles.md)."""
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Replace a profile field (repeat), e.g. --set psam_serial=000...02 or "
+                   "--set balances.ep=5000. VALUE is read as TOML; a field the profile gives "
+                   "as a string stays a string, and VALUE that is not TOML is a string.")
+def card_new(profile: Path, out: Path, force: bool, settings: tuple[str, ...]) -> None:
+    """Personalise a card from a TOML PROFILE (see docs/profiles.md).
+
+    \b
+    Two PSAMs of one pool from one profile (each needs its own serial):
+      svcard card new psam.toml --out psam1.json --set psam_serial=00000000000000000001
+      svcard card new psam.toml --out psam2.json --set psam_serial=00000000000000000002
+    """
+    overrides = profile_overrides(profile, settings)
     with handled():
-        image = image_from_profile(profile)
+        image = image_from_profile(profile, **overrides)
         save_new_image(out, image, overwrite=force)
     click.echo(f"wrote {image['kind']} card image {out}")
+
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
+
+
+def profile_overrides(profile: Path, settings: tuple[str, ...]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` settings as top-level profile overrides: a dotted KEY replaces one
+    field of a table (``balances.ep=5000`` keeps the profile's other balances). A VALUE is TOML
+    (``5000``, ``true``, ``["AB"]``, ``"text"``), except that a field the profile already gives
+    as a string takes VALUE as that string (hex serials keep their leading zeros), and a VALUE
+    that is not TOML is a string. A setting without ``=`` is a usage error."""
+    try:
+        with profile.open("rb") as fh:
+            current: dict[str, Any] = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        current = {}  # image_from_profile says what is wrong with the file
+    overrides: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.fullmatch(key):
+            raise click.BadParameter(f"{setting!r} is not KEY=VALUE (e.g. psam_serial=00..02)",
+                                     param_hint="'--set'")
+        path = key.split(".")
+        top = path[0]
+        if top not in overrides:
+            overrides[top] = copy.deepcopy(current.get(top)) if len(path) > 1 else None
+        table = overrides
+        for part in path[:-1]:
+            if not isinstance(table.get(part), dict):
+                table[part] = {}
+            table = table[part]
+        table[path[-1]] = _value(text, _lookup(current, path))
+    return overrides
+
+
+def _lookup(data: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _value(text: str, current: Any) -> Any:
+    """VALUE as TOML, or as the string it is (see :func:`profile_overrides`)."""
+    if isinstance(current, str):
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 @card.command("show")
@@ -40,11 +107,14 @@ def card_show(image: Path, as_json: bool) -> None:
     """Print what a card image holds: balances, counters, the decoded log (never keys)."""
     with handled():
         raw = read_image(image)
+        check_image(raw, str(image))  # a field of the wrong type: its name, exit code 3
         try:
             data = describe_image(raw)
+            text = render_image(data)
         except (KeyError, ValueError, TypeError) as exc:
-            raise ImageError(f"{image}: damaged card image ({exc!r})") from None
-    emit(as_json, data, render_image(data))
+            raise ImageError(f"{image}: damaged card image ({type(exc).__name__}: "
+                             f"{exc})") from None
+    emit(as_json, data, text)
 
 
 @card.command("serve")
