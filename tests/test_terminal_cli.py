@@ -97,7 +97,7 @@ def test_cli_card_new_and_show(tmp_path: Path) -> None:
     code, text = run("card", "new", str(fixtures / "iep-demo.toml"), "--out", str(out))
     assert code == 3 and "exists already" in text
     code, text = run("card", "show", str(out))
-    assert code == 0 and "EP: balance 0.00" in text and "PIN tries left: 3" in text
+    assert code == 0 and "EP: balance CNY 0.00" in text and "PIN tries left: 3" in text
     code, text = run("card", "show", str(out), "--json")
     data = json.loads(text)
     assert data["kind"] == "iep" and data["ep"]["balance"] == 0

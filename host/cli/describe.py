@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...protocols import purse as P
-from ..terminal.purse import LogEntry, format_amount
+from ..terminal.purse import LogEntry, format_money
 
 
 def describe_image(image: dict[str, Any]) -> dict[str, Any]:
@@ -50,23 +50,27 @@ def describe_image(image: dict[str, Any]) -> dict[str, Any]:
 def render_image(d: dict[str, Any]) -> str:
     lines = [f"{d['kind']} card image, AID {d['aid']}"]
     if d["kind"] == "iep":
-        exp = d["currency_exponent"]
+        exp, code = d["currency_exponent"], d["currency_code"]
+
+        def money(minor: int) -> str:
+            return format_money(minor, code, exp)
+
         lines += [
             f"  issuer {d['issuer_id']}  serial {d['app_serial']}  "
             f"valid {d['start_date']}..{d['expiry_date']}",
             f"  currency {d['currency_code']} (exponent {exp}), balance limit "
-            f"{format_amount(d['balance_limit'], exp)}",
+            f"{money(d['balance_limit'])}",
         ]
         for name in ("ep", "ed"):
             p = d[name]
-            lines.append(f"  {name.upper()}: balance {format_amount(p['balance'], exp)}  "
+            lines.append(f"  {name.upper()}: balance {money(p['balance'])}  "
                          f"online counter {p['online_counter']}  "
                          f"offline counter {p['offline_counter']}")
         lines.append(f"  PIN tries left: {d['pin_tries_left']}")
         lines.append(f"  log ({len(d['log'])} records, newest first):")
         for e in d["log"]:
             lines.append(f"    {e['date']} {e['time']}  {e['type_name']:<20} "
-                         f"{format_amount(e['amount'], exp):>10}  counter {e['counter']}  "
+                         f"{money(e['amount']):>14}  counter {e['counter']}  "
                          f"terminal {e['terminal_id']}")
     elif d["kind"] == "psam":
         lines += [f"  terminal {d['terminal_id']}  serial {d['psam_serial']}  "
