@@ -37,6 +37,7 @@ import click
 
 from ...card.personalise import ProfileError
 from ...card.storage import ImageError
+from ..helper.cli import helper_cmd
 from ..kit.command_line import (
     EXIT_INPUT,
     EXIT_INTERNAL,
@@ -128,7 +129,7 @@ def serve() -> None:
     """Run the servers: payment (with its PSAM pool), merchant, bank, load (with its HSM)."""
 
 
-for command in (card, terminal, apdu_cmd, readers_cmd, trace, demo):
+for command in (card, terminal, apdu_cmd, readers_cmd, trace, demo, helper_cmd):
     main.add_command(command)
 for system in (pay_cli, load_cli, settle_cli):
     system.register(main, serve)
