@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sqlite3
 import stat
 import time
 from collections.abc import Iterable
@@ -118,10 +119,13 @@ def open_existing(url: str, tables: Iterable[str], what: str = "database") -> En
             raise DatabaseError(f"{name}: no such {what}: {path} does not exist")
         if not os.path.isfile(path):
             raise DatabaseError(f"{name}: {path} is not a file")
-        readonly = URL.create(parsed.drivername,
-                              database=Path(path).absolute().as_uri() + "?mode=ro",
-                              query={"uri": "true"})
-        engine = _create(url, readonly, connect_args={"check_same_thread": False, "timeout": 30})
+        uri = Path(path).absolute().as_uri() + "?mode=ro"
+
+        def connect() -> sqlite3.Connection:
+            return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
+
+        # the engine keeps the URL as given (messages name it); connections are read-only
+        engine = _create(url, parsed, creator=connect)
     else:
         engine = _create(url, parsed, pool_size=5, max_overflow=5)
     try:

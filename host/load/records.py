@@ -18,9 +18,12 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 
 from ..kit.db import open_existing
+from ..kit.schema import Schema, check
+from .bank.db import SCHEMA as BANK_SCHEMA
 from .bank.db import BankDb
 from .bank.db import accounts as accounts_table
 from .bank.db import bank_loads as bank_loads_table
+from .server.db import SCHEMA as LOAD_SCHEMA
 from .server.db import LoadDb
 from .server.db import loads as loads_table
 
@@ -31,8 +34,12 @@ T = TypeVar("T")
 
 
 def _reading(url: str, tables: tuple[str, ...], what: str, read: Callable[[Engine], T]) -> T:
+    """``read`` on a read-only engine for ``url`` (a newer schema than this svcard's is
+    refused: :class:`~svcard.host.kit.schema.SchemaError`), disposed afterwards."""
+    schema: Schema = BANK_SCHEMA if what == BANK_DB else LOAD_SCHEMA
     engine = open_existing(url, tables, what)
     try:
+        check(engine, schema)
         return read(engine)
     finally:
         engine.dispose()

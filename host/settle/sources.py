@@ -11,11 +11,12 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader import Reader
 from ..kit.db import DatabaseError, must_exist, open_existing
+from ..kit.schema import check
 from ..load.records import check_bank_db, check_load_db
 from ..pay.records import open_payments
 from ..terminal import apdus
 from ..terminal.purse import call, select_purse
-from .db import batches, ledger, records, uncleared
+from .db import SCHEMA, batches, ledger, records, uncleared
 
 CLEARING_DB = "clearing database"
 CLEARING_TABLES = (records.name, uncleared.name, batches.name, ledger.name)
@@ -32,7 +33,7 @@ def check_sources(*, payment_dbs: tuple[str, ...] = (), load_dbs: tuple[str, ...
     for url in bank_dbs:
         check_bank_db(url)
     if clearing_db:
-        open_existing(clearing_db, CLEARING_TABLES, CLEARING_DB).dispose()
+        _checked(open_existing(clearing_db, CLEARING_TABLES, CLEARING_DB)).dispose()
 
 
 def clearing_engine(url: str) -> Engine | None:
@@ -43,7 +44,17 @@ def clearing_engine(url: str) -> Engine | None:
         must_exist(url, CLEARING_DB)
     except DatabaseError:
         return None
-    return open_existing(url, CLEARING_TABLES, CLEARING_DB)
+    return _checked(open_existing(url, CLEARING_TABLES, CLEARING_DB))
+
+
+def _checked(engine: Engine) -> Engine:
+    """``engine`` once its clearing schema is known not to be newer than this svcard's."""
+    try:
+        check(engine, SCHEMA)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
 
 
 def card_balances(readers: list[Reader]) -> dict[str, int]:
