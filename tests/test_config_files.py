@@ -16,7 +16,6 @@ from click.testing import CliRunner
 
 from svcard.card.personalise import ProfileError, image_from_profile, load_issuer
 from svcard.fixtures import fixture_path
-from svcard.host.cli.main import main
 from svcard.host.kit.command_line import EXIT_INPUT
 from svcard.host.kit.config import ConfigError
 from svcard.host.load.config import bank_config, load_config
@@ -330,6 +329,8 @@ def test_an_unreadable_file_is_named(tmp_path: Path, text: str | None, problem: 
 
 def test_serve_refuses_a_bad_configuration_in_one_line(tmp_path: Path) -> None:
     """What a person sees: ``svcard serve bank`` with a mistyped limit."""
+    from svcard.host.cli.main import main
+
     path = tmp_path / "bank.toml"
     path.write_text(fixture_path("bank-demo.toml").read_text().replace(
         "secret_max_failures = 5", 'secret_max_failures = "five"'))
