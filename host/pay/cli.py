@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import click
 
 from ..kit.command_line import EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
+from ..kit.serving import serve as serve_app
+from ..kit.serving import serve_options
 from ..terminal import purse as T
 from ..terminal.card_commands import card_option, handled, pin_option, purse_option, readers
 from ..terminal.online import (
@@ -20,12 +23,14 @@ from ..terminal.online import (
     retry_for_option,
 )
 from ..terminal.reader_specs import open_reader
+from .batch_close import batches
 
 
 def register(root: click.Group, serve: click.Group) -> None:
     """Add the payment commands to ``svcard`` (``root``) and its ``serve`` group."""
     root.add_command(pay_cmd)
     root.add_command(terminal_key_group)
+    root.add_command(batches)
     serve.add_command(serve_payment)
     serve.add_command(serve_merchant)
 
@@ -168,11 +173,10 @@ def terminal_key_new(file: Path, terminal_id: str | None, as_json: bool) -> None
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@serve_options
 def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | None,
-                  host: str, port: int) -> None:
+                  host: str, port: int, log_level: str, drain_seconds: float) -> None:
     """The payment server: draw requests in, debit commands out, a pool of PSAMs."""
-    import uvicorn
-
     from ..kit.config import ConfigError
     from .config import payment_config
     from .server.app import PaymentServer
@@ -189,7 +193,8 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
         check_psams(open_reader(spec) for spec in psam_specs)
         psams = [open_reader(spec) for spec in psam_specs]
         server = PaymentServer(config, psams)
-    uvicorn.run(server.app(), host=host, port=port, log_level="info")
+    sys.exit(serve_app(server.app(), host=host, port=port, log_level=log_level,
+                       drain=server, drain_seconds=drain_seconds))
 
 
 @click.command("merchant")
@@ -200,10 +205,10 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
-def serve_merchant(config_path: Path, db_url: str | None, host: str, port: int) -> None:
+@serve_options
+def serve_merchant(config_path: Path, db_url: str | None, host: str, port: int, log_level: str,
+                   drain_seconds: float) -> None:
     """A merchant selling digital goods: checkout and status endpoints."""
-    import uvicorn
-
     from ..kit.config import ConfigError
     from .config import merchant_config
     from .merchant.server import MerchantServer
@@ -212,4 +217,5 @@ def serve_merchant(config_path: Path, db_url: str | None, host: str, port: int) 
         config = merchant_config(config_path, db_url)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
-    uvicorn.run(MerchantServer(config).app(), host=host, port=port, log_level="info")
+    sys.exit(serve_app(MerchantServer(config).app(), host=host, port=port,
+                       log_level=log_level, drain_seconds=drain_seconds))
