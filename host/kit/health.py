@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Engine, Table, select
 from starlette.requests import Request
@@ -32,7 +32,6 @@ from .reader_pool import PoolExhausted, ReaderPool
 CHECK_TIMEOUT = 2.0      # seconds a dependency has to answer
 REUSE_SECONDS = 1.0      # a result this young answers the next health request
 Check = Callable[[], Awaitable[dict[str, Any]]]
-P = TypeVar("P")
 
 
 class HealthCheck:
@@ -80,9 +79,11 @@ class HealthCheck:
 
 def database_check(engine: Engine, table: Table, busy_ms: int = 1000) -> Check:
     """A check that reads one row of ``table`` (a real query through the server's engine, on
-    a thread of its own, so a stuck database never holds up the server's database thread).
-    A SQLite connection waits at most ``busy_ms`` for a lock during the check. A query still
-    running from an earlier check is not doubled: the check fails until it ends."""
+    a thread of its own, so a stuck database never holds up the server's database thread);
+    on SQLite it also takes the write lock and lets it go at once (``BEGIN IMMEDIATE``,
+    rolled back), waiting at most ``busy_ms``: a database another process keeps locked
+    cannot record a payment. A query still running from an earlier check is not doubled:
+    the check fails until it ends."""
     running: list[Future[float]] = []
 
     def query() -> float:
@@ -94,6 +95,8 @@ def database_check(engine: Engine, table: Table, busy_ms: int = 1000) -> Check:
                 conn.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
             try:
                 conn.execute(select(table).limit(1)).first()
+                if sqlite:  # and the write lock a payment needs can be had (then let go)
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
             finally:
                 if sqlite:
                     conn.exec_driver_sql(f"PRAGMA busy_timeout={int(before or 0)}")
