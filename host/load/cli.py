@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
-from ..kit.serving import serve, serve_options
+from ..kit.serving import serve as serve_app
+from ..kit.serving import serve_options
 from ..terminal import purse as T
 from ..terminal.card_commands import (
     amount_option,
@@ -255,8 +256,8 @@ def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None
         fail(str(exc), EXIT_DEVICE)
     with handled():
         server = LoadServer(config, [open_reader(spec) for spec in hsm_specs])
-    sys.exit(serve(server.app(), host=host, port=port, log_level=log_level,
-                   drain=server.drain, drain_seconds=drain_seconds))
+    sys.exit(serve_app(server.app(), host=host, port=port, log_level=log_level,
+                       drain=server.drain, drain_seconds=drain_seconds))
 
 
 @click.command("bank")
@@ -281,5 +282,5 @@ def serve_bank(config_path: Path, db_url: str | None, host: str, port: int, log_
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
     bank_server = BankServer(config)
-    sys.exit(serve(bank_server.app(), host=host, port=port, log_level=log_level,
-                   drain=bank_server.drain, drain_seconds=drain_seconds))
+    sys.exit(serve_app(bank_server.app(), host=host, port=port, log_level=log_level,
+                       drain=bank_server.drain, drain_seconds=drain_seconds))
