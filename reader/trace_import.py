@@ -120,12 +120,13 @@ def import_gp(text: str, source: str = "gp log") -> Trace:
             if pending is None:
                 raise TraceError(f"{where}: answer without a command")
             body = line.split("A<<", 1)[1]
-            ms_match = re.search(r"\((\d+)\s*ms\)", body)
+            # apdu4j prints "(12ms)", and "(1s234ms)" past a second
+            took = re.search(r"\((?:(\d+)s)?(\d+)\s*ms\)", body)
             response = _hexbytes(_GP_PAREN.sub("", body), where)
             if len(response) < 2:
                 raise TraceError(f"{where}: response shorter than a status word")
-            trace.exchanges.append(Exchange(pending[0], response, None,
-                                            float(ms_match.group(1)) if ms_match else None))
+            ms = float(int(took.group(1) or 0) * 1000 + int(took.group(2))) if took else None
+            trace.exchanges.append(Exchange(pending[0], response, None, ms))
             pending = None
         else:
             atr = re.search(r"\bATR[:=]?\s*([0-9A-Fa-f]{4,})\b", line)

@@ -11,7 +11,15 @@ from conftest import demo_image, with_balance
 
 from svcard.card.image import save_new_image
 from svcard.host.cli.main import main
-from svcard.reader.trace import TraceError, TraceMismatchError, TraceReader, load_trace
+from svcard.reader.trace import (
+    Exchange,
+    Trace,
+    TraceError,
+    TraceMismatchError,
+    TraceReader,
+    load_trace,
+)
+from svcard.reader.trace_export import export_trace
 from svcard.reader.trace_import import import_file
 
 DATA = Path(__file__).parent / "data" / "traces"
@@ -188,3 +196,88 @@ def test_bad_trace_files(tmp_path: Path) -> None:
             load_trace(bad)
     code, text = run("apdu", "--reader", f"trace:{bad}", "00A40400")
     assert code == 3 and "not JSON" in text
+
+
+# --- export: the formats that are imported, read back the same (issue 10, point 8) ----------
+EXPORTS = ["gp", "apdu4j", "cardpeek", "pcsc-spy"]
+
+
+def pairs(trace: Trace) -> list[tuple[str, str]]:
+    return [(e.command.hex().upper(), e.response.hex().upper()) for e in trace.exchanges]
+
+
+@pytest.mark.parametrize("fmt", EXPORTS)
+def test_export_then_import_replays_the_same_purchase(tmp_path: Path, fmt: str) -> None:
+    c = cards(tmp_path)
+    out = tmp_path / "buy.jsonl"
+    code, text = purchase(f"virtual:{c['iep']}", f"virtual:{c['psam']}", "--trace-out", str(out))
+    assert code == 0
+    recorded = json.loads(text)
+    replay = {}
+    for name in ("buy", "buy.psam"):
+        code, exported = run("trace", "export", str(tmp_path / f"{name}.jsonl"), "--format", fmt)
+        assert code == 0, exported
+        (tmp_path / f"{name}.{fmt}").write_text(exported)
+        replay[name] = tmp_path / f"{name}.back.jsonl"
+        assert run("trace", "import", "--from", fmt, str(tmp_path / f"{name}.{fmt}"),
+                   str(replay[name]))[0] == 0
+        assert pairs(load_trace(replay[name])) == pairs(load_trace(tmp_path / f"{name}.jsonl"))
+        assert load_trace(replay[name]).atr == load_trace(tmp_path / f"{name}.jsonl").atr
+    # the imported exports replay byte for byte: the same receipt
+    code, text = purchase(f"trace:{replay['buy']}", f"trace:{replay['buy.psam']}")
+    assert code == 0, text
+    assert json.loads(text) == recorded
+
+
+@pytest.mark.parametrize("fmt", EXPORTS)
+def test_export_keeps_every_kind_of_command(tmp_path: Path, fmt: str) -> None:
+    trace = Trace(reader="Virtual PCD 00 00", atr=ATR, source="recorded", exchanges=[
+        Exchange(bytes.fromhex(cmd), bytes.fromhex(resp), t, ms) for cmd, resp, t, ms in [
+            ("00A40400", "9000", 0.0, 1.2),                                # case 1
+            ("805C000204", "000027109000", 0.01, 2.0),                     # case 2
+            ("80CA000003AABBCC", "6A88", None, None),                      # case 3
+            ("80CA0000000003AABBCC0100", "00" * 256 + "9000", None, 1500.4),  # extended 4
+            ("80CA000000", "6C08", None, None),                            # case 2, Le 256
+            ("80CA00000004", "6700", None, None),          # fits no ISO 7816-4 case at all
+        ]], resets=[(2, ATR)])
+    path = tmp_path / "all.jsonl"
+    trace.save(path)
+    code, text = run("trace", "export", str(path), "--format", fmt, "--out",
+                     str(tmp_path / "all.out"))
+    assert code == 0 and "wrote" in text
+    back = import_file(fmt, tmp_path / "all.out")
+    assert pairs(back) == pairs(trace) and back.atr == ATR
+    if fmt == "cardpeek":
+        assert back.resets == [(2, ATR)]  # the only format with a reset line
+    if fmt == "gp":  # whole milliseconds
+        assert [e.ms for e in back.exchanges] == [1, 2, None, 1500, None, None]
+    if fmt == "pcsc-spy":
+        assert back.reader == "Virtual PCD 00 00"
+        assert [e.ms for e in back.exchanges][:2] == [pytest.approx(1.2), pytest.approx(2.0)]
+
+
+def test_gp_export_looks_like_apdu4j(tmp_path: Path) -> None:
+    out = tmp_path / "t.jsonl"
+    assert run("trace", "import", "--from", "gp", str(DATA / "gp.log"), str(out))[0] == 0
+    code, text = run("trace", "export", str(out), "--format", "gp")
+    assert code == 0
+    lines = text.splitlines()
+    assert lines[0] == f"# ATR: {ATR.hex().upper()}"
+    assert "A>> (4+0009) 00A40400 09 F05356434152440101 00" in lines
+    assert "A<< (0004+2) (1ms) 00002710 9000" in lines
+    assert "A<< (0000+2) 6A82" in lines
+    assert import_file("gp", DATA / "gp.log").exchanges[0].ms == 12
+
+
+def test_gp_import_reads_seconds_and_export_refuses_bad_input(tmp_path: Path) -> None:
+    log = tmp_path / "slow.log"
+    log.write_text("A>> T=1 (4+0000) 805C0002 04\nA<< (0004+2) (2s15ms) 00002710 9000\n")
+    assert import_file("gp", log).exchanges[0].ms == 2015
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("nope")
+    code, text = run("trace", "export", str(bad), "--format", "gp")
+    assert code == 3 and "not JSON" in text
+    code, text = run("trace", "export", str(tmp_path / "missing.jsonl"), "--format", "gp")
+    assert code == 2 and not (tmp_path / "missing.jsonl").exists()
+    with pytest.raises(TraceError, match="unknown export format"):
+        export_trace(Trace("r", ATR), "nope")

@@ -1,4 +1,5 @@
-"""``svcard trace``: decode a recorded APDU trace, import another tool's APDU log."""
+"""``svcard trace``: decode a recorded APDU trace, import another tool's APDU log, export a
+trace to that tool's format."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from ..kit.command_line import emit, json_option
+from ..kit.command_line import EXIT_INPUT, emit, fail, json_option
 from ..terminal.card_commands import handled
 
 
 @click.group()
 def trace() -> None:
-    """Show, import and replay APDU traces (replay: the reader spec trace:FILE)."""
+    """Show, import, export and replay APDU traces (replay: the reader spec trace:FILE)."""
 
 
 @trace.command("show")
@@ -59,3 +60,28 @@ def trace_import(fmt: str, source: Path, out: Path) -> None:
         converted = import_file(fmt, source)
         converted.save(out)
     click.echo(f"wrote {out}: {len(converted.exchanges)} exchanges from {fmt} log {source}")
+
+
+@trace.command("export")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", required=True,
+              type=click.Choice(["gp", "apdu4j", "cardpeek", "pcsc-spy"]),
+              help="gp: GlobalPlatformPro/apdu4j A>>/A<< lines; apdu4j: replay dump; "
+                   "cardpeek: .clf; pcsc-spy: pcsc-spy text.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write to this file (default: standard output).")
+def trace_export(path: Path, fmt: str, out: Path | None) -> None:
+    """Write an svcard trace in another tool's format ('trace import --from' reads it back)."""
+    from ...reader.trace import load_trace
+    from ...reader.trace_export import export_trace
+
+    with handled():
+        text = export_trace(load_trace(path), fmt)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {out}: {exc.strerror}", EXIT_INPUT)
+    click.echo(f"wrote {out}: {fmt} export of {path}", err=True)
