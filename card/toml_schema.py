@@ -207,6 +207,7 @@ def _secret_from(key: str, where: Any, folder: Path) -> str:
         value = os.environ.get(where)
         if value is None:
             raise _problem(f"the environment variable {shown(where)} is not set", key=key)
+        source = f"the environment variable {shown(where)}"
     else:
         path = folder / where
         try:
@@ -221,9 +222,10 @@ def _secret_from(key: str, where: Any, folder: Path) -> str:
             value = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise _problem(f"{path} is not UTF-8 text", key=key) from None
+        source = str(path)
     value = value.strip()
     if not value:
-        raise _problem("the secret it names is empty", key=key)
+        raise _problem(f"{source} is empty", key=key)
     return value
 
 

@@ -232,6 +232,13 @@ def test_a_missing_secret_file_or_variable_is_named(tmp_path: Path, kind: str,
     assert f'{k.secret_key}_env: the environment variable "{ENV}" is not set' in message
     message = refused(k, k.write(tmp_path, k.with_secret_line(f'{k.secret_key}_file = "no.txt"')))
     assert f"{k.secret_key}_file: cannot read {tmp_path / 'no.txt'}" in message
+    monkeypatch.setenv(ENV, " \n")
+    message = refused(k, k.write(tmp_path, k.with_secret_line(f'{k.secret_key}_env = "{ENV}"')))
+    assert f'{k.secret_key}_env: the environment variable "{ENV}" is empty' in message
+    (tmp_path / "empty.txt").write_text("\n")
+    message = refused(k, k.write(tmp_path, k.with_secret_line(f'{k.secret_key}_file = '
+                                                              '"empty.txt"')))
+    assert f"{k.secret_key}_file: {tmp_path / 'empty.txt'} is empty" in message
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
