@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...protocols import purse as P
-from ..terminal.purse import LogEntry, format_money
+from ..terminal.money import format_money
+from ..terminal.purse import LogEntry
 
 
 def describe_image(image: dict[str, Any]) -> dict[str, Any]:
