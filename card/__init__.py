@@ -11,6 +11,8 @@ command APDU and answers data and a status word, as a real card behind a reader 
 - :mod:`.storage` and :mod:`.image`: card images on disk (versioned JSON, every write atomic,
   one card per image) and a live card built from one;
 - :mod:`.personalise`: a TOML profile in, a card image out.
+- :mod:`.toml_schema`: the pydantic pieces every TOML file shares (profiles, and the servers'
+  configurations through host/kit/config.py).
 
 This package imports only :mod:`svcard.protocols` (and itself).
 """
