@@ -52,6 +52,7 @@ LOAD_STEPS = {
     "load-requested": "the bank debited your account; the card was not loaded",
     "load-command": "the card may have been loaded",
     "card-loaded": "the card was loaded and the load server has not confirmed it yet",
+    "undecided": "the load server cannot tell yet whether the card was loaded",
     "load-confirmed": "the load server decided the load; the bank has not registered it yet",
 }
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
@@ -124,7 +125,7 @@ class Journal:
         self._open: dict[str, None] = {}   # open transactions, in the order first seen
         self._offset = 0     # the file is append-only: later reads parse only what is new
         self._inode: tuple[int, int] | None = None   # a replaced journal is read again
-        self.touched: dict[str, None] = {}   # transactions this object wrote, in order
+        self.touched: dict[str, None] = {}   # open transactions this object wrote, in order
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -198,6 +199,7 @@ class Journal:
                     os.close(fd)
                 if state in DONE_STATES:
                     self._forget_secrets(txn_id)
+                    self.touched.pop(txn_id, None)
         except OSError as exc:
             if isinstance(exc, JournalError):
                 raise

@@ -15,17 +15,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import email.utils
+import functools
 import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import httpx
-import tenacity
 
 from ...protocols import messages as M
 from ..kit.command_line import (
@@ -42,7 +41,9 @@ from .purse import TerminalError
 RETRY_KEY = "svcard_retry_safe"
 RETRY_SAFE: dict[str, Any] = {RETRY_KEY: True}   # httpx ``extensions=`` of a retryable request
 DEFAULT_RETRY_FOR = 30.0
-_BACKOFF = tenacity.wait_exponential(multiplier=0.25, max=4)   # 503 without Retry-After
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class PaymentRefused(TerminalError):
@@ -92,48 +93,68 @@ def retry_after(response: httpx.Response) -> float | None:
     return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
 
 
-class RetryingTransport(httpx.BaseTransport):
+OnRetry = Callable[[str, str, float], None]
+
+
+def retrying_transport(retry_for: float, inner: httpx.BaseTransport | None = None,
+                       on_retry: OnRetry | None = None) -> httpx.BaseTransport:
     """An httpx transport that sends a :data:`RETRY_SAFE` request again while the server
     answers 503, waiting what its ``Retry-After`` asks (never past ``retry_for`` seconds from
     the first attempt), then hands back the last answer. Other requests and answers pass
     through untouched. ``on_retry(url, reason, wait)`` is told of each retry."""
+    return _retrying_class()(retry_for, inner, on_retry)
 
-    def __init__(self, retry_for: float, inner: httpx.BaseTransport | None = None,
-                 on_retry: Callable[[str, str, float], None] | None = None) -> None:
-        self.retry_for = retry_for
-        self.inner = inner or httpx.HTTPTransport()
-        self.on_retry = on_retry
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        assert state.outcome is not None
-        asked = retry_after(state.outcome.result())
-        wait = _BACKOFF(state) if asked is None else asked
-        left = self.retry_for - (state.seconds_since_start or 0.0)
-        return max(0.0, min(wait, left))
+@functools.cache
+def _retrying_class() -> Callable[[float, httpx.BaseTransport | None, OnRetry | None],
+                                  httpx.BaseTransport]:
+    """The transport class, made on first use: httpx and tenacity are imported only by the
+    commands that go online (``svcard --help`` stays quick)."""
+    import httpx
+    import tenacity
 
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        assert state.outcome is not None
-        response: httpx.Response = state.outcome.result()
-        response.read()
-        response.close()
-        if self.on_retry is not None and state.next_action is not None:
-            self.on_retry(str(response.request.url), server_reason(response),
-                          state.next_action.sleep)
+    backoff = tenacity.wait_exponential(multiplier=0.25, max=4)   # 503 without Retry-After
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if not request.extensions.get(RETRY_KEY) or self.retry_for <= 0:
-            return self.inner.handle_request(request)
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_result(lambda r: r.status_code == 503),
-            stop=tenacity.stop_after_delay(self.retry_for), wait=self._wait,
-            before_sleep=self._before_sleep,
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome
-            else None)
-        response: httpx.Response = retrying(self.inner.handle_request, request)
-        return response
+    class RetryingTransport(httpx.BaseTransport):
+        def __init__(self, retry_for: float, inner: httpx.BaseTransport | None,
+                     on_retry: OnRetry | None) -> None:
+            self.retry_for = retry_for
+            self.inner = inner or httpx.HTTPTransport()
+            self.on_retry = on_retry
 
-    def close(self) -> None:
-        self.inner.close()
+        def _wait(self, state: tenacity.RetryCallState) -> float:
+            assert state.outcome is not None
+            asked = retry_after(state.outcome.result())
+            wait = backoff(state) if asked is None else asked
+            left = self.retry_for - (state.seconds_since_start or 0.0)
+            return max(0.0, min(wait, left))
+
+        def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+            assert state.outcome is not None
+            response: httpx.Response = state.outcome.result()
+            response.read()
+            response.close()
+            if self.on_retry is not None and state.next_action is not None:
+                request: httpx.Request = state.args[0]   # an answer here has no request yet
+                self.on_retry(str(request.url), server_reason(response),
+                              state.next_action.sleep)
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            if not request.extensions.get(RETRY_KEY) or self.retry_for <= 0:
+                return self.inner.handle_request(request)
+            retrying = tenacity.Retrying(
+                retry=tenacity.retry_if_result(lambda r: r.status_code == 503),
+                stop=tenacity.stop_after_delay(self.retry_for), wait=self._wait,
+                before_sleep=self._before_sleep,
+                retry_error_callback=lambda state: state.outcome.result() if state.outcome
+                else None)
+            response: httpx.Response = retrying(self.inner.handle_request, request)
+            return response
+
+        def close(self) -> None:
+            self.inner.close()
+
+    return RetryingTransport
 
 
 def http_client(timeout: float, retry_for: float) -> httpx.Client:
@@ -142,8 +163,9 @@ def http_client(timeout: float, retry_for: float) -> httpx.Client:
     def say(url: str, reason: str, wait: float) -> None:
         click.echo(f"svcard: {url} is busy ({reason}); asking again in {wait:.1f} s", err=True)
 
-    return httpx.Client(timeout=timeout,
-                        transport=RetryingTransport(retry_for, on_retry=say))
+    import httpx
+
+    return httpx.Client(timeout=timeout, transport=retrying_transport(retry_for, on_retry=say))
 
 
 def retry_for_option(f: Any) -> Any:
@@ -184,6 +206,8 @@ def journalled_run(journal: Journal, finish: str, retry_for: float) -> Iterator[
     interruption (exit 130), a server busy past the retry deadline or unreachable (exit 11)
     ends in one line saying what state the journal holds and ``finish``, the command that
     finishes it. Place it inside :func:`~svcard.host.terminal.card_commands.handled`."""
+    import httpx
+
     try:
         previous = signal.signal(signal.SIGTERM, _terminated)
     except ValueError:  # not the main thread: only Ctrl-C is ours
