@@ -92,6 +92,14 @@ class CardHelper:
         self.token = token
         self.payments = Payments(card)
         self.refused = 0          # requests refused by the origin guard (for tests and logs)
+        self.stopping = False     # SIGTERM: no new payment; the one under way finishes
+
+    # the drain of kit/serving.py:serve
+    def begin_drain(self) -> None:
+        self.stopping = True
+
+    def pending(self) -> int:
+        return 1 if self.payments.busy() else 0
 
     def __repr__(self) -> str:
         return f"CardHelper({sorted(self.origins)})"
@@ -144,6 +152,8 @@ class CardHelper:
             shops = ", ".join(sorted(self.origins))
             return _answer(403, {"reason": "checkout_url: a page may pay only its own shop, "
                                            f"and this helper pays only {shops}"})
+        if self.stopping:
+            return _answer(503, {"reason": "the card helper is stopping"}, {"Retry-After": "5"})
         job = self.payments.start(body.checkout_url)
         if job is None:
             return _answer(409, {"reason": "the card is busy with another payment: try again "

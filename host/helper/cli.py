@@ -13,9 +13,17 @@ import click
 
 from ...protocols import purse as P
 from ..kit.command_line import EXIT_INPUT, EXIT_USAGE, fail
+from ..kit.serving import serve, serve_options
 from ..terminal.card_commands import card_option, handled, purse_option
+from ..terminal.online import retry_for_option
 from ..terminal.purse import TerminalCheckFailed, purse_id
-from .pairing import PairingError, default_token_file, load_or_create_token, loopback_address
+from .pairing import (
+    PairingError,
+    default_token_file,
+    load_or_create_token,
+    loopback_address,
+    normalise_origin,
+)
 
 DEFAULT_PORT = 8790
 MAX_PIN_FILE = 64
@@ -42,6 +50,8 @@ MAX_PIN_FILE = 64
               help="The local payment journal (default: $SVCARD_JOURNAL or "
                    "~/.local/state/svcard/journal.jsonl).")
 @click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
+@retry_for_option
+@serve_options
 @click.option("--terminal-key", "terminal_key", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="This client terminal's Ed25519 key (FIG. 7), as for svcard pay.")
@@ -49,8 +59,9 @@ MAX_PIN_FILE = 64
               help="The terminal id registered with the merchant (default: from the key).")
 def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, port: int,
                token_file: Path | None, new_token: bool, pin_file: Path | None,
-               journal: Path | None, timeout: float, terminal_key: Path | None,
-               terminal_id: str | None) -> None:
+               journal: Path | None, timeout: float, retry_for: float,
+               terminal_key: Path | None, terminal_id: str | None, log_level: str,
+               drain_seconds: float) -> None:
     """A local card helper: shop pages from --allow-origin pay with the card through it.
 
     It listens on loopback only and answers only those origins, and only requests that carry
@@ -58,8 +69,6 @@ def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, 
     the whole svcard pay flow with the journal. The PIN of the ED purse is asked here (or read
     from --pin-file), never by the page. One payment at a time.
     """
-    import uvicorn
-
     from ..pay.client_terminal import ClientTerminal
     from ..terminal.journal import default_journal
     from .app import CardHelper
@@ -69,6 +78,7 @@ def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, 
         fail("--terminal-id needs --terminal-key", EXIT_USAGE)
     try:
         address = loopback_address(host)
+        allowed = [normalise_origin(origin) for origin in origins]
     except PairingError as exc:
         fail(str(exc), EXIT_USAGE)
     purse_number = purse_id(purse)
@@ -80,11 +90,11 @@ def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, 
     path = token_file or default_token_file()
     try:
         token, made = load_or_create_token(path, renew=new_token)
-        helper = CardHelper(HelperCard(card_spec, journal or default_journal(), purse_number,
-                                       pin, terminal, timeout), token, origins)
     except PairingError as exc:
-        fail(str(exc), EXIT_USAGE if "--allow-origin" in str(exc) else EXIT_INPUT)
-    listener = _listen(address, port)
+        fail(str(exc), EXIT_INPUT)
+    helper = CardHelper(HelperCard(card_spec, journal or default_journal(), purse_number, pin,
+                                   terminal, timeout, retry_for), token, allowed)
+    _check_port(address, port)
     shown = f"[{address}]" if ":" in address else address
     click.echo(f"svcard helper: listening on http://{shown}:{port} for "
                f"{', '.join(sorted(helper.origins))}\n"
@@ -92,23 +102,20 @@ def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, 
                f"pairing token ({'new, ' if made else ''}kept in {path}, mode 0600):\n"
                f"  {token}\n"
                "enter it once in the shop page's \"Card helper\" box", err=True)
-    config = uvicorn.Config(helper.app(), log_level="info", lifespan="on")
-    uvicorn.Server(config).run(sockets=[listener])
+    sys.exit(serve(helper.app(), host=address, port=port, log_level=log_level, drain=helper,
+                   drain_seconds=drain_seconds))
 
 
-def _listen(address: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a port in use is one clear line."""
+def _check_port(address: str, port: int) -> None:
+    """A port already taken is one clear line (uvicorn would only log it)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((address, port))
-    except OSError as exc:
-        listener.close()
-        fail(f"--port {port}: cannot listen on {address} ({exc.strerror or exc})", EXIT_INPUT)
-    listener.listen(64)
-    listener.setblocking(False)
-    return listener
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            fail(f"--port {port}: cannot listen on {address} ({exc.strerror or exc})",
+                 EXIT_INPUT)
 
 
 def _pin_source(pin_file: Path | None) -> Callable[[], str]:

@@ -30,7 +30,7 @@ from ...reader import ReaderError
 from ..pay import client as C
 from ..pay.client_terminal import ClientTerminal
 from ..terminal.journal import Journal
-from ..terminal.online import PaymentRefused
+from ..terminal.online import DEFAULT_RETRY_FOR, PaymentRefused, retrying_transport
 from ..terminal.purse import Declined, TerminalCheckFailed, TerminalError, format_amount
 from ..terminal.reader_specs import open_reader
 
@@ -57,6 +57,7 @@ class HelperCard:
     pin: Callable[[], str] | None = field(default=None, repr=False)  # asks for the ED PIN
     terminal: ClientTerminal | None = None     # a registered client terminal (FIG. 7)
     timeout: float = 30.0                      # HTTP timeout, seconds
+    retry_for: float = DEFAULT_RETRY_FOR       # a busy server (503) is asked again this long
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Job:
     id: str
     checkout_url: str
     state: str = "started"
-    message: str = "Starting"
+    message: str = "Starting the payment"
     result: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -127,7 +128,8 @@ class Payments:
         except Declined as exc:
             self._set(job, "refused", _declined(exc))
         except PaymentRefused as exc:
-            self._set(job, "refused", f"The {exc.who} refused the payment: {exc.reason}")
+            self._set(job, "refused", f"The {exc.who} is busy ({exc.reason}): try again later"
+                      if exc.busy else f"The {exc.who} refused the payment: {exc.reason}")
         except TerminalError as exc:
             self._set(job, "refused", f"Not paid: {exc}")
         except (ReaderError, ImageError, ProfileError) as exc:
@@ -155,7 +157,13 @@ class Payments:
                     if path.startswith(prefix):
                         self._set(job, "paying", text)
 
-        with httpx.Client(timeout=card.timeout, event_hooks={"request": [step]}) as http, \
+        def busy(url: str, reason: str, wait: float) -> None:
+            self._set(job, job.state, f"A server is busy ({reason}); asking again in "
+                                      f"{wait:.1f} s")
+
+        transport = retrying_transport(card.retry_for, on_retry=busy)
+        with httpx.Client(timeout=card.timeout, transport=transport,
+                          event_hooks={"request": [step]}) as http, \
                 open_reader(card.spec) as reader:
             self._set(job, "started", "Finishing any earlier payment of this card")
             resumed = C.resume(reader, journal=book, http=http, terminal=card.terminal)
