@@ -15,7 +15,7 @@ from ...protocols import purse as P
 from ..kit.command_line import EXIT_INPUT, EXIT_USAGE, fail
 from ..kit.serving import serve, serve_options
 from ..terminal.card_commands import card_option, handled, purse_option
-from ..terminal.online import retry_for_option
+from ..terminal.online import DEFAULT_RETRY_FOR
 from ..terminal.purse import TerminalCheckFailed, purse_id
 from .pairing import (
     PairingError,
@@ -50,7 +50,10 @@ MAX_PIN_FILE = 64
               help="The local payment journal (default: $SVCARD_JOURNAL or "
                    "~/.local/state/svcard/journal.jsonl).")
 @click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
-@retry_for_option
+@click.option("--retry-for", "retry_for", default=DEFAULT_RETRY_FOR, show_default=True,
+              type=click.FloatRange(0, 3600), metavar="SECONDS",
+              help="Ask a busy server (503) again for up to SECONDS per request; then the "
+                   "payment is reported refused (the journal keeps it).")
 @serve_options
 @click.option("--terminal-key", "terminal_key", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
