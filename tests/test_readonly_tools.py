@@ -1,0 +1,202 @@
+"""Money tools that read never create what they read, and never call nothing "clean" (issue
+10, point 2): ``svcard audit``, ``svcard clearing run`` and ``svcard bank account list|fund``
+given a database or folder that does not exist say which, exit 3, and leave no file behind;
+an audit with nothing to audit is an error; the databases a tool reads are opened read-only.
+
+The commands run as real ``svcard`` processes on real SQLite files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from svcard.card.image import save_new_image
+from svcard.card.personalise import image_from_profile
+from svcard.fixtures import fixture_path
+from svcard.host.kit.command_line import EXIT_INPUT, EXIT_USAGE
+from svcard.host.load import records as load_records
+from svcard.host.load.bank.db import make_engine as make_bank_engine
+from svcard.host.load.server.db import make_engine as make_load_engine
+from svcard.host.pay import records as pay_records
+from svcard.host.pay.server.db import make_engine as make_payment_engine
+from svcard.host.settle.audit import audit
+from svcard.host.settle.db import make_engine as make_clearing_engine
+
+SVCARD = str(Path(sys.executable).parent / "svcard")
+CLEAN = "clean: every unit of money is accounted for"
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SVCARD, *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=60)
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def refused(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr, result.stdout)
+    assert "Traceback" not in result.stderr
+    assert CLEAN not in result.stdout
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+@pytest.fixture
+def databases(tmp_path: Path) -> dict[str, str]:
+    """Empty payment, load, bank and clearing databases, made as their servers make them."""
+    urls = {name: f"sqlite:///{tmp_path / name}.db"
+            for name in ("payments", "loads", "bank", "clearing")}
+    for name, make in (("payments", make_payment_engine), ("loads", make_load_engine),
+                       ("bank", make_bank_engine), ("clearing", make_clearing_engine)):
+        make(urls[name]).dispose()
+    return urls
+
+
+# --- svcard audit ---------------------------------------------------------------------------
+def test_audit_with_no_options_is_not_clean(tmp_path: Path) -> None:
+    refused(run("audit", cwd=tmp_path), EXIT_USAGE, "nothing to audit", "--payment-db")
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("option", ["--payment-db", "--load-db", "--bank-db", "--clearing-db"])
+def test_audit_of_a_mistyped_database_creates_nothing(option: str, tmp_path: Path,
+                                                      databases: dict[str, str]) -> None:
+    before = files(tmp_path)
+    typo = tmp_path / "paymnets.db"
+    refused(run("audit", option, f"sqlite:///{typo}", cwd=tmp_path), EXIT_INPUT,
+            f"sqlite:///{typo}", "does not exist")
+    assert not typo.exists()
+    assert files(tmp_path) == before
+    # given with good databases too: still refused, still nothing created
+    refused(run("audit", "--payment-db", databases["payments"], "--load-db",
+                databases["loads"], option, f"sqlite:///{typo}", cwd=tmp_path), EXIT_INPUT,
+            str(typo))
+    assert not typo.exists()
+
+
+def test_audit_of_a_database_of_another_kind(tmp_path: Path,
+                                             databases: dict[str, str]) -> None:
+    refused(run("audit", "--payment-db", databases["bank"], cwd=tmp_path), EXIT_INPUT,
+            databases["bank"], "not a payment server database", "payments")
+
+
+def test_audit_of_a_mistyped_card_image_creates_nothing(tmp_path: Path) -> None:
+    refused(run("audit", "--card", "crad.json", cwd=tmp_path), EXIT_INPUT, "crad.json")
+    assert files(tmp_path) == []  # neither the image nor its lock file
+
+
+def test_audit_of_empty_databases_is_nothing_to_audit(tmp_path: Path,
+                                                      databases: dict[str, str]) -> None:
+    args = ["audit", "--payment-db", databases["payments"], "--load-db", databases["loads"],
+            "--bank-db", databases["bank"], "--clearing-db", databases["clearing"]]
+    result = run(*args, cwd=tmp_path)
+    refused(result, EXIT_INPUT, "nothing to audit")
+    as_json = run(*args, "--json", cwd=tmp_path)
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == EXIT_INPUT
+    assert report["clean"] is False and report["nothing_audited"] is True
+    # with a card, there is something to audit: clean
+    card = tmp_path / "card.json"
+    image = image_from_profile(fixture_path("iep-demo.toml"))
+    image["app"]["ep"]["balance"] = 0
+    save_new_image(card, image)
+    with_card = run(*args, "--card", str(card), cwd=tmp_path)
+    assert with_card.returncode == 0 and CLEAN in with_card.stdout, with_card.stderr
+
+
+def test_the_audit_library_says_nothing_audited_is_not_clean() -> None:
+    report = audit({})
+    assert not report.clean and report.nothing_audited
+    assert "nothing to audit" in report.text() and CLEAN not in report.text()
+
+
+def test_the_databases_an_audit_reads_are_not_changed(tmp_path: Path,
+                                                      databases: dict[str, str]) -> None:
+    def digest() -> dict[str, str]:
+        return {name: hashlib.sha256((tmp_path / f"{name}.db").read_bytes()).hexdigest()
+                for name in databases}
+
+    # databases made before schema stamps: a server opening one would stamp it; a reader not
+    for name in databases:
+        with sqlite3.connect(tmp_path / f"{name}.db") as conn:
+            conn.execute("DROP TABLE svcard_schema")
+        sqlite3.connect(tmp_path / f"{name}.db").close()
+    before = digest()
+    run("audit", "--payment-db", databases["payments"], "--load-db", databases["loads"],
+        "--bank-db", databases["bank"], "--clearing-db", databases["clearing"], cwd=tmp_path)
+    assert digest() == before
+
+
+def test_read_only_opening_refuses_writes(tmp_path: Path, databases: dict[str, str]) -> None:
+    from svcard.host.kit.db import DatabaseError, open_existing
+
+    engine = open_existing(databases["payments"], ("payments",))
+    try:
+        with pytest.raises(Exception, match="readonly"), engine.begin() as conn:
+            conn.execute(text("DELETE FROM payments"))
+    finally:
+        engine.dispose()
+    with pytest.raises(DatabaseError, match="does not exist"):
+        list(pay_records.payments(f"sqlite:///{tmp_path / 'none.db'}"))
+    with pytest.raises(DatabaseError, match="does not exist"):
+        load_records.loads(f"sqlite:///{tmp_path / 'none.db'}")
+    with pytest.raises(DatabaseError, match="does not exist"):
+        load_records.bank_loads(f"sqlite:///{tmp_path / 'none.db'}")
+    assert not (tmp_path / "none.db").exists()
+
+
+# --- svcard clearing run --------------------------------------------------------------------
+def _clearing(tmp_path: Path, *extra: str, batches: str) -> subprocess.CompletedProcess[str]:
+    return run("clearing", "run", "--config", str(fixture_path("clearing-demo.toml")),
+               "--batches", batches, "--db", f"sqlite:///{tmp_path / 'clearing.db'}",
+               "--out", str(tmp_path / "out"), *extra, cwd=tmp_path)
+
+
+def test_clearing_run_with_a_missing_batch_folder_writes_nothing(tmp_path: Path) -> None:
+    refused(_clearing(tmp_path, batches="/nonexistent"), EXIT_INPUT, "/nonexistent",
+            "no such folder")
+    assert files(tmp_path) == []  # no settlement file, no clearing database, no out folder
+
+
+def test_clearing_run_with_a_missing_load_db_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "batches").mkdir()
+    typo = tmp_path / "laods.db"
+    refused(_clearing(tmp_path, "--load-db", f"sqlite:///{typo}",
+                      batches=str(tmp_path / "batches")), EXIT_INPUT, str(typo))
+    assert files(tmp_path) == ["batches"]
+    # the inputs there: the run makes its own outputs (its database and folder)
+    made_load_db = tmp_path / "loads.db"
+    make_load_engine(f"sqlite:///{made_load_db}").dispose()
+    done = _clearing(tmp_path, "--load-db", f"sqlite:///{made_load_db}",
+                     batches=str(tmp_path / "batches"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "clearing.db").exists() and (tmp_path / "out").is_dir()
+
+
+# --- svcard bank account ----------------------------------------------------------------------
+def test_bank_account_list_and_fund_of_a_mistyped_database(tmp_path: Path) -> None:
+    typo = tmp_path / "bnak.db"
+    refused(run("bank", "account", "list", "--db", f"sqlite:///{typo}", cwd=tmp_path),
+            EXIT_INPUT, str(typo), "does not exist")
+    refused(run("bank", "account", "fund", "alice", "100u", "--db", f"sqlite:///{typo}",
+                cwd=tmp_path), EXIT_INPUT, str(typo), "does not exist")
+    assert files(tmp_path) == []
+    # create makes the database; list then reads it (and only reads it)
+    made = run("bank", "account", "create", "alice", "--funds", "100u", "--db",
+               f"sqlite:///{typo}", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    listed = run("bank", "account", "list", "--db", f"sqlite:///{typo}", "--json",
+                 cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert [a["account_id"] for a in json.loads(listed.stdout)] == ["alice"]
+    assert os.stat(typo).st_mode & 0o077 == 0
