@@ -137,10 +137,12 @@ def test_svcard_runs_over_a_users_pyscard_pcsc_connection(pcscd: Pcscd,
             with virtual_psam(image_files["psam"]) as psam:
                 assert purse.purchase(card, psam, 100, when=WHEN).balance_after == 9_900
         assert connection.transmit(GET_BALANCE)[1:] == (0x90, 0x00)  # still open
-        connection.disconnect()
+        connection.release()  # the user's: disconnects, and frees its PC/SC context
+        empty = pyscard_connection(READER_1)
         with pytest.raises(NoCardError) as no_card:
-            PyscardReader(pyscard_connection(READER_1)).connect()
+            PyscardReader(empty).connect()
         assert no_card.value.exit_code == 6
+        empty.release()
     finally:
         server.kill()
 
@@ -155,7 +157,8 @@ def test_a_pyscard_connection_gets_transactions_and_t0_completion(pcscd: Pcscd,
     try:
         server.wait_present((READER_0,))
         # through pyscard's own decorator: the PC/SC handle is found under it
-        card = PyscardReader(ExclusiveTransmitCardConnection(pyscard_connection(READER_0)))
+        connection = ExclusiveTransmitCardConnection(pyscard_connection(READER_0))
+        card = PyscardReader(connection)
         with card:
             fci = card.transmit(bytes(SELECT_PURSE) + b"\x00")
             assert fci[0] == 0x6F and fci[-2:] == b"\x90\x00"
@@ -173,6 +176,7 @@ def test_a_pyscard_connection_gets_transactions_and_t0_completion(pcscd: Pcscd,
                 assert card.transmit(bytes(GET_BALANCE)) == bytes.fromhex("000000649000")
             assert other_done.wait(10)  # and let in after it
             thread.join(timeout=10)
+        connection.release()
     finally:
         server.kill()
 
