@@ -3,7 +3,9 @@
 An image is replaced atomically (write a temp file, fsync it, rename it over the image, fsync the
 folder), so a power cut or ``kill -9`` at any instant leaves the old image or the new one. An
 image is locked (``flock`` on ``IMAGE.lock``) by the one card that has it open; a second opener
-waits up to its timeout and then fails with :class:`ImageLockedError`.
+waits up to its timeout and then fails with :class:`ImageLockedError`. The lock needs POSIX file
+locks, so ``fcntl`` is imported only when an image is opened: reading, writing and building images
+works where there is none (Windows), and opening one for a card says that it cannot.
 
 Tests cut power with a *tear hook*: a callable told the name of each step of each write
 (:data:`WRITE_STEPS`) that may raise :class:`PowerCut` to stop the card dead at that point.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import time
@@ -112,11 +113,12 @@ def write_atomically(path: Path, data: bytes, tear: TearHook | None = None) -> N
     if tear:
         tear("temp-synced")
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    if os.name == "posix":  # Windows opens no folder as a file: its rename is its own record
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     if tear:
         tear("renamed")
 
@@ -145,6 +147,12 @@ class ImageStore:
         lock_path = self.path.with_name(self.path.name + ".lock")
         if not self.path.parent.is_dir():
             raise ImageError(f"no folder {self.path.parent}")
+        try:
+            import fcntl
+        except ImportError:
+            raise ImageError(f"cannot open card image {self.path} for a card: that needs POSIX "
+                             "file locks (fcntl), which this system lacks; cards run on Linux "
+                             "and macOS") from None
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + timeout
         while True:

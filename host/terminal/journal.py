@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -129,7 +128,14 @@ class Journal:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """One writer at a time, across processes (a lock file beside the journal)."""
+        """One writer at a time, across processes (a lock file beside the journal). POSIX
+        file locks only: ``fcntl`` is imported here, so the module imports without it."""
+        try:
+            import fcntl
+        except ImportError:
+            raise JournalError(errno.ENOSYS, f"the journal {self.path} needs POSIX file locks "
+                               "(fcntl), which this system lacks; the terminal runs on Linux "
+                               "and macOS") from None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT,
                      0o600)
