@@ -39,9 +39,14 @@ HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
 
 
 class Goods(Protocol):
-    sku: str
-    name: str
-    price: int
+    """An item of the catalogue, as the pages read it."""
+
+    @property
+    def sku(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def price(self) -> int: ...
 
 
 def _e(text: object) -> str:
