@@ -121,6 +121,11 @@ def main() -> None:
       svcard demo                                   loads, payments, clearing, audit
       svcard card new fixtures/iep-demo.toml --out card.json
       svcard terminal balance --card virtual:card.json
+
+    \b
+    Exit codes: 0 done; 1 refused; 2 usage; 3 an input cannot be used (file,
+    configuration, database, folder); 4-10 reader errors; 11 server unreachable or busy;
+    70 internal error (please report it); 130 interrupted.
     """
 
 
