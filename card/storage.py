@@ -95,7 +95,8 @@ def write_atomically(path: Path, data: bytes, tear: TearHook | None = None) -> N
     if tear:
         tear("begin")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # O_BINARY: Windows would otherwise write each "\n" as "\r\n" (POSIX has no such flag)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
     try:
         try:
             view = memoryview(data)
