@@ -58,6 +58,7 @@ def wheel_path(package: str) -> str:
 
 @dataclass
 class Dists:
+    tree: Path                # the copy of the work tree the sdist was built from
     sdist: Path
     sdist_names: set[str]     # member names with the leading "svcard-VERSION/" cut off
     sdist_base: str
@@ -101,8 +102,8 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
     with zipfile.ZipFile(wheel) as archive:
         wheel_names = set(archive.namelist())
     dist_info = next(n.split("/", 1)[0] for n in wheel_names if ".dist-info/" in n)
-    return Dists(sdist, {m.split("/", 1)[1] for m in members if "/" in m}, base, wheel,
-                 wheel_names, dist_info)
+    inside = {m.split("/", 1)[1] for m in members if "/" in m}
+    return Dists(work / "tree", sdist, inside, base, wheel, wheel_names, dist_info)
 
 
 def sdist_member(dists: Dists, name: str) -> bytes:
@@ -181,14 +182,14 @@ def test_wheel_holds_the_runtime_data_and_no_tests(dists: Dists) -> None:
 
 
 def test_sdist_holds_docs_tests_and_their_data(dists: Dists) -> None:
-    names = dists.sdist_names
+    names, tree = dists.sdist_names, dists.tree
     wanted = ["README.md", "LICENSE", "pyproject.toml", "MANIFEST.in"]
-    wanted += [str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")]
-    wanted += [f"docs/openapi/{p.name}" for p in (ROOT / "host" / "openapi").glob("*.yaml")]
-    wanted += [f"host/openapi/{p.name}" for p in (ROOT / "host" / "openapi").glob("*.yaml")]
-    wanted += [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("*")
-               if p.is_file() and "__pycache__" not in p.parts]
-    wanted += [str(p.relative_to(ROOT)) for p in (ROOT / "fixtures").glob("*.toml")]
+    wanted += [str(p.relative_to(tree)) for p in (tree / "docs").glob("*.md")]
+    wanted += [f"docs/openapi/{p.name}" for p in (tree / "host" / "openapi").glob("*.yaml")]
+    wanted += [f"host/openapi/{p.name}" for p in (tree / "host" / "openapi").glob("*.yaml")]
+    wanted += [str(p.relative_to(tree)) for p in (tree / "tests").rglob("*") if p.is_file()]
+    wanted += [str(p.relative_to(tree)) for p in (tree / "fixtures").glob("*.toml")]
+    assert len([n for n in wanted if n.startswith("tests/test_")]) > 10, wanted
     missing = sorted(n for n in wanted if n not in names)
     assert not missing, f"not in the sdist: {missing}"
     assert sdist_member(dists, "docs/openapi/payment.yaml") == \
