@@ -296,6 +296,38 @@ def test_health_is_503_while_the_database_cannot_be_used(tmp_path: Path) -> None
         stack.close()
 
 
+def test_health_is_503_while_postgresql_refuses_the_server(tmp_path: Path) -> None:
+    from pg_env import start_cluster
+
+    cluster = start_cluster()
+    try:
+        url = cluster.new_database()
+        name = url.split("@/", 1)[1].split("?")[0]
+        stack = start_stack(tmp_path / "s", psams=1, db_url=url)
+        import psycopg
+
+        admin = psycopg.connect(host=str(cluster.folder), port=cluster.port, user="postgres",
+                                dbname="postgres", autocommit=True)
+        try:
+            assert eventually(stack.payment.url, 200, "up")["checks"]["database"]["ok"]
+            # the database stops taking the server: its connections are cut, new ones refused
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s", (name,))
+            body = eventually(stack.payment.url, 503, "PostgreSQL refusing")
+            assert body["status"] == "down"
+            assert body["checks"]["database"] == {
+                "ok": False, "reason": "the database is unavailable"}
+            assert "postgres" not in json.dumps(body)  # no URL, no driver message
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            assert eventually(stack.payment.url, 200, "PostgreSQL back")["status"] == "ok"
+        finally:
+            admin.close()
+            stack.close()
+    finally:
+        cluster.stop()
+
+
 def disconnect(member: Any) -> None:
     member.executor.submit(member.reader.disconnect).result(timeout=10)
 
