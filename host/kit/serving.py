@@ -21,13 +21,15 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import click
 import uvicorn
 
 from .command_line import EXIT_INTERRUPTED, EXIT_OK
-from .request_log import configure_logging
+from .request_log import LOG_LEVELS, configure_logging
 
 log = logging.getLogger("svcard.serve")
 DRAIN_SECONDS = 10.0
@@ -94,6 +96,22 @@ class _DrainingServer(uvicorn.Server):
                 self.config.timeout_graceful_shutdown = max(1, math.ceil(left))
                 self.should_exit = True
         return await super().on_tick(counter)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def serve_options(f: F) -> F:
+    """``--log-level`` and ``--drain-seconds`` for a ``svcard serve`` command (passed as
+    ``log_level`` and ``drain_seconds``)."""
+    f = click.option("--drain-seconds", "drain_seconds", default=DRAIN_SECONDS,
+                     show_default=True, type=click.FloatRange(0, 3600),
+                     help="On SIGTERM, how long pending work (held FIG. 5 payments, requests "
+                          "in flight) may take to finish before the server stops.")(f)
+    return click.option("--log-level", "log_level", default="info", show_default=True,
+                        type=click.Choice(LOG_LEVELS),
+                        help="Log lines (JSON, one per request, on stderr) at this level "
+                             "and above.")(f)
 
 
 def serve(app: Any, *, host: str, port: int, log_level: str = "info",
