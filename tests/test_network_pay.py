@@ -267,7 +267,9 @@ def test_pool_exhaustion_gives_503(tmp_path: Path, card: Path, http: httpx.Clien
         r = d.post("/v1/draw", d.envelope(M.DRAW_REQUEST, d.draw_body()))
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         health = http.get(stack.payment.url + "/v1/health").json()
-        assert health == {"psams": 1, "idle": 0, "terminal_id": "000000000001"}
+        assert {k: health[k] for k in ("psams", "idle", "terminal_id")} == {
+            "psams": 1, "idle": 0, "terminal_id": "000000000001"}
+        assert health["checks"]["psams"]["in_use"] == 1
     finally:
         stack.close()
 
