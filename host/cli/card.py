@@ -124,7 +124,10 @@ def card_show(image: Path, as_json: bool) -> None:
               help="vpcd's HOST:PORT; further images go to the following ports "
                    "(reader 'Virtual PCD 00 01' is port+1).")
 @click.option("--quiet", is_flag=True, help="Do not report connections and power events.")
-def card_serve(images: tuple[Path, ...], address: str, quiet: bool) -> None:
+@click.option("--wait", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds to wait for vpcd at the start, then exit 4 naming the address "
+                   "(0: fail at once, like vicc).")
+def card_serve(images: tuple[Path, ...], address: str, quiet: bool, wait: float) -> None:
     """Serve card IMAGES to the system's pcscd through the vsmartcard vpcd driver.
 
     Each image becomes a card in a "Virtual PCD 00 0N" reader, seen by every PC/SC program
@@ -139,4 +142,4 @@ def card_serve(images: tuple[Path, ...], address: str, quiet: bool) -> None:
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
     with handled():
-        serve_images(list(images), host, port, quiet=quiet)
+        serve_images(list(images), host, port, quiet=quiet, wait=wait)

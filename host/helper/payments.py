@@ -176,8 +176,9 @@ class Payments:
                 pin = card.pin()
             self._set(job, "paying", "Reading the card")
             paying.set()
-            outcome = C.pay(job.checkout_url, reader, journal=book, http=http, pin=pin,
-                            purse=card.purse, terminal=card.terminal)
+            with reader.transaction():  # PC/SC: no other program between SELECT and DEBIT
+                outcome = C.pay(job.checkout_url, reader, journal=book, http=http, pin=pin,
+                                purse=card.purse, terminal=card.terminal)
         log.info("payment %s: paid %s (%s) for %s", job.id,
                  format_amount(outcome.amount, outcome.currency_exponent), outcome.variant,
                  outcome.item)

@@ -205,9 +205,11 @@ def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: A
     with handled(), journalled_run(book, resume_command("load", card_spec, journal), retry_for), \
             http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
         resumed = LC.resume_loads(card_r, journal=book, http=http)
-        info = T.select_purse(card_r)  # the card's currency places the amount
-        outcome = LC.load(bank_url, card_r, account=account, secret=secret,
-                          amount=info.minor_units(amount), journal=book, http=http)
+        # a PC/SC transaction: no other program's command comes between SELECT and CREDIT
+        with card_r.transaction():
+            info = T.select_purse(card_r)  # the card's currency places the amount
+            outcome = LC.load(bank_url, card_r, account=account, secret=secret,
+                              amount=info.minor_units(amount), journal=book, http=http)
     money = info.money
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]

@@ -91,9 +91,11 @@ def pay_cmd(checkout_url: str | None, card_spec: str, purse: str, pin: str | Non
             report_resumed(book, resumed, as_json)
             return
         assert checkout_url is not None
-        info = T.select_purse(card_r)  # the card's currency, to print the amounts with
-        outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
-                        purse=T.purse_id(purse), terminal=terminal)
+        # a PC/SC transaction: no other program's command comes between SELECT and DEBIT
+        with card_r.transaction():
+            info = T.select_purse(card_r)  # the card's currency, to print the amounts with
+            outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
+                            purse=T.purse_id(purse), terminal=terminal)
     money = info.money
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]
