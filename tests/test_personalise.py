@@ -85,7 +85,9 @@ def test_damaged_image_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text(json.dumps({"format": "svcard-card-image", "version": 1, "kind": "iep",
                                 "app": {"aid": "00"}}))
     result = CliRunner().invoke(main, ["card", "show", str(path)])
-    assert result.exit_code == 3 and "damaged card image" in result.output
+    # one line naming the file and the field that is wrong
+    assert result.exit_code == 3 and f"{path}: app.public_data: missing" in result.output
+    assert len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(main, ["terminal", "balance", "--card", f"virtual:{path}"])
     assert result.exit_code == 3 and "damaged or incomplete" in result.output
     path.write_text(json.dumps({"format": "svcard-card-image", "version": 9}))
