@@ -14,6 +14,7 @@ import click
 from ...protocols import purse as P
 from ..kit.command_line import EXIT_INPUT, EXIT_USAGE, fail
 from ..kit.serving import serve, serve_options
+from ..pay.cli import terminal_id_option
 from ..terminal.card_commands import card_option, handled, purse_option
 from ..terminal.online import DEFAULT_RETRY_FOR
 from ..terminal.purse import TerminalCheckFailed, purse_id
@@ -89,7 +90,7 @@ def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, 
     terminal = None
     if terminal_key is not None:
         with handled():
-            terminal = ClientTerminal.load(terminal_key, _terminal_id(terminal_id))
+            terminal = ClientTerminal.load(terminal_key, terminal_id_option(terminal_id))
     path = token_file or default_token_file()
     try:
         token, made = load_or_create_token(path, renew=new_token)
@@ -152,14 +153,3 @@ def _pin_source(pin_file: Path | None) -> Callable[[], str]:
 
     return ask
 
-
-def _terminal_id(value: str | None) -> bytes | None:
-    if value is None:
-        return None
-    try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        raw = b""
-    if len(raw) != 8:
-        fail("--terminal-id: 8 bytes of hex", EXIT_USAGE)
-    return raw

@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 
 from .command_line import EXIT_INPUT
-from .db import make_engine, now_ms
+from .db import make_engine, now_ms, open_existing
 
 TABLE = "svcard_schema"
 ADOPTED_VERSION = 1   # a database made before stamps existed holds version 1's tables
@@ -153,6 +153,19 @@ def check(engine: Engine, schema: Schema) -> int | None:
     if found is not None:
         _refuse_newer(engine, schema, found)
     return found
+
+
+def open_for_reading(url: str, tables: tuple[str, ...], what: str, schema: Schema) -> Engine:
+    """A read-only engine on the existing database at ``url`` holding ``tables``
+    (:func:`~svcard.host.kit.db.open_existing`), once its version of ``schema`` is known not
+    to be newer than this svcard's (else :class:`SchemaError`, the engine disposed)."""
+    engine = open_existing(url, tables, what)
+    try:
+        check(engine, schema)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
 
 
 def _lock(conn: Connection) -> None:

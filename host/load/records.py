@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
-from ..kit.db import open_existing
-from ..kit.schema import Schema, check
+from ..kit.schema import Schema, open_for_reading
 from .bank.db import SCHEMA as BANK_SCHEMA
 from .bank.db import BankDb
 from .bank.db import accounts as accounts_table
@@ -37,9 +36,8 @@ def _reading(url: str, tables: tuple[str, ...], what: str, read: Callable[[Engin
     """``read`` on a read-only engine for ``url`` (a newer schema than this svcard's is
     refused: :class:`~svcard.host.kit.schema.SchemaError`), disposed afterwards."""
     schema: Schema = BANK_SCHEMA if what == BANK_DB else LOAD_SCHEMA
-    engine = open_existing(url, tables, what)
+    engine = open_for_reading(url, tables, what, schema)
     try:
-        check(engine, schema)
         return read(engine)
     finally:
         engine.dispose()

@@ -82,7 +82,7 @@ def pay_cmd(checkout_url: str | None, card_spec: str, purse: str, pin: str | Non
         fail("--terminal-id needs --terminal-key", EXIT_USAGE)
     if terminal_key is not None:
         with handled():
-            terminal = CT.ClientTerminal.load(terminal_key, _terminal_id(terminal_id))
+            terminal = CT.ClientTerminal.load(terminal_key, terminal_id_option(terminal_id))
     finish = resume_command("pay", card_spec, journal)
     with handled(), journalled_run(book, finish, retry_for), \
             http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
@@ -125,7 +125,9 @@ def _receipt_text(receipt: dict[str, Any], money: Callable[[int], str]) -> str:
     return ", ".join(parts)
 
 
-def _terminal_id(value: str | None) -> bytes | None:
+def terminal_id_option(value: str | None) -> bytes | None:
+    """The ``--terminal-id`` option's bytes (None when it is not given); anything but 8 bytes
+    of hex is a usage error. Shared with ``svcard helper``."""
     if value is None:
         return None
     try:
@@ -152,7 +154,7 @@ def terminal_key_new(file: Path, terminal_id: str | None, as_json: bool) -> None
     (the private key is not printed)."""
     from .client_terminal import ClientTerminal
 
-    terminal = ClientTerminal.generate(_terminal_id(terminal_id))
+    terminal = ClientTerminal.generate(terminal_id_option(terminal_id))
     try:
         terminal.save(file)
     except FileExistsError:

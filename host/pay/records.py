@@ -14,8 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from ..kit.db import open_existing
-from ..kit.schema import check
+from ..kit.schema import open_for_reading
 from .server.db import SCHEMA
 from .server.db import payments as payments_table
 
@@ -25,13 +24,7 @@ WHAT = "payment server database"
 def open_payments(url: str) -> Engine:
     """A read-only engine on the payment server's database at ``url`` (which must exist; a
     newer schema than this svcard's is refused: :class:`~svcard.host.kit.schema.SchemaError`)."""
-    engine = open_existing(url, (payments_table.name,), WHAT)
-    try:
-        check(engine, SCHEMA)
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
+    return open_for_reading(url, (payments_table.name,), WHAT, SCHEMA)
 
 
 def payments(url: str) -> Iterator[dict[str, Any]]:

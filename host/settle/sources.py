@@ -10,8 +10,8 @@ from sqlalchemy import Engine
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader import Reader
-from ..kit.db import DatabaseError, must_exist, open_existing
-from ..kit.schema import check
+from ..kit.db import DatabaseError, must_exist
+from ..kit.schema import open_for_reading
 from ..load.records import check_bank_db, check_load_db
 from ..pay.records import open_payments
 from ..terminal import apdus
@@ -33,7 +33,7 @@ def check_sources(*, payment_dbs: tuple[str, ...] = (), load_dbs: tuple[str, ...
     for url in bank_dbs:
         check_bank_db(url)
     if clearing_db:
-        _checked(open_existing(clearing_db, CLEARING_TABLES, CLEARING_DB)).dispose()
+        open_for_reading(clearing_db, CLEARING_TABLES, CLEARING_DB, SCHEMA).dispose()
 
 
 def clearing_engine(url: str) -> Engine | None:
@@ -44,17 +44,7 @@ def clearing_engine(url: str) -> Engine | None:
         must_exist(url, CLEARING_DB)
     except DatabaseError:
         return None
-    return _checked(open_existing(url, CLEARING_TABLES, CLEARING_DB))
-
-
-def _checked(engine: Engine) -> Engine:
-    """``engine`` once its clearing schema is known not to be newer than this svcard's."""
-    try:
-        check(engine, SCHEMA)
-    except BaseException:
-        engine.dispose()
-        raise
-    return engine
+    return open_for_reading(url, CLEARING_TABLES, CLEARING_DB, SCHEMA)
 
 
 def card_balances(readers: list[Reader]) -> dict[str, int]:
