@@ -269,3 +269,6 @@ def test_clearing_run_text_has_no_python_dicts(system: System, tmp_path: Path) -
     assert run_.returncode == 0, run_.stderr
     assert "1 cleared" in run_.stdout, run_.stdout
     assert not re.search(r"[{}\[\]]|': ", run_.stdout), run_.stdout
+    # money with its currency (the configuration's currency_code), never bare minor units
+    assert "CNY 0.99 paid to merchants" in run_.stdout and "minor units" not in run_.stdout, \
+        run_.stdout

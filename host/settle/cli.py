@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
 
 from ..kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
 from ..terminal.card_commands import handled, readers
+from ..terminal.money import format_money
 
 
 def register(root: click.Group, serve: click.Group) -> None:
@@ -69,9 +71,10 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
     refused = [b for b in report.batches if b["state"] == "refused"
                or b["counts"].get("refused")]
     refused += [p for p in report.proofs if p["state"] == "refused" or p["counts"].get("refused")]
+    money = partial(format_money, currency_code=config.currency_code)
     text = [f"run {report.run_number}: {report.records_cleared} records cleared, "
-            f"{report.total_paid} minor units paid to merchants; {report.loads_moved} loads "
-            f"({report.total_loaded} minor units) moved to the float",
+            f"{money(report.total_paid)} paid to merchants; {report.loads_moved} loads "
+            f"({money(report.total_loaded)}) moved to the float",
             f"  settlement file {report.settlement_file} (+ .jsonl)"]
     for b in report.batches:
         text.append(f"  {b['file']}: {b['state']} ({b['reason']}) {_counts(b['counts'])}")

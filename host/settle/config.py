@@ -9,7 +9,16 @@ from pathlib import Path
 from pydantic import Field
 
 from ...card.personalise import ProfileError, load_issuer
-from ..kit.config import ConfigError, Hex6, Hex8, SecretHex16, SecretHex32, Section, parse_config
+from ..kit.config import (
+    ConfigError,
+    CurrencyCode,
+    Hex6,
+    Hex8,
+    SecretHex16,
+    SecretHex32,
+    Section,
+    parse_config,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class ClearingConfig:
     settlement_key: bytes = field(repr=False)
     issuers: dict[bytes, IssuerTac]
     terminals: dict[bytes, Terminal]
+    currency_code: int = 156   # ISO 4217 numeric: the currency amounts are printed in
 
 
 class IssuerEntry(Section):
@@ -58,6 +68,7 @@ class ClearingFile(Section):
     settlement_key: SecretHex32
     issuer: list[IssuerEntry] = Field(min_length=1)
     terminal: list[TerminalEntry] = Field(min_length=1)
+    currency_code: CurrencyCode | None = None
 
 
 def clearing_config(path: Path) -> ClearingConfig:
@@ -78,4 +89,6 @@ def clearing_config(path: Path) -> ClearingConfig:
                               f"{t.terminal_id.hex().upper()} is given twice")
         terminals[t.terminal_id] = Terminal(t.terminal_id, t.batch_key, t.merchant_id,
                                             t.acquirer_id)
-    return ClearingConfig(f.settlement_key, issuers, terminals)
+    if f.currency_code is None:
+        return ClearingConfig(f.settlement_key, issuers, terminals)
+    return ClearingConfig(f.settlement_key, issuers, terminals, f.currency_code)
