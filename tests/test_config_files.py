@@ -348,3 +348,22 @@ def test_serve_refuses_a_bad_configuration_in_one_line(tmp_path: Path) -> None:
             in result.output)
     assert "Traceback" not in result.output
     assert not (tmp_path / "bank.db").exists()
+
+
+def test_no_server_configuration_prints_a_secret_or_a_database_password() -> None:
+    """The reprs of the configurations (they reach logs and tracebacks) hold no key, token or
+    database password."""
+    from svcard.host.load.bank.server import BankConfig
+    from svcard.host.load.server.app import BankAccount, LoadConfig
+    from svcard.host.pay.server.app import MerchantAccount, PaymentConfig
+
+    key, url = bytes(range(32)), "postgresql+psycopg://svcard:pw-SECRET@db/pay"
+    configs = [
+        PaymentConfig({b"M" * 8: MerchantAccount(b"M" * 8, key, frozenset({6}))}, db_url=url,
+                      admin_token="token-SECRET"),
+        LoadConfig({b"B" * 8: BankAccount(b"B" * 8, key)}, b"T" * 6, db_url=url),
+        BankConfig(b"B" * 8, key, "http://127.0.0.1:1", b"T" * 6, db_url=url),
+    ]
+    for config in configs:
+        text = repr(config)
+        assert "SECRET" not in text and key.hex() not in text and repr(key) not in text, text

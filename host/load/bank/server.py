@@ -77,7 +77,7 @@ class BankConfig:
     shared_key: bytes = field(repr=False)   # shared with the load server
     load_url: str
     terminal_id: bytes                      # the load server's terminal id
-    db_url: str = "sqlite:///bank.db"
+    db_url: str = field(default="sqlite:///bank.db", repr=False)  # may hold a password
     public_url: str = "http://127.0.0.1:8083"
     currency_code: int = 156
     currency_exponent: int = 2

@@ -72,7 +72,7 @@ class BankAccount:
 class LoadConfig:
     banks: dict[bytes, BankAccount]
     terminal_id: bytes
-    db_url: str = "sqlite:///loads.db"
+    db_url: str = field(default="sqlite:///loads.db", repr=False)  # may hold a password
     acquire_timeout: float = 2.0
     clock: Any = field(default=dt.datetime.now)
 

@@ -95,7 +95,7 @@ class MerchantAccount:
 @dataclass
 class PaymentConfig:
     merchants: dict[bytes, MerchantAccount]
-    db_url: str = "sqlite:///payments.db"
+    db_url: str = field(default="sqlite:///payments.db", repr=False)  # may hold a password
     acquire_timeout: float = 2.0
     hold_timeout: float = 10.0       # FIG. 5: how long a PSAM waits for the card's answer
     admin_token: str = field(default="", repr=False)  # for POST /v1/batches/close
