@@ -44,6 +44,9 @@ MAX_PIN_FILE = 64
                    "$XDG_STATE_HOME/svcard/helper-token); made on first start.")
 @click.option("--new-token", is_flag=True,
               help="Replace the pairing token (paired pages must pair again).")
+@click.option("--show-token", is_flag=True,
+              help="Print the pairing token even when it is not new (by default it is printed "
+                   "only when it is made, so logs of later starts do not hold it).")
 @click.option("--pin-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="The cardholder's PIN for the ED purse, in a file only you "
                                  "can read. Without it the helper asks at each ED payment.")
@@ -62,7 +65,8 @@ MAX_PIN_FILE = 64
 @click.option("--terminal-id", "terminal_id", default=None, metavar="HEX",
               help="The terminal id registered with the merchant (default: from the key).")
 def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, port: int,
-               token_file: Path | None, new_token: bool, pin_file: Path | None,
+               token_file: Path | None, new_token: bool, show_token: bool,
+               pin_file: Path | None,
                journal: Path | None, timeout: float, retry_for: float,
                terminal_key: Path | None, terminal_id: str | None, log_level: str,
                drain_seconds: float) -> None:
@@ -103,9 +107,12 @@ def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, 
     click.echo(f"svcard helper: listening on http://{shown}:{port} for "
                f"{', '.join(sorted(helper.origins))}\n"
                f"card: {card_spec} ({purse.upper()} purse)\n"
-               f"pairing token ({'new, ' if made else ''}kept in {path}, mode 0600):\n"
-               f"  {token}\n"
-               "enter it once in the shop page's \"Card helper\" box", err=True)
+               + (f"pairing token ({'new, ' if made else ''}kept in {path}, mode 0600):\n"
+                  f"  {token}\n"
+                  "enter it once in the shop page's \"Card helper\" box"
+                  if made or show_token else
+                  f"pairing token kept in {path} (mode 0600; --show-token prints it)"),
+               err=True)
     sys.exit(serve(helper.app(), host=address, port=port, log_level=log_level, drain=helper,
                    drain_seconds=drain_seconds))
 
