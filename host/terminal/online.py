@@ -41,6 +41,11 @@ from .purse import TerminalError
 RETRY_KEY = "svcard_retry_safe"
 RETRY_SAFE: dict[str, Any] = {RETRY_KEY: True}   # httpx ``extensions=`` of a retryable request
 DEFAULT_RETRY_FOR = 30.0
+MIN_WAIT = 0.25   # seconds: the shortest wait between two tries, whatever Retry-After says
+# journal steps at or past the card's debit (payments) or credit (loads): a failure from here
+# on is not a refusal, the money moved or may have, and --resume finishes it
+PAST_CARD_STEP = frozenset({"debit-sent", "debited", "confirmed", "goods",
+                            "load-command", "card-loaded", "undecided", "load-confirmed"})
 
 if TYPE_CHECKING:
     import httpx
@@ -125,7 +130,7 @@ def _retrying_class() -> Callable[[float, httpx.BaseTransport | None, OnRetry | 
         def _wait(self, state: tenacity.RetryCallState) -> float:
             assert state.outcome is not None
             asked = retry_after(state.outcome.result())
-            wait = backoff(state) if asked is None else asked
+            wait = max(MIN_WAIT, backoff(state) if asked is None else asked)  # never spin
             left = self.retry_for - (state.seconds_since_start or 0.0)
             return max(0.0, min(wait, left))
 
@@ -193,6 +198,17 @@ def resume_command(command: str, card_spec: str, journal: Path | None) -> str:
     return shlex.join(words)
 
 
+def past_card_step(journal: Journal) -> list[str]:
+    """The transactions this journal object wrote that are still open at or past the card's
+    debit or credit (:data:`PAST_CARD_STEP`): whatever failed after, the card's money moved or
+    may have, so the outcome is pending, never a refusal."""
+    open_txns = [t for t in list(journal.touched) if journal.is_open(t)]
+    if not open_txns:
+        return []
+    entries = journal.entries()
+    return [t for t in open_txns if entries.get(t, {}).get("state") in PAST_CARD_STEP]
+
+
 def _state_text(journal: Journal, finish: str) -> str:
     steps = open_steps(journal)
     if not steps:
@@ -205,7 +221,10 @@ def journalled_run(journal: Journal, finish: str, retry_for: float) -> Iterator[
     """Run a client command whose every step is journalled: SIGTERM acts as Ctrl-C, and an
     interruption (exit 130), a server busy past the retry deadline or unreachable (exit 11)
     ends in one line saying what state the journal holds and ``finish``, the command that
-    finishes it. Place it inside :func:`~svcard.host.terminal.card_commands.handled`."""
+    finishes it. So does any refusal or server error once a transaction is open past the
+    card's step (:func:`past_card_step`): a 5xx is exit 11 (the money is pending, not
+    refused), a 4xx or a terminal check exit 1. Place it inside
+    :func:`~svcard.host.terminal.card_commands.handled`."""
     import httpx
 
     try:
@@ -219,10 +238,23 @@ def journalled_run(journal: Journal, finish: str, retry_for: float) -> Iterator[
         fail(f"{what}: {_state_text(journal, finish)}", EXIT_INTERRUPTED)
     except PaymentRefused as exc:
         if not exc.busy:
-            raise
+            if not past_card_step(journal):
+                raise   # a refusal before the card's step: exit 1 (handled)
+            # after the card's step: a server error is pending (exit 11), a 4xx stays a refusal
+            # (exit 1), both with what the journal holds and how to finish it
+            at = f" at {exc.url}" if exc.url else ""
+            answered = (f"failed ({exc.status}: {exc.reason})" if exc.status >= 500
+                        else f"refused ({exc.status}: {exc.reason})")
+            fail(f"the {exc.who}{at} {answered} after the card's step: "
+                 f"{_state_text(journal, finish)}",
+                 EXIT_NETWORK if exc.status >= 500 else EXIT_DECLINED)
         gave_up = f" after {retry_for:g} s" if retry_for > 0 else ""
         fail(f"the {exc.who} at {exc.url} is busy{gave_up}: {exc.reason}; "
              f"{_state_text(journal, finish)}", EXIT_NETWORK)
+    except TerminalError as exc:
+        if not past_card_step(journal):
+            raise
+        fail(f"{exc}; {_state_text(journal, finish)}", EXIT_DECLINED)
     except httpx.UnsupportedProtocol as exc:
         _network_failure(exc, "is not an http:// or https:// URL", EXIT_USAGE)
     except httpx.HTTPError as exc:
