@@ -2,10 +2,14 @@
 client (:func:`..pay.client.resume`, then :func:`..pay.client.pay`, with the journal), and its live
 state for the page to poll.
 
-A payment's state is ``started`` -> (``pin``) -> ``paying`` -> ``paid`` | ``refused`` |
-``failed``, with a message a person can read. ``refused``: a card, terminal check or server said
-no (nothing was paid, or the journal finishes it at the next payment); ``failed``: the reader, the
-network or the helper itself. The helper keeps the last :data:`KEPT_JOBS` payments.
+A payment's state is ``started`` -> (``pin``) -> ``paying`` -> ``paid`` | ``pending`` |
+``refused`` | ``failed``, with a message a person can read. ``refused``: a card, terminal check
+or server said no before the card was debited (nothing was paid); ``pending``: something failed
+after the card's debit (a server error, busy or unreachable), so the card was debited (or may
+have been) and the journal holds the payment open: the helper tries once right away to finish
+it, and otherwise finishes it at its next payment; it must not be paid again. ``failed``: the
+reader, the network or the helper itself, before the debit. The helper keeps the last
+:data:`KEPT_JOBS` payments.
 """
 
 from __future__ import annotations
@@ -30,14 +34,19 @@ from ...reader import ReaderError
 from ..pay import client as C
 from ..pay.client_terminal import ClientTerminal
 from ..terminal.journal import Journal
-from ..terminal.online import DEFAULT_RETRY_FOR, PaymentRefused, retrying_transport
+from ..terminal.online import (
+    DEFAULT_RETRY_FOR,
+    PaymentRefused,
+    past_card_step,
+    retrying_transport,
+)
 from ..terminal.purse import Declined, TerminalCheckFailed, TerminalError, format_amount
 from ..terminal.reader_specs import open_reader
 
 log = logging.getLogger("svcard.helper")
 
 KEPT_JOBS = 32
-FINAL = frozenset({"paid", "refused", "failed"})
+FINAL = frozenset({"paid", "pending", "refused", "failed"})
 
 # what the client is doing, told by the request it is about to send
 _STEPS = (("/v1/checkout/", "Getting the order from the shop"),
@@ -123,31 +132,41 @@ class Payments:
                 self.idle.set()
 
     def _run(self, job: Job) -> None:
+        book = Journal(self.card.journal)
         try:
-            result = self._pay(job)
-        except Declined as exc:
-            self._set(job, "refused", _declined(exc))
-        except PaymentRefused as exc:
-            self._set(job, "refused", f"The {exc.who} is busy ({exc.reason}): try again later"
-                      if exc.busy else f"The {exc.who} refused the payment: {exc.reason}")
-        except TerminalError as exc:
-            self._set(job, "refused", f"Not paid: {exc}")
-        except (ReaderError, ImageError, ProfileError) as exc:
-            self._set(job, "failed", f"The card could not be used: {exc}")
-        except httpx.HTTPError as exc:
-            self._set(job, "failed", f"Network: {exc}. If the card was debited, the journal "
-                                     "keeps the payment and the next payment finishes it.")
-        except Exception:
-            log.exception("payment %s: internal error", job.id)
-            self._set(job, "failed", "Internal error in the card helper (see its log; please "
-                                     "report it)")
+            result = self._pay(job, book)
+        except Exception as exc:
+            pending = _past_debit(book)
+            if pending is None:
+                self._failure(job, exc)
+            else:
+                self._set(job, "pending", _pending_text(exc, book, pending),
+                          {"txn_id": pending})
         else:
             self._set(job, "paid", "Paid", result)
         log.info("payment %s: %s: %s", job.id, job.state, job.message)
 
-    def _pay(self, job: Job) -> dict[str, Any]:
+    def _failure(self, job: Job, exc: Exception) -> None:
+        """A payment that failed before the card was debited: refused or failed."""
+        if isinstance(exc, Declined):
+            self._set(job, "refused", _declined(exc))
+        elif isinstance(exc, PaymentRefused):
+            self._set(job, "refused", f"The {exc.who} is busy ({exc.reason}): try again later"
+                      if exc.busy else f"The {exc.who} refused the payment: {exc.reason}")
+        elif isinstance(exc, TerminalError):
+            self._set(job, "refused", f"Not paid: {exc}")
+        elif isinstance(exc, ReaderError | ImageError | ProfileError):
+            self._set(job, "failed", f"The card could not be used: {exc}")
+        elif isinstance(exc, httpx.HTTPError):
+            self._set(job, "failed", f"Network: {exc}. If the card was debited, the journal "
+                                     "keeps the payment and the next payment finishes it.")
+        else:
+            log.error("payment %s: internal error", job.id, exc_info=exc)
+            self._set(job, "failed", "Internal error in the card helper (see its log; please "
+                                     "report it)")
+
+    def _pay(self, job: Job, book: Journal) -> dict[str, Any]:
         card = self.card
-        book = Journal(card.journal)
         paying = threading.Event()
 
         def step(request: httpx.Request) -> None:
@@ -176,9 +195,22 @@ class Payments:
                 pin = card.pin()
             self._set(job, "paying", "Reading the card")
             paying.set()
-            with reader.transaction():  # PC/SC: no other program between SELECT and DEBIT
-                outcome = C.pay(job.checkout_url, reader, journal=book, http=http, pin=pin,
-                                purse=card.purse, terminal=card.terminal)
+            try:
+                with reader.transaction():  # PC/SC: no other program between SELECT and DEBIT
+                    outcome = C.pay(job.checkout_url, reader, journal=book, http=http,
+                                    pin=pin, purse=card.purse, terminal=card.terminal)
+            except (TerminalError, httpx.HTTPError):
+                txn = _past_debit(book)
+                if txn is None:
+                    raise
+                # the card was debited: try once, right away, to finish it (the journal's resume)
+                self._set(job, "paying", "The card has paid: finishing the payment")
+                finished = _finished(C.resume(reader, journal=book, http=http,
+                                              terminal=card.terminal), txn, book)
+                if finished is None:
+                    raise
+                log.info("payment %s: finished %s on a second try", job.id, txn)
+                return finished
         log.info("payment %s: paid %s (%s) for %s", job.id,
                  format_amount(outcome.amount, outcome.currency_exponent), outcome.variant,
                  outcome.item)
@@ -187,6 +219,42 @@ class Payments:
                 "variant": outcome.variant, "proven": outcome.proven,
                 "receipt": outcome.receipt,
                 "resumed": [{"txn_id": r["txn_id"], "outcome": r["outcome"]} for r in resumed]}
+
+
+def _past_debit(book: Journal) -> str | None:
+    """The payment this helper left open at or past the card's debit, if any."""
+    open_txns = past_card_step(book)
+    return open_txns[-1] if open_txns else None
+
+
+def _pending_text(exc: Exception, book: Journal, txn: str) -> str:
+    if isinstance(exc, PaymentRefused):
+        why = f"the {exc.who} {'is busy' if exc.busy else 'failed'} ({exc.reason})"
+    elif isinstance(exc, httpx.HTTPError):
+        why = f"a server could not be reached ({type(exc).__name__})"
+    else:
+        why = str(exc)
+    step = book.entries().get(txn, {}).get("state")
+    debited = "may have been debited" if step == "debit-sent" else "was debited"
+    return (f"The card {debited}; the card helper will finish this payment: {why}, so it "
+            "is kept in the helper's journal and finished at the helper's next payment. Do "
+            "not pay again.")
+
+
+def _finished(report: list[dict[str, Any]], txn: str, book: Journal) -> dict[str, Any] | None:
+    """The page's result for ``txn`` if the resume ``report`` completed it, else None."""
+    done = [r for r in report if r["txn_id"] == txn and r["outcome"].startswith("complete")]
+    if not done or book.is_open(txn):
+        return None
+    entry = book.entries()[txn]
+    params = entry.get("params", {})
+    return {"txn_id": txn, "item": str(params.get("description", "")),
+            "goods": str(done[0].get("goods") or entry.get("goods") or ""),
+            "amount": int(params.get("amount", 0)),
+            "currency_exponent": int(params.get("currency_exponent", 0)),
+            "variant": str(params.get("variant", "")),
+            "proven": params.get("variant") != "fig7", "receipt": {},
+            "resumed": [{"txn_id": r["txn_id"], "outcome": r["outcome"]} for r in report]}
 
 
 def _declined(exc: Declined) -> str:
