@@ -134,6 +134,7 @@ color:#1b1b1b}h1{font-size:1.6rem}.amount{font-size:1.4rem;font-weight:600}
 button{font-size:1rem;padding:.5rem 1rem;cursor:pointer}button[disabled]{opacity:.5}
 #status{padding:.6rem;border-radius:.3rem;background:#f1f1f1}
 #status[data-state=paid]{background:#dff3e3}
+#status[data-state=pending]{background:#fff4d6;border-left:.3rem solid #c98a00}
 #status[data-state=refused],#status[data-state=failed],#status[data-state=unreachable],
 #status[data-state=unpaired],#status[data-state=timeout]{background:#fbe3e1}
 #goods{font-family:monospace;font-size:1.2rem}.hint{color:#555;font-size:.9rem}
@@ -269,6 +270,10 @@ SCRIPT = r""""use strict";
       const job = j.body;
       if (job.state === "paid") { paid(job); return true; }
       show(String(job.state), String(job.message));
+      if (job.state === "pending") {   // the card was debited: never offer to pay again
+        payButton.textContent = "Payment being finished";
+        return true;
+      }
       if (job.state === "refused" || job.state === "failed") { return false; }
     }
     show("timeout", "No result from the card helper within 3 minutes. If the card was " +
