@@ -178,8 +178,9 @@ class RacingHttp(httpx.Client):
         self.released = 0
         self.forged_answers: list[int] = []
 
-    def get(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
-        response = super().get(url, **kwargs)
+    def request(self, method: str, url: Any,  # type: ignore[override]
+                **kwargs: Any) -> httpx.Response:
+        response = super().request(method, url, **kwargs)
         if "/v1/checkout/" in str(url) and response.status_code == 200:
             self.params = response.json()
         return response

@@ -138,6 +138,11 @@ def test_m3_restart_in_the_middle_of_an_honest_payment(stack: Stack, card: Path,
     assert outcome.goods == "TICKET-MUSEUM-0042" and outcome.proven
 
 
+def order(http: httpx.Client, url: str) -> httpx.Response:
+    """A client's order request: what :func:`svcard.host.pay.client.fetch_checkout` sends."""
+    return http.post(url, headers=C.CLIENT_HEADER)
+
+
 # --- D2 -----------------------------------------------------------------------------------
 def order_rows(stack: Stack) -> int:
     engine = sa.create_engine(stack.merchant_server.config.db_url)
@@ -155,15 +160,15 @@ def test_d2_checkout_flood_is_bounded_and_expired_orders_are_swept(tmp_path: Pat
     try:
         url = stack.checkout_url("song", "fig6")
         with httpx.Client(timeout=30) as http:
-            codes = [http.get(url).status_code for _ in range(300)]
+            codes = [order(http, url).status_code for _ in range(300)]
             assert codes.count(200) == 40 and codes.count(503) == 260
-            full = http.get(url)
+            full = order(http, url)
             assert full.status_code == 503 and "too many open orders" in full.json()["reason"]
             assert 1 <= int(full.headers["Retry-After"]) <= 120
             assert order_rows(stack) == 40
             # two minutes later (the server's clock): the orders have expired and are swept
             stack.merchant_server.clock = lambda: time.time() + 121
-            codes = [http.get(url).status_code for _ in range(300)]
+            codes = [order(http, url).status_code for _ in range(300)]
             assert codes.count(200) == 40 and order_rows(stack) == 40
             assert stack.merchant_server.db.counts() == {"open": 40}
     finally:
@@ -178,14 +183,63 @@ def test_d2_one_client_address_cannot_take_every_order(tmp_path: Path) -> None:
         attacker = httpx.Client(timeout=30, transport=httpx.HTTPTransport(
             local_address="127.0.0.2"))
         with attacker, httpx.Client(timeout=30) as honest:
-            codes = [attacker.get(url).status_code for _ in range(50)]
+            codes = [order(attacker, url).status_code for _ in range(50)]
             assert codes.count(200) == 10 and codes.count(429) == 40
-            r = attacker.get(url)
+            r = order(attacker, url)
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
             assert "open orders" in r.json()["reason"]
-            assert honest.get(url).status_code == 200  # someone else still buys
+            assert order(honest, url).status_code == 200  # someone else still buys
     finally:
         stack.close()
+
+
+# --- a third-party page makes no order (review finding 3) ----------------------------------
+ORDERS_TAKEN = ("tsk", "etsk", "txn_id")
+
+
+def test_no_order_from_a_request_a_browser_sends_cross_site(stack: Stack,
+                                                            http: httpx.Client) -> None:
+    """An ``<img>``, a link, a form or a ``no-cors`` fetch on someone else's page gets the
+    checkout page, never an order: only a POST with the client header makes one."""
+    url = stack.checkout_url("song", "fig6")
+    accepts = ("*/*",                                                  # curl, httpx, <script>
+               "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8",  # an <img>
+               "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",  # a link
+               "application/json",                                     # without the header
+               "")
+    for accept in accepts:
+        for target in (url, f"{stack.merchant.url}/v1/checkout/ticket",
+                       f"{stack.merchant.url}/v1/checkout/ticket?variant=fig7&terminal="
+                       + "01" * 8):
+            r = http.get(target, headers={"Accept": accept, "Origin": "https://elsewhere.example",
+                                          "Sec-Fetch-Site": "cross-site"})
+            assert r.status_code == 200, (accept, target, r.text)
+            assert r.headers["content-type"].startswith("text/html"), accept
+            assert not any(word in r.text for word in ORDERS_TAKEN), accept
+    head = http.head(url, headers={"Accept": "*/*"})
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/html")
+    assert head.content == b""
+    # what a cross-site form or a no-cors fetch can POST: no custom header
+    for kind, body in (("application/x-www-form-urlencoded", b"variant=fig6"),
+                       ("text/plain", b"x"), ("multipart/form-data; boundary=b", b"--b--\r\n")):
+        r = http.post(url, content=body, headers={"Content-Type": kind, "Accept": "*/*",
+                                                  "Origin": "https://elsewhere.example"})
+        assert r.status_code == 403 and "X-Svcard-Client" in r.json()["reason"], kind
+        assert not any(word in r.text for word in ORDERS_TAKEN)
+    r = http.post(url, headers={"X-Svcard-Client": "0"})
+    assert r.status_code == 403
+    # the preflight a browser asks before sending the header is never granted
+    r = http.options(url, headers={"Origin": "https://elsewhere.example",
+                                   "Access-Control-Request-Method": "POST",
+                                   "Access-Control-Request-Headers": "x-svcard-client"})
+    assert r.status_code >= 400 and not any(h.startswith("access-control-") for h in r.headers)
+    assert order_rows(stack) == 0 and stack.merchant_server.db.counts() == {}
+    # svcard's clients: one order each, its parameters with the TSK
+    params = C.fetch_checkout(http, url)
+    assert params["variant"] == "fig6" and len(params["tsk"]) == 64
+    r = order(http, url)
+    assert r.status_code == 200 and r.json()["txn_id"] != params["txn_id"]
+    assert order_rows(stack) == 2
 
 
 def test_bounded_inputs(stack: Stack, http: httpx.Client) -> None:
@@ -194,7 +248,7 @@ def test_bounded_inputs(stack: Stack, http: httpx.Client) -> None:
     assert r.status_code == 413 and "at most" in r.json()["reason"]
     r = http.post(f"{stack.merchant.url}/v1/status/{'ab' * 400}", content=b"x")
     assert r.status_code == 400
-    r = http.get(stack.checkout_url("song", "fig6") + "&terminal=zz")
+    r = order(http, stack.checkout_url("song", "fig6") + "&terminal=zz")
     assert r.status_code == 400 and "terminal" in r.json()["reason"]
     assert stack.merchant_server.orders[bytes.fromhex(params["txn_id"])].state == "open"
 
@@ -203,11 +257,11 @@ def test_bounded_inputs(stack: Stack, http: httpx.Client) -> None:
 def test_p2_fig7_is_refused_to_a_client_without_a_registered_terminal(
         stack: Stack, http: httpx.Client) -> None:
     base = f"{stack.merchant.url}/v1/checkout/ticket"
-    r = http.get(base + "?variant=fig7")
+    r = order(http, base + "?variant=fig7")
     assert r.status_code == 403 and "registered client terminal" in r.json()["reason"]
-    r = http.get(base + "?variant=fig7&terminal=0102030405060708")  # not registered
+    r = order(http, base + "?variant=fig7&terminal=0102030405060708")  # not registered
     assert r.status_code == 403
-    r = http.get(base + "?variant=fig9")
+    r = order(http, base + "?variant=fig9")
     assert r.status_code == 400 and "fig5, fig6, fig7, fig8" in r.json()["reason"]
     assert stack.merchant_server.db.counts() == {}
 
@@ -217,10 +271,10 @@ def test_p2_a_merchant_without_fig7_never_uses_it(tmp_path: Path, card: Path,
     stack = start_stack(tmp_path / "nofig7", psams=1,
                         merchant_options={"variants": DEFAULT_VARIANTS})
     try:
-        r = http.get(stack.checkout_url("ticket", "fig7"))  # names the registered terminal
+        r = order(http, stack.checkout_url("ticket", "fig7"))  # names the registered terminal
         assert r.status_code == 400
         assert r.json()["reason"] == "variant: this merchant enables fig5, fig6, fig8"
-        assert http.get(f"{stack.merchant.url}/v1/checkout/ticket").json()["variant"] == "fig6"
+        assert order(http, f"{stack.merchant.url}/v1/checkout/ticket").json()["variant"] == "fig6"
         # an honest client without a key, given a fig7 link, does not ask for it
         assert stack.client_terminal is not None
         CT.remove_terminal(stack.client_terminal)
@@ -274,7 +328,7 @@ def test_p2_fig7_confirmations_not_signed_by_the_orders_terminal_are_refused(
     try:
         # the attacker names the honest terminal's (public) id at checkout and gets FIG. 7
         url = stack.checkout_url("ticket", "fig7")
-        params = http.get(url).json()
+        params = order(http, url).json()
         assert params["variant"] == "fig7"
         debit = draw_without_debit(stack, card, http, params)   # result M at draw time
         mid, txn = bytes.fromhex(params["merchant_id"]), bytes.fromhex(params["txn_id"])
@@ -300,7 +354,7 @@ def test_p2_fig7_confirmations_not_signed_by_the_orders_terminal_are_refused(
         r = post(confirmation(params, debit.result_m, other.terminal_id, theirs))
         assert r.status_code == 403 and "named at checkout" in r.json()["reason"]
         # a genuine signature of the honest terminal, but for another order
-        params2 = http.get(stack.checkout_url("ticket", "fig7")).json()
+        params2 = order(http, stack.checkout_url("ticket", "fig7")).json()
         elsewhere = honest.sign_confirmation(mid, bytes.fromhex(params2["txn_id"]),
                                              debit.result_m, b"\x11\x22\x33\x44",
                                              b"\x55\x66\x77\x88")
@@ -383,7 +437,7 @@ def test_m1_d2_m3_on_postgresql(cluster: Any, tmp_path: Path, card: Path) -> Non
         def one(_: int) -> int:
             with httpx.Client(timeout=60) as http:
                 barrier.wait()
-                return http.get(checkout).status_code
+                return order(http, checkout).status_code
 
         with ThreadPoolExecutor(20) as pool:
             codes = list(pool.map(one, range(20)))

@@ -23,6 +23,7 @@ from test_helper import Helper, balance, start_helper
 
 from svcard.host.demo.system import card_image
 from svcard.host.helper.payments import HelperCard
+from svcard.host.pay import client as C
 from svcard.host.pay.stack import Stack, start_stack
 from svcard.protocols import messages as M
 
@@ -72,9 +73,15 @@ def test_the_page_makes_no_order_and_holds_no_key(stack: Stack, http: httpx.Clie
                                                                   "text/css")):
         r = http.get(stack.merchant.url + path)
         assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
-    # the JSON API of the command-line client is as it was: an order, with its TSK
-    params = http.get(f"{stack.merchant.url}/v1/checkout/ticket",
-                      headers={"Accept": "application/json"}).json()
+    # whatever a browser's GET asks for, it gets the page (an <img> on someone else's page
+    # makes no order either); HEAD too
+    for accept in ("*/*", "image/avif,image/webp,*/*;q=0.8", "application/json", ""):
+        r = http.get(f"{stack.merchant.url}/v1/checkout/ticket", headers={"Accept": accept})
+        assert r.headers["content-type"].startswith("text/html") and "tsk" not in r.text
+    assert http.head(f"{stack.merchant.url}/v1/checkout/ticket").status_code == 200
+    assert stack.merchant_server.db.counts() == before
+    # the command-line client's order: a POST with its header, answered with the TSK
+    params = C.fetch_checkout(http, f"{stack.merchant.url}/v1/checkout/ticket")
     assert params["amount"] == 1250 and len(params["tsk"]) == 64
     assert stack.merchant_server.db.counts() == {**before, "open": before.get("open", 0) + 1}
 

@@ -92,9 +92,17 @@ class _Session:
         return secure.open_sealed(self.tsk, env.body, header, "payment server answer")
 
 
+# the header the merchant makes an order for (merchant/server.py CLIENT_HEADER): a browser
+# cannot send it cross-site without a CORS preflight, so no third-party page can make orders
+CLIENT_HEADER = {"X-Svcard-Client": "1"}
+
+
 def fetch_checkout(http: httpx.Client, url: str,
                    terminal: ClientTerminal | None = None) -> dict[str, Any]:
-    response = http.get(url, headers={"Accept": "application/json"}, extensions=RETRY_SAFE)
+    """Ask the merchant for a new order (seed step 606): ``POST`` the checkout URL, the one a
+    person opens in a browser to see its page. A busy shop (503: no order made) is asked again."""
+    response = http.post(url, headers={"Accept": "application/json", **CLIENT_HEADER},
+                         extensions=RETRY_SAFE)
     if response.status_code != 200:
         raise PaymentRefused.answer("merchant", response)
     params: dict[str, Any] = response.json()

@@ -1,12 +1,15 @@
 """The merchant server: a catalogue of priced digital goods, checkout, and the status URL.
 
-``GET /v1/checkout/{item}`` creates an order (a unique transaction id, a row in the merchant's
-database) and answers the payment parameters of seed step 606 as JSON. A browser
-(``Accept: text/html``) gets the item's checkout page instead (:mod:`.page`), which makes no
-order and holds no key: its "Pay with card" button has the local card helper fetch the JSON and
-pay. The JSON checkout makes the FIG. 9 security data: a derived key DK from
-the shared key, a fresh TSK, and the ETSK (TSK plus the order's amount, currency, variant and
-expiry, sealed under DK). The MERCHANT chooses the variant, from those it has enabled;
+``POST /v1/checkout/{item}`` with the header ``X-Svcard-Client: 1`` creates an order (a unique
+transaction id, a row in the merchant's database) and answers the payment parameters of seed
+step 606 as JSON. Only that request makes an order: a browser cannot send a custom header
+cross-site without a CORS preflight, which this server never grants, so a third-party page (an
+``<img>``, a form, a ``no-cors`` fetch) cannot fill the shop with orders. Every ``GET`` or
+``HEAD`` of the same URL, whatever its ``Accept``, gets the item's checkout page
+(:mod:`.page`), which makes no order and holds no key: its "Pay with card" button has the local
+card helper ask for the order and pay. The order makes the FIG. 9 security data: a derived key
+DK from the shared key, a fresh TSK, and the ETSK (TSK plus the order's amount, currency,
+variant and expiry, sealed under DK). The MERCHANT chooses the variant, from those it has enabled;
 ``?variant=`` is only a preference inside that set. FIG. 7 (the client compares the card's
 MAC2) is only for a registered client terminal (``?terminal=ID``), whose Ed25519 signature the
 confirmation must carry, and the goods it releases are "unproven" until the card's MAC2 and
@@ -67,6 +70,9 @@ DEFAULT_VARIANTS = frozenset({"fig5", "fig6", "fig8"})  # FIG. 7 only when asked
 MAX_CONFIRMATION = 4096  # bytes: a confirmation is a few hundred
 _HEX_TXN = re.compile(r"[0-9a-fA-F]{32}")
 _HEX_TERMINAL = re.compile(r"[0-9a-fA-F]{16}")
+# the header an order request must carry (svcard's clients send it: pay/client.py
+# CLIENT_HEADER): a custom header makes a browser ask a CORS preflight first, never granted here
+CLIENT_HEADER = ("X-Svcard-Client", "1")
 
 
 @dataclass(frozen=True)
@@ -195,7 +201,7 @@ class MerchantServer:
                              "items": [{"sku": i.sku, "name": i.name, "price": i.price}
                                        for i in c.catalogue]})
 
-    # --- GET /v1/checkout/{sku} --------------------------------------------------------------
+    # --- GET, POST /v1/checkout/{sku} --------------------------------------------------------
     def choose_variant(self, asked: str | None, terminal: str | None) -> tuple[str, str]:
         """The merchant's choice: (variant name, client terminal id hex or "")."""
         c = self.config
@@ -251,9 +257,15 @@ class MerchantServer:
         return params, row
 
     async def checkout(self, request: Request) -> Response:
+        """``POST`` with :data:`CLIENT_HEADER`: a new order. Anything else makes no order."""
         c = self.config
-        if "text/html" in request.headers.get("accept", ""):
+        if request.method in ("GET", "HEAD"):
             return self.checkout_page(request)   # a person's page: no order, no key
+        name, value = CLIENT_HEADER
+        if request.headers.get(name) != value:
+            return self.refuse(403, f"an order is made only for a client's POST with the header "
+                                    f"{name}: {value}; a browser opens this URL to get the "
+                                    "checkout page")
         address = (request.client.host if request.client else "unknown")[:64]
         try:
             variant, terminal = self.choose_variant(request.query_params.get("variant"),
@@ -342,7 +354,7 @@ class MerchantServer:
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/catalogue", self.catalogue, methods=["GET"]),
-            Route("/v1/checkout/{sku}", self.checkout, methods=["GET"]),
+            Route("/v1/checkout/{sku}", self.checkout, methods=["GET", "POST"]),
             Route("/v1/status/{txn}", self.status, methods=["POST"]),
             Route("/shop/", self.shop, methods=["GET"]),
             Route(page.SCRIPT_PATH, page.script, methods=["GET"]),
