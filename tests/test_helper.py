@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from svcard.card.image import save_new_image
 from svcard.card.storage import read_image
@@ -31,7 +36,9 @@ from svcard.host.helper.pairing import (
 )
 from svcard.host.helper.payments import HelperCard
 from svcard.host.kit.serving import ServerThread, free_port
+from svcard.host.pay.merchant.server import MerchantServer
 from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.terminal.journal import Journal
 from svcard.protocols import purse as P
 
 FOREIGN = "http://evil.example"
@@ -69,7 +76,7 @@ def wait_job(http: httpx.Client, h: Helper, job_id: str, timeout: float = 30.0,
     deadline = time.monotonic() + timeout
     while True:
         view: dict[str, Any] = http.get(f"{h.url}/v1/pay/{job_id}", headers=h.auth()).json()
-        if view["state"] in ("paid", "refused", "failed"):
+        if view["state"] in ("paid", "pending", "refused", "failed"):
             return view
         assert time.monotonic() < deadline, f"payment still {view} after {timeout:g} s"
         time.sleep(0.02)
@@ -401,3 +408,94 @@ def wait_http_auth(url: str, token: str, timeout: float = 30.0) -> None:
         assert time.monotonic() < deadline, f"{url} did not answer"
         time.sleep(0.02)
 
+
+
+# --- a failure after the card's debit is pending, not refused ---------------------------------
+class FakeFailingMerchant:
+    """A stand-in in front of the real merchant, on the merchant's own address (so the
+    checkout's status URL reaches it): it passes every request through, except that it answers
+    the confirmation (``POST /v1/status/...``) with a 500 while :attr:`failures` is above 0 (one
+    less each time), as a merchant whose database broke after the card paid would. A fake
+    because no real merchant can be made to fail exactly the confirmation a chosen number of
+    times."""
+
+    def __init__(self, real_url: str, port: int) -> None:
+        self.real_url, self.failures, self.failed = real_url, 0, 0
+
+        async def forward(request: Request) -> Response:
+            if (request.method == "POST" and request.url.path.startswith("/v1/status/")
+                    and self.failures > 0):
+                self.failures -= 1
+                self.failed += 1
+                return JSONResponse({"reason": "internal"}, status_code=500)
+            async with httpx.AsyncClient(timeout=30) as client:
+                answer = await client.request(
+                    request.method, self.real_url + request.url.path,
+                    params=request.query_params, content=await request.body(),
+                    headers={k: v for k, v in request.headers.items() if k != "host"})
+            headers = {k: v for k, v in answer.headers.items()
+                       if k not in ("content-length", "transfer-encoding", "content-encoding")}
+            return Response(answer.content, answer.status_code, headers)
+
+        methods = ["GET", "HEAD", "POST", "OPTIONS"]
+        self.server = ServerThread(Starlette(routes=[Route("/{path:path}", forward,
+                                                           methods=methods)]), port=port)
+
+
+@contextmanager
+def merchant_behind_fake(stack: Stack) -> Iterator[FakeFailingMerchant]:
+    """The stack's merchant moved to another port, a :class:`FakeFailingMerchant` on its own
+    address in front of it (``stack.close`` stops the fake, this stops the merchant)."""
+    port, config = stack.merchant.port, stack.merchant_server.config
+    stack.merchant.stop()
+    stack.merchant_server.close()
+    stack.merchant_server = MerchantServer(config)
+    real = ServerThread(stack.merchant_server.app()).start()
+    fake = FakeFailingMerchant(real.url, port)
+    stack.merchant = fake.server.start()
+    try:
+        yield fake
+    finally:
+        real.stop()
+
+
+def test_a_merchant_error_after_the_debit_is_pending_and_finished_later(
+        stack: Stack, card: Path, tmp_path: Path, http: httpx.Client) -> None:
+    journal = tmp_path / "journal.jsonl"
+    with merchant_behind_fake(stack) as fake:
+        h = start_helper(HelperCard(f"virtual:{card}", journal), [stack.merchant.url])
+        try:
+            fake.failures = 1_000   # the confirmation fails, and so does the helper's retry
+            view = wait_job(http, h, pay(http, h, stack.checkout_url()).json()["id"])
+            assert view["state"] == "pending", view
+            assert view["message"].startswith("The card was debited; the card helper will "
+                                              "finish this payment: the merchant failed "
+                                              "(internal)"), view
+            assert "Do not pay again." in view["message"] and "refused" not in view["message"]
+            assert fake.failed == 2         # the payment's confirmation and one retry now
+            txn = view["txn_id"]
+            assert balance(card) == 8_750
+            assert Journal(journal).is_open(txn)
+            assert Journal(journal).entries()[txn]["state"] == "confirmed"
+            assert stack.merchant_server.orders[bytes.fromhex(txn)].state != "paid"
+            assert not h.helper.payments.busy()
+
+            # the merchant works again: the next payment finishes the pending one first
+            fake.failures = 0
+            view = wait_job(http, h, pay(http, h, stack.checkout_url()).json()["id"])
+            assert view["state"] == "paid", view
+            assert view["resumed"] == [{"txn_id": txn, "outcome": "completed"}]
+            assert stack.merchant_server.orders[bytes.fromhex(txn)].state == "paid"
+            assert not Journal(journal).is_open(txn)
+            assert balance(card) == 7_500   # each order paid once
+
+            # one failure only: the helper's retry right away finishes the payment
+            fake.failures = 1
+            view = wait_job(http, h, pay(http, h, stack.checkout_url()).json()["id"])
+            assert view["state"] == "paid", view
+            assert (view["goods"], view["amount"]) == ("TICKET-MUSEUM-0042", 1250)
+            assert view["resumed"] == [{"txn_id": view["txn_id"], "outcome": "completed"}]
+            assert fake.failed == 3 and balance(card) == 6_250
+            assert stack.merchant_server.orders[bytes.fromhex(view["txn_id"])].state == "paid"
+        finally:
+            h.close()
