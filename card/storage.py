@@ -3,7 +3,8 @@
 An image is replaced atomically (write a temp file, fsync it, rename it over the image, fsync the
 folder), so a power cut or ``kill -9`` at any instant leaves the old image or the new one. An
 image is locked (``flock`` on ``IMAGE.lock``) by the one card that has it open; a second opener
-waits up to its timeout and then fails with :class:`ImageLockedError`. The lock needs POSIX file
+waits up to its timeout and then fails with :class:`ImageLockedError`. The lock file lasts only
+while the image is open: its maker removes it at close. The lock needs POSIX file
 locks, so ``fcntl`` is imported only when an image is opened: reading, writing and building images
 works where there is none (Windows), and opening one for a card says that it cannot.
 
@@ -128,6 +129,29 @@ def encode_image(image: dict[str, Any]) -> bytes:
     return (json.dumps(image, indent=1, sort_keys=True) + "\n").encode()
 
 
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """A descriptor on the lock file at ``path``, and whether this call made the file."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, os.O_RDWR), False
+        except FileNotFoundError:
+            continue  # removed between the two calls: make it
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path``."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
 class ImageStore:
     """A card image on disk, locked while open, every commit atomic."""
 
@@ -136,6 +160,7 @@ class ImageStore:
         self.path = Path(path)
         self.tear = tear
         self._lock_fd: int | None = None
+        self._made_lock = False
         self._lock(lock_timeout)
         try:
             self.image = read_image(self.path)
@@ -145,7 +170,14 @@ class ImageStore:
         self._clean_temp_files()
 
     def _lock(self, timeout: float) -> None:
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        """Hold ``IMAGE.lock`` (``flock``, exclusive) until :meth:`close`.
+
+        A lock file this store made is removed again at :meth:`close`, while still held, so
+        opening an image (by a tool that only reads it, too) leaves no file behind. Removing
+        a held lock file is safe because every opener, once it holds the lock, checks that the
+        file it locked is still the one at the path, and starts over when it is not (the one
+        it waited on was removed by the opener before it)."""
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
         if not self.path.parent.is_dir():
             raise ImageError(f"no folder {self.path.parent}")
         try:
@@ -154,23 +186,29 @@ class ImageStore:
             raise ImageError(f"cannot open card image {self.path} for a card: that needs POSIX "
                              "file locks (fcntl), which this system lacks; cards run on Linux "
                              "and macOS") from None
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + timeout
         while True:
+            fd, made = _open_lock_file(self._lock_path)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise ImageLockedError(
-                        f"card image {self.path} is in use by another card "
-                        f"(waited {timeout:g} s for its lock)") from None
-                time.sleep(0.01)
-        self._lock_fd = fd
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as exc:
+                        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if time.monotonic() >= deadline:
+                            raise ImageLockedError(
+                                f"card image {self.path} is in use by another card "
+                                f"(waited {timeout:g} s for its lock)") from None
+                        time.sleep(0.01)
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, self._lock_path):
+                self._lock_fd, self._made_lock = fd, made
+                return
+            os.close(fd)  # the file was removed (and perhaps made again) meanwhile: retry
 
     def _clean_temp_files(self) -> None:
         # A temp file left by a crash before its rename is not the image: drop it.
@@ -185,6 +223,9 @@ class ImageStore:
 
     def close(self) -> None:
         if self._lock_fd is not None:
+            if self._made_lock:  # removed while still held: see _lock
+                with contextlib.suppress(OSError):
+                    os.unlink(self._lock_path)
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 

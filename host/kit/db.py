@@ -4,15 +4,18 @@ PostgreSQL by URL, through SQLAlchemy Core.
 Two ways in. :func:`make_engine` is a server's (or a tool writing its own output database):
 the database is created if missing. :func:`open_existing` is a tool's that only READS a
 database (the audit, clearing's inputs, ``bank account list``): the database must already exist
-and hold the tables the tool reads, SQLite is opened read-only (a ``file:...?mode=ro`` URI), and
-nothing is ever created. Either raises :class:`DatabaseError`, one line naming the database
-(password masked) and the problem, for a URL that is not one, a driver that is not installed,
-a path that cannot be created or does not exist, a server that cannot be reached.
+and hold the tables the tool reads, SQLite is opened read-only (a ``file:...?mode=ro`` URI,
+``immutable`` when no writer is at work, so not even a ``-wal``/``-shm`` file is made),
+PostgreSQL in a read-only session, and nothing is ever created. Either raises
+:class:`DatabaseError`, one line naming the database (password masked) and the problem, for
+a URL that is not one, a driver that is not installed, a path that cannot be created or does
+not exist, a server that cannot be reached.
 
 A SQLite database file is created mode 0600 before SQLite opens it (its -wal and -shm files take
 the database file's mode), and an existing one is narrowed to 0600: rows hold secret hashes and
 transaction data. :func:`storage_reason` says, without quoting the driver (whose messages can
-carry SQL parameters), why a database could not do its work.
+carry SQL parameters), why a database could not do its work; and every engine is made with
+``hide_parameters``, so a statement's error never quotes the values bound to it.
 """
 
 from __future__ import annotations
@@ -106,8 +109,9 @@ def make_engine(url: str, metadata: MetaData) -> Engine:
 def open_existing(url: str, tables: Iterable[str], what: str = "database") -> Engine:
     """An engine to READ the existing database at ``url``, which must hold ``tables``.
 
-    SQLite: the file must exist, and is opened read-only (``mode=ro``), so a mistyped path is
-    an error and never a new empty database; PostgreSQL: opened as is. Nothing is created.
+    SQLite: the file must exist, and is opened read-only (``mode=ro``, see
+    :func:`_sqlite_read_mode`), so a mistyped path is an error and never a new empty database;
+    PostgreSQL: every transaction read-only. Nothing is created.
     ``what`` names the database in messages (e.g. "payment server database")."""
     parsed = _parse(url)
     name = masked_url(url)
@@ -119,7 +123,7 @@ def open_existing(url: str, tables: Iterable[str], what: str = "database") -> En
             raise DatabaseError(f"{name}: no such {what}: {path} does not exist")
         if not os.path.isfile(path):
             raise DatabaseError(f"{name}: {path} is not a file")
-        uri = Path(path).absolute().as_uri() + "?mode=ro"
+        uri = Path(path).absolute().as_uri() + _sqlite_read_mode(path)
 
         def connect() -> sqlite3.Connection:
             return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30)
@@ -128,6 +132,7 @@ def open_existing(url: str, tables: Iterable[str], what: str = "database") -> En
         engine = _create(url, parsed, creator=connect)
     else:
         engine = _create(url, parsed, pool_size=5, max_overflow=5)
+        event.listen(engine, "connect", _read_only_session)
     try:
         with engine.connect() as conn:
             inspector = inspect(conn)
@@ -139,6 +144,31 @@ def open_existing(url: str, tables: Iterable[str], what: str = "database") -> En
         engine.dispose()
         raise DatabaseError(f"{name}: not a {what} (no table {', '.join(missing)})")
     return engine
+
+
+def _sqlite_read_mode(path: str) -> str:
+    """The URI parameters that open the SQLite file at ``path`` read-only and leave nothing
+    beside it.
+
+    ``mode=ro`` alone on a WAL database makes its ``-wal`` and ``-shm`` files (and leaves
+    them), and needs a folder it can write. With no ``-wal`` (nor ``-journal``) file beside
+    the database nobody is writing it (a writer in WAL mode keeps its ``-wal`` file while
+    connected), so it is opened ``immutable``: SQLite then takes no lock and makes no file.
+    Otherwise a writer may be at work: plain ``mode=ro``, which reads through its locks."""
+    if any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal")):
+        return "?mode=ro"
+    return "?mode=ro&immutable=1"
+
+
+def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
+    """A reader's PostgreSQL session: every transaction in it read-only, so a reading tool
+    cannot change a row even by mistake (the server refuses any write)."""
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    finally:
+        cursor.close()
+    dbapi_conn.commit()
 
 
 def must_exist(url: str, what: str = "database") -> None:
@@ -155,8 +185,8 @@ def _create(url: str, target: URL, **options: Any) -> Engine:
     """``create_engine`` with its failures (unknown kind, driver not installed, options it
     does not take) as one-line :class:`DatabaseError`\\ s."""
     name = masked_url(url)
-    try:
-        return create_engine(target, **options)
+    try:  # hide_parameters: a statement's error never quotes its values (secrets, hashes)
+        return create_engine(target, hide_parameters=True, **options)
     except ImportError as exc:
         module = exc.name or "its driver"
         hint = ""
