@@ -30,6 +30,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from test_helper import merchant_behind_fake
 
 from svcard.card.storage import read_image
 from svcard.host.cli.main import main
@@ -375,6 +376,17 @@ def test_the_retry_rules() -> None:
         assert 0.5 <= time.monotonic() - start < 5 and fake.hits > 1
 
 
+def test_retry_after_0_still_waits_a_quarter_second_between_tries() -> None:
+    with FakeBusyServer() as fake:   # it answers Retry-After: 0
+        start = time.monotonic()
+        assert (fake.ask(3).status_code, fake.hits) == (200, 4)
+        took = time.monotonic() - start
+        assert took >= 3 * 0.25, f"3 retries in {took:.3f} s: Retry-After: 0 spins"
+        start = time.monotonic()                      # always busy, 1 s: a few tries, no spin
+        fake.ask(10**9, retry_for=1.0)
+        assert fake.hits <= 1 + 1.0 / 0.25 + 1, fake.hits
+
+
 def test_retry_after_forms() -> None:
     def with_header(value: str) -> httpx.Response:
         return httpx.Response(503, headers={"Retry-After": value})
@@ -397,3 +409,47 @@ def test_sigterm_handler_is_restored(tmp_path: Path) -> None:
                     str(tmp_path / "j"))
     assert result.exit_code == 0, result.output
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --- a failure after the card's debit is not a refusal ------------------------------------
+def test_a_merchant_error_after_the_debit_is_exit_11_with_resume(stack: Stack,
+                                                                  tmp_path: Path) -> None:
+    card = card_image(tmp_path, ep=10_000)
+    journal = tmp_path / "journal.jsonl"
+    spec = f"virtual:{card}"
+    with merchant_behind_fake(stack) as fake:
+        fake.failures = 1_000
+        done = svcard("pay", stack.checkout_url("ticket", "fig6"), "--card", spec,
+                      "--journal", str(journal))
+        assert done.exit_code == 11, done.output
+        txn = last_entry(journal)["txn_id"]
+        assert done.stderr.strip() == (
+            f"svcard: the merchant at {stack.merchant.url}/v1/status/{txn} failed (500: "
+            f"internal) after the card's step: the card was debited; the merchant may have "
+            f"released the goods; the payment is journalled as {txn} (step confirmed). Finish "
+            f"it with: svcard pay --resume --card {spec} --journal {journal}")
+        assert balance(card) == 8_750 and Journal(journal).is_open(txn)
+        assert stack.merchant_server.orders[bytes.fromhex(txn)].state != "paid"
+
+        still = svcard("pay", "--resume", "--card", spec, "--journal", str(journal))
+        assert still.exit_code == 1 and f"still pending {txn}" in still.stdout, still.output
+        fake.failures = 0
+        resumed = svcard("pay", "--resume", "--card", spec, "--journal", str(journal))
+        assert resumed.exit_code == 0, resumed.output
+        assert resumed.stdout.strip() == f"finished {txn}: completed, goods: TICKET-MUSEUM-0042"
+        assert stack.merchant_server.orders[bytes.fromhex(txn)].state == "paid"
+        assert balance(card) == 8_750
+
+
+def test_a_refusal_before_the_debit_stays_exit_1(stack: Stack, tmp_path: Path) -> None:
+    poor = card_image(tmp_path, "poor.json", ep=1_000)
+    done = svcard("pay", stack.checkout_url("ticket", "fig6"), "--card", f"virtual:{poor}",
+                  "--journal", str(tmp_path / "j.jsonl"))
+    assert done.exit_code == 1, done.output
+    assert "--resume" not in done.stderr and "debited" not in done.stderr
+    card = card_image(tmp_path, ep=10_000)           # a merchant's 4xx before the debit
+    done = svcard("pay", stack.checkout_url("no-such-item", "fig6"), "--card",
+                  f"virtual:{card}", "--journal", str(tmp_path / "j.jsonl"))
+    assert done.exit_code == 1 and done.stderr.startswith("svcard: merchant refused (4"), \
+        done.output
+    assert "--resume" not in done.stderr and balance(card) == 10_000
