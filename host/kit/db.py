@@ -171,6 +171,17 @@ def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.commit()
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite ``url`` (None for another kind of database, or SQLite in memory or
+    by a ``file:`` URI)."""
+    parsed = _parse(url)
+    path = parsed.database or ""
+    if (parsed.get_backend_name() != "sqlite" or not path or path == ":memory:"
+            or path.startswith("file:")):
+        return None
+    return Path(path)
+
+
 def must_exist(url: str, what: str = "database") -> None:
     """Refuse (:class:`DatabaseError`) a SQLite ``url`` whose file does not exist: for a tool
     that changes rows of a database it did not create (``bank account fund``)."""

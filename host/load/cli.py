@@ -57,17 +57,48 @@ def bank_account() -> None:
     in minor units)."""
 
 
+def _bounded(limit: int) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A click callback refusing (usage error) an empty value or one over ``limit``
+    characters: what the bank's table holds (a longer one would fail in the database)."""
+    def check(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not 1 <= len(value) <= limit:
+            raise click.BadParameter(f"1 to {limit} characters (got {len(value)})",
+                                     param=param)
+        return value
+    return check
+
+
+# what the bank's accounts table holds (host/load/bank/db.py), and what the bank takes
+ACCOUNT_ID_MAX, HOLDER_MAX, SECRET_MAX = 32, 100, 128
+account_argument = click.argument("account_id", callback=_bounded(ACCOUNT_ID_MAX))
+
+
+def _bank_db_or_new(url: str) -> None:
+    """Refuse (exit 3) a database that exists but is not a bank's: its tables are never
+    added to a database of another kind. A SQLite file that does not exist (or is empty) is
+    a new bank database; PostgreSQL is not checked (one database may hold several
+    components' tables)."""
+    from ..kit.db import sqlite_file
+    from .records import check_bank_db
+
+    path = sqlite_file(url)
+    if path is not None and path.is_file() and path.stat().st_size > 0:
+        check_bank_db(url)
+
+
 @bank_account.command("create")
-@click.argument("account_id")
+@account_argument
 @db_option
-@click.option("--holder", default=None, help="The holder's name (default: the id).")
+@click.option("--holder", default=None, callback=_bounded(HOLDER_MAX),
+              help=f"The holder's name, at most {HOLDER_MAX} characters (default: the id).")
 @click.option("--funds", default="0", show_default=True, metavar="AMOUNT",
               callback=parse_amount_option,
               help="Opening balance: 1000.00 in the account's currency, or 100000u in minor "
                    "units.")
 @click.option("--currency", default=156, show_default=True, type=click.IntRange(1, 999),
               help="ISO 4217 numeric currency code (156 = CNY).")
-@click.option("--secret", default=None, help="The account secret (default: a random one).")
+@click.option("--secret", default=None, callback=_bounded(SECRET_MAX),
+              help="The account secret (default: a random one).")
 @json_option
 def bank_account_create(account_id: str, db_url: str, holder: str | None, funds: Amount,
                         currency: int, secret: str | None, as_json: bool) -> None:
@@ -75,6 +106,7 @@ def bank_account_create(account_id: str, db_url: str, holder: str | None, funds:
     from .bank.db import BankDb, BankError, make_engine
 
     opening = _minor_units(funds, currency)
+    _bank_db_or_new(db_url)
     try:
         secret = BankDb(make_engine(db_url)).create_account(account_id, holder or account_id,
                                                             currency, opening, secret)
@@ -94,17 +126,18 @@ def _minor_units(amount: Amount, currency: int) -> int:
 
 
 @bank_account.command("fund")
-@click.argument("account_id")
+@account_argument
 @click.argument("amount", callback=parse_amount_option)
 @db_option
 @json_option
 def bank_account_fund(account_id: str, amount: Amount, db_url: str, as_json: bool) -> None:
     """Deposit AMOUNT into ACCOUNT_ID: 12.34 in the account's currency, or 1234u in minor
     units."""
-    from ..kit.db import must_exist
     from .bank.db import BankDb, BankError, make_engine
+    from .records import check_bank_db
 
-    must_exist(db_url, "bank database")  # fund changes an existing account: never a new db
+    check_bank_db(db_url)  # read-only first: an existing bank database, never a new one or
+    # another kind of database (whose tables the bank's would be added to)
     db = BankDb(make_engine(db_url))
     account = db.account(account_id)
     if account is None:
