@@ -84,8 +84,15 @@ def exit_for(exc: Exception) -> tuple[str, int]:
         except RuntimeError:  # no request attached
             where = "cannot reach the server"
         return f"network: {where}: {one_line(exc)}", EXIT_NETWORK
-    return (f"internal error: {type(exc).__name__}: {one_line(exc)}; please report it with "
-            f"the command at {REPORT_URL}", EXIT_INTERNAL)
+    from sqlalchemy.exc import StatementError
+
+    what = f"{type(exc).__name__}: {one_line(exc)}"
+    if isinstance(exc, StatementError):  # the driver's first line: never the SQL or its values
+        orig = exc.orig if isinstance(exc.orig, BaseException) else exc
+        first = (str(orig).strip().splitlines() or [""])[0]
+        what = f"database: {type(orig).__name__}: {' '.join(first.split())[:200]}"
+    return (f"internal error: {what}; please report it with the command at {REPORT_URL}",
+            EXIT_INTERNAL)
 
 
 class SvcardGroup(click.Group):
