@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_helper import Helper, balance, start_helper
+from test_helper import Helper, balance, merchant_behind_fake, start_helper
 
 from svcard.host.demo.system import card_image
 from svcard.host.helper.payments import HelperCard
@@ -29,7 +29,7 @@ from svcard.protocols import messages as M
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FINAL = ("paid", "refused", "failed", "unreachable", "unpaired", "timeout")
+FINAL = ("paid", "pending", "refused", "failed", "unreachable", "unpaired", "timeout")
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +297,117 @@ def test_the_status_is_live(browser: Any, stack: Stack, tmp_path: Path) -> None:
     # between two polls, so which later steps are seen is not asserted
     assert steps, seen
     assert seen.index(steps[0]) < len(seen) - 1 and seen[-1].startswith("paid: "), seen
+
+
+def test_a_merchant_error_after_the_debit_shows_pending(browser: Any, tmp_path: Path) -> None:
+    """The merchant fails (500) on the confirmation after the card paid: the page says the
+    payment is being finished, not red, and offers no second payment."""
+    from selenium.webdriver.common.by import By
+
+    s = start_stack(tmp_path / "stack", psams=1)   # its own: its merchant gets a fake in front
+    card = card_image(tmp_path, "pending.json", ep=10_000)
+    try:
+        with merchant_behind_fake(s) as fake:
+            fake.failures = 1_000
+            h = start_helper(HelperCard(f"virtual:{card}", tmp_path / "journal.jsonl"),
+                             [s.merchant.url], token="Q" * 43)
+            try:
+                page = f"{s.merchant.url}/v1/checkout/ticket"
+                browser.get(page)
+                assert "Paired with the card helper" in pair(browser, h.url, h.token)
+                state, text = pay_from_page(browser, page)
+                shot(browser, tmp_path, "pending")
+                button = browser.find_element(By.ID, "pay")
+                enabled, label = button.is_enabled(), button.text
+                colour = browser.find_element(By.ID, "status").value_of_css_property(
+                    "background-color")
+            finally:
+                h.close()
+                browser.execute_script("localStorage.removeItem('svcard-helper')")
+    finally:
+        s.close()
+    assert state == "pending", text
+    assert text.startswith("The card was debited; the card helper will finish this payment")
+    assert "Do not pay again." in text
+    assert not enabled and label == "Payment being finished"
+    assert colour not in ("rgba(251, 227, 225, 1)", "rgb(251, 227, 225)"), colour  # not red
+    assert balance(card) == 8_750
+
+
+THIRD_PARTY_PAGE = """<!doctype html><title>waiting</title>
+<iframe name="sink" id="sink"></iframe>
+<form id="form" method="post" action="{url}" target="sink"><input name="variant" value="fig6">
+</form>
+<form id="plain" method="post" action="{url}" enctype="text/plain" target="sink2">
+<input name="a" value="b"></form><iframe name="sink2" id="sink2"></iframe>
+<script>
+const url = "{url}";
+window.results = {{}};
+let pending = 0;
+function track(name, promise) {{
+  pending++;
+  promise.then(v => {{ window.results[name] = v; }}, e => {{ window.results[name] = "blocked"; }})
+    .finally(() => {{ if (--pending === 0) document.title = "done"; }});
+}}
+function loaded(name, element, start) {{
+  track(name, new Promise(done => {{ element.onload = () => done("loaded");
+                                     element.onerror = () => done("error"); start(); }}));
+}}
+for (let i = 0; i < 5; i++) {{
+  const img = new Image();
+  loaded("img" + i, img, () => {{ img.src = url + "&n=" + i; }});
+}}
+const script = document.createElement("script");
+loaded("script", script, () => {{ script.src = url; document.body.appendChild(script); }});
+loaded("form", document.getElementById("sink"),
+       () => document.getElementById("form").submit());
+loaded("plain", document.getElementById("sink2"),
+       () => document.getElementById("plain").submit());
+track("no-cors get", fetch(url, {{mode: "no-cors"}}).then(r => r.type));
+track("no-cors post", fetch(url, {{mode: "no-cors", method: "POST", body: "x"}}).then(r => r.type));
+track("preflighted", fetch(url, {{method: "POST", headers: {{"X-Svcard-Client": "1"}}}})
+  .then(r => r.text()));
+track("beacon", Promise.resolve(navigator.sendBeacon(url, "x")));
+</script>"""
+
+
+def test_a_third_party_page_makes_no_order(browser: Any, stack: Stack, tmp_path: Path) -> None:
+    """A page on another site (localhost, not 127.0.0.1) that points images, a script, forms,
+    no-cors fetches and a beacon at a checkout URL, and tries the client's header (which needs
+    a preflight the merchant never grants): not one order is made, and no answer is readable."""
+    import http.server
+    import threading
+
+    url = f"{stack.merchant.url}/v1/checkout/ticket?variant=fig6"
+    body = THIRD_PARTY_PAGE.format(url=url).encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    before = stack.merchant_server.db.counts()
+    try:
+        browser.get(f"http://localhost:{server.server_address[1]}/")
+        deadline = time.monotonic() + 30
+        while browser.title != "done":
+            assert time.monotonic() < deadline, browser.execute_script("return window.results")
+            time.sleep(0.05)
+        results = browser.execute_script("return window.results")
+        shot(browser, tmp_path, "third-party-page")
+    finally:
+        server.shutdown()
+        server.server_close()
+    print("third-party page:", results)
+    assert results["preflighted"] == "blocked", results   # the preflight is refused
+    assert results["no-cors get"] == "opaque" and results["no-cors post"] == "opaque"
+    assert stack.merchant_server.db.counts() == before, results
