@@ -238,6 +238,7 @@ def test_a_pool_of_psams_with_two_terminal_ids(tmp_path: Path) -> None:
 # --- every command: internal errors and Ctrl-C ----------------------------------------------
 BOOM = """
 import sys, time
+import click
 from svcard.host.cli.main import main
 
 @main.command("boom")
@@ -247,6 +248,17 @@ def boom() -> None:
 @main.command("ctrl-c")
 def ctrl_c() -> None:
     raise KeyboardInterrupt
+
+@main.command("sql")
+@click.argument("url")
+def sql(url: str) -> None:
+    from sqlalchemy import MetaData, text
+    from svcard.host.kit.db import make_engine
+    engine = make_engine(url, MetaData())
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS t (k VARCHAR(8) PRIMARY KEY)"))
+        for _ in range(2):
+            conn.execute(text("INSERT INTO t VALUES (:k)"), {"k": "hunter2-secret"})
 
 @main.command("wait")
 def wait() -> None:
@@ -271,6 +283,55 @@ def test_an_internal_error_is_one_line_saying_where_to_report_it() -> None:
     debug = _python("boom", env={"SVCARD_DEBUG": "1"})
     assert debug.returncode == EXIT_INTERNAL
     assert "Traceback" in debug.stderr and "the frobnicator" in debug.stderr
+
+
+def test_a_database_statement_error_never_shows_the_sql_or_its_values(tmp_path: Path) -> None:
+    """Review 6: an unhandled statement error prints the driver's first line only."""
+    line = one_line(_python("sql", f"sqlite:///{tmp_path / 'x.db'}"), EXIT_INTERNAL,
+                    "internal error: database: IntegrityError: UNIQUE constraint failed: t.k",
+                    "please report it")
+    assert "hunter2" not in line and "INSERT" not in line and "SQL" not in line
+
+
+def test_every_engine_hides_sql_parameters(tmp_path: Path) -> None:
+    from sqlalchemy import MetaData, text
+    from sqlalchemy.exc import StatementError
+
+    from svcard.host.kit.db import make_engine, open_existing
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    engine = make_engine(url, MetaData())
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (k VARCHAR(8) PRIMARY KEY)"))
+            conn.execute(text("INSERT INTO t VALUES ('a')"))
+        with pytest.raises(StatementError) as caught, engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (:k)"), {"k": "a"})
+        assert "'a'" not in str(caught.value) and "hidden" in str(caught.value)
+    finally:
+        engine.dispose()
+    reader = open_existing(url, ("t",))
+    try:
+        with pytest.raises(StatementError) as caught, reader.connect() as conn:
+            conn.execute(text("SELECT nosuch FROM t WHERE k = :k"), {"k": "hunter2"})
+        assert "hunter2" not in str(caught.value)
+    finally:
+        reader.dispose()
+
+
+@pytest.mark.parametrize("args, field, limit", [
+    (["create", "a" * 33], "ACCOUNT_ID", 32),
+    (["fund", "a" * 33, "1u"], "ACCOUNT_ID", 32),
+    (["create", ""], "ACCOUNT_ID", 32),
+    (["create", "alice", "--holder", "h" * 101], "--holder", 100),
+    (["create", "alice", "--secret", "s" * 129], "--secret", 128),
+])
+def test_bank_account_fields_are_bounded(args: list[str], field: str, limit: int,
+                                         tmp_path: Path) -> None:
+    """Review 6: what the bank's table cannot hold is a usage error, before any database."""
+    usage_error(run("bank", "account", *args, "--db", f"sqlite:///{tmp_path / 'bank.db'}",
+                    cwd=tmp_path), field, f"1 to {limit} characters")
+    assert not (tmp_path / "bank.db").exists()
 
 
 def test_ctrl_c_is_exit_130_with_one_line() -> None:
