@@ -380,3 +380,19 @@ def test_a_postgresql_reader_cannot_write(tmp_path: Path) -> None:
         assert list(pay_records.payments(url)) == []
     finally:
         cluster.stop()
+
+
+def test_clearing_run_never_adds_its_tables_to_a_database_of_another_kind(
+        tmp_path: Path, databases: dict[str, str]) -> None:
+    """``clearing run --db`` names its own database: a new one, or an existing clearing
+    database; a payment database given there is refused before anything is written."""
+    batches = tmp_path / "batches"
+    batches.mkdir()
+    payments = tmp_path / "payments.db"
+    before = payments.read_bytes()
+    refused(run("clearing", "run", "--config", str(fixture_path("clearing-demo.toml")),
+                "--batches", str(batches), "--db", databases["payments"],
+                "--out", str(tmp_path / "out"), cwd=tmp_path),
+            EXIT_INPUT, databases["payments"], "not a clearing database")
+    assert payments.read_bytes() == before
+    assert not (tmp_path / "out").exists()

@@ -51,10 +51,12 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
     an input (configuration, batch folder, load database) is missing or unusable: then nothing
     is written."""
     from ..kit.config import ConfigError
+    from ..kit.db import sqlite_file
     from ..load.records import check_load_db
     from .clearing import run_clearing
     from .config import clearing_config
     from .db import make_engine
+    from .sources import check_sources
 
     try:
         config = clearing_config(config_path)
@@ -66,6 +68,10 @@ def clearing_run(config_path: Path, batch_dir: Path, load_dbs: tuple[str, ...], 
              "servers hand their batches to)", EXIT_INPUT)
     for url in load_dbs:
         check_load_db(url)
+    # its own database: a new one, or an existing clearing database, never another kind's
+    path = sqlite_file(db_url)
+    if path is not None and path.is_file() and path.stat().st_size > 0:
+        check_sources(clearing_db=db_url)
     report = run_clearing(config, batch_dir, make_engine(db_url), out_dir,
                           load_db_urls=load_dbs)
     refused = [b for b in report.batches if b["state"] == "refused"
