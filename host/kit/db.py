@@ -134,16 +134,25 @@ def open_existing(url: str, tables: Iterable[str], what: str = "database") -> En
         engine = _create(url, parsed, pool_size=5, max_overflow=5)
         event.listen(engine, "connect", _read_only_session)
     try:
+        require_tables(engine, url, tables, what)
+    except DatabaseError:
+        engine.dispose()
+        raise
+    return engine
+
+
+def require_tables(engine: Engine, url: str, tables: Iterable[str], what: str) -> None:
+    """Refuse (:class:`DatabaseError`) a database at ``url`` that cannot be opened or lacks one
+    of ``tables``: it is not a ``what``."""
+    try:
         with engine.connect() as conn:
             inspector = inspect(conn)
             missing = [t for t in tables if not inspector.has_table(t)]
     except DBAPIError as exc:
-        engine.dispose()
-        raise DatabaseError(f"{name}: cannot open the {what}: {_why(exc, parsed)}") from None
+        raise DatabaseError(f"{masked_url(url)}: cannot open the {what}: "
+                            f"{_why(exc, _parse(url))}") from None
     if missing:
-        engine.dispose()
-        raise DatabaseError(f"{name}: not a {what} (no table {', '.join(missing)})")
-    return engine
+        raise DatabaseError(f"{masked_url(url)}: not a {what} (no table {', '.join(missing)})")
 
 
 def _sqlite_read_mode(path: str) -> str:

@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 
 from .command_line import EXIT_INPUT
-from .db import make_engine, now_ms, open_existing
+from .db import make_engine, now_ms, open_existing, require_tables
 
 TABLE = "svcard_schema"
 ADOPTED_VERSION = 1   # a database made before stamps existed holds version 1's tables
@@ -159,9 +159,10 @@ def open_for_reading(url: str, tables: tuple[str, ...], what: str, schema: Schem
     """A read-only engine on the existing database at ``url`` holding ``tables``
     (:func:`~svcard.host.kit.db.open_existing`), once its version of ``schema`` is known not
     to be newer than this svcard's (else :class:`SchemaError`, the engine disposed)."""
-    engine = open_existing(url, tables, what)
+    engine = open_existing(url, (), what)
     try:
-        check(engine, schema)
+        check(engine, schema)   # first: a newer schema may have other tables
+        require_tables(engine, url, tables, what)
     except BaseException:
         engine.dispose()
         raise
