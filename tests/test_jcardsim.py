@@ -99,7 +99,7 @@ def test_clear_errors_without_jar_or_class(standin_classes: Path) -> None:
             JCardSimReader("x.Y", b"\\x01").connect()
         except JCardSimError as exc:
             print(exc)
-    """, {"JCARDSIM_JAR": ""})
+    """, {"JCARDSIM_JAR": "", "JCARDSIM_CLASSPATH": ""})
     assert "set JCARDSIM_JAR" in no_jar.stdout
     missing = run_python("""
         from svcard.reader.jcardsim import JCardSimError, JCardSimReader
