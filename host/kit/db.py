@@ -90,7 +90,7 @@ def make_engine(url: str, metadata: MetaData) -> Engine:
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.close()
     else:
@@ -199,6 +199,22 @@ def must_exist(url: str, what: str = "database") -> None:
     if (parsed.get_backend_name() == "sqlite" and path and path != ":memory:"
             and not path.startswith("file:") and not os.path.isfile(path)):
         raise DatabaseError(f"{masked_url(url)}: no such {what}: {path} does not exist")
+
+
+def _switch_to_wal(cur: Any, patience: float = 30.0) -> None:
+    """``PRAGMA journal_mode=WAL`` on a new connection. The first switch of a new file needs
+    the file to itself: several processes opening one new database at once may be told
+    "database is locked" at once (SQLite's busy handler does not wait for this one), so it is
+    asked again for up to ``patience`` seconds. The mode then stays in the file."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _create(url: str, target: URL, **options: Any) -> Engine:
