@@ -13,8 +13,9 @@ from svcard.card.image import card_from_image, save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.card.runtime import Card
 from svcard.fixtures import fixture_path
-from svcard.host.demo.system import System, start_system
+from svcard.host.demo.system import System, card_image, start_system
 from svcard.host.load import client as LC
+from svcard.host.pay.stack import Stack, start_stack
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
 
@@ -106,3 +107,17 @@ def load_card(system: System, card: Path, journal: Journal, amount: int) -> None
     with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
         assert LC.load(system.load.bank_url, reader, account="alice", secret="pw",
                        amount=amount, journal=journal, http=http).outcome == "loaded"
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """The payment server (two PSAMs) and a merchant on loopback."""
+    s = start_stack(tmp_path / "stack", psams=2)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def card(tmp_path: Path) -> Path:
+    """A demo purse card holding 100.00."""
+    return card_image(tmp_path, ep=10_000)

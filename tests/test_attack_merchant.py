@@ -17,7 +17,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from svcard.card.storage import read_image
-from svcard.host.demo.system import card_image
 from svcard.host.pay import client as C
 from svcard.host.pay import client_terminal as CT
 from svcard.host.pay.merchant.server import DEFAULT_VARIANTS
@@ -28,18 +27,6 @@ from svcard.host.terminal.purse import TerminalCheckFailed, select_purse
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
 from svcard.protocols import purse as P
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path / "stack", psams=2)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def card(tmp_path: Path) -> Path:
-    return card_image(tmp_path, ep=10_000)
 
 
 def balance(card: Path) -> int:

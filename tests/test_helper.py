@@ -37,7 +37,7 @@ from svcard.host.helper.pairing import (
 from svcard.host.helper.payments import HelperCard
 from svcard.host.kit.serving import ServerThread, free_port
 from svcard.host.pay.merchant.server import MerchantServer
-from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.pay.stack import Stack
 from svcard.host.terminal.journal import Journal
 from svcard.protocols import purse as P
 
@@ -84,18 +84,6 @@ def wait_job(http: httpx.Client, h: Helper, job_id: str, timeout: float = 30.0,
 
 def balance(card: Path, purse: str = "ep") -> int:
     return int(read_image(card)["app"][purse]["balance"])
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path / "stack", psams=2)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def card(tmp_path: Path) -> Path:
-    return card_image(tmp_path, ep=10_000)
 
 
 @pytest.fixture

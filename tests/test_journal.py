@@ -15,7 +15,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -64,13 +63,6 @@ except Exception as exc:
     error = type(exc).__name__
 print(json.dumps({"error": error, "image": new_image("iep", card.apps[0].to_state())}))
 '''
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path / "stack", psams=2)
-    yield s
-    s.close()
 
 
 def balance(card: Path) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,6 @@ from svcard.protocols import secure
 from svcard.reader import VirtualReader
 
 VARIANTS = ("fig5", "fig6", "fig7", "fig8")
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path / "stack", psams=2)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def card(tmp_path: Path) -> Path:
-    return card_image(tmp_path, ep=10_000)
 
 
 def pay(stack: Stack, card: Path, http: httpx.Client, journal: Journal, sku: str = "ticket",

@@ -87,13 +87,6 @@ def last_entry(journal: Path) -> dict[str, Any]:
     return list(entries.values())[-1]
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path / "stack", psams=2)
-    yield s
-    s.close()
-
-
 # --- Ctrl-C and SIGTERM in svcard pay -------------------------------------------------------
 @pytest.mark.parametrize(("step", "sig", "says", "finished", "paid"), [
     ("debited", "SIGINT", "the card was debited and the merchant has not confirmed it yet",
