@@ -12,6 +12,11 @@ then one line per exchange::
 (``response`` is data then SW1 SW2; ``t`` and ``ms`` may be null in imported traces). A line
 ``{"event": "reset", "atr": HEX}`` marks a card reset inside the trace.
 
+PINs never reach a trace file: the data of a VERIFY (INS 20) or a PIN change or reload (INS 5E)
+is recorded as that many ``FF`` bytes and the line carries ``"redacted": true``. Replay matches
+such a command on its header, its length and its Le, not on the PIN; an export keeps the ``FF``
+bytes, so an exported and re-imported trace no longer replays that command.
+
 :class:`RecordingReader` wraps a reader and appends a line per exchange, flushed at once, so a
 crash leaves a usable trace. :class:`TraceReader` (``trace:FILE``) answers with the recorded
 responses while the commands match, and raises :class:`TraceMismatchError` naming the first
@@ -57,12 +62,32 @@ class TraceMismatchError(ReaderError):
         super().__init__(text)
 
 
+# commands whose data is a PIN (VERIFY; CHANGE PIN and RELOAD PIN share INS 5E)
+SECRET_INS = frozenset({0x20, 0x5E})
+
+
 @dataclass
 class Exchange:
     command: bytes
     response: bytes
     t: float | None = None
     ms: float | None = None
+    redacted: bool = False
+
+    def matches(self, command: bytes) -> bool:
+        """Whether ``command`` is the one recorded (a redacted one: same header, size and Le)."""
+        if not self.redacted:
+            return command == self.command
+        return (len(command) == len(self.command) and command[:5] == self.command[:5]
+                and redact(command) == self.command)
+
+
+def redact(command: bytes) -> bytes:
+    """``command`` with its data replaced by FF bytes when it carries a PIN, else unchanged."""
+    if len(command) <= 5 or command[1] not in SECRET_INS:
+        return command
+    size = min(command[4], len(command) - 5)
+    return command[:5] + b"\xff" * size + command[5 + size:]
 
 
 @dataclass
@@ -92,9 +117,13 @@ class Trace:
 
 
 def exchange_line(i: int, ex: Exchange) -> dict[str, Any]:
-    return {"i": i, "t": None if ex.t is None else round(ex.t, 6),
-            "ms": None if ex.ms is None else round(ex.ms, 3),
-            "command": ex.command.hex().upper(), "response": ex.response.hex().upper()}
+    line: dict[str, Any] = {"i": i, "t": None if ex.t is None else round(ex.t, 6),
+                            "ms": None if ex.ms is None else round(ex.ms, 3),
+                            "command": ex.command.hex().upper(),
+                            "response": ex.response.hex().upper()}
+    if ex.redacted:
+        line["redacted"] = True
+    return line
 
 
 def _hex(value: Any, where: str) -> bytes:
@@ -140,13 +169,16 @@ def load_trace(path: str | Path) -> Trace:
         response = _hex(rec["response"], where)
         if len(response) < 2:
             raise TraceError(f"{where}: a response has at least a status word")
+        redacted = rec.get("redacted", False)
+        if not isinstance(redacted, bool):
+            raise TraceError(f"{where}: 'redacted' is true or false")
         trace.exchanges.append(Exchange(_hex(rec["command"], where), response, rec.get("t"),
-                                        rec.get("ms")))
+                                        rec.get("ms"), redacted))
     return trace
 
 
 class RecordingReader(Reader):
-    """Passes everything to ``inner`` and writes each exchange to ``path``."""
+    """Passes everything to ``inner`` and writes each exchange to ``path`` (PINs redacted)."""
 
     def __init__(self, inner: Reader, path: str | Path) -> None:
         self.inner = inner
@@ -178,7 +210,9 @@ class RecordingReader(Reader):
         t = time.monotonic() - self._t0
         response = self.inner.transmit(apdu)
         ms = (time.perf_counter() - start) * 1000
-        self._write(exchange_line(self._count, Exchange(apdu, response, t, ms)))
+        recorded = redact(apdu)
+        self._write(exchange_line(self._count, Exchange(recorded, response, t, ms,
+                                                        recorded != apdu)))
         self._count += 1
         return response
 
@@ -217,8 +251,8 @@ class TraceReader(Reader):
         if i >= len(self.trace.exchanges):
             raise TraceMismatchError(i, None, apdu)
         expected = self.trace.exchanges[i]
-        if expected.command != apdu:
-            raise TraceMismatchError(i, expected.command, apdu)
+        if not expected.matches(apdu):
+            raise TraceMismatchError(i, expected.command, redact(apdu))
         self.position += 1
         return expected.response
 

@@ -281,3 +281,35 @@ def test_gp_import_reads_seconds_and_export_refuses_bad_input(tmp_path: Path) ->
     assert code == 2 and not (tmp_path / "missing.jsonl").exists()
     with pytest.raises(TraceError, match="unknown export format"):
         export_trace(Trace("r", ATR), "nope")
+
+
+def test_a_recorded_pin_never_reaches_the_trace_and_the_trace_still_replays(
+        tmp_path: Path) -> None:
+    c = cards(tmp_path)
+    out = tmp_path / "ed.jsonl"
+    code, text = run("terminal", "balance", "--card", f"virtual:{c['iep']}", "--purse", "ed",
+                     "--pin", "123456", "--json", "--trace-out", str(out))
+    assert code == 0, text
+    raw = out.read_text()
+    assert "123456" not in raw  # the PIN's BCD digits
+    verify = [e for e in load_trace(out).exchanges if e.command[1] == 0x20]
+    assert len(verify) == 1 and verify[0].redacted
+    assert verify[0].command == bytes.fromhex("0020000003FFFFFF")
+    # replay matches the VERIFY on its header and size, so the recorded session replays
+    code, replayed = run("terminal", "balance", "--card", f"trace:{out}", "--purse", "ed",
+                         "--pin", "123456", "--json")
+    assert code == 0, replayed
+    assert json.loads(replayed) == json.loads(text)
+    # a PIN of another length is another command
+    code, text = run("terminal", "balance", "--card", f"trace:{out}", "--purse", "ed",
+                     "--pin", "1234", "--json")
+    assert code == 9 and "got 0020000002FFFF" in text and "1234" not in text
+
+
+def test_a_redacted_flag_that_is_not_a_boolean_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"format": "svcard-trace", "version": 1, "atr": "3B00"}) + "\n"
+                    + json.dumps({"command": "0020000001FF", "response": "9000",
+                                  "redacted": "yes"}) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: 'redacted' is true or false"):
+        load_trace(path)
