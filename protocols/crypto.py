@@ -17,6 +17,7 @@ with warnings.catch_warnings():
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 
 ALGORITHM_3DES = 0x00
+ALGORITHMS = ("3des",)   # the algorithm names an issuer file may map algorithm ids to
 ZERO_IV = bytes(8)
 _ECB = modes.ECB()
 _CBC_ZERO = modes.CBC(ZERO_IV)  # mode objects are immutable: one of each serves every call
@@ -91,6 +92,18 @@ def cbc_macs_same_key(key: bytes, messages: list[bytes], *, size: int = 4) -> li
         state = int.from_bytes(enc.update((state ^ column).to_bytes(8 * count, "big")), "big")
     out = state.to_bytes(8 * count, "big")
     return [out[8 * i:8 * i + size] for i in range(count)]
+
+
+def retail_mac(key: bytes, data: bytes, *, size: int = 4) -> bytes:
+    """ISO 9797-1 MAC algorithm 3 (the "retail MAC") with padding method 2 and a zero ICV: a
+    single-DES CBC chain under the key's left half, then the last block decrypted under the
+    right half and encrypted again under the left; the first ``size`` bytes."""
+    if len(key) != 16:
+        raise KeyError_("a retail MAC key has 16 bytes")
+    left, right = key[:8], key[8:]
+    chain = Cipher(_tdes(left), _CBC_ZERO).encryptor().update(pad80(data))[-8:]
+    middle = Cipher(_tdes(right), _ECB).decryptor().update(chain)
+    return Cipher(_tdes(left), _ECB).encryptor().update(middle)[:size]
 
 
 def diversify(master: bytes, factor: bytes) -> bytes:
@@ -180,3 +193,40 @@ def purchase_tac_input(amount: int, txn_type: int, terminal_id: bytes, terminal_
                        date: bytes, time: bytes) -> bytes:
     return (u32(amount) + bytes((txn_type,)) + terminal_id + u32(terminal_txn_number)
             + date + time)
+
+
+# Unload and overdraft-limit update (PBOC ED; session keys as for loads, with the unload key
+# DULK or the update key DUK). The card answers MAC3 to an unload and a TAC to an update.
+
+def u24(value: int) -> bytes:
+    return value.to_bytes(3, "big")
+
+
+def unload_mac1_input(balance: int, amount: int, txn_type: int, terminal_id: bytes) -> bytes:
+    return u32(balance) + u32(amount) + bytes((txn_type,)) + terminal_id
+
+
+def unload_mac2_input(amount: int, txn_type: int, terminal_id: bytes, date: bytes,
+                      time: bytes) -> bytes:
+    return u32(amount) + bytes((txn_type,)) + terminal_id + date + time
+
+
+def unload_mac3_input(balance_after: int, online_counter: int, amount: int, txn_type: int,
+                      terminal_id: bytes, date: bytes, time: bytes) -> bytes:
+    return (u32(balance_after) + online_counter.to_bytes(2, "big") + u32(amount)
+            + bytes((txn_type,)) + terminal_id + date + time)
+
+
+def update_mac1_input(balance: int, old_limit: int, txn_type: int, terminal_id: bytes) -> bytes:
+    return u32(balance) + u24(old_limit) + bytes((txn_type,)) + terminal_id
+
+
+def update_mac2_input(new_limit: int, txn_type: int, terminal_id: bytes, date: bytes,
+                      time: bytes) -> bytes:
+    return u24(new_limit) + bytes((txn_type,)) + terminal_id + date + time
+
+
+def update_tac_input(balance_after: int, online_counter: int, new_limit: int, txn_type: int,
+                     terminal_id: bytes, date: bytes, time: bytes) -> bytes:
+    return (u32(balance_after) + online_counter.to_bytes(2, "big") + u24(new_limit)
+            + bytes((txn_type,)) + terminal_id + date + time)

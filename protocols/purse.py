@@ -209,6 +209,45 @@ HsmVerifyLoadTacData: Layout = Struct(
 )
 
 
+# --- unload and overdraft-limit update (PBOC ED only; H4, issue 11) ---------------------------
+INIT_UPDATE = 0x04                  # P1 of INITIALIZE FOR UPDATE (the overdraft limit)
+INIT_UNLOAD = 0x05                  # P1 of INITIALIZE FOR UNLOAD
+DEBIT_FOR_UNLOAD = 0x03             # P1 of DEBIT (80 54) for an unload
+DEBIT_FOR_PURCHASE = 0x01           # P1 of DEBIT (80 54) for a purchase / cash withdrawal
+INS_UPDATE_OVERDRAFT_LIMIT = 0x58
+MAX_OVERDRAFT_LIMIT = 0xFFFFFF      # 3 bytes, as in the log record
+InitForUnloadAnswer: Layout = Struct(
+    "balance" / Int32ub, "online_counter" / Int16ub, "key_version" / Int8ub,
+    "algorithm_id" / Int8ub, "random" / Bytes(4), "mac1" / Bytes(4),
+)
+DebitForUnloadData: Layout = Struct("date" / Bytes(4), "time" / Bytes(3), "mac2" / Bytes(4))
+DebitForUnloadAnswer: Layout = Struct("mac3" / Bytes(4))
+InitForUpdateData: Layout = Struct("key_index" / Int8ub, "terminal_id" / Bytes(6))
+InitForUpdateAnswer: Layout = Struct(
+    "balance" / Int32ub, "online_counter" / Int16ub, "overdraft_limit" / Int24ub,
+    "key_version" / Int8ub, "algorithm_id" / Int8ub, "random" / Bytes(4), "mac1" / Bytes(4),
+)
+UpdateOverdraftData: Layout = Struct(
+    "new_limit" / Int24ub, "date" / Bytes(4), "time" / Bytes(3), "mac2" / Bytes(4),
+)
+UpdateOverdraftAnswer: Layout = Struct("tac" / Bytes(4))
+# load HSM: P1 00 checks MAC1 and answers MAC2; P1 01 checks the card's proof (unload MAC3,
+# update TAC) in ``mac``
+INS_HSM_UNLOAD = 0xE8
+INS_HSM_UPDATE = 0xEA
+HsmUnloadData: Layout = Struct(
+    "issuer_id" / Bytes(8), "card_serial" / Bytes(8), "key_version" / Int8ub,
+    "algorithm_id" / Int8ub, "balance" / Int32ub, "amount" / Int32ub,
+    "terminal_id" / Bytes(6), "online_counter" / Int16ub, "random" / Bytes(4),
+    "date" / Bytes(4), "time" / Bytes(3), "mac" / Bytes(4),
+)
+HsmUpdateData: Layout = Struct(
+    "issuer_id" / Bytes(8), "card_serial" / Bytes(8), "key_version" / Int8ub,
+    "algorithm_id" / Int8ub, "balance" / Int32ub, "old_limit" / Int24ub,
+    "new_limit" / Int24ub, "terminal_id" / Bytes(6), "online_counter" / Int16ub,
+    "random" / Bytes(4), "date" / Bytes(4), "time" / Bytes(3), "mac" / Bytes(4),
+)
+
 # --- BCD dates and times ---------------------------------------------------------------------
 
 _BCD_BYTES = bytes(hi * 16 + lo for hi in range(10) for lo in range(10))
