@@ -1,31 +1,53 @@
 """Run a Java Card applet in jCardSim, through JPype, as a reader.
 
-``jcardsim:APPLET_CLASS:AID`` installs the applet class under that AID in a fresh simulator;
-SELECT and every other command then go through ``transmitCommand`` as APDUs. The user supplies
-the jCardSim jar (``JCARDSIM_JAR``; no registry this project can reach has it) and, when the
-applet is not inside that jar, its classes (``JCARDSIM_CLASSPATH``, ``os.pathsep``-separated).
+``JCardSimReader(APPLET_CLASS, AID, install_params=..., personalise=[...])`` installs the applet
+class in a fresh simulator the way a GlobalPlatform card's INSTALL [for install] does: the applet's
+static ``install(bArray, bOffset, bLength)`` receives, from ``bOffset`` on, the install data
+``len | instance AID | len | privileges | len | application parameters`` (privileges: the single
+byte ``00``; parameters: ``install_params``, what a GP card takes from tag C9). jCardSim passes the
+array it is given on to ``install`` untouched, so this layout is exactly what the applet reads; it
+sits after a few filler bytes (``bOffset`` is not 0, as on a card, where it lies in the APDU
+buffer), so an applet that assumes offset 0 fails here as it would on a card. An ordinary applet
+registers with ``register(bArray, (short) (bOffset + 1), bArray[bOffset])``.
+
+After the install nothing is selected. The ``personalise`` APDUs then go to the card in order (put
+a SELECT first if the applet needs one); one that does not answer 9000 stops the connect with a
+:class:`JCardSimError` naming its index, header and status word (never its data: it may carry
+keys). After the last one the simulator is reset, as a card is powered anew between the
+personalisation machine and a terminal: transient memory is cleared and nothing is selected.
+SELECT and every later command go through ``transmitCommand`` as APDUs.
+
+The user supplies the jCardSim jar (``JCARDSIM_JAR``; no registry this project can reach has it)
+and, when the applet is not inside that jar, its classes (``JCARDSIM_CLASSPATH``,
+``os.pathsep``-separated; jCardSim b6218da also needs BouncyCastle there).
 
 One JVM per process (JPype cannot restart one, nor change its class path once started). jCardSim
 keeps its runtime per Java thread, so every simulator call runs on one dedicated Python thread,
 attached to the JVM once. Java exceptions come back as :class:`JCardSimError`.
 
 ``JCARDSIM_SIMULATOR`` and ``JCARDSIM_AIDUTIL`` name other classes with jCardSim's API
-(``Simulator``: ``installApplet(AID, Class)``, ``transmitCommand(byte[])``, ``getATR()``,
-``reset()``; ``AIDUtil.create(String)``); the tests use them to run a stand-in of ours.
+(``Simulator``: ``installApplet(AID, Class, byte[], short, byte)``, ``transmitCommand(byte[])``,
+``getATR()``, ``reset()``; ``AIDUtil.create(String)``); the tests use them to run a stand-in of
+ours.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ..protocols import sw as SW
+from ..protocols.apdu import APDUFormatError, parse_command
 from .base import Reader, ReaderError
 
 DEFAULT_SIMULATOR = "com.licel.jcardsim.base.Simulator"
 DEFAULT_AIDUTIL = "com.licel.jcardsim.utils.AIDUtil"
+PRIVILEGES = b"\x00"
+INSTALL_OFFSET = 5   # filler bytes before the install data in the array install() gets
+MAX_INSTALL_DATA = 127   # install()'s bLength is a Java byte
 
 T = TypeVar("T")
 
@@ -75,6 +97,24 @@ class _Jvm:
             cls._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jcardsim")
 
 
+# reason codes of javacard.framework.SystemException, and jCardSim's "applet creation failed"
+_REASONS = {1: "ILLEGAL_VALUE", 2: "NO_TRANSIENT_SPACE", 3: "ILLEGAL_TRANSIENT",
+            4: "ILLEGAL_AID", 5: "NO_RESOURCE", 6: "ILLEGAL_USE",
+            0x6444: "applet creation failed: its install() threw or did not register"}
+
+
+def _describe(exc: Any) -> str:
+    """A Java exception's class and message, and a Java Card exception's reason code."""
+    name = exc.__class__.__name__
+    text = str(exc)
+    out = name if text in ("", "None", name) else f"{name}: {text}"
+    get_reason = getattr(exc, "getReason", None)
+    if callable(get_reason):
+        reason = int(get_reason()) & 0xFFFF
+        out += f" (reason {reason:04X}{', ' + _REASONS[reason] if reason in _REASONS else ''})"
+    return out
+
+
 def _java_call(fn: Callable[[], T], what: str) -> T:
     import jpype
 
@@ -82,18 +122,50 @@ def _java_call(fn: Callable[[], T], what: str) -> T:
         try:
             return fn()
         except jpype.JException as exc:
-            raise JCardSimError(f"{what}: {exc.__class__.__name__}: {exc}") from None
+            raise JCardSimError(f"{what}: {_describe(exc)}") from None
 
     return _Jvm.run(guarded)
 
 
+def gp_install_data(aid: bytes, install_params: bytes = b"",
+                    privileges: bytes = PRIVILEGES) -> bytes:
+    """The install data a GlobalPlatform card gives an applet's ``install``:
+    ``len | AID | len | privileges | len | application parameters``."""
+    if not 5 <= len(aid) <= 16:
+        raise JCardSimError(f"an applet AID has 5 to 16 bytes, got {len(aid)}")
+    data = (bytes([len(aid)]) + aid + bytes([len(privileges)]) + privileges
+            + bytes([len(install_params) & 0xFF]) + install_params)
+    if len(install_params) > 255 or len(data) > MAX_INSTALL_DATA:
+        raise JCardSimError(f"install data of {len(data)} bytes (with {len(install_params)} "
+                            f"bytes of parameters): install() takes at most {MAX_INSTALL_DATA}")
+    return data
+
+
+def _header(apdu: bytes) -> str:
+    return apdu[:4].hex().upper()
+
+
 class JCardSimReader(Reader):
-    def __init__(self, applet_class: str, aid: bytes, *, jar: str | None = None,
+    """An applet installed (GP install data) and personalised in a fresh jCardSim simulator.
+
+    ``install_params`` and ``personalise`` may hold keys: they are kept out of the reader's
+    name, repr and errors (an error shows an APDU's header only)."""
+
+    def __init__(self, applet_class: str, aid: bytes, *, install_params: bytes = b"",
+                 personalise: Sequence[bytes] = (), jar: str | None = None,
                  classpath: tuple[str, ...] = (), simulator_class: str | None = None,
                  aid_util_class: str | None = None) -> None:
         self.applet_class = applet_class
-        self.aid = aid
-        self.name = f"jcardsim:{applet_class}:{aid.hex().upper()}"
+        self.aid = bytes(aid)
+        self.name = f"jcardsim:{applet_class}:{self.aid.hex().upper()}"
+        self._install_data = gp_install_data(self.aid, bytes(install_params))
+        self._personalise = tuple(bytes(apdu) for apdu in personalise)
+        for i, apdu in enumerate(self._personalise):
+            try:
+                parse_command(apdu)
+            except APDUFormatError as exc:
+                raise JCardSimError(f"{self.name}: personalisation APDU {i} "
+                                    f"({_header(apdu) or 'empty'}) is malformed: {exc}") from None
         jar = jar or os.environ.get("JCARDSIM_JAR")
         extra = os.environ.get("JCARDSIM_CLASSPATH", "")
         self.classpath = tuple(p for p in ((jar,) if jar else ()) + classpath
@@ -104,24 +176,54 @@ class JCardSimReader(Reader):
                                or DEFAULT_AIDUTIL)
         self._sim: Any = None
 
+    def __repr__(self) -> str:
+        return (f"<JCardSimReader {self.name} install data {len(self._install_data)} bytes, "
+                f"{len(self._personalise)} personalisation APDUs>")
+
     def connect(self) -> bytes:
         if not self.classpath:
             raise JCardSimError("set JCARDSIM_JAR to the jCardSim jar (see the README)")
         _Jvm.start(self.classpath)
+        install_data = self._install_data
 
-        def make() -> tuple[Any, bytes]:
+        def make() -> Any:
             import jpype
             simulator = jpype.JClass(self.simulator_class)()
             aid = jpype.JClass(self.aid_util_class).create(self.aid.hex().upper())
             applet = jpype.JClass(self.applet_class)
-            simulator.installApplet(aid, applet.class_)
-            return simulator, bytes(simulator.getATR())
+            array = jpype.JArray(jpype.JByte)(bytes(INSTALL_OFFSET) + install_data)
+            simulator.installApplet(aid, applet.class_, array, jpype.JShort(INSTALL_OFFSET),
+                                    jpype.JByte(len(install_data)))
+            return simulator
 
         try:
-            self._sim, atr = _java_call(make, f"installing {self.applet_class}")
+            sim = _java_call(make, f"installing {self.applet_class}")
         except TypeError as exc:  # a class JPype could not find or call
             raise JCardSimError(f"jCardSim API not found: {exc}") from None
-        return atr
+        if self._personalise:
+            self._run_personalisation(sim)
+        self._sim = sim
+        return _java_call(lambda: bytes(sim.getATR()), "getATR")
+
+    def _run_personalisation(self, sim: Any) -> None:
+        import jpype
+        count = len(self._personalise)
+        for i, apdu in enumerate(self._personalise):
+            where = (f"{self.name}: personalisation APDU [{i}] ({i + 1} of {count}, "
+                     f"header {_header(apdu)})")
+
+            def send(command: bytes = apdu) -> bytes:
+                return bytes(sim.transmitCommand(jpype.JArray(jpype.JByte)(command)))
+
+            try:
+                answer = _java_call(send, "transmitCommand")
+            except JCardSimError as exc:
+                raise JCardSimError(f"{where}: {exc}") from None
+            sw = int.from_bytes(answer[-2:], "big") if len(answer) >= 2 else -1
+            if sw != SW.OK:
+                shown = f"{sw:04X} ({SW.meaning(sw)})" if sw >= 0 else "no status word"
+                raise JCardSimError(f"{where} answered {shown}")
+        _java_call(lambda: sim.reset(), "reset")
 
     def transmit(self, apdu: bytes) -> bytes:
         if self._sim is None:
