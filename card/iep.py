@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeAlias
 
+from ..protocols import mac_schemes
 from ..protocols import purse as P
 from ..protocols import sw as SW
 from ..protocols.apdu import CommandAPDU
-from .iep_commands import load, pin, purchase, queries, records
+from .iep_commands import load, overdraft, pin, purchase, queries, records, unload
 from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
-from .iep_commands.records import Proof, append_log
+from .iep_commands.records import LOG_COUNTER_BEFORE, Proof, append_log, log_counter_as
 from .iep_commands.session import Session
 from .keys import KeyEntry
 from .runtime import CardError, TableApplication
@@ -80,9 +81,17 @@ class IepState:
     fixed_random: bytes | None = None
     label: str = "SVCARD ED/EP"
     mac_failure_limit: int = DEFAULT_MAC_FAILURE_LIMIT
+    mac_scheme: str = mac_schemes.DEFAULT   # the issuer's MAC-scheme profile
+    uid: bytes | None = None   # answered to GET DATA 00 00; MAC1 data in some profiles
     # consecutive wrong MACs per key index; a key at the limit is locked
     purchase_mac_failures: dict[int, int] = field(default_factory=dict)
     load_mac_failures: dict[int, int] = field(default_factory=dict)
+    # unload (DULK) and overdraft-limit update (DUK) keys: optional, ED only
+    unload_keys: dict[int, KeyEntry] = field(default_factory=dict)
+    update_keys: dict[int, KeyEntry] = field(default_factory=dict)
+    unload_mac_failures: dict[int, int] = field(default_factory=dict)
+    update_mac_failures: dict[int, int] = field(default_factory=dict)
+    log_counter: str = LOG_COUNTER_BEFORE   # the log record's counter: "before" or "after"
 
     def __repr__(self) -> str:
         return f"IepState(aid={self.aid.hex()}, ep={self.ep}, ed={self.ed})"
@@ -109,8 +118,15 @@ class IepState:
             "pending_log": self.pending_log.hex().upper() if self.pending_log else None,
             "fixed_random": self.fixed_random.hex().upper() if self.fixed_random else None,
             "mac_failure_limit": self.mac_failure_limit,
+            "mac_scheme": self.mac_scheme,
+            "uid": self.uid.hex().upper() if self.uid else None,
             "purchase_mac_failures": _counts_to_json(self.purchase_mac_failures),
             "load_mac_failures": _counts_to_json(self.load_mac_failures),
+            "unload_keys": [k.to_json() for k in self.unload_keys.values()],
+            "update_keys": [k.to_json() for k in self.update_keys.values()],
+            "unload_mac_failures": _counts_to_json(self.unload_mac_failures),
+            "update_mac_failures": _counts_to_json(self.update_mac_failures),
+            "log_counter": self.log_counter,
         }
 
     @classmethod
@@ -141,11 +157,22 @@ class IepState:
             fixed_random=bytes.fromhex(d["fixed_random"]) if d.get("fixed_random") else None,
             # images written before the MAC-failure counters load with none counted
             mac_failure_limit=int(d.get("mac_failure_limit", DEFAULT_MAC_FAILURE_LIMIT)),
+            mac_scheme=str(d.get("mac_scheme", mac_schemes.DEFAULT)),
+            uid=bytes.fromhex(d["uid"]) if d.get("uid") else None,
             purchase_mac_failures=_counts_from_json(d.get("purchase_mac_failures")),
             load_mac_failures=_counts_from_json(d.get("load_mac_failures")),
+            # images written before unload / update keys load without them (9403)
+            unload_keys=keys(d.get("unload_keys") or []),
+            update_keys=keys(d.get("update_keys") or []),
+            unload_mac_failures=_counts_from_json(d.get("unload_mac_failures")),
+            update_mac_failures=_counts_from_json(d.get("update_mac_failures")),
+            log_counter=log_counter_as(d.get("log_counter", LOG_COUNTER_BEFORE)),
         )
         if not 1 <= state.mac_failure_limit <= 255:
             raise ValueError("mac_failure_limit is 1..255")
+        scheme = mac_schemes.scheme(state.mac_scheme)   # an unknown profile: ValueError
+        if scheme.uid_size:
+            mac_schemes.check_uid(scheme, state.uid)
         if len(state.public_data) != 30 or len(state.holder_data) != 55:
             raise ValueError("EF 0x15 has 30 bytes and EF 0x16 has 55")
         if len(state.tac_key) != 16:
@@ -238,6 +265,8 @@ class Iep(TableApplication):
         s = self.state
         purse.balance = new_balance
         setattr(purse, counter_attr, getattr(purse, counter_attr) + 1)
+        if s.log_counter != LOG_COUNTER_BEFORE:   # the counter after the increment
+            record = getattr(purse, counter_attr).to_bytes(2, "big") + record[2:]
         s.proof = proof
         s.pending_log = record
         self.persist()
@@ -252,6 +281,17 @@ class Iep(TableApplication):
             raise CardError(SW.WRONG_P1P2)
         return route[0](self, cmd)
 
+    def debit(self, cmd: CommandAPDU) -> bytes:
+        """DEBIT ``80 54``: P1 01 completes a purchase / cash withdrawal, P1 03 an unload; a
+        session of another kind is spent and refused (``6985``)."""
+        if cmd.p1 == P.DEBIT_FOR_UNLOAD:
+            return unload.debit_for_unload(self, cmd)
+        if self.session is not None and self.session.kind not in (P.INIT_PURCHASE,
+                                                                  P.INIT_CASH_WITHDRAWAL):
+            self.session = None
+            raise CardError(SW.CONDITIONS_NOT_SATISFIED)
+        return purchase.debit(self, cmd)
+
 
 IepCommand: TypeAlias = Callable[[Iep, CommandAPDU], bytes]
 
@@ -260,20 +300,24 @@ _INITIALIZE_ROUTES: dict[int, tuple[IepCommand, tuple[int, ...]]] = {
     P.INIT_LOAD: (load.initialize_for_load, (P.PURSE_ED, P.PURSE_EP)),
     P.INIT_PURCHASE: (purchase.initialize_for_purchase, (P.PURSE_ED, P.PURSE_EP)),
     P.INIT_CASH_WITHDRAWAL: (purchase.initialize_for_purchase, (P.PURSE_ED,)),
+    P.INIT_UPDATE: (overdraft.initialize_for_update, (P.PURSE_ED,)),
+    P.INIT_UNLOAD: (unload.initialize_for_unload, (P.PURSE_ED,)),
 }
 
 _COMMANDS: dict[tuple[int, int], IepCommand] = {
     (P.CLA_PBOC, P.INS_INITIALIZE): Iep.initialize,
     (P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD): load.credit_for_load,
-    (P.CLA_PBOC, P.INS_DEBIT): purchase.debit,
+    (P.CLA_PBOC, P.INS_DEBIT): Iep.debit,
+    (P.CLA_PBOC, P.INS_UPDATE_OVERDRAFT_LIMIT): overdraft.update_overdraft_limit,
     (P.CLA_PBOC, P.INS_GET_BALANCE): queries.get_balance,
     (P.CLA_PBOC, P.INS_GET_TRANSACTION_PROVE): records.get_transaction_prove,
     (P.CLA_PBOC, P.INS_CHANGE_PIN): pin.change_pin,
-    (P.CLA_PBOC, P.INS_GET_DATA): queries.get_data,
+    (P.CLA_PBOC, P.INS_GET_DATA): purchase.get_data,   # 00 00: the UID; else queries
     (P.CLA_ISO, P.INS_VERIFY): pin.verify,
     (P.CLA_ISO, P.INS_READ_BINARY): queries.read_binary,
     (P.CLA_ISO, P.INS_READ_RECORD): records.read_record,
 }
 
 # the completions an INITIALIZE's session survives into (every other command ends it)
-_COMPLETIONS = ((P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD), (P.CLA_PBOC, P.INS_DEBIT))
+_COMPLETIONS = ((P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD), (P.CLA_PBOC, P.INS_DEBIT),
+                (P.CLA_PBOC, P.INS_UPDATE_OVERDRAFT_LIMIT))

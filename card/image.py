@@ -176,6 +176,9 @@ class _Iep(_Strict):
     pending_log: HexLogRecord | None = None
     fixed_random: Hex4 | None = None
     mac_failure_limit: Annotated[int, Field(ge=1, le=255)] = 3
+    unload_keys: list[_Key] = []
+    update_keys: list[_Key] = []
+    log_counter: Literal["before", "after"] = "before"
 
 
 class _PsamKey(_Strict):
@@ -213,6 +216,8 @@ class _HsmIssuer(_Strict):
     load_keys: list[_HsmKey]
     tac_key: Hex16
     two_level: bool = False
+    unload_keys: list[_HsmKey] = []
+    update_keys: list[_HsmKey] = []
 
 
 class _Hsm(_Strict):

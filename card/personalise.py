@@ -8,9 +8,10 @@ profile's own folder. See ``docs/profiles.md`` for every field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
@@ -80,6 +81,8 @@ class IssuerFile(Section):
     tac_master_key: SecretHex16
     purchase_keys: list[MasterKey] = Field(min_length=1)
     load_keys: list[MasterKey] = Field(min_length=1)
+    unload_keys: list[MasterKey] = Field(default_factory=list)   # optional: ED unload (DULK)
+    update_keys: list[MasterKey] = Field(default_factory=list)   # optional: overdraft (DUK)
 
 
 class CardKey(Section):
@@ -95,6 +98,8 @@ class CardKeys(Section):
     tac: SecretHex16
     purchase: list[CardKey] = Field(min_length=1)
     load: list[CardKey] = Field(min_length=1)
+    unload: list[CardKey] = Field(default_factory=list)
+    update: list[CardKey] = Field(default_factory=list)
 
 
 class Balances(Section):
@@ -143,6 +148,7 @@ class IepProfile(Profile):
     holder: Holder = Holder()
     fixed_random: Hex4 | None = None
     mac_failure_limit: Annotated[int, Field(ge=1, le=255)] = DEFAULT_MAC_FAILURE_LIMIT
+    log_counter: Literal["before", "after"] = "before"   # the log record's counter
 
 
 class PsamProfile(Profile):
@@ -179,6 +185,8 @@ class Issuer:
     load: list[KeyEntry]
     tac: bytes
     two_level: bool
+    unload: tuple[KeyEntry, ...] = ()
+    update: tuple[KeyEntry, ...] = ()
 
     def __repr__(self) -> str:
         return f"Issuer({self.issuer_id.hex()})"
@@ -197,7 +205,9 @@ def load_issuer(path: Path) -> Issuer:
         return [KeyEntry(k.index, k.version, k.algorithm, k.master_key) for k in keys]
 
     return Issuer(f.issuer_id, entries("purchase_keys", f.purchase_keys),
-                  entries("load_keys", f.load_keys), f.tac_master_key, f.diversify_by_issuer)
+                  entries("load_keys", f.load_keys), f.tac_master_key, f.diversify_by_issuer,
+                  tuple(entries("unload_keys", f.unload_keys)),
+                  tuple(entries("update_keys", f.update_keys)))
 
 
 # --- profiles ---------------------------------------------------------------------------------
@@ -261,6 +271,7 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
                 out[k.index] = KeyEntry(k.index, k.version, k.algorithm, k.key)
             return out
         purchase, load = explicit("purchase", p.keys.purchase), explicit("load", p.keys.load)
+        unload, update = explicit("unload", p.keys.unload), explicit("update", p.keys.update)
         tac, issuer_id = p.keys.tac, p.issuer_id
     else:
         if p.issuer_id is not None:
@@ -270,10 +281,11 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         issuer_id = issuer.issuer_id
         level = issuer.issuer_id if issuer.two_level else None
 
-        def diversified(entries: list[KeyEntry]) -> dict[int, KeyEntry]:
+        def diversified(entries: Sequence[KeyEntry]) -> dict[int, KeyEntry]:
             return {e.index: KeyEntry(e.index, e.version, e.algorithm,
                                       crypto.card_key(e.key, serial, level)) for e in entries}
         purchase, load = diversified(issuer.purchase), diversified(issuer.load)
+        unload, update = diversified(issuer.unload), diversified(issuer.update)
         tac = crypto.card_key(issuer.tac, serial, level)
     for purse in ("ep", "ed"):
         balance = getattr(p.balances, purse)
@@ -298,6 +310,7 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         pin_try_limit=p.pin.try_limit, pin_tries_left=p.pin.try_limit,
         ep=Purse(balance=p.balances.ep), ed=Purse(balance=p.balances.ed),
         mac_failure_limit=p.mac_failure_limit, fixed_random=p.fixed_random,
+        unload_keys=unload, update_keys=update, log_counter=p.log_counter,
     )
     return state.to_json()
 
@@ -321,7 +334,9 @@ def _hsm(p: Profile, path: Path) -> dict[str, Any]:
     state = HsmState(
         aid=p.aid or DEFAULT_HSM_AID,
         issuers={i.issuer_id: IssuerLoadKeys(
-            i.issuer_id, {k.version: (k.algorithm, k.key) for k in i.load}, i.tac, i.two_level)
+            i.issuer_id, {k.version: (k.algorithm, k.key) for k in i.load}, i.tac, i.two_level,
+            unload_keys={k.version: (k.algorithm, k.key) for k in i.unload},
+            update_keys={k.version: (k.algorithm, k.key) for k in i.update})
             for i in issuers},
     )
     return state.to_json()

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from .session import Session
 
 
+LOG_COUNTER_BEFORE = "before"   # the counter INITIALIZE answered (FMCOS 2.0's tables): default
+LOG_COUNTER_AFTER = "after"     # the counter after the transaction's increment (seen on an FM1208)
+LOG_COUNTER_CHOICES = (LOG_COUNTER_BEFORE, LOG_COUNTER_AFTER)
+
+
+def log_counter_as(value: object) -> str:
+    """The card profile's ``log_counter`` option, checked: ``"before"`` or ``"after"``."""
+    if value not in LOG_COUNTER_CHOICES:
+        raise ValueError('log_counter is "before" or "after"')
+    return str(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Proof:
     """What GET TRANSACTION PROVE answers for the last value transaction."""
@@ -40,7 +52,9 @@ class Proof:
 
 
 def log_record(session: Session, purse: Purse, date: bytes, time: bytes) -> bytes:
-    """The log record of the session's transaction, completed at ``date`` ``time``."""
+    """The log record of the session's transaction, completed at ``date`` ``time``. Its
+    counter is the one INITIALIZE answered; a card whose ``log_counter`` is ``"after"`` writes
+    the incremented one instead (:meth:`~svcard.card.iep.Iep.commit_value`)."""
     return P.LogRecord.build({
         "counter": session.counter, "overdraft_limit": purse.overdraft_limit,
         "amount": session.amount, "txn_type": session.txn_type,
@@ -55,7 +69,8 @@ def append_log(state: IepState, record: bytes) -> None:
 
 def get_transaction_prove(iep: Iep, cmd: CommandAPDU) -> bytes:
     """GET TRANSACTION PROVE ``80 5A 00 type 02 counter``: MAC and TAC of the last value
-    transaction, if it has that type and counter."""
+    transaction, if it has that type and counter (the counter INITIALIZE answered). For an
+    unload the pair is the MAC2 accepted and MAC3; for an overdraft-limit update, MAC2 and TAC."""
     if cmd.p1 != 0 or cmd.p2 not in P.TYPE_NAMES:
         raise CardError(SW.WRONG_P1P2)
     need_data(cmd, 2)

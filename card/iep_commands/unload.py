@@ -1,0 +1,115 @@
+"""Unloading the ED passbook back to the cardholder's account: INITIALIZE FOR UNLOAD
+(``80 50 05 01``) and DEBIT FOR UNLOAD (``80 54 03 00``).
+
+Only the ED (PIN verified) unloads. INITIALIZE checks the unload key (DULK, by key index) and
+that the balance covers the amount, and answers balance, online counter, key version,
+algorithm, random and MAC1 under the unload session key (built as a load's:
+``3DES_DULK(random || online counter || 80 00)``). DEBIT takes the issuer's MAC2, debits the
+purse (both writes of :meth:`~svcard.card.iep.Iep.commit_value`, the online counter goes up)
+and answers MAC3 under the same session key, which the issuer checks.
+
+The unload and update keys have MAC-failure counters of their own (``unload_mac_failures``,
+``update_mac_failures``), counted and locked as the load keys' are
+(:mod:`~svcard.card.iep_commands.lockout`); this module holds the few lines that do it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING
+
+from ...protocols import crypto
+from ...protocols import purse as P
+from ...protocols import sw as SW
+from ...protocols.apdu import CommandAPDU
+from ..runtime import CardError, need_data
+from .lockout import KEY_LOCKED
+from .records import Proof, log_record
+from .session import MAX_COUNTER, Session, read_initialize
+
+if TYPE_CHECKING:
+    from ..iep import Iep, IepState
+    from ..keys import KeyEntry
+
+
+# --- the unload and update keys' MAC-failure counters -----------------------------------------
+def failures(state: IepState, kind: int) -> dict[int, int]:
+    """The counters of the keys an INITIALIZE FOR UNLOAD (P1 05) or FOR UPDATE (P1 04) uses."""
+    return state.unload_mac_failures if kind == P.INIT_UNLOAD else state.update_mac_failures
+
+
+def check_key(state: IepState, kind: int, key: KeyEntry) -> None:
+    if failures(state, kind).get(key.index, 0) >= state.mac_failure_limit:
+        raise CardError(KEY_LOCKED)
+
+
+def count_failure(iep: Iep, session: Session) -> CardError:
+    """A wrong MAC2: one more against the session's key, written before the card answers."""
+    counts = failures(iep.state, session.kind)
+    counts[session.key.index] = min(counts.get(session.key.index, 0) + 1,
+                                    iep.state.mac_failure_limit)
+    iep.persist()
+    return CardError(SW.MAC_INVALID)
+
+
+def clear_failures(state: IepState, session: Session) -> None:
+    """A right MAC2: the count restarts, in the same write as the value it moves."""
+    failures(state, session.kind).pop(session.key.index, None)
+
+
+def unlock(state: IepState) -> None:
+    """The issuer's unlock of the unload and update keys (as ``lockout.unlock_keys``)."""
+    state.unload_mac_failures.clear()
+    state.update_mac_failures.clear()
+
+
+# --- the commands -----------------------------------------------------------------------------
+def initialize_for_unload(iep: Iep, cmd: CommandAPDU) -> bytes:
+    """INITIALIZE FOR UNLOAD: open an unload session on the ED (the route allows P2 01 only)."""
+    req, purse, random = read_initialize(iep, cmd)
+    s = iep.state
+    key = s.unload_keys.get(req.key_index)
+    if key is None:
+        raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
+    check_key(s, cmd.p1, key)
+    if purse.online_counter >= MAX_COUNTER:
+        raise CardError(SW.COUNTER_AT_MAXIMUM)
+    if req.amount > purse.balance:
+        raise CardError(SW.INSUFFICIENT_FUNDS)
+    counter = purse.online_counter
+    sk = crypto.load_session_key(key.key, random, counter)
+    mac1 = crypto.mac(sk, crypto.unload_mac1_input(purse.balance, req.amount, P.TYPE_UNLOAD,
+                                                    req.terminal_id))
+    iep.session = Session(cmd.p1, cmd.p2, P.TYPE_UNLOAD, key, req.amount, req.terminal_id,
+                          random, counter, purse.balance, sk)
+    return P.InitForUnloadAnswer.build({
+        "balance": purse.balance, "online_counter": counter, "key_version": key.version,
+        "algorithm_id": key.algorithm, "random": random, "mac1": mac1})
+
+
+def debit_for_unload(iep: Iep, cmd: CommandAPDU) -> bytes:
+    """DEBIT FOR UNLOAD: date, time and the issuer's MAC2; a right MAC2 debits the ED and
+    answers MAC3."""
+    session = iep.take_session()
+    if cmd.p2 != 0:
+        raise CardError(SW.WRONG_P1P2)
+    if session is None or session.kind != P.INIT_UNLOAD:
+        raise CardError(SW.CONDITIONS_NOT_SATISFIED)
+    need_data(cmd, P.DebitForUnloadData.sizeof())
+    req = P.DebitForUnloadData.parse(cmd.data)
+    if not (P.valid_date(req.date) and P.valid_time(req.time)):
+        raise CardError(SW.INCORRECT_DATA)
+    mac2 = crypto.mac(session.session_key, crypto.unload_mac2_input(
+        session.amount, session.txn_type, session.terminal_id, req.date, req.time))
+    if not hmac.compare_digest(mac2, req.mac2):
+        raise count_failure(iep, session)
+    clear_failures(iep.state, session)
+    purse = iep.state.ed
+    new_balance = session.balance - session.amount
+    mac3 = crypto.mac(session.session_key, crypto.unload_mac3_input(
+        new_balance, session.counter, session.amount, session.txn_type, session.terminal_id,
+        req.date, req.time))
+    record = log_record(session, purse, req.date, req.time)
+    proof = Proof(session.txn_type, session.counter, req.mac2, mac3)
+    iep.commit_value(purse, new_balance, "online_counter", proof, record)
+    return mac3
