@@ -22,7 +22,7 @@ from ..protocols import mac_schemes as M
 from ..protocols import purse as P
 from ..protocols import sw as SW
 from ..protocols.apdu import CommandAPDU
-from .keys import IssuerScheme
+from .keys import DEFAULT_SCHEME, IssuerScheme
 from .runtime import Application, CardError
 
 
@@ -35,7 +35,7 @@ class IssuerLoadKeys:
     # unload (MULK) and overdraft-limit update (MUK) master keys: version -> (algorithm, key)
     unload_keys: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     update_keys: dict[int, tuple[int, bytes]] = field(default_factory=dict)
-    scheme: IssuerScheme = IssuerScheme()   # algorithm ids and MAC-scheme profile
+    scheme: IssuerScheme = DEFAULT_SCHEME   # algorithm ids and MAC-scheme profile
 
     def __repr__(self) -> str:
         return f"IssuerLoadKeys(issuer={self.issuer_id.hex()}, versions={sorted(self.load_keys)})"

@@ -5,6 +5,12 @@ PBOC commands: READ BINARY of the terminal id (``00 B0 96 00 06``), INIT SAM FOR
 terminal transaction number and MAC1, CREDIT SAM FOR PURCHASE (``80 72 00 00 04`` MAC2; our
 ``08`` form adds the card's TAC for the collection record).
 
+Each issuer's MAC-scheme profile (protocols/mac_schemes.py) makes the session key, MAC1 and
+MAC2; a profile whose MAC1 takes the card's UID (``changsha-metro``: 9 bytes) needs them after
+the INIT SAM data (``80 70 00 00 25`` or ``2D``). A UID for an issuer whose profile takes none,
+or none where it takes one, is ``6700`` and changes nothing. The card's algorithm id must be
+one the issuer maps to the key's algorithm (``9403`` otherwise).
+
 Every purchase is recorded at INIT SAM, before the card answers: a record with no TAC and
 status 1 (not credited by this PSAM). In the PBOC form the session then stays pending; CREDIT
 SAM with the expected MAC2 rewrites *that* record in place (same TTN, still in the open batch)
@@ -30,17 +36,24 @@ svcard extensions (CLA 80):
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocols import crypto
+from ..protocols import mac_schemes as M
 from ..protocols import purse as P
 from ..protocols import sw as SW
 from ..protocols.apdu import CommandAPDU
+from .keys import DEFAULT_SCHEME, IssuerScheme
+from .psam_batch import BatchCommands
 from .runtime import CardError, TableApplication, read_binary_sfi
 
 MAX_TTN = 0xFFFFFFFF
+UID_SIZES = sorted({s.uid_size for s in M.SCHEMES.values()})
+_FORMS_1C = {0x1C + n for n in UID_SIZES}   # INIT SAM data, with the card's UID if any
+_FORMS_24 = {0x24 + n for n in UID_SIZES}
+assert not _FORMS_1C & _FORMS_24, "a UID size makes the INIT SAM forms ambiguous"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,11 @@ class PsamState:
     closed_records: Records = field(default_factory=Records)
     previous: Signature = field(default_factory=Signature)
     label: str = "SVCARD PSAM"
+    schemes: dict[bytes, IssuerScheme] = field(default_factory=dict)  # by issuer id
+
+    def scheme_for(self, issuer: bytes) -> IssuerScheme:
+        """The issuer's algorithm ids and MAC-scheme profile (PBOC, exact ids if not given)."""
+        return self.schemes.get(issuer, DEFAULT_SCHEME)
 
     def __repr__(self) -> str:
         return f"PsamState(terminal_id={self.terminal_id.hex()}, next_ttn={self.next_ttn})"
@@ -164,6 +182,9 @@ class PsamState:
             "records": self.records.hex_list(),
             "closed_records": self.closed_records.hex_list(),
             "previous": self.previous.to_json(),
+            **({"issuer_schemes": {i.hex().upper(): sc.to_json()
+                                   for i, sc in sorted(self.schemes.items())}}
+               if self.schemes else {}),
         }
 
     @classmethod
@@ -182,6 +203,8 @@ class PsamState:
             records=Records.from_hex(d.get("records", [])),
             closed_records=Records.from_hex(d.get("closed_records", [])),
             previous=Signature.from_json(d["previous"]),
+            schemes={bytes.fromhex(i): IssuerScheme.from_json(sc)
+                     for i, sc in d.get("issuer_schemes", {}).items()},
         )
         if len(state.terminal_id) != 6 or len(state.batch_key) != 16:
             raise ValueError("a PSAM has a 6-byte terminal id and a 16-byte batch key")
@@ -203,12 +226,7 @@ class _Pending:
     index: int = -1    # where INIT SAM put its record in the open batch
 
 
-def batch_mac(batch_key: bytes, header: bytes, records: Iterable[bytes]) -> bytes:
-    """The MAC that closes a batch: 3DES CBC-MAC over the header and every record."""
-    return crypto.cbc_mac(batch_key, header + b"".join(records))
-
-
-class Psam(TableApplication):
+class Psam(BatchCommands, TableApplication):
     def __init__(self, state: PsamState, persist: Callable[[], None] | None = None) -> None:
         self.state = state
         self.aid = state.aid
@@ -250,21 +268,29 @@ class Psam(TableApplication):
         })
 
     def _find_key(self, issuer: bytes, version: int, algorithm: int) -> IssuerKey:
+        """The issuer's key of that version, if the issuer knows the card's algorithm id as
+        the key's algorithm; 9403 otherwise."""
+        scheme = self.state.scheme_for(issuer)
         for k in self.state.keys:
-            if k.issuer_id == issuer and k.version == version and k.algorithm == algorithm:
+            if (k.issuer_id == issuer and k.version == version
+                    and scheme.accepts(k.algorithm, algorithm)):
                 return k
         raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
 
     def _init_sam(self, cmd: CommandAPDU) -> bytes:
         if cmd.p1 not in (0x00, 0x01) or cmd.p2 != 0:
             raise CardError(SW.WRONG_P1P2)
-        if len(cmd.data) == 0x1C:
+        size = len(cmd.data)
+        if size in _FORMS_1C:
             req = P.InitSamForPurchaseData.parse(cmd.data)
-            issuer, two_level = self.state.default_issuer, False
-        elif len(cmd.data) == 0x24:
+            issuer, two_level, uid = self.state.default_issuer, False, cmd.data[0x1C:]
+        elif size in _FORMS_24:
             req = P.InitSamForPurchaseData24.parse(cmd.data)
-            issuer, two_level = req.issuer_id, True
+            issuer, two_level, uid = req.issuer_id, True, cmd.data[0x24:]
         else:
+            raise CardError(SW.WRONG_LENGTH)
+        scheme = M.scheme(self.state.scheme_for(issuer).mac_scheme)
+        if len(uid) != scheme.uid_size:  # a UID where the issuer's scheme has none, or none
             raise CardError(SW.WRONG_LENGTH)
         if req.txn_type not in (P.TYPE_EP_PURCHASE, P.TYPE_ED_PURCHASE,
                                 P.TYPE_ED_CASH_WITHDRAWAL, P.TYPE_COMPOSITE_PURCHASE):
@@ -279,10 +305,10 @@ class Psam(TableApplication):
         master = self._find_key(issuer, req.key_version, req.algorithm_id)
         dpk = crypto.card_key(master.key, req.card_serial, issuer if two_level else None)
         ttn = s.next_ttn
-        sk = crypto.purchase_session_key(dpk, req.random, req.offline_counter, ttn)
-        mac1 = crypto.mac(sk, crypto.purchase_mac1_input(req.amount, req.txn_type, s.terminal_id,
-                                                         req.date, req.time))
-        mac2 = crypto.mac(sk, crypto.purchase_mac2_input(req.amount))
+        sk = M.purchase_session_key(scheme, dpk, req.random, req.offline_counter, ttn)
+        mac1 = M.purchase_mac1(scheme, sk, req.amount, req.txn_type, s.terminal_id, req.date,
+                               req.time, uid)
+        mac2 = M.purchase_mac2(scheme, sk, req.amount)
         pending = _Pending(ttn, sk, mac2, issuer, req.card_serial, req.offline_counter,
                            req.amount, req.txn_type, req.date, req.time)
         s.next_ttn = ttn + 1
@@ -351,56 +377,3 @@ class Psam(TableApplication):
         p = self.state.previous
         return P.PreviousSignature.build({"terminal_txn_number": p.ttn, "mac1": p.mac1,
                                           "expected_mac2": p.expected_mac2, "state": p.state})
-
-    def totals(self) -> dict[bytes, tuple[int, int]]:
-        out: dict[bytes, tuple[int, int]] = {}
-        for raw in self.state.records:
-            rec = P.PsamRecord.parse(raw)
-            count, amount = out.get(rec.issuer_id, (0, 0))
-            out[rec.issuer_id] = (count + 1, amount + rec.amount)
-        return out
-
-    def _totals(self, cmd: CommandAPDU) -> bytes:
-        if cmd.p1 or cmd.p2:
-            raise CardError(SW.WRONG_P1P2)
-        if cmd.data:
-            raise CardError(SW.WRONG_LENGTH)
-        return b"".join(P.PsamTotal.build({"issuer_id": i, "count": c, "amount": a})
-                        for i, (c, a) in sorted(self.totals().items()))
-
-    def _read_batch_record(self, cmd: CommandAPDU) -> bytes:
-        if cmd.p1 or cmd.p2:
-            raise CardError(SW.WRONG_P1P2)
-        if len(cmd.data) != 5:
-            raise CardError(SW.WRONG_LENGTH)
-        req = P.ReadBatchRecordData.parse(cmd.data)
-        if req.batch not in (0, 1):
-            raise CardError(SW.INCORRECT_DATA)
-        records = self.state.records if req.batch == 0 else self.state.closed_records
-        if req.index >= len(records):
-            raise CardError(SW.RECORD_NOT_FOUND)
-        return records[int(req.index)]
-
-    def _batch_answer(self, number: int, records: Records) -> bytes:
-        s = self.state
-        total = sum(P.PsamRecord.parse(r).amount for r in records)
-        header = P.BatchHeader.build({"terminal_id": s.terminal_id, "batch_number": number,
-                                      "record_count": len(records), "total_amount": total})
-        return header + batch_mac(s.batch_key, header, records)
-
-    def _close_batch(self, cmd: CommandAPDU) -> bytes:
-        if cmd.p1 not in (0, 1) or cmd.p2:
-            raise CardError(SW.WRONG_P1P2)
-        if cmd.data:
-            raise CardError(SW.WRONG_LENGTH)
-        s = self.state
-        if cmd.p1 == 1:  # answer the last closed batch again (its answer may have been lost)
-            if s.batch_number == 1:
-                raise CardError(SW.RECORD_NOT_FOUND)
-            return self._batch_answer(s.batch_number - 1, s.closed_records)
-        answer = self._batch_answer(s.batch_number, s.records)
-        s.closed_records = s.records
-        s.records = Records()
-        s.batch_number += 1
-        self.persist()
-        return answer

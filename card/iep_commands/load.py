@@ -12,6 +12,7 @@ import hmac
 from typing import TYPE_CHECKING
 
 from ...protocols import crypto
+from ...protocols import mac_schemes as M
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
@@ -40,9 +41,9 @@ def initialize_for_load(iep: Iep, cmd: CommandAPDU) -> bytes:
         raise CardError(SW.CONDITIONS_NOT_SATISFIED)
     txn_type = LOAD_TYPES[cmd.p2]
     counter = purse.online_counter
-    sk = crypto.load_session_key(key.key, random, counter)
-    mac1 = crypto.mac(sk, crypto.load_mac1_input(purse.balance, req.amount, txn_type,
-                                                  req.terminal_id))
+    scheme = M.scheme(s.mac_scheme)
+    sk = M.load_session_key(scheme, key.key, random, counter)
+    mac1 = M.load_mac1(scheme, sk, purse.balance, req.amount, txn_type, req.terminal_id)
     iep.session = Session(cmd.p1, cmd.p2, txn_type, key, req.amount, req.terminal_id, random,
                           counter, purse.balance, sk)
     return P.InitForLoadAnswer.build({
@@ -63,9 +64,9 @@ def credit_for_load(iep: Iep, cmd: CommandAPDU) -> bytes:
     req = P.CreditForLoadData.parse(cmd.data)
     if not (P.valid_date(req.date) and P.valid_time(req.time)):
         raise CardError(SW.INCORRECT_DATA)
-    mac2_input = crypto.load_mac2_input(session.amount, session.txn_type,
-                                        session.terminal_id, req.date, req.time)
-    if not hmac.compare_digest(crypto.mac(session.session_key, mac2_input), req.mac2):
+    mac2 = M.load_mac2(M.scheme(iep.state.mac_scheme), session.session_key, session.amount,
+                       session.txn_type, session.terminal_id, req.date, req.time)
+    if not hmac.compare_digest(mac2, req.mac2):
         raise mac_failed(iep, session)
     mac_ok(iep.state, session)
     purse = iep.state.ed if session.purse_id == P.PURSE_ED else iep.state.ep

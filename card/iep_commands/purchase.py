@@ -13,10 +13,12 @@ import hmac
 from typing import TYPE_CHECKING
 
 from ...protocols import crypto
+from ...protocols import mac_schemes as M
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
 from ..runtime import CardError, need_data
+from . import queries
 from .lockout import check_not_locked, mac_failed, mac_ok
 from .records import Proof, log_record
 from .session import MAX_COUNTER, Session, read_initialize
@@ -63,15 +65,16 @@ def debit(iep: Iep, cmd: CommandAPDU) -> bytes:
     req = P.DebitForPurchaseData.parse(cmd.data)
     if not (P.valid_date(req.date) and P.valid_time(req.time)):
         raise CardError(SW.INCORRECT_DATA)
-    sk = crypto.purchase_session_key(session.key.key, session.random, session.counter,
-                                     req.terminal_txn_number)
-    mac1_input = crypto.purchase_mac1_input(session.amount, session.txn_type,
-                                            session.terminal_id, req.date, req.time)
-    if not hmac.compare_digest(crypto.mac(sk, mac1_input), req.mac1):
+    scheme = M.scheme(iep.state.mac_scheme)
+    sk = M.purchase_session_key(scheme, session.key.key, session.random, session.counter,
+                                req.terminal_txn_number)
+    mac1 = M.purchase_mac1(scheme, sk, session.amount, session.txn_type, session.terminal_id,
+                           req.date, req.time, iep.state.uid if scheme.uid_size else None)
+    if not hmac.compare_digest(mac1, req.mac1):
         raise mac_failed(iep, session)
     mac_ok(iep.state, session)
     purse = iep.state.ed if session.purse_id == P.PURSE_ED else iep.state.ep
-    mac2 = crypto.mac(sk, crypto.purchase_mac2_input(session.amount))
+    mac2 = M.purchase_mac2(scheme, sk, session.amount)
     tac = crypto.tac(iep.state.tac_key, crypto.purchase_tac_input(
         session.amount, session.txn_type, session.terminal_id, req.terminal_txn_number,
         req.date, req.time))
@@ -80,3 +83,21 @@ def debit(iep: Iep, cmd: CommandAPDU) -> bytes:
     iep.commit_value(purse, session.balance - session.amount, "offline_counter", proof,
                      record)
     return tac + mac2
+
+
+def get_data(iep: Iep, cmd: CommandAPDU) -> bytes:
+    """GET DATA ``80 CA``: with P1 P2 ``00 00``, the card's UID (the "security authentication
+    code" a MAC-scheme profile such as ``changsha-metro`` puts into MAC1; the terminal reads
+    it before INITIALIZE and hands it to the PSAM); any other tag as
+    :func:`~svcard.card.iep_commands.queries.get_data`. A card without a UID answers
+    ``6A88`` to ``00 00``."""
+    if cmd.p1 or cmd.p2:
+        return queries.get_data(iep, cmd)
+    uid = iep.state.uid
+    if uid is None:
+        raise CardError(SW.DATA_NOT_FOUND)
+    if cmd.data:
+        raise CardError(SW.WRONG_LENGTH)
+    if cmd.le not in (None, 256, len(uid)):
+        raise CardError(0x6C00 | len(uid))
+    return uid
