@@ -16,14 +16,14 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from ..protocols import crypto
+from ..protocols import crypto, mac_schemes
 from ..protocols import purse as P
 from .hsm import HsmState, IssuerLoadKeys
 from .iep import IepState, Purse
 from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
 from .iep_commands.pin import encode_pin
 from .image import new_image
-from .keys import KeyEntry
+from .keys import DEFAULT_SCHEME, IssuerScheme, KeyEntry
 from .psam import IssuerKey, PsamState
 from .runtime import DEFAULT_ATR
 from .toml_schema import (
@@ -36,9 +36,11 @@ from .toml_schema import (
     Hex4,
     Hex6,
     Hex8,
+    Hex9,
     Hex10,
     HexAid,
     HexAtr,
+    HexByteName,
     SecretHex16,
     Section,
     check,
@@ -83,6 +85,11 @@ class IssuerFile(Section):
     load_keys: list[MasterKey] = Field(min_length=1)
     unload_keys: list[MasterKey] = Field(default_factory=list)   # optional: ED unload (DULK)
     update_keys: list[MasterKey] = Field(default_factory=list)   # optional: overdraft (DUK)
+    # which algorithm each algorithm id a card may answer stands for, e.g. {"00" = "3des",
+    # "01" = "3des"}; empty: a card answers exactly its key's algorithm id
+    algorithm_ids: dict[HexByteName, Annotated[str, one_of(crypto.ALGORITHMS)]] = Field(
+        default_factory=dict)
+    mac_scheme: Annotated[str, one_of(mac_schemes.NAMES)] = mac_schemes.DEFAULT
 
 
 class CardKey(Section):
@@ -149,6 +156,8 @@ class IepProfile(Profile):
     fixed_random: Hex4 | None = None
     mac_failure_limit: Annotated[int, Field(ge=1, le=255)] = DEFAULT_MAC_FAILURE_LIMIT
     log_counter: Literal["before", "after"] = "before"   # the log record's counter
+    uid: Hex9 | None = None   # answered to GET DATA 00 00; MAC1 data in changsha-metro
+    mac_scheme: Annotated[str, one_of(mac_schemes.NAMES)] | None = None   # explicit keys only
 
 
 class PsamProfile(Profile):
@@ -187,6 +196,7 @@ class Issuer:
     two_level: bool
     unload: tuple[KeyEntry, ...] = ()
     update: tuple[KeyEntry, ...] = ()
+    scheme: IssuerScheme = DEFAULT_SCHEME
 
     def __repr__(self) -> str:
         return f"Issuer({self.issuer_id.hex()})"
@@ -202,12 +212,18 @@ def load_issuer(path: Path) -> Issuer:
             if k.index in seen:
                 raise ProfileError(f"{path}: {name}[{i}].index: {k.index} is given twice")
             seen.add(k.index)
+        for i, k in enumerate(keys):
+            if f.algorithm_ids and f"{k.algorithm:02X}" not in f.algorithm_ids:
+                raise ProfileError(f"{path}: {name}[{i}].algorithm: {k.algorithm:02X} is not "
+                                   "in algorithm_ids")
         return [KeyEntry(k.index, k.version, k.algorithm, k.master_key) for k in keys]
 
+    scheme = IssuerScheme(tuple(sorted((int(i, 16), a) for i, a in f.algorithm_ids.items())),
+                          f.mac_scheme)
     return Issuer(f.issuer_id, entries("purchase_keys", f.purchase_keys),
                   entries("load_keys", f.load_keys), f.tac_master_key, f.diversify_by_issuer,
                   tuple(entries("unload_keys", f.unload_keys)),
-                  tuple(entries("update_keys", f.update_keys)))
+                  tuple(entries("update_keys", f.update_keys)), scheme)
 
 
 # --- profiles ---------------------------------------------------------------------------------
@@ -287,6 +303,7 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         purchase, load = diversified(issuer.purchase), diversified(issuer.load)
         unload, update = diversified(issuer.unload), diversified(issuer.update)
         tac = crypto.card_key(issuer.tac, serial, level)
+    scheme = _iep_scheme(p, path, issuer.scheme.mac_scheme if p.keys is None else None)
     for purse in ("ep", "ed"):
         balance = getattr(p.balances, purse)
         if balance > p.balance_limit:
@@ -311,8 +328,26 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         ep=Purse(balance=p.balances.ep), ed=Purse(balance=p.balances.ed),
         mac_failure_limit=p.mac_failure_limit, fixed_random=p.fixed_random,
         unload_keys=unload, update_keys=update, log_counter=p.log_counter,
+        mac_scheme=scheme, uid=p.uid,
     )
     return state.to_json()
+
+
+def _iep_scheme(p: IepProfile, path: Path, from_issuer: str | None) -> str:
+    """The card's MAC-scheme profile (its issuer file's, or ``mac_scheme`` with explicit
+    keys), checked against ``uid``: given exactly when the profile puts a UID into MAC1."""
+    if from_issuer is not None and p.mac_scheme is not None:
+        raise ProfileError(f"{path}: mac_scheme: only with explicit keys (the issuer file "
+                           "names the MAC scheme)")
+    name = from_issuer or p.mac_scheme or mac_schemes.DEFAULT
+    size = mac_schemes.scheme(name).uid_size
+    if size and p.uid is None:
+        raise ProfileError(f"{path}: uid: missing (required: the {name} MAC scheme puts the "
+                           f"card's {size}-byte UID into MAC1)")
+    if not size and p.uid is not None:
+        raise ProfileError(f"{path}: uid: only for a MAC scheme with a UID in MAC1 (this "
+                           f"card's is {name})")
+    return name
 
 
 def _psam(p: PsamProfile, path: Path) -> dict[str, Any]:
@@ -325,6 +360,7 @@ def _psam(p: PsamProfile, path: Path) -> dict[str, Any]:
         batch_key=p.batch_key, currency_code=p.currency_code,
         currency_exponent=p.currency_exponent, next_ttn=p.next_ttn,
         blocked=set(p.blocked_cards),
+        schemes={i.issuer_id: i.scheme for i in issuers if i.scheme != DEFAULT_SCHEME},
     )
     return state.to_json()
 
@@ -336,7 +372,7 @@ def _hsm(p: Profile, path: Path) -> dict[str, Any]:
         issuers={i.issuer_id: IssuerLoadKeys(
             i.issuer_id, {k.version: (k.algorithm, k.key) for k in i.load}, i.tac, i.two_level,
             unload_keys={k.version: (k.algorithm, k.key) for k in i.unload},
-            update_keys={k.version: (k.algorithm, k.key) for k in i.update})
+            update_keys={k.version: (k.algorithm, k.key) for k in i.update}, scheme=i.scheme)
             for i in issuers},
     )
     return state.to_json()

@@ -94,6 +94,7 @@ def _hex(lo: int, hi: int | None = None) -> BeforeValidator:
 Hex4 = Annotated[bytes, _hex(4)]
 Hex6 = Annotated[bytes, _hex(6)]
 Hex8 = Annotated[bytes, _hex(8)]
+Hex9 = Annotated[bytes, _hex(9)]
 Hex10 = Annotated[bytes, _hex(10)]
 Hex16 = Annotated[bytes, _hex(16)]
 Hex32 = Annotated[bytes, _hex(32)]
@@ -104,6 +105,15 @@ SecretHex32 = Annotated[bytes, _hex(32), SECRET]
 SecretText = Annotated[str, SECRET]
 
 Byte = Annotated[int, Field(ge=0, le=255)]
+
+
+def _hex_byte_name(value: str) -> str:
+    if re.fullmatch(r"[0-9A-Fa-f]{2}", value) is None:
+        raise _problem(f"expected two hex digits, got {shown(value)}")
+    return value.upper()
+
+
+HexByteName = Annotated[str, AfterValidator(_hex_byte_name)]   # a table key such as "01"
 U32 = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
