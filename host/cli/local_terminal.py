@@ -34,11 +34,11 @@ def terminal() -> None:
 @pin_option
 @json_option
 @trace_option
-def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool,
+def terminal_balance(card_spec: str, aid: bytes, purse: str, pin: str | None, as_json: bool,
                      trace_out: Path | None) -> None:
     """Read a purse's balance (GET BALANCE)."""
     with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
-        info, balance = T.read_balance(card_r, T.purse_id(purse), pin)
+        info, balance = T.read_balance(card_r, T.purse_id(purse), pin, aid)
     emit(as_json, {"card_serial": info.app_serial, "purse": purse.upper(), "balance": balance,
                    "currency_code": info.currency_code,
                    "currency_exponent": info.currency_exponent},
@@ -49,10 +49,10 @@ def terminal_balance(card_spec: str, purse: str, pin: str | None, as_json: bool,
 @card_option
 @json_option
 @trace_option
-def terminal_log(card_spec: str, as_json: bool, trace_out: Path | None) -> None:
+def terminal_log(card_spec: str, aid: bytes, as_json: bool, trace_out: Path | None) -> None:
     """Read the transaction log (READ RECORD, newest first)."""
     with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
-        info, entries = T.read_log_info(card_r)
+        info, entries = T.read_log_info(card_r, aid)
     lines = [f"{e.date} {e.time}  {e.type_name:<20} {info.money(e.amount):>14}  counter "
              f"{e.counter:<5} terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
     emit(as_json, [e.__dict__ for e in entries], "\n".join(lines))
@@ -71,7 +71,7 @@ def terminal_log(card_spec: str, as_json: bool, trace_out: Path | None) -> None:
 @json_option
 @trace_option
 @at_option
-def terminal_purchase(card_spec: str, psam_spec: str, amount: Amount, purse: str,
+def terminal_purchase(card_spec: str, aid: bytes, psam_spec: str, amount: Amount, purse: str,
                       pin: str | None, key_index: int, issuer_factor: bool,
                       as_json: bool, trace_out: Path | None, at: dt.datetime | None) -> None:
     """Pay the amount from the card: card <-> PSAM, MAC1/MAC2/TAC, the PSAM records it.
@@ -81,7 +81,7 @@ def terminal_purchase(card_spec: str, psam_spec: str, amount: Amount, purse: str
     with handled(), readers(("card", card_spec), ("psam", psam_spec),
                             trace_out=trace_out) as (card_r, psam_r):
         r = T.purchase(card_r, psam_r, amount, purse=T.purse_id(purse), key_index=key_index,
-                       pin=pin, issuer_factor=issuer_factor, when=at)
+                       pin=pin, issuer_factor=issuer_factor, when=at, card_aid=aid)
     emit(as_json, r.to_json(), r.text())
 
 
@@ -98,9 +98,9 @@ def terminal_purchase(card_spec: str, psam_spec: str, amount: Amount, purse: str
 @json_option
 @trace_option
 @at_option
-def terminal_load(card_spec: str, hsm_spec: str, amount: Amount, purse: str, pin: str | None,
-                  terminal_id: str, key_index: int, as_json: bool, trace_out: Path | None,
-                  at: dt.datetime | None) -> None:
+def terminal_load(card_spec: str, aid: bytes, hsm_spec: str, amount: Amount, purse: str,
+                  pin: str | None, terminal_id: str, key_index: int, as_json: bool,
+                  trace_out: Path | None, at: dt.datetime | None) -> None:
     """Load the amount onto the card: S1 from the card, S2 from the HSM, S3 checked.
 
     The amount is --amount 12.34 in the card's currency (read from the card first) or
@@ -112,5 +112,5 @@ def terminal_load(card_spec: str, hsm_spec: str, amount: Amount, purse: str, pin
     with handled(), readers(("card", card_spec), ("hsm", hsm_spec),
                             trace_out=trace_out) as (card_r, hsm_r):
         r = T.load(card_r, hsm_r, amount, terminal_id=tid, purse=T.purse_id(purse),
-                   key_index=key_index, pin=pin, when=at)
+                   key_index=key_index, pin=pin, when=at, card_aid=aid)
     emit(as_json, r.to_json(), r.text())

@@ -64,7 +64,8 @@ MAX_PIN_FILE = 64
               help="This client terminal's Ed25519 key (FIG. 7), as for svcard pay.")
 @click.option("--terminal-id", "terminal_id", default=None, metavar="HEX",
               help="The terminal id registered with the merchant (default: from the key).")
-def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, port: int,
+def helper_cmd(card_spec: str, aid: bytes, purse: str, origins: tuple[str, ...], host: str,
+               port: int,
                token_file: Path | None, new_token: bool, show_token: bool,
                pin_file: Path | None,
                journal: Path | None, timeout: float, retry_for: float,
@@ -101,12 +102,12 @@ def helper_cmd(card_spec: str, purse: str, origins: tuple[str, ...], host: str, 
     except PairingError as exc:
         fail(str(exc), EXIT_INPUT)
     helper = CardHelper(HelperCard(card_spec, journal or default_journal(), purse_number, pin,
-                                   terminal, timeout, retry_for), token, allowed)
+                                   terminal, timeout, retry_for, aid), token, allowed)
     _check_port(address, port)
     shown = f"[{address}]" if ":" in address else address
     click.echo(f"svcard helper: listening on http://{shown}:{port} for "
                f"{', '.join(sorted(helper.origins))}\n"
-               f"card: {card_spec} ({purse.upper()} purse)\n"
+               f"card: {card_spec} ({purse.upper()} purse, AID {aid.hex().upper()})\n"
                + (f"pairing token ({'new, ' if made else ''}kept in {path}, mode 0600):\n"
                   f"  {token}\n"
                   "enter it once in the shop page's \"Card helper\" box"

@@ -67,6 +67,7 @@ class HelperCard:
     terminal: ClientTerminal | None = None     # a registered client terminal (FIG. 7)
     timeout: float = 30.0                      # HTTP timeout, seconds
     retry_for: float = DEFAULT_RETRY_FOR       # a busy server (503) is asked again this long
+    aid: bytes = P.DEFAULT_IEP_AID             # the purse application the helper selects
 
 
 @dataclass
@@ -185,7 +186,8 @@ class Payments:
                           event_hooks={"request": [step]}) as http, \
                 open_reader(card.spec) as reader:
             self._set(job, "started", "Finishing any earlier payment of this card")
-            resumed = C.resume(reader, journal=book, http=http, terminal=card.terminal)
+            resumed = C.resume(reader, journal=book, http=http, terminal=card.terminal,
+                               aid=card.aid)
             pin = None
             if card.purse == P.PURSE_ED:
                 if card.pin is None:
@@ -198,7 +200,8 @@ class Payments:
             try:
                 with reader.transaction():  # PC/SC: no other program between SELECT and DEBIT
                     outcome = C.pay(job.checkout_url, reader, journal=book, http=http,
-                                    pin=pin, purse=card.purse, terminal=card.terminal)
+                                    pin=pin, purse=card.purse, terminal=card.terminal,
+                                    aid=card.aid)
             except (TerminalError, httpx.HTTPError):
                 txn = _past_debit(book)
                 if txn is None:
@@ -206,7 +209,7 @@ class Payments:
                 # the card was debited: try once, right away, to finish it (the journal's resume)
                 self._set(job, "paying", "The card has paid: finishing the payment")
                 finished = _finished(C.resume(reader, journal=book, http=http,
-                                              terminal=card.terminal), txn, book)
+                                              terminal=card.terminal, aid=card.aid), txn, book)
                 if finished is None:
                     raise
                 log.info("payment %s: finished %s on a second try", job.id, txn)

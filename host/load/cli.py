@@ -177,8 +177,8 @@ def _or_resume(f: Callable[..., None]) -> Callable[..., None]:
                                             ("--minor", "minor")) if kwargs.get(key) is not None]
             if given:
                 fail(f"--resume makes no new load: drop {', '.join(given)}", EXIT_USAGE)
-            _resume_loads(kwargs["card_spec"], kwargs["journal"], kwargs["timeout"],
-                          kwargs["retry_for"], kwargs["as_json"])
+            _resume_loads(kwargs["card_spec"], kwargs["aid"], kwargs["journal"],
+                          kwargs["timeout"], kwargs["retry_for"], kwargs["as_json"])
             return
         missing = [name for name, key in (("BANK_URL", "bank_url"), ("--account", "account"),
                                           ("--secret", "secret")) if kwargs.get(key) is None]
@@ -192,16 +192,17 @@ def _or_resume(f: Callable[..., None]) -> Callable[..., None]:
                              "card; no new load (no BANK_URL or amount).")(dispatch)
 
 
-def _resume_loads(card_spec: str, journal: Path | None, timeout: float, retry_for: float,
-                  as_json: bool) -> None:
+def _resume_loads(card_spec: str, aid: bytes, journal: Path | None, timeout: float,
+                  retry_for: float, as_json: bool) -> None:
     """``svcard load --resume``: each open load of the card finished, asking the card."""
     from ..terminal.journal import Journal, default_journal
     from . import client as LC
 
     book = Journal(journal or default_journal())
-    with handled(), journalled_run(book, resume_command("load", card_spec, journal), retry_for), \
+    finish = resume_command("load", card_spec, journal, aid)
+    with handled(), journalled_run(book, finish, retry_for), \
             http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
-        report_resumed(book, LC.resume_loads(card_r, journal=book, http=http), as_json)
+        report_resumed(book, LC.resume_loads(card_r, journal=book, http=http, aid=aid), as_json)
 
 
 @click.command("load")
@@ -218,8 +219,9 @@ def _resume_loads(card_spec: str, journal: Path | None, timeout: float, retry_fo
 @click.option("--timeout", default=30.0, show_default=True, help="HTTP timeout, seconds.")
 @retry_for_option
 @json_option
-def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: Amount,
-             journal: Path | None, timeout: float, retry_for: float, as_json: bool) -> None:
+def load_cmd(bank_url: str, card_spec: str, aid: bytes, account: str, secret: str,
+             amount: Amount, journal: Path | None, timeout: float, retry_for: float,
+             as_json: bool) -> None:
     """Load an amount from your bank account onto the card (seed FIG. 18): --amount 50.00 in
     the card's currency (read from the card first), or 5000u / --minor 5000 in minor units.
 
@@ -235,14 +237,16 @@ def load_cmd(bank_url: str, card_spec: str, account: str, secret: str, amount: A
 
     book = Journal(journal or default_journal())
     # a refusal is exit 1 (handled); busy, unreachable or interrupted: journalled_run says
-    with handled(), journalled_run(book, resume_command("load", card_spec, journal), retry_for), \
+    finish = resume_command("load", card_spec, journal, aid)
+    with handled(), journalled_run(book, finish, retry_for), \
             http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
-        resumed = LC.resume_loads(card_r, journal=book, http=http)
+        resumed = LC.resume_loads(card_r, journal=book, http=http, aid=aid)
         # a PC/SC transaction: no other program's command comes between SELECT and CREDIT
         with card_r.transaction():
-            info = T.select_purse(card_r)  # the card's currency places the amount
+            info = T.select_purse(card_r, aid)  # the card's currency places the amount
             outcome = LC.load(bank_url, card_r, account=account, secret=secret,
-                              amount=info.minor_units(amount), journal=book, http=http)
+                              amount=info.minor_units(amount), journal=book, http=http,
+                              aid=aid)
     money = info.money
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]

@@ -1,9 +1,9 @@
 """Loading a card over the network (seed FIG. 17-18), from the client terminal.
 
-Read the card (balance, limit, currency, expiry), ask the bank to debit the account (step 872-
-875), INITIALIZE FOR LOAD while emulating the HSM's side and pack one load request (876-878),
-pass the load server's command to the card (881), return S3 (883), and carry the load server's
-confirmation to the bank (891).
+Read the card at its purse AID (balance, limit if it answers GET DATA 9F77, currency, expiry),
+ask the bank to debit the account (step 872-875), INITIALIZE FOR LOAD while emulating the HSM's
+side and pack one load request (876-878), pass the load server's command to the card (881),
+return S3 (883), and carry the load server's confirmation to the bank (891).
 
 On "not loaded" the client runs a zero-value *probe load* end to end: INITIALIZE FOR LOAD for 0,
 the "not loaded" result with that S1, the load server's probe command (S2 for amount 0) to the
@@ -31,7 +31,7 @@ from ...protocols import secure
 from ...protocols import sw as SW
 from ...reader import Reader
 from ..terminal import apdus
-from ..terminal.journal import Journal
+from ..terminal.journal import Journal, entry_aid, select_entry_purse
 from ..terminal.online import RETRY_SAFE, PaymentRefused
 from ..terminal.purse import (
     CardInfo,
@@ -65,8 +65,9 @@ class LoadOutcome:
 
 
 class _LoadSession:
-    def __init__(self, params: dict[str, Any]) -> None:
+    def __init__(self, params: dict[str, Any], aid: bytes = P.DEFAULT_IEP_AID) -> None:
         self.params = params
+        self.aid = aid  # the purse the load was started with
         self.bank_id = bytes.fromhex(params["bank_id"])
         self.txn_id = bytes.fromhex(params["txn_id"])
         self.tsk = bytes.fromhex(params["tsk"])
@@ -102,11 +103,12 @@ class _LoadSession:
 def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str, secret: str,
                amount: int, when: dt.datetime | None = None,
                request_id: str | None = None,
-               lookup_only: bool = False,
-               info: CardInfo | None = None) -> tuple[dict[str, Any], int]:
-    """Steps 871-874: read the card (``info``: already selected), have the bank debit the
-    account. (params, card balance)"""
-    info = info or select_purse(card)
+               lookup_only: bool = False, info: CardInfo | None = None,
+               aid: bytes = P.DEFAULT_IEP_AID) -> tuple[dict[str, Any], int]:
+    """Steps 871-874: read the card (the purse at ``aid``; ``info``: already selected), have
+    the bank debit the account. (params, card balance). A card that does not answer GET DATA
+    9F77 sends no limit: the bank goes by its own for the card's issuer."""
+    info = info or select_purse(card, aid)
     info.check_dates((when or dt.datetime.now()).date())
     balance = int.from_bytes(call(card, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
     limit = read_balance_limit(card)
@@ -118,8 +120,9 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
         "account": account, "secret": secret, "amount": amount, "request_id": request_id,
         "lookup_only": lookup_only,
         "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
-                 "limit": limit, "currency_code": info.currency_code or 0,
-                 "currency_exponent": info.currency_exponent or 0}},
+                 "currency_code": info.currency_code or 0,
+                 "currency_exponent": info.currency_exponent or 0,
+                 **({} if limit is None else {"limit": limit})}},
         extensions=RETRY_SAFE if request_id else None)  # its request id: the same load again
     if response.status_code != 200:
         raise PaymentRefused.answer("bank", response)
@@ -134,16 +137,18 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
 
 
 def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
-         journal: Journal, http: httpx.Client, when: dt.datetime | None = None) -> LoadOutcome:
+         journal: Journal, http: httpx.Client, when: dt.datetime | None = None,
+         aid: bytes = P.DEFAULT_IEP_AID) -> LoadOutcome:
+    """Load ``amount`` onto the purse at ``aid`` (journalled, so that a resume selects it)."""
     if not 0 < amount <= 0xFFFFFFFF:
         raise TerminalCheckFailed("a load is 1..4294967295 minor units")
-    info = select_purse(card)
+    info = select_purse(card, aid)
     # the bank's debit comes first: journal an idempotency key before asking for it, so a
     # lost answer can be asked again without a second debit (see resume_loads)
     request_id = secrets.token_hex(16)
     journal.write(f"req-{request_id}", "load-starting", kind=KIND, card_serial=info.app_serial,
-                  bank_url=bank_url, account=account, secret=secret, amount=amount,
-                  request_id=request_id)
+                  aid=aid.hex().upper(), bank_url=bank_url, account=account, secret=secret,
+                  amount=amount, request_id=request_id)
     try:
         params, balance = start_load(http, bank_url, card, account=account, secret=secret,
                                      amount=amount, when=when, request_id=request_id,
@@ -151,11 +156,11 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
     except PaymentRefused:  # the bank refused: it debited nothing
         journal.write(f"req-{request_id}", "load-done", reason="the bank refused")
         raise
-    s = _LoadSession(params)
+    s = _LoadSession(params, aid)
     s.round_trips += 2
     txn = params["txn_id"]
     journal.write(txn, "load-started", kind=KIND, params=params, card_serial=info.app_serial,
-                  balance=balance)
+                  aid=aid.hex().upper(), balance=balance)
     journal.write(f"req-{request_id}", "load-done", txn=txn)
     # 876: the card's answers to INITIALIZE FOR LOAD, packed into one load request
     answer = card.exchange(apdus.initialize(P.INIT_LOAD, P.PURSE_EP, 1, amount,
@@ -208,7 +213,7 @@ def _negative(s: _LoadSession, http: httpx.Client, journal: Journal, card: Reade
     answers the probe (or, if it never issued S2, its decision at once)."""
     txn = s.params["txn_id"]
     journal.write(txn, "negative", why=why)
-    select_purse(card)
+    select_purse(card, s.aid)
     zero = P.InitForLoadAnswer.parse(call(
         card, apdus.initialize(P.INIT_LOAD, P.PURSE_EP, 1, 0, s.terminal_id),
         "INITIALIZE FOR LOAD (zero value)"))
@@ -219,13 +224,13 @@ def _negative(s: _LoadSession, http: httpx.Client, journal: Journal, card: Reade
         "random": zero.random, "s1": zero.mac1})
     msg_type, answer = s.exchange(http, "/v1/load/result", L.LOAD_RESULT, body)
     if msg_type == L.LOAD_ANSWER:  # no S2 was ever issued: decided without a probe
-        card.exchange(apdus.select(P.DEFAULT_IEP_AID))  # end the zero-value session unused
+        card.exchange(apdus.select(s.aid))  # end the zero-value session unused
         return _answered(s, http, journal, answer, balance)
     if msg_type != L.LOAD_PROBE:
         raise PaymentRefused("load server", 200, f"unexpected answer type {msg_type}")
     probe = M.parse(L.LoadCommand, answer, "probe command")
     if probe.amount != 0:
-        card.exchange(apdus.select(P.DEFAULT_IEP_AID))
+        card.exchange(apdus.select(s.aid))
         raise TerminalCheckFailed("the probe is not a zero-value load: not passed to the card")
     journal.write(txn, "probe-command", probe_counter=zero.online_counter,
                   probe_s2=probe.s2.hex(), probe_date=probe.date.hex(),
@@ -283,14 +288,10 @@ def _register(s: _LoadSession, http: httpx.Client, journal: Journal, outcome: in
         bank = response.json()
     except ValueError:
         bank = {"reason": response.text[:200]}
-    if response.status_code != 200:
-        if response.status_code == 409:  # registered before an interruption
-            journal.write(txn, "load-done", bank=bank)
-        else:
-            raise PaymentRefused("bank", response.status_code, str(bank.get("reason")),
-                                 str(response.url))
-    else:
-        journal.write(txn, "load-done", bank=bank)
+    if response.status_code not in (200, 409):  # 409: registered before an interruption
+        raise PaymentRefused("bank", response.status_code, str(bank.get("reason")),
+                             str(response.url))
+    journal.write(txn, "load-done", bank=bank)
     loaded = outcome == L.OUTCOME_LOADED
     return LoadOutcome(
         txn_id=txn, outcome="loaded" if loaded else "not loaded", amount=s.amount,
@@ -309,18 +310,25 @@ def _card_proof(card: Reader, counter: Any, s2_hex: str) -> bytes | None:
     return None
 
 
-def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client) -> list[dict[str, Any]]:
-    """Finish every unfinished load of this card in the journal, asking the card what happened."""
-    info = select_purse(card)
-    report = []
+def resume_loads(card: Reader, *, journal: Journal, http: httpx.Client,
+                 aid: bytes = P.DEFAULT_IEP_AID) -> list[dict[str, Any]]:
+    """Finish every unfinished load of the card whose purse is at ``aid``, asking the card what
+    happened, each on the purse it was started with (its journalled AID)."""
+    info = select_purse(card, aid)
+    report, selected = [], aid
     for entry in journal.unfinished(info.app_serial):
         if entry.get("kind") != KIND:
             continue
-        if entry["state"] == "load-starting":
+        txn, state = entry["txn_id"], entry["state"]
+        try:
+            selected = select_entry_purse(card, entry, selected)
+        except (Declined, TerminalCheckFailed) as exc:
+            report.append({"txn_id": txn, "outcome": f"still open: {exc}"})
+            continue
+        if state == "load-starting":
             report.append(_resume_start(card, journal, http, entry))
             continue
-        txn, state = entry["txn_id"], entry["state"]
-        s = _LoadSession(entry["params"])
+        s = _LoadSession(entry["params"], selected)
         balance = int(entry.get("balance", 0))
         try:
             if state == "load-confirmed":
@@ -364,11 +372,11 @@ def _resume_start(card: Reader, journal: Journal, http: httpx.Client,
     """The bank was asked to debit, and its answer never came: ask again with the same
     request id. No debit: nothing to do. A debit: the card never saw this load, so it ends
     "not loaded" and the bank re-credits the account."""
-    key = entry["txn_id"]
+    key, aid = entry["txn_id"], entry_aid(entry)
     try:
         params, balance = start_load(http, entry["bank_url"], card, account=entry["account"],
                                      secret=entry["secret"], amount=int(entry["amount"]),
-                                     request_id=entry["request_id"], lookup_only=True)
+                                     request_id=entry["request_id"], lookup_only=True, aid=aid)
     except PaymentRefused as exc:
         if exc.status == 503:
             return {"txn_id": key, "outcome": f"still open: {exc}"}
@@ -380,9 +388,9 @@ def _resume_start(card: Reader, journal: Journal, http: httpx.Client,
     if txn in journal:  # the load itself is in the journal: it is resumed on its own
         journal.write(key, "load-done", txn=txn)
         return {"txn_id": key, "outcome": f"continued as {txn}"}
-    s = _LoadSession(params)
+    s = _LoadSession(params, aid)
     journal.write(txn, "load-started", kind=KIND, params=params,
-                  card_serial=entry["card_serial"], balance=balance)
+                  card_serial=entry["card_serial"], aid=aid.hex().upper(), balance=balance)
     journal.write(key, "load-done", txn=txn)
     try:
         outcome = _negative(s, http, journal, card, balance,

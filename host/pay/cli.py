@@ -57,7 +57,7 @@ def register(root: click.Group, serve: click.Group) -> None:
                    "new payment (no CHECKOUT_URL).")
 @retry_for_option
 @json_option
-def pay_cmd(checkout_url: str | None, card_spec: str, purse: str, pin: str | None,
+def pay_cmd(checkout_url: str | None, card_spec: str, aid: bytes, purse: str, pin: str | None,
             journal: Path | None, timeout: float, terminal_key: Path | None,
             terminal_id: str | None, resume: bool, retry_for: float, as_json: bool) -> None:
     """Pay a merchant's CHECKOUT_URL with the card (seed steps 608-640).
@@ -83,19 +83,19 @@ def pay_cmd(checkout_url: str | None, card_spec: str, purse: str, pin: str | Non
     if terminal_key is not None:
         with handled():
             terminal = CT.ClientTerminal.load(terminal_key, terminal_id_option(terminal_id))
-    finish = resume_command("pay", card_spec, journal)
+    finish = resume_command("pay", card_spec, journal, aid)
     with handled(), journalled_run(book, finish, retry_for), \
             http_client(timeout, retry_for) as http, readers(("card", card_spec)) as (card_r,):
-        resumed = C.resume(card_r, journal=book, http=http, terminal=terminal)
+        resumed = C.resume(card_r, journal=book, http=http, terminal=terminal, aid=aid)
         if resume:
             report_resumed(book, resumed, as_json)
             return
         assert checkout_url is not None
         # a PC/SC transaction: no other program's command comes between SELECT and DEBIT
         with card_r.transaction():
-            info = T.select_purse(card_r)  # the card's currency, to print the amounts with
+            info = T.select_purse(card_r, aid)  # the card's currency, to print amounts with
             outcome = C.pay(checkout_url, card_r, journal=book, http=http, pin=pin,
-                            purse=T.purse_id(purse), terminal=terminal)
+                            purse=T.purse_id(purse), terminal=terminal, aid=aid)
     money = info.money
     text = "\n".join(
         [f"resumed {r['txn_id']}: {r['outcome']}" for r in resumed]

@@ -27,7 +27,7 @@ from ...protocols import secure
 from ...protocols import sw as SW
 from ...reader import Reader
 from ..terminal import apdus
-from ..terminal.journal import Journal
+from ..terminal.journal import Journal, select_entry_purse
 from ..terminal.online import RETRY_SAFE, PaymentRefused
 from ..terminal.purse import (
     Declined,
@@ -121,15 +121,17 @@ def fetch_checkout(http: httpx.Client, url: str,
 
 def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client,
         pin: str | None = None, purse: int = P.PURSE_EP,
-        when: dt.datetime | None = None,
-        terminal: ClientTerminal | None = None) -> PaymentOutcome:
+        when: dt.datetime | None = None, terminal: ClientTerminal | None = None,
+        aid: bytes = P.DEFAULT_IEP_AID) -> PaymentOutcome:
+    """Pay the merchant's checkout with the purse at ``aid`` (journalled, so that a resume
+    selects the same purse)."""
     url, terminal = checkout_request(checkout_url, terminal)
     params = fetch_checkout(http, url, terminal)
     s = _Session(params, terminal)
     amount = int(params["amount"])
     txn = params["txn_id"]
     # 608: read the card and check it before going online
-    info = select_purse(card)
+    info = select_purse(card, aid)
     info.check_dates((when or dt.datetime.now()).date())
     if info.currency_code is not None and info.currency_code != params["currency_code"]:
         raise TerminalCheckFailed(f"the card holds currency {info.currency_code}, the "
@@ -148,7 +150,8 @@ def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client
         "purse": purse, "offline_counter": init.offline_counter, "amount": amount,
         "random": init.random, "txn_type": txn_type})
     journal.write(txn, "draw", params=params, card_serial=info.app_serial,
-                  counter=init.offline_counter, txn_type=txn_type, balance=init.balance)
+                  aid=aid.hex().upper(), counter=init.offline_counter, txn_type=txn_type,
+                  balance=init.balance)
     # 610-616: one draw request, one debit command
     debit_bytes = s.post(http, "/v1/draw", M.DRAW_REQUEST, draw)
     debit = M.parse(M.DebitCommand, debit_bytes, "debit command")
@@ -248,12 +251,13 @@ def _send_proof(s: _Session, http: httpx.Client, mac2: bytes, tac: bytes) -> Non
         raise PaymentRefused.answer("payment server", response)
 
 
-def debit_in_log(card: Reader, txn_type: int, counter: int) -> bool | None:
+def debit_in_log(card: Reader, txn_type: int, counter: int,
+                 aid: bytes = P.DEFAULT_IEP_AID) -> bool | None:
     """When GET TRANSACTION PROVE knows nothing of a debit at ``counter`` (it keeps the card's
     last transaction only), the card's log decides: a purchase record at that counter -> True
     (debited; its proof was replaced by a later transaction); the card's counter still at it ->
     False (never debited); the log no longer reaching back that far -> None (unknown)."""
-    records = read_log(card)
+    records = read_log(card, aid)
     log = [e for e in records if e.txn_type == txn_type]
     if any(e.counter == counter for e in log):
         return True
@@ -264,10 +268,13 @@ def debit_in_log(card: Reader, txn_type: int, counter: int) -> bool | None:
 
 
 def resume(card: Reader, *, journal: Journal, http: httpx.Client,
-           terminal: ClientTerminal | None = None) -> list[dict[str, Any]]:
-    """Finish or close every unfinished payment of this card found in the journal (a FIG. 7
-    one is confirmed with ``terminal``, or this process's key for the terminal it named)."""
-    info = select_purse(card)
+           terminal: ClientTerminal | None = None,
+           aid: bytes = P.DEFAULT_IEP_AID) -> list[dict[str, Any]]:
+    """Finish or close every unfinished payment of the card whose purse is at ``aid`` found in
+    the journal (a FIG. 7 one is confirmed with ``terminal``, or this process's key for the
+    terminal it named). Each is finished on the purse it was started with (its journalled AID)."""
+    info = select_purse(card, aid)
+    selected = aid
     report = []
     for entry in journal.unfinished(info.app_serial):
         if entry.get("kind") == "load":
@@ -289,9 +296,15 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client,
             continue
         debit = M.parse(M.DebitCommand, bytes.fromhex(entry["debit"]), "journal debit")
         if state in ("debit-sent", "card-refused"):
+            try:
+                selected = select_entry_purse(card, entry, selected)
+            except (Declined, TerminalCheckFailed) as exc:
+                report.append({"txn_id": txn, "outcome": f"not finished: {exc}"})
+                continue
             proof = prove(card, entry["txn_type"], entry["counter"])
             if proof is None:
-                debited = debit_in_log(card, int(entry["txn_type"]), int(entry["counter"]))
+                debited = debit_in_log(card, int(entry["txn_type"]), int(entry["counter"]),
+                                       selected)
                 if debited is False:
                     journal.write(txn, "abandoned", reason="the card's counter never passed "
                                                            "this debit: not debited")

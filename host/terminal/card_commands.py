@@ -1,6 +1,6 @@
 """What every ``svcard`` command that talks to a card shares: opening its readers (and
 recording them to a trace), turning card, reader and terminal errors into an exit code, and the
-card options (--card, --purse, --pin, --amount or --minor, --trace-out, --at)."""
+card options (--card and --aid, --purse, --pin, --amount or --minor, --trace-out, --at)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import click
 
 from ...card.personalise import ProfileError
 from ...card.storage import ImageError
+from ...protocols import purse as P
 from ...reader import Reader, ReaderError
 from ...reader.trace import RecordingReader
 from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, EXIT_USAGE, F, fail
@@ -72,8 +73,40 @@ def at_option(f: F) -> F:
                            "traces reproducible.")(f)
 
 
-card_option = click.option("--card", "card_spec", required=True, metavar="SPEC",
-                           help="Reader spec of the purse card, e.g. virtual:card.json.")
+AID_BYTES = (5, 16)  # ISO 7816-4: an application identifier is 5 to 16 bytes
+
+
+def parse_aid(value: str) -> bytes:
+    """``--aid HEX`` as bytes: 5 to 16 bytes of hex (spaces and colons allowed between bytes);
+    anything else is a one-line usage error naming ``--aid`` (exit code 2)."""
+    text = value.replace(" ", "").replace(":", "")
+    try:
+        aid = bytes.fromhex(text)
+    except ValueError:
+        aid = b""
+    if not AID_BYTES[0] <= len(aid) <= AID_BYTES[1]:
+        fail(f"--aid {value[:40]!r}: an AID is {AID_BYTES[0]} to {AID_BYTES[1]} bytes of hex, "
+             f"e.g. {P.DEFAULT_IEP_AID.hex().upper()}", EXIT_USAGE)
+    return aid
+
+
+def _aid_callback(_ctx: click.Context, _param: click.Parameter, value: str) -> bytes:
+    return parse_aid(value)
+
+
+def card_option(f: F) -> F:
+    """``--card SPEC`` (the command gets ``card_spec``) and ``--aid HEX`` (it gets ``aid``, the
+    purse application's AID as bytes; default svcard's own): every command that takes a purse
+    card takes both."""
+    with_aid = click.option(
+        "--aid", "aid", default=P.DEFAULT_IEP_AID.hex().upper(), show_default=True,
+        metavar="HEX", callback=_aid_callback,
+        help="AID of the purse application to SELECT (5 to 16 bytes of hex), e.g. "
+             "A00000000386980701 for a PBOC ED/EP purse at the common AID.")(f)
+    return click.option("--card", "card_spec", required=True, metavar="SPEC",
+                        help="Reader spec of the purse card, e.g. virtual:card.json.")(with_aid)
+
+
 purse_option = click.option("--purse", type=click.Choice(["ep", "ed"], case_sensitive=False),
                             default="ep", show_default=True,
                             help="EP purse, or the PIN-protected ED passbook.")

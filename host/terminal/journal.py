@@ -15,6 +15,9 @@ file of their own (``JOURNAL.secrets/TXN.json``, folder 0700, file 0600, written
 before the line that needs them), and that file is deleted once the transaction is final
 (:data:`DONE_STATES`). So finishing a transaction costs one unlink, never a rewrite of the
 journal, and the journal stays append-only (its readers parse only what is new).
+
+A transaction's first line names the purse application it selected (``aid``, hex), so that its
+resume selects the same one (:func:`entry_aid`; a line without it: svcard's default AID).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from ...card.storage import write_atomically
-from .purse import TerminalError
+from ...protocols import purse as P
+from ...reader import Reader
+from .purse import TerminalCheckFailed, TerminalError, select_purse
 
 DONE_STATES = ("done", "abandoned", "refused", "load-done", "unproven")
 SECRET_FIELDS = ("secret", "tsk", "etsk")
@@ -70,6 +75,27 @@ def default_journal() -> Path:
         return Path(env)
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     return base / "svcard" / "journal.jsonl"
+
+
+def entry_aid(entry: dict[str, Any]) -> bytes:
+    """The purse AID a journalled transaction was started with (its ``aid`` field, hex), which
+    its resume selects again; an entry written before the journal kept the AID: svcard's
+    default."""
+    text = entry.get("aid")
+    return bytes.fromhex(text) if isinstance(text, str) and text else P.DEFAULT_IEP_AID
+
+
+def select_entry_purse(card: Reader, entry: dict[str, Any], selected: bytes) -> bytes:
+    """Before a journalled transaction's card steps: SELECT the purse it was started with when
+    ``selected`` (the AID selected now) is another, and check that purse is the entry's card
+    (:class:`TerminalCheckFailed` if not). The AID selected afterwards."""
+    aid = entry_aid(entry)
+    if aid != selected:
+        info = select_purse(card, aid)
+        if info.app_serial != entry.get("card_serial"):
+            raise TerminalCheckFailed(f"the purse {aid.hex().upper()} this transaction was "
+                                      f"started with is another card's")
+    return aid
 
 
 def split_secrets(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

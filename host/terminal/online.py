@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from ...protocols import messages as M
+from ...protocols import purse as P
 from ..kit.command_line import (
     EXIT_DECLINED,
     EXIT_INTERRUPTED,
@@ -190,9 +191,13 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def resume_command(command: str, card_spec: str, journal: Path | None) -> str:
-    """The command line that finishes what ``command`` left in the journal."""
+def resume_command(command: str, card_spec: str, journal: Path | None,
+                   aid: bytes = P.DEFAULT_IEP_AID) -> str:
+    """The command line that finishes what ``command`` left in the journal (with ``--aid``
+    when the purse is not at svcard's default AID)."""
     words = ["svcard", command, "--resume", "--card", card_spec]
+    if aid != P.DEFAULT_IEP_AID:
+        words += ["--aid", aid.hex().upper()]
     if journal is not None:
         words += ["--journal", str(journal)]
     return shlex.join(words)

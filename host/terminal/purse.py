@@ -29,8 +29,8 @@ class TerminalError(Exception):
 class Declined(TerminalError):
     """A chip answered a status word other than 9000."""
 
-    def __init__(self, step: str, sw: int) -> None:
-        super().__init__(f"{step}: {sw:04X} ({SW.meaning(sw)})")
+    def __init__(self, step: str, sw: int, message: str | None = None) -> None:
+        super().__init__(message or f"{step}: {sw:04X} ({SW.meaning(sw)})")
         self.step = step
         self.sw = sw
 
@@ -98,10 +98,27 @@ class CardInfo:
             raise TerminalCheckFailed(f"card expired on {expiry.isoformat()}")
 
 
+class NoPurse(Declined):
+    """The card has no application at the AID the terminal selects."""
+
+    def __init__(self, aid: bytes, sw: int) -> None:
+        super().__init__(f"SELECT purse {aid.hex().upper()}", sw,
+                         f"no purse application {aid.hex().upper()} on this card (SELECT "
+                         f"answered {sw:04X}: {SW.meaning(sw)}); a purse at another AID is "
+                         f"selected with --aid")
+        self.aid = aid
+
+
 def select_purse(card: Reader, aid: bytes = P.DEFAULT_IEP_AID) -> CardInfo:
-    """SELECT the purse application and take its public data (EF 0x15): from the copy in the
-    FCI's issuer discretionary data when the card gives one, else by READ BINARY."""
-    fci = P.Fci.parse(call(card, apdus.select(aid), "SELECT purse"))
+    """SELECT the purse application at ``aid`` and take its public data (EF 0x15): from the
+    copy in the FCI's issuer discretionary data when the card gives one, else by READ BINARY.
+    A card without that application (6A82) raises :class:`NoPurse`, naming the AID."""
+    answer = card.exchange(apdus.select(aid))
+    if answer.sw == SW.FILE_NOT_FOUND:
+        raise NoPurse(aid, answer.sw)
+    if not answer.ok:
+        raise Declined(f"SELECT purse {aid.hex().upper()}", answer.sw)
+    fci = P.Fci.parse(answer.data)
     raw = fci.issuer_discretionary
     if len(raw) != 30:
         raw = call(card, apdus.read_binary(P.SFI_PUBLIC_DATA, 30), "READ BINARY EF15")
@@ -131,9 +148,15 @@ def read_balance(card: Reader, purse: int = P.PURSE_EP, pin: str | None = None,
     return info, int.from_bytes(call(card, apdus.get_balance(purse), "GET BALANCE"), "big")
 
 
-def read_balance_limit(card: Reader) -> int:
-    """The selected purse's balance limit (GET DATA 9F77)."""
-    raw = call(card, apdus.get_data(P.TAG_BALANCE_LIMIT), "GET DATA balance limit")
+def read_balance_limit(card: Reader) -> int | None:
+    """The selected purse's balance limit (GET DATA 9F77, svcard's own), or None when the card
+    does not answer it with 9000 (a purse without the command: 6A88, 6A81, 6D00, 6E00, ...);
+    the bank then goes by the limit it has configured for the card's issuer. A 9000 answer that
+    is not a ``9F77 04`` element is a :class:`TerminalCheckFailed`."""
+    answer = card.exchange(apdus.get_data(P.TAG_BALANCE_LIMIT))
+    if not answer.ok:
+        return None
+    raw = answer.data
     if len(raw) != 7 or int.from_bytes(raw[:2], "big") != P.TAG_BALANCE_LIMIT or raw[2] != 4:
         raise TerminalCheckFailed(f"the card's balance limit answer is malformed: {raw.hex()}")
     return int.from_bytes(raw[3:], "big")
