@@ -5,10 +5,12 @@ class in a fresh simulator the way a GlobalPlatform card's INSTALL [for install]
 static ``install(bArray, bOffset, bLength)`` receives, from ``bOffset`` on, the install data
 ``len | instance AID | len | privileges | len | application parameters`` (privileges: the single
 byte ``00``; parameters: ``install_params``, what a GP card takes from tag C9). jCardSim passes the
-array it is given on to ``install`` untouched, so this layout is exactly what the applet reads; it
-sits after a few filler bytes (``bOffset`` is not 0, as on a card, where it lies in the APDU
-buffer), so an applet that assumes offset 0 fails here as it would on a card. An ordinary applet
-registers with ``register(bArray, (short) (bOffset + 1), bArray[bOffset])``.
+array it is given on to ``install`` untouched, so this layout is exactly what the applet reads. As
+on a card, where the install data lies inside the APDU buffer, ``bOffset`` is not 0 (an applet
+that assumes 0 fails here as it would on a card) and the 261-byte array holds 00 around the data.
+An ordinary applet registers with ``register(bArray, (short) (bOffset + 1), bArray[bOffset])``.
+(jCardSim's sample ``HelloWorldApplet`` reads the parameters as if the privileges were two
+bytes: give it no parameters.)
 
 After the install nothing is selected. The ``personalise`` APDUs then go to the card in order (put
 a SELECT first if the applet needs one); one that does not answer 9000 stops the connect with a
@@ -47,6 +49,7 @@ DEFAULT_SIMULATOR = "com.licel.jcardsim.base.Simulator"
 DEFAULT_AIDUTIL = "com.licel.jcardsim.utils.AIDUtil"
 PRIVILEGES = b"\x00"
 INSTALL_OFFSET = 5   # filler bytes before the install data in the array install() gets
+INSTALL_ARRAY = 261  # that array's length: a short APDU's, as a card's APDU buffer holds it
 MAX_INSTALL_DATA = 127   # install()'s bLength is a Java byte
 
 T = TypeVar("T")
@@ -191,7 +194,8 @@ class JCardSimReader(Reader):
             simulator = jpype.JClass(self.simulator_class)()
             aid = jpype.JClass(self.aid_util_class).create(self.aid.hex().upper())
             applet = jpype.JClass(self.applet_class)
-            array = jpype.JArray(jpype.JByte)(bytes(INSTALL_OFFSET) + install_data)
+            filler = bytes(INSTALL_ARRAY - INSTALL_OFFSET - len(install_data))
+            array = jpype.JArray(jpype.JByte)(bytes(INSTALL_OFFSET) + install_data + filler)
             simulator.installApplet(aid, applet.class_, array, jpype.JShort(INSTALL_OFFSET),
                                     jpype.JByte(len(install_data)))
             return simulator

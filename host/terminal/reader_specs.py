@@ -3,16 +3,24 @@
 * ``virtual:IMAGE.json``: a card image opened in this process;
 * ``pcsc:NAME`` / ``pcsc:#N``: a PC/SC reader by exact name, unique prefix or index;
 * ``trace:FILE``: replay a recorded trace;
-* ``jcardsim:APPLET_CLASS:AID``: a Java Card applet in jCardSim (``JCARDSIM_JAR``);
+* ``jcardsim:APPLET_CLASS:AID[:PARAMS][@SCRIPT]``: a Java Card applet in jCardSim
+  (``JCARDSIM_JAR``), installed under AID (hex) with GlobalPlatform install data whose
+  application parameters are PARAMS (hex, none if left out), then personalised with the APDUs of
+  the text file SCRIPT: one APDU in hex a line (spaces and colons ignored), ``#`` starts a comment,
+  blank lines skipped; everything after the first ``@`` is the file's path. An APDU that does not
+  answer 9000 stops the connect (exit 10, naming its index and header);
 * ``delayed:MS:SPEC``: SPEC with MS milliseconds added to every APDU (a slow physical card).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ...card.image import open_card
+from ...protocols.apdu import APDUFormatError, parse_command
 from ...reader import Reader, ReaderError, VirtualReader
 from ...reader.delayed import DelayedReader
-from ...reader.jcardsim import JCardSimReader
+from ...reader.jcardsim import JCardSimError, JCardSimReader
 from ...reader.pcsc import PcscReader
 from ...reader.trace import TraceReader
 
@@ -37,14 +45,7 @@ def open_reader(spec: str, *, lock_timeout: float = 5.0) -> Reader:
     if scheme == "trace":
         return TraceReader(rest)
     if scheme == "jcardsim":
-        applet, sep, aid = rest.rpartition(":")
-        try:
-            aid_bytes = bytes.fromhex(aid)
-        except ValueError:
-            aid_bytes = b""
-        if not sep or not applet or not aid_bytes:
-            raise ReaderSpecError(f"{spec!r}: expected jcardsim:APPLET_CLASS:AID (AID in hex)")
-        return JCardSimReader(applet, aid_bytes)
+        return _jcardsim_reader(spec, rest)
     if scheme == "delayed":
         ms, sep, inner = rest.partition(":")
         try:
@@ -56,3 +57,68 @@ def open_reader(spec: str, *, lock_timeout: float = 5.0) -> Reader:
         return DelayedReader(open_reader(inner, lock_timeout=lock_timeout), delay)
     raise ReaderSpecError(f"unknown reader scheme {scheme!r} "
                           f"(supported: {', '.join(s + ':' for s in SCHEMES)})")
+
+
+JCARDSIM_FORM = "jcardsim:APPLET_CLASS:AID[:PARAMS_HEX][@SCRIPT]"
+
+
+def _jcardsim_reader(spec: str, rest: str) -> JCardSimReader:
+    """The jcardsim: reader; errors show the spec without PARAMS_HEX (it may carry keys)."""
+    head, at, script = rest.partition("@")
+    parts = head.split(":")
+    shown = f"jcardsim:{parts[0]}:{parts[1] if len(parts) > 1 else ''}" \
+            + (":..." if len(parts) > 2 else "") + (f"@{script}" if at else "")
+    if len(parts) not in (2, 3) or not parts[0]:
+        raise ReaderSpecError(f"{shown!r}: expected {JCARDSIM_FORM}")
+    applet, aid_hex, *params_hex = parts
+    aid = _hex_field(shown, "AID", aid_hex)
+    params = _hex_field(shown, "PARAMS_HEX", params_hex[0]) if params_hex else b""
+    if at and not script:
+        raise ReaderSpecError(f"{shown!r}: no script file after '@' (expected {JCARDSIM_FORM})")
+    apdus = read_apdu_script(Path(script)) if at else []
+    try:
+        return JCardSimReader(applet, aid, install_params=params, personalise=apdus)
+    except JCardSimError as exc:
+        raise ReaderSpecError(f"{shown!r}: {exc}") from None
+
+
+def _hex_field(shown: str, name: str, text: str) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if not value:
+        raise ReaderSpecError(f"{shown!r}: {name} must be hex digits, an even number of them "
+                              f"(expected {JCARDSIM_FORM})")
+    return value
+
+
+def read_apdu_script(path: Path) -> list[bytes]:
+    """The command APDUs of a personalisation script: one APDU in hex a line, spaces and colons
+    ignored, ``#`` to the end of the line a comment, blank lines skipped. An unreadable file or
+    a line that is no APDU is a :class:`ReaderSpecError` naming the file and the line (never
+    the line's bytes: they may carry keys)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ReaderSpecError(f"{path}: cannot read the personalisation script: {reason}") \
+            from None
+    apdus = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].replace(" ", "").replace(":", "").replace("\t", "")
+        if not text:
+            continue
+        try:
+            apdu = bytes.fromhex(text)
+        except ValueError:
+            raise ReaderSpecError(f"{path}:{number}: not an APDU in hex (only hex digits, an "
+                                  "even number of them, spaces and colons)") from None
+        try:
+            parse_command(apdu)
+        except APDUFormatError as exc:
+            raise ReaderSpecError(f"{path}:{number}: not a command APDU: {exc}") from None
+        apdus.append(apdu)
+    if not apdus:
+        raise ReaderSpecError(f"{path}: the personalisation script holds no APDU")
+    return apdus

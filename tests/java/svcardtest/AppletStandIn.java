@@ -5,16 +5,20 @@ package svcardtest;
  * classes needed): its static install reads the instance AID from the install data
  * (len | AID | len | privileges | len | parameters, from bOffset on) and registers under it, as
  * jc/GpEchoApplet does in the real jCardSim. Commands (any CLA): INS 10 answers the application
- * parameters, INS 12 the whole install data as install() saw it, INS 20 stores its data (P1 must
- * be 00, else 6A86), INS 22 answers what INS 20 stored.
+ * parameters, INS 12 the whole install data as install() saw it, INS 14 bOffset and the install
+ * array's length (two bytes each), INS 20 stores its data (P1 must be 00, else 6A86), INS 22
+ * answers what INS 20 stored.
  */
 public class AppletStandIn {
     private final byte[] installData;
     private final byte[] params;
+    private final byte[] where;
     private byte[] stored = new byte[0];
 
     protected AppletStandIn(byte[] bArray, short bOffset, byte bLength) {
         installData = copy(bArray, bOffset, bLength);
+        where = new byte[] {(byte) (bOffset >> 8), (byte) bOffset, (byte) (bArray.length >> 8),
+                            (byte) bArray.length};
         int aidLength = bArray[bOffset];
         int privilegesAt = bOffset + 1 + aidLength;
         int paramsAt = privilegesAt + 1 + bArray[privilegesAt];
@@ -54,6 +58,8 @@ public class AppletStandIn {
                 return withOk(params);
             case 0x12:
                 return withOk(installData);
+            case 0x14:
+                return withOk(where);
             case 0x20:
                 if (apdu[2] != 0) {
                     return new byte[] {0x6A, (byte) 0x86};

@@ -11,17 +11,21 @@ import javacard.framework.Util;
  * reads the instance AID from the install data (len | AID | len | privileges | len | parameters,
  * from bOffset on) and registers under it, as ordinary applets do. The same commands as
  * AppletStandIn: INS 10 answers the application parameters, INS 12 the whole install data as
- * install() saw it, INS 20 stores its data (P1 must be 00, else 6A86), INS 22 answers it.
+ * install() saw it, INS 14 bOffset and the install array's length (two bytes each), INS 20
+ * stores its data (P1 must be 00, else 6A86), INS 22 answers it.
  */
 public class GpEchoApplet extends Applet {
     private final byte[] installData;
     private final byte[] params;
+    private final byte[] where = new byte[4];
     private final byte[] stored = new byte[64];
     private short storedLength = 0;
 
     private GpEchoApplet(byte[] bArray, short bOffset, byte bLength) {
         installData = new byte[bLength];
         Util.arrayCopy(bArray, bOffset, installData, (short) 0, bLength);
+        Util.setShort(where, (short) 0, bOffset);
+        Util.setShort(where, (short) 2, (short) bArray.length);
         short privilegesAt = (short) (bOffset + 1 + bArray[bOffset]);
         short paramsAt = (short) (privilegesAt + 1 + bArray[privilegesAt]);
         params = new byte[bArray[paramsAt]];
@@ -50,6 +54,9 @@ public class GpEchoApplet extends Applet {
                 return;
             case 0x12:
                 send(apdu, installData, (short) installData.length);
+                return;
+            case 0x14:
+                send(apdu, where, (short) where.length);
                 return;
             case 0x20:
                 if (buffer[ISO7816.OFFSET_P1] != 0) {
