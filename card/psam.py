@@ -282,10 +282,10 @@ class Psam(BatchCommands, TableApplication):
             raise CardError(SW.WRONG_P1P2)
         size = len(cmd.data)
         if size in _FORMS_1C:
-            req = P.InitSamForPurchaseData.parse(cmd.data)
+            req = P.InitSamForPurchaseData.parse(cmd.data[:0x1C])
             issuer, two_level, uid = self.state.default_issuer, False, cmd.data[0x1C:]
         elif size in _FORMS_24:
-            req = P.InitSamForPurchaseData24.parse(cmd.data)
+            req = P.InitSamForPurchaseData24.parse(cmd.data[:0x24])
             issuer, two_level, uid = req.issuer_id, True, cmd.data[0x24:]
         else:
             raise CardError(SW.WRONG_LENGTH)
