@@ -3,12 +3,14 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from svcard.card.iep import IepState
 from svcard.card.image import card_from_image, save_new_image
 from svcard.card.personalise import image_from_profile
 from svcard.card.runtime import Card
@@ -18,6 +20,7 @@ from svcard.host.load import client as LC
 from svcard.host.pay.stack import Stack, start_stack
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
+from svcard.reader.jcardsim import JCardSimReader
 
 _CACHE: dict[str, dict[str, Any]] = {}
 
@@ -29,6 +32,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "SVCARD_SIM_OPS)")
     group.addoption("--sim-seed", type=int, default=None,
                     help="the simulation's seed (default 20261122, or SVCARD_SIM_SEED)")
+    group.addoption("--diff-count", type=int, default=None,
+                    help="APDUs of the IEP differential test (default 400, or "
+                         "SVCARD_DIFF_COUNT)")
+    group.addoption("--diff-seed", type=int, default=None,
+                    help="the IEP differential test's seed (default 20261122, or "
+                         "SVCARD_DIFF_SEED)")
 
 
 @pytest.fixture
@@ -41,6 +50,60 @@ def sim_ops(request: pytest.FixtureRequest) -> int:
 def sim_seed(request: pytest.FixtureRequest) -> int:
     value = request.config.getoption("--sim-seed")
     return int(value if value is not None else os.environ.get("SVCARD_SIM_SEED", "20261122"))
+
+
+@pytest.fixture
+def diff_count(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--diff-count")
+    return int(value if value is not None else os.environ.get("SVCARD_DIFF_COUNT", "400"))
+
+
+@pytest.fixture
+def diff_seed(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--diff-seed")
+    return int(value if value is not None else os.environ.get("SVCARD_DIFF_SEED", "20261122"))
+
+
+@dataclass(frozen=True)
+class AppletCards:
+    """svcard's IEP applet, built once per session, in this process's one JVM (its class path
+    is fixed at start: every in-process jCardSim user takes its classes from here)."""
+
+    jar: str
+    classes: Path
+
+    def open(self, image: dict[str, Any]) -> JCardSimReader:
+        """A fresh simulator with the applet installed and personalised from ``image``."""
+        from svcard.card import applet
+        state = IepState.from_json(image["app"])
+        reader = JCardSimReader(applet.APPLET_CLASS, state.aid,
+                                install_params=applet.install_params(state),
+                                personalise=applet.personalisation_apdus(state),
+                                jar=self.jar, classpath=(str(self.classes),))
+        reader.connect()
+        return reader
+
+    @staticmethod
+    def reset(reader: JCardSimReader) -> None:
+        """Power-cycle the simulator (volatile state goes, the applet's data stays)."""
+        from svcard.reader.jcardsim import _java_call
+        sim = reader._sim
+        _java_call(lambda: sim.reset(), "reset")
+
+
+@pytest.fixture(scope="session")
+def iep_applet(tmp_path_factory: pytest.TempPathFactory) -> AppletCards:
+    """The IEP applet in jCardSim; skips (users) when JCARDSIM_JAR names no jar."""
+    jar = os.environ.get("JCARDSIM_JAR", "")
+    if not jar.endswith(".jar"):
+        pytest.skip("JCARDSIM_JAR is not set: the IEP applet runs in jCardSim (set it to the "
+                    "jCardSim jar, and JCARDSIM_CLASSPATH to BouncyCastle's bcprov.jar)")
+    try:
+        import jpype  # noqa: F401
+    except ImportError:
+        pytest.skip("JPype is not installed (pip install 'svcard[jcardsim]')")
+    from svcard.card.applet import build_applet
+    return AppletCards(jar, build_applet(tmp_path_factory.mktemp("iep-applet"), jar))
 
 
 def demo_image(kind: str, **app_changes: Any) -> dict[str, Any]:

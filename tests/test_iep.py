@@ -1,8 +1,18 @@
-"""Every IEP command: success paths (MACs checked the plain way) and error status words."""
+"""Every IEP command: success paths (MACs checked the plain way) and error status words.
+
+Each test runs on both cards: ``virtual`` (the Python card, the reference) and ``jcardsim``
+(svcard's Java Card applet in jCardSim, personalised from the same image; skipped unless
+JCARDSIM_JAR names the jCardSim jar). What only the Python card's state shows is checked on the
+virtual card alone, each with its reason; the same facts are checked on both through APDUs
+where an APDU shows them (:func:`probe`).
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from conftest import demo_image, with_balance
@@ -13,19 +23,84 @@ from svcard.card.runtime import Card
 from svcard.protocols import tlv
 
 
-def host_with(ep: int = 0, ed: int = 0, **changes: object) -> tuple[RawHost, Card]:
-    card = card_from_image(with_balance(demo_image("iep", **changes), ep, ed))
-    host = RawHost(card)
-    host.select()
-    return host, card
+@dataclass
+class Dut:
+    """The IEP under test."""
+
+    kind: str                           # "virtual" or "jcardsim"
+    host: RawHost
+    card: Card | None                   # the Python card (virtual only)
+    power_cycle: Callable[[], object]
 
 
-def snapshot(card: Card) -> dict:
-    """The card's state but its MAC-failure counters (a wrong MAC counts, and nothing else
-    changes: tests/test_card_lockout.py checks the counters)."""
-    state = copy.deepcopy(card.apps[0].to_state())
-    del state["purchase_mac_failures"], state["load_mac_failures"]
-    return state
+HostWith = Callable[..., tuple[RawHost, Dut]]
+
+
+@pytest.fixture(params=["virtual", "jcardsim"])
+def host_with(request: pytest.FixtureRequest) -> Iterator[HostWith]:
+    """``host_with(ep=0, ed=0, select=True, **app_changes)``: a fresh demo IEP with those
+    balances on the card this test runs on, and a RawHost that selected it."""
+    applet = request.getfixturevalue("iep_applet") if request.param == "jcardsim" else None
+    readers: list[Any] = []
+
+    def make(ep: int = 0, ed: int = 0, select: bool = True,
+             **changes: object) -> tuple[RawHost, Dut]:
+        image = with_balance(demo_image("iep", **changes), ep, ed)
+        if applet is None:
+            card = card_from_image(image)
+            dut = Dut("virtual", RawHost(card), card, card.reset)
+        else:
+            reader = applet.open(image)
+            readers.append(reader)
+            dut = Dut("jcardsim", RawHost(reader), None, lambda: applet.reset(reader))
+        if select:
+            dut.host.select()
+        return dut.host, dut
+
+    yield make
+    for reader in readers:
+        reader.disconnect()
+
+
+def probe(host: RawHost) -> dict[str, object]:
+    """What APDUs show of the purse's persistent state: EP balance, PIN tries, both EP counters
+    (INITIALIZE with amount 0: balance, counter, overdraft limit, key version and algorithm),
+    the log and the proof of its newest record. Ends any open session (the ED needs a VERIFY,
+    which would change the PIN tries: it is left out)."""
+    out: dict[str, object] = {"balance": host.send("805C000204"),
+                              "pin tries": host.sw("00200000")}
+    data, sw = host.send(host.init_load_apdu(0))
+    out["load init"] = (data[:8], sw)        # without random and MAC1
+    data, sw = host.send(host.init_purchase_apdu(0))
+    out["purchase init"] = (data[:11], sw)   # without random
+    log = []
+    for n in range(1, 11):
+        record, sw = host.send(bytes([0x00, 0xB2, n, 0xC4, 0x17]))
+        if sw != 0x9000:
+            break
+        log.append(record)
+    out["log"] = log
+    if log:
+        out["proof"] = host.send(bytes([0x80, 0x5A, 0x00, log[0][9], 0x02]) + log[0][0:2]
+                                 + b"\x08")
+    return out
+
+
+def snapshot(dut: Dut) -> dict[str, Any]:
+    """The purse's state as APDUs show it and, on the Python card, its whole state but its
+    MAC-failure counters (a wrong MAC counts, and nothing else changes: tests/test_card_lockout.py
+    checks the counters). Sends APDUs: take it outside an INITIALIZE's session."""
+    out: dict[str, Any] = {"apdus": probe(dut.host)}
+    if dut.card is not None:
+        state = copy.deepcopy(dut.card.apps[0].to_state())
+        del state["purchase_mac_failures"], state["load_mac_failures"]
+        out["state"] = state
+    return out
+
+
+def counters(host: RawHost) -> tuple[int, int]:
+    """The EP's online and offline counters, through INITIALIZE (ends any session)."""
+    return host.init_load(0).counter, host.init_purchase(0).counter
 
 
 def failures(card: Card) -> tuple[dict, dict]:
@@ -35,8 +110,8 @@ def failures(card: Card) -> tuple[dict, dict]:
 
 # --- selection and files -------------------------------------------------------------------
 
-def test_select_returns_fci_with_currency_and_public_data(iep: Card) -> None:
-    fci = RawHost(iep).select()
+def test_select_returns_fci_with_currency_and_public_data(host_with: HostWith) -> None:
+    fci = host_with(select=False)[0].select()
     top = tlv.parse(fci)[0]
     assert top.tag == 0x6F
     assert tlv.find([top], 0x84).value == DEMO_AID  # type: ignore[union-attr]
@@ -45,19 +120,19 @@ def test_select_returns_fci_with_currency_and_public_data(iep: Card) -> None:
     assert len(tlv.find([top], 0x9F0C).value) == 30  # type: ignore[union-attr]
 
 
-def test_select_partial_and_unknown_aid(iep: Card) -> None:
-    host = RawHost(iep)
+def test_select_partial_and_unknown_aid(host_with: HostWith) -> None:
+    host, _ = host_with(select=False)
     assert host.sw("00A4040005F053564341") == 0x9000  # partial DF name selects
     assert host.sw("00A4040005A000000003") == 0x6A82
     assert host.sw("00A40403" + "05F053564341") == 0x6A86
 
 
-def test_commands_before_select(iep: Card) -> None:
-    host = RawHost(iep)
+def test_commands_before_select(host_with: HostWith) -> None:
+    host, _ = host_with(select=False)
     assert host.sw("805C000204") == 0x6985
 
 
-def test_read_binary_public_and_holder_data() -> None:
+def test_read_binary_public_and_holder_data(host_with: HostWith) -> None:
     host, _ = host_with()
     data, sw = host.send("00B0950000")
     assert sw == 0x9000 and len(data) == 30
@@ -73,7 +148,7 @@ def test_read_binary_public_and_holder_data() -> None:
     assert host.sw("00B0000000") == 0x6A82  # no current EF
 
 
-def test_unknown_ins_and_cla() -> None:
+def test_unknown_ins_and_cla(host_with: HostWith) -> None:
     host, _ = host_with()
     assert host.sw("80CC000000") == 0x6D00
     assert host.sw("005C000204") == 0x6E00  # GET BALANCE is proprietary (CLA 80)
@@ -83,7 +158,7 @@ def test_unknown_ins_and_cla() -> None:
 
 # --- GET BALANCE, PIN ----------------------------------------------------------------------
 
-def test_get_balance_ep_and_ed_needs_pin() -> None:
+def test_get_balance_ep_and_ed_needs_pin(host_with: HostWith) -> None:
     host, _ = host_with(ep=1234, ed=555)
     assert host.balance(2) == 1234
     assert host.sw("805C000104") == 0x6982
@@ -94,8 +169,8 @@ def test_get_balance_ep_and_ed_needs_pin() -> None:
     assert host.sw("805C000208") == 0x6C04
 
 
-def test_pin_blocks_after_three_wrong_tries() -> None:
-    host, card = host_with(ed=100)
+def test_pin_blocks_after_three_wrong_tries(host_with: HostWith) -> None:
+    host, dut = host_with(ed=100)
     assert host.verify("000000") == 0x63C2
     assert host.sw("00200000") == 0x63C2  # retry counter query
     assert host.verify("111111") == 0x63C1
@@ -105,17 +180,19 @@ def test_pin_blocks_after_three_wrong_tries() -> None:
     assert host.verify("000000") == 0x6983
     assert host.verify("123456") == 0x6983  # blocked: even the right PIN fails
     assert host.sw("805C000104") == 0x6982
-    assert card.apps[0].to_state()["pin_tries_left"] == 0
+    assert host.sw("00200000") == 0x6983              # no tries left
+    if dut.card is not None:  # the Python card's state, as the APDU above shows it
+        assert dut.card.apps[0].to_state()["pin_tries_left"] == 0
     assert host.sw(host.init_purchase_apdu(1, purse=1)) == 0x6982
 
 
-def test_verify_wrong_length_and_p2() -> None:
+def test_verify_wrong_length_and_p2(host_with: HostWith) -> None:
     host, _ = host_with()
     assert host.sw("0020000001AA") == 0x6700
     assert host.sw("00200001021234") == 0x6A86
 
 
-def test_change_pin() -> None:
+def test_change_pin(host_with: HostWith) -> None:
     host, _ = host_with(ed=10)
     assert host.sw("805E01000712 34 56 FF 65 43 21".replace(" ", "")) == 0x9000
     assert host.verify("123456") == 0x63C2
@@ -124,12 +201,14 @@ def test_change_pin() -> None:
 
 # --- load ----------------------------------------------------------------------------------
 
-def test_load_success_updates_balance_counter_log_and_proof() -> None:
-    host, card = host_with(ep=100)
+def test_load_success_updates_balance_counter_log_and_proof(host_with: HostWith) -> None:
+    host, dut = host_with(ep=100)
     result = host.load(2500)
     assert host.balance() == 2600
-    state = card.apps[0].to_state()
-    assert state["ep"]["online_counter"] == 1 and state["ep"]["offline_counter"] == 0
+    if dut.card is not None:  # the Python card's state, as counters() shows it on both
+        state = dut.card.apps[0].to_state()
+        assert state["ep"]["online_counter"] == 1 and state["ep"]["offline_counter"] == 0
+    assert counters(host) == (1, 0)
     record, sw = host.send("00B201C417")
     assert sw == 0x9000
     assert record == (b"\x00\x00" + b"\x00\x00\x00" + u4(2500) + b"\x02" + TID + DATE + TIME)
@@ -137,7 +216,7 @@ def test_load_success_updates_balance_counter_log_and_proof() -> None:
     assert sw == 0x9000 and data[4:] == result["tac"]
 
 
-def test_ed_load_needs_pin() -> None:
+def test_ed_load_needs_pin(host_with: HostWith) -> None:
     host, _ = host_with()
     assert host.sw(host.init_load_apdu(100, purse=1)) == 0x6982
     assert host.verify("123456") == 0x9000
@@ -145,31 +224,34 @@ def test_ed_load_needs_pin() -> None:
     assert host.balance(1) == 100
 
 
-def test_load_over_the_balance_limit_is_refused() -> None:
-    host, card = host_with(ep=99_000)
-    before = snapshot(card)
+def test_load_over_the_balance_limit_is_refused(host_with: HostWith) -> None:
+    host, dut = host_with(ep=99_000)
+    before = snapshot(dut)
     assert host.sw(host.init_load_apdu(1_001)) == 0x6985
+    assert snapshot(dut) == before
     host.load(1_000)  # exactly to the limit is fine
     assert host.balance() == 100_000
-    assert before["ep"]["balance"] == 99_000
+    assert before["apdus"]["balance"] == (u4(99_000), 0x9000)
+    if dut.card is not None:  # the Python card's state, as the line above shows it
+        assert before["state"]["ep"]["balance"] == 99_000
 
 
-def test_credit_with_bad_mac_changes_nothing() -> None:
-    host, card = host_with(ep=100)
+def test_credit_with_bad_mac_changes_nothing(host_with: HostWith) -> None:
+    host, dut = host_with(ep=100)
+    before = snapshot(dut)  # before the INITIALIZE: a snapshot's APDUs would end its session
     init = host.init_load(50)
     sk = host.load_session_key(init)
-    before = snapshot(card)
     bad = bytearray(host.load_mac2(sk, 50))
     bad[0] ^= 1
     assert host.sw(host.credit_apdu(bytes(bad))) == 0x9302
-    assert snapshot(card) == before
-    assert failures(card) == ({}, {"1": 1})  # the wrong S2 is counted against load key 1
+    if dut.card is not None:  # no APDU shows a count below the lock (test_wrong_macs_lock_...)
+        assert failures(dut.card) == ({}, {"1": 1})  # the wrong S2 counts against load key 1
     # the session is gone: even the right MAC now needs a new INITIALIZE
     assert host.sw(host.credit_apdu(host.load_mac2(sk, 50))) == 0x6985
-    assert snapshot(card) == before
+    assert snapshot(dut) == before
 
 
-def test_credit_without_initialize_and_after_purchase_init() -> None:
+def test_credit_without_initialize_and_after_purchase_init(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     assert host.sw(host.credit_apdu(bytes(4))) == 0x6985
     host.init_purchase(10)
@@ -177,8 +259,9 @@ def test_credit_without_initialize_and_after_purchase_init() -> None:
 
 
 @pytest.mark.parametrize("change", ["amount", "terminal", "date", "counter", "type"])
-def test_changed_load_fields_break_mac2(change: str) -> None:
-    host, card = host_with(ep=100)
+def test_changed_load_fields_break_mac2(host_with: HostWith, change: str) -> None:
+    host, dut = host_with(ep=100)
+    before = snapshot(dut)
     init = host.init_load(50)
     sk = host.load_session_key(init)
     if change == "counter":
@@ -189,12 +272,11 @@ def test_changed_load_fields_break_mac2(change: str) -> None:
     txn_type = 1 if change == "type" else 2
     mac2 = host.load_mac2(sk, amount, txn_type, tid)
     date = bytes.fromhex("20270315") if change == "date" else DATE
-    before = snapshot(card)
     assert host.sw(host.credit_apdu(mac2, date=date)) == 0x9302
-    assert snapshot(card) == before
+    assert snapshot(dut) == before
 
 
-def test_replayed_credit_is_refused() -> None:
+def test_replayed_credit_is_refused(host_with: HostWith) -> None:
     host, _ = host_with(ep=0)
     init = host.init_load(70)
     credit = host.credit_apdu(host.load_mac2(host.load_session_key(init), 70))
@@ -205,23 +287,27 @@ def test_replayed_credit_is_refused() -> None:
     assert host.balance() == 70
 
 
-def test_credit_with_a_bad_date_is_refused_before_the_mac() -> None:
-    host, card = host_with()
+def test_credit_with_a_bad_date_is_refused_before_the_mac(host_with: HostWith) -> None:
+    host, dut = host_with()
+    before = snapshot(dut)
     init = host.init_load(5)
-    before = snapshot(card)
     mac2 = host.load_mac2(host.load_session_key(init), 5, date=bytes.fromhex("20271399"))
     assert host.sw(host.credit_apdu(mac2, date=bytes.fromhex("20271399"))) == 0x6A80
-    assert snapshot(card) == before
+    if dut.card is not None:  # no APDU shows a count below the lock
+        assert failures(dut.card) == ({}, {})  # refused before the MAC: nothing counted
+    assert snapshot(dut) == before
 
 
 # --- purchase ------------------------------------------------------------------------------
 
-def test_purchase_success() -> None:
-    host, card = host_with(ep=1000)
+def test_purchase_success(host_with: HostWith) -> None:
+    host, dut = host_with(ep=1000)
     result = host.purchase(250, ttn=0x01020304)
     assert host.balance() == 750
-    state = card.apps[0].to_state()
-    assert state["ep"]["offline_counter"] == 1 and state["ep"]["online_counter"] == 0
+    if dut.card is not None:  # the Python card's state, as counters() shows it on both
+        state = dut.card.apps[0].to_state()
+        assert state["ep"]["offline_counter"] == 1 and state["ep"]["online_counter"] == 0
+    assert counters(host) == (0, 1)
     record, sw = host.send("00B201C417")
     assert sw == 0x9000
     assert record == b"\x00\x00" + bytes(3) + u4(250) + b"\x06" + TID + DATE + TIME
@@ -229,7 +315,7 @@ def test_purchase_success() -> None:
     assert sw == 0x9000 and data == result["mac2"] + result["tac"]
 
 
-def test_purchase_with_second_key_index() -> None:
+def test_purchase_with_second_key_index(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     init = host.init_purchase(10, key_index=2)
     assert init.key_version == 2
@@ -237,20 +323,20 @@ def test_purchase_with_second_key_index() -> None:
     assert host.sw(host.debit_apdu(5, host.purchase_mac1(sk, 10))) == 0x9000
 
 
-def test_zero_amount_purchase_authenticates_without_moving_value() -> None:
+def test_zero_amount_purchase_authenticates_without_moving_value(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     host.purchase(0)
     assert host.balance() == 100
 
 
-def test_insufficient_funds() -> None:
-    host, card = host_with(ep=99)
-    before = snapshot(card)
+def test_insufficient_funds(host_with: HostWith) -> None:
+    host, dut = host_with(ep=99)
+    before = snapshot(dut)
     assert host.sw(host.init_purchase_apdu(100)) == 0x9401
-    assert snapshot(card) == before
+    assert snapshot(dut) == before
 
 
-def test_unknown_key_index() -> None:
+def test_unknown_key_index(host_with: HostWith) -> None:
     host, _ = host_with(ep=99)
     assert host.sw(host.init_purchase_apdu(1, key_index=9)) == 0x9403
     assert host.sw(host.init_load_apdu(1, key_index=9)) == 0x9403
@@ -264,19 +350,19 @@ def test_unknown_key_index() -> None:
     ("805002020B0100000001112233445566", 0x6A86),   # cash withdrawal is ED only
     ("80500102", 0x6700),
 ])
-def test_initialize_errors(apdu: str, sw: int) -> None:
+def test_initialize_errors(host_with: HostWith, apdu: str, sw: int) -> None:
     host, _ = host_with(ep=99)
     assert host.sw(apdu) == sw
 
 
-def test_debit_without_initialize_and_after_load_init() -> None:
+def test_debit_without_initialize_and_after_load_init(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     assert host.sw(host.debit_apdu(1, bytes(4))) == 0x6985
     host.init_load(10)
     assert host.sw(host.debit_apdu(1, bytes(4))) == 0x6985
 
 
-def test_debit_wrong_length_and_p1p2() -> None:
+def test_debit_wrong_length_and_p1p2(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     host.init_purchase(10)
     assert host.sw("805401000E" + "00" * 14) == 0x6700
@@ -284,7 +370,7 @@ def test_debit_wrong_length_and_p1p2() -> None:
     assert host.sw("805402000F" + "00" * 15) == 0x6A86
 
 
-def test_another_command_between_initialize_and_debit_cancels() -> None:
+def test_another_command_between_initialize_and_debit_cancels(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     init = host.init_purchase(10)
     host.balance()
@@ -293,19 +379,51 @@ def test_another_command_between_initialize_and_debit_cancels() -> None:
     assert host.balance() == 100
 
 
-def test_debit_with_bad_mac_changes_nothing() -> None:
-    host, card = host_with(ep=100)
+def test_debit_with_bad_mac_changes_nothing(host_with: HostWith) -> None:
+    host, dut = host_with(ep=100)
+    before = snapshot(dut)  # before the INITIALIZE: a snapshot's APDUs would end its session
     host.init_purchase(10)
-    before = snapshot(card)
     assert host.sw(host.debit_apdu(1, bytes.fromhex("DEADBEEF"))) == 0x9302
-    assert snapshot(card) == before
-    assert failures(card) == ({"1": 1}, {})  # counted against purchase key 1
+    assert snapshot(dut) == before
+    if dut.card is not None:  # no APDU shows a count below the lock (test_wrong_macs_lock_...)
+        assert failures(dut.card) == ({"1": 1}, {})  # counted against purchase key 1
     assert host.balance() == 100
 
 
+def test_wrong_macs_lock_the_key(host_with: HostWith) -> None:
+    """mac_failure_limit consecutive wrong MACs lock that key (INITIALIZE answers 6983), across
+    a power cycle; a right MAC starts the count again; other keys still work."""
+    host, dut = host_with(ep=1000, mac_failure_limit=3)
+
+    def wrong_mac1(key_index: int = 1) -> int:
+        host.init_purchase(1, key_index=key_index)
+        return host.sw(host.debit_apdu(1, bytes(4)))
+
+    def wrong_s2() -> int:
+        host.init_load(5)
+        return host.sw(host.credit_apdu(bytes(4)))
+
+    assert [wrong_mac1(), wrong_mac1()] == [0x9302, 0x9302]
+    host.purchase(1)                                   # a right MAC: counting starts again
+    assert [wrong_mac1(), wrong_mac1(), wrong_mac1()] == [0x9302] * 3
+    assert host.sw(host.init_purchase_apdu(1)) == 0x6983
+    assert host.sw(host.init_purchase_apdu(1, key_index=2)) == 0x9000
+    host.load(5)                                       # the load key is not the purchase key
+    assert [wrong_s2(), wrong_s2(), wrong_s2()] == [0x9302] * 3
+    assert host.sw(host.init_load_apdu(5)) == 0x6983
+    dut.power_cycle()
+    host.select()
+    assert host.sw(host.init_load_apdu(5)) == 0x6983
+    assert host.sw(host.init_purchase_apdu(1)) == 0x6983
+    assert host.balance() == 1000 - 1 + 5
+    if dut.card is not None:  # the counts themselves, which no APDU shows
+        assert failures(dut.card) == ({"1": 3}, {"1": 3})
+
+
 @pytest.mark.parametrize("change", ["amount", "terminal", "date", "counter", "ttn", "random"])
-def test_changed_purchase_fields_break_mac1(change: str) -> None:
-    host, card = host_with(ep=100)
+def test_changed_purchase_fields_break_mac1(host_with: HostWith, change: str) -> None:
+    host, dut = host_with(ep=100)
+    before = snapshot(dut)
     init = host.init_purchase(10)
     if change == "counter":
         init.counter += 1
@@ -317,12 +435,11 @@ def test_changed_purchase_fields_break_mac1(change: str) -> None:
     mac1 = host.purchase_mac1(sk, amount, tid=tid)
     ttn = 2 if change == "ttn" else 1
     date = bytes.fromhex("20270315") if change == "date" else DATE
-    before = snapshot(card)
     assert host.sw(host.debit_apdu(ttn, mac1, date=date)) == 0x9302
-    assert snapshot(card) == before
+    assert snapshot(dut) == before
 
 
-def test_replayed_debit_is_refused() -> None:
+def test_replayed_debit_is_refused(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     init = host.init_purchase(10)
     debit = host.debit_apdu(3, host.purchase_mac1(host.purchase_session_key(init, 3), 10))
@@ -333,8 +450,8 @@ def test_replayed_debit_is_refused() -> None:
     assert host.balance() == 90
 
 
-def test_ed_purchase_and_cash_withdrawal_with_pin() -> None:
-    host, card = host_with(ed=500)
+def test_ed_purchase_and_cash_withdrawal_with_pin(host_with: HostWith) -> None:
+    host, dut = host_with(ed=500)
     assert host.sw(host.init_purchase_apdu(10, purse=1)) == 0x6982
     assert host.verify("123456") == 0x9000
     host.purchase(100, txn_type=5, purse=1)
@@ -342,13 +459,15 @@ def test_ed_purchase_and_cash_withdrawal_with_pin() -> None:
     host.purchase(50, txn_type=4, purse=1, p1=2)
     assert host.verify("123456") == 0x9000
     assert host.balance(1) == 350
-    types = [r[9] for r in (bytes.fromhex(x) for x in card.apps[0].to_state()["log"])]
-    assert types == [4, 5]
+    if dut.card is not None:  # the Python card's state, as READ RECORD shows it on both
+        types = [r[9] for r in (bytes.fromhex(x) for x in dut.card.apps[0].to_state()["log"])]
+        assert types == [4, 5]
+    assert [host.send(f"00B20{n}C417")[0][9] for n in (1, 2)] == [4, 5]
 
 
 # --- log and proof -------------------------------------------------------------------------
 
-def test_log_is_cyclic_newest_first() -> None:
+def test_log_is_cyclic_newest_first(host_with: HostWith) -> None:
     host, _ = host_with(ep=10_000)
     for amount in range(1, 13):
         host.purchase(amount)
@@ -365,12 +484,12 @@ def test_log_is_cyclic_newest_first() -> None:
     assert host.sw("00B201C410") == 0x6C17
 
 
-def test_empty_log() -> None:
+def test_empty_log(host_with: HostWith) -> None:
     host, _ = host_with()
     assert host.sw("00B201C417") == 0x6A83
 
 
-def test_get_transaction_prove_before_and_after() -> None:
+def test_get_transaction_prove_before_and_after(host_with: HostWith) -> None:
     host, _ = host_with(ep=100)
     assert host.sw("805A0006020000") == 0x9406
     first = host.purchase(10)
@@ -387,6 +506,8 @@ def test_get_transaction_prove_before_and_after() -> None:
 # --- T=0 -----------------------------------------------------------------------------------
 
 def test_t0_mode_uses_get_response() -> None:
+    """Virtual only: T=0 answer chaining (61xx, GET RESPONSE) is the Python card runtime's
+    transport; the applet answers through jCardSim, which has no T=0."""
     image = with_balance(demo_image("iep"), 100)
     image["t0"] = True
     card = card_from_image(image)
@@ -406,17 +527,17 @@ def test_t0_mode_uses_get_response() -> None:
     assert card.transmit(bytes.fromhex("00C0000002")) == b"\x69\x85"
 
 
-def test_reset_drops_session_but_not_value() -> None:
-    host, card = host_with(ep=100)
+def test_reset_drops_session_but_not_value(host_with: HostWith) -> None:
+    host, dut = host_with(ep=100)
     init = host.init_purchase(10)
-    card.reset()
+    dut.power_cycle()
     host.select()
     sk = host.purchase_session_key(init, 1)
     assert host.sw(host.debit_apdu(1, host.purchase_mac1(sk, 10))) == 0x6985
     assert host.balance() == 100
 
 
-def test_get_data_balance_limit() -> None:
+def test_get_data_balance_limit(host_with: HostWith) -> None:
     host, _ = host_with(balance_limit=123_456)
     data, sw = host.send("80CA9F7700")
     assert sw == 0x9000 and data == bytes.fromhex("9F770400") + (123_456).to_bytes(3, "big")

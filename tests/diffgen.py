@@ -1,0 +1,457 @@
+"""Differential testing of two IEP cards: the same random APDU sequence to both, every answer
+(data and status word) compared.
+
+The reference is the Python card (``svcard.card.iep``); the other is the Java Card applet in
+jCardSim, or a second Python card (to test this harness). A run is a series of episodes: each
+one personalises both cards from the same random image (balances, limits, counters near their
+maximum, PIN and tries, MAC-failure limit, a fixed card random so both answer the same MACs),
+then plays random operations on them:
+
+- valid commands with random fields (purchases and loads with right MACs, computed here the
+  plain way from the image's keys and the reference's INITIALIZE answer; queries; PIN);
+- the same with wrong MACs, wrong dates, fields changed after the MAC, wrong lengths,
+  truncations, extra bytes, random CLA/INS/P1/P2, random bodies;
+- commands out of order (completions without or after the wrong INITIALIZE), power cycles.
+
+The first differing answer raises :class:`Mismatch` naming the seed, the step, the APDU, both
+answers and the exchanges before it; ``run(count, seed)`` replays exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from conftest import demo_image
+from plain import plain_mac, tdes_encrypt_block
+
+from svcard.card.image import card_from_image
+
+AID = bytes.fromhex("F05356434152440101")
+RESET = None          # an operation yields this to power-cycle both cards
+
+# an operation: yields (label, APDU or RESET), receives the reference's answer
+Op = Generator[tuple[str, bytes | None], bytes, None]
+
+
+class CardLike(Protocol):
+    def transmit(self, apdu: bytes) -> bytes: ...
+
+
+@dataclass
+class Side:
+    """One card of the pair: how to talk to it, power-cycle it and let it go."""
+
+    name: str
+    transmit: Callable[[bytes], bytes]
+    reset: Callable[[], None]
+    close: Callable[[], None] = lambda: None
+
+
+Opener = Callable[[dict[str, Any]], Side]
+
+
+class Mismatch(AssertionError):
+    """The two cards answered one APDU differently."""
+
+
+def python_side(image: dict[str, Any], name: str = "python") -> Side:
+    card = card_from_image(copy.deepcopy(image))
+
+    def reset() -> None:
+        card.reset()
+
+    return Side(name, card.transmit, reset)
+
+
+# --- random images -----------------------------------------------------------------------------
+
+def _pick(rng: random.Random, *choices: Any) -> Any:
+    return rng.choice(choices)
+
+
+def random_image(rng: random.Random) -> dict[str, Any]:
+    """The demo IEP image with random balances, limit, counters, PIN state and lockout limit."""
+    image = demo_image("iep")
+    app = image["app"]
+    limit = _pick(rng, 100_000, 100_000, 5_000, 0xFFFFFFFF, 0x7FFFFFFF)
+    app["balance_limit"] = limit
+    for purse in ("ep", "ed"):
+        app[purse]["balance"] = _pick(rng, 0, 1, rng.randrange(0, min(limit, 100_000) + 1),
+                                      limit, max(limit - 1, 0), min(limit, 20_000))
+        app[purse]["online_counter"] = _pick(rng, 0, 0, 0, 0, rng.randrange(0x10000), 0xFFFE,
+                                             0xFFFF)
+        app[purse]["offline_counter"] = _pick(rng, 0, 0, 0, 0, rng.randrange(0x10000), 0xFFFE,
+                                              0xFFFF)
+    pin = "".join(rng.choice("0123456789") for _ in range(rng.choice((4, 5, 6, 6, 6, 12))))
+    app["pin"] = pin
+    app["pin_try_limit"] = _pick(rng, 3, 3, 1, 5)
+    app["pin_tries_left"] = _pick(rng, *[app["pin_try_limit"]] * 5, 1, 0)
+    app["mac_failure_limit"] = _pick(rng, 15, 15, 1, 2, 3)
+    app["fixed_random"] = rng.randbytes(4).hex().upper()
+    return image
+
+
+# --- the operations ----------------------------------------------------------------------------
+
+def _u4(v: int) -> bytes:
+    return (v & 0xFFFFFFFF).to_bytes(4, "big")
+
+
+@dataclass
+class Model:
+    """What the generator knows: the image's keys and PIN, and the reference's answers."""
+
+    rng: random.Random
+    image: dict[str, Any]
+    pin: str = ""
+    balance: dict[int, int] = field(default_factory=dict)
+    counters: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        app = self.image["app"]
+        self.pin = app["pin"]
+        self.purchase_keys = {k["index"]: bytes.fromhex(k["key"]) for k in app["purchase_keys"]}
+        self.load_keys = {k["index"]: bytes.fromhex(k["key"]) for k in app["load_keys"]}
+        self.tac_key = bytes.fromhex(app["tac_key"])
+        self.balance = {2: app["ep"]["balance"], 1: app["ed"]["balance"]}
+
+    # random fields
+    def amount(self, purse: int) -> int:
+        have = self.balance.get(purse, 0)
+        r = self.rng
+        if r.random() < 0.7:
+            return r.randrange(0, min(have, 5000) + 1)
+        return int(_pick(r, 0, 1, have, have + 1, max(have - 1, 0), r.randrange(0, 0x100000000),
+                         0xFFFFFFFF))
+
+    def key_index(self) -> int:
+        return int(_pick(self.rng, *[1] * 10, *[2] * 4, 0, 3, self.rng.randrange(256)))
+
+    def purse(self) -> int:
+        return int(_pick(self.rng, *[2] * 14, *[1] * 5, 0, 3))
+
+    def tid(self) -> bytes:
+        return _pick(self.rng, bytes.fromhex("112233445566"), self.rng.randbytes(6))
+
+    def date_time(self) -> tuple[bytes, bytes]:
+        r = self.rng
+        if r.random() < 0.9:
+            date = bytes.fromhex(f"{r.randrange(2000, 2100):04d}{r.randrange(1, 13):02d}"
+                                 f"{r.randrange(1, 29):02d}")
+            time = bytes.fromhex(f"{r.randrange(24):02d}{r.randrange(60):02d}"
+                                 f"{r.randrange(60):02d}")
+            return date, time
+        bad = [bytes.fromhex("20271399"), bytes.fromhex("20270230"), bytes.fromhex("2027AB01"),
+               bytes.fromhex("20270100"), bytes.fromhex("20240229"), bytes.fromhex("21000229")]
+        return (r.choice(bad), bytes.fromhex("150926")) if r.random() < 0.6 else \
+            (bytes.fromhex("20270314"), r.choice([bytes.fromhex(x) for x in
+                                                 ("240000", "236000", "2359FA", "000060")]))
+
+    def pin_bytes(self, pin: str) -> bytes:
+        return bytes.fromhex(pin + ("F" if len(pin) % 2 else ""))
+
+    def corrupt(self, apdu: bytes) -> tuple[str, bytes]:
+        """A malformed or changed copy of a valid APDU."""
+        r = self.rng
+        data = bytearray(apdu)
+        how = r.randrange(8)
+        if how == 0:
+            return "truncated", bytes(data[: r.randrange(len(data))])
+        if how == 1:
+            return "extra byte", bytes(data) + r.randbytes(1)
+        if how == 2 and len(data) > 4:
+            data[4] = (data[4] + r.choice((-1, 1, 2, -2))) & 0xFF
+            return "wrong Lc", bytes(data)
+        if how == 3 and len(data) > 5:
+            return "Le dropped", bytes(data[:-1])
+        if how == 4:
+            data[r.randrange(4)] = r.randrange(256)
+            return "header byte", bytes(data)
+        if how == 5 and len(data) > 5:
+            i = r.randrange(5, len(data))
+            data[i] ^= 1 << r.randrange(8)
+            return "bit flip", bytes(data)
+        if how == 6 and len(data) > 5:
+            return "Le changed", bytes(data[:-1]) + bytes([r.randrange(256)])
+        return "random body", bytes(data[:5]) + r.randbytes(max(len(data) - 5, 0))
+
+    def maybe(self, label: str, apdu: bytes, p: float = 0.15) -> tuple[str, bytes]:
+        if self.rng.random() < p:
+            how, bad = self.corrupt(apdu)
+            return f"{label} ({how})", bad
+        return label, apdu
+
+
+def op_select(m: Model) -> Op:
+    r = m.rng
+    choice = r.randrange(9)
+    if choice == 0:
+        yield "select partial", b"\x00\xa4\x04\x00" + bytes([5]) + AID[:5] + b"\x00"
+    elif choice == 1:
+        other = r.randbytes(r.randrange(1, 17))
+        yield "select other", b"\x00\xa4\x04\x00" + bytes([len(other)]) + other + b"\x00"
+    elif choice == 2:
+        yield "select p2", b"\x00\xa4\x04" + bytes([r.choice((0x04, 0x0C, 0x02))]) + \
+            bytes([len(AID)]) + AID + b"\x00"
+    else:
+        yield m.maybe("select", b"\x00\xa4\x04\x00" + bytes([len(AID)]) + AID + b"\x00", 0.1)
+
+
+def op_query(m: Model) -> Op:
+    r = m.rng
+    choice = r.randrange(7)
+    if choice == 0:
+        yield m.maybe("get balance", bytes([0x80, 0x5C, _pick(r, 0, 0, 0, 1), m.purse(),
+                                            _pick(r, 4, 4, 4, 0, 8, 2)]))
+    elif choice == 1:
+        sfi = _pick(r, 0x95, 0x96, 0x95, 0x96, 0x97, 0x98, 0x15, 0x80 | r.randrange(32),
+                    r.randrange(256))
+        yield m.maybe("read binary", bytes([0x00, 0xB0, sfi, _pick(r, 0, 0, r.randrange(60)),
+                                            _pick(r, 0, 0, r.randrange(1, 60))]))
+    elif choice == 2:
+        p2 = _pick(r, 0xC4, 0xC4, 0xC4, 0xC0, 0xCC, 0xC5, r.randrange(256))
+        yield m.maybe("read record", bytes([0x00, 0xB2, _pick(r, 1, 2, r.randrange(0, 13)),
+                                            p2, _pick(r, 0x17, 0x17, 0, 0x10, 0x18)]))
+    elif choice == 3:
+        tag = _pick(r, (0x9F, 0x77), (0x9F, 0x77), (0x9F, 0x76), (0, 0),
+                    (r.randrange(256), r.randrange(256)))
+        yield m.maybe("get data", bytes([0x80, 0xCA, *tag, _pick(r, 0, 0, 7, 4)]))
+    elif choice == 4:
+        txn_type = _pick(r, 2, 6, 1, 5, 4, 2, 6, 0, 3, 8, r.randrange(256))
+        counter = _pick(r, *m.counters, 0, r.randrange(0x10000))
+        yield m.maybe("get transaction prove", bytes([0x80, 0x5A, 0, txn_type, 2])
+                      + counter.to_bytes(2, "big") + bytes([_pick(r, 8, 8, 0)]))
+    elif choice == 5:
+        yield m.maybe("get response", bytes([0x00, 0xC0, 0, 0, r.randrange(256)]))
+    else:
+        yield "verify tries", _pick(r, b"\x00\x20\x00\x00", b"\x00\x20\x00\x00\x00")
+
+
+def op_pin(m: Model) -> Op:
+    r = m.rng
+    choice = r.randrange(5)
+    if choice <= 1:
+        pin = m.pin if choice == 0 or r.random() < 0.5 else \
+            "".join(r.choice("0123456789") for _ in range(r.randrange(4, 13)))
+        body = m.pin_bytes(pin)
+        yield m.maybe("verify", b"\x00\x20\x00\x00" + bytes([len(body)]) + body)
+    elif choice == 2:
+        body = r.randbytes(_pick(r, 0, 1, 2, 3, 6, 7, 8))
+        yield "verify junk", b"\x00\x20\x00" + bytes([_pick(r, 0, 0, 1)]) + \
+            (bytes([len(body)]) + body if body else b"")
+    else:
+        new = "".join(r.choice("0123456789") for _ in range(_pick(r, 4, 6, 6, 12, 3, 13)))
+        old = m.pin if r.random() < 0.8 else "0000"
+        body = m.pin_bytes(old) + b"\xff" + (m.pin_bytes(new) if len(new) <= 12 else
+                                              bytes.fromhex(new[:12]) + b"\x1f")
+        label, apdu = m.maybe("change pin", b"\x80\x5E\x01\x00" + bytes([len(body)]) + body)
+        answer = yield label, apdu
+        if label == "change pin" and answer[-2:] == b"\x90\x00":
+            m.pin = new
+
+
+def _verify(m: Model) -> Op:
+    body = m.pin_bytes(m.pin)
+    yield "verify", b"\x00\x20\x00\x00" + bytes([len(body)]) + body
+
+
+def op_purchase(m: Model) -> Op:
+    r = m.rng
+    purse = m.purse()
+    p1 = _pick(r, *[1] * 12, 2, 2, 2, 0x03)
+    if purse == 1 and r.random() < 0.7:
+        yield from _verify(m)
+    amount = m.amount(purse)
+    key_index = m.key_index()
+    tid = m.tid()
+    init = bytes([0x80, 0x50, p1, purse, 0x0B, key_index]) + _u4(amount) + tid + b"\x0f"
+    label, init = m.maybe("init purchase", init, 0.1)
+    answer = yield label, init
+    if r.random() < 0.15:   # something else in between, or the wrong completion
+        yield from r.choice((op_query, op_select, op_credit_only))(m)
+    ttn = r.randrange(0x100000000)
+    date, time = m.date_time()
+    txn_type = {(1, 2): 6, (1, 1): 5, (2, 1): 4}.get((p1, purse), 6)
+    mac1 = bytes(4)
+    if answer[-2:] == b"\x90\x00" and len(answer) == 17 and key_index in m.purchase_keys:
+        random_, counter = answer[11:15], answer[4:6]
+        m.counters = [int.from_bytes(counter, "big")]
+        sk = tdes_encrypt_block(m.purchase_keys[key_index], random_ + counter + _u4(ttn)[2:])
+        fault = r.randrange(10)
+        mac_amount = amount + 1 if fault == 0 else amount
+        mac_tid = r.randbytes(6) if fault == 1 else tid
+        mac1 = plain_mac(sk, _u4(mac_amount) + bytes([txn_type]) + mac_tid + date + time)
+        if fault == 2:
+            mac1 = bytes([mac1[0] ^ 0x80]) + mac1[1:]
+        if fault == 3:
+            ttn ^= 1
+    elif r.random() < 0.5:
+        mac1 = r.randbytes(4)
+    debit = b"\x80\x54" + (b"\x01\x00" if r.random() < 0.9 else r.choice(
+        (b"\x00\x00", b"\x02\x00", b"\x01\x01", b"\x03\x00")))
+    debit += b"\x0f" + _u4(ttn) + date + time + mac1 + b"\x08"
+    label, debit = m.maybe("debit", debit, 0.1)
+    answer = yield label, debit
+    if answer[-2:] == b"\x90\x00" and label == "debit":
+        m.balance[purse] = m.balance.get(purse, 0) - amount
+
+
+def op_credit_only(m: Model) -> Op:
+    date, time = m.date_time()
+    yield m.maybe("credit alone", b"\x80\x52\x00\x00\x0b" + date + time
+                  + m.rng.randbytes(4) + b"\x04")
+
+
+def op_load(m: Model) -> Op:
+    r = m.rng
+    purse = m.purse()
+    if purse == 1 and r.random() < 0.7:
+        yield from _verify(m)
+    amount = m.amount(purse) if r.random() < 0.3 else r.randrange(0, 5000)
+    key_index = _pick(r, *[1] * 12, 2, 0, r.randrange(256))
+    tid = m.tid()
+    init = bytes([0x80, 0x50, 0x00, purse, 0x0B, key_index]) + _u4(amount) + tid + b"\x10"
+    label, init = m.maybe("init load", init, 0.1)
+    answer = yield label, init
+    if r.random() < 0.15:
+        yield from r.choice((op_query, op_select, op_debit_only))(m)
+    date, time = m.date_time()
+    txn_type = 2 if purse == 2 else 1
+    mac2 = r.randbytes(4)
+    if answer[-2:] == b"\x90\x00" and len(answer) == 18 and key_index in m.load_keys:
+        random_, counter = answer[8:12], answer[4:6]
+        m.counters = [int.from_bytes(counter, "big")]
+        sk = tdes_encrypt_block(m.load_keys[key_index], random_ + counter + b"\x80\x00")
+        fault = r.randrange(10)
+        mac_amount = amount + 1 if fault == 0 else amount
+        mac_tid = r.randbytes(6) if fault == 1 else tid
+        mac_type = txn_type ^ 3 if fault == 2 else txn_type
+        mac2 = plain_mac(sk, _u4(mac_amount) + bytes([mac_type]) + mac_tid + date + time)
+        if fault == 3:
+            mac2 = mac2[:3] + bytes([mac2[3] ^ 1])
+    credit = b"\x80\x52" + (b"\x00\x00" if r.random() < 0.9 else r.choice(
+        (b"\x01\x00", b"\x00\x01", b"\x00\x02")))
+    credit += b"\x0b" + date + time + mac2 + b"\x04"
+    label, credit = m.maybe("credit", credit, 0.1)
+    answer = yield label, credit
+    if answer[-2:] == b"\x90\x00" and label == "credit":
+        m.balance[purse] = m.balance.get(purse, 0) + amount
+
+
+def op_debit_only(m: Model) -> Op:
+    date, time = m.date_time()
+    yield m.maybe("debit alone", b"\x80\x54\x01\x00\x0f" + m.rng.randbytes(4) + date + time
+                  + m.rng.randbytes(4) + b"\x08")
+
+
+def op_junk(m: Model) -> Op:
+    r = m.rng
+    choice = r.randrange(4)
+    if choice == 0:
+        yield "random bytes", r.randbytes(r.randrange(0, 24))
+    elif choice == 1:
+        header = bytes([_pick(r, 0x00, 0x80, 0x84, 0x04, 0x90, 0xA0, 0xFF, r.randrange(256)),
+                        r.randrange(256), r.randrange(256), r.randrange(256)])
+        body = r.randbytes(r.randrange(0, 20))
+        tail = (bytes([len(body)]) + body if body else b"") + \
+            (bytes([r.randrange(256)]) if r.random() < 0.5 else b"")
+        yield "random command", header + tail
+    elif choice == 2:
+        ins = r.choice((0x50, 0x52, 0x54, 0x5A, 0x5C, 0x5E, 0xCA, 0x20, 0xB0, 0xB2, 0xA4, 0xC0))
+        cla = _pick(r, 0x00, 0x80, 0x84, 0x0C, 0x90, 0x81, 0xE0)
+        body = r.randbytes(r.randrange(0, 20))
+        yield "known INS", bytes([cla, ins, r.randrange(256), r.randrange(256)]) + \
+            (bytes([len(body)]) + body if body else b"") + bytes([r.randrange(256)])
+    else:
+        yield "power cycle", RESET
+        if r.random() < 0.8:
+            yield from op_select(m)
+
+
+OPS: tuple[tuple[Callable[[Model], Op], int], ...] = (
+    (op_select, 6), (op_query, 20), (op_pin, 8), (op_purchase, 24), (op_load, 16),
+    (op_credit_only, 2), (op_debit_only, 2), (op_junk, 10),
+)
+
+
+def operations(m: Model) -> Iterator[Op]:
+    funcs = [f for f, _ in OPS]
+    weights = [w for _, w in OPS]
+    yield op_select(m)
+    while True:
+        yield m.rng.choices(funcs, weights)[0](m)
+
+
+# --- the runner --------------------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    apdus: int = 0
+    episodes: int = 0
+    resets: int = 0
+    status_words: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def _show(answer: bytes) -> str:
+    return f"{answer[:-2].hex().upper() or '-'} SW {answer[-2:].hex().upper()}"
+
+
+def run(open_reference: Opener, open_other: Opener, count: int, seed: int,
+        episode: tuple[int, int] = (40, 300)) -> Stats:
+    """Send ``count`` APDUs (power cycles not counted) to both cards; raise :class:`Mismatch`
+    at the first answer that differs."""
+    rng = random.Random(seed)
+    stats = Stats()
+    while stats.apdus < count:
+        image = random_image(rng)
+        model = Model(rng, image)
+        ref, other = open_reference(image), open_other(image)
+        stats.episodes += 1
+        history: list[str] = []
+        try:
+            length = rng.randrange(*episode)
+            ops = operations(model)
+            sent = 0
+            while sent < length and stats.apdus < count:
+                op = next(ops)
+                try:
+                    label, apdu = next(op)
+                    while True:
+                        if apdu is RESET:
+                            ref.reset()
+                            other.reset()
+                            stats.resets += 1
+                            history.append(f"  {label}")
+                            label, apdu = next(op)
+                            continue
+                        if stats.apdus >= count:
+                            break
+                        a, b = ref.transmit(apdu), other.transmit(apdu)
+                        stats.apdus += 1
+                        sent += 1
+                        line = f"{apdu.hex().upper() or '(empty)'} -> {_show(a)}  [{label}]"
+                        if a != b:
+                            raise Mismatch(
+                                f"seed {seed}, APDU {stats.apdus} (episode {stats.episodes}, "
+                                f"step {sent}) [{label}]\n  APDU  {apdu.hex().upper()}\n"
+                                f"  {ref.name:6} {_show(a)}\n  {other.name:6} {_show(b)}\n"
+                                f"replay: --diff-seed {seed} --diff-count {stats.apdus}\n"
+                                "before it (the reference's answers):\n"
+                                + "\n".join(history[-12:]))
+                        history.append(f"  {line}")
+                        sw = a[-2:].hex().upper()
+                        stats.status_words[sw] = stats.status_words.get(sw, 0) + 1
+                        kind = label.split(" (")[0]
+                        stats.labels[kind] = stats.labels.get(kind, 0) + 1
+                        label, apdu = op.send(a)
+                except StopIteration:
+                    pass
+        finally:
+            ref.close()
+            other.close()
+    return stats

@@ -1,0 +1,103 @@
+"""Differential testing: random APDU sequences to the Python IEP and to svcard's Java Card
+applet (in jCardSim), personalised alike, every answer compared (tests/diffgen.py).
+
+``--diff-count N`` / ``SVCARD_DIFF_COUNT`` sets the APDUs (default 400, a few seconds);
+``--diff-seed S`` / ``SVCARD_DIFF_SEED`` the seed (default 20261122). A mismatch prints the seed,
+the APDU's number, both answers and what came before; the same seed and count replay it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffgen as D
+import pytest
+from conftest import AppletCards
+
+
+def other_python(image: dict[str, Any]) -> D.Side:
+    return D.python_side(image, "other")
+
+
+def applet_opener(applet: AppletCards) -> D.Opener:
+    def open_side(image: dict[str, Any]) -> D.Side:
+        reader = applet.open(image)
+        return D.Side("applet", reader.transmit, lambda: applet.reset(reader),
+                      reader.disconnect)
+    return open_side
+
+
+def test_python_card_against_the_applet(iep_applet: AppletCards, diff_count: int,
+                                        diff_seed: int) -> None:
+    print(f"differential run: seed {diff_seed}, {diff_count} APDUs")
+    stats = D.run(D.python_side, applet_opener(iep_applet), diff_count, diff_seed)
+    assert stats.apdus == diff_count
+    print(f"{stats.episodes} personalisations; status words {stats.status_words}")
+
+
+def test_two_python_cards_agree(diff_count: int, diff_seed: int) -> None:
+    """The harness itself: two copies of the reference never differ, and the run is rich
+    (valid purchases and loads, MAC failures, locked keys, refusals of every kind)."""
+    stats = D.run(D.python_side, other_python, max(diff_count, 2000), diff_seed)
+    for sw in ("9000", "9302", "6983", "6985", "6A86", "6700", "6982", "9401", "9403", "6D00",
+               "6E00", "6A82", "6A83", "6C17", "63C2", "6A80"):
+        assert sw in stats.status_words, sw
+    labels = stats.labels
+    assert labels["debit"] > 100 and labels["credit"] > 100 and stats.resets > 10
+
+
+def test_the_same_seed_replays_the_same_run() -> None:
+    sent: list[list[bytes]] = [[], []]
+
+    def recording(n: int) -> D.Opener:
+        def open_side(image: dict[str, Any]) -> D.Side:
+            side = D.python_side(image)
+            inner = side.transmit
+
+            def transmit(apdu: bytes) -> bytes:
+                sent[n].append(apdu)
+                return inner(apdu)
+            side.transmit = transmit
+            return side
+        return open_side
+
+    D.run(recording(0), other_python, 300, seed=7)
+    D.run(recording(1), other_python, 300, seed=7)
+    assert sent[0] == sent[1] and len(sent[0]) == 300
+    D.run(recording(1), other_python, 300, seed=8)
+    assert sent[1][300:] != sent[0]
+
+
+def injected(change: str) -> D.Opener:
+    """A Python card with one difference injected."""
+    def open_side(image: dict[str, Any]) -> D.Side:
+        side = D.python_side(image, "broken")
+        inner = side.transmit
+
+        def transmit(apdu: bytes) -> bytes:
+            out = inner(apdu)
+            if change == "read record p1 0" and apdu[:4] == bytes.fromhex("00B200C4"):
+                return b"\x6a\x87"                      # an unusual status word
+            if change == "tac" and apdu[:2] == b"\x80\x54" and out[-2:] == b"\x90\x00":
+                return bytes([out[0] ^ 1]) + out[1:]     # one bit of the TAC
+            if change == "balance limit" and apdu[:4] == bytes.fromhex("80CA9F77"):
+                return out[:-3] + bytes([out[-3] ^ 1]) + out[-2:]
+            return out
+        side.transmit = transmit
+        return side
+    return open_side
+
+
+@pytest.mark.parametrize("change", ["read record p1 0", "tac", "balance limit"])
+def test_the_harness_catches_an_injected_difference(change: str) -> None:
+    with pytest.raises(D.Mismatch) as caught:
+        D.run(D.python_side, injected(change), 20_000, seed=3)
+    text = str(caught.value)
+    assert text.startswith("seed 3, APDU ")
+    assert "python" in text and "broken" in text and "replay: --diff-seed 3" in text
+    # the replay stops at the same APDU
+    count = int(text.split("--diff-count ")[1].split()[0])
+    with pytest.raises(D.Mismatch) as again:
+        D.run(D.python_side, injected(change), count, seed=3)
+    assert str(again.value) == text
+    D.run(D.python_side, injected(change), count - 1, seed=3)   # one APDU less: no mismatch
