@@ -1,0 +1,1 @@
+"""The SP server: the order steps (``orders.py``, ``payment.py``) and the app."""

@@ -1,0 +1,228 @@
+"""The service provider's server (seed 001, FIG. 1 computer 110, FIG. 3A proxy server 302).
+
+``POST /v1/orders``: a customer's signed retail order (``orders.py``) is checked for
+billability with its credit reserved, then paid as a wholesale order at the merchant's checkout
+by the SP's purse pool and billed (``payment.py``, ``billing.py``); the answer relays the
+merchandise and the merchant's receipt with the bill line. ``GET /v1/catalogue``: what the SP
+sells, at its retail prices. ``GET /v1/health``, ``GET /openapi.json``.
+
+Answers (JSON): 200 billed (``goods``, ``receipt``, ``line``); 400 a malformed request; 401 a
+signature that does not verify or a request too old or too new; 402 not billable (``kind``:
+``blocked``, ``bad_history``, ``credit_limit``), nothing paid; 403 no account; 404 no such
+item; 409 a replayed order key (the order it repeats and its state); 502 the payment's outcome
+is unknown (the order is kept and finished by recovery; never paid twice); 503 the SP could not
+pay (nothing paid) or is shutting down or its database is unavailable.
+
+Every order's steps are database rows; at start (and every ``billing.check_seconds``) the
+server bills what was paid and not billed, asks the pool again about orders whose payment's
+outcome is unknown, and issues the bills of ended periods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ...kit.db import first_row
+from ...kit.health import HealthCheck, database_check
+from ...kit.http import (
+    JSON_STORAGE_ERROR_HANDLERS,
+    Refused,
+    SqlRunner,
+    json_refusal,
+    openapi_route,
+    read_body,
+    request_digest,
+    shutting_down,
+)
+from ...kit.request_log import RequestLog, note
+from .. import db as D
+from ..billing import bill_order, close_ended_periods
+from ..config import SpConfig
+from ..signing import HEADER, MAX_SKEW, verify
+from . import orders as O
+from .payment import MAX_ATTEMPTS, Payer, open_orders, pay_order
+
+log = logging.getLogger("svcard.sp")
+
+
+class SpServer:
+    def __init__(self, config: SpConfig, payer: Payer, *, pay_workers: int = 16,
+                 clock: Callable[[], float] = time.time,
+                 http: httpx.Client | None = None) -> None:
+        self.config = config
+        self.payer = payer
+        self.clock = clock
+        self.engine = D.make_engine(config.db_url)
+        self.sql = SqlRunner(config.db_url)
+        self.http = http or httpx.Client(timeout=30)
+        self.payments = ThreadPoolExecutor(pay_workers, thread_name_prefix="sp-pay")
+        self.draining = False
+        self.in_flight = 0
+        self.health_check = HealthCheck(
+            "sp", {"database": database_check(self.engine, D.customers)},
+            lambda: {"orders_in_flight": self.in_flight}, lambda: self.draining)
+
+    # --- the drain (kit/serving.py) -----------------------------------------------------
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def pending(self) -> int:
+        return self.in_flight
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def close(self) -> None:
+        self.payments.shutdown(wait=True)
+        if self.sql.executor is not None:
+            self.sql.executor.shutdown(wait=True)
+        self.http.close()
+        self.engine.dispose()
+
+    # --- recovery and the billing clock ---------------------------------------------------
+    def recover(self, states: tuple[str, ...] = (D.PAID, D.PAYING, D.IN_DOUBT)) -> dict[str, int]:
+        """Bill every ``paid`` order; ask the pool again about each ``paying``/``in_doubt``
+        one (same ``order_ref``: its recorded payment, never a second) and bill it if paid;
+        issue the bills of ended periods. Counts of what was done."""
+        b = self.config.billing
+        done = {"billed": 0, "paid": 0, "failed": 0, "in_doubt": 0, "bills": 0}
+        for order in open_orders(self.engine, tuple(s for s in states if s != D.PAID)):
+            if int(order["attempts"]) >= MAX_ATTEMPTS:
+                done["in_doubt"] += 1
+                continue
+            state, _outcome, _reason = pay_order(self.engine, self.payer, self.http, order)
+            done["paid" if state == D.PAID else "failed" if state == D.FAILED
+                 else "in_doubt"] += state in (D.PAID, D.FAILED, D.IN_DOUBT)
+        if D.PAID in states or done["paid"]:
+            for order in open_orders(self.engine, (D.PAID,)):
+                if bill_order(self.engine, order["order_ref"], b.maximum, b.due_days,
+                              self.now_ms()) is not None:
+                    done["billed"] += 1
+        done["bills"] = len(close_ended_periods(self.engine, b.period, b.due_days,
+                                                self.now_ms()))
+        return done
+
+    async def _clock(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.billing.check_seconds)
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self.payments, lambda: self.recover((D.PAID, D.IN_DOUBT)))
+            except Exception:   # the next tick tries again; never kills the server
+                log.exception("billing clock")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        done = await asyncio.get_running_loop().run_in_executor(self.payments, self.recover)
+        if any(done.values()):
+            log.info("recovered: %s", done, extra=done)
+        task = asyncio.create_task(self._clock())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- POST /v1/orders ------------------------------------------------------------------
+    async def order(self, request: Request) -> Response:
+        if self.draining:
+            return json_refusal(shutting_down())
+        try:
+            return await self._order(request)
+        except Refused as exc:
+            return json_refusal(exc)
+
+    async def _order(self, request: Request) -> Response:
+        body = await read_body(request, O.MAX_ORDER_BODY)
+        req = O.parse_order(body)
+        note(customer=req.customer)
+        key = await self.sql(O.customer_key, self.engine, req.customer)
+        if key is None:
+            raise Refused(403, 403, "no account with this service provider")
+        if not verify(key, body, request.headers.get(HEADER)):
+            raise Refused(401, 401, "the order's signature does not verify")
+        now = self.now_ms()
+        if abs(now // 1000 - req.created) > MAX_SKEW:
+            raise Refused(401, 401, f"the order was made more than {MAX_SKEW} s from the "
+                                    "SP's clock: make it again")
+        item = self.config.item(req.merchant, req.sku)
+        if item is None:
+            raise Refused(404, 404, f"the SP sells no {req.sku} of {req.merchant}")
+        admission = await self.sql(O.admit, self.engine, req, item, request_digest(body),
+                                   self.config.currency_code, now)
+        note(order=admission.order_ref)
+        if admission.state == "replay":
+            return JSONResponse({"reason": "this order key was used already: the order is "
+                                           "not taken twice", "order": admission.order_ref,
+                                 "state": admission.reason}, status_code=409)
+        if admission.state == D.REJECTED:
+            note(reason=admission.reason)
+            return JSONResponse({"order": admission.order_ref, "state": D.REJECTED,
+                                 "kind": admission.kind, "reason": admission.reason},
+                                status_code=402)
+        return await self._pay(admission.order_ref)
+
+    async def _pay(self, order_ref: str) -> Response:
+        self.in_flight += 1
+        try:
+            order = await self.sql(first_row, self.engine, D.orders, order_ref=order_ref)
+            assert order is not None
+            loop = asyncio.get_running_loop()
+            state, outcome, reason = await loop.run_in_executor(
+                self.payments, pay_order, self.engine, self.payer, self.http, order)
+            if state == D.FAILED:
+                return JSONResponse({"order": order_ref, "state": state, "reason": reason},
+                                    status_code=503, headers={"Retry-After": "5"})
+            if state != D.PAID or outcome is None:
+                return JSONResponse({"order": order_ref, "state": state, "reason": reason
+                                     or "the payment's outcome is not known yet"},
+                                    status_code=502)
+            b = self.config.billing
+            line = await self.sql(bill_order, self.engine, order_ref, b.maximum, b.due_days,
+                                  self.now_ms())
+        finally:
+            self.in_flight -= 1
+        body: dict[str, Any] = {"order": order_ref, "state": D.BILLED if line else state,
+                                "goods": outcome.goods, "item": outcome.item,
+                                "receipt": outcome.receipt}
+        if line is not None:
+            body["line"] = {k: line[k] for k in ("retail", "wholesale", "fee", "discount",
+                                                 "billed", "currency_code")}
+            if line.get("bill_id") is not None:
+                body["bill"] = line["bill_id"]
+        return JSONResponse(body)
+
+    # --- GET /v1/catalogue ----------------------------------------------------------------
+    async def catalogue(self, request: Request) -> Response:
+        c = self.config
+        return JSONResponse({"currency_code": c.currency_code,
+                             "currency_exponent": c.currency_exponent,
+                             "items": [{"merchant": i.merchant, "sku": i.sku, "name": i.name,
+                                        "price": i.retail, "fee": i.fee}
+                                       for i in c.items.values()]})
+
+    async def health(self, request: Request) -> Response:
+        return await self.health_check.answer(request)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/orders", self.order, methods=["POST"]),
+            Route("/v1/catalogue", self.catalogue, methods=["GET"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+            openapi_route("sp"),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
+            middleware=[Middleware(RequestLog, server="sp")])

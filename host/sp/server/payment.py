@@ -1,0 +1,119 @@
+"""Step 2 of a retail order (FIG. 2 steps 204-208, FIG. 3A 312-316): the SP pays the merchant's
+checkout with a purse of its pool (the merchant sees an ordinary card payment), records the
+payment, and bills it.
+
+The order's row is ``paying`` before :meth:`Payer.pay` is called, under the order's unique
+``order_ref``; the pool records the payment under that reference and answers the same
+reference again with the payment it recorded, never a second one. So every outcome is safe:
+
+* the pool paid: ``paying -> paid`` (wholesale amount, merchant transaction, purse, goods,
+  receipt) in one transaction, then the billing unit's ``paid -> billed`` in another;
+* the pool said nothing was paid (:class:`PursePoolError`): ``paying -> failed``, and the
+  reservation is given back in the same transaction;
+* anything else (the payment's outcome is unknown: a merchant that failed after the card's
+  debit, a crash): ``in_doubt``, the reservation kept. :func:`recover` asks the pool again
+  under the same ``order_ref``.
+
+After a restart :func:`recover` bills every ``paid`` order and asks again for every ``paying``
+and ``in_doubt`` one, so no order stays paid and unbilled and none is paid twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Protocol
+
+import httpx
+from sqlalchemy import Engine, select, update
+
+from ...kit.db import now_ms
+from ...pay.client import PaymentOutcome
+from .. import db as D
+from ..billing import log_event
+from ..purses.pool import PursePoolError
+
+log = logging.getLogger("svcard.sp")
+MAX_ATTEMPTS = 5       # asks of the pool for an in-doubt order before it waits for an operator
+
+
+class Payer(Protocol):
+    """What the SP needs of its purse pool (``purses/pool.py:PursePool``)."""
+
+    def pay(self, checkout_url: str, *, http: httpx.Client,
+            order_ref: str) -> PaymentOutcome: ...
+
+
+def _move(engine: Engine, order_ref: str, expect: tuple[str, ...], state: str, event: str,
+          release: bool, **values: Any) -> bool:
+    """One order's state change (compare-and-set on its state), its log event, and the
+    customer's reservation released when ``release``."""
+    at = now_ms()
+    detail = {k: v for k, v in values.items() if k not in ("goods", "receipt")}
+    with engine.begin() as conn:
+        changed = conn.execute(update(D.orders).where(
+            D.orders.c.order_ref == order_ref, D.orders.c.state.in_(expect)).values(
+            state=state, updated=at, **values)).rowcount
+        if changed != 1:
+            return False
+        order = conn.execute(select(D.orders.c.customer, D.orders.c.reserved).where(
+            D.orders.c.order_ref == order_ref)).one()
+        if release:
+            conn.execute(update(D.customers).where(D.customers.c.id == order.customer).values(
+                reserved=D.customers.c.reserved - order.reserved, updated=at))
+        log_event(conn, order_ref, order.customer, event, at, **detail)
+    return True
+
+
+def record_paid(engine: Engine, order_ref: str, outcome: PaymentOutcome) -> bool:
+    return _move(engine, order_ref, D.OPEN_STATES, D.PAID, "paid", False,
+                 wholesale=int(outcome.amount), merchant_txn=outcome.txn_id[:32],
+                 purse_serial=str(getattr(outcome, "purse_serial", ""))[:40],
+                 goods=outcome.goods, receipt=json.dumps(outcome.receipt, sort_keys=True,
+                                                         default=str),
+                 reason="")
+
+
+def record_failed(engine: Engine, order_ref: str, reason: str) -> bool:
+    return _move(engine, order_ref, D.OPEN_STATES, D.FAILED, "failed", True,
+                 reason=reason[:300])
+
+
+def record_in_doubt(engine: Engine, order_ref: str, reason: str, attempts: int) -> bool:
+    return _move(engine, order_ref, D.OPEN_STATES, D.IN_DOUBT, "in_doubt", False,
+                 reason=reason[:300], attempts=attempts)
+
+
+def pay_order(engine: Engine, payer: Payer, http: httpx.Client, order: dict[str, Any]
+              ) -> tuple[str, PaymentOutcome | None, str]:
+    """Pay one ``paying``/``in_doubt`` order through the pool (blocking: a worker thread's
+    call) and record what happened: (new state, outcome, reason)."""
+    ref = str(order["order_ref"])
+    attempts = int(order.get("attempts") or 0) + 1
+    try:
+        outcome = payer.pay(str(order["checkout_url"]), http=http, order_ref=ref)
+    except PursePoolError as exc:       # the pool's word: nothing was paid
+        reason = f"the SP could not pay: {exc}"
+        return (D.FAILED if record_failed(engine, ref, reason) else _state(engine, ref),
+                None, reason)
+    except Exception as exc:            # the outcome is unknown: never guessed
+        reason = f"payment outcome unknown ({type(exc).__name__}: {str(exc)[:200]})"
+        log.warning("order %s in doubt: %s", ref, reason)
+        record_in_doubt(engine, ref, reason, attempts)
+        return _state(engine, ref), None, reason
+    if not record_paid(engine, ref, outcome):
+        return _state(engine, ref), outcome, ""
+    return D.PAID, outcome, ""
+
+
+def _state(engine: Engine, order_ref: str) -> str:
+    with engine.connect() as conn:
+        return str(conn.execute(select(D.orders.c.state).where(
+            D.orders.c.order_ref == order_ref)).scalar_one())
+
+
+def open_orders(engine: Engine, states: tuple[str, ...]) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(D.orders).where(D.orders.c.state.in_(states)).order_by(
+            D.orders.c.id)).all()
+    return [dict(r._mapping) for r in rows]
