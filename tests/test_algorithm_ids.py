@@ -92,7 +92,8 @@ def test_the_table_is_in_the_psam_and_hsm_images(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("table", "message"), [
-    ('algorithm_ids = { "1" = "3des" }\n', 'algorithm_ids.1 (the key): expected two hex digits, got "1"'),
+    ('algorithm_ids = { "1" = "3des" }\n',
+     'algorithm_ids.1 (the key): expected two hex digits, got "1"'),
     ('algorithm_ids = { "01" = "sm4" }\n',
      'algorithm_ids.01: expected one of 3des, got "sm4"'),
     ('algorithm_ids = { "01" = "3des" }\n',
