@@ -397,8 +397,18 @@ class Stats:
     labels: dict[str, int] = field(default_factory=dict)
 
 
-def _show(answer: bytes) -> str:
+def _show(answer: bytes | str) -> str:
+    if isinstance(answer, str):
+        return answer
     return f"{answer[:-2].hex().upper() or '-'} SW {answer[-2:].hex().upper()}"
+
+
+def _exchange(side: Side, apdu: bytes) -> bytes | str:
+    """The card's answer, or the text of what it raised (a simulator failing on an APDU)."""
+    try:
+        return side.transmit(apdu)
+    except Exception as exc:
+        return f"raised {type(exc).__name__}: {exc}"
 
 
 def run(open_reference: Opener, open_other: Opener, count: int, seed: int,
@@ -431,7 +441,7 @@ def run(open_reference: Opener, open_other: Opener, count: int, seed: int,
                             continue
                         if stats.apdus >= count:
                             break
-                        a, b = ref.transmit(apdu), other.transmit(apdu)
+                        a, b = _exchange(ref, apdu), _exchange(other, apdu)
                         stats.apdus += 1
                         sent += 1
                         line = f"{apdu.hex().upper() or '(empty)'} -> {_show(a)}  [{label}]"
@@ -444,6 +454,9 @@ def run(open_reference: Opener, open_other: Opener, count: int, seed: int,
                                 "before it (the reference's answers):\n"
                                 + "\n".join(history[-12:]))
                         history.append(f"  {line}")
+                        if isinstance(a, str):
+                            raise Mismatch(f"seed {seed}, APDU {stats.apdus}: both cards "
+                                           f"failed on {apdu.hex().upper()}: {a}")
                         sw = a[-2:].hex().upper()
                         stats.status_words[sw] = stats.status_words.get(sw, 0) + 1
                         kind = label.split(" (")[0]
