@@ -228,6 +228,13 @@ def personalisation_cli(tmp_path: Path, env: dict[str, str], applet: str) -> Non
     assert len(lines) == 1, result.stderr
     assert "personalisation APDU [1] (2 of 2, header 80200100) answered 6A86" in lines[0]
     assert SECRET not in result.stderr and "C0FFEE" not in result.stderr
+    # the same through a purse command's --card
+    result = run_svcard("terminal", "balance", "--card",
+                        f"jcardsim:{applet}:{AID}:C0FFEE@{failing}", "--aid", AID, env=env)
+    assert result.returncode == 10, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "(2 of 2, header 80200100) answered 6A86" in result.stderr
+    assert SECRET not in result.stderr and "C0FFEE" not in result.stderr
 
 
 def test_personalisation_script_from_the_cli_with_the_standin(

@@ -3,12 +3,13 @@
 * ``virtual:IMAGE.json``: a card image opened in this process;
 * ``pcsc:NAME`` / ``pcsc:#N``: a PC/SC reader by exact name, unique prefix or index;
 * ``trace:FILE``: replay a recorded trace;
-* ``jcardsim:APPLET_CLASS:AID[:PARAMS][@SCRIPT]``: a Java Card applet in jCardSim
+* ``jcardsim:APPLET_CLASS:AID[:PARAMS_HEX][@SCRIPT]``: a Java Card applet in jCardSim
   (``JCARDSIM_JAR``), installed under AID (hex) with GlobalPlatform install data whose
-  application parameters are PARAMS (hex, none if left out), then personalised with the APDUs of
+  application parameters are PARAMS_HEX (none if left out), then personalised with the APDUs of
   the text file SCRIPT: one APDU in hex a line (spaces and colons ignored), ``#`` starts a comment,
   blank lines skipped; everything after the first ``@`` is the file's path. An APDU that does not
-  answer 9000 stops the connect (exit 10, naming its index and header);
+  answer 9000 stops the connect (exit 10, naming its index and header), a malformed spec or
+  script is a ReaderSpecError (exit 3, naming the file and line);
 * ``delayed:MS:SPEC``: SPEC with MS milliseconds added to every APDU (a slow physical card).
 """
 
