@@ -50,6 +50,7 @@ from ..kit.reader_pool import PoolError
 from ..load import cli as load_cli
 from ..pay import cli as pay_cli
 from ..settle import cli as settle_cli
+from ..sp import cli as sp_cli
 from .apdu import apdu_cmd
 from .card import card
 from .demo import demo
@@ -143,7 +144,7 @@ def serve() -> None:
 
 for command in (card, terminal, apdu_cmd, readers_cmd, trace, demo, helper_cmd):
     main.add_command(command)
-for system in (pay_cli, load_cli, settle_cli):
+for system in (pay_cli, load_cli, settle_cli, sp_cli):
     system.register(main, serve)
 
 

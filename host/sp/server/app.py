@@ -51,6 +51,7 @@ from ...kit.request_log import RequestLog, note
 from .. import db as D
 from ..billing import bill_order, close_ended_periods
 from ..config import SpConfig
+from ..purses.pool import PursePool
 from ..signing import HEADER, MAX_SKEW, verify
 from . import orders as O
 from .payment import MAX_ATTEMPTS, Payer, open_orders, pay_order
@@ -59,13 +60,20 @@ log = logging.getLogger("svcard.sp")
 
 
 class SpServer:
-    def __init__(self, config: SpConfig, payer: Payer, *, pay_workers: int = 16,
+    def __init__(self, config: SpConfig, payer: Payer | None, *, pay_workers: int = 16,
                  clock: Callable[[], float] = time.time,
                  http: httpx.Client | None = None) -> None:
         self.config = config
-        self.payer = payer
         self.clock = clock
         self.engine = D.make_engine(config.db_url)
+        self.pool: PursePool | None = None
+        if payer is None:   # the configured purse pool, sharing the SP's database
+            if config.purses is None:
+                raise ValueError("purses: no purse pool configured")
+            self.pool = PursePool.open(config.purses, self.engine,
+                                       journal_dir=config.journal_dir)
+            payer = self.pool
+        self.payer: Payer = payer
         self.sql = SqlRunner(config.db_url)
         self.http = http or httpx.Client(timeout=30)
         self.payments = ThreadPoolExecutor(pay_workers, thread_name_prefix="sp-pay")
@@ -90,6 +98,8 @@ class SpServer:
         if self.sql.executor is not None:
             self.sql.executor.shutdown(wait=True)
         self.http.close()
+        if self.pool is not None:
+            self.pool.close()
         self.engine.dispose()
 
     # --- recovery and the billing clock ---------------------------------------------------
