@@ -23,7 +23,7 @@ from ..protocols import purse as P
 from .hsm import HsmState, LoadHsm
 from .iep import Iep, IepState
 from .psam import Psam, PsamState
-from .runtime import DEFAULT_ATR, Application, Card
+from .runtime import DEFAULT_ATR, Application, Card, check_atr, default_atr
 from .storage import (
     IMAGE_FORMAT,
     IMAGE_VERSION,
@@ -62,12 +62,18 @@ def card_from_image(image: dict[str, Any], store: Store | None = None,
     try:
         kind = str(image["kind"])
         app = _make_app(kind, image["app"])
-        atr = bytes.fromhex(image.get("atr") or DEFAULT_ATR.hex())
         t0 = bool(image.get("t0", False))
+        atr = bytes.fromhex(image.get("atr") or default_atr(t0).hex())
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         check_image(image, source)  # names the field when the models see what is wrong
         raise ImageError(f"{source}: damaged or incomplete card image "
                          f"({type(exc).__name__}: {exc})") from None
+    if t0 and atr == DEFAULT_ATR:   # a T=0 image written when svcard's ATR offered T=1 too
+        atr = default_atr(True)
+    try:
+        check_atr(atr, t0)
+    except ValueError as exc:
+        raise ImageError(f"{source}: atr: {exc}") from None
     sink: Store = store if store is not None else MemoryStore()
     card = Card([app], atr=atr, t0=t0, kind=kind, on_close=sink.close)
 

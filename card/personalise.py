@@ -25,7 +25,7 @@ from .iep_commands.pin import encode_pin
 from .image import new_image
 from .keys import DEFAULT_SCHEME, IssuerScheme, KeyEntry
 from .psam import IssuerKey, PsamState
-from .runtime import DEFAULT_ATR
+from .runtime import check_atr, default_atr
 from .toml_schema import (
     SECRET,
     U32,
@@ -242,7 +242,12 @@ def image_from_profile(path: str | Path, **overrides: Any) -> dict[str, Any]:
         app_state = _psam(profile, path)
     else:
         app_state = _hsm(profile, path)
-    return new_image(kind, app_state, atr=profile.atr or DEFAULT_ATR, t0=profile.t0)
+    if profile.atr is not None:
+        try:
+            check_atr(profile.atr, profile.t0)
+        except ValueError as exc:
+            raise ProfileError(f"{path}: atr: {exc}") from None
+    return new_image(kind, app_state, atr=profile.atr or default_atr(profile.t0), t0=profile.t0)
 
 
 def _issuers(profile: Profile, path: Path) -> list[Issuer]:

@@ -20,6 +20,50 @@ log = logging.getLogger(__name__)
 
 # A T=1 ATR: TS=3B, T0=88 (TD1, 8 historical bytes), TD1=80, TD2=01 (T=1), "SVCARD01", TCK.
 DEFAULT_ATR = bytes.fromhex("3B888001535643415244303119")
+# A T=0 ATR: TS=3B, T0=08 (no interface bytes, so T=0 only; 8 historical bytes), "SVCARD01";
+# no TCK (ISO 7816-3: absent when T=0 is the only protocol).
+DEFAULT_ATR_T0 = bytes.fromhex("3B085356434152443031")
+
+
+def default_atr(t0: bool) -> bytes:
+    """svcard's ATR for a card that speaks T=0 (``t0``) or T=1."""
+    return DEFAULT_ATR_T0 if t0 else DEFAULT_ATR
+
+
+def atr_protocols(atr: bytes) -> tuple[int, ...]:
+    """The transmission protocols an ATR offers (ISO 7816-3: the T of each TDi; no TD1 means
+    T=0 only; T=15 marks global bytes and is no protocol)."""
+    if len(atr) < 2 or atr[0] not in (0x3B, 0x3F):
+        raise ValueError("an ATR starts with TS 3B or 3F and T0")
+    present, i, offered = atr[1] >> 4, 2, []
+    while True:
+        i += bin(present & 0x7).count("1")          # TAi, TBi, TCi
+        if not present & 0x8:
+            break
+        if i >= len(atr):
+            raise ValueError("the ATR ends inside its interface bytes")
+        td = atr[i]
+        i += 1
+        if td & 0x0F != 15 and td & 0x0F not in offered:
+            offered.append(td & 0x0F)
+        present = td >> 4
+    if i > len(atr):
+        raise ValueError("the ATR ends inside its interface bytes")
+    return tuple(offered) or (0,)
+
+
+def check_atr(atr: bytes, t0: bool) -> None:
+    """Refuse (ValueError) an ATR that contradicts ``t0``: a T=0 card's ATR offers T=0 only
+    (else a reader picks T=1 and gets 61xx answers it never asked for); a T=1 card's offers
+    T=1."""
+    offered = atr_protocols(atr)
+    if t0 and offered != (0,):
+        raise ValueError("t0 = true needs an ATR that offers T=0 only, this one offers "
+                         + ", ".join(f"T={p}" for p in offered)
+                         + " (leave atr out for svcard's T=0 ATR)")
+    if not t0 and 1 not in offered:
+        raise ValueError("this ATR offers T=0 only: set t0 = true, or give an ATR that "
+                         "offers T=1")
 
 
 class CardError(Exception):
