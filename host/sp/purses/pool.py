@@ -1,23 +1,36 @@
 """The provider's purse pool: the SP pays merchants with its own purse cards.
 
-STUB (the contract between the SP server and the pool); the body comes next.
+:meth:`PursePool.pay` leases one purse that can pay, runs the ordinary card payment
+(``pay.client.pay``: the merchant sees an ordinary card payment) with it, records which purse
+paid what under ``order_ref``, tops the purse up from the provider's bank when it runs low
+(see :mod:`.topup`: before a payment it cannot cover, and after one that left it under the
+threshold) and retires it when a counter nears 65535, then gives it back.
 
-:meth:`PursePool.pay` leases one purse that can pay (never one purse twice at once, also across
-processes sharing the database), runs the ordinary card payment (``pay.client.pay``) with it,
-records which purse paid what under ``order_ref``, tops it up from the provider's bank when it
-runs low and retires it when its counter nears 65535, then gives it back.
+Leases live in the database (:mod:`.db`: one compare-and-set on the purse's row, with an expiry
+and the owner's host and process id), not in a queue of this process: two SP processes sharing
+the database never use one purse at once, and a lease whose process died is free again at once
+on the same host, or after ``lease_ttl`` seconds from another. A purse's reader is opened for a
+lease only. Its journal (``journal_dir/SERIAL.jsonl``) must be shared by every SP process using
+it: an interrupted payment or top-up is resumed from it before the purse pays again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import threading
+import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import sqlalchemy
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from ....protocols import sw as SW
 from ...kit.config import (
     CurrencyCode,
     CurrencyExponent,
@@ -28,7 +41,21 @@ from ...kit.config import (
     Section,
     Url,
 )
+from ...kit.db import DuplicateError
+from ...pay import client as PC
 from ...pay.client import PaymentOutcome
+from ...terminal.purse import Declined
+from ...terminal.reader_specs import open_reader
+from .cards import read_state
+from .db import PurseBook, new_owner
+from .leased import Lease, resume_open
+from .recording import RecordingJournal
+from .topup import top_up
+
+log = logging.getLogger(__name__)
+ORDER_REF = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_URL = 2048
+POLL = 0.05   # seconds between looks at the database for a purse another process gives back
 
 
 class PursePoolError(Exception):
@@ -53,11 +80,22 @@ class PursePoolConfig(Section):
     secret: SecretText = Field(repr=False)
     currency_code: CurrencyCode
     currency_exponent: CurrencyExponent = 2
-    topup_threshold: NonNegInt = 0      # minor units: under this after a payment -> top up
-    topup_amount: PosInt = 10_000       # minor units loaded per top-up
-    retire_margin: NonNegInt = 16       # retire when 65535 - counter <= margin
+    topup_threshold: NonNegInt = 0      # minor units: under this -> top up (before and after)
+    topup_amount: PosInt = 10_000       # minor units loaded per top-up (more if a payment needs)
+    retire_margin: NonNegInt = 16       # retire when 65535 - a counter <= margin
     lease_timeout: PosFloat = 30.0      # seconds pay() waits for a free purse
-    lease_ttl: PosFloat = 300.0         # a lease older than this is taken to be a dead process's
+    lease_ttl: PosFloat = 300.0         # a lease older than this is a dead process's
+
+    @field_validator("readers")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            if not 3 <= len(spec) <= 300 or ":" not in spec:
+                raise ValueError(f"{spec[:40]!r} is not a reader spec (SCHEME:TARGET, at most "
+                                 f"300 characters)")
+        if len(set(value)) != len(value):
+            raise ValueError("a reader is named twice")
+        return value
 
 
 @dataclass
@@ -71,29 +109,290 @@ class PoolPaymentOutcome(PaymentOutcome):
     topups: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _check_input(checkout_url: str, order_ref: str, amount: int | None) -> None:
+    if not isinstance(order_ref, str) or not ORDER_REF.fullmatch(order_ref):
+        raise PursePoolError("order_ref must be 1-64 characters of A-Z a-z 0-9 . _ : -")
+    if not isinstance(checkout_url, str) or len(checkout_url) > MAX_URL or \
+            not checkout_url.startswith(("http://", "https://")):
+        raise PursePoolError(f"the checkout URL must be http(s) and at most {MAX_URL} "
+                             f"characters")
+    if amount is not None and not 0 < amount <= 0xFFFFFFFF:
+        raise PursePoolError("the amount must be 1..4294967295 minor units")
+
+
 class PursePool:
     """A pool of purse cards behind reader specs, sharing the SP's database."""
 
+    def __init__(self, config: PursePoolConfig, book: PurseBook, journal_dir: Path) -> None:
+        self.config = config
+        self.book = book
+        self.journal_dir = journal_dir
+        self.owner = new_owner()
+        self._journals: dict[str, RecordingJournal] = {}
+        self._journals_lock = threading.Lock()
+        self._given_back = threading.Condition()
+
     @classmethod
     def open(cls, config: PursePoolConfig, engine: sqlalchemy.Engine, *,
-             journal_dir: Path) -> PursePool:
-        """Create the pool's tables if missing, register every configured purse (reading its
-        serial, balance and counters), and resume any payment or load an interruption left
-        open in a purse's journal (``journal_dir/SERIAL.jsonl``)."""
-        raise NotImplementedError
+             journal_dir: Path, http: httpx.Client | None = None) -> PursePool:
+        """Create the pool's tables if missing and register every configured purse not yet
+        known (reading its serial, balance, limit and counters from the card; its balance
+        now is its opening balance). With ``http``: also resume now whatever an interruption
+        left open in a purse's journal (else that happens at the purse's next lease)."""
+        journal_dir.mkdir(parents=True, exist_ok=True)
+        pool = cls(config, PurseBook(engine), journal_dir)
+        for spec in config.readers:
+            if pool.book.purse_by_reader(spec) is None:
+                pool._register(spec)
+        if http is not None:
+            pool.resume_all(http)
+        return pool
 
-    def pay(self, checkout_url: str, *, http: httpx.Client,
-            order_ref: str) -> PoolPaymentOutcome:
+    def _register(self, spec: str) -> None:
+        with open_reader(spec) as reader:
+            state = read_state(reader)
+        if state.currency_code != self.config.currency_code:
+            raise PursePoolError(f"purse {state.serial} ({spec}) holds currency "
+                                 f"{state.currency_code}, the pool pays in "
+                                 f"{self.config.currency_code}")
+        self.book.register(state.serial, spec, currency_code=state.currency_code,
+                           balance=state.balance, limit=state.limit,
+                           offline_counter=state.offline_counter,
+                           online_counter=state.online_counter)
+        log.info("purse %s registered (%s), balance %d", state.serial, spec, state.balance)
+
+    def journal(self, serial: str) -> RecordingJournal:
+        with self._journals_lock:
+            if serial not in self._journals:
+                self._journals[serial] = RecordingJournal(
+                    self.journal_dir / f"{serial}.jsonl", self.book)
+            return self._journals[serial]
+
+    # --- leases -----------------------------------------------------------------------------
+
+    def _take(self, row: dict[str, Any], order_ref: str, stack: ExitStack,
+              retired_too: bool = False) -> Lease | None:
+        lease_id = self.book.lease(row, self.owner, order_ref,
+                                   int(self.config.lease_ttl * 1000), retired_too=retired_too)
+        if lease_id is None:
+            return None
+        lease = Lease(row["serial"], self.owner, lease_id, order_ref,
+                      open_reader(row["reader"]), self.journal(row["serial"]), row)
+        stack.callback(self._give_back, lease)
+        try:
+            stack.enter_context(lease.reader)
+        except Exception as exc:
+            raise PursePoolError(f"purse {lease.serial}: its reader {row['reader']} cannot "
+                                 f"be opened: {exc}") from None
+        return lease
+
+    def _give_back(self, lease: Lease) -> None:
+        if not self.book.release(lease.serial, lease.owner, lease.lease_id, **lease.changes):
+            log.warning("purse %s: the lease had expired before it was given back",
+                        lease.serial)
+        with self._given_back:
+            self._given_back.notify_all()
+
+    def _lease(self, order_ref: str, amount: int | None, skip: set[str],
+               stack: ExitStack, deadline: float) -> Lease:
+        """A leased purse that may pay ``amount`` (after a top-up if need be)."""
+        while True:
+            rows = [r for r in self.book.candidates() if r["serial"] not in skip]
+            if amount is not None:   # never able to hold the amount: not a candidate
+                rows = [r for r in rows if r["balance_limit"] >= amount]
+                rows.sort(key=lambda r: r["balance"] < amount)   # stable: LRU within
+            if not rows:
+                raise PoolExhausted(self._exhausted(amount, skip))
+            for row in rows:
+                try:
+                    lease = self._take(row, order_ref, stack)
+                except PursePoolError as exc:   # its reader is gone: the others may pay
+                    log.warning("%s", exc)
+                    skip.add(row["serial"])
+                    continue
+                if lease is not None:
+                    return lease
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PoolBusy(f"no purse came free within {self.config.lease_timeout:g} s "
+                               f"({len(rows)} able to pay, all in use)")
+            with self._given_back:
+                self._given_back.wait(min(POLL, remaining))
+
+    def _exhausted(self, amount: int | None, skip: set[str]) -> str:
+        purses = self.book.all_purses()
+        retired = sum(p["state"] == "retired" for p in purses)
+        what = f"{amount} minor units" if amount is not None else "this order"
+        return (f"no purse can pay {what}: {retired} of {len(purses)} retired, "
+                f"{len(skip)} too low or unusable after a top-up attempt; nothing was paid")
+
+    # --- paying -----------------------------------------------------------------------------
+
+    def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str,
+            amount: int | None = None) -> PoolPaymentOutcome:
         """Pay the merchant's checkout with one leased purse, recorded under ``order_ref``
-        (the same ``order_ref`` again: its recorded outcome, never a second payment).
-        Blocking: call it from a worker thread. Raises :class:`PoolExhausted`/:class:`PoolBusy`
-        (nothing paid) or the payment's own errors (``pay.client``)."""
-        raise NotImplementedError
+        (the same ``order_ref`` again: its recorded outcome, never a second payment; one that
+        failed before any debit: paid afresh). ``amount`` (minor units, when the caller knows
+        it) lets the pool choose a purse that can pay it, and top one up first if none can.
+        Blocking: call it from a worker thread. Raises :class:`PoolExhausted`,
+        :class:`PoolBusy` or :class:`PursePoolError` (nothing paid) or the payment's own
+        errors (``pay.client``: :class:`~svcard.host.terminal.purse.TerminalError`)."""
+        _check_input(checkout_url, order_ref, amount)
+        done = self._earlier(order_ref, http)
+        if done is not None:
+            return done
+        deadline = time.monotonic() + self.config.lease_timeout
+        skip: set[str] = set()
+        while True:
+            with ExitStack() as stack:
+                lease = self._lease(order_ref, amount, skip, stack, deadline)
+                outcome = self._pay_with(lease, checkout_url, http, order_ref, amount)
+                if outcome is not None:
+                    return outcome
+                skip.add(lease.serial)
+
+    def _pay_with(self, lease: Lease, checkout_url: str, http: httpx.Client, order_ref: str,
+                  amount: int | None) -> PoolPaymentOutcome | None:
+        """One leased purse's attempt; None: this purse cannot pay it (try another)."""
+        cfg = self.config
+        why = resume_open(lease, self.book, http)
+        if why is not None:
+            log.warning("purse %s not used: %s", lease.serial, why)
+            return None
+        topups = []
+        if lease.retire_if_worn(cfg.retire_margin):
+            return None
+        need = max(cfg.topup_threshold, amount or 1)
+        if lease.balance < need:
+            topups.append(self._top_up(lease, http, need=(amount or 0) - lease.balance))
+            if lease.balance < (amount or 1):
+                return None
+        for attempt in (1, 2):
+            try:
+                paid = self._card_payment(lease, checkout_url, http, order_ref)
+            except Declined as exc:
+                lease.take_state(read_state(lease.reader))
+                if exc.sw == SW.COUNTER_AT_MAXIMUM:
+                    lease.retire_if_worn(cfg.retire_margin)
+                    return None
+                if exc.sw != SW.INSUFFICIENT_FUNDS:
+                    raise
+                if attempt == 2:
+                    return None
+                before = lease.balance   # the amount was not named: top up, try once more
+                topups.append(self._top_up(lease, http))
+                if lease.balance <= before:
+                    return None
+                continue
+            break
+        journal = lease.journal
+        offline = lease.counters()[0]
+        lease.changes.update(balance=paid.balance_after, offline_counter=(
+            journal.counter if journal.counter is not None else offline) + 1)
+        outcome = PoolPaymentOutcome(**paid.__dict__, order_ref=order_ref,
+                                     purse_serial=lease.serial, counter=journal.counter or 0,
+                                     tac=journal.tac, topups=topups)
+        if lease.balance < cfg.topup_threshold and not lease.retire_if_worn(cfg.retire_margin):
+            outcome.topups.append(self._top_up(lease, http))
+        lease.retire_if_worn(cfg.retire_margin)
+        self.book.payment_step(order=order_ref, outcome=outcome.to_json())
+        return outcome
+
+    def _card_payment(self, lease: Lease, checkout_url: str, http: httpx.Client,
+                      order_ref: str) -> PaymentOutcome:
+        """The ordinary card payment, under ``order_ref``'s row (claimed first: one payment
+        per order). Refused before the draw: the row says ``failed`` (nothing paid)."""
+        try:
+            self.book.start_payment(order_ref, lease.serial, self.config.currency_code)
+        except DuplicateError:
+            raise PursePoolError(f"order {order_ref} is paid or being paid already") from None
+        journal = lease.journal
+        journal.order_ref, journal.counter, journal.tac = order_ref, None, ""
+        try:
+            return PC.pay(checkout_url, lease.reader, journal=journal, http=http)
+        except BaseException as exc:
+            reason = str(exc) if isinstance(exc, Declined) else \
+                "stopped before the draw: nothing paid"
+            self.book.payment_step(order=order_ref, expect=("started",), state="failed",
+                                   reason=reason)
+            raise
+        finally:
+            journal.order_ref = None
+
+    def _top_up(self, lease: Lease, http: httpx.Client, need: int = 0) -> dict[str, Any]:
+        cfg = self.config
+        return top_up(lease, self.book, http, bank_url=cfg.bank_url, account=cfg.account,
+                      secret=cfg.secret, currency_code=cfg.currency_code,
+                      amount=cfg.topup_amount, need=need)
+
+    def _earlier(self, order_ref: str, http: httpx.Client) -> PoolPaymentOutcome | None:
+        """The recorded outcome of an order paid before; an order an interruption left open
+        is first settled on its purse. None: pay it (never paid, or failed with nothing
+        paid)."""
+        row = self.book.payment(order_ref)
+        if row is not None and row["state"] in ("started", "drawing", "debited"):
+            self._settle(row["purse_serial"], http)
+            row = self.book.payment(order_ref)
+        if row is None or row["state"] == "failed":
+            return None
+        if row["state"] == "paid":
+            return _from_row(row)
+        raise PursePoolError(f"order {order_ref} is {row['state']} on purse "
+                             f"{row['purse_serial']} (transaction {row['txn_id']}): "
+                             f"{row['reason'] or 'not settled yet'}; not paid again")
+
+    def _settle(self, serial: str, http: httpx.Client) -> str | None:
+        """Lease ``serial`` (waiting for it) and resume what its journal holds open."""
+        deadline = time.monotonic() + self.config.lease_timeout
+        while True:
+            row = self.book.purse(serial)
+            if row is None:
+                return f"purse {serial} is not in the pool"
+            with ExitStack() as stack:   # a retired purse too: its last steps may be open
+                lease = self._take(row, f"resume:{serial}", stack, retired_too=True)
+                if lease is not None:
+                    return resume_open(lease, self.book, http)
+            if time.monotonic() > deadline:
+                return f"purse {serial} did not come free within {self.config.lease_timeout:g} s"
+            with self._given_back:
+                self._given_back.wait(POLL)
+
+    def resume_all(self, http: httpx.Client) -> dict[str, str | None]:
+        """Resume every purse with an open journal entry or an open order: {serial: None
+        when clean, else why not}."""
+        report: dict[str, str | None] = {}
+        for row in self.book.all_purses():
+            if self.journal(row["serial"]).unfinished(row["serial"]) or \
+                    self.book.open_payments(row["serial"]):
+                report[row["serial"]] = self._settle(row["serial"], http)
+        return report
+
+    # --- reading ----------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
-        """Every purse: serial, reader, balance, offline and online counters, state
-        (ready | leased | retired | empty)."""
-        raise NotImplementedError
+        """Every purse: serial, reader, balance, opening balance, offline and online
+        counters, state (ready | leased | retired) and why."""
+        now = int(time.time() * 1000)
+        return [{"serial": p["serial"], "reader": p["reader"], "balance": p["balance"],
+                 "opening_balance": p["opening_balance"], "limit": p["balance_limit"],
+                 "currency_code": p["currency_code"],
+                 "offline_counter": p["offline_counter"], "online_counter": p["online_counter"],
+                 "state": "leased" if p["state"] == "ready" and p["lease_owner"]
+                 and p["leased_until"] > now else p["state"], "reason": p["reason"]}
+                for p in self.book.all_purses()]
 
     def close(self) -> None:
-        """Release the readers this process opened."""
+        """Nothing is held between leases (readers are opened per lease)."""
+
+
+def _from_row(row: dict[str, Any]) -> PoolPaymentOutcome:
+    """An order paid before, from its row (its full outcome when it was recorded)."""
+    known = json.loads(row["outcome"] or "{}")
+    base = {"txn_id": row["txn_id"], "variant": "", "amount": row["amount"] or 0,
+            "currency_exponent": 0, "balance_before": 0, "balance_after": 0, "goods": "",
+            "item": "", "receipt": {}, "round_trips": 0}
+    fields = set(PoolPaymentOutcome.__dataclass_fields__)
+    data = {**base, **{k: v for k, v in known.items() if k in fields}}
+    data.update(order_ref=row["order_ref"], purse_serial=row["purse_serial"],
+                counter=row["counter"] or 0, tac=row["tac"], resumed=True)
+    return PoolPaymentOutcome(**data)

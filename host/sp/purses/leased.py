@@ -1,0 +1,103 @@
+"""One leased purse: its reader (connected for the lease only), its journal and its row, and
+what is done to it before it pays: the resume of anything an interruption left open.
+
+A purse is opened for each lease and closed at its end, so several SP processes sharing the
+database (and the journal folder) can take turns with one card: the lease row says whose turn
+it is, and a ``virtual:`` image's file lock or a PC/SC reader is held only meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ....reader import Reader
+from ...load import client as LC
+from ...pay import client as PC
+from ...terminal.online import PaymentRefused
+from ...terminal.purse import TerminalError
+from .cards import MAX_COUNTER, PurseState, read_state
+from .db import PurseBook
+from .recording import RecordingJournal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lease:
+    serial: str
+    owner: str
+    lease_id: int
+    order_ref: str
+    reader: Reader
+    journal: RecordingJournal
+    row: dict[str, Any]
+    changes: dict[str, Any] = field(default_factory=dict)   # row columns to write at release
+
+    @property
+    def balance(self) -> int:
+        return int(self.changes.get("balance", self.row["balance"]))
+
+    @property
+    def limit(self) -> int:
+        return int(self.changes.get("balance_limit", self.row["balance_limit"]))
+
+    def counters(self) -> tuple[int, int]:
+        return (int(self.changes.get("offline_counter", self.row["offline_counter"])),
+                int(self.changes.get("online_counter", self.row["online_counter"])))
+
+    def take_state(self, state: PurseState) -> None:
+        self.changes.update(balance=state.balance, balance_limit=state.limit,
+                            offline_counter=state.offline_counter,
+                            online_counter=state.online_counter)
+
+    def retire_if_worn(self, margin: int) -> bool:
+        """Mark the purse retired when either counter is within ``margin`` of 65535."""
+        offline, online = self.counters()
+        worn = [name for name, value in (("offline", offline), ("online", online))
+                if MAX_COUNTER - value <= margin]
+        if worn:
+            self.changes.update(state="retired", reason=(
+                f"{' and '.join(worn)} counter within {margin} of {MAX_COUNTER} "
+                f"(offline {offline}, online {online})"))
+        return bool(worn)
+
+
+def resume_open(lease: Lease, book: PurseBook, http: httpx.Client) -> str | None:
+    """Before the purse pays again: finish (or close) every payment and top-up its journal
+    holds open, and bring its row and its orders' rows up to the card. None if the purse may
+    be used now; else why not (something is still open, or its journal is not here)."""
+    journal = lease.journal
+    open_entries = journal.unfinished(lease.serial)
+    if open_entries:
+        journal.order_ref = journal.load_id = None
+        try:
+            done = PC.resume(lease.reader, journal=journal, http=http)
+            done += LC.resume_loads(lease.reader, journal=journal, http=http)
+        except (PaymentRefused, TerminalError, httpx.HTTPError) as exc:
+            return f"resuming its open transactions failed: {exc}"
+        log.info("purse %s: resumed %s", lease.serial, [d.get("outcome") for d in done])
+        lease.take_state(read_state(lease.reader))
+        still = journal.unfinished(lease.serial)
+        if still:
+            return (f"{len(still)} transaction(s) still open after a resume "
+                    f"(e.g. {still[0]['txn_id']} at {still[0].get('state')})")
+    for row in book.open_payments(lease.serial):
+        if row["state"] == "started":   # never reached the draw: the card saw nothing
+            book.payment_step(order=row["order_ref"], expect=("started",), state="failed",
+                              reason="interrupted before the draw: nothing paid")
+            continue
+        txn = str(row["txn_id"] or "")
+        if journal.is_open(txn):
+            continue
+        entry = journal.entries().get(txn)
+        if entry is not None:   # final in the journal; the books missed its last step
+            journal.replay(txn, str(entry["state"]), entry)
+            continue
+        return (f"order {row['order_ref']} is {row['state']} with transaction "
+                f"{txn}, which this pool's journal does not hold (is the journal folder "
+                f"shared by every SP process?)")
+    return None

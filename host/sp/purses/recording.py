@@ -1,0 +1,98 @@
+"""A purse's journal that also keeps the pool's books.
+
+Each pool purse has its own client journal (``JOURNAL_DIR/SERIAL.jsonl``), written by the
+ordinary client code (``pay.client``, ``load.client``). :class:`RecordingJournal` writes each
+line exactly as :class:`~svcard.host.terminal.journal.Journal` does and then moves the pool's
+rows on from what the line says, so the books follow the journal step by step, also when a
+later :func:`~svcard.host.pay.client.resume` finishes a payment an interruption left:
+
+* a payment's ``draw`` (before the draw request goes out) links the order being paid to its
+  transaction id and counter; ``debited`` records the card's TAC; ``done`` marks it ``paid``;
+  ``abandoned``/``refused`` before the debit mark it ``failed`` (nothing paid); ``refused``
+  after the debit marks it ``disputed`` (the card paid, the merchant did not take it: for the
+  payment server's clearing and a person to settle); ``unproven`` marks it so.
+* a top-up's ``load-starting`` links the pool's load row to its bank request id, the bank's
+  answer to the load's transaction id, and ``load-confirmed`` records the outcome.
+
+The journal line comes first: if the database cannot follow, the client stops before its next
+card or network step, and the next lease's resume brings the books up to the journal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ....protocols import loadmsg as L
+from ...terminal.journal import Journal
+from .db import PurseBook
+
+
+class RecordingJournal(Journal):
+    """A purse's journal; ``order_ref`` / ``load_id`` name the pool row the client code is
+    working on now (set by the pool while it holds the purse's lease)."""
+
+    def __init__(self, path: Path, book: PurseBook) -> None:
+        super().__init__(path)
+        self.book = book
+        self.order_ref: str | None = None
+        self.load_id: int | None = None
+        self.counter: int | None = None    # the last payment's offline counter
+        self.tac = ""                      # and the card's TAC for it
+        self.txn_id = ""
+
+    def write(self, txn_id: str, state: str, **data: Any) -> None:
+        super().write(txn_id, state, **data)
+        # the payment steps acted on and the load steps acted on share no name
+        self._payment_step(txn_id, state, data)
+        self._load_step(txn_id, state, data)
+
+    def replay(self, txn_id: str, state: str, data: dict[str, Any]) -> None:
+        """Bring the books up to a journal line already written."""
+        self._payment_step(txn_id, state, data)
+        self._load_step(txn_id, state, data)
+
+    def _payment_step(self, txn: str, state: str, data: dict[str, Any]) -> None:
+        book = self.book
+        if state == "draw":
+            self.counter, self.tac, self.txn_id = int(data["counter"]), "", txn
+            if self.order_ref is not None:
+                amount = int(data.get("params", {}).get("amount", 0))
+                book.payment_step(order=self.order_ref, expect=("started",), txn_id=txn,
+                                  counter=self.counter, amount=amount, state="drawing")
+        elif state == "debited":
+            self.tac = str(data.get("tac", ""))
+            book.payment_step(txn=txn, expect=("drawing", "debited"), tac=self.tac,
+                              state="debited")
+        elif state == "done":
+            book.payment_step(txn=txn, expect=("drawing", "debited"), state="paid")
+        elif state == "abandoned":
+            book.payment_step(txn=txn, expect=("drawing",), state="failed",
+                              reason=data.get("reason", ""))
+        elif state == "refused":
+            reason = data.get("reason", "")
+            if not book.payment_step(txn=txn, expect=("drawing",), state="failed",
+                                     reason=reason):
+                book.payment_step(txn=txn, expect=("debited",), state="disputed",
+                                  reason=reason)
+        elif state == "unproven":
+            book.payment_step(txn=txn, expect=("drawing", "debited"), state="unproven",
+                              reason=data.get("reason", ""))
+
+    def _load_step(self, txn: str, state: str, data: dict[str, Any]) -> None:
+        book = self.book
+        if state == "load-starting" and self.load_id is not None:
+            book.load_step(load_id=self.load_id, request_id=str(data["request_id"]))
+        elif state == "load-done" and txn.startswith("req-"):
+            request_id = txn[4:]
+            if "txn" in data:
+                book.load_step(request=request_id, txn_id=str(data["txn"]), state="open")
+            else:
+                book.load_step(request=request_id, state="refused",
+                               reason=data.get("reason", "the bank debited nothing"))
+        elif state == "load-requested":
+            book.load_step(txn=txn, online_counter=int(data["counter"]))
+        elif state == "load-confirmed":
+            loaded = int(data.get("outcome", -1)) == L.OUTCOME_LOADED
+            book.load_step(txn=txn, state="loaded" if loaded else "not-loaded",
+                           reason=data.get("reason", ""))
