@@ -1,0 +1,278 @@
+"""svcard's IEP as a Java Card applet (card/javacard/, card/applet.py) in the real jCardSim.
+
+The applet is built with javac into one class folder per test session
+(``<pytest base temp>/svcard-iep-applet``: every test file that runs the applet in this process
+should use that folder, since the process's one JVM keeps the class path it started with).
+Without ``JCARDSIM_JAR`` (and BouncyCastle on ``JCARDSIM_CLASSPATH``) the jCardSim tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import demo_image, with_balance
+
+from svcard.card.applet import (
+    APPLET_CLASS,
+    END_PERSONALISATION,
+    AppletBuildError,
+    AppletStateError,
+    build_applet,
+    install_params,
+    personalisation_apdus,
+)
+from svcard.card.iep import IepState
+from svcard.card.image import app_of, card_from_image
+from svcard.protocols import crypto
+
+JAR = os.environ.get("JCARDSIM_JAR", "")
+TID = bytes.fromhex("112233445566")
+DATE = bytes.fromhex("20270314")
+TIME = bytes.fromhex("150926")
+FIXED_RANDOM = bytes.fromhex("A1B2C3D4")
+
+
+def need_jcardsim() -> None:
+    if not JAR or not Path(JAR).is_file():
+        pytest.skip("JCARDSIM_JAR is not set to the jCardSim jar (and BouncyCastle on "
+                    "JCARDSIM_CLASSPATH): the applet tests need it")
+    if shutil.which("javac") is None:
+        pytest.skip("javac is not installed")
+    try:
+        import jpype  # noqa: F401
+    except ImportError:
+        pytest.skip("JPype is not installed")
+
+
+@pytest.fixture(scope="session")
+def applet_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need_jcardsim()
+    return build_applet(tmp_path_factory.getbasetemp() / "svcard-iep-applet", JAR)
+
+
+def image(**changes: Any) -> dict[str, Any]:
+    return with_balance(demo_image("iep", fixed_random=FIXED_RANDOM.hex(), **changes),
+                        ep=5000, ed=3000)
+
+
+def state_of(img: dict[str, Any]) -> IepState:
+    return IepState.from_json(img["app"])
+
+
+@pytest.fixture
+def make_applet(applet_classes: Path) -> Iterator[Callable[..., Any]]:
+    from svcard.reader.jcardsim import JCardSimReader
+
+    readers: list[JCardSimReader] = []
+
+    def make(state: IepState, personalise: list[bytes] | None = None) -> JCardSimReader:
+        reader = JCardSimReader(APPLET_CLASS, state.aid, install_params=install_params(state),
+                                personalise=(personalisation_apdus(state) if personalise is None
+                                             else personalise),
+                                classpath=(str(applet_classes),))
+        reader.connect()
+        readers.append(reader)
+        return reader
+
+    yield make
+    for reader in readers:
+        reader.disconnect()
+
+
+def split(answer: bytes) -> tuple[bytes, int]:
+    return answer[:-2], int.from_bytes(answer[-2:], "big")
+
+
+def select(aid: bytes) -> bytes:
+    return bytes((0x00, 0xA4, 0x04, 0x00, len(aid))) + aid + b"\x00"
+
+
+# --- building -------------------------------------------------------------------------------
+
+def test_build_gives_the_applet_classes(applet_classes: Path) -> None:
+    assert (applet_classes / "org" / "svcard" / "iep" / "IepApplet.class").is_file()
+
+
+def test_build_without_javac_or_jar_says_so(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(AppletBuildError, match="no such jar"):
+        build_applet(tmp_path, str(tmp_path / "missing.jar"))
+    monkeypatch.setenv("PATH", str(tmp_path))   # no javac on it
+    with pytest.raises(AppletBuildError, match="javac not found"):
+        build_applet(tmp_path, str(tmp_path / "missing.jar"))
+
+
+def test_states_the_applet_cannot_hold_are_refused() -> None:
+    with pytest.raises(AppletStateError, match="mac_scheme"):
+        personalisation_apdus(state_of(image(mac_scheme="changsha-metro",
+                                             uid="00" * 9)))
+    with pytest.raises(AppletStateError, match="log_counter"):
+        install_params(state_of(image(log_counter="after")))
+
+
+# --- personalisation ------------------------------------------------------------------------
+
+def test_purse_commands_wait_for_end_of_personalisation(make_applet: Callable[..., Any]) -> None:
+    state = state_of(image())
+    apdus = personalisation_apdus(state)
+    assert apdus[-1] == END_PERSONALISATION
+    card = make_applet(state, apdus[:-1])              # everything but END PERSONALISATION
+    assert split(card.transmit(select(state.aid))) == (b"", 0x9000)   # no FCI yet
+    assert split(card.transmit(bytes.fromhex("805C000204")))[1] == 0x6985
+    # the personalisation commands still work, and END takes the card to its user phase
+    assert split(card.transmit(apdus[-2]))[1] == 0x9000
+    assert split(card.transmit(END_PERSONALISATION))[1] == 0x9000
+    assert split(card.transmit(bytes.fromhex("805C000204"))) == ((5000).to_bytes(4, "big"),
+                                                                  0x9000)
+
+
+def test_personalisation_is_locked_after_end(make_applet: Callable[..., Any]) -> None:
+    state = state_of(image())
+    card = make_applet(state)
+    card.transmit(select(state.aid))
+    for apdu in personalisation_apdus(state)[1:]:      # every item again, and END again
+        assert split(card.transmit(apdu)) == (b"", 0x6D00), apdu[:4].hex()
+    # a new PIN or balance sent now changed nothing
+    assert split(card.transmit(bytes.fromhex("805C000204")))[0] == (5000).to_bytes(4, "big")
+    assert split(card.transmit(bytes.fromhex("0020000003123456")))[1] == 0x9000
+
+
+def key_pieces(state: IepState) -> list[bytes]:
+    """Every 4-byte run of every key the card holds (and of the TAC's DES key)."""
+    keys = [k.key for k in state.purchase_keys.values()] + [k.key for k in
+                                                            state.load_keys.values()]
+    keys += [state.tac_key, crypto.tac_key(state.tac_key)]
+    return [key[i:i + 4] for key in keys for i in range(len(key) - 3)]
+
+
+def test_no_command_returns_key_bytes(make_applet: Callable[..., Any]) -> None:
+    state = state_of(image())
+    card = make_applet(state)
+    card.transmit(select(state.aid))
+    card.transmit(bytes.fromhex("0020000003123456"))
+    pieces = key_pieces(state)
+    answers: list[bytes] = []
+    for cla in (0x00, 0x80, 0x84):
+        for ins in range(256):
+            for p1, p2 in ((0, 0), (0x9F, 0x77), (0x95, 0), (0x96, 0), (1, 2), (0, 2)):
+                answers.append(card.transmit(bytes((cla, ins, p1, p2, 0))))
+                answers.append(card.transmit(bytes((cla, ins, p1, p2, 1, 0, 0))))
+    for p1 in range(256):                              # every GET DATA tag of the 9F / 00 rows
+        answers.append(card.transmit(bytes((0x80, 0xCA, 0x9F, p1, 0))))
+        answers.append(card.transmit(bytes((0x80, 0xCA, p1, 0x00, 0))))
+    for sfi in range(1, 32):                           # every file and record
+        answers.append(card.transmit(bytes((0x00, 0xB0, 0x80 | sfi, 0, 0))))
+        answers.append(card.transmit(bytes((0x00, 0xB2, 1, (sfi << 3) | 4, 0))))
+    leaked = [a.hex() for a in answers if any(piece in a for piece in pieces)]
+    assert not leaked
+    assert {split(a)[1] for a in answers} >= {0x9000, 0x6D00, 0x6E00, 0x6A88, 0x6A82}
+
+
+# --- byte equality with the Python card --------------------------------------------------------
+
+def load_mac2(state: IepState, init: bytes, amount: int, txn_type: int) -> bytes:
+    key = state.load_keys[1].key
+    random, counter = init[8:12], int.from_bytes(init[4:6], "big")
+    sk = crypto.load_session_key(key, random, counter)
+    return crypto.mac(sk, crypto.load_mac2_input(amount, txn_type, TID, DATE, TIME))
+
+
+def purchase_mac1(state: IepState, init: bytes, amount: int, txn_type: int, ttn: int,
+                  key_index: int = 1) -> bytes:
+    key = state.purchase_keys[key_index].key
+    random, counter = init[11:15], int.from_bytes(init[4:6], "big")
+    sk = crypto.purchase_session_key(key, random, counter, ttn)
+    return crypto.mac(sk, crypto.purchase_mac1_input(amount, txn_type, TID, DATE, TIME))
+
+
+def u4(value: int) -> bytes:
+    return value.to_bytes(4, "big")
+
+
+def session(send: Callable[[bytes], bytes], state: IepState) -> list[bytes]:
+    """One card's answers to a fixed session: loads, purchases on EP and ED, refusals, the
+    log, the proofs, the PIN."""
+    out: list[bytes] = []
+
+    def tx(apdu: bytes | str) -> bytes:
+        raw = bytes.fromhex(apdu) if isinstance(apdu, str) else apdu
+        answer = send(raw)
+        out.append(answer)
+        return answer
+
+    tx(select(state.aid))
+    tx("0020000003123456")
+    tx("805C000104")
+    tx("805C000204")
+    for p2, txn_type, amount in ((2, 2, 1234), (1, 1, 700)):
+        init = tx(bytes((0x80, 0x50, 0x00, p2, 0x0B, 0x01)) + u4(amount) + TID + b"\x10")
+        mac2 = load_mac2(state, init, amount, txn_type)
+        tx(bytes.fromhex("805200000B") + DATE + TIME + mac2 + b"\x04")
+    for p1, p2, txn_type, amount, ttn in ((1, 2, 6, 250, 0x10203), (1, 1, 5, 99, 7),
+                                          (2, 1, 4, 1, 0x1FFFF)):
+        init = tx(bytes((0x80, 0x50, p1, p2, 0x0B, 0x01)) + u4(amount) + TID + b"\x0F")
+        mac1 = purchase_mac1(state, init, amount, txn_type, ttn)
+        tx(bytes.fromhex("805401000F") + u4(ttn) + DATE + TIME + mac1 + b"\x08")
+    # a wrong MAC1, then the other purchase key; a wrong S2
+    init = tx(bytes.fromhex("805001020B01") + u4(5) + TID + b"\x0F")
+    tx(bytes.fromhex("805401000F") + u4(1) + DATE + TIME + b"\0\0\0\0" + b"\x08")
+    init = tx(bytes.fromhex("805001020B02") + u4(5) + TID + b"\x0F")
+    tx(bytes.fromhex("805401000F") + u4(1) + DATE + TIME
+       + purchase_mac1(state, init, 5, 6, 1, key_index=2) + b"\x08")
+    tx(bytes.fromhex("805000020B01") + u4(5) + TID + b"\x10")
+    tx(bytes.fromhex("805200000B") + DATE + TIME + b"\1\2\3\4" + b"\x04")
+    # refusals: too much, past the limit, unknown key, bad date, nothing to complete
+    tx(bytes.fromhex("805001020B01") + u4(10**6) + TID + b"\x0F")
+    tx(bytes.fromhex("805000020B01") + u4(10**6) + TID + b"\x10")
+    tx(bytes.fromhex("805001020B09") + u4(1) + TID + b"\x0F")
+    tx(bytes.fromhex("805001020B01") + u4(1) + TID + b"\x0F")
+    tx(bytes.fromhex("805401000F") + u4(1) + bytes.fromhex("20270230") + TIME + b"\0" * 4)
+    tx(bytes.fromhex("805401000F") + u4(1) + DATE + TIME + b"\0" * 4)
+    for n in range(1, 9):
+        tx(bytes((0x00, 0xB2, n, 0xC4, 0x17)))
+    tx("00B2010C17")
+    tx("00B2010417")
+    tx("00B201C410")
+    for txn_type, counter in ((6, 2), (2, 1), (6, 1), (1, 0), (6, 3), (5, 0)):
+        tx(bytes((0x80, 0x5A, 0x00, txn_type, 0x02)) + counter.to_bytes(2, "big") + b"\x08")
+    tx("805C000204")
+    tx("805C000104")
+    tx("00B0950000")
+    tx("00B0961000")
+    tx("00B095201E")
+    tx("80CA9F7700")
+    tx("80CA9F7703")
+    tx("80CA000000")
+    tx("00200000")
+    tx("805E0100061234FF56789F")    # wrong old PIN
+    tx("805E010007123456FF12345F")  # 123456 -> 12345
+    tx("0020000003123456")
+    tx("002000000312345F")
+    tx("00200000")
+    tx("805C000104")
+    tx("8099000000")
+    tx("00CA9F7700")
+    tx("84B2010C17")
+    tx("00C0000000")
+    return out
+
+
+def test_a_session_is_byte_equal_with_the_python_card(make_applet: Callable[..., Any]) -> None:
+    img = image()
+    state = state_of(img)
+    python_card = card_from_image(img)
+    applet = make_applet(state)
+    expected = session(python_card.transmit, state_of(img))
+    got = session(applet.transmit, state)
+    different = [(i, e.hex(), g.hex()) for i, (e, g) in enumerate(zip(expected, got,
+                                                                      strict=True)) if e != g]
+    assert not different
+    # the applet's balances, log and proof moved as the Python card's did
+    python_state = app_of(python_card).state   # type: ignore[attr-defined]
+    assert python_state.ep.balance == 5000 + 1234 - 250 - 5
+    assert len(python_state.log) == 6
