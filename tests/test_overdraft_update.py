@@ -225,3 +225,28 @@ def test_power_cut_at_every_write_step_of_an_update(tmp_path: Path) -> None:
         finally:
             card.close()
     assert outcomes.count(False) >= 3 and outcomes.count(True) >= 4
+
+
+def test_svcard_terminal_overdraft_and_the_log(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+
+    iep, hsm = tmp_path / "iep.json", tmp_path / "hsm.json"
+    save_new_image(iep, with_balance(demo_image("iep"), ed=1000))
+    save_new_image(hsm, demo_image("hsm"))
+    cards = ["--card", f"virtual:{iep}", "--hsm", f"virtual:{hsm}"]
+    run = CliRunner().invoke
+    done = run(main, ["terminal", "overdraft", *cards, "--limit", "50", "--pin", PIN])
+    assert done.exit_code == 0, done.output
+    assert "ED overdraft limit CNY 0.00 -> CNY 50.00 set" in done.output
+    ed = read_image(iep)["app"]["ed"]
+    assert ed["overdraft_limit"] == 5000 and ed["balance"] == 6000
+    too_big = run(main, ["terminal", "overdraft", *cards, "--limit", "200000", "--pin", PIN])
+    assert too_big.exit_code != 0 and "at most" in too_big.output
+    log = run(main, ["terminal", "log", "--card", f"virtual:{iep}", "--json"])
+    assert log.exit_code == 0
+    entry = __import__("json").loads(log.output)[0]
+    assert entry["type_name"] == "overdraft limit update" and entry["overdraft_limit"] == 5000
+    text = run(main, ["terminal", "log", "--card", f"virtual:{iep}"]).output
+    assert "overdraft limit update" in text and "limit CNY 50.00" in text

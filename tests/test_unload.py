@@ -234,3 +234,30 @@ def test_power_cut_at_every_write_step_of_an_unload(tmp_path: Path) -> None:
         finally:
             card.close()
     assert outcomes.count(False) >= 3 and outcomes.count(True) >= 4
+
+
+def test_svcard_terminal_unload_and_the_log(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+
+    iep, hsm = tmp_path / "iep.json", tmp_path / "hsm.json"
+    save_new_image(iep, with_balance(demo_image("iep"), ed=10000))
+    save_new_image(hsm, demo_image("hsm"))
+    cards = ["--card", f"virtual:{iep}", "--hsm", f"virtual:{hsm}"]
+    run = CliRunner().invoke
+    done = run(main, ["terminal", "unload", *cards, "--amount", "12.34", "--pin", PIN,
+                      "--at", "2027-03-14 15:09:26"])
+    assert done.exit_code == 0, done.output
+    assert "ED unload of CNY 12.34 done" in done.output and "CNY 87.66" in done.output
+    assert read_image(iep)["app"]["ed"]["balance"] == 8766
+    nopin = run(main, ["terminal", "unload", *cards, "--amount", "1", "--json"])
+    assert nopin.exit_code != 0 and "--pin" in nopin.output
+    over = run(main, ["terminal", "unload", *cards, "--amount", "1000", "--pin", PIN])
+    assert over.exit_code != 0 and "INITIALIZE FOR UNLOAD: 9401" in over.output
+    badtid = run(main, ["terminal", "unload", *cards, "--amount", "1", "--pin", PIN,
+                        "--terminal-id", "0102"])
+    assert badtid.exit_code == 2 and "--terminal-id" in badtid.output
+    log = run(main, ["terminal", "log", "--card", f"virtual:{iep}"])
+    assert log.exit_code == 0 and "unload" in log.output and "CNY 12.34" in log.output
+    assert read_image(iep)["app"]["ed"]["balance"] == 8766

@@ -8,13 +8,17 @@ from pathlib import Path
 
 import click
 
+from ...protocols import purse as P
 from ..kit.command_line import EXIT_USAGE, emit, fail, json_option
 from ..terminal import purse as T
+from ..terminal import unload as U
 from ..terminal.card_commands import (
+    AMOUNT_HELP,
     amount_option,
     at_option,
     card_option,
     handled,
+    parse_amount_option,
     pin_option,
     purse_option,
     readers,
@@ -53,7 +57,11 @@ def terminal_log(card_spec: str, aid: bytes, as_json: bool, trace_out: Path | No
     """Read the transaction log (READ RECORD, newest first)."""
     with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
         info, entries = T.read_log_info(card_r, aid)
-    lines = [f"{e.date} {e.time}  {e.type_name:<20} {info.money(e.amount):>14}  counter "
+    def shown(e: T.LogEntry) -> str:   # an overdraft update shows the new limit, not amount 0
+        if e.txn_type == P.TYPE_OVERDRAFT_UPDATE:
+            return f"limit {info.money(e.overdraft_limit)}"
+        return info.money(e.amount)
+    lines = [f"{e.date} {e.time}  {e.type_name:<22} {shown(e):>20}  counter "
              f"{e.counter:<5} terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
     emit(as_json, [e.__dict__ for e in entries], "\n".join(lines))
 
@@ -113,4 +121,69 @@ def terminal_load(card_spec: str, aid: bytes, hsm_spec: str, amount: Amount, pur
                             trace_out=trace_out) as (card_r, hsm_r):
         r = T.load(card_r, hsm_r, amount, terminal_id=tid, purse=T.purse_id(purse),
                    key_index=key_index, pin=pin, when=at, card_aid=aid)
+    emit(as_json, r.to_json(), r.text())
+
+
+def _terminal_id(value: str) -> bytes:
+    try:
+        tid = bytes.fromhex(value)
+    except ValueError:
+        fail("--terminal-id must be hex", EXIT_USAGE)
+    if len(tid) != 6:
+        fail("--terminal-id must be 6 bytes of hex", EXIT_USAGE)
+    return tid
+
+
+_hsm_option = click.option("--hsm", "hsm_spec", required=True, metavar="SPEC",
+                           help="Reader spec of the issuer's load HSM, e.g. virtual:hsm.json.")
+_terminal_id_option = click.option("--terminal-id", default="000000000001", show_default=True,
+                                   help="The terminal's 6-byte id, hex.")
+_key_index_option = click.option("--key-index", default=1, show_default=True,
+                                 type=click.IntRange(0, 255))
+
+
+@terminal.command("unload")
+@card_option
+@_hsm_option
+@amount_option
+@pin_option
+@_terminal_id_option
+@_key_index_option
+@json_option
+@trace_option
+@at_option
+def terminal_unload(card_spec: str, aid: bytes, hsm_spec: str, amount: Amount,
+                    pin: str | None, terminal_id: str, key_index: int, as_json: bool,
+                    trace_out: Path | None, at: dt.datetime | None) -> None:
+    """Unload the amount from the ED passbook (needs --pin): MAC1 from the card, MAC2 from
+    the HSM, the card's MAC3 checked."""
+    tid = _terminal_id(terminal_id)
+    with handled(), readers(("card", card_spec), ("hsm", hsm_spec),
+                            trace_out=trace_out) as (card_r, hsm_r):
+        r = U.unload(card_r, hsm_r, amount, terminal_id=tid, pin=pin, key_index=key_index,
+                     when=at, card_aid=aid)
+    emit(as_json, r.to_json(), r.text())
+
+
+@terminal.command("overdraft")
+@card_option
+@_hsm_option
+@click.option("--limit", "limit", required=True, callback=parse_amount_option,
+              help="The new overdraft limit: " + AMOUNT_HELP)
+@pin_option
+@_terminal_id_option
+@_key_index_option
+@json_option
+@trace_option
+@at_option
+def terminal_overdraft(card_spec: str, aid: bytes, hsm_spec: str, limit: Amount,
+                       pin: str | None, terminal_id: str, key_index: int, as_json: bool,
+                       trace_out: Path | None, at: dt.datetime | None) -> None:
+    """Set the ED passbook's overdraft limit (needs --pin); the ED balance moves by the
+    change. MAC1 from the card, MAC2 from the HSM, the card's TAC checked."""
+    tid = _terminal_id(terminal_id)
+    with handled(), readers(("card", card_spec), ("hsm", hsm_spec),
+                            trace_out=trace_out) as (card_r, hsm_r):
+        r = U.update_overdraft(card_r, hsm_r, limit, terminal_id=tid, pin=pin,
+                               key_index=key_index, when=at, card_aid=aid)
     emit(as_json, r.to_json(), r.text())
