@@ -318,3 +318,37 @@ def test_cli_terminal_purchase_with_a_metro_card(tmp_path: Path) -> None:
     assert len(result.output.strip().splitlines()) == 1
     result = CliRunner().invoke(main, ["terminal", "balance", "--card", card])
     assert "CNY 97.50" in result.output
+
+
+def test_explicit_card_keys_name_their_scheme_in_the_profile(tmp_path: Path) -> None:
+    """With explicit card keys the IEP profile says ``mac_scheme`` (the worked example's card,
+    personalised with its published keys, answers its published MAC1); with an issuer file it
+    may not."""
+    (tmp_path / "cs.toml").write_text(f"""
+kind = "iep"
+issuer_id = "0731410000000000"
+app_serial = "00000000004100000099"
+start_date = 2015-06-05
+expiry_date = 2038-08-08
+fixed_random = "{CS_RANDOM.hex()}"
+mac_scheme = "changsha-metro"
+uid = "{CS_UID.hex()}"
+balances = {{ ep = 100 }}
+[keys]
+tac = "{CS_DTK.hex()}"
+purchase = [{{ index = 1, version = 1, key = "{CS_DPK.hex()}" }}]
+load = [{{ index = 1, version = 1, key = "{CS_DLK.hex()}" }}]
+""")
+    image = image_from_profile(tmp_path / "cs.toml")
+    assert (image["app"]["mac_scheme"], image["app"]["uid"]) == ("changsha-metro",
+                                                                 CS_UID.hex().upper())
+    image["app"]["ep"]["offline_counter"] = 1   # the applet's counters start at 1
+    card = card_from_image(image)
+    select(card, IEP_AID)
+    assert tx(card, "805001020B01" + u4(4).hex() + CS_TID.hex() + "0F")[1] == 0x9000
+    debit, sw = tx(card, "805401000F00000001" + CS_DATE.hex() + CS_TIME.hex() + "C769F8F7" + "08")
+    assert sw == 0x9000 and debit[4:] == bytes.fromhex("D4F8C6D2")   # MAC2 as computed above
+    files = write_metro_files(tmp_path)
+    files["iep"].write_text('mac_scheme = "changsha-metro"\n' + files["iep"].read_text())
+    with pytest.raises(ProfileError, match=r"iep\.toml: mac_scheme: only with explicit keys"):
+        image_from_profile(files["iep"])
