@@ -1,0 +1,98 @@
+"""50 concurrent orders over a pool of 4 purses: every order paid once, no purse used twice at
+once (the recorded lease intervals of each purse never overlap), also with two pools (two SP
+processes) sharing one database and journal folder."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, MetaData
+from test_sp_purses import (  # noqa: F401  (fixtures)
+    TICKET,
+    engine,
+    image_app,
+    merchant_paid,
+    pool_config,
+    purse_image,
+    sp_system,
+)
+
+from svcard.host.demo.system import System
+from svcard.host.kit.db import make_engine
+from svcard.host.sp.purses.pool import PoolPaymentOutcome, PursePool
+
+ORDERS = 50
+PURSES = 4
+
+
+def assert_no_overlap(intervals: list[dict[str, Any]]) -> dict[str, int]:
+    """Each purse's leases, in order of acquisition, each given back before the next taken;
+    the number of leases per purse."""
+    by_purse: dict[str, list[tuple[int, int]]] = {}
+    for lease in intervals:
+        assert lease["released_us"] is not None, lease
+        by_purse.setdefault(lease["purse_serial"], []).append(
+            (lease["acquired_us"], lease["released_us"]))
+    for serial, spans in by_purse.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert end <= start, f"purse {serial} leased twice at once"
+    return {serial: len(spans) for serial, spans in by_purse.items()}
+
+
+def run_orders(pools: list[PursePool], url: str, seed: int) -> list[PoolPaymentOutcome]:
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    order_pools = [rng.choice(pools) for _ in range(ORDERS)]
+
+    def one(i: int) -> PoolPaymentOutcome:
+        with httpx.Client(timeout=60) as http:
+            return order_pools[i].pay(url, http=http, order_ref=f"order-{i:03d}",
+                                      amount=TICKET if i % 2 else None)
+
+    with ThreadPoolExecutor(max_workers=16) as ex:
+        return list(ex.map(one, range(ORDERS)))
+
+
+def check_books(pool: PursePool, specs: list[str], outcomes: list[PoolPaymentOutcome],
+                system: System) -> None:
+    assert len({o.txn_id for o in outcomes}) == ORDERS
+    rows = pool.book.all_payments()
+    assert len(rows) == ORDERS and all(r["state"] == "paid" for r in rows)
+    counts = assert_no_overlap(pool.book.lease_intervals())
+    assert len(counts) == PURSES and sum(counts.values()) == ORDERS
+    assert len(merchant_paid(system)) == ORDERS
+    # each purse's debits are what its card lost; (serial, counter) pairs are unique
+    for spec, status in zip(specs, pool.status(), strict=True):
+        debits = sum(r["amount"] for r in rows if r["purse_serial"] == status["serial"])
+        assert status["opening_balance"] - debits == status["balance"] == \
+            image_app(spec)["ep"]["balance"]
+    assert len({(r["purse_serial"], r["counter"]) for r in rows}) == ORDERS
+
+
+def test_50_concurrent_orders_over_4_purses(sp_system: System, engine: Engine,
+                                            tmp_path: Path) -> None:
+    specs = [purse_image(tmp_path, i, ep=40_000) for i in range(1, PURSES + 1)]
+    pool = PursePool.open(pool_config(sp_system, specs, lease_timeout=60.0), engine,
+                          journal_dir=tmp_path / "j")
+    outcomes = run_orders([pool], sp_system.pay.checkout_url("ticket"), 13)
+    check_books(pool, specs, outcomes, sp_system)
+
+
+def test_two_sp_processes_share_the_pool(sp_system: System, engine: Engine,
+                                         tmp_path: Path) -> None:
+    specs = [purse_image(tmp_path, i, ep=40_000) for i in range(1, PURSES + 1)]
+    config = pool_config(sp_system, specs, lease_timeout=60.0)
+    first = PursePool.open(config, engine, journal_dir=tmp_path / "j")
+    other_engine = make_engine(str(engine.url), MetaData())   # the other process's own
+    try:
+        second = PursePool.open(config, other_engine, journal_dir=tmp_path / "j")
+        assert first.owner != second.owner
+        outcomes = run_orders([first, second], sp_system.pay.checkout_url("ticket"), 1301)
+    finally:
+        other_engine.dispose()
+    check_books(first, specs, outcomes, sp_system)

@@ -1,0 +1,133 @@
+"""The purse pool after interruptions: a payment cut off after the card's debit is finished
+from the purse's journal before that purse pays again; a lease left by a dead process is
+taken back; the same order asked again is settled, never paid twice."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine, update
+from test_sp_purses import (  # noqa: F401  (fixtures)
+    TICKET,
+    engine,
+    image_app,
+    merchant_paid,
+    pool_config,
+    purse_image,
+    sp_system,
+)
+
+from svcard.host.demo.system import System
+from svcard.host.sp.purses import db as PDB
+from svcard.host.sp.purses.pool import PursePool, PursePoolError
+
+
+class CutAfterDebit(httpx.BaseTransport):
+    """Loopback HTTP, except that the first confirmation to the merchant (after the card was
+    debited) never leaves: the connection fails, as if the SP died or the network went."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.cut = 1
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.cut and "/v1/status/" in request.url.path:
+            self.cut -= 1
+            raise httpx.ConnectError("cut for the test", request=request)
+        return self.inner.handle_request(request)
+
+
+def journal_lines(folder: Path, serial: str) -> list[dict[str, str]]:
+    return [json.loads(line) for line in (folder / f"{serial}.jsonl").read_text().splitlines()]
+
+
+def test_an_interrupted_payment_is_resumed_before_the_purse_pays_again(
+        sp_system: System, engine: Engine, tmp_path: Path) -> None:
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    serial = f"{7_700_001:020d}"
+    pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
+    url = sp_system.pay.checkout_url("ticket")
+    with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut:
+        with pytest.raises(httpx.ConnectError):
+            pool.pay(url, http=cut, order_ref="first")
+        [row] = pool.book.all_payments()
+        assert (row["state"], row["amount"]) == ("debited", TICKET)   # the card paid
+        assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
+        assert merchant_paid(sp_system) == []                       # the merchant not yet
+        second = pool.pay(url, http=cut, order_ref="second")
+    rows = {r["order_ref"]: r for r in pool.book.all_payments()}
+    assert rows["first"]["state"] == rows["second"]["state"] == "paid"
+    assert second.counter == rows["first"]["counter"] + 1
+    assert len(merchant_paid(sp_system)) == 2
+    assert image_app(spec)["ep"]["balance"] == 50_000 - 2 * TICKET
+    # the first payment was finished before the second one's draw
+    steps = [(line["txn_id"], line["state"]) for line in journal_lines(tmp_path / "j", serial)]
+    first_done = steps.index((rows["first"]["txn_id"], "done"))
+    second_draw = steps.index((rows["second"]["txn_id"], "draw"))
+    assert first_done < second_draw
+    # the first order asked again: its outcome, no third payment
+    again = pool.pay(url, http=httpx.Client(timeout=30), order_ref="first")
+    assert again.resumed and again.txn_id == rows["first"]["txn_id"]
+    assert image_app(spec)["ep"]["balance"] == 50_000 - 2 * TICKET
+
+
+def test_the_interrupted_order_asked_again_is_settled_not_paid_twice(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client) -> None:
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
+    url = sp_system.pay.checkout_url("ticket")
+    with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut, \
+            pytest.raises(httpx.ConnectError):
+        pool.pay(url, http=cut, order_ref="o1")
+    outcome = pool.pay(url, http=http, order_ref="o1")
+    assert outcome.resumed and outcome.amount == TICKET
+    assert [r["state"] for r in pool.book.all_payments()] == ["paid"]
+    assert len(merchant_paid(sp_system)) == 1
+    assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
+
+
+def test_a_dead_process_lease_is_taken_back_and_its_payment_resumed(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client) -> None:
+    """A first SP process is cut off mid-payment and dies holding the purse's lease; a second
+    one, started on the same database and journal folder, resumes it at open and pays on."""
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    config = pool_config(sp_system, [spec], lease_ttl=3600.0, lease_timeout=5.0)
+    first = PursePool.open(config, engine, journal_dir=tmp_path / "j")
+    url = sp_system.pay.checkout_url("ticket")
+    with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut, \
+            pytest.raises(httpx.ConnectError):
+        first.pay(url, http=cut, order_ref="o1")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with engine.begin() as conn:   # as the dead process left it: leased for an hour
+        conn.execute(update(PDB.purses).values(
+            lease_owner=f"{socket.gethostname()[:60]}:{dead.pid}:0000",
+            leased_until=2**62))
+    assert [p["state"] for p in first.status()] == ["leased"]
+    second = PursePool.open(config, engine, journal_dir=tmp_path / "j", http=http)
+    assert [r["state"] for r in second.book.all_payments()] == ["paid"]
+    assert second.pay(url, http=http, order_ref="o2").purse_serial == f"{7_700_001:020d}"
+    assert len(merchant_paid(sp_system)) == 2
+
+
+def test_a_purse_whose_journal_is_elsewhere_is_not_used(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client) -> None:
+    """An open payment the database knows of but this process's journal folder does not:
+    the purse is not used (its interrupted payment cannot be resumed from here)."""
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    config = pool_config(sp_system, [spec], lease_timeout=2.0)
+    pool = PursePool.open(config, engine, journal_dir=tmp_path / "j")
+    url = sp_system.pay.checkout_url("ticket")
+    with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut, \
+            pytest.raises(httpx.ConnectError):
+        pool.pay(url, http=cut, order_ref="o1")
+    other = PursePool.open(config, engine, journal_dir=tmp_path / "elsewhere")
+    with pytest.raises(PursePoolError, match="nothing was paid"):
+        other.pay(url, http=http, order_ref="o2")
+    assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
+    assert len(merchant_paid(sp_system)) == 0
