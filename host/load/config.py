@@ -5,6 +5,7 @@ default of ``LoadConfig`` or ``BankConfig``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field
 
@@ -43,6 +44,13 @@ class LoadFile(Section):
     acquire_timeout: PosFloat | None = None
 
 
+class IssuerEntry(Section):
+    """An ``[[issuers]]`` entry of the bank: the balance limit of that issuer's cards."""
+
+    issuer_id: Hex8
+    balance_limit: Annotated[int, Field(ge=0, le=0xFFFFFFFF)]   # minor units, as GET DATA 9F77
+
+
 class BankFile(Section):
     bank_id: Hex8
     shared_key: SecretHex32
@@ -59,6 +67,7 @@ class BankFile(Section):
     address_max_failures: NonNegInt | None = None
     address_window: NonNegFloat | None = None
     secret_cache_seconds: NonNegFloat | None = None
+    issuers: list[IssuerEntry] = Field(default_factory=list)
 
 
 def load_config(path: Path, db_url: str | None = None) -> LoadConfig:
@@ -74,4 +83,11 @@ def load_config(path: Path, db_url: str | None = None) -> LoadConfig:
 
 def bank_config(path: Path, db_url: str | None = None) -> BankConfig:
     f = parse_config(BankFile, path)
-    return BankConfig(**f.model_dump(exclude_none=True, exclude={"db"}), **db_setting(f.db, db_url))
+    limits: dict[bytes, int] = {}
+    for i, issuer in enumerate(f.issuers):
+        if issuer.issuer_id in limits:
+            raise ConfigError(f"{path}: issuers[{i}].issuer_id: "
+                              f"{issuer.issuer_id.hex().upper()} is given twice")
+        limits[issuer.issuer_id] = issuer.balance_limit
+    return BankConfig(**f.model_dump(exclude_none=True, exclude={"db", "issuers"}),
+                      issuer_limits=limits, **db_setting(f.db, db_url))

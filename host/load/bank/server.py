@@ -1,13 +1,14 @@
 """The bank server (seed FIG. 17-18, steps 871-875 and 891-892).
 
 ``POST /v1/load/start`` (JSON): the client sends the account, its secret, the amount, what it
-read from the card (serial, balance, balance limit, currency) and an optional ``request_id``
-(an idempotency key: a retry with it answers the same load, never a second debit); the bank
-works out the largest load the card can take, checks the account, debits it and answers the
-load parameters of step 874: amount, currency and exponent, load server URL, transaction id,
-bank id, the session key (TSK) with the ticket sealed for the load server (ETSK), the load
-terminal id, the bank time stamp and the status URL. ``GET /v1/load`` tells where to start
-(JSON), or as an HTML page for a browser.
+read from the card (serial, issuer, balance, currency, and the balance limit if the card answers
+GET DATA 9F77) and an optional ``request_id`` (an idempotency key: a retry with it answers the
+same load, never a second debit); the bank works out the largest load the card can take (up to
+the smaller of the card's limit and the one configured for its issuer; neither: refused),
+checks the account, debits it and answers the load parameters of step 874: amount, currency
+and exponent, load server URL, transaction id, bank id, the session key (TSK) with the ticket
+sealed for the load server (ETSK), the load terminal id, the bank time stamp and the status URL.
+``GET /v1/load`` tells where to start (JSON), or as an HTML page for a browser.
 ``POST /v1/load/status/{txn}`` takes the load server's sealed confirmation (carried by the
 client): only a confirmation that opens under the key the bank shares with the load server
 and matches the load is registered; "not loaded" re-credits the account.
@@ -88,6 +89,9 @@ class BankConfig:
     address_max_failures: int = 20          # wrong secrets from one address ...
     address_window: float = 60.0            # ... within this many seconds: 429
     secret_cache_seconds: float = 300.0     # how long a verified secret is remembered
+    # the balance limit of each issuer's cards (8-byte issuer id -> minor units): a load never
+    # takes a card past it, whatever limit the client says the card answered
+    issuer_limits: dict[bytes, int] = field(default_factory=dict)
 
     @property
     def secret_policy(self) -> SecretPolicy:
@@ -191,10 +195,17 @@ class BankServer:
         if order.currency_code != c.currency_code:
             return _reason(400, f"the card holds currency {order.currency_code}; this bank "
                                 f"loads {c.currency_code}")
-        room = order.limit - order.balance
+        if order.issuer_id is None and c.issuer_limits:
+            return _reason(400, "bad load request: no field card.issuer_id (this bank loads "
+                                "up to its issuers' balance limits)")
+        limit = self.balance_limit(order)
+        if limit is None:
+            return _reason(400, f"no balance limit known for issuer {order.issuer_hex}: the "
+                                f"card gave none and this bank has none configured for it")
+        room = limit - order.balance
         if order.amount > room:  # step 873: the maximum load
             return _reason(400, f"the card can take at most {max(room, 0)} more (balance "
-                                f"{order.balance}, limit {order.limit})")
+                                f"{order.balance}, limit {limit})")
         txn_id = os.urandom(16)
         note(txn=txn_id.hex())
         try:
@@ -205,6 +216,14 @@ class BankServer:
         except DuplicateError as exc:
             return _reason(409, str(exc))
         return JSONResponse(self.parameters(txn_id, order))
+
+    def balance_limit(self, order: _LoadOrder) -> int | None:
+        """The most the card may hold after the load: the smaller of the limit the client says
+        the card answered (GET DATA 9F77, unauthenticated: it may only lower the bank's) and
+        the limit configured for the card's issuer; None when neither is known."""
+        known = [limit for limit in (order.limit, self.config.issuer_limits.get(
+            order.issuer_id or b"")) if limit is not None]
+        return min(known) if known else None
 
     def parameters(self, txn_id: bytes, order: _LoadOrder) -> dict[str, Any]:
         """Step 874: the client's load parameters, with the ticket sealed for the load server."""
@@ -303,8 +322,9 @@ class _LoadOrder:
     amount: int
     card_serial: bytes
     balance: int
-    limit: int
+    limit: int | None              # what the card answered to GET DATA 9F77, if it did
     currency_code: int
+    issuer_id: bytes | None = None
     request_id: str | None = None
     lookup_only: bool = False      # a client resuming: answer an existing load, never debit
 
@@ -314,10 +334,19 @@ class _LoadOrder:
         for name in ("account", "secret"):
             if not isinstance(d[name], str) or not 1 <= len(d[name]) <= 128:
                 raise ValueError(f"{name} is a string of 1..128 characters")
+        limit = card.get("limit")
         out = cls(str(d["account"]), str(d["secret"]), _int(d["amount"], "amount"),
                   bytes.fromhex(str(card["serial"])), _int(card["balance"], "card.balance"),
-                  _int(card["limit"], "card.limit"), _int(card["currency_code"],
-                                                           "card.currency_code"))
+                  None if limit is None else _int(limit, "card.limit"),
+                  _int(card["currency_code"], "card.currency_code"))
+        issuer = card.get("issuer_id")
+        if issuer is not None:
+            try:
+                out.issuer_id = bytes.fromhex(issuer) if isinstance(issuer, str) else b""
+            except ValueError:
+                out.issuer_id = b""
+            if len(out.issuer_id) != 8:
+                raise ValueError("card.issuer_id is 8 bytes of hex")
         request_id = d.get("request_id")
         if request_id is not None:
             if not isinstance(request_id, str) or not 8 <= len(request_id) <= 64:
@@ -329,6 +358,10 @@ class _LoadOrder:
         if out.amount <= 0:
             raise ValueError("amount is a positive number of minor units")
         return out
+
+    @property
+    def issuer_hex(self) -> str:
+        return self.issuer_id.hex().upper() if self.issuer_id else "(not given)"
 
 
 def _int(value: Any, name: str) -> int:
