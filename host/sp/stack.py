@@ -56,7 +56,9 @@ def purse_images(folder: Path, count: int, ep: int = 100_000, first_serial: int 
 def demo_config(folder: Path, merchant_url: str, *, db_url: str | None = None,
                 purses: PursePoolConfig | None = None, fee: int = 5,
                 pass_on_percent: int = 50, billing: BillingEntry | None = None) -> SpConfig:
-    """An SP selling the demo merchant's items (:data:`DEMO_ITEMS`) at ``merchant_url``."""
+    """An SP selling the demo merchant's items (:data:`DEMO_ITEMS`) at ``merchant_url``, its
+    database and journals in ``folder`` (made if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
     merchant = MerchantEntry(
         name=DEMO_MERCHANT, checkout_url=f"{merchant_url.rstrip('/')}/v1/checkout", fee=fee,
         pass_on_percent=pass_on_percent,
