@@ -9,6 +9,7 @@ Without ``JCARDSIM_JAR`` (and BouncyCastle on ``JCARDSIM_CLASSPATH``) the jCardS
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -276,3 +277,140 @@ def test_a_session_is_byte_equal_with_the_python_card(make_applet: Callable[...,
     python_state = app_of(python_card).state   # type: ignore[attr-defined]
     assert python_state.ep.balance == 5000 + 1234 - 250 - 5
     assert len(python_state.log) == 6
+
+
+def probe(send: Callable[[bytes], bytes], state: IepState) -> list[bytes]:
+    """What a card tells about its state: balances, every log record, the proof, the PIN
+    tries, the keys' lockout."""
+    answers = [send(select(state.aid)), send(bytes.fromhex("805C000204")),
+               send(bytes.fromhex("00200000"))]
+    answers += [send(bytes((0x00, 0xB2, n, 0xC4, 0x17))) for n in range(1, 12)]
+    answers += [send(bytes((0x80, 0x5A, 0x00, t, 0x02)) + c.to_bytes(2, "big") + b"\x08")
+                for t in (1, 2, 5, 6) for c in range(4)]
+    answers += [send(bytes((0x80, 0x50, 0x01, 0x02, 0x0B, k)) + u4(1) + TID + b"\x0F")
+                for k in (1, 2)]
+    answers += [send(bytes.fromhex("0020000003123456")), send(bytes.fromhex("805C000104"))]
+    return answers
+
+
+def test_a_used_card_image_personalises_an_equal_applet(
+        make_applet: Callable[..., Any]) -> None:
+    """An image in mid-life (log of more than 10 records, a proof, a PIN try spent, a key's
+    MAC failures counted up to a lock) becomes an applet that answers as that card does."""
+    img = image(mac_failure_limit=2)
+    python_card = card_from_image(img)
+    state = state_of(img)
+    session(python_card.transmit, state)               # 6 value transactions, a wrong MAC1
+    send = python_card.transmit
+    send(select(state.aid))
+    for ttn in range(6):                               # 6 more, with purchase key 2
+        init = send(bytes.fromhex("805001020B02") + u4(7) + TID + b"\x0F")
+        send(bytes.fromhex("805401000F") + u4(ttn) + DATE + TIME
+             + purchase_mac1(state, init, 7, 6, ttn, key_index=2) + b"\x08")
+    send(bytes.fromhex("805001020B01") + u4(7) + TID + b"\x0F")
+    send(bytes.fromhex("805401000F") + u4(1) + DATE + TIME + b"\0" * 4)   # key 1 locked
+    send(bytes.fromhex("0020000003999999"))            # a PIN try spent
+    used = app_of(python_card).state                   # type: ignore[attr-defined]
+    assert len(used.log) == 10 and used.proof is not None and used.pin_tries_left == 2
+    assert used.purchase_mac_failures == {1: 2}       # key 1 locked
+    applet = make_applet(used)
+    assert probe(applet.transmit, used) == probe(python_card.transmit, used)
+
+
+def test_key_lockout_is_byte_equal(make_applet: Callable[..., Any]) -> None:
+    img = image(mac_failure_limit=3)
+    state = state_of(img)
+    python_card = card_from_image(img)
+    applet = make_applet(state)
+
+    def run(send: Callable[[bytes], bytes]) -> list[bytes]:
+        out = [send(select(state.aid))]
+        for attempt in range(5):                       # 3 wrong MAC1s lock key 1, not key 2
+            init = send(bytes.fromhex("805001020B01") + u4(5) + TID + b"\x0F")
+            out.append(init)
+            out.append(send(bytes.fromhex("805401000F") + u4(attempt) + DATE + TIME
+                            + b"\xee" * 4 + b"\x08"))
+        init = send(bytes.fromhex("805001020B02") + u4(5) + TID + b"\x0F")
+        out.append(init)
+        out.append(send(bytes.fromhex("805401000F") + u4(9) + DATE + TIME
+                        + purchase_mac1(state, init, 5, 6, 9, key_index=2) + b"\x08"))
+        out.append(send(bytes.fromhex("805000020B01") + u4(5) + TID + b"\x10"))
+        return out
+
+    expected, got = run(python_card.transmit), run(applet.transmit)
+    assert got == expected
+    assert [split(a)[1] for a in expected[1:11]] == [0x9000, 0x9302] * 3 + [0x6983, 0x6985] * 2
+    assert [split(a)[1] for a in expected[11:]] == [0x9000, 0x9000, 0x9000]
+
+
+# --- Java Card rules jCardSim does not check ------------------------------------------------
+
+def java_source(name: str) -> list[str]:
+    path = java_sources_dir() / name
+    return path.read_text().splitlines()
+
+
+def java_sources_dir() -> Path:
+    from svcard.card.applet import JAVA_PACKAGE, SOURCE_DIR
+    return SOURCE_DIR / JAVA_PACKAGE
+
+
+def code_lines(lines: list[str]) -> list[tuple[int, str]]:
+    """(line number, code) without comments and string-free (the sources have no strings)."""
+    out, in_comment = [], False
+    for number, line in enumerate(lines, 1):
+        code = line
+        if in_comment:
+            if "*/" not in code:
+                continue
+            code, in_comment = code.split("*/", 1)[1], False
+        if "/*" in code:
+            head, _, tail = code.partition("/*")
+            code, in_comment = head, "*/" not in tail
+        out.append((number, code.split("//", 1)[0]))
+    return out
+
+
+def test_java_sources_keep_to_java_card_types() -> None:
+    """No int, long, float, double, char, String or collection anywhere in the applet."""
+    forbidden = re.compile(r"\b(int|long|float|double|char|String|Integer|Object|java\.util|"
+                           r"java\.lang|System\.|synchronized|Thread)\b")
+    found = [f"{name}:{n}: {code.strip()}" for name in ("IepApplet.java", "Num.java")
+             for n, code in code_lines(java_source(name)) if forbidden.search(code)]
+    assert not found
+
+
+def test_java_allocates_only_at_install() -> None:
+    """``new`` only in field initialisers, install() and the constructor; transient arrays
+    made there too."""
+    lines = code_lines(java_source("IepApplet.java"))
+    start = next(n for n, c in lines if "public static void install(" in c)
+    end = next(n for n, c in lines if "public boolean select()" in c)
+    late = [f"{n}: {c.strip()}" for n, c in lines
+            if re.search(r"\bnew\b|makeTransient|buildKey|getInstance", c)
+            and not start <= n < end and not c.lstrip().startswith("private final")]
+    assert not late
+    assert not [n for n, c in code_lines(java_source("Num.java")) if "new " in c]
+
+
+def test_java_value_writes_are_inside_one_transaction() -> None:
+    """Outside personalisation, every write of a purse, the proof or the log lies between
+    beginTransaction and commitTransaction (jCardSim keeps no rollback journal, so this is
+    checked on the source)."""
+    lines = code_lines(java_source("IepApplet.java"))
+    perso = next(n for n, c in lines if "private void personalisation(" in c)
+    writes = re.compile(r"Util\.arrayCopy\([^;]*,\s*(purse|proof|log|pin)\s*,|"
+                        r"Util\.setShort\(purse|\b(proof|log|pin)\[[^]]*\]\s*[|&^]?=[^=]|"
+                        r"\b(logNewest|logCount|pinLength)\s*(=[^=]|\+\+)")
+    inside, outside = False, []
+    for n, c in lines:
+        if n >= perso:
+            break
+        if "beginTransaction" in c:
+            inside = True
+        if "commitTransaction" in c:
+            inside = False
+        if writes.search(c) and not inside:
+            outside.append(f"{n}: {c.strip()}")
+    assert not outside
+    assert sum("beginTransaction" in c for _, c in lines[:perso]) == 2   # commit, CHANGE PIN
