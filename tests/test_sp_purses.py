@@ -171,3 +171,19 @@ def test_bad_input_is_refused_before_anything(sp_system: System, engine: Engine,
     assert pool.book.all_payments() == [] and merchant_paid(sp_system) == []
     with pytest.raises(ValueError, match="named twice"):
         pool_config(sp_system, [spec, spec])
+
+
+def test_a_checkout_asking_another_amount_is_not_paid(sp_system: System, engine: Engine,
+                                                      tmp_path: Path, http: httpx.Client) -> None:
+    """A merchant whose checkout asks more (or less) than the wholesale order the SP made:
+    refused before the card is asked; the purse is free and clean for the next order."""
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
+    url = sp_system.pay.checkout_url("ticket")
+    with pytest.raises(PursePoolError, match="asks 1250 minor units, the order says 1249"):
+        pool.pay(url, http=http, order_ref="o1", amount=TICKET - 1)
+    [row] = pool.book.all_payments()
+    assert row["state"] == "failed" and "1249" in row["reason"]
+    assert image_app(spec)["ep"]["balance"] == 50_000 and merchant_paid(sp_system) == []
+    assert pool.journal(f"{7_700_001:020d}").unfinished(f"{7_700_001:020d}") == []
+    assert pool.pay(url, http=http, order_ref="o1", amount=TICKET).amount == TICKET

@@ -4,27 +4,31 @@ processes) sharing one database and journal folder."""
 
 from __future__ import annotations
 
+import itertools
 import random
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import test_sp_purses as base
+from pg_env import Cluster, start_cluster
 from sqlalchemy import Engine, MetaData
-from test_sp_purses import (  # noqa: F401  (fixtures)
+from test_sp_purses import (
     TICKET,
-    engine,
     image_app,
     merchant_paid,
     pool_config,
     purse_image,
-    sp_system,
 )
 
 from svcard.host.demo.system import System
 from svcard.host.kit.db import make_engine
 from svcard.host.sp.purses.pool import PoolPaymentOutcome, PursePool
 
+engine, sp_system = base.engine, base.sp_system   # the fixtures
 ORDERS = 50
 PURSES = 4
 
@@ -39,7 +43,7 @@ def assert_no_overlap(intervals: list[dict[str, Any]]) -> dict[str, int]:
             (lease["acquired_us"], lease["released_us"]))
     for serial, spans in by_purse.items():
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert end <= start, f"purse {serial} leased twice at once"
     return {serial: len(spans) for serial, spans in by_purse.items()}
 
@@ -96,3 +100,26 @@ def test_two_sp_processes_share_the_pool(sp_system: System, engine: Engine,
     finally:
         other_engine.dispose()
     check_books(first, specs, outcomes, sp_system)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster()
+    yield c
+    c.stop()
+
+
+def test_50_concurrent_orders_with_the_pool_on_postgresql(sp_system: System, cluster: Cluster,
+                                                          tmp_path: Path) -> None:
+    """The leases' compare-and-set on PostgreSQL, two pools (two processes) on one database."""
+    specs = [purse_image(tmp_path, i, ep=40_000) for i in range(1, PURSES + 1)]
+    config = pool_config(sp_system, specs, lease_timeout=60.0)
+    url = cluster.new_database()
+    engines = [make_engine(url, MetaData()) for _ in range(2)]
+    try:
+        pools = [PursePool.open(config, e, journal_dir=tmp_path / "j") for e in engines]
+        outcomes = run_orders(pools, sp_system.pay.checkout_url("ticket"), 2026)
+        check_books(pools[0], specs, outcomes, sp_system)
+    finally:
+        for e in engines:
+            e.dispose()

@@ -11,20 +11,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+import test_sp_purses as base
 from sqlalchemy import Engine, update
-from test_sp_purses import (  # noqa: F401  (fixtures)
+from test_sp_purses import (
     TICKET,
-    engine,
     image_app,
     merchant_paid,
     pool_config,
     purse_image,
-    sp_system,
 )
 
 from svcard.host.demo.system import System
 from svcard.host.sp.purses import db as PDB
 from svcard.host.sp.purses.pool import PursePool, PursePoolError
+
+engine, sp_system = base.engine, base.sp_system   # the fixtures
 
 
 class CutAfterDebit(httpx.BaseTransport):

@@ -49,7 +49,7 @@ from ...terminal.reader_specs import open_reader
 from .cards import read_state
 from .db import PurseBook, new_owner
 from .leased import Lease, resume_open
-from .recording import RecordingJournal
+from .recording import AmountMismatch, RecordingJournal
 from .topup import top_up
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class PursePool:
                 return None
         for attempt in (1, 2):
             try:
-                paid = self._card_payment(lease, checkout_url, http, order_ref)
+                paid = self._card_payment(lease, checkout_url, http, order_ref, amount)
             except Declined as exc:
                 lease.take_state(read_state(lease.reader))
                 if exc.sw == SW.COUNTER_AT_MAXIMUM:
@@ -299,7 +299,7 @@ class PursePool:
         return outcome
 
     def _card_payment(self, lease: Lease, checkout_url: str, http: httpx.Client,
-                      order_ref: str) -> PaymentOutcome:
+                      order_ref: str, amount: int | None) -> PaymentOutcome:
         """The ordinary card payment, under ``order_ref``'s row (claimed first: one payment
         per order). Refused before the draw: the row says ``failed`` (nothing paid)."""
         try:
@@ -308,8 +308,13 @@ class PursePool:
             raise PursePoolError(f"order {order_ref} is paid or being paid already") from None
         journal = lease.journal
         journal.order_ref, journal.counter, journal.tac = order_ref, None, ""
+        journal.expected_amount = amount
         try:
             return PC.pay(checkout_url, lease.reader, journal=journal, http=http)
+        except AmountMismatch as exc:
+            self.book.payment_step(order=order_ref, expect=("started",), state="failed",
+                                   reason=str(exc))
+            raise PursePoolError(str(exc)) from None
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, Declined) else \
                 "stopped before the draw: nothing paid"
@@ -317,7 +322,7 @@ class PursePool:
                                    reason=reason)
             raise
         finally:
-            journal.order_ref = None
+            journal.order_ref = journal.expected_amount = None
 
     def _top_up(self, lease: Lease, http: httpx.Client, need: int = 0) -> dict[str, Any]:
         cfg = self.config

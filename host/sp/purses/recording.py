@@ -28,6 +28,10 @@ from ...terminal.journal import Journal
 from .db import PurseBook
 
 
+class AmountMismatch(Exception):
+    """The merchant's checkout asks another amount than the one the SP means to pay."""
+
+
 class RecordingJournal(Journal):
     """A purse's journal; ``order_ref`` / ``load_id`` name the pool row the client code is
     working on now (set by the pool while it holds the purse's lease)."""
@@ -40,6 +44,7 @@ class RecordingJournal(Journal):
         self.counter: int | None = None    # the last payment's offline counter
         self.tac = ""                      # and the card's TAC for it
         self.txn_id = ""
+        self.expected_amount: int | None = None   # the amount the SP means to pay, if named
 
     def write(self, txn_id: str, state: str, **data: Any) -> None:
         super().write(txn_id, state, **data)
@@ -56,6 +61,13 @@ class RecordingJournal(Journal):
         book = self.book
         if state == "draw":
             self.counter, self.tac, self.txn_id = int(data["counter"]), "", txn
+            asked = int(data.get("params", {}).get("amount", -1))
+            if self.expected_amount is not None and asked != self.expected_amount:
+                # before the draw request goes out: closed here, the card never asked
+                Journal.write(self, txn, "abandoned", reason="the checkout's amount is not "
+                              "the order's: not paid")
+                raise AmountMismatch(f"the merchant's checkout asks {asked} minor units, the "
+                                     f"order says {self.expected_amount}: not paid")
             if self.order_ref is not None:
                 amount = int(data.get("params", {}).get("amount", 0))
                 book.payment_step(order=self.order_ref, expect=("started",), txn_id=txn,
