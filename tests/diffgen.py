@@ -33,6 +33,10 @@ from svcard.card.image import card_from_image
 AID = bytes.fromhex("F05356434152440101")
 RESET = None          # an operation yields this to power-cycle both cards
 
+# what the applet leaves out of the Python card (H2a): unload (INITIALIZE 05, DEBIT 03) and the
+# overdraft-limit update (INITIALIZE 04, UPDATE OVERDRAFT LIMIT 80 58)
+APPLET_LEFT_OUT = tuple(bytes.fromhex(h) for h in ("805004", "805005", "805403", "8058"))
+
 # an operation: yields (label, APDU or RESET), receives the reference's answer
 Op = Generator[tuple[str, bytes | None], bytes, None]
 
@@ -43,12 +47,86 @@ class CardLike(Protocol):
 
 @dataclass
 class Side:
-    """One card of the pair: how to talk to it, power-cycle it and let it go."""
+    """One card of the pair: how to talk to it, power-cycle it and let it go. ``platform``
+    (optional) knows the card's platform: APDUs not to send and differences that are not the
+    application's (see :class:`JCardSimRuntime`)."""
 
     name: str
     transmit: Callable[[bytes], bytes]
     reset: Callable[[], None]
     close: Callable[[], None] = lambda: None
+    platform: JCardSimRuntime | None = None
+
+
+class JCardSimRuntime:
+    """What jCardSim's runtime (``SimulatorRuntime.transmitCommand``, commit b6218da) answers
+    or does itself, before or instead of the applet - not the applet's behaviour:
+
+    - an APDU with CLA ``000000xx``, INS A4, P1 04 and P2 ``000xxx00`` is a selection: with no
+      data (case 1/2) it selects the first applet, with an AID that matches ours (whole or
+      partial) it selects the applet; the Python card selects only with CLA 00, P2 00/0C and
+      1..16 bytes of AID, and answers the others 6700/6A86/6E00 keeping its session. Those
+      other forms are not sent (the two cards would go on from different states);
+    - with no applet selected the runtime answers every command 6986, and a SELECT of an AID it
+      does not know 6999 (the Python card: 6985 / 6A82 and its CLA checks);
+    - an extended-length APDU is refused 6700 (the applet is not ExtendedLength), and one too
+      short for its length bytes makes jCardSim raise ArrayIndexOutOfBoundsException.
+
+    ``left_out``: APDU prefixes of commands the applet does not implement (not sent).
+    """
+
+    def __init__(self, aid: bytes, left_out: tuple[bytes, ...] = ()) -> None:
+        self.aid = aid
+        self.left_out = left_out
+        self.selected = False
+
+    def _selection(self, apdu: bytes) -> bool:
+        return (len(apdu) >= 4 and apdu[0] & 0xFC == 0 and apdu[1] == 0xA4 and apdu[2] == 4
+                and apdu[3] & 0xE3 == 0 and not _extended(apdu))
+
+    def _selects(self, apdu: bytes) -> bool:
+        if not self._selection(apdu):
+            return False
+        if len(apdu) <= 5:
+            return True                         # case 1/2: the first applet
+        data = apdu[5:5 + apdu[4]]
+        return bool(data) and self.aid.startswith(data) if len(data) <= len(self.aid) \
+            else False
+
+    def skip(self, apdu: bytes) -> str | None:
+        """Why ``apdu`` is not sent, or None."""
+        if any(apdu.startswith(prefix) for prefix in self.left_out):
+            return "a command the applet leaves out"
+        plain = (apdu[:1] == b"\x00" and len(apdu) > 5 and apdu[3] in (0x00, 0x0C)
+                 and 1 <= apdu[4] <= 16 and len(apdu) in (5 + apdu[4], 6 + apdu[4]))
+        if self._selection(apdu) and not plain:
+            return "a SELECT form jCardSim's runtime handles itself"
+        return None
+
+    def excuse(self, apdu: bytes, answer: bytes | str) -> str | None:
+        """Why the difference is the runtime's, or None (an application difference)."""
+        if isinstance(answer, str):
+            # an exception out of transmitCommand is the runtime's (the applet's become 6F00)
+            if _extended(apdu) and "ArrayIndexOutOfBoundsException" in answer:
+                return "malformed extended length: jCardSim raises"
+            return None
+        if not self.selected and answer in (b"\x69\x86", b"\x69\x99"):
+            return "no applet selected: jCardSim answers 6986/6999"
+        if _extended(apdu) and answer == b"\x67\x00":
+            return "extended length: jCardSim answers 6700"
+        return None
+
+    def after(self, apdu: bytes) -> None:
+        if self._selects(apdu):
+            self.selected = True
+
+    def reset(self) -> None:
+        self.selected = False
+
+
+def _extended(apdu: bytes) -> bool:
+    """An extended-length APDU, as jCardSim's ApduCase sees it (byte 5 is 00, more follows)."""
+    return len(apdu) > 5 and apdu[4] == 0
 
 
 Opener = Callable[[dict[str, Any]], Side]
@@ -395,6 +473,9 @@ class Stats:
     resets: int = 0
     status_words: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)    # not sent: the platform's forms
+    excused: dict[str, int] = field(default_factory=dict)    # differences of the platform
+    mismatches: list[str] = field(default_factory=list)      # with keep_going
 
 
 def _show(answer: bytes | str) -> str:
@@ -412,9 +493,10 @@ def _exchange(side: Side, apdu: bytes) -> bytes | str:
 
 
 def run(open_reference: Opener, open_other: Opener, count: int, seed: int,
-        episode: tuple[int, int] = (40, 300)) -> Stats:
+        episode: tuple[int, int] = (40, 300), keep_going: bool = False) -> Stats:
     """Send ``count`` APDUs (power cycles not counted) to both cards; raise :class:`Mismatch`
-    at the first answer that differs."""
+    at the first answer that differs, or with ``keep_going`` note it, end the episode (the
+    cards' states may differ from there) and go on."""
     rng = random.Random(seed)
     stats = Stats()
     while stats.apdus < count:
@@ -422,49 +504,69 @@ def run(open_reference: Opener, open_other: Opener, count: int, seed: int,
         model = Model(rng, image)
         ref, other = open_reference(image), open_other(image)
         stats.episodes += 1
-        history: list[str] = []
         try:
-            length = rng.randrange(*episode)
-            ops = operations(model)
-            sent = 0
-            while sent < length and stats.apdus < count:
-                op = next(ops)
-                try:
-                    label, apdu = next(op)
-                    while True:
-                        if apdu is RESET:
-                            ref.reset()
-                            other.reset()
-                            stats.resets += 1
-                            history.append(f"  {label}")
-                            label, apdu = next(op)
-                            continue
-                        if stats.apdus >= count:
-                            break
-                        a, b = _exchange(ref, apdu), _exchange(other, apdu)
-                        stats.apdus += 1
-                        sent += 1
-                        line = f"{apdu.hex().upper() or '(empty)'} -> {_show(a)}  [{label}]"
-                        if a != b:
-                            raise Mismatch(
-                                f"seed {seed}, APDU {stats.apdus} (episode {stats.episodes}, "
-                                f"step {sent}) [{label}]\n  APDU  {apdu.hex().upper()}\n"
-                                f"  {ref.name:6} {_show(a)}\n  {other.name:6} {_show(b)}\n"
-                                f"replay: --diff-seed {seed} --diff-count {stats.apdus}\n"
-                                "before it (the reference's answers):\n"
-                                + "\n".join(history[-12:]))
-                        history.append(f"  {line}")
-                        if isinstance(a, str):
-                            raise Mismatch(f"seed {seed}, APDU {stats.apdus}: both cards "
-                                           f"failed on {apdu.hex().upper()}: {a}")
-                        sw = a[-2:].hex().upper()
-                        stats.status_words[sw] = stats.status_words.get(sw, 0) + 1
-                        kind = label.split(" (")[0]
-                        stats.labels[kind] = stats.labels.get(kind, 0) + 1
-                        label, apdu = op.send(a)
-                except StopIteration:
-                    pass
+            mismatch = _episode(ref, other, model, rng.randrange(*episode), count, seed, stats)
         finally:
             ref.close()
             other.close()
+        if mismatch and not keep_going:
+            raise Mismatch(mismatch)
+        if mismatch:
+            stats.mismatches.append(mismatch)
     return stats
+
+
+def _episode(ref: Side, other: Side, model: Model, length: int, count: int, seed: int,
+             stats: Stats) -> str | None:
+    """Play ``length`` APDUs on one personalisation; the first mismatch's text, or None."""
+    history: list[str] = []
+    platform = other.platform
+    ops = operations(model)
+    sent = 0
+    while sent < length and stats.apdus < count:
+        op = next(ops)
+        try:
+            label, apdu = next(op)
+            while True:
+                if apdu is RESET:
+                    ref.reset()
+                    other.reset()
+                    if platform:
+                        platform.reset()
+                    stats.resets += 1
+                    history.append(f"  {label}")
+                    label, apdu = next(op)
+                    continue
+                if stats.apdus >= count:
+                    break
+                why = platform.skip(apdu) if platform else None
+                if why:
+                    stats.skipped[why] = stats.skipped.get(why, 0) + 1
+                    label, apdu = op.send(b"\x6f\x00")
+                    continue
+                a, b = _exchange(ref, apdu), _exchange(other, apdu)
+                stats.apdus += 1
+                sent += 1
+                why = platform.excuse(apdu, b) if platform and a != b else None
+                if why:
+                    stats.excused[why] = stats.excused.get(why, 0) + 1
+                elif a != b:
+                    return (f"seed {seed}, APDU {stats.apdus} (episode {stats.episodes}, "
+                            f"step {sent}) [{label}]\n  APDU  {apdu.hex().upper()}\n"
+                            f"  {ref.name:6} {_show(a)}\n  {other.name:6} {_show(b)}\n"
+                            f"replay: --diff-seed {seed} --diff-count {stats.apdus}\n"
+                            "before it (the reference's answers):\n" + "\n".join(history[-12:]))
+                if isinstance(a, str):
+                    return f"seed {seed}, APDU {stats.apdus}: both cards failed on " \
+                           f"{apdu.hex().upper()}: {a}"
+                if platform:
+                    platform.after(apdu)
+                history.append(f"  {apdu.hex().upper() or '(empty)'} -> {_show(a)}  [{label}]")
+                sw = a[-2:].hex().upper()
+                stats.status_words[sw] = stats.status_words.get(sw, 0) + 1
+                kind = label.split(" (")[0]
+                stats.labels[kind] = stats.labels.get(kind, 0) + 1
+                label, apdu = op.send(a)
+        except StopIteration:
+            pass
+    return None

@@ -21,9 +21,9 @@ def other_python(image: dict[str, Any]) -> D.Side:
 
 def applet_opener(applet: AppletCards) -> D.Opener:
     def open_side(image: dict[str, Any]) -> D.Side:
-        reader = applet.open(image)
-        return D.Side("applet", reader.transmit, lambda: applet.reset(reader),
-                      reader.disconnect)
+        card = applet.open(image)
+        return D.Side("applet", card.transmit, card.reset, card.close,
+                      D.JCardSimRuntime(bytes.fromhex(image["app"]["aid"]), D.APPLET_LEFT_OUT))
     return open_side
 
 
