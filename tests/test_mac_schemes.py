@@ -77,6 +77,24 @@ def test_changsha_metro_published_purchase_mac1() -> None:
     assert M.purchase_mac1(PBOC, pboc_sk, 4, 6, CS_TID, CS_DATE, CS_TIME, None) != mac1
 
 
+def test_pboc_published_worked_example() -> None:
+    """The PBOC purchase and load walk-through published on Chinese developer blogs (e.g.
+    https://cnblogs.com/ttss/p/4280430.html and http://www.ncuisine.com/xingyexinwen/379.html):
+    key 1122..2211, random 11223344, counter 0, TTN 1, terminal 001122334455."""
+    key, rnd = bytes.fromhex("11223344556677888877665544332211"), bytes.fromhex("11223344")
+    tid = bytes.fromhex("001122334455")
+    sk = M.purchase_session_key(PBOC, key, rnd, 0, 1)
+    assert sk == bytes.fromhex("003238ABC57659DD")
+    assert M.purchase_mac1(PBOC, sk, 0x1000, 6, tid, bytes.fromhex("20120229"),
+                           bytes.fromhex("135100"), None) == bytes.fromhex("F15CAB75")
+    assert M.purchase_mac2(PBOC, sk, 0x1000) == bytes.fromhex("56988A13")
+    lk = M.load_session_key(PBOC, key, rnd, 0)
+    assert lk == bytes.fromhex("9B1D924E05595603")
+    assert M.load_mac1(PBOC, lk, 0, 0x1000, 1, tid) == bytes.fromhex("2988AE5A")
+    assert M.load_mac2(PBOC, lk, 0x1000, 1, tid, bytes.fromhex("20111221"),
+                       bytes.fromhex("214822")) == bytes.fromhex("3A845BF0")
+
+
 def test_published_load_mac2_is_the_same_in_both_profiles() -> None:
     for s in (PBOC, METRO):
         sk = M.load_session_key(s, CS_DLK, CS_RANDOM, 1)
