@@ -195,6 +195,16 @@ def test_forged_replayed_stale_and_malformed_orders(sp: Sp, http: httpx.Client) 
         assert answer.status_code == 400, answer.text
     huge = b'{"customer":"' + b"g" * 5000 + b'"}'
     assert http.post(url, content=huge, headers={HEADER: "00" * 64}).status_code == 413
+    # a lookup: another customer's order is not found; an order's signature is not a lookup's
+    from svcard.host.sp.signing import signed_lookup
+
+    key = json.loads(first.request.content)["order_key"]
+    body, headers = signed_lookup(other.key, "hank", key)
+    assert http.post(url + "/lookup", content=body, headers=headers).status_code == 404
+    body, headers = signed_lookup(gina.key, "gina", key)
+    assert http.post(url + "/lookup", content=body, headers=headers).json()["state"] == "billed"
+    assert http.post(url + "/lookup", content=body,
+                     headers={HEADER: sign(gina.key, body)}).status_code == 401
     # an item the SP does not sell
     body, headers = signed_order(gina.key, "gina", "MERCH001", "login")
     assert http.post(url, content=body, headers=headers).status_code == 404
@@ -280,11 +290,13 @@ class CrashAfterPaying:
 
 def test_an_order_whose_payment_outcome_was_lost_is_never_paid_twice(
         sp: Sp, http: httpx.Client) -> None:
+    from svcard.host.sp.client import lookup
+
     mia = sp.stack.customer("mia")
     before = sp.balances()
     real = sp.stack.server.payer
     sp.stack.server.payer = CrashAfterPaying(real)
-    answer = sp.stack.order(http, mia, "ticket")
+    answer = sp.stack.order(http, mia, "ticket", order_key="ab" * 16)
     assert answer.status_code == 502 and answer.json()["state"] == "in_doubt"
     url = sp.stack.config.db_url
     [c] = records.customers(url)
@@ -300,6 +312,10 @@ def test_an_order_whose_payment_outcome_was_lost_is_never_paid_twice(
         events = conn.execute(select(D.order_log.c.event).where(
             D.order_log.c.order_ref == order["order_ref"])).scalars().all()
     assert events == ["ordered", "in_doubt", "paid", "billed"]
+    # the customer fetches the merchandise recovery paid for (the relay, FIG. 3A 316)
+    found = lookup(http, sp.stack.url, customer="mia", key=mia.key, order_key="ab" * 16)
+    assert found["state"] == "billed" and found["goods"] == "TICKET-MUSEUM-0042"
+    assert found["line"]["billed"] == 1255 and found["receipt"]["amount"] == 1250
 
 
 def test_pool_refusal_gives_the_reservation_back(sp: Sp, http: httpx.Client) -> None:

@@ -91,6 +91,9 @@ def bill_order(engine: Engine, order_ref: str, maximum: int, due_days: int,
         conn.execute(update(D.customers).where(D.customers.c.id == order["customer"]).values(
             reserved=D.customers.c.reserved - order["reserved"],
             open_total=D.customers.c.open_total + line.billed, updated=at))
+        if line.wholesale > item.max_wholesale:   # paid is paid: billed at retail, kept for review
+            log_event(conn, order_ref, order["customer"], "over_price", at,
+                      wholesale=line.wholesale, max_wholesale=item.max_wholesale)
         log_event(conn, order_ref, order["customer"], "billed", at, retail=line.retail,
                   wholesale=line.wholesale, fee=line.fee, discount=line.discount,
                   billed=line.billed)

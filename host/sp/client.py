@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from ..terminal.online import PaymentRefused
-from .signing import signed_order
+from .signing import signed_lookup, signed_order
 
 
 def order(http: httpx.Client, sp_url: str, *, customer: str, key: bytes, merchant: str,
@@ -18,6 +18,18 @@ def order(http: httpx.Client, sp_url: str, *, customer: str, key: bytes, merchan
     receipt, bill line); a refusal is :class:`PaymentRefused` with the SP's reason."""
     body, headers = signed_order(key, customer, merchant, sku, order_key=order_key)
     response = http.post(sp_url.rstrip("/") + "/v1/orders", content=body, headers=headers)
+    if response.status_code != 200:
+        raise PaymentRefused.answer("service provider", response)
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def lookup(http: httpx.Client, sp_url: str, *, customer: str, key: bytes,
+           order_key: str) -> dict[str, Any]:
+    """The state of one's own order (and, once billed, its goods): the SP's answer."""
+    body, headers = signed_lookup(key, customer, order_key)
+    response = http.post(sp_url.rstrip("/") + "/v1/orders/lookup", content=body,
+                         headers=headers)
     if response.status_code != 200:
         raise PaymentRefused.answer("service provider", response)
     answer: dict[str, Any] = response.json()

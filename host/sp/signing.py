@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 DOMAIN = b"svcard-sp-order/1\n"
+LOOKUP_DOMAIN = b"svcard-sp-lookup/1\n"   # a lookup's signature is never an order's
 HEADER = "X-Svcard-Signature"
 MAX_SKEW = 300      # seconds between the customer's "created" and the SP's clock
 
@@ -81,18 +82,19 @@ def read_private_key(path: Path) -> bytes:
     return raw
 
 
-def sign(private: bytes, body: bytes) -> str:
+def sign(private: bytes, body: bytes, domain: bytes = DOMAIN) -> str:
     """The signature of ``body`` (hex), for the :data:`HEADER` header."""
-    return Ed25519PrivateKey.from_private_bytes(private).sign(DOMAIN + body).hex()
+    return Ed25519PrivateKey.from_private_bytes(private).sign(domain + body).hex()
 
 
-def verify(public: bytes, body: bytes, signature_hex: str | None) -> bool:
+def verify(public: bytes, body: bytes, signature_hex: str | None,
+           domain: bytes = DOMAIN) -> bool:
     """Whether ``signature_hex`` is ``public``'s signature of ``body``."""
     if signature_hex is None or len(signature_hex) != 128:
         return False
     try:
         signature = bytes.fromhex(signature_hex)
-        Ed25519PublicKey.from_public_bytes(public).verify(signature, DOMAIN + body)
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, domain + body)
     except (ValueError, InvalidSignature):
         return False
     return True
@@ -113,3 +115,13 @@ def signed_order(private: bytes, customer: str, merchant: str, sku: str,
     """(body, headers) of a signed retail order."""
     body = order_body(customer, merchant, sku, **kwargs)
     return body, {HEADER: sign(private, body), "Content-Type": "application/json"}
+
+
+def signed_lookup(private: bytes, customer: str, order_key: str,
+                  created: int | None = None) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of a signed request for the state and goods of one's own order."""
+    body = json.dumps({"customer": customer, "order_key": order_key,
+                       "created": int(time.time()) if created is None else created},
+                      separators=(",", ":"), sort_keys=True).encode()
+    return body, {HEADER: sign(private, body, LOOKUP_DOMAIN),
+                  "Content-Type": "application/json"}

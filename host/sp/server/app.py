@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,11 +53,12 @@ from .. import db as D
 from ..billing import bill_order, close_ended_periods
 from ..config import SpConfig
 from ..purses.pool import PursePool
-from ..signing import HEADER, MAX_SKEW, verify
+from ..signing import DOMAIN, HEADER, LOOKUP_DOMAIN, MAX_SKEW, verify
 from . import orders as O
 from .payment import MAX_ATTEMPTS, Payer, open_orders, pay_order
 
 log = logging.getLogger("svcard.sp")
+LINE_FIELDS = ("retail", "wholesale", "fee", "discount", "billed", "currency_code")
 
 
 class SpServer:
@@ -156,25 +158,34 @@ class SpServer:
         except Refused as exc:
             return json_refusal(exc)
 
-    async def _order(self, request: Request) -> Response:
+    async def _authenticated(self, request: Request, fields: frozenset[str],
+                             domain: bytes) -> tuple[bytes, dict[str, Any], int]:
+        """A customer's request: bounded, its fields checked, signed by the customer's key
+        (``domain`` tells an order's signature from a lookup's), made within MAX_SKEW of the
+        SP's clock. (body, fields, now in ms)."""
         body = await read_body(request, O.MAX_ORDER_BODY)
-        req = O.parse_order(body)
-        note(customer=req.customer)
-        key = await self.sql(O.customer_key, self.engine, req.customer)
+        data = O.parse_fields(body, fields)
+        note(party=data["customer"])
+        key = await self.sql(O.customer_key, self.engine, data["customer"])
         if key is None:
             raise Refused(403, 403, "no account with this service provider")
-        if not verify(key, body, request.headers.get(HEADER)):
-            raise Refused(401, 401, "the order's signature does not verify")
+        if not verify(key, body, request.headers.get(HEADER), domain):
+            raise Refused(401, 401, "the request's signature does not verify")
         now = self.now_ms()
-        if abs(now // 1000 - req.created) > MAX_SKEW:
-            raise Refused(401, 401, f"the order was made more than {MAX_SKEW} s from the "
+        if abs(now // 1000 - int(data["created"])) > MAX_SKEW:
+            raise Refused(401, 401, f"the request was made more than {MAX_SKEW} s from the "
                                     "SP's clock: make it again")
+        return body, data, now
+
+    async def _order(self, request: Request) -> Response:
+        body, _data, now = await self._authenticated(request, O.FIELDS, DOMAIN)
+        req = O.parse_order(body)
         item = self.config.item(req.merchant, req.sku)
         if item is None:
             raise Refused(404, 404, f"the SP sells no {req.sku} of {req.merchant}")
         admission = await self.sql(O.admit, self.engine, req, item, request_digest(body),
                                    self.config.currency_code, now)
-        note(order=admission.order_ref)
+        note(txn=admission.order_ref, step="order")
         if admission.state == "replay":
             return JSONResponse({"reason": "this order key was used already: the order is "
                                            "not taken twice", "order": admission.order_ref,
@@ -210,11 +221,34 @@ class SpServer:
                                 "goods": outcome.goods, "item": outcome.item,
                                 "receipt": outcome.receipt}
         if line is not None:
-            body["line"] = {k: line[k] for k in ("retail", "wholesale", "fee", "discount",
-                                                 "billed", "currency_code")}
+            body["line"] = {k: line[k] for k in LINE_FIELDS}
             if line.get("bill_id") is not None:
                 body["bill"] = line["bill_id"]
         return JSONResponse(body)
+
+    # --- POST /v1/orders/lookup ---------------------------------------------------------
+    async def lookup(self, request: Request) -> Response:
+        """A customer's own order by its order key: its state, and once billed the goods, the
+        merchant's receipt and the bill line (the relay of an order that recovery finished)."""
+        try:
+            _body, data, _now = await self._authenticated(request, O.LOOKUP_FIELDS,
+                                                          LOOKUP_DOMAIN)
+        except Refused as exc:
+            return json_refusal(exc)
+        found = await self.sql(first_row, self.engine, D.orders, customer=data["customer"],
+                               order_key=str(data["order_key"]).lower())
+        if found is None:
+            return json_refusal(Refused(404, 404, "no order with this order key"))
+        answer: dict[str, Any] = {"order": found["order_ref"], "state": found["state"],
+                                  "reason": found["reason"]}
+        if found["state"] == D.BILLED:
+            line = await self.sql(first_row, self.engine, D.bill_lines,
+                                  order_ref=found["order_ref"])
+            answer.update(goods=found["goods"], item=found["item"],
+                          receipt=json.loads(found["receipt"] or "{}"))
+            if line is not None:
+                answer["line"] = {k: line[k] for k in LINE_FIELDS}
+        return JSONResponse(answer)
 
     # --- GET /v1/catalogue ----------------------------------------------------------------
     async def catalogue(self, request: Request) -> Response:
@@ -231,6 +265,7 @@ class SpServer:
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/orders", self.order, methods=["POST"]),
+            Route("/v1/orders/lookup", self.lookup, methods=["POST"]),
             Route("/v1/catalogue", self.catalogue, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("sp"),

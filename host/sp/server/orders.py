@@ -36,6 +36,7 @@ _CUSTOMER = re.compile(r"[A-Za-z0-9_.@-]{1,32}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ORDER_KEY = re.compile(r"[0-9a-fA-F]{16,64}")
 FIELDS = frozenset({"customer", "merchant", "sku", "order_key", "created"})
+LOOKUP_FIELDS = frozenset({"customer", "order_key", "created"})
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class OrderRequest:
     created: int
 
 
-def parse_order(body: bytes) -> OrderRequest:
-    """The request's fields, each checked (400 naming the field)."""
+def parse_fields(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
+    """The JSON object ``body`` with exactly ``fields``, the common ones checked (400 naming
+    the field)."""
     check_json_shape(body, max_depth=2, max_items=16)
     try:
         data = json.loads(body)
@@ -56,19 +58,25 @@ def parse_order(body: bytes) -> OrderRequest:
         raise Refused(400, 400, "the body is not JSON") from None
     if not isinstance(data, dict):
         raise Refused(400, 400, "the body is not a JSON object")
-    if set(data) != FIELDS:
-        missing, extra = sorted(FIELDS - set(data)), sorted(set(data) - FIELDS)
-        raise Refused(400, 400, f"order fields: missing {missing}, unknown {extra[:4]}")
+    if set(data) != fields:
+        missing, extra = sorted(fields - set(data)), sorted(set(data) - fields)
+        raise Refused(400, 400, f"fields: missing {missing}, unknown {extra[:4]}")
     for name, pattern in (("customer", _CUSTOMER), ("merchant", _NAME), ("sku", _NAME),
                           ("order_key", _ORDER_KEY)):
-        value = data[name]
-        if not isinstance(value, str) or not pattern.fullmatch(value):
+        value = data.get(name, "")
+        if name in fields and (not isinstance(value, str) or not pattern.fullmatch(value)):
             raise Refused(400, 400, f"{name}: not a valid value")
     created = data["created"]
     if not isinstance(created, int) or isinstance(created, bool) or not 0 < created < 2**40:
         raise Refused(400, 400, "created: not a time (whole seconds since 1970)")
+    return data
+
+
+def parse_order(body: bytes) -> OrderRequest:
+    """The order's fields, each checked (400 naming the field)."""
+    data = parse_fields(body, FIELDS)
     return OrderRequest(data["customer"], data["merchant"], data["sku"],
-                        data["order_key"].lower(), created)
+                        data["order_key"].lower(), data["created"])
 
 
 def customer_key(engine: Engine, customer: str) -> bytes | None:
