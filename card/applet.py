@@ -83,7 +83,8 @@ def build_applet(out_dir: Path, jar: str) -> Path:
         raise AppletBuildError(f"{SOURCE_DIR / JAVA_PACKAGE}: no .java files")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    command = [javac, "--release", "8", "-nowarn", "-encoding", "UTF-8", "-cp", jar,
+    # -g: the local variable tables a Java Card converter reads the types of locals from
+    command = [javac, "--release", "8", "-g", "-nowarn", "-encoding", "UTF-8", "-cp", jar,
                "-d", str(out), *map(str, sources)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=JAVAC_TIMEOUT,

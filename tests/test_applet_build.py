@@ -414,3 +414,60 @@ def test_java_value_writes_are_inside_one_transaction() -> None:
             outside.append(f"{n}: {c.strip()}")
     assert not outside
     assert sum("beginTransaction" in c for _, c in lines[:perso]) == 2   # commit, CHANGE PIN
+
+
+JAVA_TYPES = re.compile(r"L[^;]*;|\[|.")
+
+
+def bad_types(descriptor: str) -> list[str]:
+    """What a JVM descriptor holds that Java Card 2.2.2 (no int option) lacks: int, long,
+    float, double, char, and classes of java.lang (but Object, Throwable) or java.util."""
+    bad = []
+    for token in JAVA_TYPES.findall(descriptor):
+        java_class = token.startswith(("Ljava/util", "Ljava/lang/")) and token not in (
+            "Ljava/lang/Object;", "Ljava/lang/Throwable;")
+        if token in ("I", "J", "F", "D", "C") or java_class:
+            bad.append(token)
+    return bad
+
+
+def test_compiled_applet_has_no_java_only_types_or_late_allocation(applet_classes: Path) -> None:
+    """javap over the compiled classes (with their local variable tables): no field, parameter,
+    return value or local of a type Java Card lacks, no long/float/double instruction, no
+    String constant, no monitor, and new objects or arrays only in install() and the
+    constructor."""
+    import subprocess
+    javap = shutil.which("javap")
+    if javap is None:
+        pytest.skip("javap is not installed")
+    classes = sorted((applet_classes / "org" / "svcard" / "iep").glob("*.class"))
+    assert len(classes) >= 2
+    listing = subprocess.run([javap, "-p", "-s", "-c", "-l", *map(str, classes)],
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+    wide = re.compile(r"^[lfd](load|store|add|sub|mul|div|rem|neg|return|aload|astore|cmp[lg]?|"
+                      r"const_\d)\b|^[ilfd]2[lfdc]|^ldc2_w|^monitor|^invokedynamic|"
+                      r"^multianewarray")
+    allocate = re.compile(r"^(new|newarray|anewarray)\b")
+    problems: list[str] = []
+    method = ""
+    for line in listing.splitlines():
+        text = line.strip()
+        header = re.match(r"^\s{2}\S.*\);$|^\s{2}\S.*\(.*\)( throws .*)?;$", line)
+        if header:
+            method = text
+        if text.startswith("descriptor:"):
+            problems += [f"{method}: {b}" for b in bad_types(text.split(":", 1)[1].strip())]
+        local = re.match(r"^\d+\s+\d+\s+\d+\s+(\w+)\s+(\S+)$", text)
+        if local:
+            problems += [f"{method}: local {local.group(1)} {b}"
+                         for b in bad_types(local.group(2))]
+        instruction = re.match(r"^\d+: (\S+)(.*)$", text)
+        if instruction:
+            op, rest = instruction.groups()
+            if wide.search(op) or (op.startswith("ldc") and "// String" in rest):
+                problems.append(f"{method}: {op}{rest}")
+            if allocate.match(op) and not ("IepApplet(byte[], short, byte)" in method
+                                           or " install(" in method):
+                problems.append(f"{method}: {op}{rest}")
+    assert not problems
+    assert "IepApplet(byte[], short, byte)" in listing and "anewarray" in listing
