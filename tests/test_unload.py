@@ -11,7 +11,7 @@ from conftest import demo_image, with_balance
 from plain import demo_issuer, plain_diversify, plain_mac, tdes_encrypt_block
 from rawhost import DATE, DEMO_SERIAL, TID, TIME, RawHost, u4
 
-from svcard.card.iep_commands.unload import unlock
+from svcard.card.iep_commands.lockout import unlock_keys
 from svcard.card.image import card_from_image, open_card, save_new_image
 from svcard.card.storage import WRITE_STEPS, PowerCut, read_image
 
@@ -143,7 +143,7 @@ def test_wrong_mac2_counts_locks_the_unload_key_and_changes_nothing() -> None:
         assert host.sw(host.debit_apdu(b"\x00\x11\x22\x33")) == 0x9302
     assert host.sw(host.init_unload_apdu(100)) == 0x6983               # locked
     assert host.balance(1) == 900 and state.ed.online_counter == 1
-    unlock(state)                       # the issuer's unlock, at re-personalisation
+    unlock_keys(state)                  # the issuer's unlock, at re-personalisation
     host.unload(100)
     assert host.balance(1) == 800
     # the other keys still work: a load of the ED

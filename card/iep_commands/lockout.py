@@ -1,7 +1,8 @@
 """MAC failures and the key lock of the IEP purse.
 
-Every purse key (purchase keys and load keys, each by key index) has a counter of CONSECUTIVE
-wrong MACs (MAC1 of DEBIT, S2 of CREDIT FOR LOAD). A wrong MAC adds one and is written to the
+Every purse key (purchase, load, unload and overdraft-update keys, each by key index) has a
+counter of CONSECUTIVE wrong MACs (MAC1 of DEBIT, S2 of CREDIT FOR LOAD, the issuer's MAC2 of an
+unload or an update). A wrong MAC adds one and is written to the
 image before the card answers ``9302``; a right MAC sets it back to 0 in the same image write as
 the value it moves. At ``mac_failure_limit`` the key is locked: INITIALIZE with it answers
 ``6983`` (authentication method blocked) until the issuer re-personalises the card
@@ -27,13 +28,20 @@ KEY_LOCKED = SW.PIN_BLOCKED      # 6983: authentication method blocked (ISO 7816
 
 def unlock_keys(state: IepState) -> None:
     """The issuer's unlock, at re-personalisation: every key's MAC-failure counter to 0."""
-    state.purchase_mac_failures.clear()
-    state.load_mac_failures.clear()
+    for counts in (state.purchase_mac_failures, state.load_mac_failures,
+                   state.unload_mac_failures, state.update_mac_failures):
+        counts.clear()
 
 
 def failures_of(state: IepState, kind: int) -> dict[int, int]:
     """The failure counters of the keys an INITIALIZE of this kind (its P1) uses."""
-    return state.load_mac_failures if kind == P.INIT_LOAD else state.purchase_mac_failures
+    if kind == P.INIT_LOAD:
+        return state.load_mac_failures
+    if kind == P.INIT_UNLOAD:
+        return state.unload_mac_failures
+    if kind == P.INIT_UPDATE:
+        return state.update_mac_failures
+    return state.purchase_mac_failures
 
 
 def check_not_locked(state: IepState, kind: int, key: KeyEntry) -> None:

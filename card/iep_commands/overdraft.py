@@ -24,9 +24,9 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
 from ..runtime import CardError, need_data
+from .lockout import check_not_locked, mac_failed, mac_ok
 from .records import Proof, log_record
 from .session import MAX_COUNTER, Session
-from .unload import check_key, clear_failures, count_failure
 
 if TYPE_CHECKING:
     from ..iep import Iep
@@ -42,7 +42,7 @@ def initialize_for_update(iep: Iep, cmd: CommandAPDU) -> bytes:
     key = s.update_keys.get(req.key_index)
     if key is None:
         raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
-    check_key(s, cmd.p1, key)
+    check_not_locked(s, cmd.p1, key)
     if purse.online_counter >= MAX_COUNTER:
         raise CardError(SW.COUNTER_AT_MAXIMUM)
     counter = purse.online_counter
@@ -71,14 +71,14 @@ def update_overdraft_limit(iep: Iep, cmd: CommandAPDU) -> bytes:
     mac2 = crypto.mac(session.session_key, crypto.update_mac2_input(
         req.new_limit, session.txn_type, session.terminal_id, req.date, req.time))
     if not hmac.compare_digest(mac2, req.mac2):
-        raise count_failure(iep, session)
+        raise mac_failed(iep, session)
     purse = iep.state.ed
     new_balance = session.balance + req.new_limit - purse.overdraft_limit
     if new_balance < 0:
         raise CardError(SW.INSUFFICIENT_FUNDS)
     if new_balance > 0xFFFFFFFF:
         raise CardError(SW.INCORRECT_DATA)
-    clear_failures(iep.state, session)
+    mac_ok(iep.state, session)
     tac = crypto.tac(iep.state.tac_key, crypto.update_tac_input(
         new_balance, session.counter, req.new_limit, session.txn_type, session.terminal_id,
         req.date, req.time))

@@ -10,7 +10,7 @@ and answers MAC3 under the same session key, which the issuer checks.
 
 The unload and update keys have MAC-failure counters of their own (``unload_mac_failures``,
 ``update_mac_failures``), counted and locked as the load keys' are
-(:mod:`~svcard.card.iep_commands.lockout`); this module holds the few lines that do it.
+(:mod:`~svcard.card.iep_commands.lockout`).
 """
 
 from __future__ import annotations
@@ -23,44 +23,12 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
 from ..runtime import CardError, need_data
-from .lockout import KEY_LOCKED
+from .lockout import check_not_locked, mac_failed, mac_ok
 from .records import Proof, log_record
 from .session import MAX_COUNTER, Session, read_initialize
 
 if TYPE_CHECKING:
-    from ..iep import Iep, IepState
-    from ..keys import KeyEntry
-
-
-# --- the unload and update keys' MAC-failure counters -----------------------------------------
-def failures(state: IepState, kind: int) -> dict[int, int]:
-    """The counters of the keys an INITIALIZE FOR UNLOAD (P1 05) or FOR UPDATE (P1 04) uses."""
-    return state.unload_mac_failures if kind == P.INIT_UNLOAD else state.update_mac_failures
-
-
-def check_key(state: IepState, kind: int, key: KeyEntry) -> None:
-    if failures(state, kind).get(key.index, 0) >= state.mac_failure_limit:
-        raise CardError(KEY_LOCKED)
-
-
-def count_failure(iep: Iep, session: Session) -> CardError:
-    """A wrong MAC2: one more against the session's key, written before the card answers."""
-    counts = failures(iep.state, session.kind)
-    counts[session.key.index] = min(counts.get(session.key.index, 0) + 1,
-                                    iep.state.mac_failure_limit)
-    iep.persist()
-    return CardError(SW.MAC_INVALID)
-
-
-def clear_failures(state: IepState, session: Session) -> None:
-    """A right MAC2: the count restarts, in the same write as the value it moves."""
-    failures(state, session.kind).pop(session.key.index, None)
-
-
-def unlock(state: IepState) -> None:
-    """The issuer's unlock of the unload and update keys (as ``lockout.unlock_keys``)."""
-    state.unload_mac_failures.clear()
-    state.update_mac_failures.clear()
+    from ..iep import Iep
 
 
 # --- the commands -----------------------------------------------------------------------------
@@ -71,7 +39,7 @@ def initialize_for_unload(iep: Iep, cmd: CommandAPDU) -> bytes:
     key = s.unload_keys.get(req.key_index)
     if key is None:
         raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
-    check_key(s, cmd.p1, key)
+    check_not_locked(s, cmd.p1, key)
     if purse.online_counter >= MAX_COUNTER:
         raise CardError(SW.COUNTER_AT_MAXIMUM)
     if req.amount > purse.balance:
@@ -102,8 +70,8 @@ def debit_for_unload(iep: Iep, cmd: CommandAPDU) -> bytes:
     mac2 = crypto.mac(session.session_key, crypto.unload_mac2_input(
         session.amount, session.txn_type, session.terminal_id, req.date, req.time))
     if not hmac.compare_digest(mac2, req.mac2):
-        raise count_failure(iep, session)
-    clear_failures(iep.state, session)
+        raise mac_failed(iep, session)
+    mac_ok(iep.state, session)
     purse = iep.state.ed
     new_balance = session.balance - session.amount
     mac3 = crypto.mac(session.session_key, crypto.unload_mac3_input(
