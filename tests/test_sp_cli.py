@@ -85,6 +85,10 @@ def test_order_and_bills_from_the_command_line(system: System, tmp_path: Path) -
                         "--merchant", "MERCH001", "--sku", "nothing")
         assert code == 1 and "sells no nothing" in out
         assert run("sp", "bills", "--db", db)[1].strip() == "no bills"
+        code, out = run("sp", "orders", "--db", db, "--log")
+        assert code == 0 and out.count("billed") >= 4 and "ordered" in out, out
+        code, out = run("sp", "orders", "--db", db, "--state", "billed", "--json")
+        assert [o["sku"] for o in json.loads(out)] == ["song", "article"]
         code, out = run("sp", "bills", "close", "--db", db, "--customer", "dana", "--json")
         assert code == 0 and json.loads(out) == {"bills": [1]}
         code, out = run("sp", "bills", "--db", db)

@@ -241,6 +241,34 @@ def bills_paid(bill_id: int, db_url: str, as_json: bool) -> None:
     emit(as_json, {"bill": bill_id, "state": "paid"}, f"bill {bill_id} paid")
 
 
+@sp.command("orders")
+@db_option
+@click.option("--state", default=None,
+              type=click.Choice(["rejected", "paying", "paid", "billed", "failed", "in_doubt"]),
+              help="Only orders in this state (in_doubt: the payment's outcome is unknown).")
+@click.option("--log", "with_log", is_flag=True,
+              help="With each order's merchandising log (every event, for disputes).")
+@json_option
+def orders_cmd(db_url: str, state: str | None, with_log: bool, as_json: bool) -> None:
+    """The retail orders (read only), oldest first."""
+    from .records import order_log, orders
+
+    rows = orders(db_url, state)
+    if with_log:
+        events = order_log(db_url)
+        for row in rows:
+            row["log"] = [e for e in events if e["order_ref"] == row["order_ref"]]
+    for row in rows:   # a hash of the signed request: kept in the database for disputes
+        row.pop("request_digest", None)
+    lines = []
+    for r in rows:
+        amount = "" if r["wholesale"] is None else f" paid {r['wholesale']}u"
+        lines.append(f"{r['order_ref']} {r['customer']:<12} {r['merchant']}/{r['sku']:<10} "
+                     f"{r['state']:<8}{amount} {r['reason']}".rstrip())
+        lines += [f"    {e['event']:<10} {e['detail']}" for e in r.get("log", [])]
+    emit(as_json, rows, "\n".join(lines) or "no orders")
+
+
 @sp.command("order")
 @click.argument("sp_url")
 @click.option("--customer", required=True, callback=_bounded(32))
