@@ -23,18 +23,18 @@ from test_sp_purses import (
 
 from svcard.host.demo.system import System
 from svcard.host.sp.purses import db as PDB
-from svcard.host.sp.purses.pool import PursePool, PursePoolError
+from svcard.host.sp.purses.pool import PaymentInDoubt, PursePool, PursePoolError
 
 engine, sp_system = base.engine, base.sp_system   # the fixtures
 
 
 class CutAfterDebit(httpx.BaseTransport):
-    """Loopback HTTP, except that the first confirmation to the merchant (after the card was
-    debited) never leaves: the connection fails, as if the SP died or the network went."""
+    """Loopback HTTP, except that the first ``cut`` confirmations to the merchant (after the
+    card was debited) never leave: the connection fails, as if the network went."""
 
-    def __init__(self) -> None:
+    def __init__(self, cut: int = 1_000_000) -> None:
         self.inner = httpx.HTTPTransport()
-        self.cut = 1
+        self.cut = cut
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self.cut and "/v1/status/" in request.url.path:
@@ -53,13 +53,15 @@ def test_an_interrupted_payment_is_resumed_before_the_purse_pays_again(
     serial = f"{7_700_001:020d}"
     pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
     url = sp_system.pay.checkout_url("ticket")
-    with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut:
-        with pytest.raises(httpx.ConnectError):
+    transport = CutAfterDebit()
+    with httpx.Client(timeout=30, transport=transport) as cut:
+        with pytest.raises(PaymentInDoubt, match="cut off"):
             pool.pay(url, http=cut, order_ref="first")
         [row] = pool.book.all_payments()
         assert (row["state"], row["amount"]) == ("debited", TICKET)   # the card paid
         assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
         assert merchant_paid(sp_system) == []                       # the merchant not yet
+        transport.cut = 0                                            # the network is back
         second = pool.pay(url, http=cut, order_ref="second")
     rows = {r["order_ref"]: r for r in pool.book.all_payments()}
     assert rows["first"]["state"] == rows["second"]["state"] == "paid"
@@ -83,7 +85,7 @@ def test_the_interrupted_order_asked_again_is_settled_not_paid_twice(
     pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
     url = sp_system.pay.checkout_url("ticket")
     with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut, \
-            pytest.raises(httpx.ConnectError):
+            pytest.raises(PaymentInDoubt):
         pool.pay(url, http=cut, order_ref="o1")
     outcome = pool.pay(url, http=http, order_ref="o1")
     assert outcome.resumed and outcome.amount == TICKET
@@ -101,7 +103,7 @@ def test_a_dead_process_lease_is_taken_back_and_its_payment_resumed(
     first = PursePool.open(config, engine, journal_dir=tmp_path / "j")
     url = sp_system.pay.checkout_url("ticket")
     with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut, \
-            pytest.raises(httpx.ConnectError):
+            pytest.raises(PaymentInDoubt):
         first.pay(url, http=cut, order_ref="o1")
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -125,10 +127,38 @@ def test_a_purse_whose_journal_is_elsewhere_is_not_used(
     pool = PursePool.open(config, engine, journal_dir=tmp_path / "j")
     url = sp_system.pay.checkout_url("ticket")
     with httpx.Client(timeout=30, transport=CutAfterDebit()) as cut, \
-            pytest.raises(httpx.ConnectError):
+            pytest.raises(PaymentInDoubt):
         pool.pay(url, http=cut, order_ref="o1")
     other = PursePool.open(config, engine, journal_dir=tmp_path / "elsewhere")
     with pytest.raises(PursePoolError, match="nothing was paid"):
         other.pay(url, http=http, order_ref="o2")
     assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
     assert len(merchant_paid(sp_system)) == 0
+
+
+def test_a_payment_cut_once_is_finished_at_once(sp_system: System, engine: Engine,
+                                                tmp_path: Path) -> None:
+    """The confirmation lost once: the pool resumes the purse's journal while it still holds
+    the purse, and the order comes back paid (once)."""
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
+    with httpx.Client(timeout=30, transport=CutAfterDebit(cut=1)) as cut:
+        outcome = pool.pay(sp_system.pay.checkout_url("ticket"), http=cut, order_ref="o1")
+    assert outcome.resumed and outcome.amount == TICKET and len(outcome.tac) == 8
+    assert outcome.balance_after == 50_000 - TICKET == image_app(spec)["ep"]["balance"]
+    assert [r["state"] for r in pool.book.all_payments()] == ["paid"]
+    assert len(merchant_paid(sp_system)) == 1
+    assert [p["offline_counter"] for p in pool.status()] == [1]
+
+
+def test_a_merchant_unreachable_before_the_draw_is_nothing_paid(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client) -> None:
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
+    with pytest.raises(PursePoolError, match="nothing was paid"):
+        pool.pay("http://127.0.0.1:9/v1/checkout/ticket", http=http, order_ref="o1")
+    assert [r["state"] for r in pool.book.all_payments()] == ["failed"]
+    assert image_app(spec)["ep"]["balance"] == 50_000
+    # the same order, the merchant back: paid once
+    assert pool.pay(sp_system.pay.checkout_url("ticket"), http=http,
+                    order_ref="o1").amount == TICKET

@@ -16,108 +16,43 @@ it: an interrupted payment or top-up is resumed from it before the purse pays ag
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import sqlalchemy
-from pydantic import Field, field_validator
 
 from ....protocols import sw as SW
-from ...kit.config import (
-    CurrencyCode,
-    CurrencyExponent,
-    NonNegInt,
-    PosFloat,
-    PosInt,
-    SecretText,
-    Section,
-    Url,
-)
 from ...kit.db import DuplicateError
 from ...pay import client as PC
 from ...pay.client import PaymentOutcome
 from ...terminal.purse import Declined
 from ...terminal.reader_specs import open_reader
 from .cards import read_state
+from .config import (
+    PaymentInDoubt,
+    PoolBusy,
+    PoolExhausted,
+    PoolPaymentOutcome,
+    PursePoolConfig,
+    PursePoolError,
+    check_input,
+    from_row,
+)
 from .db import PurseBook, new_owner
 from .leased import Lease, resume_open
 from .recording import AmountMismatch, RecordingJournal
 from .topup import top_up
 
+__all__ = ["PaymentInDoubt", "PoolBusy", "PoolExhausted", "PoolPaymentOutcome", "PursePool",
+           "PursePoolConfig", "PursePoolError"]
 log = logging.getLogger(__name__)
-ORDER_REF = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-MAX_URL = 2048
+RETRY_SWS = (SW.INSUFFICIENT_FUNDS, SW.COUNTER_AT_MAXIMUM)   # at INITIALIZE: nothing paid
 POLL = 0.05   # seconds between looks at the database for a purse another process gives back
-
-
-class PursePoolError(Exception):
-    """The pool cannot pay this order; nothing was paid. The message says why (never a
-    secret)."""
-
-
-class PoolExhausted(PursePoolError):
-    """Every purse is retired, or too low to pay the amount even after a top-up."""
-
-
-class PoolBusy(PursePoolError):
-    """No purse came free within ``lease_timeout`` seconds."""
-
-
-class PursePoolConfig(Section):
-    """The ``[purses]`` section of the SP's configuration."""
-
-    readers: list[str] = Field(min_length=1, max_length=256)   # reader specs, one per purse
-    bank_url: Url                       # the provider's bank (the load flow's bank page)
-    account: str = Field(min_length=1, max_length=32)
-    secret: SecretText = Field(repr=False)
-    currency_code: CurrencyCode
-    currency_exponent: CurrencyExponent = 2
-    topup_threshold: NonNegInt = 0      # minor units: under this -> top up (before and after)
-    topup_amount: PosInt = 10_000       # minor units loaded per top-up (more if a payment needs)
-    retire_margin: NonNegInt = 16       # retire when 65535 - a counter <= margin
-    lease_timeout: PosFloat = 30.0      # seconds pay() waits for a free purse
-    lease_ttl: PosFloat = 300.0         # a lease older than this is a dead process's
-
-    @field_validator("readers")
-    @classmethod
-    def _distinct(cls, value: list[str]) -> list[str]:
-        for spec in value:
-            if not 3 <= len(spec) <= 300 or ":" not in spec:
-                raise ValueError(f"{spec[:40]!r} is not a reader spec (SCHEME:TARGET, at most "
-                                 f"300 characters)")
-        if len(set(value)) != len(value):
-            raise ValueError("a reader is named twice")
-        return value
-
-
-@dataclass
-class PoolPaymentOutcome(PaymentOutcome):
-    """The card payment's outcome, and which purse paid it."""
-
-    order_ref: str = ""
-    purse_serial: str = ""
-    counter: int = 0          # the purse's offline counter the debit used
-    tac: str = ""             # the card's TAC for the debit (hex)
-    topups: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _check_input(checkout_url: str, order_ref: str, amount: int | None) -> None:
-    if not isinstance(order_ref, str) or not ORDER_REF.fullmatch(order_ref):
-        raise PursePoolError("order_ref must be 1-64 characters of A-Z a-z 0-9 . _ : -")
-    if not isinstance(checkout_url, str) or len(checkout_url) > MAX_URL or \
-            not checkout_url.startswith(("http://", "https://")):
-        raise PursePoolError(f"the checkout URL must be http(s) and at most {MAX_URL} "
-                             f"characters")
-    if amount is not None and not 0 < amount <= 0xFFFFFFFF:
-        raise PursePoolError("the amount must be 1..4294967295 minor units")
 
 
 class PursePool:
@@ -237,7 +172,7 @@ class PursePool:
         Blocking: call it from a worker thread. Raises :class:`PoolExhausted`,
         :class:`PoolBusy` or :class:`PursePoolError` (nothing paid) or the payment's own
         errors (``pay.client``: :class:`~svcard.host.terminal.purse.TerminalError`)."""
-        _check_input(checkout_url, order_ref, amount)
+        check_input(checkout_url, order_ref, amount)
         done = self._earlier(order_ref, http)
         if done is not None:
             return done
@@ -269,14 +204,13 @@ class PursePool:
                 return None
         for attempt in (1, 2):
             try:
-                paid = self._card_payment(lease, checkout_url, http, order_ref, amount)
-            except Declined as exc:
+                paid, resumed = self._card_payment(lease, checkout_url, http, order_ref,
+                                                   amount)
+            except Declined as exc:   # refused at INITIALIZE: nothing paid, try again
                 lease.take_state(read_state(lease.reader))
                 if exc.sw == SW.COUNTER_AT_MAXIMUM:
                     lease.retire_if_worn(cfg.retire_margin)
                     return None
-                if exc.sw != SW.INSUFFICIENT_FUNDS:
-                    raise
                 if attempt == 2:
                     return None
                 before = lease.balance   # the amount was not named: top up, try once more
@@ -286,12 +220,12 @@ class PursePool:
                 continue
             break
         journal = lease.journal
-        offline = lease.counters()[0]
-        lease.changes.update(balance=paid.balance_after, offline_counter=(
-            journal.counter if journal.counter is not None else offline) + 1)
-        outcome = PoolPaymentOutcome(**paid.__dict__, order_ref=order_ref,
-                                     purse_serial=lease.serial, counter=journal.counter or 0,
-                                     tac=journal.tac, topups=topups)
+        if not resumed:   # (a resumed payment's purse was read again from the card)
+            lease.changes.update(balance=paid.balance_after, offline_counter=(
+                journal.counter if journal.counter is not None else lease.counters()[0]) + 1)
+        outcome = paid
+        outcome.balance_after = lease.balance
+        outcome.topups = topups
         if lease.balance < cfg.topup_threshold and not lease.retire_if_worn(cfg.retire_margin):
             outcome.topups.append(self._top_up(lease, http))
         lease.retire_if_worn(cfg.retire_margin)
@@ -299,30 +233,58 @@ class PursePool:
         return outcome
 
     def _card_payment(self, lease: Lease, checkout_url: str, http: httpx.Client,
-                      order_ref: str, amount: int | None) -> PaymentOutcome:
-        """The ordinary card payment, under ``order_ref``'s row (claimed first: one payment
-        per order). Refused before the draw: the row says ``failed`` (nothing paid)."""
+                      order_ref: str, amount: int | None) -> tuple[PoolPaymentOutcome, bool]:
+        """The ordinary card payment under ``order_ref``'s row (claimed first: one payment
+        per order): (its outcome, whether it was finished by a resume). Cut off midway, the
+        purse's journal is resumed at once; what the row then says decides: ``failed`` ->
+        :class:`PursePoolError` (nothing paid), ``paid`` -> the outcome, else
+        :class:`PaymentInDoubt`. A card's 9401/9402 at INITIALIZE is raised as it is."""
         try:
             self.book.start_payment(order_ref, lease.serial, self.config.currency_code)
         except DuplicateError:
-            raise PursePoolError(f"order {order_ref} is paid or being paid already") from None
+            raise PaymentInDoubt(f"order {order_ref} is paid or being paid already") from None
         journal = lease.journal
         journal.order_ref, journal.counter, journal.tac = order_ref, None, ""
         journal.expected_amount = amount
         try:
-            return PC.pay(checkout_url, lease.reader, journal=journal, http=http)
+            paid = PC.pay(checkout_url, lease.reader, journal=journal, http=http)
+            return self._with_purse(paid, lease, order_ref), False
         except AmountMismatch as exc:
             self.book.payment_step(order=order_ref, expect=("started",), state="failed",
                                    reason=str(exc))
             raise PursePoolError(str(exc)) from None
-        except BaseException as exc:
-            reason = str(exc) if isinstance(exc, Declined) else \
-                "stopped before the draw: nothing paid"
-            self.book.payment_step(order=order_ref, expect=("started",), state="failed",
-                                   reason=reason)
-            raise
+        except Exception as exc:
+            cause = exc
         finally:
             journal.order_ref = journal.expected_amount = None
+        self.book.payment_step(order=order_ref, expect=("started",), state="failed",
+                               reason=f"refused before the draw: {cause}")
+        if isinstance(cause, Declined) and cause.sw in RETRY_SWS and \
+                self._order_state(order_ref) == "failed":
+            raise cause
+        try:
+            why = resume_open(lease, self.book, http)
+        except Exception as exc:   # the books or the card failed too: the order stays open
+            why = f"{type(exc).__name__}: {exc}"
+        row = self.book.payment(order_ref) or {}
+        if row.get("state") == "failed":
+            raise PursePoolError(f"nothing was paid: {row.get('reason') or cause}") from cause
+        if row.get("state") == "paid":
+            return from_row(row), True
+        raise PaymentInDoubt(f"order {order_ref}: the payment was cut off ({cause}) and is "
+                             f"{row.get('state')} ({why or 'resumed, still open'}); ask again "
+                             f"later") from cause
+
+    def _with_purse(self, paid: PaymentOutcome, lease: Lease,
+                    order_ref: str) -> PoolPaymentOutcome:
+        journal = lease.journal
+        return PoolPaymentOutcome(**paid.__dict__, order_ref=order_ref,
+                                  purse_serial=lease.serial, counter=journal.counter or 0,
+                                  tac=journal.tac)
+
+    def _order_state(self, order_ref: str) -> str:
+        row = self.book.payment(order_ref)
+        return str(row["state"]) if row else ""
 
     def _top_up(self, lease: Lease, http: httpx.Client, need: int = 0) -> dict[str, Any]:
         cfg = self.config
@@ -341,8 +303,8 @@ class PursePool:
         if row is None or row["state"] == "failed":
             return None
         if row["state"] == "paid":
-            return _from_row(row)
-        raise PursePoolError(f"order {order_ref} is {row['state']} on purse "
+            return from_row(row)
+        raise PaymentInDoubt(f"order {order_ref} is {row['state']} on purse "
                              f"{row['purse_serial']} (transaction {row['txn_id']}): "
                              f"{row['reason'] or 'not settled yet'}; not paid again")
 
@@ -388,16 +350,3 @@ class PursePool:
 
     def close(self) -> None:
         """Nothing is held between leases (readers are opened per lease)."""
-
-
-def _from_row(row: dict[str, Any]) -> PoolPaymentOutcome:
-    """An order paid before, from its row (its full outcome when it was recorded)."""
-    known = json.loads(row["outcome"] or "{}")
-    base = {"txn_id": row["txn_id"], "variant": "", "amount": row["amount"] or 0,
-            "currency_exponent": 0, "balance_before": 0, "balance_after": 0, "goods": "",
-            "item": "", "receipt": {}, "round_trips": 0}
-    fields = set(PoolPaymentOutcome.__dataclass_fields__)
-    data = {**base, **{k: v for k, v in known.items() if k in fields}}
-    data.update(order_ref=row["order_ref"], purse_serial=row["purse_serial"],
-                counter=row["counter"] or 0, tac=row["tac"], resumed=True)
-    return PoolPaymentOutcome(**data)
