@@ -172,7 +172,42 @@ def random_image(rng: random.Random) -> dict[str, Any]:
     app["pin_tries_left"] = _pick(rng, *[app["pin_try_limit"]] * 5, 1, 0)
     app["mac_failure_limit"] = _pick(rng, 15, 15, 1, 2, 3)
     app["fixed_random"] = rng.randbytes(4).hex().upper()
+    if rng.random() < 0.5:
+        _random_extras(rng, app)
     return image
+
+
+def _random_extras(rng: random.Random, app: dict[str, Any]) -> None:
+    """Other keys (indexes, versions, algorithm ids), a used log, a proof, counted MAC failures,
+    overdraft limits, label, currency, files and UID."""
+    def keys(count: int) -> list[dict[str, Any]]:
+        indexes = rng.sample([1, 1, 2, 3, 0, 7, 255, rng.randrange(256)], count)
+        return [{"index": i, "version": rng.randrange(256), "algorithm": _pick(rng, 0, 1, 2),
+                 "key": rng.randbytes(16).hex().upper()} for i in dict.fromkeys(indexes)]
+
+    app["purchase_keys"] = keys(rng.randrange(1, 5))
+    app["load_keys"] = keys(rng.randrange(1, 4))
+    app["tac_key"] = rng.randbytes(16).hex().upper()
+    limit = app["mac_failure_limit"]
+    for name, kind in (("purchase_mac_failures", "purchase_keys"),
+                       ("load_mac_failures", "load_keys")):
+        app[name] = {str(k["index"]): rng.randrange(limit + 1) for k in app[kind]
+                     if rng.random() < 0.3}
+    for purse in ("ep", "ed"):
+        app[purse]["overdraft_limit"] = _pick(rng, 0, 0, rng.randrange(0x1000000), 0xFFFFFF)
+    records = [bytes([rng.randrange(256), rng.randrange(256)]) + rng.randbytes(3)
+               + rng.randbytes(4) + bytes([_pick(rng, 1, 2, 4, 5, 6)]) + rng.randbytes(13)
+               for _ in range(rng.randrange(0, 13))]
+    app["log"] = [r.hex().upper() for r in records[:10]]
+    if records and rng.random() < 0.7:
+        app["proof"] = {"txn_type": records[0][9], "counter": int.from_bytes(records[0][:2],
+                        "big"), "mac": rng.randbytes(4).hex(), "tac": rng.randbytes(4).hex()}
+    app["label"] = "".join(rng.choice("ABCDEFGHIJ XYZ/-09") for _ in range(rng.randrange(1, 17)))
+    app["currency_code"] = _pick(rng, 156, 344, 840, 978, rng.randrange(1000))
+    app["currency_exponent"] = _pick(rng, 2, 0, 3)
+    app["public_data"] = rng.randbytes(30).hex().upper()
+    app["holder_data"] = rng.randbytes(55).hex().upper()
+    app["uid"] = _pick(rng, None, rng.randbytes(9).hex().upper(), rng.randbytes(4).hex().upper())
 
 
 # --- the operations ----------------------------------------------------------------------------
@@ -210,7 +245,9 @@ class Model:
                          0xFFFFFFFF))
 
     def key_index(self) -> int:
-        return int(_pick(self.rng, *[1] * 10, *[2] * 4, 0, 3, self.rng.randrange(256)))
+        if self.rng.random() < 0.8:
+            return int(self.rng.choice(list(self.purchase_keys)))
+        return int(_pick(self.rng, 1, 2, 0, 3, self.rng.randrange(256)))
 
     def purse(self) -> int:
         return int(_pick(self.rng, *[2] * 14, *[1] * 5, 0, 3))
@@ -302,7 +339,7 @@ def op_query(m: Model) -> Op:
         yield m.maybe("read record", bytes([0x00, 0xB2, _pick(r, 1, 2, r.randrange(0, 13)),
                                             p2, _pick(r, 0x17, 0x17, 0, 0x10, 0x18)]))
     elif choice == 3:
-        tag = _pick(r, (0x9F, 0x77), (0x9F, 0x77), (0x9F, 0x76), (0, 0),
+        tag = _pick(r, (0x9F, 0x77), (0x9F, 0x77), (0x9F, 0x76), (0, 0), (0, 0),
                     (r.randrange(256), r.randrange(256)))
         yield m.maybe("get data", bytes([0x80, 0xCA, *tag, _pick(r, 0, 0, 7, 4)]))
     elif choice == 4:
@@ -401,7 +438,8 @@ def op_load(m: Model) -> Op:
     if purse == 1 and r.random() < 0.7:
         yield from _verify(m)
     amount = m.amount(purse) if r.random() < 0.3 else r.randrange(0, 5000)
-    key_index = _pick(r, *[1] * 12, 2, 0, r.randrange(256))
+    key_index = r.choice(list(m.load_keys)) if r.random() < 0.8 else \
+        _pick(r, 1, 2, 0, r.randrange(256))
     tid = m.tid()
     init = bytes([0x80, 0x50, 0x00, purse, 0x0B, key_index]) + _u4(amount) + tid + b"\x10"
     label, init = m.maybe("init load", init, 0.1)
