@@ -305,9 +305,6 @@ def test_images_of_unknown_profiles_are_refused(tmp_path: Path) -> None:
         card_from_image(image)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the terminal to read the card UID (GET DATA 00 00) "
-                   "and pass it to INIT SAM: host/terminal/purse.py and apdus.py, not H5's files; "
-                   "see /tmp/briefs11/readme/H5.md")
 def test_cli_terminal_purchase_with_a_metro_card(tmp_path: Path) -> None:
     """``svcard terminal purchase``: a metro card at a metro PSAM is approved; at a PBOC PSAM
     it is refused with one line and nothing moves."""

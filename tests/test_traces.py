@@ -68,7 +68,7 @@ def test_record_then_replay_gives_the_same_purchase(tmp_path: Path) -> None:
     assert out.exists() and psam_trace.exists()
     trace = load_trace(out)
     assert trace.atr == ATR and trace.reader == f"virtual:{c['iep']}"
-    assert len(trace.exchanges) == 3 and all(e.ms is not None for e in trace.exchanges)
+    assert len(trace.exchanges) == 4 and all(e.ms is not None for e in trace.exchanges)
     # replay both slots from their traces: byte-identical answers, so the same receipt
     code, text = purchase(f"trace:{out}", f"trace:{psam_trace}")
     assert code == 0, text
@@ -83,7 +83,7 @@ def test_replay_reports_the_first_differing_command(tmp_path: Path) -> None:
                      f"trace:{tmp_path / 'buy.psam.jsonl'}", "--amount", "251u",
                      "--at", "2027-03-14T15:09:26")
     assert code == 9
-    assert "trace mismatch at command #1: expected 805001020B01000000FA" in text
+    assert "trace mismatch at command #2: expected 805001020B01000000FA" in text
     assert "got 805001020B01000000FB" in text
 
 

@@ -51,12 +51,19 @@ def get_transaction_prove(txn_type: int, counter: int) -> bytes:
                          counter.to_bytes(2, "big"), 8)
 
 
+def get_uid() -> bytes:
+    """GET DATA ``80 CA 00 00 09``: the card's UID (cards of a UID-in-MAC1 MAC scheme)."""
+    return build_command(P.CLA_PBOC, P.INS_GET_DATA, 0, 0, b"", 9)
+
+
 def init_sam_for_purchase(fields: dict[str, object], *, early: bool = False,
-                          issuer_id: bytes | None = None) -> bytes:
+                          issuer_id: bytes | None = None, uid: bytes = b"") -> bytes:
+    """INIT SAM FOR PURCHASE; ``uid``, the card's UID when it has one, follows the data."""
     if issuer_id is None:
         data = P.InitSamForPurchaseData.build(fields)
     else:
         data = P.InitSamForPurchaseData24.build({**fields, "issuer_id": issuer_id})
+    data += uid
     return build_command(P.CLA_PBOC, P.INS_INIT_SAM_FOR_PURCHASE, 0x01 if early else 0x00, 0,
                          data, 12 if early else 8)
 

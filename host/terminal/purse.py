@@ -109,6 +109,13 @@ class NoPurse(Declined):
         self.aid = aid
 
 
+def card_uid(card: Reader) -> bytes:
+    """The card's 9-byte UID (GET DATA ``00 00``), which a UID-in-MAC1 MAC scheme (e.g.
+    ``changsha-metro``) has the PSAM put into MAC1; empty for a card without one."""
+    answer = card.exchange(apdus.get_uid())
+    return answer.data if answer.ok and len(answer.data) == 9 else b""
+
+
 def select_purse(card: Reader, aid: bytes = P.DEFAULT_IEP_AID) -> CardInfo:
     """SELECT the purse application at ``aid`` and take its public data (EF 0x15): from the
     copy in the FCI's issuer discretionary data when the card gives one, else by READ BINARY.
@@ -289,6 +296,7 @@ def purchase(card: Reader, psam: Reader, amount: int | Amount, *, purse: int = P
         raise TerminalCheckFailed(f"card currency {info.currency_code} is not the terminal's "
                                   f"{currency}")
     verify_pin_if_needed(card, purse, pin)
+    uid = card_uid(card)   # before INITIALIZE: any other command would end its session
     # 3. INITIALIZE FOR PURCHASE on the card.
     init = P.InitForPurchaseAnswer.parse(call(
         card, apdus.initialize(P.INIT_PURCHASE, purse, key_index, amount, terminal_id),
@@ -299,7 +307,7 @@ def purchase(card: Reader, psam: Reader, amount: int | Amount, *, purse: int = P
         "random": init.random, "offline_counter": init.offline_counter, "amount": amount,
         "txn_type": txn_type, "date": date, "time": time, "key_version": init.key_version,
         "algorithm_id": init.algorithm_id, "card_serial": info.serial_bytes[-8:]},
-        issuer_id=bytes.fromhex(info.issuer_id) if issuer_factor else None),
+        issuer_id=bytes.fromhex(info.issuer_id) if issuer_factor else None, uid=uid),
         "INIT SAM FOR PURCHASE"))
     # 5. DEBIT FOR PURCHASE: the card checks MAC1, debits itself, answers TAC and MAC2.
     debit = P.DebitForPurchaseAnswer.parse(call(
