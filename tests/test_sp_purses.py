@@ -120,6 +120,8 @@ def test_a_purse_running_low_is_topped_up_mid_stream(sp_system: System, engine: 
     debits = sum(p["amount"] for p in pool.book.all_payments() if p["state"] == "paid")
     assert status["opening_balance"] + 10_000 == debits + status["balance"] == debits + balance
     assert sp_system.load.bank_server.db.account("provider")["balance"] == 1_000_000 - 10_000
+    assert pool.books() == {156: {"opening": 3_000, "loaded": 10_000, "debits": 6 * TICKET,
+                                  "balances": balance, "open_payments": 0, "open_loads": 0}}
 
 
 def test_a_purse_at_its_counter_limit_is_retired_and_the_next_used(

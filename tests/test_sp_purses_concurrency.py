@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from test_sp_purses import (
 
 from svcard.host.demo.system import System
 from svcard.host.kit.db import make_engine
+from svcard.host.sp.purses.db import PurseBook
 from svcard.host.sp.purses.pool import PoolPaymentOutcome, PursePool
 
 engine, sp_system = base.engine, base.sp_system   # the fixtures
@@ -76,6 +78,9 @@ def check_books(pool: PursePool, specs: list[str], outcomes: list[PoolPaymentOut
         assert status["opening_balance"] - debits == status["balance"] == \
             image_app(spec)["ep"]["balance"]
     assert len({(r["purse_serial"], r["counter"]) for r in rows}) == ORDERS
+    [books] = pool.books().values()
+    assert books["opening"] + books["loaded"] == books["debits"] + books["balances"]
+    assert books["debits"] == ORDERS * TICKET and books["open_payments"] == 0
 
 
 def test_50_concurrent_orders_over_4_purses(sp_system: System, engine: Engine,
@@ -123,3 +128,25 @@ def test_50_concurrent_orders_with_the_pool_on_postgresql(sp_system: System, clu
     finally:
         for e in engines:
             e.dispose()
+
+
+def test_an_expired_lease_is_taken_over_and_its_holder_locked_out(engine: Engine) -> None:
+    """The lease is the row's compare-and-set: a held lease refuses a second taker; once it
+    expires another takes it, and the first holder can neither renew nor give it back."""
+    book = PurseBook(engine)
+    book.register("00000000000000000001", "virtual:x.json", currency_code=156, balance=0,
+                  limit=100_000, offline_counter=0, online_counter=0)
+    [row] = book.candidates()
+    first = book.lease(row, "host:1:a", "o1", ttl_ms=60_000)
+    assert first is not None and book.lease(row, "host:2:b", "o2", ttl_ms=60_000) is None
+    assert book.renew(row["serial"], "host:1:a", 1)   # now expiring within a millisecond
+    deadline = time.monotonic() + 10
+    second = None
+    while second is None:
+        assert time.monotonic() < deadline, "the expired lease was never taken over"
+        second = book.lease(row, "host:2:b", "o2", ttl_ms=60_000)
+    assert not book.renew(row["serial"], "host:1:a", 60_000)
+    assert not book.release(row["serial"], "host:1:a", first, balance=999)
+    assert book.purse(row["serial"])["lease_owner"] == "host:2:b"    # type: ignore[index]
+    assert book.purse(row["serial"])["balance"] == 0                 # type: ignore[index]
+    assert book.release(row["serial"], "host:2:b", second)

@@ -33,6 +33,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    func,
     insert,
     or_,
     select,
@@ -236,12 +237,47 @@ class PurseBook:
                 **state)).rowcount
         return done == 1
 
-    def set_purse(self, serial: str, owner: str, **state: Any) -> None:
-        """Change the leased purse's row (balance, counters, state) while holding it."""
+    def renew(self, serial: str, owner: str, ttl_ms: int) -> bool:
+        """Extend the lease ``owner`` holds on the purse; False if it holds it no more (it
+        expired and another took it: the purse is not to be touched)."""
+        now = now_ms()
         with self.engine.begin() as conn:
-            conn.execute(update(purses).where(
+            done = conn.execute(update(purses).where(
                 purses.c.serial == serial, purses.c.lease_owner == owner).values(
-                updated=now_ms(), **state))
+                leased_until=now + ttl_ms, updated=now)).rowcount
+        return done == 1
+
+    def summary(self) -> dict[int, dict[str, int]]:
+        """Per currency, the pool's side of the audit: purses' opening balances, top-ups
+        loaded, debits (paid, and disputed: the card paid), balances as last seen, and how
+        many payments and top-ups are still open or unproven. Closed books: ``opening +
+        loaded == debits + balances``."""
+        out: dict[int, dict[str, int]] = {}
+
+        def slot(code: int) -> dict[str, int]:
+            return out.setdefault(int(code), dict.fromkeys(
+                ("opening", "loaded", "debits", "balances", "open_payments", "open_loads"), 0))
+
+        with self.engine.connect() as conn:
+            for code, opening, balance in conn.execute(select(
+                    purses.c.currency_code, func.sum(purses.c.opening_balance),
+                    func.sum(purses.c.balance)).group_by(purses.c.currency_code)):
+                slot(code).update(opening=int(opening), balances=int(balance))
+            for code, state, total, count in conn.execute(select(
+                    payments.c.currency_code, payments.c.state, func.sum(payments.c.amount),
+                    func.count()).group_by(payments.c.currency_code, payments.c.state)):
+                if state in ("paid", "disputed"):
+                    slot(code)["debits"] += int(total or 0)
+                elif state != "failed":
+                    slot(code)["open_payments"] += int(count)
+            for code, state, total, count in conn.execute(select(
+                    loads.c.currency_code, loads.c.state, func.sum(loads.c.amount),
+                    func.count()).group_by(loads.c.currency_code, loads.c.state)):
+                if state == "loaded":
+                    slot(code)["loaded"] += int(total or 0)
+                elif state in ("started", "open"):
+                    slot(code)["open_loads"] += int(count)
+        return out
 
     def lease_intervals(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

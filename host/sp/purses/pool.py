@@ -121,6 +121,13 @@ class PursePool:
                                  f"be opened: {exc}") from None
         return lease
 
+    def _renew(self, lease: Lease) -> bool:
+        """Before each card step that moves money: the lease extended, or lost (False)."""
+        if self.book.renew(lease.serial, lease.owner, int(self.config.lease_ttl * 1000)):
+            return True
+        log.warning("purse %s: the lease expired and was taken over; not used", lease.serial)
+        return False
+
     def _give_back(self, lease: Lease) -> None:
         if not self.book.release(lease.serial, lease.owner, lease.lease_id, **lease.changes):
             log.warning("purse %s: the lease had expired before it was given back",
@@ -195,7 +202,7 @@ class PursePool:
             log.warning("purse %s not used: %s", lease.serial, why)
             return None
         topups = []
-        if lease.retire_if_worn(cfg.retire_margin):
+        if lease.retire_if_worn(cfg.retire_margin) or not self._renew(lease):
             return None
         need = max(cfg.topup_threshold, amount or 1)
         if lease.balance < need:
@@ -203,6 +210,8 @@ class PursePool:
             if lease.balance < (amount or 1):
                 return None
         for attempt in (1, 2):
+            if not self._renew(lease):
+                return None
             try:
                 paid, resumed = self._card_payment(lease, checkout_url, http, order_ref,
                                                    amount)
@@ -288,6 +297,8 @@ class PursePool:
 
     def _top_up(self, lease: Lease, http: httpx.Client, need: int = 0) -> dict[str, Any]:
         cfg = self.config
+        if not self._renew(lease):
+            return {"outcome": "skipped", "amount": 0, "reason": "the lease was lost"}
         return top_up(lease, self.book, http, bank_url=cfg.bank_url, account=cfg.account,
                       secret=cfg.secret, currency_code=cfg.currency_code,
                       amount=cfg.topup_amount, need=need)
@@ -335,6 +346,10 @@ class PursePool:
         return report
 
     # --- reading ----------------------------------------------------------------------------
+
+    def books(self) -> dict[int, dict[str, int]]:
+        """The pool's side of the audit, per currency (:meth:`PurseBook.summary`)."""
+        return self.book.summary()
 
     def status(self) -> list[dict[str, Any]]:
         """Every purse: serial, reader, balance, opening balance, offline and online
