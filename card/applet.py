@@ -97,10 +97,17 @@ def build_applet(out_dir: Path, jar: str) -> Path:
     return out
 
 
-def install_params(state: IepState) -> bytes:
-    """The applet's install parameters (GP tag C9): purchase key slots 1, load key slots 1."""
+INSTALL_CBC_MAC = 0x01     # install flag: MACs by DES-CBC with padding by hand
+
+
+def install_params(state: IepState, *, cbc_mac: bool = False) -> bytes:
+    """The applet's install parameters (GP tag C9): purchase key slots 1, load key slots 1,
+    flags 1. ``cbc_mac`` makes the applet compute its MACs with DES-CBC and pad them itself,
+    as it does anyway on a card without ``Signature.ALG_DES_MAC8_ISO9797_M2`` (the same
+    bytes)."""
     _check_supported(state)
-    return bytes((max(1, len(state.purchase_keys)), max(1, len(state.load_keys))))
+    return bytes((max(1, len(state.purchase_keys)), max(1, len(state.load_keys)),
+                  INSTALL_CBC_MAC if cbc_mac else 0))
 
 
 def _put(item: int, data: bytes, p2: int = 0) -> bytes:

@@ -6,6 +6,7 @@ import javacard.framework.ISO7816;
 import javacard.framework.ISOException;
 import javacard.framework.JCSystem;
 import javacard.framework.Util;
+import javacard.security.CryptoException;
 import javacard.security.DESKey;
 import javacard.security.KeyBuilder;
 import javacard.security.RandomData;
@@ -121,6 +122,9 @@ public class IepApplet extends Applet {
     private static final short W_BLOCK = 56;
     private static final short WORK_SIZE = 64;
 
+    // install parameters: purchase key slots, load key slots, flags
+    private static final byte INSTALL_CBC_MAC = 0x01;   // MACs by DES-CBC even if M2 MACs exist
+
     // personalisation items (P1 of PUT PERSONALISATION DATA)
     private static final byte PI_LABEL = 0x01;
     private static final byte PI_CURRENCY = 0x02;
@@ -180,7 +184,8 @@ public class IepApplet extends Applet {
     private final byte[] work;
     private final DESKey sessionKey;
     private final Cipher ecb;
-    private final Signature macSig;
+    private final Signature macSig;        // null: MACs by DES-CBC (macCbc) and padding by hand
+    private final Cipher macCbc;
     private final RandomData rng;
 
     public static void install(byte[] bArray, short bOffset, byte bLength) {
@@ -191,6 +196,7 @@ public class IepApplet extends Applet {
         short aidLen = (short) (bArray[bOffset] & 0xFF);
         short purchaseSlots = 8;
         short loadSlots = 8;
+        boolean cbcMac = false;
         if (bLength > 0) {
             short at = (short) (bOffset + 1 + aidLen);
             at = (short) (at + 1 + (short) (bArray[at] & 0xFF));   // privileges
@@ -198,6 +204,9 @@ public class IepApplet extends Applet {
             if (paramLen >= 2) {
                 purchaseSlots = (short) (bArray[(short) (at + 1)] & 0xFF);
                 loadSlots = (short) (bArray[(short) (at + 2)] & 0xFF);
+            }
+            if (paramLen >= 3) {
+                cbcMac = (bArray[(short) (at + 3)] & INSTALL_CBC_MAC) != 0;
             }
         }
         if (purchaseSlots < 1 || purchaseSlots > 16 || loadSlots < 1 || loadSlots > 16) {
@@ -221,7 +230,18 @@ public class IepApplet extends Applet {
         session = JCSystem.makeTransientByteArray(SESSION_SIZE, JCSystem.CLEAR_ON_DESELECT);
         work = JCSystem.makeTransientByteArray(WORK_SIZE, JCSystem.CLEAR_ON_DESELECT);
         ecb = Cipher.getInstance(Cipher.ALG_DES_ECB_NOPAD, false);
-        macSig = Signature.getInstance(Signature.ALG_DES_MAC8_ISO9797_M2, false);
+        // a card without the ISO 9797-1 M2 DES MAC (optional in 2.2.2) gets the same bytes from
+        // DES-CBC with the padding done here; install parameter bit 01 asks for it too
+        Signature sig = null;
+        if (!cbcMac) {
+            try {
+                sig = Signature.getInstance(Signature.ALG_DES_MAC8_ISO9797_M2, false);
+            } catch (CryptoException e) {
+                sig = null;
+            }
+        }
+        macSig = sig;
+        macCbc = sig == null ? Cipher.getInstance(Cipher.ALG_DES_CBC_NOPAD, false) : null;
         rng = RandomData.getInstance(RandomData.ALG_SECURE_RANDOM);
         if (aidLen > 0) {
             register(bArray, (short) (bOffset + 1), (byte) aidLen);
@@ -571,8 +591,23 @@ public class IepApplet extends Applet {
     /** The purse MAC: single-DES CBC-MAC (zero ICV, 80 padding) of work[W_INPUT..len], 4
      * bytes to out[outOff]. */
     private void mac(DESKey key, short len, byte[] out, short outOff) {
-        macSig.init(key, Signature.MODE_SIGN);
-        macSig.sign(work, W_INPUT, len, work, W_MAC);
+        if (macSig != null) {
+            macSig.init(key, Signature.MODE_SIGN);
+            macSig.sign(work, W_INPUT, len, work, W_MAC);
+        } else {
+            // ISO 9797-1 padding method 2: always 80, then 00 up to a whole block
+            short end = (short) (W_INPUT + len);
+            work[end++] = (byte) 0x80;
+            while ((short) ((short) (end - W_INPUT) % 8) != 0) {
+                work[end++] = 0;
+            }
+            macCbc.init(key, Cipher.MODE_ENCRYPT);   // zero ICV
+            short last = (short) (end - 8);
+            for (short at = W_INPUT; at < last; at = (short) (at + 8)) {
+                macCbc.update(work, at, (short) 8, work, W_MAC);
+            }
+            macCbc.doFinal(work, last, (short) 8, work, W_MAC);
+        }
         Util.arrayCopyNonAtomic(work, W_MAC, out, outOff, (short) 4);
     }
 
