@@ -501,9 +501,32 @@ def op_junk(m: Model) -> Op:
             yield from op_plain_select(m)
 
 
+def op_probe(m: Model) -> Op:
+    """Everything APDUs show of the purse's state (so a hidden divergence comes out): both
+    balances (the ED after the PIN), both purses' counters, the whole log, the last proof."""
+    yield from op_plain_select(m)
+    yield "get balance", b"\x80\x5C\x00\x02\x04"
+    yield "verify tries", b"\x00\x20\x00\x00"
+    yield from _verify(m)
+    yield "get balance", b"\x80\x5C\x00\x01\x04"
+    for purse in (1, 2):
+        for p1 in (0, 1):
+            key = min(m.load_keys if p1 == 0 else m.purchase_keys)
+            yield "init probe", bytes([0x80, 0x50, p1, purse, 0x0B, key]) + bytes(4) + \
+                bytes(6) + b"\x00"
+    newest = b""
+    for n in range(1, 12):
+        answer = yield "read record", bytes([0x00, 0xB2, n, 0xC4, 0x17])
+        if n == 1:
+            newest = answer
+    if len(newest) == 25:
+        yield "get transaction prove", bytes([0x80, 0x5A, 0, newest[9], 2]) + newest[:2] + \
+            b"\x08"
+
+
 OPS: tuple[tuple[Callable[[Model], Op], int], ...] = (
     (op_select, 6), (op_query, 20), (op_pin, 8), (op_purchase, 24), (op_load, 16),
-    (op_credit_only, 2), (op_debit_only, 2), (op_junk, 10),
+    (op_credit_only, 2), (op_debit_only, 2), (op_junk, 10), (op_probe, 2),
 )
 
 
@@ -574,8 +597,12 @@ def _episode(ref: Side, other: Side, model: Model, length: int, count: int, seed
     platform = other.platform
     ops = operations(model)
     sent = 0
-    while sent < length and stats.apdus < count:
-        op = next(ops)
+    probed = False
+    while stats.apdus < count and not probed:
+        if sent >= length:
+            op, probed = op_probe(model), True      # every episode ends with the state shown
+        else:
+            op = next(ops)
         try:
             label, apdu = next(op)
             while True:
