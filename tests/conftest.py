@@ -100,12 +100,13 @@ class AppletCards:
     jar: str
     classes: Path
 
-    def open(self, image: dict[str, Any]) -> AppletCard:
-        """A fresh simulator with the applet installed and personalised from ``image``."""
+    def open(self, image: dict[str, Any], *, cbc_mac: bool = False) -> AppletCard:
+        """A fresh simulator with the applet installed and personalised from ``image``
+        (``cbc_mac``: the applet's own DES-CBC MAC instead of the Signature one)."""
         from svcard.card import applet
         state = IepState.from_json(image["app"])
         reader = JCardSimReader(applet.APPLET_CLASS, state.aid,
-                                install_params=applet.install_params(state),
+                                install_params=applet.install_params(state, cbc_mac=cbc_mac),
                                 personalise=applet.personalisation_apdus(state),
                                 jar=self.jar, classpath=(str(self.classes),))
         reader.connect()

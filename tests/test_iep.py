@@ -27,7 +27,7 @@ from svcard.protocols import tlv
 class Dut:
     """The IEP under test."""
 
-    kind: str                           # "virtual" or "jcardsim"
+    kind: str                           # "virtual", "jcardsim" or "jcardsim-cbc-mac"
     host: RawHost
     card: Card | None                   # the Python card (virtual only)
     power_cycle: Callable[[], object]
@@ -36,11 +36,13 @@ class Dut:
 HostWith = Callable[..., tuple[RawHost, Dut]]
 
 
-@pytest.fixture(params=["virtual", "jcardsim"])
+@pytest.fixture(params=["virtual", "jcardsim", "jcardsim-cbc-mac"])
 def host_with(request: pytest.FixtureRequest) -> Iterator[HostWith]:
     """``host_with(ep=0, ed=0, select=True, **app_changes)``: a fresh demo IEP with those
-    balances on the card this test runs on, and a RawHost that selected it."""
-    applet = request.getfixturevalue("iep_applet") if request.param == "jcardsim" else None
+    balances on the card this test runs on, and a RawHost that selected it. The applet runs
+    twice: with the Signature MAC, and with its own DES-CBC MAC (install flag)."""
+    kind = request.param
+    applet = request.getfixturevalue("iep_applet") if kind != "virtual" else None
     readers: list[Any] = []
 
     def make(ep: int = 0, ed: int = 0, select: bool = True,
@@ -50,9 +52,9 @@ def host_with(request: pytest.FixtureRequest) -> Iterator[HostWith]:
             card = card_from_image(image)
             dut = Dut("virtual", RawHost(card), card, card.reset)
         else:
-            applet_card = applet.open(image)
+            applet_card = applet.open(image, cbc_mac=kind == "jcardsim-cbc-mac")
             readers.append(applet_card)
-            dut = Dut("jcardsim", RawHost(applet_card), None, applet_card.reset)
+            dut = Dut(kind, RawHost(applet_card), None, applet_card.reset)
         if select:
             dut.host.select()
         return dut.host, dut

@@ -20,8 +20,12 @@ def other_python(image: dict[str, Any]) -> D.Side:
 
 
 def applet_opener(applet: AppletCards) -> D.Opener:
+    """The applet; every other personalisation with its own DES-CBC MAC (install flag)."""
+    opened = [0]
+
     def open_side(image: dict[str, Any]) -> D.Side:
-        card = applet.open(image)
+        opened[0] += 1
+        card = applet.open(image, cbc_mac=opened[0] % 2 == 0)
         return D.Side("applet", card.transmit, card.reset, card.close,
                       D.JCardSimRuntime(bytes.fromhex(image["app"]["aid"]), D.APPLET_LEFT_OUT))
     return open_side
