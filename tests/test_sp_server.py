@@ -59,10 +59,10 @@ def pool_config(system: System, purses: list[Path]) -> PursePoolConfig:
                            currency_code=156)
 
 
-def open_sp(system: System, folder: Path, *, purses: int = 2,
+def open_sp(system: System, folder: Path, *, purses: int = 2, first_serial: int = 9_000_001,
             billing: BillingEntry | None = None) -> Sp:
     system.load.account("sp-bank", 1_000_000, "sp-pw")
-    images = purse_images(folder / "purses", purses, ep=50_000)
+    images = purse_images(folder / "purses", purses, ep=50_000, first_serial=first_serial)
     clock = Clock()
     config = demo_config(folder, system.pay.merchant.url, billing=billing,
                          purses=pool_config(system, images))

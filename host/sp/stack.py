@@ -8,7 +8,6 @@ servers.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,13 +38,13 @@ __all__ = ["DAY_MS", "DEMO_MERCHANT", "SpStack", "demo_config", "purse_images", 
 
 def purse_images(folder: Path, count: int, ep: int = 100_000, first_serial: int = 9_000_001,
                  ) -> list[Path]:
-    """``count`` demo purse cards for the SP's pool, each with its own serial and ``ep``."""
-    base = image_from_profile(fixture_path("iep-demo.toml"))
+    """``count`` demo purse cards for the SP's pool, each with its own application serial
+    (and so its own diversified keys) and ``ep``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        image = copy.deepcopy(base)
-        image["app"]["app_serial"] = f"{first_serial + i:020d}"
+        image = image_from_profile(fixture_path("iep-demo.toml"),
+                                   app_serial=f"{first_serial + i:020d}")
         image["app"]["ep"]["balance"] = ep
         path = folder / f"sp-purse{i + 1}.json"
         save_new_image(path, image, overwrite=True)
