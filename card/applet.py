@@ -168,6 +168,29 @@ def personalisation_apdus(state: IepState) -> list[bytes]:
     return out
 
 
+_ITEM_NAMES = {ITEM_LABEL: "label", ITEM_CURRENCY: "currency", ITEM_PUBLIC_DATA: "EF 0x15",
+               ITEM_HOLDER_DATA: "EF 0x16", ITEM_BALANCE_LIMIT: "balance limit",
+               ITEM_PURCHASE_KEY: "purchase key", ITEM_LOAD_KEY: "load key",
+               ITEM_TAC_KEY: "TAC key", ITEM_PIN: "PIN", ITEM_MAC_FAILURE_LIMIT:
+               "MAC-failure limit", ITEM_PURSE: "purse", ITEM_FIXED_RANDOM:
+               "fixed random (tests only)", ITEM_LOG_RECORD: "log record",
+               ITEM_PROOF: "proof", ITEM_UID: "UID"}
+
+
+def personalisation_script(state: IepState) -> str:
+    """:func:`personalisation_apdus` as a script for the ``jcardsim:CLASS:AID:PARAMS@SCRIPT``
+    reader spec (one APDU in hex a line, ``#`` comments). It holds the card's keys: keep it
+    as secret as the card image."""
+    lines = ["# svcard IEP applet personalisation (holds the card's keys: keep it secret)"]
+    for apdu in personalisation_apdus(state):
+        if apdu[:2] == bytes((CLA, INS_PUT)):
+            name = _ITEM_NAMES.get(apdu[2], "item")
+        else:
+            name = "END PERSONALISATION" if apdu == END_PERSONALISATION else "SELECT"
+        lines.append(f"{apdu.hex().upper()}  # {name}")
+    return "\n".join(lines) + "\n"
+
+
 def _check_supported(state: IepState) -> None:
     """Refuse what the applet does not hold (the default PBOC profile only)."""
     s = state

@@ -26,6 +26,7 @@ from svcard.card.applet import (
     build_applet,
     install_params,
     personalisation_apdus,
+    personalisation_script,
 )
 from svcard.card.iep import IepState
 from svcard.card.image import app_of, card_from_image
@@ -57,8 +58,8 @@ def applet_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def image(**changes: Any) -> dict[str, Any]:
-    return with_balance(demo_image("iep", fixed_random=FIXED_RANDOM.hex(), **changes),
-                        ep=5000, ed=3000)
+    changes = {"fixed_random": FIXED_RANDOM.hex(), **changes}
+    return with_balance(demo_image("iep", **changes), ep=5000, ed=3000)
 
 
 def state_of(img: dict[str, Any]) -> IepState:
@@ -477,3 +478,44 @@ def test_compiled_applet_has_no_java_only_types_or_late_allocation(applet_classe
                 problems.append(f"{method}: {op}{rest}")
     assert not problems
     assert "IepApplet(byte[], short, byte)" in listing and "anewarray" in listing
+
+
+def test_the_cli_pays_from_the_applet_with_svcards_psam(applet_classes: Path,
+                                                         tmp_path: Path) -> None:
+    """svcard terminal drives the applet through the jcardsim: reader spec (install
+    parameters, the personalisation script) and pays with the demo PSAM image; the card's
+    balance and log show the payment."""
+    import json
+    import subprocess
+    import sys
+
+    from svcard.card.image import save_new_image
+    from svcard.host.terminal.reader_specs import read_apdu_script
+
+    img = image(fixed_random=None)
+    state = state_of(img)
+    script = tmp_path / "iep.apdu"
+    script.write_text(personalisation_script(state))
+    assert read_apdu_script(script) == personalisation_apdus(state)
+    psam = tmp_path / "psam.json"
+    save_new_image(psam, demo_image("psam"))
+    spec = (f"jcardsim:{APPLET_CLASS}:{state.aid.hex().upper()}:"
+            f"{install_params(state).hex().upper()}@{script}")
+    env = {**os.environ, "JCARDSIM_JAR": JAR, "JCARDSIM_CLASSPATH": os.pathsep.join(
+        p for p in (os.environ.get("JCARDSIM_CLASSPATH", ""), str(applet_classes)) if p)}
+
+    def svcard(*args: str) -> Any:
+        done = subprocess.run([sys.executable, "-m", "svcard.host.cli.main", *args],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr + done.stdout
+        return json.loads(done.stdout)
+
+    paid = svcard("terminal", "purchase", "--card", spec, "--psam", f"virtual:{psam}",
+                  "--minor", "1234", "--at", "2027-03-14T15:09:26", "--json")
+    assert (paid["balance_before"], paid["balance_after"], paid["txn_type"]) == (5000, 3766, 6)
+    tac = crypto.tac(state.tac_key, crypto.purchase_tac_input(
+        1234, 6, bytes.fromhex(paid["terminal_id"]), paid["terminal_txn_number"],
+        bytes.fromhex(paid["date"]), bytes.fromhex(paid["time"])))
+    assert paid["tac"] == tac.hex().upper()     # and the PSAM accepted the card's MAC2
+    balance = svcard("terminal", "balance", "--card", spec, "--json")
+    assert balance["balance"] == 5000          # a fresh simulator: personalised anew
