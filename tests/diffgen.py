@@ -276,7 +276,13 @@ class Model:
         """A malformed or changed copy of a valid APDU."""
         r = self.rng
         data = bytearray(apdu)
-        how = r.randrange(8)
+        how = r.randrange(10)
+        if how == 8:   # the same header with command data it does not take (or other data)
+            body = r.randbytes(r.randrange(1, 12))
+            le = bytes([data[4]]) if len(data) == 5 else b""
+            return "data added", bytes(data[:4]) + bytes([len(body)]) + body + le
+        if how == 9 and len(data) > 5:   # the data dropped, the Le kept
+            return "data dropped", bytes(data[:4]) + bytes([data[-1]])
         if how == 0:
             return "truncated", bytes(data[: r.randrange(len(data))])
         if how == 1:
