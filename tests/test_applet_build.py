@@ -52,9 +52,10 @@ def need_jcardsim() -> None:
 
 
 @pytest.fixture(scope="session")
-def applet_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def applet_classes(iep_applet: Any) -> Path:
+    """The class folder of conftest's session-wide build (one JVM class path per process)."""
     need_jcardsim()
-    return build_applet(tmp_path_factory.getbasetemp() / "svcard-iep-applet", JAR)
+    return Path(iep_applet.classes)
 
 
 def image(**changes: Any) -> dict[str, Any]:
@@ -519,3 +520,26 @@ def test_the_cli_pays_from_the_applet_with_svcards_psam(applet_classes: Path,
     assert paid["tac"] == tac.hex().upper()     # and the PSAM accepted the card's MAC2
     balance = svcard("terminal", "balance", "--card", spec, "--json")
     assert balance["balance"] == 5000          # a fresh simulator: personalised anew
+
+
+@pytest.mark.parametrize("apdu", ["80CA9F770101", "00B086F208A1F4F08996F45B4540",
+                                  "00B20B440319939A60", "805C00020B01000004D411223344556610",
+                                  "00B0950C01FF08"])
+def test_data_less_commands_refuse_data_under_t1(make_applet: Callable[..., Any],
+                                                 apdu: str) -> None:
+    """GET DATA, READ BINARY, READ RECORD and GET BALANCE sent with data answer 6700 as the
+    Python card does, where the runtime knows the APDU case (T=1: jCardSim's ATR says T=1, but
+    its runtime reports T=0 until told; under T=0 P3 is the Le of those commands, and the
+    applet does not ask for data that is not there)."""
+    from svcard.reader.jcardsim import _java_call
+    img = image()
+    state = state_of(img)
+    python_card = card_from_image(img)
+    card = make_applet(state)
+    sim = card._sim
+    _java_call(lambda: sim.changeProtocol("T=1"), "changeProtocol")
+    for send in (python_card.transmit, card.transmit):
+        send(select(state.aid))
+        send(bytes.fromhex("0020000003123456"))
+    raw = bytes.fromhex(apdu)
+    assert card.transmit(raw) == python_card.transmit(raw) == b"\x67\x00"
