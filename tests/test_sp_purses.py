@@ -189,3 +189,14 @@ def test_a_checkout_asking_another_amount_is_not_paid(sp_system: System, engine:
     assert image_app(spec)["ep"]["balance"] == 50_000 and merchant_paid(sp_system) == []
     assert pool.journal(f"{7_700_001:020d}").unfinished(f"{7_700_001:020d}") == []
     assert pool.pay(url, http=http, order_ref="o1", amount=TICKET).amount == TICKET
+
+
+def test_a_purse_that_cannot_be_read_is_a_clear_error(sp_system: System, engine: Engine,
+                                                      tmp_path: Path) -> None:
+    missing = f"virtual:{tmp_path / 'nowhere.json'}"
+    with pytest.raises(PursePoolError, match=r"purses.readers: virtual:.*nowhere.json: the purse"):
+        PursePool.open(pool_config(sp_system, [missing]), engine, journal_dir=tmp_path / "j")
+    spec = purse_image(tmp_path, 1, ep=100)
+    with pytest.raises(PursePoolError, match="holds currency 156, the pool pays in 978"):
+        PursePool.open(pool_config(sp_system, [spec]).model_copy(update={"currency_code": 978}),
+                       engine, journal_dir=tmp_path / "j")

@@ -84,8 +84,12 @@ class PursePool:
         return pool
 
     def _register(self, spec: str) -> None:
-        with open_reader(spec) as reader:
-            state = read_state(reader)
+        try:
+            with open_reader(spec) as reader:
+                state = read_state(reader)
+        except Exception as exc:   # a missing image, reader or card: the configuration's
+            raise PursePoolError(f"purses.readers: {spec}: the purse cannot be read: "
+                                 f"{exc}") from None
         if state.currency_code != self.config.currency_code:
             raise PursePoolError(f"purse {state.serial} ({spec}) holds currency "
                                  f"{state.currency_code}, the pool pays in "
@@ -140,9 +144,10 @@ class PursePool:
         """A leased purse that may pay ``amount`` (after a top-up if need be)."""
         while True:
             rows = [r for r in self.book.candidates() if r["serial"] not in skip]
+            low = max(amount or 1, self.config.topup_threshold)
             if amount is not None:   # never able to hold the amount: not a candidate
                 rows = [r for r in rows if r["balance_limit"] >= amount]
-                rows.sort(key=lambda r: r["balance"] < amount)   # stable: LRU within
+            rows.sort(key=lambda r: r["balance"] < low)   # those needing a top-up last; LRU
             if not rows:
                 raise PoolExhausted(self._exhausted(amount, skip))
             for row in rows:
@@ -174,11 +179,15 @@ class PursePool:
             amount: int | None = None) -> PoolPaymentOutcome:
         """Pay the merchant's checkout with one leased purse, recorded under ``order_ref``
         (the same ``order_ref`` again: its recorded outcome, never a second payment; one that
-        failed before any debit: paid afresh). ``amount`` (minor units, when the caller knows
-        it) lets the pool choose a purse that can pay it, and top one up first if none can.
-        Blocking: call it from a worker thread. Raises :class:`PoolExhausted`,
-        :class:`PoolBusy` or :class:`PursePoolError` (nothing paid) or the payment's own
-        errors (``pay.client``: :class:`~svcard.host.terminal.purse.TerminalError`)."""
+        failed before any debit: paid afresh; one left open: settled first). ``amount``
+        (minor units; the SP knows it, it made the wholesale order) lets the pool choose a
+        purse that can pay it, top one up first if none can, and refuse a checkout asking any
+        other amount before the card is asked. Blocking: call it from a worker thread.
+
+        Raises :class:`PursePoolError` (:class:`PoolExhausted`, :class:`PoolBusy`): nothing
+        was paid; :class:`PaymentInDoubt`: the card may have paid and the merchant was not
+        reached (ask again later, same ``order_ref``); anything else (a database down): the
+        outcome is unknown, ask again later."""
         check_input(checkout_url, order_ref, amount)
         done = self._earlier(order_ref, http)
         if done is not None:
