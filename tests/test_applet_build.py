@@ -84,6 +84,7 @@ def make_applet(applet_classes: Path) -> Iterator[Callable[..., Any]]:
         readers.append(reader)
         return reader
 
+    make.classes = applet_classes   # type: ignore[attr-defined]
     yield make
     for reader in readers:
         reader.disconnect()
@@ -134,6 +135,30 @@ def test_purse_commands_wait_for_end_of_personalisation(make_applet: Callable[..
     assert split(card.transmit(END_PERSONALISATION))[1] == 0x9000
     assert split(card.transmit(bytes.fromhex("805C000204"))) == ((5000).to_bytes(4, "big"),
                                                                   0x9000)
+
+
+def test_install_parameters_as_value_or_as_c9_tlv(make_applet: Callable[..., Any]) -> None:
+    """Card managers hand the applet the C9 value or, some, the whole C9 TLV: both work; a
+    key slot count the applet cannot allocate fails the install."""
+    from svcard.reader.jcardsim import JCardSimError, JCardSimReader
+    state = state_of(image())
+    for params in (install_params(state), b"\xc9\x03" + install_params(state)):
+        card = JCardSimReader(APPLET_CLASS, state.aid, install_params=params,
+                              personalise=personalisation_apdus(state),
+                              classpath=(str(make_applet.classes),))
+        card.connect()
+        card.transmit(select(state.aid))
+        assert split(card.transmit(bytes.fromhex("805C000204"))) == ((5000).to_bytes(4, "big"),
+                                                                      0x9000)
+        card.disconnect()
+    with pytest.raises(JCardSimError):
+        JCardSimReader(APPLET_CLASS, state.aid, install_params=b"\x11\x01",
+                       classpath=(str(make_applet.classes),)).connect()
+    # a state with more keys than the slots asked for: the last PUT answers 6A84
+    with pytest.raises(JCardSimError, match="6A84"):
+        JCardSimReader(APPLET_CLASS, state.aid, install_params=b"\x01\x01",
+                       personalise=personalisation_apdus(state),
+                       classpath=(str(make_applet.classes),)).connect()
 
 
 def test_personalisation_is_locked_after_end(make_applet: Callable[..., Any]) -> None:

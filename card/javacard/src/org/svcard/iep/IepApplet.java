@@ -201,6 +201,12 @@ public class IepApplet extends Applet {
             short at = (short) (bOffset + 1 + aidLen);
             at = (short) (at + 1 + (short) (bArray[at] & 0xFF));   // privileges
             short paramLen = (short) (bArray[at] & 0xFF);
+            if (paramLen >= 2 && bArray[(short) (at + 1)] == (byte) 0xC9
+                    && (short) (bArray[(short) (at + 2)] & 0xFF) == (short) (paramLen - 2)) {
+                // a card manager that passes the C9 TLV itself rather than its value
+                at = (short) (at + 2);
+                paramLen = (short) (paramLen - 2);
+            }
             if (paramLen >= 2) {
                 purchaseSlots = (short) (bArray[(short) (at + 1)] & 0xFF);
                 loadSlots = (short) (bArray[(short) (at + 2)] & 0xFF);
