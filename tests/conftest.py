@@ -71,8 +71,13 @@ class AppletCard:
     any applet code runs; a card's transport answers such an APDU 6700, and so does this (the
     only answer changed)."""
 
-    def __init__(self, reader: JCardSimReader) -> None:
+    def __init__(self, reader: JCardSimReader, protocol: str = "T=1") -> None:
+        from svcard.reader.jcardsim import _java_call
         self.reader = reader
+        sim = reader._sim
+        # jCardSim starts in T=0 (APDU.getProtocol), yet passes whole command APDUs; the
+        # Python card of a t0 = false image is a T=1 card: the applet sees the same protocol
+        _java_call(lambda: sim.changeProtocol(protocol), "changeProtocol")
 
     def transmit(self, apdu: bytes) -> bytes:
         try:
@@ -110,7 +115,7 @@ class AppletCards:
                                 personalise=applet.personalisation_apdus(state),
                                 jar=self.jar, classpath=(str(self.classes),))
         reader.connect()
-        return AppletCard(reader)
+        return AppletCard(reader, "T=0" if image.get("t0") else "T=1")
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,23 @@ def test_unknown_ins_and_cla(host_with: HostWith) -> None:
     assert host.sw("845C000204") == 0x6882  # secure messaging
 
 
+@pytest.mark.parametrize("apdu", [
+    "805C00020101AA04",       # GET BALANCE
+    "805C000205D18ACCB90804",
+    "805C00010101AA04",       # (the ED without VERIFY: the data is refused first)
+    "805C00030101AA04",       # (no such purse: the data is refused first)
+    "00B0950001AA00",         # READ BINARY
+    "00B201C401AA17",         # READ RECORD
+    "80CA9F7701AA00",         # GET DATA
+])
+def test_commands_without_data_refuse_data(host_with: HostWith, apdu: str) -> None:
+    """A command that takes no data answers 6700 to data (the differential test's commonest
+    finding on the applet)."""
+    host, _ = host_with(ep=100)
+    host.purchase(1)                          # a log record to read
+    assert host.send(apdu) == (b"", 0x6700)
+
+
 # --- GET BALANCE, PIN ----------------------------------------------------------------------
 
 def test_get_balance_ep_and_ed_needs_pin(host_with: HostWith) -> None:
