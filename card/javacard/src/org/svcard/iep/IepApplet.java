@@ -786,7 +786,8 @@ public class IepApplet extends Applet {
             ISOException.throwIt(ISO7816.SW_WRONG_LENGTH);
         }
         if (proof[PR_PRESENT] == 0 || proof[PR_TYPE] != type
-                || Util.arrayCompare(proof, PR_COUNTER, buf, ISO7816.OFFSET_CDATA, (short) 2) != 0) {
+                || Util.arrayCompare(proof, PR_COUNTER, buf, ISO7816.OFFSET_CDATA, (short) 2)
+                != 0) {
             ISOException.throwIt(SW_NO_SUCH_PROOF);
         }
         Util.arrayCopyNonAtomic(proof, PR_MAC, buf, (short) 0, (short) 8);
