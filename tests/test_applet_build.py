@@ -506,11 +506,11 @@ def test_compiled_applet_has_no_java_only_types_or_late_allocation(applet_classe
     assert "IepApplet(byte[], short, byte)" in listing and "anewarray" in listing
 
 
-def test_the_cli_pays_from_the_applet_with_svcards_psam(applet_classes: Path,
+def test_the_cli_pays_and_loads_the_applet_with_svcards_psam_and_hsm(applet_classes: Path,
                                                          tmp_path: Path) -> None:
     """svcard terminal drives the applet through the jcardsim: reader spec (install
-    parameters, the personalisation script) and pays with the demo PSAM image; the card's
-    balance and log show the payment."""
+    parameters, the personalisation script): it pays with the demo PSAM image and loads the
+    ED with the demo load HSM (which checks the card's S1 and TAC)."""
     import json
     import subprocess
     import sys
@@ -545,6 +545,11 @@ def test_the_cli_pays_from_the_applet_with_svcards_psam(applet_classes: Path,
     assert paid["tac"] == tac.hex().upper()     # and the PSAM accepted the card's MAC2
     balance = svcard("terminal", "balance", "--card", spec, "--json")
     assert balance["balance"] == 5000          # a fresh simulator: personalised anew
+    hsm = tmp_path / "hsm.json"
+    save_new_image(hsm, demo_image("hsm"))
+    loaded = svcard("terminal", "load", "--card", spec, "--hsm", f"virtual:{hsm}", "--purse",
+                    "ed", "--pin", "123456", "--minor", "700", "--json")
+    assert (loaded["balance_before"], loaded["balance_after"]) == (3000, 3700), loaded
 
 
 @pytest.mark.parametrize("apdu", ["80CA9F770101", "00B086F208A1F4F08996F45B4540",
