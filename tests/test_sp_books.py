@@ -104,6 +104,8 @@ def test_bill_lines_bills_and_payment_of_a_bill(tmp_path: Path) -> None:
     assert bill_order(engine, cheap, 10_000, 14, NOW)["billed"] == 120 + 5 - 10  # type: ignore[index]
     assert bill_order(engine, dear, 10_000, 14, NOW)["billed"] == 125            # type: ignore[index]
     assert bill_order(engine, dear, 10_000, 14, NOW) is None                     # billed once
+    over = [e for e in records.order_log(url, dear) if e["event"] == "over_price"]
+    assert len(over) == 1 and '"wholesale": 130' in over[0]["detail"]
     failed = O.admit(engine, request("carol", "03" * 16), SONG, "d", 156, NOW).order_ref
     assert record_failed(engine, failed, "no purse")
     assert not record_paid(engine, failed, Paid(99, "x"))   # a failed order is never paid
@@ -124,3 +126,21 @@ def test_bill_lines_bills_and_payment_of_a_bill(tmp_path: Path) -> None:
     [c] = records.customers(url)
     assert c["owed"] == 0
     engine.dispose()
+
+
+def test_credit_limit_change_from_the_command_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+
+    db = f"sqlite:///{tmp_path / 'sp.db'}"
+    engine = D.make_engine(db)
+    add_customer(engine, "dora", new_key()[1], 100, 156)
+    engine.dispose()
+    result = CliRunner().invoke(main, ["sp", "customer", "limit", "dora", "12.50", "--db", db])
+    assert result.exit_code == 0, result.output
+    assert records.customers(db)[0]["credit_limit"] == 1250
+    assert CliRunner().invoke(main, ["sp", "customer", "limit", "nobody", "1", "--db", db]
+                              ).exit_code == 1
+    assert CliRunner().invoke(main, ["sp", "customer", "limit", "dora", "-1", "--db", db]
+                              ).exit_code == 2

@@ -153,6 +153,24 @@ def customer_unblock(customer: str, db_url: str, as_json: bool) -> None:
     emit(as_json, {"customer": customer, "state": "active"}, f"customer {customer} active")
 
 
+@customer_group.command("limit")
+@customer_argument
+@click.argument("amount", callback=parse_amount_option)
+@db_option
+@json_option
+def customer_limit(customer: str, amount: Amount, db_url: str, as_json: bool) -> None:
+    """Set CUSTOMER's credit limit to AMOUNT (12.34, or 1234u in minor units)."""
+    from .customers import set_credit_limit
+    from .records import customers
+
+    rows = {r["id"]: r for r in customers(db_url)}
+    currency = int(rows[customer]["currency_code"]) if customer in rows else 156
+    credit = _minor(amount, currency)
+    _change(db_url, lambda e: set_credit_limit(e, customer, credit))
+    emit(as_json, {"customer": customer, "credit_limit": credit},
+         f"customer {customer}: credit limit {format_money(credit, currency)}")
+
+
 @customer_group.command("list")
 @db_option
 @json_option
