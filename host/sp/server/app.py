@@ -70,10 +70,14 @@ class SpServer:
         self.engine = D.make_engine(config.db_url)
         self.pool: PursePool | None = None
         if payer is None:   # the configured purse pool, sharing the SP's database
-            if config.purses is None:
-                raise ValueError("purses: no purse pool configured")
-            self.pool = PursePool.open(config.purses, self.engine,
-                                       journal_dir=config.journal_dir)
+            try:
+                if config.purses is None:
+                    raise ValueError("purses: no purse pool configured")
+                self.pool = PursePool.open(config.purses, self.engine,
+                                           journal_dir=config.journal_dir)
+            except BaseException:
+                self.engine.dispose()
+                raise
             payer = self.pool
         self.payer: Payer = payer
         self.sql = SqlRunner(config.db_url)
@@ -116,8 +120,8 @@ class SpServer:
                 done["in_doubt"] += 1
                 continue
             state, _outcome, _reason = pay_order(self.engine, self.payer, self.http, order)
-            done["paid" if state == D.PAID else "failed" if state == D.FAILED
-                 else "in_doubt"] += state in (D.PAID, D.FAILED, D.IN_DOUBT)
+            if state in (D.PAID, D.FAILED, D.IN_DOUBT):
+                done[state] += 1
         if D.PAID in states or done["paid"]:
             for order in open_orders(self.engine, (D.PAID,)):
                 if bill_order(self.engine, order["order_ref"], b.maximum, b.due_days,
