@@ -67,14 +67,15 @@ def pool_config(system: System, readers: list[str], **changes: Any) -> PursePool
 
 
 def merchant_paid(system: System) -> list[dict[str, Any]]:
-    """The merchant's own record of paid orders (what its POS received)."""
+    """The merchant's own record of released orders (what its POS received; FIG. 7's are
+    released on the client terminal's word, proven once the card's proof arrives)."""
     from sqlalchemy import select
 
     from svcard.host.pay.merchant import db as MDB
 
     with system.pay.merchant_server.db.engine.connect() as conn:
         rows = conn.execute(select(MDB.orders)).all()
-    return [dict(r._mapping) for r in rows if dict(r._mapping).get("state") == "paid"]
+    return [dict(r._mapping) for r in rows if r._mapping["state"] in MDB.RELEASED]
 
 
 def test_pays_an_ordinary_card_payment_and_records_it(sp_system: System, engine: Engine,
@@ -200,3 +201,19 @@ def test_a_purse_that_cannot_be_read_is_a_clear_error(sp_system: System, engine:
     with pytest.raises(PursePoolError, match="holds currency 156, the pool pays in 978"):
         PursePool.open(pool_config(sp_system, [spec]).model_copy(update={"currency_code": 978}),
                        engine, journal_dir=tmp_path / "j")
+
+
+@pytest.mark.parametrize("variant", ["fig5", "fig6", "fig7", "fig8"])
+def test_every_confirmation_variant_is_an_ordinary_card_payment(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client,
+        variant: str) -> None:
+    """FIG. 5-8: the merchant chooses; the pool's purse pays as any card does (FIG. 7 with the
+    client terminal key the stack registered in this process)."""
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
+    outcome = pool.pay(sp_system.pay.checkout_url("ticket", variant), http=http,
+                       order_ref=f"v-{variant}", amount=TICKET)
+    assert (outcome.variant, outcome.amount, outcome.goods) == (variant, TICKET,
+                                                                "TICKET-MUSEUM-0042")
+    assert len(merchant_paid(sp_system)) == 1 and pool.books()[156]["debits"] == TICKET
+    assert pool.journal(outcome.purse_serial).unfinished(outcome.purse_serial) == []
