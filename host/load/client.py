@@ -108,6 +108,7 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
     the bank debit the account. (params, card balance). A card that does not answer GET DATA
     9F77 sends no limit: the bank goes by its own for the card's issuer."""
     info = info or select_purse(card, aid)
+    currency = info.known_currency("be loaded in a bank's currency")
     info.check_dates((when or dt.datetime.now()).date())
     balance = int.from_bytes(call(card, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
     limit = read_balance_limit(card)
@@ -119,7 +120,7 @@ def start_load(http: httpx.Client, bank_url: str, card: Reader, *, account: str,
         "account": account, "secret": secret, "amount": amount, "request_id": request_id,
         "lookup_only": lookup_only,
         "card": {"serial": info.app_serial, "issuer_id": info.issuer_id, "balance": balance,
-                 "currency_code": info.currency_code or 0,
+                 "currency_code": currency,
                  "currency_exponent": info.currency_exponent or 0,
                  **({} if limit is None else {"limit": limit})}},
         extensions=RETRY_SAFE if request_id else None)  # its request id: the same load again
@@ -142,6 +143,7 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
     if not 0 < amount <= 0xFFFFFFFF:
         raise TerminalCheckFailed("a load is 1..4294967295 minor units")
     info = select_purse(card, aid)
+    currency = info.known_currency("be loaded in a bank's currency")
     # the bank's debit comes first: journal an idempotency key before asking for it, so a
     # lost answer can be asked again without a second debit (see resume_loads)
     request_id = secrets.token_hex(16)
@@ -173,7 +175,7 @@ def load(bank_url: str, card: Reader, *, account: str, secret: str, amount: int,
     request = M.build(L.LoadRequest, {
         "issuer_id": bytes.fromhex(info.issuer_id), "card_serial": info.serial_bytes,
         "expiry_date": bytes.fromhex(info.expiry_date),
-        "currency_code": info.currency_code or 0, "amount": amount,
+        "currency_code": currency, "amount": amount,
         "txn_type": P.TYPE_EP_LOAD, "algorithm_id": init.algorithm_id,
         "key_version": init.key_version, "online_counter": init.online_counter,
         "balance": init.balance, "random": init.random, "s1": init.mac1,

@@ -133,8 +133,9 @@ def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client
     # 608: read the card and check it before going online
     info = select_purse(card, aid)
     info.check_dates((when or dt.datetime.now()).date())
-    if info.currency_code is not None and info.currency_code != params["currency_code"]:
-        raise TerminalCheckFailed(f"the card holds currency {info.currency_code}, the "
+    currency = info.known_currency("pay an order in a currency")
+    if currency != params["currency_code"]:
+        raise TerminalCheckFailed(f"the card holds currency {currency}, the "
                                   f"merchant asks for {params['currency_code']}")
     verify_pin_if_needed(card, purse, pin)
     terminal_id = bytes.fromhex(params["terminal_id"])
@@ -146,7 +147,7 @@ def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client
         "issuer_id": bytes.fromhex(info.issuer_id), "card_serial": info.serial_bytes,
         "algorithm_id": init.algorithm_id, "key_version": init.key_version,
         "expiry_date": bytes.fromhex(info.expiry_date), "balance": init.balance,
-        "currency_code": info.currency_code or 0, "currency_exponent": info.currency_exponent or 0,
+        "currency_code": currency, "currency_exponent": info.currency_exponent or 0,
         "purse": purse, "offline_counter": init.offline_counter, "amount": amount,
         "random": init.random, "txn_type": txn_type})
     journal.write(txn, "draw", params=params, card_serial=info.app_serial,

@@ -1,10 +1,9 @@
 """The local terminal of seed FIG. 2: a card slot and a security slot (PSAM or load HSM).
 
 Each flow reads top to bottom as the APDU exchange it makes. A status word other than 9000
-stops the flow with :class:`Declined`, naming the step; a terminal-side check (expiry,
-currency) stops it with :class:`TerminalCheckFailed`. No money moves in either case unless the
-card itself accepted a MAC.
-"""
+stops the flow with :class:`Declined`, naming the step; a terminal-side check (expiry, currency,
+a malformed answer) stops it with :class:`TerminalCheckFailed`. No money moves in either case
+unless the card itself accepted a MAC."""
 
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ class TerminalError(Exception):
 
 class Declined(TerminalError):
     """A chip answered a status word other than 9000."""
-
     def __init__(self, step: str, sw: int, message: str | None = None) -> None:
         super().__init__(message or f"{step}: {sw:04X} ({SW.meaning(sw)})")
         self.step = step
@@ -45,9 +43,8 @@ _Result = TypeVar("_Result")
 
 def held(flow: Callable[Concatenate[Reader, Reader, _Args], _Result]
          ) -> Callable[Concatenate[Reader, Reader, _Args], _Result]:
-    """Run a value flow with its card and its security module each held by a reader
-    transaction (:meth:`Reader.transaction`): over PC/SC no other program's command comes
-    between SELECT and the last DEBIT or CREDIT."""
+    """Run a value flow with card and security module each held by :meth:`Reader.transaction`:
+    over PC/SC no other program's command comes between SELECT and the last DEBIT or CREDIT."""
     @functools.wraps(flow)
     def run(card: Reader, module: Reader, /, *args: _Args.args,
             **kwargs: _Args.kwargs) -> _Result:
@@ -89,6 +86,14 @@ class CardInfo:
         """``CNY 12.34``: minor units in this card's currency."""
         return format_money(minor, self.currency_code, self.currency_exponent)
 
+    def known_currency(self, purpose: str) -> int:
+        """The card's currency code; a card that states none (no FCI, or none in it) cannot
+        ``purpose`` (a payment or load needing it): :class:`TerminalCheckFailed`."""
+        if self.currency_code is None:
+            raise TerminalCheckFailed(f"the card states no currency (no 5F2A in its SELECT "
+                                      f"answer), so it cannot {purpose}: declined")
+        return self.currency_code
+
     def check_dates(self, today: dt.date) -> None:
         start = P.parse_bcd_date(bytes.fromhex(self.start_date))
         expiry = P.parse_bcd_date(bytes.fromhex(self.expiry_date))
@@ -119,17 +124,25 @@ def card_uid(card: Reader) -> bytes:
 def select_purse(card: Reader, aid: bytes = P.DEFAULT_IEP_AID) -> CardInfo:
     """SELECT the purse application at ``aid`` and take its public data (EF 0x15): from the
     copy in the FCI's issuer discretionary data when the card gives one, else by READ BINARY.
-    A card without that application (6A82) raises :class:`NoPurse`, naming the AID."""
+    A bare 9000 (no FCI, as some purses and GlobalPlatform applets answer) is read the same way,
+    with no label and the currency unknown (None). A card without that application (6A82)
+    raises :class:`NoPurse`; a malformed FCI or EF 0x15 is :class:`TerminalCheckFailed`."""
+    step = f"SELECT purse {aid.hex().upper()}"
     answer = card.exchange(apdus.select(aid))
     if answer.sw == SW.FILE_NOT_FOUND:
         raise NoPurse(aid, answer.sw)
     if not answer.ok:
-        raise Declined(f"SELECT purse {aid.hex().upper()}", answer.sw)
-    fci = P.Fci.parse(answer.data)
-    raw = fci.issuer_discretionary
-    if len(raw) != 30:
-        raw = call(card, apdus.read_binary(P.SFI_PUBLIC_DATA, 30), "READ BINARY EF15")
-    public = P.PublicAppData.parse(raw)
+        raise Declined(step, answer.sw)
+    what = "FCI"
+    try:   # TLVError, a currency code that is not BCD, or EF 0x15 of the wrong size
+        fci = P.Fci.parse(answer.data) if answer.data else P.Fci(df_name=aid)
+        raw = fci.issuer_discretionary
+        if len(raw) != 30:
+            what = "public data (EF 0x15)"
+            raw = call(card, apdus.read_binary(P.SFI_PUBLIC_DATA, 30), "READ BINARY EF15")
+        public = P.PublicAppData.parse(raw)
+    except ValueError as exc:
+        raise TerminalCheckFailed(f"{step}: the card's {what} is malformed ({exc})") from None
     return CardInfo(
         aid=fci.df_name.hex().upper(), label=fci.label, issuer_id=public.issuer_id.hex().upper(),
         app_serial=public.app_serial.hex().upper(), app_type=public.app_type,
@@ -218,10 +231,6 @@ def prove(card: Reader, txn_type: int, counter: int) -> tuple[bytes, bytes] | No
     return answer.data[:4], answer.data[4:8]
 
 
-def _now_fields(when: dt.datetime) -> tuple[bytes, bytes]:
-    return P.bcd_date(when.date()), P.bcd_time(when)
-
-
 @dataclass(frozen=True, kw_only=True)
 class Receipt:
     """What every value transaction reports."""
@@ -272,17 +281,13 @@ def purchase(card: Reader, psam: Reader, amount: int | Amount, *, purse: int = P
              card_aid: bytes = P.DEFAULT_IEP_AID, psam_aid: bytes = P.DEFAULT_PSAM_AID,
              issuer_factor: bool = False) -> PurchaseReceipt:
     """A purchase at a POS: card <-> terminal <-> PSAM, MAC1 from the PSAM, MAC2 checked by it.
-
     ``amount`` is minor units, or an :class:`Amount` as typed, placed by the card's currency
-    exponent once the card is read (``AmountError`` if it cannot be). ``issuer_factor`` uses
-    the 24-byte INIT SAM form (issuer id as a second diversification level), for issuers that
-    personalise that way.
-    """
+    exponent once the card is read (``AmountError`` if it cannot be). ``issuer_factor`` uses the
+    24-byte INIT SAM form (issuer id as a second diversification level)."""
     _check_minor(amount)
     when = when or dt.datetime.now()
-    date, time = _now_fields(when)
-    # 1. Read the card and check it.
-    info = select_purse(card, card_aid)
+    date, time = P.bcd_date(when.date()), P.bcd_time(when)
+    info = select_purse(card, card_aid)   # 1. Read the card and check it.
     amount = info.minor_units(amount)
     info.check_dates(when.date())
     # 2. The PSAM: terminal id and currency.
@@ -292,7 +297,7 @@ def purchase(card: Reader, psam: Reader, amount: int | Amount, *, purse: int = P
     if currency is None:
         currency = P.PsamCurrency.parse(call(psam, apdus.read_binary(P.SFI_PSAM_CURRENCY, 3),
                                              "READ PSAM CURRENCY")).currency_code
-    if info.currency_code is not None and info.currency_code != currency:
+    if info.currency_code not in (None, currency):
         raise TerminalCheckFailed(f"card currency {info.currency_code} is not the terminal's "
                                   f"{currency}")
     verify_pin_if_needed(card, purse, pin)
@@ -350,9 +355,8 @@ def load(card: Reader, hsm: Reader, amount: int | Amount, *, terminal_id: bytes,
     if len(terminal_id) != 6:
         raise TerminalCheckFailed("a terminal id has 6 bytes")
     when = when or dt.datetime.now()
-    date, time = _now_fields(when)
-    # 1. Read the card and check it.
-    info = select_purse(card, card_aid)
+    date, time = P.bcd_date(when.date()), P.bcd_time(when)
+    info = select_purse(card, card_aid)   # 1. Read the card and check it.
     amount = info.minor_units(amount)
     info.check_dates(when.date())
     call(hsm, apdus.select(hsm_aid), "SELECT HSM")
@@ -362,8 +366,7 @@ def load(card: Reader, hsm: Reader, amount: int | Amount, *, terminal_id: bytes,
         card, apdus.initialize(P.INIT_LOAD, purse, key_index, amount, terminal_id),
         "INITIALIZE FOR LOAD"))
     txn_type = P.TYPE_EP_LOAD if purse == P.PURSE_EP else P.TYPE_ED_LOAD
-    issuer = bytes.fromhex(info.issuer_id)
-    serial = info.serial_bytes[-8:]
+    issuer, serial = bytes.fromhex(info.issuer_id), info.serial_bytes[-8:]
     # 3. The HSM verifies S1 and makes S2.
     s2 = call(hsm, apdus.hsm_authorize_load({
         "issuer_id": issuer, "card_serial": serial, "key_version": init.key_version,

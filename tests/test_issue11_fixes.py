@@ -1,0 +1,193 @@
+"""Issue 11 loose ends (helper F1): a purse that answers SELECT with a bare 9000 (no FCI), a
+malformed FCI, and what a card without a stated currency may still do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from svcard.card.image import card_from_image, save_new_image
+from svcard.card.personalise import image_from_profile
+from svcard.card.storage import read_image
+from svcard.fixtures import fixture_path
+from svcard.host.cli.main import main
+from svcard.host.load import client as LC
+from svcard.host.load.stack import LoadStack, start_load_stack
+from svcard.host.pay import client as PC
+from svcard.host.pay.stack import Stack
+from svcard.host.terminal import card_commands
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.purse import TerminalCheckFailed, select_purse
+from svcard.host.terminal.reader_specs import open_reader
+from svcard.protocols import purse as P
+from svcard.reader import Reader
+from svcard.reader.virtual import VirtualReader
+
+PBOC_AID = "A00000000386980701"
+
+
+class SelectAnswerStandIn(Reader):
+    """A stand-in for a purse whose SELECT answer differs from svcard's card: every other APDU
+    goes to the real (virtual) card, a successful SELECT's data is replaced by ``fci`` (empty:
+    a bare 9000, as some real purses and GlobalPlatform applets answer)."""
+
+    def __init__(self, inner: Reader, fci: bytes = b"") -> None:
+        self.inner, self.fci, self.name = inner, fci, "select-answer stand-in"
+
+    def connect(self) -> bytes:
+        return self.inner.connect()
+
+    def disconnect(self) -> None:
+        self.inner.disconnect()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        answer = self.inner.transmit(apdu)
+        if apdu[1] == P.INS_SELECT and answer[-2:] == b"\x90\x00":
+            return self.fci + b"\x90\x00"
+        return answer
+
+
+def svcard(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args), prog_name="svcard")
+
+
+def pboc_card(folder: Path, ep: int = 10_000) -> Path:
+    image = image_from_profile(fixture_path("iep-demo.toml"), aid=PBOC_AID)
+    image["app"]["ep"]["balance"] = ep
+    path = folder / "pboc.json"
+    save_new_image(path, image, overwrite=True)
+    return path
+
+
+def balance(card: Path) -> int:
+    return int(read_image(card)["app"]["ep"]["balance"])
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> Callable[[bytes], None]:
+    """Every reader the CLI opens answers a SELECT with ``fci`` (the tests using it open a
+    purse card only)."""
+    def use(fci: bytes) -> None:
+        monkeypatch.setattr(card_commands, "open_reader",
+                            lambda spec: SelectAnswerStandIn(open_reader(spec), fci))
+    return use
+
+
+def test_a_bare_9000_select_is_read_by_read_binary(tmp_path: Path,
+                                                   stand_in: Callable[[bytes], None]) -> None:
+    card = pboc_card(tmp_path)
+    stand_in(b"")
+    r = svcard("terminal", "balance", "--aid", PBOC_AID, "--card", f"virtual:{card}", "--json")
+    assert r.exit_code == 0, r.output
+    assert "\"balance\": 10000" in r.output and "00000000000000000001" in r.output
+    with SelectAnswerStandIn(open_reader(f"virtual:{card}")) as reader:
+        info = select_purse(reader, bytes.fromhex(PBOC_AID))
+    assert (info.aid, info.label, info.currency_code) == (PBOC_AID, "", None)
+    log = svcard("terminal", "log", "--aid", PBOC_AID, "--card", f"virtual:{card}")
+    assert log.exit_code == 0, log.output
+
+
+@pytest.mark.parametrize("fci, says", [
+    (bytes.fromhex("7003840100"), "an FCI starts with tag 6F"),           # not an FCI
+    (bytes.fromhex("6F0584"), "truncated"),                                # cut short
+    (bytes.fromhex("6F03500141"), "no DF name"),                           # no 84
+    (bytes.fromhex("6F0A8401A0A5055F2A02ABCD"), "currency"),              # currency not BCD
+], ids=["not-6F", "cut-short", "no-DF-name", "currency-not-BCD"])
+def test_a_malformed_fci_is_one_line(tmp_path: Path, stand_in: Callable[[bytes], None],
+                                     fci: bytes, says: str) -> None:
+    card = pboc_card(tmp_path)
+    stand_in(fci)
+    r = svcard("terminal", "balance", "--aid", PBOC_AID, "--card", f"virtual:{card}")
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and "FCI is malformed" in r.output, r.output
+    assert "Traceback" not in r.output and "internal error" not in r.output
+
+
+def test_a_short_public_data_file_is_one_line() -> None:
+    class ShortEf15(SelectAnswerStandIn):
+        def transmit(self, apdu: bytes) -> bytes:
+            if apdu[1] == P.INS_READ_BINARY:
+                return bytes(12) + b"\x90\x00"
+            return super().transmit(apdu)
+    image = image_from_profile(fixture_path("iep-demo.toml"))
+    with (ShortEf15(VirtualReader(card_from_image(image))) as reader,
+          pytest.raises(TerminalCheckFailed, match=r"EF 0x15\) is malformed")):
+        select_purse(reader)
+
+
+def test_local_purchase_without_fci_in_minor_units(tmp_path: Path,
+                                                   stand_in: Callable[[bytes], None]) -> None:
+    """The local terminal still pays (the PSAM states the currency); a decimal amount, which
+    needs the card's exponent, is one line."""
+    card = pboc_card(tmp_path)
+    psam = tmp_path / "psam.json"
+    save_new_image(psam, image_from_profile(fixture_path("psam-demo.toml")))
+
+    def wrap(spec: str) -> Reader:
+        reader = open_reader(spec)
+        return SelectAnswerStandIn(reader) if "pboc" in spec else reader
+    mp = pytest.MonkeyPatch()
+    mp.setattr(card_commands, "open_reader", wrap)
+    try:
+        ok = svcard("terminal", "purchase", "--aid", PBOC_AID, "--card", f"virtual:{card}",
+                    "--psam", f"virtual:{psam}", "--amount", "250u")
+        assert ok.exit_code == 0, ok.output
+        assert balance(card) == 10_000 - 250
+        decimal = svcard("terminal", "purchase", "--aid", PBOC_AID, "--card",
+                         f"virtual:{card}", "--psam", f"virtual:{psam}", "--amount", "2.50")
+        assert decimal.exit_code != 0 and decimal.output.count("\n") == 1, decimal.output
+        assert "exponent" in decimal.output and balance(card) == 10_000 - 250
+    finally:
+        mp.undo()
+
+
+def test_network_pay_without_a_card_currency_declines(stack: Stack, tmp_path: Path,
+                                                      stand_in: Callable[[bytes], None]
+                                                      ) -> None:
+    """The merchant's order is in a currency; a card that states none is declined before
+    going online, in one line (exit 1), and nothing is debited."""
+    card = pboc_card(tmp_path)
+    stand_in(b"")
+    r = svcard("pay", stack.checkout_url("ticket", "fig6"), "--card", f"virtual:{card}",
+               "--aid", PBOC_AID, "--journal", str(tmp_path / "cli.jsonl"))
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "states no currency" in r.output
+    with (httpx.Client(timeout=30) as http,
+          SelectAnswerStandIn(open_reader(f"virtual:{card}")) as reader,
+          pytest.raises(TerminalCheckFailed, match="states no currency")):
+        PC.pay(stack.checkout_url("ticket", "fig6"), reader,
+               journal=Journal(tmp_path / "j.jsonl"), http=http,
+               aid=bytes.fromhex(PBOC_AID))
+    assert balance(card) == 10_000
+    assert stack.payment_server.db.counts().get("received", 0) == 0
+
+
+@pytest.fixture
+def loads(tmp_path: Path) -> Iterator[LoadStack]:
+    s = start_load_stack(tmp_path / "load")
+    s.account("alice", 20_000, "pw")
+    yield s
+    s.close()
+
+
+def account_balance(loads: LoadStack, name: str = "alice") -> int:
+    row = loads.bank_server.db.account(name)
+    assert row is not None
+    return int(row["balance"])
+
+
+def test_network_load_without_a_card_currency_declines(loads: LoadStack, tmp_path: Path) -> None:
+    """The bank loads in its currency; a card that states none is declined before the bank
+    is asked: nothing debited, nothing loaded."""
+    card = pboc_card(tmp_path)
+    with (httpx.Client(timeout=30) as http,
+          SelectAnswerStandIn(open_reader(f"virtual:{card}")) as reader,
+          pytest.raises(TerminalCheckFailed, match="states no currency")):
+        LC.load(loads.bank_url, reader, account="alice", secret="pw", amount=500,
+                journal=Journal(tmp_path / "j.jsonl"), http=http,
+                aid=bytes.fromhex(PBOC_AID))
+    assert account_balance(loads) == 20_000 and balance(card) == 10_000
