@@ -1,27 +1,42 @@
 #!/usr/bin/env python3
-"""Loads per second over HTTP on loopback (seed FIG. 17-18).
+"""Loads per second over HTTP on loopback (seed FIG. 17-18), and what each one costs.
 
-    python benchmarks/bench_load.py [--seconds 8] [--clients 16] [--procs 2] [--smoke]
+    python benchmarks/bench_load.py [--seconds 8] [--clients 16] [--procs N] [--no-pin]
+                                    [--profile DIR] [--smoke]
 
 The bank and load servers run as processes (``svcard serve bank|load``) with durable SQLite
-(WAL, synchronous=FULL) and a virtual HSM; load comes from client processes, each with several
-threads, each thread loading its own in-memory card in a loop (the whole client flow: card
-reads, bank start, INITIALIZE FOR LOAD, load request, CREDIT FOR LOAD, result, confirmation to
-the bank; the client journal fsynced at every step, in /dev/shm when there is one). Reports
-loads per second, p50 and p99 latency and round trips per load. Target: >= 200 loads/s.
+(WAL, synchronous=FULL) and a virtual HSM. The load comes from the generator of
+``loadgen.py``: ``--clients`` in-memory cards (no image file, no image fsync) in ``--procs``
+processes, each loading its card in a loop with the real client flow
+(``svcard.host.load.client.load``: card reads, bank start, INITIALIZE FOR LOAD, load request,
+CREDIT FOR LOAD, result, confirmation to the bank) over keep-alive connections, its client
+journal in tmpfs and never fsynced. Reports loads per second, p50 and p99 latency, round trips
+per load and, over the same window, the bank's and the load server's CPU ms and fsyncs per
+load and the generator's CPU ms per load (on 2 or more CPUs the servers and the generator are
+pinned apart; the output says how). Targets: >= 200 loads/s; <= 5 ms of CPU per load over
+bank + load server together.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
-from loadgen import Result, run_cards, summarize
+from loadgen import (
+    GeneratorRun,
+    Http,
+    fsync_method,
+    journal_folder,
+    measure,
+    run_cards,
+    running,
+    split_cpus,
+    start_server,
+)
 
 from svcard.host.kit.serving import wait_http as wait_up
 from svcard.host.terminal.journal import Journal
@@ -31,29 +46,36 @@ ROOT = Path(__file__).resolve().parent.parent
 SVCARD = str(Path(sys.executable).parent / "svcard")
 
 
-def worker(args: tuple[int, int, str, str, float, str]) -> list[Result]:
-    """One client process: ``threads`` cards loading 0.01 in a loop for ``seconds``."""
-    first, threads, bank_url, secret, seconds, journal_dir = args
+def worker(args: tuple[int, int, str, str, float, str], start: Any) -> GeneratorRun:
+    """One generator process: ``cards`` cards loading 0.01 in a loop for ``seconds``."""
+    first, cards, bank_url, secret, seconds, journal_dir = args
     from svcard.host.load import client as LC
 
-    def load(serial: int, reader: Reader, journal: Journal,
-             http: httpx.Client) -> tuple[bool, int]:
+    def load(serial: int, reader: Reader, journal: Journal, http: Http) -> tuple[bool, int]:
         out = LC.load(bank_url, reader, account=f"a{serial}", secret=secret, amount=1,
-                      journal=journal, http=http)
+                      journal=journal, http=cast(httpx.Client, http))
         return out.outcome == "loaded", out.round_trips
 
-    return run_cards(first, threads, seconds, journal_dir, load, balance_limit=0xFFFFFFFF)
+    return run_cards(first, cards, seconds, journal_dir, load, start,
+                     balance_limit=0xFFFFFFFF)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=16, help="cards loading in parallel")
-    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--procs", type=int, default=0,
+                        help="generator processes (default: one per generator CPU)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the servers and the generator to different CPUs")
+    parser.add_argument("--profile", type=Path, help="py-spy each server into this folder")
     parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
     args = parser.parse_args()
     seconds = 1.5 if args.smoke else args.seconds
     clients = 4 if args.smoke else args.clients
+    placement = split_cpus(not args.no_pin)
+    procs = args.procs or len(placement.generator or ()) or 2
+    method = fsync_method()
     from svcard.host.kit.serving import free_port
     from svcard.host.load.bank.db import BankDb
     from svcard.host.load.bank.db import make_engine as bank_engine
@@ -66,38 +88,40 @@ def main() -> int:
         "http://127.0.0.1:8083", f"http://127.0.0.1:{bank_port}")
     (case / "bank.toml").write_text(bank_toml)
     bank_db = f"sqlite:///{case / 'bank.db'}"
-    per = max(1, clients // args.procs)
+    per = max(1, clients // procs)
     db = BankDb(bank_engine(bank_db))
-    for i in range(args.procs * per):
+    for i in range(procs * per):
         db.create_account(f"a{1000 + i}", "bench", 156, 10**12, "pw")
     servers = [
-        subprocess.Popen([SVCARD, "serve", "load", "--config",
-                          str(ROOT / "fixtures" / "load-demo.toml"), "--hsm",
-                          f"virtual:{hsm_image(case)}", "--db",
-                          f"sqlite:///{case / 'loads.db'}", "--port", str(load_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([SVCARD, "serve", "bank", "--config", str(case / "bank.toml"), "--db",
-                          bank_db, "--port", str(bank_port)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
+        start_server([SVCARD, "serve", "load", "--config",
+                      str(ROOT / "fixtures" / "load-demo.toml"), "--hsm",
+                      f"virtual:{hsm_image(case)}", "--db", f"sqlite:///{case / 'loads.db'}",
+                      "--port", str(load_port)], placement),
+        start_server([SVCARD, "serve", "bank", "--config", str(case / "bank.toml"), "--db",
+                      bank_db, "--port", str(bank_port)], placement)]
+    with running(servers):
         wait_up(f"http://127.0.0.1:{load_port}/v1/health")
         wait_up(f"http://127.0.0.1:{bank_port}/v1/health")
-        journals = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        journals = journal_folder()
         bank_url = f"http://127.0.0.1:{bank_port}/v1/load"
-        with mp.get_context("spawn").Pool(args.procs) as pool:
-            parts = pool.map(worker, [(1000 + i * per, per, bank_url, "pw", seconds, journals)
-                                      for i in range(args.procs)])
-    finally:
-        for p in servers:
-            p.terminate()
-            p.wait(timeout=30)
-    summary = summarize([r for part in parts for r in part], seconds)
+        m = measure(worker, [(1000 + i * per, per, bank_url, "pw", seconds, journals)
+                             for i in range(procs)],
+                    {"load": servers[0].pid, "bank": servers[1].pid}, placement, seconds,
+                    args.profile, method)
+    summary = m.summary
     rate = summary["rate"]
-    print(f"{args.procs * per} cards loading for {seconds:g} s: {summary['done']:.0f} loads, "
-          f"{summary['refused']:.0f} refused")
-    print(f"loads/s {rate:.1f} (target >= 200: {'met' if rate >= 200 else 'NOT met'}); "
+    server_ms = m.per_txn(sum(m.server_cpu.values()))
+    print("svcard load benchmark" + (" (smoke run: figures not meaningful)" if args.smoke
+                                     else ""))
+    print(f"  {placement.note}; {procs * per} cards in {procs} generator process(es), "
+          f"in-memory cards, client journals in tmpfs, never fsynced")
+    print(f"  {summary['done']:.0f} loads in {m.wall:.1f} s, {summary['refused']:.0f} refused")
+    print(f"  loads/s {rate:.1f} (target >= 200: {'met' if rate >= 200 else 'NOT met'}); "
           f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms; "
           f"round trips {summary['trips']:.1f}")
+    print("\n".join(m.cost_lines("load")))
+    print(f"  server CPU per load, bank + load server: {server_ms:.2f} ms (target <= 5: "
+          f"{'met' if server_ms <= 5 else 'NOT met'})")
     if not summary["done"]:
         return 1
     return 0

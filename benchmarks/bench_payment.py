@@ -1,30 +1,48 @@
 #!/usr/bin/env python3
-"""Purchases per second over HTTP on loopback (seed FIG. 4-9), all in one run.
+"""Purchases per second over HTTP on loopback (seed FIG. 4-9), and what each one costs.
 
-    python benchmarks/bench_payment.py [--seconds 8] [--clients 24] [--smoke]
+    python benchmarks/bench_payment.py [--seconds 8] [--clients 24] [--procs N] [--no-pin]
+                                       [--profile DIR] [--smoke]
 
 The payment and merchant servers run as processes (``svcard serve ...``) with durable SQLite
-(WAL, synchronous=FULL) and virtual PSAM images (every PSAM write fsynced); load comes from
-client processes, each with several threads, each thread paying with its own in-memory card
-(the whole client flow: checkout, card, draw, debit, confirmation). It reports purchases per
-second, p50 and p99 latency and round trips per purchase for 1, 4 and 16 PSAMs and each variant,
-then, with a simulated physical PSAM (30 ms per PSAM APDU), the throughput of FIG. 6/7/8 over
-FIG. 5 at the same pool size. Targets: >= 300 purchases/s with 16 PSAMs; early release >= 1.8x
-FIG. 5 with slow PSAMs.
+(WAL, synchronous=FULL) and virtual PSAM images (every PSAM write fsynced). The load comes from
+the generator of ``loadgen.py``: ``--clients`` in-memory cards (virtual cards: no image file,
+no image fsync) in ``--procs`` processes, each card running the whole client flow
+(``svcard.host.pay.client.pay``: checkout, card, draw, debit, confirmation, FIG. 7/8 proof) in
+a loop over keep-alive connections, its client journal in tmpfs and never fsynced.
+
+For 1, 4 and 16 PSAMs and each variant it reports purchases per second, p50 and p99 latency,
+round trips per purchase, and, over the same window, each server process's CPU ms and fsyncs
+per purchase and the generator's CPU ms per purchase, with how busy each side's CPUs were (on
+2 or more CPUs the servers and the generator are pinned apart; the output says how). Then,
+with a simulated physical PSAM (30 ms per PSAM APDU), the throughput of FIG. 6/7/8 over FIG. 5
+at the same pool size. Targets: >= 300 purchases/s with 16 PSAMs; payment server CPU <= 2 ms
+per purchase for FIG. 7/8, <= 3 ms for FIG. 5/6; early release >= 1.8x FIG. 5 with slow PSAMs.
+``--profile DIR`` samples each server with py-spy while it runs (collapsed stacks in DIR).
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
-from loadgen import Result, run_cards, summarize
+from loadgen import (
+    GeneratorRun,
+    Http,
+    Measured,
+    Placement,
+    fsync_method,
+    journal_folder,
+    measure,
+    run_cards,
+    running,
+    split_cpus,
+    start_server,
+)
 
 from svcard.host.kit.serving import wait_http as wait_up
 from svcard.host.terminal.journal import Journal
@@ -34,27 +52,28 @@ ROOT = Path(__file__).resolve().parent.parent
 SVCARD = str(Path(sys.executable).parent / "svcard")
 
 
-def worker(args: tuple[int, int, str, float, str, str]) -> list[Result]:
-    """One client process: ``threads`` cards paying in a loop for ``seconds``, as the
+def worker(args: tuple[int, int, str, float, str, str], start: Any) -> GeneratorRun:
+    """One generator process: ``cards`` cards paying in a loop for ``seconds``, as the
     registered client terminal whose key file is given (FIG. 7 needs one)."""
-    first_serial, threads, checkout, seconds, journal_dir, key_file = args
+    first_serial, cards, checkout, seconds, journal_dir, key_file = args
     from svcard.host.pay import client as C
     from svcard.host.pay import client_terminal as CT
 
     terminal = CT.ClientTerminal.load(Path(key_file))
 
-    def pay(serial: int, reader: Reader, journal: Journal,
-            http: httpx.Client) -> tuple[bool, int]:
-        return True, C.pay(checkout, reader, journal=journal, http=http,
+    def pay(serial: int, reader: Reader, journal: Journal, http: Http) -> tuple[bool, int]:
+        return True, C.pay(checkout, reader, journal=journal, http=cast(httpx.Client, http),
                            terminal=terminal).round_trips
 
-    return run_cards(first_serial, threads, seconds, journal_dir, pay, balance_limit=100_000,
-                     balances={"ep": 100_000})
+    return run_cards(first_serial, cards, seconds, journal_dir, pay, start,
+                     balance_limit=100_000_000, balances={"ep": 100_000_000})
 
 
 def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: int,
-             procs: int, delay_ms: float = 0) -> dict[str, float]:
+             procs: int, placement: Placement, method: str | None, delay_ms: float = 0,
+             profile: Path | None = None) -> Measured:
     from svcard.host.kit.serving import free_port
+    from svcard.host.pay.client_terminal import ClientTerminal
     from svcard.host.pay.stack import psam_images
 
     case = Path(tempfile.mkdtemp(dir=folder))
@@ -62,8 +81,6 @@ def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: in
     specs = [f"virtual:{p}" for p in psam_images(case, psams)]
     if delay_ms:
         specs = [f"delayed:{delay_ms:g}:{s}" for s in specs]
-    from svcard.host.pay.client_terminal import ClientTerminal
-
     terminal = ClientTerminal.generate()
     terminal.save(case / "terminal.pem")
     # the benchmark's client terminal registered (FIG. 7)
@@ -81,55 +98,68 @@ def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: in
            "--db", f"sqlite:///{case / 'payments.db'}", "--port", str(pay_port)]
     for s in specs:
         cmd += ["--psam", s]
-    servers = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-               subprocess.Popen([SVCARD, "serve", "merchant", "--config",
-                                 str(case / "merchant.toml"), "--port", str(merchant_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
+    servers = [start_server(cmd, placement),
+               start_server([SVCARD, "serve", "merchant", "--config",
+                             str(case / "merchant.toml"), "--port", str(merchant_port)],
+                            placement)]
+    with running(servers):
         wait_up(f"http://127.0.0.1:{pay_port}/v1/health")
         wait_up(f"http://127.0.0.1:{merchant_port}/v1/catalogue")
         checkout = f"http://127.0.0.1:{merchant_port}/v1/checkout/song?variant={variant}"
         per = max(1, clients // procs)
-        journals = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
-        started = time.perf_counter()
-        with mp.get_context("spawn").Pool(procs) as pool:
-            parts = pool.map(worker, [(1000 + i * per, per, checkout, seconds, journals,
-                                       str(case / "terminal.pem"))
-                                      for i in range(procs)])
-        took = time.perf_counter() - started
-    finally:
-        for p in servers:
-            p.terminate()
-            p.wait(timeout=30)
-    summary = summarize([r for part in parts for r in part], seconds)
-    return {**summary, "wall": took}
+        journals = journal_folder()
+        return measure(worker, [(1000 + i * per, per, checkout, seconds, journals,
+                                 str(case / "terminal.pem")) for i in range(procs)],
+                       {"payment": servers[0].pid, "merchant": servers[1].pid}, placement,
+                       seconds, profile / f"{psams}psam-{variant}" if profile else None,
+                       method)
+
+
+def line(psams: int, variant: str, m: Measured) -> str:
+    r = m.summary
+    return (f"  {psams:2d} PSAMs {variant}: {r['rate']:7.1f} purchases/s  p50 {r['p50']:6.1f} ms"
+            f"  p99 {r['p99']:6.1f} ms  {r['trips']:.0f} round trips  ({r['refused']:.0f} "
+            f"refused)\n" + "\n".join(m.cost_lines("purchase")))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=24, help="paying cards in parallel")
-    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--procs", type=int, default=0,
+                        help="generator processes (default: one per generator CPU)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the servers and the generator to different CPUs")
+    parser.add_argument("--profile", type=Path, help="py-spy each server into this folder")
+    parser.add_argument("--pools", default="1,4,16", help="PSAM pool sizes")
+    parser.add_argument("--variants", default="fig5,fig6,fig7,fig8")
     parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
     args = parser.parse_args()
     seconds = 1.0 if args.smoke else args.seconds
-    pools = (1, 4) if args.smoke else (1, 4, 16)
-    variants = ("fig6",) if args.smoke else ("fig5", "fig6", "fig7", "fig8")
+    pools = (1, 4) if args.smoke else tuple(int(p) for p in args.pools.split(","))
+    variants = ("fig6",) if args.smoke else tuple(args.variants.split(","))
+    clients = 8 if args.smoke else args.clients
+    placement = split_cpus(not args.no_pin)
+    procs = args.procs or len(placement.generator or ()) or 2
+    method = fsync_method()
     print("svcard payment benchmark" + (" (smoke run: figures not meaningful)" if args.smoke
                                         else ""))
+    print(f"  {placement.note}; {clients} cards in {procs} generator process(es), in-memory "
+          f"cards, client journals in tmpfs, never fsynced; fsyncs counted by "
+          f"{method or 'nothing (neither perf nor strace here)'}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for psams in pools:
             for variant in variants:
-                r = run_case(folder, psams, variant, seconds, args.clients, args.procs)
-                print(f"  {psams:2d} PSAMs {variant}: {r['rate']:7.1f} purchases/s  p50 "
-                      f"{r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms  {r['trips']:.0f} round "
-                      f"trips  ({r['refused']} refused)", flush=True)
+                m = run_case(folder, psams, variant, seconds, clients, procs, placement, method,
+                             profile=args.profile)
+                print(line(psams, variant, m), flush=True)
         slow_pool = 4
         slow = {}
         for variant in ("fig5", "fig6", "fig7", "fig8"):
-            slow[variant] = run_case(folder, slow_pool, variant, max(seconds, 2.0),
-                                     args.clients, args.procs, delay_ms=30)["rate"]
+            m = run_case(folder, slow_pool, variant, seconds if args.smoke else
+                         max(seconds, 2.0), clients, procs, placement, method, delay_ms=30)
+            slow[variant] = m.summary["rate"]
         print(f"  simulated physical PSAMs (30 ms per APDU), {slow_pool} PSAMs: " + ", ".join(
             f"{v} {rate:.1f}/s" for v, rate in slow.items()))
         if slow["fig5"]:

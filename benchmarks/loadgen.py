@@ -1,67 +1,508 @@
-"""The load generator the HTTP benchmarks share: threads, each with its own in-memory purse
-card and journal, running one client flow in a loop, and the summary of what they measured."""
+"""The load generator the HTTP benchmarks share, and what they measure beside it.
+
+The generator. Each generator process runs many cards at once, one thread per card, each card
+an in-memory virtual card (no image file, so no image fsync) running the real client flow
+(``svcard.host.pay.client.pay``, ``svcard.host.load.client.load``) in a loop. Two things make
+it cheap. Its HTTP client, :class:`Http`, is a small HTTP/1.1 client on plain blocking sockets
+with one keep-alive connection per card and server: about 20 us of CPU per request, where
+httpx costs ~350 us (``httpx.Client``) to 500-1,200 us (``httpx.AsyncClient``, measured on the
+benchmark machine). Its client journal, :class:`BenchJournal`, appends each step's line to a
+file in tmpfs (``/dev/shm``) and never fsyncs (the secret fields are dropped, not kept).
+
+What a benchmark reports, beside the rate and latency, is read while the load runs: each
+server process's CPU time (``/proc/PID/stat``: user + system, all threads), its fsync and
+fdatasync calls (:class:`FsyncCounter`: ``perf stat`` on the syscall tracepoints, which costs
+the process nothing, else ``strace -c -f``, which slows it), and the generator's own CPU, all
+per completed transaction, so a reader sees which side is the limit. On a machine with 2 or
+more CPUs the servers and the generator are pinned to different CPUs (:func:`split_cpus`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from svcard.card.image import card_from_image
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
-from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.journal import Journal, split_secrets
 from svcard.host.terminal.purse import TerminalError
 from svcard.reader import Reader, VirtualReader
 
 Result = tuple[float, int, bool]  # seconds, round trips, done
 # one transaction: (serial, card, journal, http) -> (done, round trips)
-Step = Callable[[int, Reader, Journal, httpx.Client], tuple[bool, int]]
+Step = Callable[[int, Reader, Journal, "Http"], tuple[bool, int]]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def run_cards(first_serial: int, threads: int, seconds: float, journal_dir: str, step: Step,
-              **profile: object) -> list[Result]:
-    """``threads`` cards (serials from ``first_serial``, the demo profile with ``profile``
-    overrides; keys diversified for each serial) running ``step`` for ``seconds``. A refusal
-    counts as not done."""
+class Http:
+    """A minimal HTTP/1.1 client for one card (one thread): one keep-alive connection per
+    server, requests in one ``sendall``, answers read by ``Content-Length`` or chunked. It has
+    the ``post``/``get`` the client flows call on an ``httpx.Client`` and answers with
+    ``httpx.Response`` objects, so those flows run unchanged (``extensions`` are ignored: a
+    busy answer is counted as a refusal, never retried)."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        self._conns: dict[tuple[str, int], tuple[socket.socket, Any]] = {}
+
+    def _connect(self, host: str, port: int) -> tuple[socket.socket, Any]:
+        sock = socket.create_connection((host, port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = (sock, sock.makefile("rb"))
+        self._conns[(host, port)] = conn
+        return conn
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            conn[1].close()
+            conn[0].close()
+
+    def request(self, method: str, url: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> httpx.Response:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        head = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}",
+                f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        key = (host, port)
+        for attempt in (0, 1):
+            reused = key in self._conns
+            sock, rfile = self._conns[key] if reused else self._connect(host, port)
+            try:
+                sock.sendall(data)
+                status_line = rfile.readline(65537)
+                if not status_line:
+                    raise ConnectionResetError("closed before answering")
+            except OSError:
+                self._drop(key)
+                if reused and attempt == 0:  # an idle keep-alive connection the server closed
+                    continue
+                raise
+            break
+        status = int(status_line.split(b" ", 2)[1])
+        fields: list[tuple[str, str]] = []
+        while True:
+            line = rfile.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            fields.append((name.strip(), value.strip()))
+        lower = {k.lower(): v.lower() for k, v in fields}
+        if "content-length" in lower:
+            content = rfile.read(int(lower["content-length"]))
+        elif lower.get("transfer-encoding") == "chunked":
+            chunks = []
+            while size := int(rfile.readline().split(b";")[0], 16):
+                chunks.append(rfile.read(size))
+                rfile.readline()
+            while rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            content = b"".join(chunks)
+        elif status in (204, 304) or status < 200 or method == "HEAD":
+            content = b""
+        else:
+            content = rfile.read()
+            lower["connection"] = "close"
+        if lower.get("connection") == "close":
+            self._drop(key)
+        return httpx.Response(status, headers=fields, content=content,
+                              request=httpx.Request(method, url))
+
+    def post(self, url: str, *, content: bytes | None = None, json: Any = None,
+             headers: dict[str, str] | None = None, extensions: Any = None) -> httpx.Response:
+        hdrs = dict(headers or {})
+        if json is not None:
+            content = _json_bytes(json)
+            hdrs.setdefault("Content-Type", "application/json")
+        return self.request("POST", url, content or b"", hdrs)
+
+    def get(self, url: str, *, headers: dict[str, str] | None = None,
+            extensions: Any = None) -> httpx.Response:
+        return self.request("GET", url, b"", headers)
+
+    def close(self) -> None:
+        for key in list(self._conns):
+            self._drop(key)
+
+    def __enter__(self) -> Http:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class BenchJournal(Journal):
+    """The client journal of a benchmark card: each step's line (its secret fields dropped)
+    appended to its file, in tmpfs when there is one, with no lock and no fsync. Only the
+    write path the client flows take is cheap; reading it back works as for any journal."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._file = path.open("ab", buffering=0)
+
+    def write(self, txn_id: str, state: str, **data: Any) -> None:
+        public, _ = split_secrets({"txn_id": txn_id, "state": state, **data})
+        self._file.write(_json_bytes(public) + b"\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def journal_folder() -> str:
+    """A new folder for the client journals: in tmpfs (``/dev/shm``) when there is one."""
+    return tempfile.mkdtemp(prefix="svcard-bench-",
+                            dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+
+
+@dataclass
+class GeneratorRun:
+    results: list[Result]
+    cpu: float       # the generator process's CPU seconds over the measured window
+    wall: float
+
+
+def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, step: Step,
+              start: Any = None, **profile: Any) -> GeneratorRun:
+    """``cards`` in-memory cards (serials from ``first_serial``, the demo profile with
+    ``profile`` overrides; keys diversified for each serial), one thread each, running ``step``
+    for ``seconds``. Each card does one transaction first (not counted); then the generators
+    and the parent meet twice at ``start`` (a barrier; None: no parent), ready, then go, and the
+    measured window begins. A refusal counts as not done."""
     results: list[Result] = []
     lock = threading.Lock()
-    end = time.monotonic() + seconds
+    warmed = threading.Barrier(cards + 1)
+    go = threading.Event()
+    end = [0.0]
 
     def run(serial: int) -> None:
         image = image_from_profile(fixture_path("iep-demo.toml"), app_serial=f"{serial:020d}",
                                    **profile)
         reader = VirtualReader(card_from_image(image))
         reader.connect()
-        journal = Journal(Path(journal_dir) / f"j{serial}.jsonl")
-        with httpx.Client(timeout=60) as http:
-            while time.monotonic() < end:
+        journal = BenchJournal(Path(journal_dir) / f"j{serial}.jsonl")
+        with Http() as http:
+            with contextlib.suppress(TerminalError):
+                step(serial, reader, journal, http)  # warm up: connections, caches
+            warmed.wait()
+            go.wait()
+            mine: list[Result] = []
+            while time.monotonic() < end[0]:
                 started = time.perf_counter()
                 try:
                     done, trips = step(serial, reader, journal, http)
                 except TerminalError:
                     done, trips = False, 0
-                with lock:
-                    results.append((time.perf_counter() - started, trips, done))
+                mine.append((time.perf_counter() - started, trips, done))
+        journal.close()
+        with lock:
+            results.extend(mine)
 
-    pool = [threading.Thread(target=run, args=(first_serial + i,)) for i in range(threads)]
+    pool = [threading.Thread(target=run, args=(first_serial + i,), daemon=True)
+            for i in range(cards)]
     for t in pool:
         t.start()
+    warmed.wait(timeout=120)
+    if start is not None:
+        start.wait(timeout=180)  # every generator is ready
+        start.wait(timeout=180)  # the parent has begun measuring
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    end[0] = time.monotonic() + seconds
+    go.set()
     for t in pool:
         t.join()
-    return results
+    return GeneratorRun(results, time.process_time() - cpu0, time.perf_counter() - wall0)
 
 
 def summarize(results: list[Result], seconds: float) -> dict[str, float]:
     """Rate of done transactions, p50/p99 latency (ms), mean round trips, refusals."""
     good = [r for r in results if r[2]]
     lat = sorted(r[0] for r in good) or [0.0]
-    return {"rate": len(good) / seconds, "done": len(good),
+    return {"rate": len(good) / seconds if seconds else 0.0, "done": len(good),
             "p50": statistics.median(lat) * 1000,
             "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
             "trips": statistics.mean(r[1] for r in good) if good else 0,
             "refused": len(results) - len(good)}
+
+
+# --- what the servers spend ----------------------------------------------------------------
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread, living or ended) a process has used."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    rest = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces: cut after it
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def fsync_method() -> str | None:
+    """How fsyncs can be counted here: "perf" (syscall tracepoints, no cost to the process),
+    "strace" (``strace -c -f``: every syscall of the process stops it, so slower), or None.
+    ``SVCARD_BENCH_FSYNC=perf|strace|none`` chooses."""
+    forced = os.environ.get("SVCARD_BENCH_FSYNC")
+    if forced:
+        return None if forced == "none" else forced
+    if shutil.which("perf"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            if subprocess.run(["perf", "stat", "-x,", "-e", "syscalls:sys_enter_fsync", "--",
+                               "true"], capture_output=True, timeout=30).returncode == 0:
+                return "perf"
+    if shutil.which("strace"):
+        return "strace"
+    return None
+
+
+class FsyncCounter:
+    """fsync + fdatasync calls made by the process ``pid`` (all its threads, also those it
+    starts later) from now until :meth:`stop`, counted by ``method`` (see
+    :func:`fsync_method`)."""
+
+    def __init__(self, pid: int, method: str | None) -> None:
+        self.method = method
+        self.out = Path(tempfile.mkstemp(prefix="svcard-fsync-")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+        if method == "perf":
+            cmd = ["perf", "stat", "-x,", "-o", str(self.out), "-e",
+                   "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync", "-p", str(pid)]
+        elif method == "strace":
+            cmd = ["strace", "-c", "-f", "-e", "trace=fsync,fdatasync", "-o", str(self.out),
+                   "-p", str(pid)]
+        else:
+            return
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3 if method == "strace" else 0.1)  # attached before the load starts
+
+    def stop(self) -> int | None:
+        """Stop counting: the count, or None if it could not be counted."""
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+        text = self.out.read_text(errors="replace")
+        self.out.unlink(missing_ok=True)
+        return parse_fsync_count(text, self.method or "")
+
+
+def parse_fsync_count(text: str, method: str) -> int | None:
+    """The fsync + fdatasync count in ``perf stat -x,`` or ``strace -c`` output."""
+    total, seen = 0, False
+    for line in text.splitlines():
+        if method == "perf":
+            cells = line.split(",")
+            if len(cells) > 2 and cells[2].startswith("syscalls:sys_enter_f"):
+                if not cells[0].strip().isdigit():
+                    return None  # <not counted> / <not supported>
+                total, seen = total + int(cells[0]), True
+        else:
+            cells = line.split()
+            if cells and cells[-1] in ("fsync", "fdatasync") and len(cells) >= 5:
+                total, seen = total + int(cells[3]), True
+    return total if seen or method == "strace" else None
+
+
+# --- where the processes run ---------------------------------------------------------------
+
+@dataclass
+class Placement:
+    servers: set[int] | None
+    generator: set[int] | None
+    note: str
+
+    def server_preexec(self) -> Callable[[], None] | None:
+        cpus = self.servers
+        if cpus is None:
+            return None
+        return lambda: os.sched_setaffinity(0, cpus)
+
+
+def split_cpus(pin: bool = True) -> Placement:
+    """On 2 or more CPUs (and ``pin``): the servers on the first half, the generator on the
+    rest (2 CPUs: servers on one, generator on the other)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        why = "not asked" if not pin else f"{len(cpus)} CPU"
+        return Placement(None, None, f"not pinned ({why}): servers and generator share "
+                                     f"{len(cpus)} CPU(s)")
+    half = len(cpus) // 2
+    servers, generator = set(cpus[:half]), set(cpus[half:])
+    return Placement(servers, generator, f"pinned: servers on CPU {_cpus(servers)}, load "
+                                         f"generator on CPU {_cpus(generator)}")
+
+
+def _cpus(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def start_server(cmd: Sequence[str], placement: Placement) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=placement.server_preexec())
+
+
+# --- one measured run ----------------------------------------------------------------------
+
+@dataclass
+class Measured:
+    summary: dict[str, float]
+    wall: float
+    server_cpu: dict[str, float]            # CPU seconds over the window, per server
+    fsyncs: dict[str, int | None]
+    fsync_method: str | None
+    generator_cpu: float
+    generator_procs: int
+    placement: Placement
+    profiles: dict[str, Path] = field(default_factory=dict)
+
+    def per_txn(self, seconds: float) -> float:
+        done = self.summary["done"]
+        return seconds / done * 1000 if done else float("nan")
+
+    def cost_lines(self, unit: str) -> list[str]:
+        """Two lines: CPU ms and fsyncs per ``unit`` for each server, the generator's CPU,
+        how busy each side's CPUs were, and which side is the limit."""
+        done = self.summary["done"] or 1
+        cpu = ", ".join(f"{n} {self.per_txn(s):.2f} ({s / self.wall:.0%} of a CPU)"
+                        for n, s in self.server_cpu.items())
+        total = sum(self.server_cpu.values())
+        fs = ", ".join(f"{n} {'n/a' if c is None else f'{c / done:.2f}'}"
+                       for n, c in self.fsyncs.items())
+        gen_cpus = len(self.placement.generator or ()) or self.generator_procs
+        srv_cpus = len(self.placement.servers or ()) or os.cpu_count() or 1
+        srv_busy = total / self.wall / srv_cpus
+        gen_busy = self.generator_cpu / self.wall / gen_cpus
+        limit = ("the servers" if srv_busy > gen_busy else "the load generator")
+        if self.placement.servers is None:
+            limit += " (not pinned: both share the CPUs)"
+        elif max(srv_busy, gen_busy) < 0.85:
+            limit = "neither CPU (latency-bound: PSAM, fsync or lock waits)"
+        return [
+            f"      CPU ms/{unit}: {cpu}; servers {self.per_txn(total):.2f}",
+            f"      fsyncs/{unit} ({self.fsync_method or 'not counted'}): {fs}; generator "
+            f"{self.per_txn(self.generator_cpu):.2f} CPU ms/{unit} ({self.generator_procs} "
+            f"proc); busy: servers' CPU {srv_busy:.0%}, generator's {gen_busy:.0%} -> "
+            f"limit: {limit}"]
+
+
+def _generator_main(worker: Callable[..., GeneratorRun], args: Any, start: Any,
+                    out: Any, cpus: set[int] | None) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    try:
+        out.put(worker(args, start))
+    except BaseException as exc:  # the parent says what broke
+        out.put(exc)
+        with contextlib.suppress(Exception):
+            start.abort()
+        raise
+
+
+def measure(worker: Callable[..., GeneratorRun], worker_args: list[Any],
+            servers: dict[str, int], placement: Placement, seconds: float,
+            profile_dir: Path | None = None, method: str | None = None) -> Measured:
+    """Run one generator process per item of ``worker_args`` (``worker(args, start)`` returns
+    its :class:`GeneratorRun`; it waits on ``start`` before its measured window) and measure
+    the ``servers`` (name -> pid) over that window."""
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(len(worker_args) + 1)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_generator_main, args=(worker, a, start, out,
+                                                       placement.generator), daemon=True)
+             for a in worker_args]
+    for p in procs:
+        p.start()
+    try:
+        start.wait(timeout=180)  # every generator warmed up and ready
+        counters = {n: FsyncCounter(pid, method) for n, pid in servers.items()}
+        spies = _profilers(servers, profile_dir)
+        cpu0 = {n: process_cpu(pid) for n, pid in servers.items()}
+        start.wait(timeout=180)  # go
+    except threading.BrokenBarrierError:
+        got = out.get(timeout=30)
+        raise RuntimeError(f"a load generator failed before the run: {got!r}") from None
+    wall0 = time.perf_counter()
+    runs = []
+    for _ in procs:
+        got = out.get(timeout=seconds + 300)
+        if isinstance(got, BaseException):
+            raise RuntimeError(f"a load generator failed: {got!r}")
+        runs.append(got)
+    wall = time.perf_counter() - wall0
+    cpu = {n: process_cpu(pid) - cpu0[n] for n, pid in servers.items()}
+    fsyncs = {n: c.stop() for n, c in counters.items()}
+    profiles = _stop_profilers(spies)
+    for p in procs:
+        p.join(timeout=30)
+    results = [r for run in runs for r in run.results]
+    summary = summarize(results, wall)
+    return Measured(summary, wall, cpu, fsyncs, method, sum(r.cpu for r in runs), len(runs),
+                    placement, profiles)
+
+
+def _profilers(servers: dict[str, int], folder: Path | None,
+               ) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
+    """py-spy sampling each server while the load runs (``--profile``): collapsed stacks."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if folder is None or not spy.exists():
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, pid in servers.items():
+        path = folder / f"{name}-{pid}.txt"
+        out[name] = (subprocess.Popen([str(spy), "record", "--nonblocking", "-r", "200",
+                                       "-f", "raw", "-o", str(path), "-p", str(pid)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                     path)
+    return out
+
+
+def _stop_profilers(spies: dict[str, tuple[subprocess.Popen[bytes], Path]],
+                    ) -> dict[str, Path]:
+    for proc, _ in spies.values():
+        proc.send_signal(signal.SIGINT)
+    for proc, _ in spies.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+    return {n: path for n, (_, path) in spies.items()}
+
+
+@contextlib.contextmanager
+def running(servers: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """Stop the server processes (SIGTERM, then SIGKILL) however the block ends."""
+    try:
+        yield
+    finally:
+        for p in servers:
+            p.terminate()
+        for p in servers:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
