@@ -1,8 +1,9 @@
 """Every IEP command: success paths (MACs checked the plain way) and error status words.
 
 Each test runs on both cards: ``virtual`` (the Python card, the reference) and ``jcardsim``
-(svcard's Java Card applet in jCardSim, personalised from the same image; skipped unless
-JCARDSIM_JAR names the jCardSim jar). What only the Python card's state shows is checked on the
+(svcard's Java Card applet in jCardSim, in T=1, personalised from the same image; again as
+``jcardsim-cbc-mac`` with the applet's own DES-CBC MAC; skipped unless JCARDSIM_JAR names the
+jCardSim jar). What only the Python card's state shows is checked on the
 virtual card alone, each with its reason; the same facts are checked on both through APDUs
 where an APDU shows them (:func:`probe`).
 """
@@ -43,7 +44,7 @@ def host_with(request: pytest.FixtureRequest) -> Iterator[HostWith]:
     twice: with the Signature MAC, and with its own DES-CBC MAC (install flag)."""
     kind = request.param
     applet = request.getfixturevalue("iep_applet") if kind != "virtual" else None
-    readers: list[Any] = []
+    applet_cards: list[Any] = []
 
     def make(ep: int = 0, ed: int = 0, select: bool = True,
              **changes: object) -> tuple[RawHost, Dut]:
@@ -53,15 +54,15 @@ def host_with(request: pytest.FixtureRequest) -> Iterator[HostWith]:
             dut = Dut("virtual", RawHost(card), card, card.reset)
         else:
             applet_card = applet.open(image, cbc_mac=kind == "jcardsim-cbc-mac")
-            readers.append(applet_card)
+            applet_cards.append(applet_card)
             dut = Dut(kind, RawHost(applet_card), None, applet_card.reset)
         if select:
             dut.host.select()
         return dut.host, dut
 
     yield make
-    for reader in readers:
-        reader.close()
+    for applet_card in applet_cards:
+        applet_card.close()
 
 
 def probe(host: RawHost) -> dict[str, object]:
