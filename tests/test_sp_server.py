@@ -60,11 +60,11 @@ def pool_config(system: System, purses: list[Path]) -> PursePoolConfig:
 
 
 def open_sp(system: System, folder: Path, *, purses: int = 2, first_serial: int = 9_000_001,
-            billing: BillingEntry | None = None) -> Sp:
+            billing: BillingEntry | None = None, wholesale: dict[str, int] | None = None) -> Sp:
     system.load.account("sp-bank", 1_000_000, "sp-pw")
     images = purse_images(folder / "purses", purses, ep=50_000, first_serial=first_serial)
     clock = Clock()
-    config = demo_config(folder, system.pay.merchant.url, billing=billing,
+    config = demo_config(folder, system.pay.merchant.url, billing=billing, wholesale=wholesale,
                          purses=pool_config(system, images))
     return Sp(system, start_sp(config, clock=clock), clock, images, folder)
 
@@ -283,8 +283,9 @@ class CrashAfterPaying:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
 
-    def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str) -> Any:
-        self.pool.pay(checkout_url, http=http, order_ref=order_ref)
+    def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str,
+            amount: int | None = None) -> Any:
+        self.pool.pay(checkout_url, http=http, order_ref=order_ref, amount=amount)
         raise ConnectionError("the SP lost the pool's answer")
 
 
@@ -335,3 +336,21 @@ def test_pool_refusal_gives_the_reservation_back(sp: Sp, http: httpx.Client) -> 
 
 def test_pool_is_real(sp: Sp) -> None:
     assert isinstance(sp.stack.server.payer, PursePool)
+
+
+def test_an_agreed_wholesale_price_is_the_only_one_paid(system: System, tmp_path: Path,
+                                                        http: httpx.Client) -> None:
+    # the SP agreed 0.99 for the song and 0.20 for the article; the merchant asks 0.25
+    s = open_sp(system, tmp_path / "sp", wholesale={"song": 99, "article": 20})
+    try:
+        ona = s.stack.customer("ona")
+        before = s.balances()
+        assert s.stack.order(http, ona, "song").json()["line"]["wholesale"] == 99
+        refused = s.stack.order(http, ona, "article")
+        assert refused.status_code == 503 and refused.json()["state"] == "failed"
+        assert "asks 25" in refused.json()["reason"]
+        assert sum(before) - sum(s.balances()) == 99 and s.merchant_paid() == 1
+        [c] = records.customers(s.stack.config.db_url)
+        assert (c["reserved"], c["open_total"]) == (0, 115)
+    finally:
+        s.stack.close()

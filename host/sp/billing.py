@@ -61,7 +61,7 @@ def order_item(order: Any) -> Item:
     """The item as the order froze it when it was taken (prices, fee, discount rule)."""
     return Item(order["merchant"], order["sku"], order["item"], int(order["retail"]),
                 int(order["max_wholesale"]), int(order["fee"]), int(order["pass_on_percent"]),
-                order["checkout_url"])
+                order["checkout_url"], order["wholesale_agreed"])
 
 
 def bill_order(engine: Engine, order_ref: str, maximum: int, due_days: int,

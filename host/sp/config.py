@@ -5,7 +5,10 @@ items the SP sells for it, with the RETAIL price the customer is billed, and the
 and discount rules. What the merchant charges the SP (the WHOLESALE amount) is what its checkout
 asks and the purse pays. A bill line is then ``retail + fee - discount``, where the discount is
 ``pass_on_percent`` of the merchant's wholesale discount (retail - wholesale, never below 0).
-``max_wholesale`` (default: the retail price) bounds what the SP accepts to pay for an item.
+``wholesale``, when the SP has agreed a price with the merchant, is the one amount the purse
+pays: a checkout asking anything else is refused before the card is asked (nothing paid).
+Without it, whatever the checkout asks is paid, and a payment above ``max_wholesale`` (default:
+``wholesale``, else the retail price) is logged for review.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class ItemEntry(Section):
     sku: Sku
     name: str = Field(default="", max_length=200)
     retail: NonNegInt                    # minor units: what the customer is billed
+    wholesale: PosInt | None = None      # the agreed price: the only amount the purse pays
     max_wholesale: NonNegInt | None = None
 
 
@@ -79,6 +83,7 @@ class Item:
     fee: int
     pass_on_percent: int
     checkout_url: str
+    wholesale: int | None = None
 
 
 @dataclass
@@ -111,10 +116,10 @@ def items_of(merchants: list[MerchantEntry]) -> dict[tuple[str, str], Item]:
             if (m.name, it.sku) in out:
                 raise ValueError(f"merchant[{i}].item[{j}].sku: {it.sku} is given twice")
             url = f"{base}/{it.sku}" + (f"?variant={m.variant}" if m.variant else "")
-            out[(m.name, it.sku)] = Item(
-                m.name, it.sku, it.name or it.sku, it.retail,
-                it.retail if it.max_wholesale is None else it.max_wholesale,
-                m.fee, m.pass_on_percent, url)
+            ceiling = (it.max_wholesale if it.max_wholesale is not None
+                       else it.wholesale if it.wholesale is not None else it.retail)
+            out[(m.name, it.sku)] = Item(m.name, it.sku, it.name or it.sku, it.retail, ceiling,
+                                         m.fee, m.pass_on_percent, url, it.wholesale)
     return out
 
 

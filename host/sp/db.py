@@ -85,6 +85,7 @@ orders = Table(
     Column("fee", BigInteger, nullable=False),
     Column("pass_on_percent", Integer, nullable=False),
     Column("max_wholesale", BigInteger, nullable=False),
+    Column("wholesale_agreed", BigInteger),                  # the only amount paid, if agreed
     Column("reserved", BigInteger, nullable=False),
     Column("currency_code", Integer, nullable=False),
     Column("state", String(10), nullable=False),

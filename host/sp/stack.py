@@ -54,14 +54,16 @@ def purse_images(folder: Path, count: int, ep: int = 100_000, first_serial: int 
 
 def demo_config(folder: Path, merchant_url: str, *, db_url: str | None = None,
                 purses: PursePoolConfig | None = None, fee: int = 5,
-                pass_on_percent: int = 50, billing: BillingEntry | None = None) -> SpConfig:
+                pass_on_percent: int = 50, billing: BillingEntry | None = None,
+                wholesale: dict[str, int] | None = None) -> SpConfig:
     """An SP selling the demo merchant's items (:data:`DEMO_ITEMS`) at ``merchant_url``, its
-    database and journals in ``folder`` (made if missing)."""
+    database and journals in ``folder`` (made if missing); ``wholesale``: agreed prices by sku."""
     folder.mkdir(parents=True, exist_ok=True)
     merchant = MerchantEntry(
         name=DEMO_MERCHANT, checkout_url=f"{merchant_url.rstrip('/')}/v1/checkout", fee=fee,
         pass_on_percent=pass_on_percent,
-        item=[ItemEntry(sku=s, name=n, retail=p) for s, n, p in DEMO_ITEMS])
+        item=[ItemEntry(sku=s, name=n, retail=p, wholesale=(wholesale or {}).get(s))
+              for s, n, p in DEMO_ITEMS])
     return SpConfig(items_of([merchant]), db_url=db_url or f"sqlite:///{folder / 'sp.db'}",
                     journal_dir=folder / "sp-journals", billing=billing or BillingEntry(),
                     purses=purses)

@@ -106,7 +106,8 @@ def admit(engine: Engine, req: OrderRequest, item: Item, digest: str, currency_c
     row = {"order_ref": order_ref, "customer": req.customer, "order_key": req.order_key,
            "request_digest": digest, "merchant": item.merchant, "sku": item.sku,
            "item": item.name, "pass_on_percent": item.pass_on_percent,
-           "max_wholesale": item.max_wholesale, "checkout_url": item.checkout_url,
+           "max_wholesale": item.max_wholesale, "wholesale_agreed": item.wholesale,
+           "checkout_url": item.checkout_url,
            "retail": item.retail, "fee": item.fee,
            "currency_code": currency_code, "attempts": 0, "created": now, "updated": now}
     try:

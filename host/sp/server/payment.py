@@ -40,8 +40,8 @@ MAX_ATTEMPTS = 5       # asks of the pool for an in-doubt order before it waits 
 class Payer(Protocol):
     """What the SP needs of its purse pool (``purses/pool.py:PursePool``)."""
 
-    def pay(self, checkout_url: str, *, http: httpx.Client,
-            order_ref: str) -> PaymentOutcome: ...
+    def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str,
+            amount: int | None = None) -> PaymentOutcome: ...
 
 
 def _move(engine: Engine, order_ref: str, expect: tuple[str, ...], state: str, event: str,
@@ -91,7 +91,9 @@ def pay_order(engine: Engine, payer: Payer, http: httpx.Client, order: dict[str,
     ref = str(order["order_ref"])
     attempts = int(order.get("attempts") or 0) + 1
     try:
-        outcome = payer.pay(str(order["checkout_url"]), http=http, order_ref=ref)
+        agreed = order.get("wholesale_agreed")
+        outcome = payer.pay(str(order["checkout_url"]), http=http, order_ref=ref,
+                            amount=None if agreed is None else int(agreed))
     except PursePoolError as exc:       # the pool's word: nothing was paid
         reason = f"the SP could not pay: {exc}"
         return (D.FAILED if record_failed(engine, ref, reason) else _state(engine, ref),
