@@ -157,8 +157,9 @@ class JCardSimReader(Reader):
     def __init__(self, applet_class: str, aid: bytes, *, install_params: bytes = b"",
                  personalise: Sequence[bytes] = (), jar: str | None = None,
                  classpath: tuple[str, ...] = (), simulator_class: str | None = None,
-                 aid_util_class: str | None = None) -> None:
+                 aid_util_class: str | None = None, protocol: str | None = "T=1") -> None:
         self.applet_class = applet_class
+        self.protocol = protocol
         self.aid = bytes(aid)
         self.name = f"jcardsim:{applet_class}:{self.aid.hex().upper()}"
         self._install_data = gp_install_data(self.aid, bytes(install_params))
@@ -204,10 +205,23 @@ class JCardSimReader(Reader):
             sim = _java_call(make, f"installing {self.applet_class}")
         except TypeError as exc:  # a class JPype could not find or call
             raise JCardSimError(f"jCardSim API not found: {exc}") from None
+        self._use_protocol(sim)
         if self._personalise:
             self._run_personalisation(sim)
+            self._use_protocol(sim)
         self._sim = sim
         return _java_call(lambda: bytes(sim.getATR()), "getATR")
+
+    def _use_protocol(self, sim: Any) -> None:
+        """jCardSim starts (and resets) in T=0 while its ATR offers T=1 and it passes whole
+        command APDUs: switch to the ``protocol`` the card is used with, so an applet's
+        ``APDU.getProtocol()`` agrees with the ATR (a simulator without ``changeProtocol``,
+        such as an older jCardSim or a stand-in, is left as it is)."""
+        if not self.protocol:
+            return
+        change = getattr(sim, "changeProtocol", None)
+        if change is not None:
+            _java_call(lambda: change(self.protocol), "changeProtocol")
 
     def _run_personalisation(self, sim: Any) -> None:
         import jpype

@@ -4,6 +4,7 @@ pcscd through vpcd."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -11,10 +12,19 @@ from typing import Any
 
 import click
 
-from ...card.image import check_image, save_new_image
+from ...card.applet import (
+    APPLET_CLASS,
+    AppletBuildError,
+    AppletStateError,
+    build_applet,
+    install_params,
+    personalisation_script,
+)
+from ...card.iep import Iep
+from ...card.image import app_of, card_from_image, check_image, save_new_image
 from ...card.personalise import image_from_profile
 from ...card.storage import ImageError, read_image
-from ..kit.command_line import EXIT_USAGE, emit, fail, json_option
+from ..kit.command_line import EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
 from ..terminal.card_commands import handled
 from .describe import describe_image, render_image
 
@@ -115,6 +125,55 @@ def card_show(image: Path, as_json: bool) -> None:
             raise ImageError(f"{image}: damaged card image ({type(exc).__name__}: "
                              f"{exc})") from None
     emit(as_json, data, text)
+
+
+@card.command("applet")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the compiled applet (OUT/classes) and its personalisation "
+                   "script (OUT/perso.apdu).")
+@click.option("--jar", envvar="JCARDSIM_JAR", metavar="JAR",
+              help="The jCardSim jar whose javacard.* classes the applet compiles against "
+                   "[default: $JCARDSIM_JAR].")
+@json_option
+def card_applet(image: Path, out: Path, jar: str | None, as_json: bool) -> None:
+    """Build svcard's IEP as a Java Card applet, personalised like a purse card IMAGE.
+
+    Writes the compiled classes and the personalisation script (it holds the card's keys:
+    mode 0600) and prints the jcardsim: reader spec that runs the applet; the image is only
+    read. See docs/javacard.md.
+    """
+    if not jar:
+        fail("--jar: give the jCardSim jar (or set JCARDSIM_JAR)", EXIT_USAGE)
+    with handled():
+        raw = read_image(image)
+        check_image(raw, str(image))
+        app = app_of(card_from_image(raw))
+    if not isinstance(app, Iep):
+        fail(f"{image}: a {raw.get('kind')} image; the applet is a purse card (kind iep)",
+             EXIT_INPUT)
+    try:
+        params = install_params(app.state)
+        script_text = personalisation_script(app.state)
+        classes = build_applet(out / "classes", jar)
+    except AppletStateError as exc:
+        fail(f"{image}: {exc}", EXIT_INPUT)
+    except AppletBuildError as exc:
+        fail(str(exc), EXIT_INPUT)
+    script = out / "perso.apdu"
+    script.unlink(missing_ok=True)
+    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(script_text)
+    spec = f"jcardsim:{APPLET_CLASS}:{app.state.aid.hex().upper()}:{params.hex().upper()}@{script}"
+    data = {"classes": str(classes), "script": str(script), "reader_spec": spec,
+            "applet_class": APPLET_CLASS}
+    emit(as_json, data, "\n".join([
+        f"built {APPLET_CLASS} into {classes}",
+        f"personalisation script {script} (it holds the card's keys: keep it secret)",
+        f"put {classes} on JCARDSIM_CLASSPATH (with BouncyCastle's bcprov.jar for a jCardSim "
+        "that needs it), then use the card as",
+        f"  --card '{spec}'"]))
 
 
 @card.command("serve")
