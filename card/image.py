@@ -84,6 +84,8 @@ def card_from_image(image: dict[str, Any], store: Store | None = None,
         sink.commit(build)
 
     app.persist = persist
+    if isinstance(app, Psam):  # a purchase appends to the image's journal (card/storage.py)
+        app.persist_change = lambda change: sink.append(change, build)
     if isinstance(app, Iep):
         app.recover()
     return card

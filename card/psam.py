@@ -11,6 +11,12 @@ the INIT SAM data (``80 70 00 00 25`` or ``2D``). A UID for an issuer whose prof
 or none where it takes one, is ``6700`` and changes nothing. The card's algorithm id must be
 one the issuer maps to the key's algorithm (``9403`` otherwise).
 
+Persistence: every change of a purchase (the INIT SAM record with the TTN and previous
+signature, CREDIT SAM's rewrite of it) and of the blocked list is handed to ``persist_change``
+as one small change, which a card image appends to its journal (card/storage.py); the whole
+state is persisted (``persist``) only when a batch closes. So a purchase costs the same with
+100,000 records in the open batch as with none.
+
 Every purchase is recorded at INIT SAM, before the card answers: a record with no TAC and
 status 1 (not credited by this PSAM). In the PBOC form the session then stays pending; CREDIT
 SAM with the expected MAC2 rewrites *that* record in place (same TTN, still in the open batch)
@@ -117,6 +123,9 @@ class Records:
     def replace(self, index: int, record: bytes) -> None:
         self._raw[index] = record
         self._hex[index] = record.hex().upper()
+
+    def hex_at(self, index: int) -> str:
+        return self._hex[index]
 
     def __len__(self) -> int:
         return len(self._raw)
@@ -231,6 +240,9 @@ class Psam(BatchCommands, TableApplication):
         self.state = state
         self.aid = state.aid
         self.persist: Callable[[], None] = persist or (lambda: None)
+        # one purchase's change (card/journal_file.py): a card image appends it to its journal
+        # (card/image.py sets this); otherwise the whole state is persisted
+        self.persist_change: Callable[[dict[str, Any]], None] = lambda change: self.persist()
         self._fci: bytes | None = None
         self._pending: _Pending | None = None
         self.handlers = {
@@ -318,7 +330,8 @@ class Psam(BatchCommands, TableApplication):
         # recorded now, in both forms: a purchase this PSAM signed for is in its batch even if
         # CREDIT SAM never comes (the host proves it later with the card's TAC)
         pending.index = s.records.append(self._record(pending, bytes(4), status=1))
-        self.persist()
+        self.persist_change({"append": {"records": [s.records.hex_at(pending.index)]},
+                             "set": {"next_ttn": s.next_ttn, "previous": s.previous.to_json()}})
         if early:
             return P.InitSamAnswerEarly.build(
                 {"terminal_txn_number": ttn, "mac1": mac1, "expected_mac2": mac2})
@@ -354,7 +367,8 @@ class Psam(BatchCommands, TableApplication):
         s.records.replace(index, self._record(pending, tac, status=0))
         s.previous = Signature(pending.ttn, s.previous.mac1, pending.expected_mac2,
                                P.SIGNATURE_CREDITED)
-        self.persist()
+        self.persist_change({"put": {"records": [[index, s.records.hex_at(index)]]},
+                             "set": {"previous": s.previous.to_json()}})
         return b""
 
     def _blocked_list(self, cmd: CommandAPDU) -> bytes:
@@ -366,7 +380,8 @@ class Psam(BatchCommands, TableApplication):
             self.state.blocked.add(cmd.data)
         else:
             self.state.blocked.discard(cmd.data)
-        self.persist()
+        self.persist_change({"add" if cmd.p1 == 0x01 else "remove": {
+            "blocked": [cmd.data.hex().upper()]}})
         return b""
 
     def _previous_signature(self, cmd: CommandAPDU) -> bytes:

@@ -8,8 +8,26 @@ while the image is open: its maker removes it at close. The lock needs POSIX fil
 locks, so ``fcntl`` is imported only when an image is opened: reading, writing and building images
 works where there is none (Windows), and opening one for a card says that it cannot.
 
+An application whose state grows (the PSAM's open batch) hands each small change to
+:meth:`ImageStore.append` instead: the change goes to an append-only journal beside the image
+(``IMAGE.journal``, :mod:`svcard.card.journal_file`), one fsynced append, and the image is
+rewritten only at a :meth:`ImageStore.commit` (the PSAM's batch close). The image then names
+its journal: ``"journal": {"id": ID, "seq": N}`` at its top level. The journal's header holds
+the same id and a seq; its changes apply to the image only when the seqs are equal. A commit
+writes the image with seq N+1 first and then replaces the journal with an empty one of seq
+N+1, so a power cut between the two leaves a journal of seq N, whose changes the new image
+already holds: it is ignored, and replaced at the next change. The first change of an image
+that has no journal yet (every image written before journals, its open batch inside it)
+writes the image once more with its marker, after making the empty journal; an old journal
+file found then (beside an image written anew, say) is set aside as
+``IMAGE.journal.orphan-TIME``, or removed when it holds no change. Opening an image never
+writes anything: a stale journal, or a torn tail left by a power cut during an append, is
+dealt with at the next change. :func:`read_image` gives the image with its journal's changes
+applied and no marker (the same logical image as before journals).
+
 Tests cut power with a *tear hook*: a callable told the name of each step of each write
-(:data:`WRITE_STEPS`) that may raise :class:`PowerCut` to stop the card dead at that point.
+(:data:`WRITE_STEPS`; a journal's replacement is ``journal-`` + each of them, an append
+:data:`APPEND_STEPS`) that may raise :class:`PowerCut` to stop the card dead at that point.
 """
 
 from __future__ import annotations
@@ -20,12 +38,31 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from .journal_file import (
+    Change,
+    Contents,
+    JournalError,
+    apply_change,
+    encode_change,
+    header_frame,
+    parse_journal,
+)
 
 IMAGE_FORMAT = "svcard-card-image"
 IMAGE_VERSION = 1
 WRITE_STEPS = ("begin", "temp-written", "temp-synced", "renamed")
+APPEND_STEPS = ("append-begin", "append-written", "append-synced")
+JOURNAL_SUFFIX = ".journal"
+
+
+def _datasync(fd: int) -> None:
+    """fdatasync where there is one (not on macOS): an append needs its data and size only."""
+    getattr(os, "fdatasync", os.fsync)(fd)
+
 
 TearHook = Callable[[str], None]
 ImageBuilder = Callable[[], dict[str, Any]]
@@ -48,6 +85,10 @@ class Store(Protocol):
     def commit(self, build: ImageBuilder) -> None:
         """Make the image that ``build()`` returns the card's persistent state."""
 
+    def append(self, change: Change, build: ImageBuilder) -> None:
+        """Make one small change (:mod:`.journal_file`) to the image persistent; ``build()``
+        gives the whole image with the change made, for a store that keeps no journal."""
+
     def close(self) -> None: ...
 
 
@@ -67,12 +108,70 @@ class MemoryStore:
         self._build = build
         self.commits += 1
 
+    def append(self, change: Change, build: ImageBuilder) -> None:
+        self.commit(build)
+
     def close(self) -> None:
         pass
 
 
+def journal_path(path: Path) -> Path:
+    """Where the journal of the image at ``path`` lives."""
+    return path.with_name(path.name + JOURNAL_SUFFIX)
+
+
 def read_image(path: Path) -> dict[str, Any]:
-    """Read and check a card image file (no lock taken)."""
+    """Read and check a card image file (no lock taken), with its journal's changes applied
+    and without its journal marker."""
+    return _read_with_journal(Path(path)).image
+
+
+@dataclass
+class _Opened:
+    image: dict[str, Any]              # the journal's changes applied, no marker
+    marker: tuple[str, int] | None     # the image's journal (id, seq), if it has one
+    journal: Contents | None           # that journal, read
+    stale: bool = False                # the journal is older than the image: not applied
+
+
+def _read_with_journal(path: Path) -> _Opened:
+    image = _read_file(path)
+    marker = image.pop("journal", None)
+    if marker is None:
+        return _Opened(image, None, None)
+    if (not isinstance(marker, dict) or not isinstance(marker.get("id"), str)
+            or type(marker.get("seq")) is not int or marker["seq"] < 1):
+        raise ImageError(f"{path}: journal: expected an id and a seq")
+    journal_id, seq = marker["id"], marker["seq"]
+    jpath = journal_path(path)
+    try:
+        contents = parse_journal(jpath.read_bytes(), str(jpath))
+    except FileNotFoundError:
+        raise ImageError(f"{path}: its journal {jpath.name} is missing (it holds the "
+                         "image's latest changes): put it back beside the image") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {jpath}: {exc.strerror}") from None
+    except JournalError as exc:
+        raise ImageError(str(exc)) from None
+    if contents.journal_id != journal_id:
+        raise ImageError(f"{jpath} is the journal of another card image, not of {path}")
+    if contents.seq > seq:
+        raise ImageError(f"{jpath} is newer than {path} (seq {contents.seq} > {seq}): an "
+                         "older copy of the image?")
+    if contents.seq < seq:  # cut between a commit's image write and its journal reset
+        return _Opened(image, (journal_id, seq), contents, stale=True)
+    app = image.get("app")
+    if not isinstance(app, dict):
+        raise ImageError(f"{path}: app: expected an object")
+    for n, change in enumerate(contents.changes):
+        try:
+            apply_change(app, change)
+        except JournalError as exc:
+            raise ImageError(f"{jpath}: change {n + 1}: {exc}") from None
+    return _Opened(image, (journal_id, seq), contents)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -161,12 +260,17 @@ class ImageStore:
         self.tear = tear
         self._lock_fd: int | None = None
         self._made_lock = False
+        self._journal_fd: int | None = None
         self._lock(lock_timeout)
         try:
-            self.image = read_image(self.path)
+            opened = _read_with_journal(self.path)
         except BaseException:
             self.close()
             raise
+        # the image as opened or last committed, with every change appended since applied
+        self.image = opened.image
+        self._marker = opened.marker
+        self._stale = opened.stale   # the journal on disk must be replaced before an append
         self._clean_temp_files()
 
     def _lock(self, timeout: float) -> None:
@@ -217,11 +321,118 @@ class ImageStore:
                 stale.unlink()
 
     def commit(self, build: ImageBuilder) -> None:
+        """Write the whole image; with a journal, the image's seq goes up by one and the
+        journal is replaced by an empty one of that seq."""
         image = build()
-        write_atomically(self.path, encode_image(image), self.tear)
-        self.image = image
+        if self._marker is None:
+            write_atomically(self.path, encode_image(image), self.tear)
+            self.image = image
+            return
+        journal_id, seq = self._marker
+        self._close_journal()
+        write_atomically(self.path, encode_image({**image, "journal": {
+            "id": journal_id, "seq": seq + 1}}), self.tear)
+        self._marker, self._stale, self.image = (journal_id, seq + 1), True, image
+        self._open_journal()  # an empty journal now, not at the next change: no dead weight
+
+    def append(self, change: Change, build: ImageBuilder) -> None:
+        """Make ``change`` persistent with one fsynced append to the journal. An image without
+        a journal gets one first: the whole image (the change in it) is written once, marked."""
+        if self._marker is None:
+            self._start_journal(build)
+            return
+        fd = self._journal_fd if self._journal_fd is not None else self._open_journal()
+        data = encode_change(change)
+        if self.tear:
+            self.tear("append-begin")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.tear:
+                self.tear("append-written")
+            _datasync(fd)
+        except OSError:
+            self._close_journal()  # the next change reopens it, dropping any partial frame
+            raise
+        if self.tear:
+            self.tear("append-synced")
+        app = self.image.get("app")
+        if isinstance(app, dict):
+            apply_change(app, change)
+
+    def _journal_tear(self, step: str) -> None:
+        if self.tear:
+            self.tear(f"journal-{step}")
+
+    def _start_journal(self, build: ImageBuilder) -> None:
+        """The first change of an image without a journal: an empty journal, then the image
+        (the change in it) marked with it. A cut between them leaves an unmarked image and an
+        empty journal, which the next first change removes."""
+        jpath = journal_path(self.path)
+        self._set_aside(jpath)
+        journal_id = os.urandom(8).hex().upper()
+        write_atomically(jpath, header_frame(journal_id, 1),
+                         self._journal_tear if self.tear else None)
+        image = build()
+        write_atomically(self.path, encode_image({**image, "journal": {
+            "id": journal_id, "seq": 1}}), self.tear)
+        self._marker, self._stale, self.image = (journal_id, 1), False, image
+
+    def _set_aside(self, jpath: Path) -> None:
+        """A journal file beside an image that names none is not its journal: removed when it
+        holds no change, kept as ``.orphan-TIME`` otherwise."""
+        try:
+            data = jpath.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            empty = not parse_journal(data, str(jpath)).changes
+        except JournalError:
+            empty = False
+        if empty:
+            jpath.unlink()
+        else:
+            stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+            os.replace(jpath, jpath.with_name(f"{jpath.name}.orphan-{stamp}-{os.getpid()}"))
+
+    def _open_journal(self) -> int:
+        """The journal, open for appends: replaced by an empty one when stale, else with any
+        torn tail cut off."""
+        assert self._marker is not None
+        journal_id, seq = self._marker
+        jpath = journal_path(self.path)
+        if self._stale:
+            header = header_frame(journal_id, seq)
+            write_atomically(jpath, header, self._journal_tear if self.tear else None)
+            self._stale = False
+            good = len(header)
+        else:
+            try:
+                contents = parse_journal(jpath.read_bytes(), str(jpath))
+            except JournalError as exc:
+                raise ImageError(str(exc)) from None
+            if (contents.journal_id, contents.seq) != (journal_id, seq):
+                raise ImageError(f"{jpath} changed under the open image {self.path}")
+            good = contents.good_length
+        fd = os.open(jpath, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
+        try:
+            if os.fstat(fd).st_size > good:  # a torn append: its frame never counted
+                os.ftruncate(fd, good)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._journal_fd = fd
+        return fd
+
+    def _close_journal(self) -> None:
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
 
     def close(self) -> None:
+        self._close_journal()
         if self._lock_fd is not None:
             if self._made_lock:  # removed while still held: see _lock
                 with contextlib.suppress(OSError):
