@@ -71,13 +71,8 @@ class AppletCard:
     any applet code runs; a card's transport answers such an APDU 6700, and so does this (the
     only answer changed)."""
 
-    def __init__(self, reader: JCardSimReader, protocol: str = "T=1") -> None:
-        from svcard.reader.jcardsim import _java_call
+    def __init__(self, reader: JCardSimReader) -> None:
         self.reader = reader
-        sim = reader._sim
-        # jCardSim starts in T=0 (APDU.getProtocol), yet passes whole command APDUs; the
-        # Python card of a t0 = false image is a T=1 card: the applet sees the same protocol
-        _java_call(lambda: sim.changeProtocol(protocol), "changeProtocol")
 
     def transmit(self, apdu: bytes) -> bytes:
         try:
@@ -113,9 +108,12 @@ class AppletCards:
         reader = JCardSimReader(applet.APPLET_CLASS, state.aid,
                                 install_params=applet.install_params(state, cbc_mac=cbc_mac),
                                 personalise=applet.personalisation_apdus(state),
-                                jar=self.jar, classpath=(str(self.classes),))
+                                jar=self.jar, classpath=(str(self.classes),),
+                                # the Python card of a t0 = false image is a T=1 card (the
+                                # applet looks for data on a case-2 command only in T=1)
+                                protocol="T=0" if image.get("t0") else "T=1")
         reader.connect()
-        return AppletCard(reader, "T=0" if image.get("t0") else "T=1")
+        return AppletCard(reader)
 
 
 @pytest.fixture(scope="session")
