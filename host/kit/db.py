@@ -1,21 +1,22 @@
 """Database plumbing shared by the servers and the tools: SQLite (WAL, synchronous FULL) or
 PostgreSQL by URL, through SQLAlchemy Core.
 
-Two ways in. :func:`make_engine` is a server's (or a tool writing its own output database):
-the database is created if missing. :func:`open_existing` is a tool's that only READS a
-database (the audit, clearing's inputs, ``bank account list``): the database must already exist
-and hold the tables the tool reads, SQLite is opened read-only (a ``file:...?mode=ro`` URI,
-``immutable`` when no writer is at work, so not even a ``-wal``/``-shm`` file is made),
-PostgreSQL in a read-only session, and nothing is ever created. Either raises
-:class:`DatabaseError`, one line naming the database (password masked) and the problem, for
-a URL that is not one, a driver that is not installed, a path that cannot be created or does
-not exist, a server that cannot be reached.
+:func:`make_engine` is a server's (or a tool writing its own output database): the database is
+created if missing. :func:`open_existing` is a tool's that only READS a database (the audit,
+clearing's inputs, ``bank account list``): it must exist and hold the tables read; SQLite is
+opened read-only (``mode=ro``, ``immutable`` when no writer is at work, so not even a
+``-wal``/``-shm`` file is made), PostgreSQL in a read-only session; nothing is created. Either
+raises :class:`DatabaseError`, one line naming the database (password masked) and the problem.
 
-A SQLite database file is created mode 0600 before SQLite opens it (its -wal and -shm files take
-the database file's mode), and an existing one is narrowed to 0600: rows hold secret hashes and
-transaction data. :func:`storage_reason` says, without quoting the driver (whose messages can
-carry SQL parameters), why a database could not do its work; and every engine is made with
-``hide_parameters``, so a statement's error never quotes the values bound to it.
+A SQLite file is created mode 0600 before SQLite opens it (its -wal and -shm files take its
+mode), an existing one narrowed to 0600: rows hold secret hashes and transaction data.
+:func:`storage_reason` says why a database could not do its work without quoting the driver
+(whose messages can carry SQL parameters); engines are made with ``hide_parameters``.
+
+Steps use :func:`step` (``engine.begin()``) and :func:`reading` (``engine.connect()``): on a
+SQLite server's writer thread (:class:`.http.SqlRunner`) they share the :class:`StepGroup`'s
+one transaction (group commit), each :func:`step` block in a SAVEPOINT, so a block that raises
+rolls back only itself, as its own transaction would have.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import os
 import re
 import sqlite3
 import stat
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect, select, update
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -46,9 +48,8 @@ class DuplicateError(Exception):
 
 
 class DatabaseError(Exception):
-    """A database that cannot be opened (or, for a reader, does not exist). The message is one
-    line naming the database, its password masked, and the problem. The command line maps it
-    to exit 3 (:data:`exit_code`)."""
+    """A database that cannot be opened (or, for a reader, does not exist): one line naming
+    the database (password masked) and the problem; exit 3 on the command line."""
 
     exit_code = EXIT_INPUT
 
@@ -156,10 +157,8 @@ def require_tables(engine: Engine, url: str, tables: Iterable[str], what: str) -
 
 
 def _sqlite_read_mode(path: str) -> str:
-    """The URI parameters that open the SQLite file at ``path`` read-only and leave nothing
-    beside it.
-
-    ``mode=ro`` alone on a WAL database makes its ``-wal`` and ``-shm`` files (and leaves
+    """The URI parameters that open the SQLite file at ``path`` read-only, leaving nothing
+    beside it. ``mode=ro`` alone on a WAL database makes its ``-wal`` and ``-shm`` files (and leaves
     them), and needs a folder it can write. With no ``-wal`` (nor ``-journal``) file beside
     the database nobody is writing it (a writer in WAL mode keeps its ``-wal`` file while
     connected), so it is opened ``immutable``: SQLite then takes no lock and makes no file.
@@ -181,23 +180,18 @@ def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
 
 
 def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite ``url`` (None for another kind of database, or SQLite in memory or
-    by a ``file:`` URI)."""
+    """The file of a SQLite ``url`` (None for another kind, in memory or a ``file:`` URI)."""
     parsed = _parse(url)
     path = parsed.database or ""
-    if (parsed.get_backend_name() != "sqlite" or not path or path == ":memory:"
-            or path.startswith("file:")):
-        return None
-    return Path(path)
+    plain = path and path != ":memory:" and not path.startswith("file:")
+    return Path(path) if parsed.get_backend_name() == "sqlite" and plain else None
 
 
 def must_exist(url: str, what: str = "database") -> None:
     """Refuse (:class:`DatabaseError`) a SQLite ``url`` whose file does not exist: for a tool
     that changes rows of a database it did not create (``bank account fund``)."""
-    parsed = _parse(url)
-    path = parsed.database or ""
-    if (parsed.get_backend_name() == "sqlite" and path and path != ":memory:"
-            and not path.startswith("file:") and not os.path.isfile(path)):
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
         raise DatabaseError(f"{masked_url(url)}: no such {what}: {path} does not exist")
 
 
@@ -293,10 +287,95 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class StepGroup:
+    """Steps sharing one transaction per engine on the SQLite writer thread. ``depth``: open
+    :func:`step` blocks; ``foreign``: a step began a transaction of its own."""
+
+    def __init__(self) -> None:
+        self.conns: dict[Engine, Connection] = {}
+        self.depth, self.foreign = 0, False
+
+    def connection(self, engine: Engine) -> Connection:
+        if engine not in self.conns:
+            if not event.contains(engine, "begin", _foreign_begin):
+                event.listen(engine, "begin", _foreign_begin)
+            conn = self.conns[engine] = engine.connect()
+            try:  # the write lock at once: no step meets a stale snapshot
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except BaseException:
+                self.end(commit=False)
+                raise
+        return self.conns[engine]
+
+    def end(self, commit: bool = True) -> None:
+        """Commit (one fsync per engine) or roll back every open group transaction."""
+        conns, self.conns = self.conns, {}
+        try:
+            for conn in conns.values():
+                conn.commit() if commit else conn.rollback()
+        finally:
+            for conn in conns.values():
+                with contextlib.suppress(Exception):
+                    conn.close()  # what a failed commit left is rolled back here
+
+
+writer_state = threading.local()  # .group: the writer thread's StepGroup (set by SqlRunner)
+
+
+def current_group() -> StepGroup | None:
+    """The group the calling thread runs steps in (None off the writer thread)."""
+    return getattr(writer_state, "group", None)
+
+
+@contextlib.contextmanager
+def step(engine: Engine) -> Iterator[Connection]:
+    """The current step's connection, in a transaction committed when the block ends well and
+    rolled back if it raises: the group's, in a SAVEPOINT, on the writer thread; a plain
+    ``engine.begin()`` anywhere else."""
+    group = current_group() if engine.dialect.name == "sqlite" else None
+    if group is None:
+        with engine.begin() as conn:
+            yield conn
+        return
+    conn = group.connection(engine)
+    group.depth += 1
+    try:
+        with conn.begin_nested():
+            yield conn
+    finally:
+        group.depth -= 1
+
+
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection to read through: the group's on the writer thread (it sees the group's
+    writes), a plain ``engine.connect()`` anywhere else."""
+    group = current_group() if engine.dialect.name == "sqlite" else None
+    if group is None:
+        with engine.connect() as conn:
+            yield conn
+    else:
+        yield group.connection(engine)
+
+
+def _foreign_begin(conn: Connection) -> None:
+    """A transaction begins on the writer thread on another connection than the group's (an
+    ``engine.begin()`` not converted): the group's work is committed first, so it sees it and
+    does not wait for the group's write lock; inside a :func:`step` block, an error at once."""
+    group = current_group()
+    own = group.conns.get(conn.engine) if group is not None else None
+    if group is None or own is None or own is conn:
+        return
+    if group.depth:
+        raise RuntimeError("a transaction of its own inside kit.db.step(): use its connection")
+    group.end()
+    group.foreign = True
+
+
 def first_row(engine: Engine, table: Table, **where: Any) -> dict[str, Any] | None:
     """The first row of ``table`` whose columns equal ``where``, as a dict."""
     query = select(table).where(*(table.c[name] == value for name, value in where.items()))
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(query).first()
     return dict(row._mapping) if row is not None else None
 
@@ -311,7 +390,7 @@ def update_row(engine: Engine, table: Table, row_id: int, *, expect: str | None 
     if expect is not None:
         where.append(table.c.state == expect)
     try:
-        with engine.begin() as conn:
+        with step(engine) as conn:
             result = conn.execute(update(table).where(*where).values(
                 updated=now_ms(), **values))
     except IntegrityError as exc:

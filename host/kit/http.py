@@ -25,14 +25,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import queue
 import re
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
 import yaml  # type: ignore[import-untyped]  # (no types-PyYAML in the venv)
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -40,7 +44,7 @@ from starlette.routing import Route
 
 from ...protocols import messages as M
 from ...protocols import secure
-from .db import storage_reason
+from .db import StepGroup, storage_reason, writer_state
 from .request_log import note
 
 OCTETS = "application/octet-stream"
@@ -215,20 +219,158 @@ def request_digest(plaintext: bytes) -> str:
     return hashlib.sha256(plaintext).hexdigest()
 
 
+@dataclass
+class _Call:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+class GroupWriter:
+    """The SQLite writer thread with group commit: it takes every step waiting (at most
+    ``max_group``), runs them one after another in one transaction (:class:`.db.StepGroup`,
+    each :func:`.db.step` block in a SAVEPOINT), commits once, and only then gives each step
+    its result or exception: an answer leaves only after its step's commit, and one commit
+    (one fsync) serves every step that was waiting.
+
+    A step that begins a transaction of its own (not converted to :func:`.db.step`) has the
+    group committed before it and right after it. If SQLite ends the group's transaction by
+    itself (a full disk, an I/O error: any database error but a unique key's) or the commit
+    fails, the group is rolled back and each of its steps not yet committed runs again alone,
+    as it would have without the group (the step that failed keeps its error). ``groups`` and
+    ``steps`` count what was run."""
+
+    def __init__(self, max_group: int = 256) -> None:
+        self._writer = writer = _Writer(max_group)
+        self._stopped = False
+        self._thread = threading.Thread(target=writer.loop, name="sqlite-writer", daemon=True)
+        self._thread.start()
+        weakref.finalize(self, writer.queue.put, None)  # the thread ends with its runner
+
+    @property
+    def groups(self) -> int:
+        return self._writer.groups
+
+    @property
+    def steps(self) -> int:
+        return self._writer.steps
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        if self._stopped:
+            raise RuntimeError("the database writer has been shut down")
+        call = _Call(fn, args, kwargs)
+        self._writer.queue.put(call)
+        return call.future
+
+    def shutdown(self, wait: bool = True) -> None:
+        """No new step; the steps already given run, then the thread ends."""
+        if not self._stopped:
+            self._stopped = True
+            self._writer.queue.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class _Writer:
+    """The writer thread's own state (not the :class:`GroupWriter`, which may go away)."""
+
+    def __init__(self, max_group: int) -> None:
+        self.max_group = max_group
+        self.groups = self.steps = 0
+        self.queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+
+    def loop(self) -> None:
+        while (first := self.queue.get()) is not None:
+            calls, last = [first], False
+            while len(calls) < self.max_group:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                calls.append(more)
+            self.run([c for c in calls if c.future.set_running_or_notify_cancel()])
+            if last:
+                return
+
+    def run(self, calls: list[_Call]) -> None:
+        group = StepGroup()
+        done: list[tuple[_Call, Any, BaseException | None]] = []
+        durable = 0       # done[:durable] are committed
+        culprit = -1      # the step whose error broke the group (-1: none, or the commit)
+        broken = False
+        writer_state.group = group
+        try:
+            for call in calls:
+                try:
+                    done.append((call, call.fn(*call.args, **call.kwargs), None))
+                except BaseException as exc:  # the step's caller gets it, as from an executor
+                    done.append((call, None, exc))
+                    broken = _breaks(exc, group)
+                    culprit = len(done) - 1 if broken else -1
+                if group.foreign:  # it began its own transaction: the steps before committed
+                    durable = len(done) - 1
+                    if not broken:  # and it is committed at once
+                        group.foreign, culprit = False, len(done) - 1
+                        group.end()
+                        durable, culprit = len(done), -1
+                if broken:
+                    break
+            else:
+                culprit = 0 if len(calls) == 1 else -1
+                group.end()
+                durable, culprit = len(done), -1
+        except BaseException as failure:  # a commit that failed
+            broken = True
+            if culprit >= 0:
+                done[culprit] = (done[culprit][0], None, failure)
+        finally:
+            writer_state.group = None
+        self.groups += 1
+        self.steps += len(done)
+        if broken:  # rolled back: every step not committed and not the culprit runs alone
+            group.end(commit=False)
+            for i, (call, _, _) in enumerate(done):
+                if i >= durable and i != culprit:
+                    self.run([call])
+            for call in calls[len(done):]:
+                self.run([call])
+            done = done[:durable] + ([done[culprit]] if culprit >= 0 else [])
+        for call, result, error in done:
+            if error is None:
+                call.future.set_result(result)
+            else:
+                call.future.set_exception(error)
+
+
+def _breaks(exc: BaseException, group: StepGroup) -> bool:
+    """True if the group's transaction cannot go on after a step raised ``exc``: a database
+    error other than a unique key's, or SQLite ended the transaction by itself."""
+    if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError):
+        return True
+    try:
+        return not all(getattr(c.connection.dbapi_connection, "in_transaction", False)
+                       for c in group.conns.values())
+    except Exception:  # a connection closed or invalidated under the step
+        return True
+
+
 class SqlRunner:
     """Database calls off the event loop. SQLite has one writer at a time: concurrent writers
     would only meet in its busy handler, which sleeps in growing steps, so one thread does every
-    SQLite call; other databases get a thread per call."""
+    SQLite call, with group commit (:class:`GroupWriter`); other databases get a thread per
+    call."""
 
     def __init__(self, db_url: str) -> None:
-        self.executor = (ThreadPoolExecutor(1, thread_name_prefix="sqlite")
-                         if db_url.startswith("sqlite") else None)
+        self.executor = GroupWriter() if db_url.startswith("sqlite") else None
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self.executor is None:
             return await asyncio.to_thread(fn, *args, **kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        return await asyncio.wrap_future(self.executor.submit(fn, *args, **kwargs))
 
 
 def openapi_document(name: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import DuplicateError, first_row, now_ms
+from ...kit.db import DuplicateError, first_row, now_ms, reading, step
 from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
@@ -185,7 +185,7 @@ class BankDb:
             raise BankError("an opening balance is not negative")
         secret = secret or secrets.token_hex(8)
         try:
-            with self.engine.begin() as conn:
+            with step(self.engine) as conn:
                 conn.execute(insert(accounts).values(
                     account_id=account_id, holder=holder, secret_hash=hash_secret(secret),
                     balance=balance, currency_code=currency_code, created=now_ms()))
@@ -196,7 +196,7 @@ class BankDb:
     def fund(self, account_id: str, amount: int) -> int:
         if amount <= 0:
             raise BankError("a deposit is a positive number of minor units")
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             done = conn.execute(update(accounts).where(accounts.c.account_id == account_id)
                                 .values(balance=accounts.c.balance + amount)).rowcount
             if not done:
@@ -205,7 +205,7 @@ class BankDb:
                 accounts.c.account_id == account_id)).scalar_one())
 
     def account(self, account_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(accounts).where(
                 accounts.c.account_id == account_id)).first()
         if row is None:
@@ -215,7 +215,7 @@ class BankDb:
         return out
 
     def accounts(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(accounts).order_by(accounts.c.account_id)).all()
         return [{k: v for k, v in r._mapping.items() if k != "secret_hash"} for r in rows]
 
@@ -228,7 +228,7 @@ class BankDb:
             stored is not None
 
     def secret_hash(self, account_id: str) -> str | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             stored = conn.execute(select(accounts.c.secret_hash).where(
                 accounts.c.account_id == account_id)).scalar()
         return None if stored is None else str(stored)
@@ -237,7 +237,7 @@ class BankDb:
         """A secret the server verified a moment ago was given again: 0 if it may be used
         (the failure count then restarts, as for any right secret), else the seconds the
         account is still locked. One read when nothing has failed."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             row = conn.execute(select(secret_failures).where(
                 secret_failures.c.account_id == account_id)).first()
             if row is None or (row.failures == 0 and row.locked_until == 0):
@@ -265,7 +265,7 @@ class BankDb:
         raise SecretLocked(1.0)  # the row kept moving under us: too many concurrent tries
 
     def _claim_once(self, account_id: str, policy: SecretPolicy, now: int) -> bool:
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             row = conn.execute(select(secret_failures).where(
                 secret_failures.c.account_id == account_id)).first()
             if row is None:
@@ -288,7 +288,7 @@ class BankDb:
     def secret_ok(self, account_id: str, stored: str, secret: str) -> None:
         """The right secret: the failure count restarts, and a hash of an old kind is
         rewritten as scrypt (only if the row still holds the hash that was checked)."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             conn.execute(update(secret_failures).where(
                 secret_failures.c.account_id == account_id,
                 (secret_failures.c.failures > 0) | (secret_failures.c.locked_until > 0),
@@ -303,7 +303,7 @@ class BankDb:
                        request_id: str | None = None) -> None:
         """Step 875: debit the account and record the load, together or not at all."""
         stamp = now_ms()
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             done = conn.execute(update(accounts).where(
                 accounts.c.account_id == account_id, accounts.c.balance >= amount,
             ).values(balance=accounts.c.balance - amount)).rowcount
@@ -326,7 +326,7 @@ class BankDb:
     def register(self, txn_id: str, loaded: bool, reason: str) -> bool:
         """Step 892. False if the load was already registered (nothing changes then)."""
         stamp = now_ms()
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             row = conn.execute(select(bank_loads).where(bank_loads.c.txn_id == txn_id)
                                .with_for_update()).first()
             if row is None or row.state != "debited":
@@ -344,7 +344,7 @@ class BankDb:
 
     def totals(self) -> dict[str, int]:
         """Amounts by load state, and the sum of all account balances."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             out = {state: int(total or 0) for state, total in conn.execute(
                 select(bank_loads.c.state, func.sum(bank_loads.c.amount))
                 .group_by(bank_loads.c.state))}
@@ -353,6 +353,6 @@ class BankDb:
         return out
 
     def loads(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(
                 select(bank_loads).order_by(bank_loads.c.created))]

@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import DuplicateError, first_row, now_ms, update_row
+from ...kit.db import DuplicateError, first_row, now_ms, reading, step, update_row
 from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
@@ -110,7 +110,7 @@ class LoadDb:
     def insert(self, values: dict[str, Any]) -> int:
         stamp = now_ms()
         try:
-            with self.engine.begin() as conn:
+            with step(self.engine) as conn:
                 result = conn.execute(insert(loads).values(created=stamp, updated=stamp,
                                                            **values))
                 key = result.inserted_primary_key
@@ -129,7 +129,7 @@ class LoadDb:
         """Keep the probe issued for a load still ``authorized`` (a new one replaces an older
         one). False if the load was decided meanwhile, or the same result bytes already
         recorded their probe (the caller answers that one)."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             result = conn.execute(update(loads).where(
                 loads.c.id == row_id, loads.c.state == "authorized",
                 or_(loads.c.probe_digest.is_(None), loads.c.probe_digest != digest),
@@ -141,7 +141,7 @@ class LoadDb:
         query = select(loads).where(
             loads.c.card_serial == card_serial, loads.c.online_counter == counter,
             loads.c.state == "loaded", loads.c.id != other_than)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(query).first()
         return dict(row._mapping) if row is not None else None
 
@@ -161,14 +161,14 @@ class LoadDb:
                 other.c.id == used_by, other.c.id != loads.c.id, other.c.state == "loaded",
                 other.c.card_serial == loads.c.card_serial,
                 other.c.online_counter == loads.c.online_counter)]
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             result = conn.execute(update(loads).where(*conditions).values(
                 state="not_loaded", updated=now_ms(), **values))
         return bool(result.rowcount == 1)
 
     def recover(self) -> int:
         """On start: requests the HSM never answered issued no S2, so no card loaded them."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             result = conn.execute(update(loads).where(loads.c.state == "received").values(
                 state="refused", reason="load server restarted before the HSM answered",
                 updated=now_ms()))
@@ -178,5 +178,5 @@ class LoadDb:
         query = select(loads).order_by(loads.c.id)
         if state is not None:
             query = query.where(loads.c.state == state)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]

@@ -33,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 
-from ...kit.db import first_row
+from ...kit.db import first_row, reading, step
 from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
@@ -97,7 +97,7 @@ class OrderDb:
         source = select(*(literal(row[c], orders.c[c].type).label(c) for c in columns)).where(
             _open_count() < max_open,
             _open_count(orders.c.client_address == row["client_address"]) < max_per_client)
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             if self.engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHECKOUT_LOCK})
             # RETURNING, not rowcount: drivers disagree on INSERT ... SELECT's rowcount
@@ -109,7 +109,7 @@ class OrderDb:
 
     def sweep(self, now: int) -> int:
         """Delete the open orders no confirmation can reach any more; how many."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             return int(conn.execute(delete(orders).where(
                 orders.c.state == OPEN, orders.c.confirm_until < now)).rowcount)
 
@@ -118,7 +118,7 @@ class OrderDb:
 
     def release(self, txn_id: str, state: str, receipt: str, now: int) -> bool:
         """Open -> ``state`` if still open and in time: True for exactly one caller."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             return int(conn.execute(update(orders).where(
                 orders.c.txn_id == txn_id, orders.c.state == OPEN,
                 orders.c.confirm_until >= now).values(
@@ -129,13 +129,13 @@ class OrderDb:
         where = [orders.c.state == OPEN]
         if client_address is not None:
             where.append(orders.c.client_address == client_address)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             first = conn.execute(select(func.min(orders.c.confirm_until)).where(
                 *where)).scalar()
         return max(1, (int(first) - now + 999) // 1000) if first is not None else 1
 
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(orders.c.state, func.count()).group_by(
                 orders.c.state)).all()
         return {str(state): int(n) for state, n in rows}

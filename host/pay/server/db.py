@@ -51,7 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import DuplicateError, first_row, now_ms, update_row
+from ...kit.db import DuplicateError, first_row, now_ms, reading, step, update_row
 from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
@@ -124,7 +124,7 @@ class PaymentDb:
         unauthenticated. A second draw of the same transaction is a :class:`DuplicateError`."""
         stamp = now_ms()
         try:
-            with self.engine.begin() as conn:
+            with step(self.engine) as conn:
                 result = conn.execute(insert(payments).values(
                     state="received", reason="", proof_handed=0, created=stamp, updated=stamp,
                     **values))
@@ -143,7 +143,7 @@ class PaymentDb:
     def note(self, row_id: int, state: str, report: str) -> None:
         """Record an unauthenticated client report on a row still in ``state`` (no state
         change, no unique key: it only tells the operator what the client said)."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             conn.execute(update(payments).where(
                 payments.c.id == row_id, payments.c.state == state,
             ).values(client_report=report[:200], updated=now_ms()))
@@ -153,7 +153,7 @@ class PaymentDb:
 
     def recover(self) -> int:
         """On start: draws that never reached a PSAM answer are void. Returns how many."""
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             result = conn.execute(update(payments).where(
                 payments.c.state.in_(("received", "busy"))).values(
                 state="voided", reason="payment server restarted before the PSAM answered",
@@ -165,7 +165,7 @@ class PaymentDb:
                     records: Iterable[tuple[int, bool]]) -> None:
         """The records (TTN, whether the card's TAC went with it) of one batch file."""
         stamp = now_ms()
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             for ttn, handed in records:
                 conn.execute(update(payments).where(
                     payments.c.psam_id == psam_id, payments.c.ttn == ttn,
@@ -178,17 +178,17 @@ class PaymentDb:
             payments.c.state == "confirmed", payments.c.tac.is_not(None),
             payments.c.batch.is_not(None), payments.c.proof_handed == 0,
         ).order_by(payments.c.psam_id, payments.c.ttn)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def mark_proofs_handed(self, row_ids: list[int]) -> None:
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             conn.execute(update(payments).where(
                 payments.c.id.in_(row_ids), payments.c.proof_handed == 0,
             ).values(proof_handed=1, updated=now_ms()))
 
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(payments.c.state)).all()
         out: dict[str, int] = {}
         for (state,) in rows:
