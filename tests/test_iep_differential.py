@@ -105,3 +105,49 @@ def test_the_harness_catches_an_injected_difference(change: str) -> None:
         D.run(D.python_side, injected(change), count, seed=3)
     assert str(again.value) == text
     D.run(D.python_side, injected(change), count - 1, seed=3)   # one APDU less: no mismatch
+
+
+def test_jcardsim_runtime_rules_hide_only_the_runtime() -> None:
+    """What is not sent and what is excused as jCardSim's own answer; nothing else is."""
+    rt = D.JCardSimRuntime(D.AID, D.APPLET_LEFT_OUT)
+    plain = bytes.fromhex("00A4040009F0535643415244010100")
+    assert rt.skip(plain) is None
+    assert rt.skip(bytes.fromhex("00A4040C09F05356434152440101")) is None
+    for other_form in ("00A40400", "00A4040000", "00A4040409F0535643415244010100",
+                       "01A4040009F0535643415244010100"):
+        assert rt.skip(bytes.fromhex(other_form)), other_form
+    assert rt.skip(bytes.fromhex("805005020B0100000001112233445566")) is not None
+    assert rt.skip(bytes.fromhex("805C000204")) is None
+    # no applet selected: the runtime's 6986/6999 are excused, not another status word
+    assert rt.excuse(bytes.fromhex("805C000204"), b"\x69\x86")
+    assert rt.excuse(bytes.fromhex("805C000204"), b"\x69\x85") is None
+    rt.after(bytes.fromhex("00A4040005A000000003"))          # an unknown AID selects nothing
+    assert rt.excuse(bytes.fromhex("805C000204"), b"\x69\x86")
+    rt.after(plain)
+    assert rt.excuse(bytes.fromhex("805C000204"), b"\x69\x86") is None   # selected: a finding
+    assert rt.excuse(bytes.fromhex("805C0002000004"), b"\x67\x00")       # extended length
+    assert rt.excuse(bytes.fromhex("805C000204"), b"\x67\x00") is None
+    assert rt.excuse(bytes.fromhex("00B0950000AA"), "raised JCardSimError: "
+                     "java.lang.ArrayIndexOutOfBoundsException: Index 6")
+    assert rt.excuse(bytes.fromhex("805C000204"), "raised JCardSimError: "
+                     "java.lang.ArrayIndexOutOfBoundsException: Index 6") is None
+    rt.reset()
+    assert rt.excuse(bytes.fromhex("805C000204"), b"\x69\x86")
+
+
+def test_a_runtime_answer_while_selected_is_a_mismatch() -> None:
+    """An 'applet' answering 6986 to a command while selected is caught, though the runtime
+    answers 6986 when nothing is selected."""
+    def open_side(image: dict[str, Any]) -> D.Side:
+        side = D.python_side(image, "applet")
+        inner = side.transmit
+
+        def transmit(apdu: bytes) -> bytes:
+            out = inner(apdu)
+            return b"\x69\x86" if apdu[:2] == b"\x80\x5c" and out[-2:] == b"\x90\x00" else out
+        side.transmit = transmit
+        side.platform = D.JCardSimRuntime(D.AID, D.APPLET_LEFT_OUT)
+        return side
+
+    with pytest.raises(D.Mismatch, match="applet - SW 6986"):
+        D.run(D.python_side, open_side, 20_000, seed=5)
