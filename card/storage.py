@@ -271,6 +271,9 @@ class ImageStore:
         self.image = opened.image
         self._marker = opened.marker
         self._stale = opened.stale   # the journal on disk must be replaced before an append
+        # an append failed: what the card holds in memory may be ahead of the journal, so the
+        # next change writes the whole image instead (as a failed image write would)
+        self._whole_image_due = False
         self._clean_temp_files()
 
     def _lock(self, timeout: float) -> None:
@@ -333,6 +336,7 @@ class ImageStore:
         write_atomically(self.path, encode_image({**image, "journal": {
             "id": journal_id, "seq": seq + 1}}), self.tear)
         self._marker, self._stale, self.image = (journal_id, seq + 1), True, image
+        self._whole_image_due = False
         self._open_journal()  # an empty journal now, not at the next change: no dead weight
 
     def append(self, change: Change, build: ImageBuilder) -> None:
@@ -340,6 +344,9 @@ class ImageStore:
         a journal gets one first: the whole image (the change in it) is written once, marked."""
         if self._marker is None:
             self._start_journal(build)
+            return
+        if self._whole_image_due:
+            self.commit(build)
             return
         fd = self._journal_fd if self._journal_fd is not None else self._open_journal()
         data = encode_change(change)
@@ -353,7 +360,8 @@ class ImageStore:
                 self.tear("append-written")
             _datasync(fd)
         except OSError:
-            self._close_journal()  # the next change reopens it, dropping any partial frame
+            self._close_journal()
+            self._whole_image_due = True
             raise
         if self.tear:
             self.tear("append-synced")
