@@ -17,7 +17,18 @@ card credits 0 and moves its online counter, and the client posts the card's TAC
 
 from __future__ import annotations
 
-from construct import Bytes, Const, Int8ub, Int16ub, Int32ub, Int64ub, PascalString, Struct
+from construct import (
+    Bytes,
+    Const,
+    GreedyBytes,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    PascalString,
+    Prefixed,
+    Struct,
+)
 
 from .messages import Blob
 
@@ -37,7 +48,12 @@ RESULT_NOT_LOADED = 1
 OUTCOME_LOADED = 0
 OUTCOME_NOT_LOADED = 1
 
-# what the bank seals under DK for the load server (seed step 874: amount, currency, txn id...)
+# what the bank seals under DK for the load server (seed step 874: amount, currency, txn id...).
+# Version 2 adds the card's issuer id as the bank priced the load for it (its configured balance
+# limit is per issuer): the load server loads only a card whose request names that issuer, and
+# its HSM checks S1 under that issuer's keys. Empty: the bank went by no issuer (it has no
+# issuer limits and the client named none).
+LOAD_TICKET_VERSION = 2
 LoadTicket = Struct(
     "version" / Int8ub,
     "tsk" / Bytes(32),
@@ -48,6 +64,7 @@ LoadTicket = Struct(
     "bank_time" / Int64ub,        # unix seconds when the bank debited the account
     "expires" / Int64ub,          # unix seconds
     "terminal_id" / Bytes(6),     # the load server's terminal id (in S1 and S2)
+    "issuer_id" / Prefixed(Int8ub, GreedyBytes),   # version 2: 8 bytes, or none
 )
 
 # seed step 876: the card's answers packed into one message

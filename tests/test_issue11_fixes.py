@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from svcard.host.pay import client as PC
 from svcard.host.pay.stack import Stack
 from svcard.host.terminal import card_commands
 from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.online import PaymentRefused
 from svcard.host.terminal.purse import TerminalCheckFailed, select_purse
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import purse as P
@@ -191,3 +193,79 @@ def test_network_load_without_a_card_currency_declines(loads: LoadStack, tmp_pat
                 journal=Journal(tmp_path / "j.jsonl"), http=http,
                 aid=bytes.fromhex(PBOC_AID))
     assert account_balance(loads) == 20_000 and balance(card) == 10_000
+
+
+# --- the load ticket binds the card's issuer (issue 11, finding 3's bank limit) ---------------
+
+ISSUER = "1000000000000001"        # the demo card's issuer: the bank loads its cards to 20,000
+RICH_ISSUER = "2000000000000002"   # another issuer, configured with a far bigger limit
+
+
+class NamingIssuer(httpx.Client):
+    """The attacker's client: the real card, but the bank start names ``issuer`` (the rest of
+    the load goes as the honest client sends it: the load request names the card's own)."""
+
+    def __init__(self, issuer: str) -> None:
+        super().__init__(timeout=30)
+        self.issuer = issuer
+
+    def post(self, url: Any, **kwargs: Any) -> httpx.Response:
+        body = kwargs.get("json")
+        if body is not None and str(url).endswith("/v1/load/start"):
+            kwargs["json"] = {**body, "card": {**body["card"], "issuer_id": self.issuer}}
+        return super().post(url, **kwargs)
+
+
+def issuer_limits(loads: LoadStack) -> None:
+    loads.bank_server.config.issuer_limits = {bytes.fromhex(ISSUER): 20_000,
+                                              bytes.fromhex(RICH_ISSUER): 900_000}
+
+
+def test_a_client_naming_a_richer_issuer_is_not_loaded(loads: LoadStack, tmp_path: Path) -> None:
+    issuer_limits(loads)
+    loads.account("bob", 100_000, "pw")
+    card = tmp_path / "card.json"
+    image = image_from_profile(fixture_path("iep-demo.toml"))
+    image["app"]["ep"]["balance"] = 1_000
+    save_new_image(card, image)
+    journal = Journal(tmp_path / "j.jsonl")
+    # honest: the card's own issuer's limit (20,000) is what the bank applies
+    with (httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader,
+          pytest.raises(PaymentRefused, match=r"at most 19000 more")):
+        LC.load(loads.bank_url, reader, account="bob", secret="pw", amount=50_000,
+                journal=journal, http=http)
+    # the attacker names the richer issuer to the bank (which then allows 99,000 more: the
+    # card's own limit): the bank debits, the load server sees a request for another issuer's
+    # card than the ticket's and issues no S2; "not loaded", the account is re-credited
+    with NamingIssuer(RICH_ISSUER) as http, open_reader(f"virtual:{card}") as reader:
+        out = LC.load(loads.bank_url, reader, account="bob", secret="pw", amount=50_000,
+                      journal=journal, http=http)
+    assert out.outcome == "not loaded", out
+    assert "priced this load for another issuer's card" in journal.path.read_text()
+    assert balance(card) == 1_000 and account_balance(loads, "bob") == 100_000
+    rows = loads.load_server.db.rows()
+    assert [r["state"] for r in rows] == ["not_loaded"] and not rows[0]["s2"]
+    # the same amount loads for the card's own issuer
+    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        assert LC.load(loads.bank_url, reader, account="bob", secret="pw", amount=15_000,
+                       journal=journal, http=http).outcome == "loaded"
+    assert balance(card) == 16_000 and account_balance(loads, "bob") == 85_000
+
+
+def test_the_ticket_carries_the_issuer_the_bank_priced_for(loads: LoadStack) -> None:
+    from svcard.protocols import loadmsg as L
+    from svcard.protocols import messages as M
+    from svcard.protocols import secure
+    issuer_limits(loads)
+    body = {"account": "alice", "secret": "pw", "amount": 100,
+            "card": {"serial": "00" * 9 + "01", "issuer_id": RICH_ISSUER, "balance": 0,
+                     "currency_code": 156}}
+    r = httpx.post(loads.bank_url.rsplit("/v1/", 1)[0] + "/v1/load/start", json=body,
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    params = r.json()
+    bank_id, txn_id = bytes.fromhex(params["bank_id"]), bytes.fromhex(params["txn_id"])
+    ticket = M.parse(L.LoadTicket, secure.open_sealed(
+        loads.bank_server.dk(txn_id), bytes.fromhex(params["etsk"]),
+        L.ticket_aad(bank_id, txn_id), "ETSK"), "ticket")
+    assert (ticket.version, ticket.issuer_id) == (2, bytes.fromhex(RICH_ISSUER))

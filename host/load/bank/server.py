@@ -7,7 +7,9 @@ same load, never a second debit); the bank works out the largest load the card c
 the smaller of the card's limit and the one configured for its issuer; neither: refused),
 checks the account, debits it and answers the load parameters of step 874: amount, currency
 and exponent, load server URL, transaction id, bank id, the session key (TSK) with the ticket
-sealed for the load server (ETSK), the load terminal id, the bank time stamp and the status URL.
+sealed for the load server (ETSK: it binds the card's serial and the issuer whose limit was
+applied, so the load server loads no other issuer's card), the load terminal id, the bank time
+stamp and the status URL.
 ``GET /v1/load`` tells where to start (JSON), or as an HTML page for a browser.
 ``POST /v1/load/status/{txn}`` takes the load server's sealed confirmation (carried by the
 client): only a confirmation that opens under the key the bank shares with the load server
@@ -231,10 +233,11 @@ class BankServer:
         tsk = secure.new_key()
         bank_time = int(time.time())
         ticket = M.build(L.LoadTicket, {
-            "version": M.VERSION, "tsk": tsk, "amount": order.amount,
+            "version": L.LOAD_TICKET_VERSION, "tsk": tsk, "amount": order.amount,
             "currency_code": c.currency_code, "currency_exponent": c.currency_exponent,
             "card_serial": order.card_serial, "bank_time": bank_time,
-            "expires": bank_time + c.order_lifetime, "terminal_id": c.terminal_id})
+            "expires": bank_time + c.order_lifetime, "terminal_id": c.terminal_id,
+            "issuer_id": order.issuer_id or b""})   # the load server loads only its cards
         etsk = secure.seal(self.dk(txn_id), ticket, L.ticket_aad(c.bank_id, txn_id))
         return {"version": M.VERSION, "amount": order.amount, "currency_code": c.currency_code,
                 "currency_exponent": c.currency_exponent, "load_url": c.load_url,

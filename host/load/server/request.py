@@ -1,10 +1,11 @@
 """``POST /v1/load/request``: the load request (seed steps 878-880 and 895-899).
 
 The client's packed LOAD_REQUEST (S1, card, expiry, amount, algorithm, counter, balance, bank
-time stamp) is checked against the bank's sealed ticket (895), logged ``received``, the HSM
-verifies S1 and makes S2 (897-899), S2 is logged (``authorized``) and the LOAD_COMMAND goes
-back. The same request again (a lost answer) gets the same command; another request for the
-transaction, or an S1 already presented, is 409.
+time stamp) is checked against the bank's sealed ticket (895: among others the card serial and
+the issuer the bank priced the load for), logged ``received``, the HSM verifies S1 under the
+keys of the issuer the request names (so of the bank's) and makes S2 (897-899), S2 is logged
+(``authorized``) and the LOAD_COMMAND goes back. The same request again (a lost answer) gets the
+same command; another request for the transaction, or an S1 already presented, is 409.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ async def load_request(server: LoadServer, data: bytes) -> Response:
                                 f"({t.amount}): changed in transit")
     if r.card_serial != t.card_serial:
         raise Refused(400, 400, "the bank priced this load for another card")
+    if t.version != L.LOAD_TICKET_VERSION:
+        raise Refused(400, 400, f"the bank's load ticket is version {t.version}; this load "
+                                f"server reads version {L.LOAD_TICKET_VERSION}")
+    if t.issuer_id and r.issuer_id != t.issuer_id:   # the HSM checks S1 under r.issuer_id's keys
+        raise Refused(400, 400, "the bank priced this load for another issuer's card")
     if r.currency_code != t.currency_code:
         raise Refused(400, 400, "the card's currency is not the bank's")
     if r.bank_time != t.bank_time:
