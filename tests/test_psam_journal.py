@@ -356,8 +356,9 @@ def test_a_failed_append_leaves_no_partial_frame(tmp_path: Path,
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(storage.os, "write", half_then_fail)
-        with pytest.raises(T.Declined):
+        with pytest.raises(T.Declined) as refused:
             buy(psam)
+        assert (refused.value.step, refused.value.sw) == ("INIT SAM FOR PURCHASE", 0x6F00)
         monkeypatch.undo()
         assert parse_journal(journal_path(path).read_bytes()).torn_bytes > 0
         buy(psam)   # the whole image first (the card's memory may be ahead), then appends
