@@ -269,3 +269,17 @@ def test_the_ticket_carries_the_issuer_the_bank_priced_for(loads: LoadStack) -> 
         loads.bank_server.dk(txn_id), bytes.fromhex(params["etsk"]),
         L.ticket_aad(bank_id, txn_id), "ETSK"), "ticket")
     assert (ticket.version, ticket.issuer_id) == (2, bytes.fromhex(RICH_ISSUER))
+
+
+# --- svcard audit --card ... --aid ------------------------------------------------------------
+
+def test_the_audit_reads_a_card_at_its_aid(tmp_path: Path) -> None:
+    card = pboc_card(tmp_path)
+    default = svcard("audit", "--card", str(card), "--opening", "10000")
+    assert default.exit_code == 1 and "no purse application F05356434152440101" in default.output
+    at_aid = svcard("audit", "--card", str(card), "--opening", "10000", "--aid", PBOC_AID,
+                    "--json")
+    assert at_aid.exit_code == 0, at_aid.output
+    assert '"card balances": 10000' in at_aid.output and '"clean": true' in at_aid.output
+    bad = svcard("audit", "--card", str(card), "--aid", "12")
+    assert bad.exit_code == 2 and "--aid '12'" in bad.output and bad.output.count("\n") == 1

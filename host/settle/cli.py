@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
+from ...protocols import purse as P
 from ..kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
-from ..terminal.card_commands import handled, readers
+from ..terminal.card_commands import handled, parse_aid, readers
 from ..terminal.money import format_money
 
 
@@ -128,6 +129,10 @@ def _counts(counts: dict[str, int]) -> str:
 @click.command("audit")
 @click.option("--card", "card_specs", multiple=True, metavar="SPEC",
               help="A card (reader spec, or an image path): its balance counts (repeat).")
+@click.option("--aid", "aid", default=P.DEFAULT_IEP_AID.hex().upper(), show_default=True,
+              metavar="HEX", callback=lambda _ctx, _param, value: parse_aid(value),
+              help="AID of the purse application to SELECT on every --card (5 to 16 bytes of "
+                   "hex), as for every command that takes a purse card.")
 @click.option("--payment-db", "payment_dbs", multiple=True, metavar="URL",
               help="A payment server's database (repeat).")
 @click.option("--load-db", "load_dbs", multiple=True, metavar="URL",
@@ -145,7 +150,7 @@ def _counts(counts: dict[str, int]) -> str:
               help="Days after which a held record, an open load or a confirmed payment not "
                    "yet cleared fails the audit.")
 @json_option
-def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
+def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, ...],
               load_dbs: tuple[str, ...], bank_dbs: tuple[str, ...], clearing_db: str | None,
               opening: int, psam_specs: tuple[str, ...], max_age_days: float,
               as_json: bool) -> None:
@@ -176,7 +181,7 @@ def audit_cmd(card_specs: tuple[str, ...], payment_dbs: tuple[str, ...],
     check_sources(payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
                   clearing_db=clearing_db)
     with handled(), readers(*[("card", spec(s)) for s in card_specs]) as card_readers:
-        cards = card_balances(card_readers)
+        cards = card_balances(card_readers, aid)
     open_batches = None
     if psam_specs:
         with handled(), readers(*[("psam", spec(s)) for s in psam_specs]) as psam_readers:

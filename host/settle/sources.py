@@ -47,11 +47,12 @@ def clearing_engine(url: str) -> Engine | None:
     return open_for_reading(url, CLEARING_TABLES, CLEARING_DB, SCHEMA)
 
 
-def card_balances(readers: list[Reader]) -> dict[str, int]:
-    """Card serial (lower-case hex) -> EP balance, read through each reader."""
+def card_balances(readers: list[Reader], aid: bytes = P.DEFAULT_IEP_AID) -> dict[str, int]:
+    """Card serial (lower-case hex) -> EP balance of the purse at ``aid``, read through each
+    reader."""
     out = {}
     for reader in readers:
-        info = select_purse(reader)
+        info = select_purse(reader, aid)
         out[info.app_serial.lower()] = int.from_bytes(
             call(reader, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
     return out
