@@ -1,12 +1,13 @@
 """svcard's IEP purse as a Java Card 2.2.2 applet: building it, and what a card needs to hold one.
 
 The applet's Java source is in ``card/javacard/src/org/svcard/iep/`` (see docs/javacard.md). It
-follows :mod:`svcard.card.iep` command for command in the default (PBOC) MAC-scheme profile.
+follows :mod:`svcard.card.iep` command for command (unload and the overdraft-limit update
+included) in the ``pboc`` and ``changsha-metro`` MAC-scheme profiles, with either log counter.
 
 - :func:`build_applet` compiles it with the JDK's ``javac`` against a jar that carries the
   ``javacard.*`` API (jCardSim's jar does), for Java 8 class files;
 - :func:`install_params` is what a GlobalPlatform INSTALL gives the applet (tag C9): the number
-  of purchase and load key slots it allocates;
+  of purchase, load, unload and update key slots it allocates;
 - :func:`personalisation_apdus` is everything an IEP image holds, as the applet's proprietary
   personalisation commands (``80 F0``, then ``80 FE`` END PERSONALISATION), a SELECT first.
 
@@ -20,9 +21,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..protocols import mac_schemes
 from ..protocols import purse as P
 from .iep import IepState, Purse
 from .iep_commands.pin import encode_pin
+from .iep_commands.records import LOG_COUNTER_AFTER, LOG_COUNTER_BEFORE
 from .keys import KeyEntry
 
 APPLET_CLASS = "org.svcard.iep.IepApplet"
@@ -50,6 +53,14 @@ ITEM_FIXED_RANDOM = 0x0C
 ITEM_LOG_RECORD = 0x0D
 ITEM_PROOF = 0x0E
 ITEM_UID = 0x0F
+ITEM_UNLOAD_KEY = 0x10
+ITEM_UPDATE_KEY = 0x11
+ITEM_LOG_COUNTER = 0x12
+ITEM_MAC_SCHEME = 0x13
+
+# the values of ITEM_LOG_COUNTER and ITEM_MAC_SCHEME
+LOG_COUNTER_CODES = {LOG_COUNTER_BEFORE: 0x00, LOG_COUNTER_AFTER: 0x01}
+MAC_SCHEME_CODES = {"pboc": 0x00, "changsha-metro": 0x01}
 
 MAX_KEY_SLOTS = 16
 LABEL_MAX = 16
@@ -102,12 +113,14 @@ INSTALL_CBC_MAC = 0x01     # install flag: MACs by DES-CBC with padding by hand
 
 def install_params(state: IepState, *, cbc_mac: bool = False) -> bytes:
     """The applet's install parameters (GP tag C9): purchase key slots 1, load key slots 1,
-    flags 1. ``cbc_mac`` makes the applet compute its MACs with DES-CBC and pad them itself,
-    as it does anyway on a card without ``Signature.ALG_DES_MAC8_ISO9797_M2`` (the same
-    bytes)."""
+    flags 1, unload key slots 1, update key slots 1. ``cbc_mac`` makes the applet compute its
+    MACs with DES-CBC and pad them (and finish a retail MAC) itself, as it does anyway on a
+    card without ``Signature.ALG_DES_MAC8_ISO9797_M2`` or ``ALG_DES_MAC8_ISO9797_1_M2_ALG3``
+    (the same bytes)."""
     _check_supported(state)
     return bytes((max(1, len(state.purchase_keys)), max(1, len(state.load_keys)),
-                  INSTALL_CBC_MAC if cbc_mac else 0))
+                  INSTALL_CBC_MAC if cbc_mac else 0, len(state.unload_keys),
+                  len(state.update_keys)))
 
 
 def _put(item: int, data: bytes, p2: int = 0) -> bytes:
@@ -145,6 +158,12 @@ def personalisation_apdus(state: IepState) -> list[bytes]:
                                                      limit)))
     for key in s.load_keys.values():
         out.append(_key(ITEM_LOAD_KEY, key, min(s.load_mac_failures.get(key.index, 0), limit)))
+    for key in s.unload_keys.values():
+        out.append(_key(ITEM_UNLOAD_KEY, key, min(s.unload_mac_failures.get(key.index, 0),
+                                                   limit)))
+    for key in s.update_keys.values():
+        out.append(_key(ITEM_UPDATE_KEY, key, min(s.update_mac_failures.get(key.index, 0),
+                                                   limit)))
     out.append(_put(ITEM_TAC_KEY, s.tac_key))
     pin = encode_pin(s.pin) if s.pin is not None else b""
     out.append(_put(ITEM_PIN, bytes((s.pin_try_limit, s.pin_tries_left)) + pin))
@@ -155,6 +174,10 @@ def personalisation_apdus(state: IepState) -> list[bytes]:
         out.append(_put(ITEM_FIXED_RANDOM, s.fixed_random))
     if s.uid is not None:
         out.append(_put(ITEM_UID, s.uid))
+    if s.log_counter != LOG_COUNTER_BEFORE:
+        out.append(_put(ITEM_LOG_COUNTER, bytes((LOG_COUNTER_CODES[s.log_counter],))))
+    if s.mac_scheme != mac_schemes.DEFAULT:
+        out.append(_put(ITEM_MAC_SCHEME, bytes((MAC_SCHEME_CODES[s.mac_scheme],))))
     records = list(reversed(s.log))             # oldest first: each becomes the newest
     if s.pending_log is not None:
         records.append(s.pending_log)
@@ -174,7 +197,9 @@ _ITEM_NAMES = {ITEM_LABEL: "label", ITEM_CURRENCY: "currency", ITEM_PUBLIC_DATA:
                ITEM_TAC_KEY: "TAC key", ITEM_PIN: "PIN", ITEM_MAC_FAILURE_LIMIT:
                "MAC-failure limit", ITEM_PURSE: "purse", ITEM_FIXED_RANDOM:
                "fixed random (tests only)", ITEM_LOG_RECORD: "log record",
-               ITEM_PROOF: "proof", ITEM_UID: "UID"}
+               ITEM_PROOF: "proof", ITEM_UID: "UID", ITEM_UNLOAD_KEY: "unload key",
+               ITEM_UPDATE_KEY: "update key", ITEM_LOG_COUNTER: "log counter",
+               ITEM_MAC_SCHEME: "MAC scheme"}
 
 
 def personalisation_script(state: IepState) -> str:
@@ -192,18 +217,23 @@ def personalisation_script(state: IepState) -> str:
 
 
 def _check_supported(state: IepState) -> None:
-    """Refuse what the applet does not hold (the default PBOC profile only)."""
+    """Refuse what the applet does not hold (a MAC-scheme profile it does not know)."""
     s = state
-    if s.mac_scheme != "pboc":
-        raise AppletStateError(f"mac_scheme {s.mac_scheme!r}: the applet implements 'pboc' only")
-    if s.log_counter != "before":
-        raise AppletStateError("log_counter: the applet writes the counter from before the "
-                               "transaction only")
+    if s.mac_scheme not in MAC_SCHEME_CODES:
+        raise AppletStateError(f"mac_scheme {s.mac_scheme!r}: the applet implements "
+                               f"{', '.join(repr(n) for n in MAC_SCHEME_CODES)}")
+    scheme = mac_schemes.scheme(s.mac_scheme)
+    if scheme.uid_size and (s.uid is None or len(s.uid) != scheme.uid_size):
+        raise AppletStateError(f"uid: the {s.mac_scheme} scheme takes a {scheme.uid_size}-byte "
+                               "card UID")
+    if s.log_counter not in LOG_COUNTER_CODES:
+        raise AppletStateError('log_counter: "before" or "after"')
     if not 1 <= len(s.aid) <= 16:
         raise AppletStateError("aid: 1 to 16 bytes")
     if len(s.label) > LABEL_MAX or not s.label.isascii():
         raise AppletStateError(f"label: at most {LABEL_MAX} ASCII characters")
-    for name, keys in (("purchase_keys", s.purchase_keys), ("load_keys", s.load_keys)):
+    for name, keys in (("purchase_keys", s.purchase_keys), ("load_keys", s.load_keys),
+                       ("unload_keys", s.unload_keys), ("update_keys", s.update_keys)):
         if len(keys) > MAX_KEY_SLOTS:
             raise AppletStateError(f"{name}: at most {MAX_KEY_SLOTS} keys")
         if any(not 0 <= k.index <= 255 or len(k.key) != 16 for k in keys.values()):

@@ -31,6 +31,7 @@ from svcard.card.applet import (
 from svcard.card.iep import IepState
 from svcard.card.image import app_of, card_from_image
 from svcard.protocols import crypto
+from svcard.protocols import mac_schemes as M
 
 JAR = os.environ.get("JCARDSIM_JAR", "")
 TID = bytes.fromhex("112233445566")
@@ -114,11 +115,24 @@ def test_build_without_javac_or_jar_says_so(tmp_path: Path,
 
 
 def test_states_the_applet_cannot_hold_are_refused() -> None:
+    """Both MAC-scheme profiles and both log counters are held (issue 11); an unknown profile,
+    a metro card without its 9-byte UID or more unload keys than slots are refused by name."""
+    metro = state_of(image(mac_scheme="changsha-metro", uid=METRO_UID.hex()))
+    assert personalisation_apdus(metro)[-2:] == [bytes.fromhex("80F0130001") + b"\x01",
+                                                 END_PERSONALISATION]
+    after = state_of(image(log_counter="after"))
+    assert bytes.fromhex("80F012000101") in personalisation_apdus(after)
+    assert install_params(after) == bytes((2, 1, 0, 1, 1))
+    metro.mac_scheme = "other"
     with pytest.raises(AppletStateError, match="mac_scheme"):
-        personalisation_apdus(state_of(image(mac_scheme="changsha-metro",
-                                             uid="00" * 9)))
-    with pytest.raises(AppletStateError, match="log_counter"):
-        install_params(state_of(image(log_counter="after")))
+        install_params(metro)
+    metro.mac_scheme, metro.uid = "changsha-metro", None
+    with pytest.raises(AppletStateError, match="uid"):
+        personalisation_apdus(metro)
+    key = next(iter(after.unload_keys.values()))
+    after.unload_keys = {i: key for i in range(17)}
+    with pytest.raises(AppletStateError, match="unload_keys"):
+        install_params(after)
 
 
 # --- personalisation ------------------------------------------------------------------------
@@ -142,7 +156,8 @@ def test_install_parameters_as_value_or_as_c9_tlv(make_applet: Callable[..., Any
     key slot count the applet cannot allocate fails the install."""
     from svcard.reader.jcardsim import JCardSimError, JCardSimReader
     state = state_of(image())
-    for params in (install_params(state), b"\xc9\x03" + install_params(state)):
+    full = install_params(state)     # 5 bytes; shorter forms take the defaults for the rest
+    for params in (full, bytes((0xC9, len(full))) + full, full[:3], full[:2]):
         card = JCardSimReader(APPLET_CLASS, state.aid, install_params=params,
                               personalise=personalisation_apdus(state),
                               classpath=(str(make_applet.classes),))
@@ -174,8 +189,8 @@ def test_personalisation_is_locked_after_end(make_applet: Callable[..., Any]) ->
 
 def key_pieces(state: IepState) -> list[bytes]:
     """Every 4-byte run of every key the card holds (and of the TAC's DES key)."""
-    keys = [k.key for k in state.purchase_keys.values()] + [k.key for k in
-                                                            state.load_keys.values()]
+    keys = [k.key for group in (state.purchase_keys, state.load_keys, state.unload_keys,
+                                state.update_keys) for k in group.values()]
     keys += [state.tac_key, crypto.tac_key(state.tac_key)]
     return [key[i:i + 4] for key in keys for i in range(len(key) - 3)]
 
@@ -214,10 +229,15 @@ def load_mac2(state: IepState, init: bytes, amount: int, txn_type: int) -> bytes
 
 def purchase_mac1(state: IepState, init: bytes, amount: int, txn_type: int, ttn: int,
                   key_index: int = 1) -> bytes:
+    """MAC1 as the PSAM makes it, in the card's MAC-scheme profile."""
+    if len(init) < 17:
+        return bytes(4)                 # the INITIALIZE was refused: any MAC1 will do
     key = state.purchase_keys[key_index].key
     random, counter = init[11:15], int.from_bytes(init[4:6], "big")
-    sk = crypto.purchase_session_key(key, random, counter, ttn)
-    return crypto.mac(sk, crypto.purchase_mac1_input(amount, txn_type, TID, DATE, TIME))
+    scheme = M.scheme(state.mac_scheme)
+    sk = M.purchase_session_key(scheme, key, random, counter, ttn)
+    return M.purchase_mac1(scheme, sk, amount, txn_type, TID, DATE, TIME,
+                           state.uid if scheme.uid_size else None)
 
 
 def u4(value: int) -> bytes:
@@ -374,6 +394,237 @@ def test_key_lockout_is_byte_equal(make_applet: Callable[..., Any]) -> None:
     assert got == expected
     assert [split(a)[1] for a in expected[1:11]] == [0x9000, 0x9302] * 3 + [0x6983, 0x6985] * 2
     assert [split(a)[1] for a in expected[11:]] == [0x9000, 0x9000, 0x9000]
+
+
+# --- issue 11: unload, the overdraft-limit update, log counter "after", changsha-metro --------
+
+METRO_UID = bytes.fromhex("850102030405060708")
+
+
+def compare(make_applet: Callable[..., Any], img: dict[str, Any],
+            run: Callable[[Callable[[bytes], bytes], IepState], list[bytes]], *,
+            cbc_mac: bool = False) -> tuple[list[bytes], Any]:
+    """Run ``run`` on the Python card of ``img`` and on an applet personalised from it; the
+    answers must be byte-equal. Gives the Python card's answers and the card."""
+    python_card = card_from_image(img)
+    applet = make_applet(state_of(img), cbc_mac=cbc_mac)
+    expected = run(python_card.transmit, state_of(img))
+    got = run(applet.transmit, state_of(img))
+    different = [(i, e.hex(), g.hex()) for i, (e, g) in enumerate(zip(expected, got,
+                                                                      strict=True)) if e != g]
+    assert not different
+    return expected, python_card
+
+
+@pytest.mark.parametrize("cbc_mac", [False, True], ids=["signature-mac", "cbc-mac"])
+@pytest.mark.parametrize("changes", [{"log_counter": "after"},
+                                     {"mac_scheme": "changsha-metro", "uid": METRO_UID.hex()}],
+                         ids=["log-counter-after", "changsha-metro"])
+def test_the_session_is_byte_equal_in_the_other_profiles(make_applet: Callable[..., Any],
+                                                         changes: dict[str, Any],
+                                                         cbc_mac: bool) -> None:
+    """The whole fixed session (loads, purchases on EP and ED, refusals, log, proofs, PIN)
+    with the log counter written after the increment, and in the changsha-metro profile (16-
+    byte purchase session key, retail MAC, the UID in MAC1), the retail MAC from
+    ALG_DES_MAC8_ISO9797_1_M2_ALG3 or by hand (DES-CBC and a 3DES last block)."""
+    expected, python_card = compare(make_applet, image(**changes), session, cbc_mac=cbc_mac)
+    statuses = [split(a)[1] for a in expected]
+    assert statuses.count(0x9000) >= 30 and statuses.count(0x9302) == 2
+    log = app_of(python_card).state.log          # type: ignore[attr-defined]
+    counters = [int.from_bytes(r[:2], "big") for r in log]
+    # newest first: EP purchase (key 2), ED cash withdrawal, ED and EP purchase, ED and EP load
+    if "log_counter" in changes:                 # the counter after the increment
+        assert counters == [2, 2, 1, 1, 1, 1]
+    else:
+        assert counters == [1, 1, 0, 0, 0, 0]
+
+
+def test_the_changsha_applets_worked_example_on_our_applet(make_applet: Callable[..., Any]
+                                                           ) -> None:
+    """The published Changsha metro test purchase (tests/test_mac_schemes.py): its DPK, UID,
+    random 41424344 and offline counter 1; the applet accepts the published MAC1 C769F8F7 and
+    answers MAC2 D4F8C6D2, with ALG3 signatures and by hand."""
+    from test_mac_schemes import CS_DATE, CS_DPK, CS_RANDOM, CS_TID, CS_TIME, CS_UID
+    img = image(mac_scheme="changsha-metro", uid=CS_UID.hex(), fixed_random=CS_RANDOM.hex())
+    img["app"]["purchase_keys"][0]["key"] = CS_DPK.hex()
+    img["app"]["ep"]["offline_counter"] = 1
+    state = state_of(img)
+    for cbc_mac in (False, True):
+        card = make_applet(state, cbc_mac=cbc_mac)
+        card.transmit(select(state.aid))
+        init, sw = split(card.transmit(bytes.fromhex("805001020B01") + u4(4) + CS_TID
+                                       + b"\x0f"))
+        assert sw == 0x9000 and init[4:6] == b"\x00\x01" and init[11:15] == CS_RANDOM
+        answer, sw = split(card.transmit(bytes.fromhex("805401000F") + u4(1) + CS_DATE
+                                         + CS_TIME + bytes.fromhex("C769F8F7") + b"\x08"))
+        assert sw == 0x9000 and answer[4:] == bytes.fromhex("D4F8C6D2")
+        tac = crypto.tac(state.tac_key, crypto.purchase_tac_input(4, 6, CS_TID, 1, CS_DATE,
+                                                                  CS_TIME))
+        assert answer[:4] == tac
+
+
+def unload_mac2(state: IepState, init: bytes, amount: int) -> bytes:
+    """The issuer's MAC2 of DEBIT FOR UNLOAD, from the INITIALIZE FOR UNLOAD answer."""
+    if len(init) < 18:
+        return bytes(4)
+    sk = crypto.load_session_key(state.unload_keys[1].key, init[8:12],
+                                 int.from_bytes(init[4:6], "big"))
+    return crypto.mac(sk, crypto.unload_mac2_input(amount, 3, TID, DATE, TIME))
+
+
+def update_mac2(state: IepState, init: bytes, new_limit: int) -> bytes:
+    """The issuer's MAC2 of UPDATE OVERDRAFT LIMIT, from the INITIALIZE FOR UPDATE answer."""
+    if len(init) < 21:
+        return bytes(4)
+    sk = crypto.load_session_key(state.update_keys[1].key, init[11:15],
+                                 int.from_bytes(init[4:6], "big"))
+    return crypto.mac(sk, crypto.update_mac2_input(new_limit, 7, TID, DATE, TIME))
+
+
+def ed_session(send: Callable[[bytes], bytes], state: IepState) -> list[bytes]:
+    """Unloads and overdraft-limit updates on the ED (ED balance 3000), right and refused:
+    MAC3 and TAC, the balance moved by the limit, 9401 for a limit the balance cannot give
+    back, the proofs and log records of types 03 and 07, the sessions kept apart."""
+    out: list[bytes] = []
+
+    def tx(apdu: bytes | str) -> bytes:
+        raw = bytes.fromhex(apdu) if isinstance(apdu, str) else apdu
+        out.append(send(raw))
+        return out[-1]
+
+    def init_unload(amount: int, key: int = 1, p2: int = 1, lc: int = 0x0B) -> bytes:
+        data = bytes((key,)) + u4(amount) + TID
+        return tx(bytes((0x80, 0x50, 0x05, p2, lc)) + data[:lc] + b"\x10")
+
+    def unload(init: bytes, amount: int, mac2: bytes | None = None, head: str = "805403000B",
+               date: bytes = DATE) -> bytes:
+        mac2 = unload_mac2(state, init, amount) if mac2 is None else mac2
+        return tx(bytes.fromhex(head) + date + TIME + mac2 + b"\x04")
+
+    def init_update(key: int = 1, p2: int = 1, lc: int = 0x07) -> bytes:
+        return tx(bytes((0x80, 0x50, 0x04, p2, lc, key)) + TID + bytes(lc - 7) + b"\x13")
+
+    def update(init: bytes, limit: int, mac2: bytes | None = None, head: str = "805800000E"
+               ) -> bytes:
+        mac2 = update_mac2(state, init, limit) if mac2 is None else mac2
+        return tx(bytes.fromhex(head) + limit.to_bytes(3, "big") + DATE + TIME + mac2 + b"\x04")
+
+    tx(select(state.aid))
+    init_unload(300)                                   # no PIN yet: 6982
+    init_update()
+    tx("0020000003123456")
+    unload(init_unload(300), 300)                      # 3000 -> 2700, MAC3
+    tx("805C000104")
+    update(init_update(), 500)                         # limit 0 -> 500: 2700 -> 3200, TAC
+    tx("805C000104")
+    # refusals of INITIALIZE: the EP, an unknown key, too much, lengths, routes
+    init_unload(5, p2=2)
+    init_unload(5, key=9)
+    init_unload(10**6)
+    init_unload(5, lc=0x0A)
+    init_update(p2=2)
+    init_update(key=9)
+    init_update(lc=0x0B)
+    tx("805003010B01" + u4(5).hex() + TID.hex() + "10")
+    # refusals of the completions: no session, a spent one, the other kind's, bad data
+    unload(b"", 5, bytes(4))
+    update(b"", 5, bytes(4))
+    unload(init_unload(5), 5, head="805403010B")       # 6A86, the session is spent
+    unload(b"", 5, bytes(4))
+    init = init_unload(5)
+    update(init, 5, bytes(4))                          # an unload session: 6985
+    init = init_update()
+    unload(init, 5, bytes(4))                          # an update session: 6985
+    init = init_update()
+    tx(bytes.fromhex("805401000F") + u4(1) + DATE + TIME + bytes(4) + b"\x08")
+    init = tx(bytes.fromhex("805001010B01") + u4(5) + TID + b"\x0f")
+    unload(init, 5, bytes(4))                          # a purchase session: 6985
+    unload(init_unload(5), 5, date=bytes.fromhex("20270230"))
+    tx(bytes.fromhex("805403000A") + DATE + TIME + bytes(3))
+    update(init_update(), 5, head="805801000E")
+    update(init_update(), 5, head="005800000E")        # 6E00
+    init = init_update()
+    tx(bytes.fromhex("805800000D") + bytes(13))
+    unload(init_unload(5), 5, bytes(4))                # wrong MAC2: 9302, counted
+    update(init_update(), 5, bytes(4))                 # wrong MAC2: 9302, counted
+    # a lower limit the balance cannot give back changes nothing (9401); one it can, does
+    unload(init_unload(3100), 3100)                    # 3200 -> 100
+    update(init_update(), 0)                           # 100 - 500 < 0: 9401
+    tx("805C000104")
+    update(init_update(), 450)                         # 100 -> 50
+    tx("805C000104")
+    for n in range(1, 6):
+        tx(bytes((0x00, 0xB2, n, 0xC4, 0x17)))
+    for txn_type, counter in ((3, 0), (7, 1), (3, 2), (7, 3), (7, 2), (3, 1)):
+        tx(bytes((0x80, 0x5A, 0x00, txn_type, 0x02)) + counter.to_bytes(2, "big") + b"\x08")
+    init_unload(5)
+    init_update()
+    return out
+
+
+@pytest.mark.parametrize("changes", [{}, {"log_counter": "after"}], ids=["pboc", "after"])
+def test_unload_and_overdraft_update_are_byte_equal(make_applet: Callable[..., Any],
+                                                    changes: dict[str, Any]) -> None:
+    expected, python_card = compare(make_applet, image(**changes), ed_session)
+    statuses = [split(a)[1] for a in expected]
+    assert statuses[1:3] == [0x6982, 0x6982]
+    assert statuses.count(0x9302) == 2 and statuses.count(0x9401) == 2
+    assert {0x6A86, 0x6985, 0x6E00, 0x6700, 0x6A80, 0x9403} <= set(statuses)
+    state = app_of(python_card).state                # type: ignore[attr-defined]
+    assert (state.ed.balance, state.ed.overdraft_limit, state.ed.online_counter) == (50, 450, 4)
+    assert [r[9] for r in state.log[:4]] == [7, 3, 7, 3]
+    assert state.unload_mac_failures == {} and state.update_mac_failures == {}
+
+
+def test_overdraft_update_past_four_bytes_is_refused_alike(make_applet: Callable[..., Any]
+                                                           ) -> None:
+    """A limit that would take the ED balance past 4 bytes: 6A80, nothing changed."""
+    img = image()
+    img["app"]["ed"]["balance"] = 0xFFFFFF00
+
+    def run(send: Callable[[bytes], bytes], state: IepState) -> list[bytes]:
+        out = [send(select(state.aid)), send(bytes.fromhex("0020000003123456"))]
+        init = send(bytes.fromhex("805004010701") + TID + b"\x13")
+        out += [init, send(bytes.fromhex("805800000E") + bytes.fromhex("000100") + DATE + TIME
+                           + update_mac2(state, init, 0x100) + b"\x04")]
+        out.append(send(bytes.fromhex("805C000104")))
+        return out
+
+    expected, _ = compare(make_applet, img, run)
+    assert [split(a)[1] for a in expected[2:]] == [0x9000, 0x6A80, 0x9000]
+
+
+def test_unload_and_update_keys_lock_and_carry_over(make_applet: Callable[..., Any]) -> None:
+    """Two wrong MAC2s lock the unload key (and, apart, the update key) at a limit of 2; an
+    image with those counts personalises an applet that answers 6983 alike."""
+    img = image(mac_failure_limit=2)
+    python_card = card_from_image(img)
+
+    def run(send: Callable[[bytes], bytes], state: IepState) -> list[bytes]:
+        out = [send(select(state.aid)), send(bytes.fromhex("0020000003123456"))]
+        for _ in range(3):
+            out.append(send(bytes.fromhex("805005010B01") + u4(5) + TID + b"\x10"))
+            out.append(send(bytes.fromhex("805403000B") + DATE + TIME + bytes(4) + b"\x04"))
+        for _ in range(3):
+            out.append(send(bytes.fromhex("805004010701") + TID + b"\x13"))
+            out.append(send(bytes.fromhex("805800000E") + bytes(3) + DATE + TIME + bytes(4)
+                            + b"\x04"))
+        return out
+
+    expected = run(python_card.transmit, state_of(img))
+    assert run(make_applet(state_of(img)).transmit, state_of(img)) == expected
+    assert [split(a)[1] for a in expected[3:8:2]] == [0x9302, 0x9302, 0x6985]
+    assert split(expected[6])[1] == 0x6983
+    used = app_of(python_card).state                 # type: ignore[attr-defined]
+    assert used.unload_mac_failures == {1: 2} and used.update_mac_failures == {1: 2}
+    applet = make_applet(used)
+    for card in (python_card, applet):
+        card.transmit(select(used.aid))
+        card.transmit(bytes.fromhex("0020000003123456"))
+    for apdu in ("805005010B01" + u4(5).hex() + TID.hex() + "10",
+                 "805004010701" + TID.hex() + "13"):
+        raw = bytes.fromhex(apdu)
+        assert applet.transmit(raw) == python_card.transmit(raw) == b"\x69\x83"
 
 
 # --- Java Card rules jCardSim does not check ------------------------------------------------

@@ -15,11 +15,13 @@ import javacardx.crypto.Cipher;
 
 /**
  * svcard's IEP purse (PBOC ED/EP) as a Java Card 2.2.2 applet: the same commands, status words,
- * MACs, TAC, log and proof as the Python card (card/iep.py and card/iep_commands/).
+ * MACs, TAC, log and proof as the Python card (card/iep.py and card/iep_commands/), unload and
+ * the overdraft-limit update included, in the pboc and changsha-metro MAC-scheme profiles.
  *
  * <p>Install data in GlobalPlatform layout (len AID, len privileges, len parameters); the
- * parameters, when present, are two bytes: purchase key slots, load key slots (1..16 each,
- * default 8 and 8). Everything is allocated here, at install; after it nothing is allocated.
+ * parameters, when present: purchase key slots, load key slots (1..16 each, default 8 and 8),
+ * flags, unload key slots, update key slots (0..16 each, default 2 and 2). Everything is
+ * allocated here, at install; after it nothing is allocated.
  * The issuer then sends PUT PERSONALISATION DATA (80 F0) commands and END PERSONALISATION
  * (80 FE); before END every purse command answers 6985, after it the two personalisation
  * commands answer 6D00 like any unknown instruction (docs/javacard.md).
@@ -36,6 +38,7 @@ public class IepApplet extends Applet {
     private static final byte INS_INITIALIZE = (byte) 0x50;
     private static final byte INS_CREDIT_FOR_LOAD = (byte) 0x52;
     private static final byte INS_DEBIT = (byte) 0x54;
+    private static final byte INS_UPDATE_OVERDRAFT = (byte) 0x58;
     private static final byte INS_GET_TRANSACTION_PROVE = (byte) 0x5A;
     private static final byte INS_GET_BALANCE = (byte) 0x5C;
     private static final byte INS_CHANGE_PIN = (byte) 0x5E;
@@ -50,13 +53,18 @@ public class IepApplet extends Applet {
     private static final byte INIT_LOAD = 0x00;
     private static final byte INIT_PURCHASE = 0x01;
     private static final byte INIT_CASH_WITHDRAWAL = 0x02;
+    private static final byte INIT_UPDATE = 0x04;
+    private static final byte INIT_UNLOAD = 0x05;
+    private static final byte DEBIT_FOR_UNLOAD = 0x03;
     private static final byte PURSE_ED = 0x01;
     private static final byte PURSE_EP = 0x02;
     private static final byte TYPE_ED_LOAD = 0x01;
     private static final byte TYPE_EP_LOAD = 0x02;
+    private static final byte TYPE_UNLOAD = 0x03;
     private static final byte TYPE_ED_CASH_WITHDRAWAL = 0x04;
     private static final byte TYPE_ED_PURCHASE = 0x05;
     private static final byte TYPE_EP_PURCHASE = 0x06;
+    private static final byte TYPE_OVERDRAFT_UPDATE = 0x07;
 
     // --- status words (the PBOC ones ISO7816 does not name) --------------------------------
     private static final short SW_INSUFFICIENT_FUNDS = (short) 0x9401;
@@ -116,14 +124,24 @@ public class IepApplet extends Applet {
     private static final short S_PIN_OK = 25;      // VERIFY passed since the purse was selected
     private static final short SESSION_SIZE = 26;
 
-    // scratch space (transient): MAC input, MAC output, a key-derivation block
+    // scratch space (transient): MAC input (with its padding), MAC output or a derived key,
+    // a key-derivation block (two blocks for a 16-byte session key)
     private static final short W_INPUT = 0;
     private static final short W_MAC = 48;
-    private static final short W_BLOCK = 56;
-    private static final short WORK_SIZE = 64;
+    private static final short W_BLOCK = 64;
+    private static final short WORK_SIZE = 80;
 
-    // install parameters: purchase key slots, load key slots, flags
+    // install parameters: purchase key slots, load key slots, flags, unload key slots, update
+    // key slots
     private static final byte INSTALL_CBC_MAC = 0x01;   // MACs by DES-CBC even if M2 MACs exist
+    private static final short DEFAULT_KEY_SLOTS = 8;
+    private static final short DEFAULT_ED_KEY_SLOTS = 2;  // unload and update keys
+    private static final short MAX_KEY_SLOTS = 16;
+
+    // MAC-scheme profiles (docs/protocol.md): how the purchase session key and MACs are made
+    private static final byte SCHEME_PBOC = 0x00;
+    private static final byte SCHEME_CHANGSHA_METRO = 0x01;
+    private static final short METRO_UID_SIZE = 9;       // the UID bytes MAC1 takes
 
     // personalisation items (P1 of PUT PERSONALISATION DATA)
     private static final byte PI_LABEL = 0x01;
@@ -141,6 +159,10 @@ public class IepApplet extends Applet {
     private static final byte PI_LOG_RECORD = 0x0D;
     private static final byte PI_PROOF = 0x0E;
     private static final byte PI_UID = 0x0F;
+    private static final byte PI_UNLOAD_KEY = 0x10;
+    private static final byte PI_UPDATE_KEY = 0x11;
+    private static final byte PI_LOG_COUNTER = 0x12;
+    private static final byte PI_MAC_SCHEME = 0x13;
     private static final short UID_MAX = 16;
     // what END PERSONALISATION needs to have been given
     private static final short NEED_CURRENCY = 0x01;
@@ -163,6 +185,10 @@ public class IepApplet extends Applet {
     private final DESKey[] purchaseKeys;
     private final byte[] loadMeta;
     private final DESKey[] loadKeys;
+    private final byte[] unloadMeta;
+    private final DESKey[] unloadKeys;
+    private final byte[] updateMeta;
+    private final DESKey[] updateKeys;
     private final DESKey tacKey;
     private final byte[] pin = new byte[6];               // BCD, odd digit counts padded with F
     private byte pinLength;                                // 0: no PIN (VERIFY answers 6985)
@@ -176,6 +202,8 @@ public class IepApplet extends Applet {
     private final byte[] uid = new byte[UID_MAX];           // GET DATA 00 00
     private byte uidLength;
     private final byte[] fixedRandom = new byte[5];       // set flag, random 4 (tests only)
+    private boolean logCounterAfter;                       // the log record's counter + 1
+    private byte macScheme = SCHEME_PBOC;
     private short personalised;                            // NEED_* bits given
     private boolean locked;                                // END PERSONALISATION done
 
@@ -183,8 +211,10 @@ public class IepApplet extends Applet {
     private final byte[] session;
     private final byte[] work;
     private final DESKey sessionKey;
+    private final DESKey sessionKey16;     // changsha-metro purchase session key (16 bytes)
     private final Cipher ecb;
     private final Signature macSig;        // null: MACs by DES-CBC (macCbc) and padding by hand
+    private final Signature retailSig;     // null: retail MACs by DES-CBC and a 3DES last block
     private final Cipher macCbc;
     private final RandomData rng;
 
@@ -194,8 +224,10 @@ public class IepApplet extends Applet {
 
     protected IepApplet(byte[] bArray, short bOffset, byte bLength) {
         short aidLen = (short) (bArray[bOffset] & 0xFF);
-        short purchaseSlots = 8;
-        short loadSlots = 8;
+        short purchaseSlots = DEFAULT_KEY_SLOTS;
+        short loadSlots = DEFAULT_KEY_SLOTS;
+        short unloadSlots = DEFAULT_ED_KEY_SLOTS;
+        short updateSlots = DEFAULT_ED_KEY_SLOTS;
         boolean cbcMac = false;
         if (bLength > 0) {
             short at = (short) (bOffset + 1 + aidLen);
@@ -214,25 +246,33 @@ public class IepApplet extends Applet {
             if (paramLen >= 3) {
                 cbcMac = (bArray[(short) (at + 3)] & INSTALL_CBC_MAC) != 0;
             }
+            if (paramLen >= 5) {
+                unloadSlots = (short) (bArray[(short) (at + 4)] & 0xFF);
+                updateSlots = (short) (bArray[(short) (at + 5)] & 0xFF);
+            }
         }
-        if (purchaseSlots < 1 || purchaseSlots > 16 || loadSlots < 1 || loadSlots > 16) {
+        if (purchaseSlots < 1 || purchaseSlots > MAX_KEY_SLOTS || loadSlots < 1
+                || loadSlots > MAX_KEY_SLOTS || unloadSlots > MAX_KEY_SLOTS
+                || updateSlots > MAX_KEY_SLOTS) {
             ISOException.throwIt(ISO7816.SW_WRONG_DATA);
         }
         purchaseMeta = new byte[(short) (purchaseSlots * K_SIZE)];
         purchaseKeys = new DESKey[purchaseSlots];
-        for (short i = 0; i < purchaseSlots; i++) {
-            purchaseKeys[i] = (DESKey) KeyBuilder.buildKey(KeyBuilder.TYPE_DES,
-                    KeyBuilder.LENGTH_DES3_2KEY, false);
-        }
+        buildKeys(purchaseKeys);
         loadMeta = new byte[(short) (loadSlots * K_SIZE)];
         loadKeys = new DESKey[loadSlots];
-        for (short i = 0; i < loadSlots; i++) {
-            loadKeys[i] = (DESKey) KeyBuilder.buildKey(KeyBuilder.TYPE_DES,
-                    KeyBuilder.LENGTH_DES3_2KEY, false);
-        }
+        buildKeys(loadKeys);
+        unloadMeta = new byte[(short) (unloadSlots * K_SIZE)];
+        unloadKeys = new DESKey[unloadSlots];
+        buildKeys(unloadKeys);
+        updateMeta = new byte[(short) (updateSlots * K_SIZE)];
+        updateKeys = new DESKey[updateSlots];
+        buildKeys(updateKeys);
         tacKey = (DESKey) KeyBuilder.buildKey(KeyBuilder.TYPE_DES, KeyBuilder.LENGTH_DES, false);
         sessionKey = (DESKey) KeyBuilder.buildKey(KeyBuilder.TYPE_DES_TRANSIENT_DESELECT,
                 KeyBuilder.LENGTH_DES, false);
+        sessionKey16 = (DESKey) KeyBuilder.buildKey(KeyBuilder.TYPE_DES_TRANSIENT_DESELECT,
+                KeyBuilder.LENGTH_DES3_2KEY, false);
         session = JCSystem.makeTransientByteArray(SESSION_SIZE, JCSystem.CLEAR_ON_DESELECT);
         work = JCSystem.makeTransientByteArray(WORK_SIZE, JCSystem.CLEAR_ON_DESELECT);
         ecb = Cipher.getInstance(Cipher.ALG_DES_ECB_NOPAD, false);
@@ -247,12 +287,33 @@ public class IepApplet extends Applet {
             }
         }
         macSig = sig;
-        macCbc = sig == null ? Cipher.getInstance(Cipher.ALG_DES_CBC_NOPAD, false) : null;
+        // the retail MAC (ISO 9797-1 algorithm 3) of the changsha-metro profile: a Signature
+        // where the card has one, else DES-CBC under the key's left half and a 3DES last block
+        Signature retail = null;
+        if (!cbcMac) {
+            try {
+                retail = Signature.getInstance(Signature.ALG_DES_MAC8_ISO9797_1_M2_ALG3, false);
+            } catch (CryptoException e) {
+                retail = null;
+            }
+        }
+        retailSig = retail;
+        macCbc = sig == null || retail == null
+                ? Cipher.getInstance(Cipher.ALG_DES_CBC_NOPAD, false) : null;
         rng = RandomData.getInstance(RandomData.ALG_SECURE_RANDOM);
         if (aidLen > 0) {
             register(bArray, (short) (bOffset + 1), (byte) aidLen);
         } else {
             register();
+        }
+    }
+
+    /** Called from the constructor only: a 16-byte DES key object in every slot. */
+    private static void buildKeys(DESKey[] keys) {
+        short slots = (short) keys.length;
+        for (short i = 0; i < slots; i++) {
+            keys[i] = (DESKey) KeyBuilder.buildKey(KeyBuilder.TYPE_DES,
+                    KeyBuilder.LENGTH_DES3_2KEY, false);
         }
     }
 
@@ -300,14 +361,25 @@ public class IepApplet extends Applet {
                     try {
                         creditForLoad(apdu);
                     } finally {
-                        sessionKey.clearKey();
+                        clearSessionKeys();
                     }
                     return;
                 case INS_DEBIT:
                     try {
-                        debit(apdu);
+                        if (buf[ISO7816.OFFSET_P1] == DEBIT_FOR_UNLOAD) {
+                            debitForUnload(apdu);
+                        } else {
+                            debit(apdu);
+                        }
                     } finally {
-                        sessionKey.clearKey();
+                        clearSessionKeys();
+                    }
+                    return;
+                case INS_UPDATE_OVERDRAFT:
+                    try {
+                        updateOverdraftLimit(apdu);
+                    } finally {
+                        clearSessionKeys();
                     }
                     return;
                 default:
@@ -354,6 +426,7 @@ public class IepApplet extends Applet {
             case INS_INITIALIZE:
             case INS_CREDIT_FOR_LOAD:
             case INS_DEBIT:
+            case INS_UPDATE_OVERDRAFT:
             case INS_GET_TRANSACTION_PROVE:
             case INS_GET_BALANCE:
             case INS_CHANGE_PIN:
@@ -367,7 +440,12 @@ public class IepApplet extends Applet {
 
     private void clearSession() {
         session[S_ACTIVE] = 0;
+        clearSessionKeys();
+    }
+
+    private void clearSessionKeys() {
         sessionKey.clearKey();
+        sessionKey16.clearKey();
     }
 
     /**
@@ -465,7 +543,7 @@ public class IepApplet extends Applet {
         ISOException.throwIt(ISO7816.SW_CONDITIONS_NOT_SATISFIED);
     }
 
-    // --- INITIALIZE FOR LOAD / PURCHASE / CASH WITHDRAWAL -----------------------------------
+    // --- INITIALIZE FOR LOAD / PURCHASE / CASH WITHDRAWAL / UPDATE / UNLOAD ------------------
     private void initialize(APDU apdu) {
         byte[] buf = apdu.getBuffer();
         byte kind = buf[ISO7816.OFFSET_P1];
@@ -474,18 +552,22 @@ public class IepApplet extends Applet {
         if (kind == INIT_LOAD || kind == INIT_PURCHASE) {
             routed = p2 == PURSE_ED || p2 == PURSE_EP;
         } else {
-            routed = kind == INIT_CASH_WITHDRAWAL && p2 == PURSE_ED;
+            routed = (kind == INIT_CASH_WITHDRAWAL || kind == INIT_UPDATE
+                    || kind == INIT_UNLOAD) && p2 == PURSE_ED;
         }
         if (!routed) {
             ISOException.throwIt(ISO7816.SW_INCORRECT_P1P2);
         }
+        boolean update = kind == INIT_UPDATE;
         short lc = receive(apdu, true);
-        if (lc != 11) {
+        if (lc != (update ? 7 : 11)) {
             ISOException.throwIt(ISO7816.SW_WRONG_LENGTH);
         }
         byte[] purse = purseFor(p2);
         boolean load = kind == INIT_LOAD;
-        byte[] meta = load ? loadMeta : purchaseMeta;
+        // online: a load, an unload or an update (the issuer's MACs, the online counter)
+        boolean online = load || update || kind == INIT_UNLOAD;
+        byte[] meta = metaFor(kind);
         short slot = findKey(meta, buf[ISO7816.OFFSET_CDATA]);
         if (slot < 0) {
             ISOException.throwIt(SW_KEY_NOT_SUPPORTED);
@@ -494,7 +576,7 @@ public class IepApplet extends Applet {
         if ((short) (meta[(short) (m + K_FAILURES)] & 0xFF) >= (short) (macFailureLimit & 0xFF)) {
             ISOException.throwIt(SW_BLOCKED);
         }
-        short counterAt = load ? P_ONLINE : P_OFFLINE;
+        short counterAt = online ? P_ONLINE : P_OFFLINE;
         if (Util.getShort(purse, counterAt) == (short) 0xFFFF) {
             ISOException.throwIt(SW_COUNTER_AT_MAXIMUM);
         }
@@ -504,12 +586,16 @@ public class IepApplet extends Applet {
                     || Num.compareU32(work, W_INPUT, balanceLimit, (short) 0) > 0) {
                 ISOException.throwIt(ISO7816.SW_CONDITIONS_NOT_SATISFIED);
             }
-        } else if (Num.compareU32(buf, amountAt, purse, P_BALANCE) > 0) {
+        } else if (!update && Num.compareU32(buf, amountAt, purse, P_BALANCE) > 0) {
             ISOException.throwIt(SW_INSUFFICIENT_FUNDS);
         }
         byte type;
         if (load) {
             type = p2 == PURSE_ED ? TYPE_ED_LOAD : TYPE_EP_LOAD;
+        } else if (update) {
+            type = TYPE_OVERDRAFT_UPDATE;
+        } else if (kind == INIT_UNLOAD) {
+            type = TYPE_UNLOAD;
         } else if (kind == INIT_CASH_WITHDRAWAL) {
             type = TYPE_ED_CASH_WITHDRAWAL;
         } else {
@@ -519,30 +605,42 @@ public class IepApplet extends Applet {
         session[S_PURSE] = p2;
         session[S_TYPE] = type;
         session[S_SLOT] = (byte) slot;
-        Util.arrayCopyNonAtomic(buf, amountAt, session, S_AMOUNT, (short) 4);
-        Util.arrayCopyNonAtomic(buf, (short) (amountAt + 4), session, S_TERMINAL, (short) 6);
+        if (update) {
+            // key index 1, terminal id 6; an update moves no amount (its log record says 0)
+            Util.arrayFillNonAtomic(session, S_AMOUNT, (short) 4, (byte) 0);
+            Util.arrayCopyNonAtomic(buf, amountAt, session, S_TERMINAL, (short) 6);
+        } else {
+            Util.arrayCopyNonAtomic(buf, amountAt, session, S_AMOUNT, (short) 4);
+            Util.arrayCopyNonAtomic(buf, (short) (amountAt + 4), session, S_TERMINAL, (short) 6);
+        }
         newRandom(session, S_RANDOM);
         Util.arrayCopyNonAtomic(purse, counterAt, session, S_COUNTER, (short) 2);
         Util.arrayCopyNonAtomic(purse, P_BALANCE, session, S_BALANCE, (short) 4);
 
-        // answer: balance 4, counter 2, [overdraft 3,] key version 1, algorithm 1, random 4
+        // answer: balance 4, counter 2, [overdraft 3,] key version 1, algorithm 1, random 4,
+        // [MAC1 4]: a purchase and an update tell the overdraft limit, the online ones MAC1
         short off = Util.arrayCopyNonAtomic(purse, P_BALANCE, buf, (short) 0, (short) 4);
         off = Util.arrayCopyNonAtomic(purse, counterAt, buf, off, (short) 2);
-        if (!load) {
+        if (!online || update) {
             off = Util.arrayCopyNonAtomic(purse, P_OVERDRAFT, buf, off, (short) 3);
         }
         buf[off++] = meta[(short) (m + K_VERSION)];
         buf[off++] = meta[(short) (m + K_ALGORITHM)];
         off = Util.arrayCopyNonAtomic(session, S_RANDOM, buf, off, (short) 4);
-        if (load) {
-            // load session key = 3DES_DLK(random || online counter || 80 00); MAC1 (S1) over
-            // balance, amount, type, terminal id
+        if (online) {
+            // session key = 3DES_key(random || online counter || 80 00) under the DLK, DULK
+            // or DUK; MAC1 over balance, amount (an update: the current limit, 3 bytes), type,
+            // terminal id
             Util.arrayCopyNonAtomic(session, S_RANDOM, work, W_BLOCK, (short) 6);
             work[(short) (W_BLOCK + 6)] = (byte) 0x80;
             work[(short) (W_BLOCK + 7)] = 0x00;
-            deriveSessionKey(loadKeys[slot]);
+            deriveSessionKey(keysFor(kind)[slot]);
             short n = Util.arrayCopyNonAtomic(session, S_BALANCE, work, W_INPUT, (short) 4);
-            n = Util.arrayCopyNonAtomic(session, S_AMOUNT, work, n, (short) 4);
+            if (update) {
+                n = Util.arrayCopyNonAtomic(purse, P_OVERDRAFT, work, n, (short) 3);
+            } else {
+                n = Util.arrayCopyNonAtomic(session, S_AMOUNT, work, n, (short) 4);
+            }
             work[n++] = type;
             n = Util.arrayCopyNonAtomic(session, S_TERMINAL, work, n, (short) 6);
             mac(sessionKey, n, buf, off);
@@ -550,6 +648,33 @@ public class IepApplet extends Applet {
         }
         session[S_ACTIVE] = 1;
         send(apdu, off, lc);
+    }
+
+    /** The key descriptions of the keys an INITIALIZE of this kind (its P1) uses. */
+    private byte[] metaFor(byte kind) {
+        if (kind == INIT_LOAD) {
+            return loadMeta;
+        }
+        if (kind == INIT_UNLOAD) {
+            return unloadMeta;
+        }
+        if (kind == INIT_UPDATE) {
+            return updateMeta;
+        }
+        return purchaseMeta;
+    }
+
+    private DESKey[] keysFor(byte kind) {
+        if (kind == INIT_LOAD) {
+            return loadKeys;
+        }
+        if (kind == INIT_UNLOAD) {
+            return unloadKeys;
+        }
+        if (kind == INIT_UPDATE) {
+            return updateKeys;
+        }
+        return purchaseKeys;
     }
 
     /** The purse P2 names: the EP, or the ED once VERIFY has passed. */
@@ -601,18 +726,71 @@ public class IepApplet extends Applet {
             macSig.init(key, Signature.MODE_SIGN);
             macSig.sign(work, W_INPUT, len, work, W_MAC);
         } else {
-            // ISO 9797-1 padding method 2: always 80, then 00 up to a whole block
-            short end = (short) (W_INPUT + len);
-            work[end++] = (byte) 0x80;
-            while ((short) ((short) (end - W_INPUT) % 8) != 0) {
-                work[end++] = 0;
-            }
             macCbc.init(key, Cipher.MODE_ENCRYPT);   // zero ICV
-            short last = (short) (end - 8);
+            short last = (short) (padM2(len) - 8);
             for (short at = W_INPUT; at < last; at = (short) (at + 8)) {
                 macCbc.update(work, at, (short) 8, work, W_MAC);
             }
             macCbc.doFinal(work, last, (short) 8, work, W_MAC);
+        }
+        Util.arrayCopyNonAtomic(work, W_MAC, out, outOff, (short) 4);
+    }
+
+    /** ISO 9797-1 padding method 2 of work[W_INPUT..len]: always 80, then 00 up to a whole
+     * block; answers where the padded input ends. */
+    private short padM2(short len) {
+        short end = (short) (W_INPUT + len);
+        work[end++] = (byte) 0x80;
+        while ((short) ((short) (end - W_INPUT) % 8) != 0) {
+            work[end++] = 0;
+        }
+        return end;
+    }
+
+    /** The changsha-metro purchase session key: 3DES_DPK ECB of the block at work[W_BLOCK]
+     * and 80 00 .. 00, 16 bytes; sessionKey holds its left half (the retail MAC's chain). */
+    private void derivePurchaseKey16(DESKey dpk) {
+        work[(short) (W_BLOCK + 8)] = (byte) 0x80;
+        Util.arrayFillNonAtomic(work, (short) (W_BLOCK + 9), (short) 7, (byte) 0);
+        ecb.init(dpk, Cipher.MODE_ENCRYPT);
+        ecb.doFinal(work, W_BLOCK, (short) 16, work, W_MAC);
+        sessionKey16.setKey(work, W_MAC);
+        sessionKey.setKey(work, W_MAC);
+        Util.arrayFillNonAtomic(work, W_MAC, (short) 16, (byte) 0);
+    }
+
+    /** MAC1 and MAC2 of a purchase under the session key of the card's MAC-scheme profile. */
+    private void purchaseMac(short len, byte[] out, short outOff) {
+        if (macScheme == SCHEME_CHANGSHA_METRO) {
+            retailMac(len, out, outOff);
+        } else {
+            mac(sessionKey, len, out, outOff);
+        }
+    }
+
+    /** ISO 9797-1 MAC algorithm 3 (retail MAC, padding method 2, zero ICV) of
+     * work[W_INPUT..len] under sessionKey16, 4 bytes to out[outOff]. By hand: single-DES CBC
+     * under the left half over every block but the last, then that chain xor the last block
+     * enciphered with the whole 16-byte key (3DES EDE: left, right, left). */
+    private void retailMac(short len, byte[] out, short outOff) {
+        if (retailSig != null) {
+            retailSig.init(sessionKey16, Signature.MODE_SIGN);
+            retailSig.sign(work, W_INPUT, len, work, W_MAC);
+        } else {
+            short last = (short) (padM2(len) - 8);
+            if (last > W_INPUT) {
+                macCbc.init(sessionKey, Cipher.MODE_ENCRYPT);   // zero ICV
+                short chainEnd = (short) (last - 8);
+                for (short at = W_INPUT; at < chainEnd; at = (short) (at + 8)) {
+                    macCbc.update(work, at, (short) 8, work, W_MAC);
+                }
+                macCbc.doFinal(work, chainEnd, (short) 8, work, W_MAC);
+                for (short i = 0; i < 8; i++) {
+                    work[(short) (last + i)] ^= work[(short) (W_MAC + i)];
+                }
+            }
+            ecb.init(sessionKey16, Cipher.MODE_ENCRYPT);
+            ecb.doFinal(work, last, (short) 8, work, W_MAC);
         }
         Util.arrayCopyNonAtomic(work, W_MAC, out, outOff, (short) 4);
     }
@@ -682,7 +860,7 @@ public class IepApplet extends Applet {
         n = Util.arrayCopyNonAtomic(buf, dateAt, work, n, (short) 7);
         mac(tacKey, n, work, W_BLOCK);          // TAC at work[W_BLOCK]
         // the proof keeps the MAC2 the card accepted; the log keeps the record
-        commit(purse, P_ONLINE, buf, mac2At, buf, dateAt, loadMeta);
+        commit(purse, P_ONLINE, buf, mac2At, buf, dateAt, loadMeta, null, (short) 0);
         Util.arrayCopyNonAtomic(work, W_BLOCK, buf, (short) 0, (short) 4);
         send(apdu, (short) 4, lc);
     }
@@ -712,23 +890,32 @@ public class IepApplet extends Applet {
         if (!Num.validDate(buf, dateAt) || !Num.validTime(buf, timeAt)) {
             ISOException.throwIt(ISO7816.SW_WRONG_DATA);
         }
-        // purchase session key = 3DES_DPK(random || offline counter || TTN's last 2 bytes)
+        // purchase session key from random || offline counter || TTN's last 2 bytes: pboc
+        // 3DES_DPK of that block (8 bytes), changsha-metro of it and a padding block (16)
         Util.arrayCopyNonAtomic(session, S_RANDOM, work, W_BLOCK, (short) 6);
         Util.arrayCopyNonAtomic(buf, (short) (ttnAt + 2), work, (short) (W_BLOCK + 6), (short) 2);
-        deriveSessionKey(purchaseKeys[session[S_SLOT]]);
-        // MAC1 over amount, type, terminal id, date, time
+        DESKey dpk = purchaseKeys[session[S_SLOT]];
+        if (macScheme == SCHEME_CHANGSHA_METRO) {
+            derivePurchaseKey16(dpk);
+        } else {
+            deriveSessionKey(dpk);
+        }
+        // MAC1 over amount, type, terminal id, date, time (changsha-metro: then the UID)
         short n = Util.arrayCopyNonAtomic(session, S_AMOUNT, work, W_INPUT, (short) 4);
         work[n++] = session[S_TYPE];
         n = Util.arrayCopyNonAtomic(session, S_TERMINAL, work, n, (short) 6);
         n = Util.arrayCopyNonAtomic(buf, dateAt, work, n, (short) 7);
-        mac(sessionKey, n, work, W_BLOCK);
+        if (macScheme == SCHEME_CHANGSHA_METRO) {
+            n = Util.arrayCopyNonAtomic(uid, (short) 0, work, n, METRO_UID_SIZE);
+        }
+        purchaseMac(n, work, W_BLOCK);
         if (!sameMac(work, W_BLOCK, buf, mac1At)) {
             macFailed(purchaseMeta);
         }
         byte[] purse = session[S_PURSE] == PURSE_ED ? ed : ep;
         // MAC2 over the amount, kept at work[W_BLOCK + 4]
         Util.arrayCopyNonAtomic(session, S_AMOUNT, work, W_INPUT, (short) 4);
-        mac(sessionKey, (short) 4, work, (short) (W_BLOCK + 4));
+        purchaseMac((short) 4, work, (short) (W_BLOCK + 4));
         // TAC over amount, type, terminal id, TTN, date, time, at work[W_BLOCK]
         n = Util.arrayCopyNonAtomic(session, S_AMOUNT, work, W_INPUT, (short) 4);
         work[n++] = session[S_TYPE];
@@ -737,30 +924,150 @@ public class IepApplet extends Applet {
         n = Util.arrayCopyNonAtomic(buf, dateAt, work, n, (short) 7);
         mac(tacKey, n, work, W_BLOCK);
         Num.subU32(session, S_BALANCE, session, S_AMOUNT, work, W_INPUT);
-        commit(purse, P_OFFLINE, work, (short) (W_BLOCK + 4), buf, dateAt, purchaseMeta);
+        commit(purse, P_OFFLINE, work, (short) (W_BLOCK + 4), buf, dateAt, purchaseMeta, null,
+                (short) 0);
         Util.arrayCopyNonAtomic(work, W_BLOCK, buf, (short) 0, (short) 8);   // TAC, MAC2
         send(apdu, (short) 8, lc);
     }
 
+    // --- DEBIT FOR UNLOAD (80 54 03 00), UPDATE OVERDRAFT LIMIT (80 58 00 00) -----------------
+    /** Date, time and the issuer's MAC2; a right MAC2 debits the ED and answers MAC3 (under
+     * the unload session key, over the balance after, online counter, amount, type, terminal
+     * id, date, time). */
+    private void debitForUnload(APDU apdu) {
+        byte[] buf = apdu.getBuffer();
+        boolean active = takeSession();
+        if (buf[ISO7816.OFFSET_P2] != 0) {
+            ISOException.throwIt(ISO7816.SW_INCORRECT_P1P2);
+        }
+        if (!active || session[S_KIND] != INIT_UNLOAD) {
+            ISOException.throwIt(ISO7816.SW_CONDITIONS_NOT_SATISFIED);
+        }
+        short lc = receive(apdu, true);
+        if (lc != 11) {
+            ISOException.throwIt(ISO7816.SW_WRONG_LENGTH);
+        }
+        short dateAt = ISO7816.OFFSET_CDATA;
+        short mac2At = (short) (dateAt + 7);
+        if (!Num.validDate(buf, dateAt) || !Num.validTime(buf, (short) (dateAt + 4))) {
+            ISOException.throwIt(ISO7816.SW_WRONG_DATA);
+        }
+        // MAC2 over amount, type, terminal id, date, time
+        short n = Util.arrayCopyNonAtomic(session, S_AMOUNT, work, W_INPUT, (short) 4);
+        work[n++] = session[S_TYPE];
+        n = Util.arrayCopyNonAtomic(session, S_TERMINAL, work, n, (short) 6);
+        n = Util.arrayCopyNonAtomic(buf, dateAt, work, n, (short) 7);
+        mac(sessionKey, n, work, W_BLOCK);
+        if (!sameMac(work, W_BLOCK, buf, mac2At)) {
+            macFailed(unloadMeta);
+        }
+        // MAC3 at work[W_BLOCK]; the new balance stays at work[W_INPUT] for the commit
+        Num.subU32(session, S_BALANCE, session, S_AMOUNT, work, W_INPUT);
+        n = Util.arrayCopyNonAtomic(session, S_COUNTER, work, (short) (W_INPUT + 4), (short) 2);
+        n = Util.arrayCopyNonAtomic(session, S_AMOUNT, work, n, (short) 4);
+        work[n++] = session[S_TYPE];
+        n = Util.arrayCopyNonAtomic(session, S_TERMINAL, work, n, (short) 6);
+        n = Util.arrayCopyNonAtomic(buf, dateAt, work, n, (short) 7);
+        mac(sessionKey, n, work, W_BLOCK);
+        // the proof keeps the MAC2 the card accepted and MAC3
+        commit(ed, P_ONLINE, buf, mac2At, buf, dateAt, unloadMeta, null, (short) 0);
+        Util.arrayCopyNonAtomic(work, W_BLOCK, buf, (short) 0, (short) 4);
+        send(apdu, (short) 4, lc);
+    }
+
+    /** New limit 3, date, time and the issuer's MAC2; a right MAC2 moves the ED balance by
+     * (new limit - old limit), sets the limit and answers the TAC. A balance that would go
+     * below 0 answers 9401 and changes nothing. */
+    private void updateOverdraftLimit(APDU apdu) {
+        byte[] buf = apdu.getBuffer();
+        boolean active = takeSession();
+        if (buf[ISO7816.OFFSET_P1] != 0 || buf[ISO7816.OFFSET_P2] != 0) {
+            ISOException.throwIt(ISO7816.SW_INCORRECT_P1P2);
+        }
+        if (!active || session[S_KIND] != INIT_UPDATE) {
+            ISOException.throwIt(ISO7816.SW_CONDITIONS_NOT_SATISFIED);
+        }
+        short lc = receive(apdu, true);
+        if (lc != 14) {
+            ISOException.throwIt(ISO7816.SW_WRONG_LENGTH);
+        }
+        short limitAt = ISO7816.OFFSET_CDATA;
+        short dateAt = (short) (limitAt + 3);
+        short mac2At = (short) (limitAt + 10);
+        if (!Num.validDate(buf, dateAt) || !Num.validTime(buf, (short) (dateAt + 4))) {
+            ISOException.throwIt(ISO7816.SW_WRONG_DATA);
+        }
+        // MAC2 over new limit 3, type, terminal id, date, time
+        short n = Util.arrayCopyNonAtomic(buf, limitAt, work, W_INPUT, (short) 3);
+        work[n++] = session[S_TYPE];
+        n = Util.arrayCopyNonAtomic(session, S_TERMINAL, work, n, (short) 6);
+        n = Util.arrayCopyNonAtomic(buf, dateAt, work, n, (short) 7);
+        mac(sessionKey, n, work, W_BLOCK);
+        if (!sameMac(work, W_BLOCK, buf, mac2At)) {
+            macFailed(updateMeta);
+        }
+        // the new balance (at work[W_INPUT]) = balance + new limit - old limit, the limits as
+        // 4-byte numbers at work[W_BLOCK + 8] (new) and work[W_BLOCK + 12] (old)
+        short newLimit = (short) (W_BLOCK + 8);
+        short oldLimit = (short) (W_BLOCK + 12);
+        work[newLimit] = 0;
+        Util.arrayCopyNonAtomic(buf, limitAt, work, (short) (newLimit + 1), (short) 3);
+        work[oldLimit] = 0;
+        Util.arrayCopyNonAtomic(ed, P_OVERDRAFT, work, (short) (oldLimit + 1), (short) 3);
+        if (Num.compareU32(work, newLimit, work, oldLimit) >= 0) {
+            Num.subU32(work, newLimit, work, oldLimit, work, newLimit);
+            if (Num.addU32(session, S_BALANCE, work, newLimit, work, W_INPUT)) {
+                ISOException.throwIt(ISO7816.SW_WRONG_DATA);       // past 4 bytes
+            }
+        } else {
+            Num.subU32(work, oldLimit, work, newLimit, work, oldLimit);
+            if (Num.compareU32(session, S_BALANCE, work, oldLimit) < 0) {
+                ISOException.throwIt(SW_INSUFFICIENT_FUNDS);
+            }
+            Num.subU32(session, S_BALANCE, work, oldLimit, work, W_INPUT);
+        }
+        // TAC at work[W_BLOCK] over balance after, online counter, new limit, type, terminal
+        // id, date, time
+        n = Util.arrayCopyNonAtomic(session, S_COUNTER, work, (short) (W_INPUT + 4), (short) 2);
+        n = Util.arrayCopyNonAtomic(buf, limitAt, work, n, (short) 3);
+        work[n++] = session[S_TYPE];
+        n = Util.arrayCopyNonAtomic(session, S_TERMINAL, work, n, (short) 6);
+        n = Util.arrayCopyNonAtomic(buf, dateAt, work, n, (short) 7);
+        mac(tacKey, n, work, W_BLOCK);
+        commit(ed, P_ONLINE, buf, mac2At, buf, dateAt, updateMeta, buf, limitAt);
+        Util.arrayCopyNonAtomic(work, W_BLOCK, buf, (short) 0, (short) 4);
+        send(apdu, (short) 4, lc);
+    }
+
     /**
      * One JCSystem transaction: the new balance (work[W_INPUT], 4 bytes), the counter + 1, the
-     * proof (type, counter, the MAC at mac[macOff], the TAC at work[W_BLOCK]), the log record
-     * (with date and time at dt[dtOff], 7 bytes) and the key's MAC-failure count back to 0.
+     * new overdraft limit (3 bytes at limit[limitOff], an update only; limit null otherwise),
+     * the proof (type, counter, the MAC at mac[macOff], the TAC or MAC3 at work[W_BLOCK]), the
+     * log record (with date and time at dt[dtOff], 7 bytes) and the key's MAC-failure count
+     * back to 0.
      */
     private void commit(byte[] purse, short counterAt, byte[] macSrc, short macOff, byte[] dt,
-                        short dtOff, byte[] meta) {
+                        short dtOff, byte[] meta, byte[] limit, short limitOff) {
         short slot = logCount == 0 ? 0 : (short) ((short) (logNewest + 1) % LOG_RECORDS);
         short r = (short) (slot * RECORD_SIZE);
         JCSystem.beginTransaction();
         Util.arrayCopy(work, W_INPUT, purse, P_BALANCE, (short) 4);
         Util.setShort(purse, counterAt, (short) (Util.getShort(purse, counterAt) + 1));
+        if (limit != null) {
+            Util.arrayCopy(limit, limitOff, purse, P_OVERDRAFT, (short) 3);
+        }
         proof[PR_PRESENT] = 1;
         proof[PR_TYPE] = session[S_TYPE];
         Util.arrayCopy(session, S_COUNTER, proof, PR_COUNTER, (short) 2);
         Util.arrayCopy(macSrc, macOff, proof, PR_MAC, (short) 4);
         Util.arrayCopy(work, W_BLOCK, proof, PR_TAC, (short) 4);
-        // record: counter 2, overdraft limit 3, amount 4, type 1, terminal id 6, date 4, time 3
-        Util.arrayCopy(session, S_COUNTER, log, r, (short) 2);
+        // record: counter 2, overdraft limit 3, amount 4, type 1, terminal id 6, date 4, time 3;
+        // the counter INITIALIZE answered, or (log counter "after") the one after the increment
+        if (logCounterAfter) {
+            Util.arrayCopy(purse, counterAt, log, r, (short) 2);
+        } else {
+            Util.arrayCopy(session, S_COUNTER, log, r, (short) 2);
+        }
         Util.arrayCopy(purse, P_OVERDRAFT, log, (short) (r + 2), (short) 3);
         Util.arrayCopy(session, S_AMOUNT, log, (short) (r + 5), (short) 4);
         log[(short) (r + 9)] = session[S_TYPE];
@@ -1029,7 +1336,8 @@ public class IepApplet extends Applet {
             if (lc != 0) {
                 ISOException.throwIt(ISO7816.SW_WRONG_LENGTH);
             }
-            if (personalised != NEED_ALL) {
+            if (personalised != NEED_ALL
+                    || (macScheme == SCHEME_CHANGSHA_METRO && uidLength != METRO_UID_SIZE)) {
                 ISOException.throwIt(ISO7816.SW_CONDITIONS_NOT_SATISFIED);
             }
             locked = true;
@@ -1066,6 +1374,28 @@ public class IepApplet extends Applet {
                 return;
             case PI_LOAD_KEY:
                 putKey(buf, lc, loadMeta, loadKeys);
+                return;
+            case PI_UNLOAD_KEY:
+                putKey(buf, lc, unloadMeta, unloadKeys);
+                return;
+            case PI_UPDATE_KEY:
+                putKey(buf, lc, updateMeta, updateKeys);
+                return;
+            case PI_LOG_COUNTER:
+                // 00: the counter INITIALIZE answered (default), 01: the one after the increment
+                need(lc, (short) 1, (short) 1);
+                if (buf[d] != 0 && buf[d] != 1) {
+                    ISOException.throwIt(ISO7816.SW_WRONG_DATA);
+                }
+                logCounterAfter = buf[d] == 1;
+                return;
+            case PI_MAC_SCHEME:
+                // 00: pboc (default), 01: changsha-metro (END then needs a 9-byte UID)
+                need(lc, (short) 1, (short) 1);
+                if (buf[d] != SCHEME_PBOC && buf[d] != SCHEME_CHANGSHA_METRO) {
+                    ISOException.throwIt(ISO7816.SW_WRONG_DATA);
+                }
+                macScheme = buf[d];
                 return;
             case PI_TAC_KEY:
                 // the TAC is keyed with DTK left xor right: only that 8-byte key is kept
