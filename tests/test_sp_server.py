@@ -354,3 +354,29 @@ def test_an_agreed_wholesale_price_is_the_only_one_paid(system: System, tmp_path
         assert (c["reserved"], c["open_total"]) == (0, 115)
     finally:
         s.stack.close()
+
+
+def test_the_billing_clock_issues_period_bills_by_itself(system: System, tmp_path: Path,
+                                                         http: httpx.Client) -> None:
+    s = open_sp(system, tmp_path / "sp", billing=BillingEntry(check_seconds=1, period="day"))
+    try:
+        pat = s.stack.customer("pat")
+        assert s.stack.order(http, pat, "song").status_code == 200
+        s.clock.t += 2 * DAY_MS / 1000                      # the day has ended
+        deadline = time.monotonic() + 20
+        while not records.bills(s.stack.config.db_url):
+            assert time.monotonic() < deadline, "no bill within 20 s"
+            time.sleep(0.1)
+        [bill] = records.bills(s.stack.config.db_url)
+        assert (bill["trigger"], bill["total"]) == ("period", 115)
+    finally:
+        s.stack.close()
+
+
+def test_a_draining_server_takes_no_new_order(sp: Sp, http: httpx.Client) -> None:
+    quin = sp.stack.customer("quin")
+    sp.stack.server.begin_drain()
+    answer = sp.stack.order(http, quin, "song")
+    assert answer.status_code == 503 and "shutting down" in answer.json()["reason"]
+    assert http.get(f"{sp.stack.url}/v1/health").json()["status"] == "draining"
+    assert records.orders(sp.stack.config.db_url) == [] and sp.merchant_paid() == 0
