@@ -98,6 +98,9 @@ DrawRequest = Struct(
     "amount" / Int32ub,
     "random" / Bytes(4),
     "txn_type" / Int8ub,
+    # the card's 9-byte UID, for an issuer whose MAC scheme puts it into MAC1 (changsha-metro);
+    # none for a PBOC card, whose draw keeps its old bytes (a server reads none as none)
+    "uid" / Default(GreedyBytes, b""),
 )
 
 DebitCommand = Struct(

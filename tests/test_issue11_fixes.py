@@ -283,3 +283,75 @@ def test_the_audit_reads_a_card_at_its_aid(tmp_path: Path) -> None:
     assert '"card balances": 10000' in at_aid.output and '"clean": true' in at_aid.output
     bad = svcard("audit", "--card", str(card), "--aid", "12")
     assert bad.exit_code == 2 and "--aid '12'" in bad.output and bad.output.count("\n") == 1
+
+
+# --- a changsha-metro card pays over the network: the draw request carries its UID ----------
+
+def metro_stack_files(folder: Path) -> tuple[Path, Path]:
+    """A metro card (EP 100.00, UID) and a PSAM of its issuer, as image files."""
+    from test_mac_schemes import write_metro_files
+    files = write_metro_files(folder)
+    card, psam = folder / "metro-card.json", folder / "metro-psam.json"
+    image = image_from_profile(files["iep"])
+    image["app"]["ep"]["balance"] = 10_000
+    save_new_image(card, image)
+    save_new_image(psam, image_from_profile(files["psam"]))
+    return card, psam
+
+
+@pytest.fixture
+def draws(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The plaintext of every draw request the client seals."""
+    from svcard.protocols import messages as M
+    seen: list[bytes] = []
+    real = M.seal_envelope
+
+    def keep(msg_type: int, *args: Any) -> bytes:
+        if msg_type == M.DRAW_REQUEST:
+            seen.append(args[-1])
+        return real(msg_type, *args)
+    monkeypatch.setattr(M, "seal_envelope", keep)
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["fig5", "fig6", "fig8"])
+def test_a_metro_card_pays_over_the_network(tmp_path: Path, draws: list[bytes],
+                                            variant: str) -> None:
+    from svcard.host.pay.stack import start_stack
+    card, psam = metro_stack_files(tmp_path)
+    stack = start_stack(tmp_path / "stack", psam_readers=[open_reader(f"virtual:{psam}")])
+    try:
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+            out = PC.pay(stack.checkout_url("ticket", variant), reader,
+                         journal=Journal(tmp_path / "j.jsonl"), http=http)
+        assert out.balance_after == 10_000 - out.amount and out.amount > 0
+        assert balance(card) == 10_000 - out.amount
+        assert stack.payment_server.db.counts().get("confirmed", 0) == 1
+    finally:
+        stack.close()
+    assert len(draws) == 1 and draws[0][-9:] == bytes.fromhex("850102030405060708")
+
+
+def test_a_pboc_draw_keeps_its_bytes(stack: Stack, tmp_path: Path, draws: list[bytes]) -> None:
+    from svcard.protocols import messages as M
+    card = pboc_card(tmp_path)
+    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        PC.pay(stack.checkout_url("ticket", "fig6"), reader, journal=Journal(tmp_path / "j"),
+               http=http, aid=bytes.fromhex(PBOC_AID))
+    assert len(draws) == 1 and len(draws[0]) == 43     # the version-1 layout, no UID after it
+    fields = dict(M.DrawRequest.parse(draws[0]))
+    assert fields["uid"] == b""
+    without = {k: v for k, v in fields.items() if k not in ("uid", "_io")}
+    assert M.build(M.DrawRequest, without) == draws[0]
+
+
+def test_a_draw_with_a_uid_of_the_wrong_size_is_refused(stack: Stack, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from svcard.host.pay import client as client_module
+    monkeypatch.setattr(client_module, "card_uid", lambda reader: b"\x01\x02")
+    card = pboc_card(tmp_path)
+    with (httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader,
+          pytest.raises(PaymentRefused, match="UID has 9 bytes")):
+        PC.pay(stack.checkout_url("ticket", "fig6"), reader, journal=Journal(tmp_path / "j"),
+               http=http, aid=bytes.fromhex(PBOC_AID))
+    assert balance(card) == 10_000

@@ -33,6 +33,7 @@ from ..terminal.purse import (
     Declined,
     TerminalCheckFailed,
     call,
+    card_uid,
     prove,
     read_log,
     select_purse,
@@ -138,6 +139,7 @@ def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client
         raise TerminalCheckFailed(f"the card holds currency {currency}, the "
                                   f"merchant asks for {params['currency_code']}")
     verify_pin_if_needed(card, purse, pin)
+    uid = card_uid(card)   # before INITIALIZE: any other command would end its session
     terminal_id = bytes.fromhex(params["terminal_id"])
     init = P.InitForPurchaseAnswer.parse(call(
         card, apdus.initialize(P.INIT_PURCHASE, purse, 1, amount, terminal_id),
@@ -149,7 +151,7 @@ def pay(checkout_url: str, card: Reader, *, journal: Journal, http: httpx.Client
         "expiry_date": bytes.fromhex(info.expiry_date), "balance": init.balance,
         "currency_code": currency, "currency_exponent": info.currency_exponent or 0,
         "purse": purse, "offline_counter": init.offline_counter, "amount": amount,
-        "random": init.random, "txn_type": txn_type})
+        "random": init.random, "txn_type": txn_type, "uid": uid})
     journal.write(txn, "draw", params=params, card_serial=info.app_serial,
                   aid=aid.hex().upper(), counter=init.offline_counter, txn_type=txn_type,
                   balance=init.balance)

@@ -6,10 +6,11 @@ runs INIT SAM FOR PURCHASE for it: MAC1, and the MAC2 the PSAM expects from the 
 answer); FIG. 7 and 8 are released early (state ``released``): the command carries the expected
 MAC2 (FIG. 7, for the client) or that MAC2 sealed for the merchant (FIG. 8), and debit result M.
 
-Nothing of the draw is trusted (the card is not authenticated yet): its serial, counter, expiry
-and balance are recorded, and a draw never voids, fails or blocks another payment. The same draw
-again gets the same debit command while the debit is open; another draw for the transaction is
-refused (409).
+The card's UID, when the draw carries one (an issuer whose MAC scheme puts it into MAC1, e.g.
+``changsha-metro``), follows INIT SAM's data as at a local terminal. Nothing of the draw is
+trusted (the card is not authenticated yet): its serial, counter, expiry and balance are
+recorded, and a draw never voids, fails or blocks another payment. The same draw again gets the
+same debit command while the debit is open; another draw for the transaction is refused (409).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ async def answer_draw(server: PaymentServer, data: bytes, client: str = "?") -> 
         raise Refused(400, 400, "the order names another payment terminal id")
     if d.txn_type not in (P.TYPE_EP_PURCHASE, P.TYPE_ED_PURCHASE):
         raise Refused(400, 400, f"transaction type {d.txn_type:02X} is not a purchase")
+    if len(d.uid) not in (0, 9):
+        raise Refused(400, 400, f"the card UID has 9 bytes (or none), not {len(d.uid)}")
     try:
         expiry = P.parse_bcd_date(d.expiry_date)
     except ValueError:
@@ -141,7 +144,7 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
                   "algorithm_id": d.algorithm_id, "card_serial": d.card_serial[-8:]}
 
         def issue(reader: Reader) -> tuple[int, bytes, bytes]:
-            answer = call(reader, apdus.init_sam_for_purchase(fields, early=early),
+            answer = call(reader, apdus.init_sam_for_purchase(fields, early=early, uid=d.uid),
                           "INIT SAM FOR PURCHASE")
             if early:
                 a = P.InitSamAnswerEarly.parse(answer)
