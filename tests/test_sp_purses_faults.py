@@ -43,6 +43,18 @@ class CutAfterDebit(httpx.BaseTransport):
         return self.inner.handle_request(request)
 
 
+class AnswerLost(CutAfterDebit):
+    """The first confirmation reaches the merchant, which releases the goods; its answer is
+    lost on the way back."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.cut and "/v1/status/" in request.url.path:
+            self.cut -= 1
+            self.inner.handle_request(request).read()
+            raise httpx.ReadError("answer lost for the test", request=request)
+        return self.inner.handle_request(request)
+
+
 def journal_lines(folder: Path, serial: str) -> list[dict[str, str]]:
     return [json.loads(line) for line in (folder / f"{serial}.jsonl").read_text().splitlines()]
 
@@ -162,3 +174,19 @@ def test_a_merchant_unreachable_before_the_draw_is_nothing_paid(
     # the same order, the merchant back: paid once
     assert pool.pay(sp_system.pay.checkout_url("ticket"), http=http,
                     order_ref="o1").amount == TICKET
+
+
+def test_a_confirmation_whose_answer_was_lost_is_paid_once(sp_system: System, engine: Engine,
+                                                           tmp_path: Path) -> None:
+    """The merchant released the goods and its answer was lost: the resume's confirmation is
+    answered 409 (released before), which the pool books as paid, not disputed."""
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    pool = PursePool.open(pool_config(sp_system, [spec]), engine, journal_dir=tmp_path / "j")
+    with httpx.Client(timeout=30, transport=AnswerLost(cut=1)) as lossy:
+        outcome = pool.pay(sp_system.pay.checkout_url("ticket"), http=lossy, order_ref="o1")
+    assert outcome.resumed and outcome.amount == TICKET
+    [row] = pool.book.all_payments()
+    assert row["state"] == "paid" and len(row["tac"]) == 8
+    assert len(merchant_paid(sp_system)) == 1
+    assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
+    assert pool.books()[156]["debits"] == TICKET

@@ -76,8 +76,9 @@ class RecordingJournal(Journal):
             self.tac = str(data.get("tac", ""))
             book.payment_step(txn=txn, expect=("drawing", "debited"), tac=self.tac,
                               state="debited")
-        elif state == "done":
-            book.payment_step(txn=txn, expect=("drawing", "debited"), state="paid")
+        elif state == "done":   # after "refused": the merchant had released it already (409)
+            book.payment_step(txn=txn, expect=("drawing", "debited", "disputed"), state="paid",
+                              reason=data.get("reason", ""))
         elif state == "abandoned":
             book.payment_step(txn=txn, expect=("drawing",), state="failed",
                               reason=data.get("reason", ""))
