@@ -454,3 +454,48 @@ def test_a_journal_that_is_missing_or_not_the_images_is_refused(tmp_path: Path) 
     jpath.write_bytes(good)
     assert len(state_on_disk(path)["records"]) == 2
     assert not (tmp_path / "psam.json.lock").exists()
+
+
+_CHILD = """
+import sys
+from svcard.card.image import card_from_image, open_card
+from svcard.card.personalise import image_from_profile
+from svcard.fixtures import fixture_path
+from svcard.host.terminal import purse as T
+from svcard.reader import VirtualReader
+image = image_from_profile(fixture_path("iep-demo.toml"))
+image["app"]["ep"]["balance"] = 100_000
+card = VirtualReader(card_from_image(image))
+psam = VirtualReader(open_card(sys.argv[1], lock_timeout=30))
+card.connect()
+psam.connect()
+for n in range(100_000):
+    T.purchase(card, psam, 1)
+    print(n + 1, flush=True)
+"""
+
+
+def test_kill_9_mid_purchase_leaves_a_consistent_psam(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = new_psam(tmp_path)
+    seen = 0
+    for round_ in range(5):
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        for _ in range(2 + 5 * round_):   # a varying number of purchases, then kill -9
+            assert child.stdout.readline()
+            seen += 1
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        state = state_on_disk(path)   # the dead child's lock went with it
+        records = [P.PsamRecord.parse(bytes.fromhex(r)) for r in state["records"]]
+        assert len(records) >= seen and state["next_ttn"] == len(records) + 1
+        assert [r.terminal_txn_number for r in records] == list(range(1, len(records) + 1))
+        # every purchase the PSAM finished is credited; only one per kill may wait for it
+        assert sum(r.status == 1 for r in records) <= round_ + 1
+        assert parse_journal(journal_path(path).read_bytes()).changes
