@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from ..protocols import crypto, mac_schemes
 from ..protocols import purse as P
 from .hsm import HsmState, LoadHsm
 from .iep import Iep, IepState
@@ -135,9 +136,25 @@ Byte = Annotated[int, Field(ge=0, le=255)]
 Count = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
 
 
+def _one_of(names: tuple[str, ...], what: str) -> AfterValidator:
+    """A name from ``names``; an unknown one is quoted only when it looks like a name (short,
+    letters, digits and dashes), so a key pasted into the field is never repeated."""
+    def check(value: str) -> str:
+        if value not in names:
+            shown = f" {value!r}" if len(value) <= 24 and value.replace("-", "").replace(
+                "_", "").isalnum() else ""
+            raise ValueError(f"unknown {what}{shown} (known: {', '.join(names)})")
+        return value
+    return AfterValidator(check)
+
+
+SchemeName = Annotated[str, _one_of(mac_schemes.NAMES, "MAC scheme")]
+AlgorithmName = Annotated[str, _one_of(crypto.ALGORITHMS, "algorithm")]
+Hex1 = Annotated[str, _hex(1)]
 Hex4 = Annotated[str, _hex(4)]
 Hex6 = Annotated[str, _hex(6)]
 Hex8 = Annotated[str, _hex(8)]
+Hex9 = Annotated[str, _hex(9)]
 Hex10 = Annotated[str, _hex(10)]
 Hex16 = Annotated[str, _hex(16)]
 Hex30 = Annotated[str, _hex(30)]
@@ -156,6 +173,12 @@ class _Key(_Strict):
     version: Byte
     algorithm: Byte = 0
     key: Hex16
+
+
+class _IssuerScheme(_Strict):
+    """An issuer's cryptography as the PSAM and the HSM keep it (card/keys.py IssuerScheme)."""
+    algorithms: dict[Hex1, AlgorithmName] = {}
+    mac_scheme: SchemeName = mac_schemes.DEFAULT
 
 
 class _Purse(_Strict):
@@ -187,6 +210,8 @@ class _Iep(_Strict):
     unload_keys: list[_Key] = []
     update_keys: list[_Key] = []
     log_counter: Literal["before", "after"] = "before"
+    mac_scheme: SchemeName = mac_schemes.DEFAULT
+    uid: Hex9 | None = None
 
 
 class _PsamKey(_Strict):
@@ -211,6 +236,7 @@ class _Psam(_Strict):
     records: list[HexPsamRecord] = []
     closed_records: list[HexPsamRecord] = []
     previous: dict[str, Any]
+    issuer_schemes: dict[Hex8, _IssuerScheme] = {}
 
 
 class _HsmKey(_Strict):
@@ -226,6 +252,7 @@ class _HsmIssuer(_Strict):
     two_level: bool = False
     unload_keys: list[_HsmKey] = []
     update_keys: list[_HsmKey] = []
+    scheme: _IssuerScheme | None = None
 
 
 class _Hsm(_Strict):
@@ -284,9 +311,14 @@ def check_image(image: Any, source: str = "card image") -> None:
     except ValidationError as exc:
         raise _image_error(source, exc, ()) from None
     try:
-        _APPS[top.kind].model_validate(top.app)
+        app = _APPS[top.kind].model_validate(top.app)
     except ValidationError as exc:
         raise _image_error(source, exc, ("app",)) from None
+    if isinstance(app, _Iep):   # a UID-in-MAC1 scheme needs the card's UID
+        size = mac_schemes.scheme(app.mac_scheme).uid_size
+        if size and app.uid is None:
+            raise ImageError(f"{source}: app.uid: missing (the {app.mac_scheme} MAC scheme "
+                             f"puts a {size}-byte card UID into MAC1)")
 
 
 def _image_error(source: str, exc: ValidationError, prefix: tuple[str, ...]) -> ImageError:

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from click.testing import CliRunner, Result
 
-from svcard.card.image import card_from_image, save_new_image
+from svcard.card.image import card_from_image, check_image, save_new_image
 from svcard.card.personalise import image_from_profile
-from svcard.card.storage import read_image
+from svcard.card.storage import ImageError, read_image
 from svcard.fixtures import fixture_path
 from svcard.host.cli.main import main
 from svcard.host.load import client as LC
@@ -355,3 +355,89 @@ def test_a_draw_with_a_uid_of_the_wrong_size_is_refused(stack: Stack, tmp_path: 
         PC.pay(stack.checkout_url("ticket", "fig6"), reader, journal=Journal(tmp_path / "j"),
                http=http, aid=bytes.fromhex(PBOC_AID))
     assert balance(card) == 10_000
+
+
+# --- the image checker knows the IEP, PSAM and HSM fields issue 11 added ---------------------
+
+SCHEME_NAMES = "(known: pboc, changsha-metro)"
+
+
+def image_with(kind: str, path: tuple[str | int, ...], value: Any,
+               metro: bool = False) -> dict[str, Any]:
+    """A demo image of ``kind`` (a metro card's when ``metro``) with the field at ``path``
+    under ``app`` set to ``value`` (made as needed)."""
+    image = image_from_profile(fixture_path(f"{kind}-demo.toml"))
+    if metro:
+        image["app"]["mac_scheme"], image["app"]["uid"] = "changsha-metro", "85" * 9
+    node: Any = image["app"]
+    for step in path[:-1]:
+        if isinstance(node, dict) and step not in node:
+            node[step] = {}
+        node = node[step]
+    node[path[-1]] = value
+    return image
+
+
+KEY_HEX = "00112233445566778899AABBCCDDEEFF"   # stands for key bytes, never to be repeated
+
+IMAGE_CASES = [
+    ("iep", ("mac_scheme",), "retail",
+     f"app.mac_scheme: unknown MAC scheme 'retail' {SCHEME_NAMES}"),
+    ("iep", ("mac_scheme",), KEY_HEX + "G", f"app.mac_scheme: unknown MAC scheme {SCHEME_NAMES}"),
+    ("iep", ("mac_scheme",), 2, "app.mac_scheme: expected a string"),
+    ("iep", ("uid",), "8501", "app.uid: expected 9 bytes of hex, got 2"),
+    ("iep", ("uid",), "not hex", "app.uid: expected hex"),
+    ("iep", ("uid",), None, "app.uid: missing (the changsha-metro MAC scheme puts a 9-byte "
+                            "card UID into MAC1)"),
+    ("iep", ("log_counter",), "middle", "app.log_counter: expected 'before' or 'after'"),
+    ("iep", ("unload_keys",), [{"index": 1, "version": 1, "key": "0011"}],
+     "app.unload_keys[0].key: expected 16 bytes of hex, got 2"),
+    ("iep", ("update_keys",), [{"index": 1, "version": 256, "key": KEY_HEX}],
+     "app.update_keys[0].version: expected a number <= 255"),
+    ("iep", ("update_keys",), {"index": 1}, "app.update_keys: expected a list"),
+    ("psam", ("issuer_schemes", "1000000000000001", "mac_scheme"), "retail",
+     f"app.issuer_schemes.1000000000000001.mac_scheme: unknown MAC scheme 'retail' "
+     f"{SCHEME_NAMES}"),
+    ("psam", ("issuer_schemes", "1000000000000001", "algorithms"), {"01": "aes"},
+     "app.issuer_schemes.1000000000000001.algorithms.01: unknown algorithm 'aes' "
+     "(known: 3des)"),
+    ("psam", ("issuer_schemes", "1000000000000001", "algorithms"), {"1": "3des"},
+     "app.issuer_schemes.1000000000000001.algorithms.1.[key]: expected hex"),
+    ("psam", ("issuer_schemes",), {"10": {"mac_scheme": "pboc"}},
+     "app.issuer_schemes.10.[key]: expected 8 bytes of hex, got 1"),
+    ("psam", ("issuer_schemes",), ["pboc"], "app.issuer_schemes: expected an object"),
+    ("hsm", ("issuers", 0, "scheme", "mac_scheme"), "retail",
+     f"app.issuers[0].scheme.mac_scheme: unknown MAC scheme 'retail' {SCHEME_NAMES}"),
+    ("hsm", ("issuers", 0, "scheme", "algorithms"), {"00": 3},
+     "app.issuers[0].scheme.algorithms.00: expected a string"),
+    ("hsm", ("issuers", 0, "unload_keys"), [{"version": 1, "key": "XY"}],
+     "app.issuers[0].unload_keys[0].key: expected hex"),
+    ("hsm", ("issuers", 0, "update_keys"), [{"version": -1, "key": KEY_HEX}],
+     "app.issuers[0].update_keys[0].version: expected a number >= 0"),
+]
+
+
+@pytest.mark.parametrize(("kind", "path", "value", "message"), IMAGE_CASES,
+                         ids=[f"{c[0]}-{'.'.join(map(str, c[1]))}-{i}"
+                              for i, c in enumerate(IMAGE_CASES)])
+def test_the_image_checker_names_the_field(kind: str, path: tuple[str | int, ...], value: Any,
+                                           message: str) -> None:
+    image = image_with(kind, path, value, metro=path[0] == "uid" and value is None)
+    with pytest.raises(ImageError) as refused:
+        check_image(image, "card.json")
+    text = str(refused.value)
+    assert text == f"card.json: {message}", text
+    assert "\n" not in text and KEY_HEX not in text
+    # a card built from it says the same wherever the card itself cannot use the value
+    try:
+        card_from_image(image, source="card.json")
+    except ImageError as exc:
+        assert str(exc) == text or "damaged" not in str(exc), str(exc)
+
+
+def test_good_images_of_every_kind_pass_the_checker(tmp_path: Path) -> None:
+    from test_mac_schemes import write_metro_files
+    for path in write_metro_files(tmp_path).values():
+        check_image(image_from_profile(path), path.name)
+    for kind in ("iep", "psam", "hsm"):
+        check_image(image_from_profile(fixture_path(f"{kind}-demo.toml")), kind)
