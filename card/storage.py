@@ -271,6 +271,8 @@ class ImageStore:
         self.image = opened.image
         self._marker = opened.marker
         self._stale = opened.stale   # the journal on disk must be replaced before an append
+        # where the journal's whole frames end (a torn tail after them is cut at the 1st append)
+        self._good_length = opened.journal.good_length if opened.journal else 0
         # an append failed: what the card holds in memory may be ahead of the journal, so the
         # next change writes the whole image instead (as a failed image write would)
         self._whole_image_due = False
@@ -363,6 +365,7 @@ class ImageStore:
             self._close_journal()
             self._whole_image_due = True
             raise
+        self._good_length += len(data)
         if self.tear:
             self.tear("append-synced")
         app = self.image.get("app")
@@ -386,6 +389,7 @@ class ImageStore:
         write_atomically(self.path, encode_image({**image, "journal": {
             "id": journal_id, "seq": 1}}), self.tear)
         self._marker, self._stale, self.image = (journal_id, 1), False, image
+        self._good_length = len(header_frame(journal_id, 1))
 
     def _set_aside(self, jpath: Path) -> None:
         """A journal file beside an image that names none is not its journal: removed when it
@@ -413,20 +417,11 @@ class ImageStore:
         if self._stale:
             header = header_frame(journal_id, seq)
             write_atomically(jpath, header, self._journal_tear if self.tear else None)
-            self._stale = False
-            good = len(header)
-        else:
-            try:
-                contents = parse_journal(jpath.read_bytes(), str(jpath))
-            except JournalError as exc:
-                raise ImageError(str(exc)) from None
-            if (contents.journal_id, contents.seq) != (journal_id, seq):
-                raise ImageError(f"{jpath} changed under the open image {self.path}")
-            good = contents.good_length
+            self._stale, self._good_length = False, len(header)
         fd = os.open(jpath, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
         try:
-            if os.fstat(fd).st_size > good:  # a torn append: its frame never counted
-                os.ftruncate(fd, good)
+            if os.fstat(fd).st_size > self._good_length:  # a torn append: it never counted
+                os.ftruncate(fd, self._good_length)
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
