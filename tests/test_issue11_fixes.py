@@ -252,6 +252,30 @@ def test_a_client_naming_a_richer_issuer_is_not_loaded(loads: LoadStack, tmp_pat
     assert balance(card) == 16_000 and account_balance(loads, "bob") == 85_000
 
 
+def test_a_client_naming_the_richer_issuer_everywhere_is_not_loaded(
+        loads: LoadStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same attacker, naming the richer issuer in the load request too (so it matches the
+    ticket): the HSM looks the keys up by that issuer, and the card's S1 is not of it."""
+    import dataclasses
+    issuer_limits(loads)
+    loads.account("bob", 100_000, "pw")
+    card = tmp_path / "card.json"
+    image = image_from_profile(fixture_path("iep-demo.toml"))
+    image["app"]["ep"]["balance"] = 1_000
+    save_new_image(card, image)
+    real = LC.select_purse
+    monkeypatch.setattr(LC, "select_purse", lambda reader, aid: dataclasses.replace(
+        real(reader, aid), issuer_id=RICH_ISSUER))
+    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        out = LC.load(loads.bank_url, reader, account="bob", secret="pw", amount=50_000,
+                      journal=Journal(tmp_path / "j.jsonl"), http=http)
+    assert out.outcome == "not loaded", out
+    assert balance(card) == 1_000 and account_balance(loads, "bob") == 100_000
+    rows = loads.load_server.db.rows()
+    assert len(rows) == 1 and rows[0]["issuer_id"] == RICH_ISSUER.lower()
+    assert rows[0]["state"] == "not_loaded" and not rows[0]["s2"]
+
+
 def test_the_ticket_carries_the_issuer_the_bank_priced_for(loads: LoadStack) -> None:
     from svcard.protocols import loadmsg as L
     from svcard.protocols import messages as M
