@@ -29,15 +29,14 @@ from conftest import demo_image
 from plain import plain_mac, tdes_encrypt_block
 
 from svcard.card.image import card_from_image
+from svcard.protocols import mac_schemes
 
 AID = bytes.fromhex("F05356434152440101")
 RESET = None          # an operation yields this to power-cycle both cards
 
-# what the applet leaves out of the Python card (H2a): unload (INITIALIZE 05, DEBIT 03) and the
-# overdraft-limit update (INITIALIZE 04, UPDATE OVERDRAFT LIMIT 80 58; the Python card answers
-# its INS under CLA 00 6E00, the applet 6D00)
-APPLET_LEFT_OUT = tuple(bytes.fromhex(h) for h in ("805004", "805005", "805403", "8058",
-                                                    "0058"))
+# what the applet leaves out of the Python card: nothing since it has unload and the
+# overdraft-limit update (31584ba); a prefix here (say "805005") would not be sent
+APPLET_LEFT_OUT: tuple[bytes, ...] = ()
 
 # an operation: yields (label, APDU or RESET), receives the reference's answer
 Op = Generator[tuple[str, bytes | None], bytes, None]
@@ -208,6 +207,15 @@ def _random_extras(rng: random.Random, app: dict[str, Any]) -> None:
     app["public_data"] = rng.randbytes(30).hex().upper()
     app["holder_data"] = rng.randbytes(55).hex().upper()
     app["uid"] = _pick(rng, None, rng.randbytes(9).hex().upper(), rng.randbytes(4).hex().upper())
+    app["unload_keys"] = keys(rng.randrange(0, 3))
+    app["update_keys"] = keys(rng.randrange(0, 3))
+    for name, kind in (("unload_mac_failures", "unload_keys"),
+                       ("update_mac_failures", "update_keys")):
+        app[name] = {str(k["index"]): rng.randrange(limit + 1) for k in app[kind]
+                     if rng.random() < 0.3}
+    app["log_counter"] = _pick(rng, "before", "after")
+    if rng.random() < 0.3:
+        app["mac_scheme"], app["uid"] = "changsha-metro", rng.randbytes(9).hex().upper()
 
 
 # --- the operations ----------------------------------------------------------------------------
@@ -232,6 +240,12 @@ class Model:
         self.pin = app["pin"]
         self.purchase_keys = {k["index"]: bytes.fromhex(k["key"]) for k in app["purchase_keys"]}
         self.load_keys = {k["index"]: bytes.fromhex(k["key"]) for k in app["load_keys"]}
+        self.unload_keys = {k["index"]: bytes.fromhex(k["key"])
+                            for k in app.get("unload_keys") or []}
+        self.update_keys = {k["index"]: bytes.fromhex(k["key"])
+                            for k in app.get("update_keys") or []}
+        self.scheme = mac_schemes.scheme(app.get("mac_scheme") or "pboc")
+        self.uid = bytes.fromhex(app["uid"]) if app.get("uid") else None
         self.tac_key = bytes.fromhex(app["tac_key"])
         self.balance = {2: app["ep"]["balance"], 1: app["ed"]["balance"]}
 
@@ -256,18 +270,20 @@ class Model:
         return _pick(self.rng, bytes.fromhex("112233445566"), self.rng.randbytes(6))
 
     def date_time(self) -> tuple[bytes, bytes]:
+        """A random date and time, one in four at or just past a calendar edge."""
         r = self.rng
-        if r.random() < 0.9:
-            date = bytes.fromhex(f"{r.randrange(2000, 2100):04d}{r.randrange(1, 13):02d}"
-                                 f"{r.randrange(1, 29):02d}")
-            time = bytes.fromhex(f"{r.randrange(24):02d}{r.randrange(60):02d}"
-                                 f"{r.randrange(60):02d}")
-            return date, time
-        bad = [bytes.fromhex("20271399"), bytes.fromhex("20270230"), bytes.fromhex("2027AB01"),
-               bytes.fromhex("20270100"), bytes.fromhex("20240229"), bytes.fromhex("21000229")]
-        return (r.choice(bad), bytes.fromhex("150926")) if r.random() < 0.6 else \
-            (bytes.fromhex("20270314"), r.choice([bytes.fromhex(x) for x in
-                                                 ("240000", "236000", "2359FA", "000060")]))
+        date = f"{r.randrange(1900, 2100):04d}{r.randrange(1, 13):02d}{r.randrange(1, 29):02d}"
+        time = f"{r.randrange(24):02d}{r.randrange(60):02d}{r.randrange(60):02d}"
+        if r.random() < 0.25:
+            edge_dates = ("20000229", "21000229", "19000229", "20240229", "20250229", "20271231",
+                          "20271232", "20270431", "20270430", "20271399", "20270001", "20270100",
+                          "2027AB01", "0000010A", "99991231", "20270230")
+            edge_times = ("235959", "240000", "236000", "235960", "000000", "2359FA", "0A0000")
+            if r.random() < 0.6:
+                date = r.choice(edge_dates)
+            else:
+                time = r.choice(edge_times)
+        return bytes.fromhex(date), bytes.fromhex(time)
 
     def pin_bytes(self, pin: str) -> bytes:
         return bytes.fromhex(pin + ("F" if len(pin) % 2 else ""))
@@ -349,7 +365,7 @@ def op_query(m: Model) -> Op:
                     (r.randrange(256), r.randrange(256)))
         yield m.maybe("get data", bytes([0x80, 0xCA, *tag, _pick(r, 0, 0, 7, 4)]))
     elif choice == 4:
-        txn_type = _pick(r, 2, 6, 1, 5, 4, 2, 6, 0, 3, 8, r.randrange(256))
+        txn_type = _pick(r, 2, 6, 1, 5, 4, 2, 6, 0, 3, 7, 8, r.randrange(256))
         counter = _pick(r, *m.counters, 0, r.randrange(0x10000))
         if m.last_value and r.random() < 0.6:
             txn_type, counter = m.last_value
@@ -411,11 +427,18 @@ def op_purchase(m: Model) -> Op:
         random_, counter = answer[11:15], answer[4:6]
         m.balance[purse] = int.from_bytes(answer[0:4], "big")
         m.counters = [int.from_bytes(counter, "big")]
-        sk = tdes_encrypt_block(m.purchase_keys[key_index], random_ + counter + _u4(ttn)[2:])
         fault = r.randrange(10)
         mac_amount = amount + 1 if fault == 0 else amount
         mac_tid = r.randbytes(6) if fault == 1 else tid
-        mac1 = plain_mac(sk, _u4(mac_amount) + bytes([txn_type]) + mac_tid + date + time)
+        if m.scheme.uid_size:    # another MAC-scheme profile: svcard's own code makes MAC1
+            sk = mac_schemes.purchase_session_key(m.scheme, m.purchase_keys[key_index], random_,
+                                                  int.from_bytes(counter, "big"), ttn)
+            mac1 = mac_schemes.purchase_mac1(m.scheme, sk, mac_amount, txn_type, mac_tid, date,
+                                             time, m.uid)
+        else:
+            sk = tdes_encrypt_block(m.purchase_keys[key_index],
+                                    random_ + counter + _u4(ttn)[2:])
+            mac1 = plain_mac(sk, _u4(mac_amount) + bytes([txn_type]) + mac_tid + date + time)
         if fault == 2:
             mac1 = bytes([mac1[0] ^ 0x80]) + mac1[1:]
         if fault == 3:
@@ -430,6 +453,67 @@ def op_purchase(m: Model) -> Op:
     if answer[-2:] == b"\x90\x00" and label == "debit":
         m.balance[purse] = m.balance.get(purse, 0) - amount
         m.last_value = (txn_type, m.counters[0])
+
+
+def op_unload(m: Model) -> Op:
+    """INITIALIZE FOR UNLOAD (80 50 05 01) and DEBIT FOR UNLOAD (80 54 03 00) with MAC2."""
+    r = m.rng
+    purse = _pick(r, *[1] * 8, 2)
+    if r.random() < 0.8:
+        yield from _verify(m)
+    amount = m.amount(1)
+    key_index = r.choice(list(m.unload_keys)) if m.unload_keys and r.random() < 0.85 else \
+        _pick(r, 1, 2, r.randrange(256))
+    tid = m.tid()
+    label, init = m.maybe("init unload", bytes([0x80, 0x50, 0x05, purse, 0x0B, key_index])
+                          + _u4(amount) + tid + b"\x10", 0.1)
+    answer = yield label, init
+    date, time = m.date_time()
+    mac2 = r.randbytes(4)
+    if answer[-2:] == b"\x90\x00" and len(answer) == 18 and key_index in m.unload_keys:
+        random_, counter = answer[8:12], answer[4:6]
+        sk = tdes_encrypt_block(m.unload_keys[key_index], random_ + counter + b"\x80\x00")
+        fault = r.randrange(8)
+        mac2 = plain_mac(sk, _u4(amount + (fault == 0)) + b"\x03" + tid + date + time)
+        if fault == 1:
+            mac2 = bytes([mac2[0] ^ 4]) + mac2[1:]
+        m.counters = [int.from_bytes(counter, "big")]
+    label, debit = m.maybe("debit unload", b"\x80\x54\x03\x00\x0b" + date + time + mac2
+                           + b"\x04", 0.1)
+    answer = yield label, debit
+    if answer[-2:] == b"\x90\x00" and label == "debit unload":
+        m.last_value = (3, m.counters[0])
+
+
+def op_update(m: Model) -> Op:
+    """INITIALIZE FOR UPDATE (80 50 04 01) and UPDATE OVERDRAFT LIMIT (80 58 00 00) with MAC2."""
+    r = m.rng
+    purse = _pick(r, *[1] * 8, 2)
+    if r.random() < 0.8:
+        yield from _verify(m)
+    key_index = r.choice(list(m.update_keys)) if m.update_keys and r.random() < 0.85 else \
+        _pick(r, 1, 2, r.randrange(256))
+    tid = m.tid()
+    label, init = m.maybe("init update", bytes([0x80, 0x50, 0x04, purse, 0x07, key_index])
+                          + tid + b"\x13", 0.1)
+    answer = yield label, init
+    date, time = m.date_time()
+    limit = _pick(r, 0, r.randrange(0x1000000), 0xFFFFFF, r.randrange(10_000))
+    mac2 = r.randbytes(4)
+    if answer[-2:] == b"\x90\x00" and len(answer) == 21 and key_index in m.update_keys:
+        random_, counter = answer[11:15], answer[4:6]
+        sk = tdes_encrypt_block(m.update_keys[key_index], random_ + counter + b"\x80\x00")
+        fault = r.randrange(8)
+        mac2 = plain_mac(sk, (limit ^ (fault == 0)).to_bytes(3, "big") + b"\x07" + tid + date
+                         + time)
+        if fault == 1:
+            mac2 = bytes([mac2[0] ^ 4]) + mac2[1:]
+        m.counters = [int.from_bytes(counter, "big")]
+    label, update = m.maybe("update overdraft", b"\x80\x58\x00\x00\x0e"
+                            + limit.to_bytes(3, "big") + date + time + mac2 + b"\x04", 0.1)
+    answer = yield label, update
+    if answer[-2:] == b"\x90\x00" and label == "update overdraft":
+        m.last_value = (7, m.counters[0])
 
 
 def op_credit_only(m: Model) -> Op:
@@ -496,7 +580,8 @@ def op_junk(m: Model) -> Op:
             (bytes([r.randrange(256)]) if r.random() < 0.5 else b"")
         yield "random command", header + tail
     elif choice == 2:
-        ins = r.choice((0x50, 0x52, 0x54, 0x5A, 0x5C, 0x5E, 0xCA, 0x20, 0xB0, 0xB2, 0xA4, 0xC0))
+        ins = r.choice((0x50, 0x52, 0x54, 0x58, 0x5A, 0x5C, 0x5E, 0xCA, 0x20, 0xB0, 0xB2, 0xA4,
+                        0xC0))
         cla = _pick(r, 0x00, 0x80, 0x84, 0x0C, 0x90, 0x81, 0xE0)
         body = r.randbytes(r.randrange(0, 20))
         yield "known INS", bytes([cla, ins, r.randrange(256), r.randrange(256)]) + \
@@ -532,7 +617,8 @@ def op_probe(m: Model) -> Op:
 
 OPS: tuple[tuple[Callable[[Model], Op], int], ...] = (
     (op_select, 6), (op_query, 20), (op_pin, 8), (op_purchase, 24), (op_load, 16),
-    (op_credit_only, 2), (op_debit_only, 2), (op_junk, 10), (op_probe, 2),
+    (op_credit_only, 2), (op_debit_only, 2), (op_junk, 10), (op_probe, 2), (op_unload, 5),
+    (op_update, 5),
 )
 
 

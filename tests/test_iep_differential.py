@@ -109,7 +109,7 @@ def test_the_harness_catches_an_injected_difference(change: str) -> None:
 
 def test_jcardsim_runtime_rules_hide_only_the_runtime() -> None:
     """What is not sent and what is excused as jCardSim's own answer; nothing else is."""
-    rt = D.JCardSimRuntime(D.AID, D.APPLET_LEFT_OUT)
+    rt = D.JCardSimRuntime(D.AID, (bytes.fromhex("805005"),))
     plain = bytes.fromhex("00A4040009F0535643415244010100")
     assert rt.skip(plain) is None
     assert rt.skip(bytes.fromhex("00A4040C09F05356434152440101")) is None
