@@ -21,12 +21,12 @@ def listed_commands(*path: str) -> list[str]:
 
 def test_root_help_lists_every_command() -> None:
     assert listed_commands() == ["apdu", "audit", "bank", "batches", "card", "clearing", "demo",
-                                 "helper", "load", "pay", "readers", "serve", "terminal",
+                                 "helper", "load", "pay", "readers", "serve", "sp", "terminal",
                                  "terminal-key", "trace"]
 
 
 def test_serve_lists_every_server() -> None:
-    assert listed_commands("serve") == ["bank", "load", "merchant", "payment"]
+    assert listed_commands("serve") == ["bank", "load", "merchant", "payment", "sp"]
 
 
 def test_every_command_has_help() -> None:
