@@ -20,6 +20,7 @@ bank + load server together.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -114,8 +115,10 @@ def main() -> int:
     print("svcard load benchmark" + (" (smoke run: figures not meaningful)" if args.smoke
                                      else ""))
     print(f"  {placement.note}; {procs * per} cards in {procs} generator process(es), "
-          f"in-memory cards, client journals in tmpfs, never fsynced")
-    print(f"  {summary['done']:.0f} loads in {m.wall:.1f} s, {summary['refused']:.0f} refused")
+          f"in-memory cards, client journals in tmpfs, never fsynced; "
+          f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"  {summary['done']:.0f} loads in {m.wall:.1f} s, {summary['refused']:.0f} refused, "
+          f"{m.busy} busy answers waited out")
     print(f"  loads/s {rate:.1f} (target >= 200: {'met' if rate >= 200 else 'NOT met'}); "
           f"p50 {summary['p50']:.1f} ms, p99 {summary['p99']:.1f} ms; "
           f"round trips {summary['trips']:.1f}")

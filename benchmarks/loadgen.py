@@ -44,6 +44,7 @@ from svcard.card.image import card_from_image
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
 from svcard.host.terminal.journal import Journal, split_secrets
+from svcard.host.terminal.online import MIN_WAIT, RETRY_KEY, retry_after
 from svcard.host.terminal.purse import TerminalError
 from svcard.reader import Reader, VirtualReader
 
@@ -57,11 +58,15 @@ class Http:
     """A minimal HTTP/1.1 client for one card (one thread): one keep-alive connection per
     server, requests in one ``sendall``, answers read by ``Content-Length`` or chunked. It has
     the ``post``/``get`` the client flows call on an ``httpx.Client`` and answers with
-    ``httpx.Response`` objects, so those flows run unchanged (``extensions`` are ignored: a
-    busy answer is counted as a refusal, never retried)."""
+    ``httpx.Response`` objects, so those flows run unchanged. A busy answer (503) to a request
+    the flow marks retry-safe is asked again as ``svcard pay`` does (waiting its Retry-After,
+    at least ``MIN_WAIT``, else a backoff; for up to ``retry_for`` seconds), and counted in
+    :attr:`busy`."""
 
-    def __init__(self, timeout: float = 60.0) -> None:
+    def __init__(self, timeout: float = 60.0, retry_for: float = 30.0) -> None:
         self.timeout = timeout
+        self.retry_for = retry_for
+        self.busy = 0
         self._conns: dict[tuple[str, int], tuple[socket.socket, Any]] = {}
 
     def _connect(self, host: str, port: int) -> tuple[socket.socket, Any]:
@@ -78,7 +83,23 @@ class Http:
             conn[0].close()
 
     def request(self, method: str, url: str, body: bytes = b"",
-                headers: dict[str, str] | None = None) -> httpx.Response:
+                headers: dict[str, str] | None = None, retry: bool = False) -> httpx.Response:
+        """One request; ``retry``: a 503 is asked again (see the class)."""
+        deadline = time.monotonic() + self.retry_for
+        tries = 0
+        while True:
+            response = self._once(method, url, body, headers)
+            left = deadline - time.monotonic()
+            if response.status_code != 503 or not retry or left <= 0:
+                return response
+            self.busy += 1
+            asked = retry_after(response)
+            tries += 1
+            wait = asked if asked is not None else min(4.0, 0.25 * 2 ** (tries - 1))
+            time.sleep(min(max(MIN_WAIT, wait), left))
+
+    def _once(self, method: str, url: str, body: bytes,
+              headers: dict[str, str] | None) -> httpx.Response:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -136,11 +157,11 @@ class Http:
         if json is not None:
             content = _json_bytes(json)
             hdrs.setdefault("Content-Type", "application/json")
-        return self.request("POST", url, content or b"", hdrs)
+        return self.request("POST", url, content or b"", hdrs, _retry_safe(extensions))
 
     def get(self, url: str, *, headers: dict[str, str] | None = None,
             extensions: Any = None) -> httpx.Response:
-        return self.request("GET", url, b"", headers)
+        return self.request("GET", url, b"", headers, _retry_safe(extensions))
 
     def close(self) -> None:
         for key in list(self._conns):
@@ -151,6 +172,10 @@ class Http:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _retry_safe(extensions: Any) -> bool:
+    return bool(extensions and extensions.get(RETRY_KEY))
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -185,6 +210,7 @@ class GeneratorRun:
     results: list[Result]
     cpu: float       # the generator process's CPU seconds over the measured window
     wall: float
+    busy: int = 0    # busy answers (503) waited out and asked again
 
 
 def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, step: Step,
@@ -195,6 +221,7 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
     and the parent meet twice at ``start`` (a barrier; None: no parent), ready, then go, and the
     measured window begins. A refusal counts as not done."""
     results: list[Result] = []
+    busy = [0]
     lock = threading.Lock()
     warmed = threading.Barrier(cards + 1)
     go = threading.Event()
@@ -212,16 +239,20 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
             warmed.wait()
             go.wait()
             mine: list[Result] = []
+            http.busy = 0
             while time.monotonic() < end[0]:
                 started = time.perf_counter()
                 try:
                     done, trips = step(serial, reader, journal, http)
-                except TerminalError:
+                except TerminalError as exc:
+                    if os.environ.get("SVCARD_BENCH_DEBUG"):
+                        print(f"card {serial}: {exc}", file=sys.stderr)
                     done, trips = False, 0
                 mine.append((time.perf_counter() - started, trips, done))
+            with lock:
+                results.extend(mine)
+                busy[0] += http.busy
         journal.close()
-        with lock:
-            results.extend(mine)
 
     pool = [threading.Thread(target=run, args=(first_serial + i,), daemon=True)
             for i in range(cards)]
@@ -236,7 +267,8 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
     go.set()
     for t in pool:
         t.join()
-    return GeneratorRun(results, time.process_time() - cpu0, time.perf_counter() - wall0)
+    return GeneratorRun(results, time.process_time() - cpu0, time.perf_counter() - wall0,
+                        busy[0])
 
 
 def summarize(results: list[Result], seconds: float) -> dict[str, float]:
@@ -257,6 +289,27 @@ def process_cpu(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     rest = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces: cut after it
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def cpu_busy() -> dict[int, tuple[int, int]]:
+    """Per CPU, (busy, total) clock ticks since boot, from ``/proc/stat`` (busy: everything
+    but idle and I/O wait), to see how busy a CPU was with every process on it."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            values = [int(t) for t in ticks[:8]]
+            out[int(name[3:])] = (sum(values) - values[3] - values[4], sum(values))
+    return out
+
+
+def busy_share(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+               cpus: set[int] | None) -> float:
+    """How busy ``cpus`` (None: all) were between two :func:`cpu_busy` readings, 0..1."""
+    chosen = [c for c in after if c in before and (cpus is None or c in cpus)]
+    busy = sum(after[c][0] - before[c][0] for c in chosen)
+    total = sum(after[c][1] - before[c][1] for c in chosen)
+    return busy / total if total else 0.0
 
 
 def fsync_method() -> str | None:
@@ -378,6 +431,8 @@ class Measured:
     generator_cpu: float
     generator_procs: int
     placement: Placement
+    busy: int = 0
+    cpu_share: tuple[float, float] = (0.0, 0.0)  # how busy the servers' and generator's CPUs were
     profiles: dict[str, Path] = field(default_factory=dict)
 
     def per_txn(self, seconds: float) -> float:
@@ -385,7 +440,7 @@ class Measured:
         return seconds / done * 1000 if done else float("nan")
 
     def cost_lines(self, unit: str) -> list[str]:
-        """Two lines: CPU ms and fsyncs per ``unit`` for each server, the generator's CPU,
+        """Three lines: CPU ms and fsyncs per ``unit`` for each server, the generator's CPU,
         how busy each side's CPUs were, and which side is the limit."""
         done = self.summary["done"] or 1
         cpu = ", ".join(f"{n} {self.per_txn(s):.2f} ({s / self.wall:.0%} of a CPU)"
@@ -397,17 +452,24 @@ class Measured:
         srv_cpus = len(self.placement.servers or ()) or os.cpu_count() or 1
         srv_busy = total / self.wall / srv_cpus
         gen_busy = self.generator_cpu / self.wall / gen_cpus
+        srv_all, gen_all = self.cpu_share
         limit = ("the servers" if srv_busy > gen_busy else "the load generator")
         if self.placement.servers is None:
             limit += " (not pinned: both share the CPUs)"
-        elif max(srv_busy, gen_busy) < 0.85:
+        elif max(srv_busy, gen_busy) >= 0.85:
+            pass
+        elif max(srv_all, gen_all) >= 0.85:
+            limit = ("CPU taken by other processes on the "
+                     + ("servers'" if srv_all >= gen_all else "generator's") + " CPU")
+        else:
             limit = "neither CPU (latency-bound: PSAM, fsync or lock waits)"
         return [
             f"      CPU ms/{unit}: {cpu}; servers {self.per_txn(total):.2f}",
             f"      fsyncs/{unit} ({self.fsync_method or 'not counted'}): {fs}; generator "
             f"{self.per_txn(self.generator_cpu):.2f} CPU ms/{unit} ({self.generator_procs} "
-            f"proc); busy: servers' CPU {srv_busy:.0%}, generator's {gen_busy:.0%} -> "
-            f"limit: {limit}"]
+            f"proc)",
+            f"      CPU busy: servers' {srv_busy:.0%} by the servers ({srv_all:.0%} by all "
+            f"processes), generator's {gen_busy:.0%} ({gen_all:.0%}) -> limit: {limit}"]
 
 
 def _generator_main(worker: Callable[..., GeneratorRun], args: Any, start: Any,
@@ -442,6 +504,7 @@ def measure(worker: Callable[..., GeneratorRun], worker_args: list[Any],
         counters = {n: FsyncCounter(pid, method) for n, pid in servers.items()}
         spies = _profilers(servers, profile_dir)
         cpu0 = {n: process_cpu(pid) for n, pid in servers.items()}
+        all0 = cpu_busy()
         start.wait(timeout=180)  # go
     except threading.BrokenBarrierError:
         got = out.get(timeout=30)
@@ -455,6 +518,9 @@ def measure(worker: Callable[..., GeneratorRun], worker_args: list[Any],
         runs.append(got)
     wall = time.perf_counter() - wall0
     cpu = {n: process_cpu(pid) - cpu0[n] for n, pid in servers.items()}
+    all1 = cpu_busy()
+    share = (busy_share(all0, all1, placement.servers), busy_share(all0, all1,
+                                                                   placement.generator))
     fsyncs = {n: c.stop() for n, c in counters.items()}
     profiles = _stop_profilers(spies)
     for p in procs:
@@ -462,7 +528,7 @@ def measure(worker: Callable[..., GeneratorRun], worker_args: list[Any],
     results = [r for run in runs for r in run.results]
     summary = summarize(results, wall)
     return Measured(summary, wall, cpu, fsyncs, method, sum(r.cpu for r in runs), len(runs),
-                    placement, profiles)
+                    placement, sum(r.busy for r in runs), share, profiles)
 
 
 def _profilers(servers: dict[str, int], folder: Path | None,
