@@ -224,11 +224,19 @@ class PurseBook:
                 acquired_us=now_us()))
             return _new_id(result.inserted_primary_key)
 
-    def release(self, serial: str, owner: str, lease_id: int, **state: Any) -> bool:
-        """Give the purse back, with its new balance/counters/state; False if the lease had
-        been taken over (it expired)."""
+    def release(self, serial: str, owner: str, lease_id: int, *,
+                paid: tuple[str, dict[str, Any]] | None = None, **state: Any) -> bool:
+        """Give the purse back, with its new balance/counters/state, and (``paid``: order
+        ref, outcome) book the payment made under the lease paid, in one transaction; False
+        if the lease had been taken over (it expired)."""
         now = now_ms()
         with self.engine.begin() as conn:
+            if paid is not None:
+                conn.execute(update(payments).where(
+                    payments.c.order_ref == paid[0],
+                    payments.c.state.in_(("drawing", "debited", "disputed", "paid"))).values(
+                    state="paid", outcome=json.dumps(paid[1], default=str)[:60_000],
+                    updated=now))
             conn.execute(update(leases).where(leases.c.id == lease_id).values(
                 released_us=now_us()))
             done = conn.execute(update(purses).where(

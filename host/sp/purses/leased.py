@@ -9,6 +9,7 @@ it is, and a ``virtual:`` image's file lock or a PC/SC reader is held only meanw
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class Lease:
     journal: RecordingJournal
     row: dict[str, Any]
     changes: dict[str, Any] = field(default_factory=dict)   # row columns to write at release
+    paid: tuple[str, dict[str, Any]] | None = None   # (order ref, outcome) to book at release
+    renewed: float = field(default_factory=time.monotonic)   # when the lease was last extended
 
     @property
     def balance(self) -> int:

@@ -126,14 +126,20 @@ class PursePool:
         return lease
 
     def _renew(self, lease: Lease) -> bool:
-        """Before each card step that moves money: the lease extended, or lost (False)."""
-        if self.book.renew(lease.serial, lease.owner, int(self.config.lease_ttl * 1000)):
+        """Before each card step that moves money: the lease extended (when a quarter of its
+        time has gone since it was last), or lost (False)."""
+        ttl = self.config.lease_ttl
+        if time.monotonic() - lease.renewed < ttl / 4:
+            return True
+        if self.book.renew(lease.serial, lease.owner, int(ttl * 1000)):
+            lease.renewed = time.monotonic()
             return True
         log.warning("purse %s: the lease expired and was taken over; not used", lease.serial)
         return False
 
     def _give_back(self, lease: Lease) -> None:
-        if not self.book.release(lease.serial, lease.owner, lease.lease_id, **lease.changes):
+        if not self.book.release(lease.serial, lease.owner, lease.lease_id, paid=lease.paid,
+                                 **lease.changes):
             log.warning("purse %s: the lease had expired before it was given back",
                         lease.serial)
         with self._given_back:
@@ -247,7 +253,7 @@ class PursePool:
         if lease.balance < cfg.topup_threshold and not lease.retire_if_worn(cfg.retire_margin):
             outcome.topups.append(self._top_up(lease, http))
         lease.retire_if_worn(cfg.retire_margin)
-        self.book.payment_step(order=order_ref, outcome=outcome.to_json())
+        lease.paid = (order_ref, outcome.to_json())   # booked paid as the purse is given back
         return outcome
 
     def _card_payment(self, lease: Lease, checkout_url: str, http: httpx.Client,

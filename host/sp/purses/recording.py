@@ -7,7 +7,9 @@ rows on from what the line says, so the books follow the journal step by step, a
 later :func:`~svcard.host.pay.client.resume` finishes a payment an interruption left:
 
 * a payment's ``draw`` (before the draw request goes out) links the order being paid to its
-  transaction id and counter; ``debited`` records the card's TAC; ``done`` marks it ``paid``;
+  transaction id and counter; ``debited`` records the card's TAC; ``done`` marks it ``paid``
+  (for the payment being made now the pool does that as it gives the purse back, with the
+  outcome, in one transaction; if it never gets there the journal's ``done`` is replayed);
   ``abandoned``/``refused`` before the debit mark it ``failed`` (nothing paid); ``refused``
   after the debit marks it ``disputed`` (the card paid, the merchant did not take it: for the
   payment server's clearing and a person to settle); ``unproven`` marks it so.
@@ -77,6 +79,8 @@ class RecordingJournal(Journal):
             book.payment_step(txn=txn, expect=("drawing", "debited"), tac=self.tac,
                               state="debited")
         elif state == "done":   # after "refused": the merchant had released it already (409)
+            if self.order_ref is not None and txn == self.txn_id:
+                return   # the live payment: the pool books it paid as it gives the purse back
             book.payment_step(txn=txn, expect=("drawing", "debited", "disputed"), state="paid",
                               reason=data.get("reason", ""))
         elif state == "abandoned":
