@@ -348,14 +348,15 @@ def step(engine: Engine) -> Iterator[Connection]:
 
 @contextlib.contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
-    """A connection to read through: the group's on the writer thread (it sees the group's
-    writes), a plain ``engine.connect()`` anywhere else."""
+    """A connection to read through: the group's if it has written (it sees those writes), a
+    plain ``engine.connect()`` otherwise (no write lock taken for a read)."""
     group = current_group() if engine.dialect.name == "sqlite" else None
-    if group is None:
-        with engine.connect() as conn:
-            yield conn
+    conn = group.conns.get(engine) if group is not None else None
+    if conn is None:
+        with engine.connect() as plain:
+            yield plain
     else:
-        yield group.connection(engine)
+        yield conn
 
 
 def _foreign_begin(conn: Connection) -> None:
