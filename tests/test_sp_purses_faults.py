@@ -85,6 +85,8 @@ def test_an_interrupted_payment_is_resumed_before_the_purse_pays_again(
     first_done = steps.index((rows["first"]["txn_id"], "done"))
     second_draw = steps.index((rows["second"]["txn_id"], "draw"))
     assert first_done < second_draw
+    books = pool.books()[156]
+    assert books["debits"] == 2 * TICKET and books["balances"] == 50_000 - 2 * TICKET
     # the first order asked again: its outcome, no third payment
     again = pool.pay(url, http=httpx.Client(timeout=30), order_ref="first")
     assert again.resumed and again.txn_id == rows["first"]["txn_id"]
@@ -190,3 +192,31 @@ def test_a_confirmation_whose_answer_was_lost_is_paid_once(sp_system: System, en
     assert len(merchant_paid(sp_system)) == 1
     assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
     assert pool.books()[156]["debits"] == TICKET
+
+
+def test_died_after_the_payment_before_the_books_replays_the_journal(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The payment finished (journal 'done') and the process died before giving the purse back
+    (the books still say 'debited', the lease still held): after the lease expires, the same
+    order asked again is booked paid from the journal, with no second payment."""
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    config = pool_config(sp_system, [spec], lease_ttl=0.5, lease_timeout=10.0)
+    first = PursePool.open(config, engine, journal_dir=tmp_path / "j")
+
+    def die(*args: object, **kwargs: object) -> bool:
+        raise SystemExit("died before the books")
+    monkeypatch.setattr(first.book, "release", die)
+    with pytest.raises(SystemExit):
+        first.pay(sp_system.pay.checkout_url("ticket"), http=http, order_ref="o1")
+    assert [r["state"] for r in first.book.all_payments()] == ["debited"]
+    second = PursePool.open(config, engine, journal_dir=tmp_path / "j")
+    outcome = second.pay(sp_system.pay.checkout_url("ticket"), http=http, order_ref="o1")
+    assert outcome.resumed and outcome.amount == TICKET
+    assert [r["state"] for r in second.book.all_payments()] == ["paid"]
+    assert len(merchant_paid(sp_system)) == 1
+    assert image_app(spec)["ep"]["balance"] == 50_000 - TICKET
+    [status] = second.status()   # the purse's row read again from the card
+    assert (status["balance"], status["offline_counter"]) == (50_000 - TICKET, 1)
+    books = second.books()[156]
+    assert books["opening"] + books["loaded"] == books["debits"] + books["balances"]

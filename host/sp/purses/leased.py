@@ -97,8 +97,9 @@ def resume_open(lease: Lease, book: PurseBook, http: httpx.Client) -> str | None
         if journal.is_open(txn):
             continue
         entry = journal.entries().get(txn)
-        if entry is not None:   # final in the journal; the books missed its last step
-            journal.replay(txn, str(entry["state"]), entry)
+        if entry is not None:   # final in the journal; the books missed its last step (and
+            journal.replay(txn, str(entry["state"]), entry)   # the purse's row its state)
+            lease.take_state(read_state(lease.reader))
             continue
         return (f"order {row['order_ref']} is {row['state']} with transaction "
                 f"{txn}, which this pool's journal does not hold (is the journal folder "
