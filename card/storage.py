@@ -20,7 +20,7 @@ already holds: it is ignored, and replaced at the next change. The first change 
 that has no journal yet (every image written before journals, its open batch inside it)
 writes the image once more with its marker, after making the empty journal; an old journal
 file found then (beside an image written anew, say) is set aside as
-``IMAGE.journal.orphan-TIME``, or removed when it holds no change. Opening an image never
+``IMAGE.journal.orphan-TIME-PID``, or removed when it holds no change. Opening an image never
 writes anything: a stale journal, or a torn tail left by a power cut during an append, is
 dealt with at the next change. :func:`read_image` gives the image with its journal's changes
 applied and no marker (the same logical image as before journals).
