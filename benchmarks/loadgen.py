@@ -459,8 +459,9 @@ class Measured:
         elif max(srv_busy, gen_busy) >= 0.85:
             pass
         elif max(srv_all, gen_all) >= 0.85:
-            limit = ("CPU taken by other processes on the "
-                     + ("servers'" if srv_all >= gen_all else "generator's") + " CPU")
+            where = ("both CPUs" if min(srv_all, gen_all) >= 0.85 else
+                     "the servers' CPU" if srv_all > gen_all else "the generator's CPU")
+            limit = f"CPU taken by other processes ({where} busy)"
         else:
             limit = "neither CPU (latency-bound: PSAM, fsync or lock waits)"
         return [
