@@ -217,3 +217,22 @@ def test_every_confirmation_variant_is_an_ordinary_card_payment(
                                                                 "TICKET-MUSEUM-0042")
     assert len(merchant_paid(sp_system)) == 1 and pool.books()[156]["debits"] == TICKET
     assert pool.journal(outcome.purse_serial).unfinished(outcome.purse_serial) == []
+
+
+def test_a_purse_whose_online_counter_nears_its_end_is_retired_after_a_top_up(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client) -> None:
+    """Top-ups move the online counter: the one that brings it within the margin retires the
+    purse, and the next order goes to the other purse."""
+    worn = purse_image(tmp_path, 1, ep=1_500, online=0xFFFF - 4)
+    fresh = purse_image(tmp_path, 2, ep=50_000)
+    pool = PursePool.open(pool_config(sp_system, [worn, fresh], retire_margin=3,
+                                      topup_threshold=1_000, topup_amount=5_000), engine,
+                          journal_dir=tmp_path / "j")
+    first = pool.pay(sp_system.pay.checkout_url("ticket"), http=http, order_ref="a")
+    assert first.purse_serial.endswith("1") and [t["outcome"] for t in first.topups] == [
+        "loaded"]
+    states = {p["serial"][-1]: p for p in pool.status()}
+    assert states["1"]["state"] == "retired" and "online counter" in states["1"]["reason"]
+    assert states["1"]["balance"] == 1_500 - TICKET + 5_000 == image_app(worn)["ep"]["balance"]
+    assert pool.pay(sp_system.pay.checkout_url("ticket"), http=http,
+                    order_ref="b").purse_serial.endswith("2")
