@@ -30,7 +30,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip:\s*(.+?)\s*-->")
 BACKGROUND = re.compile(r"&\s*(#.*)?$")
-DEFAULT_PORTS = {"payment": 8080, "merchant": 8081, "bank": 8083, "load": 8084}
+DEFAULT_PORTS = {"payment": 8080, "merchant": 8081, "bank": 8083, "load": 8084, "sp": 8085}
 BLOCK_SECONDS = 180
 
 
