@@ -228,6 +228,13 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
     end = [0.0]
 
     def run(serial: int) -> None:
+        try:
+            card(serial)
+        except BaseException:
+            warmed.abort()  # the parent hears of it at once, not after the barrier's timeout
+            raise
+
+    def card(serial: int) -> None:
         image = image_from_profile(fixture_path("iep-demo.toml"), app_serial=f"{serial:020d}",
                                    **profile)
         reader = VirtualReader(card_from_image(image))
@@ -244,7 +251,7 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
                 started = time.perf_counter()
                 try:
                     done, trips = step(serial, reader, journal, http)
-                except TerminalError as exc:
+                except (TerminalError, OSError) as exc:  # a refusal; a dropped connection
                     if os.environ.get("SVCARD_BENCH_DEBUG"):
                         print(f"card {serial}: {exc}", file=sys.stderr)
                     done, trips = False, 0
@@ -258,7 +265,12 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
             for i in range(cards)]
     for t in pool:
         t.start()
-    warmed.wait(timeout=120)
+    try:
+        warmed.wait(timeout=120)
+    except threading.BrokenBarrierError:
+        for t in pool:  # every card stops at the broken barrier
+            t.join(timeout=30)
+        raise
     if start is not None:
         start.wait(timeout=180)  # every generator is ready
         start.wait(timeout=180)  # the parent has begun measuring

@@ -223,3 +223,16 @@ def test_run_cards_counts_only_the_measured_window(tmp_path: Path) -> None:
     assert summary["done"] + summary["refused"] == len(run.results)
     assert summary["refused"] > 0 and summary["trips"] == 3
     assert run.wall >= 0.3 and run.cpu >= 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_run_cards_stops_at_once_when_a_card_breaks(tmp_path: Path) -> None:
+    def step(serial: int, reader: Any, journal: Any, http: Any) -> tuple[bool, int]:
+        if serial == 11:
+            raise RuntimeError("the bench itself is broken")
+        return True, 1
+
+    started = time.monotonic()
+    with pytest.raises(threading.BrokenBarrierError):
+        LG.run_cards(10, 3, 0.2, str(tmp_path), step)
+    assert time.monotonic() - started < 30  # not the barrier's 120 s timeout
