@@ -30,6 +30,8 @@ import httpx
 from loadgen import (
     GeneratorRun,
     Http,
+    Measured,
+    Placement,
     fsync_method,
     journal_folder,
     measure,
@@ -61,28 +63,14 @@ def worker(args: tuple[int, int, str, str, float, str], start: Any) -> Generator
                      balance_limit=0xFFFFFFFF)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--clients", type=int, default=16, help="cards loading in parallel")
-    parser.add_argument("--procs", type=int, default=0,
-                        help="generator processes (default: one per generator CPU)")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin the servers and the generator to different CPUs")
-    parser.add_argument("--profile", type=Path, help="py-spy each server into this folder")
-    parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
-    args = parser.parse_args()
-    seconds = 1.5 if args.smoke else args.seconds
-    clients = 4 if args.smoke else args.clients
-    placement = split_cpus(not args.no_pin)
-    procs = args.procs or len(placement.generator or ()) or 2
-    method = fsync_method()
+def run_loads(case: Path, clients: int, procs: int, seconds: float, placement: Placement,
+              method: str | None, profile: Path | None) -> Measured:
+    """Start the load server and the bank in ``case`` (a folder), load for ``seconds``."""
     from svcard.host.kit.serving import free_port
     from svcard.host.load.bank.db import BankDb
     from svcard.host.load.bank.db import make_engine as bank_engine
     from svcard.host.load.stack import hsm_image
 
-    case = Path(tempfile.mkdtemp())
     bank_port, load_port = free_port(), free_port()
     bank_toml = (ROOT / "fixtures" / "bank-demo.toml").read_text().replace(
         "http://127.0.0.1:8084", f"http://127.0.0.1:{load_port}").replace(
@@ -103,20 +91,42 @@ def main() -> int:
     with running(servers):
         wait_up(f"http://127.0.0.1:{load_port}/v1/health")
         wait_up(f"http://127.0.0.1:{bank_port}/v1/health")
-        journals = journal_folder()
         bank_url = f"http://127.0.0.1:{bank_port}/v1/load"
-        m = measure(worker, [(1000 + i * per, per, bank_url, "pw", seconds, journals)
-                             for i in range(procs)],
-                    {"load": servers[0].pid, "bank": servers[1].pid}, placement, seconds,
-                    args.profile, method)
+        with journal_folder() as journals:
+            return measure(worker, [(1000 + i * per, per, bank_url, "pw", seconds, journals)
+                                    for i in range(procs)],
+                           {"load": servers[0].pid, "bank": servers[1].pid}, placement,
+                           seconds, profile, method)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=16, help="cards loading in parallel")
+    parser.add_argument("--procs", type=int, default=0,
+                        help="generator processes (default: one per generator CPU)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the servers and the generator to different CPUs")
+    parser.add_argument("--profile", type=Path, help="py-spy each server into this folder")
+    parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
+    args = parser.parse_args()
+    seconds = 1.5 if args.smoke else args.seconds
+    clients = 4 if args.smoke else args.clients
+    placement = split_cpus(not args.no_pin)
+    procs = args.procs or len(placement.generator or ()) or 2
+    method = fsync_method()
+    load_average = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        m = run_loads(Path(tmp), clients, procs, seconds, placement, method, args.profile)
     summary = m.summary
     rate = summary["rate"]
     server_ms = m.per_txn(sum(m.server_cpu.values()))
     print("svcard load benchmark" + (" (smoke run: figures not meaningful)" if args.smoke
                                      else ""))
+    per = max(1, clients // procs)
     print(f"  {placement.note}; {procs * per} cards in {procs} generator process(es), "
           f"in-memory cards, client journals in tmpfs, never fsynced; "
-          f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+          f"load average before: {load_average:.1f} on {os.cpu_count()} CPUs")
     print(f"  {summary['done']:.0f} loads in {m.wall:.1f} s, {summary['refused']:.0f} refused, "
           f"{m.busy} busy answers waited out")
     print(f"  loads/s {rate:.1f} (target >= 200: {'met' if rate >= 200 else 'NOT met'}); "

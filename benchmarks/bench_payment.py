@@ -115,12 +115,12 @@ def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: in
         wait_up(f"http://127.0.0.1:{merchant_port}/v1/catalogue")
         checkout = f"http://127.0.0.1:{merchant_port}/v1/checkout/song?variant={variant}"
         per = max(1, clients // procs)
-        journals = journal_folder()
-        return measure(worker, [(1000 + i * per, per, checkout, seconds, journals,
-                                 str(case / "terminal.pem")) for i in range(procs)],
-                       {"payment": servers[0].pid, "merchant": servers[1].pid}, placement,
-                       seconds, profile / f"{psams}psam-{variant}" if profile else None,
-                       method)
+        with journal_folder() as journals:
+            return measure(worker, [(1000 + i * per, per, checkout, seconds, journals,
+                                     str(case / "terminal.pem")) for i in range(procs)],
+                           {"payment": servers[0].pid, "merchant": servers[1].pid}, placement,
+                           seconds, profile / f"{psams}psam-{variant}" if profile else None,
+                           method)
 
 
 def line(psams: int, variant: str, m: Measured) -> str:

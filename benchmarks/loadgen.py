@@ -199,10 +199,16 @@ class BenchJournal(Journal):
         self._file.close()
 
 
-def journal_folder() -> str:
-    """A new folder for the client journals: in tmpfs (``/dev/shm``) when there is one."""
-    return tempfile.mkdtemp(prefix="svcard-bench-",
-                            dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+@contextlib.contextmanager
+def journal_folder() -> Iterator[str]:
+    """A new folder for the client journals, in tmpfs (``/dev/shm``) when there is one, removed
+    afterwards (tmpfs is memory)."""
+    folder = tempfile.mkdtemp(prefix="svcard-bench-",
+                              dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass
