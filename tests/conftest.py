@@ -33,7 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--sim-seed", type=int, default=None,
                     help="the simulation's seed (default 20261122, or SVCARD_SIM_SEED)")
     group.addoption("--diff-count", type=int, default=None,
-                    help="APDUs of the IEP differential test (default 400, or "
+                    help="APDUs of the IEP differential test (default 1000, or "
                          "SVCARD_DIFF_COUNT)")
     group.addoption("--diff-seed", type=int, default=None,
                     help="the IEP differential test's seed (default 20261122, or "
@@ -55,7 +55,7 @@ def sim_seed(request: pytest.FixtureRequest) -> int:
 @pytest.fixture
 def diff_count(request: pytest.FixtureRequest) -> int:
     value = request.config.getoption("--diff-count")
-    return int(value if value is not None else os.environ.get("SVCARD_DIFF_COUNT", "400"))
+    return int(value if value is not None else os.environ.get("SVCARD_DIFF_COUNT", "1000"))
 
 
 @pytest.fixture

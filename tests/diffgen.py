@@ -276,9 +276,11 @@ class Model:
         time = f"{r.randrange(24):02d}{r.randrange(60):02d}{r.randrange(60):02d}"
         if r.random() < 0.25:
             edge_dates = ("20000229", "21000229", "19000229", "20240229", "20250229", "20271231",
+                          "20000229", "21000229", "19000229",
                           "20271232", "20270431", "20270430", "20271399", "20270001", "20270100",
                           "2027AB01", "0000010A", "99991231", "20270230")
-            edge_times = ("235959", "240000", "236000", "235960", "000000", "2359FA", "0A0000")
+            edge_times = ("235959", "240000", "236000", "235960", "000000", "2359FA", "0A0000",
+                          "000060", "235960")
             if r.random() < 0.6:
                 date = r.choice(edge_dates)
             else:
@@ -528,6 +530,9 @@ def op_load(m: Model) -> Op:
     if purse == 1 and r.random() < 0.7:
         yield from _verify(m)
     amount = m.amount(purse) if r.random() < 0.3 else r.randrange(0, 5000)
+    if r.random() < 0.2:     # to the balance limit exactly, or one past it
+        amount = max(m.image["app"]["balance_limit"] - m.balance.get(purse, 0), 0) + \
+            r.choice((0, 0, 1))
     key_index = r.choice(list(m.load_keys)) if r.random() < 0.8 else \
         _pick(r, 1, 2, 0, r.randrange(256))
     tid = m.tid()

@@ -1,7 +1,7 @@
 """Differential testing: random APDU sequences to the Python IEP and to svcard's Java Card
 applet (in jCardSim), personalised alike, every answer compared (tests/diffgen.py).
 
-``--diff-count N`` / ``SVCARD_DIFF_COUNT`` sets the APDUs (default 400, a few seconds);
+``--diff-count N`` / ``SVCARD_DIFF_COUNT`` sets the APDUs (default 1000, about a second);
 ``--diff-seed S`` / ``SVCARD_DIFF_SEED`` the seed (default 20261122). A mismatch prints the seed,
 the APDU's number, both answers and what came before; the same seed and count replay it.
 """
