@@ -8,6 +8,10 @@ the APDU's number, both answers and what came before; the same seed and count re
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import diffgen as D
@@ -151,3 +155,45 @@ def test_a_runtime_answer_while_selected_is_a_mismatch() -> None:
 
     with pytest.raises(D.Mismatch, match="applet - SW 6986"):
         D.run(D.python_side, open_side, 20_000, seed=5)
+
+
+MUTANT_RUN = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import diffgen as D
+import test_iep_differential as T
+from conftest import AppletCards
+applet = AppletCards({jar!r}, Path({classes!r}))
+try:
+    stats = D.run(D.python_side, T.applet_opener(applet), 3000, 20261122)
+except D.Mismatch as exc:
+    print(exc)
+else:
+    print("no mismatch in", stats.apdus)
+"""
+
+
+def test_a_mutant_applet_is_caught(iep_applet: AppletCards, tmp_path: Path) -> None:
+    """The harness against real applet code: the applet with one status word changed (9401,
+    insufficient funds, as 9400) differs from the Python card within 3,000 APDUs. (A JVM's class
+    path is fixed: the mutant runs in a process of its own.)"""
+    from svcard.card.applet import SOURCE_DIR
+    src = tmp_path / "src"
+    shutil.copytree(SOURCE_DIR, src)
+    java = next(src.rglob("IepApplet.java"))
+    text = java.read_text()
+    original = "SW_INSUFFICIENT_FUNDS = (short) 0x9401;"
+    assert original in text, "the applet no longer declares SW_INSUFFICIENT_FUNDS this way"
+    java.write_text(text.replace(original, "SW_INSUFFICIENT_FUNDS = (short) 0x9400;"))
+    classes = tmp_path / "classes"
+    subprocess.run(["javac", "--release", "8", "-nowarn", "-cp", iep_applet.jar, "-d",
+                    str(classes), *map(str, src.rglob("*.java"))], check=True, timeout=300,
+                   capture_output=True)
+    code = MUTANT_RUN.format(tests=str(Path(__file__).parent), jar=iep_applet.jar,
+                             classes=str(classes))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "SW 9400" in done.stdout and "SW 9401" in done.stdout, done.stdout
+    assert done.stdout.startswith("seed 20261122, APDU ")
