@@ -284,8 +284,9 @@ class CrashAfterPaying:
         self.pool = pool
 
     def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str,
-            amount: int | None = None) -> Any:
-        self.pool.pay(checkout_url, http=http, order_ref=order_ref, amount=amount)
+            amount: int | None = None, max_amount: int | None = None) -> Any:
+        self.pool.pay(checkout_url, http=http, order_ref=order_ref, amount=amount,
+                      max_amount=max_amount)
         raise ConnectionError("the SP lost the pool's answer")
 
 

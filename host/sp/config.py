@@ -7,8 +7,9 @@ asks and the purse pays. A bill line is then ``retail + fee - discount``, where 
 ``pass_on_percent`` of the merchant's wholesale discount (retail - wholesale, never below 0).
 ``wholesale``, when the SP has agreed a price with the merchant, is the one amount the purse
 pays: a checkout asking anything else is refused before the card is asked (nothing paid).
-Without it, whatever the checkout asks is paid, and a payment above ``max_wholesale`` (default:
-``wholesale``, else the retail price) is logged for review.
+Without it, the purse pays what the checkout asks up to ``max_wholesale`` (default: the
+retail price): a checkout asking more is refused the same way, so a merchant cannot make the SP
+pay more than it bills (nothing is paid first and logged later).
 """
 
 from __future__ import annotations

@@ -89,7 +89,8 @@ class PoolPaymentOutcome(PaymentOutcome):
     topups: list[dict[str, Any]] = field(default_factory=list)
 
 
-def check_input(checkout_url: str, order_ref: str, amount: int | None) -> None:
+def check_input(checkout_url: str, order_ref: str, amount: int | None,
+                max_amount: int | None = None) -> None:
     if not isinstance(order_ref, str) or not ORDER_REF.fullmatch(order_ref):
         raise PursePoolError("order_ref must be 1-64 characters of A-Z a-z 0-9 . _ : -")
     if not isinstance(checkout_url, str) or len(checkout_url) > MAX_URL or \
@@ -98,6 +99,8 @@ def check_input(checkout_url: str, order_ref: str, amount: int | None) -> None:
                              f"characters")
     if amount is not None and not 0 < amount <= 0xFFFFFFFF:
         raise PursePoolError("the amount must be 1..4294967295 minor units")
+    if max_amount is not None and not 0 <= max_amount <= 0xFFFFFFFF:
+        raise PursePoolError("the maximum amount must be 0..4294967295 minor units")
 
 
 def from_row(row: dict[str, Any]) -> PoolPaymentOutcome:

@@ -39,6 +39,7 @@ class Lease:
     changes: dict[str, Any] = field(default_factory=dict)   # row columns to write at release
     paid: tuple[str, dict[str, Any]] | None = None   # (order ref, outcome) to book at release
     renewed: float = field(default_factory=time.monotonic)   # when the lease was last extended
+    max_amount: int | None = None   # the most the order it pays for may cost (minor units)
 
     @property
     def balance(self) -> int:

@@ -182,19 +182,20 @@ class PursePool:
     # --- paying -----------------------------------------------------------------------------
 
     def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str,
-            amount: int | None = None) -> PoolPaymentOutcome:
+            amount: int | None = None, max_amount: int | None = None) -> PoolPaymentOutcome:
         """Pay the merchant's checkout with one leased purse, recorded under ``order_ref``
         (the same ``order_ref`` again: its recorded outcome, never a second payment; one that
         failed before any debit: paid afresh; one left open: settled first). ``amount``
         (minor units; the SP knows it, it made the wholesale order) lets the pool choose a
         purse that can pay it, top one up first if none can, and refuse a checkout asking any
-        other amount before the card is asked. Blocking: call it from a worker thread.
+        other amount before the card is asked; ``max_amount``: a checkout asking more is
+        refused the same way. Blocking: call it from a worker thread.
 
         Raises :class:`PursePoolError` (:class:`PoolExhausted`, :class:`PoolBusy`): nothing
         was paid; :class:`PaymentInDoubt`: the card may have paid and the merchant was not
         reached (ask again later, same ``order_ref``); anything else (a database down): the
         outcome is unknown, ask again later."""
-        check_input(checkout_url, order_ref, amount)
+        check_input(checkout_url, order_ref, amount, max_amount)
         done = self._earlier(order_ref, http)
         if done is not None:
             return done
@@ -203,6 +204,7 @@ class PursePool:
         while True:
             with ExitStack() as stack:
                 lease = self._lease(order_ref, amount, skip, stack, deadline)
+                lease.max_amount = max_amount
                 outcome = self._pay_with(lease, checkout_url, http, order_ref, amount)
                 if outcome is not None:
                     return outcome
@@ -269,7 +271,7 @@ class PursePool:
             raise PaymentInDoubt(f"order {order_ref} is paid or being paid already") from None
         journal = lease.journal
         journal.order_ref, journal.counter, journal.tac = order_ref, None, ""
-        journal.expected_amount = amount
+        journal.expected_amount, journal.max_amount = amount, lease.max_amount
         try:
             paid = PC.pay(checkout_url, lease.reader, journal=journal, http=http)
             return self._with_purse(paid, lease, order_ref), False
@@ -280,7 +282,7 @@ class PursePool:
         except Exception as exc:
             cause = exc
         finally:
-            journal.order_ref = journal.expected_amount = None
+            journal.order_ref = journal.expected_amount = journal.max_amount = None
         self.book.payment_step(order=order_ref, expect=("started",), state="failed",
                                reason=f"refused before the draw: {cause}")
         if isinstance(cause, Declined) and cause.sw in RETRY_SWS and \

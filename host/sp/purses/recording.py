@@ -47,6 +47,7 @@ class RecordingJournal(Journal):
         self.tac = ""                      # and the card's TAC for it
         self.txn_id = ""
         self.expected_amount: int | None = None   # the amount the SP means to pay, if named
+        self.max_amount: int | None = None        # the most the SP pays for it, if named
 
     def write(self, txn_id: str, state: str, **data: Any) -> None:
         super().write(txn_id, state, **data)
@@ -64,12 +65,15 @@ class RecordingJournal(Journal):
         if state == "draw":
             self.counter, self.tac, self.txn_id = int(data["counter"]), "", txn
             asked = int(data.get("params", {}).get("amount", -1))
-            if self.expected_amount is not None and asked != self.expected_amount:
-                # before the draw request goes out: closed here, the card never asked
+            wrong = (f"the order says {self.expected_amount}"
+                     if self.expected_amount is not None and asked != self.expected_amount
+                     else f"the SP pays at most {self.max_amount}"
+                     if self.max_amount is not None and asked > self.max_amount else "")
+            if wrong:   # before the draw request goes out: closed here, the card never asked
                 Journal.write(self, txn, "abandoned", reason="the checkout's amount is not "
                               "the order's: not paid")
-                raise AmountMismatch(f"the merchant's checkout asks {asked} minor units, the "
-                                     f"order says {self.expected_amount}: not paid")
+                raise AmountMismatch(f"the merchant's checkout asks {asked} minor units, "
+                                     f"{wrong}: not paid")
             if self.order_ref is not None:
                 amount = int(data.get("params", {}).get("amount", 0))
                 book.payment_step(order=self.order_ref, expect=("started",), txn_id=txn,

@@ -41,7 +41,7 @@ class Payer(Protocol):
     """What the SP needs of its purse pool (``purses/pool.py:PursePool``)."""
 
     def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str,
-            amount: int | None = None) -> PaymentOutcome: ...
+            amount: int | None = None, max_amount: int | None = None) -> PaymentOutcome: ...
 
 
 def _move(engine: Engine, order_ref: str, expect: tuple[str, ...], state: str, event: str,
@@ -93,7 +93,8 @@ def pay_order(engine: Engine, payer: Payer, http: httpx.Client, order: dict[str,
     try:
         agreed = order.get("wholesale_agreed")
         outcome = payer.pay(str(order["checkout_url"]), http=http, order_ref=ref,
-                            amount=None if agreed is None else int(agreed))
+                            amount=None if agreed is None else int(agreed),
+                            max_amount=int(order["max_wholesale"]))
     except PursePoolError as exc:       # the pool's word: nothing was paid
         reason = f"the SP could not pay: {exc}"
         return (D.FAILED if record_failed(engine, ref, reason) else _state(engine, ref),
