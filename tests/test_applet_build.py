@@ -464,6 +464,22 @@ def test_the_changsha_applets_worked_example_on_our_applet(make_applet: Callable
         assert answer[:4] == tac
 
 
+def test_a_metro_applet_needs_its_uid_before_end(make_applet: Callable[..., Any]) -> None:
+    """END PERSONALISATION of a changsha-metro applet without a 9-byte UID answers 6985; an
+    unknown profile or log-counter code answers 6A80."""
+    from svcard.reader.jcardsim import JCardSimError
+    state = state_of(image(mac_scheme="changsha-metro", uid=METRO_UID.hex()))
+    apdus = personalisation_apdus(state)
+    uid_put = next(a for a in apdus if a[:3] == bytes.fromhex("80F00F"))
+    for changed, sw in (([a for a in apdus if a != uid_put], "6985"),
+                        ([*apdus[:-1], bytes.fromhex("80F00F000401020304"), apdus[-1]], "6985"),
+                        ([*apdus[:-1], bytes.fromhex("80F013000102"), apdus[-1]], "6A80"),
+                        ([*apdus[:-1], bytes.fromhex("80F012000102"), apdus[-1]], "6A80")):
+        with pytest.raises(JCardSimError, match=sw):
+            make_applet(state, changed)
+    assert split(make_applet(state).transmit(select(state.aid)))[1] == 0x9000
+
+
 def unload_mac2(state: IepState, init: bytes, amount: int) -> bytes:
     """The issuer's MAC2 of DEBIT FOR UNLOAD, from the INITIALIZE FOR UNLOAD answer."""
     if len(init) < 18:
