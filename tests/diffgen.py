@@ -430,7 +430,7 @@ def op_purchase(m: Model) -> Op:
         m.balance[purse] = int.from_bytes(answer[0:4], "big")
         m.counters = [int.from_bytes(counter, "big")]
         fault = r.randrange(10)
-        mac_amount = amount + 1 if fault == 0 else amount
+        mac_amount = (amount + 1) & 0xFFFFFFFF if fault == 0 else amount
         mac_tid = r.randbytes(6) if fault == 1 else tid
         if m.scheme.uid_size:    # another MAC-scheme profile: svcard's own code makes MAC1
             sk = mac_schemes.purchase_session_key(m.scheme, m.purchase_keys[key_index], random_,
@@ -550,7 +550,7 @@ def op_load(m: Model) -> Op:
         m.counters = [int.from_bytes(counter, "big")]
         sk = tdes_encrypt_block(m.load_keys[key_index], random_ + counter + b"\x80\x00")
         fault = r.randrange(10)
-        mac_amount = amount + 1 if fault == 0 else amount
+        mac_amount = (amount + 1) & 0xFFFFFFFF if fault == 0 else amount
         mac_tid = r.randbytes(6) if fault == 1 else tid
         mac_type = txn_type ^ 3 if fault == 2 else txn_type
         mac2 = plain_mac(sk, _u4(mac_amount) + bytes([mac_type]) + mac_tid + date + time)
