@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Engine,
     Integer,
     MetaData,
@@ -63,6 +64,9 @@ bank_loads = Table(
     Column("account_id", String(32), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("card_serial", String(20), nullable=False),
+    # the issuer (hex) whose balance limit the start applied, sealed into the ticket; "" for
+    # none, NULL for a load made before schema 2 (a repeated start of it is priced again)
+    Column("issuer_id", String(16)),
     Column("state", String(16), nullable=False),   # debited -> confirmed | refunded
     Column("reason", String(200), nullable=False, default=""),
     Column("created", BigInteger, nullable=False),
@@ -84,7 +88,15 @@ class BankError(Exception):
     """A bank operation refused; the message says why (never a key or secret)."""
 
 
-SCHEMA = Schema("bank", 1, metadata)
+def _add_issuer_column(conn: Connection) -> None:
+    """Schema 1 -> 2: ``bank_loads.issuer_id`` (NULL for the loads already there)."""
+    found = inspect(conn)
+    if found.has_table("bank_loads") and "issuer_id" not in {
+            c["name"] for c in found.get_columns("bank_loads")}:
+        conn.execute(text("ALTER TABLE bank_loads ADD COLUMN issuer_id VARCHAR(16)"))
+
+
+SCHEMA = Schema("bank", 2, metadata, {1: _add_issuer_column})
 
 
 def make_engine(url: str) -> Engine:
@@ -300,8 +312,10 @@ class BankDb:
 
     # --- loads ------------------------------------------------------------------------------
     def debit_for_load(self, account_id: str, txn_id: str, amount: int, card_serial: str,
-                       request_id: str | None = None) -> None:
-        """Step 875: debit the account and record the load, together or not at all."""
+                       request_id: str | None = None, issuer_id: str = "") -> None:
+        """Step 875: debit the account and record the load (with the issuer, hex, whose limit
+        priced it: a repeated start gets a ticket for that issuer only), together or not at
+        all."""
         stamp = now_ms()
         with step(self.engine) as conn:
             done = conn.execute(update(accounts).where(
@@ -312,7 +326,8 @@ class BankDb:
             try:
                 conn.execute(insert(bank_loads).values(
                     txn_id=txn_id, request_id=request_id, account_id=account_id, amount=amount,
-                    card_serial=card_serial, state="debited", reason="", created=stamp,
+                    card_serial=card_serial, issuer_id=issuer_id, state="debited", reason="",
+                    created=stamp,
                     updated=stamp))
             except IntegrityError:
                 raise DuplicateError("transaction id or request id already used") from None

@@ -184,15 +184,39 @@ class BankServer:
         if order.request_id:  # a retry of a start whose answer was lost: the same load
             prior = await self.sql(self.db.load_by_request, order.request_id)
             if prior is not None:
+                # the same issuer too: the ticket names the issuer whose limit priced the load
+                # (a load made before the issuer was recorded is priced again below)
                 if (prior["account_id"], prior["amount"], prior["card_serial"]) != (
-                        order.account, order.amount, order.card_serial.hex()):
+                        order.account, order.amount, order.card_serial.hex()) or (
+                        prior["issuer_id"] is not None
+                        and prior["issuer_id"] != (order.issuer_id or b"").hex()):
                     return _reason(409, "this request id was used for another load")
                 if prior["state"] != "debited":
                     return _reason(409, f"this load is already {prior['state']}")
+                if prior["issuer_id"] is None and (refused := self.price(order)) is not None:
+                    return refused
                 note(txn=prior["txn_id"], outcome="same load again")
                 return JSONResponse(self.parameters(bytes.fromhex(prior["txn_id"]), order))
             if order.lookup_only:
                 return _reason(404, "no load with this request id: nothing was debited")
+        refused = self.price(order)
+        if refused is not None:
+            return refused
+        txn_id = os.urandom(16)
+        note(txn=txn_id.hex())
+        try:
+            await self.sql(self.db.debit_for_load, order.account, txn_id.hex(), order.amount,
+                           order.card_serial.hex(), order.request_id,
+                           (order.issuer_id or b"").hex())
+        except BankError as exc:
+            return _reason(402, str(exc))
+        except DuplicateError as exc:
+            return _reason(409, str(exc))
+        return JSONResponse(self.parameters(txn_id, order))
+
+    def price(self, order: _LoadOrder) -> Response | None:
+        """Step 873: None if the card can take the load (currency, and the room under the
+        balance limit for the issuer the client names), else the refusal."""
         c = self.config
         if order.currency_code != c.currency_code:
             return _reason(400, f"the card holds currency {order.currency_code}; this bank "
@@ -205,19 +229,10 @@ class BankServer:
             return _reason(400, f"no balance limit known for issuer {order.issuer_hex}: the "
                                 f"card gave none and this bank has none configured for it")
         room = limit - order.balance
-        if order.amount > room:  # step 873: the maximum load
+        if order.amount > room:  # the maximum load
             return _reason(400, f"the card can take at most {max(room, 0)} more (balance "
                                 f"{order.balance}, limit {limit})")
-        txn_id = os.urandom(16)
-        note(txn=txn_id.hex())
-        try:
-            await self.sql(self.db.debit_for_load, order.account, txn_id.hex(), order.amount,
-                           order.card_serial.hex(), order.request_id)
-        except BankError as exc:
-            return _reason(402, str(exc))
-        except DuplicateError as exc:
-            return _reason(409, str(exc))
-        return JSONResponse(self.parameters(txn_id, order))
+        return None
 
     def balance_limit(self, order: _LoadOrder) -> int | None:
         """The most the card may hold after the load: the smaller of the limit the client says
