@@ -256,7 +256,7 @@ class Model:
         if r.random() < 0.7:
             return r.randrange(0, min(have, 5000) + 1)
         return int(_pick(r, 0, 1, have, have + 1, max(have - 1, 0), r.randrange(0, 0x100000000),
-                         0xFFFFFFFF))
+                         0xFFFFFFFF)) & 0xFFFFFFFF
 
     def key_index(self) -> int:
         if self.rng.random() < 0.8:
@@ -531,8 +531,8 @@ def op_load(m: Model) -> Op:
         yield from _verify(m)
     amount = m.amount(purse) if r.random() < 0.3 else r.randrange(0, 5000)
     if r.random() < 0.2:     # to the balance limit exactly, or one past it
-        amount = max(m.image["app"]["balance_limit"] - m.balance.get(purse, 0), 0) + \
-            r.choice((0, 0, 1))
+        amount = (max(m.image["app"]["balance_limit"] - m.balance.get(purse, 0), 0)
+                  + r.choice((0, 0, 1))) & 0xFFFFFFFF
     key_index = r.choice(list(m.load_keys)) if r.random() < 0.8 else \
         _pick(r, 1, 2, 0, r.randrange(256))
     tid = m.tid()
