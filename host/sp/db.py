@@ -41,7 +41,8 @@ from sqlalchemy import (
     event,
 )
 
-from ..kit.schema import Schema, open_schema
+from ..kit.schema import Schema, open_schema, prepare
+from .purses import db as PDB
 
 metadata = MetaData()
 
@@ -173,4 +174,10 @@ TABLES = (customers.name, orders.name, order_log.name, bills.name, bill_lines.na
 def make_engine(url: str) -> Engine:
     """An engine for the SP database at ``url``, its schema version checked (created,
     adopted or upgraded; a newer one refused)."""
-    return open_schema(url, SCHEMA)
+    engine = open_schema(url, SCHEMA)
+    try:   # the pool's tables too: failing an order closes its claim there (payment.py)
+        prepare(engine, PDB.SCHEMA)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine

@@ -328,6 +328,8 @@ class PursePool:
         if row is not None and row["state"] in ("started", "drawing", "debited"):
             self._settle(row["purse_serial"], http)
             row = self.book.payment(order_ref)
+        if row is not None and row["state"] == "void":
+            raise PursePoolError(f"order {order_ref} was failed by the SP: never paid")
         if row is None or row["state"] == "failed":
             return None
         if row["state"] == "paid":

@@ -26,11 +26,13 @@ from typing import Any, Protocol
 
 import httpx
 from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import now_ms
 from ...pay.client import PaymentOutcome
 from .. import db as D
 from ..billing import log_event
+from ..purses.db import close_unpaid
 from ..purses.pool import PursePoolError
 
 log = logging.getLogger("svcard.sp")
@@ -44,10 +46,16 @@ class Payer(Protocol):
             amount: int | None = None, max_amount: int | None = None) -> PaymentOutcome: ...
 
 
+class _ClaimLive(Exception):
+    """The pool's row for the order shows a payment under way or made: not failed."""
+
+
 def _move(engine: Engine, order_ref: str, expect: tuple[str, ...], state: str, event: str,
-          release: bool, **values: Any) -> bool:
+          release: bool, close_claim: bool = False, **values: Any) -> bool:
     """One order's state change (compare-and-set on its state), its log event, and the
-    customer's reservation released when ``release``."""
+    customer's reservation released when ``release``; with ``close_claim``, the pool's claim
+    on the order closed for good in the same transaction (:class:`_ClaimLive` if it cannot
+    be: nothing changed)."""
     at = now_ms()
     detail = {k: v for k, v in values.items() if k not in ("goods", "receipt")}
     with engine.begin() as conn:
@@ -56,8 +64,11 @@ def _move(engine: Engine, order_ref: str, expect: tuple[str, ...], state: str, e
             state=state, updated=at, **values)).rowcount
         if changed != 1:
             return False
-        order = conn.execute(select(D.orders.c.customer, D.orders.c.reserved).where(
+        order = conn.execute(select(D.orders.c.customer, D.orders.c.reserved,
+                                    D.orders.c.currency_code).where(
             D.orders.c.order_ref == order_ref)).one()
+        if close_claim and not close_unpaid(conn, order_ref, int(order.currency_code)):
+            raise _ClaimLive(order_ref)
         if release:
             conn.execute(update(D.customers).where(D.customers.c.id == order.customer).values(
                 reserved=D.customers.c.reserved - order.reserved, updated=at))
@@ -74,9 +85,17 @@ def record_paid(engine: Engine, order_ref: str, outcome: PaymentOutcome) -> bool
                  reason="")
 
 
-def record_failed(engine: Engine, order_ref: str, reason: str) -> bool:
-    return _move(engine, order_ref, D.OPEN_STATES, D.FAILED, "failed", True,
-                 reason=reason[:300])
+def record_failed(engine: Engine, order_ref: str, reason: str, attempts: int = 1) -> bool:
+    """``failed`` and the reservation given back, only if no pool can pay the order any more
+    (its claim closed in the same transaction). A payment under way for it (another SP
+    process's pool took the order meanwhile): ``in_doubt`` instead, and False."""
+    try:
+        return _move(engine, order_ref, D.OPEN_STATES, D.FAILED, "failed", True,
+                     close_claim=True, reason=reason[:300])
+    except (_ClaimLive, IntegrityError):
+        record_in_doubt(engine, order_ref, f"{reason[:150]}; but a payment for it is under "
+                                           "way elsewhere: asked again later", attempts)
+        return False
 
 
 def record_in_doubt(engine: Engine, order_ref: str, reason: str, attempts: int) -> bool:
@@ -97,7 +116,8 @@ def pay_order(engine: Engine, payer: Payer, http: httpx.Client, order: dict[str,
                             max_amount=int(order["max_wholesale"]))
     except PursePoolError as exc:       # the pool's word: nothing was paid
         reason = f"the SP could not pay: {exc}"
-        return (D.FAILED if record_failed(engine, ref, reason) else _state(engine, ref),
+        return (D.FAILED if record_failed(engine, ref, reason, attempts)
+                else _state(engine, ref),
                 None, reason)
     except Exception as exc:            # the outcome is unknown: never guessed
         reason = f"payment outcome unknown ({type(exc).__name__}: {str(exc)[:200]})"
