@@ -68,20 +68,22 @@ class SpServer:
         self.config = config
         self.clock = clock
         self.engine = D.make_engine(config.db_url)
+        self.http = http or httpx.Client(timeout=30)
         self.pool: PursePool | None = None
-        if payer is None:   # the configured purse pool, sharing the SP's database
-            try:
+        if payer is None:   # the configured purse pool, sharing the SP's database; what an
+            try:            # interruption left open in its journals is finished now
                 if config.purses is None:
                     raise ValueError("purses: no purse pool configured")
                 self.pool = PursePool.open(config.purses, self.engine,
-                                           journal_dir=config.journal_dir)
+                                           journal_dir=config.journal_dir, http=self.http)
             except BaseException:
+                if http is None:
+                    self.http.close()
                 self.engine.dispose()
                 raise
             payer = self.pool
         self.payer: Payer = payer
         self.sql = SqlRunner(config.db_url)
-        self.http = http or httpx.Client(timeout=30)
         self.payments = ThreadPoolExecutor(pay_workers, thread_name_prefix="sp-pay")
         self.draining = False
         self.in_flight = 0
