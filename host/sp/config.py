@@ -129,6 +129,11 @@ def sp_config(path: Path, db_url: str | None = None) -> SpConfig:
     f = parse_config(SpFile, path)
     try:
         items = items_of(f.merchant)
+        if f.purses is not None and (f.purses.currency_code, f.purses.currency_exponent) != (
+                f.currency_code, f.currency_exponent):
+            raise ValueError(f"purses.currency_code: the purses pay in {f.purses.currency_code}"
+                             f" (exponent {f.purses.currency_exponent}), the SP bills in "
+                             f"{f.currency_code} (exponent {f.currency_exponent})")
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     journal = Path(f.journal_dir)

@@ -89,7 +89,7 @@ class Admission:
     order_ref: str
     state: str          # paying | rejected | replay
     reason: str = ""
-    kind: str = ""      # why rejected: blocked | bad_history | credit_limit
+    kind: str = ""      # why rejected: blocked | currency | bad_history | credit_limit
 
 
 def _overdue(customer: str, now: int) -> Any:
@@ -113,7 +113,7 @@ def admit(engine: Engine, req: OrderRequest, item: Item, digest: str, currency_c
     try:
         with engine.begin() as conn:
             reserved = conn.execute(update(D.customers).where(
-                c.id == req.customer, c.state == D.ACTIVE,
+                c.id == req.customer, c.state == D.ACTIVE, c.currency_code == currency_code,
                 c.owed + c.open_total + c.reserved + amount <= c.credit_limit,
                 ~_overdue(req.customer, now)).values(
                 reserved=c.reserved + amount, updated=now)).rowcount == 1
@@ -124,7 +124,7 @@ def admit(engine: Engine, req: OrderRequest, item: Item, digest: str, currency_c
                           sku=item.sku, retail=item.retail, fee=item.fee, reserved=amount,
                           order_key=req.order_key)
                 return Admission(order_ref, D.PAYING)
-            kind, reason = _why_not(conn, req.customer, amount, now)
+            kind, reason = _why_not(conn, req.customer, amount, now, currency_code)
             conn.execute(insert(D.orders).values(state=D.REJECTED, reason=reason, reserved=0,
                                                  **row))
             log_event(conn, order_ref, req.customer, "rejected", now, merchant=item.merchant,
@@ -139,13 +139,17 @@ def admit(engine: Engine, req: OrderRequest, item: Item, digest: str, currency_c
     return Admission(first["order_ref"], "replay", first["state"])
 
 
-def _why_not(conn: Any, customer: str, amount: int, now: int) -> tuple[str, str]:
+def _why_not(conn: Any, customer: str, amount: int, now: int,
+             currency_code: int) -> tuple[str, str]:
     row = conn.execute(select(D.customers).where(D.customers.c.id == customer)).first()
     if row is None:
         return "no_account", "no account with this service provider"
     r = row._mapping
     if r["state"] != D.ACTIVE:
         return "blocked", f"the account is blocked: {r['block_reason']}"
+    if int(r["currency_code"]) != currency_code:   # its limit and bills are in another one
+        return "currency", (f"the account is kept in currency {r['currency_code']}, the SP "
+                            f"bills in {currency_code}")
     if conn.execute(select(_overdue(customer, now))).scalar():
         return "bad_history", "bad history: a bill is overdue"
     used = int(r["owed"]) + int(r["open_total"]) + int(r["reserved"])
