@@ -252,6 +252,10 @@ class SpServer:
                                   order_ref=found["order_ref"])
             answer.update(goods=found["goods"], item=found["item"],
                           receipt=json.loads(found["receipt"] or "{}"))
+            if not found["goods"]:   # released to a confirmation whose answer was lost
+                answer["reason"] = (f"paid (merchant transaction {found['merchant_txn']}), but "
+                                    "the merchant released the goods before the SP got "
+                                    "them: the SP asks the merchant for them again")
             if line is not None:
                 answer["line"] = {k: line[k] for k in LINE_FIELDS}
         return JSONResponse(answer)
