@@ -12,10 +12,12 @@ then one line per exchange::
 (``response`` is data then SW1 SW2; ``t`` and ``ms`` may be null in imported traces). A line
 ``{"event": "reset", "atr": HEX}`` marks a card reset inside the trace.
 
-PINs never reach a trace file: the data of a VERIFY (INS 20) or a PIN change or reload (INS 5E)
-is recorded as that many ``FF`` bytes and the line carries ``"redacted": true``. Replay matches
-such a command on its header, its length and its Le, not on the PIN; an export keeps the ``FF``
-bytes, so an exported and re-imported trace no longer replays that command.
+PINs never reach a trace file: the data of a VERIFY (INS 20) or a PIN change or reload (INS 5E),
+short or extended length, is recorded as that many ``FF`` bytes (such a command that fits no
+ISO 7816-4 case: every byte after its header) and the line carries ``"redacted": true``. Replay
+matches such a command on its header, its length bytes and its Le, not on the PIN. An imported
+log (:mod:`svcard.reader.trace_import`) is redacted the same way, and an export keeps the ``FF``
+bytes, so an exported and re-imported trace still replays.
 
 :class:`RecordingReader` wraps a reader and appends a line per exchange, flushed at once, so a
 crash leaves a usable trace. :class:`TraceReader` (``trace:FILE``) answers with the recorded
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ..protocols.apdu import APDUFormatError, parse_command
 from .base import Reader, ReaderError
 
 TRACE_FORMAT = "svcard-trace"
@@ -75,19 +78,25 @@ class Exchange:
     redacted: bool = False
 
     def matches(self, command: bytes) -> bool:
-        """Whether ``command`` is the one recorded (a redacted one: same header, size and Le)."""
+        """Whether ``command`` is the one recorded (a redacted one: same header, length bytes,
+        size and Le)."""
         if not self.redacted:
             return command == self.command
-        return (len(command) == len(self.command) and command[:5] == self.command[:5]
-                and redact(command) == self.command)
+        return len(command) == len(self.command) and redact(command) == self.command
 
 
 def redact(command: bytes) -> bytes:
-    """``command`` with its data replaced by FF bytes when it carries a PIN, else unchanged."""
+    """``command`` with its data replaced by FF bytes when it carries a PIN (short or extended
+    length), else unchanged. A PIN command that fits no ISO 7816-4 case keeps only its header:
+    every byte after it is FF (its Lc may not say where the PIN ends)."""
     if len(command) <= 5 or command[1] not in SECRET_INS:
         return command
-    size = min(command[4], len(command) - 5)
-    return command[:5] + b"\xff" * size + command[5 + size:]
+    try:
+        cmd = parse_command(command)
+    except APDUFormatError:
+        return command[:4] + b"\xff" * (len(command) - 4)
+    start = 7 if cmd.extended else 5
+    return command[:start] + b"\xff" * len(cmd.data) + command[start + len(cmd.data):]
 
 
 @dataclass

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .trace import Exchange, Trace, TraceError
+from .trace import SECRET_INS, Exchange, Trace, TraceError, redact
 
 FORMATS = ("pcsc-spy", "gp", "apdu4j", "cardpeek")
 
@@ -216,4 +216,8 @@ def import_file(fmt: str, path: str | Path) -> Trace:
         text = Path(path).read_text(errors="replace")
     except OSError as exc:
         raise TraceError(f"cannot read {path}: {exc.strerror}") from None
-    return IMPORTERS[fmt](text, str(path))
+    trace = IMPORTERS[fmt](text, str(path))
+    for ex in trace.exchanges:   # the other tool logged PINs as sent; an svcard trace never
+        if len(ex.command) > 5 and ex.command[1] in SECRET_INS:   # (an export's FF too)
+            ex.command, ex.redacted = redact(ex.command), True
+    return trace

@@ -162,3 +162,70 @@ def test_a_repeated_start_of_a_load_made_before_the_issuer_column_is_priced_agai
         loads.bank_server.dk(txn_id), bytes.fromhex(params["etsk"]),
         L.ticket_aad(bank_id, txn_id), "ETSK"), "ticket")
     assert ticket.issuer_id == bytes.fromhex(ISSUER)
+
+
+# --- traces: a PIN in any VERIFY / CHANGE PIN form never reaches a trace file -----------------
+
+PIN_CARD_COMMANDS = {
+    # a third-party host may send VERIFY with extended length (the card takes it: 9000)
+    "extended VERIFY": bytes.fromhex("0020000000000312345F"),
+    # a short VERIFY whose Lc counts fewer bytes than follow (the card answers 6700)
+    "VERIFY, Lc short of its data": bytes.fromhex("002000000112345F"),
+    "extended CHANGE PIN": bytes.fromhex("805E0100000007" "12345F" "FF" "65432F"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PIN_CARD_COMMANDS))
+def test_a_pin_in_any_apdu_form_is_redacted_in_the_trace(tmp_path: Path, name: str) -> None:
+    from svcard.reader.trace import RecordingReader, TraceReader
+    command = PIN_CARD_COMMANDS[name]
+    card = demo_card(tmp_path)
+    out = tmp_path / "t.jsonl"
+    select = bytes.fromhex("00A4040009F05356434152440101")
+    with RecordingReader(open_reader(f"virtual:{card}"), out) as reader:
+        reader.transmit(select)
+        answer = reader.transmit(command)
+    raw = out.read_text()
+    assert "345F" not in raw.upper() and "6543" not in raw, raw
+    # the redacted trace still replays the same command
+    with TraceReader(out) as replay:
+        replay.transmit(select)
+        assert replay.transmit(command) == answer
+
+
+def test_an_imported_log_keeps_no_pin(tmp_path: Path) -> None:
+    """A GlobalPlatformPro log of a session with a VERIFY, imported: the svcard trace it
+    writes has the PIN redacted, as a recorded one would."""
+    from svcard.reader.trace import load_trace
+    from svcard.reader.trace_import import import_file
+    log = tmp_path / "gp.log"
+    log.write_text("A>> T=1 (4+0003) 00200000 03 12345F\nA<< (0000+2) (1ms) 9000\n")
+    out = tmp_path / "t.jsonl"
+    import_file("gp", log).save(out)
+    assert "12345F" not in out.read_text().upper()
+    [verify] = load_trace(out).exchanges
+    assert verify.redacted and verify.matches(bytes.fromhex("0020000003" "12345F"))
+
+
+def test_an_exported_and_reimported_trace_still_replays_its_verify(tmp_path: Path) -> None:
+    from svcard.reader.trace import RecordingReader, TraceReader
+    from svcard.reader.trace_export import export_trace
+    from svcard.reader.trace_import import import_file
+    card = demo_card(tmp_path)
+    out = tmp_path / "t.jsonl"
+    select = bytes.fromhex("00A4040009F05356434152440101")
+    verify = bytes.fromhex("0020000003123456")
+    with RecordingReader(open_reader(f"virtual:{card}"), out) as reader:
+        reader.transmit(select)
+        answer = reader.transmit(verify)
+    (tmp_path / "gp.log").write_text(export_trace(load_trace_of(out), "gp"))
+    again = tmp_path / "again.jsonl"
+    import_file("gp", tmp_path / "gp.log").save(again)
+    with TraceReader(again) as replay:
+        replay.transmit(select)
+        assert replay.transmit(verify) == answer
+
+
+def load_trace_of(path: Path) -> Any:
+    from svcard.reader.trace import load_trace
+    return load_trace(path)
