@@ -85,10 +85,10 @@ class RecordingJournal(Journal):
         elif state == "done":   # after "refused": the merchant had released it already (409)
             if self.order_ref is not None and txn == self.txn_id:
                 return   # the live payment: the pool books it paid as it gives the purse back
-            goods = {"goods": str(data["goods"])} if data.get("goods") is not None else {}
-            book.payment_step(txn=txn, expect=("drawing", "debited", "disputed"), state="paid",
-                              reason=data.get("reason", ""),
-                              **({"outcome": goods} if goods else {}))   # a resume's goods
+            values: dict[str, Any] = {"state": "paid", "reason": data.get("reason", "")}
+            if data.get("goods") is not None:   # a resume's goods, kept for the relay
+                values["outcome"] = {"goods": str(data["goods"])}
+            book.payment_step(txn=txn, expect=("drawing", "debited", "disputed"), **values)
         elif state == "abandoned":
             book.payment_step(txn=txn, expect=("drawing",), state="failed",
                               reason=data.get("reason", ""))
