@@ -150,3 +150,60 @@ def test_the_goods_of_a_resumed_payment_are_recorded(
     assert outcome.goods == "TICKET-MUSEUM-0042"
     again = pool.pay(url, http=http, order_ref="o1")     # and it stays in the books
     assert again.goods == "TICKET-MUSEUM-0042"
+
+
+def test_an_order_left_paying_too_long_is_failed_not_paid_late(
+        system: System, tmp_path: Path) -> None:
+    # the SP stopped right after taking the order (no pool claimed it) and comes back after
+    # more than MAX_SKEW: the customer's request would be refused as stale now, so the
+    # intent is not carried out late either
+    s = open_sp(system, tmp_path / "sp")
+    try:
+        engine = s.stack.engine
+        _private, public = new_key()
+        add_customer(engine, "sam", public, 10_000, 156)
+        item = s.stack.config.item("MERCH001", "ticket")
+        assert item is not None
+        old = int((s.clock.t - 400) * 1000)
+        admission = O.admit(engine, O.parse_order(order_body("sam", "MERCH001", "ticket")),
+                            item, "e" * 64, 156, old)
+        s.stack.restart()
+        [order] = records.orders(s.stack.config.db_url)
+        assert (order["order_ref"], order["state"]) == (admission.order_ref, D.FAILED)
+        assert "too old" in order["reason"] and s.merchant_paid() == 0
+        [c] = records.customers(s.stack.config.db_url)
+        assert c["reserved"] == 0
+    finally:
+        s.stack.close()
+
+
+class BilledMeanwhile:
+    """The pool pays; before this process records it, another SP process's recovery has
+    recorded and billed the order."""
+
+    def __init__(self, pool: object, engine: Engine) -> None:
+        self.pool, self.engine = pool, engine
+
+    def pay(self, checkout_url: str, **kwargs: object) -> object:
+        from svcard.host.sp.billing import bill_order
+        from svcard.host.sp.server.payment import record_paid
+
+        outcome = self.pool.pay(checkout_url, **kwargs)  # type: ignore[attr-defined]
+        assert record_paid(self.engine, str(kwargs["order_ref"]), outcome)
+        assert bill_order(self.engine, str(kwargs["order_ref"]), 50_000, 14) is not None
+        return outcome
+
+
+def test_an_order_billed_by_another_process_meanwhile_is_answered_billed(
+        system: System, tmp_path: Path, http: httpx.Client) -> None:
+    s = open_sp(system, tmp_path / "sp")
+    try:
+        tia = s.stack.customer("tia")
+        s.stack.server.payer = BilledMeanwhile(s.stack.server.payer, s.stack.engine)
+        answer = s.stack.order(http, tia, "song")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["state"] == "billed" and body["goods"].startswith("https://")
+        assert body["line"]["billed"] == 115 and s.merchant_paid() == 1
+    finally:
+        s.stack.close()

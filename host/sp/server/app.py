@@ -55,10 +55,13 @@ from ..config import SpConfig
 from ..purses.pool import PursePool
 from ..signing import DOMAIN, HEADER, LOOKUP_DOMAIN, MAX_SKEW, verify
 from . import orders as O
-from .payment import MAX_ATTEMPTS, Payer, open_orders, pay_order
+from .payment import MAX_ATTEMPTS, Payer, open_orders, pay_order, record_failed
 
 log = logging.getLogger("svcard.sp")
 LINE_FIELDS = ("retail", "wholesale", "fee", "discount", "billed", "currency_code")
+# an order left ``paying`` (the SP stopped before any pool claimed it) is paid at a restart
+# only while its request would still be taken (MAX_SKEW): later, it fails with nothing paid
+STALE_MS = MAX_SKEW * 1000
 
 
 class SpServer:
@@ -120,6 +123,11 @@ class SpServer:
         for order in open_orders(self.engine, tuple(s for s in states if s != D.PAID)):
             if int(order["attempts"]) >= MAX_ATTEMPTS:
                 done["in_doubt"] += 1
+                continue
+            if order["state"] == D.PAYING and order["created"] < self.now_ms() - STALE_MS and \
+                    record_failed(self.engine, order["order_ref"], "the SP stopped before "
+                                  "paying it, and the order is too old to pay now"):
+                done["failed"] += 1   # never claimed by a pool: nothing paid, credit back
                 continue
             state, _outcome, _reason = pay_order(self.engine, self.payer, self.http, order)
             if state in (D.PAID, D.FAILED, D.IN_DOUBT):
@@ -214,13 +222,16 @@ class SpServer:
             if state == D.FAILED:
                 return JSONResponse({"order": order_ref, "state": state, "reason": reason},
                                     status_code=503, headers={"Retry-After": "5"})
-            if state != D.PAID or outcome is None:
+            if state not in (D.PAID, D.BILLED) or outcome is None:
                 return JSONResponse({"order": order_ref, "state": state, "reason": reason
                                      or "the payment's outcome is not known yet"},
                                     status_code=502)
             b = self.config.billing
             line = await self.sql(bill_order, self.engine, order_ref, b.maximum, b.due_days,
                                   self.now_ms())
+            if line is None:   # billed already (another SP process's recovery got there)
+                line = await self.sql(first_row, self.engine, D.bill_lines,
+                                      order_ref=order_ref)
         finally:
             self.in_flight -= 1
         body: dict[str, Any] = {"order": order_ref, "state": D.BILLED if line else state,
