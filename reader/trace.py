@@ -12,8 +12,9 @@ then one line per exchange::
 (``response`` is data then SW1 SW2; ``t`` and ``ms`` may be null in imported traces). A line
 ``{"event": "reset", "atr": HEX}`` marks a card reset inside the trace.
 
-PINs never reach a trace file: the data of a VERIFY (INS 20) or a PIN change or reload (INS 5E),
-short or extended length, is recorded as that many ``FF`` bytes (such a command that fits no
+PINs and personalisation keys never reach a trace file: the data of a VERIFY (INS 20), a PIN
+change or reload (INS 5E) or the IEP applet's PUT PERSONALISATION DATA (INS F0), short or
+extended length, is recorded as that many ``FF`` bytes (such a command that fits no
 ISO 7816-4 case: every byte after its header) and the line carries ``"redacted": true``. Replay
 matches such a command on its header, its length bytes and its Le, not on the PIN. An imported
 log (:mod:`svcard.reader.trace_import`) is redacted the same way, and an export keeps the ``FF``
@@ -65,8 +66,10 @@ class TraceMismatchError(ReaderError):
         super().__init__(text)
 
 
-# commands whose data is a PIN (VERIFY; CHANGE PIN and RELOAD PIN share INS 5E)
-SECRET_INS = frozenset({0x20, 0x5E})
+# commands whose data is a PIN (VERIFY; CHANGE PIN and RELOAD PIN share INS 5E) or may hold
+# keys and the PIN in clear (svcard's IEP applet's PUT PERSONALISATION DATA, INS F0, sent
+# from its personalisation script)
+SECRET_INS = frozenset({0x20, 0x5E, 0xF0})
 
 
 @dataclass

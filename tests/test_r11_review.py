@@ -229,3 +229,24 @@ def test_an_exported_and_reimported_trace_still_replays_its_verify(tmp_path: Pat
 def load_trace_of(path: Path) -> Any:
     from svcard.reader.trace import load_trace
     return load_trace(path)
+
+
+def test_the_applet_personalisation_keys_never_reach_a_trace(tmp_path: Path) -> None:
+    """The personalisation script's APDUs (keys and PIN in clear) sent through a recorded
+    reader, as `svcard apdu --trace-out` would: the trace holds none of their data."""
+    from svcard.card.applet import personalisation_apdus
+    from svcard.card.iep import Iep
+    from svcard.card.image import app_of, card_from_image
+    from svcard.reader.trace import RecordingReader
+    card = demo_card(tmp_path)
+    app = app_of(card_from_image(read_image(card)))
+    assert isinstance(app, Iep)
+    state = app.state
+    keys = [k.key.hex().upper() for k in state.purchase_keys.values()] + [
+        state.tac_key.hex().upper()]
+    out = tmp_path / "t.jsonl"
+    with RecordingReader(open_reader(f"virtual:{card}"), out) as reader:
+        for apdu in personalisation_apdus(state):
+            reader.transmit(apdu)
+    raw = out.read_text().upper()
+    assert not [k for k in keys if k[:16] in raw]
