@@ -249,4 +249,4 @@ def test_the_applet_personalisation_keys_never_reach_a_trace(tmp_path: Path) -> 
         for apdu in personalisation_apdus(state):
             reader.transmit(apdu)
     raw = out.read_text().upper()
-    assert not [k for k in keys if k[:16] in raw]
+    assert sum(k[:16] in raw for k in keys) == 0   # (a failure names no key)
