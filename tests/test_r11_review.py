@@ -104,12 +104,23 @@ def test_a_repeated_bank_start_naming_the_same_issuer_is_the_same_load(
     assert len(loads.bank_server.db.loads()) == 1
 
 
-def test_a_bank_database_of_schema_1_is_upgraded_with_the_issuer_column(
-        tmp_path: Path) -> None:
-    """A bank database made before the issuer column opens upgraded (schema 2, its loads
-    kept with no issuer); a repeated start of such a load is priced again for the issuer it
-    names, as a new start would be."""
-    url = f"sqlite:///{tmp_path / 'bank.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def bank_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'bank.db'}"
+        return
+    from pg_env import start_cluster
+    cluster = start_cluster()
+    try:
+        yield cluster.new_database()
+    finally:
+        cluster.stop()
+
+
+def test_a_bank_database_of_schema_1_is_upgraded_with_the_issuer_column(bank_url: str) -> None:
+    """A bank database of schema 1 (stamped, bank_loads without the issuer) opens upgraded to
+    schema 2, its loads kept with no issuer."""
+    url = bank_url
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text(
@@ -120,6 +131,13 @@ def test_a_bank_database_of_schema_1_is_upgraded_with_the_issuer_column(
         conn.execute(text(
             "INSERT INTO bank_loads VALUES ('aa', 'req-old-0001', 'bob', 500, '00', "
             "'debited', '', 1, 1)"))
+    engine.dispose()
+    engine = create_engine(url)
+    with engine.begin() as conn:   # stamped as version 1, as a schema-1 svcard left it
+        from svcard.host.kit import schema as S
+        S._stamps.create_all(conn)
+        conn.execute(S.stamps.insert().values(component="bank", version=1, written_by="old",
+                                              updated=1))
     engine.dispose()
     db = BD.BankDb(BD.make_engine(url))
     try:
