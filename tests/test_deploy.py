@@ -31,6 +31,10 @@ from svcard.fixtures import fixture_path
 from svcard.host.cli.main import main as svcard_main
 from svcard.host.kit import schema as S
 from svcard.host.kit.serving import free_port
+from svcard.host.load.bank.db import SCHEMA as BANK_SCHEMA
+from svcard.host.load.server.db import SCHEMA as LOAD_SCHEMA
+from svcard.host.pay.merchant.db import SCHEMA as MERCHANT_SCHEMA
+from svcard.host.pay.server.db import SCHEMA as PAYMENT_SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -43,6 +47,10 @@ SERVERS = ("payment", "merchant", "load", "bank")
 PCSC = ("payment", "load")      # the servers whose chips may sit in PC/SC readers
 PROBE = {"payment": "/v1/health", "merchant": "/v1/catalogue", "load": "/v1/health",
          "bank": "/v1/health"}
+
+# the version each server stamps on a database it creates
+SCHEMA_VERSIONS = {schema.component: schema.version for schema in (
+    BANK_SCHEMA, LOAD_SCHEMA, MERCHANT_SCHEMA, PAYMENT_SCHEMA)}
 
 
 def unit(name: str) -> configparser.RawConfigParser:
@@ -213,7 +221,7 @@ def test_unit_commands_start_the_servers(tmp_path: Path) -> None:
             engine = create_engine(f"sqlite:///{databases[0]}")
             with engine.connect() as conn:
                 assert conn.execute(select(S.stamps.c.component, S.stamps.c.version)
-                                    ).all() == [(name, 1)]
+                                    ).all() == [(name, SCHEMA_VERSIONS[name])]
             engine.dispose()
         for proc, _port, _folder in started.values():
             proc.send_signal(signal.SIGTERM)
