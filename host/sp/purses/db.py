@@ -25,7 +25,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
-    Connection,
     Engine,
     Index,
     Integer,
@@ -143,25 +142,6 @@ def owner_gone(owner: str | None) -> bool:
     except OSError:
         return False
     return False
-
-
-def close_unpaid(conn: Connection, order_ref: str, currency_code: int) -> bool:
-    """In the SP's transaction that fails the order: close ``order_ref``'s claim in the pool
-    for good (``failed`` or absent -> ``void``), so no pool, in this process or another, pays
-    it afterwards. False when a payment for it is under way or made (the SP must not fail it).
-    A row another transaction inserts meanwhile is an :class:`IntegrityError`."""
-    now = now_ms()
-    if conn.execute(update(payments).where(
-            payments.c.order_ref == order_ref, payments.c.state.in_(("failed", "void"))).values(
-            state="void", updated=now)).rowcount == 1:
-        return True
-    if conn.execute(select(payments.c.state).where(
-            payments.c.order_ref == order_ref)).first() is not None:
-        return False
-    conn.execute(insert(payments).values(
-        order_ref=order_ref, purse_serial="", currency_code=currency_code, state="void",
-        reason="the SP failed the order with nothing paid", created=now, updated=now))
-    return True
 
 
 def _new_id(key: Any) -> int:

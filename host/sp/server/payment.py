@@ -25,14 +25,14 @@ import logging
 from typing import Any, Protocol
 
 import httpx
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import now_ms
 from ...pay.client import PaymentOutcome
 from .. import db as D
 from ..billing import log_event
-from ..purses.db import close_unpaid
+from ..purses import db as PDB
 from ..purses.pool import PursePoolError
 
 log = logging.getLogger("svcard.sp")
@@ -44,6 +44,25 @@ class Payer(Protocol):
 
     def pay(self, checkout_url: str, *, http: httpx.Client, order_ref: str,
             amount: int | None = None, max_amount: int | None = None) -> PaymentOutcome: ...
+
+
+def close_unpaid(conn: Connection, order_ref: str, currency_code: int) -> bool:
+    """In the SP's transaction that fails the order: close ``order_ref``'s claim in the pool
+    for good (``failed`` or absent -> ``void``), so no pool, in this process or another, pays
+    it afterwards. False when a payment for it is under way or made (the SP must not fail it).
+    A row another transaction inserts meanwhile is an :class:`IntegrityError`."""
+    now = now_ms()
+    pay = PDB.payments.c
+    if conn.execute(update(PDB.payments).where(
+            pay.order_ref == order_ref, pay.state.in_(("failed", "void"))).values(
+            state="void", updated=now)).rowcount == 1:
+        return True
+    if conn.execute(select(pay.state).where(pay.order_ref == order_ref)).first() is not None:
+        return False
+    conn.execute(insert(PDB.payments).values(
+        order_ref=order_ref, purse_serial="", currency_code=currency_code, state="void",
+        reason="the SP failed the order with nothing paid", created=now, updated=now))
+    return True
 
 
 class _ClaimLive(Exception):
