@@ -6,11 +6,13 @@ the goods of a payment finished by a resume."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import test_sp_purses as base
+from pg_env import Cluster, start_cluster
 from sqlalchemy import Engine, select
 from test_sp_purses import TICKET, pool_config, purse_image
 from test_sp_purses_faults import CutAfterDebit
@@ -67,10 +69,27 @@ class Busy:
 
 def test_an_order_one_sp_failed_is_never_paid_by_another(
         system: System, tmp_path: Path, http: httpx.Client) -> None:
+    check_failed_order_never_paid_by_another(system, tmp_path, http, None)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster()
+    yield c
+    c.stop()
+
+
+def test_an_order_one_sp_failed_is_never_paid_by_another_postgresql(
+        system: System, tmp_path: Path, http: httpx.Client, cluster: Cluster) -> None:
+    check_failed_order_never_paid_by_another(system, tmp_path, http, cluster.new_database())
+
+
+def check_failed_order_never_paid_by_another(system: System, tmp_path: Path,
+                                             http: httpx.Client, db_url: str | None) -> None:
     # two SP processes on one database: B's recovery read the order while it was paying;
     # A's pool then said nothing was paid, A failed it and gave the credit back; B asks its
     # own pool under the same order_ref
-    s = open_sp(system, tmp_path / "sp")
+    s = open_sp(system, tmp_path / "sp", db_url=db_url)
     try:
         engine = s.stack.engine
         _private, public = new_key()

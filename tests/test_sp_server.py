@@ -60,12 +60,13 @@ def pool_config(system: System, purses: list[Path]) -> PursePoolConfig:
 
 
 def open_sp(system: System, folder: Path, *, purses: int = 2, first_serial: int = 9_000_001,
-            billing: BillingEntry | None = None, wholesale: dict[str, int] | None = None) -> Sp:
+            billing: BillingEntry | None = None, wholesale: dict[str, int] | None = None,
+            db_url: str | None = None) -> Sp:
     system.load.account("sp-bank", 1_000_000, "sp-pw")
     images = purse_images(folder / "purses", purses, ep=50_000, first_serial=first_serial)
     clock = Clock()
     config = demo_config(folder, system.pay.merchant.url, billing=billing, wholesale=wholesale,
-                         purses=pool_config(system, images))
+                         purses=pool_config(system, images), db_url=db_url)
     return Sp(system, start_sp(config, clock=clock), clock, images, folder)
 
 
