@@ -500,8 +500,8 @@ def update_mac2(state: IepState, init: bytes, new_limit: int) -> bytes:
 
 def ed_session(send: Callable[[bytes], bytes], state: IepState) -> list[bytes]:
     """Unloads and overdraft-limit updates on the ED (ED balance 3000), right and refused:
-    MAC3 and TAC, the balance moved by the limit, 9401 for a limit the balance cannot give
-    back, the proofs and log records of types 03 and 07, the sessions kept apart."""
+    MAC3 and TAC, the balance moved by the limit, 9401 for an unload of the overdraft credit,
+    the proofs and log records of types 03 and 07, the sessions kept apart."""
     out: list[bytes] = []
 
     def tx(apdu: bytes | str) -> bytes:
@@ -564,11 +564,12 @@ def ed_session(send: Callable[[bytes], bytes], state: IepState) -> list[bytes]:
     tx(bytes.fromhex("805800000D") + bytes(13))
     unload(init_unload(5), 5, bytes(4))                # wrong MAC2: 9302, counted
     update(init_update(), 5, bytes(4))                 # wrong MAC2: 9302, counted
-    # a lower limit the balance cannot give back changes nothing (9401); one it can, does
-    unload(init_unload(3100), 3100)                    # 3200 -> 100
-    update(init_update(), 0)                           # 100 - 500 < 0: 9401
+    # the overdraft credit is never unloaded (9401); the holder's own value is
+    unload(init_unload(3100), 3100)                    # 3200 - 500 = 2700 own: 9401
+    unload(init_unload(2600), 2600)                    # 3200 -> 600
+    update(init_update(), 0)                           # limit 500 -> 0: 600 -> 100
     tx("805C000104")
-    update(init_update(), 450)                         # 100 -> 50
+    update(init_update(), 450)                         # 100 -> 550
     tx("805C000104")
     for n in range(1, 6):
         tx(bytes((0x00, 0xB2, n, 0xC4, 0x17)))
@@ -588,8 +589,8 @@ def test_unload_and_overdraft_update_are_byte_equal(make_applet: Callable[..., A
     assert statuses.count(0x9302) == 2 and statuses.count(0x9401) == 2
     assert {0x6A86, 0x6985, 0x6E00, 0x6700, 0x6A80, 0x9403} <= set(statuses)
     state = app_of(python_card).state                # type: ignore[attr-defined]
-    assert (state.ed.balance, state.ed.overdraft_limit, state.ed.online_counter) == (50, 450, 4)
-    assert [r[9] for r in state.log[:4]] == [7, 3, 7, 3]
+    assert (state.ed.balance, state.ed.overdraft_limit, state.ed.online_counter) == (550, 450, 5)
+    assert [r[9] for r in state.log[:4]] == [7, 7, 3, 7]
     assert state.unload_mac_failures == {} and state.update_mac_failures == {}
 
 

@@ -265,3 +265,19 @@ def test_svcard_terminal_unload_and_the_log(tmp_path: Path) -> None:
     log = run(main, ["terminal", "log", "--card", f"virtual:{iep}"])
     assert log.exit_code == 0 and "unload" in log.output and "CNY 12.34" in log.output
     assert read_image(iep)["app"]["ed"]["balance"] == 8766
+
+
+def test_the_overdraft_credit_is_never_unloaded() -> None:
+    """The ED balance includes the overdraft credit: only the holder's own value (balance less
+    the limit) unloads, so raising the limit and unloading cannot turn credit into cash."""
+    image = with_balance(demo_image("iep"), ed=1000)
+    image["app"]["ed"]["overdraft_limit"] = 500
+    host = opened(card_from_image(image))
+    assert host.sw(host.init_unload_apdu(501)) == 0x9401
+    host.unload(500)
+    assert host.balance(1) == 500
+    assert host.sw(host.init_unload_apdu(1)) == 0x9401
+    image = with_balance(demo_image("iep"), ed=300)     # already using 200 of the credit
+    image["app"]["ed"]["overdraft_limit"] = 500
+    host = opened(card_from_image(image))
+    assert host.sw(host.init_unload_apdu(1)) == 0x9401

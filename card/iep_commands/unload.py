@@ -2,7 +2,8 @@
 (``80 50 05 01``) and DEBIT FOR UNLOAD (``80 54 03 00``).
 
 Only the ED (PIN verified) unloads. INITIALIZE checks the unload key (DULK, by key index) and
-that the balance covers the amount, and answers balance, online counter, key version,
+that the holder's own value (the balance less the overdraft limit: the overdraft credit is never
+unloaded) covers the amount, and answers balance, online counter, key version,
 algorithm, random and MAC1 under the unload session key (built as a load's:
 ``3DES_DULK(random || online counter || 80 00)``). DEBIT takes the issuer's MAC2, debits the
 purse (both writes of :meth:`~svcard.card.iep.Iep.commit_value`, the online counter goes up)
@@ -42,8 +43,8 @@ def initialize_for_unload(iep: Iep, cmd: CommandAPDU) -> bytes:
     check_not_locked(s, cmd.p1, key)
     if purse.online_counter >= MAX_COUNTER:
         raise CardError(SW.COUNTER_AT_MAXIMUM)
-    if req.amount > purse.balance:
-        raise CardError(SW.INSUFFICIENT_FUNDS)
+    if req.amount > purse.balance - purse.overdraft_limit:   # the holder's own value only:
+        raise CardError(SW.INSUFFICIENT_FUNDS)                # the overdraft credit stays
     counter = purse.online_counter
     sk = crypto.load_session_key(key.key, random, counter)
     mac1 = crypto.mac(sk, crypto.unload_mac1_input(purse.balance, req.amount, P.TYPE_UNLOAD,

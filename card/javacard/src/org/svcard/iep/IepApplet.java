@@ -586,6 +586,17 @@ public class IepApplet extends Applet {
                     || Num.compareU32(work, W_INPUT, balanceLimit, (short) 0) > 0) {
                 ISOException.throwIt(ISO7816.SW_CONDITIONS_NOT_SATISFIED);
             }
+        } else if (kind == INIT_UNLOAD) {
+            // the holder's own value only (balance - overdraft limit): the credit stays
+            work[W_INPUT] = 0;
+            Util.arrayCopyNonAtomic(purse, P_OVERDRAFT, work, (short) (W_INPUT + 1), (short) 3);
+            if (Num.compareU32(purse, P_BALANCE, work, W_INPUT) < 0) {
+                ISOException.throwIt(SW_INSUFFICIENT_FUNDS);
+            }
+            Num.subU32(purse, P_BALANCE, work, W_INPUT, work, W_INPUT);
+            if (Num.compareU32(buf, amountAt, work, W_INPUT) > 0) {
+                ISOException.throwIt(SW_INSUFFICIENT_FUNDS);
+            }
         } else if (!update && Num.compareU32(buf, amountAt, purse, P_BALANCE) > 0) {
             ISOException.throwIt(SW_INSUFFICIENT_FUNDS);
         }
