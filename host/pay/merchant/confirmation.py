@@ -6,6 +6,7 @@ it. Every check runs before the one conditional UPDATE that releases the goods (
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,7 +64,7 @@ def check_confirmation(mid: bytes, shared_key: bytes,
                                           "expected card MAC2")
         except secure.SealError as exc:
             raise Refusal(400, f"forged confirmation: {exc}") from None
-        if expected != conf.card_mac2:
+        if not hmac.compare_digest(expected, conf.card_mac2):
             raise Refusal(402, "the card's MAC2 is not the one the PSAM expected: the "
                                "card did not pay")
         return MD.PAID, result
