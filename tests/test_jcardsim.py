@@ -354,3 +354,11 @@ def test_real_jcardsim_hello_world() -> None:
                         env={"JCARDSIM_SIMULATOR": "", "JCARDSIM_AIDUTIL": ""})
     assert result.returncode == 0, result.stderr
     assert "Received (9000, success)" in result.stdout
+
+
+def test_a_printed_jcardsim_spec_never_shows_its_params() -> None:
+    from svcard.host.terminal.reader_specs import shown_spec
+    spec = "jcardsim:a.B:F00102030405:00112233445566778899AABBCCDDEEFF@perso.apdu"
+    assert shown_spec(spec) == "jcardsim:a.B:F00102030405:...@perso.apdu"
+    assert "0011223344" not in shown_spec(spec)
+    assert shown_spec("virtual:card.json") == "virtual:card.json"

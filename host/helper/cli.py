@@ -18,6 +18,7 @@ from ..pay.cli import terminal_id_option
 from ..terminal.card_commands import card_option, handled, purse_option
 from ..terminal.online import DEFAULT_RETRY_FOR
 from ..terminal.purse import TerminalCheckFailed, purse_id
+from ..terminal.reader_specs import shown_spec
 from .pairing import (
     PairingError,
     default_token_file,
@@ -107,7 +108,7 @@ def helper_cmd(card_spec: str, aid: bytes, purse: str, origins: tuple[str, ...],
     shown = f"[{address}]" if ":" in address else address
     click.echo(f"svcard helper: listening on http://{shown}:{port} for "
                f"{', '.join(sorted(helper.origins))}\n"
-               f"card: {card_spec} ({purse.upper()} purse, AID {aid.hex().upper()})\n"
+               f"card: {shown_spec(card_spec)} ({purse.upper()} purse, AID {aid.hex().upper()})\n"
                + (f"pairing token ({'new, ' if made else ''}kept in {path}, mode 0600):\n"
                   f"  {token}\n"
                   "enter it once in the shop page's \"Card helper\" box"

@@ -63,12 +63,23 @@ def open_reader(spec: str, *, lock_timeout: float = 5.0) -> Reader:
 JCARDSIM_FORM = "jcardsim:APPLET_CLASS:AID[:PARAMS_HEX][@SCRIPT]"
 
 
+def shown_spec(spec: str) -> str:
+    """``spec`` as it may be printed: a jcardsim: spec without its PARAMS_HEX (it may carry
+    keys); any other spec as it is."""
+    scheme, _, rest = spec.partition(":")
+    if scheme != "jcardsim":
+        return spec
+    head, at, script = rest.partition("@")
+    parts = head.split(":")
+    return (f"jcardsim:{parts[0]}:{parts[1] if len(parts) > 1 else ''}"
+            + (":..." if len(parts) > 2 else "") + (f"@{script}" if at else ""))
+
+
 def _jcardsim_reader(spec: str, rest: str) -> JCardSimReader:
     """The jcardsim: reader; errors show the spec without PARAMS_HEX (it may carry keys)."""
     head, at, script = rest.partition("@")
     parts = head.split(":")
-    shown = f"jcardsim:{parts[0]}:{parts[1] if len(parts) > 1 else ''}" \
-            + (":..." if len(parts) > 2 else "") + (f"@{script}" if at else "")
+    shown = shown_spec(spec)
     if len(parts) not in (2, 3) or not parts[0]:
         raise ReaderSpecError(f"{shown!r}: expected {JCARDSIM_FORM}")
     applet, aid_hex, *params_hex = parts
