@@ -226,3 +226,30 @@ def test_an_order_billed_by_another_process_meanwhile_is_answered_billed(
         assert body["line"]["billed"] == 115 and s.merchant_paid() == 1
     finally:
         s.stack.close()
+
+
+@pytest.mark.parametrize("where", ["status", "payment"])
+def test_a_checkout_sending_the_payment_elsewhere_is_not_paid(
+        sp_system: System, engine: Engine, tmp_path: Path, http: httpx.Client,
+        where: str) -> None:
+    # a merchant's checkout names where the purse's draw and its confirmation go: the
+    # confirmation must go back to the merchant's own origin, the draw to a configured acquirer
+    from svcard.host.sp.purses.pool import PursePoolError
+
+    spec = purse_image(tmp_path, 1, ep=50_000)
+    changes = {"payment_servers": ["http://127.0.0.1:1"]} if where == "payment" else {}
+    pool = PursePool.open(pool_config(sp_system, [spec], **changes), engine,
+                          journal_dir=tmp_path / "j")
+    if where == "status":
+        sp_system.pay.merchant_server.config.public_url = "http://127.0.0.1:9"
+    with pytest.raises(PursePoolError, match="not paid"):
+        pool.pay(sp_system.pay.checkout_url("ticket"), http=http, order_ref="o1")
+    assert base.image_app(spec)["ep"]["balance"] == 50_000
+    assert base.merchant_paid(sp_system) == []
+    [row] = pool.book.all_payments()
+    assert row["state"] == "failed"
+    if where == "payment":   # the merchant's acquirer configured: paid
+        pool2 = PursePool.open(pool_config(sp_system, [spec], payment_servers=[
+            sp_system.pay.payment.url]), engine, journal_dir=tmp_path / "j")
+        assert pool2.pay(sp_system.pay.checkout_url("ticket"), http=http,
+                         order_ref="o2").amount == TICKET

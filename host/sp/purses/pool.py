@@ -45,7 +45,7 @@ from .config import (
 )
 from .db import PurseBook, new_owner
 from .leased import Lease, resume_open
-from .recording import AmountMismatch, RecordingJournal
+from .recording import AmountMismatch, RecordingJournal, origin
 from .topup import top_up
 
 __all__ = ["PaymentInDoubt", "PoolBusy", "PoolExhausted", "PoolPaymentOutcome", "PursePool",
@@ -272,6 +272,8 @@ class PursePool:
         journal = lease.journal
         journal.order_ref, journal.counter, journal.tac = order_ref, None, ""
         journal.expected_amount, journal.max_amount = amount, lease.max_amount
+        journal.merchant_origin = origin(checkout_url)
+        journal.payment_servers = tuple(origin(u) for u in self.config.payment_servers)
         try:
             paid = PC.pay(checkout_url, lease.reader, journal=journal, http=http)
             return self._with_purse(paid, lease, order_ref), False

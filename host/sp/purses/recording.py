@@ -25,13 +25,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from ....protocols import loadmsg as L
 from ...terminal.journal import Journal
 from .db import PurseBook
 
 
 class AmountMismatch(Exception):
-    """The merchant's checkout asks another amount than the one the SP means to pay."""
+    """The merchant's checkout asks another amount than the one the SP means to pay, or
+    sends the payment elsewhere than the merchant and the configured payment servers."""
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url`` (lower case), or "" for an unusable one."""
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return ""
+    if u.scheme not in ("http", "https") or not u.host:
+        return ""
+    return f"{u.scheme}://{u.host}:{u.port or (443 if u.scheme == 'https' else 80)}".lower()
 
 
 class RecordingJournal(Journal):
@@ -48,6 +62,8 @@ class RecordingJournal(Journal):
         self.txn_id = ""
         self.expected_amount: int | None = None   # the amount the SP means to pay, if named
         self.max_amount: int | None = None        # the most the SP pays for it, if named
+        self.merchant_origin = ""                 # the checkout's origin: the status URL's
+        self.payment_servers: tuple[str, ...] = ()   # origins the draw may go to (() = any)
 
     def write(self, txn_id: str, state: str, **data: Any) -> None:
         super().write(txn_id, state, **data)
@@ -69,11 +85,13 @@ class RecordingJournal(Journal):
                      if self.expected_amount is not None and asked != self.expected_amount
                      else f"the SP pays at most {self.max_amount}"
                      if self.max_amount is not None and asked > self.max_amount else "")
+            if wrong:
+                wrong = f"the merchant's checkout asks {asked} minor units, {wrong}"
+            wrong = wrong or self._elsewhere(data.get("params", {}))
             if wrong:   # before the draw request goes out: closed here, the card never asked
-                Journal.write(self, txn, "abandoned", reason="the checkout's amount is not "
-                              "the order's: not paid")
-                raise AmountMismatch(f"the merchant's checkout asks {asked} minor units, "
-                                     f"{wrong}: not paid")
+                Journal.write(self, txn, "abandoned", reason="the checkout is not the "
+                              "order's: not paid")
+                raise AmountMismatch(f"{wrong}: not paid")
             if self.order_ref is not None:
                 amount = int(data.get("params", {}).get("amount", 0))
                 book.payment_step(order=self.order_ref, expect=("started",), txn_id=txn,
@@ -101,6 +119,19 @@ class RecordingJournal(Journal):
         elif state == "unproven":
             book.payment_step(txn=txn, expect=("drawing", "debited"), state="unproven",
                               reason=data.get("reason", ""))
+
+    def _elsewhere(self, params: dict[str, Any]) -> str:
+        """Why the checkout sends the SP's payment elsewhere ("" when it does not): its
+        confirmation to another origin than the checkout's, its draw to a payment server
+        the pool was not configured with."""
+        status, payment = str(params.get("status_url", "")), str(params.get("payment_url", ""))
+        if self.merchant_origin and origin(status) != self.merchant_origin:
+            return (f"the checkout sends the confirmation to {origin(status)}, not to the "
+                    f"merchant ({self.merchant_origin})")
+        if self.payment_servers and origin(payment) not in self.payment_servers:
+            return (f"the checkout names payment server {origin(payment)}, not one of "
+                    f"purses.payment_servers")
+        return ""
 
     def _load_step(self, txn: str, state: str, data: dict[str, Any]) -> None:
         book = self.book
