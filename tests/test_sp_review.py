@@ -253,3 +253,9 @@ def test_a_checkout_sending_the_payment_elsewhere_is_not_paid(
             sp_system.pay.payment.url]), engine, journal_dir=tmp_path / "j")
         assert pool2.pay(sp_system.pay.checkout_url("ticket"), http=http,
                          order_ref="o2").amount == TICKET
+
+
+def test_a_ceiling_below_the_agreed_price_is_a_configuration_error() -> None:
+    item = ItemEntry(sku="song", retail=120, wholesale=99, max_wholesale=90)
+    with pytest.raises(ValueError, match=r"item\[0\]\.max_wholesale: 90"):
+        items_of([MerchantEntry(name="M", checkout_url="http://127.0.0.1:1/c", item=[item])])

@@ -116,6 +116,10 @@ def items_of(merchants: list[MerchantEntry]) -> dict[tuple[str, str], Item]:
         for j, it in enumerate(m.item):
             if (m.name, it.sku) in out:
                 raise ValueError(f"merchant[{i}].item[{j}].sku: {it.sku} is given twice")
+            if it.wholesale is not None and it.max_wholesale is not None and \
+                    it.max_wholesale < it.wholesale:
+                raise ValueError(f"merchant[{i}].item[{j}].max_wholesale: {it.max_wholesale} "
+                                 f"is below the agreed wholesale {it.wholesale}")
             url = f"{base}/{it.sku}" + (f"?variant={m.variant}" if m.variant else "")
             ceiling = (it.max_wholesale if it.max_wholesale is not None
                        else it.wholesale if it.wholesale is not None else it.retail)
