@@ -283,9 +283,11 @@ class Psam(BatchCommands, TableApplication):
         """The issuer's key of that version, if the issuer knows the card's algorithm id as
         the key's algorithm; 9403 otherwise."""
         scheme = self.state.scheme_for(issuer)
-        for k in self.state.keys:
-            if (k.issuer_id == issuer and k.version == version
-                    and scheme.accepts(k.algorithm, algorithm)):
+        same = [k for k in self.state.keys if k.issuer_id == issuer and k.version == version]
+        # a key personalised with exactly this id first: with an algorithm-id table, two keys
+        # of one version (ids 00 and 01, both 3des) must not be taken for each other
+        for k in sorted(same, key=lambda k: k.algorithm != algorithm):
+            if scheme.accepts(k.algorithm, algorithm):
                 return k
         raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
 

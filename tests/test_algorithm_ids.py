@@ -109,3 +109,28 @@ def test_bad_tables_name_the_file_and_field(tmp_path: Path, table: str, message:
     text = str(err.value)
     assert "issuer.toml" in text and message in text, text
     assert "\n" not in text
+
+
+def test_two_keys_of_one_version_are_told_apart_by_their_exact_id(tmp_path: Path) -> None:
+    """With an algorithm-id table, a PSAM holding two keys of one version (ids 00 and 01,
+    both 3des) takes the key personalised with the card's exact id, not the first accepted."""
+    from svcard.card.image import save_new_image
+    from svcard.card.personalise import image_from_profile
+    from svcard.fixtures import fixture_path
+    from svcard.host.terminal import purse as T
+    from svcard.host.terminal.reader_specs import open_reader
+
+    iep = image_from_profile(fixture_path("iep-demo.toml"))
+    psam = image_from_profile(fixture_path("psam-demo.toml"))
+    second = next(k for k in iep["app"]["purchase_keys"] if k["version"] == 2)
+    second["version"], second["algorithm"] = 1, 1       # the card answers version 1, id 01
+    iep["app"]["ep"]["balance"] = 1000
+    psam["app"]["keys"][1]["version"], psam["app"]["keys"][1]["algorithm"] = 1, 1
+    psam["app"]["issuer_schemes"] = {"1000000000000001": {
+        "algorithms": {"00": "3des", "01": "3des"}, "mac_scheme": "pboc"}}
+    save_new_image(tmp_path / "iep.json", iep)
+    save_new_image(tmp_path / "psam.json", psam)
+    with open_reader(f"virtual:{tmp_path / 'iep.json'}") as card, \
+            open_reader(f"virtual:{tmp_path / 'psam.json'}") as sam:
+        receipt = T.purchase(card, sam, 100, key_index=second["index"])
+    assert receipt.balance_after == 900
