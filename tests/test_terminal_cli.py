@@ -170,9 +170,12 @@ def test_cli_demo_json() -> None:
     assert purchases[-1]["receipt"]["status"] == "authentication OK"
     spent = sum(n["amount"] for n in purchases)
     assert purchases[-1]["balance_after"] == 10000 - spent
-    assert network["clearing"]["total_paid"] == spent
+    sp = network["sp"]      # the SP's purse paid the song wholesale, cleared like any card
+    sp_paid = sp["order"]["line"]["wholesale"]
+    assert network["clearing"]["total_paid"] == spent + sp_paid
     assert network["audit"]["clean"] is True
-    assert network["audit"]["figures"]["card balances"] == 10000 - spent
+    assert network["audit"]["figures"]["card balances"] == (
+        10000 - spent + sp["topped_up"] - sp_paid)
 
 
 def test_console_script_runs_the_demo() -> None:

@@ -1,6 +1,7 @@
 """``svcard demo``: the main job on embedded defaults, as a readable story and as data: a card
 loaded and paying at a local terminal, then over the network (bank, load server, payment
-server, merchant), cleared, and audited."""
+server, merchant), the service provider paying for a customer without a card (seed 001),
+cleared, and audited."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..pay.client import pay
 from ..terminal import purse as T
 from ..terminal.journal import Journal
 from ..terminal.reader_specs import open_reader
+from .sp_story import run_sp
 from .system import card_image, start_system
 
 DEMO_LOAD_TERMINAL = bytes.fromhex("000000000099")
@@ -123,6 +125,7 @@ def _network(folder: Path, lines: list[str], money: Callable[[int], str],
                     f"{money(outcome.balance_after)}; {outcome.round_trips} round trips, "
                     f"{ms:.0f} ms; goods: {outcome.goods}")
                 out["purchases"].append({**outcome.to_json(), "ms": round(ms, 1)})
+            out["sp"] = run_sp(system, lines, money, http)
         batches = system.close_batches()
         report = system.run_clearing()
         lines.append(
@@ -130,10 +133,10 @@ def _network(folder: Path, lines: list[str], money: Callable[[int], str],
             f"card TACs checked and cleared, {money(report.total_paid)} paid to the merchant "
             f"through its acquirer, {money(report.total_loaded)} moved from the bank to the "
             f"issuer's float; settlement file {Path(report.settlement_file).name} (+ .jsonl)")
-        result = system.audit([card_path])
+        result = system.audit([card_path, *system.sp_purses])
         f = result.figures
         lines.append(
-            f"AUDIT: card {money(f['card balances'])} + unsettled "
+            f"AUDIT: cards (ours and the SP's purses) {money(f['card balances'])} + unsettled "
             f"{money(f['purchases unsettled'])} + settled {money(f['purchases settled'])} = "
             f"loaded {money(f['loads confirmed'])}; float {money(f['float (ledger)'])}; bank "
             f"debits {money(f.get('bank accounts debited', 0))}: "

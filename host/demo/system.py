@@ -1,5 +1,6 @@
 """A whole payment system on loopback: payment server with a PSAM pool, merchant server, bank
-and load servers, and fresh card images, for ``svcard demo``, the tests and the benchmarks."""
+and load servers, the service provider (seed 001) with its purse pool on request, and fresh card
+images, for ``svcard demo``, the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from ...card.personalise import image_from_profile
 from ...fixtures import fixture_path
 from ..load.stack import LoadStack, start_load_stack
 from ..pay.stack import Stack, start_stack
+from ..sp.purses.pool import PursePoolConfig
+from ..sp.stack import SpStack, demo_config, purse_images
+from ..sp.stack import start_sp as start_sp_stack
 from ..terminal.reader_specs import open_reader
 
 if TYPE_CHECKING:
@@ -46,6 +50,8 @@ class System:
     load: LoadStack
     admin_token: str = field(repr=False)
     clearing_db: str = ""
+    sp: SpStack | None = None
+    sp_purses: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.clearing_db = self.clearing_db or f"sqlite:///{self.folder / 'clearing.db'}"
@@ -88,7 +94,37 @@ class System:
                      bank_dbs=(self.load.bank_server.config.db_url,),
                      clearing_db=self.clearing_db, opening=opening, **options)
 
+    def start_sp(self, *, purses: int = 2, ep: int = 0, account: str = "sp",
+                 funds: int = 100_000, secret: str = "sp-demo-secret",
+                 topup_threshold: int = 1_000, topup_amount: int = 5_000,
+                 first_serial: int = 9_000_001, **config: Any) -> SpStack:
+        """The SP server (seed 001) selling this system's merchant's items, paying with a pool
+        of ``purses`` demo purse cards (``ep`` each) that top up from ``account`` at this
+        system's bank (opened here with ``funds``) through the load flow; ``config`` goes to
+        :func:`svcard.host.sp.stack.demo_config` (billing, wholesale, fee...). Closed with the
+        system; its purse images are :attr:`sp_purses` (for the audit's card balances)."""
+        if self.sp is not None:
+            raise RuntimeError("this system runs an SP already")
+        folder = self.folder / "sp"
+        self.load.account(account, funds, secret)
+        images = purse_images(folder / "purses", purses, ep=ep, first_serial=first_serial)
+        pool = PursePoolConfig(readers=[f"virtual:{p}" for p in images],
+                               bank_url=self.load.bank_url, account=account, secret=secret,
+                               currency_code=self.load.bank_server.config.currency_code,
+                               topup_threshold=topup_threshold, topup_amount=topup_amount)
+        self.sp = start_sp_stack(demo_config(folder, self.pay.merchant.url, purses=pool,
+                                             **config))
+        self.sp_purses = images
+        return self.sp
+
+    def close_sp(self) -> None:
+        """Stop the SP server (its purse images stay, in :attr:`sp_purses`)."""
+        if self.sp is not None:
+            self.sp.close()
+            self.sp = None
+
     def close(self) -> None:
+        self.close_sp()
         self.pay.close()
         self.load.close()
 
