@@ -17,6 +17,9 @@ as one small change, which a card image appends to its journal (card/storage.py)
 state is persisted (``persist``) only when a batch closes. So a purchase costs the same with
 100,000 records in the open batch as with none.
 
+A change that cannot be made persistent (a disk error: ``6F00``) is undone in memory too, so
+the PSAM's memory never runs ahead of its image and journal.
+
 Every purchase is recorded at INIT SAM, before the card answers: a record with no TAC and
 status 1 (not credited by this PSAM). In the PBOC form the session then stays pending; CREDIT
 SAM with the expected MAC2 rewrites *that* record in place (same TTN, still in the open batch)
@@ -119,6 +122,11 @@ class Records:
         self._raw.append(record)
         self._hex.append(record.hex().upper())
         return len(self._raw) - 1
+
+    def pop(self) -> None:
+        """Drop the last record (a change that could not be made persistent)."""
+        self._raw.pop()
+        self._hex.pop()
 
     def replace(self, index: int, record: bytes) -> None:
         self._raw[index] = record
@@ -253,7 +261,7 @@ class Psam(BatchCommands, TableApplication):
             (P.CLA_PBOC, P.INS_SAM_PREVIOUS_SIGNATURE): self._previous_signature,
             (P.CLA_PBOC, P.INS_SAM_GET_TOTALS): self._totals,
             (P.CLA_PBOC, P.INS_SAM_READ_BATCH_RECORD): self._read_batch_record,
-            (P.CLA_PBOC, P.INS_SAM_CLOSE_BATCH): self._close_batch,
+            (P.CLA_PBOC, P.INS_SAM_CLOSE_BATCH): self._close_batch_kept,
         }
         self.keep_pending = (self._credit_sam, self._previous_signature)
 
@@ -326,14 +334,21 @@ class Psam(BatchCommands, TableApplication):
         pending = _Pending(ttn, sk, mac2, issuer, req.card_serial, req.offline_counter,
                            req.amount, req.txn_type, req.date, req.time)
         s.next_ttn = ttn + 1
+        kept_previous = s.previous
         early = cmd.p1 == 0x01
         s.previous = Signature(ttn, mac1, mac2,
                                P.SIGNATURE_RELEASED if early else P.SIGNATURE_PENDING)
         # recorded now, in both forms: a purchase this PSAM signed for is in its batch even if
         # CREDIT SAM never comes (the host proves it later with the card's TAC)
         pending.index = s.records.append(self._record(pending, bytes(4), status=1))
-        self.persist_change({"append": {"records": [s.records.hex_at(pending.index)]},
-                             "set": {"next_ttn": s.next_ttn, "previous": s.previous.to_json()}})
+        try:
+            self.persist_change({"append": {"records": [s.records.hex_at(pending.index)]},
+                                 "set": {"next_ttn": s.next_ttn,
+                                         "previous": s.previous.to_json()}})
+        except Exception:  # not persistent: answered 6F00, and nothing changed
+            s.records.pop()
+            s.next_ttn, s.previous = ttn, kept_previous
+            raise
         if early:
             return P.InitSamAnswerEarly.build(
                 {"terminal_txn_number": ttn, "mac1": mac1, "expected_mac2": mac2})
@@ -366,11 +381,17 @@ class Psam(BatchCommands, TableApplication):
         if not (0 <= index < len(s.records)
                 and P.PsamRecord.parse(s.records[index]).terminal_txn_number == pending.ttn):
             raise CardError(SW.CONDITIONS_NOT_SATISFIED)  # the batch moved on: cannot happen
+        kept_record, kept_previous = s.records[index], s.previous
         s.records.replace(index, self._record(pending, tac, status=0))
         s.previous = Signature(pending.ttn, s.previous.mac1, pending.expected_mac2,
                                P.SIGNATURE_CREDITED)
-        self.persist_change({"put": {"records": [[index, s.records.hex_at(index)]]},
-                             "set": {"previous": s.previous.to_json()}})
+        try:
+            self.persist_change({"put": {"records": [[index, s.records.hex_at(index)]]},
+                                 "set": {"previous": s.previous.to_json()}})
+        except Exception:
+            s.records.replace(index, kept_record)
+            s.previous = kept_previous
+            raise
         return b""
 
     def _blocked_list(self, cmd: CommandAPDU) -> bytes:
@@ -378,13 +399,31 @@ class Psam(BatchCommands, TableApplication):
             raise CardError(SW.WRONG_P1P2)
         if len(cmd.data) != 8:
             raise CardError(SW.WRONG_LENGTH)
+        blocked = self.state.blocked
+        was = cmd.data in blocked
         if cmd.p1 == 0x01:
-            self.state.blocked.add(cmd.data)
+            blocked.add(cmd.data)
         else:
-            self.state.blocked.discard(cmd.data)
-        self.persist_change({"add" if cmd.p1 == 0x01 else "remove": {
-            "blocked": [cmd.data.hex().upper()]}})
+            blocked.discard(cmd.data)
+        try:
+            self.persist_change({"add" if cmd.p1 == 0x01 else "remove": {
+                "blocked": [cmd.data.hex().upper()]}})
+        except Exception:
+            (blocked.add if was else blocked.discard)(cmd.data)
+            raise
         return b""
+
+    def _close_batch_kept(self, cmd: CommandAPDU) -> bytes:
+        """CLOSE BATCH (card/psam_batch.py), and if the closed batch could not be made
+        persistent (6F00), the batch open again as it was: the host closes it again, and no
+        batch is closed in memory that the host never got (the next close would drop it)."""
+        s = self.state
+        kept = s.records, s.closed_records, s.batch_number
+        try:
+            return self._close_batch(cmd)
+        except Exception:
+            s.records, s.closed_records, s.batch_number = kept
+            raise
 
     def _previous_signature(self, cmd: CommandAPDU) -> bytes:
         if cmd.p1 or cmd.p2:

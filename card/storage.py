@@ -335,11 +335,22 @@ class ImageStore:
             return
         journal_id, seq = self._marker
         self._close_journal()
-        write_atomically(self.path, encode_image({**image, "journal": {
-            "id": journal_id, "seq": seq + 1}}), self.tear)
+        try:
+            write_atomically(self.path, encode_image({**image, "journal": {
+                "id": journal_id, "seq": seq + 1}}), self.tear)
+        except Exception:
+            # the image on disk may be the old one (the journal then still counts) or, if
+            # only the folder's fsync failed, the new one (the journal then no longer
+            # counts): appending a change to either would replay it on the wrong base, so
+            # the next change writes the whole image again
+            self._whole_image_due = True
+            raise
         self._marker, self._stale, self.image = (journal_id, seq + 1), True, image
         self._whole_image_due = False
-        self._open_journal()  # an empty journal now, not at the next change: no dead weight
+        # an empty journal now, not at the next change: no dead weight. If that fails, the
+        # image holds everything and the stale journal is replaced at the next change.
+        with contextlib.suppress(OSError):
+            self._open_journal()
 
     def append(self, change: Change, build: ImageBuilder) -> None:
         """Make ``change`` persistent with one fsynced append to the journal. An image without
@@ -350,7 +361,11 @@ class ImageStore:
         if self._whole_image_due:
             self.commit(build)
             return
-        fd = self._journal_fd if self._journal_fd is not None else self._open_journal()
+        try:
+            fd = self._journal_fd if self._journal_fd is not None else self._open_journal()
+        except OSError:  # EMFILE, or a full disk replacing a stale journal: the card refuses
+            self._whole_image_due = True  # the change, and a store's user that kept it in
+            raise                         # memory all the same is written whole next time
         data = encode_change(change)
         if self.tear:
             self.tear("append-begin")
