@@ -80,17 +80,24 @@ def test_m1_twenty_concurrent_copies_of_a_confirmation_release_the_goods_once(
     # 1. an honest payment; the attacker keeps its (valid) confirmation
     url, confirmation = withheld_confirmation(stack, card, tmp_path, variant)
     assert balance(card) == 8_750
-    # 2. 20 copies posted at the same instant
+    # 2. 20 copies posted at the same instant: the order is released once (one receipt), and
+    # every exact copy of the releasing confirmation is answered with those same goods
     answers = post_at_once(url, confirmation, 20)
-    released = [r for r in answers if r.status_code == 200 and r.json()["released"]]
-    assert len(released) == 1
-    assert sorted(r.status_code for r in answers) == [200] + [409] * 19
-    assert all("already used" in r.json()["reason"] for r in answers if r.status_code == 409)
-    # 3. and once more, later: still used
+    assert [r.status_code for r in answers] == [200] * 20
+    assert {(r.json()["goods"], str(r.json()["receipt"])) for r in answers} == {
+        ("TICKET-MUSEUM-0042", str(answers[0].json()["receipt"]))}
+    # 3. and once more, later: the same goods again, nothing new
     again = httpx.post(url, content=confirmation, timeout=30)
-    assert again.status_code == 409
+    assert again.status_code == 200 and again.json()["receipt"] == answers[0].json()["receipt"]
     txn = bytes.fromhex(url.rsplit("/", 1)[1])
     assert stack.merchant_server.orders[txn].state == "paid"
+    assert stack.merchant_server.db.counts() == {"paid": 1}
+    # 4. an altered copy (any byte changed, or cut short) gets nothing: 409, no goods
+    for altered in (confirmation[:-1] + bytes([confirmation[-1] ^ 1]), confirmation[:-1],
+                    bytes([confirmation[0] ^ 0x80]) + confirmation[1:]):
+        r = httpx.post(url, content=altered, timeout=30)
+        assert r.status_code == 409 and "goods" not in r.json(), r.text
+        assert "already used" in r.json()["reason"]
 
 
 # --- M3 -----------------------------------------------------------------------------------
@@ -104,8 +111,9 @@ def test_m3_merchant_restarted_between_checkout_and_confirmation(
     assert r.status_code == 200, r.text
     assert r.json()["released"] and r.json()["goods"] == "TICKET-MUSEUM-0042"
     # restarted again: the paid order is still paid (a replay is refused), the open one open
-    stack.restart_merchant()
-    assert httpx.post(url, content=confirmation, timeout=30).status_code == 409
+    stack.restart_merchant()   # the exact repeat: the same goods; an altered one: nothing
+    assert httpx.post(url, content=confirmation, timeout=30).json()["goods"] == r.json()["goods"]
+    assert httpx.post(url, content=confirmation + b"\0", timeout=30).status_code == 409
     orders = stack.merchant_server.orders
     assert orders[bytes.fromhex(open_order["txn_id"])].state == "open"
     assert balance(card) == 8_750
@@ -415,8 +423,11 @@ def test_m1_d2_m3_on_postgresql(cluster: Any, tmp_path: Path, card: Path) -> Non
     try:
         url, body = withheld_confirmation(stack, card, tmp_path, "fig6")
         stack.restart_merchant()
-        answers = post_at_once(url, body, 20)
-        assert sorted(r.status_code for r in answers) == [200] + [409] * 19
+        answers = post_at_once(url, body, 20)   # released once; each exact copy: its goods
+        assert [r.status_code for r in answers] == [200] * 20
+        assert len({str(r.json()["receipt"]) for r in answers}) == 1
+        assert httpx.post(url, content=body[:-1] + bytes([body[-1] ^ 1]),
+                          timeout=30).status_code == 409
         # 20 concurrent checkouts for 9 free slots (one order is paid): exactly 9 open
         checkout = stack.checkout_url("song", "fig6")
         barrier = threading.Barrier(20)

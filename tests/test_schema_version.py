@@ -55,7 +55,8 @@ def cluster() -> Iterator[Cluster]:
 
 def current(component: str) -> int:
     """The schema version this code writes for ``component`` (bank: 2, with the loads'
-    issuer column; the others 1)."""
+    issuer column; merchant: 2, with the releasing confirmation's digest and the open-order
+    counter; the others 1)."""
     return int(MODULES[component].SCHEMA.version)
 
 

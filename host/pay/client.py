@@ -220,7 +220,7 @@ def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2:
     s.round_trips += 1
     response = http.post(s.params["status_url"], content=confirmation,
                          headers={"Content-Type": "application/octet-stream"},
-                         extensions=RETRY_SAFE)  # the same confirmation again: 409, released
+                         extensions=RETRY_SAFE)  # the same confirmation again: the same goods
     body = response.json() if response.headers.get("content-type", "").startswith(
         "application/json") else {}
     if response.status_code != 200 or not body.get("released"):
@@ -231,7 +231,8 @@ def _finish(s: _Session, http: httpx.Client, journal: Journal, debit: Any, mac2:
     journal.write(txn, "goods", goods=body.get("goods"))
     if s.variant in (M.FIG7_CLIENT_COMPARES, M.FIG8_MERCHANT_COMPARES):
         _send_proof(s, http, mac2, tac)
-    journal.write(txn, "done", goods=body.get("goods"))
+    journal.write(txn, "done", goods=body.get("goods"), item=body.get("item", ""),
+                  receipt=body.get("receipt", {}))
     return PaymentOutcome(
         txn_id=txn, variant=s.params["variant"], amount=amount,
         currency_exponent=int(s.params.get("currency_exponent", 0)), balance_before=0,
@@ -330,7 +331,9 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client,
         try:
             outcome = _finish(s, http, journal, debit, mac2, tac)
         except PaymentRefused as exc:
-            if exc.who == "merchant" and exc.status == 409:  # released before the interruption
+            if exc.who == "merchant" and exc.status == 409:
+                # released to another confirmation (the merchant gives the goods again only
+                # to the exact one that released them): paid, the goods not known here
                 if s.variant in (M.FIG7_CLIENT_COMPARES, M.FIG8_MERCHANT_COMPARES):
                     _send_proof(s, http, mac2, tac)
                 journal.write(txn, "done", reason=exc.reason)
@@ -344,6 +347,7 @@ def resume(card: Reader, *, journal: Journal, http: httpx.Client,
         except TerminalCheckFailed as exc:  # FIG. 7 without this terminal's key: kept for later
             report.append({"txn_id": txn, "outcome": f"not finished: {exc}"})
             continue
-        outcome.resumed = True
-        report.append({"txn_id": txn, "outcome": "completed", "goods": outcome.goods})
+        outcome.resumed = True   # the goods are in the journal's "done" line too
+        report.append({"txn_id": txn, "outcome": "completed", "goods": outcome.goods,
+                       "item": outcome.item, "receipt": outcome.receipt})
     return report

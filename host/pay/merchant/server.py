@@ -18,13 +18,17 @@ TAC reach the payment server.
 ``POST /v1/status/{txn}`` takes the client's confirmation and releases the goods only if
 "debit result M" opens under DK and matches the order (and, in FIG. 8, if the card's MAC2
 equals the expected MAC2 only the merchant can open). The whole confirmation is checked first;
-then one conditional UPDATE (open -> paid) decides: a confirmation is good once, however many
-copies arrive at the same time. Orders are bounded in count and expire (see
+then one conditional UPDATE (open -> paid) decides: an order is released once, however many
+confirmations arrive at the same time. The UPDATE keeps the SHA-256 of the releasing
+confirmation: an exact repeat of it (its answer was lost) gets the same goods and receipt
+again, so a client resuming after a crash is not left without them; any other confirmation
+for a released order is refused (409). Orders are bounded in count and expire (see
 :mod:`svcard.host.pay.merchant.db`).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import re
@@ -326,8 +330,9 @@ class MerchantServer:
             row = await self.sql(self.db.get, txn_id.hex())
             if row is None:
                 raise Refusal(404, "no such order")
+            digest = MD.confirmation_digest(body)
             if row["state"] != MD.OPEN:
-                raise Refusal(409, "this confirmation was already used: goods released once")
+                return self.released_again(row, digest)
             now = self.now_ms()
             if now > row["confirm_until"]:
                 raise Refusal(410, "the order has expired")
@@ -344,12 +349,27 @@ class MerchantServer:
                                   if result.status == M.STATUS_AUTHENTICATED else "paid"),
                        "proven": state == MD.PAID}
             if not await self.sql(self.db.release, txn_id.hex(), state, json.dumps(receipt),
-                                  now):
-                raise Refusal(409, "this confirmation was already used: goods released once")
+                                  now, digest):
+                row = await self.sql(self.db.get, txn_id.hex())  # a copy won: which one?
+                if row is None:
+                    raise Refusal(404, "no such order")
+                return self.released_again(row, digest)
         except Refusal as exc:
             return self.refuse(exc.status, exc.reason, exc.headers)
         return JSONResponse({"released": True, "goods": row["goods"], "item": row["item"],
                              "proven": state == MD.PAID, "receipt": receipt})
+
+    def released_again(self, row: dict[str, Any], digest: str) -> Response:
+        """A confirmation for an order no longer open: the very confirmation that released it
+        (byte for byte: a client whose answer was lost) gets the same goods and receipt again;
+        any other one, forged or altered, is refused 409 and gets nothing."""
+        kept = row.get("confirmation") or ""
+        if row["state"] not in MD.RELEASED or not kept or not hmac.compare_digest(kept, digest):
+            return self.refuse(409, "this confirmation was already used: goods released once")
+        note(outcome="the same confirmation again")
+        return JSONResponse({"released": True, "goods": row["goods"], "item": row["item"],
+                             "proven": row["state"] == MD.PAID,
+                             "receipt": json.loads(row["receipt"]) if row["receipt"] else {}})
 
     def app(self) -> Starlette:
         return Starlette(routes=[

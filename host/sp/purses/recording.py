@@ -105,7 +105,9 @@ class RecordingJournal(Journal):
                 return   # the live payment: the pool books it paid as it gives the purse back
             values: dict[str, Any] = {"state": "paid", "reason": data.get("reason", "")}
             if data.get("goods") is not None:   # a resume's goods, kept for the relay
-                values["outcome"] = {"goods": str(data["goods"])}
+                values["outcome"] = {"goods": str(data["goods"]),
+                                     "item": str(data.get("item") or ""),
+                                     "receipt": dict(data.get("receipt") or {})}
             book.payment_step(txn=txn, expect=("drawing", "debited", "disputed"), **values)
         elif state == "abandoned":
             book.payment_step(txn=txn, expect=("drawing",), state="failed",
