@@ -29,7 +29,7 @@ Hand-off to clearing: ``batch``/``batch_number`` name the batch a PSAM record we
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +44,16 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    bindparam,
     insert,
     select,
     text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import DuplicateError, first_row, now_ms, reading, step, update_row
+from ...kit.db import DuplicateError, now_ms, reading, step
 from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
@@ -106,31 +108,77 @@ def make_engine(url: str) -> Engine:
     return open_schema(url, SCHEMA)
 
 
+# The statements of a purchase, built once: their values are bound when they run, so SQLAlchemy
+# takes the compiled form from its cache instead of building and hashing a statement each time.
+_BY_TXN = select(payments).where(payments.c.merchant_id == bindparam("w_merchant"),
+                                 payments.c.txn_id == bindparam("w_txn"))
+_BY_ID = select(payments).where(payments.c.id == bindparam("w_id"))
+_BY_PSAM_TTN = select(payments).where(payments.c.psam_id == bindparam("w_psam"),
+                                      payments.c.ttn == bindparam("w_ttn"))
+_INSERT = insert(payments)
+_SET = update(payments).where(payments.c.id == bindparam("w_id"))  # SET: the named columns
+_ADVANCE = _SET.where(payments.c.state == bindparam("w_state"))
+Change = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+
+
+def _first(conn: Connection, query: Any, params: dict[str, Any]) -> dict[str, Any] | None:
+    row = conn.execute(query, params).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def _update(conn: Connection, row_id: int, expect: str | None, values: dict[str, Any]) -> bool:
+    """One row changed by id (and, with ``expect``, only while in that state), stamped."""
+    for name in values:  # the SET clause is made of the parameters' names: columns only
+        if name not in payments.c or name.startswith("w_") or name == "updated":
+            raise ValueError(f"not a column of payments one may set: {name}")
+    result = conn.execute(_SET if expect is None else _ADVANCE,
+                          {"w_id": row_id, "w_state": expect, "updated": now_ms(), **values})
+    return int(result.rowcount or 0) == 1
+
+
 @dataclass
 class PaymentDb:
     engine: Engine
 
     def get(self, merchant_id: str, txn_id: str) -> dict[str, Any] | None:
-        return first_row(self.engine, payments, merchant_id=merchant_id, txn_id=txn_id)
+        with reading(self.engine) as conn:
+            return _first(conn, _BY_TXN, {"w_merchant": merchant_id, "w_txn": txn_id})
 
     def by_id(self, row_id: int) -> dict[str, Any] | None:
-        return first_row(self.engine, payments, id=row_id)
+        with reading(self.engine) as conn:
+            return _first(conn, _BY_ID, {"w_id": row_id})
 
     def by_psam_ttn(self, psam_id: str, ttn: int) -> dict[str, Any] | None:
-        return first_row(self.engine, payments, psam_id=psam_id, ttn=ttn)
+        with reading(self.engine) as conn:
+            return _first(conn, _BY_PSAM_TTN, {"w_psam": psam_id, "w_ttn": ttn})
 
     def insert_received(self, values: dict[str, Any]) -> int:
         """Record a draw (state ``received``). It touches no other row: its card fields are
         unauthenticated. A second draw of the same transaction is a :class:`DuplicateError`."""
+        _, row_id = self.get_or_insert(values, look=False)
+        assert row_id is not None
+        return row_id
+
+    def get_or_insert(self, values: dict[str, Any], insert: bool = True, look: bool = True,
+                      ) -> tuple[dict[str, Any] | None, int | None]:
+        """In one step: the row of ``values``' transaction if there is one (``look``), else
+        (``insert``) the draw recorded as by :meth:`insert_received`: (row, None), or (None,
+        the new row's id), or (None, None) if there was none and ``insert`` is False."""
+        if not insert:
+            return self.get(values["merchant_id"], values["txn_id"]), None
         stamp = now_ms()
         try:
             with step(self.engine) as conn:
-                result = conn.execute(insert(payments).values(
-                    state="received", reason="", proof_handed=0, created=stamp, updated=stamp,
-                    **values))
-                key = result.inserted_primary_key
+                if look:
+                    row = _first(conn, _BY_TXN, {"w_merchant": values["merchant_id"],
+                                                 "w_txn": values["txn_id"]})
+                    if row is not None:
+                        return row, None
+                key = conn.execute(_INSERT, {
+                    "reason": "", "proof_handed": 0, "created": stamp, "updated": stamp,
+                    **values, "state": "received"}).inserted_primary_key
                 assert key is not None
-                return int(key[0])
+                return None, int(key[0])
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from None
 
@@ -138,7 +186,30 @@ class PaymentDb:
         """Compare-and-set: change the row only if it is still in ``from_state``, in one
         statement. True if this call changed it; False if another request got there first (the
         caller re-reads). A unique key that says no is a :class:`DuplicateError`."""
-        return update_row(self.engine, payments, row_id, expect=from_state, **values)
+        try:
+            with step(self.engine) as conn:
+                return _update(conn, row_id, from_state, values)
+        except IntegrityError as exc:
+            raise DuplicateError(str(exc.orig)) from None
+
+    def take(self, merchant_id: str, txn_id: str, from_state: str,
+             change: Change) -> tuple[dict[str, Any] | None, bool]:
+        """In one step: read the transaction's row and, if it is in ``from_state`` and
+        ``change(row)`` gives values, :meth:`advance` it with them. (the row read, True) if this
+        call changed it; else (the row as it is now, False): None, another state, or one that
+        ``change`` left alone. A unique key that says no is a :class:`DuplicateError`."""
+        where = {"w_merchant": merchant_id, "w_txn": txn_id}
+        try:
+            with step(self.engine) as conn:
+                row = _first(conn, _BY_TXN, where)
+                values = change(row) if row is not None and row["state"] == from_state else None
+                if row is None or values is None:
+                    return row, False
+                if _update(conn, row["id"], from_state, values):
+                    return row, True
+                return _first(conn, _BY_TXN, where), False  # another request won: re-read
+        except IntegrityError as exc:
+            raise DuplicateError(str(exc.orig)) from None
 
     def note(self, row_id: int, state: str, report: str) -> None:
         """Record an unauthenticated client report on a row still in ``state`` (no state
@@ -149,7 +220,8 @@ class PaymentDb:
             ).values(client_report=report[:200], updated=now_ms()))
 
     def set(self, row_id: int, **values: Any) -> None:
-        update_row(self.engine, payments, row_id, **values)
+        with step(self.engine) as conn:
+            _update(conn, row_id, None, values)
 
     def recover(self) -> int:
         """On start: draws that never reached a PSAM answer are void. Returns how many."""

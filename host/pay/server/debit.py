@@ -36,10 +36,16 @@ async def answer_debit_response(server: PaymentServer, data: bytes) -> Response:
     """The payment result for a debit response (FIG. 5 and 6)."""
     o, r = open_message(server.config.merchants, data, M.DEBIT_RESPONSE, M.DebitResponse,
                         "debit response")
-    row = await server.sql(server.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
+    response_digest = request_digest(o.plaintext)
+    if o.ticket.variant == M.FIG6_SERVER_COMPARES:  # no PSAM held: one step confirms
+        row, body = await _confirm_fig6(server, o, r, response_digest)
+        if body is not None:
+            note(outcome="confirmed")
+            return sealed(o, M.PAYMENT_RESULT, body)
+    else:
+        row = await server.sql(server.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
     if row is None:
         raise Refused(404, 404, "no such transaction")
-    response_digest = request_digest(o.plaintext)
     if row["state"] != "issued":
         return _finished(o, row, response_digest)
     row_id = row["id"]
@@ -85,6 +91,33 @@ async def answer_debit_response(server: PaymentServer, data: bytes) -> Response:
         return _finished(o, row, response_digest)
     note(outcome="confirmed")
     return sealed(o, M.PAYMENT_RESULT, body)
+
+
+async def _confirm_fig6(server: PaymentServer, o: Opened, r: Any, response_digest: str,
+                        ) -> tuple[dict[str, Any] | None, bytes | None]:
+    """FIG. 6 in one step: the row read and, if it is a FIG. 6 payment waiting for this
+    card's MAC2 and the MAC2 is the expected one, confirmed: (row, its result). Otherwise
+    (the row as it is now, None), for the steps of every variant."""
+    auth = o.ticket.purpose == M.PURPOSE_AUTHENTICATION
+    reason = "authentication OK" if auth else "paid"
+    made: list[bytes] = []
+
+    def confirm(row: dict[str, Any]) -> dict[str, Any] | None:
+        if row["variant"] != M.FIG6_SERVER_COMPARES or r.card_sw != SW.OK \
+                or not hmac.compare_digest(r.mac2, bytes.fromhex(row["expected_mac2"])):
+            return None
+        made.append(_payment_result(o, row, M.STATUS_AUTHENTICATED if auth else M.STATUS_OK,
+                                    reason, r.tac))
+        return {"state": "confirmed", "reason": reason, "card_mac2": r.mac2.hex(),
+                "tac": r.tac.hex(), "response_digest": response_digest, "result": made[-1]}
+
+    try:
+        row, won = await server.sql(server.db.take, o.env.merchant_id.hex(),
+                                    o.env.txn_id.hex(), "issued", confirm)
+    except DuplicateError:
+        raise Refused(409, 409, "another confirmed payment already holds this card "
+                                "counter") from None
+    return row, made[-1] if won else None
 
 
 def _payment_result(o: Opened, row: dict[str, Any], status: int, reason: str,

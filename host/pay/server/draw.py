@@ -65,12 +65,16 @@ async def answer_draw(server: PaymentServer, data: bytes, client: str = "?") -> 
     values = {"variant": t.variant, "amount": t.amount, "currency_code": t.currency_code,
               "card_serial": d.card_serial.hex(), "card_counter": d.offline_counter,
               "draw_digest": draw_digest}
-    existing = await server.sql(server.db.get, merchant_hex, txn_hex)
+    record = {"merchant_id": merchant_hex, "txn_id": txn_hex, **values}
+    fig5 = t.variant == M.FIG5_PSAM_COMPARES
+    try:  # one step: the transaction's row, or else the draw recorded (FIG. 5: its hold first)
+        existing, row_id = await server.sql(server.db.get_or_insert, record, insert=not fig5)
+    except DuplicateError:  # the same transaction, raced: one of us recorded it
+        return await _raced(server, o, draw_digest)
     if existing is not None:
         again = _same_draw(o, existing, draw_digest)
         if again is not None:
             return again
-    fig5 = t.variant == M.FIG5_PSAM_COMPARES
     if fig5:
         server.holds.reserve(o.env.merchant_id, client)
     held = False
@@ -80,21 +84,26 @@ async def answer_draw(server: PaymentServer, data: bytes, client: str = "?") -> 
             if not await server.sql(server.db.advance, row_id, "busy", state="received",
                                     reason="", **values):
                 raise _draw_conflict(await server.sql(server.db.get, merchant_hex, txn_hex))
-        else:
+        elif row_id is None:  # FIG. 5: recorded once its hold is reserved
             try:
-                row_id = await server.sql(server.db.insert_received, {
-                    "merchant_id": merchant_hex, "txn_id": txn_hex, **values})
-            except DuplicateError:  # the same transaction, raced: one of us recorded it
-                row = await server.sql(server.db.get, merchant_hex, txn_hex)
-                again = _same_draw(o, row, draw_digest) if row else None
-                if again is not None:
-                    return again
-                raise _draw_conflict(row) from None
+                row_id = await server.sql(server.db.insert_received, record)
+            except DuplicateError:
+                return await _raced(server, o, draw_digest)
         response, held = await _issue(server, o, d, row_id, client)
         return response
     finally:
         if fig5 and not held:
             server.holds.unreserve(o.env.merchant_id, client)
+
+
+async def _raced(server: PaymentServer, o: Opened, draw_digest: str) -> Response:
+    """Another request recorded a draw for the same transaction first: the same debit command
+    if it is this draw and its debit is open, else 409."""
+    row = await server.sql(server.db.get, o.env.merchant_id.hex(), o.env.txn_id.hex())
+    again = _same_draw(o, row, draw_digest) if row else None
+    if again is not None:
+        return again
+    raise _draw_conflict(row)
 
 
 def _same_draw(o: Opened, row: dict[str, Any], draw_digest: str) -> Response | None:

@@ -9,7 +9,7 @@ payment so clearing can check the card's TAC. A MAC2 that is not the expected on
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
@@ -29,24 +29,27 @@ async def take_proof(server: PaymentServer, data: bytes) -> Response:
     card's TAC. Off the purchase's critical path: the goods are already released."""
     o, r = open_message(server.config.merchants, data, M.DEBIT_PROOF, M.DebitResponse,
                         "debit proof")
-    merchant_hex, txn_hex = o.env.merchant_id.hex(), o.env.txn_id.hex()
-    row = await server.sql(server.db.get, merchant_hex, txn_hex)
-    if row is None:
-        raise Refused(404, 404, "no such transaction")
-    if row["state"] == "released":
+    def genuine(row: dict[str, Any]) -> dict[str, Any] | None:
+        """The confirmation, for a MAC2 that is the one the PSAM expected (else nothing)."""
         if r.card_sw != SW.OK or not hmac.compare_digest(
                 r.mac2, bytes.fromhex(row["expected_mac2"])):
-            raise Refused(400, 401, "the card's MAC2 is not the one the PSAM expected")
-        try:
-            if await server.sql(server.db.advance, row["id"], "released", state="confirmed",
-                                card_mac2=r.mac2.hex(), tac=r.tac.hex(), reason="paid"):
-                note(outcome="confirmed")
-                return Response(b"", status_code=204)
-        except DuplicateError:
-            raise Refused(409, 409, "another confirmed payment already holds this card "
-                                    "counter") from None
-        row = await server.sql(server.db.get, merchant_hex, txn_hex)  # raced: who won?
-        assert row is not None
+            return None
+        return {"state": "confirmed", "card_mac2": r.mac2.hex(), "tac": r.tac.hex(),
+                "reason": "paid"}
+
+    try:  # one step: read the row and, if released and the MAC2 is genuine, confirm it
+        row, won = await server.sql(server.db.take, o.env.merchant_id.hex(),
+                                    o.env.txn_id.hex(), "released", genuine)
+    except DuplicateError:
+        raise Refused(409, 409, "another confirmed payment already holds this card "
+                                "counter") from None
+    if won:
+        note(outcome="confirmed")
+        return Response(b"", status_code=204)
+    if row is None:
+        raise Refused(404, 404, "no such transaction")
+    if row["state"] == "released":  # still released: the MAC2 is not the expected one
+        raise Refused(400, 401, "the card's MAC2 is not the one the PSAM expected")
     if row["state"] == "confirmed" and row["tac"] == r.tac.hex() \
             and row["card_mac2"] == r.mac2.hex():
         note(outcome="the same proof again")
