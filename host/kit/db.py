@@ -1,22 +1,15 @@
 """Database plumbing shared by the servers and the tools: SQLite (WAL, synchronous FULL) or
-PostgreSQL by URL, through SQLAlchemy Core.
-
-:func:`make_engine` is a server's (or a tool writing its own output database): the database is
-created if missing. :func:`open_existing` is a tool's that only READS a database (the audit,
-clearing's inputs, ``bank account list``): it must exist and hold the tables read; SQLite is
-opened read-only (``mode=ro``, ``immutable`` when no writer is at work, so not even a
-``-wal``/``-shm`` file is made), PostgreSQL in a read-only session; nothing is created. Either
-raises :class:`DatabaseError`, one line naming the database (password masked) and the problem.
-
-A SQLite file is created mode 0600 before SQLite opens it (its -wal and -shm files take its
-mode), an existing one narrowed to 0600: rows hold secret hashes and transaction data.
-:func:`storage_reason` says why a database could not do its work without quoting the driver
-(whose messages can carry SQL parameters); engines are made with ``hide_parameters``.
+PostgreSQL by URL, through SQLAlchemy Core. :func:`make_engine` is a server's (the database
+created if missing); :func:`open_existing` a tool's that only READS one (the audit, clearing's
+inputs): it must exist and hold the tables read; SQLite read-only (``mode=ro``, ``immutable``
+when no writer is at work: not even a ``-wal``/``-shm`` file), PostgreSQL in a read-only
+session. Either raises :class:`DatabaseError`: one line naming the database (password masked).
+A SQLite file is made (or narrowed to) mode 0600: rows hold secret hashes and transaction data.
+:func:`storage_reason` says why a database failed without quoting the driver (``hide_parameters``).
 
 Steps use :func:`step` (``engine.begin()``) and :func:`reading` (``engine.connect()``): on a
 SQLite server's writer thread (:class:`.http.SqlRunner`) they share the :class:`StepGroup`'s
-one transaction (group commit), each :func:`step` block in a SAVEPOINT, so a block that raises
-rolls back only itself, as its own transaction would have.
+one transaction (group commit), each :func:`step` block in a SAVEPOINT (rolled back alone).
 """
 
 from __future__ import annotations
@@ -157,12 +150,9 @@ def require_tables(engine: Engine, url: str, tables: Iterable[str], what: str) -
 
 
 def _sqlite_read_mode(path: str) -> str:
-    """The URI parameters that open the SQLite file at ``path`` read-only, leaving nothing
-    beside it. ``mode=ro`` alone on a WAL database makes its ``-wal`` and ``-shm`` files (and leaves
-    them), and needs a folder it can write. With no ``-wal`` (nor ``-journal``) file beside
-    the database nobody is writing it (a writer in WAL mode keeps its ``-wal`` file while
-    connected), so it is opened ``immutable``: SQLite then takes no lock and makes no file.
-    Otherwise a writer may be at work: plain ``mode=ro``, which reads through its locks."""
+    """URI parameters opening ``path`` read-only, leaving nothing beside it (``mode=ro`` alone
+    makes a WAL database's ``-wal``/``-shm`` files). No ``-wal`` (nor ``-journal``) beside it:
+    nobody writes it, so ``immutable`` (no lock, no file); else plain ``mode=ro``."""
     if any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal")):
         return "?mode=ro"
     return "?mode=ro&immutable=1"
@@ -196,10 +186,8 @@ def must_exist(url: str, what: str = "database") -> None:
 
 
 def _switch_to_wal(cur: Any, patience: float = 30.0) -> None:
-    """``PRAGMA journal_mode=WAL`` on a new connection. The first switch of a new file needs
-    the file to itself: several processes opening one new database at once may be told
-    "database is locked" at once (SQLite's busy handler does not wait for this one), so it is
-    asked again for up to ``patience`` seconds. The mode then stays in the file."""
+    """``PRAGMA journal_mode=WAL``: the first switch of a new file needs it alone (processes
+    opening it at once are told "locked", unhandled by the busy handler): asked again."""
     deadline = time.monotonic() + patience
     while True:
         try:
@@ -288,12 +276,22 @@ def now_ms() -> int:
 
 
 class StepGroup:
-    """Steps sharing one transaction per engine on the SQLite writer thread. ``depth``: open
-    :func:`step` blocks; ``foreign``: a step began a transaction of its own."""
+    """Steps sharing a transaction per engine on the SQLite writer thread. ``depth``: open
+    :func:`step` blocks; ``foreign``: a step began its own; ``failed``: an end failed."""
 
     def __init__(self) -> None:
         self.conns: dict[Engine, Connection] = {}
-        self.depth, self.foreign = 0, False
+        self.depth, self.foreign, self.failed = 0, False, False
+
+    def lost(self) -> bool:
+        """The group's work cannot be committed: an end failed, or SQLite ended a transaction
+        by itself (a full disk, an I/O error), also if the step that met the error caught it."""
+        try:
+            return self.failed or not all(getattr(c.connection.dbapi_connection,
+                                                  "in_transaction", False)
+                                          for c in self.conns.values())
+        except Exception:  # a connection closed or invalidated under the step
+            return True
 
     def connection(self, engine: Engine) -> Connection:
         if engine not in self.conns:
@@ -313,10 +311,13 @@ class StepGroup:
         try:
             for conn in conns.values():
                 conn.commit() if commit else conn.rollback()
+        except BaseException:
+            self.failed = True  # each driver connection closed: SQLite drops what it held
+            raise
         finally:
             for conn in conns.values():
                 with contextlib.suppress(Exception):
-                    conn.close()  # what a failed commit left is rolled back here
+                    conn.invalidate() if self.failed else conn.close()
 
 
 writer_state = threading.local()  # .group: the writer thread's StepGroup (set by SqlRunner)

@@ -1,28 +1,21 @@
 """What the servers share: refusals as binary error answers, bounded request bodies and JSON,
 a storage failure answered 503, opening a sealed client envelope and sealing its answer (FIG. 9
-layer), and database calls off the event loop.
+layer), and database calls off the event loop (SQLite: group commit, :class:`GroupWriter`).
 
-Every body a server reads goes through :func:`read_body` (at most ``max_bytes``, else 413, read
-as a stream so an oversized body is never held whole) and every JSON body through
-:func:`read_json` (also bounded in nesting depth and item count, checked by a linear scan
-*before* ``json.loads``, so no input can make the parser recurse). :func:`answer` does the
-bounded read for the binary endpoints of the payment and load servers.
-
-A database that cannot write (a full disk, a read-only or vanished file, PostgreSQL down) is a
-:class:`sqlalchemy.exc.OperationalError`; :data:`STORAGE_ERROR_HANDLERS` (binary error answers)
-and :data:`JSON_STORAGE_ERROR_HANDLERS` (``{"reason": ...}``) turn it into 503 with the reason and
-``Retry-After``, for ``Starlette(exception_handlers=...)``; the database transaction was rolled
-back, so nothing changed.
-
-Every refusal made here is noted in the request's log line (:func:`.request_log.note`), as is
-the transaction id of every client envelope opened. :func:`openapi_route` serves a server's
-OpenAPI document (``host/openapi/NAME.yaml``, the files ``docs/openapi/`` shows) as
-``/openapi.json``.
+Every body goes through :func:`read_body` (at most ``max_bytes``, else 413, read as a stream)
+and every JSON body through :func:`read_json` (also bounded in depth and item count by a linear
+scan *before* ``json.loads``, so no input makes the parser recurse); :func:`answer` does the
+bounded read for the binary endpoints. A database that cannot write (full disk, read-only,
+PostgreSQL down) is an :class:`sqlalchemy.exc.OperationalError`; :data:`STORAGE_ERROR_HANDLERS`
+(binary) and :data:`JSON_STORAGE_ERROR_HANDLERS` (``{"reason": ...}``) answer it 503 with the
+reason and ``Retry-After`` (the transaction was rolled back: nothing changed). Every refusal is
+noted in the request's log line (:func:`.request_log.note`), as is each client envelope's
+transaction id. :func:`openapi_route` serves ``host/openapi/NAME.yaml`` as ``/openapi.json``.
 """
-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import queue
@@ -219,6 +212,9 @@ def request_digest(plaintext: bytes) -> str:
     return hashlib.sha256(plaintext).hexdigest()
 
 
+_SHUT = "the database writer has been shut down"
+
+
 @dataclass
 class _Call:
     fn: Callable[..., Any]
@@ -229,17 +225,14 @@ class _Call:
 
 class GroupWriter:
     """The SQLite writer thread with group commit: it takes every step waiting (at most
-    ``max_group``), runs them one after another in one transaction (:class:`.db.StepGroup`,
-    each :func:`.db.step` block in a SAVEPOINT), commits once, and only then gives each step
-    its result or exception: an answer leaves only after its step's commit, and one commit
-    (one fsync) serves every step that was waiting.
+    ``max_group``), runs them in one transaction (:class:`.db.StepGroup`, each :func:`.db.step`
+    block in a SAVEPOINT), commits once, and only then gives each step its result or error: an
+    answer leaves only after its step's commit; one commit (one fsync) serves every step.
 
-    A step that begins a transaction of its own (not converted to :func:`.db.step`) has the
-    group committed before it and right after it. If SQLite ends the group's transaction by
-    itself (a full disk, an I/O error: any database error but a unique key's) or the commit
-    fails, the group is rolled back and each of its steps not yet committed runs again alone,
-    as it would have without the group (the step that failed keeps its error). ``groups`` and
-    ``steps`` count what was run."""
+    A step beginning a transaction of its own has the group committed before and after it. A
+    database error but a unique key's, a transaction SQLite ended by itself (even if the step
+    caught the error) or a failed commit rolls the group back, and each step not committed
+    runs again alone (the one that failed keeps its error). ``groups``/``steps`` count runs."""
 
     def __init__(self, max_group: int = 256) -> None:
         self._writer = writer = _Writer(max_group)
@@ -258,9 +251,12 @@ class GroupWriter:
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         if self._stopped:
-            raise RuntimeError("the database writer has been shut down")
+            raise RuntimeError(_SHUT)
         call = _Call(fn, args, kwargs)
         self._writer.queue.put(call)
+        if self._stopped and self._thread is not threading.current_thread():
+            self._thread.join()  # shutdown() came between the check and the put: the step
+            self._writer.refuse_rest()  # may be behind the end mark, and is refused then
         return call.future
 
     def shutdown(self, wait: bool = True) -> None:
@@ -292,9 +288,22 @@ class _Writer:
                     last = True
                     break
                 calls.append(more)
-            self.run([c for c in calls if c.future.set_running_or_notify_cancel()])
+            running = [c for c in calls if c.future.set_running_or_notify_cancel()]
+            try:
+                self.run(running)
+            except BaseException as exc:  # the writer's own work failed: no caller waits
+                for call in running:     # forever, and the thread goes on
+                    if not call.future.done():
+                        call.future.set_exception(exc)
             if last:
-                return
+                break
+        self.refuse_rest()
+
+    def refuse_rest(self) -> None:  # steps queued after the end mark (as shutdown began)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                if (call := self.queue.get_nowait()) and call.future.set_running_or_notify_cancel():
+                    call.future.set_exception(RuntimeError(_SHUT))
 
     def run(self, calls: list[_Call]) -> None:
         group = StepGroup()
@@ -307,6 +316,8 @@ class _Writer:
             for call in calls:
                 try:
                     done.append((call, call.fn(*call.args, **call.kwargs), None))
+                    if group.lost():  # it caught an error that ended the transaction: it
+                        broken, culprit = True, 0 if len(calls) == 1 else -1  # runs again alone
                 except BaseException as exc:  # the step's caller gets it, as from an executor
                     done.append((call, None, exc))
                     broken = _breaks(exc, group)
@@ -332,7 +343,8 @@ class _Writer:
         self.groups += 1
         self.steps += len(done)
         if broken:  # rolled back: every step not committed and not the culprit runs alone
-            group.end(commit=False)
+            with contextlib.suppress(Exception):  # a failed rollback closed the connections
+                group.end(commit=False)
             for i, (call, _, _) in enumerate(done):
                 if i >= durable and i != culprit:
                     self.run([call])
@@ -351,11 +363,7 @@ def _breaks(exc: BaseException, group: StepGroup) -> bool:
     error other than a unique key's, or SQLite ended the transaction by itself."""
     if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError):
         return True
-    try:
-        return not all(getattr(c.connection.dbapi_connection, "in_transaction", False)
-                       for c in group.conns.values())
-    except Exception:  # a connection closed or invalidated under the step
-        return True
+    return group.lost()
 
 
 class SqlRunner:
