@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from ..kit.db import now_ms
+from ..kit.db import now_ms, reading, step
 from ..terminal.money import format_money
 from . import db as D
 from .config import Item
@@ -70,7 +70,7 @@ def bill_order(engine: Engine, order_ref: str, maximum: int, due_days: int,
     reservation released and open total raised, and a bill issued if the open total reached
     ``maximum``. None when the order is not ``paid`` (billed already, or never paid)."""
     at = now_ms() if now is None else now
-    with engine.begin() as conn:
+    with step(engine) as conn:
         moved = conn.execute(update(D.orders).where(
             D.orders.c.order_ref == order_ref, D.orders.c.state == D.PAID).values(
             state=D.BILLED, updated=at)).rowcount
@@ -150,13 +150,13 @@ def close_ended_periods(engine: Engine, period: str, due_days: int,
     from before the current period); the new bills' ids."""
     at = now_ms() if now is None else now
     start = period_start(at, period)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         due = conn.execute(select(D.bill_lines.c.customer).where(
             D.bill_lines.c.bill_id.is_(None), D.bill_lines.c.created < start).distinct()
         ).scalars().all()
     issued = []
     for customer in due:
-        with engine.begin() as conn:
+        with step(engine) as conn:
             bill = issue_bill(conn, customer, "period", at, due_days, before=start)
         if bill is not None:
             issued.append(bill)
@@ -167,7 +167,7 @@ def close_now(engine: Engine, customer: str, due_days: int, now: int | None = No
               ) -> int | None:
     """A bill of every open line of ``customer`` now (``svcard sp bills close``)."""
     at = now_ms() if now is None else now
-    with engine.begin() as conn:
+    with step(engine) as conn:
         return issue_bill(conn, customer, "manual", at, due_days)
 
 
@@ -175,7 +175,7 @@ def settle_bill(engine: Engine, bill_id: int, now: int | None = None) -> bool:
     """Record that the customer paid bill ``bill_id`` (issued -> paid); False if it is not an
     issued bill."""
     at = now_ms() if now is None else now
-    with engine.begin() as conn:
+    with step(engine) as conn:
         if conn.execute(update(D.bills).where(
                 D.bills.c.id == bill_id, D.bills.c.state == D.ISSUED).values(
                 state=D.SETTLED, updated=at)).rowcount != 1:

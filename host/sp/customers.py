@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..kit.db import now_ms
+from ..kit.db import now_ms, reading, step
 from . import db as D
 
 ID_MAX, NAME_MAX, REASON_MAX = 32, 100, 200
@@ -24,7 +24,7 @@ def add_customer(engine: Engine, customer: str, public_key: bytes, credit_limit:
         raise CustomerError(f"a customer id has 1 to {ID_MAX} characters")
     at = now_ms()
     try:
-        with engine.begin() as conn:
+        with step(engine) as conn:
             conn.execute(insert(D.customers).values(
                 id=customer, name=(name or customer)[:NAME_MAX], public_key=public_key.hex(),
                 state=D.ACTIVE, block_reason="", credit_limit=credit_limit, reserved=0,
@@ -37,7 +37,7 @@ def set_blocked(engine: Engine, customer: str, blocked: bool, reason: str = "") 
     """Block (with ``reason``) or unblock ``customer``; an unknown customer is refused."""
     values = ({"state": D.BLOCKED, "block_reason": reason[:REASON_MAX] or "blocked"}
               if blocked else {"state": D.ACTIVE, "block_reason": ""})
-    with engine.begin() as conn:
+    with step(engine) as conn:
         changed = conn.execute(update(D.customers).where(D.customers.c.id == customer).values(
             updated=now_ms(), **values)).rowcount
     if changed != 1:
@@ -45,7 +45,7 @@ def set_blocked(engine: Engine, customer: str, blocked: bool, reason: str = "") 
 
 
 def set_credit_limit(engine: Engine, customer: str, credit_limit: int) -> None:
-    with engine.begin() as conn:
+    with step(engine) as conn:
         changed = conn.execute(update(D.customers).where(D.customers.c.id == customer).values(
             credit_limit=credit_limit, updated=now_ms())).rowcount
     if changed != 1:
@@ -54,6 +54,6 @@ def set_credit_limit(engine: Engine, customer: str, credit_limit: int) -> None:
 
 def list_customers(engine: Engine) -> list[dict[str, Any]]:
     """Every customer (no key material but the public key), by id."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(select(D.customers).order_by(D.customers.c.id)).all()
     return [dict(r._mapping) for r in rows]

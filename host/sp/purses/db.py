@@ -41,7 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import DuplicateError, now_ms
+from ...kit.db import DuplicateError, now_ms, reading, step
 from ...kit.schema import Schema, prepare
 
 metadata = MetaData()
@@ -160,17 +160,17 @@ class PurseBook:
     # --- purses -----------------------------------------------------------------------------
 
     def purse(self, serial: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(purses).where(purses.c.serial == serial)).first()
         return dict(row._mapping) if row is not None else None
 
     def purse_by_reader(self, reader: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(purses).where(purses.c.reader == reader)).first()
         return dict(row._mapping) if row is not None else None
 
     def all_purses(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(purses).order_by(purses.c.serial)).all()
         return [dict(r._mapping) for r in rows]
 
@@ -180,7 +180,7 @@ class PurseBook:
         purse already known keeps its row and takes the reader spec. True if added."""
         now = now_ms()
         try:
-            with self.engine.begin() as conn:
+            with step(self.engine) as conn:
                 conn.execute(insert(purses).values(
                     serial=serial, reader=reader, state="ready", reason="",
                     currency_code=currency_code, balance=balance, balance_limit=limit,
@@ -189,7 +189,7 @@ class PurseBook:
                     updated=now))
             return True
         except IntegrityError:
-            with self.engine.begin() as conn:
+            with step(self.engine) as conn:
                 conn.execute(update(purses).where(purses.c.serial == serial).values(
                     reader=reader, updated=now))
             return False
@@ -197,7 +197,7 @@ class PurseBook:
     def candidates(self, *, min_balance: int = 0) -> list[dict[str, Any]]:
         """Ready purses with at least ``min_balance``, least recently used first (their lease
         may be held: :meth:`lease` decides)."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(purses).where(
                 purses.c.state == "ready", purses.c.balance >= min_balance).order_by(
                 purses.c.last_used, purses.c.serial)).all()
@@ -211,7 +211,7 @@ class PurseBook:
         free = or_(purses.c.lease_owner.is_(None), purses.c.leased_until < now)
         if owner_gone(row.get("lease_owner")):   # its process on this host is gone
             free = or_(free, purses.c.lease_owner == row["lease_owner"])
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             taken = conn.execute(update(purses).where(
                 purses.c.serial == row["serial"],
                 purses.c.state.in_(("ready", "retired") if retired_too else ("ready",)),
@@ -231,7 +231,7 @@ class PurseBook:
         ref, outcome) book the payment made under the lease paid, in one transaction; False
         if the lease had been taken over (it expired)."""
         now = now_ms()
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             if paid is not None:
                 conn.execute(update(payments).where(
                     payments.c.order_ref == paid[0],
@@ -250,7 +250,7 @@ class PurseBook:
         """Extend the lease ``owner`` holds on the purse; False if it holds it no more (it
         expired and another took it: the purse is not to be touched)."""
         now = now_ms()
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             done = conn.execute(update(purses).where(
                 purses.c.serial == serial, purses.c.lease_owner == owner).values(
                 leased_until=now + ttl_ms, updated=now)).rowcount
@@ -267,7 +267,7 @@ class PurseBook:
             return out.setdefault(int(code), dict.fromkeys(
                 ("opening", "loaded", "debits", "balances", "open_payments", "open_loads"), 0))
 
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             for code, opening, balance in conn.execute(select(
                     purses.c.currency_code, func.sum(purses.c.opening_balance),
                     func.sum(purses.c.balance)).group_by(purses.c.currency_code)):
@@ -289,19 +289,19 @@ class PurseBook:
         return out
 
     def lease_intervals(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(leases).order_by(leases.c.id)).all()
         return [dict(r._mapping) for r in rows]
 
     # --- payments ---------------------------------------------------------------------------
 
     def payment(self, order_ref: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(payments).where(payments.c.order_ref == order_ref)).first()
         return dict(row._mapping) if row is not None else None
 
     def open_payments(self, serial: str) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(payments).where(
                 payments.c.purse_serial == serial,
                 payments.c.state.in_(OPEN_PAYMENT_STATES))).all()
@@ -313,14 +313,14 @@ class PurseBook:
         unproven."""
         now = now_ms()
         try:
-            with self.engine.begin() as conn:
+            with step(self.engine) as conn:
                 conn.execute(insert(payments).values(
                     order_ref=order_ref, purse_serial=serial, currency_code=currency_code,
                     state="started", created=now, updated=now))
             return
         except IntegrityError:
             pass
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             again = conn.execute(update(payments).where(
                 payments.c.order_ref == order_ref, payments.c.state == "failed").values(
                 purse_serial=serial, txn_id=None, counter=None, amount=None, tac="",
@@ -340,13 +340,13 @@ class PurseBook:
             values["outcome"] = json.dumps(values["outcome"], default=str)[:60_000]
         if "reason" in values:
             values["reason"] = str(values["reason"])[:200]
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             done = conn.execute(update(payments).where(and_(*where)).values(
                 updated=now_ms(), **values)).rowcount
         return done == 1
 
     def all_payments(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(payments).order_by(payments.c.created)).all()
         return [dict(r._mapping) for r in rows]
 
@@ -355,7 +355,7 @@ class PurseBook:
     def start_load(self, serial: str, request_id: str | None, amount: int,
                    currency_code: int, balance: int) -> int:
         now = now_ms()
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             result = conn.execute(insert(loads).values(
                 purse_serial=serial, request_id=request_id, amount=amount,
                 currency_code=currency_code, state="started", balance_before=balance,
@@ -373,12 +373,12 @@ class PurseBook:
             where = loads.c.txn_id == txn
         if "reason" in values:
             values["reason"] = str(values["reason"])[:200]
-        with self.engine.begin() as conn:
+        with step(self.engine) as conn:
             done = conn.execute(update(loads).where(where).values(
                 updated=now_ms(), **values)).rowcount
         return done == 1
 
     def all_loads(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(loads).order_by(loads.c.id)).all()
         return [dict(r._mapping) for r in rows]

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import first_row
+from ...kit.db import first_row, step
 from ...kit.http import Refused, check_json_shape
 from .. import db as D
 from ..billing import log_event, reservation
@@ -111,7 +111,7 @@ def admit(engine: Engine, req: OrderRequest, item: Item, digest: str, currency_c
            "retail": item.retail, "fee": item.fee,
            "currency_code": currency_code, "attempts": 0, "created": now, "updated": now}
     try:
-        with engine.begin() as conn:
+        with step(engine) as conn:
             reserved = conn.execute(update(D.customers).where(
                 c.id == req.customer, c.state == D.ACTIVE, c.currency_code == currency_code,
                 c.owed + c.open_total + c.reserved + amount <= c.credit_limit,

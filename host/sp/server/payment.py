@@ -28,7 +28,7 @@ import httpx
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import now_ms
+from ...kit.db import now_ms, reading, step
 from ...pay.client import PaymentOutcome
 from .. import db as D
 from ..billing import log_event
@@ -77,7 +77,7 @@ def _move(engine: Engine, order_ref: str, expect: tuple[str, ...], state: str, e
     be: nothing changed)."""
     at = now_ms()
     detail = {k: v for k, v in values.items() if k not in ("goods", "receipt")}
-    with engine.begin() as conn:
+    with step(engine) as conn:
         changed = conn.execute(update(D.orders).where(
             D.orders.c.order_ref == order_ref, D.orders.c.state.in_(expect)).values(
             state=state, updated=at, **values)).rowcount
@@ -149,13 +149,13 @@ def pay_order(engine: Engine, payer: Payer, http: httpx.Client, order: dict[str,
 
 
 def _state(engine: Engine, order_ref: str) -> str:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return str(conn.execute(select(D.orders.c.state).where(
             D.orders.c.order_ref == order_ref)).scalar_one())
 
 
 def open_orders(engine: Engine, states: tuple[str, ...]) -> list[dict[str, Any]]:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(select(D.orders).where(D.orders.c.state.in_(states)).order_by(
             D.orders.c.id)).all()
     return [dict(r._mapping) for r in rows]
