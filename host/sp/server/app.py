@@ -263,10 +263,12 @@ class SpServer:
                                   order_ref=found["order_ref"])
             answer.update(goods=found["goods"], item=found["item"],
                           receipt=json.loads(found["receipt"] or "{}"))
-            if not found["goods"]:   # released to a confirmation whose answer was lost
+            if not found["goods"]:   # the merchant refused the resumed confirmation (409):
+                # released to another one, or before it kept the releasing one's digest
                 answer["reason"] = (f"paid (merchant transaction {found['merchant_txn']}), but "
-                                    "the merchant released the goods before the SP got "
-                                    "them: the SP asks the merchant for them again")
+                                    "the merchant released the goods before the SP got them "
+                                    "and did not give them again: ask the merchant about "
+                                    "that transaction")
             if line is not None:
                 answer["line"] = {k: line[k] for k in LINE_FIELDS}
         return JSONResponse(answer)
