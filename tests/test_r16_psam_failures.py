@@ -186,3 +186,50 @@ def test_a_failed_append_keeps_the_psams_memory_as_it_was(
         card.close()
     assert state_on_disk(path) == live
     assert read_image(path)["app"] == live
+
+
+def test_reading_an_image_during_a_batch_close_is_not_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``svcard card show`` takes no lock: it may read the image just before the open card
+    closes its batch and the journal just after (seq N+1 > N). That is a close in progress,
+    not an old copy of the image: read again (before: refused as "newer than" the image)."""
+    path = new_psam(tmp_path, purchases=2)
+    old_image = path.read_bytes()
+    card = open_card(path)
+    try:
+        send(psam_reader(card), CLOSE)
+        live = card.apps[0].to_state()
+    finally:
+        card.close()
+    real_read = storage._read_file
+    reads: list[Path] = []
+
+    def before_the_close_once(target: Path) -> dict[str, Any]:
+        reads.append(target)
+        if len(reads) == 1:   # the image as it was when the reader looked
+            import json
+            return dict(json.loads(old_image))
+        return real_read(target)
+
+    monkeypatch.setattr(storage, "_read_file", before_the_close_once)
+    assert read_image(path)["app"] == live
+    assert len(reads) == 2
+
+
+def test_a_journal_grown_past_the_warning_size_is_named_at_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing bounds a batch that is never closed; opening its PSAM reads the whole journal
+    (100,000 purchases: 44 MB, seconds), so a journal past JOURNAL_WARN_CHANGES is named in a
+    warning at open, with the remedy."""
+    path = new_psam(tmp_path, purchases=3)   # 1 + 2 * 2 changes
+    monkeypatch.setattr(storage, "JOURNAL_WARN_CHANGES", 4)
+    with caplog.at_level("WARNING", logger="svcard.card.storage"):
+        open_card(path).close()
+    assert any("psam.json.journal holds 5 changes" in r.getMessage()
+               and "close the batch" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(storage, "JOURNAL_WARN_CHANGES", 5)
+    with caplog.at_level("WARNING", logger="svcard.card.storage"):
+        open_card(path).close()
+    assert not caplog.records
