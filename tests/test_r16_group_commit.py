@@ -128,10 +128,6 @@ def test_a_cancelled_caller_leaves_its_step_run_or_not_run(db: PD.PaymentDb) -> 
     runner = SqlRunner(str(db.engine.url))
     gate, started = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        started.set()
-        gate.wait(20)
-
     def held_insert() -> int:
         started.set()
         gate.wait(20)
@@ -151,4 +147,34 @@ def test_a_cancelled_caller_leaves_its_step_run_or_not_run(db: PD.PaymentDb) -> 
 
     asyncio.run(main())
     assert _stored(db) == [1]
-    del hold
+
+
+def test_a_group_waits_for_another_process_writing_and_then_commits(
+        db: PD.PaymentDb) -> None:  # noqa: F811
+    """Another process (an svcard tool) holds SQLite's write lock as a group begins: the
+    group's BEGIN IMMEDIATE waits in SQLite's busy handler (up to 30 s), then every step of
+    the group commits together, the tool's row too."""
+    import sqlite3
+
+    path = db.engine.url.database
+    assert path
+    tool = sqlite3.connect(path, isolation_level=None, timeout=30)
+    tool.execute("BEGIN IMMEDIATE")
+    tool.execute("UPDATE payments SET reason = 'tool' WHERE 0")
+    about_to_write = threading.Event()
+
+    def first() -> int:
+        about_to_write.set()
+        return db.insert_received(draw(1))
+
+    results: list[Any] = []
+    runner = SqlRunner(str(db.engine.url))
+    worker = threading.Thread(target=lambda: results.extend(grouped(runner, [
+        (first, ()), (db.insert_received, (draw(2),)), (db.insert_received, (draw(3),))])))
+    worker.start()
+    wait_for(about_to_write.is_set, "the group's first write", 10)
+    tool.execute("COMMIT")
+    tool.close()
+    worker.join(30)
+    assert all(isinstance(r, int) for r in results), results
+    assert _stored(db) == [1, 2, 3]
