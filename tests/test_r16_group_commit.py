@@ -178,3 +178,33 @@ def test_a_group_waits_for_another_process_writing_and_then_commits(
     worker.join(30)
     assert all(isinstance(r, int) for r in results), results
     assert _stored(db) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, asyncio.CancelledError, SystemExit])
+def test_a_step_raising_a_base_exception_undoes_only_itself(
+        db: PD.PaymentDb, error: type[BaseException]) -> None:  # noqa: F811
+    """A BaseException inside a step's block (not an Exception): its SAVEPOINT is rolled
+    back, the other steps of the group commit, and its caller gets that exception, as from a
+    thread pool; the writer goes on."""
+    engine = db.engine
+
+    def interrupted() -> None:
+        with step(engine) as conn:
+            conn.execute(PD.payments.insert().values(
+                state="received", created=1, updated=1, reason="", proof_handed=0, **draw(2)))
+            raise error()
+
+    writer = GroupWriter()
+    gate, started = threading.Event(), threading.Event()
+    held = writer.submit(lambda: (started.set(), gate.wait(20)))
+    wait_for(started.is_set, "the writer to be held", 10)
+    futures = [writer.submit(db.insert_received, draw(1)), writer.submit(interrupted),
+               writer.submit(db.insert_received, draw(3))]
+    gate.set()
+    held.result(timeout=20)
+    assert isinstance(futures[0].result(timeout=20), int)
+    assert isinstance(futures[1].exception(timeout=20), error)
+    assert isinstance(futures[2].result(timeout=20), int)
+    assert _stored(db) == [1, 3]
+    assert writer.groups == 2
+    writer.shutdown()
