@@ -216,3 +216,33 @@ def test_checkout_cost_does_not_grow_with_open_orders(tmp_path: Path) -> None:
     # 6,000 open orders -> 30,000: a count over them would cost 5x; kept, about the same
     print("VM steps (hundreds) for 20 checkouts:", few, many)
     assert many <= few * 1.5 + 2, (few, many)
+
+
+def test_schema_1_upgrade_and_counter_on_postgresql() -> None:
+    from pg_env import start_cluster
+
+    cluster = start_cluster()
+    try:
+        url = cluster.new_database()
+        MD.make_engine(url).dispose()
+        old = create_engine(url)
+        with old.begin() as conn:   # back to what schema 1 made
+            conn.execute(text("DROP TABLE merchant_counters"))
+            conn.execute(text("ALTER TABLE orders DROP COLUMN confirmation"))
+            conn.execute(text("UPDATE svcard_schema SET version = 1"))
+            for i, state in enumerate(["open", "open", "paid"]):
+                conn.execute(MD.orders.insert().values(
+                    **_row(i, "a"), state=state, receipt="", updated=1))
+        old.dispose()
+        db = MD.OrderDb(MD.make_engine(url))
+        try:
+            with db.engine.connect() as conn:
+                assert conn.execute(text("SELECT version FROM svcard_schema")).scalar() == 2
+                assert conn.execute(text("SELECT value FROM merchant_counters")).scalar() == 2
+            assert [db.create(_row(10 + i, "a"), 3, 10) for i in range(2)] == ["ok", "full"]
+            assert db.release(f"{10:032x}", MD.PAID, "{}", 5, "ab" * 32)
+            assert db.sweep(10**14) == 2 and _open_in_db(db) == (0, 0)
+        finally:
+            db.engine.dispose()
+    finally:
+        cluster.stop()
