@@ -17,9 +17,9 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
 from ..runtime import CardError, need_data
-from .lockout import check_not_locked, mac_failed, mac_ok
+from .lockout import mac_failed, mac_ok
 from .records import Proof, log_record
-from .session import MAX_COUNTER, Session, read_initialize
+from .session import Session, online_key, read_initialize
 
 if TYPE_CHECKING:
     from ..iep import Iep
@@ -31,12 +31,7 @@ def initialize_for_load(iep: Iep, cmd: CommandAPDU) -> bytes:
     """INITIALIZE FOR LOAD: open a load session on the purse P2 names."""
     req, purse, random = read_initialize(iep, cmd)
     s = iep.state
-    key = s.load_keys.get(req.key_index)
-    if key is None:
-        raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
-    check_not_locked(s, cmd.p1, key)
-    if purse.online_counter >= MAX_COUNTER:
-        raise CardError(SW.COUNTER_AT_MAXIMUM)
+    key = online_key(iep, cmd, s.load_keys, req.key_index, purse)
     if purse.balance + req.amount > s.balance_limit:
         raise CardError(SW.CONDITIONS_NOT_SATISFIED)
     txn_type = LOAD_TYPES[cmd.p2]

@@ -24,9 +24,9 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
 from ..runtime import CardError, need_data
-from .lockout import check_not_locked, mac_failed, mac_ok
+from .lockout import mac_failed, mac_ok
 from .records import Proof, log_record
-from .session import MAX_COUNTER, Session
+from .session import Session, online_key
 
 if TYPE_CHECKING:
     from ..iep import Iep
@@ -39,12 +39,7 @@ def initialize_for_update(iep: Iep, cmd: CommandAPDU) -> bytes:
     purse = iep.purse_for(cmd.p2)
     random = iep.new_random()
     s = iep.state
-    key = s.update_keys.get(req.key_index)
-    if key is None:
-        raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
-    check_not_locked(s, cmd.p1, key)
-    if purse.online_counter >= MAX_COUNTER:
-        raise CardError(SW.COUNTER_AT_MAXIMUM)
+    key = online_key(iep, cmd, s.update_keys, req.key_index, purse)
     counter = purse.online_counter
     sk = crypto.load_session_key(key.key, random, counter)
     mac1 = crypto.mac(sk, crypto.update_mac1_input(

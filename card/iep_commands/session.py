@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...protocols import purse as P
+from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
 from ..keys import KeyEntry
-from ..runtime import need_data
+from ..runtime import CardError, need_data
+from .lockout import check_not_locked
 
 if TYPE_CHECKING:
     from ..iep import Iep, Purse
@@ -45,3 +47,17 @@ def read_initialize(iep: Iep, cmd: CommandAPDU) -> tuple[Any, Purse, bytes]:
     req = P.InitializeData.parse(cmd.data)
     purse = iep.purse_for(cmd.p2)
     return req, purse, iep.new_random()
+
+
+def online_key(iep: Iep, cmd: CommandAPDU, keys: dict[int, KeyEntry], key_index: int,
+               purse: Purse) -> KeyEntry:
+    """The key an online INITIALIZE (load, unload, overdraft update) names, checked in the
+    card's order: known (else 9403), not locked (6983), and the purse's online counter not at
+    its end (9402)."""
+    key = keys.get(key_index)
+    if key is None:
+        raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
+    check_not_locked(iep.state, cmd.p1, key)
+    if purse.online_counter >= MAX_COUNTER:
+        raise CardError(SW.COUNTER_AT_MAXIMUM)
+    return key

@@ -24,9 +24,9 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...protocols.apdu import CommandAPDU
 from ..runtime import CardError, need_data
-from .lockout import check_not_locked, mac_failed, mac_ok
+from .lockout import mac_failed, mac_ok
 from .records import Proof, log_record
-from .session import MAX_COUNTER, Session, read_initialize
+from .session import Session, online_key, read_initialize
 
 if TYPE_CHECKING:
     from ..iep import Iep
@@ -37,12 +37,7 @@ def initialize_for_unload(iep: Iep, cmd: CommandAPDU) -> bytes:
     """INITIALIZE FOR UNLOAD: open an unload session on the ED (the route allows P2 01 only)."""
     req, purse, random = read_initialize(iep, cmd)
     s = iep.state
-    key = s.unload_keys.get(req.key_index)
-    if key is None:
-        raise CardError(SW.KEY_INDEX_NOT_SUPPORTED)
-    check_not_locked(s, cmd.p1, key)
-    if purse.online_counter >= MAX_COUNTER:
-        raise CardError(SW.COUNTER_AT_MAXIMUM)
+    key = online_key(iep, cmd, s.unload_keys, req.key_index, purse)
     if req.amount > purse.balance - purse.overdraft_limit:   # the holder's own value only:
         raise CardError(SW.INSUFFICIENT_FUNDS)                # the overdraft credit stays
     counter = purse.online_counter
