@@ -31,8 +31,25 @@ def get_balance(purse: int) -> bytes:
 def initialize(kind: int, purse: int, key_index: int, amount: int, terminal_id: bytes) -> bytes:
     data = P.InitializeData.build({"key_index": key_index, "amount": amount,
                                    "terminal_id": terminal_id})
-    le = 16 if kind == P.INIT_LOAD else 15
+    le = 16 if kind in (P.INIT_LOAD, P.INIT_UNLOAD) else 15   # the online ones add MAC1
     return build_command(P.CLA_PBOC, P.INS_INITIALIZE, kind, purse, data, le)
+
+
+def initialize_for_update(key_index: int, terminal_id: bytes) -> bytes:
+    """INITIALIZE FOR UPDATE (the ED's overdraft limit): no amount in its data."""
+    data = P.InitForUpdateData.build({"key_index": key_index, "terminal_id": terminal_id})
+    return build_command(P.CLA_PBOC, P.INS_INITIALIZE, P.INIT_UPDATE, P.PURSE_ED, data, 19)
+
+
+def debit_for_unload(date: bytes, time: bytes, mac2: bytes) -> bytes:
+    data = P.DebitForUnloadData.build({"date": date, "time": time, "mac2": mac2})
+    return build_command(P.CLA_PBOC, P.INS_DEBIT, P.DEBIT_FOR_UNLOAD, 0, data, 4)
+
+
+def update_overdraft_limit(new_limit: int, date: bytes, time: bytes, mac2: bytes) -> bytes:
+    data = P.UpdateOverdraftData.build({"new_limit": new_limit, "date": date, "time": time,
+                                        "mac2": mac2})
+    return build_command(P.CLA_PBOC, P.INS_UPDATE_OVERDRAFT_LIMIT, 0, 0, data, 4)
 
 
 def credit_for_load(date: bytes, time: bytes, mac2: bytes) -> bytes:
@@ -76,6 +93,19 @@ def credit_sam_for_purchase(mac2: bytes, tac: bytes | None = None) -> bytes:
 def hsm_authorize_load(fields: dict[str, object], *, verify_only: bool = False) -> bytes:
     return build_command(P.CLA_PBOC, P.INS_HSM_AUTHORIZE_LOAD, 1 if verify_only else 0, 0,
                          P.HsmAuthorizeLoadData.build(fields), None if verify_only else 4)
+
+
+def hsm_unload(fields: dict[str, object], *, verify: bool = False) -> bytes:
+    """The HSM's unload command: P1 00 checks MAC1 and answers MAC2, P1 01 checks MAC3."""
+    return build_command(P.CLA_PBOC, P.INS_HSM_UNLOAD, 1 if verify else 0, 0,
+                         P.HsmUnloadData.build(fields), None if verify else 4)
+
+
+def hsm_update(fields: dict[str, object], *, verify: bool = False) -> bytes:
+    """The HSM's overdraft-update command: P1 00 checks MAC1 and answers MAC2, P1 01 checks
+    the card's TAC."""
+    return build_command(P.CLA_PBOC, P.INS_HSM_UPDATE, 1 if verify else 0, 0,
+                         P.HsmUpdateData.build(fields), None if verify else 4)
 
 
 def hsm_verify_load_tac(fields: dict[str, object]) -> bytes:

@@ -12,15 +12,10 @@ import datetime as dt
 from dataclasses import dataclass
 
 from ...protocols import purse as P
-from ...protocols.apdu import build_command
 from ...reader.base import Reader
 from . import apdus
 from .money import Amount
 from .purse import Receipt, TerminalCheckFailed, call, held, select_purse, verify_pin_if_needed
-
-
-def _hsm_command(ins: int, p1: int, data: bytes) -> bytes:
-    return build_command(P.CLA_PBOC, ins, p1, 0, data, 4 if p1 == 0 else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,27 +48,19 @@ def unload(card: Reader, hsm: Reader, amount: int | Amount, *, terminal_id: byte
     call(hsm, apdus.select(hsm_aid), "SELECT HSM")
     verify_pin_if_needed(card, P.PURSE_ED, pin)
     # 2. INITIALIZE FOR UNLOAD: balance, online counter, random and MAC1.
-    data = P.InitializeData.build({"key_index": key_index, "amount": minor,
-                                   "terminal_id": terminal_id})
-    init = P.InitForUnloadAnswer.parse(call(card, build_command(
-        P.CLA_PBOC, P.INS_INITIALIZE, P.INIT_UNLOAD, P.PURSE_ED, data, 16),
-        "INITIALIZE FOR UNLOAD"))
+    init = P.InitForUnloadAnswer.parse(call(card, apdus.initialize(
+        P.INIT_UNLOAD, P.PURSE_ED, key_index, minor, terminal_id), "INITIALIZE FOR UNLOAD"))
     fields = {"issuer_id": bytes.fromhex(info.issuer_id), "card_serial": info.serial_bytes[-8:],
               "key_version": init.key_version, "algorithm_id": init.algorithm_id,
               "balance": init.balance, "amount": minor, "terminal_id": terminal_id,
               "online_counter": init.online_counter, "random": init.random, "date": date,
               "time": time}
     # 3. The HSM checks MAC1 and answers MAC2.
-    mac2 = call(hsm, _hsm_command(P.INS_HSM_UNLOAD, 0, P.HsmUnloadData.build(
-        {**fields, "mac": init.mac1})), "HSM AUTHORIZE UNLOAD")
+    mac2 = call(hsm, apdus.hsm_unload({**fields, "mac": init.mac1}), "HSM AUTHORIZE UNLOAD")
     # 4. DEBIT FOR UNLOAD: the card checks MAC2, debits the ED, answers MAC3.
-    mac3 = call(card, build_command(P.CLA_PBOC, P.INS_DEBIT, P.DEBIT_FOR_UNLOAD, 0,
-                                    P.DebitForUnloadData.build(
-                                        {"date": date, "time": time, "mac2": mac2}), 4),
-                "DEBIT FOR UNLOAD")
+    mac3 = call(card, apdus.debit_for_unload(date, time, mac2), "DEBIT FOR UNLOAD")
     # 5. The HSM checks MAC3: the card really debited this amount.
-    call(hsm, _hsm_command(P.INS_HSM_UNLOAD, 1, P.HsmUnloadData.build({**fields, "mac": mac3})),
-         "HSM VERIFY UNLOAD MAC3")
+    call(hsm, apdus.hsm_unload({**fields, "mac": mac3}, verify=True), "HSM VERIFY UNLOAD MAC3")
     return UnloadReceipt(
         card_serial=info.app_serial, issuer_id=info.issuer_id, purse="ED",
         txn_type=P.TYPE_UNLOAD, amount=minor, balance_before=init.balance,
@@ -120,10 +107,8 @@ def update_overdraft(card: Reader, hsm: Reader, limit: int | Amount, *, terminal
     call(hsm, apdus.select(hsm_aid), "SELECT HSM")
     verify_pin_if_needed(card, P.PURSE_ED, pin)
     # 2. INITIALIZE FOR UPDATE: balance, online counter, current limit, random and MAC1.
-    data = P.InitForUpdateData.build({"key_index": key_index, "terminal_id": terminal_id})
-    init = P.InitForUpdateAnswer.parse(call(card, build_command(
-        P.CLA_PBOC, P.INS_INITIALIZE, P.INIT_UPDATE, P.PURSE_ED, data, 19),
-        "INITIALIZE FOR UPDATE"))
+    init = P.InitForUpdateAnswer.parse(call(
+        card, apdus.initialize_for_update(key_index, terminal_id), "INITIALIZE FOR UPDATE"))
     balance_after = init.balance + new_limit - init.overdraft_limit
     if balance_after < 0:
         raise TerminalCheckFailed(
@@ -136,17 +121,12 @@ def update_overdraft(card: Reader, hsm: Reader, limit: int | Amount, *, terminal
               "online_counter": init.online_counter, "random": init.random, "date": date,
               "time": time}
     # 3. The HSM checks MAC1 and answers MAC2 for the new limit.
-    mac2 = call(hsm, _hsm_command(P.INS_HSM_UPDATE, 0, P.HsmUpdateData.build(
-        {**fields, "mac": init.mac1})), "HSM AUTHORIZE UPDATE")
+    mac2 = call(hsm, apdus.hsm_update({**fields, "mac": init.mac1}), "HSM AUTHORIZE UPDATE")
     # 4. UPDATE OVERDRAFT LIMIT: the card checks MAC2, sets the limit, answers its TAC.
-    tac = call(card, build_command(P.CLA_PBOC, P.INS_UPDATE_OVERDRAFT_LIMIT, 0, 0,
-                                   P.UpdateOverdraftData.build(
-                                       {"new_limit": new_limit, "date": date, "time": time,
-                                        "mac2": mac2}), 4),
+    tac = call(card, apdus.update_overdraft_limit(new_limit, date, time, mac2),
                "UPDATE OVERDRAFT LIMIT")
     # 5. The HSM checks the TAC.
-    call(hsm, _hsm_command(P.INS_HSM_UPDATE, 1, P.HsmUpdateData.build({**fields, "mac": tac})),
-         "HSM VERIFY UPDATE TAC")
+    call(hsm, apdus.hsm_update({**fields, "mac": tac}, verify=True), "HSM VERIFY UPDATE TAC")
     return OverdraftReceipt(
         card_serial=info.app_serial, issuer_id=info.issuer_id, purse="ED",
         txn_type=P.TYPE_OVERDRAFT_UPDATE, amount=0, balance_before=init.balance,
