@@ -38,6 +38,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--diff-seed", type=int, default=None,
                     help="the IEP differential test's seed (default 20261122, or "
                          "SVCARD_DIFF_SEED)")
+    group.addoption("--sp-orders", type=int, default=None,
+                    help="orders in the service provider's simulation (default 150, or "
+                         "SVCARD_SP_ORDERS)")
+    group.addoption("--sp-seed", type=int, default=None,
+                    help="the SP simulation's seed (default 20261122, or SVCARD_SP_SEED)")
 
 
 @pytest.fixture
@@ -62,6 +67,18 @@ def diff_count(request: pytest.FixtureRequest) -> int:
 def diff_seed(request: pytest.FixtureRequest) -> int:
     value = request.config.getoption("--diff-seed")
     return int(value if value is not None else os.environ.get("SVCARD_DIFF_SEED", "20261122"))
+
+
+@pytest.fixture
+def sp_orders(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--sp-orders")
+    return int(value if value is not None else os.environ.get("SVCARD_SP_ORDERS", "150"))
+
+
+@pytest.fixture
+def sp_seed(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--sp-seed")
+    return int(value if value is not None else os.environ.get("SVCARD_SP_SEED", "20261122"))
 
 
 class AppletCard:
