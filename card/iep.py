@@ -30,6 +30,7 @@ from ..protocols import mac_schemes
 from ..protocols import purse as P
 from ..protocols import sw as SW
 from ..protocols.apdu import CommandAPDU
+from .goods import GoodsFiles, Write
 from .iep_commands import load, overdraft, pin, purchase, queries, records, unload
 from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
 from .iep_commands.records import LOG_COUNTER_BEFORE, Proof, append_log, log_counter_as
@@ -92,6 +93,7 @@ class IepState:
     unload_mac_failures: dict[int, int] = field(default_factory=dict)
     update_mac_failures: dict[int, int] = field(default_factory=dict)
     log_counter: str = LOG_COUNTER_BEFORE   # the log record's counter: "before" or "after"
+    goods: GoodsFiles = field(default_factory=GoodsFiles)   # goods record files (card/goods.py)
 
     def __repr__(self) -> str:
         return f"IepState(aid={self.aid.hex()}, ep={self.ep}, ed={self.ed})"
@@ -127,6 +129,7 @@ class IepState:
             "unload_mac_failures": _counts_to_json(self.unload_mac_failures),
             "update_mac_failures": _counts_to_json(self.update_mac_failures),
             "log_counter": self.log_counter,
+            "goods": self.goods.to_json(),
         }
 
     @classmethod
@@ -167,6 +170,8 @@ class IepState:
             unload_mac_failures=_counts_from_json(d.get("unload_mac_failures")),
             update_mac_failures=_counts_from_json(d.get("update_mac_failures")),
             log_counter=log_counter_as(d.get("log_counter", LOG_COUNTER_BEFORE)),
+            # images written before goods files load with the default files, empty
+            goods=GoodsFiles.from_json(d.get("goods")),
         )
         if not 1 <= state.mac_failure_limit <= 255:
             raise ValueError("mac_failure_limit is 1..255")
@@ -260,9 +265,11 @@ class Iep(TableApplication):
         return self.state.fixed_random or os.urandom(4)
 
     def commit_value(self, purse: Purse, new_balance: int, counter_attr: str, proof: Proof,
-                     record: bytes) -> None:
-        """Write 1 (balance, counter, proof, pending log together), then write 2 (the log)."""
+                     record: bytes, goods: tuple[Write, ...] = ()) -> None:
+        """Write 1 (balance, counter, proof, pending log and the goods records of a composite
+        purchase together), then write 2 (the log)."""
         s = self.state
+        s.goods.apply_all(goods)
         purse.balance = new_balance
         setattr(purse, counter_attr, getattr(purse, counter_attr) + 1)
         if s.log_counter != LOG_COUNTER_BEFORE:   # the counter after the increment
@@ -272,6 +279,12 @@ class Iep(TableApplication):
         self.persist()
         append_log(s, record)
         s.pending_log = None
+        self.persist()
+
+    def write_goods(self, writes: tuple[Write, ...]) -> None:
+        """Goods records written without a value change (a secure-messaging write): all of
+        them in one image write. Each was checked by ``GoodsFiles.check_write`` first."""
+        self.state.goods.apply_all(writes)
         self.persist()
 
     # --- INITIALIZE: P1 picks the command group, P2 the purse -------------------------------
