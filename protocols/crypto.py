@@ -94,14 +94,16 @@ def cbc_macs_same_key(key: bytes, messages: list[bytes], *, size: int = 4) -> li
     return [out[8 * i:8 * i + size] for i in range(count)]
 
 
-def retail_mac(key: bytes, data: bytes, *, size: int = 4) -> bytes:
-    """ISO 9797-1 MAC algorithm 3 (the "retail MAC") with padding method 2 and a zero ICV: a
-    single-DES CBC chain under the key's left half, then the last block decrypted under the
-    right half and encrypted again under the left; the first ``size`` bytes."""
+def retail_mac(key: bytes, data: bytes, *, size: int = 4, iv: bytes = ZERO_IV) -> bytes:
+    """ISO 9797-1 MAC algorithm 3 (the "retail MAC") with padding method 2 and an ICV (zero
+    unless ``iv`` is given): a single-DES CBC chain under the key's left half, then the last
+    block decrypted under the right half and encrypted again under the left; the first
+    ``size`` bytes."""
     if len(key) != 16:
         raise KeyError_("a retail MAC key has 16 bytes")
     left, right = key[:8], key[8:]
-    chain = Cipher(_tdes(left), _CBC_ZERO).encryptor().update(pad80(data))[-8:]
+    mode = _CBC_ZERO if iv == ZERO_IV else modes.CBC(iv)
+    chain = Cipher(_tdes(left), mode).encryptor().update(pad80(data))[-8:]
     middle = Cipher(_tdes(right), _ECB).decryptor().update(chain)
     return Cipher(_tdes(left), _ECB).encryptor().update(middle)[:size]
 
@@ -230,3 +232,34 @@ def update_tac_input(balance_after: int, online_counter: int, new_limit: int, tx
                      terminal_id: bytes, date: bytes, time: bytes) -> bytes:
     return (u32(balance_after) + online_counter.to_bytes(2, "big") + u24(new_limit)
             + bytes((txn_type,)) + terminal_id + date + time)
+
+
+# Secure messaging (PBOC / ISO 7816-4 with CLA 04): a record write onto the card carries a
+# 4-byte MAC over its own header and data, chained from the card's GET CHALLENGE answer.
+
+SM_MAC_SIZE = 4
+
+
+def secure_messaging_input(cla: int, ins: int, p1: int, p2: int, data: bytes) -> bytes:
+    """What a secure-messaging MAC covers: CLA INS P1 P2, then Lc as sent (the data's length
+    plus the 4 MAC bytes), then the data without the MAC."""
+    lc = len(data) + SM_MAC_SIZE
+    if lc > 255:
+        raise ValueError("a secure-messaging command has at most 251 bytes of data")
+    return bytes((cla, ins, p1, p2, lc)) + data
+
+
+def secure_messaging_mac(key: bytes, challenge: bytes, command: bytes) -> bytes:
+    """The 4-byte MAC of a secure-messaging command (``command`` from
+    :func:`secure_messaging_input`): ISO 9797-1 padding method 2; the ICV is the card's
+    challenge (4 or 8 bytes) followed by zeros up to 8 bytes; a 16-byte key chains single DES
+    under its left half and finishes the last block with triple DES (the retail MAC), an 8-byte
+    key is single-DES CBC throughout."""
+    if len(challenge) not in (4, 8):
+        raise ValueError(f"a card challenge has 4 or 8 bytes, got {len(challenge)}")
+    iv = challenge + bytes(8 - len(challenge))
+    if len(key) == 16:
+        return retail_mac(key, command, iv=iv)
+    if len(key) == 8:
+        return Cipher(_tdes(key), modes.CBC(iv)).encryptor().update(pad80(command))[-8:][:4]
+    raise KeyError_("a secure-messaging key has 8 or 16 bytes")
