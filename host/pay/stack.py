@@ -39,6 +39,25 @@ def psam_images(folder: Path, count: int, terminal_id: bytes | None = None,
 
 
 @dataclass
+class MerchantSite:
+    """A merchant's commerce server added to a running payment server
+    (:meth:`Stack.add_merchant`)."""
+
+    merchant_id: bytes
+    shared_key: bytes = field(repr=False)
+    server: MerchantServer
+    thread: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.server.close()
+
+
+@dataclass
 class Stack:
     folder: Path
     payment: ServerThread
@@ -47,6 +66,7 @@ class Stack:
     merchant_server: MerchantServer
     shared_key: bytes = field(repr=False)
     client_terminal: ClientTerminal | None = None
+    merchants: list[MerchantSite] = field(default_factory=list)   # added by add_merchant
 
     def checkout_url(self, sku: str = "ticket", variant: str = "fig6") -> str:
         """A checkout URL asking ``variant``; FIG. 7 names the stack's registered client
@@ -76,7 +96,36 @@ class Stack:
         self.payment_server = PaymentServer(old.config, readers)
         self.payment = ServerThread(self.payment_server.app(), port=self.payment.port).start()
 
+    def add_merchant(self, merchant_id: bytes, *, variants: frozenset[str] | None = None,
+                     terminal_id: bytes | None = None, **options: Any) -> MerchantSite:
+        """Another merchant of this payment server (an acquirer's shared POS, seed FIG. 4B):
+        its own shared key, commerce server, port and database; ``terminal_id``: the PSAM
+        terminal its payments are made on (default: the pool's)."""
+        key = os.urandom(32)
+        names = variants or frozenset(M.VARIANTS)
+        self.payment_server.config.merchants[merchant_id] = MerchantAccount(
+            merchant_id, key, frozenset(M.VARIANTS[n] for n in names))
+        port = free_port()
+        db = self.folder / f"merchant-{merchant_id.hex()}.db"
+        options = {"db_url": f"sqlite:///{db}", "max_open_per_client": 10_000,
+                   "default_variant": "fig6" if "fig6" in names else sorted(names - {"fig7"})[0],
+                   **options}
+        server = MerchantServer(MerchantConfig(
+            merchant_id, key, self.payment.url,
+            terminal_id or self.payment_server.pool.terminal_id,
+            public_url=f"http://127.0.0.1:{port}", variants=names, **options))
+        try:
+            site = MerchantSite(merchant_id, key, server,
+                                ServerThread(server.app(), port=port).start())
+        except Exception:
+            server.close()
+            raise
+        self.merchants.append(site)
+        return site
+
     def close(self) -> None:
+        for site in self.merchants:
+            site.close()
         self.merchant.stop()
         self.merchant_server.close()
         self.payment.stop()

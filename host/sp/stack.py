@@ -33,7 +33,8 @@ DEMO_MERCHANT = "MERCH001"
 # costs the SP 0.99 and is sold for 1.20; the ticket is sold at the merchant's price
 DEMO_ITEMS = (("song", "One song (MP3)", 120), ("ticket", "Museum e-ticket", 1250),
               ("article", "News article", 30))
-__all__ = ["DAY_MS", "DEMO_MERCHANT", "SpStack", "demo_config", "purse_images", "start_sp"]
+__all__ = ["DAY_MS", "DEMO_MERCHANT", "SpStack", "demo_config", "demo_merchant", "purse_images",
+           "start_sp"]
 
 
 def purse_images(folder: Path, count: int, ep: int = 100_000, first_serial: int = 9_000_001,
@@ -52,19 +53,33 @@ def purse_images(folder: Path, count: int, ep: int = 100_000, first_serial: int 
     return paths
 
 
+def demo_merchant(name: str, merchant_url: str, *, fee: int = 5, pass_on_percent: int = 50,
+                  wholesale: dict[str, int] | None = None,
+                  variant: str | None = None) -> MerchantEntry:
+    """The SP's catalogue entry for a merchant server at ``merchant_url`` selling the demo
+    items (:data:`DEMO_ITEMS`); ``variant``: the SP's preference (the merchant decides)."""
+    return MerchantEntry(
+        name=name, checkout_url=f"{merchant_url.rstrip('/')}/v1/checkout", fee=fee,
+        pass_on_percent=pass_on_percent, variant=variant,
+        item=[ItemEntry(sku=s, name=n, retail=p, wholesale=(wholesale or {}).get(s))
+              for s, n, p in DEMO_ITEMS])
+
+
 def demo_config(folder: Path, merchant_url: str, *, db_url: str | None = None,
                 purses: PursePoolConfig | None = None, fee: int = 5,
                 pass_on_percent: int = 50, billing: BillingEntry | None = None,
-                wholesale: dict[str, int] | None = None) -> SpConfig:
+                wholesale: dict[str, int] | None = None,
+                merchants: dict[str, str] | None = None,
+                variant: str | None = None) -> SpConfig:
     """An SP selling the demo merchant's items (:data:`DEMO_ITEMS`) at ``merchant_url``, its
-    database and journals in ``folder`` (made if missing); ``wholesale``: agreed prices by sku."""
+    database and journals in ``folder`` (made if missing); ``wholesale``: agreed prices by sku.
+    ``merchants`` (name -> merchant server URL) adds more merchants selling the same items
+    (seed FIG. 3C, 4A, 4B: one SP catalogue, several commerce servers)."""
     folder.mkdir(parents=True, exist_ok=True)
-    merchant = MerchantEntry(
-        name=DEMO_MERCHANT, checkout_url=f"{merchant_url.rstrip('/')}/v1/checkout", fee=fee,
-        pass_on_percent=pass_on_percent,
-        item=[ItemEntry(sku=s, name=n, retail=p, wholesale=(wholesale or {}).get(s))
-              for s, n, p in DEMO_ITEMS])
-    return SpConfig(items_of([merchant]), db_url=db_url or f"sqlite:///{folder / 'sp.db'}",
+    entries = [demo_merchant(name, url, fee=fee, pass_on_percent=pass_on_percent,
+                             wholesale=wholesale, variant=variant)
+               for name, url in {DEMO_MERCHANT: merchant_url, **(merchants or {})}.items()]
+    return SpConfig(items_of(entries), db_url=db_url or f"sqlite:///{folder / 'sp.db'}",
                     journal_dir=folder / "sp-journals", billing=billing or BillingEntry(),
                     purses=purses)
 
