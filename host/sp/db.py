@@ -151,6 +151,27 @@ bill_lines = Table(
 )
 Index("ix_sp_bill_lines_open", bill_lines.c.customer, bill_lines.c.bill_id)
 
+# FIG. 3B and the merchant's copy (server/pon.py): the public key each merchant signs its
+# PON answers and order copies with (Ed25519, hex), set by ``svcard sp merchant-key``
+merchant_keys = Table(
+    "sp_merchant_keys", metadata,
+    Column("merchant", String(32), primary_key=True),
+    Column("public_key", String(64), nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+
+# the merchant's own order (a PON) an SP order pays: (merchant, merchant_ref) unique, so a
+# merchant order is paid once; a row whose order failed with nothing paid is taken over
+merchant_orders = Table(
+    "sp_merchant_orders", metadata,
+    Column("merchant", String(32), primary_key=True),
+    Column("merchant_ref", String(32), primary_key=True),     # the PON
+    Column("order_ref", String(40), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),                # "pon" | "copy"
+    Column("amount", BigInteger, nullable=False),             # the merchant's, minor units
+    Column("created", BigInteger, nullable=False),
+)
+
 # the merchandising log is append-only in the database too
 event.listen(order_log, "after_create", DDL(  # type: ignore[no-untyped-call]
     "CREATE TRIGGER sp_order_log_no_update BEFORE UPDATE ON sp_order_log "
