@@ -125,3 +125,38 @@ def signed_lookup(private: bytes, customer: str, order_key: str,
                       separators=(",", ":"), sort_keys=True).encode()
     return body, {HEADER: sign(private, body, LOOKUP_DOMAIN),
                   "Content-Type": "application/json"}
+
+
+# --- FIG. 3B and the merchant's copy (server/pon.py) -------------------------------------
+PON_DOMAIN = b"svcard-sp-pon/1\n"                  # a customer's purchase order for a PON
+MERCHANT_ORDER_DOMAIN = b"svcard-merchant-order/1\n"   # a customer's order placed at a merchant
+# signed by the MERCHANT's key (its public key set at the SP by ``svcard sp merchant-key``)
+MERCHANT_HEADER = "X-Svcard-Merchant-Signature"
+MERCHANT_PON_DOMAIN = b"svcard-merchant-pon/1\n"   # its answer about one of its PONs
+COPY_DOMAIN = b"svcard-sp-copy/1\n"                 # its copy of a customer's order
+
+
+def _body(fields: dict[str, Any], created: int | None, order_key: str | None) -> bytes:
+    fields.update(order_key=order_key or secrets.token_hex(16),
+                  created=int(time.time()) if created is None else created)
+    return json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
+
+
+def signed_pon_order(private: bytes, customer: str, merchant: str, pon: str, *,
+                     max_amount: int | None = None, order_key: str | None = None,
+                     created: int | None = None) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of a customer's purchase order for the merchant's PON (FIG. 3B 341):
+    ``max_amount`` (minor units, or none) is the most the customer agrees to be billed."""
+    body = _body({"customer": customer, "merchant": merchant, "pon": pon,
+                  "max_amount": max_amount}, created, order_key)
+    return body, {HEADER: sign(private, body, PON_DOMAIN), "Content-Type": "application/json"}
+
+
+def signed_merchant_order(private: bytes, customer: str, merchant: str, sku: str, *,
+                          max_amount: int | None = None, order_key: str | None = None,
+                          created: int | None = None) -> tuple[bytes, str]:
+    """(body, signature hex) of an order the customer places AT the merchant, for the SP to
+    pay: the merchant sends both to the SP in its copy."""
+    body = _body({"customer": customer, "merchant": merchant, "sku": sku,
+                  "max_amount": max_amount}, created, order_key)
+    return body, sign(private, body, MERCHANT_ORDER_DOMAIN)
