@@ -82,7 +82,7 @@ def _story(system: System, lines: list[str], money: Callable[[int], str],
     lines.append(f"SP BILL {bill_id} for alice (closed now by hand; else at the month's end or "
                  f"at the billing maximum):")
     lines += [f"  {row}" if row else "" for row in text.splitlines()]
-    return {"url": sp.url, "purses": [{"path": p.name, "balance": b}
+    return {"url": sp.url, "db_url": sp.config.db_url, "purses": [{"path": p.name, "balance": b}
                                       for p, b in zip(purses, after, strict=True)],
             "bank_before": bank_before, "bank_after": bank_after, "topped_up":
             bank_before - bank_after, "order": {**body, "ms": round(ms, 1)},

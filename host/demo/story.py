@@ -133,7 +133,7 @@ def _network(folder: Path, lines: list[str], money: Callable[[int], str],
             f"card TACs checked and cleared, {money(report.total_paid)} paid to the merchant "
             f"through its acquirer, {money(report.total_loaded)} moved from the bank to the "
             f"issuer's float; settlement file {Path(report.settlement_file).name} (+ .jsonl)")
-        result = system.audit([card_path, *system.sp_purses])
+        result = system.audit([card_path, *system.sp_purses], sp_dbs=(out["sp"]["db_url"],))
         f = result.figures
         lines.append(
             f"AUDIT: cards (ours and the SP's purses) {money(f['card balances'])} + unsettled "

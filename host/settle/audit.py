@@ -21,7 +21,10 @@ issuer's float; the float's ledger balance; bank loads by state. Checks:
 7. open loads (S2 issued, outcome not proven), with their age; older than the maximum age is
    a finding;
 8. every bank refund has a load the load server decided ``not_loaded`` on named evidence
-   (``no-s2``, ``probe``, ``counter-used:<txn>`` whose load is ``loaded`` on the same card).
+   (``no-s2``, ``probe``, ``counter-used:<txn>`` whose load is ``loaded`` on the same card);
+9. with service provider databases (``sp_dbs``), the SP's three-way closing per currency
+   (:mod:`.sp_books`): purse debits = what merchants received, bill lines = payments made +
+   fees - discounts, loads = purse debits + balances + unloaded; its open items listed.
 
 Every difference is listed as a discrepancy; the audit is clean only if there are none, and
 only if it read something: an audit of no card and no record at all is not clean (a mistyped
@@ -47,6 +50,7 @@ from ..load import records as load_records
 from ..pay import records as pay_records
 from .db import batches, cleared_keys, ledger_balances, records, uncleared
 from .sources import card_balances, check_sources, clearing_engine, psam_open_batches
+from .sp_books import audit_sp
 
 __all__ = ["AuditReport", "audit", "card_balances", "check_sources", "psam_open_batches"]
 
@@ -65,6 +69,7 @@ class AuditReport:
     open_loads: list[dict[str, Any]] = field(default_factory=list)
     unhanded: list[dict[str, Any]] = field(default_factory=list)
     audited: int = 1   # cards, payments, loads, bank loads and cleared records read
+    sp_pending: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def nothing_audited(self) -> bool:
@@ -78,7 +83,8 @@ class AuditReport:
         return {"clean": self.clean, "nothing_audited": self.nothing_audited,
                 "figures": self.figures, "checks": self.checks,
                 "discrepancies": self.discrepancies, "held_records": self.held,
-                "open_loads": self.open_loads, "payments_not_cleared": self.unhanded}
+                "open_loads": self.open_loads, "payments_not_cleared": self.unhanded,
+                "sp_pending": self.sp_pending}
 
     def text(self) -> str:
         lines = ["figures (minor units):"]
@@ -88,7 +94,9 @@ class AuditReport:
                   for c in self.checks]
         for title, items in (("records held by clearing", self.held),
                              ("open loads", self.open_loads),
-                             ("confirmed payments not yet cleared", self.unhanded)):
+                             ("confirmed payments not yet cleared", self.unhanded),
+                             *([("SP items still open", self.sp_pending)] if self.sp_pending
+                               else [])):
             lines.append(f"{title}: {len(items) or 'none'}")
             lines += [f"  - {item['text']}" for item in items[:1000]]
             if len(items) > 1000:
@@ -103,8 +111,6 @@ class AuditReport:
         return "\n".join(lines)
 
 
-
-
 def _age(now: int, stamp: int | None) -> int:
     return max(0, now - int(stamp or now))
 
@@ -117,7 +123,8 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
           load_dbs: tuple[str, ...] = (), bank_dbs: tuple[str, ...] = (),
           clearing_db: str | None = None, opening: int = 0,
           max_age_ms: int = DEFAULT_MAX_AGE_MS, now: int | None = None,
-          open_batches: dict[str, set[int]] | None = None) -> AuditReport:
+          open_batches: dict[str, set[int]] | None = None,
+          sp_dbs: tuple[str, ...] = ()) -> AuditReport:
     """``open_batches``: what :func:`psam_open_batches` read from the payment servers' PSAMs
     (optional: without it a confirmed payment not yet handed is a finding only past
     ``max_age_ms``). ``now``: the audit's clock in ms (default: now)."""
@@ -255,7 +262,11 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
                            f"= {expected.get(serial, 0)}")
     bad += [f"check failed: {c['name']} ({c['left']} != {c['right']})"
             for c in checks if not c["ok"]]
-    return AuditReport(figures, checks, bad, held, open_loads, unhanded, audited=read)
+    sp = audit_sp(sp_dbs, clearing_db=clearing_db, payment_dbs=payment_dbs,
+                  load_dbs=load_dbs, cards=cards)
+    figures.update(sp.figures)
+    return AuditReport(figures, checks + sp.checks, bad + sp.discrepancies, held, open_loads,
+                       unhanded, audited=read + sp.read, sp_pending=sp.pending)
 
 
 def _held_item(r: Any, payment: dict[str, Any] | None, now: int, max_age_ms: int,

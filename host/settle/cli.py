@@ -140,6 +140,10 @@ def _counts(counts: dict[str, int]) -> str:
 @click.option("--bank-db", "bank_dbs", multiple=True, metavar="URL",
               help="A bank's database (repeat).")
 @click.option("--clearing-db", default=None, metavar="URL", help="The clearing database.")
+@click.option("--sp-db", "sp_dbs", multiple=True, metavar="URL",
+              help="A service provider's database: its three-way closing (purse debits = "
+                   "merchants received, bill lines = payments + fees - discounts, loads = "
+                   "debits + balances + unloaded) is checked too (repeat).")
 @click.option("--opening", default=0, show_default=True, type=click.IntRange(0, None),
               help="Balances the cards were personalised with (minor units, in total).")
 @click.option("--psam", "psam_specs", multiple=True, metavar="SPEC",
@@ -152,8 +156,8 @@ def _counts(counts: dict[str, int]) -> str:
 @json_option
 def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, ...],
               load_dbs: tuple[str, ...], bank_dbs: tuple[str, ...], clearing_db: str | None,
-              opening: int, psam_specs: tuple[str, ...], max_age_days: float,
-              as_json: bool) -> None:
+              sp_dbs: tuple[str, ...], opening: int, psam_specs: tuple[str, ...],
+              max_age_days: float, as_json: bool) -> None:
     """Prove money is conserved and nothing is hidden: cards + unsettled purchases + settled =
     loads; the float = cards + unsettled; bank debits = confirmed loads; every confirmed payment
     has a PSAM record; every refund a proven "not loaded"; held records, open loads and
@@ -175,11 +179,15 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
     def spec(s: str) -> str:
         return s if ":" in s else f"virtual:{s}"
 
-    if not (card_specs or payment_dbs or load_dbs or bank_dbs or clearing_db):
-        fail("nothing to audit: give --card, --payment-db, --load-db, --bank-db or "
-             "--clearing-db (see svcard audit --help)", EXIT_USAGE)
+    if not (card_specs or payment_dbs or load_dbs or bank_dbs or clearing_db or sp_dbs):
+        fail("nothing to audit: give --card, --payment-db, --load-db, --bank-db, "
+             "--clearing-db or --sp-db (see svcard audit --help)", EXIT_USAGE)
     check_sources(payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
                   clearing_db=clearing_db)
+    from ..sp.records import check_sp_db
+
+    for url in sp_dbs:
+        check_sp_db(url)
     with handled(), readers(*[("card", spec(s)) for s in card_specs]) as card_readers:
         cards = card_balances(card_readers, aid)
     open_batches = None
@@ -188,7 +196,8 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
             open_batches = psam_open_batches(psam_readers)
     report = audit(cards, payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
                    clearing_db=clearing_db, opening=opening,
-                   max_age_ms=int(max_age_days * DAY_MS), open_batches=open_batches)
+                   max_age_ms=int(max_age_days * DAY_MS), open_batches=open_batches,
+                   sp_dbs=sp_dbs)
     emit(as_json, report.to_json(), report.text())
     if report.nothing_audited:
         fail(NOTHING, EXIT_INPUT)

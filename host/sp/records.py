@@ -14,6 +14,7 @@ from sqlalchemy import Engine, select
 
 from ..kit.schema import open_for_reading
 from . import db as D
+from .purses import db as PDB
 
 SP_DB = "service provider database"
 T = TypeVar("T")
@@ -67,6 +68,43 @@ def bills(url: str, customer: str | None = None) -> list[dict[str, Any]]:
             bill["items"] = [ln for ln in lines if ln["bill_id"] == bill["id"]]
         return found
     return _reading(url, read)
+
+
+def purses(url: str) -> list[dict[str, Any]]:
+    """The provider's purses: serial, reader, state, balance (as last seen), opening balance,
+    counters, currency."""
+    return _reading(url, lambda e: _rows(e, PDB.purses))
+
+
+def purse_payments(url: str, order_ref: str | None = None) -> list[dict[str, Any]]:
+    """Which purse paid what, one row per ``order_ref`` (state, amount, counter, TAC)."""
+    where = [] if order_ref is None else [PDB.payments.c.order_ref == order_ref]
+    return _reading(url, lambda e: _rows(e, PDB.payments, *where))
+
+
+def books(url: str) -> dict[str, list[dict[str, Any]]]:
+    """Everything the audit's three-way closing reads, in one read-only session: customers,
+    orders, bill lines, bills, purses, purse payments, purse loads and purse unloads (each
+    a list of rows; the large goods/receipt/outcome texts left out)."""
+    def read(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+        out = {"customers": _rows(engine, D.customers),
+               "bill_lines": _rows(engine, D.bill_lines), "bills": _rows(engine, D.bills),
+               "purses": _rows(engine, PDB.purses), "purse_loads": _rows(engine, PDB.loads)}
+        out["orders"] = [{k: v for k, v in r.items() if k not in ("goods", "receipt")}
+                         for r in _rows(engine, D.orders)]
+        out["purse_payments"] = [{k: v for k, v in r.items() if k != "outcome"}
+                                 for r in _rows(engine, PDB.payments)]
+        unloads = getattr(PDB, "unloads", None)
+        out["purse_unloads"] = [] if unloads is None or not _has(engine, unloads.name) \
+            else _rows(engine, unloads)
+        return out
+    return _reading(url, read)
+
+
+def _has(engine: Engine, table: str) -> bool:
+    from sqlalchemy import inspect
+
+    return bool(inspect(engine).has_table(table))
 
 
 def check_sp_db(url: str) -> None:
