@@ -22,12 +22,14 @@ commits the records and the debit in one image write (:meth:`svcard.card.iep.Iep
 and the secure-messaging record writes, committed by :meth:`svcard.card.iep.Iep.write_goods`.
 
 P2's low three bits (``mode``) say what P1 is: ``0b100`` a record number (1..N), ``0b000`` a
-tag: the record that starts with that byte, or, if the file has none, the first empty record.
+tag (the record's first byte): the record that holds the same good (it starts with that tag and
+has the same issuer_id and good_id) is replaced, and a new good goes into the first empty
+record; a full file refuses it.
 
 Status words: unknown SFI ``6A82``; data not one record long ``6700``; record number 0 or a mode
-other than these ``6A86``; record number beyond the file ``6A83``; a tag-mode write into a file
-with no such record and no empty one ``6A84``; a record whose tag is not the file's kind, whose
-tag is not P1 (tag mode), or which does not follow its layout ``6A80``.
+other than these ``6A86``; record number beyond the file ``6A83``; a new good by tag into a full
+file ``6A84``; a record whose tag is not the file's kind, whose tag is not P1 (tag mode), or
+which does not follow its layout ``6A80``.
 
 The state is persisted in the card image as ``app.goods``: ``{"files": [{"sfi": 17, "kind":
 "ticket", "record_length": 40, "records": 8, "data": {"1": HEX, ...}}]}`` (empty records left
@@ -179,8 +181,9 @@ class GoodsFiles:
                 if p_sfi == sfi:
                     view[number - 1] = record
         first_empty = None
+        good = data[G.GOOD_KEY]
         for n, record in enumerate(view):
-            if record[0] == p1:
+            if record[0] == p1 and record[G.GOOD_KEY] == good:
                 return n + 1
             if first_empty is None and record[0] == G.TAG_EMPTY:
                 first_empty = n + 1

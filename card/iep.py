@@ -15,7 +15,9 @@ A card that loses power after write 1 finishes write 2 when it is next powered (
 :meth:`Iep.recover`), so balance, counter, proof and log always agree.
 
 MAC failures lock a key after ``mac_failure_limit`` consecutive wrong MACs: see
-:mod:`svcard.card.iep_commands.lockout`.
+:mod:`svcard.card.iep_commands.lockout`. Goods records are also written alone, by the
+secure-messaging record writes (CLA 04) under the goods key, each MAC chained from the
+challenge GET CHALLENGE answered just before: see :mod:`svcard.card.iep_commands.secure_write`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeAlias
 
+from ..protocols import goods as G
 from ..protocols import mac_schemes
 from ..protocols import purse as P
 from ..protocols import sw as SW
 from ..protocols.apdu import CommandAPDU
 from .goods import GoodsFiles, Write
-from .iep_commands import load, overdraft, pin, purchase, queries, records, unload
+from .iep_commands import capp_purchase as capp
+from .iep_commands import load, overdraft, pin, purchase, queries, records, secure_write, unload
 from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
 from .iep_commands.records import LOG_COUNTER_BEFORE, Proof, append_log, log_counter_as
 from .iep_commands.session import Session
@@ -93,6 +97,9 @@ class IepState:
     unload_mac_failures: dict[int, int] = field(default_factory=dict)
     update_mac_failures: dict[int, int] = field(default_factory=dict)
     log_counter: str = LOG_COUNTER_BEFORE   # the log record's counter: "before" or "after"
+    # the key of secure-messaging goods writes (04 DC / 04 E2); optional
+    goods_key: KeyEntry | None = None
+    goods_mac_failures: dict[int, int] = field(default_factory=dict)
     goods: GoodsFiles = field(default_factory=GoodsFiles)   # goods record files (card/goods.py)
 
     def __repr__(self) -> str:
@@ -129,6 +136,8 @@ class IepState:
             "unload_mac_failures": _counts_to_json(self.unload_mac_failures),
             "update_mac_failures": _counts_to_json(self.update_mac_failures),
             "log_counter": self.log_counter,
+            "goods_key": self.goods_key.to_json() if self.goods_key else None,
+            "goods_mac_failures": _counts_to_json(self.goods_mac_failures),
             "goods": self.goods.to_json(),
         }
 
@@ -170,6 +179,9 @@ class IepState:
             unload_mac_failures=_counts_from_json(d.get("unload_mac_failures")),
             update_mac_failures=_counts_from_json(d.get("update_mac_failures")),
             log_counter=log_counter_as(d.get("log_counter", LOG_COUNTER_BEFORE)),
+            # images written before the goods key load without it (secure writes: 6982)
+            goods_key=KeyEntry.from_json(d["goods_key"]) if d.get("goods_key") else None,
+            goods_mac_failures=_counts_from_json(d.get("goods_mac_failures")),
             # images written before goods files load with the default files, empty
             goods=GoodsFiles.from_json(d.get("goods")),
         )
@@ -203,6 +215,8 @@ def _counts_from_json(raw: Any) -> dict[int, int]:
 class Iep(TableApplication):
     """The purse application. ``persist`` is called at every write point."""
 
+    secure_messaging_classes = (secure_write.CLA_SM,)   # 04: the goods writes check their MAC
+
     def __init__(self, state: IepState, persist: Callable[[], None] | None = None) -> None:
         self.state = state
         self.aid = state.aid
@@ -210,6 +224,8 @@ class Iep(TableApplication):
         self._fci: bytes | None = None
         self.session: Session | None = None   # the INITIALIZE waiting for its completion
         self.pin_ok = False                   # VERIFY passed since the purse was selected
+        self.challenge: bytes | None = None   # GET CHALLENGE's answer, for the next command
+        self._offered: bytes | None = None    # the challenge the command being run may use
         self.handlers = {key: partial(command, self) for key, command in _COMMANDS.items()}
         self.keep_pending = tuple(self.handlers[key] for key in _COMPLETIONS)
 
@@ -224,6 +240,20 @@ class Iep(TableApplication):
     def on_select(self) -> None:
         self.session = None
         self.pin_ok = False
+        self.challenge = self._offered = None
+
+    def process(self, cmd: CommandAPDU) -> bytes:
+        # a challenge serves the command right after GET CHALLENGE, and no other
+        self._offered, self.challenge = self.challenge, None
+        try:
+            return super().process(cmd)
+        finally:
+            self._offered = None
+
+    def take_challenge(self) -> bytes | None:
+        """The challenge GET CHALLENGE answered just before this command, used up here."""
+        challenge, self._offered = self._offered, None
+        return challenge
 
     def on_deselect(self) -> None:
         self.on_select()
@@ -299,6 +329,8 @@ class Iep(TableApplication):
         session of another kind is spent and refused (``6985``)."""
         if cmd.p1 == P.DEBIT_FOR_UNLOAD:
             return unload.debit_for_unload(self, cmd)
+        if capp.is_capp(self.session):   # DEBIT FOR CAPP PURCHASE: the cached goods too
+            return capp.debit_for_capp_purchase(self, cmd)
         if self.session is not None and self.session.kind not in (P.INIT_PURCHASE,
                                                                   P.INIT_CASH_WITHDRAWAL):
             self.session = None
@@ -315,6 +347,7 @@ _INITIALIZE_ROUTES: dict[int, tuple[IepCommand, tuple[int, ...]]] = {
     P.INIT_CASH_WITHDRAWAL: (purchase.initialize_for_purchase, (P.PURSE_ED,)),
     P.INIT_UPDATE: (overdraft.initialize_for_update, (P.PURSE_ED,)),
     P.INIT_UNLOAD: (unload.initialize_for_unload, (P.PURSE_ED,)),
+    G.INIT_CAPP_PURCHASE: (capp.initialize_for_capp_purchase, (P.PURSE_EP,)),
 }
 
 _COMMANDS: dict[tuple[int, int], IepCommand] = {
@@ -329,8 +362,15 @@ _COMMANDS: dict[tuple[int, int], IepCommand] = {
     (P.CLA_ISO, P.INS_VERIFY): pin.verify,
     (P.CLA_ISO, P.INS_READ_BINARY): queries.read_binary,
     (P.CLA_ISO, P.INS_READ_RECORD): records.read_record,
+    (P.CLA_ISO, secure_write.INS_GET_CHALLENGE): secure_write.get_challenge,
+    (secure_write.CLA_SM, secure_write.INS_UPDATE_RECORD): secure_write.update_record,
+    (secure_write.CLA_SM, secure_write.INS_APPEND_RECORD): secure_write.append_record,
+    (P.CLA_ISO, secure_write.INS_UPDATE_RECORD): secure_write.plain_write,
+    (P.CLA_ISO, secure_write.INS_APPEND_RECORD): secure_write.plain_write,
+    (P.CLA_PBOC, G.INS_UPDATE_CAPP_DATA_CACHE): capp.update_capp_data_cache,
 }
 
 # the completions an INITIALIZE's session survives into (every other command ends it)
 _COMPLETIONS = ((P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD), (P.CLA_PBOC, P.INS_DEBIT),
-                (P.CLA_PBOC, P.INS_UPDATE_OVERDRAFT_LIMIT))
+                (P.CLA_PBOC, P.INS_UPDATE_OVERDRAFT_LIMIT),
+                (P.CLA_PBOC, G.INS_UPDATE_CAPP_DATA_CACHE))

@@ -42,6 +42,7 @@ from .purse import FastLayout, valid_date
 RECORD_SIZE = 40
 HEAD_SIZE = 26
 EMPTY = bytes(RECORD_SIZE)
+GOOD_KEY = slice(2, 18)   # issuer_id and good_id: which good a record holds
 
 TAG_EMPTY = 0x00
 TAG_TICKET = 0x01
@@ -60,8 +61,13 @@ STATUS_VOID = 0x04
 STATUS_NAMES: dict[int, str] = {STATUS_VALID: "valid", STATUS_USED: "used",
                                 STATUS_EXPIRED: "expired", STATUS_VOID: "void"}
 
+# the composite (CAPP) purchase: INITIALIZE FOR CAPP PURCHASE is 80 50 03 02, UPDATE CAPP DATA
+# CACHE 80 DC P1 P2, DEBIT FOR CAPP PURCHASE 80 54 01 00 (transaction type 09)
+INIT_CAPP_PURCHASE = 0x03
+INS_UPDATE_CAPP_DATA_CACHE = 0xDC
+
 # UPDATE CAPP DATA CACHE (80 DC) and the secure record writes: the low 3 bits of P2
-MODE_TAG = 0b000      # P1 is a tag: the record that starts with it (or the first empty one)
+MODE_TAG = 0b000      # P1 is a tag: the record of the same good, or the first empty one
 MODE_RECORD = 0b100   # P1 is a record number, 1 the first
 
 

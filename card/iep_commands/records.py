@@ -82,13 +82,17 @@ def get_transaction_prove(iep: Iep, cmd: CommandAPDU) -> bytes:
 
 
 def read_record(iep: Iep, cmd: CommandAPDU) -> bytes:
-    """READ RECORD ``00 B2 n C4``: record n of the log, 1 the newest."""
+    """READ RECORD ``00 B2 n P2``: with P2 ``C4`` record n of the log, 1 the newest; with P2
+    ``SFI << 3 | 4`` record n of that goods file (:mod:`svcard.card.goods`)."""
     if cmd.p2 & 0x07 != 0x04 or cmd.p1 == 0:
         raise CardError(SW.WRONG_P1P2)
     if cmd.data:
         raise CardError(SW.WRONG_LENGTH)
     if cmd.p2 >> 3 != P.SFI_LOG:
-        raise CardError(SW.FILE_NOT_FOUND)
+        record = iep.state.goods.read(cmd.p2 >> 3, cmd.p1)
+        if cmd.le is not None and cmd.le not in (len(record), 256):
+            raise CardError(0x6C00 | len(record))
+        return record
     if cmd.le is not None and cmd.le not in (P.LOG_RECORD_SIZE, 256):
         raise CardError(0x6C00 | P.LOG_RECORD_SIZE)
     log = iep.state.log
