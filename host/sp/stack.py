@@ -69,16 +69,17 @@ def demo_config(folder: Path, merchant_url: str, *, db_url: str | None = None,
                 purses: PursePoolConfig | None = None, fee: int = 5,
                 pass_on_percent: int = 50, billing: BillingEntry | None = None,
                 wholesale: dict[str, int] | None = None,
-                merchants: dict[str, str] | None = None,
-                variant: str | None = None) -> SpConfig:
+                merchants: dict[str, str] | None = None, variant: str | None = None,
+                merchant_name: str = DEMO_MERCHANT) -> SpConfig:
     """An SP selling the demo merchant's items (:data:`DEMO_ITEMS`) at ``merchant_url``, its
     database and journals in ``folder`` (made if missing); ``wholesale``: agreed prices by sku.
     ``merchants`` (name -> merchant server URL) adds more merchants selling the same items
-    (seed FIG. 3C, 4A, 4B: one SP catalogue, several commerce servers)."""
+    (seed FIG. 3C, 4A, 4B: one SP catalogue, several commerce servers); ``merchant_name``
+    names the one at ``merchant_url``."""
     folder.mkdir(parents=True, exist_ok=True)
     entries = [demo_merchant(name, url, fee=fee, pass_on_percent=pass_on_percent,
                              wholesale=wholesale, variant=variant)
-               for name, url in {DEMO_MERCHANT: merchant_url, **(merchants or {})}.items()]
+               for name, url in {merchant_name: merchant_url, **(merchants or {})}.items()]
     return SpConfig(items_of(entries), db_url=db_url or f"sqlite:///{folder / 'sp.db'}",
                     journal_dir=folder / "sp-journals", billing=billing or BillingEntry(),
                     purses=purses)

@@ -1,0 +1,258 @@
+"""Seed 001 FIG. 4A and 4B over loopback with real servers: the merchant's point of sale (a
+payment server with its PSAMs) apart from its commerce server.
+
+FIG. 4A: the merchant's remote POS is a ``svcard serve payment`` PROCESS of its own (its own
+port and database); the commerce server (``MerchantServer``) enables only FIG. 5 and 6, the
+variants in which the POS itself checks the card's MAC2 before it issues "debit result M", the
+payment acknowledgement (sealed under the key only the POS and the merchant share). The SP's
+purse pays the POS; the acknowledgement, carried to the commerce server, releases the goods.
+Anything else is refused and releases nothing: a forged acknowledgement, a genuine one moved to
+another order, a POS saying the card did not pay, an altered copy, a variant where the POS
+does not compare, and a payment while the POS is down (nothing paid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, select
+
+from svcard.host.demo.system import card_image
+from svcard.host.kit.serving import ServerThread, free_port, wait_http
+from svcard.host.load.stack import LoadStack, start_load_stack
+from svcard.host.pay import client as PC
+from svcard.host.pay.merchant import db as MD
+from svcard.host.pay.merchant.server import MerchantConfig, MerchantServer
+from svcard.host.pay.server.db import payments
+from svcard.host.pay.stack import psam_images
+from svcard.host.sp.purses.pool import PursePoolConfig
+from svcard.host.sp.stack import SpStack, demo_config, purse_images, start_sp
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
+from svcard.protocols import messages as M
+from svcard.protocols import secure
+
+SVCARD = str(Path(sys.executable).parent / "svcard")
+TERMINAL = bytes.fromhex("000000000001")      # psam-demo.toml's terminal id
+MERCH_A = b"MERCH4A1"
+
+
+class PosProcess:
+    """A payment server run as its own process (``svcard serve payment``): a merchant's remote
+    POS (FIG. 4A) or an acquirer's shared one (FIG. 4B)."""
+
+    def __init__(self, folder: Path, merchants: dict[bytes, bytes], psams: list[Path],
+                 variants: tuple[str, ...] = ("fig5", "fig6")) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.port = folder, free_port()
+        self.db = f"sqlite:///{folder / 'pos.db'}"
+        self.token = os.urandom(16).hex()
+        lines = [f'db = "{self.db}"', f'admin_token = "{self.token}"',
+                 f'concentration_dir = "{folder / "concentration"}"']
+        for mid, key in merchants.items():
+            lines += ["[[merchant]]", f'id = "{mid.hex()}"', f'shared_key = "{key.hex()}"',
+                      f"variants = {json.dumps(list(variants))}"]
+        self.config = folder / "pos.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.psams = psams
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [SVCARD, "serve", "payment", "--config", str(self.config), "--port",
+                str(self.port), "--log-level", "warning"]
+        for p in self.psams:
+            args += ["--psam", f"virtual:{p}"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"{self.url}/v1/health", timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def rows(self) -> list[dict[str, Any]]:
+        engine = create_engine(self.db)
+        try:
+            with engine.connect() as conn:
+                return [dict(r._mapping) for r in conn.execute(select(payments))]
+        finally:
+            engine.dispose()
+
+
+@dataclass
+class Shop:
+    """A merchant's commerce server (its own port and database), in this process."""
+
+    merchant_id: bytes
+    key: bytes
+    server: MerchantServer
+    thread: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.server.close()
+
+
+def open_shop(folder: Path, merchant_id: bytes, key: bytes, pos_url: str,
+              terminal_id: bytes = TERMINAL) -> Shop:
+    port = free_port()
+    server = MerchantServer(MerchantConfig(
+        merchant_id, key, pos_url, terminal_id, public_url=f"http://127.0.0.1:{port}",
+        variants=frozenset({"fig5", "fig6"}), max_open_per_client=10_000,
+        db_url=f"sqlite:///{folder / f'shop-{merchant_id.hex()}.db'}"))
+    return Shop(merchant_id, key, server, ServerThread(server.app(), port=port).start())
+
+
+def open_sp(folder: Path, load: LoadStack, merchants: dict[str, str],
+            payment_servers: list[str], purses: int = 1) -> SpStack:
+    """The SP selling the demo items of ``merchants`` (name -> commerce server URL), paying
+    from ``purses`` pool purses that top up from its bank, only at ``payment_servers``."""
+    load.account("sp", 100_000, "sp-pw")
+    images = purse_images(folder / "purses", purses, ep=0)
+    pool = PursePoolConfig(readers=[f"virtual:{p}" for p in images], bank_url=load.bank_url,
+                           account="sp", secret="sp-pw", currency_code=156,
+                           topup_threshold=1_000, topup_amount=5_000,
+                           payment_servers=payment_servers)
+    (name, url), *more = merchants.items()
+    return start_sp(demo_config(folder, url, purses=pool, merchants=dict(more),
+                                merchant_name=name))
+
+
+def capture_confirmations(log: list[bytes]) -> httpx.Client:
+    """An HTTP client that keeps every confirmation it posts to a status URL."""
+    def keep(request: httpx.Request) -> None:
+        if "/v1/status/" in request.url.path:
+            log.append(request.content)
+    return httpx.Client(timeout=30, event_hooks={"request": [keep]})
+
+
+def open_order(shop: Shop, http: httpx.Client, sku: str = "song") -> dict[str, Any]:
+    """A checkout at ``shop`` (an open order nobody has paid)."""
+    answer = http.post(f"{shop.url}/v1/checkout/{sku}", headers={"X-Svcard-Client": "1"})
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def confirmation(txn_id: bytes, result_m: bytes, variant: int = M.FIG6_SERVER_COMPARES) -> bytes:
+    return M.build(M.Confirmation, {"version": M.VERSION, "variant": variant, "txn_id": txn_id,
+                                    "result_m": result_m, "card_mac2": bytes(4),
+                                    "sealed_expected_mac2": b""})
+
+
+def result_m(key: bytes, mid: bytes, txn_id: bytes, amount: int, status: int) -> bytes:
+    """A debit result M sealed under ``key`` (the shared key, or an attacker's guess)."""
+    plain = M.build(M.DebitResult, {
+        "version": M.VERSION, "status": status, "variant": M.FIG6_SERVER_COMPARES,
+        "merchant_id": mid, "txn_id": txn_id, "amount": amount, "currency_code": 156,
+        "psam_id": bytes(10), "terminal_txn_number": 1, "card_serial": bytes(10),
+        "card_counter": 1, "tac": bytes(4), "reason": ""})
+    dk = secure.derive_key(key, mid, txn_id)
+    return secure.seal(dk, plain, M.result_m_aad(mid, txn_id))
+
+
+def order_state(shop: Shop, txn_hex: str) -> str:
+    row = shop.server.db.get(txn_hex)
+    assert row is not None
+    return str(row["state"])
+
+
+@pytest.fixture
+def load(tmp_path: Path) -> Iterator[LoadStack]:
+    stack = start_load_stack(tmp_path / "load")
+    yield stack
+    stack.close()
+
+
+def test_fig4a_the_remote_pos_acknowledgement_releases_the_goods(
+        load: LoadStack, tmp_path: Path) -> None:
+    key = secure.new_key()
+    pos = PosProcess(tmp_path / "pos", {MERCH_A: key}, psam_images(tmp_path, 1))
+    pos.start()
+    shop = open_shop(tmp_path, MERCH_A, key, pos.url)
+    sp = open_sp(tmp_path / "sp", load, {"SHOP-A": shop.url}, [pos.url])
+    seen: list[bytes] = []
+    try:
+        with capture_confirmations(seen) as http:
+            # the SP pays the remote POS; its acknowledgement releases the goods
+            alice = sp.customer("alice")
+            answer = sp.order(http, alice, "song", merchant="SHOP-A")
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert (body["state"], body["line"]["wholesale"]) == ("billed", 99)
+            [row] = pos.rows()                       # in the POS's own database
+            assert (row["state"], row["variant"], row["merchant_id"]) == (
+                "confirmed", M.FIG6_SERVER_COMPARES, MERCH_A.hex())
+            receipt = body["receipt"]                # the POS's PSAM and TTN, as it said
+            assert (receipt["psam_id"].lower(), receipt["terminal_txn_number"]) == (
+                row["psam_id"], row["ttn"])
+            assert order_state(shop, row["txn_id"]) == MD.PAID
+            assert not pos.db.endswith("shop.db") and shop.server.config.db_url != pos.db
+
+            # FIG. 5 too (the PSAM compares): a card holder paying the same remote POS
+            card = card_image(tmp_path, "bob.json", ep=5_000)
+            with open_reader(f"virtual:{card}") as reader:
+                paid = PC.pay(f"{shop.url}/v1/checkout/song?variant=fig5", reader,
+                              journal=Journal(tmp_path / "bob.jsonl"), http=http)
+            assert (paid.variant, paid.amount) == ("fig5", 99)
+            genuine = seen[-1]
+            genuine_txn = bytes.fromhex(paid.txn_id)
+
+            # an open order nobody paid: nothing but the POS's acknowledgement releases it
+            order = open_order(shop, http)
+            txn = bytes.fromhex(order["txn_id"])
+            status_url = order["status_url"]
+            forged = result_m(secure.new_key(), MERCH_A, txn, 99, M.STATUS_OK)
+            tries = [
+                (confirmation(txn, forged), 400),                      # not under the key
+                (genuine, 400),                                        # another order's
+                (confirmation(txn, M.parse(M.Confirmation, genuine, "c").result_m), 400),
+                (confirmation(txn, result_m(key, MERCH_A, txn, 99, 2)), 402),   # "not paid"
+                (confirmation(txn, result_m(key, MERCH_A, txn, 1, M.STATUS_OK)), 400),
+                (confirmation(txn, b"\x00" * 40), 400),                # truncated garbage
+                (b"SC", 400),
+            ]
+            for data, status in tries:
+                answer = http.post(status_url, content=data)
+                assert answer.status_code == status, (answer.status_code, answer.text)
+                assert answer.json()["released"] is False
+            assert order_state(shop, order["txn_id"]) == MD.OPEN
+            # the genuine acknowledgement again: the same answer (a lost reply), an altered
+            # copy of it: refused
+            again = http.post(f"{shop.url}/v1/status/{paid.txn_id}", content=genuine)
+            assert again.status_code == 200 and again.json()["goods"] == paid.goods
+            altered = genuine[:-1] + bytes([genuine[-1] ^ 1])
+            again = http.post(f"{shop.url}/v1/status/{genuine_txn.hex()}", content=altered)
+            assert again.status_code in (400, 409) and again.json()["released"] is False
+
+            # a variant where the POS does not compare is not taken by this commerce server
+            bad = http.post(f"{shop.url}/v1/checkout/song?variant=fig8",
+                            headers={"X-Svcard-Client": "1"})
+            assert bad.status_code == 400
+
+            # the POS down: the SP's order fails with nothing paid, no goods
+            pos.stop()
+            paid_orders = shop.server.db.counts().get(MD.PAID, 0)
+            answer = sp.order(http, alice, "article", merchant="SHOP-A")
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["state"] == "failed"
+            assert shop.server.db.counts().get(MD.PAID, 0) == paid_orders
+    finally:
+        sp.close()
+        shop.close()
+        pos.stop()
