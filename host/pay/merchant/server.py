@@ -52,6 +52,7 @@ from ...kit.request_log import RequestLog, note
 from . import db as MD
 from . import page
 from .confirmation import Refusal, check_confirmation
+from .pon import PonDesk, PonSettings
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class MerchantConfig:
     max_open_orders: int = 10_000
     max_open_per_client: int = 100   # per client address
     catalogue: tuple[Item, ...] = DEFAULT_CATALOGUE
+    pon: PonSettings | None = None   # FIG. 3B PONs and order copies to an SP (pon.py)
 
     def __post_init__(self) -> None:
         """Refuse a configuration that cannot be used; the message names the field."""
@@ -177,6 +179,7 @@ class MerchantServer:
         self.sql = SqlRunner(config.db_url)
         self.terminal_keys = {tid: Ed25519PublicKey.from_public_bytes(key)
                               for tid, key in config.client_terminals.items()}
+        self.pons = None if config.pon is None else PonDesk(self, config.pon)
 
     def close(self) -> None:
         if self.sql.executor is not None:
@@ -348,8 +351,9 @@ class MerchantServer:
                        "status": ("authentication OK"
                                   if result.status == M.STATUS_AUTHENTICATED else "paid"),
                        "proven": state == MD.PAID}
-            if not await self.sql(self.db.release, txn_id.hex(), state, json.dumps(receipt),
-                                  now, digest):
+            release = self.db.release if self.pons is None else self.pons.release
+            if not await self.sql(release, txn_id.hex(), state, json.dumps(receipt), now,
+                                  digest):
                 row = await self.sql(self.db.get, txn_id.hex())  # a copy won: which one?
                 if row is None:
                     raise Refusal(404, "no such order")
@@ -384,6 +388,7 @@ class MerchantServer:
                 lambda: {"merchant_id": self.config.merchant_id.hex().upper()}).answer,
                 methods=["GET"]),
             openapi_route("merchant"),
+            *(self.pons.routes() if self.pons is not None else []),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
             middleware=[Middleware(RequestLog, server="merchant")])
 

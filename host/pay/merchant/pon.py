@@ -1,0 +1,398 @@
+"""The merchant's side of seed 001 FIG. 3B and of "the merchant sends a copy of the order".
+
+FIG. 3B: the customer places a TENTATIVE order here (``POST /v1/pon``) and gets a payment
+order number (PON, 16 random bytes, hex) and a pick-up secret (32 random bytes, hex; only its
+SHA-256 is kept, so the merchant's database cannot give the goods away). The customer sends
+the PON to its service provider, which asks this merchant about it (``GET /v1/pon/{pon}`` with
+the SP's fresh nonce: the answer is signed with the merchant's Ed25519 key, whose public half
+the SP holds) and pays it with an ordinary card payment: ``POST /v1/pon/{pon}/checkout`` makes
+a checkout exactly like ``/v1/checkout/{sku}`` (same ticket, same payment server), linked to
+the PON. The confirmation at ``/v1/status/{txn}`` then moves the order AND the PON to paid in
+one database step (:meth:`PonDesk.release`): a PON is paid once; a confirmation of another
+payment for a PON already paid is refused (409). The goods are not handed to the payer: the
+customer picks them up (``POST /v1/pon/{pon}/pickup`` with the secret), once this merchant
+holds a valid payment confirmation for the PON.
+
+The copy (``POST /v1/pon/via-sp``): the customer orders here with an order signed by its SP
+key; the merchant makes the PON and sends the SP a copy (the customer's signed order and the
+PON's terms, signed with the merchant's key). The SP checks both signatures and pays the PON
+as above; the answer gives the customer the PON, its secret and, once paid, the goods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ...kit.db import first_row, step
+from ...kit.http import Refused, check_json_shape, read_body
+from ...kit.request_log import note
+from ...kit.schema import Schema, prepare
+from . import db as MD
+from .confirmation import Refusal
+
+if TYPE_CHECKING:
+    from .server import MerchantServer
+
+HEADER = "X-Svcard-Merchant-Signature"          # as the SP's signing.MERCHANT_HEADER
+QUOTE_DOMAIN = b"svcard-merchant-pon/1\n"       # the merchant's answer about a PON
+COPY_DOMAIN = b"svcard-sp-copy/1\n"             # the merchant's copy of a customer's order
+TENTATIVE, PAID = "tentative", "paid"
+MAX_BODY = 512
+MAX_COPY_ORDER = 3072
+_PON = re.compile(r"[0-9a-f]{32}")
+_NONCE = re.compile(r"[0-9a-f]{32}")
+_SECRET = re.compile(r"[0-9a-f]{64}")
+_CUSTOMER = re.compile(r"[A-Za-z0-9_.@-]{1,32}")
+_SKU = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PG_LOCK = 0x7376636172645043   # "svcard" + "PC": the open-PON bound on PostgreSQL
+
+
+@dataclass
+class PonSettings:
+    """A merchant taking PONs: its Ed25519 private key (raw 32 bytes), its name at the SP,
+    the SP it sends order copies to, and how long a PON can be paid."""
+
+    key: bytes = field(repr=False)
+    sp_name: str
+    sp_url: str | None = None
+    lifetime: int = 3600            # seconds
+    max_open: int = 10_000          # tentative PONs at once
+
+    def __post_init__(self) -> None:
+        if len(self.key) != 32:
+            raise ValueError("pon.key: an Ed25519 private key is 32 bytes")
+        if self.lifetime < 1 or self.max_open < 1:
+            raise ValueError("pon.lifetime, pon.max_open: must be positive")
+
+
+metadata = MetaData()
+pons = Table(
+    "merchant_pons", metadata,
+    Column("pon", String(32), primary_key=True),
+    Column("sku", String(64), nullable=False),
+    Column("item", String(200), nullable=False),
+    Column("goods", String(500), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency_code", Integer, nullable=False),
+    Column("customer", String(32), nullable=False),        # the customer's id at the SP
+    Column("secret_hash", String(64), nullable=False),     # SHA-256 of the pick-up secret
+    Column("state", String(10), nullable=False),           # tentative -> paid
+    Column("txn_id", String(32)),                          # the payment that paid it
+    Column("expires", BigInteger, nullable=False),         # ms: the last time to start paying
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+# every checkout made for a PON (one per payment attempt); written before its order
+pon_txns = Table(
+    "merchant_pon_txns", metadata,
+    Column("txn_id", String(32), primary_key=True),
+    Column("pon", String(32), nullable=False, index=True),
+    Column("created", BigInteger, nullable=False),
+)
+SCHEMA = Schema("merchant_pon", 1, metadata)
+
+
+class _Lost(Exception):
+    """The order was no longer open: the PON's change is undone with it."""
+
+
+def _json(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
+    check_json_shape(body, max_depth=2, max_items=12)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise Refusal(400, "the body is not JSON") from None
+    if not isinstance(data, dict) or set(data) != fields:
+        raise Refusal(400, f"the body is a JSON object with exactly {sorted(fields)}")
+    return data
+
+
+def _check(data: dict[str, Any], name: str, pattern: re.Pattern[str]) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise Refusal(400, f"{name}: not a valid value")
+    return value
+
+
+class PonDesk:
+    """The PON routes of a :class:`~.server.MerchantServer` (``config.pon`` set)."""
+
+    def __init__(self, server: MerchantServer, settings: PonSettings) -> None:
+        self.server = server
+        self.settings = settings
+        self.engine: Engine = server.db.engine
+        self.signer = Ed25519PrivateKey.from_private_bytes(settings.key)
+        prepare(self.engine, SCHEMA)
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/pon", self.create, methods=["POST"]),
+                Route("/v1/pon/via-sp", self.via_sp, methods=["POST"]),
+                Route("/v1/pon/{pon}", self.quote, methods=["GET"]),
+                Route("/v1/pon/{pon}/checkout", self.checkout, methods=["POST"]),
+                Route("/v1/pon/{pon}/pickup", self.pickup, methods=["POST"])]
+
+    # --- database steps ----------------------------------------------------------------------
+    def _insert(self, row: dict[str, Any], now: int) -> bool:
+        """Insert a tentative PON if fewer than ``max_open`` unexpired ones are: one step."""
+        columns = list(row)
+        open_now = (select(func.count()).select_from(pons).where(
+            pons.c.state == TENTATIVE, pons.c.expires > now).scalar_subquery())
+        source = select(*(literal(row[c], pons.c[c].type).label(c) for c in columns)).where(
+            open_now < self.settings.max_open)
+        with step(self.engine) as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
+            return conn.execute(insert(pons).from_select(columns, source).returning(
+                pons.c.pon)).first() is not None
+
+    def _link(self, pon: str, txn_id: str, now: int) -> str:
+        """Link a new checkout to a PON still tentative and in time: one step; "ok", or why
+        not ("paid", "expired")."""
+        with step(self.engine) as conn:
+            if conn.execute(update(pons).where(
+                    pons.c.pon == pon, pons.c.state == TENTATIVE, pons.c.expires > now).values(
+                    updated=now)).rowcount == 1:
+                conn.execute(insert(pon_txns).values(txn_id=txn_id, pon=pon, created=now))
+                return "ok"
+            state = conn.execute(select(pons.c.state).where(pons.c.pon == pon)).scalar()
+        return "paid" if state == PAID else "expired"
+
+    def release(self, txn_id: str, state: str, receipt: str, now: int,
+                confirmation: str = "") -> bool:
+        """The status route's release (``OrderDb.release``'s signature): for a PON's
+        checkout, the order (open -> ``state``) and its PON (tentative -> paid) change in ONE
+        step, or neither does; True for exactly one caller."""
+        link = first_row(self.engine, pon_txns, txn_id=txn_id)   # written once, never changed
+        if link is None:
+            return self.server.db.release(txn_id, state, receipt, now, confirmation)
+        o = MD.orders.c
+        try:
+            with step(self.engine) as conn:
+                if conn.execute(update(pons).where(
+                        pons.c.pon == link["pon"], pons.c.state == TENTATIVE).values(
+                        state=PAID, txn_id=txn_id, updated=now)).rowcount != 1:
+                    return False   # paid by another payment: this one releases nothing
+                if conn.execute(update(MD.orders).where(
+                        o.txn_id == txn_id, o.state == MD.OPEN, o.confirm_until >= now).values(
+                        state=state, receipt=receipt, updated=now,
+                        confirmation=confirmation or None)).rowcount != 1:
+                    raise _Lost(txn_id)
+                MD._count_open(conn, -1)
+        except _Lost:
+            return False
+        return True
+
+    # --- POST /v1/pon: a tentative order -------------------------------------------------------
+    def _new_pon(self, sku: str, customer: str, now: int) -> tuple[dict[str, Any], str]:
+        c = self.server.config
+        item = next((i for i in c.catalogue if i.sku == sku), None)
+        if item is None:
+            raise Refusal(404, f"no item {sku!r} in the catalogue")
+        if item.price <= 0:
+            raise Refusal(400, f"{sku}: costs nothing, there is nothing to pay by PON")
+        pon, secret = secrets.token_hex(16), secrets.token_hex(32)
+        row = {"pon": pon, "sku": item.sku, "item": item.name, "goods": item.goods,
+               "amount": item.price, "currency_code": c.currency_code, "customer": customer,
+               "secret_hash": hashlib.sha256(secret.encode()).hexdigest(), "state": TENTATIVE,
+               "expires": now + self.settings.lifetime * 1000, "created": now, "updated": now}
+        return row, secret
+
+    async def _make_pon(self, sku: str, customer: str) -> dict[str, Any]:
+        now = self.server.now_ms()
+        row, secret = self._new_pon(sku, customer, now)
+        if not await self.server.sql(self._insert, row, now):
+            raise Refusal(503, f"too many open PONs ({self.settings.max_open}): try later",
+                          {"Retry-After": "60"})
+        note(txn=row["pon"], step="pon")
+        c = self.server.config
+        return {"pon": row["pon"], "secret": secret, "merchant": self.settings.sp_name,
+                "sku": row["sku"], "item": row["item"], "amount": row["amount"],
+                "currency_code": c.currency_code, "currency_exponent": c.currency_exponent,
+                "expires": row["expires"] // 1000}
+
+    async def create(self, request: Request) -> Response:
+        try:
+            _client_only(request)
+            data = _json(await _body(request, MAX_BODY), frozenset({"sku", "customer"}))
+            answer = await self._make_pon(_check(data, "sku", _SKU),
+                                          _check(data, "customer", _CUSTOMER))
+        except Refusal as exc:
+            return self.server.refuse(exc.status, exc.reason, exc.headers)
+        return JSONResponse(answer)
+
+    # --- GET /v1/pon/{pon}?nonce=: the signed answer the SP asks for -----------------------------
+    def signed(self, fields: dict[str, Any], domain: bytes) -> tuple[bytes, str]:
+        body = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
+        return body, self.signer.sign(domain + body).hex()
+
+    async def quote(self, request: Request) -> Response:
+        pon = request.path_params["pon"]
+        nonce = request.query_params.get("nonce", "")
+        if not _PON.fullmatch(pon) or not _NONCE.fullmatch(nonce):
+            return self.server.refuse(400, "a PON and a nonce are 16 bytes of lower-case hex each")
+        row = await self.server.sql(first_row, self.engine, pons, pon=pon)
+        if row is None:
+            return self.server.refuse(404, "no such PON")
+        body, signature = self.signed({
+            "merchant": self.settings.sp_name, "pon": pon, "sku": row["sku"],
+            "item": row["item"], "amount": int(row["amount"]),
+            "currency_code": int(row["currency_code"]), "customer": row["customer"],
+            "state": row["state"], "expires": int(row["expires"]) // 1000, "nonce": nonce},
+            QUOTE_DOMAIN)
+        return Response(body, media_type="application/json", headers={HEADER: signature})
+
+    # --- POST /v1/pon/{pon}/checkout: a card payment of the PON ----------------------------------
+    async def checkout(self, request: Request) -> Response:
+        server = self.server
+        pon = request.path_params["pon"]
+        try:
+            _client_only(request)
+            if not _PON.fullmatch(pon):
+                raise Refusal(400, "a PON is 16 bytes of lower-case hex")
+            row = await server.sql(first_row, self.engine, pons, pon=pon)
+            if row is None:
+                raise Refusal(404, "no such PON")
+            variant, _terminal = server.choose_variant(request.query_params.get("variant"),
+                                                       None)
+            params, order = server.new_order(row["sku"], variant)
+            if int(params["amount"]) != int(row["amount"]):
+                raise Refusal(409, "the item's price changed since the PON was made: ask "
+                                   "for a new PON")
+            order.update(goods=f"PON {pon}: the merchant gives the goods to the customer "
+                               "(pick-up with the PON and its secret)",
+                         client_address=(request.client.host if request.client
+                                         else "unknown")[:64])
+            now = order["created"]
+            linked = await server.sql(self._link, pon, order["txn_id"], now)
+            if linked != "ok":
+                raise Refusal(409 if linked == "paid" else 410,
+                              "this PON is paid already" if linked == "paid"
+                              else "this PON has expired")
+            c = server.config
+            await server.sql(server.db.sweep, now)
+            admitted = await server.sql(server.db.create, order, c.max_open_orders,
+                                        c.max_open_per_client)
+            if admitted != "ok":
+                raise Refusal(503, "too many open orders: try again later",
+                              {"Retry-After": "5"})
+        except Refusal as exc:
+            return server.refuse(exc.status, exc.reason, exc.headers)
+        note(txn=params["txn_id"], step="pon-checkout")
+        return JSONResponse(params)
+
+    # --- POST /v1/pon/{pon}/pickup: the goods, to the secret's holder, once paid ----------------
+    async def pickup(self, request: Request) -> Response:
+        pon = request.path_params["pon"]
+        try:
+            if not _PON.fullmatch(pon):
+                raise Refusal(400, "a PON is 16 bytes of lower-case hex")
+            data = _json(await _body(request, MAX_BODY), frozenset({"secret"}))
+            secret = _check(data, "secret", _SECRET)
+            row = await self.server.sql(first_row, self.engine, pons, pon=pon)
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+            if row is None or not hmac.compare_digest(digest, row["secret_hash"]):
+                raise Refusal(403, "no PON with this secret")
+            order = None if row["state"] != PAID else await self.server.sql(
+                self.server.db.get, row["txn_id"])
+            if order is None or order["state"] not in MD.RELEASED:
+                raise Refusal(402, "the PON is not paid yet: the goods wait for the payment")
+        except Refusal as exc:
+            return self.server.refuse(exc.status, exc.reason, exc.headers)
+        return JSONResponse({"released": True, "pon": pon, "goods": row["goods"],
+                             "item": row["item"],
+                             "receipt": json.loads(order["receipt"] or "{}")})
+
+    # --- POST /v1/pon/via-sp: the customer orders here, the SP gets a copy and pays ---------------
+    async def via_sp(self, request: Request) -> Response:
+        s = self.settings
+        try:
+            _client_only(request)
+            if s.sp_url is None:
+                raise Refusal(404, "this merchant sends no order copies to a service provider")
+            data = _json(await _body(request, MAX_COPY_ORDER),
+                         frozenset({"order", "signature"}))
+            order_text, signature = data["order"], data["signature"]
+            if not isinstance(order_text, str) or not isinstance(signature, str) or \
+                    len(order_text) > MAX_COPY_ORDER // 2 or len(signature) != 128:
+                raise Refusal(400, "order: the customer's signed order (a JSON text); "
+                                   "signature: its signature (128 hex digits)")
+            try:
+                inner = json.loads(order_text)
+            except (ValueError, RecursionError):
+                raise Refusal(400, "order: not JSON") from None
+            if not isinstance(inner, dict) or inner.get("merchant") != s.sp_name:
+                raise Refusal(400, f"order: not an order for merchant {s.sp_name}")
+            made = await self._make_pon(_check(inner, "sku", _SKU),
+                                        _check(inner, "customer", _CUSTOMER))
+        except Refusal as exc:
+            return self.server.refuse(exc.status, exc.reason, exc.headers)
+        body, merchant_signature = self.signed({
+            "merchant": s.sp_name, "pon": made["pon"], "sku": made["sku"],
+            "item": made["item"], "amount": made["amount"],
+            "currency_code": made["currency_code"], "created": int(time.time()),
+            "order": order_text, "customer_signature": signature}, COPY_DOMAIN)
+        try:
+            async with httpx.AsyncClient(timeout=120) as http:
+                sent = await http.post(f"{s.sp_url.rstrip('/')}/v1/orders/copy", content=body,
+                                       headers={HEADER: merchant_signature,
+                                                "Content-Type": "application/json"})
+            answer = sent.json() if len(sent.content) <= 8192 else {}
+            status = sent.status_code
+        except (httpx.HTTPError, ValueError) as exc:
+            answer, status = {"reason": f"the service provider did not answer: "
+                                        f"{type(exc).__name__}"}, 502
+        if not isinstance(answer, dict):
+            answer = {}
+        row = await self.server.sql(first_row, self.engine, pons, pon=made["pon"])
+        paid = row is not None and row["state"] == PAID
+        out = {"pon": made["pon"], "secret": made["secret"], "paid": paid,
+               "sp": {k: answer[k] for k in ("order", "state", "reason", "kind", "line")
+                      if k in answer}}
+        if paid and row is not None:
+            order = await self.server.sql(self.server.db.get, row["txn_id"])
+            out.update(goods=row["goods"], item=row["item"],
+                       receipt=json.loads((order or {}).get("receipt") or "{}"))
+            return JSONResponse(out)
+        return JSONResponse(out, status_code=status if status >= 400 else 502)
+
+
+def _client_only(request: Request) -> None:
+    """Like checkout: only a client's POST with ``X-Svcard-Client: 1`` makes anything."""
+    if request.headers.get("X-Svcard-Client") != "1":
+        raise Refusal(403, "an order is made only for a client's POST with the header "
+                           "X-Svcard-Client: 1")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    try:
+        return await read_body(request, limit)
+    except Refused as exc:
+        raise Refusal(exc.status, exc.reason) from None
