@@ -56,7 +56,7 @@ def cluster() -> Iterator[Cluster]:
 def current(component: str) -> int:
     """The schema version this code writes for ``component`` (bank: 2, with the loads'
     issuer column; merchant: 2, with the releasing confirmation's digest and the open-order
-    counter; the others 1)."""
+    counter; payment: 2, with the node that recorded a draw; the others 1)."""
     return int(MODULES[component].SCHEMA.version)
 
 
@@ -275,7 +275,7 @@ def test_read_only_check(tmp_path: Path) -> None:
     open_db("payment", url).dispose()
     run_sql(url, f"UPDATE {S.TABLE} SET version = 3")
     ro = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
-    with pytest.raises(S.SchemaError, match="version 3, newer than this svcard's 1"):
+    with pytest.raises(S.SchemaError, match="version 3, newer than this svcard's 2"):
         S.check(ro, payment_db.SCHEMA)
     ro.dispose()
 

@@ -78,8 +78,9 @@ from .db import PaymentDb, make_engine, payments
 from .debit import answer_debit_response
 from .draw import answer_draw
 from .holds import Holds
+from .leases import Fence, LeasedPsamPool, LeaseKeeper, LeaseStore
 from .proof import take_proof
-from .psam_pool import PsamPool
+from .psam_pool import PooledPsam, PsamPool
 
 
 @dataclass
@@ -104,6 +105,10 @@ class PaymentConfig:
     # FIG. 5 holds at once, per merchant and per client address (None: half the pool, >= 1)
     max_holds_per_merchant: int | None = None
     max_holds_per_client: int | None = None
+    # one of several nodes on one database (leases.py): this node's name, and how long a PSAM
+    # lease lasts without renewal (a dead node's PSAMs are taken over after it)
+    node_name: str = ""
+    lease_seconds: float = 10.0
 
 
 class PaymentServer:
@@ -112,11 +117,17 @@ class PaymentServer:
 
     def __init__(self, config: PaymentConfig, psam_readers: list[Reader]) -> None:
         self.config = config
-        self.pool = PsamPool(psam_readers)
         self.db = PaymentDb(make_engine(config.db_url))
+        self.sql = SqlRunner(config.db_url)
+        self.leases: LeaseKeeper | None = None
+        if config.node_name:
+            self.pool: PsamPool = LeasedPsamPool(psam_readers)
+            self.leases = LeaseKeeper(LeaseStore(self.db.engine), self.pool, config.node_name,
+                                      config.lease_seconds, self.sql, self.db.recover)
+        else:
+            self.pool = PsamPool(psam_readers)
         self.holds = Holds(config, self.pool)
         self.close_lock = asyncio.Lock()  # one batch close at a time
-        self.sql = SqlRunner(config.db_url)
         self.draining = False     # shutting down: no new draw, held payments still finish
         self.draws = 0            # draws in progress (each may end in a FIG. 5 hold)
         self.health_check = HealthCheck(
@@ -140,6 +151,10 @@ class PaymentServer:
         if call(reader, apdus.read_binary(P.SFI_PSAM_TERMINAL_ID, 6),
                 "READ TERMINAL ID") != self.pool.terminal_id:
             raise ValueError("the PSAM answers another terminal id")
+
+    def fence(self, psam: PooledPsam) -> Fence | None:
+        """What a write for ``psam``'s transaction carries at a node (None: one server)."""
+        return self.leases.fence(psam) if self.leases is not None else None
 
     # --- routes -----------------------------------------------------------------------------
     async def draw(self, request: Request) -> Response:
@@ -172,12 +187,17 @@ class PaymentServer:
     def app(self) -> Starlette:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            await asyncio.to_thread(self.db.recover)
+            if self.leases is None:
+                await asyncio.to_thread(self.db.recover)
             await self.pool.start()
+            if self.leases is not None:   # settles dead nodes' draws, takes PSAMs
+                await self.leases.start()
             try:
                 yield
             finally:
                 self.holds.release_all()
+                if self.leases is not None:
+                    await self.leases.stop()
                 await asyncio.to_thread(self.pool.close)
 
         return Starlette(routes=[

@@ -97,7 +97,11 @@ def _write_batch(server: PaymentServer, psam: PooledPsam, batch: dict[str, Any])
     name = (f"batch-{batch['terminal_id']}-{batch['psam_id']}-"
             f"{batch['batch_number']:06d}.json")
     write_atomically(folder / name, json.dumps(batch, indent=1).encode())
-    server.db.mark_handed(psam_hex, name, int(batch["batch_number"]), handed)
+    fence = server.fence(psam)
+    if server.db.mark_handed(psam_hex, name, int(batch["batch_number"]), handed,
+                             fence) < len(handed) and fence is not None:
+        raise RuntimeError(f"lost the lease of PSAM {psam_hex.upper()} while handing its "
+                           f"batch {name} over: its rows were not marked")
     return str(folder / name)
 
 

@@ -46,15 +46,19 @@ from sqlalchemy import (
     UniqueConstraint,
     bindparam,
     insert,
+    inspect,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from ...kit.db import DuplicateError, now_ms, reading, step
 from ...kit.schema import Schema, open_schema
+from .leases import FENCE, Fence
 
 metadata = MetaData()
 
@@ -90,6 +94,7 @@ payments = Table(
     Column("proof_handed", Integer, nullable=False, default=0),  # its TAC went to clearing
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
+    Column("node", String(100)),            # the node that recorded the draw (leases.py)
     UniqueConstraint("merchant_id", "txn_id", name="uq_merchant_txn"),
     UniqueConstraint("psam_id", "ttn", name="uq_psam_ttn"),
 )
@@ -99,7 +104,15 @@ Index("uq_card_counter_confirmed", payments.c.card_serial, payments.c.card_count
       postgresql_where=text("state = 'confirmed'"))
 
 
-SCHEMA = Schema("payment", 1, metadata)
+def _add_node_column(conn: Connection) -> None:
+    """Schema 1 -> 2: ``payments.node``, the node that recorded a draw (NULL before)."""
+    found = inspect(conn)
+    if found.has_table("payments") and "node" not in {
+            c["name"] for c in found.get_columns("payments")}:
+        conn.execute(text("ALTER TABLE payments ADD COLUMN node VARCHAR(100)"))
+
+
+SCHEMA = Schema("payment", 2, metadata, {1: _add_node_column})
 
 
 def make_engine(url: str) -> Engine:
@@ -118,6 +131,7 @@ _BY_PSAM_TTN = select(payments).where(payments.c.psam_id == bindparam("w_psam"),
 _INSERT = insert(payments)
 _SET = update(payments).where(payments.c.id == bindparam("w_id"))  # SET: the named columns
 _ADVANCE = _SET.where(payments.c.state == bindparam("w_state"))
+_ADVANCE_FENCED = _ADVANCE.where(FENCE)   # and only while the node holds the PSAM's lease
 Change = Callable[[dict[str, Any]], "dict[str, Any] | None"]
 
 
@@ -126,13 +140,16 @@ def _first(conn: Connection, query: Any, params: dict[str, Any]) -> dict[str, An
     return dict(row._mapping) if row is not None else None
 
 
-def _update(conn: Connection, row_id: int, expect: str | None, values: dict[str, Any]) -> bool:
-    """One row changed by id (and, with ``expect``, only while in that state), stamped."""
+def _update(conn: Connection, row_id: int, expect: str | None, values: dict[str, Any],
+            fence: Fence | None = None) -> bool:
+    """One row changed by id (and, with ``expect``, only while in that state; with ``fence``,
+    only while the fence's lease is current), stamped."""
     for name in values:  # the SET clause is made of the parameters' names: columns only
         if name not in payments.c or name.startswith("w_") or name == "updated":
             raise ValueError(f"not a column of payments one may set: {name}")
-    result = conn.execute(_SET if expect is None else _ADVANCE,
-                          {"w_id": row_id, "w_state": expect, "updated": now_ms(), **values})
+    query = _SET if expect is None else _ADVANCE if fence is None else _ADVANCE_FENCED
+    result = conn.execute(query, {"w_id": row_id, "w_state": expect, "updated": now_ms(),
+                                  **values, **(fence.params() if fence else {})})
     return int(result.rowcount or 0) == 1
 
 
@@ -182,13 +199,15 @@ class PaymentDb:
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from None
 
-    def advance(self, row_id: int, from_state: str, **values: Any) -> bool:
-        """Compare-and-set: change the row only if it is still in ``from_state``, in one
-        statement. True if this call changed it; False if another request got there first (the
-        caller re-reads). A unique key that says no is a :class:`DuplicateError`."""
+    def advance(self, row_id: int, from_state: str, fence: Fence | None = None,
+                **values: Any) -> bool:
+        """Compare-and-set: change the row only if it is still in ``from_state`` (and, with
+        ``fence``, only while that PSAM lease is current), in one statement. True if this call
+        changed it; False if another request got there first (the caller re-reads) or the
+        lease was lost. A unique key that says no is a :class:`DuplicateError`."""
         try:
             with step(self.engine) as conn:
-                return _update(conn, row_id, from_state, values)
+                return _update(conn, row_id, from_state, values, fence)
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from None
 
@@ -223,26 +242,36 @@ class PaymentDb:
         with step(self.engine) as conn:
             _update(conn, row_id, None, values)
 
-    def recover(self) -> int:
-        """On start: draws that never reached a PSAM answer are void. Returns how many."""
+    def recover(self, alive: list[str] | None = None) -> int:
+        """On start: draws that never reached a PSAM answer are void. Returns how many. With
+        ``alive`` (nodes sharing the database, leases.py): only the draws of other nodes."""
+        where: list[ColumnElement[bool]] = [payments.c.state.in_(("received", "busy"))]
+        if alive is not None:
+            where.append(or_(payments.c.node.is_(None), payments.c.node.not_in(alive)))
         with step(self.engine) as conn:
-            result = conn.execute(update(payments).where(
-                payments.c.state.in_(("received", "busy"))).values(
+            result = conn.execute(update(payments).where(*where).values(
                 state="voided", reason="payment server restarted before the PSAM answered",
                 updated=now_ms()))
             return int(result.rowcount or 0)
 
     # --- hand-off to clearing -----------------------------------------------------------
     def mark_handed(self, psam_id: str, batch: str, batch_number: int,
-                    records: Iterable[tuple[int, bool]]) -> None:
-        """The records (TTN, whether the card's TAC went with it) of one batch file."""
+                    records: Iterable[tuple[int, bool]], fence: Fence | None = None) -> int:
+        """The records (TTN, whether the card's TAC went with it) of one batch file (with
+        ``fence``: only while that PSAM lease is current). How many rows were marked."""
         stamp = now_ms()
+        query = update(payments).where(payments.c.psam_id == psam_id,
+                                       payments.c.ttn == bindparam("w_ttn"))
+        if fence is not None:
+            query = query.where(FENCE)
+        done = 0
         with step(self.engine) as conn:
             for ttn, handed in records:
-                conn.execute(update(payments).where(
-                    payments.c.psam_id == psam_id, payments.c.ttn == ttn,
-                ).values(batch=batch, batch_number=batch_number,
-                         proof_handed=1 if handed else 0, updated=stamp))
+                done += int(conn.execute(query.values(
+                    batch=batch, batch_number=batch_number, proof_handed=1 if handed else 0,
+                    updated=stamp), {"w_ttn": ttn, **(fence.params() if fence else {})},
+                ).rowcount or 0)
+        return done
 
     def late_proofs(self) -> list[dict[str, Any]]:
         """Confirmed payments whose PSAM record went to clearing without their TAC."""

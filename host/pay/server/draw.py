@@ -42,6 +42,8 @@ async def answer_draw(server: PaymentServer, data: bytes, client: str = "?") -> 
     bounds)."""
     o, d = open_message(server.config.merchants, data, M.DRAW_REQUEST, M.DrawRequest,
                         "draw request")
+    if server.leases is not None and not server.pool.psams:   # nginx tries the next node
+        raise Refused(503, 503, "this node holds no PSAM now; retry", {"Retry-After": "1"})
     t = o.ticket
     if d.amount != t.amount:
         raise Refused(400, 402, f"the amount {d.amount} differs from the merchant's order "
@@ -64,7 +66,7 @@ async def answer_draw(server: PaymentServer, data: bytes, client: str = "?") -> 
     draw_digest = request_digest(o.plaintext)
     values = {"variant": t.variant, "amount": t.amount, "currency_code": t.currency_code,
               "card_serial": d.card_serial.hex(), "card_counter": d.offline_counter,
-              "draw_digest": draw_digest}
+              "draw_digest": draw_digest, "node": server.leases.node if server.leases else None}
     record = {"merchant_id": merchant_hex, "txn_id": txn_hex, **values}
     fig5 = t.variant == M.FIG5_PSAM_COMPARES
     try:  # one step: the transaction's row, or else the draw recorded (FIG. 5: its hold first)
@@ -169,8 +171,8 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
             blocked = exc.sw == SW.CONDITIONS_NOT_SATISFIED
             reason = ("the card is blocked at this payment server" if blocked
                       else f"the PSAM refused: {exc}")
-            await server.sql(server.db.advance, row_id, "received", state="failed",
-                             reason=reason)
+            await server.sql(server.db.advance, row_id, "received", server.fence(psam),
+                             state="failed", reason=reason)
             raise Refused(403 if blocked else 400, 403, reason) from None
         row = {"psam_id": psam.psam_id.hex(), "ttn": ttn, "card_serial": d.card_serial.hex(),
                "card_counter": d.offline_counter}
@@ -196,10 +198,14 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
             # always finds its PSAM
             server.holds.hold(row_id, psam, o.env.merchant_id, client)
             held = True
-        if not await server.sql(server.db.advance, row_id, "received", state=state,
+        fence = server.fence(psam)
+        if not await server.sql(server.db.advance, row_id, "received", fence, state=state,
                                 psam_id=psam.psam_id.hex(), ttn=ttn, txn_date=date.hex(),
                                 txn_time=clock_time.hex(), mac1=mac1.hex(),
                                 expected_mac2=expected.hex(), debit_command=command):
+            if fence is not None:   # the lease was lost: the command is never sent
+                await server.sql(server.db.advance, row_id, "received", state="voided",
+                                 reason="this node lost the PSAM's lease")
             raise Refused(409, 409, "the transaction changed meanwhile; retry")
         note(outcome="held" if held else state)
         return sealed(o, M.DEBIT_COMMAND, command), held

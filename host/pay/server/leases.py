@@ -1,0 +1,400 @@
+"""PSAM leases: several payment-server processes (nodes) on one database, each PSAM served by
+one node at a time (issue 16, point 4).
+
+Three tables beside the payments (their own schema stamp, ``psam_leases``):
+
+* ``psam_leases``: one row per PSAM slot (the reader spec every node names it by, e.g.
+  ``virtual:/srv/psams/psam1.json``): the node holding it, the lease's expiry (ms) and a
+  **fencing token** that only grows: every take adds one.
+* ``psam_lease_history``: one row per lease taken (slot, node, token, taken, held until, ended):
+  the audit of "one node at a time" and of how fast a dead node's PSAMs were re-homed.
+* ``pay_nodes``: each node's heartbeat (the nodes alive decide each node's share of PSAMs and
+  whose unfinished draws may be settled).
+
+A lease is taken by ONE conditional UPDATE (free, or expired) that bumps the token, and renewed
+by one UPDATE naming the holder; the take and the renewal meet on the lease row, so one wins.
+Every write a node makes for a PSAM's transaction (the PSAM's answer recorded on the payment's
+row, a batch handed over) carries :class:`Fence` (slot, node, token) and is refused IN THE SAME
+STATEMENT when the token is no longer the lease row's: ``... WHERE EXISTS (SELECT FROM
+psam_leases WHERE slot = ? AND node = ? AND token = ? FOR SHARE)``. On PostgreSQL the FOR SHARE
+row lock makes a take wait for a fenced write in flight, and a write that starts after a take
+re-reads the row and finds the new token; on SQLite one writer at a time does the same. So a
+node that lost its lease (paused, partitioned, too slow to renew) writes nothing.
+
+The confirmations (the card's MAC2 compared with the expected MAC2 stored on the row) carry no
+fence: they do not depend on any PSAM's state and any node may take them (nginx sends a debit
+response or a proof to whichever node); they are compare-and-set on the row's state.
+
+:class:`LeasedPsamPool` is the node's pool: it holds only the PSAMs this node leases, opened
+when taken and closed (the image's file lock given up) before a lease is given back.
+:class:`LeaseKeeper` runs in the background every ``lease_seconds / 3``: heartbeat, renew,
+drop what was lost, settle the draws of nodes no longer alive (:meth:`PaymentDb.recover`),
+take free or expired PSAMs up to this node's share, give back those beyond it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    bindparam,
+    exists,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from ....reader import Reader
+from ...kit.db import now_ms, reading, step
+from ...kit.schema import Schema, prepare
+from .psam_pool import PooledPsam, PoolExhausted, PsamPool
+
+log = logging.getLogger(__name__)
+
+lease_metadata = MetaData()
+
+psam_leases = Table(
+    "psam_leases", lease_metadata,
+    Column("slot", String(300), primary_key=True),
+    Column("node", String(100)),                      # None: free
+    Column("token", BigInteger, nullable=False),      # the fencing token: only grows
+    Column("expires", BigInteger, nullable=False),    # ms since the epoch
+)
+
+lease_history = Table(
+    "psam_lease_history", lease_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("slot", String(300), nullable=False),
+    Column("node", String(100), nullable=False),
+    Column("token", BigInteger, nullable=False),
+    Column("previous", String(100)),                  # the node it was taken from
+    Column("taken", BigInteger, nullable=False),
+    Column("until", BigInteger, nullable=False),      # the last expiry renewed
+    Column("ended", BigInteger),                      # given back, or taken over at ``until``
+    UniqueConstraint("slot", "token", name="uq_lease_slot_token"),
+)
+
+pay_nodes = Table(
+    "pay_nodes", lease_metadata,
+    Column("node", String(100), primary_key=True),
+    Column("seen", BigInteger, nullable=False),
+    Column("started", BigInteger, nullable=False),
+)
+
+SCHEMA = Schema("psam_leases", 1, lease_metadata)
+
+# the fence of a write: the lease row still names this node and token (locked FOR SHARE on
+# PostgreSQL until the write commits, so a take cannot slip in between)
+FENCE = exists(select(psam_leases.c.slot).where(
+    psam_leases.c.slot == bindparam("f_slot"), psam_leases.c.node == bindparam("f_node"),
+    psam_leases.c.token == bindparam("f_token")).with_for_update(read=True))
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a fenced write names: the PSAM's slot, this node and the token it took."""
+
+    slot: str
+    node: str
+    token: int
+
+    def params(self) -> dict[str, Any]:
+        return {"f_slot": self.slot, "f_node": self.node, "f_token": self.token}
+
+
+def node_id(name: str) -> str:
+    """A node's id: its configured name and this process's incarnation (a restarted node is
+    a new holder: it waits for its old leases to expire like any other node)."""
+    return f"{name[:60]}#{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class LeaseStore:
+    """The lease statements (each a :func:`~svcard.host.kit.db.step`)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        prepare(engine, SCHEMA)
+
+    def ensure(self, slots: list[str]) -> None:
+        for slot in slots:
+            try:
+                with step(self.engine) as conn:
+                    if conn.execute(select(psam_leases.c.slot).where(
+                            psam_leases.c.slot == slot)).first() is None:
+                        conn.execute(insert(psam_leases).values(slot=slot, node=None, token=0,
+                                                                expires=0))
+            except IntegrityError:  # another node made it meanwhile
+                pass
+
+    def heartbeat(self, node: str, ttl_ms: int) -> list[str]:
+        """Stamp this node alive; the nodes alive (seen within ``ttl_ms``), this one too."""
+        now = now_ms()
+        with step(self.engine) as conn:
+            if not conn.execute(update(pay_nodes).where(pay_nodes.c.node == node).values(
+                    seen=now)).rowcount:
+                conn.execute(insert(pay_nodes).values(node=node, seen=now, started=now))
+            return sorted(r[0] for r in conn.execute(select(pay_nodes.c.node).where(
+                pay_nodes.c.seen >= now - ttl_ms)))
+
+    def renew(self, node: str, ttl_ms: int) -> dict[str, int]:
+        """Extend every lease ``node`` holds: {slot: token} of those it still holds."""
+        until = now_ms() + ttl_ms
+        with step(self.engine) as conn:
+            held = {str(r[0]): int(r[1]) for r in conn.execute(
+                update(psam_leases).where(psam_leases.c.node == node).values(expires=until)
+                .returning(psam_leases.c.slot, psam_leases.c.token))}
+            for slot, token in held.items():
+                conn.execute(update(lease_history).where(
+                    lease_history.c.slot == slot, lease_history.c.token == token,
+                    lease_history.c.ended.is_(None)).values(until=until))
+        return held
+
+    def take(self, slot: str, node: str, ttl_ms: int) -> tuple[int, str | None] | None:
+        """Take ``slot`` if it is free or its lease expired, in one statement: (the new token,
+        the node it was taken from), or None if another node holds it."""
+        now = now_ms()
+        with step(self.engine) as conn:
+            before = conn.execute(select(psam_leases).where(
+                psam_leases.c.slot == slot)).first()
+            row = conn.execute(update(psam_leases).where(
+                psam_leases.c.slot == slot,
+                or_(psam_leases.c.node.is_(None), psam_leases.c.expires < now),
+            ).values(node=node, token=psam_leases.c.token + 1, expires=now + ttl_ms)
+                .returning(psam_leases.c.token)).first()
+            if row is None:
+                return None
+            token = int(row[0])
+            previous = before.node if before is not None else None
+            conn.execute(update(lease_history).where(
+                lease_history.c.slot == slot, lease_history.c.token == token - 1,
+                lease_history.c.ended.is_(None)).values(ended=lease_history.c.until))
+            conn.execute(insert(lease_history).values(
+                slot=slot, node=node, token=token, previous=previous, taken=now,
+                until=now + ttl_ms))
+        return token, previous
+
+    def release(self, slot: str, node: str, token: int) -> bool:
+        """Give the lease back (its PSAM already closed); False if it was no longer ours."""
+        now = now_ms()
+        with step(self.engine) as conn:
+            done = conn.execute(update(psam_leases).where(
+                psam_leases.c.slot == slot, psam_leases.c.node == node,
+                psam_leases.c.token == token).values(node=None, expires=0)).rowcount
+            if done:
+                conn.execute(update(lease_history).where(
+                    lease_history.c.slot == slot, lease_history.c.token == token).values(
+                    ended=now, until=now))
+        return bool(done)
+
+    def history(self) -> list[dict[str, Any]]:
+        with reading(self.engine) as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(lease_history).order_by(lease_history.c.slot, lease_history.c.token))]
+
+
+class LeasedPsamPool(PsamPool):
+    """A pool of only the PSAMs this node leases: a PSAM joins when taken (opened on its own
+    thread) and leaves before its lease is given back or once it was lost."""
+
+    def __init__(self, readers: list[Reader], **kwargs: Any) -> None:
+        super().__init__(readers, **kwargs)
+        self.serving: dict[int, float] = {}   # member index -> monotonic time its lease ends
+        self.tokens: dict[int, int] = {}
+        self._leaving: dict[int, asyncio.Event] = {}
+        self.busy: set[int] = set()
+        self._terminal_id = b""
+
+    @property
+    def psams(self) -> list[PooledPsam]:
+        return [m for m in self.members if m.index in self.serving]
+
+    @property
+    def terminal_id(self) -> bytes:
+        return self._terminal_id
+
+    async def start(self) -> None:   # nothing opened until leased
+        self._idle = asyncio.Queue()
+
+    async def join(self, member: PooledPsam, token: int, valid_for: float) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(member.executor, self.open_member, member)
+        if self._terminal_id and member.terminal_id != self._terminal_id:
+            await loop.run_in_executor(member.executor, member.reader.disconnect)
+            raise ValueError(f"PSAM {member.reader.name} answers another terminal id")
+        self._terminal_id = member.terminal_id
+        self.tokens[member.index] = token
+        self.serving[member.index] = time.monotonic() + valid_for
+        assert self._idle is not None
+        self._idle.put_nowait(member)
+
+    async def leave(self, member: PooledPsam) -> None:
+        """Stop serving ``member``: wait for its transaction to end, close its reader."""
+        if member.index not in self.tokens:
+            return
+        self.serving.pop(member.index, None)
+        assert self._idle is not None
+        for m in _drain(self._idle):
+            if m.index != member.index:
+                self._idle.put_nowait(m)
+        if member.index in self.busy:
+            event = self._leaving.setdefault(member.index, asyncio.Event())
+            await event.wait()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(member.executor, member.reader.disconnect)
+        self.tokens.pop(member.index, None)
+
+    async def acquire(self, timeout: float) -> PooledPsam:
+        if not self.serving:
+            raise PoolExhausted("this node holds no PSAM lease")
+        deadline = time.monotonic() + timeout
+        while True:
+            member = await super().acquire(max(0.0, deadline - time.monotonic()))
+            self.busy.add(member.index)
+            if time.monotonic() < self.serving.get(member.index, 0.0):
+                return member
+            self.release(member)   # lost or no longer renewed: not served
+            if time.monotonic() >= deadline:
+                raise PoolExhausted("no PSAM lease renewed in time")
+            await asyncio.sleep(0.01)
+
+    def release(self, member: PooledPsam) -> None:
+        self.busy.discard(member.index)
+        if member.index in self.serving:
+            super().release(member)
+        elif member.index in self._leaving:
+            self._leaving.pop(member.index).set()
+
+    def close(self) -> None:
+        for m in self.members:
+            try:
+                if m.index in self.tokens:
+                    m.executor.submit(m.reader.disconnect).result(timeout=10)
+            finally:
+                m.executor.shutdown(wait=False)
+
+
+def _drain(queue: asyncio.Queue[PooledPsam]) -> list[PooledPsam]:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
+Sql = Callable[..., Awaitable[Any]]
+
+
+class LeaseKeeper:
+    """The node's background lease work (see the module docstring)."""
+
+    def __init__(self, store: LeaseStore, pool: LeasedPsamPool, name: str, lease_seconds: float,
+                 sql: Sql, settle: Callable[[list[str]], int]) -> None:
+        self.store, self.pool, self.sql, self.settle = store, pool, sql, settle
+        self.node = node_id(name)
+        self.ttl_ms = int(lease_seconds * 1000)
+        self.lease_seconds = lease_seconds
+        self.slots = [m.reader.name for m in pool.members]
+        self.alive: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def fence(self, member: PooledPsam) -> Fence:
+        return Fence(self.slots[member.index], self.node, self.pool.tokens[member.index])
+
+    async def start(self) -> None:
+        await self.sql(self.store.ensure, self.slots)
+        await self.tick()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await self.tick()
+            except Exception:  # the database away for a moment: the leases run out
+                log.exception("lease renewal failed at node %s", self.node)
+
+    async def tick(self) -> None:
+        started = time.monotonic()
+        alive = await self.sql(self.store.heartbeat, self.node, self.ttl_ms)
+        held = await self.sql(self.store.renew, self.node, self.ttl_ms)
+        valid = started + self.lease_seconds * 0.9
+        for m in self.pool.members:
+            if m.index in self.pool.serving:
+                if held.get(self.slots[m.index]) == self.pool.tokens.get(m.index):
+                    self.pool.serving[m.index] = valid
+                else:
+                    log.warning("node %s lost the lease of %s", self.node, self.slots[m.index])
+                    await self.pool.leave(m)
+        if not self.alive or set(self.alive) - set(alive):
+            await self.sql(self.settle, alive)   # a node went away: settle its draws
+        self.alive = alive
+        share = math.ceil(len(self.slots) / max(1, len(alive)))
+        mine = len(self.pool.serving)
+        order = self._preference()
+        for index in order:
+            if mine >= share:
+                break
+            if index in self.pool.serving:
+                continue
+            taken = await self.sql(self.store.take, self.slots[index], self.node, self.ttl_ms)
+            if taken is None:
+                continue
+            token, previous = taken
+            member = self.pool.members[index]
+            try:
+                await self.pool.join(member, token, self.lease_seconds * 0.9)
+            except Exception:
+                log.exception("node %s took %s but could not open it", self.node,
+                              self.slots[index])
+                await self.sql(self.store.release, self.slots[index], self.node, token)
+                continue
+            mine += 1
+            if previous is not None:
+                await self.sql(self.settle, alive)
+        for index in reversed(order):
+            if mine <= share:
+                break
+            if index in self.pool.serving:
+                await self._give_back(self.pool.members[index])
+                mine -= 1
+
+    def _preference(self) -> list[int]:
+        """The slots in this node's order: a rotation by the node's name, so nodes started
+        together ask for different PSAMs first."""
+        n = len(self.slots)
+        first = sum(self.node.split("#")[0].encode()) % n
+        return [(first + i) % n for i in range(n)]
+
+    async def _give_back(self, member: PooledPsam) -> None:
+        token = self.pool.tokens.get(member.index)
+        await self.pool.leave(member)
+        if token is not None:
+            await self.sql(self.store.release, self.slots[member.index], self.node, token)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        for m in list(self.pool.psams):
+            await self._give_back(m)
