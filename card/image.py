@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..protocols import crypto, mac_schemes
+from ..protocols import goods as G
 from ..protocols import purse as P
 from .hsm import HsmState, LoadHsm
 from .iep import Iep, IepState
@@ -161,6 +162,7 @@ Hex30 = Annotated[str, _hex(30)]
 Hex55 = Annotated[str, _hex(55)]
 HexLogRecord = Annotated[str, _hex(P.LOG_RECORD_SIZE)]
 HexPsamRecord = Annotated[str, _hex(P.PSAM_RECORD_SIZE)]
+HexGoodsRecord = Annotated[str, _hex(G.RECORD_SIZE)]
 
 
 class _Strict(BaseModel):
@@ -188,6 +190,18 @@ class _Purse(_Strict):
     overdraft_limit: Count = 0
 
 
+class _GoodsFile(_Strict):
+    sfi: Annotated[int, Field(ge=1, le=30)]
+    kind: Literal["ticket", "coupon", "transit", "voucher"]
+    record_length: Literal[40] = 40
+    records: Annotated[int, Field(ge=1, le=254)]
+    data: dict[str, HexGoodsRecord] = {}
+
+
+class _Goods(_Strict):
+    files: list[_GoodsFile] = []
+
+
 class _Iep(_Strict):
     aid: Hex
     public_data: Hex30
@@ -212,6 +226,7 @@ class _Iep(_Strict):
     log_counter: Literal["before", "after"] = "before"
     mac_scheme: SchemeName = mac_schemes.DEFAULT
     uid: Hex9 | None = None
+    goods: _Goods | None = None
 
 
 class _PsamKey(_Strict):

@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from ..protocols import crypto, mac_schemes
 from ..protocols import purse as P
+from .goods import RESERVED_SFIS, GoodsFile, GoodsFiles
 from .hsm import HsmState, IssuerLoadKeys
 from .iep import IepState, Purse
 from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
@@ -127,6 +128,14 @@ class Holder(Section):
     id_type: Byte = 0
 
 
+class GoodsFileProfile(Section):
+    """A ``[[goods]]`` entry of an IEP profile: one goods record file (card/goods.py)."""
+
+    sfi: Annotated[int, Field(ge=1, le=30)]
+    kind: Literal["ticket", "coupon", "transit", "voucher"]
+    records: Annotated[int, Field(ge=1, le=254)] = 8
+
+
 class Profile(Section):
     """What every kind of profile may hold."""
 
@@ -158,6 +167,7 @@ class IepProfile(Profile):
     log_counter: Literal["before", "after"] = "before"   # the log record's counter
     uid: Hex9 | None = None   # answered to GET DATA 00 00; MAC1 data in changsha-metro
     mac_scheme: Annotated[str, one_of(mac_schemes.NAMES)] | None = None   # explicit keys only
+    goods: list[GoodsFileProfile] | None = None   # goods record files; none given: the default
 
 
 class PsamProfile(Profile):
@@ -335,7 +345,24 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         unload_keys=unload, update_keys=update, log_counter=p.log_counter,
         mac_scheme=scheme, uid=p.uid,
     )
+    state.goods = _goods_files(p, path)
     return state.to_json()
+
+
+def _goods_files(p: IepProfile, path: Path) -> GoodsFiles:
+    """The card's goods record files: ``[[goods]]`` (``goods = []`` for none), else the
+    default four (card/goods.py)."""
+    if p.goods is None:
+        return GoodsFiles()
+    files: dict[int, GoodsFile] = {}
+    for i, g in enumerate(p.goods):
+        if g.sfi in RESERVED_SFIS:
+            raise ProfileError(f"{path}: goods[{i}].sfi: {g.sfi:02X} is a purse file (public "
+                               "data 15, holder data 16, log 18)")
+        if g.sfi in files:
+            raise ProfileError(f"{path}: goods[{i}].sfi: {g.sfi:02X} is given twice")
+        files[g.sfi] = GoodsFile.from_json({"sfi": g.sfi, "kind": g.kind, "records": g.records})
+    return GoodsFiles(files)
 
 
 def _iep_scheme(p: IepProfile, path: Path, from_issuer: str | None) -> str:
