@@ -4,7 +4,9 @@
 billability with its credit reserved, then paid as a wholesale order at the merchant's checkout
 by the SP's purse pool and billed (``payment.py``, ``billing.py``); the answer relays the
 merchandise and the merchant's receipt with the bill line. ``GET /v1/catalogue``: what the SP
-sells, at its retail prices. ``GET /v1/health``, ``GET /openapi.json``.
+sells, at its retail prices. ``GET /v1/health``, ``GET /openapi.json``. ``POST /v1/orders/pon``
+(FIG. 3B) and ``POST /v1/orders/copy`` (the merchant's copy): orders the merchant already holds,
+only paid and billed here (``pon.py``).
 
 Answers (JSON): 200 billed (``goods``, ``receipt``, ``line``); 400 a malformed request; 401 a
 signature that does not verify or a request too old or too new; 402 not billable (``kind``:
@@ -56,6 +58,7 @@ from ..purses.pool import PursePool
 from ..signing import DOMAIN, HEADER, LOOKUP_DOMAIN, MAX_SKEW, verify
 from . import orders as O
 from .payment import MAX_ATTEMPTS, Payer, open_orders, pay_order, record_failed
+from .pon import PonOrders
 
 log = logging.getLogger("svcard.sp")
 LINE_FIELDS = ("retail", "wholesale", "fee", "discount", "billed", "currency_code")
@@ -286,8 +289,11 @@ class SpServer:
         return await self.health_check.answer(request)
 
     def app(self) -> Starlette:
+        pons = PonOrders(self)   # FIG. 3B and the merchant's copy (pon.py)
         return Starlette(routes=[
             Route("/v1/orders", self.order, methods=["POST"]),
+            Route("/v1/orders/pon", pons.pon_order, methods=["POST"]),
+            Route("/v1/orders/copy", pons.copy, methods=["POST"]),
             Route("/v1/orders/lookup", self.lookup, methods=["POST"]),
             Route("/v1/catalogue", self.catalogue, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
