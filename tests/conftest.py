@@ -43,6 +43,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "SVCARD_SP_ORDERS)")
     group.addoption("--sp-seed", type=int, default=None,
                     help="the SP simulation's seed (default 20261122, or SVCARD_SP_SEED)")
+    group.addoption("--node-kills", type=int, default=None,
+                    help="SIGKILLs of payment-server nodes in tests/test_nodes.py (default 5, "
+                         "or SVCARD_NODE_KILLS)")
+    group.addoption("--node-seed", type=int, default=None,
+                    help="the node kill test's seed (default 20261122, or SVCARD_NODE_SEED)")
 
 
 @pytest.fixture
@@ -73,6 +78,18 @@ def diff_seed(request: pytest.FixtureRequest) -> int:
 def sp_orders(request: pytest.FixtureRequest) -> int:
     value = request.config.getoption("--sp-orders")
     return int(value if value is not None else os.environ.get("SVCARD_SP_ORDERS", "150"))
+
+
+@pytest.fixture
+def node_kills(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--node-kills")
+    return int(value if value is not None else os.environ.get("SVCARD_NODE_KILLS", "5"))
+
+
+@pytest.fixture
+def node_seed(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--node-seed")
+    return int(value if value is not None else os.environ.get("SVCARD_NODE_SEED", "20261122"))
 
 
 @pytest.fixture

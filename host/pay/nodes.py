@@ -1,0 +1,220 @@
+"""Several payment-server processes (nodes) on one database behind Debian's nginx, for the tests
+and the benchmarks (docs/deploy-nodes.md).
+
+A node is ``python -m svcard.host.pay.nodes SPEC.json``: the payment server with every PSAM of
+the deployment named (each node names the same PSAM images; a node opens only those it leases,
+see :mod:`svcard.host.pay.server.leases`). :class:`Nginx` writes a configuration whose upstream
+is the nodes, under a private prefix folder (its pid, logs and temp folders there: no root
+path), and starts ``nginx -p PREFIX -c nginx.conf -g 'daemon off;'`` as a child process,
+stopped by its pid. Every POST of the payment server is idempotent (the same draw, debit
+response or proof again gets the same answer), so nginx may send a request that met a dead
+node, or a node holding no PSAM (503), to the next node (``proxy_next_upstream ...
+non_idempotent``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ..kit.serving import free_port
+
+
+@dataclass
+class NodeSpec:
+    """What a node process is started with (a JSON file, mode 0600: it holds a key)."""
+
+    name: str
+    port: int
+    db_url: str = field(repr=False)
+    psams: list[str]                      # reader specs, the same for every node
+    merchant_id: str                      # hex
+    shared_key: str = field(repr=False)   # hex
+    lease_seconds: float = 10.0
+    acquire_timeout: float = 2.0
+    hold_timeout: float = 10.0
+    concentration_dir: str = ""
+    admin_token: str = field(default="", repr=False)
+
+
+def write_spec(path: Path, spec: NodeSpec) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(asdict(spec), f)
+
+
+def serve_node(spec_path: Path) -> None:
+    """Run one node in this process until it is stopped (or killed)."""
+    import uvicorn
+
+    from ..terminal.reader_specs import open_reader
+    from .server.app import MerchantAccount, PaymentConfig, PaymentServer
+
+    spec = NodeSpec(**json.loads(spec_path.read_text(encoding="utf-8")))
+    merchant = bytes.fromhex(spec.merchant_id)
+    config = PaymentConfig(
+        {merchant: MerchantAccount(merchant, bytes.fromhex(spec.shared_key))},
+        db_url=spec.db_url, acquire_timeout=spec.acquire_timeout,
+        hold_timeout=spec.hold_timeout, admin_token=spec.admin_token,
+        concentration_dir=spec.concentration_dir, node_name=spec.name,
+        lease_seconds=spec.lease_seconds)
+    server = PaymentServer(config, [open_reader(p) for p in spec.psams])
+    uvicorn.run(server.app(), host="127.0.0.1", port=spec.port, log_level="warning",
+                access_log=False)
+
+
+class Node:
+    """A node process (started, killed with SIGKILL, started again on its port)."""
+
+    def __init__(self, folder: Path, spec: NodeSpec) -> None:
+        self.spec = spec
+        self.spec_path = folder / f"{spec.name}.json"
+        self.log_path = folder / f"{spec.name}.log"
+        write_spec(self.spec_path, spec)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.spec.port}"
+
+    def start(self) -> Node:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "svcard.host.pay.nodes", str(self.spec_path)],
+                stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node {self.spec.name} exited "
+                                   f"({self.proc.returncode}); see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/v1/health", timeout=2).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"node {self.spec.name} not ready within {timeout:g} s")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is closed, the PSAM image locks go with the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+
+
+def nginx_config(prefix: Path, port: int, upstreams: list[str]) -> str:
+    """An nginx configuration: the nodes (``HOST:PORT``) as one upstream, everything under
+    ``prefix``."""
+    servers = "\n".join(f"    server {u} max_fails=1 fail_timeout=1s;" for u in upstreams)
+    temps = "\n".join(f"  {kind}_temp_path {prefix / kind};"
+                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""worker_processes 1;
+error_log {prefix / 'error.log'} warn;
+pid {prefix / 'nginx.pid'};
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+{temps}
+  upstream payment_nodes {{
+{servers}
+    keepalive 32;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    client_max_body_size 64k;
+    location / {{
+      proxy_pass http://payment_nodes;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+      proxy_next_upstream_tries 4;
+      proxy_connect_timeout 1s;
+      proxy_read_timeout 30s;
+    }}
+  }}
+}}
+"""
+
+
+class Nginx:
+    """Debian's nginx in front of ``upstreams``, started with a generated configuration."""
+
+    def __init__(self, prefix: Path, upstreams: list[str], port: int | None = None) -> None:
+        binary = find_nginx()
+        if binary is None:
+            raise FileNotFoundError("nginx is not installed (apt-get install nginx)")
+        self.binary = binary
+        self.prefix = prefix
+        self.port = port or free_port()
+        prefix.mkdir(parents=True, exist_ok=True)
+        self.conf = prefix / "nginx.conf"
+        self.conf.write_text(nginx_config(prefix, self.port, upstreams), encoding="utf-8")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Nginx:
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.prefix), "-c", str(self.conf), "-e",
+             str(self.prefix / "error.log"), "-g", "daemon off; user root;"
+             if os.geteuid() == 0 else "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited ({self.proc.returncode}): "
+                                   + (self.prefix / "error.log").read_text()[-500:])
+            try:
+                httpx.get(self.url + "/", timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise TimeoutError("nginx did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)   # graceful: finish requests, then exit
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+if __name__ == "__main__":
+    serve_node(Path(sys.argv[1]))
