@@ -86,6 +86,7 @@ class IssuerFile(Section):
     load_keys: list[MasterKey] = Field(min_length=1)
     unload_keys: list[MasterKey] = Field(default_factory=list)   # optional: ED unload (DULK)
     update_keys: list[MasterKey] = Field(default_factory=list)   # optional: overdraft (DUK)
+    goods_key: MasterKey | None = None   # optional: secure-messaging goods writes (04 DC/E2)
     # which algorithm each algorithm id a card may answer stands for, e.g. {"00" = "3des",
     # "01" = "3des"}; empty: a card answers exactly its key's algorithm id
     algorithm_ids: dict[HexByteName, Annotated[str, one_of(crypto.ALGORITHMS)]] = Field(
@@ -108,6 +109,7 @@ class CardKeys(Section):
     load: list[CardKey] = Field(min_length=1)
     unload: list[CardKey] = Field(default_factory=list)
     update: list[CardKey] = Field(default_factory=list)
+    goods: CardKey | None = None
 
 
 class Balances(Section):
@@ -207,6 +209,7 @@ class Issuer:
     unload: tuple[KeyEntry, ...] = ()
     update: tuple[KeyEntry, ...] = ()
     scheme: IssuerScheme = DEFAULT_SCHEME
+    goods: KeyEntry | None = None
 
     def __repr__(self) -> str:
         return f"Issuer({self.issuer_id.hex()})"
@@ -230,10 +233,11 @@ def load_issuer(path: Path) -> Issuer:
 
     scheme = IssuerScheme(tuple(sorted((int(i, 16), a) for i, a in f.algorithm_ids.items())),
                           f.mac_scheme)
+    goods = entries("goods_key", [f.goods_key])[0] if f.goods_key else None
     return Issuer(f.issuer_id, entries("purchase_keys", f.purchase_keys),
                   entries("load_keys", f.load_keys), f.tac_master_key, f.diversify_by_issuer,
                   tuple(entries("unload_keys", f.unload_keys)),
-                  tuple(entries("update_keys", f.update_keys)), scheme)
+                  tuple(entries("update_keys", f.update_keys)), scheme, goods)
 
 
 # --- profiles ---------------------------------------------------------------------------------
@@ -304,6 +308,8 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         purchase, load = explicit("purchase", p.keys.purchase), explicit("load", p.keys.load)
         unload, update = explicit("unload", p.keys.unload), explicit("update", p.keys.update)
         tac, issuer_id = p.keys.tac, p.issuer_id
+        g = p.keys.goods
+        goods = KeyEntry(g.index, g.version, g.algorithm, g.key) if g else None
     else:
         if p.issuer_id is not None:
             raise ProfileError(f"{path}: issuer_id: only with explicit keys (the issuer file "
@@ -318,6 +324,7 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         purchase, load = diversified(issuer.purchase), diversified(issuer.load)
         unload, update = diversified(issuer.unload), diversified(issuer.update)
         tac = crypto.card_key(issuer.tac, serial, level)
+        goods = next(iter(diversified([issuer.goods]).values())) if issuer.goods else None
     scheme = _iep_scheme(p, path, issuer.scheme.mac_scheme if p.keys is None else None)
     for purse in ("ep", "ed"):
         balance = getattr(p.balances, purse)
@@ -343,7 +350,7 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         ep=Purse(balance=p.balances.ep), ed=Purse(balance=p.balances.ed),
         mac_failure_limit=p.mac_failure_limit, fixed_random=p.fixed_random,
         unload_keys=unload, update_keys=update, log_counter=p.log_counter,
-        mac_scheme=scheme, uid=p.uid,
+        mac_scheme=scheme, uid=p.uid, goods_key=goods,
     )
     state.goods = _goods_files(p, path)
     return state.to_json()

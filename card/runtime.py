@@ -80,6 +80,8 @@ class Application:
 
     aid: bytes = b""
     persist: Callable[[], None]
+    # the CLA bytes with secure-messaging bits this application checks itself (e.g. 04)
+    secure_messaging_classes: tuple[int, ...] = ()
 
     def fci(self) -> bytes:
         return b""
@@ -212,9 +214,10 @@ class Card:
         if cmd.cla == CLA_ISO and cmd.ins == INS_SELECT and cmd.p1 == 0x04:
             data = self._select(cmd)
         else:
-            if cmd.cla & 0x0C:
+            sm = self.selected is not None and cmd.cla in self.selected.secure_messaging_classes
+            if cmd.cla & 0x0C and not sm:
                 raise CardError(0x6882)  # secure messaging not supported
-            if cmd.cla not in (0x00, 0x80):
+            if cmd.cla not in (0x00, 0x80) and not sm:
                 raise CardError(SW.CLA_NOT_SUPPORTED)
             if self.selected is None:
                 if cmd.ins == INS_SELECT:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...card.iep_commands import secure_write as SM
 from ...protocols import purse as P
 from ...protocols.apdu import build_command
 
@@ -66,6 +67,18 @@ def debit_for_purchase(ttn: int, date: bytes, time: bytes, mac1: bytes) -> bytes
 def get_transaction_prove(txn_type: int, counter: int) -> bytes:
     return build_command(P.CLA_PBOC, P.INS_GET_TRANSACTION_PROVE, 0, txn_type,
                          counter.to_bytes(2, "big"), 8)
+
+
+def get_challenge(size: int = 4) -> bytes:
+    """GET CHALLENGE ``00 84 00 00 Le``: the card's random (4 or 8 bytes) for the next
+    secure-messaging command."""
+    return build_command(P.CLA_ISO, SM.INS_GET_CHALLENGE, 0, 0, b"", size)
+
+
+def secure_record_write(ins: int, p1: int, p2: int, record: bytes, mac: bytes) -> bytes:
+    """UPDATE RECORD (``04 DC``) or APPEND RECORD (``04 E2``) with secure messaging: the
+    record followed by its 4-byte MAC (host/terminal/goods_key.py computes it)."""
+    return build_command(SM.CLA_SM, ins, p1, p2, record + mac)
 
 
 def get_uid() -> bytes:
