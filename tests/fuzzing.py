@@ -4,7 +4,8 @@
 A :class:`FuzzTarget` holds a selected IEP (with value) and a selected PSAM in memory and checks
 after every command that: the answer is at least a status word; the status word is a valid ISO
 7816 one and never 6F00 (an exception inside the card); no purse balance or counter moved
-(the fuzzer never knows a key, so it can never send a valid MAC); the PSAM recorded no
+(the fuzzer never knows a key, so it can never send a valid MAC), and no goods record
+was written (UPDATE CAPP DATA CACHE only caches; its DEBIT needs a valid MAC1); the PSAM recorded no
 credited purchase (that needs the card's MAC2); no key's count of wrong MACs passes the card's
 ``mac_failure_limit``, and a locked key is refused at INITIALIZE (``6983``, a valid ISO 7816
 status word: authentication method blocked). The fuzzer's wrong MACs lock keys quickly; every
@@ -30,6 +31,14 @@ IEP_SEEDS = [bytes.fromhex(h) for h in (
     "805002010B0100000064112233445566", "805001010B0100000064112233445566",
     "805200000B202703141509260102030404", "805401000F00000001202703141509260102030408",
     "805A0006020000", "805A0002020000", "00C0000008", "80CA000000",
+    # the composite (CAPP) purchase: INITIALIZE, a ticket cached by number and by tag, a goods
+    # record read, DEBIT FOR CAPP PURCHASE
+    "805003020B0100000064112233445566",
+    "80DC018C28" + "0101" + "4D45524348414E54" + "0000000000000001" + "20260101" + "20281231"
+    + "000005DC" + "534541542D313241" + "0000",
+    "80DC018828" + "0101" + "4D45524348414E54" + "0000000000000002" + "20260101" + "20281231"
+    + "000005DC" + "534541542D313241" + "0000",
+    "00B2018C28", "00B2019C28",
 )]
 PSAM_SEEDS = [bytes.fromhex(h) for h in (
     "00A4040009F05356434152440201",
@@ -81,7 +90,8 @@ class FuzzTarget:
     def _iep_value(self) -> tuple[object, ...]:
         s = self.iep.apps[0].state  # type: ignore[attr-defined]
         return (s.ep.balance, s.ep.online_counter, s.ep.offline_counter,
-                s.ed.balance, s.ed.online_counter, s.ed.offline_counter, s.proof, len(s.log))
+                s.ed.balance, s.ed.online_counter, s.ed.offline_counter, s.proof, len(s.log),
+                tuple(s.goods.goods()))   # a cached goods record never lands without a DEBIT
 
     def send(self, which: str, apdu: bytes) -> bytes:
         card = self.iep if which == "iep" else self.psam
