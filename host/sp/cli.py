@@ -24,6 +24,7 @@ from ..kit.serving import serve as serve_app
 from ..kit.serving import serve_options
 from ..terminal.card_commands import parse_amount_option
 from ..terminal.money import Amount, AmountError, exponent_of, format_money
+from .operator_cli import OrderCommand
 
 
 def register(root: click.Group, serve: click.Group) -> None:
@@ -287,7 +288,7 @@ def orders_cmd(db_url: str, state: str | None, with_log: bool, as_json: bool) ->
     emit(as_json, rows, "\n".join(lines) or "no orders")
 
 
-@sp.command("order")
+@sp.command("order", cls=OrderCommand)
 @click.argument("sp_url")
 @click.option("--customer", required=True, callback=_bounded(32))
 @click.option("--key", "key_file", required=True,
