@@ -1,0 +1,192 @@
+"""The customer agent (seed 004, 201) as a library; ``svcard session`` is its command line.
+
+:func:`open_session` sends the initiation (claims 1, 3) to the customer's account manager,
+signed by the customer's key, with a fresh Ed25519 session key as the registration data; it
+checks the account manager's signed answer (the mediating agent's acknowledgement and the
+exchange rate, claim 8), makes the PayWord chain for the deposit in the merchant's currency
+and gives the merchant the signed commitment. :func:`buy` pays the next link(s) with a signed
+order; :func:`terminate` ends the session at the merchant (claim 10). The session's secrets
+(its private key and the chain's seed) live in :class:`Session`, which :func:`save` writes to a
+file only the user can read and whose repr shows no secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import signing as S
+from .money import Amount
+from .payword import MAX_LENGTH, Commitment, Wallet, order_payload
+
+
+class TradeError(Exception):
+    """A refusal or an answer that cannot be trusted (the message says which)."""
+
+
+@dataclass
+class Session:
+    session: str
+    pseudonym: str
+    merchant: str
+    merchant_url: str
+    deposit: int                # the customer's currency
+    currency: str
+    deposit_merchant: int       # the merchant's currency
+    currency_merchant: str
+    rate: str                   # merchant major per customer major, "num/den"
+    expires: int
+    unit: int
+    length: int
+    spent: int
+    session_key: bytes = field(repr=False)
+    seed: bytes = field(repr=False)
+    opened: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def wallet(self) -> Wallet:
+        return Wallet(self.seed, self.length, self.spent)
+
+    def left(self) -> Amount:
+        return Amount((self.length - self.spent) * self.unit, self.currency_merchant)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k not in ("session_key", "seed")}
+        return {**data, "session_key": self.session_key.hex(), "seed": self.seed.hex()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Session:
+        fields = dict(data)
+        fields["session_key"] = bytes.fromhex(fields["session_key"])
+        fields["seed"] = bytes.fromhex(fields["seed"])
+        return cls(**fields)
+
+
+def save(path: Path, session: Session) -> None:
+    """Write ``session`` to ``path`` (mode 0600), replacing it atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(session.to_json(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> Session:
+    try:
+        return Session.from_json(json.loads(path.read_text()))
+    except OSError as exc:
+        raise TradeError(f"{path}: cannot read the session file: {exc.strerror}") from None
+    except (ValueError, TypeError, KeyError):
+        raise TradeError(f"{path}: not an svcard session file") from None
+
+
+def _reason(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json().get("reason", answer.text))[:300]
+    except ValueError:
+        return answer.text[:300]
+
+
+def initiation(customer: str, customer_key: bytes, session_public: bytes, merchant: str,
+               operator: str, deposit: Amount, item: str, price: int,
+               txn: str | None = None, created: int | None = None
+               ) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of a signed initiation message."""
+    payload = {"customer": customer, "txn": txn or secrets.token_hex(16),
+               "merchant": merchant, "operator": operator, "deposit": deposit.minor,
+               "currency": deposit.code, "order": {"item": item, "price": price},
+               "registration": {"session_key": session_public.hex(), "agent": "svcard"},
+               "created": int(time.time()) if created is None else created}
+    return S.signed(customer_key, customer, S.INITIATION, payload)
+
+
+def open_session(http: httpx.Client, account_url: str, account_id: str,
+                 account_public: bytes, customer: str, customer_key: bytes,
+                 merchant: str, merchant_url: str, operator: str, deposit: Amount,
+                 item: str = "session", price: int = 0, unit: int | None = None) -> Session:
+    """Open a trading session (FIG. 2) and give the merchant the signed commitment."""
+    session_key, session_public = S.new_key()
+    body, headers = initiation(customer, customer_key, session_public, merchant, operator,
+                               deposit, item, price)
+    answer = http.post(f"{account_url}/v1/sessions", content=body, headers=headers)
+    if answer.status_code != 200:
+        raise TradeError(f"the account manager refused the session (HTTP "
+                         f"{answer.status_code}): {_reason(answer)}")
+    if answer.headers.get(S.SIGNER) != account_id or not S.verify(
+            account_public, S.OPENED, answer.content, answer.headers.get(S.SIGNATURE)):
+        raise TradeError("the account manager's answer is not signed by it")
+    opened = json.loads(answer.content)
+    if opened.get("merchant") != merchant or opened.get("deposit") != deposit.minor or \
+            opened.get("currency") != deposit.code:
+        raise TradeError("the account manager opened another session than asked")
+    value = int(opened["deposit_merchant"])
+    unit = unit or max(1, -(-value // MAX_LENGTH))
+    length = value // unit
+    if length < 1:
+        raise TradeError(f"the deposit ({value} minor units of {opened['currency_merchant']})"
+                         f" is less than one unit of {unit}")
+    wallet = Wallet.new(length)
+    s = Session(opened["session"], opened["pseudonym"], merchant, merchant_url,
+                deposit.minor, deposit.code, value, opened["currency_merchant"],
+                opened["rate"], int(opened["expires"]), unit, length, 0, session_key,
+                wallet.seed, opened)
+    commit(http, s)
+    return s
+
+
+def commit(http: httpx.Client, s: Session) -> None:
+    c = Commitment(s.session, s.merchant, s.wallet().root, s.length, s.unit,
+                   s.currency_merchant, s.expires)
+    body = c.body()
+    answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/commitment",
+                       json={"commitment": c.payload(),
+                             "signature": S.sign(s.session_key, S.COMMITMENT, body)})
+    if answer.status_code != 200:
+        raise TradeError(f"the merchant refused the commitment (HTTP {answer.status_code}): "
+                         f"{_reason(answer)}")
+
+
+def purchase(s: Session, item: str, units: int = 1) -> dict[str, Any]:
+    """The next purchase's message (the session's ``spent`` moves on)."""
+    wallet = s.wallet()
+    index, link = wallet.pay(units)
+    order = order_payload(s.session, index, item, units)
+    s.spent = wallet.spent
+    return {"session": s.session, "index": index, "link": link.hex(), "order": order,
+            "signature": S.sign(s.session_key, S.ORDER, S.canonical(order))}
+
+
+def buy(http: httpx.Client, s: Session, item: str, units: int = 1) -> dict[str, Any]:
+    """Pay ``units`` links for ``item``; the merchant's answer. Refused: TradeError."""
+    message = purchase(s, item, units)
+    answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/purchases", json=message)
+    if answer.status_code != 200:
+        raise TradeError(f"the merchant refused the purchase (HTTP {answer.status_code}): "
+                         f"{_reason(answer)}")
+    got: dict[str, Any] = answer.json()
+    return got
+
+
+def terminate(http: httpx.Client, s: Session) -> dict[str, Any]:
+    """Claim 10: the customer agent's terminate message to the merchant agent."""
+    body, headers = S.signed(s.session_key, s.pseudonym, S.TERMINATE,
+                             {"session": s.session, "index": s.spent,
+                              "created": int(time.time())})
+    answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/terminate", content=body,
+                       headers=headers)
+    if answer.status_code != 200:
+        raise TradeError(f"the merchant refused to terminate (HTTP {answer.status_code}): "
+                         f"{_reason(answer)}")
+    got: dict[str, Any] = answer.json()
+    return got
+
+
+__all__ = ["Session", "TradeError", "buy", "load", "open_session", "save", "terminate"]

@@ -1,0 +1,177 @@
+"""The trading-session servers' books (SQLAlchemy Core): SQLite by default, PostgreSQL by URL.
+Each server has its own database and schema component.
+
+Customer account manager (``trade-am``):
+
+* ``trade_am_customers``: a customer's Ed25519 public key, account currency, credit limit and
+  ``reserved``: the sum of the deposits of its sessions that are not ended. The credit check
+  and the reservation are ONE conditional ``UPDATE`` of this row
+  (``reserved + deposit <= credit_limit``), in the same transaction as the session's row.
+* ``trade_am_sessions``: one per initiation, unique ``(customer, txn)`` (a replayed initiation
+  finds its session) and unique ``session`` (``AM.sequence``). States: ``initiating`` ->
+  ``open`` (the mediating agent acknowledged) | ``refused`` (it said no, signed: the
+  reservation is given back) | ``in_doubt`` (no signed answer: the reservation is kept).
+
+Mediating trusted agent (``trade-acquirer``):
+
+* ``trade_acq_sessions``: one per amended initiation, unique ``session``: the deposit in both
+  currencies, the rate fixed for the session, the merchant's acknowledgement. States:
+  ``informing`` -> ``open`` | ``refused``.
+* ``trade_acq_postings``: the acquirer's double-entry books in minor units (the conversion,
+  its rounding leftover); every booking's postings sum to zero in each currency.
+
+Merchant agent (``trade-merchant``):
+
+* ``trade_ma_sessions``: one per information message, unique ``session``: the deposit in the
+  merchant's currency, the session's public key and pseudonym, then the customer's commitment
+  (root, length, unit) and the highest PayWord link held. States: ``informed`` -> ``open``
+  (commitment taken) -> ``spent`` (the last link) | ``terminated``.
+* ``trade_ma_purchases``: every purchase: link index (unique per session), units, the signed
+  order and its signature (the evidence).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from ..kit.schema import Schema, open_schema
+
+# states
+INITIATING, OPEN, REFUSED, IN_DOUBT = "initiating", "open", "refused", "in_doubt"
+INFORMING, INFORMED, SPENT, TERMINATED = "informing", "informed", "spent", "terminated"
+RESERVING = (INITIATING, OPEN, IN_DOUBT)     # account-manager states that hold credit
+
+am_meta = MetaData()
+am_customers = Table(
+    "trade_am_customers", am_meta,
+    Column("id", String(32), primary_key=True),
+    Column("public_key", String(64), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("credit_limit", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+am_sessions = Table(
+    "trade_am_sessions", am_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), unique=True),
+    Column("customer", String(32), nullable=False),
+    Column("txn", String(64), nullable=False),
+    Column("digest", String(64), nullable=False),           # sha256 of the initiation's body
+    Column("merchant", String(32), nullable=False),
+    Column("operator", String(32), nullable=False),
+    Column("pseudonym", String(40), nullable=False),
+    Column("session_key", String(64), nullable=False),
+    Column("deposit", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("order_info", Text, nullable=False),             # JSON
+    Column("state", String(12), nullable=False),
+    Column("reason", String(300), nullable=False),
+    Column("opened", Text),                                 # the signed answer (JSON)
+    Column("expires", BigInteger, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    UniqueConstraint("customer", "txn", name="uq_trade_am_sessions_txn"),
+)
+Index("ix_trade_am_sessions_customer_state", am_sessions.c.customer, am_sessions.c.state)
+
+acq_meta = MetaData()
+acq_sessions = Table(
+    "trade_acq_sessions", acq_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False, unique=True),
+    Column("account_manager", String(32), nullable=False),
+    Column("txn", String(64), nullable=False),
+    Column("digest", String(64), nullable=False),           # sha256 of the amended message
+    Column("merchant", String(32), nullable=False),
+    Column("pseudonym", String(40), nullable=False),
+    Column("session_key", String(64), nullable=False),
+    Column("deposit_customer", BigInteger, nullable=False),
+    Column("currency_customer", String(3), nullable=False),
+    Column("deposit_merchant", BigInteger, nullable=False),
+    Column("currency_merchant", String(3), nullable=False),
+    Column("rate", String(80), nullable=False),             # "num/den", exact
+    Column("rounding", BigInteger, nullable=False),         # minor units of the customer's
+    Column("table_issuer", String(32), nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("reason", String(300), nullable=False),
+    Column("merchant_ack", Text),                           # the merchant's signed ack
+    Column("answer", Text),                                 # our signed ack (JSON)
+    Column("expires", BigInteger, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+acq_postings = Table(
+    "trade_acq_postings", acq_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False),
+    Column("event", String(20), nullable=False),
+    Column("account", String(64), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("minor", BigInteger, nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
+Index("ix_trade_acq_postings_session", acq_postings.c.session)
+
+ma_meta = MetaData()
+ma_sessions = Table(
+    "trade_ma_sessions", ma_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False, unique=True),
+    Column("digest", String(64), nullable=False),           # sha256 of the information msg
+    Column("pseudonym", String(40), nullable=False),
+    Column("session_key", String(64), nullable=False),
+    Column("deposit", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("expires", BigInteger, nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("commitment", Text),                             # the signed commitment (JSON)
+    Column("length", Integer),
+    Column("unit", BigInteger),
+    Column("held_index", Integer, nullable=False),
+    Column("held_link", String(64), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+ma_purchases = Table(
+    "trade_ma_purchases", ma_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False),
+    Column("link_index", Integer, nullable=False),
+    Column("units", Integer, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("item", String(64), nullable=False),
+    Column("link", String(64), nullable=False),
+    Column("order_body", Text, nullable=False),
+    Column("order_signature", String(128), nullable=False),
+    Column("at", BigInteger, nullable=False),
+    UniqueConstraint("session", "link_index", name="uq_trade_ma_purchases_index"),
+)
+
+AM_SCHEMA = Schema("trade-am", 1, am_meta)
+ACQ_SCHEMA = Schema("trade-acquirer", 1, acq_meta)
+MA_SCHEMA = Schema("trade-merchant", 1, ma_meta)
+
+
+def am_engine(url: str) -> Engine:
+    return open_schema(url, AM_SCHEMA)
+
+
+def acq_engine(url: str) -> Engine:
+    return open_schema(url, ACQ_SCHEMA)
+
+
+def ma_engine(url: str) -> Engine:
+    return open_schema(url, MA_SCHEMA)

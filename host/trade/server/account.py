@@ -1,0 +1,245 @@
+"""The customer account manager (seed 004, 202): takes a customer agent's initiation, vouches
+for the customer and reserves the deposit against its credit limit, amends the initiation for
+the mediating trusted agent of the merchant's operator, and forwards that agent's signed
+acknowledgement, with the exchange rate, to the customer agent (claims 1, 3, 4, 7-9).
+
+``POST /v1/sessions``: the initiation, signed by the customer's key. Answers: 200 the session
+is open (signed ``opened`` body: session id, deposits in both currencies, the rate, the
+acquirer's signed acknowledgement); 400/413 malformed; 401 a signature that does not verify or
+a stale message; 402 over the credit limit (nothing reserved); 403 an unknown customer; 404 an
+unknown merchant operator; 409 a replayed txn (the session it repeats); 422 the mediating agent
+refused (signed; the reservation is given back); 502 no signed answer from it (the session is
+``in_doubt`` and keeps its reservation). ``GET /v1/health``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ...kit.db import first_row, step
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner
+from ...kit.request_log import RequestLog, note
+from .. import db as D
+from .. import messages as M
+from .. import signing as S
+from ..config import AccountManagerConfig, Peer
+from .common import authenticated, refused, signed_json, verified_answer
+
+
+def add_customer(engine: Engine, customer: str, public_key: bytes, currency: str,
+                 credit_limit: int, now: int | None = None) -> None:
+    now = now if now is not None else int(time.time() * 1000)
+    with step(engine) as conn:
+        conn.execute(insert(D.am_customers).values(
+            id=customer, public_key=public_key.hex(), currency=currency,
+            credit_limit=credit_limit, reserved=0, created=now, updated=now))
+
+
+def reserve(engine: Engine, am_id: str, data: dict[str, Any], digest: str, pseudonym: str,
+            expires: int, max_sessions: int, now: int) -> dict[str, Any]:
+    """The credit check over all the customer's open sessions and the session's row, in ONE
+    transaction: a conditional ``UPDATE`` of the customer's ``reserved`` (the sum of its
+    sessions' deposits not yet ended) that succeeds only within the limit. Concurrent
+    initiations cannot both pass a limit only one fits (SQLite: one writer; PostgreSQL: the
+    row lock, the WHERE checked again on the updated row)."""
+    c = D.am_customers.c
+    deposit = int(data["deposit"])
+    try:
+        with step(engine) as conn:
+            open_count = conn.execute(select(func.count()).where(
+                D.am_sessions.c.customer == data["customer"],
+                D.am_sessions.c.state.in_(D.RESERVING))).scalar_one()
+            if open_count >= max_sessions:
+                return {"state": "limit", "reason": f"more than {max_sessions} open sessions"}
+            ok = conn.execute(update(D.am_customers).where(
+                c.id == data["customer"], c.currency == data["currency"],
+                c.reserved + deposit <= c.credit_limit).values(
+                reserved=c.reserved + deposit, updated=now)).rowcount == 1
+            if not ok:
+                row = conn.execute(select(D.am_customers).where(
+                    c.id == data["customer"])).first()
+                if row is not None and row.currency != data["currency"]:
+                    why = f"the account is kept in {row.currency}, not {data['currency']}"
+                else:
+                    why = (f"over the credit limit: {row.reserved if row else 0} reserved in "
+                           f"open sessions + {deposit} > {row.credit_limit if row else 0}")
+                return {"state": "limit", "reason": why}
+            row_id = conn.execute(insert(D.am_sessions).values(
+                customer=data["customer"], txn=data["txn"], digest=digest,
+                merchant=data["merchant"], operator=data["operator"], pseudonym=pseudonym,
+                session_key=data["registration"]["session_key"], deposit=deposit,
+                currency=data["currency"], order_info=json.dumps(data["order"]),
+                state=D.INITIATING, reason="", expires=expires, created=now,
+                updated=now)).inserted_primary_key
+            assert row_id is not None
+            session = f"{am_id}.{row_id[0]}"
+            conn.execute(update(D.am_sessions).where(D.am_sessions.c.id == row_id[0]).values(
+                session=session))
+            return {"state": D.INITIATING, "session": session}
+    except IntegrityError:
+        pass
+    first = first_row(engine, D.am_sessions, customer=data["customer"], txn=data["txn"])
+    if first is None:
+        raise Refused(409, 409, "the initiation could not be recorded; send it again with a "
+                                "new txn")
+    return {"state": "replay", "session": first["session"], "was": first["state"]}
+
+
+def settle_initiation(engine: Engine, session: str, state: str, reason: str,
+                      opened: str | None, now: int) -> bool:
+    """``initiating`` -> ``state`` (compare-and-set); ``refused`` gives the deposit back, in
+    the same transaction."""
+    s = D.am_sessions.c
+    with step(engine) as conn:
+        row = conn.execute(select(D.am_sessions).where(s.session == session)).first()
+        if row is None or row.state != D.INITIATING:
+            return False
+        changed = conn.execute(update(D.am_sessions).where(
+            s.session == session, s.state == D.INITIATING).values(
+            state=state, reason=reason[:300], opened=opened, updated=now)).rowcount == 1
+        if changed and state == D.REFUSED:
+            c = D.am_customers.c
+            conn.execute(update(D.am_customers).where(c.id == row.customer).values(
+                reserved=c.reserved - row.deposit, updated=now))
+        return changed
+
+
+class AccountManager:
+    def __init__(self, config: AccountManagerConfig, *,
+                 clock: Callable[[], float] = time.time,
+                 http: httpx.AsyncClient | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.engine = D.am_engine(config.db_url)
+        self.sql = SqlRunner(config.db_url)
+        self.http = http
+        self.own_http = http is None
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def close(self) -> None:
+        if self.sql.executor is not None:
+            self.sql.executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    async def _customer_key(self, signer: str, data: dict[str, Any]) -> bytes | None:
+        if signer != data["customer"]:
+            return None   # a customer signs only its own initiation
+        row = await self.sql(first_row, self.engine, D.am_customers, id=signer)
+        return None if row is None else bytes.fromhex(row["public_key"])
+
+    async def initiate(self, request: Request) -> Response:
+        try:
+            return await self._initiate(request)
+        except Refused as exc:
+            return refused(exc)
+
+    async def _initiate(self, request: Request) -> Response:
+        now = self.now_ms()
+        body, data, _signer = await authenticated(request, M.INITIATION, "initiation",
+                                                  S.INITIATION, self._customer_key,
+                                                  now // 1000)
+        operator = self.config.operators.get(data["operator"])
+        if operator is None:
+            raise Refused(404, 404, f"initiation.operator: {data['operator']} is not an "
+                                    "operator this account manager reaches")
+        pseudonym = "p" + secrets.token_hex(12)
+        expires = now + self.config.session_ms
+        got = await self.sql(reserve, self.engine, self.config.id, data, M.digest(body),
+                             pseudonym, expires, self.config.max_sessions, now)
+        note(txn=got.get("session", ""), step="initiation")
+        if got["state"] == "limit":
+            return JSONResponse({"reason": got["reason"]}, status_code=402)
+        if got["state"] == "replay":
+            return JSONResponse({"reason": "this txn was used already: the session is not "
+                                           "opened twice", "session": got["session"],
+                                 "state": got["was"]}, status_code=409)
+        amended = {"account_manager": self.config.id, "session": got["session"],
+                   "txn": data["txn"], "merchant": data["merchant"],
+                   "deposit": data["deposit"], "currency": data["currency"],
+                   "pseudonym": pseudonym,
+                   "session_key": data["registration"]["session_key"], "vouched": True,
+                   "expires": expires, "created": now // 1000}
+        return await self._forward(operator, got["session"], amended, data)
+
+    async def _forward(self, operator: Peer, session: str, amended: dict[str, Any],
+                       data: dict[str, Any]) -> Response:
+        body, headers = S.signed(self.config.private_key, self.config.id, S.AMENDED, amended)
+        try:
+            http = self.http or httpx.AsyncClient(timeout=30)
+            try:
+                answer = await http.post(f"{operator.url}/v1/initiations", content=body,
+                                         headers=headers)
+            finally:
+                if self.http is None:
+                    await http.aclose()
+        except httpx.HTTPError as exc:
+            return await self._in_doubt(session, f"the mediating agent did not answer: "
+                                                 f"{type(exc).__name__}")
+        ack_body = verified_answer(answer, operator.public_key, operator.id, S.AGENT_ACK)
+        if ack_body is None:
+            return await self._in_doubt(session, f"no signed answer from the mediating agent "
+                                                 f"(HTTP {answer.status_code})")
+        try:
+            ack = M.parse_agent_ack(ack_body)
+        except Refused:
+            return await self._in_doubt(session, "the mediating agent's answer is malformed")
+        if ack["session"] != session or ack["txn"] != amended["txn"] or \
+                ack["acquirer"] != operator.id:
+            return await self._in_doubt(session, "the mediating agent answered for another "
+                                                 "session")
+        now = self.now_ms()
+        if not ack["accepted"]:
+            await self.sql(settle_initiation, self.engine, session, D.REFUSED, ack["reason"],
+                           None, now)
+            return JSONResponse({"session": session, "reason": "the mediating agent refused: "
+                                 + ack["reason"]}, status_code=422)
+        expected = {"pseudonym": amended["pseudonym"], "merchant": amended["merchant"],
+                    "deposit_customer": amended["deposit"],
+                    "currency_customer": amended["currency"]}
+        if any(ack[k] != v for k, v in expected.items()):
+            return await self._in_doubt(session, "the mediating agent acknowledged another "
+                                                 "deposit or customer")
+        opened = {"session": session, "txn": amended["txn"], "merchant": amended["merchant"],
+                  "account_manager": self.config.id, "acquirer": operator.id,
+                  "pseudonym": amended["pseudonym"], "deposit": amended["deposit"],
+                  "currency": amended["currency"],
+                  "deposit_merchant": ack["deposit_merchant"],
+                  "currency_merchant": ack["currency_merchant"], "rate": ack["rate"],
+                  "rounding": ack["rounding"], "expires": amended["expires"],
+                  "acquirer_ack": ack_body.decode(),
+                  "acquirer_signature": answer.headers[S.SIGNATURE]}
+        text = S.canonical(opened).decode()
+        if not await self.sql(settle_initiation, self.engine, session, D.OPEN, "", text, now):
+            raise Refused(409, 409, "the session changed state while opening")
+        return signed_json(self.config.private_key, self.config.id, S.OPENED, opened)
+
+    async def _in_doubt(self, session: str, reason: str) -> Response:
+        await self.sql(settle_initiation, self.engine, session, D.IN_DOUBT, reason, None,
+                       self.now_ms())
+        return JSONResponse({"session": session, "state": D.IN_DOUBT, "reason": reason},
+                            status_code=502)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"server": "trade-account-manager", "id": self.config.id})
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/sessions", self.initiate, methods=["POST"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="trade-account-manager")])

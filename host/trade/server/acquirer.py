@@ -1,0 +1,215 @@
+"""The mediating trusted agent, the merchant operator's value acquirer (seed 004, 203): takes
+an account manager's amended initiation (claim 4: the deposit in the customer's currency, the
+currency, the customer's pseudonym, txn, merchant), converts the deposit into the merchant's
+currency at its bank's exchange table (the rate then fixed for the session; the leftover
+minor units booked to its rounding account), sends the merchant agent the information message
+(claim 5) and, on the merchant's signed acknowledgement (claim 6), acknowledges the customer
+and the deposit to the account manager with the exchange rate (claims 7, 8).
+
+``POST /v1/initiations``: the amended initiation signed by a known account manager, for a
+session in that account manager's own namespace (``AM.n``). Answers: 200 a signed agent ack,
+``accepted`` true (rate, both deposits, the merchant ack's digest) or false with the reason
+(an unknown merchant, an expired exchange table, the merchant refused); 400/413 malformed;
+401 bad signature or stale; 403 an unknown signer; 409 the session id was used with another
+message. A replay of the same message answers the same acknowledgement again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ...kit.db import first_row, step
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner
+from ...kit.request_log import RequestLog, note
+from .. import db as D
+from .. import messages as M
+from .. import signing as S
+from ..config import AcquirerConfig
+from ..money import Amount, MoneyError, conversion_postings, convert
+from .common import authenticated, refused, signed_json, verified_answer
+
+
+def rate_text(rate: Fraction) -> str:
+    return f"{rate.numerator}/{rate.denominator}"
+
+
+def record(engine: Engine, row: dict[str, Any], postings: list[tuple[str, Amount]],
+           now: int) -> str:
+    """The session's row and the conversion's postings, in one transaction: ``new``, or
+    ``replay`` when the session exists already (the caller compares digests)."""
+    try:
+        with step(engine) as conn:
+            conn.execute(insert(D.acq_sessions).values(**row))
+            conn.execute(insert(D.acq_postings), [
+                {"session": row["session"], "event": "deposit", "account": account,
+                 "currency": amount.code, "minor": amount.minor, "at": now}
+                for account, amount in postings])
+            return "new"
+    except IntegrityError:
+        return "replay"
+
+
+def conclude(engine: Engine, session: str, state: str, reason: str, merchant_ack: str | None,
+             answer: str, now: int) -> bool:
+    """``informing`` -> ``state``; a refusal reverses the deposit's postings, in the same
+    transaction."""
+    s, p = D.acq_sessions.c, D.acq_postings.c
+    with step(engine) as conn:
+        changed = conn.execute(update(D.acq_sessions).where(
+            s.session == session, s.state == D.INFORMING).values(
+            state=state, reason=reason[:300], merchant_ack=merchant_ack, answer=answer,
+            updated=now)).rowcount == 1
+        if changed and state == D.REFUSED:
+            rows = conn.execute(select(D.acq_postings).where(p.session == session)).all()
+            conn.execute(insert(D.acq_postings), [
+                {"session": session, "event": "refused", "account": r.account,
+                 "currency": r.currency, "minor": -r.minor, "at": now} for r in rows])
+        return changed
+
+
+class Acquirer:
+    def __init__(self, config: AcquirerConfig, *, clock: Callable[[], float] = time.time,
+                 ) -> None:
+        self.config = config
+        self.clock = clock
+        self.engine = D.acq_engine(config.db_url)
+        self.sql = SqlRunner(config.db_url)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def close(self) -> None:
+        if self.sql.executor is not None:
+            self.sql.executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    async def _am_key(self, signer: str, data: dict[str, Any]) -> bytes | None:
+        if data["account_manager"] != signer or not data["session"].startswith(signer + "."):
+            return None   # an account manager speaks only for itself and its own sessions
+        return self.config.account_managers.get(signer)
+
+    def _ack(self, data: dict[str, Any], accepted: bool, reason: str,
+             **fields: Any) -> dict[str, Any]:
+        return {"acquirer": self.config.id, "session": data["session"], "txn": data["txn"],
+                "accepted": accepted, "reason": reason, **fields}
+
+    def _answer(self, payload: dict[str, Any]) -> Response:
+        return signed_json(self.config.private_key, self.config.id, S.AGENT_ACK, payload)
+
+    async def initiation(self, request: Request) -> Response:
+        try:
+            return await self._initiation(request)
+        except Refused as exc:
+            return refused(exc)
+
+    async def _initiation(self, request: Request) -> Response:
+        now = self.now_ms()
+        body, data, _ = await authenticated(request, M.AMENDED, "amended initiation",
+                                            S.AMENDED, self._am_key, now // 1000)
+        note(txn=data["session"], step="amended")
+        if data["expires"] <= now:
+            return self._answer(self._ack(data, False, "the session's expiry has passed"))
+        merchant = self.config.merchants.get(data["merchant"])
+        if merchant is None:
+            return self._answer(self._ack(data, False, f"{data['merchant']} is not a merchant "
+                                                       "of this operator"))
+        table = self.config.table
+        try:
+            rate = table.rate(data["currency"], merchant.currency, now)
+            conv = convert(Amount(data["deposit"], data["currency"]), merchant.currency, rate)
+        except MoneyError as exc:
+            return self._answer(self._ack(data, False, str(exc)))
+        if conv.target.minor == 0:
+            return self._answer(self._ack(data, False, "the deposit is worth less than one "
+                                                       "minor unit of the merchant's currency"))
+        digest = M.digest(body)
+        row = {"session": data["session"], "account_manager": data["account_manager"],
+               "txn": data["txn"], "digest": digest, "merchant": merchant.id,
+               "pseudonym": data["pseudonym"], "session_key": data["session_key"],
+               "deposit_customer": data["deposit"], "currency_customer": data["currency"],
+               "deposit_merchant": conv.target.minor, "currency_merchant": merchant.currency,
+               "rate": rate_text(rate), "rounding": conv.rounding.minor,
+               "table_issuer": table.issuer, "state": D.INFORMING, "reason": "",
+               "expires": data["expires"], "created": now, "updated": now}
+        postings = conversion_postings(conv, f"am:{data['account_manager']}",
+                                       f"deposit:{data['session']}")
+        if await self.sql(record, self.engine, row, postings, now) == "replay":
+            return await self._replayed(data["session"], digest)
+        info = {"acquirer": self.config.id, "merchant": merchant.id,
+                "session": data["session"], "pseudonym": data["pseudonym"],
+                "deposit": conv.target.minor, "currency": merchant.currency,
+                "session_key": data["session_key"], "expires": data["expires"],
+                "created": now // 1000}
+        info_body, headers = S.signed(self.config.private_key, self.config.id, S.INFORMATION,
+                                      info)
+        try:
+            async with httpx.AsyncClient(timeout=30) as http:
+                answer = await http.post(f"{merchant.url}/v1/sessions", content=info_body,
+                                         headers=headers)
+        except httpx.HTTPError as exc:
+            return await self._refuse(data, f"the merchant agent did not answer: "
+                                            f"{type(exc).__name__}")
+        ack_body = verified_answer(answer, merchant.public_key, merchant.id, S.MERCHANT_ACK)
+        if ack_body is None:
+            return await self._refuse(data, f"the merchant agent refused (HTTP "
+                                            f"{answer.status_code})")
+        try:
+            ack = M.parse(ack_body, M.MERCHANT_ACK, "merchant ack")
+        except Refused:
+            return await self._refuse(data, "the merchant's acknowledgement is malformed")
+        if ack != {"merchant": merchant.id, "session": data["session"],
+                   "pseudonym": data["pseudonym"], "deposit": conv.target.minor,
+                   "currency": merchant.currency, "information": M.digest(info_body)}:
+            return await self._refuse(data, "the merchant acknowledged another session or "
+                                            "deposit")
+        payload = self._ack(data, True, "", pseudonym=data["pseudonym"], merchant=merchant.id,
+                            deposit_customer=data["deposit"],
+                            currency_customer=data["currency"],
+                            deposit_merchant=conv.target.minor,
+                            currency_merchant=merchant.currency, rate=rate_text(rate),
+                            rounding=conv.rounding.minor, table=table.issuer,
+                            merchant_ack=M.digest(ack_body))
+        stored = json.dumps({"payload": payload, "merchant_ack": ack_body.decode()})
+        await self.sql(conclude, self.engine, data["session"], D.OPEN, "",
+                       ack_body.decode(), stored, self.now_ms())
+        return self._answer(payload)
+
+    async def _refuse(self, data: dict[str, Any], reason: str) -> Response:
+        payload = self._ack(data, False, reason)
+        await self.sql(conclude, self.engine, data["session"], D.REFUSED, reason, None,
+                       json.dumps({"payload": payload}), self.now_ms())
+        return self._answer(payload)
+
+    async def _replayed(self, session: str, digest: str) -> Response:
+        """The same message again: its answer again (once decided); another message under
+        a session id already used: refused."""
+        row = await self.sql(first_row, self.engine, D.acq_sessions, session=session)
+        if row is None or row["digest"] != digest:
+            raise Refused(409, 409, f"session {session} was initiated with another message")
+        if row["answer"] is None:
+            raise Refused(409, 409, f"session {session} is being initiated; ask again",
+                          {"Retry-After": "1"})
+        return self._answer(json.loads(row["answer"])["payload"])
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"server": "trade-acquirer", "id": self.config.id})
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/initiations", self.initiation, methods=["POST"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="trade-acquirer")])

@@ -1,0 +1,127 @@
+"""A trading-session system on loopback, for the tests, the demo and the benchmarks: one
+customer account manager, one mediating trusted agent (the merchant operator's) and one or
+more merchant agents, each its own server and database, with fresh keys; the exchange table
+the acquirer's bank issued, valid for a day from now unless given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ..kit.serving import ServerThread
+from . import signing as S
+from .config import AccountManagerConfig, AcquirerConfig, MerchantConfig, MerchantPeer, Peer
+from .customer import Session, open_session
+from .money import Amount, ExchangeTable
+from .server.account import AccountManager, add_customer
+from .server.acquirer import Acquirer
+from .server.merchant import MerchantAgent
+
+DAY_MS = 86_400_000
+DEMO_RATES = {"JPY": "158.2345", "KWD": "0.3312", "USD": "1.0821", "GBP": "0.8412"}
+
+
+def demo_table(now_ms: int | None = None, lifespan_ms: int = DAY_MS) -> ExchangeTable:
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    return ExchangeTable.from_text("bank-m", "EUR", DEMO_RATES, now - 60_000, now + lifespan_ms)
+
+
+@dataclass
+class Customer:
+    id: str
+    key: bytes = field(repr=False)
+    currency: str
+
+
+@dataclass
+class Party:
+    id: str
+    key: bytes = field(repr=False)
+    public: bytes
+    thread: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    def peer(self) -> Peer:
+        return Peer(self.id, self.url, self.public)
+
+
+@dataclass
+class TradeStack:
+    account: AccountManager
+    acquirer: Acquirer
+    merchants: dict[str, MerchantAgent]
+    parties: dict[str, Party]
+    operator: str
+
+    @property
+    def am(self) -> Party:
+        return self.parties[self.account.config.id]
+
+    def url(self, party: str) -> str:
+        return self.parties[party].url
+
+    def customer(self, customer: str, credit_limit: int = 100_000,
+                 currency: str = "EUR") -> Customer:
+        private, public = S.new_key()
+        add_customer(self.account.engine, customer, public, currency, credit_limit)
+        return Customer(customer, private, currency)
+
+    def open(self, http: httpx.Client, who: Customer, deposit: int, merchant: str = "shop",
+             unit: int | None = None) -> Session:
+        return open_session(http, self.am.url, self.am.id, self.am.public, who.id, who.key,
+                            merchant, self.url(merchant), self.operator,
+                            Amount(deposit, who.currency), unit=unit)
+
+    def close(self) -> None:
+        for party in self.parties.values():
+            party.thread.stop()
+        self.account.close()
+        self.acquirer.close()
+        for m in self.merchants.values():
+            m.close()
+
+
+def _start(app_of: Callable[[], object], pid: str, key: bytes) -> Party:
+    thread = ServerThread(app_of()).start()
+    return Party(pid, key, S.public_of(key), thread)
+
+
+def start_trade(folder: Path, *, merchants: dict[str, str] | None = None,
+                table: ExchangeTable | None = None, db_urls: dict[str, str] | None = None,
+                clock: Callable[[], float] = time.time) -> TradeStack:
+    """Account manager ``am1``, acquirer ``acq1`` of operator ``op1``, and merchant agents
+    (id -> currency; default ``shop`` in JPY), databases in ``folder`` unless ``db_urls``
+    (party id -> URL) says otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    merchants = merchants or {"shop": "JPY"}
+    urls = db_urls or {}
+    keys = {pid: S.new_key()[0] for pid in ("am1", "acq1", *merchants)}
+
+    def db(pid: str) -> str:
+        return urls.get(pid, f"sqlite:///{folder / (pid + '.db')}")
+
+    parties: dict[str, Party] = {}
+    agents: dict[str, MerchantAgent] = {}
+    acquirer_peer_key = S.public_of(keys["acq1"])
+    for mid, currency in merchants.items():
+        peer = Peer("acq1", "", acquirer_peer_key)
+        agents[mid] = MerchantAgent(MerchantConfig(mid, keys[mid], db(mid), peer, currency),
+                                    clock=clock)
+        parties[mid] = _start(agents[mid].app, mid, keys[mid])
+    acquirer = Acquirer(AcquirerConfig(
+        "acq1", keys["acq1"], db("acq1"), {"am1": S.public_of(keys["am1"])},
+        {mid: MerchantPeer(mid, parties[mid].url, parties[mid].public, currency)
+         for mid, currency in merchants.items()}, table or demo_table()), clock=clock)
+    parties["acq1"] = _start(acquirer.app, "acq1", keys["acq1"])
+    account = AccountManager(AccountManagerConfig(
+        "am1", keys["am1"], db("am1"), {"op1": parties["acq1"].peer()}), clock=clock)
+    parties["am1"] = _start(account.app, "am1", keys["am1"])
+    return TradeStack(account, acquirer, agents, parties, "op1")
