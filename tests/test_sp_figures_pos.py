@@ -450,3 +450,58 @@ def test_fig4b_clearing_pays_each_merchant_of_a_shared_pos_its_own_sum(
     payouts = {ln["payee"]: (ln["count"], ln["amount"]) for ln in report.lines
                if ln["kind"] == 3}
     assert payouts == {MERCH_A.hex().upper(): (2, 198), MERCH_B.hex().upper(): (2, 1275)}
+
+
+def test_fig4a_merchants_with_remote_poses_of_their_own_are_cleared_apart(
+        load: LoadStack, tmp_path: Path, http: httpx.Client) -> None:
+    """Several separate payment servers: each merchant's remote POS has its own PSAM terminal;
+    the SP pays at both, each POS hands over its own batches, and clearing pays each merchant
+    its own sum (the terminal id is in the card's TAC, so the routing is the card's proof)."""
+    from svcard.host.settle import clearing as CL
+    from svcard.host.settle.config import clearing_config
+    from svcard.host.settle.db import make_engine
+
+    keys = {MERCH_A: secure.new_key(), MERCH_B: secure.new_key()}
+    poses: dict[bytes, PosProcess] = {}
+    shops: dict[bytes, Shop] = {}
+    concentration = tmp_path / "concentration"
+    try:
+        for i, (mid, key) in enumerate(keys.items()):
+            folder = tmp_path / f"pos-{mid.hex()}"
+            folder.mkdir(parents=True)
+            poses[mid] = PosProcess(folder, {mid: key},
+                                    psam_images(folder, 1, TERMINALS[mid], first_serial=i + 1))
+            poses[mid].start()
+            shops[mid] = open_shop(tmp_path, mid, key, poses[mid].url, TERMINALS[mid])
+        sp = open_sp(tmp_path / "sp", load, {"SHOP-A": shops[MERCH_A].url,
+                                             "SHOP-B": shops[MERCH_B].url},
+                     [p.url for p in poses.values()])
+        try:
+            alice = sp.customer("alice")
+            for merchant, sku in (("SHOP-A", "song"), ("SHOP-B", "ticket"),
+                                  ("SHOP-A", "article"), ("SHOP-B", "song")):
+                answer = sp.order(http, alice, sku, merchant=merchant)
+                assert answer.status_code == 200, answer.text
+        finally:
+            sp.close()
+        assert [len(p.rows()) for p in poses.values()] == [2, 2]   # each its own database
+        for pos in poses.values():
+            closed = http.post(f"{pos.url}/v1/batches/close",
+                               headers={"Authorization": f"Bearer {pos.token}"})
+            assert closed.status_code == 200, closed.text
+            for path in (pos.folder / "concentration").glob("*.json"):
+                concentration.mkdir(exist_ok=True)
+                path.rename(concentration / path.name)
+    finally:
+        for shop in shops.values():
+            shop.close()
+        for pos in poses.values():
+            pos.stop()
+    report = CL.run_clearing(
+        clearing_config(clearing_toml(tmp_path)), concentration,
+        make_engine(f"sqlite:///{tmp_path / 'clearing.db'}"), tmp_path / "settlement",
+        load_db_urls=(str(load.load_server.config.db_url),))
+    assert (report.records_cleared, report.total_paid) == (4, 99 + 1250 + 25 + 99)
+    payouts = {ln["payee"]: (ln["count"], ln["amount"]) for ln in report.lines
+               if ln["kind"] == 3}
+    assert payouts == {MERCH_A.hex().upper(): (2, 124), MERCH_B.hex().upper(): (2, 1349)}
