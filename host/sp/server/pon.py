@@ -179,6 +179,22 @@ def admit(engine: Engine, customer: str, order_key: str, item: Item, pon: str, k
                                                     "another order")
 
 
+def earlier(engine: Engine, customer: str, order_key: str, merchant: str,
+            pon: str) -> O.Admission | None:
+    """An order this one repeats (its order key) or that holds its PON (not failed), read
+    before the merchant is asked; :func:`admit` decides again in its own step."""
+    first = first_row(engine, D.orders, customer=customer, order_key=order_key)
+    if first is not None:
+        return O.Admission(first["order_ref"], "replay", first["state"])
+    claimed = first_row(engine, D.merchant_orders, merchant=merchant, merchant_ref=pon)
+    if claimed is not None:
+        holder = first_row(engine, D.orders, order_ref=claimed["order_ref"])
+        if holder is None or holder["state"] != D.FAILED:
+            return O.Admission(claimed["order_ref"], TAKEN, "this PON is paid (or being "
+                                                            "paid) by another order")
+    return None
+
+
 def _max_amount(data: dict[str, Any]) -> int | None:
     value = data["max_amount"]
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -191,6 +207,20 @@ def _fresh(created: Any, now_ms: int, what: str) -> None:
     if not isinstance(created, int) or abs(now_ms // 1000 - created) > MAX_SKEW:
         raise Refused(401, 401, f"{what} was made more than {MAX_SKEW} s from the SP's "
                                 "clock: make it again")
+
+
+def _refusal(admission: O.Admission) -> Response:
+    """The answer to an order not paid: a replay or a PON taken (409), not billable (402)."""
+    note(reason=admission.reason)
+    if admission.state == D.REJECTED:
+        return JSONResponse({"order": admission.order_ref, "state": D.REJECTED,
+                             "kind": admission.kind, "reason": admission.reason},
+                            status_code=402)
+    replay = admission.state == "replay"
+    return JSONResponse({"reason": "this order key was used already: the order is not taken "
+                                   "twice" if replay else admission.reason,
+                         "order": admission.order_ref,
+                         "state": admission.reason if replay else TAKEN}, status_code=409)
 
 
 class PonOrders:
@@ -235,6 +265,10 @@ class PonOrders:
             raise Refused(400, 400, "pon: 16 bytes of lower-case hex")
         base, any_item = self._merchant(data["merchant"])
         key = await self._key(data["merchant"])
+        seen = await s.sql(earlier, s.engine, data["customer"], data["order_key"].lower(),
+                           data["merchant"], pon)
+        if seen is not None:
+            return _refusal(seen)
         quote = await self._quote(base, data["merchant"], key, pon)
         if quote["customer"] != data["customer"]:
             raise Refused(403, 403, "the merchant made this PON for another customer")
@@ -289,20 +323,10 @@ class PonOrders:
             refuse = ("over_max", f"this order can be billed up to {reservation(item)}, more "
                                   f"than the {limit} the customer signed (minor units)")
         admission = await s.sql(admit, s.engine, customer, order_key, item, pon, kind, digest,
-                                s.config.currency_code, now)
+                                s.config.currency_code, now, refuse)
         note(txn=admission.order_ref, step=f"order-{kind}")
-        if admission.state in ("replay", TAKEN):
-            return JSONResponse({"reason": "this order key was used already: the order is not "
-                                           "taken twice" if admission.state == "replay"
-                                           else admission.reason,
-                                 "order": admission.order_ref,
-                                 "state": admission.reason if admission.state == "replay"
-                                 else TAKEN}, status_code=409)
-        if admission.state == D.REJECTED:
-            note(reason=admission.reason)
-            return JSONResponse({"order": admission.order_ref, "state": D.REJECTED,
-                                 "kind": admission.kind, "reason": admission.reason},
-                                status_code=402)
+        if admission.state != D.PAYING:
+            return _refusal(admission)
         return await s._pay(admission.order_ref)
 
     # --- the merchant's copy ------------------------------------------------------------------
