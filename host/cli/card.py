@@ -25,6 +25,7 @@ from ...card.image import app_of, card_from_image, check_image, save_new_image
 from ...card.personalise import image_from_profile
 from ...card.storage import ImageError, read_image
 from ..kit.command_line import EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
+from ..terminal.capp import describe_goods, goods_lines
 from ..terminal.card_commands import handled
 from .describe import describe_image, render_image
 
@@ -121,6 +122,9 @@ def card_show(image: Path, as_json: bool) -> None:
         try:
             data = describe_image(raw)
             text = render_image(data)
+            if raw.get("kind") == "iep":   # the goods it holds (host/terminal/capp.py)
+                data["goods"] = describe_goods(raw["app"])
+                text += "\n" + "\n".join(goods_lines(data["goods"]))
         except (KeyError, ValueError, TypeError) as exc:
             raise ImageError(f"{image}: damaged card image ({type(exc).__name__}: "
                              f"{exc})") from None

@@ -1,5 +1,5 @@
 """``svcard terminal``: the local terminal (seed FIG. 2), a card slot beside a PSAM or load
-HSM slot: balance, log, purchase, load."""
+HSM slot: balance, log, purchase, load, the composite purchase (capp) and the goods list."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 
 from ...protocols import purse as P
 from ..kit.command_line import EXIT_USAGE, emit, fail, json_option
+from ..terminal import capp as C
 from ..terminal import purse as T
 from ..terminal import unload as U
 from ..terminal.card_commands import (
@@ -187,3 +188,47 @@ def terminal_overdraft(card_spec: str, aid: bytes, hsm_spec: str, limit: Amount,
         r = U.update_overdraft(card_r, hsm_r, limit, terminal_id=tid, pin=pin,
                                key_index=key_index, when=at, card_aid=aid)
     emit(as_json, r.to_json(), r.text())
+
+
+def _records(ctx: click.Context, param: click.Parameter,
+             values: tuple[str, ...]) -> list[C.GoodsWrite]:
+    try:
+        return [C.GoodsWrite.parse(v) for v in values]
+    except T.TerminalCheckFailed as exc:
+        raise click.BadParameter(str(exc).removeprefix("--record: ")) from None
+
+
+@terminal.command("capp")
+@card_option
+@click.option("--psam", "psam_spec", required=True, metavar="SPEC",
+              help="Reader spec of the PSAM, e.g. virtual:psam.json.")
+@amount_option
+@click.option("--record", "records", multiple=True, callback=_records, metavar="SFI[:N]:HEX",
+              help="A goods record to write with the debit (repeatable): SFI:HEX by its tag "
+                   "(the same good's record, else the first empty one), SFI:N:HEX into "
+                   "record N. Layouts: docs/protocol.md.")
+@click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@json_option
+@trace_option
+@at_option
+def terminal_capp(card_spec: str, aid: bytes, psam_spec: str, amount: Amount,
+                  records: list[C.GoodsWrite], key_index: int, as_json: bool,
+                  trace_out: Path | None, at: dt.datetime | None) -> None:
+    """A composite (CAPP) purchase: pay the amount from the EP and write the goods records
+    onto the card in the same step (both or neither); the PSAM records it as type 09."""
+    with handled(), readers(("card", card_spec), ("psam", psam_spec),
+                            trace_out=trace_out) as (card_r, psam_r):
+        r = C.capp_purchase(card_r, psam_r, amount, records, key_index=key_index, when=at,
+                            card_aid=aid)
+    emit(as_json, r.to_json(), r.text())
+
+
+@terminal.command("goods")
+@card_option
+@json_option
+@trace_option
+def terminal_goods(card_spec: str, aid: bytes, as_json: bool, trace_out: Path | None) -> None:
+    """List the goods on the card (READ RECORD of the goods files 11-14)."""
+    with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
+        goods = [g.to_json() for g in C.read_goods(card_r, aid)]
+    emit(as_json, goods, "\n".join(C.goods_lines(goods)))

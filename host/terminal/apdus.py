@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...card.iep_commands import secure_write as SM
+from ...protocols import goods as G
 from ...protocols import purse as P
 from ...protocols.apdu import build_command
 
@@ -62,6 +63,21 @@ def debit_for_purchase(ttn: int, date: bytes, time: bytes, mac1: bytes) -> bytes
     data = P.DebitForPurchaseData.build({"terminal_txn_number": ttn, "date": date, "time": time,
                                          "mac1": mac1})
     return build_command(P.CLA_PBOC, P.INS_DEBIT, 0x01, 0x00, data, 8)
+
+
+def update_capp_data_cache(sfi: int, p1: int, record: bytes, mode: int = G.MODE_RECORD
+                           ) -> bytes:
+    """UPDATE CAPP DATA CACHE ``80 DC P1 P2``: one goods record cached for the CAPP session's
+    DEBIT; P2 = SFI << 3 | mode, P1 a record number (``MODE_RECORD``) or the record's tag
+    (``MODE_TAG``)."""
+    return build_command(P.CLA_PBOC, G.INS_UPDATE_CAPP_DATA_CACHE, p1, (sfi << 3) | mode,
+                         record)
+
+
+def read_goods_record(number: int, sfi: int) -> bytes:
+    """READ RECORD of goods file ``sfi`` (Le: one goods record)."""
+    return build_command(P.CLA_ISO, P.INS_READ_RECORD, number, (sfi << 3) | 4, b"",
+                         G.RECORD_SIZE)
 
 
 def get_transaction_prove(txn_type: int, counter: int) -> bytes:
