@@ -114,7 +114,7 @@ def parse(record: bytes) -> dict[str, Any]:
     """The fields of a goods record, with ``kind`` and ``status_name`` added (reserved bytes
     left out); refuses a record that :func:`check` refuses."""
     check(record)
-    fields = LAYOUTS[record[0]].parse(record)._asdict()
+    fields: dict[str, Any] = dict(LAYOUTS[record[0]].parse(record)._asdict())
     fields.pop("reserved", None)
     fields["kind"] = KIND_OF_TAG[record[0]]
     fields["status_name"] = STATUS_NAMES[record[1]]
