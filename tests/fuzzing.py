@@ -23,6 +23,10 @@ from svcard.card.iep_commands.lockout import unlock_keys
 from svcard.card.image import card_from_image
 from svcard.protocols import sw as SW
 
+GOODS_TICKET = ("0101" + "4D45524348414E54" + "0000000000000009" + "20260101" + "20281231"
+                + "000005DC" + "534541542D313241" + "0000")
+FUZZ_GOODS_KEY = {"index": 1, "version": 1, "algorithm": 0,
+                  "key": "00112233445566778899AABBCCDDEEFF"}   # the fuzzer never uses it
 IEP_SEEDS = [bytes.fromhex(h) for h in (
     "00A4040009F05356434152440101",
     "805C000204", "805C000104", "00B201C417", "00B0950000", "00B0960000",
@@ -31,6 +35,11 @@ IEP_SEEDS = [bytes.fromhex(h) for h in (
     "805002010B0100000064112233445566", "805001010B0100000064112233445566",
     "805200000B202703141509260102030404", "805401000F00000001202703141509260102030408",
     "805A0006020000", "805A0002020000", "00C0000008", "80CA000000",
+    # goods by secure messaging: GET CHALLENGE, then a ticket by UPDATE RECORD (by number, by
+    # tag) and APPEND RECORD, each with a MAC the fuzzer cannot know
+    "0084000004", "0084000008",
+    "04DC018C2C" + GOODS_TICKET + "01020304", "04DC01882C" + GOODS_TICKET + "01020304",
+    "04E200882C" + GOODS_TICKET + "01020304",
     # the composite (CAPP) purchase: INITIALIZE, a ticket cached by number and by tag, a goods
     # record read, DEBIT FOR CAPP PURCHASE
     "805003020B0100000064112233445566",
@@ -81,7 +90,8 @@ class FuzzTarget:
     counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.iep = card_from_image(with_balance(demo_image("iep"), self.iep_balance, 500))
+        self.iep = card_from_image(with_balance(demo_image("iep", goods_key=FUZZ_GOODS_KEY),
+                                                self.iep_balance, 500))
         self.psam = card_from_image(demo_image("psam"))
         self.iep.transmit(IEP_SEEDS[0])
         self.psam.transmit(PSAM_SEEDS[0])
@@ -110,7 +120,8 @@ class FuzzTarget:
     def check(self) -> None:
         assert self._iep_value() == self._value, "purse value moved without a valid MAC"
         s = self.iep.apps[0].state  # type: ignore[attr-defined]
-        for counts in (s.purchase_mac_failures, s.load_mac_failures):
+        assert not any(True for _ in s.goods.goods()), "a good was written without its MAC"
+        for counts in (s.purchase_mac_failures, s.load_mac_failures, s.goods_mac_failures):
             assert all(0 <= n <= s.mac_failure_limit for n in counts.values()), \
                 "a MAC failure counter went past the card's limit"
         for raw in self.psam.apps[0].state.records:  # type: ignore[attr-defined]
