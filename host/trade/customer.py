@@ -24,7 +24,7 @@ import httpx
 
 from . import signing as S
 from .money import Amount
-from .payword import MAX_LENGTH, Commitment, Wallet, order_payload
+from .payword import MAX_LENGTH, Commitment, PaywordError, Wallet, order_payload
 
 
 class TradeError(Exception):
@@ -155,9 +155,13 @@ def commit(http: httpx.Client, s: Session) -> None:
 
 
 def purchase(s: Session, item: str, units: int = 1) -> dict[str, Any]:
-    """The next purchase's message (the session's ``spent`` moves on)."""
+    """The next purchase's message. The session's ``spent`` moves on at once: a link once
+    revealed counts as paid (the merchant may hold it even if its answer is lost)."""
     wallet = s.wallet()
-    index, link = wallet.pay(units)
+    try:
+        index, link = wallet.pay(units)
+    except PaywordError as exc:
+        raise TradeError(str(exc)) from None
     order = order_payload(s.session, index, item, units)
     s.spent = wallet.spent
     return {"session": s.session, "index": index, "link": link.hex(), "order": order,
