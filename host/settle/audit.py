@@ -24,7 +24,7 @@ issuer's float; the float's ledger balance; bank loads by state. Checks:
    (``no-s2``, ``probe``, ``counter-used:<txn>`` whose load is ``loaded`` on the same card);
 9. with service provider databases (``sp_dbs``), the SP's three-way closing per currency
    (:mod:`.sp_books`): purse debits = what merchants received, bill lines = payments made +
-   fees - discounts, loads = purse debits + balances + unloaded; its open items listed.
+   fees - discounts, loads = purse debits + balances; its open items listed.
 
 Every difference is listed as a discrepancy; the audit is clean only if there are none, and
 only if it read something: an audit of no card and no record at all is not clean (a mistyped

@@ -143,7 +143,7 @@ def _counts(counts: dict[str, int]) -> str:
 @click.option("--sp-db", "sp_dbs", multiple=True, metavar="URL",
               help="A service provider's database: its three-way closing (purse debits = "
                    "merchants received, bill lines = payments + fees - discounts, loads = "
-                   "debits + balances + unloaded) is checked too (repeat).")
+                   "debits + balances) is checked too (repeat).")
 @click.option("--opening", default=0, show_default=True, type=click.IntRange(0, None),
               help="Balances the cards were personalised with (minor units, in total).")
 @click.option("--psam", "psam_specs", multiple=True, metavar="SPEC",

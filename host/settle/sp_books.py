@@ -14,8 +14,8 @@ the minor unit, per currency.
     ``pass_on_percent``. Every billed order has one line and every paid purse payment a billed
     order (or one still open, listed); each bill's total is the sum of its lines; each
     customer's open total and amount owed are the sums of its open lines and issued bills.
-(c) **Loads from the provider's bank = purse debits + purse balances + unloaded** (- the
-    purses' opening balances). With load databases, every load the pool booked ``loaded`` is
+(c) **Loads from the provider's bank = purse debits + purse balances** (- the purses'
+    opening balances). With load databases, every load the pool booked ``loaded`` is
     that load server's ``loaded`` load of the same card and amount, and no load of a provider
     purse is missing from the pool's books. With cards read, a provider purse's balance on
     the card is the balance in the books.
@@ -260,13 +260,13 @@ def _bill_totals(books: dict[str, list[dict[str, Any]]], out: SpBooks) -> None:
 
 def _loads(books: dict[str, list[dict[str, Any]]], by_txn: dict[str, dict[str, Any]] | None,
            cards: dict[str, int], out: SpBooks) -> None:
-    """(c) loads from the provider's bank = purse debits + balances + unloaded - opening."""
+    """(c) loads from the provider's bank = purse debits + balances - opening."""
     bad = out.discrepancies
     sums: dict[int, dict[str, int]] = {}
 
     def slot(code: Any) -> dict[str, int]:
         return sums.setdefault(int(code), dict.fromkeys(
-            ("loaded", "opening", "debits", "balances", "unloaded"), 0))
+            ("loaded", "opening", "debits", "balances"), 0))
 
     serials: dict[str, dict[str, Any]] = {}
     for p in books["purses"]:
@@ -281,9 +281,6 @@ def _loads(books: dict[str, list[dict[str, Any]]], by_txn: dict[str, dict[str, A
     for pay in books["purse_payments"]:
         if pay["state"] in DEBITED:
             slot(pay["currency_code"])["debits"] += int(pay["amount"] or 0)
-    for u in books["purse_unloads"]:
-        if u["state"] == "unloaded":
-            slot(u["currency_code"])["unloaded"] += int(u["amount"])
     booked: set[str] = set()
     for load in books["purse_loads"]:
         if load["state"] != "loaded":
@@ -308,8 +305,8 @@ def _loads(books: dict[str, list[dict[str, Any]]], by_txn: dict[str, dict[str, A
         for what, value in s.items():
             out.figures[f"sp {code} purse {what}"] = value
         out.checks.append(_check(
-            f"sp {code}: loads + opening = purse debits + balances + unloaded",
-            s["loaded"] + s["opening"], s["debits"] + s["balances"] + s["unloaded"]))
+            f"sp {code}: loads + opening = purse debits + balances",
+            s["loaded"] + s["opening"], s["debits"] + s["balances"]))
 
 
 def _load_text(row: dict[str, Any] | None) -> str:

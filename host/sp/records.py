@@ -84,8 +84,8 @@ def purse_payments(url: str, order_ref: str | None = None) -> list[dict[str, Any
 
 def books(url: str) -> dict[str, list[dict[str, Any]]]:
     """Everything the audit's three-way closing reads, in one read-only session: customers,
-    orders, bill lines, bills, purses, purse payments, purse loads and purse unloads (each
-    a list of rows; the large goods/receipt/outcome texts left out)."""
+    orders, bill lines, bills, purses, purse payments and purse loads (each a list of rows;
+    the large goods/receipt/outcome texts left out)."""
     def read(engine: Engine) -> dict[str, list[dict[str, Any]]]:
         out = {"customers": _rows(engine, D.customers),
                "bill_lines": _rows(engine, D.bill_lines), "bills": _rows(engine, D.bills),
@@ -94,17 +94,8 @@ def books(url: str) -> dict[str, list[dict[str, Any]]]:
                          for r in _rows(engine, D.orders)]
         out["purse_payments"] = [{k: v for k, v in r.items() if k != "outcome"}
                                  for r in _rows(engine, PDB.payments)]
-        unloads = getattr(PDB, "unloads", None)
-        out["purse_unloads"] = [] if unloads is None or not _has(engine, unloads.name) \
-            else _rows(engine, unloads)
         return out
     return _reading(url, read)
-
-
-def _has(engine: Engine, table: str) -> bool:
-    from sqlalchemy import inspect
-
-    return bool(inspect(engine).has_table(table))
 
 
 def check_sp_db(url: str) -> None:
