@@ -332,6 +332,8 @@ class PonOrders:
     # --- the merchant's copy ------------------------------------------------------------------
     async def _copy(self, request: Request) -> Response:
         s = self.server
+        if request.headers.get(MERCHANT_HEADER) is None:
+            raise Refused(401, 401, f"a copy is signed by the merchant ({MERCHANT_HEADER})")
         body = await read_body(request, MAX_COPY)
         copy = O.parse_fields(body, COPY_FIELDS)   # merchant, sku and created checked there
         base, any_item = self._merchant(copy["merchant"])
@@ -345,7 +347,10 @@ class PonOrders:
             raise Refused(400, 400, "pon: 16 bytes of lower-case hex")
         if not isinstance(order_text, str) or not isinstance(copy["customer_signature"], str):
             raise Refused(400, 400, "order, customer_signature: strings")
-        order = order_text.encode()
+        try:
+            order = order_text.encode()
+        except UnicodeEncodeError:
+            raise Refused(400, 400, "order: not UTF-8 text") from None
         data = O.parse_fields(order, ORDER_FIELDS)
         note(party=data["customer"])
         customer_key = await s.sql(O.customer_key, s.engine, data["customer"])
