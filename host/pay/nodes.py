@@ -44,6 +44,7 @@ class NodeSpec:
     hold_timeout: float = 10.0
     concentration_dir: str = ""
     admin_token: str = field(default="", repr=False)
+    max_holds: int | None = None          # FIG. 5 holds per merchant and per client address
 
 
 def write_spec(path: Path, spec: NodeSpec) -> None:
@@ -56,8 +57,8 @@ def serve_node(spec_path: Path) -> None:
     """Run one node in this process until it is stopped (or killed)."""
     import uvicorn
 
-    from ..terminal.reader_specs import open_reader
     from .server.app import MerchantAccount, PaymentConfig, PaymentServer
+    from .server.leases import OnDemandReader
 
     spec = NodeSpec(**json.loads(spec_path.read_text(encoding="utf-8")))
     merchant = bytes.fromhex(spec.merchant_id)
@@ -66,8 +67,9 @@ def serve_node(spec_path: Path) -> None:
         db_url=spec.db_url, acquire_timeout=spec.acquire_timeout,
         hold_timeout=spec.hold_timeout, admin_token=spec.admin_token,
         concentration_dir=spec.concentration_dir, node_name=spec.name,
-        lease_seconds=spec.lease_seconds)
-    server = PaymentServer(config, [open_reader(p) for p in spec.psams])
+        lease_seconds=spec.lease_seconds, max_holds_per_merchant=spec.max_holds,
+        max_holds_per_client=spec.max_holds)
+    server = PaymentServer(config, [OnDemandReader(p) for p in spec.psams])
     uvicorn.run(server.app(), host="127.0.0.1", port=spec.port, log_level="warning",
                 access_log=False)
 
@@ -138,7 +140,7 @@ def find_nginx() -> str | None:
 def nginx_config(prefix: Path, port: int, upstreams: list[str]) -> str:
     """An nginx configuration: the nodes (``HOST:PORT``) as one upstream, everything under
     ``prefix``."""
-    servers = "\n".join(f"    server {u} max_fails=1 fail_timeout=1s;" for u in upstreams)
+    servers = "\n".join(f"    server {u} max_fails=0;" for u in upstreams)
     temps = "\n".join(f"  {kind}_temp_path {prefix / kind};"
                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""worker_processes 1;

@@ -63,9 +63,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ....reader import Reader
+from ....reader import CardConnectionError, Reader
 from ...kit.db import now_ms, reading, step
 from ...kit.schema import Schema, prepare
+from ...terminal.reader_specs import open_reader
 from .psam_pool import PooledPsam, PoolExhausted, PsamPool
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,30 @@ class LeaseStore:
         with reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(
                 select(lease_history).order_by(lease_history.c.slot, lease_history.c.token))]
+
+
+class OnDemandReader(Reader):
+    """The reader a spec names, opened at :meth:`connect` and closed at :meth:`disconnect`: a
+    node holds a PSAM image (and its file lock) only while it holds the PSAM's lease."""
+
+    def __init__(self, spec: str) -> None:
+        self.name = spec
+        self._inner: Reader | None = None
+
+    def connect(self) -> bytes:
+        if self._inner is None:
+            self._inner = open_reader(self.name)
+        return self._inner.connect()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if self._inner is None:
+            raise CardConnectionError(f"{self.name}: not connected (this node holds no lease)")
+        return self._inner.transmit(apdu)
+
+    def disconnect(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.disconnect()
 
 
 class LeasedPsamPool(PsamPool):
