@@ -215,6 +215,39 @@ def test_a_replayed_write_is_refused(tmp_path: Path, service: GoodsKeyService) -
     assert failures(card) == {1: 1}
 
 
+def test_the_device_cannot_redirect_or_reorder_a_write(
+        tmp_path: Path, service: GoodsKeyService) -> None:
+    card = card_from_image(image(tmp_path))
+    host = selected(card)
+    # the MAC covers the header: another record, another file, another INS is refused
+    c = challenge(host)
+    apdu = service.update_record(DEMO_SERIAL, c, TICKETS, ticket(), record_no=1)
+    for changed in (apdu[:2] + b"\x02" + apdu[3:],                      # P1: record 2
+                    apdu[:3] + bytes([0x14 << 3 | 4]) + apdu[4:],        # P2: another file
+                    apdu[:1] + b"\xe2\x00" + bytes([TICKETS << 3]) + apdu[4:]):   # an append
+        assert host.sw(changed) == 0x6988
+        c2 = challenge(host)
+        assert c2 != c
+    # two challenges in a row: only the newest one counts
+    first = challenge(host)
+    challenge(host)
+    assert host.sw(service.append_record(DEMO_SERIAL, first, TICKETS, ticket())) == 0x6988
+    assert goods_of(card) == []
+    assert failures(card) == {1: 4}
+
+
+def test_a_retried_write_by_tag_never_doubles_a_good(
+        tmp_path: Path, service: GoodsKeyService) -> None:
+    """A device that does not know whether its write landed (a tear, a lost answer) asks for
+    the same good again with a new challenge: by tag, the card rewrites that good's record."""
+    card = card_from_image(image(tmp_path))
+    host = selected(card)
+    for _ in range(3):
+        c = challenge(host)
+        assert host.sw(service.update_record(DEMO_SERIAL, c, TICKETS, ticket(5))) == 0x9000
+    assert goods_of(card) == [(TICKETS, 1, ticket(5))]
+
+
 def test_a_write_without_its_challenge_is_refused(
         tmp_path: Path, service: GoodsKeyService) -> None:
     card = card_from_image(image(tmp_path))
