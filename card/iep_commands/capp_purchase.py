@@ -25,7 +25,6 @@ or a power cut. Nothing of the cache reaches the image without a DEBIT whose MAC
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -62,10 +61,10 @@ def initialize_for_capp_purchase(iep: Iep, cmd: CommandAPDU) -> bytes:
     """INITIALIZE FOR CAPP PURCHASE: INITIALIZE FOR PURCHASE's checks and answer; the session
     becomes a :class:`CappSession` of type 09."""
     answer = purchase.initialize_for_purchase(iep, cmd)
-    opened = iep.session
-    assert opened is not None
-    values = {f.name: getattr(opened, f.name) for f in dataclasses.fields(opened)}
-    iep.session = CappSession(**{**values, "txn_type": P.TYPE_COMPOSITE_PURCHASE})
+    o = iep.session
+    assert o is not None
+    iep.session = CappSession(o.kind, o.purse_id, P.TYPE_COMPOSITE_PURCHASE, o.key, o.amount,
+                              o.terminal_id, o.random, o.counter, o.balance)
     return answer
 
 

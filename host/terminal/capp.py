@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ...protocols import goods as G
@@ -86,15 +86,20 @@ class GoodsWrite:
 
 @dataclass(frozen=True, kw_only=True)
 class CappReceipt(PurchaseReceipt):
-    goods: list[dict[str, Any]]
+    goods: tuple[GoodsWrite, ...]   # decoded only when shown
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "goods"}
+        return {**out, "goods": [w.to_json() for w in self.goods]}
 
     def text(self) -> str:
+        goods = [w.to_json() for w in self.goods]
         lines = [f"composite purchase of {self.money(self.amount)} approved, "
-                 f"{len(self.goods)} goods record(s) written with it",
+                 f"{len(goods)} goods record(s) written with it",
                  self.balance_line()]
         lines += [f"  SFI {g['sfi']:02X} "
                   f"{'record ' + str(g['record_number']) if g['record_number'] else 'by tag'}: "
-                  f"{good_line(g)}" for g in self.goods]
+                  f"{good_line(g)}" for g in goods]
         lines.append(f"  terminal {self.terminal_id} txn {self.terminal_txn_number}, card "
                      f"counter {self.offline_counter}\n  MAC1 {self.mac1}  MAC2 {self.mac2}  "
                      f"TAC {self.tac}")
@@ -153,7 +158,7 @@ def capp_purchase(card: Reader, psam: Reader, amount: int | Amount,
         date=date.hex(), time=time.hex(), mac1=sam.mac1.hex().upper(),
         mac2=debit.mac2.hex().upper(), tac=debit.tac.hex().upper(),
         currency_code=info.currency_code, currency_exponent=info.currency_exponent,
-        goods=[w.to_json() for w in records])
+        goods=tuple(records))
 
 
 # --- reading and showing goods ----------------------------------------------------------------
