@@ -2,21 +2,18 @@
 
 FIG. 3B: the customer places a TENTATIVE order here (``POST /v1/pon``) and gets a payment
 order number (PON, 16 random bytes, hex) and a pick-up secret (32 random bytes, hex; only its
-SHA-256 is kept, so the merchant's database cannot give the goods away). The customer sends
-the PON to its service provider, which asks this merchant about it (``GET /v1/pon/{pon}`` with
-the SP's fresh nonce: the answer is signed with the merchant's Ed25519 key, whose public half
-the SP holds) and pays it with an ordinary card payment: ``POST /v1/pon/{pon}/checkout`` makes
-a checkout exactly like ``/v1/checkout/{sku}`` (same ticket, same payment server), linked to
-the PON. The confirmation at ``/v1/status/{txn}`` then moves the order AND the PON to paid in
-one database step (:meth:`PonDesk.release`): a PON is paid once; a confirmation of another
-payment for a PON already paid is refused (409). The goods are not handed to the payer: the
-customer picks them up (``POST /v1/pon/{pon}/pickup`` with the secret), once this merchant
-holds a valid payment confirmation for the PON.
+SHA-256 is kept). Its service provider asks about the PON (``GET /v1/pon/{pon}?nonce=``: the
+answer is signed with this merchant's Ed25519 key, whose public half the SP holds) and pays it
+with an ordinary card payment: ``POST /v1/pon/{pon}/checkout`` is ``/v1/checkout/{sku}``
+linked to the PON. The confirmation at ``/v1/status/{txn}`` moves the order AND the PON to
+paid in one step (:meth:`PonDesk.release`): a PON is paid once; another payment's confirmation
+for it is refused (409). The goods go to the customer, not the payer: ``POST
+/v1/pon/{pon}/pickup`` with the secret, once a valid payment confirmation is held.
 
 The copy (``POST /v1/pon/via-sp``): the customer orders here with an order signed by its SP
-key; the merchant makes the PON and sends the SP a copy (the customer's signed order and the
-PON's terms, signed with the merchant's key). The SP checks both signatures and pays the PON
-as above; the answer gives the customer the PON, its secret and, once paid, the goods.
+key; the merchant makes a PON and sends the SP a copy (that order, its signature and the PON's
+terms) signed with its own key; the SP checks both and pays the PON as above. The answer
+gives the customer the PON, its secret and, once paid, the goods.
 """
 
 from __future__ import annotations
@@ -73,13 +70,14 @@ _SECRET = re.compile(r"[0-9a-f]{64}")
 _CUSTOMER = re.compile(r"[A-Za-z0-9_.@-]{1,32}")
 _SKU = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PG_LOCK = 0x7376636172645043   # "svcard" + "PC": the open-PON bound on PostgreSQL
+ROUTES = (("/v1/pon", "POST"), ("/v1/pon/via-sp", "POST"), ("/v1/pon/{pon}", "GET"),
+          ("/v1/pon/{pon}/checkout", "POST"), ("/v1/pon/{pon}/pickup", "POST"))
 
 
 @dataclass
 class PonSettings:
     """A merchant taking PONs: its Ed25519 private key (raw 32 bytes), its name at the SP,
     the SP it sends order copies to, and how long a PON can be paid."""
-
     key: bytes = field(repr=False)
     sp_name: str
     sp_url: str | None = None
@@ -124,6 +122,13 @@ class _Lost(Exception):
     """The order was no longer open: the PON's change is undone with it."""
 
 
+def disabled_routes(server: MerchantServer) -> list[Route]:
+    """The PON routes of a merchant that takes no PONs: 404, as JSON."""
+    async def none(_request: Request) -> Response:
+        return server.refuse(404, "this merchant takes no payment order numbers")
+    return [Route(path, none, methods=[method]) for path, method in ROUTES]
+
+
 def _json(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
     check_json_shape(body, max_depth=2, max_items=12)
     try:
@@ -153,11 +158,9 @@ class PonDesk:
         prepare(self.engine, SCHEMA)
 
     def routes(self) -> list[Route]:
-        return [Route("/v1/pon", self.create, methods=["POST"]),
-                Route("/v1/pon/via-sp", self.via_sp, methods=["POST"]),
-                Route("/v1/pon/{pon}", self.quote, methods=["GET"]),
-                Route("/v1/pon/{pon}/checkout", self.checkout, methods=["POST"]),
-                Route("/v1/pon/{pon}/pickup", self.pickup, methods=["POST"])]
+        handlers = (self.create, self.via_sp, self.quote, self.checkout, self.pickup)
+        return [Route(path, handler, methods=[method])
+                for (path, method), handler in zip(ROUTES, handlers, strict=True)]
 
     # --- database steps ----------------------------------------------------------------------
     def _insert(self, row: dict[str, Any], now: int) -> bool:
@@ -387,12 +390,11 @@ class PonDesk:
 def _client_only(request: Request) -> None:
     """Like checkout: only a client's POST with ``X-Svcard-Client: 1`` makes anything."""
     if request.headers.get("X-Svcard-Client") != "1":
-        raise Refusal(403, "an order is made only for a client's POST with the header "
-                           "X-Svcard-Client: 1")
+        raise Refusal(403, "an order is made only for a POST with X-Svcard-Client: 1")
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    try:
+    try:   # the merchant's refusals are JSON
         return await read_body(request, limit)
     except Refused as exc:
         raise Refusal(exc.status, exc.reason) from None

@@ -52,7 +52,7 @@ from ...kit.request_log import RequestLog, note
 from . import db as MD
 from . import page
 from .confirmation import Refusal, check_confirmation
-from .pon import PonDesk, PonSettings
+from .pon import PonDesk, PonSettings, disabled_routes
 
 
 @dataclass(frozen=True)
@@ -388,7 +388,7 @@ class MerchantServer:
                 lambda: {"merchant_id": self.config.merchant_id.hex().upper()}).answer,
                 methods=["GET"]),
             openapi_route("merchant"),
-            *(self.pons.routes() if self.pons is not None else []),
+            *(self.pons.routes() if self.pons is not None else disabled_routes(self)),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
             middleware=[Middleware(RequestLog, server="merchant")])
 
