@@ -84,10 +84,12 @@ def take_purchase(engine: Engine, session: str, data: dict[str, Any], order_body
         try:
             units = verifier.check(data["index"], bytes.fromhex(data["link"]))
         except PaywordError as exc:
-            raise Refused(409 if "replay" in str(exc) else 402, 402, str(exc)) from None
+            status = 409 if "replay" in str(exc) else 402
+            raise Refused(status, status, str(exc)) from None
         if units != data["order"]["units"]:
-            raise Refused(400, 400, f"the order is for {data['order']['units']} units, the "
-                                    f"link pays {units}")
+            raise Refused(409, 409, f"the order is for {data['order']['units']} units, the "
+                                    f"link pays {units}: an earlier purchase is missing "
+                                    "(send them in order)")
         state = D.SPENT if data["index"] == row.length else D.OPEN
         if conn.execute(update(D.ma_sessions).where(
                 s.session == session, s.state == D.OPEN, s.held_index == row.held_index).values(
