@@ -41,7 +41,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,13 +216,14 @@ class OnDemandReader(Reader):
     """The reader a spec names, opened at :meth:`connect` and closed at :meth:`disconnect`: a
     node holds a PSAM image (and its file lock) only while it holds the PSAM's lease."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, lock_timeout: float = 0.5) -> None:
         self.name = spec
+        self.lock_timeout = lock_timeout
         self._inner: Reader | None = None
 
     def connect(self) -> bytes:
-        if self._inner is None:
-            self._inner = open_reader(self.name)
+        if self._inner is None:   # a paused old holder keeps the lock: give up soon
+            self._inner = open_reader(self.name, lock_timeout=self.lock_timeout)
         return self._inner.connect()
 
     def transmit(self, apdu: bytes) -> bytes:
@@ -340,6 +341,7 @@ class LeaseKeeper:
         self.alive: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._pending: set[asyncio.Task[None]] = set()
 
     def fence(self, member: PooledPsam) -> Fence:
         return Fence(self.slots[member.index], self.node, self.pool.tokens[member.index])
@@ -368,7 +370,7 @@ class LeaseKeeper:
                     self.pool.serving[m.index] = valid
                 else:
                     log.warning("node %s lost the lease of %s", self.node, self.slots[m.index])
-                    await self.pool.leave(m)
+                    self._later(self.pool.leave(m))   # once its transaction ends
         if not self.alive or set(self.alive) - set(alive):
             await self.sql(self.settle, alive)   # a node went away: settle its draws
         self.alive = alive
@@ -399,8 +401,15 @@ class LeaseKeeper:
             if mine <= share:
                 break
             if index in self.pool.serving:
-                await self._give_back(self.pool.members[index])
+                self._later(self._give_back(self.pool.members[index]))
                 mine -= 1
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Work that waits for a PSAM's transaction (a FIG. 5 hold may last ``hold_timeout``)
+        runs beside the ticks, so the other leases are still renewed on time."""
+        task = asyncio.create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def _preference(self) -> list[int]:
         """The slots in this node's order: a rotation by the node's name, so nodes started
@@ -421,5 +430,7 @@ class LeaseKeeper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        for m in list(self.pool.psams):
-            await self._give_back(m)
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        for m in self.pool.members:
+            if m.index in self.pool.tokens:
+                await self._give_back(m)
