@@ -461,3 +461,17 @@ def test_fuzzed_secure_writes_never_write_a_good() -> None:
             target.power_cycle()
     target.check()
     assert target.counts.get("6988", 0) > 100
+
+
+def test_a_t0_card_answers_the_challenge_at_once(tmp_path: Path,
+                                                 service: GoodsKeyService) -> None:
+    """GET CHALLENGE is case 2: no 61xx and GET RESPONSE in between (which would not reach the
+    purse), so a T=0 card takes the write right after it."""
+    t0 = image(tmp_path)
+    t0["t0"], t0["atr"] = True, "3B085356434152443031"
+    card = card_from_image(t0)
+    host = RawHost(card)
+    assert host.sw("00A4040009F05356434152440101") & 0xFF00 == 0x6100   # the FCI waits
+    c = challenge(host)
+    assert host.sw(service.update_record(DEMO_SERIAL, c, TICKETS, ticket())) == 0x9000
+    assert goods_of(card) == [(TICKETS, 1, ticket())]
