@@ -421,9 +421,6 @@ def clearing_toml(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="the payment server takes PSAMs of one terminal id only "
-                   "and clearing pays a terminal's records to one merchant: a shared POS needs "
-                   "a PSAM terminal per merchant (host/pay/server, host/pay/config.py)")
 def test_fig4b_clearing_pays_each_merchant_of_a_shared_pos_its_own_sum(
         load: LoadStack, tmp_path: Path, http: httpx.Client) -> None:
     from svcard.host.settle import clearing as CL

@@ -189,12 +189,14 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
         config = payment_config(config_path, db_url)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
+    from .server.app import merchant_terminals
     from .server.psam_pool import check_psams
 
     with handled():
         # one line naming both readers (exit 3) for PSAMs that share a serial or differ in
         # terminal id, before the server starts (PoolError: the root maps it)
-        check_psams(open_reader(spec) for spec in psam_specs)
+        check_psams((open_reader(spec) for spec in psam_specs),
+                    terminals=merchant_terminals(config.merchants))
         psams = [open_reader(spec) for spec in psam_specs]
         server = PaymentServer(config, psams)
     sys.exit(serve_app(server.app(), host=host, port=port, log_level=log_level,

@@ -40,6 +40,8 @@ class MerchantEntry(Section):
     id: Hex8
     shared_key: SecretHex32
     variants: list[Variant] = Field(default_factory=lambda: list(M.VARIANTS), min_length=1)
+    # a shared POS (seed 001 FIG. 4B): the PSAM terminal this merchant's payments are made on
+    terminal_id: Hex6 | None = None
 
 
 class PaymentFile(Section):
@@ -77,8 +79,12 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
     for i, m in enumerate(f.merchant):
         if m.id in merchants:
             raise ConfigError(f"{path}: merchant[{i}].id: {m.id.hex().upper()} is given twice")
+        if (m.terminal_id is None) != (f.merchant[0].terminal_id is None):
+            raise ConfigError(f"{path}: merchant[{i}].terminal_id: give every merchant a "
+                              "terminal_id (a shared POS) or none")
         merchants[m.id] = MerchantAccount(m.id, m.shared_key,
-                                          frozenset(M.VARIANTS[n] for n in m.variants))
+                                          frozenset(M.VARIANTS[n] for n in m.variants),
+                                          m.terminal_id)
     settings = f.model_dump(exclude_none=True, exclude={"merchant", "db"})
     return PaymentConfig(merchants, **settings, **db_setting(f.db, db_url))
 

@@ -104,7 +104,7 @@ class Stack:
         key = os.urandom(32)
         names = variants or frozenset(M.VARIANTS)
         self.payment_server.config.merchants[merchant_id] = MerchantAccount(
-            merchant_id, key, frozenset(M.VARIANTS[n] for n in names))
+            merchant_id, key, frozenset(M.VARIANTS[n] for n in names), terminal_id)
         port = free_port()
         db = self.folder / f"merchant-{merchant_id.hex()}.db"
         options = {"db_url": f"sqlite:///{db}", "max_open_per_client": 10_000,

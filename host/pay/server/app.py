@@ -88,6 +88,9 @@ class MerchantAccount:
     merchant_id: bytes
     shared_key: bytes
     variants: frozenset[int] = frozenset(M.VARIANTS.values())
+    # the PSAM terminal its payments are made on (a shared POS, seed 001 FIG. 4B; None: the
+    # pool's one terminal): clearing pays a terminal's records to its merchant
+    terminal_id: bytes | None = None
 
     def __repr__(self) -> str:  # never the key
         return f"MerchantAccount({self.merchant_id.hex()})"
@@ -111,6 +114,11 @@ class PaymentConfig:
     lease_seconds: float = 10.0
 
 
+def merchant_terminals(merchants: dict[bytes, MerchantAccount]) -> frozenset[bytes]:
+    """The PSAM terminals the merchants name (empty: the pool's one terminal serves all)."""
+    return frozenset(a.terminal_id for a in merchants.values() if a.terminal_id)
+
+
 class PaymentServer:
     """The payment server's state (configuration, PSAM pool, database, FIG. 5 holds) and its
     routes; each route runs its step's module with the server."""
@@ -125,7 +133,7 @@ class PaymentServer:
             self.leases = LeaseKeeper(LeaseStore(self.db.engine), self.pool, config.node_name,
                                       config.lease_seconds, self.sql, self.db.recover)
         else:
-            self.pool = PsamPool(psam_readers)
+            self.pool = PsamPool(psam_readers, terminals=merchant_terminals(config.merchants))
         self.holds = Holds(config, self.pool)
         self.close_lock = asyncio.Lock()  # one batch close at a time
         self.draining = False     # shutting down: no new draw, held payments still finish
@@ -149,7 +157,7 @@ class PaymentServer:
     def _probe_psam(self, reader: Reader) -> None:
         """The health check's harmless command: the PSAM reads back its terminal id."""
         if call(reader, apdus.read_binary(P.SFI_PSAM_TERMINAL_ID, 6),
-                "READ TERMINAL ID") != self.pool.terminal_id:
+                "READ TERMINAL ID") not in self.pool.terminal_ids:
             raise ValueError("the PSAM answers another terminal id")
 
     def fence(self, psam: PooledPsam) -> Fence | None:

@@ -41,8 +41,9 @@ async def hand_over_batches(server: PaymentServer, request: Request) -> Response
         written: list[str] = []
         taken: list[PooledPsam] = []
         try:  # each PSAM as its transaction ends; held until all are closed
-            for _ in server.pool.psams:
-                psam = await server.pool.acquire(server.config.acquire_timeout * 10)
+            for member in server.pool.psams:   # one of each terminal's in turn
+                psam = await server.pool.acquire_for(member.terminal_id,
+                                                     server.config.acquire_timeout * 10)
                 taken.append(psam)
                 batch = await server.pool.run(psam, collect_batch)
                 if batch is not None:
@@ -116,9 +117,10 @@ def _write_late_proofs(server: PaymentServer) -> list[str]:
         by_psam.setdefault(row["psam_id"], []).append(row)
     folder = Path(server.config.concentration_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    terminal = server.pool.terminal_id.hex().upper()
+    terminals = {p.psam_id.hex(): p.terminal_id.hex().upper() for p in server.pool.psams}
     out = []
     for psam_hex, items in sorted(by_psam.items()):
+        terminal = terminals.get(psam_hex, server.pool.terminal_id.hex().upper())
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S%f")
         path = folder / f"proofs-{terminal}-{psam_hex.upper()}-{stamp}.json"
         doc = {"format": "svcard late proofs v1", "terminal_id": terminal,

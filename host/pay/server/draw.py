@@ -50,7 +50,7 @@ async def answer_draw(server: PaymentServer, data: bytes, client: str = "?") -> 
                                 f"({t.amount}): changed in transit")
     if d.currency_code != t.currency_code:
         raise Refused(400, 400, "the card's currency is not the order's")
-    if t.terminal_id != server.pool.terminal_id:
+    if t.terminal_id != (o.merchant.terminal_id or server.pool.terminal_id):
         raise Refused(400, 400, "the order names another payment terminal id")
     if d.txn_type not in (P.TYPE_EP_PURCHASE, P.TYPE_ED_PURCHASE):
         raise Refused(400, 400, f"transaction type {d.txn_type:02X} is not a purchase")
@@ -139,7 +139,7 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
     debit command, and whether the PSAM is now held for the card's answer (FIG. 5)."""
     t = o.ticket
     try:
-        psam = await server.pool.acquire(server.config.acquire_timeout)
+        psam = await server.pool.acquire_for(t.terminal_id, server.config.acquire_timeout)
     except PoolExhausted as exc:
         await server.sql(server.db.advance, row_id, "received", state="busy", reason=str(exc))
         raise Refused(503, 503, f"all PSAMs are busy ({exc}); retry",

@@ -2,13 +2,16 @@
 :mod:`svcard.host.kit.reader_pool`).
 
 All PSAMs of a pool share the terminal id (the card's INITIALIZE names it before a PSAM is
-chosen) and each has its own serial (batches, TTNs and clearing's records are per PSAM). A pool
-that breaks either rule is refused with a :class:`~svcard.host.kit.reader_pool.PoolError` naming
-both readers: when the pool starts, and before that by :func:`check_psams`, which the command
-line runs before the server is started."""
+chosen) and each has its own serial (batches, TTNs and clearing's records are per PSAM); a
+shared POS (seed 001 FIG. 4B) has one terminal id per merchant, named in the configuration,
+and a PSAM of the terminal the order names serves each draw. A pool that breaks a rule is
+refused with a :class:`~svcard.host.kit.reader_pool.PoolError` naming the readers: when the
+pool starts, and before that by :func:`check_psams`, which the command line runs before the
+server is started."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -40,12 +43,22 @@ def identify(reader: Reader, psam_aid: bytes = P.DEFAULT_PSAM_AID) -> PsamIdenti
     return PsamIdentity(reader.name, terminal_id, psam_id, fci.currency_code)
 
 
-def check_pool(psams: list[PsamIdentity]) -> None:
-    """Refuse (:class:`PoolError`) PSAMs that differ in terminal id or share a serial."""
+def check_pool(psams: list[PsamIdentity], terminals: frozenset[bytes] = frozenset()) -> None:
+    """Refuse (:class:`PoolError`) PSAMs that share a serial, or differ in terminal id. With
+    ``terminals`` (a shared POS, seed 001 FIG. 4B: the terminal each merchant's payments are
+    made on), every PSAM must be of one of them and each of them needs a PSAM."""
     if not psams:
         return
+    if terminals:
+        for psam in psams:
+            if psam.terminal_id not in terminals:
+                raise PoolError(f"PSAM {psam.reader} has terminal id "
+                                f"{psam.terminal_id.hex().upper()}, which no merchant names")
+        for missing in sorted(terminals - {p.terminal_id for p in psams}):
+            raise PoolError(f"no PSAM has the terminal id {missing.hex().upper()} a merchant "
+                            "names")
     first = psams[0]
-    for other in psams[1:]:
+    for other in psams[1:] if not terminals else ():
         if other.terminal_id != first.terminal_id:
             raise PoolError(
                 f"PSAMs {first.reader} (terminal id {first.terminal_id.hex().upper()}) and "
@@ -62,7 +75,8 @@ def check_pool(psams: list[PsamIdentity]) -> None:
         seen[psam.psam_id] = psam
 
 
-def check_psams(readers: Iterable[Reader], psam_aid: bytes = P.DEFAULT_PSAM_AID) -> None:
+def check_psams(readers: Iterable[Reader], psam_aid: bytes = P.DEFAULT_PSAM_AID,
+                terminals: frozenset[bytes] = frozenset()) -> None:
     """Before a server starts: connect each reader in turn (``readers`` may be a generator
     that opens them one at a time), read its PSAM's identity, disconnect; then
     :func:`check_pool`."""
@@ -70,7 +84,7 @@ def check_psams(readers: Iterable[Reader], psam_aid: bytes = P.DEFAULT_PSAM_AID)
     for reader in readers:
         with reader:
             found.append(identify(reader, psam_aid))
-    check_pool(found)
+    check_pool(found, terminals)
 
 
 @dataclass
@@ -81,10 +95,17 @@ class PooledPsam(Pooled):
 
 
 class PsamPool(ReaderPool[PooledPsam]):
-    def __init__(self, readers: list[Reader], *, psam_aid: bytes = P.DEFAULT_PSAM_AID) -> None:
+    """With ``terminals`` (several: a shared POS, seed 001 FIG. 4B), the PSAMs of each
+    terminal id wait in a queue of their own, and :meth:`acquire_for` takes one of the
+    terminal a merchant's order names."""
+
+    def __init__(self, readers: list[Reader], *, psam_aid: bytes = P.DEFAULT_PSAM_AID,
+                 terminals: frozenset[bytes] = frozenset()) -> None:
         super().__init__([PooledPsam(i, r, executor(f"psam{i}"))
                           for i, r in enumerate(readers)])
         self.psam_aid = psam_aid
+        self.terminals = terminals
+        self._queues: dict[bytes, asyncio.Queue[PooledPsam]] = {}
 
     @property
     def psams(self) -> list[PooledPsam]:
@@ -100,8 +121,39 @@ class PsamPool(ReaderPool[PooledPsam]):
     async def start(self) -> None:
         await super().start()
         check_pool([PsamIdentity(p.reader.name, p.terminal_id, p.psam_id, p.currency_code)
-                    for p in self.psams])
+                    for p in self.psams], self.terminals)
+        if len(self.terminals) > 1:
+            self._queues = {t: asyncio.Queue() for t in self.terminals}
+            for m in self.psams:
+                self._queues[m.terminal_id].put_nowait(m)
+            self._idle = asyncio.Queue()     # every PSAM waits in its terminal's queue
 
     @property
     def terminal_id(self) -> bytes:
         return self.psams[0].terminal_id
+
+    @property
+    def terminal_ids(self) -> frozenset[bytes]:
+        return frozenset(p.terminal_id for p in self.psams)
+
+    @property
+    def idle(self) -> int:
+        return super().idle + sum(q.qsize() for q in self._queues.values())
+
+    async def acquire_for(self, terminal_id: bytes, timeout: float) -> PooledPsam:
+        """A free PSAM of ``terminal_id`` (the pool's only terminal: :meth:`acquire`)."""
+        queue = self._queues.get(terminal_id)
+        if queue is None:
+            return await self.acquire(timeout)
+        try:
+            return await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            raise PoolExhausted(f"none of terminal {terminal_id.hex().upper()} free within "
+                                f"{timeout:g} s") from None
+
+    def release(self, member: PooledPsam) -> None:
+        queue = self._queues.get(member.terminal_id)
+        if queue is None:
+            super().release(member)
+        else:
+            queue.put_nowait(member)
