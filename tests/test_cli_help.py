@@ -21,8 +21,8 @@ def listed_commands(*path: str) -> list[str]:
 
 def test_root_help_lists_every_command() -> None:
     assert listed_commands() == ["apdu", "audit", "bank", "batches", "card", "clearing", "demo",
-                                 "helper", "load", "pay", "readers", "serve", "sp", "terminal",
-                                 "terminal-key", "trace"]
+                                 "helper", "load", "pay", "readers", "serve", "session", "sp",
+                                 "terminal", "terminal-key", "trace"]
 
 
 def test_serve_lists_every_server() -> None:

@@ -51,6 +51,7 @@ from ..load import cli as load_cli
 from ..pay import cli as pay_cli
 from ..settle import cli as settle_cli
 from ..sp import cli as sp_cli
+from ..trade import cli as trade_cli
 from .apdu import apdu_cmd
 from .card import card
 from .demo import demo
@@ -144,7 +145,7 @@ def serve() -> None:
 
 for command in (card, terminal, apdu_cmd, readers_cmd, trace, demo, helper_cmd):
     main.add_command(command)
-for system in (pay_cli, load_cli, settle_cli, sp_cli):
+for system in (pay_cli, load_cli, settle_cli, sp_cli, trade_cli):
     system.register(main, serve)
 
 

@@ -88,7 +88,7 @@ def load(path: Path) -> Session:
         raise TradeError(f"{path}: not an svcard session file") from None
 
 
-def _reason(answer: httpx.Response) -> str:
+def reason_of(answer: httpx.Response) -> str:
     try:
         return str(answer.json().get("reason", answer.text))[:300]
     except ValueError:
@@ -119,7 +119,7 @@ def open_session(http: httpx.Client, account_url: str, account_id: str,
     answer = http.post(f"{account_url}/v1/sessions", content=body, headers=headers)
     if answer.status_code != 200:
         raise TradeError(f"the account manager refused the session (HTTP "
-                         f"{answer.status_code}): {_reason(answer)}")
+                         f"{answer.status_code}): {reason_of(answer)}")
     if answer.headers.get(S.SIGNER) != account_id or not S.verify(
             account_public, S.OPENED, answer.content, answer.headers.get(S.SIGNATURE)):
         raise TradeError("the account manager's answer is not signed by it")
@@ -151,7 +151,7 @@ def commit(http: httpx.Client, s: Session) -> None:
                              "signature": S.sign(s.session_key, S.COMMITMENT, body)})
     if answer.status_code != 200:
         raise TradeError(f"the merchant refused the commitment (HTTP {answer.status_code}): "
-                         f"{_reason(answer)}")
+                         f"{reason_of(answer)}")
 
 
 def purchase(s: Session, item: str, units: int = 1) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def buy(http: httpx.Client, s: Session, item: str, units: int = 1) -> dict[str, 
     answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/purchases", json=message)
     if answer.status_code != 200:
         raise TradeError(f"the merchant refused the purchase (HTTP {answer.status_code}): "
-                         f"{_reason(answer)}")
+                         f"{reason_of(answer)}")
     got: dict[str, Any] = answer.json()
     return got
 
@@ -188,7 +188,7 @@ def terminate(http: httpx.Client, s: Session) -> dict[str, Any]:
                        headers=headers)
     if answer.status_code != 200:
         raise TradeError(f"the merchant refused to terminate (HTTP {answer.status_code}): "
-                         f"{_reason(answer)}")
+                         f"{reason_of(answer)}")
     got: dict[str, Any] = answer.json()
     return got
 

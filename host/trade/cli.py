@@ -1,0 +1,146 @@
+"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show``.
+
+``open`` sends the initiation to the customer's account manager, checks its signed answer
+(the deposit in both currencies and the exchange rate), gives the merchant the PayWord
+commitment and writes the session (its key and chain seed: mode 0600) to ``--state``;
+``buy`` pays the next link(s) with a signed order; ``close`` is the customer's terminate
+message; ``show`` prints the session without its secrets. A refusal exits 1, an unreachable
+server 11, a file that cannot be used 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import httpx
+
+from ..kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_NETWORK, emit, fail, json_option
+from . import customer as C
+from .money import Amount, MoneyError
+from .signing import SigningError, public_from_hex, read_private_key
+
+state_option = click.option("--state", "state", required=True, type=click.Path(path_type=Path),
+                            help="The session file (written by open, read by buy and close).")
+
+
+def register(root: click.Group, serve: click.Group) -> None:
+    """Add ``svcard session`` to ``svcard`` (its servers come with ``svcard serve`` later)."""
+    root.add_command(session)
+
+
+@click.group()
+def session() -> None:
+    """Deposit-backed trading sessions (seed 004): open one, buy inside it, close it."""
+
+
+def _load(path: Path) -> C.Session:
+    try:
+        return C.load(path)
+    except C.TradeError as exc:
+        fail(str(exc), EXIT_INPUT)
+
+
+def _summary(s: C.Session) -> dict[str, object]:
+    return {"session": s.session, "merchant": s.merchant, "pseudonym": s.pseudonym,
+            "deposit": str(Amount(s.deposit, s.currency)),
+            "deposit_merchant": str(Amount(s.deposit_merchant, s.currency_merchant)),
+            "rate": s.rate, "unit": s.unit, "links": s.length, "spent": s.spent,
+            "left": str(s.left()), "expires": s.expires}
+
+
+@session.command("open")
+@click.argument("account_url")
+@click.option("--account-id", required=True, help="The account manager's id.")
+@click.option("--account-key", required=True, help="The account manager's public key (hex).")
+@click.option("--customer", required=True, help="Your customer id at the account manager.")
+@click.option("--key", "key_file", required=True, type=click.Path(path_type=Path),
+              help="Your private key file (64 hex digits).")
+@click.option("--merchant", required=True, help="The merchant's id.")
+@click.option("--merchant-url", required=True, help="The merchant agent's URL.")
+@click.option("--operator", required=True, help="The merchant's operator id.")
+@click.option("--deposit", required=True, help="The deposit, e.g. 10.00.")
+@click.option("--currency", required=True, help="Your account's currency (ISO 4217).")
+@click.option("--unit", type=click.IntRange(1, 10**9), default=None,
+              help="Minor units of the merchant's currency per link (default: the smallest).")
+@state_option
+@json_option
+def open_cmd(account_url: str, account_id: str, account_key: str, customer: str,
+             key_file: Path, merchant: str, merchant_url: str, operator: str, deposit: str,
+             currency: str, unit: int | None, state: Path, as_json: bool) -> None:
+    """Open a trading session through your account manager."""
+    if state.exists():
+        fail(f"{state}: exists; a session file is never overwritten", EXIT_INPUT)
+    try:
+        amount = Amount.parse(deposit, currency)
+        am_public = public_from_hex(account_key, "--account-key")
+        private = read_private_key(key_file)
+    except (MoneyError, SigningError) as exc:
+        fail(str(exc), EXIT_INPUT)
+    try:
+        with httpx.Client(timeout=30) as http:
+            s = C.open_session(http, account_url.rstrip("/"), account_id, am_public, customer,
+                               private, merchant, merchant_url.rstrip("/"), operator, amount,
+                               unit=unit)
+    except C.TradeError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    except httpx.HTTPError as exc:
+        fail(f"{account_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
+    C.save(state, s)
+    data = _summary(s)
+    emit(as_json, data, f"session {s.session} open: deposit {data['deposit']} = "
+                        f"{data['deposit_merchant']} at {s.rate}; {s.length} links of "
+                        f"{s.unit}")
+
+
+@session.command("buy")
+@click.argument("item")
+@click.option("--units", type=click.IntRange(1, 10_000), default=1, show_default=True)
+@state_option
+@json_option
+def buy_cmd(item: str, units: int, state: Path, as_json: bool) -> None:
+    """Buy ITEM inside the session: pay the next link(s) with a signed order."""
+    s = _load(state)
+    try:
+        with httpx.Client(timeout=30) as http:
+            message = C.purchase(s, item, units)
+            C.save(state, s)          # the link counts as spent from now on
+            answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/purchases",
+                               json=message)
+    except C.TradeError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    except httpx.HTTPError as exc:
+        fail(f"{s.merchant_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
+    if answer.status_code != 200:
+        fail(f"the merchant refused the purchase (HTTP {answer.status_code}): "
+             f"{C.reason_of(answer)}", EXIT_DECLINED)
+    got = answer.json()
+    emit(as_json, got, f"bought {item}: {Amount(got['amount'], got['currency'])}; "
+                       f"{Amount(got['left'], got['currency'])} left in session {s.session}")
+
+
+@session.command("close")
+@state_option
+@json_option
+def close_cmd(state: Path, as_json: bool) -> None:
+    """End the session at the merchant (the customer's terminate message)."""
+    s = _load(state)
+    try:
+        with httpx.Client(timeout=30) as http:
+            got = C.terminate(http, s)
+    except C.TradeError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    except httpx.HTTPError as exc:
+        fail(f"{s.merchant_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
+    emit(as_json, got, f"session {s.session} {got['state']}: the merchant holds link "
+                       f"{got['index']} ({Amount(got['taken'], s.currency_merchant)})")
+
+
+@session.command("show")
+@state_option
+@json_option
+def show_cmd(state: Path, as_json: bool) -> None:
+    """The session in the file, without its secrets."""
+    s = _load(state)
+    data = _summary(s)
+    emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
