@@ -434,6 +434,20 @@ def test_fig4b_clearing_pays_each_merchant_of_a_shared_pos_its_own_sum(
                               ("SHOP-B", "article")):
             answer = shared.sp.order(http, alice, sku, merchant=merchant)
             assert answer.status_code == 200, answer.text
+        # merchant A's checkout naming B's terminal (to have its sales paid to B, or a
+        # mistake): the shared POS refuses the draw, the card pays nothing
+        (tmp_path / "wrong").mkdir()
+        wrong = open_shop(tmp_path / "wrong", MERCH_A, shared.keys[MERCH_A], shared.pos.url,
+                          TERMINALS[MERCH_B])
+        card = card_image(tmp_path, "bob.json", ep=5_000)
+        try:
+            with open_reader(f"virtual:{card}") as reader, \
+                    pytest.raises(PC.PaymentRefused, match="another payment terminal"):
+                PC.pay(f"{wrong.url}/v1/checkout/song", reader,
+                       journal=Journal(tmp_path / "bob.jsonl"), http=http)
+        finally:
+            wrong.close()
+        assert json.loads(card.read_text())["app"]["ep"]["balance"] == 5_000
         closed = http.post(f"{shared.pos.url}/v1/batches/close",
                            headers={"Authorization": f"Bearer {shared.pos.token}"})
         assert closed.status_code == 200, closed.text
@@ -502,3 +516,29 @@ def test_fig4a_merchants_with_remote_poses_of_their_own_are_cleared_apart(
     payouts = {ln["payee"]: (ln["count"], ln["amount"]) for ln in report.lines
                if ln["kind"] == 3}
     assert payouts == {MERCH_A.hex().upper(): (2, 124), MERCH_B.hex().upper(): (2, 1349)}
+
+
+def test_fig4b_a_shared_pos_configuration_is_whole(tmp_path: Path) -> None:
+    """Every merchant names its terminal or none does; every PSAM is of a named terminal and
+    every named terminal has a PSAM: else one error naming the field or the reader."""
+    from svcard.host.kit.config import ConfigError
+    from svcard.host.pay.config import payment_config
+    from svcard.host.pay.server.psam_pool import PoolError, PsamIdentity, check_pool
+
+    pos = PosProcess(tmp_path, {MERCH_A: bytes(32), MERCH_B: bytes(32)}, [],
+                     terminals=TERMINALS)
+    config = payment_config(pos.config)
+    assert {m: a.terminal_id for m, a in config.merchants.items()} == TERMINALS
+    text = pos.config.read_text()
+    pos.config.write_text(text.replace(f'terminal_id = "{TERMINALS[MERCH_B].hex()}"\n', ""))
+    with pytest.raises(ConfigError, match=r"merchant\[1\]\.terminal_id: give every merchant"):
+        payment_config(pos.config)
+    psams = [PsamIdentity(f"virtual:p{i}", t, bytes([i]) * 10, 156)
+             for i, t in enumerate(TERMINALS.values())]
+    check_pool(psams, frozenset(TERMINALS.values()))
+    with pytest.raises(PoolError, match="no PSAM has the terminal id 000000000B02"):
+        check_pool(psams[:1], frozenset(TERMINALS.values()))
+    with pytest.raises(PoolError, match="virtual:p1 has terminal id 000000000B02, which no "):
+        check_pool(psams, frozenset(TERMINALS.values()) - {TERMINALS[MERCH_B]})
+    with pytest.raises(PoolError, match="differ in terminal id"):
+        check_pool(psams)               # no merchant names one: one terminal, as before
