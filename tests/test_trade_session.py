@@ -185,3 +185,21 @@ def test_session_file_round_trip_hides_secrets(stack: TradeStack, tmp_path: Path
         assert back.spent == 2 and back.seed == s.seed
         assert s.seed.hex() not in repr(back) and s.session_key.hex() not in repr(back)
         assert C.buy(http, back, "b", 1)["index"] == 3
+
+
+def test_servers_restarted_mid_session(stack: TradeStack) -> None:
+    """Every party's state is in its database: after each server is stopped and started again
+    the session goes on where it was, and a replayed purchase is still a replay."""
+    ivy = stack.customer("ivy")
+    with httpx.Client(timeout=30) as http:
+        s = stack.open(http, ivy, 2_00)
+        message = C.purchase(s, "song", 2)
+        url = f"{s.merchant_url}/v1/sessions/{s.session}/purchases"
+        assert http.post(url, json=message).status_code == 200
+        for party in ("shop", "acq1", "am1"):
+            stack.restart(party)
+        assert http.post(url, json=message).status_code == 409
+        assert C.buy(http, s, "song", 1)["index"] == 3
+        again = stack.open(http, ivy, 1_00)           # the account manager goes on counting
+        assert again.session == "am1.2"
+    assert first_row(stack.account.engine, D.am_customers, id="ivy")["reserved"] == 3_00

@@ -80,6 +80,26 @@ class TradeStack:
                             merchant, self.url(merchant), self.operator,
                             Amount(deposit, who.currency), unit=unit)
 
+    def restart(self, party: str) -> None:
+        """Stop one server and start a new one on the same port and database."""
+        old = self.parties[party]
+        port = old.thread.port
+        old.thread.stop()
+        if party == self.account.config.id:
+            self.account.close()
+            self.account = AccountManager(self.account.config, clock=self.account.clock)
+            app = self.account.app
+        elif party == self.acquirer.config.id:
+            self.acquirer.close()
+            self.acquirer = Acquirer(self.acquirer.config, clock=self.acquirer.clock)
+            app = self.acquirer.app
+        else:
+            agent = self.merchants[party]
+            agent.close()
+            agent = self.merchants[party] = MerchantAgent(agent.config, clock=agent.clock)
+            app = agent.app
+        old.thread = ServerThread(app(), port=port).start()
+
     def close(self) -> None:
         for party in self.parties.values():
             party.thread.stop()
