@@ -542,3 +542,39 @@ def test_fig4b_a_shared_pos_configuration_is_whole(tmp_path: Path) -> None:
         check_pool(psams, frozenset(TERMINALS.values()) - {TERMINALS[MERCH_B]})
     with pytest.raises(PoolError, match="differ in terminal id"):
         check_pool(psams)               # no merchant names one: one terminal, as before
+
+
+def test_fig4b_one_merchants_busy_psams_do_not_hold_up_another(tmp_path: Path) -> None:
+    """The shared POS's pool keeps a queue per terminal: a draw for A waits only for A's
+    PSAMs, B's are served at once, and each PSAM goes back to its own terminal's queue."""
+    import asyncio
+
+    from svcard.host.pay.server.psam_pool import PoolExhausted, PsamPool
+
+    readers = [open_reader(f"virtual:{p}") for i, (mid, tid) in enumerate(TERMINALS.items())
+               for p in psam_images(_made(tmp_path / mid.hex()), 1, tid, first_serial=i + 1)]
+    a, b = TERMINALS[MERCH_A], TERMINALS[MERCH_B]
+
+    async def run() -> None:
+        pool = PsamPool(readers, terminals=frozenset(TERMINALS.values()))
+        await pool.start()
+        try:
+            assert pool.idle == 2 and pool.terminal_ids == {a, b}
+            held = await pool.acquire_for(a, 1)
+            assert held.terminal_id == a
+            with pytest.raises(PoolExhausted, match="terminal 000000000A01"):
+                await pool.acquire_for(a, 0.05)        # A's only PSAM is busy
+            other = await pool.acquire_for(b, 0.05)    # B is not held up
+            assert other.terminal_id == b and pool.idle == 0
+            pool.release(held)
+            pool.release(other)
+            assert [(await pool.acquire_for(t, 0.05)).terminal_id for t in (b, a)] == [b, a]
+        finally:
+            pool.close()
+
+    asyncio.run(run())
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
