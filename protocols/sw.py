@@ -14,6 +14,7 @@ WRONG_LENGTH = 0x6700
 SECURITY_STATUS = 0x6982
 PIN_BLOCKED = 0x6983
 CONDITIONS_NOT_SATISFIED = 0x6985
+SM_DATA_INCORRECT = 0x6988   # a secure-messaging MAC that does not verify (goods writes)
 INCORRECT_DATA = 0x6A80
 FUNCTION_NOT_SUPPORTED = 0x6A81
 FILE_NOT_FOUND = 0x6A82
@@ -38,6 +39,7 @@ MEANINGS: dict[int, str] = {
     SECURITY_STATUS: "security status not satisfied",
     PIN_BLOCKED: "authentication method blocked",
     CONDITIONS_NOT_SATISFIED: "conditions of use not satisfied",
+    SM_DATA_INCORRECT: "incorrect secure messaging data objects (MAC)",
     INCORRECT_DATA: "incorrect parameters in the data field",
     FUNCTION_NOT_SUPPORTED: "function not supported",
     FILE_NOT_FOUND: "file or application not found",
