@@ -578,3 +578,18 @@ def test_fig4b_one_merchants_busy_psams_do_not_hold_up_another(tmp_path: Path) -
 def _made(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def test_fig4b_a_shared_pos_with_a_terminal_per_merchant_is_not_run_as_nodes(
+        tmp_path: Path) -> None:
+    """A node leases PSAMs of one terminal: a draw could get another merchant's terminal's
+    PSAM, so such a configuration is refused at once, naming the field."""
+    from svcard.host.pay.config import payment_config
+    from svcard.host.pay.server.app import PaymentServer
+
+    pos = PosProcess(tmp_path, {MERCH_A: bytes(32), MERCH_B: bytes(32)}, [],
+                     terminals=TERMINALS)
+    config = payment_config(pos.config)
+    config.node_name = "node1"
+    with pytest.raises(ValueError, match="node_name: a shared POS with a PSAM terminal per"):
+        PaymentServer(config, [])

@@ -124,6 +124,9 @@ class PaymentServer:
     routes; each route runs its step's module with the server."""
 
     def __init__(self, config: PaymentConfig, psam_readers: list[Reader]) -> None:
+        if config.node_name and len(merchant_terminals(config.merchants)) > 1:
+            raise ValueError("node_name: a shared POS with a PSAM terminal per merchant runs as "
+                             "one server, not as nodes (a node leases PSAMs of one terminal)")
         self.config = config
         self.db = PaymentDb(make_engine(config.db_url))
         self.sql = SqlRunner(config.db_url)
