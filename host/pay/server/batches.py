@@ -110,6 +110,9 @@ def _write_late_proofs(server: PaymentServer) -> list[str]:
     """CL4: the TACs of payments confirmed after their PSAM record went to clearing without
     one, one file per PSAM (``proofs-{terminal}-{psam}-{UTC stamp}.json``)."""
     rows = server.db.late_proofs()
+    if server.leases is not None:   # a node hands the late proofs of the PSAMs it leases
+        held = {p.psam_id.hex() for p in server.pool.psams}
+        rows = [r for r in rows if r["psam_id"] in held]
     if not rows:
         return []
     by_psam: dict[str, list[dict[str, Any]]] = {}
