@@ -36,9 +36,11 @@ RESET = None          # an operation yields this to power-cycle both cards
 
 # what the applet leaves out of the Python card (a prefix here is not sent): GET CHALLENGE and
 # the secure-messaging goods writes (04 DC / 04 E2; 00 DC / 00 E2 answer 6982), issue 12, not
-# in the applet yet
+# in the applet yet; likewise the composite (CAPP) purchase's INITIALIZE (80 50 03) and UPDATE
+# CAPP DATA CACHE (80 DC), and the goods files (the Python card of an episode has none, so its
+# READ RECORD of SFI 11-14 answers 6A82 as the applet does)
 APPLET_LEFT_OUT: tuple[bytes, ...] = (b"\x00\x84", b"\x04\xdc", b"\x04\xe2", b"\x00\xdc",
-                                      b"\x00\xe2")
+                                      b"\x00\xe2", b"\x80\x50\x03", b"\x80\xdc")
 
 # an operation: yields (label, APDU or RESET), receives the reference's answer
 Op = Generator[tuple[str, bytes | None], bytes, None]
@@ -158,6 +160,7 @@ def random_image(rng: random.Random) -> dict[str, Any]:
     """The demo IEP image with random balances, limit, counters, PIN state and lockout limit."""
     image = demo_image("iep")
     app = image["app"]
+    app["goods"] = {"files": []}   # no goods files: the applet has none yet (APPLET_LEFT_OUT)
     limit = _pick(rng, 100_000, 100_000, 5_000, 0xFFFFFFFF, 0x7FFFFFFF)
     app["balance_limit"] = limit
     for purse in ("ep", "ed"):
@@ -412,7 +415,7 @@ def _verify(m: Model) -> Op:
 def op_purchase(m: Model) -> Op:
     r = m.rng
     purse = m.purse()
-    p1 = _pick(r, *[1] * 12, 2, 2, 2, 0x03)
+    p1 = _pick(r, *[1] * 12, 2, 2, 2, 0x06)   # 06: no such INITIALIZE (03 is the CAPP one)
     if purse == 1 and r.random() < 0.7:
         yield from _verify(m)
     amount = m.amount(purse)
