@@ -65,6 +65,7 @@ class PursePoolConfig(Section):
     retire_margin: NonNegInt = 16       # retire when 65535 - a counter <= margin
     lease_timeout: PosFloat = 30.0      # seconds pay() waits for a free purse
     lease_ttl: PosFloat = 300.0         # a lease older than this is a dead process's
+    journal_max_bytes: PosInt = 1 << 20   # a purse journal past this: finished lines rotated
     # the payment servers (acquirers) a merchant's checkout may send the purse's draw to;
     # empty: any. The confirmation always goes to the checkout's own origin.
     payment_servers: list[Url] = Field(default_factory=list, max_length=64)

@@ -378,6 +378,13 @@ class PurseBook:
                 updated=now_ms(), **values)).rowcount
         return done == 1
 
+    def open_loads(self, serial: str) -> list[dict[str, Any]]:
+        """The purse's top-ups not yet decided (``started`` or ``open``)."""
+        with reading(self.engine) as conn:
+            rows = conn.execute(select(loads).where(
+                loads.c.purse_serial == serial, loads.c.state.in_(("started", "open")))).all()
+        return [dict(r._mapping) for r in rows]
+
     def all_loads(self) -> list[dict[str, Any]]:
         with reading(self.engine) as conn:
             rows = conn.execute(select(loads).order_by(loads.c.id)).all()

@@ -106,3 +106,20 @@ def resume_open(lease: Lease, book: PurseBook, http: httpx.Client) -> str | None
                 f"{txn}, which this pool's journal does not hold (is the journal folder "
                 f"shared by every SP process?)")
     return None
+
+
+def rotate_journal(lease: Lease, book: PurseBook, max_bytes: int) -> int:
+    """As the purse is given back: its journal's finished transactions rotated away once the
+    journal passes ``max_bytes``, keeping those whose rows in the books are still open (a
+    resume finds them). Lines moved; a failure is logged, never raised (the journal stays)."""
+    journal = lease.journal
+    try:
+        if journal.path.stat().st_size <= max_bytes:
+            return 0
+        keep = {str(r["txn_id"]) for r in book.open_payments(lease.serial) if r["txn_id"]}
+        for load in book.open_loads(lease.serial):
+            keep |= {str(load["txn_id"]), f"req-{load['request_id']}"}
+        return journal.rotate(keep, max_bytes)
+    except Exception as exc:   # a full disk, the books down: rotated at a later give-back
+        log.warning("purse %s: journal not rotated: %s", lease.serial, exc)
+        return 0

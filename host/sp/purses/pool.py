@@ -44,7 +44,7 @@ from .config import (
     from_row,
 )
 from .db import PurseBook, new_owner
-from .leased import Lease, resume_open
+from .leased import Lease, resume_open, rotate_journal
 from .recording import AmountMismatch, RecordingJournal, origin
 from .topup import top_up
 
@@ -138,6 +138,7 @@ class PursePool:
         return False
 
     def _give_back(self, lease: Lease) -> None:
+        rotate_journal(lease, self.book, self.config.journal_max_bytes)
         if not self.book.release(lease.serial, lease.owner, lease.lease_id, paid=lease.paid,
                                  **lease.changes):
             log.warning("purse %s: the lease had expired before it was given back",

@@ -18,18 +18,36 @@ later :func:`~svcard.host.pay.client.resume` finishes a payment an interruption 
 
 The journal line comes first: if the database cannot follow, the client stops before its next
 card or network step, and the next lease's resume brings the books up to the journal.
+
+**Rotation** (:meth:`RecordingJournal.rotate`): a purse pays tens of thousands of times, so its
+journal would grow forever. Once it passes ``purses.journal_max_bytes`` the pool (holding the
+purse's lease) moves the lines of every finished transaction out of it, into
+``SERIAL.jsonl.done`` (the previous ``.done`` becomes ``.done.1`` once that passes eight times
+the limit: a bounded history; the pool's books in the database keep every payment). A
+transaction still open, one the books have not yet followed to its end (``keep``), and any
+that ended after an open one began (whose resume may look for it) keep all their lines.
+Under the journal's lock, the finished lines are appended to the archive first (synced), then
+the journal is replaced in one rename by a file of the kept lines (synced before): a crash at
+any point leaves the old journal or the new one, each holding every unfinished transaction
+whole (at worst a finished one is in both files).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from ....card.storage import write_atomically
 from ....protocols import loadmsg as L
-from ...terminal.journal import Journal
+from ...terminal.journal import DONE_STATES, Journal
 from .db import PurseBook
+
+ARCHIVE_GENERATION = 8   # the archive is moved aside past this many journal limits
 
 
 class AmountMismatch(Exception):
@@ -70,6 +88,63 @@ class RecordingJournal(Journal):
         # the payment steps acted on and the load steps acted on share no name
         self._payment_step(txn_id, state, data)
         self._load_step(txn_id, state, data)
+
+    def rotate(self, keep: Iterable[str] = (), max_bytes: int = 1 << 20,
+               tear: Callable[[str], None] | None = None) -> int:
+        """Move the lines of finished transactions (not in ``keep``) to the archive; how many
+        lines moved. ``tear``: a test's crash point ("archived", then write_atomically's)."""
+        held = set(keep)
+        with self._locked():
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                return 0
+            data = data[:data.rfind(b"\n") + 1]   # a torn tail: its step never ran
+            lines: list[tuple[str | None, bytes]] = []
+            state: dict[str, Any] = {}
+            first: dict[str, int] = {}
+            last: dict[str, int] = {}
+            for i, line in enumerate(data.splitlines(keepends=True)):
+                try:
+                    record = json.loads(line)
+                    name = str(record["txn_id"])
+                except (ValueError, KeyError, TypeError):
+                    lines.append((None, line))   # unreadable: a reader skips it too
+                    continue
+                state[name] = record.get("state")
+                first.setdefault(name, i)
+                last[name] = i
+                lines.append((name, line))
+            unfinished = {t for t, st in state.items() if st not in DONE_STATES}
+            # only what ended before the first unfinished one began: a resume of that one may
+            # look for a transaction it started (a top-up's bank request -> its load)
+            cut = min((first[t] for t in unfinished), default=len(lines))
+            held |= unfinished | {t for t in state if last[t] >= cut}
+            gone = [line for t, line in lines if t is not None and t not in held]
+            if not gone:
+                return 0
+            self._archive(b"".join(gone), max_bytes)
+            if tear:
+                tear("archived")
+            write_atomically(self.path, b"".join(line for t, line in lines if t in held),
+                             tear)
+        return len(gone)
+
+    def _archive(self, data: bytes, max_bytes: int) -> None:
+        archive = self.path.with_name(self.path.name + ".done")
+        try:
+            if archive.stat().st_size > ARCHIVE_GENERATION * max_bytes:
+                os.replace(archive, archive.with_name(archive.name + ".1"))
+        except FileNotFoundError:
+            pass
+        fd = os.open(archive, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def replay(self, txn_id: str, state: str, data: dict[str, Any]) -> None:
         """Bring the books up to a journal line already written."""
