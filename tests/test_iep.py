@@ -366,7 +366,7 @@ def test_unknown_key_index(host_with: HostWith) -> None:
 @pytest.mark.parametrize(("apdu", "sw"), [
     ("805001020A00000001112233445566", 0x6700),     # Lc 0A: one byte short
     ("805001020B01000000011122334455", 0x6700),     # Lc 0B, 10 bytes: malformed APDU
-    ("805003020B0100000001112233445566", 0x6A86),   # P1 03: not supported
+    ("805006020B0100000001112233445566", 0x6A86),   # P1 06: not supported (03 is the CAPP purchase)
     ("805001030B0100000001112233445566", 0x6A86),   # P2 03: no such purse
     ("805002020B0100000001112233445566", 0x6A86),   # cash withdrawal is ED only
     ("80500102", 0x6700),
