@@ -26,7 +26,9 @@ def test_root_help_lists_every_command() -> None:
 
 
 def test_serve_lists_every_server() -> None:
-    assert listed_commands("serve") == ["bank", "load", "merchant", "payment", "sp"]
+    assert listed_commands("serve") == ["bank", "load", "merchant", "payment", "sp",
+                                        "trade-account-manager", "trade-acquirer",
+                                        "trade-merchant"]
 
 
 def test_every_command_has_help() -> None:

@@ -1,4 +1,6 @@
-"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show``.
+"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show``; the
+operator's ``svcard session keygen`` and ``svcard session customer``; and the three servers,
+``svcard serve trade-account-manager|trade-acquirer|trade-merchant``.
 
 ``open`` sends the initiation to the customer's account manager, checks its signed answer
 (the deposit in both currencies and the exchange rate), gives the merchant the PayWord
@@ -10,23 +12,122 @@ server 11, a file that cannot be used 3.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 import httpx
+from sqlalchemy.exc import IntegrityError
 
 from ..kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_NETWORK, emit, fail, json_option
+from ..kit.config import ConfigError
+from ..kit.serving import Drain, serve_options
+from ..kit.serving import serve as serve_app
 from . import customer as C
+from . import messages as M
+from .config import AccountManagerConfig, AcquirerConfig, server_config
 from .money import Amount, MoneyError
-from .signing import SigningError, public_from_hex, read_private_key
+from .signing import (
+    SigningError,
+    new_key,
+    public_from_hex,
+    read_private_key,
+    write_private_key,
+)
 
 state_option = click.option("--state", "state", required=True, type=click.Path(path_type=Path),
                             help="The session file (written by open, read by buy and close).")
 
 
 def register(root: click.Group, serve: click.Group) -> None:
-    """Add ``svcard session`` to ``svcard`` (its servers come with ``svcard serve`` later)."""
+    """Add ``svcard session`` to ``svcard`` and the three servers to ``svcard serve``."""
     root.add_command(session)
+    for role in ROLES:
+        serve.add_command(_serve_command(role))
+
+
+ROLES = {"account-manager": "the customer account manager (seed 004, 202): takes "
+                            "initiations, reserves deposits",
+         "acquirer": "the mediating trusted agent (seed 004, 203), the merchant operator's "
+                     "value acquirer",
+         "merchant": "the merchant agent (seed 004, 200): takes sessions and purchases"}
+
+
+def _serve_command(role: str) -> click.Command:
+    @click.command(f"trade-{role}", help=f"Serve {ROLES[role]}.")
+    @click.option("--config", "config_path", required=True,
+                  type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="TOML: the server's id, key, database and peers (docs/trade.md).")
+    @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    @click.option("--port", required=True, type=click.IntRange(1, 65535))
+    @serve_options
+    def command(config_path: Path, db_url: str | None, host: str, port: int, log_level: str,
+                drain_seconds: float) -> None:
+        from .server.account import AccountManager
+        from .server.acquirer import Acquirer
+        from .server.merchant import MerchantAgent
+
+        try:
+            config = server_config(role, config_path, db_url)
+        except ConfigError as exc:
+            fail(str(exc), EXIT_INPUT)
+        server: AccountManager | Acquirer | MerchantAgent
+        if isinstance(config, AccountManagerConfig):
+            server = AccountManager(config)
+        elif isinstance(config, AcquirerConfig):
+            server = Acquirer(config)
+        else:
+            server = MerchantAgent(config)
+        try:
+            code = serve_app(server.app(), host=host, port=port, log_level=log_level,
+                             drain=Drain(), drain_seconds=drain_seconds)
+        finally:
+            server.close()
+        sys.exit(code)
+    return command
+
+
+@click.command("keygen")
+@click.option("--key-out", required=True, type=click.Path(path_type=Path),
+              help="Where to write the private key (a new file, mode 0600).")
+def keygen_cmd(key_out: Path) -> None:
+    """Make an Ed25519 key pair: the private key to a new file, the public key printed."""
+    private, public = new_key()
+    try:
+        write_private_key(key_out, private)
+    except (SigningError, OSError) as exc:
+        fail(str(exc), EXIT_INPUT)
+    click.echo(public.hex())
+
+
+@click.command("customer")
+@click.argument("customer")
+@click.option("--db", "db_url", required=True, help="The account manager's database URL.")
+@click.option("--public-key", required=True, help="The customer's public key (hex).")
+@click.option("--currency", required=True, help="The account's currency (ISO 4217).")
+@click.option("--credit-limit", required=True, help="e.g. 100.00")
+def customer_cmd(customer: str, db_url: str, public_key: str, currency: str,
+                 credit_limit: str) -> None:
+    """Register CUSTOMER at an account manager (its database) with a credit limit."""
+    from .db import am_engine
+    from .server.account import add_customer
+
+    if not M.IDENT(customer):
+        fail(f"customer: {customer!r} is not 1-32 letters, digits or _.@-", EXIT_INPUT)
+    try:
+        limit = Amount.parse(credit_limit, currency)
+        public = public_from_hex(public_key, "--public-key")
+    except (MoneyError, SigningError) as exc:
+        fail(str(exc), EXIT_INPUT)
+    engine = am_engine(db_url)
+    try:
+        add_customer(engine, customer, public, currency, limit.minor)
+    except IntegrityError:
+        fail(f"customer {customer}: exists already", EXIT_INPUT)
+    finally:
+        engine.dispose()
+    click.echo(f"customer {customer}: credit limit {limit}")
 
 
 @click.group()
@@ -47,6 +148,10 @@ def _summary(s: C.Session) -> dict[str, object]:
             "deposit_merchant": str(Amount(s.deposit_merchant, s.currency_merchant)),
             "rate": s.rate, "unit": s.unit, "links": s.length, "spent": s.spent,
             "left": str(s.left()), "expires": s.expires}
+
+
+session.add_command(keygen_cmd)
+session.add_command(customer_cmd)
 
 
 @session.command("open")

@@ -11,9 +11,25 @@ message whose signer it does not know.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
 
-from .money import ExchangeTable
+from pydantic import Field
+
+from ..kit.config import (
+    ConfigError,
+    Hex32,
+    PosInt,
+    SecretHex32,
+    SecretText,
+    Section,
+    Url,
+    db_setting,
+    parse_config,
+)
+from .money import ExchangeTable, exponent
 
 
 @dataclass(frozen=True)
@@ -55,3 +71,105 @@ class MerchantConfig:
     db_url: str
     acquirer: Peer
     currency: str
+
+
+# --- the TOML files of `svcard serve trade-*` ---------------------------------------------
+
+Ident = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.@-]+$")]
+Code = Annotated[str, Field(min_length=3, max_length=3, pattern=r"^[A-Z]{3}$")]
+
+
+class OperatorEntry(Section):
+    id: Ident                   # the merchant operator's id, as customers name it
+    acquirer: Ident             # its mediating trusted agent's id
+    url: Url
+    public_key: Hex32
+
+
+class PartyEntry(Section):
+    id: Ident
+    public_key: Hex32
+
+
+class MerchantEntry(Section):
+    id: Ident
+    url: Url
+    public_key: Hex32
+    currency: Code
+
+
+class TableEntry(Section):
+    issuer: Ident
+    base: Code
+    issued: dt.datetime
+    expires: dt.datetime
+    rates: dict[Code, Annotated[str, Field(max_length=40)]] = Field(max_length=500)
+
+
+class ServerFile(Section):
+    id: Ident
+    key: SecretHex32
+    db: SecretText | None = None
+    session_seconds: PosInt = 3600
+    max_sessions: PosInt = 10_000
+    operator: list[OperatorEntry] = Field(default_factory=list, max_length=1000)
+    account_manager: list[PartyEntry] = Field(default_factory=list, max_length=1000)
+    merchant: list[MerchantEntry] = Field(default_factory=list, max_length=10_000)
+    table: TableEntry | None = None
+    acquirer: PartyEntry | None = None
+    currency: Code | None = None
+
+
+def _ms(when: dt.datetime) -> int:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _unique(entries: list[Any], what: str) -> None:
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        if e.id in seen:
+            raise ValueError(f"{what}[{i}].id: {e.id} is given twice")
+        seen.add(e.id)
+
+
+def server_config(role: str, path: Path, db_url: str | None = None
+                  ) -> AccountManagerConfig | AcquirerConfig | MerchantConfig:
+    """The configuration of a ``role`` server (``account-manager``, ``acquirer``,
+    ``merchant``) from the TOML file at ``path``; ``db_url`` (``--db``) wins over the file's.
+    A problem is one :class:`ConfigError` line naming the file and the field."""
+    f = parse_config(ServerFile, path)
+    db = db_setting(f.db, db_url).get("db_url", f"sqlite:///{f.id}.db")
+    needs = {"account-manager": ("operator",), "acquirer": ("account_manager", "merchant",
+                                                             "table"),
+             "merchant": ("acquirer", "currency")}[role]
+    try:
+        for name in needs:
+            if not getattr(f, name):
+                raise ValueError(f"{name}: the {role} server needs it")
+        for name, entries in (("operator", f.operator), ("account_manager", f.account_manager),
+                              ("merchant", f.merchant)):
+            _unique(entries, name)
+        if role == "account-manager":
+            return AccountManagerConfig(
+                f.id, f.key, db, {o.id: Peer(o.acquirer, o.url.rstrip("/"), o.public_key)
+                                  for o in f.operator},
+                session_ms=f.session_seconds * 1000, max_sessions=f.max_sessions)
+        if role == "acquirer":
+            t = f.table
+            assert t is not None
+            table = ExchangeTable.from_text(t.issuer, t.base, t.rates, _ms(t.issued),
+                                            _ms(t.expires))
+            for m in f.merchant:
+                table.rate(t.base, m.currency, table.issued)
+            return AcquirerConfig(
+                f.id, f.key, db, {a.id: a.public_key for a in f.account_manager},
+                {m.id: MerchantPeer(m.id, m.url.rstrip("/"), m.public_key, m.currency)
+                 for m in f.merchant}, table)
+        assert f.acquirer is not None and f.currency is not None
+        exponent(f.currency)
+        return MerchantConfig(f.id, f.key, db, Peer(f.acquirer.id, "", f.acquirer.public_key),
+                              f.currency)
+    except ValueError as exc:   # MoneyError too: a rate, a code, a lifespan
+        raise ConfigError(f"{path}: {exc}") from None
