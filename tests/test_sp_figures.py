@@ -1,9 +1,10 @@
 """Seed 001 FIG. 3C over loopback with the real servers: a customer without a card (type A:
 the SP pays from a purse of its pool) and a card holder (type B: ``pay.client`` with the
-customer's own purse) buy at ONE merchant. Its point of sale (the payment server and its
-PSAMs) receives the same form of payment both times (claim 2): the payment server's rows and
-the PSAM batch records have the same variant and the same fields, only the card differs;
-both are cleared and paid to the merchant. FIG. 4A and 4B: tests/test_sp_pos.py."""
+customer's own purse) buy at ONE merchant, in FIG. 5, 6 and 8. Its point of sale (the payment
+server and its PSAMs) receives the same form of payment both times (claim 2): the payment
+server's rows and the PSAM batch records have the same variant and the same fields, only the
+card differs; both are cleared and paid to the merchant. FIG. 4A and 4B:
+tests/test_sp_figures_pos.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from svcard.host.demo.system import System, card_image
@@ -19,6 +21,7 @@ from svcard.host.pay import client as PC
 from svcard.host.pay.server.db import payments
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
+from svcard.protocols import messages as M
 from svcard.protocols import purse as P
 
 # what differs between two payments of one item by the nature of things (ids, time, MACs)
@@ -51,15 +54,16 @@ def pay_with_own_card(system: System, card: Path, folder: Path, sku: str, varian
                       journal=Journal(folder / f"{card.stem}.jsonl"), http=http)
 
 
+@pytest.mark.parametrize("variant", ["fig5", "fig6", "fig8"])
 def test_fig3c_type_a_and_type_b_pay_one_merchant_the_same_way(
-        system: System, tmp_path: Path, http: httpx.Client) -> None:
-    sp = system.start_sp(purses=1, ep=0, funds=20_000, topup_amount=5_000, variant="fig6")
+        system: System, tmp_path: Path, http: httpx.Client, variant: str) -> None:
+    sp = system.start_sp(purses=1, ep=0, funds=20_000, topup_amount=5_000, variant=variant)
     alice = sp.customer("alice")                       # type A: no card, the SP pays
     bob = card_image(tmp_path, "bob.json", ep=5_000)   # type B: his own purse
     answer = sp.order(http, alice, "song")
     assert answer.status_code == 200, answer.text
     a = answer.json()
-    b = pay_with_own_card(system, bob, tmp_path, "song", "fig6", http)
+    b = pay_with_own_card(system, bob, tmp_path, "song", variant, http)
     assert (a["state"], a["line"]["wholesale"], b.amount) == ("billed", 99, 99)
     assert a["goods"] == b.goods                       # the same merchandise, both released
     # the merchant's POS: two payments that differ only in the card (and ids, times, MACs)
@@ -67,7 +71,7 @@ def test_fig3c_type_a_and_type_b_pay_one_merchant_the_same_way(
     assert len(rows) == 2
     same = [{k: v for k, v in r.items() if k not in PER_PAYMENT} for r in rows]
     assert same[0] == same[1], same
-    assert same[0]["variant"] == 6 and same[0]["state"] == "confirmed"
+    assert same[0]["variant"] == M.VARIANTS[variant] and same[0]["state"] == "confirmed"
     assert same[0]["merchant_id"] == "4d45524348303031" and same[0]["amount"] == 99
     filled = [{k for k, v in r.items() if v not in (None, "", 0)} for r in rows]
     assert filled[0] == filled[1]                      # the same fields present
@@ -83,12 +87,14 @@ def test_fig3c_type_a_and_type_b_pay_one_merchant_the_same_way(
     system.close_batches()
     records, proofs = batch_records(system)
     assert len(records) == 2
-    keep = ("issuer_id", "amount", "txn_type", "terminal_id", "status", "tac")
+    keep = ("issuer_id", "amount", "txn_type", "terminal_id", "status")
     assert len({tuple(getattr(r, k) for k in keep) for r in records}) == 1
     assert (records[0].amount, records[0].txn_type) == (99, P.TYPE_EP_PURCHASE)
     assert {r.card_serial for r in records} == {bytes.fromhex(s)[2:] for s in serials}
-    # FIG. 6 frees the PSAM before the card answers: both TACs travel as the batch's proofs
-    assert len(proofs) == 2
+    # FIG. 5: the PSAM holds both TACs itself; FIG. 6 and 8 free the PSAM before the card
+    # answers: both TACs travel as the batch's proofs
+    assert len(proofs) == (0 if variant == "fig5" else 2)
+    assert all((r.tac != bytes(4)) == (variant == "fig5") for r in records)
     report = system.run_clearing()
     assert (report.records_cleared, report.total_paid) == (2, 198)
     payouts = [ln for ln in report.lines if ln["kind"] == 3]
