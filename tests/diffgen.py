@@ -39,8 +39,10 @@ RESET = None          # an operation yields this to power-cycle both cards
 # in the applet yet; likewise the composite (CAPP) purchase's INITIALIZE (80 50 03) and UPDATE
 # CAPP DATA CACHE (80 DC), and the goods files (the Python card of an episode has none, so its
 # READ RECORD of SFI 11-14 answers 6A82 as the applet does)
-APPLET_LEFT_OUT: tuple[bytes, ...] = (b"\x00\x84", b"\x04\xdc", b"\x04\xe2", b"\x00\xdc",
-                                      b"\x00\xe2", b"\x80\x50\x03", b"\x80\xdc")
+# every CLA 04 (secure messaging) APDU: the IEP handles that class itself, the applet leaves it
+# to the platform (6882)
+APPLET_LEFT_OUT: tuple[bytes, ...] = (b"\x00\x84", b"\x04", b"\x00\xdc", b"\x00\xe2",
+                                      b"\x80\x50\x03", b"\x80\xdc")
 
 # an operation: yields (label, APDU or RESET), receives the reference's answer
 Op = Generator[tuple[str, bytes | None], bytes, None]
