@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...kit.db import first_row, step
-from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route
 from ...kit.request_log import RequestLog, note
 from .. import db as D
 from .. import messages as M
@@ -241,5 +241,6 @@ class AccountManager:
         return Starlette(routes=[
             Route("/v1/sessions", self.initiate, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
+            openapi_route("trade-account-manager"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
             middleware=[Middleware(RequestLog, server="trade-account-manager")])

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...kit.db import first_row, step
-from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route
 from ...kit.request_log import RequestLog, note
 from .. import db as D
 from .. import messages as M
@@ -211,5 +211,6 @@ class Acquirer:
         return Starlette(routes=[
             Route("/v1/initiations", self.initiation, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
+            openapi_route("trade-acquirer"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
             middleware=[Middleware(RequestLog, server="trade-acquirer")])

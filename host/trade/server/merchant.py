@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...kit.db import first_row, step
-from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, read_body
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route, read_body
 from ...kit.request_log import RequestLog, note
 from .. import db as D
 from .. import messages as M
@@ -266,5 +266,6 @@ class MerchantAgent:
             Route("/v1/sessions/{session}/terminate", self.terminate, methods=["POST"]),
             Route("/v1/sessions/{session}", self.status, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
+            openapi_route("trade-merchant"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
             middleware=[Middleware(RequestLog, server="trade-merchant")])
