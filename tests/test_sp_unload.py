@@ -194,3 +194,48 @@ def test_a_pool_with_a_small_journal_limit_keeps_its_journal_small(tmp_path: Pat
     finally:
         engine.dispose()
         system.close()
+
+
+def worn_purse(folder: Path, index: int, ep: int, offline: int) -> str:
+    spec = purse(folder, index, ep)
+    path = Path(spec.split(":", 1)[1])
+    image = json.loads(path.read_text())
+    image["app"]["ep"]["offline_counter"] = offline
+    save_new_image(path, image, overwrite=True)
+    return spec
+
+
+@pytest.mark.parametrize("drain_margin", [0, 4])
+def test_a_purse_near_retirement_is_drained_not_topped_up(tmp_path: Path,
+                                                          drain_margin: int) -> None:
+    """A PBOC EP purse cannot be unloaded (only the ED unloads, host/terminal/unload.py), so
+    the pool spends a purse's balance before it retires: within ``drain_margin`` counters of
+    its retirement it is chosen first for what it can pay and never topped up again."""
+    system = start_system(tmp_path / "sys")
+    engine = make_engine(f"sqlite:///{tmp_path / 'sp.db'}", MetaData())
+    try:
+        system.load.account("provider", 100_000, "provider-pw")
+        # 7 payments left before the margin of 3: within 3 + 4 of the end, so draining
+        old = worn_purse(tmp_path, 1, 3 * 1250 + 100, offline=0xFFFF - 3 - 4)
+        new = purse(tmp_path, 2, 50_000)
+        config = PursePoolConfig(readers=[old, new], bank_url=system.load.bank_url,
+                                 account="provider", secret="provider-pw", currency_code=156,
+                                 retire_margin=3, drain_margin=drain_margin,
+                                 topup_threshold=5_000, topup_amount=5_000)
+        pool = PursePool.open(config, engine, journal_dir=tmp_path / "journals")
+        with httpx.Client(timeout=30) as http:
+            paid = [pool.pay(system.pay.checkout_url("ticket", "fig6"), http=http,
+                             order_ref=f"o{i}", amount=1250) for i in range(5)]
+        by = [p.purse_serial[-1] for p in paid]
+        old_row = next(p for p in pool.status() if p["serial"].endswith("1"))
+        loads_old = [ld for ld in pool.book.all_loads() if ld["purse_serial"].endswith("1")]
+        if drain_margin:
+            assert by[:3] == ["1", "1", "1"] and by[3:] == ["2", "2"]
+            assert old_row["balance"] == 100 and loads_old == []   # spent, never loaded
+        else:   # without: the new purse pays, the old one's money stays on it
+            assert by == ["2"] * 5 and old_row["balance"] == 3 * 1250 + 100
+        books = pool.books()[156]
+        assert books["opening"] + books["loaded"] == books["debits"] + books["balances"]
+    finally:
+        engine.dispose()
+        system.close()

@@ -63,6 +63,10 @@ class PursePoolConfig(Section):
     topup_threshold: NonNegInt = 0      # minor units: under this -> top up (before and after)
     topup_amount: PosInt = 10_000       # minor units loaded per top-up (more if a payment needs)
     retire_margin: NonNegInt = 16       # retire when 65535 - a counter <= margin
+    # counters before retirement at which a purse is drained: preferred for orders it can pay
+    # and never topped up again, so its balance is spent rather than left on a retired card
+    # (an EP purse cannot be unloaded); 0: off
+    drain_margin: NonNegInt = 0
     lease_timeout: PosFloat = 30.0      # seconds pay() waits for a free purse
     lease_ttl: PosFloat = 300.0         # a lease older than this is a dead process's
     journal_max_bytes: PosInt = 1 << 20   # a purse journal past this: finished lines rotated

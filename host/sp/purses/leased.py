@@ -21,6 +21,7 @@ from ...pay import client as PC
 from ...terminal.online import PaymentRefused
 from ...terminal.purse import TerminalError
 from .cards import MAX_COUNTER, PurseState, read_state
+from .config import PursePoolConfig
 from .db import PurseBook
 from .recording import RecordingJournal
 
@@ -58,16 +59,35 @@ class Lease:
                             offline_counter=state.offline_counter,
                             online_counter=state.online_counter)
 
+    def draining(self, config: PursePoolConfig) -> bool:
+        """Within ``drain_margin`` counters of its retirement: its balance is spent on orders
+        and never topped up again, so little is left on the card when it retires."""
+        return draining(self.counters(), config)
+
     def retire_if_worn(self, margin: int) -> bool:
         """Mark the purse retired when either counter is within ``margin`` of 65535."""
         offline, online = self.counters()
         worn = [name for name, value in (("offline", offline), ("online", online))
                 if MAX_COUNTER - value <= margin]
         if worn:
+            left = f"; {self.balance} left on the card" if self.balance else ""
             self.changes.update(state="retired", reason=(
                 f"{' and '.join(worn)} counter within {margin} of {MAX_COUNTER} "
-                f"(offline {offline}, online {online})"))
+                f"(offline {offline}, online {online}){left}"))
         return bool(worn)
+
+
+def draining(counters: tuple[int, int], config: PursePoolConfig) -> bool:
+    return config.drain_margin > 0 and \
+        MAX_COUNTER - max(counters) <= config.retire_margin + config.drain_margin
+
+
+def lease_order(row: dict[str, Any], amount: int | None, low: int,
+                config: PursePoolConfig) -> tuple[bool, bool]:
+    """The order purses are tried in: those able to pay now first (a draining purse needs only
+    the amount, the others ``low``: the amount or the top-up threshold), draining ones first."""
+    drains = draining((int(row["offline_counter"]), int(row["online_counter"])), config)
+    return int(row["balance"]) < ((amount or 1) if drains else low), not drains
 
 
 def resume_open(lease: Lease, book: PurseBook, http: httpx.Client) -> str | None:

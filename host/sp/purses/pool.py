@@ -44,7 +44,7 @@ from .config import (
     from_row,
 )
 from .db import PurseBook, new_owner
-from .leased import Lease, resume_open, rotate_journal
+from .leased import Lease, lease_order, resume_open, rotate_journal
 from .recording import AmountMismatch, RecordingJournal, origin
 from .topup import top_up
 
@@ -154,7 +154,7 @@ class PursePool:
             low = max(amount or 1, self.config.topup_threshold)
             if amount is not None:   # never able to hold the amount: not a candidate
                 rows = [r for r in rows if r["balance_limit"] >= amount]
-            rows.sort(key=lambda r: r["balance"] < low)   # those needing a top-up last; LRU
+            rows.sort(key=lambda r: lease_order(r, amount, low, self.config))   # then LRU
             if not rows:
                 raise PoolExhausted(self._exhausted(amount, skip))
             for row in rows:
@@ -223,10 +223,10 @@ class PursePool:
         if lease.retire_if_worn(cfg.retire_margin) or not self._renew(lease):
             return None
         need = max(cfg.topup_threshold, amount or 1)
-        if lease.balance < need:
+        if lease.balance < need and not lease.draining(cfg):   # (draining: spent, not loaded)
             topups.append(self._top_up(lease, http, need=(amount or 0) - lease.balance))
-            if lease.balance < (amount or 1):
-                return None
+        if lease.balance < (amount or 1):
+            return None
         for attempt in (1, 2):
             if not self._renew(lease):
                 return None
@@ -238,7 +238,7 @@ class PursePool:
                 if exc.sw == SW.COUNTER_AT_MAXIMUM:
                     lease.retire_if_worn(cfg.retire_margin)
                     return None
-                if attempt == 2:
+                if attempt == 2 or lease.draining(cfg):
                     return None
                 before = lease.balance   # the amount was not named: top up, try once more
                 topups.append(self._top_up(lease, http))
@@ -253,7 +253,8 @@ class PursePool:
         outcome = paid
         outcome.balance_after = lease.balance
         outcome.topups = topups
-        if lease.balance < cfg.topup_threshold and not lease.retire_if_worn(cfg.retire_margin):
+        if lease.balance < cfg.topup_threshold and not lease.draining(cfg) and \
+                not lease.retire_if_worn(cfg.retire_margin):
             outcome.topups.append(self._top_up(lease, http))
         lease.retire_if_worn(cfg.retire_margin)
         lease.paid = (order_ref, outcome.to_json())   # booked paid as the purse is given back
