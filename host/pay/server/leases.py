@@ -146,15 +146,15 @@ class LeaseStore:
             except IntegrityError:  # another node made it meanwhile
                 pass
 
-    def heartbeat(self, node: str, ttl_ms: int) -> list[str]:
-        """Stamp this node alive; the nodes alive (seen within ``ttl_ms``), this one too."""
+    def heartbeat(self, node: str, window_ms: int) -> list[str]:
+        """Stamp this node alive; the nodes alive (seen within ``window_ms``), this one too."""
         now = now_ms()
         with step(self.engine) as conn:
             if not conn.execute(update(pay_nodes).where(pay_nodes.c.node == node).values(
                     seen=now)).rowcount:
                 conn.execute(insert(pay_nodes).values(node=node, seen=now, started=now))
             return sorted(r[0] for r in conn.execute(select(pay_nodes.c.node).where(
-                pay_nodes.c.seen >= now - ttl_ms)))
+                pay_nodes.c.seen >= now - window_ms)))
 
     def renew(self, node: str, ttl_ms: int) -> dict[str, int]:
         """Extend every lease ``node`` holds: {slot: token} of those it still holds."""
@@ -361,7 +361,9 @@ class LeaseKeeper:
 
     async def tick(self) -> None:
         started = time.monotonic()
-        alive = await self.sql(self.store.heartbeat, self.node, self.ttl_ms)
+        # alive: seen within two ticks, so a dead node no longer counts (in the share) by the
+        # time its leases expire
+        alive = await self.sql(self.store.heartbeat, self.node, self.ttl_ms * 2 // 3)
         held = await self.sql(self.store.renew, self.node, self.ttl_ms)
         valid = started + self.lease_seconds * 0.9
         for m in self.pool.members:
