@@ -214,3 +214,15 @@ def test_the_command(books: Books) -> None:
     assert "sp order settle" in run("sp", "order", "--help").output
     assert run("sp", "order", "settle", "x", "--db",
                f"sqlite:///{books.journals / 'none.db'}").exit_code == 3
+
+
+def test_the_command_takes_the_sps_configuration(books: Books) -> None:
+    from svcard.fixtures import fixture_path
+
+    done = run("sp", "order", "settle", books.ref, "--db", books.url, "--config",
+               str(fixture_path("sp-demo.toml")), "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["state"] == "failed"
+    bad = run("sp", "order", "settle", books.ref, "--db", books.url, "--config",
+              str(books.journals))
+    assert bad.exit_code == 2       # a folder is not a configuration file
