@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
 from sqlalchemy import select
 from test_sp_pon import CLIENT, SHOP, Env, pickup, start_env
 
@@ -29,6 +31,16 @@ from svcard.host.sp.signing import (
     signed_merchant_order,
 )
 from svcard.host.sp.stack import Customer
+
+try:
+    import schemathesis
+    from schemathesis.specs.openapi.checks import (
+        negative_data_rejection,
+        positive_data_acceptance,
+    )
+except ImportError:   # the fuzz test below is skipped
+    schemathesis = None
+SPECS = Path(__file__).resolve().parent.parent / "host" / "openapi"
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +222,24 @@ def test_bad_bodies_are_refused(env: Env, http: httpx.Client) -> None:
     assert http.post(m, headers=CLIENT, json={"order": other.decode(),
                                               "signature": signature}).status_code == 400
     assert env.balances() == before
+
+
+if schemathesis is not None:
+    pon_routes = schemathesis.openapi.from_path(SPECS / "merchant.yaml").include(
+        path_regex="^/v1/pon")
+
+    @pon_routes.parametrize()
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow])
+    def test_the_merchants_pon_routes_conform_when_fuzzed(  # type: ignore[no-untyped-def]
+            case, env: Env) -> None:
+        """The PON routes of a merchant that takes PONs (and sends copies to a live SP):
+        never a 5xx other than a relayed 502/503, every answer as documented."""
+        before = env.balances()
+        response = case.call(base_url=env.site.url)
+        assert response.status_code < 500 or response.status_code in (502, 503)
+        # (a schema-violating body that is also too large is 413, not 400: both refusals)
+        case.validate_response(response, excluded_checks=[positive_data_acceptance,
+                                                          negative_data_rejection])
+        assert env.balances() == before

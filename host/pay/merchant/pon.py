@@ -123,18 +123,26 @@ class _Lost(Exception):
 
 
 def disabled_routes(server: MerchantServer) -> list[Route]:
-    """The PON routes of a merchant that takes no PONs: 404, as JSON."""
-    async def none(_request: Request) -> Response:
+    async def none(request: Request) -> Response:   # (a POST without the header: 403)
+        if request.method == "POST" and not request.url.path.endswith("/pickup") and \
+                request.headers.get("X-Svcard-Client") != "1":
+            return server.refuse(403, "an order is made only for a POST with X-Svcard-Client: 1")
         return server.refuse(404, "this merchant takes no payment order numbers")
     return [Route(path, none, methods=[method]) for path, method in ROUTES]
 
 
-def _json(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
-    check_json_shape(body, max_depth=2, max_items=12)
+def _loads(body: bytes | str) -> Any:
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
+        check_json_shape(body.encode() if isinstance(body, str) else body, 2, 12)
+        return json.loads(body)
+    except Refused as exc:
+        raise Refusal(exc.status, exc.reason) from None
+    except (ValueError, RecursionError):   # (a str that is not UTF-8 too)
         raise Refusal(400, "the body is not JSON") from None
+
+
+def _json(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
+    data = _loads(body)
     if not isinstance(data, dict) or set(data) != fields:
         raise Refusal(400, f"the body is a JSON object with exactly {sorted(fields)}")
     return data
@@ -177,8 +185,7 @@ class PonDesk:
                 pons.c.pon)).first() is not None
 
     def _link(self, pon: str, txn_id: str, now: int) -> str:
-        """Link a new checkout to a PON still tentative and in time: one step; "ok", or why
-        not ("paid", "expired")."""
+        """Link a checkout to a PON tentative and in time (one step): "ok", "paid", "expired"."""
         with step(self.engine) as conn:
             if conn.execute(update(pons).where(
                     pons.c.pon == pon, pons.c.state == TENTATIVE, pons.c.expires > now).values(
@@ -329,9 +336,8 @@ class PonDesk:
                 raise Refusal(402, "the PON is not paid yet: the goods wait for the payment")
         except Refusal as exc:
             return self.server.refuse(exc.status, exc.reason, exc.headers)
-        return JSONResponse({"released": True, "pon": pon, "goods": row["goods"],
-                             "item": row["item"],
-                             "receipt": json.loads(order["receipt"] or "{}")})
+        return JSONResponse({"released": True, "pon": pon, "goods": row["goods"], "item":
+                             row["item"], "receipt": json.loads(order["receipt"] or "{}")})
 
     # --- POST /v1/pon/via-sp: the customer orders here, the SP gets a copy and pays ---------------
     async def via_sp(self, request: Request) -> Response:
@@ -347,10 +353,7 @@ class PonDesk:
                     len(order_text) > MAX_COPY_ORDER // 2 or len(signature) != 128:
                 raise Refusal(400, "order: the customer's signed order (a JSON text); "
                                    "signature: its signature (128 hex digits)")
-            try:
-                inner = json.loads(order_text)
-            except (ValueError, RecursionError):
-                raise Refusal(400, "order: not JSON") from None
+            inner = _loads(order_text)
             if not isinstance(inner, dict) or inner.get("merchant") != s.sp_name:
                 raise Refusal(400, f"order: not an order for merchant {s.sp_name}")
             made = await self._make_pon(_check(inner, "sku", _SKU),
@@ -365,15 +368,12 @@ class PonDesk:
         try:
             async with httpx.AsyncClient(timeout=120) as http:
                 sent = await http.post(f"{s.sp_url.rstrip('/')}/v1/orders/copy", content=body,
-                                       headers={HEADER: merchant_signature,
-                                                "Content-Type": "application/json"})
+                                       headers={HEADER: merchant_signature})
             answer = sent.json() if len(sent.content) <= 8192 else {}
             status = sent.status_code
         except (httpx.HTTPError, ValueError) as exc:
-            answer, status = {"reason": f"the service provider did not answer: "
-                                        f"{type(exc).__name__}"}, 502
-        if not isinstance(answer, dict):
-            answer = {}
+            answer, status = {"reason": f"no answer from the SP: {type(exc).__name__}"}, 502
+        answer = answer if isinstance(answer, dict) else {}
         row = await self.server.sql(first_row, self.engine, pons, pon=made["pon"])
         paid = row is not None and row["state"] == PAID
         out = {"pon": made["pon"], "secret": made["secret"], "paid": paid,
