@@ -21,12 +21,13 @@ def listed_commands(*path: str) -> list[str]:
 
 def test_root_help_lists_every_command() -> None:
     assert listed_commands() == ["apdu", "audit", "bank", "batches", "card", "clearing", "demo",
-                                 "helper", "load", "pay", "readers", "serve", "session", "sp",
+                                 "device", "goods", "helper", "load", "pay", "readers", "serve", "session", "sp",
                                  "terminal", "terminal-key", "trace"]
 
 
 def test_serve_lists_every_server() -> None:
-    assert listed_commands("serve") == ["bank", "load", "merchant", "payment", "sp",
+    assert listed_commands("serve") == ["bank", "goods-auth", "goods-bank", "goods-fulfil",
+                                        "goods-merchant", "goods-payment", "load", "merchant", "payment", "sp",
                                         "trade-account-manager", "trade-acquirer",
                                         "trade-merchant"]
 

@@ -37,6 +37,7 @@ import click
 
 from ...card.personalise import ProfileError
 from ...card.storage import ImageError
+from ..goods import cli as goods_cli
 from ..helper.cli import helper_cmd
 from ..kit.command_line import (
     EXIT_INPUT,
@@ -145,7 +146,7 @@ def serve() -> None:
 
 for command in (card, terminal, apdu_cmd, readers_cmd, trace, demo, helper_cmd):
     main.add_command(command)
-for system in (pay_cli, load_cli, settle_cli, sp_cli, trade_cli):
+for system in (pay_cli, load_cli, settle_cli, sp_cli, trade_cli, goods_cli):
     system.register(main, serve)
 
 

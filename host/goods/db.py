@@ -1,0 +1,133 @@
+"""The goods parties' databases (SQLAlchemy Core; SQLite by default, PostgreSQL by URL), one
+schema per party, each party in its own database.
+
+Every state change is one compare-and-set on a row's ``state`` inside one
+:func:`~svcard.host.kit.db.step`; every row is keyed by the order (``order_ref`` unique), so a
+replayed or raced message finds the row it would make.
+
+* merchant ``goods_merchant_orders``: ``routed`` -> ``paid`` | ``declined``; ``paid`` ->
+  ``refunded``.
+* payment ``goods_payment_orders``: ``routed`` -> ``authorising`` -> ``paid`` | ``declined``;
+  ``paid`` -> ``refunded``.
+* authentication ``goods_devices`` (a device's public key by its id) and ``goods_auth_orders``:
+  ``offered`` -> ``authorised`` -> ``paid`` | ``declined``.
+* institution ``goods_accounts`` (balance, the card it pays for, its PIN's hash and failures)
+  and ``goods_bank_payments``: ``paid`` -> ``refunded``; a debit and its payment row are one
+  step.
+* fulfilment ``goods_goods``: ``pending`` (paid, no write issued) -> ``issued`` (a write
+  handed out for a challenge; re-issued after ``issue_lease``) -> ``written``; only a
+  ``pending`` good is refunded (``refunding`` -> ``refunded``): a write once handed out may be
+  on the card, so it is completed at pick-up, never refunded.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Engine, Integer, MetaData, String, Table, Text
+
+from ..kit.schema import Schema, open_schema
+
+ROUTED, AUTHORISING, PAID, DECLINED, REFUNDED = (
+    "routed", "authorising", "paid", "declined", "refunded")
+OFFERED, AUTHORISED = "offered", "authorised"
+PENDING, ISSUED, WRITTEN, REFUNDING = "pending", "issued", "written", "refunding"
+
+
+def _stamps() -> list[Column[int]]:
+    return [Column("created", BigInteger, nullable=False),
+            Column("updated", BigInteger, nullable=False)]
+
+
+def _order_cols() -> list[Column[object]]:
+    return [Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("order_ref", String(32), nullable=False, unique=True),
+            Column("state", String(12), nullable=False)]
+
+
+merchant_md = MetaData()
+merchant_orders = Table(
+    "goods_merchant_orders", merchant_md, *_order_cols(),
+    Column("sku", String(32), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency_code", Integer, nullable=False),
+    Column("device", String(32), nullable=False),
+    Column("customer_ref", String(64), nullable=False),   # recorded, never trusted
+    *_stamps())
+
+payment_md = MetaData()
+payment_orders = Table(
+    "goods_payment_orders", payment_md, *_order_cols(),
+    Column("merchant", String(32), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency_code", Integer, nullable=False),
+    Column("device", String(32), nullable=False),
+    Column("digital_order", Text, nullable=False),        # the merchant's signed text
+    Column("merchant_signature", String(128), nullable=False),
+    Column("card", String(20), nullable=True),
+    Column("confirmation", Text, nullable=True),          # the institution's signed text
+    Column("confirmation_signature", String(128), nullable=True),
+    Column("answer", Text, nullable=True),                # the fulfilment's write, relayed
+    *_stamps())
+
+auth_md = MetaData()
+devices = Table(
+    "goods_devices", auth_md,
+    Column("device", String(32), primary_key=True),
+    Column("public_key", String(64), nullable=False),
+    Column("label", String(64), nullable=False),          # recorded, never trusted
+    *_stamps())
+auth_orders = Table(
+    "goods_auth_orders", auth_md, *_order_cols(),
+    Column("device", String(32), nullable=False, index=True),
+    Column("first_message", Text, nullable=False),
+    Column("first_signature", String(128), nullable=False),
+    Column("authorisation", String(64), nullable=True),   # digest of the device's message
+    Column("answer", Text, nullable=True),
+    *_stamps())
+
+bank_md = MetaData()
+accounts = Table(
+    "goods_accounts", bank_md,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account", String(32), nullable=False, unique=True),
+    Column("card", String(20), nullable=False, unique=True),
+    Column("pin_hash", String(200), nullable=False),
+    Column("pin_failures", Integer, nullable=False),
+    Column("balance", BigInteger, nullable=False),
+    Column("currency_code", Integer, nullable=False),
+    Column("state", String(12), nullable=False),
+    *_stamps())
+bank_payments = Table(
+    "goods_bank_payments", bank_md, *_order_cols(),
+    Column("account", String(32), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency_code", Integer, nullable=False),
+    Column("merchant", String(32), nullable=False),
+    *_stamps())
+
+fulfil_md = MetaData()
+goods = Table(
+    "goods_goods", fulfil_md, *_order_cols(),
+    Column("card", String(20), nullable=False, index=True),
+    Column("device", String(32), nullable=False),
+    Column("merchant", String(32), nullable=False),
+    Column("record", String(80), nullable=False),
+    Column("sfi", Integer, nullable=False),
+    Column("deadline", BigInteger, nullable=False),       # ms
+    Column("issued_at", BigInteger, nullable=True),       # ms of the last write handed out
+    Column("writes", Integer, nullable=False),            # writes handed out
+    Column("amount", BigInteger, nullable=False),
+    Column("currency_code", Integer, nullable=False),
+    *_stamps())
+
+SCHEMAS = {
+    "merchant": Schema("goods-merchant", 1, merchant_md),
+    "payment": Schema("goods-payment", 1, payment_md),
+    "auth": Schema("goods-auth", 1, auth_md),
+    "bank": Schema("goods-bank", 1, bank_md),
+    "fulfil": Schema("goods-fulfil", 1, fulfil_md),
+}
+
+
+def make_engine(url: str, role: str) -> Engine:
+    """The database of party ``role`` at ``url``, its schema created or checked."""
+    return open_schema(url, SCHEMAS[role])

@@ -1,0 +1,264 @@
+"""The authentication server of seed 000: it knows the devices, formats each routed digital
+order into a *first message* for the order's device, and relays what the device sends back.
+
+Devices. ``POST /v1/devices`` (``REGISTRATION``, signed by the device's own key; the signer
+is the device id, which must be :func:`..wire.device_id` of the key): a device is its key. Every
+later device message is signed by that key.
+
+``POST /v1/orders`` (payment server, ``ROUTED_ORDER``): the merchant's digital order with the
+merchant's signature (checked too). If its device is registered the first message (order,
+merchant, item, amount, the goods record, the institution's sealing key) is signed
+(``FIRST_MESSAGE``) and kept ``offered``; the device's waiting poll wakes.
+``POST /v1/poll`` (device, ``POLL``): the device's ``offered`` first messages, waiting up to
+``wait`` seconds (at most ``GoodsSystem.poll_wait``) for one to come.
+``POST /v1/authorisations`` (device, ``AUTHORISATION``): only the order's own device, naming
+the digest of the first message it was shown. ``offered`` -> ``authorised`` in one step, then
+relayed (``RELAYED_AUTH``) to the payment server; the answer (paid with the write of the good
+for the device's challenge, or declined) is signed for the device. A repeat of the same
+authorisation (same order, card, PIN seal) relays again; another is refused (409).
+``POST /v1/written`` and ``POST /v1/pickups`` (device): relayed to the fulfilment server
+(``RELAYED_WRITTEN``, ``RELAYED_PICKUP``) with the device's id, which only this server vouches
+for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ...kit.db import reading, step
+from ...kit.http import Refused, read_body, shutting_down
+from ...kit.request_log import note
+from .. import db as D
+from .. import wire as W
+from .common import PartyServer, handled, read_one
+from .payment import DIGITAL_FIELDS
+
+ROUTED_FIELDS: dict[str, W.Checker] = {"digital_order": W.INNER,
+                                       "merchant_signature": W.SIGNATURE_HEX,
+                                       "created": W.SECONDS}
+REGISTRATION_FIELDS: dict[str, W.Checker] = {"public_key": W.KEY, "label": W.text(64),
+                                             "created": W.SECONDS}
+POLL_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "wait": W._int(0, 60),
+                                     "created": W.SECONDS}
+AUTH_FIELDS: dict[str, W.Checker] = {
+    "order": W.ORDER, "device": W.DEVICE, "approve": W.BOOL, "card": W.SERIAL,
+    "issuer": W.ISSUER, "first": W.KEY, "pin": W.SEALED, "challenge": W.CHALLENGE,
+    "created": W.SECONDS}
+WRITTEN_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "device": W.DEVICE,
+                                        "card": W.SERIAL, "sw": W.SW, "created": W.SECONDS}
+PICKUP_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "card": W.SERIAL,
+                                       "issuer": W.ISSUER, "challenge": W.CHALLENGE,
+                                       "held": W.GOOD_KEYS, "created": W.SECONDS}
+MAX_OFFERED = 16   # first messages one poll answers
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class AuthServer(PartyServer):
+    role = "auth"
+    health_table = D.devices
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+
+    # --- devices ------------------------------------------------------------------------------
+    async def device_message(self, request: Request, fields: dict[str, W.Checker], what: str,
+                             domain: bytes) -> dict[str, Any]:
+        """A message signed by a registered device, which must name itself in ``device``."""
+        if self.draining:
+            raise shutting_down()
+        body = await read_body(request, W.MAX_MESSAGE)
+        data = W.parse(body, fields, what)
+        device = request.headers.get(W.SIGNER, "")
+        note(party=device[:32])
+        if device != data["device"]:
+            raise Refused(401, 401, f"{what}: signed by another device than it names")
+        row = await self.sql(read_one, self.engine, D.devices, device=device)
+        if row is None:
+            raise Refused(403, 403, f"{what}: no such device")
+        if not W.verify(bytes.fromhex(row["public_key"]), domain, body,
+                        request.headers.get(W.SIGNATURE)):
+            raise Refused(401, 401, f"{what}: the signature does not verify")
+        self.check_fresh(data, what)
+        return data
+
+    async def register(self, request: Request) -> Response:
+        async def work() -> Response:
+            body = await read_body(request, W.MAX_MESSAGE)
+            data = W.parse(body, REGISTRATION_FIELDS, "registration")
+            public = bytes.fromhex(data["public_key"])
+            device = W.device_id(public)
+            if request.headers.get(W.SIGNER) != device or not W.verify(
+                    public, W.REGISTRATION, body, request.headers.get(W.SIGNATURE)):
+                raise Refused(401, 401, "registration: not signed by the key it registers")
+            self.check_fresh(data, "registration")
+            await self.sql(self._register, device, data["public_key"], data["label"])
+            return self.reply(W.REGISTRATION, {"device": device, "registered": True})
+        return await handled(work)
+
+    def _register(self, device: str, public: str, label: str) -> None:
+        now = self.now_ms()
+        try:
+            with step(self.engine) as conn:
+                conn.execute(insert(D.devices).values(device=device, public_key=public,
+                                                      label=label, created=now, updated=now))
+        except IntegrityError:   # registered already: the same key (its id says so)
+            pass
+
+    # --- the first message --------------------------------------------------------------------
+    async def orders(self, request: Request) -> Response:
+        async def work() -> Response:
+            _, data, _ = await self.authenticated(request, ROUTED_FIELDS, "routed order",
+                                                  W.ROUTED_ORDER, ("payment",))
+            inner = data["digital_order"].encode()
+            merchant = self.system.peer("merchant")
+            if not W.verify(merchant.public_key, W.DIGITAL_ORDER, inner,
+                            data["merchant_signature"]):
+                raise Refused(401, 401, "routed order: the merchant's signature does not verify")
+            order = W.parse(inner, DIGITAL_FIELDS, "digital order")
+            known = await self.sql(read_one, self.engine, D.devices, device=order["device"])
+            if known is None:
+                return self.reply(W.ROUTED_ORDER, {"order": order["order"], "offered": False,
+                                                   "reason": "no such device"})
+            first = {"order": order["order"], "merchant": order["merchant"],
+                     "name": order["name"], "kind": order["kind"], "amount": order["amount"],
+                     "currency": order["currency"], "device": order["device"],
+                     "record": order["record"], "seal_key": self.system.seal_key.hex(),
+                     "auth": self.me, "created": self.now_ms() // 1000}
+            text = W.canonical(first).decode()
+            signature = W.sign(self.config.private_key, W.FIRST_MESSAGE, text.encode())
+            fresh = await self.sql(self._offer, order["order"], order["device"], text,
+                                   signature)
+            if fresh:
+                for event in self.waiters.get(order["device"], ()):
+                    event.set()
+            return self.reply(W.ROUTED_ORDER, {"order": order["order"], "offered": fresh,
+                                               "reason": "" if fresh else "offered already"})
+        return await handled(work)
+
+    def _offer(self, order: str, device: str, text: str, signature: str) -> bool:
+        now = self.now_ms()
+        try:
+            with step(self.engine) as conn:
+                conn.execute(insert(D.auth_orders).values(
+                    order_ref=order, state=D.OFFERED, device=device, first_message=text,
+                    first_signature=signature, created=now, updated=now))
+        except IntegrityError:
+            return False
+        return True
+
+    def _offered(self, device: str) -> list[dict[str, str]]:
+        t = D.auth_orders
+        with reading(self.engine) as conn:
+            rows = conn.execute(select(t.c.first_message, t.c.first_signature).where(
+                t.c.device == device, t.c.state == D.OFFERED).order_by(t.c.id)
+                .limit(MAX_OFFERED)).all()
+        return [{"message": r.first_message, "signature": r.first_signature} for r in rows]
+
+    async def poll(self, request: Request) -> Response:
+        async def work() -> Response:
+            data = await self.device_message(request, POLL_FIELDS, "poll", W.POLL)
+            device = data["device"]
+            event = asyncio.Event()
+            self.waiters[device].add(event)
+            try:
+                offered = await self.sql(self._offered, device)
+                if not offered and data["wait"]:
+                    wait = min(float(data["wait"]), self.system.poll_wait)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(), wait)
+                    offered = await self.sql(self._offered, device)
+            finally:
+                self.waiters[device].discard(event)
+                if not self.waiters[device]:
+                    del self.waiters[device]
+            return JSONResponse({"device": device, "messages": offered})
+        return await handled(work)
+
+    # --- the authorisation --------------------------------------------------------------------
+    async def authorisations(self, request: Request) -> Response:
+        async def work() -> Response:
+            data = await self.device_message(request, AUTH_FIELDS, "authorisation",
+                                             W.AUTHORISATION)
+            order = await self.sql(read_one, self.engine, D.auth_orders, order_ref=data["order"])
+            if order is None or order["device"] != data["device"]:
+                raise Refused(404, 404, "authorisation: no such order for this device")
+            if data["first"] != digest(order["first_message"]):
+                raise Refused(409, 409, "authorisation: not the first message this server "
+                                        "sent")
+            mine = digest(f"{data['card']}|{data['pin']}|{data['approve']}")
+            if order["state"] == D.OFFERED:
+                if not await self.sql(self._set, data["order"], D.OFFERED, D.AUTHORISED,
+                                      authorisation=mine):
+                    order = await self.sql(read_one, self.engine, D.auth_orders,
+                                           order_ref=data["order"])
+                    assert order is not None
+                else:
+                    order = {**order, "state": D.AUTHORISED, "authorisation": mine}
+            if order["authorisation"] != mine:
+                raise Refused(409, 409, "authorisation: this order was authorised otherwise")
+            if order["state"] == D.DECLINED:
+                return self.reply(W.AUTHORISATION, {"order": data["order"], "paid": False,
+                                                    "reason": "declined"})
+            decision = await self.send("payment", "/v1/authorisations", W.RELAYED_AUTH, {
+                k: data[k] for k in ("order", "device", "approve", "card", "issuer", "pin",
+                                     "challenge")} | {"created": self.now_ms() // 1000})
+            if decision.get("order") != data["order"]:
+                raise Refused(502, 502, "authorisation: the payment server answered about "
+                                        "another order")
+            if decision.get("paid") is True:
+                await self.sql(self._set, data["order"], D.AUTHORISED, D.PAID)
+            elif decision.get("retry") is True:   # a wrong PIN: the device may try again
+                await self.sql(self._set, data["order"], D.AUTHORISED, D.OFFERED,
+                               authorisation=None)
+            else:
+                await self.sql(self._set, data["order"], D.AUTHORISED, D.DECLINED)
+            return self.reply(W.AUTHORISATION, {
+                "order": data["order"], "paid": decision.get("paid") is True,
+                "apdu": decision.get("apdu"), "reason": str(decision.get("reason", ""))})
+        return await handled(work)
+
+    def _set(self, order: str, expect: str, state: str, **values: Any) -> bool:
+        t = D.auth_orders
+        with step(self.engine) as conn:
+            done = conn.execute(update(t).where(t.c.order_ref == order, t.c.state == expect)
+                                .values(state=state, updated=self.now_ms(), **values))
+        return int(done.rowcount or 0) == 1
+
+    # --- writes and pick-ups ------------------------------------------------------------------
+    async def written(self, request: Request) -> Response:
+        async def work() -> Response:
+            data = await self.device_message(request, WRITTEN_FIELDS, "written", W.WRITTEN)
+            decision = await self.send("fulfil", "/v1/written", W.RELAYED_WRITTEN,
+                                       {**data, "created": self.now_ms() // 1000})
+            return self.reply(W.WRITTEN, decision)
+        return await handled(work)
+
+    async def pickups(self, request: Request) -> Response:
+        async def work() -> Response:
+            data = await self.device_message(request, PICKUP_FIELDS, "pick-up", W.PICKUP)
+            decision = await self.send("fulfil", "/v1/pickups", W.RELAYED_PICKUP,
+                                       {**data, "created": self.now_ms() // 1000})
+            return self.reply(W.PICKUP, decision)
+        return await handled(work)
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/devices", self.register, methods=["POST"]),
+                Route("/v1/orders", self.orders, methods=["POST"]),
+                Route("/v1/poll", self.poll, methods=["POST"]),
+                Route("/v1/authorisations", self.authorisations, methods=["POST"]),
+                Route("/v1/written", self.written, methods=["POST"]),
+                Route("/v1/pickups", self.pickups, methods=["POST"])]

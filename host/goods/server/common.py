@@ -1,0 +1,210 @@
+"""What the five goods servers share: their database, the signed messages in and out, the
+drain and the health check.
+
+A request from a party is read bounded, its fields checked (:func:`..wire.parse`), its signer
+looked up among the parties this server takes that message from, its signature verified under
+the route's domain label, and its ``created`` (when it has one) within ``MAX_SKEW`` of this
+server's clock, all before any state is read or changed. A decision (paid, declined, a write)
+is a 200 answer signed by the answering party under ``REPLY + the request's label``, so an
+answer is never taken for another message; a non-200 answer is a refusal that changed nothing
+(the caller may ask again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ...kit.db import reading
+from ...kit.health import HealthCheck, database_check
+from ...kit.http import (
+    JSON_STORAGE_ERROR_HANDLERS,
+    Refused,
+    SqlRunner,
+    json_refusal,
+    openapi_route,
+    read_body,
+    shutting_down,
+)
+from ...kit.request_log import RequestLog, note
+from .. import wire as W
+from ..config import PartyConfig
+from ..db import make_engine
+
+REPLY = b"svcard-goods-reply/1\n"
+
+
+class Unreachable(Exception):
+    """A peer that did not answer, or answered with no valid signed decision."""
+
+
+class PartyServer:
+    """The base of each party's server: ``routes()`` gives its own routes."""
+
+    role = ""
+    health_table: Any = None
+
+    def __init__(self, config: PartyConfig, *, clock: Callable[[], float] = time.time,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.engine = make_engine(config.db_url, config.role)
+        self.sql = SqlRunner(config.db_url)
+        self.transport = transport
+        self.http: httpx.AsyncClient | None = None
+        self.draining = False
+        self.health_check = HealthCheck(
+            f"goods-{self.role}", {"database": database_check(self.engine, self.health_table)},
+            lambda: {}, lambda: self.draining)
+
+    @property
+    def system(self) -> Any:
+        return self.config.system
+
+    @property
+    def me(self) -> str:
+        return str(self.config.me.id)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # --- drain (kit/serving.py) -------------------------------------------------------------
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def pending(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        if self.sql.executor is not None:
+            self.sql.executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    # --- messages in --------------------------------------------------------------------------
+    async def authenticated(self, request: Request, fields: Mapping[str, W.Checker],
+                            what: str, domain: bytes, roles: Collection[str],
+                            ) -> tuple[bytes, dict[str, Any], str]:
+        """(body, fields, signer role) of a message signed by a party of ``roles``."""
+        if self.draining:
+            raise shutting_down()
+        body = await read_body(request, W.MAX_MESSAGE)
+        data = W.parse(body, fields, what)
+        signer = request.headers.get(W.SIGNER, "")
+        note(party=signer[:32])
+        role = next((r for r in roles if self.system.peer(r).id == signer), None)
+        if role is None:
+            raise Refused(403, 403, f"{what}: the signer is not a party this server takes "
+                                    "it from")
+        if not W.verify(self.system.peer(role).public_key, domain, body,
+                        request.headers.get(W.SIGNATURE)):
+            raise Refused(401, 401, f"{what}: the signature does not verify")
+        self.check_fresh(data, what)
+        return body, data, role
+
+    def check_fresh(self, data: Mapping[str, Any], what: str) -> None:
+        created = data.get("created")
+        if isinstance(created, int) and abs(self.now_ms() // 1000 - created) > W.MAX_SKEW:
+            raise Refused(401, 401, f"{what}: made more than {W.MAX_SKEW} s from this "
+                                    "server's clock")
+
+    def reply(self, request_domain: bytes, payload: Mapping[str, Any]) -> Response:
+        """A signed decision for the sender of a ``request_domain`` message."""
+        body, headers = W.signed(self.config.private_key, self.me, REPLY + request_domain,
+                                 payload)
+        return Response(body, headers=headers, media_type="application/json")
+
+    # --- messages out -------------------------------------------------------------------------
+    def client(self) -> httpx.AsyncClient:
+        if self.http is None:
+            self.http = httpx.AsyncClient(timeout=30, transport=self.transport)
+        return self.http
+
+    async def send(self, role: str, path: str, domain: bytes,
+                   payload: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a signed message to the party of ``role``; its signed decision (a dict), or
+        :class:`Unreachable` (no answer, a refusal, or an answer it did not sign)."""
+        return (await self.send_raw(role, path, domain, payload))[0]
+
+    async def send_raw(self, role: str, path: str, domain: bytes, payload: Mapping[str, Any],
+                       ) -> tuple[dict[str, Any], str, str]:
+        """:meth:`send`, with the answer's signed text and its signature (to pass on)."""
+        peer = self.system.peer(role)
+        body, headers = W.signed(self.config.private_key, self.me, domain, payload)
+        try:
+            answer = await self.client().post(f"{peer.url}{path}", content=body,
+                                              headers=headers)
+        except httpx.HTTPError as exc:
+            raise Unreachable(f"{role} {peer.url}: {type(exc).__name__}") from None
+        if answer.status_code != 200:
+            reason = answer.text[:200] if len(answer.content) < 4096 else ""
+            raise Unreachable(f"{role} answered {answer.status_code}: {reason}")
+        if (answer.headers.get(W.SIGNER) != peer.id or len(answer.content) > W.MAX_MESSAGE
+                or not W.verify(peer.public_key, REPLY + domain, answer.content,
+                                answer.headers.get(W.SIGNATURE))):
+            raise Unreachable(f"{role}: the answer is not signed by {peer.id}")
+        try:
+            data = W.canonical_load(answer.content)
+        except ValueError:
+            raise Unreachable(f"{role}: the answer is not a JSON object") from None
+        return data, answer.content.decode(), str(answer.headers.get(W.SIGNATURE))
+
+    # --- the app ------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return await self.health_check.answer(request)
+
+    def routes(self) -> list[Route]:
+        raise NotImplementedError
+
+    async def started(self) -> None:
+        """Work left open by a stop (overridden)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.started()
+        try:
+            yield
+        finally:
+            await self.stopping()
+            if self.http is not None:
+                await self.http.aclose()
+                self.http = None
+
+    async def stopping(self) -> None:
+        """Background work to stop (overridden)."""
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[*self.routes(),
+                                 Route("/v1/health", self.health, methods=["GET"]),
+                                 openapi_route(f"goods-{self.role}")],
+                         exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+                         lifespan=self.lifespan,
+                         middleware=[Middleware(RequestLog, server=f"goods-{self.role}")])
+
+
+async def handled(work: Callable[[], Any]) -> Response:
+    """Run a route's work; a refusal becomes its JSON answer, an unreachable peer a 502."""
+    try:
+        result: Response = await work()
+        return result
+    except Refused as exc:
+        return json_refusal(exc)
+    except Unreachable as exc:
+        note(reason=str(exc))
+        return JSONResponse({"reason": f"a party did not decide: {exc}"}, status_code=502)
+
+
+def read_one(engine: Any, table: Any, **where: Any) -> dict[str, Any] | None:
+    from sqlalchemy import select
+    query = select(table).where(*(table.c[k] == v for k, v in where.items()))
+    with reading(engine) as conn:
+        row = conn.execute(query).first()
+    return dict(row._mapping) if row is not None else None

@@ -1,0 +1,186 @@
+"""The payment server of seed 000: it routes the merchant's digital order to the authentication
+server, takes the device's authorisation back from it, has the financial institution pay, and
+tells the fulfilment server (which answers the write of the good) and the merchant.
+
+``POST /v1/orders`` (merchant, ``DIGITAL_ORDER``): kept as ``routed`` with the merchant's
+signed text, then relayed (``ROUTED_ORDER``) to the authentication server; its answer says
+whether the device was offered it.
+``POST /v1/authorisations`` (authentication server, ``RELAYED_AUTH``): ``routed`` ->
+``authorising`` (the card recorded) in one step, then ``PAYMENT`` to the institution; its
+signed decision moves the order to ``paid`` or ``declined``. Paid: the fulfilment server gets
+``PAID`` with the merchant's digital order and the institution's signed confirmation (it
+trusts neither this server's word on the good nor on the payment) and answers the write for
+the device's challenge; then the merchant is told. A retried authorisation of an order still
+``authorising`` asks the institution again (it pays an order once); of a ``paid`` one, asks
+the fulfilment server again (a new challenge, the same good).
+``POST /v1/refunds`` (fulfilment, ``REFUND``): the institution refunds a good never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from sqlalchemy import insert, update
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ...kit.db import step
+from ...kit.http import Refused
+from .. import db as D
+from .. import wire as W
+from .common import PartyServer, Unreachable, handled, read_one
+
+DIGITAL_FIELDS: dict[str, W.Checker] = {
+    "order": W.ORDER, "merchant": W.IDENT, "sku": W.IDENT, "name": W.text(100),
+    "kind": W._pattern(r"ticket|coupon|transit|voucher"), "amount": W.AMOUNT,
+    "currency": W.CURRENCY, "device": W.DEVICE, "record": W.RECORD, "created": W.SECONDS}
+RELAYED_FIELDS: dict[str, W.Checker] = {
+    "order": W.ORDER, "device": W.DEVICE, "approve": W.BOOL, "card": W.SERIAL,
+    "issuer": W.ISSUER, "pin": W.SEALED, "challenge": W.CHALLENGE, "created": W.SECONDS}
+REFUND_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "amount": W.AMOUNT,
+                                       "created": W.SECONDS}
+
+
+class PaymentServer(PartyServer):
+    role = "payment"
+    health_table = D.payment_orders
+
+    # --- the digital order ------------------------------------------------------------------
+    async def orders(self, request: Request) -> Response:
+        async def work() -> Response:
+            body, data, _ = await self.authenticated(request, DIGITAL_FIELDS, "digital order",
+                                                     W.DIGITAL_ORDER, ("merchant",))
+            if data["merchant"] != self.system.peer("merchant").id:
+                raise Refused(403, 403, "digital order: a merchant orders in its own name")
+            if data["currency"] != self.system.currency_code:
+                raise Refused(400, 400, "digital order: not this system's currency")
+            signature = request.headers[W.SIGNATURE]
+            fresh = await self.sql(self._insert, data, body.decode(), signature)
+            if not fresh:
+                raise Refused(409, 409, "digital order: this order was routed already")
+            decision = await self.send("auth", "/v1/orders", W.ROUTED_ORDER, {
+                "digital_order": body.decode(), "merchant_signature": signature,
+                "created": self.now_ms() // 1000})
+            offered = decision.get("order") == data["order"] and decision.get("offered") is True
+            if not offered:
+                await self.sql(self._set, data["order"], D.ROUTED, D.DECLINED)
+            return self.reply(W.DIGITAL_ORDER, {"order": data["order"], "offered": offered,
+                                                "reason": str(decision.get("reason", ""))})
+        return await handled(work)
+
+    def _insert(self, data: dict[str, Any], text: str, signature: str) -> bool:
+        now = self.now_ms()
+        try:
+            with step(self.engine) as conn:
+                conn.execute(insert(D.payment_orders).values(
+                    order_ref=data["order"], state=D.ROUTED, merchant=data["merchant"],
+                    amount=data["amount"], currency_code=data["currency"],
+                    device=data["device"], digital_order=text, merchant_signature=signature,
+                    created=now, updated=now))
+        except IntegrityError:
+            return False
+        return True
+
+    def _set(self, order: str, expect: str, state: str, **values: Any) -> bool:
+        with step(self.engine) as conn:
+            done = conn.execute(update(D.payment_orders).where(
+                D.payment_orders.c.order_ref == order, D.payment_orders.c.state == expect)
+                .values(state=state, updated=self.now_ms(), **values))
+        return int(done.rowcount or 0) == 1
+
+    # --- the authorisation --------------------------------------------------------------------
+    async def authorisations(self, request: Request) -> Response:
+        async def work() -> Response:
+            _, data, _ = await self.authenticated(request, RELAYED_FIELDS, "authorisation",
+                                                  W.RELAYED_AUTH, ("auth",))
+            return self.reply(W.RELAYED_AUTH, await self._authorise(data))
+        return await handled(work)
+
+    async def _authorise(self, data: dict[str, Any]) -> dict[str, Any]:
+        order = data["order"]
+        row = await self.sql(read_one, self.engine, D.payment_orders, order_ref=order)
+        if row is None:
+            raise Refused(404, 404, "authorisation: no such order")
+        if row["device"] != data["device"]:
+            raise Refused(403, 403, "authorisation: not the order's device")
+        if not data["approve"]:
+            if await self.sql(self._set, order, D.ROUTED, D.DECLINED):
+                await self._tell_merchant(order, D.DECLINED, "the customer declined")
+            return {"order": order, "paid": False, "reason": "the customer declined"}
+        if row["state"] == D.ROUTED:
+            if not await self.sql(self._set, order, D.ROUTED, D.AUTHORISING, card=data["card"]):
+                row = await self.sql(read_one, self.engine, D.payment_orders, order_ref=order)
+                assert row is not None
+            else:
+                row = {**row, "state": D.AUTHORISING, "card": data["card"]}
+        if row["card"] != data["card"]:
+            raise Refused(409, 409, "authorisation: the order is being paid with another card")
+        if row["state"] == D.AUTHORISING:
+            decision, text, signature = await self.send_raw("bank", "/v1/payments", W.PAYMENT, {
+                "order": order, "card": data["card"], "amount": row["amount"],
+                "currency": row["currency_code"], "merchant": row["merchant"],
+                "pin": data["pin"], "created": self.now_ms() // 1000})
+            if decision.get("order") != order or not isinstance(decision.get("paid"), bool):
+                raise Unreachable("bank: a decision about another order")
+            if not decision["paid"]:
+                reason = str(decision.get("reason", "declined"))[:200]
+                if decision.get("final", True) and \
+                        await self.sql(self._set, order, D.AUTHORISING, D.DECLINED):
+                    await self._tell_merchant(order, D.DECLINED, reason)
+                elif not decision.get("final", True):   # a wrong PIN: the device may retry
+                    await self.sql(self._set, order, D.AUTHORISING, D.ROUTED, card=None)
+                return {"order": order, "paid": False, "reason": reason,
+                        "retry": not decision.get("final", True)}
+            await self.sql(self._set, order, D.AUTHORISING, D.PAID, confirmation=text,
+                           confirmation_signature=signature)
+            row = await self.sql(read_one, self.engine, D.payment_orders, order_ref=order)
+            assert row is not None
+            await self._tell_merchant(order, D.PAID, "paid by the institution")
+        if row["state"] != D.PAID:
+            return {"order": order, "paid": False, "reason": f"the order is {row['state']}"}
+        write = await self.send("fulfil", "/v1/goods", W.PAID, {
+            "order": order, "card": row["card"], "issuer": data["issuer"],
+            "device": row["device"], "challenge": data["challenge"],
+            "digital_order": row["digital_order"],
+            "merchant_signature": row["merchant_signature"],
+            "confirmation": row["confirmation"],
+            "confirmation_signature": row["confirmation_signature"],
+            "created": self.now_ms() // 1000})
+        if write.get("order") != order:
+            raise Unreachable("fulfil: an answer about another order")
+        return {"order": order, "paid": True, "apdu": write.get("apdu"),
+                "state": write.get("state")}
+
+    async def _tell_merchant(self, order: str, state: str, reason: str) -> None:
+        with contextlib.suppress(Unreachable):   # the merchant asks about its order later
+            await self.send("merchant", "/v1/paid", W.PAID, {
+                "order": order, "state": state, "reason": reason,
+                "created": self.now_ms() // 1000})
+
+    # --- refunds ------------------------------------------------------------------------------
+    async def refunds(self, request: Request) -> Response:
+        async def work() -> Response:
+            _, data, _ = await self.authenticated(request, REFUND_FIELDS, "refund", W.REFUND,
+                                                  ("fulfil",))
+            order = data["order"]
+            row = await self.sql(read_one, self.engine, D.payment_orders, order_ref=order)
+            if row is None or row["state"] not in (D.PAID, D.REFUNDED):
+                raise Refused(409, 409, "refund: the order is not paid")
+            if row["amount"] != data["amount"]:
+                raise Refused(409, 409, "refund: not the amount paid")
+            decision = await self.send("bank", "/v1/refunds", W.REFUND, {
+                "order": order, "amount": row["amount"], "created": self.now_ms() // 1000})
+            if decision.get("order") != order or decision.get("refunded") is not True:
+                raise Unreachable("bank: the refund was not confirmed")
+            if await self.sql(self._set, order, D.PAID, D.REFUNDED):
+                await self._tell_merchant(order, D.REFUNDED, "not picked up in time")
+            return self.reply(W.REFUND, {"order": order, "refunded": True})
+        return await handled(work)
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/orders", self.orders, methods=["POST"]),
+                Route("/v1/authorisations", self.authorisations, methods=["POST"]),
+                Route("/v1/refunds", self.refunds, methods=["POST"])]
