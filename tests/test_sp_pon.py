@@ -323,3 +323,41 @@ def test_a_pon_releases_once_at_the_merchant_whatever_the_payments(env: Env) -> 
     assert db.get(txns[1])["state"] == MD.OPEN        # type: ignore[index]
     assert env.pon_state(row["pon"]) == MP.PAID
     assert desk._link(row["pon"], "ab" * 16, now) == "paid"
+
+
+def test_the_cli_sets_a_merchant_key_and_sends_a_pon(env: Env, http: httpx.Client,
+                                                     tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+    from svcard.host.kit.command_line import EXIT_INPUT
+    from svcard.host.sp.server.pon import merchant_key
+    from svcard.host.sp.signing import write_private_key
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(main, list(args), prog_name="svcard")
+
+    db = f"sqlite:///{tmp_path / 'keys.db'}"
+    bad = run("sp", "merchant-key", SHOP, "--public-key", "12ab", "--db", db)
+    assert bad.exit_code == EXIT_INPUT and "--public-key" in bad.output
+    done = run("sp", "merchant-key", SHOP, "--public-key", env.merchant_public.hex(),
+               "--db", db, "--json")
+    assert done.exit_code == 0, done.output
+    from svcard.host.sp import db as SD
+    engine = SD.make_engine(db)
+    assert merchant_key(engine, SHOP) == env.merchant_public
+    engine.dispose()
+    lou = env.sp.customer("lou")
+    key_file = tmp_path / "lou.key"
+    write_private_key(key_file, lou.key)
+    made = make_pon(http, env, "lou")
+    wrong = run("sp", "pon", env.sp.url, "--customer", "lou", "--key", str(key_file),
+                "--merchant", SHOP, "--pon", "NOTAPON")
+    assert wrong.exit_code == EXIT_INPUT and "--pon" in wrong.output
+    paid = run("sp", "pon", env.sp.url, "--customer", "lou", "--key", str(key_file),
+               "--merchant", SHOP, "--pon", made["pon"], "--max-amount", "125", "--json")
+    assert paid.exit_code == 0, paid.output
+    assert json.loads(paid.output)["state"] == "billed"
+    again = run("sp", "pon", env.sp.url, "--customer", "lou", "--key", str(key_file),
+                "--merchant", SHOP, "--pon", made["pon"])
+    assert again.exit_code != 0 and "refused (409)" in again.output

@@ -25,6 +25,7 @@ from ..kit.serving import serve_options
 from ..terminal.card_commands import parse_amount_option
 from ..terminal.money import Amount, AmountError, exponent_of, format_money
 from .operator_cli import OrderCommand
+from .server.pon_cli import merchant_key_cmd, pon_cmd
 
 
 def register(root: click.Group, serve: click.Group) -> None:
@@ -57,6 +58,10 @@ def _minor(amount: Amount, currency: int) -> int:
 @click.group()
 def sp() -> None:
     """The service provider of seed 001: customer accounts, bills, and ordering through it."""
+
+
+sp.add_command(merchant_key_cmd)   # FIG. 3B: a merchant's key, a customer's PON
+sp.add_command(pon_cmd)
 
 
 @sp.group("customer")
