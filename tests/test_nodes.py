@@ -151,6 +151,93 @@ def test_payment_schema_upgrade_adds_the_node_column(tmp_path: Path) -> None:
     raw.dispose()
 
 
+def _holds(node: Node) -> int:
+    try:
+        return int(httpx.get(node.url + "/v1/health", timeout=2).json().get("psams", 0))
+    except (httpx.HTTPError, ValueError):
+        return 0
+
+
+def _wait(check: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_paused_node_writes_nothing_after_its_lease_is_taken(cluster: Cluster,
+                                                              tmp_path: Path) -> None:
+    """The attacker is time: node A is stopped (SIGSTOP) while its PSAM runs INIT SAM for a
+    draw; its lease expires and another holder takes it (here the test itself, so that no
+    node settles A's draw meanwhile: only the fence stands between A and the database). A
+    resumes with a stale fencing token: its write of the PSAM's answer is refused, the draw is
+    voided, the card is never debited; once the intruder's lease runs out, A leases the PSAM
+    again and serves it."""
+    import signal
+
+    db_url = cluster.new_database()
+    psam = psam_images(tmp_path, 1)[0]
+    spec = f"delayed:400:virtual:{psam}"   # every PSAM APDU takes 0.4 s
+    with open_reader(f"virtual:{psam}") as reader:
+        terminal_id = identify(reader).terminal_id
+    key = bytes(range(32))
+    a = Node(tmp_path, NodeSpec("nodeA", free_port(), db_url, [spec], DEMO_MERCHANT_ID.hex(),
+                                key.hex(), lease_seconds=3.0, acquire_timeout=5.0))
+    port = free_port()
+    merchant_server = MerchantServer(MerchantConfig(
+        DEMO_MERCHANT_ID, key, a.url, terminal_id, public_url=f"http://127.0.0.1:{port}",
+        variants=frozenset(("fig8",)), default_variant="fig8",
+        db_url=f"sqlite:///{tmp_path / 'merchant.db'}"))
+    merchant = ServerThread(merchant_server.app(), port=port).start()
+    card = card_image(tmp_path, ep=5_000)
+    engine = make_engine(db_url)
+    store = L.LeaseStore(engine)
+    try:
+        a.start().wait_ready()
+        _wait(lambda: _holds(a) == 1, "node A to lease the PSAM")
+        failure: list[BaseException] = []
+
+        def pay() -> None:
+            try:
+                with httpx.Client(timeout=60) as http, open_reader(f"virtual:{card}") as r:
+                    C.pay(f"{merchant.url}/v1/checkout/song?variant=fig8", r,
+                          journal=Journal(tmp_path / "j.jsonl"), http=http)
+            except BaseException as exc:
+                failure.append(exc)
+
+        def rows() -> list[dict[str, Any]]:
+            with engine.connect() as conn:
+                return [dict(r._mapping) for r in conn.execute(select(payments))]
+
+        thread = threading.Thread(target=pay)
+        thread.start()
+        _wait(lambda: bool(rows()), "the draw's row")
+        time.sleep(0.15)                       # INIT SAM is running on A's PSAM
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            _wait(lambda: store.take(spec, "intruder#1", 2_000) is not None,
+                  "A's lease to expire")
+            assert rows()[0]["state"] == "received"   # nobody settled it: the fence must hold
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        thread.join(60)
+        assert failure and getattr(failure[0], "status", None) == 409, failure
+        (row,) = rows()
+        assert row["state"] == "voided" and row["reason"] == "this node lost the PSAM's lease"
+        assert row["psam_id"] is None and row["ttn"] is None and row["debit_command"] is None
+        assert read_image(card)["app"]["ep"]["balance"] == 5_000
+        _wait(lambda: _holds(a) == 1, "node A to lease the PSAM again")
+        history = store.history()
+        assert [h["node"].split("#")[0] for h in history] == ["nodeA", "intruder", "nodeA"]
+        assert [h["token"] for h in history] == [1, 2, 3]
+    finally:
+        merchant.stop()
+        merchant_server.close()
+        a.stop()
+        engine.dispose()
+
+
 # --- three nodes behind nginx, killed at random -----------------------------------------
 
 class Cluster3:

@@ -250,7 +250,8 @@ class PaymentDb:
             where.append(or_(payments.c.node.is_(None), payments.c.node.not_in(alive)))
         with step(self.engine) as conn:
             result = conn.execute(update(payments).where(*where).values(
-                state="voided", reason="payment server restarted before the PSAM answered",
+                state="voided", reason="payment server restarted before the PSAM answered"
+                if alive is None else "its node stopped before the PSAM answered",
                 updated=now_ms()))
             return int(result.rowcount or 0)
 
