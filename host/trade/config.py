@@ -52,6 +52,7 @@ class AccountManagerConfig:
     operators: dict[str, Peer]              # merchant operator id -> its mediating agent
     session_ms: int = 3_600_000             # how long a session may last
     max_sessions: int = 10_000              # open sessions per customer (bounded)
+    recover_seconds: float = 30.0           # how often undecided initiations are settled
 
 
 @dataclass

@@ -11,6 +11,7 @@ initiation (claims 1, 3)   customer, txn, merchant, operator, deposit, currency,
                            order {item, price}, registration {session_key, agent}, created
 amended (claim 4, 9)       account_manager, session, txn, merchant, deposit, currency,
                            pseudonym, session_key, vouched, expires, created
+lookup                     account_manager, session, txn, created
 information (claim 5)      acquirer, merchant, session, pseudonym, deposit, currency,
                            session_key, expires, created
 merchant ack (claim 6)     merchant, session, pseudonym, deposit, currency, information
@@ -96,6 +97,8 @@ INFORMATION: dict[str, Any] = {
     "acquirer": IDENT, "merchant": IDENT, "session": SESSION, "pseudonym": IDENT,
     "deposit": DEPOSIT, "currency": CURRENCY, "session_key": KEY, "expires": MS,
     "created": SECONDS}
+LOOKUP: dict[str, Any] = {
+    "account_manager": IDENT, "session": SESSION, "txn": TXN, "created": SECONDS}
 MERCHANT_ACK: dict[str, Any] = {
     "merchant": IDENT, "session": SESSION, "pseudonym": IDENT, "deposit": DEPOSIT,
     "currency": CURRENCY, "information": DIGEST}

@@ -14,10 +14,13 @@ refused (signed; the reservation is given back); 502 no signed answer from it (t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -29,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ...kit.db import first_row, step
+from ...kit.db import first_row, reading, step
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route
 from ...kit.request_log import RequestLog, note
 from .. import db as D
@@ -37,6 +40,9 @@ from .. import messages as M
 from .. import signing as S
 from ..config import AccountManagerConfig, Peer
 from .common import authenticated, refused, signed_json, verified_answer
+
+log = logging.getLogger("svcard.trade")
+RECOVER_AFTER_MS = 120_000   # an initiation still undecided this long was interrupted
 
 
 def add_customer(engine: Engine, customer: str, public_key: bytes, currency: str,
@@ -100,21 +106,26 @@ def reserve(engine: Engine, am_id: str, data: dict[str, Any], digest: str, pseud
 
 def settle_initiation(engine: Engine, session: str, state: str, reason: str,
                       opened: str | None, now: int) -> bool:
-    """``initiating`` -> ``state`` (compare-and-set); ``refused`` gives the deposit back, in
-    the same transaction."""
+    """``initiating`` or ``in_doubt`` -> ``state`` (compare-and-set); ``refused`` gives the
+    deposit back, in the same transaction."""
     s = D.am_sessions.c
     with step(engine) as conn:
         row = conn.execute(select(D.am_sessions).where(s.session == session)).first()
-        if row is None or row.state != D.INITIATING:
+        if row is None or row.state not in (D.INITIATING, D.IN_DOUBT) or row.state == state:
             return False
         changed = conn.execute(update(D.am_sessions).where(
-            s.session == session, s.state == D.INITIATING).values(
+            s.session == session, s.state == row.state).values(
             state=state, reason=reason[:300], opened=opened, updated=now)).rowcount == 1
         if changed and state == D.REFUSED:
             c = D.am_customers.c
             conn.execute(update(D.am_customers).where(c.id == row.customer).values(
                 reserved=c.reserved - row.deposit, updated=now))
         return changed
+
+
+def _rows(engine: Engine, query: Any) -> list[dict[str, Any]]:
+    with reading(engine) as conn:
+        return [dict(r._mapping) for r in conn.execute(query).all()]
 
 
 class AccountManager:
@@ -179,17 +190,30 @@ class AccountManager:
     async def _forward(self, operator: Peer, session: str, amended: dict[str, Any],
                        data: dict[str, Any]) -> Response:
         body, headers = S.signed(self.config.private_key, self.config.id, S.AMENDED, amended)
+        return await self._conclude(operator, session, amended,
+                                    await self._post(f"{operator.url}/v1/initiations", body,
+                                                     headers))
+
+    async def _post(self, url: str, body: bytes,
+                    headers: dict[str, str]) -> httpx.Response | str:
+        """The answer, or why there is none."""
         try:
             http = self.http or httpx.AsyncClient(timeout=30)
             try:
-                answer = await http.post(f"{operator.url}/v1/initiations", content=body,
-                                         headers=headers)
+                return await http.post(url, content=body, headers=headers)
             finally:
                 if self.http is None:
                     await http.aclose()
         except httpx.HTTPError as exc:
-            return await self._in_doubt(session, f"the mediating agent did not answer: "
-                                                 f"{type(exc).__name__}")
+            return f"the mediating agent did not answer: {type(exc).__name__}"
+
+    async def _conclude(self, operator: Peer, session: str, amended: dict[str, Any],
+                        answer: httpx.Response | str) -> Response:
+        """Act on the mediating agent's answer about ``session`` (``amended`` holds what was
+        asked: txn, merchant, deposit, currency, pseudonym, expires): open it or give the
+        reservation back on a signed answer; anything else leaves it ``in_doubt``."""
+        if isinstance(answer, str):
+            return await self._in_doubt(session, answer)
         ack_body = verified_answer(answer, operator.public_key, operator.id, S.AGENT_ACK)
         if ack_body is None:
             return await self._in_doubt(session, f"no signed answer from the mediating agent "
@@ -228,6 +252,57 @@ class AccountManager:
             raise Refused(409, 409, "the session changed state while opening")
         return signed_json(self.config.private_key, self.config.id, S.OPENED, opened)
 
+    async def recover(self, older_than_ms: int = RECOVER_AFTER_MS) -> dict[str, int]:
+        """Settle the sessions left ``in_doubt``, or ``initiating`` for longer than
+        ``older_than_ms`` (the account manager stopped mid-initiation): ask the mediating agent
+        (a signed lookup; it answers the acknowledgement it gave, or closes a session it never
+        saw so that it can never open later) and act on its signed answer. Counts by outcome."""
+        now = self.now_ms()
+        s = D.am_sessions.c
+        rows = await self.sql(_rows, self.engine, select(D.am_sessions).where(
+            (s.state == D.IN_DOUBT) | ((s.state == D.INITIATING) &
+                                       (s.created < now - older_than_ms))))
+        done = {"open": 0, "refused": 0, "in_doubt": 0}
+        for row in rows:
+            operator = self.config.operators.get(row["operator"])
+            if operator is None:
+                done["in_doubt"] += 1
+                continue
+            body, headers = S.signed(self.config.private_key, self.config.id, S.LOOKUP, {
+                "account_manager": self.config.id, "session": row["session"],
+                "txn": row["txn"], "created": now // 1000})
+            answer = await self._post(f"{operator.url}/v1/initiations/lookup", body, headers)
+            if not isinstance(answer, str) and answer.status_code == 409:
+                done["in_doubt"] += 1     # still being decided there: next time
+                continue
+            try:
+                got = await self._conclude(operator, row["session"], row, answer)
+            except Refused:
+                continue
+            outcome = {200: "open", 422: "refused"}.get(got.status_code, "in_doubt")
+            done[outcome] += 1
+        return done
+
+    async def _clock(self) -> None:
+        while True:
+            try:
+                done = await self.recover()
+                if any(done.values()):
+                    log.info("recovered: %s", done, extra=done)
+            except Exception:   # the next tick tries again; never kills the server
+                log.exception("recovery")
+            await asyncio.sleep(self.config.recover_seconds)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(self._clock())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def _in_doubt(self, session: str, reason: str) -> Response:
         await self.sql(settle_initiation, self.engine, session, D.IN_DOUBT, reason, None,
                        self.now_ms())
@@ -242,5 +317,5 @@ class AccountManager:
             Route("/v1/sessions", self.initiate, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-account-manager"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
             middleware=[Middleware(RequestLog, server="trade-account-manager")])

@@ -80,6 +80,30 @@ def conclude(engine: Engine, session: str, state: str, reason: str, merchant_ack
         return changed
 
 
+def decide(engine: Engine, data: dict[str, Any], refusal: dict[str, Any],
+           now: int) -> dict[str, Any] | None:
+    """A lookup: the session's row; one this agent never saw is recorded refused first (a
+    tombstone, in the same step), so the amended message, if it comes later, can never open
+    it. None: the session exists under another txn."""
+    s = D.acq_sessions.c
+    with step(engine) as conn:
+        row = conn.execute(select(D.acq_sessions).where(s.session == data["session"])).first()
+        if row is None:
+            conn.execute(insert(D.acq_sessions).values(
+                session=data["session"], account_manager=data["account_manager"],
+                txn=data["txn"], digest="", merchant="", pseudonym="", session_key="",
+                deposit_customer=0, currency_customer="", deposit_merchant=0,
+                currency_merchant="", rate="", rounding=0, table_issuer="",
+                state=D.REFUSED, reason=refusal["reason"],
+                answer=json.dumps({"payload": refusal}), expires=0, created=now,
+                updated=now))
+            row = conn.execute(select(D.acq_sessions).where(
+                s.session == data["session"])).first()
+        assert row is not None
+        found = dict(row._mapping)
+    return found if found["txn"] == data["txn"] else None
+
+
 class Acquirer:
     def __init__(self, config: AcquirerConfig, *, clock: Callable[[], float] = time.time,
                  ) -> None:
@@ -187,6 +211,25 @@ class Acquirer:
                        ack_body.decode(), stored, self.now_ms())
         return self._answer(payload)
 
+    async def lookup(self, request: Request) -> Response:
+        """An account manager asks again about one of its sessions (after a restart, or an
+        answer it never got): the acknowledgement given, signed again."""
+        try:
+            now = self.now_ms()
+            _, data, _ = await authenticated(request, M.LOOKUP, "lookup", S.LOOKUP,
+                                             self._am_key, now // 1000)
+            refusal = self._ack(data, False, "the mediating agent never received this "
+                                             "session's initiation: it is closed")
+            row = await self.sql(decide, self.engine, data, refusal, now)
+            if row is None:
+                raise Refused(409, 409, f"session {data['session']} has another txn")
+            if row["answer"] is None:
+                raise Refused(409, 409, f"session {data['session']} is being initiated; ask "
+                                        "again", {"Retry-After": "1"})
+            return self._answer(json.loads(row["answer"])["payload"])
+        except Refused as exc:
+            return refused(exc)
+
     async def _refuse(self, data: dict[str, Any], reason: str) -> Response:
         payload = self._ack(data, False, reason)
         await self.sql(conclude, self.engine, data["session"], D.REFUSED, reason, None,
@@ -210,6 +253,7 @@ class Acquirer:
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/initiations", self.initiation, methods=["POST"]),
+            Route("/v1/initiations/lookup", self.lookup, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-acquirer"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
