@@ -361,3 +361,65 @@ def test_the_cli_sets_a_merchant_key_and_sends_a_pon(env: Env, http: httpx.Clien
     again = run("sp", "pon", env.sp.url, "--customer", "lou", "--key", str(key_file),
                 "--merchant", SHOP, "--pon", made["pon"])
     assert again.exit_code != 0 and "refused (409)" in again.output
+
+
+def check_pon_admissions(url: str, threads: int = 12) -> None:
+    """``threads`` orders for one PON at once, straight at the admitting step: exactly one is
+    admitted; once its order failed (nothing paid), the next one takes the PON over."""
+    import threading
+
+    from svcard.host.sp.config import Item as SpItem
+    from svcard.host.sp.customers import add_customer
+    from svcard.host.sp.server import pon as SP
+
+    engine = D.make_engine(url)
+    try:
+        add_customer(engine, "nia", new_key()[1], 100_000, 156)
+        item = SpItem(SHOP, "song", "song", 120, 99, 5, 50, "http://m/v1/pon/x/checkout", 99)
+        pon = "cd" * 16
+        barrier = threading.Barrier(threads)
+
+        def one(i: int) -> Any:
+            barrier.wait()
+            return SP.admit(engine, "nia", f"{i:032x}", item, pon, "pon", "d", 156, 1, None)
+
+        with cf.ThreadPoolExecutor(threads) as ex:
+            results = list(ex.map(one, range(threads)))
+        states = sorted(r.state for r in results)
+        assert states == ["paying"] + [SP.TAKEN] * (threads - 1), states
+        [winner] = [r.order_ref for r in results if r.state == "paying"]
+        assert {r.order_ref for r in results if r.state == SP.TAKEN} == {winner}
+        with engine.begin() as conn:
+            conn.execute(update(D.orders).where(D.orders.c.order_ref == winner).values(
+                state=D.FAILED))
+        barrier = threading.Barrier(threads)   # the take-over raced too
+
+        def retake(i: int) -> Any:
+            barrier.wait()
+            return SP.admit(engine, "nia", f"{i + 1000:032x}", item, pon, "pon", "d", 156, 2,
+                            None)
+
+        with cf.ThreadPoolExecutor(threads) as ex:
+            retaken = list(ex.map(retake, range(threads)))
+        assert sorted(r.state for r in retaken) == ["paying"] + [SP.TAKEN] * (threads - 1)
+        [again] = [r for r in retaken if r.state == "paying"]
+        assert again.order_ref != winner
+        with engine.connect() as conn:
+            holder = conn.execute(select(D.merchant_orders.c.order_ref)).scalar_one()
+        assert holder == again.order_ref
+    finally:
+        engine.dispose()
+
+
+def test_one_pon_is_admitted_once_when_raced_sqlite(tmp_path: Path) -> None:
+    check_pon_admissions(f"sqlite:///{tmp_path / 'race.db'}")
+
+
+def test_one_pon_is_admitted_once_when_raced_postgresql() -> None:
+    from pg_env import start_cluster
+
+    cluster = start_cluster()
+    try:
+        check_pon_admissions(cluster.new_database(), threads=16)
+    finally:
+        cluster.stop()
