@@ -12,6 +12,7 @@ answer is never taken for another message; a non-200 answer is a refusal that ch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
@@ -52,6 +53,7 @@ class PartyServer:
 
     role = ""
     health_table: Any = None
+    tick_seconds = 30.0
 
     def __init__(self, config: PartyConfig, *, clock: Callable[[], float] = time.time,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -128,20 +130,21 @@ class PartyServer:
             self.http = httpx.AsyncClient(timeout=30, transport=self.transport)
         return self.http
 
-    async def send(self, role: str, path: str, domain: bytes,
-                   payload: Mapping[str, Any]) -> dict[str, Any]:
+    async def send(self, role: str, path: str, domain: bytes, payload: Mapping[str, Any],
+                   http: httpx.AsyncClient | None = None) -> dict[str, Any]:
         """POST a signed message to the party of ``role``; its signed decision (a dict), or
-        :class:`Unreachable` (no answer, a refusal, or an answer it did not sign)."""
-        return (await self.send_raw(role, path, domain, payload))[0]
+        :class:`Unreachable` (no answer, a refusal, or an answer it did not sign). ``http``:
+        a client of the calling event loop (default: the server's own)."""
+        return (await self.send_raw(role, path, domain, payload, http))[0]
 
     async def send_raw(self, role: str, path: str, domain: bytes, payload: Mapping[str, Any],
-                       ) -> tuple[dict[str, Any], str, str]:
+                       http: httpx.AsyncClient | None = None) -> tuple[dict[str, Any], str, str]:
         """:meth:`send`, with the answer's signed text and its signature (to pass on)."""
         peer = self.system.peer(role)
         body, headers = W.signed(self.config.private_key, self.me, domain, payload)
         try:
-            answer = await self.client().post(f"{peer.url}{path}", content=body,
-                                              headers=headers)
+            answer = await (http or self.client()).post(f"{peer.url}{path}", content=body,
+                                                        headers=headers)
         except httpx.HTTPError as exc:
             raise Unreachable(f"{role} {peer.url}: {type(exc).__name__}") from None
         if answer.status_code != 200:
@@ -164,22 +167,37 @@ class PartyServer:
     def routes(self) -> list[Route]:
         raise NotImplementedError
 
-    async def started(self) -> None:
-        """Work left open by a stop (overridden)."""
+    async def tick(self, http: httpx.AsyncClient) -> None:
+        """Finish work a stop or an unreachable peer left open (overridden): at start and
+        every ``tick_seconds``."""
+
+    async def recover(self) -> None:
+        """One :meth:`tick` with a client of the calling event loop; errors are logged by the
+        caller's next tick (a peer still down is asked again)."""
+        async with httpx.AsyncClient(timeout=30, transport=self.transport) as http:
+            with contextlib.suppress(Unreachable):
+                await self.tick(http)
+
+    async def _clock(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_seconds)
+            with contextlib.suppress(Exception):   # the next tick tries again
+                await self.recover()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        await self.started()
+        with contextlib.suppress(Exception):
+            await self.recover()
+        task = asyncio.create_task(self._clock())
         try:
             yield
         finally:
-            await self.stopping()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             if self.http is not None:
                 await self.http.aclose()
                 self.http = None
-
-    async def stopping(self) -> None:
-        """Background work to stop (overridden)."""
 
     def app(self) -> Starlette:
         return Starlette(routes=[*self.routes(),

@@ -24,11 +24,10 @@ be on the card; its pick-up completes it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
+import httpx
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
@@ -47,8 +46,8 @@ from .payment import DIGITAL_FIELDS
 
 SFI_OF_KIND = {"ticket": 0x11, "coupon": 0x12, "transit": 0x13, "voucher": 0x14}
 GOODS_FIELDS: dict[str, W.Checker] = {
-    "order": W.ORDER, "card": W.SERIAL, "issuer": W.ISSUER, "device": W.DEVICE,
-    "challenge": W.CHALLENGE, "digital_order": W.INNER, "merchant_signature": W.SIGNATURE_HEX,
+    "order": W.ORDER, "card": W.SERIAL, "device": W.DEVICE, "challenge": W.CHALLENGE_OR_NONE,
+    "digital_order": W.INNER, "merchant_signature": W.SIGNATURE_HEX,
     "confirmation": W.INNER, "confirmation_signature": W.SIGNATURE_HEX, "created": W.SECONDS}
 WRITTEN_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "device": W.DEVICE,
                                         "card": W.SERIAL, "sw": W.SW, "created": W.SECONDS}
@@ -67,12 +66,9 @@ class FulfilServer(PartyServer):
     role = "fulfil"
     health_table = D.goods
 
-    def __init__(self, *args: Any, keys: GoodsKeyService | None = None,
-                 refund_check: float = 60.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keys: GoodsKeyService | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keys = keys or key_service(self.config.goods_issuer)
-        self.refund_check = refund_check
-        self.task: asyncio.Task[None] | None = None
 
     # --- a paid good --------------------------------------------------------------------------
     async def goods(self, request: Request) -> Response:
@@ -81,6 +77,10 @@ class FulfilServer(PartyServer):
                                                   ("payment",))
             order = self._checked_order(data)
             await self.sql(self._keep, data, order)
+            if not data["challenge"]:   # told again after a stop: kept, nothing to write now
+                found = await self.sql(read_one, self.engine, D.goods, order_ref=data["order"])
+                return self.reply(W.PAID, {"order": data["order"], "card": data["card"],
+                                           "apdu": None, "state": found and found["state"]})
             return self.reply(W.PAID, await self.sql(self._claim, data["order"],
                                                      data["card"], data["challenge"]))
         return await handled(work)
@@ -205,7 +205,8 @@ class FulfilServer(PartyServer):
         return done
 
     # --- refunds --------------------------------------------------------------------------------
-    async def refund_due(self, at_ms: int | None = None) -> int:
+    async def refund_due(self, at_ms: int | None = None,
+                         http: httpx.AsyncClient | None = None) -> int:
         """Refund every good still ``pending`` past its deadline at ``at_ms`` (default: now),
         and finish ``refunding`` ones; how many were refunded now."""
         g = D.goods
@@ -221,7 +222,7 @@ class FulfilServer(PartyServer):
                 continue   # a pick-up claimed it first
             try:
                 answer = await self.send("payment", "/v1/refunds", W.REFUND, {
-                    "order": order, "amount": amount, "created": self.now_ms() // 1000})
+                    "order": order, "amount": amount, "created": self.now_ms() // 1000}, http)
             except Unreachable:
                 continue   # the next tick asks again
             if answer.get("order") == order and answer.get("refunded") is True:
@@ -235,20 +236,8 @@ class FulfilServer(PartyServer):
                                 .values(state=state, updated=self.now_ms()))
         return int(done.rowcount or 0) == 1
 
-    async def _clock(self) -> None:
-        while True:
-            await asyncio.sleep(self.refund_check)
-            with contextlib.suppress(Exception):   # the next tick tries again
-                await self.refund_due()
-
-    async def started(self) -> None:
-        self.task = asyncio.create_task(self._clock())
-
-    async def stopping(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+    async def tick(self, http: httpx.AsyncClient) -> None:
+        await self.refund_due(http=http)
 
     def routes(self) -> list[Route]:
         return [Route("/v1/goods", self.goods, methods=["POST"]),

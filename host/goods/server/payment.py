@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from sqlalchemy import insert, update
+import httpx
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...kit.db import step
+from ...kit.db import reading, step
 from ...kit.http import Refused
 from .. import db as D
 from .. import wire as W
@@ -141,18 +142,36 @@ class PaymentServer(PartyServer):
             await self._tell_merchant(order, D.PAID, "paid by the institution")
         if row["state"] != D.PAID:
             return {"order": order, "paid": False, "reason": f"the order is {row['state']}"}
+        write = await self._to_fulfil(row, data["challenge"])
+        return {"order": order, "paid": True, "apdu": write.get("apdu"),
+                "state": write.get("state")}
+
+    async def _to_fulfil(self, row: dict[str, Any], challenge: str,
+                         http: httpx.AsyncClient | None = None) -> dict[str, Any]:
+        """Give the fulfilment server the paid good (with a write for ``challenge``, if any);
+        once it has it, the order is marked so recovery stops telling it."""
+        order = row["order_ref"]
         write = await self.send("fulfil", "/v1/goods", W.PAID, {
-            "order": order, "card": row["card"], "issuer": data["issuer"],
-            "device": row["device"], "challenge": data["challenge"],
-            "digital_order": row["digital_order"],
+            "order": order, "card": row["card"], "device": row["device"],
+            "challenge": challenge, "digital_order": row["digital_order"],
             "merchant_signature": row["merchant_signature"],
             "confirmation": row["confirmation"],
             "confirmation_signature": row["confirmation_signature"],
-            "created": self.now_ms() // 1000})
+            "created": self.now_ms() // 1000}, http)
         if write.get("order") != order:
             raise Unreachable("fulfil: an answer about another order")
-        return {"order": order, "paid": True, "apdu": write.get("apdu"),
-                "state": write.get("state")}
+        if row["answer"] is None:
+            await self.sql(self._set, order, D.PAID, D.PAID, answer="kept")
+        return write
+
+    async def tick(self, http: httpx.AsyncClient) -> None:
+        """Paid orders the fulfilment server was never told of (it was down): told now."""
+        t = D.payment_orders
+        with reading(self.engine) as conn:
+            rows = conn.execute(select(t).where(t.c.state == D.PAID, t.c.answer.is_(None))
+                                .limit(1000)).all()
+        for row in rows:
+            await self._to_fulfil(dict(row._mapping), "", http)
 
     async def _tell_merchant(self, order: str, state: str, reason: str) -> None:
         with contextlib.suppress(Unreachable):   # the merchant asks about its order later
