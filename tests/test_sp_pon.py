@@ -423,3 +423,42 @@ def test_one_pon_is_admitted_once_when_raced_postgresql() -> None:
         check_pon_admissions(cluster.new_database(), threads=16)
     finally:
         cluster.stop()
+
+
+class LosesTheAnswer:
+    """The pool pays, then the SP loses the answer (as if it died after the card's debit)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def pay(self, *args: Any, **kwargs: Any) -> Any:
+        self.real.pay(*args, **kwargs)
+        raise ConnectionError("the answer was lost after the card paid")
+
+
+def test_a_pon_paid_whose_answer_was_lost_is_billed_once_by_recovery(
+        env: Env, http: httpx.Client) -> None:
+    from svcard.host.sp.signing import signed_lookup
+
+    mo = env.sp.customer("mo")
+    made = make_pon(http, env, "mo")
+    before, paid = env.balances(), env.merchant_paid()
+    real = env.sp.server.payer
+    env.sp.server.payer = LosesTheAnswer(real)
+    try:
+        body, headers = signed_pon_order(mo.key, mo.id, SHOP, made["pon"])
+        lost = http.post(f"{env.sp.url}/v1/orders/pon", content=body, headers=headers)
+    finally:
+        env.sp.server.payer = real
+    assert lost.status_code == 502 and lost.json()["state"] == "in_doubt", lost.text
+    assert pon_order(http, env, mo, made["pon"]).status_code == 409   # still held: no 2nd
+    done = env.sp.server.recover()
+    assert done["paid"] >= 1 and done["billed"] >= 1, done
+    assert before - env.balances() == 99 and env.merchant_paid() == paid + 1
+    key = json.loads(body)["order_key"]
+    look_body, look_headers = signed_lookup(mo.key, mo.id, key)
+    looked = http.post(f"{env.sp.url}/v1/orders/lookup", content=look_body,
+                       headers=look_headers).json()
+    assert looked["state"] == "billed" and looked["line"]["billed"] == 115
+    assert pickup(http, env, made["pon"], made["secret"]).json()["goods"] == \
+        DEFAULT_CATALOGUE[0].goods
