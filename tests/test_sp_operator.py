@@ -226,3 +226,13 @@ def test_the_command_takes_the_sps_configuration(books: Books) -> None:
     bad = run("sp", "order", "settle", books.ref, "--db", books.url, "--config",
               str(books.journals))
     assert bad.exit_code == 2       # a folder is not a configuration file
+
+
+def test_the_purses_command_lists_the_pool(books: Books) -> None:
+    listed = run("sp", "purses", "--db", books.url, "--json")
+    assert listed.exit_code == 0, listed.output
+    [row] = json.loads(listed.output)
+    assert (row["serial"], row["state"], row["balance"]) == (SERIAL, "ready", 1_000)
+    assert "lease_owner" not in row
+    text = run("sp", "purses", "--db", books.url)
+    assert SERIAL in text.output and "counters 3/1" in text.output

@@ -24,7 +24,7 @@ from ..kit.serving import serve as serve_app
 from ..kit.serving import serve_options
 from ..terminal.card_commands import parse_amount_option
 from ..terminal.money import Amount, AmountError, exponent_of, format_money
-from .operator_cli import OrderCommand
+from .operator_cli import OrderCommand, purses_cmd
 from .server.pon_cli import merchant_key_cmd, pon_cmd
 
 
@@ -32,6 +32,7 @@ def register(root: click.Group, serve: click.Group) -> None:
     """Add the SP's commands to ``svcard`` (``root``) and its server to ``serve``."""
     root.add_command(sp)
     serve.add_command(serve_sp)
+    sp.add_command(purses_cmd)
 
 
 def _bounded(limit: int) -> Callable[[click.Context, click.Parameter, str | None], str | None]:

@@ -1,6 +1,6 @@
 """The SP operator's commands: ``svcard sp order settle ORDER_REF`` (decide an order left
-``in_doubt`` from evidence: :mod:`.operator`) and ``svcard sp purse unload SERIAL`` (a retired
-purse's balance back to the provider: :mod:`.purses.unloading`).
+``in_doubt`` from evidence: :mod:`.operator`) and ``svcard sp purses`` (the pool's purses:
+state, balance, counters, and why one retired, with what it left on the card).
 
 ``svcard sp order`` is the customer's command (``sp order SP_URL --customer ...``); its first
 word ``settle`` names the operator's command instead (:class:`OrderCommand`)."""
@@ -86,3 +86,20 @@ def order_settle(order_ref: str, db_url: str, config_path: Path | None,
     finally:
         engine.dispose()
     emit(as_json, decision.to_json(), decision.text())
+
+
+@click.command("purses")
+@click.option("--db", "db_url", required=True, help="The SP database URL, e.g. sqlite:///sp.db.")
+@json_option
+def purses_cmd(db_url: str, as_json: bool) -> None:
+    """The provider's purses (read only): state, balance as last seen, counters, and why a
+    retired one retired (with the balance it left on the card)."""
+    from .records import purses
+
+    rows = purses(db_url)
+    for row in rows:
+        row.pop("lease_owner", None)
+    lines = [f"{p['serial']} {p['state']:<8} balance {p['balance']:>10}u  counters "
+             f"{p['offline_counter']}/{p['online_counter']}  {p['reason']}".rstrip()
+             for p in rows]
+    emit(as_json, rows, "\n".join(lines) or "no purses")
