@@ -134,7 +134,7 @@ class LinkCut(httpx.Client):
         super().__init__(timeout=60)
         self.cut_at, self.after_send, self.posts = rng.randrange(1, 5), rng.random() < 0.5, 0
 
-    def post(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+    def post(self, url: Any, **kwargs: Any) -> httpx.Response:
         self.posts += 1
         if self.posts == self.cut_at:
             if self.after_send:
@@ -433,7 +433,8 @@ def test_sp_randomised_run_closes_to_the_minor_unit(
                               rng.choice(ITEMS)[0], run.order_key())
                              for _ in range(rng.randrange(3, 9))]
                     with ThreadPoolExecutor(len(burst)) as ex:
-                        list(ex.map(lambda a: run.order(*a[:3], retries=4, burst=True, key=a[3]),
+                        list(ex.map(lambda a: run.order(a[0], a[1], a[2], retries=4, burst=True,
+                                                     key=a[3]),
                                     burst))
                     run.stats["bursts"] += 1
                     done += len(burst)
