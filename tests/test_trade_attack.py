@@ -216,14 +216,17 @@ def test_commitment_attacks(stack: TradeStack, http: httpx.Client) -> None:
     alice = stack.customer("alice")
     s = stack.open(http, alice, 1_00)             # the commitment is taken at open
     url = f"{s.merchant_url}/v1/sessions/{s.session}/commitment"
+    accepted = {"acquirer_ack": s.opened["acquirer_ack"],
+                "acquirer_signature": s.opened["acquirer_signature"]}
     c = {"session": s.session, "merchant": "shop", "root": "33" * 32, "length": 10,
          "unit": 1, "currency": "JPY", "expires": s.expires}
     sig = S.sign(s.session_key, S.COMMITMENT, S.canonical(c))
-    assert http.post(url, json={"commitment": c, "signature": sig}).status_code == 409
+    assert http.post(url, json={"commitment": c, "signature": sig,
+                                **accepted}).status_code == 409      # a second one
     rogue, _ = S.new_key()
     assert http.post(url, json={"commitment": c, "signature": S.sign(
-        rogue, S.COMMITMENT, S.canonical(c))}).status_code == 401
-    # a fresh session: a commitment worth more than the deposit, for another merchant
+        rogue, S.COMMITMENT, S.canonical(c)), **accepted}).status_code == 401
+    # a session the merchant was told of but whose acceptance it never saw
     info_url = f"{s.merchant_url}/v1/sessions"
     acq = stack.parties["acq1"]
     key, pub = S.new_key()
@@ -233,15 +236,36 @@ def test_commitment_attacks(stack: TradeStack, http: httpx.Client) -> None:
     b, h = S.signed(acq.key, "acq1", S.INFORMATION, info)
     assert http.post(info_url, content=b, headers=h).status_code == 200
     url = f"{s.merchant_url}/v1/sessions/am1.50/commitment"
-    for bad, code in (({**c, "session": "am1.50", "length": 101}, 402),
-                      ({**c, "session": "am1.50", "merchant": "kiosk"}, 400),
-                      ({**c, "session": s.session}, 400),
-                      ({**c, "session": "am1.50", "currency": "EUR"}, 402),
-                      ({**c, "session": "am1.50", "expires": s.expires + 1}, 402)):
-        sig = S.sign(key, S.COMMITMENT, S.canonical(bad))
-        assert http.post(url, json={"commitment": bad, "signature": sig}).status_code == code
+    mine = {**c, "session": "am1.50"}
+    signature = S.sign(key, S.COMMITMENT, S.canonical(mine))
+
+    def commit(ack: dict[str, object] | None, by: bytes = acq.key,
+               commitment: dict[str, object] = mine, sig: str = signature) -> int:
+        body: dict[str, object] = {"commitment": commitment, "signature": sig}
+        if ack is not None:
+            text = S.canonical(ack).decode()
+            body.update(acquirer_ack=text, acquirer_signature=S.sign(by, S.AGENT_ACK,
+                                                                     text.encode()))
+        return http.post(url, json=body).status_code
+
+    good = {**json.loads(s.opened["acquirer_ack"]), "session": "am1.50", "pseudonym": "p9",
+            "deposit_merchant": 100}
+    assert commit(None) == 400                                    # no acceptance at all
+    assert commit(good, by=rogue) == 401                          # not the acquirer's
+    assert commit({**good, "session": s.session}) == 403          # another session's
+    assert commit({**good, "deposit_merchant": 99}) == 403        # another deposit
+    refusal = {k: good[k] for k in ("acquirer", "session", "txn")}
+    assert commit({**refusal, "accepted": False, "reason": "no"}) == 403
+    for bad, code in (({**mine, "length": 101}, 402),
+                      ({**mine, "merchant": "kiosk"}, 400),
+                      ({**mine, "session": s.session}, 400),
+                      ({**mine, "currency": "EUR"}, 402),
+                      ({**mine, "expires": s.expires + 1}, 402)):
+        assert commit(good, commitment=bad,
+                      sig=S.sign(key, S.COMMITMENT, S.canonical(bad))) == code
     row = first_row(stack.merchants["shop"].engine, D.ma_sessions, session="am1.50")
     assert row is not None and row["state"] == D.INFORMED
+    assert commit(good) == 200                                    # with all of it: open
 
 
 def test_terminate_attacks(stack: TradeStack, http: httpx.Client) -> None:

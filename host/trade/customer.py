@@ -148,7 +148,9 @@ def commit(http: httpx.Client, s: Session) -> None:
     body = c.body()
     answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/commitment",
                        json={"commitment": c.payload(),
-                             "signature": S.sign(s.session_key, S.COMMITMENT, body)})
+                             "signature": S.sign(s.session_key, S.COMMITMENT, body),
+                             "acquirer_ack": s.opened["acquirer_ack"],
+                             "acquirer_signature": s.opened["acquirer_signature"]})
     if answer.status_code != 200:
         raise TradeError(f"the merchant refused the commitment (HTTP {answer.status_code}): "
                          f"{reason_of(answer)}")

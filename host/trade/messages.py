@@ -81,6 +81,7 @@ SECONDS = _int(1, 2**40)
 MS = _int(1, 2**44)
 INDEX = _int(1, 1_000_000)
 UNITS = _int(1, 10_000)
+ACK_TEXT = _text(2048)
 TRUE: Checker = lambda v: v is True   # noqa: E731
 BOOL: Checker = lambda v: isinstance(v, bool)   # noqa: E731
 

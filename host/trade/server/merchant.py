@@ -179,7 +179,9 @@ class MerchantAgent:
             row = await self._session(session)
             data = M.check(M.load(await read_body(request, M.MAX_MESSAGE), "commitment"),
                            {"commitment": lambda v: isinstance(v, dict),
-                            "signature": M.SIGNATURE}, "commitment")
+                            "signature": M.SIGNATURE, "acquirer_ack": M.ACK_TEXT,
+                            "acquirer_signature": M.SIGNATURE}, "commitment")
+            self._check_acceptance(row, data["acquirer_ack"], data["acquirer_signature"])
             body = S.canonical(data["commitment"])
             now = self.now_ms()
             try:
@@ -194,14 +196,30 @@ class MerchantAgent:
                                         f"{c.currency}, until {c.expires}) is not within the "
                                         f"deposit ({row['deposit']} {row['currency']}, until "
                                         f"{row['expires']})")
-            text = json.dumps({"commitment": data["commitment"],
-                               "signature": data["signature"]})
+            text = json.dumps(data)
             if not await self.sql(take_commitment, self.engine, session, c, text, now):
                 raise Refused(409, 409, f"session {session} has a commitment already")
             return JSONResponse({"session": session, "state": D.OPEN, "length": c.length,
                                  "unit": c.unit, "currency": c.currency})
         except Refused as exc:
             return refused(exc)
+
+    def _check_acceptance(self, row: dict[str, Any], ack_text: str, signature: str) -> None:
+        """The session opens only on the mediating agent's signed acceptance of it (the agent
+        ack that the customer got through its account manager): a session the agent refused
+        after this merchant acknowledged it (its ack lost on the way) never opens here."""
+        a = self.config.acquirer
+        ack_body = ack_text.encode()
+        if not S.verify(a.public_key, S.AGENT_ACK, ack_body, signature):
+            raise Refused(401, 401, "commitment: the acquirer's acceptance does not verify")
+        ack = M.parse_agent_ack(ack_body)
+        if not ack["accepted"] or ack["acquirer"] != a.id or \
+                ack["session"] != row["session"] or ack["merchant"] != self.config.id or \
+                ack["pseudonym"] != row["pseudonym"] or \
+                ack["deposit_merchant"] != row["deposit"] or \
+                ack["currency_merchant"] != row["currency"]:
+            raise Refused(403, 403, "commitment: the acquirer did not accept this session "
+                                    "with this deposit")
 
     async def purchase(self, request: Request) -> Response:
         try:
