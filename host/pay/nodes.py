@@ -26,7 +26,9 @@ from pathlib import Path
 
 import httpx
 
+from ...reader import CardConnectionError, Reader
 from ..kit.serving import free_port
+from ..terminal.reader_specs import open_reader
 
 
 @dataclass
@@ -58,7 +60,6 @@ def serve_node(spec_path: Path) -> None:
     import uvicorn
 
     from .server.app import MerchantAccount, PaymentConfig, PaymentServer
-    from .server.leases import OnDemandReader
 
     spec = NodeSpec(**json.loads(spec_path.read_text(encoding="utf-8")))
     merchant = bytes.fromhex(spec.merchant_id)
@@ -130,6 +131,31 @@ class Node:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class OnDemandReader(Reader):
+    """The reader a spec names, opened at :meth:`connect` and closed at :meth:`disconnect`: a
+    node holds a PSAM image (and its file lock) only while it holds the PSAM's lease."""
+
+    def __init__(self, spec: str, lock_timeout: float = 0.5) -> None:
+        self.name = spec
+        self.lock_timeout = lock_timeout
+        self._inner: Reader | None = None
+
+    def connect(self) -> bytes:
+        if self._inner is None:   # a paused old holder keeps the lock: give up soon
+            self._inner = open_reader(self.name, lock_timeout=self.lock_timeout)
+        return self._inner.connect()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if self._inner is None:
+            raise CardConnectionError(f"{self.name}: not connected (this node holds no lease)")
+        return self._inner.transmit(apdu)
+
+    def disconnect(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.disconnect()
 
 
 def find_nginx() -> str | None:

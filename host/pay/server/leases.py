@@ -1,35 +1,19 @@
 """PSAM leases: several payment-server processes (nodes) on one database, each PSAM served by
-one node at a time (issue 16, point 4).
+one node at a time (issue 16, point 4; docs/deploy-nodes.md tells the whole design).
 
-Three tables beside the payments (their own schema stamp, ``psam_leases``):
+Tables (schema stamp ``psam_leases``): ``psam_leases`` (per PSAM slot, i.e. its reader spec:
+holder, expiry in ms, a fencing token that only grows), ``psam_lease_history`` (every lease
+taken: the audit of "one node at a time") and ``pay_nodes`` (heartbeats). A lease is taken by
+ONE conditional UPDATE (free or expired) that bumps the token, renewed by one UPDATE naming
+the holder. Every write for a PSAM's transaction carries :class:`Fence` and is refused in the
+same statement once the token is stale (:data:`FENCE`: ``EXISTS (... FOR SHARE)``, so on
+PostgreSQL a take waits for a fenced write in flight). Confirmations carry no fence: they
+depend on no PSAM's state and any node may take them (compare-and-set on the row's state).
 
-* ``psam_leases``: one row per PSAM slot (the reader spec every node names it by, e.g.
-  ``virtual:/srv/psams/psam1.json``): the node holding it, the lease's expiry (ms) and a
-  **fencing token** that only grows: every take adds one.
-* ``psam_lease_history``: one row per lease taken (slot, node, token, taken, held until, ended):
-  the audit of "one node at a time" and of how fast a dead node's PSAMs were re-homed.
-* ``pay_nodes``: each node's heartbeat (the nodes alive decide each node's share of PSAMs and
-  whose unfinished draws may be settled).
-
-A lease is taken by ONE conditional UPDATE (free, or expired) that bumps the token, and renewed
-by one UPDATE naming the holder; the take and the renewal meet on the lease row, so one wins.
-Every write a node makes for a PSAM's transaction (the PSAM's answer recorded on the payment's
-row, a batch handed over) carries :class:`Fence` (slot, node, token) and is refused IN THE SAME
-STATEMENT when the token is no longer the lease row's: ``... WHERE EXISTS (SELECT FROM
-psam_leases WHERE slot = ? AND node = ? AND token = ? FOR SHARE)``. On PostgreSQL the FOR SHARE
-row lock makes a take wait for a fenced write in flight, and a write that starts after a take
-re-reads the row and finds the new token; on SQLite one writer at a time does the same. So a
-node that lost its lease (paused, partitioned, too slow to renew) writes nothing.
-
-The confirmations (the card's MAC2 compared with the expected MAC2 stored on the row) carry no
-fence: they do not depend on any PSAM's state and any node may take them (nginx sends a debit
-response or a proof to whichever node); they are compare-and-set on the row's state.
-
-:class:`LeasedPsamPool` is the node's pool: it holds only the PSAMs this node leases, opened
-when taken and closed (the image's file lock given up) before a lease is given back.
-:class:`LeaseKeeper` runs in the background every ``lease_seconds / 3``: heartbeat, renew,
-drop what was lost, settle the draws of nodes no longer alive (:meth:`PaymentDb.recover`),
-take free or expired PSAMs up to this node's share, give back those beyond it.
+:class:`LeasedPsamPool` holds only the PSAMs this node leases; :class:`LeaseKeeper` runs every
+``lease_seconds / 3``: heartbeat, renew, drop what was lost, settle the draws of nodes no
+longer alive (:meth:`PaymentDb.recover`), take PSAMs up to this node's share, give back the
+rest.
 """
 
 from __future__ import annotations
@@ -63,10 +47,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ....reader import CardConnectionError, Reader
+from ....reader import Reader
 from ...kit.db import now_ms, reading, step
 from ...kit.schema import Schema, prepare
-from ...terminal.reader_specs import open_reader
 from .psam_pool import PooledPsam, PoolExhausted, PsamPool
 
 log = logging.getLogger(__name__)
@@ -210,31 +193,6 @@ class LeaseStore:
         with reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(
                 select(lease_history).order_by(lease_history.c.slot, lease_history.c.token))]
-
-
-class OnDemandReader(Reader):
-    """The reader a spec names, opened at :meth:`connect` and closed at :meth:`disconnect`: a
-    node holds a PSAM image (and its file lock) only while it holds the PSAM's lease."""
-
-    def __init__(self, spec: str, lock_timeout: float = 0.5) -> None:
-        self.name = spec
-        self.lock_timeout = lock_timeout
-        self._inner: Reader | None = None
-
-    def connect(self) -> bytes:
-        if self._inner is None:   # a paused old holder keeps the lock: give up soon
-            self._inner = open_reader(self.name, lock_timeout=self.lock_timeout)
-        return self._inner.connect()
-
-    def transmit(self, apdu: bytes) -> bytes:
-        if self._inner is None:
-            raise CardConnectionError(f"{self.name}: not connected (this node holds no lease)")
-        return self._inner.transmit(apdu)
-
-    def disconnect(self) -> None:
-        inner, self._inner = self._inner, None
-        if inner is not None:
-            inner.disconnect()
 
 
 class LeasedPsamPool(PsamPool):
