@@ -215,7 +215,8 @@ def _counts_from_json(raw: Any) -> dict[int, int]:
 class Iep(TableApplication):
     """The purse application. ``persist`` is called at every write point."""
 
-    secure_messaging_classes = (secure_write.CLA_SM,)   # 04: the goods writes check their MAC
+    # 04: the goods writes check their MAC (a loyalty programme has none: card/loyalty.py)
+    secure_messaging_classes: tuple[int, ...] = (secure_write.CLA_SM,)
 
     def __init__(self, state: IepState, persist: Callable[[], None] | None = None) -> None:
         self.state = state

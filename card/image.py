@@ -1,7 +1,8 @@
 """Card images: the versioned JSON form of a whole chip, and building a live card from one.
 
 An image is ``{"format": "svcard-card-image", "version": 1, "kind": "iep"|"psam"|"hsm",
-"atr": HEX, "t0": bool, "app": {...}}``. :func:`open_card` gives a :class:`Card` whose every
+"atr": HEX, "t0": bool, "app": {...}}``, and for a purse card optionally ``"loyalty": [...]``,
+its loyalty programmes' ADFs (card/loyalty.py). :func:`open_card` gives a :class:`Card` whose every
 persistent change is written back to the image atomically, holding the image's lock until the
 card is closed.
 
@@ -24,6 +25,7 @@ from ..protocols import goods as G
 from ..protocols import purse as P
 from .hsm import HsmState, LoadHsm
 from .iep import Iep, IepState
+from .loyalty import check_programmes, programmes_from_image
 from .psam import Psam, PsamState
 from .runtime import DEFAULT_ATR, Application, Card, check_atr, default_atr
 from .storage import (
@@ -64,6 +66,7 @@ def card_from_image(image: dict[str, Any], store: Store | None = None,
     try:
         kind = str(image["kind"])
         app = _make_app(kind, image["app"])
+        programmes = programmes_from_image(image, source)   # loyalty ADFs, beside the purse
         t0 = bool(image.get("t0", False))
         atr = bytes.fromhex(image.get("atr") or default_atr(t0).hex())
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -77,10 +80,13 @@ def card_from_image(image: dict[str, Any], store: Store | None = None,
     except ValueError as exc:
         raise ImageError(f"{source}: atr: {exc}") from None
     sink: Store = store if store is not None else MemoryStore()
-    card = Card([app], atr=atr, t0=t0, kind=kind, on_close=sink.close)
+    card = Card([app, *programmes], atr=atr, t0=t0, kind=kind, on_close=sink.close)
 
     def build() -> dict[str, Any]:
-        return new_image(kind, app.to_state(), atr=atr, t0=t0)
+        out = new_image(kind, app.to_state(), atr=atr, t0=t0)
+        if programmes:
+            out["loyalty"] = [p.to_state() for p in programmes]
+        return out
 
     def persist() -> None:
         sink.commit(build)
@@ -88,8 +94,12 @@ def card_from_image(image: dict[str, Any], store: Store | None = None,
     app.persist = persist
     if isinstance(app, Psam):  # a purchase appends to the image's journal (card/storage.py)
         app.persist_change = lambda change: sink.append(change, build)
+    for programme in programmes:
+        programme.persist = persist
     if isinstance(app, Iep):
         app.recover()
+    for programme in programmes:
+        programme.recover()
     return card
 
 
@@ -329,6 +339,7 @@ def check_image(image: Any, source: str = "card image") -> None:
         app = _APPS[top.kind].model_validate(top.app)
     except ValidationError as exc:
         raise _image_error(source, exc, ("app",)) from None
+    check_programmes(image, source)   # the loyalty ADFs (card/loyalty.py)
     if isinstance(app, _Iep):   # a UID-in-MAC1 scheme needs the card's UID
         size = mac_schemes.scheme(app.mac_scheme).uid_size
         if size and app.uid is None:

@@ -25,6 +25,7 @@ from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
 from .iep_commands.pin import encode_pin
 from .image import new_image
 from .keys import DEFAULT_SCHEME, IssuerScheme, KeyEntry
+from .loyalty import CardFacts, LoyaltyProfile, programmes_from_profile
 from .psam import IssuerKey, PsamState
 from .runtime import check_atr, default_atr
 from .toml_schema import (
@@ -170,6 +171,7 @@ class IepProfile(Profile):
     uid: Hex9 | None = None   # answered to GET DATA 00 00; MAC1 data in changsha-metro
     mac_scheme: Annotated[str, one_of(mac_schemes.NAMES)] | None = None   # explicit keys only
     goods: list[GoodsFileProfile] | None = None   # goods record files; none given: the default
+    loyalty: list[LoyaltyProfile] = Field(default_factory=list)   # programmes (card/loyalty.py)
 
 
 class PsamProfile(Profile):
@@ -261,7 +263,14 @@ def image_from_profile(path: str | Path, **overrides: Any) -> dict[str, Any]:
             check_atr(profile.atr, profile.t0)
         except ValueError as exc:
             raise ProfileError(f"{path}: atr: {exc}") from None
-    return new_image(kind, app_state, atr=profile.atr or default_atr(profile.t0), t0=profile.t0)
+    image = new_image(kind, app_state, atr=profile.atr or default_atr(profile.t0), t0=profile.t0)
+    if isinstance(profile, IepProfile) and profile.loyalty:
+        image["loyalty"] = programmes_from_profile(
+            profile.loyalty, CardFacts(profile.aid or DEFAULT_IEP_AID, profile.app_serial,
+                                       profile.start_date, profile.expiry_date, profile.uid,
+                                       profile.fixed_random),
+            path, load_issuer, ProfileError)
+    return image
 
 
 def _issuers(profile: Profile, path: Path) -> list[Issuer]:

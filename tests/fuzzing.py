@@ -10,25 +10,34 @@ credited purchase (that needs the card's MAC2); no key's count of wrong MACs pas
 ``mac_failure_limit``, and a locked key is refused at INITIALIZE (``6983``, a valid ISO 7816
 status word: authentication method blocked). The fuzzer's wrong MACs lock keys quickly; every
 power cycle the issuer unlocks them (:func:`unlock_keys`) so the MAC paths stay reachable.
+The purse card also holds a loyalty programme's ADF (card/loyalty.py), which the seeds SELECT;
+its points, counters and log never move either.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from conftest import demo_image, with_balance
 
 from svcard.card.iep_commands.lockout import unlock_keys
 from svcard.card.image import card_from_image
+from svcard.card.loyalty import CardFacts, IssuerKeys, LoyaltyProfile, programmes_from_profile
 from svcard.protocols import sw as SW
 
 GOODS_TICKET = ("0101" + "4D45524348414E54" + "0000000000000009" + "20260101" + "20281231"
                 + "000005DC" + "534541542D313241" + "0000")
 FUZZ_GOODS_KEY = {"index": 1, "version": 1, "algorithm": 0,
                   "key": "00112233445566778899AABBCCDDEEFF"}   # the fuzzer never uses it
+FUZZ_PROGRAMME_AID = "F05356434152440401"   # a loyalty programme's ADF beside the purse
 IEP_SEEDS = [bytes.fromhex(h) for h in (
     "00A4040009F05356434152440101",
+    # the programme: SELECT it (then every seed below goes to it until the purse is selected
+    # again), a programme the card lacks, a partial AID
+    "00A4040009" + FUZZ_PROGRAMME_AID, "00A4040009F05356434152440409", "00A4040008F053564341524404",
     "805C000204", "805C000104", "00B201C417", "00B0950000", "00B0960000",
     "0020000003123456", "00200000", "805E0100071234 56FF654321".replace(" ", ""),
     "805000020B0100000064112233445566", "805001020B0100000064112233445566",
@@ -61,6 +70,23 @@ PSAM_SEEDS = [bytes.fromhex(h) for h in (
 )]
 
 
+def fuzz_programme(points: int) -> dict[str, object]:
+    """A loyalty programme's image entry (card/loyalty.py) with ``points``; the fuzzer never
+    knows its keys."""
+    keys = {"tac": "00" * 16, "purchase": [{"index": 1, "key": "11" * 16}],
+            "load": [{"index": 1, "key": "22" * 16}]}
+    entry = LoyaltyProfile.model_validate({
+        "programme": "fuzzmiles", "aid": FUZZ_PROGRAMME_AID, "issuer_id": "2000000000000001",
+        "keys": keys, "points": points, "mac_failure_limit": 3})
+    facts = CardFacts(bytes.fromhex("F05356434152440101"), bytes(10), dt.date(2026, 1, 1),
+                      dt.date(2031, 12, 31), None, None)
+    return programmes_from_profile([entry], facts, Path("fuzz.toml"), _no_issuer, ValueError)[0]
+
+
+def _no_issuer(path: Path) -> IssuerKeys:
+    raise ValueError(f"{path}: the fuzzer's programme has explicit keys")
+
+
 def mutate(seed: bytes, rng: random.Random) -> bytes:
     """One random mutation of a seed command, or plain random bytes."""
     choice = rng.randrange(9)
@@ -90,8 +116,9 @@ class FuzzTarget:
     counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.iep = card_from_image(with_balance(demo_image("iep", goods_key=FUZZ_GOODS_KEY),
-                                                self.iep_balance, 500))
+        image = with_balance(demo_image("iep", goods_key=FUZZ_GOODS_KEY), self.iep_balance, 500)
+        image["loyalty"] = [fuzz_programme(self.iep_balance)]
+        self.iep = card_from_image(image)
         self.psam = card_from_image(demo_image("psam"))
         self.iep.transmit(IEP_SEEDS[0])
         self.psam.transmit(PSAM_SEEDS[0])
@@ -99,9 +126,12 @@ class FuzzTarget:
 
     def _iep_value(self) -> tuple[object, ...]:
         s = self.iep.apps[0].state  # type: ignore[attr-defined]
+        points = self.iep.apps[1].state  # type: ignore[attr-defined]   # the programme
         return (s.ep.balance, s.ep.online_counter, s.ep.offline_counter,
                 s.ed.balance, s.ed.online_counter, s.ed.offline_counter, s.proof, len(s.log),
-                tuple(s.goods.goods()))   # a cached goods record never lands without a DEBIT
+                tuple(s.goods.goods()),   # a cached goods record never lands without a DEBIT
+                points.ep.balance, points.ep.online_counter, points.ep.offline_counter,
+                points.proof, len(points.log))
 
     def send(self, which: str, apdu: bytes) -> bytes:
         card = self.iep if which == "iep" else self.psam
@@ -124,6 +154,10 @@ class FuzzTarget:
         for counts in (s.purchase_mac_failures, s.load_mac_failures, s.goods_mac_failures):
             assert all(0 <= n <= s.mac_failure_limit for n in counts.values()), \
                 "a MAC failure counter went past the card's limit"
+        p = self.iep.apps[1].state  # type: ignore[attr-defined]
+        for counts in (p.purchase_mac_failures, p.load_mac_failures):
+            assert all(0 <= n <= p.mac_failure_limit for n in counts.values()), \
+                "a programme's MAC failure counter went past its limit"
         for raw in self.psam.apps[0].state.records:  # type: ignore[attr-defined]
             assert raw[-1] == 1, "the PSAM credited a purchase without the card's MAC2"
 
@@ -131,12 +165,13 @@ class FuzzTarget:
         """True if ``apdu`` is an INITIALIZE naming a key that is locked."""
         if len(apdu) < 6 or apdu[0] != 0x80 or apdu[1] != 0x50 or apdu[2] > 2:
             return False
-        s = self.iep.apps[0].state  # type: ignore[attr-defined]
+        s = self.iep.selected.state  # type: ignore[union-attr]   # the purse or the programme
         counts = s.load_mac_failures if apdu[2] == 0 else s.purchase_mac_failures
         return bool(counts.get(apdu[5], 0) >= s.mac_failure_limit)
 
     def power_cycle(self) -> None:
         unlock_keys(self.iep.apps[0].state)  # type: ignore[attr-defined]
+        unlock_keys(self.iep.apps[1].state)  # type: ignore[attr-defined]
         self.iep.reset()
         self.psam.reset()
         self.iep.transmit(IEP_SEEDS[0])

@@ -27,6 +27,7 @@ from ...card.storage import ImageError, read_image
 from ..kit.command_line import EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
 from ..terminal.capp import describe_goods, goods_lines
 from ..terminal.card_commands import handled
+from ..terminal.points import describe_programmes, programme_lines
 from .describe import describe_image, render_image
 
 
@@ -125,6 +126,9 @@ def card_show(image: Path, as_json: bool) -> None:
             if raw.get("kind") == "iep":   # the goods it holds (host/terminal/capp.py)
                 data["goods"] = describe_goods(raw["app"])
                 text += "\n" + "\n".join(goods_lines(data["goods"]))
+            if raw.get("loyalty"):   # its loyalty programmes (host/terminal/points.py)
+                data["loyalty"] = describe_programmes(raw)
+                text += "\n" + "\n".join(programme_lines(data["loyalty"]))
         except (KeyError, ValueError, TypeError) as exc:
             raise ImageError(f"{image}: damaged card image ({type(exc).__name__}: "
                              f"{exc})") from None
