@@ -218,7 +218,9 @@ class LeasedPsamPool(PsamPool):
     async def start(self) -> None:   # nothing opened until leased
         self._idle = asyncio.Queue()
 
-    async def join(self, member: PooledPsam, token: int, valid_for: float) -> None:
+    async def join(self, member: PooledPsam, token: int, valid_until: float) -> None:
+        """Open ``member`` (leased with ``token``) and serve it until ``valid_until``
+        (monotonic; counted from before the take, so never past the lease's expiry)."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(member.executor, self.open_member, member)
         if self._terminal_id and member.terminal_id != self._terminal_id:
@@ -226,7 +228,7 @@ class LeasedPsamPool(PsamPool):
             raise ValueError(f"PSAM {member.reader.name} answers another terminal id")
         self._terminal_id = member.terminal_id
         self.tokens[member.index] = token
-        self.serving[member.index] = time.monotonic() + valid_for
+        self.serving[member.index] = valid_until
         assert self._idle is not None
         self._idle.put_nowait(member)
 
@@ -340,15 +342,16 @@ class LeaseKeeper:
         for index in order:
             if mine >= share:
                 break
-            if index in self.pool.serving:
+            if index in self.pool.tokens:   # served, or still leaving
                 continue
+            asked = time.monotonic()
             taken = await self.sql(self.store.take, self.slots[index], self.node, self.ttl_ms)
             if taken is None:
                 continue
             token, previous = taken
             member = self.pool.members[index]
             try:
-                await self.pool.join(member, token, self.lease_seconds * 0.9)
+                await self.pool.join(member, token, asked + self.lease_seconds * 0.9)
             except Exception:
                 log.exception("node %s took %s but could not open it", self.node,
                               self.slots[index])
