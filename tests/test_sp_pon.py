@@ -462,3 +462,71 @@ def test_a_pon_paid_whose_answer_was_lost_is_billed_once_by_recovery(
     assert looked["state"] == "billed" and looked["line"]["billed"] == 115
     assert pickup(http, env, made["pon"], made["secret"]).json()["goods"] == \
         DEFAULT_CATALOGUE[0].goods
+
+
+class NeverPays:
+    def pay(self, *_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a bad merchant answer reached the payment")
+
+
+def test_a_signed_but_malformed_merchant_answer_pays_nothing(tmp_path: Path,
+                                                             http: httpx.Client) -> None:
+    """A merchant with a valid key that answers nonsense (a bug, or a merchant gone bad):
+    every answer is refused with a reason, never a 5xx of the SP's own, nothing paid."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from svcard.host.kit.serving import ServerThread
+    from svcard.host.sp.signing import MERCHANT_HEADER, MERCHANT_PON_DOMAIN, sign
+
+    private, public = new_key()
+    answers: list[Any] = []
+
+    async def quote(request: Request) -> Response:
+        change = answers[0]
+        fields = {"merchant": "FAKE", "pon": request.path_params["pon"], "sku": "song",
+                  "item": "x", "amount": 99, "currency_code": 156, "customer": "oz",
+                  "state": "tentative", "expires": int(time.time()) + 600,
+                  "nonce": request.query_params["nonce"]}
+        body = change(fields) if callable(change) else change
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+        return Response(body, headers={MERCHANT_HEADER: sign(private, body,
+                                                             MERCHANT_PON_DOMAIN)})
+
+    fake = ServerThread(Starlette(routes=[Route("/v1/pon/{pon}", quote)])).start()
+    sp = start_sp(demo_config(tmp_path / "sp", "http://127.0.0.1:9",
+                              merchants={"FAKE": fake.url}), NeverPays())
+    try:
+        set_merchant_key(sp.engine, "FAKE", public, 0)
+        oz = sp.customer("oz")
+        cases: list[tuple[Any, int]] = [
+            (lambda f: {**f, "expires": "soon"}, 502),
+            (lambda f: {**f, "nonce": "00" * 16}, 502),
+            (lambda f: {**f, "extra": 1}, 502),
+            (lambda f: [f], 502),
+            (b"{not json", 502),
+            (b"[" * 5000, 502),
+            (lambda f: {**f, "state": "paid"}, 409),
+            (lambda f: {**f, "expires": 5}, 410),
+            (lambda f: {**f, "customer": "someone"}, 403),
+            (lambda f: {**f, "customer": 7}, 502),
+            (lambda f: {**f, "amount": 0}, 502),
+            (lambda f: {**f, "amount": 2**40}, 502),
+            (lambda f: {**f, "amount": "99"}, 502),
+            (lambda f: {**f, "sku": "../x"}, 502),
+            (lambda f: {**f, "currency_code": 840}, 409),
+        ]
+        for change, status in cases:
+            answers[:] = [change]
+            body, headers = signed_pon_order(oz.key, "oz", "FAKE", "ef" * 16)
+            got = http.post(f"{sp.url}/v1/orders/pon", content=body, headers=headers)
+            assert got.status_code == status, (change, got.text)
+            assert got.json()["reason"]
+        with sp.engine.connect() as conn:
+            assert conn.execute(select(D.merchant_orders)).first() is None
+    finally:
+        sp.close()
+        fake.stop()

@@ -295,13 +295,18 @@ class PonOrders:
                 key, signed, answer.headers.get(MERCHANT_HEADER), MERCHANT_PON_DOMAIN):
             raise Refused(502, 502, "the merchant's answer about the PON is not signed with "
                                     "its key: nothing paid")
-        quote = json.loads(signed)
+        try:   # signed by the merchant, and still checked field by field
+            quote = json.loads(signed)
+        except (ValueError, RecursionError):
+            quote = None
         if not isinstance(quote, dict) or set(quote) != QUOTE_FIELDS or \
-                (quote["merchant"], quote["pon"], quote["nonce"]) != (merchant, pon, nonce):
+                (quote["merchant"], quote["pon"], quote["nonce"]) != (merchant, pon, nonce) \
+                or not isinstance(quote["expires"], int) or \
+                not isinstance(quote["customer"], str):
             raise Refused(502, 502, "the merchant's answer is not about this PON or not fresh")
         if quote["state"] != "tentative":
             raise Refused(409, 409, "the merchant says this PON is paid already")
-        if int(quote["expires"]) <= self.server.now_ms() // 1000:
+        if quote["expires"] <= self.server.now_ms() // 1000:
             raise Refused(410, 410, "the merchant says this PON has expired")
         return quote
 
