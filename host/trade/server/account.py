@@ -136,8 +136,7 @@ class AccountManager:
         self.clock = clock
         self.engine = D.am_engine(config.db_url)
         self.sql = SqlRunner(config.db_url)
-        self.http = http
-        self.own_http = http is None
+        self.http = http          # made in the lifespan when not given
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -191,19 +190,18 @@ class AccountManager:
                        data: dict[str, Any]) -> Response:
         body, headers = S.signed(self.config.private_key, self.config.id, S.AMENDED, amended)
         return await self._conclude(operator, session, amended,
-                                    await self._post(f"{operator.url}/v1/initiations", body,
-                                                     headers))
+                                    await self._post(self.http, f"{operator.url}/v1/initiations",
+                                                     body, headers))
 
-    async def _post(self, url: str, body: bytes,
+    @staticmethod
+    async def _post(http: httpx.AsyncClient | None, url: str, body: bytes,
                     headers: dict[str, str]) -> httpx.Response | str:
-        """The answer, or why there is none."""
+        """The answer (through ``http``, or a client of its own), or why there is none."""
         try:
-            http = self.http or httpx.AsyncClient(timeout=30)
-            try:
+            if http is not None:
                 return await http.post(url, content=body, headers=headers)
-            finally:
-                if self.http is None:
-                    await http.aclose()
+            async with httpx.AsyncClient(timeout=30) as own:
+                return await own.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             return f"the mediating agent did not answer: {type(exc).__name__}"
 
@@ -271,7 +269,8 @@ class AccountManager:
             body, headers = S.signed(self.config.private_key, self.config.id, S.LOOKUP, {
                 "account_manager": self.config.id, "session": row["session"],
                 "txn": row["txn"], "created": now // 1000})
-            answer = await self._post(f"{operator.url}/v1/initiations/lookup", body, headers)
+            answer = await self._post(None, f"{operator.url}/v1/initiations/lookup", body,
+                                      headers)
             if not isinstance(answer, str) and answer.status_code == 409:
                 done["in_doubt"] += 1     # still being decided there: next time
                 continue
@@ -295,6 +294,9 @@ class AccountManager:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        own_http = self.http is None
+        if own_http:   # one client for the server's life: its connections are reused
+            self.http = httpx.AsyncClient(timeout=30)
         task = asyncio.create_task(self._clock())
         try:
             yield
@@ -302,6 +304,9 @@ class AccountManager:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if own_http and self.http is not None:
+                await self.http.aclose()
+                self.http = None
 
     async def _in_doubt(self, session: str, reason: str) -> Response:
         await self.sql(settle_initiation, self.engine, session, D.IN_DOUBT, reason, None,

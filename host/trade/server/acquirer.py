@@ -16,9 +16,10 @@ message. A replay of the same message answers the same acknowledgement again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from fractions import Fraction
 from typing import Any
 
@@ -111,6 +112,16 @@ class Acquirer:
         self.clock = clock
         self.engine = D.acq_engine(config.db_url)
         self.sql = SqlRunner(config.db_url)
+        self.http: httpx.AsyncClient | None = None   # the lifespan's, reused
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self.http = httpx.AsyncClient(timeout=30)
+        try:
+            yield
+        finally:
+            await self.http.aclose()
+            self.http = None
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -180,9 +191,13 @@ class Acquirer:
         info_body, headers = S.signed(self.config.private_key, self.config.id, S.INFORMATION,
                                       info)
         try:
-            async with httpx.AsyncClient(timeout=30) as http:
-                answer = await http.post(f"{merchant.url}/v1/sessions", content=info_body,
-                                         headers=headers)
+            if self.http is not None:
+                answer = await self.http.post(f"{merchant.url}/v1/sessions",
+                                              content=info_body, headers=headers)
+            else:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    answer = await http.post(f"{merchant.url}/v1/sessions",
+                                             content=info_body, headers=headers)
         except httpx.HTTPError as exc:
             return await self._refuse(data, f"the merchant agent did not answer: "
                                             f"{type(exc).__name__}")
@@ -256,5 +271,5 @@ class Acquirer:
             Route("/v1/initiations/lookup", self.lookup, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-acquirer"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
             middleware=[Middleware(RequestLog, server="trade-acquirer")])
