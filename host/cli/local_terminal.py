@@ -26,11 +26,15 @@ from ..terminal.card_commands import (
     trace_option,
 )
 from ..terminal.money import Amount
+from ..terminal.points import points_commands
 
 
 @click.group()
 def terminal() -> None:
     """A local terminal (seed FIG. 2): a card slot plus a PSAM or load HSM slot."""
+
+
+terminal.add_command(points_commands)   # svcard terminal points (host/terminal/points.py)
 
 
 @terminal.command("balance")

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import click
 
 from ...protocols import purse as P
 from ...reader import Reader
+from ..kit.command_line import EXIT_USAGE, F, emit, fail, json_option
 from . import apdus
 from . import purse as T
+from .card_commands import AID_BYTES, at_option, handled, readers, trace_option
 from .money import POINTS
 
 PROGRAMME_AID_PREFIX = bytes.fromhex("F053564341524404")   # svcard's examples: prefix + NN
@@ -76,7 +81,11 @@ class ProgrammeInfo:
 def select_programme(card: Reader, aid: bytes) -> ProgrammeInfo:
     """SELECT the programme at ``aid``: :class:`~.purse.NoPurse` if the card lacks it,
     :class:`~.purse.TerminalCheckFailed` if the application there is not one of points."""
-    info = T.select_purse(card, aid)
+    try:
+        info = T.select_purse(card, aid)
+    except T.NoPurse as exc:
+        raise T.Declined(exc.step, exc.sw, f"no loyalty programme {aid.hex().upper()} on this "
+                         f"card (SELECT answered {exc.sw:04X}): nothing was written") from None
     if info.currency_code != POINTS or info.currency_exponent not in (None, 0):
         raise T.TerminalCheckFailed(
             f"{aid.hex().upper()} is not a loyalty programme (it states currency "
@@ -148,3 +157,113 @@ def programme_lines(programmes: list[dict[str, Any]]) -> list[str]:
         lines += [f"      {e['date']} {e['time']}  {e['type_name']:<14} {e['amount']:>10} pts"
                   f"  counter {e['counter']}  terminal {e['terminal_id']}" for e in p["log"]]
     return lines
+
+
+# --- ``svcard terminal points``: the local terminal's commands for points ---------------------
+
+def _programme_option(f: F) -> F:
+    with_aid = click.option(
+        "--programme", "aid", required=True, metavar="AID", callback=_aid,
+        help="AID of the loyalty programme's application on the card (5 to 16 bytes of hex), "
+             "e.g. F05356434152440401.")(f)
+    return click.option("--card", "card_spec", required=True, metavar="SPEC",
+                        help="Reader spec of the purse card, e.g. virtual:card.json.")(with_aid)
+
+
+def _aid(ctx: click.Context, param: click.Parameter, value: str) -> bytes:
+    """``--programme AID``: 5 to 16 bytes of hex, else a one-line usage error (exit 2)."""
+    try:
+        aid = bytes.fromhex(value.replace(" ", "").replace(":", ""))
+    except ValueError:
+        aid = b""
+    if not AID_BYTES[0] <= len(aid) <= AID_BYTES[1]:
+        fail(f"--programme {value[:40]!r}: an AID is {AID_BYTES[0]} to {AID_BYTES[1]} bytes "
+             "of hex, e.g. F05356434152440401", EXIT_USAGE)
+    return aid
+
+
+_count_option = click.option("--points", "count", required=True, metavar="N",
+                             type=click.IntRange(1, MAX_POINTS),
+                             help="How many points (a whole number).")
+_key_index_option = click.option("--key-index", default=1, show_default=True,
+                                 type=click.IntRange(0, 255))
+
+
+@click.group("points")
+def points_commands() -> None:
+    """Loyalty points (seed 002 FIG. 16): a programme's application on the card, beside a
+    load HSM or PSAM that holds the programme's keys."""
+
+
+@points_commands.command("balance")
+@_programme_option
+@json_option
+@trace_option
+def points_balance_command(card_spec: str, aid: bytes, as_json: bool,
+                           trace_out: Path | None) -> None:
+    """The programme's points (GET BALANCE)."""
+    with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
+        info, points = points_balance(card_r, aid)
+    emit(as_json, {"programme": info.programme, "label": info.label, "aid": aid.hex().upper(),
+                   "points": points.count, "card_serial": info.card.app_serial},
+         f"{info.label}: {points} (programme {info.programme}, card {info.card.app_serial})")
+
+
+@points_commands.command("log")
+@_programme_option
+@json_option
+@trace_option
+def points_log_command(card_spec: str, aid: bytes, as_json: bool,
+                       trace_out: Path | None) -> None:
+    """The programme's log (READ RECORD, newest first)."""
+    with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
+        _, entries = points_log(card_r, aid)
+    lines = [f"{e.date} {e.time}  {e.type_name:<14} {e.amount:>10} pts  counter {e.counter:<5} "
+             f"terminal {e.terminal_id}" for e in entries] or ["(empty log)"]
+    emit(as_json, [e.__dict__ for e in entries], "\n".join(lines))
+
+
+@points_commands.command("load")
+@_programme_option
+@click.option("--hsm", "hsm_spec", required=True, metavar="SPEC",
+              help="Reader spec of a load HSM holding the programme's keys.")
+@_count_option
+@click.option("--terminal-id", default="000000000001", show_default=True,
+              help="The loading terminal's 6-byte id, hex.")
+@_key_index_option
+@json_option
+@trace_option
+@at_option
+def points_load_command(card_spec: str, aid: bytes, hsm_spec: str, count: int,
+                        terminal_id: str, key_index: int, as_json: bool,
+                        trace_out: Path | None, at: dt.datetime | None) -> None:
+    """Load points onto the programme: S1 from the card, S2 from the HSM, S3 checked."""
+    try:
+        tid = bytes.fromhex(terminal_id)
+    except ValueError:
+        fail("--terminal-id must be hex", EXIT_USAGE)
+    with handled(), readers(("card", card_spec), ("hsm", hsm_spec),
+                            trace_out=trace_out) as (card_r, hsm_r):
+        r = load_points(card_r, hsm_r, count, aid, terminal_id=tid, key_index=key_index,
+                        when=at)
+    emit(as_json, r.to_json(), r.text())
+
+
+@points_commands.command("redeem")
+@_programme_option
+@click.option("--psam", "psam_spec", required=True, metavar="SPEC",
+              help="Reader spec of a points PSAM holding the programme's purchase keys.")
+@_count_option
+@_key_index_option
+@json_option
+@trace_option
+@at_option
+def points_redeem_command(card_spec: str, aid: bytes, psam_spec: str, count: int,
+                          key_index: int, as_json: bool, trace_out: Path | None,
+                          at: dt.datetime | None) -> None:
+    """Redeem points from the programme: MAC1 from the PSAM, MAC2 checked by it, the PSAM
+    records the redemption for clearing."""
+    with handled(), readers(("card", card_spec), ("psam", psam_spec),
+                            trace_out=trace_out) as (card_r, psam_r):
+        r = redeem_points(card_r, psam_r, count, aid, key_index=key_index, when=at)
+    emit(as_json, r.to_json(), r.text())
