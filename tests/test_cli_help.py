@@ -22,14 +22,15 @@ def listed_commands(*path: str) -> list[str]:
 def test_root_help_lists_every_command() -> None:
     assert listed_commands() == ["apdu", "audit", "bank", "batches", "card", "clearing", "demo",
                                  "device", "goods", "helper", "load", "pay", "readers", "serve", "session", "sp",
-                                 "terminal", "terminal-key", "trace"]
+                                 "terminal", "terminal-key", "trace", "wallet"]
 
 
 def test_serve_lists_every_server() -> None:
     assert listed_commands("serve") == ["bank", "goods-auth", "goods-bank", "goods-fulfil",
                                         "goods-merchant", "goods-payment", "load", "merchant", "payment", "sp",
                                         "trade-account-manager", "trade-acquirer",
-                                        "trade-merchant"]
+                                        "trade-merchant", "wallet-fin", "wallet-gateway",
+                                        "wallet-web"]
 
 
 def test_every_command_has_help() -> None:

@@ -53,6 +53,7 @@ from ..pay import cli as pay_cli
 from ..settle import cli as settle_cli
 from ..sp import cli as sp_cli
 from ..trade import cli as trade_cli
+from ..wallet import cli as wallet_cli
 from .apdu import apdu_cmd
 from .card import card
 from .demo import demo
@@ -146,7 +147,7 @@ def serve() -> None:
 
 for command in (card, terminal, apdu_cmd, readers_cmd, trace, demo, helper_cmd):
     main.add_command(command)
-for system in (pay_cli, load_cli, settle_cli, sp_cli, trade_cli, goods_cli):
+for system in (pay_cli, load_cli, settle_cli, sp_cli, trade_cli, goods_cli, wallet_cli):
     system.register(main, serve)
 
 

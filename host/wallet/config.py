@@ -1,0 +1,128 @@
+"""The settings of the wallet's servers, and their TOML files (``svcard serve wallet-web |
+wallet-gateway | wallet-fin --config FILE``).
+
+Every link key is 32 bytes (64 hex digits; ``key_file``/``key_env`` also work). The web server
+and the gateway share ``web_key``; the gateway and the financial system ``fin_key``; each mall
+has its own key with the gateway, and each cash agent with the financial system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+
+from ..kit.config import (
+    CurrencyCode,
+    PosInt,
+    SecretHex32,
+    SecretText,
+    Section,
+    Url,
+    db_setting,
+    parse_config,
+)
+from .links import ID
+
+
+@dataclass
+class FinConfig:
+    """The financial system: its own secret-digest key, the gateway's link key, the agents'."""
+
+    secret_key: bytes = field(repr=False)
+    gateway_keys: dict[str, bytes] = field(repr=False)
+    agent_keys: dict[str, bytes] = field(default_factory=dict, repr=False)
+    db_url: str = field(default="sqlite:///wallet-fin.db", repr=False)
+    mail_dir: Path = Path("wallet-mail")
+    currency: int = 156
+    max_balance: int = 100_000_00
+    max_failures: int = 5
+
+
+@dataclass
+class GatewayConfig:
+    """The payment gateway: the web server's key, each mall's key and origin, the financial
+    system's address and key, and its own key for the applicant digests."""
+
+    secret_key: bytes = field(repr=False)
+    web_keys: dict[str, bytes] = field(repr=False)
+    mall_keys: dict[str, bytes] = field(repr=False)
+    mall_origins: dict[str, str]
+    fin_url: str
+    fin_key: bytes = field(repr=False)
+    party: str = "gateway"
+    db_url: str = field(default="sqlite:///wallet-gateway.db", repr=False)
+    currency: int = 156
+    max_purchase_ms: int = 3_600_000     # a purchase may expire at most this far ahead
+
+
+@dataclass
+class WebConfig:
+    """The electronic payment web server: the gateway's address and the key it signs with."""
+
+    gateway_url: str
+    gateway_key: bytes = field(repr=False)
+    party: str = "web"
+    db_url: str = field(default="sqlite:///wallet-web.db", repr=False)
+    session_seconds: int = 1800
+    login_failures: int = 5              # per member and per address, in each window
+    login_window_seconds: int = 900
+    secure_cookie: bool = False          # True behind HTTPS
+
+
+class PartyEntry(Section):
+    id: str = Field(pattern=ID.pattern)
+    key: SecretHex32
+    origin: Url | None = None
+
+
+class FinFile(Section):
+    db: SecretText | None = None
+    secret_key: SecretHex32
+    mail_dir: str = "wallet-mail"
+    currency: CurrencyCode = 156
+    max_balance: PosInt = 100_000_00
+    gateway: list[PartyEntry] = Field(min_length=1, max_length=16)
+    agent: list[PartyEntry] = Field(default_factory=list, max_length=1000)
+
+
+class GatewayFile(Section):
+    db: SecretText | None = None
+    secret_key: SecretHex32
+    fin_url: Url
+    fin_key: SecretHex32
+    currency: CurrencyCode = 156
+    web: list[PartyEntry] = Field(min_length=1, max_length=16)
+    mall: list[PartyEntry] = Field(default_factory=list, max_length=10_000)
+
+
+class WebFile(Section):
+    db: SecretText | None = None
+    gateway_url: Url
+    gateway_key: SecretHex32
+    secure_cookie: bool = False
+
+
+def fin_config(path: Path, db_url: str | None = None) -> FinConfig:
+    f = parse_config(FinFile, path)
+    mail = Path(f.mail_dir)
+    return FinConfig(f.secret_key, {p.id: p.key for p in f.gateway},
+                     {p.id: p.key for p in f.agent},
+                     mail_dir=mail if mail.is_absolute() else path.parent / mail,
+                     currency=f.currency, max_balance=f.max_balance,
+                     **db_setting(f.db, db_url))
+
+
+def gateway_config(path: Path, db_url: str | None = None) -> GatewayConfig:
+    f = parse_config(GatewayFile, path)
+    return GatewayConfig(f.secret_key, {p.id: p.key for p in f.web},
+                         {p.id: p.key for p in f.mall},
+                         {p.id: (p.origin or "").rstrip("/") for p in f.mall},
+                         f.fin_url, f.fin_key, currency=f.currency, **db_setting(f.db, db_url))
+
+
+def web_config(path: Path, db_url: str | None = None) -> WebConfig:
+    f = parse_config(WebFile, path)
+    return WebConfig(f.gateway_url, f.gateway_key, secure_cookie=f.secure_cookie,
+                     **db_setting(f.db, db_url))

@@ -1,0 +1,156 @@
+"""The financial system (seed 003 FIG. 1 financial system 40, FIG. 4 financial system 80).
+
+Over its link with the payment gateway: ``POST /v1/cards`` (an application for a card: approved
+with a new number and secret; a real card is personalised as an anonymous purse and "mailed",
+written to ``mail_dir``), ``/v1/cards/verify`` (a card's secret), ``/v1/links`` (an applicant
+proves it holds an account or a credit card), ``/v1/charges`` (a card charged from a linked
+account or credit card), ``/v1/debits`` (a matched purchase paid from a card),
+``/v1/balances``. Over its link with a cash agent: ``/v1/topups``. ``GET /v1/health``,
+``GET /openapi.json``.
+
+Answers (JSON): 200 with ``result`` ``done`` or ``declined`` and why (nothing changed when
+declined); 400 a malformed request; 401 a link MAC that does not verify; 403 a wrong secret
+(423 after too many); 404 no such card or source; 409 a ref used before for another request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
+from ...kit.request_log import RequestLog, note
+from ..base import WalletServer, ok
+from ..config import FinConfig
+from ..links import NUMBER, SECRET, choice, new_secret, secret_digest, text, whole
+from . import db as D
+from . import ledger as L
+from .mail import mail_real_card
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class FinServer(WalletServer):
+    name = "wallet-fin"
+
+    def __init__(self, config: FinConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        super().__init__(D.make_engine(config.db_url), config.db_url, D.cards, clock)
+
+    def _digest(self, what: str, ident: str, secret: str) -> str:
+        return secret_digest(self.config.secret_key, what, ident, secret)
+
+    def _currency(self, data: Any) -> int:
+        currency = whole(data, "currency", 1, 999)
+        if currency != self.config.currency:
+            raise Refused(400, 400, f"currency: this financial system keeps {self.config.currency}")
+        return currency
+
+    # --- the gateway's link ---------------------------------------------------------------
+    async def issue(self, request: Request) -> Response:
+        _, data = await self.linked(request, self.config.gateway_keys)
+        ref, kind = text(data, "ref", _REF), choice(data, "kind", ("virtual", "real"))
+        currency, applicant = self._currency(data), text(data, "applicant", _HEX64)
+        secret = new_secret(8)
+        number, new, reason = await self.sql(
+            L.issue_card, self.engine, ref, kind, currency, applicant,
+            lambda n: self._digest("card", n, secret))
+        note(txn=ref, step="issue")
+        if number is None:
+            return ok({"approved": False, "reason": reason}, 403)
+        answer: dict[str, Any] = {"approved": True, "number": number, "kind": kind,
+                                  "new": new}
+        if new:
+            if kind == "real":   # the secret goes in the letter, never back over the wire
+                mailed = mail_real_card(self.config.mail_dir, number, secret, currency)
+                answer["mailed"] = mailed.name
+            else:
+                answer["secret"] = secret
+        return ok(answer)
+
+    async def verify(self, request: Request) -> Response:
+        _, data = await self.linked(request, self.config.gateway_keys)
+        card, secret = text(data, "card", NUMBER), text(data, "secret", SECRET)
+        found = await self.sql(L.check_secret, self.engine, card,
+                               self._digest("card", card, secret), self.config.max_failures)
+        status = {"ok": 200, "wrong": 403, "locked": 423, "unknown": 404}[found]
+        return ok({"result": found}, status)
+
+    async def link(self, request: Request) -> Response:
+        _, data = await self.linked(request, self.config.gateway_keys)
+        kind = choice(data, "kind", ("account", "credit"))
+        number, secret = text(data, "number", NUMBER), text(data, "secret", SECRET)
+        found = await self.sql(L.link_source, self.engine, kind, number,
+                               self._digest(kind, number, secret),
+                               text(data, "applicant", _HEX64))
+        return ok({"result": found}, {"ok": 200, "wrong": 403, "unknown": 404}[found])
+
+    async def _move(self, data: dict[str, Any], kind: str, source: str,
+                    applicant: str | None) -> Response:
+        ref, card = text(data, "ref", _REF), text(data, "card", NUMBER)
+        amount, currency = whole(data, "amount", 1), self._currency(data)
+        digest = hashlib.sha256(json.dumps([kind, card, source, amount, currency, applicant])
+                                .encode()).hexdigest()
+        note(txn=ref, step=kind)
+        try:
+            outcome = await self.sql(L.move, self.engine, ref, kind, card, source, amount,
+                                     currency, digest, applicant, self.config.max_balance)
+        except L.RefConflict as exc:
+            raise Refused(409, 409, str(exc)) from None
+        note(outcome=outcome.result)
+        return ok(outcome.answer(ref))
+
+    async def charge(self, request: Request) -> Response:
+        _, data = await self.linked(request, self.config.gateway_keys)
+        kind = choice(data, "kind", ("account", "credit"))
+        return await self._move(data, kind, text(data, "source", NUMBER),
+                                text(data, "applicant", _HEX64))
+
+    async def debit(self, request: Request) -> Response:
+        _, data = await self.linked(request, self.config.gateway_keys)
+        return await self._move(data, "debit", "mall:" + text(data, "mall"), None)
+
+    async def topup(self, request: Request) -> Response:
+        agent, data = await self.linked(request, self.config.agent_keys)
+        return await self._move(data, "cash", "agent:" + agent, None)
+
+    async def balances(self, request: Request) -> Response:
+        _, data = await self.linked(request, self.config.gateway_keys)
+        cards = data.get("cards")
+        if not isinstance(cards, list) or len(cards) > 100 or not all(
+                isinstance(c, str) and NUMBER.match(c) for c in cards):
+            raise Refused(400, 400, "cards: a list of at most 100 card numbers")
+        return ok({"cards": await self.sql(L.balances, self.engine, cards)})
+
+    def app(self) -> Starlette:
+        g = self.guarded
+        return Starlette(routes=[
+            Route("/v1/cards", g(self.issue), methods=["POST"]),
+            Route("/v1/cards/verify", g(self.verify), methods=["POST"]),
+            Route("/v1/links", g(self.link), methods=["POST"]),
+            Route("/v1/charges", g(self.charge), methods=["POST"]),
+            Route("/v1/debits", g(self.debit), methods=["POST"]),
+            Route("/v1/topups", g(self.topup), methods=["POST"]),
+            Route("/v1/balances", g(self.balances), methods=["POST"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+            openapi_route("wallet-fin"),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="wallet-fin")])
+
+
+
+def add_source(server: FinServer, kind: str, number: str, secret: str, amount: int) -> None:
+    """Open a bank account or credit card at this financial system (tests, demo, CLI)."""
+    L.add_source(server.engine, kind, number, server._digest(kind, number, secret), amount,
+                 server.config.currency)

@@ -1,0 +1,94 @@
+"""The financial system's books (seed 003 FIG. 1 and 4, financial system 40/80): SQLite by
+default, PostgreSQL by URL.
+
+* ``wf_cards``: each prepaid representative card: its 16-digit number, ``virtual`` or
+  ``real``, its balance in minor units of one currency, its secret as a keyed digest, the
+  failed secret tries, and the gateway's opaque ``applicant`` (a keyed digest of the member:
+  the financial system never learns who holds a card).
+* ``wf_accounts`` and ``wf_credit``: bank accounts (balance) and credit cards (limit and
+  what is used), each with a secret digest; ``wf_links`` records which applicant proved it
+  holds one (its secret), so only those can be charged from.
+* ``wf_movements``: every change of money, one row per unique ``ref`` (the gateway's charge
+  reference, a purchase's id, an agent's top-up reference): a repeated request finds its row
+  and never moves money twice. ``result`` is ``done`` or ``declined`` (and why).
+* ``wf_issues``: each card application by its ``ref``, so a retried one is not a second card.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Engine, Integer, MetaData, String, Table
+
+from ...kit.schema import Schema, open_schema
+
+metadata = MetaData()
+ACTIVE, BLOCKED = "active", "blocked"
+DONE, DECLINED = "done", "declined"
+
+cards = Table(
+    "wf_cards", metadata,
+    Column("number", String(16), primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("state", String(8), nullable=False),
+    Column("balance", BigInteger, nullable=False),
+    Column("currency", Integer, nullable=False),
+    Column("secret_digest", String(64), nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("applicant", String(64), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+
+accounts = Table(
+    "wf_accounts", metadata,
+    Column("number", String(16), primary_key=True),
+    Column("balance", BigInteger, nullable=False),
+    Column("currency", Integer, nullable=False),
+    Column("secret_digest", String(64), nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+
+credit = Table(
+    "wf_credit", metadata,
+    Column("number", String(16), primary_key=True),
+    Column("credit_limit", BigInteger, nullable=False),
+    Column("used", BigInteger, nullable=False),
+    Column("currency", Integer, nullable=False),
+    Column("secret_digest", String(64), nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+
+links = Table(
+    "wf_links", metadata,
+    Column("kind", String(8), primary_key=True),        # "account" | "credit"
+    Column("number", String(16), primary_key=True),
+    Column("applicant", String(64), primary_key=True),
+    Column("created", BigInteger, nullable=False),
+)
+
+movements = Table(
+    "wf_movements", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ref", String(64), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),          # cash | account | credit | debit
+    Column("card", String(16), nullable=False),
+    Column("source", String(40), nullable=False),        # account, credit card, agent, mall
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", Integer, nullable=False),
+    Column("digest", String(64), nullable=False),        # of the request: a reused ref differs
+    Column("result", String(8), nullable=False),
+    Column("reason", String(200), nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
+
+issues = Table(
+    "wf_issues", metadata,
+    Column("ref", String(64), primary_key=True),
+    Column("number", String(16), nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
+
+SCHEMA = Schema("wallet-fin", 1, metadata)
+
+
+def make_engine(url: str) -> Engine:
+    return open_schema(url, SCHEMA)

@@ -1,0 +1,213 @@
+"""The payment gateway (seed 003 FIG. 1 server 30, FIG. 4 server 70).
+
+Over its link with the electronic payment web server (which has authenticated the member):
+``POST /v1/wallet/list`` (the member's wallet, with the cards' balances), ``/v1/wallet/issue``
+(a card applied for: the financial system approves it and gives its number; it goes into the
+wallet), ``/v1/wallet/link`` (an account or credit card the member proves to hold),
+``/v1/wallet/charge`` (a card charged from an account or credit card in the same wallet),
+``/v1/wallet/choose`` (embodiment 1, step b5: the card chosen, its secret checked, and the
+purchase information from the mall's page stored). Over each mall's link:
+``POST /v1/approvals`` (step b6: the mall's own view of the purchase, no customer data; matched
+field by field, then debited; see ``matching.py``). ``GET /v1/health``, ``GET /openapi.json``.
+
+The financial system never learns the member: it knows each holder as ``applicant``, an HMAC of
+the member id under the gateway's own key.
+
+Approval answers: 200 approved; 402 declined by the financial system (e.g. balance too low);
+404 no purchase for this order; 409 approved or declined already (a replay), or the request
+does not match the wallet's purchase in some field; 410 expired; 502 the financial system's
+answer is unknown (asking again asks it again under the same ref: never a second debit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
+from ...kit.request_log import RequestLog, note
+from ..base import WalletServer, ok
+from ..config import GatewayConfig
+from ..links import ID, NUMBER, SECRET, LinkClient, choice, purchase, text, whole
+from . import db as D
+from . import matching as X
+from . import wallets as W
+
+_REF = ID
+
+
+class GatewayServer(WalletServer):
+    name = "wallet-gateway"
+
+    def __init__(self, config: GatewayConfig, clock: Callable[[], float] = time.time,
+                 http: httpx.Client | None = None) -> None:
+        self.config = config
+        self.http = http or httpx.Client(timeout=30)
+        self.fin = LinkClient(self.http, config.fin_url, config.party, config.fin_key)
+        super().__init__(D.make_engine(config.db_url), config.db_url, D.wallet, clock)
+
+    def close(self) -> None:
+        super().close()
+        self.http.close()
+
+    def applicant(self, member: str) -> str:
+        return hmac.new(self.config.secret_key, b"applicant\n" + member.encode(),
+                        hashlib.sha256).hexdigest()
+
+    async def ask_fin(self, path: str, data: dict[str, Any]) -> tuple[int, Any]:
+        try:
+            return await asyncio.to_thread(self.fin.post, path, data)
+        except httpx.TransportError:
+            raise Refused(502, 502, "the financial system could not be reached") from None
+
+    async def _member(self, request: Request) -> tuple[str, dict[str, Any]]:
+        _, data = await self.linked(request, self.config.web_keys)
+        member = text(data, "member")
+        note(party=member)
+        return member, data
+
+    # --- the web server's link ------------------------------------------------------------
+    async def listing(self, request: Request) -> Response:
+        member, _ = await self._member(request)
+        rows = await self.sql(W.contents, self.engine, member)
+        cards = [r["number"] for r in rows if r["kind"] == "card"]
+        found: dict[str, Any] = {}
+        if cards:
+            status, answer = await self.ask_fin("/v1/balances", {"cards": cards})
+            if status != 200:
+                raise Refused(502, 502, "the financial system did not give the balances")
+            found = answer["cards"]
+        return ok({
+            "cards": [{"number": n, "kind": r["card_kind"], **found.get(n, {})}
+                      for r in rows if r["kind"] == "card" for n in [r["number"]]],
+            "accounts": [r["number"] for r in rows if r["kind"] == "account"],
+            "credit_cards": [r["number"] for r in rows if r["kind"] == "credit"]})
+
+    async def issue(self, request: Request) -> Response:
+        member, data = await self._member(request)
+        kind, ref = choice(data, "kind", ("virtual", "real")), text(data, "ref", _REF)
+        status, answer = await self.ask_fin("/v1/cards", {
+            "ref": "issue:" + ref, "kind": kind, "currency": self.config.currency,
+            "applicant": self.applicant(member)})
+        if status != 200:
+            raise Refused(403 if status == 403 else 502, 403,
+                          f"the card was not approved: {answer.get('reason', status)}")
+        number = str(answer["number"])
+        added = await self.sql(W.add, self.engine, member, "card", number, kind)
+        if added not in ("added", "held"):
+            raise Refused(409, 409, f"the card could not go into the wallet: {added}")
+        note(txn=number, step="issue")
+        return ok({k: answer[k] for k in ("number", "kind", "secret", "mailed") if k in answer})
+
+    async def link(self, request: Request) -> Response:
+        member, data = await self._member(request)
+        kind = choice(data, "kind", ("account", "credit"))
+        number, secret = text(data, "number", NUMBER), text(data, "secret", SECRET)
+        status, _ = await self.ask_fin("/v1/links", {
+            "kind": kind, "number": number, "secret": secret,
+            "applicant": self.applicant(member)})
+        if status != 200:
+            raise Refused(403 if status in (403, 404) else 502, 403,
+                          f"the {kind} could not be verified")
+        added = await self.sql(W.add, self.engine, member, kind, number)
+        if added not in ("added", "held"):
+            raise Refused(409, 409, f"the {kind} could not go into the wallet: {added}")
+        return ok({"kind": kind, "number": number})
+
+    async def charge(self, request: Request) -> Response:
+        member, data = await self._member(request)
+        kind = choice(data, "kind", ("account", "credit"))
+        card, source = text(data, "card", NUMBER), text(data, "source", NUMBER)
+        ref, amount = text(data, "ref", _REF), whole(data, "amount", 1)
+        for what, number in (("card", card), (kind, source)):
+            if await self.sql(W.holds, self.engine, member, what, number) is None:
+                raise Refused(404, 404, f"no such {what} in this wallet")
+        status, answer = await self.ask_fin("/v1/charges", {
+            "ref": "charge:" + ref, "card": card, "kind": kind, "source": source,
+            "amount": amount, "currency": whole(data, "currency", 1, 999),
+            "applicant": self.applicant(member)})
+        if status != 200:
+            raise Refused(502 if status >= 500 else 400, status,
+                          f"the charge was refused: {answer.get('reason', status)}")
+        note(txn=ref, step="charge", outcome=answer["result"])
+        return ok(answer, 200 if answer["result"] == "done" else 402)
+
+    async def choose(self, request: Request) -> Response:
+        member, data = await self._member(request)
+        card, secret = text(data, "card", NUMBER), text(data, "secret", SECRET)
+        p = purchase(data.get("purchase"))
+        if p["mall"] not in self.config.mall_keys:
+            raise Refused(400, 400, "purchase.mall: not a mall this gateway serves")
+        now = self.now_ms()
+        if not now < p["expires"] <= now + self.config.max_purchase_ms:
+            raise Refused(400, 400, "purchase.expires: expired, or too far ahead")
+        if p["currency"] != self.config.currency:
+            raise Refused(400, 400, f"purchase.currency: cards here hold {self.config.currency}")
+        if await self.sql(W.holds, self.engine, member, "card", card) is None:
+            raise Refused(404, 404, "no such card in this wallet")
+        status, _ = await self.ask_fin("/v1/cards/verify", {"card": card, "secret": secret})
+        if status in (403, 423):
+            raise Refused(403, 403, "wrong card secret" if status == 403 else
+                          "the card is locked after too many wrong secrets")
+        if status != 200:
+            raise Refused(502, 502, "the financial system could not check the card")
+        pid = await self.sql(X.store_choice, self.engine, member, card, p)
+        if pid is None:
+            raise Refused(409, 409, "this order has a card chosen already")
+        note(txn=pid, step="choose")
+        return ok({"purchase": pid, "return_origin": self.config.mall_origins.get(p["mall"], "")})
+
+    # --- each mall's link -----------------------------------------------------------------
+    async def approve(self, request: Request) -> Response:
+        mall, data = await self.linked(request, self.config.mall_keys)
+        p = purchase(data)
+        if p["mall"] != mall:
+            raise Refused(403, 403, "a mall asks approval of its own purchases only")
+        how, found = await self.sql(X.match, self.engine, p, self.now_ms())
+        note(txn=found["id"] if found else None, step="approve")
+        if how != "matched" or found is None:
+            status, reason = {
+                "none": (404, "no purchase was chosen in a wallet for this order"),
+                "approved": (409, "approved already: not approved twice"),
+                "declined": (409, "declined already"),
+                "expired": (410, "the purchase expired"),
+            }.get(how, (409, "the request does not match the wallet's purchase information"))
+            raise Refused(status, status, reason)
+        status, answer = await self.ask_fin("/v1/debits", {
+            "ref": "pay:" + found["id"], "card": found["card"], "amount": found["amount"],
+            "currency": found["currency"], "mall": mall})
+        if status != 200:
+            raise Refused(502, 502, "the financial system's answer is unknown: ask again")
+        approved = answer["result"] == "done"
+        await self.sql(X.settle, self.engine, found["id"], approved, answer.get("reason", ""))
+        note(outcome="approved" if approved else "declined")
+        body = {"approved": approved, "approval": found["id"], "order": p["order"],
+                "amount": found["amount"], "currency": found["currency"]}
+        if not approved:
+            body["reason"] = answer.get("reason", "declined")
+        return ok(body, 200 if approved else 402)
+
+    def app(self) -> Starlette:
+        g = self.guarded
+        return Starlette(routes=[
+            Route("/v1/wallet/list", g(self.listing), methods=["POST"]),
+            Route("/v1/wallet/issue", g(self.issue), methods=["POST"]),
+            Route("/v1/wallet/link", g(self.link), methods=["POST"]),
+            Route("/v1/wallet/charge", g(self.charge), methods=["POST"]),
+            Route("/v1/wallet/choose", g(self.choose), methods=["POST"]),
+            Route("/v1/approvals", g(self.approve), methods=["POST"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+            openapi_route("wallet-gateway"),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            middleware=[Middleware(RequestLog, server="wallet-gateway")])

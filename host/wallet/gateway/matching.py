@@ -1,0 +1,78 @@
+"""Embodiment 1's match (seed 003 FIG. 4 steps b5-b8), as database steps.
+
+:func:`store_choice` keeps what the member's wallet sent (the card chosen and the purchase
+information the mall's page gave it). :func:`match` takes the mall's own view of the purchase
+and, in ONE conditional UPDATE, moves the one purchase whose every field equals it (mall,
+order, the customer's id at the mall, product-list digest, amount, currency, nonce, expiry)
+from ``chosen`` (and not expired) to ``approving``; a purchase left ``approving`` (its debit's
+outcome unknown) matches again, so the same debit ref is asked again and never a second
+debit. :func:`settle` records the financial system's answer, compare-and-set."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from sqlalchemy import Engine, and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ...kit.db import now_ms, reading, step
+from . import db as D
+
+FIELDS = {"mall": "mall", "order": "mall_order", "customer": "customer",
+          "products_digest": "products_digest", "amount": "amount", "currency": "currency",
+          "nonce": "nonce", "expires": "expires"}
+
+
+def store_choice(engine: Engine, member: str, card: str, p: dict[str, Any]) -> str | None:
+    """The new purchase's id, or None if the mall's order has a purchase already."""
+    pid = secrets.token_hex(16)
+    now = now_ms()
+    try:
+        with step(engine) as conn:
+            conn.execute(insert(D.purchases).values(
+                id=pid, member=member, card=card, state=D.CHOSEN, reason="", created=now,
+                updated=now, **{column: p[name] for name, column in FIELDS.items()}))
+    except IntegrityError:
+        return None
+    return pid
+
+
+def match(engine: Engine, p: dict[str, Any], now: int) -> tuple[str, dict[str, Any] | None]:
+    """(``matched``, the purchase) or (why not, the purchase by mall and order or None):
+    ``none``, ``approved``, ``declined``, ``expired``, ``mismatch``."""
+    c = D.purchases.c
+    equal = [c[column] == p[name] for name, column in FIELDS.items()]
+    with step(engine) as conn:
+        done = conn.execute(update(D.purchases).where(
+            *equal, or_(and_(c.state == D.CHOSEN, c.expires > now),
+                        c.state == D.APPROVING)).values(
+            state=D.APPROVING, updated=now)).rowcount
+        row = conn.execute(select(D.purchases).where(
+            c.mall == p["mall"], c.mall_order == p["order"])).first()
+    found = dict(row._mapping) if row is not None else None
+    if done == 1:
+        return "matched", found
+    if found is None:
+        return "none", None
+    if found["state"] in (D.APPROVED, D.DECLINED):
+        return found["state"], found
+    if found["state"] == D.CHOSEN and found["expires"] <= now and all(
+            found[column] == p[name] for name, column in FIELDS.items()):
+        return "expired", found
+    return "mismatch", found
+
+
+def settle(engine: Engine, pid: str, approved: bool, reason: str) -> bool:
+    c = D.purchases.c
+    with step(engine) as conn:
+        return bool(conn.execute(update(D.purchases).where(
+            c.id == pid, c.state == D.APPROVING).values(
+            state=D.APPROVED if approved else D.DECLINED, reason=reason[:200],
+            updated=now_ms())).rowcount == 1)
+
+
+def purchase(engine: Engine, pid: str) -> dict[str, Any] | None:
+    with reading(engine) as conn:
+        row = conn.execute(select(D.purchases).where(D.purchases.c.id == pid)).first()
+    return dict(row._mapping) if row is not None else None

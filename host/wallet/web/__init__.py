@@ -1,0 +1,1 @@
+"""The electronic payment web server of seed 003: members, sessions, the wallet page."""

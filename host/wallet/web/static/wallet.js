@@ -1,0 +1,215 @@
+// The svcard wallet page (seed 003's "electronic wallet driving program"). It talks only to
+// its own web server (same origin, the session cookie, the X-Svcard-Wallet header). A mall's
+// page hands it the purchase information in the URL's fragment (never sent to any server):
+// #purchase=<JSON {purchase, return_url}>.
+"use strict";
+
+const CURRENCIES = {156: ["CNY", 2], 978: ["EUR", 2], 840: ["USD", 2]};
+let incoming = null;     // {purchase, return_url} from the mall's page
+let member = null;
+
+function $(id) { return document.getElementById(id); }
+
+function money(minor, currency) {
+  const [code, exp] = CURRENCIES[currency] || [String(currency), 2];
+  const sign = minor < 0 ? "-" : "";
+  const digits = String(Math.abs(minor)).padStart(exp + 1, "0");
+  return `${code} ${sign}${digits.slice(0, -exp)}.${digits.slice(-exp)}`;
+}
+
+function minorUnits(text) {
+  const m = /^\s*(\d{1,10})(?:\.(\d{1,2}))?\s*$/.exec(text);
+  if (!m) return null;
+  return Number(m[1]) * 100 + Number((m[2] || "").padEnd(2, "0"));
+}
+
+function say(state, text) {
+  const s = $("status");
+  s.dataset.state = state;
+  s.textContent = text;
+}
+
+async function api(method, path, body) {
+  const options = {method, credentials: "same-origin", headers: {"X-Svcard-Wallet": "1"}};
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {
+    return {status: 0, data: {reason: "the wallet server could not be reached"}};
+  }
+  let data = {};
+  try { data = await response.json(); } catch (e) { data = {reason: response.statusText}; }
+  return {status: response.status, data};
+}
+
+function readFragment() {
+  const hash = window.location.hash;
+  if (!hash.startsWith("#purchase=")) return null;
+  try {
+    const value = JSON.parse(decodeURIComponent(hash.slice("#purchase=".length)));
+    if (value && typeof value === "object" && value.purchase && value.return_url) return value;
+  } catch (e) { /* not ours */ }
+  return null;
+}
+
+function showPurchase() {
+  if (!incoming) return;
+  const p = incoming.purchase;
+  $("purchase-box").hidden = false;
+  $("p-mall").textContent = p.mall;
+  $("p-order").textContent = p.order;
+  $("p-amount").textContent = money(p.amount, p.currency);
+  const list = $("p-products");
+  list.replaceChildren();
+  for (const line of p.products || []) {
+    const li = document.createElement("li");
+    li.textContent = `${line.qty} x ${line.sku} at ${money(line.price, p.currency)}`;
+    list.appendChild(li);
+  }
+}
+
+function option(select, value, label) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = label;
+  select.appendChild(o);
+}
+
+async function refresh() {
+  const r = await api("GET", "/api/wallet");
+  if (r.status === 401) {
+    member = null;
+    $("auth").hidden = false;
+    $("wallet").hidden = true;
+    $("pay-form").hidden = true;
+    return false;
+  }
+  if (r.status !== 200) { say("error", r.data.reason || "the wallet could not be read"); return false; }
+  $("auth").hidden = true;
+  $("wallet").hidden = false;
+  $("member-name").textContent = member || "";
+  const body = $("cards").tBodies[0];
+  body.replaceChildren();
+  for (const select of [$("charge-card"), $("pay-card")]) select.replaceChildren();
+  for (const card of r.data.cards) {
+    const tr = document.createElement("tr");
+    tr.dataset.number = card.number;
+    for (const text of [card.number, card.kind, money(card.balance, card.currency)]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    }
+    tr.lastChild.className = "balance";
+    body.appendChild(tr);
+    option($("charge-card"), card.number, `${card.number} (${card.kind})`);
+    if (card.kind === "virtual") option($("pay-card"), card.number, `${card.number} - ${money(card.balance, card.currency)}`);
+  }
+  const sources = $("sources");
+  sources.replaceChildren();
+  $("charge-source").replaceChildren();
+  for (const [kind, label, numbers] of [["account", "Bank account", r.data.accounts],
+                                         ["credit", "Credit card", r.data.credit_cards]]) {
+    for (const number of numbers) {
+      const li = document.createElement("li");
+      li.textContent = `${label} ${number}`;
+      sources.appendChild(li);
+      option($("charge-source"), `${kind}:${number}`, `${label} ${number}`);
+    }
+  }
+  $("pay-form").hidden = !incoming;
+  return true;
+}
+
+async function register() {
+  const r = await api("POST", "/api/register", {member: $("reg-member").value,
+                                                 password: $("reg-password").value});
+  if (r.status === 201) say("done", `Registered ${r.data.member}: log in now.`);
+  else say("error", `Not registered: ${r.data.reason}`);
+}
+
+async function login() {
+  const r = await api("POST", "/api/login", {member: $("login-member").value,
+                                              password: $("login-password").value});
+  if (r.status !== 200) { say("error", `Not logged in: ${r.data.reason}`); return; }
+  member = r.data.member;
+  sessionStorage.setItem("svcard-wallet-member", member);
+  if (await refresh()) say("done", `Logged in as ${member}.`);
+}
+
+async function logout() {
+  await api("POST", "/api/logout", {});
+  sessionStorage.removeItem("svcard-wallet-member");
+  member = null;
+  await refresh();
+  say("done", "Logged out.");
+}
+
+async function issue(kind) {
+  say("busy", "Applying for a card...");
+  const r = await api("POST", "/api/cards", {kind});
+  if (r.status !== 200) { say("error", `No card: ${r.data.reason}`); return; }
+  const issued = $("issued");
+  issued.hidden = false;
+  issued.dataset.number = r.data.number;
+  if (kind === "virtual") {
+    issued.dataset.secret = r.data.secret;
+    issued.textContent = `Virtual card ${r.data.number}, secret ${r.data.secret}: note the secret, it is shown only now.`;
+  } else {
+    issued.dataset.secret = "";
+    issued.textContent = `Real card ${r.data.number}: it is being mailed to you with its secret.`;
+  }
+  await refresh();
+  say("done", `Card ${r.data.number} issued.`);
+}
+
+async function link() {
+  const r = await api("POST", "/api/links", {kind: $("link-kind").value,
+                                              number: $("link-number").value,
+                                              secret: $("link-secret").value});
+  if (r.status !== 200) { say("error", `Not added: ${r.data.reason}`); return; }
+  await refresh();
+  say("done", `Added ${r.data.kind} ${r.data.number}.`);
+}
+
+async function charge() {
+  const amount = minorUnits($("charge-amount").value);
+  if (!amount) { say("error", "Amount: write it as 10.00"); return; }
+  const [kind, source] = $("charge-source").value.split(":");
+  say("busy", "Charging...");
+  const r = await api("POST", "/api/charges", {card: $("charge-card").value, kind, source,
+                                                amount, currency: 156});
+  if (r.status !== 200) { say("error", `Not charged: ${r.data.reason}`); await refresh(); return; }
+  await refresh();
+  say("done", `Charged ${money(amount, 156)}: the balance is ${money(r.data.balance, 156)}.`);
+}
+
+async function pay() {
+  say("busy", "Sending your choice to the payment gateway...");
+  const r = await api("POST", "/api/purchases", {card: $("pay-card").value,
+                                                  secret: $("pay-secret").value,
+                                                  purchase: incoming.purchase,
+                                                  return_url: incoming.return_url});
+  if (r.status !== 200) { say("error", `Not sent: ${r.data.reason}`); return; }
+  say("paid", "Card chosen: back to the mall, which asks for the approval.");
+  window.location.assign(r.data.return_url);
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  incoming = readFragment();
+  member = sessionStorage.getItem("svcard-wallet-member");
+  showPurchase();
+  $("register").addEventListener("click", register);
+  $("login").addEventListener("click", login);
+  $("logout").addEventListener("click", logout);
+  $("issue-virtual").addEventListener("click", () => issue("virtual"));
+  $("issue-real").addEventListener("click", () => issue("real"));
+  $("link").addEventListener("click", link);
+  $("charge").addEventListener("click", charge);
+  $("pay").addEventListener("click", pay);
+  const inside = await refresh();
+  say("ready", inside ? "Your wallet." : "Register or log in.");
+});
