@@ -530,3 +530,25 @@ def test_a_signed_but_malformed_merchant_answer_pays_nothing(tmp_path: Path,
     finally:
         sp.close()
         fake.stop()
+
+
+def test_open_pons_are_bounded_per_client_address(env: Env) -> None:
+    desk = env.site.server.pons
+    assert desk is not None
+    config = env.site.server.config
+    saved = config.max_open_per_client
+    now = int(time.time() * 1000)
+    config.max_open_per_client = 3
+    try:
+        made = [desk._insert(desk._new_pon("song", "flood", now, "10.9.9.9")[0], now)
+                for _ in range(5)]
+        other = desk._insert(desk._new_pon("song", "fair", now, "10.9.9.8")[0], now)
+    finally:
+        config.max_open_per_client = saved
+    assert made == [True, True, True, False, False] and other
+    later = now + 2 * 3600 * 1000   # expired PONs no longer count
+    config.max_open_per_client = 3
+    try:
+        assert desk._insert(desk._new_pon("song", "flood", later, "10.9.9.9")[0], later)
+    finally:
+        config.max_open_per_client = saved

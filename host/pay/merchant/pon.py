@@ -1,19 +1,13 @@
 """The merchant's side of seed 001 FIG. 3B and of "the merchant sends a copy of the order".
 
-FIG. 3B: the customer places a TENTATIVE order here (``POST /v1/pon``) and gets a payment
-order number (PON, 16 random bytes, hex) and a pick-up secret (32 random bytes, hex; only its
-SHA-256 is kept). Its service provider asks about the PON (``GET /v1/pon/{pon}?nonce=``: the
-answer is signed with this merchant's Ed25519 key, whose public half the SP holds) and pays it
-with an ordinary card payment: ``POST /v1/pon/{pon}/checkout`` is ``/v1/checkout/{sku}``
-linked to the PON. The confirmation at ``/v1/status/{txn}`` moves the order AND the PON to
-paid in one step (:meth:`PonDesk.release`): a PON is paid once; another payment's confirmation
-for it is refused (409). The goods go to the customer, not the payer: ``POST
-/v1/pon/{pon}/pickup`` with the secret, once a valid payment confirmation is held.
-
-The copy (``POST /v1/pon/via-sp``): the customer orders here with an order signed by its SP
-key; the merchant makes a PON and sends the SP a copy (that order, its signature and the PON's
-terms) signed with its own key; the SP checks both and pays the PON as above. The answer
-gives the customer the PON, its secret and, once paid, the goods.
+FIG. 3B: ``POST /v1/pon`` makes a tentative order, its payment order number (PON) and a pick-up
+secret (the merchant keeps its SHA-256). The SP asks ``GET /v1/pon/{pon}?nonce=`` (answered
+signed with this merchant's Ed25519 key) and pays ``POST /v1/pon/{pon}/checkout``, an ordinary
+checkout linked to the PON; its confirmation moves the order AND the PON to paid in one step
+(:meth:`PonDesk.release`): a PON is paid once. The customer, not the payer, gets the goods:
+``POST /v1/pon/{pon}/pickup`` with the secret, once a valid confirmation is held. The copy:
+``POST /v1/pon/via-sp`` takes the customer's order signed with its SP key, makes a PON and
+sends the SP a copy signed with the merchant's key; the SP pays the PON as above.
 """
 
 from __future__ import annotations
@@ -64,8 +58,7 @@ COPY_DOMAIN = b"svcard-sp-copy/1\n"             # the merchant's copy of a custo
 TENTATIVE, PAID = "tentative", "paid"
 MAX_BODY = 512
 MAX_COPY_ORDER = 3072
-_PON = re.compile(r"[0-9a-f]{32}")
-_NONCE = re.compile(r"[0-9a-f]{32}")
+_PON = _NONCE = re.compile(r"[0-9a-f]{32}")
 _SECRET = re.compile(r"[0-9a-f]{64}")
 _CUSTOMER = re.compile(r"[A-Za-z0-9_.@-]{1,32}")
 _SKU = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -76,8 +69,7 @@ ROUTES = (("/v1/pon", "POST"), ("/v1/pon/via-sp", "POST"), ("/v1/pon/{pon}", "GE
 
 @dataclass
 class PonSettings:
-    """A merchant taking PONs: its Ed25519 private key (raw 32 bytes), its name at the SP,
-    the SP it sends order copies to, and how long a PON can be paid."""
+    """PONs: the merchant's Ed25519 key (raw), its name at the SP, the SP's URL (copies)."""
     key: bytes = field(repr=False)
     sp_name: str
     sp_url: str | None = None
@@ -102,6 +94,7 @@ pons = Table(
     Column("currency_code", Integer, nullable=False),
     Column("customer", String(32), nullable=False),        # the customer's id at the SP
     Column("secret_hash", String(64), nullable=False),     # SHA-256 of the pick-up secret
+    Column("client_address", String(64), nullable=False),  # who asked: bounds open PONs
     Column("state", String(10), nullable=False),           # tentative -> paid
     Column("txn_id", String(32)),                          # the payment that paid it
     Column("expires", BigInteger, nullable=False),         # ms: the last time to start paying
@@ -118,8 +111,8 @@ pon_txns = Table(
 SCHEMA = Schema("merchant_pon", 1, metadata)
 
 
-class _Lost(Exception):
-    """The order was no longer open: the PON's change is undone with it."""
+class _Lost(Exception):   # the order was no longer open: the PON's change is undone with it
+    pass
 
 
 def disabled_routes(server: MerchantServer) -> list[Route]:
@@ -172,12 +165,16 @@ class PonDesk:
 
     # --- database steps ----------------------------------------------------------------------
     def _insert(self, row: dict[str, Any], now: int) -> bool:
-        """Insert a tentative PON if fewer than ``max_open`` unexpired ones are: one step."""
+        """Insert a tentative PON within ``max_open`` and ``max_open_per_client``: one step."""
         columns = list(row)
-        open_now = (select(func.count()).select_from(pons).where(
-            pons.c.state == TENTATIVE, pons.c.expires > now).scalar_subquery())
+
+        def open_now(*where: Any) -> Any:
+            return (select(func.count()).select_from(pons).where(
+                pons.c.state == TENTATIVE, pons.c.expires > now, *where).scalar_subquery())
         source = select(*(literal(row[c], pons.c[c].type).label(c) for c in columns)).where(
-            open_now < self.settings.max_open)
+            open_now() < self.settings.max_open, open_now(
+                pons.c.client_address == row["client_address"])
+            < self.server.config.max_open_per_client)
         with step(self.engine) as conn:
             if self.engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
@@ -197,9 +194,8 @@ class PonDesk:
 
     def release(self, txn_id: str, state: str, receipt: str, now: int,
                 confirmation: str = "") -> bool:
-        """The status route's release (``OrderDb.release``'s signature): for a PON's
-        checkout, the order (open -> ``state``) and its PON (tentative -> paid) change in ONE
-        step, or neither does; True for exactly one caller."""
+        """``OrderDb.release`` for the status route: a PON's order and the PON itself change
+        in ONE step, or neither does; True for exactly one caller."""
         link = first_row(self.engine, pon_txns, txn_id=txn_id)   # written once, never changed
         if link is None:
             return self.server.db.release(txn_id, state, receipt, now, confirmation)
@@ -221,7 +217,8 @@ class PonDesk:
         return True
 
     # --- POST /v1/pon: a tentative order -------------------------------------------------------
-    def _new_pon(self, sku: str, customer: str, now: int) -> tuple[dict[str, Any], str]:
+    def _new_pon(self, sku: str, customer: str, now: int,
+                 address: str = "") -> tuple[dict[str, Any], str]:
         c = self.server.config
         item = next((i for i in c.catalogue if i.sku == sku), None)
         if item is None:
@@ -232,14 +229,15 @@ class PonDesk:
         row = {"pon": pon, "sku": item.sku, "item": item.name, "goods": item.goods,
                "amount": item.price, "currency_code": c.currency_code, "customer": customer,
                "secret_hash": hashlib.sha256(secret.encode()).hexdigest(), "state": TENTATIVE,
-               "expires": now + self.settings.lifetime * 1000, "created": now, "updated": now}
+               "expires": now + self.settings.lifetime * 1000, "created": now, "updated": now,
+               "client_address": address}
         return row, secret
 
-    async def _make_pon(self, sku: str, customer: str) -> dict[str, Any]:
+    async def _make_pon(self, request: Request, sku: str, customer: str) -> dict[str, Any]:
         now = self.server.now_ms()
-        row, secret = self._new_pon(sku, customer, now)
+        row, secret = self._new_pon(sku, customer, now, _address(request))
         if not await self.server.sql(self._insert, row, now):
-            raise Refusal(503, f"too many open PONs ({self.settings.max_open}): try later",
+            raise Refusal(503, "too many open PONs (overall or of this client): try later",
                           {"Retry-After": "60"})
         note(txn=row["pon"], step="pon")
         c = self.server.config
@@ -252,7 +250,7 @@ class PonDesk:
         try:
             _client_only(request)
             data = _json(await _body(request, MAX_BODY), frozenset({"sku", "customer"}))
-            answer = await self._make_pon(_check(data, "sku", _SKU),
+            answer = await self._make_pon(request, _check(data, "sku", _SKU),
                                           _check(data, "customer", _CUSTOMER))
         except Refusal as exc:
             return self.server.refuse(exc.status, exc.reason, exc.headers)
@@ -298,8 +296,7 @@ class PonDesk:
                                    "for a new PON")
             order.update(goods=f"PON {pon}: the merchant gives the goods to the customer "
                                "(pick-up with the PON and its secret)",
-                         client_address=(request.client.host if request.client
-                                         else "unknown")[:64])
+                         client_address=_address(request))
             now = order["created"]
             linked = await server.sql(self._link, pon, order["txn_id"], now)
             if linked != "ok":
@@ -356,7 +353,7 @@ class PonDesk:
             inner = _loads(order_text)
             if not isinstance(inner, dict) or inner.get("merchant") != s.sp_name:
                 raise Refusal(400, f"order: not an order for merchant {s.sp_name}")
-            made = await self._make_pon(_check(inner, "sku", _SKU),
+            made = await self._make_pon(request, _check(inner, "sku", _SKU),
                                         _check(inner, "customer", _CUSTOMER))
         except Refusal as exc:
             return self.server.refuse(exc.status, exc.reason, exc.headers)
@@ -387,8 +384,11 @@ class PonDesk:
         return JSONResponse(out, status_code=status if status >= 400 else 502)
 
 
-def _client_only(request: Request) -> None:
-    """Like checkout: only a client's POST with ``X-Svcard-Client: 1`` makes anything."""
+def _address(request: Request) -> str:
+    return (request.client.host if request.client else "unknown")[:64]
+
+
+def _client_only(request: Request) -> None:   # as at checkout: no order for a browser
     if request.headers.get("X-Svcard-Client") != "1":
         raise Refusal(403, "an order is made only for a POST with X-Svcard-Client: 1")
 
