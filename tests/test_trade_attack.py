@@ -185,7 +185,8 @@ def test_purchase_attacks(stack: TradeStack, http: httpx.Client) -> None:
                  "signature": S.sign(a.session_key, S.ORDER, S.canonical(
                      {**m3["order"], "index": 5}))}) == 402
     assert post(m3) == 200
-    status = http.get(f"{a.merchant_url}/v1/sessions/{a.session}").json()
+    status = http.get(f"{a.merchant_url}/v1/sessions/{a.session}",
+                     params={"pseudonym": a.pseudonym}).json()
     assert (status["index"], status["taken"]) == (4, 4)
     assert count(stack.merchants["shop"].engine, D.ma_purchases) == 3
 
@@ -284,9 +285,11 @@ def test_terminate_attacks(stack: TradeStack, http: httpx.Client) -> None:
     stale, sh = S.signed(a.session_key, a.pseudonym, S.TERMINATE,
                          {**payload, "created": int(time.time()) - 3600})
     assert http.post(url, content=stale, headers=sh).status_code == 401
-    assert http.get(f"{a.merchant_url}/v1/sessions/{a.session}").json()["state"] == D.OPEN
+    assert http.get(f"{a.merchant_url}/v1/sessions/{a.session}",
+                     params={"pseudonym": a.pseudonym}).json()["state"] == D.OPEN
     assert C.terminate(http, a)["state"] == D.TERMINATED
-    assert http.get(f"{b.merchant_url}/v1/sessions/{b.session}").json()["state"] == D.OPEN
+    assert http.get(f"{b.merchant_url}/v1/sessions/{b.session}",
+                     params={"pseudonym": b.pseudonym}).json()["state"] == D.OPEN
 
 
 # --- the acknowledgement to the account manager (mediating agent -> account manager) ---------
@@ -308,3 +311,26 @@ def test_forged_agent_ack_leaves_the_session_in_doubt(tmp_path: Path,
         assert "no signed answer" in row["reason"] and reserved(stack, "alice") == 1_00
     finally:
         stack.close()
+
+
+def test_session_state_only_for_who_knows_the_pseudonym(stack: TradeStack,
+                                                        http: httpx.Client) -> None:
+    alice = stack.customer("alice")
+    s = stack.open(http, alice, 1_00)
+    C.buy(http, s, "song", 2)
+    url = f"{s.merchant_url}/v1/sessions/{s.session}"
+    assert http.get(url).status_code == 404
+    assert http.get(url, params={"pseudonym": "p" + "0" * 24}).status_code == 404
+    assert http.get(url, params={"pseudonym": s.pseudonym}).json()["taken"] == 2
+
+
+def test_amended_initiation_expiry_bounded(stack: TradeStack, http: httpx.Client) -> None:
+    url = f"{stack.url('acq1')}/v1/initiations"
+    now_ms = int(time.time() * 1000)
+    for session, expires in (("am1.80", now_ms - 1), ("am1.81", now_ms + 8 * 86_400_000)):
+        body, headers = S.signed(stack.am.key, "am1", S.AMENDED,
+                                 amended(stack, session, expires=expires))
+        answer = http.post(url, content=body, headers=headers)
+        assert answer.status_code == 200 and b'"accepted":false' in answer.content
+        assert b"expiry" in answer.content
+    assert count(stack.acquirer.engine, D.acq_sessions) == 0

@@ -81,7 +81,8 @@ def test_purchases_inside_the_deposit_then_spent(stack: TradeStack) -> None:
         assert last["state"] == D.SPENT and last["left"] == 0   # claim 1: deposit reached
         with pytest.raises(C.TradeError, match="left"):
             C.buy(http, s, "more", 1)
-        status = http.get(f"{s.merchant_url}/v1/sessions/{s.session}").json()
+        status = http.get(f"{s.merchant_url}/v1/sessions/{s.session}",
+                     params={"pseudonym": s.pseudonym}).json()
         assert (status["state"], status["taken"]) == (D.SPENT, 150)
     purchases = rows(stack.merchants["shop"].engine, D.ma_purchases)
     assert [p["link_index"] for p in purchases] == [1, 2, 3, 4, 5, 15]

@@ -43,6 +43,9 @@ from ..money import Amount, MoneyError, conversion_postings, convert
 from .common import authenticated, refused, signed_json, verified_answer
 
 
+MAX_SESSION_MS = 7 * 86_400_000   # the longest session this agent holds a deposit for
+
+
 def rate_text(rate: Fraction) -> str:
     return f"{rate.numerator}/{rate.denominator}"
 
@@ -155,8 +158,10 @@ class Acquirer:
         body, data, _ = await authenticated(request, M.AMENDED, "amended initiation",
                                             S.AMENDED, self._am_key, now // 1000)
         note(txn=data["session"], step="amended")
-        if data["expires"] <= now:
-            return self._answer(self._ack(data, False, "the session's expiry has passed"))
+        if not now < data["expires"] <= now + MAX_SESSION_MS:
+            return self._answer(self._ack(data, False, "the session's expiry is past or more "
+                                                       f"than {MAX_SESSION_MS // 3_600_000} h "
+                                                       "away"))
         merchant = self.config.merchants.get(data["merchant"])
         if merchant is None:
             return self._answer(self._ack(data, False, f"{data['merchant']} is not a merchant "

@@ -264,8 +264,12 @@ class MerchantAgent:
             return refused(exc)
 
     async def status(self, request: Request) -> Response:
+        """A session's state, for whoever knows its pseudonym (``?pseudonym=``): session ids
+        are sequential, so the id alone would show anyone what a session spent."""
         try:
             row = await self._session(request.path_params["session"])
+            if request.query_params.get("pseudonym") != row["pseudonym"]:
+                raise Refused(404, 404, "no such session")
         except Refused as exc:
             return refused(exc)
         return JSONResponse({"session": row["session"], "state": row["state"],
