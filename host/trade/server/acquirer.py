@@ -42,7 +42,6 @@ from ..config import AcquirerConfig
 from ..money import Amount, MoneyError, conversion_postings, convert
 from .common import authenticated, refused, signed_json, verified_answer
 
-
 MAX_SESSION_MS = 7 * 86_400_000   # the longest session this agent holds a deposit for
 
 
