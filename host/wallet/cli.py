@@ -116,23 +116,22 @@ def _serve(kind: str, config_path: Path, db_url: str | None, host: str, port: in
            log_level: str, drain_seconds: float) -> None:
     from ..kit.config import ConfigError
     from . import config as C
+    from .fin.app import FinServer
+    from .gateway.app import GatewayServer
+    from .web.app import WebServer
 
-    server: object
+    server: FinServer | GatewayServer | WebServer
     try:
         if kind == "fin":
-            from .fin.app import FinServer
             server = FinServer(C.fin_config(config_path, db_url))
         elif kind == "gateway":
-            from .gateway.app import GatewayServer
             server = GatewayServer(C.gateway_config(config_path, db_url))
         else:
-            from .web.app import WebServer
             server = WebServer(C.web_config(config_path, db_url))
     except ConfigError as exc:
         fail(str(exc), EXIT_INPUT)
-    app = server.app()  # type: ignore[attr-defined]
-    sys.exit(serve_app(app, host=host, port=port, log_level=log_level,
-                       drain=server, drain_seconds=drain_seconds))  # type: ignore[arg-type]
+    sys.exit(serve_app(server.app(), host=host, port=port, log_level=log_level,
+                       drain=server, drain_seconds=drain_seconds))
 
 
 def _server_command(name: str, kind: str, port: int, doc: str) -> click.Command:

@@ -25,6 +25,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..kit.http import Refused
 
@@ -118,6 +119,12 @@ def token() -> str:
 
 def token_digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of an http(s) URL, else ""."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") else ""
 
 
 # --- checked fields --------------------------------------------------------------------------

@@ -22,10 +22,12 @@ answer is unknown (asking again asks it again under the same ref: never a second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -39,12 +41,13 @@ from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
 from ...kit.request_log import RequestLog, note
 from ..base import WalletServer, ok
 from ..config import GatewayConfig
-from ..links import ID, NUMBER, SECRET, LinkClient, choice, purchase, text, whole
+from ..links import ID, NUMBER, SECRET, LinkClient, choice, origin, purchase, text, whole
 from . import db as D
 from . import matching as X
 from . import wallets as W
 
 _REF = ID
+log = logging.getLogger("svcard.wallet.gateway")
 
 
 class GatewayServer(WalletServer):
@@ -152,6 +155,10 @@ class GatewayServer(WalletServer):
         now = self.now_ms()
         if not now < p["expires"] <= now + self.config.max_purchase_ms:
             raise Refused(400, 400, "purchase.expires: expired, or too far ahead")
+        back = data.get("return_url")
+        if not isinstance(back, str) or len(back) > 500 or not origin(back) or \
+                origin(back) != self.config.mall_origins.get(p["mall"]):
+            raise Refused(400, 400, "return_url: not the mall's own site")
         if p["currency"] != self.config.currency:
             raise Refused(400, 400, f"purchase.currency: cards here hold {self.config.currency}")
         if await self.sql(W.holds, self.engine, member, "card", card) is None:
@@ -166,7 +173,7 @@ class GatewayServer(WalletServer):
         if pid is None:
             raise Refused(409, 409, "this order has a card chosen already")
         note(txn=pid, step="choose")
-        return ok({"purchase": pid, "return_origin": self.config.mall_origins.get(p["mall"], "")})
+        return ok({"purchase": pid, "return_url": back})
 
     # --- each mall's link -----------------------------------------------------------------
     async def approve(self, request: Request) -> Response:
@@ -181,22 +188,50 @@ class GatewayServer(WalletServer):
                 "none": (404, "no purchase was chosen in a wallet for this order"),
                 "approved": (409, "approved already: not approved twice"),
                 "declined": (409, "declined already"),
+                "approving": (409, "being approved: ask again in a few seconds"),
                 "expired": (410, "the purchase expired"),
             }.get(how, (409, "the request does not match the wallet's purchase information"))
             raise Refused(status, status, reason)
-        status, answer = await self.ask_fin("/v1/debits", {
-            "ref": "pay:" + found["id"], "card": found["card"], "amount": found["amount"],
-            "currency": found["currency"], "mall": mall})
-        if status != 200:
-            raise Refused(502, 502, "the financial system's answer is unknown: ask again")
-        approved = answer["result"] == "done"
-        await self.sql(X.settle, self.engine, found["id"], approved, answer.get("reason", ""))
+        approved, reason = await self.debit(found)
         note(outcome="approved" if approved else "declined")
         body = {"approved": approved, "approval": found["id"], "order": p["order"],
                 "amount": found["amount"], "currency": found["currency"]}
         if not approved:
-            body["reason"] = answer.get("reason", "declined")
+            body["reason"] = reason
         return ok(body, 200 if approved else 402)
+
+    async def debit(self, found: dict[str, Any]) -> tuple[bool, str]:
+        """Ask the financial system to debit a matched purchase (its ref is the purchase's
+        id: asking again is never a second debit) and record the answer."""
+        status, answer = await self.ask_fin("/v1/debits", {
+            "ref": "pay:" + found["id"], "card": found["card"], "amount": found["amount"],
+            "currency": found["currency"], "mall": found["mall"]})
+        if status != 200:
+            raise Refused(502, 502, "the financial system's answer is unknown: ask again")
+        approved = answer["result"] == "done"
+        reason = "" if approved else str(answer.get("reason", "declined"))
+        await self.sql(X.settle, self.engine, found["id"], approved, reason)
+        return approved, reason
+
+    async def recover(self) -> dict[str, int]:
+        """At start: every purchase matched whose debit's outcome was not recorded (the
+        gateway stopped between the match and the answer) is asked about again."""
+        done = {"approved": 0, "declined": 0, "unknown": 0}
+        for found in await self.sql(X.in_flight, self.engine):
+            try:
+                approved, _ = await self.debit(found)
+            except Refused:
+                done["unknown"] += 1
+                continue
+            done["approved" if approved else "declined"] += 1
+        return done
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        done = await self.recover()
+        if any(done.values()):
+            log.info("recovered: %s", done, extra=done)
+        yield
 
     def app(self) -> Starlette:
         g = self.guarded
@@ -209,5 +244,5 @@ class GatewayServer(WalletServer):
             Route("/v1/approvals", g(self.approve), methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-gateway"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
             middleware=[Middleware(RequestLog, server="wallet-gateway")])

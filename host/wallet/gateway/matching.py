@@ -4,9 +4,11 @@
 information the mall's page gave it). :func:`match` takes the mall's own view of the purchase
 and, in ONE conditional UPDATE, moves the one purchase whose every field equals it (mall,
 order, the customer's id at the mall, product-list digest, amount, currency, nonce, expiry)
-from ``chosen`` (and not expired) to ``approving``; a purchase left ``approving`` (its debit's
-outcome unknown) matches again, so the same debit ref is asked again and never a second
-debit. :func:`settle` records the financial system's answer, compare-and-set."""
+from ``chosen`` (and not expired) to ``approving``. A purchase left ``approving`` longer than
+:data:`STALE_MS` (the process asking for its debit stopped) matches again, so the same debit
+ref is asked again and never a second debit; one still in flight does not (a concurrent copy
+of the request is refused). :func:`settle` records the financial system's answer,
+compare-and-set; :func:`in_flight` lists what a restart must ask about again."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from ...kit.db import now_ms, reading, step
 from . import db as D
 
+STALE_MS = 10_000
 FIELDS = {"mall": "mall", "order": "mall_order", "customer": "customer",
           "products_digest": "products_digest", "amount": "amount", "currency": "currency",
           "nonce": "nonce", "expires": "expires"}
@@ -40,13 +43,14 @@ def store_choice(engine: Engine, member: str, card: str, p: dict[str, Any]) -> s
 
 def match(engine: Engine, p: dict[str, Any], now: int) -> tuple[str, dict[str, Any] | None]:
     """(``matched``, the purchase) or (why not, the purchase by mall and order or None):
-    ``none``, ``approved``, ``declined``, ``expired``, ``mismatch``."""
+    ``none``, ``approved``, ``declined``, ``approving`` (in flight), ``expired``,
+    ``mismatch``."""
     c = D.purchases.c
     equal = [c[column] == p[name] for name, column in FIELDS.items()]
     with step(engine) as conn:
         done = conn.execute(update(D.purchases).where(
             *equal, or_(and_(c.state == D.CHOSEN, c.expires > now),
-                        c.state == D.APPROVING)).values(
+                        and_(c.state == D.APPROVING, c.updated < now - STALE_MS))).values(
             state=D.APPROVING, updated=now)).rowcount
         row = conn.execute(select(D.purchases).where(
             c.mall == p["mall"], c.mall_order == p["order"])).first()
@@ -55,10 +59,10 @@ def match(engine: Engine, p: dict[str, Any], now: int) -> tuple[str, dict[str, A
         return "matched", found
     if found is None:
         return "none", None
-    if found["state"] in (D.APPROVED, D.DECLINED):
+    same = all(found[column] == p[name] for name, column in FIELDS.items())
+    if found["state"] in (D.APPROVED, D.DECLINED) or (same and found["state"] == D.APPROVING):
         return found["state"], found
-    if found["state"] == D.CHOSEN and found["expires"] <= now and all(
-            found[column] == p[name] for name, column in FIELDS.items()):
+    if same and found["state"] == D.CHOSEN and found["expires"] <= now:
         return "expired", found
     return "mismatch", found
 
@@ -76,3 +80,11 @@ def purchase(engine: Engine, pid: str) -> dict[str, Any] | None:
     with reading(engine) as conn:
         row = conn.execute(select(D.purchases).where(D.purchases.c.id == pid)).first()
     return dict(row._mapping) if row is not None else None
+
+
+def in_flight(engine: Engine) -> list[dict[str, Any]]:
+    """Purchases matched whose debit's outcome was never recorded."""
+    with reading(engine) as conn:
+        rows = conn.execute(select(D.purchases).where(
+            D.purchases.c.state == D.APPROVING)).all()
+    return [dict(r._mapping) for r in rows]
