@@ -77,3 +77,37 @@ def test_bad_inputs(stack: TradeStack, tmp_path: Path) -> None:
     stack.parties["am1"].thread.stop()
     r = run(*open_args(stack, key, tmp_path / "t.json", deposit="0.50"))
     assert r.exit_code == 11
+
+
+def test_prices_in_the_customers_currency_from_the_banks_table(stack: TradeStack,
+                                                               tmp_path: Path) -> None:
+    table = tmp_path / "table.json"
+    price = ["session", "price", "120", "JPY", "--in", "EUR", "--table", str(table)]
+    account = ["--account-url", stack.am.url, "--account-id", "am1",
+               "--account-key", stack.am.public.hex()]
+    r = run(*price)
+    assert r.exit_code == 1 and "warning" in r.output and "fetch a new table" in r.output
+    r = run(*price, *account)
+    assert r.exit_code == 0, r.output
+    assert "120 JPY = 0.76 EUR (at most; table of bank-c" in r.output
+    assert json.loads(table.read_text())["issuer"] == "bank-c"
+    stack.parties["am1"].thread.stop()          # the device uses its own copy now
+    r = run(*price, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["shown"] == "0.76 EUR"
+    kept = json.loads(table.read_text())
+    table.write_text(json.dumps({**kept, "expires": kept["issued"] + 1}))
+    r = run(*price, *account)
+    assert r.exit_code == 11 and "expired at" in r.output      # warned, then fetch failed
+    r = run("session", "price", "1.5", "JPY", "--in", "EUR", "--table", str(table))
+    assert r.exit_code == 3 and "decimals" in r.output
+
+
+def test_a_table_not_signed_by_the_account_manager_refused(stack: TradeStack,
+                                                          tmp_path: Path) -> None:
+    from svcard.host.trade.signing import new_key
+
+    r = run("session", "price", "120", "JPY", "--in", "EUR", "--table",
+            str(tmp_path / "t.json"), "--account-url", stack.am.url, "--account-id", "am1",
+            "--account-key", new_key()[1].hex())
+    assert r.exit_code == 1 and "not signed by the account manager" in r.output
+    assert not (tmp_path / "t.json").exists()

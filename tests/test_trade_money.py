@@ -122,3 +122,29 @@ def test_unbalanced_booking_refused_and_changes_nothing() -> None:
     with pytest.raises(MoneyError, match="do not balance"):
         books.book([("a", Amount(-5, "EUR")), ("b", Amount(4, "EUR"))])
     assert books.balances == {} or not any(books.balances.values())
+
+
+def test_table_travels_as_exact_decimal_text() -> None:
+    from svcard.host.trade.money import decimal_text, table_from_payload, table_payload
+
+    t = table()
+    payload = table_payload(t)
+    assert payload["rates"] == {"JPY": "158.2345", "KWD": "0.3312", "USD": "1.0821"}
+    assert table_from_payload(payload) == t
+    assert decimal_text(Fraction(5)) == "5" and decimal_text(Fraction(1, 8)) == "0.125"
+    with pytest.raises(MoneyError):
+        decimal_text(Fraction(1, 3))
+    for bad in ({}, {**payload, "x": 1}, {**payload, "issued": True},
+                {**payload, "rates": {"JPY": "-1"}}, {**payload, "rates": []}, []):
+        with pytest.raises(MoneyError):
+            table_from_payload(bad)
+
+
+def test_price_shown_rounded_up_in_the_customers_currency() -> None:
+    from svcard.host.trade.money import price_in
+
+    t = table()
+    assert price_in(Amount(120, "JPY"), "EUR", t, 1_500) == Amount(76, "EUR")  # 0.7583..
+    assert price_in(Amount(1, "KWD"), "EUR", t, 1_500) == Amount(1, "EUR")     # 0.3 cent
+    with pytest.raises(TableExpired):
+        price_in(Amount(120, "JPY"), "EUR", t, 2_000)

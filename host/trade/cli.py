@@ -1,4 +1,4 @@
-"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show``; the
+"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show|price``; the
 operator's ``svcard session keygen`` and ``svcard session customer``; and the three servers,
 ``svcard serve trade-account-manager|trade-acquirer|trade-merchant``.
 
@@ -12,7 +12,9 @@ server 11, a file that cannot be used 3.
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -26,7 +28,7 @@ from ..kit.serving import serve as serve_app
 from . import customer as C
 from . import messages as M
 from .config import AccountManagerConfig, AcquirerConfig, server_config
-from .money import Amount, MoneyError
+from .money import Amount, MoneyError, price_in
 from .signing import (
     SigningError,
     new_key,
@@ -239,6 +241,63 @@ def close_cmd(state: Path, as_json: bool) -> None:
         fail(f"{s.merchant_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
     emit(as_json, got, f"session {s.session} {got['state']}: the merchant holds link "
                        f"{got['index']} ({Amount(got['taken'], s.currency_merchant)})")
+
+
+@session.command("price")
+@click.argument("amount")
+@click.argument("currency")
+@click.option("--in", "into", required=True, help="Your currency (ISO 4217).")
+@click.option("--table", "table_path", required=True, type=click.Path(path_type=Path),
+              help="The exchange table this device keeps (made or renewed here).")
+@click.option("--account-url", default=None, help="Your account manager, to fetch a new "
+              "table when there is none or it has expired.")
+@click.option("--account-id", default=None)
+@click.option("--account-key", default=None, help="Its public key (hex).")
+@json_option
+def price_cmd(amount: str, currency: str, into: str, table_path: Path,
+              account_url: str | None, account_id: str | None, account_key: str | None,
+              as_json: bool) -> None:
+    """A merchant's price AMOUNT CURRENCY in your currency, at your bank's exchange table
+    (seed 004: the device keeps the table with its lifespan stamp and warns when it has
+    expired)."""
+    now = int(time.time() * 1000)
+    try:
+        price = Amount.parse(amount, currency)
+        Amount(0, into)
+    except MoneyError as exc:
+        fail(str(exc), EXIT_INPUT)
+    table = C.load_table(table_path)
+    if table is None or not table.valid(now):
+        click.echo(f"svcard: warning: {table_path}: " + (
+            "no exchange table" if table is None else
+            f"the exchange table of {table.issuer} expired at {_when(table.expires)}"),
+            err=True)
+        if not (account_url and account_id and account_key):
+            fail(f"{table_path}: fetch a new table: give --account-url, --account-id and "
+                 "--account-key", EXIT_DECLINED)
+        try:
+            public = public_from_hex(account_key, "--account-key")
+            with httpx.Client(timeout=30) as http:
+                table = C.fetch_table(http, account_url.rstrip("/"), account_id, public)
+        except SigningError as exc:
+            fail(str(exc), EXIT_INPUT)
+        except C.TradeError as exc:
+            fail(str(exc), EXIT_DECLINED)
+        except httpx.HTTPError as exc:
+            fail(f"{account_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
+        C.save_table(table_path, table)
+    try:
+        shown = price_in(price, into, table, now)
+    except MoneyError as exc:
+        fail(f"{table_path}: {exc}", EXIT_DECLINED)
+    emit(as_json, {"price": str(price), "shown": str(shown), "issuer": table.issuer,
+                   "expires": table.expires},
+         f"{price} = {shown} (at most; table of {table.issuer}, valid until "
+         f"{_when(table.expires)})")
+
+
+def _when(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @session.command("show")

@@ -53,6 +53,7 @@ class AccountManagerConfig:
     session_ms: int = 3_600_000             # how long a session may last
     max_sessions: int = 10_000              # open sessions per customer (bounded)
     recover_seconds: float = 30.0           # how often undecided initiations are settled
+    table: ExchangeTable | None = None      # the bank's table its customers' devices keep
 
 
 @dataclass
@@ -152,18 +153,18 @@ def server_config(role: str, path: Path, db_url: str | None = None
         for name, entries in (("operator", f.operator), ("account_manager", f.account_manager),
                               ("merchant", f.merchant)):
             _unique(entries, name)
+        table = None if f.table is None else ExchangeTable.from_text(
+            f.table.issuer, f.table.base, f.table.rates, _ms(f.table.issued),
+            _ms(f.table.expires))
         if role == "account-manager":
             return AccountManagerConfig(
                 f.id, f.key, db, {o.id: Peer(o.acquirer, o.url.rstrip("/"), o.public_key)
                                   for o in f.operator},
-                session_ms=f.session_seconds * 1000, max_sessions=f.max_sessions)
+                session_ms=f.session_seconds * 1000, max_sessions=f.max_sessions, table=table)
         if role == "acquirer":
-            t = f.table
-            assert t is not None
-            table = ExchangeTable.from_text(t.issuer, t.base, t.rates, _ms(t.issued),
-                                            _ms(t.expires))
+            assert table is not None
             for m in f.merchant:
-                table.rate(t.base, m.currency, table.issued)
+                table.rate(table.base, m.currency, table.issued)
             return AcquirerConfig(
                 f.id, f.key, db, {a.id: a.public_key for a in f.account_manager},
                 {m.id: MerchantPeer(m.id, m.url.rstrip("/"), m.public_key, m.currency)

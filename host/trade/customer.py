@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from . import signing as S
-from .money import Amount
+from .money import Amount, ExchangeTable, MoneyError, table_from_payload, table_payload
 from .payword import MAX_LENGTH, Commitment, PaywordError, Wallet, order_payload
 
 
@@ -93,6 +93,36 @@ def reason_of(answer: httpx.Response) -> str:
         return str(answer.json().get("reason", answer.text))[:300]
     except ValueError:
         return answer.text[:300]
+
+
+def fetch_table(http: httpx.Client, account_url: str, account_id: str,
+                account_public: bytes) -> ExchangeTable:
+    """The bank's exchange table from the customer's account manager, its signature checked."""
+    answer = http.get(f"{account_url}/v1/exchange-table")
+    if answer.status_code != 200:
+        raise TradeError(f"no exchange table from the account manager (HTTP "
+                         f"{answer.status_code}): {reason_of(answer)}")
+    if answer.headers.get(S.SIGNER) != account_id or not S.verify(
+            account_public, S.TABLE, answer.content, answer.headers.get(S.SIGNATURE)):
+        raise TradeError("the exchange table is not signed by the account manager")
+    try:
+        return table_from_payload(json.loads(answer.content))
+    except (ValueError, MoneyError) as exc:
+        raise TradeError(f"the exchange table cannot be used: {exc}") from None
+
+
+def save_table(path: Path, table: ExchangeTable) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table_payload(table)))
+    os.replace(tmp, path)
+
+
+def load_table(path: Path) -> ExchangeTable | None:
+    """The table the device keeps, or None when there is none (or it cannot be read)."""
+    try:
+        return table_from_payload(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def initiation(customer: str, customer_key: bytes, session_public: bytes, merchant: str,

@@ -190,6 +190,45 @@ class ExchangeTable:
         return known[target] / known[source]
 
 
+def decimal_text(rate: Fraction) -> str:
+    """The exact decimal text of a rate parsed from decimal text (refused if it has none
+    within 12 decimals)."""
+    for places in range(13):
+        scaled = rate * 10**places
+        if scaled.denominator == 1:
+            whole = int(scaled)
+            if places == 0:
+                return str(whole)
+            return f"{whole // 10**places}.{whole % 10**places:0{places}d}"
+    raise MoneyError(f"rate: {rate} has no decimal form within 12 decimals")
+
+
+def table_payload(table: ExchangeTable) -> dict[str, object]:
+    return {"issuer": table.issuer, "base": table.base, "issued": table.issued,
+            "expires": table.expires,
+            "rates": {code: decimal_text(r) for code, r in sorted(table.rates.items())}}
+
+
+def table_from_payload(data: object) -> ExchangeTable:
+    """An exchange table from its JSON object, every field checked (MoneyError)."""
+    fields = {"issuer", "base", "issued", "expires", "rates"}
+    if not isinstance(data, dict) or set(data) != fields or \
+            not isinstance(data["rates"], dict) or len(data["rates"]) > 500 or \
+            not isinstance(data["issuer"], str) or not 0 < len(data["issuer"]) <= 32 or \
+            not all(isinstance(data[k], int) and not isinstance(data[k], bool)
+                    for k in ("issued", "expires")):
+        raise MoneyError(f"table: exactly the fields {sorted(fields)}, well formed")
+    return ExchangeTable.from_text(data["issuer"], data["base"], data["rates"],
+                                   data["issued"], data["expires"])
+
+
+def price_in(price: Amount, code: str, table: ExchangeTable, now_ms: int) -> Amount:
+    """``price`` shown in currency ``code`` at ``table``'s rate, rounded UP: what it costs
+    the customer at most (an expired table is refused: fetch a new one)."""
+    factor = minor_factor(table.rate(price.code, code, now_ms), price.code, code)
+    return Amount(math.ceil(price.minor * factor), code)
+
+
 @dataclass
 class Ledger:
     """Double-entry postings in minor units: every booking's postings sum to zero in each

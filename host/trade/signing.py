@@ -31,6 +31,7 @@ INFORMATION = b"svcard-trade-information/1\n"   # mediating agent -> merchant ag
 MERCHANT_ACK = b"svcard-trade-merchant-ack/1\n"  # merchant agent -> mediating agent
 AGENT_ACK = b"svcard-trade-agent-ack/1\n"       # mediating agent -> account manager
 LOOKUP = b"svcard-trade-lookup/1\n"             # account manager -> mediating agent
+TABLE = b"svcard-trade-table/1\n"               # a bank's exchange table, to the devices
 OPENED = b"svcard-trade-opened/1\n"             # account manager -> customer agent
 COMMITMENT = b"svcard-trade-commitment/1\n"     # customer (session key) -> merchant
 ORDER = b"svcard-trade-order/1\n"               # customer (session key): sign(order)^c

@@ -26,9 +26,10 @@ DAY_MS = 86_400_000
 DEMO_RATES = {"JPY": "158.2345", "KWD": "0.3312", "USD": "1.0821", "GBP": "0.8412"}
 
 
-def demo_table(now_ms: int | None = None, lifespan_ms: int = DAY_MS) -> ExchangeTable:
+def demo_table(now_ms: int | None = None, lifespan_ms: int = DAY_MS,
+               issuer: str = "bank-m") -> ExchangeTable:
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    return ExchangeTable.from_text("bank-m", "EUR", DEMO_RATES, now - 60_000, now + lifespan_ms)
+    return ExchangeTable.from_text(issuer, "EUR", DEMO_RATES, now - 60_000, now + lifespan_ms)
 
 
 @dataclass
@@ -116,6 +117,7 @@ def _start(app_of: Callable[[], object], pid: str, key: bytes) -> Party:
 
 def start_trade(folder: Path, *, merchants: dict[str, str] | None = None,
                 table: ExchangeTable | None = None, db_urls: dict[str, str] | None = None,
+                customer_table: ExchangeTable | None = None,
                 clock: Callable[[], float] = time.time) -> TradeStack:
     """Account manager ``am1``, acquirer ``acq1`` of operator ``op1``, and merchant agents
     (id -> currency; default ``shop`` in JPY), databases in ``folder`` unless ``db_urls``
@@ -142,6 +144,7 @@ def start_trade(folder: Path, *, merchants: dict[str, str] | None = None,
          for mid, currency in merchants.items()}, table or demo_table()), clock=clock)
     parties["acq1"] = _start(acquirer.app, "acq1", keys["acq1"])
     account = AccountManager(AccountManagerConfig(
-        "am1", keys["am1"], db("am1"), {"op1": parties["acq1"].peer()}), clock=clock)
+        "am1", keys["am1"], db("am1"), {"op1": parties["acq1"].peer()},
+        table=customer_table or demo_table(issuer="bank-c")), clock=clock)
     parties["am1"] = _start(account.app, "am1", keys["am1"])
     return TradeStack(account, acquirer, agents, parties, "op1")

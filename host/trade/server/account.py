@@ -39,6 +39,7 @@ from .. import db as D
 from .. import messages as M
 from .. import signing as S
 from ..config import AccountManagerConfig, Peer
+from ..money import table_payload
 from .common import authenticated, refused, signed_json, verified_answer
 
 log = logging.getLogger("svcard.trade")
@@ -314,12 +315,22 @@ class AccountManager:
         return JSONResponse({"session": session, "state": D.IN_DOUBT, "reason": reason},
                             status_code=502)
 
+    async def table(self, request: Request) -> Response:
+        """The bank's exchange table with its lifespan stamp, signed: the customer's device
+        keeps it and shows prices in the customer's currency while it is valid."""
+        if self.config.table is None:
+            return refused(Refused(404, 404, "this account manager publishes no exchange "
+                                             "table"))
+        return signed_json(self.config.private_key, self.config.id, S.TABLE,
+                           table_payload(self.config.table))
+
     async def health(self, request: Request) -> Response:
         return JSONResponse({"server": "trade-account-manager", "id": self.config.id})
 
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/sessions", self.initiate, methods=["POST"]),
+            Route("/v1/exchange-table", self.table, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-account-manager"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
