@@ -552,3 +552,24 @@ def test_open_pons_are_bounded_per_client_address(env: Env) -> None:
         assert desk._insert(desk._new_pon("song", "flood", later, "10.9.9.9")[0], later)
     finally:
         config.max_open_per_client = saved
+
+
+def test_tentative_pons_no_payment_can_reach_are_swept_paid_ones_kept(env: Env) -> None:
+    desk = env.site.server.pons
+    assert desk is not None
+    now = int(time.time() * 1000)
+    long_ago = now - 10 * 3600 * 1000          # expired 9 hours ago (lifetime 1 hour)
+    old, _ = desk._new_pon("song", "old", long_ago, "10.1.1.1")
+    kept, _ = desk._new_pon("song", "old", long_ago, "10.1.1.1")
+    assert desk._insert(old, long_ago) and desk._insert(kept, long_ago)
+    assert desk._link(old["pon"], "aa" * 16, long_ago) == "ok"
+    with env.site.server.db.engine.begin() as conn:
+        conn.execute(update(MP.pons).where(MP.pons.c.pon == kept["pon"]).values(
+            state=MP.PAID))
+    fresh, _ = desk._new_pon("song", "new", now, "10.1.1.1")
+    assert desk._insert(fresh, now)
+    with env.site.server.db.engine.connect() as conn:
+        left = set(conn.execute(select(MP.pons.c.pon)).scalars())
+        links = set(conn.execute(select(MP.pon_txns.c.txn_id)).scalars())
+    assert old["pon"] not in left and {kept["pon"], fresh["pon"]} <= left
+    assert "aa" * 16 not in links

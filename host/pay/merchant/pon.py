@@ -27,10 +27,13 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Engine,
+    Index,
     Integer,
     MetaData,
     String,
     Table,
+    and_,
+    delete,
     func,
     insert,
     literal,
@@ -100,6 +103,7 @@ pons = Table(
     Column("expires", BigInteger, nullable=False),         # ms: the last time to start paying
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
+    Index("ix_merchant_pons_state_expires", "state", "expires"),
 )
 # every checkout made for a PON (one per payment attempt); written before its order
 pon_txns = Table(
@@ -135,15 +139,13 @@ def _loads(body: bytes | str) -> Any:
 
 
 def _json(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
-    data = _loads(body)
-    if not isinstance(data, dict) or set(data) != fields:
+    if not isinstance(data := _loads(body), dict) or set(data) != fields:
         raise Refusal(400, f"the body is a JSON object with exactly {sorted(fields)}")
     return data
 
 
 def _check(data: dict[str, Any], name: str, pattern: re.Pattern[str]) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not pattern.fullmatch(value):
+    if not isinstance(value := data.get(name), str) or not pattern.fullmatch(value):
         raise Refusal(400, f"{name}: not a valid value")
     return value
 
@@ -152,8 +154,7 @@ class PonDesk:
     """The PON routes of a :class:`~.server.MerchantServer` (``config.pon`` set)."""
 
     def __init__(self, server: MerchantServer, settings: PonSettings) -> None:
-        self.server = server
-        self.settings = settings
+        self.server, self.settings = server, settings
         self.engine: Engine = server.db.engine
         self.signer = Ed25519PrivateKey.from_private_bytes(settings.key)
         prepare(self.engine, SCHEMA)
@@ -165,8 +166,11 @@ class PonDesk:
 
     # --- database steps ----------------------------------------------------------------------
     def _insert(self, row: dict[str, Any], now: int) -> bool:
-        """Insert a tentative PON within ``max_open`` and ``max_open_per_client``: one step."""
-        columns = list(row)
+        """Insert a tentative PON within ``max_open`` and ``max_open_per_client``, once the
+        tentative PONs no payment can reach any more are deleted: one step."""
+        c, columns = self.server.config, list(row)
+        gone = and_(pons.c.state == TENTATIVE, pons.c.expires < now - 1000 * (
+            c.order_lifetime + c.confirm_grace))   # a payment started in time may finish
 
         def open_now(*where: Any) -> Any:
             return (select(func.count()).select_from(pons).where(
@@ -174,8 +178,11 @@ class PonDesk:
         source = select(*(literal(row[c], pons.c[c].type).label(c) for c in columns)).where(
             open_now() < self.settings.max_open, open_now(
                 pons.c.client_address == row["client_address"])
-            < self.server.config.max_open_per_client)
+            < c.max_open_per_client)
         with step(self.engine) as conn:
+            conn.execute(delete(pon_txns).where(pon_txns.c.pon.in_(select(pons.c.pon).where(
+                gone))))
+            conn.execute(delete(pons).where(gone))
             if self.engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK})
             return conn.execute(insert(pons).from_select(columns, source).returning(
@@ -220,11 +227,9 @@ class PonDesk:
     def _new_pon(self, sku: str, customer: str, now: int,
                  address: str = "") -> tuple[dict[str, Any], str]:
         c = self.server.config
-        item = next((i for i in c.catalogue if i.sku == sku), None)
-        if item is None:
-            raise Refusal(404, f"no item {sku!r} in the catalogue")
-        if item.price <= 0:
-            raise Refusal(400, f"{sku}: costs nothing, there is nothing to pay by PON")
+        item = next((i for i in c.catalogue if i.sku == sku and i.price > 0), None)
+        if item is None:   # (a free item has nothing to pay)
+            raise Refusal(404, f"no item {sku!r} to pay for in the catalogue")
         pon, secret = secrets.token_hex(16), secrets.token_hex(32)
         row = {"pon": pon, "sku": item.sku, "item": item.name, "goods": item.goods,
                "amount": item.price, "currency_code": c.currency_code, "customer": customer,
@@ -240,10 +245,9 @@ class PonDesk:
             raise Refusal(503, "too many open PONs (overall or of this client): try later",
                           {"Retry-After": "60"})
         note(txn=row["pon"], step="pon")
-        c = self.server.config
         return {"pon": row["pon"], "secret": secret, "merchant": self.settings.sp_name,
-                "sku": row["sku"], "item": row["item"], "amount": row["amount"],
-                "currency_code": c.currency_code, "currency_exponent": c.currency_exponent,
+                **{k: row[k] for k in ("sku", "item", "amount", "currency_code")},
+                "currency_exponent": self.server.config.currency_exponent,
                 "expires": row["expires"] // 1000}
 
     async def create(self, request: Request) -> Response:
@@ -300,16 +304,12 @@ class PonDesk:
             now = order["created"]
             linked = await server.sql(self._link, pon, order["txn_id"], now)
             if linked != "ok":
-                raise Refusal(409 if linked == "paid" else 410,
-                              "this PON is paid already" if linked == "paid"
-                              else "this PON has expired")
+                raise Refusal(409 if linked == "paid" else 410, f"this PON is {linked}")
             c = server.config
             await server.sql(server.db.sweep, now)
-            admitted = await server.sql(server.db.create, order, c.max_open_orders,
-                                        c.max_open_per_client)
-            if admitted != "ok":
-                raise Refusal(503, "too many open orders: try again later",
-                              {"Retry-After": "5"})
+            if await server.sql(server.db.create, order, c.max_open_orders,
+                                c.max_open_per_client) != "ok":
+                raise Refusal(503, "too many open orders: try later", {"Retry-After": "5"})
         except Refusal as exc:
             return server.refuse(exc.status, exc.reason, exc.headers)
         note(txn=params["txn_id"], step="pon-checkout")
@@ -321,8 +321,8 @@ class PonDesk:
         try:
             if not _PON.fullmatch(pon):
                 raise Refusal(400, "a PON is 16 bytes of lower-case hex")
-            data = _json(await _body(request, MAX_BODY), frozenset({"secret"}))
-            secret = _check(data, "secret", _SECRET)
+            secret = _check(_json(await _body(request, MAX_BODY), frozenset({"secret"})),
+                            "secret", _SECRET)
             row = await self.server.sql(first_row, self.engine, pons, pon=pon)
             digest = hashlib.sha256(secret.encode()).hexdigest()
             if row is None or not hmac.compare_digest(digest, row["secret_hash"]):
