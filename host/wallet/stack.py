@@ -35,7 +35,7 @@ class WalletStack:
     agent_key: bytes = field(repr=False)
 
     def url(self, name: str) -> str:
-        return self.threads[name].url
+        return self.mall.url if name == "mall" else self.threads[name].url
 
     def agent(self, http: httpx.Client, agent: str = "AGENT1") -> LinkClient:
         """A cash agent's link to the financial system."""
@@ -67,14 +67,19 @@ class WalletStack:
 
 
 def start_wallet(folder: Path, *, clock: Callable[[], float] = time.time,
-                 db_urls: dict[str, str] | None = None, login_failures: int = 5) -> WalletStack:
-    """Every server of the wallet system on loopback, their databases in ``folder``."""
+                 db_urls: dict[str, str] | None = None, login_failures: int = 5,
+                 mall_host: str = "127.0.0.1") -> WalletStack:
+    """Every server of the wallet system on loopback, their databases in ``folder``.
+    ``mall_host``: the name the mall is reached by (``localhost`` in a browser, so the mall
+    is another site than the wallet's 127.0.0.1 and never gets its cookie: cookies are
+    kept per host, not per port)."""
     folder.mkdir(parents=True, exist_ok=True)
     urls = {n: f"sqlite:///{folder / f'wallet-{n}.db'}" for n in ("fin", "gateway", "web")}
     urls.update(db_urls or {})
     fin_key, web_key, mall_key, agent_key = (secrets.token_bytes(32) for _ in range(4))
     ports = {n: free_port() for n in ("fin", "gateway", "web", "mall")}
     local = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
+    local["mall"] = f"http://{mall_host}:{ports['mall']}"
     fin = FinServer(FinConfig(secrets.token_bytes(32), {"gateway": fin_key},
                               {"AGENT1": agent_key}, db_url=urls["fin"],
                               mail_dir=folder / "mail"), clock=clock)

@@ -1,0 +1,161 @@
+"""The wallet as a person uses it (issue 14, point 3), in Debian's headless Chromium (Selenium
+with chromium-driver; no browser is downloaded; skipped without them, as
+tests/test_browser_checkout.py is): register, log in, get a virtual card, add a bank account and
+charge the card from it, then buy at the demo mall with the wallet button (embodiment 1: the
+wallet takes the purchase from the mall's page, the member picks the card, the mall asks the
+gateway for approval). Screenshots of each page go to the test's tmp dir (paths printed). The
+mall is reached as ``localhost`` and the wallet as ``127.0.0.1``: two sites, so the wallet's
+cookie never goes to the mall, and the test checks every request the mall got."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from svcard.host.wallet.stack import WalletStack, start_wallet
+from svcard.host.wallet.web.app import COOKIE
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ACCOUNT = "1000000000000009"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WalletStack]:
+    s = start_wallet(tmp_path_factory.mktemp("wallet-browser"), mall_host="localhost")
+    s.open_account(ACCOUNT, "acct5678", 100_000)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"no Chromium ({CHROMIUM}) or chromedriver ({CHROMEDRIVER}): install "
+                    "Debian's chromium and chromium-driver packages")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=900,1100", "--no-first-run"):
+        options.add_argument(argument)
+    if os.geteuid() == 0:
+        options.add_argument("--no-sandbox")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def shot(driver: Any, folder: Path, name: str) -> None:
+    path = folder / f"{name}.png"
+    assert driver.save_screenshot(str(path)) and path.stat().st_size > 1000
+    print(f"screenshot: {path}")
+
+
+def by_id(driver: Any, element: str) -> Any:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, element)
+
+
+def status(driver: Any, starts: str) -> str:
+    """Wait for the wallet's status line to start with ``starts``; its text."""
+    text = wait(f"the status {starts!r}", lambda: (t := by_id(driver, "status").text)
+                .startswith(starts) and t)
+    return str(text)
+
+
+def click(driver: Any, element: str, fields: dict[str, str] | None = None) -> None:
+    for name, value in (fields or {}).items():
+        box = by_id(driver, name)
+        box.clear()
+        box.send_keys(value)
+    by_id(driver, element).click()
+
+
+def test_register_issue_charge_and_pay_at_the_mall(browser: Any, stack: WalletStack,
+                                                   tmp_path: Path) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    web = stack.url("web")
+    browser.get(f"{web}/wallet")
+    status(browser, "Register or log in.")
+    shot(browser, tmp_path, "1-start")
+    click(browser, "register", {"reg-member": "walker", "reg-password": "walk the walk"})
+    status(browser, "Registered walker")
+    click(browser, "login", {"login-member": "walker", "login-password": "walk the walk"})
+    status(browser, "Logged in as walker")
+    shot(browser, tmp_path, "2-logged-in")
+    # a virtual card: its number and its secret, shown once
+    click(browser, "issue-virtual")
+    status(browser, "Card ")
+    issued = by_id(browser, "issued")
+    number, secret = issued.get_attribute("data-number"), issued.get_attribute("data-secret")
+    assert len(number) == 16 and len(secret) == 8 and secret in issued.text
+    shot(browser, tmp_path, "3-issued")
+    # a bank account, then 50.00 charged from it
+    click(browser, "link", {"link-number": ACCOUNT, "link-secret": "acct5678"})
+    status(browser, f"Added account {ACCOUNT}")
+    Select(by_id(browser, "charge-card")).select_by_value(number)
+    Select(by_id(browser, "charge-source")).select_by_value(f"account:{ACCOUNT}")
+    click(browser, "charge", {"charge-amount": "50.00"})
+    assert status(browser, "Charged") == "Charged CNY 50.00: the balance is CNY 50.00."
+    row = browser.find_element("css selector", f'tr[data-number="{number}"] .balance')
+    assert row.text == "CNY 50.00"
+    shot(browser, tmp_path, "4-charged")
+    # the mall's payment page, its wallet button, the wallet with the purchase
+    browser.get(f"{stack.url('mall')}/shop/")
+    wait("the mall's total", lambda: by_id(browser, "total").text == "CNY 21.00")
+    shot(browser, tmp_path, "5-mall")
+    by_id(browser, "wallet-button").click()
+    wait("the wallet's purchase box", lambda: by_id(browser, "purchase-box").is_displayed()
+         and by_id(browser, "pay-form").is_displayed())
+    assert by_id(browser, "p-amount").text == "CNY 21.00"
+    assert by_id(browser, "p-mall").text == "MALL001"
+    Select(by_id(browser, "pay-card")).select_by_value(number)
+    by_id(browser, "pay-secret").send_keys(secret)
+    shot(browser, tmp_path, "6-wallet-purchase")
+    by_id(browser, "pay").click()
+    # back at the mall, which asked the gateway for the approval
+    result = wait("the mall's result", lambda: browser.current_url.startswith(
+        stack.url("mall")) and by_id(browser, "result").get_attribute("data-state")
+        in ("approved", "declined", "error") and by_id(browser, "result"))
+    shot(browser, tmp_path, "7-paid")
+    assert result.get_attribute("data-state") == "approved", result.text
+    assert result.text.startswith("Paid CNY 21.00")
+    # the balances: the card paid 21.00, the account gave 50.00
+    browser.get(f"{web}/wallet")
+    row = wait("the card's row", lambda: browser.find_elements(
+        "css selector", f'tr[data-number="{number}"] .balance'))
+    assert row[0].text == "CNY 29.00"
+    shot(browser, tmp_path, "8-after")
+    db = sqlite3.connect(stack.folder / "wallet-fin.db")
+    assert db.execute("SELECT balance FROM wf_cards WHERE number=?", (number,)).fetchone()[0] \
+        == 2_900
+    assert db.execute("SELECT balance FROM wf_accounts WHERE number=?",
+                      (ACCOUNT,)).fetchone()[0] == 95_000
+    db.close()
+    # anonymity: nothing the mall received names the member or carries the wallet's session
+    seen = json.dumps(stack.mall.seen)
+    assert len(stack.mall.seen) >= 4
+    for leak in ("walker", "walk the walk", secret, COOKIE):
+        assert leak not in seen, leak
