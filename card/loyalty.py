@@ -209,6 +209,8 @@ class IssuerKeys(Protocol):
     def two_level(self) -> bool: ...
     @property
     def scheme(self) -> IssuerScheme: ...
+    @property
+    def points(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -292,6 +294,9 @@ def _keys(e: LoyaltyProfile, serial: bytes, path: Path, where: str,
         issuer = load_issuer(path.parent / e.issuer)
     except ValueError as exc:
         raise error(f"{where}.issuer: {exc}") from None
+    if not issuer.points:
+        raise error(f"{where}.issuer: {e.issuer} is a money issuer; a programme's issuer file "
+                    'says unit = "points" (points and money never share keys)')
     level = issuer.issuer_id if issuer.two_level else None
 
     def diversified(entries: Sequence[KeyEntry]) -> dict[int, KeyEntry]:

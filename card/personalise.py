@@ -25,7 +25,7 @@ from .iep_commands.lockout import DEFAULT_MAC_FAILURE_LIMIT
 from .iep_commands.pin import encode_pin
 from .image import new_image
 from .keys import DEFAULT_SCHEME, IssuerScheme, KeyEntry
-from .loyalty import CardFacts, LoyaltyProfile, programmes_from_profile
+from .loyalty import POINTS_CURRENCY, CardFacts, LoyaltyProfile, programmes_from_profile
 from .psam import IssuerKey, PsamState
 from .runtime import check_atr, default_atr
 from .toml_schema import (
@@ -93,6 +93,8 @@ class IssuerFile(Section):
     algorithm_ids: dict[HexByteName, Annotated[str, one_of(crypto.ALGORITHMS)]] = Field(
         default_factory=dict)
     mac_scheme: Annotated[str, one_of(mac_schemes.NAMES)] = mac_schemes.DEFAULT
+    # "points": a loyalty programme's keys (card/loyalty.py); never in a money PSAM or HSM
+    unit: Literal["money", "points"] = "money"
 
 
 class CardKey(Section):
@@ -212,6 +214,7 @@ class Issuer:
     update: tuple[KeyEntry, ...] = ()
     scheme: IssuerScheme = DEFAULT_SCHEME
     goods: KeyEntry | None = None
+    points: bool = False   # a loyalty programme's issuer file (unit = "points")
 
     def __repr__(self) -> str:
         return f"Issuer({self.issuer_id.hex()})"
@@ -239,7 +242,8 @@ def load_issuer(path: Path) -> Issuer:
     return Issuer(f.issuer_id, entries("purchase_keys", f.purchase_keys),
                   entries("load_keys", f.load_keys), f.tac_master_key, f.diversify_by_issuer,
                   tuple(entries("unload_keys", f.unload_keys)),
-                  tuple(entries("update_keys", f.update_keys)), scheme, goods)
+                  tuple(entries("update_keys", f.update_keys)), scheme, goods,
+                  f.unit == "points")
 
 
 # --- profiles ---------------------------------------------------------------------------------
@@ -398,8 +402,24 @@ def _iep_scheme(p: IepProfile, path: Path, from_issuer: str | None) -> str:
     return name
 
 
+def _one_unit(issuers: list[Issuer], path: Path, points: bool | None, what: str) -> None:
+    """Refuse a PSAM or HSM that would hold a loyalty programme's keys (``unit = "points"``)
+    beside money issuers' keys, or a points PSAM (currency 999) with money keys: a client that
+    lied about a card's currency could then pay money with points, or load points as money."""
+    field = "issuers" if len(issuers) > 1 else "issuer"
+    for i, issuer in enumerate(issuers):
+        want = issuers[0].points if points is None else points
+        if issuer.points != want:
+            unit = "points" if issuer.points else "money"
+            raise ProfileError(f"{path}: {field}{f'[{i}]' if field == 'issuers' else ''}: "
+                               f"issuer {issuer.issuer_id.hex().upper()} is a {unit} issuer "
+                               f"and {what}: points and money never share keys")
+
+
 def _psam(p: PsamProfile, path: Path) -> dict[str, Any]:
     issuers = _issuers(p, path)
+    _one_unit(issuers, path, p.currency_code == POINTS_CURRENCY,
+              f"this PSAM's currency_code is {p.currency_code} (999 = points)")
     keys = [IssuerKey(i.issuer_id, k.version, k.algorithm, k.key)
             for i in issuers for k in i.purchase]
     state = PsamState(
@@ -415,6 +435,7 @@ def _psam(p: PsamProfile, path: Path) -> dict[str, Any]:
 
 def _hsm(p: Profile, path: Path) -> dict[str, Any]:
     issuers = _issuers(p, path)
+    _one_unit(issuers, path, None, "this HSM holds the other unit's keys too")
     state = HsmState(
         aid=p.aid or DEFAULT_HSM_AID,
         issuers={i.issuer_id: IssuerLoadKeys(

@@ -30,7 +30,7 @@ HOTEL_KEYS = {"purchase": "55555555555555556666666666666666",
 
 def issuer_file(folder: Path, name: str, issuer_id: str, keys: dict[str, str]) -> None:
     (folder / name).write_text(
-        f'issuer_id = "{issuer_id}"\ntac_master_key = "{keys["tac"]}"\n'
+        f'issuer_id = "{issuer_id}"\ntac_master_key = "{keys["tac"]}"\nunit = "points"\n'
         f'[[purchase_keys]]\nindex = 1\nversion = 1\nmaster_key = "{keys["purchase"]}"\n'
         f'[[load_keys]]\nindex = 1\nversion = 1\nmaster_key = "{keys["load"]}"\n')
 

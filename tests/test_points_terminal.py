@@ -11,12 +11,16 @@ from click.testing import CliRunner
 from test_loyalty import HOTEL_AID, MILES_AID, TWO_PROGRAMMES, write_profile
 
 from svcard.card.image import save_new_image
-from svcard.card.personalise import image_from_profile
+from svcard.card.personalise import ProfileError, image_from_profile
 from svcard.card.storage import read_image
 from svcard.host.cli.main import main
+from svcard.host.kit.config import ConfigError
+from svcard.host.settle.config import clearing_config
 from svcard.host.terminal.points import Points
 
 MILES = MILES_AID.hex().upper()
+_PSAM = ('terminal_id = "000000000009"\npsam_serial = "00000000000000000009"\n'
+         'batch_key = "311B7052A40A83B818D99E9EC07821C9"\n')
 
 
 @pytest.fixture
@@ -30,7 +34,7 @@ def kit(tmp_path: Path) -> dict[str, Path]:
         'psam_serial = "00000000000000000009"\nbatch_key = "311B7052A40A83B818D99E9EC07821C9"\n'
         "currency_code = 999\ncurrency_exponent = 0\n")
     (tmp_path / "money-psam.toml").write_text(
-        'kind = "psam"\nissuers = ["demo-issuer.toml", "miles-issuer.toml"]\n'
+        'kind = "psam"\nissuers = ["demo-issuer.toml"]\n'
         'terminal_id = "000000000008"\npsam_serial = "00000000000000000008"\n'
         'batch_key = "311B7052A40A83B818D99E9EC07821C9"\n')
     (tmp_path / "hsm.toml").write_text('kind = "hsm"\nissuers = ["miles-issuer.toml"]\n')
@@ -87,9 +91,9 @@ def test_load_then_redeem_points_at_the_terminal(kit: dict[str, Path]) -> None:
     # the money purse is no programme
     (("redeem", "--psam", "PSAM", "--points", "1", "--programme", "F05356434152440101"),
      "not a loyalty programme"),
-    # a money PSAM never redeems points, even holding the programme's keys
+    # a money PSAM never redeems points
     (("redeem", "--psam", "MONEY", "--points", "1"), "currency"),
-    # the other programme's keys are not in this PSAM / HSM
+    # zero points
     (("redeem", "--psam", "PSAM", "--points", "0"), "--points"),
 ])
 def test_refused_with_nothing_written(kit: dict[str, Path], args: tuple[str, ...],
@@ -128,3 +132,47 @@ def test_points_are_never_mixed() -> None:
         Points("2000000000000001", -1)
     with pytest.raises(ValueError):
         _ = Points("2000000000000001", 1) - Points("2000000000000001", 2)
+
+
+@pytest.mark.parametrize(("profile", "message"), [
+    # a money PSAM (156) may not hold a programme's keys: a client lying about the card's
+    # currency could otherwise pay money with points
+    ('kind = "psam"\nissuers = ["demo-issuer.toml", "miles-issuer.toml"]\n' + _PSAM,
+     r"issuers\[1\]: issuer 2000000000000001 is a points issuer"),
+    # a points PSAM (999) may not hold money keys
+    ('kind = "psam"\nissuers = ["miles-issuer.toml", "demo-issuer.toml"]\n' + _PSAM
+     + "currency_code = 999\ncurrency_exponent = 0\n",
+     r"issuers\[1\]: issuer 1000000000000001 is a money issuer"),
+    # an HSM holding both would load points as money
+    ('kind = "hsm"\nissuers = ["demo-issuer.toml", "miles-issuer.toml"]\n',
+     r"issuers\[1\]: issuer 2000000000000001 is a points issuer"),
+])
+def test_points_and_money_never_share_a_security_module(kit: dict[str, Path], profile: str,
+                                                         message: str) -> None:
+    path = kit["card"].parent / "mixed.toml"
+    path.write_text(profile)
+    with pytest.raises(ProfileError, match=message):
+        image_from_profile(path)
+
+
+def test_a_programme_needs_a_points_issuer_file(tmp_path: Path) -> None:
+    programmes = TWO_PROGRAMMES.replace('"miles-issuer.toml"', '"demo-issuer.toml"')
+    with pytest.raises(ProfileError, match=r"loyalty\[0\]\.issuer: demo-issuer.toml is a money"):
+        image_from_profile(write_profile(tmp_path, programmes))
+
+
+def test_clearing_never_mixes_points_and_money(tmp_path: Path) -> None:
+    write_profile(tmp_path, TWO_PROGRAMMES)   # the issuer files
+    terminal = ('[[terminal]]\nterminal_id = "000000000009"\nbatch_key = "' + "31" * 16
+                + '"\nmerchant_id = "4D45524348303031"\nacquirer_id = "4143515530303031"\n')
+    for currency, issuers, bad in (("999", ("miles", "demo"), 1), ("156", ("demo", "miles"), 1),
+                                   ("999", ("miles", "hotel"), None)):
+        path = tmp_path / "clearing.toml"
+        path.write_text(f'settlement_key = "{"5C" * 32}"\ncurrency_code = {currency}\n'
+                        + "".join(f'[[issuer]]\nprofile = "{i}-issuer.toml"\n' for i in issuers)
+                        + terminal)
+        if bad is None:
+            assert len(clearing_config(path).issuers) == 2
+        else:
+            with pytest.raises(ConfigError, match=rf"issuer\[{bad}\]\.profile: a"):
+                clearing_config(path)

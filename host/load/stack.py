@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ...card.image import save_new_image
 from ...card.personalise import image_from_profile
@@ -63,7 +64,11 @@ class LoadStack:
 
 def start_load_stack(folder: Path, *, bank_db: str | None = None, load_db: str | None = None,
                      hsm_readers: list[Reader] | None = None, load_port: int | None = None,
-                     shared_key: bytes | None = None) -> LoadStack:
+                     shared_key: bytes | None = None,
+                     bank_options: dict[str, Any] | None = None) -> LoadStack:
+    """``bank_options``: more :class:`BankConfig` fields, e.g. ``currency_code=999,
+    currency_exponent=0`` for a loyalty programme's server in the bank's role (its member
+    accounts hold points; docs/points.md)."""
     folder.mkdir(parents=True, exist_ok=True)
     shared_key = shared_key or os.urandom(32)
     readers = hsm_readers if hsm_readers is not None else [
@@ -74,7 +79,7 @@ def start_load_stack(folder: Path, *, bank_db: str | None = None, load_db: str |
     load = ServerThread(load_server.app(), port=load_port).start()
     bank_server = BankServer(BankConfig(
         DEMO_BANK_ID, shared_key, load.url, DEMO_LOAD_TERMINAL,
-        db_url=bank_db or f"sqlite:///{folder / 'bank.db'}"))
+        db_url=bank_db or f"sqlite:///{folder / 'bank.db'}", **(bank_options or {})))
     bank = ServerThread(bank_server.app())
     bank_server.config.public_url = bank.url
     bank.start()

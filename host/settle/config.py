@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from ...card.loyalty import POINTS_CURRENCY
 from ...card.personalise import ProfileError, load_issuer
 from ..kit.config import (
     ConfigError,
@@ -76,11 +77,17 @@ def clearing_config(path: Path) -> ClearingConfig:
     acquirer) and the settlement key of a clearing system."""
     f = parse_config(ClearingFile, path)
     issuers = {}
+    points = f.currency_code == POINTS_CURRENCY   # a loyalty programme's clearing, in points
     for i, entry in enumerate(f.issuer):
         try:
             issuer = load_issuer(path.parent / entry.profile)
         except ProfileError as exc:
             raise ConfigError(f"{path}: issuer[{i}].profile: {exc}") from None
+        if issuer.points != points:   # points and money are never cleared together
+            units = ("points", "money") if issuer.points else ("money", "points")
+            raise ConfigError(f"{path}: issuer[{i}].profile: a {units[0]} issuer in a "
+                              f"clearing of {units[1]} (currency_code 999 clears points, any "
+                              "other money)")
         issuers[issuer.issuer_id] = IssuerTac(issuer.issuer_id, issuer.tac, issuer.two_level)
     terminals = {}
     for i, t in enumerate(f.terminal):
