@@ -65,6 +65,19 @@ def take_commitment(engine: Engine, session: str, c: Commitment, text: str, now:
             held_link=c.root.hex(), updated=now)).rowcount == 1
 
 
+def check_order(session: str, session_key: bytes, data: dict[str, Any]) -> bytes:
+    """The purchase's signed order: for this session and this link, signed with the session's
+    key. Its canonical bytes (the evidence kept), or Refused."""
+    order = data["order"]
+    if data["session"] != session or order["session"] != session or \
+            order["index"] != data["index"]:
+        raise Refused(400, 400, "purchase: the order is for another session or link")
+    order_body = S.canonical(order)
+    if not S.verify(session_key, S.ORDER, order_body, data["signature"]):
+        raise Refused(401, 401, "purchase: the order's signature does not verify")
+    return order_body
+
+
 def take_purchase(engine: Engine, session: str, data: dict[str, Any], order_body: str,
                   now: int) -> dict[str, Any]:
     """Check the link against the held one and move it, with the purchase's row, in ONE
@@ -226,14 +239,7 @@ class MerchantAgent:
             session = request.path_params["session"]
             row = await self._session(session)
             data = M.parse(await read_body(request, M.MAX_MESSAGE), M.PURCHASE, "purchase")
-            order = data["order"]
-            if data["session"] != session or order["session"] != session or \
-                    order["index"] != data["index"]:
-                raise Refused(400, 400, "purchase: the order is for another session or link")
-            order_body = S.canonical(order)
-            if not S.verify(bytes.fromhex(row["session_key"]), S.ORDER, order_body,
-                            data["signature"]):
-                raise Refused(401, 401, "purchase: the order's signature does not verify")
+            order_body = check_order(session, bytes.fromhex(row["session_key"]), data)
             note(txn=session, step="purchase")
             got = await self.sql(take_purchase, self.engine, session, data,
                                  order_body.decode(), self.now_ms())
