@@ -1,9 +1,9 @@
 """Randomised purchases at the merchant agent's books (its database steps, no HTTP): several
 sessions, each purchase honest or one of the attacks (a forged link, a link of another
 session, a replay, a reordered one, a claim of more links than revealed, an order for other
-units), each through the merchant's order check and its one-step purchase. Invariants after every step: only honest purchases are taken, in order; the held link
-is the customer's last revealed one; the amounts taken sum to held index x unit and never pass
-the deposit.
+units), each through the merchant's order check and its one-step purchase. Invariants after
+every step: only honest purchases are taken, in order; the held link is the customer's last
+revealed one; the amounts taken sum to held index x unit and never pass the deposit.
 
 Count: SVCARD_TRADE_FUZZ (default 400 steps; the long run in the report used 20,000); seed:
 SVCARD_TRADE_SEED (printed, to replay)."""
