@@ -12,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 from test_loyalty import MILES_AID, TWO_PROGRAMMES, write_profile
+from test_persistence import Tear
 
-from svcard.card.image import save_new_image
+from svcard.card.image import open_card, save_new_image
 from svcard.card.personalise import image_from_profile
-from svcard.card.storage import read_image
+from svcard.card.storage import PowerCut, read_image
 from svcard.host.load import client as load_client
 from svcard.host.load.stack import LoadStack, start_load_stack
 from svcard.host.pay import client as pay_client
@@ -25,6 +26,7 @@ from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.online import PaymentRefused
 from svcard.host.terminal.purse import TerminalCheckFailed
 from svcard.host.terminal.reader_specs import open_reader
+from svcard.reader.virtual import VirtualReader
 
 BENEFITS = (Item("upgrade", "Seat upgrade", 1500, "UPGRADE-7F3A"),
             Item("lounge", "Lounge pass", 400, "LOUNGE-0042"))
@@ -59,8 +61,7 @@ class Programme:
             admin_token="t" * 32, concentration_dir=str(folder / "concentration"),
             merchant_options={"currency_code": 999, "currency_exponent": 0,
                               "catalogue": BENEFITS})
-        self.card = open_reader(f"virtual:{folder / 'card.json'}")
-        self.card.connect()
+        self.insert()
         self.http = httpx.Client(timeout=30)
         self.journal = Journal(folder / "journal.jsonl")
 
@@ -102,12 +103,17 @@ class Programme:
                      bank_dbs=(self.load.bank_server.config.db_url,),
                      clearing_db=self.clearing_db, opening=opening)
 
+    def insert(self) -> None:
+        """The card in a fresh reader (a disconnected virtual reader has closed its image)."""
+        self.card = open_reader(f"virtual:{self.folder / 'card.json'}")
+        self.card.connect()
+
     def points(self) -> int:
         self.card.disconnect()   # the image is read from disk: release it first
         try:
             return int(read_image(self.folder / "card.json")["loyalty"][0]["ep"]["balance"])
         finally:
-            self.card.connect()
+            self.insert()
 
 
 @pytest.fixture
@@ -223,3 +229,71 @@ def test_money_never_pays_for_points_nor_points_for_money(programme: Programme,
     finally:
         money.close()
     assert p.points() == 1_000
+
+
+class _TornCard:
+    """The programme's card over a reader whose next DEBIT / CREDIT loses power at write step
+    ``cut`` (0-7: the tearing harness's steps), or, with ``cut`` None, whose answer is lost
+    after the card wrote everything."""
+
+    def __init__(self, p: Programme, cut: int | None) -> None:
+        self.tear = Tear(cut)
+        self.cut = cut
+        p.card.disconnect()
+        self.card = open_card(p.folder / "card.json", tear=self.tear)
+        self.reader = VirtualReader(self.card)
+        self.reader.connect()
+        real = self.reader.exchange
+
+        def exchange(apdu: bytes) -> Any:
+            completion = apdu[:2] in (b"\x80\x52", b"\x80\x54")
+            self.tear.armed = completion
+            answer = real(apdu)
+            if completion and cut is None:
+                raise PowerCut("the answer was lost")
+            return answer
+        self.reader.exchange = exchange  # type: ignore[method-assign]
+
+    def close(self, p: Programme) -> None:
+        self.card.close()
+        p.insert()
+
+
+@pytest.mark.parametrize("flow", ["redeem", "load"])
+@pytest.mark.parametrize("cut", [0, 2, 3, 7, None])
+def test_a_torn_card_is_finished_once_and_the_audit_is_clean(programme: Programme, flow: str,
+                                                              cut: int | None) -> None:
+    """A power cut at a write step of the card's DEBIT (redeem) or CREDIT (load), or its answer
+    lost: the resume finishes the transaction on the programme's ADF exactly once (points and
+    benefit, or points and the member account's debit), and the programme's audit is clean."""
+    p = programme
+    p.load.account("member-42", 5_000, "s3cret")
+    torn = _TornCard(p, cut)
+    try:
+        with pytest.raises(PowerCut):
+            if flow == "redeem":
+                pay_client.pay(p.pay.checkout_url("lounge", "fig6"), torn.reader,
+                               journal=p.journal, http=p.http, aid=MILES_AID)
+            else:
+                load_client.load(p.load.bank_url, torn.reader, account="member-42",
+                                 secret="s3cret", amount=700, journal=p.journal, http=p.http,
+                                 aid=MILES_AID)
+    finally:
+        torn.close(p)
+    committed = cut is None or cut >= 3   # write 1 (balance, counter, proof) renamed
+    if flow == "redeem":
+        report = pay_client.resume(p.card, journal=p.journal, http=p.http, aid=MILES_AID)
+    else:
+        report = load_client.resume_loads(p.card, journal=p.journal, http=p.http,
+                                          aid=MILES_AID)
+    assert len(report) == 1, report
+    assert pay_client.resume(p.card, journal=p.journal, http=p.http, aid=MILES_AID) == []
+    assert load_client.resume_loads(p.card, journal=p.journal, http=p.http, aid=MILES_AID) == []
+    moved = {"redeem": -400, "load": +700}[flow] if committed else 0
+    assert p.points() == 1_000 + moved, report
+    p.clear()
+    audit = p.audit(opening=1_000)
+    assert audit.clean, audit.text()
+    assert audit.figures["card balances"] == 1_000 + moved
+    if flow == "load":
+        assert audit.figures["bank accounts debited"] == (700 if committed else 0)
