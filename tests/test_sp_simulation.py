@@ -86,16 +86,20 @@ GOOD = ("ann", "ben", "cat", "dan")
 TIGHT, BLOCKED, GHOST = "tim", "bob", "gus"    # over a tight limit, blocked, no account
 CARDS, FUNDING = 4, 5_000_000
 PURSES, WORN_LEFT = 4, 12     # the worn purse retires after about WORN_LEFT payments
+OUTAGE = 2        # requests refused after the one an outage starts at
 KILL_POINTS = ("checkout-before", "checkout-after", "status-before", "status-after")
 
 
 class FaultProxy:
-    """Forwards to one merchant; armed once, at ``point`` it SIGKILLs the SP (``kill``) or
-    drops the link (``cut``: before the merchant or after it answered)."""
+    """Forwards to one merchant; armed once, at ``point`` it SIGKILLs the SP (``kill``),
+    drops the link (``cut``: before the merchant or after it answered), or starts an
+    ``outage``: that request and the next :data:`OUTAGE` ones get 502, so the pool's own
+    immediate resume fails too and the order is left in doubt for the SP's recovery."""
 
     def __init__(self, merchant_url: str) -> None:
         self.merchant_url = merchant_url
         self.point, self.action, self.pid, self.fired = "", "", 0, ""
+        self.outage = 0
         self.http = httpx.AsyncClient(timeout=30)
 
     def arm(self, point: str, action: str, pid: int) -> None:
@@ -107,10 +111,15 @@ class FaultProxy:
         self.point, self.fired = "", f"{self.action} {point}"
         if self.action == "kill":
             os.kill(self.pid, signal.SIGKILL)
+        elif self.action == "outage":
+            self.outage = OUTAGE
         return True
 
     async def forward(self, request: Request) -> Response:
         step = "checkout" if "/checkout/" in request.url.path else "status"
+        if self.outage:
+            self.outage -= 1
+            return Response(b"", 502)
         if self._fire(f"{step}-before"):
             return Response(b"", 502)
         answer = await self.http.request(
@@ -306,15 +315,15 @@ class Run:
 
     def order(self, who: str, merchant: str, sku: str, fault: str = "", retries: int = 0,
               burst: bool = False, key: str = "") -> None:
-        """One retail order of type A customer ``who``; ``fault``: '', 'kill', 'cut' (the
-        SP-merchant link) or 'link' (the customer's link to the SP). On a 503 (busy, nothing
-        paid: e.g. a FIG. 5 hold an interrupted payment left at the POS, until it times out)
-        the customer orders again, up to ``retries`` times, backing off. ``burst``: one of
-        several orders at once, which may all be busy: no breach then."""
+        """One retail order of type A customer ``who``; ``fault``: '', 'kill', 'cut',
+        'outage' (the SP-merchant link) or 'link' (the customer's link to the SP). On a 503
+        (busy, nothing paid: e.g. a FIG. 5 hold an interrupted payment left at the POS, until
+        it times out) the customer orders again, up to ``retries`` times, backing off.
+        ``burst``: one of several orders at once, which may all be busy: no breach then."""
         key = key or self.order_key()
         body, headers = signed_order(self.keys[who], who, merchant, sku, order_key=key)
         proxy = self.merchants[merchant].proxy
-        if fault in ("kill", "cut"):
+        if fault in ("kill", "cut", "outage"):
             assert self.sp.proc is not None
             proxy.arm(self.rng.choice(KILL_POINTS), fault, self.sp.proc.pid)
         lost = fault == "link" and self.rng.random() < 0.5    # cut before the SP got it
@@ -442,8 +451,8 @@ def test_sp_randomised_run_closes_to_the_minor_unit(
                     who = rng.choices((*GOOD, TIGHT, BLOCKED, GHOST), (20, 20, 20, 20, 10, 5, 5))[0]
                     merchant, sku = rng.choice(list(MERCHANTS)), rng.choice(ITEMS)[0]
                     f = rng.random() if who in GOOD else 1.0
-                    fault = "kill" if f < 0.03 else "cut" if f < 0.07 else \
-                        "link" if f < 0.10 else ""
+                    fault = "kill" if f < 0.03 else "cut" if f < 0.06 else \
+                        "outage" if f < 0.08 else "link" if f < 0.10 else ""
                     run.order(who, merchant, sku, fault, retries=0 if fault else 4)
                     done += 1
                 else:
@@ -484,8 +493,10 @@ def check_books(system: System, own: Stack, merchants: dict[str, Merchant], sp: 
     assert open_left == []
     orders = records.orders(sp.db)
     states = Counter(o["state"] for o in orders)
-    print("SP orders:", dict(states), "log:", dict(Counter(e["event"] for e in
-                                                         records.order_log(sp.db))))
+    events = Counter(e["event"] for e in records.order_log(sp.db))
+    print("SP orders:", dict(states), "log:", dict(events))
+    if orders_run >= 1000:   # the SP's recovery of orders left in doubt was exercised
+        assert events["in_doubt"] > 0
     assert set(states) <= {D.REJECTED, D.BILLED, D.FAILED}, states
     billed = {o["order_ref"]: o for o in orders if o["state"] == D.BILLED}
     book = PurseBook(engine)
