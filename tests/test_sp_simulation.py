@@ -584,9 +584,14 @@ def check_books(system: System, own: Stack, merchants: dict[str, Merchant], sp: 
             r.disconnect()
     result = audit(balances, payment_dbs=pos_dbs, load_dbs=(load_db,),
                    bank_dbs=(system.load.bank_server.config.db_url,),
-                   clearing_db=system.clearing_db, opening=books["opening"])
+                   clearing_db=system.clearing_db, opening=books["opening"],
+                   sp_dbs=(sp.db,))   # svcard audit --sp-db: the SP's three-way closing
     print(result.figures, [b["counts"] for b in report.batches])
     assert result.clean, result.discrepancies[:20]
+    assert result.sp_pending == [] and all(c["ok"] for c in result.checks)
+    sp_checks = [c for c in result.checks if c["name"] not in
+                 {c2["name"] for c2 in audit(balances, opening=books["opening"]).checks}]
+    assert len(sp_checks) >= 3, result.checks   # the three SP equations were checked
     assert report.total_paid == result.figures["purchases settled"]
     totals = system.load.bank_server.db.totals()
     assert totals["accounts"] + totals.get("confirmed", 0) == bank_before
