@@ -208,7 +208,11 @@ class FulfilServer(PartyServer):
     async def refund_due(self, at_ms: int | None = None,
                          http: httpx.AsyncClient | None = None) -> int:
         """Refund every good still ``pending`` past its deadline at ``at_ms`` (default: now),
-        and finish ``refunding`` ones; how many were refunded now."""
+        and finish ``refunding`` ones; how many were refunded now. ``http``: a client of the
+        calling event loop (default: one of its own)."""
+        if http is None:
+            async with httpx.AsyncClient(timeout=30, transport=self.transport) as own:
+                return await self.refund_due(at_ms, own)
         g = D.goods
         now = self.now_ms() if at_ms is None else at_ms
         with reading(self.engine) as conn:
