@@ -137,11 +137,11 @@ class _Programme(_Strict):
     aid: HexText
     public_data: Hex30Text
     balance_limit: Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
-    purchase_keys: list[_Key]
-    load_keys: list[_Key]
+    purchase_keys: Annotated[list[_Key], Field(max_length=256)]
+    load_keys: Annotated[list[_Key], Field(max_length=256)]
     tac_key: Hex16Text
     ep: _Purse
-    log: list[LogText] = []
+    log: Annotated[list[LogText], Field(max_length=P.LOG_RECORDS)] = []
     pending_log: LogText | None = None
 
 

@@ -396,3 +396,14 @@ def test_card_show_lists_each_programme(tmp_path: Path, image: dict) -> None:
     assert [p["points"] for p in shown] == [880, 0]
     assert shown[0]["log"][0]["amount"] == 120
     assert "tac_key" not in result.output and "load_keys" not in result.output
+
+
+def test_an_image_with_too_many_log_records_is_refused(image: dict) -> None:
+    bad = json.loads(json.dumps(image))
+    bad["loyalty"][0]["log"] = ["00" * P.LOG_RECORD_SIZE] * (P.LOG_RECORDS + 1)
+    with pytest.raises(ImageError, match=r"loyalty\[0\]\.log"):
+        check_image(bad, "card.json")
+    bad = json.loads(json.dumps(image))
+    bad["loyalty"] = bad["loyalty"] * 5    # 10 programmes: more than a card holds
+    with pytest.raises(ImageError, match=r"loyalty"):
+        card_from_image(bad, source="card.json")

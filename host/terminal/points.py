@@ -30,7 +30,7 @@ PROGRAMME_AID_PREFIX = bytes.fromhex("F053564341524404")   # svcard's examples: 
 MAX_POINTS = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Points:
     """A count of one programme's points; the programme is its issuer id (EF 0x15), as the
     PSAM records, clearing and the audit see it."""
