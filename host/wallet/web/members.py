@@ -79,7 +79,15 @@ def password_hash(engine: Engine, member: str) -> str | None:
 
 def take_attempts(engine: Engine, keys: list[str], limit: int, window_ms: int, now: int) -> bool:
     """Count one attempt against each key, in one step; False (nothing counted) when any key
-    has had ``limit`` attempts in its current window."""
+    has had ``limit`` attempts in its current window. Two first attempts at once (PostgreSQL:
+    both insert the key's row) are taken one after the other."""
+    try:
+        return _take(engine, keys, limit, window_ms, now)
+    except IntegrityError:
+        return _take(engine, keys, limit, window_ms, now)
+
+
+def _take(engine: Engine, keys: list[str], limit: int, window_ms: int, now: int) -> bool:
     t = throttle.c
     with step(engine) as conn:
         rows = {r.key: r for r in conn.execute(select(throttle).where(
