@@ -424,9 +424,11 @@ def _audit(system: Cluster3, cards: list[Path], folder: Path) -> None:
     for r in confirmed:
         if r["batch"] is None:
             unhanded[r["psam_id"]] = unhanded.get(r["psam_id"], 0) + 1
-    print("batches:", [(b.get("file", b.get("path", "?")), b.get("status", b.get("ok")),
-                        b.get("records", b.get("record_count"))) for b in report.batches],
-          "confirmed rows never handed, per PSAM:", unhanded)
+    if report.total_paid != debited:   # what went wrong, for the replay
+        from collections import Counter
+        print("batches:", [(Path(str(b.get("file"))).name, b.get("state"),
+                            dict(Counter(b.get("states") or []))) for b in report.batches],
+              "confirmed rows never handed, per PSAM:", unhanded)
     assert report.total_paid == debited
     assert report.records_cleared == len(confirmed)
     # one node at a time per PSAM, and a dead node's PSAMs taken within the expiry
