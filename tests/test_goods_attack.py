@@ -243,3 +243,40 @@ def test_wrong_pins(stack: GoodsStack, cards: tuple[Path, Path], tmp_path: Path)
         assert answer["paid"] is False and "PIN" in answer["reason"], n
     assert state(stack, "payment", first.order) == "declined"
     assert balance(stack, "acc2") == 10_000 and payments(stack) == 0
+
+
+def test_only_the_device_given_the_write_reports_it(stack: GoodsStack,
+                                                     cards: tuple[Path, Path]) -> None:
+    device = stack.device()
+    first = offered(stack, device)
+    reader, challenge = challenge_of(cards[0])
+    reader.__exit__(None, None, None)     # the write is handed out, never sent to the card
+    answer = device._post("/v1/authorisations", W.AUTHORISATION,
+                          authorisation(device, first, SERIAL_A, challenge))
+    assert answer["apdu"] is not None
+    thief = stack.device()   # says the write landed, so the good would never be re-issued
+    with pytest.raises(DeviceError, match="404"):
+        thief._post("/v1/written", W.WRITTEN, {"order": first.order, "device": thief.id,
+                                               "card": SERIAL_A, "sw": 0x9000,
+                                               "created": int(time.time())})
+    from svcard.host.kit.db import first_row
+    row = first_row(stack.engine("fulfil"), D.goods, order_ref=first.order)
+    assert row is not None and row["state"] == "issued"
+
+
+def test_a_device_may_hold_only_a_few_polls_open(stack: GoodsStack) -> None:
+    device = stack.device()
+
+    def poll(_: int) -> str:
+        with httpx.Client(timeout=30) as http:
+            d = Device(device.auth_url, device.auth_id, device.auth_public, device.key,
+                       http=http)
+            try:
+                d.poll(wait=3)
+                return "ok"
+            except DeviceError as exc:
+                return str(exc)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(poll, range(8)))
+    assert sum("429" in a for a in answers) >= 1

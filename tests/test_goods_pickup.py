@@ -180,3 +180,17 @@ def test_racing_pickups_hand_out_one_write(stack: GoodsStack, card: Path) -> Non
         answers = list(pool.map(one, range(8)))
     assert sum(a["apdu"] is not None for a in answers) == 1
     assert good_row(stack, order)["writes"] == 1
+
+
+def test_a_merchant_that_was_down_is_told_at_the_payment_servers_recovery(
+        stack: GoodsStack, card: Path) -> None:
+    device = stack.device()
+    first = ordered(stack, device)
+    stack.threads["merchant"].stop()
+    with open_reader(f"virtual:{card}") as reader:
+        assert device.authorise(reader, first, "123456").written
+    port = stack.threads["merchant"].port
+    stack.threads["merchant"] = ServerThread(stack.servers["merchant"].app(), port=port).start()
+    assert state(stack, "merchant", first.order) == "routed"
+    stack.restart("payment")
+    assert state(stack, "merchant", first.order) == "paid"

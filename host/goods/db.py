@@ -65,7 +65,8 @@ payment_orders = Table(
     Column("card", String(20), nullable=True),
     Column("confirmation", Text, nullable=True),          # the institution's signed text
     Column("confirmation_signature", String(128), nullable=True),
-    Column("answer", Text, nullable=True),                # the fulfilment's write, relayed
+    Column("answer", Text, nullable=True),                # "kept": the fulfilment has it
+    Column("merchant_told", String(12), nullable=True),   # the last state the merchant took
     *_stamps())
 
 auth_md = MetaData()
@@ -114,6 +115,7 @@ goods = Table(
     Column("sfi", Integer, nullable=False),
     Column("deadline", BigInteger, nullable=False),       # ms
     Column("issued_at", BigInteger, nullable=True),       # ms of the last write handed out
+    Column("issued_to", String(32), nullable=True),       # the device it was handed to
     Column("writes", Integer, nullable=False),            # writes handed out
     Column("amount", BigInteger, nullable=False),
     Column("currency_code", Integer, nullable=False),

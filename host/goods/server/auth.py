@@ -60,6 +60,7 @@ PICKUP_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "card": W.SERIAL,
                                        "issuer": W.ISSUER, "challenge": W.CHALLENGE,
                                        "held": W.GOOD_KEYS, "created": W.SECONDS}
 MAX_OFFERED = 16   # first messages one poll answers
+MAX_POLLS = 4      # polls of one device waiting at once
 
 
 def digest(text: str) -> str:
@@ -172,6 +173,9 @@ class AuthServer(PartyServer):
         async def work() -> Response:
             data = await self.device_message(request, POLL_FIELDS, "poll", W.POLL)
             device = data["device"]
+            if len(self.waiters.get(device, ())) >= MAX_POLLS:
+                raise Refused(429, 429, f"poll: at most {MAX_POLLS} polls of one device wait "
+                                        "at once")
             event = asyncio.Event()
             self.waiters[device].add(event)
             try:

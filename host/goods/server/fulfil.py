@@ -81,8 +81,8 @@ class FulfilServer(PartyServer):
                 found = await self.sql(read_one, self.engine, D.goods, order_ref=data["order"])
                 return self.reply(W.PAID, {"order": data["order"], "card": data["card"],
                                            "apdu": None, "state": found and found["state"]})
-            return self.reply(W.PAID, await self.sql(self._claim, data["order"],
-                                                     data["card"], data["challenge"]))
+            return self.reply(W.PAID, await self.sql(self._claim, data["order"], data["card"],
+                                                     data["challenge"], data["device"]))
         return await handled(work)
 
     def _checked_order(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -126,9 +126,10 @@ class FulfilServer(PartyServer):
         except IntegrityError:   # kept already (a retried authorisation)
             pass
 
-    def _claim(self, order: str | None, card: str, challenge: str) -> dict[str, Any]:
+    def _claim(self, order: str | None, card: str, challenge: str,
+               device: str) -> dict[str, Any]:
         """One step: hand out the write of ``order`` (None: the first good of ``card`` still to
-        write) for ``challenge``, if no other write of it is outstanding."""
+        write) for ``challenge`` to ``device``, if no other write of it is outstanding."""
         g = D.goods
         now = self.now_ms()
         stale = now - self.system.issue_lease * 1000
@@ -142,7 +143,8 @@ class FulfilServer(PartyServer):
             row = conn.execute(select(g).where(*where).order_by(g.c.id).limit(1)).first()
             if row is not None:
                 done = conn.execute(update(g).where(g.c.id == row.id, claimable).values(
-                    state=D.ISSUED, issued_at=now, writes=g.c.writes + 1, updated=now))
+                    state=D.ISSUED, issued_at=now, issued_to=device, writes=g.c.writes + 1,
+                    updated=now))
                 if int(done.rowcount or 0) != 1:
                     row = None
         if row is None:
@@ -161,18 +163,22 @@ class FulfilServer(PartyServer):
         async def work() -> Response:
             _, data, _ = await self.authenticated(request, WRITTEN_FIELDS, "written",
                                                   W.RELAYED_WRITTEN, ("auth",))
-            state = await self.sql(self._written, data["order"], data["card"], data["sw"])
+            state = await self.sql(self._written, data["order"], data["card"], data["sw"],
+                                   data["device"])
             if state is None:
-                raise Refused(404, 404, "written: no such good for this card")
+                raise Refused(404, 404, "written: no write of this good for this card and "
+                                        "device")
             return self.reply(W.RELAYED_WRITTEN, {"order": data["order"], "state": state})
         return await handled(work)
 
-    def _written(self, order: str, card: str, sw: int) -> str | None:
+    def _written(self, order: str, card: str, sw: int, device: str) -> str | None:
+        """The card's answer to the write handed out to ``device`` (another device's word on
+        it is not taken: None)."""
         g = D.goods
         with step(self.engine) as conn:
             row = conn.execute(select(g).where(g.c.order_ref == order, g.c.card == card)
                                ).first()
-            if row is None:
+            if row is None or (row.state == D.ISSUED and row.issued_to != device):
                 return None
             if row.state == D.ISSUED:
                 values = {"state": D.WRITTEN} if sw == 0x9000 else {"issued_at": None}
@@ -186,7 +192,8 @@ class FulfilServer(PartyServer):
             _, data, _ = await self.authenticated(request, PICKUP_FIELDS, "pick-up",
                                                   W.RELAYED_PICKUP, ("auth",))
             held = await self.sql(self._held, data["card"], data["device"], data["held"])
-            claim = await self.sql(self._claim, None, data["card"], data["challenge"])
+            claim = await self.sql(self._claim, None, data["card"], data["challenge"],
+                                   data["device"])
             return self.reply(W.RELAYED_PICKUP, {**claim, "held": held})
         return await handled(work)
 

@@ -165,19 +165,36 @@ class PaymentServer(PartyServer):
         return write
 
     async def tick(self, http: httpx.AsyncClient) -> None:
-        """Paid orders the fulfilment server was never told of (it was down): told now."""
+        """Paid orders the fulfilment server was never told of (it was down), and outcomes
+        the merchant missed: told now."""
         t = D.payment_orders
         with reading(self.engine) as conn:
             rows = conn.execute(select(t).where(t.c.state == D.PAID, t.c.answer.is_(None))
                                 .limit(1000)).all()
         for row in rows:
             await self._to_fulfil(dict(row._mapping), "", http)
+        with reading(self.engine) as conn:
+            untold = conn.execute(select(t.c.order_ref, t.c.state).where(
+                t.c.state.in_((D.PAID, D.DECLINED, D.REFUNDED)),
+                t.c.merchant_told.is_(None) | (t.c.merchant_told != t.c.state)).limit(1000)
+            ).all()
+        for order, state in untold:
+            await self._tell_merchant(order, state, "told again", http)
 
-    async def _tell_merchant(self, order: str, state: str, reason: str) -> None:
-        with contextlib.suppress(Unreachable):   # the merchant asks about its order later
+    async def _tell_merchant(self, order: str, state: str, reason: str,
+                             http: httpx.AsyncClient | None = None) -> None:
+        """Tell the merchant; one it could not reach is told again by :meth:`tick`."""
+        with contextlib.suppress(Unreachable):
             await self.send("merchant", "/v1/paid", W.PAID, {
                 "order": order, "state": state, "reason": reason,
-                "created": self.now_ms() // 1000})
+                "created": self.now_ms() // 1000}, http)
+            await self.sql(self._told, order, state)
+
+    def _told(self, order: str, state: str) -> None:
+        t = D.payment_orders
+        with step(self.engine) as conn:
+            conn.execute(update(t).where(t.c.order_ref == order, t.c.state == state)
+                         .values(merchant_told=state))
 
     # --- refunds ------------------------------------------------------------------------------
     async def refunds(self, request: Request) -> Response:
