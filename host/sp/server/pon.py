@@ -27,9 +27,11 @@ import asyncio
 import json
 import re
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import httpx
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
@@ -281,16 +283,24 @@ class PonOrders:
         nonce = secrets.token_hex(16)
         url = f"{base}/v1/pon/{pon}"
 
-        def ask() -> Any:
-            return self.server.http.get(url, params={"nonce": nonce}, timeout=30)
+        def ask() -> tuple[httpx.Response, bytes]:   # read at most MAX_QUOTE + 1 bytes
+            deadline = time.monotonic() + 30
+            with self.server.http.stream("GET", url, params={"nonce": nonce},
+                                         timeout=30) as answer:
+                got = bytearray()
+                for chunk in answer.iter_bytes():
+                    got += chunk
+                    if len(got) > MAX_QUOTE or time.monotonic() > deadline:
+                        break
+                return answer, bytes(got)
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(self.server.payments, ask)
+            answer, signed = await asyncio.get_running_loop().run_in_executor(
+                self.server.payments, ask)
         except Exception as exc:   # the merchant is down: nothing was paid
             raise Refused(502, 502, f"the merchant did not answer about the PON "
                                     f"({type(exc).__name__})") from None
         if answer.status_code == 404:
             raise Refused(404, 404, f"merchant {merchant} knows no such PON")
-        signed = answer.content
         if answer.status_code != 200 or len(signed) > MAX_QUOTE or not verify(
                 key, signed, answer.headers.get(MERCHANT_HEADER), MERCHANT_PON_DOMAIN):
             raise Refused(502, 502, "the merchant's answer about the PON is not signed with "

@@ -1,0 +1,69 @@
+"""Review of issue 13's code (seed 001) by an attacker and a payment engineer: each test here
+failed on the code before its fix (helper R-13)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from svcard.host.kit.serving import ServerThread
+from svcard.host.sp.server.pon import set_merchant_key
+from svcard.host.sp.signing import new_key, signed_pon_order
+from svcard.host.sp.stack import demo_config, start_sp
+
+
+class NeverPays:
+    def pay(self, *_a: Any, **_k: Any) -> Any:
+        raise AssertionError("a bad merchant answer reached the payment")
+
+
+def test_a_merchant_answer_without_end_is_not_read_whole(tmp_path: Path) -> None:
+    """A merchant (gone bad, or anyone on the path to it) answering the SP's PON question with
+    a body that never ends: the SP stops reading past its 4 KiB bound and answers 502, instead
+    of reading (and holding in memory) whatever comes until the stream stops."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    sent = [0]
+    stop = [False]
+
+    async def endless() -> AsyncIterator[bytes]:
+        chunk = b"x" * 65536
+        while not stop[0] and sent[0] < 32 << 20:
+            sent[0] += len(chunk)
+            yield chunk
+            await asyncio.sleep(0.005)
+
+    async def quote(_request: Request) -> StreamingResponse:
+        return StreamingResponse(endless(), media_type="application/json")
+
+    _private, public = new_key()
+    fake = ServerThread(Starlette(routes=[Route("/v1/pon/{pon}", quote)])).start()
+    sp = start_sp(demo_config(tmp_path / "sp", "http://127.0.0.1:9",
+                              merchants={"FAKE": fake.url}), NeverPays())
+    try:
+        set_merchant_key(sp.engine, "FAKE", public, 0)
+        oz = sp.customer("oz")
+        body, headers = signed_pon_order(oz.key, "oz", "FAKE", "ef" * 16)
+        started = time.monotonic()
+        try:
+            got = httpx.post(f"{sp.url}/v1/orders/pon", content=body, headers=headers,
+                             timeout=8)
+        except httpx.TimeoutException:
+            pytest.fail(f"the SP was still reading the merchant's answer after 8 s "
+                        f"({sent[0]} bytes sent)")
+        assert got.status_code == 502, got.text
+        assert time.monotonic() - started < 8
+        assert sent[0] <= 1 << 20, f"the merchant could send {sent[0]} bytes"
+    finally:
+        stop[0] = True
+        sp.close()
+        fake.stop()
