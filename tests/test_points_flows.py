@@ -319,7 +319,7 @@ def _count(name: str, default: int) -> int:
 
 def test_random_loads_and_redemptions_with_tears_audit_clean(programme: Programme) -> None:
     """Randomised (SVCARD_POINTS_OPS operations, default 16; replay with SVCARD_POINTS_SEED):
-    points loaded and redeemed in random variants, a third of them torn at a random write step
+    points loaded and redeemed in random variants, half of them torn at a random write step
     or with the card's answer lost, each resumed. Then: every benefit released was paid with
     points exactly once, the card's points = opening + loads - redemptions, and the
     programme's audit is clean to the point."""
