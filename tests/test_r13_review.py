@@ -4,18 +4,24 @@ failed on the code before its fix (helper R-13)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
 from svcard.host.kit.serving import ServerThread
+from svcard.host.pay.merchant import pon as MP
+from svcard.host.pay.merchant.server import MerchantConfig, MerchantServer
 from svcard.host.sp.server.pon import set_merchant_key
 from svcard.host.sp.signing import new_key, signed_pon_order
 from svcard.host.sp.stack import demo_config, start_sp
+
+CLIENT = {"X-Svcard-Client": "1"}
 
 
 class NeverPays:
@@ -67,3 +73,34 @@ def test_a_merchant_answer_without_end_is_not_read_whole(tmp_path: Path) -> None
         stop[0] = True
         sp.close()
         fake.stop()
+
+
+@pytest.fixture
+def pon_merchant(tmp_path: Path) -> Iterator[tuple[MerchantServer, ServerThread]]:
+    private, _public = new_key()
+    server = MerchantServer(MerchantConfig(
+        b"R13SHOP1", os.urandom(32), "http://127.0.0.1:9", b"\x00\x00\x00\x00\x0a\x01",
+        db_url=f"sqlite:///{tmp_path / 'merchant.db'}", max_open_per_client=2,
+        pon=MP.PonSettings(private, "SHOP")))
+    thread = ServerThread(server.app()).start()
+    try:
+        yield server, thread
+    finally:
+        thread.stop()
+        server.close()
+
+
+def test_refused_pon_checkouts_leave_no_rows_behind(
+        pon_merchant: tuple[MerchantServer, ServerThread], http: httpx.Client) -> None:
+    """A checkout of a PON refused for the open-order bound (429/503) wrote its PON link all
+    the same: anyone holding a PON (they are free to make) grew the merchant's database by a
+    row per request, without bound. Now only an admitted checkout keeps its link."""
+    server, thread = pon_merchant
+    made = http.post(f"{thread.url}/v1/pon", json={"sku": "song", "customer": "eve"},
+                     headers=CLIENT).json()
+    codes = [http.post(f"{thread.url}/v1/pon/{made['pon']}/checkout", headers=CLIENT
+                       ).status_code for _ in range(12)]
+    assert codes[:2] == [200, 200] and set(codes[2:]) <= {429, 503}, codes
+    with server.db.engine.connect() as conn:
+        links = conn.execute(select(func.count()).select_from(MP.pon_txns)).scalar_one()
+    assert links == 2, f"{links} PON links for 2 admitted checkouts"

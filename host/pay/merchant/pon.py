@@ -164,7 +164,6 @@ class PonDesk:
         return [Route(path, handler, methods=[method])
                 for (path, method), handler in zip(ROUTES, handlers, strict=True)]
 
-    # --- database steps ----------------------------------------------------------------------
     def _insert(self, row: dict[str, Any], now: int) -> bool:
         """Insert a tentative PON within ``max_open`` and ``max_open_per_client``, once the
         tentative PONs no payment can reach any more are deleted: one step."""
@@ -188,9 +187,12 @@ class PonDesk:
             return conn.execute(insert(pons).from_select(columns, source).returning(
                 pons.c.pon)).first() is not None
 
-    def _link(self, pon: str, txn_id: str, now: int) -> str:
-        """Link a checkout to a PON tentative and in time (one step): "ok", "paid", "expired"."""
+    def _link(self, pon: str, txn_id: str, now: int, undo: bool = False) -> str:
+        """Link a checkout to a PON tentative and in time: "ok", "paid", "expired" (a step)."""
         with step(self.engine) as conn:
+            if undo:   # the checkout made no order: its link goes
+                conn.execute(delete(pon_txns).where(pon_txns.c.txn_id == txn_id))
+                return "gone"
             if conn.execute(update(pons).where(
                     pons.c.pon == pon, pons.c.state == TENTATIVE, pons.c.expires > now).values(
                     updated=now)).rowcount == 1:
@@ -281,7 +283,6 @@ class PonDesk:
             QUOTE_DOMAIN)
         return Response(body, media_type="application/json", headers={HEADER: signature})
 
-    # --- POST /v1/pon/{pon}/checkout: a card payment of the PON ----------------------------------
     async def checkout(self, request: Request) -> Response:
         server = self.server
         pon = request.path_params["pon"]
@@ -308,14 +309,14 @@ class PonDesk:
             c = server.config
             await server.sql(server.db.sweep, now)
             if await server.sql(server.db.create, order, c.max_open_orders,
-                                c.max_open_per_client) != "ok":
+                                c.max_open_per_client) != "ok":   # no order: no link kept
+                await server.sql(self._link, pon, order["txn_id"], now, True)
                 raise Refusal(503, "too many open orders: try later", {"Retry-After": "5"})
         except Refusal as exc:
             return server.refuse(exc.status, exc.reason, exc.headers)
         note(txn=params["txn_id"], step="pon-checkout")
         return JSONResponse(params)
 
-    # --- POST /v1/pon/{pon}/pickup: the goods, to the secret's holder, once paid ----------------
     async def pickup(self, request: Request) -> Response:
         pon = request.path_params["pon"]
         try:
@@ -336,7 +337,6 @@ class PonDesk:
         return JSONResponse({"released": True, "pon": pon, "goods": row["goods"], "item":
                              row["item"], "receipt": json.loads(order["receipt"] or "{}")})
 
-    # --- POST /v1/pon/via-sp: the customer orders here, the SP gets a copy and pays ---------------
     async def via_sp(self, request: Request) -> Response:
         s = self.settings
         try:
