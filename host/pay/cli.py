@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..kit.command_line import EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
+from ..kit.command_line import EXIT_DEVICE, EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
 from ..kit.serving import serve as serve_app
 from ..kit.serving import serve_options
 from ..terminal import purse as T
@@ -182,6 +182,7 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
                   host: str, port: int, log_level: str, drain_seconds: float) -> None:
     """The payment server: draw requests in, debit commands out, a pool of PSAMs."""
     from ..kit.config import ConfigError
+    from ..kit.reader_pool import PoolError
     from .config import payment_config
     from .server.app import PaymentServer
 
@@ -198,7 +199,12 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
         check_psams((open_reader(spec) for spec in psam_specs),
                     terminals=merchant_terminals(config.merchants))
         psams = [open_reader(spec) for spec in psam_specs]
-        server = PaymentServer(config, psams)
+        try:
+            server = PaymentServer(config, psams)
+        except PoolError:
+            raise   # names a reader, not a setting: the root maps it (exit 3)
+        except ValueError as exc:  # a setting the server refuses (its message names it)
+            fail(f"{config_path}: {exc}", EXIT_INPUT)
     sys.exit(serve_app(server.app(), host=host, port=port, log_level=log_level,
                        drain=server, drain_seconds=drain_seconds))
 

@@ -4,8 +4,10 @@ a field left out takes the default of ``PaymentConfig`` or ``MerchantConfig``.""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -27,7 +29,9 @@ from ..kit.config import (
     db_setting,
     one_of,
     parse_config,
+    read_toml,
 )
+from .merchant.pon import PonSettings
 from .merchant.server import MerchantConfig
 from .server.app import MerchantAccount, PaymentConfig
 
@@ -55,6 +59,16 @@ class PaymentFile(Section):
     concentration_dir: str | None = None
 
 
+class PonEntry(Section):
+    """A merchant's ``[pon]`` (seed 001 FIG. 3B and order copies; docs/sp.md)."""
+
+    key: SecretHex32                     # Ed25519 private key; key_file (mode 0600) or key_env
+    sp_name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+    sp_url: Url | None = None            # where copies of customers' orders go
+    lifetime: PosInt = 3600              # seconds a PON may be paid
+    max_open: PosInt = 10_000            # tentative PONs at once
+
+
 class MerchantFile(Section):
     merchant_id: Hex8
     shared_key: SecretHex32
@@ -71,6 +85,7 @@ class MerchantFile(Section):
     confirm_grace: NonNegInt | None = None
     max_open_orders: PosInt | None = None
     max_open_per_client: PosInt | None = None
+    pon: PonEntry | None = None
 
 
 def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
@@ -91,10 +106,30 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
 
 def merchant_config(path: Path, db_url: str | None = None) -> MerchantConfig:
     f = parse_config(MerchantFile, path)
-    settings = f.model_dump(exclude_none=True, exclude={"db", "variants"})
+    settings = f.model_dump(exclude_none=True, exclude={"db", "variants", "pon"})
     if f.variants is not None:
         settings["variants"] = frozenset(f.variants)
+    if f.pon is not None:
+        _private_key_file(path, read_toml(path)["pon"])
     try:
+        if f.pon is not None:
+            settings["pon"] = PonSettings(**f.pon.model_dump())
         return MerchantConfig(**settings, **db_setting(f.db, db_url))
     except ValueError as exc:  # MerchantConfig's own checks name the field
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _private_key_file(path: Path, pon: dict[str, Any]) -> None:
+    """A ``pon.key_file`` others may read is refused, as the helper's PIN file is."""
+    name = pon.get("key_file")
+    if not isinstance(name, str):
+        return
+    key_file = path.parent / name
+    try:
+        mode = stat.S_IMODE(os.stat(key_file).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"{path}: pon.key_file: cannot read {key_file}: "
+                          f"{exc.strerror or type(exc).__name__}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{path}: pon.key_file: others may read {key_file} "
+                          f"(mode {mode:04o}); chmod 600 it")
