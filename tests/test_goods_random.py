@@ -4,7 +4,7 @@ payment, pick-ups now or later; at the end every card's next contact and the ref
 Then: 0 goods on a card without a payment, 0 payments without exactly one good on the card or a
 refund, and every account's balance to the minor unit.
 
-``SVCARD_GOODS_RUNS`` (default 24) goods, ``SVCARD_GOODS_SEED`` (default 2); the seed
+``SVCARD_GOODS_RUNS`` (default 24) goods, ``SVCARD_GOODS_SEED`` (default 3); the seed
 is printed, so a failure replays with it."""
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from svcard.host.terminal.reader_specs import open_reader
 from svcard.reader.base import CardRemovedError, Reader
 
 RUNS = int(os.environ.get("SVCARD_GOODS_RUNS", "24"))
-SEED = int(os.environ.get("SVCARD_GOODS_SEED", "2"))   # 2: refunds among its 24
+SEED = int(os.environ.get("SVCARD_GOODS_SEED", "3"))   # 3: refunds among its 24
 START = 1_000_000
 SKUS = ("ticket", "coupon", "airtime", "rides10")
-PER_CARD = 24   # 8 records a kind, 4 kinds: a card is changed before any file is full
+PER_CARD = 32   # kinds in turn, 8 records a kind: a card is changed before any file is full
 
 
 @pytest.fixture
@@ -58,8 +58,7 @@ def restart_fulfil(stack: GoodsStack) -> None:
 
 
 def one_good(stack: GoodsStack, rng: random.Random, device: Device, card: Path,
-             http: httpx.Client) -> str:
-    sku = rng.choice(SKUS)
+             http: httpx.Client, sku: str) -> str:
     assert stack.order(http, sku, device).status_code == 200
     [first] = device.poll(wait=5)
     what = rng.choices(["honest", "cut-after", "cut-before", "decline", "fulfil-down"],
@@ -96,7 +95,7 @@ def test_random_goods_leave_no_good_unpaid_and_no_payment_without_good_or_refund
             if name not in cards:
                 cards[name] = make_card(tmp_path / "cards", serial)
                 stack.account(f"acc{serial}", serial, balance=START)
-            what = one_good(stack, rng, device, cards[name], http)
+            what = one_good(stack, rng, device, cards[name], http, SKUS[n % len(SKUS)])
             seen[what] = seen.get(what, 0) + 1
     print(f"  what happened: {seen}")
     offset[0] = stack.system.issue_lease + 1        # every handed-out write may go again
