@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from test_sp_audit import audit, books, tampered  # noqa: F401  (books: its fixture)
 
 from svcard.host.kit.serving import ServerThread
 from svcard.host.pay.merchant import pon as MP
@@ -104,3 +106,54 @@ def test_refused_pon_checkouts_leave_no_rows_behind(
     with server.db.engine.connect() as conn:
         links = conn.execute(select(func.count()).select_from(MP.pon_txns)).scalar_one()
     assert links == 2, f"{links} PON links for 2 admitted checkouts"
+
+
+# --- the SP audit (settle/sp_books.py): tampering it stayed silent on --------------------------
+
+
+def _copy_row(conn: Any, table: str, where: str, **changes: Any) -> None:
+    conn.row_factory = sqlite3.Row
+    row = dict(conn.execute(f"SELECT * FROM {table} WHERE {where}").fetchone())
+    row.pop("id", None)
+    row.update(changes)
+    conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES "
+                 f"({', '.join('?' for _ in row)})", tuple(row.values()))
+
+
+def test_one_card_debit_behind_two_billed_orders_is_a_finding(books: dict[str, Any],  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    """An SP insider bills eve a second time for one purchase: a forged order, a pool payment
+    that reuses the real payment's card counter (so a merchant 'received' it), its bill line,
+    eve's open total, and the purse's opening balance raised to close (c). Each sum closed;
+    but one card debit (purse, counter) cannot pay two orders."""
+    db = tampered(books, tmp_path)
+    path = db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        ref = conn.execute("SELECT p.order_ref FROM sp_purse_payments p JOIN sp_orders o "
+                           "ON o.order_ref = p.order_ref WHERE o.customer = 'eve'").fetchone()[0]
+        where = f"order_ref = '{ref}'"
+        _copy_row(conn, "sp_orders", where, order_ref="spo-forged", order_key="ab" * 16)
+        _copy_row(conn, "sp_purse_payments", where, order_ref="spo-forged", txn_id=None)
+        _copy_row(conn, "sp_bill_lines", where, order_ref="spo-forged")
+        billed, = conn.execute(f"SELECT billed FROM sp_bill_lines WHERE {where}").fetchone()
+        amount, serial = conn.execute("SELECT amount, purse_serial FROM sp_purse_payments "
+                                      f"WHERE {where}").fetchone()
+        conn.execute(f"UPDATE sp_customers SET open_total = open_total + {billed} "
+                     "WHERE id = 'eve'")
+        conn.execute(f"UPDATE sp_purses SET opening_balance = opening_balance + {amount} "
+                     f"WHERE serial = '{serial}'")
+    report = audit(books, db)
+    assert not report.clean, "a second bill for one card debit: the audit said clean"
+    assert any("spo-forged" in d and ref in d for d in report.discrepancies), \
+        report.discrepancies
+
+
+def test_an_issued_bill_deleted_is_a_finding(
+        books: dict[str, Any], tmp_path: Path) -> None:  # noqa: F811
+    """dora's issued bill deleted and her debt set to 0: her billed lines still name the bill,
+    which is gone, so the money she owes vanished from every sum the audit made."""
+    db = tampered(books, tmp_path, "DELETE FROM sp_bills WHERE customer = 'dora'",
+                  "UPDATE sp_customers SET owed = 0 WHERE id = 'dora'")
+    report = audit(books, db)
+    assert not report.clean, "a deleted bill: the audit said clean"
+    assert any("no such bill" in d for d in report.discrepancies), report.discrepancies

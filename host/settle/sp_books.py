@@ -114,7 +114,7 @@ def _debits_received(books: dict[str, list[dict[str, Any]]], cleared: dict[Key, 
     serials = {str(p["serial"])[-16:].lower(): p for p in books["purses"]}
     debits: dict[int, int] = defaultdict(int)
     received: dict[int, int] = defaultdict(int)
-    booked: set[Key] = set()
+    booked: dict[Key, str] = {}   # each card debit (purse, counter): the order it paid
     bad = out.discrepancies
     for pay in books["purse_payments"]:
         if pay["state"] not in DEBITED:
@@ -126,9 +126,11 @@ def _debits_received(books: dict[str, list[dict[str, Any]]], cleared: dict[Key, 
                        f"{amount}) has no card counter")
             continue
         key = _key(pay["purse_serial"], pay["counter"])
-        booked.add(key)
         name = (f"purse debit of order {pay['order_ref']} (purse {pay['purse_serial']} "
                 f"counter {pay['counter']}, {amount})")
+        if key in booked:   # one card transaction pays one order
+            bad.append(f"{name}: the same card debit as order {booked[key]}'s")
+        booked.setdefault(key, str(pay["order_ref"]))
         if key in cleared:
             got = cleared[key]
             where = "clearing paid the merchant"
@@ -240,6 +242,11 @@ def _bill_totals(books: dict[str, list[dict[str, Any]]], out: SpBooks) -> None:
             open_lines[ln["customer"]] += int(ln["billed"])
         else:
             on_bill[int(ln["bill_id"])].append(int(ln["billed"]))
+    ids = {int(bill["id"]) for bill in books["bills"]}
+    for ln in books["bill_lines"]:
+        if ln["bill_id"] is not None and int(ln["bill_id"]) not in ids:
+            bad.append(f"bill line of order {ln['order_ref']} (customer {ln['customer']}, "
+                       f"billed {ln['billed']}) is on bill {ln['bill_id']}: no such bill")
     owed: dict[str, int] = defaultdict(int)
     for bill in books["bills"]:
         items = on_bill.get(int(bill["id"]), [])
