@@ -213,7 +213,8 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
 @click.option("--config", "config_path", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML: merchant id, shared key, payment server URL and terminal id, "
-                   "variants, client terminals, db, bounds (see fixtures/merchant-demo.toml).")
+                   "variants, client terminals, db, bounds, [pon] for payment order numbers "
+                   "(see fixtures/merchant-demo.toml).")
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8081, show_default=True, type=click.IntRange(1, 65535))
