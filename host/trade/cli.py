@@ -27,7 +27,7 @@ from ..kit.serving import Drain, serve_options
 from ..kit.serving import serve as serve_app
 from . import customer as C
 from . import messages as M
-from .config import AccountManagerConfig, AcquirerConfig, server_config
+from .config import AccountManagerConfig, AcquirerConfig, MerchantAccountConfig, server_config
 from .money import Amount, MoneyError, price_in
 from .signing import (
     SigningError,
@@ -52,7 +52,9 @@ ROLES = {"account-manager": "the customer account manager (seed 004, 202): takes
                             "initiations, reserves deposits",
          "acquirer": "the mediating trusted agent (seed 004, 203), the merchant operator's "
                      "value acquirer",
-         "merchant": "the merchant agent (seed 004, 200): takes sessions and purchases"}
+         "merchant": "the merchant agent (seed 004, 200): takes sessions and purchases",
+         "merchant-account": "the merchant account manager (seed 004, 204): deposit "
+                             "records from the clearing"}
 
 
 def _serve_command(role: str) -> click.Command:
@@ -69,16 +71,19 @@ def _serve_command(role: str) -> click.Command:
         from .server.account import AccountManager
         from .server.acquirer import Acquirer
         from .server.merchant import MerchantAgent
+        from .server.merchant_account import MerchantAccount
 
         try:
             config = server_config(role, config_path, db_url)
         except ConfigError as exc:
             fail(str(exc), EXIT_INPUT)
-        server: AccountManager | Acquirer | MerchantAgent
+        server: AccountManager | Acquirer | MerchantAgent | MerchantAccount
         if isinstance(config, AccountManagerConfig):
             server = AccountManager(config)
         elif isinstance(config, AcquirerConfig):
             server = Acquirer(config)
+        elif isinstance(config, MerchantAccountConfig):
+            server = MerchantAccount(config)
         else:
             server = MerchantAgent(config)
         try:

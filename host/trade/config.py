@@ -51,6 +51,7 @@ class AccountManagerConfig:
     db_url: str
     operators: dict[str, Peer]              # merchant operator id -> its mediating agent
     session_ms: int = 3_600_000             # how long a session may last
+    billing: Path = Path("billing")         # where withdrawal records are written
     max_sessions: int = 10_000              # open sessions per customer (bounded)
     recover_seconds: float = 30.0           # how often undecided initiations are settled
     table: ExchangeTable | None = None      # the bank's table its customers' devices keep
@@ -64,6 +65,22 @@ class AcquirerConfig:
     account_managers: dict[str, bytes]      # id -> public key
     merchants: dict[str, MerchantPeer]
     table: ExchangeTable
+    account_manager_urls: dict[str, str] = field(default_factory=dict)   # clearing goes there
+    merchant_account: Peer | None = None    # the merchants' account manager (204)
+    grace_ms: int = 60_000                  # how long the second record is waited for
+    close_seconds: float = 5.0              # how often the clearing clock runs
+
+
+@dataclass
+class MerchantAccountConfig:
+    """The merchant account manager (204): takes the clearing information from its acquirers
+    and writes deposit records for the merchants' billing."""
+
+    id: str
+    private_key: bytes = field(repr=False)
+    db_url: str
+    acquirers: dict[str, bytes]             # id -> public key
+    billing: Path = Path("billing")
 
 
 @dataclass
@@ -90,6 +107,13 @@ class OperatorEntry(Section):
 
 class PartyEntry(Section):
     id: Ident
+    public_key: Hex32
+    url: Url | None = None      # where this party is reached (clearing, records)
+
+
+class PeerEntry(Section):
+    id: Ident
+    url: Url
     public_key: Hex32
 
 
@@ -120,6 +144,9 @@ class ServerFile(Section):
     table: TableEntry | None = None
     acquirer: PartyEntry | None = None
     currency: Code | None = None
+    merchant_account: PeerEntry | None = None
+    billing: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+    grace_seconds: PosInt = 60
 
 
 def _ms(when: dt.datetime) -> int:
@@ -137,15 +164,17 @@ def _unique(entries: list[Any], what: str) -> None:
 
 
 def server_config(role: str, path: Path, db_url: str | None = None
-                  ) -> AccountManagerConfig | AcquirerConfig | MerchantConfig:
+                  ) -> AccountManagerConfig | AcquirerConfig | MerchantConfig | \
+        MerchantAccountConfig:
     """The configuration of a ``role`` server (``account-manager``, ``acquirer``,
-    ``merchant``) from the TOML file at ``path``; ``db_url`` (``--db``) wins over the file's.
-    A problem is one :class:`ConfigError` line naming the file and the field."""
+    ``merchant``, ``merchant-account``) from the TOML file at ``path``; ``db_url``
+    (``--db``) wins over the file's. A problem is one :class:`ConfigError` line naming the
+    file and the field."""
     f = parse_config(ServerFile, path)
     db = db_setting(f.db, db_url).get("db_url", f"sqlite:///{f.id}.db")
     needs = {"account-manager": ("operator",), "acquirer": ("account_manager", "merchant",
                                                              "table"),
-             "merchant": ("acquirer", "currency")}[role]
+             "merchant": ("acquirer", "currency"), "merchant-account": ("acquirer",)}[role]
     try:
         for name in needs:
             if not getattr(f, name):
@@ -153,6 +182,7 @@ def server_config(role: str, path: Path, db_url: str | None = None
         for name, entries in (("operator", f.operator), ("account_manager", f.account_manager),
                               ("merchant", f.merchant)):
             _unique(entries, name)
+        billing = Path(f.billing) if f.billing else Path(f"billing-{f.id}")
         table = None if f.table is None else ExchangeTable.from_text(
             f.table.issuer, f.table.base, f.table.rates, _ms(f.table.issued),
             _ms(f.table.expires))
@@ -160,7 +190,8 @@ def server_config(role: str, path: Path, db_url: str | None = None
             return AccountManagerConfig(
                 f.id, f.key, db, {o.id: Peer(o.acquirer, o.url.rstrip("/"), o.public_key)
                                   for o in f.operator},
-                session_ms=f.session_seconds * 1000, max_sessions=f.max_sessions, table=table)
+                session_ms=f.session_seconds * 1000, max_sessions=f.max_sessions, table=table,
+                billing=billing)
         if role == "acquirer":
             assert table is not None
             for m in f.merchant:
@@ -168,10 +199,17 @@ def server_config(role: str, path: Path, db_url: str | None = None
             return AcquirerConfig(
                 f.id, f.key, db, {a.id: a.public_key for a in f.account_manager},
                 {m.id: MerchantPeer(m.id, m.url.rstrip("/"), m.public_key, m.currency)
-                 for m in f.merchant}, table)
-        assert f.acquirer is not None and f.currency is not None
+                 for m in f.merchant}, table,
+                {a.id: a.url.rstrip("/") for a in f.account_manager if a.url},
+                None if f.merchant_account is None else Peer(
+                    f.merchant_account.id, f.merchant_account.url.rstrip("/"),
+                    f.merchant_account.public_key), grace_ms=f.grace_seconds * 1000)
+        assert f.acquirer is not None
+        acq = Peer(f.acquirer.id, (f.acquirer.url or "").rstrip("/"), f.acquirer.public_key)
+        if role == "merchant-account":
+            return MerchantAccountConfig(f.id, f.key, db, {acq.id: acq.public_key}, billing)
+        assert f.currency is not None
         exponent(f.currency)
-        return MerchantConfig(f.id, f.key, db, Peer(f.acquirer.id, "", f.acquirer.public_key),
-                              f.currency)
+        return MerchantConfig(f.id, f.key, db, acq, f.currency)
     except ValueError as exc:   # MoneyError too: a rate, a code, a lifespan
         raise ConfigError(f"{path}: {exc}") from None

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from . import closing as K
 from . import signing as S
 from .money import Amount, ExchangeTable, MoneyError, table_from_payload, table_payload
 from .payword import MAX_LENGTH, Commitment, PaywordError, Wallet, order_payload
@@ -49,6 +50,8 @@ class Session:
     session_key: bytes = field(repr=False)
     seed: bytes = field(repr=False)
     opened: dict[str, Any] = field(default_factory=dict, repr=False)
+    orders: list[dict[str, Any]] = field(default_factory=list, repr=False)   # the list kept
+    account_url: str = ""
 
     def wallet(self) -> Wallet:
         return Wallet(self.seed, self.length, self.spent)
@@ -167,7 +170,7 @@ def open_session(http: httpx.Client, account_url: str, account_id: str,
     s = Session(opened["session"], opened["pseudonym"], merchant, merchant_url,
                 deposit.minor, deposit.code, value, opened["currency_merchant"],
                 opened["rate"], int(opened["expires"]), unit, length, 0, session_key,
-                wallet.seed, opened)
+                wallet.seed, opened, account_url=account_url)
     commit(http, s)
     return s
 
@@ -196,8 +199,10 @@ def purchase(s: Session, item: str, units: int = 1) -> dict[str, Any]:
         raise TradeError(str(exc)) from None
     order = order_payload(s.session, index, item, units)
     s.spent = wallet.spent
+    signature = S.sign(s.session_key, S.ORDER, S.canonical(order))
+    s.orders.append(K.entry(index, item, units, signature))
     return {"session": s.session, "index": index, "link": link.hex(), "order": order,
-            "signature": S.sign(s.session_key, S.ORDER, S.canonical(order))}
+            "signature": signature}
 
 
 def buy(http: httpx.Client, s: Session, item: str, units: int = 1) -> dict[str, Any]:
@@ -225,4 +230,36 @@ def terminate(http: httpx.Client, s: Session) -> dict[str, Any]:
     return got
 
 
-__all__ = ["Session", "TradeError", "buy", "load", "open_session", "save", "terminate"]
+def record(s: Session, ended: str = "terminated", created: int | None = None
+           ) -> tuple[bytes, dict[str, str]]:
+    """The customer's transaction record (FIG. 3): the purchase list sealed under a key from
+    the chain's seed, its hash, count and total; signed by the session key."""
+    key = K.record_key(s.seed, s.session, "customer")
+    payload = K.make_record(s.session, "customer", s.pseudonym, ended, s.currency_merchant,
+                            s.unit, s.orders, key,
+                            int(time.time()) if created is None else created)
+    return S.signed(s.session_key, s.pseudonym, S.RECORD, payload)
+
+
+def close(http: httpx.Client, s: Session) -> dict[str, Any]:
+    """End the session: the terminate message to the merchant (claim 10), then the record to
+    the account manager, which forwards it to the mediating agent (claim 11). The mediating
+    agent's answer: with ``clearing`` when it cleared the session at once."""
+    ended = terminate(http, s)
+    body, headers = record(s, "spent" if ended.get("state") == "spent" else "terminated")
+    answer = http.post(f"{s.account_url}/v1/sessions/{s.session}/record", content=body,
+                       headers=headers)
+    if answer.status_code != 200:
+        raise TradeError(f"the record was refused (HTTP {answer.status_code}): "
+                         f"{reason_of(answer)}")
+    got: dict[str, Any] = answer.json()
+    return got
+
+
+def my_list(s: Session, sealed: str) -> list[dict[str, Any]]:
+    """Open the list this customer sealed (for a dispute)."""
+    return K.unseal(K.record_key(s.seed, s.session, "customer"), s.session, "customer", sealed)
+
+
+__all__ = ["Session", "TradeError", "buy", "close", "load", "my_list", "open_session",
+           "record", "save", "terminate"]

@@ -50,6 +50,7 @@ from ..kit.schema import Schema, open_schema
 # states
 INITIATING, OPEN, REFUSED, IN_DOUBT = "initiating", "open", "refused", "in_doubt"
 INFORMING, INFORMED, SPENT, TERMINATED = "informing", "informed", "spent", "terminated"
+CLEARED = "cleared"                          # FIG. 3: the records compared, money moved
 RESERVING = (INITIATING, OPEN, IN_DOUBT)     # account-manager states that hold credit
 
 am_meta = MetaData()
@@ -124,6 +125,34 @@ acq_postings = Table(
     Column("at", BigInteger, nullable=False),
 )
 Index("ix_trade_acq_postings_session", acq_postings.c.session)
+acq_records = Table(        # FIG. 3: each side's signed transaction record, one per side
+    "trade_acq_records", acq_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False),
+    Column("side", String(10), nullable=False),             # customer | merchant
+    Column("signer", String(32), nullable=False),
+    Column("digest", String(64), nullable=False),           # sha256 of the record's body
+    Column("body", Text, nullable=False),
+    Column("signature", String(128), nullable=False),       # the customer's or merchant's
+    Column("envelope", Text, nullable=False),               # the forwarding AM's signed word
+    Column("at", BigInteger, nullable=False),
+    UniqueConstraint("session", "side", name="uq_trade_acq_records_side"),
+)
+acq_clearings = Table(      # the clearing information, made in the step that clears
+    "trade_acq_clearings", acq_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False, unique=True),
+    Column("account_manager", String(32), nullable=False),
+    Column("merchant", String(32), nullable=False),
+    Column("outcome", String(12), nullable=False),          # agreed | one-sided | disputed
+    Column("info", Text, nullable=False),                   # the signed clearing information
+    Column("signature", String(128), nullable=False),
+    Column("am_done", Integer, nullable=False),             # the AM's signed receipt came
+    Column("mam_done", Integer, nullable=False),            # the merchant AM's receipt came
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+Index("ix_trade_acq_sessions_state", acq_sessions.c.state, acq_sessions.c.expires)
 
 ma_meta = MetaData()
 ma_sessions = Table(
@@ -159,10 +188,51 @@ ma_purchases = Table(
     Column("at", BigInteger, nullable=False),
     UniqueConstraint("session", "link_index", name="uq_trade_ma_purchases_index"),
 )
+ma_records = Table(         # FIG. 3: the merchant's record, made once when the session ends
+    "trade_ma_records", ma_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False, unique=True),
+    Column("ended", String(12), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("signature", String(128), nullable=False),
+    Column("sent", Integer, nullable=False),                # the acquirer took it
+    Column("at", BigInteger, nullable=False),
+)
+
+am_withdrawals = Table(     # claim 11: the withdrawal record for the customer's billing
+    "trade_am_withdrawals", am_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False, unique=True),
+    Column("customer", String(32), nullable=False),
+    Column("deposit", BigInteger, nullable=False),
+    Column("returned", BigInteger, nullable=False),
+    Column("amount", BigInteger, nullable=False),           # deposit - returned: charged
+    Column("currency", String(3), nullable=False),
+    Column("outcome", String(12), nullable=False),
+    Column("info", Text, nullable=False),                   # the acquirer's clearing info
+    Column("signature", String(128), nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
+
+mam_meta = MetaData()
+mam_deposits = Table(       # claim 11: the deposit record for the merchant's billing
+    "trade_mam_deposits", mam_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False, unique=True),
+    Column("merchant", String(32), nullable=False),
+    Column("acquirer", String(32), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("outcome", String(12), nullable=False),
+    Column("info", Text, nullable=False),
+    Column("signature", String(128), nullable=False),
+    Column("at", BigInteger, nullable=False),
+)
 
 AM_SCHEMA = Schema("trade-am", 1, am_meta)
 ACQ_SCHEMA = Schema("trade-acquirer", 1, acq_meta)
 MA_SCHEMA = Schema("trade-merchant", 1, ma_meta)
+MAM_SCHEMA = Schema("trade-merchant-account", 1, mam_meta)
 
 
 def am_engine(url: str) -> Engine:
@@ -175,3 +245,7 @@ def acq_engine(url: str) -> Engine:
 
 def ma_engine(url: str) -> Engine:
     return open_schema(url, MA_SCHEMA)
+
+
+def mam_engine(url: str) -> Engine:
+    return open_schema(url, MAM_SCHEMA)

@@ -36,6 +36,11 @@ OPENED = b"svcard-trade-opened/1\n"             # account manager -> customer ag
 COMMITMENT = b"svcard-trade-commitment/1\n"     # customer (session key) -> merchant
 ORDER = b"svcard-trade-order/1\n"               # customer (session key): sign(order)^c
 TERMINATE = b"svcard-trade-terminate/1\n"       # customer (session key) -> merchant
+RECORD = b"svcard-trade-record/1\n"             # a side's transaction record (FIG. 3)
+FORWARD = b"svcard-trade-forward/1\n"           # account manager -> mediating agent
+END = b"svcard-trade-end/1\n"                   # mediating agent -> merchant: end it
+CLEARING = b"svcard-trade-clearing/1\n"         # mediating agent -> both account managers
+RECEIPT = b"svcard-trade-receipt/1\n"           # an account manager took the clearing
 
 
 class SigningError(ValueError):

@@ -15,12 +15,20 @@ import httpx
 
 from ..kit.serving import ServerThread
 from . import signing as S
-from .config import AccountManagerConfig, AcquirerConfig, MerchantConfig, MerchantPeer, Peer
+from .config import (
+    AccountManagerConfig,
+    AcquirerConfig,
+    MerchantAccountConfig,
+    MerchantConfig,
+    MerchantPeer,
+    Peer,
+)
 from .customer import Session, open_session
 from .money import Amount, ExchangeTable
 from .server.account import AccountManager, add_customer
 from .server.acquirer import Acquirer
 from .server.merchant import MerchantAgent
+from .server.merchant_account import MerchantAccount
 
 DAY_MS = 86_400_000
 DEMO_RATES = {"JPY": "158.2345", "KWD": "0.3312", "USD": "1.0821", "GBP": "0.8412"}
@@ -61,6 +69,7 @@ class TradeStack:
     merchants: dict[str, MerchantAgent]
     parties: dict[str, Party]
     operator: str
+    merchant_account: MerchantAccount
 
     @property
     def am(self) -> Party:
@@ -86,7 +95,13 @@ class TradeStack:
         old = self.parties[party]
         port = old.thread.port
         old.thread.stop()
-        if party == self.account.config.id:
+        app: Callable[[], object]
+        if party == self.merchant_account.config.id:
+            self.merchant_account.close()
+            self.merchant_account = MerchantAccount(self.merchant_account.config,
+                                                    clock=self.merchant_account.clock)
+            app = self.merchant_account.app
+        elif party == self.account.config.id:
             self.account.close()
             self.account = AccountManager(self.account.config, clock=self.account.clock)
             app = self.account.app
@@ -106,6 +121,7 @@ class TradeStack:
             party.thread.stop()
         self.account.close()
         self.acquirer.close()
+        self.merchant_account.close()
         for m in self.merchants.values():
             m.close()
 
@@ -118,14 +134,16 @@ def _start(app_of: Callable[[], object], pid: str, key: bytes) -> Party:
 def start_trade(folder: Path, *, merchants: dict[str, str] | None = None,
                 table: ExchangeTable | None = None, db_urls: dict[str, str] | None = None,
                 customer_table: ExchangeTable | None = None,
-                clock: Callable[[], float] = time.time) -> TradeStack:
-    """Account manager ``am1``, acquirer ``acq1`` of operator ``op1``, and merchant agents
-    (id -> currency; default ``shop`` in JPY), databases in ``folder`` unless ``db_urls``
-    (party id -> URL) says otherwise."""
+                clock: Callable[[], float] = time.time, grace_ms: int = 60_000,
+                close_seconds: float = 5.0) -> TradeStack:
+    """Account manager ``am1``, acquirer ``acq1`` of operator ``op1``, merchant agents
+    (id -> currency; default ``shop`` in JPY) and their account manager ``mam1``, databases
+    in ``folder`` unless ``db_urls`` (party id -> URL) says otherwise; billing files in
+    ``folder/billing-am1`` and ``folder/billing-mam1``."""
     folder.mkdir(parents=True, exist_ok=True)
     merchants = merchants or {"shop": "JPY"}
     urls = db_urls or {}
-    keys = {pid: S.new_key()[0] for pid in ("am1", "acq1", *merchants)}
+    keys = {pid: S.new_key()[0] for pid in ("am1", "acq1", "mam1", *merchants)}
 
     def db(pid: str) -> str:
         return urls.get(pid, f"sqlite:///{folder / (pid + '.db')}")
@@ -133,6 +151,10 @@ def start_trade(folder: Path, *, merchants: dict[str, str] | None = None,
     parties: dict[str, Party] = {}
     agents: dict[str, MerchantAgent] = {}
     acquirer_peer_key = S.public_of(keys["acq1"])
+    mam = MerchantAccount(MerchantAccountConfig(
+        "mam1", keys["mam1"], db("mam1"), {"acq1": acquirer_peer_key},
+        folder / "billing-mam1"), clock=clock)
+    parties["mam1"] = _start(mam.app, "mam1", keys["mam1"])
     for mid, currency in merchants.items():
         peer = Peer("acq1", "", acquirer_peer_key)
         agents[mid] = MerchantAgent(MerchantConfig(mid, keys[mid], db(mid), peer, currency),
@@ -141,10 +163,16 @@ def start_trade(folder: Path, *, merchants: dict[str, str] | None = None,
     acquirer = Acquirer(AcquirerConfig(
         "acq1", keys["acq1"], db("acq1"), {"am1": S.public_of(keys["am1"])},
         {mid: MerchantPeer(mid, parties[mid].url, parties[mid].public, currency)
-         for mid, currency in merchants.items()}, table or demo_table()), clock=clock)
+         for mid, currency in merchants.items()}, table or demo_table(),
+        merchant_account=parties["mam1"].peer(), grace_ms=grace_ms,
+        close_seconds=close_seconds), clock=clock)
     parties["acq1"] = _start(acquirer.app, "acq1", keys["acq1"])
+    for agent in agents.values():   # the merchants push their records to it
+        agent.config.acquirer = parties["acq1"].peer()
     account = AccountManager(AccountManagerConfig(
         "am1", keys["am1"], db("am1"), {"op1": parties["acq1"].peer()},
-        table=customer_table or demo_table(issuer="bank-c")), clock=clock)
+        table=customer_table or demo_table(issuer="bank-c"),
+        billing=folder / "billing-am1"), clock=clock)
     parties["am1"] = _start(account.app, "am1", keys["am1"])
-    return TradeStack(account, acquirer, agents, parties, "op1")
+    acquirer.config.account_manager_urls["am1"] = parties["am1"].url
+    return TradeStack(account, acquirer, agents, parties, "op1", mam)

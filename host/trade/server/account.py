@@ -40,6 +40,7 @@ from .. import messages as M
 from .. import signing as S
 from ..config import AccountManagerConfig, Peer
 from ..money import table_payload
+from .billing import AccountClearing, export
 from .common import authenticated, refused, signed_json, verified_answer
 
 log = logging.getLogger("svcard.trade")
@@ -138,6 +139,7 @@ class AccountManager:
         self.engine = D.am_engine(config.db_url)
         self.sql = SqlRunner(config.db_url)
         self.http = http          # made in the lifespan when not given
+        self.clearing = AccountClearing(self)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -298,6 +300,8 @@ class AccountManager:
         own_http = self.http is None
         if own_http:   # one client for the server's life: its connections are reused
             self.http = httpx.AsyncClient(timeout=30)
+        await self.sql(export, self.engine, D.am_withdrawals, self.config.billing,
+                       "withdrawals")
         task = asyncio.create_task(self._clock())
         try:
             yield
@@ -331,6 +335,9 @@ class AccountManager:
         return Starlette(routes=[
             Route("/v1/sessions", self.initiate, methods=["POST"]),
             Route("/v1/exchange-table", self.table, methods=["GET"]),
+            Route("/v1/clearings", self.clearing.clearing, methods=["POST"]),
+            Route("/v1/sessions/{session}/record", self.clearing.record, methods=["POST"]),
+            Route("/v1/sessions/{session}/clearing", self.clearing.show, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-account-manager"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,

@@ -16,6 +16,7 @@ message. A replay of the same message answers the same acknowledgement again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -40,6 +41,7 @@ from .. import messages as M
 from .. import signing as S
 from ..config import AcquirerConfig
 from ..money import Amount, MoneyError, conversion_postings, convert
+from .closer import Closer
 from .common import authenticated, refused, signed_json, verified_answer
 
 MAX_SESSION_MS = 7 * 86_400_000   # the longest session this agent holds a deposit for
@@ -115,13 +117,18 @@ class Acquirer:
         self.engine = D.acq_engine(config.db_url)
         self.sql = SqlRunner(config.db_url)
         self.http: httpx.AsyncClient | None = None   # the lifespan's, reused
+        self.closer = Closer(self)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         self.http = httpx.AsyncClient(timeout=30)
+        task = asyncio.create_task(self.closer.clock())
         try:
             yield
         finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             await self.http.aclose()
             self.http = None
 
@@ -273,6 +280,8 @@ class Acquirer:
         return Starlette(routes=[
             Route("/v1/initiations", self.initiation, methods=["POST"]),
             Route("/v1/initiations/lookup", self.lookup, methods=["POST"]),
+            Route("/v1/records", self.closer.merchant_record, methods=["POST"]),
+            Route("/v1/records/customer", self.closer.customer_record, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-acquirer"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,

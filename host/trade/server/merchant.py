@@ -41,6 +41,7 @@ from .. import signing as S
 from ..config import MerchantConfig
 from ..payword import Commitment, PaywordError, Verifier
 from .common import authenticated, refused, signed_json
+from .merchant_close import MerchantCloser
 
 
 def record_information(engine: Engine, data: dict[str, Any], digest: str, now: int) -> str:
@@ -139,6 +140,7 @@ class MerchantAgent:
         self.clock = clock
         self.engine = D.ma_engine(config.db_url)
         self.sql = SqlRunner(config.db_url)
+        self.closer = MerchantCloser(self)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -243,6 +245,8 @@ class MerchantAgent:
             note(txn=session, step="purchase")
             got = await self.sql(take_purchase, self.engine, session, data,
                                  order_body.decode(), self.now_ms())
+            if got["state"] == D.SPENT:     # the deposit is used up: the session ends
+                await self.closer.end(session, "spent")
             return JSONResponse(got)
         except Refused as exc:
             return refused(exc)
@@ -262,6 +266,7 @@ class MerchantAgent:
             if data["session"] != session:
                 raise Refused(400, 400, "terminate: for another session")
             state = await self.sql(terminate, self.engine, session, now)
+            await self.closer.end(session, "terminated")
             row = await self._session(session)
             return JSONResponse({"session": session, "state": state,
                                  "index": row["held_index"],
@@ -292,6 +297,7 @@ class MerchantAgent:
             Route("/v1/sessions/{session}/commitment", self.commitment, methods=["POST"]),
             Route("/v1/sessions/{session}/purchases", self.purchase, methods=["POST"]),
             Route("/v1/sessions/{session}/terminate", self.terminate, methods=["POST"]),
+            Route("/v1/sessions/{session}/end", self.closer.end_request, methods=["POST"]),
             Route("/v1/sessions/{session}", self.status, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-merchant"),
