@@ -125,3 +125,32 @@ def test_an_order_for_an_unknown_device_is_not_offered(stack: GoodsStack,
     assert answer.status_code == 409 and answer.json()["offered"] is False
     with stack.engine("payment").connect() as conn:
         assert conn.execute(select(D.payment_orders.c.state)).scalars().all() == ["declined"]
+
+
+def test_the_device_command_asks_for_authorisation_and_the_pin(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+    from svcard.host.goods import wire as W
+
+    card = make_card(tmp_path, SERIAL)
+    stack.account("acc1", SERIAL, balance=10_000)
+    key = W.new_key()
+    W.write_private_key(tmp_path / "device.key", key)
+    device = stack.device(key)
+    auth = stack.system.peer("auth")
+    args = ["device", "wait", "--auth", auth.url, "--auth-id", auth.id, "--auth-key",
+            auth.public_key.hex(), "--key", str(tmp_path / "device.key"), "--card",
+            f"virtual:{card}", "--wait", "5"]
+    order = stack.order(http, "coupon", device).json()["order"]
+    said_no = CliRunner().invoke(main, args, input="n\n")
+    assert said_no.exit_code == 0, said_no.output
+    assert "Authorise this payment?" in said_no.output and "not paid" in said_no.output
+    assert state(stack, "payment", order) == "declined" and goods_on(card) == []
+    stack.order(http, "coupon", device)
+    said_yes = CliRunner().invoke(main, args, input="y\n123456\n")
+    assert said_yes.exit_code == 0, said_yes.output
+    assert "Card PIN" in said_yes.output and "good written onto the card" in said_yes.output
+    assert "123456" not in said_yes.output
+    assert [g["kind"] for g in goods_on(card)] == ["coupon"]
