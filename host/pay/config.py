@@ -110,7 +110,7 @@ def merchant_config(path: Path, db_url: str | None = None) -> MerchantConfig:
     if f.variants is not None:
         settings["variants"] = frozenset(f.variants)
     if f.pon is not None:
-        _private_key_file(path, read_toml(path)["pon"])
+        _private_key_file(path, read_toml(path).get("pon"))
     try:
         if f.pon is not None:
             settings["pon"] = PonSettings(**f.pon.model_dump())
@@ -119,9 +119,9 @@ def merchant_config(path: Path, db_url: str | None = None) -> MerchantConfig:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _private_key_file(path: Path, pon: dict[str, Any]) -> None:
+def _private_key_file(path: Path, pon: Any) -> None:
     """A ``pon.key_file`` others may read is refused, as the helper's PIN file is."""
-    name = pon.get("key_file")
+    name = pon.get("key_file") if isinstance(pon, dict) else None
     if not isinstance(name, str):
         return
     key_file = path.parent / name
