@@ -178,6 +178,14 @@ def test_charging_from_cash_an_account_and_a_credit_card(stack: WalletStack) -> 
     assert other.post("/api/links", {"kind": "account", "number": ACCOUNT,
                                      "secret": "acct1234"}).status_code == 409
     assert balance(b, card) == 5_000 and balance(other, other_card) == 0
+    # guessing a credit card's secret: five wrong ones lock it, then the right one is refused
+    stack.open_credit("4000000000000003", "cvc555", 10_000)
+    for _ in range(5):
+        assert other.post("/api/links", {"kind": "credit", "number": "4000000000000003",
+                                         "secret": "guess1"}).status_code == 403
+    r = other.post("/api/links", {"kind": "credit", "number": "4000000000000003",
+                                  "secret": "cvc555"})
+    assert r.status_code == 403 and "locked" in r.json()["reason"]
     db = sqlite3.connect(stack.folder / "wallet-fin.db")
     assert db.execute("SELECT balance FROM wf_accounts WHERE number=?",
                       (ACCOUNT,)).fetchone()[0] == 48_000

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..kit.http import Refused, json_refusal, read_json
-from .links import LinkClient
+from .links import ID, LinkClient
 from .web.pages import HEADERS, KINDS, static_file
 
 PRICES = {"tea": ("Green tea, 100 g", 450), "cup": ("Tea cup", 1200)}
@@ -95,8 +95,10 @@ class MallServer:
         except Refused as exc:
             return json_refusal(exc)
         order = secrets.token_hex(8)
-        customer = request.cookies.get("mall_customer") or "guest-" + secrets.token_hex(4)
-        purchase = {"mall": self.config.mall, "order": order, "customer": customer[:40],
+        customer = request.cookies.get("mall_customer", "")
+        if not ID.match(customer):
+            customer = "guest-" + secrets.token_hex(4)
+        purchase = {"mall": self.config.mall, "order": order, "customer": customer,
                     "products": products,
                     "amount": sum(p["qty"] * p["price"] for p in products),
                     "currency": self.config.currency, "nonce": secrets.token_hex(16),

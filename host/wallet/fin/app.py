@@ -93,8 +93,9 @@ class FinServer(WalletServer):
         number, secret = text(data, "number", NUMBER), text(data, "secret", SECRET)
         found = await self.sql(L.link_source, self.engine, kind, number,
                                self._digest(kind, number, secret),
-                               text(data, "applicant", _HEX64))
-        return ok({"result": found}, {"ok": 200, "wrong": 403, "unknown": 404}[found])
+                               text(data, "applicant", _HEX64), self.config.max_failures)
+        return ok({"result": found},
+                  {"ok": 200, "wrong": 403, "locked": 423, "unknown": 404}[found])
 
     async def _move(self, data: dict[str, Any], kind: str, source: str,
                     applicant: str | None) -> Response:

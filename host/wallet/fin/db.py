@@ -7,7 +7,8 @@ default, PostgreSQL by URL.
   the financial system never learns who holds a card).
 * ``wf_accounts`` and ``wf_credit``: bank accounts (balance) and credit cards (limit and
   what is used), each with a secret digest; ``wf_links`` records which applicant proved it
-  holds one (its secret), so only those can be charged from.
+  holds one (its secret), so only those can be charged from. Five wrong secrets in a row lock
+  an account or credit card against linking (as they lock a card).
 * ``wf_movements``: every change of money, one row per unique ``ref`` (the gateway's charge
   reference, a purchase's id, an agent's top-up reference): a repeated request finds its row
   and never moves money twice. ``result`` is ``done`` or ``declined`` (and why).
@@ -44,6 +45,7 @@ accounts = Table(
     Column("balance", BigInteger, nullable=False),
     Column("currency", Integer, nullable=False),
     Column("secret_digest", String(64), nullable=False),
+    Column("failures", Integer, nullable=False),           # wrong secrets in a row
     Column("updated", BigInteger, nullable=False),
 )
 
@@ -54,6 +56,7 @@ credit = Table(
     Column("used", BigInteger, nullable=False),
     Column("currency", Integer, nullable=False),
     Column("secret_digest", String(64), nullable=False),
+    Column("failures", Integer, nullable=False),
     Column("updated", BigInteger, nullable=False),
 )
 

@@ -81,15 +81,22 @@ def check_secret(engine: Engine, number: str, digest: str, max_failures: int) ->
     return "ok" if ok else "wrong"
 
 
-def link_source(engine: Engine, kind: str, number: str, digest: str, applicant: str) -> str:
+def link_source(engine: Engine, kind: str, number: str, digest: str, applicant: str,
+                max_failures: int) -> str:
     """Record that ``applicant`` proved it holds account/credit card ``number``: ``ok``,
-    ``wrong`` or ``unknown``."""
+    ``wrong`` (counted), ``locked`` (too many wrong secrets in a row) or ``unknown``."""
     table = D.accounts if kind == "account" else D.credit
     with step(engine) as conn:
-        row = conn.execute(select(table.c.secret_digest).where(table.c.number == number)).first()
+        row = conn.execute(select(table.c.secret_digest, table.c.failures).where(
+            table.c.number == number).with_for_update()).first()
         if row is None:
             return "unknown"
-        if not secrets.compare_digest(row.secret_digest, digest):
+        if row.failures >= max_failures:
+            return "locked"
+        ok = secrets.compare_digest(row.secret_digest, digest)
+        conn.execute(update(table).where(table.c.number == number).values(
+            failures=0 if ok else table.c.failures + 1, updated=now_ms()))
+        if not ok:
             return "wrong"
         if conn.execute(select(D.links.c.created).where(
                 D.links.c.kind == kind, D.links.c.number == number,
@@ -205,11 +212,11 @@ def add_source(engine: Engine, kind: str, number: str, digest: str, amount: int,
         if kind == "account":
             conn.execute(insert(D.accounts).values(number=number, balance=amount,
                                                    currency=currency, secret_digest=digest,
-                                                   updated=now))
+                                                   failures=0, updated=now))
         else:
             conn.execute(insert(D.credit).values(number=number, credit_limit=amount, used=0,
                                                  currency=currency, secret_digest=digest,
-                                                 updated=now))
+                                                 failures=0, updated=now))
 
 
 def source_state(engine: Engine, kind: str, number: str) -> dict[str, Any] | None:

@@ -120,6 +120,8 @@ class GatewayServer(WalletServer):
         status, _ = await self.ask_fin("/v1/links", {
             "kind": kind, "number": number, "secret": secret,
             "applicant": self.applicant(member)})
+        if status == 423:
+            raise Refused(403, 403, f"the {kind} is locked after too many wrong secrets")
         if status != 200:
             raise Refused(403 if status in (403, 404) else 502, 403,
                           f"the {kind} could not be verified")
