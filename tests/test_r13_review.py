@@ -157,3 +157,22 @@ def test_an_issued_bill_deleted_is_a_finding(
     report = audit(books, db)
     assert not report.clean, "a deleted bill: the audit said clean"
     assert any("no such bill" in d for d in report.discrepancies), report.discrepancies
+
+
+# --- FIG. 4B: the shared POS ---------------------------------------------------------------
+def test_two_merchants_naming_one_terminal_are_refused() -> None:
+    """Clearing pays a terminal's records to the one merchant its [[terminal]] names: two
+    merchants of a shared POS on one terminal id would have B's payments paid to A. Such a
+    configuration is refused (one line naming both merchants) instead of served."""
+    from svcard.host.kit.reader_pool import PoolError
+    from svcard.host.pay.server.app import MerchantAccount, merchant_terminals
+
+    a, b, c = b"MERCH00A", b"MERCH00B", b"MERCH00C"
+    t1, t2 = bytes.fromhex("000000000A01"), bytes.fromhex("000000000B02")
+    key = os.urandom(32)
+    fine = {a: MerchantAccount(a, key, terminal_id=t1), b: MerchantAccount(b, key, terminal_id=t2)}
+    assert merchant_terminals(fine) == {t1, t2}
+    shared = {**fine, c: MerchantAccount(c, key, terminal_id=t1)}
+    with pytest.raises(PoolError, match=r"4D45524348303041.*4D45524348303043.*000000000A01"):
+        merchant_terminals(shared)
+    assert merchant_terminals({a: MerchantAccount(a, key), b: MerchantAccount(b, key)}) == set()

@@ -70,6 +70,7 @@ from ...kit.http import (
     refusal,
     shutting_down,
 )
+from ...kit.reader_pool import PoolError
 from ...kit.request_log import RequestLog
 from ...terminal import apdus
 from ...terminal.purse import call
@@ -115,8 +116,15 @@ class PaymentConfig:
 
 
 def merchant_terminals(merchants: dict[bytes, MerchantAccount]) -> frozenset[bytes]:
-    """The PSAM terminals the merchants name (empty: the pool's one terminal serves all)."""
-    return frozenset(a.terminal_id for a in merchants.values() if a.terminal_id)
+    """The PSAM terminals the merchants name (empty: the pool's one terminal serves all);
+    :class:`PoolError` for two naming one (clearing would pay both's records to one)."""
+    named: dict[bytes, bytes] = {}
+    for a in merchants.values():
+        if a.terminal_id and named.setdefault(a.terminal_id, a.merchant_id) != a.merchant_id:
+            raise PoolError(f"merchants {named[a.terminal_id].hex().upper()} and "
+                            f"{a.merchant_id.hex().upper()} name one terminal_id "
+                            f"{a.terminal_id.hex().upper()}: give each its own")
+    return frozenset(named)
 
 
 class PaymentServer:
