@@ -15,6 +15,8 @@ import httpx
 import pytest
 from test_goods_flow import balance, goods_on, state
 
+from svcard.card.image import open_card
+from svcard.card.storage import WRITE_STEPS, PowerCut
 from svcard.host.goods import db as D
 from svcard.host.goods import wire as W
 from svcard.host.goods.device import Device, DeviceError
@@ -23,6 +25,7 @@ from svcard.host.kit.db import first_row
 from svcard.host.kit.serving import ServerThread
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.reader.base import CardRemovedError, Reader
+from svcard.reader.virtual import VirtualReader
 
 SERIAL = 70_002
 DAY_MS = 86_400_000
@@ -194,3 +197,56 @@ def test_a_merchant_that_was_down_is_told_at_the_payment_servers_recovery(
     assert state(stack, "merchant", first.order) == "routed"
     stack.restart("payment")
     assert state(stack, "merchant", first.order) == "paid"
+
+
+class Tear:
+    """Cuts the power at the card image's write step ``cut_at`` once armed."""
+
+    def __init__(self, cut_at: int) -> None:
+        self.cut_at, self.armed, self.steps = cut_at, False, 0
+
+    def __call__(self, step: str) -> None:
+        if self.armed:
+            self.steps += 1
+            if self.steps - 1 == self.cut_at:
+                raise PowerCut(step)
+
+
+class ArmAtWrite:
+    def __init__(self, inner: Reader, tear: Tear) -> None:
+        self.inner, self.tear = inner, tear
+
+    def exchange(self, apdu: bytes) -> Any:
+        if apdu[:2] == b"\x04\xdc":
+            self.tear.armed = True
+        return self.inner.exchange(apdu)
+
+
+def test_a_power_cut_at_every_step_of_the_cards_write_is_completed_once(
+        stack: GoodsStack, tmp_path: Path, offset: list[float]) -> None:
+    device = stack.device()
+    landed = set()
+    for cut in range(len(WRITE_STEPS)):
+        serial = SERIAL + 100 + cut
+        path = make_card(tmp_path / f"cut{cut}", serial)
+        stack.account(f"cut{cut}", serial, balance=10_000)
+        first = ordered(stack, device)
+        tear = Tear(cut)
+        card = open_card(path, tear=tear)
+        reader = VirtualReader(card)
+        try:
+            reader.connect()
+            with pytest.raises(PowerCut):
+                device.authorise(cast(Reader, ArmAtWrite(reader, tear)), first, "123456")
+        finally:
+            card.close()
+        on_card = goods_on(path)
+        landed.add(len(on_card))
+        assert len(on_card) in (0, 1)                   # the old file or the new record
+        assert good_row(stack, first.order)["state"] == "issued"
+        offset[0] += stack.system.issue_lease + 1       # the card comes back later
+        pickup(device, path)
+        assert len(goods_on(path)) == 1, cut
+        row = good_row(stack, first.order)
+        assert row["state"] == "written" and row["writes"] == 2 - len(on_card), cut
+    assert landed == {0, 1}                            # both sides of the commit were cut
