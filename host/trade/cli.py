@@ -6,8 +6,8 @@ operator's ``svcard session keygen`` and ``svcard session customer``; and the th
 (the deposit in both currencies and the exchange rate), gives the merchant the PayWord
 commitment and writes the session (its key and chain seed: mode 0600) to ``--state``;
 ``buy`` pays the next link(s) with a signed order; ``close`` is the customer's terminate
-message; ``show`` prints the session without its secrets. A refusal exits 1, an unreachable
-server 11, a file that cannot be used 3.
+message and its record for the clearing; ``show`` prints the session without its secrets.
+A refusal exits 1, an unreachable server 11, a file that cannot be used 3.
 """
 
 from __future__ import annotations
@@ -235,17 +235,28 @@ def buy_cmd(item: str, units: int, state: Path, as_json: bool) -> None:
 @state_option
 @json_option
 def close_cmd(state: Path, as_json: bool) -> None:
-    """End the session at the merchant (the customer's terminate message)."""
+    """End the session: the terminate message to the merchant, then this side's record
+    through the account manager to the mediating agent (run it again after a lost answer)."""
     s = _load(state)
     try:
         with httpx.Client(timeout=30) as http:
-            got = C.terminate(http, s)
+            try:
+                got = C.close(http, s)
+            finally:
+                C.save(state, s)       # the record made, so a second run sends the same
     except C.TradeError as exc:
         fail(str(exc), EXIT_DECLINED)
     except httpx.HTTPError as exc:
-        fail(f"{s.merchant_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
-    emit(as_json, got, f"session {s.session} {got['state']}: the merchant holds link "
-                       f"{got['index']} ({Amount(got['taken'], s.currency_merchant)})")
+        fail(f"{type(exc).__name__}: {exc}", EXIT_NETWORK)
+    c = got.get("clearing")
+    if c is None:
+        emit(as_json, got, f"session {s.session}: record {got.get('taken')}; the mediating "
+                           "agent clears it when the merchant's record is in")
+        return
+    emit(as_json, got, f"session {s.session} cleared ({c['outcome']}): paid "
+                       f"{Amount(c['paid'], c['currency_merchant'])}, charged "
+                       f"{Amount(c['withdrawal'], c['currency_customer'])}, returned "
+                       f"{Amount(c['returned'], c['currency_customer'])}")
 
 
 @session.command("price")

@@ -29,8 +29,8 @@ purchases.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,8 +82,11 @@ def record_key(secret: bytes, session: str, side: str) -> bytes:
 
 
 def seal(key: bytes, session: str, side: str, entries: list[dict[str, Any]]) -> str:
-    nonce = os.urandom(12)
+    """The list under ``key``; the nonce is derived from the key and the list, so the same
+    list seals to the same text (a record sent again is the same bytes) and two different
+    lists never share a nonce."""
     body = S.canonical({"entries": entries})
+    nonce = hmac.new(key, body, hashlib.sha256).digest()[:12]
     return (nonce + AESGCM(key).encrypt(nonce, body, f"{side}|{session}".encode())).hex()
 
 

@@ -52,6 +52,7 @@ class Session:
     opened: dict[str, Any] = field(default_factory=dict, repr=False)
     orders: list[dict[str, Any]] = field(default_factory=list, repr=False)   # the list kept
     account_url: str = ""
+    closing: dict[str, str] = field(default_factory=dict, repr=False)  # the record, once made
 
     def wallet(self) -> Wallet:
         return Wallet(self.seed, self.length, self.spent)
@@ -233,19 +234,26 @@ def terminate(http: httpx.Client, s: Session) -> dict[str, Any]:
 def record(s: Session, ended: str = "terminated", created: int | None = None
            ) -> tuple[bytes, dict[str, str]]:
     """The customer's transaction record (FIG. 3): the purchase list sealed under a key from
-    the chain's seed, its hash, count and total; signed by the session key."""
-    key = K.record_key(s.seed, s.session, "customer")
-    payload = K.make_record(s.session, "customer", s.pseudonym, ended, s.currency_merchant,
-                            s.unit, s.orders, key,
-                            int(time.time()) if created is None else created)
-    return S.signed(s.session_key, s.pseudonym, S.RECORD, payload)
+    the chain's seed, its hash, count and total; signed by the session key. Made once and kept
+    in the session: sent again (after a lost answer), it is the same bytes."""
+    if not s.closing:
+        key = K.record_key(s.seed, s.session, "customer")
+        payload = K.make_record(s.session, "customer", s.pseudonym, ended,
+                                s.currency_merchant, s.unit, s.orders, key,
+                                int(time.time()) if created is None else created)
+        body, headers = S.signed(s.session_key, s.pseudonym, S.RECORD, payload)
+        s.closing = {"body": body.decode(), "signature": headers[S.SIGNATURE]}
+    return s.closing["body"].encode(), {S.SIGNATURE: s.closing["signature"],
+                                        S.SIGNER: s.pseudonym,
+                                        "Content-Type": "application/json"}
 
 
 def close(http: httpx.Client, s: Session) -> dict[str, Any]:
     """End the session: the terminate message to the merchant (claim 10), then the record to
     the account manager, which forwards it to the mediating agent (claim 11). The mediating
-    agent's answer: with ``clearing`` when it cleared the session at once."""
-    ended = terminate(http, s)
+    agent's answer: with ``clearing`` when it cleared the session at once. Call it again
+    after a lost answer: the same record goes again."""
+    ended = terminate(http, s) if not s.closing else {}
     body, headers = record(s, "spent" if ended.get("state") == "spent" else "terminated")
     answer = http.post(f"{s.account_url}/v1/sessions/{s.session}/record", content=body,
                        headers=headers)
