@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import random
 import secrets
 import sqlite3
 import time
@@ -279,3 +281,78 @@ def test_a_gateway_stopped_between_match_and_debit_finishes_at_restart(
     assert debits(stack) == done + 2
     for purchase in (p, q):
         assert approve(stack, http, purchase)[0] == 409
+
+
+def random_mutation(rng: random.Random, p: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """One field of ``p`` changed at random (the amount kept the products' total half the
+    time, so the request is well formed and reaches the match); never ``p`` itself."""
+    while True:
+        name, q = _mutate(rng, p)
+        if q != p:
+            return name, q
+
+
+def _mutate(rng: random.Random, p: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    q = copy.deepcopy(p)
+    name = rng.choice(["mall", "order", "customer", "products", "amount", "currency", "nonce",
+                       "expires"])
+    if name in ("order", "customer", "nonce", "mall"):
+        value = q[name]
+        i = rng.randrange(len(value))
+        alphabet = "0123456789abcdef" if name == "nonce" else "abcdefXYZ0129-_."
+        q[name] = rng.choice([value[:i] + rng.choice(alphabet) + value[i + 1:],
+                              value + rng.choice(alphabet), value[:-1] or "x",
+                              value.upper() if value.upper() != value else value + "0"])
+        if q[name] == value:
+            q[name] = value + "1"
+    elif name in ("amount", "currency", "expires"):
+        q[name] = max(1, q[name] + rng.choice([-1, 1]) * rng.randint(1, 1000))
+    else:
+        lines = q["products"]
+        how = rng.choice(["qty", "price", "sku", "drop", "add", "reorder"])
+        if how == "qty":
+            lines[0]["qty"] += rng.choice([1, -1]) if lines[0]["qty"] > 1 else 1
+        elif how == "price":
+            lines[-1]["price"] += rng.randint(1, 99)
+        elif how == "sku":
+            lines[0]["sku"] += "x"
+        elif how == "drop":
+            lines.pop()
+        elif how == "add":
+            lines.append({"sku": "spoon", "qty": 1, "price": 0})
+        else:
+            lines.reverse()
+        name = f"products ({how})"
+        if rng.random() < 0.5:
+            q["amount"] = sum(line["qty"] * line["price"] for line in lines) or 1
+    return name, q
+
+
+def test_random_single_field_mutations_give_no_approval(
+        stack: WalletStack, http: httpx.Client,
+        payer: tuple[Browserless, dict[str, Any]]) -> None:
+    """WALLET_MUTATIONS random mutations (default 200; WALLET_SEED replays a run) of three
+    purchases' approval requests: not one approved, nothing debited; then each true request
+    is approved once."""
+    count = int(os.environ.get("WALLET_MUTATIONS", "200"))
+    seed = int(os.environ.get("WALLET_SEED", str(random.randrange(2**32))))
+    print(f"wallet mutations: {count}, seed {seed} (WALLET_SEED={seed} replays it)")
+    rng = random.Random(seed)
+    b, card = payer
+    purchases = [new_purchase(), new_purchase((("tea", 1, 450),)),
+                 new_purchase((("cup", 3, 1200), ("tea", 2, 450), ("spoon", 1, 0)))]
+    for p in purchases:
+        assert choose(stack, b, card, p).status_code == 200
+    before, done = balance(b, card["number"]), debits(stack)
+    approved: list[str] = []
+    for _ in range(count):
+        name, wrong = random_mutation(rng, rng.choice(purchases))
+        status, answer = approve(stack, http, wrong)
+        if status == 200:
+            approved.append(f"{name}: {wrong}")
+        assert status in (400, 403, 404, 409), (seed, name, status, answer)
+    assert approved == [], (seed, approved)
+    assert balance(b, card["number"]) == before and debits(stack) == done
+    for p in purchases:
+        assert approve(stack, http, p)[0] == 200
+    assert debits(stack) == done + 3
