@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 import pytest
+import test_sp_purses as base
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -68,6 +69,7 @@ from svcard.host.sp import records
 from svcard.host.sp.billing import close_now, settle_bill
 from svcard.host.sp.customers import add_customer, set_blocked
 from svcard.host.sp.purses.db import PurseBook
+from svcard.host.sp.purses.pool import PursePool
 from svcard.host.sp.signing import new_key, signed_lookup, signed_order
 from svcard.host.sp.stack import purse_images
 from svcard.host.terminal.journal import Journal
@@ -598,3 +600,41 @@ def check_books(system: System, own: Stack, merchants: dict[str, Merchant], sp: 
     if orders_run >= 100:   # the run was a real one: many of each kind, and faults
         assert stats["B purchase done"] > orders_run // 8 and stats["A good: 200"] > orders_run // 3
         assert sum(n for k, n in stats.items() if k.startswith("fault: kill")) > 0
+
+
+engine, sp_system = base.engine, base.sp_system   # test_sp_purses' fixtures
+WAITERS = 12
+
+
+@pytest.mark.xfail(strict=True, reason="host/sp/purses/pool.py: an order waiting for a lease "
+                   "looks at the database every POLL (50 ms) and at every give-back "
+                   "(notify_all): 275 lease attempts for 12 orders waiting on one purse "
+                   "(docs/benchmarks.md, the SP section)")
+def test_a_purse_given_back_is_not_raced_by_every_waiting_order(
+        sp_system: System, engine: Any, tmp_path: Path) -> None:
+    """12 orders at once on a pool of one purse: each is paid once, and the pool tries at
+    most 3 leases per order (one that wins, a couple lost to a race), not one per waiting
+    order per give-back and per poll."""
+    spec = base.purse_image(tmp_path, 1, ep=40_000)
+    pool = PursePool.open(base.pool_config(sp_system, [spec], lease_timeout=120.0), engine,
+                          journal_dir=tmp_path / "j")
+    tries = Counter[str]()
+    lease = pool.book.lease
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tries["lease"] += 1
+        return lease(*args, **kwargs)
+
+    pool.book.lease = counted  # type: ignore[method-assign]
+    url = sp_system.pay.checkout_url("ticket")
+
+    def one(i: int) -> str:
+        with httpx.Client(timeout=60) as http:
+            return pool.pay(url, http=http, order_ref=f"wait-{i:02d}",
+                            amount=base.TICKET).txn_id
+
+    with ThreadPoolExecutor(WAITERS) as ex:
+        paid = list(ex.map(one, range(WAITERS)))
+    assert len(set(paid)) == WAITERS
+    print(f"lease attempts: {tries['lease']} for {WAITERS} orders")
+    assert tries["lease"] <= 3 * WAITERS, tries
