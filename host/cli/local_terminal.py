@@ -1,5 +1,6 @@
 """``svcard terminal``: the local terminal (seed FIG. 2), a card slot beside a PSAM or load
-HSM slot: balance, log, purchase, load, the composite purchase (capp) and the goods list."""
+HSM slot: balance, log, purchase, load, the composite purchase (capp), the goods list and the
+validator (redeem)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import click
 
+from ...protocols import goods as G
 from ...protocols import purse as P
 from ..kit.command_line import EXIT_USAGE, emit, fail, json_option
 from ..terminal import capp as C
 from ..terminal import purse as T
+from ..terminal import redeem as R
 from ..terminal import unload as U
 from ..terminal.card_commands import (
     AMOUNT_HELP,
@@ -236,3 +239,50 @@ def terminal_goods(card_spec: str, aid: bytes, as_json: bool, trace_out: Path | 
     with handled(), readers(("card", card_spec), trace_out=trace_out) as (card_r,):
         goods = [g.to_json() for g in C.read_goods(card_r, aid)]
     emit(as_json, goods, "\n".join(C.goods_lines(goods)))
+
+
+def _id_option(ctx: click.Context, param: click.Parameter, value: str | None) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return R.parse_id(value, f"--{param.name}")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[1], ctx, param) from None
+
+
+@terminal.command("redeem")
+@card_option
+@click.option("--psam", "psam_spec", required=True, metavar="SPEC",
+              help="Reader spec of the validator's PSAM, e.g. virtual:psam.json.")
+@click.option("--good", callback=_id_option, metavar="GOOD_ID",
+              help="The good's id at its issuer (up to 16 hex digits).")
+@click.option("--kind", type=click.Choice(sorted(G.KINDS)), default=None,
+              help="The kind of good to use (the usable one that expires first).")
+@click.option("--issuer", callback=_id_option, metavar="ISSUER_ID",
+              help="Only goods of this issuer (up to 16 hex digits).")
+@click.option("--fare", callback=parse_amount_option, default=None, metavar="AMOUNT",
+              help="The fare charged with it (default 0, a prepaid good): " + AMOUNT_HELP)
+@click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@json_option
+@trace_option
+@at_option
+def terminal_redeem(card_spec: str, aid: bytes, psam_spec: str, good: bytes | None,
+                    kind: str | None, issuer: bytes | None, fare: Amount | None,
+                    key_index: int, as_json: bool, trace_out: Path | None,
+                    at: dt.datetime | None) -> None:
+    """A validator: use a good on the card (a ticket or voucher becomes used, a transit token
+    loses one ride) in one composite purchase of the fare, recorded by the PSAM (type 09).
+    A good that cannot be used is refused with its reason, and nothing is written."""
+    if good is None and kind is None:
+        fail("give --good GOOD_ID or --kind KIND (or both)", EXIT_USAGE)
+    choice = R.Choice(good_id=good, kind=kind, issuer_id=issuer)
+    with handled(), readers(("card", card_spec), ("psam", psam_spec),
+                            trace_out=trace_out) as (card_r, psam_r):
+        try:
+            r = R.redeem(card_r, psam_r, choice, fare if fare is not None else 0,
+                         key_index=key_index, when=at, card_aid=aid)
+        except R.Refused as refused:   # the reason on stdout too; one line on stderr
+            if as_json:
+                emit(True, refused.to_json(), "")
+            raise
+    emit(as_json, r.to_json(), r.text())

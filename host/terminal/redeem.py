@@ -1,0 +1,233 @@
+"""The validator terminal (seed 000 claim 16, issue 12 point 4): a good on the card is used up
+with ONE composite (CAPP) purchase, so its record and the fare move together or not at all.
+
+The validator reads the goods files (READ RECORD), picks the good the rider presents (by good
+id, kind and issuer: :class:`Choice`), checks it against its own clock (status, validity dates,
+rides left), and consumes it: INITIALIZE FOR CAPP PURCHASE of the fare, UPDATE CAPP DATA CACHE
+with the good's record as it is after use (a ticket, coupon or voucher: status ``used``; a
+transit token: one ride fewer), DEBIT FOR CAPP PURCHASE with the PSAM's MAC1. The card writes
+the record and the debit in one image write (card/iep_commands/capp_purchase.py); the PSAM
+records the redemption as a type-09 purchase, so it goes out in its batch to clearing.
+
+The fare is 0 for a prepaid good (a ticket, a ride of a token bought beforehand): the card and
+the PSAM take a 0-amount composite purchase as real ones do (a highway ETC entry station writes
+its entry record with one), and it still counts the card's offline counter, logs a type-09
+record and gives a TAC. A coupon takes its value off the fare (the fare must reach its minimum
+spend). Every refusal comes before INITIALIZE, so nothing is written, debited or recorded:
+:class:`Refused` names its reason (:data:`REASONS`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ...protocols import goods as G
+from ...protocols import purse as P
+from ...protocols import sw as SW
+from ...reader.base import Reader
+from .capp import (
+    DEFAULT_GOODS_SFIS,
+    CappReceipt,
+    GoodsEntry,
+    GoodsWrite,
+    capp_purchase,
+    read_goods,
+)
+from .money import Amount
+from .purse import Declined, TerminalCheckFailed, held, select_purse
+
+NO_SUCH_GOOD = "no such good"
+EXPIRED = "expired"
+NOT_YET_VALID = "not yet valid"
+ALREADY_USED = "already used"
+EMPTY_TOKEN = "empty token"
+VOID = "void"
+BELOW_MIN_SPEND = "fare below the coupon's minimum spend"
+INSUFFICIENT = "insufficient balance for the fare"
+REASONS = (NO_SUCH_GOOD, EXPIRED, NOT_YET_VALID, ALREADY_USED, EMPTY_TOKEN, VOID,
+           BELOW_MIN_SPEND, INSUFFICIENT)
+ID_SIZE = 8   # issuer_id and good_id
+
+
+class Refused(TerminalCheckFailed):
+    """The validator refused the good before anything was written: ``reason`` is one of
+    :data:`REASONS`, the message names the good."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"redeem refused: {reason} ({detail})")
+        self.reason = reason
+        self.detail = detail
+
+    def to_json(self) -> dict[str, Any]:
+        return {"redeemed": False, "reason": self.reason, "detail": self.detail}
+
+
+def parse_id(text: str, name: str) -> bytes:
+    """An issuer or good id as typed: 1 to 16 hex digits, zero-padded on the left to 8 bytes
+    (``--good 1`` is ``0000000000000001``); a ValueError naming ``name`` otherwise."""
+    digits = text.strip()
+    if not 1 <= len(digits) <= 2 * ID_SIZE or any(c not in "0123456789abcdefABCDEF"
+                                                  for c in digits):
+        raise ValueError(f"{name} {text[:40]!r}: 1 to {2 * ID_SIZE} hex digits")
+    return bytes.fromhex(digits.rjust(2 * ID_SIZE, "0"))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which goods the rider presents: any of them that match every field given."""
+
+    good_id: bytes | None = None
+    kind: str | None = None
+    issuer_id: bytes | None = None
+
+    def matches(self, record: bytes) -> bool:
+        return ((self.kind is None or record[0] == G.KINDS[self.kind])
+                and (self.issuer_id is None or record[2:10] == self.issuer_id)
+                and (self.good_id is None or record[10:18] == self.good_id))
+
+    def text(self) -> str:
+        parts = [f"kind {self.kind}" if self.kind else "",
+                 f"issuer {self.issuer_id.hex().upper()}" if self.issuer_id else "",
+                 f"good {self.good_id.hex().upper()}" if self.good_id else ""]
+        return " ".join(p for p in parts if p) or "any good"
+
+
+def _date(bcd: bytes) -> dt.date:
+    return P.parse_bcd_date(bcd)
+
+
+def _name(record: bytes) -> str:
+    return (f"{G.KIND_OF_TAG[record[0]]} {record[10:18].hex().upper()} of issuer "
+            f"{record[2:10].hex().upper()}")
+
+
+def why_not(record: bytes, today: dt.date) -> str | None:
+    """The reason a (well-formed) goods record cannot be used on ``today``, or None."""
+    transit = record[0] == G.TAG_TRANSIT
+    rides_left = int.from_bytes(record[26:28], "big") if transit else None
+    status = record[1]
+    if status == G.STATUS_VOID:
+        return VOID
+    if status == G.STATUS_USED:
+        return EMPTY_TOKEN if rides_left == 0 else ALREADY_USED
+    if status == G.STATUS_EXPIRED:
+        return EXPIRED
+    if today < _date(record[18:22]):
+        return NOT_YET_VALID
+    if today > _date(record[22:26]):
+        return EXPIRED
+    if rides_left == 0:
+        return EMPTY_TOKEN
+    return None
+
+
+def pick(goods: Sequence[GoodsEntry], choice: Choice, today: dt.date) -> GoodsEntry:
+    """The good to use: among those matching ``choice``, the usable one that expires first
+    (then by file and record number). None usable: :class:`Refused`, with the reason of the
+    first matching good, or ``no such good``. A damaged record never matches."""
+    matching = []
+    for entry in goods:
+        try:
+            G.check(entry.record)
+        except G.GoodsRecordError:
+            continue
+        if choice.matches(entry.record):
+            matching.append(entry)
+    if not matching:
+        raise Refused(NO_SUCH_GOOD, f"{choice.text()} is not on this card")
+    usable = [e for e in matching if why_not(e.record, today) is None]
+    if not usable:
+        first = matching[0].record
+        reason = why_not(first, today)
+        assert reason is not None
+        detail = f"{_name(first)}, valid {_date(first[18:22])}..{_date(first[22:26])}"
+        if len(matching) > 1:
+            detail += f"; {len(matching) - 1} other matching good(s) not usable either"
+        raise Refused(reason, detail)
+    return min(usable, key=lambda e: (e.record[22:26], e.sfi, e.record_number))
+
+
+def used(record: bytes) -> bytes:
+    """The record after one use: a transit token one ride fewer (still valid: ``rides_left``
+    0 is an empty token), any other good ``used``."""
+    fields = G.parse(record)
+    kind = fields.pop("kind")
+    for derived in ("tag", "status_name"):
+        fields.pop(derived)
+    if kind == "transit":
+        fields["rides_left"] -= 1
+    else:
+        fields["status"] = G.STATUS_USED
+    return G.build(kind, **fields)
+
+
+def charge_for(record: bytes, fare: int) -> int:
+    """What the card pays for ``fare`` with this good: a coupon takes its value off a fare
+    that reaches its minimum spend; other goods are prepaid (the fare is charged as given)."""
+    if record[0] != G.TAG_COUPON:
+        return fare
+    fields = G.parse(record)
+    if fare < fields["min_spend"]:
+        raise Refused(BELOW_MIN_SPEND, f"{_name(record)} needs a fare of at least "
+                                       f"{fields['min_spend']} minor units, the fare is {fare}")
+    return fare - min(fare, int(fields["value"]))
+
+
+@dataclass(frozen=True)
+class RedeemReceipt:
+    sfi: int
+    record_number: int
+    before: bytes
+    after: bytes
+    fare: int
+    payment: CappReceipt
+
+    def to_json(self) -> dict[str, Any]:
+        good = GoodsEntry(self.sfi, self.record_number, self.after).to_json()
+        return {"redeemed": True, "good": good, "record_before": self.before.hex().upper(),
+                "fare": self.fare, "charged": self.payment.amount,
+                "purchase": self.payment.to_json()}
+
+    def text(self) -> str:
+        fields = G.parse(self.after)
+        p = self.payment
+        what = (f"ride taken, {fields['rides_left']} of {fields['rides_total']} left"
+                if fields["kind"] == "transit" else "now used")
+        return "\n".join([
+            f"redeemed {_name(self.after)} (SFI {self.sfi:02X} record {self.record_number}): "
+            f"{what}",
+            f"  charged {p.money(p.amount)} (fare {p.money(self.fare)}), composite purchase "
+            f"type 09", p.balance_line(),
+            f"  terminal {p.terminal_id} txn {p.terminal_txn_number}, card counter "
+            f"{p.offline_counter}  TAC {p.tac}"])
+
+
+@held
+def redeem(card: Reader, psam: Reader, choice: Choice, fare: int | Amount = 0, *,
+           key_index: int = 1, when: dt.datetime | None = None,
+           card_aid: bytes = P.DEFAULT_IEP_AID, psam_aid: bytes = P.DEFAULT_PSAM_AID,
+           sfis: Sequence[int] = DEFAULT_GOODS_SFIS) -> RedeemReceipt:
+    """Use one good the card holds (``choice``), paying ``fare`` (minor units or an
+    :class:`Amount`, placed by the card's exponent) in the same composite purchase. Card and
+    PSAM are held for the whole of it. :class:`Refused` before anything is written."""
+    when = when or dt.datetime.now()
+    info = select_purse(card, card_aid)
+    info.check_dates(when.date())
+    fare_minor = info.minor_units(fare)
+    entry = pick(read_goods(card, card_aid, sfis), choice, when.date())
+    charged = charge_for(entry.record, fare_minor)
+    after = used(entry.record)
+    write = GoodsWrite(entry.sfi, after, entry.record_number)
+    try:
+        receipt = capp_purchase(card, psam, charged, [write], key_index=key_index, when=when,
+                                card_aid=card_aid, psam_aid=psam_aid)
+    except Declined as exc:
+        if exc.step == "INITIALIZE FOR CAPP PURCHASE" and exc.sw == SW.INSUFFICIENT_FUNDS:
+            raise Refused(INSUFFICIENT, f"{_name(entry.record)}: the card cannot pay "
+                                        f"{info.money(charged)}") from None
+        raise
+    return RedeemReceipt(entry.sfi, entry.record_number, entry.record, after, fare_minor,
+                         receipt)

@@ -1,0 +1,285 @@
+"""The validator terminal (host/terminal/redeem.py, ``svcard terminal redeem``): a good used up
+with one composite purchase of the fare (0 for a prepaid good), its record and the debit
+together or not at all; every refusal (expired, not yet valid, already used, empty token, no
+such good, insufficient balance, ...) names its reason and writes nothing; the redemptions go
+out in the PSAM's batch (type 09) and through clearing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import demo_image, with_balance
+from plain import demo_card_keys, plain_tac
+from rawhost import DEMO_SERIAL
+from test_capp import good
+from test_persistence import Tear
+
+from svcard.card.image import open_card, save_new_image
+from svcard.card.storage import PowerCut, read_image
+from svcard.fixtures import fixture_path
+from svcard.host.cli.main import main
+from svcard.host.pay.server.batches import collect_batch
+from svcard.host.settle.batches import tac_input
+from svcard.host.settle.clearing import run_clearing
+from svcard.host.settle.config import clearing_config
+from svcard.host.settle.db import make_engine
+from svcard.host.terminal import apdus
+from svcard.host.terminal import redeem as R
+from svcard.host.terminal.reader_specs import open_reader
+from svcard.protocols import goods as G
+from svcard.protocols import purse as P
+from svcard.reader.virtual import VirtualReader
+
+AT = ["--at", "2027-03-14 15:09:26"]
+TICKETS, COUPONS, TRANSIT, VOUCHERS = 0x11, 0x12, 0x13, 0x14
+
+
+class Kit:
+    """A card and a validator's PSAM as image files, driven through ``svcard terminal``."""
+
+    def __init__(self, folder: Path, ep: int = 10_000) -> None:
+        self.iep, self.psam = folder / "iep.json", folder / "psam.json"
+        save_new_image(self.iep, with_balance(demo_image("iep", fixed_random="A1B2C3D4"),
+                                              ep=ep))
+        save_new_image(self.psam, demo_image("psam"))
+        self.slots = ["--card", f"virtual:{self.iep}", "--psam", f"virtual:{self.psam}"]
+
+    def run(self, *args: str) -> Any:
+        return CliRunner().invoke(main, ["terminal", *args])
+
+    def buy(self, amount: str, *records: tuple[int, bytes]) -> None:
+        """A composite purchase writing the goods (the fulfilment's purse-paid write)."""
+        extra = [x for sfi, rec in records for x in ("--record", f"{sfi:02X}:{rec.hex()}")]
+        done = self.run("capp", *self.slots, "--amount", amount, *extra, *AT)
+        assert done.exit_code == 0, done.output
+
+    def redeem(self, *args: str, at: list[str] = AT) -> Any:
+        return self.run("redeem", *self.slots, *args, *at)
+
+    def app(self) -> dict[str, Any]:
+        return read_image(self.iep)["app"]
+
+    def record(self, sfi: int, n: int = 1) -> bytes:
+        files = {f["sfi"]: f for f in self.app()["goods"]["files"]}
+        return bytes.fromhex(files[sfi]["data"].get(str(n), G.EMPTY.hex()))
+
+    def psam_records(self) -> list[Any]:
+        return [P.PsamRecord.parse(bytes.fromhex(r))
+                for r in read_image(self.psam)["app"]["records"]]
+
+    def both(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.app(), read_image(self.psam)["app"]
+
+
+def test_a_ticket_is_redeemed_once_then_refused(tmp_path: Path) -> None:
+    kit = Kit(tmp_path)
+    kit.buy("15.00", (TICKETS, good()))
+    counter = kit.app()["ep"]["offline_counter"]
+    done = kit.redeem("--good", "1")
+    assert done.exit_code == 0, done.output
+    assert "redeemed ticket 0000000000000001 of issuer 4D45524348414E54" in done.output
+    assert "now used" in done.output and "charged CNY 0.00" in done.output
+    after = G.parse(kit.record(TICKETS))
+    assert after["status"] == G.STATUS_USED and after["reference"] == b"SEAT-12A"
+    app = kit.app()
+    assert app["ep"]["balance"] == 10_000 - 1500   # prepaid: a 0-fare composite purchase
+    assert app["ep"]["offline_counter"] == counter + 1
+    assert bytes.fromhex(app["log"][0])[9] == P.TYPE_COMPOSITE_PURCHASE
+    records = kit.psam_records()
+    assert [(r.txn_type, r.amount, r.status) for r in records] == [(9, 1500, 0), (9, 0, 0)]
+    # the 0-amount redemption carries the card's TAC, as clearing checks it
+    raw = bytes.fromhex(read_image(kit.psam)["app"]["records"][1])
+    assert records[1].tac == plain_tac(demo_card_keys(DEMO_SERIAL)["dtk"], tac_input(raw))
+    # the same ticket again: refused, nothing written anywhere
+    before = kit.both()
+    again = kit.redeem("--good", "0000000000000001", "--json")
+    assert again.exit_code == 1
+    assert "svcard: redeem refused: already used (ticket 0000000000000001" in again.output
+    assert json.loads(again.stdout)["reason"] == "already used"
+    assert kit.both() == before
+
+
+def test_a_token_gives_three_rides_and_the_fourth_is_refused(tmp_path: Path) -> None:
+    kit = Kit(tmp_path)
+    token = good("transit", 7, rides_left=3, rides_total=3, fare=300)
+    kit.buy("9.00", (TRANSIT, token))
+    for left in (2, 1, 0):
+        done = kit.redeem("--kind", "transit", "--json")
+        assert done.exit_code == 0, done.output
+        out = json.loads(done.output)
+        assert out["good"]["rides_left"] == left and out["charged"] == 0
+        assert G.parse(kit.record(TRANSIT))["rides_left"] == left
+    assert G.parse(kit.record(TRANSIT))["status"] == G.STATUS_VALID
+    before = kit.both()
+    fourth = kit.redeem("--kind", "transit")
+    assert fourth.exit_code == 1
+    assert "redeem refused: empty token (transit 0000000000000007" in fourth.output
+    assert kit.both() == before
+    assert kit.app()["ep"]["balance"] == 10_000 - 900
+    assert [r.amount for r in kit.psam_records()] == [900, 0, 0, 0]
+
+
+@pytest.mark.parametrize(("record", "args", "reason"), [
+    (good(valid_to=bytes.fromhex("20261231")), ["--good", "1"], "expired"),
+    (good(status=G.STATUS_EXPIRED), ["--good", "1"], "expired"),
+    (good(valid_from=bytes.fromhex("20270315")), ["--good", "1"], "not yet valid"),
+    (good(status=G.STATUS_VOID), ["--kind", "ticket"], "void"),
+    (good(), ["--good", "2"], "no such good"),                       # another card's good
+    (good(), ["--good", "1", "--issuer", "4F54484552"], "no such good"),   # another issuer
+    (good(), ["--kind", "voucher"], "no such good"),
+    (good("coupon", value=200, min_spend=1000), ["--kind", "coupon", "--fare", "9.99"],
+     "fare below the coupon's minimum spend"),
+    (good(), ["--good", "1", "--fare", "200.00"], "insufficient balance for the fare"),
+])
+def test_a_good_that_cannot_be_used_is_refused_and_nothing_is_written(
+        tmp_path: Path, record: bytes, args: list[str], reason: str) -> None:
+    kit = Kit(tmp_path)
+    kit.buy("1.00", (COUPONS if record[0] == G.TAG_COUPON else TICKETS, record))
+    done = kit.run("capp", *kit.slots, "--amount", "89.00", *AT)   # leave 10.00
+    assert done.exit_code == 0, done.output
+    before = kit.both()
+    refused = kit.redeem(*args)
+    assert refused.exit_code == 1, refused.output
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"svcard: redeem refused: {reason} (")
+    assert kit.both() == before   # no debit, no record change, no PSAM record
+
+
+def test_a_coupon_takes_its_value_off_the_fare(tmp_path: Path) -> None:
+    kit = Kit(tmp_path)
+    kit.buy("1.00", (COUPONS, good("coupon", 3, value=200, min_spend=1000)))
+    done = kit.redeem("--kind", "coupon", "--fare", "12.00", "--json")
+    assert done.exit_code == 0, done.output
+    out = json.loads(done.output)
+    assert (out["fare"], out["charged"], out["good"]["status_name"]) == (1200, 1000, "used")
+    assert kit.app()["ep"]["balance"] == 10_000 - 100 - 1000
+    assert kit.psam_records()[-1].amount == 1000
+
+
+def test_the_usable_good_that_expires_first_is_taken(tmp_path: Path) -> None:
+    kit = Kit(tmp_path)
+    late = good(n=1, valid_to=bytes.fromhex("20281231"))
+    soon = good(n=2, valid_to=bytes.fromhex("20270401"))
+    used = good(n=3, status=G.STATUS_USED, valid_to=bytes.fromhex("20270320"))
+    kit.buy("30.00", (TICKETS, late), (TICKETS, soon), (TICKETS, used))
+    done = kit.redeem("--kind", "ticket", "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["good"]["good_id"] == "0000000000000002"
+    assert kit.record(TICKETS, 1) == late
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give --good GOOD_ID or --kind KIND"),
+    (["--good", "XYZ"], "--good"),
+    (["--good", "1" * 17], "--good"),
+    (["--kind", "pony"], "--kind"),
+    (["--good", "1", "--fare", "1.234"], "--fare"),
+])
+def test_bad_command_lines_are_usage_errors(tmp_path: Path, args: list[str],
+                                            message: str) -> None:
+    kit = Kit(tmp_path)
+    done = kit.redeem(*args)
+    assert done.exit_code == 2 and message in done.output, done.output
+
+
+def test_validator_check_order() -> None:
+    """A used-up token says 'empty token' whatever its status; a void good is void even
+    inside its dates; dates are checked before rides."""
+    import datetime as dt
+    today = dt.date(2027, 3, 14)
+    empty_used = good("transit", rides_left=0, status=G.STATUS_USED)
+    assert R.why_not(empty_used, today) == "empty token"
+    assert R.why_not(good("transit", rides_left=0), today) == "empty token"
+    assert R.why_not(good("transit", rides_left=0, valid_to=bytes.fromhex("20270101")),
+                     today) == "expired"
+    assert R.why_not(good(status=G.STATUS_VOID), today) == "void"
+    assert R.why_not(good(valid_to=bytes.fromhex("20270314")), today) is None   # last day
+    assert R.used(good("transit"))[26:28] == (9).to_bytes(2, "big")
+    assert R.used(good())[1] == G.STATUS_USED
+
+
+# --- a power cut during the redemption -----------------------------------------------------
+def _torn_redeem(kit: Kit, tear: Tear, fare: int) -> None:
+    card = open_card(kit.iep, tear=tear)
+    reader = VirtualReader(card)
+    reader.connect()
+    real = reader.exchange
+
+    def exchange(apdu: bytes) -> Any:
+        tear.armed = apdu[:2] == b"\x80\x54"    # DEBIT FOR CAPP PURCHASE: the only write
+        return real(apdu)
+    reader.exchange = exchange  # type: ignore[method-assign]
+    try:
+        with open_reader(f"virtual:{kit.psam}") as psam:
+            R.redeem(reader, psam, R.Choice(kind="transit"), fare)
+    finally:
+        card.close()
+
+
+def test_a_power_cut_during_a_redemption_leaves_both_or_neither(tmp_path: Path) -> None:
+    def fresh(name: str) -> Kit:
+        folder = tmp_path / name
+        folder.mkdir()
+        kit = Kit(folder)
+        kit.buy("9.00", (TRANSIT, good("transit", rides_left=3, rides_total=3)))
+        return kit
+
+    dry = Tear(None)
+    _torn_redeem(fresh("dry"), dry, 150)
+    assert len(dry.steps) >= 4
+    outcomes = []
+    for cut in range(len(dry.steps)):
+        kit = fresh(f"cut{cut}")
+        before = kit.app()
+        with pytest.raises(PowerCut):
+            _torn_redeem(kit, Tear(cut), 150)
+        card = open_card(kit.iep)          # power back: a pending log record is finished
+        card.close()
+        after = kit.app()
+        token = G.parse(kit.record(TRANSIT))
+        moved = after["ep"]["balance"] != before["ep"]["balance"]
+        outcomes.append(moved)
+        if moved:    # the ride and the fare, the counter and the log record, together
+            assert token["rides_left"] == 2 and after["ep"]["balance"] == 10_000 - 900 - 150
+            assert after["ep"]["offline_counter"] == before["ep"]["offline_counter"] + 1
+            assert len(after["log"]) == 2 and bytes.fromhex(after["log"][0])[9] == 9
+        else:        # neither
+            assert token["rides_left"] == 3
+            assert {k: after[k] for k in ("ep", "goods", "log")} == {
+                k: before[k] for k in ("ep", "goods", "log")}
+        # the rider taps again: exactly one more ride (the validator reads what the card has)
+        done = kit.redeem("--kind", "transit", "--json")
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.output)["good"]["rides_left"] == (1 if moved else 2)
+    assert True in outcomes and False in outcomes
+
+
+# --- the PSAM batch and clearing -----------------------------------------------------------
+def test_redemptions_go_out_in_the_psam_batch_and_through_clearing(tmp_path: Path) -> None:
+    kit = Kit(tmp_path)
+    kit.buy("24.00", (TICKETS, good()), (TRANSIT, good("transit", 5, rides_left=3)))
+    for args in (["--good", "1", "--kind", "ticket"], ["--kind", "transit"],
+                 ["--kind", "transit", "--fare", "2.00"]):
+        done = kit.redeem(*args)
+        assert done.exit_code == 0, done.output
+    with open_reader(f"virtual:{kit.psam}") as psam:
+        assert psam.exchange(apdus.select(P.DEFAULT_PSAM_AID)).ok
+        psam_id = psam.exchange(apdus.read_binary(P.SFI_PUBLIC_DATA, 10)).data.hex().upper()
+        batch = collect_batch(psam)
+    assert batch is not None
+    types = [(P.PsamRecord.parse(bytes.fromhex(r)).txn_type,
+              P.PsamRecord.parse(bytes.fromhex(r)).amount) for r in batch["records"]]
+    assert types == [(9, 2400), (9, 0), (9, 0), (9, 200)]
+    folder = tmp_path / "concentration"
+    folder.mkdir()
+    (folder / "batch-1.json").write_text(json.dumps({**batch, "psam_id": psam_id}))
+    report = run_clearing(clearing_config(fixture_path("clearing-demo.toml")), folder,
+                          make_engine(f"sqlite:///{tmp_path / 'clearing.db'}"),
+                          tmp_path / "settlement")
+    assert report.records_cleared == 2 and report.total_paid == 2400 + 200
+    states = report.batches[0]["counts"]
+    assert states == {"cleared": 2, "skipped": 2}   # the 0-fare rides move no money
