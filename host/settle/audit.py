@@ -1,9 +1,10 @@
 """``svcard audit``: proves money is conserved across cards, servers, clearing and banks.
 
-Figures (integer minor units): card balances (read through readers, EP purse); proven purchases
-(payments the card's MAC2 confirmed, with its TAC) split into settled (cleared by clearing) and
-unsettled; loads the load server decided "loaded"; loads whose funds clearing moved to the
-issuer's float; the float's ledger balance; bank loads by state. Checks:
+Figures (integer minor units; whole points with ``unit="points"``, the audit of one loyalty
+programme, whose text then says points): card balances (read through readers, EP purse); proven
+purchases (payments the card's MAC2 confirmed, with its TAC) split into settled (cleared by
+clearing) and unsettled; loads the load server decided "loaded"; loads whose funds clearing
+moved to the issuer's float; the float's ledger balance; bank loads by state. Checks:
 
 1. card balances + unsettled purchases + merchants' settled funds = opening balances + loads;
 2. the issuer's float (+ loaded funds not yet moved, + opening balances) = card balances +
@@ -41,7 +42,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 
@@ -54,6 +55,7 @@ from .sp_books import audit_sp
 
 __all__ = ["AuditReport", "audit", "card_balances", "check_sources", "psam_open_batches"]
 
+Unit = Literal["money", "points"]
 DAY_MS = 24 * 3600 * 1000
 DEFAULT_MAX_AGE_MS = 7 * DAY_MS
 NOTHING = ("nothing to audit: no card was read and the databases hold no payment, load, bank "
@@ -70,6 +72,7 @@ class AuditReport:
     unhanded: list[dict[str, Any]] = field(default_factory=list)
     audited: int = 1   # cards, payments, loads, bank loads and cleared records read
     sp_pending: list[dict[str, Any]] = field(default_factory=list)
+    unit: Unit = "money"   # "points": a loyalty programme's audit (whole points, no currency)
 
     @property
     def nothing_audited(self) -> bool:
@@ -84,10 +87,11 @@ class AuditReport:
                 "figures": self.figures, "checks": self.checks,
                 "discrepancies": self.discrepancies, "held_records": self.held,
                 "open_loads": self.open_loads, "payments_not_cleared": self.unhanded,
-                "sp_pending": self.sp_pending}
+                "sp_pending": self.sp_pending, "unit": self.unit}
 
     def text(self) -> str:
-        lines = ["figures (minor units):"]
+        points = self.unit == "points"
+        lines = [f"figures ({'points' if points else 'minor units'}):"]
         lines += [f"  {k:<28} {v:>14}" for k, v in self.figures.items()]
         lines.append("checks:")
         lines += [f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['left']} vs {c['right']}"
@@ -107,7 +111,8 @@ class AuditReport:
         elif self.nothing_audited:
             lines.append(NOTHING)
         else:
-            lines.append("clean: every unit of money is accounted for")
+            lines.append("clean: every point is accounted for" if points
+                         else "clean: every unit of money is accounted for")
         return "\n".join(lines)
 
 
@@ -124,8 +129,10 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
           clearing_db: str | None = None, opening: int = 0,
           max_age_ms: int = DEFAULT_MAX_AGE_MS, now: int | None = None,
           open_batches: dict[str, set[int]] | None = None,
-          sp_dbs: tuple[str, ...] = ()) -> AuditReport:
-    """``open_batches``: what :func:`psam_open_batches` read from the payment servers' PSAMs
+          sp_dbs: tuple[str, ...] = (), unit: Unit = "money") -> AuditReport:
+    """``unit``: ``"points"`` when the cards, payments and loads are a loyalty programme's
+    (one programme per audit: its figures are points, never summed with money).
+    ``open_batches``: what :func:`psam_open_batches` read from the payment servers' PSAMs
     (optional: without it a confirmed payment not yet handed is a finding only past
     ``max_age_ms``). ``now``: the audit's clock in ms (default: now)."""
     now = now_ms() if now is None else now
@@ -266,7 +273,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
                   load_dbs=load_dbs, cards=cards)
     figures.update(sp.figures)
     return AuditReport(figures, checks + sp.checks, bad + sp.discrepancies, held, open_loads,
-                       unhanded, audited=read + sp.read, sp_pending=sp.pending)
+                       unhanded, audited=read + sp.read, sp_pending=sp.pending, unit=unit)
 
 
 def _held_item(r: Any, payment: dict[str, Any] | None, now: int, max_age_ms: int,
