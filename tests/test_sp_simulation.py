@@ -5,8 +5,9 @@ points of sale: one payment server shared by MERCH001 and MERCH002 (FIG. 4B, an 
 POS) and MERCH003 with its own payment server. The SP runs as a real process (``svcard serve
 sp``) reached by the merchants through proxies that inject the faults: the SP SIGKILLed at a
 step of an order (checkout sent or answered, the card's confirmation sent or answered) and
-started again, and the SP-merchant link cut before or after the merchant acted; the customer's
-own link to the SP is cut too, and a payment server restarts now and then between orders. The
+started again, the SP-merchant link cut before or after the merchant acted or down for a few
+requests (the order is left in doubt for the SP's recovery); the customer's own link to the SP
+is cut too, and a payment server restarts now and then between orders. The
 pool's purses start low (top-ups from the SP's bank through the load flow) and one nears its
 counter's end (retired mid-run). Non-billable customers (no account, blocked, over a tight
 credit limit) are refused with nothing paid; the tight customer's bills are closed and paid
@@ -16,7 +17,8 @@ At the end the SP is restarted (recovery), batches are closed, clearing runs, an
 must close to the minor unit: no order paid twice, none paid and unbilled, none billed and
 unpaid; the purse debits are what the merchants' POS confirmed and clearing cleared; each
 customer's bill lines are the payments made for them + fees - discounts; the purses' loads are
-their debits + balances; and the whole-system audit is clean.
+their debits + balances; and the whole-system audit, with the SP's database (``svcard audit
+--sp-db``), is clean.
 
 ``--sp-orders N`` / ``SVCARD_SP_ORDERS`` (default 150; the long run is 2000+) and ``--sp-seed
 S`` / ``SVCARD_SP_SEED`` change the run; the seed is printed first and replays the same
