@@ -176,3 +176,42 @@ def test_two_merchants_naming_one_terminal_are_refused() -> None:
     with pytest.raises(PoolError, match=r"4D45524348303041.*4D45524348303043.*000000000A01"):
         merchant_terminals(shared)
     assert merchant_terminals({a: MerchantAccount(a, key), b: MerchantAccount(b, key)}) == set()
+
+
+def test_the_health_check_probes_every_psam_of_a_shared_pos(tmp_path: Path) -> None:
+    """On a shared POS every PSAM waits in its terminal's queue, so the health check's
+    ``acquire`` found none free and counted them all "in use": a dead PSAM was never seen
+    and the server reported healthy. Now each free PSAM, of whatever terminal, is probed."""
+    from svcard.host.kit.health import pool_check
+    from svcard.host.pay.server.psam_pool import PsamPool
+    from svcard.host.pay.stack import psam_images
+    from svcard.host.terminal.reader_specs import open_reader
+
+    terminals = (bytes.fromhex("000000000A01"), bytes.fromhex("000000000B02"))
+    readers = []
+    for i, tid in enumerate(terminals):
+        folder = tmp_path / tid.hex()
+        folder.mkdir()
+        readers += [open_reader(f"virtual:{p}")
+                    for p in psam_images(folder, 1, tid, first_serial=i + 1)]
+    probed: list[str] = []
+
+    def probe(reader: Any) -> None:
+        probed.append(reader.name)
+        if len(probed) == 2:
+            raise ValueError("this PSAM does not answer")
+
+    async def run() -> dict[str, Any]:
+        pool = PsamPool(readers, terminals=frozenset(terminals))
+        await pool.start()
+        try:
+            report = await pool_check(pool, probe)()
+            assert pool.idle == 2   # every PSAM given back to its own terminal's queue
+            assert {(await pool.acquire_for(t, 0.05)).terminal_id for t in terminals} == \
+                set(terminals)
+            return report
+        finally:
+            pool.close()
+
+    report = asyncio.run(run())
+    assert (report["answered"], report["in_use"], len(report["failed"])) == (1, 0, 1), report

@@ -106,6 +106,7 @@ class PsamPool(ReaderPool[PooledPsam]):
         self.psam_aid = psam_aid
         self.terminals = terminals
         self._queues: dict[bytes, asyncio.Queue[PooledPsam]] = {}
+        self._turn = 0   # the terminal queue :meth:`acquire` tries first
 
     @property
     def psams(self) -> list[PooledPsam]:
@@ -140,11 +141,27 @@ class PsamPool(ReaderPool[PooledPsam]):
     def idle(self) -> int:
         return super().idle + sum(q.qsize() for q in self._queues.values())
 
+    async def acquire(self, timeout: float) -> PooledPsam:
+        """A free PSAM of any terminal (the health check's probe); on a shared POS the
+        terminals' queues are tried in turn, so successive takes see every free PSAM, and
+        none waits: :class:`PoolExhausted` at once."""
+        queues = list(self._queues.values())
+        if not queues:
+            return await super().acquire(timeout)
+        for i in range(len(queues)):
+            queue = queues[(self._turn + i) % len(queues)]
+            if not queue.empty():
+                self._turn = (self._turn + i + 1) % len(queues)
+                return queue.get_nowait()
+        raise PoolExhausted("no PSAM of any terminal is free")
+
     async def acquire_for(self, terminal_id: bytes, timeout: float) -> PooledPsam:
         """A free PSAM of ``terminal_id`` (the pool's only terminal: :meth:`acquire`)."""
-        queue = self._queues.get(terminal_id)
-        if queue is None:
+        if not self._queues:   # (self: a node's pool checks its leases there)
             return await self.acquire(timeout)
+        queue = self._queues.get(terminal_id)
+        if queue is None:   # never another terminal's PSAM
+            raise PoolExhausted(f"no PSAM of terminal {terminal_id.hex().upper()}")
         try:
             return await asyncio.wait_for(queue.get(), timeout)
         except TimeoutError:
