@@ -210,6 +210,8 @@ def buy(http: httpx.Client, s: Session, item: str, units: int = 1) -> dict[str, 
     """Pay ``units`` links for ``item``; the merchant's answer. Refused: TradeError."""
     message = purchase(s, item, units)
     answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/purchases", json=message)
+    if 400 <= answer.status_code < 500:     # a definite no: not in this side's record
+        s.orders.pop()
     if answer.status_code != 200:
         raise TradeError(f"the merchant refused the purchase (HTTP {answer.status_code}): "
                          f"{reason_of(answer)}")
