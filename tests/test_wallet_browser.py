@@ -58,11 +58,19 @@ def browser() -> Iterator[Any]:
 
 
 def wait(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll ``check`` until it gives something true (an element missing or gone stale while
+    a page loads counts as not yet); its value."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
-    while not (value := check()):
+    while True:
+        try:
+            if value := check():
+                return value
+        except (NoSuchElementException, StaleElementReferenceException):
+            pass
         assert time.monotonic() < deadline, f"waited {timeout:g} s for {what}"
         time.sleep(0.05)
-    return value
 
 
 def shot(driver: Any, folder: Path, name: str) -> None:
@@ -159,3 +167,109 @@ def test_register_issue_charge_and_pay_at_the_mall(browser: Any, stack: WalletSt
     assert len(stack.mall.seen) >= 4
     for leak in ("walker", "walk the walk", secret, COOKIE):
         assert leak not in seen, leak
+
+
+def test_a_wrong_secret_and_a_foreign_page(browser: Any, stack: WalletStack,
+                                           tmp_path: Path) -> None:
+    """A wrong card secret in the wallet: refused on the page, no purchase kept, the mall's
+    approval finds nothing. Then a page on another site (the mall's, localhost) tries the
+    wallet's API with the member's cookie: every try is blocked or refused, no card issued."""
+    from selenium.webdriver.support.ui import Select
+
+    web = stack.url("web")
+    browser.get(f"{web}/wallet")
+    status(browser, "")
+    if by_id(browser, "auth").is_displayed():
+        click(browser, "register", {"reg-member": "walker2", "reg-password": "walk the walk"})
+        status(browser, "Registered walker2")
+        click(browser, "login", {"login-member": "walker2", "login-password": "walk the walk"})
+        status(browser, "Logged in as walker2")
+    click(browser, "issue-real")
+    status(browser, "Card ")
+    assert "being mailed" in by_id(browser, "issued").text
+    wait("the real card's row", lambda: browser.find_elements(
+        "css selector", "#cards tbody tr"))
+    click(browser, "issue-virtual")
+    status(browser, "Card ")
+    number = by_id(browser, "issued").get_attribute("data-number")
+    kinds = [row.text for row in browser.find_elements("css selector", "#cards tbody tr")]
+    assert any("real" in k for k in kinds) and any("virtual" in k for k in kinds), kinds
+    cards_before = len(kinds)
+    browser.get(f"{stack.url('mall')}/shop/")
+    wait("the mall's total", lambda: by_id(browser, "total").text == "CNY 21.00")
+    by_id(browser, "wallet-button").click()
+    wait("the wallet's pay form", lambda: by_id(browser, "pay-form").is_displayed())
+    Select(by_id(browser, "pay-card")).select_by_value(number)
+    by_id(browser, "pay-secret").send_keys("00000000")
+    by_id(browser, "pay").click()
+    text = status(browser, "Not sent")
+    shot(browser, tmp_path, "wrong-secret")
+    assert "wrong card secret" in text and browser.current_url.startswith(web)
+    order = json.loads(browser.execute_script(
+        "return decodeURIComponent(location.hash.slice('#purchase='.length))"))["purchase"]
+    import httpx
+
+    with httpx.Client(timeout=30) as http:
+        assert stack.mall_link(http).post("/v1/approvals", order)[0] == 404
+    # a foreign page's tries, with the member's cookie in the browser (a plain page on
+    # localhost with no Content-Security-Policy of its own, so only the wallet's guards act)
+    foreign = blank_page()
+    try:
+        browser.get(foreign.url)
+        results = run_foreign(browser, web)
+    finally:
+        foreign.close()
+    print("foreign page:", results)
+    assert results["with header"] == "blocked" and results["read wallet"] == "blocked"
+    assert results["no header"] in ("opaque:0", "blocked")
+    browser.get(f"{web}/wallet")
+    wait("the wallet", lambda: browser.find_elements("css selector", "#cards tbody tr"))
+    assert len(browser.find_elements("css selector", "#cards tbody tr")) == cards_before
+
+
+class blank_page:
+    """A page on http://localhost:PORT/ with no headers of its own."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        body = b"<!doctype html><title>elsewhere</title><p>another site</p>"
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self.url = f"http://localhost:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def run_foreign(browser: Any, web: str) -> dict[str, str]:
+    results: dict[str, str] = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1], web = arguments[0], out = {};
+        const tries = [
+          ["with header", fetch(web + "/api/cards", {method: "POST", credentials: "include",
+              headers: {"X-Svcard-Wallet": "1", "Content-Type": "application/json"},
+              body: JSON.stringify({kind: "virtual"})})],
+          ["no header", fetch(web + "/api/cards", {method: "POST", credentials: "include",
+              mode: "no-cors", body: JSON.stringify({kind: "virtual"})})],
+          ["read wallet", fetch(web + "/api/wallet", {credentials: "include",
+              headers: {"X-Svcard-Wallet": "1"}})],
+        ];
+        Promise.all(tries.map(([name, p]) => p.then(r => r.type + ":" + r.status,
+                                                      e => "blocked")
+          .then(v => { out[name] = v; }))).then(() => done(out));
+    """, web)
+    return results
