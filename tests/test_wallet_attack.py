@@ -356,3 +356,15 @@ def test_random_single_field_mutations_give_no_approval(
     for p in purchases:
         assert approve(stack, http, p)[0] == 200
     assert debits(stack) == done + 3
+
+
+def test_a_session_ends_after_its_time(stack: WalletStack) -> None:
+    b = member(stack, "sleeper1")
+    assert b.http.get("/api/wallet").status_code == 200
+    OFFSET[0] += 1801                     # session_seconds = 1800
+    try:
+        r = b.http.get("/api/wallet")
+        assert r.status_code == 401 and r.json()["reason"] == "log in first"
+        assert b.post("/api/cards", {"kind": "virtual"}).status_code == 401
+    finally:
+        OFFSET[0] -= 1801

@@ -14,9 +14,12 @@ The financial system never learns the member: it knows each holder as ``applican
 the member id under the gateway's own key.
 
 Approval answers: 200 approved; 402 declined by the financial system (e.g. balance too low);
-404 no purchase for this order; 409 approved or declined already (a replay), or the request
-does not match the wallet's purchase in some field; 410 expired; 502 the financial system's
-answer is unknown (asking again asks it again under the same ref: never a second debit).
+403 a mall asking about another mall's order; 404 no purchase for this order; 409 approved or
+declined already (a replay), being approved (a concurrent copy), or the request does not match
+the wallet's purchase in some field (which one is not said); 410 expired; 502 the financial
+system's answer is unknown (the purchase stays ``approving``: the gateway asks again at its
+next start, and a mall's retry 10 s later asks again, under the same ref: never a second
+debit).
 """
 
 from __future__ import annotations
