@@ -1,4 +1,4 @@
-"""The validator terminal (host/terminal/redeem.py, ``svcard terminal redeem``): a good used up
+"""The validator terminal (host/goods/redeem.py, ``svcard terminal redeem``): a good used up
 with one composite purchase of the fare (0 for a prepaid good), its record and the debit
 together or not at all; every refusal (expired, not yet valid, already used, empty token, no
 such good, insufficient balance, ...) names its reason and writes nothing; the redemptions go
@@ -22,13 +22,13 @@ from svcard.card.image import open_card, save_new_image
 from svcard.card.storage import PowerCut, read_image
 from svcard.fixtures import fixture_path
 from svcard.host.cli.main import main
+from svcard.host.goods import redeem as R
 from svcard.host.pay.server.batches import collect_batch
 from svcard.host.settle.batches import tac_input
 from svcard.host.settle.clearing import run_clearing
 from svcard.host.settle.config import clearing_config
 from svcard.host.settle.db import make_engine
 from svcard.host.terminal import apdus
-from svcard.host.terminal import redeem as R
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import goods as G
 from svcard.protocols import purse as P

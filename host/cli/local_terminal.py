@@ -11,10 +11,10 @@ import click
 
 from ...protocols import goods as G
 from ...protocols import purse as P
+from ..goods import redeem as R
 from ..kit.command_line import EXIT_USAGE, emit, fail, json_option
 from ..terminal import capp as C
 from ..terminal import purse as T
-from ..terminal import redeem as R
 from ..terminal import unload as U
 from ..terminal.card_commands import (
     AMOUNT_HELP,

@@ -1,5 +1,7 @@
 """The validator terminal (seed 000 claim 16, issue 12 point 4): a good on the card is used up
 with ONE composite (CAPP) purchase, so its record and the fare move together or not at all.
+(It lives beside the goods servers because host/terminal holds its 12 modules already; it uses
+only the terminal's flows: host/terminal/capp.py.)
 
 The validator reads the goods files (READ RECORD), picks the good the rider presents (by good
 id, kind and issuer: :class:`Choice`), checks it against its own clock (status, validity dates,
@@ -28,7 +30,7 @@ from ...protocols import goods as G
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader.base import Reader
-from .capp import (
+from ..terminal.capp import (
     DEFAULT_GOODS_SFIS,
     CappReceipt,
     GoodsEntry,
@@ -36,8 +38,8 @@ from .capp import (
     capp_purchase,
     read_goods,
 )
-from .money import Amount
-from .purse import Declined, TerminalCheckFailed, held, select_purse
+from ..terminal.money import Amount
+from ..terminal.purse import Declined, TerminalCheckFailed, held, select_purse
 
 NO_SUCH_GOOD = "no such good"
 EXPIRED = "expired"
