@@ -94,7 +94,7 @@ def test_servers_from_their_files_and_a_merchant_killed_mid_session(
     r = run("session", "buy", "tea", "--state", str(state))
     assert r.exit_code == 0 and "bought tea: 0.010 KWD; 3.280 KWD left" in r.output, r.output
     r = run("session", "close", "--state", str(state))
-    assert r.exit_code == 0 and "holds link 3 (0.030 KWD)" in r.output, r.output
+    assert r.exit_code == 0 and "cleared (agreed): paid 0.030 KWD" in r.output, r.output
     r = run("session", "customer", "alice", "--db", am.db, "--public-key", public,
             "--currency", "EUR", "--credit-limit", "1.00")
     assert r.exit_code == 3 and "exists already" in r.output
