@@ -250,3 +250,18 @@ def test_a_power_cut_at_every_step_of_the_cards_write_is_completed_once(
         row = good_row(stack, first.order)
         assert row["state"] == "written" and row["writes"] == 2 - len(on_card), cut
     assert landed == {0, 1}                            # both sides of the commit were cut
+
+
+def test_a_device_retries_its_authorisation_after_the_bank_was_down(
+        stack: GoodsStack, card: Path) -> None:
+    device = stack.device()
+    first = ordered(stack, device)
+    stack.threads["bank"].stop()
+    with open_reader(f"virtual:{card}") as reader, pytest.raises(DeviceError, match="502"):
+        device.authorise(reader, first, "123456")
+    assert state(stack, "payment", first.order) == "authorising"
+    port = stack.threads["bank"].port
+    stack.threads["bank"] = ServerThread(stack.servers["bank"].app(), port=port).start()
+    with open_reader(f"virtual:{card}") as reader:   # a new challenge, the PIN sealed again
+        out = device.authorise(reader, first, "123456")
+    assert out.written and balance(stack) == 10_000 - 1250 and len(goods_on(card)) == 1

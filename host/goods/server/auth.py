@@ -15,7 +15,8 @@ merchant, item, amount, the goods record, the institution's sealing key) is sign
 the digest of the first message it was shown. ``offered`` -> ``authorised`` in one step, then
 relayed (``RELAYED_AUTH``) to the payment server; the answer (paid with the write of the good
 for the device's challenge, or declined) is signed for the device. A repeat of the same
-authorisation (same order, card, PIN seal) relays again; another is refused (409).
+authorisation (same order, card and decision; a new challenge, the PIN sealed afresh) relays
+again; another is refused (409).
 ``POST /v1/written`` and ``POST /v1/pickups`` (device): relayed to the fulfilment server
 (``RELAYED_WRITTEN``, ``RELAYED_PICKUP``) with the device's id, which only this server vouches
 for.
@@ -203,7 +204,9 @@ class AuthServer(PartyServer):
             if data["first"] != digest(order["first_message"]):
                 raise Refused(409, 409, "authorisation: not the first message this server "
                                         "sent")
-            mine = digest(f"{data['card']}|{data['pin']}|{data['approve']}")
+            # the card and the decision: a retry (a new challenge, the PIN sealed afresh) is
+            # the same authorisation; another card or decision for the order is not
+            mine = digest(f"{data['card']}|{data['approve']}")
             if order["state"] == D.OFFERED:
                 if not await self.sql(self._set, data["order"], D.OFFERED, D.AUTHORISED,
                                       authorisation=mine):
