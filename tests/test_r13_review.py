@@ -215,3 +215,19 @@ def test_the_health_check_probes_every_psam_of_a_shared_pos(tmp_path: Path) -> N
 
     report = asyncio.run(run())
     assert (report["answered"], report["in_use"], len(report["failed"])) == (1, 0, 1), report
+
+
+# --- the operator's decision (sp/operator.py) ----------------------------------------------
+def test_a_purses_first_payment_counter_0_is_settled_by_the_payment_server(
+        tmp_path: Path) -> None:
+    """A new purse's first payment is made at offline counter 0. The operator compared
+    ``pay["counter"] or -1`` with the payment server's counter, so the honest record of a
+    counter-0 payment was 'another payment, not evidence' and the order stayed undecided."""
+    from test_sp_operator import Books
+
+    book = Books(tmp_path)
+    book.pool_row("disputed", counter=0)
+    book.payment_server("confirmed", counter=0)
+    decision = book.settle(payment_dbs=(book.pay_url,))
+    assert decision.state == "billed", decision
+    assert book.book.payment(book.ref)["state"] == "paid"

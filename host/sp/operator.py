@@ -171,8 +171,8 @@ def _by_payment_server(engine: Engine, order: dict[str, Any], pay: dict[str, Any
                          f"conflicting, not evidence")
     rec = found[0]
     same = (str(rec["card_serial"])[-16:].lower() == str(pay["purse_serial"])[-16:].lower()
-            and int(rec["card_counter"]) == int(pay["counter"] or -1)
-            and int(rec["amount"]) == int(pay["amount"] or -1))
+            and pay["counter"] is not None and int(rec["card_counter"]) == int(pay["counter"])
+            and int(rec["amount"]) == int(pay["amount"] or -1))   # (a new purse pays at 0)
     if not same:
         raise NotDecided(f"{name}: the payment server's record is card {rec['card_serial']} "
                          f"counter {rec['card_counter']} amount {rec['amount']}: another "
