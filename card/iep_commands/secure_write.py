@@ -22,10 +22,12 @@ card has a goods key (``6982``), not locked (``6983``); a challenge was asked fo
 PBOC issuer-script writes give; the wrong MAC is counted against the goods key, in the image,
 before the card answers, as the purse keys' ``9302`` is); then the goods file's own checks
 (:meth:`~svcard.card.goods.GoodsFiles.check_write`: file, length, record number, tag, layout;
-``6A84`` for an append to a full file). Only then is the record written: the record and the
-goods key's failure counter back at 0 in one atomic image write, so a power cut leaves the old
-record or the new one. A plain ``00 DC`` / ``00 E2`` answers ``6982``: goods files are written
-with secure messaging only.
+``6A84`` for an append to a full file). A tag-mode write of a good the card holds in a state
+its use led to (not valid any more, or a transit token with fewer rides) keeps the card's
+record and answers ``9000``: a late or replayed delivery restores nothing. Only then is the
+record written: the record and the goods key's failure counter back at 0 in one atomic image
+write, so a power cut leaves the old record or the new one. A plain ``00 DC`` / ``00 E2``
+answers ``6982``: goods files are written with secure messaging only.
 """
 
 from __future__ import annotations
@@ -110,9 +112,26 @@ def _write(iep: Iep, cmd: CommandAPDU, *, append: bool) -> bytes:
         number = goods.check_write(sfi, number, G.MODE_RECORD, record)
     else:
         number = goods.check_write(sfi, cmd.p1, mode, record)
+        if mode == G.MODE_TAG and _used_since(goods.read(sfi, number), record):
+            # delivered before and used since: a late or replayed delivery keeps the card's
+            # record (a device could otherwise win back a ride or a used ticket by saying the
+            # first write never landed); the right MAC still clears the failure count
+            if state.goods_mac_failures.pop(key.index, None):
+                iep.persist()
+            return b""
     state.goods_mac_failures.pop(key.index, None)   # written with the record, below
     iep.write_goods(((sfi, number, record),))
     return b""
+
+
+def _used_since(held: bytes, record: bytes) -> bool:
+    """Whether ``held`` is the good ``record`` delivers, in a state its use led to: no longer
+    valid (used, expired, void), or a transit token with fewer rides left."""
+    if held[0] != record[0] or held[G.GOOD_KEY] != record[G.GOOD_KEY]:
+        return False
+    if held[1] != G.STATUS_VALID:
+        return True
+    return held[0] == G.TAG_TRANSIT and held[26:28] < record[26:28]
 
 
 _FILE_FULL = 0x6A84   # ISO 7816-4: not enough memory space in the file
