@@ -194,6 +194,8 @@ class IepState:
             raise ValueError("EF 0x15 has 30 bytes and EF 0x16 has 55")
         if len(state.tac_key) != 16:
             raise ValueError("the TAC key has 16 bytes")
+        if state.fixed_random is not None and len(state.fixed_random) != 4:
+            raise ValueError("fixed_random has 4 bytes")   # an INITIALIZE's random
         return state
 
 

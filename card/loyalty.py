@@ -112,6 +112,7 @@ _HEX = r"^(?:[0-9A-Fa-f]{2})"
 HexText = Annotated[str, Field(pattern=_HEX + "+$")]
 Hex16Text = Annotated[str, Field(pattern=_HEX + "{16}$")]
 Hex30Text = Annotated[str, Field(pattern=_HEX + "{30}$")]
+AidText = Annotated[str, Field(pattern=_HEX + "{5,16}$")]   # ISO 7816-4: 5 to 16 bytes
 LogText = Annotated[str, Field(pattern=_HEX + f"{{{P.LOG_RECORD_SIZE}}}$")]
 
 
@@ -134,7 +135,8 @@ class _Purse(_Strict):
 
 class _Programme(_Strict):
     programme: Annotated[str, Field(pattern="^" + PROGRAMME_NAME.pattern + "$")]
-    aid: HexText
+    aid: AidText
+    label: Annotated[str, fits(16, "ascii")] | None = None   # the FCI's label
     public_data: Hex30Text
     balance_limit: Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
     purchase_keys: Annotated[list[_Key], Field(max_length=256)]
@@ -143,6 +145,8 @@ class _Programme(_Strict):
     ep: _Purse
     log: Annotated[list[LogText], Field(max_length=P.LOG_RECORDS)] = []
     pending_log: LogText | None = None
+    fixed_random: Annotated[str, Field(pattern=_HEX + "{4}$")] | None = None
+    uid: Annotated[str, Field(pattern=_HEX + "{9}$")] | None = None
 
 
 class _Loyalty(_Strict):

@@ -4,18 +4,31 @@ fix (see the commit that adds it)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
+import pytest
+from conftest import demo_image
 from rawhost import DEMO_SERIAL
 from test_capp import CappHost, update_cache
+from test_loyalty import TWO_PROGRAMMES
+from test_loyalty import write_profile as loyalty_profile
 from test_secure_write import challenge, goods_of, image, service  # noqa: F401 (fixture)
 
 from svcard.card.image import card_from_image
+from svcard.card.personalise import image_from_profile
+from svcard.card.storage import ImageError
 from svcard.host.terminal.goods_key import GoodsKeyService
 from svcard.protocols import goods as G
 
 TICKETS, TRANSIT = 0x11, 0x13
 ISSUER = bytes.fromhex("2000000000000002")
+
+
+@pytest.fixture
+def loyalty_image(tmp_path: Path) -> dict[str, Any]:
+    return image_from_profile(loyalty_profile(tmp_path, TWO_PROGRAMMES))
 
 
 def token(rides_left: int, status: int = G.STATUS_VALID) -> bytes:
@@ -58,3 +71,28 @@ def test_a_redelivered_good_does_not_restore_what_its_use_took(
         assert host.sw(service.update_record(DEMO_SERIAL, c, sfi, original)) == 0x9000
         assert host.read_good(sfi, 1) == (used, 0x9000)
     assert [r for _, _, r in goods_of(card)] == [ticket(G.STATUS_USED), token(9)]
+
+
+# --- 2. a programme's image entry: every field the card answers from is checked at load --------
+
+@pytest.mark.parametrize(("field", "bad"), [
+    ("fixed_random", "A1B2C3"),        # loaded, then every INITIALIZE answered 6F00
+    ("label", "MILES ÉLITE"),          # loaded, then SELECT answered 6F00
+    ("label", "X" * 17),               # more than the FCI's 16 bytes
+    ("aid", "F0" * 17),                # no SELECT can reach it
+    ("aid", "F053"),                   # an AID is 5..16 bytes
+    ("uid", "00"),                     # a UID is 9 bytes
+])
+def test_a_programme_entry_off_its_layout_is_refused_naming_the_field(
+        loyalty_image: dict[str, Any], field: str, bad: str) -> None:
+    damaged = copy.deepcopy(loyalty_image)
+    damaged["loyalty"][0][field] = bad
+    with pytest.raises(ImageError, match=rf"card.json: loyalty\[0\]\.{field}: ") as caught:
+        card_from_image(damaged, source="card.json")
+    assert bad not in str(caught.value)
+
+
+def test_a_purse_image_with_a_fixed_random_off_its_size_is_refused() -> None:
+    damaged = demo_image("iep", fixed_random="A1B2C3")
+    with pytest.raises(ImageError, match=r"card\.json: app\.fixed_random: "):
+        card_from_image(damaged, source="card.json")
