@@ -1,4 +1,4 @@
-"""The three trading-session servers against their hand-written OpenAPI files
+"""The four trading-session servers against their hand-written OpenAPI files
 (host/openapi/trade-*.yaml), fuzzed with schemathesis: no 5xx, every answer documented; and
 each file served as ``/openapi.json``. Fuzzed messages carry no valid signature, so none is
 taken: "positive data acceptance" is left out, as for the other signed servers."""
@@ -20,10 +20,12 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: 
 from svcard.host.trade.stack import TradeStack, start_trade  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "host" / "openapi"
-NAMES = {"am1": "trade-account-manager", "acq1": "trade-acquirer", "shop": "trade-merchant"}
+NAMES = {"am1": "trade-account-manager", "acq1": "trade-acquirer", "shop": "trade-merchant",
+         "mam1": "trade-merchant-account"}
 am_schema = schemathesis.openapi.from_path(SPECS / "trade-account-manager.yaml")
 acq_schema = schemathesis.openapi.from_path(SPECS / "trade-acquirer.yaml")
 ma_schema = schemathesis.openapi.from_path(SPECS / "trade-merchant.yaml")
+mam_schema = schemathesis.openapi.from_path(SPECS / "trade-merchant-account.yaml")
 FUZZ = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -66,3 +68,9 @@ def test_acquirer_conforms(case, stack: TradeStack) -> None:  # type: ignore[no-
 @FUZZ
 def test_merchant_conforms(case, stack: TradeStack) -> None:  # type: ignore[no-untyped-def]
     conforms(case, stack.url("shop"))
+
+
+@mam_schema.parametrize()
+@FUZZ
+def test_merchant_account_conforms(case, stack: TradeStack) -> None:  # type: ignore[no-untyped-def]
+    conforms(case, stack.url("mam1"))

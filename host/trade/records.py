@@ -76,9 +76,9 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
         for w in _rows(engine, D.am_withdrawals):
             seen.add(w["session"])
             withdrawals[w["currency"]] += w["amount"]
-            c = clearings.get(w["session"])
-            if c is None or c["withdrawal"] != w["amount"] or \
-                    c["currency_customer"] != w["currency"]:
+            cw = clearings.get(w["session"])
+            if cw is None or cw["withdrawal"] != w["amount"] or \
+                    cw["currency_customer"] != w["currency"]:
                 out.problems.append(f"{w['session']}: a withdrawal record the clearing does "
                                     "not match")
         reserved: dict[str, int] = defaultdict(int)
@@ -97,8 +97,9 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
         for d in _rows(engine, D.mam_deposits):
             paid.add(d["session"])
             deposits[d["currency"]] += d["amount"]
-            c = clearings.get(d["session"])
-            if c is None or c["paid"] != d["amount"] or c["currency_merchant"] != d["currency"]:
+            cd = clearings.get(d["session"])
+            if cd is None or cd["paid"] != d["amount"] or \
+                    cd["currency_merchant"] != d["currency"]:
                 out.problems.append(f"{d['session']}: a deposit record the clearing does not "
                                     "match")
     for session, c in clearings.items():

@@ -223,13 +223,10 @@ class Closer:
                                body.decode(), signature, envelope, self.a.now_ms())
         if got == "other":
             raise Refused(409, 409, f"session {session} has another {side} record")
-        if got == "closed" and row["state"] != D.CLEARED:
-            raise Refused(409, 409, f"session {session} is {row['state']}")
         if got == "closed":
-            raise Refused(409, 409, f"session {session} is cleared: a record comes too late")
-        cleared = None
-        if side == "customer":
-            cleared = await self.close(row, "terminated")
+            raise Refused(409, 409, f"session {session} is {row['state']}: a record comes "
+                                    "too late or for a session that never opened")
+        cleared = await self.close(row, "terminated", pull=side == "customer")
         answer: dict[str, Any] = {"session": session, "side": side, "taken": got}
         if cleared is not None:
             answer["clearing"] = json.loads(cleared["info"])
@@ -265,14 +262,14 @@ class Closer:
                              merchant.id, rec_body.decode(), answer.headers[S.SIGNATURE], "",
                              self.a.now_ms())
 
-    async def close(self, row: dict[str, Any], reason: str,
-                    force: bool = False) -> dict[str, Any] | None:
+    async def close(self, row: dict[str, Any], reason: str, force: bool = False,
+                    pull: bool = True) -> dict[str, Any] | None:
         """Clear ``row``'s session once both records are in (asking the merchant for its
-        own), or with what there is when ``force``."""
+        own when ``pull``), or with what there is when ``force``."""
         from ...kit.db import first_row
         session = row["session"]
-        if await self.a.sql(first_row, self.a.engine, D.acq_records, session=session,
-                            side="merchant") is None:
+        if pull and await self.a.sql(first_row, self.a.engine, D.acq_records, session=session,
+                                     side="merchant") is None:
             await self._pull(row, reason)
         sides = {r for r in ("merchant", "customer") if await self.a.sql(
             first_row, self.a.engine, D.acq_records, session=session, side=r) is not None}
