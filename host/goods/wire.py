@@ -186,12 +186,12 @@ def open_pin(private: bytes, sealed_hex: str, order: str, card: str) -> str | No
 Checker = Callable[[Any], bool]
 
 
-def _pattern(p: str) -> Checker:
+def pattern(p: str) -> Checker:
     compiled = re.compile(p)
     return lambda v: isinstance(v, str) and compiled.fullmatch(v) is not None
 
 
-def _int(low: int, high: int) -> Checker:
+def integer(low: int, high: int) -> Checker:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
 
@@ -199,25 +199,25 @@ def text(most: int) -> Checker:
     return lambda v: isinstance(v, str) and 1 <= len(v) <= most and v.isprintable()
 
 
-IDENT = _pattern(r"[A-Za-z0-9_.-]{1,32}")
-ORDER = _pattern(r"[0-9a-f]{32}")
+IDENT = pattern(r"[A-Za-z0-9_.-]{1,32}")
+ORDER = pattern(r"[0-9a-f]{32}")
 DEVICE = ORDER
-KEY = _pattern(r"[0-9a-f]{64}")
-SERIAL = _pattern(r"[0-9A-F]{20}")
-ISSUER = _pattern(r"[0-9A-F]{16}")
-RECORD = _pattern(r"[0-9A-F]{80}")
-CHALLENGE = _pattern(r"[0-9A-F]{8}|[0-9A-F]{16}")
-CHALLENGE_OR_NONE = _pattern(r"|[0-9A-F]{8}|[0-9A-F]{16}")
-APDU = _pattern(r"[0-9A-F]{10,600}")
-SEALED = _pattern(r"[0-9a-f]{120,200}")
-SIGNATURE_HEX = _pattern(r"[0-9a-f]{128}")
+KEY = pattern(r"[0-9a-f]{64}")
+SERIAL = pattern(r"[0-9A-F]{20}")
+ISSUER = pattern(r"[0-9A-F]{16}")
+RECORD = pattern(r"[0-9A-F]{80}")
+CHALLENGE = pattern(r"[0-9A-F]{8}|[0-9A-F]{16}")
+CHALLENGE_OR_NONE = pattern(r"|[0-9A-F]{8}|[0-9A-F]{16}")
+APDU = pattern(r"[0-9A-F]{10,600}")
+SEALED = pattern(r"[0-9a-f]{120,200}")
+SIGNATURE_HEX = pattern(r"[0-9a-f]{128}")
 GOOD_KEYS: Checker = lambda v: (isinstance(v, list) and len(v) <= 64     # noqa: E731
-                                and all(_pattern(r"[0-9A-F]{32}")(x) for x in v))
+                                and all(pattern(r"[0-9A-F]{32}")(x) for x in v))
 INNER: Checker = lambda v: isinstance(v, str) and 2 <= len(v) <= 4096    # noqa: E731
-AMOUNT = _int(1, 2**40)
-CURRENCY = _int(1, 999)
-SECONDS = _int(1, 2**40)
-SW = _int(0, 0xFFFF)
+AMOUNT = integer(1, 2**40)
+CURRENCY = integer(1, 999)
+SECONDS = integer(1, 2**40)
+SW = integer(0, 0xFFFF)
 BOOL: Checker = lambda v: isinstance(v, bool)                            # noqa: E731
 
 

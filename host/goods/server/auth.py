@@ -49,7 +49,7 @@ ROUTED_FIELDS: dict[str, W.Checker] = {"digital_order": W.INNER,
                                        "created": W.SECONDS}
 REGISTRATION_FIELDS: dict[str, W.Checker] = {"public_key": W.KEY, "label": W.text(64),
                                              "created": W.SECONDS}
-POLL_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "wait": W._int(0, 60),
+POLL_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "wait": W.integer(0, 60),
                                      "created": W.SECONDS}
 AUTH_FIELDS: dict[str, W.Checker] = {
     "order": W.ORDER, "device": W.DEVICE, "approve": W.BOOL, "card": W.SERIAL,

@@ -32,7 +32,7 @@ from .. import wire as W
 from ..config import Item
 from .common import PartyServer, handled, read_one
 
-PAID_FIELDS = {"order": W.ORDER, "state": W._pattern(r"paid|declined|refunded"),
+PAID_FIELDS = {"order": W.ORDER, "state": W.pattern(r"paid|declined|refunded"),
                "reason": W.text(200), "created": W.SECONDS}
 
 

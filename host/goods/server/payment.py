@@ -36,7 +36,7 @@ from .common import PartyServer, Unreachable, handled, read_one
 
 DIGITAL_FIELDS: dict[str, W.Checker] = {
     "order": W.ORDER, "merchant": W.IDENT, "sku": W.IDENT, "name": W.text(100),
-    "kind": W._pattern(r"ticket|coupon|transit|voucher"), "amount": W.AMOUNT,
+    "kind": W.pattern(r"ticket|coupon|transit|voucher"), "amount": W.AMOUNT,
     "currency": W.CURRENCY, "device": W.DEVICE, "record": W.RECORD, "created": W.SECONDS}
 RELAYED_FIELDS: dict[str, W.Checker] = {
     "order": W.ORDER, "device": W.DEVICE, "approve": W.BOOL, "card": W.SERIAL,
