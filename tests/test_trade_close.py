@@ -325,3 +325,34 @@ def test_a_faulty_report_on_either_side_is_detected(stack: TradeStack, side: str
             assert c["paid"] == 60          # the merchant's evidence: link 6 x 10 JPY
             wait_delivered(stack, s.session)
     books_clean(stack)
+
+
+def test_the_merchant_ends_a_session_from_the_command_line(stack: TradeStack,
+                                                           tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+
+    cfg = stack.merchants["shop"].config
+    acq = stack.parties["acq1"]
+    toml = tmp_path / "shop.toml"
+    toml.write_text(f'id = "shop"\nkey = "{cfg.private_key.hex()}"\ndb = "{cfg.db_url}"\n'
+                    f'currency = "JPY"\n[acquirer]\nid = "acq1"\nurl = "{acq.url}"\n'
+                    f'public_key = "{acq.public.hex()}"\n')
+    with httpx.Client(timeout=30) as http:
+        s = opened(stack, http)
+        C.buy(http, s, "song", 2)
+        r = CliRunner().invoke(main, ["session", "merchant-end", s.session, "--config",
+                                      str(toml)], prog_name="svcard")
+        assert r.exit_code == 0 and "ended (merchant): 1 purchases, 20 JPY" in r.output, \
+            r.output
+        assert cfg.private_key.hex() not in r.output
+        r = CliRunner().invoke(main, ["session", "merchant-end", "am1.999", "--config",
+                                      str(toml)], prog_name="svcard")
+        assert r.exit_code == 1 and "not a session of this merchant" in r.output
+        with pytest.raises(C.TradeError, match="409"):
+            C.buy(http, s, "song", 1)
+        c = C.close(http, s)["clearing"]
+        assert (c["outcome"], c["ended"], c["paid"]) == ("agreed", "merchant", 20)
+        wait_delivered(stack, s.session)
+    books_clean(stack)

@@ -13,6 +13,7 @@ A refusal exits 1, an unreachable server 11, a file that cannot be used 3.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -324,3 +325,36 @@ def show_cmd(state: Path, as_json: bool) -> None:
     s = _load(state)
     data = _summary(s)
     emit(as_json, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+@session.command("merchant-end")
+@click.argument("session_id", metavar="SESSION")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The merchant agent's TOML file (its key, database and acquirer).")
+@click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
+@json_option
+def merchant_end_cmd(session_id: str, config_path: Path, db_url: str | None,
+                     as_json: bool) -> None:
+    """The merchant ends SESSION: no more purchases; its signed record goes to the mediating
+    agent (which also asks for it itself at the session's end)."""
+    import asyncio
+
+    from .server.merchant import MerchantAgent
+
+    try:
+        config = server_config("merchant", config_path, db_url)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_INPUT)
+    assert not isinstance(config, (AccountManagerConfig, AcquirerConfig, MerchantAccountConfig))
+    agent = MerchantAgent(config)
+    try:
+        got = asyncio.run(agent.closer.end(session_id)) if M.SESSION(session_id) else None
+    finally:
+        agent.close()
+    if got is None:
+        fail(f"session {session_id}: not a session of this merchant", EXIT_DECLINED)
+    record = json.loads(got[0])
+    emit(as_json, record, f"session {session_id} ended ({record['ended']}): "
+                          f"{record['count']} purchases, "
+                          f"{Amount(record['total'], record['currency'])}")
