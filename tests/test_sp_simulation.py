@@ -59,8 +59,8 @@ from svcard.host.pay import client as C
 from svcard.host.pay import records as pay_records
 from svcard.host.pay.merchant import db as MD
 from svcard.host.pay.merchant.server import MerchantConfig, MerchantServer
-from svcard.host.pay.server.app import MerchantAccount
-from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.pay.server.app import MerchantAccount, PaymentServer
+from svcard.host.pay.stack import DEMO_MERCHANT_ID, Stack, psam_images, start_stack
 from svcard.host.settle import clearing as CL
 from svcard.host.settle import db as SDB
 from svcard.host.settle.audit import audit, card_balances
@@ -84,6 +84,8 @@ SHARED, OWN = "shared", "own"
 # merchant -> (its POS, the variant the SP asks for)
 MERCHANTS = {"MERCH001": (SHARED, None), "MERCH002": (SHARED, "fig5"), "MERCH003": (OWN, "fig8")}
 TERMINAL_OWN = bytes.fromhex("000000000002")
+# the shared POS's terminals: MERCH001's (the demo PSAMs') and MERCH002's
+TERMINAL_SHARED_A, TERMINAL_SHARED_B = bytes.fromhex("000000000001"), bytes.fromhex("000000000004")
 # the SP's retail prices; the ticket's wholesale price is agreed (the merchant asks 12.50)
 ITEMS = (("song", 120, None), ("ticket", 1300, 1250), ("article", 30, None))
 GOOD = ("ann", "ben", "cat", "dan")
@@ -197,19 +199,32 @@ class SpProcess:
 
 
 def add_merchant(system: System, name: str) -> Merchant:
-    """A second merchant on the system's payment server (the shared POS): its own key and
-    commerce server, the POS routes its payments by merchant id."""
-    mid, key = name.encode(), os.urandom(32)
-    server_cfg = system.pay.payment_server.config
-    server_cfg.merchants[mid] = MerchantAccount(mid, key, frozenset(M.VARIANTS.values()))
+    """A second merchant on the system's payment server (the shared POS, FIG. 4B): its own
+    key, commerce server and PSAM terminal (:data:`TERMINAL_SHARED_B`, 2 PSAMs joining the
+    pool); the POS routes each payment by merchant id to that merchant's terminal, so clearing
+    pays each merchant its own sum. The payment server starts again with both terminals."""
+    mid, key, pay = name.encode(), os.urandom(32), system.pay
+    config = pay.payment_server.config
+    variants = frozenset(M.VARIANTS.values())
+    config.merchants[DEMO_MERCHANT_ID] = MerchantAccount(DEMO_MERCHANT_ID, pay.shared_key,
+                                                         variants, TERMINAL_SHARED_A)
+    config.merchants[mid] = MerchantAccount(mid, key, variants, TERMINAL_SHARED_B)
+    folder = system.folder / "psams-b"
+    folder.mkdir()
+    readers = [m.reader for m in pay.payment_server.pool.members] + [
+        open_reader(f"virtual:{p}") for p in psam_images(folder, 2, TERMINAL_SHARED_B,
+                                                           first_serial=21)]
+    pay.payment.stop()
+    pay.payment_server = PaymentServer(config, readers)
+    pay.payment = ServerThread(pay.payment_server.app(), port=pay.payment.port).start()
     port = free_port()
     server = MerchantServer(MerchantConfig(
-        mid, key, system.pay.payment.url, system.pay.payment_server.pool.terminal_id,
+        mid, key, pay.payment.url, TERMINAL_SHARED_B,
         public_url=f"http://127.0.0.1:{port}", variants=frozenset({"fig5", "fig6", "fig8"}),
         db_url=f"sqlite:///{system.folder / f'merchant-{name}.db'}",
         max_open_per_client=10_000))
     thread = ServerThread(server.app(), port=port).start()
-    return Merchant(name, system.pay, server, thread, None, None, extra=True)  # type: ignore[arg-type]
+    return Merchant(name, pay, server, thread, None, None, extra=True)  # type: ignore[arg-type]
 
 
 def behind_proxy(m: Merchant) -> Merchant:
@@ -283,6 +298,12 @@ def write_clearing_config(path: Path) -> Path:
     base = fixture_path("clearing-demo.toml").read_text().replace(
         'profile = "demo-issuer.toml"', f'profile = "{fixture_path("demo-issuer.toml")}"')
     path.write_text(base + f'''
+[[terminal]]
+terminal_id = "{TERMINAL_SHARED_B.hex()}"
+batch_key = "311B7052A40A83B818D99E9EC07821C9"
+merchant_id = "{b"MERCH002".hex().upper()}"
+acquirer_id = "4143515530303031"
+
 [[terminal]]
 terminal_id = "{TERMINAL_OWN.hex()}"
 batch_key = "311B7052A40A83B818D99E9EC07821C9"
@@ -578,6 +599,10 @@ def check_books(system: System, own: Stack, merchants: dict[str, Merchant], sp: 
         clearing.dispose()
     assert sum(r["amount"] for r in cleared if r["card_serial"].lower() in purses
                and r["state"] == "cleared") == books["debits"]
+    for name in MERCHANTS:   # FIG. 4B: clearing pays each merchant what its POS confirmed
+        mid = name.encode().hex().upper()
+        assert sum(r["amount"] for r in cleared if r["merchant_id"].upper() == mid) == sum(
+            r["amount"] for r in confirmed if r["merchant_id"].upper() == mid) > 0, name
     readers = [open_reader(f"virtual:{c}") for c in (*cards, *purse_files)]
     for r in readers:
         r.connect()
