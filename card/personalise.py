@@ -239,6 +239,13 @@ def load_issuer(path: Path) -> Issuer:
     scheme = IssuerScheme(tuple(sorted((int(i, 16), a) for i, a in f.algorithm_ids.items())),
                           f.mac_scheme)
     goods = entries("goods_key", [f.goods_key])[0] if f.goods_key else None
+    purse_masters = {k.master_key for k in (*f.purchase_keys, *f.load_keys, *f.unload_keys,
+                                            *f.update_keys)} | {f.tac_master_key}
+    if goods is not None and goods.key in purse_masters:
+        # the fulfilment server holds the goods key: it must open no purse key
+        raise ProfileError(f"{path}: goods_key.master_key: the same as one of the issuer's "
+                           "purse master keys (the fulfilment server that holds it could "
+                           "then make the purse's MACs or TACs); give it a key of its own")
     return Issuer(f.issuer_id, entries("purchase_keys", f.purchase_keys),
                   entries("load_keys", f.load_keys), f.tac_master_key, f.diversify_by_issuer,
                   tuple(entries("unload_keys", f.unload_keys)),

@@ -5,11 +5,12 @@ fix (see the commit that adds it)."""
 from __future__ import annotations
 
 import copy
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import demo_image
+from conftest import demo_image, fixture_path
 from rawhost import DEMO_SERIAL
 from test_capp import CappHost, update_cache
 from test_loyalty import TWO_PROGRAMMES
@@ -17,7 +18,7 @@ from test_loyalty import write_profile as loyalty_profile
 from test_secure_write import challenge, goods_of, image, service  # noqa: F401 (fixture)
 
 from svcard.card.image import card_from_image
-from svcard.card.personalise import image_from_profile
+from svcard.card.personalise import ProfileError, image_from_profile, load_issuer
 from svcard.card.storage import ImageError
 from svcard.host.terminal.goods_key import GoodsKeyService
 from svcard.protocols import goods as G
@@ -96,3 +97,21 @@ def test_a_purse_image_with_a_fixed_random_off_its_size_is_refused() -> None:
     damaged = demo_image("iep", fixed_random="A1B2C3")
     with pytest.raises(ImageError, match=r"card\.json: app\.fixed_random: "):
         card_from_image(damaged, source="card.json")
+
+
+# --- 3. the goods key goes to the fulfilment server: it must open no purse key ----------------
+
+@pytest.mark.parametrize("section", ["load_keys", "purchase_keys", "tac_master_key"])
+def test_a_goods_master_key_equal_to_a_purse_master_key_is_refused(
+        tmp_path: Path, section: str) -> None:
+    """The fulfilment server's key service holds the issuer's goods master key; one equal to
+    the load master key would let it make load MAC2s for every card (money from nothing), to
+    a purchase key MAC1s, to the TAC key TACs."""
+    issuer = fixture_path("demo-issuer.toml").read_text()
+    doc = tomllib.loads(issuer)
+    same = doc[section] if section == "tac_master_key" else doc[section][0]["master_key"]
+    path = tmp_path / "issuer.toml"
+    path.write_text(issuer + f'\n[goods_key]\nindex = 1\nversion = 1\nmaster_key = "{same}"\n')
+    with pytest.raises(ProfileError, match=r"issuer\.toml: goods_key\.master_key: ") as caught:
+        load_issuer(path)
+    assert same.lower() not in str(caught.value).lower()
