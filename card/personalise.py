@@ -330,6 +330,10 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         tac, issuer_id = p.keys.tac, p.issuer_id
         g = p.keys.goods
         goods = KeyEntry(g.index, g.version, g.algorithm, g.key) if g else None
+        if g is not None and g.key in {tac} | {k.key for keys in (purchase, load, unload, update)
+                                               for k in keys.values()}:
+            raise ProfileError(f"{path}: keys.goods.key: the same as one of the card's purse "
+                               "keys; give it a key of its own")
     else:
         if p.issuer_id is not None:
             raise ProfileError(f"{path}: issuer_id: only with explicit keys (the issuer file "

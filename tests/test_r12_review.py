@@ -115,3 +115,21 @@ def test_a_goods_master_key_equal_to_a_purse_master_key_is_refused(
     with pytest.raises(ProfileError, match=r"issuer\.toml: goods_key\.master_key: ") as caught:
         load_issuer(path)
     assert same.lower() not in str(caught.value).lower()
+
+
+def test_an_explicit_goods_key_equal_to_a_card_purse_key_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "explicit.toml"
+    profile.write_text(f"""kind = "iep"
+app_serial = "00000000000000000009"
+start_date = 2026-01-01
+expiry_date = 2031-12-31
+issuer_id = "1000000000000001"
+[keys]
+tac = "{'11' * 16}"
+purchase = [{{ index = 1, key = "{'22' * 16}" }}]
+load = [{{ index = 1, key = "{'33' * 16}" }}]
+goods = {{ index = 2, version = 5, key = "{'33' * 16}" }}
+""")
+    with pytest.raises(ProfileError, match=r"explicit\.toml: keys\.goods\.key: ") as caught:
+        image_from_profile(profile)
+    assert "33" * 16 not in str(caught.value)
