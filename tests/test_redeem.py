@@ -29,6 +29,7 @@ from svcard.host.settle.clearing import run_clearing
 from svcard.host.settle.config import clearing_config
 from svcard.host.settle.db import make_engine
 from svcard.host.terminal import apdus
+from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import goods as G
 from svcard.protocols import purse as P
@@ -203,7 +204,9 @@ def test_validator_check_order() -> None:
 
 
 # --- a power cut during the redemption -----------------------------------------------------
-def _torn_redeem(kit: Kit, tear: Tear, fare: int) -> None:
+def _torn_redeem(kit: Kit, tear: Tear, fare: int, journal: Journal | None = None) -> None:
+    """A redemption whose DEBIT loses power at write step ``tear.cut_at``, or (cut_at None
+    with ``tear.lose`` set) whose DEBIT completes and its answer is lost."""
     card = open_card(kit.iep, tear=tear)
     reader = VirtualReader(card)
     reader.connect()
@@ -211,11 +214,14 @@ def _torn_redeem(kit: Kit, tear: Tear, fare: int) -> None:
 
     def exchange(apdu: bytes) -> Any:
         tear.armed = apdu[:2] == b"\x80\x54"    # DEBIT FOR CAPP PURCHASE: the only write
-        return real(apdu)
+        answer = real(apdu)
+        if tear.armed and getattr(tear, "lose", False):
+            raise PowerCut("the answer was lost")
+        return answer
     reader.exchange = exchange  # type: ignore[method-assign]
     try:
         with open_reader(f"virtual:{kit.psam}") as psam:
-            R.redeem(reader, psam, R.Choice(kind="transit"), fare)
+            R.redeem(reader, psam, R.Choice(kind="transit"), fare, journal=journal)
     finally:
         card.close()
 
@@ -256,6 +262,50 @@ def test_a_power_cut_during_a_redemption_leaves_both_or_neither(tmp_path: Path) 
         assert done.exit_code == 0, done.output
         assert json.loads(done.output)["good"]["rides_left"] == (1 if moved else 2)
     assert outcomes == [False] * 3 + [True] * 5    # committed once write 1 is renamed
+
+
+@pytest.mark.parametrize("interruption", ["cut-before-commit", "cut-after-commit",
+                                          "answer-lost"])
+def test_a_journalled_validator_never_takes_a_second_ride_for_one_tap(
+        tmp_path: Path, interruption: str) -> None:
+    """The rider taps, the tap is interrupted, the rider taps again at the same validator: one
+    ride in all, whether or not the first tap reached the card."""
+    kit = Kit(tmp_path)
+    kit.buy("9.00", (TRANSIT, good("transit", rides_left=3, rides_total=3)))
+    journal_path = tmp_path / "validator.jsonl"
+    tear = Tear({"cut-before-commit": 0, "cut-after-commit": 3, "answer-lost": None}[
+        interruption])
+    tear.lose = interruption == "answer-lost"  # type: ignore[attr-defined]
+    with pytest.raises(PowerCut):
+        _torn_redeem(kit, tear, 0, Journal(journal_path))
+    open_card(kit.iep).close()              # power back
+    landed = interruption != "cut-before-commit"
+    assert G.parse(kit.record(TRANSIT))["rides_left"] == (2 if landed else 3)
+    psam_before = kit.psam_records()
+    again = kit.redeem("--kind", "transit", "--journal", str(journal_path), "--json")
+    assert again.exit_code == 0, again.output
+    out = json.loads(again.output)
+    assert out["good"]["rides_left"] == 2                       # one ride, not two
+    assert out.get("finished_interrupted", False) is landed
+    assert len(kit.psam_records()) == len(psam_before) + (0 if landed else 1)
+    entry = next(iter(Journal(journal_path).entries().values()))   # the interrupted tap
+    assert entry["state"] == ("done" if landed else "abandoned")
+    if landed:        # the card's TAC for the PSAM's record that never got one
+        assert entry["finished_later"]
+        raw = bytes.fromhex(read_image(kit.psam)["app"]["records"][-1])
+        assert P.PsamRecord.parse(raw).tac == bytes(4)    # CREDIT SAM never came
+        assert entry["tac"] == plain_tac(demo_card_keys(DEMO_SERIAL)["dtk"],
+                                         tac_input(raw)).hex().upper()
+    # the next tap is a ride of its own; nothing left open
+    third = kit.redeem("--kind", "transit", "--journal", str(journal_path), "--json")
+    assert json.loads(third.output)["good"]["rides_left"] == 1
+    assert all(e["state"] in ("done", "abandoned")
+               for e in Journal(journal_path).entries().values())
+    # a tap the card refuses (it cannot pay the fare) is closed at once
+    refused = kit.redeem("--kind", "transit", "--fare", "500.00", "--journal",
+                         str(journal_path))
+    assert "insufficient balance for the fare" in refused.output
+    assert list(Journal(journal_path).entries().values())[-1]["state"] == "abandoned"
 
 
 # --- the PSAM batch and clearing -----------------------------------------------------------

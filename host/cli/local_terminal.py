@@ -28,6 +28,7 @@ from ..terminal.card_commands import (
     readers,
     trace_option,
 )
+from ..terminal.journal import Journal
 from ..terminal.money import Amount
 from ..terminal.points import points_commands
 
@@ -263,13 +264,17 @@ def _id_option(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option("--fare", callback=parse_amount_option, default=None, metavar="AMOUNT",
               help="The fare charged with it (default 0, a prepaid good): " + AMOUNT_HELP)
 @click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The validator's journal: a tap is journalled before the "
+              "card is written, and a card tapped again after an interrupted tap that went "
+              "through passes without a second ride.")
 @json_option
 @trace_option
 @at_option
 def terminal_redeem(card_spec: str, aid: bytes, psam_spec: str, good: bytes | None,
                     kind: str | None, issuer: bytes | None, fare: Amount | None,
-                    key_index: int, as_json: bool, trace_out: Path | None,
-                    at: dt.datetime | None) -> None:
+                    key_index: int, journal_path: Path | None, as_json: bool,
+                    trace_out: Path | None, at: dt.datetime | None) -> None:
     """A validator: use a good on the card (a ticket or voucher becomes used, a transit token
     loses one ride) in one composite purchase of the fare, recorded by the PSAM (type 09).
     A good that cannot be used is refused with its reason, and nothing is written."""
@@ -280,7 +285,8 @@ def terminal_redeem(card_spec: str, aid: bytes, psam_spec: str, good: bytes | No
                             trace_out=trace_out) as (card_r, psam_r):
         try:
             r = R.redeem(card_r, psam_r, choice, fare if fare is not None else 0,
-                         key_index=key_index, when=at, card_aid=aid)
+                         key_index=key_index, when=at, card_aid=aid,
+                         journal=Journal(journal_path) if journal_path else None)
         except R.Refused as refused:   # the reason on stdout too; one line on stderr
             if as_json:
                 emit(True, refused.to_json(), "")

@@ -22,6 +22,7 @@ spend). Every refusal comes before INITIALIZE, so nothing is written, debited or
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from ...protocols import goods as G
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader.base import Reader
+from ..terminal import apdus
 from ..terminal.capp import (
     DEFAULT_GOODS_SFIS,
     CappReceipt,
@@ -38,8 +40,16 @@ from ..terminal.capp import (
     capp_purchase,
     read_goods,
 )
+from ..terminal.journal import Journal
 from ..terminal.money import Amount
-from ..terminal.purse import Declined, TerminalCheckFailed, held, select_purse
+from ..terminal.purse import (
+    Declined,
+    TerminalCheckFailed,
+    held,
+    prove,
+    read_log_info,
+    select_purse,
+)
 
 NO_SUCH_GOOD = "no such good"
 EXPIRED = "expired"
@@ -207,29 +217,109 @@ class RedeemReceipt:
             f"{p.offline_counter}  TAC {p.tac}"])
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A tap the validator journalled but never heard the end of (a lost answer, a power cut,
+    the card pulled): the card shows the redemption went through, and nothing changed since.
+    The rider passes; nothing new is charged or written."""
+
+    sfi: int
+    record_number: int
+    after: bytes
+    charged: int
+    date: str
+    time: str
+    tac: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        good = GoodsEntry(self.sfi, self.record_number, self.after).to_json()
+        return {"redeemed": True, "finished_interrupted": True, "good": good,
+                "charged": self.charged, "date": self.date, "time": self.time, "tac": self.tac}
+
+    def text(self) -> str:
+        return (f"redeemed {_name(self.after)} (SFI {self.sfi:02X} record "
+                f"{self.record_number}): the interrupted tap of {self.date} {self.time} went "
+                f"through; nothing new charged or written")
+
+
+# a Declined at one of these steps means the card wrote nothing (its DEBIT never ran or refused)
+_BEFORE_COMMIT = ("SELECT PSAM", "READ TERMINAL ID", "READ PSAM CURRENCY",
+                  "INITIALIZE FOR CAPP PURCHASE", "UPDATE CAPP DATA CACHE", "INIT SAM FOR PURCHASE",
+                  "DEBIT FOR CAPP PURCHASE", "SELECT purse")
+
+
+def settle_interrupted(card: Reader, journal: Journal, serial: str,
+                       aid: bytes = P.DEFAULT_IEP_AID) -> Finished | None:
+    """Close this card's open redemptions in ``journal`` by what the card shows: one that
+    landed (a type-09 log record of its amount, date and time) is ``done``, any other
+    ``abandoned``. A landed one whose record is still as it left it is returned: the tap the
+    rider is repeating, to be let through without a second ride."""
+    entries = [e for e in journal.unfinished(serial) if e.get("flow") == "redeem"]
+    if not entries:
+        return None
+    log = read_log_info(card, aid)[1]
+    finished = None
+    for e in entries:
+        landed = [x for x in log if x.txn_type == P.TYPE_COMPOSITE_PURCHASE
+                  and x.amount == e["charged"] and (x.date, x.time) == (e["date"], e["time"])]
+        if not landed:
+            journal.write(e["txn_id"], "abandoned", reason="not on the card")
+            continue
+        proof = prove(card, P.TYPE_COMPOSITE_PURCHASE, landed[0].counter)
+        tac = proof[1].hex().upper() if proof else None
+        journal.write(e["txn_id"], "done", finished_later=True, tac=tac)
+        answer = card.exchange(apdus.read_goods_record(e["record_number"], e["sfi"]))
+        if answer.ok and answer.data.hex().upper() == e["after"]:
+            finished = Finished(e["sfi"], e["record_number"], answer.data, e["charged"],
+                                e["date"], e["time"], tac)
+    return finished
+
+
 @held
 def redeem(card: Reader, psam: Reader, choice: Choice, fare: int | Amount = 0, *,
            key_index: int = 1, when: dt.datetime | None = None,
            card_aid: bytes = P.DEFAULT_IEP_AID, psam_aid: bytes = P.DEFAULT_PSAM_AID,
-           sfis: Sequence[int] = DEFAULT_GOODS_SFIS) -> RedeemReceipt:
+           sfis: Sequence[int] = DEFAULT_GOODS_SFIS,
+           journal: Journal | None = None) -> RedeemReceipt | Finished:
     """Use one good the card holds (``choice``), paying ``fare`` (minor units or an
     :class:`Amount`, placed by the card's exponent) in the same composite purchase. Card and
-    PSAM are held for the whole of it. :class:`Refused` before anything is written."""
+    PSAM are held for the whole of it. :class:`Refused` before anything is written.
+
+    With a ``journal``, each tap is journalled before the card is written, and the card's next
+    tap first settles the open ones (:func:`settle_interrupted`): a repeated tap whose first
+    one went through is :class:`Finished`, not a second ride."""
     when = when or dt.datetime.now()
     info = select_purse(card, card_aid)
     info.check_dates(when.date())
     fare_minor = info.minor_units(fare)
+    if journal is not None:
+        finished = settle_interrupted(card, journal, info.app_serial, card_aid)
+        if finished is not None:
+            return finished
     entry = pick(read_goods(card, card_aid, sfis), choice, when.date())
     charged = charge_for(entry.record, fare_minor)
     after = used(entry.record)
     write = GoodsWrite(entry.sfi, after, entry.record_number)
+    txn = f"redeem-{info.app_serial}-{os.urandom(6).hex()}"
+    if journal is not None:
+        journal.write(txn, "redeem-sent", flow="redeem", card_serial=info.app_serial,
+                      sfi=entry.sfi, record_number=entry.record_number,
+                      before=entry.record.hex().upper(), after=after.hex().upper(),
+                      fare=fare_minor, charged=charged, date=P.bcd_date(when.date()).hex(),
+                      time=P.bcd_time(when).hex())
     try:
         receipt = capp_purchase(card, psam, charged, [write], key_index=key_index, when=when,
                                 card_aid=card_aid, psam_aid=psam_aid)
-    except Declined as exc:
-        if exc.step == "INITIALIZE FOR CAPP PURCHASE" and exc.sw == SW.INSUFFICIENT_FUNDS:
+    except (Declined, TerminalCheckFailed) as exc:
+        step = getattr(exc, "step", "")
+        if journal is not None and (not step or step.startswith(_BEFORE_COMMIT)):
+            journal.write(txn, "abandoned", reason=str(exc))   # the card wrote nothing
+        if step == "INITIALIZE FOR CAPP PURCHASE" and getattr(exc, "sw", 0) == \
+                SW.INSUFFICIENT_FUNDS:
             raise Refused(INSUFFICIENT, f"{_name(entry.record)}: the card cannot pay "
                                         f"{info.money(charged)}") from None
         raise
+    if journal is not None:
+        journal.write(txn, "done", tac=receipt.tac, counter=receipt.offline_counter)
     return RedeemReceipt(entry.sfi, entry.record_number, entry.record, after, fare_minor,
                          receipt)
