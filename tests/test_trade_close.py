@@ -356,3 +356,93 @@ def test_the_merchant_ends_a_session_from_the_command_line(stack: TradeStack,
         assert (c["outcome"], c["ended"], c["paid"]) == ("agreed", "merchant", 20)
         wait_delivered(stack, s.session)
     books_clean(stack)
+
+
+def test_raced_records_and_replayed_clearings_clear_once(stack: TradeStack) -> None:
+    """16 copies of the customer's record and 16 of the merchant's, sent at once: one
+    clearing, one set of postings, one withdrawal and one deposit."""
+    import threading
+
+    with httpx.Client(timeout=30) as http:
+        s = opened(stack, http)
+        C.buy(http, s, "song", 3)
+        C.terminate(http, s)
+        cbody, cheaders = C.record(s)
+        mrow = first_row(stack.merchants["shop"].engine, D.ma_records, session=s.session)
+        assert mrow is not None
+        mheaders = {S.SIGNATURE: mrow["signature"], S.SIGNER: "shop"}
+    answers: list[int] = []
+
+    def send(i: int) -> None:
+        with httpx.Client(timeout=60) as h:
+            if i % 2:
+                r = h.post(f"{stack.am.url}/v1/sessions/{s.session}/record", content=cbody,
+                           headers=cheaders)
+            else:
+                r = h.post(f"{stack.url('acq1')}/v1/records",
+                           content=mrow["body"].encode(), headers=mheaders)
+            answers.append(r.status_code)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers.count(200) == 32, answers
+    wait_delivered(stack, s.session)
+    with stack.acquirer.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(D.acq_postings).where(
+            D.acq_postings.c.event == "clearing")).scalar_one() == 7
+    b = books_clean(stack)
+    assert b.deposits == {"JPY": 30}
+
+
+def test_truncated_forged_and_misaimed_end_and_clearing_messages(stack: TradeStack) -> None:
+    with httpx.Client(timeout=30) as http:
+        s = opened(stack, http)
+        C.buy(http, s, "song", 1)
+        acq = stack.acquirer.config
+        end = {"acquirer": "acq1", "merchant": "shop", "session": s.session,
+               "reason": "timeout", "created": int(time.time())}
+        url = f"{stack.url('shop')}/v1/sessions/{s.session}/end"
+        body, headers = S.signed(S.new_key()[0], "acq1", S.END, end)
+        assert http.post(url, content=body, headers=headers).status_code == 401   # forged
+        body, headers = S.signed(acq.private_key, "acq1", S.END, end)
+        assert http.post(url, content=body[:-5], headers=headers).status_code == 400
+        other = {**end, "merchant": "kiosk"}
+        body2, headers2 = S.signed(acq.private_key, "acq1", S.END, other)
+        assert http.post(url, content=body2, headers=headers2).status_code == 403
+        stale = {**end, "created": int(time.time()) - 3600}
+        body3, headers3 = S.signed(acq.private_key, "acq1", S.END, stale)
+        assert http.post(url, content=body3, headers=headers3).status_code == 401
+        assert first_row(stack.merchants["shop"].engine, D.ma_records,
+                         session=s.session) is None
+        first = http.post(url, content=body, headers=headers)
+        again = http.post(url, content=body, headers=headers)
+        assert first.status_code == again.status_code == 200
+        assert first.content == again.content     # the record is made once
+        rec = K.parse_record(first.content)
+        assert (rec["ended"], rec["index"], rec["total"]) == ("timeout", 1, 10)
+        # the record truncated on its way to the acquirer
+        sig = {S.SIGNATURE: first.headers[S.SIGNATURE], S.SIGNER: "shop"}
+        assert push(stack, http, first.content[:-9], sig).status_code == 400
+        # clearing information not from the mediating agent, or for another AM
+        fake = {"acquirer": "acq9", "session": s.session}
+        r = http.post(f"{stack.am.url}/v1/clearings", content=json.dumps(fake).encode(),
+                      headers={S.SIGNATURE: "00" * 64, S.SIGNER: "acq9"})
+        assert r.status_code == 400
+        r = http.post(f"{stack.url('mam1')}/v1/clearings", content=b"{",
+                      headers={S.SIGNATURE: "00" * 64, S.SIGNER: "acq1"})
+        assert r.status_code == 400
+        c = C.close(http, s)["clearing"]
+        assert c["outcome"] == "agreed" and c["paid"] == 10
+        info = wait_delivered(stack, s.session)
+        misaimed = json.loads(info["info"]) | {"account_manager": "am2"}
+        mbody, mheaders = S.signed(acq.private_key, "acq1", S.CLEARING, misaimed)
+        assert http.post(f"{stack.am.url}/v1/clearings", content=mbody,
+                         headers=mheaders).status_code == 403
+        forged = json.loads(info["info"]) | {"withdrawal": 0}
+        fbody, fheaders = S.signed(S.new_key()[0], "acq1", S.CLEARING, forged)
+        assert http.post(f"{stack.url('mam1')}/v1/clearings", content=fbody,
+                         headers=fheaders).status_code == 401
+    books_clean(stack)
