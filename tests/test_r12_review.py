@@ -7,8 +7,9 @@ from __future__ import annotations
 import copy
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import pytest
 from conftest import demo_image, fixture_path
 from rawhost import DEMO_SERIAL
@@ -17,11 +18,16 @@ from test_loyalty import TWO_PROGRAMMES
 from test_loyalty import write_profile as loyalty_profile
 from test_secure_write import challenge, goods_of, image, service  # noqa: F401 (fixture)
 
-from svcard.card.image import card_from_image
+from svcard.card.image import card_from_image, open_card
 from svcard.card.personalise import ProfileError, image_from_profile, load_issuer
 from svcard.card.storage import ImageError
+from svcard.host.goods.stack import make_card, start_goods
+from svcard.host.terminal.capp import read_goods
 from svcard.host.terminal.goods_key import GoodsKeyService
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import goods as G
+from svcard.protocols.apdu import ResponseAPDU
+from svcard.reader.base import Reader
 
 TICKETS, TRANSIT = 0x11, 0x13
 ISSUER = bytes.fromhex("2000000000000002")
@@ -133,3 +139,55 @@ goods = {{ index = 2, version = 5, key = "{'33' * 16}" }}
     with pytest.raises(ProfileError, match=r"explicit\.toml: keys\.goods\.key: ") as caught:
         image_from_profile(profile)
     assert "33" * 16 not in str(caught.value)
+
+
+# --- 1b. the same attack through the real servers (seed 000 stack on loopback) ----------------
+
+class LyingDevice:
+    """The device's reader, as a cheating device sees the card: the card takes the goods write
+    but the device reports 6A82; at pick-up READ RECORD of the goods files shows nothing."""
+
+    def __init__(self, inner: Reader) -> None:
+        self.inner = inner
+
+    def exchange(self, apdu: bytes) -> ResponseAPDU:
+        answer = self.inner.exchange(apdu)
+        if apdu[:2] == b"\x04\xdc" or (apdu[:2] == b"\x00\xb2" and apdu[3] >> 3 != 0x18):
+            return ResponseAPDU(b"", 0x6A82)
+        return answer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_through_the_servers_a_lying_device_cannot_win_back_a_used_ticket(
+        tmp_path: Path) -> None:
+    stack = start_goods(tmp_path / "servers")
+    try:
+        serial = 70_012
+        stack.account("acc1", serial, balance=10_000)
+        card = make_card(tmp_path, serial)
+        device = stack.device()
+        with httpx.Client() as http:
+            assert stack.order(http, "ticket", device).status_code == 200
+        [first] = device.poll(wait=5)
+        with open_reader(f"virtual:{card}") as reader:
+            out = device.authorise(cast(Reader, LyingDevice(reader)), first, "123456")
+        assert out.sw == 0x6A82 and not out.written       # the card took it all the same
+        with open_reader(f"virtual:{card}") as reader:     # the validator uses the ticket
+            [held] = read_goods(reader)
+        used = held.record[:1] + bytes([G.STATUS_USED]) + held.record[2:]
+        opened = open_card(card)
+        try:
+            host = CappHost(opened, bytes.fromhex(f"{serial:020d}"))
+            host.select()
+            validator_use(host, held.sfi, held.record_number, used)
+        finally:
+            opened.close()
+        with open_reader(f"virtual:{card}") as reader:     # pick-up: "the card has nothing"
+            [again] = device.pickup(cast(Reader, LyingDevice(reader)))
+        assert again.order == first.order   # the server handed the same write out again
+        with open_reader(f"virtual:{card}") as reader:
+            assert [g.record for g in read_goods(reader)] == [used]
+    finally:
+        stack.close()
