@@ -1,7 +1,9 @@
 """``svcard demo``: the main job on embedded defaults, as a readable story and as data: a card
-loaded and paying at a local terminal, then over the network (bank, load server, payment
-server, merchant), the service provider paying for a customer without a card (seed 001),
-cleared, and audited."""
+loaded and paying at a local terminal, goods bought onto it by a composite purchase, listed
+and one ride used (seed 000); then over the network (bank, load server, payment server,
+merchant), loyalty points earned and spent on the card's programme and audited in points (seed
+002 FIG. 16), the service provider paying for a customer without a card (seed 001), cleared,
+and audited; and a trading session's micropayments, cleared (seed 004)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from ..pay.client import pay
 from ..terminal import purse as T
 from ..terminal.journal import Journal
 from ..terminal.reader_specs import open_reader
+from .goods_story import run_goods
+from .points_story import run_points
 from .sp_story import run_sp
 from .system import card_image, start_system
+from .trade_story import run_trade
 
 DEMO_LOAD_TERMINAL = bytes.fromhex("000000000099")
 
@@ -76,10 +81,14 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
     lines.append(f"Card balance now {money(balance)}; log, newest first:")
     lines += [f"  {e.date} {e.time}  {e.type_name:<12} {money(e.amount):>10}  counter "
               f"{e.counter}" for e in log]
+    goods = run_goods(paths["iep"], paths["psam"], lines, money)
     network = _network(folder, lines, money, load_amount)
+    trade_lines, trade = run_trade(folder / "trade")
+    lines += trade_lines
     return Story("\n".join(lines), {
         "folder": str(folder), "load": loaded.to_json(), "purchase": bought.to_json(),
-        "balance": balance, "log": [e.__dict__ for e in log], "network": network})
+        "balance": balance, "log": [e.__dict__ for e in log], "goods": goods,
+        "network": network, "trade": trade})
 
 
 def _network(folder: Path, lines: list[str], money: Callable[[int], str],
@@ -87,7 +96,7 @@ def _network(folder: Path, lines: list[str], money: Callable[[int], str],
     """Seed FIG. 4-9 and 17-18 on loopback: a second card is loaded from a bank account, pays
     in each variant, the PSAM batches are cleared, and the audit balances."""
     system = start_system(folder / "network", psams=2)
-    card_path = card_image(folder, "network-card.json", ep=0)
+    card_path = card_image(folder, "network-card.json", ep=0, profile="iep-miles-demo.toml")
     secret = system.load.account("demo", 100_000, "demo-secret")
     lines.append(
         f"Network: bank {system.load.bank.url} and load server {system.load.load.url} (a "
@@ -125,6 +134,7 @@ def _network(folder: Path, lines: list[str], money: Callable[[int], str],
                     f"{money(outcome.balance_after)}; {outcome.round_trips} round trips, "
                     f"{ms:.0f} ms; goods: {outcome.goods}")
                 out["purchases"].append({**outcome.to_json(), "ms": round(ms, 1)})
+            out["points"] = run_points(folder / "points", card, lines, http, journal)
             out["sp"] = run_sp(system, lines, money, http)
         batches = system.close_batches()
         report = system.run_clearing()

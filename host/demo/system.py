@@ -28,12 +28,13 @@ if TYPE_CHECKING:
 
 
 def card_image(folder: Path, name: str = "card.json", ep: int = 10_000,
-               serial: int | None = None) -> Path:
-    """A demo purse card; ``serial`` gives it its own application serial (and so its own
-    diversified keys); by default it is derived from ``name``."""
+               serial: int | None = None, profile: str = "iep-demo.toml") -> Path:
+    """A demo purse card (from the fixture ``profile``; iep-miles-demo.toml adds a loyalty
+    programme); ``serial`` gives it its own application serial (and so its own diversified
+    keys); by default it is derived from ``name``."""
     if serial is None:
         serial = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
-    image = image_from_profile(fixture_path("iep-demo.toml"), app_serial=f"{serial:020d}")
+    image = image_from_profile(fixture_path(profile), app_serial=f"{serial:020d}")
     image["app"]["ep"]["balance"] = ep
     path = folder / name
     save_new_image(path, image, overwrite=True)
