@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ...kit.db import step
+from ...kit.db import first_row, step
 from ...kit.http import Refused, read_body
 from .. import closing as K
 from .. import db as D
@@ -157,9 +157,9 @@ def due(engine: Engine, now: int, grace_ms: int) -> list[dict[str, Any]]:
 class Closer:
     def __init__(self, acquirer: Acquirer) -> None:
         self.a = acquirer
+        self.sending: set[asyncio.Task[None]] = set()   # deliveries under way (kept alive)
 
     async def _row(self, session: str) -> dict[str, Any]:
-        from ...kit.db import first_row
         row = await self.a.sql(first_row, self.a.engine, D.acq_sessions, session=session)
         if row is None or not row["merchant"]:
             raise Refused(404, 404, f"no session {session}")
@@ -230,7 +230,9 @@ class Closer:
         answer: dict[str, Any] = {"session": session, "side": side, "taken": got}
         if cleared is not None:
             answer["clearing"] = json.loads(cleared["info"])
-            asyncio.get_running_loop().create_task(self.deliver(cleared))
+            task = asyncio.get_running_loop().create_task(self.deliver(cleared))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
         return JSONResponse(answer)
 
     async def _pull(self, row: dict[str, Any], reason: str) -> None:
@@ -266,7 +268,6 @@ class Closer:
                     pull: bool = True) -> dict[str, Any] | None:
         """Clear ``row``'s session once both records are in (asking the merchant for its
         own when ``pull``), or with what there is when ``force``."""
-        from ...kit.db import first_row
         session = row["session"]
         if pull and await self.a.sql(first_row, self.a.engine, D.acq_records, session=session,
                                      side="merchant") is None:
