@@ -333,3 +333,129 @@ def test_redemptions_go_out_in_the_psam_batch_and_through_clearing(tmp_path: Pat
     assert report.records_cleared == 2 and report.total_paid == 2400 + 200
     states = report.batches[0]["counts"]
     assert states == {"cleared": 2, "skipped": 2}   # the 0-fare rides move no money
+
+
+# --- randomised: many taps on many goods ------------------------------------------------------
+def test_random_taps_consume_only_usable_goods_and_refusals_write_nothing() -> None:
+    """Random goods (kinds, statuses, dates, rides, two issuers) bought in one composite
+    purchase, then random taps (by kind, good id, issuer; a random clock; a fare now and then,
+    some beyond the balance). Each tap's outcome is checked against a plain model: a success
+    changes exactly the good the model picks (and the balance by the charge, the PSAM by one
+    record), a refusal names the model's reason and changes nothing. SVCARD_REDEEM_TAPS
+    (default 80) and SVCARD_REDEEM_SEED replay a run."""
+    import datetime as dt
+    import os
+    import random
+
+    from svcard.card.image import card_from_image
+    from svcard.host.terminal.capp import GoodsWrite, capp_purchase
+
+    seed = int(os.environ.get("SVCARD_REDEEM_SEED", "20261122"))
+    taps = int(os.environ.get("SVCARD_REDEEM_TAPS", "80"))
+    print(f"redeem randomised: seed {seed}, {taps} taps")
+    rng = random.Random(seed)
+    card = card_from_image(with_balance(demo_image("iep"), ep=1_000_000))
+    psam_card = card_from_image(demo_image("psam"))
+    reader, psam = VirtualReader(card), VirtualReader(psam_card)
+    reader.connect()
+    psam.connect()
+    issuers = [bytes.fromhex("4D45524348414E54"), bytes.fromhex("5452414E53495431")]
+    sfi_of = {"ticket": TICKETS, "coupon": COUPONS, "transit": TRANSIT, "voucher": VOUCHERS}
+
+    def day(n: int) -> bytes:
+        return P.bcd_date(dt.date(2026, 1, 1) + dt.timedelta(days=n))
+
+    model: dict[tuple[int, int], bytes] = {}
+    for kind, sfi in sfi_of.items():
+        for number in range(1, 5):
+            start = rng.randrange(0, 700)
+            fields: dict[str, Any] = {
+                "issuer_id": rng.choice(issuers), "good_id": rng.randrange(1, 7).to_bytes(8, "big"),
+                "valid_from": day(start), "valid_to": day(start + rng.randrange(0, 400)),
+                "status": rng.choice([G.STATUS_VALID] * 5 + [G.STATUS_USED, G.STATUS_EXPIRED,
+                                                             G.STATUS_VOID])}
+            if kind == "transit":
+                fields.update(rides_left=rng.randrange(0, 4), rides_total=3, fare=300)
+            if kind == "coupon":
+                fields.update(value=rng.randrange(0, 500), min_spend=rng.randrange(0, 800))
+            model[(sfi, number)] = good(kind, **fields)
+    when0 = dt.datetime(2026, 6, 1, 12, 0, 0)
+    items = list(model.items())   # 8 records a composite purchase at most
+    for i in range(0, len(items), 8):
+        capp_purchase(reader, psam, 1, [GoodsWrite(sfi, rec, n) for (sfi, n), rec in
+                                        items[i:i + 8]], when=when0)
+    balance, psam_records, successes = 1_000_000 - 2, 2, 0
+    reasons: set[str] = set()
+
+    def usable(rec: bytes, today: bytes) -> str | None:
+        rides = int.from_bytes(rec[26:28], "big") if rec[0] == G.TAG_TRANSIT else None
+        if rec[1] == G.STATUS_VOID:
+            return "void"
+        if rec[1] == G.STATUS_USED:
+            return "empty token" if rides == 0 else "already used"
+        if rec[1] == G.STATUS_EXPIRED or today > rec[22:26]:
+            return "expired"
+        if today < rec[18:22]:
+            return "not yet valid"
+        return "empty token" if rides == 0 else None
+
+    for tap in range(taps):
+        when = when0 + dt.timedelta(days=rng.randrange(-150, 500), seconds=tap)
+        if tap % 10 == 9:   # a good bought again into a random record: the run never dries up
+            key = rng.choice(sorted(model))
+            kind = G.KIND_OF_TAG[model[key][0]]
+            start = (when.date() - dt.date(2026, 1, 1)).days - rng.randrange(0, 30)
+            extra: dict[str, Any] = ({"rides_left": 3, "rides_total": 3, "fare": 300}
+                                     if kind == "transit" else {})
+            model[key] = good(kind, rng.randrange(1, 7), issuer_id=rng.choice(issuers),
+                              valid_from=day(start), valid_to=day(start + 60), **extra)
+            capp_purchase(reader, psam, 1, [GoodsWrite(key[0], model[key], key[1])], when=when)
+            balance, psam_records = balance - 1, psam_records + 1
+        today = P.bcd_date(when.date())
+        kind = rng.choice([None, "ticket", "coupon", "transit", "voucher"])
+        good_id = rng.choice([None, None, rng.randrange(1, 8).to_bytes(8, "big")])
+        if kind is None and good_id is None:
+            kind = "transit"
+        issuer = rng.choice([None, None, None, *issuers])
+        fare = rng.choice([0, 0, 0, 250, 900, 5_000_000])   # the last beyond the balance
+        choice = R.Choice(good_id=good_id, kind=kind, issuer_id=issuer)
+        matching = [(k, r) for k, r in model.items() if choice.matches(r)]
+        ok = sorted((r[22:26], k) for k, r in matching if usable(r, today) is None)
+        expected: str | None = None
+        if not matching:
+            expected = "no such good"
+        elif not ok:
+            expected = usable(matching[0][1], today)
+        else:
+            key = ok[0][1]
+            rec = model[key]
+            charge = fare
+            if rec[0] == G.TAG_COUPON:
+                value, floor = (int.from_bytes(rec[x:x + 4], "big") for x in (26, 30))
+                expected = "fare below the coupon's minimum spend" if fare < floor else None
+                charge = fare - min(fare, value)
+            if expected is None and charge > balance:
+                expected = "insufficient balance for the fare"
+        before = (card.apps[0].to_state(), psam_card.apps[0].to_state()["records"])
+        try:
+            receipt = R.redeem(reader, psam, choice, fare, when=when)
+        except R.Refused as refused:
+            assert refused.reason == expected, (seed, tap, refused, expected)
+            reasons.add(refused.reason)
+            after = (card.apps[0].to_state(), psam_card.apps[0].to_state()["records"])
+            assert after == before, (seed, tap)
+            continue
+        assert expected is None, (seed, tap, expected)
+        assert isinstance(receipt, R.RedeemReceipt)
+        assert (receipt.sfi, receipt.record_number) == key, (seed, tap)
+        model[key] = R.used(rec)
+        balance -= charge
+        psam_records += 1
+        successes += 1
+        state = card.apps[0].to_state()
+        assert state["ep"]["balance"] == balance
+        files = {f["sfi"]: f["data"] for f in state["goods"]["files"]}
+        assert all(files[s].get(str(n)) == r.hex().upper() for (s, n), r in model.items())
+    assert len(psam_card.apps[0].to_state()["records"]) == psam_records
+    print(f"  {successes} redeemed, refused for: {', '.join(sorted(reasons))}")
+    assert successes >= taps // 20 and len(reasons) >= min(5, taps // 10), (successes, reasons)
