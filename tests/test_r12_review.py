@@ -5,6 +5,7 @@ fix (see the commit that adds it)."""
 from __future__ import annotations
 
 import copy
+import time
 import tomllib
 from pathlib import Path
 from typing import Any, cast
@@ -20,14 +21,15 @@ from test_secure_write import challenge, goods_of, image, service  # noqa: F401 
 
 from svcard.card.image import card_from_image, open_card
 from svcard.card.personalise import ProfileError, image_from_profile, load_issuer
-from svcard.card.storage import ImageError
+from svcard.card.storage import ImageError, read_image
+from svcard.host.goods import wire as W
 from svcard.host.goods.stack import make_card, start_goods
 from svcard.host.terminal.capp import read_goods
 from svcard.host.terminal.goods_key import GoodsKeyService
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import goods as G
 from svcard.protocols.apdu import ResponseAPDU
-from svcard.reader.base import Reader
+from svcard.reader.base import CardRemovedError, Reader
 
 TICKETS, TRANSIT = 0x11, 0x13
 ISSUER = bytes.fromhex("2000000000000002")
@@ -191,3 +193,61 @@ def test_through_the_servers_a_lying_device_cannot_win_back_a_used_ticket(
             assert [g.record for g in read_goods(reader)] == [used]
     finally:
         stack.close()
+
+
+class LinkCutBeforeWrite:
+    """The victim's reader: the link fails as the goods write goes out (the card never saw
+    it), so the good waits at the fulfilment server for the card's next contact."""
+
+    def __init__(self, inner: Reader) -> None:
+        self.inner = inner
+
+    def exchange(self, apdu: bytes) -> ResponseAPDU:
+        if apdu[:2] == b"\x04\xdc":
+            raise CardRemovedError("the card was pulled")
+        return self.inner.exchange(apdu)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.xfail(strict=True, reason="host/goods/server/fulfil.py _claim hands a pick-up any "
+                   "good of the card named, whatever device asks (not R-12's file): see report")
+def test_another_device_cannot_claim_and_mark_written_someone_elses_good(
+        tmp_path: Path) -> None:
+    """A pick-up names the card by its serial (public: EF 0x15, the FCI) and any device can
+    register itself. If the fulfilment server hands such a device the write of another
+    customer's pending good and takes its '9000' for it, the good is marked written without
+    ever reaching the card: neither the good nor a refund for the customer who paid."""
+    clock = [time.time()]
+    stack = start_goods(tmp_path / "servers", clock=lambda: clock[0])
+    try:
+        serial = 70_013
+        stack.account("acc1", serial, balance=10_000)
+        card = make_card(tmp_path, serial)
+        victim = stack.device()
+        with httpx.Client() as http:
+            assert stack.order(http, "ticket", victim).status_code == 200
+        [first] = victim.poll(wait=5)
+        with open_reader(f"virtual:{card}") as reader, pytest.raises(CardRemovedError):
+            victim.authorise(cast(Reader, LinkCutBeforeWrite(reader)), first, "123456")
+        clock[0] += stack.system.issue_lease + 1          # the write's lease runs out
+        attacker = stack.device()                         # anyone may register a device
+        now = int(clock[0])
+        claim = attacker._post("/v1/pickups", W.PICKUP, {
+            "device": attacker.id, "card": f"{serial:020d}", "issuer": first_issuer(card),
+            "challenge": "00000000", "held": [], "created": now})
+        if claim.get("apdu") is not None:
+            attacker._post("/v1/written", W.WRITTEN, {
+                "order": claim["order"], "device": attacker.id, "card": f"{serial:020d}",
+                "sw": 0x9000, "created": now})
+        with open_reader(f"virtual:{card}") as reader:     # the customer's next contact
+            victim.pickup(reader)
+        with open_reader(f"virtual:{card}") as reader:
+            assert len(read_goods(reader)) == 1
+    finally:
+        stack.close()
+
+
+def first_issuer(card: Path) -> str:
+    return read_image(card)["app"]["public_data"][:16]
