@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import demo_image, with_balance
 from plain import demo_card_keys, plain_tac
 from rawhost import DEMO_SERIAL
-from test_capp import good
+from test_capp import CappHost, good, update_cache
 from test_persistence import Tear
 
 from svcard.card.image import open_card, save_new_image
@@ -74,6 +74,23 @@ class Kit:
 
     def both(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.app(), read_image(self.psam)["app"]
+
+
+def test_the_card_takes_a_zero_amount_composite_purchase() -> None:
+    """PBOC practice (an ETC entry station's 80 50 03 02 0B 01 00000000 ... then 80 DC and a
+    0-amount DEBIT): amount 0 is a composite purchase like any other, checked the plain way:
+    MAC2 and TAC over amount 0, the counter counted, a type-09 log record, the record written."""
+    from svcard.card.image import card_from_image
+    card = card_from_image(with_balance(demo_image("iep"), ep=0))   # an empty purse too
+    host = CappHost(card)
+    host.select()
+    used_ticket = R.used(good())
+    host.capp(0, [update_cache(TICKETS, 1, used_ticket)])   # checks MAC2 and the TAC
+    assert host.read_good(TICKETS, 1) == (used_ticket, 0x9000)
+    state = card.apps[0].to_state()
+    assert state["ep"]["balance"] == 0 and state["ep"]["offline_counter"] == 1
+    log = bytes.fromhex(state["log"][0])
+    assert log[9] == P.TYPE_COMPOSITE_PURCHASE and log[5:9] == bytes(4)
 
 
 def test_a_ticket_is_redeemed_once_then_refused(tmp_path: Path) -> None:
