@@ -4,7 +4,10 @@ a field left out takes the default of ``PaymentConfig`` or ``MerchantConfig``.""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +39,12 @@ from .merchant.server import MerchantConfig
 from .server.app import MerchantAccount, PaymentConfig
 
 Variant = Annotated[str, one_of(M.VARIANTS)]
+# a payment-server node (docs/deploy-nodes.md): its name (the lease holder's id is this name, the
+# process id and a nonce, joined by '#') and how long a PSAM lease lasts without renewal
+NODE_NAME = r"^[A-Za-z0-9_.-]{1,60}$"
+NodeName = Annotated[str, Field(pattern=NODE_NAME)]
+MIN_LEASE, MAX_LEASE = 1.0, 3600.0
+LeaseSeconds = Annotated[float, Field(ge=MIN_LEASE, le=MAX_LEASE)]
 
 
 class MerchantEntry(Section):
@@ -57,6 +66,8 @@ class PaymentFile(Section):
     max_holds_per_client: PosInt | None = None
     admin_token: SecretText | None = None
     concentration_dir: str | None = None
+    node_name: NodeName | None = None
+    lease_seconds: LeaseSeconds | None = None
 
 
 class PonEntry(Section):
@@ -102,6 +113,30 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
                                           m.terminal_id)
     settings = f.model_dump(exclude_none=True, exclude={"merchant", "db"})
     return PaymentConfig(merchants, **settings, **db_setting(f.db, db_url))
+
+
+def node_options(config: PaymentConfig, node: str | None,
+                 lease_seconds: str | None) -> PaymentConfig:
+    """``svcard serve payment --node NAME --lease-seconds S`` over the file's ``node_name`` and
+    ``lease_seconds``; a bad value is a :class:`ConfigError` naming the option."""
+    if node is not None:
+        if not re.fullmatch(NODE_NAME, node):
+            raise ConfigError(f"--node: {node[:80]!r} is not a node name (1 to 60 letters, "
+                              "digits, '_', '.' or '-')")
+        config = dataclasses.replace(config, node_name=node)
+    if lease_seconds is not None:
+        try:
+            value = float(lease_seconds)
+        except ValueError:
+            value = math.nan
+        if not MIN_LEASE <= value <= MAX_LEASE:   # NaN fails too
+            raise ConfigError(f"--lease-seconds: {lease_seconds[:40]!r} is not a number of "
+                              f"seconds from {MIN_LEASE:g} to {MAX_LEASE:g}")
+        if not config.node_name:
+            raise ConfigError("--lease-seconds: only for a node (give --node NAME or "
+                              "node_name in the configuration)")
+        config = dataclasses.replace(config, lease_seconds=value)
+    return config
 
 
 def merchant_config(path: Path, db_url: str | None = None) -> MerchantConfig:

@@ -28,7 +28,7 @@ import httpx
 
 from ...reader import CardConnectionError, Reader
 from ..kit.serving import free_port
-from ..terminal.reader_specs import open_reader
+from ..terminal.reader_specs import SCHEMES, ReaderSpecError, open_reader, shown_spec
 
 
 @dataclass
@@ -158,14 +158,39 @@ class OnDemandReader(Reader):
             inner.disconnect()
 
 
+def node_readers(specs: list[str] | tuple[str, ...]) -> list[Reader]:
+    """A node's PSAMs (``svcard serve payment --node``) as :class:`OnDemandReader`s, checked
+    without opening any (another node may hold one now): a spec svcard cannot read, one
+    named twice, too long for the lease table's slot, or a virtual image that is not there is
+    a :class:`ReaderSpecError` (the command line: one line, exit 3)."""
+    seen: set[str] = set()
+    for spec in specs:
+        shown = shown_spec(spec)
+        scheme, sep, rest = spec.partition(":")
+        while scheme == "delayed" and sep:   # delayed:MS:SPEC wraps another spec
+            _, sep, rest = rest.partition(":")
+            scheme, sep, rest = rest.partition(":")
+        if not sep or not rest or scheme not in SCHEMES:
+            raise ReaderSpecError(f"--psam {shown!r}: not SCHEME:TARGET with a scheme of "
+                                  f"{', '.join(s + ':' for s in SCHEMES)}")
+        if len(spec) > 300:   # psam_leases.slot
+            raise ReaderSpecError(f"--psam {shown[:60]!r}...: longer than 300 characters")
+        if spec in seen:
+            raise ReaderSpecError(f"--psam {shown!r} is named twice")
+        seen.add(spec)
+        if scheme == "virtual" and not Path(rest).is_file():
+            raise ReaderSpecError(f"--psam {shown!r}: no PSAM image at {rest}")
+    return [OnDemandReader(spec) for spec in specs]
+
+
 def find_nginx() -> str | None:
     return shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
 
 
-def nginx_config(prefix: Path, port: int, upstreams: list[str]) -> str:
+def nginx_config(prefix: Path, port: int, upstreams: list[str], host: str = "127.0.0.1") -> str:
     """An nginx configuration: the nodes (``HOST:PORT``) as one upstream, everything under
-    ``prefix``."""
+    ``prefix``, listening on ``host:port``."""
     servers = "\n".join(f"    server {u} max_fails=0;" for u in upstreams)
     temps = "\n".join(f"  {kind}_temp_path {prefix / kind};"
                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -181,7 +206,7 @@ http {{
     keepalive 32;
   }}
   server {{
-    listen 127.0.0.1:{port};
+    listen {host}:{port};
     client_max_body_size 64k;
     location / {{
       proxy_pass http://payment_nodes;
