@@ -141,6 +141,30 @@ def test_a_token_gives_three_rides_and_the_fourth_is_refused(tmp_path: Path) -> 
     assert [r.amount for r in kit.psam_records()] == [900, 0, 0, 0]
 
 
+def test_on_the_wire_a_redemption_is_one_composite_purchase(tmp_path: Path) -> None:
+    """The card's trace: goods read by READ RECORD, then INITIALIZE FOR CAPP PURCHASE of 0,
+    ONE UPDATE CAPP DATA CACHE of the used record by its record number, DEBIT FOR CAPP
+    PURCHASE; the PSAM's trace: INIT SAM FOR PURCHASE of type 09, CREDIT SAM FOR PURCHASE."""
+    kit = Kit(tmp_path)
+    kit.buy("15.00", (TICKETS, good()))
+    trace = tmp_path / "redeem.jsonl"
+    done = kit.redeem("--good", "1", "--trace-out", str(trace))
+    assert done.exit_code == 0, done.output
+    card = [bytes.fromhex(json.loads(x)["command"]) for x in trace.read_text().splitlines()
+            if '"command"' in x]
+    psam = [bytes.fromhex(json.loads(x)["command"])
+            for x in trace.with_name("redeem.psam.jsonl").read_text().splitlines()
+            if '"command"' in x]
+    values = [c for c in card if c[:2] in (b"\x80\x50", b"\x80\xDC", b"\x80\x54")]
+    assert [c[:4].hex().upper() for c in values] == ["80500302", "80DC018C", "80540100"]
+    assert values[0][6:10] == bytes(4)                          # the amount: 0
+    assert values[1][4] == G.RECORD_SIZE and values[1][5:] == R.used(good())
+    assert any(c[:2] == b"\x00\xB2" and c[3] == (TICKETS << 3) | 4 for c in card)
+    init_sam = next(c for c in psam if c[:2] == b"\x80\x70")
+    assert init_sam[5 + 10] == P.TYPE_COMPOSITE_PURCHASE         # after random, counter, amount
+    assert any(c[:2] == b"\x80\x72" for c in psam)
+
+
 @pytest.mark.parametrize(("record", "args", "reason"), [
     (good(valid_to=bytes.fromhex("20261231")), ["--good", "1"], "expired"),
     (good(status=G.STATUS_EXPIRED), ["--good", "1"], "expired"),
