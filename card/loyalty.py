@@ -227,6 +227,7 @@ class CardFacts:
     expiry: dt.date
     uid: bytes | None
     fixed_random: bytes | None
+    purse_keys: frozenset[bytes] = frozenset()   # the purse's card keys: no programme shares one
 
 
 def programmes_from_profile(entries: Sequence[LoyaltyProfile], card: CardFacts, path: Path,
@@ -239,6 +240,7 @@ def programmes_from_profile(entries: Sequence[LoyaltyProfile], card: CardFacts, 
     out: list[dict[str, Any]] = []
     aids: list[bytes] = [card.aid]
     names: set[str] = set()
+    taken = set(card.purse_keys)   # card keys of the purse and of the programmes before
     for i, e in enumerate(entries):
         where = f"{path}: loyalty[{i}]"
         if e.programme in names:
@@ -253,6 +255,14 @@ def programmes_from_profile(entries: Sequence[LoyaltyProfile], card: CardFacts, 
                         f"got {e.points}")
         issuer_id, purchase, load, tac, scheme = _keys(e, card.serial, path, where,
                                                        load_issuer, error)
+        own = {tac} | {k.key for k in (*purchase.values(), *load.values())}
+        if own & taken:
+            # a load HSM or PSAM of the programme would then make MACs the purse (or another
+            # programme) accepts: points turned into money by a client choosing the AID
+            raise error(f"{where}.{'keys' if e.keys is not None else 'issuer'}: a key of this "
+                        "programme is one of the purse's or another programme's on this card; "
+                        "points and money (and two programmes) never share keys")
+        taken |= own
         uid = card.uid if mac_schemes.scheme(scheme).uid_size else None
         if mac_schemes.scheme(scheme).uid_size and uid is None:
             raise error(f"{where}.issuer: its MAC scheme {scheme} needs the card's uid")

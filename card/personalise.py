@@ -279,9 +279,16 @@ def image_from_profile(path: str | Path, **overrides: Any) -> dict[str, Any]:
         image["loyalty"] = programmes_from_profile(
             profile.loyalty, CardFacts(profile.aid or DEFAULT_IEP_AID, profile.app_serial,
                                        profile.start_date, profile.expiry_date, profile.uid,
-                                       profile.fixed_random),
+                                       profile.fixed_random, _card_keys(app_state)),
             path, load_issuer, ProfileError)
     return image
+
+
+def _card_keys(app: dict[str, Any]) -> frozenset[bytes]:
+    """Every key of a purse's image state (``app``): purse keys, TAC key, goods key."""
+    entries = [*app["purchase_keys"], *app["load_keys"], *app["unload_keys"],
+               *app["update_keys"], *([app["goods_key"]] if app.get("goods_key") else [])]
+    return frozenset({bytes.fromhex(app["tac_key"])} | {bytes.fromhex(k["key"]) for k in entries})
 
 
 def _issuers(profile: Profile, path: Path) -> list[Issuer]:

@@ -251,3 +251,29 @@ def test_another_device_cannot_claim_and_mark_written_someone_elses_good(
 
 def first_issuer(card: Path) -> str:
     return read_image(card)["app"]["public_data"][:16]
+
+
+# --- 4. a programme whose card keys are the purse's would turn points into money --------------
+
+def test_a_programme_with_the_purses_keys_is_refused(tmp_path: Path) -> None:
+    """The points issuer file below reuses the money issuer's master keys (under another
+    issuer id, with unit = "points"): the points load server's HSM would then make load
+    MAC2s the money purse accepts (a client selects the purse's AID in a points load: money
+    from points), and a points PSAM MAC1s that spend money."""
+    profile = loyalty_profile(tmp_path, TWO_PROGRAMMES)
+    money = (tmp_path / "demo-issuer.toml").read_text()
+    (tmp_path / "miles-issuer.toml").write_text(
+        money.replace('issuer_id = "1000000000000001"', 'issuer_id = "2000000000000001"\n'
+                      'unit = "points"'))
+    with pytest.raises(ProfileError, match=r"iep\.toml: loyalty\[0\]\.issuer: ") as caught:
+        image_from_profile(profile)
+    assert "836909A138FAA7577D7B94C561F98D24" not in str(caught.value)
+
+
+def test_two_programmes_with_the_same_keys_are_refused(tmp_path: Path) -> None:
+    profile = loyalty_profile(tmp_path, TWO_PROGRAMMES)
+    miles = (tmp_path / "miles-issuer.toml").read_text()
+    (tmp_path / "hotel-issuer.toml").write_text(
+        miles.replace('issuer_id = "2000000000000001"', 'issuer_id = "3000000000000001"'))
+    with pytest.raises(ProfileError, match=r"iep\.toml: loyalty\[1\]\.issuer: "):
+        image_from_profile(profile)
