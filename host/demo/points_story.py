@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,6 @@ from ...card.image import save_new_image
 from ...card.personalise import image_from_profile
 from ...fixtures import fixture_path
 from ...reader.base import Reader
-from ..kit.serving import ServerThread
 from ..load.client import load
 from ..load.stack import LoadStack, start_load_stack
 from ..pay.client import pay
@@ -29,6 +27,7 @@ from ..pay.stack import Stack, start_stack
 from ..terminal.journal import Journal
 from ..terminal.points import points_balance
 from ..terminal.reader_specs import open_reader
+from .system import ask_to_stop, servers
 
 if TYPE_CHECKING:
     from ..settle.audit import AuditReport
@@ -110,16 +109,9 @@ def run_points(folder: Path, card: Reader, lines: list[str], http: httpx.Client,
                 "points_after": after.count, "clearing": report.to_json(),
                 "audit": result.to_json()}
     finally:
-        ask_to_stop([web.payment, web.merchant, programme.bank, programme.load])
+        ask_to_stop(servers(web, programme))
         web.close()
         programme.close()
-
-
-def ask_to_stop(servers: Iterable[ServerThread]) -> None:
-    """Tell every server to stop before waiting for any: each one's stop waits for its loop's
-    next turn (about 0.1 s), so the waits overlap instead of adding up."""
-    for server in servers:
-        server.server.should_exit = True
 
 
 def _clear(folder: Path, load_db: object) -> ClearingReport:

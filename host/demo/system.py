@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ import httpx
 from ...card.image import save_new_image
 from ...card.personalise import image_from_profile
 from ...fixtures import fixture_path
+from ..kit.serving import ServerThread
 from ..load.stack import LoadStack, start_load_stack
 from ..pay.stack import Stack, start_stack
 from ..sp.purses.pool import PursePoolConfig
@@ -126,8 +128,21 @@ class System:
 
     def close(self) -> None:
         self.close_sp()
+        ask_to_stop(servers(self.pay, self.load))
         self.pay.close()
         self.load.close()
+
+
+def servers(pay: Stack, load: LoadStack) -> list[ServerThread]:
+    """The server threads of a payment stack (with its added merchants) and a load stack."""
+    return [pay.payment, pay.merchant, *(m.thread for m in pay.merchants), load.bank, load.load]
+
+
+def ask_to_stop(threads: Iterable[ServerThread]) -> None:
+    """Tell every server to stop before waiting for any: each one's stop waits for its loop's
+    next turn (about 0.1 s), so the waits overlap instead of adding up."""
+    for thread in threads:
+        thread.server.should_exit = True
 
 
 def start_system(folder: Path, *, psams: int = 2, bank_db: str | None = None,

@@ -18,7 +18,7 @@ import httpx
 from ..trade import customer as C
 from ..trade.money import Amount
 from ..trade.stack import start_trade
-from .points_story import ask_to_stop
+from .system import ask_to_stop
 
 PURCHASES = (("song", 3), ("article", 1), ("map", 5))   # item, PayWord links (10 JPY each)
 
