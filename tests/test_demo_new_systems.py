@@ -112,3 +112,24 @@ def test_the_story_shows_each_new_system_in_its_place(demo: Story) -> None:
     assert "card 1300 pts + settled 1200 = opening 0 + earned 2500: clean" in text
     assert "9 of 10 rides left" in text
     json.dumps(demo.data)          # --json prints all of it
+
+
+def test_goods_the_card_cannot_pay_are_skipped_with_nothing_written(tmp_path: Path) -> None:
+    from svcard.card.image import save_new_image
+    from svcard.card.personalise import image_from_profile
+    from svcard.fixtures import fixture_path
+    from svcard.host.demo.goods_story import run_goods
+
+    paths = {}
+    for kind in ("iep", "psam"):
+        paths[kind] = tmp_path / f"{kind}.json"
+        save_new_image(paths[kind], image_from_profile(fixture_path(f"{kind}-demo.toml")))
+    image = read_image(paths["iep"])
+    image["app"]["ep"]["balance"] = 2_499         # a cent short of the goods' 25.00
+    save_new_image(paths["iep"], image, overwrite=True)
+    lines: list[str] = []
+    out = run_goods(paths["iep"], paths["psam"], lines, lambda n: f"CNY {n / 100:.2f}")
+    assert out == {"skipped": "insufficient funds", "price": 2_500}
+    assert "skipped, the card cannot pay their CNY 25.00" in lines[-1]
+    app = read_image(paths["iep"])["app"]
+    assert app["ep"]["balance"] == 2_499 and describe_goods(app) == []

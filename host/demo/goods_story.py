@@ -14,8 +14,10 @@ from typing import Any
 
 from ...protocols import goods as G
 from ...protocols import purse as P
+from ...protocols import sw as SW
 from ..goods.redeem import Choice, RedeemReceipt, redeem
 from ..terminal.capp import GoodsWrite, capp_purchase, good_line, read_goods
+from ..terminal.purse import Declined
 from ..terminal.reader_specs import open_reader
 
 METRO = b"METRO001"          # the transit operator: issuer of the token (8 bytes)
@@ -45,7 +47,14 @@ def run_goods(card_path: Path, psam_path: Path, lines: list[str],
     writes = demo_goods(when.date())
     with open_reader(f"virtual:{card_path}") as card, \
             open_reader(f"virtual:{psam_path}") as psam:
-        bought = capp_purchase(card, psam, price, writes, when=when)
+        try:
+            bought = capp_purchase(card, psam, price, writes, when=when)
+        except Declined as exc:   # a small --load-amount: the card refused, nothing written
+            if exc.sw != SW.INSUFFICIENT_FUNDS:
+                raise
+            lines.append(f"GOODS (seed 000): skipped, the card cannot pay their "
+                         f"{money(price)} (a larger --load-amount shows them); nothing written")
+            return {"skipped": "insufficient funds", "price": price}
         listed = read_goods(card)
         ride = redeem(card, psam, Choice(good_id=TOKEN_ID, kind="transit"), 0)
         if not isinstance(ride, RedeemReceipt):   # only a journalled tap finishes an old one
