@@ -2,18 +2,14 @@
 one node at a time (issue 16, point 4; docs/deploy-nodes.md tells the whole design).
 
 Tables (schema stamp ``psam_leases``): ``psam_leases`` (per PSAM slot, i.e. its reader spec:
-holder, expiry in ms, a fencing token that only grows), ``psam_lease_history`` (every lease
-taken: the audit of "one node at a time") and ``pay_nodes`` (heartbeats). A lease is taken by
-ONE conditional UPDATE (free or expired) that bumps the token, renewed by one UPDATE naming
-the holder. Every write for a PSAM's transaction carries :class:`Fence` and is refused in the
-same statement once the token is stale (:data:`FENCE`: ``EXISTS (... FOR SHARE)``, so on
-PostgreSQL a take waits for a fenced write in flight). Confirmations carry no fence: they
-depend on no PSAM's state and any node may take them (compare-and-set on the row's state).
-
-:class:`LeasedPsamPool` holds only the PSAMs this node leases; :class:`LeaseKeeper` runs every
-``lease_seconds / 3``: heartbeat, renew, drop what was lost, settle the draws of nodes no
-longer alive (:meth:`PaymentDb.recover`), take PSAMs up to this node's share, give back the
-rest.
+holder, expiry in ms on the database's clock, a fencing token that only grows),
+``psam_lease_history`` (the audit of "one node at a time") and ``pay_nodes`` (heartbeats). A
+lease is taken by ONE conditional UPDATE (free or expired) that bumps the token, renewed by one
+UPDATE naming the holder. Every write for a PSAM's transaction carries :class:`Fence` and is
+refused in the same statement once the token is stale (:data:`FENCE`). :class:`LeasedPsamPool`
+holds only the PSAMs this node leases; :class:`LeaseKeeper` runs every ``lease_seconds / 3``:
+heartbeat, renew, drop what was lost, settle the draws of nodes no longer alive, take PSAMs up
+to this node's share, give back the rest.
 """
 
 from __future__ import annotations
@@ -43,8 +39,10 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ....reader import Reader
@@ -105,6 +103,18 @@ class Fence:
         return {"f_slot": self.slot, "f_node": self.node, "f_token": self.token}
 
 
+_CLOCKS = {"postgresql": text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS "
+                               "BIGINT)"),   # the database's clock, ms since the epoch
+           "sqlite": text("SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)")}
+
+
+def db_now(conn: Connection) -> int:
+    """The time every lease statement uses: the database's clock (ms since the epoch), so a
+    node whose own clock is off neither takes a lease early nor renews one into the past."""
+    query = _CLOCKS.get(conn.dialect.name)
+    return now_ms() if query is None else int(conn.execute(query).scalar_one())
+
+
 def node_id(name: str) -> str:
     """A node's id: its configured name and this process's incarnation (a restarted node is
     a new holder: it waits for its old leases to expire like any other node)."""
@@ -120,19 +130,16 @@ class LeaseStore:
 
     def ensure(self, slots: list[str]) -> None:
         for slot in slots:
-            try:
-                with step(self.engine) as conn:
-                    if conn.execute(select(psam_leases.c.slot).where(
-                            psam_leases.c.slot == slot)).first() is None:
-                        conn.execute(insert(psam_leases).values(slot=slot, node=None, token=0,
-                                                                expires=0))
-            except IntegrityError:  # another node made it meanwhile
-                pass
+            with contextlib.suppress(IntegrityError), step(self.engine) as conn:  # (raced)
+                if conn.execute(select(psam_leases.c.slot).where(
+                        psam_leases.c.slot == slot)).first() is None:
+                    conn.execute(insert(psam_leases).values(slot=slot, node=None, token=0,
+                                                            expires=0))
 
     def heartbeat(self, node: str, window_ms: int) -> list[str]:
         """Stamp this node alive; the nodes alive (seen within ``window_ms``), this one too."""
-        now = now_ms()
         with step(self.engine) as conn:
+            now = db_now(conn)
             if not conn.execute(update(pay_nodes).where(pay_nodes.c.node == node).values(
                     seen=now)).rowcount:
                 conn.execute(insert(pay_nodes).values(node=node, seen=now, started=now))
@@ -141,8 +148,8 @@ class LeaseStore:
 
     def renew(self, node: str, ttl_ms: int) -> dict[str, int]:
         """Extend every lease ``node`` holds: {slot: token} of those it still holds."""
-        until = now_ms() + ttl_ms
         with step(self.engine) as conn:
+            until = db_now(conn) + ttl_ms
             held = {str(r[0]): int(r[1]) for r in conn.execute(
                 update(psam_leases).where(psam_leases.c.node == node).values(expires=until)
                 .returning(psam_leases.c.slot, psam_leases.c.token))}
@@ -155,8 +162,8 @@ class LeaseStore:
     def take(self, slot: str, node: str, ttl_ms: int) -> tuple[int, str | None] | None:
         """Take ``slot`` if it is free or its lease expired, in one statement: (the new token,
         the node it was taken from), or None if another node holds it."""
-        now = now_ms()
         with step(self.engine) as conn:
+            now = db_now(conn)
             before = conn.execute(select(psam_leases).where(
                 psam_leases.c.slot == slot)).first()
             row = conn.execute(update(psam_leases).where(
@@ -176,10 +183,9 @@ class LeaseStore:
                 until=now + ttl_ms))
         return token, previous
 
-    def release(self, slot: str, node: str, token: int) -> bool:
-        """Give the lease back (its PSAM already closed); False if it was no longer ours."""
-        now = now_ms()
+    def release(self, slot: str, node: str, token: int) -> bool:  # False: no longer ours
         with step(self.engine) as conn:
+            now = db_now(conn)
             done = conn.execute(update(psam_leases).where(
                 psam_leases.c.slot == slot, psam_leases.c.node == node,
                 psam_leases.c.token == token).values(node=None, expires=0)).rowcount
@@ -189,7 +195,7 @@ class LeaseStore:
                     ended=now, until=now))
         return bool(done)
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> list[dict[str, Any]]:   # the audit, in slot and token order
         with reading(self.engine) as conn:
             return [dict(r._mapping) for r in conn.execute(
                 select(lease_history).order_by(lease_history.c.slot, lease_history.c.token))]
@@ -204,15 +210,14 @@ class LeasedPsamPool(PsamPool):
         self.serving: dict[int, float] = {}   # member index -> monotonic time its lease ends
         self.tokens: dict[int, int] = {}
         self._leaving: dict[int, asyncio.Event] = {}
-        self.busy: set[int] = set()
-        self._terminal_id = b""
+        self.busy, self._terminal_id = set[int](), b""
 
     @property
     def psams(self) -> list[PooledPsam]:
         return [m for m in self.members if m.index in self.serving]
 
     @property
-    def terminal_id(self) -> bytes:
+    def terminal_id(self) -> bytes:   # the terminal of the PSAMs it served (one for all)
         return self._terminal_id
 
     async def start(self) -> None:   # nothing opened until leased
@@ -279,10 +284,7 @@ class LeasedPsamPool(PsamPool):
 
 
 def _drain(queue: asyncio.Queue[PooledPsam]) -> list[PooledPsam]:
-    out = []
-    while not queue.empty():
-        out.append(queue.get_nowait())
-    return out
+    return [queue.get_nowait() for _ in range(queue.qsize())]
 
 
 Sql = Callable[..., Awaitable[Any]]
@@ -294,9 +296,8 @@ class LeaseKeeper:
     def __init__(self, store: LeaseStore, pool: LeasedPsamPool, name: str, lease_seconds: float,
                  sql: Sql, settle: Callable[[list[str]], int]) -> None:
         self.store, self.pool, self.sql, self.settle = store, pool, sql, settle
-        self.node = node_id(name)
-        self.ttl_ms = int(lease_seconds * 1000)
-        self.lease_seconds = lease_seconds
+        self.node, self.lease_seconds, self.ttl_ms = node_id(name), lease_seconds, int(
+            lease_seconds * 1000)
         self.slots = [m.reader.name for m in pool.members]
         self.alive: list[str] = []
         self._task: asyncio.Task[None] | None = None
