@@ -277,3 +277,16 @@ def test_two_programmes_with_the_same_keys_are_refused(tmp_path: Path) -> None:
         miles.replace('issuer_id = "2000000000000001"', 'issuer_id = "3000000000000001"'))
     with pytest.raises(ProfileError, match=r"iep\.toml: loyalty\[1\]\.issuer: "):
         image_from_profile(profile)
+
+
+def test_a_sessions_repr_shows_no_session_key() -> None:
+    """The INITIALIZE awaiting its DEBIT holds the session key (SESPK): its repr, which a
+    traceback or a log line may show, must not."""
+    from svcard.card.iep_commands.session import Session
+    from svcard.card.keys import KeyEntry
+
+    secret = bytes.fromhex("0123456789ABCDEF")
+    s = Session(kind=1, purse_id=2, txn_type=6, key=KeyEntry(1, 1, 0, bytes(16)), amount=1,
+                terminal_id=bytes(6), random=bytes(4), counter=0, balance=0, session_key=secret)
+    assert secret.hex() not in repr(s).lower() and "0123456789abcdef" not in repr(s).lower()
+    assert "session_key" not in repr(s)

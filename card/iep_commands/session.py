@@ -8,7 +8,7 @@ whatever the answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...protocols import purse as P
@@ -37,7 +37,7 @@ class Session:
     random: bytes
     counter: int
     balance: int
-    session_key: bytes = b""
+    session_key: bytes = field(default=b"", repr=False)   # a key: never in a repr
 
 
 def read_initialize(iep: Iep, cmd: CommandAPDU) -> tuple[Any, Purse, bytes]:
