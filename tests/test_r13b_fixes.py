@@ -3,10 +3,14 @@ failed on the code before its fix."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
+from sqlalchemy import func, select
 from test_attack_pay import Attacker, from_address
 
 from svcard.host.demo.system import card_image
@@ -14,6 +18,11 @@ from svcard.host.kit.serving import ServerThread
 from svcard.host.pay import client as C
 from svcard.host.pay.server.app import MerchantAccount, PaymentServer
 from svcard.host.pay.stack import DEMO_MERCHANT_ID, Stack, psam_images, start_stack
+from svcard.host.sp import db as D
+from svcard.host.sp import signing as S
+from svcard.host.sp.customers import add_customer
+from svcard.host.sp.server.pon import set_merchant_key
+from svcard.host.sp.stack import SpStack, demo_config, start_sp
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import messages as M
@@ -82,3 +91,89 @@ def test_one_client_cannot_hold_a_merchants_psams_on_a_shared_pos(
             assert time.monotonic() - started < 5
     finally:
         stack.close()
+
+
+# --- 2. a customer's signature names the SP it is for ------------------------------------------
+class NeverPays:
+    def pay(self, *_a: Any, **_k: Any) -> Any:
+        raise AssertionError("an order signed for another SP reached the payment")
+
+
+def orders_at(sp: SpStack) -> int:
+    with sp.server.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(D.orders)).scalar_one())
+
+
+@pytest.fixture
+def two_sps(tmp_path: Path) -> Any:
+    """Two SPs, "sp-a" and "sp-b", where ivy has an account with ONE key at both; sp-b holds
+    merchant SHOP's key (the copy) and pays nothing (any payment is the break)."""
+    sps = []
+    for name in ("sp-a", "sp-b"):
+        config = demo_config(tmp_path / name, "http://127.0.0.1:9",
+                             merchants={"SHOP": "http://127.0.0.1:9"})
+        config.name = name
+        sps.append(start_sp(config, NeverPays()))
+    private, public = S.new_key()
+    merchant_private, merchant_public = S.new_key()
+    for sp in sps:
+        add_customer(sp.server.engine, "ivy", public, 10_000, sp.config.currency_code)
+        set_merchant_key(sp.server.engine, "SHOP", merchant_public, 0)
+    try:
+        yield sps, private, merchant_private
+    finally:
+        for sp in sps:
+            sp.close()
+
+
+def test_an_order_signed_for_one_sp_is_refused_at_another(
+        two_sps: Any, http: httpx.Client) -> None:
+    """ivy's order, PON order, order placed at a merchant and lookup, each signed for sp-a and
+    sent (by whoever saw it: sp-a, the merchant, the path) to sp-b within the 300 s: before,
+    sp-b took each as ivy's (the signed bytes named no SP; the order key is unique per SP
+    only) and went on to pay; now each is 401 and sp-b records nothing."""
+    (_sp_a, sp_b), key, merchant_key = two_sps
+    url = sp_b.url
+    order, h1 = S.signed_order(key, "ivy", "MERCH001", "song", sp="sp-a")
+    pon, h2 = S.signed_pon_order(key, "ivy", "SHOP", "ab" * 16, max_amount=500, sp="sp-a")
+    look, h3 = S.signed_lookup(key, "ivy", "cd" * 16, sp="sp-a")
+    at_merchant, customer_sig = S.signed_merchant_order(key, "ivy", "SHOP", "song",
+                                                        sp="sp-a")
+    copy = json.dumps({"merchant": "SHOP", "pon": "ef" * 16, "sku": "song", "item": "song",
+                       "amount": 99, "currency_code": 156, "created": int(time.time()),
+                       "order": at_merchant.decode(), "customer_signature": customer_sig},
+                      separators=(",", ":"), sort_keys=True).encode()
+    merchant_sig = S.sign(merchant_key, copy, S.COPY_DOMAIN)
+    answers = {
+        "order": http.post(f"{url}/v1/orders", content=order, headers=h1),
+        "pon": http.post(f"{url}/v1/orders/pon", content=pon, headers=h2),
+        "lookup": http.post(f"{url}/v1/orders/lookup", content=look, headers=h3),
+        "copy": http.post(f"{url}/v1/orders/copy", content=copy,
+                          headers={S.MERCHANT_HEADER: merchant_sig})}
+    got = {k: (a.status_code, a.json().get("reason", "")[:80]) for k, a in answers.items()}
+    print("sp-b's answers to requests signed for sp-a:", got)
+    assert {k: c for k, (c, _r) in got.items()} == dict.fromkeys(answers, 401), got
+    assert all("sp-a" in reason for _c, reason in got.values()), got
+    assert orders_at(sp_b) == 0
+    # the same requests signed for sp-b are taken (and reach the payment: NeverPays)
+    order, h1 = S.signed_order(key, "ivy", "MERCH001", "song", sp="sp-b")
+    assert http.post(f"{url}/v1/orders", content=order, headers=h1).status_code != 401
+    assert orders_at(sp_b) == 1
+
+
+def test_a_version_1_signature_is_refused(two_sps: Any, http: httpx.Client) -> None:
+    """The labels are version 2 (they cover the SP's name): an order in the version 1 form
+    (no ``sp``) is 400, and a version 2 body signed under the version 1 label is 401; either
+    way nothing is recorded."""
+    (sp_a, _sp_b), key, _merchant_key = two_sps
+    old = json.dumps({"customer": "ivy", "merchant": "MERCH001", "sku": "song",
+                      "order_key": "12" * 16, "created": int(time.time())},
+                     separators=(",", ":"), sort_keys=True).encode()
+    old_sig = S.sign(key, old, b"svcard-sp-order/1\n")
+    r = http.post(f"{sp_a.url}/v1/orders", content=old, headers={S.HEADER: old_sig})
+    assert r.status_code == 400 and "sp" in r.json()["reason"], r.text
+    new, _h = S.signed_order(key, "ivy", "MERCH001", "song", sp="sp-a")
+    r = http.post(f"{sp_a.url}/v1/orders", content=new,
+                  headers={S.HEADER: S.sign(key, new, b"svcard-sp-order/1\n")})
+    assert r.status_code == 401, r.text
+    assert orders_at(sp_a) == 0

@@ -302,10 +302,14 @@ def orders_cmd(db_url: str, state: str | None, with_log: bool, as_json: bool) ->
               help="The customer's private key file (from `sp customer add --key-out`).")
 @click.option("--merchant", required=True, callback=_bounded(64))
 @click.option("--sku", required=True, callback=_bounded(64))
+@click.option("--sp", "sp_name", default="svcard-sp", show_default=True,
+              callback=_bounded(32),
+              help="The SP's name (its `name` setting), signed into the order: an order for "
+                   "one SP is refused by any other.")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(1, 600))
 @json_option
 def order_cmd(sp_url: str, customer: str, key_file: Path, merchant: str, sku: str,
-              timeout: float, as_json: bool) -> None:
+              sp_name: str, timeout: float, as_json: bool) -> None:
     """Buy SKU of MERCHANT through the SP at SP_URL (no card needed): prints the goods."""
     import httpx
 
@@ -319,7 +323,8 @@ def order_cmd(sp_url: str, customer: str, key_file: Path, merchant: str, sku: st
         fail(str(exc), EXIT_INPUT)
     try:
         with httpx.Client(timeout=timeout) as http:
-            answer = order(http, sp_url, customer=customer, key=key, merchant=merchant, sku=sku)
+            answer = order(http, sp_url, customer=customer, key=key, merchant=merchant, sku=sku,
+                           sp=sp_name)
     except PaymentRefused as exc:
         fail(str(exc), EXIT_NETWORK if exc.status >= 500 else EXIT_DECLINED)
     line = answer.get("line") or {}

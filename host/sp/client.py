@@ -9,14 +9,14 @@ from typing import Any
 import httpx
 
 from ..terminal.online import PaymentRefused
-from .signing import signed_lookup, signed_order
+from .signing import DEFAULT_SP, signed_lookup, signed_order
 
 
 def order(http: httpx.Client, sp_url: str, *, customer: str, key: bytes, merchant: str,
-          sku: str, order_key: str | None = None) -> dict[str, Any]:
-    """Order ``sku`` of ``merchant`` through the SP at ``sp_url``: the SP's answer (goods,
-    receipt, bill line); a refusal is :class:`PaymentRefused` with the SP's reason."""
-    body, headers = signed_order(key, customer, merchant, sku, order_key=order_key)
+          sku: str, order_key: str | None = None, sp: str = DEFAULT_SP) -> dict[str, Any]:
+    """Order ``sku`` of ``merchant`` through the SP named ``sp`` at ``sp_url``: the SP's answer
+    (goods, receipt, bill line); a refusal is :class:`PaymentRefused` with the SP's reason."""
+    body, headers = signed_order(key, customer, merchant, sku, order_key=order_key, sp=sp)
     response = http.post(sp_url.rstrip("/") + "/v1/orders", content=body, headers=headers)
     if response.status_code != 200:
         raise PaymentRefused.answer("service provider", response)
@@ -25,9 +25,9 @@ def order(http: httpx.Client, sp_url: str, *, customer: str, key: bytes, merchan
 
 
 def lookup(http: httpx.Client, sp_url: str, *, customer: str, key: bytes,
-           order_key: str) -> dict[str, Any]:
+           order_key: str, sp: str = DEFAULT_SP) -> dict[str, Any]:
     """The state of one's own order (and, once billed, its goods): the SP's answer."""
-    body, headers = signed_lookup(key, customer, order_key)
+    body, headers = signed_lookup(key, customer, order_key, sp=sp)
     response = http.post(sp_url.rstrip("/") + "/v1/orders/lookup", content=body,
                          headers=headers)
     if response.status_code != 200:

@@ -33,6 +33,7 @@ from ..kit.config import (
     parse_config,
 )
 from .purses.pool import PursePoolConfig
+from .signing import DEFAULT_SP
 
 Name = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
 Sku = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -64,6 +65,7 @@ class BillingEntry(Section):
 
 
 class SpFile(Section):
+    name: Name = DEFAULT_SP              # the SP's name: customers sign their orders for it
     db: SecretText | None = None
     journal_dir: str = "sp-journals"
     currency_code: CurrencyCode = 156
@@ -92,6 +94,7 @@ class SpConfig:
     """The SP server's settings (the file's, with paths resolved)."""
 
     items: dict[tuple[str, str], Item]
+    name: str = DEFAULT_SP     # customers' signed requests name it (signing.py)
     db_url: str = field(default="sqlite:///sp.db", repr=False)   # may hold a password
     journal_dir: Path = Path("sp-journals")
     currency_code: int = 156
@@ -143,7 +146,7 @@ def sp_config(path: Path, db_url: str | None = None) -> SpConfig:
     journal = Path(f.journal_dir)
     if not journal.is_absolute():
         journal = path.parent / journal
-    return SpConfig(items, journal_dir=journal, currency_code=f.currency_code,
+    return SpConfig(items, name=f.name, journal_dir=journal, currency_code=f.currency_code,
                     currency_exponent=f.currency_exponent,
                     default_credit_limit=f.default_credit_limit, billing=f.billing,
                     purses=f.purses,

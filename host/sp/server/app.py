@@ -188,11 +188,19 @@ class SpServer:
             raise Refused(403, 403, "no account with this service provider")
         if not verify(key, body, request.headers.get(HEADER), domain):
             raise Refused(401, 401, "the request's signature does not verify")
+        self.check_sp(data["sp"])
         now = self.now_ms()
         if abs(now // 1000 - int(data["created"])) > MAX_SKEW:
             raise Refused(401, 401, f"the request was made more than {MAX_SKEW} s from the "
                                     "SP's clock: make it again")
         return body, data, now
+
+    def check_sp(self, named: str) -> None:
+        """A customer's signed request names the SP it is for: this one, or 401 (one key at
+        two SPs: an order for one is never paid by the other)."""
+        if named != self.config.name:
+            raise Refused(401, 401, f"the request is signed for service provider {named!r}, "
+                                    f"not this one ({self.config.name!r})")
 
     async def _order(self, request: Request) -> Response:
         body, _data, now = await self._authenticated(request, O.FIELDS, DOMAIN)
@@ -279,7 +287,7 @@ class SpServer:
     # --- GET /v1/catalogue ----------------------------------------------------------------
     async def catalogue(self, request: Request) -> Response:
         c = self.config
-        return JSONResponse({"currency_code": c.currency_code,
+        return JSONResponse({"sp": c.name, "currency_code": c.currency_code,
                              "currency_exponent": c.currency_exponent,
                              "items": [{"merchant": i.merchant, "sku": i.sku, "name": i.name,
                                         "price": i.retail, "fee": i.fee}

@@ -35,8 +35,8 @@ MAX_ORDER_BODY = 2048
 _CUSTOMER = re.compile(r"[A-Za-z0-9_.@-]{1,32}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ORDER_KEY = re.compile(r"[0-9a-fA-F]{16,64}")
-FIELDS = frozenset({"customer", "merchant", "sku", "order_key", "created"})
-LOOKUP_FIELDS = frozenset({"customer", "order_key", "created"})
+FIELDS = frozenset({"customer", "merchant", "sku", "sp", "order_key", "created"})
+LOOKUP_FIELDS = frozenset({"customer", "sp", "order_key", "created"})
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def parse_fields(body: bytes, fields: frozenset[str]) -> dict[str, Any]:
         missing, extra = sorted(fields - set(data)), sorted(set(data) - fields)
         raise Refused(400, 400, f"fields: missing {missing}, unknown {extra[:4]}")
     for name, pattern in (("customer", _CUSTOMER), ("merchant", _NAME), ("sku", _NAME),
-                          ("order_key", _ORDER_KEY)):
+                          ("sp", _NAME), ("order_key", _ORDER_KEY)):
         value = data.get(name, "")
         if name in fields and (not isinstance(value, str) or not pattern.fullmatch(value)):
             raise Refused(400, 400, f"{name}: not a valid value")

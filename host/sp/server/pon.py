@@ -57,8 +57,10 @@ from . import orders as O
 if TYPE_CHECKING:
     from .app import SpServer
 
-PON_FIELDS = frozenset({"customer", "merchant", "pon", "max_amount", "order_key", "created"})
-ORDER_FIELDS = frozenset({"customer", "merchant", "sku", "max_amount", "order_key", "created"})
+PON_FIELDS = frozenset({"customer", "merchant", "pon", "max_amount", "sp", "order_key",
+                        "created"})
+ORDER_FIELDS = frozenset({"customer", "merchant", "sku", "max_amount", "sp", "order_key",
+                          "created"})
 COPY_FIELDS = frozenset({"merchant", "pon", "sku", "item", "amount", "currency_code",
                          "created", "order", "customer_signature"})
 QUOTE_FIELDS = frozenset({"merchant", "pon", "sku", "item", "amount", "currency_code",
@@ -373,6 +375,7 @@ class PonOrders:
             raise Refused(403, 403, "no account with this service provider")
         if not verify(customer_key, order, copy["customer_signature"], MERCHANT_ORDER_DOMAIN):
             raise Refused(401, 401, "the customer's signature on the order does not verify")
+        s.check_sp(data["sp"])
         _fresh(data["created"], now, "the customer's order")
         if (data["merchant"], data["sku"]) != (copy["merchant"], copy["sku"]):
             raise Refused(400, 400, "the copy does not match the customer's signed order "

@@ -56,10 +56,13 @@ def merchant_key_cmd(merchant: str, public_hex: str, db_url: str, as_json: bool)
 @click.option("--pon", required=True, help="The merchant's payment order number (32 hex).")
 @click.option("--max-amount", type=click.IntRange(0, 2**40 - 1), default=None,
               help="The most you agree to be billed, in minor units (e.g. 125 for 1.25).")
+@click.option("--sp", "sp_name", default="svcard-sp", show_default=True,
+              help="The SP's name (its `name` setting), signed into the order: an order for "
+                   "one SP is refused by any other.")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(1, 600))
 @json_option
 def pon_cmd(sp_url: str, customer: str, key_file: Path, merchant: str, pon: str,
-            max_amount: int | None, timeout: float, as_json: bool) -> None:
+            max_amount: int | None, sp_name: str, timeout: float, as_json: bool) -> None:
     """Have the SP at SP_URL pay MERCHANT's payment order number PON (FIG. 3B); the merchant
     then gives you the goods for the PON and its pick-up secret."""
     import httpx
@@ -70,9 +73,13 @@ def pon_cmd(sp_url: str, customer: str, key_file: Path, merchant: str, pon: str,
     if not _PON.fullmatch(pon):
         fail(f"--pon: {pon[:40]!r} is not a payment order number (32 lower-case hex)",
              EXIT_INPUT)
+    if not _NAME.fullmatch(sp_name):
+        fail(f"--sp: {sp_name[:40]!r} is not an SP name (1 to 32 of A-Z a-z 0-9 _ . -)",
+             EXIT_INPUT)
     try:
         key = read_private_key(key_file)
-        body, headers = signed_pon_order(key, customer, merchant, pon, max_amount=max_amount)
+        body, headers = signed_pon_order(key, customer, merchant, pon, max_amount=max_amount,
+                                         sp=sp_name)
     except SigningError as exc:
         fail(str(exc), EXIT_INPUT)
     try:
