@@ -280,3 +280,29 @@ def test_a_device_may_hold_only_a_few_polls_open(stack: GoodsStack) -> None:
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(poll, range(8)))
     assert sum("429" in a for a in answers) >= 1
+
+
+def test_another_device_picks_up_nothing_of_a_card_it_names(
+        stack: GoodsStack, cards: tuple[Path, Path]) -> None:
+    """A card's serial is public and anyone may register a device: a pick-up through another
+    device than the one that bought the good gets no write of it (else it could report 9000
+    and the good would be marked written without ever reaching the card)."""
+    device = stack.device()
+    first = offered(stack, device)
+    reader, challenge = challenge_of(cards[0])
+    reader.__exit__(None, None, None)
+    answer = device._post("/v1/authorisations", W.AUTHORISATION,
+                          authorisation(device, first, SERIAL_A, challenge))
+    assert answer["apdu"] is not None   # handed out, never sent: waits for a pick-up
+    from svcard.host.kit.db import first_row, update_row
+    row = first_row(stack.engine("fulfil"), D.goods, order_ref=first.order)
+    assert row is not None
+    assert update_row(stack.engine("fulfil"), D.goods, row["id"], issued_at=None)   # lease out
+    thief = stack.device()
+    claim = thief._post("/v1/pickups", W.PICKUP, {
+        "device": thief.id, "card": SERIAL_A, "issuer": "1000000000000001",
+        "challenge": "00000000", "held": [], "created": int(time.time())})
+    assert claim["apdu"] is None and claim["order"] is None
+    with open_reader(f"virtual:{cards[0]}") as card:
+        [out] = device.pickup(card)
+    assert out.written and len(goods_on(cards[0])) == 1

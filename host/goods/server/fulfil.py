@@ -11,11 +11,13 @@ write is handed out (``issued``): UPDATE RECORD ``04 DC`` in tag mode, so a good
 rewrites its own record and is never stored twice.
 ``POST /v1/written`` (authentication server, ``RELAYED_WRITTEN``): the card's status word; 9000
 -> ``written``; another one frees the write to be handed out again at once.
-``POST /v1/pickups`` (``RELAYED_PICKUP``): the card's next contact. Goods of this card that the
-device's own order bought and that the card already holds (``held``: issuer id and good id
-read from the card) are ``written``; then one good still to write gets its write for this
-challenge: a ``pending`` one, or an ``issued`` one whose write was not confirmed within
-``issue_lease`` seconds. One claim is one compare-and-set: racing pick-ups hand out one write.
+``POST /v1/pickups`` (``RELAYED_PICKUP``): the card's next contact, through the device that
+bought the goods (a card's serial is public and anyone may register a device: another device
+gets nothing). Goods of this card bought through this device that the card already holds
+(``held``: issuer id and good id read from the card) are ``written``; then one good still to
+write gets its write for this challenge: a ``pending`` one, or an ``issued`` one whose write
+was not confirmed within ``issue_lease`` seconds. One claim is one compare-and-set: racing
+pick-ups hand out one write.
 Refunds: a good still ``pending`` (no write ever handed out) after its deadline is refunded to
 the account (``refunding`` -> ``refunded``, through the payment server and the institution),
 by the refund clock and at start. A good whose write was handed out is never refunded: it may
@@ -139,6 +141,8 @@ class FulfilServer(PartyServer):
         where = [g.c.card == card, claimable]
         if order is not None:
             where.append(g.c.order_ref == order)
+        else:   # a pick-up: only goods bought through this device (a card's serial is public
+            where.append(g.c.device == device)   # and anyone may register a device)
         with step(self.engine) as conn:
             row = conn.execute(select(g).where(*where).order_by(g.c.id).limit(1)).first()
             if row is not None:
