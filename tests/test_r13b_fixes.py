@@ -177,3 +177,25 @@ def test_a_version_1_signature_is_refused(two_sps: Any, http: httpx.Client) -> N
                   headers={S.HEADER: S.sign(key, new, b"svcard-sp-order/1\n")})
     assert r.status_code == 401, r.text
     assert orders_at(sp_a) == 0
+
+
+# --- 4. svcard sp pon: the customer names its cap --------------------------------------------
+def test_sp_pon_without_a_cap_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """Before: without ``--max-amount`` the command signed ``max_amount: null``, and the SP
+    billed whatever the merchant's answer asked (an amount the customer had not seen at that
+    point): here it went on to send the order. Now the cap is required: one line naming the
+    option, the input exit code, nothing sent."""
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+    from svcard.host.kit.command_line import EXIT_INPUT
+
+    key_file = tmp_path / "ivy.key"
+    S.write_private_key(key_file, S.new_key()[0])
+    got = CliRunner().invoke(main, ["sp", "pon", "http://127.0.0.1:9", "--customer", "ivy",
+                                    "--key", str(key_file), "--merchant", "SHOP",
+                                    "--pon", "ab" * 16], prog_name="svcard")
+    print(got.exit_code, got.output)
+    assert got.exit_code == EXIT_INPUT and "--max-amount" in got.output, got.output
+    assert "no answer" not in got.output   # (nothing was sent)
+    assert "--max-amount" in CliRunner().invoke(main, ["sp", "pon", "--help"]).output

@@ -359,7 +359,7 @@ def test_the_cli_sets_a_merchant_key_and_sends_a_pon(env: Env, http: httpx.Clien
     assert paid.exit_code == 0, paid.output
     assert json.loads(paid.output)["state"] == "billed"
     again = run("sp", "pon", env.sp.url, "--customer", "lou", "--key", str(key_file),
-                "--merchant", SHOP, "--pon", made["pon"])
+                "--merchant", SHOP, "--pon", made["pon"], "--max-amount", "125")
     assert again.exit_code != 0 and "refused (409)" in again.output
 
 

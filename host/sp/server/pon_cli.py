@@ -55,7 +55,8 @@ def merchant_key_cmd(merchant: str, public_hex: str, db_url: str, as_json: bool)
 @click.option("--merchant", required=True)
 @click.option("--pon", required=True, help="The merchant's payment order number (32 hex).")
 @click.option("--max-amount", type=click.IntRange(0, 2**40 - 1), default=None,
-              help="The most you agree to be billed, in minor units (e.g. 125 for 1.25).")
+              help="Required: the most you agree to be billed for the PON, in minor units "
+                   "(e.g. 125 for 1.25): the merchant's amount, plus the SP's fee.")
 @click.option("--sp", "sp_name", default="svcard-sp", show_default=True,
               help="The SP's name (its `name` setting), signed into the order: an order for "
                    "one SP is refused by any other.")
@@ -72,6 +73,10 @@ def pon_cmd(sp_url: str, customer: str, key_file: Path, merchant: str, pon: str,
 
     if not _PON.fullmatch(pon):
         fail(f"--pon: {pon[:40]!r} is not a payment order number (32 lower-case hex)",
+             EXIT_INPUT)
+    if max_amount is None:   # never a blank cheque: the SP bills what the merchant asks
+        fail("--max-amount: required: the most you agree to be billed for this PON, in minor "
+             "units (the merchant told you its amount with the PON; the SP may add its fee)",
              EXIT_INPUT)
     if not _NAME.fullmatch(sp_name):
         fail(f"--sp: {sp_name[:40]!r} is not an SP name (1 to 32 of A-Z a-z 0-9 _ . -)",
