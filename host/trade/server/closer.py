@@ -143,8 +143,7 @@ def due(engine: Engine, now: int, grace_ms: int) -> list[dict[str, Any]]:
     yet received by both account managers (each ``{"kind": ..., **row}``)."""
     s, r, c = D.acq_sessions.c, D.acq_records.c, D.acq_clearings.c
     with engine.connect() as conn:
-        late = {x.session for x in conn.execute(select(r.session).where(
-            r.at <= now - grace_ms)).all()}
+        late = select(r.session).where(r.at <= now - grace_ms)
         rows = [{"kind": "close", **dict(x._mapping)} for x in conn.execute(
             select(D.acq_sessions).where(s.state == D.OPEN, or_(
                 s.expires <= now, s.session.in_(late))).limit(500)).all()]
