@@ -170,11 +170,13 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
     from .audit import (
         DAY_MS,
         NOTHING,
+        Unit,
         audit,
         card_balances,
         check_sources,
         psam_open_batches,
     )
+    from .sources import states_points
 
     def spec(s: str) -> str:
         return s if ":" in s else f"virtual:{s}"
@@ -190,6 +192,10 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
         check_sp_db(url)
     with handled(), readers(*[("card", spec(s)) for s in card_specs]) as card_readers:
         cards = card_balances(card_readers, aid)
+        try:
+            unit: Unit = "points" if states_points(card_readers, aid) else "money"
+        except ValueError as exc:
+            fail(str(exc), EXIT_INPUT)
     open_batches = None
     if psam_specs:
         with handled(), readers(*[("psam", spec(s)) for s in psam_specs]) as psam_readers:
@@ -197,7 +203,7 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
     report = audit(cards, payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
                    clearing_db=clearing_db, opening=opening,
                    max_age_ms=int(max_age_days * DAY_MS), open_batches=open_batches,
-                   sp_dbs=sp_dbs)
+                   sp_dbs=sp_dbs, unit=unit)
     emit(as_json, report.to_json(), report.text())
     if report.nothing_audited:
         fail(NOTHING, EXIT_INPUT)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
+from ...card.loyalty import POINTS_CURRENCY
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader import Reader
@@ -56,6 +57,15 @@ def card_balances(readers: list[Reader], aid: bytes = P.DEFAULT_IEP_AID) -> dict
         out[info.app_serial.lower()] = int.from_bytes(
             call(reader, apdus.get_balance(P.PURSE_EP), "GET BALANCE"), "big")
     return out
+
+
+def states_points(readers: list[Reader], aid: bytes = P.DEFAULT_IEP_AID) -> bool:
+    """True when every card's application at ``aid`` states currency 999 ("no currency"): a
+    loyalty programme, whose figures are points. A mix of points and money is an error."""
+    codes = {select_purse(reader, aid).currency_code for reader in readers}
+    if POINTS_CURRENCY in codes and len(codes) > 1:
+        raise ValueError("the cards mix a loyalty programme (points) with money at one AID")
+    return codes == {POINTS_CURRENCY}
 
 
 def psam_open_batches(readers: list[Reader],
