@@ -633,10 +633,6 @@ engine, sp_system = base.engine, base.sp_system   # test_sp_purses' fixtures
 WAITERS = 12
 
 
-@pytest.mark.xfail(strict=True, reason="host/sp/purses/pool.py: an order waiting for a lease "
-                   "looks at the database every POLL (50 ms) and at every give-back "
-                   "(notify_all): 275 lease attempts for 12 orders waiting on one purse "
-                   "(docs/benchmarks.md, the SP section)")
 def test_a_purse_given_back_is_not_raced_by_every_waiting_order(
         sp_system: System, engine: Any, tmp_path: Path) -> None:
     """12 orders at once on a pool of one purse: each is paid once, and the pool tries at

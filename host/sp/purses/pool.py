@@ -27,7 +27,7 @@ import httpx
 import sqlalchemy
 
 from ....protocols import sw as SW
-from ...kit.db import DuplicateError
+from ...kit.db import DuplicateError, now_ms
 from ...pay import client as PC
 from ...pay.client import PaymentOutcome
 from ...terminal.purse import Declined
@@ -43,7 +43,7 @@ from .config import (
     check_input,
     from_row,
 )
-from .db import PurseBook, new_owner
+from .db import PurseBook, new_owner, owner_gone
 from .leased import Lease, lease_order, resume_open, rotate_journal
 from .recording import AmountMismatch, RecordingJournal, origin
 from .topup import top_up
@@ -53,6 +53,13 @@ __all__ = ["PaymentInDoubt", "PoolBusy", "PoolExhausted", "PoolPaymentOutcome", 
 log = logging.getLogger(__name__)
 RETRY_SWS = (SW.INSUFFICIENT_FUNDS, SW.COUNTER_AT_MAXIMUM)   # at INITIALIZE: nothing paid
 POLL = 0.05   # seconds between looks at the database for a purse another process gives back
+
+
+def held(row: dict[str, Any], now: int) -> bool:
+    """The purse ``row`` is leased by a live owner until after ``now`` (ms)."""
+    owner = row.get("lease_owner")
+    return (owner is not None and (row.get("leased_until") or 0) >= now
+            and not owner_gone(owner))
 
 
 class PursePool:
@@ -143,8 +150,8 @@ class PursePool:
                                  **lease.changes):
             log.warning("purse %s: the lease had expired before it was given back",
                         lease.serial)
-        with self._given_back:
-            self._given_back.notify_all()
+        with self._given_back:   # one waiter per purse given back, not a herd racing for it
+            self._given_back.notify()
 
     def _lease(self, order_ref: str, amount: int | None, skip: set[str],
                stack: ExitStack, deadline: float) -> Lease:
@@ -157,7 +164,10 @@ class PursePool:
             rows.sort(key=lambda r: lease_order(r, amount, low, self.config))   # then LRU
             if not rows:
                 raise PoolExhausted(self._exhausted(amount, skip))
+            now = now_ms()
             for row in rows:
+                if held(row, now):   # seen held just now: no compare-and-set to lose
+                    continue
                 try:
                     lease = self._take(row, order_ref, stack)
                 except PursePoolError as exc:   # its reader is gone: the others may pay
