@@ -199,3 +199,91 @@ def test_sp_pon_without_a_cap_is_refused_before_anything_is_sent(tmp_path: Path)
     assert got.exit_code == EXIT_INPUT and "--max-amount" in got.output, got.output
     assert "no answer" not in got.output   # (nothing was sent)
     assert "--max-amount" in CliRunner().invoke(main, ["sp", "pon", "--help"]).output
+
+
+# --- 3. answers read at most a bound, within a deadline -----------------------------------------
+def endless(path: str, method: str) -> tuple[ServerThread, list[int], list[bool]]:
+    """A server answering ``method path`` with a JSON body that never ends (up to 32 MiB):
+    the thread, the bytes it sent, and a flag that stops it."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    sent, stop = [0], [False]
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"amount": 1, "pad": "'
+        while not stop[0] and sent[0] < 32 << 20:
+            sent[0] += 65536
+            yield b"x" * 65536
+            await asyncio.sleep(0.005)
+
+    async def answer(_request: Request) -> StreamingResponse:
+        return StreamingResponse(chunks(), media_type="application/json")
+
+    return ServerThread(Starlette(routes=[Route(path, answer, methods=[method])])).start(), \
+        sent, stop
+
+
+def test_a_checkout_answer_without_end_is_not_read_whole(tmp_path: Path) -> None:
+    """A merchant (or anyone on the path) answering the checkout with a body that never ends:
+    before, the client read it whole (32 MiB here, held in memory) before looking at it; now it
+    stops past 16 KiB and says why, nothing paid."""
+    from svcard.host.terminal.purse import TerminalCheckFailed
+
+    fake, sent, stop = endless("/v1/checkout/ticket", "POST")
+    try:
+        started = time.monotonic()
+        with httpx.Client(timeout=10) as http, pytest.raises(TerminalCheckFailed) as refused:
+            C.fetch_checkout(http, f"{fake.url}/v1/checkout/ticket")
+        print(refused.value, f"after {sent[0]} bytes sent")
+        assert "longer than 16384 bytes" in str(refused.value)
+        assert sent[0] <= 1 << 20 and time.monotonic() - started < 8
+    finally:
+        stop[0] = True
+        fake.stop()
+
+
+def test_an_sp_answer_without_end_is_not_read_whole(tmp_path: Path) -> None:
+    """The merchant's copy of a customer's order (``/v1/pon/via-sp``) to an SP answering
+    without end: before, the merchant read the SP's answer whole (then dropped it past 8 KiB);
+    now it stops past 8 KiB and answers the customer 502 with the reason, the PON unpaid."""
+    import os
+
+    from svcard.host.pay.merchant import pon as MP
+    from svcard.host.pay.merchant.server import MerchantConfig, MerchantServer
+
+    fake, sent, stop = endless("/v1/orders/copy", "POST")
+    private, _public = S.new_key()
+    server = MerchantServer(MerchantConfig(
+        b"R13BSHOP", os.urandom(32), "http://127.0.0.1:9", b"\x00\x00\x00\x00\x0a\x02",
+        db_url=f"sqlite:///{tmp_path / 'merchant.db'}",
+        pon=MP.PonSettings(private, "SHOP", sp_url=fake.url)))
+    thread = ServerThread(server.app()).start()
+    try:
+        key = S.new_key()[0]
+        old = json.dumps({"customer": "ivy", "merchant": "SHOP", "sku": "song",
+                          "max_amount": None, "order_key": "12" * 16,
+                          "created": int(time.time())}).encode()   # version 1: no SP named
+        refused = httpx.post(f"{thread.url}/v1/pon/via-sp", headers={"X-Svcard-Client": "1"},
+                             json={"order": old.decode(), "signature": "00" * 64})
+        assert refused.status_code == 400 and "sp" in refused.json()["reason"], refused.text
+        assert sent[0] == 0   # no PON made, no copy sent
+        order, signature = S.signed_merchant_order(key, "ivy", "SHOP", "song")
+        started = time.monotonic()
+        got = httpx.post(f"{thread.url}/v1/pon/via-sp", headers={"X-Svcard-Client": "1"},
+                         json={"order": order.decode(), "signature": signature}, timeout=10)
+        print(got.status_code, got.text[:300], f"after {sent[0]} bytes sent")
+        assert got.status_code == 502, got.text
+        assert "longer than 8192 bytes" in got.json()["sp"]["reason"]
+        assert got.json()["paid"] is False
+        assert sent[0] <= 1 << 20 and time.monotonic() - started < 8
+    finally:
+        stop[0] = True
+        thread.stop()
+        server.close()
+        fake.stop()

@@ -15,7 +15,9 @@ checkout (``?terminal=ID``) and signs its confirmation with its Ed25519 key
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,17 +98,46 @@ class _Session:
 # the header the merchant makes an order for (merchant/server.py CLIENT_HEADER): a browser
 # cannot send it cross-site without a CORS preflight, so no third-party page can make orders
 CLIENT_HEADER = {"X-Svcard-Client": "1"}
+MAX_CHECKOUT = 16384        # bytes: a checkout's parameters are a few hundred
+CHECKOUT_SECONDS = 30.0     # the merchant's whole answer within this
+
+
+def read_capped(http: httpx.Client, method: str, url: str, *, who: str, limit: int,
+                seconds: float, **kwargs: Any) -> httpx.Response:
+    """The answer to a request, read as it comes: at most ``limit`` bytes and ``seconds`` in
+    all (:class:`TerminalCheckFailed` naming ``who`` beyond either), never read whole."""
+    deadline = time.monotonic() + seconds
+    got = bytearray()
+    with http.stream(method, url, **kwargs) as response:
+        for chunk in response.iter_bytes():
+            got += chunk
+            if len(got) > limit:
+                raise TerminalCheckFailed(f"the {who}'s answer is longer than {limit} bytes: "
+                                          "not read further, nothing paid")
+            if time.monotonic() > deadline:
+                raise TerminalCheckFailed(f"the {who}'s answer did not end within "
+                                          f"{seconds:g} s: not read further, nothing paid")
+    headers = [(k, v) for k, v in response.headers.multi_items()   # (the bytes are decoded)
+               if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=headers, content=bytes(got),
+                          request=response.request)
 
 
 def fetch_checkout(http: httpx.Client, url: str,
                    terminal: ClientTerminal | None = None) -> dict[str, Any]:
     """Ask the merchant for a new order (seed step 606): ``POST`` the checkout URL, the one a
-    person opens in a browser to see its page. A busy shop (503: no order made) is asked again."""
-    response = http.post(url, headers={"Accept": "application/json", **CLIENT_HEADER},
-                         extensions=RETRY_SAFE)
+    person opens in a browser to see its page. A busy shop (503: no order made) is asked again.
+    The answer is read at most :data:`MAX_CHECKOUT` bytes within :data:`CHECKOUT_SECONDS`."""
+    response = read_capped(http, "POST", url, who="merchant", limit=MAX_CHECKOUT,
+                           seconds=CHECKOUT_SECONDS, extensions=RETRY_SAFE,
+                           headers={"Accept": "application/json", **CLIENT_HEADER})
     if response.status_code != 200:
         raise PaymentRefused.answer("merchant", response)
-    params: dict[str, Any] = response.json()
+    params: Any = None
+    with contextlib.suppress(ValueError):
+        params = response.json()
+    if not isinstance(params, dict):
+        raise TerminalCheckFailed("the merchant's checkout answer is not a JSON object")
     for key in ("amount", "currency_code", "payment_url", "txn_id", "merchant_id", "status_url",
                 "variant", "tsk", "etsk", "terminal_id"):
         if key not in params:

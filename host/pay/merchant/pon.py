@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import (
     BigInteger,
@@ -51,6 +50,7 @@ from ...kit.request_log import note
 from ...kit.schema import Schema, prepare
 from . import db as MD
 from .confirmation import Refusal
+from .sp_copy import send_copy
 
 if TYPE_CHECKING:
     from .server import MerchantServer
@@ -353,6 +353,7 @@ class PonDesk:
             inner = _loads(order_text)
             if not isinstance(inner, dict) or inner.get("merchant") != s.sp_name:
                 raise Refusal(400, f"order: not an order for merchant {s.sp_name}")
+            _check(inner, "sp", _SKU)   # the SP it is for (signed: another SP refuses it)
             made = await self._make_pon(request, _check(inner, "sku", _SKU),
                                         _check(inner, "customer", _CUSTOMER))
         except Refusal as exc:
@@ -362,15 +363,7 @@ class PonDesk:
             "item": made["item"], "amount": made["amount"],
             "currency_code": made["currency_code"], "created": int(time.time()),
             "order": order_text, "customer_signature": signature}, COPY_DOMAIN)
-        try:
-            async with httpx.AsyncClient(timeout=120) as http:
-                sent = await http.post(f"{s.sp_url.rstrip('/')}/v1/orders/copy", content=body,
-                                       headers={HEADER: merchant_signature})
-            answer = sent.json() if len(sent.content) <= 8192 else {}
-            status = sent.status_code
-        except (httpx.HTTPError, ValueError) as exc:
-            answer, status = {"reason": f"no answer from the SP: {type(exc).__name__}"}, 502
-        answer = answer if isinstance(answer, dict) else {}
+        status, answer = await send_copy(s.sp_url, body, {HEADER: merchant_signature})
         row = await self.server.sql(first_row, self.engine, pons, pon=made["pon"])
         paid = row is not None and row["state"] == PAID
         out = {"pon": made["pon"], "secret": made["secret"], "paid": paid,
