@@ -101,6 +101,9 @@ class IepState:
     goods_key: KeyEntry | None = None
     goods_mac_failures: dict[int, int] = field(default_factory=dict)
     goods: GoodsFiles = field(default_factory=GoodsFiles)   # goods record files (card/goods.py)
+    # whether the plain UPDATE CAPP DATA CACHE (80 DC, no MAC) may write goods records; by
+    # default only the MAC'd 84 DE may (capp_purchase.py)
+    capp_plain_update: bool = False
 
     def __repr__(self) -> str:
         return f"IepState(aid={self.aid.hex()}, ep={self.ep}, ed={self.ed})"
@@ -139,6 +142,7 @@ class IepState:
             "goods_key": self.goods_key.to_json() if self.goods_key else None,
             "goods_mac_failures": _counts_to_json(self.goods_mac_failures),
             "goods": self.goods.to_json(),
+            "capp_plain_update": self.capp_plain_update,
         }
 
     @classmethod
@@ -184,6 +188,8 @@ class IepState:
             goods_mac_failures=_counts_from_json(d.get("goods_mac_failures")),
             # images written before goods files load with the default files, empty
             goods=GoodsFiles.from_json(d.get("goods")),
+            # an image without the setting takes only the MAC'd cache update (84 DE)
+            capp_plain_update=_flag(d.get("capp_plain_update", False), "capp_plain_update"),
         )
         if not 1 <= state.mac_failure_limit <= 255:
             raise ValueError("mac_failure_limit is 1..255")
@@ -197,6 +203,12 @@ class IepState:
         if state.fixed_random is not None and len(state.fixed_random) != 4:
             raise ValueError("fixed_random has 4 bytes")   # an INITIALIZE's random
         return state
+
+
+def _flag(raw: Any, name: str) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"{name} is true or false")
+    return raw
 
 
 def _counts_to_json(counts: dict[int, int]) -> dict[str, int]:
@@ -218,7 +230,8 @@ class Iep(TableApplication):
     """The purse application. ``persist`` is called at every write point."""
 
     # 04: the goods writes check their MAC (a loyalty programme has none: card/loyalty.py)
-    secure_messaging_classes: tuple[int, ...] = (secure_write.CLA_SM,)
+    # 84: the MAC'd UPDATE CAPP DATA CACHE (84 DE) only; any other 84 command answers 6882
+    secure_messaging_classes: tuple[int, ...] = (secure_write.CLA_SM, capp.CLA_SM_CAPP)
 
     def __init__(self, state: IepState, persist: Callable[[], None] | None = None) -> None:
         self.state = state
@@ -246,6 +259,8 @@ class Iep(TableApplication):
         self.challenge = self._offered = None
 
     def process(self, cmd: CommandAPDU) -> bytes:
+        if cmd.cla == capp.CLA_SM_CAPP and cmd.ins != capp.INS_UPDATE_CAPP_DATA_CACHE_SM:
+            raise CardError(_SM_NOT_SUPPORTED)   # as the runtime answers it: nothing ends
         # a challenge serves the command right after GET CHALLENGE, and no other
         self._offered, self.challenge = self.challenge, None
         try:
@@ -371,9 +386,12 @@ _COMMANDS: dict[tuple[int, int], IepCommand] = {
     (P.CLA_ISO, secure_write.INS_UPDATE_RECORD): secure_write.plain_write,
     (P.CLA_ISO, secure_write.INS_APPEND_RECORD): secure_write.plain_write,
     (P.CLA_PBOC, G.INS_UPDATE_CAPP_DATA_CACHE): capp.update_capp_data_cache,
+    (capp.CLA_SM_CAPP, capp.INS_UPDATE_CAPP_DATA_CACHE_SM): capp.update_capp_data_cache_sm,
 }
 
 # the completions an INITIALIZE's session survives into (every other command ends it)
 _COMPLETIONS = ((P.CLA_PBOC, P.INS_CREDIT_FOR_LOAD), (P.CLA_PBOC, P.INS_DEBIT),
                 (P.CLA_PBOC, P.INS_UPDATE_OVERDRAFT_LIMIT),
-                (P.CLA_PBOC, G.INS_UPDATE_CAPP_DATA_CACHE))
+                (P.CLA_PBOC, G.INS_UPDATE_CAPP_DATA_CACHE),
+                (capp.CLA_SM_CAPP, capp.INS_UPDATE_CAPP_DATA_CACHE_SM))
+_SM_NOT_SUPPORTED = 0x6882

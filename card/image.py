@@ -237,6 +237,7 @@ class _Iep(_Strict):
     mac_scheme: SchemeName = mac_schemes.DEFAULT
     uid: Hex9 | None = None
     goods: _Goods | None = None
+    capp_plain_update: bool = False   # plain 80 DC into goods files (default: 84 DE only)
 
 
 class _PsamKey(_Strict):

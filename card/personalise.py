@@ -173,6 +173,7 @@ class IepProfile(Profile):
     uid: Hex9 | None = None   # answered to GET DATA 00 00; MAC1 data in changsha-metro
     mac_scheme: Annotated[str, one_of(mac_schemes.NAMES)] | None = None   # explicit keys only
     goods: list[GoodsFileProfile] | None = None   # goods record files; none given: the default
+    capp_plain_update: bool = False   # plain 80 DC may write goods (default: MAC'd 84 DE only)
     loyalty: list[LoyaltyProfile] = Field(default_factory=list)   # programmes (card/loyalty.py)
 
 
@@ -382,6 +383,7 @@ def _iep(p: IepProfile, path: Path) -> dict[str, Any]:
         mac_failure_limit=p.mac_failure_limit, fixed_random=p.fixed_random,
         unload_keys=unload, update_keys=update, log_counter=p.log_counter,
         mac_scheme=scheme, uid=p.uid, goods_key=goods,
+        capp_plain_update=p.capp_plain_update,
     )
     state.goods = _goods_files(p, path)
     return state.to_json()

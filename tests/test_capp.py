@@ -16,6 +16,9 @@ from svcard.card.storage import WRITE_STEPS, PowerCut, read_image
 from svcard.protocols import goods as G
 
 TYPE_CAPP = 0x09
+# these tests send the plain 80 DC: a card personalised to take it (a card takes only the MAC'd
+# 84 DE by default: tests/test_capp_mac.py)
+PLAIN = {"capp_plain_update": True}
 TICKETS, COUPONS, TRANSIT = 0x11, 0x12, 0x13
 
 
@@ -76,7 +79,7 @@ class CappHost(RawHost):
 
 
 def new_card(ep: int = 10_000, **app: object):
-    return card_from_image(with_balance(demo_image("iep", **app), ep=ep))
+    return card_from_image(with_balance(demo_image("iep", **{**PLAIN, **app}), ep=ep))
 
 
 def opened(card) -> CappHost:
@@ -252,7 +255,7 @@ def test_the_cache_holds_eight_records_at_most() -> None:
 
 def test_goods_survive_in_the_image_and_old_images_load_empty(tmp_path: Path) -> None:
     path = tmp_path / "card.json"
-    image = with_balance(demo_image("iep"), ep=1000)
+    image = with_balance(demo_image("iep", **PLAIN), ep=1000)
     image["app"].pop("goods", None)                 # an image written before goods files
     save_new_image(path, image)
     card = open_card(path)
@@ -306,7 +309,8 @@ def run_capp(path: Path, tear: Tear) -> bytes:
 def test_power_cut_at_every_write_step_of_a_composite_purchase(tmp_path: Path) -> None:
     def fresh(name: str) -> Path:
         path = tmp_path / name
-        save_new_image(path, with_balance(demo_image("iep", fixed_random="A1B2C3D4"), ep=1000))
+        save_new_image(path, with_balance(demo_image("iep", fixed_random="A1B2C3D4", **PLAIN),
+                                            ep=1000))
         return path
 
     tear = Tear(None)

@@ -35,7 +35,7 @@ def _option(config: pytest.Config, name: str, env: str, default: int | None) -> 
 
 def run_sequence(seed: int, steps: int = 40) -> dict[str, int]:
     rng = random.Random(seed)
-    card = card_from_image(with_balance(demo_image("iep"), ep=1_000_000))
+    card = card_from_image(with_balance(demo_image("iep", capp_plain_update=True), ep=1_000_000))
     host = CappHost(card)
     host.select()
     goods = card.apps[0].state.goods

@@ -18,6 +18,14 @@ debit of the EP purse (PBOC's 复合消费, transaction type 09).
    counter, proof and pending log record in ONE image write (write 1 of
    :meth:`~svcard.card.iep.Iep.commit_value`), then the log (write 2).
 
+2'. UPDATE CAPP DATA CACHE with secure messaging ``84 DE P1 P2 Lc record || MAC``: the same P1,
+   P2 and record, followed by a 4-byte MAC under the card's goods key over ``84 DE P1 P2 Lc``
+   and the record, whose ICV is the session's random and offline counter
+   (:func:`svcard.protocols.crypto.capp_update_mac`): the record is bound to its issuer's key
+   and to THIS session. A wrong MAC answers ``6988``, is counted against the goods key (as the
+   secure record writes count it) and ends the session. Goods files take only this form unless
+   the card's ``capp_plain_update`` lets the plain ``80 DC`` in (``6982`` otherwise).
+
 The cache lives in the session, so whatever ends the session drops it unwritten: any command
 other than 80 DC and the DEBIT, a wrong MAC1 (``9302``), a refused DEBIT, a reselection, a reset
 or a power cut. Nothing of the cache reaches the image without a DEBIT whose MAC1 is right.
@@ -37,7 +45,7 @@ from ...protocols.apdu import CommandAPDU
 from ..goods import NOT_ENOUGH_MEMORY, Write
 from ..runtime import CardError, need_data
 from . import purchase
-from .lockout import mac_failed, mac_ok
+from .lockout import KEY_LOCKED, KIND_GOODS, count_failure, mac_failed, mac_ok
 from .records import Proof, log_record
 from .session import Session
 
@@ -45,6 +53,9 @@ if TYPE_CHECKING:
     from ..iep import Iep
 
 MAX_CACHED_RECORDS = 8   # distinct records one composite purchase may write
+CLA_SM_CAPP = 0x84       # PBOC: proprietary class with secure messaging
+INS_UPDATE_CAPP_DATA_CACHE_SM = 0xDE
+SM_DATA_INCORRECT = 0x6988
 
 
 @dataclass(slots=True)
@@ -52,6 +63,7 @@ class CappSession(Session):
     """A CAPP purchase waiting for its DEBIT, with the records cached for it (volatile)."""
 
     cache: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    goods_mac_ok: bool = False   # a record's MAC verified under the goods key (84 DE)
 
     def writes(self) -> tuple[Write, ...]:
         return tuple((sfi, n, data) for (sfi, n), data in self.cache.items())
@@ -69,23 +81,65 @@ def initialize_for_capp_purchase(iep: Iep, cmd: CommandAPDU) -> bytes:
 
 
 def update_capp_data_cache(iep: Iep, cmd: CommandAPDU) -> bytes:
-    """UPDATE CAPP DATA CACHE: cache one record write for the CAPP session's DEBIT."""
+    """UPDATE CAPP DATA CACHE ``80 DC``: cache one record write for the CAPP session's DEBIT,
+    if the card takes goods records without a MAC (``capp_plain_update``; else ``6982``)."""
+    session = _capp_session(iep)
+    if not iep.state.capp_plain_update:
+        iep.session = None
+        raise CardError(SW.SECURITY_STATUS)
+    _cache(iep, session, cmd.p1, cmd.p2, bytes(cmd.data))
+    return b""
+
+
+def update_capp_data_cache_sm(iep: Iep, cmd: CommandAPDU) -> bytes:
+    """UPDATE CAPP DATA CACHE with secure messaging ``84 DE``: the record is cached only if
+    its MAC, under the goods key and chained from this session, is right."""
+    session = _capp_session(iep)
+    try:
+        if cmd.extended or len(cmd.data) <= crypto.SM_MAC_SIZE:
+            raise CardError(SW.WRONG_LENGTH)
+        state = iep.state
+        key = state.goods_key
+        if key is None:
+            raise CardError(SW.SECURITY_STATUS)
+        if state.goods_mac_failures.get(key.index, 0) >= state.mac_failure_limit:
+            raise CardError(KEY_LOCKED)
+        record, mac = bytes(cmd.data[:-crypto.SM_MAC_SIZE]), cmd.data[-crypto.SM_MAC_SIZE:]
+        expected = crypto.capp_update_mac(key.key, session.random, session.counter, cmd.p1,
+                                          cmd.p2, record)
+        if not hmac.compare_digest(expected, mac):
+            count_failure(iep, KIND_GOODS, key)
+            raise CardError(SM_DATA_INCORRECT)
+    except CardError:
+        iep.session = None
+        raise
+    _cache(iep, session, cmd.p1, cmd.p2, record)
+    session.goods_mac_ok = True
+    return b""
+
+
+def _capp_session(iep: Iep) -> CappSession:
     session = iep.session
     if not isinstance(session, CappSession):
         iep.session = None
         raise CardError(SW.CONDITIONS_NOT_SATISFIED)
+    return session
+
+
+def _cache(iep: Iep, session: CappSession, p1: int, p2: int, record: bytes) -> None:
+    """The goods files' checks of one write, then into the cache; a refusal ends the
+    session."""
     try:
-        sfi, mode = cmd.p2 >> 3, cmd.p2 & 0x07
+        sfi, mode = p2 >> 3, p2 & 0x07
         if sfi == 0:
             raise CardError(SW.WRONG_P1P2)
-        number = iep.state.goods.check_write(sfi, cmd.p1, mode, cmd.data, session.cache)
+        number = iep.state.goods.check_write(sfi, p1, mode, record, session.cache)
         if (sfi, number) not in session.cache and len(session.cache) >= MAX_CACHED_RECORDS:
             raise CardError(NOT_ENOUGH_MEMORY)
     except CardError:
         iep.session = None
         raise
-    session.cache[(sfi, number)] = bytes(cmd.data)
-    return b""
+    session.cache[(sfi, number)] = record
 
 
 def debit_for_capp_purchase(iep: Iep, cmd: CommandAPDU) -> bytes:
@@ -109,6 +163,8 @@ def debit_for_capp_purchase(iep: Iep, cmd: CommandAPDU) -> bytes:
     if not hmac.compare_digest(mac1, req.mac1):
         raise mac_failed(iep, session)
     mac_ok(s, session)
+    if session.goods_mac_ok and s.goods_key is not None:   # written with the records
+        s.goods_mac_failures.pop(s.goods_key.index, None)
     purse = s.ep
     mac2 = M.purchase_mac2(scheme, sk, session.amount)
     tac = crypto.tac(s.tac_key, crypto.purchase_tac_input(

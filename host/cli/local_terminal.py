@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ...card.personalise import ProfileError, load_issuer
 from ...protocols import goods as G
 from ...protocols import purse as P
 from ..goods import redeem as R
@@ -28,6 +29,7 @@ from ..terminal.card_commands import (
     readers,
     trace_option,
 )
+from ..terminal.goods_key import GoodsKeyService
 from ..terminal.journal import Journal
 from ..terminal.money import Amount
 from ..terminal.points import points_commands
@@ -206,6 +208,24 @@ def _records(ctx: click.Context, param: click.Parameter,
         raise click.BadParameter(str(exc).removeprefix("--record: ")) from None
 
 
+def _goods_keys(ctx: click.Context, param: click.Parameter,
+                value: Path | None) -> GoodsKeyService | None:
+    if value is None:
+        return None
+    try:
+        return GoodsKeyService.from_issuer(load_issuer(value))
+    except (ProfileError, ValueError) as exc:
+        raise click.BadParameter(f"{value}: {exc}", ctx, param) from None
+
+
+goods_issuer_option = click.option(
+    "--goods-issuer", "goods_keys", type=click.Path(dir_okay=False, path_type=Path),
+    callback=_goods_keys, default=None, metavar="FILE",
+    help="The issuer file whose [goods_key] MACs each record (84 DE, the form a card takes "
+         "by default). Without it the records go as the plain 80 DC, which only a card "
+         "personalised with capp_plain_update takes.")
+
+
 @terminal.command("capp")
 @card_option
 @click.option("--psam", "psam_spec", required=True, metavar="SPEC",
@@ -216,18 +236,20 @@ def _records(ctx: click.Context, param: click.Parameter,
                    "(the same good's record, else the first empty one), SFI:N:HEX into "
                    "record N. Layouts: docs/protocol.md.")
 @click.option("--key-index", default=1, show_default=True, type=click.IntRange(0, 255))
+@goods_issuer_option
 @json_option
 @trace_option
 @at_option
 def terminal_capp(card_spec: str, aid: bytes, psam_spec: str, amount: Amount,
-                  records: list[C.GoodsWrite], key_index: int, as_json: bool,
+                  records: list[C.GoodsWrite], key_index: int,
+                  goods_keys: GoodsKeyService | None, as_json: bool,
                   trace_out: Path | None, at: dt.datetime | None) -> None:
     """A composite (CAPP) purchase: pay the amount from the EP and write the goods records
     onto the card in the same step (both or neither); the PSAM records it as type 09."""
     with handled(), readers(("card", card_spec), ("psam", psam_spec),
                             trace_out=trace_out) as (card_r, psam_r):
         r = C.capp_purchase(card_r, psam_r, amount, records, key_index=key_index, when=at,
-                            card_aid=aid)
+                            card_aid=aid, goods_keys=goods_keys)
     emit(as_json, r.to_json(), r.text())
 
 
@@ -268,12 +290,14 @@ def _id_option(ctx: click.Context, param: click.Parameter, value: str | None) ->
               default=None, help="The validator's journal: a tap is journalled before the "
               "card is written, and a card tapped again after an interrupted tap that went "
               "through passes without a second ride.")
+@goods_issuer_option
 @json_option
 @trace_option
 @at_option
 def terminal_redeem(card_spec: str, aid: bytes, psam_spec: str, good: bytes | None,
                     kind: str | None, issuer: bytes | None, fare: Amount | None,
-                    key_index: int, journal_path: Path | None, as_json: bool,
+                    key_index: int, journal_path: Path | None,
+                    goods_keys: GoodsKeyService | None, as_json: bool,
                     trace_out: Path | None, at: dt.datetime | None) -> None:
     """A validator: use a good on the card (a ticket or voucher becomes used, a transit token
     loses one ride) in one composite purchase of the fare, recorded by the PSAM (type 09).
@@ -285,7 +309,7 @@ def terminal_redeem(card_spec: str, aid: bytes, psam_spec: str, good: bytes | No
                             trace_out=trace_out) as (card_r, psam_r):
         try:
             r = R.redeem(card_r, psam_r, choice, fare if fare is not None else 0,
-                         key_index=key_index, when=at, card_aid=aid,
+                         key_index=key_index, when=at, card_aid=aid, goods_keys=goods_keys,
                          journal=Journal(journal_path) if journal_path else None)
         except R.Refused as refused:   # the reason on stdout too; one line on stderr
             if as_json:

@@ -40,6 +40,7 @@ from ..terminal.capp import (
     capp_purchase,
     read_goods,
 )
+from ..terminal.goods_key import GoodsKeyService
 from ..terminal.journal import Journal
 from ..terminal.money import Amount
 from ..terminal.purse import (
@@ -280,14 +281,17 @@ def redeem(card: Reader, psam: Reader, choice: Choice, fare: int | Amount = 0, *
            key_index: int = 1, when: dt.datetime | None = None,
            card_aid: bytes = P.DEFAULT_IEP_AID, psam_aid: bytes = P.DEFAULT_PSAM_AID,
            sfis: Sequence[int] = DEFAULT_GOODS_SFIS,
-           journal: Journal | None = None) -> RedeemReceipt | Finished:
+           journal: Journal | None = None,
+           goods_keys: GoodsKeyService | None = None) -> RedeemReceipt | Finished:
     """Use one good the card holds (``choice``), paying ``fare`` (minor units or an
     :class:`Amount`, placed by the card's exponent) in the same composite purchase. Card and
     PSAM are held for the whole of it. :class:`Refused` before anything is written.
 
     With a ``journal``, each tap is journalled before the card is written, and the card's next
     tap first settles the open ones (:func:`settle_interrupted`): a repeated tap whose first
-    one went through is :class:`Finished`, not a second ride."""
+    one went through is :class:`Finished`, not a second ride. ``goods_keys``, the goods key
+    service of the card's issuer, MACs the record (``84 DE``, what a card takes by default);
+    without it the plain ``80 DC`` goes, for a card with ``capp_plain_update``."""
     when = when or dt.datetime.now()
     info = select_purse(card, card_aid)
     info.check_dates(when.date())
@@ -309,7 +313,7 @@ def redeem(card: Reader, psam: Reader, choice: Choice, fare: int | Amount = 0, *
                       time=P.bcd_time(when).hex())
     try:
         receipt = capp_purchase(card, psam, charged, [write], key_index=key_index, when=when,
-                                card_aid=card_aid, psam_aid=psam_aid)
+                                card_aid=card_aid, psam_aid=psam_aid, goods_keys=goods_keys)
     except (Declined, TerminalCheckFailed) as exc:
         step = getattr(exc, "step", "")
         if journal is not None and (not step or step.startswith(_BEFORE_COMMIT)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...card.iep_commands import capp_purchase as CAPP
 from ...card.iep_commands import secure_write as SM
 from ...protocols import goods as G
 from ...protocols import purse as P
@@ -72,6 +73,15 @@ def update_capp_data_cache(sfi: int, p1: int, record: bytes, mode: int = G.MODE_
     (``MODE_TAG``)."""
     return build_command(P.CLA_PBOC, G.INS_UPDATE_CAPP_DATA_CACHE, p1, (sfi << 3) | mode,
                          record)
+
+
+def update_capp_data_cache_sm(sfi: int, p1: int, record: bytes, mac: bytes,
+                              mode: int = G.MODE_RECORD) -> bytes:
+    """UPDATE CAPP DATA CACHE with secure messaging ``84 DE P1 P2``: P1/P2 as for ``80 DC``,
+    the record followed by its 4-byte MAC under the card's goods key, chained from the CAPP
+    session's random and counter (host/terminal/goods_key.py computes it)."""
+    return build_command(CAPP.CLA_SM_CAPP, CAPP.INS_UPDATE_CAPP_DATA_CACHE_SM, p1,
+                         (sfi << 3) | mode, record + mac)
 
 
 def read_goods_record(number: int, sfi: int) -> bytes:

@@ -4,7 +4,9 @@ card holds.
 
 The flow is a purchase (:func:`svcard.host.terminal.purse.purchase`) with two differences:
 INITIALIZE FOR CAPP PURCHASE (``80 50 03 02``) opens the session, and one UPDATE CAPP DATA
-CACHE (``80 DC``) per record comes between it and DEBIT; the PSAM makes MAC1 for type 09 and
+CACHE per record comes between it and DEBIT (``84 DE`` with a MAC under the card's goods key
+bound to the session, from the issuer's :class:`GoodsKeyService`; the plain ``80 DC`` only for
+a card whose profile still takes it); the PSAM makes MAC1 for type 09 and
 records the purchase as it does any other. The card writes the records and the debit in one
 image write, or neither (card/iep_commands/capp_purchase.py). A record is given as
 ``SFI:HEX`` (written by its tag: the record of the same good, else the first empty record) or
@@ -23,6 +25,7 @@ from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader.base import Reader
 from . import apdus
+from .goods_key import GoodsKeyService
 from .money import Amount
 from .purse import (
     PurchaseReceipt,
@@ -73,7 +76,13 @@ class GoodsWrite:
             raise TerminalCheckFailed(f"--record: {exc}") from None
         return cls(sfi, record, number)
 
-    def apdu(self) -> bytes:
+    def apdu(self, keys: GoodsKeyService | None = None, app_serial: bytes = b"",
+             random: bytes = b"", counter: int = 0) -> bytes:
+        """``84 DE`` with the MAC ``keys`` make for this card's CAPP session (its serial, the
+        random and counter INITIALIZE answered); without keys, the plain ``80 DC``."""
+        if keys is not None:
+            return keys.capp_update(app_serial, random, counter, self.sfi, self.record,
+                                    record_no=self.number)
         if self.number is None:
             return apdus.update_capp_data_cache(self.sfi, self.record[0], self.record,
                                                 G.MODE_TAG)
@@ -111,8 +120,12 @@ def capp_purchase(card: Reader, psam: Reader, amount: int | Amount,
                   records: Sequence[GoodsWrite], *, key_index: int = 1,
                   when: dt.datetime | None = None, card_aid: bytes = P.DEFAULT_IEP_AID,
                   psam_aid: bytes = P.DEFAULT_PSAM_AID,
-                  issuer_factor: bool = False) -> CappReceipt:
-    """Pay ``amount`` from the EP and write ``records`` onto the card in the same step."""
+                  issuer_factor: bool = False,
+                  goods_keys: GoodsKeyService | None = None) -> CappReceipt:
+    """Pay ``amount`` from the EP and write ``records`` onto the card in the same step. With
+    ``goods_keys`` (the goods key service of the card's issuer) each record goes as the MAC'd
+    ``84 DE``, which a card takes by default; without, as the plain ``80 DC``, which only a
+    card with ``capp_plain_update`` takes."""
     if isinstance(amount, int) and not 0 <= amount <= 0xFFFFFFFF:
         raise TerminalCheckFailed("an amount is 0..4294967295 minor units")
     when = when or dt.datetime.now()
@@ -135,7 +148,8 @@ def capp_purchase(card: Reader, psam: Reader, amount: int | Amount,
         card, apdus.initialize(G.INIT_CAPP_PURCHASE, P.PURSE_EP, key_index, minor,
                                terminal_id), "INITIALIZE FOR CAPP PURCHASE"))
     for n, write in enumerate(records):
-        call(card, write.apdu(), f"UPDATE CAPP DATA CACHE ({n + 1} of {len(records)})")
+        call(card, write.apdu(goods_keys, info.serial_bytes, init.random, init.offline_counter),
+             f"UPDATE CAPP DATA CACHE ({n + 1} of {len(records)})")
     # 4. the PSAM: MAC1 for type 09
     sam = P.InitSamAnswer.parse(call(psam, apdus.init_sam_for_purchase({
         "random": init.random, "offline_counter": init.offline_counter, "amount": minor,

@@ -80,6 +80,18 @@ class GoodsKeyService:
         mac = self.mac(app_serial, challenge, SM.INS_APPEND_RECORD, 0, p2, record)
         return apdus.secure_record_write(SM.INS_APPEND_RECORD, 0, p2, record, mac)
 
+    def capp_update(self, app_serial: bytes, random: bytes, counter: int, sfi: int,
+                    record: bytes, *, record_no: int | None = None) -> bytes:
+        """UPDATE CAPP DATA CACHE with secure messaging ``84 DE`` for the CAPP session that
+        INITIALIZE FOR CAPP PURCHASE opened with ``random`` and offline ``counter``: into
+        record ``record_no``, or by the record's tag with None. The card caches it only in
+        that session and only if the MAC is this card's goods key's."""
+        p1, mode = (record_no, G.MODE_RECORD) if record_no is not None else (record[0],
+                                                                              G.MODE_TAG)
+        mac = crypto.capp_update_mac(self.card_key(app_serial), random, counter, p1,
+                                     _p2(sfi, mode), record)
+        return apdus.update_capp_data_cache_sm(sfi, p1, record, mac, mode)
+
 
 def _p2(sfi: int, mode: int) -> int:
     if not 1 <= sfi <= 30:
