@@ -287,3 +287,23 @@ def test_an_sp_answer_without_end_is_not_read_whole(tmp_path: Path) -> None:
         thread.stop()
         server.close()
         fake.stop()
+
+
+def test_the_sp_name_setting(tmp_path: Path) -> None:
+    """``name`` in the SP's TOML is the name its customers sign for (default svcard-sp); a
+    bad one is refused with one line naming the file and the field."""
+    from svcard.host.kit.config import ConfigError
+    from svcard.host.sp.config import sp_config
+
+    text = ('[[merchant]]\nname = "M1"\ncheckout_url = "http://127.0.0.1:1/v1/checkout"\n'
+            '[[merchant.item]]\nsku = "song"\nretail = 100\n')
+    plain = tmp_path / "plain.toml"
+    plain.write_text(text)
+    assert sp_config(plain).name == S.DEFAULT_SP
+    good = tmp_path / "sp.toml"
+    good.write_text('name = "sp-north"\n' + text)
+    assert sp_config(good).name == "sp-north"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "sp north!"\n' + text)
+    with pytest.raises(ConfigError, match=r"bad\.toml: name"):
+        sp_config(bad)
