@@ -29,7 +29,7 @@ def test_serve_lists_every_server() -> None:
     assert listed_commands("serve") == ["bank", "goods-auth", "goods-bank", "goods-fulfil",
                                         "goods-merchant", "goods-payment", "load", "merchant", "payment", "sp",
                                         "trade-account-manager", "trade-acquirer",
-                                        "trade-merchant", "wallet-fin", "wallet-gateway",
+                                        "trade-merchant", "wallet-fin", "wallet-gateway", "wallet-van",
                                         "wallet-web"]
 
 

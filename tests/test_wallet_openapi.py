@@ -30,6 +30,7 @@ SPECS = Path(__file__).resolve().parent.parent / "host" / "openapi"
 fin_schema = schemathesis.openapi.from_path(SPECS / "wallet-fin.yaml")
 gateway_schema = schemathesis.openapi.from_path(SPECS / "wallet-gateway.yaml")
 web_schema = schemathesis.openapi.from_path(SPECS / "wallet-web.yaml")
+van_schema = schemathesis.openapi.from_path(SPECS / "wallet-van.yaml")
 FUZZ = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
@@ -54,7 +55,7 @@ def session(stack: WalletStack) -> Iterator[str]:
     b.close()
 
 
-@pytest.mark.parametrize("name", ["fin", "gateway", "web"])
+@pytest.mark.parametrize("name", ["fin", "gateway", "web", "van"])
 def test_each_server_serves_its_openapi_document(stack: WalletStack, name: str) -> None:
     served = httpx.get(stack.url(name) + "/openapi.json", timeout=10)
     assert served.status_code == 200
@@ -93,6 +94,8 @@ def linked(case: Any, url: str, party: str, key: bytes) -> None:
 def test_financial_system_conforms(case, stack: WalletStack) -> None:  # type: ignore[no-untyped-def]
     if case.path == "/v1/topups":
         linked(case, stack.url("fin"), "AGENT1", stack.agent_key)
+    elif case.path == "/v1/van/debits":
+        linked(case, stack.url("fin"), "van", stack.fin.config.van_keys["van"])
     else:
         linked(case, stack.url("fin"), "gateway", stack.gateway.config.fin_key)
 
@@ -100,10 +103,18 @@ def test_financial_system_conforms(case, stack: WalletStack) -> None:  # type: i
 @gateway_schema.parametrize()
 @FUZZ
 def test_gateway_conforms(case, stack: WalletStack) -> None:  # type: ignore[no-untyped-def]
-    if case.path == "/v1/approvals":
+    if case.path in ("/v1/approvals", "/v1/card-payments"):
         linked(case, stack.url("gateway"), "MALL001", stack.mall_key)
+    elif case.path == "/v1/reports":
+        linked(case, stack.url("gateway"), "fin", stack.gateway.config.fin_key)
     else:
         linked(case, stack.url("gateway"), "web", stack.web.config.gateway_key)
+
+
+@van_schema.parametrize()
+@FUZZ
+def test_van_conforms(case, stack: WalletStack) -> None:  # type: ignore[no-untyped-def]
+    linked(case, stack.url("van"), "MALL001", stack.van_mall_key)
 
 
 @web_schema.parametrize()

@@ -5,6 +5,8 @@ body, bounded JSON, the link's MAC) with refusals answered as ``{"reason": ...}`
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -95,3 +97,13 @@ class WalletServer:
 
 def ok(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(data, status_code=status)
+
+
+CRASH_ENV = "SVCARD_WALLET_CRASH"
+
+
+def crash_point(name: str) -> None:
+    """A fault test's hook: the process kills itself with SIGKILL here (nothing closed, nothing
+    flushed) when ``SVCARD_WALLET_CRASH`` names this point. Unset, it does nothing."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

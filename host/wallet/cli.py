@@ -1,6 +1,6 @@
 """The wallet's commands: ``svcard wallet source add`` (a bank account or credit card opened at
 the financial system), ``svcard wallet topup`` (a cash agent's top-up of a card) and the servers
-``svcard serve wallet-fin | wallet-gateway | wallet-web``."""
+``svcard serve wallet-fin | wallet-gateway | wallet-web | wallet-van``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ db_option = click.option("--db", "db_url", default=None,
 
 def register(root: click.Group, serve: click.Group) -> None:
     root.add_command(wallet)
-    for command in (serve_fin, serve_gateway, serve_web):
+    for command in (serve_fin, serve_gateway, serve_web, serve_van):
         serve.add_command(command)
 
 
@@ -118,12 +118,15 @@ def _serve(kind: str, config_path: Path, db_url: str | None, host: str, port: in
     from . import config as C
     from .fin.app import FinServer
     from .gateway.app import GatewayServer
+    from .van import VanServer
     from .web.app import WebServer
 
-    server: FinServer | GatewayServer | WebServer
+    server: FinServer | GatewayServer | WebServer | VanServer
     try:
         if kind == "fin":
             server = FinServer(C.fin_config(config_path, db_url))
+        elif kind == "van":
+            server = VanServer(C.van_config(config_path, db_url))
         elif kind == "gateway":
             server = GatewayServer(C.gateway_config(config_path, db_url))
         else:
@@ -154,3 +157,6 @@ serve_gateway = _server_command("wallet-gateway", "gateway", 8096,
                                 "approvals (matched against the wallet's purchase).")
 serve_web = _server_command("wallet-web", "web", 8097,
                             "The electronic payment web server: members and the wallet page.")
+serve_van = _server_command("wallet-van", "van", 8098,
+                            "The VAN server (embodiment 3): malls' approvals relayed to the "
+                            "financial system.")

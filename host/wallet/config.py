@@ -38,6 +38,9 @@ class FinConfig:
     currency: int = 156
     max_balance: int = 100_000_00
     max_failures: int = 5
+    van_keys: dict[str, bytes] = field(default_factory=dict, repr=False)
+    gateway_url: str = ""                # where movements are reported ("": not reported)
+    report_seconds: float = 2.0          # how often unsent reports are tried again
 
 
 @dataclass
@@ -71,6 +74,17 @@ class WebConfig:
     secure_cookie: bool = False          # True behind HTTPS
 
 
+@dataclass
+class VanConfig:
+    """The VAN server (FIG. 6: 190): each mall's key, the financial system's address and key."""
+
+    mall_keys: dict[str, bytes] = field(repr=False)
+    fin_url: str
+    fin_key: bytes = field(repr=False)
+    party: str = "van"
+    db_url: str = field(default="sqlite:///wallet-van.db", repr=False)
+
+
 class PartyEntry(Section):
     id: str = Field(pattern=ID.pattern)
     key: SecretHex32
@@ -85,6 +99,8 @@ class FinFile(Section):
     max_balance: PosInt = 100_000_00
     gateway: list[PartyEntry] = Field(min_length=1, max_length=16)
     agent: list[PartyEntry] = Field(default_factory=list, max_length=1000)
+    van: list[PartyEntry] = Field(default_factory=list, max_length=16)
+    gateway_url: Url | None = None
 
 
 class GatewayFile(Section):
@@ -95,6 +111,14 @@ class GatewayFile(Section):
     currency: CurrencyCode = 156
     web: list[PartyEntry] = Field(min_length=1, max_length=16)
     mall: list[PartyEntry] = Field(default_factory=list, max_length=10_000)
+
+
+class VanFile(Section):
+    db: SecretText | None = None
+    party: str = Field(default="van", pattern=ID.pattern)
+    fin_url: Url
+    fin_key: SecretHex32
+    mall: list[PartyEntry] = Field(min_length=1, max_length=10_000)
 
 
 class WebFile(Section):
@@ -111,7 +135,8 @@ def fin_config(path: Path, db_url: str | None = None) -> FinConfig:
                      {p.id: p.key for p in f.agent},
                      mail_dir=mail if mail.is_absolute() else path.parent / mail,
                      currency=f.currency, max_balance=f.max_balance,
-                     **db_setting(f.db, db_url))
+                     van_keys={p.id: p.key for p in f.van},
+                     gateway_url=f.gateway_url or "", **db_setting(f.db, db_url))
 
 
 def gateway_config(path: Path, db_url: str | None = None) -> GatewayConfig:
@@ -125,4 +150,10 @@ def gateway_config(path: Path, db_url: str | None = None) -> GatewayConfig:
 def web_config(path: Path, db_url: str | None = None) -> WebConfig:
     f = parse_config(WebFile, path)
     return WebConfig(f.gateway_url, f.gateway_key, secure_cookie=f.secure_cookie,
+                     **db_setting(f.db, db_url))
+
+
+def van_config(path: Path, db_url: str | None = None) -> VanConfig:
+    f = parse_config(VanFile, path)
+    return VanConfig({p.id: p.key for p in f.mall}, f.fin_url, f.fin_key, party=f.party,
                      **db_setting(f.db, db_url))

@@ -198,6 +198,37 @@ def purchase(data: Any) -> dict[str, Any]:
     return out
 
 
+FILL_DOMAIN = b"svcard-wallet-fill-v1"
+PROFILE = re.compile(r"^[0-9a-f]{96}$")
+
+
+def fill_mac(link_key: bytes, pid: str, card: str, p: Mapping[str, Any]) -> str:
+    """The MAC part of a card's *profile* token (embodiments 2 and 3): the gateway makes it
+    when the member's wallet fills the card's details into a mall's form, under a key derived
+    from the gateway <-> financial system link key, so the financial system can check it for
+    the VAN without asking the gateway. It binds the purchase id, the card and every field of
+    the purchase as :func:`purchase` reads it (mall, order, customer, the products' digest,
+    amount, currency, nonce, expiry)."""
+    key = hmac.new(link_key, FILL_DOMAIN, hashlib.sha256).digest()
+    message = "\n".join([pid, card] + [str(p[name]) for name in (
+        "mall", "order", "customer", "products_digest", "amount", "currency", "nonce",
+        "expires")])
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def profile_token(link_key: bytes, pid: str, card: str, p: Mapping[str, Any]) -> str:
+    return pid + fill_mac(link_key, pid, card, p)
+
+
+def check_profile(link_key: bytes, token_value: str, card: str, p: Mapping[str, Any]) -> str | None:
+    """The purchase id in a profile token made for ``card`` and purchase ``p``, else None."""
+    if not PROFILE.match(token_value):
+        return None
+    pid, mac = token_value[:32], token_value[32:]
+    good = fill_mac(link_key, pid, card, p)
+    return pid if hmac.compare_digest(mac.encode(), good.encode()) else None
+
+
 class LinkClient:
     """One side of a link: POSTs JSON to ``base`` as ``party`` under ``key``."""
 

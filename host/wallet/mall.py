@@ -5,13 +5,17 @@ server 90), for the demo and the tests.
 from the page's cart at the mall's OWN prices (order id, the customer's id at the mall, a nonce
 and an expiry) and gives the page the purchase information to hand to the wallet.
 ``POST /shop/orders/{order}/pay`` asks the gateway for approval with the mall's own record of
-the order. The mall never sees a member id, a name or a password; every request it receives is
-kept in :attr:`MallServer.seen` so a test can check that.
+the order (embodiment 1). ``POST /shop/orders/{order}/pay-card`` sends the card details from
+the page's form (number, secret, profile token: filled in by the wallet) with the mall's own
+record, ``via`` the gateway (embodiment 2) or the VAN server (embodiment 3). The mall never
+sees a member id, a name or a password; every request it receives is kept in
+:attr:`MallServer.seen` so a test can check that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -39,6 +43,8 @@ class MallConfig:
     wallet_url: str                      # the web server's wallet page
     currency: int = 156
     order_seconds: int = 600
+    van_url: str = ""
+    van_key: bytes = field(default=b"", repr=False)
 
 
 class MallServer:
@@ -46,6 +52,8 @@ class MallServer:
         self.config = config
         self.http = http or httpx.Client(timeout=30)
         self.gateway = LinkClient(self.http, config.gateway_url, config.mall, config.key)
+        self.van = LinkClient(self.http, config.van_url, config.mall, config.van_key) \
+            if config.van_url else None
         self.orders: dict[str, dict[str, Any]] = {}
         self.seen: list[dict[str, Any]] = []       # every request received
         self.url = ""                              # set by the stack once it listens
@@ -119,6 +127,33 @@ class MallServer:
         status, answer = await self.approve(purchase)
         return JSONResponse({"approved": status == 200, **answer}, status_code=200)
 
+    async def pay_card(self, request: Request) -> Response:
+        body = await self._record(request)
+        purchase = self.orders.get(request.path_params["order"])
+        if purchase is None or request.headers.get("X-Mall") != "1":
+            return JSONResponse({"approved": False, "reason": "no such order"},
+                                status_code=404)
+        try:
+            data = json.loads(body) if len(body) <= 4096 else None
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or data.get("via") not in ("gateway", "van") or \
+                not all(isinstance(data.get(k), str) for k in ("card", "secret", "profile")):
+            return JSONResponse({"approved": False, "reason": "card, secret, profile and via "
+                                 "(gateway or van) are needed"}, status_code=400)
+        request_body = {"purchase": purchase, "card": data["card"], "secret": data["secret"],
+                        "profile": data["profile"]}
+        link = self.gateway if data["via"] == "gateway" else self.van
+        path = "/v1/card-payments" if data["via"] == "gateway" else "/v1/approvals"
+        if link is None:
+            return JSONResponse({"approved": False, "reason": "this mall has no VAN"},
+                                status_code=400)
+        try:
+            status, answer = await asyncio.to_thread(link.post, path, request_body)
+        except httpx.TransportError:
+            status, answer = 502, {"reason": "the payment server could not be reached"}
+        return JSONResponse({"approved": status == 200, **answer}, status_code=200)
+
     async def approve(self, purchase: dict[str, Any]) -> tuple[int, Any]:
         """Ask the gateway to approve ``purchase`` (the mall's own record of it)."""
         try:
@@ -137,4 +172,5 @@ class MallServer:
             Route("/shop/{name:str}", self.page, methods=["GET"]),
             Route("/shop/orders", self.new_order, methods=["POST"]),
             Route("/shop/orders/{order:str}/pay", self.pay, methods=["POST"]),
+            Route("/shop/orders/{order:str}/pay-card", self.pay_card, methods=["POST"]),
         ])

@@ -13,11 +13,12 @@ from typing import Any
 import httpx
 
 from ..kit.serving import ServerThread, free_port
-from .config import FinConfig, GatewayConfig, WebConfig
+from .config import FinConfig, GatewayConfig, VanConfig, WebConfig
 from .fin.app import FinServer, add_source
 from .gateway.app import GatewayServer
 from .links import LinkClient
 from .mall import MallConfig, MallServer
+from .van import VanServer
 from .web.app import HEADER, WebServer
 
 MALL = "MALL001"
@@ -30,9 +31,11 @@ class WalletStack:
     gateway: GatewayServer
     web: WebServer
     mall: MallServer
+    van: VanServer
     threads: dict[str, ServerThread]
     mall_key: bytes = field(repr=False)
     agent_key: bytes = field(repr=False)
+    van_mall_key: bytes = field(repr=False)
 
     def url(self, name: str) -> str:
         return self.mall.url if name == "mall" else self.threads[name].url
@@ -43,6 +46,10 @@ class WalletStack:
 
     def mall_link(self, http: httpx.Client) -> LinkClient:
         return LinkClient(http, self.url("gateway"), MALL, self.mall_key)
+
+    def van_link(self, http: httpx.Client) -> LinkClient:
+        """The mall's link to the VAN server (embodiment 3)."""
+        return LinkClient(http, self.url("van"), MALL, self.van_mall_key)
 
     def open_account(self, number: str, secret: str, balance: int) -> None:
         add_source(self.fin, "account", number, secret, balance)
@@ -61,7 +68,7 @@ class WalletStack:
         self.threads[name] = ServerThread(new.app(), port=old.port).start()
 
     def close(self) -> None:
-        for name in ("web", "mall", "gateway", "fin"):
+        for name in ("web", "mall", "van", "gateway", "fin"):
             self.threads[name].stop()
             getattr(self, name).close()
 
@@ -76,31 +83,39 @@ def start_wallet(folder: Path, *, clock: Callable[[], float] = time.time,
     folder.mkdir(parents=True, exist_ok=True)
     urls = {n: f"sqlite:///{folder / f'wallet-{n}.db'}" for n in ("fin", "gateway", "web")}
     urls.update(db_urls or {})
-    fin_key, web_key, mall_key, agent_key = (secrets.token_bytes(32) for _ in range(4))
-    ports = {n: free_port() for n in ("fin", "gateway", "web", "mall")}
+    fin_key, web_key, mall_key, agent_key, van_key, van_mall_key = (
+        secrets.token_bytes(32) for _ in range(6))
+    urls.setdefault("van", f"sqlite:///{folder / 'wallet-van.db'}")
+    ports = {n: free_port() for n in ("fin", "gateway", "web", "mall", "van")}
     local = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
     local["mall"] = f"http://{mall_host}:{ports['mall']}"
     fin = FinServer(FinConfig(secrets.token_bytes(32), {"gateway": fin_key},
                               {"AGENT1": agent_key}, db_url=urls["fin"],
-                              mail_dir=folder / "mail"), clock=clock)
+                              mail_dir=folder / "mail", van_keys={"van": van_key},
+                              gateway_url=local["gateway"], report_seconds=0.5), clock=clock)
     gateway = GatewayServer(GatewayConfig(
         secrets.token_bytes(32), {"web": web_key}, {MALL: mall_key}, {MALL: local["mall"]},
         local["fin"], fin_key, db_url=urls["gateway"]), clock=clock)
     web = WebServer(WebConfig(local["gateway"], web_key, db_url=urls["web"],
                               login_failures=login_failures), clock=clock)
-    mall = MallServer(MallConfig(MALL, mall_key, local["gateway"], local["web"] + "/wallet"))
+    van = VanServer(VanConfig({MALL: van_mall_key}, local["fin"], van_key, db_url=urls["van"]),
+                    clock=clock)
+    mall = MallServer(MallConfig(MALL, mall_key, local["gateway"], local["web"] + "/wallet",
+                                 van_url=local["van"], van_key=van_mall_key))
     mall.url = local["mall"]
     threads: dict[str, ServerThread] = {}
     try:
-        for name, server in (("fin", fin), ("gateway", gateway), ("web", web), ("mall", mall)):
+        for name, server in (("fin", fin), ("gateway", gateway), ("van", van), ("web", web),
+                             ("mall", mall)):
             threads[name] = ServerThread(server.app(), port=ports[name]).start()
     except BaseException:
         for thread in threads.values():
             thread.stop()
-        for server in (web, mall, gateway, fin):
+        for server in (web, mall, van, gateway, fin):
             server.close()
         raise
-    return WalletStack(folder, fin, gateway, web, mall, threads, mall_key, agent_key)
+    return WalletStack(folder, fin, gateway, web, mall, van, threads, mall_key, agent_key,
+                       van_mall_key)
 
 
 class Browserless:

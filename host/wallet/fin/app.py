@@ -5,8 +5,12 @@ with a new number and secret; a real card is personalised as an anonymous purse 
 written to ``mail_dir``), ``/v1/cards/verify`` (a card's secret), ``/v1/links`` (an applicant
 proves it holds an account or a credit card), ``/v1/charges`` (a card charged from a linked
 account or credit card), ``/v1/debits`` (a matched purchase paid from a card),
-``/v1/balances``. Over its link with a cash agent: ``/v1/topups``. ``GET /v1/health``,
-``GET /openapi.json``.
+``/v1/balances``. Over its link with a cash agent: ``/v1/topups``. Over its link with a VAN
+server: ``/v1/van/debits`` (FIG. 6 step d7: a mall's purchase with the card's number, secret
+and the profile token the member's wallet filled in; the token is checked under the gateway
+link's key, then the secret, then the card debited under ``pay:PURCHASE``). Every movement
+done is reported to the gateway (``POST {gateway_url}/v1/reports`` as party ``fin``) from an
+outbox written in the movement's own transaction. ``GET /v1/health``, ``GET /openapi.json``.
 
 Answers (JSON): 200 with ``result`` ``done`` or ``declined`` and why (nothing changed when
 declined); 400 a malformed request; 401 a link MAC that does not verify; 403 a wrong secret
@@ -15,13 +19,16 @@ declined); 400 a malformed request; 401 a link MAC that does not verify; 403 a w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -30,9 +37,22 @@ from starlette.routing import Route
 
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
 from ...kit.request_log import RequestLog, note
-from ..base import WalletServer, ok
+from ..base import WalletServer, crash_point, ok
 from ..config import FinConfig
-from ..links import NUMBER, SECRET, choice, new_secret, secret_digest, text, whole
+from ..links import (
+    ID,
+    NUMBER,
+    PROFILE,
+    SECRET,
+    LinkClient,
+    check_profile,
+    choice,
+    new_secret,
+    purchase,
+    secret_digest,
+    text,
+    whole,
+)
 from . import db as D
 from . import ledger as L
 from .mail import mail_real_card
@@ -44,9 +64,65 @@ _REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 class FinServer(WalletServer):
     name = "wallet-fin"
 
-    def __init__(self, config: FinConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: FinConfig, clock: Callable[[], float] = time.time,
+                 http: httpx.Client | None = None) -> None:
         self.config = config
+        self.http = http or httpx.Client(timeout=30)
+        first = next(iter(config.gateway_keys.values()))
+        self.reporter = LinkClient(self.http, config.gateway_url, "fin", first) \
+            if config.gateway_url else None
+        self._delivering: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[int]] = set()
         super().__init__(D.make_engine(config.db_url), config.db_url, D.cards, clock)
+
+    def close(self) -> None:
+        super().close()
+        self.http.close()
+
+    # --- reports to the gateway -----------------------------------------------------------
+    async def deliver(self) -> int:
+        """Send the outbox's unsent reports to the gateway; how many it took."""
+        if self.reporter is None:
+            return 0
+        if self._delivering is None:
+            self._delivering = asyncio.Lock()
+        sent = 0
+        async with self._delivering:
+            while True:
+                batch = await self.sql(L.pending_reports, self.engine, 100)
+                if not batch:
+                    return sent
+                try:
+                    status, _ = await asyncio.to_thread(self.reporter.post, "/v1/reports",
+                                                        {"reports": batch})
+                except httpx.TransportError:
+                    return sent
+                if status != 200:
+                    return sent
+                await self.sql(L.mark_sent, self.engine, [r["ref"] for r in batch])
+                sent += len(batch)
+
+    def _report_soon(self) -> None:
+        if self.reporter is not None:
+            task = asyncio.get_running_loop().create_task(self.deliver())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        async def again() -> None:
+            while True:
+                with contextlib.suppress(Exception):
+                    await self.deliver()
+                await asyncio.sleep(self.config.report_seconds)
+        loop = asyncio.get_running_loop().create_task(again()) if self.reporter else None
+        try:
+            yield
+        finally:
+            if loop is not None:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
 
     def _digest(self, what: str, ident: str, secret: str) -> str:
         return secret_digest(self.config.secret_key, what, ident, secret)
@@ -98,19 +174,29 @@ class FinServer(WalletServer):
                   {"ok": 200, "wrong": 403, "locked": 423, "unknown": 404}[found])
 
     async def _move(self, data: dict[str, Any], kind: str, source: str,
-                    applicant: str | None) -> Response:
+                    applicant: str | None, order: str = "") -> Response:
         ref, card = text(data, "ref", _REF), text(data, "card", NUMBER)
         amount, currency = whole(data, "amount", 1), self._currency(data)
+        outcome = await self._moved(ref, kind, card, source, amount, currency, applicant,
+                                    order)
+        return ok(outcome.answer(ref))
+
+    async def _moved(self, ref: str, kind: str, card: str, source: str, amount: int,
+                     currency: int, applicant: str | None, order: str) -> L.Outcome:
         digest = hashlib.sha256(json.dumps([kind, card, source, amount, currency, applicant])
                                 .encode()).hexdigest()
         note(txn=ref, step=kind)
         try:
             outcome = await self.sql(L.move, self.engine, ref, kind, card, source, amount,
-                                     currency, digest, applicant, self.config.max_balance)
+                                     currency, digest, applicant, self.config.max_balance,
+                                     order)
         except L.RefConflict as exc:
             raise Refused(409, 409, str(exc)) from None
         note(outcome=outcome.result)
-        return ok(outcome.answer(ref))
+        crash_point(f"fin-after-{kind}")
+        if outcome.result == D.DONE and not outcome.repeated:
+            self._report_soon()
+        return outcome
 
     async def charge(self, request: Request) -> Response:
         _, data = await self.linked(request, self.config.gateway_keys)
@@ -120,7 +206,40 @@ class FinServer(WalletServer):
 
     async def debit(self, request: Request) -> Response:
         _, data = await self.linked(request, self.config.gateway_keys)
-        return await self._move(data, "debit", "mall:" + text(data, "mall"), None)
+        order = data.get("order", "")
+        if not isinstance(order, str) or (order and not ID.match(order)):
+            raise Refused(400, 400, "order: not a valid value")
+        return await self._move(data, "debit", "mall:" + text(data, "mall"), None, order)
+
+    async def van_debit(self, request: Request) -> Response:
+        """FIG. 6 step d7: a VAN asks for a mall's purchase paid with a card's details."""
+        _, data = await self.linked(request, self.config.van_keys)
+        p = purchase(data.get("purchase"))
+        card, secret = text(data, "card", NUMBER), text(data, "secret", SECRET)
+        token = text(data, "profile", PROFILE)
+        pid = next((found for key in self.config.gateway_keys.values()
+                    if (found := check_profile(key, token, card, p)) is not None), None)
+        if pid is None:
+            raise Refused(403, 403, "the card details were not filled by the member's wallet "
+                                    "for this purchase")
+        if p["expires"] <= self.now_ms():
+            raise Refused(410, 410, "the purchase expired")
+        self._currency({"currency": p["currency"]})
+        found = await self.sql(L.check_secret, self.engine, card,
+                               self._digest("card", card, secret), self.config.max_failures)
+        if found != "ok":
+            status = {"wrong": 403, "locked": 423, "unknown": 404}[found]
+            raise Refused(status, status, {"wrong": "wrong card secret",
+                                           "locked": "the card is locked after too many "
+                                                     "wrong secrets",
+                                           "unknown": "no such card"}[found])
+        ref = "pay:" + pid
+        outcome = await self._moved(ref, "debit", card, "mall:" + p["mall"], p["amount"],
+                                    p["currency"], None, p["order"])
+        if outcome.repeated:
+            raise Refused(409, 409, f"{'approved' if outcome.result == D.DONE else 'declined'}"
+                                    " already: not approved twice")
+        return ok(outcome.answer(ref), 200 if outcome.result == D.DONE else 402)
 
     async def topup(self, request: Request) -> Response:
         agent, data = await self.linked(request, self.config.agent_keys)
@@ -144,9 +263,10 @@ class FinServer(WalletServer):
             Route("/v1/debits", g(self.debit), methods=["POST"]),
             Route("/v1/topups", g(self.topup), methods=["POST"]),
             Route("/v1/balances", g(self.balances), methods=["POST"]),
+            Route("/v1/van/debits", g(self.van_debit), methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-fin"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
             middleware=[Middleware(RequestLog, server="wallet-fin")])
 
 

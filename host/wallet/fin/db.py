@@ -13,11 +13,14 @@ default, PostgreSQL by URL.
   reference, a purchase's id, an agent's top-up reference): a repeated request finds its row
   and never moves money twice. ``result`` is ``done`` or ``declined`` (and why).
 * ``wf_issues``: each card application by its ``ref``, so a retried one is not a second card.
+* ``wf_outbox``: each movement done, to report to the payment gateway (FIG. 6 step d12),
+  written in the movement's own transaction and marked sent once the gateway took it: a
+  crash loses no report, and a report sent twice is recorded once (by its ref).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Engine, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, Engine, Index, Integer, MetaData, String, Table, Text
 
 from ...kit.schema import Schema, open_schema
 
@@ -89,6 +92,15 @@ issues = Table(
     Column("number", String(16), nullable=False),
     Column("at", BigInteger, nullable=False),
 )
+
+outbox = Table(
+    "wf_outbox", metadata,
+    Column("ref", String(64), primary_key=True),
+    Column("body", Text, nullable=False),               # the report, JSON
+    Column("sent", Integer, nullable=False),            # 0 pending, 1 taken by the gateway
+    Column("at", BigInteger, nullable=False),
+)
+Index("ix_wf_outbox_sent", outbox.c.sent, outbox.c.at)
 
 SCHEMA = Schema("wallet-fin", 1, metadata)
 

@@ -5,6 +5,7 @@ reused ref with other content is refused (:class:`RefConflict`)."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -118,14 +119,15 @@ def _repeat(conn: Any, ref: str, digest: str) -> Outcome | None:
 
 
 def move(engine: Engine, ref: str, kind: str, card: str, source: str, amount: int,
-         currency: int, digest: str, applicant: str | None, max_balance: int) -> Outcome:
+         currency: int, digest: str, applicant: str | None, max_balance: int,
+         order: str = "") -> Outcome:
     """One movement, in one step: ``cash`` (an agent's top-up), ``account`` or ``credit``
     (a charge from a source ``applicant`` linked) credit the card; ``debit`` takes the
     amount off it. Declined with nothing changed: no such card, another currency, a source
     not linked or short of money, a balance too low or over ``max_balance``."""
     try:
         return _move(engine, ref, kind, card, source, amount, currency, digest, applicant,
-                     max_balance)
+                     max_balance, order)
     except IntegrityError:   # the same ref at the same moment: the winner's outcome
         with reading(engine) as conn:
             found = _repeat(conn, ref, digest)
@@ -135,7 +137,8 @@ def move(engine: Engine, ref: str, kind: str, card: str, source: str, amount: in
 
 
 def _move(engine: Engine, ref: str, kind: str, card: str, source: str, amount: int,
-          currency: int, digest: str, applicant: str | None, max_balance: int) -> Outcome:
+          currency: int, digest: str, applicant: str | None, max_balance: int,
+          order: str) -> Outcome:
     with step(engine) as conn:
         found = _repeat(conn, ref, digest)
         if found is not None:
@@ -147,6 +150,12 @@ def _move(engine: Engine, ref: str, kind: str, card: str, source: str, amount: i
             at=now_ms()))
         balance = conn.execute(select(D.cards.c.balance).where(
             D.cards.c.number == card)).scalar()
+        if not reason:   # reported to the gateway: written with the movement itself
+            at = now_ms()
+            conn.execute(insert(D.outbox).values(ref=ref, sent=0, at=at, body=json.dumps({
+                "ref": ref, "kind": kind, "card": card, "amount": amount,
+                "currency": currency, "balance": balance, "counterparty": source,
+                "order": order, "at": at}, sort_keys=True)))
     return Outcome(D.DECLINED if reason else D.DONE, reason or "", balance)
 
 
@@ -224,3 +233,16 @@ def source_state(engine: Engine, kind: str, number: str) -> dict[str, Any] | Non
     with reading(engine) as conn:
         row = conn.execute(select(table).where(table.c.number == number)).first()
     return dict(row._mapping) if row is not None else None
+
+
+def pending_reports(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
+    o = D.outbox.c
+    with reading(engine) as conn:
+        rows = conn.execute(select(o.body).where(o.sent == 0).order_by(o.at, o.ref)
+                            .limit(limit)).all()
+    return [json.loads(r.body) for r in rows]
+
+
+def mark_sent(engine: Engine, refs: list[str]) -> None:
+    with step(engine) as conn:
+        conn.execute(update(D.outbox).where(D.outbox.c.ref.in_(refs)).values(sent=1))

@@ -31,6 +31,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -42,9 +43,10 @@ from starlette.routing import Route
 
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
 from ...kit.request_log import RequestLog, note
-from ..base import WalletServer, ok
+from ..base import WalletServer, crash_point, ok
 from ..config import GatewayConfig
 from ..links import ID, NUMBER, SECRET, LinkClient, choice, origin, purchase, text, whole
+from . import cardpay as E
 from . import db as D
 from . import matching as X
 from . import wallets as W
@@ -151,9 +153,12 @@ class GatewayServer(WalletServer):
         note(txn=ref, step="charge", outcome=answer["result"])
         return ok(answer, 200 if answer["result"] == "done" else 402)
 
-    async def choose(self, request: Request) -> Response:
-        member, data = await self._member(request)
-        card, secret = text(data, "card", NUMBER), text(data, "secret", SECRET)
+    async def checked_choice(self, member: str, data: dict[str, Any]
+                             ) -> tuple[str, dict[str, Any], str]:
+        """(card, purchase, return URL) a member's wallet sent, checked: a mall served here,
+        an expiry ahead (at most ``max_purchase_ms``), a page to return to on the mall's own
+        site, our currency, and a card in this member's wallet."""
+        card = text(data, "card", NUMBER)
         p = purchase(data.get("purchase"))
         if p["mall"] not in self.config.mall_keys:
             raise Refused(400, 400, "purchase.mall: not a mall this gateway serves")
@@ -168,17 +173,27 @@ class GatewayServer(WalletServer):
             raise Refused(400, 400, f"purchase.currency: cards here hold {self.config.currency}")
         if await self.sql(W.holds, self.engine, member, "card", card) is None:
             raise Refused(404, 404, "no such card in this wallet")
+        return card, p, back
+
+    async def choose(self, request: Request) -> Response:
+        member, data = await self._member(request)
+        secret = text(data, "secret", SECRET)
+        card, p, back = await self.checked_choice(member, data)
+        await self.verify_secret(card, secret)
+        pid = await self.sql(X.store_choice, self.engine, member, card, p)
+        if pid is None:
+            raise Refused(409, 409, "this order has a card chosen already")
+        note(txn=pid, step="choose")
+        return ok({"purchase": pid, "return_url": back})
+
+    async def verify_secret(self, card: str, secret: str) -> None:
+        """The financial system checks the card's secret (five wrong ones lock the card)."""
         status, _ = await self.ask_fin("/v1/cards/verify", {"card": card, "secret": secret})
         if status in (403, 423):
             raise Refused(403, 403, "wrong card secret" if status == 403 else
                           "the card is locked after too many wrong secrets")
         if status != 200:
             raise Refused(502, 502, "the financial system could not check the card")
-        pid = await self.sql(X.store_choice, self.engine, member, card, p)
-        if pid is None:
-            raise Refused(409, 409, "this order has a card chosen already")
-        note(txn=pid, step="choose")
-        return ok({"purchase": pid, "return_url": back})
 
     # --- each mall's link -----------------------------------------------------------------
     async def approve(self, request: Request) -> Response:
@@ -187,6 +202,14 @@ class GatewayServer(WalletServer):
         if p["mall"] != mall:
             raise Refused(403, 403, "a mall asks approval of its own purchases only")
         how, found = await self.sql(X.match, self.engine, p, self.now_ms())
+        return await self.answer_match(p, how, found)
+
+    async def answer_match(self, p: dict[str, Any], how: str, found: dict[str, Any] | None,
+                           fresh: bool = False) -> Response:
+        """The mall's answer to a match: refused, or debited and approved or declined.
+        ``fresh``: the purchase was never asked about before (``filled``), so a debit the
+        financial system had already made under its ref was the VAN's (embodiment 3): the
+        same order is not approved a second time (409)."""
         note(txn=found["id"] if found else None, step="approve")
         if how != "matched" or found is None:
             status, reason = {
@@ -197,7 +220,11 @@ class GatewayServer(WalletServer):
                 "expired": (410, "the purchase expired"),
             }.get(how, (409, "the request does not match the wallet's purchase information"))
             raise Refused(status, status, reason)
-        approved, reason = await self.debit(found)
+        crash_point("gateway-after-match")
+        approved, reason, repeated = await self.debit(found)
+        if fresh and repeated:
+            raise Refused(409, 409, "approved or declined already (through the VAN): "
+                                    "not approved twice")
         note(outcome="approved" if approved else "declined")
         body = {"approved": approved, "approval": found["id"], "order": p["order"],
                 "amount": found["amount"], "currency": found["currency"]}
@@ -205,18 +232,19 @@ class GatewayServer(WalletServer):
             body["reason"] = reason
         return ok(body, 200 if approved else 402)
 
-    async def debit(self, found: dict[str, Any]) -> tuple[bool, str]:
+    async def debit(self, found: dict[str, Any]) -> tuple[bool, str, bool]:
         """Ask the financial system to debit a matched purchase (its ref is the purchase's
-        id: asking again is never a second debit) and record the answer."""
+        id: asking again is never a second debit) and record the answer: (approved, why
+        not, whether the financial system had this ref already)."""
         status, answer = await self.ask_fin("/v1/debits", {
             "ref": "pay:" + found["id"], "card": found["card"], "amount": found["amount"],
-            "currency": found["currency"], "mall": found["mall"]})
+            "currency": found["currency"], "mall": found["mall"], "order": found["mall_order"]})
         if status != 200:
             raise Refused(502, 502, "the financial system's answer is unknown: ask again")
         approved = answer["result"] == "done"
         reason = "" if approved else str(answer.get("reason", "declined"))
         await self.sql(X.settle, self.engine, found["id"], approved, reason)
-        return approved, reason
+        return approved, reason, bool(answer.get("repeated"))
 
     async def recover(self) -> dict[str, int]:
         """At start: every purchase matched whose debit's outcome was not recorded (the
@@ -224,7 +252,7 @@ class GatewayServer(WalletServer):
         done = {"approved": 0, "declined": 0, "unknown": 0}
         for found in await self.sql(X.in_flight, self.engine):
             try:
-                approved, _ = await self.debit(found)
+                approved, _, _ = await self.debit(found)
             except Refused:
                 done["unknown"] += 1
                 continue
@@ -246,7 +274,10 @@ class GatewayServer(WalletServer):
             Route("/v1/wallet/link", g(self.link), methods=["POST"]),
             Route("/v1/wallet/charge", g(self.charge), methods=["POST"]),
             Route("/v1/wallet/choose", g(self.choose), methods=["POST"]),
+            Route("/v1/wallet/fill", g(partial(E.fill, self)), methods=["POST"]),
             Route("/v1/approvals", g(self.approve), methods=["POST"]),
+            Route("/v1/card-payments", g(partial(E.card_payment, self)), methods=["POST"]),
+            Route("/v1/reports", g(partial(E.reports, self)), methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-gateway"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,

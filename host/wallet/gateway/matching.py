@@ -27,29 +27,35 @@ FIELDS = {"mall": "mall", "order": "mall_order", "customer": "customer",
           "nonce": "nonce", "expires": "expires"}
 
 
-def store_choice(engine: Engine, member: str, card: str, p: dict[str, Any]) -> str | None:
-    """The new purchase's id, or None if the mall's order has a purchase already."""
+def store_choice(engine: Engine, member: str, card: str, p: dict[str, Any],
+                 state: str = D.CHOSEN) -> str | None:
+    """The new purchase's id, or None if the mall's order has a purchase already. ``state``:
+    ``chosen`` (embodiment 1) or ``filled`` (2 and 3: the secret is checked later)."""
     pid = secrets.token_hex(16)
     now = now_ms()
     try:
         with step(engine) as conn:
             conn.execute(insert(D.purchases).values(
-                id=pid, member=member, card=card, state=D.CHOSEN, reason="", created=now,
+                id=pid, member=member, card=card, state=state, reason="", created=now,
                 updated=now, **{column: p[name] for name, column in FIELDS.items()}))
     except IntegrityError:
         return None
     return pid
 
 
-def match(engine: Engine, p: dict[str, Any], now: int) -> tuple[str, dict[str, Any] | None]:
+def match(engine: Engine, p: dict[str, Any], now: int, state: str = D.CHOSEN,
+          extra: dict[str, str] | None = None) -> tuple[str, dict[str, Any] | None]:
     """(``matched``, the purchase) or (why not, the purchase by mall and order or None):
     ``none``, ``approved``, ``declined``, ``approving`` (in flight), ``expired``,
-    ``mismatch``."""
+    ``mismatch``. Only a purchase in ``state`` matches (a ``filled`` one never matches an
+    embodiment-1 request, which carries no secret), and ``extra`` columns must be equal too
+    (embodiment 2: the purchase id in the profile token and the card)."""
     c = D.purchases.c
-    equal = [c[column] == p[name] for name, column in FIELDS.items()]
+    wanted = {column: p[name] for name, column in FIELDS.items()} | (extra or {})
+    equal = [c[column] == value for column, value in wanted.items()]
     with step(engine) as conn:
         done = conn.execute(update(D.purchases).where(
-            *equal, or_(and_(c.state == D.CHOSEN, c.expires > now),
+            *equal, or_(and_(c.state == state, c.expires > now),
                         and_(c.state == D.APPROVING, c.updated < now - STALE_MS))).values(
             state=D.APPROVING, updated=now)).rowcount
         row = conn.execute(select(D.purchases).where(
@@ -59,10 +65,10 @@ def match(engine: Engine, p: dict[str, Any], now: int) -> tuple[str, dict[str, A
         return "matched", found
     if found is None:
         return "none", None
-    same = all(found[column] == p[name] for name, column in FIELDS.items())
+    same = all(found[column] == value for column, value in wanted.items())
     if found["state"] in (D.APPROVED, D.DECLINED) or (same and found["state"] == D.APPROVING):
         return found["state"], found
-    if same and found["state"] == D.CHOSEN and found["expires"] <= now:
+    if same and found["state"] == state and found["expires"] <= now:
         return "expired", found
     return "mismatch", found
 
@@ -74,6 +80,14 @@ def settle(engine: Engine, pid: str, approved: bool, reason: str) -> bool:
             c.id == pid, c.state == D.APPROVING).values(
             state=D.APPROVED if approved else D.DECLINED, reason=reason[:200],
             updated=now_ms())).rowcount == 1)
+
+
+def by_order(engine: Engine, mall: str, order: str) -> dict[str, Any] | None:
+    c = D.purchases.c
+    with reading(engine) as conn:
+        row = conn.execute(select(D.purchases).where(c.mall == mall,
+                                                     c.mall_order == order)).first()
+    return dict(row._mapping) if row is not None else None
 
 
 def purchase(engine: Engine, pid: str) -> dict[str, Any] | None:

@@ -46,3 +46,10 @@ def contents(engine: Engine, member: str) -> list[dict[str, Any]]:
         rows = conn.execute(select(D.wallet).where(w.member == member)
                             .order_by(w.added, w.number)).all()
     return [dict(r._mapping) for r in rows]
+
+
+def owner(conn: Any, number: str) -> str:
+    """The member whose wallet holds card ``number`` ("" if none), inside a step."""
+    w = D.wallet.c
+    found = conn.execute(select(w.member).where(w.kind == "card", w.number == number)).scalar()
+    return str(found) if found is not None else ""

@@ -8,7 +8,9 @@ over their link, naming the member it has authenticated:
 (a session cookie: HttpOnly, SameSite=Strict; failures limited per member and per address),
 ``/api/logout``, ``GET /api/wallet``, ``POST /api/cards`` (issue a virtual or real card),
 ``/api/links`` (add an account or credit card), ``/api/charges`` (charge a card from one),
-``/api/purchases`` (embodiment 1: the card chosen for the purchase the mall's page gave).
+``/api/purchases`` (embodiment 1: the card chosen for the purchase the mall's page gave),
+``/api/fills`` (embodiments 2 and 3: a card's number and profile token to fill into the
+mall's payment form; the page adds the secret the member types).
 
 Every ``/api`` request must carry ``X-Svcard-Wallet: 1``: a page on another origin cannot send
 that header without a CORS preflight, which this server never grants, so it cannot act with the
@@ -169,6 +171,13 @@ class WebServer(WalletServer):
             "member": member, "card": data.get("card"), "secret": data.get("secret"),
             "purchase": data.get("purchase"), "return_url": data.get("return_url")})
 
+    async def fills(self, request: Request) -> Response:
+        """Embodiments 2 and 3: the card's details to fill into the mall's payment form."""
+        member, data = await self._session(request)
+        return await self._gateway("/v1/wallet/fill", {
+            "member": member, "card": data.get("card"), "purchase": data.get("purchase"),
+            "return_url": data.get("return_url")})
+
     async def home(self, request: Request) -> Response:
         return RedirectResponse("/wallet", status_code=303)
 
@@ -185,6 +194,7 @@ class WebServer(WalletServer):
             Route("/api/links", g(self.links), methods=["POST"]),
             Route("/api/charges", g(self.charges), methods=["POST"]),
             Route("/api/purchases", g(self.purchases), methods=["POST"]),
+            Route("/api/fills", g(self.fills), methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-web"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),

@@ -1,0 +1,102 @@
+"""Embodiments 2 and 3 at the payment gateway (seed 003 FIG. 5 and 6), and the financial
+system's transaction reports (FIG. 6 step d12).
+
+``POST /v1/wallet/fill`` (the web server's link; FIG. 5 steps c2-c4): the member's wallet asks
+for the details of a card in the wallet to fill into a mall's payment form. The purchase is
+checked as in embodiment 1 and stored ``filled``; the answer is the card's number and a
+one-time *profile* token (the purchase id and a MAC binding it to the card, mall, order,
+amount, currency and expiry; see ``links.fill_mac``). The secret is not stored anywhere the
+gateway can read it back: the member types it, and the wallet page fills it in.
+
+``POST /v1/card-payments`` (a mall's link; FIG. 5 step c6): the mall's own record of the
+purchase with the card number, secret and profile token from its form. The gateway checks the
+token (made for this card and this purchase: another member's card, or a token from another
+order, fails), that the order was filled and not yet paid, then has the financial system check
+the secret (five wrong ones lock the card), then matches every field in one conditional UPDATE
+(``filled`` -> ``approving``) and asks for the debit under the ref ``pay:PURCHASE``.
+
+``POST /v1/reports`` (the financial system's link, party ``fin``): movements on cards
+(cash, charges, debits of every embodiment, the VAN's included), each recorded once by its
+ref in ``wg_journal`` with the member whose wallet holds the card.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ...kit.http import Refused
+from ...kit.request_log import note
+from ..base import ok
+from ..links import ID, NUMBER, PROFILE, SECRET, check_profile, profile_token, purchase, text, whole
+from . import db as D
+from . import matching as X
+from .journal import record
+
+if TYPE_CHECKING:
+    from .app import GatewayServer
+
+MAX_REPORTS = 100
+_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_PARTY = re.compile(r"^[A-Za-z0-9_.:-]{1,48}$")
+KINDS = ("cash", "account", "credit", "debit")
+
+
+async def fill(server: GatewayServer, request: Request) -> Response:
+    member, data = await server._member(request)
+    card, p, back = await server.checked_choice(member, data)
+    pid = await server.sql(X.store_choice, server.engine, member, card, p, D.FILLED)
+    if pid is None:
+        raise Refused(409, 409, "this order has a card chosen already")
+    note(txn=pid, step="fill")
+    return ok({"card": card, "profile": profile_token(server.config.fin_key, pid, card, p),
+               "return_url": back})
+
+
+async def card_payment(server: GatewayServer, request: Request) -> Response:
+    mall, data = await server.linked(request, server.config.mall_keys)
+    p = purchase(data.get("purchase"))
+    if p["mall"] != mall:
+        raise Refused(403, 403, "a mall asks approval of its own purchases only")
+    card, secret = text(data, "card", NUMBER), text(data, "secret", SECRET)
+    pid = check_profile(server.config.fin_key, text(data, "profile", PROFILE), card, p)
+    found = await server.sql(X.by_order, server.engine, p["mall"], p["order"])
+    if found is None:
+        raise Refused(404, 404, "no card was filled in a wallet for this order")
+    if found["state"] in (D.APPROVED, D.DECLINED):
+        raise Refused(409, 409, f"{found['state']} already: not approved twice")
+    if pid is None or found["id"] != pid or found["card"] != card or \
+            found["state"] not in (D.FILLED, D.APPROVING):
+        # checked before the secret: a mall cannot try secrets of cards not filled for it
+        raise Refused(409, 409, "the card details do not match what the wallet filled in")
+    await server.verify_secret(card, secret)
+    how, matched = await server.sql(X.match, server.engine, p, server.now_ms(), D.FILLED,
+                                    {"id": pid, "card": card})
+    return await server.answer_match(p, how, matched, fresh=found["state"] == D.FILLED)
+
+
+def _report(item: Any) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise Refused(400, 400, "reports: a list of objects")
+    order = item.get("order", "")
+    if not isinstance(order, str) or (order and not ID.match(order)):
+        raise Refused(400, 400, "order: not a valid value")
+    return {"ref": text(item, "ref", _REF), "kind": text(item, "kind", re.compile(
+                "^(" + "|".join(KINDS) + ")$")),
+            "card": text(item, "card", NUMBER), "amount": whole(item, "amount", 1),
+            "currency": whole(item, "currency", 1, 999), "balance": whole(item, "balance"),
+            "counterparty": text(item, "counterparty", _PARTY), "order": order,
+            "at": whole(item, "at", 0, 2**53)}
+
+
+async def reports(server: GatewayServer, request: Request) -> Response:
+    _, data = await server.linked(request, {"fin": server.config.fin_key})
+    items = data.get("reports")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_REPORTS:
+        raise Refused(400, 400, f"reports: a list of 1 to {MAX_REPORTS}")
+    checked = [_report(item) for item in items]
+    new, known = await server.sql(record, server.engine, checked)
+    return ok({"recorded": new, "known": known})
