@@ -1,5 +1,6 @@
 """The wallet's commands: ``svcard wallet source add`` (a bank account or credit card opened at
-the financial system), ``svcard wallet topup`` (a cash agent's top-up of a card) and the servers
+the financial system), ``svcard wallet topup`` (a cash agent's top-up of a card), ``svcard
+wallet statements`` (the gateway's daily statements, a file per member) and the servers
 ``svcard serve wallet-fin | wallet-gateway | wallet-web | wallet-van``."""
 
 from __future__ import annotations
@@ -110,6 +111,39 @@ def topup(card: str, amount: Amount, fin_url: str, agent: str, key_file: Path,
     if answer["result"] != "done":
         fail(f"declined: {answer['reason']}", EXIT_DECLINED)
     emit(as_json, answer, f"card {card}: {format_money(answer['balance'], 156)}")
+
+
+@wallet.command("statements")
+@config_option
+@db_option
+@click.option("--day", required=True, metavar="YYYY-MM-DD", help="The day (UTC).")
+@click.option("--out", "out", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The folder: DAY/MEMBER.json are written under it.")
+def statements(config_path: Path, db_url: str | None, day: str, out: Path) -> None:
+    """The gateway writes each member's statement of DAY (every transaction reported that day
+    on the member's cards), atomically; run again, the same files, byte for byte."""
+    import datetime as dt
+
+    from ..kit.config import ConfigError
+    from .config import gateway_config
+    from .gateway.db import make_engine
+    from .gateway.journal import write_statements
+
+    try:
+        dt.date.fromisoformat(day)
+    except ValueError:
+        fail(f"--day: YYYY-MM-DD (got {day!r})", EXIT_INPUT)
+    try:
+        config = gateway_config(config_path, db_url)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_INPUT)
+    engine = make_engine(config.db_url)
+    try:
+        written = write_statements(engine, out, day)
+    finally:
+        engine.dispose()
+    click.echo(f"{len(written)} statements for {day} in {out / day}")
 
 
 def _serve(kind: str, config_path: Path, db_url: str | None, host: str, port: int,
