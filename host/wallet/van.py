@@ -10,9 +10,10 @@ the balance, debits the card and reports the movement to the payment gateway (st
 
 Answers to the mall: 200 approved; 402 declined (balance too low); 403 the card's details
 were not filled by a wallet for this purchase, a wrong secret, or another mall's purchase;
-404 no such card; 409 approved or declined already (a replay); 410 expired; 423 the card is
-locked; 502 the financial system's answer is unknown (ask again: the same purchase is the
-same debit ref, never a second debit). ``GET /v1/health``, ``GET /openapi.json``.
+404 no such card; 410 expired; 423 the card is locked; 502 the financial system's answer is
+unknown: ask again. The VAN keeps no state to tell a retry from a copy, so a request asked
+again gets the first outcome with ``"repeated": true``: never a second debit.
+``GET /v1/health``, ``GET /openapi.json``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class VanServer(WalletServer):
                        p["currency"], status)
         body = {"approved": status == 200, "order": p["order"], "amount": p["amount"],
                 "currency": p["currency"]}
+        if status in (200, 402):
+            body["repeated"] = bool(answer.get("repeated"))
         if status == 200:
             body["approval"] = str(answer.get("ref", ""))
         else:

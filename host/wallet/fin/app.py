@@ -236,9 +236,8 @@ class FinServer(WalletServer):
         ref = "pay:" + pid
         outcome = await self._moved(ref, "debit", card, "mall:" + p["mall"], p["amount"],
                                     p["currency"], None, p["order"])
-        if outcome.repeated:
-            raise Refused(409, 409, f"{'approved' if outcome.result == D.DONE else 'declined'}"
-                                    " already: not approved twice")
+        # asked again (a VAN's retry after a lost answer, or a copy): the first outcome,
+        # marked repeated; never a second debit
         return ok(outcome.answer(ref), 200 if outcome.result == D.DONE else 402)
 
     async def topup(self, request: Request) -> Response:
