@@ -35,6 +35,18 @@ CARD_GOODS_KEY = plain_diversify(GOODS_MASTER, DEMO_SERIAL[-8:])
 WHEN = dt.datetime(2027, 3, 14, 15, 9, 26)
 
 
+KEYS = GoodsKeyService(KeyEntry(1, 1, 0, GOODS_MASTER))   # the issuer's goods key service
+DEMO_ISSUER = Path(__file__).resolve().parents[1] / "fixtures" / "demo-issuer.toml"
+
+
+def goods_issuer_file(folder: Path) -> Path:
+    """The demo issuer file with a [goods_key] of GOODS_MASTER (for --goods-issuer)."""
+    path = folder / "goods-issuer.toml"
+    path.write_text(DEMO_ISSUER.read_text() + "\n[goods_key]\nindex = 1\nversion = 1\n"
+                    f'algorithm = 0\nmaster_key = "{GOODS_MASTER.hex().upper()}"\n')
+    return path
+
+
 def goods_key(key: bytes = CARD_GOODS_KEY) -> dict[str, Any]:
     return {"index": 1, "version": 1, "algorithm": 0, "key": key.hex().upper()}
 
@@ -266,7 +278,7 @@ def readers(ep: int = 10_000, **app_: Any) -> tuple[Any, VirtualReader, VirtualR
 
 def test_the_terminal_macs_each_record_with_the_key_service() -> None:
     card, reader, psam = readers()
-    keys = GoodsKeyService(KeyEntry(1, 1, 0, GOODS_MASTER))
+    keys = KEYS
     receipt = capp_purchase(reader, psam, 250, [GoodsWrite(TICKETS, good(), 1),
                                                 GoodsWrite(TRANSIT, good("transit"))],
                             when=WHEN, goods_keys=keys)
@@ -287,7 +299,7 @@ def test_the_terminal_macs_each_record_with_the_key_service() -> None:
 
 def test_the_validator_redeems_with_the_key_service() -> None:
     card, reader, psam = readers()
-    keys = GoodsKeyService(KeyEntry(1, 1, 0, GOODS_MASTER))
+    keys = KEYS
     capp_purchase(reader, psam, 0, [GoodsWrite(TRANSIT, good("transit", rides_left=3))],
                   when=WHEN, goods_keys=keys)
     choice = R.Choice(good_id=(1).to_bytes(8, "big"), kind="transit", issuer_id=None)
@@ -301,10 +313,7 @@ def test_the_validator_redeems_with_the_key_service() -> None:
 
 
 def test_the_command_line_takes_the_goods_issuer_file(tmp_path: Path) -> None:
-    issuer = tmp_path / "issuer.toml"
-    base = Path(__file__).resolve().parents[1] / "fixtures" / "demo-issuer.toml"
-    issuer.write_text(base.read_text() + "\n[goods_key]\nindex = 1\nversion = 1\n"
-                      f'algorithm = 0\nmaster_key = "{GOODS_MASTER.hex().upper()}"\n')
+    issuer, base = goods_issuer_file(tmp_path), DEMO_ISSUER
     iep, psam = tmp_path / "iep.json", tmp_path / "psam.json"
     save_new_image(iep, card_image())
     save_new_image(psam, demo_image("psam"))

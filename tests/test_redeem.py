@@ -16,6 +16,7 @@ from conftest import demo_image, with_balance
 from plain import demo_card_keys, plain_tac
 from rawhost import DEMO_SERIAL
 from test_capp import CappHost, good, update_cache
+from test_capp_mac import KEYS, card_image, goods_issuer_file
 from test_persistence import Tear
 
 from svcard.card.image import open_card, save_new_image
@@ -44,10 +45,11 @@ class Kit:
 
     def __init__(self, folder: Path, ep: int = 10_000) -> None:
         self.iep, self.psam = folder / "iep.json", folder / "psam.json"
-        save_new_image(self.iep, with_balance(demo_image("iep", fixed_random="A1B2C3D4"),
-                                              ep=ep))
+        # a card with a goods key: the records go MAC'd (84 DE) with the issuer's key service
+        save_new_image(self.iep, card_image(ep, fixed_random="A1B2C3D4"))
         save_new_image(self.psam, demo_image("psam"))
-        self.slots = ["--card", f"virtual:{self.iep}", "--psam", f"virtual:{self.psam}"]
+        self.slots = ["--card", f"virtual:{self.iep}", "--psam", f"virtual:{self.psam}",
+                      "--goods-issuer", str(goods_issuer_file(folder))]
 
     def run(self, *args: str) -> Any:
         return CliRunner().invoke(main, ["terminal", *args])
@@ -81,7 +83,7 @@ def test_the_card_takes_a_zero_amount_composite_purchase() -> None:
     0-amount DEBIT): amount 0 is a composite purchase like any other, checked the plain way:
     MAC2 and TAC over amount 0, the counter counted, a type-09 log record, the record written."""
     from svcard.card.image import card_from_image
-    card = card_from_image(with_balance(demo_image("iep"), ep=0))   # an empty purse too
+    card = card_from_image(with_balance(demo_image("iep", capp_plain_update=True), ep=0))
     host = CappHost(card)
     host.select()
     used_ticket = R.used(good())
@@ -155,10 +157,10 @@ def test_on_the_wire_a_redemption_is_one_composite_purchase(tmp_path: Path) -> N
     psam = [bytes.fromhex(json.loads(x)["command"])
             for x in trace.with_name("redeem.psam.jsonl").read_text().splitlines()
             if '"command"' in x]
-    values = [c for c in card if c[:2] in (b"\x80\x50", b"\x80\xDC", b"\x80\x54")]
-    assert [c[:4].hex().upper() for c in values] == ["80500302", "80DC018C", "80540100"]
+    values = [c for c in card if c[:2] in (b"\x80\x50", b"\x84\xDE", b"\x80\x54")]
+    assert [c[:4].hex().upper() for c in values] == ["80500302", "84DE018C", "80540100"]
     assert values[0][6:10] == bytes(4)                          # the amount: 0
-    assert values[1][4] == G.RECORD_SIZE and values[1][5:] == R.used(good())
+    assert values[1][4] == G.RECORD_SIZE + 4 and values[1][5:-4] == R.used(good())   # + MAC
     assert any(c[:2] == b"\x00\xB2" and c[3] == (TICKETS << 3) | 4 for c in card)
     init_sam = next(c for c in psam if c[:2] == b"\x80\x70")
     assert init_sam[5 + 10] == P.TYPE_COMPOSITE_PURCHASE         # after random, counter, amount
@@ -262,7 +264,8 @@ def _torn_redeem(kit: Kit, tear: Tear, fare: int, journal: Journal | None = None
     reader.exchange = exchange  # type: ignore[method-assign]
     try:
         with open_reader(f"virtual:{kit.psam}") as psam:
-            R.redeem(reader, psam, R.Choice(kind="transit"), fare, journal=journal)
+            R.redeem(reader, psam, R.Choice(kind="transit"), fare, journal=journal,
+                     goods_keys=KEYS)
     finally:
         card.close()
 
@@ -395,7 +398,7 @@ def test_random_taps_consume_only_usable_goods_and_refusals_write_nothing() -> N
     taps = int(os.environ.get("SVCARD_REDEEM_TAPS", "80"))
     print(f"redeem randomised: seed {seed}, {taps} taps")
     rng = random.Random(seed)
-    card = card_from_image(with_balance(demo_image("iep"), ep=1_000_000))
+    card = card_from_image(card_image(1_000_000))
     psam_card = card_from_image(demo_image("psam"))
     reader, psam = VirtualReader(card), VirtualReader(psam_card)
     reader.connect()
@@ -424,7 +427,7 @@ def test_random_taps_consume_only_usable_goods_and_refusals_write_nothing() -> N
     items = list(model.items())   # 8 records a composite purchase at most
     for i in range(0, len(items), 8):
         capp_purchase(reader, psam, 1, [GoodsWrite(sfi, rec, n) for (sfi, n), rec in
-                                        items[i:i + 8]], when=when0)
+                                        items[i:i + 8]], when=when0, goods_keys=KEYS)
     balance, psam_records, successes = 1_000_000 - 2, 2, 0
     reasons: set[str] = set()
 
@@ -450,7 +453,8 @@ def test_random_taps_consume_only_usable_goods_and_refusals_write_nothing() -> N
                                      if kind == "transit" else {})
             model[key] = good(kind, rng.randrange(1, 7), issuer_id=rng.choice(issuers),
                               valid_from=day(start), valid_to=day(start + 60), **extra)
-            capp_purchase(reader, psam, 1, [GoodsWrite(key[0], model[key], key[1])], when=when)
+            capp_purchase(reader, psam, 1, [GoodsWrite(key[0], model[key], key[1])], when=when,
+                          goods_keys=KEYS)
             balance, psam_records = balance - 1, psam_records + 1
         today = P.bcd_date(when.date())
         kind = rng.choice([None, "ticket", "coupon", "transit", "voucher"])
@@ -479,7 +483,7 @@ def test_random_taps_consume_only_usable_goods_and_refusals_write_nothing() -> N
                 expected = "insufficient balance for the fare"
         before = (card.apps[0].to_state(), psam_card.apps[0].to_state()["records"])
         try:
-            receipt = R.redeem(reader, psam, choice, fare, when=when)
+            receipt = R.redeem(reader, psam, choice, fare, when=when, goods_keys=KEYS)
         except R.Refused as refused:
             assert refused.reason == expected, (seed, tap, refused, expected)
             reasons.add(refused.reason)
