@@ -61,12 +61,16 @@ def opened(stack: TradeStack, http: httpx.Client, who: str = "alice", deposit: i
 
 
 def tick(stack: TradeStack) -> dict[str, int]:
-    return asyncio.run(stack.acquirer.closer.tick())
+    done = {"cleared": 0, "delivered": 0}
+    for acquirer in stack.acquirers():
+        for k, v in asyncio.run(acquirer.closer.tick()).items():
+            done[k] += v
+    return done
 
 
 def books_clean(stack: TradeStack) -> records.Books:
-    b = records.books([stack.acquirer.engine], [stack.account.engine],
-                      [stack.merchant_account.engine])
+    b = records.books([a.engine for a in stack.acquirers()], [stack.account.engine],
+                      [m.engine for m in stack.merchant_accounts()])
     assert b.problems == []
     return b
 
@@ -219,7 +223,8 @@ def merchant_record(stack: TradeStack, s: C.Session, entries: list[dict[str, Any
 
 def push(stack: TradeStack, http: httpx.Client, body: bytes,
          headers: dict[str, str]) -> httpx.Response:
-    return http.post(f"{stack.url('acq1')}/v1/records", content=body, headers=headers)
+    acquirer = stack.acquirer_of(headers[S.SIGNER]).config.id
+    return http.post(f"{stack.url(acquirer)}/v1/records", content=body, headers=headers)
 
 
 def test_a_merchant_claiming_more_than_its_last_link_gets_its_link(stack: TradeStack) -> None:

@@ -1,10 +1,11 @@
-"""Randomised sessions through the real servers, to the end: customers in EUR and USD,
-merchants in JPY, KWD and EUR; random deposits, units and purchases; each session ends one of
-the four ways (the customer's terminate, the deposit spent, the merchant's end, the mediating
-agent's timeout) and some get a lying record from one side. Then every session is cleared
-once, honest ones ``agreed`` (``one-sided`` for a timeout the customer never closed), lying
-ones ``disputed``, each paid exactly what the merchant's evidence proves, and all the books
-close in every currency.
+"""Randomised sessions through the real servers, to the end: customers in EUR and USD;
+merchants in JPY, KWD and EUR at operator op1 and in USD and JPY at operator op2 (each
+operator with its own mediating agent and merchant account manager); random deposits, units
+and purchases. Each session ends one of the four ways (the customer's terminate, the deposit
+spent, the merchant's end, the mediating agent's timeout) and some get a lying record from
+one side. Then every session is cleared once: honest ones ``agreed`` (``one-sided`` for a
+timeout the customer never closed), lying ones ``disputed``, each paid exactly what the
+merchant's evidence proves, and all the books close in every currency.
 
 Count: SVCARD_TRADE_CLOSE_SESSIONS (default 12; the long run in the report used 300); seed:
 SVCARD_TRADE_CLOSE_SEED (printed)."""
@@ -23,7 +24,7 @@ from test_trade_close import Clock, books_clean, faulty, merchant_record, push, 
 from svcard.host.kit.db import first_row
 from svcard.host.trade import customer as C
 from svcard.host.trade import db as D
-from svcard.host.trade.stack import start_trade
+from svcard.host.trade.stack import add_operator, start_trade
 
 WAYS = ("terminated", "spent", "merchant", "timeout")
 
@@ -37,6 +38,8 @@ def test_random_sessions_clear_once_and_the_books_close(tmp_path: Path) -> None:
     stack = start_trade(tmp_path / "trade", merchants={"shop": "JPY", "kiosk": "KWD",
                                                        "cafe": "EUR"},
                         clock=clock, close_seconds=3600, grace_ms=60_000)
+    add_operator(stack, tmp_path / "trade", "op2", {"deli": "USD", "bar": "JPY"}, clock=clock,
+                 close_seconds=3600, grace_ms=60_000)
     try:
         customers = {cur: stack.customer(f"c{cur}", 10**9, cur) for cur in ("EUR", "USD")}
         expected: dict[str, tuple[str, int]] = {}
@@ -44,7 +47,7 @@ def test_random_sessions_clear_once_and_the_books_close(tmp_path: Path) -> None:
         with httpx.Client(timeout=30) as http:
             for _ in range(n):
                 who = customers[rng.choice(["EUR", "USD"])]
-                merchant = rng.choice(["shop", "kiosk", "cafe"])
+                merchant = rng.choice(["shop", "kiosk", "cafe", "deli", "bar"])
                 s = stack.open(http, who, rng.randint(50, 5_000), merchant,
                                unit=rng.choice([1, 2, 5]))
                 s.account_url = stack.am.url
@@ -85,11 +88,13 @@ def test_random_sessions_clear_once_and_the_books_close(tmp_path: Path) -> None:
         tick(stack)
         tick(stack)             # deliveries left over
         paid = Counter()
-        for session, (_merchant, proven) in expected.items():
-            row = first_row(stack.acquirer.engine, D.acq_clearings, session=session)
+        for session, (merchant, proven) in expected.items():
+            row = first_row(stack.acquirer_of(merchant).engine, D.acq_clearings,
+                            session=session)
             assert row is not None and row["am_done"] and row["mam_done"], session
-            deposit = first_row(stack.merchant_account.engine, D.mam_deposits,
-                                session=session)
+            op = stack.operator_of.get(merchant, stack.operator)
+            mam = stack.merchant_account if op == stack.operator else stack.others[op][1]
+            deposit = first_row(mam.engine, D.mam_deposits, session=session)
             assert deposit is not None and deposit["amount"] == proven, (seed, session)
             paid[deposit["currency"]] += proven
         b = books_clean(stack)

@@ -70,6 +70,19 @@ class TradeStack:
     parties: dict[str, Party]
     operator: str
     merchant_account: MerchantAccount
+    # more merchant operators (add_operator): id -> its acquirer and merchant account manager
+    others: dict[str, tuple[Acquirer, MerchantAccount]] = field(default_factory=dict)
+    operator_of: dict[str, str] = field(default_factory=dict)     # merchant -> operator
+
+    def acquirers(self) -> list[Acquirer]:
+        return [self.acquirer, *(a for a, _ in self.others.values())]
+
+    def merchant_accounts(self) -> list[MerchantAccount]:
+        return [self.merchant_account, *(m for _, m in self.others.values())]
+
+    def acquirer_of(self, merchant: str) -> Acquirer:
+        op = self.operator_of.get(merchant, self.operator)
+        return self.acquirer if op == self.operator else self.others[op][0]
 
     @property
     def am(self) -> Party:
@@ -87,7 +100,8 @@ class TradeStack:
     def open(self, http: httpx.Client, who: Customer, deposit: int, merchant: str = "shop",
              unit: int | None = None) -> Session:
         return open_session(http, self.am.url, self.am.id, self.am.public, who.id, who.key,
-                            merchant, self.url(merchant), self.operator,
+                            merchant, self.url(merchant),
+                            self.operator_of.get(merchant, self.operator),
                             Amount(deposit, who.currency), unit=unit)
 
     def restart(self, party: str) -> None:
@@ -120,8 +134,10 @@ class TradeStack:
         for party in self.parties.values():
             party.thread.stop()
         self.account.close()
-        self.acquirer.close()
-        self.merchant_account.close()
+        for acquirer in self.acquirers():
+            acquirer.close()
+        for mam in self.merchant_accounts():
+            mam.close()
         for m in self.merchants.values():
             m.close()
 
@@ -176,3 +192,42 @@ def start_trade(folder: Path, *, merchants: dict[str, str] | None = None,
     parties["am1"] = _start(account.app, "am1", keys["am1"])
     acquirer.config.account_manager_urls["am1"] = parties["am1"].url
     return TradeStack(account, acquirer, agents, parties, "op1", mam)
+
+
+def add_operator(stack: TradeStack, folder: Path, operator: str, merchants: dict[str, str],
+                 *, table: ExchangeTable | None = None,
+                 clock: Callable[[], float] = time.time, grace_ms: int = 60_000,
+                 close_seconds: float = 5.0) -> None:
+    """Another merchant operator beside ``op1``: its own mediating agent ``acq<n>`` and
+    merchant account manager ``mam<n>`` (n from ``operator``'s digits), its merchants (id ->
+    currency); the customers' account manager learns to reach it."""
+    n = "".join(ch for ch in operator if ch.isdigit()) or "2"
+    aid, mid_ = f"acq{n}", f"mam{n}"
+    keys = {pid: S.new_key()[0] for pid in (aid, mid_, *merchants)}
+
+    def db(pid: str) -> str:
+        return f"sqlite:///{folder / (pid + '.db')}"
+
+    mam = MerchantAccount(MerchantAccountConfig(mid_, keys[mid_], db(mid_),
+                                                {aid: S.public_of(keys[aid])},
+                                                folder / f"billing-{mid_}"), clock=clock)
+    stack.parties[mid_] = _start(mam.app, mid_, keys[mid_])
+    for mid, currency in merchants.items():
+        agent = MerchantAgent(MerchantConfig(mid, keys[mid], db(mid),
+                                             Peer(aid, "", S.public_of(keys[aid])), currency),
+                              clock=clock)
+        stack.merchants[mid] = agent
+        stack.parties[mid] = _start(agent.app, mid, keys[mid])
+        stack.operator_of[mid] = operator
+    am = stack.am
+    acquirer = Acquirer(AcquirerConfig(
+        aid, keys[aid], db(aid), {am.id: am.public},
+        {mid: MerchantPeer(mid, stack.url(mid), stack.parties[mid].public, currency)
+         for mid, currency in merchants.items()}, table or demo_table(),
+        {am.id: am.url}, stack.parties[mid_].peer(), grace_ms=grace_ms,
+        close_seconds=close_seconds), clock=clock)
+    stack.parties[aid] = _start(acquirer.app, aid, keys[aid])
+    for mid in merchants:
+        stack.merchants[mid].config.acquirer = stack.parties[aid].peer()
+    stack.account.config.operators[operator] = stack.parties[aid].peer()
+    stack.others[operator] = (acquirer, mam)
