@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-from conftest import demo_image, with_balance
+from conftest import demo_image
 from plain import demo_card_keys, plain_tac
 from rawhost import DEMO_SERIAL
 from test_capp import good
+from test_capp_mac import card_image, goods_issuer_file
 
 from svcard.card.image import save_new_image
 from svcard.card.storage import read_image
@@ -25,9 +26,10 @@ AT = ["--at", "2027-03-14 15:09:26"]
 
 def images(tmp_path: Path, ep: int = 10_000) -> tuple[Path, Path, list[str]]:
     iep, psam = tmp_path / "iep.json", tmp_path / "psam.json"
-    save_new_image(iep, with_balance(demo_image("iep"), ep=ep))
+    save_new_image(iep, card_image(ep))   # with a goods key: the records go MAC'd (84 DE)
     save_new_image(psam, demo_image("psam"))
-    return iep, psam, ["--card", f"virtual:{iep}", "--psam", f"virtual:{psam}"]
+    return iep, psam, ["--card", f"virtual:{iep}", "--psam", f"virtual:{psam}",
+                       "--goods-issuer", str(goods_issuer_file(tmp_path))]
 
 
 def test_a_composite_purchase_from_the_command_line(tmp_path: Path) -> None:
