@@ -211,8 +211,6 @@ class LinkCutBeforeWrite:
         return getattr(self.inner, name)
 
 
-@pytest.mark.xfail(strict=True, reason="host/goods/server/fulfil.py _claim hands a pick-up any "
-                   "good of the card named, whatever device asks (not R-12's file): see report")
 def test_another_device_cannot_claim_and_mark_written_someone_elses_good(
         tmp_path: Path) -> None:
     """A pick-up names the card by its serial (public: EF 0x15, the FCI) and any device can
