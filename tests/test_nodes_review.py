@@ -188,3 +188,43 @@ def test_a_closed_batch_is_marked_even_if_the_lease_moved_meanwhile(
     assert status == 200, body
     (batch,) = body["batches"]   # type: ignore[misc]
     assert [r["batch"] for r in node.rows()] == [Path(str(batch)).name]
+
+
+def test_a_batch_closed_but_never_written_is_written_at_the_next_close(
+        node: OneNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash engineer's gap: the PSAM closed its batch, then the server failed before the
+    batch file was written (a full disk here; a SIGKILL of the node is the same). The next
+    close closed a new, empty batch: the lost batch's records never reached clearing and its
+    rows stayed without a batch for ever. Now the next close asks the PSAM for its last closed
+    batch again (CLOSE BATCH P1=1), sees that no file of it was written, and writes it."""
+    from svcard.card.storage import read_image
+    from svcard.fixtures import fixture_path
+    from svcard.host.demo.system import card_image
+    from svcard.host.pay.server import batches as B
+    from svcard.host.settle import clearing as CL
+    from svcard.host.settle.config import clearing_config
+    from svcard.host.settle.db import make_engine as clearing_engine
+
+    card = card_image(tmp_path, ep=10_000)
+    node.pay(card, "fig6")
+    node.pay(card, "fig8")
+    real = B.write_atomically
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(B, "write_atomically", full_disk)
+    status, _ = node.close_batches()
+    assert status != 200 and not list(node.batches.glob("batch-*"))
+    monkeypatch.setattr(B, "write_atomically", real)
+    status, body = node.close_batches()
+    assert status == 200, body
+    names = sorted(Path(str(b)).name for b in body["batches"])   # type: ignore[attr-defined]
+    assert names == ["batch-000000000001-00000000000000000001-000001.json"]
+    assert [r["batch"] for r in node.rows()] == names * 2
+    assert node.close_batches() == (200, {"batches": [], "late_proofs": []})   # once only
+    report = CL.run_clearing(clearing_config(fixture_path("clearing-demo.toml")),
+                             node.batches, clearing_engine(f"sqlite:///{tmp_path / 'cl.db'}"),
+                             tmp_path / "settlement")
+    debited = 10_000 - int(read_image(card)["app"]["ep"]["balance"])
+    assert (report.records_cleared, report.total_paid) == (2, debited)

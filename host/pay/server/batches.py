@@ -9,6 +9,7 @@ as its transaction ends and held until every batch is closed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hmac
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from ....card.storage import write_atomically
 from ....protocols import purse as P
+from ....protocols.apdu import build_command
 from ....reader import Reader
 from ...terminal import apdus
 from ...terminal.purse import call
@@ -45,6 +47,11 @@ async def hand_over_batches(server: PaymentServer, request: Request) -> Response
                 psam = await server.pool.acquire_for(member.terminal_id,
                                                      server.config.acquire_timeout * 10)
                 taken.append(psam)
+                # the PSAM's last closed batch first, if its file was never written (a crash or
+                # an error between CLOSE BATCH and the write): re-answered by the PSAM
+                lost = await server.pool.run(psam, functools.partial(_lost_batch, server, psam))
+                if lost is not None:
+                    written.append(await server.sql(_write_batch, server, psam, lost))
                 batch = await server.pool.run(psam, collect_batch)
                 if batch is not None:
                     written.append(await server.sql(_write_batch, server, psam, batch))
@@ -59,11 +66,38 @@ async def hand_over_batches(server: PaymentServer, request: Request) -> Response
     return JSONResponse({"batches": written, "late_proofs": late})
 
 
+def _lost_batch(server: PaymentServer, psam: PooledPsam,
+                reader: Reader) -> dict[str, Any] | None:   # on the PSAM's thread
+    """The PSAM's last closed batch (CLOSE BATCH P1=1 answers it again, one APDU) with its
+    records if no file of it was written: neither in the concentration folder nor named by a
+    payment row. None when it was handed, empty, or the PSAM never closed one."""
+    again = build_command(P.CLA_PBOC, P.INS_SAM_CLOSE_BATCH, 1, 0, b"", 256)
+    found = reader.exchange(again)
+    if not found.ok:   # 6A83: no batch closed yet
+        return None
+    answer = P.BatchCloseAnswer.parse(found.data)
+    name = _batch_name(answer.terminal_id.hex().upper(), psam.psam_id.hex().upper(),
+                       answer.batch_number)
+    if not answer.record_count or (Path(server.config.concentration_dir) / name).exists() \
+            or server.db.batch_named(name):
+        return None
+    return _read_batch(reader, answer)
+
+
+def _batch_name(terminal_hex: str, psam_hex: str, number: int) -> str:
+    return f"batch-{terminal_hex}-{psam_hex}-{number:06d}.json"
+
+
 def collect_batch(reader: Reader) -> dict[str, Any] | None:
     """Close the PSAM's open batch and read its records back (None if it was empty: an empty
     batch is closed anyway, so batch numbers stay in step)."""
     answer = P.BatchCloseAnswer.parse(call(reader, apdus.sam_close_batch(),
                                            "PSAM CLOSE BATCH"))
+    return _read_batch(reader, answer)
+
+
+def _read_batch(reader: Reader, answer: Any) -> dict[str, Any] | None:
+    """The records of the batch the PSAM closed last, as ``answer`` (its header) names."""
     records = []
     for index in range(answer.record_count):
         records.append(call(reader, apdus.read_batch_record(1, index),
@@ -95,8 +129,7 @@ def _write_batch(server: PaymentServer, psam: PooledPsam, batch: dict[str, Any])
     batch = {**batch, "psam_id": psam_hex.upper(), "proofs": proofs}
     folder = Path(server.config.concentration_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    name = (f"batch-{batch['terminal_id']}-{batch['psam_id']}-"
-            f"{batch['batch_number']:06d}.json")
+    name = _batch_name(batch["terminal_id"], batch["psam_id"], batch["batch_number"])
     write_atomically(folder / name, json.dumps(batch, indent=1).encode())
     # not fenced: the PSAM did close this batch and its file is written, whoever leases the
     # PSAM now (rows left unmarked would never get their late proofs). A record with no row is

@@ -274,6 +274,12 @@ class PaymentDb:
                 ).rowcount or 0)
         return done
 
+    def batch_named(self, batch: str) -> bool:
+        """Whether a row went out in the batch file ``batch`` (its file was written)."""
+        with reading(self.engine) as conn:
+            return conn.execute(select(payments.c.id).where(
+                payments.c.batch == batch).limit(1)).first() is not None
+
     def late_proofs(self) -> list[dict[str, Any]]:
         """Confirmed payments whose PSAM record went to clearing without their TAC."""
         query = select(payments).where(
