@@ -12,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...card.keys import KeyEntry
 from ...protocols import goods as G
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ..goods.redeem import Choice, RedeemReceipt, redeem
 from ..terminal.capp import GoodsWrite, capp_purchase, good_line, read_goods
+from ..terminal.goods_key import GoodsKeyService
 from ..terminal.purse import Declined
 from ..terminal.reader_specs import open_reader
 
@@ -25,6 +27,18 @@ MUSEUM = b"MUSEUM01"         # the museum: issuer of the e-ticket
 TOKEN_ID = b"TKN00001"
 TICKET_ID = b"TIX00042"
 TRANSIT_SFI, TICKET_SFI = 0x13, 0x11
+# the demo issuer's goods key (TEST KEY ONLY): the card takes goods records in a composite
+# purchase only MAC'd under it (84 DE), so the terminal and the validator hold its key service
+GOODS_MASTER = "6A0F3C9E21D84B7755E2A9C01B3D8F64"
+GOODS_KEYS = GoodsKeyService(KeyEntry(1, 1, 0, bytes.fromhex(GOODS_MASTER)))
+
+
+def goods_issuer(folder: Path, demo_issuer: Path) -> Path:
+    """The demo issuer file with the demo's ``[goods_key]``, for the demo card's profile."""
+    path = folder / "demo-goods-issuer.toml"
+    path.write_text(demo_issuer.read_text() + "\n[goods_key]\nindex = 1\nversion = 1\n"
+                    f'algorithm = 0\nmaster_key = "{GOODS_MASTER}"\n')
+    return path
 
 
 def demo_goods(today: dt.date) -> list[GoodsWrite]:
@@ -48,7 +62,7 @@ def run_goods(card_path: Path, psam_path: Path, lines: list[str],
     with open_reader(f"virtual:{card_path}") as card, \
             open_reader(f"virtual:{psam_path}") as psam:
         try:
-            bought = capp_purchase(card, psam, price, writes, when=when)
+            bought = capp_purchase(card, psam, price, writes, when=when, goods_keys=GOODS_KEYS)
         except Declined as exc:   # a small --load-amount: the card refused, nothing written
             if exc.sw != SW.INSUFFICIENT_FUNDS:
                 raise
@@ -56,7 +70,8 @@ def run_goods(card_path: Path, psam_path: Path, lines: list[str],
                          f"{money(price)} (a larger --load-amount shows them); nothing written")
             return {"skipped": "insufficient funds", "price": price}
         listed = read_goods(card)
-        ride = redeem(card, psam, Choice(good_id=TOKEN_ID, kind="transit"), 0)
+        ride = redeem(card, psam, Choice(good_id=TOKEN_ID, kind="transit"), 0,
+                      goods_keys=GOODS_KEYS)
         if not isinstance(ride, RedeemReceipt):   # only a journalled tap finishes an old one
             raise RuntimeError("the validator answered an earlier tap, not this ride")
         after = read_goods(card)

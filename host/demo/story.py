@@ -24,7 +24,7 @@ from ..pay.client import pay
 from ..terminal import purse as T
 from ..terminal.journal import Journal
 from ..terminal.reader_specs import open_reader
-from .goods_story import run_goods
+from .goods_story import goods_issuer, run_goods
 from .points_story import run_points
 from .sp_story import run_sp
 from .system import card_image, start_system
@@ -51,8 +51,10 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
     paths = {}
     for kind in ("iep", "psam", "hsm"):
         paths[kind] = folder / f"{kind}.json"
-        save_new_image(paths[kind], image_from_profile(fixture_path(f"{kind}-demo.toml")),
-                       overwrite=True)
+        extra = ({"issuer": str(goods_issuer(folder, fixture_path("demo-issuer.toml")))}
+                 if kind == "iep" else {})   # the card with the demo's goods key
+        save_new_image(paths[kind], image_from_profile(fixture_path(f"{kind}-demo.toml"),
+                                                       **extra), overwrite=True)
     lines = [f"Personalised a purse card, a PSAM and a load HSM in {folder} "
              "(demo issuer, TEST KEYS ONLY; a temporary folder unless --keep names one)."]
     with open_reader(f"virtual:{paths['iep']}") as card, \
