@@ -14,7 +14,8 @@ import httpx
 import pytest
 from conftest import demo_image, fixture_path
 from rawhost import DEMO_SERIAL
-from test_capp import CappHost, update_cache
+from test_capp import CappHost
+from test_capp_mac import mac_apdu
 from test_loyalty import TWO_PROGRAMMES
 from test_loyalty import write_profile as loyalty_profile
 from test_secure_write import challenge, goods_of, image, service  # noqa: F401 (fixture)
@@ -54,8 +55,12 @@ def ticket(status: int = G.STATUS_VALID) -> bytes:
 
 def validator_use(host: CappHost, sfi: int, number: int, after: bytes) -> None:
     """What the validator does (host/terminal/redeem.py): a 0-fare composite purchase writing
-    the good as it is after use, by record number."""
-    host.capp(0, [update_cache(sfi, number, after)])
+    the good as it is after use, by record number, MAC'd (84 DE) under the card's goods key."""
+    key = host.card.apps[0].state.goods_key.key
+    init = host.init_capp(0)
+    assert host.sw(mac_apdu(sfi, number, after, init["random"], init["counter"],
+                            key=key)) == 0x9000
+    assert host.capp_debit(init, 0)[1] == 0x9000
 
 
 # --- 1. a late or replayed delivery (tag-mode 04 DC) must not bring a used good back -----------
