@@ -3,7 +3,9 @@ with chromium-driver; no browser is downloaded; skipped without them, as
 tests/test_browser_checkout.py is): register, log in, get a virtual card, add a bank account and
 charge the card from it, then buy at the demo mall with the wallet button (embodiment 1: the
 wallet takes the purchase from the mall's page, the member picks the card, the mall asks the
-gateway for approval). Screenshots of each page go to the test's tmp dir (paths printed). The
+gateway for approval); and embodiments 2 and 3 (the wallet fills the card's details into the
+mall's form; the mall asks the gateway or the VAN). Screenshots of each page go to the test's
+tmp dir (paths printed). The
 mall is reached as ``localhost`` and the wallet as ``127.0.0.1``: two sites, so the wallet's
 cookie never goes to the mall, and the test checks every request the mall got."""
 
@@ -167,6 +169,74 @@ def test_register_issue_charge_and_pay_at_the_mall(browser: Any, stack: WalletSt
     assert len(stack.mall.seen) >= 4
     for leak in ("walker", "walk the walk", secret, COOKIE):
         assert leak not in seen, leak
+
+
+@pytest.mark.parametrize("via", ["gateway", "van"])
+def test_card_details_filled_into_the_mall_form(browser: Any, stack: WalletStack,
+                                                tmp_path: Path, via: str) -> None:
+    """Embodiment 2 (the mall asks the gateway) and 3 (the mall asks the VAN): the wallet
+    fills the card's number, the secret the member typed and the profile token into the
+    mall's form; the mall's page drops them from its address; the mall is paid once."""
+    from selenium.webdriver.support.ui import Select
+    from test_wallet_network import topup
+
+    web, name = stack.url("web"), f"filler-{via}"
+    browser.get(f"{web}/wallet")
+    status(browser, "")
+    if by_id(browser, "wallet").is_displayed():
+        click(browser, "logout")
+        status(browser, "Logged out.")
+    click(browser, "register", {"reg-member": name, "reg-password": "fill it in"})
+    status(browser, f"Registered {name}")
+    click(browser, "login", {"login-member": name, "login-password": "fill it in"})
+    status(browser, f"Logged in as {name}")
+    click(browser, "issue-virtual")
+    status(browser, "Card ")
+    issued = by_id(browser, "issued")
+    number, secret = issued.get_attribute("data-number"), issued.get_attribute("data-secret")
+    topup(stack, number, 3_000, f"cash-browser-{via}")
+    browser.get(f"{stack.url('mall')}/shop/")
+    wait("the mall's total", lambda: by_id(browser, "total").text == "CNY 21.00")
+    by_id(browser, "wallet-button").click()
+    wait("the wallet's purchase box", lambda: by_id(browser, "pay-form").is_displayed())
+    Select(by_id(browser, "pay-card")).select_by_value(number)
+    by_id(browser, "pay-secret").send_keys(secret)
+    shot(browser, tmp_path, f"1-wallet-{via}")
+    by_id(browser, "fill").click()
+    wait("the mall's filled form", lambda: browser.current_url.startswith(stack.url("mall"))
+         and by_id(browser, "card-form").is_displayed()
+         and by_id(browser, "result").get_attribute("data-state") == "filled")
+    assert by_id(browser, "card-number").get_attribute("value") == number
+    assert by_id(browser, "card-secret").get_attribute("value") == secret
+    assert len(by_id(browser, "card-profile").get_attribute("value")) == 96
+    assert "#" not in browser.current_url and secret not in browser.current_url
+    shot(browser, tmp_path, f"2-mall-form-{via}")
+    by_id(browser, "pay-gateway" if via == "gateway" else "pay-van").click()
+    result = wait("the mall's result", lambda: by_id(browser, "result").get_attribute(
+        "data-state") in ("approved", "declined") and by_id(browser, "result"))
+    shot(browser, tmp_path, f"3-paid-{via}")
+    assert result.get_attribute("data-state") == "approved", result.text
+    assert result.text.startswith("Paid CNY 21.00")
+    # a second click: answered (the gateway: refused; the VAN: the first outcome again),
+    # not paid twice
+    browser.execute_script('document.getElementById("result").dataset.state = "idle";')
+    by_id(browser, "pay-gateway" if via == "gateway" else "pay-van").click()
+    second = wait("the second answer", lambda: (state := by_id(browser, "result")
+                  .get_attribute("data-state")) in ("approved", "declined") and state)
+    assert second == ("declined" if via == "gateway" else "approved")
+    db = sqlite3.connect(stack.folder / "wallet-fin.db")
+    assert db.execute("SELECT balance FROM wf_cards WHERE number=?", (number,)).fetchone()[0] \
+        == 900
+    assert db.execute("SELECT count(*) FROM wf_movements WHERE card=? AND kind='debit'",
+                      (number,)).fetchone()[0] == 1
+    db.close()
+    browser.get(f"{web}/wallet")
+    row = wait("the card's row", lambda: browser.find_elements(
+        "css selector", f'tr[data-number="{number}"] .balance'))
+    assert row[0].text == "CNY 9.00"
+    shot(browser, tmp_path, f"4-after-{via}")
+    seen = json.dumps(stack.mall.seen)
+    assert name not in seen and "fill it in" not in seen and COOKIE not in seen
 
 
 def test_a_wrong_secret_and_a_foreign_page(browser: Any, stack: WalletStack,

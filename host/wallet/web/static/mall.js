@@ -40,6 +40,29 @@ async function finish(order) {
   else show("declined", `Order ${order} was not paid: ${r.data.reason}`);
 }
 
+function filledDetails() {
+  // the wallet's fill (embodiments 2 and 3): #card=<JSON {card, secret, profile}>; taken out
+  // of the address at once so the secret stays in no history entry
+  const hash = window.location.hash;
+  if (!hash.startsWith("#card=")) return null;
+  history.replaceState(null, "", window.location.pathname + window.location.search);
+  try {
+    const value = JSON.parse(decodeURIComponent(hash.slice("#card=".length)));
+    if (value && typeof value.card === "string" && typeof value.secret === "string" &&
+        typeof value.profile === "string") return value;
+  } catch (e) { /* not ours */ }
+  return null;
+}
+
+async function payCard(order, via) {
+  show("paying", `Asking for the approval of order ${order}...`);
+  const r = await post(`/shop/orders/${encodeURIComponent(order)}/pay-card`, {
+    card: $("card-number").value, secret: $("card-secret").value,
+    profile: $("card-profile").value, via});
+  if (r.data.approved) show("approved", `Paid ${money(r.data.amount)}: order ${order} approved (${r.data.approval}).`);
+  else show("declined", `Order ${order} was not paid: ${r.data.reason}`);
+}
+
 document.addEventListener("DOMContentLoaded", async () => {
   const r = await fetch("/shop/catalogue");
   const catalogue = await r.json();
@@ -56,5 +79,14 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("total").textContent = money(catalogue.total);
   $("wallet-button").addEventListener("click", buy);
   const order = new URLSearchParams(window.location.search).get("order");
-  if (order) await finish(order);
+  const details = filledDetails();
+  if (order && details) {
+    $("card-number").value = details.card;
+    $("card-secret").value = details.secret;
+    $("card-profile").value = details.profile;
+    $("card-form").hidden = false;
+    $("pay-gateway").addEventListener("click", () => payCard(order, "gateway"));
+    $("pay-van").addEventListener("click", () => payCard(order, "van"));
+    show("filled", `Card details for order ${order} filled in by your wallet.`);
+  } else if (order) await finish(order);
 });

@@ -198,6 +198,23 @@ async function pay() {
   window.location.assign(r.data.return_url);
 }
 
+async function fill() {
+  // embodiments 2 and 3: the card's number and a one-time profile token from the gateway,
+  // with the secret the member typed, written into the mall's form (in the URL fragment of
+  // the mall's page, which no server sees)
+  const secret = $("pay-secret").value;
+  if (!/^[0-9A-Za-z]{4,64}$/.test(secret)) { say("error", "Type the card's secret first."); return; }
+  say("busy", "Asking the payment gateway for the card's details...");
+  const r = await api("POST", "/api/fills", {card: $("pay-card").value,
+                                              purchase: incoming.purchase,
+                                              return_url: incoming.return_url});
+  if (r.status !== 200) { say("error", `Not filled: ${r.data.reason}`); return; }
+  say("paid", "Card details filled: back to the mall's form.");
+  const details = encodeURIComponent(JSON.stringify({card: r.data.card, secret,
+                                                     profile: r.data.profile}));
+  window.location.assign(`${r.data.return_url}#card=${details}`);
+}
+
 document.addEventListener("DOMContentLoaded", async () => {
   incoming = readFragment();
   member = sessionStorage.getItem("svcard-wallet-member");
@@ -210,6 +227,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("link").addEventListener("click", link);
   $("charge").addEventListener("click", charge);
   $("pay").addEventListener("click", pay);
+  $("fill").addEventListener("click", fill);
   const inside = await refresh();
   say("ready", inside ? "Your wallet." : "Register or log in.");
 });
