@@ -37,12 +37,12 @@ RESET = None          # an operation yields this to power-cycle both cards
 # what the applet leaves out of the Python card (a prefix here is not sent): GET CHALLENGE and
 # the secure-messaging goods writes (04 DC / 04 E2; 00 DC / 00 E2 answer 6982), issue 12, not
 # in the applet yet; likewise the composite (CAPP) purchase's INITIALIZE (80 50 03) and UPDATE
-# CAPP DATA CACHE (80 DC), and the goods files (the Python card of an episode has none, so its
-# READ RECORD of SFI 11-14 answers 6A82 as the applet does)
+# CAPP DATA CACHE (80 DC, and the MAC'd 84 DE), and the goods files (the Python card of an
+# episode has none, so its READ RECORD of SFI 11-14 answers 6A82 as the applet does)
 # every CLA 04 (secure messaging) APDU: the IEP handles that class itself, the applet leaves it
 # to the platform (6882)
 APPLET_LEFT_OUT: tuple[bytes, ...] = (b"\x00\x84", b"\x04", b"\x00\xdc", b"\x00\xe2",
-                                      b"\x80\x50\x03", b"\x80\xdc")
+                                      b"\x80\x50\x03", b"\x80\xdc", b"\x84\xde")
 
 # an operation: yields (label, APDU or RESET), receives the reference's answer
 Op = Generator[tuple[str, bytes | None], bytes, None]

@@ -57,6 +57,9 @@ IEP_SEEDS = [bytes.fromhex(h) for h in (
     "80DC018828" + "0101" + "4D45524348414E54" + "0000000000000002" + "20260101" + "20281231"
     + "000005DC" + "534541542D313241" + "0000",
     "00B2018C28", "00B2019C28",
+    # the MAC'd UPDATE CAPP DATA CACHE (84 DE), by number and by tag, with a MAC the fuzzer
+    # cannot know: a CAPP cache takes no record without its goods key's MAC
+    "84DE018C2C" + GOODS_TICKET + "01020304", "84DE01882C" + GOODS_TICKET + "01020304",
 )]
 PSAM_SEEDS = [bytes.fromhex(h) for h in (
     "00A4040009F05356434152440201",

@@ -333,3 +333,21 @@ def test_the_command_line_takes_the_goods_issuer_file(tmp_path: Path) -> None:
     bad = run(main, ["terminal", "capp", *slots, "--amount", "1.00", "--goods-issuer",
                      str(base), *at])
     assert bad.exit_code != 0 and "demo-issuer.toml" in bad.output and "goods_key" in bad.output
+
+
+def test_the_fuzzer_sends_84_de_into_capp_sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/fuzzing.py mutates 84 DE seeds among the rest; a seeded run reaches the card's
+    MAC check inside a CAPP session and never gets a good written (its check())."""
+    import fuzzing
+
+    from svcard.protocols import crypto
+    assert sum(s[:2] == b"\x84\xDE" for s in fuzzing.IEP_SEEDS) == 2
+    checked = []
+    real = crypto.capp_update_mac
+
+    def counting(*args: Any) -> bytes:
+        checked.append(args)
+        return real(*args)
+    monkeypatch.setattr(crypto, "capp_update_mac", counting)
+    counts = fuzzing.run(20_000, seed=1)
+    assert sum(counts.values()) == 20_000 and len(checked) >= 1
