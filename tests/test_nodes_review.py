@@ -228,3 +228,38 @@ def test_a_batch_closed_but_never_written_is_written_at_the_next_close(
                              tmp_path / "settlement")
     debited = 10_000 - int(read_image(card)["app"]["ep"]["balance"])
     assert (report.records_cleared, report.total_paid) == (2, debited)
+
+
+def test_a_psam_that_fails_to_open_leaves_its_image_unlocked(tmp_path: Path) -> None:
+    """Two openers, the other way round: a node took a lease, opened the image (taking its
+    file lock) and then the PSAM failed to identify itself (here: the spec names a card image,
+    not a PSAM). The node gave the lease back but kept the reader, and so the image lock, for
+    as long as it lived: no other node could open that PSAM even while holding its lease."""
+    import asyncio
+
+    from svcard.host.demo.system import card_image
+    from svcard.host.pay.nodes import OnDemandReader
+    from svcard.host.terminal.reader_specs import open_reader
+
+    image = card_image(tmp_path, ep=1_000)   # not a PSAM: SELECT of the PSAM AID fails
+    spec = f"virtual:{image}"
+    store = L.LeaseStore(make_engine(f"sqlite:///{tmp_path / 'pay.db'}"))
+    pool = L.LeasedPsamPool([OnDemandReader(spec)])
+
+    async def sql(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return fn(*args, **kwargs)
+
+    async def run() -> None:
+        keeper = L.LeaseKeeper(store, pool, "n1", 60.0, sql, lambda alive: 0)
+        await pool.start()
+        await keeper.start()   # its first tick takes the lease, fails to open, gives it back
+        assert not pool.serving
+        await keeper.stop()
+
+    asyncio.run(run())
+    assert [(h["node"].split("#")[0], h["ended"] is not None) for h in store.history()] == [
+        ("n1", True)]
+    with open_reader(spec, lock_timeout=0.3) as reader:   # before: the lock was still held
+        assert reader is not None
+    pool.close()
+    store.engine.dispose()

@@ -227,10 +227,13 @@ class LeasedPsamPool(PsamPool):
         """Open ``member`` (leased with ``token``) and serve it until ``valid_until``
         (monotonic; counted from before the take, so never past the lease's expiry)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(member.executor, self.open_member, member)
-        if self._terminal_id and member.terminal_id != self._terminal_id:
+        try:   # a PSAM that fails to open is closed again: its image lock is not kept
+            await loop.run_in_executor(member.executor, self.open_member, member)
+            if self._terminal_id and member.terminal_id != self._terminal_id:
+                raise ValueError(f"PSAM {member.reader.name} answers another terminal id")
+        except BaseException:
             await loop.run_in_executor(member.executor, member.reader.disconnect)
-            raise ValueError(f"PSAM {member.reader.name} answers another terminal id")
+            raise
         self._terminal_id = member.terminal_id
         self.tokens[member.index] = token
         self.serving[member.index] = valid_until
@@ -304,7 +307,7 @@ class LeaseKeeper:
         self._stopping = False
         self._pending: set[asyncio.Task[None]] = set()
 
-    def fence(self, member: PooledPsam) -> Fence:
+    def fence(self, member: PooledPsam) -> Fence:  # what a write for its transaction carries
         return Fence(self.slots[member.index], self.node, self.pool.tokens[member.index])
 
     async def start(self) -> None:
@@ -327,18 +330,16 @@ class LeaseKeeper:
         alive = await self.sql(self.store.heartbeat, self.node, self.ttl_ms * 2 // 3)
         held = await self.sql(self.store.renew, self.node, self.ttl_ms)
         valid = started + self.lease_seconds * 0.9
-        for m in self.pool.members:
-            if m.index in self.pool.serving:
-                if held.get(self.slots[m.index]) == self.pool.tokens.get(m.index):
-                    self.pool.serving[m.index] = valid
-                else:
-                    log.warning("node %s lost the lease of %s", self.node, self.slots[m.index])
-                    self._later(self.pool.leave(m))   # once its transaction ends
+        for m in [m for m in self.pool.members if m.index in self.pool.serving]:
+            if held.get(self.slots[m.index]) == self.pool.tokens.get(m.index):
+                self.pool.serving[m.index] = valid
+            else:
+                log.warning("node %s lost the lease of %s", self.node, self.slots[m.index])
+                self._later(self.pool.leave(m))   # once its transaction ends
         if not self.alive or set(self.alive) - set(alive):
             await self.sql(self.settle, alive)   # a node went away: settle its draws
         self.alive = alive
-        share = math.ceil(len(self.slots) / max(1, len(alive)))
-        mine = len(self.pool.serving)
+        share, mine = math.ceil(len(self.slots) / max(1, len(alive))), len(self.pool.serving)
         order = self._preference()
         for index in order:
             if mine >= share:
@@ -378,8 +379,7 @@ class LeaseKeeper:
     def _preference(self) -> list[int]:
         """The slots in this node's order: a rotation by the node's name, so nodes started
         together ask for different PSAMs first."""
-        n = len(self.slots)
-        first = sum(self.node.split("#")[0].encode()) % n
+        n, first = len(self.slots), sum(self.node.split("#")[0].encode())
         return [(first + i) % n for i in range(n)]
 
     async def _give_back(self, member: PooledPsam) -> None:
