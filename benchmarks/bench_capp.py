@@ -23,10 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from svcard.card.image import card_from_image, open_card, save_new_image
+from svcard.card.keys import KeyEntry
 from svcard.card.personalise import image_from_profile
 from svcard.fixtures import fixture_path
 from svcard.host.terminal import capp as C
 from svcard.host.terminal import purse as T
+from svcard.host.terminal.goods_key import GoodsKeyService
 from svcard.protocols import goods as G
 from svcard.reader import VirtualReader
 
@@ -35,6 +37,9 @@ TICKET = G.build("ticket", issuer_id=b"MERCHANT", good_id=bytes(8),
                  valid_from=bytes.fromhex("20270101"), valid_to=bytes.fromhex("20271231"),
                  value=0, reference=b"ROW7SEAT")
 ONE_RECORD = [C.GoodsWrite(0x11, TICKET, 1)]
+# the record goes MAC'd (84 DE) under the card's goods key, as a card takes it by default
+GOODS_KEY = KeyEntry(1, 1, 0, bytes.fromhex("00112233445566778899AABBCCDDEEFF"))   # TEST KEY
+KEYS = GoodsKeyService.for_card(GOODS_KEY)
 
 
 def per_second(fn: Callable[[], object], seconds: float) -> float:
@@ -75,6 +80,7 @@ def main() -> None:
 
     iep_image = image_from_profile(fixture_path("iep-demo.toml"))
     iep_image["app"]["ep"]["balance"] = 100_000
+    iep_image["app"]["goods_key"] = GOODS_KEY.to_json()
     psam_image = image_from_profile(fixture_path("psam-demo.toml"))
 
     card = VirtualReader(card_from_image(iep_image))
@@ -86,7 +92,7 @@ def main() -> None:
         T.purchase(card, psam, 0, when=WHEN)
 
     def capp() -> None:
-        C.capp_purchase(card, psam, 0, ONE_RECORD, when=WHEN)
+        C.capp_purchase(card, psam, 0, ONE_RECORD, when=WHEN, goods_keys=KEYS)
 
     ratio, lo, hi, plain_cost = interleaved_ratio(capp, plain, seconds)
 
@@ -99,7 +105,7 @@ def main() -> None:
         psam_d.connect()
         disk_plain = per_second(lambda: T.purchase(card_d, psam_d, 0, when=WHEN), seconds / 4)
         disk_capp = per_second(lambda: C.capp_purchase(card_d, psam_d, 0, ONE_RECORD,
-                                                       when=WHEN), seconds / 4)
+                                                       when=WHEN, goods_keys=KEYS), seconds / 4)
         dcard.close()
         dpsam.close()
 
