@@ -88,9 +88,11 @@ def billing(stack: TradeStack, kind: str, session: str) -> dict[str, Any]:
 
 
 def wait_delivered(stack: TradeStack, session: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        row = first_row(stack.acquirer.engine, D.acq_clearings, session=session)
+        row = None
+        for acquirer in stack.acquirers():
+            row = row or first_row(acquirer.engine, D.acq_clearings, session=session)
         if row is not None and row["am_done"] and row["mam_done"]:
             return row
         time.sleep(0.05)
