@@ -351,3 +351,25 @@ def test_the_fuzzer_sends_84_de_into_capp_sessions(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(crypto, "capp_update_mac", counting)
     counts = fuzzing.run(20_000, seed=1)
     assert sum(counts.values()) == 20_000 and len(checked) >= 1
+
+
+def test_the_profile_option_and_the_image_field(tmp_path: Path) -> None:
+    from svcard.card.image import ImageError
+    from svcard.card.personalise import ProfileError, image_from_profile
+
+    text = DEMO_ISSUER.with_name("iep-demo.toml").read_text().replace(
+        'issuer = "demo-issuer.toml"', f'issuer = "{DEMO_ISSUER}"')
+    profile = tmp_path / "iep.toml"
+    profile.write_text(text)
+    assert image_from_profile(profile)["app"]["capp_plain_update"] is False   # the default
+    profile.write_text(text.replace("[balances]", "capp_plain_update = true\n\n[balances]", 1))
+    image = image_from_profile(profile)
+    assert image["app"]["capp_plain_update"] is True
+    host = opened(card_from_image(with_balance(image, ep=500)))
+    host.capp(100, [update_cache(TICKETS, 1, good())])   # the plain 80 DC, on this card only
+    profile.write_text(text.replace("[balances]", 'capp_plain_update = "yes"\n\n[balances]', 1))
+    with pytest.raises(ProfileError, match=r"iep\.toml: capp_plain_update"):
+        image_from_profile(profile)
+    bad = card_image(capp_plain_update="yes")
+    with pytest.raises((ImageError, ValueError), match="capp_plain_update"):
+        card_from_image(bad)
