@@ -46,6 +46,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--node-kills", type=int, default=None,
                     help="SIGKILLs of payment-server nodes in tests/test_nodes.py (default 5, "
                          "or SVCARD_NODE_KILLS)")
+    group.addoption("--load-node-kills", type=int, default=None,
+                    help="SIGKILLs of load-server nodes in tests/test_load_nodes.py (default 4, "
+                         "or SVCARD_LOAD_NODE_KILLS)")
     group.addoption("--node-seed", type=int, default=None,
                     help="the node kill test's seed (default 20261122, or SVCARD_NODE_SEED)")
 
@@ -84,6 +87,12 @@ def sp_orders(request: pytest.FixtureRequest) -> int:
 def node_kills(request: pytest.FixtureRequest) -> int:
     value = request.config.getoption("--node-kills")
     return int(value if value is not None else os.environ.get("SVCARD_NODE_KILLS", "5"))
+
+
+@pytest.fixture
+def load_node_kills(request: pytest.FixtureRequest) -> int:
+    value = request.config.getoption("--load-node-kills")
+    return int(value if value is not None else os.environ.get("SVCARD_LOAD_NODE_KILLS", "4"))
 
 
 @pytest.fixture
