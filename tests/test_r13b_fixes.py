@@ -93,6 +93,24 @@ def test_one_client_cannot_hold_a_merchants_psams_on_a_shared_pos(
         stack.close()
 
 
+def test_a_pos_of_one_terminal_keeps_its_fig5_caps(tmp_path: Path) -> None:
+    """A payment server whose one merchant names its terminal (not shared) counts its caps as
+    before, over all its PSAMs: with one PSAM, FIG. 5 is still offered (one hold)."""
+    stack = start_stack(tmp_path / "one", psams=1, terminal_id=TA)
+    try:
+        config = stack.payment_server.config
+        a = config.merchants[DEMO_MERCHANT_ID]
+        config.merchants[DEMO_MERCHANT_ID] = MerchantAccount(a.merchant_id, a.shared_key,
+                                                             a.variants, TA)
+        stack.restart_payment()
+        with httpx.Client(timeout=30) as http:
+            first, second = Attacker(stack, http, "fig5"), Attacker(stack, http, "fig5")
+            assert first.post("/v1/draw", first.fabricated_draw()).status_code == 200
+            assert second.post("/v1/draw", second.fabricated_draw()).status_code == 429
+    finally:
+        stack.close()
+
+
 # --- 2. a customer's signature names the SP it is for ------------------------------------------
 class NeverPays:
     def pay(self, *_a: Any, **_k: Any) -> Any:

@@ -49,9 +49,11 @@ class Holds:
         self.max_per_client = config.max_holds_per_client or half
 
     def _terminal(self, merchant: bytes) -> bytes | None:
-        """The PSAM terminal of ``merchant``'s payments on a shared POS; None: one terminal."""
+        """The PSAM terminal of ``merchant``'s payments on a shared POS; None: one terminal
+        (its caps count every PSAM, as when no merchant names a terminal)."""
         account = self.config.merchants.get(merchant)
-        return account.terminal_id if self.pool.terminals and account is not None else None
+        shared = len(self.pool.terminals) > 1
+        return account.terminal_id if shared and account is not None else None
 
     def _keys(self, merchant: bytes, client: str) -> list[tuple[str, str]]:
         keys = [("merchant", merchant.hex()), ("client", client)]
