@@ -263,3 +263,19 @@ def test_a_psam_that_fails_to_open_leaves_its_image_unlocked(tmp_path: Path) -> 
         assert reader is not None
     pool.close()
     store.engine.dispose()
+
+
+def test_a_psam_slot_never_holds_the_keys_of_its_spec() -> None:
+    """A jcardsim: spec's PARAMS_HEX may carry the applet's keys; the spec was the lease's
+    slot as it was: stored in psam_leases and psam_lease_history and written in the node's
+    log lines ("lost the lease of ..."). The slot now shows the spec without them, plus a
+    digest so that two specs differing only in their keys are two slots."""
+    from svcard.host.pay.nodes import OnDemandReader, slot_name
+
+    secret = "00112233445566778899AABBCCDDEEFF"
+    spec = f"jcardsim:com.example.Psam:A00000000386:{secret}"
+    for s in (spec, f"delayed:50:{spec}"):
+        name = OnDemandReader(s).name
+        assert secret not in name.upper() and "com.example.Psam" in name, name
+    assert slot_name(spec) != slot_name(spec.replace("FF", "FE"))
+    assert slot_name("virtual:/srv/psam1.json") == "virtual:/srv/psam1.json"

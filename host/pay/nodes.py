@@ -14,6 +14,7 @@ non_idempotent``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -137,13 +138,14 @@ class OnDemandReader(Reader):
     node holds a PSAM image (and its file lock) only while it holds the PSAM's lease."""
 
     def __init__(self, spec: str, lock_timeout: float = 0.5) -> None:
-        self.name = spec
+        self.name = slot_name(spec)   # the lease's slot: in the database and the logs
+        self._spec = spec
         self.lock_timeout = lock_timeout
         self._inner: Reader | None = None
 
     def connect(self) -> bytes:
         if self._inner is None:   # a paused old holder keeps the lock: give up soon
-            self._inner = open_reader(self.name, lock_timeout=self.lock_timeout)
+            self._inner = open_reader(self._spec, lock_timeout=self.lock_timeout)
         return self._inner.connect()
 
     def transmit(self, apdu: bytes) -> bytes:
@@ -155,6 +157,19 @@ class OnDemandReader(Reader):
         inner, self._inner = self._inner, None
         if inner is not None:
             inner.disconnect()
+
+
+def slot_name(spec: str) -> str:
+    """A PSAM's lease slot: its spec as it may be printed (a jcardsim: spec's PARAMS_HEX may
+    carry keys: left out, and a digest of the whole spec added so two such specs differ)."""
+    head, rest = "", spec
+    while rest.startswith("delayed:"):   # delayed:MS:SPEC
+        ms, _, rest = rest.removeprefix("delayed:").partition(":")
+        head += f"delayed:{ms}:"
+    shown = head + shown_spec(rest)
+    if shown == spec:
+        return spec
+    return f"{shown}#{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
 
 def node_readers(specs: list[str] | tuple[str, ...]) -> list[Reader]:
@@ -172,7 +187,7 @@ def node_readers(specs: list[str] | tuple[str, ...]) -> list[Reader]:
         if not sep or not rest or scheme not in SCHEMES:
             raise ReaderSpecError(f"--psam {shown!r}: not SCHEME:TARGET with a scheme of "
                                   f"{', '.join(s + ':' for s in SCHEMES)}")
-        if len(spec) > 300:   # psam_leases.slot
+        if len(slot_name(spec)) > 300:   # psam_leases.slot
             raise ReaderSpecError(f"--psam {shown[:60]!r}...: longer than 300 characters")
         if spec in seen:
             raise ReaderSpecError(f"--psam {shown!r} is named twice")
