@@ -73,3 +73,43 @@ def test_concurrent_approvals_and_debits_on_postgresql(stack: WalletStack, tmp_p
                                                  secret=secrets.token_hex(4)).json()["reason"],
                                 range(12)))
     assert sum("locked" in r for r in refused) >= 7, refused
+
+
+def test_card_details_both_ways_at_once_on_postgresql(stack: WalletStack) -> None:
+    """Embodiments 2 and 3 on PostgreSQL: fourteen filled purchases, each paid twice through
+    the gateway and twice through the VAN, all at once, from a card holding ten: ten debits,
+    never an approval without its debit, each reported to the gateway once."""
+    import time
+
+    from sqlalchemy import text
+    from test_wallet_embodiments import filled, gateway_pay, van_pay
+
+    b = member(stack, "pgfiller")
+    card = issue(b)
+    topup(stack, card["number"], 21_000, "cash-pg-fill")
+    forms = []
+    for _ in range(14):
+        p = new_purchase()
+        forms.append((p, filled(stack, b, card, p)))
+    jobs = [(pay, p, form) for p, form in forms for pay in (gateway_pay, van_pay) * 2]
+    with httpx.Client(timeout=60) as http, ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(lambda job: job[0](stack, http, job[1], job[2])[0], jobs))
+    assert set(codes) <= {200, 402, 409}, codes
+    assert balance(b, card["number"]) == 0
+    with stack.fin.engine.connect() as conn:
+        debited = {r[0] for r in conn.execute(text(
+            "SELECT ref FROM wf_movements WHERE card=:c AND kind='debit' AND result='done'"),
+            {"c": card["number"]})}
+    assert len(debited) == 10
+    for i, (_, form) in enumerate(forms):        # approved only with its own debit
+        if 200 in codes[4 * i:4 * i + 4]:
+            assert "pay:" + form["profile"][:32] in debited
+    deadline = time.monotonic() + 30
+    while True:
+        with stack.gateway.engine.connect() as conn:
+            journal = conn.execute(text("SELECT ref FROM wg_journal WHERE card=:c AND "
+                                        "kind='debit'"), {"c": card["number"]}).all()
+        if len(journal) >= 10 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sorted(r[0] for r in journal) == sorted(debited)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import now_ms, reading, step
 from . import db as D
@@ -31,7 +32,16 @@ def day_of(at_ms: int) -> str:
 
 
 def record(engine: Engine, reports: list[dict[str, Any]]) -> tuple[int, int]:
-    """(recorded, known before): each report once by its ref, in one step."""
+    """(recorded, known before): each report once by its ref, in one step (a copy of the
+    batch recorded at the same moment by another connection: the step runs again, and finds
+    them known)."""
+    try:
+        return _record(engine, reports)
+    except IntegrityError:
+        return _record(engine, reports)
+
+
+def _record(engine: Engine, reports: list[dict[str, Any]]) -> tuple[int, int]:
     new = known = 0
     j = D.journal.c
     with step(engine) as conn:
