@@ -25,7 +25,10 @@ moved to the issuer's float; the float's ledger balance; bank loads by state. Ch
    (``no-s2``, ``probe``, ``counter-used:<txn>`` whose load is ``loaded`` on the same card);
 9. with service provider databases (``sp_dbs``), the SP's three-way closing per currency
    (:mod:`.sp_books`): purse debits = what merchants received, bill lines = payments made +
-   fees - discounts, loads = purse debits + balances; its open items listed.
+   fees - discounts, loads = purse debits + balances; its open items listed;
+10. with the goods parties' databases (``goods_dbs``, seed 000; :mod:`.goods_books`): bank
+   debits = goods paid, every good written or refunded (never both), refunds = bank credits,
+   no good twice (also on the cards read, ``card_goods``); goods on their way listed.
 
 Every difference is listed as a discrepancy; the audit is clean only if there are none, and
 only if it read something: an audit of no card and no record at all is not clean (a mistyped
@@ -50,6 +53,7 @@ from ..kit.db import now_ms
 from ..load import records as load_records
 from ..pay import records as pay_records
 from .db import batches, cleared_keys, ledger_balances, records, uncleared
+from .goods_books import audit_goods
 from .sources import card_balances, check_sources, clearing_engine, psam_open_batches
 from .sp_books import audit_sp
 
@@ -73,6 +77,7 @@ class AuditReport:
     audited: int = 1   # cards, payments, loads, bank loads and cleared records read
     sp_pending: list[dict[str, Any]] = field(default_factory=list)
     unit: Unit = "money"   # "points": a loyalty programme's audit (whole points, no currency)
+    goods_pending: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def nothing_audited(self) -> bool:
@@ -87,7 +92,8 @@ class AuditReport:
                 "figures": self.figures, "checks": self.checks,
                 "discrepancies": self.discrepancies, "held_records": self.held,
                 "open_loads": self.open_loads, "payments_not_cleared": self.unhanded,
-                "sp_pending": self.sp_pending, "unit": self.unit}
+                "sp_pending": self.sp_pending, "unit": self.unit,
+                "goods_pending": self.goods_pending}
 
     def text(self) -> str:
         points = self.unit == "points"
@@ -100,7 +106,9 @@ class AuditReport:
                              ("open loads", self.open_loads),
                              ("confirmed payments not yet cleared", self.unhanded),
                              *([("SP items still open", self.sp_pending)] if self.sp_pending
-                               else [])):
+                               else []),
+                             *([("goods on their way", self.goods_pending)]
+                               if self.goods_pending else [])):
             lines.append(f"{title}: {len(items) or 'none'}")
             lines += [f"  - {item['text']}" for item in items[:1000]]
             if len(items) > 1000:
@@ -129,7 +137,8 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
           clearing_db: str | None = None, opening: int = 0,
           max_age_ms: int = DEFAULT_MAX_AGE_MS, now: int | None = None,
           open_batches: dict[str, set[int]] | None = None,
-          sp_dbs: tuple[str, ...] = (), unit: Unit = "money") -> AuditReport:
+          sp_dbs: tuple[str, ...] = (), unit: Unit = "money", goods_dbs: tuple[str, ...] = (),
+          card_goods: dict[str, list[bytes]] | None = None) -> AuditReport:
     """``unit``: ``"points"`` when the cards, payments and loads are a loyalty programme's
     (one programme per audit: its figures are points, never summed with money).
     ``open_batches``: what :func:`psam_open_batches` read from the payment servers' PSAMs
@@ -272,8 +281,12 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     sp = audit_sp(sp_dbs, clearing_db=clearing_db, payment_dbs=payment_dbs,
                   load_dbs=load_dbs, cards=cards)
     figures.update(sp.figures)
-    return AuditReport(figures, checks + sp.checks, bad + sp.discrepancies, held, open_loads,
-                       unhanded, audited=read + sp.read, sp_pending=sp.pending, unit=unit)
+    goods = audit_goods(goods_dbs, now=now, max_age_ms=max_age_ms, card_goods=card_goods)
+    figures.update(goods.figures)
+    return AuditReport(figures, checks + sp.checks + goods.checks,
+                       bad + sp.discrepancies + goods.discrepancies, held, open_loads, unhanded,
+                       audited=read + sp.read + goods.read, sp_pending=sp.pending, unit=unit,
+                       goods_pending=goods.pending)
 
 
 def _held_item(r: Any, payment: dict[str, Any] | None, now: int, max_age_ms: int,

@@ -1,0 +1,260 @@
+"""The goods system's part of ``svcard audit`` (seed 000): digital goods paid from a bank
+account and written onto cards close to the minor unit, per currency.
+
+Read (only) from the parties' databases (:mod:`svcard.host.goods.records`; which party a
+database is comes from its tables): the institution's payments (each a debit of an account;
+``refunded``: credited back), the fulfilment server's goods, and when given the payment
+server's and the merchant's orders. Per order:
+
+* every bank debit has its good at the fulfilment server, of the same amount, currency and
+  card; one the payment server has not handed on yet (it was down, or the debit is still
+  ``authorising`` there) is listed, and a finding past the maximum age; one the payment server
+  says the fulfilment server *kept* is a finding at once (a paid good vanished);
+* every good has a bank debit (no good without payment);
+* every good ends written on its card or refunded, never both: ``refunded`` needs the bank's
+  credit; a good ``written`` (or still to write) whose payment was credited back is a
+  finding; ``written`` needs a write handed out (``writes`` >= 1); a good still ``pending``
+  past its pick-up deadline (plus :data:`REFUND_GRACE_MS`, the refund clock's slack) is a
+  finding; one ``issued`` past its deadline is listed (only its pick-up completes it, as the
+  write may be on the card) and a finding past the deadline plus the maximum age;
+* no good twice: one good id per card among the goods, and, with cards read (``card_goods``),
+  one record per good id on each card, every one of the merchants' goods on a card paid for
+  and not refunded, every good marked ``written`` for a card read found on it;
+* the payment server's and the merchant's ``paid`` / ``refunded`` agree with the institution.
+
+Sums per currency: bank debits = goods kept + paid goods in transit; bank debits - bank
+credits = goods written + goods open + paid in transit; bank credits = goods refunded.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...protocols import goods as G
+from ...reader import Reader
+from ..goods import records as goods_records
+from ..terminal.capp import read_goods
+from ..terminal.purse import select_purse
+
+REFUND_GRACE_MS = 10 * 60 * 1000   # the refund clock ticks every 30 s; a stop may delay it
+OPEN = ("pending", "issued", "refunding")
+
+
+@dataclass
+class GoodsBooks:
+    figures: dict[str, int] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    discrepancies: list[str] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    read: int = 0
+
+
+def card_goods(readers: list[Reader], aid: bytes) -> dict[str, list[bytes]]:
+    """Card serial (upper-case hex) -> the goods records it holds, read through each reader."""
+    out = {}
+    for reader in readers:
+        serial = select_purse(reader, aid).app_serial.upper()
+        out[serial] = [e.record for e in read_goods(reader, aid)]
+    return out
+
+
+def _check(name: str, left: int, right: int) -> dict[str, Any]:
+    return {"name": name, "left": left, "right": right, "ok": left == right}
+
+
+def _merged(dbs: tuple[str, ...], out: GoodsBooks) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per party's table name, rows by order (accounts by account id)."""
+    tables: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for url in dbs:
+        _role, found = goods_records.books(url)
+        for name, rows in found.items():
+            for row in rows:
+                out.read += 1
+                key = str(row.get("order_ref") or row.get("account") or row.get("device"))
+                if key in tables[name]:
+                    out.discrepancies.append(f"goods: {key} appears twice in {name}")
+                tables[name][key] = row
+    return tables
+
+
+def audit_goods(goods_dbs: tuple[str, ...], *, now: int, max_age_ms: int,
+                card_goods: dict[str, list[bytes]] | None = None) -> GoodsBooks:
+    """The goods system's books (see the module text); empty when ``goods_dbs`` is."""
+    out = GoodsBooks()
+    if not goods_dbs:
+        return out
+    t = _merged(goods_dbs, out)
+    bank, goods = t.get("goods_bank_payments"), t.get("goods_goods")
+    if bank is None or goods is None:
+        out.discrepancies.append("goods: the audit needs the institution's and the "
+                                 "fulfilment server's databases (--goods-db, each party's)")
+        return out
+    accounts = t.get("goods_accounts", {})
+    payment = t.get("goods_payment_orders")
+    merchant = t.get("goods_merchant_orders")
+    sums: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    bad = out.discrepancies
+
+    def listed(text: str, age: int, amount: int, order: str) -> None:
+        out.pending.append({"order": order, "amount": amount, "age_ms": age,
+                            "text": f"goods: {text}"})
+        if age > max_age_ms:
+            bad.append(f"goods: {text}: older than the maximum age")
+
+    for order, pay in bank.items():
+        cur, amount = int(pay["currency_code"]), int(pay["amount"])
+        s = sums[cur]
+        s["bank debits"] += amount
+        if pay["state"] == "refunded":
+            s["bank credits"] += amount
+        good = goods.get(order)
+        if good is None:
+            p = payment.get(order) if payment is not None else None
+            age = max(0, now - int(pay["created"]))
+            if p is not None and p.get("answered"):
+                bad.append(f"goods: payment {order} ({amount}) was handed to the fulfilment "
+                           "server, which has no such good (a paid good vanished)")
+            elif pay["state"] == "refunded":
+                bad.append(f"goods: payment {order} ({amount}) was credited back, but no good "
+                           "was ever kept for it")
+            else:
+                where = f"the payment server has it {p['state']}" if p else "no payment " \
+                    "server database given"
+                s["paid, in transit"] += amount
+                listed(f"payment {order} ({amount}) debited, its good not yet at the "
+                       f"fulfilment server ({where})", age, amount, order)
+            continue
+        _one_good(order, pay, good, accounts, s, now, max_age_ms, bad, listed)
+    for order, good in goods.items():
+        if order not in bank:
+            bad.append(f"goods: good {order} ({good['amount']}, card {good['card']}) has no "
+                       "payment at the institution (a good without payment)")
+            sums[int(good["currency_code"])]["goods kept"] += int(good["amount"])
+    _twice(goods, card_goods, bad)
+    if payment is not None:
+        _parties_agree("payment server", payment, bank, bad)
+    if merchant is not None:
+        _parties_agree("merchant", merchant, bank, bad)
+    for cur in sorted(sums):
+        s = sums[cur]
+        for name in ("bank debits", "bank credits", "goods kept", "goods written",
+                     "goods open", "goods refunded", "paid, in transit"):
+            out.figures[f"goods {cur:03d}: {name}"] = s[name]
+        out.checks += [
+            _check(f"goods {cur:03d}: bank debits = goods kept + paid in transit",
+                   s["bank debits"], s["goods kept"] + s["paid, in transit"]),
+            _check(f"goods {cur:03d}: bank debits - credits = written + open + in transit",
+                   s["bank debits"] - s["bank credits"],
+                   s["goods written"] + s["goods open"] + s["paid, in transit"]),
+            _check(f"goods {cur:03d}: bank credits = goods refunded", s["bank credits"],
+                   s["goods refunded"]),
+        ]
+    bad += [f"check failed: {c['name']} ({c['left']} != {c['right']})"
+            for c in out.checks if not c["ok"]]
+    return out
+
+
+def _one_good(order: str, pay: dict[str, Any], good: dict[str, Any],
+              accounts: dict[str, dict[str, Any]], s: dict[str, int], now: int,
+              max_age_ms: int, bad: list[str], listed: Any) -> None:
+    """A good and its bank payment: amounts, card, and how it ended."""
+    amount, state, credited = int(good["amount"]), good["state"], pay["state"] == "refunded"
+    name = f"good {order} ({amount}, card {good['card']})"
+    s["goods kept"] += amount
+    if (int(pay["amount"]), int(pay["currency_code"])) != (amount,
+                                                           int(good["currency_code"])):
+        bad.append(f"goods: {name}: the institution debited {pay['amount']} in currency "
+                   f"{pay['currency_code']}")
+    account = accounts.get(str(pay["account"]))
+    if accounts and (account is None or account["card"] != good["card"]):
+        bad.append(f"goods: {name}: paid from account {pay['account']}, which pays for "
+                   f"another card")
+    if state == "refunded":
+        s["goods refunded"] += amount
+        if not credited:
+            bad.append(f"goods: {name} is refunded, but the institution never credited it "
+                       "back (a refund with no bank credit)")
+        return
+    if state == "refunding":
+        if credited:
+            s["goods refunded"] += amount
+            listed(f"{name}: credited back, the fulfilment server not yet told",
+                   max(0, now - int(good["updated"])), amount, order)
+        else:
+            s["goods open"] += amount
+            listed(f"{name}: being refunded", max(0, now - int(good["updated"])), amount,
+                   order)
+        return
+    if credited:
+        bad.append(f"goods: {name} is {state}, yet its payment was credited back (written "
+                   "and refunded)")
+    if state == "written":
+        s["goods written"] += amount
+        if int(good["writes"]) < 1:
+            bad.append(f"goods: {name} is marked written, but no write of it was ever "
+                       "handed out")
+        return
+    s["goods open"] += amount
+    late = now - int(good["deadline"])
+    if state == "pending" and late > REFUND_GRACE_MS:
+        bad.append(f"goods: {name} is neither written nor refunded, {late // 1000} s past "
+                   "its pick-up deadline")
+    elif state == "issued" and late > 0:
+        listed(f"{name}: its write was handed out, not confirmed; past its pick-up deadline "
+               "(only its pick-up completes it)", late, amount, order)
+    elif state not in OPEN:
+        bad.append(f"goods: {name} is in an unknown state {state!r}")
+
+
+def _twice(goods: dict[str, dict[str, Any]], card_goods: dict[str, list[bytes]] | None,
+           bad: list[str]) -> None:
+    """No good twice: in the books, and (cards read) on each card."""
+    by_key: dict[tuple[str, str], str] = {}
+    issuers = set()
+    for order, good in goods.items():
+        key = (str(good["card"]).upper(), str(good["record"])[4:36].upper())
+        issuers.add(key[1][:16])
+        if key in by_key:
+            bad.append(f"goods: goods {by_key[key]} and {order} are the same good of card "
+                       f"{key[0]}")
+        by_key[key] = order
+    for serial, records in sorted((card_goods or {}).items()):
+        seen: set[str] = set()
+        for record in records:
+            gk = record[G.GOOD_KEY].hex().upper()
+            if gk in seen:
+                bad.append(f"goods: card {serial} holds good {gk} twice")
+            seen.add(gk)
+            bought = by_key.get((serial, gk))
+            if gk[:16] not in issuers:
+                continue   # another issuer's good (a terminal's composite purchase)
+            if bought is None:
+                bad.append(f"goods: card {serial} holds good {gk}, which no payment bought")
+            elif goods[bought]["state"] in ("refunded", "refunding"):
+                bad.append(f"goods: card {serial} holds good {gk}, whose payment is "
+                           f"{goods[bought]['state']}")
+        for (card, gk), order in by_key.items():
+            if card == serial and goods[order]["state"] == "written" and gk not in seen:
+                bad.append(f"goods: good {order} is marked written, but card {serial} does "
+                           "not hold it")
+
+
+def _parties_agree(who: str, rows: dict[str, dict[str, Any]],
+                   bank: dict[str, dict[str, Any]], bad: list[str]) -> None:
+    """The payment server's or merchant's ``paid`` / ``refunded`` orders and the bank's."""
+    for order, row in rows.items():
+        paid = bank.get(order)
+        if row["state"] in ("paid", "refunded") and paid is None:
+            bad.append(f"goods: the {who} has order {order} {row['state']}, but the "
+                       "institution has no payment for it")
+        elif paid is not None and row["state"] == "refunded" and paid["state"] != "refunded":
+            bad.append(f"goods: the {who} has order {order} refunded, but the institution "
+                       "never credited it back")
+        elif paid is not None and row["state"] == "declined":
+            bad.append(f"goods: the {who} has order {order} declined, but the institution "
+                       "debited it")
+        if paid is not None and int(row["amount"]) != int(paid["amount"]):
+            bad.append(f"goods: the {who} has order {order} at {row['amount']}, the "
+                       f"institution debited {paid['amount']}")

@@ -1,0 +1,195 @@
+"""The goods system in ``svcard audit`` (seed 000): the five servers on loopback, real card
+images; the audit reads the parties' databases (read only) and the cards' goods. Clean after
+goods written and one refunded; every tampering below is found."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import delete, update
+from test_goods_flow import buy
+from test_goods_pickup import paid_while_fulfilment_was_down
+
+from svcard.host.cli.main import main as cli
+from svcard.host.goods import db as D
+from svcard.host.goods import records as R
+from svcard.host.goods.config import ROLES
+from svcard.host.goods.stack import GoodsStack, make_card, start_goods
+from svcard.host.kit.db import DatabaseError, step
+from svcard.host.settle.audit import AuditReport, audit
+from svcard.host.settle.goods_books import card_goods
+from svcard.host.terminal.reader_specs import open_reader
+from svcard.protocols import purse as P
+
+SERIAL = 70_301
+DAY_MS = 24 * 3600 * 1000
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[GoodsStack]:
+    s = start_goods(tmp_path / "servers")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def bought(stack: GoodsStack, tmp_path: Path) -> dict[str, Any]:
+    """A ticket and a coupon written onto the card, a third good refunded (paid while the
+    fulfilment server was down, never picked up, refunded past its deadline)."""
+    card = make_card(tmp_path, SERIAL)
+    stack.account("acc1", SERIAL, balance=10_000)
+    device = stack.device()
+    with httpx.Client(timeout=30) as http:
+        written = [buy(stack, http, device, card, sku) for sku in ("ticket", "coupon")]
+    refunded = paid_while_fulfilment_was_down(stack, device, card)
+    later = stack.fulfil.now_ms() + 8 * DAY_MS
+    assert asyncio.run(stack.fulfil.refund_due(at_ms=later)) == 1
+    return {"card": card, "written": written, "refunded": refunded}
+
+
+def urls(stack: GoodsStack) -> tuple[str, ...]:
+    return tuple(stack.configs[r].db_url for r in ROLES)
+
+
+def goods_of(card: Path) -> dict[str, list[bytes]]:
+    with open_reader(f"virtual:{card}") as reader:
+        return card_goods([reader], P.DEFAULT_IEP_AID)
+
+
+def run(stack: GoodsStack, card: Path | None = None, **kw: Any) -> AuditReport:
+    return audit({}, goods_dbs=urls(stack), card_goods=goods_of(card) if card else None, **kw)
+
+
+def tamper(stack: GoodsStack, role: str, statement: Any) -> None:
+    with step(stack.engine(role)) as conn:
+        assert conn.execute(statement).rowcount == 1
+
+
+def test_written_and_refunded_goods_audit_clean_to_the_minor_unit(
+        stack: GoodsStack, bought: dict[str, Any]) -> None:
+    report = run(stack, bought["card"])
+    assert report.clean, report.discrepancies
+    f = report.figures
+    assert f["goods 156: bank debits"] == 1250 + 100 + 1250
+    assert f["goods 156: bank credits"] == f["goods 156: goods refunded"] == 1250
+    assert f["goods 156: goods written"] == 1350 and f["goods 156: goods open"] == 0
+    assert len([c for c in report.checks if c["name"].startswith("goods")]) == 3
+    assert {R.role_of(u) for u in urls(stack)} == set(ROLES)
+
+
+def test_the_command_line_audits_the_goods_dbs_and_the_card(
+        stack: GoodsStack, bought: dict[str, Any]) -> None:
+    args = ["audit", "--card", str(bought["card"])]
+    for url in urls(stack):
+        args += ["--goods-db", url]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "goods 156: bank credits = goods refunded" in result.output
+    assert "clean" in result.output
+    tamper(stack, "fulfil", update(D.goods).where(D.goods.c.order_ref == bought["refunded"])
+           .values(state="written", writes=1))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "does not hold it" in result.output
+
+
+def test_a_good_marked_written_with_no_write_is_found(
+        stack: GoodsStack, bought: dict[str, Any]) -> None:
+    order = bought["written"][0]
+    tamper(stack, "fulfil", update(D.goods).where(D.goods.c.order_ref == order)
+           .values(writes=0))
+    report = run(stack)
+    assert any(order in d and "no write of it was ever handed out" in d
+               for d in report.discrepancies), report.discrepancies
+
+
+def test_a_good_marked_written_that_the_card_lacks_is_found(
+        stack: GoodsStack, bought: dict[str, Any], tmp_path: Path) -> None:
+    report = run(stack, make_card(tmp_path / "other", SERIAL))   # same serial, no goods
+    assert sum("does not hold it" in d for d in report.discrepancies) == 2
+
+
+def test_a_refund_with_no_bank_credit_is_found(
+        stack: GoodsStack, bought: dict[str, Any]) -> None:
+    order = bought["written"][1]
+    tamper(stack, "fulfil", update(D.goods).where(D.goods.c.order_ref == order)
+           .values(state="refunded"))
+    report = run(stack)
+    assert any(order in d and "never credited it back" in d for d in report.discrepancies)
+    assert any(d.startswith("check failed: goods 156: bank credits = goods refunded")
+               for d in report.discrepancies)
+
+
+def test_a_paid_good_vanished_is_found(stack: GoodsStack, bought: dict[str, Any]) -> None:
+    order = bought["written"][0]
+    tamper(stack, "fulfil", delete(D.goods).where(D.goods.c.order_ref == order))
+    report = run(stack)
+    assert any(order in d and "vanished" in d for d in report.discrepancies)
+    assert any("bank debits = goods kept" in d for d in report.discrepancies)
+
+
+def test_a_good_without_payment_is_found(stack: GoodsStack, bought: dict[str, Any]) -> None:
+    order = bought["written"][0]
+    tamper(stack, "bank", delete(D.bank_payments).where(
+        D.bank_payments.c.order_ref == order))
+    report = run(stack)
+    assert any(order in d and "good without payment" in d for d in report.discrepancies)
+    assert any("payment server has order" in d for d in report.discrepancies)
+
+
+def test_a_good_both_written_and_credited_back_is_found(
+        stack: GoodsStack, bought: dict[str, Any]) -> None:
+    order = bought["written"][0]
+    tamper(stack, "bank", update(D.bank_payments).where(
+        D.bank_payments.c.order_ref == order).values(state="refunded"))
+    report = run(stack)
+    assert any(order in d and "written and refunded" in d for d in report.discrepancies)
+
+
+def test_a_good_on_the_card_twice_or_never_bought_is_found(
+        stack: GoodsStack, bought: dict[str, Any]) -> None:
+    goods = goods_of(bought["card"])
+    [serial] = goods
+    record = goods[serial][0]
+    stranger = record[:10] + bytes(8) + record[18:]     # the merchant's issuer, no such good
+    report = audit({}, goods_dbs=urls(stack),
+                   card_goods={serial: [*goods[serial], record, stranger]})
+    assert any("twice" in d for d in report.discrepancies)
+    assert any("which no payment bought" in d for d in report.discrepancies)
+
+
+def test_a_pending_good_past_its_deadline_is_found(stack: GoodsStack, tmp_path: Path) -> None:
+    card = make_card(tmp_path, SERIAL)
+    stack.account("acc1", SERIAL, balance=10_000)
+    order = paid_while_fulfilment_was_down(stack, stack.device(), card)
+    assert run(stack).clean                                  # pending, within its deadline
+    report = run(stack, now=stack.fulfil.now_ms() + 8 * DAY_MS)
+    assert any(order in d and "past its pick-up deadline" in d for d in report.discrepancies)
+
+
+def test_a_debit_not_yet_at_the_fulfilment_server_is_listed_then_a_finding(
+        stack: GoodsStack, bought: dict[str, Any]) -> None:
+    order = bought["written"][0]
+    tamper(stack, "fulfil", delete(D.goods).where(D.goods.c.order_ref == order))
+    tamper(stack, "payment", update(D.payment_orders).where(
+        D.payment_orders.c.order_ref == order).values(answer=None))
+    report = run(stack)
+    assert report.clean and [p["order"] for p in report.goods_pending] == [order]
+    assert "goods on their way: 1" in report.text()
+    late = run(stack, now=stack.fulfil.now_ms() + 8 * DAY_MS)
+    assert any(order in d and "maximum age" in d for d in late.discrepancies)
+
+
+def test_a_database_of_no_goods_party_is_refused(tmp_path: Path, stack: GoodsStack) -> None:
+    with pytest.raises(DatabaseError, match=r"no such|does not exist|not a"):
+        R.role_of(f"sqlite:///{tmp_path / 'missing.db'}")
+    result = CliRunner().invoke(cli, ["audit", "--goods-db", f"sqlite:///{tmp_path}/x.db"])
+    assert result.exit_code == 3 and "x.db" in result.output
+    assert not (tmp_path / "x.db").exists()
