@@ -48,6 +48,7 @@ from ...kit.http import (
     refusal,
     shutting_down,
 )
+from ...kit.reader_pool import Pooled
 from ...kit.request_log import RequestLog
 from ...kit.serving import Drain
 from ...terminal import apdus
@@ -55,6 +56,7 @@ from ...terminal.purse import call
 from . import probe, request, result
 from .db import LoadDb, loads, make_engine
 from .hsm_pool import HsmPool
+from .leases import Fence, LeasedHsmPool, LeaseKeeper, LeaseStore
 
 
 @dataclass
@@ -75,6 +77,10 @@ class LoadConfig:
     db_url: str = field(default="sqlite:///loads.db", repr=False)  # may hold a password
     acquire_timeout: float = 2.0
     clock: Any = field(default=dt.datetime.now)
+    # one of several nodes on one database (leases.py): this node's name, and how long an HSM
+    # lease lasts without renewal (a dead node's HSMs are taken over after it)
+    node_name: str = ""
+    lease_seconds: float = 10.0
 
 
 Step = Callable[["LoadServer", bytes], Awaitable[Response]]
@@ -85,9 +91,16 @@ class LoadServer:
 
     def __init__(self, config: LoadConfig, hsm_readers: list[Reader]) -> None:
         self.config = config
-        self.hsms = HsmPool(hsm_readers)
         self.db = LoadDb(make_engine(config.db_url))
         self.sql = SqlRunner(config.db_url)
+        self.leases: LeaseKeeper | None = None
+        if config.node_name:
+            leased = LeasedHsmPool(hsm_readers)
+            self.hsms: HsmPool = leased
+            self.leases = LeaseKeeper(LeaseStore(self.db.engine), leased, config.node_name,
+                                      config.lease_seconds, self.sql, self.db.recover)
+        else:
+            self.hsms = HsmPool(hsm_readers)
         # the drain: no new load request; a load's result and probe still finish it (each
         # request stands alone, and the client's journal finishes a load cut short)
         self.drain = Drain()
@@ -95,9 +108,22 @@ class LoadServer:
             "load", {"database": database_check(self.db.engine, loads),
                      "hsms": pool_check(self.hsms, lambda reader: call(
                          reader, apdus.select(self.hsms.aid), "SELECT HSM"))},
-            lambda: {"hsms": len(self.hsms.members),
+            lambda: {"hsms": len(self.hsms.members), "hsms_leased": len(
+                         self.leases.pool.serving) if self.leases else len(self.hsms.members),
                      "terminal_id": self.config.terminal_id.hex().upper()},
             lambda: self.drain.draining)
+
+    @property
+    def node(self) -> str | None:   # this node's holder id; None on a single server
+        return self.leases.node if self.leases is not None else None
+
+    def fence(self, hsm: Pooled) -> Fence | None:
+        """The fence of a write for ``hsm``'s command (None on a single server)."""
+        return self.leases.fence(hsm) if self.leases is not None else None
+
+    async def fence_current(self, fence: Fence) -> bool:
+        assert self.leases is not None
+        return bool(await self.sql(self.leases.store.current, fence))
 
     async def run(self, step: Step, http_request: Request) -> Response:
         """Run a protocol step on the request body; a refusal becomes its answer."""
@@ -124,11 +150,16 @@ class LoadServer:
     def app(self) -> Starlette:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
-            await asyncio.to_thread(self.db.recover)
+            if self.leases is None:
+                await asyncio.to_thread(self.db.recover)
             await self.hsms.start()
+            if self.leases is not None:   # settles dead nodes' requests, takes HSMs
+                await self.leases.start()
             try:
                 yield
             finally:
+                if self.leases is not None:
+                    await self.leases.stop()
                 await asyncio.to_thread(self.hsms.close)
 
         return Starlette(routes=[

@@ -33,15 +33,18 @@ from sqlalchemy import (
     UniqueConstraint,
     exists,
     insert,
+    inspect,
     or_,
     select,
     text,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import DuplicateError, first_row, now_ms, reading, step, update_row
 from ...kit.schema import Schema, open_schema
+from .leases import FENCE, Fence
 
 metadata = MetaData()
 
@@ -84,6 +87,7 @@ loads = Table(
     Column("probe_digest", String(64)),
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
+    Column("node", String(100)),            # the node that logged the request (leases.py)
     UniqueConstraint("bank_id", "txn_id", name="uq_load_bank_txn"),
     UniqueConstraint("card_serial", "s1", name="uq_load_card_s1"),
 )
@@ -91,7 +95,15 @@ Index("uq_load_card_counter", loads.c.card_serial, loads.c.online_counter, uniqu
       sqlite_where=text("state = 'loaded'"), postgresql_where=text("state = 'loaded'"))
 
 
-SCHEMA = Schema("load", 1, metadata)
+def _add_node_column(conn: Connection) -> None:
+    """Schema 1 -> 2: ``loads.node``, the node that logged a request (NULL before)."""
+    found = inspect(conn)
+    if found.has_table("loads") and "node" not in {
+            c["name"] for c in found.get_columns("loads")}:
+        conn.execute(text("ALTER TABLE loads ADD COLUMN node VARCHAR(100)"))
+
+
+SCHEMA = Schema("load", 2, metadata, {1: _add_node_column})
 
 
 def make_engine(url: str) -> Engine:
@@ -119,21 +131,35 @@ class LoadDb:
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from None
 
-    def advance(self, row_id: int, expect: str, **values: Any) -> bool:
-        """Compare-and-set: change the row only if it is still in state ``expect``. False if
-        another request changed it first; a unique key that says no is a
+    def advance(self, row_id: int, expect: str, fence: Fence | None = None,
+                **values: Any) -> bool:
+        """Compare-and-set: change the row only if it is still in state ``expect`` (and, with
+        ``fence``, only while that HSM lease is current: one statement). False if another
+        request changed it first or the lease was lost; a unique key that says no is a
         :class:`DuplicateError`."""
-        return update_row(self.engine, loads, row_id, expect=expect, **values)
+        if fence is None:
+            return update_row(self.engine, loads, row_id, expect=expect, **values)
+        try:
+            with step(self.engine) as conn:
+                result = conn.execute(update(loads).where(
+                    loads.c.id == row_id, loads.c.state == expect, FENCE).values(
+                    updated=now_ms(), **values), fence.params())
+        except IntegrityError as exc:
+            raise DuplicateError(str(exc.orig)) from None
+        return int(result.rowcount or 0) == 1
 
-    def record_probe(self, row_id: int, digest: str, **probe: Any) -> bool:
+    def record_probe(self, row_id: int, digest: str, fence: Fence | None = None,
+                     **probe: Any) -> bool:
         """Keep the probe issued for a load still ``authorized`` (a new one replaces an older
-        one). False if the load was decided meanwhile, or the same result bytes already
-        recorded their probe (the caller answers that one)."""
+        one). False if the load was decided meanwhile, the same result bytes already recorded
+        their probe (the caller answers that one), or ``fence``'s HSM lease was lost."""
+        where = [loads.c.id == row_id, loads.c.state == "authorized",
+                 or_(loads.c.probe_digest.is_(None), loads.c.probe_digest != digest)]
         with step(self.engine) as conn:
             result = conn.execute(update(loads).where(
-                loads.c.id == row_id, loads.c.state == "authorized",
-                or_(loads.c.probe_digest.is_(None), loads.c.probe_digest != digest),
-            ).values(updated=now_ms(), probe_digest=digest, **probe))
+                *where, *([FENCE] if fence is not None else [])).values(
+                updated=now_ms(), probe_digest=digest, **probe),
+                fence.params() if fence is not None else {})
         return bool(result.rowcount == 1)
 
     def loaded_at(self, card_serial: str, counter: int, other_than: int) -> dict[str, Any] | None:
@@ -166,11 +192,16 @@ class LoadDb:
                 state="not_loaded", updated=now_ms(), **values))
         return bool(result.rowcount == 1)
 
-    def recover(self) -> int:
-        """On start: requests the HSM never answered issued no S2, so no card loaded them."""
+    def recover(self, alive: list[str] | None = None) -> int:
+        """On start: requests the HSM never answered issued no S2, so no card loaded them.
+        With ``alive`` (nodes sharing the database, leases.py): only other nodes' requests."""
+        where = [loads.c.state == "received"]
+        if alive is not None:
+            where.append(or_(loads.c.node.is_(None), loads.c.node.not_in(alive)))
         with step(self.engine) as conn:
-            result = conn.execute(update(loads).where(loads.c.state == "received").values(
-                state="refused", reason="load server restarted before the HSM answered",
+            result = conn.execute(update(loads).where(*where).values(
+                state="refused", reason="load server restarted before the HSM answered"
+                if alive is None else "its node stopped before the HSM answered",
                 updated=now_ms()))
             return int(result.rowcount or 0)
 

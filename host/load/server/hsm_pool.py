@@ -21,6 +21,7 @@ from ...terminal.purse import call
 
 if TYPE_CHECKING:
     from .app import LoadServer
+    from .leases import Fence
 
 T = TypeVar("T")
 
@@ -45,6 +46,15 @@ class HsmPool(ReaderPool[Pooled]):
                           {"Retry-After": "1"}) from None
 
 
+    async def acquire_in_time(self, timeout: float) -> Pooled:
+        """A free HSM (give it back with :meth:`release`); none free in time is 503."""
+        try:
+            return await self.acquire(timeout)
+        except PoolExhausted as exc:
+            raise Refused(503, 503, f"no HSM free ({exc}); retry",
+                          {"Retry-After": "1"}) from None
+
+
 class LoggedRequest:
     """The parts of the original load request the HSM needs, as the log kept them."""
 
@@ -58,18 +68,24 @@ class LoggedRequest:
 
 async def authorize_load(server: LoadServer, r: Any, counter: int, balance: int, amount: int,
                          random: bytes, s1: bytes, date: bytes, clock: bytes,
-                         what: str) -> bytes:
+                         what: str) -> tuple[bytes, Fence | None]:
     """HSM AUTHORIZE LOAD for the card of request ``r`` (a load request, or a
-    :class:`LoggedRequest`): the HSM verifies S1 and answers S2. A refusal is
-    :class:`~svcard.host.terminal.purse.Declined`."""
+    :class:`LoggedRequest`): the HSM verifies S1 and answers S2, with the fence the write
+    of that S2 carries (a node's lease of that HSM, leases.py; None on a single server). A
+    refusal is :class:`~svcard.host.terminal.purse.Declined`."""
     fields = {"issuer_id": r.issuer_id, "card_serial": r.card_serial[-8:],
               "key_version": r.key_version, "algorithm_id": r.algorithm_id,
               "balance": balance, "amount": amount, "txn_type": r.txn_type,
               "terminal_id": server.config.terminal_id, "online_counter": counter,
               "random": random, "s1": s1, "date": date, "time": clock}
-    return await server.hsms.run_in_time(
-        lambda hsm: call(hsm, apdus.hsm_authorize_load(fields), what),
-        server.config.acquire_timeout)
+    member = await server.hsms.acquire_in_time(server.config.acquire_timeout)
+    try:
+        fence = server.fence(member)   # the token this command runs under
+        s2 = await server.hsms.run(
+            member, lambda hsm: call(hsm, apdus.hsm_authorize_load(fields), what))
+    finally:
+        server.hsms.release(member)
+    return s2, fence
 
 
 async def verify_tac(server: LoadServer, row: dict[str, Any], balance_after: int, counter: int,

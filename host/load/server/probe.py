@@ -44,7 +44,7 @@ async def issue_probe(server: LoadServer, o: OpenedLoad, row: dict[str, Any],
     now = server.config.clock()
     date, clock = P.bcd_date(now.date()), P.bcd_time(now)
     try:
-        s2 = await authorize_load(server, LoggedRequest(row), res.online_counter,
+        s2, fence = await authorize_load(server, LoggedRequest(row), res.online_counter,
                                   res.balance, 0, res.random, res.s1, date, clock,
                                   "HSM AUTHORIZE LOAD (probe)")
     except Declined as exc:
@@ -55,7 +55,11 @@ async def issue_probe(server: LoadServer, o: OpenedLoad, row: dict[str, Any],
     probe = {"probe_counter": res.online_counter, "probe_balance": res.balance,
              "probe_random": res.random.hex(), "probe_s1": res.s1.hex(),
              "probe_date": date.hex(), "probe_time": clock.hex(), "probe_s2": s2.hex()}
-    if not await server.sql(server.db.record_probe, row["id"], o.digest, **probe):
+    if not await server.sql(server.db.record_probe, row["id"], o.digest, fence, **probe):
+        if fence is not None and not await server.fence_current(fence):
+            raise Refused(503, 503, "this node lost its HSM lease while the HSM made the "
+                                    "probe: nothing was recorded; retry",
+                          {"Retry-After": "1"})
         return await lost_race(server, o, row["id"], probe=True)
     return sealed(o, L.LOAD_PROBE, probe_command(probe))
 

@@ -79,14 +79,14 @@ async def load_request(server: LoadServer, data: bytes) -> Response:
             "online_counter": r.online_counter, "balance": r.balance,
             "txn_type": r.txn_type, "key_version": r.key_version,
             "algorithm_id": r.algorithm_id, "random": r.random.hex(), "s1": r.s1.hex(),
-            "request_digest": o.digest})
+            "request_digest": o.digest, "node": server.node})
     except DuplicateError:
         raise Refused(409, 409, "replayed S1: this card signature was already "
                                 "presented") from None
     # 897-899: the HSM verifies S1 and makes S2
     date, clock = P.bcd_date(now.date()), P.bcd_time(now)
     try:
-        s2 = await authorize_load(server, r, r.online_counter, r.balance, r.amount, r.random,
+        s2, fence = await authorize_load(server, r, r.online_counter, r.balance, r.amount, r.random,
                                   r.s1, date, clock, "HSM AUTHORIZE LOAD")
     except Declined as exc:
         reason = ("S1 does not verify: not a genuine card, or the request was changed"
@@ -99,10 +99,16 @@ async def load_request(server: LoadServer, data: bytes) -> Response:
         raise
     command = M.build(L.LoadCommand, {"amount": r.amount, "date": date, "time": clock,
                                       "s2": s2})
-    # this row only: a request never changes another load's state
-    if not await server.sql(server.db.advance, row_id, "received", state="authorized",
+    # this row only: a request never changes another load's state; on a node, only while it
+    # still leases the HSM that made S2 (leases.py): a node that lost it issues no S2
+    if not await server.sql(server.db.advance, row_id, "received", fence, state="authorized",
                             txn_date=date.hex(), txn_time=clock.hex(), s2=s2.hex(),
                             command=command):
+        if fence is not None and await server.sql(
+                server.db.advance, row_id, "received", state="refused",
+                reason="the node lost its HSM lease before S2 was logged: no S2 was issued"):
+            raise Refused(409, 409, "this node lost its HSM lease while the HSM worked: no "
+                                    "S2 is issued; report 'not loaded'")
         raise Refused(409, 409, "the load was closed before its S2 was logged: no S2 "
                                 "is issued")
     return sealed(o, L.LOAD_COMMAND, command)

@@ -1,0 +1,321 @@
+"""Load-server nodes on one database (issue 16, point 4 for loads): HSM leases with fencing
+tokens (host/load/server/leases.py) and three load-node processes behind Debian's nginx on one
+PostgreSQL, SIGKILLed at random while cards load (``--load-node-kills N``, default 4;
+``--node-seed``): nothing lost, nothing twice, every HSM leased to one node at a time."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pg_env import Cluster, start_cluster
+from sqlalchemy import select
+
+from svcard.card.storage import read_image
+from svcard.host.demo.system import card_image
+from svcard.host.kit.nginx import Nginx, find_nginx
+from svcard.host.kit.serving import ServerThread, free_port
+from svcard.host.load import client as LC
+from svcard.host.load.bank.server import BankConfig, BankServer
+from svcard.host.load.nodes import LoadNode, LoadNodeSpec
+from svcard.host.load.server import leases as L
+from svcard.host.load.server.db import LoadDb, loads, make_engine
+from svcard.host.load.stack import DEMO_BANK_ID, DEMO_LOAD_TERMINAL, hsm_image
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster()
+    yield c
+    c.stop()
+
+
+def _row(db: LoadDb, txn: str, node: str) -> int:
+    return db.insert({"bank_id": DEMO_BANK_ID.hex(), "txn_id": txn, "state": "received",
+                      "reason": "", "amount": 500, "currency_code": 156,
+                      "card_serial": "00" * 10, "online_counter": 1, "s1": txn[:8],
+                      "request_digest": "00" * 32, "node": node})
+
+
+def _stale_fence_is_refused(url: str) -> None:
+    """Node A takes an HSM's lease, lets it expire; B takes it over. A's S2 write and probe
+    write with its stale token change nothing; B's go through; a dead A's request is settled
+    (no S2 was issued) by B's recovery, B's own is not."""
+    db = LoadDb(make_engine(url))
+    store = L.LeaseStore(db.engine)
+    slot = "virtual:/srv/hsm1.json"
+    store.ensure([slot])
+    assert store.take(slot, "a#1", ttl_ms=1) == (1, None)
+    deadline = time.monotonic() + 5
+    while store.take(slot, "b#2", ttl_ms=60_000) is None:
+        assert time.monotonic() < deadline, "the expired lease was never taken over"
+        time.sleep(0.005)
+    history = store.history()
+    token = history[-1]["token"]
+    assert history[-1]["node"] == "b#2" and history[-1]["previous"] == "a#1" and token >= 2
+    stale, current = L.Fence(slot, "a#1", 1), L.Fence(slot, "b#2", token)
+    row_id = _row(db, "01" * 16, "a#1")
+    before = db.rows()
+    assert not db.advance(row_id, "received", stale, state="authorized", s2="00112233",
+                          command=b"x")
+    assert not db.advance(row_id, "received", L.Fence(slot, "b#2", token - 1),
+                          state="authorized", s2="00112233")
+    assert not store.current(stale) and store.current(current)
+    assert store.renew("a#1", 60_000) == {} and not store.release(slot, "a#1", 1)
+    assert db.rows() == before, "a stale token wrote something"
+    # B's own request, and a probe: the stale write is refused, B's goes through
+    mine = _row(db, "02" * 16, "b#2")
+    assert db.advance(mine, "received", current, state="authorized", s2="44556677")
+    probe = {"probe_counter": 2, "probe_s2": "8899aabb"}
+    assert not db.record_probe(mine, "d1" * 32, stale, **probe)
+    assert db.rows()[1]["probe_s2"] is None
+    assert db.record_probe(mine, "d1" * 32, current, **probe)
+    # A is dead: its request never got an S2 out (it was refused above), so it is settled
+    assert db.recover(["b#2"]) == 1
+    states = {r["txn_id"]: (r["state"], r["reason"]) for r in db.rows()}
+    assert states["01" * 16] == ("refused", "its node stopped before the HSM answered")
+    assert states["02" * 16][0] == "authorized"
+    db.engine.dispose()
+
+
+def test_stale_fence_is_refused_on_sqlite(tmp_path: Path) -> None:
+    _stale_fence_is_refused(f"sqlite:///{tmp_path / 'loads.db'}")
+
+
+def test_stale_fence_is_refused_on_postgresql(cluster: Cluster) -> None:
+    _stale_fence_is_refused(cluster.new_database())
+
+
+def test_load_schema_upgrade_adds_the_node_column(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, inspect, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    make_engine(url).dispose()
+    raw = create_engine(url)
+    with raw.begin() as conn:
+        conn.execute(text("ALTER TABLE loads DROP COLUMN node"))
+        conn.execute(text("UPDATE svcard_schema SET version = 1 WHERE component = 'load'"))
+    raw.dispose()
+    make_engine(url).dispose()
+    raw = create_engine(url)
+    assert "node" in {c["name"] for c in inspect(raw).get_columns("loads")}
+    raw.dispose()
+
+
+def _wait(check: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _bank(folder: Path, key: bytes, load_url: str) -> tuple[BankServer, ServerThread]:
+    server = BankServer(BankConfig(DEMO_BANK_ID, key, load_url, DEMO_LOAD_TERMINAL,
+                                   db_url=f"sqlite:///{folder / 'bank.db'}"))
+    thread = ServerThread(server.app())
+    server.config.public_url = thread.url
+    thread.start()
+    server.db.create_account("alice", "Alice", server.config.currency_code, 10_000_000, "pw")
+    return server, thread
+
+
+def _holds(node: LoadNode) -> bool:
+    try:
+        return int(httpx.get(node.url + "/v1/health", timeout=2).json()["hsms_leased"]) > 0
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return False
+
+
+def test_a_paused_node_issues_no_s2_after_its_lease_is_taken(cluster: Cluster,
+                                                            tmp_path: Path) -> None:
+    """Node A is stopped (SIGSTOP) while its HSM makes S2 for a load; its lease expires and
+    another holder takes it (the test itself: only the fence stands between A and the
+    database). A resumes with a stale token: its write of S2 is refused, the load is closed
+    'refused' (no S2 left the server), the card is not credited and the bank refunds."""
+    db_url = cluster.new_database()
+    hsm = hsm_image(tmp_path)
+    key = bytes(range(32))
+    spec = f"delayed:600:virtual:{hsm}"   # every HSM APDU takes 0.6 s
+    a = LoadNode(tmp_path, LoadNodeSpec("loadA", free_port(), db_url, [spec],
+                                        DEMO_BANK_ID.hex(), key.hex(),
+                                        DEMO_LOAD_TERMINAL.hex(), lease_seconds=2.0,
+                                        acquire_timeout=5.0))
+    bank, bank_thread = _bank(tmp_path, key, a.url)
+    card = card_image(tmp_path, ep=0)
+    db = LoadDb(make_engine(db_url))
+    store = L.LeaseStore(db.engine)
+    outcome: list[Any] = []
+    try:
+        a.start().wait_ready()
+        _wait(lambda: _holds(a), "node A to lease the HSM")
+
+        def load() -> None:
+            try:
+                with httpx.Client(timeout=60) as http, open_reader(f"virtual:{card}") as r:
+                    outcome.append(LC.load(bank_thread.url + "/v1/load", r, account="alice",
+                                           secret="pw", amount=700,
+                                           journal=Journal(tmp_path / "j.jsonl"), http=http))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        _wait(lambda: [r for r in db.rows() if r["state"] == "received"], "the request")
+        a.signal(signal.SIGSTOP)       # A's HSM is making S2 now
+        _wait(lambda: store.take(spec, "intruder#1", 60_000) is not None,
+              "the lease to expire and be taken", timeout=20)
+        a.signal(signal.SIGCONT)
+        thread.join(120)
+        assert not thread.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], LC.LoadOutcome), outcome
+        assert outcome[0].outcome == "not loaded", outcome[0]
+        [row] = db.rows()
+        assert row["state"] == "not_loaded" and row["s2"] is None, row
+        assert "lost its HSM lease" in row["reason"] or row["evidence"] == "no-s2", row
+        assert read_image(card)["app"]["ep"]["balance"] == 0
+        assert bank.db.totals().get("confirmed", 0) == 0
+        assert bank.db.totals()["refunded"] == 700
+    finally:
+        a.kill()
+        bank_thread.stop()
+        db.engine.dispose()
+
+
+class LoadCluster:
+    """Three load nodes on one PostgreSQL behind nginx, three HSM images on a shared folder,
+    the bank in this process."""
+
+    def __init__(self, folder: Path, db_url: str, lease_seconds: float) -> None:
+        self.db_url, self.lease_seconds = db_url, lease_seconds
+        self.key = bytes(range(32))
+        self.hsms = [f"virtual:{hsm_image(folder, f'hsm{i}.json')}" for i in range(3)]
+        self.nodes = [LoadNode(folder, LoadNodeSpec(
+            f"load{i + 1}", free_port(), db_url, self.hsms, DEMO_BANK_ID.hex(),
+            self.key.hex(), DEMO_LOAD_TERMINAL.hex(), lease_seconds=lease_seconds,
+            acquire_timeout=1.0)) for i in range(3)]
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:
+            node.wait_ready()
+        self.nginx = Nginx(folder / "nginx", [f"127.0.0.1:{n.spec.port}" for n in self.nodes],
+                           name="load_nodes").start()
+        self.bank, self.bank_thread = _bank(folder, self.key, self.nginx.url)
+
+    @property
+    def bank_url(self) -> str:
+        return self.bank_thread.url + "/v1/load"
+
+    def close(self) -> None:
+        self.bank_thread.stop()
+        self.nginx.stop()
+        for node in self.nodes:
+            node.stop()
+
+
+def _resume(reader: Any, journal: Journal, http: httpx.Client, deadline: float) -> None:
+    while True:   # nodes may be down a moment
+        try:
+            LC.resume_loads(reader, journal=journal, http=http)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_load_nodes_behind_nginx_survive_kills(cluster: Cluster, tmp_path: Path,
+                                               load_node_kills: int, node_seed: int) -> None:
+    if find_nginx() is None:
+        pytest.skip("nginx is not installed (scripts/install-system-deps)")
+    print(f"load node kill test: seed {node_seed}, {load_node_kills} kills (replay: "
+          f"--node-seed {node_seed} --load-node-kills {load_node_kills})")
+    rng = random.Random(node_seed)
+    system = LoadCluster(tmp_path, cluster.new_database(), 3.0)
+    cards = [card_image(tmp_path, f"card{i}.json", ep=0) for i in range(3)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    outcomes: dict[str, int] = {}
+
+    def customer(index: int) -> None:
+        local = random.Random(node_seed * 10 + index)
+        journal = Journal(tmp_path / f"journal{index}.jsonl")
+        try:
+            with httpx.Client(timeout=30) as http, \
+                    open_reader(f"virtual:{cards[index]}") as reader:
+                while not stop.is_set():
+                    try:
+                        out = LC.load(system.bank_url, reader, account="alice", secret="pw",
+                                      amount=local.randint(1, 500), journal=journal,
+                                      http=http)
+                        key = out.outcome
+                    except Exception as exc:
+                        key = f"{type(exc).__name__}: {str(exc)[:60]}"
+                        _resume(reader, journal, http, time.monotonic() + 120)
+                    outcomes[key] = outcomes.get(key, 0) + 1
+                _resume(reader, journal, http, time.monotonic() + 120)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=customer, args=(i,)) for i in range(len(cards))]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(load_node_kills):
+            time.sleep(rng.uniform(0.3, 2.5))
+            victim = rng.choice(system.nodes)
+            victim.kill()
+            time.sleep(rng.uniform(0.0, 1.0))
+            victim.start()
+            victim.wait_ready()
+        time.sleep(rng.uniform(0.5, 1.5))
+        stop.set()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        print("loads:", outcomes)
+        assert outcomes.get("loaded", 0) > 0
+        _audit(system, cards)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        system.close()
+
+
+def _audit(system: LoadCluster, cards: list[Path]) -> None:
+    credited = sum(read_image(c)["app"]["ep"]["balance"] for c in cards)
+    engine = make_engine(system.db_url)
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(select(loads))]
+        history = [dict(r._mapping) for r in conn.execute(
+            select(L.lease_history).order_by(L.lease_history.c.slot, L.lease_history.c.token))]
+    engine.dispose()
+    loaded = [r for r in rows if r["state"] == "loaded"]
+    totals = system.bank.db.totals()
+    print(f"loads: {len(rows)} rows, {len(loaded)} loaded = {credited} credited; bank "
+          f"{totals}; {len(history)} HSM leases")
+    assert sum(r["amount"] for r in loaded) == credited, "a load lost or counted twice"
+    assert totals.get("confirmed", 0) == credited, "the bank's debits differ from the cards' loads"
+    assert totals["accounts"] + totals.get("confirmed", 0) == 10_000_000
+    assert not [r for r in rows if r["state"] in ("received", "authorized")], "a load open"
+    gaps = []
+    for slot in {h["slot"] for h in history}:
+        leases = [h for h in history if h["slot"] == slot]
+        assert [h["token"] for h in leases] == list(range(1, len(leases) + 1))
+        for before, after in itertools.pairwise(leases):
+            assert before["ended"] is not None and before["ended"] <= after["taken"], (
+                slot, before, after)
+            if before["ended"] == before["until"] and after["previous"] == before["node"]:
+                gaps.append(after["taken"] - before["until"])
+    print(f"takeovers after expiry: {len(gaps)}, longest gap {max(gaps, default=0)} ms")
+    assert all(g <= system.lease_seconds * 1000 for g in gaps), gaps
