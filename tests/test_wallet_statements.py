@@ -144,3 +144,41 @@ def test_the_statements_command(stack: WalletStack, tmp_path: Path) -> None:
     r = runner.invoke(main, ["wallet", "statements", "--config", str(config), "--day",
                              "2026-13-40", "--out", str(out)])
     assert r.exit_code != 0 and "--day" in r.output
+
+
+def test_the_gateway_writes_yesterdays_statements_itself(stack: WalletStack,
+                                                         tmp_path: Path) -> None:
+    """With ``statement_dir`` set, the running gateway writes yesterday's statements (and
+    the same files again at each round)."""
+    import time
+
+    from svcard.host.wallet.gateway.journal import day_of
+    from svcard.host.wallet.links import LinkClient
+
+    b = member(stack, "erin3")
+    card = issue(b)
+    yesterday_ms = int(time.time() * 1000) - 86_400_000
+    with httpx.Client(timeout=30) as http:
+        fin = LinkClient(http, stack.url("gateway"), "fin", stack.gateway.config.fin_key)
+        status, _ = fin.post("/v1/reports", {"reports": [{
+            "ref": "cash-yesterday-erin", "kind": "cash", "card": card["number"],
+            "amount": 1_234, "currency": 156, "balance": 1_234, "counterparty": "agent:AGENT1",
+            "order": "", "at": yesterday_ms}]})
+    assert status == 200
+    folder = tmp_path / "daily"
+    stack.gateway.config.statement_dir = folder
+    stack.gateway.config.statement_seconds = 0.2
+    try:
+        stack.restart("gateway")
+        path = folder / day_of(yesterday_ms) / "erin3.json"
+        wait_for("yesterday's statement", path.exists)
+        first = path.read_bytes()
+        s = json.loads(first)
+        assert [t["ref"] for t in s["transactions"]] == ["cash-yesterday-erin"]
+        assert s["cards"][card["number"]]["closing"] == 1_234
+        mtime = path.stat().st_mtime_ns
+        wait_for("another round", lambda: path.stat().st_mtime_ns != mtime)
+        assert path.read_bytes() == first
+    finally:
+        stack.gateway.config.statement_dir = None
+        stack.restart("gateway")

@@ -58,6 +58,8 @@ class GatewayConfig:
     db_url: str = field(default="sqlite:///wallet-gateway.db", repr=False)
     currency: int = 156
     max_purchase_ms: int = 3_600_000     # a purchase may expire at most this far ahead
+    statement_dir: Path | None = None    # yesterday's statements written here (None: not)
+    statement_seconds: float = 3600.0    # how often (each time: the same files again)
 
 
 @dataclass
@@ -111,6 +113,7 @@ class GatewayFile(Section):
     currency: CurrencyCode = 156
     web: list[PartyEntry] = Field(min_length=1, max_length=16)
     mall: list[PartyEntry] = Field(default_factory=list, max_length=10_000)
+    statement_dir: str | None = None
 
 
 class VanFile(Section):
@@ -141,10 +144,14 @@ def fin_config(path: Path, db_url: str | None = None) -> FinConfig:
 
 def gateway_config(path: Path, db_url: str | None = None) -> GatewayConfig:
     f = parse_config(GatewayFile, path)
+    statements = Path(f.statement_dir) if f.statement_dir else None
+    if statements is not None and not statements.is_absolute():
+        statements = path.parent / statements
     return GatewayConfig(f.secret_key, {p.id: p.key for p in f.web},
                          {p.id: p.key for p in f.mall},
                          {p.id: (p.origin or "").rstrip("/") for p in f.mall},
-                         f.fin_url, f.fin_key, currency=f.currency, **db_setting(f.db, db_url))
+                         f.fin_url, f.fin_key, currency=f.currency, statement_dir=statements,
+                         **db_setting(f.db, db_url))
 
 
 def web_config(path: Path, db_url: str | None = None) -> WebConfig:

@@ -50,6 +50,7 @@ from . import cardpay as E
 from . import db as D
 from . import matching as X
 from . import wallets as W
+from .journal import day_of, write_statements
 
 _REF = ID
 log = logging.getLogger("svcard.wallet.gateway")
@@ -259,12 +260,38 @@ class GatewayServer(WalletServer):
             done["approved" if approved else "declined"] += 1
         return done
 
+    async def statements(self) -> int:
+        """Yesterday's statements (UTC) written to ``statement_dir``: how many files. Run
+        again, the same files (each written atomically)."""
+        folder = self.config.statement_dir
+        if folder is None:
+            return 0
+        yesterday = day_of(int(self.clock() * 1000) - 86_400_000)
+        written = await self.sql(write_statements, self.engine, folder, yesterday)
+        return len(written)
+
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         done = await self.recover()
         if any(done.values()):
             log.info("recovered: %s", done, extra=done)
-        yield
+
+        async def daily() -> None:
+            while True:
+                try:
+                    await self.statements()
+                except Exception:   # a full disk, say: logged, tried again next time
+                    log.exception("the daily statements could not be written")
+                await asyncio.sleep(self.config.statement_seconds)
+        task = asyncio.get_running_loop().create_task(daily()) \
+            if self.config.statement_dir is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def app(self) -> Starlette:
         g = self.guarded
