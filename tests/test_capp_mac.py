@@ -326,7 +326,7 @@ def test_the_command_line_takes_the_goods_issuer_file(tmp_path: Path) -> None:
     assert read_image(iep)["app"]["goods"]["files"][0]["data"] == {"1": good().hex().upper()}
     plain = run(main, ["terminal", "capp", *slots, "--amount", "1.00", "--record",
                        f"11:2:{good('ticket', 2).hex()}", *at])
-    assert plain.exit_code != 0 and "6982" in plain.output
+    assert plain.exit_code != 0 and "6982" in plain.output and "--goods-issuer" in plain.output
     used = run(main, ["terminal", "redeem", *slots, "--kind", "ticket", "--goods-issuer",
                       str(issuer), *at])
     assert used.exit_code == 0, used.output

@@ -28,6 +28,7 @@ from . import apdus
 from .goods_key import GoodsKeyService
 from .money import Amount
 from .purse import (
+    Declined,
     PurchaseReceipt,
     TerminalCheckFailed,
     call,
@@ -148,8 +149,15 @@ def capp_purchase(card: Reader, psam: Reader, amount: int | Amount,
         card, apdus.initialize(G.INIT_CAPP_PURCHASE, P.PURSE_EP, key_index, minor,
                                terminal_id), "INITIALIZE FOR CAPP PURCHASE"))
     for n, write in enumerate(records):
-        call(card, write.apdu(goods_keys, info.serial_bytes, init.random, init.offline_counter),
-             f"UPDATE CAPP DATA CACHE ({n + 1} of {len(records)})")
+        step = f"UPDATE CAPP DATA CACHE ({n + 1} of {len(records)})"
+        answer = card.exchange(write.apdu(goods_keys, info.serial_bytes, init.random,
+                                          init.offline_counter))
+        if answer.sw == SW.SECURITY_STATUS and goods_keys is None:
+            raise Declined(step, answer.sw, f"{step}: {answer.sw:04X} (the card takes goods "
+                           "records only MAC'd under its goods key: give the issuer's goods "
+                           "key, --goods-issuer FILE)")
+        if not answer.ok:
+            raise Declined(step, answer.sw)
     # 4. the PSAM: MAC1 for type 09
     sam = P.InitSamAnswer.parse(call(psam, apdus.init_sam_for_purchase({
         "random": init.random, "offline_counter": init.offline_counter, "amount": minor,
