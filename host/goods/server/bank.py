@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...kit.db import step
+from ...kit.db import reading, step
 from ...kit.http import Refused
 from .. import db as D
 from .. import wire as W
@@ -92,9 +92,9 @@ class BankServer(PartyServer):
 
     async def _pay(self, data: dict[str, Any]) -> dict[str, Any]:
         order = data["order"]
-        done = await self.sql(read_one, self.engine, D.bank_payments, order_ref=order)
+        done = await self.sql(self._paid_already, order)
         if done is not None:
-            return self._decision(done, data["card"])
+            return done
         account = await self.sql(read_one, self.engine, D.accounts, card=data["card"])
         if account is None:
             return {"order": order, "paid": False, "final": True,
@@ -111,13 +111,31 @@ class BankServer(PartyServer):
                 "currency": row["currency_code"], "card": card,
                 "bank_ref": f"{self.me}:{row['id']}"}
 
+    def _paid_in(self, conn: Any, order: str) -> dict[str, Any] | None:
+        """The decision of ``order`` if it is paid, naming the card of the account that paid
+        (never the card a repeated request names: that one's PIN was never checked)."""
+        p, a = D.bank_payments, D.accounts
+        row = conn.execute(select(p, a.c.card.label("paid_card")).join(
+            a, a.c.account == p.c.account).where(p.c.order_ref == order)).first()
+        return None if row is None else self._decision(dict(row._mapping), row.paid_card)
+
+    def _paid_already(self, order: str) -> dict[str, Any] | None:
+        with reading(self.engine) as conn:
+            return self._paid_in(conn, order)
+
     def _debit(self, data: dict[str, Any], account_id: int, right_pin: bool) -> dict[str, Any]:
         """One step: the PIN's count, the balance, the payment row and the debit."""
         order, now = data["order"], self.now_ms()
         a = D.accounts
         with step(self.engine) as conn:
-            account = conn.execute(select(a).where(a.c.id == account_id)).first()
+            # locked: the PIN's count and the balance are read-then-written here (PostgreSQL
+            # would otherwise let parallel wrong PINs each write the same count + 1)
+            account = conn.execute(select(a).where(a.c.id == account_id).with_for_update()
+                                   ).first()
             assert account is not None
+            paid = self._paid_in(conn, order)   # paid since `_pay` looked: the same decision,
+            if paid is not None:                 # never a second debit or a decline
+                return paid
             if account.state != "active":
                 return {"order": order, "paid": False, "final": True,
                         "reason": "the account is blocked (too many wrong PINs)"}
@@ -144,10 +162,9 @@ class BankServer(PartyServer):
             except IntegrityError:   # raced by the same order: undo this debit
                 conn.execute(update(a).where(a.c.id == account_id).values(
                     balance=a.c.balance + data["amount"]))
-            row = conn.execute(select(D.bank_payments).where(
-                D.bank_payments.c.order_ref == order)).first()
-            assert row is not None
-            return self._decision(dict(row._mapping), data["card"])
+            decision = self._paid_in(conn, order)
+            assert decision is not None
+            return decision
 
     async def refunds(self, request: Request) -> Response:
         async def work() -> Response:

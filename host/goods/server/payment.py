@@ -92,6 +92,18 @@ class PaymentServer(PartyServer):
                 .values(state=state, updated=self.now_ms(), **values))
         return int(done.rowcount or 0) == 1
 
+    def _paid(self, order: str, card: str, text: str, signature: str) -> bool:
+        """The institution's signed confirmation moves the order to ``paid`` from any state
+        before it: a racing authorisation's answer (a wrong PIN put it back to ``routed``, a
+        decline) must not leave a payment made with no paid order (no good, no refund)."""
+        t = D.payment_orders
+        with step(self.engine) as conn:
+            done = conn.execute(update(t).where(
+                t.c.order_ref == order, t.c.state.in_((D.ROUTED, D.AUTHORISING, D.DECLINED)))
+                .values(state=D.PAID, card=card, confirmation=text,
+                        confirmation_signature=signature, updated=self.now_ms()))
+        return int(done.rowcount or 0) == 1
+
     # --- the authorisation --------------------------------------------------------------------
     async def authorisations(self, request: Request) -> Response:
         async def work() -> Response:
@@ -135,8 +147,9 @@ class PaymentServer(PartyServer):
                     await self.sql(self._set, order, D.AUTHORISING, D.ROUTED, card=None)
                 return {"order": order, "paid": False, "reason": reason,
                         "retry": not decision.get("final", True)}
-            await self.sql(self._set, order, D.AUTHORISING, D.PAID, confirmation=text,
-                           confirmation_signature=signature)
+            if decision.get("amount") != row["amount"] or not W.SERIAL(decision.get("card")):
+                raise Unreachable("bank: a confirmation of another amount or no card")
+            await self.sql(self._paid, order, decision["card"], text, signature)
             row = await self.sql(read_one, self.engine, D.payment_orders, order_ref=order)
             assert row is not None
             await self._tell_merchant(order, D.PAID, "paid by the institution")

@@ -1,0 +1,163 @@
+"""R-goods: the seed-000 goods servers reviewed as an attacker and a payment engineer. Each test
+is a break found in the review (it failed before its fix): money taken with no good and no
+refund, or a confirmation signed for what the institution did not do."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pcsc_env import wait_for
+from pg_env import start_cluster
+from sqlalchemy import text, update
+from test_goods_flow import balance, goods_on, state
+
+from svcard.host.goods import db as D
+from svcard.host.goods import wire as W
+from svcard.host.goods.server.bank import BankServer
+from svcard.host.goods.server.payment import PaymentServer
+from svcard.host.goods.stack import GoodsStack, make_card, start_goods
+from svcard.host.kit.db import first_row
+from svcard.host.terminal.reader_specs import open_reader
+
+A, B = 70_021, 70_022
+SERIAL_A, SERIAL_B = f"{A:020d}", f"{B:020d}"
+TICKET = 1250   # the demo ticket's price
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[GoodsStack]:
+    s = start_goods(tmp_path / "servers")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def bank_of(stack: GoodsStack) -> BankServer:
+    bank = stack.servers["bank"]
+    assert isinstance(bank, BankServer)
+    return bank
+
+
+def payment_of(stack: GoodsStack) -> PaymentServer:
+    pay = stack.servers["payment"]
+    assert isinstance(pay, PaymentServer)
+    return pay
+
+
+def payment_message(stack: GoodsStack, order: str, card: str, pin: str = "123456",
+                    ) -> dict[str, Any]:
+    return {"order": order, "card": card, "amount": TICKET,
+            "currency": stack.system.currency_code, "merchant": "merchant1",
+            "pin": W.seal_pin(stack.system.seal_key, pin, order, card),
+            "created": int(time.time())}
+
+
+def test_a_second_payment_of_a_paid_order_is_never_declined(stack: GoodsStack) -> None:
+    """Two payments of one order (an authorisation retried while the first is at the bank) both
+    read "no payment yet" before either debits: the second then found the balance spent by
+    the first and answered a FINAL "insufficient funds" for an order it had paid; the payment
+    server took that and declined the order, money gone, no good, no refund."""
+    stack.account("acc1", A, balance=TICKET)   # enough for one good
+    bank = bank_of(stack)
+    account = first_row(bank.engine, D.accounts, account="acc1")
+    assert account is not None
+    data = payment_message(stack, "ab" * 16, SERIAL_A)
+    first = bank._debit(data, account["id"], True)     # both past the read of `done`
+    second = bank._debit(data, account["id"], True)
+    assert first["paid"] is True
+    assert second == first
+    assert balance(stack) == 0
+
+
+def test_a_repeated_payment_naming_another_card_is_not_confirmed_for_that_card(
+        stack: GoodsStack) -> None:
+    """A repeated order was answered with the card the REQUEST named, unchecked (and before
+    the PIN): the institution signed a confirmation "paid for card B" for a payment made from
+    card A's account, with no PIN of card B."""
+    stack.account("acc1", A)
+    bank = bank_of(stack)
+    order = "cd" * 16
+    paid = asyncio.run(bank._pay(payment_message(stack, order, SERIAL_A)))
+    assert paid["paid"] is True and paid["card"] == SERIAL_A
+    again = asyncio.run(bank._pay(payment_message(stack, order, SERIAL_B, pin="000000")))
+    assert not (again.get("paid") is True and again.get("card") == SERIAL_B)
+
+
+def test_a_payment_made_while_a_wrong_pin_reset_the_order_still_pays_the_order(
+        stack: GoodsStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two authorisations of one order with the same card, one with a wrong PIN: the wrong
+    one's answer put the order back to ``routed`` (the device may retry) while the right one
+    was at the bank; the bank's signed "paid" then found no ``authorising`` order, was dropped
+    (the compare-and-set's result unread) and the device told "not paid": money taken, the
+    order not paid, nothing to refund."""
+    stack.account("acc1", A)
+    card = make_card(tmp_path / "cards", A)
+    pay = payment_of(stack)
+    real = pay.send_raw
+
+    async def racing(role: str, path: str, domain: bytes, payload: Any,
+                     http: httpx.AsyncClient | None = None) -> tuple[dict[str, Any], str, str]:
+        out = await real(role, path, domain, payload, http)
+        if role == "bank":   # the wrong PIN's decline lands first
+            await pay.sql(pay._set, payload["order"], D.AUTHORISING, D.ROUTED, card=None)
+        return out
+
+    monkeypatch.setattr(pay, "send_raw", racing)
+    device = stack.device()
+    with httpx.Client(timeout=30) as http:
+        assert stack.order(http, "ticket", device).status_code == 200
+    [first] = device.poll(wait=5)
+    with open_reader(f"virtual:{card}") as reader:
+        outcome = device.authorise(reader, first, "123456")
+    assert balance(stack, "acc1") == 100_000 - TICKET
+    assert state(stack, "payment", first.order) == D.PAID
+    assert outcome.paid and outcome.written
+    assert len(goods_on(card)) == 1
+
+
+def queued(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted"))
+                   .scalar_one())
+
+
+def test_wrong_pins_raced_on_postgresql_block_the_account_after_three(tmp_path: Path) -> None:
+    """The PIN's failure count was read, then written as that value + 1: on PostgreSQL (read
+    committed, one thread per call) wrong PINs of parallel orders (anyone may order for a
+    card's public serial through their own device) each wrote 1, so the 3-try lockout never
+    came: unlimited PIN guessing. Six wrong PINs queued on the account's row must block it."""
+    cluster = start_cluster()
+    try:
+        s = start_goods(tmp_path / "servers", db_urls={"bank": cluster.new_database()})
+        try:
+            s.account("acc1", A)
+            bank = bank_of(s)
+            a = D.accounts
+            account = first_row(bank.engine, a, account="acc1")
+            assert account is not None
+            guesses = [payment_message(s, f"{i:032x}", SERIAL_A, pin="000000")
+                       for i in range(6)]
+            with bank.engine.connect() as holder, ThreadPoolExecutor(6) as pool:
+                held = holder.begin()   # the six meet at the row, as parallel requests do
+                holder.execute(update(a).where(a.c.id == account["id"]).values(
+                    updated=a.c.updated))
+                futures = [pool.submit(bank._debit, g, account["id"], False) for g in guesses]
+                wait_for(lambda: queued(bank.engine) >= 6, "six guesses queued at the row")
+                held.commit()
+                answers = [f.result(timeout=60) for f in futures]
+            after = first_row(bank.engine, a, account="acc1")
+            assert after is not None
+            assert not any(x["paid"] for x in answers)
+            assert after["state"] == "blocked" and after["pin_failures"] == 3
+        finally:
+            s.close()
+    finally:
+        cluster.stop()
