@@ -177,6 +177,7 @@ def test_a_paused_node_issues_no_s2_after_its_lease_is_taken(cluster: Cluster,
         a.signal(signal.SIGCONT)
         thread.join(120)
         assert not thread.is_alive()
+        assert read_image(card)["app"]["ep"]["balance"] == 0, "credited by a stale node's S2"
         assert len(outcome) == 1 and isinstance(outcome[0], LC.LoadOutcome), outcome
         assert outcome[0].outcome == "not loaded", outcome[0]
         [row] = db.rows()
