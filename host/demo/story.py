@@ -1,9 +1,11 @@
 """``svcard demo``: the main job on embedded defaults, as a readable story and as data: a card
 loaded and paying at a local terminal, goods bought onto it by a composite purchase, listed
-and one ride used (seed 000); then over the network (bank, load server, payment server,
-merchant), loyalty points earned and spent on the card's programme and audited in points (seed
-002 FIG. 16), the service provider paying for a customer without a card (seed 001), cleared,
-and audited; and a trading session's micropayments, cleared (seed 004)."""
+and one ride used (seed 000), and a good bought on a device from a bank account and written by
+secure messaging through the five goods servers, listed and audited (seed 000); then over
+the network (bank, load server, payment server, merchant), loyalty points earned and spent on
+the card's programme and audited in points (seed 002 FIG. 16), the service provider paying for
+a customer without a card (seed 001), cleared, and audited; and a trading session's
+micropayments, cleared (seed 004)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..pay.client import pay
 from ..terminal import purse as T
 from ..terminal.journal import Journal
 from ..terminal.reader_specs import open_reader
+from .goods_network_story import run_goods_network
 from .goods_story import goods_issuer, run_goods
 from .points_story import run_points
 from .sp_story import run_sp
@@ -84,12 +87,14 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
     lines += [f"  {e.date} {e.time}  {e.type_name:<12} {money(e.amount):>10}  counter "
               f"{e.counter}" for e in log]
     goods = run_goods(paths["iep"], paths["psam"], lines, money)
+    goods_network = run_goods_network(folder / "goods-network", lines, money)
     network = _network(folder, lines, money, load_amount)
     trade_lines, trade = run_trade(folder / "trade")
     lines += trade_lines
     return Story("\n".join(lines), {
         "folder": str(folder), "load": loaded.to_json(), "purchase": bought.to_json(),
         "balance": balance, "log": [e.__dict__ for e in log], "goods": goods,
+        "goods_network": goods_network,
         "network": network, "trade": trade})
 
 
