@@ -453,3 +453,28 @@ def test_truncated_forged_and_misaimed_end_and_clearing_messages(stack: TradeSta
         assert http.post(f"{stack.url('mam1')}/v1/clearings", content=fbody,
                          headers=fheaders).status_code == 401
     books_clean(stack)
+
+
+def test_a_comparison_made_before_a_record_came_is_not_used(stack: TradeStack) -> None:
+    """The comparison runs before the clearing step; the step uses it only when the session
+    has the same records (here a second, lying record came in between)."""
+    from svcard.host.trade.server.closer import clear, prejudge, store_record
+
+    with httpx.Client(timeout=30) as http:
+        s = opened(stack, http)
+        for i in range(3):
+            C.buy(http, s, f"song{i}", 1)
+        C.terminate(http, s)            # the merchant's record is in
+    engine = stack.acquirer.engine
+    judged = prejudge(engine, s.session)
+    assert judged is not None and judged[1].outcome == "one-sided"
+    s.orders = faulty(s.orders, "dropped")
+    body, headers = C.record(s)
+    now = int(time.time() * 1000)
+    assert store_record(engine, s.session, "customer", "am1", body.decode(),
+                        headers[S.SIGNATURE], "", now) == "new"
+    acq = stack.acquirer.config
+    row = clear(engine, s.session, acq.id, acq.private_key, "terminated", now, judged)
+    assert row is not None and row["outcome"] == "disputed"
+    assert clear(engine, s.session, acq.id, acq.private_key, "terminated", now,
+                 judged)["outcome"] == "disputed"      # cleared once: the same row again

@@ -76,12 +76,29 @@ def store_record(engine: Engine, session: str, side: str, signer: str, body: str
         return "other"
 
 
+def prejudge(engine: Engine, session: str) -> tuple[frozenset[str], K.Decision] | None:
+    """The comparison made BEFORE the clearing step (its evidence check may hash a long
+    chain): the records' digests it used and its decision. The step uses it only if the
+    session still has exactly those records (records never change once stored, and the
+    session's key, merchant and deposit are fixed at initiation)."""
+    s, r = D.acq_sessions.c, D.acq_records.c
+    with engine.connect() as conn:
+        row = conn.execute(select(D.acq_sessions).where(s.session == session)).first()
+        recs = conn.execute(select(D.acq_records).where(r.session == session)).all()
+    if row is None or row.state != D.OPEN:
+        return None
+    parsed = {x.side: K.parse_record(x.body.encode()) for x in recs}
+    decision = K.compare(dict(row._mapping), parsed.get("merchant"), parsed.get("customer"))
+    return frozenset(x.digest for x in recs), decision
+
+
 def clear(engine: Engine, session: str, acquirer: str, private: bytes, ended_by: str,
-          now: int) -> dict[str, Any] | None:
-    """Compare the records and clear ``session`` in ONE step: the decision, the postings that
-    empty the deposit (the merchant's part, the rest converted back), the signed clearing
-    information and the state ``cleared``. The clearing row when cleared (now or before);
-    None when the session is not open."""
+          now: int, judged: tuple[frozenset[str], K.Decision] | None = None
+          ) -> dict[str, Any] | None:
+    """Compare the records and clear ``session`` in ONE step: the decision (``judged``'s, if
+    made on the same records), the postings that empty the deposit (the merchant's part, the
+    rest converted back), the signed clearing information and the state ``cleared``. The
+    clearing row when cleared (now or before); None when the session is not open."""
     s, r, c = D.acq_sessions.c, D.acq_records.c, D.acq_clearings.c
     with step(engine) as conn:
         row = conn.execute(select(D.acq_sessions).where(s.session == session)).first()
@@ -92,10 +109,12 @@ def clear(engine: Engine, session: str, acquirer: str, private: bytes, ended_by:
             return None if done is None else dict(done._mapping)
         if row.state != D.OPEN:
             return None
-        recs = {x.side: K.parse_record(x.body.encode()) for x in conn.execute(
-            select(D.acq_records).where(r.session == session)).all()}
-        sess = dict(row._mapping)
-        decision = K.compare(sess, recs.get("merchant"), recs.get("customer"))
+        stored = conn.execute(select(D.acq_records).where(r.session == session)).all()
+        recs = {x.side: K.parse_record(x.body.encode()) for x in stored}
+        if judged is not None and judged[0] == frozenset(x.digest for x in stored):
+            decision = judged[1]
+        else:
+            decision = K.compare(dict(row._mapping), recs.get("merchant"), recs.get("customer"))
         rate = Fraction(*map(int, row.rate.split("/")))
         st = K.settle(Amount(row.deposit_customer, row.currency_customer),
                       Amount(row.deposit_merchant, row.currency_merchant), 1 / rate,
@@ -275,8 +294,9 @@ class Closer:
             first_row, self.a.engine, D.acq_records, session=session, side=r) is not None}
         if sides != {"merchant", "customer"} and not force:
             return None
+        judged = await asyncio.to_thread(prejudge, self.a.engine, session)
         return await self.a.sql(clear, self.a.engine, session, self.a.config.id,
-                                self.a.config.private_key, reason, self.a.now_ms())
+                                self.a.config.private_key, reason, self.a.now_ms(), judged)
 
     async def deliver(self, cl: dict[str, Any]) -> None:
         """The signed clearing information to both account managers; each receipt marked."""
