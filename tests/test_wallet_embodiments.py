@@ -298,7 +298,10 @@ def report(ref: str, card: str, amount: int = 100) -> dict[str, Any]:
 def test_forged_reports_to_the_gateway_are_refused(stack: WalletStack, http: httpx.Client,
                                                    alice: Any) -> None:
     _, card = alice
-    before = journal(stack)
+
+    def forged() -> list[Any]:      # (the genuine reports of earlier tests may still arrive)
+        return [r for r in journal(stack) if r[0].startswith(("forged", "r"))]
+
     fake = {"reports": [report("forged-1", card["number"])]}
     gw = stack.url("gateway")
     # as the financial system but with another key; as a mall; as the web server; as
@@ -316,14 +319,14 @@ def test_forged_reports_to_the_gateway_are_refused(stack: WalletStack, http: htt
     assert r.status_code == 401
     r = http.post(gw + "/v1/approvals", content=body, headers=headers)
     assert r.status_code == 401
-    assert journal(stack) == before
+    assert forged() == []
     # too many, or malformed: 400, nothing recorded
     fin = LinkClient(http, gw, "fin", stack.gateway.config.fin_key)
     assert fin.post("/v1/reports", {"reports": [report(f"r{i}", card["number"])
                                                 for i in range(101)]})[0] == 400
     assert fin.post("/v1/reports", {"reports": [{**report("r-x", card["number"]),
                                                  "amount": -5}]})[0] == 400
-    assert journal(stack) == before
+    assert forged() == []
     # the genuine sender, twice: recorded once
     assert fin.post("/v1/reports", fake) == (200, {"recorded": 1, "known": 0})
     assert fin.post("/v1/reports", fake) == (200, {"recorded": 0, "known": 1})
