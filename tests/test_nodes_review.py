@@ -279,3 +279,41 @@ def test_a_psam_slot_never_holds_the_keys_of_its_spec() -> None:
         assert secret not in name.upper() and "com.example.Psam" in name, name
     assert slot_name(spec) != slot_name(spec.replace("FF", "FE"))
     assert slot_name("virtual:/srv/psam1.json") == "virtual:/srv/psam1.json"
+
+
+def test_a_lease_taken_but_never_opened_is_not_renewed_for_ever(tmp_path: Path) -> None:
+    """A tick took a PSAM's lease (committed) and then failed before the PSAM joined the pool
+    (a database error as the answer came back, or while giving it back after a failed open).
+    Every later tick renewed ALL of the node's leases - that one too - while the node never
+    served it and never took it again (it was not expired): one PSAM out of service as long
+    as the node lived. Now a renewed lease the pool does not serve is given back, and taken
+    again properly."""
+    import asyncio
+
+    from svcard.host.pay.nodes import OnDemandReader
+    from svcard.host.pay.stack import psam_images
+
+    (psam,) = psam_images(tmp_path, 1)
+    spec = f"virtual:{psam}"
+    store = L.LeaseStore(make_engine(f"sqlite:///{tmp_path / 'pay.db'}"))
+    pool = L.LeasedPsamPool([OnDemandReader(spec)])
+
+    async def sql(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return fn(*args, **kwargs)
+
+    async def run() -> None:
+        keeper = L.LeaseKeeper(store, pool, "n1", 60.0, sql, lambda alive: 0)
+        store.ensure([spec])
+        assert store.take(spec, keeper.node, 60_000) is not None   # the tick that failed
+        await pool.start()
+        await keeper.start()
+        await keeper.tick()
+        try:
+            assert list(pool.serving) == [0], "the PSAM is leased by this node, not served"
+        finally:
+            await keeper.stop()
+
+    asyncio.run(run())
+    assert [h["token"] for h in store.history()] == [1, 2]
+    pool.close()
+    store.engine.dispose()

@@ -1,15 +1,14 @@
 """PSAM leases: several payment-server processes (nodes) on one database, each PSAM served by
 one node at a time (issue 16, point 4; docs/deploy-nodes.md tells the whole design).
 
-Tables (schema stamp ``psam_leases``): ``psam_leases`` (per PSAM slot, i.e. its reader spec:
-holder, expiry in ms on the database's clock, a fencing token that only grows),
-``psam_lease_history`` (the audit of "one node at a time") and ``pay_nodes`` (heartbeats). A
-lease is taken by ONE conditional UPDATE (free or expired) that bumps the token, renewed by one
-UPDATE naming the holder. Every write for a PSAM's transaction carries :class:`Fence` and is
-refused in the same statement once the token is stale (:data:`FENCE`). :class:`LeasedPsamPool`
-holds only the PSAMs this node leases; :class:`LeaseKeeper` runs every ``lease_seconds / 3``:
-heartbeat, renew, drop what was lost, settle the draws of nodes no longer alive, take PSAMs up
-to this node's share, give back the rest.
+Tables: ``psam_leases`` (per PSAM slot: holder, expiry in ms on the database's clock, a fencing
+token that only grows), ``psam_lease_history`` (the audit of "one node at a time") and
+``pay_nodes`` (heartbeats). A lease is taken by ONE conditional UPDATE (free or expired) that
+bumps the token, renewed by one UPDATE naming the holder. Every write for a PSAM's transaction
+carries :class:`Fence`, refused in the same statement once the token is stale (:data:`FENCE`).
+:class:`LeasedPsamPool` holds only the PSAMs this node leases; :class:`LeaseKeeper` runs every
+``lease_seconds / 3``: heartbeat, renew, drop what was lost, settle the draws of nodes no
+longer alive, take PSAMs up to this node's share, give back the rest.
 """
 
 from __future__ import annotations
@@ -173,8 +172,7 @@ class LeaseStore:
                 .returning(psam_leases.c.token)).first()
             if row is None:
                 return None
-            token = int(row[0])
-            previous = before.node if before is not None else None
+            token, previous = int(row[0]), (before.node if before is not None else None)
             conn.execute(update(lease_history).where(
                 lease_history.c.slot == slot, lease_history.c.token == token - 1,
                 lease_history.c.ended.is_(None)).values(ended=lease_history.c.until))
@@ -325,10 +323,12 @@ class LeaseKeeper:
 
     async def tick(self) -> None:
         started = time.monotonic()
-        # alive: seen within two ticks, so a dead node no longer counts (in the share) by the
-        # time its leases expire
+        # alive: seen within two ticks, so a dead node leaves the share before its leases expire
         alive = await self.sql(self.store.heartbeat, self.node, self.ttl_ms * 2 // 3)
         held = await self.sql(self.store.renew, self.node, self.ttl_ms)
+        for slot, token in held.items():   # taken, never opened (a tick failed between): back
+            if self.pool.tokens.get(self.slots.index(slot)) != token:
+                await self.sql(self.store.release, slot, self.node, token)
         valid = started + self.lease_seconds * 0.9
         for m in [m for m in self.pool.members if m.index in self.pool.serving]:
             if held.get(self.slots[m.index]) == self.pool.tokens.get(m.index):
