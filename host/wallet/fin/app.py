@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +58,7 @@ from . import db as D
 from . import ledger as L
 from .mail import mail_real_card
 
+log = logging.getLogger("svcard.wallet.fin")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -97,7 +99,8 @@ class FinServer(WalletServer):
                                                         {"reports": batch})
                 except httpx.TransportError:
                     return sent
-                if status != 200:
+                if status != 200:   # tried again next round; a refusal is worth a look
+                    log.warning("the gateway refused %d reports: %s", len(batch), status)
                     return sent
                 await self.sql(L.mark_sent, self.engine, [r["ref"] for r in batch])
                 sent += len(batch)
