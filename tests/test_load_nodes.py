@@ -320,3 +320,39 @@ def _audit(system: LoadCluster, cards: list[Path]) -> None:
                 gaps.append(after["taken"] - before["until"])
     print(f"takeovers after expiry: {len(gaps)}, longest gap {max(gaps, default=0)} ms")
     assert all(g <= system.lease_seconds * 1000 for g in gaps), gaps
+
+
+def _load_toml(tmp_path: Path, extra: str) -> Path:
+    path = tmp_path / "load.toml"
+    path.write_text(f'terminal_id = "000000000009"\n{extra}\n[[bank]]\n'
+                    f'id = "{DEMO_BANK_ID.hex()}"\nshared_key = "{"ab" * 32}"\n',
+                    encoding="utf-8")
+    return path
+
+
+def test_a_node_from_the_load_toml(tmp_path: Path) -> None:
+    from svcard.host.load.config import load_config
+
+    config = load_config(_load_toml(tmp_path, 'node_name = "load-2"\nlease_seconds = 4'))
+    assert (config.node_name, config.lease_seconds) == ("load-2", 4.0)
+    assert load_config(_load_toml(tmp_path, "")).node_name == ""
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ('node_name = "a b"', "node_name"), ('node_name = ""', "node_name"),
+    (f'node_name = "{"n" * 61}"', "node_name"),
+    ('node_name = "n"\nlease_seconds = 0.5', "lease_seconds"),
+    ('node_name = "n"\nlease_seconds = 1e9', "lease_seconds"),
+    ("lease_seconds = 5", "lease_seconds"),
+])
+def test_a_bad_node_setting_is_one_line_naming_file_and_field(tmp_path: Path, extra: str,
+                                                              field: str) -> None:
+    from svcard.host.kit.config import ConfigError
+    from svcard.host.load.config import load_config
+
+    path = _load_toml(tmp_path, extra)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and f"{field}:" in message
+    assert "ab" * 32 not in message

@@ -29,6 +29,10 @@ from ..kit.config import (
 from .bank.server import BankConfig
 from .server.app import BankAccount, LoadConfig
 
+# one of several load nodes on one database (server/leases.py; docs/deploy-nodes.md)
+NodeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,60}$")]
+LeaseSeconds = Annotated[float, Field(ge=1.0, le=3600.0)]
+
 
 class BankEntry(Section):
     """A ``[[bank]]`` of the load server."""
@@ -42,6 +46,8 @@ class LoadFile(Section):
     bank: list[BankEntry] = Field(min_length=1)
     db: SecretText | None = None
     acquire_timeout: PosFloat | None = None
+    node_name: NodeName | None = None
+    lease_seconds: LeaseSeconds | None = None
 
 
 class IssuerEntry(Section):
@@ -77,6 +83,8 @@ def load_config(path: Path, db_url: str | None = None) -> LoadConfig:
         if b.id in banks:
             raise ConfigError(f"{path}: bank[{i}].id: {b.id.hex().upper()} is given twice")
         banks[b.id] = BankAccount(b.id, b.shared_key)
+    if f.lease_seconds is not None and f.node_name is None:
+        raise ConfigError(f"{path}: lease_seconds: only for a node (give node_name too)")
     settings = f.model_dump(exclude_none=True, exclude={"bank", "db", "terminal_id"})
     return LoadConfig(banks, f.terminal_id, **settings, **db_setting(f.db, db_url))
 
