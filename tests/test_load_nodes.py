@@ -96,6 +96,62 @@ def test_stale_fence_is_refused_on_postgresql(cluster: Cluster) -> None:
     _stale_fence_is_refused(cluster.new_database())
 
 
+def test_raced_takes_give_one_holder_on_postgresql(cluster: Cluster) -> None:
+    """16 nodes ask for one free HSM at once: one token, one holder, one history row."""
+    db = LoadDb(make_engine(cluster.new_database()))
+    store = L.LeaseStore(db.engine)
+    slot = "virtual:/srv/hsm1.json"
+    store.ensure([slot])
+    barrier = threading.Barrier(16)
+    won: list[tuple[str, Any]] = []
+
+    def take(i: int) -> None:
+        barrier.wait()
+        won.append((f"n{i}#1", store.take(slot, f"n{i}#1", 60_000)))
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    winners = [(node, got) for node, got in won if got is not None]
+    assert len(won) == 16 and len(winners) == 1 and winners[0][1] == (1, None), won
+    assert [(h["node"], h["token"]) for h in store.history()] == [(winners[0][0], 1)]
+    db.engine.dispose()
+
+
+def test_a_take_waits_for_a_fenced_s2_write_in_flight(cluster: Cluster) -> None:
+    """PostgreSQL: the S2 write holds the lease row FOR SHARE until it commits, so a takeover
+    that starts meanwhile waits for it and bumps the token after it."""
+    from svcard.host.kit.db import step
+
+    db = LoadDb(make_engine(cluster.new_database()))
+    store = L.LeaseStore(db.engine)
+    slot = "virtual:/srv/hsm1.json"
+    store.ensure([slot])
+    assert store.take(slot, "a#1", ttl_ms=1) == (1, None)
+    row_id = _row(db, "03" * 16, "a#1")
+    done: dict[str, float] = {}
+    with step(db.engine) as conn:   # A's S2 write, not yet committed
+        assert conn.execute(loads.update().where(loads.c.id == row_id).where(L.FENCE).values(
+            state="authorized", s2="00112233"), L.Fence(slot, "a#1", 1).params()).rowcount
+        time.sleep(0.01)   # expired by now: only the row lock holds B back
+
+        def take() -> None:
+            done["asked"] = time.monotonic()
+            assert store.take(slot, "b#2", 60_000) is not None
+
+        thread = threading.Thread(target=take)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive(), "the take did not wait for the fenced write"
+        committed = time.monotonic()
+    thread.join(10)
+    assert not thread.is_alive() and committed > done["asked"]
+    assert store.history()[-1]["token"] == 2
+    db.engine.dispose()
+
+
 def test_load_schema_upgrade_adds_the_node_column(tmp_path: Path) -> None:
     from sqlalchemy import create_engine, inspect, text
 
