@@ -61,7 +61,7 @@ def check_link(keys: Mapping[str, bytes], headers: Mapping[str, str], method: st
     key = keys.get(party)
     if key is None:
         raise Refused(401, 401, "unknown party on this link")
-    if not stamp.isdigit() or len(stamp) > 12 or \
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12 or \
             abs(int(stamp) - int(time.time() if now is None else now)) > MAX_SKEW:
         raise Refused(401, 401, f"the request's time is more than {MAX_SKEW} s from ours")
     if not hmac.compare_digest(mac.encode(), link_mac(key, party, method, path, stamp,

@@ -1,0 +1,111 @@
+"""Review of the wallet (issue 14, seed 003) as an attacker: odd input that must be refused
+cleanly and bounded, on the links and the web server's API."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from test_wallet_attack import new_purchase
+from test_wallet_network import issue, member
+
+from svcard.host.wallet.links import MAC, PARTY, STAMP
+from svcard.host.wallet.stack import MALL, Browserless, WalletStack, start_wallet
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WalletStack]:
+    s = start_wallet(tmp_path_factory.mktemp("wallet-r14"))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("stamp", [b"\xb2", b"1\xb3", b"\xb9" * 3])
+def test_a_link_time_of_latin1_superscript_digits_is_401_not_500(stack: WalletStack,
+                                                                  stamp: bytes) -> None:
+    """``str.isdigit`` is true for the superscripts a Latin-1 header carries, but ``int()``
+    refuses them: the link check raised ValueError and the gateway answered 500."""
+    with httpx.Client(timeout=30) as http:
+        for url in (stack.url("gateway") + "/v1/approvals", stack.url("fin") + "/v1/topups",
+                    stack.url("van") + "/v1/approvals"):
+            party = b"AGENT1" if "/v1/topups" in url else MALL.encode()
+            r = http.post(url, content=b"{}", headers=[(PARTY.encode(), party),
+                                                       (STAMP.encode(), stamp),
+                                                       (MAC.encode(), b"00" * 32)])
+            assert r.status_code == 401, (url, r.status_code, r.text)
+
+
+def test_a_trailing_newline_is_not_part_of_an_id(stack: WalletStack) -> None:
+    """``re.match`` with ``$`` takes ``"alice\\n"``: a second member that shows as "alice"
+    (and a statement file name with a newline); card numbers and order ids the same."""
+    b = Browserless(stack)
+    try:
+        assert b.post("/api/register", {"member": "lookalike",
+                                        "password": "long enough"}).status_code == 201
+        r = b.post("/api/register", {"member": "lookalike\n", "password": "long enough"})
+        assert r.status_code == 400, r.text
+        assert b.post("/api/login", {"member": "lookalike\n",
+                                     "password": "long enough"}).status_code == 400
+    finally:
+        b.close()
+    with httpx.Client(timeout=30) as http:
+        status, answer = stack.agent(http).post("/v1/topups", {
+            "ref": "r14-nl", "card": "9" * 16 + "\n", "amount": 1, "currency": 156})
+        assert status == 400, answer
+        p = new_purchase()
+        p["order"] += "\n"
+        status, answer = stack.mall_link(http).post("/v1/approvals", p)
+        assert status == 400, answer
+
+
+def fill(stack: WalletStack, b: Browserless, card: str, p: dict[str, Any]) -> httpx.Response:
+    return b.post("/api/fills", {"card": card, "purchase": p,
+                                 "return_url": f"{stack.url('mall')}/shop/?order={p['order']}"})
+
+
+def test_open_purchases_per_member_are_bounded(stack: WalletStack) -> None:
+    """A logged-in member could store purchases without end (a fill checks no secret and
+    costs the gateway one row each): at most MAX_OPEN unpaid, unexpired ones per member."""
+    from svcard.host.wallet.gateway.matching import MAX_OPEN
+    b = member(stack, "r14-hoarder")
+    try:
+        card = issue(b)["number"]
+        codes = [fill(stack, b, card, new_purchase()).status_code for _ in range(MAX_OPEN)]
+        assert codes == [200] * MAX_OPEN
+        r = fill(stack, b, card, new_purchase())
+        assert r.status_code == 429, r.text
+        # another member is not held back by it
+        other = member(stack, "r14-other")
+        try:
+            assert fill(stack, other, issue(other)["number"],
+                        new_purchase()).status_code == 200
+        finally:
+            other.close()
+    finally:
+        b.close()
+
+
+def test_open_purchase_cap_counts_only_open_ones() -> None:
+    """Expired or settled purchases do not count against the cap (a unit check on the DB
+    step, without servers)."""
+    from svcard.host.wallet.gateway import db as D
+    from svcard.host.wallet.gateway import matching as X
+    from svcard.host.wallet.links import purchase
+    engine = D.make_engine("sqlite://")
+    try:
+        def one(expires_in: float) -> dict[str, Any]:
+            return purchase(new_purchase(expires_in=expires_in))
+        for _ in range(X.MAX_OPEN):
+            assert X.store_choice(engine, "m", "9" * 16, one(-10)) is not None  # expired
+        for _ in range(X.MAX_OPEN):
+            assert X.store_choice(engine, "m", "9" * 16, one(300)) is not None
+        with pytest.raises(Exception) as caught:
+            X.store_choice(engine, "m", "9" * 16, one(300))
+        assert getattr(caught.value, "status", None) == 429 or "429" in repr(caught.value)
+        assert X.store_choice(engine, "n", "9" * 16, one(300)) is not None
+        _ = secrets
+    finally:
+        engine.dispose()
