@@ -66,9 +66,9 @@ def source_add(kind: str, number: str, config_path: Path, db_url: str | None, am
     from .links import NUMBER, SECRET
 
     secret = os.environ.get(secret_env, "")
-    if not NUMBER.match(number):
+    if not NUMBER.fullmatch(number):
         fail(f"NUMBER: 16 digits (got {number!r})", EXIT_INPUT)
-    if not SECRET.match(secret):
+    if not SECRET.fullmatch(secret):
         fail(f"{secret_env}: 4 to 64 letters or digits", EXIT_INPUT)
     server = FinServer(fin_config(config_path, db_url))
     try:

@@ -137,7 +137,7 @@ def need(data: Any, name: str) -> Any:
 
 def text(data: Any, name: str, pattern: re.Pattern[str] = ID) -> str:
     value = need(data, name)
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise Refused(400, 400, f"{name}: not a valid value")
     return value
 
@@ -222,7 +222,7 @@ def profile_token(link_key: bytes, pid: str, card: str, p: Mapping[str, Any]) ->
 
 def check_profile(link_key: bytes, token_value: str, card: str, p: Mapping[str, Any]) -> str | None:
     """The purchase id in a profile token made for ``card`` and purchase ``p``, else None."""
-    if not PROFILE.match(token_value):
+    if not PROFILE.fullmatch(token_value):
         return None
     pid, mac = token_value[:32], token_value[32:]
     good = fill_mac(link_key, pid, card, p)

@@ -104,7 +104,7 @@ class MallServer:
             return json_refusal(exc)
         order = secrets.token_hex(8)
         customer = request.cookies.get("mall_customer", "")
-        if not ID.match(customer):
+        if not ID.fullmatch(customer):
             customer = "guest-" + secrets.token_hex(4)
         purchase = {"mall": self.config.mall, "order": order, "customer": customer,
                     "products": products,

@@ -210,7 +210,7 @@ class FinServer(WalletServer):
     async def debit(self, request: Request) -> Response:
         _, data = await self.linked(request, self.config.gateway_keys)
         order = data.get("order", "")
-        if not isinstance(order, str) or (order and not ID.match(order)):
+        if not isinstance(order, str) or (order and not ID.fullmatch(order)):
             raise Refused(400, 400, "order: not a valid value")
         return await self._move(data, "debit", "mall:" + text(data, "mall"), None, order)
 
@@ -251,7 +251,7 @@ class FinServer(WalletServer):
         _, data = await self.linked(request, self.config.gateway_keys)
         cards = data.get("cards")
         if not isinstance(cards, list) or len(cards) > 100 or not all(
-                isinstance(c, str) and NUMBER.match(c) for c in cards):
+                isinstance(c, str) and NUMBER.fullmatch(c) for c in cards):
             raise Refused(400, 400, "cards: a list of at most 100 card numbers")
         return ok({"cards": await self.sql(L.balances, self.engine, cards)})
 

@@ -82,7 +82,7 @@ def _report(item: Any) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise Refused(400, 400, "reports: a list of objects")
     order = item.get("order", "")
-    if not isinstance(order, str) or (order and not ID.match(order)):
+    if not isinstance(order, str) or (order and not ID.fullmatch(order)):
         raise Refused(400, 400, "order: not a valid value")
     return {"ref": text(item, "ref", _REF), "kind": text(item, "kind", re.compile(
                 "^(" + "|".join(KINDS) + ")$")),
