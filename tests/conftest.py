@@ -51,6 +51,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "or SVCARD_LOAD_NODE_KILLS)")
     group.addoption("--node-seed", type=int, default=None,
                     help="the node kill test's seed (default 20261122, or SVCARD_NODE_SEED)")
+    for option, env, what in GOODS_OPTIONS:
+        group.addoption(option, type=int, default=None, help=f"{what} (or {env})")
+
+
+# the goods tests read these environment variables when imported: an option sets its variable
+GOODS_OPTIONS = (
+    ("--goods-runs", "SVCARD_GOODS_RUNS", "goods bought in tests/test_goods_random.py"),
+    ("--goods-seed", "SVCARD_GOODS_SEED", "tests/test_goods_random.py's seed"),
+    ("--goods-kill-runs", "SVCARD_GOODS_KILL_RUNS", "runs of tests/test_goods_kills.py"),
+    ("--goods-kills", "SVCARD_GOODS_KILLS", "SIGKILLs per run of tests/test_goods_kills.py"),
+    ("--goods-kill-seed", "SVCARD_GOODS_KILL_SEED", "tests/test_goods_kills.py's seed"),
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for option, env, _ in GOODS_OPTIONS:
+        value = config.getoption(option)
+        if value is not None:
+            os.environ[env] = str(value)
 
 
 @pytest.fixture
