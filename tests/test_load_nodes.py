@@ -412,3 +412,18 @@ def test_a_bad_node_setting_is_one_line_naming_file_and_field(tmp_path: Path, ex
     message = str(caught.value)
     assert "\n" not in message and str(path) in message and f"{field}:" in message
     assert "ab" * 32 not in message
+
+
+def test_an_hsm_slot_never_holds_the_keys_of_its_spec() -> None:
+    """The slot goes into hsm_leases, the lease history and the node's log lines: a
+    jcardsim: spec's parameters (which may carry keys) are left out, a digest added."""
+    from svcard.host.load.nodes import OnDemandReader, slot_name
+
+    secret = "00112233445566778899AABBCCDDEEFF"
+    spec = f"jcardsim:com.example.Hsm:A00000000399:{secret}"
+    for s in (spec, f"delayed:50:{spec}"):
+        name = OnDemandReader(s).name
+        assert secret not in name.upper() and "com.example.Hsm" in name, name
+    assert slot_name(spec) != slot_name(spec.replace("FF", "FE"))
+    assert slot_name("virtual:/srv/hsm1.json") == "virtual:/srv/hsm1.json"
+    assert slot_name("delayed:9:virtual:/h.json") == "delayed:9:virtual:/h.json"

@@ -11,6 +11,7 @@ that met a dead node or a node holding no HSM (503) may go to the next node.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -24,9 +25,9 @@ import httpx
 
 from ...reader import CardConnectionError, Reader
 from ..kit.nginx import Nginx
-from ..terminal.reader_specs import open_reader
+from ..terminal.reader_specs import open_reader, shown_spec
 
-__all__ = ["LoadNode", "LoadNodeSpec", "Nginx", "OnDemandReader", "serve_node"]
+__all__ = ["LoadNode", "LoadNodeSpec", "Nginx", "OnDemandReader", "serve_node", "slot_name"]
 
 
 @dataclass
@@ -127,13 +128,14 @@ class OnDemandReader(Reader):
     node holds an HSM image (and its file lock) only while it leases the HSM."""
 
     def __init__(self, spec: str, lock_timeout: float = 0.5) -> None:
-        self.name = spec
+        self.name = slot_name(spec)   # the lease's slot: in the database and the logs
+        self._spec = spec
         self.lock_timeout = lock_timeout
         self._inner: Reader | None = None
 
     def connect(self) -> bytes:
         if self._inner is None:   # a paused former holder keeps the lock: give up soon
-            self._inner = open_reader(self.name, lock_timeout=self.lock_timeout)
+            self._inner = open_reader(self._spec, lock_timeout=self.lock_timeout)
         return self._inner.connect()
 
     def transmit(self, apdu: bytes) -> bytes:
@@ -145,6 +147,19 @@ class OnDemandReader(Reader):
         inner, self._inner = self._inner, None
         if inner is not None:
             inner.disconnect()
+
+
+def slot_name(spec: str) -> str:
+    """An HSM's lease slot: the spec as it may be printed (a ``jcardsim:`` spec's parameters
+    may hold keys: they are left out, and a digest of the whole spec tells such specs apart)."""
+    prefix, inner = "", spec
+    while inner.startswith("delayed:"):   # delayed:MS:SPEC
+        ms, _, inner = inner[len("delayed:"):].partition(":")
+        prefix += f"delayed:{ms}:"
+    printable = prefix + shown_spec(inner)
+    if printable == spec:
+        return spec
+    return f"{printable}#{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
 
 if __name__ == "__main__":
