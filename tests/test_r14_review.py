@@ -3,7 +3,6 @@ cleanly and bounded, on the links and the web server's API."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,6 +105,5 @@ def test_open_purchase_cap_counts_only_open_ones() -> None:
             X.store_choice(engine, "m", "9" * 16, one(300))
         assert getattr(caught.value, "status", None) == 429 or "429" in repr(caught.value)
         assert X.store_choice(engine, "n", "9" * 16, one(300)) is not None
-        _ = secrets
     finally:
         engine.dispose()

@@ -15,13 +15,15 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from sqlalchemy import Engine, and_, insert, or_, select, update
+from sqlalchemy import Engine, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ...kit.db import now_ms, reading, step
+from ...kit.http import Refused
 from . import db as D
 
 STALE_MS = 10_000
+MAX_OPEN = 50            # a member's purchases chosen or filled, unpaid and not expired
 FIELDS = {"mall": "mall", "order": "mall_order", "customer": "customer",
           "products_digest": "products_digest", "amount": "amount", "currency": "currency",
           "nonce": "nonce", "expires": "expires"}
@@ -30,11 +32,18 @@ FIELDS = {"mall": "mall", "order": "mall_order", "customer": "customer",
 def store_choice(engine: Engine, member: str, card: str, p: dict[str, Any],
                  state: str = D.CHOSEN) -> str | None:
     """The new purchase's id, or None if the mall's order has a purchase already. ``state``:
-    ``chosen`` (embodiment 1) or ``filled`` (2 and 3: the secret is checked later)."""
+    ``chosen`` (embodiment 1) or ``filled`` (2 and 3: the secret is checked later). Refused
+    (429) when the member has :data:`MAX_OPEN` open purchases already (counted in the step)."""
     pid = secrets.token_hex(16)
     now = now_ms()
+    c = D.purchases.c
     try:
         with step(engine) as conn:
+            if conn.execute(select(func.count()).select_from(D.purchases).where(
+                    c.member == member, c.state.in_((D.CHOSEN, D.FILLED)),
+                    c.expires > now)).scalar_one() >= MAX_OPEN:
+                raise Refused(429, 429, f"at most {MAX_OPEN} open purchases per member: "
+                                        "pay or let some expire first")
             conn.execute(insert(D.purchases).values(
                 id=pid, member=member, card=card, state=state, reason="", created=now,
                 updated=now, **{column: p[name] for name, column in FIELDS.items()}))
