@@ -176,6 +176,12 @@ class AccountClearing:
             body, info, signature = await read_clearing(request, self._acquirers())
             if info["account_manager"] != am.config.id:
                 raise Refused(403, 403, "clearing: for another account manager")
+            # only the session's own mediating agent clears it (its operator is fixed at
+            # initiation), not any acquirer this account manager knows
+            held = await am.sql(first_row, am.engine, D.am_sessions, session=info["session"])
+            operator = am.config.operators.get(held["operator"]) if held else None
+            if operator is None or operator.id != info["acquirer"]:
+                raise Refused(403, 403, "clearing: not from this session's mediating agent")
             row = await am.sql(take_withdrawal, am.engine, info, body, signature,
                                am.now_ms())
             write_file(am.config.billing, "withdrawals", info["session"],
