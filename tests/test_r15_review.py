@@ -3,6 +3,9 @@ host/trade/ (it failed before its fix) or a check of a property that was found s
 
 from __future__ import annotations
 
+import asyncio
+import json
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -14,9 +17,12 @@ import pytest
 from sqlalchemy import select
 
 from svcard.host.kit.db import first_row
+from svcard.host.trade import customer as C
 from svcard.host.trade import db as D
 from svcard.host.trade import signing as S
+from svcard.host.trade.money import Amount, conversion_postings, convert
 from svcard.host.trade.server import acquirer as A
+from svcard.host.trade.server.account import reserve
 from svcard.host.trade.stack import TradeStack, add_operator, start_trade
 
 STUCK_MS = getattr(A, "INFORMING_TIMEOUT_MS", 300_000)
@@ -72,3 +78,91 @@ def test_a_foreign_acquirer_cannot_clear_another_operators_session(stack: TradeS
     assert after is not None and after["state"] == D.OPEN
     assert first_row(stack.account.engine, D.am_withdrawals, session=s.session) is None
     assert reserved(stack, "alice") == 5_00
+
+
+# --- break 2: an initiation interrupted at the acquirer stayed undecided for ever -----------
+
+def _stuck_initiation(stack: TradeStack, age_ms: int) -> dict[str, Any]:
+    """The acquirer stopped after recording an amended initiation (row ``informing``, the
+    deposit's postings booked) and before any answer; the account manager's row likewise."""
+    now = int(time.time() * 1000)
+    created = now - age_ms
+    data = {"customer": "dave", "txn": secrets.token_hex(16), "merchant": "shop",
+            "operator": "op1", "deposit": 3_00, "currency": "EUR",
+            "order": {"item": "x", "price": 0},
+            "registration": {"session_key": "33" * 32, "agent": "t"}}
+    got = reserve(stack.account.engine, "am1", data, "d" * 64, "pdave", now + 3_600_000, 10,
+                  created)
+    session = got["session"]
+    rate = stack.acquirer.config.table.rate("EUR", "JPY", now)
+    conv = convert(Amount(3_00, "EUR"), "JPY", rate)
+    row = {"session": session, "account_manager": "am1", "txn": data["txn"], "digest": "e" * 64,
+           "merchant": "shop", "pseudonym": "pdave", "session_key": "33" * 32,
+           "deposit_customer": 3_00, "currency_customer": "EUR",
+           "deposit_merchant": conv.target.minor, "currency_merchant": "JPY",
+           "rate": A.rate_text(rate), "rounding": conv.rounding.minor, "table_issuer": "bank-m",
+           "state": D.INFORMING, "reason": "", "expires": now + 3_600_000,
+           "created": created, "updated": created}
+    assert A.record(stack.acquirer.engine, row,
+                    conversion_postings(conv, "am:am1", f"deposit:{session}"), created) == "new"
+    return {"session": session, "txn": data["txn"]}
+
+
+def test_an_initiation_interrupted_at_the_acquirer_is_settled(stack: TradeStack) -> None:
+    """Killed between booking the deposit and answering, the acquirer answered every lookup
+    'being initiated; ask again' for ever: the customer's credit stayed reserved and the
+    deposit held in its books. A row undecided for longer than any initiation takes is now
+    refused at the lookup, its postings reversed, and the account manager gives credit back."""
+    stack.customer("dave", 10_00)
+    stuck = _stuck_initiation(stack, age_ms=STUCK_MS + 60_000)
+    assert reserved(stack, "dave") == 3_00
+    assert asyncio.run(stack.account.recover()) == {"open": 0, "refused": 1, "in_doubt": 0}
+    assert reserved(stack, "dave") == 0
+    acq = first_row(stack.acquirer.engine, D.acq_sessions, session=stuck["session"])
+    assert acq is not None and acq["state"] == D.REFUSED
+    assert all(v == 0 for v in postings_by_account(stack.acquirer.engine,
+                                                   stuck["session"]).values())
+
+
+def test_a_young_undecided_initiation_is_left_alone(stack: TradeStack) -> None:
+    """Not past the bound: the acquirer may still be waiting for the merchant; ask again."""
+    stack.customer("dave", 10_00)
+    stuck = _stuck_initiation(stack, age_ms=1_000)
+    body, headers = S.signed(stack.am.key, "am1", S.LOOKUP, {
+        "account_manager": "am1", "session": stuck["session"], "txn": stuck["txn"],
+        "created": int(time.time())})
+    answer = httpx.post(f"{stack.url('acq1')}/v1/initiations/lookup", content=body,
+                        headers=headers)
+    assert answer.status_code == 409
+    acq = first_row(stack.acquirer.engine, D.acq_sessions, session=stuck["session"])
+    assert acq is not None and acq["state"] == D.INFORMING
+
+
+def test_an_initiation_refused_meanwhile_is_not_answered_accepted(
+        stack: TradeStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acquirer answered 'accepted' even when its own step that marks the session open
+    found it decided otherwise meanwhile (refused by a lookup while the merchant was slow):
+    the account manager opened a session whose deposit the acquirer had already given back.
+    The answer is now what the acquirer's books say."""
+    real = A.conclude
+
+    def raced(engine: Any, session: str, state: str, *args: Any) -> bool:
+        if state == D.OPEN:     # a lookup settled it first (as for an initiation too slow)
+            acq = first_row(engine, D.acq_sessions, session=session)
+            assert acq is not None
+            real(engine, session, D.REFUSED, "settled by a lookup meanwhile", None,
+                 json.dumps({"payload": {"acquirer": "acq1", "session": session,
+                                         "txn": acq["txn"], "accepted": False,
+                                         "reason": "settled by a lookup meanwhile"}}),
+                 int(time.time() * 1000))
+        return real(engine, session, state, *args)
+
+    monkeypatch.setattr(A, "conclude", raced)
+    erin = stack.customer("erin", 10_00)
+    with httpx.Client(timeout=30) as http, pytest.raises(C.TradeError) as refused:
+        stack.open(http, erin, 2_00)
+    assert "422" in str(refused.value) or "502" in str(refused.value)
+    row = first_row(stack.account.engine, D.am_sessions, customer="erin")
+    assert row is not None and row["state"] != D.OPEN
+    acq = first_row(stack.acquirer.engine, D.acq_sessions, session=row["session"])
+    assert acq is not None and acq["state"] == D.REFUSED

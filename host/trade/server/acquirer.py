@@ -45,6 +45,9 @@ from .closer import Closer
 from .common import authenticated, refused, signed_json, verified_answer
 
 MAX_SESSION_MS = 7 * 86_400_000   # the longest session this agent holds a deposit for
+# an initiation still undecided this long was interrupted here (the merchant is waited for at
+# most 30 s): a lookup then refuses it, so the deposit is not held for ever
+INFORMING_TIMEOUT_MS = 300_000
 
 
 def rate_text(rate: Fraction) -> str:
@@ -71,18 +74,23 @@ def conclude(engine: Engine, session: str, state: str, reason: str, merchant_ack
              answer: str, now: int) -> bool:
     """``informing`` -> ``state``; a refusal reverses the deposit's postings, in the same
     transaction."""
-    s, p = D.acq_sessions.c, D.acq_postings.c
     with step(engine) as conn:
-        changed = conn.execute(update(D.acq_sessions).where(
-            s.session == session, s.state == D.INFORMING).values(
-            state=state, reason=reason[:300], merchant_ack=merchant_ack, answer=answer,
-            updated=now)).rowcount == 1
-        if changed and state == D.REFUSED:
-            rows = conn.execute(select(D.acq_postings).where(p.session == session)).all()
-            conn.execute(insert(D.acq_postings), [
-                {"session": session, "event": "refused", "account": r.account,
-                 "currency": r.currency, "minor": -r.minor, "at": now} for r in rows])
-        return changed
+        return _conclude(conn, session, state, reason, merchant_ack, answer, now)
+
+
+def _conclude(conn: Any, session: str, state: str, reason: str, merchant_ack: str | None,
+              answer: str, now: int) -> bool:
+    s, p = D.acq_sessions.c, D.acq_postings.c
+    changed = conn.execute(update(D.acq_sessions).where(
+        s.session == session, s.state == D.INFORMING).values(
+        state=state, reason=reason[:300], merchant_ack=merchant_ack, answer=answer,
+        updated=now)).rowcount == 1
+    if changed and state == D.REFUSED:
+        rows = conn.execute(select(D.acq_postings).where(p.session == session)).all()
+        conn.execute(insert(D.acq_postings), [
+            {"session": session, "event": "refused", "account": r.account,
+             "currency": r.currency, "minor": -r.minor, "at": now} for r in rows])
+    return bool(changed)
 
 
 def decide(engine: Engine, data: dict[str, Any], refusal: dict[str, Any],
@@ -102,6 +110,14 @@ def decide(engine: Engine, data: dict[str, Any], refusal: dict[str, Any],
                 state=D.REFUSED, reason=refusal["reason"],
                 answer=json.dumps({"payload": refusal}), expires=0, created=now,
                 updated=now))
+            row = conn.execute(select(D.acq_sessions).where(
+                s.session == data["session"])).first()
+        elif row.state == D.INFORMING and row.answer is None and \
+                row.txn == data["txn"] and row.created < now - INFORMING_TIMEOUT_MS:
+            stopped = {**refusal, "reason": "the initiation was interrupted at the mediating "
+                                            "agent: it is closed"}
+            _conclude(conn, data["session"], D.REFUSED, stopped["reason"], None,
+                      json.dumps({"payload": stopped}), now)
             row = conn.execute(select(D.acq_sessions).where(
                 s.session == data["session"])).first()
         assert row is not None
@@ -233,8 +249,9 @@ class Acquirer:
                             rounding=conv.rounding.minor, table=table.issuer,
                             merchant_ack=M.digest(ack_body))
         stored = json.dumps({"payload": payload, "merchant_ack": ack_body.decode()})
-        await self.sql(conclude, self.engine, data["session"], D.OPEN, "",
-                       ack_body.decode(), stored, self.now_ms())
+        if not await self.sql(conclude, self.engine, data["session"], D.OPEN, "",
+                              ack_body.decode(), stored, self.now_ms()):
+            return await self._decided(data["session"])   # settled meanwhile: its answer
         return self._answer(payload)
 
     async def lookup(self, request: Request) -> Response:
@@ -258,9 +275,18 @@ class Acquirer:
 
     async def _refuse(self, data: dict[str, Any], reason: str) -> Response:
         payload = self._ack(data, False, reason)
-        await self.sql(conclude, self.engine, data["session"], D.REFUSED, reason, None,
-                       json.dumps({"payload": payload}), self.now_ms())
+        if not await self.sql(conclude, self.engine, data["session"], D.REFUSED, reason, None,
+                              json.dumps({"payload": payload}), self.now_ms()):
+            return await self._decided(data["session"])
         return self._answer(payload)
+
+    async def _decided(self, session: str) -> Response:
+        """The answer the session's row holds (it was decided by another step)."""
+        row = await self.sql(first_row, self.engine, D.acq_sessions, session=session)
+        if row is None or row["answer"] is None:
+            raise Refused(409, 409, f"session {session} is being initiated; ask again",
+                          {"Retry-After": "1"})
+        return self._answer(json.loads(row["answer"])["payload"])
 
     async def _replayed(self, session: str, digest: str) -> Response:
         """The same message again: its answer again (once decided); another message under
