@@ -107,3 +107,40 @@ def test_open_purchase_cap_counts_only_open_ones() -> None:
         assert X.store_choice(engine, "n", "9" * 16, one(300)) is not None
     finally:
         engine.dispose()
+
+
+def wallet_js(expression: str) -> Any:
+    """``expression`` evaluated by node after the wallet page's script (a stub document)."""
+    import json
+    import shutil
+    import subprocess
+    from importlib import resources
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    source = resources.files("svcard.host.wallet.web").joinpath(
+        "static", "wallet.js").read_text()
+    program = ("const vm = require('vm'); const ctx = {document: {addEventListener() {}}};"
+               "vm.createContext(ctx); const out = vm.runInContext(process.argv[1] + "
+               "'\\n;JSON.stringify(' + process.argv[2] + ')', ctx);"
+               "process.stdout.write(out === undefined ? 'null' : out);")
+    done = subprocess.run([node, "-e", program, source, expression], capture_output=True,
+                          text=True, timeout=30, check=True)
+    return json.loads(done.stdout)
+
+
+def test_the_wallet_page_shows_amounts_in_each_currencys_exponent() -> None:
+    """The page showed every currency with 2 decimals: 1000 yen (exponent 0) as "10.00", 1.234
+    dinars (exponent 3) as "12.34": the member confirmed a payment 100x or 10x off."""
+    shown = wallet_js("[money(1000, 392), money(1234, 48), money(1234, 156), money(5, 156),"
+                      " money(-250, 978), money(7, 999)]")
+    assert shown[:5] == ["JPY 1000", "BHD 1.234", "CNY 12.34", "CNY 0.05", "EUR -2.50"]
+    assert "7" in shown[5] and "." not in shown[5]      # unknown: minor units, never scaled
+
+
+def test_the_wallet_page_reads_amounts_in_each_currencys_exponent() -> None:
+    """Typed amounts were always x100 (and the charge always in CNY)."""
+    read = wallet_js("[minorUnits('10', 392), minorUnits('1.5', 392), minorUnits('1.234', 48),"
+                     " minorUnits('12.34', 156), minorUnits('0.1', 156),"
+                     " minorUnits('1.234', 156), minorUnits('x', 156)]")
+    assert read == [10, None, 1234, 1234, 10, None, None]

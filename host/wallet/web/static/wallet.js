@@ -4,23 +4,34 @@
 // #purchase=<JSON {purchase, return_url}>.
 "use strict";
 
-const CURRENCIES = {156: ["CNY", 2], 978: ["EUR", 2], 840: ["USD", 2]};
+// ISO 4217 numeric code: [letters, exponent]. A code not here is shown in minor units.
+const CURRENCIES = {156: ["CNY", 2], 978: ["EUR", 2], 840: ["USD", 2], 826: ["GBP", 2],
+                    344: ["HKD", 2], 392: ["JPY", 0], 410: ["KRW", 0], 48: ["BHD", 3],
+                    414: ["KWD", 3], 512: ["OMR", 3], 788: ["TND", 3]};
 let incoming = null;     // {purchase, return_url} from the mall's page
 let member = null;
+let cardCurrency = {};   // card number -> its currency, from the wallet's listing
 
 function $(id) { return document.getElementById(id); }
 
 function money(minor, currency) {
-  const [code, exp] = CURRENCIES[currency] || [String(currency), 2];
+  const known = CURRENCIES[currency];
+  if (!known) return `${minor} minor units of currency ${currency}`;
+  const [code, exp] = known;
   const sign = minor < 0 ? "-" : "";
   const digits = String(Math.abs(minor)).padStart(exp + 1, "0");
+  if (exp === 0) return `${code} ${sign}${digits}`;
   return `${code} ${sign}${digits.slice(0, -exp)}.${digits.slice(-exp)}`;
 }
 
-function minorUnits(text) {
-  const m = /^\s*(\d{1,10})(?:\.(\d{1,2}))?\s*$/.exec(text);
-  if (!m) return null;
-  return Number(m[1]) * 100 + Number((m[2] || "").padEnd(2, "0"));
+function minorUnits(text, currency) {
+  // "12.34" in the currency's own exponent (at most that many decimals), else null
+  const known = CURRENCIES[currency];
+  if (!known) return null;
+  const exp = known[1];
+  const m = /^\s*(\d{1,10})(?:\.(\d+))?\s*$/.exec(text);
+  if (!m || (m[2] !== undefined && (exp === 0 || m[2].length > exp))) return null;
+  return Number(m[1]) * 10 ** exp + Number((m[2] || "").padEnd(exp, "0") || "0");
 }
 
 function say(state, text) {
@@ -95,7 +106,9 @@ async function refresh() {
   const body = $("cards").tBodies[0];
   body.replaceChildren();
   for (const select of [$("charge-card"), $("pay-card")]) select.replaceChildren();
+  cardCurrency = {};
   for (const card of r.data.cards) {
+    cardCurrency[card.number] = card.currency;
     const tr = document.createElement("tr");
     tr.dataset.number = card.number;
     for (const text of [card.number, card.kind, money(card.balance, card.currency)]) {
@@ -176,15 +189,16 @@ async function link() {
 }
 
 async function charge() {
-  const amount = minorUnits($("charge-amount").value);
-  if (!amount) { say("error", "Amount: write it as 10.00"); return; }
+  const currency = cardCurrency[$("charge-card").value];
+  const amount = minorUnits($("charge-amount").value, currency);
+  if (!amount) { say("error", "Amount: not an amount in this card's currency (like 10.00)"); return; }
   const [kind, source] = $("charge-source").value.split(":");
   say("busy", "Charging...");
   const r = await api("POST", "/api/charges", {card: $("charge-card").value, kind, source,
-                                                amount, currency: 156});
+                                                amount, currency});
   if (r.status !== 200) { say("error", `Not charged: ${r.data.reason}`); await refresh(); return; }
   await refresh();
-  say("done", `Charged ${money(amount, 156)}: the balance is ${money(r.data.balance, 156)}.`);
+  say("done", `Charged ${money(amount, currency)}: the balance is ${money(r.data.balance, currency)}.`);
 }
 
 async function pay() {
