@@ -20,7 +20,9 @@ from test_goods_flow import balance, goods_on, state
 
 from svcard.host.goods import db as D
 from svcard.host.goods import wire as W
+from svcard.host.goods.device import DeviceError
 from svcard.host.goods.server.bank import BankServer
+from svcard.host.goods.server.common import REPLY, Unreachable
 from svcard.host.goods.server.payment import PaymentServer
 from svcard.host.goods.stack import GoodsStack, make_card, start_goods
 from svcard.host.kit.db import first_row
@@ -161,3 +163,77 @@ def test_wrong_pins_raced_on_postgresql_block_the_account_after_three(tmp_path: 
             s.close()
     finally:
         cluster.stop()
+
+
+def test_a_payment_whose_answer_was_lost_is_found_by_the_payment_servers_recovery(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The institution paid and its answer was lost (the link, or the payment server killed
+    after the bank committed): the order stayed ``authorising`` and recovery only looked at
+    ``paid`` orders, so unless the device came back the account stayed debited with no good
+    and no refund. Recovery now asks the institution about old ``authorising`` orders: the
+    good is kept for pick-up and refunded at its deadline."""
+    offset = [0.0]
+    s = start_goods(tmp_path / "servers", clock=lambda: time.time() + offset[0])
+    try:
+        s.account("acc1", A)
+        card = make_card(tmp_path / "cards", A)
+        pay = payment_of(s)
+        real = pay.send_raw
+
+        async def lost(role: str, path: str, domain: bytes, payload: Any,
+                       http: httpx.AsyncClient | None = None) -> tuple[dict[str, Any], str, str]:
+            out = await real(role, path, domain, payload, http)
+            if path == "/v1/payments":
+                raise Unreachable("bank: the answer was lost")
+            return out
+
+        monkeypatch.setattr(pay, "send_raw", lost)
+        device = s.device()
+        with httpx.Client(timeout=30) as http:
+            assert s.order(http, "ticket", device).status_code == 200
+        [first] = device.poll(wait=5)
+        with open_reader(f"virtual:{card}") as reader, pytest.raises(DeviceError):
+            device.authorise(reader, first, "123456")
+        monkeypatch.undo()
+        assert balance(s) == 100_000 - TICKET          # the device never comes back
+        assert state(s, "payment", first.order) == D.AUTHORISING
+        offset[0] = 120.0
+        asyncio.run(pay.recover())
+        assert state(s, "payment", first.order) == D.PAID
+        assert state(s, "fulfil", first.order) == D.PENDING
+        offset[0] = s.system.pickup_seconds + 240.0
+        assert asyncio.run(s.fulfil.refund_due()) == 1
+        assert balance(s) == 100_000 and state(s, "fulfil", first.order) == D.REFUNDED
+        assert goods_on(card) == []
+    finally:
+        s.close()
+
+
+def test_the_payment_status_is_asked_by_the_payment_server_only_and_changes_nothing(
+        stack: GoodsStack) -> None:
+    """The recovery's new message: from another party (403) or forged (401) it is refused;
+    an order not paid answers unpaid; a paid one answers the confirmation the payment route
+    gives (signed as that answer, naming the card that paid); the balance never moves."""
+    stack.account("acc1", A)
+    bank = bank_of(stack)
+    paid_order, other = "ef" * 16, "12" * 16
+    asyncio.run(bank._pay(payment_message(stack, paid_order, SERIAL_A)))
+    url = f"{stack.url('bank')}/v1/payments/status"
+
+    def ask(order: str, role: str = "payment", key: bytes | None = None) -> httpx.Response:
+        body, headers = W.signed(key or stack.keys[role], stack.system.peer(role).id,
+                                 W.PAYMENT_STATUS, {"order": order,
+                                                    "created": int(time.time())})
+        return httpx.post(url, content=body, headers=headers, timeout=10)
+
+    assert ask(paid_order, "fulfil").status_code == 403
+    assert ask(paid_order, key=W.new_key()).status_code == 401
+    assert ask(paid_order[:-2], key=None).status_code == 400
+    unpaid = ask(other)
+    assert unpaid.status_code == 200 and unpaid.json() == {"order": other, "paid": False}
+    answer = ask(paid_order).json()
+    confirmation = answer["confirmation"].encode()
+    assert W.verify(W.public_of(stack.keys["bank"]), REPLY + W.PAYMENT, confirmation,
+                    answer["confirmation_signature"])
+    assert W.canonical_load(confirmation)["card"] == SERIAL_A
+    assert balance(stack) == 100_000 - TICKET

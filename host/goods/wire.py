@@ -54,6 +54,7 @@ AUTHORISATION = b"svcard-goods-authorisation/1\n"    # device -> authentication
 RELAYED_AUTH = b"svcard-goods-relayed-auth/1\n"      # authentication -> payment
 PAYMENT = b"svcard-goods-payment/1\n"                # payment -> financial institution
 CONFIRMATION = b"svcard-goods-confirmation/1\n"      # financial institution -> payment
+PAYMENT_STATUS = b"svcard-goods-payment-status/1\n"  # payment -> institution (recovery)
 PAID = b"svcard-goods-paid/1\n"                      # payment -> merchant and fulfilment
 GOOD_WRITE = b"svcard-goods-write/1\n"               # fulfilment -> (payment, auth) -> device
 ANSWER = b"svcard-goods-answer/1\n"                  # authentication -> device

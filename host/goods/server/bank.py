@@ -34,7 +34,7 @@ from ...kit.db import reading, step
 from ...kit.http import Refused
 from .. import db as D
 from .. import wire as W
-from .common import PartyServer, handled, read_one
+from .common import REPLY, PartyServer, handled, read_one
 
 PIN_TRIES = 3
 SCRYPT_LOG_N = 12
@@ -43,6 +43,7 @@ PAYMENT_FIELDS: dict[str, W.Checker] = {
     "merchant": W.IDENT, "pin": W.SEALED, "created": W.SECONDS}
 REFUND_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "amount": W.AMOUNT,
                                        "created": W.SECONDS}
+STATUS_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "created": W.SECONDS}
 
 
 def hash_pin(pin: str) -> str:
@@ -166,6 +167,23 @@ class BankServer(PartyServer):
             assert decision is not None
             return decision
 
+    async def status(self, request: Request) -> Response:
+        """``PAYMENT_STATUS``: whether an order is paid, for the payment server's recovery of
+        a payment whose answer it lost; paid, with the payment confirmation as ``PAYMENT``
+        answers it (signed as that answer, so the fulfilment server takes it)."""
+        async def work() -> Response:
+            _, data, _ = await self.authenticated(request, STATUS_FIELDS, "payment status",
+                                                  W.PAYMENT_STATUS, ("payment",))
+            paid = await self.sql(self._paid_already, data["order"])
+            if paid is None:
+                return self.reply(W.PAYMENT_STATUS, {"order": data["order"], "paid": False})
+            text = W.canonical(paid).decode()
+            return self.reply(W.PAYMENT_STATUS, {
+                "order": data["order"], "paid": True, "confirmation": text,
+                "confirmation_signature": W.sign(self.config.private_key, REPLY + W.PAYMENT,
+                                                 text.encode())})
+        return await handled(work)
+
     async def refunds(self, request: Request) -> Response:
         async def work() -> Response:
             _, data, _ = await self.authenticated(request, REFUND_FIELDS, "refund", W.REFUND,
@@ -193,4 +211,5 @@ class BankServer(PartyServer):
 
     def routes(self) -> list[Route]:
         return [Route("/v1/payments", self.payments, methods=["POST"]),
-                Route("/v1/refunds", self.refunds, methods=["POST"])]
+                Route("/v1/refunds", self.refunds, methods=["POST"]),
+                Route("/v1/payments/status", self.status, methods=["POST"])]

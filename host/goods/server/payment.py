@@ -32,7 +32,7 @@ from ...kit.db import reading, step
 from ...kit.http import Refused
 from .. import db as D
 from .. import wire as W
-from .common import PartyServer, Unreachable, handled, read_one
+from .common import REPLY, PartyServer, Unreachable, handled, read_one
 
 DIGITAL_FIELDS: dict[str, W.Checker] = {
     "order": W.ORDER, "merchant": W.IDENT, "sku": W.IDENT, "name": W.text(100),
@@ -43,6 +43,7 @@ RELAYED_FIELDS: dict[str, W.Checker] = {
     "issuer": W.ISSUER, "pin": W.SEALED, "challenge": W.CHALLENGE, "created": W.SECONDS}
 REFUND_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "amount": W.AMOUNT,
                                        "created": W.SECONDS}
+STATUS_AFTER = 60   # s an order stays ``authorising`` before recovery asks the institution
 
 
 class PaymentServer(PartyServer):
@@ -178,9 +179,17 @@ class PaymentServer(PartyServer):
         return write
 
     async def tick(self, http: httpx.AsyncClient) -> None:
-        """Paid orders the fulfilment server was never told of (it was down), and outcomes
-        the merchant missed: told now."""
+        """Orders ``authorising`` for over :data:`STATUS_AFTER` s (the institution's answer
+        lost): the institution asked whether it paid; paid orders the fulfilment server was
+        never told of (it was down), and outcomes the merchant missed: told now."""
         t = D.payment_orders
+        with reading(self.engine) as conn:
+            stuck = conn.execute(select(t).where(
+                t.c.state == D.AUTHORISING, t.c.updated < self.now_ms() - STATUS_AFTER * 1000)
+                .limit(1000)).all()
+        for row in stuck:
+            with contextlib.suppress(Unreachable):   # the bank down: the next tick asks
+                await self._ask_bank(dict(row._mapping), http)
         with reading(self.engine) as conn:
             rows = conn.execute(select(t).where(t.c.state == D.PAID, t.c.answer.is_(None))
                                 .limit(1000)).all()
@@ -193,6 +202,26 @@ class PaymentServer(PartyServer):
             ).all()
         for order, state in untold:
             await self._tell_merchant(order, state, "told again", http)
+
+    async def _ask_bank(self, row: dict[str, Any], http: httpx.AsyncClient) -> None:
+        """The institution's word on an order whose payment answer was lost: paid, with its
+        signed confirmation (checked here, and again by the fulfilment server) -> ``paid``."""
+        order = row["order_ref"]
+        status = await self.send("bank", "/v1/payments/status", W.PAYMENT_STATUS, {
+            "order": order, "created": self.now_ms() // 1000}, http)
+        text, signature = status.get("confirmation"), status.get("confirmation_signature")
+        if status.get("order") != order or status.get("paid") is not True or not (
+                isinstance(text, str) and W.verify(self.system.peer("bank").public_key,
+                                                   REPLY + W.PAYMENT, text.encode(),
+                                                   signature)):
+            return
+        decision = W.canonical_load(text.encode())
+        if decision.get("order") != order or decision.get("paid") is not True or \
+                decision.get("amount") != row["amount"] or not W.SERIAL(decision.get("card")):
+            return
+        if await self.sql(self._paid, order, decision["card"], text, str(signature)):
+            await self._tell_merchant(order, D.PAID, "paid by the institution (recovered)",
+                                      http)
 
     async def _tell_merchant(self, order: str, state: str, reason: str,
                              http: httpx.AsyncClient | None = None) -> None:
