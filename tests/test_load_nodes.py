@@ -248,6 +248,37 @@ def test_a_paused_node_issues_no_s2_after_its_lease_is_taken(cluster: Cluster,
         db.engine.dispose()
 
 
+def test_a_node_leasing_no_hsm_logs_no_request(cluster: Cluster, tmp_path: Path) -> None:
+    """A node whose HSM is leased elsewhere answers a load request 503 before logging it, so
+    nginx may ask the next node with the same bytes (a logged request would be closed
+    'refused' and the retry refused too: the load lost for a busy node)."""
+    db_url = cluster.new_database()
+    hsm = f"virtual:{hsm_image(tmp_path)}"
+    key = bytes(range(32))
+    db = LoadDb(make_engine(db_url))
+    store = L.LeaseStore(db.engine)
+    store.ensure([hsm])
+    assert store.take(hsm, "elsewhere#1", 600_000) == (1, None)
+    a = LoadNode(tmp_path, LoadNodeSpec("loadA", free_port(), db_url, [hsm],
+                                        DEMO_BANK_ID.hex(), key.hex(),
+                                        DEMO_LOAD_TERMINAL.hex(), lease_seconds=2.0))
+    _, bank_thread = _bank(tmp_path, key, a.url)
+    card = card_image(tmp_path, ep=0)
+    try:
+        a.start().wait_ready()
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as r, \
+                pytest.raises(LC.PaymentRefused) as caught:
+            LC.load(bank_thread.url + "/v1/load", r, account="alice", secret="pw",
+                        amount=300, journal=Journal(tmp_path / "j.jsonl"), http=http)
+        assert caught.value.status == 503, caught.value
+        assert db.rows() == [], "a request logged by a node that leases no HSM"
+        assert read_image(card)["app"]["ep"]["balance"] == 0
+    finally:
+        a.kill()
+        bank_thread.stop()
+        db.engine.dispose()
+
+
 class LoadCluster:
     """Three load nodes on one PostgreSQL behind nginx, three HSM images on a shared folder,
     the bank in this process."""

@@ -71,6 +71,10 @@ async def load_request(server: LoadServer, data: bytes) -> Response:
             return sealed(o, L.LOAD_COMMAND, existing["command"])  # a lost answer
         raise Refused(409, 409, f"the load is already {existing['state']}"
                                 + (f" ({existing['reason']})" if existing["reason"] else ""))
+    if server.leases is not None and not server.leases.pool.serving:
+        # a node leasing no HSM logs nothing: 503 before the row, so nginx asks the next node
+        # (a logged request is closed 'refused' when no HSM takes it, and is not asked again)
+        raise Refused(503, 503, "this node leases no HSM now; retry", {"Retry-After": "1"})
     try:
         row_id = await server.sql(server.db.insert, {
             "bank_id": bank_hex, "txn_id": txn_hex, "state": "received", "reason": "",
