@@ -317,3 +317,50 @@ def test_a_lease_taken_but_never_opened_is_not_renewed_for_ever(tmp_path: Path) 
     assert [h["token"] for h in store.history()] == [1, 2]
     pool.close()
     store.engine.dispose()
+
+
+def test_a_late_heartbeat_does_not_void_a_live_nodes_draws(tmp_path: Path) -> None:
+    """Another node settled the draws of every node not seen within two ticks (2/3 of a
+    lease), but a node's leases run for a whole lease: a node whose tick came late (a slow
+    database, a long PSAM open) but that still held its leases had the draw it was finishing
+    voided under it (its PSAM's answer then refused: 409, a PSAM record paid to nobody). Now
+    only draws of nodes unseen for a whole lease are settled: their leases have expired."""
+    import asyncio
+
+    from sqlalchemy import insert
+
+    from svcard.host.kit.db import step
+    from svcard.host.pay.server.db import PaymentDb
+
+    db = PaymentDb(make_engine(f"sqlite:///{tmp_path / 'pay.db'}"))
+    store = L.LeaseStore(db.engine)
+    now = now_ms()
+    rows = {}
+    with step(db.engine) as conn:
+        for node, age in (("late#1", 45_000), ("dead#2", 61_000)):   # a lease: 60 s
+            conn.execute(insert(L.pay_nodes).values(node=node, seen=now - age, started=0))
+    for i, node in enumerate(("late#1", "dead#2")):
+        rows[node] = db.insert_received({
+            "merchant_id": "4D45524348303031", "txn_id": f"{i:032x}", "variant": 2,
+            "amount": 99, "currency_code": 156, "card_serial": "00" * 10, "card_counter": i,
+            "draw_digest": "00" * 32, "node": node})
+
+    async def sql(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return fn(*args, **kwargs)
+
+    from svcard.host.pay.nodes import OnDemandReader
+    from svcard.host.pay.stack import psam_images
+
+    pool = L.LeasedPsamPool([OnDemandReader(f"virtual:{psam_images(tmp_path, 1)[0]}")])
+
+    async def run() -> None:
+        keeper = L.LeaseKeeper(store, pool, "b", 60.0, sql, db.recover)
+        await pool.start()
+        await keeper.start()   # its first tick settles the draws of nodes gone
+        await keeper.stop()
+
+    asyncio.run(run())
+    pool.close()
+    states = {node: (db.by_id(row) or {}).get("state") for node, row in rows.items()}
+    assert states == {"late#1": "received", "dead#2": "voided"}
+    db.engine.dispose()

@@ -135,15 +135,15 @@ class LeaseStore:
                     conn.execute(insert(psam_leases).values(slot=slot, node=None, token=0,
                                                             expires=0))
 
-    def heartbeat(self, node: str, window_ms: int) -> list[str]:
-        """Stamp this node alive; the nodes alive (seen within ``window_ms``), this one too."""
+    def heartbeat(self, node: str, window_ms: int) -> dict[str, int]:
+        """Stamp this node alive; {node: ms since seen} of the nodes seen within window_ms."""
         with step(self.engine) as conn:
             now = db_now(conn)
             if not conn.execute(update(pay_nodes).where(pay_nodes.c.node == node).values(
                     seen=now)).rowcount:
                 conn.execute(insert(pay_nodes).values(node=node, seen=now, started=now))
-            return sorted(r[0] for r in conn.execute(select(pay_nodes.c.node).where(
-                pay_nodes.c.seen >= now - window_ms)))
+            return {r[0]: now - int(r[1]) for r in conn.execute(select(
+                pay_nodes.c.node, pay_nodes.c.seen).where(pay_nodes.c.seen >= now - window_ms))}
 
     def renew(self, node: str, ttl_ms: int) -> dict[str, int]:
         """Extend every lease ``node`` holds: {slot: token} of those it still holds."""
@@ -299,8 +299,7 @@ class LeaseKeeper:
         self.store, self.pool, self.sql, self.settle = store, pool, sql, settle
         self.node, self.lease_seconds, self.ttl_ms = node_id(name), lease_seconds, int(
             lease_seconds * 1000)
-        self.slots = [m.reader.name for m in pool.members]
-        self.alive: list[str] = []
+        self.slots, self.alive = [m.reader.name for m in pool.members], list[str]()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._pending: set[asyncio.Task[None]] = set()
@@ -323,8 +322,9 @@ class LeaseKeeper:
 
     async def tick(self) -> None:
         started = time.monotonic()
-        # alive: seen within two ticks, so a dead node leaves the share before its leases expire
-        alive = await self.sql(self.store.heartbeat, self.node, self.ttl_ms * 2 // 3)
+        # share: nodes seen within 2 ticks; settled: draws of nodes unseen for a whole lease
+        ages = await self.sql(self.store.heartbeat, self.node, self.ttl_ms)
+        alive, living = [n for n, age in ages.items() if age <= self.ttl_ms * 2 // 3], sorted(ages)
         held = await self.sql(self.store.renew, self.node, self.ttl_ms)
         for slot, token in held.items():   # taken, never opened (a tick failed between): back
             if self.pool.tokens.get(self.slots.index(slot)) != token:
@@ -336,9 +336,9 @@ class LeaseKeeper:
             else:
                 log.warning("node %s lost the lease of %s", self.node, self.slots[m.index])
                 self._later(self.pool.leave(m))   # once its transaction ends
-        if not self.alive or set(self.alive) - set(alive):
-            await self.sql(self.settle, alive)   # a node went away: settle its draws
-        self.alive = alive
+        if not self.alive or set(self.alive) - set(living):
+            await self.sql(self.settle, living)   # a node went away: settle its draws
+        self.alive = living
         share, mine = math.ceil(len(self.slots) / max(1, len(alive))), len(self.pool.serving)
         order = self._preference()
         for index in order:
@@ -361,7 +361,7 @@ class LeaseKeeper:
                 continue
             mine += 1
             if previous is not None:
-                await self.sql(self.settle, alive)
+                await self.sql(self.settle, living)
         for index in reversed(order):
             if mine <= share:
                 break
