@@ -144,3 +144,34 @@ def test_the_wallet_page_reads_amounts_in_each_currencys_exponent() -> None:
                      " minorUnits('12.34', 156), minorUnits('0.1', 156),"
                      " minorUnits('1.234', 156), minorUnits('x', 156)]")
     assert read == [10, None, 1234, 1234, 10, None, None]
+
+
+@pytest.mark.parametrize(("currency", "typed", "minor"), [(392, "1000", 1000),
+                                                          (48, "1.234", 1234),
+                                                          (156, "12.34", 1234)])
+def test_source_add_places_the_amount_in_the_fin_currencys_exponent(
+        tmp_path: Any, currency: int, typed: str, minor: int) -> None:
+    """``svcard wallet source add --amount 1000`` on a yen financial system opened an account
+    holding 100000 yen (every amount was placed at exponent 2, as CNY)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main
+    from svcard.host.wallet.fin import ledger as L
+    from svcard.host.wallet.fin.db import make_engine
+    config = tmp_path / "fin.toml"
+    config.write_text(f'secret_key = "{"11" * 32}"\ncurrency = {currency}\n'
+                      f'[[gateway]]\nid = "gateway"\nkey = "{"22" * 32}"\n')
+    db = f"sqlite:///{tmp_path / 'fin.db'}"
+    result = CliRunner().invoke(main, [
+        "wallet", "source", "add", "account", "1000000000000009", "--config", str(config),
+        "--db", db, "--amount", typed, "--secret-env", "R14_SECRET"],
+        env={**os.environ, "R14_SECRET": "acct4321"})
+    assert result.exit_code == 0, result.output
+    engine = make_engine(db)
+    try:
+        found = L.source_state(engine, "account", "1000000000000009")
+    finally:
+        engine.dispose()
+    assert found is not None and found["balance"] == minor and found["currency"] == currency

@@ -15,7 +15,7 @@ from ..kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_NETWORK, emit, fa
 from ..kit.serving import serve as serve_app
 from ..kit.serving import serve_options
 from ..terminal.card_commands import parse_amount_option
-from ..terminal.money import Amount, AmountError, format_money
+from ..terminal.money import Amount, AmountError, exponent_of, format_money
 
 config_option = click.option("--config", "config_path", required=True,
                              type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -40,9 +40,10 @@ def source_group() -> None:
     """Bank accounts and credit cards at the financial system."""
 
 
-def _minor(amount: Amount) -> int:
+def _minor(amount: Amount, currency: int) -> int:
+    """The amount in minor units at ``currency``'s own exponent (0 for JPY, 3 for BHD)."""
     try:
-        return amount.minor_units(2, 156, maximum=10**12)
+        return amount.minor_units(exponent_of(currency), currency, maximum=10**12)
     except AmountError as exc:
         fail(str(exc), EXIT_INPUT)
 
@@ -72,7 +73,7 @@ def source_add(kind: str, number: str, config_path: Path, db_url: str | None, am
         fail(f"{secret_env}: 4 to 64 letters or digits", EXIT_INPUT)
     server = FinServer(fin_config(config_path, db_url))
     try:
-        add_source(server, kind, number, secret, _minor(amount))
+        add_source(server, kind, number, secret, _minor(amount, server.config.currency))
     finally:
         server.close()
     click.echo(f"{kind} {number} opened")
@@ -86,9 +87,11 @@ def source_add(kind: str, number: str, config_path: Path, db_url: str | None, am
 @click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False,
                                                             path_type=Path),
               help="The agent's link key: 64 hex digits.")
+@click.option("--currency", type=click.IntRange(1, 999), default=156, show_default=True,
+              help="The card's currency (ISO 4217 numeric code): AMOUNT is in its exponent.")
 @json_option
 def topup(card: str, amount: Amount, fin_url: str, agent: str, key_file: Path,
-          as_json: bool) -> None:
+          currency: int, as_json: bool) -> None:
     """A cash agent charges CARD with AMOUNT (cash taken over the counter)."""
     import httpx
 
@@ -100,17 +103,17 @@ def topup(card: str, amount: Amount, fin_url: str, agent: str, key_file: Path,
         fail(f"{key_file}: not 64 hex digits", EXIT_INPUT)
     if len(key) != 32:
         fail(f"{key_file}: not 64 hex digits", EXIT_INPUT)
-    minor = _minor(amount)
+    minor = _minor(amount, currency)
     with httpx.Client(timeout=30) as http:
         status, answer = LinkClient(http, fin_url, agent, key).post("/v1/topups", {
             "ref": "cash-" + secrets.token_hex(12), "card": card, "amount": minor,
-            "currency": 156})
+            "currency": currency})
     if status != 200:
         fail(f"refused: {answer.get('reason', status)}",
              EXIT_NETWORK if status >= 500 else EXIT_DECLINED)
     if answer["result"] != "done":
         fail(f"declined: {answer['reason']}", EXIT_DECLINED)
-    emit(as_json, answer, f"card {card}: {format_money(answer['balance'], 156)}")
+    emit(as_json, answer, f"card {card}: {format_money(answer['balance'], currency)}")
 
 
 @wallet.command("statements")
