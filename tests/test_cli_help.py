@@ -26,11 +26,11 @@ def test_root_help_lists_every_command() -> None:
 
 
 def test_serve_lists_every_server() -> None:
-    assert listed_commands("serve") == ["bank", "goods-auth", "goods-bank", "goods-fulfil",
-                                        "goods-merchant", "goods-payment", "load", "merchant", "payment", "sp",
-                                        "trade-account-manager", "trade-acquirer",
-                                        "trade-merchant", "wallet-fin", "wallet-gateway", "wallet-van",
-                                        "wallet-web"]
+    assert listed_commands("serve") == [
+        "bank", "goods-auth", "goods-bank", "goods-fulfil", "goods-merchant", "goods-payment",
+        "load", "merchant", "payment", "sp", "trade-account-manager", "trade-acquirer",
+        "trade-merchant", "trade-merchant-account", "wallet-fin", "wallet-gateway", "wallet-van",
+        "wallet-web"]
 
 
 def test_every_command_has_help() -> None:
