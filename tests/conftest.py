@@ -62,6 +62,8 @@ GOODS_OPTIONS = (
     ("--goods-kill-runs", "SVCARD_GOODS_KILL_RUNS", "runs of tests/test_goods_kills.py"),
     ("--goods-kills", "SVCARD_GOODS_KILLS", "SIGKILLs per run of tests/test_goods_kills.py"),
     ("--goods-kill-seed", "SVCARD_GOODS_KILL_SEED", "tests/test_goods_kills.py's seed"),
+    ("--goods-audit-runs", "SVCARD_GOODS_AUDIT_RUNS", "goods in test_goods_audit.py's random run"),
+    ("--goods-audit-seed", "SVCARD_GOODS_AUDIT_SEED", "test_goods_audit.py's random seed"),
 )
 
 
