@@ -1,0 +1,3 @@
+"""Trust between parties that never meet (seed 004): temporary certificates that carry only a
+session's public key across two financial institutions (``certs.py``), and the FIG. 4 secure
+delivery of a digital product through the trusted party (``delivery.py``)."""
