@@ -21,6 +21,7 @@ from test_goods_flow import balance, goods_on, state
 from svcard.host.goods import db as D
 from svcard.host.goods import wire as W
 from svcard.host.goods.device import DeviceError
+from svcard.host.goods.server.auth import AuthServer
 from svcard.host.goods.server.bank import BankServer
 from svcard.host.goods.server.common import REPLY, Unreachable
 from svcard.host.goods.server.payment import PaymentServer
@@ -103,13 +104,16 @@ def test_a_payment_made_while_a_wrong_pin_reset_the_order_still_pays_the_order(
     stack.account("acc1", A)
     card = make_card(tmp_path / "cards", A)
     pay = payment_of(stack)
+    auth = stack.servers["auth"]
+    assert isinstance(auth, AuthServer)
     real = pay.send_raw
 
     async def racing(role: str, path: str, domain: bytes, payload: Any,
                      http: httpx.AsyncClient | None = None) -> tuple[dict[str, Any], str, str]:
         out = await real(role, path, domain, payload, http)
-        if role == "bank":   # the wrong PIN's decline lands first
+        if role == "bank":   # the wrong PIN's decline lands first, here and at the auth server
             await pay.sql(pay._set, payload["order"], D.AUTHORISING, D.ROUTED, card=None)
+            auth._set(payload["order"], D.AUTHORISED, D.OFFERED, authorisation=None)
         return out
 
     monkeypatch.setattr(pay, "send_raw", racing)
@@ -123,6 +127,8 @@ def test_a_payment_made_while_a_wrong_pin_reset_the_order_still_pays_the_order(
     assert state(stack, "payment", first.order) == D.PAID
     assert outcome.paid and outcome.written
     assert len(goods_on(card)) == 1
+    assert state(stack, "auth", first.order) == D.PAID   # not offered again to the device
+    assert device.poll(wait=0) == []
 
 
 def queued(engine: Any) -> int:

@@ -226,8 +226,10 @@ class AuthServer(PartyServer):
             if decision.get("order") != data["order"]:
                 raise Refused(502, 502, "authorisation: the payment server answered about "
                                         "another order")
-            if decision.get("paid") is True:
-                await self.sql(self._set, data["order"], D.AUTHORISED, D.PAID)
+            if decision.get("paid") is True:   # from offered too: a racing wrong PIN's
+                for before in (D.AUTHORISED, D.OFFERED):   # answer may have reset it
+                    if await self.sql(self._set, data["order"], before, D.PAID):
+                        break
             elif decision.get("retry") is True:   # a wrong PIN: the device may try again
                 await self.sql(self._set, data["order"], D.AUTHORISED, D.OFFERED,
                                authorisation=None)
