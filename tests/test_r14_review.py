@@ -175,3 +175,13 @@ def test_source_add_places_the_amount_in_the_fin_currencys_exponent(
     finally:
         engine.dispose()
     assert found is not None and found["balance"] == minor and found["currency"] == currency
+
+
+@pytest.mark.parametrize("cart", [[[["tea"], 1]], [[{"a": 1}, 1]], [[None, 1]]])
+def test_the_demo_mall_refuses_an_unhashable_sku_with_400(stack: WalletStack,
+                                                          cart: list[Any]) -> None:
+    """``line[0] in PRICES`` on a list or an object raised TypeError: 500."""
+    with httpx.Client(timeout=30) as http:
+        r = http.post(stack.url("mall") + "/shop/orders", json={"cart": cart},
+                      headers={"X-Mall": "1"})
+    assert r.status_code == 400, (r.status_code, r.text)

@@ -94,7 +94,8 @@ class MallServer:
                 raise Refused(400, 400, "cart: 1 to 10 [sku, qty] pairs")
             products = []
             for line in cart:
-                if not (isinstance(line, list) and len(line) == 2 and line[0] in PRICES
+                if not (isinstance(line, list) and len(line) == 2 and isinstance(line[0], str)
+                        and line[0] in PRICES
                         and isinstance(line[1], int) and 1 <= line[1] <= 99):
                     raise Refused(400, 400, "cart: [sku, qty] with a sku we sell")
                 products.append({"sku": line[0], "qty": line[1], "price": PRICES[line[0]][1]})
