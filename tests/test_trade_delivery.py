@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from dataclasses import dataclass, replace
 
 import pytest
@@ -39,8 +40,10 @@ def w() -> World:
     k1, k1_pub = D.new_exchange_key()
     party_priv, party_pub = D.new_exchange_key()
     clock = [NOW]
-    keys = {SESSION: session_pub}
-    party = D.TrustedParty(party_priv, {"shop": merchant_pub}, keys.get, lambda: clock[0])
+    _, rival_pub = signing.new_key()
+    sessions = {SESSION: ("shop", session_pub), "op1-am.9": ("rival", rival_pub)}
+    party = D.TrustedParty(party_priv, {"shop": merchant_pub, "rival": rival_pub},
+                           sessions.get, lambda: clock[0], most=3)
     order = signing.canonical({"session": SESSION, "index": 1, "item": "song-7", "units": 1})
     order += b"." + signing.sign(session, signing.ORDER, order).encode()
     return World(merchant, merchant_pub, session, session_pub, k1, k1_pub, party_pub, party,
@@ -211,3 +214,47 @@ def test_dispute_packages_that_do_not_hold_together(w: World) -> None:
     assert base64.b64decode(good["ciphertext"]) == o.ciphertext
     with pytest.raises(D.DeliveryError, match="bytes"):
         make_offer(w, b"x" * (D.MAX_PRODUCT + 1))
+
+
+def test_a_key_lodged_for_another_merchants_session_or_past_the_bound_is_refused(
+        w: World) -> None:
+    order = signing.canonical({"session": "op1-am.9", "index": 1})
+    o, sealed = D.offer(w.merchant, "shop", "op1-am.9", order, "song-7", "Song 7",
+                        Amount(125, "EUR"), PRODUCT, w.party_pub)
+    with pytest.raises(D.DeliveryError, match="not a session open here"):
+        w.party.lodge(o.description, o.signature, sealed)     # shop aims at rival's session
+    o, sealed = D.offer(w.merchant, "shop", "op1-am.99", order, "song-7", "Song 7",
+                        Amount(125, "EUR"), PRODUCT, w.party_pub)
+    with pytest.raises(D.DeliveryError, match="not a session open here"):
+        w.party.lodge(o.description, o.signature, sealed)     # no such session
+    for i in range(3):
+        o, sealed = make_offer(w, order=w.order + bytes([i]))
+        w.party.lodge(o.description, o.signature, sealed)
+    o, sealed = make_offer(w, order=w.order + b"full")
+    with pytest.raises(D.DeliveryError, match="already holds 3"):
+        w.party.lodge(o.description, o.signature, sealed)
+
+
+def test_two_acceptances_raced_for_one_order_release_once(w: World) -> None:
+    o, sealed = make_offer(w)
+    w.party.lodge(o.description, o.signature, sealed)
+    acceptances = [D.accept(w.session, o, w.k1_pub, NOW) for _ in range(8)]
+    ok: list[bytes] = []
+    refused: list[str] = []
+    barrier = threading.Barrier(len(acceptances))
+
+    def go(a: bytes) -> None:
+        barrier.wait(timeout=10)
+        try:
+            w.party.release(SESSION, order_ref(o), a)
+            ok.append(a)
+        except D.DeliveryError as exc:
+            refused.append(exc.reason)
+
+    threads = [threading.Thread(target=go, args=(a,)) for a in acceptances]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(ok) == 1 and len(refused) == 7
+    assert all("already accepted" in r for r in refused)

@@ -52,6 +52,7 @@ VERSION = 1
 MAX_PRODUCT = 8 << 20        # bytes of plaintext
 MAX_PACKAGE = MAX_PRODUCT * 4 // 3 + 16384
 MAX_SKEW = M.MAX_SKEW
+MAX_LODGED = 100_000   # keys a trusted party holds at once (a server would expire them)
 
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _VERSION: M.Checker = lambda v: v == VERSION   # noqa: E731
@@ -215,11 +216,14 @@ class TrustedParty:
     check-then-act is one step under a lock (a server keeps the same steps in its DB)."""
 
     def __init__(self, private: bytes, merchants: Mapping[str, bytes],
-                 session_key: Callable[[str], bytes | None],
-                 clock: Callable[[], int]) -> None:
+                 sessions: Callable[[str], tuple[str, bytes] | None],
+                 clock: Callable[[], int], most: int = MAX_LODGED) -> None:
+        """``merchants``: each merchant's Ed25519 key; ``sessions(id)``: the open session's
+        (merchant, session public key), or None; ``most``: keys held at once."""
         self._private = private
         self._merchants = dict(merchants)
-        self._session_key = session_key
+        self._sessions = sessions
+        self._most = most
         self._clock = clock
         self._lodged: dict[tuple[str, str], _Lodged] = {}
         self._uniques: dict[str, tuple[str, str]] = {}
@@ -236,6 +240,9 @@ class TrustedParty:
         if public is None:
             raise DeliveryError(f"description: merchant {d['merchant']!r} is not known here")
         _description(description, signature, public)
+        session = self._sessions(d["session"])
+        if session is None or session[0] != d["merchant"]:
+            raise DeliveryError("description: not a session open here with this merchant")
         k2 = _unseal(self._private, sealed, K2_TO_PARTY + description)
         if commitment(k2) != d["key"]:
             raise DeliveryError("sealed key: not the key the description commits to")
@@ -245,15 +252,17 @@ class TrustedParty:
                 if old.description != description:
                     raise DeliveryError("order: another description is already lodged")
                 return
+            if len(self._lodged) >= self._most:
+                raise DeliveryError(f"party: already holds {self._most} keys")
             self._lodged[(d["session"], d["order"])] = _Lodged(description, k2)
 
     def release(self, session: str, order: str, acceptance: bytes) -> bytes:
         """K2 sealed to the customer's K1, against its signed acceptance of exactly the
         description lodged for ``(session, order)``; nothing else releases it."""
-        public = self._session_key(session)
-        if public is None:
+        known = self._sessions(session)
+        if known is None:
             raise DeliveryError("session: not known here")
-        a = _acceptance(acceptance, public)
+        a = _acceptance(acceptance, known[1])
         if a["session"] != session or a["order"] != order:
             raise DeliveryError("acceptance: for another session or order")
         if abs(self._clock() - a["created"]) > MAX_SKEW:
