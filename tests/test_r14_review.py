@@ -185,3 +185,29 @@ def test_the_demo_mall_refuses_an_unhashable_sku_with_400(stack: WalletStack,
         r = http.post(stack.url("mall") + "/shop/orders", json={"cart": cart},
                       headers={"X-Mall": "1"})
     assert r.status_code == 400, (r.status_code, r.text)
+
+
+def test_a_session_cookie_given_over_https_is_secure(tmp_path: Any) -> None:
+    """``secure_cookie`` defaults to False for loopback; a web server reached over HTTPS that
+    was not told so gave the session cookie without ``Secure`` (sent again over plain HTTP)."""
+    from starlette.testclient import TestClient
+
+    from svcard.host.wallet.config import WebConfig
+    from svcard.host.wallet.web.app import HEADER, WebServer
+    server = WebServer(WebConfig("http://127.0.0.1:9", b"k" * 32,
+                                 db_url=f"sqlite:///{tmp_path / 'web.db'}"))
+    try:
+        with TestClient(server.app(), base_url="https://wallet.test") as client:
+            client.headers[HEADER] = "1"
+            body = {"member": "r14-https", "password": "long enough"}
+            assert client.post("/api/register", json=body).status_code == 201
+            r = client.post("/api/login", json=body)
+            assert r.status_code == 200, r.text
+            cookie = r.headers["set-cookie"].lower()
+            assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        with TestClient(server.app(), base_url="http://127.0.0.1") as client:
+            client.headers[HEADER] = "1"
+            r = client.post("/api/login", json=body)
+            assert r.status_code == 200 and "secure" not in r.headers["set-cookie"].lower()
+    finally:
+        server.close()

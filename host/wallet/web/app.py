@@ -128,7 +128,8 @@ class WebServer(WalletServer):
         note(party=member, step="login")
         response = ok({"member": member})
         response.set_cookie(COOKIE, value, max_age=c.session_seconds, httponly=True,
-                            samesite="strict", secure=c.secure_cookie, path="/")
+                            samesite="strict",
+                            secure=c.secure_cookie or request.url.scheme == "https", path="/")
         return response
 
     async def logout(self, request: Request) -> Response:
