@@ -126,3 +126,9 @@ def test_reverse_direction_for_the_merchant_session_key(pki: dict[str, bytes]) -
     issued = certs.issue(pki["mfi"], "bank-m", SESSION, merchant_session, NOW)
     blob = certs.resign(pki["cfi"], {"bank-m": pki["mfi_pub"]}, issued, NOW)
     assert certs.verify(pki["cfi_pub"], blob, SESSION, NOW).key == merchant_session
+
+
+def test_the_fi_refuses_to_issue_for_a_malformed_session(pki: dict[str, bytes]) -> None:
+    for session in ("", "no-dot", "x" * 40 + ".1", "a b.1"):
+        with pytest.raises(certs.CertError, match="session"):
+            certs.issue(pki["cfi"], "bank-a", session, pki["session_pub"], NOW)

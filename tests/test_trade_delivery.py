@@ -258,3 +258,10 @@ def test_two_acceptances_raced_for_one_order_release_once(w: World) -> None:
         t.join(timeout=10)
     assert len(ok) == 1 and len(refused) == 7
     assert all("already accepted" in r for r in refused)
+
+
+def test_the_merchant_cannot_describe_with_malformed_fields(w: World) -> None:
+    for product, text in (("bad id!", "ok"), ("song-7", "x" * 2049), ("song-7", "a\x00b")):
+        with pytest.raises(D.DeliveryError):
+            D.offer(w.merchant, "shop", SESSION, w.order, product, text, Amount(1, "EUR"),
+                    b"p", w.party_pub)

@@ -62,7 +62,10 @@ def issue(fi_private: bytes, fi_id: str, session: str, session_key: bytes, now: 
         raise CertError(f"lifespan: {lifespan} s, not within 1..{MAX_LIFESPAN}")
     body = {"v": VERSION, "session": session, "key": session_key.hex(), "not_before": now,
             "not_after": now + lifespan, "issuer": fi_id}
-    M.check(body, ISSUED_BODY, "certificate")
+    try:
+        M.check(body, ISSUED_BODY, "certificate")
+    except Refused as exc:
+        raise CertError(exc.reason) from None
     return signing.canonical(
         {"cert": body, "sig": signing.sign(fi_private, ISSUED, signing.canonical(body))})
 

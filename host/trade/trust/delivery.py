@@ -144,7 +144,7 @@ def offer(merchant_private: bytes, merchant: str, session: str, signed_order: by
         "key": commitment(k2)}
     ciphertext = AESGCM(k2).encrypt(nonce, plaintext, _aad(body))
     body["ciphertext"] = _sha(ciphertext)
-    M.check(body, DESCRIPTION_BODY, "description")
+    _parse(body, DESCRIPTION_BODY, "description")
     raw = signing.canonical(body)
     sealed = _seal(party_public, k2, K2_TO_PARTY + raw)
     return Offer(raw, signing.sign(merchant_private, DESCRIPTION, raw), ciphertext), sealed
