@@ -211,3 +211,29 @@ def test_a_session_cookie_given_over_https_is_secure(tmp_path: Any) -> None:
             assert r.status_code == 200 and "secure" not in r.headers["set-cookie"].lower()
     finally:
         server.close()
+
+
+def test_long_party_ids_fit_the_movements_on_postgresql() -> None:
+    """A mall or agent id may have 40 characters, but ``wf_movements.source`` held 40 and the
+    financial system writes ``mall:ID`` / ``agent:ID`` there: on PostgreSQL every debit for
+    such a mall and every top-up by such an agent failed (SQLite does not check lengths)."""
+    from pg_env import start_cluster
+
+    from svcard.host.wallet.fin import ledger as L
+    from svcard.host.wallet.fin.db import make_engine
+    cluster = start_cluster()
+    try:
+        engine = make_engine(cluster.new_database())
+        try:
+            number, _, _ = L.issue_card(engine, "issue:r14", "virtual", 156, "ab" * 32,
+                                        lambda n: "cd" * 32)
+            assert number is not None
+            top = L.move(engine, "cash:r14", "cash", number, "agent:" + "A" * 40, 500, 156,
+                         "d1" * 32, None, 10**9)
+            pay = L.move(engine, "pay:r14", "debit", number, "mall:" + "M" * 40, 200, 156,
+                         "d2" * 32, None, 10**9, "order-1")
+            assert (top.result, pay.result, pay.balance) == ("done", "done", 300)
+        finally:
+            engine.dispose()
+    finally:
+        cluster.stop()

@@ -77,7 +77,7 @@ movements = Table(
     Column("ref", String(64), nullable=False, unique=True),
     Column("kind", String(16), nullable=False),          # cash | account | credit | debit
     Column("card", String(16), nullable=False),
-    Column("source", String(40), nullable=False),        # account, credit card, agent, mall
+    Column("source", String(48), nullable=False),        # account, credit card, agent:ID, mall:ID
     Column("amount", BigInteger, nullable=False),
     Column("currency", Integer, nullable=False),
     Column("digest", String(64), nullable=False),        # of the request: a reused ref differs
