@@ -316,3 +316,34 @@ def test_randomised_altered_dispute_packages_never_judged_matches(w: World) -> N
             assert base64.b64decode(p["ciphertext"]) == o.ciphertext, seed
     assert counts["mismatch"] == 0, (seed, counts)
     print(counts)
+
+
+def test_certificate_then_delivery_end_to_end() -> None:
+    """The session key the merchant learns from its FI's certificate is the key that signs
+    the order and the acceptance; nobody along the way learns who the customer is."""
+    from svcard.host.trade.trust import certs
+
+    cfi, cfi_pub = signing.new_key()
+    mfi, mfi_pub = signing.new_key()
+    session, session_pub = signing.new_key()
+    merchant, merchant_pub = signing.new_key()
+    issued = certs.issue(cfi, "bank-a", SESSION, session_pub, NOW)
+    cert = certs.resign(mfi, {"bank-a": cfi_pub}, issued, NOW)
+    learned = certs.verify(mfi_pub, cert, SESSION, NOW + 1).key     # the merchant's view
+    order = signing.canonical({"session": SESSION, "index": 1, "item": "doc", "units": 1})
+    signature = signing.sign(session, signing.ORDER, order)
+    assert signing.verify(learned, signing.ORDER, order, signature)
+    signed_order = order + b"." + signature.encode()
+    party_priv, party_pub = D.new_exchange_key()
+    party = D.TrustedParty(party_priv, {"shop": merchant_pub},
+                           {SESSION: ("shop", learned)}.get, lambda: NOW + 2)
+    o, sealed = D.offer(merchant, "shop", SESSION, signed_order, "doc", "A 2-page document",
+                        Amount(300, "JPY"), b"%PDF-1.7 ...", party_pub)
+    party.lodge(o.description, o.signature, sealed)
+    D.check_offer(o, merchant_pub, SESSION, signed_order)
+    k1, k1_pub = D.new_exchange_key()
+    acceptance = D.accept(session, o, k1_pub, NOW + 2)
+    k2 = D.open_key(k1, party.release(SESSION, order_ref(o), acceptance), acceptance, o)
+    assert D.decrypt(o, k2) == b"%PDF-1.7 ..."
+    package = D.dispute_package(o, acceptance, k2)
+    assert D.verify_dispute(package, merchant_pub, learned).outcome == "matches"
