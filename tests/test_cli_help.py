@@ -20,9 +20,10 @@ def listed_commands(*path: str) -> list[str]:
 
 
 def test_root_help_lists_every_command() -> None:
-    assert listed_commands() == ["apdu", "audit", "bank", "batches", "card", "clearing", "demo",
-                                 "device", "goods", "helper", "load", "pay", "readers", "serve", "session", "sp",
-                                 "terminal", "terminal-key", "trace", "wallet"]
+    assert listed_commands() == [
+        "apdu", "audit", "bank", "batches", "card", "clearing", "demo", "device", "goods", "helper",
+        "load", "pay", "readers", "serve", "session", "sp", "terminal", "terminal-key", "trace",
+        "wallet"]
 
 
 def test_serve_lists_every_server() -> None:
