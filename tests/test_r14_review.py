@@ -237,3 +237,31 @@ def test_long_party_ids_fit_the_movements_on_postgresql() -> None:
             engine.dispose()
     finally:
         cluster.stop()
+
+
+def test_a_charge_sent_twice_with_its_ref_moves_money_once(stack: WalletStack) -> None:
+    """The web server made a fresh ref for every ``/api/charges``: a double click or a POST
+    the browser sent again after a dropped connection charged the account twice. The page's
+    own ``ref`` (kept until an answer comes) now makes the second one a repeat; another
+    member's same ref is a different charge."""
+    account = "1000000000000014"
+    stack.open_account(account, "acct1414", 10_000)
+    b = member(stack, "r14-charger")
+    try:
+        card = issue(b)["number"]
+        assert b.post("/api/links", {"kind": "account", "number": account,
+                                     "secret": "acct1414"}).status_code == 200
+        body = {"kind": "account", "card": card, "source": account, "amount": 700,
+                "currency": 156, "ref": "r14-page-ref-0001"}
+        first, second = b.post("/api/charges", body), b.post("/api/charges", body)
+        assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
+        assert second.json()["repeated"] and second.json()["balance"] == 700
+        cards = {c["number"]: c["balance"] for c in b.wallet()["cards"]}
+        assert cards[card] == 700
+        assert b.post("/api/charges", {**body, "ref": "bad ref!"}).status_code == 400
+        # without a ref: each request its own charge, as before
+        body.pop("ref")
+        assert b.post("/api/charges", body).status_code == 200
+        assert {c["number"]: c["balance"] for c in b.wallet()["cards"]}[card] == 1_400
+    finally:
+        b.close()

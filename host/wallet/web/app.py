@@ -20,6 +20,7 @@ member's cookie. ``GET /v1/health``, ``GET /openapi.json``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import secrets
 import time
@@ -44,6 +45,7 @@ from .pages import static_routes
 COOKIE = "wallet_session"
 HEADER = "X-Svcard-Wallet"
 MEMBER = re.compile(r"^[A-Za-z0-9_.-]{3,40}$")
+PAGE_REF = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 class WebServer(WalletServer):
@@ -164,7 +166,7 @@ class WebServer(WalletServer):
             "member": member, "kind": choice(data, "kind", ("account", "credit")),
             "card": data.get("card"), "source": data.get("source"),
             "amount": whole(data, "amount", 1), "currency": whole(data, "currency", 1, 999),
-            "ref": secrets.token_hex(16)})
+            "ref": _charge_ref(member, data)})
 
     async def purchases(self, request: Request) -> Response:
         member, data = await self._session(request)
@@ -200,6 +202,18 @@ class WebServer(WalletServer):
             openapi_route("wallet-web"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
             middleware=[Middleware(RequestLog, server="wallet-web")])
+
+
+def _charge_ref(member: str, data: dict[str, Any]) -> str:
+    """The charge's ref: the page's own ``ref`` (kept until an answer comes, so a double click
+    or a POST sent again is the same charge, never a second one), made this member's; a fresh
+    one when the page gives none."""
+    given = data.get("ref")
+    if given is None:
+        return secrets.token_hex(16)
+    if not isinstance(given, str) or not PAGE_REF.fullmatch(given):
+        raise Refused(400, 400, "ref: 8 to 64 letters, digits, - or _")
+    return hashlib.sha256(f"{member}\n{given}".encode()).hexdigest()[:32]
 
 
 def _address(request: Request) -> str:

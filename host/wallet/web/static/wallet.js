@@ -11,6 +11,7 @@ const CURRENCIES = {156: ["CNY", 2], 978: ["EUR", 2], 840: ["USD", 2], 826: ["GB
 let incoming = null;     // {purchase, return_url} from the mall's page
 let member = null;
 let cardCurrency = {};   // card number -> its currency, from the wallet's listing
+let chargeRef = null;    // the charge being sent: the same ref again until an answer comes
 
 function $(id) { return document.getElementById(id); }
 
@@ -194,8 +195,13 @@ async function charge() {
   if (!amount) { say("error", "Amount: not an amount in this card's currency (like 10.00)"); return; }
   const [kind, source] = $("charge-source").value.split(":");
   say("busy", "Charging...");
+  if (!chargeRef) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    chargeRef = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
   const r = await api("POST", "/api/charges", {card: $("charge-card").value, kind, source,
-                                                amount, currency});
+                                                amount, currency, ref: chargeRef});
+  if (r.status !== 0 && r.status < 500) chargeRef = null;   // answered: the next is new
   if (r.status !== 200) { say("error", `Not charged: ${r.data.reason}`); await refresh(); return; }
   await refresh();
   say("done", `Charged ${money(amount, currency)}: the balance is ${money(r.data.balance, currency)}.`);
