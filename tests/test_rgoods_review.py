@@ -16,6 +16,7 @@ import pytest
 from pcsc_env import wait_for
 from pg_env import start_cluster
 from sqlalchemy import text, update
+from test_goods_attack import authorisation, challenge_of, offered
 from test_goods_flow import balance, goods_on, state
 
 from svcard.host.goods import db as D
@@ -243,3 +244,28 @@ def test_the_payment_status_is_asked_by_the_payment_server_only_and_changes_noth
                     answer["confirmation_signature"])
     assert W.canonical_load(confirmation)["card"] == SERIAL_A
     assert balance(stack) == 100_000 - TICKET
+
+
+def test_a_replayed_wrong_pin_authorisation_counts_once(stack: GoodsStack,
+                                                        tmp_path: Path) -> None:
+    """Whoever saw a device's authorisation with a wrong PIN could send it again (signed, fresh
+    for 300 s, and a wrong PIN puts the order back to ``offered``): each copy counted another
+    wrong PIN at the institution, so two copies blocked the card holder's account."""
+    stack.account("acc1", A)
+    card = make_card(tmp_path / "cards", A)
+    device = stack.device()
+    first = offered(stack, device)
+    reader, challenge = challenge_of(card)
+    try:
+        body = authorisation(device, first, SERIAL_A, challenge, pin="000000")
+        answer = device._post("/v1/authorisations", W.AUTHORISATION, body)
+        assert answer["paid"] is False
+        for _ in range(2):
+            with pytest.raises(DeviceError, match="409"):
+                device._post("/v1/authorisations", W.AUTHORISATION, body)
+    finally:
+        reader.__exit__(None, None, None)
+    row = first_row(stack.engine("bank"), D.accounts, account="acc1")
+    assert row is not None and row["pin_failures"] == 1 and row["state"] == "active"
+    with open_reader(f"virtual:{card}") as r:   # the card holder's own retry still pays
+        assert device.authorise(r, first, "123456").paid

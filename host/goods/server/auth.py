@@ -62,6 +62,7 @@ PICKUP_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "card": W.SERIAL,
                                        "held": W.GOOD_KEYS, "created": W.SECONDS}
 MAX_OFFERED = 16   # first messages one poll answers
 MAX_POLLS = 4      # polls of one device waiting at once
+MAX_SEALS = 100_000  # authorisations remembered against copies (MAX_SKEW s each)
 
 
 def digest(text: str) -> str:
@@ -75,6 +76,9 @@ class AuthServer(PartyServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        # (order, sealed PIN) of authorisations taken in the last MAX_SKEW s -> (until, paid):
+        # a copy of one in flight or refused is refused (it would count another wrong PIN)
+        self.seals: dict[tuple[str, str], tuple[float, bool]] = {}
 
     # --- devices ------------------------------------------------------------------------------
     async def device_message(self, request: Request, fields: dict[str, W.Checker], what: str,
@@ -207,6 +211,7 @@ class AuthServer(PartyServer):
             # the card and the decision: a retry (a new challenge, the PIN sealed afresh) is
             # the same authorisation; another card or decision for the order is not
             mine = digest(f"{data['card']}|{data['approve']}")
+            seal = self._take_seal(data["order"], data["pin"])
             if order["state"] == D.OFFERED:
                 if not await self.sql(self._set, data["order"], D.OFFERED, D.AUTHORISED,
                                       authorisation=mine):
@@ -227,6 +232,7 @@ class AuthServer(PartyServer):
                 raise Refused(502, 502, "authorisation: the payment server answered about "
                                         "another order")
             if decision.get("paid") is True:   # from offered too: a racing wrong PIN's
+                self.seals[seal] = (self.clock() + W.MAX_SKEW + 60, True)   # copies: paid
                 for before in (D.AUTHORISED, D.OFFERED):   # answer may have reset it
                     if await self.sql(self._set, data["order"], before, D.PAID):
                         break
@@ -239,6 +245,22 @@ class AuthServer(PartyServer):
                 "order": data["order"], "paid": decision.get("paid") is True,
                 "apdu": decision.get("apdu"), "reason": str(decision.get("reason", ""))})
         return await handled(work)
+
+    def _take_seal(self, order: str, pin: str) -> tuple[str, str]:
+        """Mark this sealed PIN taken for ``order``; a copy of an authorisation still in
+        flight or refused is refused (409); of a paid one, answered again. Copies older than
+        MAX_SKEW s are refused by their ``created`` (kept in memory: at most MAX_SEALS)."""
+        now = self.clock()
+        if len(self.seals) >= MAX_SEALS:
+            self.seals = {k: v for k, v in self.seals.items() if v[0] > now}
+            while len(self.seals) >= MAX_SEALS:
+                del self.seals[next(iter(self.seals))]
+        key = (order, pin)
+        until, paid = self.seals.get(key, (0.0, False))
+        if until > now and not paid:
+            raise Refused(409, 409, "authorisation: a copy of one in flight or refused")
+        self.seals[key] = (now + W.MAX_SKEW + 60, paid)
+        return key
 
     def _set(self, order: str, expect: str, state: str, **values: Any) -> bool:
         t = D.auth_orders
