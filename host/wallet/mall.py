@@ -92,7 +92,7 @@ class MallServer:
             cart = data.get("cart") if isinstance(data, dict) else None
             if not isinstance(cart, list) or not 1 <= len(cart) <= 10:
                 raise Refused(400, 400, "cart: 1 to 10 [sku, qty] pairs")
-            products = []
+            products: list[dict[str, Any]] = []
             for line in cart:
                 if not (isinstance(line, list) and len(line) == 2 and isinstance(line[0], str)
                         and line[0] in PRICES
