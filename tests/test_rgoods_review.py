@@ -269,3 +269,20 @@ def test_a_replayed_wrong_pin_authorisation_counts_once(stack: GoodsStack,
     assert row is not None and row["pin_failures"] == 1 and row["state"] == "active"
     with open_reader(f"virtual:{card}") as r:   # the card holder's own retry still pays
         assert device.authorise(r, first, "123456").paid
+
+
+def test_the_merchant_takes_paid_after_declined(stack: GoodsStack) -> None:
+    """The payment server now takes the institution's "paid" after a racing decline
+    (above) and tells the merchant; the merchant took ``paid`` only from ``routed``, so it
+    kept showing ``declined`` for an order paid (and its good delivered or refunded)."""
+    with httpx.Client(timeout=30) as http:
+        answer = stack.order(http, "ticket", "0" * 32)   # no such device: declined
+    order = answer.json()["order"]
+    assert state(stack, "merchant", order) == D.DECLINED
+    body, headers = W.signed(stack.keys["payment"], stack.system.peer("payment").id, W.PAID,
+                             {"order": order, "state": "paid", "reason": "paid after all",
+                              "created": int(time.time())})
+    told = httpx.post(f"{stack.url('merchant')}/v1/paid", content=body, headers=headers,
+                      timeout=10)
+    assert told.status_code == 200
+    assert state(stack, "merchant", order) == D.PAID

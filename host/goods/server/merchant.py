@@ -111,8 +111,15 @@ class MerchantServer(PartyServer):
         async def work() -> Response:
             _body, data, _role = await self.authenticated(
                 request, PAID_FIELDS, "paid notice", W.PAID, ("payment",))
-            expect = D.PAID if data["state"] == D.REFUNDED else D.ROUTED
-            changed = await self.sql(self._set, data["order"], expect, data["state"])
+            # paid also after declined: the payment server takes the institution's signed
+            # "paid" even when a racing authorisation's decline came first
+            expects = {D.REFUNDED: (D.PAID,), D.PAID: (D.ROUTED, D.DECLINED)}.get(
+                data["state"], (D.ROUTED,))
+            changed = False
+            for expect in expects:
+                if await self.sql(self._set, data["order"], expect, data["state"]):
+                    changed = True
+                    break
             return self.reply(W.PAID, {"order": data["order"], "changed": changed})
         return await handled(work)
 
