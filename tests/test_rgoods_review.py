@@ -286,3 +286,30 @@ def test_the_merchant_takes_paid_after_declined(stack: GoodsStack) -> None:
                       timeout=10)
     assert told.status_code == 200
     assert state(stack, "merchant", order) == D.PAID
+
+
+class Recording:
+    """A reader that records what it is sent (and answers 9000)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def exchange(self, apdu: bytes) -> Any:
+        self.sent.append(apdu)
+
+        class Answer:
+            sw = 0x9000
+            data = b""
+        return Answer()
+
+
+def test_the_device_relays_only_a_goods_write_to_the_card(stack: GoodsStack) -> None:
+    """The device sent the card whatever APDU the authentication server's answer named (any
+    hex, 5..300 bytes), right after VERIFY PIN: a server (or its key) turned bad could send a
+    PIN-verified card any plain command. Only a secure-messaging goods write (04 DC / 04 E2)
+    is relayed now; anything else is not sent and the good waits for its pick-up."""
+    device = stack.device()
+    for apdu in ("805E010003123456", "00A4040008A000000003869807", "8424000004"):
+        card = Recording()
+        out = device._write(card, "ab" * 16, SERIAL_A, apdu)   # type: ignore[arg-type]
+        assert card.sent == [] and not out.written

@@ -37,6 +37,7 @@ FIRST_FIELDS: dict[str, W.Checker] = {
                                       "currency", "device", "record")},
     "seal_key": W.KEY, "auth": W.IDENT, "created": W.SECONDS}
 MAX_PICKUPS = 16
+GOODS_WRITES = (b"\x04\xdc", b"\x04\xe2")   # secure-messaging UPDATE / APPEND RECORD
 
 
 class DeviceError(Exception):
@@ -154,6 +155,9 @@ class Device:
     def _write(self, card: Reader, order: str, serial: str, apdu: object) -> Outcome:
         if not isinstance(apdu, str) or not W.APDU(apdu):
             return Outcome(order, True, reason="paid; the good waits for a pick-up")
+        if bytes.fromhex(apdu)[:2] not in GOODS_WRITES:   # the card gets a goods write only
+            return Outcome(order, True, reason="paid; the answer held no goods write: the "
+                                               "good waits for a pick-up")
         sw = card.exchange(bytes.fromhex(apdu)).sw
         done = self._post("/v1/written", W.WRITTEN, {"order": order, "device": self.id,
                                                      "card": serial, "sw": sw,
