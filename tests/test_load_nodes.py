@@ -248,6 +248,86 @@ def test_a_paused_node_issues_no_s2_after_its_lease_is_taken(cluster: Cluster,
         db.engine.dispose()
 
 
+def test_a_paused_node_records_no_probe_after_its_lease_is_taken(cluster: Cluster,
+                                                                tmp_path: Path) -> None:
+    """The card does not load (its CREDIT FOR LOAD fails), so the client asks for the
+    zero-value probe; node A is stopped while (or before) its HSM makes the probe's S2 and its
+    lease is taken meanwhile. A resumed records no probe and answers 503 (nothing decided);
+    once the intruder is gone A leases the HSM again, the client's resume probes for real and
+    the load is closed 'not loaded' on that evidence, refunded once."""
+    from svcard.protocols import purse as P
+
+    db_url = cluster.new_database()
+    hsm = hsm_image(tmp_path)
+    key = bytes(range(32))
+    spec = f"delayed:800:virtual:{hsm}"
+    a = LoadNode(tmp_path, LoadNodeSpec("loadA", free_port(), db_url, [spec],
+                                        DEMO_BANK_ID.hex(), key.hex(),
+                                        DEMO_LOAD_TERMINAL.hex(), lease_seconds=2.0,
+                                        acquire_timeout=5.0))
+    bank, bank_thread = _bank(tmp_path, key, a.url)
+    card = card_image(tmp_path, ep=0)
+    db = LoadDb(make_engine(db_url))
+    store = L.LeaseStore(db.engine)
+    journal = Journal(tmp_path / "j.jsonl")
+    probing = threading.Event()
+    outcome: list[Any] = []
+    try:
+        a.start().wait_ready()
+        _wait(lambda: _holds(a), "node A to lease the HSM")
+
+        def load() -> None:
+            try:
+                with httpx.Client(timeout=60) as http, open_reader(f"virtual:{card}") as r:
+                    real = r.exchange
+                    credits = []
+
+                    def card_apdu(apdu: bytes) -> Any:
+                        if apdu[1] == P.INS_CREDIT_FOR_LOAD and not credits:
+                            credits.append(apdu)
+                            return real(b"\x00\xA4\x00\x00\x02\x00\x00")   # an error SW
+                        if credits and apdu[1] == P.INS_INITIALIZE:
+                            probing.set()   # the zero-value S1: the probe comes next
+                        return real(apdu)
+
+                    r.exchange = card_apdu  # type: ignore[method-assign]
+                    outcome.append(LC.load(bank_thread.url + "/v1/load", r, account="alice",
+                                           secret="pw", amount=700, journal=journal,
+                                           http=http))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        assert probing.wait(60), "the client never asked for the probe"
+        time.sleep(0.3)                # the result posted; A's HSM makes the probe's S2
+        a.signal(signal.SIGSTOP)
+        _wait(lambda: store.take(spec, "intruder#1", 60_000) is not None,
+              "the lease to expire and be taken", timeout=20)
+        a.signal(signal.SIGCONT)
+        thread.join(120)
+        assert not thread.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], LC.PaymentRefused), outcome
+        assert outcome[0].status == 503, outcome[0]
+        [row] = db.rows()
+        assert row["state"] == "authorized" and row["probe_s2"] is None, row
+        # the intruder goes; A takes the HSM back, the client's resume finishes the load
+        token = max(h["token"] for h in store.history())
+        assert store.release(spec, "intruder#1", token)
+        _wait(lambda: _holds(a), "node A to lease the HSM again")
+        with httpx.Client(timeout=60) as http, open_reader(f"virtual:{card}") as r:
+            report = LC.resume_loads(r, journal=journal, http=http)
+        assert [x["outcome"] for x in report] == ["not loaded"], report
+        [row] = db.rows()
+        assert (row["state"], row["evidence"]) == ("not_loaded", "probe"), row
+        assert read_image(card)["app"]["ep"]["balance"] == 0
+        assert bank.db.totals().get("refunded") == 700 and "confirmed" not in bank.db.totals()
+    finally:
+        a.kill()
+        bank_thread.stop()
+        db.engine.dispose()
+
+
 def test_a_node_leasing_no_hsm_logs_no_request(cluster: Cluster, tmp_path: Path) -> None:
     """A node whose HSM is leased elsewhere answers a load request 503 before logging it, so
     nginx may ask the next node with the same bytes (a logged request would be closed
