@@ -13,6 +13,11 @@ Every ``not_loaded`` row names its ``evidence``: ``no-s2`` (no S2 ever left the 
 ``probe`` (the card completed the load's zero-value probe at the load's own counter) or
 ``counter-used:<txn id>`` (the probe shows the counter moved past the load's, and that load
 was proven loaded at the load's counter). The probe a load is waiting for is in ``probe_*``.
+
+On load nodes (leases.py; schema 2) ``node`` names the node that logged a request, so another
+node settles it when that node dies (:meth:`LoadDb.recover`), and the writes of an HSM's S2
+(:meth:`LoadDb.advance` to ``authorized``, :meth:`LoadDb.record_probe`) carry the HSM lease's
+fence: a stale token changes nothing.
 """
 
 from __future__ import annotations
