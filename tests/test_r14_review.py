@@ -265,3 +265,42 @@ def test_a_charge_sent_twice_with_its_ref_moves_money_once(stack: WalletStack) -
         assert {c["number"]: c["balance"] for c in b.wallet()["cards"]}[card] == 1_400
     finally:
         b.close()
+
+
+def test_a_mall_asking_again_after_a_lost_answer_learns_its_order_is_paid(
+        stack: WalletStack) -> None:
+    """The answer to a mall's approval request lost (or the gateway restarted and finished the
+    debit itself): the mall's exact request again got only 409 "approved already", and the
+    demo mall showed the order as not paid while the card was debited. The 409 (still no
+    second approval, no second debit) now says the state and the approval to that mall for its
+    own exact purchase; a mutated one learns nothing."""
+    from test_wallet_attack import choose
+    b = member(stack, "r14-retry")
+    try:
+        card = issue(b)
+        with httpx.Client(timeout=30) as http:
+            status, _ = stack.agent(http).post("/v1/topups", {
+                "ref": "r14-retry-cash", "card": card["number"], "amount": 5_000,
+                "currency": 156})
+            assert status == 200
+            r = http.post(stack.url("mall") + "/shop/orders", headers={"X-Mall": "1"},
+                          json={"cart": [["tea", 1]]})
+            p = r.json()["purchase"]
+            assert choose(stack, b, card, p).status_code == 200
+            status, first = stack.mall_link(http).post("/v1/approvals", p)  # answer "lost"
+            assert status == 200 and first["approved"], first
+            status, again = stack.mall_link(http).post("/v1/approvals", p)
+            assert status == 409 and not again.get("approved"), again
+            assert again.get("state") == "approved" and again.get("approval") == \
+                first["approval"], again
+            wrong = {**p, "nonce": "0" * 32}
+            status, other = stack.mall_link(http).post("/v1/approvals", wrong)
+            assert status == 409 and "state" not in other and "approval" not in other, other
+            # the demo mall's page, asking again: paid
+            shown = http.post(f"{stack.url('mall')}/shop/orders/{p['order']}/pay",
+                              headers={"X-Mall": "1"}).json()
+            assert shown["approved"] and shown["approval"] == first["approval"], shown
+        cards = {c["number"]: c["balance"] for c in b.wallet()["cards"]}
+        assert cards[card["number"]] == 5_000 - p["amount"]        # debited once
+    finally:
+        b.close()

@@ -15,8 +15,10 @@ the member id under the gateway's own key.
 
 Approval answers: 200 approved; 402 declined by the financial system (e.g. balance too low);
 403 a mall asking about another mall's order; 404 no purchase for this order; 409 approved or
-declined already (a replay), being approved (a concurrent copy), or the request does not match
-the wallet's purchase in some field (which one is not said); 410 expired; 502 the financial
+declined already (a replay; asked with every field equal, the body gives ``state`` and
+``approval``, so a mall whose answer was lost learns its order is paid), being approved (a
+concurrent copy), or the request does not match the wallet's purchase in some field (which
+one is not said); 410 expired; 502 the financial
 system's answer is unknown (the purchase stays ``approving``: the gateway asks again at its
 next start, and a mall's retry 10 s later asks again, under the same ref: never a second
 debit).
@@ -220,6 +222,13 @@ class GatewayServer(WalletServer):
                 "approving": (409, "being approved: ask again in a few seconds"),
                 "expired": (410, "the purchase expired"),
             }.get(how, (409, "the request does not match the wallet's purchase information"))
+            if how in ("approved", "declined") and found is not None and all(
+                    found[column] == p[name] for name, column in X.FIELDS.items()):
+                # the mall's own exact purchase asked again (its answer was lost, or a restart
+                # finished the debit): still no second approval, but the mall learns the state
+                return ok({"approved": False, "state": how, "approval": found["id"],
+                           "order": p["order"], "amount": found["amount"],
+                           "currency": found["currency"], "reason": reason}, status)
             raise Refused(status, status, reason)
         crash_point("gateway-after-match")
         approved, reason, repeated = await self.debit(found)
