@@ -14,15 +14,18 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 
 from svcard.host.kit.db import first_row
+from svcard.host.trade import closing as K
 from svcard.host.trade import customer as C
 from svcard.host.trade import db as D
 from svcard.host.trade import signing as S
 from svcard.host.trade.money import Amount, conversion_postings, convert
+from svcard.host.trade.payword import order_payload
 from svcard.host.trade.server import acquirer as A
 from svcard.host.trade.server.account import reserve
+from svcard.host.trade.server.merchant_close import end_session
 from svcard.host.trade.stack import TradeStack, add_operator, start_trade
 
 STUCK_MS = getattr(A, "INFORMING_TIMEOUT_MS", 300_000)
@@ -166,3 +169,47 @@ def test_an_initiation_refused_meanwhile_is_not_answered_accepted(
     assert row is not None and row["state"] != D.OPEN
     acq = first_row(stack.acquirer.engine, D.acq_sessions, session=row["session"])
     assert acq is not None and acq["state"] == D.REFUSED
+
+
+# --- break 3: a session could take more purchases than a record can carry ------------------
+
+def test_a_session_never_takes_more_purchases_than_its_record_can_list(
+        stack: TradeStack) -> None:
+    """A session took purchases up to its chain's length (up to 1,000,000 links), but a record
+    lists at most what fits in MAX_RECORD (2 MiB: about 5,000 entries with long item names,
+    5,500 with short ones). Past that the merchant's record was refused by the mediating agent
+    (413) and the session cleared without it: the merchant was paid nothing for everything
+    sold (a customer buying one link at a time could do it on purpose). The merchant now
+    refuses the purchase past the cap, and a record at the cap fits."""
+    cap = 4_000
+    alice = stack.customer("alice", 10_000_00)
+    engine = stack.merchants["shop"].engine
+    with httpx.Client(timeout=30) as http:
+        s = stack.open(http, alice, 100_00)                         # ~15,800 JPY links
+        assert s.length > cap + 10
+        now = int(time.time() * 1000)
+        rows = []
+        wallet = s.wallet()
+        for _ in range(cap):                # the merchant took `cap` purchases of 1 link
+            index, link = wallet.pay(1)
+            order = order_payload(s.session, index, "i" * 32, 1)
+            rows.append({"session": s.session, "link_index": index, "units": 1,
+                         "amount": s.unit, "item": "i" * 32, "link": link.hex(),
+                         "order_body": S.canonical(order).decode(),
+                         "order_signature": S.sign(s.session_key, S.ORDER, S.canonical(order)),
+                         "at": now})
+        s.spent = wallet.spent
+        msg = {"index": index, "link": link.hex()}
+        with engine.begin() as conn:
+            conn.execute(insert(D.ma_purchases), rows)
+            conn.execute(update(D.ma_sessions).where(
+                D.ma_sessions.c.session == s.session).values(
+                held_index=msg["index"], held_link=msg["link"]))
+        with pytest.raises(C.TradeError, match="409"):
+            C.buy(http, s, "one-more", 1)
+    row = first_row(engine, D.ma_sessions, session=s.session)
+    assert row is not None and row["held_index"] == cap
+    got = end_session(engine, s.session, "merchant", "shop", stack.parties["shop"].key, now)
+    assert got is not None
+    assert len(got[0]) <= K.MAX_RECORD
+    assert K.parse_record(got[0].encode())["count"] == cap

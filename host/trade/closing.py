@@ -45,7 +45,8 @@ from .money import Amount, Conversion, conversion_postings, convert
 from .payword import Commitment, PaywordError, h
 
 MAX_RECORD = 2 << 20         # bytes of one record message (the sealed list is most of it)
-MAX_ENTRIES = 20_000         # purchases one record may list
+MAX_ENTRIES = 4_000          # purchases one record may list (and a session may take: at
+                             # most ~432 bytes each sealed, so a record fits in MAX_RECORD)
 SIDES = ("customer", "merchant")
 ENDINGS = ("spent", "terminated", "merchant", "timeout")
 _SEALED = 2 * (12 + 16 + MAX_RECORD // 2)

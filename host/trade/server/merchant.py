@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -35,6 +35,7 @@ from starlette.routing import Route
 from ...kit.db import first_row, step
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route, read_body
 from ...kit.request_log import RequestLog, note
+from .. import closing as K
 from .. import db as D
 from .. import messages as M
 from .. import signing as S
@@ -104,6 +105,11 @@ def take_purchase(engine: Engine, session: str, data: dict[str, Any], order_body
             raise Refused(409, 409, f"the order is for {data['order']['units']} units, the "
                                     f"link pays {units}: an earlier purchase is missing "
                                     "(send them in order)")
+        p = D.ma_purchases.c
+        if conn.execute(select(func.count()).where(p.session == session)).scalar_one() \
+                >= K.MAX_ENTRIES:     # its record could not list one more: never paid for
+            raise Refused(409, 409, f"session {session} has taken {K.MAX_ENTRIES} purchases, "
+                                    "the most one record lists: end it and open another")
         state = D.SPENT if data["index"] == row.length else D.OPEN
         if conn.execute(update(D.ma_sessions).where(
                 s.session == session, s.state == D.OPEN, s.held_index == row.held_index).values(
