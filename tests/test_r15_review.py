@@ -213,3 +213,14 @@ def test_a_session_never_takes_more_purchases_than_its_record_can_list(
     assert got is not None
     assert len(got[0]) <= K.MAX_RECORD
     assert K.parse_record(got[0].encode())["count"] == cap
+
+
+# --- break 4: an unsigned deeply nested body was a 500 at the mediating agent ---------------
+
+def test_a_deeply_nested_customer_record_envelope_is_a_400(stack: TradeStack) -> None:
+    """``POST /v1/records/customer`` parsed the (unauthenticated) body with json.loads and
+    caught only ValueError: 100,000 nested brackets raised RecursionError, a 500."""
+    for body in (b"[" * 100_000, b'{"a":' * 50_000):
+        answer = httpx.post(f"{stack.url('acq1')}/v1/records/customer", content=body,
+                            headers={S.SIGNER: "am1", S.SIGNATURE: "00" * 64})
+        assert answer.status_code == 400, answer.status_code

@@ -205,7 +205,7 @@ class Closer:
             body = await read_body(request, K.MAX_RECORD + 4096)
             try:
                 env = M.check(json.loads(body), ENVELOPE, "envelope")
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise M.MessageError("envelope: not JSON") from None
             signer = request.headers.get(S.SIGNER, "")
             key = self.a.config.account_managers.get(signer)
