@@ -10,7 +10,9 @@ replayed or raced message finds the row it would make.
 * payment ``goods_payment_orders``: ``routed`` -> ``authorising`` -> ``paid`` | ``declined``;
   ``paid`` -> ``refunded``.
 * authentication ``goods_devices`` (a device's public key by its id) and ``goods_auth_orders``:
-  ``offered`` -> ``authorised`` -> ``paid`` | ``declined``.
+  ``offered`` -> ``authorised`` -> ``paid`` | ``declined``; ``goods_auth_seals``: each sealed
+  PIN an authorisation carried (its digest, per order) until ``expires``, so a copy of one is
+  known after a restart too (``paid``: a copy is answered again; otherwise refused).
 * institution ``goods_accounts`` (balance, the card it pays for, its PIN's hash and failures)
   and ``goods_bank_payments``: ``paid`` -> ``refunded``; a debit and its payment row are one
   step.
@@ -22,7 +24,17 @@ replayed or raced message finds the row it would make.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Engine, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 
 from ..kit.schema import Schema, open_schema
 
@@ -84,6 +96,13 @@ auth_orders = Table(
     Column("authorisation", String(64), nullable=True),   # digest of the device's message
     Column("answer", Text, nullable=True),
     *_stamps())
+auth_seals = Table(
+    "goods_auth_seals", auth_md,
+    Column("order_ref", String(32), primary_key=True),
+    Column("seal", String(64), primary_key=True),           # SHA-256 of the sealed PIN
+    Column("paid", Boolean, nullable=False),
+    Column("expires", BigInteger, nullable=False, index=True),   # ms
+)
 
 bank_md = MetaData()
 accounts = Table(

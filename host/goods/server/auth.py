@@ -16,7 +16,9 @@ the digest of the first message it was shown. ``offered`` -> ``authorised`` in o
 relayed (``RELAYED_AUTH``) to the payment server; the answer (paid with the write of the good
 for the device's challenge, or declined) is signed for the device. A repeat of the same
 authorisation (same order, card and decision; a new challenge, the PIN sealed afresh) relays
-again; another is refused (409).
+again; another is refused (409). A copy of one (the same sealed PIN) while it is in flight or
+after a refusal is refused (409): the sealed PINs seen are in the database (``auth_seals``), so
+a restart forgets none.
 ``POST /v1/written`` and ``POST /v1/pickups`` (device): relayed to the fulfilment server
 (``RELAYED_WRITTEN``, ``RELAYED_PICKUP``) with the device's id, which only this server vouches
 for.
@@ -30,7 +32,7 @@ import hashlib
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -62,7 +64,9 @@ PICKUP_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "card": W.SERIAL,
                                        "held": W.GOOD_KEYS, "created": W.SECONDS}
 MAX_OFFERED = 16   # first messages one poll answers
 MAX_POLLS = 4      # polls of one device waiting at once
-MAX_SEALS = 100_000  # authorisations remembered against copies (MAX_SKEW s each)
+SEAL_MS = (W.MAX_SKEW + 60) * 1000   # a sealed PIN is remembered this long (copies older
+                                      # than MAX_SKEW s are refused by their ``created``)
+PRUNE_MS = 60_000                     # expired seals are deleted at most this often
 
 
 def digest(text: str) -> str:
@@ -76,9 +80,7 @@ class AuthServer(PartyServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
-        # (order, sealed PIN) of authorisations taken in the last MAX_SKEW s -> (until, paid):
-        # a copy of one in flight or refused is refused (it would count another wrong PIN)
-        self.seals: dict[tuple[str, str], tuple[float, bool]] = {}
+        self.pruned = 0   # ms of the last deletion of expired seals
 
     # --- devices ------------------------------------------------------------------------------
     async def device_message(self, request: Request, fields: dict[str, W.Checker], what: str,
@@ -211,7 +213,9 @@ class AuthServer(PartyServer):
             # the card and the decision: a retry (a new challenge, the PIN sealed afresh) is
             # the same authorisation; another card or decision for the order is not
             mine = digest(f"{data['card']}|{data['approve']}")
-            seal = self._take_seal(data["order"], data["pin"])
+            seal = digest(data["pin"])
+            if not await self.sql(self._take_seal, data["order"], seal):
+                raise Refused(409, 409, "authorisation: a copy of one in flight or refused")
             if order["state"] == D.OFFERED:
                 if not await self.sql(self._set, data["order"], D.OFFERED, D.AUTHORISED,
                                       authorisation=mine):
@@ -232,7 +236,7 @@ class AuthServer(PartyServer):
                 raise Refused(502, 502, "authorisation: the payment server answered about "
                                         "another order")
             if decision.get("paid") is True:   # from offered too: a racing wrong PIN's
-                self.seals[seal] = (self.clock() + W.MAX_SKEW + 60, True)   # copies: paid
+                await self.sql(self._seal_paid, data["order"], seal)   # copies: answered
                 for before in (D.AUTHORISED, D.OFFERED):   # answer may have reset it
                     if await self.sql(self._set, data["order"], before, D.PAID):
                         break
@@ -246,21 +250,34 @@ class AuthServer(PartyServer):
                 "apdu": decision.get("apdu"), "reason": str(decision.get("reason", ""))})
         return await handled(work)
 
-    def _take_seal(self, order: str, pin: str) -> tuple[str, str]:
-        """Mark this sealed PIN taken for ``order``; a copy of an authorisation still in
-        flight or refused is refused (409); of a paid one, answered again. Copies older than
-        MAX_SKEW s are refused by their ``created`` (kept in memory: at most MAX_SEALS)."""
-        now = self.clock()
-        if len(self.seals) >= MAX_SEALS:
-            self.seals = {k: v for k, v in self.seals.items() if v[0] > now}
-            while len(self.seals) >= MAX_SEALS:
-                del self.seals[next(iter(self.seals))]
-        key = (order, pin)
-        until, paid = self.seals.get(key, (0.0, False))
-        if until > now and not paid:
-            raise Refused(409, 409, "authorisation: a copy of one in flight or refused")
-        self.seals[key] = (now + W.MAX_SKEW + 60, paid)
-        return key
+    def _take_seal(self, order: str, seal: str) -> bool:
+        """Check and record the sealed PIN ``seal`` (its digest) for ``order`` in one step:
+        False if a copy of an authorisation still in flight or refused (remembered for
+        SEAL_MS); True if new, expired or paid (a copy of a paid one is answered again)."""
+        s, now = D.auth_seals, self.now_ms()
+        if now - self.pruned > PRUNE_MS:
+            self.pruned = now
+            with step(self.engine) as conn:
+                conn.execute(delete(s).where(s.c.expires < now))
+        with step(self.engine) as conn:
+            again = conn.execute(update(s).where(
+                s.c.order_ref == order, s.c.seal == seal,
+                or_(s.c.paid.is_(True), s.c.expires <= now)).values(expires=now + SEAL_MS))
+            if int(again.rowcount or 0) == 1:
+                return True
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(s).values(order_ref=order, seal=seal, paid=False,
+                                                  expires=now + SEAL_MS))
+            except IntegrityError:   # seen, not paid, not expired (or a racing copy's)
+                return False
+            return True
+
+    def _seal_paid(self, order: str, seal: str) -> None:
+        s = D.auth_seals
+        with step(self.engine) as conn:
+            conn.execute(update(s).where(s.c.order_ref == order, s.c.seal == seal)
+                         .values(paid=True, expires=self.now_ms() + SEAL_MS))
 
     def _set(self, order: str, expect: str, state: str, **values: Any) -> bool:
         t = D.auth_orders
