@@ -155,6 +155,8 @@ class MallServer:
             status, answer = await asyncio.to_thread(link.post, path, request_body)
         except httpx.TransportError:
             status, answer = 502, {"reason": "the payment server could not be reached"}
+        if status == 409 and answer.get("state") == "approved":   # asked again: paid before
+            answer = {**answer, "approved": True}
         return JSONResponse({"approved": status == 200, **answer}, status_code=200)
 
     async def approve(self, purchase: dict[str, Any]) -> tuple[int, Any]:

@@ -11,7 +11,9 @@ gateway can read it back: the member types it, and the wallet page fills it in.
 ``POST /v1/card-payments`` (a mall's link; FIG. 5 step c6): the mall's own record of the
 purchase with the card number, secret and profile token from its form. The gateway checks the
 token (made for this card and this purchase: another member's card, or a token from another
-order, fails), that the order was filled and not yet paid, then has the financial system check
+order, fails), that the order was filled and not yet paid (the mall's own exact payment
+asked again after it was approved or declined, secret included, gets 409 with ``state`` and
+``approval``, as in embodiment 1; anything else 409 alone), then has the financial system check
 the secret (five wrong ones lock the card), then matches every field in one conditional UPDATE
 (``filled`` -> ``approving``) and asks for the debit under the ref ``pay:PURCHASE``.
 
@@ -67,6 +69,13 @@ async def card_payment(server: GatewayServer, request: Request) -> Response:
     if found is None:
         raise Refused(404, 404, "no card was filled in a wallet for this order")
     if found["state"] in (D.APPROVED, D.DECLINED):
+        if pid == found["id"] and found["card"] == card and all(
+                found[column] == p[name] for name, column in X.FIELDS.items()):
+            # the mall's own exact payment again (its answer was lost): the secret is checked
+            # as the first time (a wrong one counts to the lockout), then the mall learns the
+            # state and the approval; still no second approval, no second debit
+            await server.verify_secret(card, secret)
+            return await server.answer_match(p, found["state"], found)
         raise Refused(409, 409, f"{found['state']} already: not approved twice")
     if pid is None or found["id"] != pid or found["card"] != card or \
             found["state"] not in (D.FILLED, D.APPROVING):
