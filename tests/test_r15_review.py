@@ -224,3 +224,39 @@ def test_a_deeply_nested_customer_record_envelope_is_a_400(stack: TradeStack) ->
         answer = httpx.post(f"{stack.url('acq1')}/v1/records/customer", content=body,
                             headers={S.SIGNER: "am1", S.SIGNATURE: "00" * 64})
         assert answer.status_code == 400, answer.status_code
+
+
+# --- break 5: a merchant down for the grace lost everything it sold ------------------------
+
+def test_a_merchant_down_past_the_grace_is_still_paid_its_proven_link(tmp_path: Path) -> None:
+    """The customer ended the session and sent its record while the merchant agent was down.
+    ``grace_ms`` after that record (60 s by default) the mediating agent cleared the session
+    with the customer's record alone, and the amount cleared is what the MERCHANT's evidence
+    proves: none, so the merchant was paid 0 for what it sold. Without the merchant's record
+    the session now waits until its expiry (+ grace), and clears at the proven link once the
+    merchant is back."""
+    offset = [0.0]
+    s_ = start_trade(tmp_path / "trade", clock=lambda: time.time() + offset[0], grace_ms=1_000,
+                     close_seconds=3600)
+    try:
+        alice = s_.customer("alice", 10_00)
+        with httpx.Client(timeout=30) as http:
+            s = s_.open(http, alice, 5_00)
+            for _ in range(3):
+                C.buy(http, s, "tea", 2)
+            s_.parties["shop"].thread.stop()                    # the merchant goes down
+            body, headers = C.record(s)
+            answer = http.post(f"{s_.am.url}/v1/sessions/{s.session}/record", content=body,
+                               headers=headers)
+            assert answer.status_code == 200, answer.text
+        offset[0] += 5.0                                        # past the grace, not expiry
+        asyncio.run(s_.acquirer.closer.tick())
+        row = first_row(s_.acquirer.engine, D.acq_sessions, session=s.session)
+        assert row is not None and row["state"] == D.OPEN, "cleared without the merchant"
+        s_.restart("shop")
+        asyncio.run(s_.acquirer.closer.tick())
+        done = first_row(s_.acquirer.engine, D.acq_clearings, session=s.session)
+        assert done is not None
+        assert json.loads(done["info"])["paid"] == 6 * s.unit
+    finally:
+        s_.close()

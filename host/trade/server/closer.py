@@ -15,7 +15,8 @@ When the customer's record comes first, the agent asks the merchant agent for it
 (``/end``: the session stops there too). Its clock (every ``close_seconds``) ends sessions
 past their expiry (the timer agreed at initiation: the merchant is told to stop and asked for
 its record), clears a session whose second record has not come ``grace_ms`` after the first
-(or after the expiry) with the one it has (``one-sided``), and sends clearing information that
+(or after the expiry) with the one it has (``one-sided``; the customer's alone only after
+the expiry: the amount cleared is the merchant's proven link), and sends clearing information that
 has no receipt yet. Clearing after a restart finds the session ``cleared`` or still ``open``:
 never half of it.
 """
@@ -334,7 +335,11 @@ class Closer:
         for row in await self.a.sql(due, self.a.engine, now, self.a.config.grace_ms):
             if row["kind"] == "close":
                 reason = "timeout" if row["expires"] <= now else "terminated"
-                force = row["expires"] + self.a.config.grace_ms <= now or reason != "timeout"
+                force = row["expires"] + self.a.config.grace_ms <= now
+                if not force and reason != "timeout":   # early only with the merchant's
+                    # record: without its evidence the clearing would pay the merchant 0
+                    force = await self.a.sql(first_row, self.a.engine, D.acq_records,
+                                             session=row["session"], side="merchant") is not None
                 cl = await self.close(row, reason, force=force)
                 if cl is not None:
                     done["cleared"] += 1
