@@ -38,7 +38,7 @@ def test_a_card_payment_asked_again_after_a_lost_answer_learns_it_was_paid(
             status, first = gateway_pay(stack, http, p, form)
             assert status == 200 and first["approved"], first
             status, again = gateway_pay(stack, http, p, form)
-            assert status == 409 and not again["approved"], again
+            assert status == 409 and not again.get("approved"), again
             assert again.get("state") == "approved" and \
                 again.get("approval") == first["approval"], again
             mutated: list[tuple[dict[str, Any], dict[str, Any]]] = [
@@ -59,3 +59,55 @@ def test_a_card_payment_asked_again_after_a_lost_answer_learns_it_was_paid(
         assert balance(b, card["number"]) == 10_000 - p["amount"]       # debited once
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("stamped", [True, False], ids=["version-1", "before-stamps"])
+def test_an_old_postgresql_fin_database_is_widened_at_open(stamped: bool) -> None:
+    """A financial-system database made before ``wf_movements.source`` held 48 characters
+    kept varchar(40) on PostgreSQL: every debit for a mall (and top-up by an agent) with a
+    36-40 character id failed there (DataError, 500) even after the code was fixed. Its open
+    now upgrades it (schema version 2), whether stamped version 1 or made before stamps."""
+    from pg_env import start_cluster
+    from sqlalchemy import create_engine, text
+
+    from svcard.host.wallet.fin import ledger as L
+    from svcard.host.wallet.fin.db import make_engine
+    cluster = start_cluster()
+    try:
+        url = cluster.new_database()
+        make_engine(url).dispose()
+        raw = create_engine(url)
+        try:
+            with raw.begin() as conn:    # as an old svcard left it
+                conn.execute(text("ALTER TABLE wf_movements ALTER COLUMN source "
+                                  "TYPE varchar(40)"))
+                if stamped:
+                    conn.execute(text("UPDATE svcard_schema SET version = 1 "
+                                      "WHERE component = 'wallet-fin'"))
+                else:
+                    conn.execute(text("DELETE FROM svcard_schema "
+                                      "WHERE component = 'wallet-fin'"))
+        finally:
+            raw.dispose()
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                width = conn.execute(text(
+                    "SELECT character_maximum_length FROM information_schema.columns "
+                    "WHERE table_name = 'wf_movements' AND column_name = 'source'")).scalar()
+                version = conn.execute(text(
+                    "SELECT version FROM svcard_schema WHERE component = 'wallet-fin'"
+                )).scalar()
+            assert (width, version) == (48, 2)
+            number, _, _ = L.issue_card(engine, "issue:w3", "virtual", 156, "ab" * 32,
+                                        lambda n: "cd" * 32)
+            assert number is not None
+            top = L.move(engine, "cash:w3", "cash", number, "agent:" + "A" * 40, 500, 156,
+                         "d1" * 32, None, 10**9)
+            pay = L.move(engine, "pay:w3", "debit", number, "mall:" + "M" * 40, 200, 156,
+                         "d2" * 32, None, 10**9, "order-1")
+            assert (top.result, pay.result, pay.balance) == ("done", "done", 300)
+        finally:
+            engine.dispose()
+    finally:
+        cluster.stop()

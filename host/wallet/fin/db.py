@@ -16,11 +16,26 @@ default, PostgreSQL by URL.
 * ``wf_outbox``: each movement done, to report to the payment gateway (FIG. 6 step d12),
   written in the movement's own transaction and marked sent once the gateway took it: a
   crash loses no report, and a report sent twice is recorded once (by its ref).
+
+Schema version 2 (``svcard_schema``, see ``kit/schema.py``): version 1 databases, or ones
+made before stamps, are upgraded at open by widening ``wf_movements.source`` to 48.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Engine, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    inspect,
+)
 
 from ...kit.schema import Schema, open_schema
 
@@ -102,7 +117,19 @@ outbox = Table(
 )
 Index("ix_wf_outbox_sent", outbox.c.sent, outbox.c.at)
 
-SCHEMA = Schema("wallet-fin", 1, metadata)
+
+
+def _widen_source(conn: Connection) -> None:
+    """Version 1 -> 2: ``wf_movements.source`` from 40 to 48 characters (``mall:ID`` and
+    ``agent:ID`` with a 40-character id). Databases made before the change kept varchar(40),
+    which PostgreSQL enforces; SQLite does not check lengths, so it has nothing to do."""
+    if conn.dialect.name == "postgresql" and inspect(conn).has_table(movements.name):
+        conn.exec_driver_sql(f"ALTER TABLE {movements.name} ALTER COLUMN source "
+                             "TYPE varchar(48)")
+
+
+# version 2: wf_movements.source widened to 48 (an older database is upgraded at its open)
+SCHEMA = Schema("wallet-fin", 2, metadata, upgrades={1: _widen_source})
 
 
 def make_engine(url: str) -> Engine:
