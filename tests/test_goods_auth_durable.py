@@ -1,7 +1,8 @@
 """The authentication server remembers the sealed PINs of the authorisations it took in its
 database (``goods_auth_seals``), not in memory: a copy of a wrong-PIN authorisation sent after
 the server restarted (still within its 300 s) is refused, and the institution counts the wrong
-PIN once. The check and the record are one database step: racing copies make one relay."""
+PIN once. The check and the record are one database step: racing copies make one relay.
+Each test runs on SQLite and on PostgreSQL (a private test cluster)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from pg_env import Cluster, start_cluster
 from test_goods_attack import authorisation, challenge_of, offered
 
 from svcard.host.goods import db as D
 from svcard.host.goods import wire as W
+from svcard.host.goods.config import ROLES
 from svcard.host.goods.device import DeviceError
 from svcard.host.goods.server.auth import AuthServer, digest
 from svcard.host.goods.stack import GoodsStack, make_card, start_goods
@@ -24,9 +27,20 @@ A = 70_031
 SERIAL_A = f"{A:020d}"
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[GoodsStack]:
-    s = start_goods(tmp_path / "servers")
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = start_cluster()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GoodsStack]:
+    urls = None
+    if request.param == "postgresql":
+        cluster: Cluster = request.getfixturevalue("cluster")
+        urls = {r: cluster.new_database() for r in ROLES}
+    s = start_goods(tmp_path / "servers", db_urls=urls)
     try:
         yield s
     finally:
