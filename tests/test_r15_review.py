@@ -260,3 +260,26 @@ def test_a_merchant_down_past_the_grace_is_still_paid_its_proven_link(tmp_path: 
         assert json.loads(done["info"])["paid"] == 6 * s.unit
     finally:
         s_.close()
+
+
+# --- break 6: the customer agent hashed its whole chain again for every purchase -----------
+
+def test_the_customer_agent_makes_its_chain_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """C.purchase built a fresh Wallet each time, and its first payment makes all ``length``
+    links: 0.5 s per purchase on a 1,000,000-link chain (a 10,000 EUR deposit into JPY). Now
+    the links are made once; the session file still holds no chain."""
+    from svcard.host.trade import payword as P
+    s = C.Session("am1.1", "p1", "shop", "", 100, "EUR", 20_000, "JPY", "1/1", 2**43, 1,
+                  20_000, 0, b"k" * 32, b"s" * 32)
+    calls = [0]
+    real = P.h
+
+    def counted(link: bytes) -> bytes:
+        calls[0] += 1
+        return real(link)
+
+    monkeypatch.setattr(P, "h", counted)
+    for _ in range(5):
+        C.purchase(s, "tea", 1)
+    assert calls[0] <= 20_000 + 10, calls[0]
+    assert "_wallet" not in s.to_json() and C.Session.from_json(s.to_json()).spent == 5

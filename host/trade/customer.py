@@ -53,15 +53,21 @@ class Session:
     orders: list[dict[str, Any]] = field(default_factory=list, repr=False)   # the list kept
     account_url: str = ""
     closing: dict[str, str] = field(default_factory=dict, repr=False)  # the record, once made
+    _wallet: Wallet | None = field(default=None, repr=False, compare=False)   # not saved
 
     def wallet(self) -> Wallet:
-        return Wallet(self.seed, self.length, self.spent)
+        """The chain at ``spent``; its links are made once per process, not per purchase."""
+        if self._wallet is None or self._wallet.spent != self.spent:
+            links = self._wallet._links if self._wallet is not None else b""
+            self._wallet = Wallet(self.seed, self.length, self.spent, links)
+        return self._wallet
 
     def left(self) -> Amount:
         return Amount((self.length - self.spent) * self.unit, self.currency_merchant)
 
     def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("session_key", "seed")}
+        data = {k: v for k, v in self.__dict__.items()
+                if k not in ("session_key", "seed", "_wallet")}
         return {**data, "session_key": self.session_key.hex(), "seed": self.seed.hex()}
 
     @classmethod
