@@ -34,7 +34,7 @@ from .. import closing as K
 from .. import db as D
 from .. import messages as M
 from .. import signing as S
-from .common import refused, signed_json
+from .common import refused, same_pseudonym, signed_json
 
 if TYPE_CHECKING:
     from .account import AccountManager
@@ -193,7 +193,7 @@ class AccountClearing:
     async def _session(self, session: str, pseudonym: str | None) -> dict[str, Any]:
         row = await self.am.sql(first_row, self.am.engine, D.am_sessions, session=session) \
             if M.SESSION(session) else None
-        if row is None or pseudonym != row["pseudonym"]:
+        if row is None or not same_pseudonym(pseudonym, row["pseudonym"]):
             raise Refused(404, 404, "no such session")
         return row
 

@@ -9,6 +9,7 @@ else is refused before any state is read or changed.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,6 +44,16 @@ async def authenticated(request: Request, fields: dict[str, Any], what: str, dom
         raise Refused(401, 401, f"{what}: made more than {M.MAX_SKEW} s from this server's "
                                 "clock")
     return body, data, signer
+
+
+def same_pseudonym(given: str | None, expected: str) -> bool:
+    """Whether ``given`` (from a request) is the session's pseudonym ``expected``, compared
+    in constant time: the pseudonym is what gates a session's status, so the comparison must
+    not tell how many leading characters of a guess were right."""
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                               expected.encode("utf-8", "surrogatepass"))
 
 
 def signed_json(private: bytes, signer: str, domain: bytes, payload: dict[str, Any],

@@ -41,7 +41,7 @@ from .. import messages as M
 from .. import signing as S
 from ..config import MerchantConfig
 from ..payword import Commitment, PaywordError, Verifier
-from .common import authenticated, refused, signed_json
+from .common import authenticated, refused, same_pseudonym, signed_json
 from .merchant_close import MerchantCloser
 
 
@@ -285,7 +285,7 @@ class MerchantAgent:
         are sequential, so the id alone would show anyone what a session spent."""
         try:
             row = await self._session(request.path_params["session"])
-            if request.query_params.get("pseudonym") != row["pseudonym"]:
+            if not same_pseudonym(request.query_params.get("pseudonym"), row["pseudonym"]):
                 raise Refused(404, 404, "no such session")
         except Refused as exc:
             return refused(exc)

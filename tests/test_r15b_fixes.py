@@ -1,0 +1,67 @@
+"""Small fixes after the review of issue 15 (R-15): each test failed before its fix."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+
+from svcard.host.trade.stack import TradeStack, start_trade
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[TradeStack]:
+    s = start_trade(tmp_path / "trade", close_seconds=3600)
+    yield s
+    s.close()
+
+
+# --- 1: the pseudonym that gates a session's status is compared in constant time ------------
+
+def test_the_pseudonym_comparison_accepts_and_refuses() -> None:
+    from svcard.host.trade.server.common import same_pseudonym
+    assert same_pseudonym("p" * 32, "p" * 32)
+    assert not same_pseudonym("p" * 31 + "q", "p" * 32)
+    assert not same_pseudonym("p" * 31, "p" * 32)          # a prefix is not the pseudonym
+    assert not same_pseudonym("p" * 33, "p" * 32)
+    assert not same_pseudonym("", "p" * 32)
+    assert not same_pseudonym(None, "p" * 32)
+    assert not same_pseudonym("pé\udcff", "p" * 32)         # non-ASCII: refused, never raises
+
+
+def test_status_and_clearing_view_compare_with_compare_digest(
+        stack: TradeStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /v1/sessions/{s} at the merchant and GET .../clearing at the account manager
+    compared the ``?pseudonym=`` with ``!=``; both now go through hmac.compare_digest."""
+    from svcard.host.trade.server import common
+    calls: list[tuple[bytes, bytes]] = []
+
+    def spy(a: Any, b: Any) -> bool:
+        calls.append((a, b))
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(common, "hmac", SimpleNamespace(compare_digest=spy))
+    alice = stack.customer("alice", 10_00)
+    with httpx.Client(timeout=30) as http:
+        s = stack.open(http, alice, 5_00)
+        status = f"{stack.url('shop')}/v1/sessions/{s.session}"
+        calls.clear()
+        assert http.get(status, params={"pseudonym": s.pseudonym}).status_code == 200
+        assert calls and calls[-1] == (s.pseudonym.encode(), s.pseudonym.encode())
+        for wrong in (s.pseudonym[:-1], s.pseudonym + "0", "é" * 8, ""):
+            calls.clear()
+            answer = http.get(status, params={"pseudonym": wrong})
+            assert answer.status_code == 404 and calls, (wrong, answer.text)
+        assert http.get(status).status_code == 404
+        clearing = f"{stack.am.url}/v1/sessions/{s.session}/clearing"
+        calls.clear()
+        right = http.get(clearing, params={"pseudonym": s.pseudonym})
+        assert right.status_code == 404 and "not cleared yet" in right.text and calls
+        calls.clear()
+        wrong_one = http.get(clearing, params={"pseudonym": s.pseudonym[:-1] + "x"})
+        assert wrong_one.status_code == 404 and "no such session" in wrong_one.text and calls
