@@ -65,3 +65,39 @@ def test_status_and_clearing_view_compare_with_compare_digest(
         calls.clear()
         wrong_one = http.get(clearing, params={"pseudonym": s.pseudonym[:-1] + "x"})
         assert wrong_one.status_code == 404 and "no such session" in wrong_one.text and calls
+
+
+# --- 2: the customer agent's session file is 0600 even when a 0644 .tmp was left behind ------
+
+def _session() -> Any:
+    from svcard.host.trade import customer as C
+    return C.Session("am1.1", "p1", "shop", "", 100, "EUR", 20_000, "JPY", "1/1", 100, 1,
+                     100, 0, b"k" * 32, b"s" * 32)
+
+
+def test_save_never_reuses_a_world_readable_temp_file(tmp_path: Path) -> None:
+    """save() opened ``NAME.tmp`` with O_CREAT|O_TRUNC: an existing file keeps its mode, so a
+    0644 leftover made the session file (which holds the session's private key) 0644."""
+    from svcard.host.trade import customer as C
+    path = tmp_path / "session.json"
+    tmp = tmp_path / "session.json.tmp"
+    tmp.write_text("left over")
+    tmp.chmod(0o644)
+    C.save(path, _session())
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not tmp.exists() or tmp.stat().st_mode & 0o777 == 0o600
+    assert C.load(path).session == "am1.1"
+    for left in tmp_path.iterdir():
+        assert left.stat().st_mode & 0o777 == 0o600, left
+
+
+def test_save_does_not_follow_a_link_planted_as_the_temp_file(tmp_path: Path) -> None:
+    from svcard.host.trade import customer as C
+    target = tmp_path / "elsewhere"
+    target.write_text("theirs")
+    target.chmod(0o644)
+    path = tmp_path / "session.json"
+    (tmp_path / "session.json.tmp").symlink_to(target)
+    C.save(path, _session())
+    assert target.read_text() == "theirs"                  # the secrets did not go there
+    assert path.stat().st_mode & 0o777 == 0o600 and not path.is_symlink()

@@ -79,9 +79,14 @@ class Session:
 
 
 def save(path: Path, session: Session) -> None:
-    """Write ``session`` to ``path`` (mode 0600), replacing it atomically."""
+    """Write ``session`` to ``path`` (mode 0600), replacing it atomically. The temporary file
+    is always made afresh (a ``.tmp`` left from before is removed first, never reused: an
+    existing file keeps its mode, and the session's private key must not land in a 0644 file;
+    O_NOFOLLOW: nor follow a link planted there)."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)              # whatever the umask left, the mode is exactly 0600
     with os.fdopen(fd, "w") as f:
         json.dump(session.to_json(), f)
         f.flush()
