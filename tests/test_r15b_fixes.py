@@ -101,3 +101,18 @@ def test_save_does_not_follow_a_link_planted_as_the_temp_file(tmp_path: Path) ->
     C.save(path, _session())
     assert target.read_text() == "theirs"                  # the secrets did not go there
     assert path.stat().st_mode & 0o777 == 0o600 and not path.is_symlink()
+
+
+# --- 3: docs/trade.md states what R-15's fixes made the servers do -----------------------------
+
+def test_the_trade_doc_states_the_limits_the_code_has() -> None:
+    from svcard.host.trade import closing as K
+    from svcard.host.trade.server import acquirer as A
+    doc = " ".join((Path(__file__).parent.parent / "docs" / "trade.md").read_text().split())
+    assert f"A session takes at most {K.MAX_ENTRIES:,} purchases" in doc
+    assert f"the {K.MAX_ENTRIES + 1:,}st is refused with 409 (end it and open another)" in doc
+    assert "The customer's record alone clears only after the expiry plus `grace_seconds`" \
+        in doc
+    minutes = A.INFORMING_TIMEOUT_MS // 60_000
+    assert f"refuses an initiation it has left undecided for {minutes} minutes at the next " \
+           "lookup" in doc
