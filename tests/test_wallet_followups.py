@@ -3,7 +3,9 @@ old PostgreSQL financial-system databases widened at open."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -12,7 +14,8 @@ from test_wallet_attack import new_purchase
 from test_wallet_embodiments import filled, gateway_pay
 from test_wallet_network import balance, issue, member, topup
 
-from svcard.host.wallet.stack import WalletStack, start_wallet
+from svcard.host.wallet.links import LinkClient
+from svcard.host.wallet.stack import MALL, WalletStack, start_wallet
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,13 @@ def test_a_card_payment_asked_again_after_a_lost_answer_learns_it_was_paid(
                 else "1" * len(card["secret"])
             status, other = gateway_pay(stack, http, p, {**form, "secret": wrong})
             assert status == 403 and "state" not in other and "approval" not in other, other
+            # forged (another key): 401 and nothing said; raced exact copies: each the 409
+            forged = LinkClient(http, stack.url("gateway"), MALL, secrets.token_bytes(32))
+            status, other = forged.post("/v1/card-payments", {"purchase": p, **form})
+            assert status == 401 and "state" not in other, other
+            with ThreadPoolExecutor(8) as pool:
+                raced = list(pool.map(lambda _: gateway_pay(stack, http, p, form), range(8)))
+            assert all(st == 409 and a.get("state") == "approved" for st, a in raced), raced
         assert balance(b, card["number"]) == 10_000 - p["amount"]       # debited once
     finally:
         b.close()
