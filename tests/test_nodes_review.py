@@ -32,6 +32,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def _clock(monkeypatch: pytest.MonkeyPatch, skew_ms: int) -> None:
     """This process's clock (as the lease code reads it) off by ``skew_ms``."""
+    import svcard.host.kit.leases as shared
+
+    monkeypatch.setattr(shared, "now_ms", lambda: now_ms() + skew_ms)
     monkeypatch.setattr(L, "now_ms", lambda: now_ms() + skew_ms)
 
 
