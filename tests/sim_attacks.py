@@ -174,7 +174,7 @@ class RacingHttp(httpx.Client):
     def __init__(self, arena: Arena, stack: Stack, race: str, copies: int) -> None:
         super().__init__(timeout=30)
         self.arena, self.stack, self.race, self.copies = arena, stack, race, copies
-        self.params: dict[str, Any] | None = None
+        self.order: dict[str, Any] | None = None
         self.released = 0
         self.forged_answers: list[int] = []
 
@@ -182,8 +182,15 @@ class RacingHttp(httpx.Client):
                 **kwargs: Any) -> httpx.Response:
         response = super().request(method, url, **kwargs)
         if "/v1/checkout/" in str(url) and response.status_code == 200:
-            self.params = response.json()
+            self.order = response.json()
         return response
+
+    @contextmanager
+    def stream(self, method: str, url: Any,  # type: ignore[override]
+               **kwargs: Any) -> Iterator[httpx.Response]:
+        """The pay client reads the checkout capped, through ``stream``: on this link it is
+        read whole by :meth:`request` (which learns the order's keys) and handed over."""
+        yield self.request(method, url, **kwargs)
 
     def _parallel(self, sends: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
         out: list[httpx.Response | None] = [None] * len(sends)
@@ -200,13 +207,13 @@ class RacingHttp(httpx.Client):
 
     def post(self, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
         url_s = str(url)
-        if url_s.endswith("/v1/draw") and self.params:
+        if url_s.endswith("/v1/draw") and self.order:
             response = super().post(url, **kwargs)
             if response.status_code == 200:  # a draw the server took: replayed later
-                self.arena.draws.append((self.stack, self.params["merchant_id"],
-                                         self.params["txn_id"], kwargs["content"]))
+                self.arena.draws.append((self.stack, self.order["merchant_id"],
+                                         self.order["txn_id"], kwargs["content"]))
             return response
-        if self.race == "debit" and url_s.endswith("/v1/debit-response") and self.params:
+        if self.race == "debit" and url_s.endswith("/v1/debit-response") and self.order:
             forged = [self._forged_response() for _ in range(self.copies)]
             genuine_at = self.arena.rng.randrange(self.copies + 1)
             bodies = [*forged[:genuine_at], kwargs["content"], *forged[genuine_at:]]
@@ -233,13 +240,13 @@ class RacingHttp(httpx.Client):
         return super().post(url, **kwargs)
 
     def _forged_response(self) -> bytes:
-        assert self.params is not None
+        assert self.order is not None
         kind = self.arena.rng.randrange(3)
         rng = self.arena.rng
         body = {"card_sw": 0x9000, "tac": rng.randbytes(4), "mac2": rng.randbytes(4)}
         if kind == 1:
             body["card_sw"] = self.arena.rng.choice([0x6985, 0x9302, 0x9401])
-        data = envelope(self.params, M.DEBIT_RESPONSE, M.build(M.DebitResponse, body))
+        data = envelope(self.order, M.DEBIT_RESPONSE, M.build(M.DebitResponse, body))
         if kind == 2:  # truncated in transit
             data = data[: self.arena.rng.randrange(1, len(data))]
         return data
@@ -268,8 +275,8 @@ def forged_debit_responses_raced(arena: Arena) -> None:
     if raced is None:
         return
     stack, link, outcome = raced
-    assert link.params is not None
-    row = stack.payment_server.db.get(link.params["merchant_id"], outcome.txn_id)
+    assert link.order is not None
+    row = stack.payment_server.db.get(link.order["merchant_id"], outcome.txn_id)
     ok = row is not None and row["state"] == "confirmed"
     arena.tally.outcome(kind, ok, f"row {row and row['state']} after the race")
 
