@@ -24,23 +24,29 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ...protocols import signatures
 from ..kit.http import Refused, check_json_shape
 
-SIGNATURE = "X-Svcard-Signature"
-SIGNER = "X-Svcard-Signer"
+# the mechanics, shared by every system (protocols/signatures.py)
+SIGNATURE = signatures.SIGNATURE
+SIGNER = signatures.SIGNER
+SigningError = signatures.SigningError
+canonical = signatures.canonical
+public_of = signatures.public_of
+read_private_key = signatures.read_private_key
+sign = signatures.sign
+signed = signatures.signed
+verify = signatures.verify
+write_private_key = signatures.write_private_key
+
 MAX_MESSAGE = 8192   # bytes of any one message
 MAX_SKEW = 300       # seconds between a message's ``created`` and the receiver's clock
 
@@ -66,10 +72,6 @@ REFUND = b"svcard-goods-refund/1\n"                  # fulfilment -> payment -> 
 REFUNDED = b"svcard-goods-refunded/1\n"              # institution -> payment -> fulfilment
 
 
-class SigningError(ValueError):
-    """A key that cannot be used (the message never holds the key)."""
-
-
 class MessageError(Refused):
     """A message that is not well formed: 400, naming the field."""
 
@@ -77,74 +79,14 @@ class MessageError(Refused):
         super().__init__(400, 400, reason)
 
 
-# --- keys and signatures ---------------------------------------------------------------------
-def canonical(payload: Mapping[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode()
-
-
+# --- keys and signatures (the mechanics are protocols/signatures.py) ------------------------
 def new_key() -> bytes:
     """A fresh Ed25519 private key, raw 32 bytes."""
-    return Ed25519PrivateKey.generate().private_bytes_raw()
-
-
-def public_of(private: bytes) -> bytes:
-    return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    return signatures.new_pair()[0]
 
 
 def device_id(public: bytes) -> str:
     return hashlib.sha256(b"svcard-goods-device\n" + public).hexdigest()[:32]
-
-
-def sign(private: bytes, domain: bytes, body: bytes) -> str:
-    return Ed25519PrivateKey.from_private_bytes(private).sign(domain + body).hex()
-
-
-def verify(public: bytes, domain: bytes, body: bytes, signature_hex: object) -> bool:
-    if not isinstance(signature_hex, str) or len(signature_hex) != 128:
-        return False
-    try:
-        Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(signature_hex),
-                                                           domain + body)
-    except (ValueError, InvalidSignature):
-        return False
-    return True
-
-
-def signed(private: bytes, signer: str, domain: bytes,
-           payload: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of a message signed by ``signer``."""
-    body = canonical(payload)
-    return body, {SIGNATURE: sign(private, domain, body), SIGNER: signer,
-                  "Content-Type": "application/json"}
-
-
-def write_private_key(path: Path, private: bytes) -> None:
-    """``private`` (hex) into a NEW file, mode 0600; an existing file is refused."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SigningError(f"{path}: exists; a key file is never overwritten") from None
-    except OSError as exc:
-        raise SigningError(f"{path}: cannot write the key file: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(private.hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_private_key(path: Path) -> bytes:
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise SigningError(f"{path}: cannot read the key file: {exc.strerror}") from None
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise SigningError(f"{path}: not an Ed25519 private key (64 hex digits)")
-    return raw
 
 
 # --- the PIN, sealed for the financial institution ------------------------------------------

@@ -21,89 +21,47 @@ so a replayed request is refused and cannot be held back and sent much later.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from ...protocols import signatures
+
+# the mechanics, shared by every system (protocols/signatures.py)
+SigningError = signatures.SigningError
+write_private_key = signatures.write_private_key
+
 
 DOMAIN = b"svcard-sp-order/2\n"
 LOOKUP_DOMAIN = b"svcard-sp-lookup/2\n"   # a lookup's signature is never an order's
 DEFAULT_SP = "svcard-sp"    # an SP's name when its configuration gives none
-HEADER = "X-Svcard-Signature"
+HEADER = signatures.SIGNATURE
 MAX_SKEW = 300      # seconds between the customer's "created" and the SP's clock
-
-
-class SigningError(ValueError):
-    """A key that cannot be used (the message never holds the key)."""
 
 
 def new_key() -> tuple[bytes, bytes]:
     """A fresh (private, public) Ed25519 pair, raw 32 bytes each."""
-    private = Ed25519PrivateKey.generate()
-    raw = private.private_bytes_raw()
-    return raw, private.public_key().public_bytes_raw()
+    return signatures.new_pair()
 
 
 def public_from_hex(text: str) -> bytes:
-    try:
-        raw = bytes.fromhex(text.strip())
-        Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError:
-        raise SigningError("a public key is 32 bytes of hex (64 hex digits)") from None
-    return raw
-
-
-def write_private_key(path: Path, private: bytes) -> None:
-    """Write ``private`` (hex) to a new file ``path``, mode 0600; an existing file is refused."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SigningError(f"{path}: exists; the key file is never overwritten") from None
-    except OSError as exc:
-        raise SigningError(f"{path}: cannot write the key file: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(private.hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    return signatures.public_from_hex(text, "a customer's public key")
 
 
 def read_private_key(path: Path) -> bytes:
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise SigningError(f"{path}: cannot read the key file: {exc.strerror}") from None
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise SigningError(f"{path}: not an svcard customer key (64 hex digits)")
-    return raw
+    return signatures.read_private_key(path, "an svcard customer key")
 
 
 def sign(private: bytes, body: bytes, domain: bytes = DOMAIN) -> str:
     """The signature of ``body`` (hex), for the :data:`HEADER` header."""
-    return Ed25519PrivateKey.from_private_bytes(private).sign(domain + body).hex()
+    return signatures.sign(private, domain, body)
 
 
 def verify(public: bytes, body: bytes, signature_hex: str | None,
            domain: bytes = DOMAIN) -> bool:
     """Whether ``signature_hex`` is ``public``'s signature of ``body``."""
-    if signature_hex is None or len(signature_hex) != 128:
-        return False
-    try:
-        signature = bytes.fromhex(signature_hex)
-        Ed25519PublicKey.from_public_bytes(public).verify(signature, domain + body)
-    except (ValueError, InvalidSignature):
-        return False
-    return True
+    return signatures.verify(public, domain, body, signature_hex)
 
 
 def order_body(customer: str, merchant: str, sku: str, *, sp: str = DEFAULT_SP,

@@ -10,19 +10,22 @@ receiver must use (the receiver looks the key up itself: the header only says wh
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any
+from ...protocols import signatures
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+# the mechanics, shared by every system (protocols/signatures.py)
+SIGNATURE = signatures.SIGNATURE
+SIGNER = signatures.SIGNER
+SigningError = signatures.SigningError
+canonical = signatures.canonical
+public_from_hex = signatures.public_from_hex
+public_of = signatures.public_of
+read_private_key = signatures.read_private_key
+sign = signatures.sign
+signed = signatures.signed
+verify = signatures.verify
+write_private_key = signatures.write_private_key
+new_key = signatures.new_pair
 
-SIGNATURE = "X-Svcard-Signature"
-SIGNER = "X-Svcard-Signer"
 
 # the domain labels, one per message kind (docs/trade.md lists them)
 INITIATION = b"svcard-trade-initiation/1\n"     # customer agent -> customer account manager
@@ -41,83 +44,3 @@ FORWARD = b"svcard-trade-forward/1\n"           # account manager -> mediating a
 END = b"svcard-trade-end/1\n"                   # mediating agent -> merchant: end it
 CLEARING = b"svcard-trade-clearing/1\n"         # mediating agent -> both account managers
 RECEIPT = b"svcard-trade-receipt/1\n"           # an account manager took the clearing
-
-
-class SigningError(ValueError):
-    """A key that cannot be used (the message never holds the key)."""
-
-
-def canonical(payload: dict[str, Any]) -> bytes:
-    """The one byte form of a message: sorted keys, no spaces, ASCII only."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode()
-
-
-def new_key() -> tuple[bytes, bytes]:
-    """A fresh (private, public) Ed25519 pair, raw 32 bytes each."""
-    private = Ed25519PrivateKey.generate()
-    return private.private_bytes_raw(), private.public_key().public_bytes_raw()
-
-
-def public_of(private: bytes) -> bytes:
-    return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
-
-
-def sign(private: bytes, domain: bytes, body: bytes) -> str:
-    """The hex signature of ``domain + body``."""
-    return Ed25519PrivateKey.from_private_bytes(private).sign(domain + body).hex()
-
-
-def verify(public: bytes, domain: bytes, body: bytes, signature_hex: object) -> bool:
-    """Whether ``signature_hex`` is ``public``'s signature of ``domain + body``."""
-    if not isinstance(signature_hex, str) or len(signature_hex) != 128:
-        return False
-    try:
-        Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(signature_hex),
-                                                           domain + body)
-    except (ValueError, InvalidSignature):
-        return False
-    return True
-
-
-def signed(private: bytes, signer: str, domain: bytes,
-           payload: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of a message signed by ``signer``."""
-    body = canonical(payload)
-    return body, {SIGNATURE: sign(private, domain, body), SIGNER: signer,
-                  "Content-Type": "application/json"}
-
-
-def public_from_hex(text: str, what: str = "public key") -> bytes:
-    try:
-        raw = bytes.fromhex(text.strip())
-        Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError:
-        raise SigningError(f"{what}: not 32 bytes of hex (64 hex digits)") from None
-    return raw
-
-
-def write_private_key(path: Path, private: bytes) -> None:
-    """``private`` (hex) into a NEW file, mode 0600; an existing file is refused."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SigningError(f"{path}: exists; a key file is never overwritten") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(private.hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_private_key(path: Path) -> bytes:
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise SigningError(f"{path}: cannot read the key file: {exc.strerror}") from None
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise SigningError(f"{path}: not an Ed25519 private key (64 hex digits)")
-    return raw
