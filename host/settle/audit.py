@@ -29,6 +29,10 @@ moved to the issuer's float; the float's ledger balance; bank loads by state. Ch
 10. with the goods parties' databases (``goods_dbs``, seed 000; :mod:`.goods_books`): bank
    debits = goods paid, every good written or refunded (never both), refunds = bank credits,
    no good twice (also on the cards read, ``card_goods``); goods on their way listed.
+11. with the trading-session parties' databases (``trade_dbs``, seed 004; :mod:`.trade_books`):
+   each mediating agent's postings sum to zero and its rounding account holds its
+   conversions' leftovers, per currency; each customer and merchant got, per currency, what
+   the agents booked to them; every withdrawal and deposit record matches its clearing.
 
 Every difference is listed as a discrepancy; the audit is clean only if there are none, and
 only if it read something: an audit of no card and no record at all is not clean (a mistyped
@@ -56,6 +60,7 @@ from .db import batches, cleared_keys, ledger_balances, records, uncleared
 from .goods_books import audit_goods
 from .sources import card_balances, check_sources, clearing_engine, psam_open_batches
 from .sp_books import audit_sp
+from .trade_books import audit_trade
 
 __all__ = ["AuditReport", "audit", "card_balances", "check_sources", "psam_open_batches"]
 
@@ -138,7 +143,8 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
           max_age_ms: int = DEFAULT_MAX_AGE_MS, now: int | None = None,
           open_batches: dict[str, set[int]] | None = None,
           sp_dbs: tuple[str, ...] = (), unit: Unit = "money", goods_dbs: tuple[str, ...] = (),
-          card_goods: dict[str, list[bytes]] | None = None) -> AuditReport:
+          card_goods: dict[str, list[bytes]] | None = None,
+          trade_dbs: tuple[str, ...] = ()) -> AuditReport:
     """``unit``: ``"points"`` when the cards, payments and loads are a loyalty programme's
     (one programme per audit: its figures are points, never summed with money).
     ``open_batches``: what :func:`psam_open_batches` read from the payment servers' PSAMs
@@ -283,10 +289,13 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     figures.update(sp.figures)
     goods = audit_goods(goods_dbs, now=now, max_age_ms=max_age_ms, card_goods=card_goods)
     figures.update(goods.figures)
-    return AuditReport(figures, checks + sp.checks + goods.checks,
-                       bad + sp.discrepancies + goods.discrepancies, held, open_loads, unhanded,
-                       audited=read + sp.read + goods.read, sp_pending=sp.pending, unit=unit,
-                       goods_pending=goods.pending)
+    trade = audit_trade(trade_dbs)
+    figures.update(trade.figures)
+    return AuditReport(figures, checks + sp.checks + goods.checks + trade.checks,
+                       bad + sp.discrepancies + goods.discrepancies + trade.discrepancies,
+                       held, open_loads, unhanded,
+                       audited=read + sp.read + goods.read + trade.read, sp_pending=sp.pending,
+                       unit=unit, goods_pending=goods.pending)
 
 
 def _held_item(r: Any, payment: dict[str, Any] | None, now: int, max_age_ms: int,

@@ -149,6 +149,11 @@ def _counts(counts: dict[str, int]) -> str:
                    "fulfilment server's, and the payment server's and merchant's to compare): "
                    "bank debits = goods paid, every good written or refunded, never twice; "
                    "the goods on every --card are checked too (repeat).")
+@click.option("--trade-db", "trade_dbs", multiple=True, metavar="URL",
+              help="A trading-session party's database (seed 004: each mediating agent's, "
+                   "the customers' and the merchants' account managers'): every operator's "
+                   "postings, rounding, customer and merchant accounts close per currency "
+                   "(repeat).")
 @click.option("--opening", default=0, show_default=True, type=click.IntRange(0, None),
               help="Balances the cards were personalised with (minor units, in total).")
 @click.option("--psam", "psam_specs", multiple=True, metavar="SPEC",
@@ -161,7 +166,8 @@ def _counts(counts: dict[str, int]) -> str:
 @json_option
 def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, ...],
               load_dbs: tuple[str, ...], bank_dbs: tuple[str, ...], clearing_db: str | None,
-              sp_dbs: tuple[str, ...], goods_dbs: tuple[str, ...], opening: int,
+              sp_dbs: tuple[str, ...], goods_dbs: tuple[str, ...], trade_dbs: tuple[str, ...],
+              opening: int,
               psam_specs: tuple[str, ...],
               max_age_days: float, as_json: bool) -> None:
     """Prove money is conserved and nothing is hidden: cards + unsettled purchases + settled =
@@ -188,19 +194,23 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
         return s if ":" in s else f"virtual:{s}"
 
     if not (card_specs or payment_dbs or load_dbs or bank_dbs or clearing_db or sp_dbs
-            or goods_dbs):
+            or goods_dbs or trade_dbs):
         fail("nothing to audit: give --card, --payment-db, --load-db, --bank-db, "
-             "--clearing-db, --sp-db or --goods-db (see svcard audit --help)", EXIT_USAGE)
+             "--clearing-db, --sp-db, --goods-db or --trade-db (see svcard audit --help)",
+             EXIT_USAGE)
     check_sources(payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
                   clearing_db=clearing_db)
     from ..goods.records import check_goods_db
     from ..sp.records import check_sp_db
     from .goods_books import card_goods
+    from .trade_books import check_trade_db
 
     for url in sp_dbs:
         check_sp_db(url)
     for url in goods_dbs:
         check_goods_db(url)
+    for url in trade_dbs:
+        check_trade_db(url)
     with handled(), readers(*[("card", spec(s)) for s in card_specs]) as card_readers:
         cards = card_balances(card_readers, aid)
         goods_on_cards = card_goods(card_readers, aid) if goods_dbs else None
@@ -215,7 +225,8 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
     report = audit(cards, payment_dbs=payment_dbs, load_dbs=load_dbs, bank_dbs=bank_dbs,
                    clearing_db=clearing_db, opening=opening,
                    max_age_ms=int(max_age_days * DAY_MS), open_batches=open_batches,
-                   sp_dbs=sp_dbs, unit=unit, goods_dbs=goods_dbs, card_goods=goods_on_cards)
+                   sp_dbs=sp_dbs, unit=unit, goods_dbs=goods_dbs, card_goods=goods_on_cards,
+                   trade_dbs=trade_dbs)
     emit(as_json, report.to_json(), report.text())
     if report.nothing_audited:
         fail(NOTHING, EXIT_INPUT)

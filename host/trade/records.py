@@ -12,7 +12,12 @@ hold. :func:`audit` checks that they close exactly:
   (amount = ``paid``) once both receipts came;
 * what the mediating agent booked to each account manager and merchant equals the records
   those account managers hold, per currency;
-* each customer's ``reserved`` is the sum of the deposits of its sessions not yet ended.
+* each customer's ``reserved`` is the sum of the deposits of its sessions not yet ended;
+* per account and currency, each line naming both: each mediating agent's own postings sum to
+  zero (each operator's books close), its ``rounding`` account holds exactly the leftovers its
+  conversions left (at initiation and at clearing), and, once every clearing is delivered,
+  each merchant (``merchant:ID``) was paid what its deposit records say and each customer
+  what its withdrawal records and open deposits say.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -47,19 +53,58 @@ class Books:
         return not self.problems
 
 
+def _name(engine: Engine) -> str:
+    """A database's name for a finding: its file's stem (SQLite) or its database name."""
+    return Path(str(engine.url.database or "?")).stem
+
+
+def _own_books(engine: Engine, postings: list[dict[str, Any]],
+               cleared: list[dict[str, Any]], out: Books) -> None:
+    """One mediating agent (one operator): its postings sum to zero per currency, and its
+    rounding account holds what its conversions left, per currency."""
+    name = _name(engine)
+    total: dict[str, int] = defaultdict(int)
+    booked: dict[str, int] = defaultdict(int)
+    for p in postings:
+        total[p["currency"]] += p["minor"]
+        if p["account"] == "rounding":
+            booked[p["currency"]] += p["minor"]
+    left: dict[str, int] = defaultdict(int)
+    for s in _rows(engine, D.acq_sessions):
+        if s["state"] != D.REFUSED:          # a refusal reversed the deposit's postings
+            left[s["currency_customer"]] += s["rounding"]
+    for c in cleared:
+        left[c["currency_merchant"]] += c["rounding"]
+    for code in sorted(set(total) | set(booked) | set(left)):
+        if total.get(code, 0):
+            out.problems.append(f"{name} {code}: its postings sum to {total[code]}, not 0")
+        if booked.get(code, 0) != left.get(code, 0):
+            out.problems.append(f"{name} account rounding {code}: {booked.get(code, 0)} "
+                                f"booked; its conversions left {left.get(code, 0)}")
+
+
 def books(acquirers: list[Engine], account_managers: list[Engine],
           merchant_accounts: list[Engine]) -> Books:
     out = Books()
     acq: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     per_session: dict[tuple[str, str], int] = defaultdict(int)
+    taken: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # session: am:*
+    paid_to: dict[tuple[str, str], int] = defaultdict(int)       # (merchant, currency)
     clearings: dict[str, dict[str, Any]] = {}
     for engine in acquirers:
-        for p in _rows(engine, D.acq_postings):
+        postings = _rows(engine, D.acq_postings)
+        for p in postings:
             acq[p["currency"]][p["account"]] += p["minor"]
             if p["account"].startswith("deposit:"):
                 per_session[(p["session"], p["currency"])] += p["minor"]
-        for c in _rows(engine, D.acq_clearings):
-            clearings[c["session"]] = {**c, **json.loads(c["info"])}
+            elif p["account"].startswith("am:"):
+                taken[p["session"]][p["currency"]] -= p["minor"]
+            elif p["account"].startswith("merchant:"):
+                paid_to[(p["account"].split(":", 1)[1], p["currency"])] += p["minor"]
+        cleared = [{**c, **json.loads(c["info"])} for c in _rows(engine, D.acq_clearings)]
+        for c in cleared:
+            clearings[c["session"]] = c
+        _own_books(engine, postings, cleared, out)
     out.acquirer = {code: dict(accounts) for code, accounts in acq.items()}
     for code, accounts in acq.items():
         if sum(accounts.values()):
@@ -71,11 +116,19 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
     withdrawals: dict[str, int] = defaultdict(int)
     held: dict[str, int] = defaultdict(int)
     seen: set[str] = set()
+    customers: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # took, charged
     for engine in account_managers:
         sessions = _rows(engine, D.am_sessions)
+        for s in sessions:
+            if s["session"] in taken:
+                customers[(s["customer"], s["currency"])][0] += taken[s["session"]].get(
+                    s["currency"], 0)
+            if s["state"] == D.OPEN:
+                customers[(s["customer"], s["currency"])][1] += s["deposit"]
         for w in _rows(engine, D.am_withdrawals):
             seen.add(w["session"])
             withdrawals[w["currency"]] += w["amount"]
+            customers[(w["customer"], w["currency"])][1] += w["amount"]
             cw = clearings.get(w["session"])
             if cw is None or cw["withdrawal"] != w["amount"] or \
                     cw["currency_customer"] != w["currency"]:
@@ -93,10 +146,12 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
                                     f"open sessions hold {reserved.get(cu['id'], 0)}")
     deposits: dict[str, int] = defaultdict(int)
     paid: set[str] = set()
+    merchants: dict[tuple[str, str], int] = defaultdict(int)
     for engine in merchant_accounts:
         for d in _rows(engine, D.mam_deposits):
             paid.add(d["session"])
             deposits[d["currency"]] += d["amount"]
+            merchants[(d["merchant"], d["currency"])] += d["amount"]
             cd = clearings.get(d["session"])
             if cd is None or cd["paid"] != d["amount"] or \
                     cd["currency_merchant"] != d["currency"]:
@@ -111,6 +166,15 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
     if account_managers and merchant_accounts and all(
             c["am_done"] and c["mam_done"] for c in clearings.values()):
         _close(out, acq)
+        for (merchant, code) in sorted(set(paid_to) | set(merchants)):
+            if paid_to.get((merchant, code), 0) != merchants.get((merchant, code), 0):
+                out.problems.append(f"account merchant:{merchant} {code}: the agents paid "
+                                    f"{paid_to.get((merchant, code), 0)}; its deposit records "
+                                    f"say {merchants.get((merchant, code), 0)}")
+        for (customer, code), (took, charged) in sorted(customers.items()):
+            if took != charged:
+                out.problems.append(f"account customer:{customer} {code}: the agents took "
+                                    f"{took}; its withdrawals + open deposits are {charged}")
     return out
 
 
