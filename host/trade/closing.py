@@ -213,6 +213,8 @@ def compare(session: dict[str, Any], merchant: dict[str, Any] | None,
         for name in ("index", "count", "total", "list_hash"):
             if merchant[name] != customer[name]:
                 reasons.append(f"the records differ in {name}")
+    if merchant is None and customer is not None:
+        proof = admitted(session, customer, reasons)
     amount = proof.index * proof.unit
     if reasons:
         outcome = "disputed"
@@ -221,6 +223,28 @@ def compare(session: dict[str, Any], merchant: dict[str, Any] | None,
     else:
         outcome = "agreed"
     return Decision(proof.index, amount, outcome, reasons)
+
+
+def admitted(session: dict[str, Any], customer: dict[str, Any], reasons: list[str]) -> Proof:
+    """What the customer's own record admits when the merchant's never came: the customer's
+    record is signed by the session key and carries the same kind of evidence as a merchant's
+    (the commitment, the link at its index, its signed order for that link). A verified
+    admission is evidence AGAINST the customer, so the merchant is paid that link; evidence
+    that does not verify, or that proves another index than the record claims, proves nothing
+    (0) and the session is disputed."""
+    ev = customer["evidence"]
+    if ev is None:
+        return Proof()
+    proof = check_evidence(ev, session["session"], session["merchant"],
+                           session["currency_merchant"], session["deposit_merchant"],
+                           bytes.fromhex(session["session_key"]))
+    reasons += [f"customer evidence: {p}" for p in proof.problems]
+    if not proof.problems and (customer["index"] != proof.index or
+                               customer["total"] != proof.index * proof.unit):
+        reasons.append(f"the customer's record claims link {customer['index']} = "
+                       f"{customer['total']}; its evidence shows link {proof.index}")
+        return Proof()
+    return proof if not proof.problems else Proof()
 
 
 @dataclass(frozen=True)

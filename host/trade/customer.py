@@ -25,7 +25,8 @@ import httpx
 from . import closing as K
 from . import signing as S
 from .money import Amount, ExchangeTable, MoneyError, table_from_payload, table_payload
-from .payword import MAX_LENGTH, Commitment, PaywordError, Wallet, order_payload
+from .payword import MAX_LENGTH, Commitment, PaywordError, Wallet, link_at, order_payload
+from .trust import certs
 
 
 class TradeError(Exception):
@@ -172,6 +173,12 @@ def open_session(http: httpx.Client, account_url: str, account_id: str,
     if opened.get("merchant") != merchant or opened.get("deposit") != deposit.minor or \
             opened.get("currency") != deposit.code:
         raise TradeError("the account manager opened another session than asked")
+    if opened.get("merchant_cert"):    # the merchant's key, signed by our own FI only
+        try:
+            certs.verify(account_public, opened["merchant_cert"].encode(), opened["session"],
+                         int(time.time()))
+        except certs.CertError as exc:
+            raise TradeError(f"the merchant's certificate: {exc.reason}") from None
     value = int(opened["deposit_merchant"])
     unit = unit or max(1, -(-value // MAX_LENGTH))
     length = value // unit
@@ -244,6 +251,24 @@ def terminate(http: httpx.Client, s: Session) -> dict[str, Any]:
     return got
 
 
+def evidence(s: Session) -> dict[str, Any] | None:
+    """The customer's own evidence for its record, the same kind a merchant shows: the
+    commitment (signed again by the session key: Ed25519 is deterministic, so the same
+    signature the merchant holds), the link at the last order's index and that signed order.
+    It is what the customer admits: when the merchant's record never comes, the mediating
+    agent pays the merchant this link (``closing.admitted``)."""
+    if not s.orders:
+        return None
+    last = s.orders[-1]
+    c = Commitment(s.session, s.merchant, s.wallet().root, s.length, s.unit,
+                   s.currency_merchant, s.expires)
+    order = S.canonical(order_payload(s.session, last["index"], last["item"], last["units"]))
+    return {"index": last["index"], "link": link_at(s.seed, s.length, last["index"]).hex(),
+            "commitment": c.body().decode(),
+            "commitment_signature": S.sign(s.session_key, S.COMMITMENT, c.body()),
+            "order": order.decode(), "order_signature": last["signature"]}
+
+
 def record(s: Session, ended: str = "terminated", created: int | None = None
            ) -> tuple[bytes, dict[str, str]]:
     """The customer's transaction record (FIG. 3): the purchase list sealed under a key from
@@ -253,7 +278,8 @@ def record(s: Session, ended: str = "terminated", created: int | None = None
         key = K.record_key(s.seed, s.session, "customer")
         payload = K.make_record(s.session, "customer", s.pseudonym, ended,
                                 s.currency_merchant, s.unit, s.orders, key,
-                                int(time.time()) if created is None else created)
+                                int(time.time()) if created is None else created,
+                                evidence(s))
         body, headers = S.signed(s.session_key, s.pseudonym, S.RECORD, payload)
         s.closing = {"body": body.decode(), "signature": headers[S.SIGNATURE]}
     return s.closing["body"].encode(), {S.SIGNATURE: s.closing["signature"],
