@@ -563,7 +563,8 @@ def measure(worker: Callable[..., GeneratorRun], worker_args: list[Any],
 
 def _profilers(servers: dict[str, int], folder: Path | None,
                ) -> dict[str, tuple[subprocess.Popen[bytes], Path]]:
-    """py-spy sampling each server while the load runs (``--profile``): collapsed stacks."""
+    """py-spy sampling each server while the load runs (``--profile``): collapsed stacks of
+    the thread holding the GIL (``--gil``: where the Python CPU goes, not the waits)."""
     spy = Path(sys.executable).parent / "py-spy"
     if folder is None or not spy.exists():
         return {}
@@ -571,7 +572,7 @@ def _profilers(servers: dict[str, int], folder: Path | None,
     out = {}
     for name, pid in servers.items():
         path = folder / f"{name}-{pid}.txt"
-        out[name] = (subprocess.Popen([str(spy), "record", "--nonblocking", "-r", "200",
+        out[name] = (subprocess.Popen([str(spy), "record", "--nonblocking", "--gil", "-r", "200",
                                        "-f", "raw", "-o", str(path), "-p", str(pid)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
                      path)
