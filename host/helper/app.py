@@ -3,7 +3,10 @@
 * ``GET /v1/hello``: whether the pairing token is right (and whether the card is busy);
 * ``POST /v1/pay`` ``{"checkout_url": URL}``: start paying that checkout with the card (202 and
   the payment's id; 409 while the card is busy with another payment);
-* ``GET /v1/pay/{id}``: the payment's live state; once ``paid``, the goods and the receipt.
+* ``GET /v1/pay/{id}``: the payment's live state; once ``paid``, the goods and the receipt;
+* ``POST /v1/load`` ``{"bank_url", "account", "secret", "amount"}``: load the card from the
+  page's own bank (a wallet's gateway in seed 002's bank role: the account and secret are the
+  charge's load order and its token); polled at ``/v1/pay/{id}`` too, ``loaded`` at the end.
 
 Every request passes three checks, in this order. First the ``Host`` header must be a loopback
 name, so a web page whose own DNS name was pointed at 127.0.0.1 is refused (403). Then an
@@ -57,6 +60,16 @@ class PayRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     checkout_url: str = Field(min_length=1, max_length=MAX_URL)
+
+
+class LoadRequest(BaseModel):
+    """``POST /v1/load``: the page's bank URL, and the account, secret and amount it gave."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    bank_url: str = Field(min_length=1, max_length=MAX_URL)
+    account: str = Field(min_length=1, max_length=128)
+    secret: str = Field(min_length=1, max_length=128)
+    amount: int = Field(ge=1, le=0xFFFFFFFF)
 
 
 def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = None,
@@ -161,6 +174,38 @@ class CardHelper:
         log.info("payment %s: started for %s", job.id, shop)
         return _answer(202, {**job.view(), "poll": f"/v1/pay/{job.id}"})
 
+    async def load(self, request: Request) -> Response:
+        """``POST /v1/load``: load the card from the page's own bank (the same origin rule as a
+        payment: a page may load only from its own site, and only an allowed one)."""
+        if (refused := self.unauthorised(request)) is not None:
+            return refused
+        try:
+            body = LoadRequest.model_validate(await read_json(request, MAX_REQUEST))
+            bank = url_origin(body.bank_url)
+        except Refused as exc:
+            return _answer(exc.status, {"reason": exc.reason})
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"]) or "body"
+            return _answer(400, {"reason": f"{where}: {problem['msg']}"})
+        except PairingError as exc:
+            return _answer(400, {"reason": str(exc)})
+        origin = request.headers.get("origin")
+        if bank not in self.origins or (origin is not None
+                                        and bank != normalise_origin(origin, "Origin")):
+            return _answer(403, {"reason": "bank_url: a page may load the card only from its "
+                                           "own site, and an allowed one"})
+        if self.stopping:
+            return _answer(503, {"reason": "the card helper is stopping"}, {"Retry-After": "5"})
+        job = self.payments.start(body.bank_url, {"account": body.account,
+                                                  "secret": body.secret,
+                                                  "amount": body.amount})
+        if job is None:
+            return _answer(409, {"reason": "the card is busy: try again when it is finished"},
+                           {"Retry-After": "2"})
+        log.info("load %s: started from %s", job.id, bank)
+        return _answer(202, {**job.view(), "poll": f"/v1/pay/{job.id}"})
+
     async def job(self, request: Request) -> Response:
         if (refused := self.unauthorised(request)) is not None:
             return refused
@@ -180,6 +225,7 @@ class CardHelper:
             Route("/v1/hello", self.hello, methods=["GET"]),
             Route("/v1/pay", self.pay, methods=["POST"]),
             Route("/v1/pay/{job}", self.job, methods=["GET"]),
+            Route("/v1/load", self.load, methods=["POST"]),
         ], middleware=[Middleware(
             CORSMiddleware, allow_origins=sorted(self.origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"], allow_private_network=True,

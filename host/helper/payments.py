@@ -42,11 +42,12 @@ from ..terminal.online import (
 )
 from ..terminal.purse import Declined, TerminalCheckFailed, TerminalError, format_amount
 from ..terminal.reader_specs import open_reader
+from .loads import run_load
 
 log = logging.getLogger("svcard.helper")
 
 KEPT_JOBS = 32
-FINAL = frozenset({"paid", "pending", "refused", "failed"})
+FINAL = frozenset({"paid", "pending", "refused", "failed", "loaded"})
 
 # what the client is doing, told by the request it is about to send
 _STEPS = (("/v1/checkout/", "Getting the order from the shop"),
@@ -94,8 +95,9 @@ class Payments:
         self.idle = threading.Event()
         self.idle.set()
 
-    def start(self, checkout_url: str) -> Job | None:
-        """A new payment running in the background, or None while the card is busy."""
+    def start(self, checkout_url: str, load: dict[str, Any] | None = None) -> Job | None:
+        """A new payment running in the background, or None while the card is busy.
+        ``load``: a load from the bank at ``checkout_url`` instead (account, secret, amount)."""
         with self.lock:
             if self.running is not None:
                 return None
@@ -105,7 +107,9 @@ class Payments:
             self.jobs[job.id] = job
             while len(self.jobs) > KEPT_JOBS:
                 self.jobs.popitem(last=False)
-        threading.Thread(target=self._run, args=(job,), name=f"helper-pay-{job.id[:8]}",
+        target = self._run if load is None else self._run_load
+        args = (job,) if load is None else (job, load)
+        threading.Thread(target=target, args=args, name=f"helper-pay-{job.id[:8]}",
                          daemon=True).start()
         return job
 
@@ -146,6 +150,23 @@ class Payments:
         else:
             self._set(job, "paid", "Paid", result)
         log.info("payment %s: %s: %s", job.id, job.state, job.message)
+
+    def _run_load(self, job: Job, load: dict[str, Any]) -> None:
+        book = Journal(self.card.journal)
+        try:
+            result = run_load(self.card, book, job.checkout_url, load["account"],
+                              load["secret"], int(load["amount"]),
+                              lambda state, text: self._set(job, state, text))
+        except Exception as exc:
+            self._failure(job, exc)
+            if job.state == "failed" or job.state == "refused":
+                self._set(job, job.state, job.message + " If the card was being loaded, "
+                          "the card helper finishes that load at its next contact.")
+        else:
+            loaded = result["outcome"] == "loaded"
+            self._set(job, "loaded" if loaded else "refused",
+                      "Loaded" if loaded else f"Not loaded: {result['reason']}", result)
+        log.info("load %s: %s: %s", job.id, job.state, job.message)
 
     def _failure(self, job: Job, exc: Exception) -> None:
         """A payment that failed before the card was debited: refused or failed."""

@@ -15,6 +15,8 @@ from pydantic import Field
 
 from ..kit.config import (
     CurrencyCode,
+    Hex6,
+    Hex8,
     PosInt,
     SecretHex32,
     SecretText,
@@ -44,6 +46,25 @@ class FinConfig:
 
 
 @dataclass
+class PurseSettings:
+    """The gateway's side of a *real* card (a purse chip card): the gateway is a merchant of
+    seed 002's payment server for each mall (a card's purse purchase is made to the mall's
+    merchant id, under the key that merchant shares with the payment server), and the bank of
+    seed 002's load flow (its id and the key it shares with the load server)."""
+
+    public_url: str                       # the gateway as the card helper reaches it
+    payment_url: str = ""                 # seed 002's payment server
+    payment_terminal: bytes = b""         # its PSAM pool's terminal id (6 bytes)
+    merchants: dict[str, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
+    load_url: str = ""                    # seed 002's load server
+    load_terminal: bytes = b""            # its load terminal id (6 bytes)
+    bank_id: bytes = b""                  # the gateway's bank id at the load server (8 bytes)
+    bank_key: bytes = field(default=b"", repr=False)   # shared with the load server
+    balance_limit: int = 100_000_00       # the most a real card may hold after a load
+    exponent: int = 2                     # the currency's exponent on the purse
+
+
+@dataclass
 class GatewayConfig:
     """The payment gateway: the web server's key, each mall's key and origin, the financial
     system's address and key, and its own key for the applicant digests."""
@@ -60,6 +81,7 @@ class GatewayConfig:
     max_purchase_ms: int = 3_600_000     # a purchase may expire at most this far ahead
     statement_dir: Path | None = None    # yesterday's statements written here (None: not)
     statement_seconds: float = 3600.0    # how often (each time: the same files again)
+    purse: PurseSettings | None = None   # real cards (None: virtual cards only)
 
 
 @dataclass
@@ -105,6 +127,26 @@ class FinFile(Section):
     gateway_url: Url | None = None
 
 
+class MerchantEntry(Section):
+    """A ``[[purse.merchant]]``: a mall's merchant id at the payment server and their key."""
+
+    mall: str = Field(pattern=ID.pattern)
+    merchant_id: Hex8
+    key: SecretHex32
+
+
+class PurseFile(Section):
+    public_url: Url
+    payment_url: Url | None = None
+    payment_terminal_id: Hex6 | None = None
+    merchant: list[MerchantEntry] = Field(default_factory=list, max_length=10_000)
+    load_url: Url | None = None
+    load_terminal_id: Hex6 | None = None
+    bank_id: Hex8 | None = None
+    bank_key: SecretHex32 | None = None
+    balance_limit: PosInt = 100_000_00
+
+
 class GatewayFile(Section):
     db: SecretText | None = None
     secret_key: SecretHex32
@@ -114,6 +156,7 @@ class GatewayFile(Section):
     web: list[PartyEntry] = Field(min_length=1, max_length=16)
     mall: list[PartyEntry] = Field(default_factory=list, max_length=10_000)
     statement_dir: str | None = None
+    purse: PurseFile | None = None
 
 
 class VanFile(Section):
@@ -147,11 +190,19 @@ def gateway_config(path: Path, db_url: str | None = None) -> GatewayConfig:
     statements = Path(f.statement_dir) if f.statement_dir else None
     if statements is not None and not statements.is_absolute():
         statements = path.parent / statements
+    purse = None
+    if f.purse is not None:
+        u = f.purse
+        purse = PurseSettings(u.public_url.rstrip("/"), (u.payment_url or "").rstrip("/"),
+                              u.payment_terminal_id or b"",
+                              {m.mall: (m.merchant_id, m.key) for m in u.merchant},
+                              (u.load_url or "").rstrip("/"), u.load_terminal_id or b"",
+                              u.bank_id or b"", u.bank_key or b"", u.balance_limit)
     return GatewayConfig(f.secret_key, {p.id: p.key for p in f.web},
                          {p.id: p.key for p in f.mall},
                          {p.id: (p.origin or "").rstrip("/") for p in f.mall},
                          f.fin_url, f.fin_key, currency=f.currency, statement_dir=statements,
-                         **db_setting(f.db, db_url))
+                         purse=purse, **db_setting(f.db, db_url))
 
 
 def web_config(path: Path, db_url: str | None = None) -> WebConfig:

@@ -50,7 +50,9 @@ from ..config import GatewayConfig
 from ..links import ID, NUMBER, SECRET, LinkClient, choice, origin, purchase, text, whole
 from . import cardpay as E
 from . import db as D
+from . import loading as LD
 from . import matching as X
+from . import purse as PU
 from . import wallets as W
 from .journal import day_of, write_statements
 
@@ -67,6 +69,17 @@ class GatewayServer(WalletServer):
         self.http = http or httpx.Client(timeout=30)
         self.fin = LinkClient(self.http, config.fin_url, config.party, config.fin_key)
         super().__init__(D.make_engine(config.db_url), config.db_url, D.wallet, clock)
+        PU.open_tables(self.engine)   # the real cards' payment orders and load orders
+
+    def purse(self) -> Any:
+        """The real cards' settings (:class:`..config.PurseSettings`), else 404."""
+        if self.config.purse is None:
+            raise Refused(404, 404, "this gateway takes no real cards")
+        return self.config.purse
+
+    async def card_kind(self, member: str, card: str) -> str:
+        row = await self.sql(W.holds, self.engine, member, "card", card)
+        return str(row["card_kind"]) if row is not None else ""
 
     def close(self) -> None:
         super().close()
@@ -99,7 +112,13 @@ class GatewayServer(WalletServer):
             if status != 200:
                 raise Refused(502, 502, "the financial system did not give the balances")
             found = answer["cards"]
+        key = self.config.secret_key
+        loads = [{"card": r["card"], "account": r["order_id"], "amount": r["amount"],
+                  "currency": r["currency"], "state": r["state"],
+                  "secret": LD.load_token(key, r["order_id"])}
+                 for r in await self.sql(LD.pending, self.engine, member)]
         return ok({
+            "loads": loads,
             "cards": [{"number": n, "kind": r["card_kind"], **found.get(n, {})}
                       for r in rows if r["kind"] == "card" for n in [r["number"]]],
             "accounts": [r["number"] for r in rows if r["kind"] == "account"],
@@ -154,6 +173,13 @@ class GatewayServer(WalletServer):
             raise Refused(502 if status >= 500 else 400, status,
                           f"the charge was refused: {answer.get('reason', status)}")
         note(txn=ref, step="charge", outcome=answer["result"])
+        if answer["result"] == "done" and await self.card_kind(member, card) == "real":
+            # a real card's purse is loaded through the load flow: its one load order
+            order = await self.sql(LD.ensure, self.engine, "charge:" + ref, member, card,
+                                   amount, whole(data, "currency", 1, 999))
+            answer = {**answer, "load": {"account": order, "amount": amount,
+                                         "secret": LD.load_token(self.config.secret_key,
+                                                                 order)}}
         return ok(answer, 200 if answer["result"] == "done" else 402)
 
     async def checked_choice(self, member: str, data: dict[str, Any]
@@ -183,10 +209,16 @@ class GatewayServer(WalletServer):
         secret = text(data, "secret", SECRET)
         card, p, back = await self.checked_choice(member, data)
         await self.verify_secret(card, secret)
+        real = await self.card_kind(member, card) == "real"
+        if real and p["mall"] not in self.purse().merchants:
+            raise Refused(400, 400, "purchase.mall: this mall takes no real card here")
         pid = await self.sql(X.store_choice, self.engine, member, card, p)
         if pid is None:
             raise Refused(409, 409, "this order has a card chosen already")
         note(txn=pid, step="choose")
+        if real:   # the card's purse pays first, through the card helper (purse.py)
+            return ok({"purchase": pid, "return_url": back,
+                       "checkout": PU.checkout_token(self.config.secret_key, pid)})
         return ok({"purchase": pid, "return_url": back})
 
     async def verify_secret(self, card: str, secret: str) -> None:
@@ -204,8 +236,23 @@ class GatewayServer(WalletServer):
         p = purchase(data)
         if p["mall"] != mall:
             raise Refused(403, 403, "a mall asks approval of its own purchases only")
+        await self.purse_evidence(p)
         how, found = await self.sql(X.match, self.engine, p, self.now_ms())
         return await self.answer_match(p, how, found)
+
+    async def purse_evidence(self, p: dict[str, Any]) -> None:
+        """A real card's purchase is approved only once its purse paid it (purse.py): the
+        payment server's verified debit of THIS card, for this purchase's order, amount and
+        currency, to this mall's merchant id. Checked before the match: the purchase of an
+        order never changes, and its evidence is never taken back."""
+        found = await self.sql(X.by_order, self.engine, p["mall"], p["order"])
+        if found is None or found["state"] != D.CHOSEN or \
+                await self.card_kind(found["member"], found["card"]) != "real":
+            return
+        paid = await self.sql(PU.purse_paid, self.engine, found["id"])
+        if paid is None or (paid["card"], paid["amount"], paid["currency"]) != (
+                found["card"], found["amount"], found["currency"]):
+            raise Refused(409, 409, "the real card's purse has not paid this purchase")
 
     async def answer_match(self, p: dict[str, Any], how: str, found: dict[str, Any] | None,
                            fresh: bool = False) -> Response:
@@ -314,6 +361,11 @@ class GatewayServer(WalletServer):
             Route("/v1/approvals", g(self.approve), methods=["POST"]),
             Route("/v1/card-payments", g(partial(E.card_payment, self)), methods=["POST"]),
             Route("/v1/reports", g(partial(E.reports, self)), methods=["POST"]),
+            Route("/v1/purse/checkout", g(partial(PU.checkout, self)), methods=["POST"]),
+            Route("/v1/purse/status/{txn}", g(partial(PU.status, self)), methods=["POST"]),
+            Route("/v1/bank", g(partial(LD.page, self)), methods=["GET"]),
+            Route("/v1/bank/start", g(partial(LD.start, self)), methods=["POST"]),
+            Route("/v1/bank/status/{txn}", g(partial(LD.status, self)), methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-gateway"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,

@@ -27,14 +27,17 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Engine, select
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ...kit.db import reading
 from ...kit.http import Refused
 from ...kit.request_log import note
 from ..base import ok
 from ..links import ID, NUMBER, PROFILE, SECRET, check_profile, profile_token, purchase, text, whole
 from . import db as D
+from . import loading as LD
 from . import matching as X
 from .journal import record
 
@@ -50,6 +53,10 @@ KINDS = ("cash", "account", "credit", "debit")
 async def fill(server: GatewayServer, request: Request) -> Response:
     member, data = await server._member(request)
     card, p, back = await server.checked_choice(member, data)
+    if await server.card_kind(member, card) == "real":
+        # its value is in its purse: only the purse's own purchase may spend it (purse.py)
+        raise Refused(400, 400, "card: a real card pays with its purse (embodiment 1, "
+                                "through the card helper), not with filled-in details")
     pid = await server.sql(X.store_choice, server.engine, member, card, p, D.FILLED)
     if pid is None:
         raise Refused(409, 409, "this order has a card chosen already")
@@ -108,4 +115,18 @@ async def reports(server: GatewayServer, request: Request) -> Response:
         raise Refused(400, 400, f"reports: a list of 1 to {MAX_REPORTS}")
     checked = [_report(item) for item in items]
     new, known = await server.sql(record, server.engine, checked)
+    for r in checked:
+        # cash put on a real card by an agent: its purse is loaded through the load flow
+        if r["kind"] == "cash":
+            held = await server.sql(held_by, server.engine, r["card"])
+            if held is not None and held["card_kind"] == "real":
+                await server.sql(LD.ensure, server.engine, r["ref"], held["member"], r["card"],
+                                 r["amount"], r["currency"])
     return ok({"recorded": new, "known": known})
+
+
+def held_by(engine: Engine, card: str) -> dict[str, Any] | None:
+    with reading(engine) as conn:
+        row = conn.execute(select(D.wallet).where(D.wallet.c.kind == "card",
+                                                  D.wallet.c.number == card)).first()
+    return dict(row._mapping) if row is not None else None

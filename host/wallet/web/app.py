@@ -46,6 +46,7 @@ COOKIE = "wallet_session"
 HEADER = "X-Svcard-Wallet"
 MEMBER = re.compile(r"^[A-Za-z0-9_.-]{3,40}$")
 PAGE_REF = re.compile(r"[A-Za-z0-9_-]{8,64}")
+PURSE_TOKEN = re.compile(r"[0-9a-f]{96}")
 
 
 class WebServer(WalletServer):
@@ -181,6 +182,31 @@ class WebServer(WalletServer):
             "member": member, "card": data.get("card"), "purchase": data.get("purchase"),
             "return_url": data.get("return_url")})
 
+    # --- the card helper's requests (a real card) ---------------------------------------------
+    async def purse_checkout(self, request: Request) -> Response:
+        """``POST /purse/checkout/{token}``: the card helper asks for the payment order of a
+        purchase whose real card the member chose (seed 002's checkout, made by the gateway).
+        The token is the capability; like a merchant, only a client's POST with
+        ``X-Svcard-Client: 1`` makes an order (a page elsewhere cannot send that header)."""
+        if request.headers.get("X-Svcard-Client") != "1":
+            raise Refused(403, 403, "an order is made only for a client's POST with the header "
+                                    "X-Svcard-Client: 1")
+        token = request.path_params["token"]
+        if not PURSE_TOKEN.fullmatch(token):
+            raise Refused(404, 404, "no such checkout")
+        return await self._gateway("/v1/purse/checkout", {"token": token})
+
+    async def purse_bank(self, request: Request) -> Response:
+        """``GET /purse/bank``: where the card helper starts loading a real card (the
+        gateway, in seed 002's bank role)."""
+        try:
+            r = await asyncio.to_thread(self.http.get,
+                                        self.config.gateway_url.rstrip("/") + "/v1/bank")
+            answer = r.json()
+        except (httpx.TransportError, ValueError):
+            raise Refused(502, 502, "the payment gateway could not be reached") from None
+        return JSONResponse(answer, status_code=r.status_code)
+
     async def home(self, request: Request) -> Response:
         return RedirectResponse("/wallet", status_code=303)
 
@@ -198,6 +224,8 @@ class WebServer(WalletServer):
             Route("/api/charges", g(self.charges), methods=["POST"]),
             Route("/api/purchases", g(self.purchases), methods=["POST"]),
             Route("/api/fills", g(self.fills), methods=["POST"]),
+            Route("/purse/checkout/{token}", g(self.purse_checkout), methods=["POST"]),
+            Route("/purse/bank", g(self.purse_bank), methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-web"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),

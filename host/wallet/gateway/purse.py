@@ -1,0 +1,256 @@
+"""A real card pays by its own purse (seed 003 embodiment 1 with a chip card; seed 002's
+payment flow, with the gateway as the mall's merchant).
+
+When a member's wallet chooses a *real* card for a mall's purchase, the gateway gives the page
+a **checkout token** (the purchase id and an HMAC under the gateway's own key). The page hands
+the checkout URL (on the web server, the page's own origin) to the local card helper (``svcard
+helper``), which runs seed 002's payment: ``POST`` checkout -> this module's :func:`checkout`
+makes ONE payment order for the purchase (a transaction id, the ticket sealed under the key
+the mall's merchant id shares with the payment server: amount and currency of the purchase,
+FIG. 6, an expiry no later than the purchase's); the payment server and its PSAM debit the
+card and verify its MAC2; the helper brings the confirmation to :func:`status`, which opens
+debit result M under that key and checks it is THIS order's (merchant = the mall's merchant
+id, transaction, amount, variant, status OK) and made by the card chosen (its application
+serial is ``0000`` + the card number). Only then is the purchase marked paid by the purse
+(one conditional UPDATE, ``open`` -> ``paid``). The mall's approval request is matched as
+for a virtual card, and a real card's purchase is approved only once its purse payment is
+recorded (:func:`purse_paid`); the financial system then records the debit under
+``pay:PURCHASE`` (the card's balance there mirrors its purse).
+
+One order per purchase, ever: a second checkout for the same purchase is refused, so the card
+is never debited twice for one purchase. An exact repeat of the releasing confirmation (the
+helper's answer was lost) gets the same answer again; any other confirmation is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ....protocols import messages as M
+from ....protocols import secure
+from ...kit.db import now_ms, reading, step
+from ...kit.http import Refused, read_body
+from ...kit.request_log import note
+from ...kit.schema import Schema, prepare
+from ..links import text
+from . import db as D
+from . import matching as X
+
+if TYPE_CHECKING:
+    from .app import GatewayServer
+
+metadata = MetaData()
+OPEN, PAID = "open", "paid"
+TOKEN = re.compile(r"^[0-9a-f]{96}$")
+TXN = re.compile(r"^[0-9a-f]{32}$")
+MAX_CONFIRMATION = 4096
+ORDER_SECONDS = 600
+CLIENT_HEADER = ("X-Svcard-Client", "1")
+
+orders = Table(
+    "wg_purse_orders", metadata,
+    Column("txn_id", String(32), primary_key=True),
+    Column("purchase", String(32), nullable=False, unique=True),   # one order per purchase
+    Column("card", String(16), nullable=False),
+    Column("merchant_id", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("currency", Integer, nullable=False),
+    Column("expires", BigInteger, nullable=False),                 # ms: the ticket's expiry
+    Column("state", String(8), nullable=False),                    # open -> paid
+    Column("confirmation", String(64), nullable=False),            # SHA-256 of the releasing one
+    Column("receipt", String(400), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+
+SCHEMA = Schema("wallet-gateway-purse", 1, metadata)
+
+
+def open_tables(engine: Engine) -> None:
+    prepare(engine, SCHEMA)
+
+
+def card_serial(card: str) -> bytes:
+    """A real card's purse application serial: ``0000`` + its number (fin/mail.py)."""
+    return bytes.fromhex("0000" + card)
+
+
+def checkout_token(key: bytes, pid: str) -> str:
+    mac = hmac.new(key, b"svcard-wallet-purse-checkout-v1\n" + pid.encode(), hashlib.sha256)
+    return pid + mac.hexdigest()
+
+
+def token_purchase(key: bytes, value: str) -> str | None:
+    if not TOKEN.fullmatch(value):
+        return None
+    pid = value[:32]
+    return pid if hmac.compare_digest(checkout_token(key, pid), value) else None
+
+
+# --- database steps ---------------------------------------------------------------------------
+
+def new_order(engine: Engine, row: dict[str, Any]) -> bool:
+    """Store the purchase's one order; False if it has one already (unique purchase)."""
+    try:
+        with step(engine) as conn:
+            conn.execute(insert(orders).values(**row))
+    except IntegrityError:
+        return False
+    return True
+
+
+def order(engine: Engine, txn_id: str) -> dict[str, Any] | None:
+    with reading(engine) as conn:
+        row = conn.execute(select(orders).where(orders.c.txn_id == txn_id)).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def mark_paid(engine: Engine, txn_id: str, digest: str, receipt: str) -> bool:
+    """``open`` -> ``paid``, once (compare-and-set)."""
+    with step(engine) as conn:
+        return bool(conn.execute(update(orders).where(
+            orders.c.txn_id == txn_id, orders.c.state == OPEN).values(
+            state=PAID, confirmation=digest, receipt=receipt, updated=now_ms())).rowcount)
+
+
+def purse_paid(engine: Engine, pid: str) -> dict[str, Any] | None:
+    """The paid purse order of purchase ``pid`` (the evidence its approval needs), or None."""
+    with reading(engine) as conn:
+        row = conn.execute(select(orders).where(orders.c.purchase == pid,
+                                                orders.c.state == PAID)).first()
+    return dict(row._mapping) if row is not None else None
+
+
+# --- the card helper's requests ---------------------------------------------------------------
+
+async def checkout(server: GatewayServer, request: Request) -> Response:
+    """``POST /v1/purse/checkout`` (the web server's link; the helper's checkout POST passed
+    on): ``{"token": CHECKOUT_TOKEN}`` -> seed 002's payment parameters for the purchase."""
+    _, data = await server.linked(request, server.config.web_keys)
+    settings = server.purse()
+    pid = token_purchase(server.config.secret_key, text(data, "token", TOKEN))
+    if pid is None:
+        raise Refused(403, 403, "not a checkout this gateway made")
+    found = await server.sql(X.purchase, server.engine, pid)
+    now = server.now_ms()
+    if found is None or found["state"] != D.CHOSEN:
+        raise Refused(409, 409, "this purchase is not waiting for its card's payment")
+    if found["expires"] <= now:
+        raise Refused(410, 410, "the purchase expired")
+    merchant = settings.merchants.get(found["mall"])
+    if merchant is None:
+        raise Refused(409, 409, "this mall takes no real card here")
+    if await server.card_kind(found["member"], found["card"]) != "real":
+        raise Refused(409, 409, "the purchase's card is not a real card")
+    merchant_id, key = merchant
+    txn_id = os.urandom(16)
+    expires = min(now // 1000 + ORDER_SECONDS, found["expires"] // 1000)
+    tsk = secure.new_key()
+    ticket = M.build(M.OrderTicket, {
+        "version": M.VERSION, "tsk": tsk, "amount": found["amount"],
+        "currency_code": found["currency"], "currency_exponent": settings.exponent,
+        "variant": M.FIG6_SERVER_COMPARES, "purpose": M.PURPOSE_PAYMENT,
+        "expires": expires, "terminal_id": settings.payment_terminal})
+    etsk = secure.seal(secure.derive_key(key, merchant_id, txn_id), ticket,
+                       M.ticket_aad(merchant_id, txn_id))
+    made = await server.sql(new_order, server.engine, {
+        "txn_id": txn_id.hex(), "purchase": pid, "card": found["card"],
+        "merchant_id": merchant_id.hex(), "amount": found["amount"],
+        "currency": found["currency"], "expires": expires * 1000, "state": OPEN,
+        "confirmation": "", "receipt": "", "created": now, "updated": now})
+    if not made:
+        raise Refused(409, 409, "this purchase has its card payment already: it is never "
+                                "paid twice (the card helper finishes an interrupted one)")
+    note(txn=pid, step="purse-checkout")
+    return JSONResponse({
+        "version": M.VERSION, "amount": found["amount"], "currency_code": found["currency"],
+        "currency_exponent": settings.exponent,
+        "description": f"{found['mall']} order {found['mall_order']}",
+        "payment_url": settings.payment_url, "txn_id": txn_id.hex(),
+        "merchant_id": merchant_id.hex(), "terminal_id": settings.payment_terminal.hex(),
+        "status_url": f"{settings.public_url}/v1/purse/status/{txn_id.hex()}",
+        "variant": "fig6", "purpose": "payment", "client_terminal": "", "expires": expires,
+        "tsk": tsk.hex(), "etsk": etsk.hex()})
+
+
+def check(key: bytes, row: dict[str, Any], txn_id: bytes, body: bytes) -> dict[str, Any]:
+    """Every check of a confirmation for the order ``row``: the receipt, else Refused."""
+    merchant_id = bytes.fromhex(row["merchant_id"])
+    try:
+        conf = M.parse(M.Confirmation, body, "confirmation")
+        if conf.version != M.VERSION or conf.txn_id != txn_id or \
+                conf.variant != M.FIG6_SERVER_COMPARES:
+            raise Refused(400, 400, "the confirmation is not for this order")
+        result = M.parse(M.DebitResult, secure.open_sealed(
+            secure.derive_key(key, merchant_id, txn_id), conf.result_m,
+            M.result_m_aad(merchant_id, txn_id), "debit result M"), "debit result M")
+    except (M.MessageError, secure.SealError) as exc:
+        raise Refused(400, 400, f"forged confirmation: {exc}") from None
+    if result.status != M.STATUS_OK:
+        raise Refused(402, 402, f"the payment server did not confirm: {result.reason}")
+    if (result.merchant_id, result.txn_id, result.amount, result.variant) != (
+            merchant_id, txn_id, int(row["amount"]), M.FIG6_SERVER_COMPARES):
+        raise Refused(400, 400, "the confirmation does not match the order")
+    if result.card_serial != card_serial(row["card"]):
+        raise Refused(403, 403, "another card paid: the purchase's card must pay it")
+    return {"txn_id": txn_id.hex(), "amount": int(row["amount"]),
+            "psam_id": result.psam_id.hex().upper(),
+            "terminal_txn_number": result.terminal_txn_number,
+            "card_serial": result.card_serial.hex().upper(),
+            "card_counter": result.card_counter, "status": "paid", "proven": True}
+
+
+async def status(server: GatewayServer, request: Request) -> Response:
+    """``POST /v1/purse/status/{txn}``: the card's payment confirmed (seed 002 step 636)."""
+    settings = server.purse()
+    txn_hex = request.path_params["txn"]
+    if not TXN.fullmatch(txn_hex):
+        raise Refused(400, 400, "the transaction id is not 16 bytes of hex")
+    body = await read_body(request, MAX_CONFIRMATION)
+    row = await server.sql(order, server.engine, txn_hex)
+    if row is None:
+        raise Refused(404, 404, "no such order")
+    digest = hashlib.sha256(body).hexdigest()
+    note(txn=row["purchase"], step="purse-status")
+    if row["state"] == OPEN:
+        if server.now_ms() > row["expires"] + ORDER_SECONDS * 1000:
+            raise Refused(410, 410, "the order has expired")
+        mall = next((m for m, (mid, _) in settings.merchants.items()
+                     if mid.hex() == row["merchant_id"]), None)
+        if mall is None:
+            raise Refused(409, 409, "the mall no longer takes real cards here")
+        receipt = check(settings.merchants[mall][1], row, bytes.fromhex(txn_hex), body)
+        if await server.sql(mark_paid, server.engine, txn_hex, digest,
+                            json.dumps(receipt, sort_keys=True)):
+            return _released(row, receipt)
+        row = await server.sql(order, server.engine, txn_hex) or row
+    if row["state"] == PAID and hmac.compare_digest(row["confirmation"], digest):
+        return _released(row, json.loads(row["receipt"]))   # the same one again: lost answer
+    raise Refused(409, 409, "this order was paid already: confirmed once")
+
+
+def _released(row: dict[str, Any], receipt: dict[str, Any]) -> Response:
+    return JSONResponse({"released": True, "goods": f"wallet purchase {row['purchase']}",
+                         "item": "a purchase from the wallet", "proven": True,
+                         "receipt": receipt})
