@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_wallet_attack import new_purchase
+from test_wallet_attack import new_purchase, signed
 from test_wallet_network import issue, member
 
 from svcard.host.wallet.links import MAC, PARTY, STAMP
@@ -61,7 +61,7 @@ def test_a_trailing_newline_is_not_part_of_an_id(stack: WalletStack) -> None:
 
 
 def fill(stack: WalletStack, b: Browserless, card: str, p: dict[str, Any]) -> httpx.Response:
-    return b.post("/api/fills", {"card": card, "purchase": p,
+    return b.post("/api/fills", {"card": card, "purchase": signed(stack.mall_key, p),
                                  "return_url": f"{stack.url('mall')}/shop/?order={p['order']}"})
 
 
@@ -285,7 +285,7 @@ def test_a_mall_asking_again_after_a_lost_answer_learns_its_order_is_paid(
             assert status == 200
             r = http.post(stack.url("mall") + "/shop/orders", headers={"X-Mall": "1"},
                           json={"cart": [["tea", 1]]})
-            p = r.json()["purchase"]
+            p = {k: v for k, v in r.json()["purchase"].items() if k != "signature"}
             assert choose(stack, b, card, p).status_code == 200
             status, first = stack.mall_link(http).post("/v1/approvals", p)  # answer "lost"
             assert status == 200 and first["approved"], first

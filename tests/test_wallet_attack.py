@@ -21,6 +21,8 @@ import httpx
 import pytest
 from test_wallet_network import balance, issue, member, topup
 
+from svcard.host.kit.http import Refused
+from svcard.host.wallet.gateway.matching import sign_order
 from svcard.host.wallet.links import LinkClient, link_headers
 from svcard.host.wallet.stack import MALL, Browserless, WalletStack, start_wallet
 
@@ -48,17 +50,28 @@ def new_purchase(amount_lines: tuple[tuple[str, int, int], ...] = (("tea", 2, 45
                                                                      ("cup", 1, 1200)),
                  expires_in: float = 300) -> dict[str, Any]:
     products = [{"sku": s, "qty": q, "price": p} for s, q, p in amount_lines]
-    return {"mall": MALL, "order": secrets.token_hex(8), "customer": "shopper-7",
+    return {"mall": MALL, "order": secrets.token_hex(8),
+            "customer": "shopper-" + secrets.token_hex(4),
             "products": products, "amount": sum(q * p for _, q, p in amount_lines),
             "currency": 156, "nonce": secrets.token_hex(16),
             "expires": int((clock() + expires_in) * 1000)}
+
+
+def signed(key: bytes, p: dict[str, Any]) -> dict[str, Any]:
+    """``p`` as the mall's page hands it to the wallet: signed with the mall's key (a
+    malformed one as it is: the gateway refuses it before looking for a signature)."""
+    try:
+        return sign_order(key, p)
+    except Refused:
+        return p
 
 
 def choose(stack: WalletStack, b: Browserless, card: dict[str, Any], p: dict[str, Any],
            secret: str | None = None) -> httpx.Response:
     return b.post("/api/purchases", {
         "card": card["number"], "secret": card["secret"] if secret is None else secret,
-        "purchase": p, "return_url": f"{stack.url('mall')}/shop/?order={p['order']}"})
+        "purchase": signed(stack.mall_key, p),
+        "return_url": f"{stack.url('mall')}/shop/?order={p['order']}"})
 
 
 def approve(stack: WalletStack, http: httpx.Client, p: Any) -> tuple[int, Any]:

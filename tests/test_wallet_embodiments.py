@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_wallet_attack import mutations, new_purchase
+from test_wallet_attack import mutations, new_purchase, signed
 from test_wallet_network import balance, issue, member, topup
 
 from svcard.host.wallet.links import LinkClient, link_headers
@@ -42,7 +42,7 @@ def http() -> Iterator[httpx.Client]:
 
 
 def fill(stack: WalletStack, b: Browserless, card: str, p: dict[str, Any]) -> httpx.Response:
-    return b.post("/api/fills", {"card": card, "purchase": p,
+    return b.post("/api/fills", {"card": card, "purchase": signed(stack.mall_key, p),
                                  "return_url": f"{stack.url('mall')}/shop/?order={p['order']}"})
 
 
@@ -357,7 +357,8 @@ def test_the_mall_never_learns_the_member(stack: WalletStack, http: httpx.Client
 def test_filling_checks_the_purchase(stack: WalletStack, alice: Any) -> None:
     b, card = alice
     p = new_purchase()
-    bad_return = b.post("/api/fills", {"card": card["number"], "purchase": p,
+    bad_return = b.post("/api/fills", {"card": card["number"],
+                                       "purchase": signed(stack.mall_key, p),
                                        "return_url": "http://evil.example/steal"})
     assert bad_return.status_code == 400
     wrong = copy.deepcopy(p)

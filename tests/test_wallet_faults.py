@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_wallet_attack import new_purchase
+from test_wallet_attack import new_purchase, signed
 
 from svcard.host.kit.serving import free_port, wait_http
 from svcard.host.wallet.base import CRASH_ENV
@@ -124,7 +124,8 @@ class Servers:
     def wallet_sends(self, path: str, card: dict[str, Any], p: dict[str, Any],
                      **extra: Any) -> dict[str, Any]:
         status, answer = self.link("gateway", "web", "web").post(path, {
-            "member": card["member"], "card": card["number"], "purchase": p,
+            "member": card["member"], "card": card["number"],
+            "purchase": signed(self.keys["mall"], p),
             "return_url": f"http://localhost:9999/shop/?order={p['order']}", **extra})
         assert status == 200, answer
         result: dict[str, Any] = answer

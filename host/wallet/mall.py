@@ -3,7 +3,9 @@ server 90), for the demo and the tests.
 
 ``GET /shop/`` is the payment page with the wallet button. ``POST /shop/orders`` makes an order
 from the page's cart at the mall's OWN prices (order id, the customer's id at the mall, a nonce
-and an expiry) and gives the page the purchase information to hand to the wallet.
+and an expiry) and gives the page the purchase information to hand to the wallet, signed with
+the mall's key (``signature``: the gateway stores a wallet's choice only for a purchase its
+mall signed; see ``gateway/matching.py``).
 ``POST /shop/orders/{order}/pay`` asks the gateway for approval with the mall's own record of
 the order (embodiment 1). ``POST /shop/orders/{order}/pay-card`` sends the card details from
 the page's form (number, secret, profile token: filled in by the wallet) with the mall's own
@@ -28,6 +30,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..kit.http import Refused, json_refusal, read_json
+from .gateway.matching import sign_order
 from .links import ID, LinkClient
 from .web.pages import HEADERS, KINDS, static_file
 
@@ -113,7 +116,10 @@ class MallServer:
                     "currency": self.config.currency, "nonce": secrets.token_hex(16),
                     "expires": int((time.time() + self.config.order_seconds) * 1000)}
         self.orders[order] = purchase
-        response = JSONResponse({"purchase": purchase, "wallet_url": self.config.wallet_url,
+        # the page hands the wallet the purchase signed with the mall's key; the mall's own
+        # record (what it asks approval of) stays unsigned
+        response = JSONResponse({"purchase": sign_order(self.config.key, purchase),
+                                 "wallet_url": self.config.wallet_url,
                                  "return_url": f"{self.url}/shop/?order={order}"})
         response.set_cookie("mall_customer", purchase["customer"], httponly=True,
                             samesite="lax")

@@ -184,11 +184,11 @@ class GatewayServer(WalletServer):
 
     async def checked_choice(self, member: str, data: dict[str, Any]
                              ) -> tuple[str, dict[str, Any], str]:
-        """(card, purchase, return URL) a member's wallet sent, checked: a mall served here,
-        an expiry ahead (at most ``max_purchase_ms``), a page to return to on the mall's own
-        site, our currency, and a card in this member's wallet."""
+        """(card, purchase, return URL) a member's wallet sent, checked: a mall served here
+        that signed the purchase, an expiry ahead (at most ``max_purchase_ms``), a page to
+        return to on the mall's own site, our currency, and a card in this member's wallet."""
         card = text(data, "card", NUMBER)
-        p = purchase(data.get("purchase"))
+        p = X.signed_purchase(self.config.mall_keys, data.get("purchase"))
         if p["mall"] not in self.config.mall_keys:
             raise Refused(400, 400, "purchase.mall: not a mall this gateway serves")
         now = self.now_ms()
