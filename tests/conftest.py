@@ -64,6 +64,9 @@ GOODS_OPTIONS = (
     ("--goods-kill-seed", "SVCARD_GOODS_KILL_SEED", "tests/test_goods_kills.py's seed"),
     ("--goods-audit-runs", "SVCARD_GOODS_AUDIT_RUNS", "goods in test_goods_audit.py's random run"),
     ("--goods-audit-seed", "SVCARD_GOODS_AUDIT_SEED", "test_goods_audit.py's random seed"),
+    ("--wallet-payments", "SVCARD_WALLET_PAYMENTS",
+     "payments in tests/test_wallet_random.py (default 150)"),
+    ("--wallet-seed", "SVCARD_WALLET_SEED", "tests/test_wallet_random.py's seed"),
 )
 
 
