@@ -21,6 +21,7 @@ from svcard.host.trade import signing as S
 from svcard.host.trade.money import Amount
 from svcard.host.trade.payword import LINK
 from svcard.host.trade.stack import TradeStack, start_trade
+from svcard.host.trade.trust import certs
 
 
 @pytest.fixture
@@ -94,9 +95,11 @@ def test_initiation_attacks(stack: TradeStack, http: httpx.Client) -> None:
 # --- the amended initiation (account manager -> mediating agent) -----------------------------
 
 def amended(stack: TradeStack, session: str = "am1.77", **kw: Any) -> dict[str, Any]:
+    cert = certs.issue(stack.am.key, "am1", session, bytes.fromhex("11" * 32),
+                       int(time.time())).decode()
     return {"account_manager": "am1", "session": session, "txn": "ab" * 8, "merchant": "shop",
             "deposit": 1_00, "currency": "EUR", "pseudonym": "p1", "session_key": "11" * 32,
-            "vouched": True, "expires": int(time.time() * 1000) + 60_000,
+            "cert": cert, "vouched": True, "expires": int(time.time() * 1000) + 60_000,
             "created": int(time.time()), **kw}
 
 
@@ -130,11 +133,21 @@ def test_amended_initiation_attacks(stack: TradeStack, http: httpx.Client) -> No
 
 # --- the information message (mediating agent -> merchant agent) ----------------------------
 
+def merchant_cert(stack: TradeStack, session: str, key: bytes) -> str:
+    """The temporary certificate for ``key`` as the merchant gets it: issued by the account
+    manager, signed again by the acquirer."""
+    now = int(time.time())
+    issued = certs.issue(stack.am.key, "am1", session, key, now)
+    return certs.resign(stack.parties["acq1"].key, {"am1": stack.am.public}, issued,
+                        now).decode()
+
+
 def test_information_attacks(stack: TradeStack, http: httpx.Client) -> None:
     url = f"{stack.url('shop')}/v1/sessions"
     acq = stack.parties["acq1"]
     info = {"acquirer": "acq1", "merchant": "shop", "session": "am1.5", "pseudonym": "p1",
-            "deposit": 500, "currency": "JPY", "session_key": "22" * 32,
+            "deposit": 500, "currency": "JPY",
+            "cert": merchant_cert(stack, "am1.5", bytes.fromhex("22" * 32)),
             "expires": int(time.time() * 1000) + 60_000, "created": int(time.time())}
     body, headers = S.signed(acq.key, "acq1", S.INFORMATION, info)
     rogue, _ = S.new_key()
@@ -232,7 +245,7 @@ def test_commitment_attacks(stack: TradeStack, http: httpx.Client) -> None:
     acq = stack.parties["acq1"]
     key, pub = S.new_key()
     info = {"acquirer": "acq1", "merchant": "shop", "session": "am1.50", "pseudonym": "p9",
-            "deposit": 100, "currency": "JPY", "session_key": pub.hex(),
+            "deposit": 100, "currency": "JPY", "cert": merchant_cert(stack, "am1.50", pub),
             "expires": s.expires, "created": int(time.time())}
     b, h = S.signed(acq.key, "acq1", S.INFORMATION, info)
     assert http.post(info_url, content=b, headers=h).status_code == 200

@@ -21,6 +21,7 @@ from svcard.host.trade import signing as S
 from svcard.host.trade.config import Peer
 from svcard.host.trade.server.account import reserve
 from svcard.host.trade.stack import TradeStack, start_trade
+from svcard.host.trade.trust import certs
 
 
 @pytest.fixture
@@ -75,6 +76,8 @@ def test_never_received_is_closed_and_the_reservation_given_back(stack: TradeSta
     amended = {"account_manager": "am1", "session": row["session"], "txn": row["txn"],
                "merchant": "shop", "deposit": 3_00, "currency": "EUR",
                "pseudonym": row["pseudonym"], "session_key": "11" * 32, "vouched": True,
+               "cert": certs.issue(stack.am.key, "am1", row["session"],
+                                   bytes.fromhex("11" * 32), int(time.time())).decode(),
                "expires": int(time.time() * 1000) + 60_000, "created": int(time.time())}
     body, headers = S.signed(stack.am.key, "am1", S.AMENDED, amended)
     answer = httpx.post(f"{stack.url('acq1')}/v1/initiations", content=body, headers=headers)

@@ -10,19 +10,26 @@ message                    fields
 initiation (claims 1, 3)   customer, txn, merchant, operator, deposit, currency,
                            order {item, price}, registration {session_key, agent}, created
 amended (claim 4, 9)       account_manager, session, txn, merchant, deposit, currency,
-                           pseudonym, session_key, vouched, expires, created
+                           pseudonym, session_key, cert, vouched, expires, created
 lookup                     account_manager, session, txn, created
 information (claim 5)      acquirer, merchant, session, pseudonym, deposit, currency,
-                           session_key, expires, created
+                           cert, expires, created
 merchant ack (claim 6)     merchant, session, pseudonym, deposit, currency, information
 agent ack (claims 7, 8)    acquirer, session, txn, accepted, reason and, when accepted,
                            pseudonym, merchant, deposit_customer, currency_customer,
                            deposit_merchant, currency_merchant, rate, rounding, table,
-                           merchant_ack
+                           merchant_ack, merchant_cert
 purchase                   session, index, link, order {session, index, item, units},
                            signature
 terminate (claim 10)       session, index, created
 =========================  =========================================================
+
+``cert`` is a temporary certificate (``trust/certs.py``) as its canonical text: in the amended
+initiation the customer's FI (the account manager) signed it for the mediating agent; in the
+information message the mediating agent signed it again for its merchant, which takes the
+session's key from it and from nothing else. ``merchant_cert`` is the reverse direction: the
+merchant's key for this session, signed by the mediating agent for the account manager, which
+signs it again for its customer.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ MS = _int(1, 2**44)
 INDEX = _int(1, 1_000_000)
 UNITS = _int(1, 10_000)
 ACK_TEXT = _text(2048)
+CERT = _text(1024)          # a temporary certificate's canonical text (trust/certs.MAX_CERT)
 TRUE: Checker = lambda v: v is True   # noqa: E731
 BOOL: Checker = lambda v: isinstance(v, bool)   # noqa: E731
 
@@ -93,10 +101,10 @@ INITIATION: dict[str, Any] = {
 AMENDED: dict[str, Any] = {
     "account_manager": IDENT, "session": SESSION, "txn": TXN, "merchant": IDENT,
     "deposit": DEPOSIT, "currency": CURRENCY, "pseudonym": IDENT, "session_key": KEY,
-    "vouched": TRUE, "expires": MS, "created": SECONDS}
+    "cert": CERT, "vouched": TRUE, "expires": MS, "created": SECONDS}
 INFORMATION: dict[str, Any] = {
     "acquirer": IDENT, "merchant": IDENT, "session": SESSION, "pseudonym": IDENT,
-    "deposit": DEPOSIT, "currency": CURRENCY, "session_key": KEY, "expires": MS,
+    "deposit": DEPOSIT, "currency": CURRENCY, "cert": CERT, "expires": MS,
     "created": SECONDS}
 LOOKUP: dict[str, Any] = {
     "account_manager": IDENT, "session": SESSION, "txn": TXN, "created": SECONDS}
@@ -108,7 +116,8 @@ AGENT_REFUSAL: dict[str, Any] = {
 AGENT_ACK: dict[str, Any] = {
     **AGENT_REFUSAL, "pseudonym": IDENT, "merchant": IDENT, "deposit_customer": DEPOSIT,
     "currency_customer": CURRENCY, "deposit_merchant": MINOR, "currency_merchant": CURRENCY,
-    "rate": RATE, "rounding": MINOR, "table": IDENT, "merchant_ack": DIGEST}
+    "rate": RATE, "rounding": MINOR, "table": IDENT, "merchant_ack": DIGEST,
+    "merchant_cert": CERT}
 PURCHASE_ORDER = {"session": SESSION, "index": INDEX, "item": IDENT, "units": UNITS}
 PURCHASE: dict[str, Any] = {
     "session": SESSION, "index": INDEX, "link": KEY, "order": PURCHASE_ORDER,

@@ -40,6 +40,7 @@ from .. import messages as M
 from .. import signing as S
 from ..config import AccountManagerConfig, Peer
 from ..money import table_payload
+from ..trust import certs
 from .billing import AccountClearing, export
 from .common import authenticated, refused, signed_json, verified_answer
 
@@ -186,7 +187,13 @@ class AccountManager:
                    "deposit": data["deposit"], "currency": data["currency"],
                    "pseudonym": pseudonym,
                    "session_key": data["registration"]["session_key"], "vouched": True,
-                   "expires": expires, "created": now // 1000}
+                   "expires": expires, "created": now // 1000,
+                   # the temporary certificate (seed 004 PKI): the session key, vouched by
+                   # this FI for the merchant's FI; it holds no customer identity
+                   "cert": certs.issue(self.config.private_key, self.config.id,
+                                       got["session"],
+                                       bytes.fromhex(data["registration"]["session_key"]),
+                                       now // 1000).decode()}
         return await self._forward(operator, got["session"], amended, data)
 
     async def _forward(self, operator: Peer, session: str, amended: dict[str, Any],
@@ -248,6 +255,12 @@ class AccountManager:
                   "rounding": ack["rounding"], "expires": amended["expires"],
                   "acquirer_ack": ack_body.decode(),
                   "acquirer_signature": answer.headers[S.SIGNATURE]}
+        try:   # the merchant's key for this session, vouched by its FI, signed again for ours
+            opened["merchant_cert"] = certs.relay(
+                self.config.private_key, operator.id, operator.public_key,
+                ack["merchant_cert"], session, None, now // 1000)
+        except certs.CertError:
+            opened["merchant_cert"] = ""    # no FIG. 4 delivery in this session
         text = S.canonical(opened).decode()
         if not await self.sql(settle_initiation, self.engine, session, D.OPEN, "", text, now):
             raise Refused(409, 409, "the session changed state while opening")

@@ -41,6 +41,7 @@ from .. import messages as M
 from .. import signing as S
 from ..config import AcquirerConfig
 from ..money import Amount, MoneyError, conversion_postings, convert
+from ..trust import certs
 from .closer import Closer
 from .common import authenticated, refused, signed_json, verified_answer
 
@@ -197,6 +198,13 @@ class Acquirer:
         if conv.target.minor == 0:
             return self._answer(self._ack(data, False, "the deposit is worth less than one "
                                                        "minor unit of the merchant's currency"))
+        try:    # the customer's FI vouches for the session key: signed again for the merchant
+            cert = certs.relay(self.config.private_key, data["account_manager"],
+                               self.config.account_managers[data["account_manager"]],
+                               data["cert"], data["session"],
+                               bytes.fromhex(data["session_key"]), now // 1000)
+        except certs.CertError as exc:
+            return self._answer(self._ack(data, False, exc.reason))
         digest = M.digest(body)
         row = {"session": data["session"], "account_manager": data["account_manager"],
                "txn": data["txn"], "digest": digest, "merchant": merchant.id,
@@ -213,8 +221,7 @@ class Acquirer:
         info = {"acquirer": self.config.id, "merchant": merchant.id,
                 "session": data["session"], "pseudonym": data["pseudonym"],
                 "deposit": conv.target.minor, "currency": merchant.currency,
-                "session_key": data["session_key"], "expires": data["expires"],
-                "created": now // 1000}
+                "cert": cert, "expires": data["expires"], "created": now // 1000}
         info_body, headers = S.signed(self.config.private_key, self.config.id, S.INFORMATION,
                                       info)
         try:
@@ -247,7 +254,10 @@ class Acquirer:
                             deposit_merchant=conv.target.minor,
                             currency_merchant=merchant.currency, rate=rate_text(rate),
                             rounding=conv.rounding.minor, table=table.issuer,
-                            merchant_ack=M.digest(ack_body))
+                            merchant_ack=M.digest(ack_body),
+                            merchant_cert=certs.issue(self.config.private_key, self.config.id,
+                                                      data["session"], merchant.public_key,
+                                                      now // 1000).decode())
         stored = json.dumps({"payload": payload, "merchant_ack": ack_body.decode()})
         if not await self.sql(conclude, self.engine, data["session"], D.OPEN, "",
                               ack_body.decode(), stored, self.now_ms()):

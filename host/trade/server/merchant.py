@@ -41,6 +41,7 @@ from .. import messages as M
 from .. import signing as S
 from ..config import MerchantConfig
 from ..payword import Commitment, PaywordError, Verifier
+from ..trust import certs
 from .common import authenticated, refused, same_pseudonym, signed_json
 from .merchant_close import MerchantCloser
 
@@ -172,6 +173,12 @@ class MerchantAgent:
             if data["currency"] != self.config.currency:
                 raise Refused(422, 422, f"information.currency: this merchant takes "
                                         f"{self.config.currency}")
+            try:    # the session's key, from the certificate its own FI signed, only
+                held = certs.verify(self.config.acquirer.public_key, data["cert"].encode(),
+                                    data["session"], now // 1000)
+            except certs.CertError as exc:
+                raise Refused(403, 403, f"information.{exc.reason}") from None
+            data = {**data, "session_key": held.key.hex()}
             digest = M.digest(body)
             if await self.sql(record_information, self.engine, data, digest, now) == "replay":
                 row = await self.sql(first_row, self.engine, D.ma_sessions,

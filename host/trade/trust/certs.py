@@ -18,6 +18,7 @@ zone-1 signature never passes as a zone-3 one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -118,3 +119,17 @@ def verify(my_fi_public: bytes, blob: bytes, session: str, now: int) -> SessionK
         raise CertError("certificate: for another session")
     _check_time(body, now)
     return SessionKey(body["session"], bytes.fromhex(body["key"]), body["not_after"])
+
+
+def relay(fi_private: bytes, issuer: str, issuer_public: bytes, text: str, session: str,
+          key: bytes | None, now: int) -> str:
+    """The FI in the middle, as a server does it: a certificate carried in a message, checked
+    to come from ``issuer`` (the peer that sent the message) for ``session`` (and ``key``
+    when the message names it too), re-signed for this FI's own customer. CertError if not."""
+    out = resign(fi_private, {issuer: issuer_public}, text.encode(), now)
+    body = json.loads(out)["cert"]
+    if body["session"] != session:
+        raise CertError("certificate: for another session")
+    if key is not None and body["key"] != key.hex():
+        raise CertError("certificate: for another key than the message names")
+    return out.decode()
