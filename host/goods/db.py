@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 from ..kit.schema import Schema, open_schema
@@ -42,6 +43,12 @@ ROUTED, AUTHORISING, PAID, DECLINED, REFUNDED = (
     "routed", "authorising", "paid", "declined", "refunded")
 OFFERED, AUTHORISED = "offered", "authorised"
 PENDING, ISSUED, WRITTEN, REFUNDING = "pending", "issued", "written", "refunding"
+# the purse pays: the order ``debiting`` (a composite purchase opened on the card) ->
+# ``purse_paid`` (the card's MAC2 matched the PSAM's) | ``expired`` (never committed: nothing
+# was taken, nothing to refund; a late proof still makes it ``purse_paid``); the fulfilment
+# server's good ``capp`` (its record MAC'd for a session) -> ``written`` | ``expired``
+DEBITING, PURSE_PAID, EXPIRED, CAPP = "debiting", "purse_paid", "expired", "capp"
+OPEN, FAILED, COMMITTED = "open", "failed", "committed"   # a purse session at the payment server
 
 
 def _stamps() -> list[Column[int]]:
@@ -79,6 +86,23 @@ payment_orders = Table(
     Column("confirmation_signature", String(128), nullable=True),
     Column("answer", Text, nullable=True),                # "kept": the fulfilment has it
     Column("merchant_told", String(12), nullable=True),   # the last state the merchant took
+    *_stamps())
+
+purse_sessions = Table(   # one composite purchase opened on a card for an order
+    "goods_purse_sessions", payment_md,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("order_ref", String(32), nullable=False, index=True),
+    Column("card", String(20), nullable=False),
+    Column("counter", Integer, nullable=False),           # the card's offline counter
+    Column("random", String(8), nullable=False),          # the card's random of the session
+    Column("state", String(12), nullable=False),          # open -> committed | failed
+    Column("psam", String(20), nullable=True),            # the PSAM's serial
+    Column("ttn", BigInteger, nullable=True),             # its terminal transaction number
+    Column("expected_mac2", String(8), nullable=True),    # never leaves this server
+    Column("mac2", String(8), nullable=True),
+    Column("tac", String(8), nullable=True),
+    Column("told", Boolean, nullable=False),              # the fulfilment server has it
+    UniqueConstraint("card", "counter", "random"),
     *_stamps())
 
 auth_md = MetaData()
@@ -139,6 +163,27 @@ goods = Table(
     Column("amount", BigInteger, nullable=False),
     Column("currency_code", Integer, nullable=False),
     *_stamps())
+purse_goods = Table(   # goods paid by the purse: never in goods_goods, never refunded
+    "goods_purse_goods", fulfil_md, *_order_cols(),
+    Column("card", String(20), nullable=False, index=True),
+    Column("device", String(32), nullable=False),
+    Column("merchant", String(32), nullable=False),
+    Column("record", String(80), nullable=False),
+    Column("sfi", Integer, nullable=False),
+    Column("counter", Integer, nullable=False),           # every session of it has this one
+    Column("deadline", BigInteger, nullable=False),       # ms: ``capp`` past it -> expired
+    Column("amount", BigInteger, nullable=False),
+    Column("currency_code", Integer, nullable=False),
+    *_stamps())
+capp_sessions = Table(   # each card session (random, counter) MAC'd for one order only
+    "goods_capp_sessions", fulfil_md,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("order_ref", String(32), nullable=False, index=True),
+    Column("card", String(20), nullable=False),
+    Column("counter", Integer, nullable=False),
+    Column("random", String(8), nullable=False),
+    UniqueConstraint("card", "counter", "random"),
+    Column("created", BigInteger, nullable=False))
 
 SCHEMAS = {
     "merchant": Schema("goods-merchant", 1, merchant_md),

@@ -23,10 +23,12 @@ from typing import Any
 
 import httpx
 
+from ...protocols import goods as G
+from ...protocols import purse as P
 from ...reader import Reader
 from ..terminal import apdus
 from ..terminal.capp import read_goods
-from ..terminal.purse import Declined, call, select_purse
+from ..terminal.purse import Declined, call, card_uid, prove, read_log_info, select_purse
 from . import wire as W
 from .server.auth import digest
 from .server.common import REPLY
@@ -35,9 +37,11 @@ from .server.payment import DIGITAL_FIELDS
 FIRST_FIELDS: dict[str, W.Checker] = {
     **{k: DIGITAL_FIELDS[k] for k in ("order", "merchant", "name", "kind", "amount",
                                       "currency", "device", "record")},
-    "seal_key": W.KEY, "auth": W.IDENT, "created": W.SECONDS}
+    "seal_key": W.KEY, "terminal": W.TERMINAL_OR_NONE, "auth": W.IDENT, "created": W.SECONDS}
 MAX_PICKUPS = 16
 GOODS_WRITES = (b"\x04\xdc", b"\x04\xe2")   # secure-messaging UPDATE / APPEND RECORD
+CAPP_CACHE = b"\x84\xde"                       # UPDATE CAPP DATA CACHE, MAC'd
+CAPP_DEBIT = b"\x80\x54\x01\x00\x0f"            # DEBIT FOR CAPP PURCHASE
 
 
 class DeviceError(Exception):
@@ -165,9 +169,85 @@ class Device:
         self.round_trips += 1
         return Outcome(order, True, sw == 0x9000 and done.get("state") == "written", sw)
 
+    # --- the purse pays -----------------------------------------------------------------------
+    def pay_with_purse(self, card: Reader, first: FirstMessage, pin: str | None = None,
+                       ) -> Outcome:
+        """Pay ``first`` from the card's purse: the good's record and the debit in one
+        composite purchase. INITIALIZE FOR CAPP PURCHASE, one round trip for the MAC'd record
+        and the PSAM's DEBIT command, both sent to the card, one round trip for the card's
+        MAC2 and TAC (the only thing that pays the order). The card commits the good and the
+        debit together or neither; an answer lost after DEBIT is settled by :meth:`pickup`."""
+        terminal = str(first.fields["terminal"])
+        if not terminal:
+            raise DeviceError("the payment server takes no purse payments for this order")
+        info = select_purse(card)
+        if info.currency_code not in (None, first.fields["currency"]):
+            raise DeviceError(f"the card's currency {info.currency_code} is not the order's")
+        if pin is not None:
+            _verify_pin(card, pin)
+        uid = card_uid(card)   # before INITIALIZE: any other command ends its session
+        init = call(card, apdus.initialize(G.INIT_CAPP_PURCHASE, P.PURSE_EP, 1,
+                                           int(first.fields["amount"]), bytes.fromhex(terminal)),
+                    "INITIALIZE FOR CAPP PURCHASE")
+        answer = self._post("/v1/purse/debits", W.PURSE_DEBIT, {
+            "order": first.order, "device": self.id, "card": info.app_serial,
+            "issuer": info.issuer_id, "first": digest(first.text), "init": init.hex().upper(),
+            "uid": uid.hex().upper(), "created": _now()})
+        self.round_trips += 1
+        cache, debit = answer.get("cache"), answer.get("debit")
+        if answer.get("order") != first.order or not (
+                isinstance(cache, str) and W.APDU(cache) and isinstance(debit, str)
+                and W.APDU(debit)):
+            raise DeviceError("the answer holds no composite purchase for this order")
+        cache_apdu, debit_apdu = bytes.fromhex(cache), bytes.fromhex(debit)
+        if cache_apdu[:2] != CAPP_CACHE or debit_apdu[:5] != CAPP_DEBIT:
+            raise DeviceError("the answer holds other commands than a composite purchase")
+        sw = card.exchange(cache_apdu).sw
+        if sw != 0x9000:   # the card dropped the session: nothing committed
+            return Outcome(first.order, False, sw=sw, reason=f"the card refused the record "
+                                                               f"({sw:04X}): nothing paid")
+        done = card.exchange(debit_apdu)
+        if not done.ok:
+            return Outcome(first.order, False, sw=done.sw, reason=f"the card refused the "
+                                                                  f"debit ({done.sw:04X})")
+        proof = P.DebitForPurchaseAnswer.parse(done.data)
+        counter = P.InitForPurchaseAnswer.parse(init).offline_counter
+        paid = self._prove(info.app_serial, counter, proof.mac2, proof.tac)
+        return Outcome(first.order, paid.get("paid") is True, paid.get("paid") is True,
+                       done.sw, "paid by the purse, good written with the debit")
+
+    def _prove(self, serial: str, counter: int, mac2: bytes, tac: bytes) -> dict[str, Any]:
+        answer = self._post("/v1/purse/proofs", W.PURSE_PROOF, {
+            "device": self.id, "card": serial, "counter": counter, "mac2": mac2.hex().upper(),
+            "tac": tac.hex().upper(), "created": _now()})
+        self.round_trips += 1
+        return answer
+
+    def settle_purse(self, card: Reader) -> Outcome | None:
+        """The card's last transaction, if a composite purchase, proved to the payment server
+        (GET TRANSACTION PROVE: the card's MAC2 and TAC): a purchase whose answer was lost
+        is paid now, once. None when there is nothing to prove or nobody's order matches."""
+        info, log = read_log_info(card)
+        if not log or log[0].txn_type != P.TYPE_COMPOSITE_PURCHASE:
+            return None
+        proof = prove(card, P.TYPE_COMPOSITE_PURCHASE, log[0].counter)
+        if proof is None:
+            return None
+        try:
+            answer = self._prove(info.app_serial, log[0].counter, *proof)
+        except DeviceError:   # no order of ours at that counter (409): nothing to settle
+            return None
+        order = answer.get("order")
+        return Outcome(order if isinstance(order, str) else None, answer.get("paid") is True,
+                       answer.get("paid") is True, 0x9000, "settled from the card's proof")
+
     def pickup(self, card: Reader) -> list[Outcome]:
-        """The card's next contact: every good paid for it and not yet on it is written."""
+        """The card's next contact: a composite purchase whose answer was lost is proved;
+        every good paid for it and not yet on it is written."""
         out: list[Outcome] = []
+        settled = self.settle_purse(card)
+        if settled is not None:
+            out.append(settled)
         for _ in range(MAX_PICKUPS):
             info = select_purse(card)
             held = sorted({e.record[2:18].hex().upper() for e in read_goods(card)})

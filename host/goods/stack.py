@@ -11,6 +11,7 @@ TEST KEYS ONLY: :data:`GOODS_MASTER` is published here; never use it for real go
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ...card.personalise import image_from_profile, load_issuer
 from ...fixtures import fixture_path
 from ..kit.serving import ServerThread, free_port
 from ..terminal.goods_key import GoodsKeyService
+from ..terminal.reader_specs import open_reader
 from . import wire as W
 from .config import ROLES, GoodsSystem, Item, PartyConfig, Peer
 from .device import Device
@@ -56,6 +58,21 @@ def write_issuer(folder: Path) -> Path:
     return path
 
 
+def psam_images(folder: Path, count: int) -> list[Path]:
+    """``count`` demo PSAM images of one terminal id (the goods payment server's, for goods
+    the purse pays), distinct serials."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = image_from_profile(fixture_path("psam-demo.toml"))
+    paths = []
+    for i in range(count):
+        image = copy.deepcopy(base)
+        image["app"]["psam_serial"] = f"{90_001 + i:020d}"
+        path = folder / f"goods-psam{i + 1}.json"
+        save_new_image(path, image, overwrite=True)
+        paths.append(path)
+    return paths
+
+
 def make_card(folder: Path, serial: int, ep: int = 0) -> Path:
     """A demo purse card image with application serial ``serial`` and the goods key."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +99,7 @@ class GoodsStack:
     threads: dict[str, ServerThread]
     configs: dict[str, PartyConfig]
     clock: Callable[[], float]
+    psams: list[Path] = field(default_factory=list)
 
     def url(self, role: str) -> str:
         return self.threads[role].url
@@ -118,7 +136,8 @@ class GoodsStack:
         port = self.threads[role].port
         self.threads[role].stop()
         self.servers[role].close()
-        self.servers[role] = _server(role, self.configs[role], self.clock, self.folder)
+        self.servers[role] = _server(role, self.configs[role], self.clock, self.folder,
+                                     self.psams)
         self.threads[role] = ServerThread(self.servers[role].app(), port=port).start()
 
     def close(self) -> None:
@@ -128,10 +147,13 @@ class GoodsStack:
 
 
 def _server(role: str, config: PartyConfig, clock: Callable[[], float],
-            folder: Path) -> PartyServer:
+            folder: Path, psams: list[Path] | None = None) -> PartyServer:
     if role == "fulfil":
         keys = GoodsKeyService.from_issuer(load_issuer(folder / "goods-issuer.toml"))
         return FulfilServer(config, clock=clock, keys=keys)
+    if role == "payment" and psams:
+        return PaymentServer(config, clock=clock,
+                             psams=[open_reader(f"virtual:{p}") for p in psams])
     return SERVERS[role](config, clock=clock)
 
 
@@ -143,11 +165,14 @@ def demo_system(keys: dict[str, bytes], ports: dict[str, int], **options: Any) -
 
 
 def start_goods(folder: Path, *, clock: Callable[[], float] = time.time,
-                db_urls: dict[str, str] | None = None, **options: Any) -> GoodsStack:
+                db_urls: dict[str, str] | None = None, psams: int = 1,
+                **options: Any) -> GoodsStack:
     """The five servers on loopback, databases in ``folder`` unless ``db_urls`` says
-    otherwise; ``options`` go to :class:`GoodsSystem` (``pickup_seconds``, ...)."""
+    otherwise, the payment server with ``psams`` demo PSAMs (for goods the purse pays; 0:
+    none); ``options`` go to :class:`GoodsSystem` (``pickup_seconds``, ...)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_issuer(folder)
+    psam_paths = psam_images(folder, psams)
     keys = {r: W.new_key() for r in ROLES}
     ports = {r: free_port() for r in ROLES}
     system = demo_system(keys, ports, **options)
@@ -159,7 +184,7 @@ def start_goods(folder: Path, *, clock: Callable[[], float] = time.time,
     threads: dict[str, ServerThread] = {}
     try:
         for r in ROLES:
-            servers[r] = _server(r, configs[r], clock, folder)
+            servers[r] = _server(r, configs[r], clock, folder, psam_paths)
             threads[r] = ServerThread(servers[r].app(), port=ports[r]).start()
     except BaseException:
         for t in threads.values():
@@ -167,7 +192,7 @@ def start_goods(folder: Path, *, clock: Callable[[], float] = time.time,
         for s in servers.values():
             s.close()
         raise
-    return GoodsStack(folder, system, keys, servers, threads, configs, clock)
+    return GoodsStack(folder, system, keys, servers, threads, configs, clock, psam_paths)
 
 
 def write_system(folder: Path, ports: dict[str, int] | None = None) -> Path:

@@ -70,6 +70,13 @@ PICKUP = b"svcard-goods-pickup/1\n"                  # device -> authentication
 RELAYED_PICKUP = b"svcard-goods-relayed-pickup/1\n"  # authentication -> fulfilment
 REFUND = b"svcard-goods-refund/1\n"                  # fulfilment -> payment -> institution
 REFUNDED = b"svcard-goods-refunded/1\n"              # institution -> payment -> fulfilment
+# the purse pays (a composite purchase on the card, docs/goods.md "The purse pays")
+PURSE_DEBIT = b"svcard-goods-purse-debit/1\n"        # device -> authentication
+RELAYED_PURSE_DEBIT = b"svcard-goods-relayed-purse-debit/1\n"   # authentication -> payment
+PURSE_GOOD = b"svcard-goods-purse-good/1\n"          # payment -> fulfilment
+PURSE_PROOF = b"svcard-goods-purse-proof/1\n"        # device -> authentication
+RELAYED_PURSE_PROOF = b"svcard-goods-relayed-purse-proof/1\n"   # authentication -> payment
+PURSE_PAID = b"svcard-goods-purse-paid/1\n"          # payment -> fulfilment
 
 
 class MessageError(Refused):
@@ -157,6 +164,12 @@ SIGNATURE_HEX = pattern(r"[0-9a-f]{128}")
 GOOD_KEYS: Checker = lambda v: (isinstance(v, list) and len(v) <= 64     # noqa: E731
                                 and all(pattern(r"[0-9A-F]{32}")(x) for x in v))
 INNER: Checker = lambda v: isinstance(v, str) and 2 <= len(v) <= 4096    # noqa: E731
+TERMINAL_OR_NONE = pattern(r"|[0-9A-F]{12}")   # a PSAM's terminal id ("": no purse payments)
+INIT_ANSWER = pattern(r"[0-9A-F]{30}")           # the card's INITIALIZE FOR CAPP answer
+UID = pattern(r"|[0-9A-F]{18}")
+RANDOM = pattern(r"[0-9A-F]{8}")
+MAC = RANDOM                                     # a 4-byte MAC2 or TAC
+COUNTER = integer(0, 0xFFFF)
 AMOUNT = integer(1, 2**40)
 CURRENCY = integer(1, 999)
 SECONDS = integer(1, 2**40)

@@ -48,7 +48,7 @@ from .payment import DIGITAL_FIELDS
 
 ROUTED_FIELDS: dict[str, W.Checker] = {"digital_order": W.INNER,
                                        "merchant_signature": W.SIGNATURE_HEX,
-                                       "created": W.SECONDS}
+                                       "terminal": W.TERMINAL_OR_NONE, "created": W.SECONDS}
 REGISTRATION_FIELDS: dict[str, W.Checker] = {"public_key": W.KEY, "label": W.text(64),
                                              "created": W.SECONDS}
 POLL_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "wait": W.integer(0, 60),
@@ -62,6 +62,12 @@ WRITTEN_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "device": W.DEVICE,
 PICKUP_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "card": W.SERIAL,
                                        "issuer": W.ISSUER, "challenge": W.CHALLENGE,
                                        "held": W.GOOD_KEYS, "created": W.SECONDS}
+PURSE_DEBIT_FIELDS: dict[str, W.Checker] = {
+    "order": W.ORDER, "device": W.DEVICE, "card": W.SERIAL, "issuer": W.ISSUER,
+    "first": W.KEY, "init": W.INIT_ANSWER, "uid": W.UID, "created": W.SECONDS}
+PURSE_PROOF_FIELDS: dict[str, W.Checker] = {
+    "device": W.DEVICE, "card": W.SERIAL, "counter": W.COUNTER, "mac2": W.MAC, "tac": W.MAC,
+    "created": W.SECONDS}
 MAX_OFFERED = 16   # first messages one poll answers
 MAX_POLLS = 4      # polls of one device waiting at once
 SEAL_MS = (W.MAX_SKEW + 60) * 1000   # a sealed PIN is remembered this long (copies older
@@ -145,7 +151,8 @@ class AuthServer(PartyServer):
                      "name": order["name"], "kind": order["kind"], "amount": order["amount"],
                      "currency": order["currency"], "device": order["device"],
                      "record": order["record"], "seal_key": self.system.seal_key.hex(),
-                     "auth": self.me, "created": self.now_ms() // 1000}
+                     "terminal": data["terminal"], "auth": self.me,
+                     "created": self.now_ms() // 1000}
             text = W.canonical(first).decode()
             signature = W.sign(self.config.private_key, W.FIRST_MESSAGE, text.encode())
             fresh = await self.sql(self._offer, order["order"], order["device"], text,
@@ -303,8 +310,53 @@ class AuthServer(PartyServer):
             return self.reply(W.PICKUP, decision)
         return await handled(work)
 
+    # --- the purse pays ---------------------------------------------------------------------
+    async def purse_debits(self, request: Request) -> Response:
+        """The card's INITIALIZE FOR CAPP answer for an order, from the order's own device
+        naming the first message it was shown: relayed; the order is the purse's from now
+        (``authorised`` with the purse's mark, so the bank's way is closed, and back)."""
+        async def work() -> Response:
+            data = await self.device_message(request, PURSE_DEBIT_FIELDS, "purse debit",
+                                             W.PURSE_DEBIT)
+            order = await self.sql(read_one, self.engine, D.auth_orders, order_ref=data["order"])
+            if order is None or order["device"] != data["device"]:
+                raise Refused(404, 404, "purse debit: no such order for this device")
+            if data["first"] != digest(order["first_message"]):
+                raise Refused(409, 409, "purse debit: not the first message this server sent")
+            mine = digest(f"purse|{data['card']}")
+            if order["state"] == D.OFFERED:
+                await self.sql(self._set, data["order"], D.OFFERED, D.AUTHORISED,
+                               authorisation=mine)
+                order = await self.sql(read_one, self.engine, D.auth_orders,
+                                       order_ref=data["order"])
+                assert order is not None
+            if order["authorisation"] != mine or order["state"] != D.AUTHORISED:
+                raise Refused(409, 409, "purse debit: this order was authorised otherwise")
+            decision = await self.send("payment", "/v1/purse/debits", W.RELAYED_PURSE_DEBIT, {
+                k: data[k] for k in ("order", "device", "card", "issuer", "init", "uid")}
+                | {"created": self.now_ms() // 1000})
+            if decision.get("order") != data["order"]:
+                raise Refused(502, 502, "purse debit: the payment server answered about "
+                                        "another order")
+            return self.reply(W.PURSE_DEBIT, decision)
+        return await handled(work)
+
+    async def purse_proofs(self, request: Request) -> Response:
+        async def work() -> Response:
+            data = await self.device_message(request, PURSE_PROOF_FIELDS, "purse proof",
+                                             W.PURSE_PROOF)
+            decision = await self.send("payment", "/v1/purse/proofs", W.RELAYED_PURSE_PROOF,
+                                       {**data, "created": self.now_ms() // 1000})
+            order = decision.get("order")
+            if decision.get("paid") is True and isinstance(order, str):
+                await self.sql(self._set, order, D.AUTHORISED, D.PAID)
+            return self.reply(W.PURSE_PROOF, decision)
+        return await handled(work)
+
     def routes(self) -> list[Route]:
         return [Route("/v1/devices", self.register, methods=["POST"]),
+                Route("/v1/purse/debits", self.purse_debits, methods=["POST"]),
+                Route("/v1/purse/proofs", self.purse_proofs, methods=["POST"]),
                 Route("/v1/orders", self.orders, methods=["POST"]),
                 Route("/v1/poll", self.poll, methods=["POST"]),
                 Route("/v1/authorisations", self.authorisations, methods=["POST"]),

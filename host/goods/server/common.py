@@ -184,8 +184,15 @@ class PartyServer:
             with contextlib.suppress(Exception):   # the next tick tries again
                 await self.recover()
 
+    async def starting(self) -> None:
+        """Open what the server holds (the payment server's PSAMs), before the first tick."""
+
+    def stopping(self) -> None:
+        """Close what :meth:`starting` opened."""
+
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.starting()
         with contextlib.suppress(Exception):
             await self.recover()
         task = asyncio.create_task(self._clock())
@@ -198,6 +205,7 @@ class PartyServer:
             if self.http is not None:
                 await self.http.aclose()
                 self.http = None
+            self.stopping()
 
     def app(self) -> Starlette:
         return Starlette(routes=[*self.routes(),

@@ -43,10 +43,11 @@ from ...kit.http import Refused
 from ...terminal.goods_key import GoodsKeyService
 from .. import db as D
 from .. import wire as W
-from .common import REPLY, PartyServer, Unreachable, handled, read_one
+from .common import REPLY, Unreachable, handled, read_one
 from .payment import DIGITAL_FIELDS
+from .purse_fulfil import SFI_OF_KIND, PurseFulfil
 
-SFI_OF_KIND = {"ticket": 0x11, "coupon": 0x12, "transit": 0x13, "voucher": 0x14}
+__all__ = ["SFI_OF_KIND", "FulfilServer", "key_service"]
 GOODS_FIELDS: dict[str, W.Checker] = {
     "order": W.ORDER, "card": W.SERIAL, "device": W.DEVICE, "challenge": W.CHALLENGE_OR_NONE,
     "digital_order": W.INNER, "merchant_signature": W.SIGNATURE_HEX,
@@ -64,7 +65,7 @@ def key_service(path: Path | None) -> GoodsKeyService:
     return GoodsKeyService.from_issuer(load_issuer(path))
 
 
-class FulfilServer(PartyServer):
+class FulfilServer(PurseFulfil):
     role = "fulfil"
     health_table = D.goods
 
@@ -252,9 +253,12 @@ class FulfilServer(PartyServer):
         return int(done.rowcount or 0) == 1
 
     async def tick(self, http: httpx.AsyncClient) -> None:
+        await self.sql(self.purse_expire)
         await self.refund_due(http=http)
 
     def routes(self) -> list[Route]:
         return [Route("/v1/goods", self.goods, methods=["POST"]),
                 Route("/v1/written", self.written, methods=["POST"]),
-                Route("/v1/pickups", self.pickups, methods=["POST"])]
+                Route("/v1/pickups", self.pickups, methods=["POST"]),
+                Route("/v1/purse/goods", self.purse_goods, methods=["POST"]),
+                Route("/v1/purse/paid", self.purse_paid, methods=["POST"])]

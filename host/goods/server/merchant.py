@@ -32,7 +32,7 @@ from .. import wire as W
 from ..config import Item
 from .common import PartyServer, handled, read_one
 
-PAID_FIELDS = {"order": W.ORDER, "state": W.pattern(r"paid|declined|refunded"),
+PAID_FIELDS = {"order": W.ORDER, "state": W.pattern(r"paid|declined|refunded|purse_paid|expired"),
                "reason": W.text(200), "created": W.SECONDS}
 
 
@@ -113,8 +113,9 @@ class MerchantServer(PartyServer):
                 request, PAID_FIELDS, "paid notice", W.PAID, ("payment",))
             # paid also after declined: the payment server takes the institution's signed
             # "paid" even when a racing authorisation's decline came first
-            expects = {D.REFUNDED: (D.PAID,), D.PAID: (D.ROUTED, D.DECLINED)}.get(
-                data["state"], (D.ROUTED,))
+            # purse_paid also after expired: a late proof of the card's debit still pays
+            expects = {D.REFUNDED: (D.PAID,), D.PAID: (D.ROUTED, D.DECLINED),
+                       D.PURSE_PAID: (D.ROUTED, D.EXPIRED)}.get(data["state"], (D.ROUTED,))
             changed = False
             for expect in expects:
                 if await self.sql(self._set, data["order"], expect, data["state"]):

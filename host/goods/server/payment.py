@@ -28,11 +28,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ....reader import Reader
 from ...kit.db import reading, step
 from ...kit.http import Refused
 from .. import db as D
 from .. import wire as W
-from .common import REPLY, PartyServer, Unreachable, handled, read_one
+from .common import REPLY, Unreachable, handled, read_one
+from .psams import GoodsPsamPool
+from .purse_pay import PursePayment
 
 DIGITAL_FIELDS: dict[str, W.Checker] = {
     "order": W.ORDER, "merchant": W.IDENT, "sku": W.IDENT, "name": W.text(100),
@@ -46,9 +49,21 @@ REFUND_FIELDS: dict[str, W.Checker] = {"order": W.ORDER, "amount": W.AMOUNT,
 STATUS_AFTER = 60   # s an order stays ``authorising`` before recovery asks the institution
 
 
-class PaymentServer(PartyServer):
+class PaymentServer(PursePayment):
     role = "payment"
     health_table = D.payment_orders
+
+    def __init__(self, *args: Any, psams: list[Reader] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool = GoodsPsamPool(psams) if psams else None
+
+    async def starting(self) -> None:
+        if self.pool is not None:
+            await self.pool.start()
+
+    def stopping(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     # --- the digital order ------------------------------------------------------------------
     async def orders(self, request: Request) -> Response:
@@ -65,7 +80,7 @@ class PaymentServer(PartyServer):
                 raise Refused(409, 409, "digital order: this order was routed already")
             decision = await self.send("auth", "/v1/orders", W.ROUTED_ORDER, {
                 "digital_order": body.decode(), "merchant_signature": signature,
-                "created": self.now_ms() // 1000})
+                "terminal": self.terminal, "created": self.now_ms() // 1000})
             offered = decision.get("order") == data["order"] and decision.get("offered") is True
             if not offered:
                 await self.sql(self._set, data["order"], D.ROUTED, D.DECLINED)
@@ -197,11 +212,12 @@ class PaymentServer(PartyServer):
             await self._to_fulfil(dict(row._mapping), "", http)
         with reading(self.engine) as conn:
             untold = conn.execute(select(t.c.order_ref, t.c.state).where(
-                t.c.state.in_((D.PAID, D.DECLINED, D.REFUNDED)),
+                t.c.state.in_((D.PAID, D.DECLINED, D.REFUNDED, D.PURSE_PAID, D.EXPIRED)),
                 t.c.merchant_told.is_(None) | (t.c.merchant_told != t.c.state)).limit(1000)
             ).all()
         for order, state in untold:
             await self._tell_merchant(order, state, "told again", http)
+        await self.purse_tick(http)
 
     async def _ask_bank(self, row: dict[str, Any], http: httpx.AsyncClient) -> None:
         """The institution's word on an order whose payment answer was lost: paid, with its
@@ -261,4 +277,6 @@ class PaymentServer(PartyServer):
     def routes(self) -> list[Route]:
         return [Route("/v1/orders", self.orders, methods=["POST"]),
                 Route("/v1/authorisations", self.authorisations, methods=["POST"]),
+                Route("/v1/purse/debits", self.purse_debits, methods=["POST"]),
+                Route("/v1/purse/proofs", self.purse_proofs, methods=["POST"]),
                 Route("/v1/refunds", self.refunds, methods=["POST"])]
