@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from ..kit.serving import ServerThread, free_port
-from .config import FinConfig, GatewayConfig, VanConfig, WebConfig
+from .config import FinConfig, GatewayConfig, PurseSettings, VanConfig, WebConfig
 from .fin.app import FinServer, add_source
 from .gateway.app import GatewayServer
 from .links import LinkClient
@@ -75,8 +75,11 @@ class WalletStack:
 
 def start_wallet(folder: Path, *, clock: Callable[[], float] = time.time,
                  db_urls: dict[str, str] | None = None, login_failures: int = 5,
-                 mall_host: str = "127.0.0.1") -> WalletStack:
+                 mall_host: str = "127.0.0.1",
+                 purse: dict[str, Any] | None = None) -> WalletStack:
     """Every server of the wallet system on loopback, their databases in ``folder``.
+    ``purse``: real cards taken, with these :class:`PurseSettings` (the payment server's and
+    the load server's addresses and keys; the gateway's own address is filled in).
     ``mall_host``: the name the mall is reached by (``localhost`` in a browser, so the mall
     is another site than the wallet's 127.0.0.1 and never gets its cookie: cookies are
     kept per host, not per port)."""
@@ -95,7 +98,8 @@ def start_wallet(folder: Path, *, clock: Callable[[], float] = time.time,
                               gateway_url=local["gateway"], report_seconds=0.5), clock=clock)
     gateway = GatewayServer(GatewayConfig(
         secrets.token_bytes(32), {"web": web_key}, {MALL: mall_key}, {MALL: local["mall"]},
-        local["fin"], fin_key, db_url=urls["gateway"]), clock=clock)
+        local["fin"], fin_key, db_url=urls["gateway"],
+        purse=None if purse is None else PurseSettings(local["gateway"], **purse)), clock=clock)
     web = WebServer(WebConfig(local["gateway"], web_key, db_url=urls["web"],
                               login_failures=login_failures), clock=clock)
     van = VanServer(VanConfig({MALL: van_mall_key}, local["fin"], van_key, db_url=urls["van"]),

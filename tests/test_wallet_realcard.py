@@ -1,0 +1,377 @@
+"""A real card in the wallet (seed 003 with a chip card): charged through seed 002's load flow
+with the gateway in the bank's role, and paying a mall (embodiment 1) by its own purse purchase
+through the local card helper, the gateway approving only on that purchase's evidence.
+
+Real servers on loopback: the wallet's (financial system, gateway, web server, demo mall), seed
+002's payment server with its PSAM pool and its load server with its HSM, and ``svcard
+helper`` holding the real card image the financial system "mailed"."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_wallet_network import issue, member
+
+from svcard.host.helper.app import CardHelper
+from svcard.host.helper.payments import HelperCard
+from svcard.host.kit.serving import ServerThread
+from svcard.host.load.stack import DEMO_BANK_ID, DEMO_LOAD_TERMINAL, LoadStack, start_load_stack
+from svcard.host.pay.server.app import MerchantAccount
+from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.terminal.online import PaymentRefused
+from svcard.host.wallet.stack import MALL, Browserless, WalletStack, start_wallet
+from svcard.protocols import messages as M
+
+try:   # mall-signed orders (the purchase the mall's page hands the wallet carries a MAC)
+    from svcard.host.wallet.gateway.matching import sign_order
+except ImportError:   # pragma: no cover - before signed orders
+    sign_order = None
+
+MALL_MERCHANT = b"MALLPAY1"
+ACCOUNT_SECRET = "acct7777"
+
+
+@dataclass
+class World:
+    folder: Path
+    pay: Stack
+    load: LoadStack
+    wallet: WalletStack
+    mall_merchant_key: bytes
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    folder = tmp_path_factory.mktemp("wallet-realcard")
+    pay = start_stack(folder / "pay", psams=1)
+    key = os.urandom(32)
+    pay.payment_server.config.merchants[MALL_MERCHANT] = MerchantAccount(
+        MALL_MERCHANT, key, frozenset({M.FIG6_SERVER_COMPARES}))
+    load = start_load_stack(folder / "load")
+    wallet = start_wallet(folder / "wallet", purse={
+        "payment_url": pay.payment.url,
+        "payment_terminal": pay.payment_server.pool.terminal_id,
+        "merchants": {MALL: (MALL_MERCHANT, key)},
+        "load_url": load.load.url, "load_terminal": DEMO_LOAD_TERMINAL,
+        "bank_id": DEMO_BANK_ID, "bank_key": load.shared_key})
+    yield World(folder, pay, load, wallet, key)
+    wallet.close()
+    load.close()
+    pay.close()
+
+
+@dataclass
+class Holder:
+    """A member with a real card, and the card helper holding it."""
+
+    b: Browserless
+    card: str
+    secret: str
+    image: Path
+    helper: CardHelper
+    thread: ServerThread
+    token: str
+    account: str
+
+    def ask(self, method: str, path: str, body: Any = None,
+            origin: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if origin is not None:
+            headers["Origin"] = origin
+        return httpx.request(method, self.thread.url + path, json=body, headers=headers,
+                             timeout=30)
+
+    def run(self, path: str, body: dict[str, Any], origin: str) -> dict[str, Any]:
+        """Start a helper job as the page does and poll it to its end (60 s at most)."""
+        r = self.ask("POST", path, body, origin)
+        assert r.status_code == 202, r.text
+        poll = r.json()["poll"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            view: dict[str, Any] = self.ask("GET", poll, origin=origin).json()
+            if view["state"] in ("paid", "pending", "refused", "failed", "loaded"):
+                return view
+            time.sleep(0.05)
+        raise AssertionError(f"the helper's job did not end: {view}")
+
+    def purse_balance(self) -> int:
+        return int(json.loads(self.image.read_text())["app"]["ep"]["balance"])
+
+    def close(self) -> None:
+        self.thread.stop()
+
+
+def holder(world: World, name: str) -> Holder:
+    b = member(world.wallet, name)
+    real = issue(b, "real")
+    card = real["number"]
+    mail = world.wallet.folder / "mail"
+    letter = (mail / f"{card}.letter.txt").read_text()
+    secret = letter.split("secret: ")[1].strip()
+    account = "1000" + "".join(secrets.choice("0123456789") for _ in range(12))
+    world.wallet.open_account(account, ACCOUNT_SECRET, 1_000_000)
+    r = b.post("/api/links", {"kind": "account", "number": account, "secret": ACCOUNT_SECRET})
+    assert r.status_code == 200, r.text
+    image = mail / f"{card}.json"
+    token = secrets.token_urlsafe(24)
+    helper = CardHelper(HelperCard(f"virtual:{image}", world.folder / f"{name}.journal"),
+                        token, [world.wallet.url("web")])
+    return Holder(b, card, secret, image, helper, ServerThread(helper.app()).start(), token,
+                  account)
+
+
+def charge(world: World, h: Holder, amount: int, ref: str | None = None) -> dict[str, Any]:
+    r = h.b.post("/api/charges", {"kind": "account", "card": h.card, "source": h.account,
+                                  "amount": amount, "currency": 156,
+                                  "ref": ref or secrets.token_hex(8)})
+    assert r.status_code == 200, r.text
+    answer: dict[str, Any] = r.json()
+    return answer
+
+
+def load_card(world: World, h: Holder, order: dict[str, Any]) -> dict[str, Any]:
+    web = world.wallet.url("web")
+    return h.run("/v1/load", {"bank_url": f"{web}/purse/bank", "account": order["account"],
+                              "secret": order["secret"], "amount": order["amount"]}, web)
+
+
+def new_purchase(amount: int = 1_250) -> dict[str, Any]:
+    return {"mall": MALL, "order": secrets.token_hex(8),
+            "customer": "shopper-" + secrets.token_hex(4),
+            "products": [{"sku": "tea", "qty": 1, "price": amount}], "amount": amount,
+            "currency": 156, "nonce": secrets.token_hex(16),
+            "expires": int((time.time() + 300) * 1000)}
+
+
+def choose(world: World, h: Holder, p: dict[str, Any]) -> httpx.Response:
+    handed = sign_order(world.wallet.mall_key, p) if sign_order is not None else p
+    return h.b.post("/api/purchases", {
+        "card": h.card, "secret": h.secret, "purchase": handed,
+        "return_url": f"{world.wallet.url('mall')}/shop/?order={p['order']}"})
+
+
+def pay_purse(world: World, h: Holder, checkout: str) -> dict[str, Any]:
+    web = world.wallet.url("web")
+    return h.run("/v1/pay", {"checkout_url": f"{web}/purse/checkout/{checkout}"}, web)
+
+
+def approve(world: World, p: dict[str, Any]) -> tuple[int, Any]:
+    with httpx.Client(timeout=30) as http:
+        return world.wallet.mall_link(http).post("/v1/approvals", p)
+
+
+def fin_balance(world: World, h: Holder) -> int:
+    return int(next(c["balance"] for c in h.b.wallet()["cards"] if c["number"] == h.card))
+
+
+def account_balance(world: World, h: Holder) -> int:
+    from svcard.host.wallet.fin.ledger import source_state
+    state = source_state(world.wallet.fin.engine, "account", h.account)
+    assert state is not None
+    return int(state["balance"])
+
+
+# --- charging: the load flow ------------------------------------------------------------------
+
+def test_a_real_card_is_charged_through_the_load_flow(world: World) -> None:
+    h = holder(world, "loader1")
+    try:
+        before = account_balance(world, h)
+        answer = charge(world, h, 3_000, "load-ref-1")
+        order = answer["load"]
+        assert account_balance(world, h) == before - 3_000
+        assert h.purse_balance() == 0
+        # the same charge asked again (a lost answer): the same load order, no second debit
+        again = charge(world, h, 3_000, "load-ref-1")
+        assert again["load"] == order and account_balance(world, h) == before - 3_000
+        pending = h.b.wallet()["loads"]
+        assert [x["account"] for x in pending] == [order["account"]]
+        view = load_card(world, h, order)
+        assert view["state"] == "loaded", view
+        assert h.purse_balance() == 3_000
+        assert h.b.wallet()["loads"] == []
+        # loaded once: the same order again is refused, the card keeps 3,000
+        view = load_card(world, h, order)
+        assert view["state"] == "refused" and "loaded already" in view["message"], view
+        assert h.purse_balance() == 3_000 and fin_balance(world, h) == 3_000
+    finally:
+        h.close()
+
+
+def test_load_order_attacks(world: World) -> None:
+    h = holder(world, "loader2")
+    other = holder(world, "loader3")
+    try:
+        order = charge(world, h, 1_000)["load"]
+        web = world.wallet.url("web")
+        # a forged token, and another card presenting this card's order: nothing loaded
+        forged = {**order, "secret": "0" * 64}
+        assert load_card(world, h, forged)["state"] == "refused"
+        view = load_card(world, other, order)
+        assert view["state"] == "refused" and "another card" in view["message"], view
+        assert other.purse_balance() == 0
+        # another amount than the charge's
+        view = load_card(world, h, {**order, "amount": 5_000})
+        assert view["state"] == "refused" and h.purse_balance() == 0
+        # a foreign page at the helper: refused before anything runs
+        r = h.ask("POST", "/v1/load", {"bank_url": f"{web}/purse/bank", **{
+            k: order[k] for k in ("account", "secret", "amount")}}, "http://evil.example")
+        assert r.status_code == 403
+        # a page may load only from its own site
+        r = h.ask("POST", "/v1/load", {"bank_url": "http://127.0.0.1:9/purse/bank", **{
+            k: order[k] for k in ("account", "secret", "amount")}}, web)
+        assert r.status_code == 403
+        assert load_card(world, h, order)["state"] == "loaded"
+        assert h.purse_balance() == 1_000
+    finally:
+        h.close()
+        other.close()
+
+
+def test_a_load_started_elsewhere_is_finished_by_its_own_resume(world: World) -> None:
+    """The bank's start answered, then the helper stopped: a second start with another
+    request id is refused (never two loads of one charge); the helper's journal resumes it
+    under its own request id at the next contact and loads the card once."""
+    from svcard.host.load import client as LC
+    from svcard.host.terminal.journal import Journal
+    from svcard.host.terminal.reader_specs import open_reader
+    h = holder(world, "loader4")
+    try:
+        order = charge(world, h, 700)["load"]
+        web = world.wallet.url("web")
+        book = Journal(world.folder / "loader4.journal")
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{h.image}") as reader:
+            book.write("req-x", "load-starting", kind="load", card_serial="0000" + h.card,
+                       aid="", bank_url=f"{web}/purse/bank", account=order["account"],
+                       secret=order["secret"], amount=700, request_id="req-x-0123456789")
+            params, _ = LC.start_load(http, f"{web}/purse/bank", reader,
+                                      account=order["account"], secret=order["secret"],
+                                      amount=700, request_id="req-x-0123456789")
+            with pytest.raises(PaymentRefused, match="debited already"):
+                LC.start_load(http, f"{web}/purse/bank", reader, account=order["account"],
+                              secret=order["secret"], amount=700,
+                              request_id="another-request-id")
+        assert h.purse_balance() == 0
+        # the next contact: the helper's own load job resumes the journal first: the card
+        # never saw that load, so it ends "not loaded" (a zero-value probe) and the charge's
+        # order is ready again; then the new order loads
+        again = charge(world, h, 1)["load"]
+        view = load_card(world, h, again)
+        assert view["state"] == "loaded", view
+        assert [r["outcome"] for r in view["resumed"]] == ["not loaded"], view
+        assert h.purse_balance() == 1
+        assert [x["account"] for x in h.b.wallet()["loads"]] == [order["account"]]
+        # completed at the next contact: the 700 loads once, under a new transaction
+        view = load_card(world, h, order)
+        assert view["state"] == "loaded" and view["txn_id"] != params["txn_id"], view
+        assert h.purse_balance() == 701 and fin_balance(world, h) == 701
+        assert h.b.wallet()["loads"] == []
+    finally:
+        h.close()
+
+
+# --- paying: embodiment 1 by the card's own purse --------------------------------------------
+
+def loaded_holder(world: World, name: str, amount: int) -> Holder:
+    h = holder(world, name)
+    assert load_card(world, h, charge(world, h, amount)["load"])["state"] == "loaded"
+    return h
+
+
+def test_a_real_card_pays_a_mall_by_its_purse(world: World) -> None:
+    h = loaded_holder(world, "payer1", 5_000)
+    try:
+        p = new_purchase(1_250)
+        r = choose(world, h, p)
+        assert r.status_code == 200, r.text
+        checkout = r.json()["checkout"]
+        # no purse payment yet: the mall's approval request approves nothing
+        status, answer = approve(world, p)
+        assert status == 409 and "purse has not paid" in answer["reason"], answer
+        view = pay_purse(world, h, checkout)
+        assert view["state"] == "paid", view
+        assert h.purse_balance() == 5_000 - 1_250
+        status, answer = approve(world, p)
+        assert status == 200 and answer["approved"], answer
+        assert fin_balance(world, h) == 5_000 - 1_250
+        # replayed: no second approval, no second debit
+        status, answer = approve(world, p)
+        assert status == 409 and answer.get("state") == "approved"
+        assert h.purse_balance() == 3_750 and fin_balance(world, h) == 3_750
+        # the same checkout again: never a second purse debit for one purchase
+        view = pay_purse(world, h, checkout)
+        assert view["state"] == "refused" and h.purse_balance() == 3_750, view
+    finally:
+        h.close()
+
+
+def test_purse_evidence_attacks(world: World) -> None:
+    h = loaded_holder(world, "payer2", 5_000)
+    other = loaded_holder(world, "payer3", 5_000)
+    try:
+        web = world.wallet.url("web")
+        p, q = new_purchase(1_000), new_purchase(1_000)
+        cp = choose(world, h, p).json()["checkout"]
+        cq = choose(world, other, q).json()["checkout"]
+        # a forged checkout token: no order
+        forged = cp[:32] + ("0" if cp[32] != "0" else "1") + cp[33:]
+        with httpx.Client(timeout=30) as http:
+            r = http.post(f"{web}/purse/checkout/{forged}", headers={"X-Svcard-Client": "1"})
+            assert r.status_code == 403
+            # without the client header (a page's form or image): no order either
+            assert http.post(f"{web}/purse/checkout/{cp}").status_code == 403
+        # another member's card paying h's purchase: its debit is refused by the gateway
+        view = pay_purse(world, other, cp)
+        assert view["state"] in ("pending", "refused"), view
+        status, _ = approve(world, p)
+        assert status == 409
+        # the purchase q paid by its own card: evidence of q approves q only
+        assert pay_purse(world, other, cq)["state"] == "paid"
+        assert approve(world, p)[0] == 409
+        assert approve(world, {**q, "amount": 999, "products": [
+            {"sku": "tea", "qty": 1, "price": 999}]})[0] == 409
+        assert approve(world, q)[0] == 200
+        # a forged confirmation at the gateway's status URL: refused, nothing recorded
+        from svcard.host.wallet.gateway import purse as PU
+        with world.wallet.gateway.engine.connect() as conn:
+            txn = conn.execute(PU.orders.select().where(
+                PU.orders.c.purchase == cp[:32])).first()
+        assert txn is not None
+        with httpx.Client(timeout=30) as http:
+            r = http.post(f"{world.wallet.url('gateway')}/v1/purse/status/{txn.txn_id}",
+                          content=b"SC" + os.urandom(80))
+            assert r.status_code == 400
+        assert approve(world, p)[0] == 409
+    finally:
+        h.close()
+        other.close()
+
+
+def test_embodiment_2_refuses_a_real_card(world: World) -> None:
+    h = holder(world, "filler1")
+    try:
+        p = new_purchase(500)
+        handed = sign_order(world.wallet.mall_key, p) if sign_order is not None else p
+        r = h.b.post("/api/fills", {"card": h.card, "purchase": handed,
+                                    "return_url": f"{world.wallet.url('mall')}/shop/"})
+        assert r.status_code == 400 and "purse" in r.json()["reason"]
+    finally:
+        h.close()
+
+
+def test_the_real_card_holds_no_holder_data(world: World) -> None:
+    h = holder(world, "anon1")
+    try:
+        image = json.loads(h.image.read_text())
+        assert "0000" + h.card == image["app"].get("app_serial", "0000" + h.card)
+    finally:
+        h.close()
