@@ -28,6 +28,13 @@ Merchant agent (``trade-merchant``):
   (commitment taken) -> ``spent`` (the last link) | ``terminated``.
 * ``trade_ma_purchases``: every purchase: link index (unique per session), units, the signed
   order and its signature (the evidence).
+* ``trade_ma_offers`` (FIG. 4): a digital product offered for a purchase: the signed
+  description, the ciphertext under K2, K2 sealed to the trusted party, and the customer's
+  acceptance with the sealed answer relayed.
+
+FIG. 4's trusted party is the mediating agent: ``trade_acq_deliveries`` holds each order's
+K2 (sealed to the agent's own X25519 key) and, once, the acceptance that released it and the
+answer given (unique per order, and each acceptance's unique id once over all orders).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from sqlalchemy import (
     Engine,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -153,6 +161,22 @@ acq_clearings = Table(      # the clearing information, made in the step that cl
     Column("updated", BigInteger, nullable=False),
 )
 Index("ix_trade_acq_sessions_state", acq_sessions.c.state, acq_sessions.c.expires)
+acq_deliveries = Table(     # FIG. 4: the trusted party's K2, one per order (trust/party.py)
+    "trade_acq_deliveries", acq_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False),
+    Column("order_digest", String(64), nullable=False),     # sha256 of the signed order
+    Column("merchant", String(32), nullable=False),
+    Column("description", Text, nullable=False),            # the merchant's signed text
+    Column("signature", String(128), nullable=False),
+    Column("sealed", Text, nullable=False),                 # K2 sealed to this party (hex)
+    Column("accepted", String(32), unique=True),            # the acceptance's unique id
+    Column("acceptance", Text),                             # the customer's signed word
+    Column("answer", Text),                                 # K2 sealed to K1 (hex), once
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    UniqueConstraint("session", "order_digest", name="uq_trade_acq_deliveries_order"),
+)
 
 ma_meta = MetaData()
 ma_sessions = Table(
@@ -197,6 +221,23 @@ ma_records = Table(         # FIG. 3: the merchant's record, made once when the 
     Column("signature", String(128), nullable=False),
     Column("sent", Integer, nullable=False),                # the acquirer took it
     Column("at", BigInteger, nullable=False),
+)
+
+ma_offers = Table(          # FIG. 4: the merchant's offer of a digital product per purchase
+    "trade_ma_offers", ma_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False),
+    Column("link_index", Integer, nullable=False),
+    Column("description", Text, nullable=False),            # signed, names K2's commitment
+    Column("signature", String(128), nullable=False),
+    Column("ciphertext", LargeBinary, nullable=False),      # the product under K2
+    Column("sealed", Text, nullable=False),                 # K2 sealed to the trusted party
+    Column("lodged", Integer, nullable=False),              # the trusted party took K2
+    Column("acceptance", Text),                             # the customer's, as evidence
+    Column("answer", Text),                                 # K2 sealed to K1, relayed
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    UniqueConstraint("session", "link_index", name="uq_trade_ma_offers_index"),
 )
 
 am_withdrawals = Table(     # claim 11: the withdrawal record for the customer's billing
