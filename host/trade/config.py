@@ -90,6 +90,8 @@ class MerchantConfig:
     db_url: str
     acquirer: Peer
     currency: str
+    # FIG. 4: the digital products it delivers, item -> (file, the description it signs)
+    products: dict[str, tuple[Path, str]] = field(default_factory=dict)
 
 
 # --- the TOML files of `svcard serve trade-*` ---------------------------------------------
@@ -132,6 +134,12 @@ class TableEntry(Section):
     rates: dict[Code, Annotated[str, Field(max_length=40)]] = Field(max_length=500)
 
 
+class ProductEntry(Section):
+    id: Ident                   # the item a purchase's order names
+    file: Annotated[str, Field(min_length=1, max_length=500)]
+    text: Annotated[str, Field(min_length=1, max_length=2048)]
+
+
 class ServerFile(Section):
     id: Ident
     key: SecretHex32
@@ -147,6 +155,7 @@ class ServerFile(Section):
     merchant_account: PeerEntry | None = None
     billing: Annotated[str, Field(min_length=1, max_length=500)] | None = None
     grace_seconds: PosInt = 60
+    product: list[ProductEntry] = Field(default_factory=list, max_length=10_000)
 
 
 def _ms(when: dt.datetime) -> int:
@@ -210,6 +219,8 @@ def server_config(role: str, path: Path, db_url: str | None = None
             return MerchantAccountConfig(f.id, f.key, db, {acq.id: acq.public_key}, billing)
         assert f.currency is not None
         exponent(f.currency)
-        return MerchantConfig(f.id, f.key, db, acq, f.currency)
+        _unique(f.product, "product")
+        return MerchantConfig(f.id, f.key, db, acq, f.currency,
+                              {p.id: (path.parent / p.file, p.text) for p in f.product})
     except ValueError as exc:   # MoneyError too: a rate, a code, a lifespan
         raise ConfigError(f"{path}: {exc}") from None
