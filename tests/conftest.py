@@ -67,6 +67,11 @@ GOODS_OPTIONS = (
     ("--wallet-payments", "SVCARD_WALLET_PAYMENTS",
      "payments in tests/test_wallet_random.py (default 150)"),
     ("--wallet-seed", "SVCARD_WALLET_SEED", "tests/test_wallet_random.py's seed"),
+    ("--goods-sim-runs", "SVCARD_GOODS_SIM_RUNS", "goods in tests/test_goods_random_run.py"),
+    ("--goods-sim-kills", "SVCARD_GOODS_SIM_KILLS", "SIGKILLs in test_goods_random_run.py"),
+    ("--goods-sim-devices", "SVCARD_GOODS_SIM_DEVICES", "device threads of that run"),
+    ("--goods-sim-pickup", "SVCARD_GOODS_SIM_PICKUP", "that run's pick-up deadline (s)"),
+    ("--goods-sim-seed", "SVCARD_GOODS_SIM_SEED", "tests/test_goods_random_run.py's seed"),
 )
 
 
