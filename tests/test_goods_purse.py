@@ -5,6 +5,8 @@ is settled from the card's proof at its next contact; nothing committed, nothing
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,13 +15,18 @@ import pytest
 
 from svcard.card.storage import read_image
 from svcard.host.goods import db as D
-from svcard.host.goods.device import Device, FirstMessage
+from svcard.host.goods import wire as W
+from svcard.host.goods.device import Device, DeviceError, FirstMessage
+from svcard.host.goods.server.auth import digest
 from svcard.host.goods.stack import GoodsStack, make_card, start_goods
 from svcard.host.kit.db import first_row
+from svcard.host.terminal import apdus
 from svcard.host.terminal.capp import read_goods
+from svcard.host.terminal.purse import call, read_log, select_purse
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import goods as G
 from svcard.protocols import purse as P
+from svcard.reader.base import CardRemovedError, Reader
 
 SERIAL = 71_001
 EP = 10_000
@@ -79,9 +86,125 @@ def test_an_e_ticket_paid_by_the_purse_lands_with_its_debit(
     [good] = goods_on(card)
     assert good["kind"] == "ticket" and good["good_id"] == bytes.fromhex(first.order)[:8]
     with open_reader(f"virtual:{card}") as reader:
-        from svcard.host.terminal.purse import read_log
         assert read_log(reader)[0].txn_type == P.TYPE_COMPOSITE_PURCHASE
     assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.PURSE_PAID
     assert row(stack, "fulfil", D.purse_goods, first.order)["state"] == D.WRITTEN
     assert row(stack, "merchant", D.merchant_orders, first.order)["state"] == D.PURSE_PAID
     assert first_row(stack.engine("fulfil"), D.goods, order_ref=first.order) is None
+
+
+# --- helpers for the steps one at a time --------------------------------------------------------
+def init_capp(reader: Reader, first: FirstMessage) -> bytes:
+    select_purse(reader)
+    return call(reader, apdus.initialize(G.INIT_CAPP_PURCHASE, P.PURSE_EP, 1,
+                                         int(first.fields["amount"]),
+                                         bytes.fromhex(str(first.fields["terminal"]))),
+                "INITIALIZE FOR CAPP PURCHASE")
+
+
+def debit_message(device: Device, first: FirstMessage, serial: str, init: bytes,
+                  order: str | None = None) -> dict[str, object]:
+    return {"order": order or first.order, "device": device.id, "card": serial,
+            "issuer": ISSUER, "first": digest(first.text), "init": init.hex().upper(),
+            "uid": "", "created": now()}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+ISSUER = "0102030405060708"
+
+
+def serial_of(n: int) -> str:
+    return f"{n:020d}"
+
+
+def counter_of(init: bytes) -> int:
+    return int(P.InitForPurchaseAnswer.parse(init).offline_counter)
+
+
+def test_a_purchase_whose_answer_was_lost_is_settled_at_the_next_contact_once(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    card = make_card(tmp_path, SERIAL, ep=EP)
+    device = stack.device()
+    first = first_for(stack, http, device)
+
+    class LostAnswer:   # the card takes the DEBIT, its answer never reaches the device
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def exchange(self, apdu: bytes) -> object:
+            answer = self.inner.exchange(apdu)  # type: ignore[attr-defined]
+            if apdu[:2] == b"\x80\x54":
+                raise CardRemovedError("the card was pulled")
+            return answer
+
+    with open_reader(f"virtual:{card}") as reader, pytest.raises(CardRemovedError):
+        device.pay_with_purse(LostAnswer(reader), first)  # type: ignore[arg-type]
+    assert ep(card) == EP - 1250 and len(goods_on(card)) == 1     # both, on the card
+    assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.DEBITING
+    assert row(stack, "fulfil", D.purse_goods, first.order)["state"] == D.CAPP
+    # the order cannot be paid again before it is settled: the card's counter moved
+    with open_reader(f"virtual:{card}") as reader:
+        init = init_capp(reader, first)
+        with pytest.raises(DeviceError, match=r"409.*counter moved"):
+            device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                         debit_message(device, first, serial_of(SERIAL), init))
+    with open_reader(f"virtual:{card}") as reader:
+        outs = device.pickup(reader)
+    assert [(o.order, o.paid) for o in outs] == [(first.order, True)]
+    assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.PURSE_PAID
+    assert row(stack, "fulfil", D.purse_goods, first.order)["state"] == D.WRITTEN
+    assert row(stack, "merchant", D.merchant_orders, first.order)["state"] == D.PURSE_PAID
+    with open_reader(f"virtual:{card}") as reader:   # again: the same proof, paid once
+        outs = device.pickup(reader)
+    assert [(o.order, o.paid) for o in outs] == [(first.order, True)]
+    assert ep(card) == EP - 1250 and len(goods_on(card)) == 1
+
+
+def test_a_session_abandoned_before_debit_can_be_retried_at_the_same_counter(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    card = make_card(tmp_path, SERIAL, ep=EP)
+    device = stack.device()
+    first = first_for(stack, http, device)
+    with open_reader(f"virtual:{card}") as reader:   # INITIALIZE, the answer, no DEBIT
+        init = init_capp(reader, first)
+        answer = device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                              debit_message(device, first, serial_of(SERIAL), init))
+        assert answer["cache"][:4] == "84DE"
+    with open_reader(f"virtual:{card}") as reader:
+        out = device.pay_with_purse(reader, first)
+    assert out.paid and out.written
+    assert ep(card) == EP - 1250 and len(goods_on(card)) == 1
+    # the first session's DEBIT can never be sent now: the card's session is gone
+    with open_reader(f"virtual:{card}") as reader:
+        select_purse(reader)
+        assert reader.exchange(bytes.fromhex(answer["cache"])).sw != 0x9000
+        assert reader.exchange(bytes.fromhex(answer["debit"])).sw != 0x9000
+    assert ep(card) == EP - 1250
+
+
+def test_a_purse_order_never_committed_expires_with_nothing_to_refund(
+        tmp_path: Path, http: httpx.Client) -> None:
+    offset = [0.0]
+    stack = start_goods(tmp_path / "servers", clock=lambda: time.time() + offset[0],
+                        pickup_seconds=60)
+    try:
+        card = make_card(tmp_path, SERIAL, ep=EP)
+        device = stack.device()
+        first = first_for(stack, http, device)
+        with open_reader(f"virtual:{card}") as reader:
+            init = init_capp(reader, first)
+            device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                         debit_message(device, first, serial_of(SERIAL), init))
+        offset[0] += 120
+        asyncio.run(stack.servers["fulfil"].recover())
+        asyncio.run(stack.servers["payment"].recover())
+        assert row(stack, "fulfil", D.purse_goods, first.order)["state"] == D.EXPIRED
+        assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.EXPIRED
+        assert row(stack, "merchant", D.merchant_orders, first.order)["state"] == D.EXPIRED
+        assert first_row(stack.engine("bank"), D.bank_payments, order_ref=first.order) is None
+        assert ep(card) == EP and goods_on(card) == []
+    finally:
+        stack.close()
