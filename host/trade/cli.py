@@ -1,4 +1,4 @@
-"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show|price``; the
+"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show|price|table``; the
 operator's ``svcard session keygen`` and ``svcard session customer``; and the three servers,
 ``svcard serve trade-account-manager|trade-acquirer|trade-merchant``.
 
@@ -12,11 +12,11 @@ A refusal exits 1, an unreachable server 11, a file that cannot be used 3.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
@@ -29,7 +29,7 @@ from ..kit.serving import serve as serve_app
 from . import customer as C
 from . import messages as M
 from .config import AccountManagerConfig, AcquirerConfig, MerchantAccountConfig, server_config
-from .money import Amount, MoneyError, price_in
+from .money import Amount, ExchangeTable, MoneyError, price_in, table_payload
 from .signing import (
     SigningError,
     new_key,
@@ -40,6 +40,18 @@ from .signing import (
 
 state_option = click.option("--state", "state", required=True, type=click.Path(path_type=Path),
                             help="The session file (written by open, read by buy and close).")
+
+table_option = click.option("--table", "table_path", type=click.Path(path_type=Path),
+                            default=None, help="The exchange table this device keeps (a "
+                            "missing or expired one is fetched anew, with a warning).")
+
+
+def account_options(f: Any) -> Any:
+    """The account manager whose exchange table the device keeps (to fetch a new one)."""
+    for name, what in (("key", "Its public key (hex)."), ("id", "Its id."),
+                       ("url", "Your account manager.")):
+        f = click.option(f"--account-{name}", default=None, help=what)(f)
+    return f
 
 
 def register(root: click.Group, serve: click.Group) -> None:
@@ -177,10 +189,12 @@ session.add_command(customer_cmd)
 @click.option("--unit", type=click.IntRange(1, 10**9), default=None,
               help="Minor units of the merchant's currency per link (default: the smallest).")
 @state_option
+@table_option
 @json_option
 def open_cmd(account_url: str, account_id: str, account_key: str, customer: str,
              key_file: Path, merchant: str, merchant_url: str, operator: str, deposit: str,
-             currency: str, unit: int | None, state: Path, as_json: bool) -> None:
+             currency: str, unit: int | None, state: Path, table_path: Path | None,
+             as_json: bool) -> None:
     """Open a trading session through your account manager."""
     if state.exists():
         fail(f"{state}: exists; a session file is never overwritten", EXIT_INPUT)
@@ -190,6 +204,8 @@ def open_cmd(account_url: str, account_id: str, account_key: str, customer: str,
         private = read_private_key(key_file)
     except (MoneyError, SigningError) as exc:
         fail(str(exc), EXIT_INPUT)
+    if table_path is not None:     # the device's table renewed on the way (seed 004)
+        _device_table(table_path, account_url, account_id, account_key)
     try:
         with httpx.Client(timeout=30) as http:
             s = C.open_session(http, account_url.rstrip("/"), account_id, am_public, customer,
@@ -210,10 +226,16 @@ def open_cmd(account_url: str, account_id: str, account_key: str, customer: str,
 @click.argument("item")
 @click.option("--units", type=click.IntRange(1, 10_000), default=1, show_default=True)
 @state_option
+@table_option
 @json_option
-def buy_cmd(item: str, units: int, state: Path, as_json: bool) -> None:
-    """Buy ITEM inside the session: pay the next link(s) with a signed order."""
+def buy_cmd(item: str, units: int, state: Path, table_path: Path | None,
+            as_json: bool) -> None:
+    """Buy ITEM inside the session: pay the next link(s) with a signed order. The price is
+    shown in your currency at the session's rate, fixed when it opened."""
     s = _load(state)
+    if table_path is not None:
+        _device_table(table_path, s.account_url, s.opened.get("account_manager"),
+                      s.account_key or None)
     try:
         with httpx.Client(timeout=30) as http:
             message = C.purchase(s, item, units)
@@ -228,8 +250,11 @@ def buy_cmd(item: str, units: int, state: Path, as_json: bool) -> None:
         fail(f"the merchant refused the purchase (HTTP {answer.status_code}): "
              f"{C.reason_of(answer)}", EXIT_DECLINED)
     got = answer.json()
-    emit(as_json, got, f"bought {item}: {Amount(got['amount'], got['currency'])}; "
-                       f"{Amount(got['left'], got['currency'])} left in session {s.session}")
+    mine = C.in_customer_currency(s, int(got["amount"]))
+    emit(as_json, {**got, "in_your_currency": str(mine)},
+         f"bought {item}: {Amount(got['amount'], got['currency'])}; "
+         f"{Amount(got['left'], got['currency'])} left in session {s.session} (the price: "
+         f"{mine} at most, at the session's rate)")
 
 
 @session.command("close")
@@ -260,16 +285,38 @@ def close_cmd(state: Path, as_json: bool) -> None:
                        f"{Amount(c['returned'], c['currency_customer'])}")
 
 
+def _device_table(path: Path, account_url: str | None, account_id: str | None,
+                  account_key: str | None, fetch: bool = False) -> ExchangeTable:
+    """The device's table at ``path``; warns when it has none or it has expired, and then
+    fetches a new one from the account manager (exit 1 without one to ask)."""
+    now = int(time.time() * 1000)
+    warning = C.table_warning(path, now)
+    if warning:
+        click.echo(f"svcard: warning: {warning}", err=True)
+    try:
+        public = public_from_hex(account_key, "--account-key") if account_key else None
+        with httpx.Client(timeout=30) as http:
+            table, _ = C.device_table(http, path, (account_url or "").rstrip("/"),
+                                      account_id, public, now, fetch)
+    except SigningError as exc:
+        fail(str(exc), EXIT_INPUT)
+    except C.TradeError as exc:
+        fail(str(exc), EXIT_DECLINED)
+    except httpx.HTTPError as exc:
+        fail(f"{account_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
+    if warning or fetch:
+        click.echo(f"svcard: fetched a new exchange table of {table.issuer} from "
+                   f"{account_id} (valid until {C.when(table.expires)})", err=True)
+    return table
+
+
 @session.command("price")
 @click.argument("amount")
 @click.argument("currency")
 @click.option("--in", "into", required=True, help="Your currency (ISO 4217).")
 @click.option("--table", "table_path", required=True, type=click.Path(path_type=Path),
               help="The exchange table this device keeps (made or renewed here).")
-@click.option("--account-url", default=None, help="Your account manager, to fetch a new "
-              "table when there is none or it has expired.")
-@click.option("--account-id", default=None)
-@click.option("--account-key", default=None, help="Its public key (hex).")
+@account_options
 @json_option
 def price_cmd(amount: str, currency: str, into: str, table_path: Path,
               account_url: str | None, account_id: str | None, account_key: str | None,
@@ -277,44 +324,37 @@ def price_cmd(amount: str, currency: str, into: str, table_path: Path,
     """A merchant's price AMOUNT CURRENCY in your currency, at your bank's exchange table
     (seed 004: the device keeps the table with its lifespan stamp and warns when it has
     expired)."""
-    now = int(time.time() * 1000)
     try:
         price = Amount.parse(amount, currency)
         Amount(0, into)
     except MoneyError as exc:
         fail(str(exc), EXIT_INPUT)
-    table = C.load_table(table_path)
-    if table is None or not table.valid(now):
-        click.echo(f"svcard: warning: {table_path}: " + (
-            "no exchange table" if table is None else
-            f"the exchange table of {table.issuer} expired at {_when(table.expires)}"),
-            err=True)
-        if not (account_url and account_id and account_key):
-            fail(f"{table_path}: fetch a new table: give --account-url, --account-id and "
-                 "--account-key", EXIT_DECLINED)
-        try:
-            public = public_from_hex(account_key, "--account-key")
-            with httpx.Client(timeout=30) as http:
-                table = C.fetch_table(http, account_url.rstrip("/"), account_id, public)
-        except SigningError as exc:
-            fail(str(exc), EXIT_INPUT)
-        except C.TradeError as exc:
-            fail(str(exc), EXIT_DECLINED)
-        except httpx.HTTPError as exc:
-            fail(f"{account_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
-        C.save_table(table_path, table)
+    table = _device_table(table_path, account_url, account_id, account_key)
     try:
-        shown = price_in(price, into, table, now)
+        shown = price_in(price, into, table, int(time.time() * 1000))
     except MoneyError as exc:
         fail(f"{table_path}: {exc}", EXIT_DECLINED)
     emit(as_json, {"price": str(price), "shown": str(shown), "issuer": table.issuer,
                    "expires": table.expires},
          f"{price} = {shown} (at most; table of {table.issuer}, valid until "
-         f"{_when(table.expires)})")
+         f"{C.when(table.expires)})")
 
 
-def _when(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+@session.command("table")
+@click.option("--table", "table_path", required=True, type=click.Path(path_type=Path),
+              help="The exchange table this device keeps.")
+@account_options
+@click.option("--fetch", is_flag=True, help="Fetch a new table even if the kept one is valid.")
+@json_option
+def table_cmd(table_path: Path, account_url: str | None, account_id: str | None,
+              account_key: str | None, fetch: bool, as_json: bool) -> None:
+    """Show the exchange table this device keeps; fetch a new one from your account manager
+    when there is none, it has expired (with a warning) or --fetch says so."""
+    t = _device_table(table_path, account_url, account_id, account_key, fetch)
+    data = table_payload(t)
+    emit(as_json, data, f"exchange table of {t.issuer}: 1 {t.base} = " + ", ".join(
+        f"{r} {c}" for c, r in dict(data["rates"]).items()) +   # type: ignore[call-overload]
+        f"; valid {C.when(t.issued)} to {C.when(t.expires)}")
 
 
 @session.command("show")

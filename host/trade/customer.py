@@ -12,11 +12,14 @@ file only the user can read and whose repr shows no secret.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,14 @@ import httpx
 
 from . import closing as K
 from . import signing as S
-from .money import Amount, ExchangeTable, MoneyError, table_from_payload, table_payload
+from .money import (
+    Amount,
+    ExchangeTable,
+    MoneyError,
+    minor_factor,
+    table_from_payload,
+    table_payload,
+)
 from .payword import MAX_LENGTH, Commitment, PaywordError, Wallet, link_at, order_payload
 from .trust import certs
 
@@ -53,6 +63,7 @@ class Session:
     opened: dict[str, Any] = field(default_factory=dict, repr=False)
     orders: list[dict[str, Any]] = field(default_factory=list, repr=False)   # the list kept
     account_url: str = ""
+    account_key: str = ""       # the account manager's public key (hex): its table, later
     closing: dict[str, str] = field(default_factory=dict, repr=False)  # the record, once made
     _wallet: Wallet | None = field(default=None, repr=False, compare=False)   # not saved
 
@@ -133,6 +144,50 @@ def save_table(path: Path, table: ExchangeTable) -> None:
     os.replace(tmp, path)
 
 
+def device_table(http: httpx.Client | None, path: Path, account_url: str | None,
+                 account_id: str | None, account_public: bytes | None, now_ms: int,
+                 fetch: bool = False) -> tuple[ExchangeTable, str | None]:
+    """The exchange table this device keeps at ``path`` (the seed's currency-table
+    embodiment), and a warning when it had none or it had expired. A missing or expired copy
+    (or ``fetch``) is fetched anew from the account manager, its signature checked, and kept;
+    with no account manager to ask, or if its table is expired as well: TradeError."""
+    table = load_table(path)
+    if table is not None and table.valid(now_ms) and not fetch:
+        return table, None
+    warning = table_warning(path, now_ms) or None
+    if http is None or not (account_url and account_id and account_public):
+        raise TradeError(f"{path}: fetch a new table: give --account-url, --account-id and "
+                         "--account-key")
+    table = fetch_table(http, account_url, account_id, account_public)
+    if not table.valid(now_ms):
+        raise TradeError(f"the account manager's exchange table of {table.issuer} is not "
+                         f"valid now (until {when(table.expires)}): not kept")
+    save_table(path, table)
+    return table, warning
+
+
+def table_warning(path: Path, now_ms: int) -> str:
+    """Why the device's kept table cannot be used now ("" when it can)."""
+    table = load_table(path)
+    if table is None:
+        return f"{path}: no exchange table"
+    if not table.valid(now_ms):
+        return f"{path}: the exchange table of {table.issuer} expired at {when(table.expires)}"
+    return ""
+
+
+def when(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def in_customer_currency(s: Session, minor: int) -> Amount:
+    """``minor`` units of the merchant's currency in the customer's, at the session's rate,
+    fixed when it opened (not the device's table), rounded up: what it costs at most."""
+    num, den = (int(x) for x in s.rate.split("/"))
+    factor = minor_factor(Fraction(den, num), s.currency_merchant, s.currency)
+    return Amount(math.ceil(minor * factor), s.currency)
+
+
 def load_table(path: Path) -> ExchangeTable | None:
     """The table the device keeps, or None when there is none (or it cannot be read)."""
     try:
@@ -189,7 +244,8 @@ def open_session(http: httpx.Client, account_url: str, account_id: str,
     s = Session(opened["session"], opened["pseudonym"], merchant, merchant_url,
                 deposit.minor, deposit.code, value, opened["currency_merchant"],
                 opened["rate"], int(opened["expires"]), unit, length, 0, session_key,
-                wallet.seed, opened, account_url=account_url)
+                wallet.seed, opened, account_url=account_url,
+                account_key=account_public.hex())
     commit(http, s)
     return s
 
