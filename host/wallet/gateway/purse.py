@@ -53,6 +53,7 @@ from ...kit.db import now_ms, reading, step
 from ...kit.http import Refused, read_body
 from ...kit.request_log import note
 from ...kit.schema import Schema, prepare
+from ..base import crash_point
 from ..links import text
 from . import db as D
 from . import matching as X
@@ -241,8 +242,10 @@ async def status(server: GatewayServer, request: Request) -> Response:
         if mall is None:
             raise Refused(409, 409, "the mall no longer takes real cards here")
         receipt = check(settings.merchants[mall][1], row, bytes.fromhex(txn_hex), body)
+        crash_point("gateway-after-purse")        # the card debited, nothing recorded here
         if await server.sql(mark_paid, server.engine, txn_hex, digest,
                             json.dumps(receipt, sort_keys=True)):
+            crash_point("gateway-after-purse-paid")   # recorded, the answer never sent
             return _released(row, receipt)
         row = await server.sql(order, server.engine, txn_hex) or row
     if row["state"] == PAID and hmac.compare_digest(row["confirmation"], digest):
