@@ -1,0 +1,90 @@
+"""Issue 12's randomised run (seed 000): goods bought through the five goods servers as
+processes, with SIGKILLs of the fulfilment, authentication and payment servers, card tears at
+random steps of the card's writes, cards pulled, device links cut, declines, wrong PINs and
+pick-ups that expire into refunds (tests/goods_sim.py); then every card's next contact and
+``svcard audit --goods-db ... --card ...``: 0 goods without payment, 0 payments without a good
+or a refund, no good twice on a card, every balance and the books to the minor unit.
+
+``SVCARD_GOODS_SIM_RUNS`` goods (default 24), ``SVCARD_GOODS_SIM_KILLS`` kills (default 3),
+``SVCARD_GOODS_SIM_DEVICES`` device threads (default 2), ``SVCARD_GOODS_SIM_PICKUP`` the
+pick-up deadline in s (default 20), ``SVCARD_GOODS_SIM_SEED`` (default 20261123); the seed is
+printed, and each good's fate and each kill's moment replay from it (the pytest options
+``--goods-sim-runs`` ... set the same)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import goods_sim as S
+import pytest
+from test_goods_processes import run
+
+from svcard.host.goods.config import ROLES
+from svcard.host.settle.audit import audit
+from svcard.host.settle.goods_books import card_goods
+from svcard.protocols import purse as P
+
+RUNS = int(os.environ.get("SVCARD_GOODS_SIM_RUNS", "24"))
+KILLS = int(os.environ.get("SVCARD_GOODS_SIM_KILLS", "3"))
+DEVICES = int(os.environ.get("SVCARD_GOODS_SIM_DEVICES", "2"))
+PICKUP = int(os.environ.get("SVCARD_GOODS_SIM_PICKUP", "20"))
+SEED = int(os.environ.get("SVCARD_GOODS_SIM_SEED", "20261123"))
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[S.System]:
+    s = S.System(tmp_path, PICKUP)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_random_goods_with_kills_tears_and_cuts_end_in_a_clean_goods_audit(
+        system: S.System) -> None:
+    print(f"\ngoods randomised run: SVCARD_GOODS_SIM_RUNS={RUNS} SVCARD_GOODS_SIM_KILLS={KILLS} "
+          f"SVCARD_GOODS_SIM_DEVICES={DEVICES} SVCARD_GOODS_SIM_PICKUP={PICKUP} "
+          f"SVCARD_GOODS_SIM_SEED={SEED}")
+    began = time.monotonic()
+    figures = S.Figures()
+    buyers = S.buy_goods(system, SEED, RUNS, KILLS, DEVICES, figures)
+    bought = time.monotonic()
+    S.settle(system, buyers, SEED, figures)
+    found = S.check(system)
+    args = ["audit"]
+    for role in ROLES:
+        args += ["--goods-db", system.db(role)]
+    for path in system.cards.values():
+        args += ["--card", str(path)]
+    out = run(*args, check=False)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stdout + out.stderr
+    on_cards: dict[str, list[bytes]] = {}
+    for path in system.cards.values():
+        with S.card_at(path) as reader:
+            on_cards.update(card_goods([reader], P.DEFAULT_IEP_AID))
+    report = audit({}, goods_dbs=tuple(system.db(r) for r in ROLES), card_goods=on_cards)
+    assert report.clean and report.goods_pending == [], report.discrepancies
+    f = {k.removeprefix("goods 156: "): v for k, v in report.figures.items()}
+    assert f["goods open"] == 0 and f["paid, in transit"] == 0
+    assert f["bank debits"] == found["debited"] == f["goods written"] + f["goods refunded"]
+    assert f["goods written"] == found["kept"]
+    print(f"  fates: {dict(sorted(figures.fates.items()))}")
+    print(f"  events: {dict(sorted(figures.events.items()))}")
+    print(f"  kills: {len(figures.kills)} {dict(sorted(_count(figures.kills).items()))}")
+    print(f"  books: {found}; audit: debits {f['bank debits']} = written "
+          f"{f['goods written']} + refunded {f['goods refunded']}")
+    print(f"  wall: {bought - began:.1f} s buying, {time.monotonic() - bought:.1f} s "
+          "settling and auditing")
+    assert len(figures.kills) == KILLS
+    assert sum(figures.fates.values()) == RUNS
+
+
+def _count(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
