@@ -375,3 +375,56 @@ def test_the_real_card_holds_no_holder_data(world: World) -> None:
         assert "0000" + h.card == image["app"].get("app_serial", "0000" + h.card)
     finally:
         h.close()
+
+
+def test_replayed_and_raced_purse_evidence(world: World) -> None:
+    """The card's confirmation of purchase A: sent again to A, the same answer and nothing
+    more; sent to purchase B's order, refused. 16 checkouts of one purchase at once: one
+    order. 16 approvals of A at once: one approval, one debit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from svcard.host.pay import client as PC
+    from svcard.host.terminal.journal import Journal
+    from svcard.host.terminal.reader_specs import open_reader
+    h = loaded_holder(world, "racer1", 6_000)
+    try:
+        web = world.wallet.url("web")
+        p, q = new_purchase(1_500), new_purchase(1_500)
+        cp = choose(world, h, p).json()["checkout"]
+        cq = choose(world, h, q).json()["checkout"]
+        with httpx.Client(timeout=30) as http, ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: http.post(
+                f"{web}/purse/checkout/{cq}", headers={"X-Svcard-Client": "1"}).status_code,
+                range(16)))
+        assert sorted(answers) == [200] + [409] * 15
+        sent: list[tuple[str, bytes]] = []
+
+        def keep(request: httpx.Request) -> None:
+            if "/v1/purse/status/" in request.url.path:
+                sent.append((str(request.url), request.content))
+        with httpx.Client(timeout=30, event_hooks={"request": [keep]}) as http, \
+                open_reader(f"virtual:{h.image}") as reader:
+            outcome = PC.pay(f"{web}/purse/checkout/{cp}", reader,
+                             journal=Journal(world.folder / "racer1.pay.journal"), http=http)
+        assert outcome.amount == 1_500 and h.purse_balance() == 4_500
+        url, confirmation = sent[0]
+        with httpx.Client(timeout=30) as http:
+            again = http.post(url, content=confirmation)
+            assert again.status_code == 200 and again.json()["released"]
+            with world.wallet.gateway.engine.connect() as conn:
+                from svcard.host.wallet.gateway import purse as PU
+                q_order = conn.execute(PU.orders.select().where(
+                    PU.orders.c.purchase == cq[:32])).first()
+            assert q_order is not None
+            other = url.rsplit("/", 1)[0] + "/" + q_order.txn_id
+            assert http.post(other, content=confirmation).status_code == 400
+            # a confirmation cut short, or grown past the bound: refused
+            assert http.post(other, content=confirmation[:20]).status_code == 400
+            assert http.post(other, content=confirmation + bytes(5000)).status_code == 413
+        assert approve(world, q)[0] == 409          # q: never paid by its card
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda _: approve(world, p)[0], range(16)))
+        assert sorted(results) == [200] + [409] * 15
+        assert fin_balance(world, h) == 4_500 and h.purse_balance() == 4_500
+    finally:
+        h.close()
