@@ -255,6 +255,32 @@ am_withdrawals = Table(     # claim 11: the withdrawal record for the customer's
     Column("at", BigInteger, nullable=False),
 )
 
+am_purse = Table(          # issue 15 point 7: a deposit paid by the customer's purse card
+    "trade_am_purse", am_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("order_id", String(32), nullable=False, unique=True),   # the seed-002 txn id
+    Column("customer", String(32), nullable=False),
+    Column("txn", String(64), nullable=False),              # the initiation's txn
+    Column("initiation", Text, nullable=False),             # its checked fields (JSON)
+    Column("digest", String(64), nullable=False),
+    Column("amount", BigInteger, nullable=False),           # the deposit, customer currency
+    Column("currency", String(3), nullable=False),
+    Column("params", Text, nullable=False),                 # the checkout parameters (JSON)
+    Column("state", String(12), nullable=False),            # ordered -> paid -> open|refused
+    Column("confirmation", String(64), nullable=False),     # sha256 of the one that paid
+    Column("card_serial", String(20), nullable=False),      # the card that paid: from result M
+    Column("card_counter", Integer, nullable=False),
+    Column("tac", String(8), nullable=False),
+    Column("session", String(48)),
+    Column("rest", BigInteger, nullable=False),             # to load back onto the card
+    Column("load_state", String(10), nullable=False),       # none | due | started | loaded
+    Column("load_txn", String(32), nullable=False),
+    Column("load_request", String(64), nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    UniqueConstraint("customer", "txn", name="uq_trade_am_purse_txn"),
+)
+
 mam_meta = MetaData()
 mam_deposits = Table(       # claim 11: the deposit record for the merchant's billing
     "trade_mam_deposits", mam_meta,

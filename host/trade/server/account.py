@@ -167,13 +167,23 @@ class AccountManager:
         body, data, _signer = await authenticated(request, M.INITIATION, "initiation",
                                                   S.INITIATION, self._customer_key,
                                                   now // 1000)
+        return await self.open_initiation(data, M.digest(body))
+
+    def operator_of(self, data: dict[str, Any]) -> Peer:
         operator = self.config.operators.get(data["operator"])
         if operator is None:
             raise Refused(404, 404, f"initiation.operator: {data['operator']} is not an "
                                     "operator this account manager reaches")
+        return operator
+
+    async def open_initiation(self, data: dict[str, Any], digest: str) -> Response:
+        """Reserve the deposit and open the session of an authenticated initiation (also
+        the purse desk's, once the card has paid the deposit: ``purse.py``)."""
+        now = self.now_ms()
+        operator = self.operator_of(data)
         pseudonym = "p" + secrets.token_hex(12)
         expires = now + self.config.session_ms
-        got = await self.sql(reserve, self.engine, self.config.id, data, M.digest(body),
+        got = await self.sql(reserve, self.engine, self.config.id, data, digest,
                              pseudonym, expires, self.config.max_sessions, now)
         note(txn=got.get("session", ""), step="initiation")
         if got["state"] == "limit":
