@@ -25,6 +25,7 @@ from .config import ROLES
 
 if TYPE_CHECKING:
     from .device import Device, FirstMessage, Outcome
+    from .server.common import PartyServer
 
 T = TypeVar("T")
 
@@ -49,9 +50,12 @@ def _serve_command(role: str) -> click.Command:
     @click.option("--host", default="127.0.0.1", show_default=True)
     @click.option("--port", type=click.IntRange(1, 65535), default=None,
                   help="Default: the port of this party's url in the file.")
+    @click.option("--psam", "psam_specs", multiple=True,
+                  help="goods-payment only: a PSAM's reader spec (repeat for a pool of one "
+                       "terminal id); with none, goods are not paid by the purse.")
     @serve_options
     def command(config_path: Path, db_url: str | None, host: str, port: int | None,
-                log_level: str, drain_seconds: float) -> None:
+                psam_specs: tuple[str, ...], log_level: str, drain_seconds: float) -> None:
         from urllib.parse import urlsplit
 
         from ..kit.config import ConfigError
@@ -62,8 +66,19 @@ def _serve_command(role: str) -> click.Command:
             config = goods_config(config_path, role, db_url)
         except ConfigError as exc:
             fail(str(exc), EXIT_INPUT)
+        if psam_specs and role != "payment":
+            fail("--psam: only the payment server holds PSAMs", EXIT_INPUT)
+        from ...reader import ReaderError
         try:
-            server = SERVERS[role](config)
+            psams = [open_reader(spec) for spec in psam_specs]
+        except ReaderError as exc:
+            fail(f"--psam: {exc}", EXIT_INPUT)
+        try:
+            if psams:
+                from .server.payment import PaymentServer
+                server: PartyServer = PaymentServer(config, psams=psams)
+            else:
+                server = SERVERS[role](config)
         except ValueError as exc:
             fail(f"{config_path}: {exc}", EXIT_INPUT)
         port = port or urlsplit(config.me.url).port or 80
@@ -81,17 +96,20 @@ def goods() -> None:
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @json_option
 def init_cmd(folder: Path, as_json: bool) -> None:
-    """Write a demo goods system into FOLDER: goods.toml, a key file per party (0600) and the
-    issuer file with its [goods_key] (TEST KEYS)."""
-    from .stack import write_system
+    """Write a demo goods system into FOLDER: goods.toml, a key file per party (0600), the
+    issuer file with its [goods_key] and a demo PSAM image for goods the purse pays
+    (``svcard serve goods-payment --psam virtual:FOLDER/goods-psam1.json``) (TEST KEYS)."""
+    from .stack import psam_images, write_system
 
     if (folder / "goods.toml").exists():
         fail(f"{folder / 'goods.toml'}: exists; never overwritten", EXIT_INPUT)
     try:
         path = write_system(folder)
+        [psam] = psam_images(folder, 1)
     except (OSError, W.SigningError) as exc:
         fail(str(exc), EXIT_INPUT)
-    emit(as_json, {"config": str(path)}, f"goods system written: {path}")
+    emit(as_json, {"config": str(path), "psam": str(psam)},
+         f"goods system written: {path} (the payment server's PSAM: {psam})")
 
 
 @goods.command("account")
@@ -220,10 +238,14 @@ def device_register(auth_url: str, auth_id: str, auth_key: str, key_file: Path, 
               help="Seconds one long poll waits.")
 @click.option("--polls", type=click.IntRange(1, 10**6), default=10**6,
               help="Give up after this many polls with nothing.")
+@click.option("--pay", type=click.Choice(["bank", "purse"]), default="bank", show_default=True,
+              help="Who pays: the card holder's bank account (the good written by secure "
+                   "messaging) or the card's purse (one composite purchase, good and debit "
+                   "together; the PIN, if given, is checked by the card only).")
 @json_option
 def device_wait(auth_url: str, auth_id: str, auth_key: str, key_file: Path, card_spec: str,
                 yes: bool, pin_file: Path | None, count: int, wait_s: int, polls: int,
-                as_json: bool) -> None:
+                pay: str, as_json: bool) -> None:
     """Wait for first messages, show each, authorise it with the card and write the good."""
     dev = _device(auth_url, auth_id, auth_key, key_file)
     pin = None
@@ -240,9 +262,15 @@ def device_wait(auth_url: str, auth_id: str, auth_key: str, key_file: Path, card
         for first in firsts[:count - len(done)]:
             click.echo(first.show(), err=as_json)
             approve = yes or click.confirm("Authorise this payment?", default=False)
-            the_pin = pin or ("0000" if not approve else click.prompt(
-                "Card PIN", hide_input=True))
-            out = _authorise(dev, card_spec, first, the_pin, approve)
+            if pay == "purse":
+                if not approve:
+                    done.append({"order": first.order, "paid": False, "reason": "not authorised"})
+                    continue
+                out = _pay_with_purse(dev, card_spec, first, pin)
+            else:
+                the_pin = pin or ("0000" if not approve else click.prompt(
+                    "Card PIN", hide_input=True))
+                out = _authorise(dev, card_spec, first, the_pin, approve)
             done.append(dict(vars(out)))
             click.echo(f"order {first.order}: " + (
                 "paid, good written onto the card" if out.written
@@ -257,6 +285,12 @@ def _authorise(dev: Device, card_spec: str, first: FirstMessage, pin: str,
                approve: bool) -> Outcome:
     with handled(), open_reader(card_spec) as card:
         return _run(lambda: dev.authorise(card, first, pin, approve=approve))
+
+
+def _pay_with_purse(dev: Device, card_spec: str, first: FirstMessage,
+                    pin: str | None) -> Outcome:
+    with handled(), open_reader(card_spec) as card:
+        return _run(lambda: dev.pay_with_purse(card, first, pin))
 
 
 @device.command("pickup")
