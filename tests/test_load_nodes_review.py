@@ -88,6 +88,6 @@ def test_both_servers_lease_on_their_own_tables() -> None:
     assert {t.name for t in L.lease_metadata.sorted_tables} == {
         "hsm_leases", "hsm_lease_history", "load_nodes"}
     assert {t.name for t in P.lease_metadata.sorted_tables} == {
-        "psam_leases", "psam_lease_history", "pay_nodes"}
+        "psam_leases", "psam_lease_history", "pay_nodes", "psam_serials"}
     assert (L.SCHEMA.component, P.SCHEMA.component) == ("hsm_leases", "psam_leases")
     assert "hsm_leases" in str(L.FENCE) and "psam_leases" in str(P.FENCE)

@@ -110,15 +110,13 @@ _CLOCKS = {"postgresql": text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp())
 
 
 def db_now(conn: Connection) -> int:
-    """The time every lease statement uses: the database's clock (ms since the epoch), so a
-    node whose own clock is off neither takes a lease early nor renews one into the past."""
+    """The lease statements' time: the database's clock (ms), whatever the node's clock."""
     query = _CLOCKS.get(conn.dialect.name)
     return now_ms() if query is None else int(conn.execute(query).scalar_one())
 
 
 def node_id(name: str) -> str:
-    """A node's id: its configured name and this process's incarnation (a restarted node is
-    a new holder: it waits for its old leases to expire like any other node)."""
+    """A node's id: its name and this process's incarnation (a restarted node is new)."""
     return f"{name[:60]}#{os.getpid()}-{secrets.token_hex(3)}"
 
 
@@ -162,8 +160,7 @@ class LeaseStore:   # the lease statements, each one database step
         return held
 
     def take(self, slot: str, node: str, ttl_ms: int) -> tuple[int, str | None] | None:
-        """Take ``slot`` if it is free or its lease expired, in one statement: (the new token,
-        the node it was taken from), or None if another node holds it."""
+        """Take ``slot`` if free or expired, in one statement: (new token, previous holder)."""
         leases, history = self.tables.leases, self.tables.history
         with step(self.engine) as conn:
             now = db_now(conn)
@@ -192,8 +189,7 @@ class LeaseStore:   # the lease statements, each one database step
                 leases.c.token == token).values(node=None, expires=0)).rowcount
             if done:
                 conn.execute(update(history).where(
-                    history.c.slot == slot, history.c.token == token).values(
-                    ended=now, until=now))
+                    history.c.slot == slot, history.c.token == token).values(ended=now, until=now))
         return bool(done)
 
     def current(self, fence: Fence) -> bool:   # the fence's lease still stands
@@ -219,22 +215,25 @@ class LeasedPool(ReaderPool[M], Generic[M]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.serving: dict[int, float] = {}   # member index -> monotonic time its lease ends
-        self.tokens, self.busy, self._leaving = dict[int, int](), set[int](), dict[
-            int, asyncio.Event]()
+        self.tokens, self.busy = dict[int, int](), set[int]()
+        self._leaving: dict[int, asyncio.Event] = {}
 
     async def start(self) -> None:   # nothing opened until leased
         self._idle = asyncio.Queue()
 
-    def joined(self, member: M) -> None:   # a module just opened: raise to refuse it
-        pass
+    def joined(self, member: M) -> None:
+        """A module just opened: raise to refuse it."""
 
-    async def join(self, member: M, token: int, valid_until: float) -> None:
-        """Open ``member`` (leased with ``token``) and serve it until ``valid_until``
-        (monotonic; counted from before the take, so never past the lease's expiry)."""
+    async def join(self, member: M, token: int, valid_until: float,
+                   admit: Callable[[M], Awaitable[None]] | None = None) -> None:
+        """Open ``member`` (leased with ``token``; ``admit`` may refuse it, raising), serve it
+        until ``valid_until`` (monotonic, from before the take: never past the expiry)."""
         loop = asyncio.get_running_loop()
         try:   # a module that fails to open is closed again: its image lock is not kept
             await loop.run_in_executor(member.executor, self.open_member, member)
             self.joined(member)
+            if admit is not None:
+                await admit(member)
         except BaseException:
             await loop.run_in_executor(member.executor, member.reader.disconnect)
             raise
@@ -353,7 +352,7 @@ class LeaseKeeper:   # see the module docstring; settle(living): the work of nod
             token, previous = taken
             try:
                 await self.pool.join(self.pool.members[index], token,
-                                     asked + self.lease_seconds * 0.9)
+                                     asked + self.lease_seconds * 0.9, self.admit)
             except Exception:
                 self.log.exception("node %s took %s but could not open it", self.node,
                                    self.slots[index])
@@ -369,9 +368,11 @@ class LeaseKeeper:   # see the module docstring; settle(living): the work of nod
                 self._later(self._give_back(self.pool.members[index]))
                 mine -= 1
 
+    async def admit(self, member: Any) -> None:
+        """A module just opened, not yet served: raise to refuse it (the lease is given back)."""
+
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
-        """Work waiting for a module's transaction (a FIG. 5 hold may last ``hold_timeout``)
-        runs beside the ticks, so the other leases are still renewed on time."""
+        """Work waiting for a module's transaction (a FIG. 5 hold) runs beside the ticks."""
         task = asyncio.create_task(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -11,17 +11,29 @@ have passed, uvicorn's own graceful shutdown follows: the listening socket close
 flight get what is left of the deadline (at least a second), the lifespan ends (held PSAMs
 released, readers closed). Then the process exits 0 after SIGTERM, 130 after Ctrl-C. A second
 signal stops waiting for pending work; a third Ctrl-C stops at once.
+
+:class:`NodeProcess` is one server node as a child process (``python -m MODULE SPEC.json``),
+for the node tests and benchmarks (docs/deploy-nodes.md): started, signalled, SIGKILLed as a
+crash, started again on its port.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
 import logging
 import math
+import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
@@ -29,6 +41,8 @@ import click
 import uvicorn
 
 from .command_line import EXIT_INTERRUPTED, EXIT_OK
+from .config import ConfigError
+from .http import GroupWriter, SqlRunner
 from .request_log import LOG_LEVELS, configure_logging
 
 log = logging.getLogger("svcard.serve")
@@ -114,6 +128,52 @@ def serve_options(f: F) -> F:
                              "and above.")(f)
 
 
+NODE_NAME = r"^[A-Za-z0-9_.-]{1,60}$"   # as node_name in a server's TOML
+MIN_LEASE, MAX_LEASE = 1.0, 3600.0
+C = TypeVar("C")
+
+
+def node_options(module: str) -> Callable[[F], F]:
+    """``--node NAME`` and ``--lease-seconds S`` for ``svcard serve payment``/``load`` (passed
+    as ``node`` and ``lease_seconds``; :func:`node_settings` applies them); ``module``: "PSAM"
+    or "HSM"."""
+    def add(f: F) -> F:
+        f = click.option("--lease-seconds", "lease_seconds", default=None, metavar="S",
+                         help=f"A node's {module} lease: a dead node's {module}s are taken "
+                              "over after this (1-3600; default: lease_seconds in the "
+                              "config, else 10).")(f)
+        return click.option("--node", "node", default=None, metavar="NAME",
+                            help="Run as one of several nodes on one (PostgreSQL) database: "
+                                 f"give every node the same {module} list; a node opens a "
+                                 f"{module} only while it holds its lease (overrides "
+                                 "node_name in the config; docs/deploy-nodes.md).")(f)
+    return add
+
+
+def node_settings(config: C, node: str | None, lease_seconds: str | None) -> C:
+    """``config`` (a server's configuration dataclass with ``node_name`` and
+    ``lease_seconds``) with ``--node NAME --lease-seconds S`` over the file's settings; a bad
+    value is a :class:`~.config.ConfigError` naming the option."""
+    if node is not None:
+        if not re.fullmatch(NODE_NAME, node):
+            raise ConfigError(f"--node: {node[:80]!r} is not a node name (1 to 60 letters, "
+                              "digits, '_', '.' or '-')")
+        config = dataclasses.replace(config, node_name=node)  # type: ignore[type-var]
+    if lease_seconds is not None:
+        try:
+            value = float(lease_seconds)
+        except ValueError:
+            value = math.nan
+        if not MIN_LEASE <= value <= MAX_LEASE:   # NaN fails too
+            raise ConfigError(f"--lease-seconds: {lease_seconds[:40]!r} is not a number of "
+                              f"seconds from {MIN_LEASE:g} to {MAX_LEASE:g}")
+        if not getattr(config, "node_name", ""):
+            raise ConfigError("--lease-seconds: only for a node (give --node NAME or "
+                              "node_name in the configuration)")
+        config = dataclasses.replace(config, lease_seconds=value)  # type: ignore[type-var]
+    return config
+
+
 def serve(app: Any, *, host: str, port: int, log_level: str = "info",
           drain: Drainable | None = None, drain_seconds: float = DRAIN_SECONDS) -> int:
     """Run ``app`` in the foreground until SIGTERM or Ctrl-C, logging JSON lines on stderr at
@@ -127,6 +187,17 @@ def serve(app: Any, *, host: str, port: int, log_level: str = "info",
     server = _DrainingServer(config, drain, drain_seconds)
     server.run()
     return EXIT_INTERRUPTED if server.stop_signal == signal.SIGINT else EXIT_OK
+
+
+async def drain_writer(sql: SqlRunner) -> None:
+    """At a server's shutdown (the end of its lifespan, after its last step was given): the
+    SQLite writer runs and COMMITS every step still queued, then its thread ends. Without it
+    the daemon thread died with the process and a group in flight was rolled back. A fresh
+    writer, idle, takes its place (an app started again, as in the tests, has one)."""
+    writer = sql.executor
+    if writer is not None:
+        await asyncio.to_thread(writer.shutdown)
+        sql.executor = GroupWriter()
 
 
 def free_port() -> int:
@@ -185,3 +256,80 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer within {timeout:g} s")
         time.sleep(0.02)
+
+
+def write_private_json(path: Path, document: Mapping[str, Any]) -> None:
+    """``document`` as JSON in a file of mode 0600 (a node's spec holds a key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(document, f)
+
+
+class NodeProcess:
+    """A node process, ``python -m MODULE FOLDER/NAME.json`` (its spec, mode 0600), its output
+    in ``FOLDER/NAME.log``: started, SIGKILLed (a crash), SIGSTOPped and continued, stopped,
+    started again on its port. Ready once ``/v1/health`` answers below ``ready_below``."""
+
+    def __init__(self, folder: Path, name: str, port: int, module: str,
+                 document: Mapping[str, Any], ready_below: int = 500) -> None:
+        self.name, self.port, self.module, self.ready_below = name, port, module, ready_below
+        self.spec_path = folder / f"{name}.json"
+        self.log_path = folder / f"{name}.log"
+        write_private_json(self.spec_path, document)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> NodeProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", self.module,
+                                          str(self.spec_path)],
+                                         stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node {self.name} exited ({self.proc.returncode}); "
+                                   f"see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/v1/health", timeout=2).status_code < self.ready_below:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"node {self.name} not ready within {timeout:g} s")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is closed; the image locks go with the process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)   # a stopped process dies as well
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (the drain, then the writer's last group committed), SIGKILL after 30 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from ..kit.command_line import EXIT_DECLINED, EXIT_DEVICE, EXIT_USAGE, emit, fail, json_option
+from ..kit.serving import node_options, serve_options
 from ..kit.serving import serve as serve_app
-from ..kit.serving import serve_options
 from ..terminal import purse as T
 from ..terminal.card_commands import (
     amount_option,
@@ -280,21 +280,28 @@ def _bank_text(bank: dict[str, Any], money: Callable[[int], str]) -> str:
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8084, show_default=True, type=click.IntRange(1, 65535))
+@node_options("HSM")
 @serve_options
 def serve_load(config_path: Path, hsm_specs: tuple[str, ...], db_url: str | None, host: str,
-               port: int, log_level: str, drain_seconds: float) -> None:
+               port: int, node: str | None, lease_seconds: str | None, log_level: str,
+               drain_seconds: float) -> None:
     """The load server: load requests in, load commands (the HSM's S2) out, confirmations
-    sealed for the bank."""
+    sealed for the bank. As one of several nodes (--node, or node_name in the config) it
+    opens an HSM only while it leases it (docs/deploy-nodes.md)."""
     from ..kit.config import ConfigError
+    from ..kit.serving import node_settings
+    from ..terminal.reader_specs import node_readers
     from .config import load_config
     from .server.app import LoadServer
 
     try:
-        config = load_config(config_path, db_url)
+        config = node_settings(load_config(config_path, db_url), node, lease_seconds)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
     with handled():
-        server = LoadServer(config, [open_reader(spec) for spec in hsm_specs])
+        hsms = (node_readers(hsm_specs, "--hsm") if config.node_name   # another node may
+                else [open_reader(spec) for spec in hsm_specs])        # hold one now
+        server = LoadServer(config, hsms)
     sys.exit(serve_app(server.app(), host=host, port=port, log_level=log_level,
                        drain=server.drain, drain_seconds=drain_seconds))
 

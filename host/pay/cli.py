@@ -12,8 +12,8 @@ import click
 
 from ...reader import Reader
 from ..kit.command_line import EXIT_DEVICE, EXIT_INPUT, EXIT_USAGE, emit, fail, json_option
+from ..kit.serving import node_options, serve_options
 from ..kit.serving import serve as serve_app
-from ..kit.serving import serve_options
 from ..terminal import purse as T
 from ..terminal.card_commands import card_option, handled, pin_option, purse_option, readers
 from ..terminal.online import (
@@ -178,13 +178,7 @@ def terminal_key_new(file: Path, terminal_id: str | None, as_json: bool) -> None
 @click.option("--db", "db_url", default=None, help="Database URL (overrides the config).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--node", "node", default=None, metavar="NAME",
-              help="Run as one of several nodes on one (PostgreSQL) database: give every node "
-                   "the same --psam list; a node opens a PSAM only while it holds its lease "
-                   "(overrides node_name in the config; docs/deploy-nodes.md).")
-@click.option("--lease-seconds", "lease_seconds", default=None, metavar="S",
-              help="A node's PSAM lease: a dead node's PSAMs are taken over after this "
-                   "(1-3600; default: lease_seconds in the config, else 10).")
+@node_options("PSAM")
 @serve_options
 def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | None,
                   host: str, port: int, node: str | None, lease_seconds: str | None,
@@ -192,21 +186,22 @@ def serve_payment(config_path: Path, psam_specs: tuple[str, ...], db_url: str | 
     """The payment server: draw requests in, debit commands out, a pool of PSAMs."""
     from ..kit.config import ConfigError
     from ..kit.reader_pool import PoolError
-    from .config import node_options, payment_config
+    from ..kit.serving import node_settings
+    from .config import payment_config
     from .server.app import PaymentServer
 
     try:
-        config = node_options(payment_config(config_path, db_url), node, lease_seconds)
+        config = node_settings(payment_config(config_path, db_url), node, lease_seconds)
     except ConfigError as exc:
         fail(str(exc), EXIT_DEVICE)
-    from .nodes import node_readers
+    from ..terminal.reader_specs import node_readers
     from .server.app import merchant_terminals
     from .server.psam_pool import check_psams
 
     with handled():
         psams: list[Reader]
         if config.node_name:   # opened only while leased: another node may hold one now
-            psams = node_readers(psam_specs)
+            psams = node_readers(psam_specs, "--psam")
         else:
             # one line naming both readers (exit 3) for PSAMs that share a serial or differ
             # in terminal id, before the server starts (PoolError: the root maps it)

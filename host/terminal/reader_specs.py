@@ -11,15 +11,20 @@
   answer 9000 stops the connect (exit 10, naming its index and header), a malformed spec or
   script is a ReaderSpecError (exit 3, naming the file and line);
 * ``delayed:MS:SPEC``: SPEC with MS milliseconds added to every APDU (a slow physical card).
+
+A server node (docs/deploy-nodes.md) names every module of its deployment and opens one only
+while it leases it: :func:`node_readers` checks the specs without opening any and gives
+:class:`OnDemandReader` objects, each with its lease slot (:func:`slot_name`: never a key).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from ...card.image import open_card
 from ...protocols.apdu import APDUFormatError, parse_command
-from ...reader import Reader, ReaderError, VirtualReader
+from ...reader import CardConnectionError, Reader, ReaderError, VirtualReader
 from ...reader.delayed import DelayedReader
 from ...reader.jcardsim import JCardSimError, JCardSimReader
 from ...reader.pcsc import PcscReader
@@ -134,3 +139,72 @@ def read_apdu_script(path: Path) -> list[bytes]:
     if not apdus:
         raise ReaderSpecError(f"{path}: the personalisation script holds no APDU")
     return apdus
+
+
+class OnDemandReader(Reader):
+    """The reader a spec names, opened at :meth:`connect` and closed at :meth:`disconnect`: a
+    node holds a module's image (and its file lock) only while it leases the module."""
+
+    def __init__(self, spec: str, lock_timeout: float = 0.5) -> None:
+        self.name = slot_name(spec)   # the lease's slot: in the database and the logs
+        self._spec = spec
+        self.lock_timeout = lock_timeout
+        self._inner: Reader | None = None
+
+    def connect(self) -> bytes:
+        if self._inner is None:   # a paused former holder keeps the lock: give up soon
+            self._inner = open_reader(self._spec, lock_timeout=self.lock_timeout)
+        return self._inner.connect()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        if self._inner is None:
+            raise CardConnectionError(f"{self.name}: not connected (this node holds no lease)")
+        return self._inner.transmit(apdu)
+
+    def disconnect(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.disconnect()
+
+
+SLOT_MAX = 300   # the lease tables' slot column
+
+
+def slot_name(spec: str) -> str:
+    """A module's lease slot: its spec as it may be printed (a ``jcardsim:`` spec's PARAMS_HEX
+    may carry keys: left out, and a digest of the whole spec added so two such specs differ)."""
+    head, rest = "", spec
+    while rest.startswith("delayed:"):   # delayed:MS:SPEC
+        ms, _, rest = rest.removeprefix("delayed:").partition(":")
+        head += f"delayed:{ms}:"
+    shown = head + shown_spec(rest)
+    if shown == spec:
+        return spec
+    return f"{shown}#{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+
+
+def node_readers(specs: list[str] | tuple[str, ...], option: str = "--psam") -> list[Reader]:
+    """A node's modules (``svcard serve payment --node``: ``--psam``; ``svcard serve load
+    --node``: ``--hsm``) as :class:`OnDemandReader` objects, checked without opening any (another
+    node may hold one now): a spec svcard cannot read, one named twice, too long for the lease
+    table's slot, or a virtual image that is not there is a :class:`ReaderSpecError` naming
+    ``option`` (the command line: one line, exit 3)."""
+    seen: set[str] = set()
+    for spec in specs:
+        shown = shown_spec(spec)
+        scheme, sep, rest = spec.partition(":")
+        while scheme == "delayed" and sep:   # delayed:MS:SPEC wraps another spec
+            _, sep, rest = rest.partition(":")
+            scheme, sep, rest = rest.partition(":")
+        if not sep or not rest or scheme not in SCHEMES:
+            raise ReaderSpecError(f"{option} {shown!r}: not SCHEME:TARGET with a scheme of "
+                                  f"{', '.join(s + ':' for s in SCHEMES)}")
+        if len(slot_name(spec)) > SLOT_MAX:
+            raise ReaderSpecError(f"{option} {shown[:60]!r}...: longer than {SLOT_MAX} "
+                                  "characters")
+        if spec in seen:
+            raise ReaderSpecError(f"{option} {shown!r} is named twice")
+        seen.add(spec)
+        if scheme == "virtual" and not Path(rest).is_file():
+            raise ReaderSpecError(f"{option} {shown!r}: no image at {rest}")
+    return [OnDemandReader(spec) for spec in specs]

@@ -50,7 +50,7 @@ from ...kit.http import (
 )
 from ...kit.reader_pool import Pooled
 from ...kit.request_log import RequestLog
-from ...kit.serving import Drain
+from ...kit.serving import Drain, drain_writer
 from ...terminal import apdus
 from ...terminal.purse import call
 from . import probe, request, result
@@ -161,6 +161,7 @@ class LoadServer:
                 if self.leases is not None:
                     await self.leases.stop()
                 await asyncio.to_thread(self.hsms.close)
+                await drain_writer(self.sql)   # the last group committed, not rolled back
 
         return Starlette(routes=[
             Route("/v1/load/request", self.load_request, methods=["POST"]),

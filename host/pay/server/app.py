@@ -72,6 +72,7 @@ from ...kit.http import (
 )
 from ...kit.reader_pool import PoolError
 from ...kit.request_log import RequestLog
+from ...kit.serving import drain_writer
 from ...terminal import apdus
 from ...terminal.purse import call
 from .batches import hand_over_batches
@@ -218,6 +219,7 @@ class PaymentServer:
                 if self.leases is not None:
                     await self.leases.stop()
                 await asyncio.to_thread(self.pool.close)
+                await drain_writer(self.sql)   # the last group committed, not rolled back
 
         return Starlette(routes=[
             Route("/v1/draw", self.draw, methods=["POST"]),

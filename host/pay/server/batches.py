@@ -8,8 +8,8 @@ as its transaction ends and held until every batch is closed.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
+import hashlib
 import hmac
 import json
 from pathlib import Path
@@ -140,7 +140,7 @@ def _write_batch(server: PaymentServer, psam: PooledPsam, batch: dict[str, Any])
 
 def _write_late_proofs(server: PaymentServer) -> list[str]:
     """CL4: the TACs of payments confirmed after their PSAM record went to clearing without
-    one, one file per PSAM (``proofs-{terminal}-{psam}-{UTC stamp}.json``)."""
+    one, one file per PSAM (``proofs-{terminal}-{psam}-{digest of the file}.json``)."""
     rows = server.db.late_proofs()
     if server.leases is not None:   # a node hands the late proofs of the PSAMs it leases
         held = {p.psam_id.hex() for p in server.pool.psams}
@@ -156,14 +156,17 @@ def _write_late_proofs(server: PaymentServer) -> list[str]:
     out = []
     for psam_hex, items in sorted(by_psam.items()):
         terminal = terminals.get(psam_hex, server.pool.terminal_id.hex().upper())
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S%f")
-        path = folder / f"proofs-{terminal}-{psam_hex.upper()}-{stamp}.json"
         doc = {"format": "svcard late proofs v1", "terminal_id": terminal,
                "psam_id": psam_hex.upper(),
                "proofs": [{"batch_number": int(r["batch_number"]),
                            "terminal_txn_number": int(r["ttn"]),
                            "tac": str(r["tac"]).upper()} for r in items]}
-        write_atomically(path, json.dumps(doc, indent=1).encode())
+        data = json.dumps(doc, indent=1).encode()
+        # named by its content: the step run again (its group failed after the file was
+        # written, the rows not marked) rewrites the same file instead of adding a copy
+        name = hashlib.sha256(data).hexdigest()[:20].upper()
+        path = folder / f"proofs-{terminal}-{psam_hex.upper()}-{name}.json"
+        write_atomically(path, data)
         server.db.mark_proofs_handed([int(r["id"]) for r in items])
         out.append(str(path))
     return out
