@@ -304,6 +304,19 @@ def first_row_none(stack: GoodsStack, order: str) -> bool:
     return first_row(stack.engine("bank"), D.bank_payments, order_ref=order) is None
 
 
+def test_an_order_opens_at_most_eight_purchases(stack: GoodsStack, http: httpx.Client,
+                                                card: tuple[Path, str]) -> None:
+    path, serial = card
+    device = stack.device()
+    first = first_for(stack, http, device)
+    with open_reader(f"virtual:{path}") as reader:
+        for _ in range(8):       # each a PSAM record: bounded per order
+            opened(stack, device, reader, first, serial)
+        with pytest.raises(DeviceError, match=r"429.*8 purchases"):
+            opened(stack, device, reader, first, serial)
+    assert sessions(stack, first.order) == 8
+
+
 # --- raced ----------------------------------------------------------------------------------
 def test_racing_debits_of_one_session_open_it_once(
         stack: GoodsStack, http: httpx.Client, card: tuple[Path, str]) -> None:

@@ -31,9 +31,16 @@ TABLES: dict[str, tuple[Any, ...]] = {
     "bank": (D.accounts, D.bank_payments),
     "fulfil": (D.goods,),
 }
+# read too when present (made by newer servers; a database without them is still that party's):
+# the purse-paid path's sessions (payment: card, counter, TAC of each committed composite
+# purchase) and goods (fulfil: ``capp`` -> ``written`` | ``expired``, never in goods_goods)
+PURSE_TABLES: dict[str, tuple[Any, ...]] = {
+    "payment": (D.purse_sessions,),
+    "fulfil": (D.purse_goods, D.capp_sessions),
+}
 LEFT_OUT = frozenset({"digital_order", "merchant_signature", "confirmation",
                       "confirmation_signature", "answer", "first_message", "first_signature",
-                      "pin_hash", "public_key"})
+                      "pin_hash", "public_key", "expected_mac2"})
 
 
 def _role(engine: Engine, url: str) -> str:
@@ -79,7 +86,10 @@ def role_of(url: str) -> str:
 def books(url: str) -> tuple[str, dict[str, list[dict[str, Any]]]]:
     """(the party, its tables' rows by table name), in one read-only session."""
     def read(engine: Engine, role: str) -> tuple[str, dict[str, list[dict[str, Any]]]]:
-        return role, {t.name: _rows(engine, t) for t in TABLES[role]}
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            extra = [t for t in PURSE_TABLES.get(role, ()) if inspector.has_table(t.name)]
+        return role, {t.name: _rows(engine, t) for t in (*TABLES[role], *extra)}
     return _reading(url, read)
 
 

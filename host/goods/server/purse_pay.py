@@ -50,6 +50,7 @@ PROOF_FIELDS: dict[str, W.Checker] = {
     "device": W.DEVICE, "card": W.SERIAL, "counter": W.COUNTER, "mac2": W.MAC, "tac": W.MAC,
     "created": W.SECONDS}
 PSAM_WAIT = 5.0   # s a purchase waits for a free PSAM (then 503)
+MAX_SESSIONS = 8  # composite purchases opened for one order (each is a PSAM record)
 
 
 class PursePayment(PartyServer):
@@ -125,9 +126,12 @@ class PursePayment(PartyServer):
                 if row.state == D.DEBITING and row.card != card:
                     raise Refused(409, 409, "purse debit: the order is being paid with "
                                             "another card")
-                counters = {c for (c,) in conn.execute(
-                    select(s.c.counter).where(s.c.order_ref == order)).all()}
-                if counters - {counter}:
+                counters = [c for (c,) in conn.execute(
+                    select(s.c.counter).where(s.c.order_ref == order)).all()]
+                if len(counters) >= MAX_SESSIONS:
+                    raise Refused(429, 429, f"purse debit: {MAX_SESSIONS} purchases were "
+                                            "opened for this order already")
+                if set(counters) - {counter}:
                     raise Refused(409, 409, "purse debit: the card's counter moved since this "
                                             "order's purchase began; the card's next contact "
                                             "settles that purchase first")
