@@ -37,6 +37,7 @@ from .signing import (
     read_private_key,
     write_private_key,
 )
+from .trust import commands as trust_commands
 
 state_option = click.option("--state", "state", required=True, type=click.Path(path_type=Path),
                             help="The session file (written by open, read by buy and close).")
@@ -172,6 +173,7 @@ def _summary(s: C.Session) -> dict[str, object]:
 
 session.add_command(keygen_cmd)
 session.add_command(customer_cmd)
+trust_commands.register(session)     # FIG. 4: product, dispute-verify
 
 
 @session.command("open")

@@ -42,6 +42,7 @@ from .. import signing as S
 from ..config import AcquirerConfig
 from ..money import Amount, MoneyError, conversion_postings, convert
 from ..trust import certs
+from ..trust.party import TrustedParty
 from .closer import Closer
 from .common import authenticated, refused, signed_json, verified_answer
 
@@ -135,6 +136,7 @@ class Acquirer:
         self.sql = SqlRunner(config.db_url)
         self.http: httpx.AsyncClient | None = None   # the lifespan's, reused
         self.closer = Closer(self)
+        self.party = TrustedParty(self)      # FIG. 4: K2 held, released once
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -318,6 +320,9 @@ class Acquirer:
             Route("/v1/initiations/lookup", self.lookup, methods=["POST"]),
             Route("/v1/records", self.closer.merchant_record, methods=["POST"]),
             Route("/v1/records/customer", self.closer.customer_record, methods=["POST"]),
+            Route("/v1/party-key", self.party.key, methods=["GET"]),
+            Route("/v1/deliveries", self.party.lodge, methods=["POST"]),
+            Route("/v1/deliveries/release", self.party.release, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-acquirer"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,

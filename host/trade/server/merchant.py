@@ -42,6 +42,7 @@ from .. import signing as S
 from ..config import MerchantConfig
 from ..payword import Commitment, PaywordError, Verifier
 from ..trust import certs
+from ..trust.shop import Shop
 from .common import authenticated, refused, same_pseudonym, signed_json
 from .merchant_close import MerchantCloser
 
@@ -148,6 +149,7 @@ class MerchantAgent:
         self.engine = D.ma_engine(config.db_url)
         self.sql = SqlRunner(config.db_url)
         self.closer = MerchantCloser(self)
+        self.shop = Shop(self)          # FIG. 4: digital products delivered under K2
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -311,6 +313,10 @@ class MerchantAgent:
             Route("/v1/sessions/{session}/purchases", self.purchase, methods=["POST"]),
             Route("/v1/sessions/{session}/terminate", self.terminate, methods=["POST"]),
             Route("/v1/sessions/{session}/end", self.closer.end_request, methods=["POST"]),
+            Route("/v1/sessions/{session}/purchases/{index}/offer", self.shop.offer,
+                  methods=["GET"]),
+            Route("/v1/sessions/{session}/purchases/{index}/accept", self.shop.accept,
+                  methods=["POST"]),
             Route("/v1/sessions/{session}", self.status, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-merchant"),

@@ -200,6 +200,35 @@ def _acceptance(raw: bytes | dict[str, Any], customer_public: bytes) -> dict[str
     return dict(body)
 
 
+def signed_order(order_body: bytes, signature: str) -> bytes:
+    """How a delivery names the customer's ``sign(order)^c``: its canonical text, a dot, the
+    signature (the description holds the SHA-256 of these bytes)."""
+    return order_body + b"." + signature.encode()
+
+
+def check_description(raw: bytes, signature: str, merchant_public: bytes) -> dict[str, Any]:
+    return _description(raw, signature, merchant_public)
+
+
+def check_acceptance(raw: bytes, customer_public: bytes) -> dict[str, Any]:
+    """An acceptance's body, once it is canonical and signed by ``customer_public``."""
+    return _acceptance(raw, customer_public)
+
+
+def lodged_key(private: bytes, sealed: bytes, description: bytes) -> bytes:
+    """The trusted party: K2 out of a merchant's sealing, checked against its commitment."""
+    k2 = _unseal(private, sealed, K2_TO_PARTY + description)
+    if commitment(k2) != json.loads(description)["key"]:
+        raise DeliveryError("sealed key: not the key the description commits to")
+    return k2
+
+
+def key_for_customer(k2: bytes, acceptance: bytes) -> bytes:
+    """The trusted party: K2 sealed to the K1 the (checked) acceptance names."""
+    return _seal(bytes.fromhex(json.loads(acceptance)["acceptance"]["k1"]), k2,
+                 K2_TO_CUSTOMER + acceptance)
+
+
 @dataclass
 class _Lodged:
     description: bytes
