@@ -33,6 +33,7 @@ from loadgen import (
     Measured,
     Placement,
     fsync_method,
+    http_parser,
     journal_folder,
     measure,
     run_cards,
@@ -126,7 +127,8 @@ def main() -> int:
     per = max(1, clients // procs)
     print(f"  {placement.note}; {procs * per} cards in {procs} generator process(es), "
           f"in-memory cards, client journals in tmpfs, never fsynced; "
-          f"load average before: {load_average:.1f} on {os.cpu_count()} CPUs")
+          f"load average before: {load_average:.1f} on {os.cpu_count()} CPUs; servers' "
+          f"HTTP parser: {http_parser()}")
     print(f"  {summary['done']:.0f} loads in {m.wall:.1f} s, {summary['refused']:.0f} refused, "
           f"{m.busy} busy answers waited out")
     print(f"  loads/s {rate:.1f} (target >= 200: {'met' if rate >= 200 else 'NOT met'}); "

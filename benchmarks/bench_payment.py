@@ -37,6 +37,7 @@ from loadgen import (
     Measured,
     Placement,
     fsync_method,
+    http_parser,
     journal_folder,
     measure,
     run_cards,
@@ -156,7 +157,8 @@ def main() -> int:
     print(f"  {placement.note}; {clients} cards in {procs} generator process(es), in-memory "
           f"cards, client journals in tmpfs, never fsynced; load average before: "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; fsyncs counted by "
-          f"{method or 'nothing (neither perf nor strace here)'}", flush=True)
+          f"{method or 'nothing (neither perf nor strace here)'}; servers' HTTP parser: "
+          f"{http_parser()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for psams in pools:
