@@ -52,6 +52,7 @@ ENVELOPE: dict[str, Any] = {"account_manager": M.IDENT, "session": M.SESSION,
                             "record": lambda v: isinstance(v, str) and len(v) <= K.MAX_RECORD,
                             "signature": M.SIGNATURE}
 RECEIPT: dict[str, Any] = {"party": M.IDENT, "session": M.SESSION, "clearing": M.DIGEST}
+TICK_IN_FLIGHT = 64     # sessions the clock works on at once
 
 
 def store_record(engine: Engine, session: str, side: str, signer: str, body: str,
@@ -329,25 +330,40 @@ class Closer:
                                  self.a.now_ms())
 
     async def tick(self) -> dict[str, int]:
-        """One round of the clock (see the module docstring); counts of what it did."""
+        """One round of the clock (see the module docstring); counts of what it did. The
+        sessions due are worked on together (at most :data:`TICK_IN_FLIGHT` at once): each
+        clearing is still its own step, and the writer's group commit lets their steps
+        share one commit (one fsync) instead of one each."""
         now = self.a.now_ms()
         done = {"cleared": 0, "delivered": 0}
-        for row in await self.a.sql(due, self.a.engine, now, self.a.config.grace_ms):
-            if row["kind"] == "close":
-                reason = "timeout" if row["expires"] <= now else "terminated"
-                force = row["expires"] + self.a.config.grace_ms <= now
-                if not force and reason != "timeout":   # early only with the merchant's
-                    # record: without its evidence the clearing would pay the merchant 0
-                    force = await self.a.sql(first_row, self.a.engine, D.acq_records,
-                                             session=row["session"], side="merchant") is not None
-                cl = await self.close(row, reason, force=force)
-                if cl is not None:
-                    done["cleared"] += 1
-                    await self.deliver(cl)
-            else:
-                await self.deliver(row)
-                done["delivered"] += 1
+        gate = asyncio.Semaphore(TICK_IN_FLIGHT)
+
+        async def one(row: dict[str, Any]) -> None:
+            async with gate:
+                await self._due(row, now, done)
+
+        rows = await self.a.sql(due, self.a.engine, now, self.a.config.grace_ms)
+        failed = [r for r in await asyncio.gather(*(one(row) for row in rows),
+                                                  return_exceptions=True) if r is not None]
+        if failed:      # the others went on; the clock logs the first
+            raise failed[0]
         return done
+
+    async def _due(self, row: dict[str, Any], now: int, done: dict[str, int]) -> None:
+        if row["kind"] == "close":
+            reason = "timeout" if row["expires"] <= now else "terminated"
+            force = row["expires"] + self.a.config.grace_ms <= now
+            if not force and reason != "timeout":   # early only with the merchant's
+                # record: without its evidence the clearing would pay the merchant 0
+                force = await self.a.sql(first_row, self.a.engine, D.acq_records,
+                                         session=row["session"], side="merchant") is not None
+            cl = await self.close(row, reason, force=force)
+            if cl is not None:
+                done["cleared"] += 1
+                await self.deliver(cl)
+        else:
+            await self.deliver(row)
+            done["delivered"] += 1
 
     async def clock(self) -> None:
         while True:
