@@ -94,6 +94,13 @@ def status(driver: Any, starts: str) -> str:
     return str(text)
 
 
+def settled(driver: Any) -> None:
+    """Wait until the wallet page has read the wallet (its status is no longer "Loading..."):
+    before that, whether the member is still logged in is not yet on the page."""
+    wait("the wallet page to load", lambda: by_id(driver, "status").get_attribute(
+        "data-state") != "loading")
+
+
 def click(driver: Any, element: str, fields: dict[str, str] | None = None) -> None:
     for name, value in (fields or {}).items():
         box = by_id(driver, name)
@@ -182,7 +189,7 @@ def test_card_details_filled_into_the_mall_form(browser: Any, stack: WalletStack
 
     web, name = stack.url("web"), f"filler-{via}"
     browser.get(f"{web}/wallet")
-    status(browser, "")
+    settled(browser)
     if by_id(browser, "wallet").is_displayed():
         click(browser, "logout")
         status(browser, "Logged out.")
@@ -251,7 +258,7 @@ def test_a_wrong_secret_and_a_foreign_page(browser: Any, stack: WalletStack,
 
     web = stack.url("web")
     browser.get(f"{web}/wallet")
-    status(browser, "")
+    settled(browser)
     if by_id(browser, "auth").is_displayed():
         click(browser, "register", {"reg-member": "walker2", "reg-password": "walk the walk"})
         status(browser, "Registered walker2")

@@ -13,9 +13,12 @@ from starlette.routing import Route
 KINDS = {"html": "text/html; charset=utf-8", "js": "text/javascript; charset=utf-8",
          "css": "text/css; charset=utf-8"}
 HEADERS = {
+    # connect-src: the page's own server, and the local card helper (svcard helper) on
+    # loopback, which a real card is loaded and pays through
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
                                "img-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
-                               "form-action 'self'",
+                               "form-action 'self'; "
+                               "connect-src 'self' http://127.0.0.1:* http://localhost:*",
     "X-Frame-Options": "DENY", "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
 }

@@ -58,6 +58,60 @@ async function api(method, path, body) {
   return {status: response.status, data};
 }
 
+// --- the local card helper (svcard helper): a real card is loaded and pays through it ---------
+function helper() {
+  return {url: ($("helper-url").value || "").replace(/\/+$/, ""), token: $("helper-token").value};
+}
+
+async function helperCall(method, path, body) {
+  const h = helper();
+  const options = {method, headers: {"Authorization": `Bearer ${h.token}`}};
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  try {
+    const response = await fetch(h.url + path, options);
+    let data = {};
+    try { data = await response.json(); } catch (e) { data = {reason: response.statusText}; }
+    return {status: response.status, data};
+  } catch (e) {
+    return {status: 0, data: {reason: "the card helper could not be reached (is svcard helper running?)"}};
+  }
+}
+
+async function helperJob(path, body) {
+  // start a job at the helper and poll it to its end (at most two minutes)
+  const started = await helperCall("POST", path, body);
+  if (started.status !== 202) return {state: "refused", message: started.data.reason};
+  const deadline = Date.now() + 120000;
+  while (Date.now() < deadline) {
+    const r = await helperCall("GET", started.data.poll);
+    if (r.status !== 200) return {state: "failed", message: r.data.reason};
+    say("busy", `Card helper: ${r.data.message}`);
+    if (["paid", "pending", "refused", "failed", "loaded"].includes(r.data.state)) return r.data;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  return {state: "failed", message: "the card helper did not finish in time"};
+}
+
+async function pair() {
+  sessionStorage.setItem("svcard-helper", JSON.stringify(helper()));
+  const r = await helperCall("GET", "/v1/hello");
+  if (r.status === 200) say("done", "Paired with the card helper.");
+  else say("error", `Not paired: ${r.data.reason}`);
+}
+
+async function loadCard(order) {
+  say("busy", "Loading the real card through the card helper...");
+  const view = await helperJob("/v1/load", {bank_url: `${window.location.origin}/purse/bank`,
+                                            account: order.account, secret: order.secret,
+                                            amount: order.amount});
+  await refresh();
+  if (view.state === "loaded") say("done", `Loaded ${money(view.amount, order.currency || 156)} onto the card.`);
+  else say("error", `Not loaded: ${view.message}`);
+}
+
 function readFragment() {
   const hash = window.location.hash;
   if (!hash.startsWith("#purchase=")) return null;
@@ -120,7 +174,7 @@ async function refresh() {
     tr.lastChild.className = "balance";
     body.appendChild(tr);
     option($("charge-card"), card.number, `${card.number} (${card.kind})`);
-    if (card.kind === "virtual") option($("pay-card"), card.number, `${card.number} - ${money(card.balance, card.currency)}`);
+    option($("pay-card"), card.number, `${card.number} (${card.kind}) - ${money(card.balance, card.currency)}`);
   }
   const sources = $("sources");
   sources.replaceChildren();
@@ -133,6 +187,20 @@ async function refresh() {
       sources.appendChild(li);
       option($("charge-source"), `${kind}:${number}`, `${label} ${number}`);
     }
+  }
+  const loads = $("loads");
+  loads.replaceChildren();
+  for (const order of r.data.loads || []) {
+    const li = document.createElement("li");
+    li.dataset.account = order.account;
+    li.textContent = `${money(order.amount, order.currency)} for card ${order.card} (${order.state}) `;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = "Load onto the card";
+    button.className = "load";
+    button.addEventListener("click", () => loadCard(order));
+    li.appendChild(button);
+    loads.appendChild(li);
   }
   $("pay-form").hidden = !incoming;
   return true;
@@ -204,6 +272,7 @@ async function charge() {
   if (r.status !== 0 && r.status < 500) chargeRef = null;   // answered: the next is new
   if (r.status !== 200) { say("error", `Not charged: ${r.data.reason}`); await refresh(); return; }
   await refresh();
+  if (r.data.load) { await loadCard({...r.data.load, currency}); return; }
   say("done", `Charged ${money(amount, currency)}: the balance is ${money(r.data.balance, currency)}.`);
 }
 
@@ -214,6 +283,12 @@ async function pay() {
                                                   purchase: incoming.purchase,
                                                   return_url: incoming.return_url});
   if (r.status !== 200) { say("error", `Not sent: ${r.data.reason}`); return; }
+  if (r.data.checkout) {
+    // a real card: its purse pays first, through the card helper (seed 002's payment)
+    say("busy", "The real card pays through the card helper...");
+    const view = await helperJob("/v1/pay", {checkout_url: `${window.location.origin}/purse/checkout/${r.data.checkout}`});
+    if (view.state !== "paid") { say("error", `The card did not pay: ${view.message}`); return; }
+  }
   say("paid", "Card chosen: back to the mall, which asks for the approval.");
   window.location.assign(r.data.return_url);
 }
@@ -248,6 +323,11 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("charge").addEventListener("click", charge);
   $("pay").addEventListener("click", pay);
   $("fill").addEventListener("click", fill);
+  $("pair").addEventListener("click", pair);
+  try {
+    const kept = JSON.parse(sessionStorage.getItem("svcard-helper") || "null");
+    if (kept) { $("helper-url").value = kept.url; $("helper-token").value = kept.token; }
+  } catch (e) { /* none kept */ }
   const inside = await refresh();
   say("ready", inside ? "Your wallet." : "Register or log in.");
 });
