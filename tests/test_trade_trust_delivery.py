@@ -154,6 +154,9 @@ def test_acceptances_forged_replayed_or_aimed_elsewhere(stack: TradeStack,
     C.buy(http, s, "song", 1)
     C.buy(http, s, "film", 1)
     C.buy(http, other, "song", 1)
+    # reordered: an acceptance before any offer was made for the purchase
+    early = {"acceptance": {}, "sig": "00" * 64}
+    assert http.post(accept_url(s, 1), content=S.canonical(early)).status_code == 404
     offer, _ = offer_of(http, s, 1)
     film, _ = offer_of(http, s, 2)
     theirs, _ = offer_of(http, other, 1)
@@ -175,6 +178,9 @@ def test_acceptances_forged_replayed_or_aimed_elsewhere(stack: TradeStack,
     # too old
     assert http.post(accept_url(s, 1), content=V.accept(s.session_key, offer, k1_pub,
                                                         now - 400)).status_code == 401
+    # truncated, or not JSON at all
+    assert http.post(accept_url(s, 1), content=honest[:-20]).status_code == 401
+    assert http.post(accept_url(s, 1), content=b"\x00" * 10).status_code == 401
     # altered after signing
     body = json.loads(honest)
     body["acceptance"]["k1"] = "00" * 32
