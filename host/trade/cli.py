@@ -30,13 +30,7 @@ from . import customer as C
 from . import messages as M
 from .config import AccountManagerConfig, AcquirerConfig, MerchantAccountConfig, server_config
 from .money import Amount, ExchangeTable, MoneyError, price_in, table_payload
-from .signing import (
-    SigningError,
-    new_key,
-    public_from_hex,
-    read_private_key,
-    write_private_key,
-)
+from .signing import SigningError, new_key, public_from_hex, read_private_key, write_private_key
 from .trust import commands as trust_commands
 
 state_option = click.option("--state", "state", required=True, type=click.Path(path_type=Path),
