@@ -221,3 +221,19 @@ def test_the_demo_mall_signs_its_orders(stack: WalletStack) -> None:
     finally:
         mall.close()
         b.close()
+
+
+def test_the_demo_pays_a_mall_signed_order(tmp_path: Any) -> None:
+    """``svcard demo``'s wallet part: registered, issued, charged, paid at the mall in
+    embodiment 1, and the statement lists the charge and the debit, to the cent."""
+    from svcard.host.demo.wallet_story import run_wallet
+
+    lines, data = run_wallet(tmp_path / "wallet", charge=50_00)
+    assert data["anonymous"] and data["amount"] == 2_100
+    assert data["balance"] == 50_00 - 2_100
+    moves = [(t["kind"], t["amount"]) for t in data["statement"]["transactions"]]
+    assert moves == [("account", 50_00), ("debit", -2_100)]
+    card = data["statement"]["cards"][data["card"]]
+    assert (card["opening"], card["closing"]) == (0, data["balance"])
+    assert any("embodiment 1" in line and "approved" in line for line in lines)
+    assert sum("statement" in line for line in lines) == 2

@@ -5,7 +5,8 @@ secure messaging through the five goods servers, listed and audited (seed 000); 
 the network (bank, load server, payment server, merchant), loyalty points earned and spent on
 the card's programme and audited in points (seed 002 FIG. 16), the service provider paying for
 a customer without a card (seed 001), cleared, and audited; and a trading session's
-micropayments, cleared (seed 004)."""
+micropayments, cleared (seed 004); and a wallet's anonymous virtual card issued, charged and
+paying at a mall, with its daily statement (seed 003)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .points_story import run_points
 from .sp_story import run_sp
 from .system import card_image, start_system
 from .trade_story import run_trade
+from .wallet_story import run_wallet
 
 DEMO_LOAD_TERMINAL = bytes.fromhex("000000000099")
 
@@ -91,11 +93,13 @@ def _run(folder: Path, load_amount: int, purchase_amount: int) -> Story:
     network = _network(folder, lines, money, load_amount)
     trade_lines, trade = run_trade(folder / "trade")
     lines += trade_lines
+    wallet_lines, wallet = run_wallet(folder / "wallet")
+    lines += wallet_lines
     return Story("\n".join(lines), {
         "folder": str(folder), "load": loaded.to_json(), "purchase": bought.to_json(),
         "balance": balance, "log": [e.__dict__ for e in log], "goods": goods,
         "goods_network": goods_network,
-        "network": network, "trade": trade})
+        "network": network, "trade": trade, "wallet": wallet})
 
 
 def _network(folder: Path, lines: list[str], money: Callable[[int], str],
