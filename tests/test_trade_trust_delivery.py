@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from svcard.host.cli.main import main as svcard_main
 from svcard.host.kit.db import first_row
@@ -145,6 +145,22 @@ def test_the_product_command(stack: TradeStack, http: httpx.Client, tmp_path: Pa
     r = CliRunner().invoke(svcard_main, ["session", "product", "--state", str(state),
                                          "--out", str(out)])
     assert r.exit_code == 3 and "exists" in r.output
+    # a product damaged after the merchant signed its description: refused before accepting
+    C.buy(http, s, "film", 1)
+    C.save(state, s)
+    offer_of(http, s, 2)
+    engine = stack.merchants["shop"].engine
+    with engine.begin() as conn:
+        conn.execute(update(D.ma_offers).where(D.ma_offers.c.link_index == 2).values(
+            ciphertext=b"\x00" + FILM))
+    r = CliRunner().invoke(svcard_main, ["session", "product", "--state", str(state),
+                                         "--out", str(tmp_path / "film2.out")])
+    assert r.exit_code == 1 and "ciphertext is not the one described" in r.output
+    assert not (tmp_path / "film2.out").exists()
+    rows = [r for r in (first_row(stack.acquirer.engine, D.acq_deliveries, session=s.session,
+                                  order_digest=json.loads(offer_of(http, s, 2)[0].description)
+                                  ["order"]),) if r is not None]
+    assert rows and rows[0]["accepted"] is None           # no key released for it
 
 
 def test_acceptances_forged_replayed_or_aimed_elsewhere(stack: TradeStack,
