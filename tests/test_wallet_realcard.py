@@ -159,9 +159,15 @@ def choose(world: World, h: Holder, p: dict[str, Any]) -> httpx.Response:
         "return_url": f"{world.wallet.url('mall')}/shop/?order={p['order']}"})
 
 
-def pay_purse(world: World, h: Holder, checkout: str) -> dict[str, Any]:
+def pay_purse(world: World, h: Holder, checkout: str,
+              card: str | None = None) -> dict[str, Any]:
+    """The page has the helper pay the purchase's checkout; ``card``: the card it names
+    (the one its member chose; None: no card named, as a plain client)."""
     web = world.wallet.url("web")
-    return h.run("/v1/pay", {"checkout_url": f"{web}/purse/checkout/{checkout}"}, web)
+    body: dict[str, Any] = {"checkout_url": f"{web}/purse/checkout/{checkout}"}
+    if card is not None:
+        body["card_serial"] = "0000" + card
+    return h.run("/v1/pay", body, web)
 
 
 def approve(world: World, p: dict[str, Any]) -> tuple[int, Any]:
@@ -297,7 +303,7 @@ def test_a_real_card_pays_a_mall_by_its_purse(world: World) -> None:
         # no purse payment yet: the mall's approval request approves nothing
         status, answer = approve(world, p)
         assert status == 409 and "purse has not paid" in answer["reason"], answer
-        view = pay_purse(world, h, checkout)
+        view = pay_purse(world, h, checkout, h.card)
         assert view["state"] == "paid", view
         assert h.purse_balance() == 5_000 - 1_250
         status, answer = approve(world, p)
@@ -329,7 +335,11 @@ def test_purse_evidence_attacks(world: World) -> None:
             assert r.status_code == 403
             # without the client header (a page's form or image): no order either
             assert http.post(f"{web}/purse/checkout/{cp}").status_code == 403
-        # another member's card paying h's purchase: its debit is refused by the gateway
+        # the page names the chosen card: a helper holding another card pays nothing
+        view = pay_purse(world, other, cp, h.card)
+        assert view["state"] == "refused" and "not the card chosen" in view["message"], view
+        assert other.purse_balance() == 5_000
+        # a client naming no card pays with another card: the gateway refuses its evidence
         view = pay_purse(world, other, cp)
         assert view["state"] in ("pending", "refused"), view
         status, _ = approve(world, p)

@@ -15,8 +15,8 @@ gets 403 with no CORS header, and nothing runs. The CORS answers for allowed ori
 Starlette's ``CORSMiddleware``, with an exact list and no wildcard. Last, every endpoint needs the
 pairing token (``Authorization: Bearer TOKEN``, else 401). A page may pay only its own shop: the
 checkout URL's origin must be the page's ``Origin``, or, for a request without one (a
-command-line client), one of the allowed origins. Bodies are bounded: 4 KiB of JSON, exactly one
-field.
+command-line client), one of the allowed origins. Bodies are bounded: 4 KiB of JSON, the named
+fields only.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class PayRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     checkout_url: str = Field(min_length=1, max_length=MAX_URL)
+    # optional: pay only if the card in the reader is this one (its purse application serial,
+    # 10 bytes of hex); a wallet page names the card its member chose
+    card_serial: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{20}$")
 
 
 class LoadRequest(BaseModel):
@@ -167,7 +170,7 @@ class CardHelper:
                                            f"and this helper pays only {shops}"})
         if self.stopping:
             return _answer(503, {"reason": "the card helper is stopping"}, {"Retry-After": "5"})
-        job = self.payments.start(body.checkout_url)
+        job = self.payments.start(body.checkout_url, card_serial=body.card_serial)
         if job is None:
             return _answer(409, {"reason": "the card is busy with another payment: try again "
                                            "when it is finished"}, {"Retry-After": "2"})

@@ -40,7 +40,13 @@ from ..terminal.online import (
     past_card_step,
     retrying_transport,
 )
-from ..terminal.purse import Declined, TerminalCheckFailed, TerminalError, format_amount
+from ..terminal.purse import (
+    Declined,
+    TerminalCheckFailed,
+    TerminalError,
+    format_amount,
+    select_purse,
+)
 from ..terminal.reader_specs import open_reader
 from .loads import run_load
 
@@ -79,6 +85,7 @@ class Job:
     message: str = "Starting the payment"
     result: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    card_serial: str | None = None    # pay only with this card (its purse serial, hex)
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "message": self.message, **self.result}
@@ -95,13 +102,14 @@ class Payments:
         self.idle = threading.Event()
         self.idle.set()
 
-    def start(self, checkout_url: str, load: dict[str, Any] | None = None) -> Job | None:
+    def start(self, checkout_url: str, load: dict[str, Any] | None = None,
+              card_serial: str | None = None) -> Job | None:
         """A new payment running in the background, or None while the card is busy.
         ``load``: a load from the bank at ``checkout_url`` instead (account, secret, amount)."""
         with self.lock:
             if self.running is not None:
                 return None
-            job = Job(secrets.token_hex(16), checkout_url)
+            job = Job(secrets.token_hex(16), checkout_url, card_serial=card_serial)
             self.running = job
             self.idle.clear()
             self.jobs[job.id] = job
@@ -217,6 +225,10 @@ class Payments:
                 self._set(job, "pin", "Enter the card's PIN at the card helper")
                 pin = card.pin()
             self._set(job, "paying", "Reading the card")
+            if job.card_serial is not None and \
+                    select_purse(reader, card.aid).app_serial.upper() != job.card_serial.upper():
+                raise TerminalCheckFailed("the card in the reader is not the card chosen for "
+                                          "this payment: put that card in")
             paying.set()
             try:
                 with reader.transaction():  # PC/SC: no other program between SELECT and DEBIT

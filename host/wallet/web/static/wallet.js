@@ -286,7 +286,8 @@ async function pay() {
   if (r.data.checkout) {
     // a real card: its purse pays first, through the card helper (seed 002's payment)
     say("busy", "The real card pays through the card helper...");
-    const view = await helperJob("/v1/pay", {checkout_url: `${window.location.origin}/purse/checkout/${r.data.checkout}`});
+    const view = await helperJob("/v1/pay", {checkout_url: `${window.location.origin}/purse/checkout/${r.data.checkout}`,
+                                             card_serial: `0000${$("pay-card").value}`});
     if (view.state !== "paid") { say("error", `The card did not pay: ${view.message}`); return; }
   }
   say("paid", "Card chosen: back to the mall, which asks for the approval.");
