@@ -1,13 +1,9 @@
-"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show|price|table``; the
-operator's ``svcard session keygen`` and ``svcard session customer``; and the three servers,
-``svcard serve trade-account-manager|trade-acquirer|trade-merchant``.
-
-``open`` sends the initiation to the customer's account manager, checks its signed answer
-(the deposit in both currencies and the exchange rate), gives the merchant the PayWord
-commitment and writes the session (its key and chain seed: mode 0600) to ``--state``;
-``buy`` pays the next link(s) with a signed order; ``close`` is the customer's terminate
-message and its record for the clearing; ``show`` prints the session without its secrets.
-A refusal exits 1, an unreachable server 11, a file that cannot be used 3.
+"""The customer agent's commands (seed 004): ``svcard session open|buy|close|show|price|table``
+(``open --purse``: a card pays the deposit; ``load-rest`` loads the rest back), the operator's
+``keygen`` and ``customer``, and ``svcard serve trade-*``. ``open`` writes the session (its key
+and chain seed, mode 0600) to ``--state``; ``buy`` pays the next link(s) with a signed order;
+``close`` is the terminate message and this side's record. A refusal exits 1, an unreachable
+server 11, a file that cannot be used 3.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ from . import customer as C
 from . import messages as M
 from .config import AccountManagerConfig, AcquirerConfig, MerchantAccountConfig, server_config
 from .money import Amount, ExchangeTable, MoneyError, price_in, table_payload
+from .server import purse_agent as PA
 from .signing import SigningError, new_key, public_from_hex, read_private_key, write_private_key
 from .trust import commands as trust_commands
 
@@ -168,6 +165,7 @@ def _summary(s: C.Session) -> dict[str, object]:
 session.add_command(keygen_cmd)
 session.add_command(customer_cmd)
 trust_commands.register(session)     # FIG. 4: product, dispute-verify
+PA.register(session)                 # point 7: load-rest
 
 
 @session.command("open")
@@ -186,11 +184,12 @@ trust_commands.register(session)     # FIG. 4: product, dispute-verify
               help="Minor units of the merchant's currency per link (default: the smallest).")
 @state_option
 @table_option
+@PA.purse_options
 @json_option
 def open_cmd(account_url: str, account_id: str, account_key: str, customer: str,
              key_file: Path, merchant: str, merchant_url: str, operator: str, deposit: str,
              currency: str, unit: int | None, state: Path, table_path: Path | None,
-             as_json: bool) -> None:
+             card_spec: str | None, journal: Path, resume: bool, as_json: bool) -> None:
     """Open a trading session through your account manager."""
     if state.exists():
         fail(f"{state}: exists; a session file is never overwritten", EXIT_INPUT)
@@ -204,9 +203,9 @@ def open_cmd(account_url: str, account_id: str, account_key: str, customer: str,
         _device_table(table_path, account_url, account_id, account_key)
     try:
         with httpx.Client(timeout=30) as http:
-            s = C.open_session(http, account_url.rstrip("/"), account_id, am_public, customer,
-                               private, merchant, merchant_url.rstrip("/"), operator, amount,
-                               unit=unit)
+            s = PA.open_any(http, card_spec, journal, resume, account_url.rstrip("/"),
+                            account_id, am_public, customer, private, merchant,
+                            merchant_url.rstrip("/"), operator, amount, unit)
     except C.TradeError as exc:
         fail(str(exc), EXIT_DECLINED)
     except httpx.HTTPError as exc:

@@ -45,6 +45,25 @@ class MerchantPeer(Peer):
 
 
 @dataclass
+class PurseSettings:
+    """The account manager's purse desk (issue 15 point 7): a merchant of a seed-002 payment
+    server (the card pays the deposit into its PSAM) and a bank of a load server (the rest
+    is loaded back onto the same card)."""
+
+    merchant_id: bytes                      # 8 bytes: its merchant id at the payment server
+    payment_key: bytes = field(repr=False)  # the key it shares with the payment server
+    payment_url: str = ""
+    payment_terminal: bytes = bytes(6)      # the payment server's PSAM terminal id
+    bank_id: bytes = bytes(8)               # its bank id at the load server
+    load_key: bytes = field(default=b"", repr=False)   # shared with the load server
+    load_url: str = ""
+    load_terminal: bytes = bytes(6)         # the load server's terminal id
+    currency: str = "CNY"                   # the cards' currency (ISO 4217 alphabetic)
+    currency_code: int = 156                # ... and numeric, as the card holds it
+    public_url: str = ""                    # where customers reach this account manager
+
+
+@dataclass
 class AccountManagerConfig:
     id: str
     private_key: bytes = field(repr=False)
@@ -55,6 +74,7 @@ class AccountManagerConfig:
     max_sessions: int = 10_000              # open sessions per customer (bounded)
     recover_seconds: float = 30.0           # how often undecided initiations are settled
     table: ExchangeTable | None = None      # the bank's table its customers' devices keep
+    purse: PurseSettings | None = None      # deposits paid by purse cards (point 7)
 
 
 @dataclass

@@ -64,6 +64,7 @@ class Session:
     orders: list[dict[str, Any]] = field(default_factory=list, repr=False)   # the list kept
     account_url: str = ""
     account_key: str = ""       # the account manager's public key (hex): its table, later
+    purse_order: str = ""       # a deposit paid by a purse card: its order (the rest's load)
     closing: dict[str, str] = field(default_factory=dict, repr=False)  # the record, once made
     _wallet: Wallet | None = field(default=None, repr=False, compare=False)   # not saved
 
@@ -221,10 +222,22 @@ def open_session(http: httpx.Client, account_url: str, account_id: str,
     if answer.status_code != 200:
         raise TradeError(f"the account manager refused the session (HTTP "
                          f"{answer.status_code}): {reason_of(answer)}")
-    if answer.headers.get(S.SIGNER) != account_id or not S.verify(
-            account_public, S.OPENED, answer.content, answer.headers.get(S.SIGNATURE)):
+    if answer.headers.get(S.SIGNER) != account_id:
         raise TradeError("the account manager's answer is not signed by it")
-    opened = json.loads(answer.content)
+    return opened_session(http, account_url, account_public, answer.content,
+                          answer.headers.get(S.SIGNATURE), merchant, merchant_url, deposit,
+                          session_key, unit)
+
+
+def opened_session(http: httpx.Client, account_url: str, account_public: bytes,
+                   content: bytes, signature: str | None, merchant: str, merchant_url: str,
+                   deposit: Amount, session_key: bytes, unit: int | None = None,
+                   purse_order: str = "") -> Session:
+    """The session the account manager's signed ``opened`` answer opened (checked), its
+    chain made and its commitment given to the merchant."""
+    if not S.verify(account_public, S.OPENED, content, signature):
+        raise TradeError("the account manager's answer is not signed by it")
+    opened = json.loads(content)
     if opened.get("merchant") != merchant or opened.get("deposit") != deposit.minor or \
             opened.get("currency") != deposit.code:
         raise TradeError("the account manager opened another session than asked")
@@ -245,7 +258,7 @@ def open_session(http: httpx.Client, account_url: str, account_id: str,
                 deposit.minor, deposit.code, value, opened["currency_merchant"],
                 opened["rate"], int(opened["expires"]), unit, length, 0, session_key,
                 wallet.seed, opened, account_url=account_url,
-                account_key=account_public.hex())
+                account_key=account_public.hex(), purse_order=purse_order)
     commit(http, s)
     return s
 

@@ -41,8 +41,9 @@ from .. import signing as S
 from ..config import AccountManagerConfig, Peer
 from ..money import table_payload
 from ..trust import certs
-from .billing import AccountClearing, export
+from .billing import AccountClearing, export, withdrawal_extra
 from .common import authenticated, refused, signed_json, verified_answer
+from .purse import PurseDesk
 
 log = logging.getLogger("svcard.trade")
 RECOVER_AFTER_MS = 120_000   # an initiation still undecided this long was interrupted
@@ -141,6 +142,7 @@ class AccountManager:
         self.sql = SqlRunner(config.db_url)
         self.http = http          # made in the lifespan when not given
         self.clearing = AccountClearing(self)
+        self.purse = PurseDesk(self)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -324,7 +326,7 @@ class AccountManager:
         if own_http:   # one client for the server's life: its connections are reused
             self.http = httpx.AsyncClient(timeout=30)
         await self.sql(export, self.engine, D.am_withdrawals, self.config.billing,
-                       "withdrawals")
+                       "withdrawals", withdrawal_extra)
         task = asyncio.create_task(self._clock())
         try:
             yield
@@ -362,6 +364,7 @@ class AccountManager:
             Route("/v1/sessions/{session}/record", self.clearing.record, methods=["POST"]),
             Route("/v1/sessions/{session}/clearing", self.clearing.show, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
+            *self.purse.routes(),
             openapi_route("trade-account-manager"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
             middleware=[Middleware(RequestLog, server="trade-account-manager")])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,16 +72,33 @@ def file_payload(kind: str, row: dict[str, Any]) -> dict[str, Any]:
             "clearing_signature": row["signature"]}
 
 
-def export(engine: Engine, table: Table, folder: Path, kind: str) -> int:
-    """Write every record whose file is missing (after a crash); how many were written."""
+def export(engine: Engine, table: Table, folder: Path, kind: str,
+           extra: Callable[[Engine, str], dict[str, Any]] | None = None) -> int:
+    """Write every record whose file is missing (after a crash); how many were written.
+    ``extra``: more of the record (a purse-funded session's payment and load)."""
     with reading(engine) as conn:
         rows = [dict(r._mapping) for r in conn.execute(select(table)).all()]
     written = 0
     for row in rows:
         if not (folder / kind / f"{row['session']}.json").exists():
-            write_file(folder, kind, row["session"], file_payload(kind, row))
+            more = extra(engine, row["session"]) if extra else {}
+            write_file(folder, kind, row["session"], {**file_payload(kind, row), **more})
             written += 1
     return written
+
+
+def withdrawal_extra(engine: Engine, session: str) -> dict[str, Any]:
+    """What the withdrawal record says of a purse-funded session: the card's payment of the
+    deposit and the load of the rest ({} for a session on credit)."""
+    row = first_row(engine, D.am_purse, session=session)
+    if row is None:
+        return {}
+    return {"funding": "purse",
+            "purse": {"order": row["order_id"], "amount": row["amount"],
+                      "currency": row["currency"], "card_serial": row["card_serial"],
+                      "card_counter": row["card_counter"], "tac": row["tac"]},
+            "load": {"amount": row["rest"], "state": row["load_state"],
+                     "txn": row["load_txn"]}}
 
 
 def take_withdrawal(engine: Engine, info: dict[str, Any], body: str, signature: str,
@@ -107,6 +125,11 @@ def take_withdrawal(engine: Engine, info: dict[str, Any], body: str, signature: 
                 raise Refused(409, 409, f"clearing: the session is {row.state}")
             conn.execute(update(D.am_customers).where(c.id == row.customer).values(
                 reserved=c.reserved - row.deposit, updated=now))
+            p = D.am_purse.c        # a purse-funded session: its rest is due to the card
+            conn.execute(update(D.am_purse).where(p.session == info["session"],
+                                                  p.load_state == "none").values(
+                rest=info["returned"], load_state="due" if info["returned"] else "none",
+                updated=now))
             values = {"session": info["session"], "customer": row.customer,
                       "deposit": row.deposit, "returned": info["returned"],
                       "amount": info["withdrawal"], "currency": row.currency,
@@ -167,6 +190,16 @@ class AccountClearing:
     def __init__(self, am: AccountManager) -> None:
         self.am = am
 
+    async def rewrite(self, session: str) -> None:
+        """(Re)write the session's withdrawal file from the database (a purse-funded
+        session's again when the rest is loaded)."""
+        am = self.am
+        row = await am.sql(first_row, am.engine, D.am_withdrawals, session=session)
+        if row is not None:
+            more = await am.sql(withdrawal_extra, am.engine, session)
+            write_file(am.config.billing, "withdrawals", session,
+                       {**file_payload("withdrawals", row), **more})
+
     def _acquirers(self) -> dict[str, bytes]:
         return {p.id: p.public_key for p in self.am.config.operators.values()}
 
@@ -182,10 +215,8 @@ class AccountClearing:
             operator = am.config.operators.get(held["operator"]) if held else None
             if operator is None or operator.id != info["acquirer"]:
                 raise Refused(403, 403, "clearing: not from this session's mediating agent")
-            row = await am.sql(take_withdrawal, am.engine, info, body, signature,
-                               am.now_ms())
-            write_file(am.config.billing, "withdrawals", info["session"],
-                       file_payload("withdrawals", row))
+            await am.sql(take_withdrawal, am.engine, info, body, signature, am.now_ms())
+            await self.rewrite(info["session"])
             return receipt(am.config.private_key, am.config.id, info["session"], body)
         except Refused as exc:
             return refused(exc)
