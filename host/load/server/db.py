@@ -125,14 +125,29 @@ class LoadDb:
         return first_row(self.engine, loads, bank_id=bank_id, txn_id=txn_id)
 
     def insert(self, values: dict[str, Any]) -> int:
+        _, row_id = self.get_or_insert(values, look=False)
+        assert row_id is not None
+        return row_id
+
+    def get_or_insert(self, values: dict[str, Any], insert_new: bool = True,
+                      look: bool = True) -> tuple[dict[str, Any] | None, int | None]:
+        """In one step: the row of ``values``' (bank, transaction) if there is one (``look``),
+        else (``insert_new``) ``values`` logged as a new row: (row, None), (None, its id), or
+        (None, None). A unique key that says no (a replayed S1) is a :class:`DuplicateError`."""
         stamp = now_ms()
         try:
             with step(self.engine) as conn:
+                if look:
+                    row = conn.execute(select(loads).where(
+                        loads.c.bank_id == values["bank_id"],
+                        loads.c.txn_id == values["txn_id"])).first()
+                    if row is not None or not insert_new:
+                        return (dict(row._mapping) if row is not None else None), None
                 result = conn.execute(insert(loads).values(created=stamp, updated=stamp,
                                                            **values))
                 key = result.inserted_primary_key
                 assert key is not None
-                return int(key[0])
+                return None, int(key[0])
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from None
 

@@ -62,7 +62,21 @@ async def load_request(server: LoadServer, data: bytes) -> Response:
     if P.parse_bcd_date(r.expiry_date) < now.date():
         raise Refused(403, 403, "the card has expired")
     bank_hex, txn_hex = o.env.merchant_id.hex(), o.env.txn_id.hex()
-    existing = await server.sql(server.db.get, bank_hex, txn_hex)
+    # a node leasing no HSM logs nothing: 503 before the row, so nginx asks the next node (a
+    # logged request is closed 'refused' when no HSM takes it, and is not asked again)
+    no_hsm = server.leases is not None and not server.leases.pool.serving
+    try:  # one step: the transaction's row, or else the request logged
+        existing, row_id = await server.sql(server.db.get_or_insert, {
+            "bank_id": bank_hex, "txn_id": txn_hex, "state": "received", "reason": "",
+            "amount": r.amount, "currency_code": r.currency_code,
+            "issuer_id": r.issuer_id.hex(), "card_serial": r.card_serial.hex(),
+            "online_counter": r.online_counter, "balance": r.balance,
+            "txn_type": r.txn_type, "key_version": r.key_version,
+            "algorithm_id": r.algorithm_id, "random": r.random.hex(), "s1": r.s1.hex(),
+            "request_digest": o.digest, "node": server.node}, not no_hsm)
+    except DuplicateError:
+        raise Refused(409, 409, "replayed S1: this card signature was already "
+                                "presented") from None
     if existing is not None:
         if existing["request_digest"] != o.digest:
             raise Refused(409, 409, "replayed load request: this transaction already has "
@@ -71,22 +85,8 @@ async def load_request(server: LoadServer, data: bytes) -> Response:
             return sealed(o, L.LOAD_COMMAND, existing["command"])  # a lost answer
         raise Refused(409, 409, f"the load is already {existing['state']}"
                                 + (f" ({existing['reason']})" if existing["reason"] else ""))
-    if server.leases is not None and not server.leases.pool.serving:
-        # a node leasing no HSM logs nothing: 503 before the row, so nginx asks the next node
-        # (a logged request is closed 'refused' when no HSM takes it, and is not asked again)
+    if row_id is None:
         raise Refused(503, 503, "this node leases no HSM now; retry", {"Retry-After": "1"})
-    try:
-        row_id = await server.sql(server.db.insert, {
-            "bank_id": bank_hex, "txn_id": txn_hex, "state": "received", "reason": "",
-            "amount": r.amount, "currency_code": r.currency_code,
-            "issuer_id": r.issuer_id.hex(), "card_serial": r.card_serial.hex(),
-            "online_counter": r.online_counter, "balance": r.balance,
-            "txn_type": r.txn_type, "key_version": r.key_version,
-            "algorithm_id": r.algorithm_id, "random": r.random.hex(), "s1": r.s1.hex(),
-            "request_digest": o.digest, "node": server.node})
-    except DuplicateError:
-        raise Refused(409, 409, "replayed S1: this card signature was already "
-                                "presented") from None
     # 897-899: the HSM verifies S1 and makes S2
     date, clock = P.bcd_date(now.date()), P.bcd_time(now)
     try:
