@@ -237,3 +237,42 @@ def test_the_demo_pays_a_mall_signed_order(tmp_path: Any) -> None:
     assert (card["opening"], card["closing"]) == (0, data["balance"])
     assert any("embodiment 1" in line and "approved" in line for line in lines)
     assert sum("statement" in line for line in lines) == 2
+
+
+def test_a_first_purchase_losing_the_binding_race_is_asked_again(monkeypatch: Any) -> None:
+    """On PostgreSQL two first purchases of one new customer id can both miss the binding and
+    one insert fails (IntegrityError). The loser is stored on a second try if the id went to
+    its own member (a double click on two orders), refused (403) if to another; it is not
+    mistaken for "this order has a purchase already"."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    from svcard.host.wallet.gateway import db as D
+    from svcard.host.wallet.gateway import matching as X
+
+    engine = D.make_engine("sqlite://")
+    real = X._store
+    try:
+        for winner, outcome in (("m", "stored"), ("n", 403)):
+            p = read_purchase(new_purchase())
+            raced = [True]
+
+            def store(*args: Any, p: dict[str, Any] = p, winner: str = winner,
+                      raced: list[bool] = raced) -> str:
+                if raced and raced.pop():       # the other request bound it first
+                    with engine.begin() as conn:
+                        conn.execute(insert(X.customers).values(
+                            mall=p["mall"], customer=p["customer"], member=winner, bound=0))
+                    raise IntegrityError("INSERT", {}, Exception("unique"))
+                return real(*args)
+
+            monkeypatch.setattr(X, "_store", store)
+            if outcome == "stored":
+                assert X.store_choice(engine, "m", "9" * 16, p) is not None
+                assert X.by_order(engine, p["mall"], p["order"])["member"] == "m"
+            else:
+                with pytest.raises(Refused) as caught:
+                    X.store_choice(engine, "m", "9" * 16, p)
+                assert caught.value.status == 403
+    finally:
+        engine.dispose()

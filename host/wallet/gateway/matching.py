@@ -103,29 +103,38 @@ def store_choice(engine: Engine, member: str, card: str, p: dict[str, Any],
     (429) when the member has :data:`MAX_OPEN` open purchases already (counted in the step),
     and (403) when the purchase's customer id at the mall is another member's (bound to this
     member, in the same step, if it was no one's yet)."""
+    for _ in range(2):
+        try:
+            return _store(engine, member, card, p, state)
+        except IntegrityError:
+            # the order has its purchase already, or (a concurrent first purchase of the same
+            # customer id) the binding was just made: asked again, it is seen
+            if by_order(engine, p["mall"], p["order"]) is not None:
+                return None
+    return None
+
+
+def _store(engine: Engine, member: str, card: str, p: dict[str, Any], state: str) -> str:
     pid = secrets.token_hex(16)
     now = now_ms()
     c, k = D.purchases.c, customers.c
-    try:
-        with step(engine) as conn:
-            holder = conn.execute(select(k.member).where(
-                k.mall == p["mall"], k.customer == p["customer"])).scalar()
-            if holder is not None and holder != member:
-                raise Refused(403, 403, "purchase.customer: this customer id at the mall "
-                                        "is another wallet's")
-            if conn.execute(select(func.count()).select_from(D.purchases).where(
-                    c.member == member, c.state.in_((D.CHOSEN, D.FILLED)),
-                    c.expires > now)).scalar_one() >= MAX_OPEN:
-                raise Refused(429, 429, f"at most {MAX_OPEN} open purchases per member: "
-                                        "pay or let some expire first")
-            if holder is None:
-                conn.execute(insert(customers).values(mall=p["mall"], customer=p["customer"],
-                                                      member=member, bound=now))
-            conn.execute(insert(D.purchases).values(
-                id=pid, member=member, card=card, state=state, reason="", created=now,
-                updated=now, **{column: p[name] for name, column in FIELDS.items()}))
-    except IntegrityError:
-        return None
+    with step(engine) as conn:
+        holder = conn.execute(select(k.member).where(
+            k.mall == p["mall"], k.customer == p["customer"])).scalar()
+        if holder is not None and holder != member:
+            raise Refused(403, 403, "purchase.customer: this customer id at the mall "
+                                    "is another wallet's")
+        if conn.execute(select(func.count()).select_from(D.purchases).where(
+                c.member == member, c.state.in_((D.CHOSEN, D.FILLED)),
+                c.expires > now)).scalar_one() >= MAX_OPEN:
+            raise Refused(429, 429, f"at most {MAX_OPEN} open purchases per member: "
+                                    "pay or let some expire first")
+        if holder is None:
+            conn.execute(insert(customers).values(mall=p["mall"], customer=p["customer"],
+                                                  member=member, bound=now))
+        conn.execute(insert(D.purchases).values(
+            id=pid, member=member, card=card, state=state, reason="", created=now,
+            updated=now, **{column: p[name] for name, column in FIELDS.items()}))
     return pid
 
 
