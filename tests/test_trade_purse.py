@@ -387,3 +387,41 @@ def test_the_command_line_open_purse_close_and_load_rest(world: World, tmp_path:
             str(journal))
     assert r.exit_code == 1 and "loaded already" in r.output
     assert balance(card) == 15_00 + rest
+
+
+def test_the_purse_desk_from_the_account_managers_file(tmp_path: Path) -> None:
+    from svcard.host.kit.config import ConfigError
+    from svcard.host.trade.config import server_config
+
+    base = f"""id = "am1"
+key = "{"11" * 32}"
+[[operator]]
+id = "op1"
+acquirer = "acq1"
+url = "http://127.0.0.1:9"
+public_key = "{"22" * 32}"
+[purse]
+merchant_id = "414D545241444531"
+payment_key = "{"33" * 32}"
+payment_url = "http://127.0.0.1:8081/"
+payment_terminal = "000000000001"
+bank_id = "414D42414E4B3031"
+load_key = "{"44" * 32}"
+load_url = "http://127.0.0.1:8082"
+load_terminal = "000000000009"
+currency = "CNY"
+currency_code = 156
+public_url = "http://127.0.0.1:8100"
+"""
+    path = tmp_path / "am.toml"
+    path.write_text(base)
+    config = server_config("account-manager", path)
+    purse = getattr(config, "purse", None)
+    assert isinstance(purse, PurseSettings)
+    assert (purse.merchant_id, purse.payment_url, purse.currency_code) == (
+        AM_MERCHANT, "http://127.0.0.1:8081", 156)
+    assert "33" * 32 not in repr(config) and "44" * 32 not in repr(config)
+    path.write_text(base.replace('payment_terminal = "000000000001"',
+                                 'payment_terminal = "0001"'))
+    with pytest.raises(ConfigError, match=r"am\.toml.*purse\.payment_terminal"):
+        server_config("account-manager", path)

@@ -20,6 +20,9 @@ from pydantic import Field
 
 from ..kit.config import (
     ConfigError,
+    CurrencyCode,
+    Hex6,
+    Hex8,
     Hex32,
     PosInt,
     SecretHex32,
@@ -160,6 +163,21 @@ class ProductEntry(Section):
     text: Annotated[str, Field(min_length=1, max_length=2048)]
 
 
+class PurseEntry(Section):
+    """The account manager's purse desk: ``[purse]`` (docs/trade.md, point 7)."""
+    merchant_id: Hex8           # its merchant id at the payment server
+    payment_key: SecretHex32    # the key it shares with the payment server
+    payment_url: Url
+    payment_terminal: Hex6      # the payment server's PSAM terminal id
+    bank_id: Hex8               # its bank id at the load server
+    load_key: SecretHex32       # the key it shares with the load server
+    load_url: Url
+    load_terminal: Hex6
+    currency: Code              # the cards' currency, alphabetic ...
+    currency_code: CurrencyCode  # ... and numeric
+    public_url: Url             # where customers reach this account manager
+
+
 class ServerFile(Section):
     id: Ident
     key: SecretHex32
@@ -175,6 +193,7 @@ class ServerFile(Section):
     merchant_account: PeerEntry | None = None
     billing: Annotated[str, Field(min_length=1, max_length=500)] | None = None
     grace_seconds: PosInt = 60
+    purse: PurseEntry | None = None
     product: list[ProductEntry] = Field(default_factory=list, max_length=10_000)
 
 
@@ -220,7 +239,11 @@ def server_config(role: str, path: Path, db_url: str | None = None
                 f.id, f.key, db, {o.id: Peer(o.acquirer, o.url.rstrip("/"), o.public_key)
                                   for o in f.operator},
                 session_ms=f.session_seconds * 1000, max_sessions=f.max_sessions, table=table,
-                billing=billing)
+                billing=billing, purse=None if f.purse is None else PurseSettings(
+                    f.purse.merchant_id, f.purse.payment_key, f.purse.payment_url.rstrip("/"),
+                    f.purse.payment_terminal, f.purse.bank_id, f.purse.load_key,
+                    f.purse.load_url.rstrip("/"), f.purse.load_terminal, f.purse.currency,
+                    f.purse.currency_code, f.purse.public_url.rstrip("/")))
         if role == "acquirer":
             assert table is not None
             for m in f.merchant:
