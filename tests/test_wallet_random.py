@@ -37,6 +37,8 @@ import pytest
 from test_wallet_attack import random_mutation, signed
 from test_wallet_faults import MALL, SVCARD, Servers, wait_for
 
+from svcard.host.wallet.base import CRASH_ENV
+
 PAYMENTS = int(os.environ.get("SVCARD_WALLET_PAYMENTS") or 150)
 SEED = int(os.environ.get("SVCARD_WALLET_SEED") or secrets.randbits(32))
 WAYS = ("approvals", "card-payments", "van")
@@ -60,11 +62,42 @@ class Run:
         self.deferred: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
 
     # --- the servers ----------------------------------------------------------------------
+    def start(self, name: str, crash: str | None = None) -> None:
+        """``svcard serve wallet-NAME`` on its port and database, its stderr kept in
+        NAME.log; started again if it exits before answering (its port taken for a moment by
+        another process's connection), up to 5 times, each given 180 s (a loaded machine)."""
+        env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+        if crash:
+            env[CRASH_ENV] = crash
+        s = self.s
+        for _ in range(5):
+            with open(s.folder / f"{name}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [SVCARD, "serve", f"wallet-{name}", "--config", str(s.configs[name]),
+                     "--db", f"sqlite:///{s.db(name)}", "--port", str(s.ports[name]),
+                     "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=log)
+            s.procs[name] = proc
+            deadline = time.monotonic() + 180
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{s.url[name]}/v1/health", timeout=2).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            self.kills["start-retried"] += 1
+            time.sleep(1)
+        tail = (s.folder / f"{name}.log").read_text(errors="replace")[-2000:]
+        raise AssertionError(f"wallet-{name} did not start: {tail}")
+
     def ensure(self) -> None:
         """Every server that died (SIGKILL) started again."""
         for name, proc in list(self.s.procs.items()):
             if proc.poll() is not None:
-                self.s.start(name)
+                self.start(name)
                 self.kills["restarts"] += 1
 
     def fault(self, forced: str = "") -> threading.Thread | None:
@@ -88,7 +121,7 @@ class Run:
             name, point = self.rng.choice((("gateway", "gateway-after-match"),
                                            ("fin", "fin-after-debit")))
             self.s.kill(name)
-            self.s.start(name, crash=point)
+            self.start(name, crash=point)
             self.kills[f"armed:{point}"] += 1
         return None
 
