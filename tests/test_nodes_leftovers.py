@@ -198,3 +198,36 @@ def test_a_failed_group_does_not_write_a_second_late_proofs_file(
     doc = json.loads(files[0].read_text())
     assert doc["proofs"] == [{"batch_number": 3, "terminal_txn_number": 7, "tac": "0A0B0C0D"}]
     server.db.engine.dispose()
+
+
+# --- a client's address is its connection's ----------------------------------------------------
+
+def _echo_client_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def who(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.client.host if request.client else "?")
+
+    return Starlette(routes=[Route("/who", who)])
+
+
+def test_a_forwarded_for_header_does_not_choose_the_client_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn trusted X-Forwarded-For from loopback: a local client, or any client behind a
+    local nginx (which passes the header on), named the address its FIG. 5 holds per client
+    and the bank's lockouts per address were counted under. Now the connection's address."""
+    import httpx
+    import uvicorn
+
+    from svcard.host.kit import serving
+
+    with ServerThread(_echo_client_app()) as thread:
+        answer = httpx.get(thread.url + "/who", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert answer.text == "127.0.0.1"
+    seen: list[uvicorn.Config] = []
+    monkeypatch.setattr(serving._DrainingServer, "run", lambda self: seen.append(self.config))
+    serving.serve(_echo_client_app(), host="127.0.0.1", port=free_port(), log_level="warning")
+    assert seen and seen[0].proxy_headers is False

@@ -179,10 +179,12 @@ def serve(app: Any, *, host: str, port: int, log_level: str = "info",
     """Run ``app`` in the foreground until SIGTERM or Ctrl-C, logging JSON lines on stderr at
     ``log_level``, draining ``drain`` for at most ``drain_seconds`` (see the module); the
     process's exit code. A server that cannot start (a lifespan error, the port taken) makes
-    uvicorn exit 3."""
+    uvicorn exit 3. A client's address is its connection's: never an ``X-Forwarded-For``
+    header (uvicorn trusted one from loopback, so a local client or one behind a local nginx,
+    which passes the header on, chose the address its FIG. 5 holds and lockouts count)."""
     configure_logging(log_level)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
-                            access_log=False, lifespan="on",
+                            access_log=False, lifespan="on", proxy_headers=False,
                             timeout_graceful_shutdown=max(1, math.ceil(drain_seconds)))
     server = _DrainingServer(config, drain, drain_seconds)
     server.run()
@@ -211,7 +213,7 @@ class ServerThread:
         self.host = host
         self.port = port or free_port()
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                lifespan="on", access_log=False)
+                                lifespan="on", access_log=False, proxy_headers=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
