@@ -191,10 +191,11 @@ class PurseDesk:
 
     # --- the deposit: a purchase into this desk's PSAM ------------------------------------
     async def _order(self, request: Request) -> Response:
-        p, am = self.settings(), self.am
+        am = self.am
         now = am.now_ms()
         body, data, _ = await authenticated(request, M.INITIATION, "initiation", S.INITIATION,
                                             am._customer_key, now // 1000)
+        p = self.settings()
         if data["currency"] != p.currency:
             raise Refused(400, 400, f"initiation.currency: the purse cards here hold "
                                     f"{p.currency}, not {data['currency']}")
