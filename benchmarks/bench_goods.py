@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """Digital goods per second through the goods system (seed 000), paid from a bank account and
-written onto the card by secure messaging, and what each costs.
+written onto the card by secure messaging (or, ``--pay purse``, paid by the card's purse in
+one composite purchase with the good), and what each costs.
 
     python benchmarks/bench_goods.py [--seconds 10] [--devices 1,4,8] [--sku coupon]
                                      [--procs N] [--count N] [--no-pin] [--profile DIR]
-                                     [--smoke]
+                                     [--pay bank|purse] [--psams N] [--smoke]
+
+``--pay purse``: the payment server runs with ``--psams`` PSAMs (``--psam``), each card's EP
+holds the money, and one good is INITIALIZE FOR CAPP PURCHASE, round trip 1 (the PSAM's MAC1
+and the fulfilment server's MAC'd ``84 DE`` record), the record and DEBIT to the card, round
+trip 2 (the card's MAC2 and TAC pay the order); done when the payment server has it paid.
 
 The five parties run as processes (``svcard serve goods-merchant|payment|auth|bank|fulfil``,
 each with its own SQLite database and key, from ``svcard goods init``'s files). The generator
@@ -59,13 +65,13 @@ GOODS_RECORDS = 254
 FIRST_SERIAL = 71_000_001
 
 
-def worker(args: tuple[dict[str, str], list[tuple[str, str]], str, float, int],
+def worker(args: tuple[dict[str, str], list[tuple[str, str]], str, float, int, str],
            start: Any) -> GeneratorRun:
     """One generator process: its devices (key hex, card image), one thread each, buying
     goods in a loop for ``seconds`` or until the process bought ``count`` (0: no count). Each
     device buys one good first (not counted); then the generators and the parent meet twice
     at ``start`` (ready, go) and the measured window begins."""
-    auth, devices, sku, seconds, count = args
+    auth, devices, sku, seconds, count, pay = args
     import httpx
 
     from svcard.host.goods.device import Device
@@ -88,7 +94,8 @@ def worker(args: tuple[dict[str, str], list[tuple[str, str]], str, float, int],
         if not firsts:
             return False, 0
         before = device.round_trips
-        out = device.authorise(card, firsts[0], PIN)
+        out = (device.pay_with_purse(card, firsts[0]) if pay == "purse"
+               else device.authorise(card, firsts[0], PIN))
         ok = out.paid and out.written
         if not ok and os.environ.get("SVCARD_BENCH_DEBUG"):
             print(f"{device.id[:8]}: {out}", file=sys.stderr)
@@ -137,21 +144,23 @@ def worker(args: tuple[dict[str, str], list[tuple[str, str]], str, float, int],
     return GeneratorRun(results, time.process_time() - cpu0, time.perf_counter() - wall0)
 
 
-def write_case(case: Path, devices: int, price: int, goods: int) -> tuple[dict[str, Any],
-                                                                          list[tuple[str, str]]]:
-    """The system's files, the accounts and the cards; (goods.toml, [(device key, card)])."""
+def write_case(case: Path, devices: int, price: int, goods: int, psams: int = 0,
+               ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The system's files, the accounts, the cards (their EPs holding the money too) and
+    ``psams`` PSAM images; (goods.toml, [(device key, card)])."""
     from svcard.host.goods import wire as W
     from svcard.host.goods.db import make_engine
     from svcard.host.goods.server.bank import add_account
-    from svcard.host.goods.stack import make_card, write_system
+    from svcard.host.goods.stack import make_card, psam_images, write_system
 
     doc = tomllib.loads(write_system(case).read_text())
+    psam_images(case, psams)
     engine = make_engine(_db(case, doc, "bank"), "bank")
     out = []
     try:
         for i in range(devices):
             serial = FIRST_SERIAL + i
-            card = make_card(case / "cards", serial)
+            card = make_card(case / "cards", serial, ep=price * (goods + 10))
             image = json.loads(card.read_text())
             for f in image["app"]["goods"]["files"]:
                 f["records"] = GOODS_RECORDS
@@ -172,16 +181,19 @@ def _db(case: Path, doc: dict[str, Any], role: str) -> str:
 
 def run_case(folder: Path, devices: int, sku: str, seconds: float, procs: int,
              placement: Placement, method: str | None, count: int = 0,
-             profile: Path | None = None) -> Measured:
+             profile: Path | None = None, pay: str = "bank", psams: int = 1) -> Measured:
     case = Path(tempfile.mkdtemp(dir=folder))
     from svcard.host.goods.stack import DEMO_ITEMS
 
     price = next(i.price for i in DEMO_ITEMS if i.sku == sku)
     budget = count or int(seconds * 40) + 50
-    doc, keys = write_case(case, devices, price, budget)
+    doc, keys = write_case(case, devices, price, budget, psams if pay == "purse" else 0)
     config = case / "goods.toml"
+    extra = {"payment": [a for i in range(psams) for a in (
+        "--psam", f"virtual:{case / f'goods-psam{i + 1}.json'}")] if pay == "purse" else []}
     servers = [start_server([SVCARD, "serve", f"goods-{r}", "--config", str(config),
-                             "--log-level", "error"], placement) for r in ROLES]
+                             *extra.get(r, []), "--log-level", "error"], placement)
+               for r in ROLES]
     with running(servers):
         for r in ROLES:
             wait_http(f"{doc['parties'][r]['url']}/v1/health", timeout=120)
@@ -191,8 +203,8 @@ def run_case(folder: Path, devices: int, sku: str, seconds: float, procs: int,
         per = max(1, -(-devices // procs))
         groups = [keys[i:i + per] for i in range(0, devices, per)]
         window = seconds if not count else 600.0
-        return measure(worker, [(auth, g, sku, window, -(-count // len(groups)) if count else 0)
-                                for g in groups],
+        return measure(worker, [(auth, g, sku, window, -(-count // len(groups)) if count else 0,
+                                 pay) for g in groups],
                        dict(zip(ROLES, (s.pid for s in servers), strict=True)), placement,
                        window, profile / f"{devices}devices" if profile else None, method)
 
@@ -218,6 +230,10 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the servers and the generator to different CPUs")
     parser.add_argument("--profile", type=Path, help="py-spy each server into this folder")
+    parser.add_argument("--pay", choices=("bank", "purse"), default="bank",
+                        help="who pays: a bank account, or the card's purse (composite purchase)")
+    parser.add_argument("--psams", type=int, default=1,
+                        help="--pay purse: the payment server's PSAMs")
     parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
     args = parser.parse_args()
     cases = (2,) if args.smoke else tuple(int(d) for d in args.devices.split(","))
@@ -225,7 +241,9 @@ def main() -> int:
     placement = split_cpus(not args.no_pin)
     procs = args.procs or len(placement.generator or ()) or 2
     method = fsync_method()
-    print("svcard goods benchmark (seed 000, paid by a bank account, secure-messaging write)"
+    print("svcard goods benchmark (seed 000, " + (
+        f"paid by the purse: composite purchase, {args.psams} PSAM(s)" if args.pay == "purse"
+        else "paid by a bank account, secure-messaging write") + ")"
           + (" (smoke run: figures not meaningful)" if args.smoke else ""))
     print(f"  {placement.note}; 5 servers as processes, SQLite; devices in {procs} generator "
           f"process(es), sku {args.sku}; load average before: {os.getloadavg()[0]:.1f} on "
@@ -234,7 +252,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for devices in cases:
             m = run_case(Path(tmp), devices, args.sku, args.seconds, min(procs, devices),
-                         placement, method, count, args.profile)
+                         placement, method, count, args.profile, args.pay, args.psams)
             print(line(devices, m), flush=True)
             if args.smoke and (m.summary["done"] == 0 or m.summary["trips"] > 2):
                 print("  no good went through, or more than 2 round trips a good",
