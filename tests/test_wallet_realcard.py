@@ -438,3 +438,16 @@ def test_replayed_and_raced_purse_evidence(world: World) -> None:
         assert fin_balance(world, h) == 4_500 and h.purse_balance() == 4_500
     finally:
         h.close()
+
+
+def test_a_report_dated_past_year_9999_is_refused(world: World) -> None:
+    """The gateway's report intake bounds ``at`` to a date (a fuzzed 2**51 ms was a 500)."""
+    from svcard.host.wallet.links import LinkClient
+    with httpx.Client(timeout=30) as http:
+        status, answer = LinkClient(http, world.wallet.url("gateway"), "fin",
+                                    world.wallet.gateway.config.fin_key).post(
+            "/v1/reports", {"reports": [{
+                "ref": "far-future", "kind": "cash", "card": "9" * 16, "amount": 1,
+                "currency": 156, "balance": 1, "counterparty": "agent:A", "order": "",
+                "at": 2**51}]})
+    assert status == 400 and "at" in answer["reason"], (status, answer)

@@ -48,6 +48,7 @@ MAX_REPORTS = 100
 _REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _PARTY = re.compile(r"^[A-Za-z0-9_.:-]{1,48}$")
 KINDS = ("cash", "account", "credit", "debit")
+LAST_MS = 253_402_300_799_999   # the end of year 9999: a report's day must be a date
 
 
 async def fill(server: GatewayServer, request: Request) -> Response:
@@ -105,7 +106,7 @@ def _report(item: Any) -> dict[str, Any]:
             "card": text(item, "card", NUMBER), "amount": whole(item, "amount", 1),
             "currency": whole(item, "currency", 1, 999), "balance": whole(item, "balance"),
             "counterparty": text(item, "counterparty", _PARTY), "order": order,
-            "at": whole(item, "at", 0, 2**53)}
+            "at": whole(item, "at", 0, LAST_MS)}
 
 
 async def reports(server: GatewayServer, request: Request) -> Response:
