@@ -451,3 +451,62 @@ def test_a_report_dated_past_year_9999_is_refused(world: World) -> None:
                 "currency": 156, "balance": 1, "counterparty": "agent:A", "order": "",
                 "at": 2**51}]})
     assert status == 400 and "at" in answer["reason"], (status, answer)
+
+
+def test_a_credit_card_charge_loads_the_card(world: World) -> None:
+    h = holder(world, "crediter1")
+    try:
+        credit = "4000" + "".join(secrets.choice("0123456789") for _ in range(12))
+        world.wallet.open_credit(credit, "cvc1234", 10_000)
+        r = h.b.post("/api/links", {"kind": "credit", "number": credit, "secret": "cvc1234"})
+        assert r.status_code == 200, r.text
+        r = h.b.post("/api/charges", {"kind": "credit", "card": h.card, "source": credit,
+                                      "amount": 2_500, "currency": 156,
+                                      "ref": secrets.token_hex(8)})
+        assert r.status_code == 200, r.text
+        assert load_card(world, h, r.json()["load"])["state"] == "loaded"
+        assert h.purse_balance() == 2_500 and fin_balance(world, h) == 2_500
+    finally:
+        h.close()
+
+
+def test_raced_copies_of_one_confirmation_record_it_once(world: World) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from svcard.host.pay import client as PC
+    from svcard.host.terminal.journal import Journal
+    from svcard.host.terminal.reader_specs import open_reader
+    from svcard.host.wallet.gateway import purse as PU
+    h = loaded_holder(world, "racer2", 3_000)
+    try:
+        web = world.wallet.url("web")
+        p = new_purchase(800)
+        cp = choose(world, h, p).json()["checkout"]
+        blocked: list[tuple[str, bytes]] = []
+
+        class Held(httpx.HTTPTransport):
+            """The helper's confirmation is kept, never sent (as if the link dropped)."""
+
+            def handle_request(self, request: httpx.Request) -> httpx.Response:
+                if "/v1/purse/status/" in request.url.path:
+                    blocked.append((str(request.url), request.read()))
+                    raise httpx.ConnectError("held back by the test", request=request)
+                return super().handle_request(request)
+        with httpx.Client(timeout=30, transport=Held()) as http, \
+                open_reader(f"virtual:{h.image}") as reader, pytest.raises(httpx.HTTPError):
+            PC.pay(f"{web}/purse/checkout/{cp}", reader,
+                   journal=Journal(world.folder / "racer2.pay.journal"), http=http)
+        assert h.purse_balance() == 2_200 and approve(world, p)[0] == 409
+        url, confirmation = blocked[0]
+        with httpx.Client(timeout=30) as http, ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda _: http.post(url, content=confirmation).status_code,
+                                  range(16)))
+        assert codes == [200] * 16          # the same confirmation: the same answer
+        with world.wallet.gateway.engine.connect() as conn:
+            rows = conn.execute(PU.orders.select().where(
+                PU.orders.c.purchase == cp[:32])).all()
+        assert [r.state for r in rows] == ["paid"]
+        assert approve(world, p)[0] == 200 and approve(world, p)[0] == 409
+        assert fin_balance(world, h) == 2_200
+    finally:
+        h.close()
