@@ -160,8 +160,10 @@ class LoadServer:
             finally:
                 if self.leases is not None:
                     await self.leases.stop()
-                await asyncio.to_thread(self.hsms.close)
-                await drain_writer(self.sql)   # the last group committed, not rolled back
+                try:
+                    await asyncio.to_thread(self.hsms.close)
+                finally:
+                    await drain_writer(self.sql)   # the last group committed, not rolled back
 
         return Starlette(routes=[
             Route("/v1/load/request", self.load_request, methods=["POST"]),

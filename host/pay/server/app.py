@@ -218,8 +218,10 @@ class PaymentServer:
                 self.holds.release_all()
                 if self.leases is not None:
                     await self.leases.stop()
-                await asyncio.to_thread(self.pool.close)
-                await drain_writer(self.sql)   # the last group committed, not rolled back
+                try:
+                    await asyncio.to_thread(self.pool.close)
+                finally:
+                    await drain_writer(self.sql)   # the last group committed, not rolled back
 
         return Starlette(routes=[
             Route("/v1/draw", self.draw, methods=["POST"]),
