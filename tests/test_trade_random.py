@@ -199,9 +199,13 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def transient(exc: Exception) -> bool:
-    """A failure a kill explains (the server, or one it called, was down): try again."""
+    """A failure a kill explains (the server, or one it called, was down): try again. That
+    includes an initiation the mediating agent refused, signed, because the merchant agent
+    did not answer (a keep-alive connection closed under its request): nothing is held."""
     return isinstance(exc, httpx.TransportError) or (
-        isinstance(exc, C.TradeError) and any(f"HTTP {s}" in str(exc) for s in (502, 503)))
+        isinstance(exc, C.TradeError) and (
+            any(f"HTTP {s}" in str(exc) for s in (502, 503)) or
+            "the merchant agent did not answer" in str(exc)))
 
 
 def again(out: Outcome, fn: Callable[[], T], seconds: float = 120) -> T:
