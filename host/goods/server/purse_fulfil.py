@@ -87,7 +87,8 @@ class PurseFulfil(PartyServer):
         now = self.now_ms()
         try:
             with step(self.engine) as conn:
-                row = conn.execute(select(g).where(g.c.order_ref == data["order"])).first()
+                row = conn.execute(select(g).where(g.c.order_ref == data["order"])
+                                   .with_for_update()).first()
                 if row is None:
                     conn.execute(insert(g).values(
                         order_ref=data["order"], state=D.CAPP, card=data["card"],

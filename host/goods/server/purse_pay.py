@@ -119,7 +119,8 @@ class PursePayment(PartyServer):
         now = self.now_ms()
         try:
             with step(self.engine) as conn:
-                row = conn.execute(select(t).where(t.c.order_ref == order)).first()
+                row = conn.execute(select(t).where(t.c.order_ref == order)  # the order's
+                                   .with_for_update()).first()   # sessions one at a time
                 if row is None or row.state not in (D.ROUTED, D.DEBITING):
                     raise Refused(409, 409, "purse debit: the order is "
                                             f"{row.state if row else 'gone'}")
@@ -208,7 +209,7 @@ class PursePayment(PartyServer):
         with step(self.engine) as conn:
             rows = conn.execute(select(s).where(
                 s.c.card == card, s.c.counter == counter, s.c.expected_mac2.is_not(None))
-            ).all()
+                .with_for_update()).all()
             match = next((r for r in rows if hmac.compare_digest(
                 r.expected_mac2.encode(), mac2.upper().encode())), None)
             if match is None:
