@@ -425,3 +425,42 @@ public_url = "http://127.0.0.1:8100"
                                  'payment_terminal = "0001"'))
     with pytest.raises(ConfigError, match=r"am\.toml.*purse\.payment_terminal"):
         server_config("account-manager", path)
+
+
+@pytest.mark.parametrize("lost", ["/v1/purse/bank/start", "/v1/purse/bank/status/"])
+def test_a_lost_answer_of_the_rests_load_is_resumed_never_doubled(world: World,
+                                                                  tmp_path: Path,
+                                                                  lost: str) -> None:
+    """The desk's answer to the load's start (or to its confirmation) is lost: the card
+    agent's journal resumes the same load (the same request id: the same load transaction),
+    and the rest lands on the card once."""
+    w = world
+    card = card_image(tmp_path, ep=20_00)
+    journal = Journal(tmp_path / "journal.jsonl")
+    dropped = []
+
+    def drop(response: httpx.Response) -> None:
+        if lost in str(response.request.url) and not dropped:
+            dropped.append(response.request.url)
+            raise httpx.ReadError("the answer was lost", request=response.request)
+    with httpx.Client(timeout=30) as http:
+        s = open_purse(w, http, card, journal=journal)
+        C.buy(http, s, "tea", 4)
+        rest = C.close(http, s)["clearing"]["returned"]
+        assert cleared(http, s) == rest
+    with httpx.Client(timeout=30, event_hooks={"response": [drop]}) as http, \
+            open_reader(f"virtual:{card}") as reader, pytest.raises(httpx.ReadError):
+        PA.load_rest(http, s, reader, journal)
+    assert dropped
+    with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+        report = LC.resume_loads(reader, journal=journal, http=http)
+        assert report, "nothing to resume"
+        if lost.endswith("start"):      # the card never saw that load: "not loaded", due
+            assert report[-1]["outcome"] == "not loaded", report     # again: load it now
+            out = PA.load_rest(http, s, reader, journal)
+            assert out is not None and out.outcome == "loaded"
+        with pytest.raises(C.TradeError, match="loaded already"):
+            PA.load_rest(http, s, reader, journal)
+    row = first_row(w.trade.account.engine, D.am_purse, order_id=s.purse_order)
+    assert row is not None and row["load_state"] == "loaded"
+    assert balance(card) == 15_00 + rest
