@@ -208,3 +208,41 @@ def test_a_purse_order_never_committed_expires_with_nothing_to_refund(
         assert ep(card) == EP and goods_on(card) == []
     finally:
         stack.close()
+
+
+def test_the_fulfilment_server_down_misses_nothing(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    from svcard.host.kit.serving import ServerThread
+    card = make_card(tmp_path, SERIAL, ep=EP)
+    device = stack.device()
+    first = first_for(stack, http, device)
+
+    def fulfil_up() -> None:
+        port = stack.threads["fulfil"].port
+        stack.threads["fulfil"] = ServerThread(stack.servers["fulfil"].app(), port=port).start()
+
+    stack.threads["fulfil"].stop()      # no record for the session: nothing to send the card
+    with open_reader(f"virtual:{card}") as reader, pytest.raises(DeviceError, match="502"):
+        device.pay_with_purse(reader, first)
+    s = first_row(stack.engine("payment"), D.purse_sessions, order_ref=first.order)
+    assert s is not None and s["state"] == D.FAILED and ep(card) == EP
+    fulfil_up()
+
+    class FulfilDownAtDebit:   # the fulfilment server stops just before the card's proof
+        def __init__(self, inner: Reader) -> None:
+            self.inner = inner
+
+        def exchange(self, apdu: bytes) -> object:
+            if apdu[:2] == b"\x80\x54":
+                stack.threads["fulfil"].stop()
+            return self.inner.exchange(apdu)
+
+    with open_reader(f"virtual:{card}") as reader:   # the same counter: a new session
+        out = device.pay_with_purse(FulfilDownAtDebit(reader), first)  # type: ignore[arg-type]
+    assert out.paid        # the payment server decides on the card's MAC2 alone
+    assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.PURSE_PAID
+    assert row(stack, "fulfil", D.purse_goods, first.order)["state"] == D.CAPP
+    fulfil_up()
+    asyncio.run(stack.servers["payment"].recover())   # its clock tells the fulfilment server
+    assert row(stack, "fulfil", D.purse_goods, first.order)["state"] == D.WRITTEN
+    assert ep(card) == EP - 1250 and len(goods_on(card)) == 1

@@ -59,7 +59,7 @@ class PaymentServer(PursePayment):
 
     async def starting(self) -> None:
         if self.pool is not None:
-            await self.pool.start()
+            await self.pool.start(self.system.currency_code)
 
     def stopping(self) -> None:
         if self.pool is not None:

@@ -26,6 +26,7 @@ from ...terminal.purse import call
 class GoodsPsam(Pooled):
     serial: str = ""
     terminal_id: bytes = b""
+    currency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,28 @@ class GoodsPsamPool(ReaderPool[GoodsPsam]):
 
     def open_member(self, member: GoodsPsam) -> None:
         member.reader.connect()
-        call(member.reader, apdus.select(P.DEFAULT_PSAM_AID), "SELECT PSAM")
+        fci = P.Fci.parse(call(member.reader, apdus.select(P.DEFAULT_PSAM_AID), "SELECT PSAM"))
+        member.currency = fci.currency_code
+        if member.currency is None:
+            member.currency = P.PsamCurrency.parse(call(
+                member.reader, apdus.read_binary(P.SFI_PSAM_CURRENCY, 3),
+                "READ PSAM CURRENCY")).currency_code
         member.serial = call(member.reader, apdus.read_binary(P.SFI_PUBLIC_DATA, 10),
                              "READ PSAM SERIAL").hex().upper()
         member.terminal_id = call(member.reader, apdus.read_binary(P.SFI_PSAM_TERMINAL_ID, 6),
                                   "READ TERMINAL ID")
 
-    async def start(self) -> None:
+    async def start(self, currency: int | None = None) -> None:
+        """Open every PSAM: one terminal id, and ``currency`` (the system's) if given."""
         await super().start()
         ids = {m.terminal_id for m in self.members}
         if len(ids) != 1:
             raise PoolError("the goods payment server's PSAMs differ in terminal id: "
                             + ", ".join(sorted(i.hex().upper() for i in ids)))
+        wrong = [m.serial for m in self.members if currency is not None
+                 and m.currency != currency]
+        if wrong:
+            raise PoolError(f"PSAM {wrong[0]} is not of the goods system's currency {currency}")
 
     @property
     def terminal_id(self) -> bytes:

@@ -99,11 +99,16 @@ class PursePayment(PartyServer):
             raise
         psam, answer = sam
         await self.sql(self._issued, session, psam, answer.ttn, answer.expected_mac2.hex())
-        good = await self.send("fulfil", "/v1/purse/goods", W.PURSE_GOOD, {
-            "order": order, "card": data["card"], "device": data["device"],
-            "counter": init.offline_counter, "random": init.random.hex().upper(),
-            "digital_order": row["digital_order"],
-            "merchant_signature": row["merchant_signature"], "created": self.now_ms() // 1000})
+        try:
+            good = await self.send("fulfil", "/v1/purse/goods", W.PURSE_GOOD, {
+                "order": order, "card": data["card"], "device": data["device"],
+                "counter": init.offline_counter, "random": init.random.hex().upper(),
+                "digital_order": row["digital_order"],
+                "merchant_signature": row["merchant_signature"],
+                "created": self.now_ms() // 1000})
+        except Unreachable:   # no record for this session: its DEBIT is never sent
+            await self.sql(self._end_session, session, D.FAILED)
+            raise
         cache = good.get("apdu")
         if good.get("order") != order or not (isinstance(cache, str) and W.APDU(cache)):
             await self.sql(self._end_session, session, D.FAILED)
