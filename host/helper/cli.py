@@ -77,7 +77,8 @@ def helper_cmd(card_spec: str, aid: bytes, purse: str, origins: tuple[str, ...],
     It listens on loopback only and answers only those origins, and only requests that carry
     its pairing token (printed at start; enter it once in the shop's page). Each payment runs
     the whole svcard pay flow with the journal. The PIN of the ED purse is asked here (or read
-    from --pin-file), never by the page. One payment at a time.
+    from --pin-file), never by the page. One payment at a time. A wallet page from an allowed
+    origin may also have it load the card from its own bank (svcard load's flow, journalled).
     """
     from ..pay.client_terminal import ClientTerminal
     from ..terminal.journal import default_journal

@@ -9,7 +9,8 @@ after the card's debit (a server error, busy or unreachable), so the card was de
 have been) and the journal holds the payment open: the helper tries once right away to finish
 it, and otherwise finishes it at its next payment; it must not be paid again. ``failed``: the
 reader, the network or the helper itself, before the debit. The helper keeps the last
-:data:`KEPT_JOBS` payments.
+:data:`KEPT_JOBS` payments. A *load* (``start(bank_url, load=...)``, :mod:`.loads`) is a job of
+the same kind, one at a time with the payments, ending ``loaded``, ``refused`` or ``failed``.
 """
 
 from __future__ import annotations
