@@ -10,13 +10,13 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 import test_goods_random as GR
 from click.testing import CliRunner
-from sqlalchemy import delete, update
+from sqlalchemy import delete, insert, update
 from test_goods_flow import buy
 from test_goods_pickup import paid_while_fulfilment_was_down
 
@@ -30,8 +30,10 @@ from svcard.host.settle.audit import AuditReport, audit
 from svcard.host.settle.goods_books import card_goods
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import purse as P
+from svcard.reader.base import CardRemovedError, Reader
 
 SERIAL = 70_301
+PURSE_SERIAL = 70_302
 DAY_MS = 24 * 3600 * 1000
 
 
@@ -85,7 +87,7 @@ def test_written_and_refunded_goods_audit_clean_to_the_minor_unit(
     assert f["goods 156: bank debits"] == 1250 + 100 + 1250
     assert f["goods 156: bank credits"] == f["goods 156: goods refunded"] == 1250
     assert f["goods 156: goods written"] == 1350 and f["goods 156: goods open"] == 0
-    assert len([c for c in report.checks if c["name"].startswith("goods")]) == 3
+    assert len([c for c in report.checks if c["name"].startswith("goods")]) == 4
     assert {R.role_of(u) for u in urls(stack)} == set(ROLES)
 
 
@@ -250,3 +252,101 @@ def test_random_goods_audit_clean_after_every_good_and_at_the_end(
                                                + f["goods 156: goods refunded"])
     finally:
         stack.close()
+
+
+# --- goods the purse paid (the composite purchase) ----------------------------------------------
+@pytest.fixture
+def purse_bought(stack: GoodsStack, tmp_path: Path) -> dict[str, Any]:
+    """On one card: a ticket paid by the purse, a coupon paid by the purse, a voucher paid
+    from the bank account; a fourth good's purse purchase never committed (expired)."""
+    card = make_card(tmp_path, PURSE_SERIAL, ep=50_000)
+    stack.account("acc2", PURSE_SERIAL, balance=10_000)
+    device = stack.device()
+    purse = []
+    with httpx.Client(timeout=30) as http:
+        for sku in ("ticket", "coupon"):
+            assert stack.order(http, sku, device).status_code == 200
+            [first] = device.poll(wait=5)
+            with open_reader(f"virtual:{card}") as reader:
+                assert device.pay_with_purse(reader, first).written
+            purse.append(first.order)
+        bank = buy(stack, http, device, card, "airtime")
+        assert stack.order(http, "rides10", device).status_code == 200
+        [first] = device.poll(wait=5)
+        with open_reader(f"virtual:{card}") as reader, pytest.raises(CardRemovedError):
+            device.pay_with_purse(cast(Reader, CutBefore(reader, b"\x80\x54")), first)   # no DEBIT
+    assert stack.fulfil.purse_expire(stack.fulfil.now_ms() + 8 * DAY_MS) == 1
+    return {"card": card, "purse": purse, "bank": bank, "expired": first.order}
+
+
+class CutBefore:
+    def __init__(self, inner: Reader, prefix: bytes) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def exchange(self, apdu: bytes) -> Any:
+        if apdu.startswith(self.prefix):
+            raise CardRemovedError("the card was pulled")
+        return self.inner.exchange(apdu)
+
+
+def test_goods_the_purse_paid_audit_clean_with_the_card_read(
+        stack: GoodsStack, purse_bought: dict[str, Any]) -> None:
+    report = run(stack, purse_bought["card"])
+    assert report.clean, report.discrepancies
+    f = report.figures
+    assert f["goods 156: purse debits"] == f["goods 156: purse goods written"] == 1250 + 100
+    assert f["goods 156: goods written"] == 5000
+    assert len(goods_of(purse_bought["card"])[f"{PURSE_SERIAL:020d}"]) == 3
+
+
+def test_a_purse_good_marked_written_without_a_proved_debit_is_found(
+        stack: GoodsStack, purse_bought: dict[str, Any]) -> None:
+    order = purse_bought["expired"]
+    tamper(stack, "fulfil", update(D.purse_goods).where(D.purse_goods.c.order_ref == order)
+           .values(state="written"))
+    report = run(stack)
+    assert any(order in d and "no purse debit of it was proved" in d
+               for d in report.discrepancies), report.discrepancies
+    assert any("purse debits proved = purse goods written" in d for d in report.discrepancies)
+
+
+def test_a_proved_purse_debit_whose_good_is_not_written_is_found(
+        stack: GoodsStack, purse_bought: dict[str, Any]) -> None:
+    order = purse_bought["purse"][0]
+    tamper(stack, "fulfil", update(D.purse_goods).where(D.purse_goods.c.order_ref == order)
+           .values(state="expired"))
+    report = run(stack, purse_bought["card"])
+    assert any(order in d and "the purse paid it" in d for d in report.discrepancies)
+    good_id = order[:16].upper()
+    assert any(good_id in d and "no debit proved" in d for d in report.discrepancies), \
+        report.discrepancies
+
+
+def test_an_order_debited_twice_from_the_purse_is_found(
+        stack: GoodsStack, purse_bought: dict[str, Any]) -> None:
+    order = purse_bought["purse"][0]
+    s = D.purse_sessions
+    with step(stack.engine("payment")) as conn:
+        row = conn.execute(s.select().where(s.c.order_ref == order)).first()
+        assert row is not None
+        values = {k: v for k, v in row._mapping.items() if k != "id"}
+        conn.execute(insert(s).values({**values, "counter": row.counter + 5}))
+    report = run(stack)
+    assert any(order in d and "debited from the purse twice" in d
+               for d in report.discrepancies), report.discrepancies
+
+
+def test_a_good_paid_both_by_the_purse_and_the_bank_is_found(
+        stack: GoodsStack, purse_bought: dict[str, Any]) -> None:
+    order = purse_bought["bank"]
+    g = D.goods
+    with step(stack.engine("fulfil")) as conn:
+        row = conn.execute(g.select().where(g.c.order_ref == order)).first()
+        assert row is not None
+        conn.execute(insert(D.purse_goods).values(
+            order_ref=order, state="expired", card=row.card, device=row.device,
+            merchant=row.merchant, record=row.record, sfi=row.sfi, counter=0,
+            deadline=row.deadline, amount=row.amount, currency_code=row.currency_code,
+            created=row.created, updated=row.updated))
+    report = run(stack)
+    assert any(order in d and "paid twice" in d for d in report.discrepancies)

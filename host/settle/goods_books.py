@@ -24,6 +24,17 @@ server's and the merchant's orders. Per order:
 
 Sums per currency: bank debits = goods kept + paid goods in transit; bank debits - bank
 credits = goods written + goods open + paid in transit; bank credits = goods refunded.
+
+Goods the purse paid (one composite purchase: the record and the debit committed by the card
+together; the fulfilment server's ``goods_purse_goods``, the payment server's card sessions
+``goods_purse_sessions``, read when the databases have them): a good ``written`` needs its
+order's debit proved (a session ``committed`` with the card's MAC2, when the payment server's
+database is given) and the order ``purse_paid``; a proved debit needs its good ``written`` (one
+the fulfilment server was not yet told of is listed, a finding past the maximum age); an order
+is debited at most once; a good is never paid both ways; a ``capp`` good still open past its
+deadline plus :data:`REFUND_GRACE_MS` is a finding; a card read holding a purse good that is
+not ``written`` is a finding (the purse paid, the books do not know it). Sums: purse debits
+proved = purse goods written (+ proved, not yet told).
 """
 
 from __future__ import annotations
@@ -40,6 +51,9 @@ from ..terminal.purse import select_purse
 
 REFUND_GRACE_MS = 10 * 60 * 1000   # the refund clock ticks every 30 s; a stop may delay it
 OPEN = ("pending", "issued", "refunding")
+# the purse path's tables (records.py reads them when a party's database has them)
+PURSE_TABLES = {"payment": "goods_purse_sessions", "fulfil": "goods_purse_goods"}
+SESSIONS = ("goods_purse_sessions", "goods_capp_sessions")   # many per order: keyed by id
 
 
 @dataclass
@@ -65,14 +79,16 @@ def _check(name: str, left: int, right: int) -> dict[str, Any]:
 
 
 def _merged(dbs: tuple[str, ...], out: GoodsBooks) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per party's table name, rows by order (accounts by account id)."""
+    """Per party's table name, rows by order (accounts by account id; the purse sessions by
+    their id)."""
     tables: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for url in dbs:
         _role, found = goods_records.books(url)
         for name, rows in found.items():
             for row in rows:
                 out.read += 1
-                key = str(row.get("order_ref") or row.get("account") or row.get("device"))
+                key = str(row["id"]) if name in SESSIONS else \
+                    str(row.get("order_ref") or row.get("account") or row.get("device"))
                 if key in tables[name]:
                     out.discrepancies.append(f"goods: {key} appears twice in {name}")
                 tables[name][key] = row
@@ -132,7 +148,10 @@ def audit_goods(goods_dbs: tuple[str, ...], *, now: int, max_age_ms: int,
             bad.append(f"goods: good {order} ({good['amount']}, card {good['card']}) has no "
                        "payment at the institution (a good without payment)")
             sums[int(good["currency_code"])]["goods kept"] += int(good["amount"])
-    _twice(goods, card_goods, bad)
+    purse_goods = t.get(PURSE_TABLES["fulfil"], {})
+    _purse(purse_goods, t.get(PURSE_TABLES["payment"]), payment, goods, sums, now,
+           max_age_ms, bad, listed)
+    _twice(goods, purse_goods, card_goods, bad)
     if payment is not None:
         _parties_agree("payment server", payment, bank, bad)
     if merchant is not None:
@@ -140,7 +159,8 @@ def audit_goods(goods_dbs: tuple[str, ...], *, now: int, max_age_ms: int,
     for cur in sorted(sums):
         s = sums[cur]
         for name in ("bank debits", "bank credits", "goods kept", "goods written",
-                     "goods open", "goods refunded", "paid, in transit"):
+                     "goods open", "goods refunded", "paid, in transit", "purse debits",
+                     "purse goods written", "purse debits, in transit"):
             out.figures[f"goods {cur:03d}: {name}"] = s[name]
         out.checks += [
             _check(f"goods {cur:03d}: bank debits = goods kept + paid in transit",
@@ -150,6 +170,8 @@ def audit_goods(goods_dbs: tuple[str, ...], *, now: int, max_age_ms: int,
                    s["goods written"] + s["goods open"] + s["paid, in transit"]),
             _check(f"goods {cur:03d}: bank credits = goods refunded", s["bank credits"],
                    s["goods refunded"]),
+            _check(f"goods {cur:03d}: purse debits proved = purse goods written + in transit",
+                   s["purse debits"], s["purse goods written"] + s["purse debits, in transit"]),
         ]
     bad += [f"check failed: {c['name']} ({c['left']} != {c['right']})"
             for c in out.checks if not c["ok"]]
@@ -208,12 +230,72 @@ def _one_good(order: str, pay: dict[str, Any], good: dict[str, Any],
         bad.append(f"goods: {name} is in an unknown state {state!r}")
 
 
-def _twice(goods: dict[str, dict[str, Any]], card_goods: dict[str, list[bytes]] | None,
-           bad: list[str]) -> None:
+def _purse(purse_goods: dict[str, dict[str, Any]], sessions: dict[str, dict[str, Any]] | None,
+           payment: dict[str, dict[str, Any]] | None, goods: dict[str, dict[str, Any]],
+           sums: dict[int, dict[str, int]], now: int, max_age_ms: int, bad: list[str],
+           listed: Any) -> None:
+    """Goods the purse paid: each written one's debit proved once, each proved debit's good
+    written (see the module text)."""
+    proved: dict[str, dict[str, Any]] = {}
+    for session in (sessions or {}).values():
+        if session["state"] != "committed":
+            continue
+        order = str(session["order_ref"])
+        if order in proved:
+            bad.append(f"goods: order {order} was debited from the purse twice (card "
+                       f"{session['card']}, counters {proved[order]['counter']} and "
+                       f"{session['counter']})")
+            continue
+        proved[order] = session
+        row = (payment or {}).get(order)
+        good = purse_goods.get(order)
+        amount = int(row["amount"] if row else good["amount"] if good else 0)
+        cur = int(row["currency_code"] if row else good["currency_code"] if good else 0)
+        sums[cur]["purse debits"] += amount
+        if row is None or row["state"] != "purse_paid":
+            bad.append(f"goods: order {order}: its purse debit was proved, but the payment "
+                       f"server has it {row['state'] if row else 'nowhere'}")
+        if good is None or (session["told"] and good["state"] != "written"):
+            bad.append(f"goods: order {order} ({amount}): the purse paid it (debit proved), "
+                       f"but its good is {good['state'] if good else 'unknown'} at the "
+                       "fulfilment server")
+        elif good["state"] != "written":
+            sums[cur]["purse debits, in transit"] += amount
+            listed(f"order {order} ({amount}): paid by the purse, the fulfilment server not "
+                   "yet told", max(0, now - int(session["updated"])), amount, order)
+    for order, good in purse_goods.items():
+        amount, cur = int(good["amount"]), int(good["currency_code"])
+        name = f"purse good {order} ({amount}, card {good['card']})"
+        if order in goods:
+            bad.append(f"goods: {name} was also paid by the bank (paid twice)")
+        if good["state"] == "written":
+            sums[cur]["purse goods written"] += amount
+            if sessions is None:
+                sums[cur]["purse debits"] += amount   # no payment server's books to check
+                continue
+            proof = proved.get(order)
+            if proof is None:
+                bad.append(f"goods: {name} is marked written, but no purse debit of it was "
+                           "proved (a good without payment)")
+            elif str(proof["card"]) != str(good["card"]):
+                bad.append(f"goods: {name}: its purse debit was proved on card "
+                           f"{proof['card']}")
+            row = (payment or {}).get(order)
+            if row is not None and int(row["amount"]) != amount:
+                bad.append(f"goods: {name}: the payment server's order is {row['amount']}")
+        elif good["state"] == "capp" and now - int(good["deadline"]) > REFUND_GRACE_MS:
+            bad.append(f"goods: {name} is still open, {(now - int(good['deadline'])) // 1000}"
+                       " s past its deadline (never expired)")
+        elif good["state"] not in ("capp", "expired"):
+            bad.append(f"goods: {name} is in an unknown state {good['state']!r}")
+
+
+def _twice(goods: dict[str, dict[str, Any]], purse_goods: dict[str, dict[str, Any]],
+           card_goods: dict[str, list[bytes]] | None, bad: list[str]) -> None:
     """No good twice: in the books, and (cards read) on each card."""
     by_key: dict[tuple[str, str], str] = {}
     issuers = set()
-    for order, good in goods.items():
+    for order, good in [*goods.items(), *purse_goods.items()]:
         key = (str(good["card"]).upper(), str(good["record"])[4:36].upper())
         issuers.add(key[1][:16])
         if key in by_key:
@@ -232,11 +314,15 @@ def _twice(goods: dict[str, dict[str, Any]], card_goods: dict[str, list[bytes]] 
                 continue   # another issuer's good (a terminal's composite purchase)
             if bought is None:
                 bad.append(f"goods: card {serial} holds good {gk}, which no payment bought")
-            elif goods[bought]["state"] in ("refunded", "refunding"):
+            elif bought in goods and goods[bought]["state"] in ("refunded", "refunding"):
                 bad.append(f"goods: card {serial} holds good {gk}, whose payment is "
                            f"{goods[bought]['state']}")
+            elif bought not in goods and purse_goods[bought]["state"] != "written":
+                bad.append(f"goods: card {serial} holds good {gk}, paid by its purse, but the "
+                           f"books have it {purse_goods[bought]['state']} (no debit proved)")
         for (card, gk), order in by_key.items():
-            if card == serial and goods[order]["state"] == "written" and gk not in seen:
+            state = (goods[order] if order in goods else purse_goods[order])["state"]
+            if card == serial and state == "written" and gk not in seen:
                 bad.append(f"goods: good {order} is marked written, but card {serial} does "
                            "not hold it")
 
