@@ -16,6 +16,11 @@ its plan from the seed whatever the threads' timing:
 * ``net-before`` / ``net-after``: the device's link to the authentication server cut on the
   authorisation or the "written" message (the request never sent, or its answer lost).
 
+Each good is paid either from the bank account (the secure write) or, with ``purse`` on, by
+the card's purse (the composite purchase: ``Device.pay_with_purse``; the cuts and tears then
+fall on its UPDATE CAPP DATA CACHE and DEBIT, the link cuts on the debit and proof messages).
+The payment server then holds two PSAMs (started by tests/goods_sim_serve.py).
+
 Meanwhile a killer thread SIGKILLs the authentication, payment and fulfilment servers at
 random moments of the run and starts each again at once; a device meeting a dead server
 retries (or, drawn per good, gives up: the order is left where it was). Each good's card is
@@ -35,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -49,20 +56,22 @@ from test_goods_pickup import LinkCut, Tear
 from test_goods_processes import Processes, run
 
 from svcard.card.image import open_card
-from svcard.card.storage import WRITE_STEPS, PowerCut
+from svcard.card.storage import WRITE_STEPS, PowerCut, read_image
 from svcard.host.goods import db as D
 from svcard.host.goods import wire as W
 from svcard.host.goods.config import goods_config
 from svcard.host.goods.device import Device, DeviceError, FirstMessage
 from svcard.host.goods.server import payment as payment_server
 from svcard.host.goods.server.bank import add_account
-from svcard.host.goods.stack import SERVERS, make_card
+from svcard.host.goods.stack import SERVERS, make_card, psam_images
+from svcard.host.kit.serving import wait_http
 from svcard.host.terminal.capp import read_goods
 from svcard.reader.base import CardRemovedError, Reader
 from svcard.reader.virtual import VirtualReader
 
 T = TypeVar("T")
-START = 1_000_000
+START = 1_000_000        # each bank account's balance
+EP = 100_000             # each card's purse (the purse path), the demo profile's limit
 PIN, WRONG_PIN = "123456", "654321"
 SKUS = ("ticket", "coupon", "airtime", "rides10")
 PER_CARD = 32            # kinds in turn, 8 records a kind: a card is changed before a file fills
@@ -71,6 +80,23 @@ FATES = {"honest": 6, "decline": 1, "walk-away": 1, "wrong-pin": 2, "cut-before"
          "cut-after": 2, "tear": 3, "net-before": 1, "net-after": 2}
 STALE_OFFERS = 8         # a device declines first messages it left this many behind
 RETRY = 90.0             # s a device keeps trying one step while servers are killed
+CAPP_CACHE, CAPP_DEBIT, SECURE_WRITE = b"\x84\xde", b"\x80\x54", b"\x04\xdc"
+SERVE = str(Path(__file__).parent / "goods_sim_serve.py")
+
+
+class CutAt:
+    """A reader whose link fails at the first command starting with ``prefix``: ``after``
+    True, the card took it and its answer was lost; False, it never reached the card."""
+
+    def __init__(self, inner: Reader, prefix: bytes, after: bool) -> None:
+        self.inner, self.prefix, self.after = inner, prefix, after
+
+    def exchange(self, apdu: bytes) -> Any:
+        if apdu.startswith(self.prefix):
+            if self.after:
+                self.inner.exchange(apdu)
+            raise CardRemovedError("the card was pulled")
+        return self.inner.exchange(apdu)
 
 
 class NetCut(httpx.BaseTransport):
@@ -106,6 +132,8 @@ class Good:
     give_up: float           # chance the holder gives up after a server failure
     pickup: str              # now | later | never (before the end's pick-ups)
     torn_pickup: int | None  # a pick-up torn at this step
+    purse: bool              # paid by the purse (when the run has the purse path)
+    debit_cut_at: int        # the tear's step in a DEBIT FOR CAPP PURCHASE (two writes)
 
 
 def draw(seed: int, n: int) -> Good:
@@ -114,12 +142,14 @@ def draw(seed: int, n: int) -> Good:
     return Good(n, fate, rng.randrange(len(WRITE_STEPS)), rng.random() < 0.3,
                 rng.choice((0.0, 0.0, 0.2)),
                 rng.choices(("now", "later", "never"), (2, 1, 2))[0],
-                rng.randrange(2 * len(WRITE_STEPS)) if rng.random() < 0.15 else None)
+                rng.randrange(2 * len(WRITE_STEPS)) if rng.random() < 0.15 else None,
+                rng.random() < 0.5, rng.randrange(2 * len(WRITE_STEPS)))
 
 
 @dataclass
 class Figures:
     fates: Counter[str] = field(default_factory=Counter)
+    ways: Counter[str] = field(default_factory=Counter)   # who was to pay: bank | purse
     events: Counter[str] = field(default_factory=Counter)
     kills: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -165,10 +195,34 @@ class ArmAt:
         return self.inner.exchange(apdu)
 
 
+class SimProcesses(Processes):
+    """The five processes; the payment server with PSAMs (tests/goods_sim_serve.py) when
+    ``psams`` are given."""
+
+    def __init__(self, folder: Path, psams: list[Path]) -> None:
+        super().__init__(folder)
+        self.psams = psams
+
+    def start(self, role: str) -> None:
+        if role != "payment" or not self.psams:
+            super().start(role)
+            return
+        log = self.folder / f"{role}.log"
+        with log.open("ab") as err:
+            self.procs[role] = subprocess.Popen(
+                [sys.executable, SERVE, str(self.config), *map(str, self.psams)],
+                stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_http(f"{self.url(role)}/v1/health", timeout=60)
+        except TimeoutError:
+            raise AssertionError(f"goods-{role} did not start: {log.read_text()[-2000:]}"
+                                 ) from None
+
+
 class System:
     """The five processes of one goods system, the cards and the accounts."""
 
-    def __init__(self, folder: Path, pickup_seconds: int) -> None:
+    def __init__(self, folder: Path, pickup_seconds: int, purse: bool = False) -> None:
         run("goods", "init", str(folder / "sys"))
         config = folder / "sys" / "goods.toml"
         config.write_text(config.read_text().replace(
@@ -177,7 +231,9 @@ class System:
         self.folder = folder
         self.config = config
         self.pickup_seconds = pickup_seconds
-        self.procs = Processes(folder / "sys")
+        self.purse = purse
+        psams = psam_images(folder / "sys" / "psams", 2) if purse else []
+        self.procs = SimProcesses(folder / "sys", psams)
         self.cards: dict[str, Path] = {}   # made before the buyers start
         self.lock = threading.Lock()   # one restart at a time (killer and end phase)
 
@@ -202,7 +258,7 @@ class System:
     def card(self, serial: int) -> Path:
         name = f"{serial:020d}"
         if name not in self.cards:
-            path = make_card(self.folder / "cards", serial)
+            path = make_card(self.folder / "cards", serial, ep=EP if self.purse else 0)
             engine = self.engine("bank")
             try:
                 add_account(engine, f"acc{serial}", name, PIN, START, 156,
@@ -280,20 +336,29 @@ class Buyer:
 
         order = retried(place, deadline, f)
         first = retried(lambda: self.first_of(order, path), deadline, f)
+        purse = self.system.purse and good.purse and good.fate != "decline"
+        with f.lock:
+            f.ways["purse" if purse else "bank"] += 1
         if good.fate == "walk-away":
             return
         if good.fate == "wrong-pin":
-            self.wrong_pin(path, first, good)
+            self.wrong_pin(path, first, good, purse)
         rng = random.Random(f"{self.seed}/{good.n}/tries")
         tries = 0
         while True:
             try:
-                self.attempt(path, first, good if tries == 0 else None)
+                if purse:
+                    self.attempt_purse(path, first, good if tries == 0 else None)
+                else:
+                    self.attempt(path, first, good if tries == 0 else None)
                 break
             except (CardRemovedError, PowerCut):
                 f.note("card pulled or torn")
                 break
             except (DeviceError, httpx.HTTPError) as exc:
+                if "(409)" in str(exc) or "answered 409" in str(exc):
+                    f.note("refused, not retried")   # for good: the purse's order expired,
+                    break                             # its counter moved
                 f.note("server failures")
                 tries += 1
                 if rng.random() < good.give_up:
@@ -318,12 +383,15 @@ class Buyer:
         assert mine, "not offered yet"
         return mine[0]
 
-    def wrong_pin(self, path: Path, first: FirstMessage, good: Good) -> None:
+    def wrong_pin(self, path: Path, first: FirstMessage, good: Good, purse: bool) -> None:
         tear = Tear(good.cut_at) if good.torn_pin else None
         try:
             with card_at(path, tear) as reader:
                 link = cast(Reader, ArmAt(reader, tear, b"\x00\x20")) if tear else reader
-                self.device.authorise(link, first, WRONG_PIN)
+                if purse:
+                    self.device.pay_with_purse(link, first, WRONG_PIN)
+                else:
+                    self.device.authorise(link, first, WRONG_PIN)
             raise AssertionError("a wrong PIN was taken")
         except DeviceError as exc:
             assert "63C" in str(exc), exc
@@ -356,6 +424,34 @@ class Buyer:
                 self.link.armed = None
         self.figures.note("written at once" if out.written else
                           "paid, not written at once" if out.paid else "not paid")
+
+    def attempt_purse(self, path: Path, first: FirstMessage, good: Good | None) -> None:
+        """The purse pays: one composite purchase, cut, torn or its messages lost."""
+        fate = good.fate if good else "honest"
+        tear = Tear(good.debit_cut_at) if good and fate == "tear" else None
+        with card_at(path, tear) as reader:
+            link: Reader = reader
+            if good and fate in ("cut-before", "cut-after"):
+                at = CAPP_DEBIT if fate == "cut-after" or good.cut_at % 2 else CAPP_CACHE
+                link = cast(Reader, CutAt(reader, at, after=fate == "cut-after"))
+            elif tear is not None:
+                link = cast(Reader, ArmAt(reader, tear, CAPP_DEBIT))
+            if good and fate in ("net-before", "net-after"):
+                cut = "/v1/purse/debits" if good.cut_at % 2 else "/v1/purse/proofs"
+                self.link.armed = (cut, fate == "net-after")
+            try:
+                out = self.device.pay_with_purse(link, first, PIN)
+            except PowerCut:
+                self.figures.note("tears: in the purse's DEBIT")
+                raise
+            except DeviceError as exc:
+                if "link was cut" in str(exc):
+                    self.figures.note("device links cut")
+                raise
+            finally:
+                self.link.armed = None
+        self.figures.note("purse: written with its debit" if out.written else
+                          "purse: not paid")
 
     def pickup(self, path: Path, torn: int | None, deadline: float) -> None:
         tear = Tear(torn) if torn is not None else None
@@ -452,6 +548,7 @@ def settle(system: System, buyers: list[Buyer], seed: int, figures: Figures) -> 
         later = fulfil.now_ms() + (system.pickup_seconds + 1) * 1000
         refunded = asyncio.run(fulfil.refund_due(at_ms=later))
         refunded += asyncio.run(fulfil.refund_due(at_ms=later))   # finish `refunding`
+        figures.note("purse goods expired by the end's clock", fulfil.purse_expire(later))
     finally:
         system.resume("fulfil", fulfil)
     figures.note("refunded by the end's refund clock", refunded)
@@ -465,9 +562,11 @@ def settle(system: System, buyers: list[Buyer], seed: int, figures: Figures) -> 
         try:
             with engine.connect() as conn:
                 states = Counter(r.state for r in conn.execute(select(D.goods.c.state)))
+                purse = Counter(r.state for r in conn.execute(select(D.purse_goods.c.state)))
         finally:
             engine.dispose()
         assert set(states) <= {D.WRITTEN, D.REFUNDED}, states
+        assert set(purse) <= {D.WRITTEN, D.EXPIRED}, purse
 
     retried(every_card, deadline, figures)
     return refunded
@@ -475,21 +574,29 @@ def settle(system: System, buyers: list[Buyer], seed: int, figures: Figures) -> 
 
 def check(system: System) -> dict[str, int]:
     """Every database and every card: 0 goods without payment, 0 payments without exactly one
-    good on its card or a refund, no good twice on a card, every balance exact. Figures."""
+    good on its card or a refund, no good twice on a card, every account's balance and every
+    purse exact. Figures."""
     on_cards: dict[str, list[bytes]] = {}
+    purses: dict[str, int] = {}
     for serial, path in system.cards.items():
         with card_at(path) as reader:
             on_cards[serial] = [e.record[10:18] for e in read_goods(reader)]
-    bank, fulfil = system.engine("bank"), system.engine("fulfil")
+        purses[serial] = int(read_image(path)["app"]["ep"]["balance"])
+    bank, fulfil, payment = (system.engine(r) for r in ("bank", "fulfil", "payment"))
     try:
         with bank.connect() as conn:
             paid = [dict(r._mapping) for r in conn.execute(select(D.bank_payments))]
             accounts = {r.card: r for r in conn.execute(select(D.accounts))}
         with fulfil.connect() as conn:
             goods = {r.order_ref: r for r in conn.execute(select(D.goods))}
+            purse_goods = {r.order_ref: r for r in conn.execute(select(D.purse_goods))}
+        with payment.connect() as conn:
+            orders = {r.order_ref: r for r in conn.execute(select(D.payment_orders))}
+            sessions = [r for r in conn.execute(select(D.purse_sessions))
+                        if r.state == D.COMMITTED]
     finally:
-        bank.dispose()
-        fulfil.dispose()
+        for engine in (bank, fulfil, payment):
+            engine.dispose()
     for serial, held in on_cards.items():
         twice = [g.hex() for g, n in Counter(held).items() if n > 1]
         assert not twice, f"card {serial} holds goods {twice} twice"
@@ -502,19 +609,42 @@ def check(system: System) -> dict[str, int]:
             assert copies == 0 and good.state == D.REFUNDED, (order, copies, good.state)
         else:
             assert copies == 1 and good.state == D.WRITTEN, (order, copies, good.state)
+    assert set(goods) <= {p["order_ref"] for p in paid}, "a good without a payment"
+    # the purse: a good written <=> its order paid by a proved debit <=> once on its card
+    proved = Counter(r.order_ref for r in sessions)
+    assert all(n == 1 for n in proved.values()), f"an order debited twice: {proved}"
+    purse_by_id = {bytes.fromhex(o)[:8]: g for o, g in purse_goods.items()}
+    for order, good in purse_goods.items():
+        copies = on_cards[good.card].count(bytes.fromhex(order)[:8])
+        state = orders[order].state
+        if good.state == D.WRITTEN:
+            assert copies == 1 and state == D.PURSE_PAID and proved[order] == 1, \
+                (order, copies, state)
+        else:
+            assert copies == 0 and state != D.PURSE_PAID and order not in proved, \
+                (order, good.state, copies, state)
     for serial, held in on_cards.items():
         for good_id in held:
-            p = by_id.get(good_id)
-            assert p is not None and p["state"] == "paid", \
+            p, g = by_id.get(good_id), purse_by_id.get(good_id)
+            assert (p is not None and p["state"] == "paid" and goods[p["order_ref"]].card ==
+                    serial) or (g is not None and g.state == D.WRITTEN and g.card == serial), \
                 f"card {serial} holds {good_id.hex()}, which nobody paid for"
-            assert goods[p["order_ref"]].card == serial, (serial, good_id.hex())
-    assert set(goods) <= {p["order_ref"] for p in paid}, "a good without a payment"
     for serial, account in accounts.items():
         spent = sum(p["amount"] for p in paid
                     if p["state"] == "paid" and goods[p["order_ref"]].card == serial)
         assert account.balance == START - spent, (serial, account.balance, START - spent)
+    for serial, balance in purses.items():
+        spent = sum(g.amount for g in purse_goods.values()
+                    if g.card == serial and g.state == D.WRITTEN)
+        opening = EP if system.purse else 0
+        assert balance == opening - spent, f"card {serial}: purse {balance}, " \
+            f"{opening} - purse goods written {spent} = {opening - spent}"
     kept = [p for p in paid if p["state"] == "paid"]
-    return {"payments": len(paid), "written": len(kept),
-            "refunded": len(paid) - len(kept), "on cards": sum(map(len, on_cards.values())),
+    written = [g for g in purse_goods.values() if g.state == D.WRITTEN]
+    return {"bank payments": len(paid), "bank written": len(kept),
+            "refunded": len(paid) - len(kept), "purse written": len(written),
+            "purse expired": len(purse_goods) - len(written),
+            "on cards": sum(map(len, on_cards.values())),
             "debited": sum(p["amount"] for p in paid),
-            "kept": sum(p["amount"] for p in kept), "cards": len(system.cards)}
+            "kept": sum(p["amount"] for p in kept),
+            "purse debited": sum(g.amount for g in written), "cards": len(system.cards)}
