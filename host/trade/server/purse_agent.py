@@ -61,7 +61,7 @@ def open_session(http: httpx.Client, account_url: str, account_public: bytes,
         raise C.TradeError("the account manager ordered another amount than the deposit")
     try:
         paid = pay_client.pay(str(order["checkout_url"]), card, journal=journal, http=http)
-    except TerminalError as exc:
+    except (TerminalError, httpx.HTTPError) as exc:
         raise C.TradeError(f"the card payment of order {order['order']} did not finish: "
                            f"{exc}; if the card was debited, resume (svcard session open "
                            "--purse ... --resume), never open again") from None
