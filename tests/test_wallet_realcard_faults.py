@@ -191,3 +191,48 @@ def test_the_gateway_killed_between_the_purse_debit_and_the_approval(
     status, listed = world.link("gateway", "web", "web").post("/v1/wallet/list", {
         "member": card["member"]})
     assert [c["balance"] for c in listed["cards"]] == [4_000 - p["amount"]]
+
+
+def test_the_gateway_killed_on_a_loads_confirmation(world: World) -> None:
+    """SIGKILL after the load server decided and the card loaded, before the gateway (the
+    bank) registered it: the helper's journal keeps the load open; its resume at the next
+    contact carries the same confirmation, the gateway registers it once, and the charge is
+    never loaded again."""
+    member = "loadkill"
+    web = world.link("gateway", "web", "web")
+    status, card = web.post("/v1/wallet/issue", {"member": member, "kind": "real",
+                                                 "ref": secrets.token_hex(8)})
+    assert status == 200, card
+    number = card["number"]
+    status, moved = world.link("fin", "AGENT1", "agent").post("/v1/topups", {
+        "ref": "cash-" + secrets.token_hex(8), "card": number, "amount": 900,
+        "currency": 156})
+    assert status == 200 and moved["result"] == "done", moved
+    loads = wait_for("the load order", lambda: web.post(
+        "/v1/wallet/list", {"member": member})[1]["loads"])
+    image = world.folder / "mail" / f"{number}.json"
+    journal = Journal(world.folder / f"{member}.journal")
+    world.procs["gateway"].terminate()
+    world.procs["gateway"].wait(timeout=30)
+    world.start("gateway", crash="gateway-after-load")
+    bank = f"{world.web_thread.url}/purse/bank"
+    with open_reader(f"virtual:{image}") as reader, pytest.raises(
+            (httpx.HTTPError, LC.PaymentRefused)):
+        LC.load(bank, reader, account=loads[0]["account"], secret=loads[0]["secret"],
+                amount=900, journal=journal, http=world.http)
+    assert world.procs["gateway"].wait(timeout=30) == -signal.SIGKILL
+    assert json.loads(image.read_text())["app"]["ep"]["balance"] == 900   # the card loaded
+    world.start("gateway")
+    # still owed in the gateway's view until the confirmation arrives; a new load of the same
+    # order is refused (its load is under way), so it can never be loaded twice
+    assert [x["state"] for x in web.post("/v1/wallet/list", {"member": member})[1]
+            ["loads"]] == ["debited"]
+    with open_reader(f"virtual:{image}") as reader:
+        with pytest.raises(LC.PaymentRefused, match="debited already"):
+            LC.load(bank, reader, account=loads[0]["account"], secret=loads[0]["secret"],
+                    amount=900, journal=Journal(world.folder / "other.journal"),
+                    http=world.http)
+        report = LC.resume_loads(reader, journal=journal, http=world.http)
+    assert [r["outcome"] for r in report] == ["loaded"], report
+    assert web.post("/v1/wallet/list", {"member": member})[1]["loads"] == []
+    assert json.loads(image.read_text())["app"]["ep"]["balance"] == 900

@@ -43,6 +43,7 @@ from ....protocols import secure
 from ...kit.db import now_ms, reading, step
 from ...kit.http import Refused, read_body, read_json
 from ...kit.request_log import note
+from ..base import crash_point
 from .purse import card_serial, metadata
 
 if TYPE_CHECKING:
@@ -252,6 +253,7 @@ async def status(server: GatewayServer, request: Request) -> Response:
         raise Refused(400, 400, "the confirmation does not match the load")
     loaded = conf.outcome == L.OUTCOME_LOADED
     note(txn=row["order_id"], step="load-status", outcome="loaded" if loaded else "not loaded")
+    crash_point("gateway-after-load")   # the card loaded (or not), nothing registered here
     if not await server.sql(register, server.engine, txn_hex, loaded, conf.reason):
         raise Refused(409, 409, "this load was already registered")
     return JSONResponse({"registered": True, "outcome": "loaded" if loaded else "not loaded",
