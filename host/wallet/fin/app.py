@@ -30,12 +30,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+from sqlalchemy import Engine, select
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ...kit.db import reading
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
 from ...kit.request_log import RequestLog, note
 from ..base import WalletServer, crash_point, ok
@@ -57,6 +59,13 @@ from ..links import (
 from . import db as D
 from . import ledger as L
 from .mail import mail_real_card
+
+
+def _moved_before(engine: Engine, ref: str) -> bool:
+    """Whether a movement was recorded under ``ref``."""
+    with reading(engine) as conn:
+        return conn.execute(select(D.movements.c.id).where(
+            D.movements.c.ref == ref)).first() is not None
 
 log = logging.getLogger("svcard.wallet.fin")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -225,7 +234,10 @@ class FinServer(WalletServer):
         if pid is None:
             raise Refused(403, 403, "the card details were not filled by the member's wallet "
                                     "for this purchase")
-        if p["expires"] <= self.now_ms():
+        ref = "pay:" + pid
+        # expired, unless already paid: a debit made before the expiry whose answer was lost
+        # is answered as made (repeated) when the mall asks again, never "expired"
+        if p["expires"] <= self.now_ms() and not await self.sql(_moved_before, self.engine, ref):
             raise Refused(410, 410, "the purchase expired")
         self._currency({"currency": p["currency"]})
         found = await self.sql(L.check_secret, self.engine, card,
@@ -236,7 +248,6 @@ class FinServer(WalletServer):
                                            "locked": "the card is locked after too many "
                                                      "wrong secrets",
                                            "unknown": "no such card"}[found])
-        ref = "pay:" + pid
         outcome = await self._moved(ref, "debit", card, "mall:" + p["mall"], p["amount"],
                                     p["currency"], None, p["order"])
         # asked again (a VAN's retry after a lost answer, or a copy): the first outcome,
