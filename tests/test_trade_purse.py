@@ -155,32 +155,33 @@ def sessions_of(w: World, customer: str) -> int:
 
 def test_a_card_funds_a_session_and_takes_the_rest_back(world: World, tmp_path: Path) -> None:
     w = world
-    card = card_image(tmp_path, ep=20_00)
+    card = card_image(tmp_path, ep=30_00)
     journal = Journal(tmp_path / "journal.jsonl")
     with httpx.Client(timeout=30) as http:
-        s = open_purse(w, http, card, journal=journal)
-        assert balance(card) == 15_00                       # one card purchase: the deposit
-        assert s.deposit == 5_00 and s.currency == "CNY" and s.purse_order
-        for _ in range(30):                                 # many micropayments, no card
-            C.buy(http, s, "tea", 3)
+        s = open_purse(w, http, card, deposit=20_00, journal=journal)
+        assert balance(card) == 10_00                       # one card purchase: the deposit
+        assert s.deposit == 20_00 and s.currency == "CNY" and s.purse_order
+        assert s.length >= 300
+        for _ in range(300):                                # hundreds of micropayments,
+            C.buy(http, s, "tea", 1)                        # not one of them on the card
         got = C.close(http, s)
         c = got["clearing"]
-        assert c["outcome"] == "agreed" and c["paid"] == 90
+        assert c["outcome"] == "agreed" and c["paid"] == 300
         rest = c["returned"]
-        assert 0 < rest < 5_00 and cleared(http, s) == rest
+        assert 0 < rest < 20_00 and cleared(http, s) == rest
         with open_reader(f"virtual:{card}") as reader:
             loaded = PA.load_rest(http, s, reader, journal)
         assert loaded is not None and loaded.outcome == "loaded" and loaded.amount == rest
-    assert balance(card) == 15_00 + rest                    # the rest back on the same card
+    assert balance(card) == 10_00 + rest                    # the rest back on the same card
     row = first_row(w.trade.account.engine, D.am_purse, order_id=s.purse_order)
     assert row is not None and (row["state"], row["load_state"]) == ("open", "loaded")
     assert row["tac"] and row["card_serial"] == card_info(card).app_serial.lower()
     bill = json.loads((w.folder / "trade" / "billing-am1" / "withdrawals" /
                        f"{s.session}.json").read_text())
-    assert bill["funding"] == "purse" and bill["purse"]["amount"] == 5_00
+    assert bill["funding"] == "purse" and bill["purse"]["amount"] == 20_00
     assert bill["purse"]["tac"] == row["tac"]
     assert bill["load"] == {"amount": rest, "state": "loaded", "txn": row["load_txn"]}
-    assert bill["returned"] == rest and bill["amount"] == 5_00 - rest
+    assert bill["returned"] == rest and bill["amount"] == 20_00 - rest
     book = records.books([w.trade.acquirer.engine], [w.trade.account.engine],
                          [w.trade.merchant_account.engine])
     assert book.clean, book.problems
