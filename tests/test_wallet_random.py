@@ -206,8 +206,9 @@ class Run:
         return self.definite(lambda: self.s.mall_asks(way, p, form))
 
     def settle(self, way: str, card: str, p: dict[str, Any], form: dict[str, Any],
-               status: int, answer: Any) -> bool:
-        """Check a definite answer against the model and apply it: approved or not."""
+               status: int, answer: Any) -> bool | None:
+        """Check a definite answer against the model and apply it: approved or not (None:
+        it expired while the servers were down)."""
         c = self.cards[card]
         enough = c["balance"] >= p["amount"]
         if status == 409 and answer.get("state") in ("approved", "declined"):
@@ -217,7 +218,7 @@ class Run:
             # it expired while the servers were down, never matched: nothing moved (a debit
             # made under it would show in the books at the end)
             self.outcomes["expired-in-faults"] += 1
-            return False
+            return None
         else:
             assert status in (200, 402), (way, status, answer)
             approved = status == 200
@@ -297,7 +298,7 @@ class Run:
         if kind in ("wrong-secret", "unregistered", "mismatch") and self.rng.random() < 0.5:
             return                      # the order is left unpaid
         approved = self.settle(way, card, p, form, *self.ask(way, p, form))
-        if kind == "replay" or self.rng.random() < 0.1:
+        if approved is not None and (kind == "replay" or self.rng.random() < 0.1):
             self.again(way, p, form, approved)
 
     def expire(self, wait: bool) -> None:
