@@ -408,3 +408,38 @@ def test_a_power_cut_at_every_write_of_the_composite_purchase(
         assert committed == {True, False}    # both sides of the card's commit were cut
     finally:
         stack.close()
+
+
+def test_a_debit_sent_without_its_record_is_completed_at_pick_up(
+        stack: GoodsStack, http: httpx.Client, card: tuple[Path, str]) -> None:
+    path, serial = card
+    device = stack.device()
+    first = first_for(stack, http, device)
+    with open_reader(f"virtual:{path}") as reader:   # the DEBIT alone: paid, no good
+        init, answer = opened(stack, device, reader, first, serial)
+        done = reader.exchange(bytes.fromhex(answer["debit"]))
+    assert done.ok and ep(path) == EP - 1250 and goods_on(path) == []
+    proof = P.DebitForPurchaseAnswer.parse(done.data)
+    assert device._post("/v1/purse/proofs", W.PURSE_PROOF, {
+        "device": device.id, "card": serial, "counter": counter_of(init),
+        "mac2": proof.mac2.hex().upper(), "tac": proof.tac.hex().upper(),
+        "created": now()})["paid"] is True
+    stranger = stack.device()                   # another device gets no write of it
+    with open_reader(f"virtual:{path}") as reader:
+        stranger.pickup(reader)     # (it may prove the card's purchase: the same answer)
+    assert goods_on(path) == []
+    with open_reader(f"virtual:{path}") as reader:
+        outs = device.pickup(reader)
+    assert [(o.order, o.written) for o in outs][-1:] == [(first.order, True)]
+    [good] = goods_on(path)
+    assert good["good_id"] == bytes.fromhex(first.order)[:8]
+    with open_reader(f"virtual:{path}") as reader:     # held now: nothing more
+        assert [o for o in device.pickup(reader) if o.written and o.sw != 0x9000] == []
+        # a device hiding it from "held" gets a write by its tag: the card keeps one record
+        select_purse(reader)
+        challenge = call(reader, apdus.get_challenge(4), "GET CHALLENGE")
+        again = device._post("/v1/pickups", W.PICKUP, {
+            "device": device.id, "card": serial, "issuer": "0102030405060708",
+            "challenge": challenge.hex().upper(), "held": [], "created": now()})
+        assert reader.exchange(bytes.fromhex(again["apdu"])).sw == 0x9000
+    assert len(goods_on(path)) == 1 and ep(path) == EP - 1250

@@ -183,7 +183,9 @@ class FulfilServer(PurseFulfil):
         with step(self.engine) as conn:
             row = conn.execute(select(g).where(g.c.order_ref == order, g.c.card == card)
                                ).first()
-            if row is None or (row.state == D.ISSUED and row.issued_to != device):
+            if row is None:   # a purse good written again at a pick-up, or nothing
+                return self.purse_written_again(order, card, device)
+            if row.state == D.ISSUED and row.issued_to != device:
                 return None
             if row.state == D.ISSUED:
                 values = {"state": D.WRITTEN} if sw == 0x9000 else {"issued_at": None}
@@ -199,6 +201,9 @@ class FulfilServer(PurseFulfil):
             held = await self.sql(self._held, data["card"], data["device"], data["held"])
             claim = await self.sql(self._claim, None, data["card"], data["challenge"],
                                    data["device"])
+            if claim["apdu"] is None:   # a purse good paid but not on the card
+                claim = await self.sql(self.purse_redelivery, data["card"], data["device"],
+                                       data["challenge"], data["held"]) or claim
             return self.reply(W.RELAYED_PICKUP, {**claim, "held": held})
         return await handled(work)
 

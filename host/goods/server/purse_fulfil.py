@@ -136,6 +136,34 @@ class PurseFulfil(PartyServer):
                                ).first()
         return str(row.state) if row else None
 
+    def purse_redelivery(self, card: str, device: str, challenge: str,
+                         held: list[str]) -> dict[str, Any] | None:
+        """At a pick-up through the device that bought it: a purse good paid (``written``)
+        that the card does not hold, written again by secure messaging (a device that sent the
+        DEBIT without the record). By its tag: a card holding it already (a device hiding it
+        from ``held``) keeps its own record, used or not; so a re-delivery needs no state."""
+        g = D.purse_goods
+        with step(self.engine) as conn:
+            rows = conn.execute(select(g).where(g.c.card == card, g.c.device == device,
+                                                g.c.state == D.WRITTEN).order_by(g.c.id)
+                                .limit(256)).all()
+        for row in rows:
+            if row.record[4:36] not in held:
+                apdu = self.keys.update_record(bytes.fromhex(card), bytes.fromhex(challenge),
+                                               row.sfi, bytes.fromhex(row.record))
+                return {"order": row.order_ref, "card": card, "apdu": apdu.hex().upper(),
+                        "state": D.WRITTEN}
+        return None
+
+    def purse_written_again(self, order: str, card: str, device: str) -> str | None:
+        """The card's answer to a re-delivery: the good's state (None: no such purse good of
+        this card and device)."""
+        g = D.purse_goods
+        with step(self.engine) as conn:
+            row = conn.execute(select(g.c.state).where(
+                g.c.order_ref == order, g.c.card == card, g.c.device == device)).first()
+        return str(row.state) if row is not None else None
+
     def purse_expire(self, at_ms: int | None = None) -> int:
         """``capp`` goods past their deadline -> ``expired`` (nothing to refund); how many."""
         g = D.purse_goods
