@@ -378,11 +378,15 @@ def test_embodiment_2_refuses_a_real_card(world: World) -> None:
         h.close()
 
 
-def test_the_real_card_holds_no_holder_data(world: World) -> None:
+def test_the_mailed_cards_purse_names_its_number(world: World) -> None:
+    """The purse's application serial is ``0000`` + the card number: what the gateway binds
+    a load and a purse payment to (its holder file is empty: test_wallet_network)."""
+    from svcard.host.terminal.purse import select_purse
+    from svcard.host.terminal.reader_specs import open_reader
     h = holder(world, "anon1")
     try:
-        image = json.loads(h.image.read_text())
-        assert "0000" + h.card == image["app"].get("app_serial", "0000" + h.card)
+        with open_reader(f"virtual:{h.image}") as reader:
+            assert select_purse(reader).app_serial == ("0000" + h.card).upper()
     finally:
         h.close()
 
