@@ -286,6 +286,7 @@ class PurseDesk:
             with contextlib.suppress(Refused):    # no session made: refused below
                 await am.open_initiation(data, row["digest"])
         found = await held()
+        found = found if found and found["digest"] == row["digest"] else None  # this one's only
         if found is None or found["state"] == D.REFUSED:
             await am.sql(settle_order, am.engine, row["order_id"], REFUSED,
                          found and found["session"], am.now_ms())

@@ -1,0 +1,119 @@
+"""Reviewer R-trade2 (issue 15): attacks on certificates, FIG. 4 delivery and purse-funded
+deposits through the real servers. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from svcard.card.storage import read_image
+from svcard.host.demo.system import card_image
+from svcard.host.kit.db import first_row
+from svcard.host.load.server.app import BankAccount
+from svcard.host.load.stack import DEMO_LOAD_TERMINAL, LoadStack, start_load_stack
+from svcard.host.pay import client as pay_client
+from svcard.host.pay.server.app import MerchantAccount
+from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.reader_specs import open_reader
+from svcard.host.trade import customer as C
+from svcard.host.trade import db as D
+from svcard.host.trade import signing as S
+from svcard.host.trade.config import PurseSettings
+from svcard.host.trade.money import Amount, ExchangeTable
+from svcard.host.trade.server import purse_agent as PA
+from svcard.host.trade.stack import DEMO_RATES, TradeStack, start_trade
+from svcard.protocols import messages as PM
+
+AM_MERCHANT = b"AMTRADE1"
+AM_BANK = b"AMBANK01"
+
+
+@dataclass
+class PurseWorld:
+    trade: TradeStack
+    pay: Stack
+    load: LoadStack
+    folder: Path
+
+
+@pytest.fixture
+def purse_world(tmp_path: Path) -> Iterator[PurseWorld]:
+    now = int(time.time() * 1000)
+    table = ExchangeTable.from_text("bank-m", "EUR", {**DEMO_RATES, "CNY": "7.8123"},
+                                    now - 60_000, now + 86_400_000)
+    trade = start_trade(tmp_path / "trade", table=table)
+    pay = start_stack(tmp_path / "pay", psams=1)
+    load = start_load_stack(tmp_path / "load")
+    pay_key, load_key = os.urandom(32), os.urandom(32)
+    pay.payment_server.config.merchants[AM_MERCHANT] = MerchantAccount(
+        AM_MERCHANT, pay_key, frozenset({PM.FIG6_SERVER_COMPARES}))
+    load.load_server.config.banks[AM_BANK] = BankAccount(AM_BANK, load_key)
+    trade.account.config.purse = PurseSettings(
+        AM_MERCHANT, pay_key, pay.payment.url, pay.payment_server.pool.terminal_id, AM_BANK,
+        load_key, load.load.url, DEMO_LOAD_TERMINAL, "CNY", 156, trade.am.url)
+    yield PurseWorld(trade, pay, load, tmp_path)
+    trade.close()
+    pay.close()
+    load.close()
+
+
+def test_a_card_paying_one_cent_never_funds_a_credit_session_of_the_same_txn(
+        purse_world: PurseWorld, tmp_path: Path) -> None:
+    """The attack: a session opened on credit (deposit 50.00) with txn X, then a purse order
+    of 0.01 with the same txn X. The card pays 0.01; the desk found 'the session of this
+    txn' and tied the credit session to the card: at clearing the rest of the 50.00 became
+    due to the card (loaded as purse money) and the withdrawal record said 'funding: purse'
+    (the account not charged). Now: the session opens only from the very initiation the card
+    paid for; this order is refused and its 0.01 is due back, nothing else."""
+    w = purse_world
+    made = w.trade.customer("mallory", 100_00, "CNY")
+    txn = secrets.token_hex(16)
+    key = PA.session_key(made.key, txn)
+    card = card_image(tmp_path, ep=20_00)
+    with httpx.Client(timeout=30) as http:
+        body, headers = C.initiation("mallory", made.key, S.public_of(key), "shop", "op1",
+                                     Amount(50_00, "CNY"), "session", 0, txn=txn)
+        credit = http.post(f"{w.trade.am.url}/v1/sessions", content=body, headers=headers)
+        assert credit.status_code == 200, credit.text
+        s = C.opened_session(http, w.trade.am.url, w.trade.am.public, credit.content,
+                             credit.headers.get(S.SIGNATURE), "shop", w.trade.url("shop"),
+                             Amount(50_00, "CNY"), key, 1)
+        body, headers = C.initiation("mallory", made.key, S.public_of(key), "shop", "op1",
+                                     Amount(1, "CNY"), "session", 0, txn=txn)
+        answer = http.post(f"{w.trade.am.url}/v1/purse/orders", content=body,
+                           headers=headers)
+        assert answer.status_code == 200, answer.text
+        order = answer.json()
+        with open_reader(f"virtual:{card}") as reader:
+            paid = pay_client.pay(str(order["checkout_url"]), reader,
+                                  journal=Journal(tmp_path / "journal.jsonl"), http=http)
+        assert int(read_image(card)["app"]["ep"]["balance"]) == 20_00 - 1
+        receipt = paid.receipt
+        assert "opened" not in receipt, "a 0.01 card payment opened the 50.00 credit session"
+        assert receipt["load_due"] == 1
+        row = first_row(w.trade.account.engine, D.am_purse, order_id=order["order"])
+        assert row is not None and row["state"] == "refused" and row["session"] is None
+        assert row["rest"] == 1 and row["load_state"] == "due"
+        s.purse_order = order["order"]
+        C.close(http, s)                            # nothing bought: 50.00 returned
+        deadline = time.monotonic() + 20
+        while PA.rest(http, s) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    row = first_row(w.trade.account.engine, D.am_purse, order_id=order["order"])
+    assert row is not None and row["rest"] == 1           # not the credit session's 50.00
+    path = w.folder / "trade" / "billing-am1" / "withdrawals" / f"{s.session}.json"
+    while not path.exists():                    # written just after the row
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    bill = json.loads(path.read_text())
+    assert "funding" not in bill and "purse" not in bill   # a credit session, billed as one
