@@ -6,6 +6,8 @@ each party's id, URL and PUBLIC key, with the serving party's private key given 
 
     currency_code = 156
     pickup_seconds = 604800            # a paid good not on the card by then is refunded
+    orders_per_device = 600            # merchant orders naming one device, per minute (429)
+    registrations_per_address = 120    # new devices from one address, per minute (429)
     [parties.merchant]
     id = "merchant1"
     url = "http://127.0.0.1:8301"
@@ -84,6 +86,8 @@ class GoodsSystem:
     pickup_seconds: int = 7 * DAY
     issue_lease: int = 30                   # seconds before an unconfirmed write is re-issued
     poll_wait: float = 25.0                 # the longest a device's long poll is held
+    orders_per_device: int = 600            # merchant orders naming one device, per minute
+    registrations_per_address: int = 120    # new devices from one client address, per minute
 
     def peer(self, role: str) -> Peer:
         return self.parties[role]
@@ -137,6 +141,8 @@ class GoodsFile(Section):
     currency_code: CurrencyCode = 156
     pickup_seconds: PosInt = 7 * DAY
     issue_lease: PosInt = 30
+    orders_per_device: PosInt = 600
+    registrations_per_address: PosInt = 120
     parties: PartiesEntry
     item: list[ItemEntry] = Field(min_length=1, max_length=1000)
 
@@ -163,7 +169,9 @@ def goods_config(path: Path, role: str, db_url: str | None = None) -> PartyConfi
         raise ConfigError(f"{path}: item: two items have the same sku")
     system = GoodsSystem({r: Peer(e.id, e.url.rstrip("/"), e.public_key)
                           for r, e in entries.items()}, items, merchant.issuer_id,
-                         bank.seal_key, f.currency_code, f.pickup_seconds, f.issue_lease)
+                         bank.seal_key, f.currency_code, f.pickup_seconds, f.issue_lease,
+                         orders_per_device=f.orders_per_device,
+                         registrations_per_address=f.registrations_per_address)
     issuer = None
     if role == "fulfil":
         if fulfil.goods_issuer is None:

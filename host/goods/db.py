@@ -72,6 +72,12 @@ merchant_orders = Table(
     Column("customer_ref", String(64), nullable=False),   # recorded, never trusted
     *_stamps())
 
+merchant_quotas = Table(   # orders per device per minute (one row per device, fixed window)
+    "goods_merchant_quotas", merchant_md,
+    Column("key", String(64), primary_key=True),
+    Column("since", BigInteger, nullable=False),          # ms: the window's start
+    Column("used", Integer, nullable=False))
+
 payment_md = MetaData()
 payment_orders = Table(
     "goods_payment_orders", payment_md, *_order_cols(),
@@ -120,6 +126,11 @@ auth_orders = Table(
     Column("authorisation", String(64), nullable=True),   # digest of the device's message
     Column("answer", Text, nullable=True),
     *_stamps())
+auth_quotas = Table(   # new devices registered per client address per minute
+    "goods_auth_quotas", auth_md,
+    Column("key", String(64), primary_key=True),
+    Column("since", BigInteger, nullable=False),
+    Column("used", Integer, nullable=False))
 auth_seals = Table(
     "goods_auth_seals", auth_md,
     Column("order_ref", String(32), primary_key=True),

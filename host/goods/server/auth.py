@@ -43,7 +43,7 @@ from ...kit.http import Refused, read_body, shutting_down
 from ...kit.request_log import note
 from .. import db as D
 from .. import wire as W
-from .common import PartyServer, handled, read_one
+from .common import PartyServer, handled, read_one, take_quota
 from .payment import DIGITAL_FIELDS
 
 ROUTED_FIELDS: dict[str, W.Checker] = {"digital_order": W.INNER,
@@ -119,17 +119,28 @@ class AuthServer(PartyServer):
                     public, W.REGISTRATION, body, request.headers.get(W.SIGNATURE)):
                 raise Refused(401, 401, "registration: not signed by the key it registers")
             self.check_fresh(data, "registration")
-            await self.sql(self._register, device, data["public_key"], data["label"])
+            address = request.client.host if request.client else "?"
+            await self.sql(self._register, device, data["public_key"], data["label"], address)
             return self.reply(W.REGISTRATION, {"device": device, "registered": True})
         return await handled(work)
 
-    def _register(self, device: str, public: str, label: str) -> None:
+    def _register(self, device: str, public: str, label: str, address: str = "?") -> None:
+        """One step: a new device counted against its address's quota, then kept."""
         now = self.now_ms()
         try:
             with step(self.engine) as conn:
+                known = conn.execute(select(D.devices.c.device).where(
+                    D.devices.c.device == device)).first()
+                if known is not None:   # registered already: the same key (its id says so)
+                    return
+                if not take_quota(conn, D.auth_quotas, address,
+                                  self.system.registrations_per_address, now):
+                    raise Refused(429, 429, "at most "
+                                  f"{self.system.registrations_per_address} new devices from "
+                                  "one address a minute; retry later", {"Retry-After": "60"})
                 conn.execute(insert(D.devices).values(device=device, public_key=public,
                                                       label=label, created=now, updated=now))
-        except IntegrityError:   # registered already: the same key (its id says so)
+        except IntegrityError:   # a racing registration of the same key
             pass
 
     # --- the first message --------------------------------------------------------------------

@@ -228,6 +228,29 @@ async def handled(work: Callable[[], Any]) -> Response:
         return JSONResponse({"reason": f"a party did not decide: {exc}"}, status_code=502)
 
 
+QUOTA_WINDOW_MS = 60_000
+
+
+def take_quota(conn: Any, table: Any, key: str, limit: int, now: int) -> bool:
+    """Inside a step: count one use of ``key`` in its current minute; False (nothing counted)
+    past ``limit``. Each statement is one row's compare-and-set, so racing requests on
+    PostgreSQL too never pass the limit."""
+    from sqlalchemy import insert, update
+    from sqlalchemy.exc import IntegrityError
+
+    t = table
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(t).values(key=key[:64], since=now, used=0))
+    except IntegrityError:   # there already
+        pass
+    conn.execute(update(t).where(t.c.key == key[:64], t.c.since <= now - QUOTA_WINDOW_MS)
+                 .values(since=now, used=0))
+    done = conn.execute(update(t).where(t.c.key == key[:64], t.c.used < limit)
+                        .values(used=t.c.used + 1))
+    return int(done.rowcount or 0) == 1
+
+
 def read_one(engine: Any, table: Any, **where: Any) -> dict[str, Any] | None:
     from sqlalchemy import select
     query = select(table).where(*(table.c[k] == v for k, v in where.items()))

@@ -30,7 +30,7 @@ from ...kit.http import Refused, read_json
 from .. import db as D
 from .. import wire as W
 from ..config import Item
-from .common import PartyServer, handled, read_one
+from .common import PartyServer, handled, read_one, take_quota
 
 PAID_FIELDS = {"order": W.ORDER, "state": W.pattern(r"paid|declined|refunded|purse_paid|expired"),
                "reason": W.text(200), "created": W.SECONDS}
@@ -95,6 +95,11 @@ class MerchantServer(PartyServer):
 
     def _insert(self, order: str, item: Item, device: str, ref: str, now: int) -> None:
         with step(self.engine) as conn:
+            if not take_quota(conn, D.merchant_quotas, device, self.system.orders_per_device,
+                              now):
+                raise Refused(429, 429, f"at most {self.system.orders_per_device} orders "
+                                        "naming one device a minute; retry later",
+                              {"Retry-After": "60"})
             conn.execute(insert(D.merchant_orders).values(
                 order_ref=order, state=D.ROUTED, sku=item.sku, amount=item.price,
                 currency_code=self.system.currency_code, device=device, customer_ref=ref,
