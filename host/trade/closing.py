@@ -23,7 +23,8 @@ purchases.
   mediating agent checks that evidence itself: the commitment's signature under the session
   key IT registered at initiation, the link hashed down to the committed root, the order's
   signature. The amount cleared is ``proven index x unit``: what the merchant can show, never
-  what either side says (:func:`compare`).
+  what either side says (:func:`compare`). With no merchant record, the customer's own record,
+  which carries the same kind of evidence, proves what the customer admits (:func:`admitted`).
 """
 
 from __future__ import annotations
