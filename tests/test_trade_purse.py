@@ -465,3 +465,37 @@ def test_a_lost_answer_of_the_rests_load_is_resumed_never_doubled(world: World,
     row = first_row(w.trade.account.engine, D.am_purse, order_id=s.purse_order)
     assert row is not None and row["load_state"] == "loaded"
     assert balance(card) == 15_00 + rest
+
+
+def test_raced_confirmations_open_one_session(world: World, tmp_path: Path) -> None:
+    """The card's confirmation is held back (its first post never arrives) and then sent 8
+    times at once: one session opens, reserved once; those that came while it was opening
+    answer 503 (ask again), and asking again answers that same session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = world
+    card = card_image(tmp_path, ep=20_00)
+    recorder = Recorder()
+
+    def hold_back(request: httpx.Request) -> None:
+        recorder(request)
+        if "/v1/purse/" in str(request.url) and str(request.url).endswith("/status"):
+            raise httpx.ConnectError("held back", request=request)
+    with httpx.Client(timeout=30, event_hooks={"request": [hold_back]}) as http, \
+            pytest.raises(C.TradeError, match="resume"):
+        open_purse(w, http, card, deposit=2_00)
+    url, confirmation = recorder.confirmation()
+    assert balance(card) == 18_00 and sessions_of(w, "alice") == 0
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(url, content=confirmation, timeout=30)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, range(8)))
+    assert {a.status_code for a in answers} <= {200, 503}, [a.text for a in answers]
+    opened = {a.json()["receipt"]["session"] for a in answers if a.status_code == 200}
+    final = httpx.post(url, content=confirmation, timeout=30)
+    assert final.status_code == 200
+    assert opened <= {final.json()["receipt"]["session"]}
+    assert sessions_of(w, "alice") == 1
+    who = first_row(w.trade.account.engine, D.am_customers, id="alice")
+    assert who is not None and who["reserved"] == 2_00
