@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select, update
 
 from svcard.card.storage import read_image
 from svcard.host.demo.system import card_image
@@ -26,6 +27,7 @@ from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.host.trade import customer as C
 from svcard.host.trade import db as D
+from svcard.host.trade import records
 from svcard.host.trade import signing as S
 from svcard.host.trade.config import PurseSettings
 from svcard.host.trade.money import Amount, ExchangeTable
@@ -117,3 +119,42 @@ def test_a_card_paying_one_cent_never_funds_a_credit_session_of_the_same_txn(
         time.sleep(0.05)
     bill = json.loads(path.read_text())
     assert "funding" not in bill and "purse" not in bill   # a credit session, billed as one
+
+
+def test_the_books_find_a_tampered_purse_row(purse_world: PurseWorld, tmp_path: Path) -> None:
+    """The rest a card takes back is the purse row's ``rest``: the audit checked every
+    trading book but never that row, so raising it (more loaded onto the card than the
+    clearing returned), or pointing a card's payment at another customer's session, left
+    the books clean. Now each purse row must match its session and its clearing."""
+    w = purse_world
+    made = w.trade.customer("alice", 100_00, "CNY")
+    card = card_image(tmp_path, ep=20_00)
+    journal = Journal(tmp_path / "journal.jsonl")
+    with httpx.Client(timeout=30) as http:
+        with open_reader(f"virtual:{card}") as reader:
+            s = PA.open_session(http, w.trade.am.url, w.trade.am.public, "alice", made.key,
+                                "shop", w.trade.url("shop"), "op1", Amount(5_00, "CNY"),
+                                reader, journal, unit=1)
+        C.buy(http, s, "tea", 3)
+        returned = C.close(http, s)["clearing"]["returned"]
+        deadline = time.monotonic() + 20
+        while PA.rest(http, s) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        other = w.trade.open(http, w.trade.customer("bob", 100_00, "CNY"), 7_00)
+    engines = ([w.trade.acquirer.engine], [w.trade.account.engine],
+               [w.trade.merchant_account.engine])
+    assert records.books(*engines).clean, records.books(*engines).problems
+    p = D.am_purse.c
+    for values, what in (({"rest": returned + 10_00}, "due back"),
+                         ({"session": other.session}, "not the session")):
+        with w.trade.account.engine.begin() as conn:
+            old = dict(conn.execute(select(D.am_purse).where(
+                p.order_id == s.purse_order)).one()._mapping)
+            conn.execute(update(D.am_purse).where(p.order_id == s.purse_order).values(**values))
+        problems = records.books(*engines).problems
+        assert any(s.purse_order in x and what in x for x in problems), problems
+        with w.trade.account.engine.begin() as conn:
+            conn.execute(update(D.am_purse).where(p.order_id == s.purse_order).values(
+                **{k: old[k] for k in values}))
+    assert records.books(*engines).clean

@@ -13,6 +13,8 @@ hold. :func:`audit` checks that they close exactly:
 * what the mediating agent booked to each account manager and merchant equals the records
   those account managers hold, per currency;
 * each customer's ``reserved`` is the sum of the deposits of its sessions not yet ended;
+* each purse-funded deposit is tied to the session of its own initiation, and the rest due
+  back to its card is what that session's clearing returned (all of it if it never opened);
 * per account and currency, each line naming both: each mediating agent's own postings sum to
   zero (each operator's books close), its ``rounding`` account holds exactly the leftovers its
   conversions left (at initiation and at clearing), and, once every clearing is delivered,
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, inspect, select
 
 from . import db as D
 
@@ -134,6 +136,7 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
                     cw["currency_customer"] != w["currency"]:
                 out.problems.append(f"{w['session']}: a withdrawal record the clearing does "
                                     "not match")
+        _purse(engine, sessions, out)
         reserved: dict[str, int] = defaultdict(int)
         for s in sessions:
             if s["state"] in D.RESERVING:
@@ -176,6 +179,34 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
                 out.problems.append(f"account customer:{customer} {code}: the agents took "
                                     f"{took}; its withdrawals + open deposits are {charged}")
     return out
+
+
+def _purse(engine: Engine, sessions: list[dict[str, Any]], out: Books) -> None:
+    """Each purse-funded deposit (``trade_am_purse``): an open order is tied to the session of
+    its own initiation (customer, txn, digest, deposit), and the rest due back to its card is
+    what that session's clearing returned (0 before it), the whole payment when the session
+    never opened, 0 while unpaid or in doubt."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(D.am_purse.name):
+            return
+    by_id = {s["session"]: s for s in sessions}
+    returned = {w["session"]: w["returned"] for w in _rows(engine, D.am_withdrawals)}
+    for p in _rows(engine, D.am_purse):
+        name = f"purse order {p['order_id']} ({p['currency']})"
+        if p["state"] == "open":
+            s = by_id.get(p["session"] or "")
+            if s is None or (s["customer"], s["txn"], s["digest"], s["deposit"],
+                             s["currency"]) != (p["customer"], p["txn"], p["digest"],
+                                                p["amount"], p["currency"]):
+                out.problems.append(f"{name}: not the session its card paid for "
+                                    f"({p['session']})")
+                continue
+            due = returned.get(p["session"], 0)
+        else:
+            due = p["amount"] if p["state"] == "refused" else 0
+        if p["rest"] != due or (p["load_state"] == "none") != (due == 0):
+            out.problems.append(f"{name}: {p['rest']} due back to the card "
+                                f"({p['load_state']}); its clearing says {due}")
 
 
 def _close(out: Books, acq: dict[str, dict[str, int]]) -> None:
