@@ -159,7 +159,7 @@ def _summary(s: C.Session) -> dict[str, object]:
             "deposit": str(Amount(s.deposit, s.currency)),
             "deposit_merchant": str(Amount(s.deposit_merchant, s.currency_merchant)),
             "rate": s.rate, "unit": s.unit, "links": s.length, "spent": s.spent,
-            "left": str(s.left()), "expires": s.expires}
+            "left": str(s.left()), "expires": s.expires, "purse_order": s.purse_order or None}
 
 
 session.add_command(keygen_cmd)
