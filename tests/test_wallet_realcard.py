@@ -306,6 +306,9 @@ def test_a_real_card_pays_a_mall_by_its_purse(world: World) -> None:
         view = pay_purse(world, h, checkout, h.card)
         assert view["state"] == "paid", view
         assert h.purse_balance() == 5_000 - 1_250
+        # the financial system's copy follows the purse at once (the same ref as the
+        # approval's debit: one debit whenever the mall asks)
+        assert fin_balance(world, h) == 5_000 - 1_250
         status, answer = approve(world, p)
         assert status == 200 and answer["approved"], answer
         assert fin_balance(world, h) == 5_000 - 1_250

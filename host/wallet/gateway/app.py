@@ -95,6 +95,13 @@ class GatewayServer(WalletServer):
         except httpx.TransportError:
             raise Refused(502, 502, "the financial system could not be reached") from None
 
+    async def ask_fin_quietly(self, path: str, data: dict[str, Any]) -> tuple[int, Any]:
+        """:meth:`ask_fin`, an unreachable financial system as status 0."""
+        try:
+            return await self.ask_fin(path, data)
+        except Refused:
+            return 0, {}
+
     async def _member(self, request: Request) -> tuple[str, dict[str, Any]]:
         _, data = await self.linked(request, self.config.web_keys)
         member = text(data, "member")

@@ -14,8 +14,9 @@ id, transaction, amount, variant, status OK) and made by the card chosen (its ap
 serial is ``0000`` + the card number). Only then is the purchase marked paid by the purse
 (one conditional UPDATE, ``open`` -> ``paid``). The mall's approval request is matched as
 for a virtual card, and a real card's purchase is approved only once its purse payment is
-recorded (:func:`purse_paid`); the financial system then records the debit under
-``pay:PURCHASE`` (the card's balance there mirrors its purse).
+recorded (:func:`purse_paid`). The financial system's copy of the card's value is debited as
+soon as the purse payment is recorded (:func:`mirror`), under ``pay:PURCHASE``, the ref the
+approval asks again: one debit, and the card's balance there follows its purse.
 
 One order per purchase, ever: a second checkout for the same purchase is refused, so the card
 is never debited twice for one purchase. An exact repeat of the releasing confirmation (the
@@ -246,11 +247,27 @@ async def status(server: GatewayServer, request: Request) -> Response:
         if await server.sql(mark_paid, server.engine, txn_hex, digest,
                             json.dumps(receipt, sort_keys=True)):
             crash_point("gateway-after-purse-paid")   # recorded, the answer never sent
+            await mirror(server, row["purchase"])
             return _released(row, receipt)
         row = await server.sql(order, server.engine, txn_hex) or row
     if row["state"] == PAID and hmac.compare_digest(row["confirmation"], digest):
         return _released(row, json.loads(row["receipt"]))   # the same one again: lost answer
     raise Refused(409, 409, "this order was paid already: confirmed once")
+
+
+async def mirror(server: GatewayServer, pid: str) -> None:
+    """The purse has paid: the financial system's copy of the card's value is debited now,
+    under the purchase's own ref ``pay:PURCHASE`` (the approval asks the same ref again, so
+    it is one debit whenever it comes; a mall that never asks still sees the card's balance
+    agree with its purse). Best effort: an unreachable financial system is asked again by
+    the approval."""
+    found = await server.sql(X.purchase, server.engine, pid)
+    if found is None:
+        return
+    status, _ = await server.ask_fin_quietly("/v1/debits", {
+        "ref": "pay:" + pid, "card": found["card"], "amount": found["amount"],
+        "currency": found["currency"], "mall": found["mall"], "order": found["mall_order"]})
+    note(step="purse-mirrored" if status == 200 else "purse-mirror-later")
 
 
 def _released(row: dict[str, Any], receipt: dict[str, Any]) -> Response:
