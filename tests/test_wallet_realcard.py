@@ -517,3 +517,29 @@ def test_raced_copies_of_one_confirmation_record_it_once(world: World) -> None:
         assert fin_balance(world, h) == 2_200
     finally:
         h.close()
+
+
+def test_a_real_cards_statement_agrees_with_its_purse(world: World, tmp_path: Path) -> None:
+    """The financial system reports the real card's charge and its purse payment; the day's
+    statement of the member shows both and closes at the purse's balance."""
+    from test_wallet_faults import wait_for
+
+    from svcard.host.wallet.gateway.journal import day_of, write_statements
+    h = loaded_holder(world, "stated1", 4_000)
+    try:
+        p = new_purchase(1_100)
+        assert pay_purse(world, h, choose(world, h, p).json()["checkout"],
+                         h.card)["state"] == "paid"
+        assert approve(world, p)[0] == 200
+        engine = world.wallet.gateway.engine
+
+        def written() -> list[Path]:
+            return [f for f in write_statements(engine, tmp_path, day_of(
+                int(time.time() * 1000))) if f.name.startswith("stated1")]
+        files = wait_for("the statement with both movements", lambda: [
+            f for f in written() if len(json.loads(f.read_text())["transactions"]) == 2])
+        statement = json.loads(files[0].read_text())
+        assert [t["amount"] for t in statement["transactions"]] == [4_000, -1_100]
+        assert statement["cards"][h.card]["closing"] == h.purse_balance() == 2_900
+    finally:
+        h.close()
