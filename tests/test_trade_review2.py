@@ -125,7 +125,9 @@ def test_the_books_find_a_tampered_purse_row(purse_world: PurseWorld, tmp_path: 
     """The rest a card takes back is the purse row's ``rest``: the audit checked every
     trading book but never that row, so raising it (more loaded onto the card than the
     clearing returned), or pointing a card's payment at another customer's session, left
-    the books clean. Now each purse row must match its session and its clearing."""
+    the books clean; nor was a withdrawal row's ``returned`` compared with the clearing. Now
+    each purse row must match its session and its clearing, and each withdrawal row the
+    signed clearing it was made from."""
     w = purse_world
     made = w.trade.customer("alice", 100_00, "CNY")
     card = card_image(tmp_path, ep=20_00)
@@ -158,3 +160,13 @@ def test_the_books_find_a_tampered_purse_row(purse_world: PurseWorld, tmp_path: 
             conn.execute(update(D.am_purse).where(p.order_id == s.purse_order).values(
                 **{k: old[k] for k in values}))
     assert records.books(*engines).clean
+    # the withdrawal row's returned raised with the purse row's rest: both still agree with
+    # each other, but not with the signed clearing
+    w_ = D.am_withdrawals.c
+    with w.trade.account.engine.begin() as conn:
+        conn.execute(update(D.am_withdrawals).where(w_.session == s.session).values(
+            returned=returned + 10_00))
+        conn.execute(update(D.am_purse).where(p.order_id == s.purse_order).values(
+            rest=returned + 10_00))
+    problems = records.books(*engines).problems
+    assert any(s.session in x and "withdrawal record" in x for x in problems), problems

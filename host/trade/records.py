@@ -9,7 +9,8 @@ hold. :func:`audit` checks that they close exactly:
 * each mediating agent's postings sum to zero in each currency;
 * every cleared session's deposit account is empty, and its clearing information was turned
   into exactly one withdrawal record (amount = ``withdrawal``) and one deposit record
-  (amount = ``paid``) once both receipts came;
+  (amount = ``paid``) once both receipts came, each row holding exactly the signed clearing
+  it was made from (its text, signature, amounts, outcome; the session's own customer);
 * what the mediating agent booked to each account manager and merchant equals the records
   those account managers hold, per currency;
 * each customer's ``reserved`` is the sum of the deposits of its sessions not yet ended;
@@ -127,13 +128,18 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
                     s["currency"], 0)
             if s["state"] == D.OPEN:
                 customers[(s["customer"], s["currency"])][1] += s["deposit"]
+        owners = {s["session"]: s["customer"] for s in sessions}
         for w in _rows(engine, D.am_withdrawals):
             seen.add(w["session"])
             withdrawals[w["currency"]] += w["amount"]
             customers[(w["customer"], w["currency"])][1] += w["amount"]
             cw = clearings.get(w["session"])
-            if cw is None or cw["withdrawal"] != w["amount"] or \
-                    cw["currency_customer"] != w["currency"]:
+            owner = owners.get(w["session"])
+            if cw is None or (cw["deposit_customer"], cw["returned"], cw["withdrawal"],
+                              cw["currency_customer"], cw["outcome"], cw["info"],
+                              cw["signature"], owner) != (
+                    w["deposit"], w["returned"], w["amount"], w["currency"], w["outcome"],
+                    w["info"], w["signature"], w["customer"]):
                 out.problems.append(f"{w['session']}: a withdrawal record the clearing does "
                                     "not match")
         _purse(engine, sessions, out)
@@ -156,8 +162,11 @@ def books(acquirers: list[Engine], account_managers: list[Engine],
             deposits[d["currency"]] += d["amount"]
             merchants[(d["merchant"], d["currency"])] += d["amount"]
             cd = clearings.get(d["session"])
-            if cd is None or cd["paid"] != d["amount"] or \
-                    cd["currency_merchant"] != d["currency"]:
+            if cd is None or (cd["merchant"], cd["acquirer"], cd["paid"],
+                              cd["currency_merchant"], cd["outcome"], cd["info"],
+                              cd["signature"]) != (
+                    d["merchant"], d["acquirer"], d["amount"], d["currency"], d["outcome"],
+                    d["info"], d["signature"]):
                 out.problems.append(f"{d['session']}: a deposit record the clearing does not "
                                     "match")
     for session, c in clearings.items():
