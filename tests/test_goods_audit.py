@@ -29,6 +29,7 @@ from svcard.host.kit.db import DatabaseError, step
 from svcard.host.settle.audit import AuditReport, audit
 from svcard.host.settle.goods_books import card_goods
 from svcard.host.terminal.reader_specs import open_reader
+from svcard.protocols import goods as G
 from svcard.protocols import purse as P
 from svcard.reader.base import CardRemovedError, Reader
 
@@ -350,3 +351,34 @@ def test_a_good_paid_both_by_the_purse_and_the_bank_is_found(
             created=row.created, updated=row.updated))
     report = run(stack)
     assert any(order in d and "paid twice" in d for d in report.discrepancies)
+
+
+def test_a_good_on_a_card_not_as_it_was_sold_is_found(
+        stack: GoodsStack, bought: dict[str, Any], tmp_path: Path) -> None:
+    """Only using a good changes it (its status; a token's rides left going down): a card
+    whose good is worth more or rides more than was sold is a finding."""
+    card = make_card(tmp_path / "rides", SERIAL + 5)
+    stack.account("acc5", SERIAL + 5, balance=10_000)
+    with httpx.Client(timeout=30) as http:
+        buy(stack, http, stack.device(), card, "rides10")
+    held = {**goods_of(bought["card"]), **goods_of(card)}
+    ticket_card, token_card = f"{SERIAL:020d}", f"{SERIAL + 5:020d}"
+    [ticket, coupon] = held[ticket_card]
+    [token] = held[token_card]
+
+    def audited(ticket: bytes, token: bytes) -> list[str]:
+        return audit({}, goods_dbs=urls(stack), card_goods={
+            ticket_card: [ticket, coupon], token_card: [token]}).discrepancies
+
+    def rides(record: bytes, left: int) -> bytes:
+        return record[:26] + left.to_bytes(2, "big") + record[28:]
+
+    used = ticket[:1] + bytes([G.STATUS_USED]) + ticket[2:]
+    assert audited(used, rides(token, 9)) == []           # used: as sold
+    worth = int.from_bytes(ticket[26:30], "big") * 10
+    richer = ticket[:26] + worth.to_bytes(4, "big") + ticket[30:]
+    assert any("not as it was sold: its value" in d for d in audited(richer, token))
+    found = audited(ticket, rides(token, 11))
+    assert any("not as it was sold: 11 rides left, 10 bought" in d for d in found), found
+    longer = ticket[:22] + b"\x20\x99\x12\x31" + ticket[26:]
+    assert any("validity differ" in d for d in audited(longer, token))

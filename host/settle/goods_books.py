@@ -19,7 +19,9 @@ server's and the merchant's orders. Per order:
   write may be on the card) and a finding past the deadline plus the maximum age;
 * no good twice: one good id per card among the goods, and, with cards read (``card_goods``),
   one record per good id on each card, every one of the merchants' goods on a card paid for
-  and not refunded, every good marked ``written`` for a card read found on it;
+  and not refunded, every good marked ``written`` for a card read found on it, and each as it
+  was sold, to the minor unit and the ride (only its status, and a transit token's rides left
+  going down, change with use);
 * the payment server's and the merchant's ``paid`` / ``refunded`` agree with the institution.
 
 Sums per currency: bank debits = goods kept + paid goods in transit; bank debits - bank
@@ -320,11 +322,32 @@ def _twice(goods: dict[str, dict[str, Any]], purse_goods: dict[str, dict[str, An
             elif bought not in goods and purse_goods[bought]["state"] != "written":
                 bad.append(f"goods: card {serial} holds good {gk}, paid by its purse, but the "
                            f"books have it {purse_goods[bought]['state']} (no debit proved)")
+            if bought is not None:
+                sold = (goods[bought] if bought in goods else purse_goods[bought])["record"]
+                changed = _not_as_sold(bytes.fromhex(str(sold)), record)
+                if changed:
+                    bad.append(f"goods: card {serial} holds good {gk} not as it was sold: "
+                               f"{changed}")
         for (card, gk), order in by_key.items():
             state = (goods[order] if order in goods else purse_goods[order])["state"]
             if card == serial and state == "written" and gk not in seen:
                 bad.append(f"goods: good {order} is marked written, but card {serial} does "
                            "not hold it")
+
+
+def _not_as_sold(sold: bytes, held: bytes) -> str:
+    """How the record a card holds differs from the one sold, beyond what using it does (its
+    status; a transit token's rides left going down); "" when it does not."""
+    if len(held) != len(sold) or held[0] != sold[0] or held[2:26] != sold[2:26]:
+        return "its kind, issuer, id or validity differ"
+    if held[1] not in G.STATUS_NAMES:
+        return f"status {held[1]:02X}"
+    if sold[0] != G.TAG_TRANSIT:
+        return "" if held[26:] == sold[26:] else "its value or body differ"
+    if held[28:] != sold[28:]:
+        return "its rides in total, fare or body differ"
+    left, bought = int.from_bytes(held[26:28], "big"), int.from_bytes(sold[26:28], "big")
+    return f"{left} rides left, {bought} bought" if left > bought else ""
 
 
 def _parties_agree(who: str, rows: dict[str, dict[str, Any]],
