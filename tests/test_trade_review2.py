@@ -10,12 +10,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import select, update
 
 from svcard.card.storage import read_image
+from svcard.host.cli.main import main as svcard_main
 from svcard.host.demo.system import card_image
 from svcard.host.kit.db import first_row
 from svcard.host.load.server.app import BankAccount
@@ -33,6 +36,7 @@ from svcard.host.trade.config import PurseSettings
 from svcard.host.trade.money import Amount, ExchangeTable
 from svcard.host.trade.server import purse_agent as PA
 from svcard.host.trade.stack import DEMO_RATES, TradeStack, start_trade
+from svcard.host.trade.trust import buyer
 from svcard.protocols import messages as PM
 
 AM_MERCHANT = b"AMTRADE1"
@@ -170,3 +174,83 @@ def test_the_books_find_a_tampered_purse_row(purse_world: PurseWorld, tmp_path: 
             rest=returned + 10_00))
     problems = records.books(*engines).problems
     assert any(s.session in x and "withdrawal record" in x for x in problems), problems
+
+
+def test_a_lost_fig4_answer_is_asked_again_by_the_next_run(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """The customer paid for a product; the trusted party released K2 to its acceptance, but
+    the answer was lost on the way back. ``svcard session product`` then made a NEW
+    acceptance (and K1) on the next run, which the trusted party refuses (one acceptance per
+    order): the product bought was out of reach for good. Now the acceptance and its K1 are
+    kept beside the session file before they are sent, and the next run sends them again."""
+    stack = start_trade(tmp_path / "trade", merchants={"shop": "JPY"})
+    try:
+        film = b"a short film " * 500
+        (tmp_path / "film.bin").write_bytes(film)
+        stack.merchants["shop"].config.products = {"film": (tmp_path / "film.bin", "A film")}
+        with httpx.Client(timeout=30) as http:
+            s = stack.open(http, stack.customer("alice", 50_00), 2_00, unit=10)
+            C.buy(http, s, "film", 1)
+        state = tmp_path / "session.json"
+        C.save(state, s)
+        real_post = httpx.Client.post
+
+        def lossy(self: httpx.Client, url: Any, *args: Any, **kwargs: Any) -> httpx.Response:
+            answer = real_post(self, url, *args, **kwargs)
+            if str(url).endswith("/accept"):            # done there, lost on the way back
+                raise httpx.ReadError("the answer was lost")
+            return answer
+        monkeypatch.setattr(httpx.Client, "post", lossy)
+        out = tmp_path / "film.out"
+        r = CliRunner().invoke(svcard_main, ["session", "product", "--state", str(state),
+                                             "--out", str(out)])
+        assert r.exit_code == 11, r.output
+        row = first_row(stack.acquirer.engine, D.acq_deliveries, session=s.session)
+        assert row is not None and row["accepted"]             # K2 was released
+        monkeypatch.setattr(httpx.Client, "post", real_post)
+        r = CliRunner().invoke(svcard_main, ["session", "product", "--state", str(state),
+                                             "--out", str(out), "--json"])
+        assert r.exit_code == 0, r.output
+        assert out.read_bytes() == film
+        again = first_row(stack.acquirer.engine, D.acq_deliveries, session=s.session)
+        assert again is not None and again["accepted"] == row["accepted"]   # released once
+        kept = list(tmp_path.glob("session.json.fig4-*"))
+        assert len(kept) == 1 and (kept[0].stat().st_mode & 0o777) == 0o600
+    finally:
+        stack.close()
+
+
+def test_a_kept_acceptance_that_never_arrived_is_made_anew_once_too_old(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept acceptance that never reached the trusted party (the link was down) and is now
+    past its 300 s is refused as too old; K2 was not released to it, so the next run signs a
+    new one (and keeps it) instead of being stuck."""
+    stack = start_trade(tmp_path / "trade", merchants={"shop": "JPY"})
+    try:
+        (tmp_path / "film.bin").write_bytes(b"film" * 100)
+        stack.merchants["shop"].config.products = {"film": (tmp_path / "film.bin", "A film")}
+        state = tmp_path / "session.json"
+        with httpx.Client(timeout=30) as http:
+            s = stack.open(http, stack.customer("alice", 50_00), 2_00, unit=10)
+            C.buy(http, s, "film", 1)
+            C.save(state, s)
+            real_post = httpx.Client.post
+
+            def down(self: httpx.Client, url: Any, *args: Any, **kwargs: Any
+                     ) -> httpx.Response:
+                if str(url).endswith("/accept"):
+                    raise httpx.ConnectError("the link is down")
+                return real_post(self, url, *args, **kwargs)
+            monkeypatch.setattr(httpx.Client, "post", down)
+            with pytest.raises(httpx.ConnectError):
+                buyer.fetch(http, s, keep=state, now=int(time.time()) - 400)
+            monkeypatch.setattr(httpx.Client, "post", real_post)
+        kept = tmp_path / "session.json.fig4-1"
+        first = json.loads(kept.read_text())["acceptance"]
+        r = CliRunner().invoke(svcard_main, ["session", "product", "--state", str(state),
+                                             "--out", str(tmp_path / "film.out")])
+        assert r.exit_code == 0, r.output
+        assert json.loads(kept.read_text())["acceptance"] != first
+    finally:
+        stack.close()

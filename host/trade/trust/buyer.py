@@ -7,9 +7,12 @@ product with K2 released by the trusted party, sealed to a fresh K1. The dispute
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -49,9 +52,45 @@ def _order(s: Session, index: int) -> dict[str, Any]:
     raise TradeError(f"no purchase paid by link {index} in this session")
 
 
+def _kept(path: Path | None, offer: V.Offer) -> tuple[bytes, bytes] | None:
+    """(K1's private half, the acceptance) kept at ``path`` by an earlier run, if any."""
+    if path is None or not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data["description"] != hashlib.sha256(offer.description).hexdigest():
+            raise TradeError(f"{path}: an acceptance of another offer: move it away")
+        return bytes.fromhex(data["k1"]), str(data["acceptance"]).encode()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TradeError(f"{path}: not a kept acceptance ({type(exc).__name__})") from None
+
+
+def _accept(path: Path | None, s: Session, offer: V.Offer, now: int | None
+            ) -> tuple[bytes, bytes]:
+    """A new acceptance with a fresh K1, kept at ``path`` (mode 0600, replaced atomically)
+    BEFORE it is sent: a lost answer is then asked for again with the same acceptance, the
+    only one the trusted party answers for this order."""
+    k1_private, k1_public = V.new_exchange_key()
+    acceptance = V.accept(s.session_key, offer, k1_public,
+                          int(time.time()) if now is None else now)
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"description": hashlib.sha256(offer.description).hexdigest(),
+                       "k1": k1_private.hex(), "acceptance": acceptance.decode()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return k1_private, acceptance
+
+
 def fetch(http: httpx.Client, s: Session, index: int | None = None,
-          now: int | None = None) -> Delivered:
-    """The product of the purchase paid by link ``index`` (default: the last purchase)."""
+          now: int | None = None, keep: Path | None = None) -> Delivered:
+    """The product of the purchase paid by link ``index`` (default: the last purchase).
+    ``keep`` (the session file): the acceptance and its K1 are kept beside it, in
+    ``KEEP.fig4-INDEX``, so that a later run asks again with the same acceptance."""
     if not s.orders:
         raise TradeError("no purchase in this session yet")
     entry = _order(s, s.orders[-1]["index"] if index is None else index)
@@ -74,11 +113,16 @@ def fetch(http: httpx.Client, s: Session, index: int | None = None,
     if d["product"] != entry["item"] or d["merchant"] != s.merchant or \
             (d["price"], d["currency"]) != (entry["units"] * s.unit, s.currency_merchant):
         raise TradeError("the offer describes another product or price than was ordered")
-    k1_private, k1_public = V.new_exchange_key()
-    acceptance = V.accept(s.session_key, offer, k1_public,
-                          int(time.time()) if now is None else now)
+    path = None if keep is None else keep.with_name(f"{keep.name}.fig4-{entry['index']}")
+    kept = _kept(path, offer)
+    k1_private, acceptance = kept or _accept(path, s, offer, now)
     got = http.post(f"{base}/accept", content=acceptance,
                     headers={"Content-Type": "application/json"})
+    if kept and got.status_code == 401 and "too old" in reason_of(got):
+        # it never reached the trusted party in time (else its answer comes at any age)
+        k1_private, acceptance = _accept(path, s, offer, now)
+        got = http.post(f"{base}/accept", content=acceptance,
+                        headers={"Content-Type": "application/json"})
     if got.status_code != 200:
         raise TradeError(f"no key for the product (HTTP {got.status_code}): "
                          f"{reason_of(got)}")

@@ -58,7 +58,7 @@ def product_cmd(state: Path, index: int | None, out: Path, dispute: Path | None,
         fail(str(exc), EXIT_INPUT)
     try:
         with httpx.Client(timeout=60) as http:
-            got = buyer.fetch(http, s, index)
+            got = buyer.fetch(http, s, index, keep=state)
     except C.TradeError as exc:
         fail(str(exc), EXIT_DECLINED)
     except httpx.HTTPError as exc:
