@@ -341,6 +341,8 @@ class AuthServer(PartyServer):
                 order = await self.sql(read_one, self.engine, D.auth_orders,
                                        order_ref=data["order"])
                 assert order is not None
+            if order["state"] in (D.PAID, D.DECLINED):
+                raise Refused(409, 409, f"purse debit: the order is {order['state']}")
             if order["authorisation"] != mine or order["state"] != D.AUTHORISED:
                 raise Refused(409, 409, "purse debit: this order was authorised otherwise")
             decision = await self.send("payment", "/v1/purse/debits", W.RELAYED_PURSE_DEBIT, {

@@ -202,8 +202,10 @@ class FulfilServer(PurseFulfil):
             claim = await self.sql(self._claim, None, data["card"], data["challenge"],
                                    data["device"])
             if claim["apdu"] is None:   # a purse good paid but not on the card
-                claim = await self.sql(self.purse_redelivery, data["card"], data["device"],
-                                       data["challenge"], data["held"]) or claim
+                again: dict[str, Any] | None = await self.sql(
+                    self.purse_redelivery, data["card"], data["device"], data["challenge"],
+                    data["held"])
+                claim = again or claim
             return self.reply(W.RELAYED_PICKUP, {**claim, "held": held})
         return await handled(work)
 
