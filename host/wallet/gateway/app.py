@@ -243,23 +243,32 @@ class GatewayServer(WalletServer):
         p = purchase(data)
         if p["mall"] != mall:
             raise Refused(403, 403, "a mall asks approval of its own purchases only")
-        await self.purse_evidence(p)
+        paid = await self.purse_evidence(p)
         how, found = await self.sql(X.match, self.engine, p, self.now_ms())
+        if how == "expired" and paid:
+            # the purse paid before the purchase expired (its value is the mall's now): the
+            # mall asking late is approved, as the VAN answers a debit made in time
+            how, found = await self.sql(PU.match_paid, self.engine, p, self.now_ms())
         return await self.answer_match(p, how, found)
 
-    async def purse_evidence(self, p: dict[str, Any]) -> None:
+    async def purse_evidence(self, p: dict[str, Any]) -> bool:
         """A real card's purchase is approved only once its purse paid it (purse.py): the
         payment server's verified debit of THIS card, for this purchase's order, amount and
         currency, to this mall's merchant id. Checked before the match: the purchase of an
-        order never changes, and its evidence is never taken back."""
+        order never changes, and its evidence is never taken back. No purchase for the order
+        yet: 404 here, not at the match (a choice of a real card stored between this look-up
+        and the match would be approved without its purse; review2). True: the purse paid."""
         found = await self.sql(X.by_order, self.engine, p["mall"], p["order"])
-        if found is None or found["state"] != D.CHOSEN or \
+        if found is None:
+            raise Refused(404, 404, "no purchase was chosen in a wallet for this order")
+        if found["state"] != D.CHOSEN or \
                 await self.card_kind(found["member"], found["card"]) != "real":
-            return
+            return False
         paid = await self.sql(PU.purse_paid, self.engine, found["id"])
         if paid is None or (paid["card"], paid["amount"], paid["currency"]) != (
                 found["card"], found["amount"], found["currency"]):
             raise Refused(409, 409, "the real card's purse has not paid this purchase")
+        return True
 
     async def answer_match(self, p: dict[str, Any], how: str, found: dict[str, Any] | None,
                            fresh: bool = False) -> Response:

@@ -117,8 +117,9 @@ async def reports(server: GatewayServer, request: Request) -> Response:
     checked = [_report(item) for item in items]
     new, known = await server.sql(record, server.engine, checked)
     for r in checked:
-        # cash put on a real card by an agent: its purse is loaded through the load flow
-        if r["kind"] == "cash":
+        # value put on a real card (an agent's cash, or a charge whose answer to the gateway
+        # was lost: its order by the same ref the charge makes, so one): the load flow
+        if r["kind"] in ("cash", "account", "credit"):
             held = await server.sql(held_by, server.engine, r["card"])
             if held is not None and held["card_kind"] == "real":
                 await server.sql(LD.ensure, server.engine, r["ref"], held["member"], r["card"],
