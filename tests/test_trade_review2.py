@@ -3,6 +3,7 @@ deposits through the real servers. Each test failed on the code before its fix."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -34,6 +35,7 @@ from svcard.host.trade import records
 from svcard.host.trade import signing as S
 from svcard.host.trade.config import PurseSettings
 from svcard.host.trade.money import Amount, ExchangeTable
+from svcard.host.trade.server import purse as PD
 from svcard.host.trade.server import purse_agent as PA
 from svcard.host.trade.stack import DEMO_RATES, TradeStack, start_trade
 from svcard.host.trade.trust import buyer
@@ -51,12 +53,24 @@ class PurseWorld:
     folder: Path
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+CLOCK = Clock()
+
+
 @pytest.fixture
 def purse_world(tmp_path: Path) -> Iterator[PurseWorld]:
+    CLOCK.offset = 0.0
     now = int(time.time() * 1000)
     table = ExchangeTable.from_text("bank-m", "EUR", {**DEMO_RATES, "CNY": "7.8123"},
                                     now - 60_000, now + 86_400_000)
-    trade = start_trade(tmp_path / "trade", table=table)
+    trade = start_trade(tmp_path / "trade", table=table, clock=CLOCK, close_seconds=3600)
     pay = start_stack(tmp_path / "pay", psams=1)
     load = start_load_stack(tmp_path / "load")
     pay_key, load_key = os.urandom(32), os.urandom(32)
@@ -254,3 +268,46 @@ def test_a_kept_acceptance_that_never_arrived_is_made_anew_once_too_old(
         assert json.loads(kept.read_text())["acceptance"] != first
     finally:
         stack.close()
+
+
+def test_a_paid_session_cleared_before_its_order_settled_still_owes_the_card_its_rest(
+        purse_world: PurseWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The account manager stops after the card paid and the session opened, before the
+    order is marked open; the customer resumes only after the session timed out and was
+    cleared (nothing bought: the whole deposit returned). The clearing's rest was made due
+    only to an order already naming the session, so the card's 5.00 was kept for good and
+    the withdrawal billed as a credit session. Now the clearing finds the paid order by its
+    initiation (customer, txn, digest)."""
+    w = purse_world
+    made = w.trade.customer("alice", 100_00, "CNY")
+    card = card_image(tmp_path, ep=20_00)
+    journal = Journal(tmp_path / "journal.jsonl")
+    real = PD.settle_order
+
+    def crash(engine: Any, order_id: str, state: str, *args: Any) -> None:
+        if state == PD.OPENED:
+            raise RuntimeError("the account manager stopped here")
+        real(engine, order_id, state, *args)
+    monkeypatch.setattr(PD, "settle_order", crash)
+    with httpx.Client(timeout=30) as http:
+        with open_reader(f"virtual:{card}") as reader, pytest.raises(C.TradeError):
+            PA.open_session(http, w.trade.am.url, w.trade.am.public, "alice", made.key,
+                            "shop", w.trade.url("shop"), "op1", Amount(5_00, "CNY"),
+                            reader, journal, unit=1)
+        assert int(read_image(card)["app"]["ep"]["balance"]) == 15_00
+        monkeypatch.setattr(PD, "settle_order", real)
+        row = first_row(w.trade.account.engine, D.am_purse, customer="alice")
+        assert row is not None and row["state"] == PD.PAID
+        CLOCK.offset = 2 * 3600                         # the session times out, is cleared
+        assert asyncio.run(w.trade.acquirer.closer.tick())["cleared"] == 1
+        held = first_row(w.trade.account.engine, D.am_sessions, customer="alice")
+        assert held is not None and held["state"] == D.CLEARED
+        with open_reader(f"virtual:{card}") as reader:      # the customer resumes at last
+            pay_client.resume(reader, journal=journal, http=http)
+    w_ = first_row(w.trade.account.engine, D.am_withdrawals, session=held["session"])
+    assert w_ is not None and w_["returned"] > 0
+    row = first_row(w.trade.account.engine, D.am_purse, customer="alice")
+    assert row is not None and row["session"] == held["session"]
+    assert (row["rest"], row["load_state"]) == (w_["returned"], PD.DUE)
+    assert records.books([w.trade.acquirer.engine], [w.trade.account.engine],
+                         [w.trade.merchant_account.engine]).clean

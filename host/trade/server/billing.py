@@ -126,10 +126,13 @@ def take_withdrawal(engine: Engine, info: dict[str, Any], body: str, signature: 
             conn.execute(update(D.am_customers).where(c.id == row.customer).values(
                 reserved=c.reserved - row.deposit, updated=now))
             p = D.am_purse.c        # a purse-funded session: its rest is due to the card
-            conn.execute(update(D.am_purse).where(p.session == info["session"],
-                                                  p.load_state == "none").values(
-                rest=info["returned"], load_state="due" if info["returned"] else "none",
-                updated=now))
+            # found by its initiation, not only by the session it names: an order paid but
+            # not yet marked open (a stop between the two) still gets its rest
+            conn.execute(update(D.am_purse).where(
+                p.customer == row.customer, p.txn == row.txn, p.digest == row.digest,
+                p.state.in_(("paid", "open")), p.load_state == "none").values(
+                session=info["session"], rest=info["returned"],
+                load_state="due" if info["returned"] else "none", updated=now))
             values = {"session": info["session"], "customer": row.customer,
                       "deposit": row.deposit, "returned": info["returned"],
                       "amount": info["withdrawal"], "currency": row.currency,
