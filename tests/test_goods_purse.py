@@ -246,3 +246,37 @@ def test_the_fulfilment_server_down_misses_nothing(
     asyncio.run(stack.servers["payment"].recover())   # its clock tells the fulfilment server
     assert row(stack, "fulfil", D.purse_goods, first.order)["state"] == D.WRITTEN
     assert ep(card) == EP - 1250 and len(goods_on(card)) == 1
+
+
+def test_a_lost_answer_is_proved_before_the_cards_next_purse_purchase(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    """GET TRANSACTION PROVE answers for the card's last transaction only: the device proves
+    an unproved composite purchase before it opens the next one (found by G2's run)."""
+    card = make_card(tmp_path, SERIAL, ep=EP)
+    device = stack.device()
+    lost, second = first_for(stack, http, device), first_for(stack, http, device, "coupon")
+
+    class LostDebitAnswer:
+        def __init__(self, inner: Reader) -> None:
+            self.inner = inner
+
+        def exchange(self, apdu: bytes) -> object:
+            answer = self.inner.exchange(apdu)
+            if apdu[:2] == b"\x80\x54":
+                raise CardRemovedError("the card was pulled")
+            return answer
+
+    with open_reader(f"virtual:{card}") as reader, pytest.raises(CardRemovedError):
+        device.pay_with_purse(LostDebitAnswer(reader), lost)  # type: ignore[arg-type]
+    trips = device.round_trips
+    with open_reader(f"virtual:{card}") as reader:
+        assert device.pay_with_purse(reader, second).written
+    assert device.round_trips - trips == 3           # the proof of the lost one, then 2
+    for order in (lost.order, second.order):
+        assert row(stack, "payment", D.payment_orders, order)["state"] == D.PURSE_PAID
+    assert ep(card) == EP - 1250 - 100 and len(goods_on(card)) == 2
+    trips = device.round_trips
+    third = first_for(stack, http, device, "coupon")
+    with open_reader(f"virtual:{card}") as reader:   # proved already: no extra round trip
+        assert device.pay_with_purse(reader, third).written
+    assert device.round_trips - trips == 2

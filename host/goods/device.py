@@ -80,6 +80,7 @@ class Device:
     key: bytes = field(repr=False)
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
     round_trips: int = 0
+    proved: set[tuple[str, int]] = field(default_factory=set)   # (card, counter) proofs sent
 
     @property
     def id(self) -> str:
@@ -185,6 +186,7 @@ class Device:
             raise DeviceError(f"the card's currency {info.currency_code} is not the order's")
         if pin is not None:
             _verify_pin(card, pin)
+        self._prove_last(card, info.app_serial)
         uid = card_uid(card)   # before INITIALIZE: any other command ends its session
         init = call(card, apdus.initialize(G.INIT_CAPP_PURCHASE, P.PURSE_EP, 1,
                                            int(first.fields["amount"]), bytes.fromhex(terminal)),
@@ -213,6 +215,7 @@ class Device:
         proof = P.DebitForPurchaseAnswer.parse(done.data)
         counter = P.InitForPurchaseAnswer.parse(init).offline_counter
         paid = self._prove(info.app_serial, counter, proof.mac2, proof.tac)
+        self.proved.add((info.app_serial, counter))
         return Outcome(first.order, paid.get("paid") is True, paid.get("paid") is True,
                        done.sw, "paid by the purse, good written with the debit")
 
@@ -222,6 +225,25 @@ class Device:
             "tac": tac.hex().upper(), "created": _now()})
         self.round_trips += 1
         return answer
+
+    def _prove_last(self, card: Reader, serial: str) -> None:
+        """Before a new purchase: the card's last transaction, if a composite purchase whose
+        proof this device has not sent (its answer was lost), is proved first: GET TRANSACTION
+        PROVE answers for the last transaction only, so after this purchase it could not be."""
+        answer = card.exchange(apdus.read_record(1))
+        if not answer.ok or len(answer.data) != P.LOG_RECORD_SIZE:
+            return
+        last = P.LogRecord.parse(answer.data)
+        if last.txn_type != P.TYPE_COMPOSITE_PURCHASE or (serial, last.counter) in self.proved:
+            return
+        proof = prove(card, P.TYPE_COMPOSITE_PURCHASE, last.counter)
+        if proof is not None:
+            try:
+                self._prove(serial, last.counter, *proof)
+            except DeviceError as exc:   # 409: no order's purchase (another terminal's)
+                if "(409)" not in str(exc):
+                    raise   # not decided: no new purchase over a proof still to give
+        self.proved.add((serial, last.counter))
 
     def settle_purse(self, card: Reader) -> Outcome | None:
         """The card's last transaction, if a composite purchase, proved to the payment server
@@ -237,6 +259,7 @@ class Device:
             answer = self._prove(info.app_serial, log[0].counter, *proof)
         except DeviceError:   # no order of ours at that counter (409): nothing to settle
             return None
+        self.proved.add((info.app_serial, log[0].counter))
         order = answer.get("order")
         return Outcome(order if isinstance(order, str) else None, answer.get("paid") is True,
                        answer.get("paid") is True, 0x9000, "settled from the card's proof")
