@@ -4,6 +4,7 @@ deposits through the real servers. Each test failed on the code before its fix."
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -39,6 +40,7 @@ from svcard.host.trade.server import purse as PD
 from svcard.host.trade.server import purse_agent as PA
 from svcard.host.trade.stack import DEMO_RATES, TradeStack, start_trade
 from svcard.host.trade.trust import buyer
+from svcard.host.trade.trust import delivery as V
 from svcard.protocols import messages as PM
 
 AM_MERCHANT = b"AMTRADE1"
@@ -311,3 +313,28 @@ def test_a_paid_session_cleared_before_its_order_settled_still_owes_the_card_its
     assert (row["rest"], row["load_state"]) == (w_["returned"], PD.DUE)
     assert records.books([w.trade.acquirer.engine], [w.trade.account.engine],
                          [w.trade.merchant_account.engine]).clean
+
+
+def test_an_acceptance_naming_an_unusable_k1_is_a_clear_400(tmp_path: Path) -> None:
+    """A signed acceptance whose K1 is a low-order X25519 point (all zeros) made the trusted
+    party fail with a 500 (the merchant said 503, 'ask again'). Now: 400 naming k1, nothing
+    released, and a good acceptance still gets the key."""
+    stack = start_trade(tmp_path / "trade", merchants={"shop": "JPY"})
+    try:
+        (tmp_path / "film.bin").write_bytes(b"film" * 100)
+        stack.merchants["shop"].config.products = {"film": (tmp_path / "film.bin", "A film")}
+        with httpx.Client(timeout=30) as http:
+            s = stack.open(http, stack.customer("alice", 50_00), 2_00, unit=10)
+            C.buy(http, s, "film", 1)
+            base = f"{s.merchant_url}/v1/sessions/{s.session}/purchases/1"
+            data = http.get(f"{base}/offer", params={"pseudonym": s.pseudonym}).json()
+            offer = V.Offer(data["description"].encode(), data["signature"],
+                            base64.b64decode(data["ciphertext"]))
+            bad = V.accept(s.session_key, offer, b"\x00" * 32, int(time.time()))
+            got = http.post(f"{base}/accept", content=bad)
+            assert got.status_code == 400 and "k1" in got.text, got.text
+            row = first_row(stack.acquirer.engine, D.acq_deliveries, session=s.session)
+            assert row is not None and row["accepted"] is None
+            assert buyer.fetch(http, s).plaintext == b"film" * 100
+    finally:
+        stack.close()

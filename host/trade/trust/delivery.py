@@ -225,8 +225,11 @@ def lodged_key(private: bytes, sealed: bytes, description: bytes) -> bytes:
 
 def key_for_customer(k2: bytes, acceptance: bytes) -> bytes:
     """The trusted party: K2 sealed to the K1 the (checked) acceptance names."""
-    return _seal(bytes.fromhex(json.loads(acceptance)["acceptance"]["k1"]), k2,
-                 K2_TO_CUSTOMER + acceptance)
+    try:
+        return _seal(bytes.fromhex(json.loads(acceptance)["acceptance"]["k1"]), k2,
+                     K2_TO_CUSTOMER + acceptance)
+    except ValueError:      # a low-order point: no shared key can be made with it
+        raise DeliveryError("acceptance: k1 is not a usable X25519 key") from None
 
 
 @dataclass

@@ -208,9 +208,13 @@ class TrustedParty:
                     raise Refused(401, 401, "acceptance: too old or from the future")
                 k2 = V.lodged_key(self._private, bytes.fromhex(row["sealed"]),
                                   row["description"].encode())
+                try:
+                    sealed = V.key_for_customer(k2, raw).hex()
+                except V.DeliveryError as exc:
+                    raise Refused(400, 400, exc.reason) from None
                 answer = await self.acq.sql(
                     release, self.acq.engine, session, order, a["unique"], data["acceptance"],
-                    V.key_for_customer(k2, raw).hex(), now)
+                    sealed, now)
             return self._answer(RELEASED, {"acquirer": self.acq.config.id, "session": session,
                                            "order": order, "sealed": answer})
         except Refused as exc:
