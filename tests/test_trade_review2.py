@@ -32,6 +32,7 @@ from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.host.trade import customer as C
 from svcard.host.trade import db as D
+from svcard.host.trade import messages as M
 from svcard.host.trade import records
 from svcard.host.trade import signing as S
 from svcard.host.trade.config import PurseSettings
@@ -39,7 +40,7 @@ from svcard.host.trade.money import Amount, ExchangeTable
 from svcard.host.trade.server import purse as PD
 from svcard.host.trade.server import purse_agent as PA
 from svcard.host.trade.stack import DEMO_RATES, TradeStack, start_trade
-from svcard.host.trade.trust import buyer
+from svcard.host.trade.trust import buyer, certs
 from svcard.host.trade.trust import delivery as V
 from svcard.protocols import messages as PM
 
@@ -336,5 +337,61 @@ def test_an_acceptance_naming_an_unusable_k1_is_a_clear_400(tmp_path: Path) -> N
             row = first_row(stack.acquirer.engine, D.acq_deliveries, session=s.session)
             assert row is not None and row["accepted"] is None
             assert buyer.fetch(http, s).plaintext == b"film" * 100
+    finally:
+        stack.close()
+
+
+def test_a_dispute_judged_with_the_merchants_fi_certificate(tmp_path: Path) -> None:
+    """The dispute package was judged with whatever merchant key the customer printed: a
+    customer could sign a false description with a key of its own, re-sign its acceptance,
+    and get 'mismatch' against the merchant. Now the command writes the merchant's FI's
+    certificate of the merchant's key for the session beside the package, and the judge
+    takes the key from it with that FI's public key: a made-up key is 'invalid'."""
+    stack = start_trade(tmp_path / "trade", merchants={"shop": "JPY"})
+    try:
+        film = b"film" * 100
+        (tmp_path / "film.bin").write_bytes(film)
+        stack.merchants["shop"].config.products = {"film": (tmp_path / "film.bin", "A film")}
+        with httpx.Client(timeout=30) as http:
+            s = stack.open(http, stack.customer("alice", 50_00), 2_00, unit=10)
+            C.buy(http, s, "film", 1)
+        state = tmp_path / "session.json"
+        C.save(state, s)
+        out = tmp_path / "film.out"
+        r = CliRunner().invoke(svcard_main, ["session", "product", "--state", str(state),
+                                             "--out", str(out), "--json"])
+        assert r.exit_code == 0, r.output
+        shown = json.loads(r.output)
+        assert shown["merchant_fi"] == "acq1" and Path(shown["merchant_cert"]).exists()
+        fi = ["--fi-key", stack.parties["acq1"].public.hex()]
+        judge = ["session", "dispute-verify", "--session-key", shown["session_key"], "--json"]
+        r = CliRunner().invoke(svcard_main, [*judge, shown["dispute"], "--merchant-cert",
+                                             shown["merchant_cert"], *fi])
+        assert r.exit_code == 0 and json.loads(r.output)["outcome"] == "matches", r.output
+        # the customer's forgery: its own "merchant" key signs a description whose product
+        # hash is false; its acceptance is signed again by the session key
+        package = json.loads(Path(shown["dispute"]).read_bytes())
+        fake, fake_public = S.new_key()
+        package["description"]["plaintext"] = "00" * 32
+        raw = S.canonical(package["description"])
+        package["description_sig"] = S.sign(fake, V.DESCRIPTION, raw)
+        body = {**package["acceptance"]["acceptance"], "description": M.digest(raw)}
+        package["acceptance"] = {"acceptance": body, "sig": S.sign(
+            s.session_key, V.ACCEPTANCE, S.canonical(body))}
+        forged = tmp_path / "forged.dispute"
+        forged.write_bytes(S.canonical(package))
+        r = CliRunner().invoke(svcard_main, [*judge, str(forged), "--merchant-key",
+                                             fake_public.hex()])
+        assert json.loads(r.output)["outcome"] == "mismatch"       # the judge fooled
+        r = CliRunner().invoke(svcard_main, [*judge, str(forged), "--merchant-cert",
+                                             shown["merchant_cert"], *fi])
+        assert r.exit_code == 3 and json.loads(r.output)["outcome"] == "invalid", r.output
+        # a certificate of another FI, or for another session, proves no merchant's key
+        rogue, _ = S.new_key()
+        other = tmp_path / "other.cert"
+        other.write_bytes(certs.issue(rogue, "acq1", s.session, fake_public, int(time.time())))
+        r = CliRunner().invoke(svcard_main, [*judge, str(forged), "--merchant-cert",
+                                             str(other), *fi])
+        assert r.exit_code == 3 and "not signed by this FI" in r.output, r.output
     finally:
         stack.close()

@@ -35,6 +35,7 @@ class Delivered:
     reason: str
     merchant_key: bytes
     session_key: bytes            # the session's public key
+    merchant_cert: str = ""       # the merchant's FI's certificate of merchant_key (a judge's)
 
 
 def merchant_key(s: Session) -> bytes:
@@ -136,5 +137,9 @@ def fetch(http: httpx.Client, s: Session, index: int | None = None,
         reason = "the product described"
     except V.DeliveryError as exc:
         plaintext, reason = None, exc.reason
+    try:    # the merchant's own FI vouching for its key: a judge checks it with that FI's
+        vouch = str(json.loads(s.opened["acquirer_ack"])["merchant_cert"])
+    except (KeyError, ValueError, TypeError):
+        vouch = ""
     return Delivered(entry["index"], entry["item"], plaintext, package, reason, public,
-                     S.public_of(s.session_key))
+                     S.public_of(s.session_key), vouch)

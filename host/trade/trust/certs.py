@@ -121,6 +121,19 @@ def verify(my_fi_public: bytes, blob: bytes, session: str, now: int) -> SessionK
     return SessionKey(body["session"], bytes.fromhex(body["key"]), body["not_after"])
 
 
+def vouched(fi_public: bytes, blob: bytes, session: str) -> bytes:
+    """For a judge, after the fact: the key an FI's zone-1 certificate (:func:`issue`)
+    vouched for in ``session``, checked with that FI's public key. Its validity is not
+    checked (a dispute comes after a certificate's short life); its signature and session
+    are, and CertError says which failed."""
+    body, sig = _open(blob, ENVELOPE_ISSUED)
+    if not signing.verify(fi_public, ISSUED, signing.canonical(body), sig):
+        raise CertError("certificate: not signed by this FI")
+    if body["session"] != session:
+        raise CertError("certificate: for another session")
+    return bytes.fromhex(body["key"])
+
+
 def relay(fi_private: bytes, issuer: str, issuer_public: bytes, text: str, session: str,
           key: bytes | None, now: int) -> str:
     """The FI in the middle, as a server does it: a certificate carried in a message, checked

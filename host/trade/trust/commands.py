@@ -11,6 +11,7 @@ merchant's signed description is false), 3 ``invalid`` (the evidence does not ho
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import httpx
 from ...kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_NETWORK, emit, fail, json_option
 from .. import customer as C
 from ..signing import SigningError, public_from_hex
-from . import buyer
+from . import buyer, certs
 from . import delivery as V
 
 
@@ -49,7 +50,8 @@ def product_cmd(state: Path, index: int | None, out: Path, dispute: Path | None,
     """Fetch the digital product a purchase bought: check the merchant's signed offer,
     accept it, and open it with the key the trusted party releases (seed 004 FIG. 4)."""
     dispute = dispute or out.with_name(out.name + ".dispute")
-    for path in (out, dispute):
+    cert = dispute.with_name(dispute.name + ".cert")
+    for path in (out, dispute, cert):
         if path.exists():
             fail(f"{path}: exists; it is never overwritten", EXIT_INPUT)
     try:
@@ -64,9 +66,13 @@ def product_cmd(state: Path, index: int | None, out: Path, dispute: Path | None,
     except httpx.HTTPError as exc:
         fail(f"{s.merchant_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
     _write(dispute, got.package)
+    if got.merchant_cert:
+        _write(cert, got.merchant_cert.encode())
     data = {"session": s.session, "index": got.index, "item": got.item,
             "matches": got.plaintext is not None, "reason": got.reason,
             "out": str(out), "dispute": str(dispute),
+            "merchant_cert": str(cert) if got.merchant_cert else "",
+            "merchant_fi": s.opened.get("acquirer", ""),
             "merchant_key": got.merchant_key.hex(), "session_key": got.session_key.hex()}
     if got.plaintext is None:
         emit(as_json, data, f"{got.item}: {got.reason}; the dispute package is {dispute}")
@@ -78,27 +84,51 @@ def product_cmd(state: Path, index: int | None, out: Path, dispute: Path | None,
 
 @click.command("dispute-verify")
 @click.argument("package", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--merchant-key", required=True, help="The merchant's public key (hex).")
+@click.option("--merchant-key", default=None, help="The merchant's public key (hex).")
+@click.option("--merchant-cert", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Instead: the certificate of the merchant's key by the "
+              "merchant's own FI (written beside the package), checked with --fi-key.")
+@click.option("--fi-key", default=None, help="The public key (hex) of the merchant's FI.")
 @click.option("--session-key", required=True, help="The session's public key (hex).")
 @json_option
-def dispute_verify_cmd(package: Path, merchant_key: str, session_key: str,
-                       as_json: bool) -> None:
+def dispute_verify_cmd(package: Path, merchant_key: str | None, merchant_cert: Path | None,
+                       fi_key: str | None, session_key: str, as_json: bool) -> None:
     """Judge a FIG. 4 dispute package with public keys only: is the product the one the
-    merchant's signed description describes?"""
+    merchant's signed description describes? The merchant's key is given, or taken from the
+    certificate its own FI signed for the session (a key the customer made up is then no
+    merchant's)."""
+    if (merchant_key is None) == (merchant_cert is None or fi_key is None):
+        fail("give --merchant-key, or --merchant-cert with --fi-key", EXIT_INPUT)
     try:
-        merchant = public_from_hex(merchant_key, "--merchant-key")
         session = public_from_hex(session_key, "--session-key")
         with package.open("rb") as f:
             blob = f.read(V.MAX_PACKAGE + 1)
+        if merchant_cert is not None and fi_key is not None:
+            merchant = _vouched(blob, merchant_cert, public_from_hex(fi_key, "--fi-key"))
+        else:
+            merchant = public_from_hex(str(merchant_key), "--merchant-key")
     except SigningError as exc:
         fail(str(exc), EXIT_INPUT)
     except OSError as exc:
-        fail(f"{package}: cannot read: {exc.strerror}", EXIT_INPUT)
+        fail(f"{exc.filename}: cannot read: {exc.strerror}", EXIT_INPUT)
+    except certs.CertError as exc:      # the evidence does not hold together
+        emit(as_json, {"outcome": "invalid", "reason": exc.reason},
+             f"{merchant_cert}: invalid: {exc.reason}")
+        raise SystemExit(EXIT_INPUT) from None
     verdict = V.verify_dispute(blob, merchant, session)
     emit(as_json, {"outcome": verdict.outcome, "reason": verdict.reason},
          f"{package}: {verdict.outcome}: {verdict.reason}")
     raise SystemExit({"matches": 0, "mismatch": EXIT_DECLINED}.get(verdict.outcome,
                                                                    EXIT_INPUT))
+
+
+def _vouched(blob: bytes, cert: Path, fi: bytes) -> bytes:
+    """The merchant's key from its FI's certificate, for the package's session."""
+    try:
+        session = json.loads(blob)["description"]["session"]
+        return certs.vouched(fi, cert.read_bytes()[:certs.MAX_CERT + 1], str(session))
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise certs.CertError("the package names no session") from None
 
 
 def register(group: click.Group) -> None:
