@@ -305,6 +305,8 @@ def test_a_paid_session_cleared_before_its_order_settled_still_owes_the_card_its
         assert asyncio.run(w.trade.acquirer.closer.tick())["cleared"] == 1
         held = first_row(w.trade.account.engine, D.am_sessions, customer="alice")
         assert held is not None and held["state"] == D.CLEARED
+        assert records.books([w.trade.acquirer.engine], [w.trade.account.engine],
+                             [w.trade.merchant_account.engine]).clean   # not resumed yet
         with open_reader(f"virtual:{card}") as reader:      # the customer resumes at last
             pay_client.resume(reader, journal=journal, http=http)
     w_ = first_row(w.trade.account.engine, D.am_withdrawals, session=held["session"])

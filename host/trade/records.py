@@ -202,8 +202,8 @@ def _purse(engine: Engine, sessions: list[dict[str, Any]], out: Books) -> None:
     returned = {w["session"]: w["returned"] for w in _rows(engine, D.am_withdrawals)}
     for p in _rows(engine, D.am_purse):
         name = f"purse order {p['order_id']} ({p['currency']})"
-        if p["state"] == "open":
-            s = by_id.get(p["session"] or "")
+        if p["state"] == "open" or (p["state"] == "paid" and p["session"]):
+            s = by_id.get(p["session"] or "")     # paid: linked by a clearing before it opened
             if s is None or (s["customer"], s["txn"], s["digest"], s["deposit"],
                              s["currency"]) != (p["customer"], p["txn"], p["digest"],
                                                 p["amount"], p["currency"]):
