@@ -173,3 +173,32 @@ def test_a_real_cards_charge_whose_answer_was_lost_still_loads(world: World) -> 
         assert h.b.wallet()["loads"] == []
     finally:
         h.close()
+
+
+def test_a_purse_payment_whose_mirror_was_missed_is_mirrored_at_restart(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The purse paid and the gateway recorded it, but the financial system was not reached
+    for its copy's debit (or the gateway died just after recording: crash point
+    gateway-after-purse-paid), and the mall never asks. Before: the financial system's
+    copy kept the amount the purse had paid away, for good (its balance and the member's
+    statement above the purse); now the gateway's start asks for that debit again."""
+    import asyncio
+    h = loaded_holder(world, "rv2mirror", 2_000)
+    try:
+        gateway = world.wallet.gateway
+        p = new_purchase(500)
+        checkout = choose(world, h, p).json()["checkout"]
+
+        async def unreachable(path: str, data: dict[str, Any]) -> tuple[int, Any]:
+            return 0, {}
+        monkeypatch.setattr(gateway, "ask_fin_quietly", unreachable)
+        assert pay_purse(world, h, checkout, h.card)["state"] == "paid"
+        monkeypatch.undo()
+        assert h.purse_balance() == 1_500 and fin_balance(world, h) == 2_000
+        asyncio.run(gateway.recover())            # what the gateway does at each start
+        assert fin_balance(world, h) == 1_500
+        asyncio.run(gateway.recover())            # asked again: the same ref, one debit
+        assert fin_balance(world, h) == 1_500
+        assert approve(world, p)[0] == 200 and fin_balance(world, h) == 1_500
+    finally:
+        h.close()

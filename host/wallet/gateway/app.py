@@ -321,7 +321,9 @@ class GatewayServer(WalletServer):
 
     async def recover(self) -> dict[str, int]:
         """At start: every purchase matched whose debit's outcome was not recorded (the
-        gateway stopped between the match and the answer) is asked about again."""
+        gateway stopped between the match and the answer) is asked about again, and every
+        recent purse payment not yet approved has its financial system's debit asked again
+        (the same ref: made once)."""
         done = {"approved": 0, "declined": 0, "unknown": 0}
         for found in await self.sql(X.in_flight, self.engine):
             try:
@@ -330,6 +332,10 @@ class GatewayServer(WalletServer):
                 done["unknown"] += 1
                 continue
             done["approved" if approved else "declined"] += 1
+        # purse payments recorded whose financial system's debit may be missing (review2)
+        for pid in await self.sql(PU.unmirrored, self.engine,
+                                  self.now_ms() - PU.MIRROR_AGAIN_MS):
+            await PU.mirror(self, pid)
         return done
 
     async def statements(self) -> int:

@@ -168,6 +168,21 @@ def purse_paid(engine: Engine, pid: str) -> dict[str, Any] | None:
     return dict(row._mapping) if row is not None else None
 
 
+MIRROR_AGAIN_MS = 7 * 86_400_000   # paid orders this recent are mirrored again at a start
+
+
+def unmirrored(engine: Engine, since: int) -> list[str]:
+    """Purchases paid by their purse (since ``since``, ms) that the mall has not asked
+    approval of: their financial system's debit may never have been made (:func:`mirror`
+    is best effort, and the gateway may have died right after recording the payment)."""
+    c = D.purchases.c
+    with reading(engine) as conn:
+        rows = conn.execute(select(orders.c.purchase).join(
+            D.purchases, c.id == orders.c.purchase).where(
+            orders.c.state == PAID, orders.c.updated >= since, c.state == D.CHOSEN)).all()
+    return [str(r[0]) for r in rows]
+
+
 # --- the card helper's requests ---------------------------------------------------------------
 
 async def checkout(server: GatewayServer, request: Request) -> Response:
@@ -276,6 +291,7 @@ async def status(server: GatewayServer, request: Request) -> Response:
             return _released(row, receipt)
         row = await server.sql(order, server.engine, txn_hex) or row
     if row["state"] == PAID and hmac.compare_digest(row["confirmation"], digest):
+        await mirror(server, row["purchase"])   # once by its ref: a mirror missed is made
         return _released(row, json.loads(row["receipt"]))   # the same one again: lost answer
     raise Refused(409, 409, "this order was paid already: confirmed once")
 
