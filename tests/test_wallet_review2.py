@@ -202,3 +202,27 @@ def test_a_purse_payment_whose_mirror_was_missed_is_mirrored_at_restart(
         assert approve(world, p)[0] == 200 and fin_balance(world, h) == 1_500
     finally:
         h.close()
+
+
+def test_another_real_card_paying_a_purchase_is_debited_in_the_books(world: World) -> None:
+    """A client naming no card pays member A's purchase with B's real card: the payment
+    server debits B's purse for A's mall (W1's open case). The gateway still refuses it as
+    the purchase's payment, but before, B's financial-system copy kept the amount its purse
+    had paid (B's balance and statement 1,000 above the purse, for good)."""
+    h = loaded_holder(world, "rv2chosen", 3_000)
+    other = loaded_holder(world, "rv2other", 3_000)
+    try:
+        p = new_purchase(1_000)
+        checkout = choose(world, h, p).json()["checkout"]
+        view = pay_purse(world, other, checkout)          # no card named
+        assert view["state"] in ("pending", "refused"), view
+        assert other.purse_balance() == 2_000
+        assert fin_balance(world, other) == other.purse_balance()
+        assert h.purse_balance() == 3_000 and fin_balance(world, h) == 3_000
+        assert approve(world, p)[0] == 409                 # A's purchase: not paid
+        # the helper's resume brings the same confirmation again: still one debit of B
+        assert pay_purse(world, other, checkout)["state"] in ("pending", "refused")
+        assert fin_balance(world, other) == 2_000 == other.purse_balance()
+    finally:
+        h.close()
+        other.close()

@@ -11,9 +11,11 @@ FIG. 6, an expiry no later than the purchase's); the payment server and its PSAM
 card and verify its MAC2; the helper brings the confirmation to :func:`status`, which opens
 debit result M under that key and checks it is THIS order's (merchant = the mall's merchant
 id, transaction, amount, variant, status OK) and made by the card chosen (its application
-serial is ``0000`` + the card number). Only then is the purchase marked paid by the purse
-(one conditional UPDATE, ``open`` -> ``paid``). The mall's approval request is matched as
-for a virtual card, and a real card's purchase is approved only once its purse payment is
+serial is ``0000`` + the card number; another card's verified debit is refused as this
+purchase's payment, but that card's copy at the financial system is debited too, so its
+balance follows its purse: :func:`paid_by_another`). Only then is the purchase marked paid
+by the purse (one conditional UPDATE, ``open`` -> ``paid``). The mall's approval request is
+matched as for a virtual card, and a real card's purchase is approved only once its purse payment is
 recorded (:func:`purse_paid`). The financial system's copy of the card's value is debited as
 soon as the purse payment is recorded (:func:`mirror`), under ``pay:PURCHASE``, the ref the
 approval asks again: one debit, and the card's balance there follows its purse.
@@ -253,8 +255,6 @@ def check(key: bytes, row: dict[str, Any], txn_id: bytes, body: bytes) -> dict[s
     if (result.merchant_id, result.txn_id, result.amount, result.variant) != (
             merchant_id, txn_id, int(row["amount"]), M.FIG6_SERVER_COMPARES):
         raise Refused(400, 400, "the confirmation does not match the order")
-    if result.card_serial != card_serial(row["card"]):
-        raise Refused(403, 403, "another card paid: the purchase's card must pay it")
     return {"txn_id": txn_id.hex(), "amount": int(row["amount"]),
             "psam_id": result.psam_id.hex().upper(),
             "terminal_txn_number": result.terminal_txn_number,
@@ -283,6 +283,11 @@ async def status(server: GatewayServer, request: Request) -> Response:
         if mall is None:
             raise Refused(409, 409, "the mall no longer takes real cards here")
         receipt = check(settings.merchants[mall][1], row, bytes.fromhex(txn_hex), body)
+        if receipt["card_serial"] != card_serial(row["card"]).hex().upper():
+            # the payment server debited another card for this mall: never this purchase's
+            # payment, but that card's copy at the financial system follows its purse
+            await paid_by_another(server, row, receipt["card_serial"], txn_hex)
+            raise Refused(403, 403, "another card paid: the purchase's card must pay it")
         crash_point("gateway-after-purse")        # the card debited, nothing recorded here
         if await server.sql(mark_paid, server.engine, txn_hex, digest,
                             json.dumps(receipt, sort_keys=True)):
@@ -309,6 +314,21 @@ async def mirror(server: GatewayServer, pid: str) -> None:
         "ref": "pay:" + pid, "card": found["card"], "amount": found["amount"],
         "currency": found["currency"], "mall": found["mall"], "order": found["mall_order"]})
     note(step="purse-mirrored" if status == 200 else "purse-mirror-later")
+
+
+async def paid_by_another(server: GatewayServer, row: dict[str, Any], serial: str,
+                          txn_hex: str) -> None:
+    """A verified purse debit of card ``serial`` (not the purchase's) for order ``row``: the
+    financial system's copy of that card is debited too, once (ref ``purse:TXN``), so its
+    balance and statement agree with its purse; the purchase stays unpaid (review2)."""
+    number = serial[4:]
+    found = await server.sql(X.purchase, server.engine, row["purchase"])
+    if not serial.startswith("0000") or not number.isdigit() or found is None:
+        return
+    status, _ = await server.ask_fin_quietly("/v1/debits", {
+        "ref": "purse:" + txn_hex, "card": number, "amount": int(row["amount"]),
+        "currency": int(row["currency"]), "mall": found["mall"], "order": found["mall_order"]})
+    note(step="purse-other-card-mirrored" if status == 200 else "purse-other-card-later")
 
 
 def _released(row: dict[str, Any], receipt: dict[str, Any]) -> Response:
