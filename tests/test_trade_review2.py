@@ -397,3 +397,34 @@ def test_a_dispute_judged_with_the_merchants_fi_certificate(tmp_path: Path) -> N
         assert r.exit_code == 3 and "not signed by this FI" in r.output, r.output
     finally:
         stack.close()
+
+
+def test_a_purse_session_resumed_after_its_certificates_short_life_still_opens(
+        purse_world: PurseWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card paid and the session opened, but the receipt was lost; the customer resumes
+    eleven minutes later. The signed 'opened' answer is the one made at opening, and its
+    merchant certificate (600 s) was checked against the clock of the resume: 'expired', so
+    the session the card paid for could not be used (and no session file was written to
+    load its rest back with). Now the customer checks the certificate its own account
+    manager signed in that answer for its signature and session, not its age."""
+    w = purse_world
+    made = w.trade.customer("alice", 100_00, "CNY")
+    card = card_image(tmp_path, ep=20_00)
+    journal = Journal(tmp_path / "journal.jsonl")
+    txn = secrets.token_hex(16)
+    key = PA.session_key(made.key, txn)
+    with httpx.Client(timeout=30) as http:
+        body, headers = C.initiation("alice", made.key, S.public_of(key), "shop", "op1",
+                                     Amount(5_00, "CNY"), "session", 0, txn=txn)
+        order = http.post(f"{w.trade.am.url}/v1/purse/orders", content=body,
+                          headers=headers).json()
+        with open_reader(f"virtual:{card}") as reader:
+            paid = pay_client.pay(str(order["checkout_url"]), reader, journal=journal,
+                                  http=http)
+        later = time.time() + 660
+        monkeypatch.setattr(C.time, "time", lambda: later)     # the customer's clock only
+        s = PA._opened(http, w.trade.am.url, w.trade.am.public, made.key, "shop",
+                       w.trade.url("shop"), Amount(5_00, "CNY"), paid.receipt, 1)
+        monkeypatch.undo()
+        assert s.purse_order == order["order"]
+        C.buy(http, s, "tea", 2)
