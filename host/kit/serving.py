@@ -20,6 +20,7 @@ crash, started again on its port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
@@ -200,6 +201,26 @@ async def drain_writer(sql: SqlRunner) -> None:
     if writer is not None:
         await asyncio.to_thread(writer.shutdown)
         sql.executor = GroupWriter()
+
+
+Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
+
+
+def with_writer_drained(sql: SqlRunner, lifespan: Lifespan | None = None) -> Lifespan:
+    """A Starlette lifespan: ``lifespan`` (if any), then at shutdown :func:`drain_writer` on
+    ``sql`` however the inner one ended (``Starlette(..., lifespan=with_writer_drained(
+    self.sql, self.lifespan))``)."""
+    @contextlib.asynccontextmanager
+    async def drained(app: Any) -> AsyncIterator[None]:
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            await drain_writer(sql)   # the last group committed, not rolled back
+    return drained
 
 
 def free_port() -> int:

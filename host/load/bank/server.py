@@ -60,7 +60,7 @@ from ...kit.http import (
     shutting_down,
 )
 from ...kit.request_log import RequestLog, note
-from ...kit.serving import Drain
+from ...kit.serving import Drain, with_writer_drained
 from .db import (
     DUMMY_HASH,
     BankDb,
@@ -330,6 +330,7 @@ class BankServer:
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("bank"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql),
             middleware=[Middleware(RequestLog, server="bank")])
 
 

@@ -49,6 +49,7 @@ from ....protocols import secure
 from ...kit.health import HealthCheck, database_check
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route, read_body
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from . import db as MD
 from . import page
 from .confirmation import Refusal, check_confirmation
@@ -390,5 +391,6 @@ class MerchantServer:
             openapi_route("merchant"),
             *(self.pons.routes() if self.pons is not None else disabled_routes(self)),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql),
             middleware=[Middleware(RequestLog, server="merchant")])
 

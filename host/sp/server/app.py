@@ -51,6 +51,7 @@ from ...kit.http import (
     shutting_down,
 )
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from .. import db as D
 from ..billing import bill_order, close_ended_periods
 from ..config import SpConfig
@@ -306,5 +307,6 @@ class SpServer:
             Route("/v1/catalogue", self.catalogue, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("sp"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql, self.lifespan),
             middleware=[Middleware(RequestLog, server="sp")])

@@ -35,6 +35,7 @@ from starlette.routing import Route
 from ...kit.db import first_row, reading, step
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from .. import db as D
 from .. import messages as M
 from .. import signing as S
@@ -366,5 +367,6 @@ class AccountManager:
             Route("/v1/health", self.health, methods=["GET"]),
             *self.purse.routes(),
             openapi_route("trade-account-manager"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql, self.lifespan),
             middleware=[Middleware(RequestLog, server="trade-account-manager")])

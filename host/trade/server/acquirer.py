@@ -36,6 +36,7 @@ from starlette.routing import Route
 from ...kit.db import first_row, step
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from .. import db as D
 from .. import messages as M
 from .. import signing as S
@@ -325,5 +326,6 @@ class Acquirer:
             Route("/v1/deliveries/release", self.party.release, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-acquirer"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql, self.lifespan),
             middleware=[Middleware(RequestLog, server="trade-acquirer")])

@@ -35,6 +35,7 @@ from starlette.routing import Route
 from ...kit.db import first_row, step
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route, read_body
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from .. import closing as K
 from .. import db as D
 from .. import messages as M
@@ -321,4 +322,5 @@ class MerchantAgent:
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-merchant"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql),
             middleware=[Middleware(RequestLog, server="trade-merchant")])

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, SqlRunner, openapi_route
 from ...kit.request_log import RequestLog
+from ...kit.serving import with_writer_drained
 from .. import db as D
 from ..config import MerchantAccountConfig
 from .billing import export, file_payload, read_clearing, receipt, take_deposit, write_file
@@ -68,5 +69,6 @@ class MerchantAccount:
             Route("/v1/clearings", self.clearing, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-merchant-account"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql, self.lifespan),
             middleware=[Middleware(RequestLog, server="trade-merchant-account")])

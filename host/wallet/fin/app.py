@@ -40,6 +40,7 @@ from starlette.routing import Route
 from ...kit.db import reading
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from ..base import WalletServer, crash_point, ok
 from ..config import FinConfig
 from ..links import (
@@ -279,7 +280,8 @@ class FinServer(WalletServer):
             Route("/v1/van/debits", g(self.van_debit), methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-fin"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql, self.lifespan),
             middleware=[Middleware(RequestLog, server="wallet-fin")])
 
 

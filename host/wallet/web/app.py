@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route, read_json
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from ..base import WalletServer, ok
 from ..config import WebConfig
 from ..links import LinkClient, check_password, choice, hash_password, text, whole
@@ -229,6 +230,7 @@ class WebServer(WalletServer):
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-web"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql),
             middleware=[Middleware(RequestLog, server="wallet-web")])
 
 

@@ -1,0 +1,136 @@
+"""Every SQLite-backed server commits the steps its writer still holds when it stops (issue 16):
+the bank, the merchant server, the SP, the four trade servers and the wallet's financial system
+and web server. Before, only the payment and load servers drained their writer; the others
+ended their lifespan at once, and a process exiting then lost the group in flight (the writer
+thread is a daemon). The wallet gateway and the goods servers are not covered here (others were
+editing them)."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from svcard.host.kit.db import step
+from svcard.host.kit.serving import ServerThread, free_port
+
+
+def _slow_write(engine: Engine, started: threading.Event) -> None:
+    started.set()
+    time.sleep(0.8)   # still running when the server is told to stop
+    with step(engine) as conn:
+        conn.execute(text("INSERT INTO drain_probe VALUES (1)"))
+
+
+def _committed(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM drain_probe")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _bank(tmp: Path, url: str) -> tuple[Any, Engine]:
+    from svcard.host.load.bank.server import BankConfig, BankServer
+    server = BankServer(BankConfig(bytes(8), bytes(32), "http://127.0.0.1:9/v1/load",
+                                   bytes(6), db_url=url))
+    return server, server.db.engine
+
+
+def _merchant(tmp: Path, url: str) -> tuple[Any, Engine]:
+    from svcard.host.pay.merchant.server import MerchantConfig, MerchantServer
+    server = MerchantServer(MerchantConfig(merchant_id=bytes(8), shared_key=bytes(16),
+                                           payment_url="http://x", terminal_id=bytes(6),
+                                           db_url=url))
+    return server, server.db.engine
+
+
+def _sp(tmp: Path, url: str) -> tuple[Any, Engine]:
+    from svcard.host.sp.server.app import SpServer
+    from svcard.host.sp.stack import demo_config
+    server = SpServer(demo_config(tmp, "http://127.0.0.1:9", db_url=url), cast(Any, object()))
+    return server, server.engine
+
+
+def _trade(role: str) -> Callable[[Path, str], tuple[Any, Engine]]:
+    def make(tmp: Path, url: str) -> tuple[Any, Engine]:
+        from svcard.host.trade import signing as S
+        from svcard.host.trade.config import (
+            AccountManagerConfig,
+            AcquirerConfig,
+            MerchantAccountConfig,
+            MerchantConfig,
+            Peer,
+        )
+        from svcard.host.trade.server.account import AccountManager
+        from svcard.host.trade.server.acquirer import Acquirer
+        from svcard.host.trade.server.merchant import MerchantAgent
+        from svcard.host.trade.server.merchant_account import MerchantAccount
+        from svcard.host.trade.stack import demo_table
+        key = S.new_key()[0]
+        peer = S.public_of(S.new_key()[0])
+        server: Any
+        if role == "account":
+            server = AccountManager(AccountManagerConfig(
+                "am1", key, url, {}, table=demo_table(issuer="bank-c"),
+                billing=tmp / "billing-am1"))
+        elif role == "acquirer":
+            server = Acquirer(AcquirerConfig("acq1", key, url, {}, {}, demo_table()))
+        elif role == "merchant":
+            server = MerchantAgent(MerchantConfig("shop", key, url, Peer("acq1", "", peer),
+                                                  "JPY"))
+        else:
+            server = MerchantAccount(MerchantAccountConfig("mam1", key, url, {"acq1": peer},
+                                                           tmp / "billing-mam1"))
+        return server, server.engine
+    return make
+
+
+def _fin(tmp: Path, url: str) -> tuple[Any, Engine]:
+    from svcard.host.wallet.config import FinConfig
+    from svcard.host.wallet.fin.app import FinServer
+    server = FinServer(FinConfig(secrets.token_bytes(32), {"gateway": bytes(32)}, db_url=url,
+                                 mail_dir=tmp / "mail"))
+    return server, server.engine
+
+
+def _web(tmp: Path, url: str) -> tuple[Any, Engine]:
+    from svcard.host.wallet.config import WebConfig
+    from svcard.host.wallet.web.app import WebServer
+    server = WebServer(WebConfig("http://127.0.0.1:9", bytes(32), db_url=url))
+    return server, server.engine
+
+
+SERVERS = {"bank": _bank, "merchant": _merchant, "sp": _sp,
+           "trade-account": _trade("account"), "trade-acquirer": _trade("acquirer"),
+           "trade-merchant": _trade("merchant"), "trade-merchant-account": _trade("mam"),
+           "wallet-fin": _fin, "wallet-web": _web}
+
+
+@pytest.mark.parametrize("name", sorted(SERVERS))
+def test_a_step_held_by_the_writer_is_committed_when_the_server_stops(
+        tmp_path: Path, name: str) -> None:
+    url = f"sqlite:///{tmp_path / 'server.db'}"
+    server, engine = SERVERS[name](tmp_path, url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE drain_probe (x INTEGER)"))
+        thread = ServerThread(server.app(), port=free_port()).start()
+        started = threading.Event()
+        future = server.sql.executor.submit(_slow_write, engine, started)
+        assert started.wait(10)
+        thread.stop()
+        assert future.done() and future.exception() is None, name
+        assert _committed(url) == 1, name
+    finally:
+        close = getattr(server, "close", None)
+        if close is not None:
+            close()
+        engine.dispose()
