@@ -308,8 +308,8 @@ async def mirror(server: GatewayServer, pid: str) -> None:
     agree with its purse). Best effort: an unreachable financial system is asked again by
     the approval."""
     found = await server.sql(X.purchase, server.engine, pid)
-    if found is None:
-        return
+    if found is None or found["state"] != D.CHOSEN:
+        return   # the approval has asked for (or made) the same debit already
     status, _ = await server.ask_fin_quietly("/v1/debits", {
         "ref": "pay:" + pid, "card": found["card"], "amount": found["amount"],
         "currency": found["currency"], "mall": found["mall"], "order": found["mall_order"]})
