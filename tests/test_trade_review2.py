@@ -428,3 +428,34 @@ def test_a_purse_session_resumed_after_its_certificates_short_life_still_opens(
         monkeypatch.undo()
         assert s.purse_order == order["order"]
         C.buy(http, s, "tea", 2)
+
+
+def test_a_session_recovered_after_the_certificates_life_keeps_its_merchant_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mediating agent's acknowledgement was lost on its way to the account manager,
+    which settled the session by its signed lookup eleven minutes later: the merchant's
+    certificate inside that (authentic, signed) acknowledgement was checked against the
+    clock of the recovery, 'expired', and the session opened with no merchant key: none of
+    its digital products could ever be fetched. Now its age is not held against it."""
+    clock = Clock()
+    stack = start_trade(tmp_path / "trade", clock=clock, close_seconds=3600)
+    try:
+        am = stack.account
+        real = type(am)._post
+
+        async def lost(http: Any, url: str, body: bytes, headers: dict[str, str]) -> Any:
+            answer = await real(http, url, body, headers)
+            return "the answer was lost" if url.endswith("/v1/initiations") else answer
+        monkeypatch.setattr(type(am), "_post", staticmethod(lost))
+        who = stack.customer("alice", 50_00)
+        with httpx.Client(timeout=30) as http, pytest.raises(C.TradeError):
+            stack.open(http, who, 2_00, unit=10)
+        row = first_row(am.engine, D.am_sessions, customer="alice")
+        assert row is not None and row["state"] == D.IN_DOUBT
+        clock.offset = 660
+        assert asyncio.run(am.recover(older_than_ms=0))["open"] == 1
+        row = first_row(am.engine, D.am_sessions, customer="alice")
+        assert row is not None and row["state"] == D.OPEN
+        assert json.loads(row["opened"])["merchant_cert"], "opened with no merchant key"
+    finally:
+        stack.close()

@@ -269,9 +269,9 @@ class AccountManager:
                   "acquirer_ack": ack_body.decode(),
                   "acquirer_signature": answer.headers[S.SIGNATURE]}
         try:   # the merchant's key for this session, vouched by its FI, signed again for ours
-            opened["merchant_cert"] = certs.relay(
-                self.config.private_key, operator.id, operator.public_key,
-                ack["merchant_cert"], session, None, now // 1000)
+            opened["merchant_cert"] = certs.relay(   # of any age: the signed ack carried it
+                self.config.private_key, operator.id, operator.public_key,  # (a lookup's too)
+                ack["merchant_cert"], session, None, None)
         except certs.CertError:
             opened["merchant_cert"] = ""    # no FIG. 4 delivery in this session
         text = S.canonical(opened).decode()

@@ -92,17 +92,20 @@ def _check_time(body: Mapping[str, Any], now: int) -> None:
         raise CertError("certificate: not yet valid")
 
 
-def resign(fi_private: bytes, issuers: Mapping[str, bytes], blob: bytes, now: int) -> bytes:
+def resign(fi_private: bytes, issuers: Mapping[str, bytes], blob: bytes,
+           now: int | None) -> bytes:
     """The merchant's FI: check a zone-1 certificate with the key of the FI it names (one of
     ``issuers``, the FIs this one has agreements with), then sign the same session, key and
-    validity for its own merchant, without the issuer."""
+    validity for its own merchant, without the issuer. ``now`` None: its age is not checked
+    (it came inside a message the issuer signed, read again later)."""
     body, sig = _open(blob, ENVELOPE_ISSUED)
     public = issuers.get(body["issuer"])
     if public is None:
         raise CertError(f"certificate: issuer {body['issuer']!r} is not a known FI")
     if not signing.verify(public, ISSUED, signing.canonical(body), sig):
         raise CertError("certificate: the issuer's signature does not verify")
-    _check_time(body, now)
+    if now is not None:
+        _check_time(body, now)
     out = {k: body[k] for k in BODY}
     return signing.canonical(
         {"cert": out, "sig": signing.sign(fi_private, RESIGNED, signing.canonical(out))})
@@ -138,7 +141,7 @@ def vouched(fi_public: bytes, blob: bytes, session: str) -> bytes:
 
 
 def relay(fi_private: bytes, issuer: str, issuer_public: bytes, text: str, session: str,
-          key: bytes | None, now: int) -> str:
+          key: bytes | None, now: int | None) -> str:
     """The FI in the middle, as a server does it: a certificate carried in a message, checked
     to come from ``issuer`` (the peer that sent the message) for ``session`` (and ``key``
     when the message names it too), re-signed for this FI's own customer. CertError if not."""
