@@ -21,8 +21,9 @@ the card's purse (the composite purchase: ``Device.pay_with_purse``; the cuts an
 fall on its UPDATE CAPP DATA CACHE and DEBIT, the link cuts on the debit and proof messages).
 The payment server then holds two PSAMs (started by tests/goods_sim_serve.py). With
 ``settle_first`` the device first proves the card's last composite purchase (GET TRANSACTION
-PROVE) before it opens another: the card proves only its last transaction, so a DEBIT whose
-answer was lost must be proved before the next purchase (``Device.pay_with_purse`` does not do
+PROVE) before it opens another, and opens none while that proof cannot reach the payment
+server: the card proves only its last transaction, so a DEBIT whose answer was lost must be
+proved before the next purchase (``Device.pay_with_purse`` does not do
 this yet: the strict xfail in tests/test_goods_random_run.py; without it the run ends with goods
 on cards, paid by the purse, whose orders expired).
 
@@ -71,6 +72,8 @@ from svcard.host.goods.server.bank import add_account
 from svcard.host.goods.stack import SERVERS, make_card, psam_images
 from svcard.host.kit.serving import wait_http
 from svcard.host.terminal.capp import read_goods
+from svcard.host.terminal.purse import prove, read_log_info
+from svcard.protocols import purse as P
 from svcard.reader.base import CardRemovedError, Reader
 from svcard.reader.virtual import VirtualReader
 
@@ -446,7 +449,7 @@ class Buyer:
                 cut = "/v1/purse/debits" if good.cut_at % 2 else "/v1/purse/proofs"
                 self.link.armed = (cut, fate == "net-after")
             try:
-                if self.system.settle_first and self.device.settle_purse(reader) is not None:
+                if self.system.settle_first and self.settle_first(reader):
                     self.figures.note("purse: last purchase proved first")
                 out = self.device.pay_with_purse(link, first, PIN)
             except PowerCut:
@@ -460,6 +463,24 @@ class Buyer:
                 self.link.armed = None
         self.figures.note("purse: written with its debit" if out.written else
                           "purse: not paid")
+
+    def settle_first(self, reader: Reader) -> bool:
+        """The card's last composite purchase proved before another is opened; a server's
+        failure is raised (the purchase waits: the card proves only its last transaction),
+        a refusal (nobody's order at that counter) is not. Whether a proof was taken."""
+        info, log = read_log_info(reader)
+        if not log or log[0].txn_type != P.TYPE_COMPOSITE_PURCHASE:
+            return False
+        proof = prove(reader, P.TYPE_COMPOSITE_PURCHASE, log[0].counter)
+        if proof is None:
+            return False
+        try:
+            self.device._prove(info.app_serial, log[0].counter, *proof)
+        except DeviceError as exc:
+            if "(409)" in str(exc) or "answered 409" in str(exc):
+                return False
+            raise
+        return True
 
     def pickup(self, path: Path, torn: int | None, deadline: float) -> None:
         tear = Tear(torn) if torn is not None else None
