@@ -1,5 +1,5 @@
 """The goods system's commands (seed 000): ``svcard serve goods-merchant|goods-payment|
-goods-auth|goods-bank|goods-fulfil``, ``svcard goods init|account``, and ``svcard device
+goods-auth|goods-bank|goods-fulfil``, ``svcard goods init|account|close-batch``, and ``svcard device
 init|register|wait|pickup`` (the communication device).
 
 A refusal exits 1, an unreachable server 11, a file that cannot be used 3.
@@ -149,6 +149,36 @@ def account_cmd(account: str, config_path: Path, card_serial: str, pin_file: Pat
         engine.dispose()
     emit(as_json, {"account": account, "card": card_serial.upper(), "balance": balance},
          f"account {account} pays for card {card_serial.upper()}")
+
+
+@goods.command("close-batch")
+@click.option("--config", "config_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="The goods system's TOML file (its payment party's key file is needed).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The concentration folder that svcard clearing run reads.")
+@click.option("--resend", is_flag=True, help="Write every file the server kept (an answer lost).")
+@json_option
+def close_batch_cmd(config_path: Path, out_dir: Path, resend: bool, as_json: bool) -> None:
+    """Close the goods payment server's PSAM batches; write the batch files (with the TACs of
+    the committed composite purchases) and late proofs into --out, for svcard clearing run.
+    Exit 1 if the server refused, 3 if a file cannot be used, 11 if it cannot be reached."""
+    from ..kit.config import ConfigError
+    from .batch import CloseError, close_batches
+    from .config import goods_config
+
+    try:
+        config = goods_config(config_path, "payment")
+    except ConfigError as exc:
+        fail(str(exc), EXIT_INPUT)
+    try:
+        paths = close_batches(config, out_dir, resend=resend)
+    except CloseError as exc:
+        fail(str(exc), EXIT_NETWORK if "cannot reach" in str(exc) else EXIT_DECLINED)
+    except OSError as exc:
+        fail(f"{out_dir}: {exc.strerror or exc}", EXIT_INPUT)
+    emit(as_json, {"files": [str(p) for p in paths]},
+         "\n".join([f"{len(paths)} file(s) for clearing:"] + [f"  {p}" for p in paths]))
 
 
 # --- the device ---------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from ...kit.http import Refused
 from .. import db as D
 from .. import wire as W
 from .common import REPLY, Unreachable, handled, read_one
+from .psam_batches import close_batches
 from .psams import GoodsPsamPool
 from .purse_pay import PursePayment
 
@@ -274,8 +275,13 @@ class PaymentServer(PursePayment):
             return self.reply(W.REFUND, {"order": order, "refunded": True})
         return await handled(work)
 
+    async def batches_close(self, request: Request) -> Response:
+        """The PSAMs' batches to clearing (:mod:`.psam_batches`)."""
+        return await close_batches(self, request)
+
     def routes(self) -> list[Route]:
         return [Route("/v1/orders", self.orders, methods=["POST"]),
+                Route("/v1/batches/close", self.batches_close, methods=["POST"]),
                 Route("/v1/authorisations", self.authorisations, methods=["POST"]),
                 Route("/v1/purse/debits", self.purse_debits, methods=["POST"]),
                 Route("/v1/purse/proofs", self.purse_proofs, methods=["POST"]),

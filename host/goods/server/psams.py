@@ -8,10 +8,15 @@ purchase of type 06 sealed for a client terminal, and a composite purchase needs
 type 09 and a cache record MAC'd for the same card session in the same answer, so the goods
 payment server holds its PSAMs and the layers stay as they are (host/goods imports host/kit
 and host/terminal only).
+
+Their records go to clearing the seed-002 way: ``POST /v1/batches/close``, signed with the
+payment party's own key (``svcard goods close-batch``), closes each PSAM's batch
+(:mod:`.psam_batches`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass, field
 
@@ -43,6 +48,7 @@ class GoodsPsamPool(ReaderPool[GoodsPsam]):
     def __init__(self, readers: list[Reader]) -> None:
         super().__init__([GoodsPsam(i, r, executor(f"goods-psam{i}"))
                           for i, r in enumerate(readers)])
+        self.close_lock = asyncio.Lock()   # one batch close at a time
 
     def open_member(self, member: GoodsPsam) -> None:
         member.reader.connect()
