@@ -226,3 +226,18 @@ def test_another_real_card_paying_a_purchase_is_debited_in_the_books(world: Worl
     finally:
         h.close()
         other.close()
+
+
+def test_a_real_card_is_not_chosen_for_more_than_its_purse_can_hold(world: World) -> None:
+    """A signed purchase of 50,000,000.00 (under the wallet's bound, above any purse's and
+    the payment ticket's 32-bit amount) chosen with a real card. Before: stored, then the
+    card helper's checkout was a 500 (the ticket could not be built), the purchase stuck."""
+    h = holder(world, "rv2huge")
+    try:
+        amount = 5_000_000_000
+        p = new_purchase(amount)
+        r = choose(world, h, p)
+        assert r.status_code == 400 and "amount" in r.json()["reason"], r.text
+        assert X.by_order(world.wallet.gateway.engine, p["mall"], p["order"]) is None
+    finally:
+        h.close()

@@ -219,6 +219,9 @@ class GatewayServer(WalletServer):
         real = await self.card_kind(member, card) == "real"
         if real and p["mall"] not in self.purse().merchants:
             raise Refused(400, 400, "purchase.mall: this mall takes no real card here")
+        if real and p["amount"] > min(self.purse().balance_limit, 0xFFFFFFFF):
+            # never payable by a purse (nor in a payment ticket's 32 bits): not stored
+            raise Refused(400, 400, "purchase.amount: more than a real card's purse can hold")
         pid = await self.sql(X.store_choice, self.engine, member, card, p)
         if pid is None:
             raise Refused(409, 409, "this order has a card chosen already")
