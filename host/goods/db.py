@@ -111,6 +111,23 @@ purse_sessions = Table(   # one composite purchase opened on a card for an order
     UniqueConstraint("card", "counter", "random"),
     *_stamps())
 
+
+
+def _session_keys(name: str, md: MetaData) -> Table:
+    """A card session by what its keys see: the serial's rightmost 8 bytes (PBOC diversifies
+    every card key by them), offline counter, random. Unique, so a serial differing only in
+    its first two bytes (the same card to the card's keys) cannot give one session to two
+    orders."""
+    return Table(name, md,
+                 Column("factor", String(16), primary_key=True),
+                 Column("counter", Integer, primary_key=True),
+                 Column("random", String(8), primary_key=True),
+                 Column("order_ref", String(32), nullable=False),
+                 Column("created", BigInteger, nullable=False))
+
+
+purse_session_keys = _session_keys("goods_purse_session_keys", payment_md)
+
 auth_md = MetaData()
 devices = Table(
     "goods_devices", auth_md,
@@ -195,6 +212,7 @@ capp_sessions = Table(   # each card session (random, counter) MAC'd for one ord
     Column("random", String(8), nullable=False),
     UniqueConstraint("card", "counter", "random"),
     Column("created", BigInteger, nullable=False))
+capp_session_keys = _session_keys("goods_capp_session_keys", fulfil_md)
 
 SCHEMAS = {
     "merchant": Schema("goods-merchant", 1, merchant_md),

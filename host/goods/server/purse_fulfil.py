@@ -3,12 +3,14 @@
 ``POST /v1/purse/goods`` (payment server, ``PURSE_GOOD``): the merchant's signed digital order
 (checked here: the payment server's word on the good is not enough) and the card session the
 payment server opened a PSAM purchase for: card, offline counter, random. In one step the good
-is kept ``capp`` and the session recorded for this order (unique per card, counter and random:
-a session gets one order's record, once); every session of a good has one counter, the one
-its first had. The answer: UPDATE CAPP DATA CACHE ``84 DE`` with the MAC under the card's goods
-key over that session's random and counter, so the record is good only inside that session's
-DEBIT, whose MAC1 the PSAM made for this order's amount: a record cannot be moved to another
-order's purchase, another card or a later session.
+is kept ``capp`` and the session recorded for this order (unique per card, counter and random,
+and per the serial's rightmost 8 bytes, counter and random, what the card's keys see: a
+session gets one order's record, once, under any spelling of the card's serial); every
+session of a good has one counter, the one its first had. The answer: UPDATE CAPP DATA CACHE
+``84 DE`` with the MAC under the card's goods key over that session's random and counter, so
+the record is good only inside that session's DEBIT, whose MAC1 the PSAM made for this
+order's amount: a record cannot be moved to another order's purchase, another card or a later
+session.
 ``POST /v1/purse/paid`` (``PURSE_PAID``): the payment server matched the card's MAC2 for a
 session of this good: ``capp`` (or ``expired``) -> ``written``. The card commits the record and
 the debit together, so the good is on the card.
@@ -106,6 +108,9 @@ class PurseFulfil(PartyServer):
                 conn.execute(insert(s).values(order_ref=data["order"], card=data["card"],
                                               counter=data["counter"], random=data["random"],
                                               created=now))
+                conn.execute(insert(D.capp_session_keys).values(   # the keys' view of it
+                    factor=data["card"][-16:], counter=data["counter"],
+                    random=data["random"], order_ref=data["order"], created=now))
         except IntegrityError:
             raise Refused(409, 409, "purse good: this card session had a record already") \
                 from None

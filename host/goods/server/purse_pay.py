@@ -5,12 +5,13 @@ the card together or not at all; the device only relays.
 ``POST /v1/purse/debits`` (authentication server, ``RELAYED_PURSE_DEBIT``): the card's answer
 to INITIALIZE FOR CAPP PURCHASE for the order's amount at this server's terminal id. In one
 database step the card session (card, counter, random) is recorded for the order (unique: a
-session serves one order once) and the order goes ``routed`` -> ``debiting``; every session of
-an order has the order's first counter (a card whose counter moved since may have committed an
-earlier session: that one is settled by its proof, never paid twice). A PSAM then makes MAC1
-and the MAC2 the card must answer (kept here, never sent); the fulfilment server MACs the
-record for that very session (``PURSE_GOOD``). The answer: UPDATE CAPP DATA CACHE ``84 DE``
-and DEBIT FOR CAPP PURCHASE ``80 54 01 00``.
+session serves one order once, also under another serial with the same rightmost 8 bytes,
+which the card's keys cannot tell apart) and the order goes ``routed`` -> ``debiting``; every
+session of an order has the order's first counter (a card whose counter moved since may have
+committed an earlier session: that one is settled by its proof, never paid twice). A PSAM
+then makes MAC1 and the MAC2 the card must answer (kept here, never sent); the fulfilment
+server MACs the record for that very session (``PURSE_GOOD``). The answer: UPDATE CAPP DATA
+CACHE ``84 DE`` and DEBIT FOR CAPP PURCHASE ``80 54 01 00``.
 ``POST /v1/purse/proofs`` (``RELAYED_PURSE_PROOF``): the card's MAC2 and TAC for (card,
 counter), from the DEBIT's answer or from GET TRANSACTION PROVE at the card's next contact.
 Only a MAC2 equal to the one a PSAM expected for a session of that card and counter pays its
@@ -150,6 +151,9 @@ class PursePayment(PartyServer):
                 made = conn.execute(insert(s).values(
                     order_ref=order, card=card, counter=counter, random=random, state=D.OPEN,
                     told=False, created=now, updated=now))
+                conn.execute(insert(D.purse_session_keys).values(   # the keys' view of it
+                    factor=card[-16:], counter=counter, random=random, order_ref=order,
+                    created=now))
                 key = made.inserted_primary_key
                 assert key is not None
                 return int(key[0])

@@ -1,0 +1,93 @@
+"""R-goods2: the purse-paid goods path (issue 12, 2a) reviewed as an attacker. Each test is a
+break found in the review and failed before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from test_goods_purse import (
+    EP,
+    counter_of,
+    debit_message,
+    ep,
+    first_for,
+    goods_on,
+    init_capp,
+    now,
+    row,
+)
+from test_goods_purse_attack import post
+
+from svcard.host.goods import db as D
+from svcard.host.goods import wire as W
+from svcard.host.goods.device import DeviceError
+from svcard.host.goods.stack import GoodsStack, make_card, start_goods
+from svcard.host.terminal.reader_specs import open_reader
+from svcard.protocols import purse as P
+
+SERIAL = 73_001
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GoodsStack]:
+    s = start_goods(tmp_path_factory.mktemp("purse-review2"))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as client:
+        yield client
+
+
+def alias(serial: str) -> str:
+    """Another 10-byte serial with the same rightmost 8 bytes: the same card keys (PBOC
+    diversifies by the rightmost 8 bytes), another row in the servers' books."""
+    return "FFFF" + serial[4:]
+
+
+def test_a_dear_record_cannot_ride_a_cheap_debit_under_a_serial_alias(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    """One card session (random, counter) given to two orders, once under the card's serial
+    and once under an alias of it: the fulfilment server MACed the dear good's record for the
+    very session the cheap order's DEBIT commits, and the card took the 50.00 voucher for
+    1.00 (before the fix: ep 9900, the voucher on the card, the dear order left to expire)."""
+    path = make_card(tmp_path, SERIAL, ep=EP)
+    serial = f"{SERIAL:020d}"
+    device = stack.device()
+    dear = first_for(stack, http, device, "airtime")   # 50.00
+    cheap = first_for(stack, http, device, "coupon")   # 1.00
+    with open_reader(f"virtual:{path}") as reader:
+        init = init_capp(reader, cheap)                 # the card's session, for 1.00
+        for_dear = device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                                debit_message(device, dear, alias(serial), init))
+        refused = None
+        try:
+            for_cheap = device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                                     debit_message(device, cheap, serial, init))
+        except DeviceError as exc:
+            refused = str(exc)
+        if refused is None:
+            assert reader.exchange(bytes.fromhex(for_dear["cache"])).sw == 0x9000
+            debit = reader.exchange(bytes.fromhex(for_cheap["debit"])).sw
+    assert refused is not None and "409" in refused, (
+        f"the session got a second order's DEBIT: card {debit:04X}, purse {ep(path)}, "
+        f"goods {[g['kind'] for g in goods_on(path)]}")
+    assert ep(path) == EP and goods_on(path) == []
+    assert row(stack, "payment", D.payment_orders, cheap.order)["state"] == D.ROUTED
+    # the fulfilment server checks it on its own: no record for a session it MACed already
+    digital = row(stack, "payment", D.payment_orders, cheap.order)
+    again = post(stack, "fulfil", "/v1/purse/goods", stack.keys["payment"],
+                 stack.system.peer("payment").id, W.PURSE_GOOD, {
+                     "order": cheap.order, "card": serial, "device": device.id,
+                     "counter": counter_of(init),
+                     "random": P.InitForPurchaseAnswer.parse(init).random.hex().upper(),
+                     "digital_order": digital["digital_order"],
+                     "merchant_signature": digital["merchant_signature"], "created": now()})
+    assert again.status_code == 409 and "record already" in again.text, again.text
