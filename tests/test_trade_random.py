@@ -340,6 +340,9 @@ def run_session(http: httpx.Client, w: World, out: Outcome) -> None:
     out.spent = s.spent
     if out.late or p.way == "timeout":
         return
+    if p.fault and p.fault[0] == "merchant" and s.spent >= s.length:
+        # the last link ended the session and sent the merchant's true record: the customer lies
+        p.fault = ("customer", "altered" if p.fault[1] == "claims-more" else p.fault[1])
     if p.fault and p.fault[0] == "merchant":
         body, headers = lying_merchant_record(w, s, p.fault[1])
         url = f"{w.acquirer_of(p.merchant).url}/v1/records"
