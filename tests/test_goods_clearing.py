@@ -133,21 +133,50 @@ def test_a_session_never_committed_is_held_not_paid(
     card = make_card(tmp_path, 72_002, ep=EP)
     device = stack.device()
     first = first_for(stack, http, device)
-    with open_reader(f"virtual:{card}") as reader:   # INIT SAM made a record; no DEBIT
-        select_purse(reader)
-        init = call(reader, apdus.initialize(G.INIT_CAPP_PURCHASE, P.PURSE_EP, 1, PRICE,
-                                             bytes.fromhex(str(first.fields["terminal"]))),
-                    "INITIALIZE FOR CAPP PURCHASE")
-        device._post("/v1/purse/debits", W.PURSE_DEBIT, {
-            "order": first.order, "device": device.id, "card": f"{72_002:020d}",
-            "issuer": "0102030405060708", "first": _digest(first.text),
-            "init": init.hex().upper(), "uid": "", "created": int(time.time())})
+    open_session(stack, device, first, card, 72_002)   # INIT SAM made a record; no DEBIT
     clearing = clearing_for(stack, tmp_path)
     [batch] = close(stack, clearing)
     assert json.loads(batch.read_text())["proofs"] == {}
     report = clearing.run()
     assert report.total_paid == 0 and payouts(report) == {}
     assert report.batches[0]["counts"] == {"held": 1}
+
+
+def open_session(stack: GoodsStack, device: Device, first: FirstMessage, card: Path,
+                 serial: int) -> None:
+    """INITIALIZE FOR CAPP PURCHASE and the purse debit: the PSAM records the purchase; the
+    DEBIT is never sent to the card."""
+    with open_reader(f"virtual:{card}") as reader:
+        select_purse(reader)
+        init = call(reader, apdus.initialize(G.INIT_CAPP_PURCHASE, P.PURSE_EP, 1, PRICE,
+                                             bytes.fromhex(str(first.fields["terminal"]))),
+                    "INITIALIZE FOR CAPP PURCHASE")
+        device._post("/v1/purse/debits", W.PURSE_DEBIT, {
+            "order": first.order, "device": device.id, "card": f"{serial:020d}",
+            "issuer": "0102030405060708", "first": _digest(first.text),
+            "init": init.hex().upper(), "uid": "", "created": int(time.time())})
+
+
+def test_an_abandoned_session_retried_at_its_counter_is_paid_once(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    card = make_card(tmp_path, 72_006, ep=EP)
+    device = stack.device()
+    first = first_for(stack, http, device)
+    open_session(stack, device, first, card, 72_006)   # abandoned: no DEBIT
+    with open_reader(f"virtual:{card}") as reader:     # the same order, the same counter
+        out = device.pay_with_purse(reader, first)
+    assert out.paid and out.written
+    clearing = clearing_for(stack, tmp_path)
+    [batch] = close(stack, clearing)
+    assert set(json.loads(batch.read_text())["proofs"]) == {"1"}
+    report = clearing.run()
+    assert report.total_paid == PRICE and payouts(report) == {MERCHANT: PRICE}
+    assert report.batches[0]["counts"] == {"held": 1, "cleared": 1}
+    from sqlalchemy import select
+
+    from svcard.host.settle.db import uncleared
+    with clearing.engine.connect() as conn:
+        assert [r.state for r in conn.execute(select(uncleared))] == ["superseded"]
 
 
 def test_a_proof_after_the_close_goes_out_late_and_pays_once(
@@ -251,3 +280,104 @@ def test_a_file_of_other_bytes_is_never_overwritten(
 def _digest(text: str) -> str:
     from svcard.host.goods.server.auth import digest
     return digest(text)
+
+
+def goods_toml(stack: GoodsStack, folder: Path, payment_key: bytes) -> Path:
+    """The stack's system as a goods.toml, with ``payment_key`` as the payment party's key."""
+    from svcard.protocols.signatures import write_private_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_private_key(folder / "payment.key", payment_key)
+    lines = []
+    for role, peer in stack.system.parties.items():
+        lines += [f"[parties.{role}]", f'id = "{peer.id}"', f'url = "{peer.url}"',
+                  f'public_key = "{peer.public_key.hex()}"']
+        if role == "payment":
+            lines.append('private_key_file = "payment.key"')
+        if role == "merchant":
+            lines.append(f'issuer_id = "{MERCHANT}"')
+        if role == "bank":
+            lines.append(f'seal_key = "{stack.system.seal_key.hex()}"')
+    lines += ["[[item]]", 'sku = "ticket"', 'kind = "ticket"', "price = 1250", "value = 1250"]
+    path = folder / "goods.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_command_line_closes_and_clearing_pays(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main as cli
+
+    card = make_card(tmp_path, 72_007, ep=EP)
+    buy(stack, http, stack.device(), card)
+    clearing = clearing_for(stack, tmp_path)
+    out = str(clearing.batches)
+    wrong = goods_toml(stack, tmp_path / "wrong", stack.keys["auth"])   # not the payment key
+    result = CliRunner().invoke(cli, ["goods", "close-batch", "--config", str(wrong),
+                                      "--out", out])
+    assert result.exit_code == 1 and "401" in result.output, result.output
+    assert not clearing.batches.exists()
+    right = goods_toml(stack, tmp_path / "right", stack.keys["payment"])
+    result = CliRunner().invoke(cli, ["goods", "close-batch", "--config", str(right),
+                                      "--out", out, "--json"])
+    assert result.exit_code == 0, result.output
+    [name] = json.loads(result.output)["files"]
+    assert Path(name).name.startswith("batch-")
+    result = CliRunner().invoke(cli, ["clearing", "run", "--config", str(clearing.path),
+                                      "--batches", out, "--db",
+                                      f"sqlite:///{tmp_path / 'clearing.db'}",
+                                      "--out", str(tmp_path / "settlement"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["total_paid"] == PRICE
+    stack.threads["payment"].stop()
+    result = CliRunner().invoke(cli, ["goods", "close-batch", "--config", str(right),
+                                      "--out", out])
+    assert result.exit_code == 11 and "cannot reach" in result.output, result.output
+
+
+def test_the_audit_ties_purse_goods_to_clearing(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    from svcard.card.storage import read_image
+    from svcard.host.goods import db as D
+    from svcard.host.kit.db import step
+    from svcard.host.settle.audit import audit
+
+    serial = 72_008
+    card = make_card(tmp_path, serial, ep=EP)
+    device = stack.device()
+    buy(stack, http, device, card)
+    # a good the bank pays too (the goods audit reads the institution's books)
+    stack.account("acc1", serial, balance=5_000)
+    answer = stack.order(http, "ticket", device)
+    assert answer.status_code == 200, answer.text
+    [first] = [f for f in device.poll(wait=5) if f.order == answer.json()["order"]]
+    with open_reader(f"virtual:{card}") as reader:
+        assert device.authorise(reader, first, "123456").written
+    clearing = clearing_for(stack, tmp_path)
+    dbs = tuple(stack.configs[r].db_url for r in ("merchant", "payment", "auth", "bank",
+                                                  "fulfil"))
+    url = f"sqlite:///{tmp_path / 'clearing.db'}"
+
+    def books() -> Any:
+        cards = {f"{serial:020d}": int(read_image(card)["app"]["ep"]["balance"])}
+        return audit(cards, goods_dbs=dbs, clearing_db=url, opening=EP)
+
+    before = books()   # the debit proved, not yet cleared: unsettled
+    assert before.clean, before.text()
+    assert before.figures["purchases unsettled"] == PRICE
+    close(stack, clearing)
+    clearing.run()
+    after = books()    # cleared: settled, the goods merchant paid (ledger)
+    assert after.clean, after.text()
+    assert after.figures["purchases settled"] == PRICE
+    assert after.figures["purchases unsettled"] == 0
+    assert after.figures["merchants paid (ledger)"] == PRICE
+    with step(stack.engine("payment")) as conn:   # the books lose the committed session
+        conn.execute(update(D.purse_sessions).values(state=D.FAILED))
+    lost = books()
+    assert not lost.clean
+    assert any("has no confirmed payment" in d for d in lost.discrepancies), lost.text()

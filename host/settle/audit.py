@@ -56,6 +56,7 @@ from sqlalchemy import select
 from ..kit.db import now_ms
 from ..load import records as load_records
 from ..pay import records as pay_records
+from . import sources
 from .db import batches, cleared_keys, ledger_balances, records, uncleared
 from .goods_books import audit_goods
 from .sources import card_balances, check_sources, clearing_engine, psam_open_batches
@@ -152,8 +153,8 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     ``max_age_ms``). ``now``: the audit's clock in ms (default: now)."""
     now = now_ms() if now is None else now
     bad: list[str] = []
-    # proven purchases: (8-byte card serial, card counter) -> (amount, full serial)
-    proven: dict[tuple[str, int], tuple[int, str]] = {}
+    # proven purchases (with the goods purse's): (8-byte card serial, counter) -> (amount, serial)
+    proven: dict[tuple[str, int], tuple[int, str]] = sources.purse_debits(goods_dbs)
     # every payment that reached a PSAM: (PSAM serial, TTN) -> row; the confirmed ones
     by_psam_ttn: dict[tuple[str, int], dict[str, Any]] = {}
     confirmed: list[dict[str, Any]] = []

@@ -11,6 +11,7 @@ from ...card.loyalty import POINTS_CURRENCY
 from ...protocols import purse as P
 from ...protocols import sw as SW
 from ...reader import Reader
+from ..goods import records as goods_records
 from ..kit.db import DatabaseError, must_exist
 from ..kit.schema import open_for_reading
 from ..load.records import check_bank_db, check_load_db
@@ -35,6 +36,25 @@ def check_sources(*, payment_dbs: tuple[str, ...] = (), load_dbs: tuple[str, ...
         check_bank_db(url)
     if clearing_db:
         open_for_reading(clearing_db, CLEARING_TABLES, CLEARING_DB, SCHEMA).dispose()
+
+
+def purse_debits(goods_dbs: tuple[str, ...]) -> dict[tuple[str, int], tuple[int, str]]:
+    """The purse debits the goods payment server proved (seed 000: each composite purchase,
+    type 09, whose card MAC2 matched: the session ``committed``), as the card payments' proven
+    purchases: (8-byte card serial, card counter) -> (amount, full serial). Clearing's record of
+    one has the same key; the other goods parties' databases give none."""
+    out: dict[tuple[str, int], tuple[int, str]] = {}
+    for url in goods_dbs:
+        role, tables = goods_records.books(url)
+        if role != "payment":
+            continue
+        orders = {r["order_ref"]: r for r in tables.get("goods_payment_orders", [])}
+        for session in tables.get("goods_purse_sessions", []):
+            order = orders.get(session["order_ref"])
+            if session["state"] == "committed" and order is not None:
+                serial = str(session["card"]).lower()
+                out[(serial[-16:], int(session["counter"]))] = (int(order["amount"]), serial)
+    return out
 
 
 def clearing_engine(url: str) -> Engine | None:
