@@ -134,3 +134,42 @@ def test_a_step_held_by_the_writer_is_committed_when_the_server_stops(
         if close is not None:
             close()
         engine.dispose()
+
+
+# --- how many writer calls a load start costs (issue 16: loads' CPU) --------------------------
+
+def test_a_load_start_with_a_remembered_secret_is_two_writer_calls(tmp_path: Path) -> None:
+    """The bank read the secret's hash, the account's failure count and the request id's
+    earlier load in three calls before its debit (4 in all); now one read and the debit. A
+    retry with the same request id is still the same load, and a wrong secret is still
+    refused although the first read happened before authentication."""
+    import httpx
+
+    from svcard.host.load.bank.server import BankConfig, BankServer
+    url = f"sqlite:///{tmp_path / 'bank.db'}"
+    server = BankServer(BankConfig(bytes(8), bytes(32), "http://127.0.0.1:9/v1/load",
+                                   bytes(6), db_url=url))
+    server.db.create_account("alice", "Alice", 156, 10_000, "pw")
+
+    def start(request_id: str, secret: str = "pw") -> httpx.Response:
+        return http.post(f"{thread.url}/v1/load/start", json={
+            "account": "alice", "secret": secret, "amount": 1, "request_id": request_id,
+            "card": {"serial": "00" * 9 + "01", "balance": 0, "limit": 100_000,
+                     "currency_code": 156}})
+
+    thread = ServerThread(server.app(), port=free_port()).start()
+    try:
+        with httpx.Client(timeout=30) as http:
+            assert start("first-load").status_code == 200   # scrypt; the secret remembered
+            writer = server.sql.executor
+            before = writer.steps
+            second = start("second-load")
+            assert second.status_code == 200
+            assert writer.steps - before == 2
+            again = start("second-load")
+            assert again.status_code == 200 and again.json()["txn_id"] == second.json()["txn_id"]
+            assert start("third-load", "wrong").status_code == 403
+        assert server.db.account("alice")["balance"] == 10_000 - 2   # type: ignore[index]
+    finally:
+        thread.stop()
+        server.db.engine.dispose()

@@ -72,6 +72,7 @@ from .db import (
     verify_secret,
 )
 from .guards import AddressThrottle, SecretCache
+from .steps import StartView, register_confirmed, start_view
 
 
 @dataclass
@@ -132,33 +133,36 @@ class BankServer:
         async with self._hashing:
             return await asyncio.to_thread(verify_secret, stored, secret)
 
-    async def authenticate(self, account: str, secret: str, address: str) -> Response | None:
-        """None if ``secret`` is the account's and neither the account nor the address is
-        locked; otherwise the answer to give (403 or 429)."""
+    async def authenticate(self, account: str, secret: str, address: str,
+                           view: StartView | None = None) -> tuple[Response | None, bool]:
+        """(None, remembered) if ``secret`` is the account's and neither the account nor the
+        address is locked (``remembered``: no scrypt ran); else (the 403 or 429, False)."""
         wait = self.addresses.blocked_for(address)
         if wait > 0:
-            return _too_many(wait, "too many wrong secrets from this address: try again later")
-        stored = await self.sql(self.db.secret_hash, account)
-        if stored is None:
+            return _too_many(wait, "too many wrong secrets from this address: try again "
+                                   "later"), False
+        view = view or await self.sql(start_view, self.db, account, None)
+        if (stored := view.stored) is None:
             await self._verify(DUMMY_HASH, secret)  # the same cost as a real account
             self.addresses.failed(address)
-            return _reason(403, "unknown account or wrong secret")
+            return _reason(403, "unknown account or wrong secret"), False
         if self.secrets.hit(account, stored, secret):
-            locked = await self.sql(self.db.remembered_secret_ok, account, now_ms())
+            locked = 0.0 if view.clean else await self.sql(
+                self.db.remembered_secret_ok, account, now_ms())
             if locked > 0:
                 return _too_many(locked, "too many wrong secrets for this account: "
-                                         "try again later")
-            return None
+                                         "try again later"), False
+            return None, True
         try:
             await self.sql(self.db.claim_attempt, account, self.config.secret_policy, now_ms())
         except SecretLocked as exc:
-            return _too_many(exc.retry_after, str(exc))
+            return _too_many(exc.retry_after, str(exc)), False
         if not await self._verify(stored, secret):
             self.addresses.failed(address)
-            return _reason(403, "unknown account or wrong secret")
+            return _reason(403, "unknown account or wrong secret"), False
         await self.sql(self.db.secret_ok, account, stored, secret)
         self.secrets.add(account, stored, secret)
-        return None
+        return None, False
 
     def dk(self, txn_id: bytes) -> bytes:
         return secure.derive_key(self.config.shared_key, self.config.bank_id, txn_id)
@@ -178,11 +182,15 @@ class BankServer:
         except (TypeError, ValueError, AttributeError) as exc:
             return _reason(400, f"bad load request: {exc}")
         address = request.client.host if request.client else "unknown"
-        refused = await self.authenticate(order.account, order.secret, address)
+        view = None if self.addresses.blocked_for(address) > 0 else await self.sql(
+            start_view, self.db, order.account, order.request_id)   # one call, not three
+        refused, remembered = await self.authenticate(order.account, order.secret, address,
+                                                      view)
         if refused is not None:
             return refused
         if order.request_id:  # a retry of a start whose answer was lost: the same load
-            prior = await self.sql(self.db.load_by_request, order.request_id)
+            prior = view.prior if remembered and view is not None else await self.sql(
+                self.db.load_by_request, order.request_id)   # read again after scrypt
             if prior is not None:
                 # the same issuer too: the ticket names the issuer whose limit priced the load
                 # (a load made before the issuer was recorded is priced again below)
@@ -284,40 +292,38 @@ class BankServer:
         except ValueError:
             return _reason(400, "the transaction id is not hex")
         note(txn=txn_id.hex())
-        load = await self.sql(self.db.load, txn_id.hex())
-        if load is None:
-            return _reason(404, "no such load")
         try:
             msg = M.parse(L.BankConfirmation, await read_body(request, MAX_BODY),
                           "load confirmation")
-        except Refused as exc:
-            return json_refusal(exc)
-        except M.MessageError as exc:
-            return _reason(400, str(exc))
-        if msg.txn_id != txn_id:
-            return _reason(400, "the confirmation is for another load")
-        bank_id = self.config.bank_id
-        try:
-            conf = M.parse(L.LoadConfirmation, secure.open_sealed(
-                self.dk(txn_id), msg.confirmation, L.confirmation_aad(bank_id, txn_id),
-                "load confirmation"), "load confirmation")
-        except (secure.SealError, M.MessageError) as exc:
-            return _reason(400, f"forged confirmation: {exc}")
-        if (conf.bank_id, conf.txn_id, conf.amount, conf.card_serial.hex()) != (
-                bank_id, txn_id, load["amount"], load["card_serial"]):
-            return _reason(400, "the confirmation does not match the load")
-        if load["state"] != "debited":
-            return _reason(409, f"this load was already registered ({load['state']})")
+            if msg.txn_id != txn_id:
+                raise _Bad("the confirmation is for another load")
+            bank_id = self.config.bank_id
+            try:
+                conf = M.parse(L.LoadConfirmation, secure.open_sealed(
+                    self.dk(txn_id), msg.confirmation, L.confirmation_aad(bank_id, txn_id),
+                    "load confirmation"), "load confirmation")
+            except (secure.SealError, M.MessageError) as exc:
+                raise _Bad(f"forged confirmation: {exc}") from None
+            if (conf.bank_id, conf.txn_id) != (bank_id, txn_id):
+                raise _Bad("the confirmation does not match the load")
+        except (Refused, M.MessageError, _Bad) as exc:   # no such load answers 404 first
+            if await self.sql(self.db.load, txn_id.hex()) is None:
+                return _reason(404, "no such load")
+            return json_refusal(exc) if isinstance(exc, Refused) else _reason(400, str(exc))
         loaded = conf.outcome == L.OUTCOME_LOADED
-        if not await self.sql(self.db.register, txn_id.hex(), loaded, conf.reason):
-            return _reason(409, "this load was already registered")
+        done = await self.sql(register_confirmed, self.db, txn_id.hex(), conf.amount,
+                              conf.card_serial.hex(), loaded, conf.reason)
+        if done.outcome == "missing":
+            return _reason(404, "no such load")
+        if done.outcome == "mismatch":
+            return _reason(400, "the confirmation does not match the load")
+        if done.outcome == "already":
+            return _reason(409, f"this load was already registered ({done.state})")
         note(outcome="loaded" if loaded else "not loaded: refunded")
-        account = await self.sql(self.db.account, load["account_id"])
         return JSONResponse({"registered": True, "outcome": "loaded" if loaded else
-                             "not loaded", "amount": load["amount"],
-                             "refunded": 0 if loaded else load["amount"],
-                             "reason": conf.reason,
-                             "account_balance": account["balance"] if account else None})
+                             "not loaded", "amount": done.amount,
+                             "refunded": 0 if loaded else done.amount,
+                             "reason": conf.reason, "account_balance": done.balance})
 
     async def health(self, request: Request) -> Response:
         return await self.health_check.answer(request)
@@ -381,6 +387,10 @@ class _LoadOrder:
     @property
     def issuer_hex(self) -> str:
         return self.issuer_id.hex().upper() if self.issuer_id else "(not given)"
+
+
+class _Bad(ValueError):  # a confirmation refused with 400 (if its load exists)
+    pass
 
 
 def _int(value: Any, name: str) -> int:

@@ -1,0 +1,85 @@
+"""The bank's database work for one load in as few writer calls as the checks allow (issue 16:
+every call through the SQLite writer costs a thread hand-off and a transaction of its own).
+
+A load start used four calls (the secret's hash, the account's failure count, the earlier load
+with the same request id, the debit); :func:`start_view` reads the first three in one, so a
+client whose secret the server remembers costs two calls. A confirmation used three (the load,
+the registration, the account's balance); :func:`register_confirmed` checks the confirmation
+against the load, registers it and reads the balance in one step. Nothing is decided on what
+:func:`start_view` read before the client is authenticated, and every change is still made by
+one compare-and-set step (:func:`~svcard.host.kit.db.step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, update
+
+from ...kit.db import now_ms, reading, step
+from .db import BankDb, accounts, bank_loads, secret_failures
+
+
+@dataclass(frozen=True)
+class StartView:
+    """What a load start reads before it authenticates the client."""
+
+    stored: str | None                 # the account's secret hash (None: no such account)
+    clean: bool                        # no failure counted, no lock: nothing to reset
+    prior: dict[str, Any] | None       # the load made earlier with the same request id
+
+
+def start_view(db: BankDb, account_id: str, request_id: str | None) -> StartView:
+    with reading(db.engine) as conn:
+        stored = conn.execute(select(accounts.c.secret_hash).where(
+            accounts.c.account_id == account_id)).scalar()
+        failure = conn.execute(select(secret_failures.c.failures,
+                                      secret_failures.c.locked_until).where(
+            secret_failures.c.account_id == account_id)).first()
+        prior = None if request_id is None else conn.execute(select(bank_loads).where(
+            bank_loads.c.request_id == request_id)).first()
+    return StartView(None if stored is None else str(stored),
+                     failure is None or (failure.failures == 0 and failure.locked_until == 0),
+                     None if prior is None else dict(prior._mapping))
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register_confirmed` did: ``outcome`` is ``registered``, ``missing`` (no such
+    load), ``mismatch`` (another amount or card) or ``already`` (``state`` says how)."""
+
+    outcome: str
+    state: str = ""
+    amount: int = 0
+    balance: int | None = None         # the account's balance after a registration
+
+
+def register_confirmed(db: BankDb, txn_id: str, amount: int, card_serial: str, loaded: bool,
+                       reason: str) -> Registration:
+    """Step 892 for a confirmation already opened and checked against the bank's key: if it
+    matches the debited load (amount and card), mark the load confirmed, or refunded and the
+    account credited again; one step, so a load is registered once however many race."""
+    stamp = now_ms()
+    with step(db.engine) as conn:
+        row = conn.execute(select(bank_loads).where(bank_loads.c.txn_id == txn_id)
+                           .with_for_update()).first()
+        if row is None:
+            return Registration("missing")
+        if (row.amount, row.card_serial) != (amount, card_serial):
+            return Registration("mismatch")
+        if row.state != "debited":
+            return Registration("already", row.state)
+        done = conn.execute(update(bank_loads).where(
+            bank_loads.c.txn_id == txn_id, bank_loads.c.state == "debited",
+        ).values(state="confirmed" if loaded else "refunded", reason=reason[:200],
+                 updated=stamp)).rowcount
+        if not done:
+            return Registration("already", "registered")
+        if not loaded:
+            conn.execute(update(accounts).where(accounts.c.account_id == row.account_id)
+                         .values(balance=accounts.c.balance + row.amount))
+        balance = conn.execute(select(accounts.c.balance).where(
+            accounts.c.account_id == row.account_id)).scalar()
+    return Registration("registered", "", int(row.amount),
+                        None if balance is None else int(balance))
