@@ -141,13 +141,13 @@ class BankServer:
         if wait > 0:
             return _too_many(wait, "too many wrong secrets from this address: try again "
                                    "later"), False
-        view = view or await self.sql(start_view, self.db, account, None)
-        if (stored := view.stored) is None:
+        seen = view if view is not None else await self.sql(start_view, self.db, account, None)
+        if (stored := seen.stored) is None:
             await self._verify(DUMMY_HASH, secret)  # the same cost as a real account
             self.addresses.failed(address)
             return _reason(403, "unknown account or wrong secret"), False
         if self.secrets.hit(account, stored, secret):
-            locked = 0.0 if view.clean else await self.sql(
+            locked = 0.0 if seen.clean else await self.sql(
                 self.db.remembered_secret_ok, account, now_ms())
             if locked > 0:
                 return _too_many(locked, "too many wrong secrets for this account: "
