@@ -19,26 +19,11 @@ its plan from the seed whatever the threads' timing:
 Each good is paid either from the bank account (the secure write) or, with ``purse`` on, by
 the card's purse (the composite purchase: ``Device.pay_with_purse``; the cuts and tears then
 fall on its UPDATE CAPP DATA CACHE and DEBIT, the link cuts on the debit and proof messages).
-The payment server then holds two PSAMs (started by tests/goods_sim_serve.py). With
-``settle_first`` the device first proves the card's last composite purchase (GET TRANSACTION
-PROVE) before it opens another, and opens none while that proof cannot reach the payment
-server: the card proves only its last transaction, so a DEBIT whose answer was lost must be
-proved before the next purchase (``Device.pay_with_purse`` does not do
-this yet: the strict xfail in tests/test_goods_random_run.py; without it the run ends with goods
-on cards, paid by the purse, whose orders expired).
-
-Meanwhile a killer thread SIGKILLs the authentication, payment and fulfilment servers at
-random moments of the run and starts each again at once; a device meeting a dead server
-retries (or, drawn per good, gives up: the order is left where it was). Each good's card is
-picked up at once, later or never; pick-ups are torn at random too.
-
-The end: the payment server's recovery with its clock past the 60 s after which it asks the
-institution about orders left ``authorising`` (the paid answer lost to a kill), some cards
-picked up, the fulfilment server's refund clock past every pick-up deadline (pending goods
-refunded), then every card's next contact until no good is open. :func:`check` then reads
-every database and card: 0 goods without payment, 0 payments without exactly one good on the
-card or a refund, no good twice on a card, every balance exact; and ``svcard audit
---goods-db ... --card ...`` must be clean with nothing on its way.
+The payment server then holds two PSAMs (started by tests/goods_sim_serve.py). The card
+proves only its last transaction, so a DEBIT whose answer was lost must be proved before the
+next purchase opens, and none may open while that proof cannot reach the payment server
+(``Device.pay_with_purse`` does so since ef9f12d; before, this run ended with goods on cards,
+paid by the purse, whose orders expired). With ``settle_first`` the run proves it too.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ every account, every purse and the books to the minor unit.
 
 ``SVCARD_GOODS_SIM_RUNS`` goods (default 24), ``SVCARD_GOODS_SIM_KILLS`` kills (default 3),
 ``SVCARD_GOODS_SIM_PURSE`` (default 1; 0: the bank pays every good, and the command-line
-audit also reads every ``--card``), ``SVCARD_GOODS_SIM_SETTLE_FIRST`` (default 1: the device
-proves the card's last purse purchase before the next; 0: as the device does today),
+audit also reads every ``--card``), ``SVCARD_GOODS_SIM_SETTLE_FIRST`` (default 0: the device's own
+proof of the card's last purse purchase before the next, since ef9f12d; 1: the run's too),
 ``SVCARD_GOODS_SIM_DEVICES`` device threads (default 2), ``SVCARD_GOODS_SIM_PICKUP`` the
 pick-up deadline in s (default 20), ``SVCARD_GOODS_SIM_SEED`` (default 20261123); the seed is
 printed, and each good's fate and each kill's moment replay from it (the pytest options
@@ -48,7 +48,7 @@ DEVICES = int(os.environ.get("SVCARD_GOODS_SIM_DEVICES", "2"))
 PICKUP = int(os.environ.get("SVCARD_GOODS_SIM_PICKUP", "20"))
 SEED = int(os.environ.get("SVCARD_GOODS_SIM_SEED", "20261123"))
 PURSE = os.environ.get("SVCARD_GOODS_SIM_PURSE", "1") != "0"
-SETTLE_FIRST = os.environ.get("SVCARD_GOODS_SIM_SETTLE_FIRST", "1") != "0"
+SETTLE_FIRST = os.environ.get("SVCARD_GOODS_SIM_SETTLE_FIRST", "0") != "0"
 
 
 @pytest.fixture
