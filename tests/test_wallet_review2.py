@@ -8,7 +8,11 @@ builders' tests did not cover. Each test failed on the code before its fix.
   the card's value had gone to the mall (and a confirmation brought late by the helper's
   journal was refused 410 though the card had been debited);
 * a charge of a real card whose answer was lost: the financial system credited the card, but
-  no load order was ever made, so the value could never reach the purse.
+  no load order was ever made, so the value could never reach the purse;
+* a purse payment whose financial-system debit was missed, never approved: that copy stayed
+  above the purse for good;
+* another real card paying a purchase (a client naming no card): its copy kept the amount;
+* a real card chosen for more than a purse holds: a 500 at the checkout.
 """
 
 from __future__ import annotations
@@ -220,7 +224,7 @@ def test_another_real_card_paying_a_purchase_is_debited_in_the_books(world: Worl
         assert fin_balance(world, other) == other.purse_balance()
         assert h.purse_balance() == 3_000 and fin_balance(world, h) == 3_000
         assert approve(world, p)[0] == 409                 # A's purchase: not paid
-        # the helper's resume brings the same confirmation again: still one debit of B
+        # the helper again (its journal closed that payment: the checkout is refused)
         assert pay_purse(world, other, checkout)["state"] in ("pending", "refused")
         assert fin_balance(world, other) == 2_000 == other.purse_balance()
     finally:
