@@ -245,3 +245,26 @@ def test_a_real_card_is_not_chosen_for_more_than_its_purse_can_hold(world: World
         assert X.by_order(world.wallet.gateway.engine, p["mall"], p["order"]) is None
     finally:
         h.close()
+
+
+def test_two_malls_named_with_one_merchant_id_do_not_lose_a_payment(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The [purse] section names another mall first with the same merchant id (another key).
+    Before: the confirmation was opened under the first mall's key found by merchant id,
+    so this mall's card payment was 'forged' (400): the card debited, nothing recorded."""
+    import os
+    h = loaded_holder(world, "rv2twomalls", 2_000)
+    try:
+        settings = world.wallet.gateway.config.purse
+        merchant_id = settings.merchants[p_mall := new_purchase()["mall"]][0]
+        monkeypatch.setattr(settings, "merchants", {
+            "OTHERMALL": (merchant_id, os.urandom(32)), **settings.merchants})
+        p = new_purchase(400)
+        assert p["mall"] == p_mall
+        checkout = choose(world, h, p).json()["checkout"]
+        view = pay_purse(world, h, checkout, h.card)
+        assert view["state"] == "paid", view
+        assert approve(world, p)[0] == 200
+        assert h.purse_balance() == 1_600 and fin_balance(world, h) == 1_600
+    finally:
+        h.close()

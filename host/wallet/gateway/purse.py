@@ -278,11 +278,12 @@ async def status(server: GatewayServer, request: Request) -> Response:
         # no deadline here: a confirmation that verifies is a debit the payment server made
         # before the ticket expired (the card's value is the mall's), however late the
         # helper's journal brings it; refusing it lost the payment (review2)
-        mall = next((m for m, (mid, _) in settings.merchants.items()
-                     if mid.hex() == row["merchant_id"]), None)
-        if mall is None:
+        # the key of the purchase's own mall (not the first mall named with this merchant id)
+        bought = await server.sql(X.purchase, server.engine, row["purchase"])
+        merchant = settings.merchants.get(bought["mall"]) if bought is not None else None
+        if merchant is None or merchant[0].hex() != row["merchant_id"]:
             raise Refused(409, 409, "the mall no longer takes real cards here")
-        receipt = check(settings.merchants[mall][1], row, bytes.fromhex(txn_hex), body)
+        receipt = check(merchant[1], row, bytes.fromhex(txn_hex), body)
         if receipt["card_serial"] != card_serial(row["card"]).hex().upper():
             # the payment server debited another card for this mall: never this purchase's
             # payment, but that card's copy at the financial system follows its purse
