@@ -91,3 +91,47 @@ def test_a_dear_record_cannot_ride_a_cheap_debit_under_a_serial_alias(
                      "digital_order": digital["digital_order"],
                      "merchant_signature": digital["merchant_signature"], "created": now()})
     assert again.status_code == 409 and "record already" in again.text, again.text
+
+
+def test_a_sessions_mac2_cannot_be_guessed(stack: GoodsStack, http: httpx.Client,
+                                          tmp_path: Path) -> None:
+    """The MAC2 is 4 bytes and a proof is matched against every session of (card, counter),
+    any order's, any device's: with 8 sessions an order and orders at will (forged
+    INITIALIZE answers need no card), wrong proofs were never counted - 80,000 sessions at
+    one (card, counter) make a guess pay with odds 1 in 54,000, and the paid good is then
+    written onto the card at pick-up, with no debit. Now a session takes at most
+    MAX_WRONG_PROOFS wrong MAC2s from devices other than its order's, and as many from its
+    own (so a stranger cannot lock the buyer out)."""
+    from svcard.host.goods.server import purse_pay
+    limit = getattr(purse_pay, "MAX_WRONG_PROOFS", 8)
+    path = make_card(tmp_path, SERIAL + 1, ep=EP)
+    serial = f"{SERIAL + 1:020d}"
+    device, stranger = stack.device(), stack.device()
+    first = first_for(stack, http, device)
+    with open_reader(f"virtual:{path}") as reader:
+        init = init_capp(reader, first)
+        answer = device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                              debit_message(device, first, serial, init))
+        assert reader.exchange(bytes.fromhex(answer["cache"])).sw == 0x9000
+        done = reader.exchange(bytes.fromhex(answer["debit"]))
+    assert done.ok
+    proof = P.DebitForPurchaseAnswer.parse(done.data)
+    right = proof.mac2.hex().upper()
+
+    def prove(who: object, mac2: str) -> str:
+        assert isinstance(who, type(device))
+        try:
+            out = who._post("/v1/purse/proofs", W.PURSE_PROOF, {
+                "device": who.id, "card": serial, "counter": counter_of(init), "mac2": mac2,
+                "tac": proof.tac.hex().upper(), "created": now()})
+            return "paid" if out.get("paid") is True else "unpaid"
+        except DeviceError as exc:
+            return str(exc)
+
+    wrong = [f"{(int(right, 16) + 1 + i) % 2**32:08X}" for i in range(limit)]
+    for mac2 in wrong:
+        assert "409" in prove(stranger, mac2)
+    assert "409" in prove(stranger, right), "guessing went on past the limit"
+    assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.DEBITING
+    assert prove(device, right) == "paid"   # the buyer's own device is not locked out
+    assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.PURSE_PAID

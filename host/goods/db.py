@@ -127,6 +127,11 @@ def _session_keys(name: str, md: MetaData) -> Table:
 
 
 purse_session_keys = _session_keys("goods_purse_session_keys", payment_md)
+purse_session_tries = Table(   # wrong MAC2s a session was tried with (a MAC2 is 4 bytes)
+    "goods_purse_session_tries", payment_md,
+    Column("session", Integer, primary_key=True),          # goods_purse_sessions.id
+    Column("own", Integer, nullable=False),                # from its order's device
+    Column("others", Integer, nullable=False))             # from any other device
 
 auth_md = MetaData()
 devices = Table(

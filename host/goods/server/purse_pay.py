@@ -52,6 +52,7 @@ PROOF_FIELDS: dict[str, W.Checker] = {
     "created": W.SECONDS}
 PSAM_WAIT = 5.0   # s a purchase waits for a free PSAM (then 503)
 MAX_SESSIONS = 8  # composite purchases opened for one order (each is a PSAM record)
+MAX_WRONG_PROOFS = 8   # wrong MAC2s an open session takes from its buyer's device (and others')
 
 
 class PursePayment(PartyServer):
@@ -198,7 +199,7 @@ class PursePayment(PartyServer):
             _, data, _ = await self.authenticated(request, PROOF_FIELDS, "purse proof",
                                                   W.RELAYED_PURSE_PROOF, ("auth",))
             found = await self.sql(self._commit, data["card"], data["counter"],
-                                   data["mac2"], data["tac"])
+                                   data["mac2"], data["tac"], data["device"])
             if found is None:
                 raise Refused(409, 409, "purse proof: no purchase of this card at this counter "
                                         "answered with that MAC2")
@@ -210,18 +211,35 @@ class PursePayment(PartyServer):
                                                       "tac": data["tac"]})
         return await handled(work)
 
-    def _commit(self, card: str, counter: int, mac2: str, tac: str) -> tuple[str, bool] | None:
+    def _commit(self, card: str, counter: int, mac2: str, tac: str,
+                device: str) -> tuple[str, bool] | None:
         """One step: the session of ``card`` at ``counter`` whose expected MAC2 is ``mac2``
-        committed and its order paid; (order, whether this call paid it), or None."""
-        s, t = D.purse_sessions, D.payment_orders
+        committed and its order paid; (order, whether this call paid it), or None. A MAC2 is
+        4 bytes: each open session there takes :data:`MAX_WRONG_PROOFS` wrong ones from its
+        order's device and as many from all others (``device`` is the prover), then no
+        proof from them, so guesses cannot pay an order, nor a stranger lock its buyer out."""
+        s, t, w = D.purse_sessions, D.payment_orders, D.purse_session_tries
         now = self.now_ms()
         with step(self.engine) as conn:
-            rows = conn.execute(select(s).where(
-                s.c.card == card, s.c.counter == counter, s.c.expected_mac2.is_not(None))
-                .with_for_update()).all()
+            rows = conn.execute(select(s, t.c.device).join(t, t.c.order_ref == s.c.order_ref)
+                                .where(s.c.card == card, s.c.counter == counter,
+                                       s.c.expected_mac2.is_not(None))
+                                .with_for_update()).all()
+            tries = {r.session: r for r in conn.execute(select(w).where(
+                w.c.session.in_([r.id for r in rows]))).all()} if rows else {}
+
+            def open_to_guess(r: Any) -> bool:
+                used = tries.get(r.id)
+                n = 0 if used is None else used.own if r.device == device else used.others
+                return r.state == D.COMMITTED or n < MAX_WRONG_PROOFS
+
+            rows = [r for r in rows if open_to_guess(r)]
             match = next((r for r in rows if hmac.compare_digest(
                 r.expected_mac2.encode(), mac2.upper().encode())), None)
             if match is None:
+                for r in rows:
+                    if r.state != D.COMMITTED:
+                        self._wrong_try(conn, r.id, r.device == device)
                 return None
             if match.state == D.COMMITTED:
                 return (match.order_ref, False) if match.tac == tac.upper() else None
@@ -231,6 +249,18 @@ class PursePayment(PartyServer):
                 t.c.order_ref == match.order_ref, t.c.state.in_((D.DEBITING, D.EXPIRED)))
                 .values(state=D.PURSE_PAID, card=card, updated=now))
             return match.order_ref, int(done.rowcount or 0) == 1
+
+    @staticmethod
+    def _wrong_try(conn: Any, session: int, own: bool) -> None:
+        """Inside the proof's step: one wrong MAC2 counted against ``session``."""
+        w = D.purse_session_tries
+        try:
+            with conn.begin_nested():
+                conn.execute(insert(w).values(session=session, own=0, others=0))
+        except IntegrityError:   # there already
+            pass
+        column = w.c.own if own else w.c.others
+        conn.execute(update(w).where(w.c.session == session).values({column: column + 1}))
 
     async def _tell_fulfil(self, order: str, http: httpx.AsyncClient | None = None) -> None:
         """The fulfilment server told the good is on the card (retried by :meth:`purse_tick`)."""
