@@ -381,3 +381,44 @@ def test_the_audit_ties_purse_goods_to_clearing(
     lost = books()
     assert not lost.clean
     assert any("has no confirmed payment" in d for d in lost.discrepancies), lost.text()
+
+
+def test_a_batch_closed_but_not_kept_is_read_again_at_the_next_close(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from svcard.host.goods.server import psam_batches
+
+    card = make_card(tmp_path, 72_009, ep=EP)
+    buy(stack, http, stack.device(), card)
+    clearing = clearing_for(stack, tmp_path)
+    real = psam_batches.keep_batch
+
+    def crash(*args: Any) -> Any:   # the step after CLOSE BATCH never runs
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(psam_batches, "keep_batch", crash)
+    with pytest.raises(CloseError, match="500"):
+        close(stack, clearing)
+    monkeypatch.setattr(psam_batches, "keep_batch", real)
+    [batch] = close(stack, clearing)   # the PSAM answers its last closed batch again
+    assert set(json.loads(batch.read_text())["proofs"]) == {"0"}
+    assert clearing.run().total_paid == PRICE
+    assert close(stack, clearing) == []
+
+
+def test_every_psam_of_the_pool_is_closed(http: httpx.Client, tmp_path: Path) -> None:
+    stack = start_goods(tmp_path / "servers", psams=2)
+    try:
+        device = stack.device()
+        cards = [make_card(tmp_path, 72_010 + i, ep=EP) for i in range(4)]
+        for card in cards:
+            buy(stack, http, device, card)
+        clearing = clearing_for(stack, tmp_path)
+        files = close(stack, clearing)
+        psams = {json.loads(f.read_text())["psam_id"] for f in files}
+        records = sum(len(json.loads(f.read_text())["records"]) for f in files)
+        assert records == 4 and len(psams) == len(files)
+        report = clearing.run()
+        assert report.total_paid == 4 * PRICE and payouts(report) == {MERCHANT: 4 * PRICE}
+    finally:
+        stack.close()

@@ -154,7 +154,8 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     now = now_ms() if now is None else now
     bad: list[str] = []
     # proven purchases (with the goods purse's): (8-byte card serial, counter) -> (amount, serial)
-    proven: dict[tuple[str, int], tuple[int, str]] = sources.purse_debits(goods_dbs)
+    proven: dict[tuple[str, int], tuple[int, str]] = sources.purse_debits(
+        goods_dbs if cards or payment_dbs or load_dbs or clearing_db else ())   # purse money
     # every payment that reached a PSAM: (PSAM serial, TTN) -> row; the confirmed ones
     by_psam_ttn: dict[tuple[str, int], dict[str, Any]] = {}
     confirmed: list[dict[str, Any]] = []

@@ -42,7 +42,9 @@ def purse_debits(goods_dbs: tuple[str, ...]) -> dict[tuple[str, int], tuple[int,
     """The purse debits the goods payment server proved (seed 000: each composite purchase,
     type 09, whose card MAC2 matched: the session ``committed``), as the card payments' proven
     purchases: (8-byte card serial, card counter) -> (amount, full serial). Clearing's record of
-    one has the same key; the other goods parties' databases give none."""
+    one has the same key; the other goods parties' databases give none. The audit counts them
+    when it reads the purse's money (cards, clearing, payments or loads); the goods databases
+    alone are the goods books (:mod:`.goods_books`)."""
     out: dict[tuple[str, int], tuple[int, str]] = {}
     for url in goods_dbs:
         role, tables = goods_records.books(url)
