@@ -422,3 +422,25 @@ def test_every_psam_of_the_pool_is_closed(http: httpx.Client, tmp_path: Path) ->
         assert report.total_paid == 4 * PRICE and payouts(report) == {MERCHANT: 4 * PRICE}
     finally:
         stack.close()
+
+
+def test_raced_and_replayed_closes_hand_each_record_once(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    card = make_card(tmp_path, 72_020, ep=EP)
+    device = stack.device()
+    for _ in range(3):
+        buy(stack, http, device, card)
+    clearing = clearing_for(stack, tmp_path)
+    with ThreadPoolExecutor(4) as pool:   # four closes at once: one at a time at the server
+        found = [f for got in pool.map(lambda _: close(stack, clearing), range(4)) for f in got]
+    assert len(found) == 1 and len(json.loads(found[0].read_text())["records"]) == 3
+    url = stack.url("payment") + "/v1/batches/close"
+    body, headers = W.signed(stack.keys["payment"], stack.system.peer("payment").id,
+                             BATCH_CLOSE, {"resend": False, "created": int(time.time())})
+    for _ in range(2):   # the same signed request again: it closes (empty) batches only
+        answer = http.post(url, content=body, headers=headers)
+        assert answer.status_code == 200 and answer.json()["files"] == []
+    report = clearing.run()
+    assert report.total_paid == 3 * PRICE and report.records_cleared == 3
