@@ -216,7 +216,8 @@ def test_acceptances_forged_replayed_or_aimed_elsewhere(stack: TradeStack,
     d = json.loads(film.description)
     body = {"v": 1, "session": s.session, "order": d["order"],
             "description": M.digest(film.description), "k1": k1_pub.hex(),
-            "unique": json.loads(honest)["acceptance"]["unique"], "created": now}
+            "unique": json.loads(honest)["acceptance"]["unique"], "created": now,
+            "link": ""}
     reused = S.canonical({"acceptance": body, "sig": S.sign(s.session_key, V.ACCEPTANCE,
                                                             S.canonical(body))})
     assert http.post(accept_url(s, 2), content=reused).status_code == 409
@@ -271,7 +272,7 @@ def test_lodging_attacks(stack: TradeStack, http: httpx.Client) -> None:
                             Amount(10, "JPY"), b"x", party_pub)
         body, headers = S.signed(signing_key or key, signer, party.LODGE, {
             "description": o.description.decode(), "signature": o.signature,
-            "sealed": sealed.hex()})
+            "sealed": sealed.hex(), "held": "", "units": 0})
         return http.post(url, content=body, headers=headers).status_code
     shop, kiosk = stack.parties["shop"], stack.parties["kiosk"]
     rogue, _ = S.new_key()

@@ -66,6 +66,7 @@ class Session:
     account_key: str = ""       # the account manager's public key (hex): its table, later
     purse_order: str = ""       # a deposit paid by a purse card: its order (the rest's load)
     closing: dict[str, str] = field(default_factory=dict, repr=False)  # the record, once made
+    pending: dict[str, Any] = field(default_factory=dict, repr=False)  # FIG. 4: unpaid product
     _wallet: Wallet | None = field(default=None, repr=False, compare=False)   # not saved
 
     def wallet(self) -> Wallet:
@@ -295,6 +296,8 @@ def purchase(s: Session, item: str, units: int = 1) -> dict[str, Any]:
 
 def buy(http: httpx.Client, s: Session, item: str, units: int = 1) -> dict[str, Any]:
     """Pay ``units`` links for ``item``; the merchant's answer. Refused: TradeError."""
+    if s.pending:   # a later link would pay the product before its K2 is released
+        raise TradeError(f"the product of link {s.pending['index']} awaits its acceptance")
     message = purchase(s, item, units)
     answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/purchases", json=message)
     if 400 <= answer.status_code < 500:     # a definite no: not in this side's record

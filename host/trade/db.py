@@ -34,7 +34,9 @@ Merchant agent (``trade-merchant``):
 
 FIG. 4's trusted party is the mediating agent: ``trade_acq_deliveries`` holds each order's
 K2 (sealed to the agent's own X25519 key) and, once, the acceptance that released it and the
-answer given (unique per order, and each acceptance's unique id once over all orders).
+answer given (unique per order, and each acceptance's unique id once over all orders);
+``trade_acq_links`` the paying link of a product bought fairly (released in the same step).
+``trade_ma_pending``: a product purchase whose link awaits the trusted party's release.
 """
 
 from __future__ import annotations
@@ -178,6 +180,17 @@ acq_deliveries = Table(     # FIG. 4: the trusted party's K2, one per order (tru
     UniqueConstraint("session", "order_digest", name="uq_trade_acq_deliveries_order"),
 )
 
+acq_links = Table(          # FIG. 4 fair exchange: a product's paying link, released with K2
+    "trade_acq_links", acq_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False),
+    Column("order_digest", String(64), nullable=False),
+    Column("held", String(64), nullable=False),             # the merchant's link before it
+    Column("units", Integer, nullable=False),               # links the order pays
+    Column("link", String(64)),                             # the customer's, set at release
+    UniqueConstraint("session", "order_digest", name="uq_trade_acq_links_order"),
+)
+
 ma_meta = MetaData()
 ma_sessions = Table(
     "trade_ma_sessions", ma_meta,
@@ -238,6 +251,20 @@ ma_offers = Table(          # FIG. 4: the merchant's offer of a digital product 
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
     UniqueConstraint("session", "link_index", name="uq_trade_ma_offers_index"),
+)
+
+ma_pending = Table(         # FIG. 4 fair exchange: a product ordered, its link not yet paid
+    "trade_ma_pending", ma_meta,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("session", String(48), nullable=False, unique=True),   # one at a time
+    Column("link_index", Integer, nullable=False),
+    Column("units", Integer, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("item", String(64), nullable=False),
+    Column("held", String(64), nullable=False),             # the held link it pays on from
+    Column("order_body", Text, nullable=False),
+    Column("order_signature", String(128), nullable=False),
+    Column("at", BigInteger, nullable=False),
 )
 
 am_withdrawals = Table(     # claim 11: the withdrawal record for the customer's billing

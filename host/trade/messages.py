@@ -119,8 +119,9 @@ AGENT_ACK: dict[str, Any] = {
     "rate": RATE, "rounding": MINOR, "table": IDENT, "merchant_ack": DIGEST,
     "merchant_cert": CERT}
 PURCHASE_ORDER = {"session": SESSION, "index": INDEX, "item": IDENT, "units": UNITS}
-PURCHASE: dict[str, Any] = {
-    "session": SESSION, "index": INDEX, "link": KEY, "order": PURCHASE_ORDER,
+LINK_OR_NONE: Checker = lambda v: v == "" or KEY(v)   # noqa: E731
+PURCHASE: dict[str, Any] = {   # link "": a FIG. 4 product, paid by the trusted party's release
+    "session": SESSION, "index": INDEX, "link": LINK_OR_NONE, "order": PURCHASE_ORDER,
     "signature": SIGNATURE}
 TERMINATE: dict[str, Any] = {"session": SESSION, "index": _int(0, 1_000_000),
                              "created": SECONDS}

@@ -267,7 +267,8 @@ class AccountManager:
                   "currency_merchant": ack["currency_merchant"], "rate": ack["rate"],
                   "rounding": ack["rounding"], "expires": amended["expires"],
                   "acquirer_ack": ack_body.decode(),
-                  "acquirer_signature": answer.headers[S.SIGNATURE]}
+                  "acquirer_signature": answer.headers[S.SIGNATURE],
+                  "acquirer_url": operator.url}   # FIG. 4: the trusted party, reached directly
         try:   # the merchant's key for this session, vouched by its FI, signed again for ours
             opened["merchant_cert"] = certs.relay(   # of any age: the signed ack carried it
                 self.config.private_key, operator.id, operator.public_key,  # (a lookup's too)

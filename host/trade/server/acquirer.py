@@ -324,6 +324,7 @@ class Acquirer:
             Route("/v1/party-key", self.party.key, methods=["GET"]),
             Route("/v1/deliveries", self.party.lodge, methods=["POST"]),
             Route("/v1/deliveries/release", self.party.release, methods=["POST"]),
+            Route("/v1/deliveries/link", self.party.link, methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("trade-acquirer"),
         ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),

@@ -43,7 +43,7 @@ from .. import signing as S
 from ..config import MerchantConfig
 from ..payword import Commitment, PaywordError, Verifier
 from ..trust import certs
-from ..trust.shop import Shop
+from ..trust.shop import Shop, pending_units, take_pending
 from .common import authenticated, refused, same_pseudonym, signed_json
 from .merchant_close import MerchantCloser
 
@@ -100,7 +100,8 @@ def take_purchase(engine: Engine, session: str, data: dict[str, Any], order_body
                        row.currency, row.expires)
         verifier = Verifier(c, row.held_index, bytes.fromhex(row.held_link))
         try:
-            units = verifier.check(data["index"], bytes.fromhex(data["link"]))
+            units = verifier.check(data["index"], bytes.fromhex(data["link"])) \
+                if data["link"] else pending_units(row, data["index"])
         except PaywordError as exc:
             status = 409 if "replay" in str(exc) else 402
             raise Refused(status, status, str(exc)) from None
@@ -108,6 +109,12 @@ def take_purchase(engine: Engine, session: str, data: dict[str, Any], order_body
             raise Refused(409, 409, f"the order is for {data['order']['units']} units, the "
                                     f"link pays {units}: an earlier purchase is missing "
                                     "(send them in order)")
+        if conn.execute(select(D.ma_pending.c.id).where(
+                D.ma_pending.c.session == session)).first() is not None:
+            raise Refused(409, 409, f"session {session}: a product bought awaits its "
+                                    "acceptance at the trusted party")
+        if not data["link"]:    # a FIG. 4 product bought fairly: its link comes with K2
+            return take_pending(conn, row, data, units, order_body, now)
         p = D.ma_purchases.c
         if conn.execute(select(func.count()).where(p.session == session)).scalar_one() \
                 >= K.MAX_ENTRIES:     # its record could not list one more: never paid for
@@ -258,6 +265,9 @@ class MerchantAgent:
             row = await self._session(session)
             data = M.parse(await read_body(request, M.MAX_MESSAGE), M.PURCHASE, "purchase")
             order_body = check_order(session, bytes.fromhex(row["session_key"]), data)
+            if not data["link"] and data["order"]["item"] not in self.config.products:
+                raise Refused(400, 400, "purchase: no link, and the item is no digital "
+                                        "product here")
             note(txn=session, step="purchase")
             got = await self.sql(take_purchase, self.engine, session, data,
                                  order_body.decode(), self.now_ms())
@@ -281,6 +291,7 @@ class MerchantAgent:
                                              self._session_key, now // 1000)
             if data["session"] != session:
                 raise Refused(400, 400, "terminate: for another session")
+            await self.shop.collect(session)    # a product's link released meanwhile
             state = await self.sql(terminate, self.engine, session, now)
             await self.closer.end(session, "terminated")
             row = await self._session(session)
@@ -317,6 +328,8 @@ class MerchantAgent:
             Route("/v1/sessions/{session}/purchases/{index}/offer", self.shop.offer,
                   methods=["GET"]),
             Route("/v1/sessions/{session}/purchases/{index}/accept", self.shop.accept,
+                  methods=["POST"]),
+            Route("/v1/sessions/{session}/collect", self.shop.collect_request,
                   methods=["POST"]),
             Route("/v1/sessions/{session}", self.status, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),

@@ -64,7 +64,8 @@ DESCRIPTION_BODY: dict[str, Any] = {
     "plaintext": M.DIGEST, "key": M.DIGEST}
 ACCEPTANCE_BODY: dict[str, Any] = {
     "v": _VERSION, "session": M.SESSION, "order": M.DIGEST, "description": M.DIGEST,
-    "k1": M.KEY, "unique": M._pattern(re.compile(r"[0-9a-f]{32}")), "created": M.SECONDS}
+    "k1": M.KEY, "unique": M._pattern(re.compile(r"[0-9a-f]{32}")), "created": M.SECONDS,
+    "link": M.LINK_OR_NONE}     # a product bought fairly: the link that pays it, else ""
 SIGNED_ACCEPTANCE: dict[str, Any] = {"acceptance": ACCEPTANCE_BODY, "sig": M.SIGNATURE}
 PACKAGE: dict[str, Any] = {
     "description": DESCRIPTION_BODY, "description_sig": M.SIGNATURE,
@@ -179,12 +180,15 @@ def check_offer(o: Offer, merchant_public: bytes, session: str,
     return d
 
 
-def accept(session_private: bytes, o: Offer, k1_public: bytes, now: int) -> bytes:
-    """The customer's ``sign(accept, unique)^c``: it accepts this description."""
+def accept(session_private: bytes, o: Offer, k1_public: bytes, now: int,
+           link: bytes = b"") -> bytes:
+    """The customer's ``sign(accept, unique)^c``: it accepts this description. ``link``: for
+    a product bought fairly, the PayWord link that pays it, revealed only to the trusted
+    party, which hands it to the merchant in the step that releases K2."""
     d = json.loads(o.description)
     body = {"v": VERSION, "session": d["session"], "order": d["order"],
             "description": _sha(o.description), "k1": k1_public.hex(),
-            "unique": os.urandom(16).hex(), "created": now}
+            "unique": os.urandom(16).hex(), "created": now, "link": link.hex()}
     return signing.canonical(
         {"acceptance": body, "sig": signing.sign(session_private, ACCEPTANCE,
                                                  signing.canonical(body))})

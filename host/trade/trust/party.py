@@ -23,6 +23,7 @@ for another order, is 409. Nothing else ever takes K2 out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ PARTY_KEY = b"svcard-trade-party-key/1\n"   # the agent's X25519 key, for its me
 LODGE = b"svcard-trade-lodge/1\n"           # merchant -> agent: K2 for one order
 LODGED = b"svcard-trade-lodged/1\n"         # agent -> merchant: taken
 RELEASED = b"svcard-trade-released/1\n"     # agent -> customer (relayed): K2 under K1
+LINK_ASK = b"svcard-trade-link-ask/1\n"     # merchant -> agent: the release of one order
 MAX_LODGE = 16_384           # bytes of a lodge request (a description's text may be escaped)
 MAX_RELEASE = 8_192
 SEALED_HEX = 2 * (32 + 12 + 32 + 16)
@@ -59,7 +61,10 @@ OPEN_STATES = (D.OPEN, D.CLEARED)   # a product bought in a session may be fetch
 LODGE_BODY: dict[str, Any] = {
     "description": M._text(MAX_LODGE), "signature": M.SIGNATURE,
     "sealed": lambda v: isinstance(v, str) and len(v) == SEALED_HEX and M.KEY(v[:64])
-    and all(c in "0123456789abcdef" for c in v)}
+    and all(c in "0123456789abcdef" for c in v),
+    "held": M.LINK_OR_NONE, "units": M._int(0, 10_000)}
+LINK_ASK_BODY: dict[str, Any] = {"session": M.SESSION, "order": M.DIGEST,
+                                 "created": M.SECONDS}
 RELEASE_BODY: dict[str, Any] = {"session": M.SESSION, "order": M.DIGEST,
                                 "acceptance": M._text(4096)}
 
@@ -80,9 +85,18 @@ def parse(body: bytes, fields: dict[str, Any], what: str) -> dict[str, Any]:
     return M.check(data, fields, what)
 
 
-def lodge(engine: Engine, row: dict[str, Any], most: int) -> str:
+def paid_by(link: bytes, units: int, held: bytes) -> bool:
+    """Does ``link`` pay ``units`` links on from ``held`` (hashes only)?"""
+    for _ in range(units):
+        link = hashlib.sha256(link).digest()
+    return link == held
+
+
+def lodge(engine: Engine, row: dict[str, Any], most: int,
+          fair: dict[str, Any] | None = None) -> str:
     """ONE step: the session open here with this merchant, the order's key not lodged yet
-    (or lodged with the very same description: "same"), fewer than ``most`` in the session."""
+    (or lodged with the very same description: "same"), fewer than ``most`` in the session.
+    ``fair`` (held, units): the order's link is not paid yet; it comes with the acceptance."""
     d, s = D.acq_deliveries.c, D.acq_sessions.c
     try:
         with step(engine) as conn:
@@ -102,23 +116,43 @@ def lodge(engine: Engine, row: dict[str, Any], most: int) -> str:
                     d.session == row["session"])).scalar_one() >= most:
                 raise Refused(409, 409, f"session: already {most} keys lodged")
             conn.execute(insert(D.acq_deliveries).values(**row))
+            if fair is not None:
+                conn.execute(insert(D.acq_links).values(
+                    session=row["session"], order_digest=row["order_digest"], link=None,
+                    **fair))
             return "new"
     except IntegrityError:      # lodged meanwhile by a twin request: judged again
-        return lodge(engine, row, most)
+        return lodge(engine, row, most, fair)
 
 
 def release(engine: Engine, session: str, order: str, unique: str, acceptance: str,
-            answer: str, now: int) -> str:
+            answer: str, now: int, link: str = "") -> str:
     """ONE step: the order's K2 released to this acceptance if none was before; the same
-    acceptance again finds its stored answer; any other is refused."""
-    d = D.acq_deliveries.c
+    acceptance again finds its stored answer; any other is refused. A product bought fairly
+    (a ``trade_acq_links`` row): its paying ``link`` is stored in the same step, so K2 never
+    goes out without the merchant's payment, and only while the session is not cleared."""
+    d, k, s = D.acq_deliveries.c, D.acq_links.c, D.acq_sessions.c
     try:
         with step(engine) as conn:
+            fair = conn.execute(select(D.acq_links).where(
+                k.session == session, k.order_digest == order)).first()
+            if fair is not None and fair.link is None:
+                known = conn.execute(select(D.acq_sessions.c.state).where(
+                    s.session == session)).first()
+                if known is None or known.state == D.CLEARED:
+                    raise Refused(409, 409, "session: cleared already; the product's link "
+                                            "can no longer be paid")
+                if not link or not paid_by(bytes.fromhex(link), fair.units,
+                                           bytes.fromhex(fair.held)):
+                    raise Refused(402, 402, "acceptance: its link does not pay the order")
             if conn.execute(update(D.acq_deliveries).where(
                     d.session == session, d.order_digest == order,
                     d.accepted.is_(None)).values(
                     accepted=unique, acceptance=acceptance, answer=answer,
                     updated=now)).rowcount == 1:
+                if fair is not None:
+                    conn.execute(update(D.acq_links).where(
+                        k.id == fair.id, k.link.is_(None)).values(link=link))
                 return answer
             row = conn.execute(select(D.acq_deliveries).where(
                 d.session == session, d.order_digest == order)).first()
@@ -173,7 +207,8 @@ class TrustedParty:
             taken = await self.acq.sql(lodge, self.acq.engine, {
                 "session": d["session"], "order_digest": d["order"], "merchant": signer,
                 "description": data["description"], "signature": data["signature"],
-                "sealed": data["sealed"], "created": now, "updated": now}, K.MAX_ENTRIES)
+                "sealed": data["sealed"], "created": now, "updated": now}, K.MAX_ENTRIES,
+                {"held": data["held"], "units": data["units"]} if data["held"] else None)
             return self._answer(LODGED, {"acquirer": self.acq.config.id,
                                          "session": d["session"], "order": d["order"],
                                          "taken": taken})
@@ -214,8 +249,41 @@ class TrustedParty:
                     raise Refused(400, 400, exc.reason) from None
                 answer = await self.acq.sql(
                     release, self.acq.engine, session, order, a["unique"], data["acceptance"],
-                    sealed, now)
-            return self._answer(RELEASED, {"acquirer": self.acq.config.id, "session": session,
-                                           "order": order, "sealed": answer})
+                    sealed, now, a["link"])
+            return await self._released(session, order, answer)
+        except Refused as exc:
+            return refused(exc)
+
+    async def _released(self, session: str, order: str, answer: str) -> Response:
+        """The signed release: K2 under K1 for the customer and, for a product bought
+        fairly, the link that pays the merchant (the same answer to both, every time)."""
+        fair = await self.acq.sql(first_row, self.acq.engine, D.acq_links, session=session,
+                                  order_digest=order)
+        link = "" if fair is None or fair["link"] is None else str(fair["link"])
+        return self._answer(RELEASED, {"acquirer": self.acq.config.id, "session": session,
+                                       "order": order, "sealed": answer, "link": link})
+
+    async def link(self, request: Request) -> Response:
+        """``POST /v1/deliveries/link``: the merchant of the session, signed (label
+        ``svcard-trade-link-ask/1``), asks for an order's release: the same signed answer
+        the customer got (so the link reaches the merchant even when the customer went to
+        this party directly); 409 while nothing is released."""
+        try:
+            body = await read_body(request, MAX_RELEASE)
+            data = parse(body, LINK_ASK_BODY, "link")
+            signer = request.headers.get(S.SIGNER, "")
+            merchant = self.acq.config.merchants.get(signer)
+            if merchant is None or not S.verify(merchant.public_key, LINK_ASK, body,
+                                                request.headers.get(S.SIGNATURE)):
+                raise Refused(401, 401, "link: not signed by a merchant here")
+            if abs(self.acq.now_ms() // 1000 - data["created"]) > M.MAX_SKEW:
+                raise Refused(401, 401, "link: too old or from the future")
+            row = await self.acq.sql(first_row, self.acq.engine, D.acq_deliveries,
+                                     session=data["session"], order_digest=data["order"])
+            if row is None or row["merchant"] != signer:
+                raise Refused(404, 404, "order: no key lodged for it by this merchant")
+            if row["answer"] is None:
+                raise Refused(409, 409, "order: not accepted yet")
+            return await self._released(data["session"], data["order"], str(row["answer"]))
         except Refused as exc:
             return refused(exc)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,16 +32,77 @@ from starlette.responses import JSONResponse, Response
 from ...kit.db import first_row, step
 from ...kit.http import Refused, read_body
 from ...kit.request_log import note
+from .. import closing as K
 from .. import db as D
 from .. import messages as M
 from .. import signing as S
 from ..money import Amount
+from ..payword import MAX_STEP, PaywordError
 from ..server.common import refused, same_pseudonym, verified_answer
 from . import delivery as V
-from .party import LODGE, LODGED, PARTY_KEY, RELEASED
+from .party import LINK_ASK, LODGE, LODGED, PARTY_KEY, RELEASED, paid_by
 
 if TYPE_CHECKING:
     from ..server.merchant import MerchantAgent
+
+PENDING = "pending"     # a product purchase whose link the trusted party has not released
+
+
+def pending_units(row: Any, index: int) -> int:
+    """Units a product purchase at ``index`` pays on from the held link (its link not shown:
+    the same bounds as a paid one)."""
+    units = index - row.held_index
+    if index > row.length:
+        raise PaywordError(f"link {index} is past the chain's end ({row.length})")
+    if units <= 0:
+        raise PaywordError(f"link {index} was paid already (the merchant holds "
+                           f"{row.held_index}): a replay")
+    if units > MAX_STEP:
+        raise PaywordError(f"at most {MAX_STEP} links at once")
+    return int(units)
+
+
+def take_pending(conn: Connection, row: Any, data: dict[str, Any], units: int,
+                 order_body: str, now: int) -> dict[str, Any]:
+    """In the purchase's step: a product bought fairly is recorded as pending, the held link
+    does not move (nothing is paid), and no other purchase is taken until its link comes."""
+    session = row.session
+    if conn.execute(select(func.count()).where(D.ma_purchases.c.session == session)
+                    ).scalar_one() >= K.MAX_ENTRIES:
+        raise Refused(409, 409, f"session {session}: too many purchases for one record")
+    conn.execute(insert(D.ma_pending).values(      # unique per session: one at a time
+        session=session, link_index=data["index"], units=units, amount=units * row.unit,
+        item=data["order"]["item"], held=row.held_link, order_body=order_body,
+        order_signature=data["signature"], at=now))
+    return {"session": session, "index": data["index"], "units": units,
+            "amount": units * row.unit, "currency": row.currency, "state": PENDING,
+            "left": (row.length - row.held_index) * row.unit}
+
+
+def apply_link(engine: Engine, session: str, index: int, link: str, now: int) -> str | None:
+    """ONE step: the link the trusted party released pays the pending product: checked with
+    hashes against the held link it was bought on, the purchase row written, the held link
+    moved and the pending row gone together. The session's state, or None (nothing to do)."""
+    n, s = D.ma_pending.c, D.ma_sessions.c
+    with step(engine) as conn:
+        p = conn.execute(select(D.ma_pending).where(n.session == session,
+                                                    n.link_index == index)).first()
+        row = conn.execute(select(D.ma_sessions).where(s.session == session)).first()
+        if p is None or row is None or not M.KEY(link):
+            return None
+        if not paid_by(bytes.fromhex(link), p.units, bytes.fromhex(p.held)):
+            return None
+        state = D.SPENT if index == row.length and row.state == D.OPEN else row.state
+        if conn.execute(update(D.ma_sessions).where(
+                s.session == session, s.held_index == index - p.units,
+                s.held_link == p.held).values(held_index=index, held_link=link, state=state,
+                                              updated=now)).rowcount != 1:
+            return None
+        conn.execute(insert(D.ma_purchases).values(
+            session=session, link_index=index, units=p.units, amount=p.amount, item=p.item,
+            link=link, order_body=p.order_body, order_signature=p.order_signature, at=now))
+        conn.execute(delete(D.ma_pending).where(n.id == p.id))
+        return str(state)
 
 
 def store_offer(engine: Engine, row: dict[str, Any]) -> dict[str, Any]:
@@ -116,9 +177,14 @@ class Shop:
 
     async def _lodge(self, offer: dict[str, Any]) -> None:
         c = self.agent.config
+        a = self.agent
+        pending = await a.sql(first_row, a.engine, D.ma_pending, session=offer["session"],
+                              link_index=offer["link_index"])
         body, headers = S.signed(c.private_key, c.id, LODGE, {
             "description": offer["description"], "signature": offer["signature"],
-            "sealed": offer["sealed"]})
+            "sealed": offer["sealed"],
+            "held": "" if pending is None else pending["held"],
+            "units": 0 if pending is None else pending["units"]})
         answer = await self._post("/v1/deliveries", body, headers)
         took = verified_answer(answer, c.acquirer.public_key, c.acquirer.id, LODGED)
         if took is None:
@@ -149,7 +215,9 @@ class Shop:
     async def _make(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         a = self.agent
         bought = await a.sql(first_row, a.engine, D.ma_purchases, session=row["session"],
-                             link_index=index)
+                             link_index=index) or \
+            await a.sql(first_row, a.engine, D.ma_pending, session=row["session"],
+                        link_index=index)
         if bought is None:
             raise Refused(404, 404, "no such purchase")
         product = a.config.products.get(bought["item"])
@@ -202,10 +270,55 @@ class Shop:
                 except ValueError:
                     reason = ""
                 raise Refused(status, status, f"the trusted party refused: {reason}"[:300])
-            sealed = json.loads(released)["sealed"]
+            data = json.loads(released)
+            sealed = data["sealed"]
             await a.sql(mark, a.engine, got["id"], acceptance=body.decode(), answer=sealed,
                         updated=a.now_ms())
+            await self._paid(row["session"], index, str(data.get("link", "")))
             return self._answer(row["session"], index, sealed)
+        except Refused as exc:
+            return refused(exc)
+
+    async def _paid(self, session: str, index: int, link: str) -> None:
+        """The link released with K2 pays the pending product (nothing when there is none)."""
+        if link:
+            a = self.agent
+            state = await a.sql(apply_link, a.engine, session, index, link, a.now_ms())
+            if state == D.SPENT:
+                await a.closer.end(session, "spent")
+
+    async def collect(self, session: str) -> int:
+        """Ask the trusted party (signed) for the release of this session's pending product:
+        the customer may have accepted there directly. The links applied (0 or 1)."""
+        a, c = self.agent, self.agent.config
+        pending = await a.sql(first_row, a.engine, D.ma_pending, session=session)
+        offer = pending and await a.sql(first_row, a.engine, D.ma_offers, session=session,
+                                        link_index=pending["link_index"])
+        if not pending or not offer or not offer["lodged"]:
+            return 0
+        order = json.loads(offer["description"])["order"]
+        body, headers = S.signed(c.private_key, c.id, LINK_ASK, {
+            "session": session, "order": order, "created": a.now_ms() // 1000})
+        try:
+            answer = await self._post("/v1/deliveries/link", body, headers)
+        except Refused:
+            return 0
+        released = verified_answer(answer, c.acquirer.public_key, c.acquirer.id, RELEASED)
+        if released is None:
+            return 0
+        data = json.loads(released)
+        if data.get("session") != session or data.get("order") != order:
+            return 0
+        await self._paid(session, int(pending["link_index"]), str(data.get("link", "")))
+        return 1
+
+    async def collect_request(self, request: Request) -> Response:
+        """``POST /v1/sessions/{session}/collect``: fetch a released link now (anyone may
+        ask: it only takes the trusted party's signed word)."""
+        try:
+            row = await self.agent._session(request.path_params["session"])
+            return JSONResponse({"session": row["session"],
+                                 "collected": await self.collect(row["session"])})
         except Refused as exc:
             return refused(exc)
 
