@@ -397,7 +397,7 @@ def test_the_mailed_cards_purse_names_its_number(world: World) -> None:
 def test_replayed_and_raced_purse_evidence(world: World) -> None:
     """The card's confirmation of purchase A: sent again to A, the same answer and nothing
     more; sent to purchase B's order, refused. 16 checkouts of one purchase at once: one
-    order. 16 approvals of A at once: one approval, one debit."""
+    order, every one answered with its transaction. 16 approvals of A at once: one approval, one debit."""
     from concurrent.futures import ThreadPoolExecutor
 
     from svcard.host.pay import client as PC
@@ -410,10 +410,13 @@ def test_replayed_and_raced_purse_evidence(world: World) -> None:
         cp = choose(world, h, p).json()["checkout"]
         cq = choose(world, h, q).json()["checkout"]
         with httpx.Client(timeout=30) as http, ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(lambda _: http.post(
-                f"{web}/purse/checkout/{cq}", headers={"X-Svcard-Client": "1"}).status_code,
+            raced = list(pool.map(lambda _: http.post(
+                f"{web}/purse/checkout/{cq}", headers={"X-Svcard-Client": "1"}),
                 range(16)))
-        assert sorted(answers) == [200] + [409] * 15
+        # every one answered, all for the purchase's one transaction (one draw: one debit)
+        assert [r.status_code for r in raced] == [200] * 16
+        assert len({r.json()["txn_id"] for r in raced}) == 1
+        assert len({r.json()["tsk"] for r in raced}) == 16
         sent: list[tuple[str, bytes]] = []
 
         def keep(request: httpx.Request) -> None:

@@ -20,8 +20,11 @@ recorded (:func:`purse_paid`). The financial system's copy of the card's value i
 soon as the purse payment is recorded (:func:`mirror`), under ``pay:PURCHASE``, the ref the
 approval asks again: one debit, and the card's balance there follows its purse.
 
-One order per purchase, ever: a second checkout for the same purchase is refused, so the card
-is never debited twice for one purchase. An exact repeat of the releasing confirmation (the
+One order (one transaction id) per purchase, ever: a checkout asked again while that order is
+open (not paid, not expired: the helper lost the answer, or the card refused before its debit,
+e.g. its balance was too low and it was loaded since) gets a fresh ticket for the SAME
+transaction; the payment server takes one draw per transaction, so it is one debit at most.
+Once the order is paid, a checkout is refused. An exact repeat of the releasing confirmation (the
 helper's answer was lost) gets the same answer again; any other confirmation is refused.
 """
 
@@ -124,6 +127,13 @@ def new_order(engine: Engine, row: dict[str, Any]) -> bool:
     return True
 
 
+def order_of(engine: Engine, pid: str) -> dict[str, Any] | None:
+    """The order of purchase ``pid`` (it has one at most), or None."""
+    with reading(engine) as conn:
+        row = conn.execute(select(orders).where(orders.c.purchase == pid)).first()
+    return dict(row._mapping) if row is not None else None
+
+
 def order(engine: Engine, txn_id: str) -> dict[str, Any] | None:
     with reading(engine) as conn:
         row = conn.execute(select(orders).where(orders.c.txn_id == txn_id)).first()
@@ -207,27 +217,38 @@ async def checkout(server: GatewayServer, request: Request) -> Response:
     if await server.card_kind(found["member"], found["card"]) != "real":
         raise Refused(409, 409, "the purchase's card is not a real card")
     merchant_id, key = merchant
-    txn_id = os.urandom(16)
-    expires = min(now // 1000 + ORDER_SECONDS, found["expires"] // 1000)
+    made = None
+    if await server.sql(order_of, server.engine, pid) is None:
+        txn_id, expires = os.urandom(16), min(now // 1000 + ORDER_SECONDS,
+                                              found["expires"] // 1000)
+        made = {"txn_id": txn_id.hex(), "purchase": pid, "card": found["card"],
+                "merchant_id": merchant_id.hex(), "amount": found["amount"],
+                "currency": found["currency"], "expires": expires * 1000, "state": OPEN,
+                "confirmation": "", "receipt": "", "created": now, "updated": now}
+        if not await server.sql(new_order, server.engine, made):
+            made = None   # raced: another checkout made the purchase's order first
+    row = made or await server.sql(order_of, server.engine, pid)
+    if row is None or row["state"] != OPEN:
+        raise Refused(409, 409, "this purchase is paid by its card already: it is never "
+                                "paid twice (the card helper finishes an interrupted one)")
+    if row["expires"] <= now:
+        raise Refused(410, 410, "the purchase's card payment order expired")
+    if row["merchant_id"] != merchant_id.hex():
+        raise Refused(409, 409, "the mall's merchant id changed: this order is not its own")
+    # the order's ticket, fresh (a new session key) for the SAME transaction every time: the
+    # payment server takes one draw per transaction, so tickets answered again stay one debit
+    txn_id, expires = bytes.fromhex(row["txn_id"]), int(row["expires"]) // 1000
     tsk = secure.new_key()
     ticket = M.build(M.OrderTicket, {
-        "version": M.VERSION, "tsk": tsk, "amount": found["amount"],
-        "currency_code": found["currency"], "currency_exponent": settings.exponent,
+        "version": M.VERSION, "tsk": tsk, "amount": int(row["amount"]),
+        "currency_code": int(row["currency"]), "currency_exponent": settings.exponent,
         "variant": M.FIG6_SERVER_COMPARES, "purpose": M.PURPOSE_PAYMENT,
         "expires": expires, "terminal_id": settings.payment_terminal})
     etsk = secure.seal(secure.derive_key(key, merchant_id, txn_id), ticket,
                        M.ticket_aad(merchant_id, txn_id))
-    made = await server.sql(new_order, server.engine, {
-        "txn_id": txn_id.hex(), "purchase": pid, "card": found["card"],
-        "merchant_id": merchant_id.hex(), "amount": found["amount"],
-        "currency": found["currency"], "expires": expires * 1000, "state": OPEN,
-        "confirmation": "", "receipt": "", "created": now, "updated": now})
-    if not made:
-        raise Refused(409, 409, "this purchase has its card payment already: it is never "
-                                "paid twice (the card helper finishes an interrupted one)")
     note(txn=pid, step="purse-checkout")
     return JSONResponse({
-        "version": M.VERSION, "amount": found["amount"], "currency_code": found["currency"],
+        "version": M.VERSION, "amount": int(row["amount"]), "currency_code": int(row["currency"]),
         "currency_exponent": settings.exponent,
         "description": f"{found['mall']} order {found['mall_order']}",
         "payment_url": settings.payment_url, "txn_id": txn_id.hex(),
