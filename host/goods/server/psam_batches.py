@@ -179,9 +179,11 @@ def late_proofs(engine: Engine, terminal: str, now: int) -> list[dict[str, str]]
 
 
 def kept_files(engine: Engine) -> list[dict[str, str]]:
+    """The newest :data:`MAX_RESENT` files kept, oldest first."""
     with reading(engine) as conn:
-        return [{"name": r.name, "body": r.body} for r in conn.execute(
-            select(files.c.name, files.c.body).order_by(files.c.id).limit(MAX_RESENT))]
+        rows = conn.execute(select(files.c.name, files.c.body).order_by(files.c.id.desc())
+                            .limit(MAX_RESENT)).all()
+    return [{"name": r.name, "body": r.body} for r in reversed(rows)]
 
 
 async def close_batches(server: Any, request: Request) -> Response:
