@@ -3,11 +3,15 @@ break found in the review and failed before its fix."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from test_goods_attack import authorisation
 from test_goods_purse import (
     EP,
     counter_of,
@@ -24,7 +28,9 @@ from test_goods_purse_attack import post
 from svcard.host.goods import db as D
 from svcard.host.goods import wire as W
 from svcard.host.goods.device import DeviceError
+from svcard.host.goods.server.payment import PaymentServer
 from svcard.host.goods.stack import GoodsStack, make_card, start_goods
+from svcard.host.kit.db import first_row
 from svcard.host.terminal.reader_specs import open_reader
 from svcard.protocols import purse as P
 
@@ -135,3 +141,74 @@ def test_a_sessions_mac2_cannot_be_guessed(stack: GoodsStack, http: httpx.Client
     assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.DEBITING
     assert prove(device, right) == "paid"   # the buyer's own device is not locked out
     assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.PURSE_PAID
+
+
+def test_a_bank_payment_racing_a_wrong_pin_leaves_the_purse_out(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    """Two bank authorisations of one order, the right PIN's slow at the institution, the
+    wrong PIN's answered first: it put the order back (payment ``routed``, auth ``offered``)
+    and the purse took it (``debiting``); the right PIN's debit then found no order to pay -
+    the account debited 12.50, no good, no refund (before the fix). Now an order the bank was
+    asked for is never the purse's."""
+    path = make_card(tmp_path, SERIAL + 2, ep=EP)
+    serial = f"{SERIAL + 2:020d}"
+    stack.account(f"acc{serial}", serial, balance=10_000)
+    device = stack.device()
+    first = first_for(stack, http, device)
+    payment = stack.servers["payment"]
+    assert isinstance(payment, PaymentServer)
+    original = payment.send_raw
+    asked, release_ask, release_answer = threading.Event(), threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    async def held(event: threading.Event) -> None:
+        deadline = time.monotonic() + 30
+        while not event.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def slow_bank(role: str, where: str, domain: bytes, payload: dict[str, object],
+                        client: httpx.AsyncClient | None = None,
+                        ) -> tuple[dict[str, object], str, str]:
+        if role == "bank" and where == "/v1/payments" and not calls:
+            calls.append("right")
+            asked.set()
+            await held(release_ask)
+            out = await original(role, where, domain, payload, client)
+            await held(release_answer)
+            return out
+        return await original(role, where, domain, payload, client)
+
+    payment.send_raw = slow_bank  # type: ignore[method-assign]
+    results: list[object] = []
+    try:
+        right = threading.Thread(target=lambda: results.append(device._post(
+            "/v1/authorisations", W.AUTHORISATION,
+            authorisation(device, first, serial, "00000000"))))
+        right.start()
+        assert asked.wait(30)
+        wrong = device._post("/v1/authorisations", W.AUTHORISATION,
+                             authorisation(device, first, serial, "00000000", pin="999999"))
+        assert wrong["paid"] is False
+        release_ask.set()
+        deadline = time.monotonic() + 30
+        while first_row(stack.engine("bank"), D.bank_payments, order_ref=first.order) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        purse: str = "opened"
+        with open_reader(f"virtual:{path}") as reader:
+            init = init_capp(reader, first)
+            try:
+                device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                             debit_message(device, first, serial, init))
+            except DeviceError as exc:
+                purse = str(exc)
+        release_answer.set()
+        right.join(30)
+    finally:
+        release_ask.set()
+        release_answer.set()
+        payment.send_raw = original  # type: ignore[method-assign]
+    assert first_row(stack.engine("bank"), D.bank_payments, order_ref=first.order) is not None
+    assert "409" in purse, "the purse opened an order the bank was paying"
+    assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.PAID
+    assert results and isinstance(results[0], dict) and results[0]["paid"] is True

@@ -79,6 +79,10 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# an order put back to ``offered`` by a wrong PIN: the bank was asked, so never the purse's
+BANK_ASKED = digest("bank asked")
+
+
 class AuthServer(PartyServer):
     role = "auth"
     health_table = D.devices
@@ -258,9 +262,10 @@ class AuthServer(PartyServer):
                 for before in (D.AUTHORISED, D.OFFERED):   # answer may have reset it
                     if await self.sql(self._set, data["order"], before, D.PAID):
                         break
-            elif decision.get("retry") is True:   # a wrong PIN: the device may try again
-                await self.sql(self._set, data["order"], D.AUTHORISED, D.OFFERED,
-                               authorisation=None)
+            elif decision.get("retry") is True:   # a wrong PIN: the device may try again,
+                await self.sql(self._set, data["order"], D.AUTHORISED, D.OFFERED,   # by the
+                               authorisation=BANK_ASKED)   # bank only: another PIN's payment
+                # of it may be under way at the institution, its answer not yet back
             else:
                 await self.sql(self._set, data["order"], D.AUTHORISED, D.DECLINED)
             return self.reply(W.AUTHORISATION, {
@@ -296,6 +301,15 @@ class AuthServer(PartyServer):
         with step(self.engine) as conn:
             conn.execute(update(s).where(s.c.order_ref == order, s.c.seal == seal)
                          .values(paid=True, expires=self.now_ms() + SEAL_MS))
+
+    def _set_new(self, order: str, state: str, authorisation: str) -> bool:
+        """``offered`` -> ``state`` for an order no authorisation was ever sent for."""
+        t = D.auth_orders
+        with step(self.engine) as conn:
+            done = conn.execute(update(t).where(
+                t.c.order_ref == order, t.c.state == D.OFFERED, t.c.authorisation.is_(None))
+                .values(state=state, authorisation=authorisation, updated=self.now_ms()))
+        return int(done.rowcount or 0) == 1
 
     def _set(self, order: str, expect: str, state: str, **values: Any) -> bool:
         t = D.auth_orders
@@ -335,9 +349,8 @@ class AuthServer(PartyServer):
             if data["first"] != digest(order["first_message"]):
                 raise Refused(409, 409, "purse debit: not the first message this server sent")
             mine = digest(f"purse|{data['card']}")
-            if order["state"] == D.OFFERED:
-                await self.sql(self._set, data["order"], D.OFFERED, D.AUTHORISED,
-                               authorisation=mine)
+            if order["state"] == D.OFFERED:   # never one the bank was asked for
+                await self.sql(self._set_new, data["order"], D.AUTHORISED, mine)
                 order = await self.sql(read_one, self.engine, D.auth_orders,
                                        order_ref=data["order"])
                 assert order is not None
