@@ -4,10 +4,16 @@ payment server takes one draw per transaction, so it stays one debit.
 
 Before: one checkout per purchase, ever. A lost checkout answer, or a card that refused before
 its debit (its balance too low), blocked the purchase for good (409 at every later checkout).
+
+And the helper's check that the card in its reader is the one the page named: before, it ran
+outside ``reader.transaction()``, so a card swapped in the gap paid (another card's purse
+debited for a purchase that stays unpaid).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +33,12 @@ from test_wallet_realcard import (
     world,
 )
 
+from svcard.host.helper import payments as HP
 from svcard.host.pay import client as PC
 from svcard.host.terminal.journal import Journal
 from svcard.host.terminal.online import PaymentRefused
 from svcard.host.terminal.reader_specs import open_reader
+from svcard.reader import Reader
 
 __all__ = ["world"]   # the module-scoped servers of test_wallet_realcard, started again here
 
@@ -121,3 +129,49 @@ def test_two_tickets_of_one_transaction_both_tried_one_debit(
         assert fin_balance(world, h) == 3_000
     finally:
         h.close()
+
+
+class SwappingReader(Reader):
+    """Card ``first`` until a transaction begins, then card ``second`` (a person swapped the
+    cards just before the helper took the reader for the payment)."""
+
+    def __init__(self, first: Reader, second: Reader) -> None:
+        self.first, self.second = first, second
+        self.now = first
+        self.name = "swapping"
+
+    def connect(self) -> bytes:
+        self.second.connect()
+        return self.first.connect()
+
+    def disconnect(self) -> None:
+        self.first.disconnect()
+        self.second.disconnect()
+
+    def transmit(self, apdu: bytes) -> bytes:
+        return self.now.transmit(apdu)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.now = self.second
+        yield
+
+
+def test_a_card_swapped_before_the_transaction_is_refused(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = loaded_holder(world, "swap-chosen", 3_000)
+    other = loaded_holder(world, "swap-other", 3_000)
+    try:
+        p = new_purchase(900)
+        cp = choose(world, h, p).json()["checkout"]
+        monkeypatch.setattr(HP, "open_reader", lambda spec: SwappingReader(
+            open_reader(f"virtual:{h.image}"), open_reader(f"virtual:{other.image}")))
+        view = pay_purse(world, h, cp, h.card)
+        assert view["state"] == "refused" and "not the card chosen" in view["message"], view
+        assert other.purse_balance() == 3_000 and h.purse_balance() == 3_000
+        monkeypatch.undo()
+        assert pay_purse(world, h, cp, h.card)["state"] == "paid"
+        assert h.purse_balance() == 2_100 and approve(world, p)[0] == 200
+    finally:
+        h.close()
+        other.close()

@@ -64,6 +64,10 @@ _STEPS = (("/v1/checkout/", "Getting the order from the shop"),
           ("/v1/proof", "Paid: sending the card's proof to the payment server"))
 
 
+class WrongCard(TerminalCheckFailed):
+    """The card in the reader is not the one the page named (``card_serial``)."""
+
+
 @dataclass
 class HelperCard:
     """The card the helper pays with, and how."""
@@ -226,16 +230,20 @@ class Payments:
                 self._set(job, "pin", "Enter the card's PIN at the card helper")
                 pin = card.pin()
             self._set(job, "paying", "Reading the card")
-            if job.card_serial is not None and \
-                    select_purse(reader, card.aid).app_serial.upper() != job.card_serial.upper():
-                raise TerminalCheckFailed("the card in the reader is not the card chosen for "
-                                          "this payment: put that card in")
-            paying.set()
             try:
                 with reader.transaction():  # PC/SC: no other program between SELECT and DEBIT
+                    # the card named is checked inside the transaction: a card swapped in
+                    # before it began is the one read here, and none can be after
+                    if job.card_serial is not None and select_purse(
+                            reader, card.aid).app_serial.upper() != job.card_serial.upper():
+                        raise WrongCard("the card in the reader is not the card chosen for "
+                                        "this payment: put that card in")
+                    paying.set()
                     outcome = C.pay(job.checkout_url, reader, journal=book, http=http,
                                     pin=pin, purse=card.purse, terminal=card.terminal,
                                     aid=card.aid)
+            except WrongCard:
+                raise   # nothing of this payment started: an older open one is not its result
             except (TerminalError, httpx.HTTPError):
                 txn = _past_debit(book)
                 if txn is None:
