@@ -444,3 +444,26 @@ def test_raced_and_replayed_closes_hand_each_record_once(
         assert answer.status_code == 200 and answer.json()["files"] == []
     report = clearing.run()
     assert report.total_paid == 3 * PRICE and report.records_cleared == 3
+
+
+def test_a_psam_pulled_mid_close_is_503_and_its_batch_read_again(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from svcard.host.goods.server import psam_batches
+
+    card = make_card(tmp_path, 72_030, ep=EP)
+    buy(stack, http, stack.device(), card)
+    clearing = clearing_for(stack, tmp_path)
+    real = psam_batches.close_open
+
+    def pulled(reader: Any) -> Any:   # CLOSE BATCH done, then the PSAM is gone
+        assert reader.exchange(apdus.sam_close_batch()).ok
+        raise CardRemovedError("the PSAM was pulled")
+
+    monkeypatch.setattr(psam_batches, "close_open", pulled)
+    with pytest.raises(CloseError, match=r"503.*PSAM failed"):
+        close(stack, clearing)
+    monkeypatch.setattr(psam_batches, "close_open", real)
+    [batch] = close(stack, clearing)
+    assert len(json.loads(batch.read_text())["records"]) == 1
+    assert clearing.run().total_paid == PRICE

@@ -41,12 +41,12 @@ from starlette.responses import Response
 
 from ....protocols import purse as P
 from ....protocols.apdu import build_command
-from ....reader import Reader
+from ....reader import Reader, ReaderError
 from ...kit.db import reading, step
 from ...kit.http import Refused
 from ...kit.reader_pool import PoolExhausted
 from ...terminal import apdus
-from ...terminal.purse import call
+from ...terminal.purse import TerminalError, call
 from .. import db as D
 from .. import wire as W
 from .common import handled
@@ -216,6 +216,10 @@ async def close_batches(server: Any, request: Request) -> Response:
                 raise Refused(503, 503, f"batch close: a PSAM stayed busy; {len(made)} "
                                         "batches closed are kept: run again (with resend)",
                               {"Retry-After": "5"}) from None
+            except (TerminalError, ReaderError) as exc:   # the next close reads it again
+                raise Refused(503, 503, f"batch close: a PSAM failed ({type(exc).__name__}: "
+                                        f"{str(exc)[:100]}); {len(made)} batches closed are "
+                                        "kept: run again (with resend)") from None
             finally:
                 for member in taken:
                     pool.release(member)
