@@ -221,17 +221,16 @@ class PursePayment(PartyServer):
         s, t, w = D.purse_sessions, D.payment_orders, D.purse_session_tries
         now = self.now_ms()
         with step(self.engine) as conn:
-            rows = conn.execute(select(s, t.c.device).join(t, t.c.order_ref == s.c.order_ref)
-                                .where(s.c.card == card, s.c.counter == counter,
-                                       s.c.expected_mac2.is_not(None))
-                                .with_for_update()).all()
-            tries = {r.session: r for r in conn.execute(select(w).where(
-                w.c.session.in_([r.id for r in rows]))).all()} if rows else {}
+            rows = conn.execute(
+                select(s, t.c.device, w.c.own, w.c.others)
+                .join(t, t.c.order_ref == s.c.order_ref)
+                .outerjoin(w, w.c.session == s.c.id)
+                .where(s.c.card == card, s.c.counter == counter, s.c.expected_mac2.is_not(None))
+                .with_for_update(of=s)).all()
 
             def open_to_guess(r: Any) -> bool:
-                used = tries.get(r.id)
-                n = 0 if used is None else used.own if r.device == device else used.others
-                return r.state == D.COMMITTED or n < MAX_WRONG_PROOFS
+                n = r.own if r.device == device else r.others
+                return r.state == D.COMMITTED or (n or 0) < MAX_WRONG_PROOFS
 
             rows = [r for r in rows if open_to_guess(r)]
             match = next((r for r in rows if hmac.compare_digest(
