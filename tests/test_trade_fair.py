@@ -8,6 +8,7 @@ asking for K2 without paying, replayed and raced acceptances, a crash after the 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -21,6 +22,7 @@ import pytest
 from sqlalchemy import func, select
 
 from svcard.host.kit.db import first_row
+from svcard.host.kit.http import Refused
 from svcard.host.trade import customer as C
 from svcard.host.trade import db as D
 from svcard.host.trade import signing as S
@@ -126,7 +128,8 @@ def test_a_merchant_cannot_take_the_products_link_without_a_release(
     m = stack.merchants["shop"]
     # it asks the trusted party for the link: nothing released, nothing given
     body, headers = S.signed(m.config.private_key, "shop", party.LINK_ASK, {
-        "session": s.session, "order": order, "created": int(time.time())})
+        "session": s.session, "order": order, "created": int(time.time()),
+        "close": False})
     ask = http.post(f"{s.opened['acquirer_url']}/v1/deliveries/link", content=body,
                     headers=headers)
     assert ask.status_code == 409
@@ -138,7 +141,8 @@ def test_a_merchant_cannot_take_the_products_link_without_a_release(
     assert held(stack, s) == 1
     # asking as another party (the customer's session key is no merchant's)
     body, headers = S.signed(s.session_key, "shop", party.LINK_ASK, {
-        "session": s.session, "order": order, "created": int(time.time())})
+        "session": s.session, "order": order, "created": int(time.time()),
+        "close": False})
     assert http.post(f"{s.opened['acquirer_url']}/v1/deliveries/link", content=body,
                      headers=headers).status_code == 401
     # the customer walks away: the session clears paying only the tea
@@ -146,6 +150,62 @@ def test_a_merchant_cannot_take_the_products_link_without_a_release(
     assert c["paid"] == 10 and c["outcome"] == "agreed", c
     # and after clearing the acceptance no longer releases K2 (nothing could pay for it)
     assert to_party(http, s, order, acceptance).status_code == 409
+
+
+def test_no_k2_after_the_merchant_ended_without_it(stack: TradeStack,
+                                                   http: httpx.Client) -> None:
+    """The customer terminates (the merchant's record is made without the unpaid product),
+    then accepts at the trusted party before clearing: the merchant's terminate closed the
+    order there in ONE step, so K2 never goes out for a link the record does not hold."""
+    s = opened(stack, http)
+    C.buy(http, s, "tea", 1)
+    buyer.buy_product(http, s, "song", 2)
+    _, acceptance, _, order = offer_and_acceptance(http, s)
+    C.terminate(http, s)
+    got = to_party(http, s, order, acceptance)
+    assert got.status_code == 409 and "closed" in got.json()["reason"]
+    row = first_row(stack.acquirer.engine, D.acq_deliveries, session=s.session)
+    assert row is not None and row["answer"] is None
+    assert held(stack, s) == 1
+    c = C.close(http, s)["clearing"]
+    assert c["paid"] == 10 and c["outcome"] == "agreed", c
+
+
+def test_terminate_waits_for_the_party_to_close_the_order(
+        stack: TradeStack, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the trusted party out of reach the merchant cannot close the unpaid order, so it
+    does not end the session (503, nothing changed); asked again, it does."""
+    s = opened(stack, http)
+    buyer.buy_product(http, s, "song", 1)
+    offer_and_acceptance(http, s)                  # lodged
+    m = stack.merchants["shop"]
+
+    async def down(path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        raise Refused(503, 503, "the trusted party did not answer; ask again")
+    monkeypatch.setattr(m.shop, "_post", down)
+    with pytest.raises(C.TradeError, match="503"):
+        C.terminate(http, s)
+    row = first_row(m.engine, D.ma_sessions, session=s.session)
+    assert row is not None and row["state"] == D.OPEN
+    monkeypatch.undo()
+    assert C.terminate(http, s)["state"] == D.TERMINATED
+    _, acceptance, _, order = offer_and_acceptance(http, s)
+    assert to_party(http, s, order, acceptance).status_code == 409   # closed there
+
+
+def test_a_link_released_before_expiry_reaches_the_merchants_record(
+        stack: TradeStack, http: httpx.Client) -> None:
+    """Accepted at the party directly; the session then ends at its expiry: the merchant's
+    end collects the released link first, so its record holds it. After expiry nothing
+    more is released."""
+    s = opened(stack, http)
+    buyer.buy_product(http, s, "song", 2)
+    _offer, acceptance, _, order = offer_and_acceptance(http, s)
+    assert to_party(http, s, order, acceptance).status_code == 200
+    assert held(stack, s) == 0
+    m = stack.merchants["shop"]
+    got = asyncio.run(m.shop.collect(s.session, close=True))
+    assert got == 1 and held(stack, s) == 2
 
 
 def test_no_k2_without_the_link(stack: TradeStack, http: httpx.Client) -> None:

@@ -291,7 +291,7 @@ class MerchantAgent:
                                              self._session_key, now // 1000)
             if data["session"] != session:
                 raise Refused(400, 400, "terminate: for another session")
-            await self.shop.collect(session)    # a product's link released meanwhile
+            await self.shop.collect(session, close=True)   # its link, or closed for good
             state = await self.sql(terminate, self.engine, session, now)
             await self.closer.end(session, "terminated")
             row = await self._session(session)
@@ -300,6 +300,15 @@ class MerchantAgent:
                                  "taken": row["held_index"] * (row["unit"] or 0)})
         except Refused as exc:
             return refused(exc)
+
+    async def end_request(self, request: Request) -> Response:
+        """The mediating agent ends the session (at its expiry, after which the trusted party
+        releases nothing): a link released before is collected first, into the record."""
+        session = request.path_params["session"]
+        if M.SESSION(session) and await self.sql(first_row, self.engine, D.ma_sessions,
+                                                  session=session) is not None:
+            await self.shop.collect(session)
+        return await self.closer.end_request(request)
 
     async def status(self, request: Request) -> Response:
         """A session's state, for whoever knows its pseudonym (``?pseudonym=``): session ids
@@ -324,7 +333,7 @@ class MerchantAgent:
             Route("/v1/sessions/{session}/commitment", self.commitment, methods=["POST"]),
             Route("/v1/sessions/{session}/purchases", self.purchase, methods=["POST"]),
             Route("/v1/sessions/{session}/terminate", self.terminate, methods=["POST"]),
-            Route("/v1/sessions/{session}/end", self.closer.end_request, methods=["POST"]),
+            Route("/v1/sessions/{session}/end", self.end_request, methods=["POST"]),
             Route("/v1/sessions/{session}/purchases/{index}/offer", self.shop.offer,
                   methods=["GET"]),
             Route("/v1/sessions/{session}/purchases/{index}/accept", self.shop.accept,

@@ -64,7 +64,7 @@ LODGE_BODY: dict[str, Any] = {
     and all(c in "0123456789abcdef" for c in v),
     "held": M.LINK_OR_NONE, "units": M._int(0, 10_000)}
 LINK_ASK_BODY: dict[str, Any] = {"session": M.SESSION, "order": M.DIGEST,
-                                 "created": M.SECONDS}
+                                 "created": M.SECONDS, "close": M.BOOL}
 RELEASE_BODY: dict[str, Any] = {"session": M.SESSION, "order": M.DIGEST,
                                 "acceptance": M._text(4096)}
 
@@ -136,12 +136,14 @@ def release(engine: Engine, session: str, order: str, unique: str, acceptance: s
         with step(engine) as conn:
             fair = conn.execute(select(D.acq_links).where(
                 k.session == session, k.order_digest == order)).first()
+            if fair is not None and fair.link == "":
+                raise Refused(409, 409, "order: the merchant closed it before it was accepted")
             if fair is not None and fair.link is None:
-                known = conn.execute(select(D.acq_sessions.c.state).where(
+                known = conn.execute(select(s.state, s.expires).where(
                     s.session == session)).first()
-                if known is None or known.state == D.CLEARED:
-                    raise Refused(409, 409, "session: cleared already; the product's link "
-                                            "can no longer be paid")
+                if known is None or known.state == D.CLEARED or known.expires <= now:
+                    raise Refused(409, 409, "session: ended here; the product's link can "
+                                            "no longer be paid")
                 if not link or not paid_by(bytes.fromhex(link), fair.units,
                                            bytes.fromhex(fair.held)):
                     raise Refused(402, 402, "acceptance: its link does not pay the order")
@@ -164,6 +166,27 @@ def release(engine: Engine, session: str, order: str, unique: str, acceptance: s
     except IntegrityError:
         raise Refused(409, 409, "acceptance: its unique id was used for another order") \
             from None
+
+
+def close_order(engine: Engine, session: str, order: str, now: int) -> str | None:
+    """ONE step, the merchant ending its session: an order of a product bought fairly that no
+    acceptance released is closed for good (its K2 never goes out, nothing is owed: the
+    compare-and-set on ``accepted`` is the one a release makes). The stored answer if one
+    was released first, else None."""
+    d, k = D.acq_deliveries.c, D.acq_links.c
+    with step(engine) as conn:
+        row = conn.execute(select(D.acq_deliveries).where(
+            d.session == session, d.order_digest == order)).first()
+        if row is None:
+            return None
+        if conn.execute(update(D.acq_deliveries).where(
+                d.id == row.id, d.accepted.is_(None)).values(
+                accepted=f"closed-{row.id}", updated=now)).rowcount == 1:
+            conn.execute(update(D.acq_links).where(
+                k.session == session, k.order_digest == order, k.link.is_(None)).values(
+                link=""))
+            return None
+        return None if row.answer is None else str(row.answer)
 
 
 class TrustedParty:
@@ -282,8 +305,16 @@ class TrustedParty:
                                      session=data["session"], order_digest=data["order"])
             if row is None or row["merchant"] != signer:
                 raise Refused(404, 404, "order: no key lodged for it by this merchant")
-            if row["answer"] is None:
+            answer = row["answer"]
+            if answer is None and data["close"]:
+                answer = await self.acq.sql(close_order, self.acq.engine, data["session"],
+                                            data["order"], self.acq.now_ms())
+                if answer is None:      # closed: signed, so the merchant may end without it
+                    return self._answer(RELEASED, {
+                        "acquirer": self.acq.config.id, "session": data["session"],
+                        "order": data["order"], "sealed": "", "link": ""})
+            if answer is None:
                 raise Refused(409, 409, "order: not accepted yet")
-            return await self._released(data["session"], data["order"], str(row["answer"]))
+            return await self._released(data["session"], data["order"], str(answer))
         except Refused as exc:
             return refused(exc)

@@ -287,27 +287,34 @@ class Shop:
             if state == D.SPENT:
                 await a.closer.end(session, "spent")
 
-    async def collect(self, session: str) -> int:
+    async def collect(self, session: str, close: bool = False) -> int:
         """Ask the trusted party (signed) for the release of this session's pending product:
-        the customer may have accepted there directly. The links applied (0 or 1)."""
+        the customer may have accepted there directly. The links applied (0 or 1).
+        ``close`` (the session ends here): an order not released is closed at the party in
+        its ONE step, so no K2 goes out after this merchant's record is made; without the
+        party's signed word on it the end is refused (503, ask again)."""
         a, c = self.agent, self.agent.config
         pending = await a.sql(first_row, a.engine, D.ma_pending, session=session)
         offer = pending and await a.sql(first_row, a.engine, D.ma_offers, session=session,
                                         link_index=pending["link_index"])
         if not pending or not offer or not offer["lodged"]:
-            return 0
+            return 0        # never lodged: the party holds no K2 for it, nothing to close
         order = json.loads(offer["description"])["order"]
         body, headers = S.signed(c.private_key, c.id, LINK_ASK, {
-            "session": session, "order": order, "created": a.now_ms() // 1000})
+            "session": session, "order": order, "created": a.now_ms() // 1000,
+            "close": close})
         try:
             answer = await self._post("/v1/deliveries/link", body, headers)
         except Refused:
+            if close:
+                raise
             return 0
         released = verified_answer(answer, c.acquirer.public_key, c.acquirer.id, RELEASED)
-        if released is None:
-            return 0
-        data = json.loads(released)
+        data = json.loads(released) if released is not None else {}
         if data.get("session") != session or data.get("order") != order:
+            if close:
+                raise Refused(503, 503, "the trusted party did not close the product's "
+                                        "order; ask again")
             return 0
         await self._paid(session, int(pending["link_index"]), str(data.get("link", "")))
         return 1
