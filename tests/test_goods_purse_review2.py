@@ -212,3 +212,25 @@ def test_a_bank_payment_racing_a_wrong_pin_leaves_the_purse_out(
     assert "409" in purse, "the purse opened an order the bank was paying"
     assert row(stack, "payment", D.payment_orders, first.order)["state"] == D.PAID
     assert results and isinstance(results[0], dict) and results[0]["paid"] is True
+
+
+def test_another_terminals_composite_purchase_does_not_block_the_next(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    """The card's last transaction a composite purchase of another terminal (a validator's
+    ride is one): the device proves it first, the payment server knows no such purchase
+    (409, relayed by the authentication server as 502 'payment answered 409'), and the device
+    took that for a server still to answer - no purse purchase on the card at all until its
+    last transaction changed (before the fix)."""
+    from svcard.host.goods.stack import psam_images
+    from svcard.host.terminal.capp import capp_purchase
+
+    path = make_card(tmp_path, SERIAL + 3, ep=EP)
+    [psam] = psam_images(tmp_path / "elsewhere", 1)
+    with open_reader(f"virtual:{path}") as card, open_reader(f"virtual:{psam}") as sam:
+        capp_purchase(card, sam, 10, [])
+    device = stack.device()
+    first = first_for(stack, http, device)
+    with open_reader(f"virtual:{path}") as reader:
+        out = device.pay_with_purse(reader, first)
+    assert out.paid and out.written
+    assert ep(path) == EP - 10 - 1250 and len(goods_on(path)) == 1

@@ -240,9 +240,9 @@ class Device:
         if proof is not None:
             try:
                 self._prove(serial, last.counter, *proof)
-            except DeviceError as exc:   # 409: no order's purchase (another terminal's)
-                if "(409)" not in str(exc):
-                    raise   # not decided: no new purchase over a proof still to give
+            except DeviceError as exc:   # 409: no order's purchase (another terminal's),
+                if not _no_such_purchase(exc):   # from the payment server through the auth's
+                    raise   # 502; else not decided: no new purchase over a proof still to give
         self.proved.add((serial, last.counter))
 
     def settle_purse(self, card: Reader) -> Outcome | None:
@@ -287,6 +287,14 @@ class Device:
             if out[-1].sw != 0x9000:
                 break
         return out
+
+
+def _no_such_purchase(exc: DeviceError) -> bool:
+    """Whether a proof was refused because no order's purchase answered with that MAC2 (the
+    payment server's 409, relayed by the authentication server as 502 "payment answered
+    409"), not because a server did not answer."""
+    text = str(exc)
+    return "(409)" in text or "payment answered 409" in text
 
 
 def _verify_pin(card: Reader, pin: str) -> None:
