@@ -5,6 +5,12 @@ logs and temp folders there: no root path), stopped by its pid (docs/deploy-node
 Every POST the nodes serve must be idempotent (the same message again gets the same answer):
 nginx sends a request that met a dead node, or a node that answered 503, to the next one
 (``proxy_next_upstream ... non_idempotent``).
+
+nginx sets ``X-Forwarded-For`` to the address its client connected from, replacing whatever
+header that client sent (``$remote_addr``, not ``$proxy_add_x_forwarded_for``, which appends to
+it): a node started with ``--trusted-proxy`` naming nginx's address (``proxies`` of
+:func:`~.serving.serve`) counts its per-client limits under the real client's address, and a
+client cannot choose it.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ http {{
       proxy_pass http://{name};
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $remote_addr;
       proxy_next_upstream error timeout http_502 http_503 non_idempotent;
       proxy_next_upstream_tries 4;
       proxy_connect_timeout 1s;

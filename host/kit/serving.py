@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import ipaddress
 import json
 import logging
 import math
@@ -33,10 +35,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import click
 import uvicorn
@@ -116,9 +118,43 @@ class _DrainingServer(uvicorn.Server):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+MAX_PROXIES, _trusted = 32, cast(tuple[str, ...], ())   # _trusted: --trusted-proxy
+
+
+def trusted_proxies(values: Sequence[str]) -> tuple[str, ...]:
+    """Proxies' IP addresses or networks (``10.0.0.0/8``); a bad one: ValueError."""
+    if len(values) > MAX_PROXIES:
+        raise ValueError(f"at most {MAX_PROXIES} trusted proxies")
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"{value[:60]!r} is not an IP address or network") from None
+    return tuple(out)
+
+
 def serve_options(f: F) -> F:
-    """``--log-level`` and ``--drain-seconds`` for a ``svcard serve`` command (passed as
-    ``log_level`` and ``drain_seconds``)."""
+    """``--log-level``, ``--drain-seconds`` (passed as ``log_level``, ``drain_seconds``) and
+    ``--trusted-proxy`` (kept for :func:`serve`) for a ``svcard serve`` command."""
+    inner = f
+    @functools.wraps(f)
+    def command(*args: Any, trusted_proxy: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        global _trusted
+        try:
+            _trusted = trusted_proxies(trusted_proxy)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--trusted-proxy'") from None
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _trusted = ()
+
+    f = click.option("--trusted-proxy", "trusted_proxy", multiple=True, metavar="ADDR",
+                     help="A proxy (nginx, which must overwrite the header) whose "
+                          "X-Forwarded-For names the client: an IP address or network; "
+                          "repeat for more (default: none believed; docs/deploy-nodes.md).")(
+        cast(F, command))
     f = click.option("--drain-seconds", "drain_seconds", default=DRAIN_SECONDS,
                      show_default=True, type=click.FloatRange(0, 3600),
                      help="On SIGTERM, how long pending work (held FIG. 5 payments, requests "
@@ -175,17 +211,24 @@ def node_settings(config: C, node: str | None, lease_seconds: str | None) -> C:
     return config
 
 
+def proxy_settings(proxies: Sequence[str] | None) -> dict[str, Any]:
+    """uvicorn's settings: ``X-Forwarded-For`` believed on connections from ``proxies``
+    only (None: the command's ``--trusted-proxy``)."""
+    proxies = _trusted if proxies is None else trusted_proxies(proxies)
+    return {"proxy_headers": bool(proxies), "forwarded_allow_ips": list(proxies) or None}
+
+
 def serve(app: Any, *, host: str, port: int, log_level: str = "info",
-          drain: Drainable | None = None, drain_seconds: float = DRAIN_SECONDS) -> int:
+          drain: Drainable | None = None, drain_seconds: float = DRAIN_SECONDS,
+          proxies: Sequence[str] | None = None) -> int:
     """Run ``app`` in the foreground until SIGTERM or Ctrl-C, logging JSON lines on stderr at
     ``log_level``, draining ``drain`` for at most ``drain_seconds`` (see the module); the
     process's exit code. A server that cannot start (a lifespan error, the port taken) makes
-    uvicorn exit 3. A client's address is its connection's: never an ``X-Forwarded-For``
-    header (uvicorn trusted one from loopback, so a local client or one behind a local nginx,
-    which passes the header on, chose the address its FIG. 5 holds and lockouts count)."""
+    uvicorn exit 3. A client's address is its connection's, or the ``X-Forwarded-For``
+    header's on a connection from one of ``proxies`` (default: ``--trusted-proxy``; none)."""
     configure_logging(log_level)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
-                            access_log=False, lifespan="on", proxy_headers=False,
+                            access_log=False, lifespan="on", **proxy_settings(proxies),
                             timeout_graceful_shutdown=max(1, math.ceil(drain_seconds)))
     server = _DrainingServer(config, drain, drain_seconds)
     server.run()
@@ -193,10 +236,9 @@ def serve(app: Any, *, host: str, port: int, log_level: str = "info",
 
 
 async def drain_writer(sql: SqlRunner) -> None:
-    """At a server's shutdown (the end of its lifespan, after its last step was given): the
-    SQLite writer runs and COMMITS every step still queued, then its thread ends. Without it
-    the daemon thread died with the process and a group in flight was rolled back. A fresh
-    writer, idle, takes its place (an app started again, as in the tests, has one)."""
+    """At a server's shutdown (its lifespan's end): the SQLite writer COMMITS every step still
+    queued (a daemon thread would die with the process, its group rolled back), then ends; a
+    fresh idle writer takes its place (for an app started again, as in the tests)."""
     writer = sql.executor
     if writer is not None:
         await asyncio.to_thread(writer.shutdown)
@@ -208,8 +250,7 @@ Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
 
 def with_writer_drained(sql: SqlRunner, lifespan: Lifespan | None = None) -> Lifespan:
     """A Starlette lifespan: ``lifespan`` (if any), then at shutdown :func:`drain_writer` on
-    ``sql`` however the inner one ended (``Starlette(..., lifespan=with_writer_drained(
-    self.sql, self.lifespan))``)."""
+    ``sql`` however the inner one ended."""
     @contextlib.asynccontextmanager
     async def drained(app: Any) -> AsyncIterator[None]:
         try:
@@ -230,11 +271,12 @@ def free_port() -> int:
 
 
 class ServerThread:
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None,
+                 proxies: Sequence[str] = ()) -> None:
         self.host = host
         self.port = port or free_port()
         config = uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                lifespan="on", access_log=False, proxy_headers=False)
+                                lifespan="on", access_log=False, **proxy_settings(proxies))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
