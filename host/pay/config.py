@@ -4,10 +4,7 @@ a field left out takes the default of ``PaymentConfig`` or ``MerchantConfig``.""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Annotated, Any
@@ -117,26 +114,12 @@ def payment_config(path: Path, db_url: str | None = None) -> PaymentConfig:
 
 def node_options(config: PaymentConfig, node: str | None,
                  lease_seconds: str | None) -> PaymentConfig:
-    """``svcard serve payment --node NAME --lease-seconds S`` over the file's ``node_name`` and
-    ``lease_seconds``; a bad value is a :class:`ConfigError` naming the option."""
-    if node is not None:
-        if not re.fullmatch(NODE_NAME, node):
-            raise ConfigError(f"--node: {node[:80]!r} is not a node name (1 to 60 letters, "
-                              "digits, '_', '.' or '-')")
-        config = dataclasses.replace(config, node_name=node)
-    if lease_seconds is not None:
-        try:
-            value = float(lease_seconds)
-        except ValueError:
-            value = math.nan
-        if not MIN_LEASE <= value <= MAX_LEASE:   # NaN fails too
-            raise ConfigError(f"--lease-seconds: {lease_seconds[:40]!r} is not a number of "
-                              f"seconds from {MIN_LEASE:g} to {MAX_LEASE:g}")
-        if not config.node_name:
-            raise ConfigError("--lease-seconds: only for a node (give --node NAME or "
-                              "node_name in the configuration)")
-        config = dataclasses.replace(config, lease_seconds=value)
-    return config
+    """``svcard serve payment --node NAME --lease-seconds S`` over the file's settings: the
+    one implementation, :func:`~svcard.host.kit.serving.node_settings` (this name stays for
+    its callers)."""
+    from ..kit.serving import node_settings
+
+    return node_settings(config, node, lease_seconds)
 
 
 def merchant_config(path: Path, db_url: str | None = None) -> MerchantConfig:
