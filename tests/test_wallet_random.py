@@ -13,6 +13,16 @@ approval without its debit); the gateway's journal holds every movement once, no
 ``approving``; and the daily statements (``svcard wallet statements``) list exactly the
 model's movements per member and card, their closing balances the cards' balances.
 
+Real cards too (issue 14, R-wallet2): ``SVCARD_WALLET_REAL`` members (default 2) hold a real
+card, charged by cash and loaded through the load flow (seed 002's load server, the gateway as
+the bank), and now and then pay a purchase by the purse (seed 002's payment server and PSAM,
+the pay client with its journal, embodiment 1), some with too low a balance first (the card
+refuses; loaded, the same checkout pays: the same transaction), the gateway restarted to
+SIGKILL itself at the real-card crash points (``gateway-after-purse``,
+``gateway-after-purse-paid``) or killed by the timer. At the end the purses, the financial
+system's copies and the statements agree with the model. They add about 10 s to the default
+run.
+
 ``--wallet-payments N`` (``SVCARD_WALLET_PAYMENTS``, default 150: about a minute) and
 ``--wallet-seed S`` (``SVCARD_WALLET_SEED``; printed, the run replays from it: the choices are
 the seed's, the kills' exact moments depend on timing)."""
@@ -37,9 +47,27 @@ import pytest
 from test_wallet_attack import random_mutation, signed
 from test_wallet_faults import MALL, SVCARD, Servers, wait_for
 
+from svcard.host.kit.serving import ServerThread
+from svcard.host.load import client as LC
+from svcard.host.load.stack import DEMO_BANK_ID, DEMO_LOAD_TERMINAL, LoadStack, start_load_stack
+from svcard.host.pay import client as PC
+from svcard.host.pay.server.app import MerchantAccount
+from svcard.host.pay.stack import Stack, start_stack
+from svcard.host.terminal.journal import Journal
+from svcard.host.terminal.online import PaymentRefused
+from svcard.host.terminal.purse import Declined, TerminalError
+from svcard.host.terminal.reader_specs import open_reader
 from svcard.host.wallet.base import CRASH_ENV
+from svcard.host.wallet.config import WebConfig
+from svcard.host.wallet.web.app import WebServer
+from svcard.protocols import messages as M
+from svcard.protocols import sw as SW
 
 PAYMENTS = int(os.environ.get("SVCARD_WALLET_PAYMENTS") or 150)
+REAL = int(os.environ.get("SVCARD_WALLET_REAL") or 2)      # members with a real card
+REAL_SHARE = 0.06      # the share of payments made by a real card's purse
+PURSE_POINTS = ("gateway-after-purse", "gateway-after-purse-paid")
+MERCHANT = b"MALLPAY3"
 SEED = int(os.environ.get("SVCARD_WALLET_SEED") or secrets.randbits(32))
 WAYS = ("approvals", "card-payments", "van")
 KINDS = ("honest", "honest", "honest", "wrong-secret", "low-balance", "unregistered",
@@ -317,6 +345,168 @@ class Run:
         self.deferred = keep
 
 
+class RealCards:
+    """Real cards in the run: seed 002's payment server (with a PSAM) and load server (with
+    an HSM) in this process, the gateway given a ``[purse]`` section and started again, and a
+    web server for the card's checkout and load links."""
+
+    def __init__(self, run: Run, folder: Path) -> None:
+        self.run = run
+        s = run.s
+        self.folder = folder
+        self.pay: Stack = start_stack(folder / "pay", psams=1)
+        key = os.urandom(32)
+        self.pay.payment_server.config.merchants[MERCHANT] = MerchantAccount(
+            MERCHANT, key, frozenset({M.FIG6_SERVER_COMPARES}))
+        self.load: LoadStack = start_load_stack(folder / "load")
+        with open(s.configs["gateway"], "a") as toml:
+            toml.write(
+                f'[purse]\npublic_url = "{s.url["gateway"]}"\n'
+                f'payment_url = "{self.pay.payment.url}"\n'
+                f'payment_terminal_id = "{self.pay.payment_server.pool.terminal_id.hex()}"\n'
+                f'load_url = "{self.load.load.url}"\n'
+                f'load_terminal_id = "{DEMO_LOAD_TERMINAL.hex()}"\n'
+                f'bank_id = "{DEMO_BANK_ID.hex()}"\n'
+                f'bank_key = "{self.load.shared_key.hex()}"\n'
+                f'[[purse.merchant]]\nmall = "{MALL}"\nmerchant_id = "{MERCHANT.hex()}"\n'
+                f'key = "{key.hex()}"\n')
+        s.kill("gateway")
+        run.start("gateway")
+        self.web = WebServer(WebConfig(s.url["gateway"], s.keys["web"],
+                                       db_url=f"sqlite:///{folder / 'web.db'}"))
+        self.thread = ServerThread(self.web.app()).start()
+        self.http = httpx.Client(timeout=30)
+        self.members: dict[str, str] = {}       # real card -> member
+
+    def close(self) -> None:
+        self.http.close()
+        self.thread.stop()
+        self.web.close()
+        self.load.close()
+        self.pay.close()
+
+    def image(self, card: str) -> Path:
+        return self.run.s.folder / "mail" / f"{card}.json"
+
+    def purse(self, card: str) -> int:
+        return int(json.loads(self.image(card).read_text())["app"]["ep"]["balance"])
+
+    def journal(self, card: str, what: str) -> Journal:
+        return Journal(self.folder / f"{card}.{what}.journal")
+
+    def new_card(self, member: str) -> str:
+        run = self.run
+        status, answer = run.web("/v1/wallet/issue", {"member": member, "kind": "real",
+                                                      "ref": secrets.token_hex(8)})
+        assert status == 200, answer
+        number = str(answer["number"])
+        letter = (run.s.folder / "mail" / f"{number}.letter.txt").read_text()
+        run.cards[number] = {"member": member, "secret": letter.split("secret: ")[1].strip(),
+                             "balance": 0, "wrong": 0, "customer": f"cust-{member}"}
+        run.credits[number] = []
+        self.members[number] = member
+        return number
+
+    def charge(self, card: str, amount: int) -> None:
+        """Cash at the financial system, then its load order loaded onto the purse (asked
+        again through faults: the journal's resume, a new load of a ``ready`` order)."""
+        run = self.run
+        run.topup(card, amount)
+        c = run.cards[card]
+        bank = f"{self.thread.url}/purse/bank"
+        deadline = time.monotonic() + 120
+        while self.purse(card) != c["balance"]:
+            assert time.monotonic() < deadline, (card, self.purse(card), c["balance"])
+            try:
+                run.ensure()
+                with open_reader(f"virtual:{self.image(card)}") as reader:
+                    LC.resume_loads(reader, journal=self.journal(card, "load"), http=self.http)
+                    status, listed = run.web("/v1/wallet/list", {"member": c["member"]})
+                    assert status == 200, listed
+                    for order in listed["loads"]:
+                        if order["card"] == card and order["state"] == "ready":
+                            LC.load(bank, reader, account=order["account"],
+                                    secret=order["secret"], amount=order["amount"],
+                                    journal=self.journal(card, "load"), http=self.http)
+            except (httpx.HTTPError, PaymentRefused, TerminalError):
+                run.outcomes["real-load-retried"] += 1
+            if self.purse(card) != c["balance"]:
+                time.sleep(0.1)      # the financial system's report makes the load order
+        run.outcomes["real-loaded"] += 1
+
+    def paid(self, card: str, checkout: str) -> bool:
+        """The purse pays the checkout (True), or refuses for its balance (False). Any
+        interruption: the servers started again, the journal's resume finishes a payment
+        past the card's debit, and only a payment never debited is paid again (the same
+        checkout: the same transaction)."""
+        url = f"{self.thread.url}/purse/checkout/{checkout}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline, card
+            try:
+                with open_reader(f"virtual:{self.image(card)}") as reader:
+                    report = PC.resume(reader, journal=self.journal(card, "pay"),
+                                       http=self.http)
+                    if any(r["outcome"].startswith("completed") for r in report):
+                        return True
+                    if any(not r["outcome"].startswith(("abandoned", "refused"))
+                           for r in report):
+                        raise TerminalError(f"still open: {report}")
+                    PC.pay(url, reader, journal=self.journal(card, "pay"), http=self.http)
+                return True
+            except Declined as exc:
+                if exc.sw == SW.INSUFFICIENT_FUNDS:
+                    return False
+                raise
+            except (httpx.HTTPError, PaymentRefused, TerminalError):
+                self.run.outcomes["real-retried"] += 1
+            time.sleep(0.2)
+            self.run.ensure()
+
+    def payment(self, card: str, kind: str, point: str | None) -> None:
+        """One purchase paid by the real card's purse, then approved (embodiment 1)."""
+        run = self.run
+        c = run.cards[card]
+        low = kind == "low-balance"
+        if not low and c["balance"] < 3_000:
+            self.charge(card, run.rng.randint(3_000, 20_000))
+        amount = c["balance"] + run.rng.randint(1, 500) if low else \
+            run.rng.randint(100, 3_000)
+        p = run.purchase(card, amount)
+        status, answer = run.web("/v1/wallet/choose", {
+            "member": c["member"], "card": card, "secret": c["secret"],
+            "purchase": signed(run.s.keys["mall"], p),
+            "return_url": f"http://localhost:9999/shop/?order={p['order']}"})
+        if status == 409:        # the choice's answer was lost (a kill): no checkout token
+            run.outcomes["real-lost-choice"] += 1
+            return
+        assert status == 200, answer
+        checkout = str(answer["checkout"])
+        if point is not None:    # the gateway kills itself on this payment's confirmation
+            run.s.kill("gateway")
+            run.start("gateway", crash=point)
+            run.kills[f"armed:{point}"] += 1
+        before = self.purse(card)
+        if not self.paid(card, checkout):
+            assert low and self.purse(card) == before, (kind, before, amount)
+            run.outcomes["real-refused-balance"] += 1
+            self.charge(card, amount - c["balance"] + run.rng.randint(0, 2_000))
+            before = self.purse(card)
+            assert self.paid(card, checkout), card      # the same checkout, once loaded
+            run.outcomes["real-paid-after-load"] += 1
+        assert self.purse(card) == before - amount, (card, before, amount)
+        c["balance"] -= amount
+        status, answer = run.ask("approvals", p, {})
+        assert status == 200 or (status == 409 and answer.get("state") == "approved"), \
+            (status, answer)
+        pid = checkout[:32]
+        assert pid not in run.approved
+        run.approved[pid] = (card, amount, p["order"])
+        run.outcomes["real-approved"] += 1
+        if run.rng.random() < 0.2:
+            run.again("approvals", p, {}, True)
+
+
 @pytest.fixture
 def servers(tmp_path: Path) -> Any:
     s = Servers(tmp_path)
@@ -334,28 +524,50 @@ def test_random_payments_with_faults_agree_to_the_cent(servers: Servers,
     rng = random.Random(SEED)
     run = Run(servers, rng)
     started = time.monotonic()
-    wallets: dict[str, list[str]] = {}
-    for i in range(8):
-        member = f"m{i}-{SEED % 10_000}"
-        wallets[member] = [run.new_card(member) for _ in range(rng.randint(1, 2))]
-        for card in wallets[member]:
-            run.topup(card, rng.randint(5_000, 40_000))
-    forced = {PAYMENTS // 4: "armed", PAYMENTS // 2: "timer", 3 * PAYMENTS // 4: "armed"}
-    for n in range(PAYMENTS):
-        timer = run.fault(forced.get(n, ""))
-        member = rng.choice(sorted(wallets))
-        card = rng.choice(wallets[member])
-        if rng.random() < (0.5 if run.cards[card]["balance"] < 5_000 else 0.04):
-            run.topup(card, rng.randint(1_000, 20_000))
-        run.payment(rng.choice(WAYS), rng.choice(KINDS), wallets[member])
-        if timer is not None:
-            timer.join()
-        run.ensure()
-        if n % 20 == 19:
-            run.expire(wait=False)
-    run.expire(wait=True)
-    paid = time.monotonic() - started
-    check_books(run, servers, tmp_path / "statements")
+    real = RealCards(run, tmp_path / "real") if REAL else None
+    try:
+        wallets: dict[str, list[str]] = {}
+        for i in range(8):
+            member = f"m{i}-{SEED % 10_000}"
+            wallets[member] = [run.new_card(member) for _ in range(rng.randint(1, 2))]
+            for card in wallets[member]:
+                run.topup(card, rng.randint(5_000, 40_000))
+        reals = [] if real is None else [real.new_card(f"r{i}-{SEED % 10_000}")
+                                         for i in range(REAL)]
+        for card in reals:
+            assert real is not None
+            real.charge(card, rng.randint(5_000, 20_000))
+        forced = {PAYMENTS // 4: "armed", PAYMENTS // 2: "timer", 3 * PAYMENTS // 4: "armed"}
+        # real-card payments a short run has at least: (kind, crash point)
+        forced_real = {PAYMENTS // 8: ("low-balance", PURSE_POINTS[0]),
+                       3 * PAYMENTS // 8: ("honest", PURSE_POINTS[1]),
+                       5 * PAYMENTS // 8: ("low-balance", None)}
+        for n in range(PAYMENTS):
+            timer = run.fault(forced.get(n, ""))
+            if real is not None and (n in forced_real or rng.random() < REAL_SHARE):
+                kind, point = forced_real.get(n) or (
+                    rng.choice(("honest", "honest", "low-balance")),
+                    rng.choice(PURSE_POINTS) if rng.random() < 0.2 else None)
+                real.payment(rng.choice(reals), kind, point)
+            else:
+                member = rng.choice(sorted(wallets))
+                card = rng.choice(wallets[member])
+                if rng.random() < (0.5 if run.cards[card]["balance"] < 5_000 else 0.04):
+                    run.topup(card, rng.randint(1_000, 20_000))
+                run.payment(rng.choice(WAYS), rng.choice(KINDS), wallets[member])
+            if timer is not None:
+                timer.join()
+            run.ensure()
+            if n % 20 == 19:
+                run.expire(wait=False)
+        run.expire(wait=True)
+        paid = time.monotonic() - started
+        check_books(run, servers, tmp_path / "statements")
+        for card in reals:      # each purse holds what its copy and statement say
+            assert real is not None and real.purse(card) == run.cards[card]["balance"], card
+    finally:
+        if real is not None:
+            real.close()
     print(f"wallet random run: {PAYMENTS} payments in {paid:.1f} s "
           f"(+{time.monotonic() - started - paid:.1f} s checks); "
           f"outcomes {dict(sorted(run.outcomes.items()))}; "
