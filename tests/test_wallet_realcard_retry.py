@@ -175,3 +175,30 @@ def test_a_card_swapped_before_the_transaction_is_refused(
     finally:
         h.close()
         other.close()
+
+
+def test_an_expired_order_is_not_answered_again(world: World) -> None:
+    """An order whose ticket expired (the purchase still open): 410, and no new transaction
+    is made for the purchase (its one order stays)."""
+    from sqlalchemy import update
+
+    from svcard.host.wallet.gateway import purse as PU
+    h = loaded_holder(world, "retry-expired", 2_000)
+    try:
+        p = new_purchase(500)
+        cp = choose(world, h, p).json()["checkout"]
+        first = raw_checkout(world, cp).json()["txn_id"]
+        engine = world.wallet.gateway.engine
+        with engine.begin() as conn:
+            conn.execute(update(PU.orders).where(PU.orders.c.txn_id == first).values(
+                expires=1_000))
+        r = raw_checkout(world, cp)
+        assert r.status_code == 410 and "expired" in r.json()["reason"], r.text
+        with engine.connect() as conn:
+            rows = conn.execute(PU.orders.select().where(
+                PU.orders.c.purchase == cp[:32])).all()
+        assert [row.txn_id for row in rows] == [first]
+        assert pay_purse(world, h, cp, h.card)["state"] == "refused"
+        assert h.purse_balance() == 2_000
+    finally:
+        h.close()
