@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,25 @@ def new_pair() -> tuple[bytes, bytes]:
     return private.private_bytes_raw(), private.public_key().public_bytes_raw()
 
 
+@lru_cache(maxsize=64)
+def _private_key(private: bytes) -> Ed25519PrivateKey:
+    """The key object of a raw private key, kept: a server signs with the same few keys all day,
+    and loading one costs as much as a signature."""
+    return Ed25519PrivateKey.from_private_bytes(private)
+
+
+@lru_cache(maxsize=1024)
+def _public_key(public: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(public)
+
+
 def public_of(private: bytes) -> bytes:
-    return Ed25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    return _private_key(private).public_key().public_bytes_raw()
 
 
 def sign(private: bytes, domain: bytes, body: bytes) -> str:
     """The hex signature of ``domain + body``."""
-    return Ed25519PrivateKey.from_private_bytes(private).sign(domain + body).hex()
+    return _private_key(private).sign(domain + body).hex()
 
 
 def verify(public: bytes, domain: bytes, body: bytes, signature_hex: object) -> bool:
@@ -59,8 +72,7 @@ def verify(public: bytes, domain: bytes, body: bytes, signature_hex: object) -> 
     if not isinstance(signature_hex, str) or len(signature_hex) != 128:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(signature_hex),
-                                                           domain + body)
+        _public_key(public).verify(bytes.fromhex(signature_hex), domain + body)
     except (ValueError, InvalidSignature):
         return False
     return True
