@@ -228,13 +228,7 @@ class Acquirer:
         info_body, headers = S.signed(self.config.private_key, self.config.id, S.INFORMATION,
                                       info)
         try:
-            if self.http is not None:
-                answer = await self.http.post(f"{merchant.url}/v1/sessions",
-                                              content=info_body, headers=headers)
-            else:
-                async with httpx.AsyncClient(timeout=30) as http:
-                    answer = await http.post(f"{merchant.url}/v1/sessions",
-                                             content=info_body, headers=headers)
+            answer = await self._inform(f"{merchant.url}/v1/sessions", info_body, headers)
         except httpx.HTTPError as exc:
             return await self._refuse(data, f"the merchant agent did not answer: "
                                             f"{type(exc).__name__}")
@@ -266,6 +260,21 @@ class Acquirer:
                               ack_body.decode(), stored, self.now_ms()):
             return await self._decided(data["session"])   # settled meanwhile: its answer
         return self._answer(payload)
+
+    async def _inform(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """The information message, sent again ONCE on a connection error (a kept-alive
+        connection the merchant closed for idleness under the request): the same bytes
+        again get the same acknowledgement (the merchant keeps the message's digest)."""
+        for attempt in (1, 2):
+            try:
+                if self.http is not None:
+                    return await self.http.post(url, content=body, headers=headers)
+                async with httpx.AsyncClient(timeout=30) as http:
+                    return await http.post(url, content=body, headers=headers)
+            except (httpx.NetworkError, httpx.RemoteProtocolError):
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def lookup(self, request: Request) -> Response:
         """An account manager asks again about one of its sessions (after a restart, or an
