@@ -137,10 +137,6 @@ def test_a_lost_debit_answer_followed_by_another_purse_purchase_is_still_settled
         stack.close()
 
 
-@pytest.mark.xfail(strict=True, reason="for G1 (host/goods): the authentication server relays "
-                   "the payment server's 409 (no order's purchase at that counter) as a 502, so "
-                   "Device._prove_last takes it for a failure and refuses every purse purchase "
-                   "after a composite purchase at another terminal (a validator's ride)")
 def test_a_purse_purchase_after_another_terminals_composite_purchase(tmp_path: Path) -> None:
     """A validator's composite purchase (type 09, another terminal) is the card's last
     transaction; the device's proof of it is refused (nobody's order): the purse still pays."""
