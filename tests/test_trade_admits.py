@@ -1,8 +1,9 @@
 """The design point of issue 15 (docs/trade.md, "When only the customer's record comes"): the
-merchant's record never arrives, the session clears after its expiry with the customer's record
-alone, and the merchant is paid what the customer's OWN signed record admits, when that
-admission verifies (the committed chain's link at the record's index, the customer's signed
-order for it). An admission that does not verify proves nothing (0, disputed)."""
+merchant's record never arrives, the session clears after its expiry plus the bound
+(``abandon_ms``) with the customer's record alone, and the merchant is paid what the
+customer's OWN signed record admits, when that admission verifies (the committed chain's
+link at the record's index, the customer's signed order for it).
+An admission that does not verify proves nothing (0, disputed)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def send_record(stack: TradeStack, http: httpx.Client, body: bytes,
 
 
 def clear_after_expiry(stack: TradeStack, clock: Clock, s: C.Session) -> dict[str, Any]:
-    clock.offset += (s.expires / 1000 - time.time()) + 5.0     # past the expiry + grace
+    # the merchant down for good: cleared without it only after the bound (abandon_ms)
+    clock.offset += (s.expires / 1000 - time.time()) + 5.0 + \
+        stack.acquirer.config.abandon_ms / 1000
     asyncio.run(stack.acquirer.closer.tick())
     done = first_row(stack.acquirer.engine, D.acq_clearings, session=s.session)
     assert done is not None, "not cleared after the expiry"

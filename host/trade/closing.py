@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import Engine, or_, select, update
 
+from ..kit.db import step
+from . import db as D
 from . import messages as M
 from . import signing as S
 from .money import Amount, Conversion, conversion_postings, convert
@@ -274,3 +278,31 @@ def clearing_postings(s: Settlement, session: str, account_manager: str,
     out = [(f"deposit:{session}", Amount(-s.paid.minor, s.paid.code)),
            (f"merchant:{merchant}", s.paid)]
     return out + conversion_postings(s.back, f"deposit:{session}", f"am:{account_manager}")
+
+
+# the mediating agent's clock: what is due, and a receipt marked
+
+def mark_delivered(engine: Engine, session: str, column: str, now: int) -> None:
+    with step(engine) as conn:
+        conn.execute(update(D.acq_clearings).where(D.acq_clearings.c.session == session)
+                     .values({column: 1, "updated": now}))
+
+
+def due(engine: Engine, now: int, grace_ms: int, skip: Sequence[str] = ()
+        ) -> list[dict[str, Any]]:
+    """Open sessions past their expiry or with a record older than the grace (but those in
+    ``skip``: waiting to ask their merchant again); clearings not yet received by both
+    account managers (each ``{"kind": ..., **row}``)."""
+    s, r, c = D.acq_sessions.c, D.acq_records.c, D.acq_clearings.c
+    with engine.connect() as conn:
+        late = select(r.session).where(r.at <= now - grace_ms)
+        query = select(D.acq_sessions).where(s.state == D.OPEN, or_(
+            s.expires <= now, s.session.in_(late)))
+        if skip:
+            query = query.where(s.session.not_in(list(skip)))
+        rows = [{"kind": "close", **dict(x._mapping)} for x in conn.execute(
+            query.order_by(s.expires).limit(500)).all()]
+        rows += [{"kind": "deliver", **dict(x._mapping)} for x in conn.execute(
+            select(D.acq_clearings).where(or_(c.am_done == 0, c.mam_done == 0))
+            .limit(500)).all()]
+    return rows

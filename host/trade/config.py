@@ -92,6 +92,8 @@ class AcquirerConfig:
     merchant_account: Peer | None = None    # the merchants' account manager (204)
     grace_ms: int = 60_000                  # how long the second record is waited for
     close_seconds: float = 5.0              # how often the clearing clock runs
+    abandon_ms: int = 7 * 86_400_000        # after the expiry: a merchant that never answers
+                                            # is cleared without (the deposit held till then)
 
 
 @dataclass
@@ -193,6 +195,7 @@ class ServerFile(Section):
     merchant_account: PeerEntry | None = None
     billing: Annotated[str, Field(min_length=1, max_length=500)] | None = None
     grace_seconds: PosInt = 60
+    abandon_seconds: PosInt = 7 * 86_400
     purse: PurseEntry | None = None
     product: list[ProductEntry] = Field(default_factory=list, max_length=10_000)
 
@@ -255,7 +258,8 @@ def server_config(role: str, path: Path, db_url: str | None = None
                 {a.id: a.url.rstrip("/") for a in f.account_manager if a.url},
                 None if f.merchant_account is None else Peer(
                     f.merchant_account.id, f.merchant_account.url.rstrip("/"),
-                    f.merchant_account.public_key), grace_ms=f.grace_seconds * 1000)
+                    f.merchant_account.public_key), grace_ms=f.grace_seconds * 1000,
+                abandon_ms=f.abandon_seconds * 1000)
         assert f.acquirer is not None
         acq = Peer(f.acquirer.id, (f.acquirer.url or "").rstrip("/"), f.acquirer.public_key)
         if role == "merchant-account":

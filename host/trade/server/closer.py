@@ -13,12 +13,12 @@ check: a record is bound to its session and side, and a session clears once.
 
 When the customer's record comes first, the agent asks the merchant agent for its record
 (``/end``: the session stops there too). Its clock (every ``close_seconds``) ends sessions
-past their expiry (the timer agreed at initiation: the merchant is told to stop and asked for
-its record), clears a session whose second record has not come ``grace_ms`` after the first
-(or after the expiry) with the one it has (``one-sided``; the customer's alone only after
-the expiry: the amount cleared is the merchant's proven link), and sends clearing information that
-has no receipt yet. Clearing after a restart finds the session ``cleared`` or still ``open``:
-never half of it.
+past their expiry (the merchant is told to stop and asked for its record), clears a session
+whose customer's record has not come ``grace_ms`` after the merchant's (or the expiry) with
+the merchant's alone (``one-sided``), and sends clearing information that has no receipt
+yet. Without the merchant's record it never clears: it asks again (backing off from 5 s to
+10 min) until ``abandon_ms`` after the expiry (7 days; the deposit stays reserved), then
+clears with what it has. A restart finds a session ``cleared`` or ``open``, never half.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy import Engine, insert, or_, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -53,6 +53,9 @@ ENVELOPE: dict[str, Any] = {"account_manager": M.IDENT, "session": M.SESSION,
                             "signature": M.SIGNATURE}
 RECEIPT: dict[str, Any] = {"party": M.IDENT, "session": M.SESSION, "clearing": M.DIGEST}
 TICK_IN_FLIGHT = 64     # sessions the clock works on at once
+PULL_FIRST_MS = 5_000   # the first wait before asking a silent merchant agent again ...
+PULL_MAX_MS = 600_000   # ... doubled each time, up to this
+MAX_SKIPPED = 20_000    # sessions waiting out their backoff that one query leaves out
 
 
 def store_record(engine: Engine, session: str, side: str, signer: str, body: str,
@@ -153,31 +156,13 @@ def clear(engine: Engine, session: str, acquirer: str, private: bytes, ended_by:
         return values
 
 
-def mark_delivered(engine: Engine, session: str, column: str, now: int) -> None:
-    with step(engine) as conn:
-        conn.execute(update(D.acq_clearings).where(D.acq_clearings.c.session == session)
-                     .values({column: 1, "updated": now}))
-
-
-def due(engine: Engine, now: int, grace_ms: int) -> list[dict[str, Any]]:
-    """Open sessions past their expiry or with a record older than the grace; clearings not
-    yet received by both account managers (each ``{"kind": ..., **row}``)."""
-    s, r, c = D.acq_sessions.c, D.acq_records.c, D.acq_clearings.c
-    with engine.connect() as conn:
-        late = select(r.session).where(r.at <= now - grace_ms)
-        rows = [{"kind": "close", **dict(x._mapping)} for x in conn.execute(
-            select(D.acq_sessions).where(s.state == D.OPEN, or_(
-                s.expires <= now, s.session.in_(late))).limit(500)).all()]
-        rows += [{"kind": "deliver", **dict(x._mapping)} for x in conn.execute(
-            select(D.acq_clearings).where(or_(c.am_done == 0, c.mam_done == 0))
-            .limit(500)).all()]
-    return rows
-
-
 class Closer:
     def __init__(self, acquirer: Acquirer) -> None:
         self.a = acquirer
         self.sending: set[asyncio.Task[None]] = set()   # deliveries under way (kept alive)
+        # sessions whose merchant agent did not give its record: (next try, wait) in ms;
+        # in memory only (a restart asks each one at once), an entry per open session at most
+        self.waiting: dict[str, tuple[int, int]] = {}
 
     async def _row(self, session: str) -> dict[str, Any]:
         row = await self.a.sql(first_row, self.a.engine, D.acq_sessions, session=session)
@@ -255,8 +240,18 @@ class Closer:
             task.add_done_callback(self.sending.discard)
         return JSONResponse(answer)
 
-    async def _pull(self, row: dict[str, Any], reason: str) -> None:
-        """Ask the merchant agent to end the session and give its record."""
+    async def _pull(self, row: dict[str, Any], reason: str) -> bool:
+        """Ask the merchant agent to end the session and give its record; whether the
+        merchant's record is now stored."""
+        for attempt in (0, 1):
+            if await self.a.sql(first_row, self.a.engine, D.acq_records,
+                                session=row["session"], side="merchant") is not None:
+                return True
+            if not attempt:
+                await self._ask(row, reason)
+        return False
+
+    async def _ask(self, row: dict[str, Any], reason: str) -> None:
         merchant = self.a.config.merchants.get(row["merchant"])
         if merchant is None:
             return
@@ -289,16 +284,18 @@ class Closer:
         """Clear ``row``'s session once both records are in (asking the merchant for its
         own when ``pull``), or with what there is when ``force``."""
         session = row["session"]
-        if pull and await self.a.sql(first_row, self.a.engine, D.acq_records, session=session,
-                                     side="merchant") is None:
+        if pull:
             await self._pull(row, reason)
         sides = {r for r in ("merchant", "customer") if await self.a.sql(
             first_row, self.a.engine, D.acq_records, session=session, side=r) is not None}
         if sides != {"merchant", "customer"} and not force:
             return None
         judged = await asyncio.to_thread(prejudge, self.a.engine, session)
-        return await self.a.sql(clear, self.a.engine, session, self.a.config.id,
-                                self.a.config.private_key, reason, self.a.now_ms(), judged)
+        cleared = await self.a.sql(clear, self.a.engine, session, self.a.config.id,
+                                   self.a.config.private_key, reason, self.a.now_ms(), judged)
+        if cleared is not None:
+            self.waiting.pop(session, None)
+        return cleared
 
     async def deliver(self, cl: dict[str, Any]) -> None:
         """The signed clearing information to both account managers; each receipt marked."""
@@ -326,7 +323,7 @@ class Closer:
             receipt = json.loads(got)
             if receipt == {"party": party, "session": cl["session"],
                            "clearing": M.digest(cl["info"].encode())}:
-                await self.a.sql(mark_delivered, self.a.engine, cl["session"], column,
+                await self.a.sql(K.mark_delivered, self.a.engine, cl["session"], column,
                                  self.a.now_ms())
 
     async def tick(self) -> dict[str, int]:
@@ -342,7 +339,8 @@ class Closer:
             async with gate:
                 await self._due(row, now, done)
 
-        rows = await self.a.sql(due, self.a.engine, now, self.a.config.grace_ms)
+        skip = [k for k, (at, _) in self.waiting.items() if at > now][:MAX_SKIPPED]
+        rows = await self.a.sql(K.due, self.a.engine, now, self.a.config.grace_ms, skip)
         failed = [r for r in await asyncio.gather(*(one(row) for row in rows),
                                                   return_exceptions=True) if r is not None]
         if failed:      # the others went on; the clock logs the first
@@ -351,19 +349,31 @@ class Closer:
 
     async def _due(self, row: dict[str, Any], now: int, done: dict[str, int]) -> None:
         if row["kind"] == "close":
-            reason = "timeout" if row["expires"] <= now else "terminated"
-            force = row["expires"] + self.a.config.grace_ms <= now
-            if not force and reason != "timeout":   # early only with the merchant's
-                # record: without its evidence the clearing would pay the merchant 0
-                force = await self.a.sql(first_row, self.a.engine, D.acq_records,
-                                         session=row["session"], side="merchant") is not None
-            cl = await self.close(row, reason, force=force)
+            cl = await self._settle(row, now)
             if cl is not None:
                 done["cleared"] += 1
                 await self.deliver(cl)
         else:
             await self.deliver(row)
             done["delivered"] += 1
+
+    async def _settle(self, row: dict[str, Any], now: int) -> dict[str, Any] | None:
+        """A session due: cleared with the merchant's record (asked for, with backoff,
+        while it is missing), or without it only ``abandon_ms`` after the expiry."""
+        session, cfg = row["session"], self.a.config
+        expired = row["expires"] <= now
+        reason = "timeout" if expired else "terminated"
+        if row["expires"] + cfg.abandon_ms <= now:      # given up on: one last try, then
+            return await self.close(row, reason, force=True)    # what there is
+        if not await self._pull(row, reason):    # no evidence of the merchant's own yet:
+            _, wait = self.waiting.get(session, (0, PULL_FIRST_MS // 2))   # never paid 0
+            wait = min(wait * 2, PULL_MAX_MS)
+            self.waiting[session] = (now + wait, wait)
+            return None
+        self.waiting.pop(session, None)
+        # the merchant's record is in: the customer's is waited for until the grace
+        force = not expired or row["expires"] + cfg.grace_ms <= now
+        return await self.close(row, reason, force=force, pull=False)
 
     async def clock(self) -> None:
         while True:
