@@ -329,3 +329,31 @@ def test_the_party_stopped_after_the_release_step(stack: TradeStack,
     again = to_party(http, s, order, acceptance)
     assert again.status_code == 200 and again.json()["sealed"] == "00" * 92
     assert again.json()["link"] == link_at(s.seed, s.length, 2).hex()
+
+
+def test_on_the_command_line(stack: TradeStack, http: httpx.Client, tmp_path: Path) -> None:
+    """``svcard session product-buy`` orders without the link (the session file keeps the
+    pending order: ``buy`` refuses meanwhile); ``svcard session product`` accepts, opens the
+    product and saves the session with the product paid."""
+    from click.testing import CliRunner
+
+    from svcard.host.cli.main import main as svcard_main
+    s = opened(stack, http)
+    state = tmp_path / "session.json"
+    C.save(state, s)
+    run = CliRunner()
+    r = run.invoke(svcard_main, ["session", "product-buy", "song", "--units", "2",
+                                 "--state", str(state), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["state"] == shop.PENDING, r.output
+    assert C.load(state).pending["index"] == 2 and held(stack, s) == 0
+    r = run.invoke(svcard_main, ["session", "buy", "tea", "--state", str(state)])
+    assert r.exit_code == 1 and "awaits" in r.output, r.output
+    out = tmp_path / "song.out"
+    r = run.invoke(svcard_main, ["session", "product", "--state", str(state), "--out",
+                                 str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == SONG and held(stack, s) == 2
+    after = C.load(state)
+    assert not after.pending and after.spent == 2 and after.orders[-1]["item"] == "song"
+    r = run.invoke(svcard_main, ["session", "buy", "tea", "--state", str(state)])
+    assert r.exit_code == 0 and held(stack, s) == 3, r.output

@@ -281,6 +281,8 @@ def commit(http: httpx.Client, s: Session) -> None:
 def purchase(s: Session, item: str, units: int = 1) -> dict[str, Any]:
     """The next purchase's message. The session's ``spent`` moves on at once: a link once
     revealed counts as paid (the merchant may hold it even if its answer is lost)."""
+    if s.pending:   # a later link would pay the product before its K2 is released
+        raise TradeError(f"the product of link {s.pending['index']} awaits its acceptance")
     wallet = s.wallet()
     try:
         index, link = wallet.pay(units)
@@ -296,8 +298,6 @@ def purchase(s: Session, item: str, units: int = 1) -> dict[str, Any]:
 
 def buy(http: httpx.Client, s: Session, item: str, units: int = 1) -> dict[str, Any]:
     """Pay ``units`` links for ``item``; the merchant's answer. Refused: TradeError."""
-    if s.pending:   # a later link would pay the product before its K2 is released
-        raise TradeError(f"the product of link {s.pending['index']} awaits its acceptance")
     message = purchase(s, item, units)
     answer = http.post(f"{s.merchant_url}/v1/sessions/{s.session}/purchases", json=message)
     if 400 <= answer.status_code < 500:     # a definite no: not in this side's record

@@ -58,6 +58,7 @@ def product_cmd(state: Path, index: int | None, out: Path, dispute: Path | None,
         s = C.load(state)
     except C.TradeError as exc:
         fail(str(exc), EXIT_INPUT)
+    was_pending = bool(s.pending)
     try:
         with httpx.Client(timeout=60) as http:
             got = buyer.fetch(http, s, index, keep=state)
@@ -65,6 +66,8 @@ def product_cmd(state: Path, index: int | None, out: Path, dispute: Path | None,
         fail(str(exc), EXIT_DECLINED)
     except httpx.HTTPError as exc:
         fail(f"{s.merchant_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
+    if was_pending and not s.pending:     # paid by the release: now in the session's list
+        C.save(state, s)
     _write(dispute, got.package)
     if got.merchant_cert:
         _write(cert, got.merchant_cert.encode())
@@ -80,6 +83,34 @@ def product_cmd(state: Path, index: int | None, out: Path, dispute: Path | None,
     _write(out, got.plaintext)
     emit(as_json, data, f"{got.item}: {len(got.plaintext)} bytes to {out}, as described; "
                         f"dispute package {dispute}")
+
+
+@click.command("product-buy")
+@click.argument("item")
+@click.option("--units", type=click.IntRange(1, 10_000), default=1, show_default=True)
+@click.option("--state", "state", required=True, type=click.Path(path_type=Path),
+              help="The session file.")
+@json_option
+def product_buy_cmd(item: str, units: int, state: Path, as_json: bool) -> None:
+    """Order the digital product ITEM fairly (FIG. 4): the merchant gets the signed order, not
+    the link; `svcard session product` then accepts the offer and the trusted party releases
+    K2 to you and the link to the merchant in one step."""
+    try:
+        s = C.load(state)
+    except C.TradeError as exc:
+        fail(str(exc), EXIT_INPUT)
+    try:
+        with httpx.Client(timeout=30) as http:
+            got = buyer.buy_product(http, s, item, units)
+    except C.TradeError as exc:
+        C.save(state, s)
+        fail(str(exc), EXIT_DECLINED)
+    except httpx.HTTPError as exc:
+        C.save(state, s)
+        fail(f"{s.merchant_url}: {type(exc).__name__}: {exc}", EXIT_NETWORK)
+    C.save(state, s)
+    emit(as_json, got, f"ordered {item} (link {got['index']}): nothing paid until you accept "
+                       f"its offer: svcard session product --state {state} --out FILE")
 
 
 @click.command("dispute-verify")
@@ -133,4 +164,5 @@ def _vouched(blob: bytes, cert: Path, fi: bytes) -> bytes:
 
 def register(group: click.Group) -> None:
     group.add_command(product_cmd)
+    group.add_command(product_buy_cmd)
     group.add_command(dispute_verify_cmd)
