@@ -139,11 +139,11 @@ def test_a_step_held_by_the_writer_is_committed_when_the_server_stops(
 
 # --- how many writer calls a load start costs (issue 16: loads' CPU) --------------------------
 
-def test_a_load_start_with_a_remembered_secret_is_two_writer_calls(tmp_path: Path) -> None:
+def test_a_load_start_with_a_remembered_secret_is_one_writer_call(tmp_path: Path) -> None:
     """The bank read the secret's hash, the account's failure count and the request id's
-    earlier load in three calls before its debit (4 in all); now one read and the debit. A
-    retry with the same request id is still the same load, and a wrong secret is still
-    refused although the first read happened before authentication."""
+    earlier load in three calls before its debit (4 in all); now the debit is in the same call
+    as the reads. A retry with the same request id is still the same load, a wrong secret is
+    still refused, and a secret changed in the database is no longer taken from memory."""
     import httpx
 
     from svcard.host.load.bank.server import BankConfig, BankServer
@@ -166,11 +166,16 @@ def test_a_load_start_with_a_remembered_secret_is_two_writer_calls(tmp_path: Pat
             before = writer.steps
             second = start("second-load")
             assert second.status_code == 200
-            assert writer.steps - before == 2
+            assert writer.steps - before == 1
             again = start("second-load")
             assert again.status_code == 200 and again.json()["txn_id"] == second.json()["txn_id"]
             assert start("third-load", "wrong").status_code == 403
-        assert server.db.account("alice")["balance"] == 10_000 - 2   # type: ignore[index]
+            assert start("fourth-load").status_code == 200      # its failure count restarted
+            with server.db.engine.begin() as conn:   # the account's secret changed
+                conn.execute(text("UPDATE accounts SET secret_hash = 'x' WHERE account_id = "
+                                  "'alice'"))
+            assert start("fifth-load").status_code == 403
+        assert server.db.account("alice")["balance"] == 10_000 - 3   # type: ignore[index]
     finally:
         thread.stop()
         server.db.engine.dispose()

@@ -19,6 +19,12 @@ class SecretCache:
         self.lifetime, self.max_entries = lifetime, max_entries
         self._key = os.urandom(32)
         self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._hashes: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    def known_hash(self, account: str) -> str | None:
+        """The stored hash the account's secret was last verified against (a hint: the
+        database must still hold it, and :meth:`hit` must still say yes)."""
+        return self._hashes.get(account)
 
     def _tag(self, account: str, stored: str, secret: str) -> bytes:
         return hmac.new(self._key, b"\0".join(x.encode() for x in (account, stored, secret)),
@@ -36,8 +42,12 @@ class SecretCache:
         if self.lifetime <= 0:
             return
         self._seen[self._tag(account, stored, secret)] = time.monotonic() + self.lifetime
+        self._hashes[account] = stored
+        self._hashes.move_to_end(account)
         while len(self._seen) > self.max_entries:
             self._seen.popitem(last=False)
+        while len(self._hashes) > self.max_entries:
+            self._hashes.popitem(last=False)
 
 
 class AddressThrottle:

@@ -72,7 +72,8 @@ from .db import (
     verify_secret,
 )
 from .guards import AddressThrottle, SecretCache
-from .steps import StartView, register_confirmed, start_view
+from .order import LoadOrder
+from .steps import StartView, register_confirmed, remembered_start, start_view
 
 
 @dataclass
@@ -176,14 +177,30 @@ class BankServer:
         except Refused as exc:
             return json_refusal(exc)
         try:
-            order = _LoadOrder.from_json(body)
+            order = LoadOrder.from_json(body)
         except KeyError as exc:  # the field's name, not the exception's repr
             return _reason(400, f"bad load request: no field {str(exc.args[0])[:40]}")
         except (TypeError, ValueError, AttributeError) as exc:
             return _reason(400, f"bad load request: {exc}")
         address = request.client.host if request.client else "unknown"
-        view = None if self.addresses.blocked_for(address) > 0 else await self.sql(
-            start_view, self.db, order.account, order.request_id)   # one call, not three
+        view = None
+        if self.addresses.blocked_for(address) <= 0:
+            stored = self.secrets.known_hash(order.account)
+            if stored is not None and not order.lookup_only and self.secrets.hit(
+                    order.account, stored, order.secret) and self._price(order) is None:
+                txn_id = os.urandom(16)   # a remembered secret: one call, the debit in it
+                try:
+                    view = await self.sql(remembered_start, self.db, order.account, stored,
+                                          order.request_id, txn_id.hex(), order.amount,
+                                          order.card_serial.hex(),
+                                          (order.issuer_id or b"").hex())
+                except (BankError, DuplicateError) as exc:
+                    return _reason(402 if isinstance(exc, BankError) else 409, str(exc))
+                if view is None:
+                    note(txn=txn_id.hex())
+                    return JSONResponse(self.parameters(txn_id, order))
+            if view is None:   # else the long way, with what that call read
+                view = await self.sql(start_view, self.db, order.account, order.request_id)
         refused, remembered = await self.authenticate(order.account, order.secret, address,
                                                       view)
         if refused is not None:
@@ -222,27 +239,31 @@ class BankServer:
             return _reason(409, str(exc))
         return JSONResponse(self.parameters(txn_id, order))
 
-    def price(self, order: _LoadOrder) -> Response | None:
+    def price(self, order: LoadOrder) -> Response | None:
         """Step 873: None if the card can take the load (currency, and the room under the
-        balance limit for the issuer the client names), else the refusal."""
+        balance limit for the issuer the client names), else the refusal (400)."""
+        problem = self._price(order)
+        return None if problem is None else _reason(400, problem)
+
+    def _price(self, order: LoadOrder) -> str | None:
         c = self.config
         if order.currency_code != c.currency_code:
-            return _reason(400, f"the card holds currency {order.currency_code}; this bank "
-                                f"loads {c.currency_code}")
+            return (f"the card holds currency {order.currency_code}; this bank loads "
+                    f"{c.currency_code}")
         if order.issuer_id is None and c.issuer_limits:
-            return _reason(400, "bad load request: no field card.issuer_id (this bank loads "
-                                "up to its issuers' balance limits)")
+            return ("bad load request: no field card.issuer_id (this bank loads up to its "
+                    "issuers' balance limits)")
         limit = self.balance_limit(order)
         if limit is None:
-            return _reason(400, f"no balance limit known for issuer {order.issuer_hex}: the "
-                                f"card gave none and this bank has none configured for it")
+            return (f"no balance limit known for issuer {order.issuer_hex}: the card gave "
+                    f"none and this bank has none configured for it")
         room = limit - order.balance
         if order.amount > room:  # the maximum load
-            return _reason(400, f"the card can take at most {max(room, 0)} more (balance "
-                                f"{order.balance}, limit {limit})")
+            return (f"the card can take at most {max(room, 0)} more (balance "
+                    f"{order.balance}, limit {limit})")
         return None
 
-    def balance_limit(self, order: _LoadOrder) -> int | None:
+    def balance_limit(self, order: LoadOrder) -> int | None:
         """The most the card may hold after the load: the smaller of the limit the client says
         the card answered (GET DATA 9F77, unauthenticated: it may only lower the bank's) and
         the limit configured for the card's issuer; None when neither is known."""
@@ -250,7 +271,7 @@ class BankServer:
             order.issuer_id or b"")) if limit is not None]
         return min(known) if known else None
 
-    def parameters(self, txn_id: bytes, order: _LoadOrder) -> dict[str, Any]:
+    def parameters(self, txn_id: bytes, order: LoadOrder) -> dict[str, Any]:
         """Step 874: the client's load parameters, with the ticket sealed for the load server."""
         c = self.config
         tsk = secure.new_key()
@@ -340,61 +361,5 @@ class BankServer:
             middleware=[Middleware(RequestLog, server="bank")])
 
 
-@dataclass
-class _LoadOrder:
-    account: str
-    secret: str
-    amount: int
-    card_serial: bytes
-    balance: int
-    limit: int | None              # what the card answered to GET DATA 9F77, if it did
-    currency_code: int
-    issuer_id: bytes | None = None
-    request_id: str | None = None
-    lookup_only: bool = False      # a client resuming: answer an existing load, never debit
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> _LoadOrder:
-        card = d["card"]
-        for name in ("account", "secret"):
-            if not isinstance(d[name], str) or not 1 <= len(d[name]) <= 128:
-                raise ValueError(f"{name} is a string of 1..128 characters")
-        limit = card.get("limit")
-        out = cls(str(d["account"]), str(d["secret"]), _int(d["amount"], "amount"),
-                  bytes.fromhex(str(card["serial"])), _int(card["balance"], "card.balance"),
-                  None if limit is None else _int(limit, "card.limit"),
-                  _int(card["currency_code"], "card.currency_code"))
-        issuer = card.get("issuer_id")
-        if issuer is not None:
-            try:
-                out.issuer_id = bytes.fromhex(issuer) if isinstance(issuer, str) else b""
-            except ValueError:
-                out.issuer_id = b""
-            if len(out.issuer_id) != 8:
-                raise ValueError("card.issuer_id is 8 bytes of hex")
-        request_id = d.get("request_id")
-        if request_id is not None:
-            if not isinstance(request_id, str) or not 8 <= len(request_id) <= 64:
-                raise ValueError("request_id is a string of 8..64 characters")
-            out.request_id = request_id
-            out.lookup_only = d.get("lookup_only") is True
-        if len(out.card_serial) != 10:
-            raise ValueError("card.serial has 10 bytes")
-        if out.amount <= 0:
-            raise ValueError("amount is a positive number of minor units")
-        return out
-
-    @property
-    def issuer_hex(self) -> str:
-        return self.issuer_id.hex().upper() if self.issuer_id else "(not given)"
-
-
 class _Bad(ValueError):  # a confirmation refused with 400 (if its load exists)
     pass
-
-
-def _int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFFFFFF:
-        raise ValueError(f"{name} is an integer 0..4294967295 (minor units)")
-    return value
-

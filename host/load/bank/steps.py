@@ -2,8 +2,9 @@
 every call through the SQLite writer costs a thread hand-off and a transaction of its own).
 
 A load start used four calls (the secret's hash, the account's failure count, the earlier load
-with the same request id, the debit); :func:`start_view` reads the first three in one, so a
-client whose secret the server remembers costs two calls. A confirmation used three (the load,
+with the same request id, the debit); :func:`start_view` reads the first three in one, and
+:func:`remembered_start` adds the debit when the server remembers the client's secret: one
+call. A confirmation used three (the load,
 the registration, the account's balance); :func:`register_confirmed` checks the confirmation
 against the load, registers it and reads the balance in one step. Nothing is decided on what
 :func:`start_view` read before the client is authenticated, and every change is still made by
@@ -42,6 +43,21 @@ def start_view(db: BankDb, account_id: str, request_id: str | None) -> StartView
     return StartView(None if stored is None else str(stored),
                      failure is None or (failure.failures == 0 and failure.locked_until == 0),
                      None if prior is None else dict(prior._mapping))
+
+
+def remembered_start(db: BankDb, account_id: str, stored: str, request_id: str | None,
+                     txn_id: str, amount: int, card_serial: str, issuer_id: str,
+                     ) -> StartView | None:
+    """A load start from a client whose secret the server remembers (verified against
+    ``stored``), already priced: if the account still holds ``stored``, counts no failure and
+    has no load with ``request_id``, the debit (None; :class:`BankError` or
+    :class:`DuplicateError` as :meth:`BankDb.debit_for_load`); else nothing changes and the
+    start goes the long way with what was read. One writer call instead of two."""
+    view = start_view(db, account_id, request_id)
+    if view.stored != stored or not view.clean or view.prior is not None:
+        return view
+    db.debit_for_load(account_id, txn_id, amount, card_serial, request_id, issuer_id)
+    return None
 
 
 @dataclass(frozen=True)
