@@ -8,6 +8,8 @@ each party's id, URL and PUBLIC key, with the serving party's private key given 
     pickup_seconds = 604800            # a paid good not on the card by then is refunded
     orders_per_device = 600            # merchant orders naming one device, per minute (429)
     registrations_per_address = 120    # new devices from one address, per minute (429)
+    offer_seconds = 86400              # an order offered and not authorised by then expires
+    route_seconds = 600                # routing to the authentication server retried this long
     [parties.merchant]
     id = "merchant1"
     url = "http://127.0.0.1:8301"
@@ -88,6 +90,8 @@ class GoodsSystem:
     poll_wait: float = 25.0                 # the longest a device's long poll is held
     orders_per_device: int = 600            # merchant orders naming one device, per minute
     registrations_per_address: int = 120    # new devices from one client address, per minute
+    offer_seconds: int = DAY                # an offered order not authorised by then expires
+    route_seconds: int = 600                # an order's routing retried this long, then declined
 
     def peer(self, role: str) -> Peer:
         return self.parties[role]
@@ -143,6 +147,8 @@ class GoodsFile(Section):
     issue_lease: PosInt = 30
     orders_per_device: PosInt = 600
     registrations_per_address: PosInt = 120
+    offer_seconds: PosInt = DAY
+    route_seconds: PosInt = 600
     parties: PartiesEntry
     item: list[ItemEntry] = Field(min_length=1, max_length=1000)
 
@@ -171,7 +177,8 @@ def goods_config(path: Path, role: str, db_url: str | None = None) -> PartyConfi
                           for r, e in entries.items()}, items, merchant.issuer_id,
                          bank.seal_key, f.currency_code, f.pickup_seconds, f.issue_lease,
                          orders_per_device=f.orders_per_device,
-                         registrations_per_address=f.registrations_per_address)
+                         registrations_per_address=f.registrations_per_address,
+                         offer_seconds=f.offer_seconds, route_seconds=f.route_seconds)
     issuer = None
     if role == "fulfil":
         if fulfil.goods_issuer is None:

@@ -30,7 +30,7 @@ from ..terminal import apdus
 from ..terminal.capp import read_goods
 from ..terminal.purse import Declined, call, card_uid, prove, read_log_info, select_purse
 from . import wire as W
-from .server.auth import digest
+from .server.auth import MAX_OFFERED, digest
 from .server.common import REPLY
 from .server.payment import DIGITAL_FIELDS
 
@@ -39,13 +39,27 @@ FIRST_FIELDS: dict[str, W.Checker] = {
                                       "currency", "device", "record")},
     "seal_key": W.KEY, "terminal": W.TERMINAL_OR_NONE, "auth": W.IDENT, "created": W.SECONDS}
 MAX_PICKUPS = 16
+# a poll answers up to MAX_OFFERED signed first messages, each at most MAX_MESSAGE bytes: its
+# answer is bounded by their sum (a full poll of 16 was over MAX_MESSAGE and was refused)
+POLL_LIMIT = MAX_OFFERED * (W.MAX_MESSAGE + 256) + 1024
 GOODS_WRITES = (b"\x04\xdc", b"\x04\xe2")   # secure-messaging UPDATE / APPEND RECORD
 CAPP_CACHE = b"\x84\xde"                       # UPDATE CAPP DATA CACHE, MAC'd
 CAPP_DEBIT = b"\x80\x54\x01\x00\x0f"            # DEBIT FOR CAPP PURCHASE
 
 
 class DeviceError(Exception):
-    """A server's refusal, an answer that is not signed, or a card that refused."""
+    """A server's refusal, an answer that is not signed, or a card that refused. ``status``:
+    the authentication server's HTTP status (0 when there was none)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def final(self) -> bool:
+        """A definite refusal (a 4xx other than 429): asking again gets the same answer; a
+        502/503, a 429, a lost link or a card error may go otherwise another time."""
+        return 400 <= self.status < 500 and self.status != 429
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,7 @@ class Device:
 
     # --- talking to the authentication server ---------------------------------------------------
     def _post(self, path: str, domain: bytes, payload: dict[str, Any], *,
-              signed_answer: bool = True) -> dict[str, Any]:
+              signed_answer: bool = True, limit: int = W.MAX_MESSAGE) -> dict[str, Any]:
         body, headers = W.signed(self.key, self.id, domain, payload)
         try:
             answer = self.http.post(f"{self.auth_url}{path}", content=body, headers=headers)
@@ -96,13 +110,13 @@ class Device:
             raise DeviceError(f"{self.auth_url}: {type(exc).__name__}: {exc}") from exc
         if answer.status_code != 200:
             raise DeviceError(f"the authentication server refused ({answer.status_code}): "
-                              f"{_reason(answer)}")
+                              f"{_reason(answer)}", answer.status_code)
         if signed_answer and (answer.headers.get(W.SIGNER) != self.auth_id or not W.verify(
                 self.auth_public, REPLY + domain, answer.content,
                 answer.headers.get(W.SIGNATURE))):
             raise DeviceError("the answer is not signed by the authentication server")
         try:
-            return W.canonical_load(answer.content)
+            return W.canonical_load(answer.content, limit)
         except ValueError:
             raise DeviceError("the answer is not a JSON object") from None
 
@@ -115,7 +129,8 @@ class Device:
         """The first messages waiting for this device (waiting up to ``wait`` s for one);
         a message whose signature does not verify is dropped."""
         got = self._post("/v1/poll", W.POLL, {"device": self.id, "wait": wait,
-                                              "created": _now()}, signed_answer=False)
+                                              "created": _now()}, signed_answer=False,
+                         limit=POLL_LIMIT)
         out = []
         for m in got.get("messages", [])[:64]:
             first = self.check_first(m.get("message"), m.get("signature"))
@@ -241,8 +256,8 @@ class Device:
             try:
                 self._prove(serial, last.counter, *proof)
             except DeviceError as exc:   # 409: no order's purchase (another terminal's),
-                if not _no_such_purchase(exc):   # from the payment server through the auth's
-                    raise   # 502; else not decided: no new purchase over a proof still to give
+                if not _no_such_purchase(exc):   # passed on by the authentication server;
+                    raise   # else not decided: no new purchase over a proof still to give
         self.proved.add((serial, last.counter))
 
     def settle_purse(self, card: Reader) -> Outcome | None:
@@ -290,11 +305,10 @@ class Device:
 
 
 def _no_such_purchase(exc: DeviceError) -> bool:
-    """Whether a proof was refused because no order's purchase answered with that MAC2 (the
-    payment server's 409, relayed by the authentication server as 502 "payment answered
-    409"), not because a server did not answer."""
-    text = str(exc)
-    return "(409)" in text or "payment answered 409" in text
+    """Whether a proof was refused for good (no order's purchase answered with that MAC2: the
+    payment server's 409, passed on by the authentication server with its status), not
+    because a server did not answer."""
+    return exc.final
 
 
 def _verify_pin(card: Reader, pin: str) -> None:

@@ -199,9 +199,10 @@ def parse(body: bytes, fields: Mapping[str, Checker], what: str) -> dict[str, An
     return data
 
 
-def canonical_load(body: bytes) -> dict[str, Any]:
-    """A peer's signed answer as a dict (ValueError if it is not a bounded JSON object)."""
-    if len(body) > MAX_MESSAGE:
+def canonical_load(body: bytes, limit: int = MAX_MESSAGE) -> dict[str, Any]:
+    """A peer's signed answer as a dict (ValueError if it is not a JSON object of at most
+    ``limit`` bytes, bounded in depth)."""
+    if len(body) > limit:
         raise ValueError("too long")
     try:
         check_json_shape(body)

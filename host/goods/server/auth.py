@@ -191,11 +191,14 @@ class AuthServer(PartyServer):
         return True
 
     def _offered(self, device: str) -> list[dict[str, str]]:
+        """The device's offered first messages younger than ``offer_seconds`` (older ones
+        expire at the payment server), newest first: unanswered old ones never hide a new."""
         t = D.auth_orders
+        since = self.now_ms() - self.system.offer_seconds * 1000
         with reading(self.engine) as conn:
             rows = conn.execute(select(t.c.first_message, t.c.first_signature).where(
-                t.c.device == device, t.c.state == D.OFFERED).order_by(t.c.id)
-                .limit(MAX_OFFERED)).all()
+                t.c.device == device, t.c.state == D.OFFERED, t.c.created > since)
+                .order_by(t.c.id.desc()).limit(MAX_OFFERED)).all()
         return [{"message": r.first_message, "signature": r.first_signature} for r in rows]
 
     async def poll(self, request: Request) -> Response:

@@ -48,6 +48,23 @@ class Unreachable(Exception):
     """A peer that did not answer, or answered with no valid signed decision."""
 
 
+# a peer's refusals that are its definite word on the request (the order is gone, expired, in
+# another state; the message is malformed; too many): passed on with their own status. 401
+# and 403 from a peer refuse *this server's* signature (a configuration fault): a 502.
+PASSED_ON = frozenset({400, 404, 409, 410, 413, 422, 429})
+
+
+class PeerRefused(Unreachable):
+    """A peer's definite refusal (a status of :data:`PASSED_ON`): :func:`handled` answers it
+    with the same status and the peer's reason. A subclass of :class:`Unreachable`, so every
+    caller that only needs "no decision" treats it as before."""
+
+    def __init__(self, role: str, status: int, reason: str, retry_after: str = "") -> None:
+        super().__init__(f"{role} answered {status}: {reason}")
+        self.role, self.status, self.reason, self.retry_after = (role, status, reason,
+                                                                retry_after)
+
+
 class PartyServer:
     """The base of each party's server: ``routes()`` gives its own routes."""
 
@@ -147,6 +164,9 @@ class PartyServer:
                                                         headers=headers)
         except httpx.HTTPError as exc:
             raise Unreachable(f"{role} {peer.url}: {type(exc).__name__}") from None
+        if answer.status_code in PASSED_ON:
+            raise PeerRefused(role, answer.status_code, _reason_of(answer),
+                              answer.headers.get("Retry-After", "")[:8])
         if answer.status_code != 200:
             reason = answer.text[:200] if len(answer.content) < 4096 else ""
             raise Unreachable(f"{role} answered {answer.status_code}: {reason}")
@@ -223,9 +243,25 @@ async def handled(work: Callable[[], Any]) -> Response:
         return result
     except Refused as exc:
         return json_refusal(exc)
+    except PeerRefused as exc:   # the peer's definite word: its status, its reason
+        note(reason=str(exc))
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after.isdigit() else {}
+        return JSONResponse({"reason": f"{exc.role}: {exc.reason}"}, status_code=exc.status,
+                            headers=headers)
     except Unreachable as exc:
         note(reason=str(exc))
         return JSONResponse({"reason": f"a party did not decide: {exc}"}, status_code=502)
+
+
+def _reason_of(answer: httpx.Response) -> str:
+    """The ``reason`` of a peer's JSON refusal (at most 200 characters), else its text's."""
+    if len(answer.content) > 4096:
+        return ""
+    try:
+        data = answer.json()
+    except ValueError:
+        return answer.text[:200]
+    return str(data.get("reason", ""))[:200] if isinstance(data, dict) else ""
 
 
 QUOTA_WINDOW_MS = 60_000

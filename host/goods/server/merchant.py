@@ -119,7 +119,7 @@ class MerchantServer(PartyServer):
             # paid also after declined: the payment server takes the institution's signed
             # "paid" even when a racing authorisation's decline came first
             # purse_paid also after expired: a late proof of the card's debit still pays
-            expects = {D.REFUNDED: (D.PAID,), D.PAID: (D.ROUTED, D.DECLINED),
+            expects = {D.REFUNDED: (D.PAID,), D.PAID: (D.ROUTED, D.DECLINED, D.EXPIRED),
                        D.PURSE_PAID: (D.ROUTED, D.EXPIRED)}.get(data["state"], (D.ROUTED,))
             changed = False
             for expect in expects:

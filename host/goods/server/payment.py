@@ -79,15 +79,72 @@ class PaymentServer(PursePayment):
             fresh = await self.sql(self._insert, data, body.decode(), signature)
             if not fresh:
                 raise Refused(409, 409, "digital order: this order was routed already")
-            decision = await self.send("auth", "/v1/orders", W.ROUTED_ORDER, {
-                "digital_order": body.decode(), "merchant_signature": signature,
-                "terminal": self.terminal, "created": self.now_ms() // 1000})
-            offered = decision.get("order") == data["order"] and decision.get("offered") is True
-            if not offered:
-                await self.sql(self._set, data["order"], D.ROUTED, D.DECLINED)
+            offered, reason = await self._route(data["order"], body.decode(), signature,
+                                                tell=False)   # it hears from the answer
             return self.reply(W.DIGITAL_ORDER, {"order": data["order"], "offered": offered,
-                                                "reason": str(decision.get("reason", ""))})
+                                                "reason": reason})
         return await handled(work)
+
+    async def _route(self, order: str, text: str, signature: str,
+                     http: httpx.AsyncClient | None = None, *, tell: bool = True,
+                     ) -> tuple[bool, str]:
+        """Route ``order`` to the authentication server: offered (marked so, recovery stops
+        routing it), or not (no such device: ``declined``); :class:`Unreachable` leaves it
+        ``routed`` and unmarked, for :meth:`tick` to route again."""
+        decision = await self.send("auth", "/v1/orders", W.ROUTED_ORDER, {
+            "digital_order": text, "merchant_signature": signature,
+            "terminal": self.terminal, "created": self.now_ms() // 1000}, http)
+        reason = str(decision.get("reason", ""))[:200]
+        offered = decision.get("order") == order and (   # offered already: an answer lost
+            decision.get("offered") is True or reason == "offered already")
+        if offered:
+            await self.sql(self._mark_offered, order)
+        elif await self.sql(self._set, order, D.ROUTED, D.DECLINED) and tell:
+            await self._tell_merchant(order, D.DECLINED, reason or "not offered", http)
+        return offered, reason
+
+    def _mark_offered(self, order: str) -> None:
+        """An order ``routed`` with ``updated == created`` was never offered (db.py)."""
+        t = D.payment_orders
+        with step(self.engine) as conn:
+            conn.execute(update(t).where(t.c.order_ref == order, t.c.state == D.ROUTED,
+                                         t.c.updated == t.c.created)
+                         .values(updated=t.c.created + 1))
+
+    def _decline_unrouted(self, order: str) -> bool:
+        t = D.payment_orders
+        with step(self.engine) as conn:
+            done = conn.execute(update(t).where(
+                t.c.order_ref == order, t.c.state == D.ROUTED, t.c.updated == t.c.created)
+                .values(state=D.DECLINED, updated=self.now_ms()))
+        return int(done.rowcount or 0) == 1
+
+    async def route_tick(self, http: httpx.AsyncClient) -> None:
+        """Orders whose routing got no answer (the authentication server down): routed again
+        for ``route_seconds``, then ``declined`` (no money moved: nothing was authorised);
+        orders offered and not authorised for ``offer_seconds``: ``expired``. The merchant is
+        told each (signed, as any decline)."""
+        t, now = D.payment_orders, self.now_ms()
+        with reading(self.engine) as conn:
+            unrouted = conn.execute(select(t.c.order_ref, t.c.created, t.c.digital_order,
+                                           t.c.merchant_signature).where(
+                t.c.state == D.ROUTED, t.c.updated == t.c.created).limit(1000)).all()
+            stale = conn.execute(select(t.c.order_ref).where(
+                t.c.state == D.ROUTED,
+                t.c.created < now - self.system.offer_seconds * 1000).limit(1000)).all()
+        for order, created, text, signature in unrouted:
+            if created < now - self.system.route_seconds * 1000:
+                if await self.sql(self._decline_unrouted, order):
+                    await self._tell_merchant(order, D.DECLINED, "never routed: the "
+                                              "authentication server did not answer; no "
+                                              "money moved", http)
+                continue
+            with contextlib.suppress(Unreachable):   # still down: the next tick
+                await self._route(order, text, signature, http)
+        for (order,) in stale:
+            if await self.sql(self._set, order, D.ROUTED, D.EXPIRED):
+                await self._tell_merchant(order, D.EXPIRED, "not authorised in time; no "
+                                          "money moved", http)
 
     def _insert(self, data: dict[str, Any], text: str, signature: str) -> bool:
         now = self.now_ms()
@@ -112,11 +169,13 @@ class PaymentServer(PursePayment):
     def _paid(self, order: str, card: str, text: str, signature: str) -> bool:
         """The institution's signed confirmation moves the order to ``paid`` from any state
         before it: a racing authorisation's answer (a wrong PIN put it back to ``routed``, a
-        decline) must not leave a payment made with no paid order (no good, no refund)."""
+        decline, an expiry after that) must not leave a payment made with no paid order (no
+        good, no refund)."""
         t = D.payment_orders
         with step(self.engine) as conn:
             done = conn.execute(update(t).where(
-                t.c.order_ref == order, t.c.state.in_((D.ROUTED, D.AUTHORISING, D.DECLINED)))
+                t.c.order_ref == order,
+                t.c.state.in_((D.ROUTED, D.AUTHORISING, D.DECLINED, D.EXPIRED)))
                 .values(state=D.PAID, card=card, confirmation=text,
                         confirmation_signature=signature, updated=self.now_ms()))
         return int(done.rowcount or 0) == 1
@@ -136,6 +195,9 @@ class PaymentServer(PursePayment):
             raise Refused(404, 404, "authorisation: no such order")
         if row["device"] != data["device"]:
             raise Refused(403, 403, "authorisation: not the order's device")
+        if row["state"] == D.EXPIRED:
+            raise Refused(410, 410, "authorisation: the order expired (not authorised in "
+                                    "time)")
         if not data["approve"]:
             if await self.sql(self._set, order, D.ROUTED, D.DECLINED):
                 await self._tell_merchant(order, D.DECLINED, "the customer declined")
@@ -218,6 +280,7 @@ class PaymentServer(PursePayment):
             ).all()
         for order, state in untold:
             await self._tell_merchant(order, state, "told again", http)
+        await self.route_tick(http)
         await self.purse_tick(http)
 
     async def _ask_bank(self, row: dict[str, Any], http: httpx.AsyncClient) -> None:
