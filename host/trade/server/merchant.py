@@ -122,7 +122,8 @@ def take_purchase(engine: Engine, session: str, data: dict[str, Any], order_body
                                     "the most one record lists: end it and open another")
         state = D.SPENT if data["index"] == row.length else D.OPEN
         if conn.execute(update(D.ma_sessions).where(
-                s.session == session, s.state == D.OPEN, s.held_index == row.held_index).values(
+                s.session == session, s.state == D.OPEN, s.held_index == row.held_index,
+                s.updated == row.updated).values(     # a pending product bumps ``updated``
                 held_index=data["index"], held_link=data["link"], state=state,
                 updated=now)).rowcount != 1:
             raise Refused(409, 409, "another purchase took this link first")

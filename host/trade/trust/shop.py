@@ -70,6 +70,12 @@ def take_pending(conn: Connection, row: Any, data: dict[str, Any], units: int,
     if conn.execute(select(func.count()).where(D.ma_purchases.c.session == session)
                     ).scalar_one() >= K.MAX_ENTRIES:
         raise Refused(409, 409, f"session {session}: too many purchases for one record")
+    s = D.ma_sessions.c     # the compare-and-set an ordinary purchase makes too (PostgreSQL:
+    if conn.execute(update(D.ma_sessions).where(     # the later one sees the row changed)
+            s.session == session, s.state == D.OPEN, s.held_index == row.held_index,
+            s.updated == row.updated).values(updated=max(now, row.updated + 1))
+            ).rowcount != 1:
+        raise Refused(409, 409, "another purchase took this link first")
     conn.execute(insert(D.ma_pending).values(      # unique per session: one at a time
         session=session, link_index=data["index"], units=units, amount=units * row.unit,
         item=data["order"]["item"], held=row.held_link, order_body=order_body,
