@@ -19,6 +19,14 @@ within 300 s. The answer is K2 sealed to the acceptance's K1 (only the customer 
 signed by the agent. The same acceptance again gets the same answer, stored in the step that
 released it, at any age; another acceptance of that order, or an acceptance's unique id used
 for another order, is 409. Nothing else ever takes K2 out.
+
+Fair exchange: a lodge with ``held`` and ``units`` (a product whose link is not paid yet)
+keeps them in ``trade_acq_links``; its release needs the acceptance's ``link`` with
+``H^units(link) = held`` (402), the session neither cleared nor expired and the order not
+closed (409), and stores the link in the release's step; the answer carries it.
+``POST /v1/deliveries/link`` (signed by the session's merchant, ``svcard-trade-link-ask/1``):
+the same answer; with ``close`` an order not released is closed for good in ONE step (a
+signed answer with an empty ``sealed`` and ``link``).
 """
 
 from __future__ import annotations

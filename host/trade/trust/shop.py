@@ -13,6 +13,13 @@ session's pseudonym, a purchase that does not exist, or an item that is no digit
 and the offer's description, then relayed to the trusted party; its answer (K2 sealed to the
 customer's K1, which this merchant cannot open) is kept with the acceptance as the merchant's
 evidence and passed on. The same acceptance again gets the same answer.
+
+Fair exchange: a purchase of a product with ``"link": ""`` is pending (``trade_ma_pending``,
+nothing paid, no other purchase in the session until it settles); its lodge carries the held
+link and units; the release's answer carries the paying link, applied in ONE step
+(:func:`apply_link`). ``POST /v1/sessions/{session}/collect`` (and the agent's end) asks the
+party for a release the customer got directly; the customer's terminate asks with ``close``,
+which closes an unreleased order at the party before the merchant's record is made.
 """
 
 from __future__ import annotations
