@@ -397,7 +397,8 @@ def test_the_mailed_cards_purse_names_its_number(world: World) -> None:
 def test_replayed_and_raced_purse_evidence(world: World) -> None:
     """The card's confirmation of purchase A: sent again to A, the same answer and nothing
     more; sent to purchase B's order, refused. 16 checkouts of one purchase at once: one
-    order, every one answered with its transaction. 16 approvals of A at once: one approval, one debit."""
+    order, every one answered with its transaction. 16 approvals of A at once: one
+    approval, one debit."""
     from concurrent.futures import ThreadPoolExecutor
 
     from svcard.host.pay import client as PC
