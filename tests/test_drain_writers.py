@@ -1,8 +1,8 @@
 """Every SQLite-backed server commits the steps its writer still holds when it stops (issue 16):
-the bank, the merchant server, the SP, the four trade servers and the wallet's financial system
-and web server. Before, only the payment and load servers drained their writer; the others
+the bank, the merchant server, the SP, the four trade servers and the wallet's financial system,
+web server and gateway. Before, only the payment and load servers drained their writer; the others
 ended their lifespan at once, and a process exiting then lost the group in flight (the writer
-thread is a daemon). The wallet gateway and the goods servers are not covered here (others were
+thread is a daemon). The goods servers are not covered here (others were
 editing them). And the writer calls and thread hand-offs a load costs at the bank and the load
 server (issue 16: loads' CPU)."""
 
@@ -109,10 +109,18 @@ def _web(tmp: Path, url: str) -> tuple[Any, Engine]:
     return server, server.engine
 
 
+def _gateway(tmp: Path, url: str) -> tuple[Any, Engine]:
+    from svcard.host.wallet.config import GatewayConfig
+    from svcard.host.wallet.gateway.app import GatewayServer
+    server = GatewayServer(GatewayConfig(secrets.token_bytes(32), {"web": bytes(32)}, {}, {},
+                                         "http://127.0.0.1:9", bytes(32), db_url=url))
+    return server, server.engine
+
+
 SERVERS = {"bank": _bank, "merchant": _merchant, "sp": _sp,
            "trade-account": _trade("account"), "trade-acquirer": _trade("acquirer"),
            "trade-merchant": _trade("merchant"), "trade-merchant-account": _trade("mam"),
-           "wallet-fin": _fin, "wallet-web": _web}
+           "wallet-fin": _fin, "wallet-web": _web, "wallet-gateway": _gateway}
 
 
 @pytest.mark.parametrize("name", sorted(SERVERS))

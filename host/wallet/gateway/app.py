@@ -45,6 +45,7 @@ from starlette.routing import Route
 
 from ...kit.http import JSON_STORAGE_ERROR_HANDLERS, Refused, openapi_route
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from ..base import WalletServer, crash_point, ok
 from ..config import GatewayConfig
 from ..links import ID, NUMBER, SECRET, LinkClient, choice, origin, purchase, text, whole
@@ -393,5 +394,6 @@ class GatewayServer(WalletServer):
             Route("/v1/bank/status/{txn}", g(partial(LD.status, self)), methods=["POST"]),
             Route("/v1/health", self.health, methods=["GET"]),
             openapi_route("wallet-gateway"),
-        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS), lifespan=self.lifespan,
+        ], exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
+            lifespan=with_writer_drained(self.sql, self.lifespan),
             middleware=[Middleware(RequestLog, server="wallet-gateway")])
