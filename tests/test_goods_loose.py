@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
-from test_goods_purse import EP, first_for, init_capp, now
+from test_goods_purse import EP, debit_message, ep, first_for, init_capp, now
 
 from svcard.host.goods import db as D
 from svcard.host.goods import wire as W
-from svcard.host.goods.device import DeviceError
+from svcard.host.goods.device import Device, DeviceError, FirstMessage
 from svcard.host.goods.server.auth import MAX_OFFERED
 from svcard.host.goods.stack import GoodsStack, make_card, start_goods
 from svcard.host.kit.db import first_row
@@ -197,3 +197,86 @@ def rows_of(stack: GoodsStack, device: str) -> list[Any]:
     t = D.payment_orders
     with stack.engine("payment").connect() as conn:
         return list(conn.execute(select(t.c.order_ref).where(t.c.device == device)).all())
+
+
+# --- 4. one open purse session per device ----------------------------------------------------
+def open_debit(device: Device, first: FirstMessage, path: Path, serial: int) -> dict[str, Any]:
+    """INITIALIZE FOR CAPP on the card at ``path`` and its answer relayed (a session opened at
+    the payment server, its PSAM record made); nothing sent to the card after."""
+    with open_reader(f"virtual:{path}") as reader:
+        init = init_capp(reader, first)
+    return device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                        debit_message(device, first, f"{serial:020d}", init))
+
+
+def test_a_device_holds_one_open_purse_session_at_a_time(
+        timed: tuple[GoodsStack, list[float]], http: httpx.Client, tmp_path: Path) -> None:
+    """INITIALIZE answers need no card: a device opened 8 PSAM sessions per order for as many
+    orders as it liked (600 a minute). Now a second open session is 429 until the first is
+    proved or abandoned; a retry of the same order supersedes its own."""
+    stack, offset = timed
+    one, two = make_card(tmp_path, SERIAL + 3, ep=EP), make_card(tmp_path, SERIAL + 4, ep=EP)
+    device = stack.device()
+    first_a = first_for(stack, http, device)
+    first_b = first_for(stack, http, device)
+    open_debit(device, first_a, one, SERIAL + 3)
+    open_debit(device, first_a, one, SERIAL + 3)         # a retry: the same order, card, counter
+    with pytest.raises(DeviceError) as refused:
+        open_debit(device, first_b, two, SERIAL + 4)
+    assert refused.value.status == 429, str(refused.value)
+    assert payment_state(stack, first_b.order) == D.ROUTED   # nothing changed
+    other = stack.device()                                  # another device is not held up
+    out = open_debit(other, first_for(stack, http, other), two, SERIAL + 4)
+    assert out["debit"]
+    offset[0] += 31                                          # the first one abandoned
+    try:
+        with open_reader(f"virtual:{two}") as reader:
+            paid = device.pay_with_purse(reader, first_b)
+    finally:
+        offset[0] -= 31
+    assert paid.paid and paid.written, paid
+    assert payment_state(stack, first_b.order) == D.PURSE_PAID
+
+
+def test_a_proved_purchase_frees_the_device_at_once(
+        timed: tuple[GoodsStack, list[float]], http: httpx.Client, tmp_path: Path) -> None:
+    stack, _ = timed
+    card = make_card(tmp_path, SERIAL + 5, ep=EP)
+    device = stack.device()
+    first_a, first_b = first_for(stack, http, device), first_for(stack, http, device)
+    with open_reader(f"virtual:{card}") as reader:
+        assert device.pay_with_purse(reader, first_a).written
+        assert device.pay_with_purse(reader, first_b).written
+    assert ep(card) == EP - 2 * 1250
+
+
+def test_racing_opens_of_one_device_open_one_session(
+        timed: tuple[GoodsStack, list[float]], http: httpx.Client, tmp_path: Path) -> None:
+    """Four orders' sessions opened at once by one device: the bound is checked in the step
+    that opens a session, so exactly one opens."""
+    from concurrent.futures import ThreadPoolExecutor
+    stack, _ = timed
+    device = stack.device()
+    firsts = [first_for(stack, http, device) for _ in range(4)]
+    cards = [make_card(tmp_path, SERIAL + 10 + i, ep=EP) for i in range(4)]
+    inits = []
+    for first, path in zip(firsts, cards, strict=True):
+        with open_reader(f"virtual:{path}") as reader:
+            inits.append(init_capp(reader, first))
+
+    def one(i: int) -> int:
+        try:
+            device._post("/v1/purse/debits", W.PURSE_DEBIT,
+                         debit_message(device, firsts[i], f"{SERIAL + 10 + i:020d}", inits[i]))
+        except DeviceError as exc:
+            return exc.status
+        return 200
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(pool.map(one, range(4)))
+    assert codes == [200, 429, 429, 429], codes
+    s = D.purse_sessions
+    with stack.engine("payment").connect() as conn:
+        opened = conn.execute(select(s.c.order_ref).where(
+            s.c.order_ref.in_([f.order for f in firsts]), s.c.state == D.OPEN)).all()
+    assert len(opened) == 1

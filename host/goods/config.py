@@ -10,6 +10,7 @@ each party's id, URL and PUBLIC key, with the serving party's private key given 
     registrations_per_address = 120    # new devices from one address, per minute (429)
     offer_seconds = 86400              # an order offered and not authorised by then expires
     route_seconds = 600                # routing to the authentication server retried this long
+    purse_session_seconds = 30         # a device's open purse session abandoned after this
     [parties.merchant]
     id = "merchant1"
     url = "http://127.0.0.1:8301"
@@ -92,6 +93,7 @@ class GoodsSystem:
     registrations_per_address: int = 120    # new devices from one client address, per minute
     offer_seconds: int = DAY                # an offered order not authorised by then expires
     route_seconds: int = 600                # an order's routing retried this long, then declined
+    purse_session_seconds: int = 30         # a device's unproved purse session: abandoned after
 
     def peer(self, role: str) -> Peer:
         return self.parties[role]
@@ -149,6 +151,7 @@ class GoodsFile(Section):
     registrations_per_address: PosInt = 120
     offer_seconds: PosInt = DAY
     route_seconds: PosInt = 600
+    purse_session_seconds: PosInt = 30
     parties: PartiesEntry
     item: list[ItemEntry] = Field(min_length=1, max_length=1000)
 
@@ -178,7 +181,8 @@ def goods_config(path: Path, role: str, db_url: str | None = None) -> PartyConfi
                          bank.seal_key, f.currency_code, f.pickup_seconds, f.issue_lease,
                          orders_per_device=f.orders_per_device,
                          registrations_per_address=f.registrations_per_address,
-                         offer_seconds=f.offer_seconds, route_seconds=f.route_seconds)
+                         offer_seconds=f.offer_seconds, route_seconds=f.route_seconds,
+                         purse_session_seconds=f.purse_session_seconds)
     issuer = None
     if role == "fulfil":
         if fulfil.goods_issuer is None:

@@ -93,7 +93,7 @@ class PursePayment(PartyServer):
         if init.balance < row["amount"]:
             raise Refused(409, 409, "purse debit: the purse's balance is below the amount")
         session = await self.sql(self._open_session, order, data["card"],
-                                 init.offline_counter, init.random.hex().upper())
+                                 init.offline_counter, init.random.hex().upper(), row["device"])
         try:
             sam = await self._sam(data, init, row["amount"])
         except BaseException:
@@ -119,13 +119,20 @@ class PursePayment(PartyServer):
         return {"order": order, "card": data["card"], "counter": init.offline_counter,
                 "cache": cache, "debit": debit.hex().upper()}
 
-    def _open_session(self, order: str, card: str, counter: int, random: str) -> int:
+    def _open_session(self, order: str, card: str, counter: int, random: str,
+                      device: str) -> int:
         """One step: the session recorded for ``order`` (which goes ``debiting``), or a
-        refusal that changed nothing."""
+        refusal that changed nothing. A device has at most ONE open session (a PSAM record
+        opened on an INITIALIZE answer nobody checked yet): another is 429 until that one is
+        proved, or abandoned ``purse_session_seconds`` after it opened; a new session at the
+        same card and counter supersedes the device's open one (the card holds one session:
+        a new INITIALIZE ended the old)."""
         t, s = D.payment_orders, D.purse_sessions
         now = self.now_ms()
         try:
             with step(self.engine) as conn:
+                conn.execute(select(t.c.id).where(t.c.device == device)   # the device's
+                             .order_by(t.c.id).with_for_update()).all()   # opens in turn
                 row = conn.execute(select(t).where(t.c.order_ref == order)  # the order's
                                    .with_for_update()).first()   # sessions one at a time
                 if row is None or row.state not in (D.ROUTED, D.DEBITING):
@@ -157,10 +164,31 @@ class PursePayment(PartyServer):
                     created=now))
                 key = made.inserted_primary_key
                 assert key is not None
+                self._one_open_session(conn, device, int(key[0]), card, counter, now)
                 return int(key[0])
         except IntegrityError:
             raise Refused(409, 409, "purse debit: this card session was used already") \
                 from None
+
+    def _one_open_session(self, conn: Any, device: str, session: int, card: str,
+                          counter: int, now: int) -> None:
+        """Inside the opening step, after ``session`` is inserted (so a reused session is
+        the 409 above): the device's other open sessions at this card and counter superseded
+        (``failed``; a late proof of one still pays, :meth:`_commit`); another open one
+        younger than ``purse_session_seconds`` refuses this one (429, the step rolled back)."""
+        t, s = D.payment_orders, D.purse_sessions
+        mine = select(t.c.order_ref).where(t.c.device == device, t.c.state == D.DEBITING)
+        conn.execute(update(s).where(
+            s.c.state == D.OPEN, s.c.id != session, s.c.card == card, s.c.counter == counter,
+            s.c.order_ref.in_(mine)).values(state=D.FAILED, updated=now))
+        since = now - self.system.purse_session_seconds * 1000
+        busy = conn.execute(select(s.c.id).where(
+            s.c.state == D.OPEN, s.c.id != session, s.c.created > since,
+            s.c.order_ref.in_(mine)).limit(1)).first()
+        if busy is not None:
+            wait = str(self.system.purse_session_seconds)
+            raise Refused(429, 429, "purse debit: this device has a purchase open on a card; "
+                                    "prove it first or retry later", {"Retry-After": wait})
 
     async def _sam(self, data: dict[str, Any], init: Any, amount: int) -> Any:
         assert self.pool is not None
