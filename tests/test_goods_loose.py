@@ -280,3 +280,35 @@ def test_racing_opens_of_one_device_open_one_session(
         opened = conn.execute(select(s.c.order_ref).where(
             s.c.order_ref.in_([f.order for f in firsts]), s.c.state == D.OPEN)).all()
     assert len(opened) == 1
+
+
+# --- 5. pick-up names every good the card holds ----------------------------------------------
+def test_a_pickup_names_more_than_64_held_goods(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    """``held`` was capped at 64 keys while a card holds up to 4 x 254 goods: a card with
+    more got goods it held written again. Now the keys go as one string, up to MAX_HELD."""
+    import secrets
+
+    from svcard.host.goods.device import Outcome
+    serial = SERIAL + 20
+    path = make_card(tmp_path, serial, ep=EP)
+    stack.account(f"acct-{serial}", serial)
+    device = stack.device()
+    first = first_for(stack, http, device, "coupon")
+    device._write = lambda card, order, _serial, apdu: Outcome(order, True)  # type: ignore
+    with open_reader(f"virtual:{path}") as reader:
+        assert device.authorise(reader, first, "123456").paid     # paid, the write not sent
+    mine = str(first.fields["record"])[4:36]
+    others = [secrets.token_hex(16).upper() for _ in range(W.MAX_HELD - 1)]
+    held = "".join(sorted([*others, mine]))
+    answer = device._post("/v1/pickups", W.PICKUP, {
+        "device": device.id, "card": f"{serial:020d}", "issuer": "0102030405060708",
+        "challenge": "00000000", "held": held, "created": now()})
+    assert answer["held"] == 1 and answer.get("apdu") is None, answer
+    good = first_row(stack.engine("fulfil"), D.goods, order_ref=first.order)
+    assert good is not None and good["state"] == D.WRITTEN
+    with pytest.raises(DeviceError) as refused:                   # one key too many
+        device._post("/v1/pickups", W.PICKUP, {
+            "device": device.id, "card": f"{serial:020d}", "issuer": "0102030405060708",
+            "challenge": "00000000", "held": held + mine, "created": now()})
+    assert refused.value.status in (400, 413), str(refused.value)

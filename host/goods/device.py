@@ -288,12 +288,13 @@ class Device:
             out.append(settled)
         for _ in range(MAX_PICKUPS):
             info = select_purse(card)
-            held = sorted({e.record[2:18].hex().upper() for e in read_goods(card)})
+            held = "".join(sorted({e.record[2:18].hex().upper()
+                                   for e in read_goods(card)})[:W.MAX_HELD])
             select_purse(card)
             challenge = call(card, apdus.get_challenge(4), "GET CHALLENGE")
             answer = self._post("/v1/pickups", W.PICKUP, {
                 "device": self.id, "card": info.app_serial, "issuer": info.issuer_id,
-                "challenge": challenge.hex().upper(), "held": held[:64], "created": _now()})
+                "challenge": challenge.hex().upper(), "held": held, "created": _now()})
             self.round_trips += 1
             order = answer.get("order")
             if not isinstance(order, str) or answer.get("apdu") is None:

@@ -161,8 +161,23 @@ CHALLENGE_OR_NONE = pattern(r"|[0-9A-F]{8}|[0-9A-F]{16}")
 APDU = pattern(r"[0-9A-F]{10,600}")
 SEALED = pattern(r"[0-9a-f]{120,200}")
 SIGNATURE_HEX = pattern(r"[0-9a-f]{128}")
-GOOD_KEYS: Checker = lambda v: (isinstance(v, list) and len(v) <= 64     # noqa: E731
-                                and all(pattern(r"[0-9A-F]{32}")(x) for x in v))
+# the goods a card holds, each its issuer id and good id (16 bytes, 32 hex digits): a card
+# holds up to MAX_HELD (the four goods files the device reads, 254 records each); sent as one
+# string of the keys one after another (a JSON list of that many would pass MAX_JSON_ITEMS);
+# a list of at most 64 keys (the first form) is still taken
+MAX_HELD = 4 * 254
+GOOD_KEYS: Checker = lambda v: (   # noqa: E731
+    (isinstance(v, str) and len(v) <= 32 * MAX_HELD and len(v) % 32 == 0
+     and re.fullmatch(r"[0-9A-F]*", v) is not None)
+    or (isinstance(v, list) and len(v) <= 64 and all(pattern(r"[0-9A-F]{32}")(x) for x in v)))
+PICKUP_MESSAGE = 32 * MAX_HELD + 1024   # bytes of a pick-up (its held goods), this route only
+
+
+def held_keys(value: str | list[str]) -> set[str]:
+    """The keys of a checked ``held`` field, either form."""
+    if isinstance(value, list):
+        return set(value)
+    return {value[i:i + 32] for i in range(0, len(value), 32)}
 INNER: Checker = lambda v: isinstance(v, str) and 2 <= len(v) <= 4096    # noqa: E731
 TERMINAL_OR_NONE = pattern(r"|[0-9A-F]{12}")   # a PSAM's terminal id ("": no purse payments)
 INIT_ANSWER = pattern(r"[0-9A-F]{30}")           # the card's INITIALIZE FOR CAPP answer
@@ -177,10 +192,12 @@ SW = integer(0, 0xFFFF)
 BOOL: Checker = lambda v: isinstance(v, bool)                            # noqa: E731
 
 
-def parse(body: bytes, fields: Mapping[str, Checker], what: str) -> dict[str, Any]:
-    """The message's fields: a JSON object with exactly ``fields``, each passing its checker."""
-    if len(body) > MAX_MESSAGE:
-        raise Refused(413, 413, f"{what}: more than {MAX_MESSAGE} bytes")
+def parse(body: bytes, fields: Mapping[str, Checker], what: str,
+          limit: int = MAX_MESSAGE) -> dict[str, Any]:
+    """The message's fields: a JSON object with exactly ``fields``, each passing its checker;
+    at most ``limit`` bytes (:data:`MAX_MESSAGE` but for a pick-up)."""
+    if len(body) > limit:
+        raise Refused(413, 413, f"{what}: more than {limit} bytes")
     check_json_shape(body)
     try:
         data = json.loads(body)

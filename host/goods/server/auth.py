@@ -94,12 +94,12 @@ class AuthServer(PartyServer):
 
     # --- devices ------------------------------------------------------------------------------
     async def device_message(self, request: Request, fields: dict[str, W.Checker], what: str,
-                             domain: bytes) -> dict[str, Any]:
+                             domain: bytes, limit: int = W.MAX_MESSAGE) -> dict[str, Any]:
         """A message signed by a registered device, which must name itself in ``device``."""
         if self.draining:
             raise shutting_down()
-        body = await read_body(request, W.MAX_MESSAGE)
-        data = W.parse(body, fields, what)
+        body = await read_body(request, limit)
+        data = W.parse(body, fields, what, limit)
         device = request.headers.get(W.SIGNER, "")
         note(party=device[:32])
         if device != data["device"]:
@@ -332,7 +332,8 @@ class AuthServer(PartyServer):
 
     async def pickups(self, request: Request) -> Response:
         async def work() -> Response:
-            data = await self.device_message(request, PICKUP_FIELDS, "pick-up", W.PICKUP)
+            data = await self.device_message(request, PICKUP_FIELDS, "pick-up", W.PICKUP,
+                                             W.PICKUP_MESSAGE)
             decision = await self.send("fulfil", "/v1/pickups", W.RELAYED_PICKUP,
                                        {**data, "created": self.now_ms() // 1000})
             return self.reply(W.PICKUP, decision)

@@ -111,12 +111,12 @@ class PartyServer:
     # --- messages in --------------------------------------------------------------------------
     async def authenticated(self, request: Request, fields: Mapping[str, W.Checker],
                             what: str, domain: bytes, roles: Collection[str],
-                            ) -> tuple[bytes, dict[str, Any], str]:
+                            limit: int = W.MAX_MESSAGE) -> tuple[bytes, dict[str, Any], str]:
         """(body, fields, signer role) of a message signed by a party of ``roles``."""
         if self.draining:
             raise shutting_down()
-        body = await read_body(request, W.MAX_MESSAGE)
-        data = W.parse(body, fields, what)
+        body = await read_body(request, limit)
+        data = W.parse(body, fields, what, limit)
         signer = request.headers.get(W.SIGNER, "")
         note(party=signer[:32])
         role = next((r for r in roles if self.system.peer(r).id == signer), None)

@@ -197,19 +197,21 @@ class FulfilServer(PurseFulfil):
     async def pickups(self, request: Request) -> Response:
         async def work() -> Response:
             _, data, _ = await self.authenticated(request, PICKUP_FIELDS, "pick-up",
-                                                  W.RELAYED_PICKUP, ("auth",))
-            held = await self.sql(self._held, data["card"], data["device"], data["held"])
+                                                  W.RELAYED_PICKUP, ("auth",),
+                                                  W.PICKUP_MESSAGE)
+            keys = W.held_keys(data["held"])
+            held = await self.sql(self._held, data["card"], data["device"], keys)
             claim = await self.sql(self._claim, None, data["card"], data["challenge"],
                                    data["device"])
             if claim["apdu"] is None:   # a purse good paid but not on the card
                 again: dict[str, Any] | None = await self.sql(
                     self.purse_redelivery, data["card"], data["device"], data["challenge"],
-                    data["held"])
+                    keys)
                 claim = again or claim
             return self.reply(W.RELAYED_PICKUP, {**claim, "held": held})
         return await handled(work)
 
-    def _held(self, card: str, device: str, held: list[str]) -> int:
+    def _held(self, card: str, device: str, held: set[str]) -> int:
         """Goods of ``card`` bought through ``device`` that the card holds: ``written``."""
         g = D.goods
         done = 0

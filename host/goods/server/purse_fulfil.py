@@ -142,7 +142,7 @@ class PurseFulfil(PartyServer):
         return str(row.state) if row else None
 
     def purse_redelivery(self, card: str, device: str, challenge: str,
-                         held: list[str]) -> dict[str, Any] | None:
+                         held: set[str]) -> dict[str, Any] | None:
         """At a pick-up through the device that bought it: a purse good paid (``written``)
         that the card does not hold, written again by secure messaging (a device that sent the
         DEBIT without the record). By its tag: a card holding it already (a device hiding it
