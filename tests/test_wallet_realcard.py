@@ -369,18 +369,6 @@ def test_purse_evidence_attacks(world: World) -> None:
         other.close()
 
 
-def test_embodiment_2_refuses_a_real_card(world: World) -> None:
-    h = holder(world, "filler1")
-    try:
-        p = new_purchase(500)
-        handed = sign_order(world.wallet.mall_key, p) if sign_order is not None else p
-        r = h.b.post("/api/fills", {"card": h.card, "purchase": handed,
-                                    "return_url": f"{world.wallet.url('mall')}/shop/"})
-        assert r.status_code == 400 and "purse" in r.json()["reason"]
-    finally:
-        h.close()
-
-
 def test_the_mailed_cards_purse_names_its_number(world: World) -> None:
     """The purse's application serial is ``0000`` + the card number: what the gateway binds
     a load and a purse payment to (its holder file is empty: test_wallet_network)."""

@@ -10,7 +10,10 @@ the balance, debits the card and reports the movement to the payment gateway (st
 
 Answers to the mall: 200 approved; 402 declined (balance too low); 403 the card's details
 were not filled by a wallet for this purchase, a wrong secret, or another mall's purchase;
-404 no such card; 410 expired; 423 the card is locked; 502 the financial system's answer is
+404 no such card; 409 a real card whose purse has not paid this purchase (the financial
+system approves a real card only on the gateway's debit of the purchase, which the gateway
+makes over its own link once the purse's payment is verified); 410 expired; 423 the card is
+locked; 502 the financial system's answer is
 unknown: ask again. The VAN keeps no state to tell a retry from a copy, so a request asked
 again gets the first outcome with ``"repeated": true``: never a second debit.
 ``GET /v1/health``, ``GET /openapi.json``.

@@ -249,6 +249,16 @@ class FinServer(WalletServer):
                                            "locked": "the card is locked after too many "
                                                      "wrong secrets",
                                            "unknown": "no such card"}[found])
+        if await self.sql(L.card_kind, self.engine, card) == "real":
+            # its value is in its purse: approved only on the gateway's debit of THIS
+            # purchase, which it makes over its link once the purse paid it (never here)
+            paid = await self.sql(L.van_purse_approval, self.engine, ref, card,
+                                  "mall:" + p["mall"], p["amount"], p["currency"])
+            if paid is None:
+                raise Refused(409, 409, "the real card's purse has not paid this purchase: "
+                                        "the member's wallet pays it with the card first")
+            note(txn=ref, step="van-purse", outcome="repeated" if paid.repeated else "done")
+            return ok(paid.answer(ref))
         outcome = await self._moved(ref, "debit", card, "mall:" + p["mall"], p["amount"],
                                     p["currency"], None, p["order"])
         # asked again (a VAN's retry after a lost answer, or a copy): the first outcome,

@@ -108,6 +108,14 @@ issues = Table(
     Column("at", BigInteger, nullable=False),
 )
 
+# embodiment 3 with a real card: the VAN approvals given, one per purchase (``pay:PURCHASE``):
+# a mall's request asked again is answered "repeated"
+van_purse = Table(
+    "wf_van_purse", metadata,
+    Column("ref", String(64), primary_key=True),
+    Column("at", BigInteger, nullable=False),
+)
+
 outbox = Table(
     "wf_outbox", metadata,
     Column("ref", String(64), primary_key=True),

@@ -246,3 +246,31 @@ def pending_reports(engine: Engine, limit: int = 100) -> list[dict[str, Any]]:
 def mark_sent(engine: Engine, refs: list[str]) -> None:
     with step(engine) as conn:
         conn.execute(update(D.outbox).where(D.outbox.c.ref.in_(refs)).values(sent=1))
+
+
+def card_kind(engine: Engine, number: str) -> str | None:
+    """``virtual`` or ``real``, or None for no such card."""
+    with reading(engine) as conn:
+        return conn.execute(select(D.cards.c.kind).where(D.cards.c.number == number)).scalar()
+
+
+def van_purse_approval(engine: Engine, ref: str, card: str, source: str, amount: int,
+                       currency: int) -> Outcome | None:
+    """Embodiment 3 with a real card: the VAN's approval of purchase ``ref`` (``pay:ID``),
+    given only on the gateway's debit of the same ref (made over its authenticated link once
+    the card's purse paid that purchase, gateway/purse.py ``mirror``) for this card, mall,
+    amount and currency. One step: that debit checked and the approval recorded (a second
+    ask is ``repeated``). None: the purse has not paid this purchase (nothing recorded)."""
+    m, v = D.movements.c, D.van_purse.c
+    with step(engine) as conn:
+        paid = conn.execute(select(D.movements).where(m.ref == ref)).first()
+        if paid is None or paid.result != D.DONE or paid.kind != "debit" or (
+                paid.card, paid.source, paid.amount, paid.currency) != (
+                card, source, amount, currency):
+            return None
+        before = conn.execute(select(v.ref).where(v.ref == ref)).first() is not None
+        if not before:
+            conn.execute(insert(D.van_purse).values(ref=ref, at=now_ms()))
+        balance = conn.execute(select(D.cards.c.balance).where(
+            D.cards.c.number == card)).scalar()
+    return Outcome(D.DONE, "", balance, repeated=before)

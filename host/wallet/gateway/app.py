@@ -218,11 +218,8 @@ class GatewayServer(WalletServer):
         card, p, back = await self.checked_choice(member, data)
         await self.verify_secret(card, secret)
         real = await self.card_kind(member, card) == "real"
-        if real and p["mall"] not in self.purse().merchants:
-            raise Refused(400, 400, "purchase.mall: this mall takes no real card here")
-        if real and p["amount"] > min(self.purse().balance_limit, 0xFFFFFFFF):
-            # never payable by a purse (nor in a payment ticket's 32 bits): not stored
-            raise Refused(400, 400, "purchase.amount: more than a real card's purse can hold")
+        if real:   # a purchase its purse can pay here, else 400 and nothing stored
+            PU.payable(self, p)
         pid = await self.sql(X.store_choice, self.engine, member, card, p)
         if pid is None:
             raise Refused(409, 409, "this order has a card chosen already")

@@ -6,7 +6,9 @@ for the details of a card in the wallet to fill into a mall's payment form. The 
 checked as in embodiment 1 and stored ``filled``; the answer is the card's number and a
 one-time *profile* token (the purchase id and a MAC binding it to the card, mall, order,
 amount, currency and expiry; see ``links.fill_mac``). The secret is not stored anywhere the
-gateway can read it back: the member types it, and the wallet page fills it in.
+gateway can read it back: the member types it, and the wallet page fills it in. A *real*
+card's fill also answers a purse checkout token (purse.py: one order per purchase); the page
+has the card helper pay it before it fills the form.
 
 ``POST /v1/card-payments`` (a mall's link; FIG. 5 step c6): the mall's own record of the
 purchase with the card number, secret and profile token from its form. The gateway checks the
@@ -14,7 +16,8 @@ token (made for this card and this purchase: another member's card, or a token f
 order, fails), that the order was filled and not yet paid (the mall's own exact payment
 asked again after it was approved or declined, secret included, gets 409 with ``state`` and
 ``approval``, as in embodiment 1; anything else 409 alone), then has the financial system check
-the secret (five wrong ones lock the card), then matches every field in one conditional UPDATE
+the secret (five wrong ones lock the card; a real card: 409 first, unless its purse paid
+THIS purchase, ``purse.purse_paid``), then matches every field in one conditional UPDATE
 (``filled`` -> ``approving``) and asks for the debit under the ref ``pay:PURCHASE``.
 
 ``POST /v1/reports`` (the financial system's link, party ``fin``): movements on cards
@@ -39,6 +42,7 @@ from ..links import ID, NUMBER, PROFILE, SECRET, check_profile, profile_token, p
 from . import db as D
 from . import loading as LD
 from . import matching as X
+from . import purse as PU
 from .journal import record
 
 if TYPE_CHECKING:
@@ -54,16 +58,19 @@ LAST_MS = 253_402_300_799_999   # the end of year 9999: a report's day must be a
 async def fill(server: GatewayServer, request: Request) -> Response:
     member, data = await server._member(request)
     card, p, back = await server.checked_choice(member, data)
-    if await server.card_kind(member, card) == "real":
-        # its value is in its purse: only the purse's own purchase may spend it (purse.py)
-        raise Refused(400, 400, "card: a real card pays with its purse (embodiment 1, "
-                                "through the card helper), not with filled-in details")
+    real = await server.card_kind(member, card) == "real"
+    if real:
+        # its value is in its purse: the purse pays first (purse.py), the form is filled after
+        PU.payable(server, p)
     pid = await server.sql(X.store_choice, server.engine, member, card, p, D.FILLED)
     if pid is None:
         raise Refused(409, 409, "this order has a card chosen already")
     note(txn=pid, step="fill")
-    return ok({"card": card, "profile": profile_token(server.config.fin_key, pid, card, p),
-               "return_url": back})
+    answer = {"card": card, "profile": profile_token(server.config.fin_key, pid, card, p),
+              "return_url": back}
+    if real:   # one purse order per purchase: the helper pays it before the form is sent
+        answer["checkout"] = PU.checkout_token(server.config.secret_key, pid)
+    return ok(answer)
 
 
 async def card_payment(server: GatewayServer, request: Request) -> Response:
@@ -89,10 +96,24 @@ async def card_payment(server: GatewayServer, request: Request) -> Response:
             found["state"] not in (D.FILLED, D.APPROVING):
         # checked before the secret: a mall cannot try secrets of cards not filled for it
         raise Refused(409, 409, "the card details do not match what the wallet filled in")
+    real = await server.card_kind(found["member"], card) == "real"
+    if real and found["state"] == D.FILLED:
+        # a real card: approved only once its purse paid THIS purchase (purse.py)
+        paid = await server.sql(PU.purse_paid, server.engine, pid)
+        if paid is None or (paid["card"], paid["amount"], paid["currency"]) != (
+                card, found["amount"], found["currency"]):
+            raise Refused(409, 409, "the real card's purse has not paid this purchase")
     await server.verify_secret(card, secret)
     how, matched = await server.sql(X.match, server.engine, p, server.now_ms(), D.FILLED,
                                     {"id": pid, "card": card})
-    return await server.answer_match(p, how, matched, fresh=found["state"] == D.FILLED)
+    if how == "expired" and real:
+        # the purse paid before the purchase expired: its value is the mall's already
+        how, matched = await server.sql(PU.match_paid, server.engine, p, server.now_ms(),
+                                        D.FILLED, {"id": pid, "card": card})
+    # a real card's debit was made when its purse paid (purse.mirror, the same ref): that
+    # "repeated" debit is this approval's own, not the VAN's
+    return await server.answer_match(p, how, matched,
+                                     fresh=found["state"] == D.FILLED and not real)
 
 
 def _report(item: Any) -> dict[str, Any]:

@@ -148,21 +148,21 @@ def mark_paid(engine: Engine, txn_id: str, digest: str, receipt: str) -> bool:
             state=PAID, confirmation=digest, receipt=receipt, updated=now_ms())).rowcount)
 
 
-def match_paid(engine: Engine, p: dict[str, Any], now: int
-               ) -> tuple[str, dict[str, Any] | None]:
+def match_paid(engine: Engine, p: dict[str, Any], now: int, state: str = D.CHOSEN,
+               extra: dict[str, str] | None = None) -> tuple[str, dict[str, Any] | None]:
     """:func:`matching.match` for a purchase its card's purse paid before it expired:
     ``chosen`` -> ``approving`` whatever the time, if every field equals the mall's view and
     a paid order of the same card, amount and currency exists (both in ONE conditional
     UPDATE). (``matched``, the purchase), else (its state, or ``expired``, and it)."""
     c = D.purchases.c
-    wanted = {column: p[name] for name, column in X.FIELDS.items()}
+    wanted = {column: p[name] for name, column in X.FIELDS.items()} | (extra or {})
     evidence = select(orders.c.txn_id).where(
         orders.c.purchase == c.id, orders.c.state == PAID, orders.c.card == c.card,
         orders.c.amount == c.amount, orders.c.currency == c.currency).exists()
     with step(engine) as conn:
         done = conn.execute(update(D.purchases).where(
             *[c[column] == value for column, value in wanted.items()],
-            c.state == D.CHOSEN, evidence).values(state=D.APPROVING, updated=now)).rowcount
+            c.state == state, evidence).values(state=D.APPROVING, updated=now)).rowcount
         row = conn.execute(select(D.purchases).where(
             c.mall == p["mall"], c.mall_order == p["order"])).first()
     found = dict(row._mapping) if row is not None else None
@@ -191,8 +191,18 @@ def unmirrored(engine: Engine, since: int) -> list[str]:
     with reading(engine) as conn:
         rows = conn.execute(select(orders.c.purchase).join(
             D.purchases, c.id == orders.c.purchase).where(
-            orders.c.state == PAID, orders.c.updated >= since, c.state == D.CHOSEN)).all()
+            orders.c.state == PAID, orders.c.updated >= since,
+            c.state.in_((D.CHOSEN, D.FILLED)))).all()
     return [str(r[0]) for r in rows]
+
+
+def payable(server: GatewayServer, p: dict[str, Any]) -> None:
+    """A purchase a real card's purse can pay here, else Refused (400), nothing stored."""
+    if p["mall"] not in server.purse().merchants:
+        raise Refused(400, 400, "purchase.mall: this mall takes no real card here")
+    if p["amount"] > min(server.purse().balance_limit, 0xFFFFFFFF):
+        # never payable by a purse (nor in a payment ticket's 32 bits)
+        raise Refused(400, 400, "purchase.amount: more than a real card's purse can hold")
 
 
 # --- the card helper's requests ---------------------------------------------------------------
@@ -207,7 +217,7 @@ async def checkout(server: GatewayServer, request: Request) -> Response:
         raise Refused(403, 403, "not a checkout this gateway made")
     found = await server.sql(X.purchase, server.engine, pid)
     now = server.now_ms()
-    if found is None or found["state"] != D.CHOSEN:
+    if found is None or found["state"] not in (D.CHOSEN, D.FILLED):
         raise Refused(409, 409, "this purchase is not waiting for its card's payment")
     if found["expires"] <= now:
         raise Refused(410, 410, "the purchase expired")
@@ -330,7 +340,7 @@ async def mirror(server: GatewayServer, pid: str) -> None:
     agree with its purse). Best effort: an unreachable financial system is asked again by
     the approval."""
     found = await server.sql(X.purchase, server.engine, pid)
-    if found is None or found["state"] != D.CHOSEN:
+    if found is None or found["state"] not in (D.CHOSEN, D.FILLED):
         return   # the approval has asked for (or made) the same debit already
     status, _ = await server.ask_fin_quietly("/v1/debits", {
         "ref": "pay:" + pid, "card": found["card"], "amount": found["amount"],
