@@ -5,9 +5,10 @@ holding that card), add a bank account and charge the card from it (the page has
 run seed 002's load flow, the gateway in the bank's role: the purse really holds the value),
 then buy at the demo mall with the wallet button (embodiment 1: the page has the helper pay
 the purchase by the card's own purse, then the mall asks the gateway, which approves only on
-that purse payment). Embodiment 2 does not apply to a real card (its value is in its purse;
-filled-in details would spend the financial system's copy of it): the gateway refuses the
-fill (tests/test_wallet_realcard.py). Screenshots of each page go to the test's tmp dir."""
+that purse payment), then again with the card's details filled into the mall's form
+(embodiment 2: the page has the helper pay the purchase by the purse first, then fills the
+form; the gateway approves the mall's card payment only on that purse payment, and fin's copy
+is debited once). Screenshots of each page go to the test's tmp dir."""
 
 from __future__ import annotations
 
@@ -121,6 +122,33 @@ def test_a_real_card_charged_and_paying_through_the_helper(browser: Any,  # noqa
         # anonymity: nothing the mall received names the member or carries the session
         seen = json.dumps(stack.mall.seen)
         for leak in ("chipper", "chip and pin", secret, COOKIE, token):
+            assert leak not in seen, leak
+        # embodiment 2: the wallet fills the real card's details once its purse has paid
+        browser.get(f"{stack.url('mall')}/shop/")
+        wait("the mall's total", lambda: by_id(browser, "total").text == "CNY 21.00")
+        by_id(browser, "wallet-button").click()
+        wait("the wallet's purchase box", lambda: by_id(browser, "pay-form").is_displayed())
+        Select(by_id(browser, "pay-card")).select_by_value(number)
+        by_id(browser, "pay-secret").send_keys(secret)
+        by_id(browser, "fill").click()
+        wait("the mall's filled form", lambda: browser.current_url.startswith(
+            stack.url("mall")) and by_id(browser, "card-form").is_displayed()
+            and by_id(browser, "result").get_attribute("data-state") == "filled", timeout=90)
+        assert purse(image) == 800   # the purse paid before the form was filled
+        assert by_id(browser, "card-number").get_attribute("value") == number
+        shot(browser, tmp_path, "6-mall-form-real")
+        by_id(browser, "pay-gateway").click()
+        result = wait("the mall's result", lambda: by_id(browser, "result").get_attribute(
+            "data-state") in ("approved", "declined", "error") and by_id(browser, "result"))
+        shot(browser, tmp_path, "7-paid-filled-real")
+        assert result.get_attribute("data-state") == "approved", result.text
+        browser.get(f"{web}/wallet")
+        row = wait("the card's row", lambda: browser.find_elements(
+            "css selector", f'tr[data-number="{number}"] .balance'))
+        assert row[0].text == "CNY 8.00" and purse(image) == 800
+        # embodiment 2 gives the mall the card's number and secret (its form), never the member
+        seen = json.dumps(stack.mall.seen)
+        for leak in ("chipper", "chip and pin", COOKIE, token):
             assert leak not in seen, leak
         # a page from another origin calling the helper: refused, and nothing ran
         refused = helper.refused

@@ -305,6 +305,14 @@ async function fill() {
                                               purchase: incoming.purchase,
                                               return_url: incoming.return_url});
   if (r.status !== 200) { say("error", `Not filled: ${r.data.reason}`); return; }
+  if (r.data.checkout) {
+    // a real card: its purse pays this purchase first (the card helper); the mall's payment
+    // request is approved only once it has
+    say("busy", "The real card pays through the card helper...");
+    const view = await helperJob("/v1/pay", {checkout_url: `${window.location.origin}/purse/checkout/${r.data.checkout}`,
+                                             card_serial: `0000${$("pay-card").value}`});
+    if (view.state !== "paid") { say("error", `The card did not pay: ${view.message}`); return; }
+  }
   say("paid", "Card details filled: back to the mall's form.");
   const details = encodeURIComponent(JSON.stringify({card: r.data.card, secret,
                                                      profile: r.data.profile}));
