@@ -312,3 +312,38 @@ def test_a_pickup_names_more_than_64_held_goods(
             "device": device.id, "card": f"{serial:020d}", "issuer": "0102030405060708",
             "challenge": "00000000", "held": held + mine, "created": now()})
     assert refused.value.status in (400, 413), str(refused.value)
+
+
+# --- 6. the fulfilment server's file holds the goods key only ----------------------------------
+def test_the_fulfilment_server_reads_a_file_of_the_goods_key_only(tmp_path: Path) -> None:
+    """It loaded the whole demo issuer file (purchase, load and TAC master keys) to use its
+    [goods_key]; now `svcard goods init` writes goods-key.toml, goods.toml names it, and an
+    issuer file is still taken, only its [goods_key] read and kept."""
+    import stat
+
+    from svcard.card.personalise import load_issuer
+    from svcard.host.goods.config import goods_config
+    from svcard.host.goods.server.fulfil import FulfilServer, key_service
+    from svcard.host.goods.stack import write_system
+    from svcard.host.terminal.goods_key import GoodsKeyService
+    path = write_system(tmp_path / "sys")
+    config = goods_config(path, "fulfil")
+    assert config.goods_issuer == tmp_path / "sys" / "goods-key.toml"
+    text = config.goods_issuer.read_text()
+    issuer = load_issuer(tmp_path / "sys" / "goods-issuer.toml")
+    assert "goods_key" in text and "purchase_keys" not in text and "tac" not in text
+    assert issuer.tac.hex().upper() not in text.upper()
+    assert stat.S_IMODE(config.goods_issuer.stat().st_mode) == 0o600
+    serial, challenge, record = bytes(range(10)), b"\x01\x02\x03\x04", bytes(40)
+    want = GoodsKeyService.from_issuer(issuer).mac(serial, challenge, 0xDC, 1, 0x8C, record)
+    for source in (config.goods_issuer, tmp_path / "sys" / "goods-issuer.toml"):
+        assert key_service(source).mac(serial, challenge, 0xDC, 1, 0x8C, record) == want
+    server = FulfilServer(config)
+    try:
+        assert server.keys.mac(serial, challenge, 0xDC, 1, 0x8C, record) == want
+    finally:
+        server.close()
+    bad = tmp_path / "no-key.toml"
+    bad.write_text('issuer_id = "0102030405060708"\n')
+    with pytest.raises(ValueError, match=r"no-key\.toml: goods_key"):
+        key_service(bad)

@@ -97,7 +97,8 @@ def goods() -> None:
 @json_option
 def init_cmd(folder: Path, as_json: bool) -> None:
     """Write a demo goods system into FOLDER: goods.toml, a key file per party (0600), the
-    issuer file with its [goods_key] and a demo PSAM image for goods the purse pays
+    issuer file of the demo cards, goods-key.toml (the fulfilment server's goods key only,
+    0600) and a demo PSAM image for goods the purse pays
     (``svcard serve goods-payment --psam virtual:FOLDER/goods-psam1.json``) (TEST KEYS)."""
     from .stack import psam_images, write_system
 

@@ -19,7 +19,8 @@ each party's id, URL and PUBLIC key, with the serving party's private key given 
     db = "sqlite:///merchant.db"
     issuer_id = "2000000000000002"     # the merchant as the issuer of its goods records
     # [parties.payment], [parties.auth], [parties.bank] (+ seal_key), [parties.fulfil]
-    # (+ goods_issuer = "issuer.toml": the issuer file whose [goods_key] it holds)
+    # (+ goods_key = "goods-key.toml": the file of its goods key only; goods_issuer =
+    # "issuer.toml", an issuer file, is still taken: only its [goods_key] is read and kept)
     [[item]]
     sku = "ticket"
     kind = "ticket"                    # ticket, coupon, transit, voucher
@@ -122,7 +123,8 @@ class PartyEntry(Section):
     db: str | None = Field(default=None, max_length=1000)
     issuer_id: Hex8 | None = None           # merchant
     seal_key: Hex32 | None = None           # bank
-    goods_issuer: str | None = Field(default=None, max_length=1000)   # fulfil
+    goods_issuer: str | None = Field(default=None, max_length=1000)   # fulfil (the old way)
+    goods_key: str | None = Field(default=None, max_length=1000)      # fulfil
 
 
 class ItemEntry(Section):
@@ -185,9 +187,10 @@ def goods_config(path: Path, role: str, db_url: str | None = None) -> PartyConfi
                          purse_session_seconds=f.purse_session_seconds)
     issuer = None
     if role == "fulfil":
-        if fulfil.goods_issuer is None:
-            raise ConfigError(f"{path}: parties.fulfil.goods_issuer: the issuer file holding "
-                              "[goods_key] is needed")
-        issuer = (path.parent / fulfil.goods_issuer)
+        name = fulfil.goods_key or fulfil.goods_issuer
+        if name is None:
+            raise ConfigError(f"{path}: parties.fulfil.goods_key: the file of the fulfilment "
+                              "server's goods key is needed")
+        issuer = path.parent / name
     url = db_url or me.db or f"sqlite:///{path.parent / (role + '.db')}"
     return PartyConfig(role, system, me.private_key, url, issuer)

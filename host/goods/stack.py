@@ -21,10 +21,9 @@ from typing import Any
 import httpx
 
 from ...card.image import save_new_image
-from ...card.personalise import image_from_profile, load_issuer
+from ...card.personalise import image_from_profile
 from ...fixtures import fixture_path
 from ..kit.serving import ServerThread, free_port
-from ..terminal.goods_key import GoodsKeyService
 from ..terminal.reader_specs import open_reader
 from . import wire as W
 from .config import ROLES, GoodsSystem, Item, PartyConfig, Peer
@@ -32,11 +31,12 @@ from .device import Device
 from .server.auth import AuthServer
 from .server.bank import BankServer, add_account
 from .server.common import PartyServer
-from .server.fulfil import FulfilServer
+from .server.fulfil import FulfilServer, key_service, write_goods_key
 from .server.merchant import MerchantServer
 from .server.payment import PaymentServer
 
 GOODS_MASTER = "5B1E0D94A4C2377F8E21C6B0FD3390A7"   # TEST KEY ONLY
+GOODS_KEY_FILE = "goods-key.toml"   # the fulfilment server's: the goods key only
 MERCHANT_ISSUER = bytes.fromhex("2000000000000002")
 DEMO_ITEMS = (Item("ticket", "ticket", 1250, "Museum e-ticket", value=1250),
               Item("coupon", "coupon", 100, "Coffee coupon", value=200),
@@ -50,11 +50,13 @@ SERVERS: dict[str, type[PartyServer]] = {
 
 
 def write_issuer(folder: Path) -> Path:
-    """The demo issuer file with a ``[goods_key]`` (TEST KEY)."""
+    """The demo issuer file with a ``[goods_key]`` (TEST KEY; for the demo cards), and
+    ``goods-key.toml`` beside it: the goods key only, the fulfilment server's file."""
     path = folder / "goods-issuer.toml"
     path.write_text(fixture_path("demo-issuer.toml").read_text()
                     + f'\n[goods_key]\nindex = 1\nversion = 1\nalgorithm = 0\n'
                       f'master_key = "{GOODS_MASTER}"\n')
+    write_goods_key(folder / GOODS_KEY_FILE, path)
     return path
 
 
@@ -149,8 +151,7 @@ class GoodsStack:
 def _server(role: str, config: PartyConfig, clock: Callable[[], float],
             folder: Path, psams: list[Path] | None = None) -> PartyServer:
     if role == "fulfil":
-        keys = GoodsKeyService.from_issuer(load_issuer(folder / "goods-issuer.toml"))
-        return FulfilServer(config, clock=clock, keys=keys)
+        return FulfilServer(config, clock=clock, keys=key_service(folder / GOODS_KEY_FILE))
     if role == "payment" and psams:
         return PaymentServer(config, clock=clock,
                              psams=[open_reader(f"virtual:{p}") for p in psams])
@@ -213,7 +214,7 @@ def write_system(folder: Path, ports: dict[str, int] | None = None) -> Path:
         if r == "bank":
             lines.append(f'seal_key = "{W.seal_public_of(keys[r]).hex()}"')
         if r == "fulfil":
-            lines.append('goods_issuer = "goods-issuer.toml"')
+            lines.append(f'goods_key = "{GOODS_KEY_FILE}"')
         lines.append("")
     for i in DEMO_ITEMS:
         lines += ["[[item]]", f'sku = "{i.sku}"', f'name = "{i.name}"', f'kind = "{i.kind}"',

@@ -26,6 +26,7 @@ be on the card; its pick-up completes it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ....card.personalise import load_issuer
+from ....card.keys import KeyEntry
+from ....card.personalise import MasterKey, load_issuer
+from ....card.toml_schema import Hex8, Section, check, read_document
 from ....protocols import goods as G
+from ...kit.config import ConfigError
 from ...kit.db import reading, step
 from ...kit.http import Refused
 from ...terminal.goods_key import GoodsKeyService
@@ -47,7 +51,7 @@ from .common import REPLY, Unreachable, handled, read_one
 from .payment import DIGITAL_FIELDS
 from .purse_fulfil import SFI_OF_KIND, PurseFulfil
 
-__all__ = ["SFI_OF_KIND", "FulfilServer", "key_service"]
+__all__ = ["SFI_OF_KIND", "FulfilServer", "key_service", "write_goods_key"]
 GOODS_FIELDS: dict[str, W.Checker] = {
     "order": W.ORDER, "card": W.SERIAL, "device": W.DEVICE, "challenge": W.CHALLENGE_OR_NONE,
     "digital_order": W.INNER, "merchant_signature": W.SIGNATURE_HEX,
@@ -59,10 +63,53 @@ PICKUP_FIELDS: dict[str, W.Checker] = {"device": W.DEVICE, "card": W.SERIAL,
                                        "held": W.GOOD_KEYS, "created": W.SECONDS}
 
 
+class GoodsKeyFile(Section):
+    """``goods-key.toml`` (``svcard goods init`` writes it): the goods key and what its
+    diversification needs, nothing else. An issuer file is taken too: only these fields of it
+    are read; its purse and TAC master keys are dropped unchecked, never kept."""
+
+    issuer_id: Hex8
+    diversify_by_issuer: bool = False
+    goods_key: MasterKey
+
+
 def key_service(path: Path | None) -> GoodsKeyService:
+    """The fulfilment server's goods key service from the file at ``path`` (a goods key file
+    or an issuer file with ``[goods_key]``); ValueError naming the file and field."""
     if path is None:
-        raise ValueError("the fulfilment server needs the issuer file with [goods_key]")
-    return GoodsKeyService.from_issuer(load_issuer(path))
+        raise ValueError("the fulfilment server needs the goods key file (goods_key = ...)")
+    try:
+        document = read_document(path, ConfigError)
+        if document.get("goods_key") is None:
+            raise ConfigError(f"{path}: goods_key: missing (the fulfilment server's key)")
+        fields = ("issuer_id", "diversify_by_issuer", "goods_key")
+        kept: dict[str, Any] = {k: document[k] for k in fields if k in document}
+        del document   # the issuer file's other keys: never kept
+        f = check(GoodsKeyFile, kept, path, ConfigError)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    k = f.goods_key
+    entry = KeyEntry(k.index, k.version, k.algorithm, k.master_key)
+    return GoodsKeyService(entry, f.issuer_id if f.diversify_by_issuer else None)
+
+
+def write_goods_key(path: Path, issuer_path: Path) -> Path:
+    """The goods key file at ``path`` (mode 0600) from the issuer file at ``issuer_path``:
+    its id, diversification and ``[goods_key]`` only."""
+    issuer = load_issuer(issuer_path)
+    if issuer.goods is None:
+        raise ValueError(f"{issuer_path}: goods_key: missing")
+    g = issuer.goods
+    text = ("# the goods key only, for the fulfilment server (a TEST KEY when written by "
+            f'svcard goods init)\nissuer_id = "{issuer.issuer_id.hex().upper()}"\n'
+            f"diversify_by_issuer = {'true' if issuer.two_level else 'false'}\n\n"
+            f"[goods_key]\nindex = {g.index}\nversion = {g.version}\n"
+            f'algorithm = {g.algorithm}\nmaster_key = "{g.key.hex().upper()}"\n')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(path, 0o600)   # a file there before keeps its mode through O_CREAT
+    return path
 
 
 class FulfilServer(PurseFulfil):
