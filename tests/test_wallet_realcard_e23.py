@@ -182,3 +182,59 @@ def test_embodiment_3_another_purchases_purse_payment_approves_nothing(world: Wo
         assert h.purse_balance() == 4_200 == fin_balance(world, h)
     finally:
         h.close()
+
+
+def test_raced_and_late_requests_approve_once(world: World) -> None:
+    """16 copies of the mall's request at once, at the gateway and at the VAN: one debit, one
+    first answer; a purchase its purse paid in time is approved when the mall asks late."""
+    from concurrent.futures import ThreadPoolExecutor
+    h = loaded_holder(world, "e23race", 6_000)
+    try:
+        p, q = new_purchase(1_000), new_purchase(1_000)
+        fp, fq = fill(world, h, p), fill(world, h, q)
+        assert pay_purse(world, h, fp["checkout"], h.card)["state"] == "paid"
+        assert pay_purse(world, h, fq["checkout"], h.card)["state"] == "paid"
+        with ThreadPoolExecutor(16) as pool:
+            at_gateway = list(pool.map(lambda _: gateway_pay(world, p, form(h, fp)), range(16)))
+            at_van = list(pool.map(lambda _: van_pay(world, q, form(h, fq)), range(16)))
+        assert sum(1 for s, a in at_gateway if s == 200 and a["approved"]) == 1, at_gateway
+        assert all(s in (200, 409) for s, _ in at_gateway), at_gateway
+        assert all(s == 200 for s, _ in at_van), at_van
+        assert sum(1 for _, a in at_van if not a["repeated"]) == 1, at_van
+        assert sorted(a for _, a in debits_of(world, h.card)) == [1_000, 1_000]
+        assert h.purse_balance() == 4_000 == fin_balance(world, h)
+        # paid in time, asked after the purchase expired: approved (the value is the mall's)
+        late = {**new_purchase(500), "expires": int((time.time() + 3) * 1000)}
+        fl = fill(world, h, late)
+        assert pay_purse(world, h, fl["checkout"], h.card)["state"] == "paid"
+        deadline = time.monotonic() + 10
+        while time.time() * 1000 <= late["expires"] + 50:   # past its expiry
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status, answer = gateway_pay(world, late, form(h, fl))
+        assert status == 200 and answer["approved"], answer
+        assert h.purse_balance() == 3_500 == fin_balance(world, h)
+    finally:
+        h.close()
+
+
+def test_another_card_paying_the_checkout_approves_nothing(world: World) -> None:
+    """Another member's real card pays this purchase's checkout (a client naming no card):
+    the gateway refuses it as this purchase's payment; the mall is refused both ways."""
+    h = loaded_holder(world, "e23own", 3_000)
+    other = loaded_holder(world, "e23thief", 3_000)
+    try:
+        p = new_purchase(600)
+        fp = fill(world, h, p)
+        view = pay_purse(world, other, fp["checkout"])
+        assert view["state"] in ("pending", "refused"), view
+        assert gateway_pay(world, p, form(h, fp))[0] == 409
+        assert van_pay(world, p, form(h, fp))[0] == 409
+        assert h.purse_balance() == 3_000 == fin_balance(world, h)
+        assert debits_of(world, h.card) == []
+        # a truncated request at the VAN: 400, nothing relayed as a payment
+        status, _ = van_pay(world, {k: v for k, v in p.items() if k != "amount"}, form(h, fp))
+        assert status == 400
+    finally:
+        h.close()
+        other.close()
