@@ -357,3 +357,22 @@ def test_on_the_command_line(stack: TradeStack, http: httpx.Client, tmp_path: Pa
     assert not after.pending and after.spent == 2 and after.orders[-1]["item"] == "song"
     r = run.invoke(svcard_main, ["session", "buy", "tea", "--state", str(state)])
     assert r.exit_code == 0 and held(stack, s) == 3, r.output
+
+
+def test_no_release_after_the_sessions_expiry(stack: TradeStack, http: httpx.Client) -> None:
+    """The agent ends a session at its expiry without asking the customer: a link released
+    after that could reach no record, so the release step refuses it (and K2 stays)."""
+    s = opened(stack, http)
+    buyer.buy_product(http, s, "song", 1)
+    _, acceptance, _, order = offer_and_acceptance(http, s)
+    body = json.loads(acceptance)["acceptance"]
+    with pytest.raises(Refused) as got:
+        party.release(stack.acquirer.engine, s.session, order, body["unique"],
+                      acceptance.decode(), "00" * 92, s.expires + 1, body["link"])
+    assert got.value.status == 409 and "ended" in got.value.reason
+    row = first_row(stack.acquirer.engine, D.acq_deliveries, session=s.session)
+    assert row is not None and row["answer"] is None
+    # before the expiry the same acceptance releases
+    assert party.release(stack.acquirer.engine, s.session, order, body["unique"],
+                         acceptance.decode(), "00" * 92, s.expires - 1, body["link"]) \
+        == "00" * 92
