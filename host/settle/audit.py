@@ -29,8 +29,8 @@ moved to the issuer's float; the float's ledger balance; bank loads by state. Ch
 10. with the goods parties' databases (``goods_dbs``, seed 000; :mod:`.goods_books`): bank
    debits = goods paid, every good written or refunded (never both), refunds = bank credits,
    no good twice (also on the cards read, ``card_goods``); goods on their way listed.
-11. with the trading-session parties' databases (``trade_dbs``, seed 004; :mod:`.trade_books`):
-   each mediating agent's postings sum to zero and its rounding account holds its
+11. with the trading-session parties' databases (``trade_dbs``, seed 004; its records module's
+   ``audit_trade``): each mediating agent's postings sum to zero and its rounding account holds its
    conversions' leftovers, per currency; each customer and merchant got, per currency, what
    the agents booked to them; every withdrawal and deposit record matches its clearing.
 
@@ -56,12 +56,12 @@ from sqlalchemy import select
 from ..kit.db import now_ms
 from ..load import records as load_records
 from ..pay import records as pay_records
+from ..trade import records as trade_records
 from . import sources
 from .db import batches, cleared_keys, ledger_balances, records, uncleared
 from .goods_books import audit_goods
 from .sources import card_balances, check_sources, clearing_engine, psam_open_batches
 from .sp_books import audit_sp
-from .trade_books import audit_trade
 
 __all__ = ["AuditReport", "audit", "card_balances", "check_sources", "psam_open_batches"]
 
@@ -291,7 +291,7 @@ def audit(cards: dict[str, int], *, payment_dbs: tuple[str, ...] = (),
     figures.update(sp.figures)
     goods = audit_goods(goods_dbs, now=now, max_age_ms=max_age_ms, card_goods=card_goods)
     figures.update(goods.figures)
-    trade = audit_trade(trade_dbs)
+    trade = trade_records.audit_trade(trade_dbs)
     figures.update(trade.figures)
     return AuditReport(figures, checks + sp.checks + goods.checks + trade.checks,
                        bad + sp.discrepancies + goods.discrepancies + trade.discrepancies,

@@ -202,8 +202,8 @@ def audit_cmd(card_specs: tuple[str, ...], aid: bytes, payment_dbs: tuple[str, .
                   clearing_db=clearing_db)
     from ..goods.records import check_goods_db
     from ..sp.records import check_sp_db
+    from ..trade.records import check_trade_db
     from .goods_books import card_goods
-    from .trade_books import check_trade_db
 
     for url in sp_dbs:
         check_sp_db(url)

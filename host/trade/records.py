@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, inspect, select
+from sqlalchemy import Engine, func, inspect, select
 
+from ..kit.db import DatabaseError, masked_url, open_existing
 from . import db as D
 
 
@@ -245,3 +248,78 @@ def rounding(engine: Engine) -> dict[str, int]:
         if p["account"] == "rounding":
             out[p["currency"]] += p["minor"]
     return dict(out)
+
+
+# --- the trading sessions' part of ``svcard audit`` (host/settle/audit.py) ---------------
+TRADE_DB = "trading-session party database"
+ROLES: dict[str, Any] = {           # the table that tells each party's database
+    "acquirer": D.acq_postings, "account-manager": D.am_withdrawals,
+    "merchant-account": D.mam_deposits, "merchant": D.ma_purchases}
+
+
+@dataclass
+class TradeBooks:
+    figures: dict[str, int] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    discrepancies: list[str] = field(default_factory=list)
+    read: int = 0
+
+
+def _role(engine: Engine, url: str) -> str:
+    with engine.connect() as conn:
+        inspector = inspect(conn)
+        found = [role for role, table in ROLES.items() if inspector.has_table(table.name)]
+    if len(found) != 1:
+        raise DatabaseError(f"{masked_url(url)}: not a {TRADE_DB} (no mediating agent, "
+                            "account manager, merchant account manager or merchant tables)")
+    return found[0]
+
+
+def check_trade_db(url: str) -> str:
+    """The party whose database ``url`` is; DatabaseError if it is none (read only)."""
+    engine = open_existing(url, (), TRADE_DB)
+    try:
+        return _role(engine, url)
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _opened(urls: tuple[str, ...]) -> Iterator[dict[str, list[Engine]]]:
+    by_role: dict[str, list[Engine]] = {role: [] for role in ROLES}
+    with ExitStack() as stack:
+        for url in urls:
+            engine = open_existing(url, (), TRADE_DB)
+            stack.callback(engine.dispose)
+            by_role[_role(engine, url)].append(engine)
+        yield by_role
+
+
+def audit_trade(trade_dbs: tuple[str, ...]) -> TradeBooks:
+    """The trading sessions' books (see the module text); empty when ``trade_dbs`` is."""
+    out = TradeBooks()
+    if not trade_dbs:
+        return out
+    with _opened(trade_dbs) as by_role:
+        if not by_role["acquirer"]:
+            out.discrepancies.append("trade: the audit needs the mediating agents' databases "
+                                     "(--trade-db, one per operator)")
+            return out
+        b = books(by_role["acquirer"], by_role["account-manager"],
+                          by_role["merchant-account"])
+        for engine in by_role["acquirer"]:
+            with engine.connect() as conn:
+                out.read += int(conn.execute(select(func.count()).select_from(
+                    D.acq_sessions)).scalar_one())
+    out.discrepancies += [f"trade: {p}" for p in b.problems]
+    for code, minor in sorted(b.withdrawals.items()):
+        out.figures[f"trade withdrawals {code}"] = minor
+    for code, minor in sorted(b.deposits.items()):
+        out.figures[f"trade paid to merchants {code}"] = minor
+    for code, minor in sorted(b.held.items()):
+        out.figures[f"trade deposits held {code}"] = minor
+    for code, accounts in sorted(b.acquirer.items()):
+        out.checks.append({"name": f"trade postings {code} sum to 0",
+                           "left": sum(accounts.values()), "right": 0,
+                           "ok": not sum(accounts.values())})
+    return out
