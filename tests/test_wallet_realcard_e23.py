@@ -238,3 +238,42 @@ def test_another_card_paying_the_checkout_approves_nothing(world: World) -> None
     finally:
         h.close()
         other.close()
+
+
+def test_the_van_approval_step_raced_on_postgresql() -> None:
+    """fin's VAN approval of a real card (check the gateway's debit, record the approval) as
+    one step under PostgreSQL, where each copy runs in its own transaction: 16 at once give
+    one first approval and 15 repeated, no error; without the gateway's debit, none."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pg_env import start_cluster
+    from sqlalchemy import insert
+
+    from svcard.host.wallet.fin import db as D
+    from svcard.host.wallet.fin import ledger as L
+    cluster = start_cluster()
+    try:
+        engine = D.make_engine(cluster.new_database())
+        with engine.begin() as conn:
+            conn.execute(insert(D.cards).values(
+                number="9000000000000017", kind="real", state=D.ACTIVE, balance=400,
+                currency=156, secret_digest="0" * 64, failures=0, applicant="0" * 64,
+                created=0, updated=0))
+            conn.execute(insert(D.movements).values(
+                ref="pay:" + "a" * 32, kind="debit", card="9000000000000017",
+                source="mall:mall-1", amount=600, currency=156, digest="0" * 64,
+                result=D.DONE, reason="", at=0))
+
+        def ask(ref: str) -> L.Outcome | None:
+            return L.van_purse_approval(engine, ref, "9000000000000017", "mall:mall-1", 600,
+                                        156)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, ["pay:" + "a" * 32] * 16))
+        assert all(a is not None for a in answers)
+        assert sum(1 for a in answers if a is not None and not a.repeated) == 1
+        assert ask("pay:" + "b" * 32) is None                   # no gateway debit: none
+        assert L.van_purse_approval(engine, "pay:" + "a" * 32, "9000000000000017",
+                                    "mall:mall-1", 599, 156) is None   # another amount
+        engine.dispose()
+    finally:
+        cluster.stop()

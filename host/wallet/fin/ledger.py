@@ -261,6 +261,15 @@ def van_purse_approval(engine: Engine, ref: str, card: str, source: str, amount:
     the card's purse paid that purchase, gateway/purse.py ``mirror``) for this card, mall,
     amount and currency. One step: that debit checked and the approval recorded (a second
     ask is ``repeated``). None: the purse has not paid this purchase (nothing recorded)."""
+    try:
+        return _van_purse_approval(engine, ref, card, source, amount, currency)
+    except IntegrityError:
+        # PostgreSQL: a concurrent copy recorded the approval first; seen now, ``repeated``
+        return _van_purse_approval(engine, ref, card, source, amount, currency)
+
+
+def _van_purse_approval(engine: Engine, ref: str, card: str, source: str, amount: int,
+                        currency: int) -> Outcome | None:
     m, v = D.movements.c, D.van_purse.c
     with step(engine) as conn:
         paid = conn.execute(select(D.movements).where(m.ref == ref)).first()
