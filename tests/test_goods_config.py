@@ -25,7 +25,7 @@ def test_each_party_reads_its_own_key(tmp_path: Path) -> None:
         assert config.private_key == key and config.me.public_key == W.public_of(key)
         assert key.hex() not in repr(config) and key.hex().upper() not in repr(config)
     fulfil = goods_config(path, "fulfil")
-    assert fulfil.goods_issuer == tmp_path / "goods-issuer.toml"
+    assert fulfil.goods_issuer == tmp_path / "goods-key.toml"   # the goods key only (G4)
     assert {i.sku for i in fulfil.system.items.values()} == {"ticket", "coupon", "airtime",
                                                              "rides10"}
     device = Device("http://x", "auth1", bytes(32), W.new_key())
