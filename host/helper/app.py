@@ -25,7 +25,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -73,6 +73,9 @@ class LoadRequest(BaseModel):
     account: str = Field(min_length=1, max_length=128)
     secret: str = Field(min_length=1, max_length=128)
     amount: int = Field(ge=1, le=0xFFFFFFFF)
+
+
+_Body = TypeVar("_Body", PayRequest, LoadRequest)
 
 
 def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = None,
@@ -148,12 +151,16 @@ class CardHelper:
         return _answer(200, {"helper": "svcard", "paired": True,
                              "busy": self.payments.busy()})
 
-    async def pay(self, request: Request) -> Response:
+    async def _admitted(self, request: Request, model: type[_Body], field: str,
+                        refusal: str) -> tuple[_Body, str] | Response:
+        """The request's body and the origin of its ``field`` URL, or the answer refusing it:
+        the pairing token, the body's shape, and the page's own origin, which must be an
+        allowed one (a page may pay or load only through its own site)."""
         if (refused := self.unauthorised(request)) is not None:
             return refused
         try:
-            body = PayRequest.model_validate(await read_json(request, MAX_REQUEST))
-            shop = url_origin(body.checkout_url)
+            body = model.model_validate(await read_json(request, MAX_REQUEST))
+            site = url_origin(getattr(body, field))
         except Refused as exc:
             return _answer(exc.status, {"reason": exc.reason})
         except ValidationError as exc:
@@ -163,13 +170,21 @@ class CardHelper:
         except PairingError as exc:
             return _answer(400, {"reason": str(exc)})
         origin = request.headers.get("origin")
-        if shop not in self.origins or (origin is not None
-                                        and shop != normalise_origin(origin, "Origin")):
-            shops = ", ".join(sorted(self.origins))
-            return _answer(403, {"reason": "checkout_url: a page may pay only its own shop, "
-                                           f"and this helper pays only {shops}"})
+        if site not in self.origins or (origin is not None
+                                        and site != normalise_origin(origin, "Origin")):
+            return _answer(403, {"reason": refusal})
         if self.stopping:
             return _answer(503, {"reason": "the card helper is stopping"}, {"Retry-After": "5"})
+        return body, site
+
+    async def pay(self, request: Request) -> Response:
+        shops = ", ".join(sorted(self.origins))
+        admitted = await self._admitted(
+            request, PayRequest, "checkout_url",
+            f"checkout_url: a page may pay only its own shop, and this helper pays only {shops}")
+        if isinstance(admitted, Response):
+            return admitted
+        body, shop = admitted
         job = self.payments.start(body.checkout_url, card_serial=body.card_serial)
         if job is None:
             return _answer(409, {"reason": "the card is busy with another payment: try again "
@@ -180,26 +195,12 @@ class CardHelper:
     async def load(self, request: Request) -> Response:
         """``POST /v1/load``: load the card from the page's own bank (the same origin rule as a
         payment: a page may load only from its own site, and only an allowed one)."""
-        if (refused := self.unauthorised(request)) is not None:
-            return refused
-        try:
-            body = LoadRequest.model_validate(await read_json(request, MAX_REQUEST))
-            bank = url_origin(body.bank_url)
-        except Refused as exc:
-            return _answer(exc.status, {"reason": exc.reason})
-        except ValidationError as exc:
-            problem = exc.errors()[0]
-            where = ".".join(str(p) for p in problem["loc"]) or "body"
-            return _answer(400, {"reason": f"{where}: {problem['msg']}"})
-        except PairingError as exc:
-            return _answer(400, {"reason": str(exc)})
-        origin = request.headers.get("origin")
-        if bank not in self.origins or (origin is not None
-                                        and bank != normalise_origin(origin, "Origin")):
-            return _answer(403, {"reason": "bank_url: a page may load the card only from its "
-                                           "own site, and an allowed one"})
-        if self.stopping:
-            return _answer(503, {"reason": "the card helper is stopping"}, {"Retry-After": "5"})
+        admitted = await self._admitted(
+            request, LoadRequest, "bank_url",
+            "bank_url: a page may load the card only from its own site, and an allowed one")
+        if isinstance(admitted, Response):
+            return admitted
+        body, bank = admitted
         job = self.payments.start(body.bank_url, {"account": body.account,
                                                   "secret": body.secret,
                                                   "amount": body.amount})
