@@ -467,3 +467,25 @@ def test_a_psam_pulled_mid_close_is_503_and_its_batch_read_again(
     [batch] = close(stack, clearing)
     assert len(json.loads(batch.read_text())["records"]) == 1
     assert clearing.run().total_paid == PRICE
+
+
+def test_a_system_of_purse_goods_only_audits_clean(
+        stack: GoodsStack, http: httpx.Client, tmp_path: Path) -> None:
+    """No bank payment at all: the goods books read the institution's empty tables."""
+    from svcard.card.storage import read_image
+    from svcard.host.settle.audit import audit
+
+    serial = 72_040
+    card = make_card(tmp_path, serial, ep=EP)
+    buy(stack, http, stack.device(), card)
+    clearing = clearing_for(stack, tmp_path)
+    close(stack, clearing)
+    clearing.run()
+    dbs = tuple(stack.configs[r].db_url for r in ("merchant", "payment", "auth", "bank",
+                                                  "fulfil"))
+    cards = {f"{serial:020d}": int(read_image(card)["app"]["ep"]["balance"])}
+    report = audit(cards, goods_dbs=dbs, clearing_db=f"sqlite:///{tmp_path / 'clearing.db'}",
+                   opening=EP)
+    assert report.clean, report.text()
+    assert report.figures["goods 156: purse goods written"] == PRICE
+    assert report.figures["purchases settled"] == PRICE

@@ -87,6 +87,7 @@ def _merged(dbs: tuple[str, ...], out: GoodsBooks) -> dict[str, dict[str, dict[s
     for url in dbs:
         _role, found = goods_records.books(url)
         for name, rows in found.items():
+            tables.setdefault(name, {})   # read, though empty (no bank payment: purse only)
             for row in rows:
                 out.read += 1
                 key = str(row["id"]) if name in SESSIONS else \
