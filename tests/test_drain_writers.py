@@ -2,9 +2,8 @@
 the bank, the merchant server, the SP, the four trade servers and the wallet's financial system,
 web server and gateway. Before, only the payment and load servers drained their writer; the others
 ended their lifespan at once, and a process exiting then lost the group in flight (the writer
-thread is a daemon). The goods servers are not covered here (others were
-editing them). And the writer calls and thread hand-offs a load costs at the bank and the load
-server (issue 16: loads' CPU)."""
+thread is a daemon). The five goods servers too. And the writer calls and thread hand-offs a
+load costs at the bank and the load server (issue 16: loads' CPU)."""
 
 from __future__ import annotations
 
@@ -117,10 +116,22 @@ def _gateway(tmp: Path, url: str) -> tuple[Any, Engine]:
     return server, server.engine
 
 
+def _goods(role: str) -> Callable[[Path, str], tuple[Any, Engine]]:
+    def make(tmp: Path, url: str) -> tuple[Any, Engine]:
+        from svcard.host.goods.config import goods_config
+        from svcard.host.goods.stack import SERVERS as GOODS
+        from svcard.host.goods.stack import write_system
+        server = GOODS[role](goods_config(write_system(tmp), role, url))
+        return server, server.engine
+    return make
+
+
 SERVERS = {"bank": _bank, "merchant": _merchant, "sp": _sp,
            "trade-account": _trade("account"), "trade-acquirer": _trade("acquirer"),
            "trade-merchant": _trade("merchant"), "trade-merchant-account": _trade("mam"),
-           "wallet-fin": _fin, "wallet-web": _web, "wallet-gateway": _gateway}
+           "wallet-fin": _fin, "wallet-web": _web, "wallet-gateway": _gateway,
+           **{f"goods-{role}": _goods(role) for role in ("merchant", "payment", "auth", "bank",
+                                                           "fulfil")}}
 
 
 @pytest.mark.parametrize("name", sorted(SERVERS))

@@ -37,6 +37,7 @@ from ...kit.http import (
     shutting_down,
 )
 from ...kit.request_log import RequestLog, note
+from ...kit.serving import with_writer_drained
 from .. import wire as W
 from ..config import PartyConfig
 from ..db import make_engine
@@ -232,7 +233,7 @@ class PartyServer:
                                  Route("/v1/health", self.health, methods=["GET"]),
                                  openapi_route(f"goods-{self.role}")],
                          exception_handlers=dict(JSON_STORAGE_ERROR_HANDLERS),
-                         lifespan=self.lifespan,
+                         lifespan=with_writer_drained(self.sql, self.lifespan),
                          middleware=[Middleware(RequestLog, server=f"goods-{self.role}")])
 
 
