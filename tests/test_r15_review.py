@@ -254,6 +254,7 @@ def test_a_merchant_down_past_the_grace_is_still_paid_its_proven_link(tmp_path: 
         row = first_row(s_.acquirer.engine, D.acq_sessions, session=s.session)
         assert row is not None and row["state"] == D.OPEN, "cleared without the merchant"
         s_.restart("shop")
+        offset[0] += 6.0            # the agent asks a silent merchant again after 5 s (T5)
         asyncio.run(s_.acquirer.closer.tick())
         done = first_row(s_.acquirer.engine, D.acq_clearings, session=s.session)
         assert done is not None

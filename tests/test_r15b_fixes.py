@@ -111,8 +111,8 @@ def test_the_trade_doc_states_the_limits_the_code_has() -> None:
     doc = " ".join((Path(__file__).parent.parent / "docs" / "trade.md").read_text().split())
     assert f"A session takes at most {K.MAX_ENTRIES:,} purchases" in doc
     assert f"the {K.MAX_ENTRIES + 1:,}st is refused with 409 (end it and open another)" in doc
-    assert "The customer's record alone clears only after the expiry plus `grace_seconds`" \
-        in doc
+    # T5: without the merchant's record the agent waits past the grace, until abandon_seconds
+    assert "Only `abandon_seconds` after the expiry (7 days by default" in doc
     minutes = A.INFORMING_TIMEOUT_MS // 60_000
     assert f"refuses an initiation it has left undecided for {minutes} minutes at the next " \
            "lookup" in doc
