@@ -17,6 +17,8 @@ card credits 0 and moves its online counter, and the client posts the card's TAC
 
 from __future__ import annotations
 
+from typing import Any
+
 from construct import (
     Bytes,
     Const,
@@ -30,7 +32,8 @@ from construct import (
     Struct,
 )
 
-from .messages import Blob
+from . import secure
+from .messages import Blob, build, parse
 
 # message types (the payment messages use 1..15)
 LOAD_REQUEST = 16
@@ -147,3 +150,17 @@ def ticket_aad(bank_id: bytes, txn_id: bytes) -> bytes:
 
 def confirmation_aad(bank_id: bytes, txn_id: bytes) -> bytes:
     return b"svcard load confirmation v1" + bank_id + txn_id
+
+
+def seal_ticket(bank_key: bytes, bank_id: bytes, txn_id: bytes, fields: dict[str, Any]) -> bytes:
+    """The bank's load ticket ``fields`` sealed under DK for the load server (the ETSK)."""
+    return secure.seal(secure.derive_key(bank_key, bank_id, txn_id),
+                       build(LoadTicket, fields), ticket_aad(bank_id, txn_id))
+
+
+def open_confirmation(bank_key: bytes, bank_id: bytes, txn_id: bytes, sealed: bytes) -> Any:
+    """The load server's confirmation for the bank, opened under DK and parsed;
+    ``secure.SealError`` if forged, ``MessageError`` if malformed."""
+    return parse(LoadConfirmation, secure.open_sealed(
+        secure.derive_key(bank_key, bank_id, txn_id), sealed,
+        confirmation_aad(bank_id, txn_id), "load confirmation"), "load confirmation")

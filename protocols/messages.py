@@ -202,6 +202,22 @@ def expected_mac2_aad(merchant_id: bytes, txn_id: bytes) -> bytes:
     return b"svcard expected MAC2 v1" + merchant_id + txn_id
 
 
+# --- the merchant's two sealed blobs, sealed and opened in one place ---------------------------
+def seal_ticket(shared_key: bytes, merchant_id: bytes, txn_id: bytes,
+                fields: dict[str, Any]) -> bytes:
+    """The order ticket ``fields`` sealed under DK for the payment server (the ETSK)."""
+    return secure.seal(secure.derive_key(shared_key, merchant_id, txn_id),
+                       build(OrderTicket, fields), ticket_aad(merchant_id, txn_id))
+
+
+def open_result_m(shared_key: bytes, merchant_id: bytes, txn_id: bytes, sealed: bytes) -> Any:
+    """A confirmation's debit result M, opened under DK and parsed; ``secure.SealError`` if
+    forged, :class:`MessageError` if malformed."""
+    return parse(DebitResult, secure.open_sealed(
+        secure.derive_key(shared_key, merchant_id, txn_id), sealed,
+        result_m_aad(merchant_id, txn_id), "debit result M"), "debit result M")
+
+
 def fig7_signed_data(merchant_id: bytes, txn_id: bytes, result_m: bytes, card_mac2: bytes,
                      tac: bytes) -> bytes:
     """What a registered client terminal signs (Ed25519) in a FIG. 7 confirmation: it vouches

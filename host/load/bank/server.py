@@ -276,13 +276,12 @@ class BankServer:
         c = self.config
         tsk = secure.new_key()
         bank_time = int(time.time())
-        ticket = M.build(L.LoadTicket, {
+        etsk = L.seal_ticket(c.shared_key, c.bank_id, txn_id, {
             "version": L.LOAD_TICKET_VERSION, "tsk": tsk, "amount": order.amount,
             "currency_code": c.currency_code, "currency_exponent": c.currency_exponent,
             "card_serial": order.card_serial, "bank_time": bank_time,
             "expires": bank_time + c.order_lifetime, "terminal_id": c.terminal_id,
             "issuer_id": order.issuer_id or b""})   # the load server loads only its cards
-        etsk = secure.seal(self.dk(txn_id), ticket, L.ticket_aad(c.bank_id, txn_id))
         return {"version": M.VERSION, "amount": order.amount, "currency_code": c.currency_code,
                 "currency_exponent": c.currency_exponent, "load_url": c.load_url,
                 "txn_id": txn_id.hex(), "bank_id": c.bank_id.hex(),
@@ -320,9 +319,8 @@ class BankServer:
                 raise _Bad("the confirmation is for another load")
             bank_id = self.config.bank_id
             try:
-                conf = M.parse(L.LoadConfirmation, secure.open_sealed(
-                    self.dk(txn_id), msg.confirmation, L.confirmation_aad(bank_id, txn_id),
-                    "load confirmation"), "load confirmation")
+                conf = L.open_confirmation(self.config.shared_key, bank_id, txn_id,
+                                           msg.confirmation)
             except (secure.SealError, M.MessageError) as exc:
                 raise _Bad(f"forged confirmation: {exc}") from None
             if (conf.bank_id, conf.txn_id) != (bank_id, txn_id):

@@ -43,11 +43,8 @@ def check_confirmation(mid: bytes, shared_key: bytes,
     variant = int(row["variant"])
     if conf.variant != variant:
         raise Refusal(400, "the confirmation is for another variant than the order's")
-    dk = secure.derive_key(shared_key, mid, txn_id)
     try:
-        result = M.parse(M.DebitResult, secure.open_sealed(
-            dk, conf.result_m, M.result_m_aad(mid, txn_id), "debit result M"),
-            "debit result M")
+        result = M.open_result_m(shared_key, mid, txn_id, conf.result_m)
     except (secure.SealError, M.MessageError) as exc:
         raise Refusal(400, f"forged confirmation: {exc}") from None
     expected_status = (M.STATUS_AUTHENTICATED if row["purpose"] == M.PURPOSE_AUTHENTICATION
@@ -59,7 +56,8 @@ def check_confirmation(mid: bytes, shared_key: bytes,
         raise Refusal(400, "the confirmation does not match the order")
     if variant == M.FIG8_MERCHANT_COMPARES:
         try:
-            expected = secure.open_sealed(dk, conf.sealed_expected_mac2,
+            expected = secure.open_sealed(secure.derive_key(shared_key, mid, txn_id),
+                                          conf.sealed_expected_mac2,
                                           M.expected_mac2_aad(mid, txn_id),
                                           "expected card MAC2")
         except secure.SealError as exc:

@@ -236,17 +236,15 @@ class MerchantServer:
             raise Refusal(404, f"no item {sku[:64]!r} in the catalogue")
         variant = M.VARIANTS[variant_name]
         txn_id = os.urandom(16)
-        dk = secure.derive_key(c.shared_key, c.merchant_id, txn_id)
         tsk = secure.new_key()
         purpose = M.PURPOSE_AUTHENTICATION if item.price == 0 else M.PURPOSE_PAYMENT
         now = self.now_ms()
         expires = now // 1000 + c.order_lifetime
-        ticket = M.build(M.OrderTicket, {
+        etsk = M.seal_ticket(c.shared_key, c.merchant_id, txn_id, {
             "version": M.VERSION, "tsk": tsk, "amount": item.price,
             "currency_code": c.currency_code, "currency_exponent": c.currency_exponent,
             "variant": variant, "purpose": purpose,
             "expires": expires, "terminal_id": c.terminal_id})
-        etsk = secure.seal(dk, ticket, M.ticket_aad(c.merchant_id, txn_id))
         row = {"txn_id": txn_id.hex(), "sku": item.sku, "item": item.name,
                "goods": item.goods, "amount": item.price, "variant": variant,
                "purpose": purpose, "client_terminal": client_terminal,

@@ -142,9 +142,7 @@ def check_confirmation(p: PurseSettings, row: dict[str, Any], body: bytes) -> An
         if conf.version != PM.VERSION or conf.txn_id != order or \
                 conf.variant != PM.FIG6_SERVER_COMPARES:
             raise Refused(400, 400, "the confirmation is not for this order")
-        result = PM.parse(PM.DebitResult, secure.open_sealed(
-            secure.derive_key(p.payment_key, p.merchant_id, order), conf.result_m,
-            PM.result_m_aad(p.merchant_id, order), "debit result M"), "debit result M")
+        result = PM.open_result_m(p.payment_key, p.merchant_id, order, conf.result_m)
     except (PM.MessageError, secure.SealError) as exc:
         raise Refused(400, 400, f"forged confirmation: {exc}") from None
     if result.status != PM.STATUS_OK:
@@ -209,13 +207,11 @@ class PurseDesk:
                                     "(checked again when the session opens)")
         order_id = os.urandom(16)
         tsk, expires = secure.new_key(), now // 1000 + ORDER_SECONDS
-        ticket = PM.build(PM.OrderTicket, {
+        etsk = PM.seal_ticket(p.payment_key, p.merchant_id, order_id, {
             "version": PM.VERSION, "tsk": tsk, "amount": data["deposit"],
             "currency_code": p.currency_code, "currency_exponent": exponent(p.currency),
             "variant": PM.FIG6_SERVER_COMPARES, "purpose": PM.PURPOSE_PAYMENT,
             "expires": expires, "terminal_id": p.payment_terminal})
-        etsk = secure.seal(secure.derive_key(p.payment_key, p.merchant_id, order_id), ticket,
-                           PM.ticket_aad(p.merchant_id, order_id))
         params = {"version": PM.VERSION, "amount": data["deposit"],
                   "currency_code": p.currency_code,
                   "currency_exponent": exponent(p.currency), "payment_url": p.payment_url,
@@ -353,14 +349,12 @@ class PurseDesk:
     def _load_parameters(p: PurseSettings, row: dict[str, Any], issuer: bytes
                          ) -> dict[str, Any]:
         txn, tsk, now = bytes.fromhex(row["load_txn"]), secure.new_key(), int(time.time())
-        ticket = PM.build(L.LoadTicket, {
+        etsk = L.seal_ticket(p.load_key, p.bank_id, txn, {
             "version": L.LOAD_TICKET_VERSION, "tsk": tsk, "amount": row["rest"],
             "currency_code": p.currency_code, "currency_exponent": exponent(p.currency),
             "card_serial": bytes.fromhex(row["card_serial"]), "bank_time": now,
             "expires": now + ORDER_SECONDS, "terminal_id": p.load_terminal,
             "issuer_id": issuer})
-        etsk = secure.seal(secure.derive_key(p.load_key, p.bank_id, txn), ticket,
-                           L.ticket_aad(p.bank_id, txn))
         return {"version": PM.VERSION, "amount": row["rest"], "currency_code": p.currency_code,
                 "currency_exponent": exponent(p.currency), "load_url": p.load_url,
                 "txn_id": txn.hex(), "bank_id": p.bank_id.hex(),
@@ -380,9 +374,7 @@ class PurseDesk:
         try:
             msg = PM.parse(L.BankConfirmation, await read_body(request, MAX_CONFIRMATION),
                            "load confirmation")
-            conf = PM.parse(L.LoadConfirmation, secure.open_sealed(
-                secure.derive_key(p.load_key, p.bank_id, txn), msg.confirmation,
-                L.confirmation_aad(p.bank_id, txn), "load confirmation"), "load confirmation")
+            conf = L.open_confirmation(p.load_key, p.bank_id, txn, msg.confirmation)
         except (PM.MessageError, secure.SealError) as exc:
             raise Refused(400, 400, f"forged confirmation: {exc}") from None
         if msg.txn_id != txn or (conf.bank_id, conf.txn_id, conf.amount,

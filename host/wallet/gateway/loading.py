@@ -212,14 +212,12 @@ def _parameters(server: GatewayServer, txn_id: bytes, row: dict[str, Any],
     s = server.purse()
     tsk = secure.new_key()
     now = int(time.time())
-    ticket = M.build(L.LoadTicket, {
+    etsk = L.seal_ticket(s.bank_key, s.bank_id, txn_id, {
         "version": L.LOAD_TICKET_VERSION, "tsk": tsk, "amount": row["amount"],
         "currency_code": row["currency"], "currency_exponent": s.exponent,
         "card_serial": card_serial(row["card"]), "bank_time": now,
         "expires": now + ORDER_SECONDS, "terminal_id": s.load_terminal,
         "issuer_id": bytes.fromhex(issuer)})
-    etsk = secure.seal(secure.derive_key(s.bank_key, s.bank_id, txn_id), ticket,
-                       L.ticket_aad(s.bank_id, txn_id))
     return {"version": M.VERSION, "amount": row["amount"], "currency_code": row["currency"],
             "currency_exponent": s.exponent, "load_url": s.load_url, "txn_id": txn_id.hex(),
             "bank_id": s.bank_id.hex(), "terminal_id": s.load_terminal.hex(),
@@ -243,9 +241,7 @@ async def status(server: GatewayServer, request: Request) -> Response:
                       "load confirmation")
         if msg.txn_id != txn_id:
             raise Refused(400, 400, "the confirmation is for another load")
-        conf = M.parse(L.LoadConfirmation, secure.open_sealed(
-            secure.derive_key(s.bank_key, s.bank_id, txn_id), msg.confirmation,
-            L.confirmation_aad(s.bank_id, txn_id), "load confirmation"), "load confirmation")
+        conf = L.open_confirmation(s.bank_key, s.bank_id, txn_id, msg.confirmation)
     except (M.MessageError, secure.SealError) as exc:
         raise Refused(400, 400, f"forged confirmation: {exc}") from None
     if (conf.bank_id, conf.txn_id, conf.amount, conf.card_serial) != (

@@ -249,13 +249,11 @@ async def checkout(server: GatewayServer, request: Request) -> Response:
     # payment server takes one draw per transaction, so tickets answered again stay one debit
     txn_id, expires = bytes.fromhex(row["txn_id"]), int(row["expires"]) // 1000
     tsk = secure.new_key()
-    ticket = M.build(M.OrderTicket, {
+    etsk = M.seal_ticket(key, merchant_id, txn_id, {
         "version": M.VERSION, "tsk": tsk, "amount": int(row["amount"]),
         "currency_code": int(row["currency"]), "currency_exponent": settings.exponent,
         "variant": M.FIG6_SERVER_COMPARES, "purpose": M.PURPOSE_PAYMENT,
         "expires": expires, "terminal_id": settings.payment_terminal})
-    etsk = secure.seal(secure.derive_key(key, merchant_id, txn_id), ticket,
-                       M.ticket_aad(merchant_id, txn_id))
     note(txn=pid, step="purse-checkout")
     return JSONResponse({
         "version": M.VERSION, "amount": int(row["amount"]), "currency_code": int(row["currency"]),
@@ -276,9 +274,7 @@ def check(key: bytes, row: dict[str, Any], txn_id: bytes, body: bytes) -> dict[s
         if conf.version != M.VERSION or conf.txn_id != txn_id or \
                 conf.variant != M.FIG6_SERVER_COMPARES:
             raise Refused(400, 400, "the confirmation is not for this order")
-        result = M.parse(M.DebitResult, secure.open_sealed(
-            secure.derive_key(key, merchant_id, txn_id), conf.result_m,
-            M.result_m_aad(merchant_id, txn_id), "debit result M"), "debit result M")
+        result = M.open_result_m(key, merchant_id, txn_id, conf.result_m)
     except (M.MessageError, secure.SealError) as exc:
         raise Refused(400, 400, f"forged confirmation: {exc}") from None
     if result.status != M.STATUS_OK:
