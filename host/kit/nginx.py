@@ -26,6 +26,10 @@ import httpx
 
 from .serving import free_port
 
+# where nginx's connections to nodes on loopback come from: what a node behind it trusts
+# (``proxies`` of :func:`~.serving.serve`) to name the client in X-Forwarded-For
+NGINX_ADDRESS = "127.0.0.1"
+
 
 def find_nginx() -> str | None:
     return shutil.which("nginx") or next(

@@ -6,7 +6,9 @@ deployment named (each node names the same HSM images; a node opens only those i
 :mod:`svcard.host.load.server.leases`). nginx (:class:`~svcard.host.kit.nginx.Nginx`) spreads
 the bank's and the clients' requests over the nodes: every POST of the load server is
 idempotent (the same request, result or probe result again gets the same answer), so a request
-that met a dead node or a node holding no HSM (503) may go to the next node.
+that met a dead node or a node holding no HSM (503) may go to the next node. A node believes
+nginx's ``X-Forwarded-For`` only from ``trusted_proxies`` (default: nginx's address), so its
+request log names each real client.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..kit.nginx import Nginx
+from ..kit.nginx import NGINX_ADDRESS, Nginx
 from ..kit.serving import NodeProcess
 from ..terminal.reader_specs import OnDemandReader, slot_name
 
@@ -36,6 +38,8 @@ class LoadNodeSpec:
     terminal_id: str                       # hex
     lease_seconds: float = 10.0
     acquire_timeout: float = 2.0
+    # whose X-Forwarded-For names the client (serve's proxies): nginx's; [] believes none
+    trusted_proxies: list[str] = field(default_factory=lambda: [NGINX_ADDRESS])
 
 
 def serve_node(spec_path: Path) -> None:
@@ -51,7 +55,7 @@ def serve_node(spec_path: Path) -> None:
                         lease_seconds=spec.lease_seconds)
     server = LoadServer(config, [OnDemandReader(h) for h in spec.hsms])
     sys.exit(serve(server.app(), host="127.0.0.1", port=spec.port, log_level="warning",
-                   drain=server.drain))
+                   drain=server.drain, proxies=spec.trusted_proxies))
 
 
 class LoadNode(NodeProcess):

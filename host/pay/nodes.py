@@ -9,7 +9,9 @@ path), and starts ``nginx -p PREFIX -c nginx.conf -g 'daemon off;'`` as a child 
 stopped by its pid. Every POST of the payment server is idempotent (the same draw, debit
 response or proof again gets the same answer), so nginx may send a request that met a dead
 node, or a node holding no PSAM (503), to the next node (``proxy_next_upstream ...
-non_idempotent``).
+non_idempotent``). A node believes the ``X-Forwarded-For`` that nginx sets only on connections
+from ``trusted_proxies`` (default: nginx's address), so its FIG. 5 holds per client count each
+real client, not nginx.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..kit.nginx import Nginx, find_nginx, nginx_config  # noqa: F401 - their old home
+from ..kit.nginx import (  # noqa: F401 - Nginx, find_nginx, nginx_config: their old home
+    NGINX_ADDRESS,
+    Nginx,
+    find_nginx,
+    nginx_config,
+)
 from ..kit.serving import NodeProcess, write_private_json
 from ..terminal.reader_specs import (  # noqa: F401 - their old home
     OnDemandReader,
@@ -44,6 +51,9 @@ class NodeSpec:
     concentration_dir: str = ""
     admin_token: str = field(default="", repr=False)
     max_holds: int | None = None          # FIG. 5 holds per merchant and per client address
+    max_client_holds: int | None = None   # FIG. 5 holds per client address (None: max_holds)
+    # whose X-Forwarded-For names the client (serve's proxies): nginx's; [] believes none
+    trusted_proxies: list[str] = field(default_factory=lambda: [NGINX_ADDRESS])
 
 
 def write_spec(path: Path, spec: NodeSpec) -> None:
@@ -63,10 +73,11 @@ def serve_node(spec_path: Path) -> None:
         hold_timeout=spec.hold_timeout, admin_token=spec.admin_token,
         concentration_dir=spec.concentration_dir, node_name=spec.name,
         lease_seconds=spec.lease_seconds, max_holds_per_merchant=spec.max_holds,
-        max_holds_per_client=spec.max_holds)
+        max_holds_per_client=spec.max_holds if spec.max_client_holds is None
+        else spec.max_client_holds)
     server = PaymentServer(config, [OnDemandReader(p) for p in spec.psams])
     sys.exit(serve(server.app(), host="127.0.0.1", port=spec.port, log_level="warning",
-                   drain=server))
+                   drain=server, proxies=spec.trusted_proxies))
 
 
 class Node(NodeProcess):
