@@ -2,6 +2,7 @@
 """Purchases per second over HTTP on loopback (seed FIG. 4-9), and what each one costs.
 
     python benchmarks/bench_payment.py [--seconds 8] [--clients 24] [--procs N] [--no-pin]
+                                       [--warmup S] [--repeat N] [--no-slow]
                                        [--profile DIR] [--smoke]
 
 The payment and merchant servers run as processes (``svcard serve ...``) with durable SQLite
@@ -19,12 +20,17 @@ with a simulated physical PSAM (30 ms per PSAM APDU), the throughput of FIG. 6/7
 at the same pool size. Targets: >= 300 purchases/s with 16 PSAMs; payment server CPU <= 2 ms
 per purchase for FIG. 7/8, <= 3 ms for FIG. 5/6; early release >= 1.8x FIG. 5 with slow PSAMs.
 ``--profile DIR`` samples each server with py-spy while it runs (collapsed stacks in DIR).
+The payment server's fsyncs are split (perf) into the database's and the PSAM journals' (the
+emulated PSAMs' own appends, which a physical PSAM makes in its EEPROM, never a host fsync).
+``--warmup S`` runs S seconds of load before each window; ``--repeat N`` runs each case N
+times and prints the median and the spread; ``--no-slow`` skips the slow-PSAM cases.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -73,7 +79,7 @@ def worker(args: tuple[int, int, str, float, str, str], start: Any) -> Generator
 
 def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: int,
              procs: int, placement: Placement, method: str | None, delay_ms: float = 0,
-             profile: Path | None = None) -> Measured:
+             profile: Path | None = None, warmup: float = 0.0) -> Measured:
     from svcard.host.kit.serving import free_port
     from svcard.host.pay.client_terminal import ClientTerminal
     from svcard.host.pay.stack import psam_images
@@ -121,7 +127,7 @@ def run_case(folder: Path, psams: int, variant: str, seconds: float, clients: in
                                      str(case / "terminal.pem")) for i in range(procs)],
                            {"payment": servers[0].pid, "merchant": servers[1].pid}, placement,
                            seconds, profile / f"{psams}psam-{variant}" if profile else None,
-                           method)
+                           method, warmup=warmup, journal_names={"payment": "PSAM journals"})
 
 
 def line(psams: int, variant: str, m: Measured) -> str:
@@ -129,6 +135,26 @@ def line(psams: int, variant: str, m: Measured) -> str:
     return (f"  {psams:2d} PSAMs {variant}: {r['rate']:7.1f} purchases/s  p50 {r['p50']:6.1f} ms"
             f"  p99 {r['p99']:6.1f} ms  {r['trips']:.0f} round trips  ({r['refused']:.0f} "
             f"refused, {m.busy} busy answers waited out)\n" + "\n".join(m.cost_lines("purchase")))
+
+
+def spread_line(runs: list[Measured]) -> str:
+    """The median and the range over repeated runs of one case: purchases/s, the payment
+    server's CPU ms and fsyncs per purchase."""
+    def stat(values: list[float], fmt: str) -> str:
+        low, mid, high = min(values), statistics.median(values), max(values)
+        return (f"{mid:{fmt}} ({low:{fmt}}-{high:{fmt}}, spread "
+                f"{(high - low) / mid if mid else 0:.0%})")
+
+    rates = [m.summary["rate"] for m in runs]
+    cpu = [m.per_txn(m.server_cpu["payment"]) for m in runs]
+    text = (f"      median of {len(runs)} runs: {stat(rates, '.1f')} purchases/s, payment "
+            f"{stat(cpu, '.2f')} CPU ms/purchase")
+    counts = [m.fsyncs.get("payment") for m in runs]
+    fsyncs = [c / (m.summary["done"] or 1) for c, m in zip(counts, runs, strict=True)
+              if c is not None]
+    if len(fsyncs) == len(runs):
+        text += f", {stat(fsyncs, '.2f')} fsyncs/purchase"
+    return text
 
 
 def main() -> int:
@@ -142,6 +168,12 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, help="py-spy each server into this folder")
     parser.add_argument("--pools", default="1,4,16", help="PSAM pool sizes")
     parser.add_argument("--variants", default="fig5,fig6,fig7,fig8")
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="seconds of load before each measured window (not counted)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each case N times; print the median and the spread")
+    parser.add_argument("--no-slow", action="store_true",
+                        help="skip the simulated physical PSAM cases")
     parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
     args = parser.parse_args()
     seconds = 1.0 if args.smoke else args.seconds
@@ -163,9 +195,17 @@ def main() -> int:
         folder = Path(tmp)
         for psams in pools:
             for variant in variants:
-                m = run_case(folder, psams, variant, seconds, clients, procs, placement, method,
-                             profile=args.profile)
-                print(line(psams, variant, m), flush=True)
+                runs = []
+                for _ in range(max(1, args.repeat)):
+                    m = run_case(folder, psams, variant, seconds, clients, procs, placement,
+                                 method, profile=args.profile, warmup=args.warmup)
+                    print(line(psams, variant, m) + f"\n      (load average after: "
+                          f"{os.getloadavg()[0]:.1f})", flush=True)
+                    runs.append(m)
+                if len(runs) > 1:
+                    print(spread_line(runs), flush=True)
+        if args.no_slow:
+            return 0
         slow_pool = 4
         slow = {}
         for variant in ("fig5", "fig8") if args.smoke else ("fig5", "fig6", "fig7", "fig8"):

@@ -23,6 +23,8 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -230,19 +232,39 @@ class GeneratorRun:
     busy: int = 0    # busy answers (503) waited out and asked again
 
 
+class Start:
+    """What the generator processes and the parent meet at: a barrier (passed twice: ready,
+    then go) and the warm-up, the seconds of load between go and the measured window (the
+    load runs on without a pause into the window, so every server is busy when it begins)."""
+
+    def __init__(self, barrier: Any, warmup: float = 0.0) -> None:
+        self.barrier = barrier
+        self.warmup = warmup
+
+    def wait(self, timeout: float | None = None) -> int:
+        return int(self.barrier.wait(timeout=timeout))
+
+    def abort(self) -> None:
+        self.barrier.abort()
+
+
 def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, step: Step,
               start: Any = None, **profile: Any) -> GeneratorRun:
     """``cards`` in-memory cards (serials from ``first_serial``, the demo profile with
     ``profile`` overrides; keys diversified for each serial), one thread each, running ``step``
     for ``seconds``. Each card does one transaction first (not counted); then the generators
-    and the parent meet twice at ``start`` (a barrier; None: no parent), ready, then go, and the
-    measured window begins. A refusal counts as not done."""
+    and the parent meet twice at ``start`` (a barrier or a :class:`Start`; None: no parent),
+    ready, then go; after ``start.warmup`` seconds of load (0: none), not counted, the measured
+    window begins. Only transactions begun inside the window count. A refusal counts as not
+    done."""
     results: list[Result] = []
     busy = [0]
     lock = threading.Lock()
     warmed = threading.Barrier(cards + 1)
     go = threading.Event()
     end = [0.0]
+    window = [0.0]
+    warmup = float(getattr(start, "warmup", 0.0) or 0.0)
 
     def run(serial: int) -> None:
         try:
@@ -263,8 +285,10 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
             warmed.wait()
             go.wait()
             mine: list[Result] = []
-            http.busy = 0
-            while time.monotonic() < end[0]:
+            waited = 0
+            while (now := time.monotonic()) < end[0]:
+                counted = now >= window[0]
+                busy0 = http.busy
                 started = time.perf_counter()
                 try:
                     done, trips = step(serial, reader, journal, http)
@@ -272,10 +296,12 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
                     if os.environ.get("SVCARD_BENCH_DEBUG"):
                         print(f"card {serial}: {exc}", file=sys.stderr)
                     done, trips = False, 0
-                mine.append((time.perf_counter() - started, trips, done))
+                if counted:
+                    mine.append((time.perf_counter() - started, trips, done))
+                    waited += http.busy - busy0
             with lock:
                 results.extend(mine)
-                busy[0] += http.busy
+                busy[0] += waited
         journal.close()
 
     pool = [threading.Thread(target=run, args=(first_serial + i,), daemon=True)
@@ -291,13 +317,21 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
     if start is not None:
         start.wait(timeout=180)  # every generator is ready
         start.wait(timeout=180)  # the parent has begun measuring
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    end[0] = time.monotonic() + seconds
+    window[0] = time.monotonic() + warmup
+    end[0] = window[0] + seconds
     go.set()
+    _sleep_until(window[0])
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for t in pool:
         t.join()
     return GeneratorRun(results, time.process_time() - cpu0, time.perf_counter() - wall0,
                         busy[0])
+
+
+def _sleep_until(moment: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``moment`` (at once if it has)."""
+    while (left := moment - time.monotonic()) > 0:
+        time.sleep(left)
 
 
 def summarize(results: list[Result], seconds: float) -> dict[str, float]:
@@ -318,6 +352,44 @@ def process_cpu(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     rest = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces: cut after it
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+@dataclass(frozen=True)
+class ProcStats:
+    """What a process has used: user and system CPU seconds (every thread, living or ended)
+    and voluntary and involuntary context switches (summed over its living threads: the
+    kernel keeps no count of an ended thread's in ``/proc``). A voluntary switch is a thread
+    that blocked (I/O, a lock, a wait); an involuntary one was preempted, e.g. by another
+    process wanting the same CPU."""
+
+    user: float = 0.0
+    system: float = 0.0
+    voluntary: int = 0
+    involuntary: int = 0
+
+    def __add__(self, other: ProcStats) -> ProcStats:
+        return ProcStats(self.user + other.user, self.system + other.system,
+                         self.voluntary + other.voluntary, self.involuntary + other.involuntary)
+
+    def __sub__(self, other: ProcStats) -> ProcStats:
+        return ProcStats(self.user - other.user, self.system - other.system,
+                         self.voluntary - other.voluntary, self.involuntary - other.involuntary)
+
+
+def proc_stats(pid: int) -> ProcStats:
+    """:class:`ProcStats` of a process now, from ``/proc/PID/stat`` and each
+    ``/proc/PID/task/TID/status`` (a thread that ends while they are read is left out)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    rest = stat[stat.rindex(")") + 2:].split()
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    voluntary += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    involuntary += int(line.split()[1])
+    return ProcStats(int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK, voluntary, involuntary)
 
 
 def cpu_busy() -> dict[int, tuple[int, int]]:
@@ -418,6 +490,148 @@ def parse_fsync_count(text: str, method: str) -> int | None:
     return total if seen or method == "strace" else None
 
 
+@dataclass(frozen=True)
+class Syscall:
+    """One traced system call: process, thread, when (``time.monotonic()`` seconds), the
+    tracepoint's name (``fsync``, ``fdatasync``, ``sendto``) and its file descriptor."""
+
+    pid: int
+    tid: int
+    time: float
+    name: str
+    fd: int
+
+
+def parse_perf_script(text: str) -> list[Syscall]:
+    """The calls in ``perf script -F pid,tid,time,event,trace`` output of
+    ``syscalls:sys_enter_*`` tracepoints (other lines are left out)."""
+    calls = []
+    for line in text.splitlines():
+        got = _PERF_LINE.match(line)
+        if got is not None:
+            pid, tid, moment, name, fd = got.groups()
+            calls.append(Syscall(int(pid), int(tid), float(moment), name, int(fd, 16)))
+    return calls
+
+
+# "  PID/TID  SECONDS.MICROS:   syscalls:sys_enter_NAME: fd: 0x00000007[, ...]" (perf pads
+# the event name with spaces to a common width)
+_PERF_LINE = re.compile(r"^\s*(\d+)/(\d+)\s+(\d+\.\d+):\s+syscalls:sys_enter_(\w+):"
+                        r"\s+fd:\s+(0x[0-9a-fA-F]+)")
+
+
+def fd_paths(pid: int) -> dict[int, str]:
+    """What each open file descriptor of ``pid`` names now (``/proc/PID/fd``)."""
+    out = {}
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+        for link in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                out[int(link.name)] = os.readlink(link)
+    return out
+
+
+FSYNC_KINDS = ("database", "journal", "image", "folder", "other")
+
+
+def fsync_kind(path: str | None) -> str:
+    """What an fsynced file is, by its name: "database" (SQLite's file, its WAL or rollback
+    journal), "journal" (a card image's append-only ``.journal``: a PSAM's or an HSM's),
+    "image" (a card image or the temp file it is rewritten through), "folder" (a directory,
+    synced after a rename), "other" (a descriptor closed before it could be named)."""
+    if path is None:
+        return "other"
+    name = path.rsplit("/", 1)[-1]
+    if name.endswith(".journal"):
+        return "journal"
+    if name.endswith((".db", "-wal", "-journal", "-shm", ".sqlite", ".sqlite3")):
+        return "database"
+    if name.endswith((".json", ".tmp")):
+        return "image"
+    if path.startswith("/") and os.path.isdir(path):
+        return "folder"
+    return "other"
+
+
+class SyscallRecorder:
+    """``perf record`` of some system calls of some processes (and of the threads and
+    children they start later), each call with its time on ``time.monotonic()``'s clock, so
+    that only a window's calls are counted, and with its file descriptor, named from
+    ``/proc/PID/fd`` when the recording starts and when it stops (a descriptor opened and
+    closed between them, like a temp file's, stays unnamed). The traced processes pay only
+    the tracepoint's cost (a few microseconds a call)."""
+
+    EVENTS = ("fsync", "fdatasync")
+
+    def __init__(self, pids: Sequence[int], events: Sequence[str] = EVENTS,
+                 timeout: float = 30.0) -> None:
+        self.pids = list(pids)
+        self.folder = Path(tempfile.mkdtemp(prefix="svcard-perf-"))
+        self.data = self.folder / "perf.data"
+        self.fds = {pid: fd_paths(pid) for pid in self.pids}
+        ctl, ack = self.folder / "ctl", self.folder / "ack"
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        # started disabled, then enabled through its control FIFO: its "ack" says it is
+        # attached and counting (a fixed sleep is too short on a loaded machine)
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            ["perf", "record", "-q", "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-k",
+             "CLOCK_MONOTONIC", "-o", str(self.data), "-e",
+             ",".join(f"syscalls:sys_enter_{e}" for e in events), "-p",
+             ",".join(str(p) for p in self.pids)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ctl_fd, ack_fd = os.open(ctl, os.O_RDWR), os.open(ack, os.O_RDWR)  # never blocks
+        try:
+            os.write(ctl_fd, b"enable\n")
+            ready, _, _ = select.select([ack_fd], [], [], timeout)
+            self.attached = bool(ready) and os.read(ack_fd, 64).startswith(b"ack")
+        finally:
+            os.close(ctl_fd)
+            os.close(ack_fd)
+
+    def stop(self) -> list[Syscall] | None:
+        """Stop recording: every call recorded, or None if the recording failed."""
+        for pid in self.pids:  # named at the end: those opened after the start
+            self.fds[pid] = {**self.fds.get(pid, {}), **fd_paths(pid)}
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        try:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+            script = subprocess.run(["perf", "script", "-i", str(self.data), "-F",
+                                     "pid,tid,time,event,trace"], capture_output=True,
+                                    timeout=300)
+        except (OSError, subprocess.SubprocessError):
+            proc.kill()
+            return None
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if (not self.attached or proc.returncode not in (0, -signal.SIGINT, 130)
+                or script.returncode != 0):
+            return None
+        return parse_perf_script(script.stdout.decode(errors="replace"))
+
+    def path(self, call: Syscall) -> str | None:
+        return self.fds.get(call.pid, {}).get(call.fd)
+
+
+def split_fsyncs(calls: Sequence[Syscall], recorder: SyscallRecorder, pids: dict[str, int],
+                 window: tuple[float, float]) -> dict[str, dict[str, int]]:
+    """Per server (name -> pid), its fsync and fdatasync calls in ``window`` by
+    :func:`fsync_kind` of the file (kinds with no call left out)."""
+    names = {pid: name for name, pid in pids.items()}
+    out: dict[str, dict[str, int]] = {name: {} for name in pids}
+    for call in calls:
+        if call.name not in ("fsync", "fdatasync") or not window[0] <= call.time <= window[1]:
+            continue
+        name = names.get(call.pid)
+        if name is None:
+            continue
+        kind = fsync_kind(recorder.path(call))
+        out[name][kind] = out[name].get(kind, 0) + 1
+    return out
+
+
 # --- where the processes run ---------------------------------------------------------------
 
 @dataclass
@@ -471,20 +685,54 @@ class Measured:
     busy: int = 0
     cpu_share: tuple[float, float] = (0.0, 0.0)  # how busy the servers' and generator's CPUs were
     profiles: dict[str, Path] = field(default_factory=dict)
+    # per server, its fsyncs in the window by kind of file (perf only; else empty)
+    fsync_split: dict[str, dict[str, int]] = field(default_factory=dict)
+    stats: dict[str, ProcStats] = field(default_factory=dict)  # per server, over the window
+    window: tuple[float, float] = (0.0, 0.0)  # the measured window, time.monotonic() seconds
+    journal_names: dict[str, str] = field(default_factory=dict)  # server -> "PSAM journals"
 
     def per_txn(self, seconds: float) -> float:
         done = self.summary["done"]
         return seconds / done * 1000 if done else float("nan")
 
-    def cost_lines(self, unit: str) -> list[str]:
-        """Three lines: CPU ms and fsyncs per ``unit`` for each server, the generator's CPU,
-        how busy each side's CPUs were, and which side is the limit."""
+    def fsync_text(self, name: str) -> str:
+        """A server's fsyncs per transaction, split by file when they were recorded:
+        ``1.79 (database 0.79, PSAM journals 1.00)``."""
+        count = self.fsyncs.get(name)
+        if count is None:
+            return "n/a"
         done = self.summary["done"] or 1
+        split = self.fsync_split.get(name)
+        if not split:
+            return f"{count / done:.2f}"
+        labels = {"database": "database", "journal": self.journal_names.get(name, "journals"),
+                  "image": "image rewrites", "folder": "folders",
+                  "other": "unnamed (closed) files"}
+        parts = [f"{labels[k]} {split[k] / done:.2f}" for k in FSYNC_KINDS if split.get(k)]
+        return f"{count / done:.2f} ({', '.join(parts) or 'none'})"
+
+    def stats_line(self, unit: str, names: Sequence[str] | None = None) -> str:
+        """Per server: user and system CPU ms, voluntary and involuntary context switches,
+        all per ``unit``."""
+        done = self.summary["done"] or 1
+        parts = []
+        for name in names or list(self.stats):
+            st = self.stats.get(name)
+            if st is None:
+                continue
+            parts.append(f"{name} {st.user / done * 1000:.2f}+{st.system / done * 1000:.2f} ms"
+                         f" {st.voluntary / done:.1f}v/{st.involuntary / done:.1f}i")
+        return (f"      per {unit}, user+system CPU and context switches (voluntary/"
+                f"involuntary): " + ", ".join(parts))
+
+    def cost_lines(self, unit: str) -> list[str]:
+        """Four lines: CPU ms and fsyncs per ``unit`` for each server, the generator's CPU,
+        how busy each side's CPUs were, which side is the limit, and the CPU split into user
+        and system time with the context switches."""
         cpu = ", ".join(f"{n} {self.per_txn(s):.2f} ({s / self.wall:.0%} of a CPU)"
                         for n, s in self.server_cpu.items())
         total = sum(self.server_cpu.values())
-        fs = ", ".join(f"{n} {'n/a' if c is None else f'{c / done:.2f}'}"
-                       for n, c in self.fsyncs.items())
+        fs = ", ".join(f"{n} {self.fsync_text(n)}" for n in self.fsyncs)
         gen_cpus = len(self.placement.generator or ()) or self.generator_procs
         srv_cpus = len(self.placement.servers or ()) or os.cpu_count() or 1
         srv_busy = total / self.wall / srv_cpus
@@ -501,13 +749,16 @@ class Measured:
             limit = f"CPU taken by other processes ({where} busy)"
         else:
             limit = "neither CPU (latency-bound: PSAM, fsync or lock waits)"
-        return [
+        lines = [
             f"      CPU ms/{unit}: {cpu}; servers {self.per_txn(total):.2f}",
             f"      fsyncs/{unit} ({self.fsync_method or 'not counted'}): {fs}; generator "
             f"{self.per_txn(self.generator_cpu):.2f} CPU ms/{unit} ({self.generator_procs} "
             f"proc)",
             f"      CPU busy: servers' {srv_busy:.0%} by the servers ({srv_all:.0%} by all "
             f"processes), generator's {gen_busy:.0%} ({gen_all:.0%}) -> limit: {limit}"]
+        if self.stats:
+            lines.append(self.stats_line(unit))
+        return lines
 
 
 def _generator_main(worker: Callable[..., GeneratorRun], args: Any, start: Any,
@@ -525,48 +776,81 @@ def _generator_main(worker: Callable[..., GeneratorRun], args: Any, start: Any,
 
 def measure(worker: Callable[..., GeneratorRun], worker_args: list[Any],
             servers: dict[str, int], placement: Placement, seconds: float,
-            profile_dir: Path | None = None, method: str | None = None) -> Measured:
+            profile_dir: Path | None = None, method: str | None = None, warmup: float = 0.0,
+            on_window: Callable[[str], None] | None = None,
+            journal_names: dict[str, str] | None = None) -> Measured:
     """Run one generator process per item of ``worker_args`` (``worker(args, start)`` returns
     its :class:`GeneratorRun`; it waits on ``start`` before its measured window) and measure
-    the ``servers`` (name -> pid) over that window."""
+    the ``servers`` (name -> pid) over that window. ``warmup``: seconds of load, not counted,
+    before the window (the load runs on into it). ``on_window("start"|"stop")`` is called at
+    the window's start and end (a caller's own meters). With ``method`` "perf" each server's
+    fsyncs are recorded call by call and split by the kind of file (:func:`fsync_kind`;
+    ``journal_names`` names a server's card journals, e.g. "PSAM journals")."""
     ctx = mp.get_context("spawn")
-    start = ctx.Barrier(len(worker_args) + 1)
+    start = Start(ctx.Barrier(len(worker_args) + 1), warmup)
     out = ctx.Queue()
     procs = [ctx.Process(target=_generator_main, args=(worker, a, start, out,
                                                        placement.generator), daemon=True)
              for a in worker_args]
     for p in procs:
         p.start()
+    recorder: SyscallRecorder | None = None
+    counters: dict[str, FsyncCounter] = {}
     try:
         start.wait(timeout=180)  # every generator warmed up and ready
-        counters = {n: FsyncCounter(pid, method) for n, pid in servers.items()}
-        spies = _profilers(servers, profile_dir)
-        cpu0 = {n: process_cpu(pid) for n, pid in servers.items()}
-        all0 = cpu_busy()
+        if method == "perf":
+            recorder = SyscallRecorder(list(servers.values()))
+        else:
+            counters = {n: FsyncCounter(pid, method) for n, pid in servers.items()}
         start.wait(timeout=180)  # go
     except threading.BrokenBarrierError:
+        if recorder is not None:
+            recorder.stop()
         got = out.get(timeout=30)
         raise RuntimeError(f"a load generator failed before the run: {got!r}") from None
+    begin = time.monotonic() + warmup
+    _sleep_until(begin)
+    spies = _profilers(servers, profile_dir)
+    stats0 = {n: proc_stats(pid) for n, pid in servers.items()}
+    all0 = cpu_busy()
+    if on_window is not None:
+        on_window("start")
     wall0 = time.perf_counter()
     runs = []
     for _ in procs:
-        got = out.get(timeout=seconds + 300)
+        got = out.get(timeout=seconds + warmup + 300)
         if isinstance(got, BaseException):
+            if recorder is not None:
+                recorder.stop()
             raise RuntimeError(f"a load generator failed: {got!r}")
         runs.append(got)
     wall = time.perf_counter() - wall0
-    cpu = {n: process_cpu(pid) - cpu0[n] for n, pid in servers.items()}
+    finish = time.monotonic()
+    stats = {n: proc_stats(pid) - stats0[n] for n, pid in servers.items()}
     all1 = cpu_busy()
+    if on_window is not None:
+        on_window("stop")
     share = (busy_share(all0, all1, placement.servers), busy_share(all0, all1,
                                                                    placement.generator))
-    fsyncs = {n: c.stop() for n, c in counters.items()}
+    split: dict[str, dict[str, int]] = {}
+    if recorder is not None:
+        calls = recorder.stop()
+        if calls is None:
+            fsyncs: dict[str, int | None] = {n: None for n in servers}
+        else:
+            split = split_fsyncs(calls, recorder, servers, (begin, finish))
+            fsyncs = {n: sum(kinds.values()) for n, kinds in split.items()}
+    else:
+        fsyncs = {n: c.stop() for n, c in counters.items()}
     profiles = _stop_profilers(spies)
     for p in procs:
         p.join(timeout=30)
     results = [r for run in runs for r in run.results]
     summary = summarize(results, wall)
+    cpu = {n: st.user + st.system for n, st in stats.items()}
     return Measured(summary, wall, cpu, fsyncs, method, sum(r.cpu for r in runs), len(runs),
-                    placement, sum(r.busy for r in runs), share, profiles)
+                    placement, sum(r.busy for r in runs), share, profiles, split, stats,
+                    (begin, finish), journal_names or {})
 
 
 def _profilers(servers: dict[str, int], folder: Path | None,
