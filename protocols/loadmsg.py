@@ -32,7 +32,7 @@ from construct import (
     Struct,
 )
 
-from . import secure
+from . import codec, secure
 from .messages import Blob, build, parse
 
 # message types (the payment messages use 1..15)
@@ -164,3 +164,6 @@ def open_confirmation(bank_key: bytes, bank_id: bytes, txn_id: bytes, sealed: by
     return parse(LoadConfirmation, secure.open_sealed(
         secure.derive_key(bank_key, bank_id, txn_id), sealed,
         confirmation_aad(bank_id, txn_id), "load confirmation"), "load confirmation")
+
+
+codec.register(globals())

@@ -28,7 +28,7 @@ from construct import (
     Terminated,
 )
 
-from . import secure
+from . import codec, secure
 
 VERSION = 1
 
@@ -174,14 +174,18 @@ class MessageError(ValueError):
 
 
 def parse(layout: Any, data: bytes, what: str) -> Any:
+    """``layout`` parsed from ``data`` (through its struct twin, :mod:`.codec`, when it has
+    one); :class:`MessageError` naming ``what`` if malformed."""
+    twin = codec.twin(layout)
     try:
-        return layout.parse(data)
+        return layout.parse(data) if twin is None else twin.parse(data)
     except (ConstructError, ValueError, UnicodeDecodeError) as exc:
         raise MessageError(f"{what} is malformed: {str(exc).splitlines()[0]}") from None
 
 
 def build(layout: Any, value: dict[str, Any]) -> bytes:
-    return bytes(layout.build(value))
+    twin = codec.twin(layout)
+    return bytes(layout.build(value)) if twin is None else twin.build(value)
 
 
 # --- associated data: what each sealed blob is bound to ---------------------------------------
@@ -248,3 +252,6 @@ def split_envelope(data: bytes) -> tuple[Any, bytes]:
 
 def error_message(code: int, reason: str) -> bytes:
     return build(ErrorMessage, {"version": VERSION, "code": code, "reason": reason})
+
+
+codec.register(globals())
