@@ -38,15 +38,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import click
 import uvicorn
 
 from .command_line import EXIT_INTERRUPTED, EXIT_OK
 from .config import ConfigError
-from .http import GroupWriter, SqlRunner
 from .request_log import LOG_LEVELS, configure_logging
+
+if TYPE_CHECKING:  # kit.http (sqlalchemy) loads with a server, not for svcard pay's start
+    from .http import SqlRunner
 
 log = logging.getLogger("svcard.serve")
 DRAIN_SECONDS = 10.0
@@ -116,7 +118,6 @@ class _DrainingServer(uvicorn.Server):
 
 
 F = TypeVar("F", bound=Callable[..., Any])
-
 
 MAX_PROXIES, _trusted = 32, cast(tuple[str, ...], ())   # _trusted: --trusted-proxy
 
@@ -242,7 +243,7 @@ async def drain_writer(sql: SqlRunner) -> None:
     writer = sql.executor
     if writer is not None:
         await asyncio.to_thread(writer.shutdown)
-        sql.executor = GroupWriter()
+        sql.executor = type(writer)()
 
 
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[None]]
@@ -310,7 +311,6 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
     """Poll ``url`` until it answers 200 (a server process starting); TimeoutError after
     ``timeout`` seconds."""
     import httpx
-
     deadline = time.monotonic() + timeout
     while True:
         try:
