@@ -5,7 +5,7 @@ with 3 (issue 16, goal "no coordination tax").
     python benchmarks/bench_nodes.py [--seconds 8] [--warmup 4] [--clients-per-node 4]
                                      [--psams-per-node 2] [--clients N --psams M]
                                      [--variants fig6,fig7] [--placement split|nodes-alone|none]
-                                     [--no-pin] [--smoke]
+                                     [--no-pin] [--repeat N] [--smoke]
 
 A private PostgreSQL cluster (tests/pg_env.py: needs root and Debian's postgresql), the nodes
 (``python -m svcard.host.pay.nodes``, every PSAM image named by every node, each node serving
@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -406,6 +407,8 @@ def main() -> int:
     parser.add_argument("--placement", choices=("split", "nodes-alone", "none"),
                         default="split")
     parser.add_argument("--no-pin", action="store_true", help="as --placement none")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="pairs (1 node, then 3) per variant; the median ratio is printed")
     parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
     args = parser.parse_args()
     seconds = 1.0 if args.smoke else args.seconds
@@ -437,20 +440,28 @@ def main() -> int:
     cluster = start_cluster()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            results: dict[tuple[str, int], float] = {}
             for variant in variants:
-                for nodes in (1, 3):
-                    clients, psams = load(nodes)
-                    m, extra = run_case(Path(tmp), cluster, nodes, psams, variant, seconds,
-                                        clients, procs, placement, others, warmup, method)
-                    print(line(nodes, variant, clients, psams, m, extra), flush=True)
-                    results[(variant, nodes)] = node_cpu(m)
-                    if nodes == 1:
-                        one_node = (m, extra)
-                one, three = results[(variant, 1)], results[(variant, 3)]
-                print(f"  {variant}: nodes' CPU per purchase, 3 nodes / 1 node = "
-                      f"{three / one if one else float('nan'):.2f} (goal <= 1.15)")
-                print(machines_line(*one_node), flush=True)
+                ratios, ones = [], []
+                for _ in range(max(1, args.repeat)):   # 1 node then 3, paired, alternated
+                    pair = {}
+                    for nodes in (1, 3):
+                        clients, psams = load(nodes)
+                        m, extra = run_case(Path(tmp), cluster, nodes, psams, variant,
+                                            seconds, clients, procs, placement, others,
+                                            warmup, method)
+                        print(line(nodes, variant, clients, psams, m, extra), flush=True)
+                        pair[nodes] = node_cpu(m)
+                        if nodes == 1:
+                            ones.append((pair[1], m, extra))
+                    ratios.append(pair[3] / pair[1] if pair[1] else float("nan"))
+                    print(f"  {variant}: nodes' CPU per purchase, 3 nodes / 1 node = "
+                          f"{ratios[-1]:.2f} (goal <= 1.15)", flush=True)
+                if len(ratios) > 1:
+                    print(f"  {variant}: median of {len(ratios)} pairs 3 nodes / 1 node = "
+                          f"{statistics.median(ratios):.2f} (each: " + ", ".join(
+                              f"{r:.2f}" for r in ratios) + ")")
+                ones.sort(key=lambda one: one[0])
+                print(machines_line(*ones[len(ones) // 2][1:]), flush=True)
     finally:
         cluster.stop()
     return 0
