@@ -259,12 +259,23 @@ def is_bcd(data: bytes) -> bool:
     return not data.translate(None, _BCD_BYTES)
 
 
+_TO_BCD = bytes((n // 10) * 16 + n % 10 for n in range(100))   # 0..99 -> one BCD byte
+
+
 def bcd_date(day: _dt.date) -> bytes:
-    return bytes.fromhex(day.strftime("%Y%m%d"))
+    year = day.year
+    if year < 1000:   # strftime does not pad such a year: keep its (refused) text
+        return bytes.fromhex(day.strftime("%Y%m%d"))
+    return bytes((_TO_BCD[year // 100], _TO_BCD[year % 100], _TO_BCD[day.month],
+                  _TO_BCD[day.day]))
 
 
 def bcd_time(moment: _dt.time | _dt.datetime) -> bytes:
-    return bytes.fromhex(moment.strftime("%H%M%S"))
+    return bytes((_TO_BCD[moment.hour], _TO_BCD[moment.minute], _TO_BCD[moment.second]))
+
+
+def _bcd_value(byte: int) -> int:
+    return (byte >> 4) * 10 + (byte & 15)
 
 
 def valid_date(data: bytes) -> bool:
@@ -282,15 +293,14 @@ def valid_date(data: bytes) -> bool:
 def valid_time(data: bytes) -> bool:
     if len(data) != 3 or not is_bcd(data):
         return False
-    h, m, s = (int(data[i : i + 1].hex()) for i in range(3))
-    return h < 24 and m < 60 and s < 60
+    return _bcd_value(data[0]) < 24 and _bcd_value(data[1]) < 60 and _bcd_value(data[2]) < 60
 
 
 def parse_bcd_date(data: bytes) -> _dt.date:
     if not valid_date(data) or data[:2] == b"\x00\x00":
         raise ValueError(f"not a BCD date YYYYMMDD: {data.hex()}")
-    text = data.hex()
-    return _dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    return _dt.date(_bcd_value(data[0]) * 100 + _bcd_value(data[1]), _bcd_value(data[2]),
+                    _bcd_value(data[3]))
 
 
 # --- FCI (SELECT answer) ---------------------------------------------------------------------

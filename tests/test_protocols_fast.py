@@ -11,6 +11,7 @@ seed is printed.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import os
 import pickle
 import random
@@ -266,3 +267,50 @@ def test_sealing_with_cached_ciphers_still_refuses_what_it_must() -> None:
     with pytest.raises(ValueError):
         secure.seal(bytes(7), b"plain", b"aad")
     assert "00010203" not in repr(secure._cipher_cached.cache_info())
+
+
+# --- BCD dates and times (protocols/purse.py) without strftime and hex text --------------------
+def old_outcome(fn: Any, *args: Any) -> tuple[Any, ...]:
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:   # the error is the result compared
+        return ("error", type(exc))
+
+
+def test_bcd_dates_and_times_match_the_text_formulas() -> None:
+    from svcard.protocols import purse as P
+    rng = rng_for("bcd")
+    start = dt.datetime(1, 1, 1)
+    digits = [int(f"{n}", 16) for n in range(100)]   # bytes whose nibbles are both decimal
+    for case in range(CASES * 10):
+        moment = start + dt.timedelta(seconds=rng.randrange(315537897599))
+        if case % 5 == 0:
+            moment = moment.replace(year=rng.choice([1, 9, 99, 999, 1000, 1999, 2024, 9999]))
+        day = moment.date()
+        assert old_outcome(P.bcd_date, day) \
+            == old_outcome(lambda d: bytes.fromhex(d.strftime("%Y%m%d")), day), day
+        assert old_outcome(P.bcd_date, moment) == old_outcome(P.bcd_date, day)
+        assert P.bcd_time(moment) == bytes.fromhex(moment.strftime("%H%M%S"))
+        assert P.bcd_time(moment.time()) == P.bcd_time(moment)
+        for raw in (rng.randbytes(4), bytes(rng.choice(digits) for _ in range(4)),
+                    bytes.fromhex(f"{moment.year:04d}{moment.month:02d}{moment.day:02d}")):
+            assert old_outcome(P.parse_bcd_date, raw) == old_outcome(old_parse_bcd_date, raw)
+        for raw in (rng.randbytes(3), bytes(rng.choice(digits) for _ in range(3)),
+                    bytes.fromhex(moment.strftime("%H%M%S"))):
+            assert P.valid_time(raw) == old_valid_time(raw), raw
+
+
+def old_parse_bcd_date(data: bytes) -> dt.date:
+    from svcard.protocols import purse as P
+    if not P.valid_date(data) or data[:2] == b"\x00\x00":
+        raise ValueError
+    text = data.hex()
+    return dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+
+
+def old_valid_time(data: bytes) -> bool:
+    from svcard.protocols import purse as P
+    if len(data) != 3 or not P.is_bcd(data):
+        return False
+    h, m, s = (int(data[i: i + 1].hex()) for i in range(3))
+    return h < 24 and m < 60 and s < 60
