@@ -12,6 +12,7 @@ PSAM record layout and the card TAC check are here too: late proofs
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import json
 import re
@@ -81,6 +82,7 @@ class BatchVerdict:
     batch_number: int = 0
     psam_id: str = ""
     mac: str = ""
+    digest: str = ""    # SHA-256 of the file's bytes, when it could be read
     raw: list[bytes] = field(default_factory=list, repr=False)
     states: list[str] = field(default_factory=list, repr=False)
     reasons: dict[int, str] = field(default_factory=dict, repr=False)
@@ -109,9 +111,11 @@ class BatchVerdict:
 
 def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
     """A batch file's MAC, count, total and every record's TAC (no database involved)."""
-    name = path.name
+    name, digest = path.name, ""
     try:
-        doc = json.loads(path.read_text())
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        doc = json.loads(data)
         terminal_id = bytes.fromhex(doc["terminal_id"])
         number = int(doc["batch_number"])
         raw_records = [bytes.fromhex(r) for r in doc["records"]]
@@ -122,11 +126,12 @@ def check_batch(config: ClearingConfig, path: Path) -> BatchVerdict:
         if not _PSAM_ID.fullmatch(psam_id):
             raise ValueError("psam_id is not up to 20 hex digits")
     except KeyError as exc:  # the field's name, not the exception's repr
-        return BatchVerdict(name, "refused", f"not a batch file: no field {exc.args[0]}")
+        return BatchVerdict(name, "refused", f"not a batch file: no field {exc.args[0]}",
+                            digest=digest)
     except (OSError, ValueError, TypeError, RecursionError) as exc:
-        return BatchVerdict(name, "refused", f"not a batch file: {exc}")
+        return BatchVerdict(name, "refused", f"not a batch file: {exc}", digest=digest)
     verdict = BatchVerdict(name, "refused", "", terminal_id.hex().upper(), number, psam_id,
-                           mac.hex().upper())
+                           mac.hex().upper(), digest)
     terminal = config.terminals.get(terminal_id)
     if terminal is None:
         verdict.reason = f"unknown terminal {terminal_id.hex().upper()}"
