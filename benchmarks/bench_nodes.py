@@ -5,7 +5,7 @@ with 3 (issue 16, goal "no coordination tax").
     python benchmarks/bench_nodes.py [--seconds 8] [--warmup 4] [--clients-per-node 4]
                                      [--psams-per-node 2] [--clients N --psams M]
                                      [--variants fig6,fig7] [--placement split|nodes-alone|none]
-                                     [--no-pin] [--repeat N] [--smoke]
+                                     [--rate-per-node R] [--no-pin] [--repeat N] [--smoke]
 
 A private PostgreSQL cluster (tests/pg_env.py: needs root and Debian's postgresql), the nodes
 (``python -m svcard.host.pay.nodes``, every PSAM image named by every node, each node serving
@@ -14,8 +14,12 @@ and the load generator of ``loadgen.py`` (in-memory cards, journals in tmpfs).
 
 The comparison. By default each node gets the same load: 1 node with ``--clients-per-node`` K
 cards and ``--psams-per-node`` P PSAMs against 3 nodes with 3K cards and 3P PSAMs, so a node
-batches (group commit, event loop) as much in both cases. ``--clients N`` (with ``--psams``,
-default 6) is the older fixed-total mode: the same N cards spread over 1 or 3 nodes. Every
+batches (group commit, event loop) as much in both cases while the CPU keeps up. When the
+servers' CPU is full, the 3 nodes share the same CPU time, each answers a third as fast, and
+does less per wake-up; ``--rate-per-node R`` paces the cards so that each node is offered R
+purchases/s in both cases (below what the CPU can serve, the fairest comparison here).
+``--clients N`` (with ``--psams``, default 6) is the older fixed-total mode: the same N cards
+spread over 1 or 3 nodes. Every
 case runs ``--warmup`` seconds of load (not counted; every node serves purchases, fills its
 connection pool and statement caches) that runs on without a pause into the measured window.
 
@@ -222,7 +226,8 @@ def _pin(pids: list[int], cpus: set[int] | None) -> None:
 
 def run_case(folder: Path, cluster: Any, nodes: int, psams: int, variant: str, seconds: float,
              clients: int, procs: int, placement: Placement, others: set[int] | None,
-             warmup: float, method: str | None) -> tuple[Measured, dict[str, Any]]:
+             warmup: float, method: str | None, rate: float = 0.0,
+             ) -> tuple[Measured, dict[str, Any]]:
     from bench_payment import worker
 
     from svcard.host.kit.serving import free_port
@@ -288,7 +293,8 @@ def run_case(folder: Path, cluster: Any, nodes: int, psams: int, variant: str, s
                                   str(case / "terminal.pem")) for i in range(procs)],
                         servers, placement, seconds, method=method, warmup=warmup,
                         on_window=pg, journal_names={
-                            n.spec.name: "PSAM journals" for n in running})
+                            n.spec.name: "PSAM journals" for n in running},
+                        interval=clients / rate if rate else 0.0)
             extra = pg.result(m.window)
         extra.update(lock_share=locks.waiting / max(1, locks.samples), lock_most=locks.most)
         return m, extra
@@ -407,6 +413,9 @@ def main() -> int:
     parser.add_argument("--placement", choices=("split", "nodes-alone", "none"),
                         default="split")
     parser.add_argument("--no-pin", action="store_true", help="as --placement none")
+    parser.add_argument("--rate-per-node", type=float, default=0.0,
+                        help="offer this many purchases/s per node (paced cards) instead of "
+                             "as many as the nodes answer")
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs (1 node, then 3) per variant; the median ratio is printed")
     parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
@@ -433,6 +442,8 @@ def main() -> int:
             f"{args.psams_per_node} PSAMs per node")
     print("svcard payment nodes benchmark" + (" (smoke run: figures not meaningful)"
                                               if args.smoke else ""))
+    if args.rate_per_node:
+        mode += f"; offered {args.rate_per_node:g} purchases/s per node (paced cards)"
     print(f"  {note}; {mode}; {procs} generator process(es); {warmup:g} s warm-up then "
           f"{seconds:g} s measured; one PostgreSQL (fsync on); nginx in front; fsyncs counted "
           f"by {method or 'nothing'}; load average before: {os.getloadavg()[0]:.1f} on "
@@ -448,7 +459,7 @@ def main() -> int:
                         clients, psams = load(nodes)
                         m, extra = run_case(Path(tmp), cluster, nodes, psams, variant,
                                             seconds, clients, procs, placement, others,
-                                            warmup, method)
+                                            warmup, method, args.rate_per_node * nodes)
                         print(line(nodes, variant, clients, psams, m, extra), flush=True)
                         pair[nodes] = node_cpu(m)
                         if nodes == 1:

@@ -237,9 +237,10 @@ class Start:
     then go) and the warm-up, the seconds of load between go and the measured window (the
     load runs on without a pause into the window, so every server is busy when it begins)."""
 
-    def __init__(self, barrier: Any, warmup: float = 0.0) -> None:
+    def __init__(self, barrier: Any, warmup: float = 0.0, interval: float = 0.0) -> None:
         self.barrier = barrier
         self.warmup = warmup
+        self.interval = interval  # > 0: each card begins a transaction at most this often
 
     def wait(self, timeout: float | None = None) -> int:
         return int(self.barrier.wait(timeout=timeout))
@@ -265,6 +266,7 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
     end = [0.0]
     window = [0.0]
     warmup = float(getattr(start, "warmup", 0.0) or 0.0)
+    interval = float(getattr(start, "interval", 0.0) or 0.0)
 
     def run(serial: int) -> None:
         try:
@@ -286,7 +288,17 @@ def run_cards(first_serial: int, cards: int, seconds: float, journal_dir: str, s
             go.wait()
             mine: list[Result] = []
             waited = 0
+            due = time.monotonic()
             while (now := time.monotonic()) < end[0]:
+                if interval:  # paced: an open-loop rate, not as fast as the servers answer
+                    due += interval
+                    if due > now:
+                        time.sleep(due - now)
+                        now = time.monotonic()
+                        if now >= end[0]:
+                            break
+                    else:
+                        due = now
                 counted = now >= window[0]
                 busy0 = http.busy
                 started = time.perf_counter()
@@ -778,16 +790,18 @@ def measure(worker: Callable[..., GeneratorRun], worker_args: list[Any],
             servers: dict[str, int], placement: Placement, seconds: float,
             profile_dir: Path | None = None, method: str | None = None, warmup: float = 0.0,
             on_window: Callable[[str], None] | None = None,
-            journal_names: dict[str, str] | None = None) -> Measured:
+            journal_names: dict[str, str] | None = None, interval: float = 0.0) -> Measured:
     """Run one generator process per item of ``worker_args`` (``worker(args, start)`` returns
     its :class:`GeneratorRun`; it waits on ``start`` before its measured window) and measure
     the ``servers`` (name -> pid) over that window. ``warmup``: seconds of load, not counted,
-    before the window (the load runs on into it). ``on_window("start"|"stop")`` is called at
-    the window's start and end (a caller's own meters). With ``method`` "perf" each server's
+    before the window (the load runs on into it). ``interval`` > 0: each card begins a
+    transaction at most every ``interval`` seconds (an offered rate).
+    ``on_window("start"|"stop")`` is called at the window's start and end (a caller's own
+    meters). With ``method`` "perf" each server's
     fsyncs are recorded call by call and split by the kind of file (:func:`fsync_kind`;
     ``journal_names`` names a server's card journals, e.g. "PSAM journals")."""
     ctx = mp.get_context("spawn")
-    start = Start(ctx.Barrier(len(worker_args) + 1), warmup)
+    start = Start(ctx.Barrier(len(worker_args) + 1), warmup, interval)
     out = ctx.Queue()
     procs = [ctx.Process(target=_generator_main, args=(worker, a, start, out,
                                                        placement.generator), daemon=True)

@@ -152,10 +152,14 @@ def test_a_recorded_process_has_its_fsyncs_named(tmp_path: Path) -> None:
 
 def test_proc_stats_sum_every_thread() -> None:
     before = LG.proc_stats(os.getpid())
+    napped = threading.Barrier(3)
+    leave = threading.Event()
 
     def nap() -> None:
         for _ in range(50):
             time.sleep(0.001)  # each sleep blocks: a voluntary switch
+        napped.wait(timeout=60)
+        leave.wait(timeout=60)  # alive while read: an ended thread's switches leave /proc
 
     threads = [threading.Thread(target=nap) for _ in range(2)]
     for t in threads:
@@ -163,7 +167,9 @@ def test_proc_stats_sum_every_thread() -> None:
     cpu0 = time.process_time()
     while time.process_time() - cpu0 < 0.2:
         pass
+    napped.wait(timeout=60)
     used = LG.proc_stats(os.getpid()) - before
+    leave.set()
     for t in threads:
         t.join()
     assert used.user + used.system >= 0.15
@@ -219,3 +225,12 @@ def test_nodes_placements_and_the_n_machines_estimate(monkeypatch: pytest.Monkey
     text = BN.machines_line(m, {"pg_cpu": 0.1})
     assert "about 400 purchases/s (1000 / 2.50 node CPU ms)" in text
     assert "until PostgreSQL fills a CPU at 1000/s per core (N about 2.5" in text
+
+
+def test_paced_cards_offer_a_rate_not_as_fast_as_answered(tmp_path: Path) -> None:
+    def step(serial: int, reader: Any, journal: Any, http: Any) -> tuple[bool, int]:
+        return True, 1   # answers at once: unpaced, a card would do thousands
+
+    run = LG.run_cards(10, 2, 0.5, str(tmp_path), step,
+                       LG.Start(threading.Barrier(1), 0.0, interval=0.05))
+    assert 14 <= len(run.results) <= 22   # 2 cards x 0.5 s / 0.05 s = 20
