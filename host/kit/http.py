@@ -38,6 +38,7 @@ from starlette.routing import Route
 from ...protocols import messages as M
 from ...protocols import secure
 from .db import StepGroup, storage_reason, writer_state
+from .reader_pool import handed_back, one_wake
 from .request_log import note
 
 OCTETS = "application/octet-stream"
@@ -351,11 +352,10 @@ class _Writer:
             for call in calls[len(done):]:
                 self.run([call])
             done = done[:durable] + ([done[culprit]] if culprit >= 0 else [])
-        for call, result, error in done:
-            if error is None:
-                call.future.set_result(result)
-            else:
-                call.future.set_exception(error)
+        with one_wake():   # each waiting loop is woken once for the whole group
+            for call, result, error in done:
+                fut = call.future
+                fut.set_result(result) if error is None else fut.set_exception(error)
 
 
 def _breaks(exc: BaseException, group: StepGroup) -> bool:
@@ -367,10 +367,9 @@ def _breaks(exc: BaseException, group: StepGroup) -> bool:
 
 
 class SqlRunner:
-    """Database calls off the event loop. SQLite has one writer at a time: concurrent writers
-    would only meet in its busy handler, which sleeps in growing steps, so one thread does every
-    SQLite call, with group commit (:class:`GroupWriter`); other databases get a thread per
-    call."""
+    """Database calls off the event loop. SQLite has one writer at a time (concurrent ones meet
+    in its sleeping busy handler): one thread does every SQLite call, with group commit
+    (:class:`GroupWriter`), its results back by the loop's inbox; other databases: a thread."""
 
     def __init__(self, db_url: str) -> None:
         self.executor = GroupWriter() if db_url.startswith("sqlite") else None
@@ -378,7 +377,7 @@ class SqlRunner:
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self.executor is None:
             return await asyncio.to_thread(fn, *args, **kwargs)
-        return await asyncio.wrap_future(self.executor.submit(fn, *args, **kwargs))
+        return await handed_back(self.executor.submit(fn, *args, **kwargs))
 
 
 def openapi_document(name: str) -> dict[str, Any]:
