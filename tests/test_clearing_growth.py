@@ -195,3 +195,46 @@ def test_a_file_changed_just_now_is_read_again(tmp_path: Path,
     read = counting(monkeypatch, "check_batch")
     assert setup.run().batches[0]["reason"].startswith("duplicate batch")
     assert read == ["b1.json"]
+
+
+def test_no_run_reads_a_table_that_grows_whole(setup: Setup) -> None:
+    """The tables that grow with every run (cleared records, batches, moved loads) are asked
+    only about this run's keys: a run never SELECTs one of them without a condition."""
+    from sqlalchemy import event
+
+    for n in range(1, 4):
+        write_batch(setup.folder / f"b{n}.json", n)
+    setup.run()
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(setup.engine, "before_cursor_execute", seen)
+    write_batch(setup.folder / "b4.json", 4)
+    assert setup.run().records_cleared == 1
+    event.remove(setup.engine, "before_cursor_execute", seen)
+    whole = [s for s in statements if s.startswith("SELECT") and " WHERE " not in s
+             and " JOIN " not in s and any(f"FROM {t}" in s for t in (
+                 "cleared_records", "cleared_batches", "moved_loads"))]
+    assert whole == []   # before: three such reads at every run
+
+
+def test_a_record_cleared_in_an_earlier_run_is_refused_under_another_batch(
+        setup: Setup) -> None:
+    """The same card debit (card, counter) replayed in a new batch (another number, its own
+    valid MAC) is refused record by record, as before, now found by its key."""
+    write_batch(setup.folder / "b1.json", 1)
+    assert setup.run().records_cleared == 1
+    doc = json.loads((setup.folder / "b1.json").read_text())
+    config = setup.config
+    raw = bytes.fromhex(doc["records"][0])
+    header = P.BatchHeader.build({"terminal_id": TERMINAL, "batch_number": 77,
+                                  "record_count": 1, "total_amount": doc["total_amount"]})
+    mac = crypto.cbc_mac(config.terminals[TERMINAL].batch_key, header + raw).hex().upper()
+    (setup.folder / "b77.json").write_text(json.dumps({**doc, "batch_number": 77, "mac": mac}))
+    report = setup.run()
+    assert report.records_cleared == 0 and report.total_paid == 0
+    (b77,) = report.batches
+    assert b77["state"] == "cleared" and b77["counts"] == {"refused": 1}
+    assert b77["problems"][0]["reason"] == "duplicate record: already cleared"
