@@ -54,11 +54,11 @@ def write_batch(path: Path, number: int, terminal: bytes = TERMINAL) -> int:
 
 
 class Setup:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, db_url: str | None = None) -> None:
         self.folder = tmp_path / "batches"
         self.folder.mkdir()
         self.config: ClearingConfig = clearing_config(fixture_path("clearing-demo.toml"))
-        self.engine = make_engine(f"sqlite:///{tmp_path / 'clearing.db'}")
+        self.engine = make_engine(db_url or f"sqlite:///{tmp_path / 'clearing.db'}")
         self.out = tmp_path / "out"
 
     def run(self) -> CL.ClearingReport:
@@ -238,3 +238,38 @@ def test_a_record_cleared_in_an_earlier_run_is_refused_under_another_batch(
     (b77,) = report.batches
     assert b77["state"] == "cleared" and b77["counts"] == {"refused": 1}
     assert b77["problems"][0]["reason"] == "duplicate record: already cleared"
+
+
+def test_the_same_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipping handled files, a changed file read again, and a replayed record found by its
+    key, with the clearing database on PostgreSQL (its temporary table kept per session)."""
+    from pg_env import start_cluster
+
+    cluster = start_cluster()
+    try:
+        monkeypatch.setattr(CL, "FRESH_NS", 0, raising=False)
+        setup = Setup(tmp_path, cluster.new_database())
+        total = sum(write_batch(setup.folder / f"b{n}.json", n) for n in range(1, 6))
+        assert setup.run().total_paid == total
+        read = counting(monkeypatch, "check_batch")
+        assert setup.run().batches == [] and read == []
+        b2 = setup.folder / "b2.json"
+        b2.write_bytes(b2.read_bytes())
+        doc = json.loads((setup.folder / "b1.json").read_text())
+        raw = bytes.fromhex(doc["records"][0])
+        for number in (77, 78):   # the second: the session's temporary table is there
+            header = P.BatchHeader.build({"terminal_id": TERMINAL, "batch_number": number,
+                                          "record_count": 1,
+                                          "total_amount": doc["total_amount"]})
+            mac = crypto.cbc_mac(setup.config.terminals[TERMINAL].batch_key, header + raw)
+            (setup.folder / f"b{number}.json").write_text(json.dumps(
+                {**doc, "batch_number": number, "mac": mac.hex().upper()}))
+            report = setup.run()
+            why = {b["file"]: b for b in report.batches}
+            assert report.total_paid == 0 and read[-1] == f"b{number}.json"
+            assert why[f"b{number}.json"]["problems"][0]["reason"] == \
+                "duplicate record: already cleared"
+        assert read == ["b2.json", "b77.json", "b78.json"]   # b2 rewritten: read again
+        setup.engine.dispose()
+    finally:
+        cluster.stop()
