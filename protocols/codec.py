@@ -47,10 +47,12 @@ _NO_DEFAULT: Any = object()
 
 # step kinds
 _FIXED = 0     # a run of fixed-size fields, one struct.Struct
-_BLOB = 1      # a length-prefixed byte string (Prefixed(int, GreedyBytes))
-_TEXT = 2      # a length-prefixed string (PascalString)
-_GREEDY = 3    # the rest of the input (GreedyBytes)
-_END = 4       # nothing may follow (Terminated)
+_PLAIN = 1     # the same with neither constants nor defaults: fetched in one itemgetter call
+_BLOB = 2      # a length-prefixed byte string (Prefixed(int, GreedyBytes))
+_TEXT = 3      # a length-prefixed string (PascalString)
+_GREEDY = 4    # the rest of the input (GreedyBytes)
+_END = 5       # nothing may follow (Terminated)
+_RUNS = (_FIXED, _PLAIN)
 
 
 class _Unsure(Exception):
@@ -106,7 +108,11 @@ class MessageCodec:
                 consts = tuple((i, c) for i, (_, _, _, c, _) in enumerate(run)
                                if c is not _NO_DEFAULT)
                 fields = tuple((n, size, c, d) for n, _, size, c, d in run)
-                steps.append((_FIXED, (codec, consts, fields)))
+                plain = len(run) > 1 and all(c is _NO_DEFAULT and d is _NO_DEFAULT
+                                             for _, _, _, c, d in run)
+                getter = itemgetter(*(n for n, _, _, _, _ in run))
+                sized = tuple((i, size) for i, (_, _, size, _, _) in enumerate(run) if size)
+                steps.append((_PLAIN if plain else _FIXED, (codec, consts, fields, getter, sized)))
                 run.clear()
 
         for sub in declaration.subcons:
@@ -148,6 +154,9 @@ class MessageCodec:
         close_run()
         self.names = tuple(names)
         self._steps = tuple(steps)
+        # the byte size of every message of this layout, or None when it varies
+        self.size: int | None = sum(how[0].size for kind, how in steps if kind in _RUNS) \
+            if all(kind in (*_RUNS, _END) for kind, _ in steps) else None
         self.record = _record_class(name, self.names)
 
     # --- parsing --------------------------------------------------------------------------------
@@ -166,8 +175,8 @@ class MessageCodec:
         out: list[Any] = []
         pos, size = 0, len(data)
         for kind, how in self._steps:
-            if kind == _FIXED:
-                codec, consts, _ = how
+            if kind in _RUNS:
+                codec, consts = how[0], how[1]
                 end = pos + codec.size
                 if end > size:
                     raise _Unsure
@@ -214,8 +223,15 @@ class MessageCodec:
     def _build(self, obj: dict[str, Any]) -> bytes:
         parts: list[bytes] = []
         for kind, how in self._steps:
-            if kind == _FIXED:
-                codec, _, fields = how
+            if kind == _PLAIN:
+                codec, _, _, getter, sized = how
+                found = getter(obj)
+                for i, size in sized:
+                    if type(found[i]) is not bytes or len(found[i]) != size:
+                        raise _Unsure
+                parts.append(codec.pack(*found))
+            elif kind == _FIXED:
+                codec, _, fields, _, _ = how
                 values: list[Any] = []
                 for name, size, const, default in fields:
                     if const is not _NO_DEFAULT:
