@@ -58,7 +58,10 @@ def timed(fn: Any, times: int) -> float:
 
 
 def bench_journal(sizes: list[int]) -> None:
-    print("journal start-up: payments, first reader ms, a later reader ms, checkpoint KiB")
+    from svcard.host.terminal.journal import CHECKPOINT_EVERY
+
+    print("journal start-up: payments, first reader ms, a later reader ms (best, worst), "
+          "checkpoint KiB")
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "journal.jsonl"
@@ -76,8 +79,17 @@ def bench_journal(sizes: list[int]) -> None:
             again = timed(later, 5)
             cp = path.with_name(path.name + ".checkpoint")
             kib = cp.stat().st_size / 1024 if cp.exists() else 0.0
-            print(f"{size:>8} {first * 1000:>10.1f} {again * 1000:>10.1f} {kib:>8.1f}",
-                  flush=True)
+            Journal(path).checkpoint()   # then just under a checkpoint's worth of lines after
+            with path.open("a") as fh:
+                n, added = size + 10**9, 0
+                while added + 1200 < CHECKPOINT_EVERY:
+                    lines = payment_lines(n)
+                    added += sum(len(x) for x in lines)
+                    fh.writelines(lines)
+                    n += 1
+            worst = timed(lambda p=path: Journal(p).unfinished(SERIAL), 1)
+            print(f"{size:>8} {first * 1000:>10.1f} {again * 1000:>8.1f} {worst * 1000:>8.1f} "
+                  f"{kib:>8.1f}", flush=True)
 
 
 def write_batches(folder: Path, numbers: range) -> None:

@@ -50,7 +50,7 @@ from ...protocols import purse as P
 from ...reader import Reader
 from .purse import TerminalCheckFailed, TerminalError, select_purse
 
-CHECKPOINT_EVERY = 256 * 1024   # bytes parsed past the last checkpoint before a new one
+CHECKPOINT_EVERY = 64 * 1024    # bytes parsed past the last checkpoint before a new one
 CHECKPOINT_RECENT = 64          # latest transactions the checkpoint keeps besides the open ones
 _CHECKPOINT_MAX = 64 * 1024 * 1024
 _SPAN = 4096                    # the journal bytes a checkpoint's digests cover at each end
