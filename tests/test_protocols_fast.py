@@ -322,3 +322,44 @@ def old_valid_time(data: bytes) -> bool:
         return False
     h, m, s = (int(data[i: i + 1].hex()) for i in range(3))
     return h < 24 and m < 60 and s < 60
+
+
+# --- ECB encryptors kept open per thread (protocols/crypto.py) ----------------------------------
+def fresh_ecb(key: bytes, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    from svcard.protocols import crypto
+    enc = Cipher(crypto._tdes(key), modes.ECB()).encryptor()
+    return enc.update(data) + enc.finalize()
+
+
+def test_kept_ecb_encryptors_encrypt_as_fresh_ones_in_every_thread() -> None:
+    import threading
+
+    from svcard.protocols import crypto
+    rng = rng_for("ecb")
+    keys = [rng.randbytes(rng.choice([8, 16, 24])) for _ in range(crypto.ECB_CONTEXTS_PER_THREAD
+                                                                   + 40)]
+    jobs = [(rng.choice(keys), rng.randbytes(8 * rng.randrange(1, 5))) for _ in range(CASES * 4)]
+    expected = [fresh_ecb(k, d) for k, d in jobs]
+    wrong: list[int] = []
+
+    def run(offset: int) -> None:
+        for i in range(len(jobs)):
+            j = (i + offset) % len(jobs)
+            if crypto.encrypt_ecb(*jobs[j]) != expected[j]:
+                wrong.append(j)
+
+    threads = [threading.Thread(target=run, args=(n * 97,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    run(5)
+    for t in threads:
+        t.join(timeout=120)
+    assert not wrong and not any(t.is_alive() for t in threads)
+    assert len(crypto._ECB_CONTEXTS.open) <= crypto.ECB_CONTEXTS_PER_THREAD
+    with pytest.raises(crypto.KeyError_):
+        crypto.encrypt_ecb(bytes(15), bytes(8))
+    with pytest.raises(ValueError, match="whole 8-byte blocks"):
+        crypto.encrypt_ecb(bytes(16), bytes(9))
+    assert crypto.encrypt_ecb(bytes(16), b"") == b""
