@@ -273,3 +273,35 @@ def test_the_same_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         setup.engine.dispose()
     finally:
         cluster.stop()
+
+
+def test_two_runs_at_once_pay_each_record_once(setup: Setup, tmp_path: Path) -> None:
+    """Raced: two clearing processes' runs over the same new files and database. The database's
+    unique keys decide: one pays, the other pays nothing or fails whole (and its files stay
+    unhandled, so a later run reads them and refuses them as duplicates)."""
+    import threading
+
+    total = sum(write_batch(setup.folder / f"b{n}.json", n) for n in range(1, 21))
+    engines = [make_engine(f"sqlite:///{tmp_path / 'clearing.db'}") for _ in range(2)]
+    start = threading.Barrier(2)
+    outcomes: list[Any] = []
+
+    def one(engine: Any) -> None:
+        start.wait()
+        try:
+            outcomes.append(CL.run_clearing(setup.config, setup.folder, engine,
+                                            tmp_path / f"out{id(engine)}").total_paid)
+        except Exception as exc:   # the loser of the race: rolled back whole
+            outcomes.append(type(exc).__name__)
+            print("loser:", str(exc)[:300])
+
+    threads = [threading.Thread(target=one, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    paid = [o for o in outcomes if isinstance(o, int)]
+    print("raced runs:", outcomes)
+    assert sum(paid) == total and len(outcomes) == 2, outcomes
+    later = setup.run()
+    assert later.total_paid == 0

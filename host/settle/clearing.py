@@ -65,8 +65,10 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    inspect,
     select,
 )
+from sqlalchemy.exc import DBAPIError
 
 from ...protocols import settlement as S
 from ..kit.db import now_ms
@@ -127,7 +129,11 @@ def _listing(batch_dir: Path) -> dict[str, Stat | None]:
 
 def _to_read(engine: Engine, folder: str, files: dict[str, Stat | None]) -> dict[str, Stat | None]:
     """The files not handled for good, or changed since, with their stat."""
-    handled_files.create(engine, checkfirst=True)
+    try:
+        handled_files.create(engine, checkfirst=True)
+    except DBAPIError:   # another run made it between the check and the create
+        if not inspect(engine).has_table(handled_files.name):
+            raise
     with engine.connect() as conn:
         seen = {r[0]: tuple(r[1:]) for r in conn.execute(
             select(handled_files.c.name, handled_files.c.size, handled_files.c.mtime_ns,
