@@ -5,7 +5,8 @@ with 3 (issue 16, goal "no coordination tax").
     python benchmarks/bench_nodes.py [--seconds 8] [--warmup 4] [--clients-per-node 4]
                                      [--psams-per-node 2] [--clients N --psams M]
                                      [--variants fig6,fig7] [--placement split|nodes-alone|none]
-                                     [--rate-per-node R] [--no-pin] [--repeat N] [--smoke]
+                                     [--rate-per-node R] [--no-pin] [--repeat N]
+                                     [--profile DIR] [--smoke]
 
 A private PostgreSQL cluster (tests/pg_env.py: needs root and Debian's postgresql), the nodes
 (``python -m svcard.host.pay.nodes``, every PSAM image named by every node, each node serving
@@ -227,7 +228,7 @@ def _pin(pids: list[int], cpus: set[int] | None) -> None:
 def run_case(folder: Path, cluster: Any, nodes: int, psams: int, variant: str, seconds: float,
              clients: int, procs: int, placement: Placement, others: set[int] | None,
              warmup: float, method: str | None, rate: float = 0.0,
-             ) -> tuple[Measured, dict[str, Any]]:
+             profile: Path | None = None) -> tuple[Measured, dict[str, Any]]:
     from bench_payment import worker
 
     from svcard.host.kit.serving import free_port
@@ -292,6 +293,7 @@ def run_case(folder: Path, cluster: Any, nodes: int, psams: int, variant: str, s
             m = measure(worker, [(1000 + i * per, per, checkout, seconds, journals,
                                   str(case / "terminal.pem")) for i in range(procs)],
                         servers, placement, seconds, method=method, warmup=warmup,
+                        profile_dir=profile / f"{nodes}nodes-{variant}" if profile else None,
                         on_window=pg, journal_names={
                             n.spec.name: "PSAM journals" for n in running},
                         interval=clients / rate if rate else 0.0)
@@ -359,7 +361,7 @@ def line(nodes: int, variant: str, clients: int, psams: int, m: Measured,
         f"      nodes per purchase: user {both.user / done * 1000:.2f} + system "
         f"{both.system / done * 1000:.2f} CPU ms, context switches {both.voluntary / done:.1f}"
         f" voluntary, {both.involuntary / done:.1f} involuntary\n"
-        + m.stats_line("purchase", [k for k in m.stats if not k.startswith("nginx-")]) + "\n"
+        + m.stats_line("purchase", [k for k in m.stats if k != "nginx"]) + "\n"
         f"      fsyncs/purchase ({m.fsync_method or 'not counted'}): nodes "
         + (f"{fs_all / done:.2f} (database {fs_db / done:.2f}, PSAM journals "
            f"{fs_j / done:.2f})" if m.fsync_split else "n/a")
@@ -416,6 +418,8 @@ def main() -> int:
     parser.add_argument("--rate-per-node", type=float, default=0.0,
                         help="offer this many purchases/s per node (paced cards) instead of "
                              "as many as the nodes answer")
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy each server (nodes, merchant, nginx) into this folder")
     parser.add_argument("--repeat", type=int, default=1,
                         help="pairs (1 node, then 3) per variant; the median ratio is printed")
     parser.add_argument("--smoke", action="store_true", help="a short run, for CI")
@@ -459,7 +463,8 @@ def main() -> int:
                         clients, psams = load(nodes)
                         m, extra = run_case(Path(tmp), cluster, nodes, psams, variant,
                                             seconds, clients, procs, placement, others,
-                                            warmup, method, args.rate_per_node * nodes)
+                                            warmup, method, args.rate_per_node * nodes,
+                                            args.profile)
                         print(line(nodes, variant, clients, psams, m, extra), flush=True)
                         pair[nodes] = node_cpu(m)
                         if nodes == 1:
