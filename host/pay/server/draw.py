@@ -15,7 +15,10 @@ same debit command while the debit is open; another draw for the transaction is 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
@@ -27,11 +30,13 @@ from ....protocols import sw as SW
 from ....reader import Reader
 from ...kit.db import DuplicateError
 from ...kit.http import Refused, request_digest
+from ...kit.reader_pool import handed_back
 from ...kit.request_log import note
 from ...terminal import apdus
 from ...terminal.purse import Declined, call
 from .envelope import Opened, debit_result, open_message, result_m, sealed
-from .psam_pool import PoolExhausted
+from .leases import Fence
+from .psam_pool import PooledPsam, PoolExhausted
 
 if TYPE_CHECKING:
     from .app import PaymentServer
@@ -165,7 +170,39 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
                                                   "PSAM PREVIOUS SIGNATURE"))
             return a.terminal_txn_number, a.mac1, prev.expected_mac2
 
+        fence = server.fence(psam)
+
+        def command_for(ttn: int, mac1: bytes, expected: bytes) -> tuple[bytes, dict[str, Any]]:
+            """The debit command, and the row's values once it is issued (or released)."""
+            row = {"psam_id": psam.psam_id.hex(), "ttn": ttn,
+                   "card_serial": d.card_serial.hex(), "card_counter": d.offline_counter}
+            sealed_expected = result = b""
+            if t.variant == M.FIG8_MERCHANT_COMPARES:
+                sealed_expected = secure.seal(o.dk, expected, M.expected_mac2_aad(
+                    o.env.merchant_id, o.env.txn_id))
+            if t.variant in (M.FIG7_CLIENT_COMPARES, M.FIG8_MERCHANT_COMPARES):
+                status = M.STATUS_AUTHENTICATED if t.purpose == M.PURPOSE_AUTHENTICATION \
+                    else M.STATUS_OK
+                result = result_m(o, debit_result(o, row, status, "issued"))
+            command = M.build(M.DebitCommand, {
+                "psam_id": psam.psam_id, "terminal_id": psam.terminal_id,
+                "terminal_txn_number": ttn, "date": date, "time": clock_time, "mac1": mac1,
+                "amount": d.amount,
+                "expected_mac2": expected if t.variant == M.FIG7_CLIENT_COMPARES else bytes(4),
+                "sealed_expected_mac2": sealed_expected, "result_m": result})
+            state = "issued" if t.variant == M.FIG6_SERVER_COMPARES else "released"
+            return command, {"state": state, "psam_id": psam.psam_id.hex(), "ttn": ttn,
+                             "txn_date": date.hex(), "txn_time": clock_time.hex(),
+                             "mac1": mac1.hex(), "expected_mac2": expected.hex(),
+                             "debit_command": command}
+
         try:
+            if t.variant != M.FIG5_PSAM_COMPARES:   # no hold: INIT SAM and its step at once
+                command, advanced = await _issue_and_record(server, psam, issue, command_for,
+                                                            row_id, fence)
+                response = await _recorded(server, row_id, fence, command, advanced, o)
+                note(outcome="issued" if t.variant == M.FIG6_SERVER_COMPARES else "released")
+                return response, False
             ttn, mac1, expected = await server.pool.run(psam, issue)
         except Declined as exc:
             blocked = exc.sw == SW.CONDITIONS_NOT_SATISFIED
@@ -174,40 +211,15 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
             await server.sql(server.db.advance, row_id, "received", server.fence(psam),
                              state="failed", reason=reason)
             raise Refused(403 if blocked else 400, 403, reason) from None
-        row = {"psam_id": psam.psam_id.hex(), "ttn": ttn, "card_serial": d.card_serial.hex(),
-               "card_counter": d.offline_counter}
-        sealed_expected = b""
-        result = b""
-        if t.variant == M.FIG8_MERCHANT_COMPARES:
-            sealed_expected = secure.seal(o.dk, expected, M.expected_mac2_aad(
-                o.env.merchant_id, o.env.txn_id))
-        if t.variant in (M.FIG7_CLIENT_COMPARES, M.FIG8_MERCHANT_COMPARES):
-            status = M.STATUS_AUTHENTICATED if t.purpose == M.PURPOSE_AUTHENTICATION \
-                else M.STATUS_OK
-            result = result_m(o, debit_result(o, row, status, "issued"))
-        command = M.build(M.DebitCommand, {
-            "psam_id": psam.psam_id, "terminal_id": psam.terminal_id,
-            "terminal_txn_number": ttn, "date": date, "time": clock_time, "mac1": mac1,
-            "amount": d.amount,
-            "expected_mac2": expected if t.variant == M.FIG7_CLIENT_COMPARES else bytes(4),
-            "sealed_expected_mac2": sealed_expected, "result_m": result})
-        state = "issued" if t.variant in (M.FIG5_PSAM_COMPARES, M.FIG6_SERVER_COMPARES) \
-            else "released"
-        if t.variant == M.FIG5_PSAM_COMPARES:
-            # held before the row says "issued": a debit response that reads "issued"
-            # always finds its PSAM
-            server.holds.hold(row_id, psam, o.env.merchant_id, client)
-            held = True
-        fence = server.fence(psam)
-        if not await server.sql(server.db.advance, row_id, "received", fence, state=state,
-                                psam_id=psam.psam_id.hex(), ttn=ttn, txn_date=date.hex(),
-                                txn_time=clock_time.hex(), mac1=mac1.hex(),
-                                expected_mac2=expected.hex(), debit_command=command):
-            if fence is not None:   # the lease was lost: the command is never sent
-                await server.sql(server.db.advance, row_id, "received", state="voided",
-                                 reason="this node lost the PSAM's lease")
-            raise Refused(409, 409, "the transaction changed meanwhile; retry")
-        note(outcome="held" if held else state)
+        command, values = command_for(ttn, mac1, expected)
+        values["state"] = "issued"
+        # held before the row says "issued": a debit response that reads "issued" always
+        # finds its PSAM
+        server.holds.hold(row_id, psam, o.env.merchant_id, client)
+        held = True
+        if not await server.sql(server.db.advance, row_id, "received", fence, **values):
+            return await _recorded(server, row_id, fence, command, False, o), held
+        note(outcome="held")
         return sealed(o, M.DEBIT_COMMAND, command), held
     except BaseException:
         if held:
@@ -217,3 +229,61 @@ async def _issue(server: PaymentServer, o: Opened, d: Any, row_id: int,
     finally:
         if not held:
             server.pool.release(psam)
+
+
+async def _recorded(server: PaymentServer, row_id: int, fence: Fence | None, command: bytes,
+                    advanced: bool, o: Opened) -> Response:
+    """The debit command once its row says so; if another request changed the row first, or
+    the lease was lost (the row is voided then: the command is never sent), 409."""
+    if not advanced:
+        if fence is not None:
+            await server.sql(server.db.advance, row_id, "received", state="voided",
+                             reason="this node lost the PSAM's lease")
+        raise Refused(409, 409, "the transaction changed meanwhile; retry")
+    return sealed(o, M.DEBIT_COMMAND, command)
+
+
+async def _issue_and_record(server: PaymentServer, psam: PooledPsam,
+                            issue: Callable[[Reader], tuple[int, bytes, bytes]],
+                            command_for: Callable[[int, bytes, bytes],
+                                                  tuple[bytes, dict[str, Any]]],
+                            row_id: int, fence: Fence | None) -> tuple[bytes, bool]:
+    """INIT SAM on the PSAM's thread, which then gives the row's step to the writer itself:
+    the loop waits once, for the step's commit (one hand-off less than PSAM, loop, writer);
+    the answer still leaves only after that commit. (the command, whether the row advanced);
+    a PSAM refusal is :class:`Declined`, as from :meth:`PsamPool.run`."""
+    final: Future[tuple[bytes, bool]] = Future()
+
+    def settle(step: Future[bool], command: bytes) -> None:
+        with contextlib.suppress(InvalidStateError):   # the caller went away (cancelled)
+            if (exc := step.exception()) is not None:
+                final.set_exception(exc)
+            else:
+                final.set_result((command, step.result()))
+
+    def work(reader: Reader) -> None:
+        try:
+            command, values = command_for(*issue(reader))
+            step = _submit(server, server.db.advance, row_id, "received", fence, **values)
+        except BaseException as exc:
+            with contextlib.suppress(InvalidStateError):
+                final.set_exception(exc)
+            return
+        step.add_done_callback(lambda f: settle(f, command))
+
+    psam.executor.submit(work, psam.reader)
+    return await handed_back(final)
+
+
+def _submit(server: PaymentServer, fn: Callable[..., bool], *args: Any,
+            **kwargs: Any) -> Future[bool]:
+    """A step given from a PSAM's thread: to the SQLite writer (group commit), or run here on
+    a database that takes steps from any thread (PostgreSQL)."""
+    if server.sql.executor is not None:
+        return server.sql.executor.submit(fn, *args, **kwargs)
+    done: Future[bool] = Future()
+    try:
+        done.set_result(fn(*args, **kwargs))
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
