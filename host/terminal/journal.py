@@ -19,16 +19,16 @@ journal, and the journal stays append-only (its readers parse only what is new).
 A transaction's first line names the purse application it selected (``aid``, hex), so that its
 resume selects the same one (:func:`entry_aid`; a line without it: svcard's default AID).
 
-**Start-up flat in the history** (issue 16; a full parse took 13 s at 100,000 payments, in
-every ``svcard pay``/``load`` process): a reader that parsed :data:`CHECKPOINT_EVERY` bytes
-since the last checkpoint writes ``JOURNAL.checkpoint`` (atomically, 0600): the offset parsed,
-the open transactions in order with their records, the last :data:`CHECKPOINT_RECENT` begun,
-and the journal's device, inode and SHA-256 of its first and last 4 KiB before the offset. A new
-reader starts from a checkpoint that matches and parses only what follows; any other (another
-or shorter file, other bytes, torn, foreign) is ignored and the journal read whole. The journal
-is never rewritten for it; the checkpoint holds only journal lines (no secret). ``in`` and
-:meth:`~Journal.entry` for a transaction not kept, and :meth:`~Journal.entries`, read the whole
-journal once per object: every answer is the one a whole read gives.
+**Start-up flat in the history** (issue 16; a whole parse took 13 s at 100,000 payments in each
+``svcard pay``/``load`` process): a reader that parsed :data:`CHECKPOINT_EVERY` bytes since the
+last checkpoint writes ``JOURNAL.checkpoint`` (atomically, 0600): the offset, the open
+transactions in order with their records, the last :data:`CHECKPOINT_RECENT` begun, the
+journal's device, inode and SHA-256 of its first and last 4 KiB before the offset. A new reader
+starts from a matching checkpoint and parses only what follows; any other is ignored and the
+journal read whole. The journal is never rewritten for it; the checkpoint holds only journal
+lines (no secret). :meth:`~Journal.entries`, ``in``/:meth:`~Journal.entry` for a transaction not
+kept, and a later line of one (without ``card_serial``, which every first line names) read the
+whole journal once per object: every answer is the one a whole read gives.
 """
 
 from __future__ import annotations
@@ -264,8 +264,7 @@ class Journal:
 
     def _refresh(self, checkpoint: bool = True, force: bool = False,
                  tear: TearHook | None = None) -> None:
-        """Parse what was appended since the last read (all of it, or from a checkpoint that
-        matches it, if the file was replaced); a new checkpoint when due or ``force``."""
+        """Parse what is new (all, or from a matching checkpoint, if the file was replaced)."""
         try:
             fh = self.path.open("rb")
         except FileNotFoundError:
@@ -282,12 +281,15 @@ class Journal:
             fh.seek(self._offset)
             data = fh.read()
             complete = data.rfind(b"\n") + 1  # a torn last line is read again next time
-            self._parse(data[:complete])
+            if self._parse(data[:complete]):   # a line of a transaction not kept: read whole
+                self._inode = None
+                return self._refresh(False, force, tear)
             self._offset += complete
             if self._offset and (force or self._offset - self._base >= self.checkpoint_every):
                 self._save_checkpoint(fd, tear)
 
-    def _parse(self, data: bytes) -> None:
+    def _parse(self, data: bytes) -> bool:
+        """Fold lines in; True at a line of a transaction begun before the checkpoint, not kept."""
         entries, open_ = self._entries, self._open
         for line in data.splitlines():
             try:
@@ -295,11 +297,14 @@ class Journal:
             except ValueError:
                 continue  # a line torn by a crash mid-write
             txn = rec["txn_id"]
+            if not self._whole and txn not in entries and "card_serial" not in rec:
+                return True
             entries.setdefault(txn, {}).update(rec)
             if rec.get("state") in DONE_STATES:
                 open_.pop(txn, None)
             else:
                 open_[txn] = None
+        return False
 
     def _digests(self, fd: int, offset: int) -> list[str]:
         return [hashlib.sha256(os.pread(fd, min(_SPAN, offset), at)).hexdigest()
@@ -316,8 +321,7 @@ class Journal:
                   and [doc["head"], doc["tail"]] == self._digests(fd, offset)
                   and all(isinstance(e, dict) for e in entries.values())
                   and all(isinstance(t, str) and t in entries for t in open_))
-        except (OSError, ValueError, LookupError, TypeError, AttributeError,
-                RecursionError) as exc:
+        except Exception as exc:   # unreadable, torn, or not a checkpoint: not used
             if not isinstance(exc, FileNotFoundError):
                 log.debug("journal checkpoint %s not used: %s", self.checkpoint_path, exc)
             return
@@ -329,8 +333,7 @@ class Journal:
     def _save_checkpoint(self, fd: int, tear: TearHook | None = None) -> None:
         """A checkpoint of what is parsed (skipped, never raised, e.g. in a read-only folder)."""
         self._base = self._offset
-        keep = set(self._open) | set(itertools.islice(reversed(self._entries),
-                                                      CHECKPOINT_RECENT))
+        keep = {*self._open, *itertools.islice(reversed(self._entries), CHECKPOINT_RECENT)}
         st = os.fstat(fd)
         head, tail = self._digests(fd, self._offset)
         doc = {"version": 1, "dev": st.st_dev, "ino": st.st_ino, "offset": self._offset,
@@ -343,8 +346,7 @@ class Journal:
             log.debug("journal checkpoint %s not written: %s", self.checkpoint_path, exc)
 
     def checkpoint(self, tear: TearHook | None = None) -> None:
-        """Write a checkpoint now (readers write one on their own every
-        :data:`CHECKPOINT_EVERY` bytes). ``tear``: a test's crash point."""
+        """Write a checkpoint now (readers do every so often). ``tear``: a test's crash point."""
         self._refresh(force=True, tear=tear)
 
     def _read(self, txn_id: object = None) -> None:
@@ -355,9 +357,8 @@ class Journal:
             self._refresh(checkpoint=False)
 
     def entries(self) -> dict[str, dict[str, Any]]:
-        """The latest record of every transaction, earlier fields kept unless overwritten (a
-        copy of the whole history, read whole: for tools and tests; the client's hot path uses
-        :meth:`unfinished`, :meth:`is_open`, :meth:`entry` and ``in``)."""
+        """The latest record of every transaction, earlier fields kept unless overwritten: the
+        whole history, read whole (tools, tests; the hot path: unfinished, is_open, entry, in)."""
         self._read()
         return {k: dict(v) for k, v in self._entries.items()}
 
