@@ -6,8 +6,11 @@ writer for each group)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,3 +102,21 @@ def test_a_cancelled_caller_whose_call_has_not_begun_skips_it() -> None:
             worker.shutdown()
 
     assert asyncio.run(main()) == ["first"]
+
+
+def test_at_exit_a_worker_finishes_what_it_was_given_and_the_process_ends(
+        tmp_path: Path) -> None:
+    """As with a ThreadPoolExecutor: a PSAM's write under way at interpreter exit is finished,
+    not cut off, and a worker never shut down does not keep the process alive."""
+    done = tmp_path / "done"
+    script = (
+        "import time\n"
+        "from pathlib import Path\n"
+        "from svcard.host.kit.reader_pool import Worker\n"
+        "w = Worker('exit-test')\n"
+        "idle = Worker('never-used')\n"
+        f"w.submit(lambda: (time.sleep(0.3), Path({str(done)!r}).write_text('x')))\n")
+    finished = subprocess.run([sys.executable, "-c", script], timeout=60,
+                              capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert done.read_text() == "x"
