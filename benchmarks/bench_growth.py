@@ -58,7 +58,9 @@ def timed(fn: Any, times: int) -> float:
 
 
 def bench_journal(sizes: list[int]) -> None:
-    from svcard.host.terminal.journal import CHECKPOINT_EVERY
+    from svcard.host.terminal import journal as J
+
+    every = getattr(J, "CHECKPOINT_EVERY", 64 * 1024)   # (the code before has none: paired runs)
 
     print("journal start-up: payments, first reader ms, a later reader ms (best, worst), "
           "checkpoint KiB")
@@ -79,10 +81,11 @@ def bench_journal(sizes: list[int]) -> None:
             again = timed(later, 5)
             cp = path.with_name(path.name + ".checkpoint")
             kib = cp.stat().st_size / 1024 if cp.exists() else 0.0
-            Journal(path).checkpoint()   # then just under a checkpoint's worth of lines after
+            getattr(Journal(path), "checkpoint", lambda: None)()   # then just under a
+            # checkpoint's worth of lines after it
             with path.open("a") as fh:
                 n, added = size + 10**9, 0
-                while added + 1200 < CHECKPOINT_EVERY:
+                while added + 1200 < every:
                     lines = payment_lines(n)
                     added += sum(len(x) for x in lines)
                     fh.writelines(lines)
