@@ -202,6 +202,8 @@ class _Inbox:
             if done.cancelled():
                 mine.cancel()
             elif (exc := done.exception()) is not None:
+                if isinstance(exc, StopIteration):   # no Future takes it: the rest would hang
+                    exc = RuntimeError(f"a thread's call raised StopIteration: {exc}")
                 mine.set_exception(exc)
             else:
                 mine.set_result(done.result())
