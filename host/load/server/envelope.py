@@ -43,9 +43,9 @@ def open_message(banks: Mapping[bytes, BankAccount], data: bytes, msg_type: int,
     env, dk, ticket, plain = open_client_envelope(
         data, msg_type, {b: a.shared_key for b, a in banks.items()}, "bank",
         L.LoadTicket, L.ticket_aad)
-    if len(plain) != layout.sizeof():  # every client message has a fixed size
-        raise Refused(400, 400, f"{what} is malformed: {len(plain)} bytes, not "
-                                f"{layout.sizeof()}")
+    size = M.sizeof(layout)  # every client message has a fixed size (the twin's, ~0 us)
+    if len(plain) != size:
+        raise Refused(400, 400, f"{what} is malformed: {len(plain)} bytes, not {size}")
     try:
         body = M.parse(layout, plain, what)
     except M.MessageError as exc:
