@@ -279,7 +279,7 @@ def _pending_text(exc: Exception, book: Journal, txn: str) -> str:
         why = f"a server could not be reached ({type(exc).__name__})"
     else:
         why = str(exc)
-    step = book.entries().get(txn, {}).get("state")
+    step = (book.entry(txn) or {}).get("state")
     debited = "may have been debited" if step == "debit-sent" else "was debited"
     return (f"The card {debited}; the card helper will finish this payment: {why}, so it "
             "is kept in the helper's journal and finished at the helper's next payment. Do "
@@ -291,7 +291,7 @@ def _finished(report: list[dict[str, Any]], txn: str, book: Journal) -> dict[str
     done = [r for r in report if r["txn_id"] == txn and r["outcome"].startswith("complete")]
     if not done or book.is_open(txn):
         return None
-    entry = book.entries()[txn]
+    entry = book.entry(txn) or {}
     params = entry.get("params", {})
     return {"txn_id": txn, "item": str(params.get("description", "")),
             "goods": str(done[0].get("goods") or entry.get("goods") or ""),

@@ -134,7 +134,7 @@ def _from_journal(engine: Engine, pay: dict[str, Any], journal_dir: Path | None,
     if not path.is_file():
         raise NotDecided(f"{name}: evidence missing: no journal {path}")
     journal = Journal(path)
-    entry = journal.entries().get(txn)
+    entry = journal.entry(txn)
     if entry is None:
         raise NotDecided(f"{name}: evidence missing: the journal {path} does not hold it")
     if entry.get("card_serial") != serial:

@@ -210,8 +210,8 @@ def past_card_step(journal: Journal) -> list[str]:
     open_txns = [t for t in list(journal.touched) if journal.is_open(t)]
     if not open_txns:
         return []
-    entries = journal.entries()
-    return [t for t in open_txns if entries.get(t, {}).get("state") in PAST_CARD_STEP]
+    return [t for t in open_txns  # open ones: held without reading the journal's history
+            if (journal.entry(t) or {}).get("state") in PAST_CARD_STEP]
 
 
 def _state_text(journal: Journal, finish: str) -> str:

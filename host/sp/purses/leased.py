@@ -117,7 +117,7 @@ def resume_open(lease: Lease, book: PurseBook, http: httpx.Client) -> str | None
         txn = str(row["txn_id"] or "")
         if journal.is_open(txn):
             continue
-        entry = journal.entries().get(txn)
+        entry = journal.entry(txn)
         if entry is not None:   # final in the journal; the books missed its last step (and
             journal.replay(txn, str(entry["state"]), entry)   # the purse's row its state)
             lease.take_state(read_state(lease.reader))
