@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 
 from svcard.host.kit.reader_pool import Worker, handed_back, one_wake
+from svcard.host.terminal.journal import Journal
 
 
 def test_a_stopiteration_in_a_batch_does_not_strand_the_other_waiters() -> None:
@@ -53,3 +56,36 @@ def test_a_worker_call_raising_stopiteration_reaches_its_caller() -> None:
         asyncio.run(main())
     finally:
         worker.shutdown()
+
+
+def _finished(n: int) -> str:
+    txn = f"old{n:05d}"
+    return "".join(json.dumps({"txn_id": txn, **step}) + "\n" for step in (
+        {"state": "draw", "card_serial": "C1", "pad": "x" * 60}, {"state": "done"}))
+
+
+def _open_txns(j: Journal) -> list[str]:
+    return [e["txn_id"] for e in j.unfinished("C1")]
+
+
+def test_a_journal_cut_and_rewritten_in_place_is_read_anew(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    path.write_text("".join(_finished(n) for n in range(300))
+                    + json.dumps({"txn_id": "A", "state": "draw", "card_serial": "C1"}) + "\n")
+    live = Journal(path)
+    live.checkpoint_every = 1    # it writes a checkpoint at each read
+    assert _open_txns(live) == ["A"]
+    (tmp_path / "journal.jsonl.1").write_bytes(path.read_bytes())   # copytruncate
+    with path.open("r+b") as fh:
+        fh.truncate(0)
+    writer = Journal(path)
+    writer.write("C", "debit-sent", card_serial="C1")   # opened after the rotation
+    n = 0
+    while path.stat().st_size < live._offset + 200:
+        writer.write(f"new{n}", "draw", card_serial="C1", pad="y" * 50)
+        writer.write(f"new{n}", "done")
+        n += 1
+    writer.write("B", "draw", card_serial="C1")
+    assert _open_txns(live) == ["C", "B"]          # the live reader: read anew
+    assert _open_txns(Journal(path)) == ["C", "B"]  # a new process: no stale checkpoint
+    assert "A" not in Journal(path) and Journal(path).is_open("C")

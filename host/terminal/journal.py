@@ -170,10 +170,9 @@ class Journal:
     def _reset(self, inode: tuple[int, int] | None) -> None:
         self._entries: dict[str, dict[str, Any]] = {}
         self._open: dict[str, None] = {}   # open transactions, in the order first seen
-        self._offset = 0     # the file is append-only: later reads parse only what is new
+        self._offset, self._mark = 0, b""   # append-only: read on from _offset; the bytes before
         self._inode = inode  # a replaced journal is read again
-        self._whole = True   # _entries holds every transaction (not started from a checkpoint)
-        self._base = 0       # the offset of the last checkpoint read or written
+        self._whole, self._base = True, 0   # all held (no checkpoint read); the last one's offset
 
     @contextlib.contextmanager
     def _locked(self, wait: bool = True) -> Iterator[None]:
@@ -271,10 +270,10 @@ class Journal:
             self._reset(None)
             return
         with fh:
-            fd = fh.fileno()
-            st = os.fstat(fd)
+            st = os.fstat(fd := fh.fileno())
             inode = (st.st_dev, st.st_ino)
-            if st.st_size < self._offset or inode != self._inode:  # replaced: start again
+            if st.st_size < self._offset or inode != self._inode or self._mark != os.pread(
+                    fd, min(_SPAN, self._offset), max(0, self._offset - _SPAN)):  # or rewritten
                 self._reset(inode)
                 if checkpoint:
                     self._resume_from_checkpoint(fd, st)
@@ -285,6 +284,7 @@ class Journal:
                 self._inode = None
                 return self._refresh(False, force, tear)
             self._offset += complete
+            self._mark = os.pread(fd, min(_SPAN, self._offset), max(0, self._offset - _SPAN))
             if self._offset and (force or self._offset - self._base >= self.checkpoint_every):
                 self._save_checkpoint(fd, tear)
 
