@@ -89,3 +89,50 @@ def test_a_journal_cut_and_rewritten_in_place_is_read_anew(tmp_path: Path) -> No
     assert _open_txns(live) == ["C", "B"]          # the live reader: read anew
     assert _open_txns(Journal(path)) == ["C", "B"]  # a new process: no stale checkpoint
     assert "A" not in Journal(path) and Journal(path).is_open("C")
+
+
+def test_cached_keys_and_ciphers_never_cross_merchants_or_cards_in_threads() -> None:
+    """Guard (no break found): the DK/AES-GCM LRU caches and the per-thread ECB encryptors,
+    used by many threads at once for two merchants and many transactions, give each exactly
+    what a fresh computation gives; a blob sealed for one never opens for the other."""
+    import threading
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from svcard.protocols import crypto, secure
+
+    shared = {b"M1" * 4: bytes(range(32)), b"M2" * 4: bytes(range(1, 33))}
+    des_keys = [bytes([k]) * 16 for k in range(1, 9)]
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        for n in range(300):
+            txn = (seed * 1000 + n % 40).to_bytes(16, "big")
+            pair = list(shared.items())
+            mine, other = pair[(seed + n) % 2], pair[(seed + n + 1) % 2]
+            dk = secure.derive_key(mine[1], mine[0], txn)
+            if dk != secure._derive(mine[1], mine[0], txn):
+                errors.append(f"wrong DK for {mine[0]!r}")
+            blob = secure.seal(dk, b"amount 100", mine[0] + txn)
+            try:
+                secure.open_sealed(secure.derive_key(other[1], other[0], txn), blob,
+                                   mine[0] + txn, "x")
+                errors.append("opened with the other merchant's DK")
+            except secure.SealError:
+                pass
+            if secure.open_sealed(dk, blob, mine[0] + txn, "x") != b"amount 100":
+                errors.append("did not open with its own DK")
+            key = des_keys[(seed + n) % len(des_keys)]
+            block = n.to_bytes(8, "big") * 2
+            fresh = Cipher(algorithms.TripleDES(key), modes.ECB()).encryptor()
+            if crypto.encrypt_ecb(key, block) != fresh.update(block) + fresh.finalize():
+                errors.append("ECB block differs from a fresh encryptor's")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    info = repr(secure._derive_cached.cache_info()) + repr(secure._cipher_cached.cache_info())
+    assert all(k.hex() not in info for k in shared.values())
