@@ -12,6 +12,7 @@ import asyncio
 import json
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +137,43 @@ def test_cached_keys_and_ciphers_never_cross_merchants_or_cards_in_threads() -> 
     assert not errors, errors[:3]
     info = repr(secure._derive_cached.cache_info()) + repr(secure._cipher_cached.cache_info())
     assert all(k.hex() not in info for k in shared.values())
+
+
+@pytest.mark.parametrize("variant", ["fig7", "fig8"])
+def test_a_failed_commit_of_the_psam_threads_step_sends_no_command(
+        stack: Any, card: Path, http: Any, tmp_path: Path, variant: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guard (no break found): the draw's step given by the PSAM's thread to the writer fails
+    (a full disk): the client gets 503, never the debit command; the card is not debited."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from svcard.card.storage import read_image
+    from svcard.host.pay import client as C
+    from svcard.host.terminal.online import PaymentRefused
+    from svcard.host.terminal.reader_specs import open_reader
+
+    server = stack.payment_server
+    advance = server.db.advance
+    failed: list[dict[str, Any]] = []
+
+    def full(row_id: int, from_state: str, fence: Any = None, **values: Any) -> bool:
+        if values.get("state") == "released":
+            failed.append(values)
+            raise OperationalError("UPDATE payments", {}, sqlite3.OperationalError(
+                "database or disk is full"))
+        return bool(advance(row_id, from_state, fence, **values))
+
+    monkeypatch.setattr(server.db, "advance", full)
+    before = read_image(card)["app"]["ep"]["balance"]
+    with open_reader(f"virtual:{card}") as reader, pytest.raises(PaymentRefused) as refused:
+        C.pay(stack.checkout_url("ticket", variant), reader,
+              journal=Journal(tmp_path / "journal.jsonl"), http=http)
+    assert failed and getattr(refused.value, "status", None) == 503, refused.value
+    assert read_image(card)["app"]["ep"]["balance"] == before
+    monkeypatch.undo()   # the disk has room again: the PSAM was given back, the next one pays
+    with open_reader(f"virtual:{card}") as reader:
+        C.pay(stack.checkout_url("ticket", variant), reader,
+              journal=Journal(tmp_path / "journal.jsonl"), http=http)
+    assert read_image(card)["app"]["ep"]["balance"] < before
