@@ -177,3 +177,92 @@ def test_a_failed_commit_of_the_psam_threads_step_sends_no_command(
         C.pay(stack.checkout_url("ticket", variant), reader,
               journal=Journal(tmp_path / "journal.jsonl"), http=http)
     assert read_image(card)["app"]["ep"]["balance"] < before
+
+
+def test_sigkill_while_drawing_keeps_every_answered_command_and_voids_the_rest(
+        tmp_path: Path) -> None:
+    """Guard (no break found) for 84f4cf8: the payment server (SQLite, 2 PSAMs) is SIGKILLed
+    while 4 clients draw FIG. 7 payments: every debit command a client received is in its row
+    (the answer left after the commit); started again, the server voids every draw it never
+    answered (no row left "received"). SVCARD_REVIEW3_KILLS (default 1) repeats it."""
+    import os
+    import random
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+    from test_attack_pay import Honest, own_order
+
+    from svcard.fixtures import fixture_path
+    from svcard.host.demo.system import card_image
+    from svcard.host.kit.serving import free_port, wait_http
+    from svcard.host.pay.stack import psam_images
+    from svcard.host.terminal.reader_specs import open_reader
+    from svcard.protocols import messages as M
+
+    seed = int(os.environ.get("SVCARD_SEED") or random.randrange(2**32))
+    print(f"seed {seed} (replay: SVCARD_SEED={seed})")
+    rng = random.Random(seed)
+    psams = psam_images(tmp_path, 2)
+    config = tmp_path / "payment.toml"
+    config.write_text(fixture_path("payment-demo.toml").read_text().replace(
+        'concentration_dir = "concentration"',
+        f'concentration_dir = "{tmp_path / "concentration"}"'))
+    db = tmp_path / "payments.db"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "svcard"), "serve", "payment", "--config",
+               str(config), "--db", f"sqlite:///{db}", "--port", str(port),
+               *[a for p in psams for a in ("--psam", f"virtual:{p}")]]
+    cards = [card_image(tmp_path, f"card{i}.json") for i in range(4)]
+    answered: dict[str, bytes] = {}
+    for _ in range(int(os.environ.get("SVCARD_REVIEW3_KILLS") or 1)):
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_http(url + "/v1/health")
+            stop = threading.Event()
+
+            def client(card: Path, stop: threading.Event) -> None:
+                with httpx.Client(timeout=10) as http, open_reader(f"virtual:{card}") as r:
+                    while not stop.is_set():
+                        params = own_order(url, "fig7")
+                        try:
+                            cmd = Honest(None, http, r, params=params).draw()
+                        except (httpx.HTTPError, AssertionError):
+                            return   # the server is gone (or refused): stop
+                        answered[params["txn_id"]] = M.build(M.DebitCommand, dict(cmd))
+
+            threads = [threading.Thread(target=client, args=(c, stop)) for c in cards]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.5, 2.0))   # a random moment of the work, not a wait
+            server.send_signal(signal.SIGKILL)
+            server.wait(timeout=30)
+            stop.set()
+            for t in threads:
+                t.join(30)
+        finally:
+            server.kill()
+            server.wait(timeout=30)
+        with sqlite3.connect(db) as conn:
+            rows = {t: (s, c) for t, s, c in conn.execute(
+                "SELECT txn_id, state, debit_command FROM payments")}
+        assert answered, "no draw was answered before the kill"
+        for txn, cmd in answered.items():
+            assert txn in rows and rows[txn] == ("released", cmd), (txn, rows.get(txn))
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(url + "/v1/health")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    with sqlite3.connect(db) as conn:
+        states = dict(conn.execute("SELECT state, count(*) FROM payments GROUP BY state"))
+    assert "received" not in states and "busy" not in states, states
+    assert states.get("released", 0) >= len(answered), states
+    print(f"{len(answered)} draws answered; states after the restart {states}")
