@@ -28,6 +28,7 @@ from .keys import DEFAULT_SCHEME, IssuerScheme, KeyEntry
 from .loyalty import POINTS_CURRENCY, CardFacts, LoyaltyProfile, programmes_from_profile
 from .psam import IssuerKey, PsamState
 from .runtime import check_atr, default_atr
+from .storage import ProfileError as ProfileError  # (re-exported: defined there, light to catch)
 from .toml_schema import (
     SECRET,
     U32,
@@ -54,10 +55,6 @@ from .toml_schema import (
 DEFAULT_IEP_AID = P.DEFAULT_IEP_AID
 DEFAULT_PSAM_AID = P.DEFAULT_PSAM_AID
 DEFAULT_HSM_AID = P.DEFAULT_HSM_AID
-
-
-class ProfileError(ValueError):
-    """A profile that cannot become a card; the message names the file and the field."""
 
 
 # --- the files, as pydantic models ------------------------------------------------------------

@@ -83,6 +83,12 @@ class ImageError(Exception):
     """A card image that cannot be read, written or understood."""
 
 
+class ProfileError(ValueError):
+    """A profile that cannot become a card; the message names the file and the field. Raised
+    by :mod:`svcard.card.personalise` (which re-exports it) and defined here, beside
+    :class:`ImageError`, so that commands catching both need not import pydantic."""
+
+
 class ImageLockedError(ImageError):
     """Another card (in this or another process) has the image open."""
 

@@ -46,7 +46,7 @@ CHILD = textwrap.dedent("""
             os.dup2(null, 1)
             code = main(argv, prog_name="svcard", standalone_mode=False)
             mods = sorted(m for m in sys.modules
-                          if m.startswith("svcard.") or m == "sqlalchemy")
+                          if m.startswith("svcard.") or m in ("sqlalchemy", "httpx"))
             with os.fdopen(w, "w") as pipe:
                 json.dump({"code": code, "modules": mods}, pipe)
             os._exit(0)
@@ -94,9 +94,41 @@ def test_each_command_loads_only_its_own_system() -> None:
         systems = loaded[argv] & SYSTEM_MODULES
         assert systems == ({module} if module else set()), (argv, sorted(systems))
     # the database layer comes with a server's own modules, not with its command line (the
-    # goods and trade command lines still import it at their top)
-    for argv in ("serve payment --help", "serve bank --help", "pay --help", "demo --help"):
+    # trade command line still imports it at its top, through trade.customer and trade.closing)
+    for argv in ("serve payment --help", "serve bank --help", "serve goods-payment --help",
+                 "pay --help", "demo --help"):
         assert "sqlalchemy" not in loaded[argv], argv
+
+
+LIGHT_CASES = (["goods", "--help"], ["device", "--help"], ["load", "--help"],
+               ["helper", "--help"], ["terminal", "--help"])
+
+
+def test_commands_that_only_catch_profile_errors_load_no_profile_reader() -> None:
+    """``handled()`` (every card command's error mapping) catches ProfileError, which now lives
+    in card.storage: the pay, load, demo, helper and goods command lines and the servers no
+    longer load card.personalise (its pydantic models, ~15 ms at each start); the goods and
+    device command lines load no SQLAlchemy and no httpx until a command needs them."""
+    loaded = loaded_by(*LIGHT_CASES, ["pay", "--help"], ["demo", "--help"],
+                       ["serve", "payment", "--help"], ["serve", "goods-payment", "--help"])
+    for argv in ("pay --help", "load --help", "demo --help", "helper --help", "goods --help",
+                 "device --help", "serve payment --help", "serve goods-payment --help"):
+        assert "svcard.card.personalise" not in loaded[argv], argv
+    for argv in ("goods --help", "device --help", "serve goods-payment --help"):
+        assert not loaded[argv] & {"sqlalchemy", "httpx", "svcard.host.kit.http"}, (
+            argv, sorted(loaded[argv] & {"sqlalchemy", "httpx", "svcard.host.kit.http"}))
+
+
+def test_profile_error_is_one_class_wherever_it_is_imported_from() -> None:
+    from svcard.card import storage
+    from svcard.card.personalise import ProfileError
+    from svcard.host.kit.command_line import EXIT_DEVICE
+    from svcard.host.terminal.card_commands import handled
+
+    assert ProfileError is storage.ProfileError and issubclass(ProfileError, ValueError)
+    with pytest.raises(SystemExit) as caught, handled():
+        raise ProfileError("card.toml: atr: bad")
+    assert caught.value.code == EXIT_DEVICE
 
 
 def test_the_table_names_what_each_system_registers() -> None:

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import click
-import httpx
 
+from ...protocols import signatures as S
 from ..kit.command_line import EXIT_DECLINED, EXIT_INPUT, EXIT_NETWORK, emit, fail, json_option
 from ..kit.serving import serve as serve_app
 from ..kit.serving import serve_options
 from ..terminal.card_commands import handled
 from ..terminal.reader_specs import open_reader
-from . import wire as W
 from .config import ROLES
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ def init_cmd(folder: Path, as_json: bool) -> None:
     try:
         path = write_system(folder)
         [psam] = psam_images(folder, 1)
-    except (OSError, W.SigningError) as exc:
+    except (OSError, S.SigningError) as exc:
         fail(str(exc), EXIT_INPUT)
     emit(as_json, {"config": str(path), "psam": str(psam)},
          f"goods system written: {path} (the payment server's PSAM: {psam})")
@@ -209,8 +208,8 @@ def _device(auth_url: str, auth_id: str, auth_key: str, key_file: Path) -> Devic
     except ValueError:
         fail("--auth-key: 64 hex digits", EXIT_INPUT)
     try:
-        key = W.read_private_key(key_file)
-    except W.SigningError as exc:
+        key = S.read_private_key(key_file)
+    except S.SigningError as exc:
         fail(str(exc), EXIT_INPUT)
     return Device(auth_url.rstrip("/"), auth_id, public, key)
 
@@ -226,16 +225,20 @@ def device() -> None:
 @json_option
 def device_init(key_file: Path, as_json: bool) -> None:
     """Make the device's key (a new file, mode 0600); prints its device id."""
-    key = W.new_key()
+    from .wire import device_id, new_key  # (kit.http, SQLAlchemy: only when a key is made)
+
+    key = new_key()
     try:
-        W.write_private_key(key_file, key)
-    except W.SigningError as exc:
+        S.write_private_key(key_file, key)
+    except S.SigningError as exc:
         fail(str(exc), EXIT_INPUT)
-    did = W.device_id(W.public_of(key))
+    did = device_id(S.public_of(key))
     emit(as_json, {"device": did}, f"device {did}")
 
 
 def _run(work: Callable[[], T]) -> T:
+    import httpx
+
     from .device import DeviceError
 
     try:

@@ -12,8 +12,7 @@ from typing import Any, cast
 
 import click
 
-from ...card.personalise import ProfileError
-from ...card.storage import ImageError
+from ...card.storage import ImageError, ProfileError
 from ...protocols import purse as P
 from ...reader import Reader, ReaderError
 from ...reader.trace import RecordingReader
