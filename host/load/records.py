@@ -12,18 +12,19 @@ nothing is created: each database must exist and hold its server's tables
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, or_, select
 
 from ..kit.schema import Schema, open_for_reading
 from .bank.db import SCHEMA as BANK_SCHEMA
 from .bank.db import BankDb
 from .bank.db import accounts as accounts_table
 from .bank.db import bank_loads as bank_loads_table
+from .server.db import FINAL, LoadDb
 from .server.db import SCHEMA as LOAD_SCHEMA
-from .server.db import LoadDb
 from .server.db import loads as loads_table
 
 LOAD_DB = "load server database"
@@ -62,6 +63,60 @@ def loads(url: str, state: str | None = None) -> list[dict[str, Any]]:
     ``evidence``, ``created``...); only those in ``state`` when it is given."""
     return _reading(url, (loads_table.name,), LOAD_DB,
                     lambda engine: LoadDb(engine).rows(state))
+
+
+@dataclass
+class LoadsAfter:
+    """What :func:`loads_after` read: the ``loaded`` rows among the rows past the mark and the
+    open ranges (oldest first, as :func:`loads` gives them), the ids of every row read, those
+    still open (not in a final state: they may yet become ``loaded``), and whether the row at
+    the mark was not the expected one (``restarted``: everything was read from the start)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    open_ids: list[int] = field(default_factory=list)
+    keys: dict[int, tuple[str, str]] = field(default_factory=dict)   # id -> (bank, txn)
+    restarted: bool = False
+
+
+RANGES_PER_QUERY = 200
+
+
+def loads_after(url: str, mark: int, mark_key: tuple[str, str] | None,
+                ranges: Sequence[tuple[int, int]]) -> LoadsAfter:
+    """The rows of the load server's database at ``url`` past row id ``mark`` or inside one of
+    ``ranges`` (inclusive id ranges a reader kept open: rows not final yet, ids not seen yet),
+    all through the primary key: a reader that keeps its mark reads only what is new or still
+    open, never the whole history. If the row at ``mark`` is missing or is not ``mark_key``
+    (bank id, transaction id) the database is not the one the mark was taken in: everything
+    is read (``restarted``)."""
+    def read(engine: Engine) -> LoadsAfter:
+        out = LoadsAfter()
+        with engine.connect() as conn:
+            start, spans = mark, list(ranges)
+            if mark > 0:
+                at = conn.execute(select(loads_table.c.bank_id, loads_table.c.txn_id).where(
+                    loads_table.c.id == mark)).first()
+                if at is None or (at[0], at[1]) != mark_key:
+                    start, spans, out.restarted = 0, [], True
+            found: dict[int, dict[str, Any]] = {}
+            parts = [spans[i:i + RANGES_PER_QUERY]
+                     for i in range(0, len(spans), RANGES_PER_QUERY)]
+            wheres = [loads_table.c.id > start] + [
+                or_(*[loads_table.c.id.between(lo, hi) for lo, hi in part]) for part in parts]
+            for where in wheres:
+                for r in conn.execute(select(loads_table).where(where)):
+                    found[r.id] = dict(r._mapping)
+        for row_id in sorted(found):
+            row = found[row_id]
+            out.ids.append(row_id)
+            out.keys[row_id] = (row["bank_id"], row["txn_id"])
+            if row["state"] == "loaded":
+                out.rows.append(row)
+            elif row["state"] not in FINAL:
+                out.open_ids.append(row_id)
+        return out
+    return _reading(url, (loads_table.name,), LOAD_DB, read)
 
 
 def bank_loads(url: str) -> list[dict[str, Any]]:

@@ -39,7 +39,8 @@ run's keys (:func:`_existing`, a temporary table of them joined to the unique in
 The run reads top to bottom in :func:`run_clearing`; the steps it calls are in their own
 modules: checking a batch file (:mod:`.batches`), late proofs (:mod:`.proofs`), the clearing
 database (:mod:`.db`) and the settlement file (:mod:`.settlement_file`). The load server's
-loads are read through :mod:`svcard.host.load.records`.
+loads are read through :mod:`svcard.host.load.records`, only those past the mark a run left or
+still open (:func:`.db.new_loads`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ from sqlalchemy.exc import DBAPIError
 
 from ...protocols import settlement as S
 from ..kit.db import now_ms
-from ..load import records as load_records
 from .batches import RECORD, check_batch
 from .config import ClearingConfig
 from .db import (
@@ -82,9 +82,11 @@ from .db import (
     insert_many,
     ledger,
     moved_loads,
+    new_loads,
     proof_files,
     records,
     runs,
+    save_load_marks,
     supersede,
     uncleared,
 )
@@ -234,9 +236,7 @@ def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_di
     proof_paths = [p for p in to_read if p.name.startswith(PROOFS_PREFIX)]
     verdicts = [check_batch(config, p) for p in batch_files]
     proof_verdicts = [read_proofs(p) for p in proof_paths]
-    loads: list[dict[str, Any]] = []
-    for url in load_db_urls:
-        loads.extend(load_records.loads(url, "loaded"))
+    loads, marks = new_loads(engine, load_db_urls)   # past each database's mark, or open
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = int(time.time())
     stamp_ms = now_ms()
@@ -326,6 +326,7 @@ def run_clearing(config: ClearingConfig, batch_dir: Path, engine: Engine, out_di
             load_rows.append({"run_number": run_number, "bank_id": row["bank_id"],
                               "txn_id": row["txn_id"], "issuer_id": row["issuer_id"] or "",
                               "card_serial": row["card_serial"], "amount": row["amount"]})
+        save_load_marks(conn, marks)
         lines, entries = _settle(run_number, load_rows, acquired, paid)
         total_paid = sum(amount for _, amount in paid.values())
         total_loaded = sum(r["amount"] for r in load_rows)

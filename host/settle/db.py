@@ -12,6 +12,10 @@ A run writes all of it in one database transaction
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -25,13 +29,19 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    delete,
     func,
+    insert,
+    inspect,
     select,
     update,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from ...protocols import purse as P
 from ..kit.schema import Schema, open_schema
+from ..load import records as load_records
 
 metadata = MetaData()
 
@@ -188,3 +198,130 @@ def cleared_keys(engine: Engine) -> set[tuple[str, int]]:
         return {(r.card_serial, r.card_counter) for r in conn.execute(
             select(records.c.card_serial, records.c.card_counter).where(
                 records.c.state == "cleared"))}
+
+
+# Where each load server database was read up to (issue 16: a run read every load ever made).
+# Kept apart from SCHEMA's tables (created when first needed), like clearing_handled_files.
+marks_metadata = MetaData()
+load_marks = Table(
+    "clearing_load_marks", marks_metadata,
+    Column("source", String(1000), primary_key=True),   # the URL, its password hidden
+    Column("mark", BigInteger, nullable=False),         # every row id <= mark was read ...
+    Column("bank_id", String(16), nullable=False),      # ... and the row at the mark is this
+    Column("txn_id", String(32), nullable=False),       # load (else: another database)
+)
+# ... except these id ranges: rows read in a state not final yet (they may still become
+# ``loaded``) and ids not seen yet (a PostgreSQL insert not committed when the run read: its
+# id is taken before the commit). An unseen id still missing GAP_MS after a run first saw it
+# missing was a rolled-back insert (the clearing host's clock alone decides).
+open_loads = Table(
+    "clearing_open_loads", marks_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("source", String(1000), nullable=False),
+    Column("lo", BigInteger, nullable=False),
+    Column("hi", BigInteger, nullable=False),
+    Column("seen", BigInteger, nullable=False),   # ms, when a run first saw it open
+    Index("ix_open_loads_source", "source"),
+)
+GAP_MS = 10 * 60 * 1000
+MAX_OPEN_RANGES = 100_000   # more: the mark is not moved (the next run reads from it again)
+
+
+@dataclass
+class LoadMark:
+    """A load database's mark as a run read it (``old``) and as the run will leave it."""
+
+    source: str
+    old: int | None          # None: no mark yet
+    mark: int
+    key: tuple[str, str] | None
+    ranges: list[tuple[int, int, int]]
+
+
+def _source(url: str) -> str:
+    shown = make_url(url).render_as_string(hide_password=True)
+    if len(shown) <= 1000:
+        return shown
+    return shown[:935] + "#" + hashlib.sha256(shown.encode()).hexdigest()
+
+
+def _ensure(engine: Engine) -> None:
+    try:
+        marks_metadata.create_all(engine, checkfirst=True)
+    except DBAPIError:   # another run made them between the check and the create
+        if not all(inspect(engine).has_table(t.name) for t in (load_marks, open_loads)):
+            raise
+
+
+def _still_open(lo: int, hi: int, seen: int, ids: list[int], now: int,
+                out: list[tuple[int, int, int]]) -> None:
+    """The parts of id range [lo, hi] that no row read covers, kept while younger than
+    GAP_MS (``ids``: the ids read, sorted)."""
+    if now - seen >= GAP_MS:
+        return
+    at = lo
+    for row_id in ids[bisect.bisect_left(ids, lo):bisect.bisect_right(ids, hi)]:
+        if row_id > at:
+            out.append((at, row_id - 1, seen))
+        at = row_id + 1
+    if at <= hi:
+        out.append((at, hi, seen))
+
+
+def new_loads(engine: Engine, urls: tuple[str, ...]) -> tuple[list[dict[str, Any]],
+                                                                list[LoadMark]]:
+    """The ``loaded`` loads of each load server database that a run must look at: those past
+    the database's mark and those in its open ranges (no full read once a mark is kept), and
+    the marks the run leaves (:func:`save_load_marks`, in the run's transaction)."""
+    if not urls:
+        return [], []
+    _ensure(engine)
+    now = int(time.time() * 1000)
+    rows: list[dict[str, Any]] = []
+    marks: list[LoadMark] = []
+    for url in urls:
+        source = _source(url)
+        with engine.connect() as conn:
+            at = conn.execute(select(load_marks).where(load_marks.c.source == source)).first()
+            kept = [(r.lo, r.hi, r.seen) for r in conn.execute(
+                select(open_loads.c.lo, open_loads.c.hi, open_loads.c.seen).where(
+                    open_loads.c.source == source))]
+        old = int(at.mark) if at is not None else None
+        got = load_records.loads_after(url, old or 0, (at.bank_id, at.txn_id) if at else None,
+                                       [(lo, hi) for lo, hi, _ in kept])
+        rows.extend(got.rows)
+        start = 0 if got.restarted or old is None else old
+        ranges: list[tuple[int, int, int]] = []
+        for lo, hi, seen in ([] if got.restarted else kept):
+            _still_open(lo, hi, seen, got.ids, now, ranges)
+        top = max([start, *got.ids])
+        if top > start:   # ids past the old mark not read: not committed yet, or rolled back
+            _still_open(start + 1, top, now, got.ids, now, ranges)
+        ranges += [(row_id, row_id, now) for row_id in got.open_ids]
+        ranges.sort()
+        key = got.keys.get(top)
+        if key is None and top > 0:   # the mark did not move: its row was not re-read
+            key = (at.bank_id, at.txn_id) if at is not None else None
+        if len(ranges) > MAX_OPEN_RANGES or (top > 0 and key is None):
+            top, key, ranges = (old or 0), None, [(r[0], r[1], now) for r in kept]
+        marks.append(LoadMark(source, old, top, key, ranges))
+    return rows, marks
+
+
+def save_load_marks(conn: Connection, marks: list[LoadMark]) -> None:
+    """Move each database's mark, in the run's transaction: a compare-and-set on the mark the
+    run read (another run that moved it first makes this run fail whole, moving nothing)."""
+    for m in marks:
+        if m.key is None:
+            continue
+        values = {"mark": m.mark, "bank_id": m.key[0], "txn_id": m.key[1]}
+        if m.old is None:
+            conn.execute(insert(load_marks).values(source=m.source, **values))
+        elif not conn.execute(update(load_marks).where(
+                load_marks.c.source == m.source, load_marks.c.mark == m.old).values(
+                **values)).rowcount:
+            raise RuntimeError("another clearing run read the same load database at the same "
+                               "time: this run moved nothing, run it again")
+        conn.execute(delete(open_loads).where(open_loads.c.source == m.source))
+        insert_many(conn, open_loads, [(m.source, *r) for r in m.ranges],
+                    ["source", "lo", "hi", "seen"])

@@ -108,6 +108,26 @@ def read_proofs(path: Path) -> ProofsVerdict:
     return verdict
 
 
+def _held_rows(conn: Connection, pv: ProofsVerdict) -> dict[tuple[int, int], Any]:
+    """The records clearing keeps for this file's proofs, by (batch number, TTN): only the
+    proofs' keys are asked, through index ``ix_uncleared_proof`` (terminal, PSAM, batch, TTN),
+    never every record the PSAM ever had kept (issue 16: that grows with every run)."""
+    wanted: dict[int, set[int]] = defaultdict(set)
+    for batch_number, ttn, _ in pv.proofs:
+        wanted[batch_number].add(ttn)
+    found: list[Any] = []
+    for batch_number, ttns in sorted(wanted.items()):
+        listed = sorted(ttns)
+        for i in range(0, len(listed), 500):
+            found += conn.execute(select(
+                uncleared.c.id, uncleared.c.batch_number, uncleared.c.ttn, uncleared.c.state,
+                uncleared.c.record).where(
+                uncleared.c.terminal_id == pv.terminal_id, uncleared.c.psam_id == pv.psam_id,
+                uncleared.c.batch_number == batch_number,
+                uncleared.c.ttn.in_(listed[i:i + 500]))).all()
+    return {(r.batch_number, r.ttn): r for r in sorted(found, key=lambda r: int(r.id))}
+
+
 def apply_proofs(conn: Connection, config: ClearingConfig, pv: ProofsVerdict, run_number: int,
                  known_records: set[tuple[str, int]], pay: PayRecord) -> None:
     """Apply one late proofs file to the records clearing holds, in the run's transaction.
@@ -122,10 +142,7 @@ def apply_proofs(conn: Connection, config: ClearingConfig, pv: ProofsVerdict, ru
     if terminal is None:
         pv.state, pv.reason = "refused", f"unknown terminal {pv.terminal_id}"
         return
-    rows = {(r.batch_number, r.ttn): r for r in conn.execute(
-        select(uncleared.c.id, uncleared.c.batch_number, uncleared.c.ttn, uncleared.c.state,
-               uncleared.c.record).where(uncleared.c.terminal_id == pv.terminal_id,
-                                         uncleared.c.psam_id == pv.psam_id))}
+    rows = _held_rows(conn, pv)
     states = {k: r.state for k, r in rows.items()}
     stamp = now_ms()
 
