@@ -100,8 +100,7 @@ def test_each_command_loads_only_its_own_system() -> None:
         assert "sqlalchemy" not in loaded[argv], argv
 
 
-LIGHT_CASES = (["goods", "--help"], ["device", "--help"], ["load", "--help"],
-               ["helper", "--help"], ["terminal", "--help"])
+LIGHT_CASES = (["goods", "--help"], ["device", "--help"], ["load", "--help"], ["helper", "--help"])
 
 
 def test_commands_that_only_catch_profile_errors_load_no_profile_reader() -> None:
