@@ -208,3 +208,36 @@ def test_a_proofs_file_asks_only_for_its_own_records(setup: Setup) -> None:
     assert [o["state"] for o in pv.outcomes] == ["not held", "not held"]
     asked = [s for s in statements if "FROM uncleared_records" in s]
     assert asked and all("batch_number" in s.split(" WHERE ")[1] for s in asked), asked
+
+
+def test_an_insert_committed_after_a_run_on_postgresql(tmp_path: Path) -> None:
+    """The real case of an id taken before its commit: on PostgreSQL, load A takes id n and
+    commits after load B (id n + 1) and after a clearing run read B. The next run moves A."""
+    from pg_env import start_cluster
+
+    cluster = start_cluster()
+    try:
+        setup = Setup(tmp_path, cluster.new_database())
+        url = cluster.new_database()
+        db = Loads.__new__(Loads)
+        db.url, db.engine, db.count = url, LDB.make_engine(url), 0
+        db.add(3)
+        assert run(setup, url).loads_moved == 3
+        late = db.engine.connect()
+        slow = late.begin()
+        late.execute(insert(LDB.loads).values(
+            bank_id="0000000000000B01", txn_id="LATE", state="loaded", amount=9,
+            currency_code=156, issuer_id="0102030405060708", card_serial="F" * 16, s1="AAAAAAAA",
+            online_counter=1, created=1, updated=1))
+        db.add(1, amount=5)   # a later id, committed first
+        first = run(setup, url)
+        assert (first.loads_moved, first.total_loaded) == (1, 5)
+        slow.commit()
+        late.close()
+        second = run(setup, url)
+        assert (second.loads_moved, second.total_loaded) == (1, 9)
+        assert run(setup, url).loads_moved == 0
+        db.engine.dispose()
+        setup.engine.dispose()
+    finally:
+        cluster.stop()
