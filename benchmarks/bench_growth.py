@@ -3,6 +3,7 @@
 
     python benchmarks/bench_growth.py journal [--payments 1000,10000,100000]
     python benchmarks/bench_growth.py clearing [--files 1000,10000]
+    python benchmarks/bench_growth.py inputs [--loads 10000,100000] [--held 100000]
 
 ``journal``: the client terminal's start-up: a fresh :class:`Journal` (a new ``svcard pay``
 process) answering ``unfinished()`` over a journal of N finished payments (six lines each, as
@@ -12,6 +13,10 @@ a later one (one more payment appended after the checkpoint the first wrote), me
 ``clearing``: ``svcard clearing run`` over a folder where N batch files (one record each) were
 already cleared, plus one new batch: the run's wall time (median of 3), against the first run;
 ``--history R`` puts R records cleared by earlier runs into the database first.
+
+``inputs``: clearing's other inputs. A load server database with N ``loaded`` loads, all moved
+by a first run, and H held records of one PSAM in the clearing database: a later run's wall time
+(median of 3) with 5 new loads and one new late-proofs file (one proof).
 """
 
 from __future__ import annotations
@@ -169,9 +174,69 @@ def bench_clearing(sizes: list[int], history: int) -> None:
             print(f"{size:>8} {first:>10.2f} {statistics.median(later):>10.3f}", flush=True)
 
 
+def bench_inputs(sizes: list[int], held: int) -> None:
+    import sqlite3
+
+    from svcard.fixtures import fixture_path
+    from svcard.host.load.server.db import make_engine as load_engine
+    from svcard.host.settle import clearing as CL
+    from svcard.host.settle.config import clearing_config
+    from svcard.host.settle.db import UNCLEARED_COLUMNS, insert_many, make_engine, uncleared
+    from svcard.host.settle.proofs import PROOFS_FORMAT
+
+    print(f"clearing run ({held:,} held records of one PSAM): loads moved before, "
+          "first run s, a later run s (5 new loads, one proofs file)")
+    config = clearing_config(fixture_path("clearing-demo.toml"))
+    names = ["bank_id", "txn_id", "state", "amount", "currency_code", "issuer_id",
+             "card_serial", "s1", "online_counter", "created", "updated", "reason", "evidence"]
+
+    def add_loads(path: str, numbers: range) -> None:
+        with sqlite3.connect(path) as raw:
+            raw.executemany(f"INSERT INTO loads ({', '.join(names)}) VALUES "
+                            f"({', '.join('?' * len(names))})",
+                            [("0000000000000B01", f"T{n:09d}", "loaded", 100, 156,
+                              "0102030405060708", f"{n:016X}", f"{n:08X}", n, 1, 1, "", "")
+                             for n in numbers])
+
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "batches"
+            folder.mkdir()
+            load_path = f"{tmp}/load.db"
+            load_engine(f"sqlite:///{load_path}").dispose()
+            add_loads(load_path, range(1, size + 1))
+            urls = (f"sqlite:///{load_path}",)
+            engine = make_engine(f"sqlite:///{tmp}/clearing.db")
+            with engine.begin() as conn:
+                insert_many(conn, uncleared, [
+                    (0, 1, 1, "000000000001", "0" * 19 + "1", i // 1000, i % 1000, i,
+                     f"{i:016X}", 0, 1, "00" * 60, "held", "no TAC") for i in range(held)],
+                    UNCLEARED_COLUMNS)
+            start = time.perf_counter()
+            CL.run_clearing(config, folder, engine, Path(tmp) / "out", load_db_urls=urls)
+            first = time.perf_counter() - start
+            later = []
+            for k in range(3):
+                add_loads(load_path, range(size + 1 + 5 * k, size + 6 + 5 * k))
+                (folder / f"proofs-{k}.json").write_text(json.dumps({
+                    "format": PROOFS_FORMAT, "terminal_id": "000000000001",
+                    "psam_id": "0" * 19 + "1", "proofs": [
+                        {"batch_number": 10**6 + k, "terminal_txn_number": 1,
+                         "tac": "00000000"}]}))
+                start = time.perf_counter()
+                report = CL.run_clearing(config, folder, engine, Path(tmp) / "out",
+                                         load_db_urls=urls)
+                later.append(time.perf_counter() - start)
+                assert report.loads_moved == 5, report.loads_moved
+            print(f"{size:>8} {first:>10.2f} {statistics.median(later):>10.3f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["journal", "clearing"])
+    parser.add_argument("what", choices=["journal", "clearing", "inputs"])
+    parser.add_argument("--loads", default="10000,100000")
+    parser.add_argument("--held", type=int, default=100_000,
+                        help="held records of one PSAM in the clearing database (inputs)")
     parser.add_argument("--payments", default="1000,10000,100000")
     parser.add_argument("--files", default="1000,10000")
     parser.add_argument("--history", type=int, default=0,
@@ -179,6 +244,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.what == "journal":
         bench_journal([int(x) for x in args.payments.split(",")])
+    elif args.what == "inputs":
+        bench_inputs([int(x) for x in args.loads.split(",")], args.held)
     else:
         bench_clearing([int(x) for x in args.files.split(",")], args.history)
     return 0
