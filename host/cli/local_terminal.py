@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ...card.personalise import ProfileError, load_issuer
+from ...card.storage import ProfileError
 from ...protocols import goods as G
 from ...protocols import purse as P
 from ..goods import redeem as R
@@ -212,6 +212,8 @@ def _goods_keys(ctx: click.Context, param: click.Parameter,
                 value: Path | None) -> GoodsKeyService | None:
     if value is None:
         return None
+    from ...card.personalise import load_issuer  # pydantic: only when --goods-keys is given
+
     try:
         return GoodsKeyService.from_issuer(load_issuer(value))
     except (ProfileError, ValueError) as exc:
