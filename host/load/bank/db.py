@@ -33,6 +33,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     func,
     insert,
     inspect,
@@ -42,7 +43,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ...kit.db import DuplicateError, first_row, now_ms, reading, step
+from ...kit.db import DuplicateError, now_ms, reading, step
 from ...kit.schema import Schema, open_schema
 
 metadata = MetaData()
@@ -97,6 +98,17 @@ def _add_issuer_column(conn: Connection) -> None:
 
 
 SCHEMA = Schema("bank", 2, metadata, {1: _add_issuer_column})
+
+# A load's statements, built once (issue 16: building a statement and its cache key each call
+# cost three quarters of a simple query's CPU). WHERE parameters are named p_*, apart from
+# the columns.
+LOAD_BY_TXN = select(bank_loads).where(bank_loads.c.txn_id == bindparam("p_txn"))
+LOAD_BY_REQUEST = select(bank_loads).where(bank_loads.c.request_id == bindparam("p_request"))
+FAILURES = select(secret_failures).where(secret_failures.c.account_id == bindparam("p_account"))
+_DEBIT = update(accounts).where(accounts.c.account_id == bindparam("p_account"),
+                                accounts.c.balance >= bindparam("p_amount")).values(
+    balance=accounts.c.balance - bindparam("p_amount"))
+_RECORD = insert(bank_loads)
 
 
 def make_engine(url: str) -> Engine:
@@ -250,8 +262,7 @@ class BankDb:
         (the failure count then restarts, as for any right secret), else the seconds the
         account is still locked. One read when nothing has failed."""
         with step(self.engine) as conn:
-            row = conn.execute(select(secret_failures).where(
-                secret_failures.c.account_id == account_id)).first()
+            row = conn.execute(FAILURES, {"p_account": account_id}).first()
             if row is None or (row.failures == 0 and row.locked_until == 0):
                 return 0.0
             if row.locked_until > now:
@@ -318,25 +329,26 @@ class BankDb:
         all."""
         stamp = now_ms()
         with step(self.engine) as conn:
-            done = conn.execute(update(accounts).where(
-                accounts.c.account_id == account_id, accounts.c.balance >= amount,
-            ).values(balance=accounts.c.balance - amount)).rowcount
+            done = conn.execute(_DEBIT, {"p_account": account_id, "p_amount": amount}).rowcount
             if not done:
                 raise BankError("insufficient funds in the account")
             try:
-                conn.execute(insert(bank_loads).values(
-                    txn_id=txn_id, request_id=request_id, account_id=account_id, amount=amount,
-                    card_serial=card_serial, issuer_id=issuer_id, state="debited", reason="",
-                    created=stamp,
-                    updated=stamp))
+                conn.execute(_RECORD, {
+                    "txn_id": txn_id, "request_id": request_id, "account_id": account_id,
+                    "amount": amount, "card_serial": card_serial, "issuer_id": issuer_id,
+                    "state": "debited", "reason": "", "created": stamp, "updated": stamp})
             except IntegrityError:
                 raise DuplicateError("transaction id or request id already used") from None
 
     def load(self, txn_id: str) -> dict[str, Any] | None:
-        return first_row(self.engine, bank_loads, txn_id=txn_id)
+        with reading(self.engine) as conn:
+            row = conn.execute(LOAD_BY_TXN, {"p_txn": txn_id}).first()
+        return dict(row._mapping) if row is not None else None
 
     def load_by_request(self, request_id: str) -> dict[str, Any] | None:
-        return first_row(self.engine, bank_loads, request_id=request_id)
+        with reading(self.engine) as conn:
+            row = conn.execute(LOAD_BY_REQUEST, {"p_request": request_id}).first()
+        return dict(row._mapping) if row is not None else None
 
     def register(self, txn_id: str, loaded: bool, reason: str) -> bool:
         """Step 892. False if the load was already registered (nothing changes then)."""

@@ -16,10 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from ...kit.db import now_ms, reading, step
-from .db import BankDb, accounts, bank_loads, secret_failures
+from .db import FAILURES, LOAD_BY_REQUEST, LOAD_BY_TXN, BankDb, accounts, bank_loads
+
+# built once (issue 16); WHERE parameters are named p_*, apart from the columns
+_HASH = select(accounts.c.secret_hash).where(accounts.c.account_id == bindparam("p_account"))
+_BALANCE = select(accounts.c.balance).where(accounts.c.account_id == bindparam("p_account"))
+_LOCK_LOAD = LOAD_BY_TXN.with_for_update()
+_REGISTER = update(bank_loads).where(bank_loads.c.txn_id == bindparam("p_txn"),
+                                     bank_loads.c.state == "debited")
+_REFUND = update(accounts).where(accounts.c.account_id == bindparam("p_account")).values(
+    balance=accounts.c.balance + bindparam("p_amount"))
 
 
 @dataclass(frozen=True)
@@ -33,13 +42,10 @@ class StartView:
 
 def start_view(db: BankDb, account_id: str, request_id: str | None) -> StartView:
     with reading(db.engine) as conn:
-        stored = conn.execute(select(accounts.c.secret_hash).where(
-            accounts.c.account_id == account_id)).scalar()
-        failure = conn.execute(select(secret_failures.c.failures,
-                                      secret_failures.c.locked_until).where(
-            secret_failures.c.account_id == account_id)).first()
-        prior = None if request_id is None else conn.execute(select(bank_loads).where(
-            bank_loads.c.request_id == request_id)).first()
+        stored = conn.execute(_HASH, {"p_account": account_id}).scalar()
+        failure = conn.execute(FAILURES, {"p_account": account_id}).first()
+        prior = None if request_id is None else conn.execute(
+            LOAD_BY_REQUEST, {"p_request": request_id}).first()
     return StartView(None if stored is None else str(stored),
                      failure is None or (failure.failures == 0 and failure.locked_until == 0),
                      None if prior is None else dict(prior._mapping))
@@ -78,24 +84,20 @@ def register_confirmed(db: BankDb, txn_id: str, amount: int, card_serial: str, l
     account credited again; one step, so a load is registered once however many race."""
     stamp = now_ms()
     with step(db.engine) as conn:
-        row = conn.execute(select(bank_loads).where(bank_loads.c.txn_id == txn_id)
-                           .with_for_update()).first()
+        row = conn.execute(_LOCK_LOAD, {"p_txn": txn_id}).first()
         if row is None:
             return Registration("missing")
         if (row.amount, row.card_serial) != (amount, card_serial):
             return Registration("mismatch")
         if row.state != "debited":
             return Registration("already", row.state)
-        done = conn.execute(update(bank_loads).where(
-            bank_loads.c.txn_id == txn_id, bank_loads.c.state == "debited",
-        ).values(state="confirmed" if loaded else "refunded", reason=reason[:200],
-                 updated=stamp)).rowcount
+        done = conn.execute(_REGISTER, {
+            "p_txn": txn_id, "state": "confirmed" if loaded else "refunded",
+            "reason": reason[:200], "updated": stamp}).rowcount
         if not done:
             return Registration("already", "registered")
         if not loaded:
-            conn.execute(update(accounts).where(accounts.c.account_id == row.account_id)
-                         .values(balance=accounts.c.balance + row.amount))
-        balance = conn.execute(select(accounts.c.balance).where(
-            accounts.c.account_id == row.account_id)).scalar()
+            conn.execute(_REFUND, {"p_account": row.account_id, "p_amount": row.amount})
+        balance = conn.execute(_BALANCE, {"p_account": row.account_id}).scalar()
     return Registration("registered", "", int(row.amount),
                         None if balance is None else int(balance))
