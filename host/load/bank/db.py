@@ -102,6 +102,8 @@ SCHEMA = Schema("bank", 2, metadata, {1: _add_issuer_column})
 # A load's statements, built once (issue 16: building a statement and its cache key each call
 # cost three quarters of a simple query's CPU). WHERE parameters are named p_*, apart from
 # the columns.
+SECRET_HASH = select(accounts.c.secret_hash).where(
+    accounts.c.account_id == bindparam("p_account"))
 LOAD_BY_TXN = select(bank_loads).where(bank_loads.c.txn_id == bindparam("p_txn"))
 LOAD_BY_REQUEST = select(bank_loads).where(bank_loads.c.request_id == bindparam("p_request"))
 FAILURES = select(secret_failures).where(secret_failures.c.account_id == bindparam("p_account"))
@@ -253,8 +255,7 @@ class BankDb:
 
     def secret_hash(self, account_id: str) -> str | None:
         with reading(self.engine) as conn:
-            stored = conn.execute(select(accounts.c.secret_hash).where(
-                accounts.c.account_id == account_id)).scalar()
+            stored = conn.execute(SECRET_HASH, {"p_account": account_id}).scalar()
         return None if stored is None else str(stored)
 
     def remembered_secret_ok(self, account_id: str, now: int) -> float:

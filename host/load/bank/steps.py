@@ -19,10 +19,9 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 
 from ...kit.db import now_ms, reading, step
-from .db import FAILURES, LOAD_BY_REQUEST, LOAD_BY_TXN, BankDb, accounts, bank_loads
+from .db import FAILURES, LOAD_BY_REQUEST, LOAD_BY_TXN, SECRET_HASH, BankDb, accounts, bank_loads
 
 # built once (issue 16); WHERE parameters are named p_*, apart from the columns
-_HASH = select(accounts.c.secret_hash).where(accounts.c.account_id == bindparam("p_account"))
 _BALANCE = select(accounts.c.balance).where(accounts.c.account_id == bindparam("p_account"))
 _LOCK_LOAD = LOAD_BY_TXN.with_for_update()
 _REGISTER = update(bank_loads).where(bank_loads.c.txn_id == bindparam("p_txn"),
@@ -42,7 +41,7 @@ class StartView:
 
 def start_view(db: BankDb, account_id: str, request_id: str | None) -> StartView:
     with reading(db.engine) as conn:
-        stored = conn.execute(_HASH, {"p_account": account_id}).scalar()
+        stored = conn.execute(SECRET_HASH, {"p_account": account_id}).scalar()
         failure = conn.execute(FAILURES, {"p_account": account_id}).first()
         prior = None if request_id is None else conn.execute(
             LOAD_BY_REQUEST, {"p_request": request_id}).first()
