@@ -241,3 +241,9 @@ def test_an_insert_committed_after_a_run_on_postgresql(tmp_path: Path) -> None:
         setup.engine.dispose()
     finally:
         cluster.stop()
+
+
+def test_the_mark_keeps_no_password() -> None:
+    assert SDB._source("postgresql://clearing:s3cret@db/loads") == \
+        "postgresql://clearing:***@db/loads"
+    assert "s3cret" not in SDB._source("not a url s3cret")

@@ -37,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ...protocols import purse as P
 from ..kit.schema import Schema, open_schema
@@ -239,7 +239,10 @@ class LoadMark:
 
 
 def _source(url: str) -> str:
-    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:   # not a URL: opening it says so; no password kept either way
+        shown = "#" + hashlib.sha256(url.encode()).hexdigest()
     if len(shown) <= 1000:
         return shown
     return shown[:935] + "#" + hashlib.sha256(shown.encode()).hexdigest()
