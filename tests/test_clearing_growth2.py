@@ -247,3 +247,63 @@ def test_the_mark_keeps_no_password() -> None:
     assert SDB._source("postgresql://clearing:s3cret@db/loads") == \
         "postgresql://clearing:***@db/loads"
     assert "s3cret" not in SDB._source("not a url s3cret")
+
+
+def test_two_runs_at_once_move_each_load_once(setup: Setup, tmp_path: Path) -> None:
+    """Raced: two clearing processes' runs over the same load database and clearing database.
+    One moves the loads; the other moves none of them or fails whole (its mark not moved)."""
+    import threading
+
+    db = Loads(tmp_path / "load.db")
+    db.add(30)
+    assert run(setup, db.url).loads_moved == 30   # both runs start from a mark
+    db.add(20, amount=3)
+    engines = [SDB.make_engine(f"sqlite:///{tmp_path / 'clearing.db'}") for _ in range(2)]
+    start = threading.Barrier(2)
+    outcomes: list[Any] = []
+
+    def one(engine: Engine) -> None:
+        start.wait()
+        try:
+            outcomes.append(CL.run_clearing(setup.config, setup.folder, engine,
+                                            tmp_path / f"out{id(engine)}",
+                                            load_db_urls=(db.url,)).total_loaded)
+        except Exception as exc:   # the loser: rolled back whole
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=one, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    print("raced runs:", outcomes)
+    assert sum(o for o in outcomes if isinstance(o, int)) == 60 and len(outcomes) == 2
+    assert run(setup, db.url).loads_moved == 0
+    db.add(1)
+    assert run(setup, db.url).loads_moved == 1
+
+
+def test_a_run_whose_mark_moved_meanwhile_fails_whole(setup: Setup, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compare-and-set: a run that read the mark before another run moved it moves
+    nothing (its transaction fails), and the next run moves each load once."""
+    db = Loads(tmp_path / "load.db")
+    db.add(4)
+    assert run(setup, db.url).loads_moved == 4
+    db.add(2)
+    real, other = SDB.new_loads, []
+
+    def stale(engine: Engine, urls: tuple[str, ...]) -> Any:
+        got = real(engine, urls)
+        if not other:   # another run, in between this one's read and its transaction
+            other.append(-1)
+            other[0] = run(setup, db.url).loads_moved
+        return got
+
+    monkeypatch.setattr(CL, "new_loads", stale)
+    with pytest.raises(RuntimeError, match="another clearing run"):
+        run(setup, db.url)
+    assert other == [2]
+    monkeypatch.setattr(CL, "new_loads", real)
+    db.add(1)
+    assert run(setup, db.url).loads_moved == 1
