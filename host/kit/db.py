@@ -65,9 +65,7 @@ def _why(exc: BaseException, url: URL) -> str:
     masked, bounded."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     text = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-    if url.password:
-        text = text.replace(str(url.password), "***")
-    return text[:200]
+    return (text.replace(str(url.password), "***") if url.password else text)[:200]
 
 
 def make_engine(url: str, metadata: MetaData) -> Engine:
@@ -150,9 +148,8 @@ def _sqlite_read_mode(path: str) -> str:
     """URI parameters opening ``path`` read-only, leaving nothing beside it (``mode=ro`` alone
     makes a WAL database's ``-wal``/``-shm`` files). No ``-wal`` (nor ``-journal``) beside it:
     nobody writes it, so ``immutable`` (no lock, no file); else plain ``mode=ro``."""
-    if any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal")):
-        return "?mode=ro"
-    return "?mode=ro&immutable=1"
+    written = any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal"))
+    return "?mode=ro" if written else "?mode=ro&immutable=1"
 
 
 def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
@@ -176,8 +173,7 @@ def sqlite_file(url: str) -> Path | None:
 
 def must_exist(url: str, what: str = "database") -> None:
     """Refuse a SQLite ``url`` whose file does not exist (``bank account fund``)."""
-    path = sqlite_file(url)
-    if path is not None and not path.is_file():
+    if (path := sqlite_file(url)) is not None and not path.is_file():
         raise DatabaseError(f"{masked_url(url)}: no such {what}: {path} does not exist")
 
 
@@ -201,8 +197,7 @@ def _create(url: str, target: URL, **options: Any) -> Engine:
     try:  # hide_parameters: a statement's error never quotes its values (secrets, hashes)
         return create_engine(target, hide_parameters=True, **options)
     except ImportError as exc:
-        module = exc.name or "its driver"
-        hint = ""
+        module, hint = exc.name or "its driver", ""
         if module.startswith("psycopg") and target.get_backend_name() == "postgresql":
             hint = " (pip install 'svcard[postgres]'; URL postgresql+psycopg://...)"
         elif target.get_backend_name() == "postgresql":
@@ -256,9 +251,8 @@ def storage_reason(exc: BaseException) -> str:
     if isinstance(exc, PoolTimeoutError):
         return "the database is busy (no free connection); try again later"
     orig = exc.orig if isinstance(exc, OperationalError) else exc
-    text = str(orig).lower()
     sqlstate = str(getattr(orig, "sqlstate", "") or "")
-    text += " disk full" if sqlstate == "53100" else ""
+    text = str(orig).lower() + (" disk full" if sqlstate == "53100" else "")
     for needles, reason in _REASONS:
         if any(n in text for n in needles):
             return f"{reason}; try again later"
@@ -323,12 +317,18 @@ def current_group() -> StepGroup | None:
 
 
 @contextlib.contextmanager
-def step(engine: Engine) -> Iterator[Connection]:
-    """The current step's connection, in a transaction committed when the block ends well and
-    rolled back if it raises: the group's, in a SAVEPOINT, on the writer thread; a plain
-    ``engine.begin()`` anywhere else."""
+def step(engine: Engine, alone: bool = False) -> Iterator[Connection]:
+    """The step's connection, in a transaction committed if the block ends well, rolled back if
+    it raises: the group's, in a SAVEPOINT, on the writer thread; else ``engine.begin()``, or with
+    ``alone`` (the one write is the last statement; no earlier read needs a READ COMMITTED
+    transaction's hold) PostgreSQL autocommit: one round trip a statement (issue 16)."""
     group = current_group() if engine.dialect.name == "sqlite" else None
     if group is None:
+        if alone and engine.dialect.name == "postgresql":   # psycopg: a local flag, no query
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                yield conn
+                conn.commit()   # no round trip in autocommit; "commit" listeners see a step
+            return
         with engine.begin() as conn:
             yield conn
         return
@@ -349,16 +349,17 @@ def step(engine: Engine) -> Iterator[Connection]:
 
 
 @contextlib.contextmanager
-def reading(engine: Engine) -> Iterator[Connection]:
+def reading(engine: Engine, alone: bool = False) -> Iterator[Connection]:
     """A connection to read through: the group's if it has written (it sees those writes), a
-    plain ``engine.connect()`` otherwise (no write lock taken for a read)."""
+    plain ``engine.connect()`` otherwise (no write lock taken), with ``alone`` (no lock read,
+    no snapshot shared by statements) in PostgreSQL autocommit: no BEGIN, no ROLLBACK."""
     group = current_group() if engine.dialect.name == "sqlite" else None
-    conn = group.conns.get(engine) if group is not None else None
-    if conn is None:
-        with engine.connect() as plain:
-            yield plain
-    else:
+    if group is not None and (conn := group.conns.get(engine)) is not None:
         yield conn
+        return
+    with engine.connect() as plain:
+        yield plain.execution_options(isolation_level="AUTOCOMMIT") if (
+            alone and engine.dialect.name == "postgresql") else plain
 
 
 def _foreign_begin(conn: Connection) -> None:
@@ -388,11 +389,9 @@ def update_row(engine: Engine, table: Table, row_id: int, *, expect: str | None 
     in one statement: only if the row's ``state`` is still ``expect``; False if another request
     changed it first (the caller re-reads). A unique key that says no is a
     :class:`DuplicateError`."""
-    where = [table.c.id == row_id]
-    if expect is not None:
-        where.append(table.c.state == expect)
+    where = [table.c.id == row_id] + ([table.c.state == expect] if expect is not None else [])
     try:
-        with step(engine) as conn:
+        with step(engine, alone=True) as conn:
             result = conn.execute(update(table).where(*where).values(
                 updated=now_ms(), **values))
     except IntegrityError as exc:

@@ -144,7 +144,7 @@ class LoadDb:
     engine: Engine
 
     def get(self, bank_id: str, txn_id: str) -> dict[str, Any] | None:
-        with reading(self.engine) as conn:
+        with reading(self.engine, alone=True) as conn:
             row = conn.execute(_GET, {"p_bank": bank_id, "p_txn": txn_id}).first()
         return dict(row._mapping) if row is not None else None
 
@@ -161,7 +161,7 @@ class LoadDb:
         stamp = now_ms()
         _columns(values)
         try:
-            with step(self.engine) as conn:
+            with step(self.engine, alone=True) as conn:
                 if look:
                     row = conn.execute(_GET, {"p_bank": values["bank_id"],
                                               "p_txn": values["txn_id"]}).first()
@@ -183,7 +183,7 @@ class LoadDb:
         _columns(values)
         params = {"p_id": row_id, "p_expect": expect, "updated": now_ms(), **values}
         try:
-            with step(self.engine) as conn:
+            with step(self.engine, alone=True) as conn:
                 if fence is None:
                     result = conn.execute(_ADVANCE, params)
                 else:
@@ -199,7 +199,7 @@ class LoadDb:
         their probe (the caller answers that one), or ``fence``'s HSM lease was lost."""
         where = [loads.c.id == row_id, loads.c.state == "authorized",
                  or_(loads.c.probe_digest.is_(None), loads.c.probe_digest != digest)]
-        with step(self.engine) as conn:
+        with step(self.engine, alone=True) as conn:
             result = conn.execute(update(loads).where(
                 *where, *([FENCE] if fence is not None else [])).values(
                 updated=now_ms(), probe_digest=digest, **probe),
@@ -211,7 +211,7 @@ class LoadDb:
         query = select(loads).where(
             loads.c.card_serial == card_serial, loads.c.online_counter == counter,
             loads.c.state == "loaded", loads.c.id != other_than)
-        with reading(self.engine) as conn:
+        with reading(self.engine, alone=True) as conn:
             row = conn.execute(query).first()
         return dict(row._mapping) if row is not None else None
 
@@ -231,7 +231,7 @@ class LoadDb:
                 other.c.id == used_by, other.c.id != loads.c.id, other.c.state == "loaded",
                 other.c.card_serial == loads.c.card_serial,
                 other.c.online_counter == loads.c.online_counter)]
-        with step(self.engine) as conn:
+        with step(self.engine, alone=True) as conn:
             result = conn.execute(update(loads).where(*conditions).values(
                 state="not_loaded", updated=now_ms(), **values))
         return bool(result.rowcount == 1)

@@ -244,15 +244,15 @@ class PaymentDb:
     engine: Engine
 
     def get(self, merchant_id: str, txn_id: str) -> dict[str, Any] | None:
-        with reading(self.engine) as conn:
+        with reading(self.engine, alone=True) as conn:
             return _first(conn, _BY_TXN, {"w_merchant": merchant_id, "w_txn": txn_id})
 
     def by_id(self, row_id: int) -> dict[str, Any] | None:
-        with reading(self.engine) as conn:
+        with reading(self.engine, alone=True) as conn:
             return _first(conn, _BY_ID, {"w_id": row_id})
 
     def by_psam_ttn(self, psam_id: str, ttn: int) -> dict[str, Any] | None:
-        with reading(self.engine) as conn:
+        with reading(self.engine, alone=True) as conn:
             return _first(conn, _BY_PSAM_TTN, {"w_psam": psam_id, "w_ttn": ttn})
 
     def insert_received(self, values: dict[str, Any]) -> int:
@@ -271,7 +271,7 @@ class PaymentDb:
             return self.get(values["merchant_id"], values["txn_id"]), None
         stamp = now_ms()
         try:
-            with step(self.engine) as conn:
+            with step(self.engine, alone=True) as conn:
                 if look:
                     row = _first(conn, _BY_TXN, {"w_merchant": values["merchant_id"],
                                                  "w_txn": values["txn_id"]})
@@ -290,7 +290,7 @@ class PaymentDb:
         changed it; False if another request got there first (the caller re-reads) or the
         lease was lost. A unique key that says no is a :class:`DuplicateError`."""
         try:
-            with step(self.engine) as conn:
+            with step(self.engine, alone=True) as conn:
                 return _update(conn, row_id, from_state, values, fence)
         except IntegrityError as exc:
             raise DuplicateError(str(exc.orig)) from None
@@ -303,7 +303,7 @@ class PaymentDb:
         ``change`` left alone. A unique key that says no is a :class:`DuplicateError`."""
         where = {"w_merchant": merchant_id, "w_txn": txn_id}
         try:
-            with step(self.engine) as conn:
+            with step(self.engine, alone=True) as conn:
                 row = _first(conn, _BY_TXN, where)
                 values = change(row) if row is not None and row["state"] == from_state else None
                 if row is None or values is None:
@@ -317,13 +317,13 @@ class PaymentDb:
     def note(self, row_id: int, state: str, report: str) -> None:
         """Record an unauthenticated client report on a row still in ``state`` (no state
         change, no unique key: it only tells the operator what the client said)."""
-        with step(self.engine) as conn:
+        with step(self.engine, alone=True) as conn:
             conn.execute(update(payments).where(
                 payments.c.id == row_id, payments.c.state == state,
             ).values(client_report=report[:200], updated=now_ms()))
 
     def set(self, row_id: int, **values: Any) -> None:
-        with step(self.engine) as conn:
+        with step(self.engine, alone=True) as conn:
             _update(conn, row_id, None, values)
 
     def recover(self, alive: list[str] | None = None) -> int:
@@ -372,7 +372,7 @@ class PaymentDb:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def mark_proofs_handed(self, row_ids: list[int]) -> None:
-        with step(self.engine) as conn:
+        with step(self.engine, alone=True) as conn:
             conn.execute(update(payments).where(
                 payments.c.id.in_(row_ids), payments.c.proof_handed == 0,
             ).values(proof_handed=1, updated=now_ms()))
