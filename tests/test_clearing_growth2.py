@@ -307,3 +307,19 @@ def test_a_run_whose_mark_moved_meanwhile_fails_whole(setup: Setup, tmp_path: Pa
     monkeypatch.setattr(CL, "new_loads", real)
     db.add(1)
     assert run(setup, db.url).loads_moved == 1
+
+
+def test_too_many_open_ranges_leave_the_mark_where_it_was(setup: Setup, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounded: a run that would keep more than MAX_OPEN_RANGES open ranges does not move the
+    mark (the next run reads from the old one again); each load is still moved once."""
+    db = Loads(tmp_path / "load.db")
+    db.add(3)
+    assert run(setup, db.url).loads_moved == 3
+    monkeypatch.setattr(SDB, "MAX_OPEN_RANGES", 0)
+    db.add(1, state="authorized")
+    db.add(2)
+    assert run(setup, db.url).loads_moved == 2
+    with setup.engine.connect() as conn:
+        assert [r.mark for r in conn.execute(SDB.load_marks.select())] == [3]
+    assert run(setup, db.url).loads_moved == 0

@@ -305,8 +305,8 @@ def new_loads(engine: Engine, urls: tuple[str, ...]) -> tuple[list[dict[str, Any
         key = got.keys.get(top)
         if key is None and top > 0:   # the mark did not move: its row was not re-read
             key = (at.bank_id, at.txn_id) if at is not None else None
-        if len(ranges) > MAX_OPEN_RANGES or (top > 0 and key is None):
-            top, key, ranges = (old or 0), None, [(r[0], r[1], now) for r in kept]
+        if len(ranges) > MAX_OPEN_RANGES:   # left as it was: the next run reads it all again
+            key = None
         marks.append(LoadMark(source, old, top, key, ranges))
     return rows, marks
 
