@@ -137,3 +137,19 @@ def test_a_stale_fence_changes_nothing(loads: load_db.LoadDb) -> None:
     assert not loads.advance(second, "received", stale, state="authorized", s2="66666666")
     got = loads.get("0102030405060708", "t2")
     assert got is not None and (got["state"], got["s2"]) == ("received", None)
+
+
+def test_racing_registrations_refund_once(bank: bank_db.BankDb) -> None:
+    """Eight confirmations of one load at once ("not loaded", each a refund): one registers,
+    the others are told it already was; the account is credited once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bank.debit_for_load("alice", "dd" * 16, 250, "1234", "race", "")
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: bank_steps.register_confirmed(
+            bank, "dd" * 16, 250, "1234", False, "card said no"), range(8)))
+    assert sorted(g.outcome for g in got) == ["already"] * 7 + ["registered"]
+    assert {g.state for g in got if g.outcome == "already"} == {"refunded"}
+    assert _balance(bank) == 1_000
+    load = bank.load("dd" * 16)
+    assert load is not None and (load["state"], load["reason"]) == ("refunded", "card said no")

@@ -19,15 +19,25 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 
 from ...kit.db import now_ms, reading, step
-from .db import FAILURES, LOAD_BY_REQUEST, LOAD_BY_TXN, SECRET_HASH, BankDb, accounts, bank_loads
+from .db import LOAD_BY_REQUEST, LOAD_BY_TXN, BankDb, accounts, bank_loads, secret_failures
 
 # built once (issue 16); WHERE parameters are named p_*, apart from the columns
-_BALANCE = select(accounts.c.balance).where(accounts.c.account_id == bindparam("p_account"))
 _LOCK_LOAD = LOAD_BY_TXN.with_for_update()
-_REGISTER = update(bank_loads).where(bank_loads.c.txn_id == bindparam("p_txn"),
-                                     bank_loads.c.state == "debited")
+_BALANCE = select(accounts.c.balance).where(accounts.c.account_id == bindparam("p_account"))
+# the account's hash and failure count in one statement (no account: no row)
+_SECRET_STATE = select(accounts.c.secret_hash, secret_failures.c.failures,
+                       secret_failures.c.locked_until).select_from(accounts.outerjoin(
+                           secret_failures,
+                           secret_failures.c.account_id == accounts.c.account_id)).where(
+    accounts.c.account_id == bindparam("p_account"))
+# the registration's whole check in its WHERE: the debited load of this amount and card
+_REGISTER = update(bank_loads).where(
+    bank_loads.c.txn_id == bindparam("p_txn"), bank_loads.c.state == "debited",
+    bank_loads.c.amount == bindparam("p_amount"),
+    bank_loads.c.card_serial == bindparam("p_card")).returning(
+    bank_loads.c.account_id, bank_loads.c.amount)
 _REFUND = update(accounts).where(accounts.c.account_id == bindparam("p_account")).values(
-    balance=accounts.c.balance + bindparam("p_amount"))
+    balance=accounts.c.balance + bindparam("p_amount")).returning(accounts.c.balance)
 
 
 @dataclass(frozen=True)
@@ -41,12 +51,13 @@ class StartView:
 
 def start_view(db: BankDb, account_id: str, request_id: str | None) -> StartView:
     with reading(db.engine) as conn:
-        stored = conn.execute(SECRET_HASH, {"p_account": account_id}).scalar()
-        failure = conn.execute(FAILURES, {"p_account": account_id}).first()
+        account = conn.execute(_SECRET_STATE, {"p_account": account_id}).first()
         prior = None if request_id is None else conn.execute(
             LOAD_BY_REQUEST, {"p_request": request_id}).first()
-    return StartView(None if stored is None else str(stored),
-                     failure is None or (failure.failures == 0 and failure.locked_until == 0),
+    if account is None:   # no such account: nothing to authenticate against
+        return StartView(None, True, None if prior is None else dict(prior._mapping))
+    return StartView(str(account.secret_hash), (account.failures or 0) == 0 and (
+                     account.locked_until or 0) == 0,
                      None if prior is None else dict(prior._mapping))
 
 
@@ -83,20 +94,20 @@ def register_confirmed(db: BankDb, txn_id: str, amount: int, card_serial: str, l
     account credited again; one step, so a load is registered once however many race."""
     stamp = now_ms()
     with step(db.engine) as conn:
-        row = conn.execute(_LOCK_LOAD, {"p_txn": txn_id}).first()
-        if row is None:
-            return Registration("missing")
-        if (row.amount, row.card_serial) != (amount, card_serial):
-            return Registration("mismatch")
-        if row.state != "debited":
-            return Registration("already", row.state)
-        done = conn.execute(_REGISTER, {
-            "p_txn": txn_id, "state": "confirmed" if loaded else "refunded",
-            "reason": reason[:200], "updated": stamp}).rowcount
-        if not done:
-            return Registration("already", "registered")
-        if not loaded:
-            conn.execute(_REFUND, {"p_account": row.account_id, "p_amount": row.amount})
-        balance = conn.execute(_BALANCE, {"p_account": row.account_id}).scalar()
-    return Registration("registered", "", int(row.amount),
+        won = conn.execute(_REGISTER, {
+            "p_txn": txn_id, "p_amount": amount, "p_card": card_serial,
+            "state": "confirmed" if loaded else "refunded", "reason": reason[:200],
+            "updated": stamp}).first()
+        if won is None:   # why not: read the load (its row locked, as a registration's is)
+            row = conn.execute(_LOCK_LOAD, {"p_txn": txn_id}).first()
+            if row is None:
+                return Registration("missing")
+            if (row.amount, row.card_serial) != (amount, card_serial):
+                return Registration("mismatch")
+            return Registration("already", row.state if row.state != "debited"
+                                else "registered")
+        balance = conn.execute(_REFUND, {"p_account": won.account_id, "p_amount": won.amount}
+                               ).scalar() if not loaded else conn.execute(
+            _BALANCE, {"p_account": won.account_id}).scalar()
+    return Registration("registered", "", int(won.amount),
                         None if balance is None else int(balance))
