@@ -210,7 +210,8 @@ def test_a_proofs_file_asks_only_for_its_own_records(setup: Setup) -> None:
     assert asked and all("batch_number" in s.split(" WHERE ")[1] for s in asked), asked
 
 
-def test_an_insert_committed_after_a_run_on_postgresql(tmp_path: Path) -> None:
+def test_an_insert_committed_after_a_run_on_postgresql(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The real case of an id taken before its commit: on PostgreSQL, load A takes id n and
     commits after load B (id n + 1) and after a clearing run read B. The next run moves A."""
     from pg_env import start_cluster
@@ -237,6 +238,29 @@ def test_an_insert_committed_after_a_run_on_postgresql(tmp_path: Path) -> None:
         second = run(setup, url)
         assert (second.loads_moved, second.total_loaded) == (1, 9)
         assert run(setup, url).loads_moved == 0
+        # a node stopped between INSERT and COMMIT for longer than GAP_MS: its id stays open
+        # while its transaction runs; an insert rolled back is given up after GAP_MS
+        frozen, dropped = db.engine.connect(), db.engine.connect()
+        held, undone = frozen.begin(), dropped.begin()
+        for conn, txn in ((frozen, "FROZEN"), (dropped, "UNDONE")):
+            conn.execute(insert(LDB.loads).values(
+                bank_id="0000000000000B01", txn_id=txn, state="loaded", amount=11,
+                currency_code=156, issuer_id="0102030405060708", card_serial=txn.ljust(16, "0"),
+                s1=txn[:8].ljust(8, "0"), online_counter=1, created=1, updated=1))
+        db.add(1, amount=5)
+        assert run(setup, url).total_loaded == 5
+        undone.rollback()
+        dropped.close()
+        real = SDB.time.time
+        monkeypatch.setattr(SDB.time, "time", lambda: real() + 11 * 60)
+        assert run(setup, url).loads_moved == 0
+        with setup.engine.connect() as conn:
+            still = [(r.lo, r.hi) for r in conn.execute(SDB.open_loads.select())]
+        assert len(still) == 1   # the frozen one's id; the undone one's given up
+        held.commit()
+        frozen.close()
+        assert run(setup, url).total_loaded == 11
+        monkeypatch.undo()
         db.engine.dispose()
         setup.engine.dispose()
     finally:

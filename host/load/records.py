@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine, or_, select, text
 
 from ..kit.schema import Schema, open_for_reading
 from .bank.db import SCHEMA as BANK_SCHEMA
@@ -77,6 +77,12 @@ class LoadsAfter:
     open_ids: list[int] = field(default_factory=list)
     keys: dict[int, tuple[str, str]] = field(default_factory=dict)   # id -> (bank, txn)
     restarted: bool = False
+    # PostgreSQL: the oldest transaction id still running before the rows were read, and the
+    # next one to be given after (every transaction below xmin_before had ended, so its rows
+    # were read; an id missing now is not held by a transaction below xmax_after unless one of
+    # them is still running)
+    xmin_before: int | None = None
+    xmax_after: int | None = None
 
 
 RANGES_PER_QUERY = 200
@@ -92,7 +98,12 @@ def loads_after(url: str, mark: int, mark_key: tuple[str, str] | None,
     is read (``restarted``)."""
     def read(engine: Engine) -> LoadsAfter:
         out = LoadsAfter()
+        snapshot = (text("SELECT txid_snapshot_xmin(txid_current_snapshot()), "
+                         "txid_snapshot_xmax(txid_current_snapshot())")
+                    if engine.dialect.name == "postgresql" else None)
         with engine.connect() as conn:
+            if snapshot is not None:   # READ COMMITTED: each statement its own snapshot
+                out.xmin_before = int(conn.execute(snapshot).one()[0])
             start, spans = mark, list(ranges)
             if mark > 0:
                 at = conn.execute(select(loads_table.c.bank_id, loads_table.c.txn_id).where(
@@ -107,6 +118,8 @@ def loads_after(url: str, mark: int, mark_key: tuple[str, str] | None,
             for where in wheres:
                 for r in conn.execute(select(loads_table).where(where)):
                     found[r.id] = dict(r._mapping)
+            if snapshot is not None:
+                out.xmax_after = int(conn.execute(snapshot).one()[1])
         for row_id in sorted(found):
             row = found[row_id]
             out.ids.append(row_id)

@@ -212,8 +212,9 @@ load_marks = Table(
 )
 # ... except these id ranges: rows read in a state not final yet (they may still become
 # ``loaded``) and ids not seen yet (a PostgreSQL insert not committed when the run read: its
-# id is taken before the commit). An unseen id still missing GAP_MS after a run first saw it
-# missing was a rolled-back insert (the clearing host's clock alone decides).
+# id is taken before the commit). An unseen id is given up as a rolled-back insert once it is
+# still missing GAP_MS after a run first saw it missing (clearing's clock) and, on PostgreSQL,
+# every transaction that could hold it has ended (``xid``).
 open_loads = Table(
     "clearing_open_loads", marks_metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -221,6 +222,10 @@ open_loads = Table(
     Column("lo", BigInteger, nullable=False),
     Column("hi", BigInteger, nullable=False),
     Column("seen", BigInteger, nullable=False),   # ms, when a run first saw it open
+    # PostgreSQL: the next transaction id when a run first saw it open; the ids not seen are
+    # given up only once every transaction below it has ended (a load server stopped between
+    # its INSERT and its COMMIT keeps the id open however long it stays stopped)
+    Column("xid", BigInteger),
     Index("ix_open_loads_source", "source"),
 )
 GAP_MS = 10 * 60 * 1000
@@ -235,7 +240,7 @@ class LoadMark:
     old: int | None          # None: no mark yet
     mark: int
     key: tuple[str, str] | None
-    ranges: list[tuple[int, int, int]]
+    ranges: list[Range]
 
 
 def _source(url: str) -> str:
@@ -256,19 +261,24 @@ def _ensure(engine: Engine) -> None:
             raise
 
 
-def _still_open(lo: int, hi: int, seen: int, ids: list[int], now: int,
-                out: list[tuple[int, int, int]]) -> None:
+Range = tuple[int, int, int, int | None]   # lo, hi, seen, xid
+
+
+def _still_open(lo: int, hi: int, seen: int, xid: int | None, got: load_records.LoadsAfter,
+                now: int, out: list[Range]) -> None:
     """The parts of id range [lo, hi] that no row read covers, kept while younger than
-    GAP_MS (``ids``: the ids read, sorted)."""
-    if now - seen >= GAP_MS:
+    GAP_MS or while a transaction that could hold one of them may still commit it."""
+    ids = got.ids
+    ended = xid is None or (got.xmin_before is not None and got.xmin_before >= xid)
+    if now - seen >= GAP_MS and ended:
         return
     at = lo
     for row_id in ids[bisect.bisect_left(ids, lo):bisect.bisect_right(ids, hi)]:
         if row_id > at:
-            out.append((at, row_id - 1, seen))
+            out.append((at, row_id - 1, seen, xid))
         at = row_id + 1
     if at <= hi:
-        out.append((at, hi, seen))
+        out.append((at, hi, seen, xid))
 
 
 def new_loads(engine: Engine, urls: tuple[str, ...]) -> tuple[list[dict[str, Any]],
@@ -286,21 +296,21 @@ def new_loads(engine: Engine, urls: tuple[str, ...]) -> tuple[list[dict[str, Any
         source = _source(url)
         with engine.connect() as conn:
             at = conn.execute(select(load_marks).where(load_marks.c.source == source)).first()
-            kept = [(r.lo, r.hi, r.seen) for r in conn.execute(
-                select(open_loads.c.lo, open_loads.c.hi, open_loads.c.seen).where(
-                    open_loads.c.source == source))]
+            kept = [(r.lo, r.hi, r.seen, r.xid) for r in conn.execute(
+                select(open_loads.c.lo, open_loads.c.hi, open_loads.c.seen,
+                       open_loads.c.xid).where(open_loads.c.source == source))]
         old = int(at.mark) if at is not None else None
         got = load_records.loads_after(url, old or 0, (at.bank_id, at.txn_id) if at else None,
-                                       [(lo, hi) for lo, hi, _ in kept])
+                                       [(r[0], r[1]) for r in kept])
         rows.extend(got.rows)
         start = 0 if got.restarted or old is None else old
-        ranges: list[tuple[int, int, int]] = []
-        for lo, hi, seen in ([] if got.restarted else kept):
-            _still_open(lo, hi, seen, got.ids, now, ranges)
+        ranges: list[Range] = []
+        for lo, hi, seen, xid in ([] if got.restarted else kept):
+            _still_open(lo, hi, seen, xid, got, now, ranges)
         top = max([start, *got.ids])
         if top > start:   # ids past the old mark not read: not committed yet, or rolled back
-            _still_open(start + 1, top, now, got.ids, now, ranges)
-        ranges += [(row_id, row_id, now) for row_id in got.open_ids]
+            _still_open(start + 1, top, now, got.xmax_after, got, now, ranges)
+        ranges += [(row_id, row_id, now, got.xmax_after) for row_id in got.open_ids]
         ranges.sort()
         key = got.keys.get(top)
         if key is None and top > 0:   # the mark did not move: its row was not re-read
@@ -327,4 +337,4 @@ def save_load_marks(conn: Connection, marks: list[LoadMark]) -> None:
                                "time: this run moved nothing, run it again")
         conn.execute(delete(open_loads).where(open_loads.c.source == m.source))
         insert_many(conn, open_loads, [(m.source, *r) for r in m.ranges],
-                    ["source", "lo", "hi", "seen"])
+                    ["source", "lo", "hi", "seen", "xid"])
