@@ -93,3 +93,39 @@ def test_purchase_round_trips_on_postgresql(cluster: Cluster, tmp_path: Path,
     print(f"{variant}: {per:.2f} round trips per purchase "
           f"({begins:.2f} BEGIN, {ends:.2f} COMMIT/ROLLBACK)")
     assert per <= BOUND[variant], f"{variant}: {per:.2f} round trips per purchase"
+
+
+# A load's steps on the load server's database: the request's get-or-insert, the HSM's answer
+# and the card's proof, each a one-write step (read, then write last): 5 statements, one round
+# trip each (before: 13, BEGIN and COMMIT or ROLLBACK around each of 4 steps)
+LOAD_BOUND = 5
+
+
+def test_load_round_trips_on_postgresql(cluster: Cluster, tmp_path: Path) -> None:
+    from svcard.host.load import client as LC
+    from svcard.host.load.stack import start_load_stack
+
+    stack = start_load_stack(tmp_path / "load", bank_db=cluster.new_database(),
+                             load_db=cluster.new_database())
+    loads = 3
+    try:
+        stack.account("alice", 10_000, "pw")
+        card = card_image(tmp_path, ep=0)
+        journal = Journal(tmp_path / "j.jsonl")
+        with httpx.Client(timeout=30) as http, open_reader(f"virtual:{card}") as reader:
+            def one() -> None:
+                out = LC.load(stack.bank_url, reader, account="alice", secret="pw",
+                              amount=100, journal=journal, http=http)
+                assert out.outcome == "loaded"
+
+            one()
+            trips = RoundTrips(stack.load_server.db.engine)
+            for _ in range(loads):
+                one()
+            counted = (trips.count, trips.begins, trips.ends)
+        assert read_image(card)["app"]["ep"]["balance"] == (loads + 1) * 100
+    finally:
+        stack.close()
+    per, begins, ends = (n / loads for n in counted)
+    print(f"load: {per:.2f} round trips ({begins:.2f} BEGIN, {ends:.2f} COMMIT/ROLLBACK)")
+    assert per <= LOAD_BOUND, f"a load: {per:.2f} round trips"
