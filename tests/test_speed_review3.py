@@ -268,15 +268,15 @@ def test_sigkill_while_drawing_keeps_every_answered_command_and_voids_the_rest(
     print(f"{len(answered)} draws answered; states after the restart {states}")
 
 
-@pytest.mark.xfail(strict=True, reason="open finding (host/settle/db.py GAP_MS): an id not "
-                   "committed for 10 minutes after a run saw it missing is dropped for good")
 def test_a_load_committed_more_than_gap_ms_after_its_id_was_seen_missing_is_moved(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """b1003b8 moves a load server's loads past a mark and keeps unseen ids open GAP_MS (10
     min) only. On PostgreSQL an id is taken before its commit: a load server node frozen (a
     SIGSTOP, a VM pause, a lock wait) between its INSERT and its COMMIT for longer than that
     commits a ``loaded`` row that no later run ever reads: the bank's debit and the card's load
-    never reach the settlement (before b1003b8 every run read every row)."""
+    never reach the settlement (before b1003b8 every run read every row). Fixed in 68d7ce1: on
+    PostgreSQL a missing id is given up only once every transaction running when it was first
+    missed has ended."""
     from pg_env import start_cluster
     from sqlalchemy import insert
     from test_clearing_growth import Setup
