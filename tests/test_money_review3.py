@@ -1,0 +1,132 @@
+"""Review (R-money, session 14): clearing's load marks and open ranges, attacked as a whole.
+
+A randomised run of load databases and clearing runs: loads logged loaded or open, open ones
+decided later (loaded, not loaded, refused), ids committed out of order (a gap filled later),
+the load database restored from an older backup (its ids reused by new loads), a small
+MAX_OPEN_RANGES (the mark then stays). Whatever happens, clearing moves a load only if it was
+``loaded`` and at most once, never a refused / not loaded one, and at the end every load that
+is ``loaded`` in the database has been moved. Replay a failure with SVCARD_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from test_clearing_growth import Setup
+from test_clearing_growth2 import Loads, run
+
+from svcard.host.load.server import db as LDB
+from svcard.host.settle import clearing as CL
+from svcard.host.settle import db as SDB
+
+
+def _moved(setup: Setup) -> list[tuple[str, str, int]]:
+    with setup.engine.connect() as conn:
+        return [(r.bank_id, r.txn_id, r.amount) for r in conn.execute(
+            select(SDB.moved_loads.c.bank_id, SDB.moved_loads.c.txn_id,
+                   SDB.moved_loads.c.amount))]
+
+
+def _states(db: Loads) -> dict[tuple[str, str], tuple[int, str, int]]:
+    with db.engine.connect() as conn:
+        return {(r.bank_id, r.txn_id): (r.id, r.state, r.amount)
+                for r in conn.execute(select(LDB.loads))}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("case", range(int(os.environ.get("SVCARD_MONEY_CASES", "6"))))
+def test_every_loaded_load_is_moved_once_whatever_happens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: int) -> None:
+    seed = int(os.environ.get("SVCARD_SEED", random.randrange(1 << 30)))
+    print("seed", seed, "(replay: SVCARD_SEED=%d)" % seed)
+    rnd = random.Random(seed)
+    monkeypatch.setattr(CL, "FRESH_NS", 0, raising=False)
+    setup = Setup(tmp_path)
+    path = tmp_path / "load.db"
+    db = Loads(path)
+    ever_loaded: set[tuple[str, str]] = set()
+    open_ids: list[int] = []
+    gaps: list[int] = []                    # ids skipped, to be committed "late"
+    backup: Path | None = None
+    top = 0
+    SDB.marks_metadata.create_all(setup.engine)
+
+    def add(state: str, row_id: int | None = None) -> int:
+        nonlocal top
+        (got,) = db.add(1, state=state, row_id=row_id, amount=rnd.randrange(1, 1000))
+        top = max(top, got)
+        return got
+
+    # a load decided once is decided so again (a database restored to before the decision
+    # gets the same outcome: the card did load it or did not)
+    fate: dict[tuple[str, str], str] = {}
+
+    def decide(row_id: int, state: str) -> None:
+        key = next(k for k, (i, _, _) in _states(db).items() if i == row_id)
+        state = fate.setdefault(key, state)
+        db.set_state(row_id, state)
+
+    for _ in range(60):
+        op = rnd.random()
+        cap = rnd.choice([0, 1, 3, 100_000])
+        monkeypatch.setattr(SDB, "MAX_OPEN_RANGES", cap)
+        if os.environ.get("SVCARD_TRACE"):
+            with setup.engine.connect() as conn:
+                print(f"op={op:.2f} cap={cap} top={top} open={open_ids} gaps={gaps}",
+                      list(conn.execute(select(SDB.load_marks))),
+                      list(conn.execute(select(SDB.open_loads.c.lo, SDB.open_loads.c.hi))),
+                      sorted((i, s) for i, s, _ in _states(db).values()))
+        if op < 0.25:
+            add("loaded")
+        elif op < 0.4:
+            open_ids.append(add(rnd.choice(["received", "authorized"])))
+        elif op < 0.55 and open_ids:
+            decide(open_ids.pop(rnd.randrange(len(open_ids))),
+                   rnd.choice(["loaded", "not_loaded", "refused"]))
+        elif op < 0.65:   # an id taken, committed after a later one (two nodes)
+            gaps.append(top + 1)
+            add("loaded", row_id=top + 2)
+        elif op < 0.72 and gaps:
+            add(rnd.choice(["loaded", "refused"]), row_id=gaps.pop(rnd.randrange(len(gaps))))
+        elif op < 0.77:
+            backup = tmp_path / "backup.db"
+            _copy(path, backup)
+        elif op < 0.82 and backup is not None:   # restored: later rows lost, ids reused
+            db.engine.dispose()
+            _copy(backup, path)
+            states = _states(db)
+            open_ids = [i for _, (i, s, _) in states.items() if s not in LDB.FINAL]
+            gaps = []
+            top = max([i for i, _, _ in states.values()], default=0)
+        else:
+            run(setup, db.url)
+        ever_loaded |= {k for k, (_, s, _) in _states(db).items() if s == "loaded"}
+        moved = _moved(setup)
+        assert len(moved) == len({(b, t) for b, t, _ in moved}), "a load moved twice"
+        assert not {(b, t) for b, t, _ in moved} - ever_loaded, "a load moved not loaded"
+    for row_id in open_ids:
+        decide(row_id, "loaded")
+    for row_id in gaps:
+        add("loaded", row_id=row_id)
+    monkeypatch.setattr(SDB, "MAX_OPEN_RANGES", 100_000)
+    run(setup, db.url)
+    run(setup, db.url)
+    states = _states(db)
+    moved = {(b, t): a for b, t, a in _moved(setup)}
+    loaded_now = {k: a for k, (_, s, a) in states.items() if s == "loaded"}
+    missing = set(loaded_now) - set(moved)
+    assert not missing, f"loaded but never moved: {sorted(missing)} (seed {seed})"
+    assert all(moved[k] == a for k, a in loaded_now.items())
+    refused_now = {k for k, (_, s, _) in states.items() if s != "loaded"}
+    assert not refused_now & set(moved), "a refused / not loaded load was moved"
