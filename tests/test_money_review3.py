@@ -49,7 +49,7 @@ def _copy(src: Path, dst: Path) -> None:
 def test_every_loaded_load_is_moved_once_whatever_happens(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: int) -> None:
     seed = int(os.environ.get("SVCARD_SEED", random.randrange(1 << 30)))
-    print("seed", seed, "(replay: SVCARD_SEED=%d)" % seed)
+    print(f"seed {seed} (replay: SVCARD_SEED={seed})")
     rnd = random.Random(seed)
     monkeypatch.setattr(CL, "FRESH_NS", 0, raising=False)
     setup = Setup(tmp_path)
