@@ -130,3 +130,80 @@ def test_every_loaded_load_is_moved_once_whatever_happens(
     assert all(moved[k] == a for k, a in loaded_now.items())
     refused_now = {k for k, (_, s, _) in states.items() if s != "loaded"}
     assert not refused_now & set(moved), "a refused / not loaded load was moved"
+
+
+def test_postgresql_late_commits_rollbacks_and_clock_jumps_lose_no_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on PostgreSQL with real transactions held open across runs (two load-server
+    nodes: an id taken, committed after later ones, or rolled back) and clearing's clock jumping
+    past GAP_MS: a held insert that commits late is still moved, once."""
+    from pg_env import start_cluster
+    from sqlalchemy import insert
+
+    seed = int(os.environ.get("SVCARD_SEED", random.randrange(1 << 30)))
+    print(f"seed {seed} (replay: SVCARD_SEED={seed})")
+    rnd = random.Random(seed)
+    monkeypatch.setattr(CL, "FRESH_NS", 0, raising=False)
+    real, offset = SDB.time.time, [0.0]
+    monkeypatch.setattr(SDB.time, "time", lambda: real() + offset[0])
+    cluster = start_cluster()
+    held: list[tuple[object, object]] = []
+    try:
+        setup = Setup(tmp_path, cluster.new_database())
+        url = cluster.new_database()
+        db = Loads.__new__(Loads)
+        db.url, db.engine, db.count = url, LDB.make_engine(url), 0
+        open_ids: list[int] = []
+        for _ in range(int(os.environ.get("SVCARD_MONEY_STEPS", "40"))):
+            op = rnd.random()
+            monkeypatch.setattr(SDB, "MAX_OPEN_RANGES", rnd.choice([0, 2, 100_000]))
+            if op < 0.2:
+                db.add(1)
+            elif op < 0.3:
+                open_ids += db.add(1, state="authorized")
+            elif op < 0.4 and open_ids:
+                db.set_state(open_ids.pop(rnd.randrange(len(open_ids))),
+                             rnd.choice(["loaded", "not_loaded"]))
+            elif op < 0.55:   # a node's insert, not committed yet
+                db.count += 1
+                conn = db.engine.connect()
+                txn = conn.begin()
+                conn.execute(insert(LDB.loads).values(
+                    bank_id="0000000000000B01", txn_id=f"H{db.count:08d}", state="loaded",
+                    amount=rnd.randrange(1, 1000), currency_code=156,
+                    issuer_id="0102030405060708", card_serial=f"{db.count:016X}",
+                    s1="AAAAAAAA", online_counter=db.count, created=1, updated=1))
+                held.append((conn, txn))
+            elif op < 0.7 and held:
+                conn, txn = held.pop(rnd.randrange(len(held)))
+                (txn.commit if rnd.random() < 0.7 else txn.rollback)()   # type: ignore[attr-defined]
+                conn.close()   # type: ignore[attr-defined]
+            elif op < 0.75:
+                offset[0] += 11 * 60   # clearing's clock: past GAP_MS
+            else:
+                run(setup, url)
+            moved = _moved(setup)
+            assert len(moved) == len({(b, t) for b, t, _ in moved}), "a load moved twice"
+        for conn, txn in held:
+            txn.commit()   # type: ignore[attr-defined]
+            conn.close()   # type: ignore[attr-defined]
+        held = []
+        for row_id in open_ids:
+            db.set_state(row_id, "loaded")
+        monkeypatch.setattr(SDB, "MAX_OPEN_RANGES", 100_000)
+        offset[0] += 11 * 60
+        run(setup, url)
+        run(setup, url)
+        states = _states(db)
+        moved_now = {(b, t): a for b, t, a in _moved(setup)}
+        loaded_now = {k: a for k, (_, s, a) in states.items() if s == "loaded"}
+        missing = set(loaded_now) - set(moved_now)
+        assert not missing, f"loaded but never moved: {sorted(missing)} (seed {seed})"
+        assert all(moved_now[k] == a for k, a in loaded_now.items())
+        assert not {k for k, (_, s, _) in states.items() if s != "loaded"} & set(moved_now)
+        db.engine.dispose()
+        setup.engine.dispose()
+    finally:
+        for conn, _txn in held:
+            conn.close()   # type: ignore[attr-defined]
+        cluster.stop()
