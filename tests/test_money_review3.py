@@ -207,3 +207,68 @@ def test_postgresql_late_commits_rollbacks_and_clock_jumps_lose_no_load(
         for conn, _txn in held:
             conn.close()   # type: ignore[attr-defined]
         cluster.stop()
+
+
+def test_postgresql_bank_races_register_once_and_lock_out(tmp_path: Path) -> None:
+    """C3's bank steps on PostgreSQL (prebuilt statements, UPDATE ... RETURNING): confirmations
+    of one load raced (some "loaded", some "not loaded", some for another card or amount)
+    register it once and refund at most once; a replayed one changes nothing; wrong secrets
+    tried in parallel are each counted and the limit locks the account."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pg_env import start_cluster
+
+    from svcard.host.load.bank import db as bank_db
+    from svcard.host.load.bank import steps as bank_steps
+
+    cluster = start_cluster()
+    try:
+        bank = bank_db.BankDb(bank_db.make_engine(cluster.new_database()))
+        bank.create_account("alice", "Alice", 156, balance=1_000, secret="pw")
+
+        def balance() -> int:
+            with bank.engine.connect() as conn:
+                return int(conn.exec_driver_sql(
+                    "SELECT balance FROM accounts WHERE account_id = 'alice'").scalar_one())
+
+        for round_ in range(6):
+            txn = f"{round_:02x}" * 16
+            bank.debit_for_load("alice", txn, 100, "1234", f"r{round_}", "")
+            calls = [(100, "1234", i % 2 == 0) for i in range(8)] + [
+                (101, "1234", False), (100, "9999", False)]
+            with ThreadPoolExecutor(10) as pool:
+                got = list(pool.map(lambda c, t=txn: bank_steps.register_confirmed(
+                    bank, t, c[0], c[1], c[2], "raced"), calls))
+            assert [g.outcome for g in got[8:]] == ["mismatch", "mismatch"]
+            won = [g for g in got[:8] if g.outcome == "registered"]
+            assert len(won) == 1 and all(g.outcome == "already" for g in got[:8]
+                                         if g is not won[0])
+            state = bank.load(txn)["state"]   # type: ignore[index]
+            assert balance() == 1_000 - 100 * (round_ + 1) + (
+                100 * sum(1 for r in range(round_ + 1)
+                          if bank.load(f"{r:02x}" * 16)["state"] == "refunded"))   # type: ignore[index]
+            again = bank_steps.register_confirmed(bank, txn, 100, "1234", False, "replayed")
+            assert (again.outcome, again.state) == ("already", state)
+        before = balance()
+        assert bank_steps.register_confirmed(bank, "ee" * 16, 100, "1234", False, "x").outcome \
+            == "missing" and balance() == before
+
+        policy = bank_db.SecretPolicy(max_failures=5, base_delay=60.0)
+        now = 1_000_000
+
+        def attempt(_: int) -> str:
+            try:
+                bank.claim_attempt("alice", policy, now)
+                return "counted"
+            except bank_db.SecretLocked:
+                return "locked"
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(attempt, range(40)))
+        assert outcomes.count("counted") == 5, outcomes   # the 5th locks out the rest
+        view = bank_steps.start_view(bank, "alice", None)
+        assert not view.clean
+        assert bank.remembered_secret_ok("alice", now + 1) > 0
+        bank.engine.dispose()
+    finally:
+        cluster.stop()
