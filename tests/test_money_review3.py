@@ -272,3 +272,34 @@ def test_postgresql_bank_races_register_once_and_lock_out(tmp_path: Path) -> Non
         bank.engine.dispose()
     finally:
         cluster.stop()
+
+
+def test_more_open_ranges_than_the_cap_still_move_the_mark(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loads left open for good (a client that never finished: ``authorized`` forever) pile up
+    over the years. Past MAX_OPEN_RANGES the mark used to stay where it was for every later
+    run (nothing saved, so nothing ever aged out): each run read every load since, the growth
+    issue 16 removed, back for good. Now the ranges are merged down to the cap (a merged range
+    only re-reads rows, whose loads are moved once by key) and the mark moves."""
+    monkeypatch.setattr(CL, "FRESH_NS", 0, raising=False)
+    monkeypatch.setattr(SDB, "MAX_OPEN_RANGES", 2)
+    setup = Setup(tmp_path)
+    db = Loads(tmp_path / "load.db")
+    db.add(3)
+    assert run(setup, db.url).loads_moved == 3
+    abandoned = []
+    for _ in range(5):
+        abandoned += db.add(1, state="authorized")
+        db.add(2)
+    assert run(setup, db.url).loads_moved == 10
+    for n in (4, 6):
+        db.add(n)
+        assert run(setup, db.url).loads_moved == n
+        with setup.engine.connect() as conn:
+            marks = [r.mark for r in conn.execute(select(SDB.load_marks))]
+            kept = list(conn.execute(select(SDB.open_loads)))
+        assert marks == [max(i for i, _, _ in _states(db).values())], marks
+        assert 1 <= len(kept) <= 2
+    db.set_state(abandoned[2], "loaded")   # a late one decided after all: moved, once
+    second = run(setup, db.url)
+    assert (second.loads_moved, run(setup, db.url).loads_moved) == (1, 0)

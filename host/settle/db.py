@@ -281,6 +281,26 @@ def _still_open(lo: int, hi: int, seen: int, xid: int | None, got: load_records.
         out.append((at, hi, seen, xid))
 
 
+def _merged(ranges: list[Range], cap: int) -> list[Range]:
+    """``ranges`` (sorted) merged down to ``cap`` by closing the smallest spaces between
+    neighbours: a merged range only re-reads rows (a load is moved once, by its key), and it
+    ages as its youngest part (latest ``seen``, latest ``xid``), so nothing is given up early.
+    Without it, loads left open for good past the cap kept the mark where it was forever."""
+    if len(ranges) <= cap or cap < 1:
+        return ranges
+    spaces = sorted(range(len(ranges) - 1), key=lambda i: ranges[i + 1][0] - ranges[i][1])
+    joined = set(spaces[:len(ranges) - cap])   # i joined: ranges i and i + 1 become one
+    out: list[Range] = []
+    for i, (lo, hi, seen, xid) in enumerate(ranges):
+        if i - 1 in joined:
+            plo, _, pseen, pxid = out[-1]
+            xids = [x for x in (pxid, xid) if x is not None]
+            out[-1] = (plo, hi, max(pseen, seen), max(xids) if xids else None)
+        else:
+            out.append((lo, hi, seen, xid))
+    return out
+
+
 def new_loads(engine: Engine, urls: tuple[str, ...]) -> tuple[list[dict[str, Any]],
                                                                 list[LoadMark]]:
     """The ``loaded`` loads of each load server database that a run must look at: those past
@@ -315,6 +335,7 @@ def new_loads(engine: Engine, urls: tuple[str, ...]) -> tuple[list[dict[str, Any
         key = got.keys.get(top)
         if key is None and top > 0:   # the mark did not move: its row was not re-read
             key = (at.bank_id, at.txn_id) if at is not None else None
+        ranges = _merged(ranges, MAX_OPEN_RANGES)
         if len(ranges) > MAX_OPEN_RANGES:   # left as it was: the next run reads it all again
             key = None
         marks.append(LoadMark(source, old, top, key, ranges))
