@@ -60,7 +60,6 @@ def test_every_loaded_load_is_moved_once_whatever_happens(
     gaps: list[int] = []                    # ids skipped, to be committed "late"
     backup: Path | None = None
     top = 0
-    SDB.marks_metadata.create_all(setup.engine)
 
     def add(state: str, row_id: int | None = None) -> int:
         nonlocal top

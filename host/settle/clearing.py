@@ -54,22 +54,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Column,
     Connection,
     Engine,
-    Integer,
     MetaData,
-    String,
     Table,
-    UniqueConstraint,
     delete,
     func,
     insert,
-    inspect,
     select,
 )
-from sqlalchemy.exc import DBAPIError
 
 from ...protocols import settlement as S
 from ..kit.db import now_ms
@@ -79,6 +72,7 @@ from .db import (
     RECORD_COLUMNS,
     UNCLEARED_COLUMNS,
     batches,
+    handled_files,
     insert_many,
     ledger,
     moved_loads,
@@ -94,21 +88,6 @@ from .proofs import PROOFS_PREFIX, apply_proofs, read_proofs
 from .settlement_file import build_settlement_file, settlement_jsonl, write_durably
 
 FRESH_NS = 2_000_000_000   # a file changed this recently is read again at the next run
-handled_metadata = MetaData()
-handled_files = Table(
-    "clearing_handled_files", handled_metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("folder", String(1000), nullable=False),
-    Column("name", String(300), nullable=False),
-    Column("run_number", Integer, nullable=False),
-    Column("size", BigInteger, nullable=False),
-    Column("mtime_ns", BigInteger, nullable=False),
-    Column("ctime_ns", BigInteger, nullable=False),
-    Column("inode", String(24), nullable=False),
-    Column("digest", String(64), nullable=False),
-    Column("verdict", String(200), nullable=False),
-    UniqueConstraint("folder", "name", name="uq_handled_file"),
-)
 Stat = tuple[int, int, int, str]
 
 
@@ -131,11 +110,6 @@ def _listing(batch_dir: Path) -> dict[str, Stat | None]:
 
 def _to_read(engine: Engine, folder: str, files: dict[str, Stat | None]) -> dict[str, Stat | None]:
     """The files not handled for good, or changed since, with their stat."""
-    try:
-        handled_files.create(engine, checkfirst=True)
-    except DBAPIError:   # another run made it between the check and the create
-        if not inspect(engine).has_table(handled_files.name):
-            raise
     with engine.connect() as conn:
         seen = {r[0]: tuple(r[1:]) for r in conn.execute(
             select(handled_files.c.name, handled_files.c.size, handled_files.c.mtime_ns,

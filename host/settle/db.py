@@ -32,12 +32,11 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    inspect,
     select,
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError
 
 from ...protocols import purse as P
 from ..kit.schema import Schema, open_schema
@@ -200,11 +199,28 @@ def cleared_keys(engine: Engine) -> set[tuple[str, int]]:
                 records.c.state == "cleared"))}
 
 
+# Each batch or proofs file a run handled for good, with its stat (clearing.py skips it while
+# unchanged). A table of SCHEMA like the two below.
+handled_files = Table(
+    "clearing_handled_files", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("folder", String(1000), nullable=False),
+    Column("name", String(300), nullable=False),
+    Column("run_number", Integer, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("ctime_ns", BigInteger, nullable=False),
+    Column("inode", String(24), nullable=False),
+    Column("digest", String(64), nullable=False),
+    Column("verdict", String(200), nullable=False),
+    UniqueConstraint("folder", "name", name="uq_handled_file"),
+)
+
 # Where each load server database was read up to (issue 16: a run read every load ever made).
-# Kept apart from SCHEMA's tables (created when first needed), like clearing_handled_files.
-marks_metadata = MetaData()
+# New tables of SCHEMA's metadata: opening the database (kit/schema.py prepare) makes them in
+# its locked transaction, on a database made before them too (no column changed: no upgrade).
 load_marks = Table(
-    "clearing_load_marks", marks_metadata,
+    "clearing_load_marks", metadata,
     Column("source", String(1000), primary_key=True),   # the URL, its password hidden
     Column("mark", BigInteger, nullable=False),         # every row id <= mark was read ...
     Column("bank_id", String(16), nullable=False),      # ... and the row at the mark is this
@@ -216,7 +232,7 @@ load_marks = Table(
 # still missing GAP_MS after a run first saw it missing (clearing's clock) and, on PostgreSQL,
 # every transaction that could hold it has ended (``xid``).
 open_loads = Table(
-    "clearing_open_loads", marks_metadata,
+    "clearing_open_loads", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("source", String(1000), nullable=False),
     Column("lo", BigInteger, nullable=False),
@@ -251,14 +267,6 @@ def _source(url: str) -> str:
     if len(shown) <= 1000:
         return shown
     return shown[:935] + "#" + hashlib.sha256(shown.encode()).hexdigest()
-
-
-def _ensure(engine: Engine) -> None:
-    try:
-        marks_metadata.create_all(engine, checkfirst=True)
-    except DBAPIError:   # another run made them between the check and the create
-        if not all(inspect(engine).has_table(t.name) for t in (load_marks, open_loads)):
-            raise
 
 
 Range = tuple[int, int, int, int | None]   # lo, hi, seen, xid
@@ -308,7 +316,6 @@ def new_loads(engine: Engine, urls: tuple[str, ...]) -> tuple[list[dict[str, Any
     the marks the run leaves (:func:`save_load_marks`, in the run's transaction)."""
     if not urls:
         return [], []
-    _ensure(engine)
     now = int(time.time() * 1000)
     rows: list[dict[str, Any]] = []
     marks: list[LoadMark] = []
